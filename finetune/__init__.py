@@ -1,0 +1,21 @@
+"""finetune: a training engine for any nn.Module (the lecture's transfer-learning recipe).
+
+Knows nothing of the zoo registry; ``zoo`` hands it a model, its stage list and data config.
+"""
+from __future__ import annotations
+
+__all__ = ["fit", "FinetuneConfig", "FinetuneError"]
+
+_LAZY = {
+    "fit": "finetune.loop",
+    "FinetuneConfig": "finetune.config",
+    "FinetuneError": "finetune.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""Shared fixtures: every cache points at a temp dir; tiny image folders a tiny model can learn."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network or the user's caches. huggingface_hub and timm read these at import.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Point ZOO_HOME and the HF cache at fresh temp dirs for every test."""
+    home = tmp_path_factory.mktemp("zoo_home")
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+    monkeypatch.delenv("ZOO_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield home
+
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 200, 30), (160, 40, 200)]
+
+
+def make_image(path: Path, cls: int, size: int = 32, rng: random.Random | None = None, fmt: str | None = None):
+    """An image whose class is visible in its colour and shape: learnable by a tiny model."""
+    from PIL import Image, ImageDraw
+
+    rng = rng or random.Random(0)
+    base = COLOURS[cls % len(COLOURS)]
+    jitter = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in base)
+    img = Image.new("RGB", (size, size), tuple(255 - c for c in jitter))
+    draw = ImageDraw.Draw(img)
+    m = rng.randint(2, size // 6)
+    if cls % 2 == 0:
+        draw.ellipse([m, m, size - m, size - m], fill=jitter)
+    else:
+        draw.rectangle([m, m, size - m, size - m], fill=jitter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 12, layout: str = "flat",
+                      val_per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """Write ``root/<class>/*.png`` (layout="flat") or ``root/{train,val}/<class>/*.png`` (layout="split")."""
+    rng = random.Random(seed)
+    for ci, name in enumerate(classes):
+        if layout == "flat":
+            for i in range(per_class):
+                make_image(root / name / f"{name}_{i:03d}.png", ci, size, rng)
+        else:
+            for i in range(per_class):
+                make_image(root / "train" / name / f"{name}_{i:03d}.png", ci, size, rng)
+            for i in range(val_per_class):
+                make_image(root / "val" / name / f"{name}_v{i:03d}.png", ci, size, rng)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three learnable classes, 12 PNGs each, 32x32, flat layout."""
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def split_image_folder(tmp_path) -> Path:
+    """Three learnable classes in train/ (12 each) and val/ (4 each)."""
+    return make_image_folder(tmp_path / "data", layout="split")

@@ -1,0 +1,4 @@
+"""``python -m zoo`` (and ``torchrun -m zoo finetune ...``)."""
+from zoo.cli import main
+
+main()
