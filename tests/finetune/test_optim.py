@@ -1,0 +1,160 @@
+"""Parameter groups, every optimizer, every schedule's LR curve and scheduler state round-trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from finetune.config import OPTIMIZERS, FinetuneConfig
+from finetune.errors import ConfigError
+from finetune.optim import build_optimizer, build_scheduler, lr_factor, param_groups, set_base_lr
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU())
+        self.frozen = nn.Linear(4, 4)
+        self.fc = nn.Linear(8, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x)) + self.frozen(x).sum(1, keepdim=True)
+
+
+def by_id(groups: list[dict]) -> dict[int, dict]:
+    return {id(p): g for g in groups for p in g["params"]}
+
+
+def test_param_groups_split_head_backbone_and_decay():
+    net = Net()
+    groups = param_groups(net, "fc", lr=1e-2, backbone_lr_mult=0.1, weight_decay=5e-4)
+    owner = by_id(groups)
+    assert id(net.frozen.weight) not in owner and id(net.frozen.bias) not in owner
+    assert len(owner) == 6
+    assert owner[id(net.fc.weight)]["name"] == "head" and owner[id(net.fc.weight)]["lr"] == 1e-2
+    assert owner[id(net.body[0].weight)]["name"] == "backbone"
+    assert owner[id(net.body[0].weight)]["lr"] == pytest.approx(1e-3)  # 0.1 x head
+    assert owner[id(net.body[0].weight)]["weight_decay"] == 5e-4
+    for p in (net.fc.bias, net.body[0].bias, net.body[1].weight, net.body[1].bias):
+        assert owner[id(p)]["weight_decay"] == 0.0
+    assert all(g["base_lr"] == g["lr"] for g in groups)
+
+
+def test_nothing_trainable_is_a_config_error():
+    net = Net().requires_grad_(False)
+    with pytest.raises(ConfigError, match="trainable"):
+        param_groups(net, "fc", 1e-3)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_takes_a_step(name):
+    torch.manual_seed(0)
+    net = Net()
+    config = FinetuneConfig(optimizer=name, lr=0.1 if name != "adadelta" else 1.0, nesterov=name == "sgd")
+    opt = build_optimizer(config, net, "fc")
+    assert {g["name"] for g in opt.param_groups} == {"head", "backbone"}
+    before = net.fc.weight.detach().clone(), net.body[0].weight.detach().clone()
+    nn.functional.cross_entropy(net(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    assert not torch.equal(net.fc.weight, before[0]) and not torch.equal(net.body[0].weight, before[1])
+    backbone = [g["lr"] for g in opt.param_groups if g["name"] == "backbone"]
+    assert backbone and all(lr == pytest.approx(config.lr * 0.1) for lr in backbone)
+
+
+def test_sgd_nesterov_without_momentum_is_rejected():
+    with pytest.raises(ConfigError, match="nesterov"):
+        build_optimizer(FinetuneConfig(optimizer="sgd", nesterov=True, momentum=0.0), Net(), "fc")
+
+
+def curve(schedule: str, epochs: int = 6, spe: int = 4, metric=None, **kw) -> list[float]:
+    """Head LR used at each optimizer step."""
+    config = FinetuneConfig(schedule=schedule, epochs=epochs, lr=1.0, **kw)
+    opt = build_optimizer(config, Net(), "fc")
+    sched = build_scheduler(config, opt, spe)
+    lrs = []
+    for epoch in range(epochs):
+        for _ in range(spe):
+            lrs.append(sched.current_lr())
+            opt.step()
+            sched.step_batch()
+        sched.step_epoch(metric(epoch) if metric else 1.0)
+    return lrs
+
+
+def test_warmup_rises_linearly_then_hands_over():
+    lrs = curve("none", warmup_epochs=1.0)
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4:] == pytest.approx([1.0] * 20)
+    half = curve("cosine", warmup_epochs=0.5)  # fractional warm-up: 2 steps at 4 steps per epoch
+    assert half[:2] == pytest.approx([1 / 3, 2 / 3]) and half[2] == pytest.approx(1.0)
+
+
+def test_step_drops_by_gamma_every_step_size_epochs():
+    lrs = curve("step", step_size=2, gamma=0.1)
+    assert lrs[0:8] == pytest.approx([1.0] * 8)
+    assert lrs[8:16] == pytest.approx([0.1] * 8)
+    assert lrs[16:24] == pytest.approx([0.01] * 8)
+
+
+def test_cosine_decreases_to_near_zero():
+    lrs = curve("cosine")
+    assert lrs[0] == 1.0 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[12] == pytest.approx(0.5) and lrs[-1] < 0.01
+
+
+def test_exp_and_inv_decay_smoothly():
+    exp = curve("exp", step_size=2, gamma=0.1)
+    assert exp[8] == pytest.approx(0.1) and exp[1] < exp[0] and all(a > b for a, b in zip(exp, exp[1:]))
+    inv = curve("inv", gamma=0.5)
+    assert inv[4] == pytest.approx(1 / 1.5) and inv[8] == pytest.approx(1 / 2.0)  # (1 + gamma * epoch) ** -1
+
+
+def test_plateau_reduces_on_a_flat_metric_and_not_while_improving():
+    flat = curve("plateau", patience=4, gamma=0.5, metric=lambda e: 1.0)  # plateau patience = 2 epochs
+    assert flat[:16] == pytest.approx([1.0] * 16) and flat[16:] == pytest.approx([0.5] * 8)
+    improving = curve("plateau", patience=4, gamma=0.5, metric=lambda e: 1.0 - 0.1 * e)
+    assert improving == pytest.approx([1.0] * 24)
+    with_warmup = curve("plateau", warmup_epochs=1.0, patience=4, gamma=0.5, metric=lambda e: 1.0)
+    assert with_warmup[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and with_warmup[4] == 1.0
+
+
+def test_lr_factor_rejects_unknown_schedule():
+    with pytest.raises(ConfigError, match="schedule"):
+        lr_factor("linear", 0, 4, 6)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_scheduler_state_dict_round_trips(schedule):
+    config = FinetuneConfig(schedule=schedule, epochs=6, lr=1.0, warmup_epochs=0.5, patience=2, gamma=0.5)
+
+    def make():
+        opt = build_optimizer(config, Net(), "fc")
+        return opt, build_scheduler(config, opt, 4)
+
+    opt, sched = make()
+    for epoch in range(3):
+        for _ in range(4):
+            opt.step()
+            sched.step_batch()
+        sched.step_epoch(1.0)
+    state = sched.state_dict()
+    opt2, sched2 = make()
+    sched2.load_state_dict(state)
+    assert sched2.current_lr() == sched.current_lr()
+    for s, o in ((sched, opt), (sched2, opt2)):
+        for _ in range(4):
+            o.step()
+            s.step_batch()
+        s.step_epoch(1.0)
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([g["lr"] for g in opt.param_groups])
+    with pytest.raises(ConfigError, match="schedule"):
+        build_scheduler(config.replace(schedule="step"), make()[0], 4).load_state_dict(state)
+
+
+def test_set_base_lr_moves_all_groups_together():
+    opt = build_optimizer(FinetuneConfig(lr=1e-3), Net(), "fc")
+    set_base_lr(opt, 0.5)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {"head": 0.5, "backbone": pytest.approx(0.05)}
+    sched = build_scheduler(FinetuneConfig(schedule="none"), opt, 4)
+    assert sched.current_lr() == 0.5

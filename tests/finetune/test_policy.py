@@ -1,0 +1,104 @@
+"""Freeze decision from the dataset size, and the shared recipe set-up (prepare_model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.errors import ConfigError, DataError
+from finetune.policy import FreezeDecision, decide_freeze
+from finetune.recipe import prepare_model, trainable_summary
+
+N_STAGES = 5
+
+
+def test_small_by_per_class_matches_the_documented_sentence():
+    d = decide_freeze(FinetuneConfig(), 312, 4, 78, N_STAGES)
+    assert d == FreezeDecision(0, "head", "312 images, 4 classes, 78 per class: small -> training the head only; "
+                                          "pass --freeze to override")
+
+
+def test_small_by_total_even_with_many_per_class():
+    d = decide_freeze(FinetuneConfig(), 600, 2, 300, N_STAGES)  # 300/class >= 100 but 600 < 1000 in total
+    assert d.trainable_stages == 0 and "small" in d.reason
+
+
+def test_medium_trains_the_last_medium_stages():
+    d = decide_freeze(FinetuneConfig(), 3000, 10, 250, N_STAGES)
+    assert (d.trainable_stages, d.label) == (2, "head + last 2 stages")
+    assert d.reason == ("3000 images, 10 classes, at least 250 per class: medium -> training the head and the "
+                        "last 2 stages; pass --freeze to override")
+    assert decide_freeze(FinetuneConfig(medium_stages=9), 3000, 10, 250, N_STAGES).trainable_stages == N_STAGES
+
+
+def test_large_trains_everything():
+    d = decide_freeze(FinetuneConfig(), 20000, 10, 2000, N_STAGES)
+    assert (d.trainable_stages, d.label) == (N_STAGES, "all")
+    assert "large -> training every layer" in d.reason
+
+
+@pytest.mark.parametrize("freeze, k, label", [("head", 0, "head"), ("none", 5, "all"), ("3", 3, "head + last 3 stages"),
+                                              ("0", 0, "head"), ("5", 5, "all")])
+def test_requested_modes_ignore_the_dataset_size(freeze, k, label):
+    d = decide_freeze(FinetuneConfig(freeze=freeze), 20, 2, 10, N_STAGES)
+    assert (d.trainable_stages, d.label) == (k, label)
+    assert d.reason.startswith(f"--freeze {freeze} requested: ")
+
+
+def test_k_beyond_the_stage_count_says_the_maximum():
+    with pytest.raises(ConfigError, match="the most is 5"):
+        decide_freeze(FinetuneConfig(freeze="6"), 20, 2, 10, N_STAGES)
+
+
+class Tiny(nn.Module):
+    """Two conv stages with BatchNorm and an FC-1000 head: a stand-in for a pretrained backbone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+STAGES = [["stem"], ["block"]]
+
+
+def names(model: nn.Module, prefixes: tuple[str, ...]) -> set[str]:
+    return {n for n, _ in model.named_parameters() if n.split(".")[0] in prefixes}
+
+
+@pytest.mark.parametrize("counts, prefixes, size", [
+    ([20, 30], ("fc",), "small"),
+    ([600, 700], ("block", "fc"), "medium"),          # medium_stages=1 below
+    ([1000, 1200], ("stem", "block", "fc"), "large"),
+])
+def test_prepare_model_auto_sizes(counts, prefixes, size):
+    model = Tiny()
+    config = FinetuneConfig(medium_stages=1)
+    d = prepare_model(model, STAGES, "fc", 2, counts, config)
+    assert size in d.reason
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == names(model, prefixes)
+    assert model.fc.out_features == 2
+    model.train()
+    assert not model.stem[1].training  # BatchNorm statistics frozen by default
+
+
+def test_prepare_model_mlp_head_and_summary():
+    model = Tiny()
+    d = prepare_model(model, STAGES, "fc", 3, [5, 5, 5], FinetuneConfig(head="mlp", mlp_hidden=4, freeze="head"))
+    assert d.trainable_stages == 0
+    s = trainable_summary(model)
+    head = sum(p.numel() for p in model.fc.parameters())
+    assert s["trainable"] == head and s["total"] == sum(p.numel() for p in model.parameters())
+    assert s["frozen"] == s["total"] - head and s["bn_frozen_layers"] == 2
+    model.train()
+    assert model.fc.bn.training
+
+
+def test_prepare_model_without_images_is_a_data_error():
+    with pytest.raises(DataError):
+        prepare_model(Tiny(), STAGES, "fc", 2, [0, 0], FinetuneConfig())
