@@ -201,14 +201,13 @@ class Scheduler:
     def step_epoch(self, val_metric: float | None = None) -> None:
         """End of an epoch: plateau looks at ``val_metric``; the per-step schedules ignore it.
 
-        Raises:
-            ConfigError: plateau without a validation metric.
+        A missing or NaN metric (no validation split) leaves plateau's LR unchanged: there is nothing to
+        judge a plateau by, and counting it as "no improvement" would decay the LR blindly.
         """
         if self.plateau is None or self._step < self.warmup_steps:
             return
-        if val_metric is None:
-            raise ConfigError("schedule plateau needs a validation metric every epoch; keep a validation "
-                              "split or choose another --schedule")
+        if val_metric is None or math.isnan(float(val_metric)):
+            return
         self.plateau.step(float(val_metric))
 
     def current_lr(self) -> float:

@@ -204,7 +204,7 @@ def apply_freeze(model: nn.Module, stages: Sequence[Sequence[str]], head_name: s
                           "head or none)")
     _get_module(model, head_name)
     grouped = stage_parameters(model, stages)
-    everything = k == n
+    everything = k == n and n > 0  # an empty stage list means "head only", not "everything"
     for p in model.parameters():
         p.requires_grad_(everything)
     if not everything:

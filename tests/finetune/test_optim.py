@@ -117,6 +117,8 @@ def test_plateau_reduces_on_a_flat_metric_and_not_while_improving():
     assert improving == pytest.approx([1.0] * 24)
     with_warmup = curve("plateau", warmup_epochs=1.0, patience=4, gamma=0.5, metric=lambda e: 1.0)
     assert with_warmup[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and with_warmup[4] == 1.0
+    no_val = curve("plateau", patience=2, gamma=0.5, metric=lambda e: None if e % 2 else float("nan"))
+    assert no_val == pytest.approx([1.0] * 24)  # without a metric the LR is left alone
 
 
 def test_lr_factor_rejects_unknown_schedule():
