@@ -1,0 +1,261 @@
+"""finetune.data: layouts, the split file, transforms from the data config, datasets and loaders."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.config import FinetuneConfig
+from finetune.data import (
+    ImageDataset,
+    ImageSet,
+    build_transform,
+    class_weights,
+    collate_skip_none,
+    load_image,
+    make_loader,
+    resolve_workers,
+    scan_folder,
+    write_scan,
+)
+from finetune.errors import ConfigError, DataError
+from tests.conftest import make_image, make_image_folder
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
+               "crop_mode": "center", "mean": (0.2, 0.4, 0.6), "std": (0.5, 0.25, 0.1)}
+ALL_OFF = FinetuneConfig(crop_scale_min=1.0, hflip=0.0, brightness=0.0, contrast=0.0)
+
+
+def rels(report, image_set):
+    return sorted((report.relpath(p), image_set.classes[label]) for p, label in image_set.items)
+
+
+# ----------------------------------------------------------------------------------------- scan
+def test_flat_layout_stratified_split(image_folder):
+    report = scan_folder(image_folder, val_split=0.25, seed=0)
+    assert report.layout == "flat"
+    assert report.classes == ["cat", "dog", "fox"]
+    counts = report.counts()
+    assert counts["train"] == {"cat": 9, "dog": 9, "fox": 9}      # 12 per class, 25% held out per class
+    assert counts["val"] == {"cat": 3, "dog": 3, "fox": 3}
+    assert report.test is None and report.bad_files == [] and report.warnings == []
+    assert not set(report.train.items) & set(report.val.items)
+    json.dumps(report.to_dict())
+
+
+def test_split_layout_with_test(tmp_path):
+    root = make_image_folder(tmp_path / "d", layout="split", per_class=5, val_per_class=2)
+    make_image(root / "test" / "cat" / "t0.png", 0)
+    report = scan_folder(root)
+    assert report.layout == "split"
+    assert report.counts() == {"train": {"cat": 5, "dog": 5, "fox": 5}, "val": {"cat": 2, "dog": 2, "fox": 2},
+                               "test": {"cat": 1, "dog": 0, "fox": 0}}
+    d = report.to_dict()
+    assert d["images"] == {"train": 15, "val": 6, "test": 1}
+    assert all(p.startswith("val/") for p, _ in rels(report, report.val))
+
+
+def test_train_only_folder_is_split_here(tmp_path):
+    make_image_folder(tmp_path / "d" / "train", per_class=5)
+    report = scan_folder(tmp_path / "d", val_split=0.2)
+    assert report.layout == "flat" and report.counts()["val"] == {"cat": 1, "dog": 1, "fox": 1}
+
+
+def test_split_is_deterministic_and_seeded(image_folder):
+    a, b = scan_folder(image_folder, seed=0), scan_folder(image_folder, seed=0)
+    c = scan_folder(image_folder, seed=1)
+    assert rels(a, a.val) == rels(b, b.val)
+    assert rels(a, a.val) != rels(c, c.val)
+    assert c.counts() == a.counts()
+
+
+def test_split_file_round_trip(image_folder, tmp_path):
+    first = scan_folder(image_folder, seed=3)
+    write_scan(first, tmp_path / "run")
+    for name in ("scan.json", "split.json", "bad_files.txt"):
+        assert (tmp_path / "run" / name).exists()
+    scan = json.loads((tmp_path / "run" / "scan.json").read_text())
+    assert scan["counts"] == first.counts() and scan["fingerprint"] == first.fingerprint()
+    # A rerun with other options still uses the saved split, and says so.
+    again = scan_folder(image_folder, seed=7, val_split=0.5, split_file=tmp_path / "run" / "split.json")
+    assert rels(again, again.val) == rels(first, first.val)
+    assert rels(again, again.train) == rels(first, first.train)
+    assert again.fingerprint() == first.fingerprint()
+    assert any("reusing the split" in w for w in again.warnings)
+    # A split file path that does not exist yet: a fresh split.
+    fresh = scan_folder(image_folder, seed=3, split_file=tmp_path / "nope" / "split.json")
+    assert rels(fresh, fresh.val) == rels(first, first.val)
+
+
+def test_split_file_files_changed(image_folder, tmp_path):
+    first = scan_folder(image_folder)
+    write_scan(first, tmp_path / "run")
+    removed = first.val.items[0][0]
+    os.unlink(removed)
+    for i in range(3):
+        make_image(image_folder / "dog" / f"new_{i}.png", 1)
+    again = scan_folder(image_folder, split_file=tmp_path / "run" / "split.json")
+    msg = [w for w in again.warnings if "changed since" in w]
+    assert msg and "3 added" in msg[0] and "1 removed" in msg[0]
+    old_val = {p for p, _ in first.val.items} - {removed}
+    new_val = {p for p, _ in again.val.items}
+    assert old_val <= new_val                      # unchanged files keep their side
+    assert len(again.train) + len(again.val) == 36 - 1 + 3
+
+
+def test_damaged_split_file(image_folder, tmp_path):
+    bad = tmp_path / "split.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="delete it"):
+        scan_folder(image_folder, split_file=bad)
+
+
+def test_imbalance_warning(tmp_path):
+    root = tmp_path / "d"
+    for i in range(16):
+        make_image(root / "many" / f"{i}.png", 0)
+    for i in range(4):
+        make_image(root / "few" / f"{i}.png", 1)
+    report = scan_folder(root, val_split=0.25)
+    assert report.imbalance() == pytest.approx(12 / 3)
+    assert any("--class-weights auto" in w and "--sampler balanced" in w for w in report.warnings)
+
+
+# ------------------------------------------------------------------------------------ transforms
+def test_eval_transform_follows_data_config():
+    cfg = dict(DATA_CONFIG, input_size=(3, 40, 48))
+    t = build_transform(cfg, train=False)
+    grey = Image.new("RGB", (100, 70), (128, 128, 128))
+    out = t(grey)
+    assert out.shape == (3, 40, 48) and out.dtype == torch.float32
+    expected = [(128 / 255 - m) / s for m, s in zip(cfg["mean"], cfg["std"])]
+    assert out.mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-5)
+    assert t.min_size == max(int(40 / 0.875), int(48 / 0.875))
+
+
+def test_eval_transform_resizes_then_centre_crops():
+    # A left half black / right half white image: after resize + centre crop the middle column is the edge.
+    im = Image.new("RGB", (64, 64), (0, 0, 0))
+    im.paste((255, 255, 255), (32, 0, 64, 64))
+    cfg = dict(DATA_CONFIG, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=0.5)
+    out = build_transform(cfg, train=False)(im)      # resize to 64 (32 / 0.5), crop the central 32
+    assert out.shape == (3, 32, 32)
+    assert out[0, :, :12].max() < 0.05 and out[0, :, 20:].min() > 0.95
+
+
+def test_train_transform_shape_and_randomness():
+    t = build_transform(DATA_CONFIG, train=True, config=FinetuneConfig())
+    im = load_image(make_image(Path(os.environ["ZOO_HOME"]) / "a.png", 1, size=48))
+    torch.manual_seed(0)
+    outs = [t(im) for _ in range(4)]
+    assert all(o.shape == (3, 32, 32) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("config", [FinetuneConfig(augment=False), ALL_OFF])
+def test_augmentation_off_equals_eval(config, tmp_path):
+    im = load_image(make_image(tmp_path / "a.png", 2, size=48))
+    train, ev = build_transform(DATA_CONFIG, True, config), build_transform(DATA_CONFIG, False)
+    assert torch.equal(train(im), ev(im))
+
+
+def test_each_augmentation_switch(tmp_path):
+    im = load_image(make_image(tmp_path / "a.png", 1, size=48))
+    ev = build_transform(DATA_CONFIG, False)(im)
+    flip = build_transform(DATA_CONFIG, True, ALL_OFF.replace(hflip=1.0))
+    assert torch.equal(flip(im), ev.flip(-1))
+    names = lambda cfg: [type(s).__name__ for s in build_transform(DATA_CONFIG, True, cfg).pipeline.transforms]
+    assert "RandomResizedCrop" in names(ALL_OFF.replace(crop_scale_min=0.5))
+    assert "RandomResizedCrop" not in names(ALL_OFF)
+    assert "ColorJitter" in names(ALL_OFF.replace(brightness=0.3))
+    assert "ColorJitter" not in names(ALL_OFF) and "RandomHorizontalFlip" not in names(ALL_OFF)
+    # Brightness only: geometry is fixed, so the jittered image is the eval image scaled in pixel space.
+    bright = build_transform(dict(DATA_CONFIG, mean=(0, 0, 0), std=(1, 1, 1)), True, ALL_OFF.replace(brightness=0.5))
+    plain = build_transform(dict(DATA_CONFIG, mean=(0, 0, 0), std=(1, 1, 1)), False)(im)
+    torch.manual_seed(1)
+    outs = [bright(im) for _ in range(3)]
+    assert any(not torch.allclose(o, plain) for o in outs)
+    assert all(o.shape == plain.shape for o in outs)
+
+
+def test_bad_data_config():
+    with pytest.raises(ConfigError, match="mean"):
+        build_transform({"input_size": (3, 32, 32), "std": (1, 1, 1)}, train=False)
+    with pytest.raises(ConfigError, match="interpolation"):
+        build_transform(dict(DATA_CONFIG, interpolation="sharpest"), train=False)
+
+
+# ------------------------------------------------------------------------------- dataset/loaders
+def test_loader_yields_batches(image_folder):
+    report = scan_folder(image_folder)
+    ds = ImageDataset(report.train, build_transform(DATA_CONFIG, True))
+    loader = make_loader(ds, 4, train=True, workers=0, seed=0)
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
+    assert len(loader) == len(report.train) // 4          # train drops the last partial batch
+    labels_a = [y.tolist() for _, y in make_loader(ds, 4, train=True, workers=0, seed=5)]
+    labels_b = [y.tolist() for _, y in make_loader(ds, 4, train=True, workers=0, seed=5)]
+    assert labels_a == labels_b                            # seeded
+    ev = make_loader(ImageDataset(report.val, build_transform(DATA_CONFIG, False)), 4, train=False, workers=0)
+    assert sum(len(y) for _, y in ev) == len(report.val)
+
+
+def test_loader_with_a_worker_records_failures(image_folder):
+    report = scan_folder(image_folder)
+    items = list(report.val.items[:3])
+    broken = image_folder / "cat" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    items.insert(1, (str(broken), 0))
+    ds = ImageDataset(ImageSet(items, report.classes), build_transform(DATA_CONFIG, False))
+    loader = make_loader(ds, 2, train=False, workers=1)
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [1, 2]                  # the broken image is dropped from its batch, nothing else
+    assert [p for p, _ in ds.failures()] == [str(broken)]
+
+
+def test_collate_skip_none():
+    x = (torch.zeros(3), 1)
+    assert collate_skip_none([None, None]) is None
+    images, labels = collate_skip_none([x, None, x])
+    assert images.shape == (2, 3) and labels.tolist() == [1, 1]
+
+
+def test_balanced_sampler_and_class_weights(tmp_path):
+    items = [(f"a{i}.png", 0) for i in range(30)] + [(f"b{i}.png", 1) for i in range(10)]
+    image_set = ImageSet(items, ["a", "b"])
+    assert class_weights(image_set) == pytest.approx([0.5, 1.5])
+    loader = make_loader(ImageDataset(image_set), 8, train=True, workers=0, sampler="balanced", seed=0)
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    drawn = Counter()
+    for _ in range(10):
+        drawn.update(image_set.items[i][1] for i in loader.sampler)
+    assert abs(drawn[0] / (drawn[0] + drawn[1]) - 0.5) < 0.08     # 75/25 data sampled about 50/50
+    with pytest.raises(ConfigError):
+        make_loader(ImageDataset(image_set), 8, train=True, sampler="balanced", distributed=True)
+
+
+def test_resolve_workers():
+    assert resolve_workers(0) == 0 and resolve_workers(3) == 3
+    assert 0 <= resolve_workers(-1) <= 8
+
+
+@pytest.mark.parametrize("fmt,ext,mode", [("JPEG", "jpg", "L"), ("PNG", "png", "RGBA"), ("WEBP", "webp", "RGB"),
+                                          ("BMP", "bmp", "RGB"), ("TIFF", "tif", "RGB"), ("GIF", "gif", "P")])
+def test_load_image_formats(tmp_path, fmt, ext, mode):
+    path = tmp_path / f"x.{ext}"
+    Image.new(mode, (20, 12), 200 if mode in ("L", "P") else (200, 100, 50, 255)[: len(mode)]).save(path, fmt)
+    im = load_image(path)
+    assert im.mode == "RGB" and im.size == (20, 12)
+
+
+def test_load_image_draft_keeps_target_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1500), (10, 120, 200)).save(path, quality=80)
+    assert load_image(path).size == (2000, 1500)
+    small = load_image(path, min_size=256)
+    assert min(small.size) >= 256 and small.size[0] < 2000      # decoded at reduced scale, never below 256
