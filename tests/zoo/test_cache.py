@@ -1,0 +1,83 @@
+"""zoo.cache: layout, listing, removal, verification, no torch for the listing part."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.zoo.conftest import make_entry, tensor_bytes
+from zoo import cache
+from zoo.errors import CacheError
+from zoo.registry import Source
+from zoo.sources import pull
+
+
+@pytest.fixture
+def cached(hub):
+    """Two tiny models pulled into the cache."""
+    for i, name in enumerate(("alpha", "beta")):
+        data = tensor_bytes(seed=i)
+        url = hub.add_file(f"{name}.safetensors", data)
+        pull(make_entry(name, Source(kind="url", url=url, sha256=hashlib.sha256(data).hexdigest())), progress=False)
+    return ["alpha", "beta"]
+
+
+def test_zoo_home_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "z"))
+    assert cache.zoo_home() == tmp_path / "z"
+    assert cache.weights_dir("resnet50") == tmp_path / "z" / "weights" / "resnet50"
+    monkeypatch.delenv("ZOO_HOME")
+    assert cache.zoo_home().parts[-2:] == (".cache", "zoo")
+
+
+def test_adhoc_names_get_safe_folders():
+    assert cache.weights_dir("timm:resnet10t").name == "timm--resnet10t"
+    assert cache.weights_dir("hf-hub:org/repo").name == "hf-hub--org--repo"
+    with pytest.raises(CacheError):
+        cache.weights_dir("..")
+
+
+def test_listing_and_is_cached(cached):
+    assert all(cache.is_cached(n) for n in cached) and not cache.is_cached("gamma")
+    listed = {m["name"]: m for m in cache.cached_models()}
+    assert set(listed) == set(cached)
+    assert listed["alpha"]["bytes"] == cache.weights_path("alpha").stat().st_size > 0
+
+
+def test_weights_without_manifest_do_not_count(cached):
+    cache.manifest_path("alpha").unlink()
+    assert not cache.is_cached("alpha")
+    assert [m["name"] for m in cache.cached_models()] == ["beta"]
+    assert any("alpha: no manifest" in p for p in cache.verify())
+
+
+def test_verify_clean_then_detects_modified_file(cached):
+    assert cache.verify() == []
+    path = cache.weights_path("beta")
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # same size, one bit pattern changed: only the hash can tell
+    path.write_bytes(bytes(raw))
+    problems = cache.verify()
+    assert len(problems) == 1 and problems[0].startswith("beta:") and "zoo pull --force beta" in problems[0]
+
+
+def test_verify_detects_truncation_and_missing(cached):
+    cache.weights_path("alpha").write_bytes(b"short")
+    cache.weights_path("beta").unlink()
+    problems = cache.verify()
+    assert any("alpha: size" in p for p in problems) and any("beta:" in p and "missing" in p for p in problems)
+
+
+def test_remove(cached):
+    folder = cache.remove("alpha")
+    assert not folder.exists() and not cache.is_cached("alpha") and cache.is_cached("beta")
+    with pytest.raises(CacheError, match="not cached"):
+        cache.remove("alpha")
+
+
+def test_listing_imports_no_torch(cached):
+    code = ("import sys, zoo.cache as c; c.is_cached('alpha'); c.cached_models(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

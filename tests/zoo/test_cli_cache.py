@@ -1,0 +1,111 @@
+"""`zoo pull`, `zoo import`, `zoo cache ...` through click's CliRunner: output and exit codes."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from click.testing import CliRunner
+
+from tests.zoo.conftest import entry_dict, tensor_bytes, write_registry
+from zoo import cache
+from zoo.cli import cli
+
+REPO = "timm/tiny.cli"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def registry(hub, tmp_path, monkeypatch):
+    """A user registry with a pinned model, an unpinned (TOFU) one and a tampered one."""
+    good, tofu = tensor_bytes(0), tensor_bytes(1)
+    commit = hub.add_hf(REPO, "model.safetensors", good)
+    tofu_url = hub.add_file("tofu.safetensors", tofu)
+    entries = [
+        entry_dict("tiny-pinned", [{"kind": "hf", "repo": REPO, "revision": commit,
+                                    "filename": "model.safetensors", "sha256": sha(good)}]),
+        entry_dict("tiny-tofu", [{"kind": "url", "url": tofu_url, "sha256": None,
+                                  "sha256_note": "test: publisher gives no digest"}]),
+        entry_dict("tiny-bad", [{"kind": "url", "url": hub.add_file("bad.safetensors", tofu),
+                                 "sha256": sha(good)}]),
+    ]
+    path = write_registry(tmp_path / "user.yaml", entries)
+    monkeypatch.setenv("ZOO_REGISTRY", str(path))
+    return {"good": good, "tofu": tofu}
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_pull_then_cached_then_force(hub, registry):
+    r = run("pull", "tiny-pinned", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "pulled and verified" in r.output and str(cache.weights_path("tiny-pinned")) in r.output
+    n = len(hub.requests)
+    r = run("pull", "tiny-pinned")
+    assert r.exit_code == 0 and "already cached" in r.output and len(hub.requests) == n
+    r = run("pull", "tiny-pinned", "--force", "-q")
+    assert r.exit_code == 0 and hub.count("/resolve/", "GET") == 2
+
+
+def test_pull_prints_tofu_digest(registry):
+    r = run("pull", "tiny-tofu", "-q")
+    assert r.exit_code == 0, r.output
+    assert sha(registry["tofu"]) in r.output and "trusted on first use" in r.output
+
+
+def test_pull_unknown_model_is_usage_error(registry):
+    r = run("pull", "no-such-model-xyz")
+    assert r.exit_code == 2 and "unknown model" in r.output
+
+
+def test_pull_integrity_failure_exit_1(registry):
+    r = run("pull", "tiny-bad", "-q")
+    assert r.exit_code == 1 and "does not match the pinned" in r.output
+    assert not cache.is_cached("tiny-bad")
+
+
+def test_pull_several_continues_after_a_failure(registry):
+    r = run("pull", "tiny-bad", "tiny-pinned", "-q")
+    assert r.exit_code == 1
+    assert cache.is_cached("tiny-pinned") and not cache.is_cached("tiny-bad")
+
+
+def test_pull_offline_exit_1_fast(registry, monkeypatch, hub):
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    r = run("pull", "tiny-pinned")
+    assert r.exit_code == 1 and "zoo import tiny-pinned" in r.output and hub.requests == []
+
+
+def test_cache_ls_rm_verify_path(registry, _isolated_home):
+    r = run("cache", "ls")
+    assert r.exit_code == 0 and "nothing cached" in r.output
+    assert run("pull", "tiny-pinned", "tiny-tofu", "-q").exit_code == 0
+    r = run("cache", "ls")
+    assert r.exit_code == 0 and "tiny-pinned" in r.output and "tiny-tofu" in r.output and "(tofu)" in r.output
+    assert run("cache", "path").output.strip() == str(_isolated_home)
+    assert run("cache", "path", "tiny-tofu").output.strip() == str(cache.weights_dir("tiny-tofu"))
+    r = run("cache", "verify")
+    assert r.exit_code == 0 and "2 cached model(s) verified" in r.output
+    cache.weights_path("tiny-tofu").write_bytes(b"x" * cache.weights_path("tiny-tofu").stat().st_size)
+    r = run("cache", "verify")
+    assert r.exit_code == 1 and "tiny-tofu:" in r.output and "changed on disk" in r.output
+    r = run("cache", "rm", "tiny-tofu")
+    assert r.exit_code == 0 and "removed tiny-tofu" in r.output and not cache.is_cached("tiny-tofu")
+    r = run("cache", "rm", "tiny-tofu")
+    assert r.exit_code == 1 and "not cached" in r.output
+    assert run("cache", "verify").exit_code == 0
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from zoo.cli import cli; "
+            "r = CliRunner().invoke(cli, ['cache', '--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(cli, ['pull', '--help']); assert 'Examples' in r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,177 @@
+"""``zoo pull``, ``zoo import`` and ``zoo cache ls|rm|verify|path``. No torch at import (``zoo --help``)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from zoo import cache as zcache
+from zoo.cli import cli
+from zoo.errors import ZooError
+
+__all__ = ["pull_cmd", "import_cmd", "cache_group"]
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@cli.command("pull")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--force", is_flag=True, help="Download again even when the model is cached.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: bool) -> None:
+    """Download, verify and cache the weights of one or more models (as safetensors).
+
+    A cached model is not downloaded again (no network request at all) unless --force. Offline
+    (ZOO_OFFLINE=1 or HF_HUB_OFFLINE=1) an uncached model fails at once and says how to get it.
+
+    \b
+    Examples:
+      zoo pull resnet50
+      zoo pull resnet50 efficientnet_b0 --quiet
+      zoo pull resnet50 --force        # re-download and re-verify
+    """
+    from zoo.registry import get_entry
+    from zoo.sources import pull
+
+    entries = [get_entry(n) for n in names]  # unknown names fail (exit 2) before anything is downloaded
+    failed = 0
+    for entry in entries:
+        was_cached = zcache.is_cached(entry.name)
+        try:
+            path = pull(entry, force=force, progress=not quiet)
+        except ZooError as err:
+            if len(entries) == 1:
+                raise
+            click.echo(f"zoo: error: {err}", err=True)
+            failed += 1
+            continue
+        size = human_size(path.stat().st_size)
+        if was_cached and not force:
+            click.echo(f"{entry.name}: already cached, {size}: {path}")
+            continue
+        click.echo(f"{entry.name}: pulled and verified, {size}: {path}")
+        manifest = zcache.read_manifest(entry.name) or {}
+        if manifest.get("tofu"):
+            click.echo(f"  sha256 {manifest.get('sha256_download')} (no pinned digest: trusted on first use; "
+                       "check it against the publisher's and pin it in your registry)")
+    if failed:
+        ctx.exit(1)
+
+
+@cli.command("import")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sha256", "sha256", metavar="HEX", help="Refuse the file unless its sha256 is this digest.")
+def import_cmd(name: str, file: str, sha256: str | None) -> None:
+    """Register a local .safetensors or .pth as a model's weights (for machines without network).
+
+    Every tensor's name and shape is checked against the architecture; a .pth is read only with
+    torch.load(weights_only=True) and converted to safetensors.
+
+    \b
+    Examples:
+      zoo import resnet50 ./resnet50.safetensors
+      zoo import alexnet ./alexnet-owt-7be5be79.pth --sha256 7be5be79...
+    """
+    from zoo.sources import import_weights
+
+    path = import_weights(name, file, sha256=sha256)
+    manifest = zcache.read_manifest(name) or {}
+    click.echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
+    if sha256 is None:
+        click.echo(f"  sha256 of {file}: {manifest.get('sha256_download')}")
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Inspect and manage the weights cache (ZOO_HOME, default ~/.cache/zoo).
+
+    \b
+    Examples:
+      zoo cache ls
+      zoo cache verify
+      zoo cache rm resnet50
+      zoo cache path
+    """
+
+
+@cache_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list (manifests + path + bytes) for scripts.")
+def cache_ls(as_json: bool) -> None:
+    """List cached models with their size, source and digest.
+
+    \b
+    Examples:
+      zoo cache ls
+      zoo cache ls --json
+    """
+    models = zcache.cached_models()
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    if not models:
+        click.echo(f"nothing cached under {zcache.zoo_home()}; `zoo pull NAME` fetches a model")
+        return
+    width = max(len(m.get("name", "")) for m in models)
+    total = 0
+    for m in models:
+        total += m["bytes"]
+        tofu = "  (tofu)" if m.get("tofu") else ""
+        click.echo(f"{m.get('name', '?'):<{width}}  {human_size(m['bytes']):>10}  "
+                   f"{str(m.get('sha256', ''))[:12]}  {m.get('source', '?')}{tofu}")
+    click.echo(f"{len(models)} model(s), {human_size(total)} in {zcache.zoo_home()}")
+
+
+@cache_group.command("rm")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def cache_rm(names: tuple[str, ...]) -> None:
+    """Delete the cached weights of one or more models.
+
+    \b
+    Examples:
+      zoo cache rm resnet50
+    """
+    for name in names:
+        size = sum(p.stat().st_size for p in zcache.weights_dir(name).glob("*") if p.is_file()) \
+            if zcache.weights_dir(name).is_dir() else 0
+        folder = zcache.remove(name)
+        click.echo(f"removed {name} ({human_size(size)}): {folder}")
+
+
+@cache_group.command("verify")
+@click.pass_context
+def cache_verify(ctx: click.Context) -> None:
+    """Re-hash every cached file against its manifest; exit 1 when one does not match.
+
+    \b
+    Examples:
+      zoo cache verify
+    """
+    problems = zcache.verify()
+    for line in problems:
+        click.echo(f"zoo: error: {line}", err=True)
+    if problems:
+        ctx.exit(1)
+    click.echo(f"{len(zcache.cached_models())} cached model(s) verified: every sha256 matches its manifest")
+
+
+@cache_group.command("path")
+@click.argument("name", required=False)
+def cache_path(name: str | None) -> None:
+    """Print the cache root, or the folder of one model's weights.
+
+    \b
+    Examples:
+      zoo cache path
+      du -sh "$(zoo cache path)"
+    """
+    click.echo(str(zcache.weights_dir(name) if name else zcache.zoo_home()))
