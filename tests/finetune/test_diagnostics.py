@@ -137,3 +137,146 @@ def test_tensorboard_logs_scalars(monkeypatch, tmp_path):
     assert ("loss/train", 0.7, 2) in calls and ("acc/val", 0.68, 2) in calls
     assert not any(c[0] == "loss/val" for c in calls)  # NaN skipped
     assert calls[-1] == ("closed",)
+
+
+# ---- LR range test: pure parts -----------------------------------------------------------------------
+from finetune.diagnostics import (lr_find, lr_schedule, overfit_check, preserved_rng, smooth_losses,
+                                  suggest_steepest, suggest_valley)
+
+
+def test_lr_schedule_is_log_spaced_and_inclusive():
+    lrs = lr_schedule(1e-6, 1.0, 7)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
+    assert all(b / a == pytest.approx(10.0) for a, b in zip(lrs, lrs[1:]))
+
+
+def test_smoothing_is_bias_corrected():
+    assert smooth_losses([2.0] * 5, 0.98) == pytest.approx([2.0] * 5)  # no pull towards 0 at the start
+    sm = smooth_losses([1.0, 0.0], 0.5)
+    assert sm == pytest.approx([1.0, 1 / 3])
+
+
+def test_suggestions_land_on_the_descent():
+    # flat, then a steep fall between 1e-4 and 1e-2, then divergence
+    lrs = lr_schedule(1e-7, 10.0, 80)
+    loss = [2.0 if lr < 1e-4 else (2.0 - 0.8 * math.log10(lr / 1e-4) if lr < 1e-2 else 0.4 + 5 * (lr - 1e-2))
+            for lr in lrs]
+    v, s = suggest_valley(lrs, loss), suggest_steepest(lrs, loss)
+    assert 1e-4 <= lrs[v] <= 1e-2 and 1e-4 <= lrs[s] <= 1e-2
+    assert suggest_valley([1e-3], [1.0]) is None and suggest_steepest([1e-3], [1.0]) is None
+
+
+# ---- LR range test and overfit check on a tiny model ------------------------------------------------
+STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+               "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+@pytest.fixture(scope="module")
+def tiny_train_set(tmp_path_factory):
+    from tests.conftest import make_image_folder
+    from finetune.data import scan_folder
+
+    root = make_image_folder(tmp_path_factory.mktemp("diag") / "data", per_class=8)
+    return scan_folder(root, val_split=0.25, seed=0).train
+
+
+def _tiny_model():
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=10)
+
+
+def _config(**kw):
+    from finetune.config import FinetuneConfig
+
+    base = dict(batch_size=8, workers=0, device="cpu", freeze="none", lr=1e-3)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_lr_find_suggests_inside_range_and_restores_everything(tiny_train_set, tmp_path):
+    import torch
+
+    model = _tiny_model()
+    model.train()
+    model.layer1.requires_grad_(False)  # the caller's own flags must survive too
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    with preserved_rng():
+        expected_draw = torch.rand(3)
+    res = lr_find(model, STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", start_lr=1e-6, end_lr=1.0,
+                  steps=40, out_png=tmp_path / "lr.png", out_csv=tmp_path / "lr.csv")
+    assert torch.equal(torch.rand(3), expected_draw)  # torch RNG restored
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert model.fc.out_features == 10  # the head replacement happened on a copy
+
+    assert res.method == "valley" and res.suggestion in res.lrs
+    assert 1e-6 <= res.suggestion <= 1.0
+    assert res.valley is not None and res.steepest is not None
+    assert len(res.lrs) == len(res.losses) == len(res.smoothed) <= 40
+    assert res.lrs == sorted(res.lrs)
+    assert "valley rule" in res.describe()
+    _png_ok(tmp_path / "lr.png")
+    lines = (tmp_path / "lr.csv").read_text().splitlines()
+    assert lines[0] == "step,lr,loss,smoothed" and len(lines) == len(res.lrs) + 1
+
+
+def test_lr_find_stops_early_on_divergence_and_steepest_rule(tiny_train_set):
+    res = lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(optimizer="sgd"), head="fc",
+                  start_lr=1e-3, end_lr=1e4, steps=30, method="steepest", diverge_factor=2)
+    assert res.stopped_early and len(res.lrs) < 30
+    assert res.method == "steepest" and res.lrs[0] <= res.suggestion <= res.lrs[-1]
+    assert "stopped early" in res.describe()
+
+
+def test_lr_find_rejects_bad_ranges(tiny_train_set):
+    with pytest.raises(ConfigError, match="start_lr < end_lr"):
+        lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", start_lr=1.0, end_lr=1e-3)
+    with pytest.raises(ConfigError, match="valley or steepest"):
+        lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", method="magic")
+
+
+def test_overfit_check_passes_on_learnable_batches(tiny_train_set):
+    import torch
+
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lines = []
+    res = overfit_check(model, STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2, mlp_dropout=0.5),
+                        head="fc", batches=2, max_steps=200, log=lines.append)
+    assert res.passed and res.final_acc == 1.0 and res.final_loss <= 0.05
+    assert res.verdict == f"pipeline can learn: 2 batches overfit to 100% in {res.steps} steps"
+    assert 0 < res.steps <= 200 and lines and res.losses[-1] == res.final_loss
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_overfit_check_fails_on_random_labels(tiny_train_set):
+    res = overfit_check(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2), head="fc",
+                        batches=2, max_steps=60, shuffle_labels=True)
+    assert not res.passed and res.steps == 60
+    assert res.verdict.startswith("cannot even overfit 2 batches (acc ")
+    assert res.verdict.endswith("check labels, LR, frozen layers")
+
+
+def test_overfit_check_fails_when_everything_is_frozen(tiny_train_set):
+    res = overfit_check(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2), head="fc",
+                        batches=2, max_steps=60, freeze_all=True)
+    assert not res.passed and res.steps == 0
+    assert res.verdict.startswith("cannot even overfit 2 batches")
+    assert "check labels, LR, frozen layers" in res.verdict and "nothing is trainable" in res.verdict
+
+
+def test_dropout_is_disabled_for_the_check():
+    from torch import nn
+    from finetune.diagnostics import disable_dropout
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    m.drop_rate = 0.3
+    assert disable_dropout(m) == 2 and m[1].p == 0.0 and m.drop_rate == 0.0
