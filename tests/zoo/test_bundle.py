@@ -1,0 +1,257 @@
+"""zoo.bundle: export a run folder, reload it (ours, plain timm, torchvision), damaged bundles, no pickle."""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.bundle import Bundle, export_run, load_bundle, read_safetensors_metadata
+from zoo.errors import BundleError
+
+# A class name that is no valid file name anywhere, one with quotes/unicode: only data in JSON.
+CLASSES = ("cat", "dog/wolf: ?*", 'fox "red" é')
+DATA_CONFIG = {"input_size": [3, 64, 64], "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def make_run(root: Path, classes=CLASSES, head: dict | None = None, builder: str = "timm:test_resnet",
+             classifier: str = "fc", seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """A run folder as `zoo finetune` leaves it, with a tiny model: returns (run_dir, the in-memory model)."""
+    import safetensors.torch
+
+    from zoo.bundle import build_model
+
+    torch.manual_seed(seed)
+    head = head or {"kind": "linear"}
+    model = build_model(builder, len(classes), head, classifier).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong eval/train mode would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(run / "checkpoints" / "best.safetensors"))
+    (run / "model.json").write_text(json.dumps({
+        "model": "tiny", "builder": builder, "source": "file:/weights/tiny.safetensors", "source_sha256": "ab" * 32,
+        "stages": [["conv1"], ["layer1"]], "classifier": classifier, "classes": list(classes),
+        "data_config": DATA_CONFIG, "head": head}), encoding="utf-8")
+    (run / "summary.json").write_text(json.dumps({"metrics": {"val_acc": 0.75, "val_loss": 0.61, "best_epoch": 3}}))
+    (run / "config.yaml").write_text("optimizer: adam\nlr: 0.001\nschedule: cosine\nepochs: 5\nfreeze: auto\n")
+    return run, model
+
+
+@pytest.fixture
+def run_and_model(tmp_path):
+    return make_run(tmp_path)
+
+
+def _inputs(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_round_trip_ours_and_plain_timm_agree(run_and_model, tmp_path):
+    import safetensors.torch
+    import timm
+
+    run, model = run_and_model
+    out = export_run(run, tmp_path / "bundle")
+    x = _inputs()
+    with torch.no_grad():
+        ref = model(x)
+        ours = load_bundle(out).model(x)
+        cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        plain = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"]).eval()
+        plain.load_state_dict(safetensors.torch.load_file(str(out / "model.safetensors")))
+        via_local_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+        assert torch.allclose(plain(x), ref, atol=1e-5, rtol=0)
+        assert torch.allclose(via_local_dir(x), ref, atol=1e-5, rtol=0)
+    assert via_local_dir.num_classes == 3
+
+
+def test_metadata_and_timm_config_layout(run_and_model, tmp_path):
+    run, _ = run_and_model
+    out = export_run(run, tmp_path / "bundle")
+    meta = {k: (v if k == "format" else json.loads(v))
+            for k, v in read_safetensors_metadata(out / "model.safetensors").items()}
+    assert meta["format"] == "pt"
+    assert meta["architecture"] == "test_resnet" and meta["builder"] == "timm:test_resnet"
+    assert meta["num_classes"] == 3 and meta["label_names"] == list(CLASSES)
+    assert meta["mean"] == [0.5] * 3 and meta["std"] == [0.25] * 3 and meta["input_size"] == [3, 64, 64]
+    assert meta["interpolation"] == "bicubic" and meta["crop_pct"] == 0.875
+    assert meta["source"] == "file:/weights/tiny.safetensors" and meta["source_sha256"] == "ab" * 32
+    assert meta["metrics"]["val_acc"] == 0.75
+
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert {"architecture", "num_classes", "num_features", "label_names", "pretrained_cfg"} <= set(cfg)
+    assert cfg["architecture"] == "test_resnet" and cfg["num_classes"] == 3
+    assert cfg["label_names"] == list(CLASSES)
+    pc = cfg["pretrained_cfg"]
+    assert pc["input_size"] == [3, 64, 64] and pc["mean"] == [0.5] * 3 and pc["interpolation"] == "bicubic"
+    assert cfg["zoo"]["head"] == {"kind": "linear"}
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "val_acc: 0.7500" in card and "`dog/wolf: ?*`" in card and "optimizer: adam" in card
+    assert "local-dir:" in card
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temp left
+
+
+def test_bundle_unpacks_and_predicts(run_and_model, tmp_path):
+    from PIL import Image
+
+    run, model = run_and_model
+    bundle = load_bundle(export_run(run))          # default out: RUN_DIR/export
+    assert bundle.path == run / "export"
+    m, transform, labels = bundle
+    assert m is bundle.model and labels == list(CLASSES) and not m.training
+    img = Image.new("RGB", (80, 50), (200, 30, 30))
+    img_path = tmp_path / "red.png"
+    img.save(img_path)
+    res = bundle.predict([img, img_path], topk=2)
+    assert len(res) == 2 and len(res[0]) == 2 and res[0][0][0] in CLASSES
+    assert res[0][0][1] >= res[0][1][1]
+    with torch.no_grad():
+        probs = model(transform(img).unsqueeze(0)).softmax(-1)[0]
+    assert res[0][0][1] == pytest.approx(float(probs.max()), abs=1e-5)
+    assert [lab for lab, _ in res[1]] == [lab for lab, _ in res[0]]  # same pixels via the file (PNG is lossless)
+    assert res[1][0][1] == pytest.approx(res[0][0][1], abs=1e-6)
+    assert len(bundle.predict(img, topk=10)[0]) == 3  # capped at C
+    with pytest.raises(BundleError, match="cannot read image"):
+        bundle.predict(tmp_path / "missing.png")
+
+
+def test_load_bundle_never_unpickles(run_and_model, tmp_path, monkeypatch):
+    run, _ = run_and_model
+    out = export_run(run, tmp_path / "bundle")
+
+    def boom(*a, **k):
+        raise AssertionError("pickle used while loading a bundle")
+
+    monkeypatch.setattr(pickle, "loads", boom)
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "Unpickler", boom)
+    monkeypatch.setattr(torch, "load", boom)
+    bundle = load_bundle(out)
+    assert bundle.labels == list(CLASSES)
+
+
+def test_mlp_head_round_trip_and_card(tmp_path):
+    head = {"kind": "mlp", "hidden": 16, "dropout": 0.1, "activation": "relu"}
+    run, model = make_run(tmp_path, head=head)
+    out = export_run(run, tmp_path / "bundle")
+    x = _inputs(2)
+    with torch.no_grad():
+        assert torch.allclose(load_bundle(out).model(x), model(x), atol=1e-5, rtol=0)
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert cfg["zoo"]["head"] == head
+    assert "plain timm cannot rebuild this head" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_torchvision_bundle_carries_builder_kwargs(tmp_path):
+    import safetensors.torch
+    import torchvision
+
+    run, model = make_run(tmp_path, builder="torchvision:mobilenet_v3_small", classifier="classifier.3")
+    out = export_run(run, tmp_path / "bundle")
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert cfg["zoo"]["builder"] == "torchvision:mobilenet_v3_small" and cfg["label_names"] == list(CLASSES)
+    x = _inputs(2)
+    rebuilt = torchvision.models.get_model(cfg["architecture"], weights=None, num_classes=cfg["num_classes"],
+                                           **cfg["zoo"]["builder_kwargs"]).eval()
+    rebuilt.load_state_dict(safetensors.torch.load_file(str(out / "model.safetensors")))
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model(x), atol=1e-5, rtol=0)
+        assert torch.allclose(load_bundle(out).model(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_onnx_export_matches_and_has_dynamic_batch(run_and_model, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    run, model = run_and_model
+    out = export_run(run, tmp_path / "bundle", formats=("safetensors", "onnx"))
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = _inputs(5)  # exported with batch 1: a batch of 5 proves the axis is dynamic
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(got - model(x).numpy()).max() < 1e-4
+    assert "model.onnx" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_onnx_mismatch_fails_clearly_and_writes_nothing(run_and_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import zoo.bundle as zb
+
+    monkeypatch.setattr(zb, "ONNX_ATOL", -1.0)   # any difference now counts as a mismatch
+    run, _ = run_and_model
+    with pytest.raises(BundleError, match="ONNX export disagrees with PyTorch"):
+        export_run(run, tmp_path / "bundle", formats=("onnx",))
+    assert not (tmp_path / "bundle" / "model.onnx").exists()
+    assert not [p for p in (tmp_path / "bundle").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def bundle_dir(run_and_model, tmp_path) -> Path:
+    return export_run(run_and_model[0], tmp_path / "bundle")
+
+
+def test_truncated_weights_fail_with_bundle_error(bundle_dir):
+    f = bundle_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(BundleError, match="truncated"):
+        load_bundle(bundle_dir)
+    f.write_bytes(b"\x01\x02")
+    with pytest.raises(BundleError, match="truncated"):
+        load_bundle(bundle_dir)
+
+
+def test_garbage_header_fails_with_bundle_error(bundle_dir):
+    f = bundle_dir / "model.safetensors"
+    f.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(BundleError, match="not JSON"):
+        load_bundle(bundle_dir)
+
+
+def test_bad_or_missing_config_fails_with_bundle_error(bundle_dir):
+    (bundle_dir / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(BundleError, match="config.json is not valid JSON"):
+        load_bundle(bundle_dir)
+    (bundle_dir / "config.json").unlink()
+    with pytest.raises(BundleError, match="config.json is missing"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_weights_or_folder_fail_with_bundle_error(bundle_dir, tmp_path):
+    (bundle_dir / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="model.safetensors is missing"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="no bundle at"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_export_needs_model_json_and_checkpoint(run_and_model):
+    run, _ = run_and_model
+    (run / "checkpoints" / "best.safetensors").unlink()
+    with pytest.raises(BundleError, match="best.safetensors is missing"):
+        export_run(run)
+    (run / "model.json").unlink()
+    with pytest.raises(BundleError, match="model.json is missing"):
+        export_run(run)
+
+
+def test_export_rejects_checkpoint_of_another_shape(tmp_path):
+    run, _ = make_run(tmp_path)
+    info = json.loads((run / "model.json").read_text())
+    info["classes"] = ["a", "b"]                    # checkpoint has 3 outputs
+    (run / "model.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="does not fit the architecture"):
+        export_run(run)
+
+
+def test_bundle_is_a_dataclass_with_expected_fields():
+    fields = {f for f in Bundle.__dataclass_fields__}
+    assert {"model", "transform", "data_config", "labels", "metadata"} <= fields

@@ -1,0 +1,405 @@
+"""Inference on images: batched prediction, the lecture's fixed-crop test-time augmentation, evaluation.
+
+The single-view path uses ``finetune.data.build_transform(data_config, train=False)``: literally the
+validation transform, so a bundle sees the same pixels at prediction time as during validation.
+Test-time augmentation averages the softmax over the ten fixed crops (four corners + centre, and their
+horizontal flips), optionally at several scales. Library code: raises, never prints.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finetune.io import atomic_write, atomic_write_text
+from zoo.errors import UsageError
+
+__all__ = [
+    "ImageInput", "eval_transform", "tta_transform", "parse_scales", "resolve_device", "expand_images",
+    "predict_probs", "topk", "EvalReport", "find_eval_images", "evaluate", "classification_metrics",
+    "write_eval_reports",
+]
+
+ImageInput = Union[str, os.PathLike, Image.Image]   # what predict accepts per image
+# Called with (image, reason) for each image that cannot be read; the image is then skipped.
+OnError = Callable[[Any, str], None]
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from finetune.data import IMAGE_EXTENSIONS
+
+    return tuple(IMAGE_EXTENSIONS)
+
+
+def eval_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """The validation transform (resize + centre crop + normalise) from the shared training code."""
+    from finetune.data import build_transform
+
+    return build_transform(dict(data_config), train=False)
+
+
+def parse_scales(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``"224,256,288"`` -> (224, 256, 288). Raises UsageError on anything but positive integers."""
+    if text is None or text == "" or (not isinstance(text, str) and len(text) == 0):
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        scales = tuple(int(str(p).strip()) for p in parts if str(p).strip())
+    except ValueError:
+        raise UsageError(f"--tta-scales {text!r}: give comma-separated pixel sizes, e.g. 224,256,288") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise UsageError(f"--tta-scales {text!r}: sizes must be positive, e.g. 224,256,288")
+    return scales
+
+
+def tta_transform(data_config: dict, scales: Sequence[int] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Ten-crop test-time augmentation: (10 x n_scales, 3, H, W) views of one image.
+
+    Without ``scales`` the shorter side is resized as in validation (input size / crop_pct); with
+    ``scales`` it is resized to each scale in turn. Each resized image gives the four corner crops,
+    the centre crop and their horizontal flips at the model's input size.
+
+    Raises:
+        UsageError: a scale smaller than the input size (the crops would not fit).
+    """
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision.transforms import functional as F
+
+    _, h, w = (int(v) for v in data_config["input_size"])
+    interp = str_to_interp_mode(str(data_config.get("interpolation", "bilinear")))
+    mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(data_config["std"], dtype=torch.float32).view(3, 1, 1)
+    if scales:
+        sizes = [int(s) for s in scales]
+    else:
+        # timm's eval transform: scale_size = floor(img_size / crop_pct)
+        sizes = [int(math.floor(min(h, w) / float(data_config.get("crop_pct") or 1.0)))]
+    too_small = [s for s in sizes if s < max(h, w)]
+    if too_small:
+        raise UsageError(f"TTA scale(s) {too_small} smaller than the model's input size {h}x{w}; "
+                         f"use scales of at least {max(h, w)}")
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        views = []
+        for size in sizes:
+            resized = F.resize(img, size, interpolation=interp)
+            for crop in F.ten_crop(resized, [h, w]):
+                views.append((F.to_tensor(crop) - mean) / std)
+        return torch.stack(views)
+
+    return transform
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """"auto" -> cuda when available (else mps, else cpu); anything else as torch understands it."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:
+    """Files as given, folders expanded recursively to their images (sorted).
+
+    Returns:
+        (paths, any_folder) — the second tells the caller a progress bar is worth showing.
+    Raises:
+        UsageError: an argument that does not exist.
+    """
+    exts = _image_extensions()
+    out: list[Path] = []
+    any_dir = False
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            any_dir = True
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in exts
+                              and not any(part.startswith(".") for part in q.relative_to(p).parts)))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UsageError(f"no such image or folder: {p}")
+    return out, any_dir
+
+
+def _load(item: Any, min_size: int | None) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB") if item.mode != "RGB" else item
+    from finetune.data import load_image
+
+    # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
+    return load_image(item, min_size)
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: dict, *, tta: bool = False,
+                  tta_scales: Sequence[int] | None = None, batch_size: int = 32, progress: bool = False,
+                  on_error: OnError | None = None) -> tuple[list[int], torch.Tensor]:
+    """Softmax probabilities for each readable image, batched, on the model's device.
+
+    Args:
+        model: a classifier in eval mode.
+        images: paths or PIL images.
+        data_config: timm-style preprocessing (input_size, interpolation, crop_pct, mean, std).
+        tta: average over the ten fixed crops (at each of ``tta_scales`` when given).
+        batch_size: images per forward pass (with TTA each image contributes 10 x scales views).
+        progress: show a tqdm bar (quiet anyway when stderr is not a terminal).
+        on_error: called with (image, reason) for an unreadable image, which is then skipped;
+            without it the error propagates.
+    Returns:
+        (indices of the images that were read, float tensor [n_read, C] on the CPU).
+    """
+    from tqdm.auto import tqdm
+
+    if tta or tta_scales:
+        transform = tta_transform(data_config, tta_scales)
+        min_size = max(tta_scales) if tta_scales else None
+    else:
+        transform = eval_transform(data_config)
+        min_size = getattr(transform, "min_size", None)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    model.eval()
+    kept: list[int] = []
+    chunks: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    pending_idx: list[int] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack(pending).to(device)  # [B, V, 3, H, W] or [B, 3, H, W]
+        views = batch.shape[1] if batch.dim() == 5 else 1
+        logits = model(batch.flatten(0, 1) if batch.dim() == 5 else batch)
+        # Average probabilities, not logits: the lecture averages the crops' predictions.
+        probs = logits.float().softmax(dim=-1).view(len(pending), views, -1).mean(dim=1)
+        chunks.append(probs.cpu())
+        kept.extend(pending_idx)
+        pending.clear()
+        pending_idx.clear()
+
+    with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
+        for i, item in enumerate(images):
+            try:
+                tensor = transform(_load(item, min_size))
+            except Exception as err:  # any decoder failure: the image is skipped, the run goes on
+                if on_error is None:
+                    raise
+                on_error(item, f"{type(err).__name__}: {err}".strip())
+                bar.update(1)
+                continue
+            pending.append(tensor)
+            pending_idx.append(i)
+            if len(pending) >= batch_size:
+                flush()
+            bar.update(1)
+        flush()
+    if not chunks:
+        return [], torch.empty(0, 0)
+    return kept, torch.cat(chunks)
+
+
+def topk(probs: torch.Tensor, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    """[(label, prob), ...] per row, best first; k is capped at the number of classes."""
+    if probs.numel() == 0:
+        return []
+    k = max(1, min(int(k), probs.shape[1]))
+    values, indices = probs.topk(k, dim=1)
+    return [[(labels[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())] for vs, js in zip(values, indices)]
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalReport:
+    """What ``zoo eval`` reports; ``to_dict`` is what metrics.json holds."""
+
+    root: str
+    split: str                                  # "test" | "val" | "." (the folder itself)
+    labels: list[str]
+    n_images: int
+    accuracy: float
+    top5: float | None                          # only when there are more than 5 classes
+    per_class: dict[str, dict[str, float | int | None]]   # precision, recall, support
+    confusion: list[list[int]]                  # rows: true class, columns: predicted
+    wrong: list[dict[str, Any]]                 # most confidently wrong first
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored_folders: list[str] = field(default_factory=list)
+    tta: bool = False
+    tta_scales: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
+                "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
+                "tta": self.tta, "tta_scales": self.tta_scales,
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+                "ignored_folders": self.ignored_folders, "most_confidently_wrong": self.wrong}
+
+
+def find_eval_images(root: str | os.PathLike, labels: Sequence[str]) -> tuple[str, list[tuple[str, int]], list[str]]:
+    """Images of a class-folder layout, labelled by the bundle's class order.
+
+    ``root/test/<class>/`` is used when present, else ``root/val/<class>/``, else ``root/<class>/``.
+    Class folders are matched to the bundle's labels by name.
+
+    Returns:
+        (split used, [(path, label index)], folders that are not one of the labels)
+    Raises:
+        UsageError: no such folder, no class folder matching a label, or no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
+    split, base = ".", root
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            split, base = name, root / name
+            break
+    exts = _image_extensions()
+    index = {name: i for i, name in enumerate(labels)}
+    items: list[tuple[str, int]] = []
+    ignored: list[str] = []
+    folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for d in folders:
+        if d.name not in index:
+            ignored.append(d.name)
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and p.suffix.lower() in exts:
+                items.append((str(p), index[d.name]))
+    if len(ignored) == len(folders):
+        shown = ", ".join(ignored[:5]) or "none"
+        raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
+                         f"labels: {', '.join(list(labels)[:5])}...); lay it out as <class>/<image>")
+    if not items:
+        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(exts)})")
+    return split, items, ignored
+
+
+def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, top-5 (when C > 5), per-class precision/recall/support, confusion matrix. Pure numpy."""
+    n_classes = len(labels)
+    pred = probs.argmax(axis=1)
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (targets, pred), 1)
+    acc = float((pred == targets).mean()) if len(targets) else 0.0
+    top5 = None
+    if n_classes > 5:
+        best5 = np.argsort(-probs, axis=1)[:, :5]
+        top5 = float((best5 == targets[:, None]).any(axis=1).mean())
+    per_class: dict[str, dict[str, float | int | None]] = {}
+    for i, name in enumerate(labels):
+        tp, predicted, support = int(cm[i, i]), int(cm[:, i].sum()), int(cm[i, :].sum())
+        per_class[name] = {"precision": tp / predicted if predicted else None,
+                           "recall": tp / support if support else None, "support": support}
+    return {"accuracy": acc, "top5": top5, "per_class": per_class, "confusion": cm.tolist()}
+
+
+def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
+             tta: bool = False, tta_scales: Sequence[int] | None = None, batch_size: int = 32,
+             progress: bool = False, worst: int = 20, on_error: OnError | None = None) -> EvalReport:
+    """Evaluate a classifier on a class-folder layout (see ``find_eval_images``).
+
+    Unreadable images are skipped (and listed in the report); ``on_error`` hears about each one.
+    """
+    split, items, ignored = find_eval_images(data_dir, labels)
+    skipped: list[tuple[str, str]] = []
+
+    def note(item: Any, reason: str) -> None:
+        skipped.append((str(item), reason))
+        if on_error is not None:
+            on_error(item, reason)
+
+    kept, probs = predict_probs(model, [p for p, _ in items], data_config, tta=tta, tta_scales=tta_scales,
+                                batch_size=batch_size, progress=progress, on_error=note)
+    if not kept:
+        raise UsageError(f"--data {data_dir}: none of the {len(items)} images could be read")
+    if probs.shape[1] != len(labels):
+        raise UsageError(f"the model has {probs.shape[1]} outputs but {len(labels)} labels; re-export the bundle")
+    p = probs.numpy()
+    targets = np.array([items[i][1] for i in kept], dtype=np.int64)
+    m = classification_metrics(p, targets, labels)
+    pred = p.argmax(axis=1)
+    wrong_rows = [(float(p[j, pred[j]]), j) for j in range(len(kept)) if pred[j] != targets[j]]
+    wrong_rows.sort(key=lambda r: -r[0])
+    wrong = [{"path": items[kept[j]][0], "true": labels[targets[j]], "predicted": labels[pred[j]],
+              "confidence": conf, "p_true": float(p[j, targets[j]])} for conf, j in wrong_rows[:worst]]
+    return EvalReport(root=str(data_dir), split=split, labels=list(labels), n_images=len(kept),
+                      accuracy=m["accuracy"], top5=m["top5"], per_class=m["per_class"], confusion=m["confusion"],
+                      wrong=wrong, skipped=skipped, ignored_folders=ignored, tta=bool(tta or tta_scales),
+                      tta_scales=list(tta_scales) if tta_scales else None)
+
+
+def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path) -> None:
+    # Figure + Agg canvas directly: no pyplot state, no global backend switch, safe in threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(confusion)
+    n = len(labels)
+    side = min(24.0, max(4.0, 0.45 * n + 2.5))
+    fig = Figure(figsize=(side, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if n <= 40:
+        ax.set_xticks(range(n), [str(x) for x in labels], rotation=90, fontsize=8)
+        ax.set_yticks(range(n), [str(x) for x in labels], fontsize=8)
+    if n <= 20:
+        thresh = cm.max() / 2 if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > thresh else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv (atomic writes)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in
+             ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")}
+    atomic_write_text(paths["metrics.json"], json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["per_class.csv"], _csv_text(
+        [("class", "precision", "recall", "support")]
+        + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))
+    atomic_write_text(paths["confusion.csv"], _csv_text(
+        [("true \\ predicted", *report.labels)]
+        + [(report.labels[i], *row) for i, row in enumerate(report.confusion)]))
+    _confusion_png(report.confusion, report.labels, paths["confusion.png"])
+    atomic_write_text(paths["wrong.csv"], _csv_text(
+        [("path", "true", "predicted", "confidence", "p_true")]
+        + [(w["path"], w["true"], w["predicted"], f"{w['confidence']:.6f}", f"{w['p_true']:.6f}")
+           for w in report.wrong]))
+    return paths
