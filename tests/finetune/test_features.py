@@ -1,0 +1,315 @@
+"""Head-only fast path: same head as the slow path, a cache that is keyed and never trusts a bad file."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
+from finetune.errors import FinetuneError
+from finetune.features import (
+    FeatureBank,
+    FeatureCache,
+    _BatchOrder,
+    _Targets,
+    backbone_digest,
+    extract_features,
+    feature_cache_key,
+    fit_head_on_features,
+)
+from finetune.metrics import EarlyStopping
+from finetune.optim import build_optimizer, build_scheduler
+from finetune.surgery import replace_head
+from tests.conftest import make_image_folder
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
+               "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+class Tiny(nn.Module):
+    """Conv-BN-ReLU-pool backbone, dropout before the classifier (off in eval mode), head ``fc``."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.features(x)))
+
+
+def _sets(root: Path, bad: bool = False) -> tuple[ImageSet, ImageSet]:
+    make_image_folder(root, layout="split", per_class=6, val_per_class=2)
+    classes = ["cat", "dog", "fox"]
+
+    def items(split: str) -> list[tuple[str, int]]:
+        return [(str(p), ci) for ci, c in enumerate(classes) for p in sorted((root / split / c).glob("*.png"))]
+
+    train = items("train")
+    if bad:  # an undecodable image: both paths must drop it from its batch
+        broken = root / "train" / "cat" / "broken.png"
+        broken.write_bytes(b"not a png")
+        train.insert(3, (str(broken), 0))
+    return ImageSet(train, classes), ImageSet(items("val"), classes)
+
+
+def _model(seed: int = 0, head: str = "linear") -> nn.Module:
+    torch.manual_seed(seed)
+    model = Tiny()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replace_head(model, "fc", 3, kind=head, hidden=16, dropout=0.3)
+    for p in model.fc.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _config(**kw) -> FinetuneConfig:
+    base = dict(batch_size=5, workers=0, epochs=4, patience=2, lr=0.05, seed=3, schedule="cosine",
+                optimizer="adam", amp=False)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _slow_path(model: nn.Module, train: ImageSet, val: ImageSet, config: FinetuneConfig) -> list[float]:
+    """Plain head-only loop: the frozen model re-run on un-augmented inputs every epoch (model in eval
+    mode, head in train mode), same optimizer, scheduler, early stopping. Returns val losses."""
+    tf = build_transform(DATA_CONFIG, False, config)
+    loader = make_loader(ImageDataset(train, tf), config.batch_size, train=True, workers=config.workers,
+                         sampler=config.sampler, seed=config.seed)
+    val_loader = make_loader(ImageDataset(val, tf), config.batch_size, train=False, workers=0)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = build_optimizer(config, model, "fc")
+    sched = build_scheduler(config, opt, len(loader))
+    stopper = EarlyStopping(config.patience, config.min_delta, "min")
+    losses = []
+    for epoch in range(1, config.epochs + 1):
+        model.eval()
+        model.fc.train()
+        for batch in loader:
+            if batch is None:
+                continue
+            x, y = batch
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step_batch()
+        model.eval()
+        with torch.no_grad():
+            tot, n = 0.0, 0
+            for x, y in val_loader:
+                tot += float(loss_fn(model(x), y)) * len(y)
+                n += len(y)
+        losses.append(tot / n)
+        sched.step_epoch(tot / n)
+        if stopper.step(tot / n, epoch):
+            break
+    return losses
+
+
+@pytest.mark.parametrize("head,sampler", [("linear", "random"), ("mlp", "balanced")])
+def test_fast_path_matches_slow_path(tmp_path, head, sampler):
+    train, val = _sets(tmp_path / "d", bad=True)
+    config = _config(sampler=sampler, head=head)
+    slow_model, fast_model = _model(head=head), _model(head=head)
+    torch.manual_seed(11)  # the MLP head's dropout draws from the global RNG in both paths
+    slow_losses = _slow_path(slow_model, train, val, config)
+    torch.manual_seed(11)
+    history, best = fit_head_on_features(fast_model, "fc", train, val, DATA_CONFIG, config)
+    assert [r["phase"] for r in history] == ["head"] * len(slow_losses)
+    assert [r["epoch"] for r in history] == list(range(1, len(slow_losses) + 1))
+    for row, loss in zip(history, slow_losses):
+        assert row["val_loss"] == pytest.approx(loss, rel=1e-4, abs=1e-5)
+        assert set(row) == {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                            "seconds", "images_per_s"}
+    for (name, a), b in zip(slow_model.fc.state_dict().items(), fast_model.fc.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
+    # The backbone is untouched and best_state loads back into the model.
+    torch.testing.assert_close(slow_model.features[0].weight, fast_model.features[0].weight)
+    assert set(best) == {f"fc.{k}" for k in fast_model.fc.state_dict()}
+    fast_model.load_state_dict(best, strict=False)
+
+
+@pytest.mark.parametrize("workers,sampler", [(0, "random"), (1, "random"), (0, "balanced")])
+def test_batch_order_replays_the_loader(tmp_path, workers, sampler):
+    items = [(f"img{i}.png", i % 3) for i in range(23)]
+    image_set = ImageSet(items, ["a", "b", "c"])
+    real = make_loader(_Targets(image_set), 4, train=True, workers=workers, sampler=sampler, seed=5)
+    replay = _BatchOrder(make_loader(_Targets(image_set), 4, train=True, workers=workers, sampler=sampler, seed=5))
+    for _ in range(3):
+        seen = [b[0].tolist() for b in real]
+        assert seen == [list(b) for b in replay.epoch()]
+    assert len(replay) == len(real)
+
+
+def test_extract_features_restores_head_and_modes(tmp_path):
+    train, _ = _sets(tmp_path / "d")
+    model = _model()
+    model.train()
+    head_before = model.fc
+    ds = ImageDataset(train, build_transform(DATA_CONFIG, False))
+    feats, labels = extract_features(model, "fc", ds, batch_size=7)
+    assert feats.shape == (len(train.items), 8)
+    assert labels.tolist() == [y for _, y in train.items]
+    assert model.fc is head_before and model.training and model.drop.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([ds[i][0] for i in range(3)])
+        torch.testing.assert_close(model.features(x), feats[:3], rtol=1e-4, atol=1e-5)
+
+
+class _Scaled(Tiny):
+    def forward(self, x):  # an op after the head: logits are not head(features)
+        return super().forward(x) * 3.0
+
+
+def test_model_with_ops_after_head_is_refused(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    model = _Scaled()
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(FinetuneError, match="fast_head off"):
+        fit_head_on_features(model, "fc", train, val, DATA_CONFIG, _config(epochs=1))
+
+
+def test_trainable_backbone_is_refused(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    model = Tiny()
+    with pytest.raises(FinetuneError, match="frozen backbone"):
+        fit_head_on_features(model, "fc", train, val, DATA_CONFIG, _config(epochs=1))
+
+
+def _files(cache_dir: Path) -> set[str]:
+    return {p.name for p in cache_dir.glob("*.safetensors")}
+
+
+def test_cache_hit_and_invalidation(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    cache_dir = tmp_path / "cache"
+    config = _config(epochs=1)
+    logs: list[str] = []
+    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir, log=logs.append)
+    first = _files(cache_dir)
+    assert len(first) == 2 and not any("loaded from cache" in m for m in logs)
+    logs.clear()
+    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir, log=logs.append)
+    assert sum("loaded from cache" in m for m in logs) == 2 and _files(cache_dir) == first
+
+    # Another head does not matter (it is not part of the features) ...
+    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config.replace(head="mlp", mlp_hidden=4),
+                         cache_dir=cache_dir)
+    assert _files(cache_dir) == first
+    # ... but backbone weights, preprocessing and the data each do.
+    other = _model()
+    with torch.no_grad():
+        other.features[1].running_mean += 0.1
+    fit_head_on_features(other, "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    after_weights = _files(cache_dir)
+    assert len(after_weights) == 4
+    fit_head_on_features(_model(), "fc", train, val, dict(DATA_CONFIG, mean=(0.5, 0.5, 0.5)), config,
+                         cache_dir=cache_dir)
+    after_prep = _files(cache_dir)
+    assert len(after_prep) == 6
+    path = train.items[0][0]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    assert len(_files(cache_dir) - after_prep) == 1  # only the train bank is rebuilt
+
+
+def test_cache_key_parts():
+    items = [("/nonexistent/a.png", 0)]
+    base = dict(split="train", items=items, backbone="w", data_config=DATA_CONFIG, transform="T")
+    key = feature_cache_key(**base)
+    assert key == feature_cache_key(**base)
+    for change in ({"items": [("/nonexistent/a.png", 1)]}, {"backbone": "w2"}, {"transform": "T2"},
+                   {"data_config": dict(DATA_CONFIG, crop_pct=0.9)}, {"extra": {"views": 2}}):
+        assert feature_cache_key(**{**base, **change}) != key
+    m = _model()
+    d = backbone_digest(m, "fc")
+    with torch.no_grad():
+        m.fc.weight.add_(1.0)
+    assert backbone_digest(m, "fc") == d
+    with torch.no_grad():
+        m.features[0].weight.add_(1e-3)
+    assert backbone_digest(m, "fc") != d
+
+
+def _bank() -> FeatureBank:
+    g = torch.Generator().manual_seed(0)
+    return FeatureBank(torch.randn(2, 5, 4, generator=g), torch.tensor([0, 1, -1, 2, 1]), (4,))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "empty"])
+def test_corrupt_cache_file_is_rebuilt_not_trusted(tmp_path, damage):
+    logs: list[str] = []
+    cache = FeatureCache(tmp_path, log=logs.append)
+    bank = _bank()
+    cache.save("k", bank)
+    loaded = cache.load("k")
+    torch.testing.assert_close(loaded.features, bank.features)
+    assert loaded.labels.tolist() == bank.labels.tolist() and loaded.feature_shape == (4,)
+    path = cache.path("k")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-20] ^= 0xFF           # inside the feature bytes: only the checksum can tell
+    elif damage == "truncate":
+        data = data[:-16]
+    elif damage == "header":
+        data[10:20] = b"\x00" * 10
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    assert cache.load("k") is None
+    assert not path.exists() and any("damaged" in m for m in logs)
+    rebuilt, hit = cache.get_or_compute("k", _bank)
+    assert not hit and cache.load("k") is not None
+
+
+def test_cache_file_of_another_key_is_not_used(tmp_path):
+    cache = FeatureCache(tmp_path)
+    cache.save("a", _bank())
+    os.replace(cache.path("a"), cache.path("b"))
+    assert cache.load("b") is None
+
+
+def test_corrupt_cache_through_fit(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    cache_dir = tmp_path / "cache"
+    config = _config(epochs=2)
+    h1, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    for p in cache_dir.glob("train-*.safetensors"):
+        data = bytearray(p.read_bytes())
+        data[-8] ^= 0x55
+        p.write_bytes(bytes(data))
+    logs: list[str] = []
+    h2, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir,
+                                 log=logs.append)
+    assert any("damaged" in m for m in logs)
+    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-6)
+
+
+def test_augmented_views_are_a_reproducible_bank(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    config = _config(epochs=2, aug_views=2, crop_scale_min=0.5)
+    cache_dir = tmp_path / "cache"
+    history, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
+    (train_file,) = cache_dir.glob("train-*.safetensors")
+    bank = FeatureCache(cache_dir).load(train_file.stem)
+    assert bank.views == 2
+    assert not torch.allclose(bank.features[0], bank.features[1])  # the two views differ
+    # Recomputed from scratch (another cache), the bank is identical: views are seeded.
+    other = tmp_path / "cache2"
+    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=other)
+    again = FeatureCache(other).load(train_file.stem)
+    torch.testing.assert_close(again.features, bank.features)
