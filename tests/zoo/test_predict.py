@@ -1,0 +1,159 @@
+"""zoo.predict: ten-crop TTA, batched prediction with skipped images, metrics, eval folders and reports."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import make_image_folder
+from zoo.errors import UsageError
+from zoo.predict import (classification_metrics, evaluate, expand_images, find_eval_images, parse_scales,
+                         predict_probs, topk, tta_transform, write_eval_reports)
+
+DC = {"input_size": (3, 8, 8), "interpolation": "bilinear", "crop_pct": 0.8, "crop_mode": "center",
+      "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
+class MeanColour(torch.nn.Module):
+    """A 3-class 'model': logits are the mean of each channel (so predictions are predictable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * self.scale
+
+
+def _gradient(w: int = 10, h: int = 10) -> Image.Image:
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[..., 0] = np.arange(w, dtype=np.uint8)[None, :] * 25      # red grows left -> right
+    a[..., 1] = np.arange(h, dtype=np.uint8)[:, None] * 25      # green grows top -> bottom
+    return Image.fromarray(a)
+
+
+def test_ten_crop_views_are_corners_centre_and_flips():
+    views = tta_transform(DC)(_gradient())       # resize shorter side to floor(8 / 0.8) = 10: no-op here
+    assert views.shape == (10, 3, 8, 8)
+    red = views[:, 0]
+    # torchvision order: tl, tr, bl, br, centre of the image, then of its mirror image
+    assert red[0, 0, 0] < red[1, 0, 0]                      # right corners see more red
+    assert views[0, 1, 0, 0] < views[2, 1, 0, 0]            # bottom corners see more green
+    assert torch.allclose(views[5], views[1].flip(-1))      # mirror's top-left = flipped top-right
+    assert torch.allclose(views[8], views[2].flip(-1))      # mirror's bottom-right = flipped bottom-left
+    assert torch.allclose(views[9], views[4].flip(-1))      # flip of centre
+
+
+def test_multi_scale_tta_stacks_ten_views_per_scale():
+    views = tta_transform(DC, scales=[8, 12, 16])(_gradient(20, 30))
+    assert views.shape == (30, 3, 8, 8)
+    with pytest.raises(UsageError, match="smaller than the model's input size"):
+        tta_transform(DC, scales=[4])
+
+
+def test_parse_scales():
+    assert parse_scales("224, 256,288") == (224, 256, 288)
+    assert parse_scales(None) is None
+    for bad in ("a,b", "0", "-3"):
+        with pytest.raises(UsageError):
+            parse_scales(bad)
+
+
+def test_predict_probs_tta_is_the_mean_of_crop_probabilities():
+    model = MeanColour().eval()
+    img = _gradient(16, 12)
+    kept, probs = predict_probs(model, [img], DC, tta=True, tta_scales=[8, 12])
+    views = tta_transform(DC, [8, 12])(img)
+    with torch.no_grad():
+        want = model(views).softmax(-1).mean(0)
+    assert kept == [0] and torch.allclose(probs[0], want, atol=1e-6)
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_probs_batches_and_skips_unreadable(tmp_path):
+    model = MeanColour().eval()
+    good = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (12, 12), colour).save(p)
+        good.append(p)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    seen: list[tuple[str, str]] = []
+    kept, probs = predict_probs(model, [good[0], broken, good[1], good[2]], DC, batch_size=2,
+                                on_error=lambda item, why: seen.append((str(item), why)))
+    assert kept == [0, 2, 3]
+    assert [str(broken)] == [s for s, _ in seen] and seen[0][1]
+    assert probs.argmax(1).tolist() == [0, 1, 2]                       # red, green, blue
+    labels = ["red", "green", "blue"]
+    assert [r[0][0] for r in topk(probs, labels, 2)] == labels
+    with pytest.raises(Exception):
+        predict_probs(model, [broken], DC)                              # without on_error it propagates
+
+
+def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
+    make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    paths, any_dir = expand_images([tmp_path / "d"])
+    assert any_dir and len(paths) == 4 and all(p.suffix == ".png" for p in paths)
+    with pytest.raises(UsageError, match="no such image"):
+        expand_images([tmp_path / "missing.jpg"])
+
+
+def test_classification_metrics_by_hand():
+    labels = ["a", "b", "c"]
+    targets = np.array([0, 0, 1, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    m = classification_metrics(probs, targets, labels)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["top5"] is None                                  # only for C > 5
+    assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "support": 2}
+    assert m["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    six_probs = np.array([[0.1, 0.5, 0.2, 0.1, 0.06, 0.04],     # target 2 ranked second: top-5 hit
+                          [0.3, 0.2, 0.2, 0.15, 0.14, 0.01]])   # target 5 ranked last: miss
+    six = classification_metrics(six_probs, np.array([2, 5]), list("abcdef"))
+    assert six["accuracy"] == 0.0 and six["top5"] == pytest.approx(0.5)
+
+
+def test_find_eval_images_prefers_test_then_val(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2, layout="split",
+                             val_per_class=1, size=16)
+    split, items, ignored = find_eval_images(root, ["a", "b"])
+    assert split == "val" and len(items) == 2 and ignored == []
+    make_image_folder(root / "test", classes=("b", "zzz"), per_class=3, size=16)
+    split, items, ignored = find_eval_images(root, ["a", "b"])
+    assert split == "test" and {lab for _, lab in items} == {1} and ignored == ["zzz"]
+    with pytest.raises(UsageError, match="no class folder matches"):
+        find_eval_images(root / "test", ["x", "y"])
+
+
+def test_evaluate_and_reports(tmp_path):
+    root = tmp_path / "data"
+    for name, colour in (("red", (250, 0, 0)), ("green", (0, 250, 0)), ("blue", (0, 0, 250))):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (12, 12), colour).save(root / name / f"{i}.png")
+    Image.new("RGB", (12, 12), (0, 250, 0)).save(root / "blue" / "mislabelled.png")   # confidently wrong
+    (root / "red" / "broken.png").write_bytes(b"\x89PNG broken")
+    report = evaluate(MeanColour().eval(), ["red", "green", "blue"], DC, root, tta=True)
+    assert report.split == "." and report.n_images == 7 and report.tta
+    assert report.accuracy == pytest.approx(6 / 7)
+    assert report.per_class["blue"]["recall"] == pytest.approx(2 / 3)
+    assert report.per_class["green"]["precision"] == pytest.approx(2 / 3)
+    assert report.wrong[0]["path"].endswith("mislabelled.png") and report.wrong[0]["predicted"] == "green"
+    assert [p for p, _ in report.skipped] == [str(root / "red" / "broken.png")]
+
+    paths = write_eval_reports(report, tmp_path / "out")
+    assert json.loads(paths["metrics.json"].read_text())["accuracy"] == pytest.approx(6 / 7)
+    rows = list(csv.reader(paths["confusion.csv"].open()))
+    assert rows[0] == ["true \\ predicted", "red", "green", "blue"] and rows[3] == ["blue", "0", "1", "2"]
+    assert paths["confusion.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wrong = list(csv.DictReader(paths["wrong.csv"].open()))
+    assert wrong[0]["true"] == "blue" and float(wrong[0]["confidence"]) > 0.5
+    per_class = list(csv.DictReader(paths["per_class.csv"].open()))
+    assert [r["class"] for r in per_class] == ["red", "green", "blue"]
