@@ -122,17 +122,18 @@ class ScanReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (paths relative to ``root``)."""
+        # Printable names: scan.json is a report, and must encode as UTF-8 even for non-UTF-8 file names.
         ratio = self.imbalance()
         return {
-            "root": self.root,
+            "root": _printable(self.root),
             "layout": self.layout,
-            "classes": list(self.classes),
-            "counts": self.counts(),
+            "classes": [_printable(c) for c in self.classes],
+            "counts": {k: {_printable(c): n for c, n in v.items()} for k, v in self.counts().items()},
             "images": {name: len(s) for name, s in self.sets().items()},
             "imbalance": None if math.isinf(ratio) else round(ratio, 3),
             "seed": self.seed,
             "val_split": self.val_split,
-            "bad_files": [{"path": self.relpath(p), "reason": r} for p, r in self.bad_files],
+            "bad_files": [{"path": _printable(self.relpath(p)), "reason": r} for p, r in self.bad_files],
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint(),
         }
@@ -216,18 +217,16 @@ def _check_file(path: str) -> str | None:
         size = os.path.getsize(path)
         if size == 0:
             return "empty file (0 bytes)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                fmt = im.format
-                if w < 1 or h < 1:
-                    return f"invalid image size {w}x{h}"
-                limit = Image.MAX_IMAGE_PIXELS
-                # PIL only warns between 1x and 2x its limit; both are rejected here.
-                if limit and w * h > limit:
-                    return f"too many pixels ({w}x{h}, over the decompression-bomb limit of {limit})"
-                im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
+        with Image.open(path) as im:
+            w, h = im.size
+            fmt = im.format
+            if w < 1 or h < 1:
+                return f"invalid image size {w}x{h}"
+            limit = Image.MAX_IMAGE_PIXELS
+            # PIL only warns between 1x and 2x its limit; both are rejected here.
+            if limit and w * h > limit:
+                return f"too many pixels ({w}x{h}, over the decompression-bomb limit of {limit})"
+            im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
         if fmt == "JPEG" and not _jpeg_has_end(path, size):
             # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
             with Image.open(path) as im:
@@ -273,11 +272,14 @@ def _collect(folder: str, loops: list[str]) -> dict[str, list[str]]:
 
 
 def _check_all(files: Sequence[str]) -> list[str | None]:
-    # Header reads are I/O bound (network drives especially); threads overlap the waits.
-    if len(files) < 64:
-        return [_check_file(f) for f in files]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(_check_file, files, chunksize=32))
+    # The filter is set once here, not per file: catch_warnings is process-global and not thread-safe.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # _check_file reports these
+        if len(files) < 64:
+            return [_check_file(f) for f in files]
+        # Header reads are I/O bound (network drives especially); threads overlap the waits.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(_check_file, files, chunksize=32))
 
 
 def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
@@ -352,7 +354,14 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
                         "pass --data DIR with one sub-folder per class")
     train_dir, val_dir, test_dir = _detect_layout(root_s)
     layout = "split" if val_dir else "flat"
+    if layout == "flat" and not 0.0 < val_split < 1.0:
+        raise ConfigError(f"invalid val_split={val_split!r}: use a fraction between 0 and 1, e.g. 0.2")
     warn: list[str] = []
+    if train_dir != root_s:
+        used = {os.path.basename(d) for d in (train_dir, val_dir, test_dir) if d}
+        others = [d for d in _list_classes(root_s) if d not in used]
+        if others:
+            warn.append(f"ignored folder(s) {_names(others)} next to train/ (only train/, val/, test/ are read)")
     loops: list[str] = []
     stray: list[str] = []
     if train_dir == root_s:
@@ -422,6 +431,9 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     if split_file is not None and os.path.isfile(split_file):
         _apply_split_file(report, Path(split_file))
 
+    if len(report.val) == 0:
+        raise DataError(f"no validation images in {_printable(root_s)}: add DIR/val/<class>/ images, or use "
+                        "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]
     if missing:
         warn.append(f"class(es) {_names(missing)} have no validation images; their accuracy cannot be "
@@ -554,7 +566,10 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                 if min_size and im.format == "JPEG":
                     im.draft("RGB", (int(min_size), int(min_size)))
                 im.load()
-                upright = ImageOps.exif_transpose(im)    # a new image: safe after the file closes
+                try:
+                    upright = ImageOps.exif_transpose(im)    # a new image: safe after the file closes
+                except Exception:   # malformed EXIF: the pixels are fine, use them as stored
+                    upright = None
                 return _to_rgb(upright if upright is not None else im.copy())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{_printable(str(path))} has too many pixels (over PIL's decompression-bomb limit); "

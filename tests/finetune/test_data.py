@@ -108,6 +108,23 @@ def test_split_file_files_changed(image_folder, tmp_path):
     assert len(again.train) + len(again.val) == 36 - 1 + 3
 
 
+def test_no_validation_images_is_fatal(tmp_path):
+    for c in range(2):
+        make_image(tmp_path / "d" / f"c{c}" / "only.png", c)          # 1 image per class: nothing to hold out
+    with pytest.raises(DataError, match="no validation images"):
+        scan_folder(tmp_path / "d")
+
+
+def test_stray_folders_and_files_are_reported(tmp_path):
+    root = make_image_folder(tmp_path / "d", layout="split", per_class=3, val_per_class=1)
+    make_image(root / "extras" / "x.png", 0)
+    report = scan_folder(root)
+    assert any("extras" in w for w in report.warnings) and len(report.train) == 9
+    flat = make_image_folder(tmp_path / "f", per_class=3)
+    make_image(flat / "loose.png", 0)
+    assert any("directly in" in w for w in scan_folder(flat).warnings)
+
+
 def test_damaged_split_file(image_folder, tmp_path):
     bad = tmp_path / "split.json"
     bad.write_text("{not json")

@@ -1,0 +1,279 @@
+"""Hostile image folders at the data layer (issue 8): broken, odd and misleading files.
+
+``build_hostile_folder`` is reused by the CLI tests that run ``zoo finetune`` on the same cases.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.data import (
+    ImageDataset,
+    ImageSet,
+    build_transform,
+    collate_skip_none,
+    load_image,
+    scan_folder,
+    write_scan,
+)
+from finetune.errors import DataError
+from tests.conftest import make_image
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def _write_huge_png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit all-black PNG of width x height: tiny on disk, over PIL's decompression-bomb limit."""
+    row = b"\x00" + bytes((width + 7) // 8)       # filter byte + packed pixels
+    comp = zlib.compressobj(9)
+    data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _noise_jpeg_bytes(size: int = 64) -> bytes:
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def build_hostile_folder(root: Path) -> dict:
+    """Write every hostile case of issue 8 under ``root``.
+
+    Returns a dict:
+        data: a trainable split-layout folder (train/{cat,dog,fox,empty}, val/{cat,dog}) whose cat class
+            holds broken files, odd-but-valid images, debris, odd names and symlink loops;
+        classes / train_counts / val_counts: what a scan must find in ``data``;
+        bad: {path relative to data: a word its reason contains} for the files that must be skipped;
+        good: {case: Path} of the odd-but-valid images (cmyk, gray16, palette_alpha, gif, exif6, ...);
+        ignored: debris paths that must not appear anywhere (hidden files, __MACOSX, .DS_Store...);
+        warnings: substrings the scan warnings must contain;
+        fatal: {case: folder} that must each fail with one DataError (one_class, no_images,
+            val_class_not_in_train, missing).
+    """
+    root = Path(root)
+    data = root / "data"
+    rng = random.Random(0)
+    cat, dog, fox = (data / "train" / c for c in ("cat", "dog", "fox"))
+    for i in range(6):
+        make_image(cat / f"good_{i:03d}.png", 0, rng=rng)
+        make_image(dog / f"good_{i:03d}.png", 1, rng=rng)
+        make_image(fox / f"good_{i:03d}.png", 2, rng=rng)
+    for i in range(3):
+        make_image(data / "val" / "cat" / f"v{i}.png", 0, rng=rng)
+        make_image(data / "val" / "dog" / f"v{i}.png", 1, rng=rng)
+    (data / "train" / "empty").mkdir()                 # an empty class folder (debris only)
+    (data / "train" / "empty" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+    good: dict[str, Path] = {}
+    good["tiny_1x1"] = cat / "tiny_1x1.png"
+    Image.new("RGB", (1, 1), RED).save(good["tiny_1x1"])
+    good["wide_20000x10"] = cat / "wide_20000x10.png"
+    Image.new("RGB", (20000, 10), BLUE).save(good["wide_20000x10"])
+    good["cmyk"] = cat / "cmyk.jpg"
+    Image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(good["cmyk"], quality=95)     # red in CMYK
+    good["gray16"] = cat / "gray16.png"
+    a = np.full((12, 12), 40000, dtype=np.uint16)
+    a[:, 6:] = 1000
+    Image.fromarray(a).save(good["gray16"])                                         # mode I;16
+    good["palette_alpha"] = cat / "palette_alpha.png"
+    p = Image.new("P", (12, 12), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))
+    p.paste(1, (6, 0, 12, 12))
+    p.save(good["palette_alpha"], transparency=0)                                   # left half transparent
+    good["gif"] = cat / "animated.gif"
+    Image.new("RGB", (16, 16), RED).save(good["gif"], save_all=True, duration=100, loop=0,
+                                         append_images=[Image.new("RGB", (16, 16), BLUE)])
+    good["exif6"] = cat / "exif_rotated.jpg"
+    land = Image.new("RGB", (60, 30), BLUE)                                          # stored landscape
+    land.paste(RED, (0, 0, 12, 12))                                                  # marked top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                                 # display rotated 90 CW
+    land.save(good["exif6"], quality=95, exif=exif.tobytes())
+    good["spaces"] = cat / "my  cat photo (1).png"
+    make_image(good["spaces"], 0, rng=rng)
+    non_utf8 = os.path.join(os.fsencode(cat), b"caf\xe9 \xff photo.png")
+    good["non_utf8"] = Path(os.fsdecode(non_utf8))
+    make_image(good["non_utf8"], 0, rng=rng)
+    nested = os.path.join(os.fsencode(cat), b"sub \xfe dir", b"inner.png")
+    good["nested_non_utf8_dir"] = Path(os.fsdecode(nested))
+    make_image(good["nested_non_utf8_dir"], 0, rng=rng)
+
+    bad: dict[str, str] = {}
+    jpeg = _noise_jpeg_bytes()
+    (cat / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    bad["train/cat/truncated.jpg"] = "truncated"
+    (cat / "zero.jpg").write_bytes(b"")
+    bad["train/cat/zero.jpg"] = "empty"
+    (cat / "text.jpg").write_text("this is not a picture\n")
+    bad["train/cat/text.jpg"] = "not a readable image"
+    _write_huge_png(cat / "bomb.png", 20000, 20000)    # 400 Mpx, about 60 kB on disk
+    bad["train/cat/bomb.png"] = "decompression-bomb"
+    (cat / "notes.txt").write_text("labels by hand\n")
+    bad["train/cat/notes.txt"] = "not an image file type"
+    os.symlink("l2.jpg", cat / "l1.jpg")                # a file-level symlink loop
+    os.symlink("l1.jpg", cat / "l2.jpg")
+    bad["train/cat/l1.jpg"] = bad["train/cat/l2.jpg"] = "symbolic link"
+    os.symlink("missing.png", cat / "gone.png")
+    bad["train/cat/gone.png"] = "symbolic link"
+
+    os.symlink(".", cat / "loop_self")                  # folder-level loops
+    os.symlink("..", cat / "loop_up")
+    ignored = [cat / ".hidden.png", cat / "._good_000.png", cat / ".DS_Store", cat / "Thumbs.db",
+               data / "__MACOSX" / "train" / "cat" / "._good_000.png", cat / "__MACOSX" / "._x.png"]
+    for path in ignored:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x00\x05\x16\x07AppleDouble junk")
+    make_image(cat / ".hidden.png", 0, rng=rng)         # a real image, but hidden: still ignored
+
+    fatal = {"one_class": root / "one_class", "no_images": root / "no_images",
+             "val_class_not_in_train": root / "val_not_in_train", "missing": root / "does_not_exist"}
+    for i in range(3):
+        make_image(fatal["one_class"] / "cat" / f"{i}.png", 0)
+    (fatal["no_images"] / "a").mkdir(parents=True)
+    (fatal["no_images"] / "a" / ".DS_Store").write_bytes(b"Bud1")
+    (fatal["no_images"] / "b" / "__MACOSX").mkdir(parents=True)
+    (fatal["no_images"] / "readme.md").write_text("nothing here\n")
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog", "bird"))):
+        for ci, c in enumerate(classes):
+            for i in range(2):
+                make_image(fatal["val_class_not_in_train"] / split / c / f"{i}.png", ci)
+
+    return {
+        "data": data,
+        "classes": ["cat", "dog", "fox"],
+        "train_counts": {"cat": 6 + len(good), "dog": 6, "fox": 6},
+        "val_counts": {"cat": 3, "dog": 3, "fox": 0},
+        "bad": bad,
+        "good": good,
+        "ignored": ignored,
+        "warnings": ["empty class folder", "no validation images", "symbolic-link loop", "bad_files.txt"],
+        "fatal": fatal,
+    }
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict:
+    return build_hostile_folder(tmp_path_factory.mktemp("hostile"))
+
+
+EVAL_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
+               "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+# ---------------------------------------------------------------------------------------- the scan
+def test_scan_skips_bad_files_and_reports(hostile):
+    report = scan_folder(hostile["data"])
+    assert report.layout == "split" and report.classes == hostile["classes"]
+    assert report.counts()["train"] == hostile["train_counts"]
+    assert report.counts()["val"] == hostile["val_counts"]
+    reasons = {report.relpath(p): r for p, r in report.bad_files}
+    assert set(reasons) == set(hostile["bad"])
+    for rel, word in hostile["bad"].items():
+        assert word in reasons[rel], (rel, reasons[rel])
+    for word in hostile["warnings"]:
+        assert any(word in w for w in report.warnings), (word, report.warnings)
+    used = {p for s in (report.train, report.val) for p, _ in s.items}
+    assert {str(p) for p in hostile["good"].values()} <= used
+    assert not any("__MACOSX" in p or "/." in p for p in used)
+    assert not any("loop_" in p for p in used)      # the loops were not followed into duplicates
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")   # odd names stay encodable
+
+
+def test_write_scan_with_odd_names(hostile, tmp_path):
+    report = scan_folder(hostile["data"])
+    write_scan(report, tmp_path / "run")
+    lines = (tmp_path / "run" / "bad_files.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(hostile["bad"])
+    scan = json.loads((tmp_path / "run" / "scan.json").read_text(encoding="utf-8"))
+    assert scan["counts"]["train"] == hostile["train_counts"]
+    again = scan_folder(hostile["data"], split_file=tmp_path / "run" / "split.json")
+    assert again.fingerprint() == report.fingerprint()          # non-UTF-8 names survive split.json
+    assert not any("changed since" in w for w in again.warnings)
+
+
+def test_strict_makes_bad_files_fatal(hostile):
+    with pytest.raises(DataError, match="unreadable files.*--strict"):
+        scan_folder(hostile["data"], strict=True)
+
+
+@pytest.mark.parametrize("case,match", [("one_class", "only 1 class"), ("no_images", "no images found"),
+                                        ("val_class_not_in_train", "bird"), ("missing", "does not exist")])
+def test_fatal_folders(hostile, case, match):
+    with pytest.raises(DataError, match=match) as err:
+        scan_folder(hostile["fatal"][case])
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------- decoding
+def test_every_usable_image_goes_through_both_transforms(hostile):
+    report = scan_folder(hostile["data"])
+    for train in (True, False):
+        ds = ImageDataset(report.train, build_transform(EVAL_CONFIG, train=train))
+        for i in range(len(ds)):
+            x, label = ds[i]
+            assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+        assert ds.failures() == []
+
+
+def test_truncated_jpeg_is_caught_per_image(hostile):
+    truncated = str(hostile["data"] / "train" / "cat" / "truncated.jpg")
+    good = str(hostile["good"]["cmyk"])
+    ds = ImageDataset(ImageSet([(good, 0), (truncated, 0), (good, 0)], ["cat"]),
+                      build_transform(EVAL_CONFIG, train=False))
+    batch = [ds[i] for i in range(3)]
+    assert batch[1] is None
+    images, labels = collate_skip_none(batch)
+    assert images.shape == (2, 3, 32, 32)
+    (path, reason), = ds.failures()
+    assert path == truncated and "truncated" in reason
+
+
+def test_decoded_colours_and_orientation(hostile):
+    g = hostile["good"]
+    assert load_image(g["cmyk"]).getpixel((12, 12)) == pytest.approx(RED, abs=8)
+    gray = load_image(g["gray16"])
+    assert gray.getpixel((2, 2)) == (156, 156, 156)        # 40000 / 257, not clipped to 255
+    assert gray.getpixel((9, 2)) == (4, 4, 4)              # 1000 / 257
+    pal = load_image(g["palette_alpha"])
+    assert pal.getpixel((2, 2)) == (255, 255, 255)         # transparent -> white background
+    assert pal.getpixel((9, 2)) == RED
+    assert load_image(g["gif"]).getpixel((8, 8)) == RED    # first frame
+    upright = load_image(g["exif6"])
+    assert upright.size == (30, 60)                        # landscape stored, portrait shown
+    assert upright.getpixel((24, 5)) == pytest.approx(RED, abs=40)   # top-left marker now top-right
+    assert upright.getpixel((5, 5)) == pytest.approx(BLUE, abs=40)
+    assert load_image(g["tiny_1x1"]).size == (1, 1)
+    assert load_image(g["wide_20000x10"]).size == (20000, 10)
+    assert load_image(g["non_utf8"]).mode == "RGB"
+
+
+def test_decompression_bomb_rejected(hostile, tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="decompression-bomb"):
+        load_image(hostile["data"] / "train" / "cat" / "bomb.png")
+    # Between 1x and 2x PIL's limit PIL only warns; the scan and the decoder reject those too.
+    root = tmp_path / "d"
+    for c in range(2):
+        for i in range(2):
+            make_image(root / f"c{c}" / f"{i}.png", c, size=32)
+    Image.new("RGB", (40, 40)).save(root / "c0" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)          # 1600 px: over 1x, under 2x
+    report = scan_folder(root)
+    assert [(report.relpath(p), "decompression-bomb" in r) for p, r in report.bad_files] == [("c0/big.png", True)]
+    with pytest.raises(DataError, match="decompression-bomb"):
+        load_image(root / "c0" / "big.png")
