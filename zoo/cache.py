@@ -188,13 +188,18 @@ def lock(name: str, timeout: float = -1):
     return FileLock(str(folder / f"{dir_name(name)}.lock"), timeout=timeout)
 
 
-def staging_dir() -> Path:
-    """A fresh private folder under ``zoo_home()/tmp`` (same filesystem as the weights, so renames are atomic)."""
+def staging_dir(name: str) -> Path:
+    """A fresh private folder ``zoo_home()/tmp/<name>~XXXX`` (same filesystem as the weights, so the final
+    rename is atomic). Call it while holding ``lock(name)``: leftovers of a killed pull are removed then."""
     import tempfile
 
     parent = zoo_home() / "tmp"
     _mkdir(parent)
-    return Path(tempfile.mkdtemp(prefix="pull-", dir=parent))
+    prefix = f"{dir_name(name)}~"  # "~" never occurs in dir_name(), so "a~" cannot match "a.b~"
+    # Whoever holds the model's lock owns its staging area: any folder left there is from a dead process.
+    for stale in parent.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def install(name: str, file: str | Path, manifest: dict[str, Any]) -> Path:

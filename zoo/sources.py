@@ -112,7 +112,7 @@ def _offline_error(entry: ModelEntry, why: str) -> OfflineError:
 
 def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict | None) -> Path:
     """Fetch one source into a private staging folder, check it, convert it, install it."""
-    stage = cache.staging_dir()
+    stage = cache.staging_dir(entry.name)
     try:
         raw = _fetch(entry, source, stage, progress)
         digest = cache.sha256_file(raw)
@@ -396,7 +396,7 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
 
 
 # ---------------------------------------------------------------------------------------------- import
-def import_weights(name: str, file: str | Path, sha256: str | None = None) -> Path:
+def import_weights(name: str | ModelEntry, file: str | Path, sha256: str | None = None) -> Path:
     """Register a local ``.safetensors`` or ``.pth`` as the weights of ``name`` (air-gapped machines).
 
     Every tensor's name and shape must fit the architecture (built on the meta device); when names do not
@@ -415,34 +415,38 @@ def import_weights(name: str, file: str | Path, sha256: str | None = None) -> Pa
     file = Path(file).expanduser()
     if not file.is_file():
         raise UsageError(f"{file}: no such file; give the path of a .safetensors or .pth file")
-    stage = cache.staging_dir()
-    try:
-        raw = _copy_in(file, stage)
-        digest = cache.sha256_file(raw)
-        if sha256 and digest != sha256.strip().lower():
-            raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {sha256.strip().lower()}; "
-                                 "nothing was imported; check you have the right file")
-        fmt = _sniff_format(raw)
-        if fmt == "safetensors":
-            read_safetensors_header(raw)
-            from safetensors.torch import load_file
+    with cache.lock(entry.name):
+        stage = cache.staging_dir(entry.name)
+        try:
+            return _import_staged(entry, file, stage, sha256)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
-            tensors = load_file(str(raw))
-        else:
-            tensors = load_pth(raw)
-        tensors, key_map = _fit_architecture(entry, tensors)
-        if fmt == "safetensors" and key_map is None:
-            out = raw
-        else:
-            out = stage / "converted.safetensors"
-            save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
-        manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
-                    "sha256": digest if out == raw else cache.sha256_file(out),
-                    "tofu": sha256 is None, "format": fmt, "key_map": key_map}
-        with cache.lock(entry.name):
-            return cache.install(entry.name, out, manifest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+def _import_staged(entry: ModelEntry, file: Path, stage: Path, sha256: str | None) -> Path:
+    raw = _copy_in(file, stage)
+    digest = cache.sha256_file(raw)
+    if sha256 and digest != sha256.strip().lower():
+        raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {sha256.strip().lower()}; "
+                             "nothing was imported; check you have the right file")
+    fmt = _sniff_format(raw)
+    if fmt == "safetensors":
+        read_safetensors_header(raw)
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(raw))
+    else:
+        tensors = load_pth(raw)
+    tensors, key_map = _fit_architecture(entry, tensors)
+    if fmt == "safetensors" and key_map is None:
+        out = raw
+    else:
+        out = stage / "converted.safetensors"
+        save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
+    manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
+                "sha256": digest if out == raw else cache.sha256_file(out),
+                "tofu": sha256 is None, "format": fmt, "key_map": key_map}
+    return cache.install(entry.name, out, manifest)
 
 
 def _sniff_format(path: Path) -> str:

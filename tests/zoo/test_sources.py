@@ -265,3 +265,33 @@ def test_manifest_is_json_with_contract_fields(hub):
     pull(make_entry("tiny", hf_source(hub, tensor_bytes())), progress=False)
     man = json.loads(cache.manifest_path("tiny").read_text())
     assert {"name", "source", "sha256_download", "sha256", "size", "created", "tofu"} <= set(man)
+
+
+def test_pull_killed_mid_download_leaves_nothing_and_next_pull_succeeds(hub, _isolated_home):
+    """A pull process killed while the body is on the wire: no file under the final name, no stale lock."""
+    import subprocess
+    import sys
+
+    data = tensor_bytes(seed=5, w=(64, 64))
+    src = hf_source(hub, data)
+    hub.delay = 30  # headers sent, body held back: the client is mid-download when it is killed
+    # Not via tests.zoo.conftest: importing it would start a second hub and re-point HF_ENDPOINT.
+    code = ("from zoo.registry import ModelEntry, Preprocessing, Source; from zoo.sources import pull; "
+            f"pull(ModelEntry('tiny', 'timm:test_resnet', (Source(**{src.__dict__!r}),), Preprocessing(), "
+            "(('conv1',),), 'fc'), progress=False)")
+    env = {**os.environ, "HF_ENDPOINT": hub.url}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        while hub.count("/resolve/", "GET") == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert hub.count("/resolve/", "GET") == 1, "the child never started its download"
+        time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert not cache.weights_path("tiny").exists() and not cache.is_cached("tiny")
+    assert list((_isolated_home / "tmp").glob("tiny~*")), "the killed pull left its staging folder"
+    hub.delay = 0
+    assert pull(make_entry("tiny", src), progress=False).read_bytes() == data
+    assert leftovers(_isolated_home) == []  # the stale staging folder was cleaned under the lock
