@@ -499,8 +499,12 @@ def timm_entry(ref: str, *, name: str | None = None, pretrained_cfg: dict | None
                                 "`python -c \"import timm; print(timm.list_models('*name*'))\"` lists them")
     cfg = dict(pretrained_cfg or {})
     if not cfg:
-        found = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False) \
-            if (tag or timm.models.is_model_pretrained(arch)) else None
+        found = None
+        if tag or timm.models.is_model_pretrained(arch):
+            try:
+                found = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+            except RuntimeError:  # timm's way of saying "no such tag"
+                found = None
         if found is None and tag:
             tags = timm.list_pretrained(f"{arch}.*")
             raise UnknownModelError(f"timm has no pretrained tag '{arch}.{tag}'; available: "
@@ -563,8 +567,9 @@ def _hf_hub_entry(repo: str) -> ModelEntry:
         raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>")
     from huggingface_hub import try_to_load_from_cache
 
-    # Only the local HF cache is consulted: resolving a name must never touch the network.
-    cached = try_to_load_from_cache(repo, "config.json")
+    # Only the local HF cache is consulted: resolving a name must never touch the network. The cache dir
+    # is read from the environment now (huggingface_hub froze its constant at import time).
+    cached = try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     if not isinstance(cached, str):
         raise UsageError(f"hf-hub:{repo}: its config.json is not in the Hugging Face cache, so the architecture is "
                          f"unknown; run `hf download {repo} config.json` (or add an entry to your ZOO_REGISTRY file)")

@@ -1,0 +1,156 @@
+"""``zoo list`` and ``zoo info``: the catalogue. Never imports torch (ad-hoc ``timm:`` refs in ``info`` do)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from zoo.cli import cli
+from zoo.registry import ModelEntry, get_entry, list_families, list_models
+
+__all__ = ["list_cmd", "info_cmd"]
+
+
+def _is_cached(name: str) -> bool:
+    try:
+        from zoo.cache import is_cached
+    except ModuleNotFoundError as err:  # zoo.cache not written yet: same layout, checked by hand
+        if err.name != "zoo.cache":
+            raise
+        home = Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
+        return (home / "weights" / name / "model.safetensors").is_file()
+    return is_cached(name)
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _row(entry: ModelEntry, cached: bool) -> dict:
+    size = entry.preprocessing.input_size
+    return {"name": entry.name, "family": entry.family, "params": entry.params, "top1": entry.top1,
+            "input_size": list(size), "license": entry.license, "cached": cached}
+
+
+def _table(rows: list[dict]) -> str:
+    header = ("NAME", "FAMILY", "PARAMS", "TOP-1", "INPUT", "LICENCE", "CACHED")
+    cells = [(r["name"], r["family"], _params(r["params"]),
+              "-" if r["top1"] is None else f"{r['top1']:.1f}",
+              f"{r['input_size'][1]}" if r["input_size"][1] == r["input_size"][2]
+              else f"{r['input_size'][1]}x{r['input_size'][2]}",
+              r["license"], "yes" if r["cached"] else "-") for r in rows]
+    widths = [max(len(str(c[i])) for c in [header] + cells) for i in range(len(header))]
+    right = {2, 3, 4}  # numbers line up on the right
+    lines = []
+    for c in [header] + cells:
+        lines.append("  ".join(str(v).rjust(w) if i in right else str(v).ljust(w)
+                               for i, (v, w) in enumerate(zip(c, widths))).rstrip())
+    return "\n".join(lines)
+
+
+@cli.command("list", short_help="List the models of the zoo.")
+@click.argument("pattern", required=False)
+@click.option("--family", "family", default=None, metavar="FAMILY",
+              help="Only this family (resnet, vgg, ...; wildcards allowed).")
+@click.option("--cached", "cached_only", is_flag=True, default=False, show_default=True,
+              help="Only models whose weights are in the cache (ZOO_HOME).")
+@click.option("--json", "as_json", is_flag=True, default=False, show_default=True,
+              help="Print a JSON list instead of a table.")
+def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json: bool) -> None:
+    """List the curated models (and your ZOO_REGISTRY entries): name, family, parameters, ImageNet top-1,
+    input size, licence, and whether the weights are cached.
+
+    PATTERN filters names: a word matches anywhere in the name, or use wildcards (resnet*, *_bn).
+    Any timm architecture also works elsewhere as timm:<arch>, without an entry.
+
+    \b
+    Examples:
+      zoo list                   # everything
+      zoo list resnet            # names containing "resnet"
+      zoo list 'vgg1?_bn'        # wildcards
+      zoo list --family vgg      # one family
+      zoo list --cached --json   # what is downloaded, machine-readable
+    """
+    entries = list_models(pattern, family=family)
+    if family and not entries and not pattern:
+        raise click.UsageError(f"no family '{family}'; families: {', '.join(list_families())}")
+    rows = [_row(e, _is_cached(e.name)) for e in entries]
+    if cached_only:
+        rows = [r for r in rows if r["cached"]]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        what = "cached " if cached_only else ""
+        click.echo(f"no {what}models match; `zoo list` shows them all" +
+                   ("; `zoo pull NAME` caches one" if cached_only else ""), err=True)
+        return
+    click.echo(_table(rows))
+
+
+def _info_text(entry: ModelEntry, cached: bool) -> str:
+    p = entry.preprocessing
+    lines = [
+        f"{entry.name}: {entry.description}" if entry.description else entry.name,
+        f"  family       {entry.family}",
+        f"  builder      {entry.builder}",
+        f"  params       {_params(entry.params)}" + (f" ({entry.params:,})" if entry.params else ""),
+        f"  top-1        " + ("-" if entry.top1 is None else f"{entry.top1:.3f}%")
+        + (f"  [{entry.top1_source}]" if entry.top1_source else ""),
+        f"  licence      {entry.license}",
+        f"  paper        {entry.paper or '-'}" + (f" ({entry.year})" if entry.year else ""),
+        f"  classes      {entry.num_classes}",
+        f"  cached       {'yes' if cached else 'no'}",
+        f"  registry     {entry.origin_file}",
+        "preprocessing",
+        f"  input size   {'x'.join(str(v) for v in p.input_size)}",
+        f"  resize/crop  {p.interpolation}, crop_pct {p.crop_pct:g}",
+        f"  mean / std   {', '.join(f'{v:g}' for v in p.mean)} / {', '.join(f'{v:g}' for v in p.std)}",
+        f"  from         {p.origin}",
+        f"stages ({len(entry.stages)}, input -> output; finetune unfreezes the last k)",
+    ]
+    for i, stage in enumerate(entry.stages):
+        lines.append(f"  {i}  {', '.join(stage)}")
+    lines.append(f"  classifier  {entry.classifier}")
+    lines.append(f"sources ({len(entry.sources)}, tried in order)")
+    for s in entry.sources:
+        lines.append(f"  - {s.id()}  [{s.format}" + (f", key map {s.key_map}" if s.key_map else "") + "]")
+        if s.sha256:
+            lines.append(f"    sha256 {s.sha256}")
+        else:
+            pre = f"prefix {s.sha256_prefix}; " if s.sha256_prefix else ""
+            lines.append(f"    sha256 {pre}none pinned: {s.sha256_note}")
+        if s.revision_note:
+            lines.append(f"    revision: {s.revision_note}")
+    return "\n".join(lines)
+
+
+@cli.command("info", short_help="Everything known about one model.")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, default=False, show_default=True,
+              help="Print the entry as JSON.")
+def info_cmd(name: str, as_json: bool) -> None:
+    """Show one model: builder, parameters, top-1 and its source, licence, paper, preprocessing, the
+    stages finetuning freezes by, the classifier, and every weight source with its digest.
+
+    NAME is a zoo name (zoo list), timm:<arch>[.<tag>] or hf-hub:<org>/<repo> (those two build the
+    network on the meta device to find its stages, so they import torch).
+
+    \b
+    Examples:
+      zoo info resnet50
+      zoo info vgg16_bn --json
+      zoo info timm:resnet18.a1_in1k
+    """
+    entry = get_entry(name)
+    cached = _is_cached(entry.name)
+    if as_json:
+        data = entry.to_dict()
+        data["cached"] = cached
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(_info_text(entry, cached))
