@@ -1,0 +1,105 @@
+"""Checkpoints of a run: ``checkpoints/last.pt`` (everything needed to resume) and
+``checkpoints/best.safetensors`` (the best weights only).
+
+``last.pt`` holds only tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)``: no pickled code runs when a checkpoint is read. Both files are written
+atomically (temp file + fsync + rename), so a kill -9 at any moment leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.errors import CheckpointError
+from finetune.io import atomic_write
+
+__all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
+           "save_weights", "load_weights", "cpu_state_dict"]
+
+LAST = Path("checkpoints") / "last.pt"
+BEST = Path("checkpoints") / "best.safetensors"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states as weights_only-safe values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        # numpy's key array is stored as a tensor: weights_only refuses numpy arrays.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state` (CUDA states only restored when the device count matches)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the module's state (parameters and buffers), safe to keep or serialise."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically. Raises CheckpointError (e.g. disk full) naming the path."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; free some disk space "
+                              "or choose another --out") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: the run never finished an epoch, start it again "
+                              "without --resume")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise CheckpointError(f"checkpoint {path} is damaged or not a zoo checkpoint ({type(e).__name__}); "
+                              "start the run again without --resume") from None
+
+
+def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Write the module's state as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = cpu_state_dict(module)
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; free some disk space "
+                              "or choose another --out") from None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by :func:`save_weights` (CPU tensors)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"cannot read weights {path} ({type(e).__name__}); the run folder is "
+                              "damaged, start the run again") from None
