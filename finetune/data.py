@@ -383,6 +383,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     n_good = sum(len(ps) for split in good.values() for ps in split.values())
     if n_good == 0:
         found = f" ({len(bad)} unreadable files)" if bad else ""
+        if stray:   # the commonest mistake: images straight in DIR, no class folders
+            found += f" ({len(stray)} files directly in the folder are not in class folders)"
         raise DataError(f"no images found in {_printable(root_s)}{found}; expected DIR/<class>/*.jpg or "
                         f"DIR/train/<class>/ + DIR/val/<class>/ ({', '.join(IMAGE_EXTENSIONS)})")
     if bad and strict:

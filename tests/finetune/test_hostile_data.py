@@ -220,6 +220,13 @@ def test_fatal_folders(hostile, case, match):
     assert "\n" not in str(err.value)
 
 
+def test_images_without_class_folders(tmp_path):
+    for i in range(3):
+        make_image(tmp_path / "d" / f"{i}.png", i)
+    with pytest.raises(DataError, match="not in class folders"):
+        scan_folder(tmp_path / "d")
+
+
 # ------------------------------------------------------------------------------------- decoding
 def test_every_usable_image_goes_through_both_transforms(hostile):
     report = scan_folder(hostile["data"])
