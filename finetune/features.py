@@ -421,28 +421,46 @@ class _Targets(torch.utils.data.Dataset):
 
 
 class _BatchOrder:
-    """The index batches a ``DataLoader`` yields epoch after epoch, without iterating it.
+    """The index batches the slow path's training loader yields in each epoch, without iterating it.
 
-    A DataLoader draws one seed for its workers from ``loader.generator`` when an iterator is created
-    (once for persistent workers, every epoch otherwise), and its sampler then draws the permutation from
-    the same generator. Replaying those draws reproduces the slow path's batch order exactly, without
-    starting worker processes for a dataset that has no images to decode (tests compare with the real
-    loader for 0 and 1 workers, random and balanced samplers).
+    The loader is ``finetune.loop.make_train_loader`` reseeded by ``set_loader_epoch`` before every
+    epoch, as ``fit`` does. A DataLoader also draws one seed for its workers from ``loader.generator``
+    when an iterator is created (once for persistent workers, every epoch otherwise) before its sampler
+    draws from the same generator (the balanced sampler does). Replaying those draws reproduces the slow
+    path's batches exactly, without starting worker processes for a dataset that has no images to decode
+    (tests compare with the real loader for 0 and 1 workers, random and balanced samplers).
     """
 
-    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader, seed: int) -> None:
         self.loader = loader
+        self.seed = seed
         self._started = False
 
     def __len__(self) -> int:
         return len(self.loader.batch_sampler)  # type: ignore[arg-type]
 
-    def epoch(self) -> Iterator[list[int]]:
+    def epoch(self, epoch: int) -> Iterator[list[int]]:
+        from finetune.loop import set_loader_epoch
+
+        set_loader_epoch(self.loader, self.seed, epoch)
         persistent = self.loader.num_workers > 0 and self.loader.persistent_workers
         if not (self._started and persistent):
             torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
         self._started = True
         return iter(self.loader.batch_sampler)  # type: ignore[arg-type]
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Seed the global generators as ``fit`` does before each epoch: the MLP head's dropout then draws
+    the same masks in both paths."""
+    import random
+
+    from finetune.loop import epoch_seed
+
+    s = epoch_seed(seed, epoch)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
 
 
 def _default_loss(config: Any, train_set: Any) -> nn.Module:
@@ -466,13 +484,15 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                          device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
                          epoch_callback: Callable[[dict], Any] | None = None,
                          loss_fn: nn.Module | None = None, epochs: int | None = None,
+                         monitor: str | None = None, patience: int | None = None,
                          ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Train ``model``'s head on cached backbone features (the backbone must be frozen).
 
     Equivalent to the slow head-only loop (whole model in eval mode, head in train mode, the model run
     on every batch): same inputs (the evaluation transform, or with ``config.aug_views = K`` one of K
     cached augmented views per image per epoch), same loss, optimizer (``build_optimizer``), scheduler
-    (``build_scheduler``, stepped per batch and per epoch), batch order (the same ``make_loader`` call),
+    (``build_scheduler``, stepped per batch and per epoch), batch order (``finetune.loop.make_train_loader``
+    reseeded per epoch), global seeding per epoch,
     and early stopping (:class:`EarlyStopping` on ``config.monitor``).
 
     Args:
@@ -488,6 +508,9 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
         epoch_callback: called with each history row after its epoch (checkpointing, progress).
         loss_fn: the slow path's loss (default: cross-entropy, class-weighted for class_weights=auto).
         epochs: run this many epochs instead of ``config.epochs`` (a head warm-up phase).
+        monitor, patience: early stopping on this metric with this patience instead of ``config.monitor``
+            and ``config.patience`` (a warm-up stops on val_loss with patience 1); patience 0 runs every
+            epoch. The scheduler's plateau metric stays ``config.monitor``, as in the slow path.
 
     Returns:
         ``(history, best_state)``: one row per epoch (epoch from 1, phase "head", train_loss, train_acc,
@@ -499,7 +522,8 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
         FinetuneError: a parameter outside the head is trainable, or the model is not ``head(features)``.
         DivergedError: the loss became NaN/inf.
     """
-    from finetune.data import ImageDataset, build_transform, make_loader
+    from finetune.data import ImageDataset, build_transform
+    from finetune.loop import make_train_loader
     from finetune.optim import build_optimizer, build_scheduler
 
     say = log or (lambda _msg: None)
@@ -565,9 +589,8 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
     val_rows = val_bank.valid.nonzero().squeeze(1) if val_bank is not None else None
     shape = train_bank.feature_shape
 
-    # The slow path's own loader call, so the sampler, seed, drop_last and generator draws are the same.
-    order = _BatchOrder(make_loader(_Targets(train_set), config.batch_size, train=True, workers=workers,
-                                    device=str(dev), sampler=config.sampler, seed=seed))
+    # The slow path's own loader, so the sampler, seed, drop_last and generator draws are the same.
+    order = _BatchOrder(make_train_loader(_Targets(train_set), config, device=dev.type), seed)
     bank_labels = train_bank.labels.tolist()
     if loss_fn is None:
         loss_fn = _default_loss(config, train_set)
@@ -577,8 +600,11 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
     scaler = None
     if amp and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
-    mode = "max" if config.monitor == "val_acc" else "min"
-    stopper = EarlyStopping(patience=int(config.patience), min_delta=float(config.min_delta), mode=mode)
+    stop_on = monitor or config.monitor
+    patience = int(config.patience if patience is None else patience)
+    # patience 0 = no early stopping, but the best epoch (the state returned) is still tracked.
+    stopper = EarlyStopping(patience=max(1, patience), min_delta=float(config.min_delta),
+                            mode="max" if stop_on == "val_acc" else "min")
     history: list[dict] = []
     best_state = _head_state(model, head)
     n_views = train_bank.views
@@ -586,12 +612,13 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
 
     for epoch in range(1, int(config.epochs) + 1):
         t0 = time.perf_counter()
+        _seed_epoch(seed, epoch)
         head_module.train()
         if n_views > 1:
             g = torch.Generator().manual_seed(seed * 7919 + epoch)
             view_of = torch.randint(n_views, (len(train_bank),), generator=g).to(train_feats.device)
         total_loss, correct, seen = 0.0, 0, 0
-        for batch in order.epoch():
+        for batch in order.epoch(epoch):
             # Undecodable images are dropped from their batch, as collate_skip_none does.
             keep = [i for i in batch if bank_labels[i] >= 0]
             if not keep:
@@ -604,7 +631,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
             y = y.to(dev, non_blocking=True)
             with _autocast(dev, amp):
                 logits = _logits(head_module, x)
-                loss = loss_fn(logits, y)
+            loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
                 raise DivergedError(f"loss became {float(loss)} in head epoch {epoch}; lower --lr "
                                     f"(now {scheduler.current_lr():.3g}) or check the data")
@@ -626,13 +653,14 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
         if val_feats is not None:
             val_loss, val_acc = _evaluate(head_module, val_feats, val_rows, val_labels, shape, loss_fn,
                                           config.batch_size, dev, amp)
-        metric = val_acc if config.monitor == "val_acc" else val_loss
         have_metric = val_feats is not None
+        metric = val_acc if config.monitor == "val_acc" else val_loss
         scheduler.step_epoch(metric if have_metric else None)
         stop = False
         if have_metric:
-            improved = stopper.improved(metric)
-            stop = stopper.step(metric, epoch)
+            watched = val_acc if stop_on == "val_acc" else val_loss
+            improved = stopper.improved(watched)
+            stop = stopper.step(watched, epoch) and patience > 0
             if improved:
                 best_state = _head_state(model, head)
         else:
@@ -670,7 +698,7 @@ def _evaluate(head_module: nn.Module, feats: torch.Tensor, rows: torch.Tensor, l
             y = labels[start:start + batch_size].to(dev)
             with _autocast(dev, amp):
                 logits = _logits(head_module, x)
-                total += float(loss_fn(logits, y)) * int(y.shape[0])
+            total += float(loss_fn(logits.float(), y)) * int(y.shape[0])
             correct += int((logits.argmax(1) == y).sum())
     finally:
         head_module.train(was)

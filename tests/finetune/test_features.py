@@ -23,6 +23,7 @@ from finetune.features import (
     feature_cache_key,
     fit_head_on_features,
 )
+from finetune.loop import _seed_epoch, evaluate, make_train_loader, set_loader_epoch, train_one_epoch
 from finetune.metrics import EarlyStopping
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.surgery import replace_head
@@ -80,38 +81,26 @@ def _config(**kw) -> FinetuneConfig:
 
 
 def _slow_path(model: nn.Module, train: ImageSet, val: ImageSet, config: FinetuneConfig) -> list[float]:
-    """Plain head-only loop: the frozen model re-run on un-augmented inputs every epoch (model in eval
-    mode, head in train mode), same optimizer, scheduler, early stopping. Returns val losses."""
+    """fit's slow head phase: the frozen model re-run on un-augmented inputs every epoch through the
+    loop's own loader, seeding, train_one_epoch (model in eval mode, head in train mode) and evaluate,
+    with the same optimizer, scheduler and early stopping. Returns the val losses."""
     tf = build_transform(DATA_CONFIG, False, config)
-    loader = make_loader(ImageDataset(train, tf), config.batch_size, train=True, workers=config.workers,
-                         sampler=config.sampler, seed=config.seed)
+    loader = make_train_loader(ImageDataset(train, tf), config)
     val_loader = make_loader(ImageDataset(val, tf), config.batch_size, train=False, workers=0)
     loss_fn = nn.CrossEntropyLoss()
     opt = build_optimizer(config, model, "fc")
     sched = build_scheduler(config, opt, len(loader))
     stopper = EarlyStopping(config.patience, config.min_delta, "min")
+    cpu = torch.device("cpu")
     losses = []
     for epoch in range(1, config.epochs + 1):
-        model.eval()
-        model.fc.train()
-        for batch in loader:
-            if batch is None:
-                continue
-            x, y = batch
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step_batch()
-        model.eval()
-        with torch.no_grad():
-            tot, n = 0.0, 0
-            for x, y in val_loader:
-                tot += float(loss_fn(model(x), y)) * len(y)
-                n += len(y)
-        losses.append(tot / n)
-        sched.step_epoch(tot / n)
-        if stopper.step(tot / n, epoch):
+        _seed_epoch(config.seed, epoch, 0)
+        set_loader_epoch(loader, config.seed, epoch)
+        train_one_epoch(model, loader, opt, sched, loss_fn, cpu, only_train=model.fc)
+        loss = evaluate(model, val_loader, loss_fn, cpu, train.classes)["loss"]
+        losses.append(loss)
+        sched.step_epoch(loss)
+        if stopper.step(loss, epoch):
             break
     return losses
 
@@ -121,9 +110,7 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
     train, val = _sets(tmp_path / "d", bad=True)
     config = _config(sampler=sampler, head=head)
     slow_model, fast_model = _model(head=head), _model(head=head)
-    torch.manual_seed(11)  # the MLP head's dropout draws from the global RNG in both paths
     slow_losses = _slow_path(slow_model, train, val, config)
-    torch.manual_seed(11)
     history, best = fit_head_on_features(fast_model, "fc", train, val, DATA_CONFIG, config)
     assert [r["phase"] for r in history] == ["head"] * len(slow_losses)
     assert [r["epoch"] for r in history] == list(range(1, len(slow_losses) + 1))
@@ -143,11 +130,16 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
 def test_batch_order_replays_the_loader(tmp_path, workers, sampler):
     items = [(f"img{i}.png", i % 3) for i in range(23)]
     image_set = ImageSet(items, ["a", "b", "c"])
-    real = make_loader(_Targets(image_set), 4, train=True, workers=workers, sampler=sampler, seed=5)
-    replay = _BatchOrder(make_loader(_Targets(image_set), 4, train=True, workers=workers, sampler=sampler, seed=5))
-    for _ in range(3):
+    config = _config(batch_size=4, workers=workers, sampler=sampler, seed=5)
+    real = make_train_loader(_Targets(image_set), config)
+    replay = _BatchOrder(make_train_loader(_Targets(image_set), config), seed=5)
+    orders = []
+    for epoch in (1, 2, 3):
+        set_loader_epoch(real, 5, epoch)
         seen = [b[0].tolist() for b in real]
-        assert seen == [list(b) for b in replay.epoch()]
+        assert seen == [list(b) for b in replay.epoch(epoch)]
+        orders.append(seen)
+    assert orders[0] != orders[1]
     assert len(replay) == len(real)
 
 
@@ -313,3 +305,15 @@ def test_augmented_views_are_a_reproducible_bank(tmp_path):
     fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=other)
     again = FeatureCache(other).load(train_file.stem)
     torch.testing.assert_close(again.features, bank.features)
+
+
+def test_warmup_overrides_epochs_monitor_and_patience(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    # A huge LR: the val loss soon gets worse, and patience 1 (not config's 30) stops there.
+    config = _config(epochs=30, patience=30, lr=5.0, schedule="none")
+    history, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, epochs=6,
+                                      monitor="val_loss", patience=1)
+    losses = [r["val_loss"] for r in history]
+    assert len(history) < 6 and losses[-1] >= min(losses[:-1])
+    full, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, epochs=5, patience=0)
+    assert len(full) == 5
