@@ -338,16 +338,10 @@ def preserved_rng() -> Iterator[None]:
 
 
 def resolve_device(name: str) -> "torch.device":
-    """``config.device`` -> a torch.device ("auto": CUDA, then MPS, then CPU)."""
-    import torch
+    """``config.device`` -> a torch.device, exactly as ``fit`` resolves it (``loop.pick_device``)."""
+    from finetune.loop import pick_device
 
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return pick_device(name)
 
 
 def class_counts(image_set: "ImageSet") -> list[int]:

@@ -1,0 +1,163 @@
+"""Grid search: value parsing, stratified folds, ranking, diverged trials, resume, best-config replay."""
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+
+from finetune.config import FinetuneConfig, load_config
+from finetune.errors import ConfigError, DataError, DivergedError
+from finetune.sweep import SweepSpace, kfold_splits, parse_choices, parse_values, sweep, trial_config
+
+
+# ---- parsing -----------------------------------------------------------------------------------------
+def test_log_range_and_lists():
+    vals = parse_values("1e-4:1e-2:5")
+    assert vals == pytest.approx([1e-4, 10 ** -3.5, 1e-3, 10 ** -2.5, 1e-2]) and vals[-1] == 1e-2
+    assert parse_values("1e-3") == [1e-3]
+    assert parse_values("0,1e-5,1e-4", "wd", allow_zero=True) == [0.0, 1e-5, 1e-4]
+    assert parse_values("1e-3,1e-3") == [1e-3]  # duplicates dropped
+
+
+@pytest.mark.parametrize("spec,match", [("1e-4:1e-2", "START:END:COUNT"), ("0:1e-2:3", "positive ends"),
+                                         ("1e-4:1e-2:x", "whole number"), ("abc", "not a number"),
+                                         ("0,1e-3", "not allowed"), ("", "no values")])
+def test_bad_value_specs(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_values(spec)
+
+
+def test_choices():
+    assert parse_choices("head, 1,2", "freeze") == ["head", "1", "2"]
+    with pytest.raises(ConfigError, match="lion not known"):
+        parse_choices("adam,lion", "optimizer", ("adam", "sgd"))
+
+
+def test_space_enumerates_every_combination():
+    space = SweepSpace([1e-3, 1e-2], [0.0], ["head", "1"], ["adam", "sgd"])
+    trials = space.trials()
+    assert len(trials) == len(space) == 8
+    assert trials[0] == {"lr": 1e-3, "weight_decay": 0.0, "freeze": "head", "optimizer": "adam"}
+    assert trials[1]["lr"] == 1e-2  # LR varies fastest
+
+
+# ---- folds -------------------------------------------------------------------------------------------
+def _set(n_per_class, classes=("a", "b", "c"), prefix="x"):
+    from finetune.data import ImageSet
+
+    return ImageSet(items=[(f"{prefix}/{c}/{i}.png", ci) for ci, c in enumerate(classes) for i in range(n_per_class)],
+                    classes=list(classes))
+
+
+def test_kfold_is_stratified_disjoint_and_seeded():
+    train, val = _set(6), _set(2, prefix="v")
+    splits = kfold_splits(train, val, 4, seed=1)
+    assert len(splits) == 4
+    all_items = set(train.items) | set(val.items)
+    vals = [set(v.items) for _, v in splits]
+    assert set().union(*vals) == all_items and sum(len(v) for v in vals) == len(all_items)
+    for tr, va in splits:
+        assert set(tr.items) | set(va.items) == all_items and not set(tr.items) & set(va.items)
+        assert va.class_counts() == [2, 2, 2]
+    assert [v.items for _, v in kfold_splits(train, val, 4, seed=1)] == [v.items for _, v in splits]
+    assert [v.items for _, v in kfold_splits(train, val, 4, seed=2)] != [v.items for _, v in splits]
+    with pytest.raises(DataError, match="fewer than --folds 9"):
+        kfold_splits(train, val, 9)
+    with pytest.raises(ConfigError):
+        kfold_splits(train, val, 1)
+
+
+# ---- the sweep with a fake fit (fast): ranking, divergence, resume ----------------------------------
+def _fake_fit(calls):
+    def fit(model, stages, data_config, train, val, config, *, head, run_dir=None):
+        calls.append((config.lr, config.weight_decay, config.freeze, config.optimizer))
+        if config.lr >= 1.0:
+            raise DivergedError("loss became NaN at epoch 1; lower the learning rate")
+        acc = 1.0 - abs(math.log10(config.lr) + 3) / 10 - config.weight_decay  # best at lr=1e-3, wd=0
+        row = {"epoch": 1, "val_loss": 1 - acc, "val_acc": acc}
+        return types.SimpleNamespace(history=[row], best_epoch=1, metrics={"val_loss": 1 - acc, "val_acc": acc})
+    return fit
+
+
+STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def test_sweep_ranks_records_divergence_and_resumes(tmp_path):
+    calls = []
+    cfg = FinetuneConfig(epochs=2, monitor="val_acc")
+    args = dict(head="fc", out_dir=tmp_path / "sw", lrs=[1e-4, 1e-3, 1.0], weight_decays=[0.0, 0.01],
+                freezes=["head"], optimizers=["adam"], fit_fn=_fake_fit(calls))
+    lines = []
+    res = sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg, log=lines.append, **args)
+    assert len(calls) == 6 and len(lines) == 6
+    assert res.best.params == {"lr": 1e-3, "weight_decay": 0.0, "freeze": "head", "optimizer": "adam"}
+    assert [t.status for t in res.trials] == ["ok"] * 4 + ["diverged"] * 2
+    oks = [t.metric for t in res.trials if t.status == "ok"]
+    assert oks == sorted(oks, reverse=True)
+    assert "NaN" in res.trials[-1].message and "diverged" in lines[2]
+    out = tmp_path / "sw"
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("rank,lr,weight_decay,freeze,optimizer,val_acc") and len(csv_lines) == 7
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    best = load_config(out / "best_config.yaml")
+    assert best == trial_config(cfg, res.best.params) and best.lr == 1e-3 and best.epochs == 2
+
+    # an existing sweep is not overwritten; --resume skips the finished trials
+    with pytest.raises(ConfigError, match="--resume"):
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg, **args)
+    with open(out / "results.jsonl") as fh:
+        kept = fh.readlines()[:3]
+    (out / "results.jsonl").write_text("".join(kept) + '{"id": "cut mid-wri')  # an interrupted sweep
+    calls.clear()
+    res2 = sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg, resume=True, **args)
+    assert res2.skipped == 3 and len(calls) == 3
+    assert [t.id for t in res2.trials] == [t.id for t in res.trials]
+    with pytest.raises(ConfigError, match="other fixed options"):
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg.replace(epochs=3), resume=True, **args)
+
+
+def test_sweep_rejects_bad_grid_before_training(tmp_path):
+    calls = []
+    with pytest.raises(ConfigError):
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2), FinetuneConfig(), head="fc", out_dir=tmp_path,
+              lrs=[1e-3], freezes=["9"], fit_fn=_fake_fit(calls))
+    with pytest.raises(ConfigError, match="lion"):
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2), FinetuneConfig(), head="fc", out_dir=tmp_path,
+              lrs=[1e-3], optimizers=["lion"], fit_fn=_fake_fit(calls))
+    assert calls == []
+
+
+# ---- the real thing: a 2x2 grid with 2 folds on a tiny model, and its YAML replayed ------------------
+def test_sweep_2x2_with_folds_and_best_config_reproduces(tmp_path):
+    import timm
+    import torch
+
+    from finetune.data import scan_folder
+    from finetune.loop import fit
+    from tests.conftest import make_image_folder
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=8), val_split=0.25, seed=0)
+    cfg = FinetuneConfig(epochs=2, batch_size=8, workers=0, device="cpu", head_epochs=0, patience=5,
+                         monitor="val_loss", seed=3)
+    factory = lambda: timm.create_model("test_resnet", num_classes=5)  # noqa: E731
+    res = sweep(factory, STAGES, _DATA_CONFIG, report.train, report.val, cfg, head="fc",
+                out_dir=tmp_path / "sweep", lrs=parse_values("1e-3:1e-2:2"), freezes=["head", "1"], folds=2)
+    assert len(res.trials) == 4 and all(t.status == "ok" for t in res.trials)
+    assert all(len(t.fold_metrics) == 2 and t.metric == pytest.approx(sum(t.fold_metrics) / 2) for t in res.trials)
+    assert [t.metric for t in res.trials] == sorted(t.metric for t in res.trials)
+    assert len({round(t.metric, 6) for t in res.trials}) > 1  # the grid points really differ
+    saved = [json.loads(l) for l in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert len(saved) == 4
+
+    best = load_config(tmp_path / "sweep" / "best_config.yaml")
+    assert (best.lr, best.freeze) == (res.best.params["lr"], res.best.params["freeze"])
+    train0, val0 = kfold_splits(report.train, report.val, 2, best.seed)[0]
+    torch.manual_seed(best.seed)
+    again = fit(factory(), STAGES, _DATA_CONFIG, train0, val0, best, head="fc")
+    assert again.metrics["val_loss"] == pytest.approx(res.best.fold_metrics[0], rel=1e-6)
+
+
+_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+                "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
