@@ -295,18 +295,19 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
                   metadata=meta, path=path)
 
 
-def _imagenet_labels(model: Any, num_classes: int) -> list[str]:
-    """Human-readable ImageNet class names ("tabby, tabby cat") for a pretrained timm model."""
+def _imagenet_labels(model: Any, num_classes: int) -> tuple[list[str], list[str] | None]:
+    """ImageNet class descriptions ("tabby, tabby cat") and synsets ("n02123045") for a pretrained model."""
     try:
         from timm.data import ImageNetInfo, infer_imagenet_subset
 
         subset = infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else None
         info = ImageNetInfo(subset or "imagenet-1k")
         if info.num_classes() == num_classes:
-            return [info.index_to_description(i) for i in range(num_classes)]
+            return ([info.index_to_description(i) for i in range(num_classes)],
+                    [info.index_to_label_name(i) for i in range(num_classes)])
     except Exception:  # label files are a nicety; fall back to indices rather than fail a prediction
         pass
-    return [f"class_{i}" for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)], None
 
 
 def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = True) -> Bundle:
@@ -329,8 +330,9 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     entry = get_entry(text)
     model = create_model(text, pretrained=pretrained).eval().to(device)
     data_config = entry.preprocessing.data_config()
-    labels = _imagenet_labels(model, int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes))
-    meta = {"model": entry.name, "builder": entry.builder, "num_classes": len(labels),
+    labels, synsets = _imagenet_labels(model, int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes))
+    # label_ids: what an ImageNet-style folder names its classes (zoo eval matches folders by either)
+    meta = {"model": entry.name, "builder": entry.builder, "num_classes": len(labels), "label_ids": synsets,
             "source": entry.sources[0].id() if entry.sources else None, **data_config}
     return Bundle(model=model, transform=eval_transform(data_config), data_config=data_config, labels=labels,
                   metadata=meta, path=None)

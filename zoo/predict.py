@@ -253,11 +253,13 @@ class EvalReport:
                 "ignored_folders": self.ignored_folders, "most_confidently_wrong": self.wrong}
 
 
-def find_eval_images(root: str | os.PathLike, labels: Sequence[str]) -> tuple[str, list[tuple[str, int]], list[str]]:
+def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
+                     aliases: Sequence[str] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
     ``root/test/<class>/`` is used when present, else ``root/val/<class>/``, else ``root/<class>/``.
-    Class folders are matched to the bundle's labels by name.
+    Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
+    ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
 
     Returns:
         (split used, [(path, label index)], folders that are not one of the labels)
@@ -273,7 +275,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str]) -> tuple[st
             split, base = name, root / name
             break
     exts = _image_extensions()
-    index = {name: i for i, name in enumerate(labels)}
+    index = {str(name): i for i, name in enumerate(aliases or ())}
+    index.update({name: i for i, name in enumerate(labels)})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
     folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -314,12 +317,13 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Seque
 
 def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
              tta: bool = False, tta_scales: Sequence[int] | None = None, batch_size: int = 32,
-             progress: bool = False, worst: int = 20, on_error: OnError | None = None) -> EvalReport:
-    """Evaluate a classifier on a class-folder layout (see ``find_eval_images``).
+             progress: bool = False, worst: int = 20, on_error: OnError | None = None,
+             aliases: Sequence[str] | None = None) -> EvalReport:
+    """Evaluate a classifier on a class-folder layout (see ``find_eval_images``, also for ``aliases``).
 
     Unreadable images are skipped (and listed in the report); ``on_error`` hears about each one.
     """
-    split, items, ignored = find_eval_images(data_dir, labels)
+    split, items, ignored = find_eval_images(data_dir, labels, aliases)
     skipped: list[tuple[str, str]] = []
 
     def note(item: Any, reason: str) -> None:

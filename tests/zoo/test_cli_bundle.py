@@ -133,3 +133,12 @@ def test_pretrained_efficientnet_lite0_sees_a_cat(tmp_path, runner):
     assert preds[0]["prob"] > 0.2
     cats = sum(p["prob"] for p in preds if any(c in p["label"].lower() for c in ("tabby", "tiger cat", "egyptian")))
     assert cats > 0.5, preds
+
+    # zoo eval on an ImageNet-style folder (synset names) with the same pretrained model: top-5 applies
+    (tmp_path / "imagenet" / "n02123045").mkdir(parents=True)                 # n02123045 = tabby
+    img.rename(tmp_path / "imagenet" / "n02123045" / "chelsea.png")
+    res = runner.invoke(cli, ["eval", "efficientnet_lite0", "--data", str(tmp_path / "imagenet"),
+                              "--out", str(tmp_path / "ev"), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert metrics["n_images"] == 1 and metrics["top5"] == 1.0

@@ -130,6 +130,9 @@ def test_find_eval_images_prefers_test_then_val(tmp_path):
     assert split == "test" and {lab for _, lab in items} == {1} and ignored == ["zzz"]
     with pytest.raises(UsageError, match="no class folder matches"):
         find_eval_images(root / "test", ["x", "y"])
+    # ImageNet-style folders named by synset match a pretrained model's descriptive labels
+    split, items, ignored = find_eval_images(root / "test", ["tabby, tabby cat", "zebra"], aliases=["b", "zzz"])
+    assert split == "." and sorted({lab for _, lab in items}) == [0, 1] and ignored == []
 
 
 def test_evaluate_and_reports(tmp_path):

@@ -140,7 +140,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: st
         raise UsageError("--tta-scales needs --tta")
     bundle = load_model(model, device=resolve_device(device))
     report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
-                      batch_size=batch_size, progress=True, worst=max(worst, 20), on_error=_warn)
+                      batch_size=batch_size, progress=True, worst=max(worst, 20), on_error=_warn,
+                      aliases=bundle.metadata.get("label_ids"))
     out = out or _default_out(model)
     paths = write_eval_reports(report, out)
     if as_json:
