@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from finetune.errors import ConfigError
 
-__all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum", "all_true",
+__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum", "all_true",
            "broadcast_object", "barrier", "wrap_model", "unwrap", "cleanup"]
 
 
@@ -42,6 +42,14 @@ class DistInfo:
 def env_world_size() -> int:
     """WORLD_SIZE as set by torchrun (1 when absent)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def device_type(device: str) -> str:
+    """"cuda" or "cpu": the kind of process group ``config.device`` needs (MPS runs one process)."""
+    device = (device or "auto").strip().lower()
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
 
 
 def setup(device_type: str | None = None) -> DistInfo:

@@ -424,8 +424,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         raise ConfigError("train and val sets have different class lists; build both from one scan")
     classes = list(train_set.classes)
 
-    wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    info = ddp.setup("cuda" if wants_cuda else "cpu")
+    info = ddp.setup(ddp.device_type(config.device))
     device = pick_device(config.device, info)
     main = info.is_main
     quiet_log: Log = log if (log is not None and main) else (lambda _msg: None)

@@ -1,0 +1,276 @@
+"""``zoo finetune`` orchestration: validate the data, resolve and build the model, write ``model.json``,
+run ``finetune.fit``, export a bundle. The CLI (``zoo.cli.train``) only parses options and prints.
+
+Order matters: the image folder is scanned (and fatal data problems reported) before any model is built
+or downloaded, so a typo in ``--data`` costs a second, not a download.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.config import FinetuneConfig, load_config
+from finetune.errors import ConfigError
+from zoo.errors import UsageError
+
+__all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
+           "load_run_config", "MODEL_JSON"]
+
+MODEL_JSON = "model.json"
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunOutcome:
+    """What a ``zoo finetune`` call produced (None fields: not applicable on this rank / this run)."""
+
+    run_dir: Path | None
+    result: Any = None              # finetune.loop.FitResult
+    export_dir: Path | None = None
+    lr_found: Any = None            # finetune.diagnostics.LRFindResult with --lr auto
+    overfit: Any = None             # finetune.diagnostics.OverfitResult with --overfit-batches
+
+
+def _slug(name: str) -> str:
+    """A model name as a folder name: "timm:resnet50.a1_in1k" -> "timm-resnet50.a1_in1k"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (a numeric suffix when two runs start in the same second)."""
+    base = Path(root) / f"{_slug(model_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def scan_lines(report) -> list[str]:
+    """The scan summary the CLI prints: layout, counts per split and class, skipped files, warnings."""
+    counts = report.counts()
+    split = ("train/val folders" if report.layout == "split"
+             else f"flat folder, {report.val_split:.0%} held out per class (seed {report.seed})")
+    sizes = " / ".join(f"{len(s)} {name}" for name, s in report.sets().items())
+    lines = [f"data: {report.root} ({split}): {len(report.classes)} classes, {sizes} images"]
+    for cls in report.classes:
+        per = ", ".join(f"{name} {counts[name][cls]}" for name in counts)
+        lines.append(f"  {cls}: {per}")
+    if report.bad_files:
+        shown = ", ".join(f"{report.relpath(p)} ({r})" for p, r in report.bad_files[:3])
+        more = f" and {len(report.bad_files) - 3} more" if len(report.bad_files) > 3 else ""
+        lines.append(f"skipped {len(report.bad_files)} unreadable file(s): {shown}{more} (see bad_files.txt)")
+    lines += [f"warning: {w}" for w in report.warnings]
+    return lines
+
+
+def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bool) -> dict[str, Any]:
+    """The ``model.json`` contract (docs/internals.md): enough to rebuild the finetuned model for export."""
+    source, digest = None, None
+    if pretrained and entry.sources:
+        src = entry.sources[0]
+        source, digest = src.id(), src.sha256
+        try:
+            from zoo.cache import read_manifest
+
+            manifest = read_manifest(entry.name) or {}
+        except ImportError:
+            manifest = {}
+        # The cache records what was actually loaded (trust-on-first-use entries have no pinned digest).
+        source = manifest.get("source") or source
+        digest = manifest.get("sha256") or digest
+    return {
+        "model": entry.name, "builder": entry.builder, "source": source, "source_sha256": digest,
+        "pretrained": pretrained, "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
+        "classes": list(classes), "num_classes": len(classes),
+        "data_config": _plain(entry.preprocessing.data_config()),
+        "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
+                 "activation": config.mlp_activation},
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from finetune.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _export(run_dir: Path, log: Log) -> Path | None:
+    try:
+        from zoo.bundle import export_run
+    except ImportError:
+        log("export skipped: zoo.bundle is not available in this installation")
+        return None
+    out = export_run(run_dir, run_dir / "export")
+    log(f"exported bundle: {out}")
+    return out
+
+
+def _build(entry, pretrained: bool, seed: int):
+    import torch
+
+    from zoo.build import build_architecture, create_model
+
+    # Seeded, so that a random-init baseline (--no-pretrained) is the same network in every process.
+    torch.manual_seed(int(seed))
+    return create_model(entry, pretrained=True) if pretrained else build_architecture(entry)
+
+
+def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
+                 pretrained: bool = True, lr_auto: bool = False, export: bool = True,
+                 log: Log | None = None) -> RunOutcome:
+    """Scan ``data_dir``, build ``model_name``, train it into a run folder and export a bundle.
+
+    Under torchrun every rank calls this; rank 0 alone prints and writes (the folder name is rank 0's).
+
+    Raises:
+        DataError: the folder cannot be trained on (raised before any model is built).
+        UnknownModelError / OfflineError / WeightsError: the model cannot be resolved or loaded.
+        ConfigError, DivergedError, Interrupted, CheckpointError: from training.
+    """
+    from finetune import distributed as ddp
+    from finetune.data import scan_folder, write_scan
+    from zoo.registry import get_entry
+
+    info = ddp.setup(ddp.device_type(config.device))
+    say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    try:
+        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
+        for line in scan_lines(report):
+            say(line)
+        entry = get_entry(model_name)
+        run_dir = Path(out) if out is not None else default_run_dir(entry.name)
+        run_dir = Path(ddp.broadcast_object(str(run_dir), info))
+        if info.is_main and (run_dir / "checkpoints" / "last.pt").exists():
+            raise UsageError(f"{run_dir} already holds a run: continue it with `zoo finetune --resume {run_dir}` "
+                             "or choose another --out")
+        say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
+        model = _build(entry, pretrained, config.seed)
+        outcome = RunOutcome(run_dir=run_dir)
+        stages, head = [list(s) for s in entry.stages], entry.classifier
+        data_config = entry.preprocessing.data_config()
+
+        if config.overfit_batches > 0:
+            outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
+            return outcome
+        if lr_auto:
+            outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
+                                                run_dir if info.is_main else None, say)
+            # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
+            config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
+
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_scan(report, run_dir)
+            _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained))
+            say(f"run folder: {run_dir}")
+        ddp.barrier(info)
+        from finetune.loop import fit
+
+        outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
+                             run_dir=run_dir, log=say)
+        if export and info.is_main:
+            outcome.export_dir = _export(run_dir, say)
+        return outcome
+    finally:
+        ddp.cleanup(info)
+
+
+def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
+                    export: bool = True, log: Log | None = None) -> RunOutcome:
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own config.yaml and split.
+
+    ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
+    quiet, epochs, patience, ...); fit refuses the rest. No weights are downloaded: the checkpoint holds
+    the whole model.
+
+    Raises:
+        UsageError: ``run_dir`` is not a run folder. CheckpointError: no or a damaged checkpoint.
+    """
+    from finetune import distributed as ddp
+    from finetune.data import scan_folder
+
+    run_dir = Path(run_dir)
+    info_path = run_dir / MODEL_JSON
+    if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
+                         "pass the folder a run wrote, e.g. runs/<model>-<time>")
+    try:
+        info_json = json.loads(info_path.read_text(encoding="utf-8"))
+        scan = json.loads((run_dir / "scan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir}: model.json or scan.json is unreadable ({e}); start a new run") from None
+    config = load_config(run_dir / "config.yaml")
+    if overrides:
+        config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
+    data_dir = Path(data_dir) if data_dir is not None else Path(scan["root"])
+
+    info = ddp.setup(ddp.device_type(config.device))
+    say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    try:
+        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                             split_file=run_dir / "split.json")
+        for w in report.warnings:
+            say(f"warning: {w}")
+        from zoo.registry import get_entry
+
+        entry = get_entry(info_json["model"])
+        # Weights come from the checkpoint: the architecture alone is enough (no download, works offline).
+        model = _build(entry, False, config.seed)
+        from finetune.loop import fit
+
+        result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
+                     head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
+        outcome = RunOutcome(run_dir=run_dir, result=result)
+        if export and info.is_main:
+            outcome.export_dir = _export(run_dir, say)
+        return outcome
+    finally:
+        ddp.cleanup(info)
+
+
+def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
+             say: Log):
+    try:
+        from finetune.diagnostics import lr_find
+    except ImportError:
+        raise ConfigError("--lr auto needs finetune.diagnostics.lr_find, which this installation lacks; "
+                          "pass a number, e.g. --lr 1e-3") from None
+    say("lr: running the LR range test (--lr auto)")
+    kwargs: dict[str, Any] = {}
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kwargs = {"out_png": run_dir / "lr_find.png", "out_csv": run_dir / "lr_find.csv"}
+    found = lr_find(model, stages, data_config, train_set, config, head=head, log=say, **kwargs)
+    say(f"lr: {found.describe()}")
+    return found, config.replace(lr=float(found.suggestion))
+
+
+def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
+    try:
+        from finetune.diagnostics import overfit_check
+    except ImportError:
+        raise ConfigError("--overfit-batches needs finetune.diagnostics.overfit_check, which this installation "
+                          "lacks; drop the option") from None
+    say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised")
+    result = overfit_check(model, stages, data_config, train_set, config, head=head,
+                           batches=int(config.overfit_batches), log=say)
+    return result
+
+
+def load_run_config(path: str | Path | None) -> FinetuneConfig:
+    """``--config file.yaml`` or the defaults."""
+    return load_config(path) if path else FinetuneConfig()
+
