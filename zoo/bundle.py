@@ -434,12 +434,20 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
     metrics = meta.get("metrics") or {}
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines += [f"- {k}: {_fmt(v)}" for k, v in scalars.items()] or ["- (none recorded)"]
+    per_class = metrics.get("per_class")
+    if isinstance(per_class, dict) and per_class:
+        lines += ["", "Per-class validation accuracy: " + ", ".join(
+            f"`{c}` {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:200])]
     lines += ["", "## Recipe", ""]
     keys = ("optimizer", "lr", "backbone_lr_mult", "schedule", "epochs", "batch_size", "freeze", "head", "bn",
             "weight_decay", "augment", "seed")
     lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
-    lines += ["", "## Source weights", "", f"- {meta.get('source') or 'unknown'}",
-              f"- sha256: {meta.get('source_sha256') or 'unknown'}", "", "## Preprocessing", "",
+    if meta.get("pretrained") is False:
+        lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
+    else:
+        lines += ["", "## Source weights", "", f"- {meta.get('source') or 'unknown'}",
+                  f"- sha256: {meta.get('source_sha256') or 'unknown'}"]
+    lines += ["", "## Preprocessing", "",
               f"input {tuple(meta['input_size'])}, {meta['interpolation']} resize to input/crop_pct "
               f"(crop_pct {meta['crop_pct']}), centre crop, mean {tuple(meta['mean'])}, std {tuple(meta['std'])}.",
               "", "## Use", "", "```python", "import zoo", "bundle = zoo.load_bundle('.')",
@@ -553,7 +561,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "zoo_bundle": BUNDLE_FORMAT, "model": info.get("model"), "architecture": arch, "builder": builder,
         "builder_kwargs": kwargs, "num_classes": len(labels), "label_names": labels, **data_config,
         "classifier": classifier, "head": head, "source": info.get("source"),
-        "source_sha256": info.get("source_sha256"), "metrics": _metrics(run),
+        "source_sha256": info.get("source_sha256"), "pretrained": info.get("pretrained", True),
+        "metrics": _metrics(run),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
     out.mkdir(parents=True, exist_ok=True)

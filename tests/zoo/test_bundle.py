@@ -41,7 +41,8 @@ def make_run(root: Path, classes=CLASSES, head: dict | None = None, builder: str
         "model": "tiny", "builder": builder, "source": "file:/weights/tiny.safetensors", "source_sha256": "ab" * 32,
         "stages": [["conv1"], ["layer1"]], "classifier": classifier, "classes": list(classes),
         "data_config": DATA_CONFIG, "head": head}), encoding="utf-8")
-    (run / "summary.json").write_text(json.dumps({"metrics": {"val_acc": 0.75, "val_loss": 0.61, "best_epoch": 3}}))
+    (run / "summary.json").write_text(json.dumps({"metrics": {
+        "val_acc": 0.75, "val_loss": 0.61, "per_class": dict(zip(classes, [1.0, 0.5, None][:len(classes)]))}}))
     (run / "config.yaml").write_text("optimizer: adam\nlr: 0.001\nschedule: cosine\nepochs: 5\nfreeze: auto\n")
     return run, model
 
@@ -98,7 +99,7 @@ def test_metadata_and_timm_config_layout(run_and_model, tmp_path):
 
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "val_acc: 0.7500" in card and "`dog/wolf: ?*`" in card and "optimizer: adam" in card
-    assert "local-dir:" in card
+    assert "local-dir:" in card and "`cat` 1.0000" in card and "sha256: " + "ab" * 32 in card
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temp left
 
 
