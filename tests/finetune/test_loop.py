@@ -1,0 +1,259 @@
+"""finetune.loop.fit: freeze modes, phases, optimizers/schedules, early stopping, NaN guard, run folder."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from finetune.checkpoint import BEST, LAST, load_weights
+from finetune.config import OPTIMIZERS, SCHEDULES, FinetuneConfig
+from finetune.errors import ConfigError, DivergedError, Interrupted
+from finetune.loop import evaluate, fit
+from tests.conftest import make_image_folder
+
+STAGES = (("stem",), ("block",))
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+               "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+class Tiny(nn.Module):
+    """Two stages with BatchNorm and a Linear classifier ``fc``: enough to see every freeze mode."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+        self.poison = False      # tests flip it to make the forward pass emit NaN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+        return out * float("nan") if self.poison else out
+
+
+def tiny_model(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def sets(root):
+    """27 train / 9 val images (3 classes), from the shared fixture's folder layout."""
+    from finetune.data import scan_folder
+
+    report = scan_folder(make_image_folder(root, per_class=12), val_split=0.25, seed=0)
+    return report.train, report.val
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return sets(tmp_path_factory.mktemp("loopdata") / "data")
+
+
+def cfg(**kw) -> FinetuneConfig:
+    base = dict(epochs=1, batch_size=9, workers=0, lr=1e-2, fast_head=False, head_epochs=0, quiet=True,
+                device="cpu")
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def run(data, config, **kw):
+    train, val = data
+    return fit(kw.pop("model", None) or tiny_model(), STAGES, DATA_CONFIG, train, val, config, head="fc", **kw)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before, after, prefix: str) -> bool:
+    keys = [k for k in after if k.startswith(prefix + ".") and after[k].is_floating_point()]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+@pytest.mark.parametrize("freeze,stem,block", [("head", False, False), ("auto", False, False),
+                                               ("1", False, True), ("none", True, True)])
+def test_every_freeze_mode_trains_what_it_says(data, freeze, stem, block):
+    model = tiny_model()
+    before = snapshot(model)
+    result = run(data, cfg(freeze=freeze), model=model)
+    after = snapshot(result.model)
+    assert result.model is model
+    assert after["fc.weight"].shape == (3, 16)            # the head was replaced for 3 classes
+    assert changed(before, after, "stem.0") is stem
+    assert changed(before, after, "block.0") is block
+    # BatchNorm statistics stay the pretrained ones (bn="eval", the default), even in trained stages.
+    for k in ("stem.1.running_mean", "stem.1.running_var", "block.1.running_mean", "block.1.running_var"):
+        assert torch.equal(before[k], after[k]), k
+    assert result.decision.trainable_stages == {"head": 0, "auto": 0, "1": 1, "none": 2}[freeze]
+    assert result.decision.reason
+
+
+def test_bn_train_updates_statistics(data):
+    model = tiny_model()
+    before = snapshot(model)
+    after = snapshot(run(data, cfg(freeze="none", bn="train"), model=model).model)
+    assert not torch.equal(before["block.1.running_mean"], after["block.1.running_mean"])
+
+
+def test_head_phase_then_finetune(data):
+    """head_epochs=1: epoch 1 trains the head alone, then the chosen stages are unfrozen."""
+    model = tiny_model()
+    before = snapshot(model)
+    states = []
+    result = run(data, cfg(freeze="none", head_epochs=1, epochs=2), model=model,
+                 callbacks=[lambda row: states.append(snapshot(model))])
+    assert [r["phase"] for r in result.history] == ["head", "finetune"]
+    assert not changed(before, states[0], "stem.0") and changed(before, states[0], "fc")
+    assert changed(states[0], states[1], "stem.0")
+
+
+def test_head_warmup_until_val_loss_stops_improving(data):
+    """head_epochs=-1 ends the head phase at the first epoch whose val loss does not improve (max 10)."""
+    result = run(data, cfg(freeze="none", head_epochs=-1, epochs=6, lr=1e-5, patience=10))
+    phases = [r["phase"] for r in result.history]
+    n_head = phases.count("head")
+    assert 1 <= n_head <= 5 and phases == ["head"] * n_head + ["finetune"] * (6 - n_head)
+    head_losses = [r["val_loss"] for r in result.history[:n_head]]
+    if n_head < 5:   # it stopped because the last head epoch did not improve on the one before
+        assert head_losses[-1] >= head_losses[-2] - 1e-4
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_each_optimizer_runs_an_epoch(data, optimizer):
+    lr = 1.0 if optimizer == "adadelta" else 1e-2
+    model = tiny_model()
+    before = snapshot(model)
+    result = run(data, cfg(optimizer=optimizer, lr=lr, freeze="1"), model=model)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
+    assert changed(before, snapshot(result.model), "block.0")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_each_schedule_runs(data, schedule):
+    result = run(data, cfg(schedule=schedule, epochs=3, warmup_epochs=0.5, step_size=1, freeze="1"))
+    lrs = [r["lr"] for r in result.history]   # each epoch's LR at its start
+    assert len(lrs) == 3 and all(lr > 0 for lr in lrs)
+    assert lrs[0] < 1e-2                  # linear warm-up
+    if schedule in ("step", "exp", "inv", "cosine"):
+        assert lrs[2] < 1e-2               # decayed after the warm-up
+
+
+def test_early_stopping_restores_best_epoch(data, tmp_path):
+    # A tiny LR on val_acc with patience 1: accuracy cannot improve for long, so the run stops early.
+    result = run(data, cfg(freeze="none", lr=1e-5, epochs=8, patience=1, monitor="val_acc"),
+                 run_dir=tmp_path / "run")
+    assert result.stopped_early and len(result.history) < 8
+    assert result.best_epoch == 1 and len(result.history) == 2
+    best = load_weights(tmp_path / "run" / BEST)
+    state = result.model.state_dict()
+    assert all(torch.equal(best[k], state[k].cpu()) for k in best)
+    last = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    assert last["epoch"] == 2
+    assert any(not torch.equal(last["model"][k], state[k]) for k in state if state[k].is_floating_point())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["stopped_early"] is True
+
+
+def test_nan_loss_stops_with_diverged_error_and_keeps_last_good_checkpoint(data, tmp_path):
+    model = tiny_model()
+
+    def poison(row):
+        model.poison = True      # epoch 2's first forward pass emits NaN
+
+    with pytest.raises(DivergedError, match=r"^loss diverged at epoch 2 step 1: lower the learning rate \(was "):
+        run(data, cfg(epochs=3, freeze="1"), model=model, run_dir=tmp_path / "run", callbacks=[poison])
+    last = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    assert last["epoch"] == 1 and len(last["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_diverges(data):
+    with pytest.raises(DivergedError, match="loss diverged at epoch 1 step"):
+        run(data, cfg(optimizer="sgd", lr=1e30, freeze="none", epochs=2))
+
+
+def test_run_folder_has_every_file(data, tmp_path):
+    out = tmp_path / "run"
+    result = run(data, cfg(epochs=2, freeze="1", class_weights="auto"), run_dir=out)
+    for name in ("config.yaml", "manifest.json", "metrics.csv", "curves.png", "summary.json",
+                 "checkpoints/last.pt", "checkpoints/best.safetensors"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                            "images_per_s"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["files_sha256"]) == 64 and manifest["seed"] == 0 and manifest["versions"]["torch"]
+    assert manifest["command"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] == result.best_epoch
+    assert set(summary["metrics"]["per_class"]) == {"cat", "dog", "fox"}
+    assert summary["freeze"]["reason"] and summary["stopped_early"] is False
+    assert isinstance(summary["advice"], list)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)   # no pickled code needed
+    for key in ("model", "optimizer", "scheduler", "epoch", "early_stop", "rng", "history", "config"):
+        assert key in ckpt, key
+    assert ckpt["config"]["class_weights"] == "auto"
+    assert "cuda" in ckpt["rng"] or not torch.cuda.is_available()
+
+
+def test_metrics_include_per_class_accuracy(data):
+    result = run(data, cfg(freeze="1"))
+    m = result.metrics
+    assert set(m["per_class"]) == {"cat", "dog", "fox"}
+    assert sum(map(sum, m["confusion"])) == 9
+    assert m["val_acc"] == pytest.approx(sum(m["confusion"][i][i] for i in range(3)) / 9)
+
+
+def test_evaluate_counts_every_image(data):
+    from finetune.data import ImageDataset, build_transform, make_loader
+
+    _, val = data
+    model = tiny_model()
+    model.fc = nn.Linear(16, 3)
+    loader = make_loader(ImageDataset(val, build_transform(DATA_CONFIG, False)), 4, train=False, workers=0)
+    out = evaluate(model, loader, nn.CrossEntropyLoss(), torch.device("cpu"), val.classes)
+    assert out["images"] == 9 and 0.0 <= out["acc"] <= 1.0 and math.isfinite(out["loss"])
+
+
+def test_balanced_sampler_and_mlp_head(data):
+    result = run(data, cfg(sampler="balanced", head="mlp", mlp_hidden=8, freeze="head"))
+    assert len(result.history) == 1 and result.model.fc.fc2.out_features == 3
+
+
+def test_fast_head_path_when_backbone_frozen(data, tmp_path):
+    pytest.importorskip("finetune.features")
+    result = run(data, cfg(freeze="head", fast_head=True, epochs=2), run_dir=tmp_path / "run")
+    assert [r["phase"] for r in result.history] == ["head", "head"]
+    best = load_weights(tmp_path / "run" / BEST)
+    assert all(torch.equal(best[k], v.cpu()) for k, v in result.model.state_dict().items())
+
+
+def test_run_folder_is_not_overwritten(data, tmp_path):
+    run(data, cfg(freeze="head"), run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="--resume"):
+        run(data, cfg(freeze="head"), run_dir=tmp_path / "run")
+
+
+def test_sigterm_saves_and_says_how_to_resume(data, tmp_path):
+    def term(row):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted, match=r"zoo finetune --resume .*run"):
+        run(data, cfg(epochs=3, freeze="1"), run_dir=tmp_path / "run", callbacks=[term])
+    assert torch.load(tmp_path / "run" / LAST, weights_only=True)["epoch"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handler restored
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_cuda(data):
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        run(data, cfg(device="cuda"))
