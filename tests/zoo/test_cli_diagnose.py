@@ -1,0 +1,90 @@
+"""`zoo lr-find` and `zoo sweep` through click's CliRunner, on a tiny random-init model at 32 px."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from tests.conftest import make_image_folder
+from zoo.cli import cli
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path, monkeypatch):
+    """A user registry with a 32-px test_resnet entry (weights never fetched: --no-pretrained)."""
+    entry = {"name": "tiny-resnet", "builder": "timm:test_resnet",
+             "sources": [{"kind": "file", "path": str(tmp_path / "absent.safetensors"),
+                          "sha256_note": "test entry; never downloaded"}],
+             "preprocessing": {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0,
+                               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "origin": "test"},
+             "stages": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]], "classifier": "fc",
+             "params": 1000, "license": "apache-2.0", "family": "test", "year": 2024}
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+    monkeypatch.setenv("ZOO_REGISTRY", str(reg))
+    return make_image_folder(tmp_path / "data", per_class=8)
+
+
+COMMON = ["--no-pretrained", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+
+
+def test_lr_find_command(tiny_zoo, tmp_path):
+    out = tmp_path / "lr"
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--steps", "30",
+                                 "--start-lr", "1e-5", "--end-lr", "1", "--freeze", "none", *COMMON])
+    assert r.exit_code == 0, r.output
+    assert "valley rule" in r.output and "suggested lr" in r.output
+    assert "next: zoo finetune tiny-resnet" in r.output
+    summary = json.loads((out / "lr_find.json").read_text())
+    assert 1e-5 <= summary["suggestion"] <= 1 and summary["method"] == "valley"
+    for name in ("lr_find.png", "lr_find.csv", "config.yaml", "scan.json"):
+        assert (out / name).is_file(), name
+    assert yaml.safe_load((out / "config.yaml").read_text())["freeze"] == "none"
+
+
+def test_lr_find_usage_errors(tiny_zoo):
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--start-lr", "1", "--end-lr",
+                                 "0.1", *COMMON])
+    assert r.exit_code == 2 and "must be below --end-lr" in r.output
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnt", "--data", str(tiny_zoo), *COMMON])
+    assert r.exit_code != 0 and "tiny-resnet" in r.output  # close match offered
+
+
+def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--lr", "1e-3,1e-2",
+            "--freeze", "head,1", "--epochs", "1", "--head-epochs", "0", *COMMON]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("rank"))
+    assert len([l for l in lines[header + 1:] if l[:1].isdigit()]) == 4
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert best["epochs"] == 1 and best["lr"] in (1e-3, 1e-2) and best["freeze"] in ("head", "1")
+    assert (out / "sweep.png").is_file() and len((out / "results.csv").read_text().splitlines()) == 5
+
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = CliRunner().invoke(cli, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "4 finished trial(s)" in resumed.output
+
+
+def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-4:1e-2", *COMMON])
+    assert r.exit_code == 2 and "START:END:COUNT" in r.output
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--resume", *COMMON])
+    assert r.exit_code == 2 and "--resume needs --out" in r.output
+
+
+def test_help_has_examples_and_defaults():
+    for cmd in ("lr-find", "sweep"):
+        r = CliRunner().invoke(cli, [cmd, "--help"])
+        assert r.exit_code == 0 and "Examples:" in r.output and "[default:" in r.output
+    ctx_cmds = {c.name: c for c in [cli.commands["lr-find"], cli.commands["sweep"]]}
+    for cmd in ctx_cmds.values():
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.name != "help":
+                assert p.help, f"{cmd.name} {p.name} has no help"
