@@ -673,9 +673,10 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                 phase_start = None
     except KeyboardInterrupt:
         if run_dir is None:
-            raise Interrupted(f"interrupted during epoch {epoch}; nothing was saved (no run folder)") from None
-        raise Interrupted(f"interrupted during epoch {epoch}: epochs up to {_saved_epoch(run_dir, epoch)} are "
-                          f"saved; continue with `zoo finetune --resume {run_dir}`") from None
+            raise Interrupted(f"interrupted in epoch {epoch}; nothing was saved: pass a run folder to be "
+                              "able to resume") from None
+        raise Interrupted(f"interrupted: epochs up to {_saved_epoch(run_dir, epoch)} are saved in {run_dir}; "
+                          f"continue with `zoo finetune --resume {run_dir}`") from None
     except DivergedError:
         if tb is not None:
             tb.close()

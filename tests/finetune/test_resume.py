@@ -1,0 +1,139 @@
+"""Resume: an interrupted run continued with resume=True ends with exactly the uninterrupted weights."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.checkpoint import LAST
+from finetune.errors import CheckpointError, ConfigError, Interrupted
+from tests.finetune.test_loop import cfg, run, sets, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return sets(tmp_path_factory.mktemp("resumedata") / "data")
+
+
+# Augmentation on, MLP head with dropout, head warm-up then finetuning with a cosine schedule: every
+# source of randomness and every piece of state (optimizer, scheduler, phase, early stopping) is in play.
+def resume_cfg(**kw):
+    base = dict(epochs=4, freeze="none", head_epochs=1, head="mlp", mlp_hidden=8, mlp_dropout=0.3,
+                schedule="cosine", warmup_epochs=0.5, patience=10, optimizer="adam", lr=3e-3)
+    base.update(kw)
+    return cfg(**base)
+
+
+def equal_states(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = run(data, resume_cfg(), run_dir=out)
+    return result
+
+
+def _stop_after(k: int):
+    def cb(row):
+        if row["epoch"] == k:
+            raise KeyboardInterrupt
+    return cb
+
+
+@pytest.mark.parametrize("k", [1, 2])   # at the head -> finetune boundary, and inside the finetune phase
+def test_resume_after_interrupt_matches_uninterrupted(data, reference, tmp_path, k):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as info:
+        run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(k)])
+    assert f"zoo finetune --resume {out}" in str(info.value)
+    assert torch.load(out / LAST, weights_only=True)["epoch"] == k
+    # a fresh, differently initialised model: everything must come from the checkpoint
+    resumed = run(data, resume_cfg(), run_dir=out, resume=True, model=tiny_model(seed=123))
+    assert equal_states(resumed.model.state_dict(), reference.model.state_dict())
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    assert resumed.best_epoch == reference.best_epoch
+    final = torch.load(out / LAST, weights_only=True)
+    ref_final = torch.load(reference.run_dir / LAST, weights_only=True)
+    assert equal_states(final["model"], ref_final["model"])
+
+
+def test_resume_before_first_epoch_completes(data, reference, tmp_path, monkeypatch):
+    """Interrupted inside epoch 1: the epoch-0 checkpoint lets the run start over identically."""
+    import finetune.loop as loop
+
+    out = tmp_path / "run"
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", ctrl_c)
+        with pytest.raises(Interrupted, match="epochs up to 0 are saved"):
+            run(data, resume_cfg(), run_dir=out)
+    resumed = run(data, resume_cfg(), run_dir=out, resume=True)
+    assert equal_states(resumed.model.state_dict(), reference.model.state_dict())
+
+
+def test_resume_refuses_changed_options(data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(1)])
+    with pytest.raises(ConfigError, match="lr"):
+        run(data, resume_cfg(lr=1e-1), run_dir=out, resume=True)
+
+
+def test_resume_without_checkpoint(data, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run(data, resume_cfg(), run_dir=tmp_path / "nothing", resume=True)
+
+
+def test_kill_9_loses_at_most_the_epoch_in_progress(data, reference, tmp_path):
+    """A subprocess is SIGKILLed while epoch 3 runs; resuming from what is on disk gives the same weights."""
+    out = tmp_path / "run"
+    marker = tmp_path / "epoch2.done"
+    train, val = data
+    script = textwrap.dedent(f"""
+        import sys, time, pathlib
+        sys.path.insert(0, {str(ROOT)!r})
+        from finetune.data import ImageSet
+        from tests.finetune.test_loop import STAGES, DATA_CONFIG, tiny_model
+        from tests.finetune.test_resume import resume_cfg
+        from finetune.loop import fit
+        train = ImageSet({train.items!r}, {train.classes!r})
+        val = ImageSet({val.items!r}, {val.classes!r})
+        def cb(row):
+            if row["epoch"] == 2:
+                pathlib.Path({str(marker)!r}).write_text("x")
+                time.sleep(120)   # "epoch 3 in progress" when the kill comes
+        fit(tiny_model(), STAGES, DATA_CONFIG, train, val, resume_cfg(), head="fc", run_dir={str(out)!r},
+            callbacks=[cb])
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "training subprocess died"
+            assert time.time() < deadline, "training subprocess too slow"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(out / LAST, weights_only=True)["epoch"] == 2
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    resumed = run(data, resume_cfg(), run_dir=out, resume=True)
+    assert equal_states(resumed.model.state_dict(), reference.model.state_dict())
