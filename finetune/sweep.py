@@ -293,6 +293,16 @@ def _read_jsonl(path: Path) -> dict[str, TrialResult]:
     return done
 
 
+def _freeze_label(freeze: str) -> str:
+    if freeze == "head":
+        return "head only"
+    if freeze == "none":
+        return "everything trains"
+    if freeze.isdigit():
+        return f"head + last {freeze} stage{'s' if freeze != '1' else ''}"
+    return f"freeze {freeze}"
+
+
 def write_sweep_plot(result: SweepResult, path: Path) -> None:
     """Metric vs LR (log axis), one line per freeze depth (best over the other swept values at each LR,
     error bars = std over folds), every trial as a faint dot, diverged trials as crosses."""
@@ -302,7 +312,10 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     ok = [t for t in result.trials if t.status == "ok" and not math.isnan(t.metric)]
     better = max if result.metric == "val_acc" else min
-    freezes = _unique([t.params["freeze"] for t in result.trials])
+    # Shallow to deep, whatever the ranking: head, 1, 2, ..., none, auto (stable colours across sweeps).
+    order = {"head": -1, "none": 10_000, "auto": 10_001}
+    freezes = sorted(_unique([t.params["freeze"] for t in result.trials]),
+                     key=lambda f: order.get(f, int(f) if f.isdigit() else 10_002))
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     for i, fr in enumerate(freezes):
         colour = colours[i % len(colours)]
@@ -313,7 +326,7 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
         lrs = sorted({t.params["lr"] for t in mine})
         best = [better((t for t in mine if t.params["lr"] == lr), key=lambda t: t.metric) for lr in lrs]
         ax.errorbar(lrs, [t.metric for t in best], yerr=[t.metric_std for t in best], color=colour,
-                    marker="o", capsize=3, linewidth=1.6, label=f"freeze {fr}")
+                    marker="o", capsize=3, linewidth=1.6, label=_freeze_label(fr))
     diverged = [t for t in result.trials if t.status != "ok"]
     if diverged:
         y = ax.get_ylim()[0] if ok else 0.0

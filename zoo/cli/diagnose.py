@@ -298,4 +298,4 @@ def _table(result) -> list[str]:
                      str(r["optimizer"]), cell, str(r["status"])])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*head)] + [fmt.format(*row) for row in rows]
+    return [fmt.format(*head).rstrip()] + [fmt.format(*row).rstrip() for row in rows]
