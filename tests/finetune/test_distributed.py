@@ -1,0 +1,90 @@
+"""DDP: a 2-process torchrun (gloo, CPU) run equals a single-process run up to float noise."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import distributed as ddp
+from finetune.checkpoint import BEST, load_weights
+from finetune.errors import ConfigError
+from tests.conftest import make_image_folder
+from tests.finetune.test_loop import cfg, run
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def ddp_cfg():
+    # No augmentation and no dropout: the only difference left between 1 and 2 processes is summation order.
+    return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, augment=False, lr=1e-2)
+
+
+def test_global_batch_is_split_across_ranks():
+    assert ddp.per_rank_batch(32, ddp.DistInfo(rank=1, world_size=4, enabled=True)) == 8
+    assert ddp.per_rank_batch(32, ddp.DistInfo()) == 32
+    with pytest.raises(ConfigError, match="use 8 or 10"):
+        ddp.per_rank_batch(9, ddp.DistInfo(world_size=2, enabled=True))
+
+
+def test_single_process_is_not_distributed(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = ddp.setup("cpu")
+    assert not info.enabled and info.is_main and info.world_size == 1
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    from finetune.data import scan_folder
+
+    # 24 training images (divisible by 2 ranks and by the batch of 8), 9 validation images (uneven shards).
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split"))
+    assert len(report.train) == 24 and len(report.val) == 9
+    sets_file = tmp_path / "sets.json"
+    sets_file.write_text(json.dumps({"train": report.train.items, "val": report.val.items,
+                                     "classes": report.classes}))
+    script = tmp_path / "train_ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from finetune.data import ImageSet
+        from tests.finetune.test_distributed import ddp_cfg
+        from tests.finetune.test_loop import STAGES, DATA_CONFIG, tiny_model
+        from finetune.loop import fit
+        from finetune import distributed
+        d = json.load(open({str(sets_file)!r}))
+        train = ImageSet([tuple(i) for i in d["train"]], d["classes"])
+        val = ImageSet([tuple(i) for i in d["val"]], d["classes"])
+        result = fit(tiny_model(), STAGES, DATA_CONFIG, train, val, ddp_cfg(), head="fc",
+                     run_dir={str(tmp_path / "ddp")!r})
+        info = distributed.setup("cpu")
+        assert info.world_size == 2, info
+        if info.is_main:
+            json.dump(result.history, open({str(tmp_path / "history.json")!r}, "w"))
+        distributed.cleanup(info)
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    single = run((report.train, report.val), ddp_cfg(), run_dir=tmp_path / "single")
+    ddp_history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["phase"] for r in ddp_history] == ["head", "finetune"]
+    for a, b in zip(ddp_history, single.history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    ddp_best = load_weights(tmp_path / "ddp" / BEST)
+    one_best = load_weights(tmp_path / "single" / BEST)
+    assert ddp_best.keys() == one_best.keys()
+    for k in one_best:
+        assert torch.allclose(ddp_best[k].double(), one_best[k].double(), atol=1e-5), k
+    # only rank 0 wrote the run folder
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["metrics"]["images"] == 9
