@@ -772,10 +772,11 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
                 break
         del work, optimizer
 
+    what = f"{n_batches} batch{'es' if n_batches != 1 else ''}"
     if passed:
-        verdict = f"pipeline can learn: {n_batches} batches overfit to {acc:.0%} in {steps} steps"
+        verdict = f"pipeline can learn: {what} overfit to {acc:.0%} in {steps} steps"
     else:
-        verdict = (f"cannot even overfit {n_batches} batches (acc {acc:.0%}, loss {loss_mean:.3g}): "
+        verdict = (f"cannot even overfit {what} (acc {acc:.0%}, loss {loss_mean:.3g}): "
                    "check labels, LR, frozen layers")
         if not trainable:
             verdict += " (nothing is trainable: every layer and the head are frozen)"
