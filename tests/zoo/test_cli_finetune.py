@@ -1,0 +1,215 @@
+"""``zoo finetune`` end to end on a tiny registry model (timm's test_resnet at 32 px)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from finetune.config import FinetuneConfig
+from tests.conftest import make_image_folder
+from zoo.cli import cli
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A user registry entry "tiny32" (test_resnet, 32 px) whose "pretrained" weights are a local file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.build import describe_timm
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny32.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
+    params, stages, classifier = describe_timm("test_resnet", 1000)
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"models": [{
+        "name": "tiny32", "family": "resnet", "builder": "timm:test_resnet", "license": "apache-2.0",
+        "params": params, "classifier": classifier, "stages": [list(s) for s in stages],
+        "preprocessing": {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0,
+                          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "origin": "test"},
+        "sources": [{"kind": "file", "path": str(weights), "sha256": None, "sha256_note": "test weights"}],
+    }]}))
+    monkeypatch.setenv("ZOO_REGISTRY", str(reg))
+    return "tiny32"
+
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Fail loudly if anything tries to build or download a model."""
+    import zoo.build
+
+    def forbidden(*a, **kw):
+        raise AssertionError("a model was built before the data was validated")
+
+    monkeypatch.setattr(zoo.build, "create_model", forbidden)
+    monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
+
+
+@pytest.mark.parametrize("layout", ["empty", "one_class", "missing"])
+def test_fatal_data_problems_are_one_line_before_any_model(tmp_path, no_model_build, layout):
+    data = tmp_path / "data"
+    if layout == "one_class":
+        make_image_folder(data, classes=("cat",))
+    elif layout == "empty":
+        data.mkdir()
+    # an unknown model name too: the data is checked first, so its error is the one shown
+    result = invoke("finetune", "no-such-model", "--data", data, *FAST)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: "), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_finetune_writes_the_whole_run_folder(tmp_path, tiny):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "1", "--head-epochs", "1",
+                    "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert err.index("data: ") < err.index("model: tiny32") < err.index("freeze: ")
+    assert "freeze: head + last 1 stage" in err
+    assert "best epoch" in result.stdout and "per-class accuracy: cat" in result.stdout
+    for name in ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv",
+                 "curves.png", "checkpoints/last.pt", "checkpoints/best.safetensors", "summary.json",
+                 "model.json"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "model.json").read_text())
+    assert info["model"] == "tiny32" and info["builder"] == "timm:test_resnet"
+    assert info["classes"] == ["cat", "dog", "fox"] and info["classifier"] == "fc"
+    assert info["source"].startswith("file:") and len(info["source_sha256"]) == 64   # digest from the cache
+    assert info["head"]["kind"] == "linear" and info["data_config"]["input_size"] == [3, 32, 32]
+    assert [s for s in info["stages"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["freeze"]["trainable_stages"] == 1 and summary["phases"] == ["head", "finetune"]
+    try:
+        import zoo.bundle  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_config_file_then_flags(tmp_path, tiny):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    conf = tmp_path / "recipe.yaml"
+    conf.write_text("epochs: 3\nlr: 0.05\nseed: 7\noptimizer: sgd\nfreeze: head\n")
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--config", conf, "--out", out, "--epochs", "1",
+                    "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 1                       # the flag wins
+    assert saved["lr"] == 0.05 and saved["seed"] == 7 and saved["optimizer"] == "sgd"   # the file
+    assert saved["batch_size"] == 8 and saved["patience"] == FinetuneConfig().patience  # flag / default
+    assert not (out / "export").exists()
+
+
+def test_every_config_field_has_a_flag():
+    result = invoke("finetune", "--help")
+    assert result.exit_code == 0
+    text = result.output
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+    for flag in ("--config", "--resume", "--out", "--data", "--no-pretrained", "Examples:"):
+        assert flag in text
+
+
+def test_interrupt_then_resume(tmp_path, tiny, monkeypatch):
+    import finetune.loop as loop
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    real = loop.train_one_epoch
+    calls = {"n": 0}
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+        result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
+                        "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
+    assert result.exit_code == 130
+    assert f"zoo finetune --resume {out}" in result.stderr
+    assert not (out / "summary.json").exists()
+    # no weights are needed to resume: the checkpoint holds the whole model
+    (tmp_path / "tiny32.safetensors").unlink()
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet", "--no-export")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["resumed"]) == 1
+
+
+def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
+    import finetune.loop as loop
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", ctrl_c)
+        invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head", *FAST)
+    result = invoke("finetune", "--resume", out, "--optimizer", "sgd", "--workers", "0")
+    assert result.exit_code == 2 and "optimizer" in result.stderr
+
+
+def test_lr_auto_uses_the_lr_finder(tmp_path, tiny, monkeypatch):
+    diagnostics = pytest.importorskip("finetune.diagnostics")
+    seen = {}
+
+    def fake_lr_find(model, stages, data_config, train_set, config, *, head, **kw):
+        seen["head"] = head
+        return diagnostics.LRFindResult(lrs=[1e-5, 1e-1], losses=[1.0, 0.5], smoothed=[1.0, 0.5],
+                                        suggestion=0.0123, method="valley", valley=0.0123, steepest=None,
+                                        stopped_early=False)
+
+    monkeypatch.setattr(diagnostics, "lr_find", fake_lr_find)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--lr", "auto", "--freeze", "head",
+                    "--no-export", *FAST)
+    assert result.exit_code == 0, result.output
+    assert seen["head"] == "fc" and "suggested lr 1.23e-02" in result.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == pytest.approx(0.0123)
+
+
+def test_overfit_batches_runs_the_check_only(tmp_path, tiny, monkeypatch):
+    diagnostics = pytest.importorskip("finetune.diagnostics")
+
+    def fake_check(model, stages, data_config, train_set, config, *, head, batches, **kw):
+        assert batches == 2
+        return diagnostics.OverfitResult(passed=False, final_loss=1.0, final_acc=0.5, steps=3,
+                                         verdict="cannot even overfit 2 batches")
+
+    monkeypatch.setattr(diagnostics, "overfit_check", fake_check)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", "--overfit-batches", "2", *FAST)
+    assert result.exit_code == 1 and "cannot even overfit 2 batches" in result.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_lr_is_a_usage_error(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    result = invoke("finetune", "tiny32", "--data", data, "--lr", "fast")
+    assert result.exit_code == 2 and "--lr" in result.output
