@@ -213,3 +213,37 @@ def test_bad_lr_is_a_usage_error(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=4)
     result = invoke("finetune", "tiny32", "--data", data, "--lr", "fast")
     assert result.exit_code == 2 and "--lr" in result.output
+
+
+def test_torchrun_cli_matches_single_process(tmp_path, tiny):
+    """`torchrun --nproc-per-node 2 -m zoo finetune ...`: one run folder (rank 0's), same weights as 1 process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    root = Path(__file__).resolve().parents[2]
+    data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
+    common = ["--data", str(data), "--freeze", "none", "--head-epochs", "0", "--no-augment", "--epochs", "1",
+              "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-export"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", tiny,
+                           "--out", str(tmp_path / "ddp"), *common], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best epoch") == 1          # only rank 0 reports
+    assert proc.stderr.count("freeze: ") == 1
+    result = invoke("finetune", tiny, "--out", tmp_path / "single", "--quiet", *common)
+    assert result.exit_code == 0, result.output
+    a = load_file(str(tmp_path / "ddp" / "checkpoints" / "best.safetensors"))
+    b = load_file(str(tmp_path / "single" / "checkpoints" / "best.safetensors"))
+    assert a.keys() == b.keys()
+    for k in b:
+        assert torch.allclose(a[k].double(), b[k].double(), atol=1e-4), k
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
