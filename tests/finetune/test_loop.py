@@ -257,3 +257,38 @@ def test_sigterm_saves_and_says_how_to_resume(data, tmp_path):
 def test_cuda_requested_without_cuda(data):
     with pytest.raises(ConfigError, match="no CUDA device"):
         run(data, cfg(device="cuda"))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cuda_amp_channels_last(data, tmp_path, monkeypatch, bf16):
+    """CUDA: autocast in bf16 where supported, else fp16 with a GradScaler (checkpointed); channels_last."""
+    if not bf16:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    elif not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    out = tmp_path / "run"
+    result = run(data, cfg(device="cuda", freeze="none", epochs=2), run_dir=out)
+    assert next(result.model.parameters()).is_cuda
+    assert result.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(math.isfinite(r["train_loss"]) for r in result.history)
+    ckpt = torch.load(out / LAST, weights_only=True)
+    assert (ckpt["scaler"] is not None) is (not bf16)
+    assert "cuda" in ckpt["rng"]
+    resumed_dir = tmp_path / "again"
+    with pytest.raises(Interrupted):
+        run(data, cfg(device="cuda", freeze="none", epochs=2), run_dir=resumed_dir,
+            callbacks=[lambda row: (_ for _ in ()).throw(KeyboardInterrupt())])
+    again = run(data, cfg(device="cuda", freeze="none", epochs=2), run_dir=resumed_dir, resume=True)
+    assert len(again.history) == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_compile(data):
+    result = run(data, cfg(device="cuda", freeze="1", compile=True, epochs=1))
+    assert math.isfinite(result.history[0]["train_loss"]) and next(result.model.parameters()).is_cuda
