@@ -247,3 +247,14 @@ def test_torchrun_cli_matches_single_process(tmp_path, tiny):
     for k in b:
         assert torch.allclose(a[k].double(), b[k].double(), atol=1e-4), k
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_offline_without_cached_weights_says_so(tmp_path, monkeypatch):
+    """The data is fine, the weights are not cached and the network is off: the OfflineError line, exit 1."""
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    result = invoke("finetune", "resnet18", "--data", data, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("zoo: error: ") and "offline" in last.lower()
+    assert not (tmp_path / "run" / "checkpoints").exists()
