@@ -7,6 +7,7 @@ ZOO_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -42,6 +43,10 @@ class ZooGroup(click.Group):
             if os.environ.get("ZOO_DEBUG") == "1":
                 raise
             where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            if err.errno == errno.ENOSPC:
+                click.echo(f"zoo: error: no space left on device while writing{where}: free some disk space "
+                           "or write elsewhere (--out, ZOO_HOME)", err=True)
+                ctx.exit(1)
             click.echo(f"zoo: error: {err.strerror or err}{where}; set ZOO_DEBUG=1 for details", err=True)
             ctx.exit(1)
 
