@@ -1,0 +1,369 @@
+"""Reliability (issue 8): kill -9, Ctrl-C, SIGTERM and a full disk never lose a completed epoch.
+
+A short CPU finetune runs as a subprocess (this file doubles as its driver: ``python -m
+tests.test_reliability_crash drive DATA RUN [--resume]``). The driver registers a hidden command on the
+real ``zoo`` click group, so the error mapping (one line, exit code) is the CLI's own; the command body is
+the pipeline of ``zoo finetune`` (scan -> write_scan -> create_model -> fit). When ``zoo finetune`` itself
+exists the tests in tests/test_reliability_data.py drive it directly.
+
+Determinism: CPU, ``workers=0``, one thread; ``finetune.loop`` seeds each epoch from (seed, epoch), so a
+resumed run must end with the same weights, bit for bit, as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.zoo.conftest import hub  # noqa: F401  (the loopback Hub fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 10
+SLOW_CKPT_ENV = "ZOO_TEST_SLOW_CHECKPOINT"   # seconds the driver pauses half-way through writing last.pt
+TRAIN_OPTS = dict(epochs=EPOCHS, batch_size=4, workers=0, device="cpu", freeze="2", head_epochs=2,
+                  patience=100, fast_head=False, seed=3)
+
+
+# ----------------------------------------------------------------------------------------- the driver
+def _slow_checkpoint_writes(seconds: float) -> None:
+    """Make every write of last.pt stop half-way for ``seconds`` (the temp file exists, half written)."""
+    import finetune.checkpoint as ckpt
+
+    real = ckpt.atomic_write
+
+    def slow(path, write):
+        def half_then_rest(tmp):
+            write(tmp)
+            data = Path(tmp).read_bytes()
+            Path(tmp).write_bytes(data[: len(data) // 2])
+            print(f"CHECKPOINT-HALF {tmp}", file=sys.stderr, flush=True)
+            time.sleep(seconds)
+            Path(tmp).write_bytes(data)
+        real(path, half_then_rest if Path(path).name == "last.pt" else write)
+
+    ckpt.atomic_write = slow
+
+
+def run_pipeline(data: str, run: str, resume: bool, **overrides) -> None:
+    """What ``zoo finetune timm:test_resnet --no-pretrained`` does, with the CLI's logging on stderr."""
+    import click
+
+    from finetune.config import FinetuneConfig
+    from finetune.data import scan_folder, write_scan
+    from finetune.loop import fit
+    from zoo.build import create_model
+    from zoo.registry import get_entry
+
+    entry = get_entry("timm:test_resnet")
+    report = scan_folder(data, seed=0)
+    Path(run).mkdir(parents=True, exist_ok=True)
+    write_scan(report, run)
+    import torch
+
+    torch.manual_seed(0)     # --no-pretrained: the random backbone must be the same in every process
+    model = create_model(entry, num_classes=len(report.classes), pretrained=False)
+    dc = dict(entry.preprocessing.data_config(), input_size=(3, 32, 32))
+    config = FinetuneConfig(**(TRAIN_OPTS | overrides))
+    fit(model, entry.stages, dc, report.train, report.val, config, head=entry.classifier, run_dir=run,
+        resume=resume, log=lambda m: click.echo(m, err=True))
+
+
+def drive(argv: list[str]) -> None:
+    import click
+    import torch
+
+    from zoo.cli import cli
+
+    torch.set_num_threads(1)
+    if os.environ.get(SLOW_CKPT_ENV):
+        _slow_checkpoint_writes(float(os.environ[SLOW_CKPT_ENV]))
+
+    @cli.command("_reliability-fit", hidden=True)
+    @click.argument("data")
+    @click.argument("run")
+    @click.option("--resume", is_flag=True)
+    def _fit(data: str, run: str, resume: bool) -> None:
+        run_pipeline(data, run, resume)
+
+    cli.main(args=["_reliability-fit", *argv], prog_name="zoo")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+class Proc:
+    """The driver as a subprocess whose stderr lines are readable while it runs."""
+
+    def __init__(self, data: Path, run: Path, resume: bool = False, env: dict | None = None):
+        cmd = [sys.executable, "-m", "tests.test_reliability_crash", "drive", str(data), str(run)]
+        cmd += ["--resume"] if resume else []
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+        full_env.pop("ZOO_DEBUG", None)
+        self.p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, errors="replace")
+        self.lines: list[str] = []
+        self.q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self.q.put(line)
+        self.q.put(None)
+
+    def wait_for(self, needle: str, timeout: float = 60) -> str | None:
+        """Block until a line containing ``needle`` arrives; None when the process ended first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if line is None:
+                return None
+            if needle in line:
+                return line
+        raise AssertionError(f"no {needle!r} within {timeout}s; output:\n" + "\n".join(self.lines))
+
+    def finish(self, timeout: float = 120) -> int:
+        rc = self.p.wait(timeout)
+        time.sleep(0.05)
+        return rc
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def saved_epoch(run: Path) -> int:
+    import torch
+
+    return int(torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["epoch"])
+
+
+def final_state(run: Path) -> tuple[dict, dict, list]:
+    import csv
+
+    import torch
+    from safetensors.torch import load_file
+
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    best = load_file(str(run / "checkpoints" / "best.safetensors"))
+    with open(run / "metrics.csv", encoding="utf-8") as fh:
+        rows = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in csv.DictReader(fh)]
+    return last["model"], best, rows
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    from tests.conftest import make_image_folder
+
+    return make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=32)
+
+
+# ------------------------------------------------------------------------------------------ the tests
+def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tmp_path):
+    """kill -9 at a seeded random moment, kill -9 half-way through writing last.pt, then SIGTERM and
+    SIGINT: each time the run resumes from its last completed epoch, and the end result equals an
+    uninterrupted run bit for bit (weights, best weights, every metric)."""
+    import torch
+
+    rng = random.Random(8)
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+
+    # 1: SIGKILL at a random moment of an epoch (or of its checkpoint).
+    first = Proc(data, run)
+    assert first.wait_for(f"epoch 1/{EPOCHS}") is not None, first.output()
+    time.sleep(rng.uniform(0.0, 0.15))
+    first.p.send_signal(signal.SIGKILL)
+    assert first.finish() == -signal.SIGKILL
+    done = saved_epoch(run)                  # loads with weights_only: never a half-written last.pt
+    assert done >= 0                         # the kill may land before epoch 1 was saved: then epoch 0 is
+
+    # 2: SIGKILL while last.pt is being written: the temp file is half there, last.pt is the previous one.
+    second = Proc(data, run, resume=True, env={SLOW_CKPT_ENV: "5"})
+    assert second.wait_for(f"resuming {run} after epoch {done}") is not None, second.output()
+    assert second.wait_for("CHECKPOINT-HALF") is not None, second.output()
+    second.p.send_signal(signal.SIGKILL)
+    assert second.finish() == -signal.SIGKILL
+    assert list((run / "checkpoints").glob(".last.pt.*.tmp")), "the kill was meant to land during the write"
+    assert saved_epoch(run) == done          # the epoch being saved is lost, the one before is not
+
+    # 3-4: SIGTERM and SIGINT save and exit 130 with the resume command, no traceback.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = Proc(data, run, resume=True)
+        assert proc.wait_for(f"epoch {saved_epoch(run) + 1}/{EPOCHS}") is not None, proc.output()
+        time.sleep(rng.uniform(0.0, 0.1))
+        proc.p.send_signal(sig)
+        assert proc.finish() == 130, proc.output()
+        out = proc.output()
+        assert "Traceback" not in out
+        errors = [ln for ln in out.splitlines() if ln.startswith("zoo: error:")]
+        assert len(errors) == 1 and f"zoo finetune --resume {run}" in errors[0], out
+        assert f"epochs up to {saved_epoch(run)} are saved" in errors[0]
+    assert saved_epoch(run) < EPOCHS
+
+    # 5: the last resume (in this process: no interpreter start-up) completes the run; so does a reference
+    # run that was never interrupted. One thread, like the subprocesses.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_pipeline(str(data), str(run), True)
+        run_pipeline(str(data), str(ref_run), False)
+    finally:
+        torch.set_num_threads(threads)
+    assert (run / "summary.json").is_file()
+
+    ref_last, ref_best, ref_rows = final_state(ref_run)
+    got_last, got_best, got_rows = final_state(run)
+    assert got_rows == ref_rows and len(ref_rows) == EPOCHS
+    assert_same_tensors(got_last, ref_last)
+    assert_same_tensors(got_best, ref_best)
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_says_start_again(tmp_path):
+    from finetune.checkpoint import load_checkpoint
+    from finetune.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="start it again without --resume"):
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+
+
+# ------------------------------------------------------------------------------------- a full disk
+def _enospc_after_half(monkeypatch, module, only: str | None = None, skip: int = 0) -> dict:
+    """``module.atomic_write`` writes half the bytes, then the disk is full (OSError ENOSPC).
+
+    ``only``: just for files of that name; ``skip``: that many writes succeed first. Returns a dict with
+    the temp files tried and the bytes the final file held when the disk filled up.
+    """
+    import finetune.io
+
+    real = finetune.io.atomic_write
+    seen = {"temps": [], "before": None, "calls": 0}
+
+    def full(path, write):
+        if only and Path(path).name != only:
+            return real(path, write)
+        seen["calls"] += 1
+        if seen["calls"] <= skip:
+            return real(path, write)
+
+        def half(tmp):
+            seen["temps"].append(tmp)
+            seen["before"] = Path(path).read_bytes() if Path(path).exists() else None
+            write(tmp)
+            data = Path(tmp).read_bytes()
+            Path(tmp).write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, half)
+
+    monkeypatch.setattr(module, "atomic_write", full)
+    return seen
+
+
+def _cli_invoke(args: list[str], body) -> "object":
+    """Run ``body`` as a hidden command of the real zoo CLI (its error mapping), via CliRunner."""
+    import click
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    name = "_reliability-body"
+    cli.add_command(click.Command(name, callback=body, hidden=True))
+    try:
+        return CliRunner().invoke(cli, [name, *args])
+    finally:
+        cli.commands.pop(name, None)
+
+
+def test_disk_full_while_checkpointing_keeps_previous_checkpoint(data, tmp_path, monkeypatch):
+    import finetune.checkpoint
+
+    run = tmp_path / "run"
+    # last.pt writes: before epoch 1, after epoch 1, after epoch 2 <- the disk is full here
+    seen = _enospc_after_half(monkeypatch, finetune.checkpoint, only="last.pt", skip=2)
+    res = _cli_invoke([], lambda: run_pipeline(str(data), str(run), False, epochs=3))
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    error, = [ln for ln in res.output.strip().splitlines() if ln.startswith("zoo: error:")]
+    assert "No space left on device" in error and str(run / "checkpoints" / "last.pt") in error
+    assert "free some disk space" in error and "--out" in error
+    assert seen["temps"] and not any(Path(t).exists() for t in seen["temps"])   # no partial file anywhere
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert (run / "checkpoints" / "last.pt").read_bytes() == seen["before"]     # the previous one intact
+    assert saved_epoch(run) == 1
+
+
+def test_disk_full_while_exporting_leaves_no_partial_bundle(tmp_path, monkeypatch):
+    import zoo.bundle
+    from tests.zoo.test_bundle import make_run
+
+    run, _ = make_run(tmp_path)
+    out = tmp_path / "bundle"
+    seen = _enospc_after_half(monkeypatch, zoo.bundle)
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    error, = [ln for ln in res.output.strip().splitlines() if ln.startswith("zoo: error:")]
+    assert "no space left on device" in error.lower() and str(out) in error
+    assert seen["temps"] and not any(Path(t).exists() for t in seen["temps"])
+    assert not (out / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- unwritable destinations
+def test_unwritable_zoo_home_is_one_clear_line_before_any_work(tmp_path, monkeypatch, hub):
+    """ZOO_HOME below a regular file (NotADirectory): chmod 0o555 does not stop root, which runs these
+    tests, so the honest root-proof way to get an unwritable cache is a path that cannot be a folder."""
+    from click.testing import CliRunner
+
+    from tests.zoo.conftest import entry_dict, tensor_bytes, write_registry
+    from zoo.cli import cli
+
+    data = tensor_bytes()
+    import hashlib
+
+    commit = hub.add_hf("timm/tiny.rel", "model.safetensors", data)
+    write_registry(tmp_path / "reg.yaml", [entry_dict("tiny-rel", [{
+        "kind": "hf", "repo": "timm/tiny.rel", "revision": commit, "filename": "model.safetensors",
+        "sha256": hashlib.sha256(data).hexdigest()}])])
+    monkeypatch.setenv("ZOO_REGISTRY", str(tmp_path / "reg.yaml"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ZOO_HOME", str(blocker / "zoo"))
+    res = CliRunner().invoke(cli, ["pull", "tiny-rel", "--quiet"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    line, = res.output.strip().splitlines()
+    assert line.startswith("zoo: error: cannot create") and "set ZOO_HOME to a writable folder" in line
+    assert hub.count("/resolve/", "GET") == 0                      # refused before downloading anything
+
+
+def test_unwritable_output_folder_is_one_clear_line(data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = _cli_invoke([], lambda: run_pipeline(str(data), str(blocker / "run"), False, epochs=1))
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    line, = res.output.strip().splitlines()
+    assert line.startswith("zoo: error: ") and str(blocker) in line
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["drive"]:
+        drive(sys.argv[2:])
