@@ -35,7 +35,7 @@ from finetune import distributed as ddp
 from finetune.checkpoint import (BEST, LAST, cpu_state_dict, load_checkpoint, load_weights, rng_state,
                                  save_checkpoint, save_weights, set_rng_state)
 from finetune.config import FinetuneConfig, save_config
-from finetune.errors import CheckpointError, ConfigError, DivergedError, FinetuneError, Interrupted
+from finetune.errors import CheckpointError, ConfigError, DivergedError, Interrupted
 from finetune.io import atomic_write_text
 from finetune.metrics import EarlyStopping, per_class_accuracy
 
