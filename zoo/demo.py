@@ -27,7 +27,7 @@ class DemoPlan:
     val_per_class: int = 10
     test_per_class: int = 50      # held-out images for `zoo eval`
     image_size: int = 64          # rendered PNG size (the model's transform resizes to 224)
-    epochs: int = 30
+    epochs: int = 100
     seed: int = 0
 
 

@@ -1,0 +1,32 @@
+"""`zoo demo` end to end on a reduced size: real digits, real packaged ImageNet weights, no network."""
+import json
+
+from click.testing import CliRunner
+
+from zoo.cli import cli
+
+
+def test_demo_runs_the_whole_journey_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--train-per-class", "3", "--val-per-class", "2",
+                                      "--test-per-class", "2", "--epochs", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    # each step ran, and the policy's decision was printed
+    for marker in ("$ zoo import efficientnet_lite0", "$ zoo finetune efficientnet_lite0", "small -> training the head only",
+                   "$ zoo predict", "$ zoo eval", "accuracy:"):
+        assert marker in result.output, marker
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["test", "train", "val"]
+    assert (out / "run" / "export" / "model.safetensors").is_file()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["n_images"] == 20 and metrics["split"] == "test"
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_demo_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("x")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "already holds a run" in result.output
