@@ -118,6 +118,18 @@ def _export(run_dir: Path, log: Log) -> Path | None:
     return out
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Raise UsageError when ``run_dir`` cannot be created or written (checked without creating it)."""
+    import os
+
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a folder" if parent.exists() and not parent.is_dir() else "is not writable"
+        raise UsageError(f"cannot write the run folder {run_dir}: {parent} {why}; choose another --out")
+
+
 def _build(entry, pretrained: bool, seed: int):
     import torch
 
@@ -156,6 +168,8 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         if info.is_main and (run_dir / "checkpoints" / "last.pt").exists():
             raise UsageError(f"{run_dir} already holds a run: continue it with `zoo finetune --resume {run_dir}` "
                              "or choose another --out")
+        if info.is_main:
+            _check_writable(run_dir)     # before any download or build: a bad --out costs a second
         say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
         model = _build(entry, pretrained, config.seed)
         outcome = RunOutcome(run_dir=run_dir)
