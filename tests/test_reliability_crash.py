@@ -1,13 +1,9 @@
 """Reliability (issue 8): kill -9, Ctrl-C, SIGTERM and a full disk never lose a completed epoch.
 
-A short CPU finetune runs as a subprocess (this file doubles as its driver: ``python -m
-tests.test_reliability_crash drive DATA RUN [--resume]``). The driver registers a hidden command on the
-real ``zoo`` click group, so the error mapping (one line, exit code) is the CLI's own; the command body is
-the pipeline of ``zoo finetune`` (scan -> write_scan -> create_model -> fit). When ``zoo finetune`` itself
-exists the tests in tests/test_reliability_data.py drive it directly.
-
-Determinism: CPU, ``workers=0``, one thread; ``finetune.loop`` seeds each epoch from (seed, epoch), so a
-resumed run must end with the same weights, bit for bit, as an uninterrupted one.
+``zoo finetune`` runs as a subprocess through this file (``python -m tests.test_reliability_crash drive
+ARGS...`` = ``zoo ARGS...`` plus an optional test hook that pauses half-way through writing last.pt, so a
+kill can land there). Determinism: CPU, ``--workers 0``, one thread; ``finetune.loop`` seeds each epoch
+from (seed, epoch), so a resumed run must end with the same weights, bit for bit, as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -24,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_reliability_data import register_tiny
 from tests.zoo.conftest import hub  # noqa: F401  (the loopback Hub fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 10
 SLOW_CKPT_ENV = "ZOO_TEST_SLOW_CHECKPOINT"   # seconds the driver pauses half-way through writing last.pt
-TRAIN_OPTS = dict(epochs=EPOCHS, batch_size=4, workers=0, device="cpu", freeze="2", head_epochs=2,
-                  patience=100, fast_head=False, seed=3)
+TRAIN = ["--epochs", str(EPOCHS), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--freeze", "2",
+         "--head-epochs", "2", "--patience", "100", "--no-fast-head", "--seed", "3", "--no-export"]
 
 
 # ----------------------------------------------------------------------------------------- the driver
@@ -53,32 +50,8 @@ def _slow_checkpoint_writes(seconds: float) -> None:
     ckpt.atomic_write = slow
 
 
-def run_pipeline(data: str, run: str, resume: bool, **overrides) -> None:
-    """What ``zoo finetune timm:test_resnet --no-pretrained`` does, with the CLI's logging on stderr."""
-    import click
-
-    from finetune.config import FinetuneConfig
-    from finetune.data import scan_folder, write_scan
-    from finetune.loop import fit
-    from zoo.build import create_model
-    from zoo.registry import get_entry
-
-    entry = get_entry("timm:test_resnet")
-    report = scan_folder(data, seed=0)
-    Path(run).mkdir(parents=True, exist_ok=True)
-    write_scan(report, run)
-    import torch
-
-    torch.manual_seed(0)     # --no-pretrained: the random backbone must be the same in every process
-    model = create_model(entry, num_classes=len(report.classes), pretrained=False)
-    dc = dict(entry.preprocessing.data_config(), input_size=(3, 32, 32))
-    config = FinetuneConfig(**(TRAIN_OPTS | overrides))
-    fit(model, entry.stages, dc, report.train, report.val, config, head=entry.classifier, run_dir=run,
-        resume=resume, log=lambda m: click.echo(m, err=True))
-
-
 def drive(argv: list[str]) -> None:
-    import click
+    """``zoo ARGV`` (the real CLI entry point), one thread, with the optional slow-checkpoint hook."""
     import torch
 
     from zoo.cli import cli
@@ -86,24 +59,34 @@ def drive(argv: list[str]) -> None:
     torch.set_num_threads(1)
     if os.environ.get(SLOW_CKPT_ENV):
         _slow_checkpoint_writes(float(os.environ[SLOW_CKPT_ENV]))
+    cli.main(args=argv, prog_name="zoo")
 
-    @cli.command("_reliability-fit", hidden=True)
-    @click.argument("data")
-    @click.argument("run")
-    @click.option("--resume", is_flag=True)
-    def _fit(data: str, run: str, resume: bool) -> None:
-        run_pipeline(data, run, resume)
 
-    cli.main(args=["_reliability-fit", *argv], prog_name="zoo")
+def finetune_args(model: str, data: Path, run: Path, *extra: str) -> list[str]:
+    return ["finetune", model, "--data", str(data), "--out", str(run), *TRAIN, *extra]
+
+
+def invoke(args: list[str]):
+    """The CLI in this process (one thread, like the subprocesses)."""
+    import torch
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ helpers
 class Proc:
     """The driver as a subprocess whose stderr lines are readable while it runs."""
 
-    def __init__(self, data: Path, run: Path, resume: bool = False, env: dict | None = None):
-        cmd = [sys.executable, "-m", "tests.test_reliability_crash", "drive", str(data), str(run)]
-        cmd += ["--resume"] if resume else []
+    def __init__(self, args: list[str], env: dict | None = None):
+        cmd = [sys.executable, "-m", "tests.test_reliability_crash", "drive", *map(str, args)]
         full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         full_env.pop("ZOO_DEBUG", None)
         self.p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -175,18 +158,21 @@ def data(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=32)
 
 
+@pytest.fixture
+def tiny(tmp_path, monkeypatch) -> str:
+    return register_tiny(tmp_path, monkeypatch)
+
+
 # ------------------------------------------------------------------------------------------ the tests
-def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tmp_path):
+def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tiny, tmp_path):
     """kill -9 at a seeded random moment, kill -9 half-way through writing last.pt, then SIGTERM and
     SIGINT: each time the run resumes from its last completed epoch, and the end result equals an
     uninterrupted run bit for bit (weights, best weights, every metric)."""
-    import torch
-
     rng = random.Random(8)
     ref_run, run = tmp_path / "ref", tmp_path / "run"
 
     # 1: SIGKILL at a random moment of an epoch (or of its checkpoint).
-    first = Proc(data, run)
+    first = Proc(finetune_args(tiny, data, run))
     assert first.wait_for(f"epoch 1/{EPOCHS}") is not None, first.output()
     time.sleep(rng.uniform(0.0, 0.15))
     first.p.send_signal(signal.SIGKILL)
@@ -195,7 +181,7 @@ def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tmp_path):
     assert done >= 0                         # the kill may land before epoch 1 was saved: then epoch 0 is
 
     # 2: SIGKILL while last.pt is being written: the temp file is half there, last.pt is the previous one.
-    second = Proc(data, run, resume=True, env={SLOW_CKPT_ENV: "5"})
+    second = Proc(["finetune", "--resume", run, "--no-export"], env={SLOW_CKPT_ENV: "5"})
     assert second.wait_for(f"resuming {run} after epoch {done}") is not None, second.output()
     assert second.wait_for("CHECKPOINT-HALF") is not None, second.output()
     second.p.send_signal(signal.SIGKILL)
@@ -205,7 +191,7 @@ def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tmp_path):
 
     # 3-4: SIGTERM and SIGINT save and exit 130 with the resume command, no traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = Proc(data, run, resume=True)
+        proc = Proc(["finetune", "--resume", run, "--no-export"])
         assert proc.wait_for(f"epoch {saved_epoch(run) + 1}/{EPOCHS}") is not None, proc.output()
         time.sleep(rng.uniform(0.0, 0.1))
         proc.p.send_signal(sig)
@@ -218,14 +204,11 @@ def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tmp_path):
     assert saved_epoch(run) < EPOCHS
 
     # 5: the last resume (in this process: no interpreter start-up) completes the run; so does a reference
-    # run that was never interrupted. One thread, like the subprocesses.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_pipeline(str(data), str(run), True)
-        run_pipeline(str(data), str(ref_run), False)
-    finally:
-        torch.set_num_threads(threads)
+    # run that was never interrupted.
+    res = invoke(["finetune", "--resume", run, "--no-export"])
+    assert res.exit_code == 0, res.output
+    res = invoke(finetune_args(tiny, data, ref_run))
+    assert res.exit_code == 0, res.output
     assert (run / "summary.json").is_file()
 
     ref_last, ref_best, ref_rows = final_state(ref_run)
@@ -275,28 +258,13 @@ def _enospc_after_half(monkeypatch, module, only: str | None = None, skip: int =
     return seen
 
 
-def _cli_invoke(args: list[str], body) -> "object":
-    """Run ``body`` as a hidden command of the real zoo CLI (its error mapping), via CliRunner."""
-    import click
-    from click.testing import CliRunner
-
-    from zoo.cli import cli
-
-    name = "_reliability-body"
-    cli.add_command(click.Command(name, callback=body, hidden=True))
-    try:
-        return CliRunner().invoke(cli, [name, *args])
-    finally:
-        cli.commands.pop(name, None)
-
-
-def test_disk_full_while_checkpointing_keeps_previous_checkpoint(data, tmp_path, monkeypatch):
+def test_disk_full_while_checkpointing_keeps_previous_checkpoint(data, tiny, tmp_path, monkeypatch):
     import finetune.checkpoint
 
     run = tmp_path / "run"
     # last.pt writes: before epoch 1, after epoch 1, after epoch 2 <- the disk is full here
     seen = _enospc_after_half(monkeypatch, finetune.checkpoint, only="last.pt", skip=2)
-    res = _cli_invoke([], lambda: run_pipeline(str(data), str(run), False, epochs=3))
+    res = invoke(finetune_args(tiny, data, run, "--epochs", "3"))
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     error, = [ln for ln in res.output.strip().splitlines() if ln.startswith("zoo: error:")]
@@ -355,13 +323,31 @@ def test_unwritable_zoo_home_is_one_clear_line_before_any_work(tmp_path, monkeyp
     assert hub.count("/resolve/", "GET") == 0                      # refused before downloading anything
 
 
-def test_unwritable_output_folder_is_one_clear_line(data, tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    res = _cli_invoke([], lambda: run_pipeline(str(data), str(blocker / "run"), False, epochs=1))
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    line, = res.output.strip().splitlines()
-    assert line.startswith("zoo: error: ") and str(blocker) in line
+@pytest.mark.parametrize("how", ["under_a_file", "no_write_permission"])
+def test_unwritable_output_folder_is_one_clear_line_before_any_work(data, tiny, tmp_path, monkeypatch, how):
+    """--out below a regular file, or in a folder without write permission. Tests run as root, where
+    chmod 0o555 does not stop writes, so the permission case makes os.access answer as it would for an
+    ordinary user on a read-only folder (the check zoo.runs does before building anything)."""
+    import zoo.build
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was built before the output folder was checked")
+
+    monkeypatch.setattr(zoo.build, "create_model", forbidden)
+    monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
+    parent = tmp_path / "outputs"
+    if how == "under_a_file":
+        parent.write_text("not a folder")
+    else:
+        parent.mkdir(0o555)
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent and mode & os.W_OK
+                            else real_access(p, mode, **k))
+    res = invoke(finetune_args(tiny, data, parent / "run"))
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    error, = [ln for ln in res.output.strip().splitlines() if ln.startswith("zoo: error:")]
+    assert f"cannot write the run folder {parent / 'run'}" in error and "choose another --out" in error
+    assert not (parent / "run").exists() if how != "under_a_file" else True
 
 
 if __name__ == "__main__":
