@@ -225,7 +225,8 @@ def data_digest(items: Sequence[tuple[str, int]]) -> str:
             stamp = f"{st.st_size}|{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        h.update(f"{os.path.abspath(path)}|{int(label)}|{stamp}\n".encode())
+        # surrogateescape: file names that are not UTF-8 (decoded by os with surrogate escapes) hash too
+        h.update(f"{os.path.abspath(path)}|{int(label)}|{stamp}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
