@@ -17,6 +17,7 @@ import importlib
 import io
 import json
 import math
+import os
 import platform
 import random
 import signal
@@ -683,6 +684,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         raise
     if tb is not None:
         tb.close()
+    _record_decode_failures((train_ds, val_ds), run_dir if writes else None, say)
 
     # --- the best weights, their full metrics, the summary
     if best_state is not None:
@@ -707,6 +709,33 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     ddp.barrier(info)
     return FitResult(model=raw, history=history, best_epoch=best_epoch, stopped_early=stopped_early,
                      run_dir=run_dir, decision=decision, metrics=metrics)
+
+
+def _record_decode_failures(datasets, run_dir: Path | None, say: Log) -> None:
+    """Images that passed the scan but failed to decode while training (each was caught on its own and
+    dropped from its batch): one warning, and appended to ``bad_files.txt`` (absolute paths)."""
+    failed: dict[str, str] = {}
+    for ds in datasets:
+        failures = getattr(getattr(ds, "dataset", ds), "failures", None)   # a DDP Subset wraps the dataset
+        for path, reason in (failures() if failures is not None else []):
+            failed.setdefault(path, reason)
+    if not failed:
+        return
+    def printable(p: str) -> str:
+        return os.fsencode(p).decode("utf-8", "backslashreplace")
+    names = ", ".join(printable(os.path.basename(p)) for p in list(failed)[:3])
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    say(f"warning: {len(failed)} image(s) failed to decode during training and were skipped: {names}{more}"
+        + (" (see bad_files.txt)" if run_dir is not None else ""))
+    if run_dir is not None:
+        path = run_dir / "bad_files.txt"
+        try:
+            old = path.read_text(encoding="utf-8")
+        except OSError:
+            old = ""
+        new = [f"{printable(p)}\t{r} (failed to decode during training)\n" for p, r in failed.items()
+               if printable(p) + "\t" not in old]
+        atomic_write_text(path, old + "".join(new))
 
 
 def _saved_epoch(run_dir: Path, fallback: int) -> int:
