@@ -34,3 +34,140 @@ def register_tiny(tmp_path: Path, monkeypatch) -> str:
     }]}))
     monkeypatch.setenv("ZOO_REGISTRY", str(reg))
     return "tiny32"
+
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--freeze", "head",
+        "--no-export"]
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def bad_listed(run: Path) -> dict[str, str]:
+    lines = (run / "bad_files.txt").read_text(encoding="utf-8").splitlines()
+    return dict(line.split("\t", 1) for line in lines)
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch) -> str:
+    return register_tiny(tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict:
+    from tests.finetune.test_hostile_data import build_hostile_folder
+
+    return build_hostile_folder(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Fail loudly if anything builds or downloads a model."""
+    import zoo.build
+    import zoo.sources
+
+    def forbidden(*a, **kw):
+        raise AssertionError("a model was built before the data was validated")
+
+    for mod, name in ((zoo.build, "create_model"), (zoo.build, "build_architecture"), (zoo.sources, "pull")):
+        monkeypatch.setattr(mod, name, forbidden)
+
+
+def test_hostile_folder_trains_with_bad_files_skipped_and_listed(hostile, tiny, tmp_path):
+    """Truncated/zero-byte/text-as-JPEG files, a decompression bomb, symlink loops, debris, an empty class
+    folder, a class without validation images, odd but valid images (1x1, 20000x10, CMYK, 16-bit, palette
+    with transparency, animated GIF, EXIF-rotated) and non-UTF-8 / space-laden names: the run trains and
+    exports; the unusable files are listed in bad_files.txt; the warnings are printed once each."""
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", hostile["data"], "--out", run, *FAST[:-1], "--export")
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    listed = bad_listed(run)
+    assert set(listed) == set(hostile["bad"])
+    for rel, word in hostile["bad"].items():
+        assert word in listed[rel], (rel, listed[rel])
+    assert "skipped" in res.stderr and "bad_files.txt" in res.stderr
+    for word in ("empty class folder", "no validation images"):
+        assert word in res.stderr, res.stderr
+    debris = ("__MACOSX", ".DS_Store", "._good", ".hidden", "Thumbs.db")
+    everything = "".join(p.read_text(encoding="utf-8", errors="replace")
+                         for p in (run / "scan.json", run / "split.json", run / "bad_files.txt"))
+    assert not any(d in everything for d in debris)
+    assert (run / "checkpoints" / "best.safetensors").is_file() and (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case", ["one_class", "no_images", "val_class_not_in_train", "missing", "strict"])
+def test_untrainable_folders_stop_before_any_model_with_one_line(hostile, tiny, tmp_path, no_model_build, case):
+    data = hostile["data"] if case == "strict" else hostile["fatal"][case]
+    extra = ["--strict"] if case == "strict" else []
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *FAST, *extra)
+    assert res.exit_code in (1, 2), res.output
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("zoo: error:")]
+    assert len(errors) == 1, res.stderr
+    assert not (run / "checkpoints").exists()
+
+
+def _passes_scan_fails_decode(path: Path) -> Path:
+    """A JPEG with intact headers and end marker whose entropy-coded data is garbage: PIL's verify() and
+    the scan accept it; only a full decode fails."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=90)
+    b = buf.getvalue()
+    path.write_bytes(b[:600] + b"\xff\xff" * 100 + b[800:])
+    return path
+
+
+def test_decode_failure_inside_a_worker_is_caught_per_image_and_listed(tiny, tmp_path):
+    from finetune.data import scan_folder
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6, layout="split", val_per_class=2)
+    bad = _passes_scan_fails_decode(data / "train" / "a" / "sneaky.jpg")
+    assert scan_folder(data).bad_files == []          # the scan cannot tell
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *FAST, "--workers", "1", "--no-fast-head")
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2                              # the epoch ran: one image dropped, not the batch
+    assert "sneaky.jpg" in res.stderr                   # reported ...
+    assert any("sneaky.jpg" in k for k in bad_listed(run))   # ... and listed in the run folder
+    assert bad.exists()
+
+
+# Class names that cannot be file names on some system: ':' '?' '*' '"' (Windows), a very long one, unicode.
+ODD_CLASSES = ("a:b?c", 'star*"quote"', "x" * 200, "café 猫 ✓")
+
+
+def test_class_names_that_are_not_portable_file_names_survive_export_and_predict(tiny, tmp_path):
+    import json
+
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=ODD_CLASSES, per_class=4, layout="split", val_per_class=1)
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *FAST[:-1], "--export")
+    assert res.exit_code == 0, res.output
+    bundle = run / "export"
+    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+    assert sorted(config["label_names"]) == sorted(ODD_CLASSES)       # labels are data, in JSON
+    assert sorted(p.name for p in bundle.iterdir() if p.is_file()) == sorted(
+        p.name for p in bundle.iterdir() if p.is_file() and p.name.isascii())   # no file named after a class
+    img = next((data / "val" / ODD_CLASSES[3]).iterdir())
+    res = invoke("predict", bundle, img, "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc[0]["predictions"][0]["label"] in ODD_CLASSES
