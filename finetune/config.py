@@ -142,7 +142,12 @@ def load_config(path: str | Path) -> FinetuneConfig:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        # One line (PyYAML's message spans several): where, and what. Python tags (!!python/...) land here
+        # too: the safe loader refuses them, nothing is constructed or run.
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join((getattr(e, "problem", None) or str(e)).split())
+        raise ConfigError(f"{path} is not valid YAML{at}: {problem}; fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
     return FinetuneConfig.from_dict(data, source=str(path))
