@@ -567,6 +567,12 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                     parts.append(_extract(model, head, ds, config.batch_size, dev, workers=workers, amp=amp,
                                           channels_last=channels_last, seed=seed * 1_000_003 + v))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
+            failed = ds.failures()
+            if failed:   # passed the scan, failed to decode: dropped per image, said once
+                names = ", ".join(os.fsencode(os.path.basename(p)).decode("utf-8", "backslashreplace")
+                                  for p, _ in failed[:3])
+                more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+                say(f"warning: {len(failed)} {split} image(s) failed to decode and were skipped: {names}{more}")
             dt = time.perf_counter() - t0
             n = len(image_set.items) * max(1, n_views)
             say(f"features: {split} {len(image_set.items)} images x {max(1, n_views)} view(s) computed in "
