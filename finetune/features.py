@@ -499,7 +499,8 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
     Args:
         model: the network after ``prepare_model`` (new head, backbone frozen), on any device.
         head: module name of the classifier.
-        train_set, val_set: ``finetune.data.ImageSet``; val_set may be empty (then no early stopping).
+        train_set, val_set: ``finetune.data.ImageSet``; val_set may be None or empty (then no early
+            stopping, val metrics NaN, best_state = last epoch).
         data_config: timm-style preprocessing (input_size, interpolation, crop_pct, mean, std).
         config: FinetuneConfig (batch_size, workers, sampler, seed, epochs, patience, min_delta, monitor,
             optimizer/schedule options, amp, channels_last, aug_views and the augmentation options).
@@ -586,7 +587,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
 
     train_tf = build_transform(data_config, True, config) if views > 0 else eval_tf
     train_bank = bank_for("train", train_set, train_tf, views)
-    val_bank = bank_for("val", val_set, eval_tf, 0) if len(val_set.items) else None
+    val_bank = bank_for("val", val_set, eval_tf, 0) if val_set is not None and len(val_set.items) else None
     if val_bank is not None and val_bank.feature_shape != train_bank.feature_shape:
         raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
 

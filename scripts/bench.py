@@ -641,7 +641,13 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     p.add_argument("--json", type=Path, help="also write the raw results as JSON here")
     p.add_argument("--only", nargs="*", default=None, help="sections: startup head aug step e2e")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared machine OpenMP threads spin-wait for "
+                        "cores other jobs hold, and 2 threads ran 3-10x slower than 1 here)")
     a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(max(1, a.threads))
     # Sizes chosen to stay under 5 minutes on 2 loaded CPU cores.
     a.repeats = 1 if a.quick else 3
     a.head_size = 48 if a.quick else 64

@@ -317,3 +317,11 @@ def test_warmup_overrides_epochs_monitor_and_patience(tmp_path):
     assert len(history) < 6 and losses[-1] >= min(losses[:-1])
     full, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, epochs=5, patience=0)
     assert len(full) == 5
+
+
+def test_without_validation_runs_every_epoch(tmp_path):
+    train, _ = _sets(tmp_path / "d")
+    model = _model()
+    history, best = fit_head_on_features(model, "fc", train, None, DATA_CONFIG, _config(epochs=3, patience=1))
+    assert len(history) == 3 and all(math.isnan(r["val_loss"]) for r in history)
+    torch.testing.assert_close(best["fc.weight"], model.fc.weight.detach())
