@@ -379,10 +379,10 @@ def _timm_config(model: Any, path: Path, labels: list[str], data_config: dict[st
 
     def write(tmp: str) -> None:
         try:
-            save_config_for_hf(model, tmp, model_config={"label_names": labels, "zoo": zoo},
+            save_config_for_hf(model, Path(tmp), model_config={"label_names": labels, "zoo": zoo},
                                data_config=dict(data_config))
         except TypeError:  # timm before data_config/model_args: write, then record our preprocessing
-            save_config_for_hf(model, tmp, model_config={"label_names": labels, "zoo": zoo})
+            save_config_for_hf(model, Path(tmp), model_config={"label_names": labels, "zoo": zoo})
             cfg = json.loads(Path(tmp).read_text(encoding="utf-8"))
             cfg["pretrained_cfg"].update({k: data_config[k] for k in _DATA_KEYS if k in data_config})
             cfg["pretrained_cfg"]["num_classes"] = len(labels)
