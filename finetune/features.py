@@ -486,6 +486,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                          epoch_callback: Callable[[dict], Any] | None = None,
                          loss_fn: nn.Module | None = None, epochs: int | None = None,
                          monitor: str | None = None, patience: int | None = None,
+                         failures_out: list[tuple[str, str]] | None = None,
                          ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Train ``model``'s head on cached backbone features (the backbone must be frozen).
 
@@ -569,6 +570,8 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                                           channels_last=channels_last, seed=seed * 1_000_003 + v))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
             failed = ds.failures()
+            if failures_out is not None:   # the caller lists them in the run folder (bad_files.txt)
+                failures_out.extend(failed)
             if failed:   # passed the scan, failed to decode: dropped per image, said once
                 names = ", ".join(os.fsencode(os.path.basename(p)).decode("utf-8", "backslashreplace")
                                   for p, _ in failed[:3])

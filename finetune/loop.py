@@ -475,6 +475,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         weight = torch.tensor(class_weights(train_set), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     train_ds = ImageDataset(train_set, build_transform(data_config, True, config))
+    fast_failures: list[tuple[str, str]] = []   # decode failures met by the cached-feature path
     val_ds = ImageDataset(val_set, build_transform(data_config, False, config))
     train_loader = make_train_loader(train_ds, config, device=device.type, info=info)
     if info.enabled:
@@ -598,7 +599,8 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                         and _optional("finetune.features", "fit_head_on_features"))
                 if fast:
                     rows, head_best = fast(raw, head, train_set, val_set, data_config, config, device=device,
-                                           log=say, loss_fn=loss_fn, epochs=int(config.epochs))
+                                           log=say, loss_fn=loss_fn, epochs=int(config.epochs),
+                                           failures_out=fast_failures)
                     for r in rows:
                         epoch += 1
                         row = {k: r.get(k) for k in HISTORY_KEYS} | {"epoch": epoch, "phase": "head"}
@@ -684,7 +686,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         raise
     if tb is not None:
         tb.close()
-    _record_decode_failures((train_ds, val_ds), run_dir if writes else None, say)
+    _record_decode_failures((train_ds, val_ds), run_dir if writes else None, say, extra=fast_failures)
 
     # --- the best weights, their full metrics, the summary
     if best_state is not None:
@@ -711,10 +713,12 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                      run_dir=run_dir, decision=decision, metrics=metrics)
 
 
-def _record_decode_failures(datasets, run_dir: Path | None, say: Log) -> None:
+def _record_decode_failures(datasets, run_dir: Path | None, say: Log,
+                            extra: list[tuple[str, str]] = ()) -> None:
     """Images that passed the scan but failed to decode while training (each was caught on its own and
-    dropped from its batch): one warning, and appended to ``bad_files.txt`` (absolute paths)."""
-    failed: dict[str, str] = {}
+    dropped from its batch; ``extra``: those the cached-feature path met): one warning, and appended to
+    ``bad_files.txt`` (absolute paths)."""
+    failed: dict[str, str] = dict(extra)
     for ds in datasets:
         failures = getattr(getattr(ds, "dataset", ds), "failures", None)   # a DDP Subset wraps the dataset
         for path, reason in (failures() if failures is not None else []):

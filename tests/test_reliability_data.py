@@ -145,8 +145,7 @@ def test_decode_failure_inside_a_worker_is_caught_per_image_and_listed(tiny, tmp
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2                              # the epoch ran: one image dropped, not the batch
     assert "sneaky.jpg" in res.stderr and "failed to decode" in res.stderr       # reported ...
-    if path == "--no-fast-head":       # ... and listed in the run folder (not yet on the cached-feature path)
-        assert any("sneaky.jpg" in k for k in bad_listed(run))
+    assert any("sneaky.jpg" in k for k in bad_listed(run))   # ... and listed in the run folder, on both paths
     assert bad.exists()
 
 
