@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread everywhere (this process and the subprocesses tests start): results that tests
+# compare bit for bit across processes (resume, kill -9, torchrun) must not depend on the thread count,
+# and on 2 shared cores a second OpenMP thread mostly spin-waits.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 # Tests never touch the network or the user's caches. huggingface_hub and timm read these at import.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -26,6 +26,8 @@ from tests.zoo.conftest import hub  # noqa: F401  (the loopback Hub fixture)
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 10
 SLOW_CKPT_ENV = "ZOO_TEST_SLOW_CHECKPOINT"   # seconds the driver pauses half-way through writing last.pt
+SLOW_EPOCH_ENV = "ZOO_TEST_SLOW_EPOCH"   # seconds the driver adds to each training epoch, so that a signal
+                                         # sent after "epoch N" lands before the run is over on a fast machine
 TRAIN = ["--epochs", str(EPOCHS), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--freeze", "2",
          "--head-epochs", "2", "--patience", "100", "--no-fast-head", "--seed", "3", "--no-export"]
 
@@ -50,6 +52,20 @@ def _slow_checkpoint_writes(seconds: float) -> None:
     ckpt.atomic_write = slow
 
 
+def _slow_epochs(seconds: float) -> None:
+    """Make each training epoch last ``seconds`` longer (after its steps, before its checkpoint)."""
+    import finetune.loop as loop
+
+    real = loop.train_one_epoch
+
+    def slow(*args, **kwargs):
+        out = real(*args, **kwargs)
+        time.sleep(seconds)
+        return out
+
+    loop.train_one_epoch = slow
+
+
 def drive(argv: list[str]) -> None:
     """``zoo ARGV`` (the real CLI entry point), one thread, with the optional slow-checkpoint hook."""
     import torch
@@ -59,6 +75,8 @@ def drive(argv: list[str]) -> None:
     torch.set_num_threads(1)
     if os.environ.get(SLOW_CKPT_ENV):
         _slow_checkpoint_writes(float(os.environ[SLOW_CKPT_ENV]))
+    if os.environ.get(SLOW_EPOCH_ENV):
+        _slow_epochs(float(os.environ[SLOW_EPOCH_ENV]))
     cli.main(args=argv, prog_name="zoo")
 
 
@@ -172,7 +190,7 @@ def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tiny, tmp_
     ref_run, run = tmp_path / "ref", tmp_path / "run"
 
     # 1: SIGKILL at a random moment of an epoch (or of its checkpoint).
-    first = Proc(finetune_args(tiny, data, run))
+    first = Proc(finetune_args(tiny, data, run), env={SLOW_EPOCH_ENV: "0.2"})
     assert first.wait_for(f"epoch 1/{EPOCHS}") is not None, first.output()
     time.sleep(rng.uniform(0.0, 0.15))
     first.p.send_signal(signal.SIGKILL)
@@ -191,7 +209,7 @@ def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tiny, tmp_
 
     # 3-4: SIGTERM and SIGINT save and exit 130 with the resume command, no traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = Proc(["finetune", "--resume", run, "--no-export"])
+        proc = Proc(["finetune", "--resume", run, "--no-export"], env={SLOW_EPOCH_ENV: "0.5"})
         assert proc.wait_for(f"epoch {saved_epoch(run) + 1}/{EPOCHS}") is not None, proc.output()
         time.sleep(rng.uniform(0.0, 0.1))
         proc.p.send_signal(sig)
