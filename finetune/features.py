@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.errors import DivergedError, FinetuneError
+from finetune.errors import FinetuneError
 from finetune.metrics import EarlyStopping
 
 __all__ = [
@@ -526,7 +526,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
         DivergedError: the loss became NaN/inf.
     """
     from finetune.data import ImageDataset, build_transform
-    from finetune.loop import make_train_loader
+    from finetune.loop import diverged, make_train_loader, optimizer_step
     from finetune.optim import build_optimizer, build_scheduler
 
     say = log or (lambda _msg: None)
@@ -629,7 +629,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
             g = torch.Generator().manual_seed(seed * 7919 + epoch)
             view_of = torch.randint(n_views, (len(train_bank),), generator=g).to(train_feats.device)
         total_loss, correct, seen = 0.0, 0, 0
-        for batch in order.epoch(epoch):
+        for step, batch in enumerate(order.epoch(epoch), 1):
             # Undecodable images are dropped from their batch, as collate_skip_none does.
             keep = [i for i in batch if bank_labels[i] >= 0]
             if not keep:
@@ -644,16 +644,8 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                 logits = _logits(head_module, x)
             loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
-                raise DivergedError(f"loss became {float(loss)} in head epoch {epoch}; lower --lr "
-                                    f"(now {scheduler.current_lr():.3g}) or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+                raise diverged(epoch, step, scheduler.current_lr())
+            optimizer_step(loss, optimizer, scaler)
             scheduler.step_batch()
             bs = int(y.shape[0])
             total_loss += float(loss.detach()) * bs

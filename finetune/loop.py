@@ -172,6 +172,23 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_
     return x, y.to(device, non_blocking=True)
 
 
+def diverged(epoch: int, step: int, lr: float) -> DivergedError:
+    """The one message for a NaN/inf loss, on every training path."""
+    return DivergedError(f"loss diverged at epoch {epoch} step {step}: lower the learning rate (was {lr:.3g})")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """Backward and step, through the GradScaler when fp16 autocast uses one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, *, amp: torch.dtype | None = None, scaler=None, progress=None,
                     epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
@@ -211,16 +228,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         loss = loss_fn(out.float(), y)
         if not ddp.all_true(bool(torch.isfinite(loss)), device, info):
             lr = scheduler.current_lr() if scheduler is not None else optimizer.param_groups[0]["lr"]
-            raise DivergedError(f"loss diverged at epoch {epoch} step {step}: lower the learning rate "
-                                f"(was {lr:.3g})")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+            raise diverged(epoch, step, lr)
+        optimizer_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step_batch()
         n = int(y.shape[0])
