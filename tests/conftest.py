@@ -80,3 +80,44 @@ def image_folder(tmp_path) -> Path:
 def split_image_folder(tmp_path) -> Path:
     """Three learnable classes in train/ (12 each) and val/ (4 each)."""
     return make_image_folder(tmp_path / "data", layout="split")
+
+
+def tiny_weights() -> bytes:
+    """safetensors bytes of timm's ``test_resnet`` (seeded): stand-in "pretrained" weights."""
+    import timm
+    import torch
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    return save({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()})
+
+
+def tiny_entry(name: str, source: dict, **extra) -> dict:
+    """A registry entry (as YAML data) for timm's ``test_resnet`` at 32 px with the given weight source."""
+    from zoo.build import describe_timm
+
+    params, stages, classifier = describe_timm("test_resnet", 1000)
+    return {"name": name, "family": "resnet", "builder": "timm:test_resnet", "license": "apache-2.0",
+            "params": params, "classifier": classifier, "stages": [list(s) for s in stages],
+            "preprocessing": {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0,
+                              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "origin": "test"},
+            "sources": [source], **extra}
+
+
+def write_registry(path: Path, entries: list[dict], monkeypatch=None) -> Path:
+    """Write a user registry file; with ``monkeypatch``, point ZOO_REGISTRY at it."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"models": entries}))
+    if monkeypatch is not None:
+        monkeypatch.setenv("ZOO_REGISTRY", str(path))
+    return path
+
+
+def register_tiny(tmp_path: Path, monkeypatch, name: str = "tiny32") -> str:
+    """A user registry entry ``name`` (test_resnet, 32 px) whose "pretrained" weights are a local file."""
+    weights = tmp_path / f"{name}.safetensors"
+    weights.write_bytes(tiny_weights())
+    source = {"kind": "file", "path": str(weights), "sha256": None, "sha256_note": "test weights"}
+    write_registry(tmp_path / "registry.yaml", [tiny_entry(name, source)], monkeypatch)
+    return name

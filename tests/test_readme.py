@@ -268,29 +268,15 @@ def test_python_blocks_compile(step):
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
     """The README's placeholders as real files in a fresh working directory, and the tiny registry."""
-    import timm
-    import torch
-    import yaml
-    from safetensors.torch import save_file
-
-    from zoo.build import describe_timm
+    from tests.conftest import tiny_entry, tiny_weights, write_registry
 
     work = tmp_path / "work"
     work.mkdir()
-    torch.manual_seed(0)
     weights = work / "resnet50.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
-    params, stages, classifier = describe_timm("test_resnet", 1000)
-    entries = [{"name": name, "override": True, "family": "resnet", "builder": "timm:test_resnet",
-                "license": "apache-2.0", "params": params, "classifier": classifier,
-                "stages": [list(s) for s in stages],
-                "preprocessing": {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0,
-                                  "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "origin": "test"},
-                "sources": [{"kind": "file", "path": str(weights), "sha256": None,
-                             "sha256_note": "README test weights"}]}
-               for name in TINY_MODELS]
-    registry = tmp_path / "tiny-registry.yaml"
-    registry.write_text(yaml.safe_dump({"models": entries}))
+    weights.write_bytes(tiny_weights())
+    source = {"kind": "file", "path": str(weights), "sha256": None, "sha256_note": "README test weights"}
+    registry = write_registry(tmp_path / "tiny-registry.yaml",
+                              [tiny_entry(name, source, override=True) for name in TINY_MODELS])
     make_image_folder(work / "photos", per_class=10)
     make_image_folder(work / "holdout", per_class=3, seed=1)
     make_image(work / "cat.jpg", 0, fmt="JPEG")

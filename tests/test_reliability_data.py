@@ -9,31 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.conftest import register_tiny  # noqa: F401  (imported from here by other tests)
 
 
-def register_tiny(tmp_path: Path, monkeypatch) -> str:
-    """A user registry entry "tiny32" (timm test_resnet at 32 px) whose weights are a local file."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    from zoo.build import describe_timm
-
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny32.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
-    params, stages, classifier = describe_timm("test_resnet", 1000)
-    reg = tmp_path / "registry.yaml"
-    reg.write_text(yaml.safe_dump({"models": [{
-        "name": "tiny32", "family": "resnet", "builder": "timm:test_resnet", "license": "apache-2.0",
-        "params": params, "classifier": classifier, "stages": [list(s) for s in stages],
-        "preprocessing": {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0,
-                          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "origin": "test"},
-        "sources": [{"kind": "file", "path": str(weights), "sha256": None, "sha256_note": "test weights"}],
-    }]}))
-    monkeypatch.setenv("ZOO_REGISTRY", str(reg))
-    return "tiny32"
 
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--freeze", "head",

@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, tiny_entry, tiny_weights, write_registry
 from tests.zoo.conftest import hub  # noqa: F401  (the loopback Hub fixture)
 from zoo.cli import cli
 
@@ -64,32 +63,13 @@ def test_config_yaml_with_python_payload_is_rejected_not_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a tiny hosted model
-def tiny_weights() -> bytes:
-    import timm
-    import torch
-    from safetensors.torch import save
-
-    torch.manual_seed(0)
-    return save({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()})
-
-
 def hosted_tiny(hub, tmp_path: Path, monkeypatch, repo: str = "timm/tiny32.rel") -> str:
     """A pinned Hub-hosted test_resnet at 32 px in a user registry: returns its name."""
-    from zoo.build import describe_timm
-
     data = tiny_weights()
     commit = hub.add_hf(repo, "model.safetensors", data)
-    params, stages, classifier = describe_timm("test_resnet", 1000)
-    reg = tmp_path / "registry.yaml"
-    reg.write_text(yaml.safe_dump({"models": [{
-        "name": "tiny32hub", "family": "resnet", "builder": "timm:test_resnet", "license": "apache-2.0",
-        "params": params, "classifier": classifier, "stages": [list(s) for s in stages],
-        "preprocessing": {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0,
-                          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "origin": "test"},
-        "sources": [{"kind": "hf", "repo": repo, "revision": commit, "filename": "model.safetensors",
-                     "sha256": hashlib.sha256(data).hexdigest()}],
-    }]}))
-    monkeypatch.setenv("ZOO_REGISTRY", str(reg))
+    source = {"kind": "hf", "repo": repo, "revision": commit, "filename": "model.safetensors",
+              "sha256": hashlib.sha256(data).hexdigest()}
+    write_registry(tmp_path / "registry.yaml", [tiny_entry("tiny32hub", source)], monkeypatch)
     return "tiny32hub"
 
 
