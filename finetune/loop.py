@@ -358,7 +358,11 @@ def _json_safe(value: Any) -> Any:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (e.g. a scheduler ending the job) takes the same path as Ctrl-C."""
+    """SIGTERM (e.g. a scheduler ending the job) and SIGINT take the same path as Ctrl-C.
+
+    SIGINT is set explicitly too: a process started in the background by a non-interactive shell
+    inherits SIGINT ignored, and `kill -INT` must still save and stop the run.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -366,11 +370,13 @@ def _sigterm_as_interrupt():
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 # ---------------------------------------------------------------------------------------------- fit
