@@ -305,8 +305,15 @@ def _collate_indexed(batch):
 @torch.no_grad()
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: bool = False, channels_last: bool = False,
-             seed: int | None = None) -> FeatureBank:
-    """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1)."""
+             seed: int | None = None, desc: str | None = None, quiet: bool = True) -> FeatureBank:
+    """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
+
+    With ``desc`` and not ``quiet``, a progress bar on stderr (tqdm: silent when stderr is no terminal).
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
     from finetune.data import resolve_workers
 
     n = len(dataset)  # type: ignore[arg-type]
@@ -320,10 +327,13 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     labels = torch.full((n,), -1, dtype=torch.int64)
     shape: tuple[int, ...] = ()
     checked = False
-    with _features_mode(model, head) as head_module, _autocast(device, amp):
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
+               disable=True if (quiet or desc is None) else None)
+    with _features_mode(model, head) as head_module, _autocast(device, amp), bar:
         for batch in loader:
             if batch is None:
                 continue
+            bar.update(int(batch[0].shape[0]))
             idx, x, y = batch
             x = x.to(device, non_blocking=True)
             if channels_last and x.dim() == 4:
@@ -567,7 +577,9 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed * 1_000_003 + v)
                     parts.append(_extract(model, head, ds, config.batch_size, dev, workers=workers, amp=amp,
-                                          channels_last=channels_last, seed=seed * 1_000_003 + v))
+                                          channels_last=channels_last, seed=seed * 1_000_003 + v,
+                                          desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
+                                          quiet=bool(getattr(config, "quiet", False))))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
             failed = ds.failures()
             if failures_out is not None:   # the caller lists them in the run folder (bad_files.txt)
