@@ -70,6 +70,7 @@ class FinetuneConfig:
     device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
     amp: bool = True                # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
     channels_last: bool = True      # on CUDA
+    gpu_normalize: bool = True      # on CUDA: uint8 batches from the workers, normalised on the GPU
     compile: bool = False           # torch.compile
     fast_head: bool = True          # head-only training on cached backbone features
     aug_views: int = 0              # fast path: augmented views cached per image (0 = un-augmented only)

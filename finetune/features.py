@@ -305,10 +305,12 @@ def _collate_indexed(batch):
 @torch.no_grad()
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: bool = False, channels_last: bool = False,
-             seed: int | None = None, desc: str | None = None, quiet: bool = True) -> FeatureBank:
+             seed: int | None = None, desc: str | None = None, quiet: bool = True,
+             normalize=None) -> FeatureBank:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
 
     With ``desc`` and not ``quiet``, a progress bar on stderr (tqdm: silent when stderr is no terminal).
+    ``normalize``: a ``finetune.data.DeviceNormalize`` when the dataset yields uint8 images.
     """
     import sys
 
@@ -335,9 +337,12 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
                 continue
             bar.update(int(batch[0].shape[0]))
             idx, x, y = batch
-            x = x.to(device, non_blocking=True)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if normalize is not None:    # uint8 batch: converted and normalised on the device
+                x = normalize(x, device, channels_last)
+            else:
+                x = x.to(device, non_blocking=True)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
             f = model(x)
             if not checked:
                 shape = tuple(f.shape[1:])
@@ -535,7 +540,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
         FinetuneError: a parameter outside the head is trainable, or the model is not ``head(features)``.
         DivergedError: the loss became NaN/inf.
     """
-    from finetune.data import ImageDataset, build_transform
+    from finetune.data import DeviceNormalize, ImageDataset, build_transform
     from finetune.loop import diverged, make_train_loader, optimizer_step
     from finetune.optim import build_optimizer, build_scheduler
 
@@ -559,7 +564,12 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
     cache = FeatureCache(cache_dir, log=say)
     weights = backbone_digest(model, head)
     numerics = {"amp": amp, "device": dev.type, "channels_last": channels_last}
-    eval_tf = build_transform(data_config, False, config)
+    # As fit: on CUDA uint8 images from the workers, normalised on the GPU (the uint8 transform's repr
+    # differs, so such features get their own cache key).
+    gpu_norm = bool(getattr(config, "gpu_normalize", True)) and dev.type == "cuda"
+    output = "uint8" if gpu_norm else "float"
+    normalize = DeviceNormalize.from_data_config(data_config) if gpu_norm else None
+    eval_tf = build_transform(data_config, False, config, output=output)
 
     def bank_for(split: str, image_set: Any, transform: Any, n_views: int) -> FeatureBank:
         extra = dict(numerics, views=n_views, seed=seed if n_views else None)
@@ -579,7 +589,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
                     parts.append(_extract(model, head, ds, config.batch_size, dev, workers=workers, amp=amp,
                                           channels_last=channels_last, seed=seed * 1_000_003 + v,
                                           desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
-                                          quiet=bool(getattr(config, "quiet", False))))
+                                          quiet=bool(getattr(config, "quiet", False)), normalize=normalize))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
             failed = ds.failures()
             if failures_out is not None:   # the caller lists them in the run folder (bad_files.txt)
@@ -600,7 +610,7 @@ def fit_head_on_features(model: nn.Module, head: str, train_set: Any, val_set: A
             say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
         return bank
 
-    train_tf = build_transform(data_config, True, config) if views > 0 else eval_tf
+    train_tf = build_transform(data_config, True, config, output=output) if views > 0 else eval_tf
     train_bank = bank_for("train", train_set, train_tf, views)
     val_bank = bank_for("val", val_set, eval_tf, 0) if val_set is not None and len(val_set.items) else None
     if val_bank is not None and val_bank.feature_shape != train_bank.feature_shape:

@@ -50,7 +50,7 @@ CHECKPOINT_FORMAT = 1
 # Options that may differ between a run and its resumption: they change speed or output, not the maths
 # of the epochs still to run (epochs and patience may be raised to train longer).
 RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs", "patience", "min_delta",
-               "amp", "channels_last"}
+               "amp", "channels_last", "gpu_normalize"}
 
 Log = Callable[[str], None]
 
@@ -165,7 +165,9 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- one epoch
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool, normalize=None):
+    if normalize is not None:     # uint8 batch: copied as uint8, converted and normalised on the device
+        return normalize(x, device, channels_last), y.to(device, non_blocking=True)
     x = x.to(device, non_blocking=True)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -192,7 +194,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, *, amp: torch.dtype | None = None, scaler=None, progress=None,
                     epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
-                    info: ddp.DistInfo | None = None) -> dict:
+                    info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
     """One pass over ``loader``; the scheduler is stepped after every optimizer step.
 
     Args:
@@ -203,6 +205,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         only_train: when given, the model stays in eval mode and only this module trains (the head
             phase: frozen backbone without dropout/drop-path, as the cached-feature path computes it).
         info: the DDP position; metrics are summed over ranks.
+        normalize: for a loader of uint8 batches (``build_transform(..., output="uint8")``), a
+            ``finetune.data.DeviceNormalize`` that converts them on ``device``; None for float batches.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks.
     Raises:
@@ -222,7 +226,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     for step, batch in enumerate(loader, 1):
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             continue
-        x, y = _to_device(batch[0], batch[1], device, channels_last)
+        x, y = _to_device(batch[0], batch[1], device, channels_last, normalize)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x)
         loss = loss_fn(out.float(), y)
@@ -256,10 +260,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
              amp: torch.dtype | None = None, channels_last: bool = False,
-             info: ddp.DistInfo | None = None) -> dict:
+             info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
 
     Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks.
+    ``normalize``: as in :func:`train_one_epoch` (uint8 batches normalised on the device).
     """
     info = info or ddp.DistInfo()
     model.eval()
@@ -269,7 +274,7 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device,
     for batch in loader:
         if batch is None:
             continue
-        x, y = _to_device(batch[0], batch[1], device, channels_last)
+        x, y = _to_device(batch[0], batch[1], device, channels_last, normalize)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x)
         loss_sum += loss_fn(out.float(), y).double() * int(y.shape[0])
@@ -428,7 +433,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         checkpoint is kept). Interrupted: Ctrl-C/SIGTERM (the message says how to resume).
         CheckpointError: a checkpoint cannot be written or read.
     """
-    from finetune.data import ImageDataset, build_transform, class_weights, make_loader
+    from finetune.data import DeviceNormalize, ImageDataset, build_transform, class_weights, make_loader
     from finetune.optim import build_optimizer, build_scheduler
     from finetune.recipe import prepare_model
     from finetune.surgery import apply_freeze
@@ -489,9 +494,15 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     if config.class_weights == "auto":
         weight = torch.tensor(class_weights(train_set), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    train_ds = ImageDataset(train_set, build_transform(data_config, True, config))
+    # On CUDA workers send uint8 batches, normalised on the GPU (same values; 4x fewer bytes to move and
+    # less float work in the workers). Elsewhere the float path: on a CPU the uint8 path measured within
+    # noise of it (docs/benchmarks.md), and feature-cache keys and behaviour stay as they were.
+    gpu_norm = bool(getattr(config, "gpu_normalize", True)) and device.type == "cuda"
+    output = "uint8" if gpu_norm else "float"
+    normalize = DeviceNormalize.from_data_config(data_config) if gpu_norm else None
+    train_ds = ImageDataset(train_set, build_transform(data_config, True, config, output=output))
     fast_failures: list[tuple[str, str]] = []   # decode failures met by the cached-feature path
-    val_ds = ImageDataset(val_set, build_transform(data_config, False, config))
+    val_ds = ImageDataset(val_set, build_transform(data_config, False, config, output=output))
     train_loader = make_train_loader(train_ds, config, device=device.type, info=info)
     if info.enabled:
         # Contiguous-free strided shards without padding: every validation image is counted exactly once.
@@ -660,12 +671,13 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                         tr = train_one_epoch(net, train_loader, optimizer, scheduler, loss_fn, device, amp=amp,
                                              scaler=scaler, progress=bar, epoch=epoch,
                                              channels_last=channels_last,
-                                             only_train=head_module if phase == "head" else None, info=info)
+                                             only_train=head_module if phase == "head" else None, info=info,
+                                             normalize=normalize)
                     finally:
                         if bar is not None:
                             bar.close()
                     va = evaluate(eval_net, val_loader, loss_fn, device, classes, amp=amp,
-                                  channels_last=channels_last, info=info) if has_val else \
+                                  channels_last=channels_last, info=info, normalize=normalize) if has_val else \
                         {"loss": math.nan, "acc": math.nan}
                     metric = va["acc"] if config.monitor == "val_acc" else va["loss"]
                     scheduler.step_epoch(metric if has_val else None)
@@ -708,7 +720,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         raw.load_state_dict(best_state)
     best_epoch = stopper.best_epoch if has_val else (history[-1]["epoch"] if history else 0)
     metrics = evaluate(raw, val_loader, loss_fn, device, classes, amp=amp, channels_last=channels_last,
-                       info=info) if has_val else {}
+                       info=info, normalize=normalize) if has_val else {}
     metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
     if writes:
         advise = _optional("finetune.diagnostics", "advise")

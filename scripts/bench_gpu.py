@@ -12,7 +12,8 @@ to X.json. Measured (images/s, medians of repeats):
   sync, fp32/TF32, without cudnn.benchmark and (``--compile``) under torch.compile;
 * ``finetune.loop.train_one_epoch`` on the same tensors (our step);
 * end to end from JPEG files: PIL decode + train transform in DataLoader workers (``make_loader``), for
-  two worker counts; the same with uint8 batches normalised on the GPU; and
+  two worker counts; the same with uint8 batches normalised on the GPU; ``zoo finetune``'s own loader
+  (``make_train_loader`` on ``build_transform(..., output=...)``) with ``gpu_normalize`` on and off; and
   ``torchvision.io.decode_jpeg(device="cuda")`` with the crop/flip/normalise on the GPU;
 * head-only: ``fit_head_on_features`` for 20 epochs vs one no-grad forward pass (the floor) vs a plain
   loop re-running the backbone each epoch.
@@ -323,8 +324,8 @@ def bench_compile(a, device: torch.device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ end to end
 def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str, Any]:
     from finetune.config import FinetuneConfig
-    from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-    from finetune.loop import train_one_epoch
+    from finetune.data import DeviceNormalize, ImageDataset, ImageSet, build_transform, make_loader
+    from finetune.loop import make_train_loader, set_loader_epoch, train_one_epoch
     from finetune.optim import build_optimizer, build_scheduler
 
     amp = torch.bfloat16 if a.amp else None
@@ -344,14 +345,17 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
     train_one_epoch(model, synthetic(device, a.batch, a.size, len(classes), 2), opt, sched, loss_fn, device,
                     amp=amp, channels_last=True)
 
-    def run(loader) -> float:
+    def run(loader, normalize=None) -> float:
         # Epoch 1 warms up (worker start, cudnn, nvjpeg); epochs 2.. are timed.
-        train_one_epoch(model, loader, opt, sched, loss_fn, device, amp=amp, channels_last=True)
+        train_one_epoch(model, loader, opt, sched, loss_fn, device, amp=amp, channels_last=True,
+                        normalize=normalize)
         rates = []
-        for _ in range(a.e2e_epochs):
+        for e in range(a.e2e_epochs):
+            set_loader_epoch(loader, 0, e + 2)   # fit's per-epoch reseeding (a no-op for plain loaders)
             sync(device)
             t0 = time.perf_counter()
-            r = train_one_epoch(model, loader, opt, sched, loss_fn, device, amp=amp, channels_last=True)
+            r = train_one_epoch(model, loader, opt, sched, loss_fn, device, amp=amp, channels_last=True,
+                                normalize=normalize)
             sync(device)
             rates.append(r["images"] / (time.perf_counter() - t0))
         return statistics.median(rates)
@@ -377,6 +381,20 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
     except Exception as e:  # noqa: BLE001
         res[name] = f"error: {type(e).__name__}: {e}"
     say(f"e2e   {name:60s} {res[name]}")
+    # What `zoo finetune` itself runs: fit's loader (make_train_loader) on the transform it builds, with
+    # gpu_normalize's uint8 output normalised on the device, and the same with gpu_normalize off.
+    for gpu_norm in (True, False):
+        output = "uint8" if gpu_norm else "float"
+        name = f"zoo finetune loader (make_train_loader, {output} batches{', gpu_normalize' if gpu_norm else ''}) in {w} workers"
+        try:
+            cfg_w = config.replace(workers=w, gpu_normalize=gpu_norm)
+            dsz = ImageDataset(image_set, build_transform(data_config, True, cfg_w, output=output))
+            loader = make_train_loader(dsz, cfg_w, device=device.type)
+            res[name] = run(loader, DeviceNormalize.from_data_config(data_config) if gpu_norm else None)
+            del loader
+        except Exception as e:  # noqa: BLE001
+            res[name] = f"error: {type(e).__name__}: {e}"
+        say(f"e2e   {name:60s} {res[name]}")
     name = f"torchvision.io.decode_jpeg on {device.type} ({w} workers read files)"
     try:
         loader = torch.utils.data.DataLoader(FileBytes(items), batch_size=a.batch, shuffle=True, num_workers=w,

@@ -12,6 +12,7 @@ from PIL import Image
 
 from finetune.config import FinetuneConfig
 from finetune.data import (
+    DeviceNormalize,
     ImageDataset,
     ImageSet,
     build_transform,
@@ -21,6 +22,7 @@ from finetune.data import (
     make_loader,
     resolve_workers,
     scan_folder,
+    to_device_batch,
     write_scan,
 )
 from finetune.errors import ConfigError, DataError
@@ -205,6 +207,92 @@ def test_bad_data_config():
         build_transform({"input_size": (3, 32, 32), "std": (1, 1, 1)}, train=False)
     with pytest.raises(ConfigError, match="interpolation"):
         build_transform(dict(DATA_CONFIG, interpolation="sharpest"), train=False)
+
+
+# --------------------------------------------------- uint8 batches normalised on the device
+def _uint8_tolerance(data_config) -> float:
+    return 1 / 255 / min(data_config["std"]) + 1e-6       # one uint8 step after normalisation
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_output_matches_float_path(tmp_path, train):
+    """Same image, same seed: uint8 transform + DeviceNormalize == the float transform (augmentation
+    included: the same random draws), within uint8 rounding (bit for bit on CPU)."""
+    im = load_image(make_image(tmp_path / "a.png", 1, size=48))
+    config = FinetuneConfig(crop_scale_min=0.35, hflip=0.5, brightness=0.4, contrast=0.4)
+    fl = build_transform(DATA_CONFIG, train, config)
+    u8 = build_transform(DATA_CONFIG, train, config, output="uint8")
+    norm = DeviceNormalize.from_data_config(DATA_CONFIG)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = fl(im)
+        torch.manual_seed(seed)
+        b = u8(im)
+        assert b.dtype == torch.uint8 and b.shape == a.shape
+        x = norm(b.unsqueeze(0), "cpu")[0]
+        assert x.dtype == torch.float32
+        assert float((x - a).abs().max()) <= _uint8_tolerance(DATA_CONFIG)
+        assert torch.equal(x, a)
+        assert torch.equal(to_device_batch(b.unsqueeze(0), "cpu", DATA_CONFIG["mean"], DATA_CONFIG["std"])[0], a)
+
+
+def test_uint8_loader_batches_match_float_loader(image_folder):
+    report = scan_folder(image_folder)
+    config = FinetuneConfig(brightness=0.3, contrast=0.3)
+    norm = DeviceNormalize.from_data_config(DATA_CONFIG)
+
+    def batches(output):
+        torch.manual_seed(3)
+        ds = ImageDataset(report.train, build_transform(DATA_CONFIG, True, config, output=output))
+        return list(make_loader(ds, 4, train=True, workers=0, seed=7))
+
+    for (xf, yf), (xu, yu) in zip(batches("float"), batches("uint8")):
+        assert xu.dtype == torch.uint8 and torch.equal(yf, yu)
+        out = norm(xu, "cpu", channels_last=True)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert float((out - xf).abs().max()) <= _uint8_tolerance(DATA_CONFIG)
+
+
+def test_evaluate_with_device_normalize_equals_float(image_folder):
+    from finetune.loop import evaluate
+
+    report = scan_folder(image_folder)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run(output, normalize):
+        ds = ImageDataset(report.val, build_transform(DATA_CONFIG, False, output=output))
+        return evaluate(model, make_loader(ds, 4, train=False, workers=0), loss_fn, torch.device("cpu"),
+                        report.classes, normalize=normalize)
+
+    a = run("float", None)
+    b = run("uint8", DeviceNormalize.from_data_config(DATA_CONFIG))
+    assert a["confusion"] == b["confusion"] and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+
+
+def test_uint8_output_options():
+    assert "output=" not in repr(build_transform(DATA_CONFIG, False))    # float repr: feature-cache keys kept
+    assert "output=uint8" in repr(build_transform(DATA_CONFIG, False, output="uint8"))
+    with pytest.raises(ConfigError, match="output"):
+        build_transform(DATA_CONFIG, False, output="half")
+    with pytest.raises(TypeError, match="uint8"):
+        DeviceNormalize((0, 0, 0), (1, 1, 1))(torch.zeros(1, 3, 4, 4), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_normalize_on_cuda(tmp_path):
+    im = load_image(make_image(tmp_path / "a.png", 1, size=48))
+    config = FinetuneConfig(brightness=0.4, contrast=0.4)
+    torch.manual_seed(0)
+    a = build_transform(DATA_CONFIG, True, config)(im)
+    torch.manual_seed(0)
+    b = build_transform(DATA_CONFIG, True, config, output="uint8")(im)
+    x = DeviceNormalize.from_data_config(DATA_CONFIG)(b.unsqueeze(0).pin_memory(), "cuda", channels_last=True)
+    assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    assert float((x[0].cpu() - a).abs().max()) <= _uint8_tolerance(DATA_CONFIG)
 
 
 # ------------------------------------------------------------------------------- dataset/loaders
