@@ -7,7 +7,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_file_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; a finished file gets the permissions a plain open() would have given it
+# (bundles and a shared weights cache are meant to be read by other users and tools).
+_FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -20,6 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -40,3 +52,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def plain_file_mode(path: str | Path) -> None:
+    """Give a file made by mkstemp/mkdtemp the permissions a plain open() would have (umask applied)."""
+    os.chmod(path, _FILE_MODE)

@@ -566,6 +566,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
     out.mkdir(parents=True, exist_ok=True)
+    if "onnx" not in formats:   # a model.onnx from an earlier export would describe other weights
+        (out / "model.onnx").unlink(missing_ok=True)
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": "pt", **{k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()}}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.io import atomic_write_text
+from finetune.io import atomic_write_text, plain_file_mode
 from zoo.errors import CacheError
 
 __all__ = [
@@ -218,6 +218,7 @@ def install(name: str, file: str | Path, manifest: dict[str, Any]) -> Path:
         manifest_path(name).unlink(missing_ok=True)
         with open(file, "rb+") as fh:
             os.fsync(fh.fileno())
+        plain_file_mode(file)   # staged downloads come from a 0700 temp dir: readable by other users once cached
         os.replace(file, final)
         record = {"name": name, **manifest, "size": final.stat().st_size,
                   "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -181,6 +181,22 @@ def test_onnx_export_matches_and_has_dynamic_batch(run_and_model, tmp_path):
     with torch.no_grad():
         assert abs(got - model(x).numpy()).max() < 1e-4
     assert "model.onnx" in (out / "README.md").read_text(encoding="utf-8")
+    # re-exporting without ONNX into the same folder must not leave the old model.onnx behind
+    export_run(run, out)
+    assert not (out / "model.onnx").exists()
+
+
+def test_bundle_files_are_readable_by_others(run_and_model, tmp_path):
+    """Bundles are for other people and tools: files get the umask's permissions, not mkstemp's 0600."""
+    import os
+    import stat
+
+    run, _ = run_and_model
+    out = export_run(run, tmp_path / "bundle")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
 
 
 def test_onnx_mismatch_fails_clearly_and_writes_nothing(run_and_model, tmp_path, monkeypatch):
