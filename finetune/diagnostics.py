@@ -146,8 +146,12 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
         what = (f"train/val accuracy gap {gaps[-1]:.0%} and growing" if acc_overfit
                 else f"val loss rising ({min(v for _, v in pairs):.3g} -> {pairs[-1][1]:.3g}) "
                      "while train loss falls")
-        advice.append(f"overfitting: {what}: use more augmentation, fewer unfrozen stages, more weight decay, "
-                      "early stopping")
+        # With only the head training there are no stages to re-freeze (and the cached-feature path sees
+        # un-augmented inputs): the remedies are regularisation and data.
+        head_only = all(row.get("phase") == "head" for row in rows)
+        remedy = ("more weight decay, early stopping, more training images (or --aug-views)" if head_only
+                  else "more augmentation, fewer unfrozen stages, more weight decay, early stopping")
+        advice.append(f"overfitting: {what}: use {remedy}")
 
     # 4. Underfitting: no gap and low accuracy. A stalled loss is an LR problem first (rule 2).
     last_val_acc = _last(val_acc)

@@ -543,6 +543,8 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                 raise ConfigError("--tensorboard needs finetune.diagnostics.TensorBoardLogger; update zoo-finetune")
             tb = tb_cls(run_dir)
     write_curves = _optional("finetune.diagnostics", "write_curves") if writes else None
+    advise = _optional("finetune.diagnostics", "advise")
+    advised: set[str] = set()   # advice already printed during this run (each rule once)
 
     optimizer = scheduler = None
     net: nn.Module = raw
@@ -584,6 +586,12 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         epoch_say(f"epoch {row['epoch']}/{config.epochs} {row['phase']}: train loss {row['train_loss']:.4f} "
                   f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | "
                   f"lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
+        if advise is not None:   # the lecture's reading of the curves, as soon as a rule fires
+            for line in advise(history):
+                rule = " ".join(line.split()[:3])
+                if rule not in advised:
+                    advised.add(rule)
+                    say(f"advice (after epoch {row['epoch']}): {line}")
 
     t_run = time.perf_counter()
     try:
@@ -723,7 +731,6 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                        info=info, normalize=normalize) if has_val else {}
     metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
     if writes:
-        advise = _optional("finetune.diagnostics", "advise")
         summary = {
             "best_epoch": best_epoch, "monitor": config.monitor,
             "best_value": stopper.best if has_val else None,

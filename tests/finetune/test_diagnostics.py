@@ -280,3 +280,13 @@ def test_dropout_is_disabled_for_the_check():
     m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
     m.drop_rate = 0.3
     assert disable_dropout(m) == 2 and m[1].p == 0.0 and m.drop_rate == 0.0
+
+
+def test_head_only_overfitting_does_not_suggest_freezing_more():
+    rows = _rows([1.0, 0.6, 0.3, 0.15, 0.05], [1.0, 0.8, 0.85, 0.95, 1.1],
+                 [0.5, 0.75, 0.9, 0.97, 1.0], [0.5, 0.65, 0.66, 0.65, 0.64])
+    for row in rows:
+        row["phase"] = "head"
+    (msg,) = advise(rows)
+    assert msg.startswith("overfitting") and "more weight decay" in msg
+    assert "fewer unfrozen stages" not in msg          # nothing below the head is unfrozen

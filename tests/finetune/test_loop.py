@@ -292,3 +292,13 @@ def test_cuda_amp_channels_last(data, tmp_path, monkeypatch, bf16):
 def test_cuda_compile(data):
     result = run(data, cfg(device="cuda", freeze="1", compile=True, epochs=1))
     assert math.isfinite(result.history[0]["train_loss"]) and next(result.model.parameters()).is_cuda
+
+
+def test_advice_is_printed_during_the_run(data):
+    """A stalled loss (LR ~ 0) is called out after the epoch where the rule fires, not only at the end."""
+    lines: list[str] = []
+    result = run(data, cfg(epochs=4, lr=1e-12, freeze="none", schedule="none"), log=lines.append)
+    advice = [i for i, line in enumerate(lines) if line.startswith("advice (after epoch")]
+    assert advice, lines
+    assert "not going down" in lines[advice[0]] and len(advice) == 1       # each rule once
+    assert len(result.history) == 4
