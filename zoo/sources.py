@@ -110,6 +110,9 @@ def _offline_error(entry: ModelEntry, why: str) -> OfflineError:
         f"`zoo import {entry.name} FILE`")
 
 
+COMMIT_FILE = "hf-commit.txt"   # in the staging folder: the Hub commit a download came from
+
+
 def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict | None) -> Path:
     """Fetch one source into a private staging folder, check it, convert it, install it."""
     stage = cache.staging_dir(entry.name)
@@ -121,6 +124,8 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
         manifest = {"source": source.id(), "sha256_download": digest,
                     "sha256": digest if out == raw else cache.sha256_file(out), "tofu": tofu,
                     "format": source.format, "key_map": source.key_map}
+        if (stage / COMMIT_FILE).is_file():
+            manifest["revision"] = (stage / COMMIT_FILE).read_text(encoding="utf-8").strip()
         return cache.install(entry.name, out, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -175,7 +180,7 @@ def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) ->
     # which is what "no network" must not cost.
     url = hf_hub_url(source.repo, source.filename, revision=source.revision)
     try:
-        get_hf_file_metadata(url, timeout=timeout)
+        meta = get_hf_file_metadata(url, timeout=timeout)
     except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled) as err:
         raise _offline_error(entry, f"the Hub is unreachable ({type(err).__name__} for {url})") from err
     except hf_errors.GatedRepoError as err:
@@ -199,6 +204,8 @@ def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) ->
         raise _offline_error(entry, f"the download from the Hub failed ({_first_line(err)})") from err
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as err:
         raise DownloadError(f"{where}: download failed ({_first_line(err)}); run the command again") from err
+    if meta.commit_hash:   # what a branch revision resolved to: recorded so that it can be pinned
+        (stage / COMMIT_FILE).write_text(meta.commit_hash, encoding="utf-8")
     return Path(os.path.realpath(path))
 
 

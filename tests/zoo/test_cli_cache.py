@@ -30,10 +30,13 @@ def registry(hub, tmp_path, monkeypatch):
                                   "sha256_note": "test: publisher gives no digest"}]),
         entry_dict("tiny-bad", [{"kind": "url", "url": hub.add_file("bad.safetensors", tofu),
                                  "sha256": sha(good)}]),
+        entry_dict("tiny-branch", [{"kind": "hf", "repo": REPO, "revision": "main",
+                                    "revision_note": "test: a branch", "filename": "model.safetensors",
+                                    "sha256": sha(good)}]),
     ]
     path = write_registry(tmp_path / "user.yaml", entries)
     monkeypatch.setenv("ZOO_REGISTRY", str(path))
-    return {"good": good, "tofu": tofu}
+    return {"good": good, "tofu": tofu, "commit": commit}
 
 
 def run(*args: str):
@@ -109,3 +112,12 @@ def test_help_does_not_import_torch():
             "r = CliRunner().invoke(cli, ['pull', '--help']); assert 'Examples' in r.output; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pull_of_a_branch_revision_reports_the_commit_to_pin(registry):
+    r = run("pull", "tiny-branch", "-q")
+    assert r.exit_code == 0, r.output
+    assert f"resolved to commit {registry['commit']}" in r.output
+    assert cache.read_manifest("tiny-branch")["revision"] == registry["commit"]
+    r = run("pull", "tiny-pinned", "-q")            # already pinned to that commit: nothing to say
+    assert r.exit_code == 0 and "resolved to commit" not in r.output

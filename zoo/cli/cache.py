@@ -60,6 +60,9 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: boo
             continue
         click.echo(f"{entry.name}: pulled and verified, {size}: {path}")
         manifest = zcache.read_manifest(entry.name) or {}
+        resolved = manifest.get("revision")
+        if resolved and f"@{resolved}/" not in str(manifest.get("source", "")):
+            click.echo(f"  Hub revision resolved to commit {resolved}: pin it as `revision:` in your registry")
         if manifest.get("tofu"):
             click.echo(f"  sha256 {manifest.get('sha256_download')} (no pinned digest: trusted on first use; "
                        "check it against the publisher's and pin it in your registry)")
