@@ -121,3 +121,9 @@ def test_pull_of_a_branch_revision_reports_the_commit_to_pin(registry):
     assert cache.read_manifest("tiny-branch")["revision"] == registry["commit"]
     r = run("pull", "tiny-pinned", "-q")            # already pinned to that commit: nothing to say
     assert r.exit_code == 0 and "resolved to commit" not in r.output
+
+
+def test_cache_rm_and_path_suggest_close_matches_for_a_typo(registry):
+    for args in (("cache", "rm", "tiny-pined"), ("cache", "path", "tiny-pined")):
+        r = run(*args)
+        assert r.exit_code == 2 and "did you mean tiny-pinned" in r.output, r.output

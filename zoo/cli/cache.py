@@ -144,6 +144,7 @@ def cache_rm(names: tuple[str, ...]) -> None:
       zoo cache rm resnet50
     """
     for name in names:
+        _check_name(name)
         size = sum(p.stat().st_size for p in zcache.weights_dir(name).glob("*") if p.is_file()) \
             if zcache.weights_dir(name).is_dir() else 0
         folder = zcache.remove(name)
@@ -177,4 +178,14 @@ def cache_path(name: str | None) -> None:
       zoo cache path
       du -sh "$(zoo cache path)"
     """
+    if name:
+        _check_name(name)
     click.echo(str(zcache.weights_dir(name) if name else zcache.zoo_home()))
+
+
+def _check_name(name: str) -> None:
+    """A name that is neither cached nor known fails with close matches (a typo is not "not cached")."""
+    if not zcache.weights_dir(name).exists():
+        from zoo.registry import get_entry
+
+        get_entry(name)   # raises UnknownModelError listing the close matches
