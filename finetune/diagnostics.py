@@ -765,7 +765,7 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
             passes += 1
             acc, loss_mean = correct / total, loss_sum / total
             losses.append(loss_mean)
-            if log is not None:
+            if log is not None and (passes <= 3 or passes % 10 == 0):   # a readable trace, not one line a pass
                 log(f"overfit pass {passes}: {steps} steps, loss {loss_mean:.4f}, acc {acc:.1%}")
             if not math.isfinite(loss_mean):
                 break
