@@ -107,7 +107,7 @@ def _default_out(model: str) -> Path:
 
 @cli.command("eval", short_help="Accuracy, per-class metrics and confusion matrix on a labelled folder.")
 @click.argument("model")
-@click.option("--data", "data", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--data", "data", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Class-folder layout (<class>/<image>); its test/ or val/ split is used when present.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder.  [default: eval-<bundle>-<time> next to the bundle, or ./eval-<time>]")
