@@ -36,7 +36,8 @@ def test_lr_find_command(tiny_zoo, tmp_path):
                                  "--start-lr", "1e-5", "--end-lr", "1", "--freeze", "none", *COMMON])
     assert r.exit_code == 0, r.output
     assert "valley rule" in r.output and "suggested lr" in r.output
-    assert "next: zoo finetune tiny-resnet" in r.output
+    (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
+    assert nxt.endswith("--no-pretrained")          # the printed command trains the same (random-init) model
     summary = json.loads((out / "lr_find.json").read_text())
     assert 1e-5 <= summary["suggestion"] <= 1 and summary["method"] == "valley"
     for name in ("lr_find.png", "lr_find.csv", "config.yaml", "scan.json"):

@@ -200,7 +200,8 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
         click.echo(f"freeze: {result.decision.label} ({result.decision.reason})")
     click.echo(result.describe())
     click.echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
-    click.echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}")
+    random_init = "" if pretrained else " --no-pretrained"
+    click.echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{random_init}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,8 +281,9 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
         ctx.exit(1)
     click.echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
                f"table: {out_dir / 'results.csv'}")
+    random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
     click.echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
-               f"--epochs {max(30, config.epochs)}")
+               f"--epochs {max(30, config.epochs)}{random_init}")
 
 
 def _table(result) -> list[str]:
