@@ -163,6 +163,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         for line in scan_lines(report):
             say(line)
         entry = get_entry(model_name)
+        from finetune.policy import parse_freeze
+
+        parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         if info.is_main and (run_dir / "checkpoints" / "last.pt").exists():

@@ -238,3 +238,11 @@ def test_offline_without_cached_weights_says_so(tmp_path, monkeypatch):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("zoo: error: ") and "offline" in last.lower()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_freeze_deeper_than_the_model_fails_before_any_work(tiny, tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(out), "--freeze", "99"])
+    assert res.exit_code == 2 and "the most is" in res.output and "Traceback" not in res.output
+    assert not out.exists() and "model:" not in res.output      # no run folder, no model built
