@@ -61,6 +61,7 @@ OPTION_HELP: dict[str, str] = {
     "amp": "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
     "channels_last": "channels_last memory format on CUDA.",
     "compile": "torch.compile the model (slower start, faster epochs).",
+    "gpu_normalize": "On CUDA: workers send uint8 batches, normalised on the GPU (less copying, same inputs).",
     "fast_head": "Head-only training on cached backbone features (much faster; same result).",
     "aug_views": "Fast head path: augmented views cached per image (0 = un-augmented only).",
     "overfit_batches": "Sanity check instead of training: try to overfit N fixed batches, then exit.",
