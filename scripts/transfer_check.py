@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=10)
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--scratch-epochs", type=int, default=30)
+    ap.add_argument("--scratch-patience", type=int, default=100,
+                    help="early-stopping patience of the from-scratch run (large = it trains all its epochs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from zoo.demo import DEMO_MODEL, DemoPlan, demo_weights_file, write_digits_folder
@@ -48,7 +50,7 @@ def main() -> None:
         "pretrained, head only": ["--freeze", "head", "--lr", "1e-2", "--epochs", "100"],
         "random init, head only": ["--no-pretrained", "--freeze", "head", "--lr", "1e-2", "--epochs", "100"],
         "random init, all layers": ["--no-pretrained", "--freeze", "none", "--lr", "1e-3", "--head-epochs", "0",
-                                    "--epochs", str(args.scratch_epochs)],
+                                    "--epochs", str(args.scratch_epochs), "--patience", str(args.scratch_patience)],
     }
     rows = []
     for label, flags in runs.items():
