@@ -13,7 +13,7 @@ from pathlib import Path
 
 from zoo.errors import UsageError
 
-__all__ = ["DEMO_MODEL", "DemoPlan", "write_digits_folder", "demo_weights_file"]
+__all__ = ["DEMO_MODEL", "prepare_out", "DemoPlan", "write_digits_folder", "demo_weights_file"]
 
 DEMO_MODEL = "efficientnet_lite0"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -29,6 +29,28 @@ class DemoPlan:
     image_size: int = 64          # rendered PNG size (the model's transform resizes to 224)
     epochs: int = 100
     seed: int = 0
+
+
+MARKER = ".zoo-demo"   # marks a folder the demo made, so that a second `zoo demo` may replace it
+
+
+def prepare_out(out: Path) -> bool:
+    """Make ``out`` ready for a demo; returns True when an earlier demo there was replaced.
+
+    A folder the demo made earlier (it holds the marker file) is replaced; anything else that already
+    holds a run is left alone and refused.
+    """
+    import shutil
+
+    replaced = False
+    if (out / MARKER).is_file():
+        shutil.rmtree(out)
+        replaced = True
+    elif (out / "run").is_dir() and any((out / "run").iterdir()):
+        raise UsageError(f"{out / 'run'} already holds a run: remove it or pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `zoo demo`; a later `zoo demo --out` here replaces this folder\n")
+    return replaced
 
 
 def write_digits_folder(root: Path, plan: DemoPlan) -> dict[str, int]:

@@ -28,5 +28,17 @@ def test_demo_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.csv").write_text("x")
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "already holds a run" in result.output
+    assert (tmp_path / "run" / "metrics.csv").exists()          # nothing of the user's was touched
+
+
+def test_a_second_demo_replaces_the_first(tmp_path):
+    from zoo.demo import MARKER, prepare_out
+
+    out = tmp_path / "demo"
+    assert prepare_out(out) is False and (out / MARKER).is_file()
+    (out / "run").mkdir()
+    (out / "run" / "metrics.csv").write_text("x")
+    assert prepare_out(out) is True                               # the demo's own folder: replaced
+    assert not (out / "run").exists() and (out / MARKER).is_file()

@@ -50,14 +50,14 @@ def demo(out: Path, train_per_class: int, val_per_class: int, test_per_class: in
       zoo demo
       zoo demo --out /tmp/demo --train-per-class 5 --test-per-class 5 --epochs 3   # a quick look
     """
-    from zoo.demo import DEMO_MODEL, DemoPlan, demo_weights_file, write_digits_folder
+    from zoo.demo import DEMO_MODEL, DemoPlan, demo_weights_file, prepare_out, write_digits_folder
 
     started = time.monotonic()
     plan = DemoPlan(train_per_class=train_per_class, val_per_class=val_per_class,
                     test_per_class=test_per_class, epochs=epochs)
     data, run = out / "data", out / "run"
-    if run.exists() and any(run.iterdir()):
-        raise ZooError(f"{run} already holds a run: remove it or pass another --out")
+    if prepare_out(out):
+        click.echo(f"replacing the previous demo in {out}")
 
     click.secho("== 1. data: scikit-learn's handwritten digits written as an image folder", bold=True)
     counts = write_digits_folder(data, plan)
