@@ -29,7 +29,7 @@ class FinetuneConfig:
     val_split: float = 0.2          # fraction held out per class when DIR has no train/val folders
     strict: bool = False            # unreadable images are an error instead of skipped with a warning
     batch_size: int = 32
-    workers: int = -1               # DataLoader workers; -1 = min(8, cpu count - 1)
+    workers: int = -1               # DataLoader workers; -1 = auto (CUDA: cores - 1; else min(8, cores - 1))
     class_weights: str = "none"     # "none" | "auto" (inverse class frequency in the loss)
     sampler: str = "random"         # "random" | "balanced" (oversample rare classes)
     # --- augmentation (train only; evaluation is resize + centre crop) ---

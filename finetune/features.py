@@ -319,7 +319,7 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     from finetune.data import resolve_workers
 
     n = len(dataset)  # type: ignore[arg-type]
-    workers = resolve_workers(int(workers))
+    workers = resolve_workers(int(workers), device.type)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,

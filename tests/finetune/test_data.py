@@ -344,9 +344,15 @@ def test_balanced_sampler_and_class_weights(tmp_path):
         make_loader(ImageDataset(image_set), 8, train=True, sampler="balanced", distributed=True)
 
 
-def test_resolve_workers():
-    assert resolve_workers(0) == 0 and resolve_workers(3) == 3
+def test_resolve_workers(monkeypatch):
+    assert resolve_workers(0) == 0 and resolve_workers(3) == 3 and resolve_workers(3, "cuda") == 3
     assert 0 <= resolve_workers(-1) <= 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    assert resolve_workers(-1) == 8                    # CPU training: workers would steal its cores
+    assert resolve_workers(-1, "cuda") == 15           # a GPU is fed by every core but the main one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_workers(-1, "cuda") == 3            # torchrun: the node's cores are shared by 4 ranks
+    assert resolve_workers(-1, "cuda:1") == 3
 
 
 @pytest.mark.parametrize("fmt,ext,mode", [("JPEG", "jpg", "L"), ("PNG", "png", "RGBA"), ("WEBP", "webp", "RGB"),

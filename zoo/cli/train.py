@@ -23,7 +23,7 @@ OPTION_HELP: dict[str, str] = {
     "val_split": "Fraction of each class held out for validation when DIR has no train/val folders.",
     "strict": "Unreadable images are an error instead of being skipped with a warning.",
     "batch_size": "Global batch size (split across processes under torchrun).",
-    "workers": "DataLoader worker processes; -1 = min(8, CPUs - 1), 0 = load in the main process.",
+    "workers": "DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's local processes; else min(8, CPUs - 1)), 0 = load in the main process.",
     "class_weights": "auto: weight the loss by inverse class frequency (imbalanced data).",
     "sampler": "balanced: oversample rare classes in each epoch.",
     "augment": "Training augmentation (random crop-and-scale, flip, brightness/contrast).",
