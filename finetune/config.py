@@ -71,6 +71,7 @@ class FinetuneConfig:
     amp: bool = True                # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
     channels_last: bool = True      # on CUDA
     gpu_normalize: bool = True      # on CUDA: uint8 batches from the workers, normalised on the GPU
+    decode: str = "workers"         # "workers" (PIL in DataLoader workers) | "device" (JPEGs decoded on the GPU)
     compile: bool = False           # torch.compile
     fast_head: bool = True          # head-only training on cached backbone features
     aug_views: int = 0              # fast path: augmented views cached per image (0 = un-augmented only)
@@ -88,7 +89,8 @@ class FinetuneConfig:
 
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "head": HEADS,
                    "mlp_activation": ACTIVATIONS, "monitor": MONITORS, "bn": ("eval", "train"),
-                   "class_weights": ("none", "auto"), "sampler": ("random", "balanced")}
+                   "class_weights": ("none", "auto"), "sampler": ("random", "balanced"),
+                   "decode": ("workers", "device")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, "choose one of " + ", ".join(allowed))

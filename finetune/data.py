@@ -875,7 +875,8 @@ def class_weights(image_set: ImageSet) -> list[float]:
 
 def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, device: str = "cpu",
                 sampler: str = "random", distributed: bool = False, seed: int = 0):
-    """A seeded DataLoader that drops undecodable samples (``collate_skip_none``).
+    """A seeded DataLoader that drops undecodable samples (``collate_skip_none``, or the dataset's own
+    ``collate_fn`` attribute when it has one).
 
     Train loaders shuffle (``sampler="random"``) or oversample rare classes (``"balanced"``:
     WeightedRandomSampler, inverse class frequency, needs ``dataset.targets``) and drop a last partial
@@ -911,13 +912,14 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
     else:
         shuffle = train
     pin = str(device).startswith("cuda") and torch.cuda.is_available()
+    base = getattr(dataset, "dataset", dataset)            # a DDP Subset wraps the dataset
     return DataLoader(
         dataset,
         batch_size=int(batch_size),
         shuffle=shuffle,
         sampler=chosen,
         num_workers=n_workers,
-        collate_fn=collate_skip_none,
+        collate_fn=getattr(base, "collate_fn", collate_skip_none),
         pin_memory=pin,
         drop_last=bool(train and len(dataset) > batch_size),
         persistent_workers=n_workers > 0,

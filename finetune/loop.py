@@ -50,7 +50,7 @@ CHECKPOINT_FORMAT = 1
 # Options that may differ between a run and its resumption: they change speed or output, not the maths
 # of the epochs still to run (epochs and patience may be raised to train longer).
 RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs", "patience", "min_delta",
-               "amp", "channels_last", "gpu_normalize"}
+               "amp", "channels_last", "gpu_normalize", "decode"}
 
 Log = Callable[[str], None]
 
@@ -151,6 +151,8 @@ def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(int(epoch))
+    if hasattr(loader, "set_epoch"):   # finetune.decode.DevicePrefetcher: its augmentation generator
+        loader.set_epoch(int(epoch), epoch_seed(seed, epoch, rank))
     gen = getattr(loader, "generator", None)
     if gen is not None:          # worker seeds; the balanced sampler draws from it too
         gen.manual_seed(epoch_seed(seed, epoch, rank))
@@ -498,17 +500,30 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     # less float work in the workers). Elsewhere the float path: on a CPU the uint8 path measured within
     # noise of it (docs/benchmarks.md), and feature-cache keys and behaviour stay as they were.
     gpu_norm = bool(getattr(config, "gpu_normalize", True)) and device.type == "cuda"
+    on_device = getattr(config, "decode", "workers") == "device"
     output = "uint8" if gpu_norm else "float"
-    normalize = DeviceNormalize.from_data_config(data_config) if gpu_norm else None
-    train_ds = ImageDataset(train_set, build_transform(data_config, True, config, output=output))
+    normalize = DeviceNormalize.from_data_config(data_config) if gpu_norm and not on_device else None
+    if on_device:   # workers read the files; JPEGs are decoded and augmented on the device (finetune.decode)
+        from finetune.decode import EncodedImageDataset
+        min_size = build_transform(data_config, False, config).min_size
+        train_ds = EncodedImageDataset(train_set, min_size)
+        val_ds = EncodedImageDataset(val_set, min_size)
+    else:
+        train_ds = ImageDataset(train_set, build_transform(data_config, True, config, output=output))
+        val_ds = ImageDataset(val_set, build_transform(data_config, False, config, output=output))
     fast_failures: list[tuple[str, str]] = []   # decode failures met by the cached-feature path
-    val_ds = ImageDataset(val_set, build_transform(data_config, False, config, output=output))
     train_loader = make_train_loader(train_ds, config, device=device.type, info=info)
     if info.enabled:
         # Contiguous-free strided shards without padding: every validation image is counted exactly once.
         val_ds = torch.utils.data.Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
     val_loader = make_loader(val_ds, ddp.per_rank_batch(int(config.batch_size), info), train=False,
                              workers=config.workers, device=device.type)
+    if on_device:
+        from finetune.decode import DevicePrefetcher, DeviceTransform
+        train_loader = DevicePrefetcher(train_loader, DeviceTransform(data_config, True, config), device,
+                                        channels_last=channels_last)
+        val_loader = DevicePrefetcher(val_loader, DeviceTransform(data_config, False, config), device,
+                                      channels_last=channels_last)
     steps_per_epoch = max(1, len(train_loader))
     has_val = len(val_set.items) > 0
 

@@ -139,6 +139,11 @@ class GpuDecode:
         from torchvision.transforms import v2 as T
 
         encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        if self.device.type == "cuda":
+            # nvJPEG's hardware decoder writes its output before work queued on the stream has run: a
+            # block the allocator just recycled gets overwritten under a running kernel (NaN losses in
+            # the first runs of this variant; pytorch/vision#9606). Drain the stream first.
+            torch.cuda.current_stream(self.device).synchronize()
         imgs = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         out = torch.empty((len(imgs), 3, self.size, self.size), device=self.device, dtype=torch.float32)
         flips = torch.rand(len(imgs), generator=self.gen) < 0.5
@@ -395,6 +400,21 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
         except Exception as e:  # noqa: BLE001
             res[name] = f"error: {type(e).__name__}: {e}"
         say(f"e2e   {name:60s} {res[name]}")
+    # `zoo finetune --decode device`: workers read files, JPEGs decoded + augmented on the device in a
+    # prefetch thread on its own stream (finetune.decode).
+    name = f"zoo finetune loader, --decode device ({w} workers read files)"
+    try:
+        from finetune.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
+
+        cfg_d = config.replace(workers=w, decode="device")
+        dsd = EncodedImageDataset(image_set, build_transform(data_config, False, cfg_d).min_size)
+        loader = DevicePrefetcher(make_train_loader(dsd, cfg_d, device=device.type),
+                                  DeviceTransform(data_config, True, cfg_d), device, channels_last=True)
+        res[name] = run(loader)
+        del loader
+    except Exception as e:  # noqa: BLE001
+        res[name] = f"error: {type(e).__name__}: {e}"
+    say(f"e2e   {name:60s} {res[name]}")
     name = f"torchvision.io.decode_jpeg on {device.type} ({w} workers read files)"
     try:
         loader = torch.utils.data.DataLoader(FileBytes(items), batch_size=a.batch, shuffle=True, num_workers=w,

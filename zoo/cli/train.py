@@ -62,6 +62,9 @@ OPTION_HELP: dict[str, str] = {
     "channels_last": "channels_last memory format on CUDA.",
     "compile": "torch.compile the model (slower start, faster epochs).",
     "gpu_normalize": "On CUDA: workers send uint8 batches, normalised on the GPU (less copying, same inputs).",
+    "decode": "Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, "
+              "cropped and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores "
+              "cannot keep the GPU fed.",
     "fast_head": "Head-only training on cached backbone features (much faster; same result).",
     "aug_views": "Fast head path: augmented views cached per image (0 = un-augmented only).",
     "overfit_batches": "Sanity check instead of training: try to overfit N fixed batches, then exit.",
@@ -71,7 +74,7 @@ OPTION_HELP: dict[str, str] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "head": HEADS, "mlp_activation": ACTIVATIONS,
     "monitor": MONITORS, "bn": ("eval", "train"), "class_weights": ("none", "auto"),
-    "sampler": ("random", "balanced"),
+    "sampler": ("random", "balanced"), "decode": ("workers", "device"),
 }
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 

@@ -1,0 +1,239 @@
+"""--decode device: JPEGs read by the workers, decoded and augmented on the training device.
+
+On the CPU ``decode_jpeg`` is libjpeg-turbo (as PIL's decoder); the CUDA path (nvJPEG, its own stream)
+is checked by the ``gpu`` mark and scripts/bench_gpu.py.
+"""
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.config import FinetuneConfig
+from finetune.data import ImageDataset, build_transform, load_image, make_loader, scan_folder
+from finetune.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
+                             device_decodable, unpack)
+from finetune.errors import ConfigError, Interrupted
+from tests.conftest import make_image
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
+               "crop_mode": "center", "mean": (0.2, 0.4, 0.6), "std": (0.5, 0.25, 0.1)}
+AUG = FinetuneConfig(crop_scale_min=0.35, hflip=0.5, brightness=0.4, contrast=0.4)
+
+
+def photo(size=(60, 44), seed=0) -> Image.Image:
+    """A smooth image (JPEG-friendly: decoders agree on it to a level or two)."""
+    rng = random.Random(seed)
+    w, h = size
+    im = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+    dot = Image.new("RGB", (w // 2, h // 2), tuple(rng.randint(30, 220) for _ in range(3)))
+    im.paste(dot, (w // 4, h // 4))
+    return im
+
+
+def jpeg_bytes(im: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def folder(root, n=4, classes=("a", "b")):
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / c / f"{i}.jpg").write_bytes(jpeg_bytes(photo(seed=10 * ci + i)))
+    return root
+
+
+def test_device_decodable_only_plain_jpegs():
+    im = photo()
+    assert device_decodable(jpeg_bytes(im))
+    assert device_decodable(jpeg_bytes(im.convert("L")))
+    assert device_decodable(jpeg_bytes(im, progressive=True))
+    assert not device_decodable(jpeg_bytes(im.convert("CMYK")))          # decode_jpeg would drop K
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                       # rotated 90 degrees
+    assert not device_decodable(jpeg_bytes(im, exif=exif.tobytes()))
+    png = io.BytesIO()
+    im.save(png, "PNG")
+    assert not device_decodable(png.getvalue())
+    assert not device_decodable(b"\xff\xd8\xff garbage")
+
+
+def test_dataset_sends_bytes_for_jpegs_and_pixels_for_the_rest(tmp_path):
+    folder(tmp_path / "d", n=2)
+    make_image(tmp_path / "d" / "a" / "x.png", 0, size=40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "d" / "b" / "rot.jpg").write_bytes(jpeg_bytes(photo((60, 40)), exif=exif.tobytes()))
+    report = scan_folder(tmp_path / "d", val_split=0.01)
+    by_name = {}
+    for image_set in (report.train, report.val):
+        ds = EncodedImageDataset(image_set)
+        by_name.update({p.split("/")[-1]: ds[i] for i, (p, _) in enumerate(image_set.items)})
+    assert by_name["0.jpg"][0].dim() == 1 and by_name["0.jpg"][0].dtype == torch.uint8
+    assert by_name["x.png"][0].shape == (3, 40, 40)
+    assert by_name["rot.jpg"][0].shape == (3, 60, 40)          # EXIF rotation applied in the worker
+    assert all(item[2] == i for i, item in enumerate(ds[j] for j in range(len(ds))))
+
+
+@pytest.mark.parametrize("size", [(60, 44), (44, 90), (200, 30)])
+def test_eval_transform_matches_the_worker_path(tmp_path, size):
+    """Decode + resize + centre crop on the device == the PIL path, to a few levels (different resize
+    kernels); the same geometry (no shift: a misplaced crop would differ by far more)."""
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_bytes(photo(size)))
+    ref = build_transform(DATA_CONFIG, False, output="uint8")(load_image(path))
+    t = DeviceTransform(DATA_CONFIG, False)
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    x, y = t([data], torch.tensor([1]), "cpu")
+    mean = torch.tensor(DATA_CONFIG["mean"]).view(3, 1, 1)
+    std = torch.tensor(DATA_CONFIG["std"]).view(3, 1, 1)
+    pixels = (x[0] * std + mean) * 255
+    assert x.shape == (1, 3, 32, 32) and y.tolist() == [1]
+    diff = (pixels - ref.float()).abs()
+    assert float(diff.mean()) < 2.0 and float(diff.max()) < 24
+
+
+def test_train_transform_is_seeded_and_varied():
+    data = torch.frombuffer(bytearray(jpeg_bytes(photo())), dtype=torch.uint8)
+    t = DeviceTransform(DATA_CONFIG, True, AUG)
+    t.reseed(5)
+    a = t([data] * 6, torch.zeros(6, dtype=torch.long), "cpu")[0]
+    t.reseed(5)
+    b = t([data] * 6, torch.zeros(6, dtype=torch.long), "cpu")[0]
+    assert torch.equal(a, b)                                   # same seed, same crops/flips/jitter
+    assert all(not torch.equal(a[i], a[j]) for i in range(6) for j in range(i))   # six different views
+    off = DeviceTransform(DATA_CONFIG, True, FinetuneConfig(augment=False))
+    e = DeviceTransform(DATA_CONFIG, False)
+    assert torch.equal(off([data], torch.zeros(1, dtype=torch.long), "cpu")[0],
+                       e([data], torch.zeros(1, dtype=torch.long), "cpu")[0])
+
+
+def test_crop_box_follows_random_resized_crop():
+    t = DeviceTransform(DATA_CONFIG, True, AUG)
+    for seed in range(50):
+        t.reseed(seed)
+        top, left, h, w = t._crop_box(120, 80)
+        assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 80
+        assert 0.35 * 9600 * 0.7 <= h * w <= 9600                # area within the scale range (rounding)
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1 or (h, w) in ((120, 80), (107, 80))
+
+
+def test_corrupt_jpeg_is_dropped_with_its_label_and_logged(tmp_path):
+    root = tmp_path / "d"
+    folder(root / "train", n=3)
+    folder(root / "val", n=1)
+    good = (root / "train" / "a" / "0.jpg").read_bytes()
+    # passes the scan (JPEG start and end markers) but its entropy-coded data is zeros
+    (root / "train" / "a" / "1.jpg").write_bytes(good[:200] + bytes(len(good) - 202) + b"\xff\xd9")
+    report = scan_folder(root)
+    bad = [i for i, (p, _) in enumerate(report.train.items) if p.endswith("1.jpg") and "/a/" in p]
+    assert bad, "the scan should let this file through: the decoder is what meets it"
+    ds = EncodedImageDataset(report.train)
+    loader = make_loader(ds, 8, train=False, workers=0)
+    assert loader.collate_fn is EncodedImageDataset.collate_fn
+    batches = list(DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu"))
+    x = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    expected = [y for i, (_, y) in enumerate(report.train.items) if i != bad[0]]
+    assert labels.tolist() == expected and x.shape[0] == len(expected)
+    assert [p for p, _ in ds.failures()] == [report.train.items[bad[0]][0]]
+
+
+def test_prefetcher_yields_the_loader_batches_and_surfaces_errors(tmp_path):
+    report = scan_folder(folder(tmp_path / "d", n=5), val_split=0.01)
+    ds = EncodedImageDataset(report.train)
+    loader = make_loader(ds, 3, train=False, workers=0)
+    pre = DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu", channels_last=True)
+    assert len(pre) == len(loader) and pre.dataset is ds
+    got = list(pre)
+    assert sum(len(y) for _, y in got) == len(ds)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in got)
+    plain = ImageDataset(report.train, build_transform(DATA_CONFIG, False))
+    ref = torch.cat([x for x, _ in make_loader(plain, 3, train=False, workers=0)])
+    assert float((torch.cat([x for x, _ in got]) - ref).abs().mean()) < 0.1   # normalised units
+
+    class Boom:
+        failed: list = []
+
+        def __call__(self, *a, **k):
+            raise RuntimeError("device out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(DevicePrefetcher(loader, Boom(), "cpu"))
+    it = iter(DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu", depth=1))
+    next(it)
+    it.close()                               # breaking out early stops the thread (no hang)
+
+
+def test_collate_encoded_packs_one_tensor_and_skips_failures():
+    a = torch.arange(5, dtype=torch.uint8)
+    b = torch.arange(24, dtype=torch.uint8).view(3, 2, 4)
+    assert collate_encoded([None, None]) is None
+    (flat, shapes), labels, idx = collate_encoded([(a, 1, 4), None, (b, 0, 7)])
+    assert flat.shape == (29,) and labels.tolist() == [1, 0] and idx == [4, 7]
+    x, y = unpack(flat, shapes)
+    assert torch.equal(x, a) and torch.equal(y, b)
+
+
+def test_loader_with_workers_delivers_packed_batches(tmp_path):
+    report = scan_folder(folder(tmp_path / "d", n=6), val_split=0.01)
+    ds = EncodedImageDataset(report.train)
+    loader = make_loader(ds, 4, train=False, workers=2)
+    got = list(DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu"))
+    assert sum(len(y) for _, y in got) == len(ds)
+
+
+def test_fit_with_device_decode_trains_and_resumes_identically(tmp_path):
+    """The whole loop with decode="device" (on the CPU here): it learns, and a resumed run gives the
+    same weights as an uninterrupted one (the augmentation generator is reseeded per epoch)."""
+    from finetune.loop import fit
+    from tests.finetune.test_loop import STAGES, tiny_model
+    from tests.finetune.test_loop import DATA_CONFIG as LOOP_DC
+
+    root = tmp_path / "d"
+    for ci, c in enumerate(("red", "green", "blue")):
+        for i in range(8):
+            make_image(root / c / f"{i}.jpg", ci, size=40, rng=random.Random(i), fmt="JPEG")
+    report = scan_folder(root, val_split=0.25)
+    base = dict(epochs=3, batch_size=6, workers=0, lr=3e-2, fast_head=False, head_epochs=0, quiet=True,
+                device="cpu", freeze="none", decode="device", patience=10)
+    full = fit(tiny_model(), STAGES, LOOP_DC, report.train, report.val, FinetuneConfig(**base), head="fc",
+               run_dir=tmp_path / "full")
+    assert full.history[-1]["val_acc"] > 0.5 and full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+    def stop_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        fit(tiny_model(), STAGES, LOOP_DC, report.train, report.val, FinetuneConfig(**base), head="fc",
+            run_dir=tmp_path / "part", callbacks=[stop_after_epoch_2])
+    resumed = fit(tiny_model(), STAGES, LOOP_DC, report.train, report.val, FinetuneConfig(**base), head="fc",
+                  run_dir=tmp_path / "part", resume=True)
+    for k, v in full.model.state_dict().items():
+        assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
+
+
+def test_decode_option_is_validated():
+    with pytest.raises(ConfigError, match="decode"):
+        FinetuneConfig(decode="gpu")
+
+
+@pytest.mark.gpu
+def test_device_decode_on_cuda_matches_cpu(tmp_path):
+    """nvJPEG + device transforms == the same on the CPU, to a level or two; many batches through the
+    prefetcher's side stream stay finite (the nvJPEG ordering bug showed up as NaN losses)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    report = scan_folder(folder(tmp_path / "d", n=40), val_split=0.01)
+    ds = EncodedImageDataset(report.train)
+    loader = make_loader(ds, 16, train=False, workers=2, device="cuda")
+    cpu = torch.cat([x for x, _ in DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu")])
+    for _ in range(3):
+        gpu = torch.cat([x.cpu() for x, _ in DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cuda",
+                                                               channels_last=True)])
+        assert torch.isfinite(gpu).all() and float((gpu - cpu).abs().mean()) < 0.05
