@@ -6,12 +6,14 @@ workers only read the files and the device decodes them (``torchvision.io.decode
 CUDA), crops, flips, jitters and normalises them, in a background thread on its own CUDA stream so
 that the next batch is prepared while the current one trains.
 
-* :class:`EncodedImageDataset` ``[i] -> (uint8 tensor, label)``: the file's bytes (1-D) for a baseline
-  or progressive RGB/grey JPEG without EXIF rotation, else the image decoded in the worker exactly as
-  the CPU path does (``load_image``; 3-D, un-augmented): PNGs, CMYK or rotated JPEGs still work.
+* :class:`EncodedImageDataset` ``[i] -> (uint8 tensor, label, i)``: the file's bytes (1-D) for a
+  baseline RGB/grey JPEG without EXIF rotation and not big enough for PIL's reduced-scale decode, else
+  the image decoded in the worker exactly as the CPU path does (``load_image``; 3-D, un-augmented):
+  PNGs, CMYK, progressive, rotated or big JPEGs still work, through the workers.
 * :class:`DeviceTransform` decodes a list of such tensors and applies the model's preprocessing
   (train: random resized crop, flip, brightness/contrast; eval: resize + centre crop) with the same
-  parameters as ``build_transform`` and a private seeded generator (reproducible, thread-safe).
+  parameters as ``build_transform``, drawn from a private seeded ``random.Random`` (reproducible,
+  thread-safe); crops are resized per image, flip and colour jitter run on the whole batch at once.
 * :class:`DevicePrefetcher` wraps a DataLoader of such batches and yields normalised float batches on
   the device; ``set_epoch(e)`` reseeds the augmentation draws so that a resumed run repeats them.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import io
 import math
 import queue
+import random
 import threading
 import warnings
 from pathlib import Path
@@ -44,16 +47,21 @@ _SOI = b"\xff\xd8\xff"
 _ORIENTATION = 0x0112
 
 
-def device_decodable(data: bytes) -> bool:
+def device_decodable(data: bytes, min_size: int | None = None) -> bool:
     """True for a JPEG that ``decode_jpeg`` turns into the same upright RGB image as ``load_image``:
-    RGB or greyscale (not CMYK/YCCK), no EXIF rotation, within PIL's decompression-bomb limit."""
+    baseline (progressive JPEGs take nvJPEG's slow host path), RGB or greyscale (not CMYK/YCCK), no EXIF
+    rotation, within PIL's decompression-bomb limit, and, given ``min_size``, not so large that the
+    worker path would decode it at a reduced scale (PIL ``draft``: cheaper there than a full-size decode
+    on the device, and the same pixels as the worker path)."""
     if not data.startswith(_SOI):
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
-                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive"):
+                    return False
+                if min_size and min(im.size) >= 2 * int(min_size):
                     return False
                 return int(im.getexif().get(_ORIENTATION, 1) or 1) == 1
     except Exception:        # unreadable header, bomb, odd EXIF: the CPU path decides (and reports)
@@ -82,7 +90,7 @@ class EncodedImageDataset(ImageDataset):
                 data = Path(path).read_bytes()
             except OSError as e:
                 raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
-            if device_decodable(data):
+            if device_decodable(data, self.min_size):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index
             im = load_image(path, self.min_size)
             return torch.from_numpy(_rgb_array(im)).permute(2, 0, 1).contiguous(), label, index
@@ -145,7 +153,7 @@ class DeviceTransform:
             config = FinetuneConfig()
         (self.h, self.w), interp, crop_pct, mean, std = _parse_data_config(data_config)
         if interp not in ("nearest", "bilinear", "bicubic"):
-            interp = "bilinear"        # torch has no box/hamming/lanczos; bilinear + antialias is closest
+            interp = "bilinear"        # not every device's tensor resize has box/hamming/lanczos: bilinear + antialias
         from torchvision.transforms import InterpolationMode
         self.mode = InterpolationMode(interp)
         self.scale = (math.floor(self.h / crop_pct), math.floor(self.w / crop_pct))
@@ -156,16 +164,16 @@ class DeviceTransform:
         self.brightness = float(config.brightness) if augment else 0.0
         self.contrast = float(config.contrast) if augment else 0.0
         self.normalize = DeviceNormalize(mean, std)
-        self.generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)))
+        self.rng = random.Random(int(getattr(config, "seed", 0)))
         self.failed: list[tuple[int, str]] = []   # (position in its batch, reason), reset per call
 
     def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(int(seed))
+        self.rng.seed(int(seed))
 
     # -- decoding
     def decode(self, items: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         """uint8 tensors (encoded 1-D or decoded 3-D) -> decoded (3, H, W) uint8 on ``device``; None for
-        an image that decodes neither on the device nor on the CPU."""
+        an image that decodes neither on the device nor on the CPU (its reason goes to ``failed``)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         out: list[torch.Tensor | None] = [None] * len(items)
@@ -173,21 +181,33 @@ class DeviceTransform:
         for i, t in enumerate(items):
             if t.dim() == 3:
                 out[i] = t.to(device, non_blocking=True)
-        if encoded:
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()   # nvJPEG ordering bug: see module doc
+        if not encoded:
+            return out
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()   # nvJPEG ordering bug: see module doc
+        try:
+            images = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
+            for i, im in zip(encoded, images):
+                out[i] = im
+            return out
+        except RuntimeError:            # one bad file fails the whole batched call: retry one by one
+            if cuda:                    # work it queued may still write into blocks it gave back
+                torch.cuda.synchronize(device)
+        for i in encoded:
             try:
-                images = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
-                for i, im in zip(encoded, images):
-                    out[i] = im
-            except RuntimeError:           # one bad file fails the whole batched call: retry one by one
-                for i in encoded:
-                    out[i] = self._decode_one(items[i], device)
-                    if out[i] is None:
-                        self.failed.append((i, self._reason))
+                if cuda:
+                    torch.cuda.current_stream(device).synchronize()
+                out[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                out[i] = self._decode_on_cpu(items[i], device)
+                if out[i] is None:
+                    self.failed.append((i, self._reason))
         return out
 
-    def _decode_one(self, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    def _decode_on_cpu(self, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
@@ -201,23 +221,18 @@ class DeviceTransform:
                 self._reason = f"cannot decode ({type(e).__name__}: {e}); fix or remove the file"
                 return None
 
-    # -- geometry and colour (parameters drawn from self.generator, on the host)
-    def _uniform(self, lo: float, hi: float) -> float:
-        return lo + (hi - lo) * float(torch.rand((), generator=self.generator))
-
+    # -- geometry (per image) and colour (per batch); parameters drawn on the host from self.rng
     def _crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """torchvision's RandomResizedCrop.get_params, drawing from the private generator."""
+        """torchvision's RandomResizedCrop.get_params, drawing from the private generator (``self.rng``)."""
         area = height * width
         log_ratio = (math.log(3 / 4), math.log(4 / 3))
         for _ in range(10):
-            target = area * self._uniform(*self.crop_scale)
-            aspect = math.exp(self._uniform(*log_ratio))
+            target = area * self.rng.uniform(*self.crop_scale)
+            aspect = math.exp(self.rng.uniform(*log_ratio))
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,), generator=self.generator))
-                left = int(torch.randint(0, width - w + 1, (1,), generator=self.generator))
-                return top, left, h, w
+                return self.rng.randint(0, height - h), self.rng.randint(0, width - w), h, w
         in_ratio = width / height          # fallback: the whole image at a clamped aspect ratio, centred
         if in_ratio < 3 / 4:
             w, h = width, int(round(width / (3 / 4)))
@@ -227,39 +242,63 @@ class DeviceTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def _one(self, im: torch.Tensor) -> torch.Tensor:
+    def _geometry(self, im: torch.Tensor) -> torch.Tensor:
+        """One decoded image -> (3, h, w) uint8: random resized crop (train) or resize + centre crop."""
         from torchvision.transforms.v2 import functional as F
 
         _, height, width = im.shape
         if self.crop_scale is not None:
             top, left, h, w = self._crop_box(height, width)
-            im = F.resized_crop(im, top, left, h, w, [self.h, self.w], interpolation=self.mode, antialias=True)
+            return F.resized_crop(im, top, left, h, w, [self.h, self.w], interpolation=self.mode, antialias=True)
+        if self.h == self.w:
+            limit = max(1, int(math.ceil(min(height, width) * 2.0)))     # data._LimitAspect(2.0)
+            if width > limit:
+                left = (width - limit) // 2
+                im = im[:, :, left:left + limit]
+            elif height > limit:
+                top = (height - limit) // 2
+                im = im[:, top:top + limit, :]
+            im = F.resize(im, [self.scale[0]], interpolation=self.mode, antialias=True)
         else:
-            if self.h == self.w:
-                short = min(height, width)
-                limit = max(1, int(math.ceil(short * 2.0)))     # data._LimitAspect(2.0)
-                if width > limit:
-                    left = (width - limit) // 2
-                    im = im[:, :, left:left + limit]
-                elif height > limit:
-                    top = (height - limit) // 2
-                    im = im[:, top:top + limit, :]
-                im = F.resize(im, [self.scale[0]], interpolation=self.mode, antialias=True)
+            im = F.resize(im, list(self.scale), interpolation=self.mode, antialias=True)
+        return F.center_crop(im, [self.h, self.w])
+
+    def _colour_params(self, n: int) -> tuple[list[bool], list[list[tuple[str, float]]]]:
+        """Per image: flip or not, and ColorJitter's brightness/contrast factors in its random order."""
+        flips, ops = [], []
+        for _ in range(n):
+            flips.append(self.hflip > 0 and self.rng.random() < self.hflip)
+            steps = []
+            if self.brightness > 0 or self.contrast > 0:
+                order = [0, 1] if self.rng.random() < 0.5 else [1, 0]
+                b = self.rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness > 0 else None
+                c = self.rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast > 0 else None
+                steps = [("b", b) if k == 0 else ("c", c) for k in order if (b if k == 0 else c) is not None]
+            ops.append(steps)
+        return flips, ops
+
+    @staticmethod
+    def _colour(x: torch.Tensor, flips: list[bool], ops: list[list[tuple[str, float]]]) -> torch.Tensor:
+        """Flip + brightness/contrast on a uint8 batch, with torchvision's uint8 arithmetic (blend in
+        float, clamp, truncate), each image with its own factors and order."""
+        n = x.shape[0]
+        if any(flips):
+            mask = torch.tensor(flips, device=x.device).view(n, 1, 1, 1)
+            x = torch.where(mask, x.flip(-1), x)
+        for step in range(max((len(o) for o in ops), default=0)):
+            kinds = [o[step][0] if step < len(o) else None for o in ops]
+            factor = torch.tensor([o[step][1] if step < len(o) else 1.0 for o in ops], device=x.device,
+                                  dtype=torch.float32).view(n, 1, 1, 1)
+            xf = x.float()
+            if "c" in kinds:
+                grey = (xf[:, 0] * 0.2989 + xf[:, 1] * 0.587 + xf[:, 2] * 0.114).floor_().mean(dim=(-2, -1))
+                other = torch.where(torch.tensor([k == "c" for k in kinds], device=x.device).view(n, 1, 1, 1),
+                                    grey.view(n, 1, 1, 1), torch.zeros((), device=x.device))
             else:
-                im = F.resize(im, list(self.scale), interpolation=self.mode, antialias=True)
-            im = F.center_crop(im, [self.h, self.w])
-        if self.hflip > 0 and float(torch.rand((), generator=self.generator)) < self.hflip:
-            im = F.horizontal_flip(im)
-        if self.brightness > 0 or self.contrast > 0:
-            order = torch.randperm(2, generator=self.generator).tolist()    # ColorJitter's random order
-            b = self._uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness > 0 else None
-            c = self._uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast > 0 else None
-            for k in order:
-                if k == 0 and b is not None:
-                    im = F.adjust_brightness(im, b)
-                elif k == 1 and c is not None:
-                    im = F.adjust_contrast(im, c)
-        return im
+                other = torch.zeros((), device=x.device)
+            # brightness blends with black, contrast with the image's mean grey; factor 1 leaves it as is
+            x = (xf * factor + other * (1.0 - factor)).clamp_(0, 255).to(torch.uint8)
+        return x
 
     def __call__(self, items, labels: torch.Tensor, device: torch.device | str,
                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -273,7 +312,9 @@ class DeviceTransform:
         keep = [i for i, im in enumerate(images) if im is not None]
         if not keep:
             return None
-        x = torch.stack([self._one(images[i]) for i in keep])
+        x = torch.stack([self._geometry(images[i]) for i in keep])
+        flips, ops = self._colour_params(len(keep))
+        x = self._colour(x, flips, ops)
         y = labels[keep] if len(keep) < len(images) else labels
         return self.normalize(x, device, channels_last), y.to(device, non_blocking=True)
 
@@ -290,8 +331,11 @@ class DevicePrefetcher:
         self.loader = loader
         self.transform = transform
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.channels_last = channels_last
         self.depth = max(1, int(depth))
+        self._thread: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -309,7 +353,7 @@ class DevicePrefetcher:
 
     def set_epoch(self, epoch: int, seed: int = 0) -> None:
         """Reseed the augmentation draws from (seed, epoch): an epoch's crops depend on nothing else."""
-        self.transform.reseed(int(seed) * 1_000_003 + int(epoch))
+        self.transform.reseed((int(seed) * 1_000_003 + int(epoch)) % 2**63)
 
     def __iter__(self):
         cuda = self.device.type == "cuda"
@@ -351,7 +395,15 @@ class DevicePrefetcher:
             except BaseException as e:     # surfaced in the training thread
                 put(e)
 
+        if self._thread is not None and self._thread.is_alive():
+            # The last pass was left early and its thread is still waiting on the loader: two threads
+            # must never iterate the same (persistent-worker) loader at once.
+            self._thread.join(timeout=120)
+            if self._thread.is_alive():
+                raise RuntimeError("the previous pass over the data is still running in the background; "
+                                   "restart the run (--resume continues it)")
         thread = threading.Thread(target=work, name="zoo-device-decode", daemon=True)
+        self._thread = thread
         thread.start()
         try:
             while True:

@@ -520,6 +520,9 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                              workers=config.workers, device=device.type)
     if on_device:
         from finetune.decode import DevicePrefetcher, DeviceTransform
+        if device.type != "cuda":
+            say(f"warning: --decode device on {device.type} decodes in one thread of the main process; "
+                "it is meant for CUDA (nvJPEG): the workers path is usually faster here")
         train_loader = DevicePrefetcher(train_loader, DeviceTransform(data_config, True, config), device,
                                         channels_last=channels_last)
         val_loader = DevicePrefetcher(val_loader, DeviceTransform(data_config, False, config), device,

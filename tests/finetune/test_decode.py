@@ -52,7 +52,9 @@ def test_device_decodable_only_plain_jpegs():
     im = photo()
     assert device_decodable(jpeg_bytes(im))
     assert device_decodable(jpeg_bytes(im.convert("L")))
-    assert device_decodable(jpeg_bytes(im, progressive=True))
+    assert not device_decodable(jpeg_bytes(im, progressive=True))       # nvJPEG's slow host path
+    assert device_decodable(jpeg_bytes(im), min_size=30)
+    assert not device_decodable(jpeg_bytes(im), min_size=22)     # 44 px short side: the workers draft() it
     assert not device_decodable(jpeg_bytes(im.convert("CMYK")))          # decode_jpeg would drop K
     exif = Image.Exif()
     exif[0x0112] = 6                                                       # rotated 90 degrees
@@ -111,6 +113,31 @@ def test_train_transform_is_seeded_and_varied():
     e = DeviceTransform(DATA_CONFIG, False)
     assert torch.equal(off([data], torch.zeros(1, dtype=torch.long), "cpu")[0],
                        e([data], torch.zeros(1, dtype=torch.long), "cpu")[0])
+
+
+def test_batched_colour_equals_torchvision_per_image():
+    """Flip + brightness/contrast on the whole batch == torchvision's functional ops image by image."""
+    from torchvision.transforms.v2 import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 3, 9, 7), dtype=torch.uint8, generator=g)
+    flips = [True, False, True, False, False]
+    ops = [[("b", 1.3), ("c", 0.7)], [("c", 1.4), ("b", 0.8)], [("b", 0.6)], [], [("c", 0.2), ("b", 1.0)]]
+    got = DeviceTransform._colour(x, flips, ops)
+    for i in range(5):
+        ref = F.horizontal_flip(x[i]) if flips[i] else x[i]
+        for kind, f in ops[i]:
+            ref = F.adjust_brightness(ref, f) if kind == "b" else F.adjust_contrast(ref, f)
+        assert torch.equal(got[i], ref), i
+
+
+def test_epoch_reseed_accepts_any_seed():
+    t = DeviceTransform(DATA_CONFIG, True, AUG)
+    pre = DevicePrefetcher([], t, "cpu")
+    pre.set_epoch(3, seed=2**62 + 12345)          # a mixed epoch seed times a multiplier: no overflow
+    a = t._crop_box(100, 100)
+    pre.set_epoch(3, seed=2**62 + 12345)
+    assert t._crop_box(100, 100) == a
 
 
 def test_crop_box_follows_random_resized_crop():
@@ -226,14 +253,28 @@ def test_decode_option_is_validated():
 @pytest.mark.gpu
 def test_device_decode_on_cuda_matches_cpu(tmp_path):
     """nvJPEG + device transforms == the same on the CPU, to a level or two; many batches through the
-    prefetcher's side stream stay finite (the nvJPEG ordering bug showed up as NaN losses)."""
+    prefetcher's side stream stay finite (the nvJPEG ordering bug showed up as NaN losses); a greyscale
+    and a corrupt JPEG in the folder; a bare "cuda" device."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
-    report = scan_folder(folder(tmp_path / "d", n=40), val_split=0.01)
+    root = folder(tmp_path / "d" / "train", n=40)
+    folder(tmp_path / "d" / "val", n=1)
+    (root / "a" / "grey.jpg").write_bytes(jpeg_bytes(photo(seed=99).convert("L")))
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "b" / "bad.jpg").write_bytes(good[:200] + bytes(len(good) - 202) + b"\xff\xd9")
+    report = scan_folder(tmp_path / "d")
     ds = EncodedImageDataset(report.train)
     loader = make_loader(ds, 16, train=False, workers=2, device="cuda")
     cpu = torch.cat([x for x, _ in DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu")])
+    assert cpu.shape[0] == len(report.train.items) - 1
     for _ in range(3):
-        gpu = torch.cat([x.cpu() for x, _ in DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cuda",
-                                                               channels_last=True)])
-        assert torch.isfinite(gpu).all() and float((gpu - cpu).abs().mean()) < 0.05
+        got = list(DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cuda", channels_last=True))
+        gpu = torch.cat([x.cpu() for x, _ in got])
+        assert got[0][0].device.type == "cuda" and got[0][0].is_contiguous(memory_format=torch.channels_last)
+        assert gpu.shape == cpu.shape and torch.isfinite(gpu).all()
+        assert float((gpu - cpu).abs().mean()) < 0.05
+    train = DevicePrefetcher(make_loader(ds, 16, train=True, workers=2, device="cuda"),
+                             DeviceTransform(DATA_CONFIG, True, AUG), "cuda")
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        assert all(torch.isfinite(x).all() for x, _ in train)
