@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,6 +38,8 @@ __all__ = [
     "scan_folder",
     "write_scan",
     "load_image",
+    "load_image_tensor",
+    "device_decodable",
     "build_transform",
     "ImageTransform",
     "DeviceNormalize",
@@ -587,6 +590,51 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                         "fix or remove the file") from None
 
 
+_SOI = b"\xff\xd8\xff"
+_ORIENTATION = 0x0112
+
+
+def device_decodable(data: bytes, min_size: int | None = None) -> bool:
+    """True for a JPEG that ``torchvision.io.decode_jpeg`` turns into the same upright RGB image as
+    ``load_image``: baseline (progressive JPEGs take nvJPEG's slow host path), RGB or greyscale (not
+    CMYK/YCCK), no EXIF rotation, within PIL's decompression-bomb limit, and, given ``min_size``, not so
+    large that ``load_image`` would decode it at a reduced scale (PIL ``draft``: cheaper than a full-size
+    decode)."""
+    if not data.startswith(_SOI):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
+                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive"):
+                    return False
+                if min_size and min(im.size) >= 2 * int(min_size):
+                    return False
+                return int(im.getexif().get(_ORIENTATION, 1) or 1) == 1
+    except Exception:        # unreadable header, bomb, odd EXIF: load_image decides (and reports)
+        return False
+
+
+def load_image_tensor(path: str | Path, min_size: int | None = None) -> torch.Tensor:
+    """``load_image`` as a uint8 tensor (3, H, W): plain JPEGs (:func:`device_decodable`) are decoded by
+    ``torchvision.io.decode_jpeg`` (libjpeg-turbo, 1.2x PIL's decode here), everything else by
+    ``load_image``. Raises DataError like ``load_image``."""
+    import numpy as np
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
+    if device_decodable(data, min_size):
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass                  # let PIL decide: it reads some files libjpeg's strict mode rejects
+    im = load_image(path, min_size)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 # ------------------------------------------------------------------------------------ transforms
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
@@ -601,17 +649,18 @@ class _LimitAspect:
     def __init__(self, ratio: float = 2.0) -> None:
         self.ratio = ratio
 
-    def __call__(self, im: Image.Image) -> Image.Image:
-        w, h = im.size
+    def __call__(self, im):
+        tensor = isinstance(im, torch.Tensor)
+        h, w = tuple(im.shape[-2:]) if tensor else (im.size[1], im.size[0])
         short = min(w, h)
         limit = max(1, int(math.ceil(short * self.ratio)))
         if max(w, h) <= limit:
             return im
         if w > h:
             left = (w - limit) // 2
-            return im.crop((left, 0, left + limit, h))
+            return im[..., :, left:left + limit] if tensor else im.crop((left, 0, left + limit, h))
         top = (h - limit) // 2
-        return im.crop((0, top, w, top + limit))
+        return im[..., top:top + limit, :] if tensor else im.crop((0, top, w, top + limit))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
@@ -699,7 +748,10 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
                     T.CenterCrop((h, w))]
         return [T.Resize(scale, interpolation=mode, antialias=True), T.CenterCrop((h, w))]
 
-    steps: list = []
+    # uint8 output (the CUDA path) works on uint8 tensors from the start: torch's resize and jitter
+    # kernels are 1.3x (train) / 2.1x (eval) PIL's per worker core (scripts/bench_decode.py), and the
+    # dataset decodes plain JPEGs straight into a tensor (load_image_tensor). PIL inputs still work.
+    steps: list = [T.PILToTensor()] if output == "uint8" else []
     augment = train and bool(getattr(config, "augment", True))
     if augment and float(config.crop_scale_min) < 1.0:
         steps.append(T.RandomResizedCrop((h, w), scale=(float(config.crop_scale_min), 1.0), interpolation=mode,
@@ -711,9 +763,8 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     if augment and (float(config.brightness) > 0 or float(config.contrast) > 0):
         steps.append(T.ColorJitter(brightness=float(config.brightness) or None,
                                    contrast=float(config.contrast) or None))
-    steps.append(T.PILToTensor())
     if output == "float":
-        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+        steps += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     return ImageTransform(T.Compose(steps), min_size=max(scale), train=train, output=output, mean=mean, std=std)
 
 
@@ -804,7 +855,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.image_set.items[index]
         try:
-            im = load_image(path, self.min_size)
+            if getattr(self.transform, "output", None) == "uint8":    # a tensor pipeline: decode to a tensor
+                im = load_image_tensor(path, self.min_size)
+            else:
+                im = load_image(path, self.min_size)
             return (self.transform(im) if self.transform is not None else im), label
         except Exception as e:   # one bad image must not kill the batch or the worker
             reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"

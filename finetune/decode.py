@@ -30,43 +30,18 @@ import math
 import queue
 import random
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
-from finetune.data import DeviceNormalize, ImageDataset, _parse_data_config, _printable, load_image
+from finetune.data import (DeviceNormalize, ImageDataset, _parse_data_config, _printable, device_decodable,
+                           load_image)
 from finetune.errors import DataError
 
 __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
            "device_decodable"]
-
-_SOI = b"\xff\xd8\xff"
-_ORIENTATION = 0x0112
-
-
-def device_decodable(data: bytes, min_size: int | None = None) -> bool:
-    """True for a JPEG that ``decode_jpeg`` turns into the same upright RGB image as ``load_image``:
-    baseline (progressive JPEGs take nvJPEG's slow host path), RGB or greyscale (not CMYK/YCCK), no EXIF
-    rotation, within PIL's decompression-bomb limit, and, given ``min_size``, not so large that the
-    worker path would decode it at a reduced scale (PIL ``draft``: cheaper there than a full-size decode
-    on the device, and the same pixels as the worker path)."""
-    if not data.startswith(_SOI):
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
-                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive"):
-                    return False
-                if min_size and min(im.size) >= 2 * int(min_size):
-                    return False
-                return int(im.getexif().get(_ORIENTATION, 1) or 1) == 1
-    except Exception:        # unreadable header, bomb, odd EXIF: the CPU path decides (and reports)
-        return False
-
 
 class EncodedImageDataset(ImageDataset):
     """``[i] -> (uint8 tensor, label, i)``: encoded JPEG bytes (1-D) or a decoded image (3, H, W); None

@@ -19,6 +19,7 @@ from finetune.data import (
     class_weights,
     collate_skip_none,
     load_image,
+    load_image_tensor,
     make_loader,
     resolve_workers,
     scan_folder,
@@ -210,14 +211,20 @@ def test_bad_data_config():
 
 
 # --------------------------------------------------- uint8 batches normalised on the device
-def _uint8_tolerance(data_config) -> float:
-    return 1 / 255 / min(data_config["std"]) + 1e-6       # one uint8 step after normalisation
+def _uint8_tolerance(data_config, levels: int = 1) -> float:
+    return levels / 255 / min(data_config["std"]) + 1e-6   # ``levels`` uint8 steps after normalisation
+
+
+def _levels(x: torch.Tensor, ref: torch.Tensor, data_config) -> torch.Tensor:
+    """|x - ref| of two normalised images, in uint8 levels."""
+    return (x - ref).abs() * torch.tensor(data_config["std"]).view(-1, 3, 1, 1).squeeze(0) * 255
 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_uint8_output_matches_float_path(tmp_path, train):
     """Same image, same seed: uint8 transform + DeviceNormalize == the float transform (augmentation
-    included: the same random draws), within uint8 rounding (bit for bit on CPU)."""
+    included: the same random draws). The uint8 pipeline runs torch's kernels on tensors, the float one
+    PIL's on images: equal to 2 levels (jitter rounding), on average far below one level."""
     im = load_image(make_image(tmp_path / "a.png", 1, size=48))
     config = FinetuneConfig(crop_scale_min=0.35, hflip=0.5, brightness=0.4, contrast=0.4)
     fl = build_transform(DATA_CONFIG, train, config)
@@ -231,9 +238,29 @@ def test_uint8_output_matches_float_path(tmp_path, train):
         assert b.dtype == torch.uint8 and b.shape == a.shape
         x = norm(b.unsqueeze(0), "cpu")[0]
         assert x.dtype == torch.float32
-        assert float((x - a).abs().max()) <= _uint8_tolerance(DATA_CONFIG)
-        assert torch.equal(x, a)
-        assert torch.equal(to_device_batch(b.unsqueeze(0), "cpu", DATA_CONFIG["mean"], DATA_CONFIG["std"])[0], a)
+        diff = _levels(x, a, DATA_CONFIG)
+        assert float(diff.max()) <= 2.0 + 1e-4 and float(diff.mean()) < 0.5
+        assert torch.equal(to_device_batch(b.unsqueeze(0), "cpu", DATA_CONFIG["mean"], DATA_CONFIG["std"])[0], x)
+
+
+def test_load_image_tensor_equals_load_image(tmp_path):
+    """Plain JPEGs through decode_jpeg, everything else through PIL: the same pixels as load_image."""
+    import numpy as np
+
+    rgb = Image.linear_gradient("L").resize((40, 30)).convert("RGB")
+    paths = {"plain.jpg": ("JPEG", rgb), "grey.jpg": ("JPEG", rgb.convert("L")), "x.png": ("PNG", rgb),
+             "prog.jpg": ("JPEG", rgb), "cmyk.jpg": ("JPEG", rgb.convert("CMYK"))}
+    for name, (fmt, im) in paths.items():
+        im.save(tmp_path / name, fmt, **({"progressive": True} if name == "prog.jpg" else {}))
+        ref = torch.from_numpy(np.array(load_image(tmp_path / name))).permute(2, 0, 1)
+        got = load_image_tensor(tmp_path / name)
+        assert got.dtype == torch.uint8 and got.shape == ref.shape, name
+        assert int((got.int() - ref.int()).abs().max()) <= 1, name      # libjpeg-turbo both sides
+    with pytest.raises(DataError):
+        load_image_tensor(tmp_path / "missing.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(DataError):
+        load_image_tensor(tmp_path / "bad.jpg")
 
 
 def test_uint8_loader_batches_match_float_loader(image_folder):
@@ -250,7 +277,7 @@ def test_uint8_loader_batches_match_float_loader(image_folder):
         assert xu.dtype == torch.uint8 and torch.equal(yf, yu)
         out = norm(xu, "cpu", channels_last=True)
         assert out.is_contiguous(memory_format=torch.channels_last)
-        assert float((out - xf).abs().max()) <= _uint8_tolerance(DATA_CONFIG)
+        assert float((out - xf).abs().max()) <= _uint8_tolerance(DATA_CONFIG, levels=2)
 
 
 def test_evaluate_with_device_normalize_equals_float(image_folder):
@@ -269,7 +296,7 @@ def test_evaluate_with_device_normalize_equals_float(image_folder):
 
     a = run("float", None)
     b = run("uint8", DeviceNormalize.from_data_config(DATA_CONFIG))
-    assert a["confusion"] == b["confusion"] and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert a["confusion"] == b["confusion"] and b["loss"] == pytest.approx(a["loss"], abs=1e-3)
 
 
 def test_uint8_output_options():
@@ -292,7 +319,7 @@ def test_device_normalize_on_cuda(tmp_path):
     b = build_transform(DATA_CONFIG, True, config, output="uint8")(im)
     x = DeviceNormalize.from_data_config(DATA_CONFIG)(b.unsqueeze(0).pin_memory(), "cuda", channels_last=True)
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
-    assert float((x[0].cpu() - a).abs().max()) <= _uint8_tolerance(DATA_CONFIG)
+    assert float((x[0].cpu() - a).abs().max()) <= _uint8_tolerance(DATA_CONFIG, levels=2)
 
 
 # ------------------------------------------------------------------------------- dataset/loaders

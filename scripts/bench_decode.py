@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Per-core cost of a DataLoader worker's job on 500x375 JPEGs: PIL vs tensor (torchvision) pipelines.
+
+What one worker does per image in `zoo finetune` (PIL decode, then v2 transforms on the PIL image, then
+PILToTensor) against the same steps on a uint8 tensor (`torchvision.io.decode_jpeg` on the CPU, v2
+transforms on tensors). One thread, synthetic photo-like JPEGs (quality 90), medians of repeats; all
+variants run interleaved in one process, so compare them as ratios.
+
+    .venv/bin/python scripts/bench_decode.py [--images 40] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2 as T
+
+
+def photos(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+        im = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, (375, 500, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def pil_decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def tensor_decode(data: bytes) -> torch.Tensor:
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    data = photos(a.images)
+    jitter = dict(brightness=0.2, contrast=0.2)            # zoo finetune's defaults
+    train = [T.RandomResizedCrop(224, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    evals = [T.Resize(256, antialias=True), T.CenterCrop(224)]
+    variants = {
+        "decode only: PIL": pil_decode,
+        "decode only: decode_jpeg": tensor_decode,
+        "train (crop, flip, jitter): PIL": lambda d, t=T.Compose(train + [T.ColorJitter(**jitter), T.PILToTensor()]): t(pil_decode(d)),
+        "train (crop, flip, jitter): tensor": lambda d, t=T.Compose(train + [T.ColorJitter(**jitter)]): t(tensor_decode(d)),
+        "train (crop, flip), jitter left to the GPU: tensor": lambda d, t=T.Compose(train): t(tensor_decode(d)),
+        "eval (resize, centre crop): PIL": lambda d, t=T.Compose(evals + [T.PILToTensor()]): t(pil_decode(d)),
+        "eval (resize, centre crop): tensor": lambda d, t=T.Compose(evals): t(tensor_decode(d)),
+    }
+    # zoo's own datasets on the same files: the float path (CPU runs: PIL) and the uint8 path (CUDA
+    # runs: decode_jpeg + tensor transforms, normalised on the GPU), defaults of zoo finetune.
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from finetune.config import FinetuneConfig
+    from finetune.data import ImageDataset, ImageSet, build_transform
+
+    folder = Path(tempfile.mkdtemp(prefix="zoo-bench-decode-"))
+    for i, d in enumerate(data):
+        (folder / f"{i}.jpg").write_bytes(d)
+    image_set = ImageSet([(str(folder / f"{i}.jpg"), 0) for i in range(len(data))], ["x"])
+    dc = {"input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875, "mean": (0.5,) * 3,
+          "std": (0.5,) * 3}
+    for output in ("float", "uint8"):
+        for train in (True, False):
+            ds = ImageDataset(image_set, build_transform(dc, train, FinetuneConfig(), output=output))
+            index = {d: i for i, d in enumerate(data)}
+            variants[f"zoo ImageDataset, {'train' if train else 'eval'}, {output} output"] = \
+                lambda d, ds=ds, index=index: ds[index[d]]
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(a.repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for d in data:
+                fn(d)
+            rates[name].append(len(data) / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print("| worker job, one core, 500x375 JPEG | images/s |\n|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.0f} |")
+    print(f"\ntrain tensor / PIL: {med['train (crop, flip, jitter): tensor'] / med['train (crop, flip, jitter): PIL']:.2f}x; "
+          f"without jitter in the worker: {med['train (crop, flip), jitter left to the GPU: tensor'] / med['train (crop, flip, jitter): PIL']:.2f}x; "
+          f"eval: {med['eval (resize, centre crop): tensor'] / med['eval (resize, centre crop): PIL']:.2f}x")
+    print(f"zoo ImageDataset uint8 / float: train "
+          f"{med['zoo ImageDataset, train, uint8 output'] / med['zoo ImageDataset, train, float output']:.2f}x, eval "
+          f"{med['zoo ImageDataset, eval, uint8 output'] / med['zoo ImageDataset, eval, float output']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
