@@ -39,6 +39,8 @@ __all__ = [
     "write_scan",
     "load_image",
     "load_image_tensor",
+    "read_image_bytes",
+    "to_uint8_tensor",
     "device_decodable",
     "build_transform",
     "ImageTransform",
@@ -615,24 +617,34 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
         return False
 
 
+def read_image_bytes(path: str | Path) -> bytes:
+    """The file's bytes. Raises DataError (one line, what to do) when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
+
+
+def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> a writable uint8 tensor (3, H, W)."""
+    import numpy as np
+
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 def load_image_tensor(path: str | Path, min_size: int | None = None) -> torch.Tensor:
     """``load_image`` as a uint8 tensor (3, H, W): plain JPEGs (:func:`device_decodable`) are decoded by
     ``torchvision.io.decode_jpeg`` (libjpeg-turbo, 1.2x PIL's decode here), everything else by
     ``load_image``. Raises DataError like ``load_image``."""
-    import numpy as np
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
+    data = read_image_bytes(path)
     if device_decodable(data, min_size):
         from torchvision.io import ImageReadMode, decode_jpeg
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass                  # let PIL decide: it reads some files libjpeg's strict mode rejects
-    im = load_image(path, min_size)
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return to_uint8_tensor(load_image(path, min_size))
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -670,17 +682,19 @@ class ImageTransform:
     """A transform pipeline plus ``min_size``: the smallest side a decoded image needs (for ``draft``).
 
     ``output``: "float" (normalised float32) or "uint8" (0-255 pixels; ``mean``/``std`` are then applied
-    on the device by :class:`DeviceNormalize`).
+    on the device by :class:`DeviceNormalize`). ``tensor_input``: the pipeline works on uint8 tensors
+    (``ImageDataset`` then decodes with :func:`load_image_tensor`); PIL images are accepted either way.
     """
 
     def __init__(self, pipeline: Callable, min_size: int, train: bool, *, output: str = "float",
-                 mean: tuple = (), std: tuple = ()) -> None:
+                 mean: tuple = (), std: tuple = (), tensor_input: bool = False) -> None:
         self.pipeline = pipeline
         self.min_size = min_size
         self.train = train
         self.output = output
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.tensor_input = tensor_input
 
     def __call__(self, im: Image.Image):
         return self.pipeline(im)
@@ -751,7 +765,9 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     # uint8 output (the CUDA path) works on uint8 tensors from the start: torch's resize and jitter
     # kernels are 1.3x (train) / 2.1x (eval) PIL's per worker core (scripts/bench_decode.py), and the
     # dataset decodes plain JPEGs straight into a tensor (load_image_tensor). PIL inputs still work.
-    steps: list = [T.PILToTensor()] if output == "uint8" else []
+    # torch has no box/hamming resize: those stay on PIL images.
+    tensor_input = output == "uint8" and interp not in ("box", "hamming")
+    steps: list = [T.PILToTensor()] if tensor_input else []
     augment = train and bool(getattr(config, "augment", True))
     if augment and float(config.crop_scale_min) < 1.0:
         steps.append(T.RandomResizedCrop((h, w), scale=(float(config.crop_scale_min), 1.0), interpolation=mode,
@@ -763,9 +779,12 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     if augment and (float(config.brightness) > 0 or float(config.contrast) > 0):
         steps.append(T.ColorJitter(brightness=float(config.brightness) or None,
                                    contrast=float(config.contrast) or None))
+    if not tensor_input:
+        steps.append(T.PILToTensor())
     if output == "float":
-        steps += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-    return ImageTransform(T.Compose(steps), min_size=max(scale), train=train, output=output, mean=mean, std=std)
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    return ImageTransform(T.Compose(steps), min_size=max(scale), train=train, output=output, mean=mean, std=std,
+                          tensor_input=tensor_input)
 
 
 class DeviceNormalize:
@@ -855,7 +874,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.image_set.items[index]
         try:
-            if getattr(self.transform, "output", None) == "uint8":    # a tensor pipeline: decode to a tensor
+            if getattr(self.transform, "tensor_input", False):    # a tensor pipeline: decode to a tensor
                 im = load_image_tensor(path, self.min_size)
             else:
                 im = load_image(path, self.min_size)

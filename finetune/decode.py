@@ -36,8 +36,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from finetune.data import (DeviceNormalize, ImageDataset, _parse_data_config, _printable, device_decodable,
-                           load_image)
+from finetune.data import (DeviceNormalize, ImageDataset, _parse_data_config, _printable, build_transform,
+                           device_decodable, load_image, read_image_bytes, to_uint8_tensor)
 from finetune.errors import DataError
 
 __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
@@ -61,14 +61,10 @@ class EncodedImageDataset(ImageDataset):
     def __getitem__(self, index: int):
         path, label = self.image_set.items[index]
         try:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
+            data = read_image_bytes(path)
             if device_decodable(data, self.min_size):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index
-            im = load_image(path, self.min_size)
-            return torch.from_numpy(_rgb_array(im)).permute(2, 0, 1).contiguous(), label, index
+            return to_uint8_tensor(load_image(path, self.min_size)), label, index
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}")
             return None
@@ -77,12 +73,6 @@ class EncodedImageDataset(ImageDataset):
         """Record that image ``index`` failed (listed by ``failures()``; safe from worker processes)."""
         with open(self.failure_log, "a", encoding="utf-8") as fh:
             fh.write(f"{int(index)}\t{_printable(reason)}".replace("\n", " ") + "\n")
-
-
-def _rgb_array(im: Image.Image):
-    import numpy as np
-
-    return np.array(im.convert("RGB"), dtype=np.uint8)    # a writable copy
 
 
 def collate_encoded(batch: list):
@@ -118,20 +108,22 @@ class DeviceTransform:
     Same steps and parameters as ``finetune.data.build_transform`` (``RandomResizedCrop(scale=(
     crop_scale_min, 1), ratio=(3/4, 4/3))``, flip with probability ``hflip``, brightness/contrast jitter
     in random order; eval: the long side limited to 2x the short, shorter side resized to
-    ``size / crop_pct``, centre crop). Resizing is torch's antialiased interpolation instead of PIL's, so
-    pixels differ slightly from the worker path (by a few levels), the distribution does not.
+    ``size / crop_pct``, centre crop: ``build_transform``'s own uint8 pipeline). Resizing is torch's
+    antialiased interpolation, as in the CUDA worker path; pixels differ from the PIL (CPU) path by a
+    few levels, the distribution does not. Box/hamming/lanczos resize as bilinear here.
     """
 
     def __init__(self, data_config: dict, train: bool, config: Any | None = None) -> None:
         if config is None:
             from finetune.config import FinetuneConfig
             config = FinetuneConfig()
-        (self.h, self.w), interp, crop_pct, mean, std = _parse_data_config(data_config)
+        (self.h, self.w), interp, _, mean, std = _parse_data_config(data_config)
         if interp not in ("nearest", "bilinear", "bicubic"):
             interp = "bilinear"        # not every device's tensor resize has box/hamming/lanczos: bilinear + antialias
         from torchvision.transforms import InterpolationMode
         self.mode = InterpolationMode(interp)
-        self.scale = (math.floor(self.h / crop_pct), math.floor(self.w / crop_pct))
+        # eval geometry: the worker path's own tensor pipeline (limit aspect, resize, centre crop)
+        self.fixed = build_transform({**data_config, "interpolation": interp}, False, config, output="uint8")
         self.train = train
         augment = train and bool(getattr(config, "augment", True))
         self.crop_scale = (float(config.crop_scale_min), 1.0) if augment and float(config.crop_scale_min) < 1 else None
@@ -191,7 +183,7 @@ class DeviceTransform:
             try:
                 with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
                     im.load()
-                    return torch.from_numpy(_rgb_array(im)).permute(2, 0, 1).contiguous().to(device)
+                    return to_uint8_tensor(im).to(device)
             except Exception as e:
                 self._reason = f"cannot decode ({type(e).__name__}: {e}); fix or remove the file"
                 return None
@@ -225,18 +217,7 @@ class DeviceTransform:
         if self.crop_scale is not None:
             top, left, h, w = self._crop_box(height, width)
             return F.resized_crop(im, top, left, h, w, [self.h, self.w], interpolation=self.mode, antialias=True)
-        if self.h == self.w:
-            limit = max(1, int(math.ceil(min(height, width) * 2.0)))     # data._LimitAspect(2.0)
-            if width > limit:
-                left = (width - limit) // 2
-                im = im[:, :, left:left + limit]
-            elif height > limit:
-                top = (height - limit) // 2
-                im = im[:, top:top + limit, :]
-            im = F.resize(im, [self.scale[0]], interpolation=self.mode, antialias=True)
-        else:
-            im = F.resize(im, list(self.scale), interpolation=self.mode, antialias=True)
-        return F.center_crop(im, [self.h, self.w])
+        return self.fixed(im)
 
     def _colour_params(self, n: int) -> tuple[list[bool], list[list[tuple[str, float]]]]:
         """Per image: flip or not, and ColorJitter's brightness/contrast factors in its random order."""

@@ -263,6 +263,21 @@ def test_load_image_tensor_equals_load_image(tmp_path):
         load_image_tensor(tmp_path / "bad.jpg")
 
 
+@pytest.mark.parametrize("interp", ["box", "hamming"])
+def test_uint8_path_keeps_pil_for_resizes_torch_lacks(tmp_path, interp):
+    """torch has no box/hamming resize: those uint8 pipelines stay on PIL images (no per-image failures)."""
+    config = {**DATA_CONFIG, "interpolation": interp}
+    for train in (True, False):
+        tf = build_transform(config, train, output="uint8")
+        assert not tf.tensor_input
+        report = scan_folder(make_image_folder(tmp_path / f"{interp}{train}", per_class=3), val_split=0.34)
+        ds = ImageDataset(report.train, tf)
+        items = [ds[i] for i in range(len(ds))]
+        assert all(x is not None and x[0].dtype == torch.uint8 and x[0].shape == (3, 32, 32) for x in items)
+    assert build_transform(DATA_CONFIG, False, output="uint8").tensor_input
+    assert not build_transform(DATA_CONFIG, False).tensor_input
+
+
 def test_uint8_loader_batches_match_float_loader(image_folder):
     report = scan_folder(image_folder)
     config = FinetuneConfig(brightness=0.3, contrast=0.3)
