@@ -29,7 +29,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -366,65 +365,47 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
         return statistics.median(rates)
 
     res: dict[str, Any] = {"images": len(items), "workers_tried": a.workers}
-    ds = ImageDataset(image_set, build_transform(data_config, True, config))
-    for w in a.workers:
-        name = f"PIL decode + float transform in {w} workers (make_loader)"
+
+    def measure(name: str, build: Callable, normalize=None) -> None:
+        """res[name] = images/s of the loader that build() makes (its workers end with it), or the error."""
         try:
-            loader = make_loader(ds, a.batch, train=True, workers=w, device=str(device), seed=0)
-            res[name] = run(loader)
-            del loader
+            res[name] = run(build(), normalize)
         except Exception as e:  # noqa: BLE001
             res[name] = f"error: {type(e).__name__}: {e}"
         say(f"e2e   {name:60s} {res[name]}")
+
+    ds = ImageDataset(image_set, build_transform(data_config, True, config))
+    for w in a.workers:
+        measure(f"PIL decode + float transform in {w} workers (make_loader)",
+                lambda w=w: make_loader(ds, a.batch, train=True, workers=w, device=str(device), seed=0))
     w = max(a.workers)
-    name = f"PIL decode, uint8 batches in {w} workers, normalise on device"
-    try:
-        ds8 = ImageDataset(image_set, UInt8Transform(a.size))
-        loader = make_loader(ds8, a.batch, train=True, workers=w, device=str(device), seed=0)
-        res[name] = run(NormaliseOnDevice(loader, device))
-        del loader
-    except Exception as e:  # noqa: BLE001
-        res[name] = f"error: {type(e).__name__}: {e}"
-    say(f"e2e   {name:60s} {res[name]}")
+    measure(f"PIL decode, uint8 batches in {w} workers, normalise on device",
+            lambda: NormaliseOnDevice(make_loader(ImageDataset(image_set, UInt8Transform(a.size)), a.batch,
+                                                  train=True, workers=w, device=str(device), seed=0), device))
     # What `zoo finetune` itself runs: fit's loader (make_train_loader) on the transform it builds, with
     # gpu_normalize's uint8 output normalised on the device, and the same with gpu_normalize off.
     for gpu_norm in (True, False):
         output = "uint8" if gpu_norm else "float"
-        name = f"zoo finetune loader (make_train_loader, {output} batches{', gpu_normalize' if gpu_norm else ''}) in {w} workers"
-        try:
-            cfg_w = config.replace(workers=w, gpu_normalize=gpu_norm)
-            dsz = ImageDataset(image_set, build_transform(data_config, True, cfg_w, output=output))
-            loader = make_train_loader(dsz, cfg_w, device=device.type)
-            res[name] = run(loader, DeviceNormalize.from_data_config(data_config) if gpu_norm else None)
-            del loader
-        except Exception as e:  # noqa: BLE001
-            res[name] = f"error: {type(e).__name__}: {e}"
-        say(f"e2e   {name:60s} {res[name]}")
+        cfg_w = config.replace(workers=w, gpu_normalize=gpu_norm)
+        measure(f"zoo finetune loader (make_train_loader, {output} batches{', gpu_normalize' if gpu_norm else ''}) in {w} workers",
+                lambda cfg_w=cfg_w, output=output: make_train_loader(
+                    ImageDataset(image_set, build_transform(data_config, True, cfg_w, output=output)), cfg_w,
+                    device=device.type),
+                DeviceNormalize.from_data_config(data_config) if gpu_norm else None)
     # `zoo finetune --decode device`: workers read files, JPEGs decoded + augmented on the device in a
     # prefetch thread on its own stream (finetune.decode).
-    name = f"zoo finetune loader, --decode device ({w} workers read files)"
-    try:
-        from finetune.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
+    from finetune.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 
-        cfg_d = config.replace(workers=w, decode="device")
-        dsd = EncodedImageDataset(image_set, build_transform(data_config, False, cfg_d).min_size)
-        loader = DevicePrefetcher(make_train_loader(dsd, cfg_d, device=device.type),
-                                  DeviceTransform(data_config, True, cfg_d), device, channels_last=True)
-        res[name] = run(loader)
-        del loader
-    except Exception as e:  # noqa: BLE001
-        res[name] = f"error: {type(e).__name__}: {e}"
-    say(f"e2e   {name:60s} {res[name]}")
-    name = f"torchvision.io.decode_jpeg on {device.type} ({w} workers read files)"
-    try:
-        loader = torch.utils.data.DataLoader(FileBytes(items), batch_size=a.batch, shuffle=True, num_workers=w,
-                                             collate_fn=collate_bytes, drop_last=True,
-                                             persistent_workers=w > 0, prefetch_factor=4 if w else None)
-        res[name] = run(MapLoader(loader, GpuDecode(device, a.size)))
-        del loader
-    except Exception as e:  # noqa: BLE001
-        res[name] = f"error: {type(e).__name__}: {e}"
-    say(f"e2e   {name:60s} {res[name]}")
+    cfg_d = config.replace(workers=w, decode="device")
+    measure(f"zoo finetune loader, --decode device ({w} workers read files)",
+            lambda: DevicePrefetcher(make_train_loader(EncodedImageDataset(image_set, build_transform(
+                data_config, False, cfg_d).min_size), cfg_d, device=device.type),
+                DeviceTransform(data_config, True, cfg_d), device, channels_last=True))
+    measure(f"torchvision.io.decode_jpeg on {device.type} ({w} workers read files)",
+            lambda: MapLoader(torch.utils.data.DataLoader(
+                FileBytes(items), batch_size=a.batch, shuffle=True, num_workers=w, collate_fn=collate_bytes,
+                drop_last=True, persistent_workers=w > 0, prefetch_factor=4 if w else None),
+                GpuDecode(device, a.size)))
     return res
 
 
@@ -550,14 +531,9 @@ def machine(device: torch.device) -> dict[str, Any]:
     import timm
     import torchvision
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from scripts.bench import cpu_name
+
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU (CPU smoke run)"
     return {"gpu": gpu, "cpu": cpu, "cores": cores(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "timm": timm.__version__,
