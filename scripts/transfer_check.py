@@ -41,7 +41,8 @@ STAMPS_PACKAGE = "tuxpaint-stamps-default"
 
 def zoo(*args: str) -> float:
     started = time.monotonic()
-    subprocess.run([*ZOO, *args], check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run([*ZOO, *args], stdout=subprocess.DEVNULL).returncode != 0:
+        sys.exit(f"`zoo {' '.join(args)}` failed (its message is above); nothing was appended to the report")
     return time.monotonic() - started
 
 
@@ -56,9 +57,13 @@ def stamps_dir(given: str | None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
         sys.exit(f"the stamps data comes from Debian's {STAMPS_PACKAGE} package: install it or pass --stamps-dir")
-    subprocess.run(["apt-get", "download", STAMPS_PACKAGE], cwd=cache, check=True)
+    if subprocess.run(["apt-get", "download", STAMPS_PACKAGE], cwd=cache).returncode != 0:
+        sys.exit(f"could not download Debian's {STAMPS_PACKAGE} (apt-get's message is above): check the "
+                 "package sources, or pass --stamps-dir with an extracted tuxpaint stamps folder")
     deb = max(cache.glob(f"{STAMPS_PACKAGE}_*.deb"))
-    subprocess.run(["dpkg", "-x", str(deb), str(cache / "tux.part")], check=True)
+    shutil.rmtree(cache / "tux.part", ignore_errors=True)      # an earlier extraction cut short
+    if subprocess.run(["dpkg", "-x", str(deb), str(cache / "tux.part")]).returncode != 0:
+        sys.exit(f"could not unpack {deb} (dpkg's message is above)")
     (cache / "tux.part").rename(cache / "tux")
     deb.unlink()
     return stamps
