@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import math
 import queue
-import random
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from finetune.data import (DeviceNormalize, ImageDataset, _parse_data_config, _printable, build_transform,
+from finetune.data import (DeviceAugment, ImageDataset, _parse_data_config, _printable, build_transform,
                            device_decodable, load_image, read_image_bytes, to_uint8_tensor)
 from finetune.errors import DataError
 
@@ -127,11 +126,10 @@ class DeviceTransform:
         self.train = train
         augment = train and bool(getattr(config, "augment", True))
         self.crop_scale = (float(config.crop_scale_min), 1.0) if augment and float(config.crop_scale_min) < 1 else None
-        self.hflip = float(config.hflip) if augment else 0.0
-        self.brightness = float(config.brightness) if augment else 0.0
-        self.contrast = float(config.contrast) if augment else 0.0
-        self.normalize = DeviceNormalize(mean, std)
-        self.rng = random.Random(int(getattr(config, "seed", 0)))
+        # flip, jitter and normalisation: the batched ops of the workers path's device side, drawing from
+        # the same generator as the crops
+        self.colour = DeviceAugment.from_config(data_config, config, train)
+        self.rng = self.colour.rng
         self.failed: list[tuple[int, str]] = []   # (position in its batch, reason), reset per call
 
     def reseed(self, seed: int) -> None:
@@ -188,7 +186,7 @@ class DeviceTransform:
                 self._reason = f"cannot decode ({type(e).__name__}: {e}); fix or remove the file"
                 return None
 
-    # -- geometry (per image) and colour (per batch); parameters drawn on the host from self.rng
+    # -- geometry (per image; colour per batch: DeviceAugment); parameters drawn on the host from self.rng
     def _crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params, drawing from the private generator (``self.rng``)."""
         area = height * width
@@ -219,43 +217,6 @@ class DeviceTransform:
             return F.resized_crop(im, top, left, h, w, [self.h, self.w], interpolation=self.mode, antialias=True)
         return self.fixed(im)
 
-    def _colour_params(self, n: int) -> tuple[list[bool], list[list[tuple[str, float]]]]:
-        """Per image: flip or not, and ColorJitter's brightness/contrast factors in its random order."""
-        flips, ops = [], []
-        for _ in range(n):
-            flips.append(self.hflip > 0 and self.rng.random() < self.hflip)
-            steps = []
-            if self.brightness > 0 or self.contrast > 0:
-                order = [0, 1] if self.rng.random() < 0.5 else [1, 0]
-                b = self.rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness > 0 else None
-                c = self.rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast > 0 else None
-                steps = [("b", b) if k == 0 else ("c", c) for k in order if (b if k == 0 else c) is not None]
-            ops.append(steps)
-        return flips, ops
-
-    @staticmethod
-    def _colour(x: torch.Tensor, flips: list[bool], ops: list[list[tuple[str, float]]]) -> torch.Tensor:
-        """Flip + brightness/contrast on a uint8 batch, with torchvision's uint8 arithmetic (blend in
-        float, clamp, truncate), each image with its own factors and order."""
-        n = x.shape[0]
-        if any(flips):
-            mask = torch.tensor(flips, device=x.device).view(n, 1, 1, 1)
-            x = torch.where(mask, x.flip(-1), x)
-        for step in range(max((len(o) for o in ops), default=0)):
-            kinds = [o[step][0] if step < len(o) else None for o in ops]
-            factor = torch.tensor([o[step][1] if step < len(o) else 1.0 for o in ops], device=x.device,
-                                  dtype=torch.float32).view(n, 1, 1, 1)
-            xf = x.float()
-            if "c" in kinds:
-                grey = (xf[:, 0] * 0.2989 + xf[:, 1] * 0.587 + xf[:, 2] * 0.114).floor_().mean(dim=(-2, -1))
-                other = torch.where(torch.tensor([k == "c" for k in kinds], device=x.device).view(n, 1, 1, 1),
-                                    grey.view(n, 1, 1, 1), torch.zeros((), device=x.device))
-            else:
-                other = torch.zeros((), device=x.device)
-            # brightness blends with black, contrast with the image's mean grey; factor 1 leaves it as is
-            x = (xf * factor + other * (1.0 - factor)).clamp_(0, 255).to(torch.uint8)
-        return x
-
     def __call__(self, items, labels: torch.Tensor, device: torch.device | str,
                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         device = torch.device(device)
@@ -269,10 +230,8 @@ class DeviceTransform:
         if not keep:
             return None
         x = torch.stack([self._geometry(images[i]) for i in keep])
-        flips, ops = self._colour_params(len(keep))
-        x = self._colour(x, flips, ops)
         y = labels[keep] if len(keep) < len(images) else labels
-        return self.normalize(x, device, channels_last), y.to(device, non_blocking=True)
+        return self.colour(x, device, channels_last), y.to(device, non_blocking=True)
 
 
 class DevicePrefetcher:

@@ -41,7 +41,7 @@ from finetune.io import atomic_write_text
 from finetune.metrics import EarlyStopping, per_class_accuracy
 
 __all__ = ["FitResult", "fit", "train_one_epoch", "evaluate", "pick_device", "make_train_loader",
-           "set_loader_epoch", "epoch_seed", "HISTORY_KEYS", "HEAD_WARMUP_CAP"]
+           "set_loader_epoch", "device_steps", "epoch_seed", "HISTORY_KEYS", "HEAD_WARMUP_CAP"]
 
 HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                 "images_per_s")
@@ -144,6 +144,28 @@ def make_train_loader(dataset, config: FinetuneConfig, *, device: str = "cpu",
                             drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
                             generator=loader.generator)
     return loader
+
+
+def device_steps(config: FinetuneConfig, data_config: dict, device: torch.device):
+    """What of the preprocessing ``fit``'s workers path leaves to the training device:
+    ``(output, normalize, train_normalize)``.
+
+    On CUDA (``gpu_normalize``, the default) workers send uint8 batches, normalised on the GPU (same
+    values; 4x fewer bytes to move, no float work in the workers), and the training flip and colour
+    jitter run there too, on the whole batch (``DeviceAugment``, reseeded per epoch): the workers only
+    decode, crop and resize. ``output`` is then "uint8", ``normalize`` a ``DeviceNormalize`` (evaluation)
+    and ``train_normalize`` a ``DeviceAugment``. Elsewhere, or with ``--decode device`` (which does all of
+    it in ``finetune.decode``), float batches ("float", None, None) or ("uint8", None, None): on a CPU
+    the uint8 path measured within noise of the float one (docs/benchmarks.md), and feature-cache keys
+    and behaviour stay as they were.
+    """
+    from finetune.data import DeviceAugment, DeviceNormalize
+
+    if not (bool(getattr(config, "gpu_normalize", True)) and torch.device(device).type == "cuda"):
+        return "float", None, None
+    if getattr(config, "decode", "workers") == "device":
+        return "uint8", None, None
+    return "uint8", DeviceNormalize.from_data_config(data_config), DeviceAugment.from_config(data_config, config)
 
 
 def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
@@ -435,7 +457,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         checkpoint is kept). Interrupted: Ctrl-C/SIGTERM (the message says how to resume).
         CheckpointError: a checkpoint cannot be written or read.
     """
-    from finetune.data import DeviceNormalize, ImageDataset, build_transform, class_weights, make_loader
+    from finetune.data import ImageDataset, build_transform, class_weights, make_loader
     from finetune.optim import build_optimizer, build_scheduler
     from finetune.recipe import prepare_model
     from finetune.surgery import apply_freeze
@@ -496,20 +518,16 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     if config.class_weights == "auto":
         weight = torch.tensor(class_weights(train_set), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    # On CUDA workers send uint8 batches, normalised on the GPU (same values; 4x fewer bytes to move and
-    # less float work in the workers). Elsewhere the float path: on a CPU the uint8 path measured within
-    # noise of it (docs/benchmarks.md), and feature-cache keys and behaviour stay as they were.
-    gpu_norm = bool(getattr(config, "gpu_normalize", True)) and device.type == "cuda"
     on_device = getattr(config, "decode", "workers") == "device"
-    output = "uint8" if gpu_norm else "float"
-    normalize = DeviceNormalize.from_data_config(data_config) if gpu_norm and not on_device else None
+    output, normalize, train_normalize = device_steps(config, data_config, device)
     if on_device:   # workers read the files; JPEGs are decoded and augmented on the device (finetune.decode)
         from finetune.decode import EncodedImageDataset
         min_size = build_transform(data_config, False, config).min_size
         train_ds = EncodedImageDataset(train_set, min_size)
         val_ds = EncodedImageDataset(val_set, min_size)
     else:
-        train_ds = ImageDataset(train_set, build_transform(data_config, True, config, output=output))
+        train_ds = ImageDataset(train_set, build_transform(data_config, True, config, output=output,
+                                                           colour_on_device=train_normalize is not None))
         val_ds = ImageDataset(val_set, build_transform(data_config, False, config, output=output))
     fast_failures: list[tuple[str, str]] = []   # decode failures met by the cached-feature path
     train_loader = make_train_loader(train_ds, config, device=device.type, info=info)
@@ -689,6 +707,8 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                     epoch += 1
                     _seed_epoch(config.seed, epoch, info.rank)
                     set_loader_epoch(train_loader, config.seed, epoch, info.rank)
+                    if train_normalize is not None:
+                        train_normalize.reseed(epoch_seed(config.seed, epoch, info.rank))
                     lr = scheduler.current_lr()
                     bar = _progress(len(train_loader), f"epoch {epoch}/{config.epochs} {phase}",
                                     disable=config.quiet or not main)
@@ -698,7 +718,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
                                              scaler=scaler, progress=bar, epoch=epoch,
                                              channels_last=channels_last,
                                              only_train=head_module if phase == "head" else None, info=info,
-                                             normalize=normalize)
+                                             normalize=train_normalize)
                     finally:
                         if bar is not None:
                             bar.close()

@@ -12,6 +12,7 @@ from PIL import Image
 
 from finetune.config import FinetuneConfig
 from finetune.data import (
+    DeviceAugment,
     DeviceNormalize,
     ImageDataset,
     ImageSet,
@@ -321,6 +322,110 @@ def test_uint8_output_options():
         build_transform(DATA_CONFIG, False, output="half")
     with pytest.raises(TypeError, match="uint8"):
         DeviceNormalize((0, 0, 0), (1, 1, 1))(torch.zeros(1, 3, 4, 4), "cpu")
+
+
+# ------------------------------------------- flip + colour jitter on the device (the CUDA default)
+def test_colour_on_device_leaves_flip_and_jitter_to_device_augment(tmp_path):
+    """Workers crop and resize only; DeviceAugment's flip then gives the worker pipeline's own output."""
+    from torchvision.transforms import v2 as T
+
+    im = Image.linear_gradient("L").rotate(90).resize((48, 40)).convert("RGB")   # dark left, light right
+    config = FinetuneConfig(crop_scale_min=0.35, hflip=0.5, brightness=0.4, contrast=0.4)
+    worker = build_transform(DATA_CONFIG, True, config, output="uint8", colour_on_device=True)
+    names = [type(t).__name__ for t in worker.pipeline.transforms]
+    assert "RandomResizedCrop" in names and "RandomHorizontalFlip" not in names and "ColorJitter" not in names
+    for name, t in (("RandomHorizontalFlip", T.RandomHorizontalFlip), ("ColorJitter", T.ColorJitter)):
+        assert any(isinstance(s, t) for s in build_transform(DATA_CONFIG, True, config, output="uint8")
+                   .pipeline.transforms), name
+    # no random crop, flip always: worker (no flip) + DeviceAugment == the worker pipeline with the flip
+    flip_only = FinetuneConfig(crop_scale_min=1.0, hflip=1.0, brightness=0.0, contrast=0.0)
+    ref = build_transform(DATA_CONFIG, True, flip_only, output="uint8")(im)
+    base = build_transform(DATA_CONFIG, True, flip_only, output="uint8", colour_on_device=True)(im)
+    assert not torch.equal(base, ref) and torch.equal(base.flip(-1), ref)
+    aug = DeviceAugment.from_config(DATA_CONFIG, flip_only)
+    norm = DeviceNormalize.from_data_config(DATA_CONFIG)
+    assert torch.equal(aug(base.unsqueeze(0), "cpu"), norm(ref.unsqueeze(0), "cpu"))
+    with pytest.raises(ConfigError, match="uint8"):
+        build_transform(DATA_CONFIG, True, config, colour_on_device=True)
+
+
+def test_device_augment_draws_follow_color_jitter():
+    """Factors in ColorJitter's ranges, both orders, flips at the given rate; reseeded = the same draws;
+    eval and augment=False do nothing but normalise."""
+    config = FinetuneConfig(hflip=0.5, brightness=0.4, contrast=0.2, seed=3)
+    aug = DeviceAugment.from_config(DATA_CONFIG, config)
+    assert aug.active and (aug.hflip, aug.brightness, aug.contrast) == (0.5, 0.4, 0.2)
+    aug.reseed(11)
+    flips, ops = aug.draw(400)
+    aug.reseed(11)
+    assert aug.draw(400) == (flips, ops)
+    assert 150 < sum(flips) < 250
+    assert {tuple(k for k, _ in o) for o in ops} == {("b", "c"), ("c", "b")}
+    assert all(0.6 <= f <= 1.4 for o in ops for k, f in o if k == "b")
+    assert all(0.8 <= f <= 1.2 for o in ops for k, f in o if k == "c")
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug.reseed(1)
+    a = aug(x, "cpu")
+    aug.reseed(1)
+    assert torch.equal(aug(x, "cpu"), a)
+    assert not torch.equal(aug(x, "cpu"), a)                      # the generator moves on
+    plain = DeviceNormalize.from_data_config(DATA_CONFIG)(x, "cpu")
+    for off in (DeviceAugment.from_config(DATA_CONFIG, config, train=False),
+                DeviceAugment.from_config(DATA_CONFIG, config.replace(augment=False))):
+        assert not off.active and torch.equal(off(x, "cpu"), plain)
+    with pytest.raises(ConfigError, match="hflip"):
+        DeviceAugment((0, 0, 0), (1, 1, 1), hflip=1.5)
+
+
+def test_fit_leaves_colour_to_the_device_on_cuda_only():
+    from finetune.loop import device_steps
+
+    config = FinetuneConfig()
+    assert device_steps(config, DATA_CONFIG, torch.device("cpu")) == ("float", None, None)
+    output, norm, aug = device_steps(config, DATA_CONFIG, torch.device("cuda"))
+    assert output == "uint8" and type(norm) is DeviceNormalize and isinstance(aug, DeviceAugment) and aug.active
+    assert device_steps(config.replace(gpu_normalize=False), DATA_CONFIG, torch.device("cuda")) == \
+        ("float", None, None)
+    assert device_steps(config.replace(decode="device"), DATA_CONFIG, torch.device("cuda")) == \
+        ("uint8", None, None)                                    # finetune.decode does all of it
+
+
+def test_train_epoch_with_device_augment_is_reseedable(image_folder):
+    """train_one_epoch over uint8 batches + DeviceAugment: the same epoch seed gives the same weights."""
+    from finetune.loop import train_one_epoch
+
+    report = scan_folder(image_folder)
+    config = FinetuneConfig(hflip=0.5, brightness=0.4, contrast=0.4)
+    ds = ImageDataset(report.train, build_transform(DATA_CONFIG, True, config, output="uint8",
+                                                    colour_on_device=True))
+    aug = DeviceAugment.from_config(DATA_CONFIG, config)
+
+    def epoch(seed):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                    torch.nn.Linear(4, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        aug.reseed(seed)
+        out = train_one_epoch(model, make_loader(ds, 4, train=True, workers=0, seed=7), opt, None,
+                              torch.nn.CrossEntropyLoss(), torch.device("cpu"), normalize=aug)
+        return out, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    (a, wa), (_, wb), (_, wc) = epoch(5), epoch(5), epoch(6)
+    assert a["images"] == len(ds) // 4 * 4                 # a partial last batch is dropped
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_augment_on_cuda_equals_cpu():
+    aug = DeviceAugment((0.2, 0.4, 0.6), (0.5, 0.25, 0.1), hflip=0.5, brightness=0.4, contrast=0.4)
+    x = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug.reseed(2)
+    cpu = aug(x, "cpu")
+    aug.reseed(2)
+    gpu = aug(x.pin_memory(), "cuda", channels_last=True)
+    assert gpu.is_cuda and gpu.is_contiguous(memory_format=torch.channels_last)
+    assert float((gpu.cpu() - cpu).abs().max()) <= _uint8_tolerance(DATA_CONFIG)   # a level at most
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from finetune.config import FinetuneConfig
-from finetune.data import ImageDataset, build_transform, load_image, make_loader, scan_folder
+from finetune.data import DeviceAugment, ImageDataset, build_transform, load_image, make_loader, scan_folder
 from finetune.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                              device_decodable, unpack)
 from finetune.errors import ConfigError, Interrupted
@@ -123,7 +123,7 @@ def test_batched_colour_equals_torchvision_per_image():
     x = torch.randint(0, 256, (5, 3, 9, 7), dtype=torch.uint8, generator=g)
     flips = [True, False, True, False, False]
     ops = [[("b", 1.3), ("c", 0.7)], [("c", 1.4), ("b", 0.8)], [("b", 0.6)], [], [("c", 0.2), ("b", 1.0)]]
-    got = DeviceTransform._colour(x, flips, ops)
+    got = DeviceAugment.apply(x, flips, ops)
     for i in range(5):
         ref = F.horizontal_flip(x[i]) if flips[i] else x[i]
         for kind, f in ops[i]:
