@@ -13,7 +13,8 @@ to X.json. Measured (images/s, medians of repeats):
 * ``finetune.loop.train_one_epoch`` on the same tensors (our step);
 * end to end from JPEG files: PIL decode + train transform in DataLoader workers (``make_loader``), for
   two worker counts; the same with uint8 batches normalised on the GPU; ``zoo finetune``'s own loader
-  (``make_train_loader`` on ``build_transform(..., output=...)``) with ``gpu_normalize`` on and off; and
+  (``make_train_loader`` + ``loop.device_steps``: uint8 batches, flip/jitter and normalisation on the
+  GPU) with ``gpu_normalize`` on and off and with zoo's default jitter; and
   ``torchvision.io.decode_jpeg(device="cuda")`` with the crop/flip/normalise on the GPU;
 * head-only: ``fit_head_on_features`` for 20 epochs vs one no-grad forward pass (the floor) vs a plain
   loop re-running the backbone each epoch.
@@ -328,8 +329,8 @@ def bench_compile(a, device: torch.device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ end to end
 def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str, Any]:
     from finetune.config import FinetuneConfig
-    from finetune.data import DeviceNormalize, ImageDataset, ImageSet, build_transform, make_loader
-    from finetune.loop import make_train_loader, set_loader_epoch, train_one_epoch
+    from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
+    from finetune.loop import device_steps, make_train_loader, set_loader_epoch, train_one_epoch
     from finetune.optim import build_optimizer, build_scheduler
 
     amp = torch.bfloat16 if a.amp else None
@@ -382,16 +383,21 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
     measure(f"PIL decode, uint8 batches in {w} workers, normalise on device",
             lambda: NormaliseOnDevice(make_loader(ImageDataset(image_set, UInt8Transform(a.size)), a.batch,
                                                   train=True, workers=w, device=str(device), seed=0), device))
-    # What `zoo finetune` itself runs: fit's loader (make_train_loader) on the transform it builds, with
-    # gpu_normalize's uint8 output normalised on the device, and the same with gpu_normalize off.
-    for gpu_norm in (True, False):
-        output = "uint8" if gpu_norm else "float"
-        cfg_w = config.replace(workers=w, gpu_normalize=gpu_norm)
-        measure(f"zoo finetune loader (make_train_loader, {output} batches{', gpu_normalize' if gpu_norm else ''}) in {w} workers",
+    # What `zoo finetune` itself runs: fit's loader (make_train_loader) on the transform it builds and the
+    # device steps it picks (loop.device_steps: on CUDA uint8 batches, flip/jitter + normalisation on the
+    # GPU), the same with gpu_normalize off, and with zoo's default colour jitter (0.2/0.2: the rows
+    # above have none, as in runs 1-3).
+    for label, cfg_w in (("uint8 batches, flip on the GPU", config.replace(workers=w)),
+                         ("float batches, gpu_normalize off", config.replace(workers=w, gpu_normalize=False)),
+                         ("uint8 batches, default jitter 0.2/0.2 + flip on the GPU",
+                          config.replace(workers=w, brightness=0.2, contrast=0.2))):
+        output, _, train_norm = device_steps(cfg_w, data_config, device)
+        measure(f"zoo finetune loader (make_train_loader, {label}) in {w} workers",
                 lambda cfg_w=cfg_w, output=output: make_train_loader(
-                    ImageDataset(image_set, build_transform(data_config, True, cfg_w, output=output)), cfg_w,
+                    ImageDataset(image_set, build_transform(data_config, True, cfg_w, output=output,
+                                                            colour_on_device=train_norm is not None)), cfg_w,
                     device=device.type),
-                DeviceNormalize.from_data_config(data_config) if gpu_norm else None)
+                train_norm)
     # `zoo finetune --decode device`: workers read files, JPEGs decoded + augmented on the device in a
     # prefetch thread on its own stream (finetune.decode).
     from finetune.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
