@@ -61,7 +61,7 @@ OPTION_HELP: dict[str, str] = {
     "amp": "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
     "channels_last": "channels_last memory format on CUDA.",
     "compile": "torch.compile the model (slower start, faster epochs).",
-    "gpu_normalize": "On CUDA: workers send uint8 batches, normalised on the GPU (less copying, same inputs).",
+    "gpu_normalize": "On CUDA: workers decode, crop and send uint8 batches; the GPU flips, jitters and normalises them.",
     "decode": "Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, "
               "cropped and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores "
               "cannot keep the GPU fed.",
