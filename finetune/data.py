@@ -899,22 +899,29 @@ class DeviceAugment(DeviceNormalize):
     @staticmethod
     def apply(x: torch.Tensor, flips: list[bool], ops: list[list[tuple[str, float]]]) -> torch.Tensor:
         """Flip + brightness/contrast on a uint8 batch (N, 3, H, W), each image with its own factors and
-        order, with torchvision's uint8 arithmetic."""
+        order, with torchvision's uint8 arithmetic. The per-image parameters reach the device as one
+        small tensor (pinned, asynchronous on CUDA): no host sync per batch."""
         n = x.shape[0]
+        steps = max((len(o) for o in ops), default=0)
+        if not any(flips) and steps == 0:
+            return x
+        # columns: flip, then per step (is contrast, factor); factor 1 (and "brightness") pads short lists
+        rows = [[float(f)] + [v for k in range(steps) for v in
+                              ((float(o[k][0] == "c"), float(o[k][1])) if k < len(o) else (0.0, 1.0))]
+                for f, o in zip(flips, ops)]
+        params = torch.tensor(rows, dtype=torch.float32)
+        if x.device.type == "cuda":
+            params = params.pin_memory()
+        params = params.to(x.device, non_blocking=True).view(n, -1, 1, 1, 1)
         if any(flips):
-            mask = torch.tensor(flips, device=x.device).view(n, 1, 1, 1)
-            x = torch.where(mask, x.flip(-1), x)
-        for step in range(max((len(o) for o in ops), default=0)):
-            kinds = [o[step][0] if step < len(o) else None for o in ops]
-            factor = torch.tensor([o[step][1] if step < len(o) else 1.0 for o in ops], device=x.device,
-                                  dtype=torch.float32).view(n, 1, 1, 1)
+            x = torch.where(params[:, 0].bool(), x.flip(-1), x)
+        for step in range(steps):
+            contrast, factor = params[:, 1 + 2 * step], params[:, 2 + 2 * step]
             xf = x.float()
-            if "c" in kinds:
+            other = torch.zeros((), device=x.device)
+            if any(step < len(o) and o[step][0] == "c" for o in ops):
                 grey = (xf[:, 0] * 0.2989 + xf[:, 1] * 0.587 + xf[:, 2] * 0.114).floor_().mean(dim=(-2, -1))
-                other = torch.where(torch.tensor([k == "c" for k in kinds], device=x.device).view(n, 1, 1, 1),
-                                    grey.view(n, 1, 1, 1), torch.zeros((), device=x.device))
-            else:
-                other = torch.zeros((), device=x.device)
+                other = torch.where(contrast.bool(), grey.view(n, 1, 1, 1), other)
             # brightness blends with black, contrast with the image's mean grey; factor 1 leaves it as is
             x = (xf * factor + other * (1.0 - factor)).clamp_(0, 255).to(torch.uint8)
         return x
