@@ -848,7 +848,8 @@ class DeviceAugment(DeviceNormalize):
 
     Same operations and parameters as ``build_transform``'s ``RandomHorizontalFlip(hflip)`` +
     ``ColorJitter(brightness, contrast)`` (factors uniform in [max(0, 1 - s), 1 + s], the two in random
-    order; torchvision's uint8 arithmetic: blend in float, clamp, truncate; bit for bit, tested), drawn
+    order; torchvision's uint8 arithmetic: blend in float, clamp, truncate; the same pixels but for a
+    rare one-level rounding difference in the contrast blend, see :meth:`apply`; tested), drawn
     per image on the host from a private ``random.Random``: ``reseed`` it per epoch and a resumed run
     repeats the draws. Pair it with ``build_transform(..., output="uint8", colour_on_device=True)``,
     whose workers then only decode, crop and resize (1.6x more images per worker core on 500x375 JPEGs,
@@ -880,7 +881,8 @@ class DeviceAugment(DeviceNormalize):
         return self.hflip > 0 or self.brightness > 0 or self.contrast > 0
 
     def reseed(self, seed: int) -> None:
-        self.rng.seed(int(seed))
+        # tagged: fit seeds Python's global ``random`` with the same epoch seed; this stream stays apart
+        self.rng.seed(f"zoo.DeviceAugment:{int(seed)}")
 
     def draw(self, n: int) -> tuple[list[bool], list[list[tuple[str, float]]]]:
         """Per image: flip or not, and ColorJitter's brightness/contrast factors in its random order."""
@@ -899,12 +901,36 @@ class DeviceAugment(DeviceNormalize):
     @staticmethod
     def apply(x: torch.Tensor, flips: list[bool], ops: list[list[tuple[str, float]]]) -> torch.Tensor:
         """Flip + brightness/contrast on a uint8 batch (N, 3, H, W), each image with its own factors and
-        order, with torchvision's uint8 arithmetic. The per-image parameters reach the device as one
-        small tensor (pinned, asynchronous on CUDA): no host sync per batch."""
+        order, with torchvision's uint8 arithmetic (its grey chain, ``1 - factor`` in double). One
+        difference: torchvision's contrast blend adds ``(1 - f) * mean`` in one fused multiply-add, here
+        in two roundings, so a rare pixel lands one level away. The per-image parameters reach the
+        device as one small tensor (pinned, asynchronous on CUDA): no host sync per batch."""
         n = x.shape[0]
         steps = max((len(o) for o in ops), default=0)
         if not any(flips) and steps == 0:
             return x
+        # columns: flip, then per step (is contrast, factor, 1 - factor); steps past an image's own
+        # list are brightness 1 (a no-op)
+        rows = [[float(f)] + [v for k in range(steps) for v in
+                              ((float(o[k][0] == "c"), float(o[k][1]), 1.0 - float(o[k][1])) if k < len(o)
+                               else (0.0, 1.0, 0.0))]
+                for f, o in zip(flips, ops)]
+        params = torch.tensor(rows, dtype=torch.float32)
+        if x.device.type == "cuda":
+            params = params.pin_memory()
+        params = params.to(x.device, non_blocking=True).view(n, -1, 1, 1, 1)
+        if any(flips):
+            x = torch.where(params[:, 0].bool(), x.flip(-1), x)
+        for step in range(steps):
+            contrast, factor, rest = (params[:, 1 + 3 * step + k] for k in range(3))
+            other = torch.zeros((), device=x.device)
+            if any(step < len(o) and o[step][0] == "c" for o in ops):
+                r, g, b = x.unbind(dim=1)          # torchvision's _rgb_to_grayscale_image, then floor
+                grey = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().mean(dim=(-2, -1))
+                other = torch.where(contrast.bool(), grey.view(n, 1, 1, 1), other)
+            # brightness blends with black, contrast with the image's mean grey; factor 1 leaves it as is
+            x = x.mul(factor).add_(other * rest).clamp_(0, 255).to(torch.uint8)
+        return x
         # columns: flip, then per step (is contrast, factor); factor 1 (and "brightness") pads short lists
         rows = [[float(f)] + [v for k in range(steps) for v in
                               ((float(o[k][0] == "c"), float(o[k][1])) if k < len(o) else (0.0, 1.0))]

@@ -48,7 +48,9 @@ HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_ac
 HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
 CHECKPOINT_FORMAT = 1
 # Options that may differ between a run and its resumption: they change speed or output, not the maths
-# of the epochs still to run (epochs and patience may be raised to train longer).
+# of the epochs still to run (epochs and patience may be raised to train longer). device, gpu_normalize
+# and decode move the augmentation draws (workers' torch generator, DeviceAugment, DeviceTransform):
+# changed on resume, the remaining epochs get other draws from the same distributions.
 RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs", "patience", "min_delta",
                "amp", "channels_last", "gpu_normalize", "decode"}
 

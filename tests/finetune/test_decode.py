@@ -131,6 +131,31 @@ def test_batched_colour_equals_torchvision_per_image():
         assert torch.equal(got[i], ref), i
 
 
+def test_batched_colour_follows_torchvision_on_random_images():
+    """Random images, factors and orders: torchvision's pixels, but for rare one-level differences (its
+    contrast blend is one fused multiply-add)."""
+    from torchvision.transforms.v2 import functional as F
+
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(1)
+    aug = DeviceAugment((0.5,) * 3, (0.5,) * 3, hflip=0.5, brightness=0.9, contrast=0.9)
+    differ = total = 0
+    for _ in range(20):
+        n, h, w = rng.randint(1, 6), rng.randint(1, 20), rng.randint(1, 20)
+        x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
+        flips, ops = aug.draw(n)
+        got = DeviceAugment.apply(x, flips, ops)
+        for i in range(n):
+            ref = F.horizontal_flip(x[i]) if flips[i] else x[i]
+            for kind, f in ops[i]:
+                ref = F.adjust_brightness(ref, f) if kind == "b" else F.adjust_contrast(ref, f)
+            d = (got[i].int() - ref.int()).abs()
+            assert int(d.max()) <= 1
+            differ += int((d > 0).sum())
+            total += d.numel()
+    assert differ <= total * 1e-3, (differ, total)
+
+
 def test_epoch_reseed_accepts_any_seed():
     t = DeviceTransform(DATA_CONFIG, True, AUG)
     pre = DevicePrefetcher([], t, "cpu")

@@ -259,6 +259,40 @@ def test_cuda_requested_without_cuda(data):
         run(data, cfg(device="cuda"))
 
 
+def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path):
+    """fit with the CUDA device steps (forced here on the CPU: they run anywhere): every training batch
+    goes through DeviceAugment, reseeded at the start of each epoch from (seed, epoch, rank); validation
+    and the final evaluation are only normalised; a resumed run repeats the uninterrupted one."""
+    import finetune.loop as loop
+    from finetune.data import DeviceAugment, DeviceNormalize
+
+    calls = {"reseed": [], "augmented": 0}
+
+    class Counting(DeviceAugment):
+        def reseed(self, seed):
+            calls["reseed"].append(seed)
+            super().reseed(seed)
+
+        def augment(self, x):
+            calls["augmented"] += 1
+            return super().augment(x)
+
+    def cuda_steps(config, data_config, device):
+        return "uint8", DeviceNormalize.from_data_config(data_config), Counting.from_config(data_config, config)
+
+    monkeypatch.setattr(loop, "device_steps", cuda_steps)
+    config = cfg(epochs=2, freeze="none", hflip=0.5, brightness=0.4, contrast=0.4)
+    result = run(data, config, run_dir=tmp_path / "full")
+    train, _ = data
+    assert calls["reseed"] == [loop.epoch_seed(config.seed, e, 0) for e in (1, 2)]
+    assert calls["augmented"] == 2 * (len(train.items) // config.batch_size)    # training batches only
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=tmp_path / "cut", callbacks=[lambda row: (_ for _ in ()).throw(KeyboardInterrupt())])
+    again = run(data, config, run_dir=tmp_path / "cut", resume=True)
+    assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in result.history]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(again.model).values(), snapshot(result.model).values()))
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
