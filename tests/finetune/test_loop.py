@@ -319,8 +319,8 @@ def test_cuda_amp_channels_last(data, tmp_path, monkeypatch, bf16):
             callbacks=[lambda row: (_ for _ in ()).throw(KeyboardInterrupt())])
     again = run(data, cfg(device="cuda", freeze="none", epochs=2), run_dir=resumed_dir, resume=True)
     assert len(again.history) == 2
-    # the resumed epoch repeats the uninterrupted one: same order, crops, and flips/jitter on the GPU
-    # (DeviceAugment, reseeded per epoch); cuDNN's kernels may differ in the last bits
+    # a smoke check only (cuDNN's kernels may differ in the last bits, and on this tiny model a wrong
+    # augmentation seed moves the loss by under 1%): exactness is test_fit_wires_device_augment_... on CPU
     assert again.history[1]["train_loss"] == pytest.approx(result.history[1]["train_loss"], rel=2e-2)
 
 
