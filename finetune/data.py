@@ -931,26 +931,6 @@ class DeviceAugment(DeviceNormalize):
             # brightness blends with black, contrast with the image's mean grey; factor 1 leaves it as is
             x = x.mul(factor).add_(other * rest).clamp_(0, 255).to(torch.uint8)
         return x
-        # columns: flip, then per step (is contrast, factor); factor 1 (and "brightness") pads short lists
-        rows = [[float(f)] + [v for k in range(steps) for v in
-                              ((float(o[k][0] == "c"), float(o[k][1])) if k < len(o) else (0.0, 1.0))]
-                for f, o in zip(flips, ops)]
-        params = torch.tensor(rows, dtype=torch.float32)
-        if x.device.type == "cuda":
-            params = params.pin_memory()
-        params = params.to(x.device, non_blocking=True).view(n, -1, 1, 1, 1)
-        if any(flips):
-            x = torch.where(params[:, 0].bool(), x.flip(-1), x)
-        for step in range(steps):
-            contrast, factor = params[:, 1 + 2 * step], params[:, 2 + 2 * step]
-            xf = x.float()
-            other = torch.zeros((), device=x.device)
-            if any(step < len(o) and o[step][0] == "c" for o in ops):
-                grey = (xf[:, 0] * 0.2989 + xf[:, 1] * 0.587 + xf[:, 2] * 0.114).floor_().mean(dim=(-2, -1))
-                other = torch.where(contrast.bool(), grey.view(n, 1, 1, 1), other)
-            # brightness blends with black, contrast with the image's mean grey; factor 1 leaves it as is
-            x = (xf * factor + other * (1.0 - factor)).clamp_(0, 255).to(torch.uint8)
-        return x
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or x.dim() != 4 or x.shape[0] == 0:
