@@ -105,6 +105,11 @@ class FinetuneConfig:
             raise bad("lr", "must be positive, e.g. 1e-3")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise bad("crop_scale_min", "use a fraction in (0, 1]")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise bad("hflip", "use a probability between 0 and 1 (0 disables)")
+        for name in ("brightness", "contrast"):
+            if not getattr(self, name) >= 0.0:
+                raise bad(name, "use a strength >= 0, e.g. 0.2 (0 disables)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -852,7 +852,7 @@ class DeviceAugment(DeviceNormalize):
     rare one-level rounding difference in the contrast blend, see :meth:`apply`; tested), drawn
     per image on the host from a private ``random.Random``: ``reseed`` it per epoch and a resumed run
     repeats the draws. Pair it with ``build_transform(..., output="uint8", colour_on_device=True)``,
-    whose workers then only decode, crop and resize (1.6x more images per worker core on 500x375 JPEGs,
+    whose workers then only decode, crop and resize (about 1.5x the images per worker core on 500x375 JPEGs,
     scripts/bench_decode.py).
     """
 
@@ -860,7 +860,7 @@ class DeviceAugment(DeviceNormalize):
                  brightness: float = 0.0, contrast: float = 0.0, seed: int = 0,
                  rng: random.Random | None = None) -> None:
         super().__init__(mean, std)
-        if not (0.0 <= hflip <= 1.0 and brightness >= 0.0 and contrast >= 0.0):
+        if not (0.0 <= hflip <= 1.0 and brightness >= 0.0 and contrast >= 0.0):   # FinetuneConfig checks fit's
             raise ConfigError(f"invalid device augmentation (hflip={hflip}, brightness={brightness}, "
                               f"contrast={contrast}): hflip is a probability, the strengths are >= 0")
         self.hflip, self.brightness, self.contrast = float(hflip), float(brightness), float(contrast)

@@ -275,6 +275,13 @@ def test_decode_option_is_validated():
         FinetuneConfig(decode="gpu")
 
 
+@pytest.mark.parametrize("bad", [{"hflip": 1.5}, {"hflip": -0.1}, {"brightness": -1.0}, {"contrast": -0.5}])
+def test_augmentation_strengths_are_validated(bad):
+    """Checked once in the config: CPU (workers) and CUDA (DeviceAugment) runs refuse the same values."""
+    with pytest.raises(ConfigError, match=f"invalid {next(iter(bad))}="):
+        FinetuneConfig(**bad)
+
+
 @pytest.mark.gpu
 def test_device_decode_on_cuda_matches_cpu(tmp_path):
     """nvJPEG + device transforms == the same on the CPU, to a level or two; many batches through the
