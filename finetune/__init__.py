@@ -1,13 +1,15 @@
 """finetune: a training engine for any nn.Module (the lecture's transfer-learning recipe).
 
 Knows nothing of the zoo registry; ``zoo`` hands it a model, its stage list and data config.
+Layers (imports run downward only): tools (``train.fit``, ``features``, ``diagnostics``, ``sweep``) ->
+``engine`` -> ``data`` -> the base modules (config, seeding, policy, surgery, optim, ...).
 """
 from __future__ import annotations
 
 __all__ = ["fit", "FinetuneConfig", "FinetuneError"]
 
 _LAZY = {
-    "fit": "finetune.loop",
+    "fit": "finetune.train",
     "FinetuneConfig": "finetune.config",
     "FinetuneError": "finetune.errors",
 }

@@ -306,9 +306,9 @@ def _freeze_label(freeze: str) -> str:
 def write_sweep_plot(result: SweepResult, path: Path) -> None:
     """Metric vs LR (log axis), one line per freeze depth (best over the other swept values at each LR,
     error bars = std over folds), every trial as a faint dot, diverged trials as crosses."""
-    from finetune.diagnostics import _new_figure, _save_png
+    from finetune.monitor import new_figure, save_png
 
-    fig = _new_figure(6.4, 4.4)
+    fig = new_figure(6.4, 4.4)
     ax = fig.add_subplot(1, 1, 1)
     ok = [t for t in result.trials if t.status == "ok" and not math.isnan(t.metric)]
     better = max if result.metric == "val_acc" else min
@@ -348,7 +348,7 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,7 +392,9 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
         keep_runs: give each trial a run folder (``out_dir/trials/<id>[/fold-k]``) with its curves and
             checkpoints; off by default (faster, smaller).
         log: called with one line per finished trial.
-        fit_fn: the training function (default ``finetune.loop.fit``).
+        fit_fn: the training function (default ``finetune.train.fit``); it is given
+            ``feature_cache=``, one :class:`finetune.features.FeatureCache` for the whole sweep, so the
+            backbone features of a head-only trial are computed once and shared by every trial.
     Returns:
         SweepResult, best first; ``best_config.yaml`` holds ``trial_config(config, best.params)``.
     Raises:
@@ -402,8 +404,11 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     import torch
     from finetune.policy import parse_freeze
 
+    from finetune.features import FeatureCache
+
     if fit_fn is None:
-        from finetune.loop import fit as fit_fn  # type: ignore[no-redef]
+        from finetune.train import fit as fit_fn  # type: ignore[no-redef]
+    features = FeatureCache(None)   # shared by the trials: same (model, data, view) -> computed once
     space = SweepSpace(
         lrs=[float(v) for v in lrs],
         weight_decays=[float(v) for v in (weight_decays if weight_decays is not None else [config.weight_decay])],
@@ -460,7 +465,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
             if keep_runs:
                 run_dir = out / "trials" / tid / (f"fold-{k}" if len(splits) > 1 else "")
             try:
-                res = fit_fn(model, stages, data_config, tr, va, cfg, head=head, run_dir=run_dir)
+                res = fit_fn(model, stages, data_config, tr, va, cfg, head=head, run_dir=run_dir,
+                             feature_cache=features)
             except DivergedError as err:
                 status, message = "diverged", str(err)
                 break
@@ -489,6 +495,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
         # Partial results stay readable while the sweep runs.
         _write_csv(SweepResult(_rank(results, metric), metric, None, None, out, folds), out / "results.csv")
 
+    if log is not None and (features.computed or features.hits):
+        log(f"features: {features.computed} bank(s) computed once, reused {features.hits} time(s) by later trials")
     ranked = _rank(results, metric)
     best = ranked[0] if ranked and ranked[0].status == "ok" else None
     best_config = trial_config(config, best.params) if best is not None else None

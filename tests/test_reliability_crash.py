@@ -54,7 +54,7 @@ def _slow_checkpoint_writes(seconds: float) -> None:
 
 def _slow_epochs(seconds: float) -> None:
     """Make each training epoch last ``seconds`` longer (after its steps, before its checkpoint)."""
-    import finetune.loop as loop
+    import finetune.engine.trainer as loop
 
     real = loop.train_one_epoch
 

@@ -29,7 +29,7 @@ class RunOutcome:
     """What a ``zoo finetune`` call produced (None fields: not applicable on this rank / this run)."""
 
     run_dir: Path | None
-    result: Any = None              # finetune.loop.FitResult
+    result: Any = None              # finetune.engine.FitResult
     export_dir: Path | None = None
     lr_found: Any = None            # finetune.diagnostics.LRFindResult with --lr auto
     overfit: Any = None             # finetune.diagnostics.OverfitResult with --overfit-batches
@@ -182,9 +182,12 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         if config.overfit_batches > 0:
             outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
             return outcome
+        from finetune.features import FeatureCache
+
+        features = FeatureCache(None)   # the LR range test's backbone features serve fit's head phase too
         if lr_auto:
             outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
-                                                run_dir if info.is_main else None, say)
+                                                run_dir if info.is_main else None, say, features)
             # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
             config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
 
@@ -194,10 +197,10 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
             _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained))
             say(f"run folder: {run_dir}")
         ddp.barrier(info)
-        from finetune.loop import fit
+        from finetune.train import fit
 
         outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
-                             run_dir=run_dir, log=say)
+                             run_dir=run_dir, log=say, feature_cache=features)
         if export and info.is_main:
             outcome.export_dir = _export(run_dir, say)
         return outcome
@@ -246,7 +249,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         entry = get_entry(info_json["model"])
         # Weights come from the checkpoint: the architecture alone is enough (no download, works offline).
         model = _build(entry, False, config.seed)
-        from finetune.loop import fit
+        from finetune.train import fit
 
         result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
                      head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
@@ -259,7 +262,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
-             say: Log):
+             say: Log, feature_cache=None):
     try:
         from finetune.diagnostics import lr_find
     except ImportError:
@@ -270,7 +273,8 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         kwargs = {"out_png": run_dir / "lr_find.png", "out_csv": run_dir / "lr_find.csv"}
-    found = lr_find(model, stages, data_config, train_set, config, head=head, log=say, **kwargs)
+    found = lr_find(model, stages, data_config, train_set, config, head=head, log=say,
+                    feature_cache=feature_cache, **kwargs)
     say(f"lr: {found.describe()}")
     return found, config.replace(lr=float(found.suggestion))
 

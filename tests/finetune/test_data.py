@@ -297,7 +297,7 @@ def test_uint8_loader_batches_match_float_loader(image_folder):
 
 
 def test_evaluate_with_device_normalize_equals_float(image_folder):
-    from finetune.loop import evaluate
+    from finetune.engine import evaluate
 
     report = scan_folder(image_folder)
     torch.manual_seed(0)
@@ -378,7 +378,7 @@ def test_device_augment_draws_follow_color_jitter():
 
 
 def test_fit_leaves_colour_to_the_device_on_cuda_only():
-    from finetune.loop import device_steps
+    from finetune.data import device_steps
 
     config = FinetuneConfig()
     assert device_steps(config, DATA_CONFIG, torch.device("cpu")) == ("float", None, None)
@@ -392,7 +392,7 @@ def test_fit_leaves_colour_to_the_device_on_cuda_only():
 
 def test_train_epoch_with_device_augment_is_reseedable(image_folder):
     """train_one_epoch over uint8 batches + DeviceAugment: the same epoch seed gives the same weights."""
-    from finetune.loop import train_one_epoch
+    from finetune.engine import train_one_epoch
 
     report = scan_folder(image_folder)
     config = FinetuneConfig(hflip=0.5, brightness=0.4, contrast=0.4)

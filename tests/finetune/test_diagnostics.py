@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from finetune.diagnostics import ADVICE_THRESHOLDS, AdviceThresholds, TensorBoardLogger, advise, write_curves
+from finetune.monitor import ADVICE_THRESHOLDS, AdviceThresholds, TensorBoardLogger, advise, write_curves
 from finetune.errors import ConfigError
 
 
@@ -140,8 +140,9 @@ def test_tensorboard_logs_scalars(monkeypatch, tmp_path):
 
 
 # ---- LR range test: pure parts -----------------------------------------------------------------------
-from finetune.diagnostics import (lr_find, lr_schedule, overfit_check, preserved_rng, smooth_losses,
-                                  suggest_steepest, suggest_valley)
+from finetune.diagnostics import (lr_find, lr_schedule, overfit_check, smooth_losses, suggest_steepest,
+                                  suggest_valley)
+from finetune.seeding import preserved_rng
 
 
 def test_lr_schedule_is_log_spaced_and_inclusive():

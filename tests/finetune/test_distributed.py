@@ -56,7 +56,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         from finetune.data import ImageSet
         from tests.finetune.test_distributed import ddp_cfg
         from tests.finetune.test_loop import STAGES, DATA_CONFIG, tiny_model
-        from finetune.loop import fit
+        from finetune.train import fit
         from finetune import distributed
         d = json.load(open({str(sets_file)!r}))
         train = ImageSet([tuple(i) for i in d["train"]], d["classes"])

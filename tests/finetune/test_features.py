@@ -1,4 +1,5 @@
-"""Head-only fast path: same head as the slow path, a cache that is keyed and never trusts a bad file."""
+"""Cached-feature head path: the same loop trains the same head as the ordinary path, a cache that is
+keyed and never trusts a bad file, features shared between runs."""
 from __future__ import annotations
 
 import copy
@@ -13,20 +14,11 @@ from torch import nn
 from finetune.config import FinetuneConfig
 from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
 from finetune.errors import FinetuneError
-from finetune.features import (
-    FeatureBank,
-    FeatureCache,
-    _BatchOrder,
-    _Targets,
-    backbone_digest,
-    extract_features,
-    feature_cache_key,
-    fit_head_on_features,
-)
-from finetune.loop import _seed_epoch, evaluate, make_train_loader, set_loader_epoch, train_one_epoch
-from finetune.metrics import EarlyStopping
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.data import set_loader_epoch
+from finetune.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
+from finetune.features.head import _BatchOrder, _Targets
 from finetune.surgery import replace_head
+from finetune.train import fit
 from tests.conftest import make_image_folder
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
@@ -80,50 +72,42 @@ def _config(**kw) -> FinetuneConfig:
     return FinetuneConfig(**base)
 
 
-def _slow_path(model: nn.Module, train: ImageSet, val: ImageSet, config: FinetuneConfig) -> list[float]:
-    """fit's slow head phase: the frozen model re-run on un-augmented inputs every epoch through the
-    loop's own loader, seeding, train_one_epoch (model in eval mode, head in train mode) and evaluate,
-    with the same optimizer, scheduler and early stopping. Returns the val losses."""
-    tf = build_transform(DATA_CONFIG, False, config)
-    loader = make_train_loader(ImageDataset(train, tf), config)
-    val_loader = make_loader(ImageDataset(val, tf), config.batch_size, train=False, workers=0)
-    loss_fn = nn.CrossEntropyLoss()
-    opt = build_optimizer(config, model, "fc")
-    sched = build_scheduler(config, opt, len(loader))
-    stopper = EarlyStopping(config.patience, config.min_delta, "min")
-    cpu = torch.device("cpu")
-    losses = []
-    for epoch in range(1, config.epochs + 1):
-        _seed_epoch(config.seed, epoch, 0)
-        set_loader_epoch(loader, config.seed, epoch)
-        train_one_epoch(model, loader, opt, sched, loss_fn, cpu, only_train=model.fc)
-        loss = evaluate(model, val_loader, loss_fn, cpu, train.classes)["loss"]
-        losses.append(loss)
-        sched.step_epoch(loss)
-        if stopper.step(loss, epoch):
-            break
-    return losses
+STAGES = [["features"]]
+
+
+def _fit(model: nn.Module, train: ImageSet, val: ImageSet | None, config: FinetuneConfig, **kw):
+    """fit, head only, on a model whose head is already replaced (the backbone frozen by fit)."""
+    cache_dir = kw.pop("cache_dir", None)
+    if cache_dir is not None:
+        kw["feature_cache"] = FeatureCache(cache_dir, log=kw.get("log"))
+    data_config = kw.pop("data_config", DATA_CONFIG)
+    return fit(model, STAGES, data_config, train, val, config.replace(freeze=kw.pop("freeze", "head")), head="fc",
+               reset_head=False, **kw)
 
 
 @pytest.mark.parametrize("head,sampler", [("linear", "random"), ("mlp", "balanced")])
 def test_fast_path_matches_slow_path(tmp_path, head, sampler):
+    """The same loop with cached features or with the frozen model re-run on every batch: same history
+    (val losses, LRs), same head weights, same best epoch."""
     train, val = _sets(tmp_path / "d", bad=True)
-    config = _config(sampler=sampler, head=head)
+    config = _config(sampler=sampler, head=head, augment=False)
     slow_model, fast_model = _model(head=head), _model(head=head)
-    slow_losses = _slow_path(slow_model, train, val, config)
-    history, best = fit_head_on_features(fast_model, "fc", train, val, DATA_CONFIG, config)
-    assert [r["phase"] for r in history] == ["head"] * len(slow_losses)
-    assert [r["epoch"] for r in history] == list(range(1, len(slow_losses) + 1))
-    for row, loss in zip(history, slow_losses):
-        assert row["val_loss"] == pytest.approx(loss, rel=1e-4, abs=1e-5)
+    slow = _fit(slow_model, train, val, config.replace(fast_head=False))
+    logs: list[str] = []
+    fast = _fit(fast_model, train, val, config, log=logs.append)
+    assert any("(cached features)" in m for m in logs)
+    assert [r["phase"] for r in fast.history] == ["head"] * len(slow.history)
+    assert [r["epoch"] for r in fast.history] == list(range(1, len(slow.history) + 1))
+    for row, ref in zip(fast.history, slow.history):
+        assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4, abs=1e-5)
+        assert row["lr"] == ref["lr"]
         assert set(row) == {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                             "seconds", "images_per_s"}
+    assert fast.best_epoch == slow.best_epoch
     for (name, a), b in zip(slow_model.fc.state_dict().items(), fast_model.fc.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
-    # The backbone is untouched and best_state loads back into the model.
+    # The backbone is untouched.
     torch.testing.assert_close(slow_model.features[0].weight, fast_model.features[0].weight)
-    assert set(best) == {f"fc.{k}" for k in fast_model.fc.state_dict()}
-    fast_model.load_state_dict(best, strict=False)
 
 
 @pytest.mark.parametrize("workers,sampler", [(0, "random"), (1, "random"), (0, "balanced")])
@@ -131,8 +115,12 @@ def test_batch_order_replays_the_loader(tmp_path, workers, sampler):
     items = [(f"img{i}.png", i % 3) for i in range(23)]
     image_set = ImageSet(items, ["a", "b", "c"])
     config = _config(batch_size=4, workers=workers, sampler=sampler, seed=5)
-    real = make_train_loader(_Targets(image_set), config)
-    replay = _BatchOrder(make_train_loader(_Targets(image_set), config), seed=5)
+    def loader():
+        return make_loader(_Targets(image_set), config.batch_size, train=True, workers=workers, sampler=sampler,
+                           seed=5)
+
+    real = loader()
+    replay = _BatchOrder(loader(), seed=5)
     orders = []
     for epoch in (1, 2, 3):
         set_loader_epoch(real, 5, epoch)
@@ -170,14 +158,17 @@ def test_model_with_ops_after_head_is_refused(tmp_path):
     for p in model.features.parameters():
         p.requires_grad_(False)
     with pytest.raises(FinetuneError, match="fast_head off"):
-        fit_head_on_features(model, "fc", train, val, DATA_CONFIG, _config(epochs=1))
+        _fit(model, train, val, _config(epochs=1))
 
 
 def test_trainable_backbone_is_refused(tmp_path):
+    from finetune.engine import build_setup
+    from finetune.features import CachedHeadSteps
+
     train, val = _sets(tmp_path / "d")
-    model = Tiny()
+    setup = build_setup(Tiny(), STAGES, DATA_CONFIG, train, val, _config(epochs=1, freeze="none"), head="fc")
     with pytest.raises(FinetuneError, match="frozen backbone"):
-        fit_head_on_features(model, "fc", train, val, DATA_CONFIG, _config(epochs=1))
+        CachedHeadSteps(setup).begin_phase("head")
 
 
 def _files(cache_dir: Path) -> set[str]:
@@ -189,32 +180,32 @@ def test_cache_hit_and_invalidation(tmp_path):
     cache_dir = tmp_path / "cache"
     config = _config(epochs=1)
     logs: list[str] = []
-    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir, log=logs.append)
+    _fit(_model(), train, val, config, cache_dir=cache_dir, log=logs.append)
     first = _files(cache_dir)
     assert len(first) == 2 and not any("loaded from cache" in m for m in logs)
     logs.clear()
-    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir, log=logs.append)
+    _fit(_model(), train, val, config, cache_dir=cache_dir, log=logs.append)
     assert sum("loaded from cache" in m for m in logs) == 2 and _files(cache_dir) == first
 
     # Another head does not matter (it is not part of the features) ...
-    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config.replace(head="mlp", mlp_hidden=4),
+    _fit(_model(), train, val, config.replace(head="mlp", mlp_hidden=4),
                          cache_dir=cache_dir)
     assert _files(cache_dir) == first
     # ... but backbone weights, preprocessing and the data each do.
     other = _model()
     with torch.no_grad():
         other.features[1].running_mean += 0.1
-    fit_head_on_features(other, "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    _fit(other, train, val, config, cache_dir=cache_dir)
     after_weights = _files(cache_dir)
     assert len(after_weights) == 4
-    fit_head_on_features(_model(), "fc", train, val, dict(DATA_CONFIG, mean=(0.5, 0.5, 0.5)), config,
+    _fit(_model(), train, val, config, data_config=dict(DATA_CONFIG, mean=(0.5, 0.5, 0.5)),
                          cache_dir=cache_dir)
     after_prep = _files(cache_dir)
     assert len(after_prep) == 6
     path = train.items[0][0]
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    _fit(_model(), train, val, config, cache_dir=cache_dir)
     assert len(_files(cache_dir) - after_prep) == 1  # only the train bank is rebuilt
 
 
@@ -278,23 +269,23 @@ def test_corrupt_cache_through_fit(tmp_path):
     train, val = _sets(tmp_path / "d")
     cache_dir = tmp_path / "cache"
     config = _config(epochs=2)
-    h1, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    h1 = _fit(_model(), train, val, config, cache_dir=cache_dir)
     for p in cache_dir.glob("train-*.safetensors"):
         data = bytearray(p.read_bytes())
         data[-8] ^= 0x55
         p.write_bytes(bytes(data))
     logs: list[str] = []
-    h2, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir,
+    h2 = _fit(_model(), train, val, config, cache_dir=cache_dir,
                                  log=logs.append)
     assert any("damaged" in m for m in logs)
-    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-6)
+    assert [r["val_loss"] for r in h2.history] == pytest.approx([r["val_loss"] for r in h1.history], rel=1e-6)
 
 
 def test_augmented_views_are_a_reproducible_bank(tmp_path):
     train, val = _sets(tmp_path / "d")
     config = _config(epochs=2, aug_views=2, crop_scale_min=0.5)
     cache_dir = tmp_path / "cache"
-    history, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=cache_dir)
+    history = _fit(_model(), train, val, config, cache_dir=cache_dir).history
     assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
     (train_file,) = cache_dir.glob("train-*.safetensors")
     bank = FeatureCache(cache_dir).load(train_file.stem)
@@ -302,26 +293,39 @@ def test_augmented_views_are_a_reproducible_bank(tmp_path):
     assert not torch.allclose(bank.features[0], bank.features[1])  # the two views differ
     # Recomputed from scratch (another cache), the bank is identical: views are seeded.
     other = tmp_path / "cache2"
-    fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, cache_dir=other)
+    _fit(_model(), train, val, config, cache_dir=other)
     again = FeatureCache(other).load(train_file.stem)
     torch.testing.assert_close(again.features, bank.features)
 
 
-def test_warmup_overrides_epochs_monitor_and_patience(tmp_path):
+def test_two_phase_warmup_trains_the_head_on_cached_features(tmp_path):
+    """freeze none: the head warm-up (until its val loss stops improving) runs on cached features, then
+    the whole network trains; the warm-up rows equal those of the ordinary path."""
     train, val = _sets(tmp_path / "d")
-    # A huge LR: the val loss soon gets worse, and patience 1 (not config's 30) stops there.
-    config = _config(epochs=30, patience=30, lr=5.0, schedule="none")
-    history, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, epochs=6,
-                                      monitor="val_loss", patience=1)
-    losses = [r["val_loss"] for r in history]
-    assert len(history) < 6 and losses[-1] >= min(losses[:-1])
-    full, _ = fit_head_on_features(_model(), "fc", train, val, DATA_CONFIG, config, epochs=5, patience=0)
-    assert len(full) == 5
+    config = _config(epochs=8, patience=30, lr=5.0, schedule="none", augment=False, head_epochs=-1)
+    logs: list[str] = []
+    fast = _fit(_model(), train, val, config, freeze="none", log=logs.append)
+    slow = _fit(_model(), train, val, config.replace(fast_head=False), freeze="none")
+    phases = [r["phase"] for r in fast.history]
+    n_head = phases.count("head")
+    assert phases == ["head"] * n_head + ["finetune"] * (len(phases) - n_head) and 1 <= n_head < 7
+    assert sum("head (cached features)" in m for m in logs) == n_head
+    assert [r["phase"] for r in slow.history][:n_head] == ["head"] * n_head
+    for a, b in zip(fast.history[:n_head], slow.history[:n_head]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4, abs=1e-5)
 
 
 def test_without_validation_runs_every_epoch(tmp_path):
     train, _ = _sets(tmp_path / "d")
     model = _model()
-    history, best = fit_head_on_features(model, "fc", train, None, DATA_CONFIG, _config(epochs=3, patience=1))
-    assert len(history) == 3 and all(math.isnan(r["val_loss"]) for r in history)
-    torch.testing.assert_close(best["fc.weight"], model.fc.weight.detach())
+    result = _fit(model, train, None, _config(epochs=3, patience=1))
+    assert len(result.history) == 3 and all(math.isnan(r["val_loss"]) for r in result.history)
+    assert result.best_epoch == 3
+
+
+def test_features_shared_between_runs_are_computed_once(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    cache = FeatureCache(None)
+    for lr in (1e-3, 1e-2, 1e-1):
+        _fit(_model(), train, val, _config(epochs=1, lr=lr), feature_cache=cache)
+    assert (cache.computed, cache.hits) == (2, 4)      # train + val once, then reused by two runs

@@ -1,4 +1,4 @@
-"""finetune.loop.fit: freeze modes, phases, optimizers/schedules, early stopping, NaN guard, run folder."""
+"""finetune.train.fit: freeze modes, phases, optimizers/schedules, early stopping, NaN guard, run folder."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,8 @@ from torch import nn
 from finetune.checkpoint import BEST, LAST, load_weights
 from finetune.config import OPTIMIZERS, SCHEDULES, FinetuneConfig
 from finetune.errors import ConfigError, DivergedError, Interrupted
-from finetune.loop import evaluate, fit
+from finetune.engine import evaluate
+from finetune.train import fit
 from tests.conftest import make_image_folder
 
 STAGES = (("stem",), ("block",))
@@ -263,8 +264,9 @@ def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path)
     """fit with the CUDA device steps (forced here on the CPU: they run anywhere): every training batch
     goes through DeviceAugment, reseeded at the start of each epoch from (seed, epoch, rank); validation
     and the final evaluation are only normalised; a resumed run repeats the uninterrupted one."""
-    import finetune.loop as loop
+    import finetune.engine.setup as engine_setup
     from finetune.data import DeviceAugment, DeviceNormalize
+    from finetune.seeding import epoch_seed
 
     calls = {"reseed": [], "augmented": 0}
 
@@ -280,11 +282,11 @@ def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path)
     def cuda_steps(config, data_config, device):
         return "uint8", DeviceNormalize.from_data_config(data_config), Counting.from_config(data_config, config)
 
-    monkeypatch.setattr(loop, "device_steps", cuda_steps)
+    monkeypatch.setattr(engine_setup, "device_steps", cuda_steps)
     config = cfg(epochs=2, freeze="none", hflip=0.5, brightness=0.4, contrast=0.4)
     result = run(data, config, run_dir=tmp_path / "full")
     train, _ = data
-    assert calls["reseed"] == [loop.epoch_seed(config.seed, e, 0) for e in (1, 2)]
+    assert calls["reseed"] == [epoch_seed(config.seed, e, 0) for e in (1, 2)]
     assert calls["augmented"] == 2 * (len(train.items) // config.batch_size)    # training batches only
     with pytest.raises(Interrupted):
         run(data, config, run_dir=tmp_path / "cut", callbacks=[lambda row: (_ for _ in ()).throw(KeyboardInterrupt())])

@@ -70,7 +70,7 @@ def test_resume_after_interrupt_matches_uninterrupted(data, reference, tmp_path,
 
 def test_resume_before_first_epoch_completes(data, reference, tmp_path, monkeypatch):
     """Interrupted inside epoch 1: the epoch-0 checkpoint lets the run start over identically."""
-    import finetune.loop as loop
+    import finetune.engine.trainer as loop
 
     out = tmp_path / "run"
 
@@ -109,7 +109,7 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(data, reference, tmp_path):
         from finetune.data import ImageSet
         from tests.finetune.test_loop import STAGES, DATA_CONFIG, tiny_model
         from tests.finetune.test_resume import resume_cfg
-        from finetune.loop import fit
+        from finetune.train import fit
         train = ImageSet({train.items!r}, {train.classes!r})
         val = ImageSet({val.items!r}, {val.classes!r})
         def cb(row):

@@ -135,7 +135,7 @@ def test_sweep_2x2_with_folds_and_best_config_reproduces(tmp_path):
     import torch
 
     from finetune.data import scan_folder
-    from finetune.loop import fit
+    from finetune.train import fit
     from tests.conftest import make_image_folder
 
     report = scan_folder(make_image_folder(tmp_path / "data", per_class=8), val_split=0.25, seed=0)

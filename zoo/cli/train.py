@@ -226,7 +226,7 @@ def _report(outcome) -> None:
     else:
         click.echo(f"finished ({how}); no validation images, so the last epoch is kept")
     try:
-        from finetune.diagnostics import advise
+        from finetune.monitor import advise
     except ImportError:
         advise = None
     if advise is not None:

@@ -35,8 +35,16 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from finetune.data import (DeviceAugment, ImageDataset, _parse_data_config, _printable, build_transform,
-                           device_decodable, load_image, read_image_bytes, to_uint8_tensor)
+from finetune.data.device import DeviceAugment
+from finetune.data.images import (
+    device_decodable,
+    load_image,
+    read_image_bytes,
+    to_uint8_tensor,
+)
+from finetune.data.loaders import ImageDataset
+from finetune.data.scan import _printable
+from finetune.data.transforms import _parse_data_config, build_transform
 from finetune.errors import DataError
 
 __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
@@ -57,7 +65,8 @@ class EncodedImageDataset(ImageDataset):
     def collate_fn(batch: list):          # picked up by finetune.data.make_loader
         return collate_encoded(batch)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index = key[0] if isinstance(key, tuple) else key   # no augmentation here: the device draws it
         path, label = self.image_set.items[index]
         try:
             data = read_image_bytes(path)

@@ -1,0 +1,30 @@
+"""Image folders, from files to batches on the device; one concern per module:
+
+- ``scan``: scan + validate a folder, the train/val/test split, split files (no decoding beyond headers);
+- ``images``: decoding one file (PIL, or decode_jpeg to a uint8 tensor);
+- ``transforms``: CPU transforms from the model's data config (train augmentation, evaluation crop);
+- ``device``: the device side: uint8 batches normalised, flipped and jittered on the accelerator;
+- ``decode``: ``--decode device``: JPEGs decoded (nvJPEG) and augmented on the device;
+- ``loaders``: datasets and seeded DataLoaders.
+
+The scan happens before any model is loaded, so fatal problems fail in seconds with one ``DataError``.
+"""
+from __future__ import annotations
+
+from finetune.data.device import DeviceAugment, DeviceNormalize, device_steps, to_device_batch
+from finetune.data.images import (device_decodable, load_image, load_image_tensor, read_image_bytes,
+                                  to_uint8_tensor)
+from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, ImageDataset, class_weights,
+                                   collate_skip_none, drop_last_partial, make_loader, resolve_workers,
+                                   set_loader_epoch)
+from finetune.data.scan import IMAGE_EXTENSIONS, ImageSet, ScanReport, scan_folder, write_scan
+from finetune.data.transforms import ImageTransform, build_transform
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan",
+    "load_image", "load_image_tensor", "read_image_bytes", "to_uint8_tensor", "device_decodable",
+    "build_transform", "ImageTransform",
+    "DeviceNormalize", "DeviceAugment", "to_device_batch", "device_steps",
+    "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",
+    "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers",
+]

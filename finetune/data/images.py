@@ -1,0 +1,139 @@
+"""Decoding one image file: PIL (RGB, EXIF-upright, first frame, draft() for big JPEGs) or
+torchvision's decode_jpeg to a uint8 tensor for the files it decodes exactly."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from finetune.data.scan import _printable
+from finetune.errors import DataError
+
+
+# -------------------------------------------------------------------------------------- decoding
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped)."""
+    import numpy as np
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0                          # 65535 -> 255 exactly
+        elif mode == "F" and a.size and a.max() <= 1.0 and a.min() >= 0.0:
+            a = a * 255.0
+        elif a.size and (a.max() > 255 or a.min() < 0):
+            hi = 65535.0 if a.min() >= 0 and a.max() <= 65535 else a.max()
+            lo = 0.0 if hi == 65535.0 else a.min()
+            a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "P":
+        return im.convert("RGB")
+    if mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB")                       # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
+    """Decode an image file to an upright 8-bit RGB PIL image (first frame of animations).
+
+    Args:
+        path: the image file.
+        min_size: big JPEGs are decoded at a reduced scale (PIL ``draft``) while both sides stay at
+            least this large; None decodes at full size.
+
+    Raises:
+        DataError: the file cannot be read or decoded, or exceeds PIL's decompression-bomb limit.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)
+                if min_size and im.format == "JPEG":
+                    im.draft("RGB", (int(min_size), int(min_size)))
+                im.load()
+                try:
+                    upright = ImageOps.exif_transpose(im)    # a new image: safe after the file closes
+                except Exception:   # malformed EXIF: the pixels are fine, use them as stored
+                    upright = None
+                return _to_rgb(upright if upright is not None else im.copy())
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{_printable(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
+                        "resize or remove it") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{_printable(str(path))} is not a readable image; fix or remove it") from None
+    except OSError as e:
+        raise DataError(f"cannot decode {_printable(str(path))}: {e}; fix or remove the file") from None
+    except Exception as e:  # malformed files raise SyntaxError / ValueError / struct.error inside PIL
+        raise DataError(f"cannot decode {_printable(str(path))} ({type(e).__name__}: {e}); "
+                        "fix or remove the file") from None
+
+
+_SOI = b"\xff\xd8\xff"
+_ORIENTATION = 0x0112
+
+
+def device_decodable(data: bytes, min_size: int | None = None) -> bool:
+    """True for a JPEG that ``torchvision.io.decode_jpeg`` turns into the same upright RGB image as
+    ``load_image``: baseline (progressive JPEGs take nvJPEG's slow host path), RGB or greyscale (not
+    CMYK/YCCK), no EXIF rotation, within PIL's decompression-bomb limit, and, given ``min_size``, not so
+    large that ``load_image`` would decode it at a reduced scale (PIL ``draft``: cheaper than a full-size
+    decode)."""
+    if not data.startswith(_SOI):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
+                if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive"):
+                    return False
+                if min_size and min(im.size) >= 2 * int(min_size):
+                    return False
+                return int(im.getexif().get(_ORIENTATION, 1) or 1) == 1
+    except Exception:        # unreadable header, bomb, odd EXIF: load_image decides (and reports)
+        return False
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The file's bytes. Raises DataError (one line, what to do) when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
+
+
+def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> a writable uint8 tensor (3, H, W)."""
+    import numpy as np
+
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_image_tensor(path: str | Path, min_size: int | None = None) -> torch.Tensor:
+    """``load_image`` as a uint8 tensor (3, H, W): plain JPEGs (:func:`device_decodable`) are decoded by
+    ``torchvision.io.decode_jpeg`` (libjpeg-turbo, 1.2x PIL's decode here), everything else by
+    ``load_image``. Raises DataError like ``load_image``."""
+    data = read_image_bytes(path)
+    if device_decodable(data, min_size):
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass                  # let PIL decide: it reads some files libjpeg's strict mode rejects
+    return to_uint8_tensor(load_image(path, min_size))
+
+

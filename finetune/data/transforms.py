@@ -1,0 +1,158 @@
+"""CPU transforms built from the model's data config (timm-style): train augmentation and the
+fixed evaluation crop, as float (PIL) or uint8 (tensor) pipelines."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from finetune.errors import ConfigError
+
+# ------------------------------------------------------------------------------------ transforms
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+class _LimitAspect:
+    """Centre-crop the long side to at most ``ratio`` x the short side before an eval resize.
+
+    The eval centre crop keeps only the middle of the image anyway, so this changes nothing visible for
+    ordinary photos but stops a 20000x10 strip from being resized into a gigantic intermediate.
+    """
+
+    def __init__(self, ratio: float = 2.0) -> None:
+        self.ratio = ratio
+
+    def __call__(self, im):
+        tensor = isinstance(im, torch.Tensor)
+        h, w = tuple(im.shape[-2:]) if tensor else (im.size[1], im.size[0])
+        short = min(w, h)
+        limit = max(1, int(math.ceil(short * self.ratio)))
+        if max(w, h) <= limit:
+            return im
+        if w > h:
+            left = (w - limit) // 2
+            return im[..., :, left:left + limit] if tensor else im.crop((left, 0, left + limit, h))
+        top = (h - limit) // 2
+        return im[..., top:top + limit, :] if tensor else im.crop((0, top, w, top + limit))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ratio={self.ratio})"
+
+
+class ImageTransform:
+    """A transform pipeline plus ``min_size``: the smallest side a decoded image needs (for ``draft``).
+
+    ``output``: "float" (normalised float32) or "uint8" (0-255 pixels; ``mean``/``std`` are then applied
+    on the device by :class:`DeviceNormalize`). ``tensor_input``: the pipeline works on uint8 tensors
+    (``ImageDataset`` then decodes with :func:`load_image_tensor`); PIL images are accepted either way.
+    """
+
+    def __init__(self, pipeline: Callable, min_size: int, train: bool, *, output: str = "float",
+                 mean: tuple = (), std: tuple = (), tensor_input: bool = False) -> None:
+        self.pipeline = pipeline
+        self.min_size = min_size
+        self.train = train
+        self.output = output
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.tensor_input = tensor_input
+
+    def __call__(self, im: Image.Image):
+        return self.pipeline(im)
+
+    def __repr__(self) -> str:
+        # The float repr is unchanged (it is part of feature-cache keys); uint8 says so and names mean/std.
+        extra = f"output=uint8, mean={self.mean}, std={self.std}, " if self.output == "uint8" else ""
+        return f"ImageTransform(train={self.train}, min_size={self.min_size}, {extra}{self.pipeline!r})"
+
+
+def _parse_data_config(data_config: dict) -> tuple[tuple[int, int], str, float, tuple, tuple]:
+    try:
+        size = tuple(int(x) for x in data_config["input_size"])[-2:]
+        mean = tuple(float(x) for x in data_config["mean"])
+        std = tuple(float(x) for x in data_config["std"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"data config needs input_size, mean and std (problem: {e}); "
+                          "check the model's preprocessing entry") from None
+    interp = str(data_config.get("interpolation") or "bilinear").lower()
+    if interp == "random":       # timm's train-time random choice; a fixed one keeps runs reproducible
+        interp = "bilinear"
+    if interp not in _INTERPOLATIONS:
+        raise ConfigError(f"data config interpolation {interp!r} is unknown; use one of {', '.join(_INTERPOLATIONS)}")
+    crop_pct = float(data_config.get("crop_pct") or 0.875)
+    if len(size) != 2 or min(size) < 1 or len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 0 < crop_pct <= 1:
+        raise ConfigError(f"data config is invalid (input_size={data_config.get('input_size')}, mean={mean}, "
+                          f"std={std}, crop_pct={crop_pct}); check the model's preprocessing entry")
+    return (size[0], size[1]), interp, crop_pct, mean, std
+
+
+def build_transform(data_config: dict, train: bool, config: Any | None = None, *,
+                    output: str = "float", colour_on_device: bool = False) -> ImageTransform:
+    """PIL image -> normalised float tensor (3, H, W) following the model's timm-style data config.
+
+    Evaluation: resize to ``size / crop_pct`` (shorter side) + centre crop, as timm does. Training (with
+    ``config.augment``): RandomResizedCrop(scale=(crop_scale_min, 1)), horizontal flip (``hflip``),
+    brightness/contrast jitter; a 0 switches one off (``crop_scale_min=1`` switches the random crop off).
+
+    ``output="uint8"`` stops before the float conversion: the same steps and random draws, a uint8 tensor
+    (3, H, W) out (4x fewer bytes through worker queues and to the GPU); :class:`DeviceNormalize` /
+    :func:`to_device_batch` then apply ``x / 255``, mean and std on the device with the same float32
+    operations, so the model sees the same values.
+
+    ``colour_on_device`` (uint8 output only) leaves the flip and the brightness/contrast jitter out of
+    the pipeline: :class:`DeviceAugment` applies them to the whole batch on the device (``fit`` does so
+    on CUDA), and the workers only decode, crop and resize.
+
+    Raises:
+        ConfigError: the data config lacks input_size/mean/std, names an unknown interpolation,
+            ``output`` is not "float" or "uint8", or ``colour_on_device`` is asked of float output.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    if output not in ("float", "uint8"):
+        raise ConfigError(f"invalid transform output={output!r}: use float or uint8")
+    if colour_on_device and output != "uint8":
+        raise ConfigError("colour_on_device needs output='uint8' (the device normalises what it augments)")
+    if config is None:
+        from finetune.config import FinetuneConfig
+        config = FinetuneConfig()
+    (h, w), interp, crop_pct, mean, std = _parse_data_config(data_config)
+    mode = InterpolationMode(interp)
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+
+    def fixed() -> list:
+        # Square targets resize the shorter side (aspect kept); others resize to the exact scaled box.
+        if h == w:
+            return [_LimitAspect(2.0), T.Resize(scale[0], interpolation=mode, antialias=True),
+                    T.CenterCrop((h, w))]
+        return [T.Resize(scale, interpolation=mode, antialias=True), T.CenterCrop((h, w))]
+
+    # uint8 output (the CUDA path) works on uint8 tensors from the start: torch's resize and jitter
+    # kernels are 1.3x (train) / 2.1x (eval) PIL's per worker core (scripts/bench_decode.py), and the
+    # dataset decodes plain JPEGs straight into a tensor (load_image_tensor). PIL inputs still work.
+    # torch has no box/hamming resize: those stay on PIL images.
+    tensor_input = output == "uint8" and interp not in ("box", "hamming")
+    steps: list = [T.PILToTensor()] if tensor_input else []
+    augment = train and bool(getattr(config, "augment", True))
+    if augment and float(config.crop_scale_min) < 1.0:
+        steps.append(T.RandomResizedCrop((h, w), scale=(float(config.crop_scale_min), 1.0), interpolation=mode,
+                                         antialias=True))
+    else:
+        steps.extend(fixed())
+    colour = augment and not colour_on_device
+    if colour and float(config.hflip) > 0:
+        steps.append(T.RandomHorizontalFlip(float(config.hflip)))
+    if colour and (float(config.brightness) > 0 or float(config.contrast) > 0):
+        steps.append(T.ColorJitter(brightness=float(config.brightness) or None,
+                                   contrast=float(config.contrast) or None))
+    if not tensor_input:
+        steps.append(T.PILToTensor())
+    if output == "float":
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    return ImageTransform(T.Compose(steps), min_size=max(scale), train=train, output=output, mean=mean, std=std,
+                          tensor_input=tensor_input)
+
+

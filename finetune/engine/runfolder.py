@@ -1,0 +1,201 @@
+"""The run folder's writers: config.yaml, manifest.json, metrics.csv, curves.png, best weights,
+checkpoints/last.pt, bad_files.txt, summary.json, TensorBoard. Only the main process writes."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from finetune import distributed as ddp
+from finetune.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, save_weights
+from finetune.config import FinetuneConfig, save_config
+from finetune.errors import CheckpointError, ConfigError
+from finetune.io import atomic_write_text
+from finetune.monitor import TensorBoardLogger, write_curves
+
+__all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe", "printable_path"]
+
+HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                "images_per_s")
+CHECKPOINT_FORMAT = 1
+# Options that may differ between a run and its resumption: they change speed or output, not the maths
+# of the epochs still to run (epochs and patience may be raised to train longer). device, gpu_normalize
+# and decode move the augmentation draws (DeviceAugment, DeviceTransform draw on the device, the
+# workers path per sample): changed on resume, the remaining epochs get other draws from the same
+# distributions.
+RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs", "patience", "min_delta",
+               "amp", "channels_last", "gpu_normalize", "decode"}
+
+Log = Callable[[str], None]
+
+
+def printable_path(p: str) -> str:
+    """A path as text, undecodable bytes shown as escapes."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None so that summary.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist_name in ("zoo-finetune", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors"):
+        try:
+            out[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            out[dist_name] = None
+    return out
+
+
+def _files_hash(train_set, val_set) -> str:
+    h = hashlib.sha256()
+    for split, s in (("train", train_set), ("val", val_set)):
+        for path, label in sorted(s.items):
+            h.update(f"{split}\t{path}\t{s.classes[label]}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+class RunFolder:
+    """One run's folder, or nothing at all (``path`` None, or a rank other than 0): every writer is then a
+    no-op, so the training loop calls them unconditionally."""
+
+    def __init__(self, path: str | Path | None, info: ddp.DistInfo | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.writes = self.path is not None and (info or ddp.DistInfo()).is_main
+        self.tensorboard: TensorBoardLogger | None = None
+
+    # --- resume
+    def load_resume(self, classes: list[str], config: FinetuneConfig) -> dict:
+        """The checkpoint to continue from, checked against this run's classes and options.
+
+        Raises:
+            CheckpointError: missing/foreign checkpoint, other classes. ConfigError: changed options.
+        """
+        if self.path is None:
+            raise ConfigError("resume needs the run folder: pass run_dir")
+        ckpt = load_checkpoint(self.path / LAST)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.path / LAST} was written by another version; start a new run")
+        if list(ckpt["classes"]) != classes:
+            raise CheckpointError(f"the classes of {self.path} ({', '.join(ckpt['classes'])}) differ from the "
+                                  "data's; resume with the same data folder")
+        current = config.to_dict()
+        differ = sorted(k for k, v in ckpt["config"].items()
+                        if k in current and k not in RESUME_FREE and current[k] != v)
+        if differ:
+            raise ConfigError(f"cannot resume with changed option(s) {', '.join(differ)}: drop them (the run's "
+                              "config.yaml is used) or start a new run")
+        return ckpt
+
+    def refuse_existing_run(self) -> None:
+        if self.writes and (self.path / LAST).exists():
+            raise ConfigError(f"{self.path} already holds a run: continue it with `zoo finetune --resume "
+                              f"{self.path}` or choose another --out")
+
+    # --- writers
+    def start(self, config: FinetuneConfig, train_set, val_set, device: torch.device, info: ddp.DistInfo,
+              resume: bool) -> None:
+        """config.yaml (new runs), manifest.json (resumes are appended), the TensorBoard writer."""
+        if not self.writes:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(config, self.path / "config.yaml")
+        self._write_manifest(config, train_set, val_set, device, info, resume)
+        if config.tensorboard:
+            self.tensorboard = TensorBoardLogger(self.path)
+
+    def _write_manifest(self, config, train_set, val_set, device, info, resume: bool) -> None:
+        path = self.path / "manifest.json"
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv)}
+        if resume and path.is_file():
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                manifest = {}
+            manifest.setdefault("resumed", []).append(entry)
+        else:
+            manifest = {"created": entry["time"], "command": entry["command"], "seed": config.seed,
+                        "files_sha256": _files_hash(train_set, val_set),
+                        "images": {"train": len(train_set.items), "val": len(val_set.items)},
+                        "classes": list(train_set.classes), "versions": _versions(),
+                        "device": str(device), "world_size": info.world_size}
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+
+    def epoch(self, history: list[dict], model: torch.nn.Module | None, best_epoch: int | None,
+              metadata: dict[str, str]) -> None:
+        """After an epoch: the best weights (when ``model`` is given: this epoch improved), metrics.csv,
+        curves.png, TensorBoard."""
+        if not self.writes:
+            return
+        if model is not None:
+            save_weights(self.path / BEST, model, metadata)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(HISTORY_KEYS), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+        write_curves(history, self.path / "curves.png", best_epoch=best_epoch)
+        if self.tensorboard is not None:
+            self.tensorboard.log_epoch(history[-1])
+
+    def checkpoint(self, state: dict) -> None:
+        if self.writes:
+            save_checkpoint(self.path / LAST, {"format": CHECKPOINT_FORMAT, **state})
+
+    def decode_failures(self, failed: dict[str, str], say: Log) -> None:
+        """Images that passed the scan but failed to decode while training (each was dropped from its
+        batch): one warning, and appended to ``bad_files.txt`` (absolute paths)."""
+        if not failed:
+            return
+        names = ", ".join(printable_path(os.path.basename(p)) for p in list(failed)[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        say(f"warning: {len(failed)} image(s) failed to decode during training and were skipped: {names}{more}"
+            + (" (see bad_files.txt)" if self.writes else ""))
+        if not self.writes:
+            return
+        path = self.path / "bad_files.txt"
+        try:
+            old = path.read_text(encoding="utf-8")
+        except OSError:
+            old = ""
+        new = [f"{printable_path(p)}\t{r} (failed to decode during training)\n" for p, r in failed.items()
+               if printable_path(p) + "\t" not in old]
+        atomic_write_text(path, old + "".join(new))
+
+    def summary(self, summary: dict) -> None:
+        if self.writes:
+            atomic_write_text(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def saved_epoch(self, fallback: int) -> int:
+        """The epoch recorded in last.pt (what a resume continues after)."""
+        try:
+            return int(torch.load(self.path / LAST, map_location="cpu", weights_only=True)["epoch"])
+        except Exception:  # an unreadable checkpoint: say the epoch before the interrupted one
+            return max(0, fallback - 1)

@@ -1,0 +1,105 @@
+"""What every training path asks the same way: the device, the mixed-precision policy, the loss, and
+moving a batch to the device. ``fit``, the cached-feature head path, the LR range test, the overfit
+check and ``zoo predict`` all call these; none decides any of it on its own."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from finetune import distributed as ddp
+from finetune.errors import ConfigError
+
+__all__ = ["resolve_device", "AmpPolicy", "amp_policy", "to_device", "build_loss"]
+
+
+def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) -> torch.device:
+    """``config.device`` -> torch.device: "auto" prefers CUDA, then Apple MPS, then CPU.
+
+    Under torchrun a bare "cuda" means this process's GPU (cuda:LOCAL_RANK).
+
+    Raises:
+        ConfigError: the requested device is not available here.
+    """
+    info = info or ddp.DistInfo()
+    name = (name or "auto").strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+        return torch.device("mps") if has_mps and not info.enabled else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"invalid device={name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA device is visible; use --device cpu or auto")
+        index = dev.index if dev.index is not None else (info.local_rank if info.enabled else 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not has_mps:
+        raise ConfigError("device=mps but Apple MPS is not available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"invalid device={name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+@dataclass(frozen=True)
+class AmpPolicy:
+    """The one mixed-precision policy: on CUDA with ``amp``, bf16 where supported, else fp16 with a
+    GradScaler; full precision elsewhere. Losses are always computed in float32."""
+
+    device_type: str
+    dtype: torch.dtype | None          # autocast dtype, None = full precision
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def make_scaler(self):
+        """A fresh GradScaler for fp16, else None."""
+        return torch.amp.GradScaler(self.device_type) if self.needs_scaler else None
+
+
+def amp_policy(device: torch.device | str, enabled: bool) -> AmpPolicy:
+    """The policy for ``config.amp`` (``enabled``) on ``device``."""
+    device = torch.device(device)
+    if device.type != "cuda" or not enabled:
+        return AmpPolicy(device.type, None)
+    return AmpPolicy("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool = False,
+              normalize: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on ``device``: uint8 batches through ``normalize`` (a ``DeviceNormalize``), float ones
+    copied (NHWC with ``channels_last``)."""
+    if normalize is not None:     # uint8 batch: copied as uint8, converted and normalised on the device
+        return normalize(x, device, channels_last), y.to(device, non_blocking=True)
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def build_loss(config: Any, class_weights: list[float] | None, device: torch.device) -> nn.Module:
+    """Cross-entropy, weighted by inverse class frequency with ``class_weights=auto``
+    (``class_weights``: ``finetune.data.class_weights(train_set)``)."""
+    weight = None
+    if config.class_weights == "auto":
+        weight = torch.tensor(class_weights, dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight).to(device)

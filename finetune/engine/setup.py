@@ -1,0 +1,178 @@
+"""One training setup, built once and shared by every tool: ``fit`` trains it, the LR range test probes
+it, the overfit check overfits it, each sweep trial is one. What is decided here is decided nowhere else:
+the device, the mixed-precision policy, the loss, the prepared model (new head, freeze decision,
+BatchNorm policy), the datasets and loaders with the device-side preprocessing."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from finetune import distributed as ddp
+from finetune.config import FinetuneConfig
+from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, device_steps,
+                           make_loader)
+from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, resolve_device
+from finetune.errors import ConfigError
+from finetune.optim import build_optimizer, build_scheduler
+from finetune.policy import FreezeDecision
+from finetune.recipe import prepare_model
+from finetune.seeding import seed_everything
+
+__all__ = ["Setup", "build_setup"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Setup:
+    """Everything a training path needs, prepared once (see :func:`build_setup`)."""
+
+    model: nn.Module                 # prepared, on ``device`` (NHWC with channels_last)
+    head: str
+    stages: list[list[str]]
+    data_config: dict
+    config: FinetuneConfig
+    train_set: ImageSet
+    val_set: ImageSet
+    decision: FreezeDecision
+    device: torch.device
+    info: ddp.DistInfo
+    amp: AmpPolicy
+    loss_fn: nn.Module
+    channels_last: bool
+    output: str                      # "float" | "uint8": what the workers hand over
+    normalize: Callable | None       # device-side normalisation of uint8 evaluation batches
+    train_normalize: Callable | None  # device-side flip/jitter/normalise of uint8 training batches
+    train_loader: Any = None
+    val_loader: Any = None
+    datasets: list = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.train_set.classes)
+
+    @property
+    def head_module(self) -> nn.Module:
+        return self.model.get_submodule(self.head)
+
+    @property
+    def head_only(self) -> bool:
+        return self.decision.trainable_stages == 0
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val_set.items) > 0
+
+    @property
+    def cached_head(self) -> bool:
+        """Whether a head phase may train on cached backbone features (``config.fast_head``; one
+        process: under DDP the ranks would each compute every feature)."""
+        return bool(self.config.fast_head) and not self.info.enabled
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_loader))
+
+    def optimizer(self, config: FinetuneConfig | None = None) -> torch.optim.Optimizer:
+        """The recipe's optimizer over the model's trainable parameters (head LR, backbone x mult)."""
+        return build_optimizer(config or self.config, self.model, self.head)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, config: FinetuneConfig | None = None):
+        return build_scheduler(config or self.config, optimizer, self.steps_per_epoch)
+
+    def dataset(self, image_set: ImageSet, train: bool, *, augment: bool | None = None):
+        """The dataset ``fit`` reads ``image_set`` with (``train``: augmented unless ``augment=False``;
+        ``--decode device``: the encoded files, decoded on the device)."""
+        if self.config.decode == "device":
+            from finetune.data.decode import EncodedImageDataset
+            return EncodedImageDataset(image_set, build_transform(self.data_config, False, self.config).min_size)
+        cfg = self.config if augment is None else self.config.replace(augment=bool(augment))
+        if train:
+            tf = build_transform(self.data_config, True, cfg, output=self.output,
+                                 colour_on_device=self.train_normalize is not None)
+        else:
+            tf = build_transform(self.data_config, False, cfg, output=self.output)
+        return ImageDataset(image_set, tf)
+
+    def failures(self) -> dict[str, str]:
+        """Images that failed to decode in this setup's datasets: path -> reason."""
+        failed: dict[str, str] = {}
+        for ds in self.datasets:
+            failures = getattr(getattr(ds, "dataset", ds), "failures", None)   # a DDP Subset wraps it
+            for path, reason in (failures() if failures is not None else []):
+                failed.setdefault(path, reason)
+        return failed
+
+
+def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
+                val_set: ImageSet | None, config: FinetuneConfig, *, head: str, reset_head: bool = True,
+                copy_model: bool = False, distributed: bool = True, log: Log | None = None) -> Setup:
+    """Prepare ``model`` (or a deep copy of it) and the data the way every tool trains them.
+
+    Args:
+        model: a pretrained network; modified in place unless ``copy_model``.
+        stages: module-name prefixes per stage, input -> output, classifier excluded.
+        data_config: timm-style preprocessing (input_size, interpolation, crop_pct, mean, std).
+        train_set, val_set: ``finetune.data.ImageSet`` with the same classes (val may be None: empty).
+        config: every option.
+        head: module name of the classifier.
+        reset_head: False when the head was already replaced for these classes.
+        copy_model: work on a deep copy (the diagnostics: the caller's model stays as it was).
+        distributed: join the torchrun process group when there is one (``fit``); the diagnostics run
+            in one process.
+        log: receives the one-line warnings (rank 0).
+    Raises:
+        ConfigError: bad options, train/val classes differ, device not available.
+    """
+    say = log or (lambda _msg: None)
+    if val_set is None:
+        val_set = ImageSet(items=[], classes=list(train_set.classes))
+    if list(train_set.classes) != list(val_set.classes):
+        raise ConfigError("train and val sets have different class lists; build both from one scan")
+    info = ddp.setup(ddp.device_type(config.device)) if distributed else ddp.DistInfo()
+    device = resolve_device(config.device, info)
+
+    # the model: head, freeze decision, BatchNorm policy (seeded: the new head's init is reproducible)
+    seed_everything(config.seed)
+    work = copy.deepcopy(model) if copy_model else model
+    counts = train_set.class_counts()
+    decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
+    work.to(device)
+    channels_last = bool(config.channels_last) and device.type == "cuda"
+    if channels_last:
+        work.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    weights = class_weights(train_set) if config.class_weights == "auto" else None
+    output, normalize, train_normalize = device_steps(config, data_config, device)
+    setup = Setup(model=work, head=head, stages=[list(s) for s in stages], data_config=data_config,
+                  config=config, train_set=train_set, val_set=val_set, decision=decision, device=device,
+                  info=info, amp=amp_policy(device, bool(config.amp)), loss_fn=build_loss(config, weights, device),
+                  channels_last=channels_last, output=output, normalize=normalize,
+                  train_normalize=train_normalize)
+
+    # the loaders
+    train_ds, val_ds = setup.dataset(train_set, True), setup.dataset(val_set, False)
+    setup.datasets = [train_ds, val_ds]
+    per_rank = ddp.per_rank_batch(int(config.batch_size), info)
+    setup.train_loader = make_loader(train_ds, per_rank, train=True, workers=config.workers, device=device.type,
+                                     sampler=config.sampler, seed=config.seed, world_size=info.world_size,
+                                     rank=info.rank)
+    if info.enabled:
+        # Strided shards without padding: every validation image is counted exactly once.
+        val_ds = torch.utils.data.Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
+    setup.val_loader = make_loader(val_ds, per_rank, train=False, workers=config.workers, device=device.type)
+    if config.decode == "device":   # workers read the files; JPEGs are decoded and augmented on the device
+        from finetune.data.decode import DevicePrefetcher, DeviceTransform
+        if device.type != "cuda":
+            say(f"warning: --decode device on {device.type} decodes in one thread of the main process; "
+                "it is meant for CUDA (nvJPEG): the workers path is usually faster here")
+        setup.train_loader = DevicePrefetcher(setup.train_loader, DeviceTransform(data_config, True, config),
+                                              device, channels_last=channels_last)
+        setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
+                                            device, channels_last=channels_last)
+    return setup

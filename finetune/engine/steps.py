@@ -1,0 +1,137 @@
+"""The step functions: one training epoch over a loader, and an evaluation pass.
+
+Plain functions with explicit arguments, as in torchvision's reference training script.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from finetune import distributed as ddp
+from finetune.engine.runtime import AmpPolicy, to_device
+from finetune.errors import DivergedError
+from finetune.metrics import per_class_accuracy
+
+__all__ = ["train_one_epoch", "evaluate", "optimizer_step", "diverged"]
+
+_FULL = AmpPolicy("cpu", None)
+
+
+def diverged(epoch: int, step: int, lr: float) -> DivergedError:
+    """The one message for a NaN/inf loss, on every training path."""
+    return DivergedError(f"loss diverged at epoch {epoch} step {step}: lower the learning rate (was {lr:.3g})")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """Backward and step, through the GradScaler when fp16 autocast uses one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
+                    device: torch.device, *, amp: AmpPolicy | None = None, scaler=None, progress=None,
+                    epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
+                    info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
+    """One pass over ``loader``; the scheduler is stepped after every optimizer step.
+
+    Args:
+        amp: the mixed-precision policy (``runtime.amp_policy``); None = full precision.
+        scaler: the policy's GradScaler with fp16.
+        progress: a tqdm bar to advance (optional).
+        epoch: for the divergence message.
+        only_train: when given, the model stays in eval mode and only this module trains (the head
+            phase: frozen backbone without dropout/drop-path, as the cached-feature path computes it).
+        info: the DDP position; metrics are summed over ranks.
+        normalize: for a loader of uint8 batches (``build_transform(..., output="uint8")``), a
+            ``finetune.data.DeviceNormalize`` that converts them on ``device``; None for float batches.
+    Returns:
+        ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks.
+    Raises:
+        DivergedError: the loss became NaN/inf (on any rank); nothing of this epoch is saved.
+    """
+    info = info or ddp.DistInfo()
+    if only_train is None:
+        model.train()
+    else:
+        model.eval()
+        only_train.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    t0 = time.perf_counter()
+    show = progress is not None and not getattr(progress, "disable", False)
+    for step, batch in enumerate(loader, 1):
+        if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
+            continue
+        x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
+        with (amp or _FULL).autocast():
+            out = model(x)
+        loss = loss_fn(out.float(), y)
+        if not ddp.all_true(bool(torch.isfinite(loss)), device, info):
+            lr = scheduler.current_lr() if scheduler is not None else optimizer.param_groups[0]["lr"]
+            raise diverged(epoch, step, lr)
+        optimizer_step(loss, optimizer, scaler)
+        if scheduler is not None:
+            scheduler.step_batch()
+        n = int(y.shape[0])
+        loss_sum += loss.detach().double() * n
+        correct += (out.detach().argmax(1) == y).sum()
+        seen += n
+        if show:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                                 img_s=f"{seen * info.world_size / dt:.0f}", refresh=False)
+        if progress is not None:
+            progress.update(1)
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
+                                                                    device=device)])
+    ddp.all_reduce_sum(totals, info)
+    loss_total, correct_total, images = totals.tolist()
+    seconds = time.perf_counter() - t0
+    images = int(images)
+    return {"loss": loss_total / images if images else math.nan,
+            "acc": correct_total / images if images else math.nan,
+            "images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
+             amp: AmpPolicy | None = None, channels_last: bool = False,
+             info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
+    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
+
+    Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks.
+    ``normalize``: as in :func:`train_one_epoch` (uint8 batches normalised on the device).
+    """
+    info = info or ddp.DistInfo()
+    model.eval()
+    c = len(classes)
+    confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
+        with (amp or _FULL).autocast():
+            out = model(x)
+        loss_sum += loss_fn(out.float(), y).double() * int(y.shape[0])
+        confusion += torch.bincount(y * c + out.argmax(1), minlength=c * c)
+    ddp.all_reduce_sum(confusion, info)
+    ddp.all_reduce_sum(loss_sum, info)
+    conf = confusion.view(c, c).cpu()
+    total = int(conf.sum())
+    right = conf.diag().tolist()
+    per_class = per_class_accuracy(right, conf.sum(1).tolist(), list(classes))
+    return {"loss": float(loss_sum) / total if total else math.nan,
+            "acc": sum(right) / total if total else math.nan,
+            "per_class": per_class, "confusion": conf.tolist(), "images": total}

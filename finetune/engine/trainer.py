@@ -1,0 +1,358 @@
+"""``fit``'s phase loop: head surgery + freeze decision (the setup) + an optional head phase + the
+finetune phase, with early stopping, a checkpoint after every epoch, exact resume, a NaN guard,
+progress, and the run folder.
+
+One loop for every path: an epoch's batches come from :class:`LoaderSteps` (images through the
+network) or from any other object with the same three methods (the cached-feature head path of
+``finetune.features`` is one); the loop alone keeps the history, the LR log, early stopping, the best
+weights, checkpoints and the printout, so each is done once.
+
+Reproducibility: everything random in epoch ``e`` is seeded from ``(config.seed, e, rank)`` at its start
+(``finetune.seeding``), so a run resumed from the checkpoint of epoch ``e - 1`` replays epoch ``e``
+exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from finetune import distributed as ddp
+from finetune.checkpoint import BEST, cpu_state_dict, load_weights, rng_state, set_rng_state
+from finetune.data import set_loader_epoch
+from finetune.engine.runfolder import RunFolder
+from finetune.engine.setup import Setup
+from finetune.engine.steps import evaluate, train_one_epoch
+from finetune.errors import DivergedError, Interrupted
+from finetune.metrics import EarlyStopping
+from finetune.monitor import advise
+from finetune.seeding import epoch_seed, seed_everything
+from finetune.surgery import apply_freeze
+
+__all__ = ["FitResult", "Trainer", "EpochSteps", "LoaderSteps", "HEAD_WARMUP_CAP", "plan_phases"]
+
+HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
+Log = Callable[[str], None]
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns. ``model`` holds the best epoch's weights (unwrapped, on the training device)."""
+
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    run_dir: Any                        # Path | None
+    decision: Any                       # finetune.policy.FreezeDecision
+    metrics: dict = field(default_factory=dict)   # val metrics of the returned weights: loss, acc, per_class, confusion
+
+
+class EpochSteps(Protocol):
+    """How one phase's epochs are computed. ``train_epoch`` returns ``{"loss", "acc", "images_per_s"}``,
+    ``evaluate`` ``{"loss", "acc"}`` (full metrics with ``full=True``)."""
+
+    label: str
+
+    def begin_phase(self, phase: str) -> None: ...
+
+    def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict: ...
+
+    def evaluate(self, full: bool = False) -> dict: ...
+
+
+class LoaderSteps:
+    """The ordinary path: batches of images from the setup's loaders through the whole network."""
+
+    label = ""
+
+    def __init__(self, setup: Setup) -> None:
+        self.s = setup
+        self.net: nn.Module = setup.model
+        self.eval_net: nn.Module = setup.model
+
+    def begin_phase(self, phase: str) -> None:
+        s = self.s
+        self.net = ddp.wrap_model(s.model, s.device, s.info)     # DDP sees this phase's trainable set
+        self.eval_net = s.model
+        if s.config.compile:
+            self.net, self.eval_net = torch.compile(self.net), torch.compile(s.model)
+
+    def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
+        s = self.s
+        set_loader_epoch(s.train_loader, s.config.seed, epoch, s.info.rank)
+        if s.train_normalize is not None:
+            s.train_normalize.reseed(epoch_seed(s.config.seed, epoch, s.info.rank))
+        bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
+                        disable=s.config.quiet or not s.info.is_main)
+        try:
+            return train_one_epoch(self.net, s.train_loader, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
+                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
+                                   only_train=s.head_module if phase == "head" else None, info=s.info,
+                                   normalize=s.train_normalize)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def evaluate(self, full: bool = False) -> dict:
+        s = self.s
+        if not s.has_val:
+            return {"loss": math.nan, "acc": math.nan}
+        return evaluate(s.model if full else self.eval_net, s.val_loader, s.loss_fn, s.device, s.classes,
+                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize)
+
+    def failures(self) -> dict[str, str]:
+        return self.s.failures()
+
+
+def plan_phases(trainable_stages: int, config) -> tuple[list[str], int]:
+    """The phases to run and the head warm-up cap (epochs) when a head phase precedes finetuning.
+
+    ``config.epochs`` caps the whole run; a warm-up leaves at least one epoch for finetuning.
+    """
+    if trainable_stages == 0:
+        return ["head"], int(config.epochs)
+    if config.head_epochs == 0 or config.epochs < 2:
+        return ["finetune"], 0
+    cap = HEAD_WARMUP_CAP if config.head_epochs < 0 else int(config.head_epochs)
+    return ["head", "finetune"], min(cap, int(config.epochs) - 1)
+
+
+class Trainer:
+    """Runs the phases of one setup into one run folder. ``head_steps`` (optional) computes the head
+    phase's epochs instead of :class:`LoaderSteps` (e.g. on cached features)."""
+
+    def __init__(self, setup: Setup, run: RunFolder, *, resume: bool = False, log: Log | None = None,
+                 callbacks: Iterable[Callable[[dict], Any]] = (), head_steps: EpochSteps | None = None) -> None:
+        self.s = setup
+        self.folder = run
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        main = setup.info.is_main
+        self.say: Log = log if (log is not None and main) else (lambda _msg: None)
+        self.epoch_say: Log = (lambda _msg: None) if setup.config.quiet else self.say
+        self.loader_steps = LoaderSteps(setup)
+        self.head_steps = head_steps
+        self.phases, self.warm_cap = plan_phases(setup.decision.trainable_stages, setup.config)
+        mode = "max" if setup.config.monitor == "val_acc" else "min"
+        self.stopper = EarlyStopping(patience=int(setup.config.patience), min_delta=float(setup.config.min_delta),
+                                     mode=mode)
+        self.head_stop = EarlyStopping(patience=1, min_delta=float(setup.config.min_delta), mode="min")
+        self.history: list[dict] = []
+        self.epoch, self.pi, self.phase_start, self.stopped_early = 0, 0, None, False
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.optimizer = self.scheduler = None
+        self.scaler = setup.amp.make_scaler()
+        self.advised: set[str] = set()    # advice already printed during this run (each rule once)
+        self.ckpt: dict | None = None
+
+    # ------------------------------------------------------------------------------------ state
+    def _restore(self) -> None:
+        ckpt = self.folder.load_resume(self.s.classes, self.s.config)
+        self.s.model.load_state_dict(ckpt["model"])
+        self.epoch, self.pi, self.phase_start = int(ckpt["epoch"]), int(ckpt["phase_index"]), ckpt["phase_start"]
+        self.stopped_early = bool(ckpt["stopped_early"])
+        self.stopper.load_state_dict(ckpt["early_stop"])
+        self.head_stop.load_state_dict(ckpt["head_stop"])
+        self.history = list(ckpt["history"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if (self.folder.path / BEST).is_file():
+            self.best_state = load_weights(self.folder.path / BEST)
+        self.ckpt = ckpt
+        self.say(f"resuming {self.folder.path} after epoch {self.epoch}")
+
+    def _checkpoint(self, next_pi: int, start: int | None) -> None:
+        """last.pt after an epoch (or before the first): ``next_pi``/``start`` say where to go on."""
+        if not self.folder.writes:
+            return
+        running = next_pi < len(self.phases) and start is not None and self.optimizer is not None
+        d = self.s.decision
+        self.folder.checkpoint({
+            "epoch": self.epoch, "phase_index": next_pi, "phase_start": start, "phases": list(self.phases),
+            "finished": next_pi >= len(self.phases), "stopped_early": self.stopped_early,
+            "model": cpu_state_dict(self.s.model),
+            "optimizer": self.optimizer.state_dict() if running else None,
+            "scheduler": self.scheduler.state_dict() if running else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "early_stop": self.stopper.state_dict(), "head_stop": self.head_stop.state_dict(),
+            "rng": rng_state(), "history": self.history, "config": self.s.config.to_dict(),
+            "classes": self.s.classes,
+            "decision": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
+        })
+
+    def _record(self, row: dict, metric: float, steps: EpochSteps) -> None:
+        """After an epoch's evaluation: best weights, metrics.csv, curves, TensorBoard, the printout."""
+        s = self.s
+        self.history.append(row)
+        improved = s.has_val and self.stopper.improved(metric)
+        if not s.has_val or improved:
+            self.best_state = cpu_state_dict(s.model)
+        best = row["epoch"] if (not s.has_val or improved) else self.stopper.best_epoch
+        self.folder.epoch(self.history, s.model if (not s.has_val or improved) else None,
+                       best if best > 0 else None,
+                       {"epoch": str(row["epoch"]), "monitor": s.config.monitor, "value": repr(metric)})
+        self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
+                       f"{row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
+                       f"acc {row['val_acc']:.3f} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
+        for line in advise(self.history):   # the lecture's reading of the curves, as soon as a rule fires
+            rule = " ".join(line.split()[:3])
+            if rule not in self.advised:
+                self.advised.add(rule)
+                self.say(f"advice (after epoch {row['epoch']}): {line}")
+
+    # ------------------------------------------------------------------------------------ loop
+    def _begin_phase(self, phase: str) -> tuple[EpochSteps, bool]:
+        s, config = self.s, self.s.config
+        warmup = phase == "head" and not s.head_only
+        apply_freeze(s.model, s.stages, s.head, 0 if phase == "head" else s.decision.trainable_stages)
+        phase_config = config
+        if warmup:   # the head warm-up trains at the plain head LR; the schedule belongs to finetuning
+            phase_config = config.replace(schedule="none", warmup_epochs=0.0)
+        continuing = self.phase_start is not None
+        if not continuing:
+            self.phase_start = self.epoch
+        if phase == "finetune":
+            # the remaining epochs form the finetune schedule (cosine ends at the last one)
+            phase_config = config.replace(epochs=max(1, int(config.epochs) - self.phase_start))
+            if not continuing:
+                self.stopper.bad_epochs = 0      # unfreezing gets the full patience
+        self.optimizer = s.optimizer(phase_config)
+        self.scheduler = s.scheduler(self.optimizer, phase_config)
+        if continuing and self.ckpt is not None and self.ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(self.ckpt["optimizer"])
+            self.scheduler.load_state_dict(self.ckpt["scheduler"])
+        self.ckpt = None      # only the first phase after a resume continues from it
+        steps = self.head_steps if (phase == "head" and self.head_steps is not None) else self.loader_steps
+        steps.begin_phase(phase)
+        return steps, warmup
+
+    def _run_epoch(self, phase: str, steps: EpochSteps, warmup: bool) -> bool:
+        """One epoch; returns whether the phase is done."""
+        s, config = self.s, self.s.config
+        self.epoch += 1
+        seed_everything(epoch_seed(config.seed, self.epoch, s.info.rank))   # dropout, workers=0 draws
+        lr = self.scheduler.current_lr()       # the LR this epoch trains with (logged as such)
+        t0 = time.perf_counter()
+        tr = steps.train_epoch(self.epoch, phase, self.optimizer, self.scheduler, self.scaler)
+        va = steps.evaluate()
+        metric = va["acc"] if config.monitor == "val_acc" else va["loss"]
+        self.scheduler.step_epoch(metric if s.has_val else None)
+        row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
+               "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
+               "images_per_s": tr["images_per_s"]}
+        self._record(row, metric, steps)
+        stop = self.stopper.step(metric, self.epoch) if s.has_val else False
+        if warmup:
+            head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
+            done = (self.epoch - self.phase_start >= self.warm_cap
+                    or (config.head_epochs < 0 and not head_improving))
+        else:
+            self.stopped_early = stop and self.epoch < int(config.epochs)
+            done = stop or self.epoch >= int(config.epochs)
+            if stop and self.epoch < int(config.epochs):
+                self.epoch_say(f"early stop after epoch {self.epoch} (best epoch {self.stopper.best_epoch})")
+        self._checkpoint(self.pi + 1, None) if done else self._checkpoint(self.pi, self.phase_start)
+        for cb in self.callbacks:
+            cb(row)
+        return done
+
+    def run(self) -> FitResult:
+        s = self.s
+        if self.resume:
+            self._restore()
+        else:
+            self.folder.refuse_existing_run()
+        self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
+        self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
+        t_run = time.perf_counter()
+        try:
+            with _sigterm_as_interrupt():
+                if self.ckpt is None:
+                    self._checkpoint(0, None)      # an interruption during epoch 1 can resume too
+                else:
+                    set_rng_state(self.ckpt["rng"])
+                while self.pi < len(self.phases):
+                    phase = self.phases[self.pi]
+                    steps, warmup = self._begin_phase(phase)
+                    while not self._run_epoch(phase, steps, warmup):
+                        pass
+                    self.pi += 1
+                    self.phase_start = None
+        except KeyboardInterrupt:
+            if not self.folder.writes:
+                raise Interrupted(f"interrupted in epoch {self.epoch}; nothing was saved: pass a run folder to "
+                                  "be able to resume") from None
+            raise Interrupted(f"interrupted: epochs up to {self.folder.saved_epoch(self.epoch)} are saved in "
+                              f"{self.folder.path}; continue with `zoo finetune --resume {self.folder.path}`") from None
+        except DivergedError:
+            self.folder.close()
+            raise
+        self.folder.close()
+        failed = self.loader_steps.failures()
+        if self.head_steps is not None:
+            for path, reason in self.head_steps.failures().items():
+                failed.setdefault(path, reason)
+        self.folder.decode_failures(failed, self.say)
+        return self._finish(t_run)
+
+    def _finish(self, t_run: float) -> FitResult:
+        """The best weights, their full metrics, the summary."""
+        s = self.s
+        if self.best_state is not None:
+            s.model.load_state_dict(self.best_state)
+        best_epoch = self.stopper.best_epoch if s.has_val else (self.history[-1]["epoch"] if self.history else 0)
+        metrics = self.loader_steps.evaluate(full=True) if s.has_val else {}
+        metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
+        d = s.decision
+        self.folder.summary({
+            "best_epoch": best_epoch, "monitor": s.config.monitor,
+            "best_value": self.stopper.best if s.has_val else None,
+            "metrics": metrics, "epochs_run": self.epoch, "max_epochs": int(s.config.epochs),
+            "stopped_early": self.stopped_early, "phases": self.phases,
+            "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
+            "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
+            "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
+        })
+        ddp.barrier(s.info)
+        return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,
+                         stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (e.g. a scheduler ending the job) and SIGINT take the same path as Ctrl-C.
+
+    SIGINT is set explicitly too: a process started in the background by a non-interactive shell
+    inherits SIGINT ignored, and `kill -INT` must still save and stop the run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous_term = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def _progress(total: int, desc: str, disable: bool):
+    """One tqdm bar per epoch on stderr (quiet when stderr is not a terminal, or with quiet=True)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=True if disable else None, file=sys.stderr,
+                dynamic_ncols=True, unit="batch")

@@ -1,0 +1,261 @@
+"""The head phase on cached features: when every parameter outside the head is frozen, the backbone
+computes the same features every epoch (it runs in eval mode: BatchNorm uses its stored statistics,
+dropout and drop-path are off), so re-running it is pure waste. :class:`CachedHeadSteps` computes them
+once per view and is the head phase's epoch source in ``fit``'s loop (``finetune.engine.Trainer``):
+
+* view 0, the un-augmented (evaluation-transform) view: the default, and always used for validation;
+* with ``config.aug_views = K > 0``, K augmented views per training image; each epoch draws one of them
+  per image.
+
+Everything else is the loop's: the loss, optimizer and scheduler of the setup, the batch order of the
+setup's training loader (replayed without decoding images), early stopping, the history and the run
+folder. As in the slow head phase the whole model is in eval mode and only the head trains, so dropout
+before the classifier (timm's ``drop_rate``) and stochastic depth are off in both paths; an MLP head's
+own BatchNorm and Dropout train normally in both.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from finetune.data import ImageDataset, build_transform, make_loader, set_loader_epoch
+from finetune.engine.setup import Setup
+from finetune.engine.steps import diverged, optimizer_step
+from finetune.errors import FinetuneError
+from finetune.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
+from finetune.features.extract import _extract, _logits
+
+__all__ = ["CachedHeadSteps"]
+
+# Feature banks bigger than this stay on the host and are gathered per batch on an accelerator.
+_DEVICE_RESIDENT_BYTES = 4 << 30
+Log = Callable[[str], None]
+
+
+class _Targets(torch.utils.data.Dataset):
+    """Stands in for the training dataset when building its loader: same length and ``targets`` (the
+    balanced sampler's weights), no images."""
+
+    def __init__(self, image_set) -> None:
+        self.targets = [int(y) for _, y in image_set.items]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, key):
+        return key
+
+
+class _BatchOrder:
+    """The index batches the setup's training loader yields in each epoch, without iterating it.
+
+    The loader is reseeded by ``set_loader_epoch`` before every epoch, as ``fit`` does. A DataLoader also
+    draws one seed for its workers from ``loader.generator`` when an iterator is created (once for
+    persistent workers, every epoch otherwise) before its sampler draws from the same generator (the
+    balanced sampler does). Replaying those draws reproduces the loader's batches exactly, without
+    starting worker processes for a dataset that has no images to decode.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, seed: int, rank: int = 0) -> None:
+        self.loader = loader
+        self.seed = seed
+        self.rank = rank
+        self._started = False
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler)  # type: ignore[arg-type]
+
+    def epoch(self, epoch: int) -> Iterator[list[int]]:
+        set_loader_epoch(self.loader, self.seed, epoch, self.rank)
+        persistent = self.loader.num_workers > 0 and self.loader.persistent_workers
+        if not (self._started and persistent):
+            torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
+        self._started = True
+        return ([k[0] if isinstance(k, tuple) else k for k in batch]
+                for batch in self.loader.batch_sampler)  # type: ignore[union-attr]
+
+
+class CachedHeadSteps:
+    """The head phase's epochs on cached features (see the module docstring).
+
+    Args:
+        setup: the shared setup (its model's backbone must be frozen when a phase begins).
+        cache: where banks are kept: a :class:`FeatureCache` shared between runs (a sweep's trials, the
+            LR range test before ``fit``) computes each bank once; None = in memory for this run.
+        log: one-line messages (cache hits, extraction speed, decode failures).
+    """
+
+    label = " (cached features)"
+
+    def __init__(self, setup: Setup, cache: FeatureCache | None = None, log: Log | None = None) -> None:
+        self.s = setup
+        self.cache = cache if cache is not None else FeatureCache(None)
+        self.say = log or (lambda _msg: None)
+        self._failures: dict[str, str] = {}
+        self._ready = False
+        self._prep_seconds = 0.0
+
+    # ----------------------------------------------------------------------------- features
+    def begin_phase(self, phase: str) -> None:
+        s = self.s
+        trainable = [n for n, p in s.model.named_parameters() if p.requires_grad and not _strip(n, s.head)]
+        if trainable:
+            raise FinetuneError(f"the fast head path needs a frozen backbone, but {trainable[0]} is trainable; "
+                                "freeze the backbone or run with fast_head off")
+        if self._ready:
+            return
+        t0 = time.perf_counter()
+        views = int(s.config.aug_views or 0)
+        eval_tf = build_transform(s.data_config, False, s.config, output=s.output)
+        train_tf = build_transform(s.data_config, True, s.config, output=s.output) if views > 0 else eval_tf
+        weights = backbone_digest(s.model, s.head)
+        self.train_bank = self._bank("train", s.train_set, train_tf, views, weights)
+        self.val_bank = (self._bank("val", s.val_set, eval_tf, 0, weights) if s.has_val else None)
+        if self.val_bank is not None and self.val_bank.feature_shape != self.train_bank.feature_shape:
+            raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
+        dev = s.device
+        self.train_feats = _bank_to(self.train_bank, dev)
+        self.shape = self.train_bank.feature_shape
+        if self.val_bank is not None:
+            self.val_feats = _bank_to(self.val_bank, dev)[0]
+            self.val_labels = self.val_bank.labels[self.val_bank.valid]
+            self.val_rows = self.val_bank.valid.nonzero().squeeze(1)
+        self.bank_labels = self.train_bank.labels.tolist()
+        # The setup's own loader settings, so the sampler, seed, drop_last and generator draws are the same.
+        c = s.config
+        loader = make_loader(_Targets(s.train_set), int(c.batch_size), train=True, workers=c.workers,
+                             device=dev.type, sampler=c.sampler, seed=c.seed)
+        self.order = _BatchOrder(loader, int(c.seed), s.info.rank)
+        self._ready = True
+        self._prep_seconds = time.perf_counter() - t0
+
+    def _bank(self, split: str, image_set, transform, n_views: int, weights: str) -> FeatureBank:
+        s = self.s
+        seed = int(s.config.seed)
+        extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
+                 "views": n_views, "seed": seed if n_views else None}
+        key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
+                                transform=transform, extra=extra)
+
+        def compute() -> FeatureBank:
+            t0 = time.perf_counter()
+            ds = ImageDataset(image_set, transform)
+            parts = []
+            for v in range(max(1, n_views)):
+                # Augmented views are drawn reproducibly: the transforms use torch's RNG, seeded per view
+                # (workers get seeds from the loader generator). The global RNG is forked and restored so
+                # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed * 1_000_003 + v)
+                    parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
+                                          workers=int(s.config.workers), amp=s.amp,
+                                          channels_last=s.channels_last, seed=seed * 1_000_003 + v,
+                                          desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
+                                          quiet=bool(s.config.quiet), normalize=s.normalize))
+            bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
+            failed = ds.failures()
+            for path, reason in failed:
+                self._failures.setdefault(path, reason)
+            if failed:   # passed the scan, failed to decode: dropped per image, said once
+                names = ", ".join(os.fsencode(os.path.basename(p)).decode("utf-8", "backslashreplace")
+                                  for p, _ in failed[:3])
+                more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+                self.say(f"warning: {len(failed)} {split} image(s) failed to decode and were skipped: "
+                         f"{names}{more}")
+            dt = time.perf_counter() - t0
+            n = len(image_set.items) * max(1, n_views)
+            self.say(f"features: {split} {len(image_set.items)} images x {max(1, n_views)} view(s) computed in "
+                     f"{dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
+            return bank
+
+        bank, hit = self.cache.get_or_compute(key, compute)
+        if hit:
+            self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
+        return bank
+
+    def failures(self) -> dict[str, str]:
+        return dict(self._failures)
+
+    # ----------------------------------------------------------------------------- batches
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.s.head_module, x)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s training batches of features ``(x, y)`` on the device, in the loader's order
+        (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
+        s = self.s
+        n_views = self.train_bank.views
+        if n_views > 1:
+            g = torch.Generator().manual_seed(int(s.config.seed) * 7919 + epoch)
+            view_of = torch.randint(n_views, (len(self.train_bank),), generator=g).to(self.train_feats.device)
+        for batch in self.order.epoch(epoch):
+            keep = [i for i in batch if self.bank_labels[i] >= 0]
+            if not keep:
+                continue
+            idx = torch.tensor(keep, dtype=torch.int64)
+            y = self.train_bank.labels[idx]
+            idx = idx.to(self.train_feats.device)
+            x = self.train_feats[view_of[idx], idx] if n_views > 1 else self.train_feats[0, idx]
+            yield (x.to(s.device, non_blocking=True).reshape(-1, *self.shape),
+                   y.to(s.device, non_blocking=True))
+
+    def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
+        s = self.s
+        t0 = time.perf_counter()
+        s.model.eval()
+        s.head_module.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for step, (x, y) in enumerate(self.batches(epoch), 1):
+            with s.amp.autocast():
+                logits = self.logits(x)
+            loss = s.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise diverged(epoch, step, scheduler.current_lr())
+            optimizer_step(loss, optimizer, scaler)
+            scheduler.step_batch()
+            bs = int(y.shape[0])
+            total_loss += float(loss.detach()) * bs
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += bs
+        # the first epoch pays for the extraction: its seconds and speed say so
+        seconds = time.perf_counter() - t0 + self._prep_seconds
+        self._prep_seconds = 0.0
+        return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": seen,
+                "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+
+    @torch.no_grad()
+    def evaluate(self, full: bool = False) -> dict:
+        """Mean loss and accuracy of the head over the validation features (eval mode, restored after)."""
+        if self.val_bank is None:
+            return {"loss": math.nan, "acc": math.nan}
+        s = self.s
+        head = s.head_module
+        was = head.training
+        head.eval()
+        total, correct = 0.0, 0
+        bs = int(s.config.batch_size)
+        try:
+            for start in range(0, int(self.val_rows.shape[0]), bs):
+                r = self.val_rows[start:start + bs]
+                x = self.val_feats[r.to(self.val_feats.device)].to(s.device, non_blocking=True)
+                y = self.val_labels[start:start + bs].to(s.device)
+                with s.amp.autocast():
+                    logits = self.logits(x.reshape(-1, *self.shape))
+                total += float(s.loss_fn(logits.float(), y)) * int(y.shape[0])
+                correct += int((logits.argmax(1) == y).sum())
+        finally:
+            head.train(was)
+        n = max(1, int(self.val_rows.shape[0]))
+        return {"loss": total / n, "acc": correct / n}
+
+
+def _bank_to(bank: FeatureBank, device: torch.device) -> torch.Tensor:
+    feats = bank.features
+    if device.type != "cpu" and feats.numel() * 4 <= _DEVICE_RESIDENT_BYTES:
+        return feats.to(device)
+    return feats
+

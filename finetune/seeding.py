@@ -1,0 +1,54 @@
+"""Every seed of the package in one place: the run seed, the seed of an epoch, and a guard that keeps a
+diagnostic run from moving the caller's random streams.
+
+Reproducibility rule: everything random in epoch ``e`` (data order, augmentation, dropout, worker seeds)
+is seeded from ``epoch_seed(seed, e, rank)`` at the start of the epoch, so a run resumed from the
+checkpoint of epoch ``e - 1`` replays epoch ``e`` exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["epoch_seed", "seed_everything", "preserved_rng", "sample_seed"]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of everything random in ``epoch`` (augmentation, dropout, worker seeds)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of one sample's augmentation draws within an epoch seeded with ``seed``: what a sample
+    draws depends on (epoch seed, index) only, not on which worker loads it or what it loaded before."""
+    return (int(seed) * 6_364_136_223_846_793_005 + int(index) * 1_442_695_040_888_963_407 + 1) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (torch seeds every CUDA device too)."""
+    s = int(seed)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore Python, NumPy and torch (CPU + CUDA) RNG states on exit: a diagnostic run before ``fit``
+    must not change which random numbers ``fit`` draws."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
