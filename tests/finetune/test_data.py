@@ -411,7 +411,7 @@ def test_train_epoch_with_device_augment_is_reseedable(image_folder):
         return out, torch.cat([p.detach().flatten() for p in model.parameters()])
 
     (a, wa), (_, wb), (_, wc) = epoch(5), epoch(5), epoch(6)
-    assert a["images"] == len(ds) // 4 * 4                 # a partial last batch is dropped
+    assert a["images"] == len(ds)          # 30 at batch 4: the last 2 (7%) train too (drop_last_partial)
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
@@ -449,7 +449,7 @@ def test_loader_yields_batches(image_folder):
     loader = make_loader(ds, 4, train=True, workers=0, seed=0)
     x, y = next(iter(loader))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
-    assert len(loader) == len(report.train) // 4          # train drops the last partial batch
+    assert len(loader) == -(-len(report.train) // 4)      # 30 at batch 4: the partial batch (2, 7%) is kept
     labels_a = [y.tolist() for _, y in make_loader(ds, 4, train=True, workers=0, seed=5)]
     labels_b = [y.tolist() for _, y in make_loader(ds, 4, train=True, workers=0, seed=5)]
     assert labels_a == labels_b                            # seeded
@@ -482,13 +482,13 @@ def test_balanced_sampler_and_class_weights(tmp_path):
     image_set = ImageSet(items, ["a", "b"])
     assert class_weights(image_set) == pytest.approx([0.5, 1.5])
     loader = make_loader(ImageDataset(image_set), 8, train=True, workers=0, sampler="balanced", seed=0)
-    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    assert isinstance(loader.sampler.sampler, torch.utils.data.WeightedRandomSampler)   # seeded per epoch
     drawn = Counter()
     for _ in range(10):
-        drawn.update(image_set.items[i][1] for i in loader.sampler)
+        drawn.update(image_set.items[i][1] for i, _seed in loader.sampler)
     assert abs(drawn[0] / (drawn[0] + drawn[1]) - 0.5) < 0.08     # 75/25 data sampled about 50/50
     with pytest.raises(ConfigError):
-        make_loader(ImageDataset(image_set), 8, train=True, sampler="balanced", distributed=True)
+        make_loader(ImageDataset(image_set), 8, train=True, sampler="balanced", world_size=2)
 
 
 def test_resolve_workers(monkeypatch):
@@ -517,3 +517,40 @@ def test_load_image_draft_keeps_target_size(tmp_path):
     assert load_image(path).size == (2000, 1500)
     small = load_image(path, min_size=256)
     assert min(small.size) >= 256 and small.size[0] < 2000      # decoded at reduced scale, never below 256
+
+
+def test_drop_last_rule():
+    from finetune.data import drop_last_partial
+
+    assert not drop_last_partial(48, 32)        # 16 of 48 left out each epoch: kept
+    assert not drop_last_partial(30, 4)         # 2 of 30 (7%): kept
+    assert drop_last_partial(1000, 32)          # 8 of 1000 (0.8%): dropped
+    assert drop_last_partial(33, 32)            # a batch of one image breaks BatchNorm in train mode
+    assert not drop_last_partial(64, 32) and not drop_last_partial(20, 32)
+
+
+def test_small_training_set_trains_on_every_image_each_epoch(tmp_path):
+    """48 images at batch 32: each epoch trains on all 48 (two steps), not on 32 (one)."""
+    from finetune.engine import train_one_epoch
+
+    make = ImageSet([(str(p), i % 3) for i, p in enumerate(_pngs(tmp_path, 48))], ["a", "b", "c"])
+    ds = ImageDataset(make, build_transform(DATA_CONFIG, True, FinetuneConfig()))
+    loader = make_loader(ds, 32, train=True, workers=0, seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = train_one_epoch(model, loader, opt, None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert out["images"] == 48 and len(loader) == 2
+
+
+def _pngs(root, n):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = root / f"{i}.png"
+        Image.new("RGB", (40, 40), (i * 5 % 256, 80, 160)).save(p)
+        paths.append(p)
+    return paths

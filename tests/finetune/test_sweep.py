@@ -71,7 +71,7 @@ def test_kfold_is_stratified_disjoint_and_seeded():
 
 # ---- the sweep with a fake fit (fast): ranking, divergence, resume ----------------------------------
 def _fake_fit(calls):
-    def fit(model, stages, data_config, train, val, config, *, head, run_dir=None):
+    def fit(model, stages, data_config, train, val, config, *, head, run_dir=None, feature_cache=None):
         calls.append((config.lr, config.weight_decay, config.freeze, config.optimizer))
         if config.lr >= 1.0:
             raise DivergedError("loss became NaN at epoch 1; lower the learning rate")
