@@ -7,10 +7,10 @@
 Sections (each a median of repeats unless noted):
 1. start-up: ``zoo --help`` and ``zoo list`` wall time, and whether torch got imported;
 2. head-only (real pretrained EfficientNet-Lite0 on sklearn digits rendered as PNGs): 20 epochs through
-   ``finetune.features.fit_head_on_features`` vs one no-grad forward pass over train+val (the floor)
+   ``finetune.train.fit`` head only (cached features) vs one no-grad forward pass over train+val (the floor)
    vs a plain PyTorch loop that re-runs the frozen backbone every epoch; plus whether cached
    augmented views (``aug_views``) help fixed-feature transfer;
-3. full finetune step: ``finetune.loop.train_one_epoch`` vs a bare loop on synthetic tensors, and
+3. full finetune step: ``finetune.engine.train_one_epoch`` vs a bare loop on synthetic tensors, and
    channels_last on CPU;
 4. end to end with JPEG decoding (skimage photos saved as large JPEGs): data loader workers, PIL
    ``draft()`` for big JPEGs, vs the synthetic-tensor ceiling.
@@ -188,19 +188,20 @@ def floor_pass(model, image_sets, transform, batch_size: int, workers: int) -> i
 def plain_head_loop(model, head: str, train, val, transform, config) -> dict[str, float]:
     """What one would write without the fast path: re-run the frozen backbone on every batch of every
     epoch (model in eval mode, head in train mode), Adam on the head, validation each epoch. It takes
-    its batches in fit's order (``make_train_loader`` reseeded per epoch), so the accuracy comparison
+    its batches in fit's order (``make_loader(train=True)`` reseeded per epoch), so the accuracy comparison
     with the fast path is not blurred by a different shuffle."""
     import torch
     from torch import nn
 
     from finetune.data import ImageDataset
-    from finetune.loop import make_train_loader, set_loader_epoch
+    from finetune.data import make_loader, set_loader_epoch
 
     torch.manual_seed(config.seed)
     head_module = model.get_submodule(head)
     opt = torch.optim.Adam(head_module.parameters(), lr=config.lr)
     loss_fn = nn.CrossEntropyLoss()
-    train_loader = make_train_loader(ImageDataset(train, transform), config)
+    train_loader = make_loader(ImageDataset(train, transform), config.batch_size, train=True,
+                               workers=config.workers, seed=config.seed)
     val_loader = _loader(val, transform, config.batch_size, _workers(config), shuffle=False)
     acc = float("nan")
     for epoch in range(1, config.epochs + 1):
@@ -222,6 +223,17 @@ def plain_head_loop(model, head: str, train, val, transform, config) -> dict[str
     return {"val_acc": acc}
 
 
+def head_fit(model, head: str, train, val, data_config: dict, config, cache_dir=None) -> list[dict]:
+    """zoo's head-only training (``finetune.train.fit``, cached features); returns the history."""
+    from finetune.features import FeatureCache
+    from finetune.train import fit
+
+    stages = [[name] for name, _ in model.named_children() if name != head.split(".")[0]]
+    result = fit(model, stages, data_config, train, val, config.replace(freeze="head", quiet=True), head=head,
+                 feature_cache=FeatureCache(cache_dir) if cache_dir is not None else None)
+    return result.history
+
+
 def _workers(config) -> int:
     from finetune.data import resolve_workers
 
@@ -229,12 +241,10 @@ def _workers(config) -> int:
 
 
 def bench_head(args, tmp: Path) -> dict[str, Any]:
-    import torch
 
     from finetune.config import FinetuneConfig
     from finetune.data import build_transform
-    from finetune.features import fit_head_on_features
-
+    
     size = args.head_size
     train, val = digits_sets(tmp / "digits", args.train_per_class, args.val_per_class, size)
     model, head, note = lite0(10)
@@ -256,17 +266,17 @@ def bench_head(args, tmp: Path) -> dict[str, Any]:
         floor_pass(model, [train, val], eval_tf, config.batch_size, _workers(config))
         floor_runs.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        history, _ = fit_head_on_features(copy.deepcopy(model), head, train, val, data_config, config)
+        history = head_fit(copy.deepcopy(model), head, train, val, data_config, config)
         fast_runs.append(time.perf_counter() - t0)
     floor_s, fast_s = statistics.median(floor_runs), statistics.median(fast_runs)
     pair_ratio = statistics.median(f / g for f, g in zip(fast_runs, floor_runs))
     fast_acc = history[-1]["val_acc"]
     say(f"  floor (one no-grad pass over train+val)   {floor_s:7.2f} s  ({(n_train + n_val) / floor_s:.0f} img/s)")
-    say(f"  fit_head_on_features, {config.epochs} epochs            {fast_s:7.2f} s  val acc {fast_acc:.4f}")
+    say(f"  fit head only (cached), {config.epochs} epochs        {fast_s:7.2f} s  val acc {fast_acc:.4f}")
 
     cache_dir = tmp / "feature-cache"
-    fit_head_on_features(copy.deepcopy(model), head, train, val, data_config, config, cache_dir=cache_dir)
-    cached_s, _, _ = median_time(lambda: fit_head_on_features(copy.deepcopy(model), head, train, val, data_config,
+    head_fit(copy.deepcopy(model), head, train, val, data_config, config, cache_dir=cache_dir)
+    cached_s, _, _ = median_time(lambda: head_fit(copy.deepcopy(model), head, train, val, data_config,
                                                               config, cache_dir=cache_dir), args.repeats)
     say(f"  same, features from the on-disk cache     {cached_s:7.2f} s")
 
@@ -294,8 +304,7 @@ def bench_aug(args, tmp: Path) -> dict[str, Any]:
     import torch
 
     from finetune.config import FinetuneConfig
-    from finetune.features import fit_head_on_features
-
+    
     size = args.head_size
     data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
                    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -315,7 +324,7 @@ def bench_aug(args, tmp: Path) -> dict[str, Any]:
                                         schedule="cosine", seed=seed, amp=False, aug_views=k, hflip=0.0,
                                         crop_scale_min=0.6, brightness=0.2, contrast=0.2)
                 t0 = time.perf_counter()
-                history, _ = fit_head_on_features(model, head, train, val, data_config, config, cache_dir=cache)
+                history = head_fit(model, head, train, val, data_config, config, cache_dir=cache)
                 accs[k] = {"final": history[-1]["val_acc"], "best": max(r["val_acc"] for r in history),
                            "seconds": time.perf_counter() - t0}
             rows.append(accs)
@@ -375,7 +384,7 @@ def our_steps(model, batches, config, channels_last: bool = False) -> None:
     import torch
     from torch import nn
 
-    from finetune.loop import train_one_epoch
+    from finetune.engine import train_one_epoch
     from finetune.optim import build_optimizer, build_scheduler
 
     if getattr(model, "_bench_sched", None) is None:
@@ -460,7 +469,7 @@ def bench_e2e(args, tmp: Path, step: dict[str, Any]) -> dict[str, Any]:
 
     from finetune.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-    from finetune.loop import train_one_epoch
+    from finetune.engine import train_one_epoch
     from finetune.optim import build_optimizer, build_scheduler
 
     size, batch = args.step_size, args.step_batch
@@ -550,7 +559,7 @@ def cpu_markdown(res: dict[str, Any]) -> str:
                   f"{h['workers']}.", "",
                   "| variant | seconds | val acc (last epoch) |", "|---|---|---|",
                   f"| floor: one no-grad forward pass over train+val | {fmt(h['floor_s'])} | |",
-                  f"| `fit_head_on_features` ({h['epochs']} epochs, features computed) | {fmt(h['fast_s'])} | "
+                  f"| `fit`, head only on cached features ({h['epochs']} epochs, features computed) | {fmt(h['fast_s'])} | "
                   f"{h['fast_val_acc']:.4f} |",
                   f"| same, features read from the on-disk cache | {fmt(h['fast_cached_s'])} | |",
                   f"| plain loop re-running the frozen backbone every epoch (1 run) | {fmt(h['plain_s'])} | "
@@ -586,7 +595,7 @@ def cpu_markdown(res: dict[str, Any]) -> str:
                   f"{st['steps']} steps per timing, interleaved repeats.", "",
                   "| loop | images/s |", "|---|---|",
                   f"| bare hand-written loop | {ips['bare']:.1f} |",
-                  f"| `finetune.loop.train_one_epoch` | {ips['ours']:.1f} |",
+                  f"| `finetune.engine.train_one_epoch` | {ips['ours']:.1f} |",
                   f"| bare loop, channels_last | {ips['bare_cl']:.1f} |", "",
                   f"- ours / bare = **{st['ratio_ours_over_bare']:.3f}** by wall time (target >= 0.9: "
                   f"{'met' if st['targets']['ours >= 0.9 x bare'] else 'NOT met'}); "

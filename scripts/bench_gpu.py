@@ -10,13 +10,13 @@ to X.json. Measured (images/s, medians of repeats):
 
 * the bare loop (synthetic tensors on the GPU; bf16 autocast, channels_last), also with a per-step host
   sync, fp32/TF32, without cudnn.benchmark and (``--compile``) under torch.compile;
-* ``finetune.loop.train_one_epoch`` on the same tensors (our step);
+* ``finetune.engine.train_one_epoch`` on the same tensors (our step);
 * end to end from JPEG files: PIL decode + train transform in DataLoader workers (``make_loader``), for
   two worker counts; the same with uint8 batches normalised on the GPU; ``zoo finetune``'s own loader
   (``make_train_loader`` + ``loop.device_steps``: uint8 batches, flip/jitter and normalisation on the
   GPU) with ``gpu_normalize`` on and off and with zoo's default jitter; and
   ``torchvision.io.decode_jpeg(device="cuda")`` with the crop/flip/normalise on the GPU;
-* head-only: ``fit_head_on_features`` for 20 epochs vs one no-grad forward pass (the floor) vs a plain
+* head-only: ``finetune.train.fit`` (head only, cached features) for 20 epochs vs one no-grad forward pass (the floor) vs a plain
   loop re-running the backbone each epoch.
 References: NVIDIA's PyTorch ResNet-50 ~2,470 img/s AMP on one A100; MLPerf ~7,000 img/s per H100 with
 DALI. Target: >= 3,000 img/s end to end on one H100.
@@ -27,7 +27,6 @@ import argparse
 import copy
 import datetime as _dt
 import json
-import math
 import multiprocessing as mp
 import os
 import statistics
@@ -252,10 +251,11 @@ def timed(fn: Callable[[], int], device: torch.device, repeats: int) -> tuple[fl
 
 def bench_steps(a, device: torch.device) -> dict[str, Any]:
     from finetune.config import FinetuneConfig
-    from finetune.loop import train_one_epoch
+    from finetune.engine import amp_policy, train_one_epoch
     from finetune.optim import build_optimizer, build_scheduler
 
-    amp = torch.bfloat16 if a.amp else None
+    amp = torch.bfloat16 if a.amp else None     # the bare loop's own autocast dtype
+    policy = amp_policy(device, a.amp)           # what train_one_epoch gets (zoo's one AMP policy)
     data = synthetic(device, a.batch, a.size, 1000)
     epoch = data * max(1, a.steps // len(data))
     res: dict[str, Any] = {}
@@ -282,12 +282,12 @@ def bench_steps(a, device: torch.device) -> dict[str, Any]:
         opt = build_optimizer(config, m, "fc")
         sched = build_scheduler(config, opt, 10_000)
         loss_fn = nn.CrossEntropyLoss()
-        train_one_epoch(m, data[:2], opt, sched, loss_fn, device, amp=amp, channels_last=True)
-        return lambda: train_one_epoch(m, epoch, opt, sched, loss_fn, device, amp=amp,
+        train_one_epoch(m, data[:2], opt, sched, loss_fn, device, amp=policy, channels_last=True)
+        return lambda: train_one_epoch(m, epoch, opt, sched, loss_fn, device, amp=policy,
                                        channels_last=True)["images"]
 
     variants["bare loop"] = bare()
-    variants["finetune.loop.train_one_epoch"] = ours
+    variants["finetune.engine.train_one_epoch"] = ours
     variants["bare loop + per-step host sync"] = bare(host_sync=True)
     variants["bare loop, fp32/TF32 (no autocast)"] = bare(dtype=None)
     variants["bare loop, cudnn.benchmark off"] = bare(bench=False)
@@ -330,10 +330,11 @@ def bench_compile(a, device: torch.device) -> dict[str, Any]:
 def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str, Any]:
     from finetune.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-    from finetune.loop import device_steps, make_train_loader, set_loader_epoch, train_one_epoch
+    from finetune.data import device_steps, set_loader_epoch
+    from finetune.engine import amp_policy, train_one_epoch
     from finetune.optim import build_optimizer, build_scheduler
 
-    amp = torch.bfloat16 if a.amp else None
+    amp = amp_policy(device, a.amp)
     classes = sorted({f"c{y}" for _, y in items})
     image_set = ImageSet(items, classes)
     data_config = {"input_size": (3, a.size, a.size), "interpolation": "bilinear", "crop_pct": 0.875,
@@ -383,8 +384,12 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
     measure(f"PIL decode, uint8 batches in {w} workers, normalise on device",
             lambda: NormaliseOnDevice(make_loader(ImageDataset(image_set, UInt8Transform(a.size)), a.batch,
                                                   train=True, workers=w, device=str(device), seed=0), device))
-    # What `zoo finetune` itself runs: fit's loader (make_train_loader) on the transform it builds and the
-    # device steps it picks (loop.device_steps: on CUDA uint8 batches, flip/jitter + normalisation on the
+    def make_train_loader(dataset, cfg, device):   # fit's training loader (engine.build_setup's)
+        return make_loader(dataset, cfg.batch_size, train=True, workers=cfg.workers, device=device,
+                           sampler=cfg.sampler, seed=cfg.seed)
+
+    # What `zoo finetune` itself runs: fit's loader (make_loader(train=True)) on the transform it builds and the
+    # device steps it picks (data.device_steps: on CUDA uint8 batches, flip/jitter + normalisation on the
     # GPU), the same with gpu_normalize off, and with zoo's default colour jitter (0.2/0.2: the rows
     # above have none, as in runs 1-3).
     for label, cfg_w in (("uint8 batches, flip on the GPU", config.replace(workers=w)),
@@ -399,8 +404,8 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
                     device=device.type),
                 train_norm)
     # `zoo finetune --decode device`: workers read files, JPEGs decoded + augmented on the device in a
-    # prefetch thread on its own stream (finetune.decode).
-    from finetune.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
+    # prefetch thread on its own stream (finetune.data.decode).
+    from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 
     cfg_d = config.replace(workers=w, decode="device")
     measure(f"zoo finetune loader, --decode device ({w} workers read files)",
@@ -419,8 +424,8 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
 def bench_head(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str, Any]:
     from finetune.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-    from finetune.features import fit_head_on_features
     from finetune.surgery import replace_head
+    from finetune.train import fit
 
     classes = sorted({f"c{y}" for _, y in items})
     n_val = len(items) // 5
@@ -457,11 +462,12 @@ def bench_head(a, device: torch.device, items: list[tuple[str, int]]) -> dict[st
         m = copy.deepcopy(model)
         sync(device)
         t0 = time.perf_counter()
-        fit_head_on_features(m, "fc", train, val, data_config, config, device=device)
+        fit(m, [[n] for n, _ in m.named_children() if n != "fc"], data_config, train, val,
+            config.replace(freeze="head", quiet=True, device=str(device)), head="fc", reset_head=False)
         sync(device)
         fast_runs.append(time.perf_counter() - t0)
     fast_s = statistics.median(fast_runs)
-    say(f"head  fit_head_on_features, {a.head_epochs} epochs: {fast_s:.2f} s")
+    say(f"head  fit, head only on cached features, {a.head_epochs} epochs: {fast_s:.2f} s")
 
     # The plain loop: the frozen backbone re-run on every batch of every epoch (+ validation).
     m = copy.deepcopy(model)
@@ -523,7 +529,7 @@ def markdown(res: dict[str, Any]) -> str:
     h = res.get("head")
     if h:
         lines += ["", f"Head-only ({h['train_images']} train + {h['val_images']} val JPEGs, {h['epochs']} epochs): "
-                  f"floor {h['floor_s']:.2f} s, `fit_head_on_features` {h['fast_s']:.2f} s, plain loop "
+                  f"floor {h['floor_s']:.2f} s, `fit` head-only (cached) {h['fast_s']:.2f} s, plain loop "
                   f"{h['plain_s']:.2f} s {h['plain_note']}; fast/floor **{h['ratio_fast_over_floor']:.2f}** "
                   f"(target <= 1.5), plain/fast **{h['ratio_plain_over_fast']:.1f}x** (target >= 5)."]
     if res.get("errors"):
@@ -609,7 +615,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
     steps = res.get("steps", {})
     bare = steps.get("bare loop", {}).get("images_per_s")
-    ours = steps.get("finetune.loop.train_one_epoch", {}).get("images_per_s")
+    ours = steps.get("finetune.engine.train_one_epoch", {}).get("images_per_s")
     ratios: dict[str, Any] = {}
     if bare and ours:
         ratios["train_one_epoch / bare loop (target >= 0.9)"] = ours / bare

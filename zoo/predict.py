@@ -23,7 +23,7 @@ from finetune.io import atomic_write, atomic_write_text
 from zoo.errors import UsageError
 
 __all__ = [
-    "ImageInput", "eval_transform", "tta_transform", "parse_scales", "resolve_device", "expand_images",
+    "ImageInput", "eval_transform", "tta_transform", "parse_scales", "expand_images",
     "predict_probs", "topk", "EvalReport", "find_eval_images", "evaluate", "classification_metrics",
     "write_eval_reports",
 ]
@@ -96,20 +96,6 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None) -> Cal
         return torch.stack(views)
 
     return transform
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """"auto" -> cuda when available (else mps, else cpu); anything else as torch understands it."""
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:

@@ -73,7 +73,8 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
     """
     from zoo.bundle import load_model
     from zoo.errors import UsageError
-    from zoo.predict import expand_images, parse_scales, predict_probs, resolve_device, topk as top
+    from finetune.engine import resolve_device
+    from zoo.predict import expand_images, parse_scales, predict_probs, topk as top
 
     scales = parse_scales(tta_scales)
     if scales and not tta:
@@ -133,7 +134,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: st
     """
     from zoo.bundle import load_model
     from zoo.errors import UsageError
-    from zoo.predict import evaluate, parse_scales, resolve_device, write_eval_reports
+    from finetune.engine import resolve_device
+    from zoo.predict import evaluate, parse_scales, write_eval_reports
 
     scales = parse_scales(tta_scales)
     if scales and not tta:

@@ -1,0 +1,121 @@
+"""One engine under every tool: fit (both head paths), lr-find, the overfit check and sweep trials
+all stand on ``engine.build_setup``, so they ask the same device resolver, mixed-precision policy and
+loss builder; lr-find probes a head-only setup on cached features; a sweep computes features once."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import finetune.engine.setup as engine_setup
+from finetune.config import FinetuneConfig
+from finetune.data import scan_folder
+from finetune.diagnostics import lr_find, overfit_check
+from finetune.engine import AmpPolicy
+from finetune.sweep import sweep
+from finetune.train import fit
+from tests.conftest import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+               "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return scan_folder(make_image_folder(tmp_path_factory.mktemp("d") / "data", per_class=8), val_split=0.25)
+
+
+def _model():
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=5)
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu", "seed": 1, **kw})
+
+
+def test_every_tool_asks_the_same_policy(report, monkeypatch):
+    """fit (cached head and ordinary path), lr-find (both modes) and the overfit check each build their
+    setup once through build_setup: one device resolver, one AMP policy, one loss builder."""
+    calls: list[tuple[str, str]] = []
+    for name in ("resolve_device", "amp_policy", "build_loss"):
+        real = getattr(engine_setup, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, tool))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(engine_setup, name, spy)
+    autocasts: list[str] = []
+    real_autocast = AmpPolicy.autocast
+    monkeypatch.setattr(AmpPolicy, "autocast", lambda self: (autocasts.append(tool), real_autocast(self))[1])
+
+    runs = {
+        "fit cached head": lambda: fit(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                                       _cfg(freeze="head"), head="fc"),
+        "fit ordinary": lambda: fit(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                                    _cfg(freeze="1", head_epochs=0), head="fc"),
+        "lr-find head": lambda: lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="head"),
+                                        head="fc", steps=6),
+        "lr-find network": lambda: lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="1"),
+                                           head="fc", steps=6),
+        "overfit": lambda: overfit_check(_model(), STAGES, DATA_CONFIG, report.train, _cfg(), head="fc",
+                                         batches=1, max_steps=2),
+    }
+    for tool, run in runs.items():
+        run()
+    for tool in runs:
+        assert [n for n, t in calls if t == tool] == ["resolve_device", "amp_policy", "build_loss"], tool
+        assert tool in autocasts, tool          # every forward pass goes through the policy's autocast
+
+
+def test_precision_loss_and_device_are_decided_in_one_module():
+    """No second AMP policy, loss builder or device resolver anywhere in finetune or zoo."""
+    patterns = {"torch.autocast(": "autocast", "GradScaler(": "GradScaler", "is_bf16_supported": "bf16 check",
+                "CrossEntropyLoss(": "loss", "def resolve_device": "device resolver",
+                "def pick_device": "device resolver"}
+    found = {}
+    for path in list((ROOT / "finetune").rglob("*.py")) + list((ROOT / "zoo").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for pattern, what in patterns.items():
+            if pattern in text:
+                found.setdefault(what, set()).add(str(path.relative_to(ROOT)))
+    assert found == {what: {"finetune/engine/runtime.py"} for what in set(patterns.values())}
+
+
+def test_lr_find_head_only_probes_cached_features(report):
+    logs: list[str] = []
+    res = lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="head"), head="fc", steps=20,
+                  log=logs.append)
+    assert any("probing the head on cached features" in m for m in logs)
+    assert sum("features: train" in m and "computed" in m for m in logs) == 1
+    assert len(res.lrs) >= 5 and res.suggestion > 0
+    logs.clear()
+    lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="2"), head="fc", steps=6, log=logs.append)
+    assert any("probing the network" in m for m in logs) and not any("features:" in m for m in logs)
+
+
+def test_lr_find_features_serve_the_following_fit(report):
+    """--lr auto: the range test's features are the fit's (one FeatureCache), computed once."""
+    from finetune.features import FeatureCache
+
+    cache = FeatureCache(None)
+    lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="head"), head="fc", steps=6,
+            feature_cache=cache)
+    fit(_model(), STAGES, DATA_CONFIG, report.train, report.val, _cfg(freeze="head"), head="fc", feature_cache=cache)
+    assert (cache.computed, cache.hits) == (2, 1)      # train (lr-find) + val (fit); fit's train is a hit
+
+
+def test_sweep_computes_backbone_features_once(report, tmp_path):
+    logs: list[str] = []
+    res = sweep(_model, STAGES, DATA_CONFIG, report.train, report.val, _cfg(freeze="head"), head="fc",
+                out_dir=tmp_path / "sweep", lrs=[1e-3, 1e-2, 1e-1], freezes=["head"], log=logs.append)
+    assert len(res.trials) == 3 and all(t.status == "ok" for t in res.trials)
+    (line,) = [m for m in logs if m.startswith("features:")]
+    assert re.search(r"2 bank\(s\) computed once, reused 4 time\(s\)", line), line
+    assert len({round(t.metric, 6) for t in res.trials}) == 3      # the trials really differ
