@@ -60,11 +60,7 @@ def scan_lines(report) -> list[str]:
     for cls in report.classes:
         per = ", ".join(f"{name} {counts[name][cls]}" for name in counts)
         lines.append(f"  {cls}: {per}")
-    if report.bad_files:
-        shown = ", ".join(f"{report.relpath(p)} ({r})" for p, r in report.bad_files[:3])
-        more = f" and {len(report.bad_files) - 3} more" if len(report.bad_files) > 3 else ""
-        lines.append(f"skipped {len(report.bad_files)} unreadable file(s): {shown}{more} (see bad_files.txt)")
-    lines += [f"warning: {w}" for w in report.warnings]
+    lines += [f"warning: {w}" for w in report.warnings]   # skipped files among them (once, with bad_files.txt)
     return lines
 
 

@@ -16,7 +16,6 @@ own BatchNorm and Dropout train normally in both.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable, Iterator
 
@@ -157,15 +156,8 @@ class CachedHeadSteps:
                                           desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
                                           quiet=bool(s.config.quiet), normalize=s.normalize))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
-            failed = ds.failures()
-            for path, reason in failed:
+            for path, reason in ds.failures():   # reported once, with the loop's, at the end of fit
                 self._failures.setdefault(path, reason)
-            if failed:   # passed the scan, failed to decode: dropped per image, said once
-                names = ", ".join(os.fsencode(os.path.basename(p)).decode("utf-8", "backslashreplace")
-                                  for p, _ in failed[:3])
-                more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-                self.say(f"warning: {len(failed)} {split} image(s) failed to decode and were skipped: "
-                         f"{names}{more}")
             dt = time.perf_counter() - t0
             n = len(image_set.items) * max(1, n_views)
             self.say(f"features: {split} {len(image_set.items)} images x {max(1, n_views)} view(s) computed in "

@@ -232,6 +232,5 @@ def _report(outcome) -> None:
     if advise is not None:
         for line in advise(result.history):
             click.echo(f"advice: {line}")
-    click.echo(f"run folder: {outcome.run_dir}")
-    if outcome.export_dir is not None:
+    if outcome.export_dir is not None:   # (the run folder was printed before training started)
         click.echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")
