@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from finetune.io import atomic_write, atomic_write_text
-from zoo.errors import BundleError, UsageError
+from finetune.io import SafetensorsHeaderError, atomic_write, atomic_write_text, read_safetensors_header
+from zoo.build import TORCHVISION_KWARGS, build_network, create_model
+from zoo.errors import BundleError, RegistryError, UsageError
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
     import torch
@@ -50,33 +50,14 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     fix = "re-export it with `zoo export RUN_DIR`"
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise BundleError(f"{path} is truncated ({size} bytes); {fix}")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise BundleError(f"{path} is truncated or not a safetensors file (header of {n} bytes in a "
-                                  f"{size}-byte file); {fix}")
-            raw = fh.read(n)
+        header = read_safetensors_header(path)
     except FileNotFoundError:
         raise BundleError(f"{path} is missing; {fix}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleError(f"{path} has a damaged header (not JSON); {fix}") from None
-    if not isinstance(header, dict):
-        raise BundleError(f"{path} has a damaged header; {fix}")
-    ends = [t["data_offsets"][1] for k, t in header.items()
-            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
-    if ends and max(ends) != size - 8 - n:
-        raise BundleError(f"{path} is truncated or damaged: the header announces {max(ends)} bytes of tensors, "
-                          f"the file holds {size - 8 - n}; {fix}")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise BundleError(f"{path} has damaged metadata; {fix}")
-    return {str(k): str(v) for k, v in meta.items()}
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read ({e.strerror or e}); {fix}") from None
+    except SafetensorsHeaderError as e:
+        raise BundleError(f"{path} is {e}; {fix}") from None
+    return dict(header.get("__metadata__") or {})
 
 
 def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
@@ -116,10 +97,8 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torchvision_kwargs(arch: str, state_keys: Sequence[str], given: dict[str, Any] | None) -> dict[str, Any]:
-    from zoo import build
-
     # zoo.build's constructor arguments (e.g. GoogLeNet's transform_input) are not in the state dict.
-    kwargs = {**getattr(build, "_TV_KWARGS", {}).get(arch, {}), **dict(given or {})}
+    kwargs = {**TORCHVISION_KWARGS.get(arch, {}), **dict(given or {})}
     if arch in ("googlenet", "inception_v3"):
         # Auxiliary classifiers are in the state dict only when the model was built with them.
         kwargs["aux_logits"] = any(k.startswith(("aux1.", "AuxLogits.")) for k in state_keys)
@@ -129,7 +108,7 @@ def _torchvision_kwargs(arch: str, state_keys: Sequence[str], given: dict[str, A
 
 def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, classifier: str,
                 builder_kwargs: dict[str, Any] | None = None) -> "torch.nn.Module":
-    """Rebuild the finetuned architecture (random weights) from its builder string and head description.
+    """Rebuild the finetuned architecture (random weights): ``zoo.build.build_network`` plus the recorded head.
 
     Args:
         builder: "timm:<arch>" or "torchvision:<arch>".
@@ -140,21 +119,11 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
     Raises:
         BundleError: an unknown builder or architecture.
     """
-    library, _, arch = builder.partition(":")
-    kwargs = dict(builder_kwargs or {})
-    kwargs["num_classes"] = int(num_classes)
     try:
-        if library == "timm":
-            import timm
-
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-        elif library == "torchvision":
-            import torchvision
-
-            model = torchvision.models.get_model(arch, weights=None, **kwargs)
-        else:
-            raise BundleError(f"unknown builder {builder!r}; expected timm:<arch> or torchvision:<arch>")
-    except (RuntimeError, ValueError, KeyError) as e:
+        model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
+    except RegistryError as e:
+        raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
     head = head or {"kind": "linear"}
     if head.get("kind", "linear") == "mlp":
@@ -323,9 +292,8 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     text = str(spec)
     if os.sep in text or text.startswith(".") or text.endswith(".safetensors"):
         raise BundleError(f"no bundle at {text}; export one with `zoo export RUN_DIR --out {text}`")
-    from zoo.build import create_model
-    from zoo.registry import get_entry
     from zoo.predict import eval_transform
+    from zoo.resolve import get_entry
 
     entry = get_entry(text)
     model = create_model(text, pretrained=pretrained).eval().to(device)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.config import FinetuneConfig, load_config
-from finetune.errors import ConfigError
 from zoo.errors import UsageError
 
 __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
@@ -74,12 +73,9 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
     if pretrained and entry.sources:
         src = entry.sources[0]
         source, digest = src.id(), src.sha256
-        try:
-            from zoo.cache import read_manifest
+        from zoo.cache import read_manifest
 
-            manifest = read_manifest(entry.name) or {}
-        except ImportError:
-            manifest = {}
+        manifest = read_manifest(entry.name) or {}
         # The cache records what was actually loaded (trust-on-first-use entries have no pinned digest).
         source = manifest.get("source") or source
         digest = manifest.get("sha256") or digest
@@ -107,12 +103,9 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _export(run_dir: Path, log: Log) -> Path | None:
-    try:
-        from zoo.bundle import export_run
-    except ImportError:
-        log("export skipped: zoo.bundle is not available in this installation")
-        return None
+def _export(run_dir: Path, log: Log) -> Path:
+    from zoo.bundle import export_run
+
     out = export_run(run_dir, run_dir / "export")
     log(f"exported bundle: {out}")
     return out
@@ -154,7 +147,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     """
     from finetune import distributed as ddp
     from finetune.data import scan_folder, write_scan
-    from zoo.registry import get_entry
+    from zoo.resolve import get_entry
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
@@ -241,7 +234,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
                              split_file=run_dir / "split.json")
         for w in report.warnings:
             say(f"warning: {w}")
-        from zoo.registry import get_entry
+        from zoo.resolve import get_entry
 
         entry = get_entry(info_json["model"])
         # Weights come from the checkpoint: the architecture alone is enough (no download, works offline).
@@ -260,11 +253,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
              say: Log):
-    try:
-        from finetune.diagnostics import lr_find
-    except ImportError:
-        raise ConfigError("--lr auto needs finetune.diagnostics.lr_find, which this installation lacks; "
-                          "pass a number, e.g. --lr 1e-3") from None
+    from finetune.diagnostics import lr_find
+
     say("lr: running the LR range test (--lr auto)")
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
@@ -276,11 +266,8 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
 
 
 def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
-    try:
-        from finetune.diagnostics import overfit_check
-    except ImportError:
-        raise ConfigError("--overfit-batches needs finetune.diagnostics.overfit_check, which this installation "
-                          "lacks; drop the option") from None
+    from finetune.diagnostics import overfit_check
+
     say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised")
     result = overfit_check(model, stages, data_config, train_set, config, head=head,
                            batches=int(config.overfit_batches), log=say)

@@ -1,4 +1,4 @@
-"""zoo.sources.import_weights / `zoo import`: local files for air-gapped machines, checked against the architecture."""
+"""zoo.importer.import_weights / `zoo import`: local files for air-gapped machines, checked against the architecture."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ from zoo import cache
 from zoo.cli import cli
 from zoo.errors import IntegrityError, WeightsError
 from zoo.registry import Source
-from zoo.sources import import_weights
+from zoo.importer import import_weights
 
 LITE0_SHA = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 

@@ -6,7 +6,7 @@ import json
 import click
 
 from zoo import cache as zcache
-from zoo.cli import cli
+from zoo.cli.app import cli
 from zoo.errors import ZooError
 
 __all__ = ["pull_cmd", "import_cmd", "cache_group"]
@@ -39,7 +39,7 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: boo
       zoo pull resnet50 efficientnet_b0 --quiet
       zoo pull resnet50 --force        # re-download and re-verify
     """
-    from zoo.registry import get_entry
+    from zoo.resolve import get_entry
     from zoo.sources import pull
 
     entries = [get_entry(n) for n in names]  # unknown names fail (exit 2) before anything is downloaded
@@ -85,7 +85,7 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
       zoo import resnet50 ./resnet50.safetensors
       zoo import alexnet ./alexnet-owt-7be5be79.pth --sha256 7be5be79...
     """
-    from zoo.sources import import_weights
+    from zoo.importer import import_weights
 
     path = import_weights(name, file, sha256=sha256)
     manifest = zcache.read_manifest(name) or {}
@@ -186,6 +186,6 @@ def cache_path(name: str | None) -> None:
 def _check_name(name: str) -> None:
     """A name that is neither cached nor known fails with close matches (a typo is not "not cached")."""
     if not zcache.weights_dir(name).exists():
-        from zoo.registry import get_entry
+        from zoo.resolve import get_entry
 
         get_entry(name)   # raises UnknownModelError listing the close matches
