@@ -32,9 +32,11 @@ TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
     "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": False},
 }
 # Tensors that published checkpoints carry but the built model deliberately lacks (see above).
+# timm's inception_v3 has torchvision's names but no aux classifier (timm builds it without one by default).
 DROPPED_PREFIXES: dict[str, tuple[str, ...]] = {
     "torchvision:googlenet": ("aux1.", "aux2."),
     "torchvision:inception_v3": ("AuxLogits.",),
+    "timm:inception_v3": ("AuxLogits.",),
 }
 
 

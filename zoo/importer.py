@@ -13,8 +13,8 @@ from typing import Any
 from zoo import cache
 from zoo.build import DROPPED_PREFIXES, build_architecture
 from zoo.errors import IntegrityError, UsageError, WeightsError
-from zoo.keymaps import apply_key_map
-from zoo.registry import ModelEntry
+from zoo.keymaps import apply_key_map, import_key_maps
+from zoo.registry import ModelEntry, entry_pin, matches_pin, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import check_safetensors, copy_in, load_pth, save_tensors
 
@@ -25,35 +25,40 @@ def import_weights(name: str | ModelEntry, file: str | Path, sha256: str | None 
     """Register a local ``.safetensors`` or ``.pth`` as the weights of ``name`` (air-gapped machines).
 
     Every tensor's name and shape must fit the architecture (built on the meta device); when names do not
-    match directly, the key map of the entry's sources is tried.
+    match directly, the key maps of the entry's sources and those ``zoo.keymaps.import_key_maps`` lists for
+    its builder (torchvision VGG) are tried. A file whose sha256 matches ``sha256`` or a digest pinned in
+    the entry is recorded as verified; otherwise as trusted on first use. The manifest records the digest
+    of the file as given (``sha256_download``) and of the cached safetensors (``sha256``).
 
     Args:
         name: a registry name.
         file: the weights file.
-        sha256: optional expected hex digest of ``file``.
+        sha256: optional expected digest of ``file``: 64 hex digits or a prefix of at least 8.
     Returns:
         The cached ``model.safetensors`` path.
     Raises:
         UnknownModelError, IntegrityError (digest), WeightsError (unsafe, or does not fit), CacheError.
     """
     entry = name if isinstance(name, ModelEntry) else get_entry(name)
+    pin = parse_digest(sha256) if sha256 is not None else None
     file = Path(file).expanduser()
     if not file.is_file():
         raise UsageError(f"{file}: no such file; give the path of a .safetensors or .pth file")
     with cache.lock(entry.name):
         stage = cache.staging_dir(entry.name)
         try:
-            return _import_staged(entry, file, stage, sha256)
+            return _import_staged(entry, file, stage, pin)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _import_staged(entry: ModelEntry, file: Path, stage: Path, sha256: str | None) -> Path:
+def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) -> Path:
     raw = copy_in(file, stage)
     digest = cache.sha256_file(raw)
-    if sha256 and digest != sha256.strip().lower():
-        raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {sha256.strip().lower()}; "
+    if pin is not None and not matches_pin(digest, pin):
+        raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {pin}; "
                              "nothing was imported; check you have the right file")
+    pinned = entry_pin(entry, digest)
     fmt = _sniff_format(raw)
     if fmt == "safetensors":
         check_safetensors(raw)
@@ -70,7 +75,9 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, sha256: str | Non
         save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
     manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
                 "sha256": digest if out == raw else cache.sha256_file(out),
-                "tofu": sha256 is None, "format": fmt, "key_map": key_map}
+                "tofu": pin is None and pinned is None, "format": fmt, "key_map": key_map}
+    if pin is not None or pinned is not None:
+        manifest["verified"] = f"--sha256 {pin}" if pin is not None else f"registry pin of {pinned.id()}"
     return cache.install(entry.name, out, manifest)
 
 
@@ -92,7 +99,8 @@ def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     # Tensors published checkpoints carry but the built model drops on purpose (googlenet's aux heads).
     dropped = DROPPED_PREFIXES.get(entry.builder, ())
-    candidates: list[str | None] = [None] + list(dict.fromkeys(s.key_map for s in entry.sources if s.key_map))
+    candidates: list[str | None] = [None] + list(dict.fromkeys(
+        [s.key_map for s in entry.sources if s.key_map] + list(import_key_maps(entry.builder))))
     first_problem = ""
     for key_map in candidates:
         try:

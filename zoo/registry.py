@@ -24,7 +24,8 @@ from zoo.errors import RegistryError, UnknownModelError, UsageError
 
 __all__ = [
     "Source", "Preprocessing", "ModelEntry", "load_registry", "list_models", "get_entry", "list_families",
-    "curated_registry_path", "parse_registry", "natural_key", "AD_HOC_PREFIXES", "COMMIT_RE",
+    "curated_registry_path", "parse_registry", "natural_key", "AD_HOC_PREFIXES", "COMMIT_RE", "MIN_PREFIX",
+    "parse_digest", "matches_pin", "entry_pin", "weights_tag",
 ]
 
 
@@ -128,6 +129,7 @@ _BUILDERS = ("timm", "torchvision")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _HEX_RE = re.compile(r"[0-9a-f]+")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")   # a full Hub commit hash
+MIN_PREFIX = 8                            # hex digits a sha256 prefix pin needs (torchvision publishes 8)
 AD_HOC_PREFIXES = ("timm:", "hf-hub:")     # references resolved by zoo.resolve, not by a registry file
 
 
@@ -222,20 +224,23 @@ def _parse_source(where: _Where, i: int, data: Any) -> Source:
         raise where.error(prefix + "format", f"must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     values["format"] = fmt
     sha = _str(where, prefix + "sha256", data.get("sha256"), optional=True)
-    if sha is not None and not (len(sha) == 64 and _HEX_RE.fullmatch(sha)):
-        raise where.error(prefix + "sha256", "must be 64 lowercase hex digits (or null with a sha256_note)")
-    values["sha256"] = sha
     pre = data.get("sha256_prefix")
     if isinstance(pre, int) and not isinstance(pre, bool):
         pre = str(pre)  # YAML reads an all-digit prefix such as 12345678 as a number
     pre = _str(where, prefix + "sha256_prefix", pre, optional=True)
+    if sha is not None and MIN_PREFIX <= len(sha) < 64 and pre is None:
+        pre, sha = sha, None    # a short digest is a prefix pin (weaker: say so in the docs)
+    if sha is not None and not (len(sha) == 64 and _HEX_RE.fullmatch(sha)):
+        raise where.error(prefix + "sha256", "must be 64 lowercase hex digits, a prefix of at least "
+                                             f"{MIN_PREFIX} of them, or null with a sha256_note")
+    values["sha256"] = sha
     if pre is not None:
-        if not (len(pre) <= 64 and _HEX_RE.fullmatch(pre)):
-            raise where.error(prefix + "sha256_prefix", f"must be lowercase hex digits, got {pre!r}")
+        if not (MIN_PREFIX <= len(pre) <= 64 and _HEX_RE.fullmatch(pre)):
+            raise where.error(prefix + "sha256_prefix", f"must be {MIN_PREFIX} to 64 lowercase hex digits, got {pre!r}")
         if sha is not None and not sha.startswith(pre):
             raise where.error(prefix + "sha256_prefix", "does not match the start of sha256")
     values["sha256_prefix"] = pre
-    if sha is None and not values.get("sha256_note"):
+    if sha is None and pre is None and not values.get("sha256_note"):
         raise where.error(prefix + "sha256_note", "required when sha256 is null (say why there is no digest)")
     if kind == "hf":
         if "/" not in values["repo"]:
@@ -367,6 +372,45 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
         seen[entry.name] = i
         out.append((entry, override))
     return out
+
+
+# ----------------------------------------------------------------------------------------------- digests
+def parse_digest(text: str, what: str = "--sha256") -> str:
+    """A sha256 pin as typed: 64 hex digits, or a prefix of at least ``MIN_PREFIX`` (e.g. the 8 digits in a
+    torchvision file name; weaker than the full digest). Returns it lowercased.
+
+    Raises:
+        UsageError: not hex, or too short.
+    """
+    pin = str(text).strip().lower()
+    if not (MIN_PREFIX <= len(pin) <= 64 and _HEX_RE.fullmatch(pin)):
+        raise UsageError(f"{what} {text!r}: give the file's sha256 as 64 hex digits, or at least its first "
+                         f"{MIN_PREFIX} (as in torchvision file names, e.g. alexnet-owt-7be5be79.pth)")
+    return pin
+
+
+def matches_pin(digest: str, pin: str | None) -> bool:
+    """``digest`` (full hex) equals ``pin``, or starts with it when ``pin`` is a prefix."""
+    return bool(pin) and digest.lower().startswith(pin.lower()) and len(pin) >= MIN_PREFIX
+
+
+def entry_pin(entry: ModelEntry, digest: str) -> Source | None:
+    """The entry's source whose pinned sha256 (or prefix) ``digest`` matches: such a file is verified."""
+    for source in entry.sources:
+        if matches_pin(digest, source.sha256) or (source.sha256 is None and matches_pin(digest, source.sha256_prefix)):
+            return source
+    return None
+
+
+def weights_tag(entry: ModelEntry) -> str | None:
+    """The pretrained tag of the entry's weights ("tv_in1k" for repo timm/resnet18.tv_in1k), or None when the
+    sources do not say (e.g. a torchvision URL)."""
+    for source in entry.sources:
+        if source.kind == "hf" and source.repo:
+            name = source.repo.rsplit("/", 1)[-1]
+            if name.startswith(entry.arch + ".") and len(name) > len(entry.arch) + 1:
+                return name[len(entry.arch) + 1:]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- loading
