@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zoo.errors import RegistryError, WeightsError
+from zoo.errors import RegistryError, UsageError, WeightsError
 from zoo.registry import ModelEntry
 from zoo.resolve import get_entry
 from zoo.sources import pull
@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.build
     from torch import nn
 
 __all__ = [
-    "build_network", "build_architecture", "create_model", "load_weights", "data_config",
-    "TORCHVISION_KWARGS", "DROPPED_PREFIXES",
+    "build_network", "build_architecture", "create_model", "load_weights", "data_config", "builder_kwargs",
+    "has_fc_dropout", "TORCHVISION_KWARGS", "DROPPED_PREFIXES", "VGG_FC_DROPOUT",
 ]
 
 # torchvision builders need a few flags to match the published weights / to stay cheap:
@@ -38,6 +38,37 @@ DROPPED_PREFIXES: dict[str, tuple[str, ...]] = {
     "torchvision:inception_v3": ("AuxLogits.",),
     "timm:inception_v3": ("AuxLogits.",),
 }
+
+
+# The original VGG (and torchvision's) trains its two FC-4096 layers with dropout 0.5; timm's VGG defaults to
+# none. timm's drop_rate puts it where torchvision has it: after fc1 (pre_logits.drop) and after fc2
+# (head.drop). Dropout acts only in train mode, i.e. in the phases that train those layers: fit's head-only
+# phase and the cached-feature path run the network in eval mode.
+VGG_FC_DROPOUT = 0.5
+
+
+def has_fc_dropout(entry: ModelEntry) -> bool:
+    """The entry is a timm VGG, whose FC-4096 layers (``pre_logits``) get VGG's dropout back."""
+    return entry.library == "timm" and entry.arch.startswith("vgg")
+
+
+def builder_kwargs(entry: ModelEntry, fc_dropout: float | None = None) -> dict[str, Any]:
+    """Constructor arguments beyond ``num_classes`` (recorded in model.json, so exports rebuild the same).
+
+    Args:
+        fc_dropout: VGG only: dropout of the FC-4096 layers; None = the original's 0.5; 0 turns it off.
+    Raises:
+        UsageError: ``fc_dropout`` for a model without FC-4096 layers, or outside [0, 1).
+    """
+    if not has_fc_dropout(entry):
+        if fc_dropout is not None:
+            raise UsageError(f"--fc-dropout applies to VGG's FC-4096 layers; {entry.name} has none "
+                             "(for a dropout before your new classifier use --head mlp --mlp-dropout P)")
+        return {}
+    p = VGG_FC_DROPOUT if fc_dropout is None else float(fc_dropout)
+    if not 0.0 <= p < 1.0:
+        raise UsageError(f"invalid --fc-dropout {fc_dropout}: allowed: 0 <= x < 1 (0 turns it off)")
+    return {"drop_rate": p}
 
 
 def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
@@ -78,23 +109,27 @@ def build_network(builder: str, num_classes: int, kwargs: dict[str, Any] | None 
                         "torchvision:<fn>")
 
 
-def build_architecture(entry: str | ModelEntry, num_classes: int | None = None) -> "nn.Module":
+def build_architecture(entry: str | ModelEntry, num_classes: int | None = None, *,
+                       fc_dropout: float | None = None) -> "nn.Module":
     """The entry's network with random weights (no download). Honours an active ``torch.device`` context,
     so ``with torch.device("meta"): build_architecture(e)`` costs no memory.
 
     Args:
         entry: a ModelEntry or a name for ``zoo.resolve.get_entry``.
         num_classes: classifier width; None keeps the entry's (ImageNet: 1000); 0 drops the classifier (timm).
+        fc_dropout: see ``builder_kwargs`` (VGG: 0.5 unless told otherwise).
 
     Raises:
         RegistryError: the builder names an architecture the installed timm/torchvision lacks.
     """
     entry = _resolve(entry)
     n = entry.num_classes if num_classes is None else int(num_classes)
-    return build_network(entry.builder, n, where=f"{entry.origin_file}: entry '{entry.name}'")
+    return build_network(entry.builder, n, builder_kwargs(entry, fc_dropout),
+                         where=f"{entry.origin_file}: entry '{entry.name}'")
 
 
-def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrained: bool = True) -> "nn.Module":
+def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrained: bool = True, *,
+                 fc_dropout: float | None = None) -> "nn.Module":
     """Build model ``name`` and, when ``pretrained``, load its cached weights (pulling them first if needed).
 
     With ``num_classes`` different from the entry's, the classifier keeps its fresh initialisation and
@@ -104,7 +139,7 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
         UnknownModelError, DownloadError/OfflineError (from pull), WeightsError: the file does not fit.
     """
     entry = _resolve(name)
-    model = build_architecture(entry, num_classes)
+    model = build_architecture(entry, num_classes, fc_dropout=fc_dropout)
     if pretrained:
         path = pull(entry)
         from safetensors import SafetensorError

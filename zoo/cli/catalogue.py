@@ -5,6 +5,7 @@ import json
 
 import click
 
+from zoo.build import VGG_FC_DROPOUT, has_fc_dropout
 from zoo.cache import is_cached
 from zoo.cli.app import cli
 from zoo.registry import ModelEntry, list_families, list_models
@@ -105,6 +106,11 @@ def _info_text(entry: ModelEntry, cached: bool) -> str:
     for i, stage in enumerate(entry.stages):
         lines.append(f"  {i}  {', '.join(stage)}")
     lines.append(f"  classifier  {entry.classifier}")
+    if has_fc_dropout(entry):
+        lines.append(f"head layers  pre_logits.fc1, pre_logits.fc2: VGG's two FC-4096 layers (held by timm as 7x7 and "
+                     f"1x1 convolutions), then {entry.classifier}, the classifier finetune replaces; while the "
+                     f"FC-4096 layers train they get the original's dropout {VGG_FC_DROPOUT} (--fc-dropout 0 "
+                     "turns it off)")
     lines.append(f"sources ({len(entry.sources)}, tried in order)")
     for s in entry.sources:
         lines.append(f"  - {s.id()}  [{s.format}" + (f", key map {s.key_map}" if s.key_map else "") + "]")

@@ -16,7 +16,7 @@ import click
 
 from finetune.config import OPTIMIZERS, FinetuneConfig
 from zoo.cli.app import cli
-from zoo.cli.options import config_options, given_options
+from zoo.cli.options import config_options, fc_dropout_option, given_options
 
 __all__ = ["lr_find_cmd", "sweep_cmd"]
 
@@ -49,7 +49,8 @@ def _say(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None]):
+def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None],
+             fc_dropout: float | None = None):
     """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model."""
     import torch
 
@@ -63,7 +64,8 @@ def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, sa
     for line in scan_lines(report):
         say(line)
     torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time
-    net = create_model(entry, pretrained=True) if pretrained else build_architecture(entry)
+    net = (create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
+           else build_architecture(entry, fc_dropout=fc_dropout))
     return entry, report, net
 
 
@@ -81,6 +83,7 @@ _COMMON = [
                  help="YAML file with finetune options (as `zoo finetune --config`); flags override it."),
     click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
                  help="Start from the zoo's pretrained weights; --no-pretrained: random init (tests, baselines)."),
+    fc_dropout_option,
 ]
 
 
@@ -112,7 +115,7 @@ def _common(func: Callable) -> Callable:
 @config_options(skip=("lr",) + _NOT_HERE)
 @click.pass_context
 def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
-                out: str | None, start_lr: float, end_lr: float, steps: int, method: str, smooth: float,
+                fc_dropout: float | None, out: str | None, start_lr: float, end_lr: float, steps: int, method: str, smooth: float,
                 diverge_factor: float, **values: Any) -> None:
     """Run the LR range test for MODEL on --data and suggest a learning rate.
 
@@ -139,7 +142,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
     config, _ = _resolve_config(ctx, config_path, values)
     say = _say(config.quiet)
-    entry, report, net = _prepare(model, data, config, pretrained, say)
+    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     out_dir = _out_dir(out, model, "lrfind")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_scan(report, out_dir)
@@ -187,7 +190,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
 @config_options(skip=("lr", "weight_decay", "freeze", "optimizer", "epochs") + _NOT_HERE)
 @click.pass_context
 def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
-              out: str | None, lr_spec: str, wd_spec: str | None, freeze_spec: str | None,
+              fc_dropout: float | None, out: str | None, lr_spec: str, wd_spec: str | None, freeze_spec: str | None,
               optimizer_spec: str | None, epochs: int | None, folds: int, resume: bool, keep_runs: bool,
               **values: Any) -> None:
     """Grid-search MODEL on --data: every combination is a short finetune, ranked by the val metric.
@@ -217,7 +220,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     config, raw = _resolve_config(ctx, config_path, values)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
     say = _say(config.quiet)
-    entry, report, net = _prepare(model, data, config, pretrained, say)
+    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     out_dir = _out_dir(out, model, "sweep")
     net.cpu()
 

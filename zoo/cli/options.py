@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from finetune.config import OPTIONS, FinetuneConfig
 
-__all__ = ["config_options", "given_options"]
+__all__ = ["config_options", "given_options", "fc_dropout_option"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -62,3 +62,11 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items()
             if name in names and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
                                                                      ParameterSource.ENVIRONMENT)}
+
+
+def fc_dropout_option(func: Callable) -> Callable:
+    """``--fc-dropout``: VGG's FC-4096 dropout (checked in ``zoo.build.builder_kwargs``, the one place)."""
+    return click.option(
+        "--fc-dropout", "fc_dropout", type=click.FLOAT, default=None, metavar="P",
+        help="VGG only: dropout in the FC-4096 layers while they train, as in the original (timm's VGG has "
+             "none); 0 turns it off.  [0 <= x < 1; default: 0.5 for VGG]")(func)

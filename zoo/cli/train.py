@@ -12,7 +12,7 @@ import click
 
 from finetune.config import FinetuneConfig
 from zoo.cli.app import cli
-from zoo.cli.options import config_options, given_options
+from zoo.cli.options import config_options, fc_dropout_option, given_options
 
 __all__ = ["finetune_cmd"]
 
@@ -46,10 +46,12 @@ def _is_main() -> bool:
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
 @click.option("--export/--no-export", "export", default=True, show_default=True,
               help="Write a bundle to RUN/export at the end (see `zoo predict`).")
+@fc_dropout_option
 @config_options()
 @click.pass_context
 def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
-                 out: str | None, resume: str | None, pretrained: bool, export: bool, **values: Any) -> None:
+                 out: str | None, resume: str | None, pretrained: bool, export: bool, fc_dropout: float | None,
+                 **values: Any) -> None:
     """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
 
     The data is checked first (nothing is downloaded if it cannot be trained on); the freeze depth is
@@ -92,6 +94,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
             raise click.UsageError("--lr auto cannot be combined with --resume: the run keeps its learning rate")
         if config_path:
             raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
+        if fc_dropout is not None:
+            raise click.UsageError("--fc-dropout cannot be combined with --resume: the run keeps its model")
         outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log)
     else:
         if not model:
@@ -102,7 +106,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         base = runs.load_run_config(config_path)
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
-                                    export=export, log=log)
+                                    export=export, fc_dropout=fc_dropout, log=log)
 
     if not main:
         return
