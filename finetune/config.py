@@ -1,12 +1,16 @@
-"""FinetuneConfig: every option of a finetune run, with commented defaults.
+"""FinetuneConfig: every option of a finetune run, with commented defaults, and ``OPTIONS``: the one
+definition of each option's help line, allowed values and numeric range.
 
 YAML overrides the defaults, command-line flags override the YAML; the resolved config is written into
 the run folder (``config.yaml``) and into every checkpoint, so a run can be resumed or reproduced.
+``FinetuneConfig.validate`` checks every field against ``OPTIONS`` (YAML and flags alike); the CLI builds
+the flags of ``zoo finetune``, ``zoo lr-find`` and ``zoo sweep`` (help, choices, ranges) from the same table.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +18,129 @@ import yaml
 
 from finetune.errors import ConfigError
 
-__all__ = ["FinetuneConfig", "load_config", "save_config", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS"]
+__all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
+           "ACTIVATIONS", "MONITORS"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
 HEADS = ("linear", "mlp")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh")
 MONITORS = ("val_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one FinetuneConfig field may hold and how it is explained (``--help``, error messages).
+
+    ``choices``: the closed set of values; ``low``/``high``: the numeric range (``*_open``: bound excluded);
+    ``sentinels``: values outside the range with a meaning of their own (e.g. -1 = auto).
+    """
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    sentinels: tuple[float, ...] = ()
+
+    def range_text(self) -> str:
+        """The allowed values as shown in ``--help`` and in errors: "0 <= x < 1", "x >= 1", "x >= 0 or -1"."""
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        if self.low is None and self.high is None:
+            return ""
+        lo = "" if self.low is None else f"{_num(self.low)} {'<' if self.low_open else '<='} "
+        hi = "" if self.high is None else f" {'<' if self.high_open else '<='} {_num(self.high)}"
+        if self.low is not None and self.high is None:
+            text = f"x {'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            text = f"{lo}x{hi}"
+        return text + "".join(f" or {_num(v)}" for v in self.sentinels)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed (the allowed values, to put in a message), or None when it is."""
+        if self.choices is not None:
+            return None if value in self.choices else "choose one of " + ", ".join(self.choices)
+        if self.low is None and self.high is None or isinstance(value, bool):
+            return None
+        if value in self.sentinels:
+            return None
+        v = float(value)
+        ok = math.isfinite(v)
+        if self.low is not None:
+            ok = ok and (v > self.low if self.low_open else v >= self.low)
+        if self.high is not None:
+            ok = ok and (v < self.high if self.high_open else v <= self.high)
+        return None if ok else f"allowed: {self.range_text()}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+# One entry per FinetuneConfig field (a test checks it): the help line of its flag, its allowed values.
+OPTIONS: dict[str, Option] = {
+    "val_split": Option("Fraction of each class held out for validation when DIR has no train/val folders.",
+                        low=0, high=1, low_open=True, high_open=True),
+    "strict": Option("Unreadable images are an error instead of being skipped with a warning."),
+    "batch_size": Option("Global batch size (split across processes under torchrun).", low=1),
+    "workers": Option("DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's "
+                      "local processes; else min(8, CPUs - 1)), 0 = load in the main process.", low=0,
+                      sentinels=(-1,)),
+    "class_weights": Option("auto: weight the loss by inverse class frequency (imbalanced data).",
+                            choices=("none", "auto")),
+    "sampler": Option("balanced: oversample rare classes in each epoch.", choices=("random", "balanced")),
+    "augment": Option("Training augmentation (random crop-and-scale, flip, brightness/contrast)."),
+    "crop_scale_min": Option("Smallest area fraction of the random crop.", low=0, high=1, low_open=True),
+    "hflip": Option("Horizontal flip probability (0 disables).", low=0, high=1),
+    "brightness": Option("Brightness jitter strength (0 disables).", low=0),
+    "contrast": Option("Contrast jitter strength (0 disables).", low=0),
+    "head": Option("New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS),
+    "mlp_hidden": Option("MLP head: hidden units.", low=1),
+    "mlp_dropout": Option("MLP head: dropout probability.", low=0, high=1, high_open=True),
+    "mlp_activation": Option("MLP head: activation.", choices=ACTIVATIONS),
+    "freeze": Option("What trains: auto (from the dataset size), head, none (everything) or K (the last K stages)."),
+    "small_per_class": Option("auto freeze: fewer images per class than this -> head only.", low=0),
+    "small_total": Option("auto freeze: this many images in total or fewer -> head only.", low=0),
+    "large_per_class": Option("auto freeze: at least this many per class -> everything unfrozen.", low=0),
+    "medium_stages": Option("auto freeze: stages unfrozen for a medium-sized dataset.", low=0),
+    "head_epochs": Option("Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); "
+                          "0 = off.", low=0, sentinels=(-1,)),
+    "bn": Option("BatchNorm statistics: eval keeps the pretrained ones frozen; train updates them.",
+                 choices=("eval", "train")),
+    "optimizer": Option("Optimizer.", choices=OPTIMIZERS),
+    "lr": Option("Head learning rate, or 'auto' to run the LR range test first.", low=0, low_open=True),
+    "backbone_lr_mult": Option("Pretrained layers train at lr x this.", low=0),
+    "momentum": Option("Momentum (sgd, rmsprop).", low=0, high=1, high_open=True),
+    "nesterov": Option("Nesterov momentum (sgd)."),
+    "weight_decay": Option("L2 weight decay (not on biases and norm parameters).", low=0),
+    "schedule": Option("Learning-rate schedule (stepped per batch; plateau per epoch).", choices=SCHEDULES),
+    "warmup_epochs": Option("Linear LR warm-up, in epochs (fractions allowed).", low=0),
+    "step_size": Option("step/exp schedules: decay every N epochs.", low=1),
+    "gamma": Option("Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
+                    low=0, low_open=True),
+    "epochs": Option("Maximum epochs in total (early stopping usually ends sooner).", low=1),
+    "patience": Option("Early stopping: epochs without improvement before stopping.", low=0),
+    "min_delta": Option("Early stopping: smallest change that counts as an improvement.", low=0),
+    "monitor": Option("Metric for early stopping and the best checkpoint.", choices=MONITORS),
+    "seed": Option("Seed of the split, the initialisation and the data order.", low=0),
+    "device": Option("auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    "amp": Option("Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)."),
+    "channels_last": Option("channels_last memory format on CUDA."),
+    "gpu_normalize": Option("On CUDA: workers decode, crop and send uint8 batches; the GPU flips, jitters and "
+                            "normalises them."),
+    "decode": Option("Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, "
+                     "cropped and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores "
+                     "cannot keep the GPU fed.", choices=("workers", "device")),
+    "compile": Option("torch.compile the model (slower start, faster epochs)."),
+    "fast_head": Option("Head-only training on cached backbone features (much faster; same result)."),
+    "aug_views": Option("Fast head path: augmented views cached per image (0 = un-augmented only).", low=0),
+    "overfit_batches": Option("Sanity check instead of training: try to overfit N fixed batches, then exit "
+                              "(0 = off).", low=0),
+    "tensorboard": Option("Also log to RUN/tensorboard (needs the tensorboard package)."),
+    "quiet": Option("No progress bars or per-epoch lines."),
+}
 
 
 @dataclass
@@ -83,33 +203,21 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the field and the allowed values."""
+        """Raise ConfigError naming the field, its flag and the allowed values (``OPTIONS``)."""
         def bad(name: str, allowed: str) -> ConfigError:
-            return ConfigError(f"invalid {name}={getattr(self, name)!r}: {allowed}")
+            return ConfigError(f"invalid {name}={getattr(self, name)!r} (--{name.replace('_', '-')}): {allowed}")
 
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "head": HEADS,
-                   "mlp_activation": ACTIVATIONS, "monitor": MONITORS, "bn": ("eval", "train"),
-                   "class_weights": ("none", "auto"), "sampler": ("random", "balanced"),
-                   "decode": ("workers", "device")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, "choose one of " + ", ".join(allowed))
+        for name, option in OPTIONS.items():
+            problem = option.problem(getattr(self, name))
+            if problem is not None:
+                raise bad(name, problem)
         if self.freeze not in ("auto", "head", "none") and not str(self.freeze).isdigit():
             raise bad("freeze", "use auto, head, none or a number of stages")
-        if not 0.0 < self.val_split < 1.0:
-            raise bad("val_split", "use a fraction between 0 and 1, e.g. 0.2")
-        for name in ("batch_size", "epochs"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, "must be at least 1")
-        if not self.lr > 0:
-            raise bad("lr", "must be positive, e.g. 1e-3")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise bad("crop_scale_min", "use a fraction in (0, 1]")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise bad("hflip", "use a probability between 0 and 1 (0 disables)")
-        for name in ("brightness", "contrast"):
-            if not getattr(self, name) >= 0.0:
-                raise bad(name, "use a strength >= 0, e.g. 0.2 (0 disables)")
+        # A decay factor above 1 makes these schedules raise the LR; ReduceLROnPlateau refuses factor >= 1.
+        if self.schedule in ("step", "exp") and self.gamma > 1:
+            raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")
+        if self.schedule == "plateau" and self.gamma >= 1:
+            raise bad("gamma", "the plateau schedule needs a decay factor 0 < x < 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,13 +1,19 @@
-"""Atomic file writes: temp file in the same folder + fsync + rename, so no half-written file ever
-appears under its final name (a crash or a full disk leaves the previous version intact)."""
+"""Safe file I/O: atomic writes (temp file in the same folder + fsync + rename, so no half-written file ever
+appears under its final name; a crash or a full disk leaves the previous version intact), and the one
+safetensors header reader (no torch, no pickle) that the feature cache and the zoo's weights and bundles use."""
 from __future__ import annotations
 
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_file_mode"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_file_mode",
+           "read_safetensors_header", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER"]
+
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
 
 def _umask() -> int:
@@ -57,3 +63,55 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def plain_file_mode(path: str | Path) -> None:
     """Give a file made by mkstemp/mkdtemp the permissions a plain open() would have (umask applied)."""
     os.chmod(path, _FILE_MODE)
+
+
+class SafetensorsHeaderError(ValueError):
+    """A file is not a complete safetensors file; ``str(err)`` says how (callers add what to do next)."""
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check a safetensors header without torch: ``{name: {"dtype", "shape", "data_offsets"}}``,
+    plus ``"__metadata__"`` (str -> str) when the file has one.
+
+    The file must be complete: the tensors' byte ranges must end exactly at the end of the file, so a
+    truncated download or copy is caught here rather than by whoever maps the tensors.
+
+    Raises:
+        FileNotFoundError / OSError: the file cannot be read.
+        SafetensorsHeaderError: truncated, a header that is not safetensors JSON, or bad tensor entries;
+            the message reads "truncated (...)", "damaged header (...)" or "truncated or damaged (...)".
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SafetensorsHeaderError(f"truncated ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+            raise SafetensorsHeaderError(f"truncated or not a safetensors file (a header of {n} bytes in a "
+                                         f"{size}-byte file)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SafetensorsHeaderError("damaged header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError("damaged header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise SafetensorsHeaderError("damaged header (metadata is not a mapping of strings)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(v, int) for v in offsets)
+                and 0 <= offsets[0] <= offsets[1] and isinstance(info.get("shape"), list)
+                and isinstance(info.get("dtype"), str)):
+            raise SafetensorsHeaderError(f"damaged header (tensor {name!r} has no valid dtype/shape/data_offsets)")
+        end = max(end, offsets[1])
+    if end != size - 8 - n:
+        raise SafetensorsHeaderError(f"truncated or damaged (the header announces {end} bytes of tensors, the "
+                                     f"file holds {size - 8 - n})")
+    return header

@@ -94,7 +94,7 @@ def tiny_weights() -> bytes:
 
 def tiny_entry(name: str, source: dict, **extra) -> dict:
     """A registry entry (as YAML data) for timm's ``test_resnet`` at 32 px with the given weight source."""
-    from zoo.build import describe_timm
+    from zoo.resolve import describe_timm
 
     params, stages, classifier = describe_timm("test_resnet", 1000)
     return {"name": name, "family": "resnet", "builder": "timm:test_resnet", "license": "apache-2.0",

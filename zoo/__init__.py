@@ -13,7 +13,7 @@ __all__ = [
 
 _LAZY = {
     "list_models": "zoo.registry",
-    "get_entry": "zoo.registry",
+    "get_entry": "zoo.resolve",
     "pull": "zoo.sources",
     "create_model": "zoo.build",
     "load_bundle": "zoo.bundle",

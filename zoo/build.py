@@ -1,84 +1,135 @@
 """Registry entry -> ``nn.Module``: build the architecture (timm or torchvision), load cached safetensors.
 
-Also the torch-side helpers of the catalogue: deriving stages for ad-hoc timm models and checking that a
-stage list covers every parameter exactly once (finetune freezes "all but the last k stages" by it).
+The one model builder of the package: ``build_network`` turns a builder string ("timm:<arch>",
+"torchvision:<fn>") into a network; ``build_architecture`` (registry entries) and ``zoo.bundle`` (exported
+bundles) both call it. Stage lists and ad-hoc entries live one layer down, in ``zoo.resolve``.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-from zoo.errors import RegistryError, WeightsError
-from zoo.registry import ModelEntry, get_entry
+from zoo.errors import RegistryError, UsageError, WeightsError
+from zoo.registry import ModelEntry
+from zoo.resolve import get_entry
+from zoo.sources import pull
 
-if TYPE_CHECKING:  # torch stays out of module import: zoo.registry imports this lazily for ad-hoc entries
+if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.build stays cheap
     import torch
     from torch import nn
 
 __all__ = [
-    "build_architecture", "create_model", "load_weights", "data_config", "derive_stages", "check_stages",
-    "stage_of", "describe_timm",
+    "build_network", "build_architecture", "create_model", "load_weights", "data_config", "builder_kwargs",
+    "has_fc_dropout", "TORCHVISION_KWARGS", "DROPPED_PREFIXES", "VGG_FC_DROPOUT",
 ]
 
 # torchvision builders need a few flags to match the published weights / to stay cheap:
 #  - googlenet: the checkpoint expects transform_input=True (torchvision sets it when weights are given);
 #    aux classifiers are training-only (torchvision drops them after loading); init_weights=False skips
 #    the slow truncated-normal init that the loaded weights overwrite anyway.
-_TV_KWARGS: dict[str, dict[str, Any]] = {
+TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
     "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": False},
     "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": False},
 }
 # Tensors that published checkpoints carry but the built model deliberately lacks (see above).
-_DROPPED_PREFIXES: dict[str, tuple[str, ...]] = {
+# timm's inception_v3 has torchvision's names but no aux classifier (timm builds it without one by default).
+DROPPED_PREFIXES: dict[str, tuple[str, ...]] = {
     "torchvision:googlenet": ("aux1.", "aux2."),
     "torchvision:inception_v3": ("AuxLogits.",),
+    "timm:inception_v3": ("AuxLogits.",),
 }
+
+
+# The original VGG (and torchvision's) trains its two FC-4096 layers with dropout 0.5; timm's VGG defaults to
+# none. timm's drop_rate puts it where torchvision has it: after fc1 (pre_logits.drop) and after fc2
+# (head.drop). Dropout acts only in train mode, i.e. in the phases that train those layers: fit's head-only
+# phase and the cached-feature path run the network in eval mode.
+VGG_FC_DROPOUT = 0.5
+
+
+def has_fc_dropout(entry: ModelEntry) -> bool:
+    """The entry is a timm VGG, whose FC-4096 layers (``pre_logits``) get VGG's dropout back."""
+    return entry.library == "timm" and entry.arch.startswith("vgg")
+
+
+def builder_kwargs(entry: ModelEntry, fc_dropout: float | None = None) -> dict[str, Any]:
+    """Constructor arguments beyond ``num_classes`` (recorded in model.json, so exports rebuild the same).
+
+    Args:
+        fc_dropout: VGG only: dropout of the FC-4096 layers; None = the original's 0.5; 0 turns it off.
+    Raises:
+        UsageError: ``fc_dropout`` for a model without FC-4096 layers, or outside [0, 1).
+    """
+    if not has_fc_dropout(entry):
+        if fc_dropout is not None:
+            raise UsageError(f"--fc-dropout applies to VGG's FC-4096 layers; {entry.name} has none "
+                             "(for a dropout before your new classifier use --head mlp --mlp-dropout P)")
+        return {}
+    p = VGG_FC_DROPOUT if fc_dropout is None else float(fc_dropout)
+    if not 0.0 <= p < 1.0:
+        raise UsageError(f"invalid --fc-dropout {fc_dropout}: allowed: 0 <= x < 1 (0 turns it off)")
+    return {"drop_rate": p}
 
 
 def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
     return name_or_entry if isinstance(name_or_entry, ModelEntry) else get_entry(name_or_entry)
 
 
-def build_architecture(entry: str | ModelEntry, num_classes: int | None = None) -> "nn.Module":
+def build_network(builder: str, num_classes: int, kwargs: dict[str, Any] | None = None, *,
+                  where: str = "") -> "nn.Module":
+    """The network a builder string names, with random weights (no download).
+
+    Args:
+        builder: "timm:<arch>" or "torchvision:<fn>".
+        num_classes: classifier width; 0 drops the classifier (timm).
+        kwargs: extra constructor arguments; torchvision builders start from ``TORCHVISION_KWARGS``.
+        where: prefix of error messages (the registry entry or bundle that asked).
+    Raises:
+        RegistryError: an unknown library, or an architecture the installed timm/torchvision lacks.
+    """
+    library, _, arch = builder.partition(":")
+    where = f"{where}: " if where else ""
+    kwargs = {k: v for k, v in dict(kwargs or {}).items() if k != "num_classes"}   # num_classes wins
+    if library == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            raise RegistryError(f"{where}field 'builder': timm {timm.__version__} has no architecture '{arch}'; "
+                                "upgrade timm or fix the entry")
+        return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), **kwargs)
+    if library == "torchvision":
+        import torchvision.models
+
+        fn = getattr(torchvision.models, arch, None)
+        if not callable(fn):
+            raise RegistryError(f"{where}field 'builder': torchvision has no model function '{arch}'; "
+                                "upgrade torchvision or fix the entry")
+        return fn(weights=None, num_classes=int(num_classes), **{**TORCHVISION_KWARGS.get(arch, {}), **kwargs})
+    raise RegistryError(f"{where}field 'builder': unknown library '{library}'; use timm:<arch> or "
+                        "torchvision:<fn>")
+
+
+def build_architecture(entry: str | ModelEntry, num_classes: int | None = None, *,
+                       fc_dropout: float | None = None) -> "nn.Module":
     """The entry's network with random weights (no download). Honours an active ``torch.device`` context,
     so ``with torch.device("meta"): build_architecture(e)`` costs no memory.
 
     Args:
-        entry: a ModelEntry or a name for ``get_entry``.
+        entry: a ModelEntry or a name for ``zoo.resolve.get_entry``.
         num_classes: classifier width; None keeps the entry's (ImageNet: 1000); 0 drops the classifier (timm).
+        fc_dropout: see ``builder_kwargs`` (VGG: 0.5 unless told otherwise).
 
     Raises:
         RegistryError: the builder names an architecture the installed timm/torchvision lacks.
     """
     entry = _resolve(entry)
     n = entry.num_classes if num_classes is None else int(num_classes)
-    if entry.library == "timm":
-        import timm
-
-        if not timm.is_model(entry.arch):
-            raise RegistryError(f"{entry.origin_file}: entry '{entry.name}': field 'builder': timm "
-                                f"{timm.__version__} has no architecture '{entry.arch}'; upgrade timm or fix the entry")
-        return timm.create_model(entry.arch, pretrained=False, num_classes=n)
-    if entry.library == "torchvision":
-        import torchvision.models
-
-        fn = getattr(torchvision.models, entry.arch, None)
-        if not callable(fn):
-            raise RegistryError(f"{entry.origin_file}: entry '{entry.name}': field 'builder': torchvision "
-                                f"has no model function '{entry.arch}'; upgrade torchvision or fix the entry")
-        return fn(weights=None, num_classes=n, **_TV_KWARGS.get(entry.arch, {}))
-    raise RegistryError(f"{entry.origin_file}: entry '{entry.name}': field 'builder': unknown library "
-                        f"'{entry.library}'; use timm:<arch> or torchvision:<fn>")
+    return build_network(entry.builder, n, builder_kwargs(entry, fc_dropout),
+                         where=f"{entry.origin_file}: entry '{entry.name}'")
 
 
-def _pull(entry: ModelEntry) -> Path:
-    # Imported here: zoo.sources pulls in huggingface_hub and the cache, not needed to build random models.
-    from zoo.sources import pull
-
-    return pull(entry)
-
-
-def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrained: bool = True) -> "nn.Module":
+def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrained: bool = True, *,
+                 fc_dropout: float | None = None) -> "nn.Module":
     """Build model ``name`` and, when ``pretrained``, load its cached weights (pulling them first if needed).
 
     With ``num_classes`` different from the entry's, the classifier keeps its fresh initialisation and
@@ -88,9 +139,9 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
         UnknownModelError, DownloadError/OfflineError (from pull), WeightsError: the file does not fit.
     """
     entry = _resolve(name)
-    model = build_architecture(entry, num_classes)
+    model = build_architecture(entry, num_classes, fc_dropout=fc_dropout)
     if pretrained:
-        path = _pull(entry)
+        path = pull(entry)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -111,7 +162,7 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
     Raises:
         WeightsError: missing, unexpected or wrongly shaped tensors (the first few are named).
     """
-    drop = _DROPPED_PREFIXES.get(entry.builder, ())
+    drop = DROPPED_PREFIXES.get(entry.builder, ())
     cls = entry.classifier
     state = {k: v for k, v in state.items()
              if not k.startswith(drop) and not (skip_classifier and (k == cls or k.startswith(cls + ".")))}
@@ -137,110 +188,3 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
 def data_config(entry: str | ModelEntry) -> dict:
     """timm-style data config (input_size, interpolation, crop_pct, crop_mode, mean, std) of the entry."""
     return _resolve(entry).preprocessing.data_config()
-
-
-# ----------------------------------------------------------------------------------------------- stages
-def stage_of(param: str, stages: Iterable[Iterable[str]]) -> list[int]:
-    """Indices of the stages holding parameter ``param`` (p is in prefix s when p == s or starts with s + ".")."""
-    return [i for i, stage in enumerate(stages)
-            if any(param == s or param.startswith(s + ".") for s in stage)]
-
-
-def check_stages(model: "nn.Module", stages: Iterable[Iterable[str]], classifier: str) -> list[str]:
-    """Problems with a stage list for ``model``; empty when every parameter except the classifier's is in
-    exactly one stage, the classifier exists and holds parameters, and every prefix matches something."""
-    stages = [tuple(s) for s in stages]
-    problems = []
-    names = [n for n, _ in model.named_parameters()]
-    in_cls = [n for n in names if n == classifier or n.startswith(classifier + ".")]
-    if not in_cls:
-        problems.append(f"classifier '{classifier}' holds no parameters")
-    for n in names:
-        if n in in_cls:
-            continue
-        hits = stage_of(n, stages)
-        if len(hits) != 1:
-            problems.append(f"parameter '{n}' is in {len(hits)} stages" + (f" ({hits})" if hits else ""))
-    for i, stage in enumerate(stages):
-        for s in stage:
-            if not any(n == s or n.startswith(s + ".") for n in names):
-                problems.append(f"stage {i} prefix '{s}' matches no parameter")
-    return problems
-
-
-def derive_stages(model: "nn.Module", classifier: str, boundaries: Iterable[str] = ()) -> tuple[tuple[str, ...], ...]:
-    """Stages for a model without a curated list: split at ``boundaries`` (timm's ``feature_info``
-    modules, input -> output), or at the top-level children when there are none. Parameters after the
-    last boundary (e.g. a head norm or conv_head) join the last stage; the classifier is excluded.
-    Each stage is written with the shortest prefixes that hold only its own parameters."""
-    boundaries = [b for b in boundaries if b]
-    if not boundaries:
-        boundaries = [n for n, m in model.named_children()
-                      if n != classifier and not classifier.startswith(n + ".")
-                      and any(True for _ in m.parameters())]
-    bset = set(boundaries)
-    is_cls = lambda n: n == classifier or n.startswith(classifier + ".")  # noqa: E731
-    stage_of_param: dict[str, int] = {}
-    stage, open_boundary, closed = 0, None, 0
-    for mod_name, module in model.named_modules():  # pre-order == forward order for these networks
-        if open_boundary is not None and not (mod_name == open_boundary or mod_name.startswith(open_boundary + ".")):
-            # Left the boundary module: the stage ends here (later params go to the next one).
-            open_boundary, closed = None, closed + 1
-            stage = min(closed, len(boundaries) - 1)
-        if mod_name in bset and open_boundary is None:
-            open_boundary = mod_name
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{pname}" if mod_name else pname
-            if not is_cls(full):
-                stage_of_param[full] = stage
-    # Shortest prefix whose parameters all sit in the same stage (and which does not contain the classifier).
-    owners: dict[str, set[int]] = {}
-    for full, s in stage_of_param.items():
-        parts = full.split(".")
-        for k in range(1, len(parts) + 1):
-            owners.setdefault(".".join(parts[:k]), set()).add(s)
-    for n, _ in model.named_parameters():
-        if is_cls(n):
-            parts = n.split(".")
-            for k in range(1, len(parts) + 1):
-                owners.setdefault(".".join(parts[:k]), set()).add(-1)
-    out: list[list[str]] = [[] for _ in range(max(stage_of_param.values(), default=-1) + 1)]
-    for full, s in stage_of_param.items():
-        parts = full.split(".")
-        for k in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:k])
-            if owners[prefix] == {s}:
-                if prefix not in out[s]:
-                    out[s].append(prefix)
-                break
-    return tuple(tuple(s) for s in out if s)
-
-
-def _module_name(model: "nn.Module", target: "nn.Module") -> str | None:
-    for name, module in model.named_modules():
-        if module is target and name:
-            return name
-    return None
-
-
-def describe_timm(arch: str, num_classes: int, classifier: str | None = None) -> tuple[int, tuple, str]:
-    """(params, stages, classifier) of a timm architecture, from a build on the meta device (no memory,
-    no init cost). Used for ad-hoc ``timm:``/``hf-hub:`` entries."""
-    import timm
-    import torch
-
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    names = {n for n, _ in model.named_modules()}
-    if not classifier or classifier not in names:
-        try:
-            classifier = _module_name(model, model.get_classifier()) or ""
-        except Exception:  # a model without timm's classifier interface
-            classifier = ""
-    if not classifier:
-        raise RegistryError(f"timm:{arch}: cannot tell which module is the classifier; add an entry for it to "
-                            "your ZOO_REGISTRY file with an explicit 'classifier'")
-    boundaries = [f["module"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)]
-    stages = derive_stages(model, classifier, boundaries)
-    params = sum(p.numel() for p in model.parameters())
-    return params, stages, classifier

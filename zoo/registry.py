@@ -5,7 +5,8 @@ shipped with the package, plus an optional user file named by ``ZOO_REGISTRY`` (
 same schema, same validation. A user entry may not reuse a curated name unless it says ``override: true``
 (then it replaces the curated entry; ``origin_file`` tells which file won). Several user files may be given,
 separated by ``os.pathsep``. Beyond the files, ``timm:<arch>[.<tag>]`` and ``hf-hub:<org>/<repo>`` resolve to
-ad-hoc entries (that path imports timm/torch: it builds the model on the meta device to derive stages).
+ad-hoc entries in ``zoo.resolve`` (that path imports timm/torch: it builds the model on the meta device to
+derive stages); this module never imports it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from zoo.errors import RegistryError, UnknownModelError, UsageError
 
 __all__ = [
     "Source", "Preprocessing", "ModelEntry", "load_registry", "list_models", "get_entry", "list_families",
-    "curated_registry_path", "parse_registry", "entry_from_hf_config", "timm_entry", "natural_key",
+    "curated_registry_path", "parse_registry", "natural_key", "AD_HOC_PREFIXES", "COMMIT_RE", "MIN_PREFIX",
+    "parse_digest", "matches_pin", "entry_pin", "weights_tag",
 ]
 
 
@@ -126,7 +128,9 @@ _FORMATS = ("safetensors", "pth")
 _BUILDERS = ("timm", "torchvision")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _HEX_RE = re.compile(r"[0-9a-f]+")
-_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")   # a full Hub commit hash
+MIN_PREFIX = 8                            # hex digits a sha256 prefix pin needs (torchvision publishes 8)
+AD_HOC_PREFIXES = ("timm:", "hf-hub:")     # references resolved by zoo.resolve, not by a registry file
 
 
 class _Where:
@@ -220,25 +224,28 @@ def _parse_source(where: _Where, i: int, data: Any) -> Source:
         raise where.error(prefix + "format", f"must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     values["format"] = fmt
     sha = _str(where, prefix + "sha256", data.get("sha256"), optional=True)
-    if sha is not None and not (len(sha) == 64 and _HEX_RE.fullmatch(sha)):
-        raise where.error(prefix + "sha256", "must be 64 lowercase hex digits (or null with a sha256_note)")
-    values["sha256"] = sha
     pre = data.get("sha256_prefix")
     if isinstance(pre, int) and not isinstance(pre, bool):
         pre = str(pre)  # YAML reads an all-digit prefix such as 12345678 as a number
     pre = _str(where, prefix + "sha256_prefix", pre, optional=True)
+    if sha is not None and MIN_PREFIX <= len(sha) < 64 and pre is None:
+        pre, sha = sha, None    # a short digest is a prefix pin (weaker: say so in the docs)
+    if sha is not None and not (len(sha) == 64 and _HEX_RE.fullmatch(sha)):
+        raise where.error(prefix + "sha256", "must be 64 lowercase hex digits, a prefix of at least "
+                                             f"{MIN_PREFIX} of them, or null with a sha256_note")
+    values["sha256"] = sha
     if pre is not None:
-        if not (len(pre) <= 64 and _HEX_RE.fullmatch(pre)):
-            raise where.error(prefix + "sha256_prefix", f"must be lowercase hex digits, got {pre!r}")
+        if not (MIN_PREFIX <= len(pre) <= 64 and _HEX_RE.fullmatch(pre)):
+            raise where.error(prefix + "sha256_prefix", f"must be {MIN_PREFIX} to 64 lowercase hex digits, got {pre!r}")
         if sha is not None and not sha.startswith(pre):
             raise where.error(prefix + "sha256_prefix", "does not match the start of sha256")
     values["sha256_prefix"] = pre
-    if sha is None and not values.get("sha256_note"):
+    if sha is None and pre is None and not values.get("sha256_note"):
         raise where.error(prefix + "sha256_note", "required when sha256 is null (say why there is no digest)")
     if kind == "hf":
         if "/" not in values["repo"]:
             raise where.error(prefix + "repo", f"must look like <org>/<name>, got {values['repo']!r}")
-        if not _COMMIT_RE.fullmatch(values["revision"]) and not values.get("revision_note"):
+        if not COMMIT_RE.fullmatch(values["revision"]) and not values.get("revision_note"):
             raise where.error(prefix + "revision_note",
                               f"required when revision is not a 40-hex commit ({values['revision']!r})")
     if kind == "url":
@@ -367,6 +374,45 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
     return out
 
 
+# ----------------------------------------------------------------------------------------------- digests
+def parse_digest(text: str, what: str = "--sha256") -> str:
+    """A sha256 pin as typed: 64 hex digits, or a prefix of at least ``MIN_PREFIX`` (e.g. the 8 digits in a
+    torchvision file name; weaker than the full digest). Returns it lowercased.
+
+    Raises:
+        UsageError: not hex, or too short.
+    """
+    pin = str(text).strip().lower()
+    if not (MIN_PREFIX <= len(pin) <= 64 and _HEX_RE.fullmatch(pin)):
+        raise UsageError(f"{what} {text!r}: give the file's sha256 as 64 hex digits, or at least its first "
+                         f"{MIN_PREFIX} (as in torchvision file names, e.g. alexnet-owt-7be5be79.pth)")
+    return pin
+
+
+def matches_pin(digest: str, pin: str | None) -> bool:
+    """``digest`` (full hex) equals ``pin``, or starts with it when ``pin`` is a prefix."""
+    return bool(pin) and digest.lower().startswith(pin.lower()) and len(pin) >= MIN_PREFIX
+
+
+def entry_pin(entry: ModelEntry, digest: str) -> Source | None:
+    """The entry's source whose pinned sha256 (or prefix) ``digest`` matches: such a file is verified."""
+    for source in entry.sources:
+        if matches_pin(digest, source.sha256) or (source.sha256 is None and matches_pin(digest, source.sha256_prefix)):
+            return source
+    return None
+
+
+def weights_tag(entry: ModelEntry) -> str | None:
+    """The pretrained tag of the entry's weights ("tv_in1k" for repo timm/resnet18.tv_in1k), or None when the
+    sources do not say (e.g. a torchvision URL)."""
+    for source in entry.sources:
+        if source.kind == "hf" and source.repo:
+            name = source.repo.rsplit("/", 1)[-1]
+            if name.startswith(entry.arch + ".") and len(name) > len(entry.arch) + 1:
+                return name[len(entry.arch) + 1:]
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def curated_registry_path() -> Path:
     """The curated ``registry.yaml`` shipped inside the package."""
@@ -444,7 +490,10 @@ def list_families() -> list[str]:
 
 
 def get_entry(name: str) -> ModelEntry:
-    """The entry called ``name``; also ``timm:<arch>[.<tag>]`` and ``hf-hub:<org>/<repo>`` (ad-hoc).
+    """The entry called ``name`` in the loaded registry files (curated + user).
+
+    Ad-hoc references (``timm:<arch>``, ``hf-hub:<org>/<repo>``) need torch to derive their stages and are
+    resolved one layer up, by ``zoo.resolve.get_entry``, which every command uses.
 
     Raises:
         UnknownModelError: not in any registry (lists close matches); RegistryError: a file is malformed.
@@ -452,10 +501,9 @@ def get_entry(name: str) -> ModelEntry:
     if not isinstance(name, str) or not name.strip():
         raise UsageError("a model name is required; `zoo list` shows the curated ones")
     name = name.strip()
-    if name.startswith("timm:"):
-        return timm_entry(name[len("timm:"):])
-    if name.startswith("hf-hub:"):
-        return _hf_hub_entry(name[len("hf-hub:"):])
+    if name.startswith(AD_HOC_PREFIXES):
+        raise UsageError(f"'{name}' is an ad-hoc reference, not a registry name; resolve it with "
+                         "zoo.resolve.get_entry")
     entries = load_registry()
     if name in entries:
         return entries[name]
@@ -466,116 +514,3 @@ def get_entry(name: str) -> ModelEntry:
     hint = f"did you mean {', '.join(folded[c] for c in close)}? " if close else ""
     raise UnknownModelError(f"unknown model '{name}'; {hint}`zoo list` shows the zoo, and timm:<arch> uses any "
                             "timm architecture")
-
-
-# ----------------------------------------------------------------------------------------------- ad-hoc
-def _family_of(arch: str) -> str:
-    import timm.models
-
-    try:  # timm keeps each family in its own module: timm.models.resnet, timm.models.convnext, ...
-        return timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
-    except Exception:
-        return re.sub(r"[\d_]+$", "", arch) or arch
-
-
-def timm_entry(ref: str, *, name: str | None = None, pretrained_cfg: dict | None = None,
-               sources: tuple[Source, ...] | None = None, num_classes: int | None = None) -> ModelEntry:
-    """An ad-hoc entry for any timm model ``<arch>[.<tag>]`` (imports timm and torch).
-
-    Preprocessing comes from the pretrained cfg (timm's, or ``pretrained_cfg`` from a hub config.json);
-    stages are derived from a meta-device build (``zoo.build.derive_stages``).
-
-    Raises:
-        UnknownModelError: timm does not know the architecture (close matches listed).
-    """
-    import timm
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
-    arch, tag = split_model_name_tag(ref)
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
-        hint = f"did you mean {', '.join('timm:' + c for c in close)}? " if close else ""
-        raise UnknownModelError(f"timm {timm.__version__} has no architecture '{arch}'; {hint}"
-                                "`python -c \"import timm; print(timm.list_models('*name*'))\"` lists them")
-    cfg = dict(pretrained_cfg or {})
-    if not cfg:
-        found = None
-        if tag or timm.models.is_model_pretrained(arch):
-            try:
-                found = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
-            except RuntimeError:  # timm's way of saying "no such tag"
-                found = None
-        if found is None and tag:
-            tags = timm.list_pretrained(f"{arch}.*")
-            raise UnknownModelError(f"timm has no pretrained tag '{arch}.{tag}'; available: "
-                                    f"{', '.join(tags) or 'none'}; use one of them or timm:{arch}")
-        cfg = found.to_dict() if found is not None else {}
-    tag = tag or cfg.get("tag") or ""
-    if sources is None:
-        sources = ()
-        note = "ad-hoc timm reference: no pinned digest; trust-on-first-use (digest recorded in the cache manifest)"
-        if cfg.get("hf_hub_id"):
-            sources = (Source(kind="hf", repo=cfg["hf_hub_id"], revision="main",
-                              revision_note="ad-hoc timm reference: follows the repo's main branch",
-                              filename=cfg.get("hf_hub_filename") or "model.safetensors", sha256=None,
-                              sha256_note=note),)
-        elif cfg.get("url"):
-            fmt = "safetensors" if str(cfg["url"]).endswith(".safetensors") else "pth"
-            sources = (Source(kind="url", url=cfg["url"], sha256=None, sha256_note=note, format=fmt),)
-    n_classes = num_classes or cfg.get("num_classes") or 1000
-    from zoo.build import describe_timm  # torch-side helper: meta build -> params, stages, classifier
-
-    params, stages, classifier = describe_timm(arch, n_classes, cfg.get("classifier"))
-    full = f"{arch}.{tag}" if tag else arch
-    prep = Preprocessing(
-        input_size=tuple(cfg.get("input_size") or (3, 224, 224)), interpolation=cfg.get("interpolation") or "bicubic",
-        crop_pct=float(cfg.get("crop_pct") or 0.875), mean=tuple(cfg.get("mean") or (0.485, 0.456, 0.406)),
-        std=tuple(cfg.get("std") or (0.229, 0.224, 0.225)),
-        origin=f"timm pretrained_cfg ({full})" if cfg else "timm defaults (no pretrained cfg)")
-    paper = cfg.get("paper_ids") or ""
-    return ModelEntry(
-        name=name or f"timm:{ref}", builder=f"timm:{arch}", sources=tuple(sources), preprocessing=prep,
-        stages=stages, classifier=classifier, params=params, top1=None, license=cfg.get("license") or "unknown",
-        paper=paper if isinstance(paper, str) else ", ".join(paper), year=None, family=_family_of(arch),
-        num_classes=n_classes, description=f"ad-hoc timm model {full}; stages derived automatically",
-        origin_file="(ad-hoc)")
-
-
-def entry_from_hf_config(repo: str, config: dict, revision: str = "main") -> ModelEntry:
-    """An ad-hoc entry for a timm-format Hub repo from its ``config.json`` (``architecture``,
-    ``num_classes``, ``pretrained_cfg``). The weights: ``model.safetensors`` at ``revision``, TOFU.
-
-    Raises:
-        UsageError: the config is not a timm model config.
-    """
-    arch = config.get("architecture") if isinstance(config, dict) else None
-    if not isinstance(arch, str):
-        raise UsageError(f"hf-hub:{repo}: config.json has no 'architecture' (not a timm model repo); add an entry "
-                         "for it to your ZOO_REGISTRY file instead")
-    src = Source(kind="hf", repo=repo, revision=revision,
-                 revision_note=None if _COMMIT_RE.fullmatch(revision) else "ad-hoc hf-hub reference: follows the branch",
-                 filename="model.safetensors", sha256=None,
-                 sha256_note="ad-hoc hf-hub reference: trust-on-first-use (digest recorded in the cache manifest)")
-    cfg = dict(config.get("pretrained_cfg") or {})
-    cfg.setdefault("num_classes", config.get("num_classes"))
-    return timm_entry(arch, name=f"hf-hub:{repo}", pretrained_cfg=cfg, sources=(src,),
-                      num_classes=config.get("num_classes"))
-
-
-def _hf_hub_entry(repo: str) -> ModelEntry:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>")
-    from huggingface_hub import try_to_load_from_cache
-
-    # Only the local HF cache is consulted: resolving a name must never touch the network. The cache dir
-    # is read from the environment now (huggingface_hub froze its constant at import time).
-    cached = try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
-    if not isinstance(cached, str):
-        raise UsageError(f"hf-hub:{repo}: its config.json is not in the Hugging Face cache, so the architecture is "
-                         f"unknown; run `hf download {repo} config.json` (or add an entry to your ZOO_REGISTRY file)")
-    try:
-        config = json.loads(Path(cached).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UsageError(f"hf-hub:{repo}: cached config.json is unreadable ({err}); run "
-                         f"`hf download {repo} config.json --force-download`") from None
-    return entry_from_hf_config(repo, config)

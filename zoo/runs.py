@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.config import FinetuneConfig, load_config
-from finetune.errors import ConfigError
 from zoo.errors import UsageError
 
 __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
@@ -64,24 +63,32 @@ def scan_lines(report) -> list[str]:
     return lines
 
 
-def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bool) -> dict[str, Any]:
-    """The ``model.json`` contract (docs/internals.md): enough to rebuild the finetuned model for export."""
-    source, digest = None, None
+def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bool,
+               builder_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``model.json`` contract (docs/internals.md): enough to rebuild the finetuned model for export, and
+    where its weights came from: ``source_sha256`` is the digest of the file as downloaded or imported,
+    ``source_weights_sha256`` that of the cached safetensors; ``pretrained_cfg`` (tag, licence, paper, source) is
+    the registry entry's, for the bundle's config.json."""
+    from zoo.registry import weights_tag
+
+    source, digest, weights_digest = None, None, None
     if pretrained and entry.sources:
         src = entry.sources[0]
         source, digest = src.id(), src.sha256
-        try:
-            from zoo.cache import read_manifest
+        from zoo.cache import read_manifest
 
-            manifest = read_manifest(entry.name) or {}
-        except ImportError:
-            manifest = {}
+        manifest = read_manifest(entry.name) or {}
         # The cache records what was actually loaded (trust-on-first-use entries have no pinned digest).
         source = manifest.get("source") or source
-        digest = manifest.get("sha256") or digest
+        digest = manifest.get("sha256_download") or digest
+        weights_digest = manifest.get("sha256")
+    cfg = {"tag": weights_tag(entry), "license": entry.license, "paper_ids": entry.paper or None,
+           "source": source} if pretrained else {}   # random init: no weights to credit
     return {
-        "model": entry.name, "builder": entry.builder, "source": source, "source_sha256": digest,
-        "pretrained": pretrained, "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
+        "model": entry.name, "builder": entry.builder, "builder_kwargs": dict(builder_kwargs or {}),
+        "source": source, "source_sha256": digest, "source_weights_sha256": weights_digest,
+        "pretrained": pretrained, "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None},
+        "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
         "classes": list(classes), "num_classes": len(classes),
         "data_config": _plain(entry.preprocessing.data_config()),
         "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
@@ -103,12 +110,9 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _export(run_dir: Path, log: Log) -> Path | None:
-    try:
-        from zoo.bundle import export_run
-    except ImportError:
-        log("export skipped: zoo.bundle is not available in this installation")
-        return None
+def _export(run_dir: Path, log: Log) -> Path:
+    from zoo.bundle import export_run
+
     out = export_run(run_dir, run_dir / "export")
     log(f"exported bundle: {out}")
     return out
@@ -126,20 +130,24 @@ def _check_writable(run_dir: Path) -> None:
         raise UsageError(f"cannot write the run folder {run_dir}: {parent} {why}; choose another --out")
 
 
-def _build(entry, pretrained: bool, seed: int):
+def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
     import torch
 
     from zoo.build import build_architecture, create_model
 
     # Seeded, so that a random-init baseline (--no-pretrained) is the same network in every process.
     torch.manual_seed(int(seed))
-    return create_model(entry, pretrained=True) if pretrained else build_architecture(entry)
+    if pretrained:
+        return create_model(entry, pretrained=True, fc_dropout=fc_dropout)
+    return build_architecture(entry, fc_dropout=fc_dropout)
 
 
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
                  pretrained: bool = True, lr_auto: bool = False, export: bool = True,
-                 log: Log | None = None) -> RunOutcome:
+                 fc_dropout: float | None = None, log: Log | None = None) -> RunOutcome:
     """Scan ``data_dir``, build ``model_name``, train it into a run folder and export a bundle.
+
+    ``fc_dropout``: VGG's FC-4096 dropout (``zoo.build.builder_kwargs``; None = the original 0.5).
 
     Under torchrun every rank calls this; rank 0 alone prints and writes (the folder name is rank 0's).
 
@@ -150,7 +158,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     """
     from finetune import distributed as ddp
     from finetune.data import scan_folder, write_scan
-    from zoo.registry import get_entry
+    from zoo.resolve import get_entry
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
@@ -162,6 +170,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         from finetune.policy import parse_freeze
 
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
+        from zoo.build import builder_kwargs
+
+        kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         if info.is_main and (run_dir / "checkpoints" / "last.pt").exists():
@@ -170,7 +181,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         if info.is_main:
             _check_writable(run_dir)     # before any download or build: a bad --out costs a second
         say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
-        model = _build(entry, pretrained, config.seed)
+        model = _build(entry, pretrained, config.seed, fc_dropout)
         outcome = RunOutcome(run_dir=run_dir)
         stages, head = [list(s) for s in entry.stages], entry.classifier
         data_config = entry.preprocessing.data_config()
@@ -190,7 +201,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_scan(report, run_dir)
-            _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained))
+            _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
             say(f"run folder: {run_dir}")
         ddp.barrier(info)
         from finetune.train import fit
@@ -240,11 +251,15 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
                              split_file=run_dir / "split.json")
         for w in report.warnings:
             say(f"warning: {w}")
-        from zoo.registry import get_entry
+        from zoo.build import has_fc_dropout
+        from zoo.resolve import get_entry
 
         entry = get_entry(info_json["model"])
         # Weights come from the checkpoint: the architecture alone is enough (no download, works offline).
-        model = _build(entry, False, config.seed)
+        # the run's own FC dropout (runs from before model.json recorded it had none)
+        kwargs = info_json.get("builder_kwargs")
+        fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
+        model = _build(entry, False, config.seed, fc_dropout)
         from finetune.train import fit
 
         result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
@@ -259,11 +274,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
              say: Log, feature_cache=None):
-    try:
-        from finetune.diagnostics import lr_find
-    except ImportError:
-        raise ConfigError("--lr auto needs finetune.diagnostics.lr_find, which this installation lacks; "
-                          "pass a number, e.g. --lr 1e-3") from None
+    from finetune.diagnostics import lr_find
+
     say("lr: running the LR range test (--lr auto)")
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
@@ -276,11 +288,8 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
 
 
 def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
-    try:
-        from finetune.diagnostics import overfit_check
-    except ImportError:
-        raise ConfigError("--overfit-batches needs finetune.diagnostics.overfit_check, which this installation "
-                          "lacks; drop the option") from None
+    from finetune.diagnostics import overfit_check
+
     say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised")
     result = overfit_check(model, stages, data_config, train_set, config, head=head,
                            batches=int(config.overfit_batches), log=say)

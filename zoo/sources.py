@@ -9,19 +9,20 @@ torch is imported only to read a ``.pth`` or to rename keys.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.io import SafetensorsHeaderError, read_safetensors_header
 from zoo import cache
-from zoo.errors import (DownloadError, IntegrityError, OfflineError, UsageError, WeightsError,
-                        ZooError)
+from zoo.errors import DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
+from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
+from zoo.resolve import get_entry
 
-__all__ = ["pull", "import_weights", "is_offline", "http_timeout", "read_safetensors_header", "load_pth"]
+__all__ = ["pull", "is_offline", "http_timeout", "check_safetensors", "load_pth", "save_tensors", "copy_in",
+           "COMMIT_FILE"]
 
 _CHUNK = 1 << 20
 USER_AGENT = "zoo-finetune/0.1"
@@ -83,11 +84,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
 
 
 def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
-    if isinstance(name_or_entry, ModelEntry):
-        return name_or_entry
-    from zoo.registry import get_entry
-
-    return get_entry(name_or_entry)
+    return name_or_entry if isinstance(name_or_entry, ModelEntry) else get_entry(name_or_entry)
 
 
 def _summarise(entry: ModelEntry, failures: list[tuple[Source, ZooError]]) -> ZooError:
@@ -253,7 +250,7 @@ def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) 
     path = Path(os.path.expandvars(source.path or "")).expanduser()
     if not path.is_file():
         raise DownloadError(f"{source.id()}: no such file; fix the path in the registry entry")
-    return _copy_in(path, stage)
+    return copy_in(path, stage)
 
 
 def _fetch_package(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
@@ -269,12 +266,13 @@ def _fetch_package(entry: ModelEntry, source: Source, stage: Path, progress: boo
     for root in spec.submodule_search_locations:
         candidate = Path(root) / (source.path or "")
         if candidate.is_file():
-            return _copy_in(candidate, stage)
+            return copy_in(candidate, stage)
     raise DownloadError(f"{source.id()}: the package is installed but has no {source.path}; "
                         "reinstall it or fix the registry entry")
 
 
-def _copy_in(path: Path, stage: Path) -> Path:
+def copy_in(path: Path, stage: Path) -> Path:
+    """Copy ``path`` into the staging folder ``stage``; returns the copy."""
     # Hash the copy, not the original: the original could change between hashing and copying.
     target = stage / path.name
     shutil.copyfile(path, target)
@@ -317,7 +315,7 @@ def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
     if source.format not in {"safetensors", "pth"}:
         raise DownloadError(f"{source.id()}: unknown format {source.format!r}; use safetensors or pth")
     if source.format == "safetensors":
-        read_safetensors_header(raw)  # refuse a file that is not safetensors before it enters the cache
+        check_safetensors(raw)  # refuse a file that is not safetensors before it enters the cache
         if source.key_map is None:
             return raw
         from safetensors.torch import load_file
@@ -325,35 +323,24 @@ def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
         tensors = load_file(str(raw))
     else:
         tensors = load_pth(raw)
-    from zoo.keymaps import apply_key_map
-
     tensors = apply_key_map(source.key_map, tensors)
     out = stage / "converted.safetensors"
     save_tensors(tensors, out, metadata={"source": source.id(), "format": "pt"})
     return out
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, Any]:
-    """Parse a safetensors header without torch: ``{name: {"dtype", "shape", "data_offsets"}}``.
+def check_safetensors(path: str | Path) -> dict[str, Any]:
+    """``finetune.io.read_safetensors_header`` with the zoo's error: the header of a complete safetensors file.
 
     Raises:
-        WeightsError: the file is not a safetensors file.
+        WeightsError: the file is not a (complete) safetensors file.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
-            if n <= 0 or n > 100 * 1024 * 1024:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a mapping")
-    except (OSError, ValueError, struct.error) as err:
+        return read_safetensors_header(path)
+    except (OSError, SafetensorsHeaderError) as err:
         raise WeightsError(f"{path.name} is not a valid safetensors file ({err}); check the file or its format") \
             from err
-    header.pop("__metadata__", None)
-    return header
 
 
 def load_pth(path: str | Path) -> dict[str, Any]:
@@ -400,109 +387,3 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
         seen.add(ident)
         clean[key] = value
     save_file(clean, str(path), metadata=metadata)
-
-
-# ---------------------------------------------------------------------------------------------- import
-def import_weights(name: str | ModelEntry, file: str | Path, sha256: str | None = None) -> Path:
-    """Register a local ``.safetensors`` or ``.pth`` as the weights of ``name`` (air-gapped machines).
-
-    Every tensor's name and shape must fit the architecture (built on the meta device); when names do not
-    match directly, the key map of the entry's sources is tried.
-
-    Args:
-        name: a registry name.
-        file: the weights file.
-        sha256: optional expected hex digest of ``file``.
-    Returns:
-        The cached ``model.safetensors`` path.
-    Raises:
-        UnknownModelError, IntegrityError (digest), WeightsError (unsafe, or does not fit), CacheError.
-    """
-    entry = _resolve(name)
-    file = Path(file).expanduser()
-    if not file.is_file():
-        raise UsageError(f"{file}: no such file; give the path of a .safetensors or .pth file")
-    with cache.lock(entry.name):
-        stage = cache.staging_dir(entry.name)
-        try:
-            return _import_staged(entry, file, stage, sha256)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _import_staged(entry: ModelEntry, file: Path, stage: Path, sha256: str | None) -> Path:
-    raw = _copy_in(file, stage)
-    digest = cache.sha256_file(raw)
-    if sha256 and digest != sha256.strip().lower():
-        raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {sha256.strip().lower()}; "
-                             "nothing was imported; check you have the right file")
-    fmt = _sniff_format(raw)
-    if fmt == "safetensors":
-        read_safetensors_header(raw)
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(raw))
-    else:
-        tensors = load_pth(raw)
-    tensors, key_map = _fit_architecture(entry, tensors)
-    if fmt == "safetensors" and key_map is None:
-        out = raw
-    else:
-        out = stage / "converted.safetensors"
-        save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
-    manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
-                "sha256": digest if out == raw else cache.sha256_file(out),
-                "tofu": sha256 is None, "format": fmt, "key_map": key_map}
-    return cache.install(entry.name, out, manifest)
-
-
-def _sniff_format(path: Path) -> str:
-    """"pth" for zip/pickle checkpoints, "safetensors" otherwise (decided by content, not the suffix)."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "pth"
-    return "safetensors"
-
-
-def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Check names and shapes against ``build_architecture(entry)``; try the sources' key maps if needed."""
-    import torch
-
-    from zoo.build import build_architecture
-    from zoo.keymaps import apply_key_map
-
-    with torch.device("meta"):
-        model = build_architecture(entry)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # Tensors published checkpoints carry but the built model drops on purpose (googlenet's aux heads).
-    import zoo.build as zbuild
-
-    dropped = tuple(getattr(zbuild, "_DROPPED_PREFIXES", {}).get(entry.builder, ()))
-    candidates: list[str | None] = [None] + list(dict.fromkeys(s.key_map for s in entry.sources if s.key_map))
-    first_problem = ""
-    for key_map in candidates:
-        try:
-            mapped = apply_key_map(key_map, tensors)
-        except WeightsError as err:
-            first_problem = first_problem or str(err)
-            continue
-        problem = _mismatch(expected, {k: tuple(v.shape) for k, v in mapped.items()
-                                       if not (dropped and k.startswith(dropped))})
-        if not problem:
-            return mapped, key_map
-        first_problem = first_problem or problem
-    raise WeightsError(f"the file does not fit {entry.name} ({entry.builder}): {first_problem}; "
-                       "check you have the weights of this architecture")
-
-
-def _mismatch(expected: dict[str, tuple], got: dict[str, tuple], show: int = 5) -> str:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    wrong = [f"{k} {got[k]} != {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-        if items:
-            more = f" (+{len(items) - show} more)" if len(items) > show else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:show])}{more}")
-    return "; ".join(parts)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.io import read_safetensors_header
+
 
 CACHE_FORMAT = "zoo-features-1"
 
@@ -108,21 +110,14 @@ class FeatureCache:
 
     @staticmethod
     def _read(path: Path, key: str) -> FeatureBank:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError("header length beyond end of file")
-            header = json.loads(fh.read(n).decode("utf-8"))
+        header = read_safetensors_header(path)     # a complete file, every byte range inside it
         meta = header.pop("__metadata__", None) or {}
         if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
             raise ValueError("format or key mismatch")
+        # read_safetensors_header checked that the tensors end exactly at the end of the file
+        data_start = path.stat().st_size - max((int(v["data_offsets"][1]) for v in header.values()), default=0)
         dtypes = {"F32": np.float32, "I64": np.int64}
         arrays: dict[str, np.ndarray] = {}
-        end = 0
         for name in ("features", "labels"):
             info = header[name]
             dtype = np.dtype(dtypes[info["dtype"]])
@@ -130,13 +125,8 @@ class FeatureCache:
             begin, stop = (int(v) for v in info["data_offsets"])
             if stop - begin != dtype.itemsize * math.prod(shape):
                 raise ValueError(f"{name}: shape does not match its byte range")
-            end = max(end, stop)
-            if 8 + n + stop > size:
-                raise ValueError("truncated")
             # mode "c" (copy-on-write) maps the file without reading it and gives torch a writable view.
-            arrays[name] = np.memmap(path, dtype=dtype, mode="c", offset=8 + n + begin, shape=shape)
-        if 8 + n + end != size:
-            raise ValueError("file size does not match its header")
+            arrays[name] = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
         if _digest_arrays([arrays["features"], arrays["labels"]]) != meta.get("sha256"):
             raise ValueError("checksum mismatch")
         feats, labels = arrays["features"], arrays["labels"]

@@ -7,10 +7,10 @@ import yaml
 
 import zoo
 import zoo.build
-from zoo.build import (build_architecture, check_stages, create_model, data_config, derive_stages, describe_timm,
-                       load_weights, stage_of)
+from zoo.build import build_architecture, create_model, data_config, load_weights
 from zoo.errors import RegistryError, WeightsError
 from zoo.registry import get_entry, list_models
+from zoo.resolve import check_stages, derive_stages, describe_timm, stage_of
 
 CURATED = [e.name for e in list_models()]
 
@@ -89,7 +89,7 @@ def _publish(tmp_path, monkeypatch, state) -> None:
 
     path = tmp_path / "cached.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    monkeypatch.setattr(zoo.build, "_pull", lambda entry: path)
+    monkeypatch.setattr(zoo.build, "pull", lambda entry: path)
 
 
 def test_create_model_loads_weights_strictly(tiny_entry, tmp_path, monkeypatch):
@@ -143,7 +143,7 @@ def test_create_model_without_pretrained_never_pulls(monkeypatch):
     def boom(entry):
         raise AssertionError("pull must not be called")
 
-    monkeypatch.setattr(zoo.build, "_pull", boom)
+    monkeypatch.setattr(zoo.build, "pull", boom)
     with torch.device("meta"):
         create_model("resnet18", pretrained=False)
 

@@ -99,7 +99,7 @@ def test_metadata_and_timm_config_layout(run_and_model, tmp_path):
 
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "val_acc: 0.7500" in card and "`dog/wolf: ?*`" in card and "optimizer: adam" in card
-    assert "local-dir:" in card and "`cat` 1.0000" in card and "sha256: " + "ab" * 32 in card
+    assert "local-dir:" in card and "`cat` 1.0000" in card and "as downloaded or imported: " + "ab" * 32 in card
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temp left
 
 

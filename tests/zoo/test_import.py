@@ -1,4 +1,4 @@
-"""zoo.sources.import_weights / `zoo import`: local files for air-gapped machines, checked against the architecture."""
+"""zoo.importer.import_weights / `zoo import`: local files for air-gapped machines, checked against the architecture."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ from zoo import cache
 from zoo.cli import cli
 from zoo.errors import IntegrityError, WeightsError
 from zoo.registry import Source
-from zoo.sources import import_weights
+from zoo.importer import import_weights
 
 LITE0_SHA = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
@@ -114,3 +114,46 @@ def test_cli_import_exit_codes(tiny_state, tmp_path, registry):
     assert r.exit_code == 2
     r = runner.invoke(cli, ["import", "tiny", str(tmp_path / "absent.pth")])
     assert r.exit_code == 2
+
+
+def test_sha256_prefix_and_registry_pin_mean_verified(tiny_state, tmp_path, monkeypatch):
+    """--sha256 takes a prefix of >= 8 hex digits (torchvision's file names); a file matching the entry's pin
+    is verified, not trusted on first use, and `zoo cache ls` says so."""
+    f = save_st(tiny_state, tmp_path / "w.safetensors")
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    src = [{"kind": "file", "path": str(tmp_path / "unused"), "sha256": digest}]
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "r.yaml", [entry_dict("tiny", src)])))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["import", "tiny", str(f)])
+    assert r.exit_code == 0 and "verified" in r.output and "registry pin" in r.output
+    man = cache.read_manifest("tiny")
+    assert man["tofu"] is False and man["sha256_download"] == digest
+    r = runner.invoke(cli, ["cache", "ls"])
+    assert "tiny" in r.output and "(tofu)" not in r.output
+
+    src = [{"kind": "file", "path": str(tmp_path / "unused"), "sha256": None, "sha256_note": "test"}]
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "r2.yaml", [entry_dict("tiny", src)])))
+    r = runner.invoke(cli, ["import", "tiny", str(f), "--sha256", digest[:8]])
+    assert r.exit_code == 0 and cache.read_manifest("tiny")["verified"] == f"--sha256 {digest[:8]}"
+    r = runner.invoke(cli, ["import", "tiny", str(f), "--sha256", digest[:7]])
+    assert r.exit_code == 2 and "at least its first 8" in r.output
+    r = runner.invoke(cli, ["import", "tiny", str(f), "--sha256", "0" * 8])
+    assert r.exit_code == 1 and "does not match --sha256 00000000" in r.output
+    r = runner.invoke(cli, ["import", "tiny", str(f)])
+    assert r.exit_code == 0 and "trusted on first use" in r.output and cache.read_manifest("tiny")["tofu"] is True
+
+
+def test_registry_sha256_prefix_needs_8_digits(tmp_path):
+    from zoo.errors import RegistryError
+    from zoo.registry import parse_registry
+    import yaml
+
+    def entry(**pin):
+        return yaml.safe_dump({"models": [entry_dict("t", [{"kind": "file", "path": "/x", **pin}])]})
+
+    (e, _), = parse_registry(entry(sha256="7be5be79"))
+    assert e.sources[0].sha256 is None and e.sources[0].sha256_prefix == "7be5be79"
+    with pytest.raises(RegistryError, match="at least 8"):
+        parse_registry(entry(sha256="7be5be7"))
+    with pytest.raises(RegistryError, match="8 to 64"):
+        parse_registry(entry(sha256=None, sha256_prefix="7be5", sha256_note="short"))

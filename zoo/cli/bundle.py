@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from zoo.cli import cli
+from zoo.cli.app import cli
 
 __all__ = ["export_cmd", "predict_cmd", "eval_cmd"]
 

@@ -6,10 +6,10 @@ import json
 import click
 
 from zoo import cache as zcache
-from zoo.cli import cli
+from zoo.cli.app import cli
 from zoo.errors import ZooError
 
-__all__ = ["pull_cmd", "import_cmd", "cache_group"]
+__all__ = ["pull_cmd", "lock_cmd", "import_cmd", "cache_group"]
 
 
 def human_size(n: int) -> str:
@@ -23,11 +23,14 @@ def human_size(n: int) -> str:
 
 
 @cli.command("pull")
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.argument("names", nargs=-1, metavar="NAME...")
 @click.option("--force", is_flag=True, help="Download again even when the model is cached.")
+@click.option("--locked", "locked", type=click.Path(dir_okay=False), default=None, metavar="LOCKFILE",
+              help="Fetch exactly what this lock file (`zoo lock`) pins: its Hub commits, and refuse any file "
+                   "whose sha256 differs (nothing is installed then). NAMEs: a subset; default all.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: bool) -> None:
+def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: str | None, quiet: bool) -> None:
     """Download, verify and cache the weights of one or more models (as safetensors).
 
     A cached model is not downloaded again (no network request at all) unless --force. Offline
@@ -38,10 +41,23 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: boo
       zoo pull resnet50
       zoo pull resnet50 efficientnet_b0 --quiet
       zoo pull resnet50 --force        # re-download and re-verify
+      zoo lock --out zoo.lock          # pin what is cached here ...
+      zoo pull --locked zoo.lock       # ... and fetch exactly that on another machine
     """
-    from zoo.registry import get_entry
+    from zoo.resolve import get_entry
     from zoo.sources import pull
 
+    if locked is not None:
+        if force:
+            raise click.UsageError("--force cannot be combined with --locked: a locked pull re-downloads "
+                                   "whatever does not match the lock")
+        from zoo.lock import pull_locked
+
+        pull_locked(locked, names or None, progress=not quiet,
+                    say=lambda name, what: click.echo(f"{name}: {what}"))
+        return
+    if not names:
+        raise click.UsageError("give at least one NAME (`zoo list` shows them), or --locked LOCKFILE")
     entries = [get_entry(n) for n in names]  # unknown names fail (exit 2) before anything is downloaded
     failed = 0
     for entry in entries:
@@ -70,10 +86,37 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: boo
         ctx.exit(1)
 
 
+@cli.command("lock", short_help="Write a lock file pinning the cached models' sources and digests.")
+@click.argument("names", nargs=-1, metavar="[NAME...]")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="zoo.lock", show_default=True,
+              help="The lock file to write.")
+def lock_cmd(names: tuple[str, ...], out: str) -> None:
+    """Pin what was pulled: for each cached model (or each NAME), the exact source (the Hub commit a branch
+    resolved to, the file name or URL) and the sha256 of the file as downloaded. `zoo pull --locked FILE`
+    on another machine then fetches exactly those bytes, or refuses.
+
+    \b
+    Examples:
+      zoo pull resnet50 vgg16 && zoo lock --out zoo.lock
+      zoo pull --locked zoo.lock       # elsewhere: the same commits, byte for byte
+    """
+    from zoo.lock import write_lock
+
+    data = write_lock(out, names or None)
+    for name, item in sorted(data["models"].items()):
+        src = item["source"]
+        where = f"{src['repo']}@{src['revision']}/{src['filename']}" if src["kind"] == "hf" else \
+            (src.get("url") or src.get("path"))
+        click.echo(f"{name}: {where}  sha256 {item['sha256']}")
+    click.echo(f"locked {len(data['models'])} model(s) in {out}")
+
+
 @cli.command("import")
 @click.argument("name")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--sha256", "sha256", metavar="HEX", help="Refuse the file unless its sha256 is this digest.")
+@click.option("--sha256", "sha256", metavar="HEX",
+              help="Refuse the file unless its sha256 is this digest: 64 hex digits, or a prefix of at least 8 "
+                   "(as in torchvision file names; a prefix is a weaker check).")
 def import_cmd(name: str, file: str, sha256: str | None) -> None:
     """Register a local .safetensors or .pth as a model's weights (for machines without network).
 
@@ -83,15 +126,19 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
     \b
     Examples:
       zoo import resnet50 ./resnet50.safetensors
-      zoo import alexnet ./alexnet-owt-7be5be79.pth --sha256 7be5be79...
+      zoo import alexnet ./alexnet-owt-7be5be79.pth --sha256 7be5be79
+      zoo import vgg16 ./vgg16-397923af.pth          # torchvision VGG: FC layers converted to timm's
     """
-    from zoo.sources import import_weights
+    from zoo.importer import import_weights
 
     path = import_weights(name, file, sha256=sha256)
     manifest = zcache.read_manifest(name) or {}
     click.echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
-    if sha256 is None:
-        click.echo(f"  sha256 of {file}: {manifest.get('sha256_download')}")
+    if manifest.get("verified"):
+        click.echo(f"  verified: sha256 {manifest.get('sha256_download')} matches the {manifest['verified']}")
+    else:
+        click.echo(f"  sha256 of {file}: {manifest.get('sha256_download')} (trusted on first use: no pin to "
+                   "check it against; pass --sha256)")
 
 
 @cli.group("cache")
@@ -186,6 +233,6 @@ def cache_path(name: str | None) -> None:
 def _check_name(name: str) -> None:
     """A name that is neither cached nor known fails with close matches (a typo is not "not cached")."""
     if not zcache.weights_dir(name).exists():
-        from zoo.registry import get_entry
+        from zoo.resolve import get_entry
 
         get_entry(name)   # raises UnknownModelError listing the close matches

@@ -2,26 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import click
 
-from zoo.cli import cli
-from zoo.registry import ModelEntry, get_entry, list_families, list_models
+from zoo.build import VGG_FC_DROPOUT, has_fc_dropout
+from zoo.cache import is_cached
+from zoo.cli.app import cli
+from zoo.registry import ModelEntry, list_families, list_models
+from zoo.resolve import get_entry
 
 __all__ = ["list_cmd", "info_cmd"]
-
-
-def _is_cached(name: str) -> bool:
-    try:
-        from zoo.cache import is_cached
-    except ModuleNotFoundError as err:  # zoo.cache not written yet: same layout, checked by hand
-        if err.name != "zoo.cache":
-            raise
-        home = Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
-        return (home / "weights" / name / "model.safetensors").is_file()
-    return is_cached(name)
 
 
 def _params(n: int | None) -> str:
@@ -78,7 +68,7 @@ def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json
     entries = list_models(pattern, family=family)
     if family and not entries and not pattern:
         raise click.UsageError(f"no family '{family}'; families: {', '.join(list_families())}")
-    rows = [_row(e, _is_cached(e.name)) for e in entries]
+    rows = [_row(e, is_cached(e.name)) for e in entries]
     if cached_only:
         rows = [r for r in rows if r["cached"]]
     if as_json:
@@ -116,6 +106,11 @@ def _info_text(entry: ModelEntry, cached: bool) -> str:
     for i, stage in enumerate(entry.stages):
         lines.append(f"  {i}  {', '.join(stage)}")
     lines.append(f"  classifier  {entry.classifier}")
+    if has_fc_dropout(entry):
+        lines.append(f"head layers  pre_logits.fc1, pre_logits.fc2: VGG's two FC-4096 layers (held by timm as 7x7 and "
+                     f"1x1 convolutions), then {entry.classifier}, the classifier finetune replaces; while the "
+                     f"FC-4096 layers train they get the original's dropout {VGG_FC_DROPOUT} (--fc-dropout 0 "
+                     "turns it off)")
     lines.append(f"sources ({len(entry.sources)}, tried in order)")
     for s in entry.sources:
         lines.append(f"  - {s.id()}  [{s.format}" + (f", key map {s.key_map}" if s.key_map else "") + "]")
@@ -147,7 +142,7 @@ def info_cmd(name: str, as_json: bool) -> None:
       zoo info timm:resnet18.a1_in1k
     """
     entry = get_entry(name)
-    cached = _is_cached(entry.name)
+    cached = is_cached(entry.name)
     if as_json:
         data = entry.to_dict()
         data["cached"] = cached

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from zoo.cli import cli
+from zoo.cli.app import cli
 from zoo.errors import ZooError
 
 

@@ -7,62 +7,22 @@ up, so every finetune option is accepted here too (defaults < ``--config`` YAML 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import click
-from click.core import ParameterSource
 
-from finetune.config import ACTIVATIONS, HEADS, MONITORS, OPTIMIZERS, SCHEDULES, FinetuneConfig
-from zoo.cli import cli
+from finetune.config import OPTIMIZERS, FinetuneConfig
+from zoo.cli.app import cli
+from zoo.cli.options import config_options, fc_dropout_option, given_options
 
 __all__ = ["lr_find_cmd", "sweep_cmd"]
 
 SWEEP_DEFAULT_EPOCHS = 5     # a trial is a short finetune: enough to rank, not to converge
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "head": HEADS, "mlp_activation": ACTIVATIONS,
-    "monitor": MONITORS, "bn": ("eval", "train"), "class_weights": ("none", "auto"),
-    "sampler": ("random", "balanced"),
-}
-_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 # Options of `zoo finetune` that mean nothing for these commands.
 _NOT_HERE = ("overfit_batches", "tensorboard")
-
-
-def _help(name: str) -> str:
-    try:  # the same help lines as `zoo finetune`, when that command is installed
-        from zoo.cli.train import OPTION_HELP
-    except ImportError:
-        OPTION_HELP = {}
-    return OPTION_HELP.get(name, name.replace("_", " ").capitalize() + ".")
-
-
-def _config_options(skip: Iterable[str]) -> Callable:
-    """One click option per FinetuneConfig field not in ``skip`` (booleans as --x/--no-x pairs)."""
-    skip = set(skip) | set(_NOT_HERE)
-
-    def decorate(func: Callable) -> Callable:
-        defaults = FinetuneConfig()
-        for f in reversed(dataclasses.fields(FinetuneConfig)):
-            if f.name in skip:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            default = getattr(defaults, f.name)
-            if isinstance(default, bool):
-                opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, show_default=True,
-                                   help=_help(f.name))
-            elif f.name in _CHOICES:
-                opt = click.option(flag, f.name, type=click.Choice(_CHOICES[f.name]), default=default,
-                                   show_default=True, help=_help(f.name))
-            else:
-                opt = click.option(flag, f.name, type=_CLICK_TYPES[type(default)], default=default,
-                                   show_default=True, help=_help(f.name))
-            func = opt(func)
-        return func
-    return decorate
 
 
 def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any],
@@ -70,9 +30,7 @@ def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[st
     """defaults < YAML < flags the user typed. Returns the config and the YAML's raw mapping."""
     from finetune.config import load_config
 
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    given = {k: v for k, v in values.items() if k in names and ctx.get_parameter_source(k)
-             in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    given = given_options(ctx, values)
     raw: dict[str, Any] = {}
     base = FinetuneConfig()
     if config_path:
@@ -91,13 +49,14 @@ def _say(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None]):
+def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None],
+             fc_dropout: float | None = None):
     """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model."""
     import torch
 
     from finetune.data import scan_folder
     from zoo.build import build_architecture, create_model
-    from zoo.registry import get_entry
+    from zoo.resolve import get_entry
     from zoo.runs import scan_lines
 
     entry = get_entry(model)
@@ -105,7 +64,8 @@ def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, sa
     for line in scan_lines(report):
         say(line)
     torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time
-    net = create_model(entry, pretrained=True) if pretrained else build_architecture(entry)
+    net = (create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
+           else build_architecture(entry, fc_dropout=fc_dropout))
     return entry, report, net
 
 
@@ -123,6 +83,7 @@ _COMMON = [
                  help="YAML file with finetune options (as `zoo finetune --config`); flags override it."),
     click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
                  help="Start from the zoo's pretrained weights; --no-pretrained: random init (tests, baselines)."),
+    fc_dropout_option,
 ]
 
 
@@ -151,10 +112,10 @@ def _common(func: Callable) -> Callable:
               help="Exponential moving average factor of the plotted loss (bias-corrected).")
 @click.option("--diverge-factor", type=click.FloatRange(min=1.0, min_open=True), default=4.0, show_default=True,
               help="Stop once the smoothed loss exceeds this x its best.")
-@_config_options(skip=("lr",))
+@config_options(skip=("lr",) + _NOT_HERE)
 @click.pass_context
 def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
-                out: str | None, start_lr: float, end_lr: float, steps: int, method: str, smooth: float,
+                fc_dropout: float | None, out: str | None, start_lr: float, end_lr: float, steps: int, method: str, smooth: float,
                 diverge_factor: float, **values: Any) -> None:
     """Run the LR range test for MODEL on --data and suggest a learning rate.
 
@@ -181,7 +142,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
     config, _ = _resolve_config(ctx, config_path, values)
     say = _say(config.quiet)
-    entry, report, net = _prepare(model, data, config, pretrained, say)
+    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     out_dir = _out_dir(out, model, "lrfind")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_scan(report, out_dir)
@@ -226,10 +187,10 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
               help="K-fold cross-validation over train+val (stratified, seeded); 0 = the single split.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted sweep in --out (finished trials are skipped).")
 @click.option("--keep-runs", is_flag=True, help="Keep each trial's run folder (curves, checkpoints) under OUT/trials.")
-@_config_options(skip=("lr", "weight_decay", "freeze", "optimizer", "epochs"))
+@config_options(skip=("lr", "weight_decay", "freeze", "optimizer", "epochs") + _NOT_HERE)
 @click.pass_context
 def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
-              out: str | None, lr_spec: str, wd_spec: str | None, freeze_spec: str | None,
+              fc_dropout: float | None, out: str | None, lr_spec: str, wd_spec: str | None, freeze_spec: str | None,
               optimizer_spec: str | None, epochs: int | None, folds: int, resume: bool, keep_runs: bool,
               **values: Any) -> None:
     """Grid-search MODEL on --data: every combination is a short finetune, ranked by the val metric.
@@ -259,7 +220,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     config, raw = _resolve_config(ctx, config_path, values)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
     say = _say(config.quiet)
-    entry, report, net = _prepare(model, data, config, pretrained, say)
+    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     out_dir = _out_dir(out, model, "sweep")
     net.cpu()
 

@@ -1,0 +1,75 @@
+"""Option definitions: one table (finetune.config.OPTIONS) behind `zoo finetune`, `lr-find` and `sweep`;
+every numeric option refused outside its range with one line (exit 2) before a run folder is written."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from finetune.config import OPTIONS, FinetuneConfig
+from finetune.errors import ConfigError
+from tests.conftest import make_image_folder
+from zoo.cli import cli
+
+NONSENSE = [("--gamma", "-1"), ("--weight-decay", "-1"), ("--momentum", "2"), ("--patience", "-1"),
+            ("--step-size", "0"), ("--aug-views", "-3"), ("--workers", "-5"), ("--overfit-batches", "-1"),
+            ("--warmup-epochs", "-1"), ("--head-epochs", "-7"), ("--lr", "0"), ("--val-split", "1"),
+            ("--batch-size", "0"), ("--mlp-dropout", "1"), ("--backbone-lr-mult", "-0.1"), ("--seed", "-1")]
+
+
+def _numeric_fields() -> list[str]:
+    defaults = FinetuneConfig()
+    return [f.name for f in dataclasses.fields(FinetuneConfig)
+            if isinstance(getattr(defaults, f.name), (int, float)) and not isinstance(getattr(defaults, f.name), bool)]
+
+
+def test_one_definition_per_field_with_a_range_for_every_number():
+    assert set(OPTIONS) == {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for name in _numeric_fields():
+        assert OPTIONS[name].range_text(), f"{name} has no allowed range"
+
+
+@pytest.mark.parametrize("flag,value", NONSENSE)
+def test_nonsense_numbers_exit_2_before_any_run_folder(tmp_path, flag, value):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(data), "--out", str(out), flag, value])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and flag in lines[0] and "allowed:" in lines[0], r.output
+    assert OPTIONS[flag[2:].replace("-", "_")].range_text() in lines[0]
+    assert not out.exists()
+
+
+def test_sentinels_stay_valid():
+    FinetuneConfig(workers=-1, head_epochs=-1, patience=0, aug_views=0, overfit_batches=0, warmup_epochs=0.5)
+
+
+def test_yaml_values_are_checked_the_same_way(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"momentum": 2.0}))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(data), "--out", str(out),
+                                 "--config", str(cfg)])
+    assert r.exit_code == 2 and "momentum" in r.output and "0 <= x < 1" in r.output and not out.exists()
+    with pytest.raises(ConfigError, match=r"invalid gamma=1.5 .*plateau"):
+        FinetuneConfig(schedule="plateau", gamma=1.5)
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
+def test_help_shows_ranges_and_the_same_options(command):
+    r = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "--decode [workers|device]" in text                   # lr-find/sweep had lost it
+    assert "[0 <= x < 1]" in text and "[x >= 0 or -1]" in text    # momentum, workers/head-epochs
+
+
+def test_lr_find_refuses_nonsense_before_writing(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    out = tmp_path / "lr"
+    r = CliRunner().invoke(cli, ["lr-find", "resnet18", "--data", str(data), "--out", str(out), "--momentum", "2"])
+    assert r.exit_code == 2 and "--momentum" in r.output and not out.exists()

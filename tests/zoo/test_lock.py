@@ -1,0 +1,84 @@
+"""`zoo lock` / `zoo pull --locked`: pin what was pulled, fetch exactly that elsewhere (loopback Hub)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tests.zoo.conftest import entry_dict, tensor_bytes, write_registry
+from zoo import cache
+from zoo.cli import cli
+
+REPO = "timm/tiny.locktest"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def branch_entry(hub, tmp_path, monkeypatch):
+    """A registry entry that follows the repo's main branch with no digest (like every Hub entry today)."""
+    src = [{"kind": "hf", "repo": REPO, "revision": "main", "revision_note": "test: follows main",
+            "filename": "model.safetensors", "sha256": None, "sha256_note": "test: trust on first use"}]
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "user.yaml", [entry_dict("tiny", src)])))
+    return "tiny"
+
+
+def _new_machine(tmp_path, monkeypatch, name: str):
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / name))
+
+
+def test_lock_then_locked_pull_elsewhere(hub, branch_entry, tmp_path, monkeypatch):
+    data = tensor_bytes(0)
+    commit = hub.add_hf(REPO, "model.safetensors", data)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["pull", "tiny", "-q"]).exit_code == 0
+    lock = tmp_path / "zoo.lock"
+    r = runner.invoke(cli, ["lock", "--out", str(lock)])
+    assert r.exit_code == 0, r.output
+    item = json.loads(lock.read_text())["models"]["tiny"]
+    assert item["source"] == {"kind": "hf", "repo": REPO, "revision": commit, "filename": "model.safetensors",
+                              "url": None, "path": None, "package": None, "format": "safetensors", "key_map": None}
+    assert item["sha256"] == sha(data)
+
+    _new_machine(tmp_path, monkeypatch, "machine2")
+    hub.requests.clear()
+    r = runner.invoke(cli, ["pull", "--locked", str(lock), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "sha256 matches the lock" in r.output
+    assert cache.weights_path("tiny").read_bytes() == data
+    assert hub.count(f"/resolve/{commit}/", "GET") == 1 and hub.count("/resolve/main/") == 0   # the commit
+    before = len(hub.requests)
+    r = runner.invoke(cli, ["pull", "--locked", str(lock)])
+    assert r.exit_code == 0 and "already cached" in r.output and len(hub.requests) == before
+
+
+def test_locked_pull_refuses_other_bytes_and_installs_nothing(hub, branch_entry, tmp_path, monkeypatch):
+    commit = hub.add_hf(REPO, "model.safetensors", tensor_bytes(0))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["pull", "tiny", "-q"]).exit_code == 0
+    lock = tmp_path / "zoo.lock"
+    assert runner.invoke(cli, ["lock", "tiny", "--out", str(lock)]).exit_code == 0
+
+    assert hub.add_hf(REPO, "model.safetensors", tensor_bytes(1)) == commit   # same commit, other bytes
+    _new_machine(tmp_path, monkeypatch, "machine3")
+    r = runner.invoke(cli, ["pull", "--locked", str(lock), "-q"])
+    assert r.exit_code == 1 and "does not match the pinned" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not cache.is_cached("tiny")
+    assert not any(p.is_file() for p in (tmp_path / "machine3").rglob("*safetensors*"))
+
+
+def test_lock_usage_errors(hub, branch_entry, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["lock", "tiny", "--out", str(tmp_path / "l")])
+    assert r.exit_code == 2 and "not cached" in r.output
+    r = runner.invoke(cli, ["pull", "--locked", str(tmp_path / "absent.lock")])
+    assert r.exit_code == 2 and "no such lock file" in r.output
+    (tmp_path / "bad.lock").write_text('{"version": 1, "models": {"tiny": {"source": {}, "sha256": "xyz"}}}')
+    r = runner.invoke(cli, ["pull", "--locked", str(tmp_path / "bad.lock")])
+    assert r.exit_code == 2 and "bad.lock" in r.output
+    r = runner.invoke(cli, ["pull"])
+    assert r.exit_code == 2 and "--locked" in r.output

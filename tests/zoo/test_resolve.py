@@ -1,0 +1,63 @@
+"""zoo.resolve: ad-hoc ``timm:``/``hf-hub:`` references resolve to entries with derived stages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zoo.errors import UnknownModelError, UsageError
+from zoo.resolve import get_entry
+
+
+def test_registry_names_resolve_too():
+    assert get_entry("resnet50").name == "resnet50" and get_entry(" ResNet50 ").name == "resnet50"
+
+
+def test_timm_reference_resolves_without_entry():
+    e = get_entry("timm:resnet18")
+    assert e.name == "timm:resnet18" and e.builder == "timm:resnet18" and e.family == "resnet"
+    assert e.classifier == "fc" and e.stages == (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+    assert e.params == 11_689_512
+    src = e.sources[0]
+    assert src.kind == "hf" and src.repo.startswith("timm/resnet18.") and src.sha256 is None and src.sha256_note
+    assert e.preprocessing.origin.startswith("timm pretrained_cfg (resnet18.")
+
+
+def test_timm_reference_with_tag_and_unknowns():
+    e = get_entry("timm:resnet18.tv_in1k")
+    assert e.sources[0].repo == "timm/resnet18.tv_in1k" and e.preprocessing.interpolation == "bilinear"
+    with pytest.raises(UnknownModelError, match="resnet18"):
+        get_entry("timm:resnet18x")
+    with pytest.raises(UnknownModelError, match="no pretrained tag"):
+        get_entry("timm:resnet18.nope_in1k")
+
+
+def _cache_hf_config(cache: Path, repo: str, config: dict) -> None:
+    # The huggingface_hub cache layout: refs/main -> snapshots/<commit>/<file>.
+    root = cache / ("models--" + repo.replace("/", "--"))
+    commit = "a" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    (root / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+
+
+def test_hf_hub_reference_uses_cached_config(_isolated_home):
+    config = {"architecture": "test_resnet", "num_classes": 7,
+              "pretrained_cfg": {"input_size": [3, 160, 160], "interpolation": "bilinear", "crop_pct": 0.95,
+                                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "classifier": "fc"}}
+    _cache_hf_config(_isolated_home / "hf" / "hub", "someone/tiny-resnet", config)
+    e = get_entry("hf-hub:someone/tiny-resnet")
+    assert e.builder == "timm:test_resnet" and e.num_classes == 7 and e.classifier == "fc"
+    assert e.preprocessing.input_size == (3, 160, 160)
+    src = e.sources[0]
+    assert (src.kind, src.repo, src.revision, src.filename, src.sha256) == (
+        "hf", "someone/tiny-resnet", "main", "model.safetensors", None)
+
+
+def test_hf_hub_reference_without_config_says_what_to_do():
+    with pytest.raises(UsageError, match="hf download someone/absent config.json"):
+        get_entry("hf-hub:someone/absent")
+    with pytest.raises(UsageError, match="hf-hub:<org>/<repo>"):
+        get_entry("hf-hub:not a repo")

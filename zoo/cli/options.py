@@ -1,0 +1,72 @@
+"""The FinetuneConfig flags shared by ``zoo finetune``, ``zoo lr-find`` and ``zoo sweep``, generated from
+``finetune.config.OPTIONS`` (help line, choices, range): one definition, so the commands cannot drift apart.
+
+Ranges are shown in ``--help`` but checked in one place, ``FinetuneConfig.validate`` (exit 2, before any run
+folder is written), so YAML values and flags get the same one-line message. No torch at import.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import click
+from click.core import ParameterSource
+
+from finetune.config import OPTIONS, FinetuneConfig
+
+__all__ = ["config_options", "given_options", "fc_dropout_option"]
+
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def _help(name: str) -> str:
+    option = OPTIONS[name]
+    allowed = option.range_text()
+    # Closed sets are listed by click.Choice itself; ranges are not (the type stays a plain number).
+    return option.help if not allowed or option.choices is not None else f"{option.help}  [{allowed}]"
+
+
+def config_options(skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per FinetuneConfig field not in ``skip`` (booleans as
+    --x/--no-x pairs; ``lr`` also takes "auto"; closed sets as click.Choice)."""
+    skip = set(skip)
+
+    def decorate(func: Callable) -> Callable:
+        defaults = FinetuneConfig()
+        for f in reversed(dataclasses.fields(FinetuneConfig)):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = getattr(defaults, f.name)
+            option = OPTIONS[f.name]
+            if isinstance(default, bool):
+                opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, show_default=True,
+                                   help=_help(f.name))
+            elif f.name == "lr":
+                opt = click.option(flag, f.name, default=str(default), show_default=True, metavar="LR|auto",
+                                   help=_help(f.name))
+            elif option.choices is not None:
+                opt = click.option(flag, f.name, type=click.Choice(option.choices), default=default,
+                                   show_default=True, help=_help(f.name))
+            else:
+                opt = click.option(flag, f.name, type=_CLICK_TYPES[type(default)], default=default,
+                                   show_default=True, help=_help(f.name))
+            func = opt(func)
+        return func
+    return decorate
+
+
+def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """Only the config options the user actually set on the command line (or through the environment)."""
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return {name: value for name, value in values.items()
+            if name in names and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                                     ParameterSource.ENVIRONMENT)}
+
+
+def fc_dropout_option(func: Callable) -> Callable:
+    """``--fc-dropout``: VGG's FC-4096 dropout (checked in ``zoo.build.builder_kwargs``, the one place)."""
+    return click.option(
+        "--fc-dropout", "fc_dropout", type=click.FLOAT, default=None, metavar="P",
+        help="VGG only: dropout in the FC-4096 layers while they train, as in the original (timm's VGG has "
+             "none); 0 turns it off.  [0 <= x < 1; default: 0.5 for VGG]")(func)
