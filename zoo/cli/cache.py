@@ -7,6 +7,7 @@ import click
 
 from zoo import cache as zcache
 from zoo.cli import cli
+from zoo.cli.console import echo
 from zoo.errors import ZooError
 
 __all__ = ["pull_cmd", "import_cmd", "cache_group"]
@@ -51,21 +52,21 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, quiet: boo
         except ZooError as err:
             if len(entries) == 1:
                 raise
-            click.echo(f"zoo: error: {err}", err=True)
+            echo(f"zoo: error: {err}", err=True)
             failed += 1
             continue
         size = human_size(path.stat().st_size)
         if was_cached and not force:
-            click.echo(f"{entry.name}: already cached, {size}: {path}")
+            echo(f"{entry.name}: already cached, {size}: {path}")
             continue
-        click.echo(f"{entry.name}: pulled and verified, {size}: {path}")
+        echo(f"{entry.name}: pulled and verified, {size}: {path}")
         manifest = zcache.read_manifest(entry.name) or {}
         resolved = manifest.get("revision")
         if resolved and f"@{resolved}/" not in str(manifest.get("source", "")):
-            click.echo(f"  Hub revision resolved to commit {resolved}: pin it as `revision:` in your registry")
+            echo(f"  Hub revision resolved to commit {resolved}: pin it as `revision:` in your registry")
         if manifest.get("tofu"):
-            click.echo(f"  sha256 {manifest.get('sha256_download')} (no pinned digest: trusted on first use; "
-                       "check it against the publisher's and pin it in your registry)")
+            echo(f"  sha256 {manifest.get('sha256_download')} (no pinned digest: trusted on first use; "
+                 "check it against the publisher's and pin it in your registry)")
     if failed:
         ctx.exit(1)
 
@@ -89,9 +90,9 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
 
     path = import_weights(name, file, sha256=sha256)
     manifest = zcache.read_manifest(name) or {}
-    click.echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
+    echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
     if sha256 is None:
-        click.echo(f"  sha256 of {file}: {manifest.get('sha256_download')}")
+        echo(f"  sha256 of {file}: {manifest.get('sha256_download')}")
 
 
 @cli.group("cache")
@@ -119,19 +120,19 @@ def cache_ls(as_json: bool) -> None:
     """
     models = zcache.cached_models()
     if as_json:
-        click.echo(json.dumps(models, indent=2))
+        echo(json.dumps(models, indent=2))
         return
     if not models:
-        click.echo(f"nothing cached under {zcache.zoo_home()}; `zoo pull NAME` fetches a model")
+        echo(f"nothing cached under {zcache.zoo_home()}; `zoo pull NAME` fetches a model")
         return
     width = max(len(m.get("name", "")) for m in models)
     total = 0
     for m in models:
         total += m["bytes"]
         tofu = "  (tofu)" if m.get("tofu") else ""
-        click.echo(f"{m.get('name', '?'):<{width}}  {human_size(m['bytes']):>10}  "
-                   f"{str(m.get('sha256', ''))[:12]}  {m.get('source', '?')}{tofu}")
-    click.echo(f"{len(models)} model(s), {human_size(total)} in {zcache.zoo_home()}")
+        echo(f"{m.get('name', '?'):<{width}}  {human_size(m['bytes']):>10}  "
+             f"{str(m.get('sha256', ''))[:12]}  {m.get('source', '?')}{tofu}")
+    echo(f"{len(models)} model(s), {human_size(total)} in {zcache.zoo_home()}")
 
 
 @cache_group.command("rm")
@@ -148,7 +149,7 @@ def cache_rm(names: tuple[str, ...]) -> None:
         size = sum(p.stat().st_size for p in zcache.weights_dir(name).glob("*") if p.is_file()) \
             if zcache.weights_dir(name).is_dir() else 0
         folder = zcache.remove(name)
-        click.echo(f"removed {name} ({human_size(size)}): {folder}")
+        echo(f"removed {name} ({human_size(size)}): {folder}")
 
 
 @cache_group.command("verify")
@@ -162,10 +163,10 @@ def cache_verify(ctx: click.Context) -> None:
     """
     problems = zcache.verify()
     for line in problems:
-        click.echo(f"zoo: error: {line}", err=True)
+        echo(f"zoo: error: {line}", err=True)
     if problems:
         ctx.exit(1)
-    click.echo(f"{len(zcache.cached_models())} cached model(s) verified: every sha256 matches its manifest")
+    echo(f"{len(zcache.cached_models())} cached model(s) verified: every sha256 matches its manifest")
 
 
 @cache_group.command("path")
@@ -180,7 +181,7 @@ def cache_path(name: str | None) -> None:
     """
     if name:
         _check_name(name)
-    click.echo(str(zcache.weights_dir(name) if name else zcache.zoo_home()))
+    echo(str(zcache.weights_dir(name) if name else zcache.zoo_home()))
 
 
 def _check_name(name: str) -> None:

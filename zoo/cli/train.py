@@ -15,6 +15,7 @@ from click.core import ParameterSource
 
 from finetune.config import ACTIVATIONS, HEADS, MONITORS, OPTIMIZERS, SCHEDULES, FinetuneConfig
 from zoo.cli import cli
+from zoo.cli.console import echo
 
 __all__ = ["finetune_cmd", "OPTION_HELP"]
 
@@ -141,6 +142,8 @@ def _is_main() -> bool:
               help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue the interrupted run in this folder (its config.yaml and split are reused).")
+@click.option("--overwrite", "overwrite", is_flag=True, default=False,
+              help="--out holds an earlier run: start it over (only the files a run writes are replaced).")
 @click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
 @click.option("--export/--no-export", "export", default=True, show_default=True,
@@ -148,13 +151,18 @@ def _is_main() -> bool:
 @_config_options
 @click.pass_context
 def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
-                 out: str | None, resume: str | None, pretrained: bool, export: bool, **values: Any) -> None:
+                 out: str | None, resume: str | None, overwrite: bool, pretrained: bool, export: bool,
+                 **values: Any) -> None:
     """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
 
     The data is checked first (nothing is downloaded if it cannot be trained on); the freeze depth is
     chosen from the dataset size (and printed with its reason); the head trains first, then the chosen
     stages; early stopping keeps the best epoch. Everything lands in a run folder: config.yaml,
     scan.json, split.json, manifest.json, metrics.csv, curves.png, checkpoints/, summary.json, export/.
+
+    --out must be new or empty; a folder holding an earlier run needs --resume (continue) or --overwrite
+    (start over). One process at a time works in a run folder (RUN/.zoo.lock). Everything printed is
+    also in RUN/log.txt; a closed pipe (`| head`) does not stop the run.
 
     Multi-GPU: torchrun --nproc-per-node N -m zoo finetune ...  (--batch-size is the global batch).
 
@@ -169,12 +177,17 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
     """
     from zoo import runs
+    from zoo.cli import console
 
     main = _is_main()
+    console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
 
     def log(msg: str) -> None:
         if main:
-            click.echo(msg, err=True)
+            echo(msg, err=True)
+
+    def log_file(run_dir) -> None:
+        console.log_to(run_dir / "log.txt")
 
     given = _given(ctx, values)
     lr_auto = False
@@ -191,7 +204,9 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
             raise click.UsageError("--lr auto cannot be combined with --resume: the run keeps its learning rate")
         if config_path:
             raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
-        outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log)
+        if overwrite:
+            raise click.UsageError("--overwrite cannot be combined with --resume: continue the run or start it over")
+        outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
     else:
         if not model:
             raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`); "
@@ -201,12 +216,12 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         base = runs.load_run_config(config_path)
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
-                                    export=export, log=log)
+                                    export=export, overwrite=overwrite, log=log, on_run_dir=log_file)
 
     if not main:
         return
     if outcome.overfit is not None:
-        click.echo(outcome.overfit.verdict)
+        echo(outcome.overfit.verdict)
         ctx.exit(0 if outcome.overfit.passed else 1)
     _report(outcome)
 
@@ -217,21 +232,21 @@ def _report(outcome) -> None:
     m = result.metrics or {}
     how = "stopped early" if result.stopped_early else f"{len(result.history)} epochs"
     if m:
-        click.echo(f"best epoch {result.best_epoch} ({how}): val acc {m.get('val_acc', float('nan')):.3f}, "
-                   f"val loss {m.get('val_loss', float('nan')):.4f}")
+        echo(f"best epoch {result.best_epoch} ({how}): val acc {m.get('val_acc', float('nan')):.3f}, "
+             f"val loss {m.get('val_loss', float('nan')):.4f}")
         per_class = m.get("per_class") or {}
         if per_class:
             cells = ", ".join(f"{c} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
-            click.echo(f"per-class accuracy: {cells}")
+            echo(f"per-class accuracy: {cells}")
     else:
-        click.echo(f"finished ({how}); no validation images, so the last epoch is kept")
+        echo(f"finished ({how}); no validation images, so the last epoch is kept")
     try:
         from finetune.diagnostics import advise
     except ImportError:
         advise = None
     if advise is not None:
         for line in advise(result.history):
-            click.echo(f"advice: {line}")
-    click.echo(f"run folder: {outcome.run_dir}")
+            echo(f"advice: {line}")
+    echo(f"run folder: {outcome.run_dir}")
     if outcome.export_dir is not None:
-        click.echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")
+        echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")
