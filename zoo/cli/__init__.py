@@ -16,6 +16,7 @@ import click
 
 from zoo import __version__
 from zoo.cli import console
+from zoo.text import printable
 from zoo.errors import ZooError
 from finetune.errors import FinetuneError
 
@@ -54,7 +55,7 @@ class ZooGroup(click.Group):
         except (ZooError, FinetuneError) as err:
             if debug:
                 raise
-            fail(str(err), getattr(err, "exit_code", 1))
+            fail(printable(str(err)), getattr(err, "exit_code", 1))   # one line, whatever names it holds
         except KeyboardInterrupt:
             if debug:
                 raise

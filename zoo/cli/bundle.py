@@ -12,6 +12,7 @@ import click
 
 from zoo.cli import cli
 from zoo.cli.console import echo
+from zoo.text import printable
 
 __all__ = ["export_cmd", "predict_cmd", "eval_cmd"]
 
@@ -19,7 +20,7 @@ _DEVICE_HELP = "Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps
 
 
 def _warn(item: object, reason: str) -> None:
-    echo(f"zoo: warning: skipped {item}: {reason}", err=True)
+    echo(printable(f"zoo: warning: skipped {item}: {reason}"), err=True)
 
 
 @cli.command("export", short_help="Write a finetuned run as a portable bundle.")
@@ -50,6 +51,8 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     from zoo.outdir import claim_out
 
     formats = tuple(dict.fromkeys(("safetensors", *formats)))
+    if not run_dir.is_dir():    # export_run's own message, before a RUN_DIR/export could be created
+        export_run(run_dir, out, formats=formats)
     target = out if out is not None else run_dir / "export"
     # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it.
     with claim_out(target, "export", overwrite=overwrite or out is None):
@@ -103,9 +106,9 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
         echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
     for i, res in zip(kept, results):
-        echo(f"{paths[i]}")
+        echo(printable(paths[i]))
         for lab, p in res:
-            echo(f"  {p * 100:6.2f}%  {lab}")
+            echo(f"  {p * 100:6.2f}%  {printable(lab)}")
 
 
 def _default_out(model: str) -> Path:
@@ -165,20 +168,23 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: st
     where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
     echo(f"evaluated {report.n_images} images from {data} ({where})" + (" with TTA" if report.tta else ""))
     if report.ignored_folders:
-        echo(f"ignored folders that are not classes of the model: {', '.join(report.ignored_folders[:10])}")
+        echo("ignored folders that are not classes of the model: "
+             + ", ".join(printable(f) for f in report.ignored_folders[:10]))
     echo(f"accuracy: {report.accuracy * 100:.2f}%")
     if report.top5 is not None:
         echo(f"top-5:    {report.top5 * 100:.2f}%")
-    width = max(8, *(len(c) for c in report.per_class))
+    names = {c: printable(c) for c in report.per_class}
+    width = max(8, *(len(n) for n in names.values()))
     echo(f"{'class':<{width}}  precision  recall  support")
     for name, v in report.per_class.items():
         prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
         rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
-        echo(f"{name:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+        echo(f"{names[name]:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
     if report.wrong and worst:
         echo("most confidently wrong:")
         for w in report.wrong[:worst]:
-            echo(f"  {w['confidence'] * 100:5.1f}% {w['predicted']} (true: {w['true']})  {w['path']}")
+            echo(f"  {w['confidence'] * 100:5.1f}% {printable(w['predicted'])} (true: {printable(w['true'])})  "
+                 f"{printable(w['path'])}")
     if report.skipped:
         echo(f"skipped {len(report.skipped)} unreadable image(s)")
     echo(f"reports: {paths['metrics.json'].parent}")

@@ -25,6 +25,8 @@ from typing import IO, Iterator
 
 import click
 
+from zoo.text import printable
+
 __all__ = ["echo", "keep_going", "log_to", "session", "OutputClosed", "is_broken_pipe"]
 
 
@@ -101,7 +103,9 @@ def echo(message: object = "", err: bool = False, **style) -> None:
     Raises:
         OutputClosed: the stream is closed and the command is read-only.
     """
-    text = "" if message is None else str(message)
+    # Control characters never reach the terminal (a class name "a\x1b[2J" must not clear it); each
+    # line is escaped on its own so that intended line breaks stay. Names are escaped where inserted.
+    text = "\n".join(printable(line) for line in ("" if message is None else str(message)).split("\n"))
     _to_logs(text)
     name = "err" if err else "out"
     keep = bool(_sessions) and _sessions[-1].keep_going

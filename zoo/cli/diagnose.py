@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from finetune.config import ACTIVATIONS, HEADS, MONITORS, OPTIMIZERS, SCHEDULES, FinetuneConfig
 from zoo.cli import cli
 from zoo.cli.console import echo
+from zoo.text import printable
 
 __all__ = ["lr_find_cmd", "sweep_cmd"]
 
@@ -88,7 +89,7 @@ def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[st
 def _say(quiet: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if not quiet:
-            echo(msg, err=True)
+            echo(printable(msg), err=True)
     return say
 
 

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from finetune.config import ACTIVATIONS, HEADS, MONITORS, OPTIMIZERS, SCHEDULES, FinetuneConfig
 from zoo.cli import cli
 from zoo.cli.console import echo
+from zoo.text import printable
 
 __all__ = ["finetune_cmd", "OPTION_HELP"]
 
@@ -184,7 +185,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
 
     def log(msg: str) -> None:
         if main:
-            echo(msg, err=True)
+            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
 
     def log_file(run_dir) -> None:
         console.log_to(run_dir / "log.txt")
@@ -236,7 +237,7 @@ def _report(outcome) -> None:
              f"val loss {m.get('val_loss', float('nan')):.4f}")
         per_class = m.get("per_class") or {}
         if per_class:
-            cells = ", ".join(f"{c} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
+            cells = ", ".join(f"{printable(c)} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
             echo(f"per-class accuracy: {cells}")
     else:
         echo(f"finished ({how}); no validation images, so the last epoch is kept")
