@@ -249,6 +249,39 @@ class RunLock:
         aside.unlink(missing_ok=True)
         return self._create()
 
+    def check(self) -> None:
+        """Raise RunLockedError when a live process holds the lock (reads only; a stale lock passes)."""
+        try:
+            seen = self.path.read_text(encoding="utf-8")
+        except OSError:
+            return
+        self._refuse_if_held(seen)
+
+    def _refuse_if_held(self, seen: str) -> tuple[dict, int] | None:
+        """The holder (record, pid) of a stale lock, None while it is still being written; raises
+        RunLockedError when the holder is alive, or on another host (whose pids cannot be checked)."""
+        try:
+            holder = json.loads(seen)
+            pid, host = int(holder["pid"]), str(holder.get("host", ""))
+        except (ValueError, KeyError, TypeError):
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            if age < _FRESH_LOCK_S:      # its creator is writing it right now
+                raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
+                                     "wait for it to finish or choose another folder") from None
+            return {}, -1
+        if host != socket.gethostname():
+            raise RunLockedError(
+                f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}); "
+                f"wait for it to finish, or delete {self.path} if that process is gone")
+        if pid != os.getpid() and _pid_alive(pid):
+            raise RunLockedError(
+                f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}, "
+                f"since {holder.get('started', '?')}); wait for it to finish or choose another folder")
+        return holder, pid
+
     def acquire(self, note: Callable[[str], None] | None = None) -> "RunLock":
         """Take the lock or raise RunLockedError naming the holder. ``note`` hears about a stale take-over."""
         for _ in range(5):
@@ -260,27 +293,10 @@ class RunLock:
                 continue
             except OSError:
                 seen = ""
-            try:
-                holder = json.loads(seen)
-                pid, host = int(holder["pid"]), str(holder.get("host", ""))
-            except (ValueError, KeyError, TypeError):
-                try:
-                    age = time.time() - self.path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                if age < _FRESH_LOCK_S:      # its creator is writing it right now
-                    raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
-                                         "wait for it to finish or choose another --out") from None
-                holder, pid, host = {}, -1, socket.gethostname()
-            same_host = host == socket.gethostname()
-            if same_host and pid != os.getpid() and _pid_alive(pid):
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}, "
-                    f"since {holder.get('started', '?')}); wait for it to finish or choose another folder")
-            if not same_host:
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}); "
-                    f"wait for it to finish, or delete {self.path} if that process is gone")
+            stale = self._refuse_if_held(seen)
+            if stale is None:
+                continue
+            holder, pid = stale
             if self._take_over(seen):
                 if note is not None and pid != os.getpid():
                     what = f"pid {pid} ({holder.get('command', '?')})" if pid > 0 else "an unreadable lock"
@@ -331,6 +347,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
+    RunLock(path).check()        # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
     check_writable(path, option)
     top = path      # the outermost folder this call creates (None: it existed)
