@@ -319,3 +319,26 @@ def test_plot_labels_fall_back_to_a_font_with_the_glyph_or_escape():
         assert names[2] == "\u24b6" and len(families) == 2 and families[1] == owner[0].name
     else:
         assert names[2] == r"\u24b6"
+
+
+def test_a_folder_left_by_a_run_killed_before_writing_anything_counts_as_empty(tmp_path):
+    """kill -9 during the download: marker, log and a dead process's lock remain; the next run uses the
+    folder (with a note about the lock) instead of calling it an earlier run."""
+    from zoo.outdir import LOCK, MARKER, claim_out, folder_kind
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (folder / MARKER).write_text('{"kind": "finetune"}')
+    (folder / "log.txt").write_text("$ zoo finetune ...\n")
+    (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "zoo x"}))
+    assert folder_kind(folder) == "empty"
+    notes: list[str] = []
+    with claim_out(folder, "finetune", note=notes.append) as mode:
+        assert mode == "new" and not (folder / "log.txt").exists()
+        (folder / "model.json").write_text("{}")
+    assert len(notes) == 1 and f"pid {dead.pid}" in notes[0]
+    assert folder_kind(folder) == "finetune" and not (folder / LOCK).exists()

@@ -101,16 +101,19 @@ def _entries(path: Path) -> list[str]:
 def folder_kind(path: str | os.PathLike) -> str:
     """``"absent"``, ``"empty"``, a :data:`KINDS` name, or ``"other"`` (not empty, not written by zoo).
 
-    A folder holding only the marker (and a lock) is "empty": a command that stopped before writing
-    anything left nothing worth keeping.
+    A folder holding only the marker (and a lock, and its log) is "empty": a command that stopped before
+    writing anything left nothing worth keeping.
     """
     path = Path(path)
     if not path.exists():
         return "absent"
     if not path.is_dir():
         return "other"
-    if not _entries(path):
+    entries = _entries(path)
+    if not entries:
         return "empty"
+    if entries == [_LOG] and (path / MARKER).is_file():
+        return "empty"      # a command killed (kill -9) before writing anything but its log
     try:
         kind = json.loads((path / MARKER).read_text(encoding="utf-8")).get("kind")
         if kind in KINDS:
@@ -185,6 +188,8 @@ def _command_line() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":      # os.kill(pid, 0) would terminate the process there: assume it is alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -363,6 +368,8 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
         if mode == "overwrite":
             _remove_outputs(path, KINDS[kind])
+        elif mode == "new" and (path / MARKER).is_file():
+            (path / _LOG).unlink(missing_ok=True)     # the log of an attempt that wrote nothing else
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
             from finetune.io import atomic_write_text
