@@ -126,7 +126,7 @@ def folder_kind(path: str | os.PathLike) -> str:
     return "other"
 
 
-def _resume_hint(kind: Kind, path: Path, option: str) -> str:
+def _resume_hint(kind: Kind, path: Path) -> str:
     if kind.name == "finetune":
         return f"continue it with `zoo finetune --resume {path}`, "
     if kind.resumable:
@@ -158,7 +158,7 @@ def check_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
             return "resume"
         if overwrite:
             return "overwrite"
-        raise UsageError(f"{path} already holds {spec.what}: {_resume_hint(spec, path, option)}"
+        raise UsageError(f"{path} already holds {spec.what}: {_resume_hint(spec, path)}"
                          f"start it over with --overwrite, or choose another {option}")
     if found in KINDS:
         raise UsageError(f"{path} holds {KINDS[found].what}, not {spec.what}; choose another {option} "
@@ -342,8 +342,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     Under the lock the folder is checked again (another process may have written it in between), then
     ``--overwrite`` removes the command's old files. On exit the lock is released, and a folder this
     call created that still holds nothing but its log is removed again (a command that failed early leaves
-    no trace).
-    Ranks other than 0 under torchrun only check nothing and yield "new".
+    no trace). Ranks other than 0 under torchrun neither check nor write: they yield "new" at once.
 
     Raises:
         UsageError: the folder is refused (nothing written). RunLockedError: another process uses it.
@@ -355,7 +354,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     RunLock(path).check()        # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
     check_writable(path, option)
-    top = path      # the outermost folder this call creates (None: it existed)
+    top = path      # the outermost folder this call creates (path itself when its parent exists)
     while not top.parent.exists() and top.parent != top.parent.parent:
         top = top.parent
     created = not path.exists()

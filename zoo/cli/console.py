@@ -27,7 +27,7 @@ import click
 
 from zoo.text import printable
 
-__all__ = ["echo", "keep_going", "log_to", "session", "OutputClosed", "is_broken_pipe"]
+__all__ = ["echo", "keep_going", "log_to", "session", "OutputClosed", "is_broken_pipe", "pipe_closed"]
 
 
 class OutputClosed(Exception):
@@ -47,8 +47,8 @@ _closed: set[str] = set()       # "out" / "err": streams whose reader went away 
 
 
 def is_broken_pipe(err: BaseException) -> bool:
-    """EPIPE (or Windows' EINVAL on a closed pipe) from a write."""
-    return isinstance(err, BrokenPipeError) or (isinstance(err, OSError) and err.errno in (errno.EPIPE,))
+    """EPIPE from a write: the reading end of the pipe was closed."""
+    return isinstance(err, BrokenPipeError) or (isinstance(err, OSError) and err.errno == errno.EPIPE)
 
 
 @contextlib.contextmanager
