@@ -72,7 +72,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: the run never finished an epoch, start it again "
+        raise CheckpointError(f"no checkpoint at {path}: there is nothing to resume from, start it again "
                               "without --resume")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

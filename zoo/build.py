@@ -6,7 +6,6 @@ bundles) both call it. Stage lists and ad-hoc entries live one layer down, in ``
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zoo.errors import RegistryError, UsageError, WeightsError

@@ -535,7 +535,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         UsageError: an unknown format.
     """
     import safetensors.torch
-    import torch
 
     run = Path(run_dir)
     formats = tuple(dict.fromkeys(str(f).lower() for f in formats))

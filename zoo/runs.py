@@ -112,22 +112,35 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _export(run_dir: Path, log: Log) -> Path:
     from zoo.bundle import export_run
+    from zoo.outdir import claim_out
 
-    out = export_run(run_dir, run_dir / "export")
+    # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace).
+    with claim_out(run_dir / "export", "export", overwrite=True, note=log):
+        out = export_run(run_dir, run_dir / "export")
     log(f"exported bundle: {out}")
     return out
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Raise UsageError when ``run_dir`` cannot be created or written (checked without creating it)."""
-    import os
+def _missing_checkpoint(run_dir: Path) -> str | None:
+    """What ``--resume`` lacks when checkpoints/last.pt is gone (None when it is there)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        return None
+    epochs = 0
+    try:
+        import csv
 
-    parent = run_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        why = "is not a folder" if parent.exists() and not parent.is_dir() else "is not writable"
-        raise UsageError(f"cannot write the run folder {run_dir}: {parent} {why}; choose another --out")
+        with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as fh:
+            epochs = sum(1 for _ in csv.DictReader(fh))
+    except (OSError, ValueError):
+        pass
+    best = (run_dir / "checkpoints" / "best.safetensors").is_file()
+    done = (f"metrics.csv records {epochs} finished epoch(s)" if epochs
+            else "no epoch is recorded in metrics.csv")
+    keep = (f"; its best epoch is still in checkpoints/best.safetensors (zoo export {run_dir})" if best else "")
+    return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
+            f"schedule state to continue from{keep}; start the run over with `zoo finetune MODEL --data DIR "
+            f"--out {run_dir} --overwrite` or choose another --out")
 
 
 def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
@@ -144,12 +157,15 @@ def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
 
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
                  pretrained: bool = True, lr_auto: bool = False, export: bool = True,
-                 fc_dropout: float | None = None, log: Log | None = None) -> RunOutcome:
+                 fc_dropout: float | None = None, overwrite: bool = False, log: Log | None = None,
+                 on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
     """Scan ``data_dir``, build ``model_name``, train it into a run folder and export a bundle.
 
     ``fc_dropout``: VGG's FC-4096 dropout (``zoo.build.builder_kwargs``; None = the original 0.5).
 
     Under torchrun every rank calls this; rank 0 alone prints and writes (the folder name is rank 0's).
+    The run folder follows ``zoo.outdir`` (absent/empty, or ``overwrite`` of an earlier run) and is
+    locked from before the model is built to the end; ``on_run_dir`` is called (rank 0) once it is.
 
     Raises:
         DataError: the folder cannot be trained on (raised before any model is built).
@@ -157,7 +173,8 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         ConfigError, DivergedError, Interrupted, CheckpointError: from training.
     """
     from finetune import distributed as ddp
-    from finetune.data import scan_folder, write_scan
+    from finetune.data import scan_folder
+    from zoo.outdir import claim_out
     from zoo.resolve import get_entry
 
     info = ddp.setup(ddp.device_type(config.device))
@@ -175,48 +192,54 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
-        if info.is_main and (run_dir / "checkpoints" / "last.pt").exists():
-            raise UsageError(f"{run_dir} already holds a run: continue it with `zoo finetune --resume {run_dir}` "
-                             "or choose another --out")
-        if info.is_main:
-            _check_writable(run_dir)     # before any download or build: a bad --out costs a second
-        say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
-        model = _build(entry, pretrained, config.seed, fc_dropout)
-        outcome = RunOutcome(run_dir=run_dir)
-        stages, head = [list(s) for s in entry.stages], entry.classifier
-        data_config = entry.preprocessing.data_config()
-
-        if config.overfit_batches > 0:
-            outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
-            return outcome
-        from finetune.features import FeatureCache
-
-        features = FeatureCache(None)   # the LR range test's backbone features serve fit's head phase too
-        if lr_auto:
-            outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
-                                                run_dir if info.is_main else None, say, features)
-            # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
-            config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
-
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_scan(report, run_dir)
-            _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
-            say(f"run folder: {run_dir}")
-        ddp.barrier(info)
-        from finetune.train import fit
-
-        outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
-                             run_dir=run_dir, log=say, feature_cache=features)
-        if export and info.is_main:
-            outcome.export_dir = _export(run_dir, say)
-        return outcome
+        # Checked and locked before any download or build: a bad --out costs a second.
+        with claim_out(run_dir, "finetune", overwrite=overwrite, note=say):
+            if info.is_main and on_run_dir is not None:
+                on_run_dir(run_dir)
+            return _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say)
     finally:
         ddp.cleanup(info)
 
 
+def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,
+               export: bool, kwargs: dict[str, Any], info, say: Log) -> RunOutcome:
+    from finetune import distributed as ddp
+    from finetune.data import write_scan
+    from finetune.features import FeatureCache
+    from finetune.train import fit
+
+    say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
+    model = _build(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
+    outcome = RunOutcome(run_dir=run_dir)
+    stages, head = [list(s) for s in entry.stages], entry.classifier
+    data_config = entry.preprocessing.data_config()
+
+    if config.overfit_batches > 0:
+        outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
+        return outcome
+    features = FeatureCache(None)   # the LR range test's backbone features serve fit's head phase too
+    if lr_auto:
+        outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
+                                            run_dir if info.is_main else None, say, features)
+        # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
+        config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_scan(report, run_dir)
+        _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
+        say(f"run folder: {run_dir}")
+    ddp.barrier(info)
+    outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
+                         run_dir=run_dir, log=say, feature_cache=features)
+    if export and info.is_main:
+        outcome.export_dir = _export(run_dir, say)
+    return outcome
+
+
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
-                    export: bool = True, log: Log | None = None) -> RunOutcome:
+                    export: bool = True, log: Log | None = None,
+                    on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
     """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own config.yaml and split.
 
     ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
@@ -225,9 +248,11 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
     Raises:
         UsageError: ``run_dir`` is not a run folder. CheckpointError: no or a damaged checkpoint.
+        RunLockedError: another process works in ``run_dir``.
     """
     from finetune import distributed as ddp
-    from finetune.data import scan_folder
+    from finetune.errors import CheckpointError
+    from zoo.outdir import claim_out
 
     run_dir = Path(run_dir)
     info_path = run_dir / MODEL_JSON
@@ -244,32 +269,44 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
     data_dir = Path(data_dir) if data_dir is not None else Path(scan["root"])
 
+    missing = _missing_checkpoint(run_dir)
+    if missing:
+        raise CheckpointError(missing)
+
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
-        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                             split_file=run_dir / "split.json")
-        for w in report.warnings:
-            say(f"warning: {w}")
-        from zoo.build import has_fc_dropout
-        from zoo.resolve import get_entry
-
-        entry = get_entry(info_json["model"])
-        # Weights come from the checkpoint: the architecture alone is enough (no download, works offline).
-        # the run's own FC dropout (runs from before model.json recorded it had none)
-        kwargs = info_json.get("builder_kwargs")
-        fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
-        model = _build(entry, False, config.seed, fc_dropout)
-        from finetune.train import fit
-
-        result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
-                     head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
-        outcome = RunOutcome(run_dir=run_dir, result=result)
-        if export and info.is_main:
-            outcome.export_dir = _export(run_dir, say)
-        return outcome
+        with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
+            if info.is_main and on_run_dir is not None:
+                on_run_dir(run_dir)
+            return _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
     finally:
         ddp.cleanup(info)
+
+
+def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
+                   say: Log) -> RunOutcome:
+    from finetune.data import scan_folder
+    from finetune.train import fit
+    from zoo.build import has_fc_dropout
+    from zoo.resolve import get_entry
+
+    report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                         split_file=run_dir / "split.json")
+    for w in report.warnings:
+        say(f"warning: {w}")
+    entry = get_entry(info_json["model"])
+    # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
+    # with the run's own FC dropout (runs from before model.json recorded it had none).
+    kwargs = info_json.get("builder_kwargs")
+    fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
+    model = _build(entry, False, config.seed, fc_dropout)
+    result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
+                 head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
+    outcome = RunOutcome(run_dir=run_dir, result=result)
+    if export and info.is_main:
+        outcome.export_dir = _export(run_dir, say)
+    return outcome
 
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,

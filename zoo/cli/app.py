@@ -5,47 +5,72 @@ imports them, without an import cycle.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
 import click
 
-from zoo import __version__
-from zoo.errors import ZooError
 from finetune.errors import FinetuneError
+from zoo import __version__
+from zoo.cli import console
+from zoo.errors import ZooError
+from zoo.text import printable
 
 __all__ = ["cli", "ZooGroup"]
 
 
 class ZooGroup(click.Group):
-    """Maps library errors to one line + exit code; keeps commands in the order they were added."""
+    """Maps library errors to one line + exit code; keeps commands in the order they were added.
+
+    Every line goes through ``zoo.cli.console.echo``: a closed pipe ends a read-only command quietly
+    (exit 0) and never stops a training one; a run's lines also land in its log.txt.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["zoo.args"] = list(args)     # the command line, for RUN/log.txt
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
+        with console.session(ctx.meta.get("zoo.args", [])):
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context):
+        def fail(message: str, code: int):
+            with contextlib.suppress(console.OutputClosed):
+                console.echo(f"zoo: error: {message}", err=True)
+            ctx.exit(code)
+
+        debug = os.environ.get("ZOO_DEBUG") == "1"
         try:
             return super().invoke(ctx)
+        except console.OutputClosed:
+            ctx.exit(0)      # the reader went away (`zoo list | head`): nothing more to say
         except (ZooError, FinetuneError) as err:
-            if os.environ.get("ZOO_DEBUG") == "1":
+            if debug:
                 raise
-            click.echo(f"zoo: error: {err}", err=True)
-            ctx.exit(getattr(err, "exit_code", 1))
+            fail(printable(str(err)), getattr(err, "exit_code", 1))   # one line, whatever names it holds
         except KeyboardInterrupt:
-            if os.environ.get("ZOO_DEBUG") == "1":
+            if debug:
                 raise
-            click.echo("zoo: interrupted", err=True)
+            with contextlib.suppress(console.OutputClosed):
+                console.echo("zoo: interrupted", err=True)
             ctx.exit(130)
         except OSError as err:
-            if os.environ.get("ZOO_DEBUG") == "1":
+            if console.is_broken_pipe(err) and err.filename is None:
+                # a write to stdout/stderr outside console.echo (a library's own print) met a closed pipe
+                console.pipe_closed()
+                ctx.exit(0)
+            if debug:
                 raise
             where = f" ({err.filename})" if getattr(err, "filename", None) else ""
             if err.errno == errno.ENOSPC:
-                click.echo(f"zoo: error: no space left on device while writing{where}: free some disk space "
-                           "or write elsewhere (--out, ZOO_HOME)", err=True)
-                ctx.exit(1)
-            click.echo(f"zoo: error: {err.strerror or err}{where}; set ZOO_DEBUG=1 for details", err=True)
-            ctx.exit(1)
+                fail(f"no space left on device while writing{where}: free some disk space "
+                     "or write elsewhere (--out, ZOO_HOME)", 1)
+            fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

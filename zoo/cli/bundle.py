@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from zoo.cli.app import cli
+from zoo.cli.console import echo
+from zoo.text import printable
 
 __all__ = ["export_cmd", "predict_cmd", "eval_cmd"]
 
@@ -18,7 +20,7 @@ _DEVICE_HELP = "Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps
 
 
 def _warn(item: object, reason: str) -> None:
-    click.echo(f"zoo: warning: skipped {item}: {reason}", err=True)
+    echo(printable(f"zoo: warning: skipped {item}: {reason}"), err=True)
 
 
 @cli.command("export", short_help="Write a finetuned run as a portable bundle.")
@@ -28,12 +30,17 @@ def _warn(item: object, reason: str) -> None:
 @click.option("--format", "formats", type=click.Choice(["safetensors", "onnx"]), multiple=True,
               default=("safetensors",), show_default=True,
               help="Also write model.onnx (checked against PyTorch with onnxruntime). Repeatable.")
-def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...]) -> None:
+@click.option("--overwrite", is_flag=True, default=False,
+              help="--out holds an earlier bundle: replace it (only the bundle's files).")
+def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwrite: bool) -> None:
     """Export RUN_DIR (a `zoo finetune` run folder) as model.safetensors + config.json + README.md.
 
     The safetensors header carries architecture, classes, preprocessing, source weights and validation
     metrics; config.json has timm's layout, so `timm.create_model("local-dir:BUNDLE", pretrained=True)`
     rebuilds a linear-head model without zoo.
+
+    --out must be new or empty (or an earlier bundle, with --overwrite); RUN_DIR/export, the run's own
+    bundle, is replaced.
 
     \b
     Examples:
@@ -41,11 +48,17 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...]) -> Non
       zoo export runs/resnet50-20250101-120000 --format onnx
     """
     from zoo.bundle import export_run
+    from zoo.outdir import claim_out
 
     formats = tuple(dict.fromkeys(("safetensors", *formats)))
-    path = export_run(run_dir, out, formats=formats)
+    if not run_dir.is_dir():    # export_run's own message, before a RUN_DIR/export could be created
+        export_run(run_dir, out, formats=formats)
+    target = out if out is not None else run_dir / "export"
+    # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it.
+    with claim_out(target, "export", overwrite=overwrite or out is None):
+        path = export_run(run_dir, target, formats=formats)
     files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    click.echo(f"exported {run_dir} -> {path} ({', '.join(files)})")
+    echo(f"exported {run_dir} -> {path} ({', '.join(files)})")
 
 
 @cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")
@@ -91,12 +104,12 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
     if as_json:
         doc = [{"image": str(paths[i]), "predictions": [{"label": lab, "prob": round(p, 6)} for lab, p in res]}
                for i, res in zip(kept, results)]
-        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
     for i, res in zip(kept, results):
-        click.echo(f"{paths[i]}")
+        echo(printable(paths[i]))
         for lab, p in res:
-            click.echo(f"  {p * 100:6.2f}%  {lab}")
+            echo(f"  {p * 100:6.2f}%  {printable(lab)}")
 
 
 def _default_out(model: str) -> Path:
@@ -120,8 +133,10 @@ def _default_out(model: str) -> Path:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the text summary.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="--out holds an earlier report: replace it (only the report's files).")
 def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: str | None, worst: int,
-             batch_size: int, device: str, as_json: bool) -> None:
+             batch_size: int, device: str, as_json: bool, overwrite: bool) -> None:
     """Evaluate MODEL (bundle folder or registry name) on the labelled images in --data.
 
     Writes metrics.json, per_class.csv, confusion.csv, confusion.png and wrong.csv (the most
@@ -137,35 +152,41 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: st
     from finetune.engine import resolve_device
     from zoo.predict import evaluate, parse_scales, write_eval_reports
 
+    from zoo.outdir import claim_out
+
     scales = parse_scales(tta_scales)
     if scales and not tta:
         raise UsageError("--tta-scales needs --tta")
-    bundle = load_model(model, device=resolve_device(device))
-    report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
-                      batch_size=batch_size, progress=True, worst=max(worst, 20), on_error=_warn,
-                      aliases=bundle.metadata.get("label_ids"))
     out = out or _default_out(model)
-    paths = write_eval_reports(report, out)
+    with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
+        bundle = load_model(model, device=resolve_device(device))
+        report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
+                          batch_size=batch_size, progress=True, worst=max(worst, 20), on_error=_warn,
+                          aliases=bundle.metadata.get("label_ids"))
+        paths = write_eval_reports(report, out)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return
     where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
-    click.echo(f"evaluated {report.n_images} images from {data} ({where})" + (" with TTA" if report.tta else ""))
+    echo(f"evaluated {report.n_images} images from {data} ({where})" + (" with TTA" if report.tta else ""))
     if report.ignored_folders:
-        click.echo(f"ignored folders that are not classes of the model: {', '.join(report.ignored_folders[:10])}")
-    click.echo(f"accuracy: {report.accuracy * 100:.2f}%")
+        echo("ignored folders that are not classes of the model: "
+             + ", ".join(printable(f) for f in report.ignored_folders[:10]))
+    echo(f"accuracy: {report.accuracy * 100:.2f}%")
     if report.top5 is not None:
-        click.echo(f"top-5:    {report.top5 * 100:.2f}%")
-    width = max(8, *(len(c) for c in report.per_class))
-    click.echo(f"{'class':<{width}}  precision  recall  support")
+        echo(f"top-5:    {report.top5 * 100:.2f}%")
+    names = {c: printable(c) for c in report.per_class}
+    width = max(8, *(len(n) for n in names.values()))
+    echo(f"{'class':<{width}}  precision  recall  support")
     for name, v in report.per_class.items():
         prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
         rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
-        click.echo(f"{name:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+        echo(f"{names[name]:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
     if report.wrong and worst:
-        click.echo("most confidently wrong:")
+        echo("most confidently wrong:")
         for w in report.wrong[:worst]:
-            click.echo(f"  {w['confidence'] * 100:5.1f}% {w['predicted']} (true: {w['true']})  {w['path']}")
+            echo(f"  {w['confidence'] * 100:5.1f}% {printable(w['predicted'])} (true: {printable(w['true'])})  "
+                 f"{printable(w['path'])}")
     if report.skipped:
-        click.echo(f"skipped {len(report.skipped)} unreadable image(s)")
-    click.echo(f"reports: {paths['metrics.json'].parent}")
+        echo(f"skipped {len(report.skipped)} unreadable image(s)")
+    echo(f"reports: {paths['metrics.json'].parent}")

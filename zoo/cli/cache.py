@@ -7,6 +7,7 @@ import click
 
 from zoo import cache as zcache
 from zoo.cli.app import cli
+from zoo.cli.console import echo
 from zoo.errors import ZooError
 
 __all__ = ["pull_cmd", "lock_cmd", "import_cmd", "cache_group"]
@@ -54,7 +55,7 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: st
         from zoo.lock import pull_locked
 
         pull_locked(locked, names or None, progress=not quiet,
-                    say=lambda name, what: click.echo(f"{name}: {what}"))
+                    say=lambda name, what: echo(f"{name}: {what}"))
         return
     if not names:
         raise click.UsageError("give at least one NAME (`zoo list` shows them), or --locked LOCKFILE")
@@ -67,21 +68,21 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: st
         except ZooError as err:
             if len(entries) == 1:
                 raise
-            click.echo(f"zoo: error: {err}", err=True)
+            echo(f"zoo: error: {err}", err=True)
             failed += 1
             continue
         size = human_size(path.stat().st_size)
         if was_cached and not force:
-            click.echo(f"{entry.name}: already cached, {size}: {path}")
+            echo(f"{entry.name}: already cached, {size}: {path}")
             continue
-        click.echo(f"{entry.name}: pulled and verified, {size}: {path}")
+        echo(f"{entry.name}: pulled and verified, {size}: {path}")
         manifest = zcache.read_manifest(entry.name) or {}
         resolved = manifest.get("revision")
         if resolved and f"@{resolved}/" not in str(manifest.get("source", "")):
-            click.echo(f"  Hub revision resolved to commit {resolved}: pin it as `revision:` in your registry")
+            echo(f"  Hub revision resolved to commit {resolved}: pin it as `revision:` in your registry")
         if manifest.get("tofu"):
-            click.echo(f"  sha256 {manifest.get('sha256_download')} (no pinned digest: trusted on first use; "
-                       "check it against the publisher's and pin it in your registry)")
+            echo(f"  sha256 {manifest.get('sha256_download')} (no pinned digest: trusted on first use; "
+                 "check it against the publisher's and pin it in your registry)")
     if failed:
         ctx.exit(1)
 
@@ -107,8 +108,8 @@ def lock_cmd(names: tuple[str, ...], out: str) -> None:
         src = item["source"]
         where = f"{src['repo']}@{src['revision']}/{src['filename']}" if src["kind"] == "hf" else \
             (src.get("url") or src.get("path"))
-        click.echo(f"{name}: {where}  sha256 {item['sha256']}")
-    click.echo(f"locked {len(data['models'])} model(s) in {out}")
+        echo(f"{name}: {where}  sha256 {item['sha256']}")
+    echo(f"locked {len(data['models'])} model(s) in {out}")
 
 
 @cli.command("import")
@@ -133,12 +134,13 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
 
     path = import_weights(name, file, sha256=sha256)
     manifest = zcache.read_manifest(name) or {}
-    click.echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
+    echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
     if manifest.get("verified"):
-        click.echo(f"  verified: sha256 {manifest.get('sha256_download')} matches the {manifest['verified']}")
+        echo(f"  verified: sha256 {manifest.get('sha256_download')} matches the {manifest['verified']}")
     else:
-        click.echo(f"  sha256 of {file}: {manifest.get('sha256_download')} (trusted on first use: no pin to "
+        echo(f"  sha256 of {file}: {manifest.get('sha256_download')} (trusted on first use: no pin to "
                    "check it against; pass --sha256)")
+from zoo.cli.console import echo
 
 
 @cli.group("cache")
@@ -166,19 +168,19 @@ def cache_ls(as_json: bool) -> None:
     """
     models = zcache.cached_models()
     if as_json:
-        click.echo(json.dumps(models, indent=2))
+        echo(json.dumps(models, indent=2))
         return
     if not models:
-        click.echo(f"nothing cached under {zcache.zoo_home()}; `zoo pull NAME` fetches a model")
+        echo(f"nothing cached under {zcache.zoo_home()}; `zoo pull NAME` fetches a model")
         return
     width = max(len(m.get("name", "")) for m in models)
     total = 0
     for m in models:
         total += m["bytes"]
         tofu = "  (tofu)" if m.get("tofu") else ""
-        click.echo(f"{m.get('name', '?'):<{width}}  {human_size(m['bytes']):>10}  "
-                   f"{str(m.get('sha256', ''))[:12]}  {m.get('source', '?')}{tofu}")
-    click.echo(f"{len(models)} model(s), {human_size(total)} in {zcache.zoo_home()}")
+        echo(f"{m.get('name', '?'):<{width}}  {human_size(m['bytes']):>10}  "
+             f"{str(m.get('sha256', ''))[:12]}  {m.get('source', '?')}{tofu}")
+    echo(f"{len(models)} model(s), {human_size(total)} in {zcache.zoo_home()}")
 
 
 @cache_group.command("rm")
@@ -195,7 +197,7 @@ def cache_rm(names: tuple[str, ...]) -> None:
         size = sum(p.stat().st_size for p in zcache.weights_dir(name).glob("*") if p.is_file()) \
             if zcache.weights_dir(name).is_dir() else 0
         folder = zcache.remove(name)
-        click.echo(f"removed {name} ({human_size(size)}): {folder}")
+        echo(f"removed {name} ({human_size(size)}): {folder}")
 
 
 @cache_group.command("verify")
@@ -209,10 +211,10 @@ def cache_verify(ctx: click.Context) -> None:
     """
     problems = zcache.verify()
     for line in problems:
-        click.echo(f"zoo: error: {line}", err=True)
+        echo(f"zoo: error: {line}", err=True)
     if problems:
         ctx.exit(1)
-    click.echo(f"{len(zcache.cached_models())} cached model(s) verified: every sha256 matches its manifest")
+    echo(f"{len(zcache.cached_models())} cached model(s) verified: every sha256 matches its manifest")
 
 
 @cache_group.command("path")
@@ -227,7 +229,7 @@ def cache_path(name: str | None) -> None:
     """
     if name:
         _check_name(name)
-    click.echo(str(zcache.weights_dir(name) if name else zcache.zoo_home()))
+    echo(str(zcache.weights_dir(name) if name else zcache.zoo_home()))
 
 
 def _check_name(name: str) -> None:

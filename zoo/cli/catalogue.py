@@ -10,6 +10,7 @@ from zoo.cache import is_cached
 from zoo.cli.app import cli
 from zoo.registry import ModelEntry, list_families, list_models
 from zoo.resolve import get_entry
+from zoo.cli.console import echo
 
 __all__ = ["list_cmd", "info_cmd"]
 
@@ -72,14 +73,14 @@ def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json
     if cached_only:
         rows = [r for r in rows if r["cached"]]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo(json.dumps(rows, indent=2))
         return
     if not rows:
         what = "cached " if cached_only else ""
-        click.echo(f"no {what}models match; `zoo list` shows them all" +
-                   ("; `zoo pull NAME` caches one" if cached_only else ""), err=True)
+        echo(f"no {what}models match; `zoo list` shows them all" +
+             ("; `zoo pull NAME` caches one" if cached_only else ""), err=True)
         return
-    click.echo(_table(rows))
+    echo(_table(rows))
 
 
 def _info_text(entry: ModelEntry, cached: bool) -> str:
@@ -146,6 +147,6 @@ def info_cmd(name: str, as_json: bool) -> None:
     if as_json:
         data = entry.to_dict()
         data["cached"] = cached
-        click.echo(json.dumps(data, indent=2))
+        echo(json.dumps(data, indent=2))
         return
-    click.echo(_info_text(entry, cached))
+    echo(_info_text(entry, cached))

@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 
 from zoo.cli.app import cli
+from zoo.cli.console import echo
 from zoo.errors import ZooError
 
 
 def _step(title: str, args: list[str]) -> None:
     """Show the command, then run it in this process exactly as the shell would."""
-    click.secho(f"\n== {title}", bold=True)
-    click.echo("$ zoo " + " ".join(shlex.quote(a) for a in args))
+    echo(f"\n== {title}", bold=True)
+    echo("$ zoo " + " ".join(shlex.quote(a) for a in args))
     code = cli.main(args=args, prog_name="zoo", standalone_mode=False)
     if code not in (None, 0):
         raise ZooError(f"demo step failed: zoo {args[0]} exited with {code} (see the message above)")
@@ -52,17 +53,20 @@ def demo(out: Path, train_per_class: int, val_per_class: int, test_per_class: in
     """
     from zoo.demo import DEMO_MODEL, DemoPlan, demo_weights_file, prepare_out, write_digits_folder
 
+    from zoo.cli import console
+
+    console.keep_going()     # the demo trains: a closed pipe must not stop it
     started = time.monotonic()
     plan = DemoPlan(train_per_class=train_per_class, val_per_class=val_per_class,
                     test_per_class=test_per_class, epochs=epochs)
     data, run = out / "data", out / "run"
     if prepare_out(out):
-        click.echo(f"replacing the previous demo in {out}")
+        echo(f"replacing the previous demo in {out}")
 
-    click.secho("== 1. data: scikit-learn's handwritten digits written as an image folder", bold=True)
+    echo("== 1. data: scikit-learn's handwritten digits written as an image folder", bold=True)
     counts = write_digits_folder(data, plan)
-    click.echo(f"{data}: train {counts['train']}, val {counts['val']}, test {counts['test']} images, "
-               "10 classes (zero..nine)")
+    echo(f"{data}: train {counts['train']}, val {counts['val']}, test {counts['test']} images, "
+         "10 classes (zero..nine)")
 
     weights, sha256 = demo_weights_file()
     import_args = ["import", DEMO_MODEL, str(weights)] + (["--sha256", sha256] if sha256 else [])
@@ -79,13 +83,13 @@ def demo(out: Path, train_per_class: int, val_per_class: int, test_per_class: in
                                                      "--out", str(out / "eval"), "--device", device])
 
     minutes = (time.monotonic() - started) / 60
-    click.secho(f"\nDone in {minutes:.1f} min. Everything is under {out}/:", bold=True)
-    click.echo(f"  data      {data}  (train/ val/ test/, one folder per class)")
-    click.echo(f"  run       {run}  (config.yaml, metrics.csv, curves.png, summary.json, checkpoints/)")
-    click.echo(f"  bundle    {bundle}  (model.safetensors + config.json + README.md)")
-    click.echo(f"  reports   {out / 'eval'}  (metrics.json, confusion.png, wrong.csv)")
-    click.echo("\nThe same with your own photos (one folder per class):")
-    click.echo("  zoo list                                   # pick a model")
-    click.echo("  zoo pull resnet50                          # on a connected machine (or zoo import)")
-    click.echo("  zoo finetune resnet50 --data ./my_photos   # freeze depth picked from the data size")
-    click.echo("  zoo predict runs/resnet50-*/export photo.jpg")
+    echo(f"\nDone in {minutes:.1f} min. Everything is under {out}/:", bold=True)
+    echo(f"  data      {data}  (train/ val/ test/, one folder per class)")
+    echo(f"  run       {run}  (config.yaml, metrics.csv, curves.png, summary.json, checkpoints/)")
+    echo(f"  bundle    {bundle}  (model.safetensors + config.json + README.md)")
+    echo(f"  reports   {out / 'eval'}  (metrics.json, confusion.png, wrong.csv)")
+    echo("\nThe same with your own photos (one folder per class):")
+    echo("  zoo list                                   # pick a model")
+    echo("  zoo pull resnet50                          # on a connected machine (or zoo import)")
+    echo("  zoo finetune resnet50 --data ./my_photos   # freeze depth picked from the data size")
+    echo("  zoo predict runs/resnet50-*/export photo.jpg")

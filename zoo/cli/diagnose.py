@@ -16,7 +16,9 @@ import click
 
 from finetune.config import OPTIMIZERS, FinetuneConfig
 from zoo.cli.app import cli
+from zoo.cli.console import echo
 from zoo.cli.options import config_options, fc_dropout_option, given_options
+from zoo.text import printable
 
 __all__ = ["lr_find_cmd", "sweep_cmd"]
 
@@ -45,7 +47,7 @@ def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[st
 def _say(quiet: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if not quiet:
-            click.echo(msg, err=True)
+            echo(printable(msg), err=True)
     return say
 
 
@@ -67,6 +69,10 @@ def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, sa
     net = (create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
            else build_architecture(entry, fc_dropout=fc_dropout))
     return entry, report, net
+
+
+_OVERWRITE = click.option("--overwrite", is_flag=True, default=False,
+                          help="--out holds an earlier result of this command: start over (only its files).")
 
 
 def _out_dir(out: str | None, model: str, kind: str) -> Path:
@@ -112,11 +118,12 @@ def _common(func: Callable) -> Callable:
               help="Exponential moving average factor of the plotted loss (bias-corrected).")
 @click.option("--diverge-factor", type=click.FloatRange(min=1.0, min_open=True), default=4.0, show_default=True,
               help="Stop once the smoothed loss exceeds this x its best.")
+@_OVERWRITE
 @config_options(skip=("lr",) + _NOT_HERE)
 @click.pass_context
 def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
-                fc_dropout: float | None, out: str | None, start_lr: float, end_lr: float, steps: int, method: str, smooth: float,
-                diverge_factor: float, **values: Any) -> None:
+                fc_dropout: float | None, out: str | None, start_lr: float, end_lr: float, steps: int, method: str,
+                smooth: float, diverge_factor: float, overwrite: bool, **values: Any) -> None:
     """Run the LR range test for MODEL on --data and suggest a learning rate.
 
     The model is set up exactly as `zoo finetune` with the same options would set it up (new head,
@@ -132,19 +139,31 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
       zoo lr-find efficientnet_b0 --data ./photos --start-lr 1e-6 --end-lr 1 --steps 200 --out lrtest
       zoo finetune resnet50 --data ./photos --lr auto      # the same test, then training at its LR
     """
-    from finetune.config import save_config
-    from finetune.data import write_scan
-    from finetune.diagnostics import lr_find
     from finetune.errors import ConfigError
-    from finetune.io import atomic_write_text
+    from zoo.cli import console
+    from zoo.outdir import claim_out
 
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
     config, _ = _resolve_config(ctx, config_path, values)
     say = _say(config.quiet)
-    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
+    console.keep_going()
     out_dir = _out_dir(out, model, "lrfind")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
+        console.log_to(out_dir / "log.txt")
+        _lr_find_into(out_dir, model, data, config, pretrained, fc_dropout, start_lr, end_lr, steps, smooth,
+                      diverge_factor, method, say)
+
+
+def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
+                  fc_dropout: float | None, start_lr: float, end_lr: float, steps: int, smooth: float,
+                  diverge_factor: float, method: str, say: Callable[[str], None]) -> None:
+    from finetune.config import save_config
+    from finetune.data import write_scan
+    from finetune.diagnostics import lr_find
+    from finetune.io import atomic_write_text
+
+    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     write_scan(report, out_dir)
     save_config(config, out_dir / "config.yaml")
     result = lr_find(net, entry.stages, entry.preprocessing.data_config(), report.train, config,
@@ -158,11 +177,11 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
                "freeze": result.decision.to_dict() if result.decision is not None else None}
     atomic_write_text(out_dir / "lr_find.json", json.dumps(summary, indent=2) + "\n")
     if result.decision is not None:
-        click.echo(f"freeze: {result.decision.label} ({result.decision.reason})")
-    click.echo(result.describe())
-    click.echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
+        echo(f"freeze: {result.decision.label} ({result.decision.reason})")
+    echo(result.describe())
+    echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
     random_init = "" if pretrained else " --no-pretrained"
-    click.echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{random_init}")
+    echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{random_init}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,12 +206,13 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
               help="K-fold cross-validation over train+val (stratified, seeded); 0 = the single split.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted sweep in --out (finished trials are skipped).")
 @click.option("--keep-runs", is_flag=True, help="Keep each trial's run folder (curves, checkpoints) under OUT/trials.")
+@_OVERWRITE
 @config_options(skip=("lr", "weight_decay", "freeze", "optimizer", "epochs") + _NOT_HERE)
 @click.pass_context
 def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
               fc_dropout: float | None, out: str | None, lr_spec: str, wd_spec: str | None, freeze_spec: str | None,
               optimizer_spec: str | None, epochs: int | None, folds: int, resume: bool, keep_runs: bool,
-              **values: Any) -> None:
+              overwrite: bool, **values: Any) -> None:
     """Grid-search MODEL on --data: every combination is a short finetune, ranked by the val metric.
 
     Learning rates and weight decays are tried in log space; each trial starts from the same pretrained
@@ -208,8 +228,10 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
       zoo sweep resnet50 --data ./photos --out sw1 --resume          # after Ctrl-C
       zoo finetune resnet50 --data ./photos --config sw1/best_config.yaml --epochs 30
     """
-    from finetune.sweep import parse_choices, parse_values, sweep
+    from finetune.sweep import parse_choices, parse_values
+    from zoo.cli import console
     from zoo.errors import UsageError
+    from zoo.outdir import claim_out
 
     if resume and not out:
         raise UsageError("--resume needs --out: the folder of the sweep to continue")
@@ -220,8 +242,20 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     config, raw = _resolve_config(ctx, config_path, values)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
     say = _say(config.quiet)
-    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
+    console.keep_going()
     out_dir = _out_dir(out, model, "sweep")
+    with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say):   # before any download
+        console.log_to(out_dir / "log.txt")
+        _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,
+                    resume, keep_runs, say)
+
+
+def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
+                fc_dropout: float | None, lrs, wds, freezes, optimizers, folds: int, resume: bool, keep_runs: bool,
+                say: Callable[[str], None]) -> None:
+    from finetune.sweep import sweep
+
+    entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     net.cpu()
 
     def factory():
@@ -236,15 +270,15 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     if result.skipped:
         say(f"resumed: {result.skipped} finished trial(s) taken from {out_dir / 'results.jsonl'}")
     for line in _table(result):
-        click.echo(line)
+        echo(line)
     if result.best is None:
-        click.echo("no trial finished: every one diverged; try lower learning rates (see `zoo lr-find`)")
+        echo("no trial finished: every one diverged; try lower learning rates (see `zoo lr-find`)")
         ctx.exit(1)
-    click.echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
-               f"table: {out_dir / 'results.csv'}")
+    echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
+         f"table: {out_dir / 'results.csv'}")
     random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
-    click.echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
-               f"--epochs {max(30, config.epochs)}{random_init}")
+    echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
+         f"--epochs {max(30, config.epochs)}{random_init}")
 
 
 def _table(result) -> list[str]:

@@ -13,6 +13,8 @@ import click
 from finetune.config import FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.options import config_options, fc_dropout_option, given_options
+from zoo.cli.console import echo
+from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
 
@@ -42,6 +44,8 @@ def _is_main() -> bool:
               help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue the interrupted run in this folder (its config.yaml and split are reused).")
+@click.option("--overwrite", "overwrite", is_flag=True, default=False,
+              help="--out holds an earlier run: start it over (only the files a run writes are replaced).")
 @click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
 @click.option("--export/--no-export", "export", default=True, show_default=True,
@@ -50,7 +54,8 @@ def _is_main() -> bool:
 @config_options()
 @click.pass_context
 def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
-                 out: str | None, resume: str | None, pretrained: bool, export: bool, fc_dropout: float | None,
+                 out: str | None, resume: str | None, overwrite: bool, pretrained: bool, export: bool,
+                 fc_dropout: float | None,
                  **values: Any) -> None:
     """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
 
@@ -58,6 +63,10 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
     chosen from the dataset size (and printed with its reason); the head trains first, then the chosen
     stages; early stopping keeps the best epoch. Everything lands in a run folder: config.yaml,
     scan.json, split.json, manifest.json, metrics.csv, curves.png, checkpoints/, summary.json, export/.
+
+    --out must be new or empty; a folder holding an earlier run needs --resume (continue) or --overwrite
+    (start over). One process at a time works in a run folder (RUN/.zoo.lock). Everything printed is
+    also in RUN/log.txt; a closed pipe (`| head`) does not stop the run.
 
     Multi-GPU: torchrun --nproc-per-node N -m zoo finetune ...  (--batch-size is the global batch).
 
@@ -72,12 +81,17 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
     """
     from zoo import runs
+    from zoo.cli import console
 
     main = _is_main()
+    console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
 
     def log(msg: str) -> None:
         if main:
-            click.echo(msg, err=True)
+            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
+
+    def log_file(run_dir) -> None:
+        console.log_to(run_dir / "log.txt")
 
     given = given_options(ctx, values)
     lr_auto = False
@@ -96,7 +110,9 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
             raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
         if fc_dropout is not None:
             raise click.UsageError("--fc-dropout cannot be combined with --resume: the run keeps its model")
-        outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log)
+        if overwrite:
+            raise click.UsageError("--overwrite cannot be combined with --resume: continue the run or start it over")
+        outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
     else:
         if not model:
             raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`); "
@@ -106,12 +122,13 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         base = runs.load_run_config(config_path)
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
-                                    export=export, fc_dropout=fc_dropout, log=log)
+                                    export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
+                                    on_run_dir=log_file)
 
     if not main:
         return
     if outcome.overfit is not None:
-        click.echo(outcome.overfit.verdict)
+        echo(outcome.overfit.verdict)
         ctx.exit(0 if outcome.overfit.passed else 1)
     _report(outcome)
 
@@ -122,17 +139,17 @@ def _report(outcome) -> None:
     m = result.metrics or {}
     how = "stopped early" if result.stopped_early else f"{len(result.history)} epochs"
     if m:
-        click.echo(f"best epoch {result.best_epoch} ({how}): val acc {m.get('val_acc', float('nan')):.3f}, "
-                   f"val loss {m.get('val_loss', float('nan')):.4f}")
+        echo(f"best epoch {result.best_epoch} ({how}): val acc {m.get('val_acc', float('nan')):.3f}, "
+             f"val loss {m.get('val_loss', float('nan')):.4f}")
         per_class = m.get("per_class") or {}
         if per_class:
-            cells = ", ".join(f"{c} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
-            click.echo(f"per-class accuracy: {cells}")
+            cells = ", ".join(f"{printable(c)} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
+            echo(f"per-class accuracy: {cells}")
     else:
-        click.echo(f"finished ({how}); no validation images, so the last epoch is kept")
+        echo(f"finished ({how}); no validation images, so the last epoch is kept")
     from finetune.monitor import advise
 
     for line in advise(result.history):
-        click.echo(f"advice: {line}")
+        echo(f"advice: {line}")
     if outcome.export_dir is not None:   # (the run folder was printed before training started)
-        click.echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")
+        echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")

@@ -1,0 +1,344 @@
+"""Reliability (issue 15): run folders never lose data.
+
+An output folder (``--out`` of finetune, export, eval, lr-find, sweep) is used only when it is new or
+empty, or holds that command's earlier output and the user said --resume / --overwrite; anything else is
+refused before a byte is written. One process at a time works in a run folder (``.zoo.lock``). A closed
+pipe never stops training (``RUN/log.txt`` keeps every line) and ends read-only commands quietly.
+Class names are printed escaped, and drawn in confusion.png with a font that has them or escaped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image_folder, register_tiny
+from tests.test_reliability_crash import SLOW_EPOCH_ENV, Proc
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--freeze", "head",
+         "--head-epochs", "0", "--no-fast-head", "--seed", "1"]
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(res) -> str:
+    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("zoo: error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch) -> str:
+    return register_tiny(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6)
+
+
+@pytest.fixture
+def user_folder(tmp_path) -> Path:
+    """The issue's case: a folder of the user's with files named like a run's."""
+    folder = tmp_path / "mine"
+    (folder / "export").mkdir(parents=True)
+    (folder / "metrics.csv").write_text("my,numbers\n1,2\n")
+    (folder / "summary.json").write_text('{"mine": true}\n')
+    (folder / "export" / "README.md").write_text("my notes\n")
+    (folder / "config.json").write_text("{}\n")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ --out rule
+def _command(name: str, tiny: str, data: Path, run: Path, out: Path) -> list:
+    return {
+        "finetune": ["finetune", tiny, "--data", data, "--out", out, *TRAIN],
+        "export": ["export", run, "--out", out],
+        "eval": ["eval", run / "export", "--data", data, "--out", out, "--device", "cpu"],
+        "lr-find": ["lr-find", tiny, "--data", data, "--out", out, "--steps", "5", "--workers", "0",
+                    "--device", "cpu"],
+        "sweep": ["sweep", tiny, "--data", data, "--out", out, "--lr", "1e-3", "--epochs", "1",
+                  "--workers", "0", "--device", "cpu"],
+    }[name]
+
+
+@pytest.mark.parametrize("command", ["finetune", "export", "eval", "lr-find", "sweep"])
+def test_a_users_folder_is_refused_byte_identical(command, tiny, data, tmp_path, user_folder, monkeypatch):
+    """A non-empty folder zoo did not write: refused with one line (exit 2) naming it and the options,
+    before any model is built; every file byte-identical, nothing added (no marker, no lock)."""
+    import zoo.build
+
+    def forbidden(*a, **k):
+        raise AssertionError("work started before the output folder was checked")
+
+    monkeypatch.setattr(zoo.build, "create_model", forbidden)
+    monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
+    (tmp_path / "run").mkdir()      # export's RUN_DIR exists: the --out check is what refuses
+    before = snapshot(user_folder)
+    for extra in ([], ["--overwrite"]):     # --overwrite replaces only a folder zoo wrote
+        res = invoke(*_command(command, tiny, data, tmp_path / "run", user_folder), *extra)
+        assert res.exit_code == 2, res.output
+        line = error_line(res)
+        assert str(user_folder) in line and "not empty" in line and "--out" in line, line
+        assert snapshot(user_folder) == before
+
+
+def test_run_folder_rules_resume_overwrite_and_other_commands(tiny, data, tmp_path):
+    """An earlier run: refused without --resume/--overwrite (also with its checkpoints deleted); another
+    command's --out there is refused; --overwrite replaces only the run's files; export/eval/lr-find
+    refuse their own earlier output unless --overwrite."""
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *TRAIN)
+    assert res.exit_code == 0, res.output
+    (run / "my-notes.txt").write_text("keep me\n")
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")                  # still a run folder: marker and model.json remain
+    before = snapshot(run)
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *TRAIN)
+    assert res.exit_code == 2
+    line = error_line(res)
+    assert f"{run} already holds a `zoo finetune` run" in line
+    assert f"zoo finetune --resume {run}" in line and "--overwrite" in line and "another --out" in line
+    assert snapshot(run) == before
+    for cmd in ("eval", "lr-find", "sweep"):            # another command's output folder
+        res = invoke(*_command(cmd, tiny, data, run, run))
+        assert res.exit_code == 2 and "holds a `zoo finetune` run" in error_line(res), res.output
+        assert snapshot(run) == before
+
+    # --resume without last.pt: says what is missing (not "the run never finished an epoch")
+    res = invoke("finetune", "--resume", run, "--workers", "0")
+    assert res.exit_code == 1
+    line = error_line(res)
+    assert "checkpoints/last.pt is missing" in line and "2 finished epoch(s)" in line and "--overwrite" in line
+    assert "never finished" not in line
+
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *TRAIN, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert (run / "my-notes.txt").read_text() == "keep me\n"          # not a file a run writes
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "export" / "model.safetensors").is_file()
+    log = (run / "log.txt").read_text(encoding="utf-8")
+    assert log.count("$ zoo finetune") == 1                           # the old run's log went with it
+
+    for cmd in ("export", "eval"):
+        out = tmp_path / f"{cmd}-out"
+        assert invoke(*_command(cmd, tiny, data, run, out)).exit_code == 0
+        first = snapshot(out)
+        res = invoke(*_command(cmd, tiny, data, run, out))
+        assert res.exit_code == 2 and f"{out} already holds" in error_line(res) and "--overwrite" in res.output
+        assert snapshot(out) == first
+        res = invoke(*_command(cmd, tiny, data, run, out), "--overwrite")
+        assert res.exit_code == 0, res.output
+    res = invoke("export", run)                      # RUN/export is the run's own bundle: replaced
+    assert res.exit_code == 0, res.output
+
+
+def test_a_command_that_fails_early_leaves_no_folder(tiny, data, tmp_path, monkeypatch):
+    """Offline with uncached weights: the folder claimed for the run (with its log) is removed again,
+    so the same command works once the network is back."""
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    out = tmp_path / "deep" / "run"
+    res = invoke("finetune", "resnet18", "--data", data, "--out", out, *TRAIN)
+    assert res.exit_code == 1 and "offline" in error_line(res).lower()
+    assert not (tmp_path / "deep").exists()
+
+
+# --------------------------------------------------------------------------------------------- locks
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    from zoo.errors import ZooError
+    from zoo.outdir import LOCK, RunLock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (folder / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
+                                               "command": "zoo finetune x", "started": "then"}))
+        with pytest.raises(ZooError, match=f"in use by pid {sleeper.pid} on .*zoo finetune x"):
+            RunLock(folder).acquire()
+        assert json.loads((folder / LOCK).read_text())["pid"] == sleeper.pid     # untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    notes: list[str] = []
+    lock = RunLock(folder, "zoo finetune y").acquire(notes.append)         # the holder is dead now
+    assert len(notes) == 1 and f"pid {sleeper.pid}" in notes[0] and "no longer running" in notes[0]
+    assert json.loads((folder / LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (folder / LOCK).exists()
+
+    (folder / LOCK).write_text(json.dumps({"pid": 1, "host": "another-host", "command": "zoo sweep"}))
+    with pytest.raises(ZooError, match="another-host.*delete"):            # cannot check a pid elsewhere
+        RunLock(folder).acquire()
+
+
+def test_two_runs_into_one_folder_one_is_refused_at_once(tiny, data, tmp_path):
+    """Two `zoo finetune --out RUN` at once: the second is refused within seconds naming the holder;
+    the first finishes and its bundle is intact."""
+    run = tmp_path / "run"
+    args = ["finetune", tiny, "--data", data, "--out", run, *TRAIN[:1], "4", *TRAIN[2:]]
+    first = Proc(args, env={SLOW_EPOCH_ENV: "4.0"})     # 12 s left after epoch 1: the second starts meanwhile
+    assert first.wait_for("epoch 1/4", timeout=120) is not None, first.output()
+    holder = json.loads((run / ".zoo.lock").read_text())
+    assert holder["pid"] == first.p.pid and "finetune" in holder["command"]
+    started = time.monotonic()
+    second = Proc(args)
+    assert second.finish(timeout=60) == 1, second.output()
+    assert time.monotonic() - started < 30
+    errors = [ln for ln in second.lines if ln.startswith("zoo: error:")]
+    assert len(errors) == 1 and f"in use by pid {first.p.pid}" in errors[0], second.output()
+    assert first.p.poll() is None            # the refusal came while the first was still training
+    assert first.finish(timeout=180) == 0, first.output()
+    assert not (run / ".zoo.lock").exists()
+    assert (run / "export" / "model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 4
+    # the refused run left no trace in the log either
+    assert (run / "log.txt").read_text(encoding="utf-8").count("$ zoo finetune") == 1
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over_on_resume(tiny, data, tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    args = ["finetune", tiny, "--data", data, "--out", run, *TRAIN[:1], "3", *TRAIN[2:], "--no-export"]
+    proc = Proc(args, env={SLOW_EPOCH_ENV: "0.5"})
+    assert proc.wait_for("epoch 1/3", timeout=120) is not None, proc.output()
+    proc.p.send_signal(signal.SIGKILL)
+    proc.finish()
+    assert json.loads((run / ".zoo.lock").read_text())["pid"] == proc.p.pid       # left behind
+    res = invoke("finetune", "--resume", run, "--workers", "0", "--no-export")
+    assert res.exit_code == 0, res.output
+    assert f"took over the lock of {run} left by pid {proc.p.pid}" in res.stderr
+    assert not (run / ".zoo.lock").exists()
+
+
+# --------------------------------------------------------------------------------------------- pipes
+def _zoo(args: list, lines: int, merge: bool = True, timeout: float = 240) -> tuple[int, str, list[str]]:
+    """``zoo ARGS 2>&1 | head -LINES`` (merge) or ``zoo ARGS | head -LINES``: read LINES lines, close the
+    pipe. Returns the exit code, what stderr said (when not merged) and the lines read."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("ZOO_DEBUG", None)
+    p = subprocess.Popen([sys.executable, "-m", "zoo", *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True, errors="replace")
+    got = [p.stdout.readline() for _ in range(lines)]
+    p.stdout.close()
+    err = "" if merge else p.stderr.read()
+    rc = p.wait(timeout)
+    return rc, err, got
+
+
+def test_closed_pipes_never_stop_training_and_end_read_only_commands_quietly(tiny, data, tmp_path):
+    """`zoo finetune ... 2>&1 | head -3` trains to the end, exports, exits 0, and log.txt holds every line;
+    `zoo eval/list/info/cache ls ... | head -1` exit 0 without a word on stderr."""
+    run = tmp_path / "run"
+    rc, _, got = _zoo(["finetune", tiny, "--data", data, "--out", run, *TRAIN], lines=3)
+    assert rc == 0 and got[0].startswith("data: ")
+    assert (run / "export" / "model.safetensors").is_file() and (run / "summary.json").is_file()
+    log = (run / "log.txt").read_text(encoding="utf-8").splitlines()
+    assert log[0].startswith("$ zoo finetune tiny32 --data")
+    assert log[1] == got[0].rstrip("\n")                                  # the lines printed before the folder
+    for needle in ("freeze: ", "epoch 2/2", "exported bundle: ", "best epoch", "run folder: ", "bundle: "):
+        assert any(ln.startswith(needle) for ln in log), needle
+
+    for args in (["eval", run / "export", "--data", data, "--out", tmp_path / "ev", "--device", "cpu"],
+                 ["list"], ["info", tiny], ["cache", "ls"]):
+        rc, err, got = _zoo(args, lines=1, merge=False)
+        assert rc == 0 and err.strip() == "", (args, rc, err)
+
+
+@pytest.mark.slow
+def test_closed_stdout_alone_and_predict(tiny, data, tmp_path):
+    """`zoo finetune ... | head -0` (stdout closed before its first line, stderr still read): trains to
+    the end, exit 0, nothing on stderr about the pipe; `zoo predict ... | head -1` exits 0 quietly."""
+    run = tmp_path / "run"
+    rc, err, _ = _zoo(["finetune", tiny, "--data", data, "--out", run, *TRAIN], lines=0, merge=False)
+    assert rc == 0 and "Traceback" not in err and "error" not in err, err
+    assert "best epoch" in (run / "log.txt").read_text(encoding="utf-8")
+    image = next((data / "a").iterdir())
+    rc, err, _ = _zoo(["predict", run / "export", image, image, "--device", "cpu"], lines=1, merge=False)
+    assert rc == 0 and err.strip() == "", (rc, err)
+
+
+# ---------------------------------------------------------------------------------- printable names
+def test_class_names_with_control_characters_are_printed_escaped(tiny, tmp_path):
+    """A newline or an escape sequence in a class folder name: every table row stays one line, the
+    terminal never receives a control character; confusion.png is written with no glyph warning."""
+    classes = ("new\nline", "esc\x1b[2J", "猫")
+    data = make_image_folder(tmp_path / "data", classes=classes, per_class=4, layout="split", val_per_class=2)
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *TRAIN)
+    assert res.exit_code == 0, res.output
+    for text in (res.stdout, res.stderr):
+        assert "\x1b" not in text
+    assert r"  new\nline: train 4, val 2" in res.stderr
+    per_class = [ln for ln in res.stdout.splitlines() if ln.startswith("per-class accuracy:")]
+    assert len(per_class) == 1 and r"new\nline" in per_class[0] and r"esc\x1b[2J" in per_class[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = invoke("eval", run / "export", "--data", data, "--out", tmp_path / "ev", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert "\x1b" not in res.output and r"new\nline" in res.stdout
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith(("new", "esc", "猫"))]
+    assert len(rows) == 3, res.stdout
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 0
+
+
+def test_plot_labels_fall_back_to_a_font_with_the_glyph_or_escape():
+    from matplotlib import font_manager
+
+    from zoo.predict import _charmap, plot_labels
+
+    names, families = plot_labels(["cat", "a\nb", "\u24b6", "\U0010fffd"])
+    assert names[0] == "cat" and names[1] == r"a\nb"
+    assert names[3] == r"\U0010fffd"                    # no font has it: its escape, not an empty box
+    owner = [f for f in font_manager.fontManager.ttflist if 0x24B6 in _charmap(f.fname)
+             and "last resort" not in f.name.lower()]
+    if owner:                                           # Ⓐ: not in DejaVu Sans, in STIX (shipped by matplotlib)
+        assert names[2] == "\u24b6" and len(families) == 2 and families[1] == owner[0].name
+    else:
+        assert names[2] == r"\u24b6"
+
+
+def test_a_folder_left_by_a_run_killed_before_writing_anything_counts_as_empty(tmp_path):
+    """kill -9 during the download: marker, log and a dead process's lock remain; the next run uses the
+    folder (with a note about the lock) instead of calling it an earlier run."""
+    from zoo.outdir import LOCK, MARKER, claim_out, folder_kind
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (folder / MARKER).write_text('{"kind": "finetune"}')
+    (folder / "log.txt").write_text("$ zoo finetune ...\n")
+    (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "zoo x"}))
+    assert folder_kind(folder) == "empty"
+    notes: list[str] = []
+    with claim_out(folder, "finetune", note=notes.append) as mode:
+        assert mode == "new" and not (folder / "log.txt").exists()
+        (folder / "model.json").write_text("{}")
+    assert len(notes) == 1 and f"pid {dead.pid}" in notes[0]
+    assert folder_kind(folder) == "finetune" and not (folder / LOCK).exists()
