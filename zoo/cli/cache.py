@@ -139,8 +139,7 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
         echo(f"  verified: sha256 {manifest.get('sha256_download')} matches the {manifest['verified']}")
     else:
         echo(f"  sha256 of {file}: {manifest.get('sha256_download')} (trusted on first use: no pin to "
-                   "check it against; pass --sha256)")
-from zoo.cli.console import echo
+             "check it against; pass --sha256)")
 
 
 @cli.group("cache")
