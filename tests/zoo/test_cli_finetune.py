@@ -246,3 +246,24 @@ def test_freeze_deeper_than_the_model_fails_before_any_work(tiny, tmp_path):
     res = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(out), "--freeze", "99"])
     assert res.exit_code == 2 and "the most is" in res.output and "Traceback" not in res.output
     assert not out.exists() and "model:" not in res.output      # no run folder, no model built
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--no-pretrained"], "train"),                 # random init: frozen initial statistics are an identity
+    (["--no-pretrained", "--bn", "eval"], "eval"),  # an explicit --bn wins
+    ([], "eval"),                                   # pretrained: keep the statistics it was trained with
+    (["--bn", "train"], "train"),
+])
+def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch, flags, expected):
+    from zoo import runs
+
+    seen = {}
+
+    def capture(model, data, config, **kw):
+        seen["bn"], seen["pretrained"] = config.bn, kw["pretrained"]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runs, "run_finetune", capture)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    CliRunner().invoke(cli, ["finetune", "tiny32", "--data", str(data), *flags])
+    assert seen == {"bn": expected, "pretrained": "--no-pretrained" not in flags}

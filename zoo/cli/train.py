@@ -41,7 +41,8 @@ OPTION_HELP: dict[str, str] = {
     "large_per_class": "auto freeze: at least this many per class -> everything unfrozen.",
     "medium_stages": "auto freeze: stages unfrozen for a medium-sized dataset.",
     "head_epochs": "Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); 0 = off.",
-    "bn": "BatchNorm statistics: eval keeps the pretrained ones frozen; train updates them.",
+    "bn": "BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the trained "
+          "stages (frozen stages keep theirs); with --no-pretrained the default is train.",
     "optimizer": "Optimizer.",
     "lr": "Head learning rate, or 'auto' to run the LR range test first.",
     "backbone_lr_mult": "Pretrained layers train at lr x this.",
@@ -199,6 +200,11 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         if not data:
             raise click.UsageError("--data DIR is required: a folder of class sub-folders of images")
         base = runs.load_run_config(config_path)
+        if "bn" not in given and base.bn == FinetuneConfig().bn:
+            # --bn not chosen (a --config file's bn: train counts as chosen): the default follows the weights
+            from finetune.policy import default_bn
+
+            given["bn"] = default_bn(pretrained)
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
                                     export=export, log=log)
