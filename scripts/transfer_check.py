@@ -69,10 +69,13 @@ def stamps_dir(given: str | None) -> Path:
     return stamps
 
 
-def stamp_files(stamps: Path) -> dict[str, list[Path]]:
-    """Photographic stamps per class (PNG; the cartoon sub-folders and SVG drawings are left out)."""
+def stamp_files(stamps: Path, classes: dict[str, str] = STAMP_CLASSES) -> dict[str, list[Path]]:
+    """Photographic stamps per class (PNG; the cartoon sub-folders and SVG drawings are left out).
+
+    ``classes`` maps a class name to its sub-folder of the stamps folder (default: the five classes here).
+    """
     files = {}
-    for name, sub in STAMP_CLASSES.items():
+    for name, sub in classes.items():
         found = sorted(p for p in (stamps / sub).rglob("*.png") if "cartoon" not in p.relative_to(stamps).parts)
         if not found:
             sys.exit(f"no PNG stamps under {stamps / sub}: is {stamps} a tuxpaint stamps folder?")
