@@ -267,3 +267,21 @@ def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch
     data = make_image_folder(tmp_path / "data", per_class=2)
     CliRunner().invoke(cli, ["finetune", "tiny32", "--data", str(data), *flags])
     assert seen == {"bn": expected, "pretrained": "--no-pretrained" not in flags}
+
+
+def test_no_pretrained_run_updates_bn_statistics_of_trained_stages_only(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--no-pretrained", "--freeze", "2",
+                    "--head-epochs", "0", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                    "--quiet", "--no-export")
+    assert result.exit_code == 0, result.output
+    state = load_file(out / "checkpoints" / "best.safetensors")
+    means = {k: v for k, v in state.items() if k.endswith("running_mean")}
+    # random init: running statistics start at mean 0; the last 2 stages (layer3, layer4) trained theirs
+    trained = {k for k in means if k.startswith(("layer3.", "layer4."))}
+    assert trained and len(trained) < len(means)
+    for k, v in means.items():
+        assert bool(v.abs().sum() > 0) == (k in trained), k
