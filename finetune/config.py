@@ -107,7 +107,8 @@ OPTIONS: dict[str, Option] = {
     "medium_stages": Option("auto freeze: stages unfrozen for a medium-sized dataset.", low=0),
     "head_epochs": Option("Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); "
                           "0 = off.", low=0, sentinels=(-1,)),
-    "bn": Option("BatchNorm statistics: eval keeps the pretrained ones frozen; train updates them.",
+    "bn": Option("BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the "
+                 "trained stages (frozen stages keep theirs); with --no-pretrained the default is train.",
                  choices=("eval", "train")),
     "optimizer": Option("Optimizer.", choices=OPTIMIZERS),
     "lr": Option("Head learning rate, or 'auto' to run the LR range test first.", low=0, low_open=True),

@@ -4,6 +4,7 @@ small data  -> train the new head only (the pretrained features are better than 
 medium data -> also finetune the last few stages
 large data  -> finetune everything
 The decision carries a one-sentence reason that the CLI prints, so the user knows how to override it.
+The BatchNorm statistics default follows where the weights come from (:func:`default_bn`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from finetune.errors import ConfigError
 
-__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze"]
+__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,13 @@ def decide_freeze(config: Any, n_images: int, n_classes: int, per_class_min: int
         size, k = "medium", max(0, min(int(config.medium_stages), n_stages))
     return FreezeDecision(k, _label(k, n_stages),
                           f"{sizes}: {size} -> {_what(k, n_stages)}; pass --freeze to override")
+
+
+def default_bn(pretrained: bool) -> str:
+    """The BatchNorm statistics policy when the user did not choose one.
+
+    ``"eval"`` for pretrained weights: keep the statistics they were trained with. ``"train"`` for a random
+    init: its running statistics are the initial mean 0 / variance 1, which frozen make every BatchNorm
+    an identity (random-init VGG16 and VGG16-BN trained alike, Inception v3's loss reached 1e10).
+    """
+    return "eval" if pretrained else "train"

@@ -225,6 +225,24 @@ def _train_stay_eval(module: nn.Module, mode: bool = True) -> nn.Module:
 
 
 _FROZEN_FLAG = "_finetune_bn_frozen"
+_FOLLOWS_FLAG = "_finetune_bn_follows_stage"
+
+
+def _stage_trains(module: nn.Module) -> bool:
+    """Whether a BatchNorm layer's stage is trained, read from its own affine parameters (which
+    ``apply_freeze`` sets with the stage). An affine-free layer has none to read: it counts as trained."""
+    params = list(module.parameters(recurse=False))
+    return not params or any(p.requires_grad for p in params)
+
+
+def _train_if_stage_trains(module: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for ``_BatchNorm.train`` under ``bn="train"``: the running statistics update only while
+    the layer's stage trains. Asked at every ``model.train()``, so it follows each phase's ``apply_freeze``
+    (head phase: every backbone layer keeps its statistics; after unfreezing: the trained stages update)."""
+    module.training = bool(mode) and _stage_trains(module)
+    for child in module.children():
+        child.train(mode)
+    return module
 
 
 def set_bn_eval(model: nn.Module, mode: str = "eval", exclude: Iterable[str] = ()) -> None:
@@ -232,10 +250,12 @@ def set_bn_eval(model: nn.Module, mode: str = "eval", exclude: Iterable[str] = (
 
     ``mode="eval"`` (the default recipe): every BatchNorm layer switches to eval mode and *stays* there
     when ``model.train()`` is called later, so the pretrained running mean/var are used and never
-    updated. It works by shadowing the layer's ``train`` method with an instance attribute (a
-    ``functools.partial`` of a module-level function): ``nn.Module.train`` recurses through
-    ``child.train(mode)``, so every caller (DDP, torch.compile's wrapper, user code) sees it; state
-    dicts are unchanged and the model still pickles and deep-copies. ``mode="train"`` undoes it.
+    updated. ``mode="train"``: under ``model.train()`` a layer updates its running statistics only when
+    its stage is trained (its affine parameters require grad, as ``apply_freeze`` leaves them); the
+    layers of frozen stages keep theirs, exactly as under "eval". Both work by shadowing the layer's
+    ``train`` method with an instance attribute (a ``functools.partial`` of a module-level function):
+    ``nn.Module.train`` recurses through ``child.train(mode)``, so every caller (DDP, torch.compile's
+    wrapper, user code) sees it; state dicts are unchanged and the model still pickles and deep-copies.
 
     Layers inside an :class:`MLPHead` or under an ``exclude`` prefix (the new head) are left alone:
     they have no pretrained statistics to keep.
@@ -250,21 +270,22 @@ def set_bn_eval(model: nn.Module, mode: str = "eval", exclude: Iterable[str] = (
     for name, m in model.named_modules():
         if isinstance(m, MLPHead) or any(belongs_to(name, e) for e in exclude if e):
             skip.update(id(x) for x in m.modules())
+    flag, other, replacement = ((_FROZEN_FLAG, _FOLLOWS_FLAG, _train_stay_eval) if mode == "eval"
+                                else (_FOLLOWS_FLAG, _FROZEN_FLAG, _train_if_stage_trains))
     for m in model.modules():
         if not isinstance(m, _BatchNorm) or id(m) in skip:
             continue
-        if mode == "eval":
-            m.train = functools.partial(_train_stay_eval, m)  # type: ignore[method-assign]
-            setattr(m, _FROZEN_FLAG, True)
-            m.eval()
-        elif getattr(m, _FROZEN_FLAG, False):
-            del m.__dict__["train"]
-            del m.__dict__[_FROZEN_FLAG]
+        m.__dict__.pop(other, None)
+        m.train = functools.partial(replacement, m)  # type: ignore[method-assign]
+        setattr(m, flag, True)
+        m.train(model.training)
 
 
 def bn_frozen_layers(model: nn.Module) -> int:
-    """How many BatchNorm layers keep frozen statistics (for the summary printout)."""
-    return sum(1 for m in model.modules() if getattr(m, _FROZEN_FLAG, False))
+    """How many BatchNorm layers keep frozen statistics now (for the summary printout): all of them under
+    ``bn="eval"``, those of frozen stages under ``bn="train"``."""
+    return sum(1 for m in model.modules()
+               if getattr(m, _FROZEN_FLAG, False) or (getattr(m, _FOLLOWS_FLAG, False) and not _stage_trains(m)))
 
 
 def xavier_std(fan_in: int, fan_out: int) -> float:

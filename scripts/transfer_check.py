@@ -69,10 +69,13 @@ def stamps_dir(given: str | None) -> Path:
     return stamps
 
 
-def stamp_files(stamps: Path) -> dict[str, list[Path]]:
-    """Photographic stamps per class (PNG; the cartoon sub-folders and SVG drawings are left out)."""
+def stamp_files(stamps: Path, classes: dict[str, str] = STAMP_CLASSES) -> dict[str, list[Path]]:
+    """Photographic stamps per class (PNG; the cartoon sub-folders and SVG drawings are left out).
+
+    ``classes`` maps a class name to its sub-folder of the stamps folder (default: the five classes here).
+    """
     files = {}
-    for name, sub in STAMP_CLASSES.items():
+    for name, sub in classes.items():
         found = sorted(p for p in (stamps / sub).rglob("*.png") if "cartoon" not in p.relative_to(stamps).parts)
         if not found:
             sys.exit(f"no PNG stamps under {stamps / sub}: is {stamps} a tuxpaint stamps folder?")
@@ -116,6 +119,10 @@ def main() -> None:
     ap.add_argument("--scratch-lr", default="1e-3")
     ap.add_argument("--scratch-patience", type=int, default=100,
                     help="early-stopping patience of the from-scratch run (large = it trains all its epochs)")
+    ap.add_argument("--scratch-bn", choices=("train", "eval"), default=None,
+                    help="BatchNorm statistics of the from-scratch run (default: zoo's, train for --no-pretrained; "
+                         "eval reproduces the runs before that default, frozen initial statistics)")
+    ap.add_argument("--scratch-only", action="store_true", help="only the from-scratch run (skip the head-only runs)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from zoo.demo import DEMO_MODEL, DemoPlan, demo_weights_file, write_digits_folder
@@ -129,8 +136,11 @@ def main() -> None:
         "pretrained, head only": ["--freeze", "head", "--lr", "1e-2", "--epochs", "100"],
         "random init, head only": ["--no-pretrained", "--freeze", "head", "--lr", "1e-2", "--epochs", "100"],
         "random init, all layers": ["--no-pretrained", "--freeze", "none", "--lr", args.scratch_lr, "--head-epochs", "0",
-                                    "--epochs", str(args.scratch_epochs), "--patience", str(args.scratch_patience)],
+                                    "--epochs", str(args.scratch_epochs), "--patience", str(args.scratch_patience)]
+                                   + (["--bn", args.scratch_bn] if args.scratch_bn else []),
     }
+    if args.scratch_only:
+        runs = {k: v for k, v in runs.items() if k == "random init, all layers"}
     results: dict[str, list[tuple[float, float, int, float]]] = {label: [] for label in runs}
     for split_seed in range(args.splits):
         data = work / f"data-{split_seed}"
@@ -161,7 +171,8 @@ def main() -> None:
     lines = [
         "", f"## {args.dataset}, {args.train_per_class} training images per class ({time.strftime('%Y-%m-%d')})", "",
         f"`scripts/transfer_check.py --dataset {args.dataset} --train-per-class {args.train_per_class} --splits "
-        f"{args.splits} --scratch-epochs {args.scratch_epochs} --scratch-lr {args.scratch_lr}` on {platform.machine()}, Python "
+        f"{args.splits} --scratch-epochs {args.scratch_epochs} --scratch-lr {args.scratch_lr}"
+        f"{' --scratch-bn ' + args.scratch_bn if args.scratch_bn else ''}{' --scratch-only' if args.scratch_only else ''}` on {platform.machine()}, Python "
         f"{platform.python_version()}. Data: {what}. Test accuracy (balanced accuracy, the mean per-class recall, "
         f"in brackets); each split is a different seeded draw of the few training images.", "",
         header, "|---" * (args.splits + 3) + "|",
@@ -172,7 +183,7 @@ def main() -> None:
         mean_b = statistics.mean(r[1] for r in rows)
         lines.append(f"| {label} | {' | '.join(cells)} | **{mean_a:.3f}** ({mean_b:.3f}) | "
                      f"{statistics.mean(r[3] for r in rows):.0f} |")
-    lines.append(f"\nTest images per split: {results['pretrained, head only'][0][2]}.")
+    lines.append(f"\nTest images per split: {next(iter(results.values()))[0][2]}.")
     report = ROOT / "docs" / "transfer_check.md"
     with report.open("a") as fh:
         fh.write("\n".join(lines) + "\n")

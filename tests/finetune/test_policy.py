@@ -102,3 +102,9 @@ def test_prepare_model_mlp_head_and_summary():
 def test_prepare_model_without_images_is_a_data_error():
     with pytest.raises(DataError):
         prepare_model(Tiny(), STAGES, "fc", 2, [0, 0], FinetuneConfig())
+
+
+def test_default_bn_follows_the_weights():
+    from finetune.policy import default_bn
+
+    assert default_bn(True) == "eval" and default_bn(False) == "train"

@@ -12,7 +12,7 @@ from torch import nn
 from finetune.config import FinetuneConfig
 from finetune.errors import ConfigError
 from finetune.optim import build_optimizer
-from finetune.recipe import prepare_model
+from finetune.recipe import prepare_model, trainable_summary
 from finetune.surgery import (MLPHead, apply_freeze, replace_head, set_bn_eval, stage_parameters,
                               xavier_std)
 
@@ -194,3 +194,35 @@ def test_bn_eval_policy_survives_pickle_and_deepcopy_and_can_be_undone(resnet):
     assert resnet.bn1.training
     with pytest.raises(ConfigError, match="bn="):
         set_bn_eval(resnet, mode="frozen")
+
+
+def test_bn_train_updates_only_the_statistics_of_trained_stages(resnet):
+    # --bn train --freeze 2: layer3 and layer4 train; the stem, layer1 and layer2 keep their statistics
+    config = FinetuneConfig(freeze="2", bn="train")
+    prepare_model(resnet, STAGES, "fc", 3, [10, 10, 10], config)
+    stats = bn_buffers(resnet)
+    resnet.train()
+    assert not resnet.bn1.training and not resnet.layer2[0].bn1.training and resnet.layer3[0].bn1.training
+    _train_steps(resnet, config, steps=1)
+    trained = {n for n in stats if n.startswith(("layer3.", "layer4."))}
+    assert trained and len(trained) < len(stats)
+    after = bn_buffers(resnet)
+    for n, b in stats.items():
+        assert torch.equal(after[n], b) != (n in trained), n   # frozen: bit-identical; trained: changed
+
+
+def test_bn_train_follows_each_phase_freeze(resnet):
+    # fit's head phase calls apply_freeze(0), then unfreezes: the statistics policy follows without a new call
+    prepare_model(resnet, STAGES, "fc", 3, [10, 10, 10], FinetuneConfig(freeze="1", bn="train"))
+    apply_freeze(resnet, STAGES, "fc", 0)
+    resnet.train()
+    assert not any(m.training for n, m in resnet.named_modules() if isinstance(m, nn.BatchNorm2d))
+    assert trainable_summary(resnet)["bn_frozen_layers"] == sum(
+        isinstance(m, nn.BatchNorm2d) for m in resnet.modules())
+    apply_freeze(resnet, STAGES, "fc", 1)
+    resnet.train()
+    assert resnet.layer4[0].bn1.training and not resnet.layer3[0].bn1.training
+    resnet.eval()
+    assert not resnet.layer4[0].bn1.training
+    clone = copy.deepcopy(resnet).train()
+    assert clone.layer4[0].bn1.training and not clone.layer3[0].bn1.training

@@ -246,3 +246,42 @@ def test_freeze_deeper_than_the_model_fails_before_any_work(tiny, tmp_path):
     res = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(out), "--freeze", "99"])
     assert res.exit_code == 2 and "the most is" in res.output and "Traceback" not in res.output
     assert not out.exists() and "model:" not in res.output      # no run folder, no model built
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--no-pretrained"], "train"),                 # random init: frozen initial statistics are an identity
+    (["--no-pretrained", "--bn", "eval"], "eval"),  # an explicit --bn wins
+    ([], "eval"),                                   # pretrained: keep the statistics it was trained with
+    (["--bn", "train"], "train"),
+])
+def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch, flags, expected):
+    from zoo import runs
+
+    seen = {}
+
+    def capture(model, data, config, **kw):
+        seen["bn"], seen["pretrained"] = config.bn, kw["pretrained"]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runs, "run_finetune", capture)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    CliRunner().invoke(cli, ["finetune", "tiny32", "--data", str(data), *flags])
+    assert seen == {"bn": expected, "pretrained": "--no-pretrained" not in flags}
+
+
+def test_no_pretrained_run_updates_bn_statistics_of_trained_stages_only(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--no-pretrained", "--freeze", "2",
+                    "--head-epochs", "0", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                    "--quiet", "--no-export")
+    assert result.exit_code == 0, result.output
+    state = load_file(out / "checkpoints" / "best.safetensors")
+    means = {k: v for k, v in state.items() if k.endswith("running_mean")}
+    # random init: running statistics start at mean 0; the last 2 stages (layer3, layer4) trained theirs
+    trained = {k for k in means if k.startswith(("layer3.", "layer4."))}
+    assert trained and len(trained) < len(means)
+    for k, v in means.items():
+        assert bool(v.abs().sum() > 0) == (k in trained), k

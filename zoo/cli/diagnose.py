@@ -17,7 +17,7 @@ import click
 from finetune.config import OPTIMIZERS, FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import config_options, fc_dropout_option, given_options
+from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
 from zoo.text import printable
 
 __all__ = ["lr_find_cmd", "sweep_cmd"]
@@ -27,7 +27,7 @@ SWEEP_DEFAULT_EPOCHS = 5     # a trial is a short finetune: enough to rank, not 
 _NOT_HERE = ("overfit_batches", "tensorboard")
 
 
-def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any],
+def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any], pretrained: bool,
                     extra: dict[str, Any] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
     """defaults < YAML < flags the user typed. Returns the config and the YAML's raw mapping."""
     from finetune.config import load_config
@@ -40,6 +40,7 @@ def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[st
 
         base = load_config(config_path)  # validates, with the file name in any error
         raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
     merged = {**base.to_dict(), **(extra or {}), **given}
     return FinetuneConfig.from_dict(merged, source="command line"), raw
 
@@ -145,7 +146,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
 
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
-    config, _ = _resolve_config(ctx, config_path, values)
+    config, _ = _resolve_config(ctx, config_path, values, pretrained)
     say = _say(config.quiet)
     console.keep_going()
     out_dir = _out_dir(out, model, "lrfind")
@@ -239,7 +240,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     wds = parse_values(wd_spec, "weight-decay", allow_zero=True) if wd_spec is not None else None
     freezes = parse_choices(freeze_spec, "freeze") if freeze_spec is not None else None
     optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
-    config, raw = _resolve_config(ctx, config_path, values)
+    config, raw = _resolve_config(ctx, config_path, values, pretrained)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
     say = _say(config.quiet)
     console.keep_going()

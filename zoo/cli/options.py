@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from finetune.config import OPTIONS, FinetuneConfig
 
-__all__ = ["config_options", "given_options", "fc_dropout_option"]
+__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -70,3 +70,13 @@ def fc_dropout_option(func: Callable) -> Callable:
         "--fc-dropout", "fc_dropout", type=click.FLOAT, default=None, metavar="P",
         help="VGG only: dropout in the FC-4096 layers while they train, as in the original (timm's VGG has "
              "none); 0 turns it off.  [0 <= x < 1; default: 0.5 for VGG]")(func)
+
+
+def bn_default(given: dict[str, Any], base: FinetuneConfig, pretrained: bool) -> dict[str, Any]:
+    """``given`` with ``bn`` following the weights when the user chose none (neither ``--bn`` nor a
+    ``--config`` file's value): "eval" for pretrained weights, "train" for a random init."""
+    if "bn" in given or base.bn != FinetuneConfig().bn:
+        return given
+    from finetune.policy import default_bn
+
+    return {**given, "bn": default_bn(pretrained)}

@@ -12,7 +12,7 @@ import click
 
 from finetune.config import FinetuneConfig
 from zoo.cli.app import cli
-from zoo.cli.options import config_options, fc_dropout_option, given_options
+from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
 from zoo.cli.console import echo
 from zoo.text import printable
 
@@ -120,6 +120,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         if not data:
             raise click.UsageError("--data DIR is required: a folder of class sub-folders of images")
         base = runs.load_run_config(config_path)
+        given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
                                     export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,

