@@ -21,6 +21,7 @@ __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_fin
            "load_run_config", "MODEL_JSON"]
 
 MODEL_JSON = "model.json"
+EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
 Log = Callable[[str], None]
 
 
@@ -142,10 +143,11 @@ def _build(entry, pretrained: bool, seed: int):
 
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
                  pretrained: bool = True, lr_auto: bool = False, export: bool = True,
-                 log: Log | None = None) -> RunOutcome:
+                 log: Log | None = None, exclude: str | Path | None = None) -> RunOutcome:
     """Scan ``data_dir``, build ``model_name``, train it into a run folder and export a bundle.
 
     Under torchrun every rank calls this; rank 0 alone prints and writes (the folder name is rank 0's).
+    ``exclude``: a findings.csv of `zoo doctor` or a list of paths, left out of train/val (RUN/exclude.txt).
 
     Raises:
         DataError: the folder cannot be trained on (raised before any model is built).
@@ -162,6 +164,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
         for line in scan_lines(report):
             say(line)
+        excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         entry = get_entry(model_name)
         from finetune.policy import parse_freeze
 
@@ -191,6 +194,10 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_scan(report, run_dir)
+            if excluded:
+                from finetune.io import atomic_write_text
+
+                atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{p}\n" for p in excluded))
             _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained))
             say(f"run folder: {run_dir}")
         ddp.barrier(info)
@@ -200,6 +207,8 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
                              run_dir=run_dir, log=say)
         if export and info.is_main:
             outcome.export_dir = _export(run_dir, say)
+        if info.is_main:
+            _report_html(run_dir, config, say)
         return outcome
     finally:
         ddp.cleanup(info)
@@ -241,6 +250,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
                              split_file=run_dir / "split.json")
         for w in report.warnings:
             say(f"warning: {w}")
+        if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
+            _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
         from zoo.registry import get_entry
 
         entry = get_entry(info_json["model"])
@@ -253,6 +264,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         outcome = RunOutcome(run_dir=run_dir, result=result)
         if export and info.is_main:
             outcome.export_dir = _export(run_dir, say)
+        if info.is_main:
+            _report_html(run_dir, config, say)
         return outcome
     finally:
         ddp.cleanup(info)
@@ -291,3 +304,30 @@ def load_run_config(path: str | Path | None) -> FinetuneConfig:
     """``--config file.yaml`` or the defaults."""
     return load_config(path) if path else FinetuneConfig()
 
+
+
+def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
+    """Leave the files listed in ``exclude`` out of train/val; returns them relative to the data folder."""
+    from finetune.doctor import exclude_items, read_exclude_file
+
+    try:
+        paths = read_exclude_file(exclude)
+    except ValueError as e:
+        raise UsageError(f"--exclude: {e}; pass a findings.csv of `zoo doctor` or a file of paths") from None
+    before = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    removed, unmatched = exclude_items(report, paths)
+    after = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    say(f"excluded {removed} file(s) listed in {exclude}"
+        + (f" ({len(unmatched)} listed path(s) are not training or validation images)" if unmatched else ""))
+    return sorted(before - after)
+
+
+def _report_html(run_dir: Path, config: FinetuneConfig, say: Log) -> None:
+    """RUN/report.html at the end of a run; a failure here only costs the page, never the run."""
+    try:
+        from zoo.report import make_report
+
+        dev = config.device if config.device != "auto" else "cpu"
+        say(f"report: {make_report(run_dir, device=dev, log=say)}")
+    except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
+        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")

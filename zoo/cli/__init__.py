@@ -78,7 +78,7 @@ def _register() -> None:
     # Each module adds its commands to ``cli``; a module not written yet is simply absent.
     import importlib
 
-    for name in ("catalogue", "cache", "train", "diagnose", "bundle", "demo"):
+    for name in ("catalogue", "cache", "train", "diagnose", "bundle", "demo", "doctor", "report"):
         try:
             importlib.import_module(f"zoo.cli.{name}")
         except ModuleNotFoundError as e:

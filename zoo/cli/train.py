@@ -145,10 +145,14 @@ def _is_main() -> bool:
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
 @click.option("--export/--no-export", "export", default=True, show_default=True,
               help="Write a bundle to RUN/export at the end (see `zoo predict`).")
+@click.option("--exclude", "exclude", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Leave out the files listed here: a findings.csv of `zoo doctor` or one path per line "
+                   "(recorded in RUN/exclude.txt).")
 @_config_options
 @click.pass_context
 def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
-                 out: str | None, resume: str | None, pretrained: bool, export: bool, **values: Any) -> None:
+                 out: str | None, resume: str | None, pretrained: bool, export: bool, exclude: str | None,
+                 **values: Any) -> None:
     """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
 
     The data is checked first (nothing is downloaded if it cannot be trained on); the freeze depth is
@@ -165,6 +169,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       zoo finetune efficientnet_b0 --data ./photos --lr auto --class-weights auto
       zoo finetune resnet50 --data ./photos --config recipe.yaml --seed 1
       zoo finetune resnet50 --data ./photos --overfit-batches 2     # sanity check only
+      zoo finetune resnet50 --data ./photos --exclude doctor-photos/findings.csv
       zoo finetune --resume runs/resnet50-20250101-120000            # after Ctrl-C or a crash
       torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
     """
@@ -191,6 +196,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
             raise click.UsageError("--lr auto cannot be combined with --resume: the run keeps its learning rate")
         if config_path:
             raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
+        if exclude:
+            raise click.UsageError("--exclude cannot be combined with --resume: the run keeps its exclude.txt")
         outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log)
     else:
         if not model:
@@ -201,7 +208,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         base = runs.load_run_config(config_path)
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
-                                    export=export, log=log)
+                                    export=export, log=log, exclude=exclude)
 
     if not main:
         return
