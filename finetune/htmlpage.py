@@ -33,7 +33,7 @@ code,.path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;word
 .bad{color:var(--bad)}.ok{color:var(--ok)}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
 figure{margin:0;border:1px solid var(--line);border-radius:6px;padding:6px;break-inside:avoid;page-break-inside:avoid}
-figure img{width:100%;height:auto;display:block;image-rendering:auto}
+figure img{width:100%;height:auto;max-height:170px;object-fit:contain;display:block}
 figcaption{font-size:.82em;color:var(--muted);word-break:break-all}
 svg{max-width:100%;height:auto;display:block}
 ul.advice li{margin:.2em 0}

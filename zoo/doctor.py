@@ -2,7 +2,7 @@
 
 The analysis is ``finetune.doctor.run_doctor``; here the zoo side resolves the model (default: the
 smallest cached pretrained model, so the command works offline), keeps the feature banks in the zoo
-cache (``ZOO_HOME/features``) and writes findings.csv, report.html and doctor.json into the output
+cache (``ZOO_HOME/features``) and writes findings.csv, label_ranking.csv, report.html and doctor.json into the output
 folder, which must lie outside the data folder (the user's images are only ever read).
 """
 from __future__ import annotations
@@ -102,6 +102,10 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
                         progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_findings_csv(result.findings, out / "findings.csv")
+    # every labelled image ranked by the probe (most suspicious first), beyond the flagged few
+    rows = ["path,label,suggested,score\n"] + [",".join(_csv_cell(v) for v in (p, g, s, f"{sc:.4f}")) + "\n"
+                                                for p, g, s, sc in result.label_ranking]
+    atomic_write_text(out / "label_ranking.csv", "".join(rows))
     atomic_write_text(out / "report.html", doctor_html(result, title=f"zoo doctor: {data.name}"))
     meta = {"data": str(data), "model": entry.name, "source": source, "images": result.images,
             "classes": result.classes, "counts": result.by_kind(), "probe_accuracy": result.probe_accuracy,
@@ -109,3 +113,12 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
             "seconds": result.seconds, "feature_cache_hits": result.feature_cache_hits}
     atomic_write_text(out / "doctor.json", json.dumps(meta, indent=2, default=str) + "\n")
     return result, out
+
+
+def _csv_cell(value: str) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow([value])
+    return buf.getvalue()
