@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 __all__ = [
-    "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS",
+    "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS", "EXCLUDE_KINDS",
     "file_facts", "folder_features", "find_duplicates", "label_issues", "find_outliers", "file_findings",
     "run_doctor", "write_findings_csv", "read_exclude_file", "exclude_items",
 ]
@@ -47,6 +47,9 @@ __all__ = [
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
                  "tiny", "aspect", "small_class", "scan_warning")
 CSV_COLUMNS = ("path", "finding", "score", "other", "split", "label", "detail")
+# What ``--exclude findings.csv`` drops: the rows that are about one bad file. Tiny images and extreme
+# aspect ratios are reported but kept (they may be fine for the task); edit the CSV to drop them too.
+EXCLUDE_KINDS = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable")
 SPLIT_ORDER = ("train", "val", "test")
 Log = Callable[[str], None]
 
@@ -502,10 +505,10 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def read_exclude_file(path: str | Path, kinds: Sequence[str] | None = None) -> list[str]:
-    """Paths listed in ``path``: a findings.csv (its ``path`` column; only ``kinds`` when given) or a
-    plain list (one path per line, ``#`` comments). Folder-wide rows (small_class, scan_warning) are
-    skipped. Paths are returned as written (relative to the data folder, or absolute).
+def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) -> list[str]:
+    """Paths listed in ``path``: a findings.csv (its ``path`` column, rows of ``kinds`` only) or a
+    plain list (one path per line, ``#`` comments). Paths are returned as written (relative to the data
+    folder, or absolute).
 
     Raises:
         ValueError: the file cannot be read or holds no path.
@@ -518,9 +521,7 @@ def read_exclude_file(path: str | Path, kinds: Sequence[str] | None = None) -> l
     out: list[str] = []
     if lines and lines[0].strip().split(",")[:2] == ["path", "finding"]:
         for row in csv.DictReader(io.StringIO(text)):
-            if row.get("finding") in ("small_class", "scan_warning") or not row.get("path"):
-                continue
-            if kinds is None or row.get("finding") in kinds:
+            if row.get("path") and row.get("finding") in kinds:
                 out.append(row["path"])
     else:
         out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

@@ -115,6 +115,10 @@ def test_exclude_file_and_items(tmp_path):
     removed, unmatched = exclude_items(report, read_exclude_file(plain))
     assert removed == 2 and unmatched == ["nowhere/x.png"]
     assert len(report.train) == n_train - 1 and len(report.val) == n_val - 1
+    kept = tmp_path / "tiny.csv"      # tiny / aspect rows are reported, not excluded by default
+    kept.write_text("path,finding,score,other,split,label,detail\ntrain/a.png,tiny,20,,train,cat,\n"
+                    "train/b.png,wrong_label,0.9,dog,train,cat,\n")
+    assert read_exclude_file(kept) == ["train/b.png"]
     with pytest.raises(ValueError):
         read_exclude_file(tmp_path / "missing.csv")
 
