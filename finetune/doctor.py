@@ -8,7 +8,8 @@ user's folder; :func:`write_findings_csv` writes where it is told.
 
 Findings, most serious first (``FINDING_ORDER``):
 
-* ``leak``: the same image (same bytes, or features with cosine similarity >= ``near_threshold``) in two
+* ``leak``: the same image (same bytes, features with cosine similarity >= ``near_threshold``, or
+  16x16 grey pixel fingerprints with cosine >= ``pixel_threshold``: re-encoded / resized copies) in two
   splits. ``path`` is the copy on the training side (train before val before test: the one
   ``zoo finetune --exclude`` can drop), ``other`` the copy in the later split.
 * ``cross_class_duplicate`` / ``duplicate``: the same image twice in one split, in two classes / one class.
@@ -40,7 +41,7 @@ import numpy as np
 
 __all__ = [
     "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS", "EXCLUDE_KINDS",
-    "file_facts", "folder_features", "find_duplicates", "label_issues", "find_outliers", "file_findings",
+    "file_facts", "pixel_fingerprint", "folder_features", "find_duplicates", "label_issues", "find_outliers", "file_findings",
     "run_doctor", "write_findings_csv", "read_exclude_file", "exclude_items",
 ]
 
@@ -59,6 +60,7 @@ class DoctorOptions:
     """Thresholds of the checks (the defaults are the ones measured in docs/doctor.md)."""
 
     near_threshold: float = 0.95    # cosine similarity of L2-normalised pooled features: a near copy
+    pixel_threshold: float = 0.99   # or cosine similarity of the 16x16 grey pixel fingerprints
     folds: int = 5                  # out-of-fold probe folds (wrong labels)
     seed: int = 0                   # fold assignment
     probe_l2: float = 1e-3          # L2 penalty of the linear probe (on the mean squared weight)
@@ -70,8 +72,9 @@ class DoctorOptions:
 
     def validate(self) -> "DoctorOptions":
         """Raise ValueError on an option outside its range; returns self."""
-        if not 0.0 < self.near_threshold <= 1.0:
-            raise ValueError(f"near_threshold={self.near_threshold} must be in (0, 1], e.g. 0.95")
+        if not 0.0 < self.near_threshold <= 1.0 or not 0.0 < self.pixel_threshold <= 1.0:
+            raise ValueError(f"near_threshold={self.near_threshold} and pixel_threshold={self.pixel_threshold} "
+                             "must be in (0, 1], e.g. 0.95 and 0.99")
         if self.folds < 2:
             raise ValueError(f"folds={self.folds} must be at least 2, e.g. 5")
         if self.probe_l2 < 0 or self.outlier_z <= 0 or self.min_side < 0 or self.max_aspect < 1:
@@ -117,13 +120,41 @@ class DoctorResult:
 
 
 # ------------------------------------------------------------------------------------------ files
+THUMB_SIDE = 16    # pixel fingerprint: the image as 16x16 grey levels (see pixel_fingerprint)
+
+
+def pixel_fingerprint(path: str) -> np.ndarray | None:
+    """The image (EXIF-upright, transparency on white, as training sees it) shrunk to 16x16 grey levels,
+    mean-centred and L2-normalised; None when it cannot be decoded.
+
+    Re-encoding and resizing barely move it (cosine >= 0.996 for JPEG q60 / 70 % resized copies of the
+    stamps photos) while different photos stay below 0.93 (docs/doctor.md): the net for near copies that
+    the pretrained features, which JPEG artefacts move more (cosine down to 0.79), let through.
+    """
+    from PIL import Image
+
+    from finetune.data import load_image
+
+    try:
+        im = load_image(path, min_size=THUMB_SIDE * 4).convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    except Exception:  # noqa: BLE001 - an undecodable image has no fingerprint; the scan reports it
+        return None
+    v = np.asarray(im, dtype=np.float32).ravel()
+    v = v - v.mean()
+    n = float(np.linalg.norm(v))
+    return v / n if n > 1e-6 else None      # a flat image matches everything: no fingerprint
+
+
 def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None
-               ) -> tuple[list[str], list[tuple[int, int] | None]]:
-    """(sha256 of the bytes, (width, height) from the header or None) per path; read only."""
+               ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
+    """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
+    (rows of an (N, 256) array, zeros when missing) and whether it exists. Read only."""
     from PIL import Image
 
     hashes, sizes = [], []
-    for p in paths:
+    thumbs = np.zeros((len(paths), THUMB_SIDE * THUMB_SIDE), dtype=np.float32)
+    has = np.zeros(len(paths), dtype=bool)
+    for k, p in enumerate(paths):
         h = hashlib.sha256()
         try:
             with open(p, "rb") as fh:
@@ -137,9 +168,12 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
                 sizes.append(tuple(int(v) for v in im.size))   # header only: no decode
         except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
             sizes.append(None)
+        fp = pixel_fingerprint(p) if sizes[-1] is not None else None
+        if fp is not None:
+            thumbs[k], has[k] = fp, True
         if progress is not None:
             progress(1)
-    return hashes, sizes
+    return hashes, sizes, thumbs, has
 
 
 # --------------------------------------------------------------------------------------- features
@@ -223,13 +257,17 @@ def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tupl
 
 
 def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequence[str], hashes: Sequence[str],
-                    z: np.ndarray | None, ok: np.ndarray | None, threshold: float) -> list[Finding]:
-    """Exact (same sha256) and near (cosine >= threshold on L2-normalised ``z``) copies, one row per pair.
+                    z: np.ndarray | None, ok: np.ndarray | None, threshold: float,
+                    thumbs: np.ndarray | None = None, has_thumb: np.ndarray | None = None,
+                    pixel_threshold: float = 0.99) -> list[Finding]:
+    """Exact (same sha256) and near copies, one row per pair. Near: cosine >= ``threshold`` on the
+    L2-normalised features ``z``, or >= ``pixel_threshold`` on the pixel fingerprints ``thumbs``.
 
     Args:
         paths, splits, labels: per image (relative path, split name, class name).
         hashes: sha256 per image ("" when unreadable: never matched).
-        z: L2-normalised features (N, D) or None (exact copies only); ok: rows of ``z`` that are valid.
+        z: L2-normalised features (N, D) or None; ok: rows of ``z`` that are valid.
+        thumbs, has_thumb: :func:`pixel_fingerprint` rows and which exist (None: not used).
     """
     rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
     pairs: dict[tuple[int, int], tuple[float, bool]] = {}
@@ -247,11 +285,20 @@ def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequenc
             key = (int(rows[i]), int(rows[j]))
             if key not in pairs:
                 pairs[key] = (min(s, 1.0), False)
+    pixel: set[tuple[int, int]] = set()
+    if thumbs is not None and len(thumbs):
+        rows = np.flatnonzero(has_thumb) if has_thumb is not None else np.arange(len(thumbs))
+        for i, j, s in _near_pairs(thumbs[rows], pixel_threshold):
+            key = (int(rows[i]), int(rows[j]))
+            if key not in pairs:
+                pairs[key] = (min(s, 1.0), False)
+                pixel.add(key)
     findings = []
     for (i, j), (sim, exact) in pairs.items():
         # the training-side copy first (leaks), else sorted order: the second copy is the one to drop
         a, b = sorted((i, j), key=lambda k: (rank.get(splits[k], 9), paths[k]))
-        how = "exact copy (same bytes)" if exact else f"near copy (feature cosine {sim:.3f})"
+        how = ("exact copy (same bytes)" if exact else f"near copy (16x16 pixels cosine {sim:.4f})"
+               if (i, j) in pixel else f"near copy (feature cosine {sim:.3f})")
         if splits[a] != splits[b]:
             kind, keep, drop = "leak", b, a
             detail = f"{how}: {splits[a]} image also in {splits[b]}"
@@ -410,7 +457,7 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
 
     t0 = time.perf_counter()
     bar = progress("hashing files", n) if progress is not None else None
-    hashes, sizes = file_facts(paths_abs, (lambda k: bar.update(k)) if bar is not None else None)
+    hashes, sizes, thumbs, has_thumb = file_facts(paths_abs, (lambda k: bar.update(k)) if bar is not None else None)
     if bar is not None:
         bar.close()
     seconds["files"] = time.perf_counter() - t0
@@ -431,7 +478,8 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
         np.zeros(0, bool)
 
     t0 = time.perf_counter()
-    findings = find_duplicates(rel, splits, labels, hashes, z, ok, options.near_threshold)
+    findings = find_duplicates(rel, splits, labels, hashes, z, ok, options.near_threshold, thumbs, has_thumb,
+                               options.pixel_threshold)
     seconds["duplicates"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

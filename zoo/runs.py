@@ -316,6 +316,10 @@ def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
         raise UsageError(f"--exclude: {e}; pass a findings.csv of `zoo doctor` or a file of paths") from None
     before = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
     removed, unmatched = exclude_items(report, paths)
+    emptied = [c for c, n in zip(report.classes, report.train.class_counts()) if n == 0]
+    if emptied:
+        raise UsageError(f"--exclude {exclude} leaves no training image in class(es) {', '.join(emptied[:5])}; "
+                         "list fewer files (edit the CSV, or raise `zoo doctor --near`)")
     after = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
     say(f"excluded {removed} file(s) listed in {exclude}"
         + (f" ({len(unmatched)} listed path(s) are not training or validation images)" if unmatched else ""))

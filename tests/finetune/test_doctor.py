@@ -81,7 +81,9 @@ def test_exact_and_near_copies_leaks_first(tmp_path):
     before = _snapshot(data)
     report = scan_folder(data)
     near = {"train/fox/fox_005.png": "val/fox/fox_v001.png"}
-    result = run_doctor(report, features=_features(report, near), options=DoctorOptions(min_side=0))
+    # pixel_threshold 1: the drawn test images of one class look alike at 16x16; features decide here
+    result = run_doctor(report, features=_features(report, near),
+                        options=DoctorOptions(min_side=0, pixel_threshold=1.0))
     kinds = [f.finding for f in result.findings]
     assert kinds[0] == "leak"
     leaks = {(f.path, f.other) for f in result.findings if f.finding == "leak"}
@@ -100,10 +102,37 @@ def test_exact_and_near_copies_leaks_first(tmp_path):
     assert rows[0]["finding"] == "leak" and float(rows[0]["score"]) > 0.9
 
 
+def test_reencoded_and_resized_copies_are_found_by_their_pixels(tmp_path):
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+
+    def photo(path):
+        noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((96, 96)).filter(ImageFilter.GaussianBlur(3)).save(path)
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                photo(tmp_path / "d" / split / cls / f"{i}.png")
+    (tmp_path / "d" / "val").mkdir()
+    for cls in ("a", "b"):
+        (tmp_path / "d" / "val" / cls).mkdir()
+        photo(tmp_path / "d" / "val" / cls / "v.png")
+    src = Image.open(tmp_path / "d" / "train" / "a" / "0.png")
+    src.save(tmp_path / "d" / "test" / "a" / "jpeg60.jpg", quality=60)
+    src.resize((67, 67)).save(tmp_path / "d" / "test" / "a" / "small.jpg", quality=90)
+    report = scan_folder(tmp_path / "d")
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0))
+    leaks = {(f.path, f.other) for f in result.findings if f.finding == "leak"}
+    assert leaks == {("train/a/0.png", "test/a/jpeg60.jpg"), ("train/a/0.png", "test/a/small.jpg")}
+
+
 def test_exclude_file_and_items(tmp_path):
     data = _leaky_folder(tmp_path)
     report = scan_folder(data)
-    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0))
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0, pixel_threshold=1.0))
     write_findings_csv(result.findings, tmp_path / "findings.csv")
     listed = read_exclude_file(tmp_path / "findings.csv", kinds=("leak", "duplicate"))
     assert "train/cat/cat_000.png" in listed and "train/dog/dog_copy.png" in listed

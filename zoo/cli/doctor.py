@@ -33,6 +33,9 @@ def _bar(quiet: bool):
               help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
 @click.option("--near", "near", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
               help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features.")
+@click.option("--near-pixels", "near_pixels", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.99,
+              show_default=True, help="Near-duplicate threshold on 16x16 grey pixel fingerprints (re-encoded or "
+                                      "resized copies).")
 @click.option("--folds", "folds", type=click.IntRange(2, 50), default=5, show_default=True,
               help="Out-of-fold folds of the linear probe that flags likely wrong labels.")
 @click.option("--outlier-z", "outlier_z", type=click.FloatRange(0.0, min_open=True), default=5.0, show_default=True,
@@ -51,7 +54,7 @@ def _bar(quiet: bool):
 @click.option("--workers", "workers", type=int, default=-1, show_default=True,
               help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")
 @click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
-def doctor_cmd(data: str, model: str | None, out: str | None, near: float, folds: int, outlier_z: float,
+def doctor_cmd(data: str, model: str | None, out: str | None, near: float, near_pixels: float, folds: int, outlier_z: float,
                min_side: int, max_aspect: float, seed: int, val_split: float, device: str, batch_size: int,
                workers: int, quiet: bool) -> None:
     """Look at the data before trusting it: what would inflate or hurt the accuracy of a finetune.
@@ -77,7 +80,7 @@ def doctor_cmd(data: str, model: str | None, out: str | None, near: float, folds
             click.echo(msg, err=True)
 
     try:
-        options = DoctorOptions(near_threshold=near, folds=folds, seed=seed, outlier_z=outlier_z,
+        options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed, outlier_z=outlier_z,
                                 min_side=min_side, max_aspect=max_aspect).validate()
     except ValueError as e:
         raise click.UsageError(str(e))
