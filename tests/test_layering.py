@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("zoo", "finetune")
 # finetune's layers, top to bottom; a module may import its own layer and the ones below it.
-TOOLS = ("finetune.train", "finetune.features", "finetune.diagnostics", "finetune.sweep")
+TOOLS = ("finetune.train", "finetune.features", "finetune.diagnostics", "finetune.sweep", "finetune.doctor",
+         "finetune.report", "finetune.htmlpage")
 LAYERS = {"tools": 3, "engine": 2, "data": 1, "base": 0}
 
 

@@ -61,7 +61,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("finetune", "a `zoo finetune` run",
          ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv", "curves.png",
           "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard",
-          "log.txt"),
+          "log.txt", "report.html", "exclude.txt"),
          ("model.json", "config.yaml"), resumable=True),
     Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "README.md", "model.onnx"),
          ("model.safetensors", "config.json")),

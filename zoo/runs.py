@@ -20,6 +20,7 @@ __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_fin
            "load_run_config", "MODEL_JSON"]
 
 MODEL_JSON = "model.json"
+EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
 Log = Callable[[str], None]
 
 
@@ -158,7 +159,8 @@ def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
                  pretrained: bool = True, lr_auto: bool = False, export: bool = True,
                  fc_dropout: float | None = None, overwrite: bool = False, log: Log | None = None,
-                 on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
+                 on_run_dir: Callable[[Path], None] | None = None,
+                 exclude: str | Path | None = None) -> RunOutcome:
     """Scan ``data_dir``, build ``model_name``, train it into a run folder and export a bundle.
 
     ``fc_dropout``: VGG's FC-4096 dropout (``zoo.build.builder_kwargs``; None = the original 0.5).
@@ -166,6 +168,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     Under torchrun every rank calls this; rank 0 alone prints and writes (the folder name is rank 0's).
     The run folder follows ``zoo.outdir`` (absent/empty, or ``overwrite`` of an earlier run) and is
     locked from before the model is built to the end; ``on_run_dir`` is called (rank 0) once it is.
+    ``exclude``: a findings.csv of `zoo doctor` or a list of paths, left out of train/val (RUN/exclude.txt).
 
     Raises:
         DataError: the folder cannot be trained on (raised before any model is built).
@@ -183,6 +186,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
         for line in scan_lines(report):
             say(line)
+        excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         entry = get_entry(model_name)
         from finetune.policy import parse_freeze
 
@@ -196,13 +200,14 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         with claim_out(run_dir, "finetune", overwrite=overwrite, note=say):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
-            return _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say)
+            return _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
+                              excluded)
     finally:
         ddp.cleanup(info)
 
 
 def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,
-               export: bool, kwargs: dict[str, Any], info, say: Log) -> RunOutcome:
+               export: bool, kwargs: dict[str, Any], info, say: Log, excluded: list[str]) -> RunOutcome:
     from finetune import distributed as ddp
     from finetune.data import write_scan
     from finetune.features import FeatureCache
@@ -227,6 +232,10 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_scan(report, run_dir)
+        if excluded:
+            from finetune.io import atomic_write_text
+
+            atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{p}\n" for p in excluded))
         _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
         say(f"run folder: {run_dir}")
     ddp.barrier(info)
@@ -234,6 +243,8 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
                          run_dir=run_dir, log=say, feature_cache=features)
     if export and info.is_main:
         outcome.export_dir = _export(run_dir, say)
+    if info.is_main:
+        _report_html(run_dir, config, say)
     return outcome
 
 
@@ -295,6 +306,8 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
                          split_file=run_dir / "split.json")
     for w in report.warnings:
         say(f"warning: {w}")
+    if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
+        _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
     entry = get_entry(info_json["model"])
     # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
     # with the run's own FC dropout (runs from before model.json recorded it had none).
@@ -306,9 +319,40 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     outcome = RunOutcome(run_dir=run_dir, result=result)
     if export and info.is_main:
         outcome.export_dir = _export(run_dir, say)
+    if info.is_main:
+        _report_html(run_dir, config, say)
     return outcome
 
 
+def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
+    """Leave the files listed in ``exclude`` out of train/val; returns them relative to the data folder."""
+    from finetune.doctor import exclude_items, read_exclude_file
+
+    try:
+        paths = read_exclude_file(exclude)
+    except ValueError as e:
+        raise UsageError(f"--exclude: {e}; pass a findings.csv of `zoo doctor` or a file of paths") from None
+    before = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    removed, unmatched = exclude_items(report, paths)
+    emptied = [c for c, n in zip(report.classes, report.train.class_counts()) if n == 0]
+    if emptied:
+        raise UsageError(f"--exclude {exclude} leaves no training image in class(es) {', '.join(emptied[:5])}; "
+                         "list fewer files (edit the CSV, or raise `zoo doctor --near`)")
+    after = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    say(f"excluded {removed} file(s) listed in {exclude}"
+        + (f" ({len(unmatched)} listed path(s) are not training or validation images)" if unmatched else ""))
+    return sorted(before - after)
+
+
+def _report_html(run_dir: Path, config: FinetuneConfig, say: Log) -> None:
+    """RUN/report.html at the end of a run; a failure here only costs the page, never the run."""
+    try:
+        from zoo.report import make_report
+
+        dev = config.device if config.device != "auto" else "cpu"
+        say(f"report: {make_report(run_dir, device=dev, log=say)}")
+    except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
+        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
              say: Log, feature_cache=None):
     from finetune.diagnostics import lr_find

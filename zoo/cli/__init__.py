@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from zoo.cli.app import cli
-from zoo.cli import catalogue, cache, train, diagnose, bundle, demo  # noqa: F401,E402  (register commands)
+from zoo.cli import catalogue, cache, train, diagnose, bundle, demo, doctor, report  # noqa: F401,E402  (register commands)
 
 __all__ = ["main", "cli"]
 

@@ -50,12 +50,15 @@ def _is_main() -> bool:
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
 @click.option("--export/--no-export", "export", default=True, show_default=True,
               help="Write a bundle to RUN/export at the end (see `zoo predict`).")
+@click.option("--exclude", "exclude", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Leave out the files listed here: a findings.csv of `zoo doctor` or one path per line "
+                   "(recorded in RUN/exclude.txt).")
 @fc_dropout_option
 @config_options()
 @click.pass_context
 def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
                  out: str | None, resume: str | None, overwrite: bool, pretrained: bool, export: bool,
-                 fc_dropout: float | None,
+                 exclude: str | None, fc_dropout: float | None,
                  **values: Any) -> None:
     """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
 
@@ -77,6 +80,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       zoo finetune efficientnet_b0 --data ./photos --lr auto --class-weights auto
       zoo finetune resnet50 --data ./photos --config recipe.yaml --seed 1
       zoo finetune resnet50 --data ./photos --overfit-batches 2     # sanity check only
+      zoo finetune resnet50 --data ./photos --exclude doctor-photos/findings.csv
       zoo finetune --resume runs/resnet50-20250101-120000            # after Ctrl-C or a crash
       torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
     """
@@ -112,6 +116,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
             raise click.UsageError("--fc-dropout cannot be combined with --resume: the run keeps its model")
         if overwrite:
             raise click.UsageError("--overwrite cannot be combined with --resume: continue the run or start it over")
+        if exclude:
+            raise click.UsageError("--exclude cannot be combined with --resume: the run keeps its exclude.txt")
         outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
     else:
         if not model:
@@ -124,7 +130,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
         outcome = runs.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
                                     export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
-                                    on_run_dir=log_file)
+                                    on_run_dir=log_file, exclude=exclude)
 
     if not main:
         return

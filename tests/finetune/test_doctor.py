@@ -1,0 +1,231 @@
+"""finetune.doctor: duplicates and leaks, the label probe, outliers, findings.csv, the exclude list, the page."""
+from __future__ import annotations
+
+import csv
+import html.parser
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from finetune.data import scan_folder
+from finetune.doctor import (CSV_COLUMNS, DoctorOptions, exclude_items, find_outliers, label_issues,
+                             read_exclude_file, run_doctor, write_findings_csv)
+from tests.conftest import make_image, make_image_folder
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+               "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def _clusters(n_per: int = 30, classes: int = 3, dim: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 4
+    x = np.concatenate([centres[c] + rng.normal(size=(n_per, dim)) for c in range(classes)])
+    y = np.repeat(np.arange(classes), n_per)
+    return x.astype(np.float32), y
+
+
+def test_a_flipped_label_is_ranked_first_with_its_true_class_suggested():
+    x, y = _clusters()
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    flipped = y.copy()
+    flipped[7] = 2          # image 7 is class 0, filed under 2
+    out = label_issues(z, flipped, 3, folds=5, seed=0)
+    order = np.argsort(-out["score"])
+    assert order[0] == 7
+    assert out["flagged"][7] and out["suggested"][7] == 0
+    assert out["flagged"].sum() <= 3        # separable clusters: hardly any false alarm
+    # seeded: the same folds, the same probabilities
+    again = label_issues(z, flipped, 3, folds=5, seed=0)
+    np.testing.assert_allclose(out["probs"], again["probs"])
+
+
+def test_an_image_far_from_every_class_is_an_outlier():
+    x, y = _clusters()
+    x[5] = -x[:30].mean(0) * 3        # pointing away from every centroid
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    score, flagged = find_outliers(z, y, 3, z_max=5.0)
+    assert flagged[5] and int(np.argmax(score)) == 5
+    assert flagged.sum() <= 2
+
+
+def _leaky_folder(tmp_path):
+    data = make_image_folder(tmp_path / "data", layout="split", per_class=8, val_per_class=3, size=32)
+    for i, cls in enumerate(("cat", "dog", "fox")):
+        make_image(data / "test" / cls / f"{cls}_t.png", i, 32, random.Random(100 + i))
+    shutil.copyfile(data / "train" / "cat" / "cat_000.png", data / "test" / "cat" / "leaked.png")
+    shutil.copyfile(data / "train" / "dog" / "dog_001.png", data / "train" / "dog" / "dog_copy.png")
+    shutil.copyfile(data / "train" / "fox" / "fox_002.png", data / "train" / "cat" / "cat_is_fox.png")
+    return data
+
+
+def _features(report, near: dict[str, str] = ()):
+    """Random features per split, with the pairs in ``near`` (relative paths) made nearly identical."""
+    rng = np.random.default_rng(0)
+    feats = {s: rng.normal(size=(len(v), 32)).astype(np.float32) for s, v in report.sets().items()}
+    where = {report.relpath(p): (s, i) for s, v in report.sets().items() for i, (p, _) in enumerate(v.items)}
+    for a, b in dict(near).items():
+        sa, ia = where[a]
+        sb, ib = where[b]
+        feats[sb][ib] = feats[sa][ia] + 0.01 * rng.normal(size=32)
+    return feats
+
+
+def _snapshot(root):
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*"))
+
+
+def test_exact_and_near_copies_leaks_first(tmp_path):
+    data = _leaky_folder(tmp_path)
+    before = _snapshot(data)
+    report = scan_folder(data)
+    near = {"train/fox/fox_005.png": "val/fox/fox_v001.png"}
+    # pixel_threshold 1: the drawn test images of one class look alike at 16x16; features decide here
+    result = run_doctor(report, features=_features(report, near),
+                        options=DoctorOptions(min_side=0, pixel_threshold=1.0))
+    kinds = [f.finding for f in result.findings]
+    assert kinds[0] == "leak"
+    leaks = {(f.path, f.other) for f in result.findings if f.finding == "leak"}
+    assert ("train/cat/cat_000.png", "test/cat/leaked.png") in leaks          # exact
+    assert ("train/fox/fox_005.png", "val/fox/fox_v001.png") in leaks        # near (features)
+    assert {"train/dog/dog_copy.png", "train/dog/dog_001.png"} == {
+        *next((f.path, f.other) for f in result.findings if f.finding == "duplicate")}
+    cross = [f for f in result.findings if f.finding == "cross_class_duplicate"]
+    assert len(cross) == 1 and {cross[0].path, cross[0].other} == {"train/cat/cat_is_fox.png", "train/fox/fox_002.png"}
+    assert _snapshot(data) == before        # only read
+
+    out = tmp_path / "findings.csv"
+    write_findings_csv(result.findings, out)
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == len(result.findings)
+    assert rows[0]["finding"] == "leak" and float(rows[0]["score"]) > 0.9
+
+
+def test_reencoded_and_resized_copies_are_found_by_their_pixels(tmp_path):
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+
+    def photo(path):
+        noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((96, 96)).filter(ImageFilter.GaussianBlur(3)).save(path)
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                photo(tmp_path / "d" / split / cls / f"{i}.png")
+    (tmp_path / "d" / "val").mkdir()
+    for cls in ("a", "b"):
+        (tmp_path / "d" / "val" / cls).mkdir()
+        photo(tmp_path / "d" / "val" / cls / "v.png")
+    src = Image.open(tmp_path / "d" / "train" / "a" / "0.png")
+    src.save(tmp_path / "d" / "test" / "a" / "jpeg60.jpg", quality=60)
+    src.resize((67, 67)).save(tmp_path / "d" / "test" / "a" / "small.jpg", quality=90)
+    report = scan_folder(tmp_path / "d")
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0))
+    leaks = {(f.path, f.other) for f in result.findings if f.finding == "leak"}
+    assert leaks == {("train/a/0.png", "test/a/jpeg60.jpg"), ("train/a/0.png", "test/a/small.jpg")}
+
+
+def test_exclude_file_and_items(tmp_path):
+    data = _leaky_folder(tmp_path)
+    report = scan_folder(data)
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0, pixel_threshold=1.0))
+    write_findings_csv(result.findings, tmp_path / "findings.csv")
+    listed = read_exclude_file(tmp_path / "findings.csv", kinds=("leak", "duplicate"))
+    assert "train/cat/cat_000.png" in listed and "train/dog/dog_copy.png" in listed
+    plain = tmp_path / "list.txt"
+    plain.write_text("# dropped by hand\ntrain/cat/cat_000.png\n" + str(data / "val" / "dog" / "dog_v000.png") + "\n"
+                     "nowhere/x.png\n")
+    assert read_exclude_file(plain)[0] == "train/cat/cat_000.png"
+    n_train, n_val = len(report.train), len(report.val)
+    removed, unmatched = exclude_items(report, read_exclude_file(plain))
+    assert removed == 2 and unmatched == ["nowhere/x.png"]
+    assert len(report.train) == n_train - 1 and len(report.val) == n_val - 1
+    kept = tmp_path / "tiny.csv"      # tiny / aspect rows are reported, not excluded by default
+    kept.write_text("path,finding,score,other,split,label,detail\ntrain/a.png,tiny,20,,train,cat,\n"
+                    "train/b.png,wrong_label,0.9,dog,train,cat,\n")
+    assert read_exclude_file(kept) == ["train/b.png"]
+    with pytest.raises(ValueError):
+        read_exclude_file(tmp_path / "missing.csv")
+
+
+def test_features_go_through_the_cache_fit_uses(tmp_path):
+    import timm
+    import torch
+
+    from finetune.config import FinetuneConfig
+    from finetune.doctor import folder_features
+    from finetune.features import fit_head_on_features
+
+    data = make_image_folder(tmp_path / "data", layout="split", per_class=6, val_per_class=2)
+    report = scan_folder(data)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    config = FinetuneConfig(batch_size=8, workers=0, device="cpu", epochs=1, quiet=True)
+    cache = tmp_path / "features"
+    feats, valid, hits = folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)
+    assert hits == 0 and feats["train"].shape[0] == len(report.train) and valid["train"].all()
+    assert folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)[2] == 2
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("fc.")
+    said: list[str] = []
+    fit_head_on_features(model, "fc", report.train, report.val, DATA_CONFIG, config, cache_dir=cache,
+                         log=said.append)
+    assert any("train loaded from cache" in m for m in said), said
+    assert any("val loaded from cache" in m for m in said), said
+
+
+def test_doctor_page_is_self_contained_and_escaped(tmp_path):
+    from finetune.report import doctor_html
+
+    data = make_image_folder(tmp_path / "data", classes=("a<b>&c", "dog"), per_class=6)
+    shutil.copyfile(data / "dog" / "dog_000.png", data / "dog" / "dog_copy.png")
+    report = scan_folder(data)
+    page = doctor_html(run_doctor(report, features=_features(report)))
+    assert "a<b>&c" not in page and "a&lt;b&gt;&amp;c" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "data:image/jpeg;base64," in page       # the duplicate's thumbnails are embedded
+    check_html(page)
+
+
+class _Checker(html.parser.HTMLParser):
+    VOID = {"meta", "img", "br", "hr", "input", "link", "area", "base", "col", "embed", "source", "track", "wbr",
+            "rect", "line", "polyline", "path", "circle"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("src", "href") and value and not value.startswith(("data:", "#")):
+                self.errors.append(f"external {name}={value[:40]}")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in self.VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def check_html(text: str) -> None:
+    """Well-formed (every element closed in order), one document, no external resource."""
+    assert text.startswith("<!DOCTYPE html>")
+    p = _Checker()
+    p.feed(text)
+    p.close()
+    assert not p.errors, p.errors[:5]
+    assert not p.stack, p.stack

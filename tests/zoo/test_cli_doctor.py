@@ -1,0 +1,84 @@
+"""``zoo doctor``, ``zoo finetune --exclude`` and ``zoo report`` end to end on the tiny registry model."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import make_image_folder, register_tiny
+from tests.finetune.test_doctor import check_html
+from zoo.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    return register_tiny(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def leaky(tmp_path):
+    data = make_image_folder(tmp_path / "data", layout="split", per_class=8, val_per_class=3)
+    shutil.copyfile(data / "train" / "cat" / "cat_003.png", data / "val" / "cat" / "leak.png")
+    return data
+
+
+def test_doctor_reports_the_leak_and_caches_features(tmp_path, tiny, leaky):
+    out = tmp_path / "doc"
+    r = invoke("doctor", "--data", leaky, "--model", tiny, "--out", out, "--device", "cpu", "--workers", "0",
+               "--quiet", "--min-side", "0", "--near", "0.99999", "--near-pixels", "1")
+    assert r.exit_code == 0, r.output
+    assert "leak" in r.stdout and "train/cat/cat_003.png -> val/cat/leak.png" in r.stdout
+    rows = list(csv.DictReader((out / "findings.csv").open(encoding="utf-8")))
+    assert rows[0]["finding"] == "leak" and rows[0]["path"] == "train/cat/cat_003.png"
+    check_html((out / "report.html").read_text(encoding="utf-8"))
+    assert json.loads((out / "doctor.json").read_text())["feature_cache_hits"] == 0
+    # second run: the default model is the (only, so smallest) cached one, features from the cache
+    r = invoke("doctor", "--data", leaky, "--out", out, "--device", "cpu", "--workers", "0", "--quiet",
+               "--near-pixels", "1")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "doctor.json").read_text())["feature_cache_hits"] == 2
+
+
+def test_doctor_refuses_to_write_into_the_data_folder(tmp_path, tiny, leaky):
+    r = invoke("doctor", "--data", leaky, "--model", tiny, "--out", leaky / "doc", "--quiet")
+    assert r.exit_code == 2 and "never writes there" in r.stderr
+    assert not (leaky / "doc").exists()
+
+
+def test_doctor_without_a_cached_model_says_what_to_do(tmp_path, leaky):
+    r = invoke("doctor", "--data", leaky, "--out", tmp_path / "doc", "--quiet")
+    assert r.exit_code == 2 and "zoo pull" in r.stderr
+
+
+def test_finetune_exclude_then_report(tmp_path, tiny, leaky):
+    listing = tmp_path / "drop.txt"
+    listing.write_text("train/cat/cat_003.png\ntrain/dog/dog_000.png\n")
+    run = tmp_path / "run"
+    r = invoke("finetune", tiny, "--data", leaky, "--out", run, "--exclude", listing, "--freeze", "head",
+               "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (run / "exclude.txt").read_text().splitlines() == ["train/cat/cat_003.png", "train/dog/dog_000.png"]
+    split = json.loads((run / "split.json").read_text())
+    assert "train/cat/cat_003.png" not in {rel for rel, _ in split["train"]}
+    assert len(split["train"]) == 22
+    page = (run / "report.html").read_text(encoding="utf-8")     # written by `zoo finetune` itself
+    check_html(page)
+    for part in ("Freeze decision", "Curves", "Confusion matrix", "Config", "excluded"):
+        assert part in page, part
+    (run / "report.html").unlink()
+    r = invoke("report", run, "--top", "3")
+    assert r.exit_code == 0, r.output
+    check_html((run / "report.html").read_text(encoding="utf-8"))
+
+
+def test_report_of_a_folder_that_is_no_run(tmp_path):
+    (tmp_path / "x").mkdir()
+    r = invoke("report", tmp_path / "x")
+    assert r.exit_code == 2 and "not a finished run folder" in r.stderr

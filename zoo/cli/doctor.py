@@ -1,0 +1,111 @@
+"""``zoo doctor``: leaks, duplicates, likely wrong labels and odd files in an image folder.
+
+No torch at import (``zoo --help`` stays fast); the work is in ``zoo.doctor`` / ``finetune.doctor``.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+
+__all__ = ["doctor_cmd"]
+
+_TOP = 5   # findings of each kind shown on the console
+
+
+def _bar(quiet: bool):
+    def make(desc: str, total: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
+                    disable=True if quiet else None)
+    return make
+
+
+@cli.command("doctor", short_help="Find leaks, duplicates, likely wrong labels and outliers in an image folder.")
+@click.option("--data", "data", type=click.Path(file_okay=False, exists=True), required=True,
+              help="Image folder: DIR/<class>/* or DIR/{train,val[,test]}/<class>/* (only read).")
+@click.option("--model", "model", default=None,
+              help="Model whose pretrained features are compared.  [default: the smallest cached model]")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
+@click.option("--near", "near", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
+              help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features.")
+@click.option("--near-pixels", "near_pixels", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.99,
+              show_default=True, help="Near-duplicate threshold on 16x16 grey pixel fingerprints (re-encoded or "
+                                      "resized copies).")
+@click.option("--folds", "folds", type=click.IntRange(2, 50), default=5, show_default=True,
+              help="Out-of-fold folds of the linear probe that flags likely wrong labels.")
+@click.option("--outlier-z", "outlier_z", type=click.FloatRange(0.0, min_open=True), default=5.0, show_default=True,
+              help="Outlier: robust z-score of the distance to the nearest class centroid above this.")
+@click.option("--min-side", "min_side", type=click.IntRange(0), default=64, show_default=True,
+              help="Tiny image: shorter side under this many pixels.")
+@click.option("--max-aspect", "max_aspect", type=click.FloatRange(1.0), default=3.0, show_default=True,
+              help="Extreme aspect ratio: long side / short side above this.")
+@click.option("--seed", "seed", type=int, default=0, show_default=True,
+              help="Seed of the probe folds and of the train/val split of a flat folder (as `zoo finetune`).")
+@click.option("--val-split", "val_split", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
+              help="Validation fraction of a flat folder (as `zoo finetune`, so the splits checked are its splits).")
+@click.option("--device", "device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", "batch_size", type=click.IntRange(1), default=64, show_default=True,
+              help="Images per forward pass of the feature extraction.")
+@click.option("--workers", "workers", type=int, default=-1, show_default=True,
+              help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")
+@click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
+def doctor_cmd(data: str, model: str | None, out: str | None, near: float, near_pixels: float, folds: int, outlier_z: float,
+               min_side: int, max_aspect: float, seed: int, val_split: float, device: str, batch_size: int,
+               workers: int, quiet: bool) -> None:
+    """Look at the data before trusting it: what would inflate or hurt the accuracy of a finetune.
+
+    Checks, leaks first: the same image (same bytes, or near copies by pretrained features) in two
+    splits; copies within a class and across classes; likely wrong labels (out-of-fold linear probe on
+    the features, confident-learning thresholds), with the suggested class; outliers far from every
+    class; tiny images, extreme aspect ratios, small classes; unreadable files. The features are cached
+    (ZOO_HOME/features): a second run takes seconds. The data folder is never modified.
+
+    \b
+    Examples:
+      zoo doctor --data ./photos
+      zoo doctor --data ./photos --model resnet50 --near 0.97 --out ./photos-doctor
+      zoo finetune resnet50 --data ./photos --exclude ./photos-doctor/findings.csv
+    """
+    from finetune.config import FinetuneConfig
+    from finetune.doctor import DoctorOptions
+    from zoo import doctor
+
+    def log(msg: str) -> None:
+        if not quiet:
+            echo(msg, err=True)
+
+    try:
+        options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed, outlier_z=outlier_z,
+                                min_side=min_side, max_aspect=max_aspect).validate()
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    config = FinetuneConfig(seed=seed, val_split=val_split, device=device, batch_size=batch_size,
+                            workers=workers, quiet=quiet)
+    result, folder = doctor.run(data, model=model, out=out, options=options, config=config, log=log,
+                                progress=_bar(quiet))
+    counts = result.by_kind()
+    echo(f"{result.images} images, {len(result.classes)} classes: "
+               + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n) if result.findings
+               else f"{result.images} images, {len(result.classes)} classes: nothing found")
+    shown: dict[str, int] = {}
+    for f in result.findings:
+        if shown.get(f.finding, 0) >= _TOP:
+            continue
+        shown[f.finding] = shown.get(f.finding, 0) + 1
+        other = f" -> {f.other}" if f.other else ""
+        where = f.path or "(folder)"
+        echo(f"  {f.finding:22s} {where}{other}  [{f.score:g}] {f.detail}")
+    for kind, n in counts.items():
+        if n > shown.get(kind, 0) and shown.get(kind, 0):
+            echo(f"  ... {n - shown[kind]} more {kind.replace('_', ' ')}")
+    echo(f"findings: {folder / 'findings.csv'}")
+    echo(f"report:   {folder / 'report.html'}")
+    if counts.get("leak"):
+        echo("leaks inflate every test figure: drop them with "
+                   f"`zoo finetune MODEL --data {data} --exclude {folder / 'findings.csv'}`, or fix the folders")

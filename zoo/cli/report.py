@@ -1,0 +1,33 @@
+"""``zoo report RUN``: a run folder drawn as one self-contained HTML page (RUN/report.html)."""
+from __future__ import annotations
+
+import click
+
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+
+__all__ = ["report_cmd"]
+
+
+@cli.command("report", short_help="Draw a run folder as one HTML page (RUN/report.html).")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--top", "top", type=click.IntRange(0), default=12, show_default=True,
+              help="Most confidently wrong validation images shown as thumbnails (0: none, no model loaded).")
+@click.option("--device", "device", default="cpu", show_default=True,
+              help="Where the validation images are predicted (cpu, cuda, cuda:N, mps).")
+def report_cmd(run: str, top: int, device: str) -> None:
+    """Write RUN/report.html: data summary, freeze decision and reason, config, curves and LR, per-class
+    precision/recall, confusion matrix, the most confidently wrong validation images, the advice.
+
+    One file (images embedded, no script, no network), readable on a phone and printable.
+    `zoo finetune` writes it at the end of every run; this command redraws it.
+
+    \b
+    Examples:
+      zoo report runs/resnet50-20250101-120000
+      zoo report runs/resnet50-20250101-120000 --top 0
+    """
+    from zoo.report import make_report
+
+    path = make_report(run, top=top, device=device, log=lambda m: echo(m, err=True), progress=True)
+    echo(f"report: {path}")
