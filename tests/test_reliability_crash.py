@@ -2,7 +2,7 @@
 
 ``zoo finetune`` runs as a subprocess through this file (``python -m tests.test_reliability_crash drive
 ARGS...`` = ``zoo ARGS...`` plus an optional test hook that pauses half-way through writing last.pt, so a
-kill can land there). Determinism: CPU, ``--workers 0``, one thread; ``finetune.loop`` seeds each epoch
+kill can land there). Determinism: CPU, ``--workers 0``, one thread; ``finetune.engine`` seeds each epoch
 from (seed, epoch), so a resumed run must end with the same weights, bit for bit, as an uninterrupted one.
 """
 from __future__ import annotations

@@ -82,7 +82,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     check_out_dir(out, data)
     report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False)
     name = model or default_model()
-    from finetune.loop import pick_device
+    from finetune.engine import resolve_device
     from zoo.build import create_model
     from zoo.registry import get_entry
 
@@ -90,7 +90,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     say(f"doctor: {data} ({sum(len(s) for s in report.sets().values())} images, {len(report.classes)} classes), "
         f"features from {entry.name}")
     net = create_model(entry, pretrained=True)
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     try:
         from zoo.cache import read_manifest
 

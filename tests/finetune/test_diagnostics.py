@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import types
 
 import pytest
@@ -96,15 +95,14 @@ def test_write_curves_full_history_with_phases(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left behind
 
 
-def test_write_curves_is_fast_and_robust(tmp_path):
+def test_write_curves_is_robust(tmp_path):
+    # (its speed, ~0.15 s a plot, is a benchmark figure, not a unit-test threshold: shared CI machines)
     out = tmp_path / "curves.png"
-    write_curves(HEALTHY[:1], out, best_epoch=1)  # warm-up: matplotlib's first import is slow
+    write_curves(HEALTHY[:1], out, best_epoch=1)
     _png_ok(out)
     nan_rows = _rows([1.0, float("nan"), float("inf")], [None, 1.0, float("nan")], [0.5, None, 0.6],
                      [0.4, 0.5, float("nan")])
-    t0 = time.perf_counter()
     write_curves(nan_rows, out)
-    assert time.perf_counter() - t0 < 0.5
     _png_ok(out)
     write_curves([{"epoch": 1, "train_loss": 1.0}], out)  # missing columns
     _png_ok(out)
