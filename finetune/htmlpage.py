@@ -113,7 +113,7 @@ def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float 
              f"<rect x=\"{pad_l}\" y=\"{pad_t}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#bbb\"/>"]
     for t in range(5):
         v = y0 + (y1 - y0) * t / 4
-        label = f"{10 ** v:.2g}" if log_y else f"{v:.3g}"
+        label = f"{10 ** v:.3g}" if log_y else f"{v:.3g}"
         yy = pad_t + (1 - t / 4) * h
         parts.append(f"<line x1=\"{pad_l}\" x2=\"{pad_l + w}\" y1=\"{yy:.1f}\" y2=\"{yy:.1f}\" stroke=\"#eee\"/>"
                      f"<text x=\"{pad_l - 4}\" y=\"{yy + 4:.1f}\" text-anchor=\"end\">{label}</text>")
