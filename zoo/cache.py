@@ -40,6 +40,12 @@ def zoo_home() -> Path:
     return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
 
 
+def features_dir() -> Path:
+    """Where backbone feature banks are cached (``finetune.features.FeatureCache``): shared by `zoo doctor`
+    and the head phase of `zoo finetune`, `zoo lr-find` and `zoo sweep` on the same model and data."""
+    return zoo_home() / "features"
+
+
 def dir_name(name: str) -> str:
     """A folder name for model ``name``; ad-hoc names (``timm:x``, ``hf-hub:org/repo``) lose ``:`` and ``/``."""
     safe = name.replace("/", "--").replace(":", "--")

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from zoo.cache import features_dir
 from zoo.errors import UsageError
 
-__all__ = ["default_model", "feature_cache_dir", "run", "check_out_dir"]
+__all__ = ["default_model", "run", "check_out_dir"]
 
 Log = Callable[[str], None]
 
@@ -44,12 +45,6 @@ def default_model() -> str:
         raise UsageError("no pretrained model is cached: `zoo pull efficientnet_lite0` (or any model from "
                          "`zoo list`), or pass --model NAME")
     return best[1]
-
-
-def feature_cache_dir() -> Path:
-    from zoo.cache import zoo_home
-
-    return zoo_home() / "features"
 
 
 def check_out_dir(out: Path, data: Path) -> None:
@@ -98,7 +93,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     except Exception:  # noqa: BLE001 - the manifest only adds provenance to doctor.json
         source = None
     result = run_doctor(report, net, entry.classifier, entry.preprocessing.data_config(), config,
-                        options=options, cache_dir=feature_cache_dir(), device=str(device), log=say,
+                        options=options, cache_dir=features_dir(), device=str(device), log=say,
                         progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_findings_csv(result.findings, out / "findings.csv")

@@ -222,7 +222,11 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     if config.overfit_batches > 0:
         outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
         return outcome
-    features = FeatureCache(None)   # the LR range test's backbone features serve fit's head phase too
+    # On disk under ZOO_HOME: the LR range test's features serve fit's head phase, a later run on the
+    # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
+    from zoo.cache import features_dir
+
+    features = FeatureCache(features_dir())
     if lr_auto:
         outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
                                             run_dir if info.is_main else None, say, features)
