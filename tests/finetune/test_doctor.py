@@ -158,7 +158,8 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
 
     from finetune.config import FinetuneConfig
     from finetune.doctor import folder_features
-    from finetune.features import fit_head_on_features
+    from finetune.features import FeatureCache
+    from finetune.train import fit
 
     data = make_image_folder(tmp_path / "data", layout="split", per_class=6, val_per_class=2)
     report = scan_folder(data)
@@ -169,11 +170,10 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
     feats, valid, hits = folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)
     assert hits == 0 and feats["train"].shape[0] == len(report.train) and valid["train"].all()
     assert folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)[2] == 2
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith("fc.")
     said: list[str] = []
-    fit_head_on_features(model, "fc", report.train, report.val, DATA_CONFIG, config, cache_dir=cache,
-                         log=said.append)
+    stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    fit(model, stages, DATA_CONFIG, report.train, report.val, config.replace(freeze="head"), head="fc",
+        feature_cache=FeatureCache(cache), log=said.append)
     assert any("train loaded from cache" in m for m in said), said
     assert any("val loaded from cache" in m for m in said), said
 
