@@ -17,7 +17,7 @@ import torch
 from finetune.errors import CheckpointError
 from finetune.io import atomic_write
 
-__all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
+__all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
            "save_weights", "load_weights", "cpu_state_dict"]
 
 LAST = Path("checkpoints") / "last.pt"
@@ -58,6 +58,34 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
+class CpuStateCache:
+    """Detached CPU copies of a module's state, made incrementally: a parameter that is the same object,
+    on the same storage, with the same in-place version counter as at the last call is not copied again
+    (a frozen backbone is copied once per run, not once per epoch). Buffers are always copied: BatchNorm
+    updates its running statistics without bumping their version counter, and they are small.
+    Returned tensors may be shared between calls: treat them as read-only."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._params: dict[str, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        params = {id(p) for p in self.module.parameters()}
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) not in params:
+                out[name] = t.detach().to("cpu", copy=True).contiguous()
+                continue
+            hit = self._params.get(name)
+            if hit is not None and hit[0] is t and hit[1] == t._version and hit[2] == t.data_ptr():
+                out[name] = hit[3]
+                continue
+            copy = t.detach().to("cpu", copy=True).contiguous()
+            self._params[name] = (t, t._version, t.data_ptr(), copy)
+            out[name] = copy
+        return out
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically. Raises CheckpointError (e.g. disk full) naming the path."""
     path = Path(path)
@@ -81,11 +109,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "start the run again without --resume") from None
 
 
-def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Write the module's state as safetensors, atomically."""
+def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write the module's state (or a CPU state dict) as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    tensors = cpu_state_dict(module)
+    tensors = cpu_state_dict(module) if isinstance(module, torch.nn.Module) else module
     path = Path(path)
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))

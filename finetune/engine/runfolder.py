@@ -142,23 +142,26 @@ class RunFolder:
                         "device": str(device), "world_size": info.world_size}
         atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
 
-    def epoch(self, history: list[dict], model: torch.nn.Module | None, best_epoch: int | None,
-              metadata: dict[str, str]) -> None:
-        """After an epoch: the best weights (when ``model`` is given: this epoch improved), metrics.csv,
-        curves.png, TensorBoard."""
+    def metrics(self, history: list[dict]) -> None:
+        """After every epoch: metrics.csv (cheap) and TensorBoard."""
         if not self.writes:
             return
-        if model is not None:
-            save_weights(self.path / BEST, model, metadata)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(HISTORY_KEYS), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         atomic_write_text(self.path / "metrics.csv", buf.getvalue())
-        write_curves(history, self.path / "curves.png", best_epoch=best_epoch)
         if self.tensorboard is not None:
             self.tensorboard.log_epoch(history[-1])
+
+    def curves(self, history: list[dict], best_epoch: int | None) -> None:
+        if self.writes:
+            write_curves(history, self.path / "curves.png", best_epoch=best_epoch)
+
+    def best(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        if self.writes:
+            save_weights(self.path / BEST, state, metadata)
 
     def checkpoint(self, state: dict) -> None:
         if self.writes:

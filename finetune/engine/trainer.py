@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from finetune import distributed as ddp
-from finetune.checkpoint import BEST, cpu_state_dict, load_weights, rng_state, set_rng_state
+from finetune.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
 from finetune.data import set_loader_epoch
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
@@ -40,6 +40,11 @@ from finetune.surgery import apply_freeze
 __all__ = ["FitResult", "Trainer", "EpochSteps", "LoaderSteps", "HEAD_WARMUP_CAP", "plan_phases"]
 
 HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
+# Epochs on cached features take milliseconds; redrawing curves.png after each one cost a third of a
+# head-only run (docs/benchmarks.md). The plot is redrawn when this many seconds passed since the last
+# one, and always after a phase's last epoch. (last.pt and the best weights are written after every
+# epoch that needs them: a SIGKILL loses at most the epoch in progress.)
+CURVES_EVERY_S = 10.0
 Log = Callable[[str], None]
 
 
@@ -153,6 +158,8 @@ class Trainer:
         self.scaler = setup.amp.make_scaler()
         self.advised: set[str] = set()    # advice already printed during this run (each rule once)
         self.ckpt: dict | None = None
+        self.snapshot = CpuStateCache(setup.model)    # the frozen backbone is copied once, not every epoch
+        self._curves_at = -math.inf
 
     # ------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
@@ -179,7 +186,7 @@ class Trainer:
         self.folder.checkpoint({
             "epoch": self.epoch, "phase_index": next_pi, "phase_start": start, "phases": list(self.phases),
             "finished": next_pi >= len(self.phases), "stopped_early": self.stopped_early,
-            "model": cpu_state_dict(self.s.model),
+            "model": self.snapshot(),
             "optimizer": self.optimizer.state_dict() if running else None,
             "scheduler": self.scheduler.state_dict() if running else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -189,17 +196,19 @@ class Trainer:
             "decision": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
         })
 
-    def _record(self, row: dict, metric: float, steps: EpochSteps) -> None:
+    def _record(self, row: dict, metric: float, improved: bool, final: bool, steps: EpochSteps) -> None:
         """After an epoch's evaluation: best weights, metrics.csv, curves, TensorBoard, the printout."""
         s = self.s
         self.history.append(row)
-        improved = s.has_val and self.stopper.improved(metric)
         if not s.has_val or improved:
-            self.best_state = cpu_state_dict(s.model)
-        best = row["epoch"] if (not s.has_val or improved) else self.stopper.best_epoch
-        self.folder.epoch(self.history, s.model if (not s.has_val or improved) else None,
-                       best if best > 0 else None,
-                       {"epoch": str(row["epoch"]), "monitor": s.config.monitor, "value": repr(metric)})
+            self.best_state = self.snapshot()
+            self.folder.best(self.best_state, {"epoch": str(row["epoch"]), "monitor": s.config.monitor,
+                                               "value": repr(metric)})
+        self.folder.metrics(self.history)
+        if final or time.perf_counter() - self._curves_at >= CURVES_EVERY_S:
+            best = row["epoch"] if (not s.has_val or improved) else self.stopper.best_epoch
+            self.folder.curves(self.history, best if best > 0 else None)
+            self._curves_at = time.perf_counter()
         self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
                        f"{row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
                        f"acc {row['val_acc']:.3f} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
@@ -249,7 +258,7 @@ class Trainer:
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
                "images_per_s": tr["images_per_s"]}
-        self._record(row, metric, steps)
+        improved = s.has_val and self.stopper.improved(metric)
         stop = self.stopper.step(metric, self.epoch) if s.has_val else False
         if warmup:
             head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
@@ -258,8 +267,9 @@ class Trainer:
         else:
             self.stopped_early = stop and self.epoch < int(config.epochs)
             done = stop or self.epoch >= int(config.epochs)
-            if stop and self.epoch < int(config.epochs):
-                self.epoch_say(f"early stop after epoch {self.epoch} (best epoch {self.stopper.best_epoch})")
+        self._record(row, metric, improved, done, steps)
+        if not warmup and self.stopped_early:
+            self.epoch_say(f"early stop after epoch {self.epoch} (best epoch {self.stopper.best_epoch})")
         self._checkpoint(self.pi + 1, None) if done else self._checkpoint(self.pi, self.phase_start)
         for cb in self.callbacks:
             cb(row)

@@ -119,3 +119,29 @@ def test_sweep_computes_backbone_features_once(report, tmp_path):
     (line,) = [m for m in logs if m.startswith("features:")]
     assert re.search(r"2 bank\(s\) computed once, reused 4 time\(s\)", line), line
     assert len({round(t.metric, 6) for t in res.trials}) == 3      # the trials really differ
+
+
+def test_cpu_state_cache_copies_only_what_changed():
+    """Frozen parameters are copied once; trained ones, loaded ones and every buffer (BatchNorm updates its
+    statistics without bumping their version counter) are copied again; the result always equals the state."""
+    from finetune.checkpoint import CpuStateCache
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2))
+    net(torch.randn(2, 3, 6, 6))
+    net[0].weight.requires_grad_(False)
+    cache = CpuStateCache(net)
+    first = cache()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    net(torch.randn(4, 3, 6, 6)).sum().backward()
+    opt.step()
+    second = cache()
+    assert second["0.weight"] is first["0.weight"]                    # frozen: not copied again
+    assert second["3.weight"] is not first["3.weight"]                # trained: a new copy
+    assert second["1.running_mean"] is not first["1.running_mean"]    # buffers: always copied
+    for k, v in net.state_dict().items():
+        assert torch.equal(second[k], v), k
+    net.load_state_dict({k: torch.zeros_like(v) for k, v in net.state_dict().items()})
+    assert all(torch.equal(cache()[k], v) for k, v in net.state_dict().items())
