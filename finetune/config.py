@@ -19,13 +19,14 @@ import yaml
 from finetune.errors import ConfigError
 
 __all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
-           "ACTIVATIONS", "MONITORS"]
+           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
 HEADS = ("linear", "mlp")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh")
 MONITORS = ("val_loss", "val_acc")
+HEAD_SOLVERS = ("lbfgs", "gradient")
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ OPTIONS: dict[str, Option] = {
     "compile": Option("torch.compile the model (slower start, faster epochs)."),
     "fast_head": Option("Head-only training on cached backbone features (much faster; same result)."),
     "aug_views": Option("Fast head path: augmented views cached per image (0 = un-augmented only).", low=0),
+    "head_solver": Option("How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, "
+                          "its L2 strength picked on the validation split, like a logistic-regression probe) or "
+                          "gradient (--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS),
     "overfit_batches": Option("Sanity check instead of training: try to overfit N fixed batches, then exit "
                               "(0 = off).", low=0),
     "tensorboard": Option("Also log to RUN/tensorboard (needs the tensorboard package)."),
@@ -196,6 +200,7 @@ class FinetuneConfig:
     compile: bool = False           # torch.compile
     fast_head: bool = True          # head-only training on cached backbone features
     aug_views: int = 0              # fast path: augmented views cached per image (0 = un-augmented only)
+    head_solver: str = "lbfgs"      # linear head on cached features: lbfgs (converged, L2 on val) | gradient
     overfit_batches: int = 0        # sanity check: train on N fixed batches only
     tensorboard: bool = False
     quiet: bool = False

@@ -62,8 +62,9 @@ class FitResult:
 
 
 class EpochSteps(Protocol):
-    """How one phase's epochs are computed. ``train_epoch`` returns ``{"loss", "acc", "images_per_s"}``,
-    ``evaluate`` ``{"loss", "acc"}`` (full metrics with ``full=True``)."""
+    """How one phase's epochs are computed. ``train_epoch`` returns ``{"loss", "acc", "images_per_s"}``
+    (and ``"phase_done": True`` when the phase needs no more epochs), ``evaluate`` ``{"loss", "acc"}``
+    (full metrics with ``full=True``)."""
 
     label: str
 
@@ -267,6 +268,7 @@ class Trainer:
         else:
             self.stopped_early = stop and self.epoch < int(config.epochs)
             done = stop or self.epoch >= int(config.epochs)
+        done = done or bool(tr.get("phase_done"))     # e.g. a head solved to convergence in one step
         self._record(row, metric, improved, done, steps)
         if not warmup and self.stopped_early:
             self.epoch_say(f"early stop after epoch {self.epoch} (best epoch {self.stopper.best_epoch})")

@@ -32,6 +32,10 @@ __all__ = ["CachedHeadSteps"]
 
 # Feature banks bigger than this stay on the host and are gathered per batch on an accelerator.
 _DEVICE_RESIDENT_BYTES = 4 << 30
+# head_solver="lbfgs": the inverse L2 strengths tried (scikit-learn's C; L2 = 1 / (C x N) on the mean loss),
+# strongest first, each warm-started from the last; the best on the validation split is kept.
+SOLVER_C = tuple(10.0 ** k for k in range(-2, 5))
+SOLVER_MAX_ITER = 500
 Log = Callable[[str], None]
 
 
@@ -195,7 +199,14 @@ class CachedHeadSteps:
             yield (x.to(s.device, non_blocking=True).reshape(-1, *self.shape),
                    y.to(s.device, non_blocking=True))
 
+    @property
+    def solves(self) -> bool:
+        """A linear head with ``head_solver="lbfgs"``: the phase is one convex solve, not epochs of SGD."""
+        return self.s.config.head_solver == "lbfgs" and isinstance(self.s.head_module, torch.nn.Linear)
+
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
+        if self.solves:
+            return self._solve()
         s = self.s
         t0 = time.perf_counter()
         s.model.eval()
@@ -218,6 +229,62 @@ class CachedHeadSteps:
         self._prep_seconds = 0.0
         return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": seen,
                 "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+
+    def _solve(self) -> dict:
+        """Multinomial logistic regression of the head on the training features: full-batch L-BFGS to
+        convergence for each L2 strength of SOLVER_C, the one with the best validation accuracy (then loss)
+        kept; without a validation split, L2 = ``config.weight_decay``. Returns the epoch's train metrics
+        with ``phase_done``: a converged head needs no more epochs."""
+        s = self.s
+        t0 = time.perf_counter()
+        head = s.head_module
+        views = self.train_bank.views
+        ok = self.train_bank.valid
+        x = self.train_feats[:, ok.to(self.train_feats.device)].reshape(views * int(ok.sum()), -1)
+        x = x.to(s.device).float()
+        y = self.train_bank.labels[ok].repeat(views).to(s.device)
+        n = int(y.shape[0])
+        strengths = ([(c, 1.0 / (c * n)) for c in SOLVER_C] if self.val_bank is not None
+                     else [(None, float(s.config.weight_decay))])
+        w, b = head.weight, head.bias
+        best = None
+        with torch.no_grad():     # convex: start from zero, then warm-start each weaker L2 from the last
+            w.zero_()
+            if b is not None:
+                b.zero_()
+        head.train()
+        for c, l2 in strengths:
+            opt = torch.optim.LBFGS([p for p in (w, b) if p is not None], lr=1.0, max_iter=SOLVER_MAX_ITER,
+                                    history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-7,
+                                    tolerance_change=1e-10)
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = s.loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
+                loss.backward()
+                return loss
+
+            with torch.enable_grad():
+                opt.step(closure)
+            va = self.evaluate()
+            key = (va["acc"], -va["loss"]) if self.val_bank is not None else (0.0, 0.0)
+            if best is None or key > best[0]:
+                best = (key, c, l2, w.detach().clone(), None if b is None else b.detach().clone(), va)
+        _, c, l2, bw, bb, va = best
+        with torch.no_grad():
+            w.copy_(bw)
+            if b is not None:
+                b.copy_(bb)
+            logits = torch.nn.functional.linear(x, w, b)
+            loss = float(s.loss_fn(logits, y))
+            acc = float((logits.argmax(1) == y).float().mean())
+        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
+                  f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
+        self.say(f"head: L-BFGS on cached features to convergence, {picked}")
+        seconds = time.perf_counter() - t0 + self._prep_seconds
+        self._prep_seconds = 0.0
+        return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
+                "phase_done": True}
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> dict:
