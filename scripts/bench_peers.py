@@ -230,7 +230,8 @@ def main() -> None:
     ap.add_argument("--stamps-dir", help="an extracted tuxpaint stamps folder (default: fetch the Debian package)")
     ap.add_argument("--train-per-class", type=int, default=5)
     ap.add_argument("--val-per-class", type=int, default=2)
-    ap.add_argument("--splits", type=int, default=3)
+    ap.add_argument("--splits", type=int, default=3, help="seeded splits 0..N-1")
+    ap.add_argument("--seeds", help="comma-separated split seeds instead (e.g. 1,2: to extend an earlier run)")
     ap.add_argument("--fastai-python", help="python of a venv with fastai (needed for the fastai row)")
     ap.add_argument("--fastai-epochs", type=int, default=10, help="fine_tune(N)")
     ap.add_argument("--timm-train", help="path to a copy of timm's train.py (needed for the timm row)")
@@ -276,7 +277,8 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
     probe_details = []
     n_test = []
-    for seed in range(args.splits):
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(range(args.splits))
+    for seed in seeds:
         data = work / f"data-{seed}"
         if not data.exists():
             counts = tc.write_stamps_folder(data, files, args.train_per_class, args.val_per_class, seed)
@@ -329,12 +331,12 @@ LABELS = {"zoo": "`zoo finetune` defaults (head only)", "zoo-full": "`zoo finetu
 
 
 def report_lines(args, tools, results, probe_details, files, n_test) -> list[str]:
-    splits = range(len(n_test))
+    splits = (args.seeds.split(",") if args.seeds else range(args.splits))[:len(n_test)]
     base = results.get("zoo")
     lines = [
         f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}: `scripts/bench_peers.py --only {','.join(tools)} --train-per-class "
-        f"{args.train_per_class} --splits {len(n_test)} --fastai-epochs {args.fastai_epochs} --timm-epochs "
+        f"{args.train_per_class} --seeds {','.join(map(str, splits))} --fastai-epochs {args.fastai_epochs} --timm-epochs "
         f"{args.timm_epochs}`. Data: {len(files)} classes ({', '.join(f'{k} {len(v)}' for k, v in files.items())} "
         f"photos), {args.train_per_class} training + {args.val_per_class} validation images per class, test "
         f"images per split: {', '.join(map(str, n_test))}.", "",
