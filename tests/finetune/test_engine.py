@@ -113,7 +113,8 @@ def test_lr_find_features_serve_the_following_fit(report):
 
 def test_sweep_computes_backbone_features_once(report, tmp_path):
     logs: list[str] = []
-    res = sweep(_model, STAGES, DATA_CONFIG, report.train, report.val, _cfg(freeze="head"), head="fc",
+    res = sweep(_model, STAGES, DATA_CONFIG, report.train, report.val, _cfg(freeze="head", head_solver="gradient"),
+                head="fc",
                 out_dir=tmp_path / "sweep", lrs=[1e-3, 1e-2, 1e-1], freezes=["head"], log=logs.append)
     assert len(res.trials) == 3 and all(t.status == "ok" for t in res.trials)
     (line,) = [m for m in logs if m.startswith("features:")]

@@ -66,8 +66,9 @@ def _model(seed: int = 0, head: str = "linear") -> nn.Module:
 
 
 def _config(**kw) -> FinetuneConfig:
+    # head_solver="gradient": these tests are about the epoch loop on cached features (lbfgs: below)
     base = dict(batch_size=5, workers=0, epochs=4, patience=2, lr=0.05, seed=3, schedule="cosine",
-                optimizer="adam", amp=False)
+                optimizer="adam", amp=False, head_solver="gradient")
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -329,3 +330,37 @@ def test_features_shared_between_runs_are_computed_once(tmp_path):
     for lr in (1e-3, 1e-2, 1e-1):
         _fit(_model(), train, val, _config(epochs=1, lr=lr), feature_cache=cache)
     assert (cache.computed, cache.hits) == (2, 4)      # train + val once, then reused by two runs
+
+
+# ---- head_solver="lbfgs": the head solved to convergence ---------------------------------------------
+def test_lbfgs_head_is_the_logistic_regression_optimum(tmp_path):
+    """Without a validation split the L2 strength is --weight-decay: the solved head is the unique optimum of
+    L2-regularised multinomial logistic regression, i.e. scikit-learn's LogisticRegression(C=1/(L2 N))."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, _ = _sets(tmp_path / "d")
+    model = _model()
+    wd = 1e-2
+    result = _fit(model, train, None, _config(epochs=5, head_solver="lbfgs", weight_decay=wd))
+    assert [r["phase"] for r in result.history] == ["head"]          # one converged solve, not epochs
+    feats, labels = extract_features(model, "fc", ImageDataset(train, build_transform(DATA_CONFIG, False)))
+    ref = LogisticRegression(C=1.0 / (wd * len(labels)), max_iter=5000, tol=1e-10).fit(feats.numpy(), labels.numpy())
+    # softmax logits are defined up to a per-sample constant: compare centred logits
+    ours = model.fc(feats).detach()
+    theirs = torch.from_numpy(ref.decision_function(feats.numpy())).float()
+    torch.testing.assert_close(ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True),
+                               rtol=1e-3, atol=2e-3)
+
+
+def test_lbfgs_picks_l2_on_validation_and_warm_up_starts_from_it(tmp_path):
+    train, val = _sets(tmp_path / "d")
+    logs: list[str] = []
+    head_only = _fit(_model(), train, val, _config(head_solver="lbfgs"), log=logs.append)
+    (line,) = [m for m in logs if m.startswith("head: L-BFGS")]
+    assert "picked on the validation split" in line
+    assert len(head_only.history) == 1 and head_only.best_epoch == 1
+    logs.clear()
+    two = _fit(_model(), train, val, _config(head_solver="lbfgs", epochs=3, head_epochs=-1), freeze="none",
+               log=logs.append)
+    assert [r["phase"] for r in two.history] == ["head", "finetune", "finetune"]
+    assert two.history[0]["val_loss"] == pytest.approx(head_only.history[0]["val_loss"], rel=1e-5)

@@ -230,10 +230,11 @@ def test_balanced_sampler_and_mlp_head(data):
     assert len(result.history) == 1 and result.model.fc.fc2.out_features == 3
 
 
-def test_fast_head_path_when_backbone_frozen(data, tmp_path):
-    pytest.importorskip("finetune.features")
-    result = run(data, cfg(freeze="head", fast_head=True, epochs=2), run_dir=tmp_path / "run")
-    assert [r["phase"] for r in result.history] == ["head", "head"]
+@pytest.mark.parametrize("solver,rows", [("gradient", 2), ("lbfgs", 1)])
+def test_fast_head_path_when_backbone_frozen(data, tmp_path, solver, rows):
+    """Cached features: epochs of the optimizer, or one converged L-BFGS solve (a phase of one row)."""
+    result = run(data, cfg(freeze="head", fast_head=True, epochs=2, head_solver=solver), run_dir=tmp_path / "run")
+    assert [r["phase"] for r in result.history] == ["head"] * rows
     best = load_weights(tmp_path / "run" / BEST)
     assert all(torch.equal(best[k], v.cpu()) for k, v in result.model.state_dict().items())
 
