@@ -138,6 +138,9 @@ OPTIONS: dict[str, Option] = {
     "compile": Option("torch.compile the model (slower start, faster epochs)."),
     "fast_head": Option("Head-only training on cached backbone features (much faster; same result)."),
     "aug_views": Option("Fast head path: augmented views cached per image (0 = un-augmented only).", low=0),
+    "img_size": Option("Input size in pixels for training and evaluation (recorded in the bundle, so predict "
+                       "and eval use it too); 0 = the model's own (e.g. 224). Lower is faster on a CPU.",
+                       low=16, sentinels=(0,)),
     "head_solver": Option("How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, "
                           "its L2 strength picked on the validation split, like a logistic-regression probe) or "
                           "gradient (--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS),
@@ -201,6 +204,7 @@ class FinetuneConfig:
     fast_head: bool = True          # head-only training on cached backbone features
     aug_views: int = 0              # fast path: augmented views cached per image (0 = un-augmented only)
     head_solver: str = "lbfgs"      # linear head on cached features: lbfgs (converged, L2 on val) | gradient
+    img_size: int = 0               # input size in px for training and evaluation; 0 = the model's own
     overfit_batches: int = 0        # sanity check: train on N fixed batches only
     tensorboard: bool = False
     quiet: bool = False

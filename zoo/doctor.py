@@ -67,6 +67,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     from finetune.config import FinetuneConfig
     from finetune.data import scan_folder
     from finetune.doctor import run_doctor, write_findings_csv
+    from zoo.runs import run_data_config
     from finetune.io import atomic_write_text
     from finetune.report import doctor_html
 
@@ -92,7 +93,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
         source = (read_manifest(entry.name) or {}).get("source")
     except Exception:  # noqa: BLE001 - the manifest only adds provenance to doctor.json
         source = None
-    result = run_doctor(report, net, entry.classifier, entry.preprocessing.data_config(), config,
+    result = run_doctor(report, net, entry.classifier, run_data_config(entry, config), config,
                         options=options, cache_dir=features_dir(), device=str(device), log=say,
                         progress=progress)
     out.mkdir(parents=True, exist_ok=True)

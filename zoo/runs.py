@@ -91,7 +91,7 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
         "pretrained": pretrained, "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None},
         "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
         "classes": list(classes), "num_classes": len(classes),
-        "data_config": _plain(entry.preprocessing.data_config()),
+        "data_config": _plain(run_data_config(entry, config)),
         "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
                  "activation": config.mlp_activation},
     }
@@ -142,6 +142,13 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
     return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
             f"schedule state to continue from{keep}; start the run over with `zoo finetune MODEL --data DIR "
             f"--out {run_dir} --overwrite` or choose another --out")
+
+
+def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
+    """The preprocessing a run trains and evaluates with: the entry's, at ``--img-size`` when given."""
+    from finetune.data import with_input_size
+
+    return with_input_size(entry.preprocessing.data_config(), int(config.img_size))
 
 
 def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
@@ -217,7 +224,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     model = _build(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
     outcome = RunOutcome(run_dir=run_dir)
     stages, head = [list(s) for s in entry.stages], entry.classifier
-    data_config = entry.preprocessing.data_config()
+    data_config = run_data_config(entry, config)
 
     if config.overfit_batches > 0:
         outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)

@@ -156,3 +156,12 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
                           tensor_input=tensor_input)
 
 
+
+
+def with_input_size(data_config: dict, size: int) -> dict:
+    """``data_config`` at another square input size (``size`` px; 0 keeps the model's own). The crop
+    fraction stays, so evaluation resizes to ``size / crop_pct`` and centre-crops ``size``."""
+    if not size:
+        return dict(data_config)
+    channels = tuple(data_config["input_size"])[0]
+    return {**data_config, "input_size": (channels, int(size), int(size))}

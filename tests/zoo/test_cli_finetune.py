@@ -285,3 +285,21 @@ def test_no_pretrained_run_updates_bn_statistics_of_trained_stages_only(tmp_path
     assert trained and len(trained) < len(means)
     for k, v in means.items():
         assert bool(v.abs().sum() > 0) == (k in trained), k
+
+
+def test_img_size_trains_at_that_size_and_the_bundle_keeps_it(tmp_path, tiny):
+    """--img-size 48 on a 32 px model entry: the run, its model.json and its bundle say 48, and the bundle's
+    own preprocessing (what zoo predict / zoo eval use) crops 48 px."""
+    from zoo.bundle import load_bundle
+
+    data = make_image_folder(tmp_path / "data", per_class=6, size=64)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--img-size", "48", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "model.json").read_text())["data_config"]["input_size"] == [3, 48, 48]
+    bundle = load_bundle(out / "export")
+    assert tuple(bundle.data_config["input_size"]) == (3, 48, 48)
+    from PIL import Image
+    x = bundle.transform(Image.new("RGB", (100, 80)))
+    assert tuple(x.shape[-2:]) == (48, 48)
+    assert invoke("finetune", tiny, "--data", data, "--img-size", "8", *FAST).exit_code == 2   # below 16 px

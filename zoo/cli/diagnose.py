@@ -162,12 +162,13 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
     from finetune.config import save_config
     from finetune.data import write_scan
     from finetune.diagnostics import lr_find
+    from zoo.runs import run_data_config
     from finetune.io import atomic_write_text
 
     entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     write_scan(report, out_dir)
     save_config(config, out_dir / "config.yaml")
-    result = lr_find(net, entry.stages, entry.preprocessing.data_config(), report.train, config,
+    result = lr_find(net, entry.stages, run_data_config(entry, config), report.train, config,
                      head=entry.classifier, start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,
                      diverge_factor=diverge_factor, method=method, out_png=out_dir / "lr_find.png",
                      out_csv=out_dir / "lr_find.csv", log=say)
@@ -255,6 +256,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
                 fc_dropout: float | None, lrs, wds, freezes, optimizers, folds: int, resume: bool, keep_runs: bool,
                 say: Callable[[str], None]) -> None:
     from finetune.sweep import sweep
+    from zoo.runs import run_data_config
 
     entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     net.cpu()
@@ -265,7 +267,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
 
     n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
     say(f"sweep: {n} training run(s) of {config.epochs} epoch(s) into {out_dir}")
-    result = sweep(factory, entry.stages, entry.preprocessing.data_config(), report.train, report.val, config,
+    result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                    head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
                    optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say)
     if result.skipped:
