@@ -48,7 +48,7 @@ class AdviceThresholds:
     """When ``advise`` speaks up. Accuracies are fractions (0-1); losses are per-sample means."""
 
     min_epochs: int = 3              # trend rules need this many epochs; fewer -> only the explosion rule
-    explode_factor: float = 3.0      # train loss above 3x its best so far (or NaN/inf) = exploding
+    explode_factor: float = 3.0      # train loss above 3x its best so far and above its first (or NaN/inf) = exploding
     min_rel_drop: float = 0.05       # train loss must fall at least 5% below its first value ...
     converged_acc: float = 0.95      # ... unless the model already fits the training set this well
     overfit_acc_gap: float = 0.15    # train acc - val acc at least this much = a large gap ...
@@ -87,7 +87,9 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
     if len(finite_tl) >= 2:
         best_before_last = min(finite_tl[:-1])
         last = finite_tl[-1]
-        if best_before_last > 0 and last > t.explode_factor * best_before_last:
+        # ... and above where training started: 8e-07 -> 0.39 (a head that fits its data perfectly, then a
+        # normal epoch) is a ratio of 5e5 but no explosion.
+        if best_before_last > 0 and last > t.explode_factor * best_before_last and last > finite_tl[0]:
             return [f"training loss is exploding ({best_before_last:.3g} -> {last:.3g}): the learning rate "
                     "is too high, lower it (try 1/10, or run `zoo lr-find`)"]
     if len(rows) < t.min_epochs or len(finite_tl) < t.min_epochs:

@@ -37,6 +37,15 @@ def test_short_history_is_silent_unless_exploding():
     assert "exploding" in msg and "lower it" in msg
 
 
+def test_a_tiny_loss_rising_below_its_start_is_not_exploding():
+    """8e-07 -> 0.388 (a ratio of 5e5) with val acc 1.0: a perfectly fitted head, then an ordinary epoch.
+    Exploding means far above the best *and* above where training started."""
+    rows = _rows([1.2, 8.05e-07, 0.388], [0.9, 0.01, 0.02], [0.6, 1.0, 1.0], [0.7, 1.0, 1.0])
+    assert not any("exploding" in m for m in advise(rows))
+    rows = _rows([1.2, 0.3, 4.0], [0.9, 0.3, 4.5], [0.6, 0.9, 0.2], [0.7, 0.9, 0.2])
+    assert any("exploding" in m for m in advise(rows))
+
+
 def test_nan_loss_is_exploding():
     rows = _rows([1.0, float("nan")], [1.0, float("nan")], [0.4, 0.3], [0.4, 0.3])
     (msg,) = advise(rows)
