@@ -121,3 +121,13 @@ def register_tiny(tmp_path: Path, monkeypatch, name: str = "tiny32") -> str:
     source = {"kind": "file", "path": str(weights), "sha256": None, "sha256_note": "test weights"}
     write_registry(tmp_path / "registry.yaml", [tiny_entry(name, source)], monkeypatch)
     return name
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,17 @@
 """scripts/bench_peers.py's data preparation: every tool must read the same RGB pixels."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from PIL import Image
+
+from tests.conftest import load_script as _load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "scripts" / "bench_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script('bench_peers')
 
 
 def test_cutouts_are_composited_on_white_as_rgb(tmp_path):

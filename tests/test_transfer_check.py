@@ -1,19 +1,17 @@
 """scripts/transfer_check.py's data preparation: the few-shot splits it measures on must not leak."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from PIL import Image
+
+from tests.conftest import load_script as _load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("transfer_check", ROOT / "scripts" / "transfer_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script('transfer_check')
 
 
 def fake_stamps(root: Path) -> Path:
