@@ -74,8 +74,15 @@ def test_resume_is_exact_with_two_workers(data, tmp_path):
     not depend on the worker count at all (0 workers gives the same run)."""
     config = resume_cfg(workers=2, epochs=3)
     full = run(data, config, run_dir=tmp_path / "full")
+
+    def sigint_after_2(row):      # a real SIGINT to this process while its 2 workers are alive
+        if row["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+
     with pytest.raises(Interrupted):
-        run(data, config, run_dir=tmp_path / "cut", callbacks=[_stop_after(2)])
+        run(data, config, run_dir=tmp_path / "cut", callbacks=[sigint_after_2])
+    assert torch.load(tmp_path / "cut" / LAST, weights_only=True)["epoch"] == 2
     resumed = run(data, config, run_dir=tmp_path / "cut", resume=True, model=tiny_model(seed=123))
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     assert equal_states(resumed.model.state_dict(), full.model.state_dict())
