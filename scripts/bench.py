@@ -229,8 +229,9 @@ def head_fit(model, head: str, train, val, data_config: dict, config, cache_dir=
     from finetune.train import fit
 
     stages = [[name] for name, _ in model.named_children() if name != head.split(".")[0]]
+    # reset_head=False: the head lite0() made, as the plain loop trains it (same init, same Adam epochs)
     result = fit(model, stages, data_config, train, val, config.replace(freeze="head", quiet=True), head=head,
-                 feature_cache=FeatureCache(cache_dir) if cache_dir is not None else None)
+                 reset_head=False, feature_cache=FeatureCache(cache_dir) if cache_dir is not None else None)
     return result.history
 
 

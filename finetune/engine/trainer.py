@@ -322,7 +322,10 @@ class Trainer:
         if self.best_state is not None:
             s.model.load_state_dict(self.best_state)
         best_epoch = self.stopper.best_epoch if s.has_val else (self.history[-1]["epoch"] if self.history else 0)
-        metrics = self.loader_steps.evaluate(full=True) if s.has_val else {}
+        # a run that ended in a cached-feature head phase evaluates on its features (what the head sees)
+        final = (self.head_steps if (self.head_steps is not None and self.phases[-1] == "head"
+                                     and getattr(self.head_steps, "ready", False)) else self.loader_steps)
+        metrics = final.evaluate(full=True) if s.has_val else {}
         metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
         d = s.decision
         self.folder.summary({

@@ -27,6 +27,7 @@ from finetune.engine.steps import diverged, optimizer_step
 from finetune.errors import FinetuneError
 from finetune.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.features.extract import _extract, _logits
+from finetune.metrics import per_class_accuracy
 
 __all__ = ["CachedHeadSteps"]
 
@@ -101,6 +102,11 @@ class CachedHeadSteps:
         self._failures: dict[str, str] = {}
         self._ready = False
         self._prep_seconds = 0.0
+
+    @property
+    def ready(self) -> bool:
+        """The features are computed (a phase began)."""
+        return self._ready
 
     # ----------------------------------------------------------------------------- features
     def begin_phase(self, phase: str) -> None:
@@ -288,14 +294,18 @@ class CachedHeadSteps:
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> dict:
-        """Mean loss and accuracy of the head over the validation features (eval mode, restored after)."""
+        """Mean loss and accuracy of the head over the validation features (eval mode, restored after);
+        with ``full``, per-class accuracy and the confusion matrix too, as ``engine.evaluate`` gives them
+        (the features are exactly what the head sees there: no second pass through the backbone)."""
         if self.val_bank is None:
             return {"loss": math.nan, "acc": math.nan}
         s = self.s
         head = s.head_module
         was = head.training
         head.eval()
-        total, correct = 0.0, 0
+        c = len(s.classes)
+        confusion = torch.zeros(c * c, dtype=torch.int64)
+        total = 0.0
         bs = int(s.config.batch_size)
         try:
             for start in range(0, int(self.val_rows.shape[0]), bs):
@@ -305,11 +315,17 @@ class CachedHeadSteps:
                 with s.amp.autocast():
                     logits = self.logits(x.reshape(-1, *self.shape))
                 total += float(s.loss_fn(logits.float(), y)) * int(y.shape[0])
-                correct += int((logits.argmax(1) == y).sum())
+                confusion += torch.bincount((y * c + logits.argmax(1)).cpu(), minlength=c * c)
         finally:
             head.train(was)
-        n = max(1, int(self.val_rows.shape[0]))
-        return {"loss": total / n, "acc": correct / n}
+        conf = confusion.view(c, c)
+        n = int(conf.sum())
+        right = conf.diag().tolist()
+        out = {"loss": total / max(1, n), "acc": sum(right) / max(1, n)}
+        if full:
+            out.update(per_class=per_class_accuracy(right, conf.sum(1).tolist(), s.classes),
+                       confusion=conf.tolist(), images=n)
+        return out
 
 
 def _bank_to(bank: FeatureBank, device: torch.device) -> torch.Tensor:

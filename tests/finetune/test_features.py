@@ -105,6 +105,10 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
         assert set(row) == {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                             "seconds", "images_per_s"}
     assert fast.best_epoch == slow.best_epoch
+    # the final metrics come from the features (no second backbone pass) and equal the network's
+    assert fast.metrics["val_loss"] == pytest.approx(slow.metrics["val_loss"], rel=1e-4, abs=1e-5)
+    assert fast.metrics["confusion"] == slow.metrics["confusion"]
+    assert fast.metrics["per_class"] == slow.metrics["per_class"]
     for (name, a), b in zip(slow_model.fc.state_dict().items(), fast_model.fc.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
     # The backbone is untouched.
