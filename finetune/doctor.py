@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from finetune.io import printable_name
+
 __all__ = [
     "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS", "EXCLUDE_KINDS",
     "file_facts", "pixel_fingerprint", "folder_features", "find_duplicates", "label_issues", "find_outliers", "file_findings",
@@ -544,13 +546,8 @@ def write_findings_csv(findings: Iterable[Finding], path: str | Path) -> None:
     w.writerow(CSV_COLUMNS)
     for f in findings:
         d = asdict(f)
-        w.writerow([_printable(str(d[c])) if isinstance(d[c], str) else d[c] for c in CSV_COLUMNS])
+        w.writerow([printable_name(str(d[c])) if isinstance(d[c], str) else d[c] for c in CSV_COLUMNS])
     atomic_write_text(path, buf.getvalue())
-
-
-def _printable(text: str) -> str:
-    # file names that are not UTF-8 carry surrogate escapes; the CSV must still encode
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) -> list[str]:

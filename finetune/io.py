@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_file_mode",
+__all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_file_mode",
            "read_safetensors_header", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
@@ -63,6 +63,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def plain_file_mode(path: str | Path) -> None:
     """Give a file made by mkstemp/mkdtemp the permissions a plain open() would have (umask applied)."""
     os.chmod(path, _FILE_MODE)
+
+
+def printable_name(text: str) -> str:
+    """A file or class name as text that always encodes: names that are not UTF-8 arrive from the OS as
+    surrogate escapes; their bytes are shown as ``\\xNN`` instead of failing to print or write."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class SafetensorsHeaderError(ValueError):

@@ -43,9 +43,9 @@ from finetune.data.images import (
     to_uint8_tensor,
 )
 from finetune.data.loaders import ImageDataset
-from finetune.data.scan import _printable
 from finetune.data.transforms import _parse_data_config, build_transform
 from finetune.errors import DataError
+from finetune.io import printable_name
 
 __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
            "device_decodable"]
@@ -80,7 +80,7 @@ class EncodedImageDataset(ImageDataset):
     def log_failure(self, index: int, reason: str) -> None:
         """Record that image ``index`` failed (listed by ``failures()``; safe from worker processes)."""
         with open(self.failure_log, "a", encoding="utf-8") as fh:
-            fh.write(f"{int(index)}\t{_printable(reason)}".replace("\n", " ") + "\n")
+            fh.write(f"{int(index)}\t{printable_name(reason)}".replace("\n", " ") + "\n")
 
 
 def collate_encoded(batch: list):

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from finetune.data.scan import _printable
 from finetune.errors import DataError
+from finetune.io import printable_name
 
 
 # -------------------------------------------------------------------------------------- decoding
@@ -71,14 +71,14 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                     upright = None
                 return _to_rgb(upright if upright is not None else im.copy())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{_printable(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
+        raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None
     except UnidentifiedImageError:
-        raise DataError(f"{_printable(str(path))} is not a readable image; fix or remove it") from None
+        raise DataError(f"{printable_name(str(path))} is not a readable image; fix or remove it") from None
     except OSError as e:
-        raise DataError(f"cannot decode {_printable(str(path))}: {e}; fix or remove the file") from None
+        raise DataError(f"cannot decode {printable_name(str(path))}: {e}; fix or remove the file") from None
     except Exception as e:  # malformed files raise SyntaxError / ValueError / struct.error inside PIL
-        raise DataError(f"cannot decode {_printable(str(path))} ({type(e).__name__}: {e}); "
+        raise DataError(f"cannot decode {printable_name(str(path))} ({type(e).__name__}: {e}); "
                         "fix or remove the file") from None
 
 
@@ -112,7 +112,7 @@ def read_image_bytes(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise DataError(f"cannot read {_printable(str(path))}: {e.strerror or e}; fix or remove the file") from None
+        raise DataError(f"cannot read {printable_name(str(path))}: {e.strerror or e}; fix or remove the file") from None
 
 
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import Dataset
 
 from finetune.data.images import load_image, load_image_tensor
-from finetune.data.scan import ImageSet, _printable
+from finetune.data.scan import ImageSet
 from finetune.errors import ConfigError, DataError
+from finetune.io import printable_name
 from finetune.seeding import epoch_seed, sample_seed
 
 
@@ -66,7 +67,7 @@ class ImageDataset(Dataset):
             return (self.transform(im) if self.transform is not None else im), label
         except Exception as e:   # one bad image must not kill the batch or the worker
             reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
-            line = f"{index}\t{_printable(reason)}".replace("\n", " ") + "\n"
+            line = f"{index}\t{printable_name(reason)}".replace("\n", " ") + "\n"
             with open(self.failure_log, "a", encoding="utf-8") as fh:
                 fh.write(line)
             return None

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from finetune.errors import ConfigError, DataError
-from finetune.io import atomic_write_text
+from finetune.io import atomic_write_text, printable_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
@@ -105,15 +105,15 @@ class ScanReport:
         # Printable names: scan.json is a report, and must encode as UTF-8 even for non-UTF-8 file names.
         ratio = self.imbalance()
         return {
-            "root": _printable(self.root),
+            "root": printable_name(self.root),
             "layout": self.layout,
-            "classes": [_printable(c) for c in self.classes],
-            "counts": {k: {_printable(c): n for c, n in v.items()} for k, v in self.counts().items()},
+            "classes": [printable_name(c) for c in self.classes],
+            "counts": {k: {printable_name(c): n for c, n in v.items()} for k, v in self.counts().items()},
             "images": {name: len(s) for name, s in self.sets().items()},
             "imbalance": None if math.isinf(ratio) else round(ratio, 3),
             "seed": self.seed,
             "val_split": self.val_split,
-            "bad_files": [{"path": _printable(self.relpath(p)), "reason": r} for p, r in self.bad_files],
+            "bad_files": [{"path": printable_name(self.relpath(p)), "reason": r} for p, r in self.bad_files],
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint(),
         }
@@ -131,11 +131,6 @@ def _rel(path: str, root: str) -> str:
     except ValueError:          # another drive on Windows
         return path
     return path if rel.startswith("..") else rel.replace(os.sep, "/")
-
-
-def _printable(text: str) -> str:
-    """Non-UTF-8 file names arrive as surrogate escapes; show their bytes instead of failing to encode."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # -------------------------------------------------------------------------------------- scanning
@@ -292,7 +287,7 @@ def _stratified_split(files: dict[str, list[str]], val_split: float, seed: int, 
         n_val = min(max(round(n * val_split), 1 if n >= 2 else 0), n - 1) if n else 0
         val[cls], train[cls] = sorted(order[:n_val]), sorted(order[n_val:])
         if n == 1:
-            notes.append(f"class '{_printable(cls)}' has only 1 image: none held out for validation")
+            notes.append(f"class '{printable_name(cls)}' has only 1 image: none held out for validation")
     return train, val, notes
 
 
@@ -302,7 +297,7 @@ def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
 
 
 def _names(items: Iterable[str], limit: int = 5) -> str:
-    items = [_printable(i) for i in items]
+    items = [printable_name(i) for i in items]
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
@@ -330,7 +325,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     """
     root_s = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root_s):
-        raise DataError(f"data folder {_printable(root_s)} does not exist or is not a folder; "
+        raise DataError(f"data folder {printable_name(root_s)} does not exist or is not a folder; "
                         "pass --data DIR with one sub-folder per class")
     train_dir, val_dir, test_dir = _detect_layout(root_s)
     layout = "split" if val_dir else "flat"
@@ -365,10 +360,10 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         found = f" ({len(bad)} unreadable files)" if bad else ""
         if stray:   # the commonest mistake: images straight in DIR, no class folders
             found += f" ({len(stray)} files directly in the folder are not in class folders)"
-        raise DataError(f"no images found in {_printable(root_s)}{found}; expected DIR/<class>/*.jpg or "
+        raise DataError(f"no images found in {printable_name(root_s)}{found}; expected DIR/<class>/*.jpg or "
                         f"DIR/train/<class>/ + DIR/val/<class>/ ({', '.join(IMAGE_EXTENSIONS)})")
     if bad and strict:
-        raise DataError(f"{len(bad)} unreadable files, e.g. {_printable(_rel(bad[0][0], root_s))} "
+        raise DataError(f"{len(bad)} unreadable files, e.g. {printable_name(_rel(bad[0][0], root_s))} "
                         f"({bad[0][1]}); fix or remove them, or drop --strict to skip them")
 
     # Classes are the training folders that hold at least one usable image.
@@ -380,23 +375,23 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         orphans = [c for c, ps in good[name].items() if ps and c not in classes]
         if orphans:
             raise DataError(f"class(es) {_names(orphans)} in {name}/ have no training images in "
-                            f"{_printable(_rel(train_dir, root_s) if train_dir != root_s else root_s)}; "
+                            f"{printable_name(_rel(train_dir, root_s) if train_dir != root_s else root_s)}; "
                             f"add train/<class>/ images or remove them from {name}/")
     if len(classes) < 2:
-        what = f"only 1 class ({_printable(classes[0])})" if classes else "no class folders with images"
+        what = f"only 1 class ({printable_name(classes[0])})" if classes else "no class folders with images"
         hint = f"; {len(stray)} files directly in the folder were ignored" if stray else ""
-        raise DataError(f"found {what} in {_printable(root_s)}{hint}; a classifier needs at least 2 class "
+        raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:
         warn.append(f"empty class folder(s) {_names(empty)} left out (no usable images)")
     if stray:
-        warn.append(f"{len(stray)} files directly in {_printable(root_s)} ignored "
+        warn.append(f"{len(stray)} files directly in {printable_name(root_s)} ignored "
                     "(images must be in DIR/<class>/)")
     if loops:
-        warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. {_printable(_rel(loops[0], root_s))}")
+        warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. {printable_name(_rel(loops[0], root_s))}")
     if bad:
         warn.append(f"skipped {len(bad)} unreadable or non-image files, e.g. "
-                    f"{_printable(_rel(bad[0][0], root_s))} ({bad[0][1]}); all are listed in bad_files.txt")
+                    f"{printable_name(_rel(bad[0][0], root_s))} ({bad[0][1]}); all are listed in bad_files.txt")
 
     train_files = {c: good["train"][c] for c in classes}
     if layout == "split":
@@ -414,7 +409,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         _apply_split_file(report, Path(split_file))
 
     if len(report.val) == 0:
-        raise DataError(f"no validation images in {_printable(root_s)}: add DIR/val/<class>/ images, or use "
+        raise DataError(f"no validation images in {printable_name(root_s)}: add DIR/val/<class>/ images, or use "
                         "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]
     if missing:
@@ -424,8 +419,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     if ratio > IMBALANCE_WARN:
         counts = report.counts()["train"]
         big, small = max(counts, key=counts.get), min(counts, key=counts.get)
-        warn.append(f"classes are imbalanced ({ratio:.1f}x: '{_printable(big)}' has {counts[big]} training "
-                    f"images, '{_printable(small)}' {counts[small]}); consider --class-weights auto or "
+        warn.append(f"classes are imbalanced ({ratio:.1f}x: '{printable_name(big)}' has {counts[big]} training "
+                    f"images, '{printable_name(small)}' {counts[small]}); consider --class-weights auto or "
                     "--sampler balanced")
     return report
 
@@ -492,7 +487,7 @@ def write_scan(report: ScanReport, run_dir: str | Path) -> None:
     atomic_write_text(run_dir / "scan.json", json.dumps(report.to_dict(), indent=2) + "\n")
     # ensure_ascii keeps non-UTF-8 names (surrogate escapes) round-trippable through json.loads.
     atomic_write_text(run_dir / "split.json", json.dumps(_split_payload(report)) + "\n")
-    lines = [f"{_printable(report.relpath(p))}\t{r}\n" for p, r in report.bad_files]
+    lines = [f"{printable_name(report.relpath(p))}\t{r}\n" for p, r in report.bad_files]
     atomic_write_text(run_dir / "bad_files.txt", "".join(lines))
 
 

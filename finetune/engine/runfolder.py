@@ -20,10 +20,10 @@ from finetune import distributed as ddp
 from finetune.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, save_weights
 from finetune.config import FinetuneConfig, save_config
 from finetune.errors import CheckpointError, ConfigError
-from finetune.io import atomic_write_text
+from finetune.io import atomic_write_text, printable_name
 from finetune.monitor import TensorBoardLogger, write_curves
 
-__all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe", "printable_path"]
+__all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
 
 HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                 "images_per_s")
@@ -37,11 +37,6 @@ RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs",
                "amp", "channels_last", "gpu_normalize", "decode"}
 
 Log = Callable[[str], None]
-
-
-def printable_path(p: str) -> str:
-    """A path as text, undecodable bytes shown as escapes."""
-    return os.fsencode(p).decode("utf-8", "backslashreplace")
 
 
 def json_safe(value: Any) -> Any:
@@ -172,7 +167,7 @@ class RunFolder:
         batch): one warning, and appended to ``bad_files.txt`` (absolute paths)."""
         if not failed:
             return
-        names = ", ".join(printable_path(os.path.basename(p)) for p in list(failed)[:3])
+        names = ", ".join(printable_name(os.path.basename(p)) for p in list(failed)[:3])
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         say(f"warning: {len(failed)} image(s) failed to decode during training and were skipped: {names}{more}"
             + (" (see bad_files.txt)" if self.writes else ""))
@@ -183,8 +178,8 @@ class RunFolder:
             old = path.read_text(encoding="utf-8")
         except OSError:
             old = ""
-        new = [f"{printable_path(p)}\t{r} (failed to decode during training)\n" for p, r in failed.items()
-               if printable_path(p) + "\t" not in old]
+        new = [f"{printable_name(p)}\t{r} (failed to decode during training)\n" for p, r in failed.items()
+               if printable_name(p) + "\t" not in old]
         atomic_write_text(path, old + "".join(new))
 
     def summary(self, summary: dict) -> None:
