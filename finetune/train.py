@@ -53,7 +53,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     if resume and run_dir is None:
         raise ConfigError("resume needs the run folder: pass run_dir")
     setup = build_setup(model, stages, data_config, train_set, val_set, config, head=head,
-                        reset_head=reset_head, log=log if log is not None else None)
+                        reset_head=reset_head, log=log)
     main_log = log if setup.info.is_main else None
     head_steps = CachedHeadSteps(setup, feature_cache, log=main_log) if setup.cached_head else None
     trainer = Trainer(setup, RunFolder(run_dir, setup.info), resume=resume, log=log, callbacks=callbacks,

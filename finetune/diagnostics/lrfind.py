@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from finetune.config import FinetuneConfig
-from finetune.data import ImageSet, set_loader_epoch
+from finetune.data import ImageSet
 from finetune.engine import Setup, build_setup, optimizer_step, to_device
 from finetune.errors import ConfigError, DivergedError, FinetuneError
 from finetune.features import CachedHeadSteps, FeatureCache
 from finetune.io import atomic_write_text
 from finetune.monitor import finite, new_figure, save_png
 from finetune.optim import set_base_lr
-from finetune.seeding import epoch_seed, preserved_rng
+from finetune.seeding import preserved_rng
 
 __all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "smooth_losses", "lr_schedule",
            "write_lr_plot"]
@@ -163,9 +163,7 @@ def _write_lr_csv(result: LRFindResult, path: str | Path) -> None:
 
 def _loader_epoch(setup: Setup, epoch: int) -> Iterator:
     """Epoch ``epoch``'s training batches of the setup's loader, on the device."""
-    set_loader_epoch(setup.train_loader, setup.config.seed, epoch)
-    if setup.train_normalize is not None:
-        setup.train_normalize.reseed(epoch_seed(setup.config.seed, epoch))
+    setup.seed_train_loader(epoch)
     for batch in setup.train_loader:
         if batch is None:  # every image of this batch failed to decode (collate_skip_none)
             continue

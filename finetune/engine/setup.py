@@ -14,13 +14,13 @@ from torch import nn
 from finetune import distributed as ddp
 from finetune.config import FinetuneConfig
 from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, device_steps,
-                           make_loader)
+                           make_loader, set_loader_epoch)
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, resolve_device
 from finetune.errors import ConfigError
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.policy import FreezeDecision
 from finetune.recipe import prepare_model
-from finetune.seeding import seed_everything
+from finetune.seeding import epoch_seed, seed_everything
 
 __all__ = ["Setup", "build_setup"]
 
@@ -76,6 +76,13 @@ class Setup:
     @property
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train_loader))
+
+    def seed_train_loader(self, epoch: int) -> None:
+        """Before epoch ``epoch``: the training loader's order, its samples' augmentation and the device
+        augmentation become a function of (seed, epoch, rank)."""
+        set_loader_epoch(self.train_loader, self.config.seed, epoch, self.info.rank)
+        if self.train_normalize is not None:
+            self.train_normalize.reseed(epoch_seed(self.config.seed, epoch, self.info.rank))
 
     def optimizer(self, config: FinetuneConfig | None = None) -> torch.optim.Optimizer:
         """The recipe's optimizer over the model's trainable parameters (head LR, backbone x mult)."""

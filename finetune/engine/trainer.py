@@ -27,7 +27,6 @@ from torch import nn
 
 from finetune import distributed as ddp
 from finetune.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
-from finetune.data import set_loader_epoch
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
@@ -74,6 +73,8 @@ class EpochSteps(Protocol):
 
     def evaluate(self, full: bool = False) -> dict: ...
 
+    def failures(self) -> dict[str, str]: ...     # images that failed to decode: path -> reason
+
 
 class LoaderSteps:
     """The ordinary path: batches of images from the setup's loaders through the whole network."""
@@ -94,9 +95,7 @@ class LoaderSteps:
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
-        set_loader_epoch(s.train_loader, s.config.seed, epoch, s.info.rank)
-        if s.train_normalize is not None:
-            s.train_normalize.reseed(epoch_seed(s.config.seed, epoch, s.info.rank))
+        s.seed_train_loader(epoch)
         bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
                         disable=s.config.quiet or not s.info.is_main)
         try:
