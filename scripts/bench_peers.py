@@ -96,10 +96,12 @@ def zoo_cmd(*args: str) -> list[str]:
 
 def run_zoo(data: Path, run: Path, flags: list[str]) -> tuple[float, float]:
     """(test accuracy, finetune wall seconds) of `zoo finetune` + `zoo eval` on data/test."""
+    again = ["--overwrite"] if run.exists() else []     # a reused --work folder: rerun, do not refuse
     seconds = run_timed(zoo_cmd("finetune", MODEL, "--data", str(data), "--out", str(run), "--seed", "0",
-                                "--quiet", "--device", "cpu", *flags), run.with_suffix(".log"))
+                                "--quiet", "--device", "cpu", *again, *flags), run.with_suffix(".log"))
     run_timed(zoo_cmd("eval", str(run / "export"), "--data", str(data), "--out", str(run / "eval"),
-                      "--device", "cpu"), run.with_suffix(".eval.log"))
+                      "--device", "cpu", *(["--overwrite"] if (run / "eval").exists() else [])),
+              run.with_suffix(".eval.log"))
     return json.loads((run / "eval" / "metrics.json").read_text())["accuracy"], seconds
 
 
@@ -236,6 +238,9 @@ def main() -> None:
     ap.add_argument("--fastai-epochs", type=int, default=10, help="fine_tune(N)")
     ap.add_argument("--timm-train", help="path to a copy of timm's train.py (needed for the timm row)")
     ap.add_argument("--timm-epochs", type=int, default=30)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="an extra zoo row: `zoo finetune` with these flags (repeatable), e.g. "
+                         "'ls=--freeze none --label-smoothing 0.1'; add NAME to --only (or leave --only out)")
     ap.add_argument("--report", help="also write the markdown tables to this file")
     ap.add_argument("--work", help="work folder (default: a new temp folder)")
     # the fastai child (run by this script under --fastai-python)
@@ -250,10 +255,20 @@ def main() -> None:
         args.epochs = args.fastai_epochs
         fastai_child(args)
         return
+    variants = {}
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name.strip() or name.strip() in TOOLS:
+            sys.exit(f"--variant {v!r}: write NAME=FLAGS with a NAME that is not one of {', '.join(TOOLS)}")
+        variants[name.strip()] = flags.split()
     tools = [t.strip() for t in args.only.split(",") if t.strip()]
-    unknown = set(tools) - set(TOOLS)
+    if args.only == ",".join(TOOLS) and variants:
+        tools = ["zoo", *variants]
+    tools += [v for v in variants if v not in tools]
+    unknown = set(tools) - set(TOOLS) - set(variants)
     if unknown:
-        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TOOLS)}")
+        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join((*TOOLS, *variants))}")
+    LABELS.update({name: f"`zoo finetune {' '.join(flags)}`" for name, flags in variants.items()})
     if "fastai" in tools and not args.fastai_python:
         sys.exit("the fastai row needs --fastai-python (a venv with fastai), or leave it out of --only")
     if "timm" in tools and not (args.timm_train and Path(args.timm_train).is_file()):
@@ -294,6 +309,8 @@ def main() -> None:
                 acc, s = run_zoo(data, run / "run", [])
             elif tool == "zoo-full":
                 acc, s = run_zoo(data, run / "run", ["--freeze", "none"])
+            elif tool in variants:
+                acc, s = run_zoo(data, run / "run", variants[tool])
             elif tool == "probe":
                 acc, s, details = run_probe(data)
                 probe_details.append(details)
