@@ -3,9 +3,13 @@ computes the same features every epoch (it runs in eval mode: BatchNorm uses its
 dropout and drop-path are off), so re-running it is pure waste. :class:`CachedHeadSteps` computes them
 once per view and is the head phase's epoch source in ``fit``'s loop (``finetune.engine.Trainer``):
 
-* view 0, the un-augmented (evaluation-transform) view: the default, and always used for validation;
-* with ``config.aug_views = K > 0``, K augmented views per training image; each epoch draws one of them
-  per image.
+* view 0, the un-augmented (evaluation-transform) view, always used for validation; for training, when
+  the training augmentation flips (``augment`` with ``hflip > 0``), also its horizontal mirror: the one
+  augmentation that is fixed, so a solved head sees twice the images at the cost of one more pass
+  (measured on real photos: docs/peers.md); ``--hflip 0`` keeps one view, for data whose mirror is
+  another class;
+* with ``config.aug_views = K > 0`` instead, K randomly augmented views per training image.
+Each epoch of the gradient solver draws one view per image; the L-BFGS solver fits all views at once.
 
 Everything else is the loop's: the loss, optimizer and scheduler of the setup, the batch order of the
 setup's training loader (replayed without decoding images), early stopping, the history and the run
@@ -21,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from finetune.data import ImageDataset, build_transform, make_loader, set_loader_epoch
+from finetune.data import ImageDataset, build_transform, make_loader, mirrored, set_loader_epoch
 from finetune.engine.setup import Setup
 from finetune.engine.steps import diverged, optimizer_step
 from finetune.errors import FinetuneError
@@ -38,6 +42,11 @@ _DEVICE_RESIDENT_BYTES = 4 << 30
 SOLVER_C = tuple(10.0 ** k for k in range(-2, 5))
 SOLVER_MAX_ITER = 500
 Log = Callable[[str], None]
+
+
+def mirror_view(config) -> bool:
+    """The cached head's training features include each image's mirror (see the module docstring)."""
+    return not int(config.aug_views or 0) and bool(config.augment) and float(config.hflip) > 0
 
 
 class _Targets(torch.utils.data.Dataset):
@@ -120,10 +129,15 @@ class CachedHeadSteps:
         t0 = time.perf_counter()
         views = int(s.config.aug_views or 0)
         eval_tf = build_transform(s.data_config, False, s.config, output=s.output)
-        train_tf = build_transform(s.data_config, True, s.config, output=s.output) if views > 0 else eval_tf
         weights = backbone_digest(s.model, s.head)
-        self.train_bank = self._bank("train", s.train_set, train_tf, views, weights)
-        self.val_bank = (self._bank("val", s.val_set, eval_tf, 0, weights) if s.has_val else None)
+        if views > 0:
+            train_views = [build_transform(s.data_config, True, s.config, output=s.output)] * views
+        elif mirror_view(s.config):
+            train_views = [eval_tf, mirrored(eval_tf)]
+        else:
+            train_views = [eval_tf]
+        self.train_bank = self._bank("train", s.train_set, train_views, weights, seeded=views > 0)
+        self.val_bank = (self._bank("val", s.val_set, [eval_tf], weights) if s.has_val else None)
         if self.val_bank is not None and self.val_bank.feature_shape != self.train_bank.feature_shape:
             raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
         dev = s.device
@@ -142,19 +156,22 @@ class CachedHeadSteps:
         self._ready = True
         self._prep_seconds = time.perf_counter() - t0
 
-    def _bank(self, split: str, image_set, transform, n_views: int, weights: str) -> FeatureBank:
+    def _bank(self, split: str, image_set, views: list, weights: str, seeded: bool = False) -> FeatureBank:
+        """One split's features, one view per transform of ``views`` (``seeded``: random augmented views,
+        each drawn from its own seed)."""
         s = self.s
         seed = int(s.config.seed)
+        n_views = len(views)
         extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
-                 "views": n_views, "seed": seed if n_views else None}
+                 "views": n_views if seeded else [repr(t) for t in views[1:]], "seed": seed if seeded else None}
         key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
-                                transform=transform, extra=extra)
+                                transform=views[0], extra=extra)
 
         def compute() -> FeatureBank:
             t0 = time.perf_counter()
-            ds = ImageDataset(image_set, transform)
             parts = []
-            for v in range(max(1, n_views)):
+            for v, transform in enumerate(views):
+                ds = ImageDataset(image_set, transform)
                 # Augmented views are drawn reproducibly: the transforms use torch's RNG, seeded per view
                 # (workers get seeds from the loader generator). The global RNG is forked and restored so
                 # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
@@ -169,8 +186,8 @@ class CachedHeadSteps:
             for path, reason in ds.failures():   # reported once, with the loop's, at the end of fit
                 self._failures.setdefault(path, reason)
             dt = time.perf_counter() - t0
-            n = len(image_set.items) * max(1, n_views)
-            self.say(f"features: {split} {len(image_set.items)} images x {max(1, n_views)} view(s) computed in "
+            n = len(image_set.items) * n_views
+            self.say(f"features: {split} {len(image_set.items)} images x {n_views} view(s) computed in "
                      f"{dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
             return bank
 

@@ -337,18 +337,32 @@ def test_features_shared_between_runs_are_computed_once(tmp_path):
 
 
 # ---- head_solver="lbfgs": the head solved to convergence ---------------------------------------------
-def test_lbfgs_head_is_the_logistic_regression_optimum(tmp_path):
+@pytest.mark.parametrize("hflip", [0.5, 0.0])
+def test_lbfgs_head_is_the_logistic_regression_optimum(tmp_path, hflip):
     """Without a validation split the L2 strength is --weight-decay: the solved head is the unique optimum of
-    L2-regularised multinomial logistic regression, i.e. scikit-learn's LogisticRegression(C=1/(L2 N))."""
+    L2-regularised multinomial logistic regression, i.e. scikit-learn's LogisticRegression(C=1/(L2 N)), fitted
+    on each training image and (when the training augmentation flips) its mirror; ``--hflip 0``: the images only."""
     from sklearn.linear_model import LogisticRegression
+
+    from finetune.data import mirrored
 
     train, _ = _sets(tmp_path / "d")
     model = _model()
     wd = 1e-2
-    result = _fit(model, train, None, _config(epochs=5, head_solver="lbfgs", weight_decay=wd))
+    logs: list[str] = []
+    result = _fit(model, train, None, _config(epochs=5, head_solver="lbfgs", weight_decay=wd, hflip=hflip),
+                  log=logs.append)
     assert [r["phase"] for r in result.history] == ["head"]          # one converged solve, not epochs
-    feats, labels = extract_features(model, "fc", ImageDataset(train, build_transform(DATA_CONFIG, False)))
-    ref = LogisticRegression(C=1.0 / (wd * len(labels)), max_iter=5000, tol=1e-10).fit(feats.numpy(), labels.numpy())
+    views = 2 if hflip else 1
+    assert any(f"x {views} view(s)" in m for m in logs if m.startswith("features: train"))
+    eval_tf = build_transform(DATA_CONFIG, False)
+    feats, labels = extract_features(model, "fc", ImageDataset(train, eval_tf))
+    x, y = feats, labels
+    if hflip:
+        flipped, _ = extract_features(model, "fc", ImageDataset(train, mirrored(eval_tf)))
+        assert not torch.allclose(flipped, feats)
+        x, y = torch.cat([feats, flipped]), torch.cat([labels, labels])
+    ref = LogisticRegression(C=1.0 / (wd * len(y)), max_iter=5000, tol=1e-10).fit(x.numpy(), y.numpy())
     # softmax logits are defined up to a per-sample constant: compare centred logits
     ours = model.fc(feats).detach()
     theirs = torch.from_numpy(ref.decision_function(feats.numpy())).float()
