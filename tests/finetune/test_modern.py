@@ -209,3 +209,27 @@ def test_head_only_with_mixup_trains_through_the_network(data):
     warm = run(data, cfg(freeze="none", fast_head=True, head_epochs=1, epochs=2, mixup=0.2), log=warm_lines.append)
     assert [r["phase"] for r in warm.history] == ["head", "finetune"]
     assert any(line.startswith("features:") for line in warm_lines)     # the warm-up stays on features
+
+
+def test_lr_find_probes_mixed_batches_and_the_overfit_check_turns_mixing_off(data, monkeypatch):
+    import finetune.engine.mixing as mixing
+    from finetune.diagnostics import lr_find, overfit_check
+
+    calls = []
+    original = mixing.BatchMix.__call__
+    monkeypatch.setattr(mixing.BatchMix, "__call__",
+                        lambda self, x, y, step: (calls.append(step), original(self, x, y, step))[1])
+    train, _ = data
+    result = lr_find(tiny_model(), STAGES, DATA_CONFIG, train, cfg(freeze="head", mixup=0.2), head="fc", steps=6)
+    assert len(result.lrs) > 0 and calls          # head only + mixup: the network path, mixed batches
+    import finetune.diagnostics.overfit as overfit_module
+
+    seen = []
+    real_build = overfit_module.build_setup
+    monkeypatch.setattr(overfit_module, "build_setup",
+                        lambda *a, **kw: (seen.append(a[5]), real_build(*a, **kw))[1])
+    overfit_check(tiny_model(), STAGES, DATA_CONFIG, train,
+                  cfg(mixup=0.2, cutmix=1.0, label_smoothing=0.3, augment="trivial"), head="fc",
+                  batches=1, max_steps=2)
+    (used,) = seen          # nothing may fight the fit: no smoothing, no mixing, no augmentation
+    assert (used.label_smoothing, used.mixup, used.cutmix, used.augment) == (0.0, 0.0, 0.0, "none")
