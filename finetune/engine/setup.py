@@ -77,7 +77,8 @@ class Setup:
         CutMix trains through the network: those mix images, which cached features no longer are (as in
         timm and fastai, whatever is frozen). A warm-up head phase before unfreezing stays on the
         features (the converged head unfreezing starts from); mixing starts with finetuning."""
-        return bool(self.config.fast_head) and not self.info.enabled and not (self.head_only and self.mix is not None)
+        mixes_images = self.head_only and self.mix is not None
+        return bool(self.config.fast_head) and not self.info.enabled and not mixes_images
 
     @property
     def steps_per_epoch(self) -> int:
