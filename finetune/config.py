@@ -19,7 +19,7 @@ import yaml
 from finetune.errors import ConfigError
 
 __all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
-           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS"]
+           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "upgrade_config_dict"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
@@ -27,6 +27,10 @@ HEADS = ("linear", "mlp")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh")
 MONITORS = ("val_loss", "val_acc")
 HEAD_SOLVERS = ("lbfgs", "gradient")
+AUGMENTS = ("standard", "trivial", "none")
+# Options that were booleans before they took a closed set of values: YAML files, run folders and
+# checkpoints written then still load (True/False -> these values).
+_LEGACY_BOOLS = {"augment": {True: "standard", False: "none"}}
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,12 @@ OPTIONS: dict[str, Option] = {
     "class_weights": Option("auto: weight the loss by inverse class frequency (imbalanced data).",
                             choices=("none", "auto")),
     "sampler": Option("balanced: oversample rare classes in each epoch.", choices=("random", "balanced")),
-    "augment": Option("Training augmentation (random crop-and-scale, flip, brightness/contrast)."),
+    "augment": Option("Training augmentation: standard (random crop-and-scale, flip, brightness/contrast), "
+                      "trivial (crop-and-scale, flip, then torchvision's TrivialAugmentWide instead of the "
+                      "jitter) or none; --no-augment = none.", choices=AUGMENTS),
     "crop_scale_min": Option("Smallest area fraction of the random crop.", low=0, high=1, low_open=True),
-    "hflip": Option("Horizontal flip probability (0 disables).", low=0, high=1),
+    "hflip": Option("Horizontal flip probability (0 disables; for data whose mirror image is another class). "
+                    "Head-only runs on cached features then also drop the mirrored view.", low=0, high=1),
     "brightness": Option("Brightness jitter strength (0 disables).", low=0),
     "contrast": Option("Contrast jitter strength (0 disables).", low=0),
     "head": Option("New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS),
@@ -146,6 +153,16 @@ OPTIONS: dict[str, Option] = {
                           "gradient (--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS),
     "overfit_batches": Option("Sanity check instead of training: try to overfit N fixed batches, then exit "
                               "(0 = off).", low=0),
+    # --- modern regularisers (issue 16) ---
+    "label_smoothing": Option("Label smoothing of the training loss (torch/timm semantics: the target puts "
+                              "1 - F + F/C on the true class, F/C on every other); validation loss stays plain "
+                              "cross-entropy.", low=0, high=1, high_open=True),
+    "mixup": Option("Mixup alpha: each training batch is blended with itself reversed, lambda ~ Beta(A, A), "
+                    "targets mixed alike (timm's batch mode); 0 = off. Image-space: a head-only run then trains "
+                    "the head through the network, not on cached features.", low=0),
+    "cutmix": Option("CutMix alpha: a box of the reversed batch is pasted in, lambda ~ Beta(A, A) corrected to "
+                     "the box's area; with --mixup too, each batch picks one of the two (probability 1/2); "
+                     "0 = off.", low=0),
     "tensorboard": Option("Also log to RUN/tensorboard (needs the tensorboard package)."),
     "quiet": Option("No progress bars or per-epoch lines."),
 }
@@ -161,7 +178,7 @@ class FinetuneConfig:
     class_weights: str = "none"     # "none" | "auto" (inverse class frequency in the loss)
     sampler: str = "random"         # "random" | "balanced" (oversample rare classes)
     # --- augmentation (train only; evaluation is resize + centre crop) ---
-    augment: bool = True
+    augment: str = "standard"       # "standard" | "trivial" (TrivialAugmentWide) | "none"; true/false = standard/none
     crop_scale_min: float = 0.35    # RandomResizedCrop scale range lower bound (upper is 1.0)
     hflip: float = 0.5              # horizontal flip probability (0 disables)
     brightness: float = 0.2         # ColorJitter brightness strength (0 disables)
@@ -205,11 +222,19 @@ class FinetuneConfig:
     aug_views: int = 0              # fast path: augmented views cached per image (0 = un-augmented only)
     head_solver: str = "lbfgs"      # linear head on cached features: lbfgs (converged, L2 on val) | gradient
     img_size: int = 0               # input size in px for training and evaluation; 0 = the model's own
+    # --- modern regularisers (issue 16) ---
+    label_smoothing: float = 0.0    # training loss only; the default follows the measurement (docs/peers.md)
+    mixup: float = 0.0              # Beta(A, A) mixup alpha per training batch (timm batch mode); 0 = off
+    cutmix: float = 0.0             # Beta(A, A) CutMix alpha; both > 0: each batch picks one (p = 1/2)
     overfit_batches: int = 0        # sanity check: train on N fixed batches only
     tensorboard: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        for name, values in _LEGACY_BOOLS.items():       # FinetuneConfig(augment=False) still means none
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                setattr(self, name, values[value])
         self.validate()
 
     def validate(self) -> None:
@@ -228,6 +253,9 @@ class FinetuneConfig:
             raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")
         if self.schedule == "plateau" and self.gamma >= 1:
             raise bad("gamma", "the plateau schedule needs a decay factor 0 < x < 1")
+        # TrivialAugment runs in the workers on decoded images; --decode device decodes and crops on the GPU.
+        if self.augment == "trivial" and self.decode == "device":
+            raise bad("augment", "trivial runs in the DataLoader workers; use --decode workers with it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,6 +266,7 @@ class FinetuneConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; see `zoo finetune --help`")
+        data = upgrade_config_dict(data)
         typed: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in data:
@@ -246,6 +275,16 @@ class FinetuneConfig:
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
+
+
+def upgrade_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a config mapping: YAML, a run's config.yaml, a checkpoint's) with the values of options
+    that used to be booleans mapped to their current names (``augment: true`` -> ``standard``)."""
+    out = dict(data)
+    for name, values in _LEGACY_BOOLS.items():
+        if isinstance(out.get(name), bool):
+            out[name] = values[out[name]]
+    return out
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:

@@ -84,12 +84,16 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
     if nonfinite:
         return ["training loss became NaN/inf: the learning rate is too high, lower it "
                 "(try 1/10, or run `zoo lr-find`)"]
-    if len(finite_tl) >= 2:
-        best_before_last = min(finite_tl[:-1])
-        last = finite_tl[-1]
+    # Within the last row's phase only: the head phase on cached features sees un-augmented inputs, the
+    # finetune phase augmented (with --mixup/--cutmix: mixed) images, so its first epochs sit well above
+    # the head's loss without anything going wrong.
+    phase_tl = finite(_column([r for r in rows if r.get("phase") == rows[-1].get("phase")], "train_loss"))
+    if len(phase_tl) >= 2:
+        best_before_last = min(phase_tl[:-1])
+        last = phase_tl[-1]
         # ... and above where training started: 8e-07 -> 0.39 (a head that fits its data perfectly, then a
         # normal epoch) is a ratio of 5e5 but no explosion.
-        if best_before_last > 0 and last > t.explode_factor * best_before_last and last > finite_tl[0]:
+        if best_before_last > 0 and last > t.explode_factor * best_before_last and last > phase_tl[0]:
             return [f"training loss is exploding ({best_before_last:.3g} -> {last:.3g}): the learning rate "
                     "is too high, lower it (try 1/10, or run `zoo lr-find`)"]
     if len(rows) < t.min_epochs or len(finite_tl) < t.min_epochs:

@@ -43,7 +43,7 @@ from finetune.data.images import (
     to_uint8_tensor,
 )
 from finetune.data.loaders import ImageDataset
-from finetune.data.transforms import _parse_data_config, build_transform
+from finetune.data.transforms import _parse_data_config, augment_mode, build_transform
 from finetune.errors import DataError
 from finetune.io import printable_name
 
@@ -133,7 +133,7 @@ class DeviceTransform:
         # eval geometry: the worker path's own tensor pipeline (limit aspect, resize, centre crop)
         self.fixed = build_transform({**data_config, "interpolation": interp}, False, config, output="uint8")
         self.train = train
-        augment = train and bool(getattr(config, "augment", True))
+        augment = train and augment_mode(config) != "none"
         self.crop_scale = (float(config.crop_scale_min), 1.0) if augment and float(config.crop_scale_min) < 1 else None
         # flip, jitter and normalisation: the batched ops of the workers path's device side, drawing from
         # the same generator as the crops

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from finetune.data.transforms import _parse_data_config
+from finetune.data.transforms import _parse_data_config, augment_mode
 from finetune.errors import ConfigError
 
 
@@ -87,10 +87,12 @@ class DeviceAugment(DeviceNormalize):
         """The flip/jitter ``build_transform(data_config, train, config)`` would apply (none for eval or
         ``augment=False``), seeded with ``config.seed``."""
         _, _, _, mean, std = _parse_data_config(data_config)
-        on = train and bool(getattr(config, "augment", True))
+        mode = augment_mode(config)
+        on = train and mode != "none"
+        jitter = on and mode == "standard"      # trivial: TrivialAugmentWide in the workers replaces the jitter
         return cls(mean, std, hflip=float(config.hflip) if on else 0.0,
-                   brightness=float(config.brightness) if on else 0.0,
-                   contrast=float(config.contrast) if on else 0.0, seed=int(getattr(config, "seed", 0)))
+                   brightness=float(config.brightness) if jitter else 0.0,
+                   contrast=float(config.contrast) if jitter else 0.0, seed=int(getattr(config, "seed", 0)))
 
     @property
     def active(self) -> bool:

@@ -92,9 +92,14 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
                     output: str = "float", colour_on_device: bool = False) -> ImageTransform:
     """PIL image -> normalised float tensor (3, H, W) following the model's timm-style data config.
 
-    Evaluation: resize to ``size / crop_pct`` (shorter side) + centre crop, as timm does. Training (with
-    ``config.augment``): RandomResizedCrop(scale=(crop_scale_min, 1)), horizontal flip (``hflip``),
-    brightness/contrast jitter; a 0 switches one off (``crop_scale_min=1`` switches the random crop off).
+    Evaluation: resize to ``size / crop_pct`` (shorter side) + centre crop, as timm does. Training
+    (``config.augment="standard"``): RandomResizedCrop(scale=(crop_scale_min, 1)), horizontal flip
+    (``hflip``), brightness/contrast jitter; a 0 switches one off (``crop_scale_min=1`` switches the random
+    crop off). ``"trivial"``: the same crop and flip, then torchvision's ``TrivialAugmentWide`` in place
+    of the jitter (as torchvision's reference recipe and timm's ``--aa ta_wide`` do), on the cropped uint8
+    image (PIL or tensor), always in the workers: it draws from torch's generator, which
+    ``ImageDataset`` seeds per (epoch seed, index), so its draws are reproducible and resume exactly.
+    ``"none"``: the evaluation view.
 
     ``output="uint8"`` stops before the float conversion: the same steps and random draws, a uint8 tensor
     (3, H, W) out (4x fewer bytes through worker queues and to the GPU); :class:`DeviceNormalize` /
@@ -136,7 +141,8 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     # torch has no box/hamming resize: those stay on PIL images.
     tensor_input = output == "uint8" and interp not in ("box", "hamming")
     steps: list = [T.PILToTensor()] if tensor_input else []
-    augment = train and bool(getattr(config, "augment", True))
+    mode_name = augment_mode(config)
+    augment = train and mode_name != "none"
     if augment and float(config.crop_scale_min) < 1.0:
         steps.append(T.RandomResizedCrop((h, w), scale=(float(config.crop_scale_min), 1.0), interpolation=mode,
                                          antialias=True))
@@ -145,9 +151,14 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     colour = augment and not colour_on_device
     if colour and float(config.hflip) > 0:
         steps.append(T.RandomHorizontalFlip(float(config.hflip)))
-    if colour and (float(config.brightness) > 0 or float(config.contrast) > 0):
+    if colour and mode_name == "standard" and (float(config.brightness) > 0 or float(config.contrast) > 0):
         steps.append(T.ColorJitter(brightness=float(config.brightness) or None,
                                    contrast=float(config.contrast) or None))
+    if augment and mode_name == "trivial":
+        # uint8 in, uint8 out: before the float conversion, so the device path gets the same pixels. Its
+        # rotate/shear/translate take nearest or bilinear on tensors: bilinear unless the model asks nearest.
+        ta_mode = mode if interp in ("nearest", "bilinear") else InterpolationMode.BILINEAR
+        steps.append(T.TrivialAugmentWide(interpolation=ta_mode))
     if not tensor_input:
         steps.append(T.PILToTensor())
     if output == "float":
@@ -176,6 +187,15 @@ def mirrored(transform: ImageTransform) -> ImageTransform:
     return ImageTransform(T.Compose([transform.pipeline, _Mirror()]), min_size=transform.min_size,
                           train=transform.train, output=transform.output, mean=transform.mean, std=transform.std,
                           tensor_input=transform.tensor_input)
+
+
+def augment_mode(config: Any) -> str:
+    """``config.augment`` as one of ``finetune.config.AUGMENTS`` (a bool, as older callers pass, maps to
+    standard/none; a config object without the field means standard)."""
+    value = getattr(config, "augment", "standard")
+    if isinstance(value, bool):
+        return "standard" if value else "none"
+    return str(value)
 
 
 def with_input_size(data_config: dict, size: int) -> dict:

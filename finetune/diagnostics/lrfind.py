@@ -164,10 +164,14 @@ def _write_lr_csv(result: LRFindResult, path: str | Path) -> None:
 def _loader_epoch(setup: Setup, epoch: int) -> Iterator:
     """Epoch ``epoch``'s training batches of the setup's loader, on the device."""
     setup.seed_train_loader(epoch)
-    for batch in setup.train_loader:
+    for step, batch in enumerate(setup.train_loader, 1):
         if batch is None:  # every image of this batch failed to decode (collate_skip_none)
             continue
-        yield to_device(batch[0], batch[1], setup.device, setup.channels_last, setup.train_normalize)
+        x, y = to_device(batch[0], batch[1], setup.device, setup.channels_last, setup.train_normalize)
+        if setup.mix is not None:     # probe what fit trains: mixed images, soft targets
+            mixed = setup.mix(x, y, step)
+            x, y = mixed.x, mixed.target
+        yield x, y
 
 
 def _cycle(epoch_batches: Callable[[int], Iterator]) -> Iterator:

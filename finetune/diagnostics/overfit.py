@@ -80,7 +80,8 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
     if int(batches) < 1 or int(max_steps) < 1:
         raise ConfigError(f"overfit check: batches={batches}, max_steps={max_steps}: both must be at least 1")
     # Regularisation off: the point is to see that the pipeline *can* fit, nothing must fight it.
-    cfg = config.replace(augment=False, weight_decay=0.0, mlp_dropout=0.0)
+    cfg = config.replace(augment="none", weight_decay=0.0, mlp_dropout=0.0, label_smoothing=0.0, mixup=0.0,
+                         cutmix=0.0)
     with preserved_rng():
         setup = build_setup(model, stages, data_config, train_set, None, cfg, head=head, reset_head=reset_head,
                             copy_model=True, distributed=False)

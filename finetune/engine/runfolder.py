@@ -18,7 +18,7 @@ import torch
 
 from finetune import distributed as ddp
 from finetune.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, save_weights
-from finetune.config import FinetuneConfig, save_config
+from finetune.config import FinetuneConfig, save_config, upgrade_config_dict
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import atomic_write_text, printable_name
 from finetune.monitor import TensorBoardLogger, write_curves
@@ -95,7 +95,7 @@ class RunFolder:
             raise CheckpointError(f"the classes of {self.path} ({', '.join(ckpt['classes'])}) differ from the "
                                   "data's; resume with the same data folder")
         current = config.to_dict()
-        differ = sorted(k for k, v in ckpt["config"].items()
+        differ = sorted(k for k, v in upgrade_config_dict(ckpt["config"]).items()
                         if k in current and k not in RESUME_FREE and current[k] != v)
         if differ:
             raise ConfigError(f"cannot resume with changed option(s) {', '.join(differ)}: drop them (the run's "

@@ -96,10 +96,18 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
     return x, y.to(device, non_blocking=True)
 
 
-def build_loss(config: Any, class_weights: list[float] | None, device: torch.device) -> nn.Module:
+def build_loss(config: Any, class_weights: list[float] | None, device: torch.device, *,
+               train: bool = True) -> nn.Module:
     """Cross-entropy, weighted by inverse class frequency with ``class_weights=auto``
-    (``class_weights``: ``finetune.data.class_weights(train_set)``)."""
+    (``class_weights``: ``finetune.data.class_weights(train_set)``), with ``config.label_smoothing``
+    for the training loss (``train``; torch's semantics, which timm's ``LabelSmoothingCrossEntropy``
+    shares). It takes class indices or class probabilities (mixup/cutmix targets: smoothed the same way).
+
+    The evaluation loss (``train=False``) is never smoothed: validation loss, early stopping on it and
+    the best checkpoint compare runs with and without smoothing on the same scale.
+    """
     weight = None
     if config.class_weights == "auto":
         weight = torch.tensor(class_weights, dtype=torch.float32, device=device)
-    return nn.CrossEntropyLoss(weight=weight).to(device)
+    smoothing = float(getattr(config, "label_smoothing", 0.0)) if train else 0.0
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing).to(device)

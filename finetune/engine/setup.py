@@ -15,6 +15,7 @@ from finetune import distributed as ddp
 from finetune.config import FinetuneConfig
 from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, device_steps,
                            make_loader, set_loader_epoch)
+from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, resolve_device
 from finetune.errors import ConfigError
 from finetune.optim import build_optimizer, build_scheduler
@@ -42,11 +43,13 @@ class Setup:
     device: torch.device
     info: ddp.DistInfo
     amp: AmpPolicy
-    loss_fn: nn.Module
+    loss_fn: nn.Module               # the training loss (label smoothing; soft targets too)
+    eval_loss_fn: nn.Module          # validation loss: plain (class-weighted) cross-entropy, never smoothed
     channels_last: bool
     output: str                      # "float" | "uint8": what the workers hand over
     normalize: Callable | None       # device-side normalisation of uint8 evaluation batches
     train_normalize: Callable | None  # device-side flip/jitter/normalise of uint8 training batches
+    mix: BatchMix | None = None      # mixup/cutmix of training batches that go through the network
     train_loader: Any = None
     val_loader: Any = None
     datasets: list = field(default_factory=list)
@@ -70,8 +73,12 @@ class Setup:
     @property
     def cached_head(self) -> bool:
         """Whether a head phase may train on cached backbone features (``config.fast_head``; one
-        process: under DDP the ranks would each compute every feature)."""
-        return bool(self.config.fast_head) and not self.info.enabled
+        process: under DDP the ranks would each compute every feature). A head-only run with mixup or
+        CutMix trains through the network: those mix images, which cached features no longer are (as in
+        timm and fastai, whatever is frozen). A warm-up head phase before unfreezing stays on the
+        features (the converged head unfreezing starts from); mixing starts with finetuning."""
+        mixes_images = self.head_only and self.mix is not None
+        return bool(self.config.fast_head) and not self.info.enabled and not mixes_images
 
     @property
     def steps_per_epoch(self) -> int:
@@ -83,6 +90,8 @@ class Setup:
         set_loader_epoch(self.train_loader, self.config.seed, epoch, self.info.rank)
         if self.train_normalize is not None:
             self.train_normalize.reseed(epoch_seed(self.config.seed, epoch, self.info.rank))
+        if self.mix is not None:
+            self.mix.reseed(epoch_seed(self.config.seed, epoch, self.info.rank))
 
     def optimizer(self, config: FinetuneConfig | None = None) -> torch.optim.Optimizer:
         """The recipe's optimizer over the model's trainable parameters (head LR, backbone x mult)."""
@@ -97,7 +106,7 @@ class Setup:
         if self.config.decode == "device":
             from finetune.data.decode import EncodedImageDataset
             return EncodedImageDataset(image_set, build_transform(self.data_config, False, self.config).min_size)
-        cfg = self.config if augment is None else self.config.replace(augment=bool(augment))
+        cfg = self.config if augment is None or augment else self.config.replace(augment="none")
         if train:
             tf = build_transform(self.data_config, True, cfg, output=self.output,
                                  colour_on_device=self.train_normalize is not None)
@@ -160,7 +169,11 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                   config=config, train_set=train_set, val_set=val_set, decision=decision, device=device,
                   info=info, amp=amp_policy(device, bool(config.amp)), loss_fn=build_loss(config, weights, device),
                   channels_last=channels_last, output=output, normalize=normalize,
-                  train_normalize=train_normalize)
+                  train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
+                  mix=build_mix(config, len(counts)))
+    if setup.head_only and setup.mix is not None and config.fast_head:
+        say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
+            "features); drop them for the fast cached-feature head")
 
     # the loaders
     train_ds, val_ds = setup.dataset(train_set, True), setup.dataset(val_set, False)

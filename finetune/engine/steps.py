@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from finetune import distributed as ddp
+from finetune.engine.mixing import BatchMix
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.errors import DivergedError
 from finetune.metrics import per_class_accuracy
@@ -41,7 +42,8 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, *, amp: AmpPolicy | None = None, scaler=None, progress=None,
                     epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
-                    info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
+                    info: ddp.DistInfo | None = None, normalize: Callable | None = None,
+                    mix: BatchMix | None = None) -> dict:
     """One pass over ``loader``; the scheduler is stepped after every optimizer step.
 
     Args:
@@ -54,8 +56,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         info: the DDP position; metrics are summed over ranks.
         normalize: for a loader of uint8 batches (``build_transform(..., output="uint8")``), a
             ``finetune.data.DeviceNormalize`` that converts them on ``device``; None for float batches.
+        mix: mixup/CutMix (``engine.mixing.BatchMix``, reseeded per epoch by the caller): each batch is
+            mixed on the device, the loss takes its soft targets, accuracy counts the dominant label.
     Returns:
-        ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks.
+        ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks (with ``mix``: the loss
+        on the mixed targets, the accuracy against each mixed image's dominant label).
     Raises:
         DivergedError: the loss became NaN/inf (on any rank); nothing of this epoch is saved.
     """
@@ -74,9 +79,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             continue
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
+        target = y
+        if mix is not None:
+            mixed = mix(x, y, step)
+            x, target, y = mixed.x, mixed.target, mixed.y
         with (amp or _FULL).autocast():
             out = model(x)
-        loss = loss_fn(out.float(), y)
+        loss = loss_fn(out.float(), target)
         if not ddp.all_true(bool(torch.isfinite(loss)), device, info):
             lr = scheduler.current_lr() if scheduler is not None else optimizer.param_groups[0]["lr"]
             raise diverged(epoch, step, lr)

@@ -102,7 +102,7 @@ class LoaderSteps:
             return train_one_epoch(self.net, s.train_loader, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                    scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                    only_train=s.head_module if phase == "head" else None, info=s.info,
-                                   normalize=s.train_normalize)
+                                   normalize=s.train_normalize, mix=s.mix)
         finally:
             if bar is not None:
                 bar.close()
@@ -111,7 +111,7 @@ class LoaderSteps:
         s = self.s
         if not s.has_val:
             return {"loss": math.nan, "acc": math.nan}
-        return evaluate(s.model if full else self.eval_net, s.val_loader, s.loss_fn, s.device, s.classes,
+        return evaluate(s.model if full else self.eval_net, s.val_loader, s.eval_loss_fn, s.device, s.classes,
                         amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize)
 
     def failures(self) -> dict[str, str]:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from finetune.data import ImageDataset, build_transform, make_loader, mirrored, set_loader_epoch
+from finetune.data.transforms import augment_mode
 from finetune.engine.setup import Setup
 from finetune.engine.steps import diverged, optimizer_step
 from finetune.errors import FinetuneError
@@ -46,7 +47,7 @@ Log = Callable[[str], None]
 
 def mirror_view(config) -> bool:
     """The cached head's training features include each image's mirror (see the module docstring)."""
-    return not int(config.aug_views or 0) and bool(config.augment) and float(config.hflip) > 0
+    return not int(config.aug_views or 0) and augment_mode(config) != "none" and float(config.hflip) > 0
 
 
 class _Targets(torch.utils.data.Dataset):
@@ -257,7 +258,10 @@ class CachedHeadSteps:
         """Multinomial logistic regression of the head on the training features: full-batch L-BFGS to
         convergence for each L2 strength of SOLVER_C, the one with the best validation accuracy (then loss)
         kept; without a validation split, L2 = ``config.weight_decay``. Returns the epoch's train metrics
-        with ``phase_done``: a converged head needs no more epochs."""
+        with ``phase_done``: a converged head needs no more epochs.
+
+        The objective is the setup's training loss, so ``label_smoothing`` smooths it too (still convex:
+        cross-entropy against fixed soft targets); C is picked on the plain validation loss/accuracy."""
         s = self.s
         t0 = time.perf_counter()
         head = s.head_module
@@ -331,7 +335,7 @@ class CachedHeadSteps:
                 y = self.val_labels[start:start + bs].to(s.device)
                 with s.amp.autocast():
                     logits = self.logits(x.reshape(-1, *self.shape))
-                total += float(s.loss_fn(logits.float(), y)) * int(y.shape[0])
+                total += float(s.eval_loss_fn(logits.float(), y)) * int(y.shape[0])
                 confusion += torch.bincount((y * c + logits.argmax(1)).cpu(), minlength=c * c)
         finally:
             head.train(was)

@@ -46,6 +46,16 @@ def test_a_tiny_loss_rising_below_its_start_is_not_exploding():
     assert any("exploding" in m for m in advise(rows))
 
 
+def test_exploding_compares_epochs_of_one_phase():
+    """The head phase on cached (un-augmented) features ends far below the finetune phase's loss on
+    augmented or mixed images: that jump is no explosion; a rise inside the finetune phase is."""
+    phases = ["head", "finetune", "finetune"]
+    rows = _rows([0.05, 0.9, 0.8], [0.3, 0.35, 0.33], [1.0, 0.7, 0.75], [0.9, 0.9, 0.9], phases=phases)
+    assert not any("exploding" in m for m in advise(rows))
+    rows = _rows([0.05, 0.9, 4.0], [0.3, 0.35, 4.5], [1.0, 0.7, 0.2], [0.9, 0.9, 0.2], phases=phases)
+    assert any("exploding" in m for m in advise(rows))
+
+
 def test_nan_loss_is_exploding():
     rows = _rows([1.0, float("nan")], [1.0, float("nan")], [0.4, 0.3], [0.4, 0.3])
     (msg,) = advise(rows)

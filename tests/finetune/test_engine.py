@@ -70,7 +70,8 @@ def test_every_tool_asks_the_same_policy(report, monkeypatch):
     for tool, run in runs.items():
         run()
     for tool in runs:
-        assert [n for n, t in calls if t == tool] == ["resolve_device", "amp_policy", "build_loss"], tool
+        # build_loss twice: the training loss and the (never smoothed) evaluation loss, one builder
+        assert [n for n, t in calls if t == tool] == ["resolve_device", "amp_policy", "build_loss", "build_loss"], tool
         assert tool in autocasts, tool          # every forward pass goes through the policy's autocast
 
 

@@ -16,7 +16,8 @@ from zoo.cli import cli
 NONSENSE = [("--gamma", "-1"), ("--weight-decay", "-1"), ("--momentum", "2"), ("--patience", "-1"),
             ("--step-size", "0"), ("--aug-views", "-3"), ("--workers", "-5"), ("--overfit-batches", "-1"),
             ("--warmup-epochs", "-1"), ("--head-epochs", "-7"), ("--lr", "0"), ("--val-split", "1"),
-            ("--batch-size", "0"), ("--mlp-dropout", "1"), ("--backbone-lr-mult", "-0.1"), ("--seed", "-1")]
+            ("--batch-size", "0"), ("--mlp-dropout", "1"), ("--backbone-lr-mult", "-0.1"), ("--seed", "-1"),
+            ("--label-smoothing", "1"), ("--mixup", "-1"), ("--cutmix", "-0.2")]
 
 
 def _numeric_fields() -> list[str]:
@@ -73,3 +74,29 @@ def test_lr_find_refuses_nonsense_before_writing(tmp_path):
     out = tmp_path / "lr"
     r = CliRunner().invoke(cli, ["lr-find", "resnet18", "--data", str(data), "--out", str(out), "--momentum", "2"])
     assert r.exit_code == 2 and "--momentum" in r.output and not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [([], "standard"), (["--augment"], "standard"),
+                                           (["--augment", "trivial"], "trivial"), (["--no-augment"], "none"),
+                                           (["--augment", "none"], "none")])
+def test_augment_takes_a_mode_and_keeps_the_old_switch_spelling(args, expected):
+    """``--augment MODE``; a bare ``--augment`` and ``--no-augment`` mean what the old switch did. Only what
+    was given on the command line overrides a --config file (given_options)."""
+    import click
+
+    from zoo.cli.options import config_options, given_options
+
+    seen = {}
+
+    @click.command()
+    @config_options()
+    @click.pass_context
+    def probe(ctx, **values):
+        seen.update(value=values["augment"], given=given_options(ctx, values))
+
+    r = CliRunner().invoke(probe, args)
+    assert r.exit_code == 0, r.output
+    assert seen["value"] == expected
+    assert ("augment" in seen["given"]) is bool(args)
+    r = CliRunner().invoke(probe, ["--augment", "trivial", "--no-augment"])
+    assert r.exit_code == 2 and "contradicts" in r.output
