@@ -41,8 +41,9 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
                     device: torch.device, *, amp: AmpPolicy | None = None, scaler=None, progress=None,
                     epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
-                    info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
-    """One pass over ``loader``; the scheduler is stepped after every optimizer step.
+                    info: ddp.DistInfo | None = None, normalize: Callable | None = None, ema=None) -> dict:
+    """One pass over ``loader``; the scheduler (and the weight average ``ema``) is stepped after every
+    optimizer step.
 
     Args:
         amp: the mixed-precision policy (``runtime.amp_policy``); None = full precision.
@@ -54,6 +55,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         info: the DDP position; metrics are summed over ranks.
         normalize: for a loader of uint8 batches (``build_transform(..., output="uint8")``), a
             ``finetune.data.DeviceNormalize`` that converts them on ``device``; None for float batches.
+        ema: a ``finetune.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks.
     Raises:
@@ -83,6 +85,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         optimizer_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step_batch()
+        if ema is not None:
+            ema.update(model)
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
         correct += (out.detach().argmax(1) == y).sum()
