@@ -145,9 +145,9 @@ OPTIONS: dict[str, Option] = {
                           "its L2 strength picked on the validation split, like a logistic-regression probe) or "
                           "gradient (--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS),
     # --- EMA / layer decay (issue 16) ---
-    "ema": Option("Evaluate, keep and export an exponential moving average of the weights, updated after every "
-                  "optimizer step of the network phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after "
-                  "t steps); 0 = off. The cached-feature head phase is not averaged.", low=0, high=1,
+    "ema": Option("Validate, keep and export an exponential moving average of the weights, updated after every "
+                  "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after "
+                  "t steps); 0 = off. The head phase (solved on cached features) is not averaged.", low=0, high=1,
                   high_open=True),
     "layer_decay": Option("Layer-wise LR decay: the head trains at --lr, the last stage at lr x "
                           "--backbone-lr-mult x F, each earlier stage F times the one after it; 1 = off.",
@@ -214,7 +214,7 @@ class FinetuneConfig:
     head_solver: str = "lbfgs"      # linear head on cached features: lbfgs (converged, L2 on val) | gradient
     img_size: int = 0               # input size in px for training and evaluation; 0 = the model's own
     # --- EMA / layer decay (issue 16) ---
-    ema: float = 0.0                # EMA decay of the weights (network phase); 0 = off
+    ema: float = 0.0                # EMA decay of the weights (finetune phase); 0 = off
     layer_decay: float = 1.0        # stage k steps before the head trains at lr * backbone_lr_mult * F**k; 1 = off
     overfit_batches: int = 0        # sanity check: train on N fixed batches only
     tensorboard: bool = False

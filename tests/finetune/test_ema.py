@@ -95,3 +95,11 @@ def test_resume_with_ema_is_exact(data, tmp_path):
     assert equal_states(resumed.model.state_dict(), full.model.state_dict())
     plain = run(data, config.replace(ema=0.0), run_dir=tmp_path / "plain")
     assert [r["val_loss"] for r in plain.history][1:] != [r["val_loss"] for r in full.history][1:]
+
+
+def test_head_only_run_is_not_averaged(data, tmp_path):
+    logs = []
+    with_ema = run(data, cfg(epochs=2, freeze="head", ema=0.9), run_dir=tmp_path / "a", log=logs.append)
+    without = run(data, cfg(epochs=2, freeze="head"), run_dir=tmp_path / "b")
+    assert equal_states(with_ema.model.state_dict(), without.model.state_dict())
+    assert any("--ema averages the weights of the finetune phase" in line for line in logs)
