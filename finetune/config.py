@@ -151,6 +151,14 @@ OPTIONS: dict[str, Option] = {
     "head_solver": Option("How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, "
                           "its L2 strength picked on the validation split, like a logistic-regression probe) or "
                           "gradient (--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS),
+    # --- EMA / layer decay (issue 16) ---
+    "ema": Option("Validate, keep and export an exponential moving average of the weights, updated after every "
+                  "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after "
+                  "t steps); 0 = off. The head phase (solved on cached features) is not averaged.", low=0, high=1,
+                  high_open=True),
+    "layer_decay": Option("Layer-wise LR decay: the head trains at --lr, the last stage at lr x "
+                          "--backbone-lr-mult x F, each earlier stage F times the one after it; 1 = off.",
+                          low=0, high=1, low_open=True),
     "overfit_batches": Option("Sanity check instead of training: try to overfit N fixed batches, then exit "
                               "(0 = off).", low=0),
     # --- modern regularisers (issue 16) ---
@@ -226,6 +234,9 @@ class FinetuneConfig:
     label_smoothing: float = 0.0    # training loss only; the default follows the measurement (docs/peers.md)
     mixup: float = 0.0              # Beta(A, A) mixup alpha per training batch (timm batch mode); 0 = off
     cutmix: float = 0.0             # Beta(A, A) CutMix alpha; both > 0: each batch picks one (p = 1/2)
+    # --- EMA / layer decay (issue 16) ---
+    ema: float = 0.0                # EMA decay of the weights (finetune phase); 0 = off
+    layer_decay: float = 1.0        # stage k steps before the head trains at lr * backbone_lr_mult * F**k; 1 = off
     overfit_batches: int = 0        # sanity check: train on N fixed batches only
     tensorboard: bool = False
     quiet: bool = False

@@ -1,19 +1,20 @@
 """Parameter groups, optimizers and learning-rate schedules with linear warm-up.
 
 Every param group records ``name`` ("head" | "backbone"), ``lr_mult`` (1 for the head,
-``backbone_lr_mult`` for pretrained layers) and ``base_lr`` (head LR x lr_mult). The scheduler scales
+``backbone_lr_mult`` for pretrained layers, times ``layer_decay ** depth`` per stage with layer decay) and ``base_lr`` (head LR x lr_mult). The scheduler scales
 ``base_lr`` by one factor for all groups, and the LR finder moves every group together with
 :func:`set_base_lr`, so pretrained layers always train at ``backbone_lr_mult`` x the head's LR.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from finetune.errors import ConfigError
+from finetune.surgery import stage_parameters
 
 __all__ = [
     "param_groups",
@@ -37,7 +38,8 @@ def _is_no_decay(name: str, p: nn.Parameter, skip: set[str]) -> bool:
 
 
 def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr_mult: float = 0.1,
-                 weight_decay: float = 0.0) -> list[dict]:
+                 weight_decay: float = 0.0, stages: Sequence[Sequence[str]] | None = None,
+                 layer_decay: float = 1.0) -> list[dict]:
     """Split the trainable parameters into head/backbone x decay/no-decay groups.
 
     Args:
@@ -47,12 +49,19 @@ def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr_mult: 
         backbone_lr_mult: pretrained layers train at ``lr * backbone_lr_mult``.
         weight_decay: applied to weights only, never to biases, norm parameters or a timm model's
             ``no_weight_decay()`` names (positional embeddings, class tokens).
+        stages: module-name prefixes per stage, input -> output (needed for ``layer_decay`` < 1).
+        layer_decay: timm's layer-wise LR decay on top of ``backbone_lr_mult``: of ``n`` stages, stage
+            ``i`` (0 = input) trains at ``lr * backbone_lr_mult * layer_decay ** (n - i)`` (the head is depth
+            0, the last stage depth 1; with ``backbone_lr_mult=1`` this is timm's rule). Parameters that no
+            stage lists count as the first stage (stage lists start at the input, as in ``apply_freeze``).
+            Frozen stages have no group; 1 = off (one backbone LR).
 
     Returns:
-        Non-empty groups, each ``{"name", "params", "lr", "base_lr", "lr_mult", "weight_decay", "decay"}``.
+        Non-empty groups, each ``{"name", "params", "lr", "base_lr", "lr_mult", "weight_decay", "decay"}``
+        (backbone groups under layer decay also carry ``"stage"``), head first, then from the last stage.
 
     Raises:
-        ConfigError: nothing is trainable.
+        ConfigError: nothing is trainable, or layer decay without a stage list.
     """
     skip: set[str] = set()
     if hasattr(model, "no_weight_decay"):
@@ -60,40 +69,50 @@ def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr_mult: 
             skip = set(model.no_weight_decay())
         except Exception:  # a model's own helper failing must not block training
             skip = set()
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    per_stage = float(layer_decay) < 1.0
+    if per_stage and not stages:
+        raise ConfigError("--layer-decay needs the model's stage list; use --layer-decay 1 for this model")
+    n = len(stages or ())
+    stage_of = {name: i for i, group in enumerate(stage_parameters(model, stages)) for name, _ in group} \
+        if per_stage else {}
+
+    buckets: dict[tuple[str, int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "head" if (name == head_name or name.startswith(head_name + ".")) else "backbone"
+        head = name == head_name or name.startswith(head_name + ".")
+        depth = 0 if head else (n - stage_of.get(name, 0) if per_stage else 1)
         decay = not _is_no_decay(name, p, skip)
-        buckets.setdefault((part, decay), []).append(p)
+        buckets.setdefault(("head" if head else "backbone", depth, decay), []).append(p)
     if not buckets:
         raise ConfigError("no parameter is trainable; check --freeze and the classifier name")
     groups = []
-    for part in ("head", "backbone"):
-        mult = 1.0 if part == "head" else float(backbone_lr_mult)
-        for decay in (True, False):
-            params = buckets.get((part, decay))
-            if params:
-                groups.append({"name": part, "params": params, "lr": lr * mult, "base_lr": lr * mult,
-                               "lr_mult": mult, "weight_decay": float(weight_decay) if decay else 0.0,
-                               "decay": decay})
+    for part, depth, decay in sorted(buckets, key=lambda k: (k[1], not k[2])):
+        mult = 1.0 if part == "head" else float(backbone_lr_mult) * (float(layer_decay) ** depth if per_stage else 1.0)
+        group = {"name": part, "params": buckets[(part, depth, decay)], "lr": lr * mult, "base_lr": lr * mult,
+                 "lr_mult": mult, "weight_decay": float(weight_decay) if decay else 0.0, "decay": decay}
+        if per_stage and part == "backbone":
+            group["stage"] = n - depth
+        groups.append(group)
     return groups
 
 
-def build_optimizer(config: Any, model: nn.Module, head_name: str) -> torch.optim.Optimizer:
+def build_optimizer(config: Any, model: nn.Module, head_name: str,
+                    stages: Sequence[Sequence[str]] | None = None) -> torch.optim.Optimizer:
     """The optimizer named by ``config.optimizer`` over :func:`param_groups`.
 
     adam (default), sgd (``config.momentum``, ``config.nesterov``), adamw (decoupled decay), rmsprop
     (``config.momentum``), adagrad, adadelta. The LR is ``config.lr`` for the head and
-    ``config.lr * config.backbone_lr_mult`` for the pretrained layers (adadelta is conventionally run
-    at lr=1.0; pass ``--lr`` accordingly).
+    ``config.lr * config.backbone_lr_mult`` for the pretrained layers, decayed per stage by
+    ``config.layer_decay`` (see :func:`param_groups`; ``stages`` needed then) (adadelta is conventionally
+    run at lr=1.0; pass ``--lr`` accordingly).
 
     Raises:
         ConfigError: unknown optimizer, nesterov without momentum, or nothing trainable.
     """
     name = config.optimizer
-    groups = param_groups(model, head_name, config.lr, config.backbone_lr_mult, config.weight_decay)
+    groups = param_groups(model, head_name, config.lr, config.backbone_lr_mult, config.weight_decay, stages,
+                          float(getattr(config, "layer_decay", 1.0)))
     lr = config.lr
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)

@@ -94,15 +94,21 @@ def zoo_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "zoo", *args]
 
 
-def run_zoo(data: Path, run: Path, flags: list[str]) -> tuple[float, float]:
-    """(test accuracy, finetune wall seconds) of `zoo finetune` + `zoo eval` on data/test."""
+def run_zoo(data: Path, run: Path, flags: list[str],
+            evals: dict[str, list[str]] | None = None) -> tuple[float, float, dict[str, float]]:
+    """(test accuracy, finetune wall seconds, {name: test accuracy of `zoo eval` with the flags ``evals[name]``})
+    of `zoo finetune` + `zoo eval` on data/test (the extra evaluations score the same bundle)."""
     again = ["--overwrite"] if run.exists() else []     # a reused --work folder: rerun, do not refuse
     seconds = run_timed(zoo_cmd("finetune", MODEL, "--data", str(data), "--out", str(run), "--seed", "0",
                                 "--quiet", "--device", "cpu", *again, *flags), run.with_suffix(".log"))
-    run_timed(zoo_cmd("eval", str(run / "export"), "--data", str(data), "--out", str(run / "eval"),
-                      "--device", "cpu", *(["--overwrite"] if (run / "eval").exists() else [])),
-              run.with_suffix(".eval.log"))
-    return json.loads((run / "eval" / "metrics.json").read_text())["accuracy"], seconds
+    accs = {}
+    for name, eval_flags in {"": [], **(evals or {})}.items():
+        out = run / ("eval" + (f"-{name}" if name else ""))
+        run_timed(zoo_cmd("eval", str(run / "export"), "--data", str(data), "--out", str(out), "--device", "cpu",
+                          *(["--overwrite"] if out.exists() else []), *eval_flags),
+                  run.with_suffix(f".{out.name}.log"))
+        accs[name] = json.loads((out / "metrics.json").read_text())["accuracy"]
+    return accs.pop(""), seconds, accs
 
 
 # ----------------------------------------------------------------------------------------- probe
@@ -241,6 +247,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="an extra zoo row: `zoo finetune` with these flags (repeatable), e.g. "
                          "'ls=--freeze none --label-smoothing 0.1'; add NAME to --only (or leave --only out)")
+    ap.add_argument("--eval-flags", action="append", default=[], metavar="NAME=FLAGS",
+                    help="also score every zoo row's bundle with `zoo eval FLAGS` (repeatable), as a row "
+                         "'ROW+NAME' with the same training time, e.g. 'tta=--tta'")
     ap.add_argument("--report", help="also write the markdown tables to this file")
     ap.add_argument("--work", help="work folder (default: a new temp folder)")
     # the fastai child (run by this script under --fastai-python)
@@ -269,6 +278,17 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join((*TOOLS, *variants))}")
     LABELS.update({name: f"`zoo finetune {' '.join(flags)}`" for name, flags in variants.items()})
+    evals = {}
+    for v in args.eval_flags:
+        name, sep, flags = v.partition("=")
+        if not sep or not name.strip():
+            sys.exit(f"--eval-flags {v!r}: write NAME=FLAGS, e.g. 'tta=--tta'")
+        evals[name.strip()] = flags.split()
+    zoo_rows = [t for t in tools if t in ("zoo", "zoo-full") or t in variants]
+    for row in zoo_rows:     # each zoo row is followed by its extra evaluations
+        for name, flags in evals.items():
+            tools.insert(tools.index(row) + 1 + list(evals).index(name), f"{row}+{name}")
+            LABELS[f"{row}+{name}"] = f"{LABELS[row]}, `zoo eval {' '.join(flags)}`"
     if "fastai" in tools and not args.fastai_python:
         sys.exit("the fastai row needs --fastai-python (a venv with fastai), or leave it out of --only")
     if "timm" in tools and not (args.timm_train and Path(args.timm_train).is_file()):
@@ -303,14 +323,16 @@ def main() -> None:
         n_test.append(counts["test"])
         say(f"split {seed}: {counts}")
         for tool in tools:
+            if "+" in tool:      # an extra evaluation: scored with its zoo row
+                continue
             run = work / f"{tool}-{seed}"
             run.mkdir(exist_ok=True)
-            if tool == "zoo":
-                acc, s = run_zoo(data, run / "run", [])
-            elif tool == "zoo-full":
-                acc, s = run_zoo(data, run / "run", ["--freeze", "none"])
-            elif tool in variants:
-                acc, s = run_zoo(data, run / "run", variants[tool])
+            if tool in zoo_rows:
+                flags = {"zoo": [], "zoo-full": ["--freeze", "none"], **variants}[tool]
+                acc, s, extra = run_zoo(data, run / "run", flags, evals)
+                for name, a in extra.items():
+                    results[f"{tool}+{name}"].append((a, s))
+                    say(f"  {tool + '+' + name:9s} test acc {a:.3f}")
             elif tool == "probe":
                 acc, s, details = run_probe(data)
                 probe_details.append(details)

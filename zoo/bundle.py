@@ -448,9 +448,11 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
         lines += ["", "Per-class validation accuracy: " + ", ".join(
             f"`{c}` {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:200])]
     lines += ["", "## Recipe", ""]
-    keys = ("optimizer", "lr", "backbone_lr_mult", "schedule", "epochs", "batch_size", "freeze", "head", "bn",
-            "weight_decay", "augment", "label_smoothing", "mixup", "cutmix", "seed")
+    keys = ("optimizer", "lr", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size", "freeze",
+            "head", "bn", "weight_decay", "augment", "label_smoothing", "mixup", "cutmix", "ema", "seed")
     lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
+    if float(recipe.get("ema") or 0) > 0:
+        lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
     if meta.get("pretrained") is False:
         lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
     else:

@@ -2,8 +2,9 @@
 
 The single-view path uses ``finetune.data.build_transform(data_config, train=False)``: literally the
 validation transform, so a bundle sees the same pixels at prediction time as during validation.
-Test-time augmentation averages the softmax over the ten fixed crops (four corners + centre, and their
-horizontal flips), optionally at several scales. Library code: raises, never prints.
+Test-time augmentation averages the softmax over several views of each image: ``flip`` (the validation
+view and its horizontal mirror) or ``ten`` (the ten fixed crops: four corners + centre, and their
+horizontal flips, optionally at several scales). Library code: raises, never prints.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from finetune.io import atomic_write, atomic_write_text
 from zoo.errors import UsageError
 
 __all__ = [
-    "ImageInput", "eval_transform", "tta_transform", "parse_scales", "expand_images",
+    "ImageInput", "TTA_VIEWS", "DEFAULT_TTA_VIEWS", "eval_transform", "tta_transform", "parse_scales", "expand_images",
     "predict_probs", "topk", "EvalReport", "find_eval_images", "evaluate", "classification_metrics",
     "write_eval_reports",
 ]
@@ -32,6 +33,9 @@ __all__ = [
 ImageInput = Union[str, os.PathLike, Image.Image]   # what predict accepts per image
 # Called with (image, reason) for each image that cannot be read; the image is then skipped.
 OnError = Callable[[Any, str], None]
+# Test-time augmentation views: flip = the validation view + its mirror; ten = torchvision's ten-crop.
+TTA_VIEWS = ("flip", "ten")
+DEFAULT_TTA_VIEWS = "flip"     # measured on real photos: docs/peers.md, "Modern options (issue 16)"
 
 
 def _image_extensions() -> tuple[str, ...]:
@@ -61,16 +65,32 @@ def parse_scales(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
     return scales
 
 
-def tta_transform(data_config: dict, scales: Sequence[int] | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """Ten-crop test-time augmentation: (10 x n_scales, 3, H, W) views of one image.
+def tta_transform(data_config: dict, scales: Sequence[int] | None = None,
+                  views: str = "ten") -> Callable[[Image.Image], torch.Tensor]:
+    """Test-time augmentation views of one image, stacked: (V, 3, H, W).
 
-    Without ``scales`` the shorter side is resized as in validation (input size / crop_pct); with
-    ``scales`` it is resized to each scale in turn. Each resized image gives the four corner crops,
-    the centre crop and their horizontal flips at the model's input size.
+    ``views="flip"``: the validation view (:func:`eval_transform`, the very pixels validation sees) and
+    its horizontal mirror (V = 2). ``views="ten"``: ten-crop (V = 10 x n_scales): without ``scales`` the
+    shorter side is resized as in validation (input size / crop_pct); with ``scales`` it is resized to
+    each scale in turn. Each resized image gives the four corner crops, the centre crop and their
+    horizontal flips at the model's input size.
 
     Raises:
-        UsageError: a scale smaller than the input size (the crops would not fit).
+        UsageError: an unknown ``views``, scales with ``flip``, or a scale smaller than the input size.
     """
+    if views not in TTA_VIEWS:
+        raise UsageError(f"--tta-views {views!r}: choose one of {', '.join(TTA_VIEWS)}")
+    if views == "flip":
+        if scales:
+            raise UsageError("--tta-scales ten-crops each scale: use it with --tta-views ten")
+        single = eval_transform(data_config)
+
+        def flipped(img: Image.Image) -> torch.Tensor:
+            x = single(img)
+            return torch.stack([x, x.flip(-1)])
+
+        flipped.min_size = getattr(single, "min_size", None)   # the decode size validation uses
+        return flipped
     from timm.data.transforms import str_to_interp_mode
     from torchvision.transforms import functional as F
 
@@ -134,7 +154,8 @@ def _load(item: Any, min_size: int | None) -> Image.Image:
 
 @torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: dict, *, tta: bool = False,
-                  tta_scales: Sequence[int] | None = None, batch_size: int = 32, progress: bool = False,
+                  tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
+                  batch_size: int = 32, progress: bool = False,
                   on_error: OnError | None = None) -> tuple[list[int], torch.Tensor]:
     """Softmax probabilities for each readable image, batched, on the model's device.
 
@@ -142,8 +163,9 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         model: a classifier in eval mode.
         images: paths or PIL images.
         data_config: timm-style preprocessing (input_size, interpolation, crop_pct, mean, std).
-        tta: average over the ten fixed crops (at each of ``tta_scales`` when given).
-        batch_size: images per forward pass (with TTA each image contributes 10 x scales views).
+        tta: average the softmax over the views of :func:`tta_transform` (``tta_views``: flip or ten;
+            ten-crop at each of ``tta_scales`` when given).
+        batch_size: images per forward pass (with TTA each image contributes all its views).
         progress: show a tqdm bar (quiet anyway when stderr is not a terminal).
         on_error: called with (image, reason) for an unreadable image, which is then skipped;
             without it the error propagates.
@@ -153,8 +175,9 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     from tqdm.auto import tqdm
 
     if tta or tta_scales:
-        transform = tta_transform(data_config, tta_scales)
-        min_size = max(tta_scales) if tta_scales else None
+        views = "ten" if tta_scales else tta_views
+        transform = tta_transform(data_config, tta_scales, views)
+        min_size = max(tta_scales) if tta_scales else getattr(transform, "min_size", None)
     else:
         transform = eval_transform(data_config)
         min_size = getattr(transform, "min_size", None)
@@ -231,11 +254,12 @@ class EvalReport:
     ignored_folders: list[str] = field(default_factory=list)
     tta: bool = False
     tta_scales: list[int] | None = None
+    tta_views: str | None = None                # "flip" | "ten" with TTA
 
     def to_dict(self) -> dict[str, Any]:
         return {"root": self.root, "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
                 "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
-                "tta": self.tta, "tta_scales": self.tta_scales,
+                "tta": self.tta, "tta_scales": self.tta_scales, "tta_views": self.tta_views,
                 "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
                 "ignored_folders": self.ignored_folders, "most_confidently_wrong": self.wrong}
 
@@ -303,12 +327,14 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Seque
 
 
 def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
-             tta: bool = False, tta_scales: Sequence[int] | None = None, batch_size: int = 32,
-             progress: bool = False, worst: int = 20, on_error: OnError | None = None,
+             tta: bool = False, tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
+             batch_size: int = 32, progress: bool = False, worst: int = 20, on_error: OnError | None = None,
              aliases: Sequence[str] | None = None) -> EvalReport:
     """Evaluate a classifier on a class-folder layout (see ``find_eval_images``, also for ``aliases``).
 
-    Unreadable images are skipped (and listed in the report); ``on_error`` hears about each one.
+    The probabilities come from :func:`predict_probs` (with TTA: averaged over the views), and every
+    metric from them. Unreadable images are skipped (and listed in the report); ``on_error`` hears
+    about each one.
     """
     split, items, ignored = find_eval_images(data_dir, labels, aliases)
     skipped: list[tuple[str, str]] = []
@@ -319,7 +345,7 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
             on_error(item, reason)
 
     kept, probs = predict_probs(model, [p for p, _ in items], data_config, tta=tta, tta_scales=tta_scales,
-                                batch_size=batch_size, progress=progress, on_error=note)
+                                tta_views=tta_views, batch_size=batch_size, progress=progress, on_error=note)
     if not kept:
         raise UsageError(f"--data {data_dir}: none of the {len(items)} images could be read")
     if probs.shape[1] != len(labels):
@@ -335,7 +361,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
     return EvalReport(root=str(data_dir), split=split, labels=list(labels), n_images=len(kept),
                       accuracy=m["accuracy"], top5=m["top5"], per_class=m["per_class"], confusion=m["confusion"],
                       wrong=wrong, skipped=skipped, ignored_folders=ignored, tta=bool(tta or tta_scales),
-                      tta_scales=list(tta_scales) if tta_scales else None)
+                      tta_scales=list(tta_scales) if tta_scales else None,
+                      tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None)
 
 
 _GLYPH_WARNING = r"Glyph .* missing from (current )?font"

@@ -94,8 +94,9 @@ class Setup:
             self.mix.reseed(epoch_seed(self.config.seed, epoch, self.info.rank))
 
     def optimizer(self, config: FinetuneConfig | None = None) -> torch.optim.Optimizer:
-        """The recipe's optimizer over the model's trainable parameters (head LR, backbone x mult)."""
-        return build_optimizer(config or self.config, self.model, self.head)
+        """The recipe's optimizer over the model's trainable parameters (head LR, backbone x mult, per-stage
+        layer decay)."""
+        return build_optimizer(config or self.config, self.model, self.head, self.stages)
 
     def scheduler(self, optimizer: torch.optim.Optimizer, config: FinetuneConfig | None = None):
         return build_scheduler(config or self.config, optimizer, self.steps_per_epoch)

@@ -43,8 +43,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     device: torch.device, *, amp: AmpPolicy | None = None, scaler=None, progress=None,
                     epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
                     info: ddp.DistInfo | None = None, normalize: Callable | None = None,
-                    mix: BatchMix | None = None) -> dict:
-    """One pass over ``loader``; the scheduler is stepped after every optimizer step.
+                    mix: BatchMix | None = None, ema=None) -> dict:
+    """One pass over ``loader``; the scheduler (and the weight average ``ema``) is stepped after every
+    optimizer step.
 
     Args:
         amp: the mixed-precision policy (``runtime.amp_policy``); None = full precision.
@@ -58,6 +59,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             ``finetune.data.DeviceNormalize`` that converts them on ``device``; None for float batches.
         mix: mixup/CutMix (``engine.mixing.BatchMix``, reseeded per epoch by the caller): each batch is
             mixed on the device, the loss takes its soft targets, accuracy counts the dominant label.
+        ema: a ``finetune.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks (with ``mix``: the loss
         on the mixed targets, the accuracy against each mixed image's dominant label).
@@ -92,6 +94,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         optimizer_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step_batch()
+        if ema is not None:
+            ema.update(model)
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
         correct += (out.detach().argmax(1) == y).sum()

@@ -27,6 +27,7 @@ from torch import nn
 
 from finetune import distributed as ddp
 from finetune.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
+from finetune.ema import ModelEma
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
@@ -77,7 +78,11 @@ class EpochSteps(Protocol):
 
 
 class LoaderSteps:
-    """The ordinary path: batches of images from the setup's loaders through the whole network."""
+    """The ordinary path: batches of images from the setup's loaders through the whole network.
+
+    With ``--ema`` the finetune phase keeps a weight average (``self.ema``, started from the weights the
+    phase begins with) and validates it instead of the trained weights: the epoch's val metrics, early
+    stopping and the best checkpoint (hence the exported bundle) are the average's."""
 
     label = ""
 
@@ -85,13 +90,15 @@ class LoaderSteps:
         self.s = setup
         self.net: nn.Module = setup.model
         self.eval_net: nn.Module = setup.model
+        self.ema: ModelEma | None = None
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
         self.net = ddp.wrap_model(s.model, s.device, s.info)     # DDP sees this phase's trainable set
-        self.eval_net = s.model
+        self.ema = ModelEma(s.model, s.config.ema) if (phase == "finetune" and s.config.ema > 0) else None
+        self.eval_net = s.model if self.ema is None else self.ema.module
         if s.config.compile:
-            self.net, self.eval_net = torch.compile(self.net), torch.compile(s.model)
+            self.net, self.eval_net = torch.compile(self.net), torch.compile(self.eval_net)
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
@@ -102,7 +109,7 @@ class LoaderSteps:
             return train_one_epoch(self.net, s.train_loader, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                    scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                    only_train=s.head_module if phase == "head" else None, info=s.info,
-                                   normalize=s.train_normalize, mix=s.mix)
+                                   normalize=s.train_normalize, mix=s.mix, ema=self.ema)
         finally:
             if bar is not None:
                 bar.close()
@@ -159,9 +166,19 @@ class Trainer:
         self.advised: set[str] = set()    # advice already printed during this run (each rule once)
         self.ckpt: dict | None = None
         self.snapshot = CpuStateCache(setup.model)    # the frozen backbone is copied once, not every epoch
+        self._ema_snapshot: CpuStateCache | None = None
         self._curves_at = -math.inf
 
     # ------------------------------------------------------------------------------------ state
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights the run validates: the EMA's while one is kept, else the model's."""
+        ema = self.loader_steps.ema
+        if ema is None:
+            return self.snapshot()
+        if self._ema_snapshot is None or self._ema_snapshot.module is not ema.module:
+            self._ema_snapshot = CpuStateCache(ema.module)
+        return self._ema_snapshot()
+
     def _restore(self) -> None:
         ckpt = self.folder.load_resume(self.s.classes, self.s.config)
         self.s.model.load_state_dict(ckpt["model"])
@@ -191,6 +208,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if running else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "early_stop": self.stopper.state_dict(), "head_stop": self.head_stop.state_dict(),
+            "ema": ({"updates": self.loader_steps.ema.updates, "model": self._weights()}
+                    if running and self.loader_steps.ema is not None else None),
             "rng": rng_state(), "history": self.history, "config": self.s.config.to_dict(),
             "classes": self.s.classes,
             "decision": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
@@ -201,7 +220,7 @@ class Trainer:
         s = self.s
         self.history.append(row)
         if not s.has_val or improved:
-            self.best_state = self.snapshot()
+            self.best_state = self._weights()
             self.folder.best(self.best_state, {"epoch": str(row["epoch"]), "monitor": s.config.monitor,
                                                "value": repr(metric)})
         self.folder.metrics(self.history)
@@ -236,12 +255,15 @@ class Trainer:
                 self.stopper.bad_epochs = 0      # unfreezing gets the full patience
         self.optimizer = s.optimizer(phase_config)
         self.scheduler = s.scheduler(self.optimizer, phase_config)
-        if continuing and self.ckpt is not None and self.ckpt.get("optimizer") is not None:
-            self.optimizer.load_state_dict(self.ckpt["optimizer"])
-            self.scheduler.load_state_dict(self.ckpt["scheduler"])
+        resumed = self.ckpt if continuing else None
+        if resumed is not None and resumed.get("optimizer") is not None:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            self.scheduler.load_state_dict(resumed["scheduler"])
         self.ckpt = None      # only the first phase after a resume continues from it
         steps = self.head_steps if (phase == "head" and self.head_steps is not None) else self.loader_steps
         steps.begin_phase(phase)
+        if resumed is not None and resumed.get("ema") is not None and self.loader_steps.ema is not None:
+            self.loader_steps.ema.load_state_dict(resumed["ema"])
         return steps, warmup
 
     def _run_epoch(self, phase: str, steps: EpochSteps, warmup: bool) -> bool:
@@ -283,6 +305,9 @@ class Trainer:
         else:
             self.folder.refuse_existing_run()
         self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
+        if s.config.ema > 0 and "finetune" not in self.phases:
+            self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
+                     "so the average is not used (pass --freeze to finetune layers)")
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
         t_run = time.perf_counter()
         try:

@@ -160,3 +160,57 @@ def test_set_base_lr_moves_all_groups_together():
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"head": 0.5, "backbone": pytest.approx(0.05)}
     sched = build_scheduler(FinetuneConfig(schedule="none"), opt, 4)
     assert sched.current_lr() == 0.5
+
+
+class Staged(nn.Module):
+    """Three stages, a parameter no stage lists (``scale``) and the head ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s0, self.s1, self.s2 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4, 4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.s2(self.s1(self.s0(x @ self.scale))))
+
+
+STAGED = (("s0",), ("s1",), ("s2",))
+
+
+def test_layer_decay_gives_each_stage_its_lr():
+    net = Staged()
+    config = FinetuneConfig(lr=1.0, backbone_lr_mult=0.1, layer_decay=0.5, weight_decay=1e-4)
+    opt = build_optimizer(config, net, "fc", STAGED)
+    owner = by_id(opt.param_groups)
+    want = {net.fc: 1.0, net.s2: 0.1 * 0.5, net.s1: 0.1 * 0.25, net.s0: 0.1 * 0.125}
+    for module, lr in want.items():
+        for p in module.parameters():
+            assert owner[id(p)]["lr"] == pytest.approx(lr)
+    assert owner[id(net.scale)]["lr"] == pytest.approx(0.1 * 0.125)   # unlisted: counted with the first stage
+    assert owner[id(net.s1.weight)]["stage"] == 1 and owner[id(net.s1.bias)]["weight_decay"] == 0.0
+    assert owner[id(net.s1.weight)]["weight_decay"] == 1e-4
+    # the LR finder / sweeps move every group together: the ratios stay
+    set_base_lr(opt, 2.0)
+    assert owner[id(net.s0.weight)]["lr"] == pytest.approx(2.0 * 0.1 * 0.125)
+    # a scheduler scales every group by one factor
+    sched = build_scheduler(FinetuneConfig(schedule="cosine", epochs=2), opt, steps_per_epoch=2)
+    opt.step()
+    sched.step_batch()
+    ratio = owner[id(net.s0.weight)]["lr"] / owner[id(net.fc.weight)]["lr"]
+    assert ratio == pytest.approx(0.1 * 0.125)
+
+
+def test_layer_decay_skips_frozen_stages_and_off_is_one_backbone_lr():
+    from finetune.surgery import apply_freeze
+
+    net = Staged()
+    apply_freeze(net, STAGED, "fc", 2)                 # s0 (and the unlisted scale) frozen
+    groups = param_groups(net, "fc", 1.0, 0.1, 0.0, STAGED, layer_decay=0.5)
+    assert sorted({g.get("stage") for g in groups if g["name"] == "backbone"}) == [1, 2]
+    assert id(net.s0.weight) not in by_id(groups) and id(net.scale) not in by_id(groups)
+    off = param_groups(net, "fc", 1.0, 0.1, 0.0, STAGED, layer_decay=1.0)
+    assert all(g["lr"] == pytest.approx(0.1) for g in off if g["name"] == "backbone")
+    assert all("stage" not in g for g in off)
+    with pytest.raises(ConfigError, match="stage list"):
+        param_groups(net, "fc", 1.0, 0.1, 0.0, None, layer_decay=0.5)

@@ -142,3 +142,26 @@ def test_pretrained_efficientnet_lite0_sees_a_cat(tmp_path, runner):
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout)
     assert metrics["n_images"] == 1 and metrics["top5"] == 1.0
+
+
+def test_predict_tta_on_a_bundle_averages_its_view_and_mirror(bundle, tmp_path, runner):
+    """The bundle path: its own preprocessing, the validation view and its mirror, softmax averaged."""
+    import numpy as np
+    import torch
+
+    from zoo.bundle import load_model
+    from zoo.predict import eval_transform
+
+    img = tmp_path / "x.png"
+    a = np.zeros((40, 48, 3), dtype=np.uint8)
+    a[:, :20] = (200, 30, 60)                 # lopsided: its mirror is another image
+    Image.fromarray(a).save(img)
+    res = runner.invoke(cli, ["predict", str(bundle), str(img), "--tta", "--json", "--topk", "3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    got = {p["label"]: p["prob"] for p in json.loads(res.stdout)[0]["predictions"]}
+    loaded = load_model(str(bundle), device=torch.device("cpu"))
+    x = eval_transform(loaded.data_config)(Image.open(img).convert("RGB"))[None]
+    with torch.no_grad():
+        want = (loaded.model(x).softmax(-1) + loaded.model(x.flip(-1)).softmax(-1))[0] / 2
+    for label, prob in zip(loaded.labels, want.tolist()):
+        assert got[label] == pytest.approx(prob, abs=1e-5)

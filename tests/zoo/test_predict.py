@@ -160,3 +160,75 @@ def test_evaluate_and_reports(tmp_path):
     assert wrong[0]["true"] == "blue" and float(wrong[0]["confidence"]) > 0.5
     per_class = list(csv.DictReader(paths["per_class.csv"].open()))
     assert [r["class"] for r in per_class] == ["red", "green", "blue"]
+
+
+class LeftRight(torch.nn.Module):
+    """Not flip-invariant: class 0's logit is 3 x the red of the left half, class 1's the red of the right half."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.stack([3 * x[:, 0, :, :half].mean(dim=(1, 2)), x[:, 0, :, half:].mean(dim=(1, 2))], dim=1)
+
+
+def _half_red(side: str, w: int = 10) -> Image.Image:
+    a = np.zeros((w, w, 3), dtype=np.uint8)
+    a[:, (slice(0, w // 2) if side == "left" else slice(w // 2, w)), 0] = 255
+    return Image.fromarray(a)
+
+
+def test_flip_views_are_the_validation_view_and_its_mirror():
+    from zoo.predict import eval_transform
+
+    img = _gradient(12, 10)
+    views = tta_transform(DC, views="flip")(img)
+    assert views.shape == (2, 3, 8, 8)
+    assert torch.equal(views[0], eval_transform(DC)(img)) and torch.equal(views[1], views[0].flip(-1))
+    with pytest.raises(UsageError, match="--tta-views ten"):
+        tta_transform(DC, scales=[8], views="flip")
+    with pytest.raises(UsageError, match="choose one of flip, ten"):
+        tta_transform(DC, views="five")
+
+
+def test_flip_tta_averages_the_mirror_view():
+    from zoo.predict import eval_transform
+
+    model = LeftRight().eval()
+    img = _gradient(12, 10)
+    _, single = predict_probs(model, [img], DC)
+    _, tta = predict_probs(model, [img], DC, tta=True, tta_views="flip")
+    x = eval_transform(DC)(img)[None]
+    with torch.no_grad():
+        want = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    assert torch.allclose(tta, want, atol=1e-6) and not torch.allclose(tta, single, atol=1e-3)
+    # a mirror-symmetric image: its mirror view is itself, so the average is the single view's
+    sym = np.zeros((10, 10, 3), dtype=np.uint8)
+    sym[:, 2:8, 0] = 200
+    sym[3:7, :, 0] = 90
+    _, single = predict_probs(model, [Image.fromarray(sym)], DC)
+    _, tta = predict_probs(model, [Image.fromarray(sym)], DC, tta=True, tta_views="flip")
+    assert torch.allclose(tta, single, atol=1e-6)
+
+
+def test_eval_tta_accuracy_comes_from_the_averaged_probabilities(tmp_path):
+    # Single view: each image is right. Its mirror votes strongly for the other class; averaged, the "right"
+    # images tip over to "left": TTA accuracy 1/2, as the averaged probabilities say.
+    root = tmp_path / "data"
+    for name in ("left", "right"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            _half_red(name).save(root / name / f"{i}.png")
+    model = LeftRight().eval()
+    plain = evaluate(model, ["left", "right"], DC, root)
+    tta = evaluate(model, ["left", "right"], DC, root, tta=True, tta_views="flip")
+    assert plain.accuracy == 1.0 and not plain.tta and plain.tta_views is None
+    assert tta.accuracy == 0.5 and tta.tta_views == "flip" and tta.to_dict()["tta_views"] == "flip"
+    assert tta.per_class["right"]["recall"] == 0.0 and tta.per_class["left"]["recall"] == 1.0
+    _, probs = predict_probs(model, [root / "right" / "0.png"], DC, tta=True, tta_views="flip")
+    assert probs[0, 0] > 0.5
+
+
+def test_cli_tta_choices_are_the_library_ones():
+    from zoo.cli import bundle as cli_bundle
+    from zoo.predict import DEFAULT_TTA_VIEWS, TTA_VIEWS
+
+    assert cli_bundle.TTA_VIEWS == TTA_VIEWS and cli_bundle.DEFAULT_TTA_VIEWS == DEFAULT_TTA_VIEWS

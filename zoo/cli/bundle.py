@@ -14,6 +14,10 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.text import printable
 
+# zoo.predict.TTA_VIEWS / DEFAULT_TTA_VIEWS (that module imports torch; tests/zoo/test_predict.py checks these agree)
+TTA_VIEWS = ("flip", "ten")
+DEFAULT_TTA_VIEWS = "flip"
+
 __all__ = ["export_cmd", "predict_cmd", "eval_cmd"]
 
 _DEVICE_HELP = "Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps."
@@ -66,13 +70,18 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-@click.option("--tta", is_flag=True, help="Average the ten fixed crops (corners, centre and their flips).")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several views of "
+              "each image (--tta-views).")
+@click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
+              help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and their "
+                   "mirrors (ten-crop).")
 @click.option("--tta-scales", default=None, metavar="S1,S2,...",
-              help="With --tta: resize the shorter side to each size, ten-crop each (e.g. 224,256,288).")
+              help="With --tta: resize the shorter side to each size and ten-crop each (implies --tta-views "
+                   "ten; e.g. 224,256,288).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
-def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_scales: str | None,
-                batch_size: int, device: str) -> None:
+def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
+                tta_scales: str | None, batch_size: int, device: str) -> None:
     """Top-k classes for each image (files or folders) from MODEL.
 
     MODEL is a bundle folder (from `zoo export`) or a registry name: a pretrained ImageNet model with
@@ -97,7 +106,7 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
         raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
     bundle = load_model(model, device=resolve_device(device))
     kept, probs = predict_probs(bundle.model, paths, bundle.data_config, tta=tta, tta_scales=scales,
-                                batch_size=batch_size, progress=any_dir, on_error=_warn)
+                                tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=_warn)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be read")
     results = top(probs, bundle.labels, topk)
@@ -125,9 +134,14 @@ def _default_out(model: str) -> Path:
               help="Class-folder layout (<class>/<image>); its test/ or val/ split is used when present.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder.  [default: eval-<bundle>-<time> next to the bundle, or ./eval-<time>]")
-@click.option("--tta", is_flag=True, help="Average the ten fixed crops (corners, centre and their flips).")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several views of "
+              "each image (--tta-views).")
+@click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
+              help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and their "
+                   "mirrors (ten-crop).")
 @click.option("--tta-scales", default=None, metavar="S1,S2,...",
-              help="With --tta: resize the shorter side to each size, ten-crop each (e.g. 224,256,288).")
+              help="With --tta: resize the shorter side to each size and ten-crop each (implies --tta-views "
+                   "ten; e.g. 224,256,288).")
 @click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True,
               help="How many of the most confidently wrong images to list.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
@@ -135,8 +149,8 @@ def _default_out(model: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the text summary.")
 @click.option("--overwrite", is_flag=True, default=False,
               help="--out holds an earlier report: replace it (only the report's files).")
-def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: str | None, worst: int,
-             batch_size: int, device: str, as_json: bool, overwrite: bool) -> None:
+def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str, tta_scales: str | None,
+             worst: int, batch_size: int, device: str, as_json: bool, overwrite: bool) -> None:
     """Evaluate MODEL (bundle folder or registry name) on the labelled images in --data.
 
     Writes metrics.json, per_class.csv, confusion.csv, confusion.png and wrong.csv (the most
@@ -145,7 +159,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: st
     \b
     Examples:
       zoo eval my-classifier --data ./photos            # uses ./photos/test or ./photos/val if present
-      zoo eval my-classifier --data ./holdout --tta --tta-scales 224,256,288 --out reports/
+      zoo eval my-classifier --data ./holdout --tta --out reports/
+      zoo eval my-classifier --data ./holdout --tta --tta-scales 224,256,288   # ten-crop at 3 sizes
     """
     from zoo.bundle import load_model
     from zoo.errors import UsageError
@@ -161,14 +176,16 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_scales: st
     with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
         bundle = load_model(model, device=resolve_device(device))
         report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
-                          batch_size=batch_size, progress=True, worst=max(worst, 20), on_error=_warn,
+                          tta_views=tta_views, batch_size=batch_size, progress=True, worst=max(worst, 20),
+                          on_error=_warn,
                           aliases=bundle.metadata.get("label_ids"))
         paths = write_eval_reports(report, out)
     if as_json:
         echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return
     where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
-    echo(f"evaluated {report.n_images} images from {data} ({where})" + (" with TTA" if report.tta else ""))
+    echo(f"evaluated {report.n_images} images from {data} ({where})"
+         + (f" with TTA ({report.tta_views})" if report.tta else ""))
     if report.ignored_folders:
         echo("ignored folders that are not classes of the model: "
              + ", ".join(printable(f) for f in report.ignored_folders[:10]))
