@@ -7,7 +7,9 @@ On one few-shot split of the Tux Paint photo stamps (scripts/bench_peers.py writ
 --pretrained-path), each round runs, in a rotating order, timm's train.py and one `zoo finetune` per
 zoo checkout given (--zoo NAME=ROOT: e.g. the code before a change and after it, each run with
 PYTHONPATH=ROOT). Wall time is the whole process, start to exit (imports, scan, model build, training,
-validation, checkpoints, zoo's export and report.html), measured from this script.
+validation, checkpoints, zoo's export and report.html), measured from this script; the CPU seconds
+(user + system of the process and its DataLoader workers) are given too: on a shared machine they move
+far less with the load than the wall time does.
 
 Rows (--rows):
   equal     equal work. Both tools: the same 45 training images at the model's 224 px, 3 epochs, a
@@ -35,6 +37,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -65,12 +68,22 @@ def load() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+CPU_S: list[float] = []     # CPU seconds (user + system, the process and its loader workers) of each timed()
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Wall seconds of ``cmd`` (process start to exit); exits when it fails."""
+    """Wall seconds of ``cmd`` (process start to exit); its CPU seconds go to CPU_S. Exits when it fails."""
+    cpu = _children_cpu()
     started = time.monotonic()
     with log.open("w") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.monotonic() - started
+    CPU_S.append(_children_cpu() - cpu)
     if rc != 0:
         sys.exit(f"`{' '.join(cmd)}` failed (exit {rc}); see {log}")
     return seconds
@@ -128,6 +141,7 @@ def main() -> None:
 
     tools = ["timm", *zoos]
     times: dict[tuple[str, str], list[float]] = {(r, t): [] for r in rows for t in tools}
+    cpu: dict[tuple[str, str], list[float]] = {(r, t): [] for r in rows for t in tools}
     loads: list[str] = [load()]
     accuracy: dict[tuple[str, str], float] = {}
     jobs = [(r, t) for r in rows for t in tools]
@@ -147,7 +161,9 @@ def main() -> None:
                                  str(batch), *ROWS[row]["zoo"], *(["--overwrite"] if out.exists() else []))
                 s = timed(cmd, out.with_suffix(".log"), zoo_env(zoos[tool]))
             times[(row, tool)].append(s)
-            print(f"round {rnd + 1} {row:8s} {tool:8s} {s:6.1f} s  (load {load()})", flush=True)
+            cpu[(row, tool)].append(CPU_S[-1])
+            print(f"round {rnd + 1} {row:8s} {tool:8s} {s:6.1f} s  cpu {CPU_S[-1]:6.1f} s  (load {load()})",
+                  flush=True)
         loads.append(load())
         if args.accuracy and rnd == args.rounds - 1:
             for row, tool in jobs:
@@ -155,13 +171,13 @@ def main() -> None:
                 accuracy[(row, tool)] = (bp.timm_test_accuracy(out / "run" / "model_best.pth.tar", data / "test",
                                                                n_classes) if tool == "timm"
                                          else zoo_accuracy(zoos[tool], out, data))
-        lines = report(args, rows, tools, zoos, times, loads, accuracy)
+        lines = report(args, rows, tools, zoos, times, cpu, loads, accuracy)
         if args.report:
             Path(args.report).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def report(args, rows, tools, zoos, times, loads, accuracy) -> list[str]:
+def report(args, rows, tools, zoos, times, cpu, loads, accuracy) -> list[str]:
     n = len(times[(rows[0], tools[0])])
     lines = [f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, {os.cpu_count()} cores, Python "
              f"{platform.python_version()}: `scripts/bench_vs_timm.py --rows {','.join(rows)} --rounds {n} "
@@ -169,16 +185,19 @@ def report(args, rows, tools, zoos, times, loads, accuracy) -> list[str]:
              + ", ".join(f"{k} = `{v}`" for k, v in zoos.items())
              + f". Load average (1/5/15 min) at the start and after each round: {'; '.join(loads)}.", "",
              "| row | tool | " + " | ".join(f"round {i + 1}" for i in range(n))
-             + " | median s | median of per-round ratio to timm |" + (" test acc |" if accuracy else ""),
-             "|---" * (n + 4 + bool(accuracy)) + "|"]
+             + " | median s | median of per-round ratio to timm | median CPU s (ratio) |"
+             + (" test acc |" if accuracy else ""),
+             "|---" * (n + 5 + bool(accuracy)) + "|"]
     for row in rows:
         base = times[(row, "timm")]
         for tool in tools:
             ts = times[(row, tool)]
             ratio = "1.00" if tool == "timm" else f"{statistics.median(t / b for t, b in zip(ts, base)):.2f}"
+            cs, cb = cpu[(row, tool)], cpu[(row, "timm")]
+            cpu_cell = f"{statistics.median(cs):.1f} ({statistics.median(c / b for c, b in zip(cs, cb)):.2f})"
             acc = f" {accuracy[(row, tool)]:.3f} |" if (row, tool) in accuracy else (" - |" if accuracy else "")
             lines.append(f"| {row} | {tool} | " + " | ".join(f"{t:.1f}" for t in ts)
-                         + f" | **{statistics.median(ts):.1f}** | {ratio} |" + acc)
+                         + f" | **{statistics.median(ts):.1f}** | {ratio} | {cpu_cell} |" + acc)
     return lines
 
 
