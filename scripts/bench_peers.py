@@ -193,15 +193,20 @@ def run_fastai(python: str, data: Path, weights: Path, epochs: int, seed: int, w
 
 
 # ------------------------------------------------------------------------------------------ timm
+def timm_command(train_py: Path, data: Path, weights: Path, n_classes: int, epochs: int, seed: int, out: Path,
+                 batch_size: int = 16) -> list[str]:
+    """timm's train.py on data/{train,val} from ``weights``, its defaults otherwise; writes out/run/."""
+    return [sys.executable, str(train_py), "--data-dir", str(data), "--train-split", "train",
+            "--val-split", "val", "--model", TIMM_ARCH, "--pretrained", "--pretrained-path",
+            str(weights), "--num-classes", str(n_classes), "--device", "cpu", "--batch-size", str(batch_size),
+            "--epochs", str(epochs), "--seed", str(seed), "--output", str(out), "--experiment", "run"]
+
+
 def run_timm(train_py: Path, data: Path, weights: Path, n_classes: int, epochs: int, seed: int,
              work: Path) -> tuple[float, float]:
     """(test accuracy of train.py's model_best checkpoint, train.py wall seconds)."""
     out = work / "timm"
-    seconds = run_timed([sys.executable, str(train_py), "--data-dir", str(data), "--train-split", "train",
-                         "--val-split", "val", "--model", TIMM_ARCH, "--pretrained", "--pretrained-path",
-                         str(weights), "--num-classes", str(n_classes), "--device", "cpu", "--batch-size", "16",
-                         "--epochs", str(epochs), "--seed", str(seed), "--output", str(out),
-                         "--experiment", "run"], work / "timm.log")
+    seconds = run_timed(timm_command(train_py, data, weights, n_classes, epochs, seed, out), work / "timm.log")
     return timm_test_accuracy(out / "run" / "model_best.pth.tar", data / "test", n_classes), seconds
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from zoo.errors import UsageError
 
-__all__ = ["confident_mistakes", "make_report"]
+__all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
 
 Log = Callable[[str], None]
 
@@ -44,20 +44,28 @@ def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu
         bundle = load_bundle(where, device=device)
         kept, probs = predict_probs(bundle.model, [p for p, _ in val], bundle.data_config, progress=progress,
                                     on_error=lambda _item, _why: None)
+    return rank_mistakes([val[i] for i in kept], bundle.labels, probs, top=top)
+
+
+def rank_mistakes(images: list[tuple[Any, str]], labels: list[str], probs, *, top: int = 12) -> list[dict[str, Any]]:
+    """The ``top`` of ``images`` ((path, true class name), one row of ``probs`` [n, C] each) predicted wrong
+    with the highest probability, worst first: dicts ``path``, ``true``, ``predicted``, ``prob``."""
     out = []
-    for row, i in enumerate(kept):
-        path, true = val[i]
-        p = probs[row]
+    for (path, true), p in zip(images, probs):
         pred = int(p.argmax())
-        if bundle.labels[pred] != true:
-            out.append({"path": str(path), "true": true, "predicted": bundle.labels[pred], "prob": float(p[pred])})
+        if labels[pred] != true:
+            out.append({"path": str(path), "true": true, "predicted": labels[pred], "prob": float(p[pred])})
     out.sort(key=lambda m: -m["prob"])
     return out[:top]
 
 
 def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log: Log | None = None,
-                progress: bool = False) -> Path:
+                progress: bool = False, val_predictions: tuple[list[tuple[Any, str]], list[str], Any] | None = None) -> Path:
     """Write RUN/report.html; returns its path.
+
+    ``val_predictions``: (validation images as (path, true class name), the class names, their probabilities
+    [n, C] under the run's best weights), when the caller has them (``zoo finetune`` keeps those of its last evaluation);
+    otherwise the bundle predicts the validation images again.
 
     Raises:
         UsageError: ``run_dir`` is not a run folder.
@@ -70,7 +78,13 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
         raise UsageError(f"{run} is not a finished run folder of `zoo finetune` (no summary.json or metrics.csv); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
     try:
-        mistakes = confident_mistakes(run, top=top, device=device, progress=progress) if top > 0 else []
+        if top <= 0:
+            mistakes = []
+        elif val_predictions is not None:
+            images, classes, probs = val_predictions
+            mistakes = rank_mistakes(images, classes, probs, top=top)
+        else:
+            mistakes = confident_mistakes(run, top=top, device=device, progress=progress)
     except BundleError as e:
         if log is not None:
             log(f"report: no thumbnails of wrong predictions ({e})")

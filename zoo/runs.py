@@ -255,8 +255,16 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     if export and info.is_main:
         outcome.export_dir = _export(run_dir, say)
     if info.is_main:
-        _report_html(run_dir, config, say)
+        _report_html(run_dir, config, say, _val_predictions(outcome.result, report.val))
     return outcome
+
+
+def _val_predictions(result, val_set):
+    """(val images as (path, class name), classes, probabilities) of the run's best weights, when fit kept them."""
+    probs = getattr(result, "val_probs", None)
+    if probs is None or len(probs) != len(val_set.items):
+        return None
+    return [(path, val_set.classes[label]) for path, label in val_set.items], list(val_set.classes), probs
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
@@ -331,7 +339,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     if export and info.is_main:
         outcome.export_dir = _export(run_dir, say)
     if info.is_main:
-        _report_html(run_dir, config, say)
+        _report_html(run_dir, config, say, _val_predictions(result, report.val))
     return outcome
 
 
@@ -355,13 +363,14 @@ def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
     return sorted(before - after)
 
 
-def _report_html(run_dir: Path, config: FinetuneConfig, say: Log) -> None:
-    """RUN/report.html at the end of a run; a failure here only costs the page, never the run."""
+def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_predictions=None) -> None:
+    """RUN/report.html at the end of a run; a failure here only costs the page, never the run.
+    ``val_predictions`` (see ``zoo.report.make_report``) spares it a second pass over the validation set."""
     try:
         from zoo.report import make_report
 
         dev = config.device if config.device != "auto" else "cpu"
-        say(f"report: {make_report(run_dir, device=dev, log=say)}")
+        say(f"report: {make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
     except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
         say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,

@@ -120,11 +120,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
              amp: AmpPolicy | None = None, channels_last: bool = False,
-             info: ddp.DistInfo | None = None, normalize: Callable | None = None) -> dict:
+             info: ddp.DistInfo | None = None, normalize: Callable | None = None,
+             probs: list | None = None) -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
 
     Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks.
     ``normalize``: as in :func:`train_one_epoch` (uint8 batches normalised on the device).
+    ``probs``: a list that receives each batch's softmax probabilities (CPU float tensors, loader order).
     """
     info = info or ddp.DistInfo()
     model.eval()
@@ -139,6 +141,8 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device,
             out = model(x)
         loss_sum += loss_fn(out.float(), y).double() * int(y.shape[0])
         confusion += torch.bincount(y * c + out.argmax(1), minlength=c * c)
+        if probs is not None:
+            probs.append(out.float().softmax(1).cpu())
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
     conf = confusion.view(c, c).cpu()

@@ -59,6 +59,10 @@ class FitResult:
     run_dir: Any                        # Path | None
     decision: Any                       # finetune.policy.FreezeDecision
     metrics: dict = field(default_factory=dict)   # val metrics of the returned weights: loss, acc, per_class, confusion
+    # softmax probabilities of the returned weights on the val set, one row per image in val_set order
+    # (a float tensor [n_val, C] on the CPU); None when unknown (several processes, an image that failed
+    # to decode, a run that ended on cached features)
+    val_probs: Any = None
 
 
 class EpochSteps(Protocol):
@@ -91,6 +95,7 @@ class LoaderSteps:
         self.net: nn.Module = setup.model
         self.eval_net: nn.Module = setup.model
         self.ema: ModelEma | None = None
+        self.val_probs: torch.Tensor | None = None     # of the last evaluation (see FitResult.val_probs)
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
@@ -116,10 +121,15 @@ class LoaderSteps:
 
     def evaluate(self, full: bool = False) -> dict:
         s = self.s
+        self.val_probs = None
         if not s.has_val:
             return {"loss": math.nan, "acc": math.nan}
-        return evaluate(s.model if full else self.eval_net, s.val_loader, s.eval_loss_fn, s.device, s.classes,
-                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize)
+        probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
+        out = evaluate(s.model if full else self.eval_net, s.val_loader, s.eval_loss_fn, s.device, s.classes,
+                       amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs)
+        if probs and sum(len(p) for p in probs) == len(s.val_set):     # no image dropped: rows = val_set items
+            self.val_probs = torch.cat(probs)
+        return out
 
     def failures(self) -> dict[str, str]:
         return self.s.failures()
@@ -167,6 +177,9 @@ class Trainer:
         self.ckpt: dict | None = None
         self.snapshot = CpuStateCache(setup.model)    # the frozen backbone is copied once, not every epoch
         self._ema_snapshot: CpuStateCache | None = None
+        # The evaluation of the best weights (steps, metrics, val probabilities), kept so that the end of
+        # the run does not pass the validation set through the network again for the same numbers.
+        self.best_eval: tuple[EpochSteps, dict, torch.Tensor | None] | None = None
         self._curves_at = -math.inf
 
     # ------------------------------------------------------------------------------------ state
@@ -281,6 +294,8 @@ class Trainer:
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
                "images_per_s": tr["images_per_s"]}
         improved = s.has_val and self.stopper.improved(metric)
+        if improved:
+            self.best_eval = (steps, va, getattr(steps, "val_probs", None))
         stop = self.stopper.step(metric, self.epoch) if s.has_val else False
         if warmup:
             head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
@@ -349,7 +364,18 @@ class Trainer:
         # a run that ended in a cached-feature head phase evaluates on its features (what the head sees)
         final = (self.head_steps if (self.head_steps is not None and self.phases[-1] == "head"
                                      and getattr(self.head_steps, "ready", False)) else self.loader_steps)
-        metrics = final.evaluate(full=True) if s.has_val else {}
+        metrics, probs = {}, None
+        if s.has_val:
+            kept = self.best_eval
+            # The best epoch's own evaluation holds the same numbers as a new pass over the restored best
+            # weights (same module, eval mode, same loader), unless it went through torch.compile or
+            # another path; after a resume it is not in memory.
+            if (kept is not None and kept[0] is final and not s.config.compile
+                    and "per_class" in kept[1] and "confusion" in kept[1]):
+                metrics, probs = dict(kept[1]), kept[2]
+            else:
+                metrics = final.evaluate(full=True)
+                probs = getattr(final, "val_probs", None)
         metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
         d = s.decision
         self.folder.summary({
@@ -363,7 +389,8 @@ class Trainer:
         })
         ddp.barrier(s.info)
         return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,
-                         stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics)
+                         stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics,
+                         val_probs=probs)
 
 
 @contextlib.contextmanager

@@ -214,6 +214,27 @@ def test_metrics_include_per_class_accuracy(data):
     assert m["val_acc"] == pytest.approx(sum(m["confusion"][i][i] for i in range(3)) / 9)
 
 
+def test_final_metrics_reuse_the_best_epochs_evaluation(data, monkeypatch):
+    """The end of a run passes the val set through the network no more: the best epoch's evaluation is
+    the same numbers as a fresh one over the returned weights (metrics and val probabilities)."""
+    from finetune.data import ImageDataset, build_transform, make_loader
+    from finetune.engine import trainer
+
+    calls = []
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, val = data
+    result = run(data, cfg(freeze="none", epochs=3, lr=1e-3))
+    assert len(calls) == 3           # one evaluation per epoch, none at the end
+    loader = make_loader(ImageDataset(val, build_transform(DATA_CONFIG, False)), 9, train=False, workers=0)
+    probs = []
+    fresh = evaluate(result.model, loader, nn.CrossEntropyLoss(), torch.device("cpu"), val.classes, probs=probs)
+    m = result.metrics
+    assert (m["val_loss"], m["val_acc"], m["per_class"], m["confusion"]) == (
+        fresh["loss"], fresh["acc"], fresh["per_class"], fresh["confusion"])
+    assert result.val_probs.shape == (9, 3) and torch.equal(result.val_probs, torch.cat(probs))
+
+
 def test_evaluate_counts_every_image(data):
     from finetune.data import ImageDataset, build_transform, make_loader
 

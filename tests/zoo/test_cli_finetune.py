@@ -303,3 +303,36 @@ def test_img_size_trains_at_that_size_and_the_bundle_keeps_it(tmp_path, tiny):
     x = bundle.transform(Image.new("RGB", (100, 80)))
     assert tuple(x.shape[-2:]) == (48, 48)
     assert invoke("finetune", tiny, "--data", data, "--img-size", "8", *FAST).exit_code == 2   # below 16 px
+
+
+def test_report_uses_the_runs_own_val_predictions(tmp_path, tiny, monkeypatch):
+    """report.html ranks its wrong validation images from fit's last evaluation (no second pass over val):
+    the probabilities are those the exported bundle predicts for the same images."""
+    import torch
+
+    import zoo.report
+    from zoo.bundle import load_bundle
+    from zoo.predict import predict_probs
+
+    seen = {}
+    real = zoo.report.make_report
+
+    def spy(run_dir, **kw):
+        seen.update(kw)
+        return real(run_dir, **kw)
+
+    monkeypatch.setattr(zoo.report, "make_report", spy)
+    monkeypatch.setattr(zoo.report, "confident_mistakes", lambda *a, **k: pytest.fail("val was predicted again"))
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "none", "--head-epochs", "0",
+                    "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    images, classes, probs = seen["val_predictions"]
+    split = json.loads((out / "split.json").read_text())
+    assert [c for _, c in images] == [c for _, c in split["val"]] and len(images) == len(probs) > 0
+    bundle = load_bundle(out / "export", device="cpu")
+    kept, again = predict_probs(bundle.model, [p for p, _ in images], bundle.data_config)
+    assert classes == bundle.labels and kept == list(range(len(images)))
+    assert torch.allclose(probs, again, atol=1e-5)
+    assert (out / "report.html").is_file()
