@@ -111,6 +111,7 @@ class CachedHeadSteps:
         self.say = log or (lambda _msg: None)
         self._failures: dict[str, str] = {}
         self._ready = False
+        self.val_probs: torch.Tensor | None = None     # of the last evaluate() (see FitResult.val_probs)
         self._prep_seconds = 0.0
 
     @property
@@ -317,7 +318,9 @@ class CachedHeadSteps:
     def evaluate(self, full: bool = False) -> dict:
         """Mean loss and accuracy of the head over the validation features (eval mode, restored after);
         with ``full``, per-class accuracy and the confusion matrix too, as ``engine.evaluate`` gives them
-        (the features are exactly what the head sees there: no second pass through the backbone)."""
+        (the features are exactly what the head sees there: no second pass through the backbone).
+        ``val_probs`` then holds each validation image's softmax (None if an image failed to decode)."""
+        self.val_probs = None
         if self.val_bank is None:
             return {"loss": math.nan, "acc": math.nan}
         s = self.s
@@ -327,6 +330,7 @@ class CachedHeadSteps:
         c = len(s.classes)
         confusion = torch.zeros(c * c, dtype=torch.int64)
         total = 0.0
+        probs = []
         bs = int(s.config.batch_size)
         try:
             for start in range(0, int(self.val_rows.shape[0]), bs):
@@ -337,8 +341,11 @@ class CachedHeadSteps:
                     logits = self.logits(x.reshape(-1, *self.shape))
                 total += float(s.eval_loss_fn(logits.float(), y)) * int(y.shape[0])
                 confusion += torch.bincount((y * c + logits.argmax(1)).cpu(), minlength=c * c)
+                probs.append(logits.float().softmax(1).cpu())
         finally:
             head.train(was)
+        if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
+            self.val_probs = torch.cat(probs)
         conf = confusion.view(c, c)
         n = int(conf.sum())
         right = conf.diag().tolist()

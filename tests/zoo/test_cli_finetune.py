@@ -305,9 +305,12 @@ def test_img_size_trains_at_that_size_and_the_bundle_keeps_it(tmp_path, tiny):
     assert invoke("finetune", tiny, "--data", data, "--img-size", "8", *FAST).exit_code == 2   # below 16 px
 
 
-def test_report_uses_the_runs_own_val_predictions(tmp_path, tiny, monkeypatch):
-    """report.html ranks its wrong validation images from fit's last evaluation (no second pass over val):
-    the probabilities are those the exported bundle predicts for the same images."""
+@pytest.mark.parametrize("how", [("--freeze", "none", "--head-epochs", "0"), ("--freeze", "head")],
+                         ids=["network", "cached-head"])
+def test_report_uses_the_runs_own_val_predictions(tmp_path, tiny, monkeypatch, how):
+    """report.html ranks its wrong validation images from fit's last evaluation (no second pass over val),
+    on the network path and on the cached-feature head path alike: the probabilities are those the
+    exported bundle predicts for the same images."""
     import torch
 
     import zoo.report
@@ -325,7 +328,7 @@ def test_report_uses_the_runs_own_val_predictions(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(zoo.report, "confident_mistakes", lambda *a, **k: pytest.fail("val was predicted again"))
     data = make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
-    result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "none", "--head-epochs", "0",
+    result = invoke("finetune", tiny, "--data", data, "--out", out, *how,
                     "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     images, classes, probs = seen["val_predictions"]
