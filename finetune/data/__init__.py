@@ -18,12 +18,12 @@ from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, Image
                                    collate_skip_none, drop_last_partial, make_loader, resolve_workers,
                                    set_loader_epoch)
 from finetune.data.scan import IMAGE_EXTENSIONS, ImageSet, ScanReport, scan_folder, write_scan
-from finetune.data.transforms import ImageTransform, build_transform, mirrored, with_input_size
+from finetune.data.transforms import ImageTransform, build_transform, with_input_size
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan",
     "load_image", "load_image_tensor", "read_image_bytes", "to_uint8_tensor", "device_decodable",
-    "build_transform", "ImageTransform", "mirrored", "with_input_size",
+    "build_transform", "ImageTransform", "with_input_size",
     "DeviceNormalize", "DeviceAugment", "to_device_batch", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",
     "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers",

@@ -169,26 +169,6 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
 
 
 
-class _Mirror:
-    """The horizontal mirror of a (C, H, W) tensor: a fixed flip, no random draw."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flip(x, dims=(-1,))
-
-    def __repr__(self) -> str:
-        return "Mirror()"
-
-
-def mirrored(transform: ImageTransform) -> ImageTransform:
-    """``transform`` followed by a horizontal mirror of its output: the flipped twin of a fixed
-    (evaluation) view, e.g. the second view of the cached head's training features."""
-    from torchvision.transforms import v2 as T
-
-    return ImageTransform(T.Compose([transform.pipeline, _Mirror()]), min_size=transform.min_size,
-                          train=transform.train, output=transform.output, mean=transform.mean, std=transform.std,
-                          tensor_input=transform.tensor_input)
-
-
 def augment_mode(config: Any) -> str:
     """``config.augment`` as one of ``finetune.config.AUGMENTS`` (a bool, as older callers pass, maps to
     standard/none; a config object without the field means standard)."""

@@ -60,8 +60,10 @@ def _collate_indexed(batch):
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: AmpPolicy | None = None, channels_last: bool = False,
              seed: int | None = None, desc: str | None = None, quiet: bool = True,
-             normalize=None) -> FeatureBank:
+             normalize=None, mirror: bool = False) -> FeatureBank:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
+    ``mirror``: a second view, each batch's horizontal mirror, from the same decoded batch (one pass
+    over the files, two forward passes).
 
     With ``desc`` and not ``quiet``, a progress bar on stderr (tqdm: silent when stderr is no terminal).
     ``normalize``: a ``finetune.data.DeviceNormalize`` when the dataset yields uint8 images.
@@ -99,9 +101,11 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
             if not checked:
                 shape = tuple(f.shape[1:])
                 _check_head_is_last(model, head, head_module, x[:2], f[:2])
-                feats = torch.zeros((1, n, math.prod(shape)), dtype=torch.float32)
+                feats = torch.zeros((2 if mirror else 1, n, math.prod(shape)), dtype=torch.float32)
                 checked = True
             feats[0, idx] = f.reshape(f.shape[0], -1).float().cpu()
+            if mirror:   # the per-channel normalisation commutes with the flip
+                feats[1, idx] = model(torch.flip(x, dims=(-1,))).reshape(f.shape[0], -1).float().cpu()
             labels[idx] = y
     if feats is None:
         raise FinetuneError("no image of this split could be decoded; check the data folder")

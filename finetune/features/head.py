@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from finetune.data import ImageDataset, build_transform, make_loader, mirrored, set_loader_epoch
+from finetune.data import ImageDataset, build_transform, make_loader, set_loader_epoch
 from finetune.data.transforms import augment_mode
 from finetune.engine.setup import Setup
 from finetune.engine.steps import diverged, optimizer_step
@@ -134,11 +134,10 @@ class CachedHeadSteps:
         weights = backbone_digest(s.model, s.head)
         if views > 0:
             train_views = [build_transform(s.data_config, True, s.config, output=s.output)] * views
-        elif mirror_view(s.config):
-            train_views = [eval_tf, mirrored(eval_tf)]
         else:
             train_views = [eval_tf]
-        self.train_bank = self._bank("train", s.train_set, train_views, weights, seeded=views > 0)
+        self.train_bank = self._bank("train", s.train_set, train_views, weights, seeded=views > 0,
+                                     mirror=mirror_view(s.config))
         self.val_bank = (self._bank("val", s.val_set, [eval_tf], weights) if s.has_val else None)
         if self.val_bank is not None and self.val_bank.feature_shape != self.train_bank.feature_shape:
             raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
@@ -158,14 +157,15 @@ class CachedHeadSteps:
         self._ready = True
         self._prep_seconds = time.perf_counter() - t0
 
-    def _bank(self, split: str, image_set, views: list, weights: str, seeded: bool = False) -> FeatureBank:
+    def _bank(self, split: str, image_set, views: list, weights: str, seeded: bool = False,
+              mirror: bool = False) -> FeatureBank:
         """One split's features, one view per transform of ``views`` (``seeded``: random augmented views,
-        each drawn from its own seed)."""
+        each drawn from its own seed); ``mirror`` (one view only): plus its horizontal mirror."""
         s = self.s
         seed = int(s.config.seed)
-        n_views = len(views)
+        n_views = len(views) * (2 if mirror else 1)
         extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
-                 "views": n_views if seeded else [repr(t) for t in views[1:]], "seed": seed if seeded else None}
+                 "views": n_views if seeded else 0, "seed": seed if seeded else None, "mirror": mirror}
         key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
                                 transform=views[0], extra=extra)
 
@@ -182,8 +182,8 @@ class CachedHeadSteps:
                     parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
                                           workers=int(s.config.workers), amp=s.amp,
                                           channels_last=s.channels_last, seed=seed * 1_000_003 + v,
-                                          desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
-                                          quiet=bool(s.config.quiet), normalize=s.normalize))
+                                          desc=f"features {split}" + (f" view {v + 1}" if len(views) > 1 else ""),
+                                          quiet=bool(s.config.quiet), normalize=s.normalize, mirror=mirror))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
             for path, reason in ds.failures():   # reported once, with the loop's, at the end of fit
                 self._failures.setdefault(path, reason)

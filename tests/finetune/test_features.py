@@ -344,7 +344,7 @@ def test_lbfgs_head_is_the_logistic_regression_optimum(tmp_path, hflip):
     on each training image and (when the training augmentation flips) its mirror; ``--hflip 0``: the images only."""
     from sklearn.linear_model import LogisticRegression
 
-    from finetune.data import mirrored
+    from finetune.data import ImageTransform
 
     train, _ = _sets(tmp_path / "d")
     model = _model()
@@ -359,7 +359,8 @@ def test_lbfgs_head_is_the_logistic_regression_optimum(tmp_path, hflip):
     feats, labels = extract_features(model, "fc", ImageDataset(train, eval_tf))
     x, y = feats, labels
     if hflip:
-        flipped, _ = extract_features(model, "fc", ImageDataset(train, mirrored(eval_tf)))
+        mirror = ImageTransform(lambda im: torch.flip(eval_tf(im), dims=(-1,)), eval_tf.min_size, False)
+        flipped, _ = extract_features(model, "fc", ImageDataset(train, mirror))
         assert not torch.allclose(flipped, feats)
         x, y = torch.cat([feats, flipped]), torch.cat([labels, labels])
     ref = LogisticRegression(C=1.0 / (wd * len(y)), max_iter=5000, tol=1e-10).fit(x.numpy(), y.numpy())
