@@ -164,8 +164,11 @@ class CachedHeadSteps:
         s = self.s
         seed = int(s.config.seed)
         n_views = len(views) * (2 if mirror else 1)
+        # An un-augmented single view has the key finetune.doctor.folder_features gives it (shared banks).
         extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
-                 "views": n_views if seeded else 0, "seed": seed if seeded else None, "mirror": mirror}
+                 "views": n_views if seeded else 0, "seed": seed if seeded else None}
+        if mirror:
+            extra["mirror"] = True
         key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
                                 transform=views[0], extra=extra)
 

@@ -170,12 +170,15 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
     feats, valid, hits = folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)
     assert hits == 0 and feats["train"].shape[0] == len(report.train) and valid["train"].all()
     assert folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)[2] == 2
-    said: list[str] = []
     stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-    fit(model, stages, DATA_CONFIG, report.train, report.val, config.replace(freeze="head"), head="fc",
-        feature_cache=FeatureCache(cache), log=said.append)
-    assert any("train loaded from cache" in m for m in said), said
-    assert any("val loaded from cache" in m for m in said), said
+    # The head's training bank is the doctor's single view only without the mirrored view (--hflip 0);
+    # with it (the default) fit computes the two-view training bank and still reuses val.
+    for hflip, train_shared in ((0.0, True), (0.5, False)):
+        said: list[str] = []
+        fit(model, stages, DATA_CONFIG, report.train, report.val, config.replace(freeze="head", hflip=hflip),
+            head="fc", feature_cache=FeatureCache(cache), log=said.append)
+        assert any("train loaded from cache" in m for m in said) == train_shared, said
+        assert any("val loaded from cache" in m for m in said), said
 
 
 def test_doctor_page_is_self_contained_and_escaped(tmp_path):
