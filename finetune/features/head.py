@@ -132,13 +132,9 @@ class CachedHeadSteps:
         views = int(s.config.aug_views or 0)
         eval_tf = build_transform(s.data_config, False, s.config, output=s.output)
         weights = backbone_digest(s.model, s.head)
-        if views > 0:
-            train_views = [build_transform(s.data_config, True, s.config, output=s.output)] * views
-        else:
-            train_views = [eval_tf]
-        self.train_bank = self._bank("train", s.train_set, train_views, weights, seeded=views > 0,
-                                     mirror=mirror_view(s.config))
-        self.val_bank = (self._bank("val", s.val_set, [eval_tf], weights) if s.has_val else None)
+        train_tf = build_transform(s.data_config, True, s.config, output=s.output) if views > 0 else eval_tf
+        self.train_bank = self._bank("train", s.train_set, train_tf, views, weights, mirror=mirror_view(s.config))
+        self.val_bank = (self._bank("val", s.val_set, eval_tf, 0, weights) if s.has_val else None)
         if self.val_bank is not None and self.val_bank.feature_shape != self.train_bank.feature_shape:
             raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
         dev = s.device
@@ -157,26 +153,26 @@ class CachedHeadSteps:
         self._ready = True
         self._prep_seconds = time.perf_counter() - t0
 
-    def _bank(self, split: str, image_set, views: list, weights: str, seeded: bool = False,
+    def _bank(self, split: str, image_set, transform, n_views: int, weights: str,
               mirror: bool = False) -> FeatureBank:
-        """One split's features, one view per transform of ``views`` (``seeded``: random augmented views,
-        each drawn from its own seed); ``mirror`` (one view only): plus its horizontal mirror."""
+        """One split's features: the view of ``transform`` (``n_views`` = 0), or ``n_views`` seeded random
+        views of it; ``mirror`` (with ``n_views`` = 0): plus its horizontal mirror."""
         s = self.s
         seed = int(s.config.seed)
-        n_views = len(views) * (2 if mirror else 1)
-        # An un-augmented single view has the key finetune.doctor.folder_features gives it (shared banks).
+        # An un-mirrored single view has the key finetune.doctor.folder_features gives it (shared banks).
         extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
-                 "views": n_views if seeded else 0, "seed": seed if seeded else None}
+                 "views": n_views, "seed": seed if n_views else None}
         if mirror:
             extra["mirror"] = True
         key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
-                                transform=views[0], extra=extra)
+                                transform=transform, extra=extra)
+        total_views = max(1, n_views) * (2 if mirror else 1)
 
         def compute() -> FeatureBank:
             t0 = time.perf_counter()
+            ds = ImageDataset(image_set, transform)
             parts = []
-            for v, transform in enumerate(views):
-                ds = ImageDataset(image_set, transform)
+            for v in range(max(1, n_views)):
                 # Augmented views are drawn reproducibly: the transforms use torch's RNG, seeded per view
                 # (workers get seeds from the loader generator). The global RNG is forked and restored so
                 # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
@@ -185,14 +181,14 @@ class CachedHeadSteps:
                     parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
                                           workers=int(s.config.workers), amp=s.amp,
                                           channels_last=s.channels_last, seed=seed * 1_000_003 + v,
-                                          desc=f"features {split}" + (f" view {v + 1}" if len(views) > 1 else ""),
+                                          desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
                                           quiet=bool(s.config.quiet), normalize=s.normalize, mirror=mirror))
             bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
             for path, reason in ds.failures():   # reported once, with the loop's, at the end of fit
                 self._failures.setdefault(path, reason)
             dt = time.perf_counter() - t0
-            n = len(image_set.items) * n_views
-            self.say(f"features: {split} {len(image_set.items)} images x {n_views} view(s) computed in "
+            n = len(image_set.items) * total_views
+            self.say(f"features: {split} {len(image_set.items)} images x {total_views} view(s) computed in "
                      f"{dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
             return bank
 
