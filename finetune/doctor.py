@@ -258,6 +258,21 @@ def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tupl
     return out
 
 
+def _add_near_pairs(pairs: dict, vectors, mask, threshold: float) -> list[tuple[int, int]]:
+    """Pairs of rows of ``vectors`` (those ``mask`` keeps; all if None) at cosine >= ``threshold`` that
+    ``pairs`` lacks, added as near copies; returns the added keys."""
+    added = []
+    if vectors is None or not len(vectors):
+        return added
+    rows = np.flatnonzero(mask) if mask is not None else np.arange(len(vectors))
+    for i, j, sim in _near_pairs(vectors[rows], threshold):
+        key = (int(rows[i]), int(rows[j]))
+        if key not in pairs:
+            pairs[key] = (min(sim, 1.0), False)
+            added.append(key)
+    return added
+
+
 def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequence[str], hashes: Sequence[str],
                     z: np.ndarray | None, ok: np.ndarray | None, threshold: float,
                     thumbs: np.ndarray | None = None, has_thumb: np.ndarray | None = None,
@@ -281,20 +296,8 @@ def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequenc
         for a in range(len(group)):
             for b in range(a + 1, len(group)):
                 pairs[(group[a], group[b])] = (1.0, True)
-    if z is not None and len(z):
-        rows = np.flatnonzero(ok) if ok is not None else np.arange(len(z))
-        for i, j, s in _near_pairs(z[rows], threshold):
-            key = (int(rows[i]), int(rows[j]))
-            if key not in pairs:
-                pairs[key] = (min(s, 1.0), False)
-    pixel: set[tuple[int, int]] = set()
-    if thumbs is not None and len(thumbs):
-        rows = np.flatnonzero(has_thumb) if has_thumb is not None else np.arange(len(thumbs))
-        for i, j, s in _near_pairs(thumbs[rows], pixel_threshold):
-            key = (int(rows[i]), int(rows[j]))
-            if key not in pairs:
-                pairs[key] = (min(s, 1.0), False)
-                pixel.add(key)
+    _add_near_pairs(pairs, z, ok, threshold)
+    pixel = set(_add_near_pairs(pairs, thumbs, has_thumb, pixel_threshold))
     findings = []
     for (i, j), (sim, exact) in pairs.items():
         # the training-side copy first (leaks), else sorted order: the second copy is the one to drop
