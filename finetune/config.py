@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import ConfigError
+from finetune.io import load_yaml
 
 __all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
            "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "upgrade_config_dict"]
@@ -91,7 +92,8 @@ OPTIONS: dict[str, Option] = {
     "strict": Option("Unreadable images are an error instead of being skipped with a warning."),
     "batch_size": Option("Global batch size (split across processes under torchrun).", low=1),
     "workers": Option("DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's "
-                      "local processes; else min(8, CPUs - 1)), 0 = load in the main process.", low=0,
+                      "local processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8), 0 = load in "
+                      "the main process.", low=0,
                       sentinels=(-1,)),
     "class_weights": Option("auto: weight the loss by inverse class frequency (imbalanced data).",
                             choices=("none", "auto")),
@@ -314,7 +316,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
     """Read a YAML config (safe loader). Raises ConfigError with the file name on any problem."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

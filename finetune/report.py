@@ -198,9 +198,9 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
         try:
-            import yaml
+            from finetune.io import load_yaml
 
-            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+            cfg = load_yaml(cfg_path.read_text(encoding="utf-8")) or {}
         except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
             cfg = None
         if isinstance(cfg, dict):

@@ -76,12 +76,12 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
+def timed(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> float:
     """Wall seconds of ``cmd`` (process start to exit); its CPU seconds go to CPU_S. Exits when it fails."""
     cpu = _children_cpu()
     started = time.monotonic()
     with log.open("w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
     seconds = time.monotonic() - started
     CPU_S.append(_children_cpu() - cpu)
     if rc != 0:
@@ -93,11 +93,18 @@ def zoo_env(root: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(root)}
 
 
+def zoo_timed(root: Path, cmd: list[str], log: Path) -> float:
+    """timed() for a command of the zoo checkout ``root``. It runs in ``root``: `python -m zoo` puts the
+    working directory first on sys.path, ahead of PYTHONPATH, so from another checkout's folder it would
+    run that checkout's code (until 2026-12-01 every --zoo NAME ran the code of the caller's folder)."""
+    return timed(cmd, log, zoo_env(root), cwd=root)
+
+
 def zoo_accuracy(root: Path, run: Path, data: Path) -> float:
     """`zoo eval` of the run's bundle on data/test (the checkout's own code)."""
     out = run / "eval"
-    timed(bp.zoo_cmd("eval", str(run / "export"), "--data", str(data), "--out", str(out), "--device", "cpu",
-                     *(["--overwrite"] if out.exists() else [])), run.with_suffix(".eval.log"), zoo_env(root))
+    zoo_timed(root, bp.zoo_cmd("eval", str(run / "export"), "--data", str(data), "--out", str(out), "--device", "cpu",
+                               *(["--overwrite"] if out.exists() else [])), run.with_suffix(".eval.log"))
     return json.loads((out / "metrics.json").read_text())["accuracy"]
 
 
@@ -126,7 +133,7 @@ def main() -> None:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if set(rows) - set(ROWS):
         sys.exit(f"--rows: choose from {', '.join(ROWS)}")
-    work = Path(args.work)
+    work = Path(args.work).resolve()     # absolute: the zoo runs start in their checkout's folder
     data = work / f"data-{args.split}"
     if not (data / "train").is_dir():
         sys.exit(f"{data} has no train/ folder: write the splits with scripts/bench_peers.py --work {work}")
@@ -159,7 +166,7 @@ def main() -> None:
                 cmd = bp.zoo_cmd("finetune", bp.MODEL, "--data", str(data), "--out", str(out), "--seed", "0",
                                  "--quiet", "--device", "cpu", "--epochs", str(args.epochs), "--batch-size",
                                  str(batch), *ROWS[row]["zoo"], *(["--overwrite"] if out.exists() else []))
-                s = timed(cmd, out.with_suffix(".log"), zoo_env(zoos[tool]))
+                s = zoo_timed(zoos[tool], cmd, out.with_suffix(".log"))
             times[(row, tool)].append(s)
             cpu[(row, tool)].append(CPU_S[-1])
             print(f"round {rnd + 1} {row:8s} {tool:8s} {s:6.1f} s  cpu {CPU_S[-1]:6.1f} s  (load {load()})",

@@ -343,8 +343,10 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from finetune.io import load_yaml
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from finetune.io import load_yaml
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 
 __all__ = [
@@ -346,7 +347,7 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -495,11 +495,15 @@ def test_resolve_workers(monkeypatch):
     assert resolve_workers(0) == 0 and resolve_workers(3) == 3 and resolve_workers(3, "cuda") == 3
     assert 0 <= resolve_workers(-1) <= 8
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
-    assert resolve_workers(-1) == 8                    # CPU training: workers would steal its cores
+    assert resolve_workers(-1) == 4                    # CPU training: a worker takes a core from it
     assert resolve_workers(-1, "cuda") == 15           # a GPU is fed by every core but the main one
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resolve_workers(-1, "cuda") == 3            # torchrun: the node's cores are shared by 4 ranks
     assert resolve_workers(-1, "cuda:1") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(2)))
+    assert resolve_workers(-1) == 0                    # 2 cores: both train, the main process decodes
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
+    assert resolve_workers(-1) == 8
 
 
 @pytest.mark.parametrize("fmt,ext,mode", [("JPEG", "jpg", "L"), ("PNG", "png", "RGBA"), ("WEBP", "webp", "RGB"),

@@ -36,10 +36,10 @@ def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[st
     raw: dict[str, Any] = {}
     base = FinetuneConfig()
     if config_path:
-        import yaml
+        from finetune.io import load_yaml
 
         base = load_config(config_path)  # validates, with the file name in any error
-        raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+        raw = load_yaml(Path(config_path).read_text(encoding="utf-8")) or {}
     given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
     merged = {**base.to_dict(), **(extra or {}), **given}
     return FinetuneConfig.from_dict(merged, source="command line"), raw
