@@ -22,6 +22,7 @@ __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "loa
 
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.safetensors"
+HEAD_BEST = Path("checkpoints") / "head.safetensors"    # the head phase's best weights (the head guard's)
 
 
 def rng_state() -> dict[str, Any]:

@@ -117,6 +117,9 @@ OPTIONS: dict[str, Option] = {
     "medium_stages": Option("auto freeze: stages unfrozen for a medium-sized dataset.", low=0),
     "head_epochs": Option("Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); "
                           "0 = off.", low=0, sentinels=(-1,)),
+    "head_guard": Option("After a head phase, keep the head-phase weights unless the finetuned ones are right on "
+                         "significantly more validation images (one-sided exact McNemar test, 5%).  "
+                         "--no-head-guard keeps the finetuned weights whenever they have the better val metric."),
     "bn": Option("BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the "
                  "trained stages (frozen stages keep theirs); with --no-pretrained the default is train.",
                  choices=("eval", "train")),
@@ -204,6 +207,7 @@ class FinetuneConfig:
     large_per_class: int = 1000     # auto: at least this many per class -> everything unfrozen
     medium_stages: int = 2          # auto: stages unfrozen (besides the head) for a medium dataset
     head_epochs: int = -1           # head-only warm-up epochs before unfreezing; -1 = until val loss stops improving (capped at 10); 0 = off
+    head_guard: bool = True         # after a head phase: finetuned weights replace the head's only if significantly better on val
     bn: str = "eval"                # "eval" (frozen pretrained statistics) | "train"
     # --- optimisation ---
     optimizer: str = "adam"

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EarlyStopping", "per_class_accuracy"]
+__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p"]
 
 
 @dataclass
@@ -50,3 +50,16 @@ class EarlyStopping:
 def per_class_accuracy(correct: list[int], total: list[int], classes: list[str]) -> dict[str, float | None]:
     """Accuracy per class name (None for a class with no samples)."""
     return {c: (correct[i] / total[i] if total[i] else None) for i, c in enumerate(classes)}
+
+
+def paired_gain_p(gains: int, losses: int) -> float:
+    """One-sided exact McNemar test of a new model against an old one on the same images.
+
+    ``gains``: images the new model gets right and the old one wrong; ``losses``: the reverse. Returns
+    the probability of at least ``gains`` of the ``gains + losses`` discordant images going the new
+    model's way if both were equally good (each discordant image a fair coin); 1.0 when none differ.
+    """
+    n = int(gains) + int(losses)
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(int(gains), n + 1)) / 2 ** n

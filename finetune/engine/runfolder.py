@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from finetune import distributed as ddp
-from finetune.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, save_weights
+from finetune.checkpoint import BEST, HEAD_BEST, LAST, load_checkpoint, save_checkpoint, save_weights
 from finetune.config import FinetuneConfig, save_config, upgrade_config_dict
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import atomic_write_text, printable_name
@@ -34,7 +34,7 @@ CHECKPOINT_FORMAT = 1
 # workers path per sample): changed on resume, the remaining epochs get other draws from the same
 # distributions.
 RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs", "patience", "min_delta",
-               "amp", "channels_last", "gpu_normalize", "decode"}
+               "amp", "channels_last", "gpu_normalize", "decode", "head_guard"}
 
 Log = Callable[[str], None]
 
@@ -157,6 +157,11 @@ class RunFolder:
     def best(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         if self.writes:
             save_weights(self.path / BEST, state, metadata)
+
+    def head(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """The head phase's best weights, kept for the head guard of a run that is resumed later."""
+        if self.writes:
+            save_weights(self.path / HEAD_BEST, state, metadata)
 
     def checkpoint(self, state: dict) -> None:
         if self.writes:

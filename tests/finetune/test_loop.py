@@ -363,3 +363,55 @@ def test_advice_is_printed_during_the_run(data):
     assert advice, lines
     assert "not going down" in lines[advice[0]] and len(advice) == 1       # each rule once
     assert len(result.history) == 4
+
+
+def test_paired_gain_p_is_the_exact_one_sided_mcnemar_test():
+    from itertools import product
+
+    from finetune.metrics import paired_gain_p
+
+    for gains, losses in [(0, 0), (1, 0), (2, 0), (4, 0), (5, 0), (6, 1), (3, 3), (0, 4), (12, 3)]:
+        n = gains + losses
+        # every way the n discordant images could have gone, each as likely under "equally good"
+        at_least = sum(1 for ways in product((0, 1), repeat=n) if sum(ways) >= gains)
+        assert paired_gain_p(gains, losses) == pytest.approx(at_least / 2 ** n if n else 1.0)
+    assert paired_gain_p(4, 0) > 0.05 > paired_gain_p(5, 0)      # 5 clean wins is the fewest that count
+
+
+@pytest.mark.parametrize("alpha,kept", [(0.0, "head"), (1.01, "finetune")])
+def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(data, tmp_path, monkeypatch,
+                                                                              alpha, kept):
+    """After a head phase, the finetuned weights (best on val loss) replace the head's only if McNemar's
+    test on the validation images says so: alpha 0 never, alpha > 1 always. When the head is kept it is
+    the run's best everywhere: the returned model, best.safetensors, summary.json, the metrics."""
+    from finetune.engine import trainer
+
+    monkeypatch.setattr(trainer, "HEAD_GUARD_ALPHA", alpha)
+    out = tmp_path / "run"
+    states = []
+    model = tiny_model()
+    result = run(data, cfg(freeze="none", head_epochs=1, epochs=4, lr=1e-2, patience=10), model=model,
+                 run_dir=out, callbacks=[lambda row: states.append(snapshot(model))])
+    summary = json.loads((out / "summary.json").read_text())
+    guard = summary["head_guard"]
+    assert guard is not None, "a finetune epoch should beat the head epoch on val loss here"
+    assert guard["head_epoch"] == 1 and guard["finetune_epoch"] > 1 and guard["kept"] == kept
+    assert guard["gains"] >= 0 and guard["losses"] >= 0
+    assert (out / "checkpoints" / "head.safetensors").is_file()
+    best = load_weights(out / BEST)
+    want = states[0] if kept == "head" else states[guard["finetune_epoch"] - 1]
+    assert all(torch.equal(best[k], want[k]) for k in best)
+    assert all(torch.equal(v.cpu(), want[k]) for k, v in result.model.state_dict().items())
+    assert result.best_epoch == summary["best_epoch"] == (1 if kept == "head" else guard["finetune_epoch"])
+    if kept == "head":
+        assert summary["best_value"] == pytest.approx(result.history[0]["val_loss"], rel=1e-4)
+        assert result.metrics["val_loss"] == pytest.approx(result.history[0]["val_loss"], rel=1e-4)
+
+
+def test_no_head_guard_and_runs_without_a_head_phase_skip_it(data, tmp_path):
+    off = run(data, cfg(freeze="none", head_epochs=1, epochs=3, head_guard=False), run_dir=tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["head_guard"] is None
+    assert not (tmp_path / "a" / "checkpoints" / "head.safetensors").exists()
+    assert off.best_epoch >= 1
+    run(data, cfg(freeze="none", head_epochs=0, epochs=2), run_dir=tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["head_guard"] is None

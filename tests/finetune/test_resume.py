@@ -1,6 +1,7 @@
 """Resume: an interrupted run continued with resume=True ends with exactly the uninterrupted weights."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,9 @@ def test_resume_after_interrupt_matches_uninterrupted(data, reference, tmp_path,
     assert equal_states(resumed.model.state_dict(), reference.model.state_dict())
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
     assert resumed.best_epoch == reference.best_epoch
+    # the head guard decides the same after a resume (the head phase's weights come from head.safetensors)
+    guard = json.loads((out / "summary.json").read_text())["head_guard"]
+    assert guard is not None and guard == json.loads((reference.run_dir / "summary.json").read_text())["head_guard"]
     final = torch.load(out / LAST, weights_only=True)
     ref_final = torch.load(reference.run_dir / LAST, weights_only=True)
     assert equal_states(final["model"], ref_final["model"])
