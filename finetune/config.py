@@ -118,7 +118,7 @@ OPTIONS: dict[str, Option] = {
     "head_epochs": Option("Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); "
                           "0 = off.", low=0, sentinels=(-1,)),
     "head_guard": Option("After a head phase, keep the head-phase weights unless the finetuned ones are right on "
-                         "significantly more validation images (one-sided exact McNemar test, 5%).  "
+                         "significantly more validation images (one-sided exact McNemar test, 5%). "
                          "--no-head-guard keeps the finetuned weights whenever they have the better val metric."),
     "bn": Option("BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the "
                  "trained stages (frozen stages keep theirs); with --no-pretrained the default is train.",

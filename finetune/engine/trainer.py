@@ -50,8 +50,8 @@ CURVES_EVERY_S = 30.0
 # The head guard (config.head_guard): after a head phase, finetuned weights replace the head's only when a
 # one-sided exact McNemar test on the validation images says they are better at this level. Measured on
 # 10 few-shot splits of real photos (5 training images per class, docs/peers.md): finetuning every layer
-# won on val loss in 5 of them and lost test accuracy in all 5 (-2.0 points on average); none of those
-# wins was significant (McNemar p 0.16-1.0 on 18 validation images).
+# won on val loss in 5 of them, lost test accuracy in 4 and tied in 1 (-2.0 points over the 10); none of
+# those wins was significant (McNemar p 0.25-1 on 18 validation images).
 HEAD_GUARD_ALPHA = 0.05
 Log = Callable[[str], None]
 
