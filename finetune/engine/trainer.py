@@ -104,6 +104,7 @@ class LoaderSteps:
         self.eval_net: nn.Module = setup.model
         self.ema: ModelEma | None = None
         self.val_probs: torch.Tensor | None = None     # of the last evaluation (see FitResult.val_probs)
+        self.val_correct: torch.Tensor | None = None   # of the last evaluation: hits on this rank's images
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
@@ -129,12 +130,15 @@ class LoaderSteps:
 
     def evaluate(self, full: bool = False) -> dict:
         s = self.s
-        self.val_probs = None
+        self.val_probs = self.val_correct = None
         if not s.has_val:
             return {"loss": math.nan, "acc": math.nan}
         probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
+        correct: list = []
         out = evaluate(s.model if full else self.eval_net, s.val_loader, s.eval_loss_fn, s.device, s.classes,
-                       amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs)
+                       amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
+                       correct=correct)
+        self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
         if probs and sum(len(p) for p in probs) == len(s.val_set):     # no image dropped: rows = val_set items
             self.val_probs = torch.cat(probs)
         return out
@@ -187,11 +191,11 @@ class Trainer:
         self._ema_snapshot: CpuStateCache | None = None
         # The evaluation of the best weights (steps, metrics, val probabilities), kept so that the end of
         # the run does not pass the validation set through the network again for the same numbers.
-        self.best_eval: tuple[EpochSteps, dict, torch.Tensor | None] | None = None
+        self.best_eval: tuple[EpochSteps, dict, torch.Tensor | None, torch.Tensor | None] | None = None
         # The head phase's result, for the head guard: its best epoch, weights and evaluation.
         self.head_epoch: int | None = None
         self.head_state: dict[str, torch.Tensor] | None = None
-        self.head_eval: tuple[EpochSteps, dict, torch.Tensor | None] | None = None
+        self.head_eval: tuple[EpochSteps, dict, torch.Tensor | None, torch.Tensor | None] | None = None
         self.guard: dict[str, Any] | None = None       # what the guard decided (summary.json)
         self._curves_at = time.perf_counter()    # the first drawing waits CURVES_EVERY_S, or a phase's end
 
@@ -310,7 +314,7 @@ class Trainer:
                "images_per_s": tr["images_per_s"]}
         improved = s.has_val and self.stopper.improved(metric)
         if improved:
-            self.best_eval = (steps, va, getattr(steps, "val_probs", None))
+            self.best_eval = (steps, va, getattr(steps, "val_probs", None), getattr(steps, "val_correct", None))
         stop = self.stopper.step(metric, self.epoch) if s.has_val else False
         if warmup:
             head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
@@ -342,20 +346,20 @@ class Trainer:
         self.head_eval = self.best_eval
         self.folder.head(self.head_state, {"epoch": str(self.head_epoch)})
 
-    def _val_probs(self, state: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor | None]:
-        """The metrics and validation softmax of ``state``, through the network."""
+    def _evaluate_state(self, state: dict[str, torch.Tensor]) -> tuple:
+        """``state``'s evaluation through the network, as ``best_eval`` keeps one."""
         self.s.model.load_state_dict(state)
         out = self.loader_steps.evaluate(full=True)
-        return out, self.loader_steps.val_probs
+        return self.loader_steps, out, self.loader_steps.val_probs, self.loader_steps.val_correct
 
     def _guard_head(self) -> None:
         """After a head phase and finetuning: the finetuned best weights are kept only if they are right on
         significantly more validation images than the head phase's (see HEAD_GUARD_ALPHA); else the
-        head phase's weights become the run's best (best.safetensors, the export). Skipped when images
-        cannot be paired (a validation image failed to decode, or several processes shared the set)."""
+        head phase's weights become the run's best (best.safetensors, the export). Under DDP each rank
+        counts its own images and the counts are summed. Skipped when the two evaluations did not see
+        the same images (an image failed to decode in one of them)."""
         s = self.s
-        if (self.head_epoch is None or self.best_state is None or self.stopper.best_epoch == self.head_epoch
-                or s.info.world_size > 1):
+        if self.head_epoch is None or self.best_state is None or self.stopper.best_epoch == self.head_epoch:
             return
         head_state = self.head_state
         if head_state is None and self.folder.path is not None and (self.folder.path / HEAD_BEST).is_file():
@@ -363,30 +367,31 @@ class Trainer:
         if head_state is None:
             return
         tuned_eval = self.best_eval
-        if tuned_eval is None or tuned_eval[2] is None:
-            metrics, probs = self._val_probs(self.best_state)
-            tuned_eval = (self.loader_steps, metrics, probs)
+        if tuned_eval is None or tuned_eval[3] is None:
+            tuned_eval = self._evaluate_state(self.best_state)
         head_eval = self.head_eval
-        if head_eval is None or head_eval[2] is None:
-            metrics, probs = self._val_probs(head_state)
-            head_eval = (self.loader_steps, metrics, probs)
-        if tuned_eval[2] is None or head_eval[2] is None:
+        if head_eval is None or head_eval[3] is None:
+            head_eval = self._evaluate_state(head_state)
+        tuned_ok, head_ok = tuned_eval[3], head_eval[3]
+        paired = tuned_ok.shape == head_ok.shape
+        counts = torch.tensor([int((tuned_ok & ~head_ok).sum()), int((head_ok & ~tuned_ok).sum()), 0]
+                              if paired else [0, 0, 1], dtype=torch.int64, device=s.device)
+        ddp.all_reduce_sum(counts, s.info)
+        gains, losses, unpaired = (int(v) for v in counts.tolist())
+        if unpaired:
             return
-        y = torch.tensor([int(label) for _, label in s.val_set.items])
-        tuned_ok, head_ok = tuned_eval[2].argmax(1) == y, head_eval[2].argmax(1) == y
-        gains, losses = int((tuned_ok & ~head_ok).sum()), int((head_ok & ~tuned_ok).sum())
         p = paired_gain_p(gains, losses)
         tuned_epoch = self.stopper.best_epoch
         keep = "finetune" if p < HEAD_GUARD_ALPHA else "head"
         self.guard = {"head_epoch": self.head_epoch, "finetune_epoch": tuned_epoch, "gains": gains,
                       "losses": losses, "p": round(p, 6), "alpha": HEAD_GUARD_ALPHA, "kept": keep}
-        counts = (f"right on {gains} validation image(s) the head got wrong, wrong on {losses} it got right "
-                  f"(one-sided exact McNemar p={p:.2g})")
+        said = (f"right on {gains} validation image(s) the head got wrong, wrong on {losses} it got right "
+                f"(one-sided exact McNemar p={p:.2g})")
         if keep == "finetune":
-            self.say(f"head guard: the finetuned weights of epoch {tuned_epoch} are kept: {counts}")
+            self.say(f"head guard: the finetuned weights of epoch {tuned_epoch} are kept: {said}")
             return
         self.say(f"head guard: the head of epoch {self.head_epoch} is kept, not the finetuned weights of epoch "
-                 f"{tuned_epoch}: they were {counts}, not significantly better; --no-head-guard keeps them")
+                 f"{tuned_epoch}: they were {said}, not significantly better; --no-head-guard keeps them")
         self.guard["value"] = float(head_eval[1]["acc" if s.config.monitor == "val_acc" else "loss"])
         self.best_state, self.best_eval = head_state, head_eval
         self.folder.best(head_state, {"epoch": str(self.head_epoch), "monitor": "head guard",

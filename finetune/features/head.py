@@ -112,6 +112,7 @@ class CachedHeadSteps:
         self._failures: dict[str, str] = {}
         self._ready = False
         self.val_probs: torch.Tensor | None = None     # of the last evaluate() (see FitResult.val_probs)
+        self.val_correct: torch.Tensor | None = None   # of the last evaluate(): hits on the decoded images
         self._prep_seconds = 0.0
 
     @property
@@ -319,7 +320,7 @@ class CachedHeadSteps:
         with ``full``, per-class accuracy and the confusion matrix too, as ``engine.evaluate`` gives them
         (the features are exactly what the head sees there: no second pass through the backbone).
         ``val_probs`` then holds each validation image's softmax (None if an image failed to decode)."""
-        self.val_probs = None
+        self.val_probs = self.val_correct = None
         if self.val_bank is None:
             return {"loss": math.nan, "acc": math.nan}
         s = self.s
@@ -329,7 +330,7 @@ class CachedHeadSteps:
         c = len(s.classes)
         confusion = torch.zeros(c * c, dtype=torch.int64)
         total = 0.0
-        probs = []
+        probs, correct = [], []
         bs = int(s.config.batch_size)
         try:
             for start in range(0, int(self.val_rows.shape[0]), bs):
@@ -341,8 +342,10 @@ class CachedHeadSteps:
                 total += float(s.eval_loss_fn(logits.float(), y)) * int(y.shape[0])
                 confusion += torch.bincount((y * c + logits.argmax(1)).cpu(), minlength=c * c)
                 probs.append(logits.float().softmax(1).cpu())
+                correct.append((logits.argmax(1) == y).cpu())
         finally:
             head.train(was)
+        self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
         if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
             self.val_probs = torch.cat(probs)
         conf = confusion.view(c, c)

@@ -88,3 +88,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     # only rank 0 wrote the run folder
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["metrics"]["images"] == 9
+    # the head guard counts each rank's validation images and sums them: the same decision as one process
+    one = json.loads((tmp_path / "single" / "summary.json").read_text())["head_guard"]
+    two = summary["head_guard"]
+    assert one is not None and two.pop("value") == pytest.approx(one.pop("value"), abs=1e-5) and two == one
