@@ -5,8 +5,8 @@ On one few-shot split of the Tux Paint photo stamps (scripts/bench_peers.py writ
 5 training + 2 validation images per class), from the same EfficientNet-Lite0 ImageNet weights
 (bench_peers.export_weights: zoo's imported tensors as a safetensors file for train.py's
 --pretrained-path), each round runs, in a rotating order, timm's train.py and one `zoo finetune` per
-zoo checkout given (--zoo NAME=ROOT: e.g. the code before a change and after it, each run with
-PYTHONPATH=ROOT). Wall time is the whole process, start to exit (imports, scan, model build, training,
+zoo checkout given (--zoo NAME=ROOT: e.g. the code before a change and after it, each run in ROOT
+with PYTHONPATH=ROOT). Wall time is the whole process, start to exit (imports, scan, model build, training,
 validation, checkpoints, zoo's export and report.html), measured from this script; the CPU seconds
 (user + system of the process and its DataLoader workers) are given too: on a shared machine they move
 far less with the load than the wall time does.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,9 +55,9 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
-_ALLOCATOR: list[bool] = []                  # set once per process
 
 
+@functools.cache      # once per process
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory a training step frees for the next step; once per process.
 
@@ -71,21 +72,16 @@ def keep_freed_memory() -> bool:
     Left as it is when the process already chose (GLIBC_TUNABLES with malloc settings, a MALLOC_*
     variable, an LD_PRELOAD allocator), when ZOO_MALLOC=system, and off glibc. Returns whether it set it.
     """
-    if _ALLOCATOR:
-        return _ALLOCATOR[0]
     env = os.environ
-    chosen = (env.get("ZOO_MALLOC", "").strip().lower() == "system" or "malloc" in env.get("GLIBC_TUNABLES", "")
-              or any(k.startswith("MALLOC_") for k in env) or bool(env.get("LD_PRELOAD", "").strip()))
-    done = False
-    if not chosen:
-        try:
-            libc = ctypes.CDLL(None)
-            done = bool(libc.gnu_get_libc_version) and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-                libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError, TypeError):   # not glibc (macOS, musl, Windows): nothing to tune
-            done = False
-    _ALLOCATOR.append(done)
-    return done
+    if (env.get("ZOO_MALLOC", "").strip().lower() == "system" or "malloc" in env.get("GLIBC_TUNABLES", "")
+            or any(k.startswith("MALLOC_") for k in env) or env.get("LD_PRELOAD", "").strip()):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.gnu_get_libc_version) and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):   # not glibc (macOS, musl, Windows): nothing to tune
+        return False
 
 
 @dataclass(frozen=True)

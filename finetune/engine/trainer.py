@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -54,6 +54,15 @@ CURVES_EVERY_S = 30.0
 # those wins was significant (McNemar p 0.25-1 on 18 validation images).
 HEAD_GUARD_ALPHA = 0.05
 Log = Callable[[str], None]
+
+
+class Evaluation(NamedTuple):
+    """One evaluation of the validation split, kept with the path that made it."""
+
+    steps: EpochSteps               # the path that evaluated (LoaderSteps or the cached head)
+    metrics: dict
+    probs: torch.Tensor | None      # each val_set item's softmax (None: an image failed, or DDP)
+    correct: torch.Tensor | None    # per-image hits on the images this rank evaluated
 
 
 @dataclass
@@ -189,13 +198,13 @@ class Trainer:
         self.ckpt: dict | None = None
         self.snapshot = CpuStateCache(setup.model)    # the frozen backbone is copied once, not every epoch
         self._ema_snapshot: CpuStateCache | None = None
-        # The evaluation of the best weights (steps, metrics, val probabilities), kept so that the end of
+        # The evaluation of the best weights, kept so that the end of
         # the run does not pass the validation set through the network again for the same numbers.
-        self.best_eval: tuple[EpochSteps, dict, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.best_eval: Evaluation | None = None
         # The head phase's result, for the head guard: its best epoch, weights and evaluation.
         self.head_epoch: int | None = None
         self.head_state: dict[str, torch.Tensor] | None = None
-        self.head_eval: tuple[EpochSteps, dict, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.head_eval: Evaluation | None = None
         self.guard: dict[str, Any] | None = None       # what the guard decided (summary.json)
         self._curves_at = time.perf_counter()    # the first drawing waits CURVES_EVERY_S, or a phase's end
 
@@ -314,7 +323,8 @@ class Trainer:
                "images_per_s": tr["images_per_s"]}
         improved = s.has_val and self.stopper.improved(metric)
         if improved:
-            self.best_eval = (steps, va, getattr(steps, "val_probs", None), getattr(steps, "val_correct", None))
+            self.best_eval = Evaluation(steps, va, getattr(steps, "val_probs", None),
+                                        getattr(steps, "val_correct", None))
         stop = self.stopper.step(metric, self.epoch) if s.has_val else False
         if warmup:
             head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
@@ -346,11 +356,11 @@ class Trainer:
         self.head_eval = self.best_eval
         self.folder.head(self.head_state, {"epoch": str(self.head_epoch)})
 
-    def _evaluate_state(self, state: dict[str, torch.Tensor]) -> tuple:
-        """``state``'s evaluation through the network, as ``best_eval`` keeps one."""
+    def _evaluate_state(self, state: dict[str, torch.Tensor]) -> Evaluation:
+        """``state``'s evaluation through the network."""
         self.s.model.load_state_dict(state)
         out = self.loader_steps.evaluate(full=True)
-        return self.loader_steps, out, self.loader_steps.val_probs, self.loader_steps.val_correct
+        return Evaluation(self.loader_steps, out, self.loader_steps.val_probs, self.loader_steps.val_correct)
 
     def _guard_head(self) -> None:
         """After a head phase and finetuning: the finetuned best weights are kept only if they are right on
@@ -367,12 +377,12 @@ class Trainer:
         if head_state is None:
             return
         tuned_eval = self.best_eval
-        if tuned_eval is None or tuned_eval[3] is None:
+        if tuned_eval is None or tuned_eval.correct is None:
             tuned_eval = self._evaluate_state(self.best_state)
         head_eval = self.head_eval
-        if head_eval is None or head_eval[3] is None:
+        if head_eval is None or head_eval.correct is None:
             head_eval = self._evaluate_state(head_state)
-        tuned_ok, head_ok = tuned_eval[3], head_eval[3]
+        tuned_ok, head_ok = tuned_eval.correct, head_eval.correct
         paired = tuned_ok.shape == head_ok.shape
         counts = torch.tensor([int((tuned_ok & ~head_ok).sum()), int((head_ok & ~tuned_ok).sum()), 0]
                               if paired else [0, 0, 1], dtype=torch.int64, device=s.device)
@@ -392,7 +402,7 @@ class Trainer:
             return
         self.say(f"head guard: the head of epoch {self.head_epoch} is kept, not the finetuned weights of epoch "
                  f"{tuned_epoch}: they were {said}, not significantly better; --no-head-guard keeps them")
-        self.guard["value"] = float(head_eval[1]["acc" if s.config.monitor == "val_acc" else "loss"])
+        self.guard["value"] = float(head_eval.metrics["acc" if s.config.monitor == "val_acc" else "loss"])
         self.best_state, self.best_eval = head_state, head_eval
         self.folder.best(head_state, {"epoch": str(self.head_epoch), "monitor": "head guard",
                                       "value": repr(p)})
@@ -446,8 +456,9 @@ class Trainer:
         self._guard_head()
         if self.best_state is not None:
             s.model.load_state_dict(self.best_state)
+        reverted = self.guard is not None and self.guard["kept"] == "head"     # the head guard kept the head
         best_epoch = self.stopper.best_epoch if s.has_val else (self.history[-1]["epoch"] if self.history else 0)
-        if self.guard is not None and self.guard["kept"] == "head":
+        if reverted:
             best_epoch = self.guard["head_epoch"]
         # a run that ended in a cached-feature head phase evaluates on its features (what the head sees)
         final = (self.head_steps if (self.head_steps is not None and self.phases[-1] == "head"
@@ -458,9 +469,9 @@ class Trainer:
             # The best epoch's own evaluation holds the same numbers as a new pass over the restored best
             # weights (same module, eval mode, same loader), unless it went through torch.compile or
             # another path; after a resume it is not in memory.
-            if (kept is not None and kept[0] is final and not s.config.compile
-                    and "per_class" in kept[1] and "confusion" in kept[1]):
-                metrics, probs = dict(kept[1]), kept[2]
+            if (kept is not None and kept.steps is final and not s.config.compile
+                    and "per_class" in kept.metrics and "confusion" in kept.metrics):
+                metrics, probs = dict(kept.metrics), kept.probs
             else:
                 metrics = final.evaluate(full=True)
                 probs = getattr(final, "val_probs", None)
@@ -468,8 +479,7 @@ class Trainer:
         d = s.decision
         self.folder.summary({
             "best_epoch": best_epoch, "monitor": s.config.monitor,
-            "best_value": (self.guard["value"] if self.guard is not None and self.guard["kept"] == "head"
-                           else self.stopper.best if s.has_val else None),
+            "best_value": (self.guard["value"] if reverted else self.stopper.best if s.has_val else None),
             "metrics": metrics, "epochs_run": self.epoch, "max_epochs": int(s.config.epochs),
             "stopped_early": self.stopped_early, "phases": self.phases,
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
