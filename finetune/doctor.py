@@ -63,6 +63,7 @@ class DoctorOptions:
 
     near_threshold: float = 0.95    # cosine similarity of L2-normalised pooled features: a near copy
     pixel_threshold: float = 0.99   # or cosine similarity of the 16x16 grey pixel fingerprints
+    # (1.0 for either: identical vectors, compared bit for bit rather than by a float cosine)
     folds: int = 5                  # out-of-fold probe folds (wrong labels)
     seed: int = 0                   # fold assignment
     probe_l2: float = 1e-3          # L2 penalty of the linear probe (on the mean squared weight)
@@ -243,11 +244,26 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- duplicates
 def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
-    """Pairs (i < j) with cosine similarity >= threshold, in blocks so memory stays O(block x N)."""
+    """Pairs (i < j) with cosine similarity >= threshold, in blocks so memory stays O(block x N).
+
+    A threshold of 1.0 (or more) means identical vectors, compared bit for bit: a float cosine of two
+    vectors that differ lands on 1.0 or just under it depending on the BLAS, so at 1.0 it would decide by
+    rounding. Below 1.0 the cosine is computed in float64, so that rounding moves it by ~1e-15, not ~1e-7.
+    """
     import torch
 
-    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    z = np.ascontiguousarray(z, dtype=np.float32)
     out: list[tuple[int, int, float]] = []
+    if threshold >= 1.0:
+        seen: dict[bytes, int] = {}
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(z):
+            first = seen.setdefault(row.tobytes(), i)
+            groups.setdefault(first, []).append(i)
+        for members in groups.values():
+            out.extend((a, b, 1.0) for k, a in enumerate(members) for b in members[k + 1:])
+        return sorted(out)
+    zt = torch.from_numpy(z).double()
     for start in range(0, zt.shape[0], block):
         sim = zt[start:start + block] @ zt.T
         rows, cols = torch.nonzero(sim >= threshold, as_tuple=True)

@@ -71,7 +71,7 @@ SPEED_FLAGS = {
     "sweep": {**_TRAIN, "--epochs": "1"},
     "predict": {"--device": "cpu"},
     # the sandbox's drawn images look alike to the random stand-in backbone: only true copies count
-    "doctor": {"--workers": "0", "--device": "cpu", "--quiet": None, "--near": "0.99999", "--near-pixels": "0.99999"},
+    "doctor": {"--workers": "0", "--device": "cpu", "--quiet": None, "--near": "1", "--near-pixels": "1"},
     "eval": {"--device": "cpu"},
 }
 PY_SUBST = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import register_tiny  # noqa: F401  (imported from here by other tests)
+from tests.conftest import corrupt_jpeg, register_tiny  # noqa: F401  (register_tiny: imported from here by other tests)
 
 
 
@@ -95,7 +95,7 @@ def test_untrainable_folders_stop_before_any_model_with_one_line(hostile, tiny, 
 
 def _passes_scan_fails_decode(path: Path) -> Path:
     """A JPEG with intact headers and end marker whose entropy-coded data is garbage: PIL's verify() and
-    the scan accept it; only a full decode fails."""
+    the scan accept it; only a full decode fails (tests.conftest.corrupt_jpeg)."""
     import io
 
     import numpy as np
@@ -104,8 +104,7 @@ def _passes_scan_fails_decode(path: Path) -> Path:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
         buf, "JPEG", quality=90)
-    b = buf.getvalue()
-    path.write_bytes(b[:600] + b"\xff\xff" * 100 + b[800:])
+    path.write_bytes(corrupt_jpeg(buf.getvalue()))
     return path
 
 

@@ -192,6 +192,9 @@ def _check_file(path: str) -> str | None:
         size = os.path.getsize(path)
         if size == 0:
             return "empty file (0 bytes)"
+        jpeg_problem = _jpeg_structure(path, size)
+        if jpeg_problem:
+            return jpeg_problem
         with Image.open(path) as im:
             w, h = im.size
             fmt = im.format
@@ -217,6 +220,43 @@ def _check_file(path: str) -> str | None:
     except Exception as e:  # PIL raises SyntaxError/ValueError/struct.error on malformed headers
         return f"damaged image ({type(e).__name__}: {e})"
     return None
+
+
+# JPEG markers without a length field: TEM and RST0-7 (SOI and EOI are handled on their own).
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def _jpeg_structure(path: str, size: int) -> str | None:
+    """For a file that starts like a JPEG (SOI), why its headers cannot lead to image data, else None.
+
+    Walks the marker segments up to the first scan (SOS) without decoding anything. Pillow's own header
+    parser changed between versions in what it accepts (a file cut inside its Huffman tables: refused by
+    Pillow 12, opened by 13), so this check, not Pillow's, decides whether such a file is kept.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return None                     # not a JPEG: Pillow's checks decide
+        pos = 2
+        while True:
+            fh.seek(pos)
+            head = fh.read(4)
+            if len(head) < 2 or head[0] != 0xFF:
+                return "damaged JPEG (its headers break off before any image data)"
+            marker = head[1]
+            if marker == 0xFF:              # fill byte before a marker
+                pos += 1
+            elif marker in _JPEG_STANDALONE:
+                pos += 2
+            elif marker == 0xD9:
+                return "damaged JPEG (it ends before any image data)"
+            elif len(head) < 4 or int.from_bytes(head[2:4], "big") < 2:
+                return "damaged JPEG (its headers break off before any image data)"
+            else:
+                pos += 2 + int.from_bytes(head[2:4], "big")
+                if marker == 0xDA:          # start of scan: image data follows its header
+                    return None if pos < size else "damaged JPEG (no image data after its headers)"
+                if pos >= size:
+                    return "damaged JPEG (its headers break off before any image data)"
 
 
 def _jpeg_has_end(path: str, size: int) -> bool:

@@ -129,6 +129,39 @@ def test_stray_folders_and_files_are_reported(tmp_path):
     assert any("directly in" in w for w in scan_folder(flat).warnings)
 
 
+def test_jpegs_without_image_data_are_refused_by_the_scan_whatever_the_pillow(tmp_path):
+    """Cut inside the Huffman tables, ending right after the headers, a scan header with nothing after
+    it: refused by the scan's own marker walk (Pillow 12 refuses the first at open, Pillow 13 opens it),
+    while a JPEG whose headers are whole but whose data cannot decode passes (the decoder meets it)."""
+    import io
+
+    import numpy as np
+
+    from tests.conftest import corrupt_jpeg
+
+    root = make_image_folder(tmp_path / "d", layout="split", per_class=3, val_per_class=1, size=32)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=90)
+    good = buf.getvalue()
+    sos = good.index(b"\xff\xda")
+    scan_start = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")
+    cases = {"cut_in_tables.jpg": good[:200] + bytes(len(good) - 202) + b"\xff\xd9",
+             "headers_only.jpg": good[:sos] + b"\xff\xd9",
+             "scan_header_only.jpg": good[:scan_start],
+             "zero_length.jpg": good[:20] + b"\xff\xdb\x00\x00" + good[20:]}
+    for name, data in cases.items():
+        (root / "train" / "cat" / name).write_bytes(data)
+    (root / "train" / "cat" / "bad_data.jpg").write_bytes(corrupt_jpeg(good))
+    (root / "train" / "cat" / "good.jpg").write_bytes(good)
+    report = scan_folder(root)
+    refused = {Path(p).name: why for p, why in report.bad_files}
+    assert set(refused) == set(cases), refused
+    assert all(why.startswith("damaged JPEG") for why in refused.values()), refused
+    kept = {Path(p).name for p, _ in report.train.items}
+    assert {"bad_data.jpg", "good.jpg"} <= kept
+
+
 def test_damaged_split_file(image_folder, tmp_path):
     bad = tmp_path / "split.json"
     bad.write_text("{not json")

@@ -17,7 +17,7 @@ from finetune.data import DeviceAugment, ImageDataset, build_transform, load_ima
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                              device_decodable, unpack)
 from finetune.errors import ConfigError, Interrupted
-from tests.conftest import make_image
+from tests.conftest import corrupt_jpeg, make_image
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
                "crop_mode": "center", "mean": (0.2, 0.4, 0.6), "std": (0.5, 0.25, 0.1)}
@@ -180,8 +180,8 @@ def test_corrupt_jpeg_is_dropped_with_its_label_and_logged(tmp_path):
     folder(root / "train", n=3)
     folder(root / "val", n=1)
     good = (root / "train" / "a" / "0.jpg").read_bytes()
-    # passes the scan (JPEG start and end markers) but its entropy-coded data is zeros
-    (root / "train" / "a" / "1.jpg").write_bytes(good[:200] + bytes(len(good) - 202) + b"\xff\xd9")
+    # passes the scan (intact headers, a scan, the end marker) but its entropy-coded data cannot decode
+    (root / "train" / "a" / "1.jpg").write_bytes(corrupt_jpeg(good))
     report = scan_folder(root)
     bad = [i for i, (p, _) in enumerate(report.train.items) if p.endswith("1.jpg") and "/a/" in p]
     assert bad, "the scan should let this file through: the decoder is what meets it"
@@ -293,7 +293,7 @@ def test_device_decode_on_cuda_matches_cpu(tmp_path):
     folder(tmp_path / "d" / "val", n=1)
     (root / "a" / "grey.jpg").write_bytes(jpeg_bytes(photo(seed=99).convert("L")))
     good = (root / "a" / "0.jpg").read_bytes()
-    (root / "b" / "bad.jpg").write_bytes(good[:200] + bytes(len(good) - 202) + b"\xff\xd9")
+    (root / "b" / "bad.jpg").write_bytes(corrupt_jpeg(good))
     report = scan_folder(tmp_path / "d")
     ds = EncodedImageDataset(report.train)
     loader = make_loader(ds, 16, train=False, workers=2, device="cuda")

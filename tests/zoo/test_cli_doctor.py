@@ -32,7 +32,7 @@ def leaky(tmp_path):
 def test_doctor_reports_the_leak_and_caches_features(tmp_path, tiny, leaky):
     out = tmp_path / "doc"
     r = invoke("doctor", "--data", leaky, "--model", tiny, "--out", out, "--device", "cpu", "--workers", "0",
-               "--quiet", "--min-side", "0", "--near", "0.99999", "--near-pixels", "1")
+               "--quiet", "--min-side", "0", "--near", "1", "--near-pixels", "1")
     assert r.exit_code == 0, r.output
     assert "leak" in r.stdout and "train/cat/cat_003.png -> val/cat/leak.png" in r.stdout
     rows = list(csv.DictReader((out / "findings.csv").open(encoding="utf-8")))

@@ -33,10 +33,11 @@ def _bar(quiet: bool):
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
 @click.option("--near", "near", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
-              help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features.")
+              help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features; 1 means "
+                   "identical features, compared exactly.")
 @click.option("--near-pixels", "near_pixels", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.99,
               show_default=True, help="Near-duplicate threshold on 16x16 grey pixel fingerprints (re-encoded or "
-                                      "resized copies).")
+                                      "resized copies); 1 means identical fingerprints, compared exactly.")
 @click.option("--folds", "folds", type=click.IntRange(2, 50), default=5, show_default=True,
               help="Out-of-fold folds of the linear probe that flags likely wrong labels.")
 @click.option("--outlier-z", "outlier_z", type=click.FloatRange(0.0, min_open=True), default=5.0, show_default=True,
