@@ -21,7 +21,7 @@ import torch.distributed as dist
 from finetune.errors import ConfigError
 
 __all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum", "all_true",
-           "broadcast_object", "barrier", "wrap_model", "unwrap", "cleanup"]
+           "broadcast_object", "gather_objects", "broadcast_module", "gather_strided", "barrier", "wrap_model", "unwrap", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,63 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's parameters and buffers of ``module`` copied into every rank's, in place."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def _comm_device(info: DistInfo) -> torch.device:
+    """Where the process group's collectives take tensors: this rank's GPU for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_strided(rows: torch.Tensor | None, n: int, info: DistInfo) -> torch.Tensor:
+    """Every rank's rows of a strided shard, assembled on every rank in item order.
+
+    Rank ``r`` holds the rows of items ``r, r + W, r + 2W, ...`` of ``n`` items (``W`` ranks), stacked on
+    dim 0; ``rows`` is None on a rank that has none to give (its rows come back as zeros, e.g. a shard
+    whose every image failed to decode), as long as one rank has rows (they give the shape and dtype).
+    Returns the ``n`` rows on the CPU.
+    """
+    if not info.enabled:
+        if rows is None:
+            raise ValueError("gather_strided: no rows")
+        return rows
+    world, rank = info.world_size, info.rank
+    mine = len(range(rank, n, world))
+    meta = gather_objects(None if rows is None else (tuple(rows.shape[1:]), str(rows.dtype)), info)
+    known = next((m for m in meta if m is not None), None)
+    if known is None:
+        raise ValueError("gather_strided: no rank has rows")
+    tail, dtype = known[0], getattr(torch, known[1].replace("torch.", ""))
+    per = -(-n // world)
+    dev = _comm_device(info)
+    padded = torch.zeros((per, *tail), dtype=dtype, device=dev)
+    if rows is not None and mine:
+        padded[:mine] = rows[:mine].to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *tail), dtype=dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part[:len(range(r, n, world))].cpu()
+    return out
 
 
 def barrier(info: DistInfo) -> None:

@@ -58,4 +58,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     head_steps = CachedHeadSteps(setup, feature_cache, log=main_log) if setup.cached_head else None
     trainer = Trainer(setup, RunFolder(run_dir, setup.info), resume=resume, log=log, callbacks=callbacks,
                       head_steps=head_steps)
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        setup.close()      # worker processes and prefetch threads end with the run, not at exit

@@ -10,8 +10,9 @@ import pytest
 # One intra-op thread everywhere (this process and the subprocesses tests start): results that tests
 # compare bit for bit across processes (resume, kill -9, torchrun) must not depend on the thread count,
 # and on 2 shared cores a second OpenMP thread mostly spin-waits.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Set, not defaulted: a machine's own OMP_NUM_THREADS=4 would compare runs across thread counts.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 # Tests never touch the network or the user's caches. huggingface_hub and timm read these at import.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -29,6 +30,12 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("ZOO_REGISTRY", raising=False)
     monkeypatch.delenv("ZOO_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # The machine's launcher and proxy settings stay out: a SLURM/torchrun WORLD_SIZE or RANK would make
+    # every run distributed (or a non-writing rank), a proxy would carry the loopback Hub's traffic.
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     yield home
 
 

@@ -28,6 +28,7 @@ EPOCHS = 10
 SLOW_CKPT_ENV = "ZOO_TEST_SLOW_CHECKPOINT"   # seconds the driver pauses half-way through writing last.pt
 SLOW_EPOCH_ENV = "ZOO_TEST_SLOW_EPOCH"   # seconds the driver adds to each training epoch, so that a signal
                                          # sent after "epoch N" lands before the run is over on a fast machine
+HOLD_ENV = "ZOO_TEST_HOLD_FILE"          # while this file exists, each training epoch waits at its end
 TRAIN = ["--epochs", str(EPOCHS), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--freeze", "2",
          "--head-epochs", "2", "--patience", "100", "--no-fast-head", "--seed", "3", "--no-export"]
 
@@ -52,13 +53,19 @@ def _slow_checkpoint_writes(seconds: float) -> None:
     ckpt.atomic_write = slow
 
 
-def _slow_epochs(seconds: float) -> None:
-    """Make each training epoch last ``seconds`` longer (after its steps, before its checkpoint)."""
+def _slow_epochs(seconds: float = 0.0, hold: str | None = None) -> None:
+    """Make each training epoch last ``seconds`` longer (after its steps, before its checkpoint), and
+    each epoch after the first wait to start while the file ``hold`` exists (the first epoch's line is
+    out by then): a test decides when the run may go on, whatever the machine's speed."""
     import finetune.engine.trainer as loop
 
     real = loop.train_one_epoch
+    calls = [0]
 
     def slow(*args, **kwargs):
+        calls[0] += 1
+        while hold and calls[0] > 1 and Path(hold).exists():
+            time.sleep(0.05)
         out = real(*args, **kwargs)
         time.sleep(seconds)
         return out
@@ -75,8 +82,8 @@ def drive(argv: list[str]) -> None:
     torch.set_num_threads(1)
     if os.environ.get(SLOW_CKPT_ENV):
         _slow_checkpoint_writes(float(os.environ[SLOW_CKPT_ENV]))
-    if os.environ.get(SLOW_EPOCH_ENV):
-        _slow_epochs(float(os.environ[SLOW_EPOCH_ENV]))
+    if os.environ.get(SLOW_EPOCH_ENV) or os.environ.get(HOLD_ENV):
+        _slow_epochs(float(os.environ.get(SLOW_EPOCH_ENV) or 0.0), os.environ.get(HOLD_ENV))
     cli.main(args=argv, prog_name="zoo")
 
 

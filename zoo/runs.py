@@ -207,8 +207,10 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         with claim_out(run_dir, "finetune", overwrite=overwrite, note=say):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
-            return _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
-                              excluded)
+            outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
+                                 excluded)
+        ddp.barrier(info)      # rank 0 exported and wrote the report; then every rank leaves the group
+        return outcome
     finally:
         ddp.cleanup(info)
 
@@ -309,7 +311,9 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
-            return _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
+            outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
+        ddp.barrier(info)      # as in run_finetune: the group is left together, after rank 0's writes
+        return outcome
     finally:
         ddp.cleanup(info)
 

@@ -15,8 +15,8 @@ from finetune.data.device import DeviceAugment, DeviceNormalize, device_steps, t
 from finetune.data.images import (device_decodable, load_image, load_image_tensor, read_image_bytes,
                                   to_uint8_tensor)
 from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, ImageDataset, class_weights,
-                                   collate_skip_none, drop_last_partial, make_loader, resolve_workers,
-                                   set_loader_epoch)
+                                   close_loader, collate_skip_none, drop_last_partial, make_loader,
+                                   resolve_workers, set_loader_epoch)
 from finetune.data.scan import IMAGE_EXTENSIONS, ImageSet, ScanReport, scan_folder, write_scan
 from finetune.data.transforms import ImageTransform, build_transform, with_input_size
 
@@ -26,5 +26,5 @@ __all__ = [
     "build_transform", "ImageTransform", "with_input_size",
     "DeviceNormalize", "DeviceAugment", "to_device_batch", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",
-    "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers",
+    "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers", "close_loader",
 ]

@@ -42,7 +42,7 @@ from finetune.data.images import (
     read_image_bytes,
     to_uint8_tensor,
 )
-from finetune.data.loaders import ImageDataset
+from finetune.data.loaders import ImageDataset, close_loader
 from finetune.data.transforms import _parse_data_config, augment_mode, build_transform
 from finetune.errors import DataError
 from finetune.io import printable_name
@@ -260,9 +260,19 @@ class DevicePrefetcher:
         self.channels_last = channels_last
         self.depth = max(1, int(depth))
         self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def close(self) -> None:
+        """Stop the background thread of a pass left early and the loader's worker processes."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        close_loader(self.loader)
 
     def __getattr__(self, name: str):
         if name == "loader":           # not set yet (e.g. while unpickling): no recursion
@@ -327,7 +337,7 @@ class DevicePrefetcher:
                 raise RuntimeError("the previous pass over the data is still running in the background; "
                                    "restart the run (--resume continues it)")
         thread = threading.Thread(target=work, name="zoo-device-decode", daemon=True)
-        self._thread = thread
+        self._thread, self._stop = thread, stop
         thread.start()
         try:
             while True:

@@ -101,15 +101,14 @@ def collate_skip_none(batch: list):
     return default_collate(batch) if batch else None
 
 
-def resolve_workers(workers: int, device: str = "cpu") -> int:
+def resolve_workers(workers: int, device: str = "cpu", batches: int | None = None) -> int:
     """The DataLoader worker count; a number >= 0 is used as given (0 = load in the main process).
 
     -1 (auto): on CUDA every usable core but one, shared between the processes of this node under
-    torchrun (decoding is the bottleneck of a fed GPU: 8 -> 15 workers measured 1,415 -> 1,998 img/s on
-    an H200 host, docs/benchmarks.md). On a CPU the training itself runs one thread per core, so a worker
-    takes a core from it: none on up to 4 cores, one per 4 cores above (at most 8). Measured on 2 cores
-    (docs/benchmarks.md): 0 workers against 1, a 3-epoch EfficientNet-Lite0 finetune 24 s against 28 s
-    and the head-only default 15 s against 16 s; larger machines are not measured.
+    torchrun (decoding is what keeps a GPU waiting); on a CPU none up to 4 cores, then one per 4 cores
+    (at most 8), since the training itself runs one thread per core (docs/benchmarks.md). Never more
+    than ``batches``, the batches one pass over the loader holds: a worker prepares whole batches, so
+    more would only start processes that get nothing to do (a 3-batch pass gets 3 workers, not 15).
     """
     if workers >= 0:
         return workers
@@ -119,8 +118,10 @@ def resolve_workers(workers: int, device: str = "cpu") -> int:
         cpus = os.cpu_count() or 1
     if str(device).startswith("cuda"):
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        return max(0, cpus // local - 1)
-    return 0 if cpus <= 4 else min(8, cpus // 4)
+        auto = max(0, cpus // local - 1)
+    else:
+        auto = 0 if cpus <= 4 else min(8, cpus // 4)
+    return auto if batches is None else min(auto, max(0, int(batches)))
 
 
 def class_weights(image_set: ImageSet) -> list[float]:
@@ -196,7 +197,6 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
 
     if sampler not in ("random", "balanced"):
         raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
-    n_workers = resolve_workers(int(workers), device)
     generator = torch.Generator().manual_seed(int(seed))
     chosen = None
     drop_last = False
@@ -219,6 +219,7 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
                                               shuffle=True, seed=int(seed), drop_last=False)
         chosen = EpochSeededSampler(base_sampler)
         drop_last = drop_last_partial(len(base_sampler), int(batch_size))
+    n_workers = resolve_workers(int(workers), device, _batches(dataset, chosen, int(batch_size), drop_last))
     pin = str(device).startswith("cuda") and torch.cuda.is_available()
     base = getattr(dataset, "dataset", dataset)            # a DDP Subset wraps the dataset
     return DataLoader(
@@ -233,6 +234,28 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
         persistent_workers=n_workers > 0,
         generator=generator,
     )
+
+
+def _batches(dataset, sampler, batch_size: int, drop_last: bool) -> int:
+    """How many batches one pass over the loader yields."""
+    n = len(sampler) if sampler is not None else len(dataset)
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def close_loader(loader) -> None:
+    """Stop ``loader``'s persistent worker processes now (they would otherwise live until the loader is
+    garbage-collected, and at interpreter exit their shutdown can wait on a pin-memory thread). A
+    ``DevicePrefetcher`` closes its own thread and its loader. Safe to call twice, and the loader stays
+    usable: a later pass starts new workers."""
+    closer = getattr(type(loader), "close", None)
+    if closer is not None:
+        closer(loader)
+        return
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
 
 
 def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:

@@ -2,6 +2,7 @@
 grows exponentially, and suggest where the loss falls fastest."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -223,9 +224,9 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     if method not in ("valley", "steepest"):
         raise ConfigError(f"method={method!r}: choose valley or steepest")
 
-    with preserved_rng():
-        setup = build_setup(model, stages, data_config, train_set, None, config, head=head,
-                            reset_head=reset_head, copy_model=True, distributed=False, log=log)
+    with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, config,
+                                                          head=head, reset_head=reset_head, copy_model=True,
+                                                          distributed=False, log=log)) as setup:
         optimizer = setup.optimizer()
         scaler = setup.amp.make_scaler()
         if setup.head_only and setup.cached_head:

@@ -2,6 +2,7 @@
 fixed batches, something is broken (labels, LR, frozen layers), whatever the data."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -82,9 +83,9 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
     # Regularisation off: the point is to see that the pipeline *can* fit, nothing must fight it.
     cfg = config.replace(augment="none", weight_decay=0.0, mlp_dropout=0.0, label_smoothing=0.0, mixup=0.0,
                          cutmix=0.0)
-    with preserved_rng():
-        setup = build_setup(model, stages, data_config, train_set, None, cfg, head=head, reset_head=reset_head,
-                            copy_model=True, distributed=False)
+    with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, cfg, head=head,
+                                                          reset_head=reset_head, copy_model=True,
+                                                          distributed=False)) as setup:
         work, decision, device = setup.model, setup.decision, setup.device
         disable_dropout(work)
         if freeze_all:

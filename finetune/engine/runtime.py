@@ -16,7 +16,13 @@ from torch import nn
 from finetune import distributed as ddp
 from finetune.errors import ConfigError
 
-__all__ = ["resolve_device", "keep_freed_memory", "AmpPolicy", "amp_policy", "to_device", "build_loss"]
+__all__ = ["resolve_device", "keep_freed_memory", "cudnn_autotune", "AmpPolicy", "amp_policy", "to_device",
+           "build_loss"]
+
+# cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
+# steps of one shape, and makes a job of a few batches (the feature pass of a small folder sees 4-5
+# shapes) slower than on a laptop CPU.
+CUDNN_AUTOTUNE_MIN_STEPS = 200
 
 
 def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) -> torch.device:
@@ -82,6 +88,16 @@ def keep_freed_memory() -> bool:
             libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError, TypeError):   # not glibc (macOS, musl, Windows): nothing to tune
         return False
+
+
+def cudnn_autotune(device: torch.device, network_steps: int) -> bool:
+    """Turn cudnn.benchmark on for a CUDA run whose network takes at least CUDNN_AUTOTUNE_MIN_STEPS
+    training steps, off for smaller ones (it is process-wide: a run sets it either way). Returns it."""
+    if device.type != "cuda":
+        return False
+    on = int(network_steps) >= CUDNN_AUTOTUNE_MIN_STEPS
+    torch.backends.cudnn.benchmark = on
+    return on
 
 
 @dataclass(frozen=True)

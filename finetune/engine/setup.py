@@ -13,10 +13,10 @@ from torch import nn
 
 from finetune import distributed as ddp
 from finetune.config import FinetuneConfig
-from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, device_steps,
+from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, close_loader, device_steps,
                            make_loader, set_loader_epoch)
 from finetune.engine.mixing import BatchMix, build_mix
-from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, resolve_device
+from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
 from finetune.errors import ConfigError
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.policy import FreezeDecision
@@ -72,13 +72,24 @@ class Setup:
 
     @property
     def cached_head(self) -> bool:
-        """Whether a head phase may train on cached backbone features (``config.fast_head``; one
-        process: under DDP the ranks would each compute every feature). A head-only run with mixup or
+        """Whether a head phase may train on cached backbone features (``config.fast_head``; under
+        torchrun each rank extracts its shard and every rank gets them all). A head-only run with mixup or
         CutMix trains through the network: those mix images, which cached features no longer are (as in
         timm and fastai, whatever is frozen). A warm-up head phase before unfreezing stays on the
         features (the converged head unfreezing starts from); mixing starts with finetuning."""
         mixes_images = self.head_only and self.mix is not None
-        return bool(self.config.fast_head) and not self.info.enabled and not mixes_images
+        return bool(self.config.fast_head) and not mixes_images
+
+    @property
+    def features_io(self) -> tuple[str, Callable | None]:
+        """``(output, normalize)`` of the cached-feature passes: the workers path's evaluation pipeline.
+        With ``--decode device`` the loaders hand over batches the DevicePrefetcher already normalised;
+        the feature passes read the files themselves, so on CUDA they get uint8 batches and the device
+        normalisation that goes with them, as without ``--decode device``."""
+        if self.config.decode == "device":
+            output, normalize, _ = device_steps(self.config.replace(decode="workers"), self.data_config, self.device)
+            return output, normalize
+        return self.output, self.normalize
 
     @property
     def steps_per_epoch(self) -> int:
@@ -114,6 +125,12 @@ class Setup:
         else:
             tf = build_transform(self.data_config, False, cfg, output=self.output)
         return ImageDataset(image_set, tf)
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes and prefetch threads (the end of ``fit``, errors included)."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                close_loader(loader)
 
     def failures(self) -> dict[str, str]:
         """Images that failed to decode in this setup's datasets: path -> reason."""
@@ -162,8 +179,6 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     channels_last = bool(config.channels_last) and device.type == "cuda"
     if channels_last:
         work.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     weights = class_weights(train_set) if config.class_weights == "auto" else None
     output, normalize, train_normalize = device_steps(config, data_config, device)
     setup = Setup(model=work, head=head, stages=[list(s) for s in stages], data_config=data_config,
@@ -187,6 +202,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         # Strided shards without padding: every validation image is counted exactly once.
         val_ds = torch.utils.data.Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
     setup.val_loader = make_loader(val_ds, per_rank, train=False, workers=config.workers, device=device.type)
+    network_steps = 0 if (setup.head_only and setup.cached_head) else setup.steps_per_epoch * int(config.epochs)
+    cudnn_autotune(device, network_steps)
     if config.decode == "device":   # workers read the files; JPEGs are decoded and augmented on the device
         from finetune.data.decode import DevicePrefetcher, DeviceTransform
         if device.type != "cuda":

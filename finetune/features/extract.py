@@ -60,20 +60,21 @@ def _collate_indexed(batch):
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: AmpPolicy | None = None, channels_last: bool = False,
              seed: int | None = None, desc: str | None = None, quiet: bool = True,
-             normalize=None, mirror: bool = False) -> FeatureBank:
+             normalize=None, mirror: bool = False, allow_empty: bool = False) -> FeatureBank | None:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
     ``mirror``: a second view, each batch's horizontal mirror, from the same decoded batch (one pass
     over the files, two forward passes).
 
     With ``desc`` and not ``quiet``, a progress bar on stderr (tqdm: silent when stderr is no terminal).
     ``normalize``: a ``finetune.data.DeviceNormalize`` when the dataset yields uint8 images.
+    ``allow_empty``: None instead of an error when no image decodes (one rank's shard under torchrun).
     """
     import sys
 
     from tqdm.auto import tqdm
 
     n = len(dataset)  # type: ignore[arg-type]
-    workers = resolve_workers(int(workers), device.type)
+    workers = resolve_workers(int(workers), device.type, -(-n // max(1, int(batch_size))))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -108,6 +109,8 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
                 feats[1, idx] = model(torch.flip(x, dims=(-1,))).reshape(f.shape[0], -1).float().cpu()
             labels[idx] = y
     if feats is None:
+        if allow_empty:
+            return None
         raise FinetuneError("no image of this split could be decoded; check the data folder")
     return FeatureBank(feats, labels, shape)
 

@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from finetune.data import ImageDataset, build_transform, make_loader, set_loader_epoch
+from finetune import distributed as ddp
+from finetune.data import ImageDataset, ImageSet, build_transform, make_loader, set_loader_epoch
 from finetune.data.transforms import augment_mode
 from finetune.engine.setup import Setup
 from finetune.engine.steps import diverged, optimizer_step
@@ -131,9 +132,10 @@ class CachedHeadSteps:
             return
         t0 = time.perf_counter()
         views = int(s.config.aug_views or 0)
-        eval_tf = build_transform(s.data_config, False, s.config, output=s.output)
+        output, self.normalize = s.features_io
+        eval_tf = build_transform(s.data_config, False, s.config, output=output)
         weights = backbone_digest(s.model, s.head)
-        train_tf = build_transform(s.data_config, True, s.config, output=s.output) if views > 0 else eval_tf
+        train_tf = build_transform(s.data_config, True, s.config, output=output) if views > 0 else eval_tf
         self.train_bank = self._bank("train", s.train_set, train_tf, views, weights, mirror=mirror_view(s.config))
         self.val_bank = (self._bank("val", s.val_set, eval_tf, 0, weights) if s.has_val else None)
         if self.val_bank is not None and self.val_bank.feature_shape != self.train_bank.feature_shape:
@@ -147,10 +149,12 @@ class CachedHeadSteps:
             self.val_rows = self.val_bank.valid.nonzero().squeeze(1)
         self.bank_labels = self.train_bank.labels.tolist()
         # The setup's own loader settings, so the sampler, seed, drop_last and generator draws are the same.
+        # Under torchrun every rank replays the one-process order (rank 0's) on all the features: the head
+        # trains as in one process, and rank 0's is broadcast after each epoch.
         c = s.config
         loader = make_loader(_Targets(s.train_set), int(c.batch_size), train=True, workers=c.workers,
                              device=dev.type, sampler=c.sampler, seed=c.seed)
-        self.order = _BatchOrder(loader, int(c.seed), s.info.rank)
+        self.order = _BatchOrder(loader, int(c.seed), 0)
         self._ready = True
         self._prep_seconds = time.perf_counter() - t0
 
@@ -169,9 +173,13 @@ class CachedHeadSteps:
                                 transform=transform, extra=extra)
         total_views = max(1, n_views) * (2 if mirror else 1)
 
+        info = s.info
+
         def compute() -> FeatureBank:
             t0 = time.perf_counter()
-            ds = ImageDataset(image_set, transform)
+            # under torchrun each rank extracts its strided shard of the images; all ranks get every row
+            shard = image_set.items[info.rank::info.world_size] if info.enabled else image_set.items
+            ds = ImageDataset(ImageSet(shard, image_set.classes), transform)
             parts = []
             for v in range(max(1, n_views)):
                 # Augmented views are drawn reproducibly: the transforms use torch's RNG, seeded per view
@@ -183,17 +191,27 @@ class CachedHeadSteps:
                                           workers=int(s.config.workers), amp=s.amp,
                                           channels_last=s.channels_last, seed=seed * 1_000_003 + v,
                                           desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
-                                          quiet=bool(s.config.quiet), normalize=s.normalize, mirror=mirror))
-            bank = FeatureBank(torch.cat([p.features for p in parts]), parts[0].labels, parts[0].feature_shape)
-            for path, reason in ds.failures():   # reported once, with the loop's, at the end of fit
-                self._failures.setdefault(path, reason)
+                                          quiet=bool(s.config.quiet) or not info.is_main,
+                                          normalize=self.normalize, mirror=mirror, allow_empty=info.enabled))
+            bank = _gather_bank(parts, len(image_set.items), info)
+            for failed in ddp.gather_objects(ds.failures(), info):   # reported once, with the loop's,
+                for path, reason in failed:                          # at the end of fit
+                    self._failures.setdefault(path, reason)
             dt = time.perf_counter() - t0
             n = len(image_set.items) * total_views
             self.say(f"features: {split} {len(image_set.items)} images x {total_views} view(s) computed in "
                      f"{dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
             return bank
 
-        bank, hit = self.cache.get_or_compute(key, compute)
+        if info.enabled:     # every rank takes the same branch: all load, or all extract their shard
+            bank = self.cache.load(key)
+            hit = ddp.all_true(bank is not None, s.device, info)
+            if not hit:
+                bank = compute()
+                if info.is_main:
+                    self.cache.save(key, bank)
+        else:
+            bank, hit = self.cache.get_or_compute(key, compute)
         if hit:
             self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
         return bank
@@ -230,8 +248,13 @@ class CachedHeadSteps:
         return self.s.config.head_solver == "lbfgs" and isinstance(self.s.head_module, torch.nn.Linear)
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
-        if self.solves:
-            return self._solve()
+        out = self._solve() if self.solves else self._gradient_epoch(epoch, optimizer, scheduler, scaler)
+        # Every rank trained the same head on the same features; rank 0's is made everyone's, so that
+        # no GPU's rounding can leave the ranks with different heads.
+        ddp.broadcast_module(self.s.head_module, self.s.info)
+        return out
+
+    def _gradient_epoch(self, epoch: int, optimizer, scheduler, scaler) -> dict:
         s = self.s
         t0 = time.perf_counter()
         s.model.eval()
@@ -346,6 +369,10 @@ class CachedHeadSteps:
         finally:
             head.train(was)
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+        if s.info.enabled and len(self.val_correct):
+            # the head guard pairs these hits with LoaderSteps' on this rank's strided shard, and sums
+            # the counts over ranks: each rank keeps its own images'
+            self.val_correct = self.val_correct[(self.val_rows % s.info.world_size == s.info.rank).cpu()]
         if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
             self.val_probs = torch.cat(probs)
         conf = confusion.view(c, c)
@@ -356,6 +383,23 @@ class CachedHeadSteps:
             out.update(per_class=per_class_accuracy(right, conf.sum(1).tolist(), s.classes),
                        confusion=conf.tolist(), images=n)
         return out
+
+
+def _gather_bank(parts: list[FeatureBank | None], n: int, info: ddp.DistInfo) -> FeatureBank:
+    """One split's bank from this process's parts (one per view; None: no image of the shard decoded):
+    under torchrun, the ranks' strided shards gathered in item order, on every rank."""
+    views = [p for p in parts if p is not None]
+    if not info.enabled:
+        return FeatureBank(torch.cat([p.features for p in views]), views[0].labels, views[0].feature_shape)
+    shape = next((sh for sh in ddp.gather_objects(views[0].feature_shape if views else None, info)
+                  if sh is not None), None)
+    if shape is None:
+        raise FinetuneError("no image of this split could be decoded; check the data folder")
+    mine = len(range(info.rank, n, info.world_size))
+    feats = torch.cat([p.features for p in views]).transpose(0, 1).contiguous() if views else None
+    labels = views[0].labels if views else torch.full((mine,), -1, dtype=torch.int64)
+    all_feats = ddp.gather_strided(feats, n, info).transpose(0, 1).contiguous()
+    return FeatureBank(all_feats, ddp.gather_strided(labels, n, info), tuple(shape))
 
 
 def _bank_to(bank: FeatureBank, device: torch.device) -> torch.Tensor:

@@ -18,6 +18,7 @@ from finetune.data import (
     ImageSet,
     build_transform,
     class_weights,
+    close_loader,
     collate_skip_none,
     load_image,
     load_image_tensor,
@@ -146,7 +147,8 @@ def test_jpegs_without_image_data_are_refused_by_the_scan_whatever_the_pillow(tm
     good = buf.getvalue()
     sos = good.index(b"\xff\xda")
     scan_start = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")
-    cases = {"cut_in_tables.jpg": good[:200] + bytes(len(good) - 202) + b"\xff\xd9",
+    dht = good.index(b"\xff\xc4")        # cut 10 bytes into the first Huffman table, whatever precedes it
+    cases = {"cut_in_tables.jpg": good[:dht + 10] + bytes(len(good) - dht - 12) + b"\xff\xd9",
              "headers_only.jpg": good[:sos] + b"\xff\xd9",
              "scan_header_only.jpg": good[:scan_start],
              "zero_length.jpg": good[:20] + b"\xff\xdb\x00\x00" + good[20:]}
@@ -525,6 +527,7 @@ def test_balanced_sampler_and_class_weights(tmp_path):
 
 
 def test_resolve_workers(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_workers(0) == 0 and resolve_workers(3) == 3 and resolve_workers(3, "cuda") == 3
     assert 0 <= resolve_workers(-1) <= 8
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
@@ -537,6 +540,27 @@ def test_resolve_workers(monkeypatch):
     assert resolve_workers(-1) == 0                    # 2 cores: both train, the main process decodes
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
     assert resolve_workers(-1) == 8
+    # scaled to the work: never more workers than one pass has batches; a number given is kept
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert resolve_workers(-1, "cuda", batches=3) == 3 and resolve_workers(-1, "cuda", batches=0) == 0
+    assert resolve_workers(-1, "cuda", batches=1000) == 63 and resolve_workers(12, "cuda", batches=3) == 12
+
+
+def test_loaders_start_no_more_workers_than_batches(image_folder, monkeypatch):
+    """A 2-batch pass on a 16-core GPU host gets 2 worker processes, not 15; close_loader stops them."""
+    report = scan_folder(image_folder)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    ds = ImageDataset(report.val, build_transform(DATA_CONFIG, False))
+    loader = make_loader(ds, (len(ds) + 1) // 2, train=False, workers=-1, device="cuda")
+    assert loader.num_workers == 2
+    assert sum(len(y) for _, y in loader) == len(ds)
+    assert loader._iterator is not None            # persistent workers, alive until closed
+    close_loader(loader)
+    close_loader(loader)
+    assert loader._iterator is None
+    assert sum(len(y) for _, y in loader) == len(ds)   # still usable: new workers
+    close_loader(loader)
 
 
 @pytest.mark.parametrize("fmt,ext,mode", [("JPEG", "jpg", "L"), ("PNG", "png", "RGBA"), ("WEBP", "webp", "RGB"),

@@ -68,7 +68,7 @@ def _model(seed: int = 0, head: str = "linear") -> nn.Module:
 def _config(**kw) -> FinetuneConfig:
     # head_solver="gradient": these tests are about the epoch loop on cached features (lbfgs: below)
     base = dict(batch_size=5, workers=0, epochs=4, patience=2, lr=0.05, seed=3, schedule="cosine",
-                optimizer="adam", amp=False, head_solver="gradient")
+                optimizer="adam", amp=False, head_solver="gradient", device="cpu")
     base.update(kw)
     return FinetuneConfig(**base)
 
