@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from finetune.errors import ConfigError
 
-__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum", "all_true",
+__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum", "all_reduce_max", "all_true",
            "broadcast_object", "gather_objects", "broadcast_module", "gather_strided", "barrier", "wrap_model", "unwrap", "cleanup"]
 
 
@@ -89,6 +89,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (no-op in a single process); returns it."""
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum of ``tensor`` over ranks in place (no-op in a single process); returns it."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

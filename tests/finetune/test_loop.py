@@ -176,6 +176,35 @@ def test_nan_loss_stops_with_diverged_error_and_keeps_last_good_checkpoint(data,
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+def test_a_nan_loss_is_reported_at_its_own_step_without_a_host_sync_per_step():
+    """The loss is looked at from the host every CHECK_EVERY steps (no GPU stall per step); a NaN in
+    between is still reported with its own step and that step's LR, and stops the epoch."""
+    from finetune.engine.steps import CHECK_EVERY, train_one_epoch
+
+    model = nn.Linear(4, 2)
+    calls = []
+
+    class Poisoned(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            out = model(x)
+            return out * float("nan") if len(calls) == 3 else out
+
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(CHECK_EVERY + 5)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    class Sched:
+        def current_lr(self):
+            return opt.param_groups[0]["lr"]
+
+        def step_batch(self):
+            opt.param_groups[0]["lr"] *= 0.5
+
+    with pytest.raises(DivergedError, match=r"epoch 7 step 3: .*\(was 0\.125\)"):
+        train_one_epoch(Poisoned(), batches, opt, Sched(), nn.CrossEntropyLoss(), torch.device("cpu"), epoch=7)
+    assert len(calls) == CHECK_EVERY - 1       # stopped at the first look, not at the end of the epoch
+
+
 def test_huge_learning_rate_diverges(data):
     with pytest.raises(DivergedError, match="loss diverged at epoch 1 step"):
         run(data, cfg(optimizer="sgd", lr=1e30, freeze="none", epochs=2))

@@ -1,0 +1,25 @@
+"""scripts/bench_gpu_e2e.py (the GPU checks' whole-process table) in its CPU smoke mode: every section
+runs, every run ends, the table has its rows (so the one GPU call a session gets does not fail on a typo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_e2e_script_smoke_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "scripts/bench_gpu_e2e.py", "--device", "cpu", "--tiny", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["exit"]["code"] == 0 and res["exit"]["exit_lag"] >= 0
+    assert [s["code"] for s in res["small"]] == [0]
+    assert [b["name"] for b in res["big"]] == ["zoo, --decode workers", "zoo, --decode device"]
+    assert all(b["code"] == 0 and len(b["epochs"]) == 2 for b in res["big"])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("\n| ") >= 6 and "exit" in table and "step ceiling" in table
