@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from finetune.errors import ConfigError
 
-__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum", "all_reduce_max", "all_true",
-           "broadcast_object", "gather_objects", "broadcast_module", "gather_strided", "barrier", "wrap_model", "unwrap", "cleanup"]
+__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
+           "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
+           "barrier", "wrap_model", "unwrap", "cleanup"]
 
 
 @dataclass(frozen=True)

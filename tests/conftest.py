@@ -62,14 +62,18 @@ def make_image(path: Path, cls: int, size: int = 32, rng: random.Random | None =
 
 
 def corrupt_jpeg(good: bytes) -> bytes:
-    """A JPEG that every check short of a full decode accepts, made the same way for every Pillow and
-    libjpeg version: ``good``'s headers up to and including its first scan header (SOS) are kept, the
-    entropy-coded data is replaced by a run of 0xFFC8 markers (reserved: libjpeg stops on them with an
-    error, where zeroed or truncated data only draws a warning) and the end marker (EOI) closes the file.
+    """A JPEG that every check short of a full decode accepts, made the same way for every Pillow, libjpeg
+    and nvJPEG version: ``good``'s headers are kept but its scan header (SOS) names Huffman tables 3,
+    which no segment defines, its entropy-coded data is replaced by a run of 0xFFC8 markers (reserved),
+    and the end marker (EOI) closes the file. libjpeg stops on either with an error, where zeroed or
+    truncated data only draws a warning; nvJPEG decoded the garbage data alone without complaint.
     """
     sos = good.index(b"\xff\xda")
     start = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")
-    return good[:start] + b"\xff\xc8" * max(8, (len(good) - start - 2) // 2) + b"\xff\xd9"
+    header = bytearray(good[:start])
+    for c in range(header[sos + 4]):          # each component's DC/AC table selectors
+        header[sos + 5 + 2 * c + 1] = 0x33
+    return bytes(header) + b"\xff\xc8" * max(8, (len(good) - start - 2) // 2) + b"\xff\xd9"
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 12, layout: str = "flat",

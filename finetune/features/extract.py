@@ -60,7 +60,8 @@ def _collate_indexed(batch):
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: AmpPolicy | None = None, channels_last: bool = False,
              seed: int | None = None, desc: str | None = None, quiet: bool = True,
-             normalize=None, mirror: bool = False, allow_empty: bool = False) -> FeatureBank | None:
+             normalize=None, mirror: bool = False, allow_empty: bool = False,
+             fixed_shape: bool | None = None) -> FeatureBank | None:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
     ``mirror``: a second view, each batch's horizontal mirror, from the same decoded batch (one pass
     over the files, two forward passes).
@@ -68,13 +69,18 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     With ``desc`` and not ``quiet``, a progress bar on stderr (tqdm: silent when stderr is no terminal).
     ``normalize``: a ``finetune.data.DeviceNormalize`` when the dataset yields uint8 images.
     ``allow_empty``: None instead of an error when no image decodes (one rank's shard under torchrun).
+    ``fixed_shape``: pad the last batch to ``batch_size`` (None: on CUDA, see below).
     """
     import sys
 
     from tqdm.auto import tqdm
 
     n = len(dataset)  # type: ignore[arg-type]
-    workers = resolve_workers(int(workers), device.type, -(-n // max(1, int(batch_size))))
+    # On CUDA every batch goes through at one shape (the last one padded): cuDNN plans, and may compile,
+    # kernels per input shape, seconds that a small folder's 4-5 shapes (full and last batch, train and
+    # val, the head check) would pay each; a CPU has no such cost and skips the padded rows' work.
+    fixed_shape = device.type == "cuda" if fixed_shape is None else fixed_shape
+    workers = resolve_workers(int(workers), device.type, -(-n // max(1, int(batch_size))), single_pass_images=n)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -98,15 +104,21 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
                 x = x.to(device, non_blocking=True)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
+            real = int(x.shape[0])
+            if fixed_shape and real < batch_size:   # eval mode: the zero rows change no real row's features
+                x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
             f = model(x)
             if not checked:
                 shape = tuple(f.shape[1:])
-                _check_head_is_last(model, head, head_module, x[:2], f[:2])
+                probe = slice(None) if fixed_shape else slice(0, 2)
+                _check_head_is_last(model, head, head_module, x[probe], f[probe])
                 feats = torch.zeros((2 if mirror else 1, n, math.prod(shape)), dtype=torch.float32)
                 checked = True
-            feats[0, idx] = f.reshape(f.shape[0], -1).float().cpu()
+            feats[0, idx] = f[:real].reshape(real, -1).float().cpu()
             if mirror:   # the per-channel normalisation commutes with the flip
-                feats[1, idx] = model(torch.flip(x, dims=(-1,))).reshape(f.shape[0], -1).float().cpu()
+                feats[1, idx] = model(torch.flip(x, dims=(-1,)))[:real].reshape(real, -1).float().cpu()
             labels[idx] = y
     if feats is None:
         if allow_empty:

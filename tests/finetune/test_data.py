@@ -544,6 +544,10 @@ def test_resolve_workers(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert resolve_workers(-1, "cuda", batches=3) == 3 and resolve_workers(-1, "cuda", batches=0) == 0
     assert resolve_workers(-1, "cuda", batches=1000) == 63 and resolve_workers(12, "cuda", batches=3) == 12
+    # a single pass over a few images (a small folder's feature pass) decodes in the main process
+    assert resolve_workers(-1, "cuda", batches=2, single_pass_images=63) == 0
+    assert resolve_workers(-1, "cuda", batches=40, single_pass_images=10_240) == 40
+    assert resolve_workers(4, "cuda", batches=2, single_pass_images=63) == 4
 
 
 def test_loaders_start_no_more_workers_than_batches(image_folder, monkeypatch):

@@ -152,6 +152,25 @@ def test_extract_features_restores_head_and_modes(tmp_path):
         torch.testing.assert_close(model.features(x), feats[:3], rtol=1e-4, atol=1e-5)
 
 
+def test_fixed_shape_extraction_pads_the_last_batch_and_keeps_the_features(tmp_path):
+    """On CUDA the feature pass feeds every batch at one shape (the last padded with zeros): the real
+    rows' features are those of the unpadded pass, the mirror view too (forced here on the CPU)."""
+    from finetune.features.extract import _extract
+
+    train, _ = _sets(tmp_path / "d")
+    model = _model()
+    ds = ImageDataset(train, build_transform(DATA_CONFIG, False))
+    assert len(ds) % 7, "the last batch must be partial"
+    shapes = []
+    hook = model.features.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    padded = _extract(model, "fc", ds, 7, torch.device("cpu"), mirror=True, fixed_shape=True)
+    assert {s[0] for s in shapes} == {7}              # one batch size, the head check included
+    hook.remove()
+    plain = _extract(model, "fc", ds, 7, torch.device("cpu"), mirror=True, fixed_shape=False)
+    torch.testing.assert_close(padded.features, plain.features, rtol=1e-5, atol=1e-6)
+    assert torch.equal(padded.labels, plain.labels)
+
+
 class _Scaled(Tiny):
     def forward(self, x):  # an op after the head: logits are not head(features)
         return super().forward(x) * 3.0
