@@ -284,7 +284,9 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
         return {"model": name, "labels": labels, "num_classes": len(labels),
                 "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in bundle.data_config.items()},
                 "device": device, "max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
-                "max_pixels": cfg.max_pixels, "max_batch": cfg.max_batch}
+                "max_pixels": cfg.max_pixels, "max_batch": cfg.max_batch,
+                "batches": {"count": len(batcher.sizes), "images": sum(batcher.sizes),
+                            "largest": max(batcher.sizes, default=0)}}
 
     @app.post("/predict", summary="Top-k classes per image")
     async def predict(files: list[UploadFile] | None = File(None, description="one or more images"),
@@ -413,7 +415,7 @@ main{max-width:980px;margin:18px auto;padding:0 16px}
 .bars{flex:1;min-width:220px}.name{font-weight:600;margin-bottom:6px;word-break:break-all}
 .row{display:grid;grid-template-columns:minmax(80px,160px) 1fr 64px;gap:8px;align-items:center;margin:4px 0}
 .track{background:#e6e9ef;border-radius:4px;height:14px}.fill{background:#2f6fed;height:14px;border-radius:4px}
-.row:first-child .fill{background:#13a36f}.pct{text-align:right;font-variant-numeric:tabular-nums}
+.name+.row .fill{background:#13a36f}.pct{text-align:right;font-variant-numeric:tabular-nums}
 .err{color:#b3261e}a{color:#2f6fed}
 </style></head><body>
 <header><b>__TITLE__</b><span>zoo serve</span></header>
