@@ -30,7 +30,9 @@ training options               SPEED_FLAGS: the value is replaced when the READM
                                appended otherwise (``--epochs 2``, ``--workers 0``, ``--device cpu``...;
                                the overfit check also ``--lr 0.05``: the stand-in is not pretrained)
 ``finetune.FinetuneConfig(``   PY_SUBST: the same speed options prepended to its keyword arguments
-``zoo demo``, ``torchrun``     PARSE_ONLY: parsed, not run (zoo demo: tests/zoo/test_demo.py; torchrun:
+``zoo demo``, ``torchrun``,    PARSE_ONLY: parsed, not run (zoo demo: tests/zoo/test_demo.py; torchrun:
+``zoo push``, ``zoo serve``,   tests/finetune/test_distributed.py; push and hf-hub: names:
+``hf-hub:`` names              tests/zoo/test_push.py; serve: tests/zoo/test_serve.py)
                                tests/finetune/test_distributed.py)
 ============================  =========================================================================
 A substitution the README no longer needs fails the test (it must be kept in step with the README).
@@ -59,7 +61,12 @@ CATALOGUE = ("list", "info")          # run against the real registry
 PARSE_ONLY = {
     "demo": "covered by tests/zoo/test_demo.py (real EfficientNet-Lite0 at 224 px is too slow here)",
     "torchrun": "covered by tests/finetune/test_distributed.py (2 gloo processes)",
+    "push": "covered by tests/zoo/test_push.py (a loopback Hub answering huggingface_hub's upload calls)",
+    "serve": "covered by tests/zoo/test_serve.py (uvicorn on 127.0.0.1; it runs until Ctrl-C)",
 }
+# commands naming a published model (hf-hub:OWNER/NAME) need that Hub repo: tests/zoo/test_push.py pulls
+# and predicts with one it pushed to the loopback Hub
+HUB_REF = "hf-hub:"
 # option -> value (None: a flag) per subcommand; "resume" applies to `zoo finetune --resume`.
 _TRAIN = {"--epochs": "2", "--workers": "0", "--device": "cpu", "--batch-size": "8", "--quiet": None}
 SPEED_FLAGS = {
@@ -319,7 +326,8 @@ def _expand_globs(argv: list[str]) -> list[str]:
 def _run_zoo(step: Step, registry: str) -> None:
     from zoo.registry import list_models
 
-    if step.launcher in PARSE_ONLY or (step.argv and step.argv[0] in PARSE_ONLY):
+    if step.launcher in PARSE_ONLY or (step.argv and step.argv[0] in PARSE_ONLY) \
+            or any(a.startswith(HUB_REF) for a in step.argv):
         parse_command(step.argv)
         return
     env = dict(step.env)

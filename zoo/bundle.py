@@ -28,6 +28,7 @@ from finetune.io import SafetensorsHeaderError, atomic_write, atomic_write_text,
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
+from zoo.registry import public_source_id
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
     import torch
@@ -308,15 +309,26 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     if p.exists():
         return load_bundle(p, device=device)
     text = str(spec)
-    if os.sep in text or text.startswith(".") or text.endswith(".safetensors"):
+    if not text.startswith(("hf-hub:", "timm:")) and (os.sep in text or text.startswith(".")
+                                                       or text.endswith(".safetensors")):
         raise BundleError(f"no bundle at {text}; export one with `zoo export RUN_DIR --out {text}`")
     from zoo.predict import eval_transform
-    from zoo.resolve import get_entry
+    from zoo.resolve import get_entry, hub_config
 
+    hub_cfg = None
+    if text.startswith("hf-hub:"):     # a published model (e.g. by `zoo push`): its config names its classes
+        from zoo.sources import fetch_hub_config
+
+        fetch_hub_config(text[len("hf-hub:"):])
+        hub_cfg = hub_config(text[len("hf-hub:"):])
     entry = get_entry(text)
     model = create_model(text, pretrained=pretrained).eval().to(device)
     data_config = entry.preprocessing.data_config()
-    labels, synsets = _imagenet_labels(model, int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes))
+    n_out = int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes)
+    labels, synsets = _imagenet_labels(model, n_out)
+    names = (hub_cfg or {}).get("label_names")
+    if isinstance(names, list) and len(names) == n_out:
+        labels, synsets = [str(x) for x in names], None
     # label_ids: what an ImageNet-style folder names its classes (zoo eval matches folders by either)
     meta = {"model": entry.name, "builder": entry.builder, "num_classes": len(labels), "label_ids": synsets,
             "source": entry.sources[0].id() if entry.sources else None, **data_config}
@@ -373,6 +385,8 @@ def _weights_cfg(info: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(info.get("pretrained_cfg") or {})
     if "pretrained_cfg" not in info and info.get("source"):
         cfg["source"] = info["source"]
+    if cfg.get("source"):     # a bundle is made to be shared: no local folder names in it
+        cfg["source"] = public_source_id(cfg["source"])
     return {k: v for k, v in cfg.items() if v is not None}
 
 
@@ -579,7 +593,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     meta: dict[str, Any] = {
         "zoo_bundle": BUNDLE_FORMAT, "model": info.get("model"), "architecture": arch, "builder": builder,
         "builder_kwargs": kwargs, "num_classes": len(labels), "label_names": labels, **data_config,
-        "classifier": classifier, "head": head, "source": info.get("source"),
+        "classifier": classifier, "head": head, "source": public_source_id(info.get("source")),
         "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
         "pretrained": info.get("pretrained", True),
         "metrics": _metrics(run),
@@ -594,7 +608,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     atomic_write(out / WEIGHTS, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
 
     zoo_section = {"builder": builder, "builder_kwargs": kwargs, "head": head, "classifier": classifier,
-                   "model": info.get("model"), "source": info.get("source"),
+                   "model": info.get("model"), "source": public_source_id(info.get("source")),
                    "source_sha256": info.get("source_sha256"),
                    "source_weights_sha256": info.get("source_weights_sha256"),
                    "weights_sha256": sha256_file(out / WEIGHTS),     # checked by load_bundle
@@ -607,7 +621,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
 
     if "onnx" in formats:
         onnx_meta = {"label_names": labels, "preprocessing": data_config, "model": info.get("model"),
-                     "builder": builder, "source": info.get("source"), "zoo_bundle": BUNDLE_FORMAT}
+                     "builder": builder, "source": public_source_id(info.get("source")),
+                     "source_sha256": info.get("source_sha256"), "zoo_bundle": BUNDLE_FORMAT}
         _export_onnx(model, out / "model.onnx", data_config["input_size"],
                      {k: json.dumps(v, ensure_ascii=False) for k, v in onnx_meta.items()})
     atomic_write_text(out / "README.md", _model_card(meta, _recipe(run), _scan(run), formats))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __all__ = [
     "ZooError", "UsageError", "UnknownModelError", "RegistryError", "DownloadError", "IntegrityError",
-    "OfflineError", "CacheError", "WeightsError", "BundleError",
+    "OfflineError", "CacheError", "WeightsError", "BundleError", "PushError", "ServeError",
 ]
 
 
@@ -52,3 +52,11 @@ class WeightsError(ZooError):
 
 class BundleError(ZooError):
     """An exported bundle is missing, damaged or inconsistent."""
+
+
+class PushError(ZooError):
+    """Publishing to the Hub failed or was refused (the repo is left as it was)."""
+
+
+class ServeError(ZooError):
+    """``zoo serve`` cannot start (missing extra, port in use...)."""

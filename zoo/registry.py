@@ -59,6 +59,17 @@ class Source:
         return f"file:{self.path}"
 
 
+def public_source_id(source_id: str | None) -> str | None:
+    """A source id fit to publish: ``file:``/``import:`` ids name the file, never its local folder
+    (``import:/home/me/w/x.pth`` -> ``import:x.pth``); hub, URL and package ids are public already."""
+    if not source_id:
+        return source_id
+    kind, sep, rest = str(source_id).partition(":")
+    if sep and kind in ("file", "import"):
+        return f"{kind}:{rest.replace(chr(92), '/').rstrip('/').rsplit('/', 1)[-1]}"
+    return str(source_id)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How the pretrained network expects its input (from timm's pretrained_cfg or torchvision's meta)."""

@@ -22,7 +22,7 @@ from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["get_entry", "timm_entry", "entry_from_hf_config", "describe_timm", "derive_stages", "check_stages",
+__all__ = ["get_entry", "timm_entry", "entry_from_hf_config", "hub_config", "describe_timm", "derive_stages", "check_stages",
            "stage_of"]
 
 
@@ -123,14 +123,32 @@ def entry_from_hf_config(repo: str, config: dict, revision: str = "main") -> Mod
     if not isinstance(arch, str):
         raise UsageError(f"hf-hub:{repo}: config.json has no 'architecture' (not a timm model repo); add an entry "
                          "for it to your ZOO_REGISTRY file instead")
+    # A repo `zoo push` wrote records its weights' sha256: checked like a curated entry's pin.
+    pinned = (config.get("zoo") or {}).get("weights_sha256") if isinstance(config.get("zoo"), dict) else None
+    pinned = pinned if isinstance(pinned, str) and re.fullmatch(r"[0-9a-f]{64}", pinned) else None
     src = Source(kind="hf", repo=repo, revision=revision,
                  revision_note=None if COMMIT_RE.fullmatch(revision) else "ad-hoc hf-hub reference: follows the branch",
-                 filename="model.safetensors", sha256=None,
-                 sha256_note="ad-hoc hf-hub reference: trust-on-first-use (digest recorded in the cache manifest)")
+                 filename="model.safetensors", sha256=pinned,
+                 sha256_note=None if pinned else
+                 "ad-hoc hf-hub reference: trust-on-first-use (digest recorded in the cache manifest)")
     cfg = dict(config.get("pretrained_cfg") or {})
     cfg.setdefault("num_classes", config.get("num_classes"))
     return timm_entry(arch, name=f"hf-hub:{repo}", pretrained_cfg=cfg, sources=(src,),
                       num_classes=config.get("num_classes"))
+
+
+def hub_config(repo: str) -> dict | None:
+    """The cached ``config.json`` of Hub repo ``repo`` (None when not cached or unreadable). No network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+    if not isinstance(cached, str):
+        return None
+    try:
+        data = json.loads(Path(cached).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _hf_hub_entry(repo: str) -> ModelEntry:

@@ -21,7 +21,7 @@ from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import get_entry
 
-__all__ = ["pull", "is_offline", "http_timeout", "check_safetensors", "load_pth", "save_tensors", "copy_in",
+__all__ = ["pull", "fetch_hub_config", "is_offline", "http_timeout", "check_safetensors", "load_pth", "save_tensors", "copy_in",
            "COMMIT_FILE"]
 
 _CHUNK = 1 << 20
@@ -63,6 +63,9 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
     Raises:
         UnknownModelError, OfflineError, IntegrityError, DownloadError, WeightsError, CacheError.
     """
+    if isinstance(name_or_entry, str) and name_or_entry.strip().startswith("hf-hub:") \
+            and not cache.is_cached(name_or_entry.strip()):
+        fetch_hub_config(name_or_entry.strip()[len("hf-hub:"):])
     entry = _resolve(name_or_entry)
     if not force and cache.is_cached(entry.name):
         return cache.weights_path(entry.name)
@@ -81,6 +84,48 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
             except (DownloadError, WeightsError) as err:
                 failures.append((source, err))
         raise _summarise(entry, failures)
+
+
+def fetch_hub_config(repo: str, revision: str = "main") -> Path:
+    """Download ``config.json`` of Hub repo ``repo`` into the Hugging Face cache (what ``hf-hub:`` names are
+    resolved from: architecture, classes, preprocessing, and for ``zoo push`` repos the weights' sha256).
+    A config already cached is used as it is, without a request.
+
+    Raises:
+        OfflineError: not cached and offline / unreachable; DownloadError: no such repo or file.
+    """
+    from zoo.registry import Source
+
+    def offline(why: str) -> OfflineError:
+        return OfflineError(f"hf-hub:{repo} is not cached and {why}; on a connected machine run "
+                            f"`zoo pull hf-hub:{repo}` and copy ZOO_HOME and the Hugging Face cache (HF_HOME) here")
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    cached = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    source = Source(kind="hf", repo=repo, revision=revision, filename="config.json", sha256_note="config")
+    if is_offline():
+        raise offline("offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    import httpx2
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir,
+                                    etag_timeout=http_timeout()))
+    except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,
+            hf_errors.LocalEntryNotFoundError) as err:
+        raise offline(f"the Hub is unreachable ({_first_line(err)})") from err
+    except hf_errors.RepositoryNotFoundError as err:
+        raise DownloadError(f"{source.id()}: repository not found (or private: set HF_TOKEN)") from err
+    except (hf_errors.RevisionNotFoundError, hf_errors.RemoteEntryNotFoundError) as err:
+        raise DownloadError(f"{source.id()}: the repo has no config.json at {revision}; it is not a timm model "
+                            "repo") from err
+    except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError) as err:
+        raise DownloadError(f"{source.id()}: download failed ({_first_line(err)}); run the command again") from err
 
 
 def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:

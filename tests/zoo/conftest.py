@@ -27,6 +27,8 @@ def point_hf_at(endpoint: str) -> None:
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.ENDPOINT = endpoint
+        # the loopback Hub speaks the LFS upload protocol, not Xet (HF_HUB_DISABLE_XET, read at import too)
+        constants.HF_HUB_DISABLE_XET = True
         constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
 
 

@@ -86,7 +86,7 @@ def test_metadata_and_timm_config_layout(run_and_model, tmp_path):
     assert meta["num_classes"] == 3 and meta["label_names"] == list(CLASSES)
     assert meta["mean"] == [0.5] * 3 and meta["std"] == [0.25] * 3 and meta["input_size"] == [3, 64, 64]
     assert meta["interpolation"] == "bicubic" and meta["crop_pct"] == 0.875
-    assert meta["source"] == "file:/weights/tiny.safetensors" and meta["source_sha256"] == "ab" * 32
+    assert meta["source"] == "file:tiny.safetensors" and meta["source_sha256"] == "ab" * 32
     assert meta["metrics"]["val_acc"] == 0.75
 
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))

@@ -42,6 +42,7 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: st
       zoo pull resnet50
       zoo pull resnet50 efficientnet_b0 --quiet
       zoo pull resnet50 --force        # re-download and re-verify
+      zoo pull hf-hub:me/photos-r50    # a model `zoo push` published (sha256 from its config.json)
       zoo lock --out zoo.lock          # pin what is cached here ...
       zoo pull --locked zoo.lock       # ... and fetch exactly that on another machine
     """
@@ -59,6 +60,11 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: st
         return
     if not names:
         raise click.UsageError("give at least one NAME (`zoo list` shows them), or --locked LOCKFILE")
+    from zoo.sources import fetch_hub_config
+
+    for n in names:   # a Hub repo's config.json says what it is (architecture, classes, pinned sha256)
+        if n.strip().startswith("hf-hub:") and not zcache.is_cached(n.strip()):
+            fetch_hub_config(n.strip()[len("hf-hub:"):])
     entries = [get_entry(n) for n in names]  # unknown names fail (exit 2) before anything is downloaded
     failed = 0
     for entry in entries:

@@ -51,7 +51,10 @@ def _table(rows: list[dict]) -> str:
               help="Only models whose weights are in the cache (ZOO_HOME).")
 @click.option("--json", "as_json", is_flag=True, default=False, show_default=True,
               help="Print a JSON list instead of a table.")
-def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json: bool) -> None:
+@click.option("--mine", is_flag=True, default=False, show_default=True,
+              help="Your models instead: finetuned bundles under the current folder (runs/*/export...), what "
+                   "`zoo push` published from here, and hf-hub: models in the cache.")
+def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json: bool, mine: bool) -> None:
     """List the curated models (and your ZOO_REGISTRY entries): name, family, parameters, ImageNet top-1,
     input size, licence, and whether the weights are cached.
 
@@ -65,7 +68,10 @@ def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json
       zoo list 'vgg1?_bn'        # wildcards
       zoo list --family vgg      # one family
       zoo list --cached --json   # what is downloaded, machine-readable
+      zoo list --mine            # your finetuned bundles and pushed models
     """
+    if mine:
+        return _list_mine(pattern, as_json)
     entries = list_models(pattern, family=family)
     if family and not entries and not pattern:
         raise click.UsageError(f"no family '{family}'; families: {', '.join(list_families())}")
@@ -81,6 +87,38 @@ def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json
              ("; `zoo pull NAME` caches one" if cached_only else ""), err=True)
         return
     echo(_table(rows))
+
+
+def _list_mine(pattern: str | None, as_json: bool) -> None:
+    import fnmatch
+
+    from zoo.cache import cached_models
+    from zoo.push import local_bundles, pushed_models
+
+    rows = [{"kind": "local", "name": b["path"], "architecture": b["architecture"], "classes": b["num_classes"],
+             "detail": f"from {b['model']}" if b.get("model") else ""} for b in local_bundles(".")]
+    rows += [{"kind": "pushed", "name": f"hf-hub:{p['repo']}", "architecture": None, "classes": None,
+              "detail": f"{p['revision']}@{str(p['commit'])[:12]} from {p.get('bundle', '?')}"}
+             for p in pushed_models()]
+    pushed = {r["name"] for r in rows}
+    rows += [{"kind": "hub-cache", "name": m["name"], "architecture": None, "classes": None, "detail": "cached"}
+             for m in cached_models() if str(m.get("name", "")).startswith("hf-hub:") and m["name"] not in pushed]
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        rows = [r for r in rows if fnmatch.fnmatch(r["name"], pat)]
+    if as_json:
+        echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        echo("no models of yours here: `zoo finetune` writes runs/<name>/export, `zoo push` publishes one",
+             err=True)
+        return
+    header = ("KIND", "NAME", "ARCH", "CLASSES", "")
+    cells = [(r["kind"], r["name"], r["architecture"] or "-", "-" if r["classes"] is None else str(r["classes"]),
+              r["detail"]) for r in rows]
+    widths = [max(len(str(c[i])) for c in [header] + cells) for i in range(len(header))]
+    for c in [header] + cells:
+        echo("  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip())
 
 
 def _info_text(entry: ModelEntry, cached: bool) -> str:

@@ -1,0 +1,233 @@
+"""zoo push against the loopback Hub (tests/zoo/hub_server.py), which answers huggingface_hub's real upload
+calls (create repo, preupload, LFS batch + upload + verify, commit) and downloads; huggingface_hub itself is
+never mocked. Then plain timm, `zoo pull` and `zoo predict` load what was pushed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.zoo.test_bundle import CLASSES, make_run
+from zoo.bundle import export_run, load_bundle
+from zoo.cli import cli
+
+REPO = "me/tiny-classifier"
+SECRET = "/home/alice/weights/efficientnet-lite0-57934424.pth"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def make_bundle(root, seed: int = 0, source: str = f"import:{SECRET}"):
+    run, _ = make_run(root, seed=seed)
+    info = json.loads((run / "model.json").read_text())
+    info["source"] = source                     # what `zoo import` leaves in a run today
+    info["pretrained_cfg"] = {"license": "apache-2.0", "source": source, "file": SECRET}
+    (run / "model.json").write_text(json.dumps(info))
+    (run / "exclude.txt").write_text("cat/dup_001.png\ndog/leak_002.png\n")
+    (run / "scan.json").write_text(json.dumps({"root": "/home/alice/photos", "layout": "flat", "counts": {
+        "train": {"cat": 9, "dog": 8, "fox": 7}, "val": {"cat": 3, "dog": 3, "fox": 2}}}))
+    return run, export_run(run, run / "export")
+
+
+def push(runner, path, *extra, repo=REPO):
+    return runner.invoke(cli, ["push", str(path), "--repo", repo, *extra])
+
+
+def test_push_then_plain_timm_loads_it_with_identical_logits(hub, tmp_path, runner):
+    import timm
+
+    run, bundle = make_bundle(tmp_path)
+    res = push(runner, run)
+    assert res.exit_code == 0, res.output
+    assert f"to {REPO}@main" in res.output
+    # the real upload protocol went through: one LFS PUT (the weights), one commit
+    assert hub.count("/api/repos/create", "POST") == 1 and hub.count("/preupload/", "POST") == 1
+    assert hub.count("/info/lfs/objects/batch", "POST") == 1 and hub.count("/lfs/", "PUT") == 1
+    assert hub.count("/commit/main", "POST") == 1
+    assert sorted(hub.repos[REPO].files) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = timm.create_model(f"hf-hub:{REPO}", pretrained=True).eval()
+    with torch.no_grad():
+        diff = (model(x) - load_bundle(bundle).model(x)).abs().max().item()
+    assert diff == 0.0
+    assert model.pretrained_cfg["label_names"] == list(CLASSES)
+    assert hub.count(f"/{REPO}/resolve/main/model.safetensors", "GET") >= 1
+
+
+def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_path, runner):
+    from huggingface_hub import ModelCard
+
+    run, bundle = make_bundle(tmp_path)
+    report = tmp_path / "holdout"
+    report.mkdir()
+    (report / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "top5": None, "n_images": 9}))
+    assert push(runner, bundle, "--test-metrics", str(report)).exit_code == 0
+    card = ModelCard(hub.repos[REPO].files["README.md"].decode())
+    data = card.data
+    assert data.library_name == "timm" and data.pipeline_tag == "image-classification"
+    assert data.license == "apache-2.0" and "zoo-finetune" in data.tags
+    got = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    assert got == {("validation", "accuracy"): 0.75, ("test", "accuracy"): 0.5}
+    assert data.to_dict()["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
+    body = card.text
+    for needle in ("| cat | 9 | 3 |", "Images: train 24, val 8.", "2 image(s)", "- learning rate: 0.001",
+                   "- epochs: 5", "validation acc: 0.7500", "test accuracy: 0.5000 on 9 images",
+                   f'timm.create_model("hf-hub:{REPO}", pretrained=True)', f"zoo predict hf-hub:{REPO}"):
+        assert needle in body, needle
+
+
+def test_nothing_private_is_published(hub, tmp_path, runner):
+    from zoo.push import _read_header_metadata
+
+    run, bundle = make_bundle(tmp_path)
+    # a bundle exported before the fix still carries the local path: push cleans it anyway
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["zoo"]["source"] = f"import:{SECRET}"
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    assert push(runner, bundle).exit_code == 0
+    files = hub.repos[REPO].files
+    texts = [files["config.json"].decode(), files["README.md"].decode(),
+             json.dumps(_read_header_metadata(files["model.safetensors"]))]
+    for text in texts:
+        assert "/home/alice" not in text and str(tmp_path) not in text
+    cfg = json.loads(files["config.json"])
+    assert cfg["zoo"]["source"] == "import:efficientnet-lite0-57934424.pth"
+    assert cfg["pretrained_cfg"]["source"] == "import:efficientnet-lite0-57934424.pth"
+    assert cfg["zoo"]["source_sha256"] == "ab" * 32 and "file" not in cfg["pretrained_cfg"]
+    assert "sha256 of the file: " + "ab" * 32 in texts[1]
+    # the export itself no longer records it either (bundle config, safetensors header, ONNX metadata)
+    assert json.loads((bundle / "config.json").read_text())["pretrained_cfg"]["source"] == \
+        "import:efficientnet-lite0-57934424.pth"
+
+
+def test_onnx_metadata_names_no_local_path(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    run, _ = make_bundle(tmp_path)
+    out = export_run(run, tmp_path / "b2", formats=("safetensors", "onnx"))
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(props["source"]) == "import:efficientnet-lite0-57934424.pth"
+    assert "/home/alice" not in json.dumps(props)
+
+
+def test_another_model_is_refused_unless_revision_or_overwrite(hub, tmp_path, runner):
+    _, a = make_bundle(tmp_path / "a", seed=0)
+    _, b = make_bundle(tmp_path / "b", seed=1)
+    assert push(runner, a).exit_code == 0
+    before = hub.snapshot(REPO)
+    res = push(runner, b)
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [res.output.strip()]          # one line, no traceback
+    assert "already holds another model" in res.output and "--revision" in res.output
+    assert hub.snapshot(REPO) == before and hub.count("/lfs/", "PUT") == 1
+    # the same model again: nothing to commit
+    res = push(runner, a)
+    assert res.exit_code == 0 and "nothing to push" in res.output and hub.snapshot(REPO) == before
+    # a branch
+    res = push(runner, b, "--revision", "v2")
+    assert res.exit_code == 0, res.output
+    snap = hub.snapshot(REPO)
+    assert snap["main"] == before["main"]
+    assert snap["v2"][1]["model.safetensors"] != snap["main"][1]["model.safetensors"]
+    # --overwrite replaces main
+    res = push(runner, b, "--overwrite", "-m", "replace")
+    assert res.exit_code == 0, res.output
+    assert hub.snapshot(REPO)["main"][1]["model.safetensors"] == snap["v2"][1]["model.safetensors"]
+
+
+def test_connection_cut_during_commit_leaves_repo_unchanged(hub, tmp_path, runner):
+    _, a = make_bundle(tmp_path / "a", seed=0)
+    _, b = make_bundle(tmp_path / "b", seed=1)
+    assert push(runner, a).exit_code == 0
+    before = hub.snapshot(REPO)
+    hub.cut[f"/api/models/{REPO}/commit/main"] = 1
+    res = push(runner, b, "--overwrite")
+    assert res.exit_code == 1 and res.output.startswith("zoo: error: upload to me/tiny-classifier failed")
+    assert "left as it was" in res.output and len(res.output.strip().splitlines()) == 1
+    assert hub.snapshot(REPO) == before
+    assert hub.count("/lfs/", "PUT") == 2          # b's weights were uploaded, but never committed
+
+
+def test_cut_lfs_upload_is_retried_then_committed_whole(hub, tmp_path, runner):
+    _, a = make_bundle(tmp_path)
+    hub.cut_uploads = 1          # huggingface_hub's own backoff retries the PUT once (after 1 s)
+    res = push(runner, a)
+    assert res.exit_code == 0, res.output
+    assert hub.count("/lfs/", "PUT") == 2 and len(hub.repos[REPO].log) == 2      # creation + one commit
+    assert hub.repos[REPO].files["model.safetensors"] == hub.lfs[json.loads(
+        hub.repos[REPO].files["config.json"])["zoo"]["weights_sha256"]]
+
+
+@pytest.mark.slow
+def test_lfs_upload_cut_every_time_leaves_repo_unchanged(hub, tmp_path, runner):
+    """~45 s: huggingface_hub retries a dropped upload 5 times with backoff (1+2+4+8+8 s) before giving up."""
+    _, a = make_bundle(tmp_path / "a", seed=0)
+    _, b = make_bundle(tmp_path / "b", seed=1)
+    assert push(runner, a).exit_code == 0
+    before = hub.snapshot(REPO)
+    hub.cut_uploads = 100
+    res = push(runner, b, "--overwrite")
+    assert res.exit_code == 1 and "left as it was" in res.output, res.output
+    assert hub.snapshot(REPO) == before and hub.count(f"/commit/main", "POST") == 1
+    assert hub.count("/lfs/", "PUT") == 1 + 6
+
+
+def test_private_flag_and_bad_repo_id(hub, tmp_path, runner):
+    _, a = make_bundle(tmp_path)
+    assert push(runner, a, "--private").exit_code == 0
+    assert hub.repos[REPO].private
+    res = push(runner, a, repo="not a repo")
+    assert res.exit_code == 2 and res.output.startswith("zoo: error: --repo 'not a repo' is not a Hub repo id")
+    res = runner.invoke(cli, ["push", str(tmp_path), "--repo", REPO])
+    assert res.exit_code == 1 and "neither a run folder" in res.output
+
+
+def test_dry_run_uploads_nothing(hub, tmp_path, runner):
+    _, a = make_bundle(tmp_path)
+    res = push(runner, a, "--dry-run")
+    assert res.exit_code == 0 and "library_name: timm" in res.stdout and "would upload" in res.stderr
+    assert hub.requests == []
+
+
+def test_pull_and_predict_a_pushed_model_with_sha256_check(hub, tmp_path, runner):
+    from zoo import cache
+
+    _, bundle = make_bundle(tmp_path)
+    assert push(runner, bundle).exit_code == 0
+    pushed_sha = json.loads(hub.repos[REPO].files["config.json"])["zoo"]["weights_sha256"]
+    res = runner.invoke(cli, ["pull", f"hf-hub:{REPO}", "--quiet"])
+    assert res.exit_code == 0, res.output
+    man = cache.read_manifest(f"hf-hub:{REPO}")
+    assert man["sha256"] == pushed_sha and man["tofu"] is False       # pinned by the pushed config.json
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(img)
+    res = runner.invoke(cli, ["predict", f"hf-hub:{REPO}", str(img), "--json", "--topk", "3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    got = {p["label"]: p["prob"] for p in json.loads(res.stdout)[0]["predictions"]}
+    want = {lab: round(p, 6) for lab, p in load_bundle(bundle).predict(img, topk=3)[0]}
+    assert got == want
+    # the Hub now serves other bytes: refused, nothing cached
+    runner.invoke(cli, ["cache", "rm", f"hf-hub:{REPO}"])
+    hub.repos[REPO].files["model.safetensors"] = hub.repos[REPO].files["model.safetensors"][:-4] + b"\0\0\0\0"
+    res = runner.invoke(cli, ["pull", f"hf-hub:{REPO}", "--quiet"])
+    assert res.exit_code == 1 and "does not match the pinned" in res.output
+    assert not cache.is_cached(f"hf-hub:{REPO}")
+
+
+def test_list_mine_shows_local_and_pushed(hub, tmp_path, runner, monkeypatch):
+    run, _ = make_bundle(tmp_path / "runs")
+    assert push(runner, run).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(cli, ["list", "--mine"])
+    assert res.exit_code == 0, res.output
+    assert "runs/run/export" in res.output and f"hf-hub:{REPO}" in res.output
+    doc = json.loads(runner.invoke(cli, ["list", "--mine", "--json"]).stdout)
+    assert {d["kind"] for d in doc} == {"local", "pushed"}

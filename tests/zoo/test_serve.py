@@ -1,0 +1,228 @@
+"""zoo serve: the JSON API over a real uvicorn server on 127.0.0.1 (httpx client), 20 hostile uploads, the
+batcher, the CLI's one-line errors. The page in headless Chromium: scripts/screenshot_serve.py (slow test
+below); the load test: scripts/bench_serve.py -> docs/benchmarks.md."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import socket
+import struct
+import zlib
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from tests.conftest import corrupt_jpeg, make_image  # noqa: E402
+from tests.zoo.test_bundle import CLASSES, make_run  # noqa: E402
+from zoo.bundle import export_run, load_bundle  # noqa: E402
+from zoo.cli import cli  # noqa: E402
+from zoo.serve import Batcher, ServeConfig, create_app, start_background  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    run, _ = make_run(root)
+    return export_run(run, root / "bundle")
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    bg = start_background(create_app(bundle, ServeConfig(topk=3, max_upload_bytes=1024 * 1024, max_files=4)))
+    bg.extra["bundle"] = bundle
+    yield bg
+    bg.stop()
+
+
+def png_bytes(cls: int = 0, size=(40, 36), fmt="PNG") -> bytes:
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", size, (240, 240, 240))
+    ImageDraw.Draw(img).ellipse([4, 4, size[0] - 4, size[1] - 4], fill=[(220, 40, 40), (40, 200, 40)][cls % 2])
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_predict_files_and_file(server, tmp_path):
+    a, b = png_bytes(0), png_bytes(1)
+    r = httpx.post(f"{server.url}/predict", files=[("files", ("a.png", a, "image/png")),
+                                                  ("files", ("b.png", b, "image/png"))])
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert [x["filename"] for x in doc["results"]] == ["a.png", "b.png"]
+    bundle = server.extra["bundle"]
+    for item, data in zip(doc["results"], (a, b)):
+        want = bundle.predict(Image.open(io.BytesIO(data)), topk=3)[0]
+        assert [p["label"] for p in item["predictions"]] == [lab for lab, _ in want]
+        assert all(abs(p["prob"] - q) < 1e-4 for p, (_, q) in zip(item["predictions"], want))
+        assert (item["width"], item["height"]) == (40, 36) and "crop" not in item
+    r = httpx.post(f"{server.url}/predict?topk=1&crop=true", files={"file": ("a.jpg", png_bytes(0, fmt="JPEG"),
+                                                                              "image/jpeg")})
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["results"]
+    assert len(item["predictions"]) == 1 and item["predictions"][0]["label"] in CLASSES
+    crop = Image.open(io.BytesIO(base64.b64decode(item["crop"].split(",", 1)[1])))
+    _, h, w = server.extra["bundle"].data_config["input_size"]
+    assert crop.size == (w, h)          # the bundle's input size: what the model saw
+
+
+def test_info_openapi_docs_and_page(server):
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["labels"] == list(CLASSES) and info["data_config"]["input_size"] == [3, 64, 64]
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    page = httpx.get(f"{server.url}/").text
+    assert "Drop images here" in page and "/predict?crop=true" in page
+
+
+def _png_with_size(w: int, h: int) -> bytes:
+    data = bytearray(png_bytes())
+    ihdr = data[12:29]                               # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", w, h)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _jpeg_with_size(w: int, h: int) -> bytes:
+    data = bytearray(png_bytes(fmt="JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+def _gif_with_size(w: int, h: int) -> bytes:
+    data = bytearray(png_bytes(fmt="GIF"))
+    data[6:10] = struct.pack("<HH", w, h)
+    return bytes(data)
+
+
+def _bmp_with_size(w: int, h: int) -> bytes:
+    data = bytearray(png_bytes(fmt="BMP"))
+    data[18:26] = struct.pack("<ii", w, h)
+    return bytes(data)
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, format="PNG")     # 64 M pixels in a few kB
+    return buf.getvalue()
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>alert(1)</script></svg>'
+
+
+def hostile_cases():
+    good_jpeg = png_bytes(fmt="JPEG")
+    good_png = png_bytes()
+    one = lambda name, data, ctype: {"files": [("files", (name, data, ctype))]}  # noqa: E731
+    return [
+        ("empty file", one("e.jpg", b"", "image/jpeg"), 400),
+        ("truncated JPEG", one("t.jpg", good_jpeg[: len(good_jpeg) // 2], "image/jpeg"), 400),
+        ("corrupt JPEG data", one("c.jpg", corrupt_jpeg(good_jpeg), "image/jpeg"), 400),
+        ("truncated PNG", one("t.png", good_png[: len(good_png) // 2], "image/png"), 400),
+        ("PNG signature only", one("s.png", good_png[:8], "image/png"), 415),
+        ("SVG", one("x.svg", SVG, "image/svg+xml"), 415),
+        ("SVG declared PNG", one("x.png", SVG, "image/png"), 415),
+        ("text declared JPEG", one("x.jpg", b"hello, not an image", "image/jpeg"), 415),
+        ("PNG sent as text/plain", one("x.txt", good_png, "text/plain"), 415),
+        ("PNG sent as application/json", one("x.json", good_png, "application/json"), 415),
+        ("HTML", one("x.html", b"<html><script>1</script></html>", "text/html"), 415),
+        ("PDF", one("x.pdf", b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", "application/pdf"), 415),
+        ("random bytes", one("x.bin", bytes(range(256)) * 8, "application/octet-stream"), 415),
+        ("PNG 100000x100000 header", one("big.png", _png_with_size(100_000, 100_000), "image/png"), 413),
+        ("JPEG 60000x60000 header", one("big.jpg", _jpeg_with_size(60_000, 60_000), "image/jpeg"), 413),
+        ("GIF 65535x65535 header", one("big.gif", _gif_with_size(65_535, 65_535), "image/gif"), 413),
+        ("BMP 50000x50000 header", one("big.bmp", _bmp_with_size(50_000, 50_000), "image/bmp"), 413),
+        ("decompression bomb (64 Mpx PNG)", one("bomb.png", _bomb(), "image/png"), 413),
+        ("upload over the size limit", one("huge.png", b"\x89PNG" + bytes(1_200_000), "image/png"), 413),
+        ("too many files", {"files": [("files", (f"{i}.png", good_png, "image/png")) for i in range(5)]}, 413),
+        ("no file field", {"data": {"x": "1"}}, 400),
+        ("JSON body instead of a form", {"json": {"files": ["a.png"]}}, 400),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(hostile_cases())))
+def test_hostile_upload_gets_4xx_and_server_keeps_serving(server, case):
+    name, kwargs, status = hostile_cases()[case]
+    r = httpx.post(f"{server.url}/predict", **kwargs)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    ok = httpx.post(f"{server.url}/predict", files={"file": ("ok.png", png_bytes(), "image/png")})
+    assert ok.status_code == 200 and httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_hostile_list_has_twenty_distinct_cases():
+    cases = hostile_cases()
+    assert len(cases) >= 20 and len({c[0] for c in cases}) == len(cases)
+
+
+def test_batcher_gathers_concurrent_requests():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+
+    async def go(max_batch: int) -> tuple[list[int], torch.Tensor]:
+        b = Batcher(model, max_batch=max_batch, wait_ms=0)
+        await b.start()
+        xs = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+        rows = await asyncio.gather(*(b.submit(x) for x in xs))    # all queued before the worker wakes
+        await b.stop()
+        return b.sizes, torch.stack(rows)
+
+    sizes, rows = asyncio.run(go(16))
+    assert sizes == [8]
+    sizes3, rows3 = asyncio.run(go(3))
+    assert sizes3 == [3, 3, 2]
+    with torch.no_grad():
+        want = model(torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(0))).softmax(-1)
+    assert torch.allclose(rows, want, atol=1e-6) and torch.allclose(rows3, want, atol=1e-6)
+
+
+def test_cli_errors_are_one_line(bundle_dir, monkeypatch):
+    runner = CliRunner()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        res = runner.invoke(cli, ["serve", str(bundle_dir), "--port", str(port), "--device", "cpu"])
+    assert res.exit_code == 1 and res.output.startswith(f"zoo: error: cannot listen on 127.0.0.1:{port}")
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(cli, ["serve", "/no/such/bundle"])
+    assert res.exit_code == 1 and res.output.startswith("zoo: error: no bundle at /no/such/bundle")
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)      # the serve extra not installed
+    res = runner.invoke(cli, ["serve", str(bundle_dir)])
+    assert res.exit_code == 1 and 'pip install "zoo-finetune[serve]"' in res.output
+
+
+def test_help_imports_neither_torch_nor_fastapi():
+    import subprocess
+    import sys
+
+    code = ("import sys; from zoo.cli import cli; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(cli, ['serve', '--help']); assert r.exit_code == 0; "
+            "r = CliRunner().invoke(cli, ['push', '--help']); assert r.exit_code == 0; "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_page_in_headless_chromium(bundle_dir, tmp_path):
+    from tests.conftest import load_script
+
+    shot = load_script("screenshot_serve")
+    dom = shot.render(bundle_dir, tmp_path / "page.png", image=make_image(tmp_path / "fox.png", 2, 64))
+    assert 'data-done="1"' in dom and "model input" in dom and dom.count('class="row"') == 3
+    assert (tmp_path / "page.png").stat().st_size > 1000

@@ -1,0 +1,65 @@
+"""``zoo push``: publish a bundle as a Hub model repo plain timm loads. A thin command over zoo.push."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+
+__all__ = ["push_cmd"]
+
+
+@cli.command("push", short_help="Publish a bundle to a Hugging Face Hub repo (timm-loadable).")
+@click.argument("path", metavar="RUN_OR_BUNDLE", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--repo", required=True, metavar="OWNER/NAME", help="Hub model repo; created when missing.")
+@click.option("--private", is_flag=True, default=False, show_default=True,
+              help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="Commit to this branch (created from main when missing) instead of main.  [default: main]")
+@click.option("--message", "-m", default=None, help="Commit message.  [default: zoo push: ARCH finetuned on N classes]")
+@click.option("--overwrite", is_flag=True, default=False, show_default=True,
+              help="The branch already holds another model: replace it.")
+@click.option("--test-metrics", "test_metrics", type=click.Path(exists=True, path_type=Path), default=None,
+              metavar="REPORT", help="A `zoo eval` report (folder or metrics.json): its accuracy goes into the "
+                                     "model card and model-index as the test metric.")
+@click.option("--dry-run", is_flag=True, default=False, show_default=True,
+              help="Build the files and print the model card; upload nothing.")
+def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message: str | None, overwrite: bool,
+             test_metrics: Path | None, dry_run: bool) -> None:
+    """Upload RUN_OR_BUNDLE (a `zoo finetune` run folder or a `zoo export` bundle) to --repo as ONE commit:
+    model.safetensors, timm's config.json (labels, preprocessing) and a model card README.md.
+
+    Anyone can then load it with `timm.create_model("hf-hub:OWNER/NAME", pretrained=True)` or
+    `zoo predict hf-hub:OWNER/NAME img.jpg`. HF_TOKEN (or `hf auth login`) and HF_ENDPOINT are honoured.
+    No local path is published: sources are named by registry name, hub id or file name + sha256.
+    A repo holding another model is refused unless --revision or --overwrite; a failed upload leaves
+    the repo as it was.
+
+    \b
+    Examples:
+      zoo push runs/photos-r50 --repo me/photos-r50
+      zoo push my-classifier --repo me/photos-r50 --revision v2 --test-metrics reports/holdout
+      zoo push my-classifier --repo me/photos-r50 --dry-run
+    """
+    if dry_run:
+        from zoo.push import plan_push
+
+        plan = plan_push(path, repo, test_metrics)
+        echo(plan.card)
+        echo(f"would upload to {repo}: " + ", ".join(f"{n} ({len(d):,} bytes)" for n, d in plan.files.items()),
+             err=True)
+        return
+    from huggingface_hub.utils import logging as hf_logging
+
+    from zoo.push import push
+
+    hf_logging.set_verbosity_error()     # its "no files modified" warning: this command says it in its own words
+    result = push(path, repo, private=private, revision=revision, message=message, overwrite=overwrite,
+                  test_metrics=test_metrics)
+    if result.unchanged:
+        echo(f"{repo}@{result.revision} already holds these files (commit {result.commit[:12]}); nothing to push")
+        return
+    echo(f"pushed {', '.join(result.files)} to {repo}@{result.revision} (commit {result.commit[:12]})")
+    echo(f'load it: timm.create_model("hf-hub:{repo}", pretrained=True)  or  zoo predict hf-hub:{repo} IMAGE')

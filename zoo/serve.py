@@ -1,0 +1,469 @@
+"""``zoo serve``: a local page and a JSON API to try a classifier, on FastAPI + uvicorn (the ``serve`` extra).
+
+Routes
+  GET  /          a page: pick or drop images, see the top-k as bars and the crop the model saw
+  POST /predict   multipart form files under ``files`` (one or more) or ``file``; ``?topk=5&crop=false``;
+                  answers ``{"model", "results": [{"filename", "width", "height", "predictions": [{"label",
+                  "prob"}], "crop"?}]}``
+  GET  /info      labels, preprocessing, device, limits;  GET /health;  GET /docs, /openapi.json (FastAPI)
+
+Hostile input is answered with a 4xx and never reaches the model: a body over ``max_upload_bytes`` or
+without a Content-Length (413 / 411, checked before the body is read), more than ``max_files`` files (413),
+an empty or non-image part (400 / 415: only JPEG, PNG, WebP, BMP and GIF are decoded; SVG and any other
+declared type are refused), a truncated or corrupt image (400), a decompression bomb (413: the pixel count
+is read from the header and checked before anything is decoded).
+
+Batching: decoding and preprocessing run in the request's worker thread; the forward passes go through
+one ``Batcher``, which gathers the tensors of concurrent requests (up to ``max_batch``, waiting at most
+``batch_wait_ms`` for more once the first arrived) and runs them as one batch in a single model thread.
+On a GPU this turns N small requests into one launch; on the CPU the default wait is 0 (a batch is what is
+already queued). fastapi/uvicorn are imported only here, and this module only by ``zoo serve``.
+"""
+# No `from __future__ import annotations`: FastAPI reads the endpoint's annotations (UploadFile, imported
+# inside create_app) as objects.
+import asyncio
+import base64
+import concurrent.futures
+import io
+import socket
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from zoo.errors import ServeError
+
+__all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_app", "start_background",
+           "serve", "ALLOWED_FORMATS", "require_serve_extra"]
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+_EXTRA_HINT = 'zoo serve needs the serve extra: pip install "zoo-finetune[serve]" (fastapi, uvicorn, python-multipart)'
+
+
+def require_serve_extra() -> None:
+    """Raise ServeError with the install line when fastapi / uvicorn / python-multipart are missing."""
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (FastAPI's form parser)
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise ServeError(f"{_EXTRA_HINT}; missing: {err.name}") from None
+
+
+@dataclass
+class ServeConfig:
+    topk: int = 5                              # classes per image unless ?topk= says otherwise
+    max_upload_bytes: int = 10 * 1024 * 1024   # per request, all files together
+    max_files: int = 32                        # per request
+    max_pixels: int = 40_000_000               # width x height, read from the header before decoding
+    max_side: int = 16384
+    max_batch: int = 16                        # images per forward pass
+    batch_wait_ms: float = 0.0                 # how long the batcher waits for more once one arrived
+
+
+class ImageRejected(Exception):
+    """An upload that is not a usable image; ``status`` is the HTTP code to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeConfig):
+    """A PIL RGB image from an uploaded part, or ImageRejected (4xx) saying why not."""
+    from PIL import Image, UnidentifiedImageError
+
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+        raise ImageRejected(415, f"{name}: content type {ctype!r} is not an image; send JPEG, PNG, WebP, BMP or GIF")
+    if ctype == "image/svg+xml":
+        raise ImageRejected(415, f"{name}: SVG is not decoded (vector images can hide scripts and bombs); "
+                                 "send a raster image")
+    if not data:
+        raise ImageRejected(400, f"{name}: the file is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+        except UnidentifiedImageError:
+            raise ImageRejected(415, f"{name}: not a JPEG, PNG, WebP, BMP or GIF image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None
+        except Exception as err:  # a header Pillow cannot parse
+            raise ImageRejected(400, f"{name}: unreadable image header ({type(err).__name__})") from None
+        w, h = img.size
+        if w < 1 or h < 1 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
+            raise ImageRejected(413, f"{name}: {w}x{h} pixels is over the limit ({cfg.max_pixels:,} pixels, "
+                                     f"{cfg.max_side} per side)")
+        try:
+            img.load()
+            rgb = img.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None
+        except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
+            raise ImageRejected(400, f"{name}: truncated or corrupt image ({type(err).__name__}: "
+                                     f"{str(err)[:80]})") from None
+    return rgb
+
+
+class Batcher:
+    """Gathers single-image tensors from concurrent requests into batches for one model thread.
+
+    ``submit`` (a coroutine) returns the softmax row of its tensor. ``sizes`` records each batch's size.
+    """
+
+    def __init__(self, model: Any, max_batch: int = 16, wait_ms: float = 0.0) -> None:
+        self.model = model
+        self.max_batch = max(1, int(max_batch))
+        self.wait = max(0.0, float(wait_ms)) / 1000.0
+        self.sizes: list[int] = []
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-model")
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=False)
+
+    async def submit(self, tensor: Any) -> Any:
+        assert self._queue is not None, "Batcher.start() first"
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((tensor, fut))
+        return await fut
+
+    def _forward(self, tensors: list[Any]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            try:
+                device = next(self.model.parameters()).device
+            except StopIteration:
+                device = torch.device("cpu")
+            batch = torch.stack(tensors).to(device, non_blocking=True)
+            return self.model(batch).float().softmax(dim=-1).cpu()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._queue is not None
+        while True:
+            items = [await self._queue.get()]
+            deadline = loop.time() + self.wait
+            while len(items) < self.max_batch:
+                try:
+                    items.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self._queue.get(), timeout=left))
+                except asyncio.TimeoutError:
+                    break
+            items = [(t, f) for t, f in items if not f.cancelled()]   # clients that went away
+            if not items:
+                continue
+            self.sizes.append(len(items))
+            try:
+                probs = await loop.run_in_executor(self._pool, self._forward, [t for t, _ in items])
+            except Exception as err:  # a model failure answers every waiting request, the loop goes on
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(err)
+                continue
+            for i, (_, f) in enumerate(items):
+                if not f.done():
+                    f.set_result(probs[i])
+
+
+def _crop_png(tensor: Any, data_config: dict) -> str:
+    """The model's input (after resize + crop), un-normalised, as a PNG data URL."""
+    import torch
+    from PIL import Image
+
+    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    pixels = (tensor.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
+    img = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _BodyLimit:
+    """ASGI middleware: a POST needs a Content-Length no larger than the limit (413 / 411 before reading)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length")
+            status, message = None, ""
+            if length is None:
+                status, message = 411, "send a Content-Length (chunked uploads are not accepted)"
+            else:
+                try:
+                    n = int(length)
+                except ValueError:
+                    n = -1
+                if n < 0:
+                    status, message = 400, "bad Content-Length"
+                elif n > self.limit:
+                    status, message = 413, f"the upload ({n:,} bytes) is over the limit ({self.limit:,} bytes)"
+            if status is not None:
+                import json
+
+                body = json.dumps({"detail": message}).encode()
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = None) -> Any:
+    """The FastAPI app for ``bundle`` (a ``zoo.bundle.Bundle``: model, data_config, labels, metadata)."""
+    require_serve_extra()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+    from fastapi.responses import HTMLResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from zoo.predict import eval_transform
+
+    cfg = cfg or ServeConfig()
+    transform = eval_transform(bundle.data_config)
+    labels = list(bundle.labels)
+    name = title or str(bundle.metadata.get("model") or (bundle.path.name if bundle.path else "model"))
+    batcher = Batcher(bundle.model, cfg.max_batch, cfg.batch_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title=f"zoo serve: {name}", version="1", lifespan=lifespan,
+                  description="Top-k classes for images. POST images as multipart form files under `files` "
+                              "(one or more) or `file`.")
+    app.state.batcher = batcher
+    app.state.config = cfg
+
+    def prepare(data: bytes, ctype: str | None, filename: str) -> tuple[Any, tuple[int, int]]:
+        img = decode_upload(data, ctype, filename, cfg)
+        return transform(img), img.size
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return _PAGE.replace("__TITLE__", _html_escape(name)).replace("__TOPK__", str(min(cfg.topk, len(labels))))
+
+    @app.get("/health", summary="Liveness")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info", summary="Model, classes, preprocessing and limits")
+    def info() -> dict:
+        try:
+            device = str(next(bundle.model.parameters()).device)
+        except StopIteration:
+            device = "cpu"
+        return {"model": name, "labels": labels, "num_classes": len(labels),
+                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in bundle.data_config.items()},
+                "device": device, "max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
+                "max_pixels": cfg.max_pixels, "max_batch": cfg.max_batch,
+                "batches": {"count": len(batcher.sizes), "images": sum(batcher.sizes),
+                            "largest": max(batcher.sizes, default=0)}}
+
+    @app.post("/predict", summary="Top-k classes per image")
+    async def predict(files: list[UploadFile] | None = File(None, description="one or more images"),
+                      file: UploadFile | None = File(None, description="one image (alternative to `files`)"),
+                      topk: int = Query(cfg.topk, ge=1, le=1000, description="classes per image"),
+                      crop: bool = Query(False, description="also return the crop the model saw (PNG data URL)"),
+                      ) -> dict:
+        uploads = [u for u in (files or []) if u is not None] + ([file] if file is not None else [])
+        if not uploads:
+            raise HTTPException(400, "send one or more images as multipart form files under 'files' (or 'file')")
+        if len(uploads) > cfg.max_files:
+            raise HTTPException(413, f"{len(uploads)} files in one request; at most {cfg.max_files}")
+        prepared = []
+        for i, up in enumerate(uploads):
+            filename = up.filename or f"file {i + 1}"
+            data = await up.read()
+            try:
+                prepared.append((filename, *await run_in_threadpool(prepare, data, up.content_type, filename)))
+            except ImageRejected as err:
+                raise HTTPException(err.status, str(err)) from None
+        rows = await asyncio.gather(*(batcher.submit(t) for _, t, _ in prepared))
+        k = min(int(topk), len(labels))
+        results = []
+        for (filename, tensor, (w, h)), probs in zip(prepared, rows):
+            values, idx = probs.topk(k)
+            item = {"filename": filename, "width": w, "height": h,
+                    "predictions": [{"label": labels[j], "prob": round(float(v), 6)}
+                                    for v, j in zip(values.tolist(), idx.tolist())]}
+            if crop:
+                item["crop"] = _crop_png(tensor, bundle.data_config)
+            results.append(item)
+        return {"model": name, "results": results}
+
+    wrapped = _BodyLimit(app, cfg.max_upload_bytes)
+    wrapped.fastapi = app          # tests and benchmarks read app.state.batcher through it
+    return wrapped
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        hint = "choose another --port" if err.errno in (98, 48, 10048) else "check --host"
+        raise ServeError(f"cannot listen on {host}:{port} ({err.strerror or err}); {hint}") from None
+    return sock
+
+
+@dataclass
+class Background:
+    url: str
+    server: Any
+    thread: threading.Thread
+    app: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_background(app: Any, host: str = "127.0.0.1", port: int = 0) -> Background:
+    """Run ``app`` with uvicorn in a daemon thread (tests, benchmarks); returns once it accepts connections."""
+    import time
+
+    import uvicorn
+
+    sock = _bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="zoo-serve")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ServeError("the server did not start; set ZOO_DEBUG=1 for details")
+        time.sleep(0.02)
+    return Background(url=f"http://{host}:{sock.getsockname()[1]}", server=server, thread=thread, app=app)
+
+
+def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None,
+          on_ready: Any = None) -> None:
+    """Serve ``bundle`` until interrupted (Ctrl-C)."""
+    require_serve_extra()
+    import uvicorn
+
+    app = create_app(bundle, cfg)
+    sock = _bind(host, port)
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{shown}:{sock.getsockname()[1]}", _is_loopback(host))
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__ · zoo serve</title>
+<style>
+body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{padding:14px 22px;background:#1d2330;color:#fff}header b{font-size:17px}header span{opacity:.7;margin-left:10px}
+main{max-width:980px;margin:18px auto;padding:0 16px}
+#drop{border:2px dashed #8a94a6;border-radius:10px;padding:22px;text-align:center;background:#fff;cursor:pointer}
+#drop.over{border-color:#2f6fed;background:#eef3ff}
+.card{display:flex;gap:16px;background:#fff;border-radius:10px;padding:14px;margin:14px 0;box-shadow:0 1px 3px #0002}
+.card figure{margin:0;text-align:center;font-size:12px;color:#5b6475}
+.card img{display:block;max-width:180px;max-height:180px;border-radius:6px;image-rendering:auto}
+.bars{flex:1;min-width:220px}.name{font-weight:600;margin-bottom:6px;word-break:break-all}
+.row{display:grid;grid-template-columns:minmax(80px,160px) 1fr 64px;gap:8px;align-items:center;margin:4px 0}
+.track{background:#e6e9ef;border-radius:4px;height:14px}.fill{background:#2f6fed;height:14px;border-radius:4px}
+.name+.row .fill{background:#13a36f}.pct{text-align:right;font-variant-numeric:tabular-nums}
+.err{color:#b3261e}a{color:#2f6fed}
+</style></head><body>
+<header><b>__TITLE__</b><span>zoo serve</span></header>
+<main>
+<div id="drop" tabindex="0">Drop images here or <u>pick files</u>
+<input id="pick" type="file" accept="image/*" multiple hidden></div>
+<p style="font-size:13px;color:#5b6475">Top-__TOPK__ classes per image; the crop is exactly what the model saw
+(resize, centre crop). API: <code>POST /predict</code> with form files <code>files</code>
+&middot; <a href="/docs">OpenAPI docs</a></p>
+<div id="out"></div>
+</main>
+<script>
+const TOPK = __TOPK__;
+const drop = document.getElementById('drop'), pick = document.getElementById('pick'), out = document.getElementById('out');
+drop.onclick = () => pick.click();
+drop.onkeydown = e => { if (e.key === 'Enter' || e.key === ' ') pick.click(); };
+pick.onchange = () => run([...pick.files]);
+['dragenter','dragover'].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.add('over'); }));
+['dragleave','drop'].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.remove('over'); }));
+drop.addEventListener('drop', e => run([...e.dataTransfer.files]));
+function el(tag, cls, text) { const n = document.createElement(tag); if (cls) n.className = cls; if (text !== undefined) n.textContent = text; return n; }
+function figure(src, caption) { const f = el('figure'); const i = el('img'); i.src = src; i.alt = caption; f.append(i, el('figcaption', '', caption)); return f; }
+async function run(files) {
+  out.textContent = '';
+  for (const f of files) {
+    const card = el('div', 'card'); out.append(card);
+    card.append(figure(URL.createObjectURL(f), 'your image'));
+    const bars = el('div', 'bars'); bars.append(el('div', 'name', f.name)); card.append(bars);
+    const form = new FormData(); form.append('files', f, f.name);
+    try {
+      const r = await fetch('/predict?crop=true&topk=' + TOPK, {method: 'POST', body: form});
+      const doc = await r.json();
+      if (!r.ok) { bars.append(el('div', 'err', doc.detail || ('HTTP ' + r.status))); continue; }
+      const res = doc.results[0];
+      card.insertBefore(figure(res.crop, 'model input'), bars);
+      for (const p of res.predictions) {
+        const row = el('div', 'row'); const track = el('div', 'track'); const fill = el('div', 'fill');
+        fill.style.width = (100 * p.prob).toFixed(1) + '%'; track.append(fill);
+        row.append(el('div', '', p.label), track, el('div', 'pct', (100 * p.prob).toFixed(1) + '%'));
+        bars.append(row);
+      }
+      card.dataset.done = '1';
+    } catch (e) { bars.append(el('div', 'err', String(e))); }
+  }
+  document.body.dataset.state = 'done';
+}
+// ?try=/same/origin/image.jpg runs one image without picking it (links, headless checks)
+const t = new URLSearchParams(location.search).get('try');
+if (t && t.startsWith('/')) fetch(t).then(r => r.blob()).then(b => run([new File([b], t.split('/').pop(), {type: b.type})]));
+</script></body></html>
+"""
