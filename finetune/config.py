@@ -112,7 +112,7 @@ OPTIONS: dict[str, Option] = {
     "mlp_activation": Option("MLP head: activation.", choices=ACTIVATIONS),
     "freeze": Option("What trains: auto (from the dataset size), head, none (everything) or K (the last K stages)."),
     "small_per_class": Option("auto freeze: fewer images per class than this -> head only.", low=0),
-    "small_total": Option("auto freeze: this many images in total or fewer -> head only.", low=0),
+    "small_total": Option("auto freeze: fewer images in total than this -> head only.", low=0),
     "large_per_class": Option("auto freeze: at least this many per class -> everything unfrozen.", low=0),
     "medium_stages": Option("auto freeze: stages unfrozen for a medium-sized dataset.", low=0),
     "head_epochs": Option("Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); "

@@ -128,6 +128,8 @@ def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float 
         if v:
             path = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in v)
             parts.append(f"<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.8\" points=\"{path}\"/>")
+        if len(v) <= 30:      # few points: each one visible (a single point draws no line)
+            parts.extend(f"<circle cx=\"{px(a):.1f}\" cy=\"{py(b):.1f}\" r=\"3\" fill=\"{colour}\"/>" for a, b in v)
         parts.append(f"<text x=\"{pad_l + w - 4}\" y=\"{pad_t + 14 + 13 * k}\" text-anchor=\"end\" "
                      f"fill=\"{colour}\">{esc(name)}</text>")
     parts.append("</svg>")

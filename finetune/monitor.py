@@ -96,6 +96,12 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
         if best_before_last > 0 and last > t.explode_factor * best_before_last and last > phase_tl[0]:
             return [f"training loss is exploding ({best_before_last:.3g} -> {last:.3g}): the learning rate "
                     "is too high, lower it (try 1/10, or run `zoo lr-find`)"]
+    # The trend rules judge the last phase alone, for the same reason: a finetune phase's loss on
+    # augmented images does not continue the head phase's curve on clean cached features (comparing
+    # across them read as "not going down" at every unfreezing run's third epoch).
+    rows = [r for r in rows if r.get("phase") == rows[-1].get("phase")]
+    train_loss = _column(rows, "train_loss")
+    finite_tl = finite(train_loss)
     if len(rows) < t.min_epochs or len(finite_tl) < t.min_epochs:
         return []
 

@@ -174,8 +174,21 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
                   line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
                                                "val": [r.get("val_acc") for r in hist]}, marks=best),
                   line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
-        body.append(section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
-                            + "".join(charts)))
+        solver = summary.get("head_solver") or []
+        if solver and len(hist) < 2:
+            # a head solved in one step: its curves are one point each; what the run did is the solve
+            c = [math.log10(p["C"]) for p in solver]
+            chosen = [math.log10(p["C"]) for p in solver if p.get("chosen")]
+            charts = [line_chart("validation loss against log10 C", c, {"val": [p["val_loss"] for p in solver]},
+                                 marks=chosen),
+                      line_chart("validation accuracy against log10 C", c, {"val": [p["val_acc"] for p in solver]},
+                                 marks=chosen)]
+            body.append(section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
+                                "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
+                                "(best validation accuracy, then loss).</p>" + "".join(charts)))
+        else:
+            body.append(section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
+                                + "".join(charts)))
 
     # --- per class
     conf = metrics.get("confusion")

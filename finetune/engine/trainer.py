@@ -485,6 +485,7 @@ class Trainer:
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
             "head_guard": self.guard,
+            "head_solver": getattr(self.head_steps, "solver_path", None) or None,
             "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
         })
         ddp.barrier(s.info)

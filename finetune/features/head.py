@@ -112,6 +112,7 @@ class CachedHeadSteps:
         self.say = log or (lambda _msg: None)
         self._failures: dict[str, str] = {}
         self._ready = False
+        self.solver_path: list[dict] = []   # the L-BFGS solve: per L2 strength, its val loss/acc (summary.json)
         self.val_probs: torch.Tensor | None = None     # of the last evaluate() (see FitResult.val_probs)
         self.val_correct: torch.Tensor | None = None   # of the last evaluate(): hits on the decoded images
         self._prep_seconds = 0.0
@@ -299,6 +300,7 @@ class CachedHeadSteps:
                      else [(None, float(s.config.weight_decay))])
         w, b = head.weight, head.bias
         best = None
+        path: list[dict] = []
         with torch.no_grad():     # convex: start from zero, then warm-start each weaker L2 from the last
             w.zero_()
             if b is not None:
@@ -318,10 +320,13 @@ class CachedHeadSteps:
             with torch.enable_grad():
                 opt.step(closure)
             va = self.evaluate()
+            if c is not None:
+                path.append({"C": c, "l2": l2, "val_loss": va["loss"], "val_acc": va["acc"]})
             key = (va["acc"], -va["loss"]) if self.val_bank is not None else (0.0, 0.0)
             if best is None or key > best[0]:
                 best = (key, c, l2, w.detach().clone(), None if b is None else b.detach().clone(), va)
         _, c, l2, bw, bb, va = best
+        self.solver_path = [dict(p, chosen=p["C"] == c) for p in path]
         with torch.no_grad():
             w.copy_(bw)
             if b is not None:

@@ -56,6 +56,18 @@ def test_exploding_compares_epochs_of_one_phase():
     assert any("exploding" in m for m in advise(rows))
 
 
+def test_trend_rules_judge_the_last_phase_alone():
+    """Issue 26: a solved head (train loss 0.011 on clean cached features), then finetune epochs on
+    augmented images falling 0.94 -> 0.40: no "not going down" advice. A finetune phase that is flat
+    over 3 epochs still gets it."""
+    phases = ["head", "finetune", "finetune"]
+    rows = _rows([0.011, 0.94, 0.40], [0.22, 0.45, 0.20], [1.0, 0.75, 0.88], [0.93, 0.85, 0.93], phases=phases)
+    assert advise(rows) == []
+    flat = _rows([0.011, 0.9, 0.9, 0.9], [0.22, 0.9, 0.9, 0.9], [1.0, 0.6, 0.6, 0.6], [0.93, 0.6, 0.6, 0.6],
+                 phases=["head"] + ["finetune"] * 3)
+    assert any("not going down" in m for m in advise(flat))
+
+
 def test_nan_loss_is_exploding():
     rows = _rows([1.0, float("nan")], [1.0, float("nan")], [0.4, 0.3], [0.4, 0.3])
     (msg,) = advise(rows)

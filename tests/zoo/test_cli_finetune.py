@@ -339,3 +339,20 @@ def test_report_uses_the_runs_own_val_predictions(tmp_path, tiny, monkeypatch, h
     assert classes == bundle.labels and kept == list(range(len(images)))
     assert torch.allclose(probs, again, atol=1e-5)
     assert (out / "report.html").is_file()
+
+
+def test_head_only_report_shows_the_solve_not_one_point_curves(tmp_path, tiny):
+    """A head solved in one step (the default on small data): summary.json keeps the solver's path (val
+    loss and accuracy per L2 strength, the kept one marked) and report.html draws it instead of three
+    one-point curves."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--epochs", "5",
+                    "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    path = json.loads((out / "summary.json").read_text())["head_solver"]
+    assert [p["C"] for p in path] == sorted(p["C"] for p in path) and len(path) >= 3
+    assert sum(p["chosen"] for p in path) == 1
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Head solve" in page and "validation loss against log10 C" in page and "<circle" in page
+    assert "Curves</h2>" not in page

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""What the first finetune epoch does to a solved head at medium data size (issue 26).
+
+scikit-learn's digits rendered as image folders (``--per-class`` train + 30 val + 44 test per class,
+seeded splits), the real EfficientNet-Lite0 ImageNet weights (the demo's packaged file), every run at
+``--img-size`` px with ``--hflip 0`` (a mirrored digit is another symbol). Each variant is one
+``zoo finetune`` process with the default policy (auto freeze: head + last stages at 100 per class) plus
+its flags; per run: the solved head's val loss/acc, the first finetune epoch's, the best epoch's, the
+head guard's decision, test accuracy (``zoo eval`` on test/) and wall time. Prints a markdown table.
+
+    python scripts/ablate_medium.py --splits 0,1 --variants default,warmup1 --out /tmp/ablate
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> extra `zoo finetune` flags
+VARIANTS = {
+    "default": [],
+    "warmup1": ["--warmup-epochs", "1"],
+    "lr1e-4": ["--lr", "1e-4"],
+    "bbmult0.01": ["--backbone-lr-mult", "0.01"],
+    "sgd": ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "1e-2"],
+    "sgd_warmup1": ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "1e-2", "--warmup-epochs", "1"],
+    "aug_views4": ["--aug-views", "4"],
+    "noaug": ["--augment", "none"],
+    "crop0.8": ["--crop-scale-min", "0.8"],
+    "noguard": ["--no-head-guard"],
+    "head": ["--freeze", "head"],
+    "none": ["--freeze", "none"],
+}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def digits(root: Path, seed: int, per_class: int) -> Path:
+    from zoo.demo import DemoPlan, write_digits_folder
+
+    if not (root / "test").is_dir():
+        write_digits_folder(root, DemoPlan(train_per_class=per_class, val_per_class=30, test_per_class=44,
+                                           image_size=64, seed=seed))
+    return root
+
+
+def run(cmd: list[str], log: Path, env: dict) -> float:
+    t0 = time.monotonic()
+    with open(log, "w", encoding="utf-8") as fh:
+        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"{' '.join(cmd[:6])} failed ({code}); see {log}")
+    return time.monotonic() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--splits", default="0,1")
+    p.add_argument("--variants", default="default,warmup1")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=0, help="cap (0: zoo's default)")
+    p.add_argument("--weights", type=Path, default=ROOT / ".peers" / "efficientnet-lite0-57934424.pth")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    home = a.out / "home"
+    env = dict(os.environ, ZOO_HOME=str(home), PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_OFFLINE="1")
+    if not (home / "models").exists():
+        subprocess.run([sys.executable, "-m", "zoo", "import", "efficientnet_lite0", str(a.weights)], cwd=ROOT,
+                       env=env, check=True, capture_output=True)
+    rows = []
+    for split in [int(s) for s in a.splits.split(",")]:
+        data = digits(a.out / f"digits{split}", split, a.per_class)
+        for name in a.variants.split(","):
+            run_dir = a.out / f"s{split}-{name}"
+            if not (run_dir / "summary.json").is_file():
+                cmd = [sys.executable, "-m", "zoo", "finetune", "efficientnet_lite0", "--data", str(data),
+                       "--out", str(run_dir), "--overwrite", "--img-size", str(a.img_size), "--hflip", "0",
+                       "--seed", str(split), "--quiet", *VARIANTS[name]]
+                if a.epochs:
+                    cmd += ["--epochs", str(a.epochs)]
+                seconds = run(cmd, a.out / f"s{split}-{name}.log", env)
+                run([sys.executable, "-m", "zoo", "eval", str(run_dir / "export"), "--data", str(data / "test"),
+                     "--out", str(run_dir / "eval"), "--overwrite"], a.out / f"s{split}-{name}.eval.log", env)
+                (run_dir / "wall.json").write_text(json.dumps({"seconds": seconds}))
+            rows.append(collect(run_dir, split, name))
+            say(f"s{split} {name}: {rows[-1]}")
+    table = markdown(rows)
+    (a.out / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+def collect(run_dir: Path, split: int, name: str) -> dict:
+    hist = list(csv.DictReader((run_dir / "metrics.csv").open(encoding="utf-8")))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    head = [r for r in hist if r["phase"] == "head"]
+    tune = [r for r in hist if r["phase"] == "finetune"]
+    test = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    guard = summary.get("head_guard") or {}
+    return {"split": split, "variant": name, "freeze": summary["freeze"].get("label", ""),
+            "head_val_loss": float(head[-1]["val_loss"]) if head else None,
+            "head_val_acc": float(head[-1]["val_acc"]) if head else None,
+            "ft1_val_loss": float(tune[0]["val_loss"]) if tune else None,
+            "ft1_val_acc": float(tune[0]["val_acc"]) if tune else None,
+            "best_epoch": summary["best_epoch"], "epochs": summary["epochs_run"],
+            "guard": guard.get("kept", ""), "guard_p": guard.get("p"),
+            "test_acc": float(test.get("acc", test.get("accuracy", float("nan")))),
+            "seconds": json.loads((run_dir / "wall.json").read_text())["seconds"]}
+
+
+def markdown(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    out = ["| split | variant | head val loss / acc | 1st finetune epoch val loss / acc | best epoch / run | "
+           "guard kept (p) | test acc | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['split']} | {r['variant']} | {f(r['head_val_loss'], '.3f')} / {f(r['head_val_acc'], '.3f')} | "
+                   f"{f(r['ft1_val_loss'], '.3f')} / {f(r['ft1_val_acc'], '.3f')} | {r['best_epoch']} / {r['epochs']} | "
+                   f"{r['guard']} ({f(r['guard_p'], '.2g')}) | {100 * r['test_acc']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
