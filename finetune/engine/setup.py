@@ -176,17 +176,22 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
     work.to(device)
-    channels_last = bool(config.channels_last) and device.type == "cuda"
-    if channels_last:
-        work.to(memory_format=torch.channels_last)
     weights = class_weights(train_set) if config.class_weights == "auto" else None
     output, normalize, train_normalize = device_steps(config, data_config, device)
     setup = Setup(model=work, head=head, stages=[list(s) for s in stages], data_config=data_config,
                   config=config, train_set=train_set, val_set=val_set, decision=decision, device=device,
                   info=info, amp=amp_policy(device, bool(config.amp)), loss_fn=build_loss(config, weights, device),
-                  channels_last=channels_last, output=output, normalize=normalize,
+                  channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
                   mix=build_mix(config, len(counts)))
+    # NHWC on CUDA for runs that train the network. A head-only run on cached features only passes each
+    # image forward once, and NHWC there costs cuDNN's first-use set-up for nothing (an H200, 63-image
+    # default run: feature pass 5.0 -> 0.6 s, whole process 17.9 -> 12.5 s; docs/benchmarks.md).
+    setup.channels_last = (bool(config.channels_last) and device.type == "cuda"
+                           and not (setup.head_only and setup.cached_head))
+    if setup.channels_last:
+        work.to(memory_format=torch.channels_last)
+    channels_last = setup.channels_last
     if setup.head_only and setup.mix is not None and config.fast_head:
         say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
             "features); drop them for the fast cached-feature head")

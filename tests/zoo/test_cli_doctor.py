@@ -70,7 +70,7 @@ def test_finetune_exclude_then_report(tmp_path, tiny, leaky):
     assert len(split["train"]) == 22
     page = (run / "report.html").read_text(encoding="utf-8")     # written by `zoo finetune` itself
     check_html(page)
-    for part in ("Freeze decision", "Curves", "Confusion matrix", "Config", "excluded"):
+    for part in ("Freeze decision", "Head solve", "Confusion matrix", "Config", "excluded"):   # head solved in one step
         assert part in page, part
     (run / "report.html").unlink()
     r = invoke("report", run, "--top", "3")
