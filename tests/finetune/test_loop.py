@@ -351,13 +351,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.gpu
 def test_cuda_head_only_on_cached_features_stays_nchw(data):
     """NHWC pays cuDNN's first-use set-up: only runs that train the network convert the model."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA")
     from finetune.engine import build_setup
-    from tests.finetune.test_loop import DATA_CONFIG, STAGES
 
     train, val = data
     head = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device="cuda", freeze="head",
@@ -369,6 +365,8 @@ def test_cuda_head_only_on_cached_features_stays_nchw(data):
     net.close()
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("bf16", [True, False])
 def test_cuda_amp_channels_last(data, tmp_path, monkeypatch, bf16):
     """CUDA: autocast in bf16 where supported, else fp16 with a GradScaler (checkpointed); channels_last."""
