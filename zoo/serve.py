@@ -241,7 +241,7 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
 
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.responses import HTMLResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.concurrency import run_in_threadpool
 
     from zoo.predict import eval_transform
 
