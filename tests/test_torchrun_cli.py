@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import make_image_folder, register_tiny
+from tests.conftest import load_script, make_image_folder, register_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -28,26 +26,12 @@ OPTIONS = ["--freeze", "none", "--epochs", "2", "--batch-size", "8", "--workers"
 
 
 def _run(cmd: list[str], env: dict, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``cmd``; returns (the finished process, seconds from its last line of output to its exit)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    last = [time.monotonic()]
-
-    def read() -> None:
-        for line in proc.stdout:            # type: ignore[union-attr]
-            lines.append(line)
-            last[0] = time.monotonic()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("the run did not end within 240 s:\n" + "".join(lines[-30:])) from None
-    exited = time.monotonic()
-    reader.join(timeout=10)
-    return subprocess.CompletedProcess(cmd, code, "".join(lines), ""), exited - last[0]
+    """Run ``cmd``; returns (the finished process, seconds from its last line of output to its exit),
+    timed by the GPU checks' own runner (scripts/bench_gpu_e2e.py)."""
+    log = Path(env["ZOO_HOME"] + ".log")
+    r = load_script("bench_gpu_e2e").run_timed(cmd, log, env=env, timeout=240)
+    assert r["code"] != -9, "the run did not end within 240 s:\n" + log.read_text()[-3000:]
+    return subprocess.CompletedProcess(cmd, r["code"], log.read_text(), ""), r["exit_lag"]
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
