@@ -38,6 +38,8 @@ VARIANTS = {
     "crop0.8_sgd": ["--crop-scale-min", "0.8", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "1e-2"],
     "crop0.8_lr1e-4": ["--crop-scale-min", "0.8", "--lr", "1e-4", "--backbone-lr-mult", "1"],
     "noaug_sgd": ["--augment", "none", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "1e-2"],
+    "wd0": ["--weight-decay", "0"],
+    "crop0.8_bb0.01": ["--crop-scale-min", "0.8", "--backbone-lr-mult", "0.01"],
     "noguard": ["--no-head-guard"],
     "head": ["--freeze", "head"],
     "none": ["--freeze", "none"],
