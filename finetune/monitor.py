@@ -75,19 +75,18 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
     rows = list(history)
     if not rows:
         return []
-    train_loss = _column(rows, "train_loss")
     raw_train_loss = [row.get("train_loss") for row in rows]
 
     # 1. Exploding loss: NaN/inf, or far above its best. Reported alone: the other curves are moot.
     nonfinite = any(v is not None and math.isnan(_num(v)) and _is_number(v) for v in raw_train_loss)
-    finite_tl = finite(train_loss)
     if nonfinite:
         return ["training loss became NaN/inf: the learning rate is too high, lower it "
                 "(try 1/10, or run `zoo lr-find`)"]
     # Within the last row's phase only: the head phase on cached features sees un-augmented inputs, the
     # finetune phase augmented (with --mixup/--cutmix: mixed) images, so its first epochs sit well above
     # the head's loss without anything going wrong.
-    phase_tl = finite(_column([r for r in rows if r.get("phase") == rows[-1].get("phase")], "train_loss"))
+    phase_rows = [r for r in rows if r.get("phase") == rows[-1].get("phase")]
+    phase_tl = finite(_column(phase_rows, "train_loss"))
     if len(phase_tl) >= 2:
         best_before_last = min(phase_tl[:-1])
         last = phase_tl[-1]
@@ -99,9 +98,7 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
     # The trend rules judge the last phase alone, for the same reason: a finetune phase's loss on
     # augmented images does not continue the head phase's curve on clean cached features (comparing
     # across them read as "not going down" at every unfreezing run's third epoch).
-    rows = [r for r in rows if r.get("phase") == rows[-1].get("phase")]
-    train_loss = _column(rows, "train_loss")
-    finite_tl = finite(train_loss)
+    rows, train_loss, finite_tl = phase_rows, _column(phase_rows, "train_loss"), phase_tl
     if len(rows) < t.min_epochs or len(finite_tl) < t.min_epochs:
         return []
 

@@ -169,11 +169,6 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
         for a, b in zip(hist, hist[1:]):
             if a.get("phase") != b.get("phase"):
                 best.append((a["epoch"] + b["epoch"]) / 2)
-        charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
-                                           "val": [r.get("val_loss") for r in hist]}, marks=best),
-                  line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
-                                               "val": [r.get("val_acc") for r in hist]}, marks=best),
-                  line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
         solver = summary.get("head_solver") or []
         if solver and len(hist) < 2:
             # a head solved in one step: its curves are one point each; what the run did is the solve
@@ -187,6 +182,11 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
                                 "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
                                 "(best validation accuracy, then loss).</p>" + "".join(charts)))
         else:
+            charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
+                                               "val": [r.get("val_loss") for r in hist]}, marks=best),
+                      line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
+                                                   "val": [r.get("val_acc") for r in hist]}, marks=best),
+                      line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
             body.append(section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
                                 + "".join(charts)))
 

@@ -191,7 +191,6 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                            and not (setup.head_only and setup.cached_head))
     if setup.channels_last:
         work.to(memory_format=torch.channels_last)
-    channels_last = setup.channels_last
     if setup.head_only and setup.mix is not None and config.fast_head:
         say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
             "features); drop them for the fast cached-feature head")
@@ -215,7 +214,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
             say(f"warning: --decode device on {device.type} decodes in one thread of the main process; "
                 "it is meant for CUDA (nvJPEG): the workers path is usually faster here")
         setup.train_loader = DevicePrefetcher(setup.train_loader, DeviceTransform(data_config, True, config),
-                                              device, channels_last=channels_last)
+                                              device, channels_last=setup.channels_last)
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
-                                            device, channels_last=channels_last)
+                                            device, channels_last=setup.channels_last)
     return setup

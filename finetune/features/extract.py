@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from finetune.data import resolve_workers
-from finetune.engine.runtime import AmpPolicy, amp_policy
+from finetune.engine.runtime import AmpPolicy, amp_policy, to_device
 from finetune.errors import FinetuneError
 from finetune.features.cache import FeatureBank
 
@@ -98,17 +98,10 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
                 continue
             bar.update(int(batch[0].shape[0]))
             idx, x, y = batch
-            if normalize is not None:    # uint8 batch: converted and normalised on the device
-                x = normalize(x, device, channels_last)
-            else:
-                x = x.to(device, non_blocking=True)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
             real = int(x.shape[0])
-            if fixed_shape and real < batch_size:   # eval mode: the zero rows change no real row's features
+            if fixed_shape and real < batch_size:   # eval mode: the padded rows change no real row's features
                 x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            x, _ = to_device(x, y, device, channels_last, normalize)   # uint8 batches normalised there
             f = model(x)
             if not checked:
                 shape = tuple(f.shape[1:])
