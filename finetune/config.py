@@ -192,7 +192,7 @@ class FinetuneConfig:
     sampler: str = "random"         # "random" | "balanced" (oversample rare classes)
     # --- augmentation (train only; evaluation is resize + centre crop) ---
     augment: str = "standard"       # "standard" | "trivial" (TrivialAugmentWide) | "none"; true/false = standard/none
-    crop_scale_min: float = 0.35    # RandomResizedCrop scale range lower bound (upper is 1.0)
+    crop_scale_min: float = 0.8     # RandomResizedCrop scale range lower bound (upper is 1.0); docs/peers.md
     hflip: float = 0.5              # horizontal flip probability (0 disables)
     brightness: float = 0.2         # ColorJitter brightness strength (0 disables)
     contrast: float = 0.2           # ColorJitter contrast strength (0 disables)

@@ -40,8 +40,14 @@ VARIANTS = {
     "noaug_sgd": ["--augment", "none", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "1e-2"],
     "wd0": ["--weight-decay", "0"],
     "crop0.8_bb0.01": ["--crop-scale-min", "0.8", "--backbone-lr-mult", "0.01"],
+    "crop0.8_warmup1": ["--crop-scale-min", "0.8", "--warmup-epochs", "1"],
+    "crop0.8_warmup2": ["--crop-scale-min", "0.8", "--warmup-epochs", "2"],
+    "crop0.8_warmup3": ["--crop-scale-min", "0.8", "--warmup-epochs", "3"],
     "noguard": ["--no-head-guard"],
     "head": ["--freeze", "head"],
+    "f1": ["--freeze", "1"],
+    "f2": ["--freeze", "2"],
+    "crop0.35": ["--crop-scale-min", "0.35"],
     "none": ["--freeze", "none"],
 }
 

@@ -25,6 +25,14 @@ tool reads the same pixels (zoo would composite on white itself; fastai and timm
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --fastai-python /tmp/fastai/bin/python \\
         --timm-train /tmp/timm_train.py --report /tmp/peers.md
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --only zoo,probe     # the zoo rows again
+
+Medium mode (``--dataset digits``): scikit-learn's handwritten digits as 64-px PNG folders, ``--train-per-class``
+(default 100) + 30 validation + 44 test images per class, seeded splits, every tool at ``--img-size`` px
+(default 128); the same rows (zoo's default then unfreezes stages), plus `zoo-head` (--freeze head) and
+`fastai-lrfind` (fine_tune at lr_find's valley):
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --dataset digits --splits 2 \
+        --only zoo,zoo-head,zoo-full,probe,fastai,fastai-lrfind,timm --fastai-epochs 5 --timm-epochs 10 ...
 """
 from __future__ import annotations
 
@@ -43,7 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet_lite0"          # the registry entry (timm tf_efficientnet_lite0)
 TIMM_ARCH = "tf_efficientnet_lite0"
-TOOLS = ("zoo", "zoo-full", "probe", "fastai", "timm")
+TOOLS = ("zoo", "zoo-head", "zoo-full", "probe", "fastai", "fastai-lrfind", "timm")
+ZOO_FLAGS = {"zoo": [], "zoo-head": ["--freeze", "head"], "zoo-full": ["--freeze", "none"]}
 # Photo classes of tuxpaint-stamps-default (>= 9 photos each). tools/instruments/fish/planets/insects were
 # never used by this project; birds/fruit/vegetables/flowers are 4 of the 5 classes of transfer_check.py
 # (a check of pretrained vs random init, not a tuning run); its mammals (65 photos) would swamp the test split.
@@ -95,11 +104,11 @@ def zoo_cmd(*args: str) -> list[str]:
 
 
 def run_zoo(data: Path, run: Path, flags: list[str],
-            evals: dict[str, list[str]] | None = None) -> tuple[float, float, dict[str, float]]:
+            evals: dict[str, list[str]] | None = None, seed: int = 0) -> tuple[float, float, dict[str, float]]:
     """(test accuracy, finetune wall seconds, {name: test accuracy of `zoo eval` with the flags ``evals[name]``})
     of `zoo finetune` + `zoo eval` on data/test (the extra evaluations score the same bundle)."""
     again = ["--overwrite"] if run.exists() else []     # a reused --work folder: rerun, do not refuse
-    seconds = run_timed(zoo_cmd("finetune", MODEL, "--data", str(data), "--out", str(run), "--seed", "0",
+    seconds = run_timed(zoo_cmd("finetune", MODEL, "--data", str(data), "--out", str(run), "--seed", str(seed),
                                 "--quiet", "--device", "cpu", *again, *flags), run.with_suffix(".log"))
     accs = {}
     for name, eval_flags in {"": [], **(evals or {})}.items():
@@ -112,7 +121,7 @@ def run_zoo(data: Path, run: Path, flags: list[str],
 
 
 # ----------------------------------------------------------------------------------------- probe
-def run_probe(data: Path) -> tuple[float, float, dict]:
+def run_probe(data: Path, img_size: int = 0) -> tuple[float, float, dict]:
     """(test accuracy, seconds, details) of a logistic regression on zoo's pooled features."""
     import numpy as np
     import torch
@@ -128,7 +137,10 @@ def run_probe(data: Path) -> tuple[float, float, dict]:
     entry = get_entry(MODEL)
     torch.manual_seed(0)
     model = create_model(entry, pretrained=True)
-    transform = build_transform(entry.preprocessing.data_config(), False)
+    data_config = entry.preprocessing.data_config()
+    if img_size:     # as zoo's --img-size: the same crop_pct at another size
+        data_config = {**data_config, "input_size": (3, img_size, img_size)}
+    transform = build_transform(data_config, False)
     report = scan_folder(data)
     feats = {}
     for split in ("train", "val", "test"):
@@ -168,11 +180,14 @@ def fastai_child(args: argparse.Namespace) -> None:
     timm.create_model = create_from_file
     set_seed(args.seed)
     data = Path(args.data)
-    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(224),
+    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(args.img_size or 224),
                                        batch_tfms=aug_transforms(), bs=args.batch_size, num_workers=0)
     learn = vision_learner(dls, TIMM_ARCH, pretrained=True)
     with learn.no_bar(), learn.no_logging():
-        learn.fine_tune(args.epochs)
+        if args.lr_find:    # the LR its finder suggests (the valley), as fastai's course does
+            learn.fine_tune(args.epochs, base_lr=float(learn.lr_find(show_plot=False).valley))
+        else:
+            learn.fine_tune(args.epochs)
     trained = time.monotonic()
     test = learn.dls.test_dl(get_image_files(data / "test"), with_labels=True)
     with learn.no_bar():
@@ -182,11 +197,14 @@ def fastai_child(args: argparse.Namespace) -> None:
                                              "test_s": time.monotonic() - trained, "n_test": len(targets)}))
 
 
-def run_fastai(python: str, data: Path, weights: Path, epochs: int, seed: int, work: Path) -> tuple[float, float]:
+def run_fastai(python: str, data: Path, weights: Path, epochs: int, seed: int, work: Path, img_size: int = 0,
+               lr_find: bool = False, batch_size: int = 16) -> tuple[float, float]:
     result = work / "fastai.json"
     env = {**os.environ, "PYTHONPATH": ""}   # fastai's venv sees the main venv's torch/timm through a .pth file
     total = run_timed([python, __file__, "--fastai-child", "--data", str(data), "--weights", str(weights),
-                       "--fastai-epochs", str(epochs), "--seed", str(seed), "--result", str(result)],
+                       "--fastai-epochs", str(epochs), "--seed", str(seed), "--result", str(result),
+                       "--img-size", str(img_size), "--batch-size", str(batch_size),
+                       *(["--lr-find"] if lr_find else [])],
                       work / "fastai.log", env=env)
     out = json.loads(result.read_text())
     return out["accuracy"], total - out["test_s"]   # the whole process, less its test pass
@@ -194,23 +212,25 @@ def run_fastai(python: str, data: Path, weights: Path, epochs: int, seed: int, w
 
 # ------------------------------------------------------------------------------------------ timm
 def timm_command(train_py: Path, data: Path, weights: Path, n_classes: int, epochs: int, seed: int, out: Path,
-                 batch_size: int = 16) -> list[str]:
+                 batch_size: int = 16, img_size: int = 0) -> list[str]:
     """timm's train.py on data/{train,val} from ``weights``, its defaults otherwise; writes out/run/."""
     return [sys.executable, str(train_py), "--data-dir", str(data), "--train-split", "train",
             "--val-split", "val", "--model", TIMM_ARCH, "--pretrained", "--pretrained-path",
             str(weights), "--num-classes", str(n_classes), "--device", "cpu", "--batch-size", str(batch_size),
-            "--epochs", str(epochs), "--seed", str(seed), "--output", str(out), "--experiment", "run"]
+            "--epochs", str(epochs), "--seed", str(seed), "--output", str(out), "--experiment", "run",
+            *(["--img-size", str(img_size)] if img_size else [])]
 
 
 def run_timm(train_py: Path, data: Path, weights: Path, n_classes: int, epochs: int, seed: int,
-             work: Path) -> tuple[float, float]:
+             work: Path, img_size: int = 0, batch_size: int = 16) -> tuple[float, float]:
     """(test accuracy of train.py's model_best checkpoint, train.py wall seconds)."""
     out = work / "timm"
-    seconds = run_timed(timm_command(train_py, data, weights, n_classes, epochs, seed, out), work / "timm.log")
-    return timm_test_accuracy(out / "run" / "model_best.pth.tar", data / "test", n_classes), seconds
+    seconds = run_timed(timm_command(train_py, data, weights, n_classes, epochs, seed, out, batch_size, img_size),
+                        work / "timm.log")
+    return timm_test_accuracy(out / "run" / "model_best.pth.tar", data / "test", n_classes, img_size), seconds
 
 
-def timm_test_accuracy(checkpoint: Path, test_dir: Path, n_classes: int) -> float:
+def timm_test_accuracy(checkpoint: Path, test_dir: Path, n_classes: int, img_size: int = 0) -> float:
     """Accuracy on test_dir with timm's own eval transform for the model (classes: sorted folder names)."""
     import argparse as _argparse
 
@@ -224,7 +244,7 @@ def timm_test_accuracy(checkpoint: Path, test_dir: Path, n_classes: int) -> floa
     model = timm.create_model(TIMM_ARCH, num_classes=n_classes)
     model.load_state_dict(state["state_dict"])
     model.eval()
-    transform = create_transform(**resolve_data_config({}, model=model))
+    transform = create_transform(**resolve_data_config({"img_size": img_size} if img_size else {}, model=model))
     correct = total = 0
     classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
     with torch.no_grad():
@@ -240,8 +260,11 @@ def timm_test_accuracy(checkpoint: Path, test_dir: Path, n_classes: int) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
+    ap.add_argument("--dataset", choices=("stamps", "digits"), default="stamps",
+                    help="stamps: few-shot real photos; digits: medium size (scikit-learn's digits)")
     ap.add_argument("--stamps-dir", help="an extracted tuxpaint stamps folder (default: fetch the Debian package)")
-    ap.add_argument("--train-per-class", type=int, default=5)
+    ap.add_argument("--train-per-class", type=int, help="default: 5 (stamps), 100 (digits)")
+    ap.add_argument("--img-size", type=int, help="every tool's input size; default: the model's (stamps), 128 (digits)")
     ap.add_argument("--val-per-class", type=int, default=2)
     ap.add_argument("--splits", type=int, default=3, help="seeded splits 0..N-1")
     ap.add_argument("--seeds", help="comma-separated split seeds instead (e.g. 1,2: to extend an earlier run)")
@@ -264,7 +287,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
+    ap.add_argument("--lr-find", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    digits = args.dataset == "digits"
+    if args.train_per_class is None:
+        args.train_per_class = 100 if digits else 5
+    if args.img_size is None:
+        args.img_size = 128 if digits else 0
+    if digits:
+        args.val_per_class = 30
     if args.fastai_child:
         args.epochs = args.fastai_epochs
         fastai_child(args)
@@ -289,21 +320,26 @@ def main() -> None:
         if not sep or not name.strip():
             sys.exit(f"--eval-flags {v!r}: write NAME=FLAGS, e.g. 'tta=--tta'")
         evals[name.strip()] = flags.split()
-    zoo_rows = [t for t in tools if t in ("zoo", "zoo-full") or t in variants]
+    zoo_rows = [t for t in tools if t in ZOO_FLAGS or t in variants]
     for row in zoo_rows:     # each zoo row is followed by its extra evaluations
         for name, flags in evals.items():
             tools.insert(tools.index(row) + 1 + list(evals).index(name), f"{row}+{name}")
             LABELS[f"{row}+{name}"] = f"{LABELS[row]}, `zoo eval {' '.join(flags)}`"
-    if "fastai" in tools and not args.fastai_python:
+    if {"fastai", "fastai-lrfind"} & set(tools) and not args.fastai_python:
         sys.exit("the fastai row needs --fastai-python (a venv with fastai), or leave it out of --only")
     if "timm" in tools and not (args.timm_train and Path(args.timm_train).is_file()):
         sys.exit("the timm row needs --timm-train PATH (a copy of timm's train.py), or leave it out of --only")
     if "ZOO_HOME" not in os.environ:
         sys.exit("set ZOO_HOME to a scratch folder (e.g. under /tmp): the weights are imported there")
     sys.path.insert(0, str(ROOT))
+    from zoo.demo import DIGIT_NAMES, DemoPlan, write_digits_folder
 
     tc = _transfer_check()
-    files = tc.stamp_files(tc.stamps_dir(args.stamps_dir), PEER_CLASSES)
+    if digits:
+        files = {name: range(1) for name in DIGIT_NAMES}      # class names only (the report's header)
+    else:
+        files = tc.stamp_files(tc.stamps_dir(args.stamps_dir), PEER_CLASSES)
+    size_flags = ["--img-size", str(args.img_size)] if args.img_size else []
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="zoo-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     from zoo.demo import demo_weights_file
@@ -311,7 +347,7 @@ def main() -> None:
     pth, sha = demo_weights_file()
     run_timed(zoo_cmd("import", MODEL, str(pth), "--sha256", sha), work / "import.log")
     weights = work / "efficientnet_lite0.safetensors"
-    if {"fastai", "timm"} & set(tools):
+    if {"fastai", "fastai-lrfind", "timm"} & set(tools):
         export_weights(weights)
 
     results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
@@ -320,7 +356,10 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(range(args.splits))
     for seed in seeds:
         data = work / f"data-{seed}"
-        if not data.exists():
+        if not data.exists() and digits:
+            counts = write_digits_folder(data, DemoPlan(train_per_class=args.train_per_class, val_per_class=30,
+                                                        test_per_class=DIGITS_TEST, image_size=64, seed=seed))
+        elif not data.exists():
             counts = tc.write_stamps_folder(data, files, args.train_per_class, args.val_per_class, seed)
             flatten_on_white(data)
         else:
@@ -333,18 +372,20 @@ def main() -> None:
             run = work / f"{tool}-{seed}"
             run.mkdir(exist_ok=True)
             if tool in zoo_rows:
-                flags = {"zoo": [], "zoo-full": ["--freeze", "none"], **variants}[tool]
-                acc, s, extra = run_zoo(data, run / "run", flags, evals)
+                flags = {**ZOO_FLAGS, **variants}[tool]
+                acc, s, extra = run_zoo(data, run / "run", [*size_flags, *flags], evals, seed=seed if digits else 0)
                 for name, a in extra.items():
                     results[f"{tool}+{name}"].append((a, s))
                     say(f"  {tool + '+' + name:9s} test acc {a:.3f}")
             elif tool == "probe":
-                acc, s, details = run_probe(data)
+                acc, s, details = run_probe(data, args.img_size)
                 probe_details.append(details)
-            elif tool == "fastai":
-                acc, s = run_fastai(args.fastai_python, data, weights, args.fastai_epochs, seed, run)
+            elif tool in ("fastai", "fastai-lrfind"):
+                acc, s = run_fastai(args.fastai_python, data, weights, args.fastai_epochs, seed, run, args.img_size,
+                                    lr_find=tool == "fastai-lrfind", batch_size=32 if digits else 16)
             else:
-                acc, s = run_timm(Path(args.timm_train), data, weights, len(files), args.timm_epochs, seed, run)
+                acc, s = run_timm(Path(args.timm_train), data, weights, len(files), args.timm_epochs, seed, run,
+                                  args.img_size, batch_size=32 if digits else 16)
             results[tool].append((acc, s))
             say(f"  {tool:9s} test acc {acc:.3f}  {s:6.1f} s")
         if args.report:   # after every split: a run cut short still leaves the splits it finished
@@ -368,10 +409,14 @@ def export_weights(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-LABELS = {"zoo": "`zoo finetune` defaults (head only)", "zoo-full": "`zoo finetune --freeze none`",
+DIGITS_TEST = 44
+
+LABELS = {"zoo": "`zoo finetune` defaults", "zoo-head": "`zoo finetune --freeze head`",
+          "zoo-full": "`zoo finetune --freeze none`",
+          "fastai-lrfind": "fastai `fine_tune({fe}, base_lr=lr_find().valley)`",
           "probe": "LogisticRegression (L-BFGS, C on val) on the same pooled features",
           "fastai": "fastai `vision_learner(...).fine_tune({fe})`",
-          "timm": "timm `train.py`, defaults, `--epochs {te} --batch-size 16`"}
+          "timm": "timm `train.py`, defaults, `--epochs {te} --batch-size {bs}`"}
 
 
 def report_lines(args, tools, results, probe_details, files, n_test) -> list[str]:
@@ -379,10 +424,12 @@ def report_lines(args, tools, results, probe_details, files, n_test) -> list[str
     base = results.get("zoo")
     lines = [
         f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}: `scripts/bench_peers.py --only {','.join(tools)} --train-per-class "
+        f"{platform.python_version()}: `scripts/bench_peers.py --dataset {args.dataset} --img-size {args.img_size} "
+        f"--only {','.join(tools)} --train-per-class "
         f"{args.train_per_class} --seeds {','.join(map(str, splits))} --fastai-epochs {args.fastai_epochs} --timm-epochs "
-        f"{args.timm_epochs}`. Data: {len(files)} classes ({', '.join(f'{k} {len(v)}' for k, v in files.items())} "
-        f"photos), {args.train_per_class} training + {args.val_per_class} validation images per class, test "
+        f"{args.timm_epochs}`. Data: {len(files)} classes ("
+        + (", ".join(f"{k} {len(v)}" for k, v in files.items()) + " photos" if args.dataset == "stamps"
+           else "scikit-learn's digits as 64-px PNGs") + f"), {args.train_per_class} training + {args.val_per_class} validation images per class, test "
         f"images per split: {', '.join(map(str, n_test))}.", "",
         "| tool | " + " | ".join(f"split {s}" for s in splits) + " | mean test acc | mean wall s | acc - zoo | time / zoo |",
         "|---" * (len(n_test) + 5) + "|",
@@ -397,7 +444,8 @@ def report_lines(args, tools, results, probe_details, files, n_test) -> list[str
             ratio = f"{statistics.median(s / b for (_, s), (_, b) in zip(rows, base)):.2f}x"
         else:
             d_acc = ratio = "-"
-        label = LABELS[tool].format(fe=args.fastai_epochs, te=args.timm_epochs)
+        label = LABELS[tool].format(fe=args.fastai_epochs, te=args.timm_epochs,
+                                    bs=32 if args.dataset == "digits" else 16)
         lines.append(f"| {label} | {cells} | **{acc:.3f}** | {sec:.0f} | {d_acc} | {ratio} |")
     if probe_details:
         lines.append("")

@@ -9,6 +9,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finetune import distributed as ddp
@@ -138,13 +139,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
              amp: AmpPolicy | None = None, channels_last: bool = False,
              info: ddp.DistInfo | None = None, normalize: Callable | None = None,
-             probs: list | None = None, correct: list | None = None) -> dict:
+             probs: list | None = None, correct: list | None = None, losses: list | None = None) -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
 
     Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks.
     ``normalize``: as in :func:`train_one_epoch` (uint8 batches normalised on the device).
     ``probs``: a list that receives each batch's softmax probabilities (CPU float tensors, loader order).
     ``correct``: a list that receives each batch's per-image hits (CPU bool tensors, this rank's images).
+    ``losses``: a list that receives each batch's per-image cross-entropy (CPU float64, this rank's images).
     """
     info = info or ddp.DistInfo()
     model.eval()
@@ -163,6 +165,8 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device,
             probs.append(out.float().softmax(1).cpu())
         if correct is not None:
             correct.append((out.argmax(1) == y).cpu())
+        if losses is not None:
+            losses.append(F.cross_entropy(out.float(), y, reduction="none").double().cpu())
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
     conf = confusion.view(c, c).cpu()

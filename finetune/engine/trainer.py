@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -28,11 +28,12 @@ from torch import nn
 from finetune import distributed as ddp
 from finetune.checkpoint import BEST, HEAD_BEST, CpuStateCache, load_weights, rng_state, set_rng_state
 from finetune.ema import ModelEma
+from finetune.engine.guard import Evaluation, judge
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.errors import DivergedError, Interrupted
-from finetune.metrics import EarlyStopping, paired_gain_p
+from finetune.metrics import EarlyStopping
 from finetune.monitor import advise
 from finetune.seeding import epoch_seed, seed_everything
 from finetune.surgery import apply_freeze
@@ -47,22 +48,7 @@ HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val lo
 # (metrics.csv, last.pt and the best weights are written after every epoch that needs them: a SIGKILL
 # loses at most the epoch in progress.)
 CURVES_EVERY_S = 30.0
-# The head guard (config.head_guard): after a head phase, finetuned weights replace the head's only when a
-# one-sided exact McNemar test on the validation images says they are better at this level. Measured on
-# 10 few-shot splits of real photos (5 training images per class, docs/peers.md): finetuning every layer
-# won on val loss in 5 of them, lost test accuracy in 4 and tied in 1 (-2.0 points over the 10); none of
-# those wins was significant (McNemar p 0.25-1 on 18 validation images).
-HEAD_GUARD_ALPHA = 0.05
 Log = Callable[[str], None]
-
-
-class Evaluation(NamedTuple):
-    """One evaluation of the validation split, kept with the path that made it."""
-
-    steps: EpochSteps               # the path that evaluated (LoaderSteps or the cached head)
-    metrics: dict
-    probs: torch.Tensor | None      # each val_set item's softmax (None: an image failed, or DDP)
-    correct: torch.Tensor | None    # per-image hits on the images this rank evaluated
 
 
 @dataclass
@@ -114,6 +100,7 @@ class LoaderSteps:
         self.ema: ModelEma | None = None
         self.val_probs: torch.Tensor | None = None     # of the last evaluation (see FitResult.val_probs)
         self.val_correct: torch.Tensor | None = None   # of the last evaluation: hits on this rank's images
+        self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
@@ -139,15 +126,17 @@ class LoaderSteps:
 
     def evaluate(self, full: bool = False) -> dict:
         s = self.s
-        self.val_probs = self.val_correct = None
+        self.val_probs = self.val_correct = self.val_losses = None
         if not s.has_val:
             return {"loss": math.nan, "acc": math.nan}
         probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
         correct: list = []
+        losses: list = []
         out = evaluate(s.model if full else self.eval_net, s.val_loader, s.eval_loss_fn, s.device, s.classes,
                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
-                       correct=correct)
+                       correct=correct, losses=losses)
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+        self.val_losses = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
         if probs and sum(len(p) for p in probs) == len(s.val_set):     # no image dropped: rows = val_set items
             self.val_probs = torch.cat(probs)
         return out
@@ -323,8 +312,7 @@ class Trainer:
                "images_per_s": tr["images_per_s"]}
         improved = s.has_val and self.stopper.improved(metric)
         if improved:
-            self.best_eval = Evaluation(steps, va, getattr(steps, "val_probs", None),
-                                        getattr(steps, "val_correct", None))
+            self.best_eval = _evaluation(steps, va)
         stop = self.stopper.step(metric, self.epoch) if s.has_val else False
         if warmup:
             head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
@@ -359,15 +347,12 @@ class Trainer:
     def _evaluate_state(self, state: dict[str, torch.Tensor]) -> Evaluation:
         """``state``'s evaluation through the network."""
         self.s.model.load_state_dict(state)
-        out = self.loader_steps.evaluate(full=True)
-        return Evaluation(self.loader_steps, out, self.loader_steps.val_probs, self.loader_steps.val_correct)
+        return _evaluation(self.loader_steps, self.loader_steps.evaluate(full=True))
 
     def _guard_head(self) -> None:
-        """After a head phase and finetuning: the finetuned best weights are kept only if they are right on
-        significantly more validation images than the head phase's (see HEAD_GUARD_ALPHA); else the
-        head phase's weights become the run's best (best.safetensors, the export). Under DDP each rank
-        counts its own images and the counts are summed. Skipped when the two evaluations did not see
-        the same images (an image failed to decode in one of them)."""
+        """After a head phase and finetuning: :func:`finetune.engine.guard.judge` decides whether the
+        finetuned best weights stay the run's best; else the head phase's weights become the run's best
+        (best.safetensors, the export)."""
         s = self.s
         if self.head_epoch is None or self.best_state is None or self.stopper.best_epoch == self.head_epoch:
             return
@@ -377,35 +362,29 @@ class Trainer:
         if head_state is None:
             return
         tuned_eval = self.best_eval
-        if tuned_eval is None or tuned_eval.correct is None:
+        if tuned_eval is None or tuned_eval.losses is None:
             tuned_eval = self._evaluate_state(self.best_state)
         head_eval = self.head_eval
-        if head_eval is None or head_eval.correct is None:
+        if head_eval is None or head_eval.losses is None:
             head_eval = self._evaluate_state(head_state)
-        tuned_ok, head_ok = tuned_eval.correct, head_eval.correct
-        paired = tuned_ok.shape == head_ok.shape
-        counts = torch.tensor([int((tuned_ok & ~head_ok).sum()), int((head_ok & ~tuned_ok).sum()), 0]
-                              if paired else [0, 0, 1], dtype=torch.int64, device=s.device)
-        ddp.all_reduce_sum(counts, s.info)
-        gains, losses, unpaired = (int(v) for v in counts.tolist())
-        if unpaired:
+        verdict = judge(head_eval, tuned_eval, head_epoch=self.head_epoch, finetune_epoch=self.stopper.best_epoch,
+                        n_val=len(s.val_set), device=s.device, info=s.info)
+        if verdict is None:
             return
-        p = paired_gain_p(gains, losses)
-        tuned_epoch = self.stopper.best_epoch
-        keep = "finetune" if p < HEAD_GUARD_ALPHA else "head"
-        self.guard = {"head_epoch": self.head_epoch, "finetune_epoch": tuned_epoch, "gains": gains,
-                      "losses": losses, "p": round(p, 6), "alpha": HEAD_GUARD_ALPHA, "kept": keep}
-        said = (f"right on {gains} validation image(s) the head got wrong, wrong on {losses} it got right "
-                f"(one-sided exact McNemar p={p:.2g})")
-        if keep == "finetune":
-            self.say(f"head guard: the finetuned weights of epoch {tuned_epoch} are kept: {said}")
+        self.guard = verdict.to_dict()
+        if verdict.kept == "finetune":
+            self.say(f"head guard: the finetuned weights of epoch {verdict.finetune_epoch} are kept: they were "
+                     f"{verdict.evidence()}")
             return
+        spent = sum(r["seconds"] for r in self.history if r["phase"] == "finetune")
         self.say(f"head guard: the head of epoch {self.head_epoch} is kept, not the finetuned weights of epoch "
-                 f"{tuned_epoch}: they were {said}, not significantly better; --no-head-guard keeps them")
+                 f"{verdict.finetune_epoch}: they were {verdict.evidence()}: not significantly better. The "
+                 f"finetune phase took {spent:.0f} s: --freeze head skips it, --no-head-guard keeps its weights, "
+                 "more validation images give the test more power")
         self.guard["value"] = float(head_eval.metrics["acc" if s.config.monitor == "val_acc" else "loss"])
         self.best_state, self.best_eval = head_state, head_eval
         self.folder.best(head_state, {"epoch": str(self.head_epoch), "monitor": "head guard",
-                                      "value": repr(p)})
+                                      "value": repr(min(verdict.p, verdict.p_loss))})
         self.folder.curves(self.history, self.head_epoch)
 
     def run(self) -> FitResult:
@@ -492,6 +471,12 @@ class Trainer:
         return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,
                          stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics,
                          val_probs=probs)
+
+
+def _evaluation(steps: EpochSteps, metrics: dict) -> Evaluation:
+    """``metrics`` kept with what ``steps`` recorded of the same evaluation, per image."""
+    return Evaluation(steps, metrics, getattr(steps, "val_probs", None), getattr(steps, "val_correct", None),
+                      getattr(steps, "val_losses", None))
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import time
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from finetune import distributed as ddp
 from finetune.data import ImageDataset, ImageSet, build_transform, make_loader, set_loader_epoch
@@ -115,6 +116,7 @@ class CachedHeadSteps:
         self.solver_path: list[dict] = []   # the L-BFGS solve: per L2 strength, its val loss/acc (summary.json)
         self.val_probs: torch.Tensor | None = None     # of the last evaluate() (see FitResult.val_probs)
         self.val_correct: torch.Tensor | None = None   # of the last evaluate(): hits on the decoded images
+        self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
         self._prep_seconds = 0.0
 
     @property
@@ -348,7 +350,7 @@ class CachedHeadSteps:
         with ``full``, per-class accuracy and the confusion matrix too, as ``engine.evaluate`` gives them
         (the features are exactly what the head sees there: no second pass through the backbone).
         ``val_probs`` then holds each validation image's softmax (None if an image failed to decode)."""
-        self.val_probs = self.val_correct = None
+        self.val_probs = self.val_correct = self.val_losses = None
         if self.val_bank is None:
             return {"loss": math.nan, "acc": math.nan}
         s = self.s
@@ -358,7 +360,7 @@ class CachedHeadSteps:
         c = len(s.classes)
         confusion = torch.zeros(c * c, dtype=torch.int64)
         total = 0.0
-        probs, correct = [], []
+        probs, correct, losses = [], [], []
         bs = int(s.config.batch_size)
         try:
             for start in range(0, int(self.val_rows.shape[0]), bs):
@@ -371,13 +373,16 @@ class CachedHeadSteps:
                 confusion += torch.bincount((y * c + logits.argmax(1)).cpu(), minlength=c * c)
                 probs.append(logits.float().softmax(1).cpu())
                 correct.append((logits.argmax(1) == y).cpu())
+                losses.append(F.cross_entropy(logits.float(), y, reduction="none").double().cpu())
         finally:
             head.train(was)
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+        self.val_losses = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
         if s.info.enabled and len(self.val_correct):
-            # the head guard pairs these hits with LoaderSteps' on this rank's strided shard, and sums
-            # the counts over ranks: each rank keeps its own images'
-            self.val_correct = self.val_correct[(self.val_rows % s.info.world_size == s.info.rank).cpu()]
+            # the head guard pairs these with LoaderSteps' on this rank's strided shard, and combines
+            # the ranks' evidence: each rank keeps its own images'
+            mine = (self.val_rows % s.info.world_size == s.info.rank).cpu()
+            self.val_correct, self.val_losses = self.val_correct[mine], self.val_losses[mine]
         if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
             self.val_probs = torch.cat(probs)
         conf = confusion.view(c, c)

@@ -91,4 +91,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     # the head guard counts each rank's validation images and sums them: the same decision as one process
     one = json.loads((tmp_path / "single" / "summary.json").read_text())["head_guard"]
     two = summary["head_guard"]
-    assert one is not None and two.pop("value") == pytest.approx(one.pop("value"), abs=1e-5) and two == one
+    assert one is not None
+    for key in ("value", "loss_gain"):                  # float sums over images: equal up to rounding
+        assert two.pop(key, None) == pytest.approx(one.pop(key, None), abs=1e-5), key
+    assert two.pop("p_loss") == pytest.approx(one.pop("p_loss"), abs=0.01)    # the same draws on those
+    assert two == one

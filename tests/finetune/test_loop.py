@@ -426,12 +426,12 @@ def test_paired_gain_p_is_the_exact_one_sided_mcnemar_test():
 @pytest.mark.parametrize("alpha,kept", [(0.0, "head"), (1.01, "finetune")])
 def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(data, tmp_path, monkeypatch,
                                                                               alpha, kept):
-    """After a head phase, the finetuned weights (best on val loss) replace the head's only if McNemar's
-    test on the validation images says so: alpha 0 never, alpha > 1 always. When the head is kept it is
+    """After a head phase, the finetuned weights (best on val loss) replace the head's only if a paired test
+    on the validation images says so: alpha 0 never, alpha > 1 always. When the head is kept it is
     the run's best everywhere: the returned model, best.safetensors, summary.json, the metrics."""
-    from finetune.engine import trainer
+    from finetune.engine import guard as guard_module
 
-    monkeypatch.setattr(trainer, "HEAD_GUARD_ALPHA", alpha)
+    monkeypatch.setattr(guard_module, "ALPHA", alpha)
     out = tmp_path / "run"
     states = []
     model = tiny_model()
@@ -441,7 +441,7 @@ def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(dat
     guard = summary["head_guard"]
     assert guard is not None, "a finetune epoch should beat the head epoch on val loss here"
     assert guard["head_epoch"] == 1 and guard["finetune_epoch"] > 1 and guard["kept"] == kept
-    assert guard["gains"] >= 0 and guard["losses"] >= 0
+    assert guard["gains"] >= 0 and guard["losses"] >= 0 and 0 < guard["p_loss"] <= 1
     assert (out / "checkpoints" / "head.safetensors").is_file()
     best = load_weights(out / BEST)
     want = states[0] if kept == "head" else states[guard["finetune_epoch"] - 1]

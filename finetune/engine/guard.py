@@ -1,0 +1,108 @@
+"""The head guard: after a head phase and a finetune phase, which of the two the run keeps.
+
+The finetuned weights (the best epoch on the monitored metric) replace the head phase's only when the
+validation images say they are better, on one of two paired tests of the same images at ``ALPHA``:
+- accuracy: a one-sided exact McNemar test on the images one got right and the other wrong;
+- loss: a one-sided paired bootstrap of the per-image cross-entropy differences (the head's minus the
+  finetuned weights'), as long as the finetuned weights are not wrong on more images than they fix.
+A dozen validation images (few-shot) rarely give either test enough evidence, which is where the guard
+protects: there, finetuning lost test accuracy as often as it won. At hundreds of images the loss test
+has the power to see the gains of unfreezing that accuracy alone misses (docs/peers.md). Under torchrun each rank holds its strided shard of the validation set: the counts are
+summed and the loss differences gathered in item order, so the decision is the one process's.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from finetune import distributed as ddp
+from finetune.metrics import paired_gain_p
+
+__all__ = ["ALPHA", "Evaluation", "Verdict", "judge", "paired_loss_p"]
+
+ALPHA = 0.05
+BOOTSTRAP_DRAWS = 2000
+_CHUNK = 100          # bootstrap draws computed at once (memory: _CHUNK x images indices)
+
+
+class Evaluation(NamedTuple):
+    """One evaluation of the validation split, kept with the path that made it."""
+
+    steps: Any                      # the path that evaluated (LoaderSteps or the cached head)
+    metrics: dict
+    probs: torch.Tensor | None      # each val_set item's softmax (None: an image failed, or DDP)
+    correct: torch.Tensor | None    # per-image hits on the images this rank evaluated
+    losses: torch.Tensor | None     # per-image cross-entropy (float64) on the same images
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the guard decided, as written into summary.json (``head_guard``)."""
+
+    head_epoch: int
+    finetune_epoch: int
+    gains: int              # validation images the finetuned weights got right and the head wrong
+    losses: int             # the reverse
+    p: float                # exact McNemar, one-sided
+    loss_gain: float        # mean per-image cross-entropy: the head's minus the finetuned weights'
+    p_loss: float           # paired bootstrap, one-sided (1.0 when the finetuned weights lose more images)
+    alpha: float
+    kept: str               # "finetune" | "head"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def evidence(self) -> str:
+        """One clause for the log."""
+        return (f"right on {self.gains} validation image(s) the head got wrong, wrong on {self.losses} it got "
+                f"right (McNemar p={self.p:.2g}); validation loss {self.loss_gain:+.3g} per image in their "
+                f"favour (bootstrap p={self.p_loss:.2g})")
+
+
+def paired_loss_p(diff: torch.Tensor, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
+    """One-sided paired bootstrap: the share of resampled mean differences at or below zero (with the
+    usual +1 correction), i.e. how often the images could have shown no gain. ``diff``: per-image
+    (old - new) losses. Deterministic for a given ``seed``; 1.0 for no images."""
+    n = int(diff.numel())
+    if n == 0:
+        return 1.0
+    d = diff.detach().double().cpu().reshape(-1)
+    g = torch.Generator().manual_seed(int(seed))
+    at_or_below = 0
+    for start in range(0, draws, _CHUNK):
+        k = min(_CHUNK, draws - start)
+        idx = torch.randint(n, (k, n), generator=g)
+        at_or_below += int((d[idx].mean(1) <= 0).sum())
+    return (at_or_below + 1) / (draws + 1)
+
+
+def judge(head: Evaluation, tuned: Evaluation, *, head_epoch: int, finetune_epoch: int, n_val: int,
+          device: torch.device, info: ddp.DistInfo) -> Verdict | None:
+    """The guard's decision on two evaluations of the same validation images (``n_val``: the split's size);
+    None when they did not see the same images on some rank (an image failed to decode in one of them
+    only): nothing to pair."""
+    paired = (head.correct is not None and tuned.correct is not None and head.losses is not None
+              and tuned.losses is not None and head.correct.shape == tuned.correct.shape
+              and head.losses.shape == tuned.losses.shape == head.correct.shape)
+    if paired:
+        t, h = tuned.correct, head.correct
+        counts = torch.tensor([int((t & ~h).sum()), int((h & ~t).sum()), int(h.numel()), 0], dtype=torch.int64,
+                              device=device)
+    else:
+        counts = torch.tensor([0, 0, 0, 1], dtype=torch.int64, device=device)
+    ddp.all_reduce_sum(counts, info)
+    gains, losses, seen, unpaired = (int(v) for v in counts.tolist())
+    if unpaired:
+        return None
+    diff = head.losses - tuned.losses
+    if info.enabled:     # every rank the same differences: in item order when no image failed to decode
+        diff = (ddp.gather_strided(diff, n_val, info) if seen == n_val
+                else torch.cat([d.cpu() for d in ddp.gather_objects(diff.cpu(), info)]))
+    p = paired_gain_p(gains, losses)
+    p_loss = paired_loss_p(diff) if gains >= losses else 1.0
+    keep = "finetune" if min(p, p_loss) < ALPHA else "head"
+    return Verdict(head_epoch=head_epoch, finetune_epoch=finetune_epoch, gains=gains, losses=losses,
+                   p=round(p, 6), loss_gain=round(float(diff.mean()), 6) if diff.numel() else 0.0,
+                   p_loss=round(p_loss, 6), alpha=ALPHA, kept=keep)

@@ -1,0 +1,58 @@
+"""The head guard's decision (finetune.engine.guard): paired tests of two evaluations of the same images."""
+from __future__ import annotations
+
+import torch
+
+from finetune.distributed import DistInfo
+from finetune.engine.guard import BOOTSTRAP_DRAWS, Evaluation, judge, paired_loss_p
+
+CPU = torch.device("cpu")
+
+
+def ev(correct: list[bool], losses: list[float]) -> Evaluation:
+    return Evaluation(None, {"loss": sum(losses) / len(losses)}, None, torch.tensor(correct),
+                      torch.tensor(losses, dtype=torch.float64))
+
+
+def decide(head: Evaluation, tuned: Evaluation):
+    return judge(head, tuned, head_epoch=1, finetune_epoch=5, n_val=len(head.correct), device=CPU, info=DistInfo())
+
+
+def test_paired_loss_p_counts_the_draws_that_show_no_gain():
+    smallest = 1 / (BOOTSTRAP_DRAWS + 1)
+    assert paired_loss_p(torch.full((50,), 0.1)) == smallest          # every draw shows the gain
+    assert paired_loss_p(torch.full((50,), -0.1)) == 1.0               # none does
+    assert paired_loss_p(torch.zeros(50)) == 1.0                       # no difference is no gain
+    assert paired_loss_p(torch.zeros(0)) == 1.0
+    noisy = torch.tensor([0.3, -0.3] * 25, dtype=torch.float64)
+    assert 0.2 < paired_loss_p(noisy) <= 1.0                           # centred on zero: no evidence
+    assert paired_loss_p(noisy) == paired_loss_p(noisy.clone())        # seeded: the same every time
+
+
+def test_a_lower_loss_on_hundreds_of_images_keeps_finetuning_that_mcnemar_alone_would_veto():
+    """The medium-data case: 300 images, 10 fixed against 8 broken (McNemar p ~0.4), but the finetuned
+    weights are more confident where right on nearly every image."""
+    head_ok = [True] * 280 + [False] * 20
+    tuned_ok = [True] * 272 + [False] * 8 + [True] * 10 + [False] * 10     # 8 broken, 10 fixed
+    head = ev(head_ok, [0.2] * 280 + [2.0] * 20)
+    tuned = ev(tuned_ok, [0.1] * 272 + [2.0] * 8 + [0.5] * 10 + [2.0] * 10)
+    v = decide(head, tuned)
+    assert v is not None and (v.gains, v.losses) == (10, 8) and v.p > 0.05
+    assert v.p_loss < 0.05 and v.loss_gain > 0 and v.kept == "finetune"
+
+
+def test_the_head_is_kept_without_evidence_or_when_more_images_break_than_are_fixed():
+    few = decide(ev([True] * 10 + [False] * 2, [0.3, 0.5] * 6),
+                 ev([True] * 10 + [False] * 2, [0.5, 0.2] * 6))        # a few-shot reshuffle of the loss
+    assert few is not None and few.kept == "head" and few.p_loss > 0.05
+    # far lower loss on most images, but 6 broken against 2 fixed: accuracy comes first
+    head = ev([True] * 94 + [False] * 6, [0.5] * 100)
+    tuned = ev([True] * 88 + [False] * 6 + [True] * 2 + [False] * 4, [0.1] * 100)
+    v = decide(head, tuned)
+    assert v is not None and (v.gains, v.losses) == (2, 6) and v.p_loss == 1.0 and v.kept == "head"
+
+
+def test_evaluations_of_different_images_are_not_paired():
+    assert decide(ev([True, False], [0.1, 0.2]), ev([True], [0.1])) is None
+    missing = Evaluation(None, {}, None, torch.tensor([True, False]), None)
+    assert decide(ev([True, False], [0.1, 0.2]), missing) is None
