@@ -1,5 +1,5 @@
-"""FinetuneConfig: every option of a finetune run, with commented defaults, and ``OPTIONS``: the one
-definition of each option's help line, allowed values and numeric range.
+"""FinetuneConfig: every option of a finetune run, one record per option (default, help line, allowed
+values, whether it may change on resume), and ``OPTIONS``, the table derived from those records.
 
 YAML overrides the defaults, command-line flags override the YAML; the resolved config is written into
 the run folder (``config.yaml``) and into every checkpoint, so a run can be resumed or reproduced.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from finetune.errors import ConfigError
 from finetune.io import load_yaml
 
 __all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
-           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "upgrade_config_dict"]
+           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
@@ -29,9 +29,6 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh")
 MONITORS = ("val_loss", "val_acc")
 HEAD_SOLVERS = ("lbfgs", "gradient")
 AUGMENTS = ("standard", "trivial", "none")
-# Options that were booleans before they took a closed set of values: YAML files, run folders and
-# checkpoints written then still load (True/False -> these values).
-_LEGACY_BOOLS = {"augment": {True: "standard", False: "none"}}
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,9 @@ class Option:
     """What one FinetuneConfig field may hold and how it is explained (``--help``, error messages).
 
     ``choices``: the closed set of values; ``low``/``high``: the numeric range (``*_open``: bound excluded);
-    ``sentinels``: values outside the range with a meaning of their own (e.g. -1 = auto).
+    ``sentinels``: values outside the range with a meaning of their own (e.g. -1 = auto); ``resume_free``:
+    the option may change when a run is resumed (it changes speed or output, not the maths of the epochs
+    still to run; epochs and patience may be raised to train longer).
     """
 
     help: str
@@ -49,6 +48,7 @@ class Option:
     low_open: bool = False
     high_open: bool = False
     sentinels: tuple[float, ...] = ()
+    resume_free: bool = False
 
     def range_text(self) -> str:
         """The allowed values as shown in ``--help`` and in errors: "0 <= x < 1", "x >= 1", "x >= 0 or -1"."""
@@ -85,173 +85,153 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-# One entry per FinetuneConfig field (a test checks it): the help line of its flag, its allowed values.
-OPTIONS: dict[str, Option] = {
-    "val_split": Option("Fraction of each class held out for validation when DIR has no train/val folders.",
-                        low=0, high=1, low_open=True, high_open=True),
-    "strict": Option("Unreadable images are an error instead of being skipped with a warning."),
-    "batch_size": Option("Global batch size (split across processes under torchrun).", low=1),
-    "workers": Option("DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's "
-                      "local processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8), 0 = load in "
-                      "the main process.", low=0,
-                      sentinels=(-1,)),
-    "class_weights": Option("auto: weight the loss by inverse class frequency (imbalanced data).",
-                            choices=("none", "auto")),
-    "sampler": Option("balanced: oversample rare classes in each epoch.", choices=("random", "balanced")),
-    "augment": Option("Training augmentation: standard (random crop-and-scale, flip, brightness/contrast), "
-                      "trivial (crop-and-scale, flip, then torchvision's TrivialAugmentWide instead of the "
-                      "jitter) or none; --no-augment = none.", choices=AUGMENTS),
-    "crop_scale_min": Option("Smallest area fraction of the random crop.", low=0, high=1, low_open=True),
-    "hflip": Option("Horizontal flip probability (0 disables; for data whose mirror image is another class). "
-                    "Head-only runs on cached features then also drop the mirrored view.", low=0, high=1),
-    "brightness": Option("Brightness jitter strength (0 disables).", low=0),
-    "contrast": Option("Contrast jitter strength (0 disables).", low=0),
-    "head": Option("New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS),
-    "mlp_hidden": Option("MLP head: hidden units.", low=1),
-    "mlp_dropout": Option("MLP head: dropout probability.", low=0, high=1, high_open=True),
-    "mlp_activation": Option("MLP head: activation.", choices=ACTIVATIONS),
-    "freeze": Option("What trains: auto (from the dataset size), head, none (everything) or K (the last K stages)."),
-    "small_per_class": Option("auto freeze: fewer images per class than this -> head only.", low=0),
-    "small_total": Option("auto freeze: fewer images in total than this -> head only.", low=0),
-    "large_per_class": Option("auto freeze: at least this many per class -> everything unfrozen.", low=0),
-    "medium_stages": Option("auto freeze: stages unfrozen for a medium-sized dataset.", low=0),
-    "head_epochs": Option("Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); "
-                          "0 = off.", low=0, sentinels=(-1,)),
-    "head_guard": Option("After a head phase, keep the head-phase weights unless the finetuned ones are right on "
-                         "significantly more validation images (one-sided exact McNemar test, 5%). "
-                         "--no-head-guard keeps the finetuned weights whenever they have the better val metric."),
-    "bn": Option("BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the "
-                 "trained stages (frozen stages keep theirs); with --no-pretrained the default is train.",
-                 choices=("eval", "train")),
-    "optimizer": Option("Optimizer.", choices=OPTIMIZERS),
-    "lr": Option("Head learning rate, or 'auto' to run the LR range test first.", low=0, low_open=True),
-    "backbone_lr_mult": Option("Pretrained layers train at lr x this.", low=0),
-    "momentum": Option("Momentum (sgd, rmsprop).", low=0, high=1, high_open=True),
-    "nesterov": Option("Nesterov momentum (sgd)."),
-    "weight_decay": Option("L2 weight decay (not on biases and norm parameters).", low=0),
-    "schedule": Option("Learning-rate schedule (stepped per batch; plateau per epoch).", choices=SCHEDULES),
-    "warmup_epochs": Option("Linear LR warm-up, in epochs (fractions allowed).", low=0),
-    "step_size": Option("step/exp schedules: decay every N epochs.", low=1),
-    "gamma": Option("Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
-                    low=0, low_open=True),
-    "epochs": Option("Maximum epochs in total (early stopping usually ends sooner).", low=1),
-    "patience": Option("Early stopping: epochs without improvement before stopping.", low=0),
-    "min_delta": Option("Early stopping: smallest change that counts as an improvement.", low=0),
-    "monitor": Option("Metric for early stopping and the best checkpoint.", choices=MONITORS),
-    "seed": Option("Seed of the split, the initialisation and the data order.", low=0),
-    "device": Option("auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps."),
-    "amp": Option("Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)."),
-    "channels_last": Option("channels_last memory format on CUDA."),
-    "gpu_normalize": Option("On CUDA: workers decode, crop and send uint8 batches; the GPU flips, jitters and "
-                            "normalises them."),
-    "decode": Option("Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, "
-                     "cropped and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores "
-                     "cannot keep the GPU fed.", choices=("workers", "device")),
-    "compile": Option("torch.compile the model (slower start, faster epochs)."),
-    "fast_head": Option("Head-only training on cached backbone features (much faster; same result)."),
-    "aug_views": Option("Fast head path: augmented views cached per image (0 = un-augmented only).", low=0),
-    "img_size": Option("Input size in pixels for training and evaluation (recorded in the bundle, so predict "
-                       "and eval use it too); 0 = the model's own (e.g. 224). Lower is faster on a CPU.",
-                       low=16, sentinels=(0,)),
-    "head_solver": Option("How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, "
-                          "its L2 strength picked on the validation split, like a logistic-regression probe) or "
-                          "gradient (--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS),
-    # --- EMA / layer decay (issue 16) ---
-    "ema": Option("Validate, keep and export an exponential moving average of the weights, updated after every "
-                  "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after "
-                  "t steps); 0 = off. The head phase (solved on cached features) is not averaged.", low=0, high=1,
-                  high_open=True),
-    "layer_decay": Option("Layer-wise LR decay: the head trains at --lr, the last stage at lr x "
-                          "--backbone-lr-mult x F, each earlier stage F times the one after it; 1 = off.",
-                          low=0, high=1, low_open=True),
-    "overfit_batches": Option("Sanity check instead of training: try to overfit N fixed batches, then exit "
-                              "(0 = off).", low=0),
-    # --- modern regularisers (issue 16) ---
-    "label_smoothing": Option("Label smoothing of the training loss (torch/timm semantics: the target puts "
-                              "1 - F + F/C on the true class, F/C on every other); validation loss stays plain "
-                              "cross-entropy.", low=0, high=1, high_open=True),
-    "mixup": Option("Mixup alpha: each training batch is blended with itself reversed, lambda ~ Beta(A, A), "
-                    "targets mixed alike (timm's batch mode); 0 = off. Image-space: a head-only run then trains "
-                    "the head through the network, not on cached features.", low=0),
-    "cutmix": Option("CutMix alpha: a box of the reversed batch is pasted in, lambda ~ Beta(A, A) corrected to "
-                     "the box's area; with --mixup too, each batch picks one of the two (probability 1/2); "
-                     "0 = off.", low=0),
-    "tensorboard": Option("Also log to RUN/tensorboard (needs the tensorboard package)."),
-    "quiet": Option("No progress bars or per-epoch lines."),
-}
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False,
+           sentinels: tuple[float, ...] = (), resume_free: bool = False) -> Any:
+    """A FinetuneConfig field with its :class:`Option` (help, allowed values, resume rule) as metadata."""
+    return field(default=default, metadata={"option": Option(help, choices, low, high, low_open, high_open,
+                                                             sentinels, resume_free)})
 
 
 @dataclass
 class FinetuneConfig:
+    """Every option of a finetune run: its default, ``--help`` line, allowed values and resume rule, in one
+    record per field (``OPTIONS`` below is derived from them)."""
+
     # --- data ---
-    val_split: float = 0.2          # fraction held out per class when DIR has no train/val folders
-    strict: bool = False            # unreadable images are an error instead of skipped with a warning
-    batch_size: int = 32
-    workers: int = -1               # DataLoader workers; -1 = auto (CUDA: cores - 1; else min(8, cores - 1))
-    class_weights: str = "none"     # "none" | "auto" (inverse class frequency in the loss)
-    sampler: str = "random"         # "random" | "balanced" (oversample rare classes)
+    val_split: float = option(0.2,
+        "Fraction of each class held out for validation when DIR has no train/val folders.",
+        low=0, high=1, low_open=True, high_open=True)
+    strict: bool = option(False, "Unreadable images are an error instead of being skipped with a warning.")
+    batch_size: int = option(32, "Global batch size (split across processes under torchrun).", low=1)
+    workers: int = option(-1,
+        "DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's local "
+        "processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8), 0 = load in the main "
+        "process.",
+        low=0, sentinels=(-1,), resume_free=True)
+    class_weights: str = option("none",
+        "auto: weight the loss by inverse class frequency (imbalanced data).",
+        choices=("none", "auto"))
+    sampler: str = option("random",
+        "balanced: oversample rare classes in each epoch.",
+        choices=("random", "balanced"))
     # --- augmentation (train only; evaluation is resize + centre crop) ---
-    augment: str = "standard"       # "standard" | "trivial" (TrivialAugmentWide) | "none"; true/false = standard/none
-    crop_scale_min: float = 0.8     # RandomResizedCrop scale range lower bound (upper is 1.0); docs/peers.md
-    hflip: float = 0.5              # horizontal flip probability (0 disables)
-    brightness: float = 0.2         # ColorJitter brightness strength (0 disables)
-    contrast: float = 0.2           # ColorJitter contrast strength (0 disables)
+    augment: str = option("standard",
+        "Training augmentation: standard (random crop-and-scale, flip, brightness/contrast), trivial "
+        "(crop-and-scale, flip, then torchvision's TrivialAugmentWide instead of the jitter) or none.",
+        choices=AUGMENTS)
+    crop_scale_min: float = option(0.8, "Smallest area fraction of the random crop.", low=0, high=1, low_open=True)
+    hflip: float = option(0.5,
+        "Horizontal flip probability (0 disables; for data whose mirror image is another class). Head-only "
+        "runs on cached features then also drop the mirrored view.",
+        low=0, high=1)
+    brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0)
+    contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0)
     # --- model surgery and freezing ---
-    head: str = "linear"            # "linear" (FC-C, Xavier) or "mlp"
-    mlp_hidden: int = 512
-    mlp_dropout: float = 0.2
-    mlp_activation: str = "relu"
-    freeze: str = "auto"            # "auto" | "head" | "<k>" (train the last k stages) | "none"
-    small_per_class: int = 100      # auto: fewer images per class than this -> head only
-    small_total: int = 1000         # auto: ... or fewer images in total than this -> head only
-    large_per_class: int = 1000     # auto: at least this many per class -> everything unfrozen
-    medium_stages: int = 2          # auto: stages unfrozen (besides the head) for a medium dataset
-    head_epochs: int = -1           # head-only warm-up epochs before unfreezing; -1 = until val loss stops improving (capped at 10); 0 = off
-    head_guard: bool = True         # after a head phase: finetuned weights replace the head's only if significantly better on val
-    bn: str = "eval"                # "eval" (frozen pretrained statistics) | "train"
+    head: str = option("linear", "New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS)
+    mlp_hidden: int = option(512, "MLP head: hidden units.", low=1)
+    mlp_dropout: float = option(0.2, "MLP head: dropout probability.", low=0, high=1, high_open=True)
+    mlp_activation: str = option("relu", "MLP head: activation.", choices=ACTIVATIONS)
+    freeze: str = option("auto",
+        "What trains: auto (from the dataset size), head, none (everything) or K (the last K stages).")
+    small_per_class: int = option(100, "auto freeze: fewer images per class than this -> head only.", low=0)
+    small_total: int = option(1000, "auto freeze: fewer images in total than this -> head only.", low=0)
+    large_per_class: int = option(1000, "auto freeze: at least this many per class -> everything unfrozen.", low=0)
+    medium_stages: int = option(2, "auto freeze: stages unfrozen for a medium-sized dataset.", low=0)
+    head_epochs: int = option(-1,
+        "Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); 0 = off.",
+        low=0, sentinels=(-1,))
+    head_guard: bool = option(True,
+        "After a head phase, keep the head-phase weights unless the finetuned ones are significantly better "
+        "on the validation images (one-sided, 5%: exact McNemar on the images either gets wrong, or a paired "
+        "bootstrap of the per-image loss when they fix at least as many images as they break). "
+        "--no-head-guard keeps the finetuned weights whenever they have the better val metric.",
+        resume_free=True)
+    bn: str = option("eval",
+        "BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the trained "
+        "stages (frozen stages keep theirs); with --no-pretrained the default is train.",
+        choices=("eval", "train"))
     # --- optimisation ---
-    optimizer: str = "adam"
-    lr: float = 1e-3                # head learning rate
-    backbone_lr_mult: float = 0.1   # pretrained layers train at lr * this
-    momentum: float = 0.9           # sgd / rmsprop
-    nesterov: bool = False
-    weight_decay: float = 1e-4      # not applied to biases and norm parameters
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0      # linear warm-up (fractional epochs allowed)
-    step_size: int = 10             # step: decay every N epochs
-    gamma: float = 0.1              # step/exp/inv/plateau decay factor
+    optimizer: str = option("adam", "Optimizer.", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "Head learning rate, or 'auto' to run the LR range test first.", low=0, low_open=True)
+    backbone_lr_mult: float = option(0.1, "Pretrained layers train at lr x this.", low=0)
+    momentum: float = option(0.9, "Momentum (sgd, rmsprop).", low=0, high=1, high_open=True)
+    nesterov: bool = option(False, "Nesterov momentum (sgd).")
+    weight_decay: float = option(1e-4, "L2 weight decay (not on biases and norm parameters).", low=0)
+    schedule: str = option("cosine",
+        "Learning-rate schedule (stepped per batch; plateau per epoch).",
+        choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "Linear LR warm-up, in epochs (fractions allowed).", low=0)
+    step_size: int = option(10, "step/exp schedules: decay every N epochs.", low=1)
+    gamma: float = option(0.1,
+        "Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
+        low=0, low_open=True)
     # --- the loop ---
-    epochs: int = 30                # maximum epochs (early stopping usually ends sooner)
-    patience: int = 5               # early stopping: epochs without improvement
-    min_delta: float = 1e-4
-    monitor: str = "val_loss"       # "val_loss" | "val_acc"
-    seed: int = 0
-    device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
-    amp: bool = True                # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
-    channels_last: bool = True      # on CUDA
-    gpu_normalize: bool = True      # on CUDA: uint8 batches from the workers, normalised on the GPU
-    decode: str = "workers"         # "workers" (PIL in DataLoader workers) | "device" (JPEGs decoded on the GPU)
-    compile: bool = False           # torch.compile
-    fast_head: bool = True          # head-only training on cached backbone features
-    aug_views: int = 0              # fast path: augmented views cached per image (0 = un-augmented only)
-    head_solver: str = "lbfgs"      # linear head on cached features: lbfgs (converged, L2 on val) | gradient
-    img_size: int = 0               # input size in px for training and evaluation; 0 = the model's own
+    epochs: int = option(30, "Maximum epochs in total (early stopping usually ends sooner).", low=1, resume_free=True)
+    patience: int = option(5, "Early stopping: epochs without improvement before stopping.", low=0, resume_free=True)
+    min_delta: float = option(1e-4,
+        "Early stopping: smallest change that counts as an improvement.",
+        low=0, resume_free=True)
+    monitor: str = option("val_loss", "Metric for early stopping and the best checkpoint.", choices=MONITORS)
+    seed: int = option(0, "Seed of the split, the initialisation and the data order.", low=0)
+    device: str = option("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.", resume_free=True)
+    amp: bool = option(True,
+        "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
+        resume_free=True)
+    channels_last: bool = option(True, "channels_last memory format on CUDA.", resume_free=True)
+    gpu_normalize: bool = option(True,
+        "On CUDA: workers decode, crop and send uint8 batches; the GPU flips, jitters and normalises them.",
+        resume_free=True)
+    decode: str = option("workers",
+        "Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, cropped "
+        "and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores cannot keep the "
+        "GPU fed.",
+        choices=("workers", "device"), resume_free=True)
+    compile: bool = option(False, "torch.compile the model (slower start, faster epochs).", resume_free=True)
+    fast_head: bool = option(True, "Head-only training on cached backbone features (much faster; same result).")
+    aug_views: int = option(0, "Fast head path: augmented views cached per image (0 = un-augmented only).", low=0)
+    head_solver: str = option("lbfgs",
+        "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, its L2 "
+        "strength picked on the validation split, like a logistic-regression probe) or gradient "
+        "(--optimizer/--lr epoch by epoch).",
+        choices=HEAD_SOLVERS)
+    img_size: int = option(0,
+        "Input size in pixels for training and evaluation (recorded in the bundle, so predict and eval use it"
+        " too); 0 = the model's own (e.g. 224). Lower is faster on a CPU.",
+        low=16, sentinels=(0,))
     # --- modern regularisers (issue 16) ---
-    label_smoothing: float = 0.0    # training loss only; the default follows the measurement (docs/peers.md)
-    mixup: float = 0.0              # Beta(A, A) mixup alpha per training batch (timm batch mode); 0 = off
-    cutmix: float = 0.0             # Beta(A, A) CutMix alpha; both > 0: each batch picks one (p = 1/2)
+    label_smoothing: float = option(0.0,
+        "Label smoothing of the training loss (torch/timm semantics: the target puts 1 - F + F/C on the true "
+        "class, F/C on every other); validation loss stays plain cross-entropy.",
+        low=0, high=1, high_open=True)
+    mixup: float = option(0.0,
+        "Mixup alpha: each training batch is blended with itself reversed, lambda ~ Beta(A, A), targets mixed"
+        " alike (timm's batch mode); 0 = off. Image-space: a head-only run then trains the head through the "
+        "network, not on cached features.",
+        low=0)
+    cutmix: float = option(0.0,
+        "CutMix alpha: a box of the reversed batch is pasted in, lambda ~ Beta(A, A) corrected to the box's "
+        "area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
+        low=0)
     # --- EMA / layer decay (issue 16) ---
-    ema: float = 0.0                # EMA decay of the weights (finetune phase); 0 = off
-    layer_decay: float = 1.0        # stage k steps before the head trains at lr * backbone_lr_mult * F**k; 1 = off
-    overfit_batches: int = 0        # sanity check: train on N fixed batches only
-    tensorboard: bool = False
-    quiet: bool = False
+    ema: float = option(0.0,
+        "Validate, keep and export an exponential moving average of the weights, updated after every "
+        "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after t "
+        "steps); 0 = off. The head phase (solved on cached features) is not averaged.",
+        low=0, high=1, high_open=True)
+    layer_decay: float = option(1.0,
+        "Layer-wise LR decay: the head trains at --lr, the last stage at lr x --backbone-lr-mult x F, each "
+        "earlier stage F times the one after it; 1 = off.",
+        low=0, high=1, low_open=True)
+    overfit_batches: int = option(0,
+        "Sanity check instead of training: try to overfit N fixed batches, then exit (0 = off).",
+        low=0)
+    tensorboard: bool = option(False,
+        "Also log to RUN/tensorboard (needs the tensorboard package).",
+        resume_free=True)
+    quiet: bool = option(False, "No progress bars or per-epoch lines.", resume_free=True)
 
     def __post_init__(self) -> None:
-        for name, values in _LEGACY_BOOLS.items():       # FinetuneConfig(augment=False) still means none
-            value = getattr(self, name)
-            if isinstance(value, bool):
-                setattr(self, name, values[value])
         self.validate()
 
     def validate(self) -> None:
@@ -283,7 +263,6 @@ class FinetuneConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; see `zoo finetune --help`")
-        data = upgrade_config_dict(data)
         typed: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in data:
@@ -294,14 +273,9 @@ class FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
 
-def upgrade_config_dict(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` (a config mapping: YAML, a run's config.yaml, a checkpoint's) with the values of options
-    that used to be booleans mapped to their current names (``augment: true`` -> ``standard``)."""
-    out = dict(data)
-    for name, values in _LEGACY_BOOLS.items():
-        if isinstance(out.get(name), bool):
-            out[name] = values[out[name]]
-    return out
+# The option table, derived from the fields: the CLI builds its flags from it, validate() checks against it.
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(FinetuneConfig)}
+RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:

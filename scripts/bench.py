@@ -253,7 +253,7 @@ def bench_head(args, tmp: Path) -> dict[str, Any]:
                    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     # No early stopping and a constant LR: every variant runs exactly `epochs` epochs of the same Adam.
     config = FinetuneConfig(epochs=args.head_epochs, patience=10_000, batch_size=32, lr=1e-3,
-                            schedule="none", weight_decay=0.0, seed=0, amp=False, augment=False,
+                            schedule="none", weight_decay=0.0, seed=0, amp=False, augment="none",
                             head_solver="gradient")   # the same Adam epochs as the plain loop
     eval_tf = build_transform(data_config, False, config)
     n_train, n_val = len(train.items), len(val.items)

@@ -433,7 +433,7 @@ def bench_head(a, device: torch.device, items: list[tuple[str, int]]) -> dict[st
     data_config = {"input_size": (3, a.size, a.size), "interpolation": "bilinear", "crop_pct": 0.875,
                    "mean": MEAN, "std": STD}
     config = FinetuneConfig(epochs=a.head_epochs, patience=10_000, batch_size=a.batch, lr=1e-3,
-                            schedule="none", amp=a.amp, workers=max(a.workers), augment=False,
+                            schedule="none", amp=a.amp, workers=max(a.workers), augment="none",
                             head_solver="gradient")   # the same Adam epochs as the plain loop
     model = make_model(a.arch, device, 1000)
     replace_head(model, "fc", len(classes))

@@ -85,7 +85,7 @@ class DeviceAugment(DeviceNormalize):
     @classmethod
     def from_config(cls, data_config: dict, config: Any, train: bool = True) -> "DeviceAugment":
         """The flip/jitter ``build_transform(data_config, train, config)`` would apply (none for eval or
-        ``augment=False``), seeded with ``config.seed``."""
+        ``augment="none"``), seeded with ``config.seed``."""
         _, _, _, mean, std = _parse_data_config(data_config)
         mode = augment_mode(config)
         on = train and mode != "none"

@@ -170,12 +170,9 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
 
 
 def augment_mode(config: Any) -> str:
-    """``config.augment`` as one of ``finetune.config.AUGMENTS`` (a bool, as older callers pass, maps to
-    standard/none; a config object without the field means standard)."""
-    value = getattr(config, "augment", "standard")
-    if isinstance(value, bool):
-        return "standard" if value else "none"
-    return str(value)
+    """``config.augment``: one of ``finetune.config.AUGMENTS`` (a config object without the field means
+    standard)."""
+    return str(getattr(config, "augment", "standard"))
 
 
 def with_input_size(data_config: dict, size: int) -> dict:

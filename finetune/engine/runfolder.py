@@ -18,7 +18,7 @@ import torch
 
 from finetune import distributed as ddp
 from finetune.checkpoint import BEST, HEAD_BEST, LAST, load_checkpoint, save_checkpoint, save_weights
-from finetune.config import FinetuneConfig, save_config, upgrade_config_dict
+from finetune.config import RESUME_FREE, FinetuneConfig, save_config
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import atomic_write_text, printable_name
 from finetune.monitor import TensorBoardLogger, write_curves
@@ -28,13 +28,10 @@ __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "jso
 HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                 "images_per_s")
 CHECKPOINT_FORMAT = 1
-# Options that may differ between a run and its resumption: they change speed or output, not the maths
-# of the epochs still to run (epochs and patience may be raised to train longer). device, gpu_normalize
-# and decode move the augmentation draws (DeviceAugment, DeviceTransform draw on the device, the
-# workers path per sample): changed on resume, the remaining epochs get other draws from the same
+# Options that may differ between a run and its resumption: FinetuneConfig's resume_free ones. device,
+# gpu_normalize and decode move the augmentation draws (DeviceAugment, DeviceTransform draw on the device,
+# the workers path per sample): changed on resume, the remaining epochs get other draws from the same
 # distributions.
-RESUME_FREE = {"device", "workers", "quiet", "compile", "tensorboard", "epochs", "patience", "min_delta",
-               "amp", "channels_last", "gpu_normalize", "decode", "head_guard"}
 
 Log = Callable[[str], None]
 
@@ -95,7 +92,7 @@ class RunFolder:
             raise CheckpointError(f"the classes of {self.path} ({', '.join(ckpt['classes'])}) differ from the "
                                   "data's; resume with the same data folder")
         current = config.to_dict()
-        differ = sorted(k for k, v in upgrade_config_dict(ckpt["config"]).items()
+        differ = sorted(k for k, v in ckpt["config"].items()
                         if k in current and k not in RESUME_FREE and current[k] != v)
         if differ:
             raise ConfigError(f"cannot resume with changed option(s) {', '.join(differ)}: drop them (the run's "

@@ -113,7 +113,7 @@ class Setup:
         return build_scheduler(config or self.config, optimizer, self.steps_per_epoch)
 
     def dataset(self, image_set: ImageSet, train: bool, *, augment: bool | None = None):
-        """The dataset ``fit`` reads ``image_set`` with (``train``: augmented unless ``augment=False``;
+        """The dataset ``fit`` reads ``image_set`` with (``train``: augmented unless ``augment="none"``;
         ``--decode device``: the encoded files, decoded on the device)."""
         if self.config.decode == "device":
             from finetune.data.decode import EncodedImageDataset

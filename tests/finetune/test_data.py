@@ -213,7 +213,7 @@ def test_train_transform_shape_and_randomness():
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
 
 
-@pytest.mark.parametrize("config", [FinetuneConfig(augment=False), ALL_OFF])
+@pytest.mark.parametrize("config", [FinetuneConfig(augment="none"), ALL_OFF])
 def test_augmentation_off_equals_eval(config, tmp_path):
     im = load_image(make_image(tmp_path / "a.png", 2, size=48))
     train, ev = build_transform(DATA_CONFIG, True, config), build_transform(DATA_CONFIG, False)
@@ -386,7 +386,7 @@ def test_colour_on_device_leaves_flip_and_jitter_to_device_augment(tmp_path):
 
 def test_device_augment_draws_follow_color_jitter():
     """Factors in ColorJitter's ranges, both orders, flips at the given rate; reseeded = the same draws;
-    eval and augment=False do nothing but normalise."""
+    eval and augment="none" do nothing but normalise."""
     config = FinetuneConfig(hflip=0.5, brightness=0.4, contrast=0.2, seed=3)
     aug = DeviceAugment.from_config(DATA_CONFIG, config)
     assert aug.active and (aug.hflip, aug.brightness, aug.contrast) == (0.5, 0.4, 0.2)
@@ -406,7 +406,7 @@ def test_device_augment_draws_follow_color_jitter():
     assert not torch.equal(aug(x, "cpu"), a)                      # the generator moves on
     plain = DeviceNormalize.from_data_config(DATA_CONFIG)(x, "cpu")
     for off in (DeviceAugment.from_config(DATA_CONFIG, config, train=False),
-                DeviceAugment.from_config(DATA_CONFIG, config.replace(augment=False))):
+                DeviceAugment.from_config(DATA_CONFIG, config.replace(augment="none"))):
         assert not off.active and torch.equal(off(x, "cpu"), plain)
     with pytest.raises(ConfigError, match="hflip"):
         DeviceAugment((0, 0, 0), (1, 1, 1), hflip=1.5)

@@ -109,7 +109,7 @@ def test_train_transform_is_seeded_and_varied():
     b = t([data] * 6, torch.zeros(6, dtype=torch.long), "cpu")[0]
     assert torch.equal(a, b)                                   # same seed, same crops/flips/jitter
     assert all(not torch.equal(a[i], a[j]) for i in range(6) for j in range(i))   # six different views
-    off = DeviceTransform(DATA_CONFIG, True, FinetuneConfig(augment=False))
+    off = DeviceTransform(DATA_CONFIG, True, FinetuneConfig(augment="none"))
     e = DeviceTransform(DATA_CONFIG, False)
     assert torch.equal(off([data], torch.zeros(1, dtype=torch.long), "cpu")[0],
                        e([data], torch.zeros(1, dtype=torch.long), "cpu")[0])

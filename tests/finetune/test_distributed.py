@@ -23,7 +23,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def ddp_cfg():
     # No augmentation and no dropout: the only difference left between 1 and 2 processes is summation order.
-    return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, augment=False, lr=1e-2)
+    return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, augment="none", lr=1e-2)
 
 
 def test_global_batch_is_split_across_ranks():

@@ -73,7 +73,7 @@ def test_fit_validates_and_keeps_the_average(data, tmp_path):
                            data[1].classes)
             assert val["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
 
-    run(data, cfg(epochs=2, freeze="none", ema=0.9, augment=False, patience=10), run_dir=out, callbacks=[check])
+    run(data, cfg(epochs=2, freeze="none", ema=0.9, augment="none", patience=10), run_dir=out, callbacks=[check])
     assert set(seen) == {1, 2}
 
 

@@ -91,7 +91,7 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
     """The same loop with cached features or with the frozen model re-run on every batch: same history
     (val losses, LRs), same head weights, same best epoch."""
     train, val = _sets(tmp_path / "d", bad=True)
-    config = _config(sampler=sampler, head=head, augment=False)
+    config = _config(sampler=sampler, head=head, augment="none")
     slow_model, fast_model = _model(head=head), _model(head=head)
     slow = _fit(slow_model, train, val, config.replace(fast_head=False))
     logs: list[str] = []
@@ -326,7 +326,7 @@ def test_two_phase_warmup_trains_the_head_on_cached_features(tmp_path):
     """freeze none: the head warm-up (until its val loss stops improving) runs on cached features, then
     the whole network trains; the warm-up rows equal those of the ordinary path."""
     train, val = _sets(tmp_path / "d")
-    config = _config(epochs=8, patience=30, lr=5.0, schedule="none", augment=False, head_epochs=-1)
+    config = _config(epochs=8, patience=30, lr=5.0, schedule="none", augment="none", head_epochs=-1)
     logs: list[str] = []
     fast = _fit(_model(), train, val, config, freeze="none", log=logs.append)
     slow = _fit(_model(), train, val, config.replace(fast_head=False), freeze="none")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from finetune.config import FinetuneConfig, upgrade_config_dict
+from finetune.config import FinetuneConfig
 from finetune.data import DeviceAugment, ImageDataset, build_transform
 from finetune.engine import build_loss, build_setup, evaluate
 from finetune.engine.mixing import BatchMix, build_mix
@@ -33,12 +33,10 @@ def test_ranges_come_from_options(field, value, allowed):
         FinetuneConfig(**{field: value})
 
 
-def test_augment_keeps_its_boolean_meaning():
+def test_augment_is_a_mode():
     assert FinetuneConfig().augment == "standard"
-    assert FinetuneConfig(augment=False).augment == "none" and FinetuneConfig(augment=True).augment == "standard"
-    # YAML files, run folders and checkpoints written when augment was a switch still load
-    assert FinetuneConfig.from_dict({"augment": False}).augment == "none"
-    assert upgrade_config_dict({"augment": True, "lr": 0.1}) == {"augment": "standard", "lr": 0.1}
+    with pytest.raises(ConfigError, match=r"invalid augment=.*choose one of standard, trivial, none"):
+        FinetuneConfig.from_dict({"augment": False})
     with pytest.raises(ConfigError, match="--decode workers"):
         FinetuneConfig(augment="trivial", decode="device")
 
