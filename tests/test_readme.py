@@ -1,6 +1,9 @@
-"""Every command shown in README.md is checked here, so the README cannot rot.
+"""Every command shown in README.md and in the user guide (docs/guide/) is checked here, so the docs cannot rot.
 
-What is extracted: each ``zoo ...`` invocation in the README's ```bash blocks (also ``VAR=1 zoo ...``,
+Two suites, each run in its own sandbox: "README" (README.md) and "guide" (docs/guide/README.md, then
+every page in the order the guide's index links them; a page the index does not link fails the test).
+
+What is extracted: each ``zoo ...`` invocation in the pages' ```bash blocks (also ``VAR=1 zoo ...``,
 ``"$(zoo ...)"``, ``python -m zoo ...`` and ``torchrun ... -m zoo ...``), and every ```python block.
 
 Three checks:
@@ -9,13 +12,14 @@ Three checks:
    that does not exist, a bad choice or a missing argument fails. Paths that click requires to exist are
    created as empty placeholders first. No torch is imported.
 2. ``test_python_blocks_compile``.
-3. ``test_readme_runs_end_to_end``: the commands and the Python blocks run IN README ORDER, in a
-   sandbox working directory, against a tiny setup. Everything except PARSE_ONLY runs and must exit 0.
+3. ``test_docs_run_end_to_end[suite]``: the commands and the Python blocks run IN PAGE ORDER (pages in
+   the suite's order), in a sandbox working directory, against a tiny setup. Everything except
+   PARSE_ONLY runs and must exit 0.
 
-Substitution table (the README text is never edited; only these mappings apply):
+Substitution table (the docs' text is never edited; only these mappings apply):
 
 ============================  =========================================================================
-README                         in the end-to-end test
+in the docs                    in the end-to-end test
 ============================  =========================================================================
 model names in TINY_MODELS     a ZOO_REGISTRY entry of the same name (``override: true``) building
 (resnet50, efficientnet_b0)    ``timm:test_resnet`` at 32 px, its "pretrained" weights a local file
@@ -33,9 +37,8 @@ training options               SPEED_FLAGS: the value is replaced when the READM
 ``zoo demo``, ``torchrun``,    PARSE_ONLY: parsed, not run (zoo demo: tests/zoo/test_demo.py; torchrun:
 ``zoo push``, ``zoo serve``,   tests/finetune/test_distributed.py; push and hf-hub: names:
 ``hf-hub:`` names              tests/zoo/test_push.py; serve: tests/zoo/test_serve.py)
-                               tests/finetune/test_distributed.py)
 ============================  =========================================================================
-A substitution the README no longer needs fails the test (it must be kept in step with the README).
+A substitution the docs no longer need fails the test (it must be kept in step with the docs).
 """
 from __future__ import annotations
 
@@ -55,6 +58,31 @@ from zoo.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guide"
+_LINK = re.compile(r"\]\(([\w-]+\.md)\)")
+
+
+def guide_pages() -> list[Path]:
+    """The guide's index, then the pages in the order its links name them (each once)."""
+    index = GUIDE / "README.md"
+    order = list(dict.fromkeys(_LINK.findall(index.read_text(encoding="utf-8"))))
+    return [index] + [GUIDE / name for name in order if name != "README.md"]
+
+
+SUITES = {"README": [README], "guide": guide_pages()}
+# what each suite's walkthrough leaves behind (the docs promise these files)
+SUITE_OUTPUTS = {
+    "README": ("runs/photos-r50/config.yaml", "runs/photos-r50/export/model.safetensors",
+               "my-classifier/model.safetensors", "reports/holdout/metrics.json"),
+    "guide": ("runs/photos-r50/config.yaml", "runs/photos-r50/scan.json", "runs/photos-r50/split.json",
+              "runs/photos-r50/bad_files.txt", "runs/photos-r50/model.json", "runs/photos-r50/manifest.json",
+              "runs/photos-r50/metrics.csv", "runs/photos-r50/curves.png", "runs/photos-r50/checkpoints/last.pt",
+              "runs/photos-r50/checkpoints/best.safetensors", "runs/photos-r50/summary.json",
+              "runs/photos-r50/report.html", "runs/photos-r50/export/model.safetensors",
+              "runs/photos-r50/export/config.json", "runs/photos-r50/export/README.md",
+              "my-classifier/model.onnx", "sw1/best_config.yaml", "reports/holdout/metrics.json",
+              "photos-doctor/findings.csv"),
+}
 
 TINY_MODELS = ("resnet50", "efficientnet_b0")
 CATALOGUE = ("list", "info")          # run against the real registry
@@ -89,7 +117,8 @@ PY_SUBST = {
 # ----------------------------------------------------------------------------------------- extraction
 @dataclass
 class Step:
-    line: int                         # README line number of the command / block
+    page: str                         # the page, relative to the repository root
+    line: int                         # line number of the command / block in that page
     kind: str                         # "zoo" | "python"
     text: str                         # the README source (logical line or block)
     argv: list[str] = field(default_factory=list)
@@ -100,7 +129,11 @@ class Step:
     @property
     def id(self) -> str:
         shown = " ".join(self.argv) if self.kind == "zoo" else "python block"
-        return f"L{self.line}:{shown}"[:70]
+        return f"{self.where}:{shown}"[:80]
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
@@ -125,11 +158,11 @@ def _logical_lines(body: str, first: int):
         buf, start = "", None
 
 
-def zoo_invocations(line: str, lineno: int) -> list[Step]:
+def zoo_invocations(line: str, lineno: int, page: str = "README.md") -> list[Step]:
     """The zoo commands in one shell line: pipelines, &&, ;, redirections, $(...) and env prefixes."""
     steps: list[Step] = []
     for inner in _SUBST.findall(line):
-        steps += zoo_invocations(inner, lineno)
+        steps += zoo_invocations(inner, lineno, page)
     line = _SUBST.sub("SUBST", line)
     lex = shlex.shlex(line, posix=True, punctuation_chars=True)
     lex.whitespace_split = True
@@ -158,26 +191,29 @@ def zoo_invocations(line: str, lineno: int) -> list[Step]:
         if not words:
             continue
         if words[0] == "zoo":
-            steps.append(Step(lineno, "zoo", line.strip(), words[1:], env, "zoo", stdout_to))
+            steps.append(Step(page, lineno, "zoo", line.strip(), words[1:], env, "zoo", stdout_to))
         elif words[0] in ("torchrun", "python", "python3") and "-m" in words:
             k = words.index("-m")
             if k + 1 < len(words) and words[k + 1] == "zoo":
-                steps.append(Step(lineno, "zoo", line.strip(), words[k + 2:], env, words[0], stdout_to))
+                steps.append(Step(page, lineno, "zoo", line.strip(), words[k + 2:], env, words[0], stdout_to))
     return steps
 
 
-def readme_steps() -> list[Step]:
-    text = README.read_text(encoding="utf-8")
+def page_steps(path: Path) -> list[Step]:
+    """The page's zoo commands and python blocks, in page order."""
+    text = path.read_text(encoding="utf-8")
+    page = path.relative_to(ROOT).as_posix()
     steps: list[Step] = []
     for first, body in fenced_blocks(text, "bash"):
         for lineno, line in _logical_lines(body, first):
-            steps += zoo_invocations(line, lineno)
+            steps += zoo_invocations(line, lineno, page)
     for first, body in fenced_blocks(text, "python"):
-        steps.append(Step(first, "python", body))
+        steps.append(Step(page, first, "python", body))
     return sorted(steps, key=lambda s: s.line)
 
 
-STEPS = readme_steps()
+SUITE_STEPS = {name: [s for page in pages for s in page_steps(page)] for name, pages in SUITES.items()}
+STEPS = [s for steps in SUITE_STEPS.values() for s in steps]
 ZOO_STEPS = [s for s in STEPS if s.kind == "zoo"]
 
 
@@ -242,6 +278,7 @@ def _make_placeholders(cmd: click.Command, args: list[str], parent: click.Contex
 # -------------------------------------------------------------------------------------- the checks
 def test_readme_shows_every_command_and_the_quick_start():
     text = README.read_text(encoding="utf-8")
+    docs = "\n".join(page.read_text(encoding="utf-8") for pages in SUITES.values() for page in pages)
     sections = re.split(r"^## ", text, flags=re.M)
     assert sections[1].startswith("Quick start"), "the first section must be the quick start"
     quick = [line.split("#")[0].strip() for _, body in fenced_blocks("## " + sections[1], "bash")
@@ -250,11 +287,29 @@ def test_readme_shows_every_command_and_the_quick_start():
     for script in quick:
         assert os.access(ROOT / script, os.X_OK), script
     shown = {s.argv[0] for s in ZOO_STEPS if s.argv and not s.argv[0].startswith("-")}
-    assert set(cli.commands) <= shown, f"commands without a README example: {set(cli.commands) - shown}"
-    assert any(s.argv == ["--version"] for s in ZOO_STEPS)
-    assert any("_ZOO_COMPLETE" in s.env for s in ZOO_STEPS), "shell completion line missing"
+    assert set(cli.commands) <= shown, f"commands without an example in the docs: {set(cli.commands) - shown}"
+    readme = SUITE_STEPS["README"]
+    assert any(s.argv == ["--version"] for s in readme)
+    assert any("_ZOO_COMPLETE" in s.env for s in readme), "shell completion line missing"
+    # the substitution table stays in step with the docs: every entry is still needed
     for old in PY_SUBST:
-        assert old in text, f"PY_SUBST key {old!r} no longer in the README: update the substitution table"
+        assert old in docs, f"PY_SUBST key {old!r} no longer in the docs: update the substitution table"
+    argvs = [s.argv for s in ZOO_STEPS]
+    for name in TINY_MODELS:
+        assert any(name in argv for argv in argvs), f"TINY_MODELS: no command uses {name!r} any more"
+    for name in PARSE_ONLY:
+        assert any(s.launcher == name or s.argv[:1] == [name] for s in ZOO_STEPS), f"PARSE_ONLY: {name!r} unused"
+    for key in SPEED_FLAGS:
+        assert any(_flag_key(argv) == key for argv in argvs if argv), f"SPEED_FLAGS: no {key!r} command any more"
+    assert any(a.startswith(HUB_REF) for argv in argvs for a in argv), "HUB_REF: no hf-hub: name any more"
+
+
+def test_every_guide_page_is_in_the_index():
+    """A page the index does not link would escape the end-to-end run."""
+    on_disk = sorted(GUIDE.glob("*.md"))
+    assert sorted(SUITES["guide"]) == on_disk, "link every docs/guide page from docs/guide/README.md"
+    for page in on_disk:
+        assert page.read_text(encoding="utf-8").startswith("# "), f"{page.name}: starts with its title"
 
 
 @pytest.mark.parametrize("step", ZOO_STEPS, ids=lambda s: s.id)
@@ -270,7 +325,7 @@ def test_command_parses(step, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s.kind == "python"], ids=lambda s: s.id)
 def test_python_blocks_compile(step):
-    compile(step.text, f"README.md:{step.line}", "exec")
+    compile(step.text, step.where, "exec")
 
 
 # ------------------------------------------------------------------------------- end to end, in order
@@ -295,14 +350,19 @@ def sandbox(tmp_path, monkeypatch):
     return {"work": work, "registry": str(registry)}
 
 
-def _with_speed_flags(argv: list[str]) -> list[str]:
+def _flag_key(argv: list[str]) -> str:
+    """The SPEED_FLAGS entry that applies to ``zoo ARGV``."""
     key = argv[0]
     if key == "finetune" and "--resume" in argv:
         key = "resume"
     elif key == "finetune" and "--overfit-batches" in argv:
         key = "overfit"
+    return key
+
+
+def _with_speed_flags(argv: list[str]) -> list[str]:
     out = list(argv)
-    for opt, value in SPEED_FLAGS.get(key, {}).items():
+    for opt, value in SPEED_FLAGS.get(_flag_key(argv), {}).items():
         if opt in out:
             if value is not None:
                 out[out.index(opt) + 1] = value
@@ -316,7 +376,7 @@ def _expand_globs(argv: list[str]) -> list[str]:
     for a in argv:
         if any(c in a for c in "*?[") and not a.startswith("-"):
             matches = sorted(str(p) for p in Path().glob(a))
-            assert matches, f"README glob {a!r} matches nothing at this point"
+            assert matches, f"glob {a!r} in the docs matches nothing at this point"
             out += matches
         else:
             out.append(a)
@@ -336,10 +396,10 @@ def _run_zoo(step: Step, registry: str) -> None:
     if not catalogue:
         curated = {e.name for e in list_models()}
         heavy = [a for a in step.argv if a in curated and a not in TINY_MODELS]
-        assert not heavy, f"README line {step.line} uses {heavy}: add it to TINY_MODELS"
+        assert not heavy, f"{step.where} uses {heavy}: add it to TINY_MODELS"
     argv = _expand_globs(_with_speed_flags(step.argv)) if step.argv else []
     result = CliRunner().invoke(cli, argv, env=env, prog_name="zoo", catch_exceptions=False)
-    where = f"README line {step.line}: {step.text}\n  ran: zoo {' '.join(argv)}"
+    where = f"{step.where}: {step.text}\n  ran: zoo {' '.join(argv)}"
     assert result.exit_code == 0, f"{where}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     if not argv:  # shell completion script
         assert "_zoo_completion" in result.stdout or "complete" in result.stdout, where
@@ -356,24 +416,18 @@ def _run_python(step: Step, registry: str, monkeypatch) -> None:
     for old, new in PY_SUBST.items():
         code = code.replace(old, new)
     monkeypatch.setenv("ZOO_REGISTRY", registry)
-    exec(compile(code, f"README.md:{step.line}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, step.where, "exec"), {"__name__": "__readme__"})
 
 
-def test_readme_runs_end_to_end(sandbox, monkeypatch, capsys):
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_docs_run_end_to_end(suite, sandbox, monkeypatch, capsys):
     ran = set()
-    for step in STEPS:
+    for step in SUITE_STEPS[suite]:
         if step.kind == "python":
             _run_python(step, sandbox["registry"], monkeypatch)
         else:
             _run_zoo(step, sandbox["registry"])
             ran.add(step.argv[0] if step.argv else "completion")
     assert {"finetune", "export", "predict", "eval"} <= ran
-    # what the README promises about the walkthrough's outputs
-    run = Path("runs/photos-r50")
-    for name in ("config.yaml", "scan.json", "split.json", "bad_files.txt", "model.json", "manifest.json",
-                 "metrics.csv", "curves.png", "checkpoints/last.pt", "checkpoints/best.safetensors",
-                 "summary.json", "export/model.safetensors", "export/config.json", "export/README.md"):
-        assert (run / name).is_file(), name
-    assert Path("my-classifier/model.onnx").is_file()
-    assert Path("sw1/best_config.yaml").is_file()
-    assert Path("reports/holdout/metrics.json").is_file()
+    for name in SUITE_OUTPUTS[suite]:     # what the docs promise about the walkthrough's outputs
+        assert Path(name).is_file(), name
