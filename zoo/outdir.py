@@ -12,8 +12,7 @@ The one rule, for every command with ``--out`` (``zoo finetune``, ``export``, ``
 every refusal is one line naming the folder and the options, raised before anything is written.
 
 A folder is recognised by the marker file ``.zoo-run.json`` written first (``{"kind": ...}``), so a run
-whose checkpoints were deleted is still a run; folders written before the marker existed are recognised
-by the pair of files only that command writes (``model.json`` + ``config.yaml`` for a run, ...).
+whose checkpoints were deleted is still a run; a folder without the marker is not zoo's.
 
 While a command works in its folder, the folder is locked: ``.zoo.lock`` holds the holder's pid, host and
 command line, created atomically (``O_CREAT | O_EXCL``). A second process is refused at once with who
@@ -53,7 +52,6 @@ class Kind:
     name: str                  # "finetune"
     what: str                  # "a `zoo finetune` run": how messages name it
     files: tuple[str, ...]     # every file/folder the command writes there: --overwrite removes these
-    legacy: tuple[str, ...]    # files that together identify a folder written before the marker existed
     resumable: bool = False
 
 
@@ -61,20 +59,16 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("finetune", "a `zoo finetune` run",
          ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv", "curves.png",
           "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard",
-          "log.txt", "report.html", "exclude.txt"),
-         ("model.json", "config.yaml"), resumable=True),
-    Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "README.md", "model.onnx"),
-         ("model.safetensors", "config.json")),
+          "log.txt", "report.html", "exclude.txt"), resumable=True),
+    Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "README.md", "model.onnx")),
     Kind("eval", "a `zoo eval` report",
-         ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv"),
-         ("metrics.json", "confusion.csv")),
+         ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")),
     Kind("lr-find", "a `zoo lr-find` result",
          ("scan.json", "split.json", "bad_files.txt", "config.yaml", "lr_find.png", "lr_find.csv", "lr_find.json",
-          "log.txt"),
-         ("lr_find.json", "lr_find.csv")),
+          "log.txt")),
     Kind("sweep", "a `zoo sweep`",
          ("results.jsonl", "results.csv", "sweep.png", "sweep.json", "best_config.yaml", "trials", "log.txt"),
-         ("sweep.json", "results.jsonl"), resumable=True),
+         resumable=True),
 )}
 
 
@@ -120,9 +114,6 @@ def folder_kind(path: str | os.PathLike) -> str:
             return kind
     except (OSError, ValueError, AttributeError):
         pass
-    for kind in KINDS.values():
-        if all((path / name).exists() for name in kind.legacy):
-            return kind.name
     return "other"
 
 

@@ -210,7 +210,7 @@ def test_torchrun_cli_matches_single_process(tmp_path, tiny):
         pytest.skip("torchrun not installed next to this Python")
     root = Path(__file__).resolve().parents[2]
     data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
-    common = ["--data", str(data), "--freeze", "none", "--head-epochs", "0", "--no-augment", "--epochs", "1",
+    common = ["--data", str(data), "--freeze", "none", "--head-epochs", "0", "--augment", "none", "--epochs", "1",
               "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-export"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", tiny,

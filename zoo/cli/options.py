@@ -39,9 +39,6 @@ def config_options(skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
             flag = "--" + f.name.replace("_", "-")
             default = getattr(defaults, f.name)
             option = OPTIONS[f.name]
-            if f.name == "augment":
-                func = _augment_options(func, default)
-                continue
             if isinstance(default, bool):
                 opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, show_default=True,
                                    help=_help(f.name))
@@ -57,42 +54,6 @@ def config_options(skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
             func = opt(func)
         return func
     return decorate
-
-
-_NO_AUGMENT = "zoo.no_augment"
-
-
-def _augment_value(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """``--augment``'s value, or "none" after ``--no-augment`` (which came first on the command line)."""
-    if not ctx.meta.get(_NO_AUGMENT):
-        return value
-    if ctx.get_parameter_source("augment") == ParameterSource.COMMANDLINE and value != "none":
-        raise click.BadParameter(f"--no-augment contradicts --augment {value}; give one of them", ctx, param)
-    ctx.set_parameter_source("augment", ParameterSource.COMMANDLINE)   # given_options counts it as set
-    return "none"
-
-
-def _no_augment(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    """``--no-augment`` (the spelling from when augment was a switch) = ``--augment none``."""
-    if not value:
-        return
-    ctx.meta[_NO_AUGMENT] = True
-    if "augment" in ctx.params:     # --augment came first and is already stored
-        if ctx.get_parameter_source("augment") == ParameterSource.COMMANDLINE and ctx.params["augment"] != "none":
-            raise click.BadParameter(f"--no-augment contradicts --augment {ctx.params['augment']}; give one "
-                                     "of them", ctx, param)
-        ctx.params["augment"] = "none"
-        ctx.set_parameter_source("augment", ParameterSource.COMMANDLINE)
-
-
-def _augment_options(func: Callable, default: str) -> Callable:
-    """``--augment [standard|trivial|none]`` (a bare ``--augment`` = standard, as the old switch) and
-    ``--no-augment`` (= none): the option was a boolean switch before it took a mode."""
-    func = click.option("--no-augment", "no_augment", is_flag=True, expose_value=False, callback=_no_augment,
-                        help="Same as --augment none.")(func)
-    return click.option("--augment", "augment", type=click.Choice(OPTIONS["augment"].choices), default=default,
-                        is_flag=False, flag_value="standard", show_default=True, callback=_augment_value,
-                        help=_help("augment"))(func)
 
 
 def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
