@@ -385,8 +385,8 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
     probs = torch.zeros((len(y), n_classes), dtype=torch.float32)
     fold = _folds(np.asarray(y), folds, seed)
     threads = torch.get_num_threads()
-    # A small probe is thousands of tiny ops: one thread beats a team that mostly waits (measured:
-    # 206 x 1280 features, 5 folds, 32 s with the default threads on a loaded host).
+    # A small probe is thousands of tiny ops: one thread beats a team that mostly waits
+    # (docs/benchmarks.md, "The doctor's label probe runs on one thread").
     small = x.numel() * n_classes < 20_000_000
     if small:
         torch.set_num_threads(1)

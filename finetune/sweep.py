@@ -1,5 +1,5 @@
 """Grid search in log space over learning rate, weight decay, freeze depth and optimizer, each trial a
-short finetune through ``loop.fit``; optional stratified k-fold cross-validation.
+short finetune through ``finetune.train.fit``; optional stratified k-fold cross-validation.
 
 Results go to ``out_dir``: ``results.jsonl`` (one line per finished trial, appended as it finishes: the
 resume log), ``results.csv`` (all trials, sorted by the validation metric), ``sweep.png`` (metric vs LR

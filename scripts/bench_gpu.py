@@ -13,7 +13,7 @@ to X.json. Measured (images/s, medians of repeats):
 * ``finetune.engine.train_one_epoch`` on the same tensors (our step);
 * end to end from JPEG files: PIL decode + train transform in DataLoader workers (``make_loader``), for
   two worker counts; the same with uint8 batches normalised on the GPU; ``zoo finetune``'s own loader
-  (``make_train_loader`` + ``loop.device_steps``: uint8 batches, flip/jitter and normalisation on the
+  (``make_train_loader`` + ``finetune.data.device_steps``: uint8 batches, flip/jitter and normalisation on the
   GPU) with ``gpu_normalize`` on and off and with zoo's default jitter; and
   ``torchvision.io.decode_jpeg(device="cuda")`` with the crop/flip/normalise on the GPU;
 * head-only: ``finetune.train.fit`` (head only, cached features) for 20 epochs vs one no-grad forward pass (the floor) vs a plain

@@ -35,7 +35,7 @@ ImageInput = Union[str, os.PathLike, Image.Image]   # what predict accepts per i
 OnError = Callable[[Any, str], None]
 # Test-time augmentation views: flip = the validation view + its mirror; ten = torchvision's ten-crop.
 TTA_VIEWS = ("flip", "ten")
-DEFAULT_TTA_VIEWS = "flip"     # measured on real photos: docs/peers.md, "Modern options (issue 16)"
+DEFAULT_TTA_VIEWS = "flip"     # 2 passes, not 10: neither beat plain evaluation on real photos (docs/peers.md)
 
 
 def _image_extensions() -> tuple[str, ...]:

@@ -1,8 +1,7 @@
 """JPEG decoding and augmentation on the training device (``--decode device``).
 
-When the host's cores cannot decode JPEGs as fast as the GPU trains (measured: 15 workers of a 16-core
-H200 host peak at about 2,750 img/s on 500x375 photos, below the ResNet-50 step's ~4,500 img/s), the
-workers only read the files and the device decodes them (``torchvision.io.decode_jpeg``, nvJPEG on
+When the host's cores cannot decode JPEGs as fast as the GPU trains (docs/benchmarks.md, "Decoding on
+the GPU"), the workers only read the files and the device decodes them (``torchvision.io.decode_jpeg``, nvJPEG on
 CUDA), crops, flips, jitters and normalises them, in a background thread on its own CUDA stream so
 that the next batch is prepared while the current one trains.
 

@@ -68,8 +68,8 @@ class DeviceAugment(DeviceNormalize):
     rare one-level rounding difference in the contrast blend, see :meth:`apply`; tested), drawn
     per image on the host from a private ``random.Random``: ``reseed`` it per epoch and a resumed run
     repeats the draws. Pair it with ``build_transform(..., output="uint8", colour_on_device=True)``,
-    whose workers then only decode, crop and resize (about 1.5x the images per worker core on 500x375 JPEGs,
-    scripts/bench_decode.py).
+    whose workers then only decode, crop and resize (more images per worker core: docs/benchmarks.md,
+    "CPU-side image work").
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], *, hflip: float = 0.0,

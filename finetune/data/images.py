@@ -125,7 +125,7 @@ def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
 
 def load_image_tensor(path: str | Path, min_size: int | None = None) -> torch.Tensor:
     """``load_image`` as a uint8 tensor (3, H, W): plain JPEGs (:func:`device_decodable`) are decoded by
-    ``torchvision.io.decode_jpeg`` (libjpeg-turbo, 1.2x PIL's decode here), everything else by
+    ``torchvision.io.decode_jpeg`` (libjpeg-turbo, faster than PIL's decode), everything else by
     ``load_image``. Raises DataError like ``load_image``."""
     data = read_image_bytes(path)
     if device_decodable(data, min_size):

@@ -102,7 +102,7 @@ def collate_skip_none(batch: list):
 
 
 # A single pass over fewer images than this decodes in the main process: starting and stopping worker
-# processes costs more (on an H200 host, joining each worker of a feature pass took about 1.2 s).
+# processes costs more than the decoding (docs/benchmarks.md, "Worker processes").
 MIN_IMAGES_FOR_WORKERS = 256
 
 

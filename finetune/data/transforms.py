@@ -136,7 +136,7 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
         return [T.Resize(scale, interpolation=mode, antialias=True), T.CenterCrop((h, w))]
 
     # uint8 output (the CUDA path) works on uint8 tensors from the start: torch's resize and jitter
-    # kernels are 1.3x (train) / 2.1x (eval) PIL's per worker core (scripts/bench_decode.py), and the
+    # kernels do more per worker core than PIL's (docs/benchmarks.md, "CPU-side image work"), and the
     # dataset decodes plain JPEGs straight into a tensor (load_image_tensor). PIL inputs still work.
     # torch has no box/hamming resize: those stay on PIL images.
     tensor_input = output == "uint8" and interp not in ("box", "hamming")
