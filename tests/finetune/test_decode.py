@@ -244,8 +244,8 @@ def test_fit_with_device_decode_trains_and_resumes_identically(tmp_path):
     """The whole loop with decode="device" (on the CPU here): it learns, and a resumed run gives the
     same weights as an uninterrupted one (the augmentation generator is reseeded per epoch)."""
     from finetune.train import fit
-    from tests.finetune.test_loop import STAGES, tiny_model
-    from tests.finetune.test_loop import DATA_CONFIG as LOOP_DC
+    from tests.finetune.test_train import STAGES, tiny_model
+    from tests.finetune.test_train import DATA_CONFIG as LOOP_DC
 
     root = tmp_path / "d"
     for ci, c in enumerate(("red", "green", "blue")):
@@ -319,7 +319,7 @@ def test_cached_head_under_decode_device_takes_the_cuda_pipeline_on_the_cpu(tmp_
     is forced here on the CPU (the GPU-only branch, tested where CI runs): the head-only run then equals
     the same run with --decode workers, on the same features."""
     import finetune.engine.setup as setup_module
-    from tests.finetune.test_loop import cfg, run, sets
+    from tests.finetune.test_train import cfg, run, sets
 
     real = setup_module.device_steps
     monkeypatch.setattr(setup_module, "device_steps", lambda config, data_config, device: real(config, data_config,
@@ -338,7 +338,7 @@ def test_cached_head_with_device_decode_on_cuda(tmp_path):
     passes): it runs, and matches --decode workers on the same JPEGs."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
-    from tests.finetune.test_loop import cfg, run
+    from tests.finetune.test_train import cfg, run
 
     root = tmp_path / "d"
     folder(root / "train", n=12)

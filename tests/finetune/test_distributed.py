@@ -15,7 +15,7 @@ from finetune import distributed as ddp
 from finetune.checkpoint import BEST, load_weights
 from finetune.errors import ConfigError
 from tests.conftest import make_image_folder
-from tests.finetune.test_loop import cfg, run
+from tests.finetune.test_train import cfg, run
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -55,7 +55,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from finetune.data import ImageSet
         from tests.finetune.test_distributed import ddp_cfg
-        from tests.finetune.test_loop import STAGES, DATA_CONFIG, tiny_model
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
         from finetune.train import fit
         from finetune import distributed
         d = json.load(open({str(sets_file)!r}))

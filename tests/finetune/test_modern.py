@@ -13,7 +13,7 @@ from finetune.engine import build_loss, build_setup, evaluate
 from finetune.engine.mixing import BatchMix, build_mix
 from finetune.errors import ConfigError, Interrupted
 from finetune.seeding import epoch_seed
-from tests.finetune.test_loop import DATA_CONFIG, STAGES, cfg, run, sets, tiny_model
+from tests.finetune.test_train import DATA_CONFIG, STAGES, cfg, run, sets, tiny_model
 from tests.finetune.test_resume import _stop_after, equal_states
 
 

@@ -15,7 +15,7 @@ import torch
 
 from finetune.checkpoint import LAST
 from finetune.errors import CheckpointError, ConfigError, Interrupted
-from tests.finetune.test_loop import cfg, run, sets, tiny_model
+from tests.finetune.test_train import cfg, run, sets, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(data, reference, tmp_path):
         import sys, time, pathlib
         sys.path.insert(0, {str(ROOT)!r})
         from finetune.data import ImageSet
-        from tests.finetune.test_loop import STAGES, DATA_CONFIG, tiny_model
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
         from tests.finetune.test_resume import resume_cfg
         from finetune.train import fit
         train = ImageSet({train.items!r}, {train.classes!r})
