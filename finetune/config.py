@@ -199,7 +199,7 @@ class FinetuneConfig:
         "Input size in pixels for training and evaluation (recorded in the bundle, so predict and eval use it"
         " too); 0 = the model's own (e.g. 224). Lower is faster on a CPU.",
         low=16, sentinels=(0,))
-    # --- modern regularisers (issue 16) ---
+    # --- modern regularisers (off by default until they win: docs/peers.md) ---
     label_smoothing: float = option(0.0,
         "Label smoothing of the training loss (torch/timm semantics: the target puts 1 - F + F/C on the true "
         "class, F/C on every other); validation loss stays plain cross-entropy.",
@@ -213,7 +213,7 @@ class FinetuneConfig:
         "CutMix alpha: a box of the reversed batch is pasted in, lambda ~ Beta(A, A) corrected to the box's "
         "area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
         low=0)
-    # --- EMA / layer decay (issue 16) ---
+    # --- EMA / layer decay ---
     ema: float = option(0.0,
         "Validate, keep and export an exponential moving average of the weights, updated after every "
         "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after t "

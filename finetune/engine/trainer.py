@@ -41,12 +41,9 @@ from finetune.surgery import apply_freeze
 __all__ = ["FitResult", "Trainer", "EpochSteps", "LoaderSteps", "HEAD_WARMUP_CAP", "plan_phases"]
 
 HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
-# Epochs on cached features take milliseconds; redrawing curves.png after each one cost a third of a
-# head-only run (docs/benchmarks.md), and each drawing costs 0.3 s (1.1 s for the first, with the
-# matplotlib import): a 3-epoch run of 40 s spent 4% of it drawing. The plot is drawn when this many
-# seconds passed since the run started or since the last drawing, and always after a phase's last epoch.
-# (metrics.csv, last.pt and the best weights are written after every epoch that needs them: a SIGKILL
-# loses at most the epoch in progress.)
+# curves.png is redrawn at most this often (and after a phase's last epoch): a drawing costs more than an
+# epoch on cached features (docs/benchmarks.md, "When curves.png is redrawn"). The other files are written
+# after every epoch: a SIGKILL loses at most the epoch in progress.
 CURVES_EVERY_S = 30.0
 Log = Callable[[str], None]
 
