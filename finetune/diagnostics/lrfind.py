@@ -171,7 +171,8 @@ class _RangeTest:
 
     def __init__(self, optimizer, lrs: list[float], smooth: float, diverge_factor: float,
                  log: Callable[[str], None] | None) -> None:
-        self.optimizer, self.schedule, self.smooth, self.factor, self.log = optimizer, lrs, smooth, diverge_factor, log
+        self.optimizer, self.schedule, self.log = optimizer, lrs, log
+        self.smooth, self.factor = smooth, diverge_factor
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self.smoothed: list[float] = []
