@@ -180,7 +180,7 @@ class _RangeTest:
         set_base_lr(optimizer, lrs[0])
 
     def __call__(self, _step: int, loss: torch.Tensor) -> bool:
-        i, lr, value = len(self.lrs), self.schedule[len(self.lrs)], float(loss.detach())
+        i, lr, value = len(self.lrs), self.schedule[len(self.lrs)], float(loss)
         if not math.isfinite(value):
             if not self.lrs:
                 raise DivergedError(f"the loss is {value} at lr {lr:.1e} already; lower --start-lr or check the data")

@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         mix: mixup/CutMix (``engine.mixing.BatchMix``, reseeded per epoch by the caller): each batch is
             mixed on the device, the loss takes its soft targets, accuracy counts the dominant label.
         ema: a ``finetune.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
-        after_step: called with ``(step, loss)`` after each step (e.g. the LR range test sets the next LR);
+        after_step: called with ``(step, loss)`` (detached) after each step (the LR range test sets the next LR);
             a true return ends the epoch there.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
     Returns:
@@ -131,7 +131,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                                  img_s=f"{seen * info.world_size / dt:.0f}", refresh=False)
         if progress is not None:
             progress.update(1)
-        if after_step is not None and after_step(step, loss):
+        if after_step is not None and after_step(step, loss.detach()):
             break
     if raise_diverged:
         check()
