@@ -94,15 +94,7 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
         optimizer = setup.optimizer() if trainable else None
         scaler = setup.amp.make_scaler()
 
-        # N fixed batches, drawn once (seeded) and kept in memory: the same images every pass.
-        items = list(train_set.items)
-        random.Random(cfg.seed).shuffle(items)
-        subset = type(train_set)(items=items[: int(batches) * cfg.batch_size], classes=train_set.classes)
-        loader = make_loader(setup.dataset(subset, train=False), cfg.batch_size, train=False, workers=0,
-                             device=device.type)
-        fixed = [to_device(x, y, device, setup.channels_last, setup.normalize) for x, y in filter(None, loader)]
-        if not fixed:
-            raise FinetuneError("overfit check: no readable training image; check the image folder")
+        fixed = _fixed_batches(setup, train_set, int(batches))
         n_batches = len(fixed)
         labels = _random_labels(len(train_set.classes), cfg.seed, device) if shuffle_labels else None
 
@@ -138,6 +130,21 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
         if not trainable:
             verdict += " (nothing is trainable: every layer and the head are frozen)"
     return OverfitResult(passed, loss_mean, acc, steps, verdict, losses, decision)
+
+
+def _fixed_batches(setup, train_set: ImageSet, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """N batches of ``config.batch_size`` training images (drawn with ``config.seed``), on the device: the same
+    images, unaugmented, every pass."""
+    cfg, device = setup.config, setup.device
+    items = list(train_set.items)
+    random.Random(cfg.seed).shuffle(items)
+    subset = type(train_set)(items=items[: n * cfg.batch_size], classes=train_set.classes)
+    loader = make_loader(setup.dataset(subset, train=False), cfg.batch_size, train=False, workers=0,
+                         device=device.type)
+    fixed = [to_device(x, y, device, setup.channels_last, setup.normalize) for x, y in filter(None, loader)]
+    if not fixed:
+        raise FinetuneError("overfit check: no readable training image; check the image folder")
+    return fixed
 
 
 def _random_labels(n_classes: int, seed: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

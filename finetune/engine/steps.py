@@ -46,22 +46,18 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer | None, scheduler,
                     loss_fn: nn.Module, device: torch.device, *, amp: AmpPolicy | None = None, scaler=None,
                     progress=None, epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
-                    info: ddp.DistInfo | None = None, normalize: Callable | None = None,
-                    mix: BatchMix | None = None, ema=None,
-                    after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
+                    info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
+                    ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
                     raise_diverged: bool = True) -> dict:
-    """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader),
-    the cached-feature head (batches of features), the LR range test (an ``after_step`` hook) and the
-    overfit check (fixed batches). The scheduler (and the weight average ``ema``) is stepped after every
-    optimizer step.
+    """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
+    cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
+    batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
 
     Args:
         batches: ``(x, y)`` batches (None: a batch whose every image failed to decode, skipped).
         optimizer: None = nothing trains: forward passes in training mode only (a frozen control).
-        amp: the mixed-precision policy (``runtime.amp_policy``); None = full precision.
-        scaler: the policy's GradScaler with fp16.
-        progress: a tqdm bar to advance (optional).
-        epoch: for the divergence message.
+        amp, scaler: the mixed-precision policy (``runtime.amp_policy``; None = full precision), its GradScaler.
+        progress: a tqdm bar to advance (optional). epoch: for the divergence message.
         only_train: when given, the model stays in eval mode and only this module trains (the head
             phase: frozen backbone without dropout/drop-path, as the cached-feature path computes it).
         info: the DDP position; metrics are summed over ranks.
@@ -70,8 +66,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         mix: mixup/CutMix (``engine.mixing.BatchMix``, reseeded per epoch by the caller): each batch is
             mixed on the device, the loss takes its soft targets, accuracy counts the dominant label.
         ema: a ``finetune.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
-        after_step: called with ``(step, loss)`` (detached) after each step (the LR range test sets the next LR);
-            a true return ends the epoch there.
+        after_step: called with ``(step, loss)`` (detached) after each step (the LR range test sets the
+            next LR); a true return ends the epoch there.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks (with ``mix``: the loss
@@ -80,29 +76,18 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         DivergedError: the loss became NaN/inf (on any rank); nothing of this epoch is saved.
     """
     info = info or ddp.DistInfo()
-    if only_train is None:
-        model.train()
-    else:
-        model.eval()
+    model.train(only_train is None)
+    if only_train is not None:
         only_train.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.zeros((), dtype=torch.int64, device=device)     # first step with a non-finite loss
     seen = 0
     t0 = time.perf_counter()
-    show = progress is not None and not getattr(progress, "disable", False)
     lrs: dict[int, float] = {}       # the LR of each step since the last look, for the message
-
-    def check() -> None:
-        """Raise if any rank met a non-finite loss (one host sync, one collective)."""
-        first = int(ddp.all_reduce_max(bad_step.clone(), info))
-        if first:
-            raise diverged(epoch, first, lrs.get(first, _lr(None, optimizer)))
-        lrs.clear()
-
     for step, batch in enumerate(batches, 1):
         if raise_diverged and step % CHECK_EVERY == 0:
-            check()
+            _check(bad_step, lrs, epoch, optimizer, info)
         lrs[step] = _lr(scheduler, optimizer)
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             continue
@@ -125,17 +110,30 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         loss_sum += loss.detach().double() * n
         correct += (out.detach().argmax(1) == y).sum()
         seen += n
-        if show:
-            dt = max(time.perf_counter() - t0, 1e-9)
-            progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                 img_s=f"{seen * info.world_size / dt:.0f}", refresh=False)
         if progress is not None:
-            progress.update(1)
+            _advance(progress, loss_sum, correct, seen, seen * info.world_size / max(time.perf_counter() - t0, 1e-9))
         if after_step is not None and after_step(step, loss.detach()):
             break
     if raise_diverged:
-        check()
+        _check(bad_step, lrs, epoch, optimizer, info)
     return _train_totals(loss_sum, correct, seen, t0, info)
+
+
+def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer, info: ddp.DistInfo) -> None:
+    """Raise if any rank met a non-finite loss (one host sync, one collective); ``lrs``: each step's LR
+    since the last look (cleared)."""
+    first = int(ddp.all_reduce_max(bad_step.clone(), info))
+    if first:
+        raise diverged(epoch, first, lrs.get(first, _lr(None, optimizer)))
+    lrs.clear()
+
+
+def _advance(progress, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, images_per_s: float) -> None:
+    """One step on the tqdm bar; the running loss/accuracy/speed only on a visible bar (each is a host sync)."""
+    if not getattr(progress, "disable", False):
+        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                             img_s=f"{images_per_s:.0f}", refresh=False)
+    progress.update(1)
 
 
 def _lr(scheduler, optimizer) -> float:
