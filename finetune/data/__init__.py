@@ -16,7 +16,7 @@ from finetune.data.images import (device_decodable, load_image, load_image_tenso
                                   to_uint8_tensor)
 from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, ImageDataset, class_weights,
                                    close_loader, collate_skip_none, drop_last_partial, make_loader,
-                                   resolve_workers, set_loader_epoch)
+                                   resolve_workers, set_epoch_order, set_loader_epoch, train_batches)
 from finetune.data.scan import IMAGE_EXTENSIONS, ImageSet, ScanReport, scan_folder, write_scan
 from finetune.data.transforms import ImageTransform, build_transform, with_input_size
 
@@ -26,5 +26,6 @@ __all__ = [
     "build_transform", "ImageTransform", "with_input_size",
     "DeviceNormalize", "DeviceAugment", "to_device_batch", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",
+    "train_batches", "set_epoch_order",
     "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers", "close_loader",
 ]

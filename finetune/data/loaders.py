@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, WeightedRandomSampler,
+                              default_collate, get_worker_info)
 
 from finetune.data.images import load_image, load_image_tensor
 from finetune.data.scan import ImageSet
@@ -95,8 +96,6 @@ def _unlink_quietly(path: str) -> None:
 
 def collate_skip_none(batch: list):
     """Default collate without the samples that failed to decode; None when the whole batch failed."""
-    from torch.utils.data import default_collate
-
     batch = [b for b in batch if b is not None]
     return default_collate(batch) if batch else None
 
@@ -165,7 +164,10 @@ def drop_last_partial(n: int, batch_size: int) -> bool:
 class EpochSeededSampler(torch.utils.data.Sampler):
     """Wraps an index sampler to yield ``(index, epoch seed)``: ``ImageDataset`` seeds each sample's
     augmentation from (epoch seed, index), so an epoch's draws depend on nothing that workers did before
-    (persistent workers included) and are the same with any worker count, across a resume too."""
+    (persistent workers included) and are the same with any worker count, across a resume too.
+
+    A wrapped sampler that draws from its own ``generator`` (the balanced one) has it seeded with the
+    epoch seed: the order is then a function of (seed, epoch, rank) alone, whoever iterates it."""
 
     def __init__(self, sampler) -> None:
         self.sampler = sampler
@@ -176,6 +178,9 @@ class EpochSeededSampler(torch.utils.data.Sampler):
             self.sampler.set_epoch(int(epoch))
         if seed is not None:
             self.seed = int(seed)
+            generator = getattr(self.sampler, "generator", None)
+            if generator is not None:
+                generator.manual_seed(self.seed)
 
     def __iter__(self):
         seed = self.seed
@@ -185,50 +190,66 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
+def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: int = 0, world_size: int = 1,
+                  rank: int = 0) -> BatchSampler:
+    """The training order: batches of ``(index, epoch seed)`` keys, set per epoch by :func:`set_epoch_order`.
+
+    With ``sampler="random"`` a ``DistributedSampler`` permutation seeded by ``seed + epoch`` in one process
+    too (``world_size=1``): a one-process run takes exactly the batches that an N-process run splits
+    between its ranks. ``"balanced"`` oversamples rare classes (WeightedRandomSampler, inverse class
+    frequency, drawing from its own generator; needs ``dataset.targets``; one process only). The last
+    partial batch is dropped by :func:`drop_last_partial`'s rule. :func:`make_loader` hands this sampler,
+    batch size and drop_last to its DataLoader; the cached-feature head iterates the same batches without one.
+
+    Raises:
+        ConfigError: unknown sampler, or ``balanced`` with several processes.
+    """
+    if sampler not in ("random", "balanced"):
+        raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
+    if sampler == "balanced":
+        if world_size > 1:
+            raise ConfigError("--sampler balanced is not supported with distributed training; "
+                              "use --class-weights auto instead")
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            raise ConfigError("--sampler balanced needs a dataset with class labels (targets)")
+        counts: dict[int, int] = {}
+        for t in targets:
+            counts[int(t)] = counts.get(int(t), 0) + 1
+        weights = torch.tensor([1.0 / counts[int(t)] for t in targets], dtype=torch.double)
+        base = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True,
+                                     generator=torch.Generator().manual_seed(int(seed)))
+    else:
+        base = DistributedSampler(dataset, num_replicas=int(world_size), rank=int(rank), shuffle=True,
+                                  seed=int(seed), drop_last=False)
+    return BatchSampler(EpochSeededSampler(base), int(batch_size), drop_last_partial(len(base), int(batch_size)))
+
+
+def set_epoch_order(sampler: EpochSeededSampler, seed: int, epoch: int, rank: int = 0) -> None:
+    """Make a training sampler's order and its samples' seeds a function of (seed, epoch, rank)."""
+    sampler.set_epoch(int(epoch), epoch_seed(seed, epoch, rank))
+
+
 def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, device: str = "cpu",
                 sampler: str = "random", seed: int = 0, world_size: int = 1, rank: int = 0):
     """A seeded DataLoader that drops undecodable samples (``collate_skip_none``, or the dataset's own
     ``collate_fn`` attribute when it has one). A batch whose every image failed comes out as None: skip it.
 
-    Training loaders (``train=True``): call :func:`set_loader_epoch` before each epoch. With
-    ``sampler="random"`` the order is a ``DistributedSampler`` permutation seeded by ``seed + epoch`` in
-    one process too (``world_size=1``): a one-process run takes exactly the batches that an N-process run
-    splits between its ranks, and the order of epoch ``e`` depends on nothing but (seed, e).
-    ``"balanced"`` oversamples rare classes (WeightedRandomSampler, inverse class frequency, needs
-    ``dataset.targets``; one process only). Samples are seeded per (epoch, index) (:class:`EpochSeededSampler`);
-    the last partial batch is dropped by :func:`drop_last_partial`'s rule. ``batch_size`` is per process.
-
-    Evaluation loaders keep the dataset order. Workers persist across epochs; memory is pinned for CUDA.
+    Training loaders (``train=True``) take the order of :func:`train_batches` (``sampler``, ``seed``,
+    ``world_size``, ``rank`` are its arguments; ``batch_size`` is per process); call
+    :func:`set_loader_epoch` before each epoch. Evaluation loaders keep the dataset order. Workers persist
+    across epochs; memory is pinned for CUDA.
 
     Raises:
         ConfigError: unknown sampler, or ``balanced`` with several processes.
     """
-    from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
-
     if sampler not in ("random", "balanced"):
         raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
-    generator = torch.Generator().manual_seed(int(seed))
     chosen = None
     drop_last = False
     if train:
-        if sampler == "balanced":
-            if world_size > 1:
-                raise ConfigError("--sampler balanced is not supported with distributed training; "
-                                  "use --class-weights auto instead")
-            targets = getattr(dataset, "targets", None)
-            if targets is None:
-                raise ConfigError("--sampler balanced needs a dataset with class labels (targets)")
-            counts: dict[int, int] = {}
-            for t in targets:
-                counts[int(t)] = counts.get(int(t), 0) + 1
-            weights = torch.tensor([1.0 / counts[int(t)] for t in targets], dtype=torch.double)
-            base_sampler = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True,
-                                                 generator=generator)
-        else:
-            base_sampler = DistributedSampler(dataset, num_replicas=int(world_size), rank=int(rank),
-                                              shuffle=True, seed=int(seed), drop_last=False)
-        chosen = EpochSeededSampler(base_sampler)
-        drop_last = drop_last_partial(len(base_sampler), int(batch_size))
+        order = train_batches(dataset, batch_size, sampler=sampler, seed=seed, world_size=world_size, rank=rank)
+        chosen, drop_last = order.sampler, order.drop_last
     n_workers = resolve_workers(int(workers), device, _batches(dataset, chosen, int(batch_size), drop_last))
     pin = str(device).startswith("cuda") and torch.cuda.is_available()
     base = getattr(dataset, "dataset", dataset)            # a DDP Subset wraps the dataset
@@ -242,7 +263,7 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
         pin_memory=pin,
         drop_last=drop_last,
         persistent_workers=n_workers > 0,
-        generator=generator,
+        generator=torch.Generator().manual_seed(int(seed)),    # the workers' seeds
     )
 
 
@@ -274,13 +295,13 @@ def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
     s = epoch_seed(seed, epoch, rank)
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, EpochSeededSampler):
-        sampler.set_epoch(int(epoch), s)
+        set_epoch_order(sampler, seed, epoch, rank)
     elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(int(epoch))
     if hasattr(loader, "set_epoch"):   # finetune.data.decode.DevicePrefetcher: its augmentation generator
         loader.set_epoch(int(epoch), s)
     gen = getattr(loader, "generator", None)
-    if gen is not None:          # worker seeds; the balanced sampler draws from it too
+    if gen is not None:          # worker seeds
         gen.manual_seed(s)
 
 
@@ -288,8 +309,6 @@ def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
 def seeded_sample(seed: int):
     """Seed torch's and Python's generators for one sample; in the main process (``workers=0``) the
     global streams are restored afterwards, so loading draws nothing from what dropout sees."""
-    from torch.utils.data import get_worker_info
-
     if get_worker_info() is not None:      # a worker process: its generators serve only the samples
         torch.manual_seed(seed)
         random.seed(seed)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from finetune.config import FinetuneConfig
 from finetune.data import ImageSet
-from finetune.engine import Setup, build_setup, optimizer_step, to_device
+from finetune.engine import Setup, build_setup, train_one_epoch
 from finetune.errors import ConfigError, DivergedError, FinetuneError
 from finetune.features import CachedHeadSteps, FeatureCache
 from finetune.io import atomic_write_text
@@ -162,30 +164,69 @@ def _write_lr_csv(result: LRFindResult, path: str | Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _loader_epoch(setup: Setup, epoch: int) -> Iterator:
-    """Epoch ``epoch``'s training batches of the setup's loader, on the device."""
-    setup.seed_train_loader(epoch)
-    for step, batch in enumerate(setup.train_loader, 1):
-        if batch is None:  # every image of this batch failed to decode (collate_skip_none)
-            continue
-        x, y = to_device(batch[0], batch[1], setup.device, setup.channels_last, setup.train_normalize)
-        if setup.mix is not None:     # probe what fit trains: mixed images, soft targets
-            mixed = setup.mix(x, y, step)
-            x, y = mixed.x, mixed.target
-        yield x, y
+class _RangeTest:
+    """The LR range test as the batch kernel's ``after_step`` hook: it records each step's LR and loss, sets
+    the next step's LR, and ends the test after the last LR, at a NaN/inf loss or once the smoothed loss
+    exceeds ``diverge_factor`` x its best."""
+
+    def __init__(self, optimizer, lrs: list[float], smooth: float, diverge_factor: float,
+                 log: Callable[[str], None] | None) -> None:
+        self.optimizer, self.schedule, self.log = optimizer, lrs, log
+        self.smooth, self.factor = smooth, diverge_factor
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.avg, self.best, self.stopped, self.done = 0.0, math.inf, False, False
+        set_base_lr(optimizer, lrs[0])
+
+    def __call__(self, _step: int, loss: torch.Tensor) -> bool:
+        i, lr, value = len(self.lrs), self.schedule[len(self.lrs)], float(loss)
+        if not math.isfinite(value):
+            if not self.lrs:
+                raise DivergedError(f"the loss is {value} at lr {lr:.1e} already; lower --start-lr or check the data")
+            return self._end(stopped=True)
+        self.avg = self.smooth * self.avg + (1.0 - self.smooth) * value
+        sm = self.avg / (1.0 - self.smooth ** (i + 1))
+        self.lrs.append(lr)
+        self.losses.append(value)
+        self.smoothed.append(sm)
+        steps = len(self.schedule)
+        if self.log is not None and (i + 1) % max(1, steps // 10) == 0:
+            self.log(f"lr-find {i + 1}/{steps}: lr {lr:.2e} loss {value:.4f} (smoothed {sm:.4f})")
+        if i > 0 and sm > self.factor * self.best:
+            return self._end(stopped=True)
+        self.best = min(self.best, sm)
+        if i + 1 == steps:
+            return self._end(stopped=False)
+        set_base_lr(self.optimizer, self.schedule[i + 1])
+        return False
+
+    def _end(self, stopped: bool) -> bool:
+        self.stopped, self.done = stopped, True
+        return True
 
 
-def _cycle(epoch_batches: Callable[[int], Iterator]) -> Iterator:
-    """Batches of epoch 1, 2, ... without end; a source that yields nothing must not spin forever."""
-    epoch = 0
-    while True:
-        epoch += 1
-        empty = True
-        for batch in epoch_batches(epoch):
-            empty = False
-            yield batch
-        if empty:
+def _run_range_test(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | None) -> None:
+    """Epochs 1, 2, ... of the training batches (the setup's loader, or the cached features) through the
+    batch kernel until ``test`` is done."""
+    optimizer, scaler = test.optimizer, setup.amp.make_scaler()
+    for epoch in itertools.count(1):
+        if cached is not None:
+            setup.model.eval()          # the head trains on the features, the rest stays in eval mode
+            out = train_one_epoch(cached.net, cached.batches(epoch), optimizer, None, setup.loss_fn, setup.device,
+                                  amp=setup.amp, scaler=scaler, epoch=epoch, after_step=test, raise_diverged=False)
+        else:
+            setup.seed_train_loader(epoch)      # probe what fit trains: its batches, mixed images, soft targets
+            out = train_one_epoch(setup.model, setup.train_loader, optimizer, None, setup.loss_fn, setup.device,
+                                  amp=setup.amp, scaler=scaler, epoch=epoch, channels_last=setup.channels_last,
+                                  normalize=setup.train_normalize, mix=setup.mix, after_step=test,
+                                  raise_diverged=False)
+        if test.done:
+            return
+        if not out["images"]:     # a source that yields nothing must not spin forever
             raise FinetuneError("the training loader yielded no batch; check the image folder")
+
+
 def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
             config: FinetuneConfig, *, head: str, start_lr: float = 1e-7, end_lr: float = 10.0,
             steps: int = 100, smooth: float = 0.98, diverge_factor: float = 4.0, method: str = "valley",
@@ -227,51 +268,18 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, config,
                                                           head=head, reset_head=reset_head, copy_model=True,
                                                           distributed=False, log=log)) as setup:
-        optimizer = setup.optimizer()
-        scaler = setup.amp.make_scaler()
+        cached = None
         if setup.head_only and setup.cached_head:
             cached = CachedHeadSteps(setup, feature_cache, log=log)
             cached.begin_phase("head")
-            setup.model.eval()
-            setup.head_module.train()
-            forward, batches = cached.logits, _cycle(cached.batches)
-            what = "the head on cached features"
-        else:
-            setup.model.train()
-            forward, batches = setup.model, _cycle(functools.partial(_loader_epoch, setup))
-            what = "the network"
         if log is not None:
+            what = "the head on cached features" if cached is not None else "the network"
             log(f"lr-find: probing {what} ({setup.decision.label}), {steps} steps")
-        lrs_all = lr_schedule(start_lr, end_lr, int(steps))
-        lrs, losses, smoothed = [], [], []
-        avg, best, stopped = 0.0, math.inf, False
-        for i, lr in enumerate(lrs_all):
-            x, y = next(batches)
-            set_base_lr(optimizer, lr)
-            with setup.amp.autocast():
-                out = forward(x)
-            loss = setup.loss_fn(out.float(), y)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                if not lrs:
-                    raise DivergedError(f"the loss is {value} at lr {lr:.1e} already; lower --start-lr "
-                                        "or check the data")
-                stopped = True
-                break
-            optimizer_step(loss, optimizer, scaler)
-            avg = smooth * avg + (1.0 - smooth) * value
-            sm = avg / (1.0 - smooth ** (len(lrs) + 1))
-            lrs.append(lr)
-            losses.append(value)
-            smoothed.append(sm)
-            if log is not None and (i + 1) % max(1, steps // 10) == 0:
-                log(f"lr-find {i + 1}/{steps}: lr {lr:.2e} loss {value:.4f} (smoothed {sm:.4f})")
-            if i > 0 and sm > diverge_factor * best:
-                stopped = True
-                break
-            best = min(best, sm)
+        test = _RangeTest(setup.optimizer(), lr_schedule(start_lr, end_lr, int(steps)), smooth, diverge_factor, log)
+        _run_range_test(setup, test, cached)
+        lrs, losses, smoothed, stopped = test.lrs, test.losses, test.smoothed, test.stopped
         decision = setup.decision
-        del setup, optimizer, forward, batches  # free accelerator memory before plotting
+        del setup, test, cached  # free accelerator memory before plotting
 
     v, s = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed)
     valley = lrs[v] if v is not None else None

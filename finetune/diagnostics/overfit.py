@@ -6,13 +6,14 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from finetune.config import FinetuneConfig
 from finetune.data import ImageSet, make_loader
-from finetune.engine import build_setup, optimizer_step, to_device
+from finetune.engine import build_setup, to_device, train_one_epoch
 from finetune.errors import ConfigError, FinetuneError
 from finetune.seeding import preserved_rng
 
@@ -42,8 +43,6 @@ class OverfitResult:
 
 def disable_dropout(model) -> int:
     """Set every dropout / drop-path probability to 0 (BatchNorm untouched). Returns how many changed."""
-    from torch import nn
-
     changed = 0
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p:
@@ -93,42 +92,23 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
                 p.requires_grad_(False)
         trainable = any(p.requires_grad for p in work.parameters())
         optimizer = setup.optimizer() if trainable else None
-        loss_fn = setup.loss_fn
         scaler = setup.amp.make_scaler()
 
-        # N fixed batches, drawn once (seeded) and kept in memory: the same images every pass.
-        items = list(train_set.items)
-        random.Random(cfg.seed).shuffle(items)
-        subset = type(train_set)(items=items[: int(batches) * cfg.batch_size], classes=train_set.classes)
-        loader = make_loader(setup.dataset(subset, train=False), cfg.batch_size, train=False, workers=0,
-                             device=device.type)
-        fixed = [to_device(x, y, device, setup.channels_last, setup.normalize) for x, y in filter(None, loader)]
-        if not fixed:
-            raise FinetuneError("overfit check: no readable training image; check the image folder")
-        n_batches, n_classes = len(fixed), len(train_set.classes)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        fixed = _fixed_batches(setup, train_set, int(batches))
+        n_batches = len(fixed)
+        labels = _random_labels(len(train_set.classes), cfg.seed, device) if shuffle_labels else None
 
         steps, passes, losses = 0, 0, []
         acc = loss_mean = math.nan
         passed = False
-        work.train()
         while steps < max_steps or passes == 0:
-            correct = total = 0
-            loss_sum = 0.0
-            for x, y in fixed:
-                if shuffle_labels:
-                    y = torch.randint(0, n_classes, y.shape, generator=gen).to(device)
-                with setup.amp.autocast():
-                    out = work(x)
-                loss = loss_fn(out.float(), y)
-                if optimizer is not None:
-                    optimizer_step(loss, optimizer, scaler)
-                    steps += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((out.detach().argmax(1) == y).sum())
-                total += len(y)
+            # one pass = one epoch of the batch kernel over the fixed batches; a NaN/inf loss ends the check
+            source = fixed if labels is None else ((x, labels(y)) for x, y in fixed)
+            out = train_one_epoch(work, source, optimizer, None, setup.loss_fn, device, amp=setup.amp,
+                                  scaler=scaler, raise_diverged=False)
+            steps += n_batches if optimizer is not None else 0
             passes += 1
-            acc, loss_mean = correct / total, loss_sum / total
+            acc, loss_mean = out["acc"], out["loss"]
             losses.append(loss_mean)
             if log is not None and (passes <= 3 or passes % 10 == 0):   # a readable trace, not one line a pass
                 log(f"overfit pass {passes}: {steps} steps, loss {loss_mean:.4f}, acc {acc:.1%}")
@@ -150,3 +130,24 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
         if not trainable:
             verdict += " (nothing is trainable: every layer and the head are frozen)"
     return OverfitResult(passed, loss_mean, acc, steps, verdict, losses, decision)
+
+
+def _fixed_batches(setup, train_set: ImageSet, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """N batches of ``config.batch_size`` training images (drawn with ``config.seed``), on the device: the same
+    images, unaugmented, every pass."""
+    cfg, device = setup.config, setup.device
+    items = list(train_set.items)
+    random.Random(cfg.seed).shuffle(items)
+    subset = type(train_set)(items=items[: n * cfg.batch_size], classes=train_set.classes)
+    loader = make_loader(setup.dataset(subset, train=False), cfg.batch_size, train=False, workers=0,
+                         device=device.type)
+    fixed = [to_device(x, y, device, setup.channels_last, setup.normalize) for x, y in filter(None, loader)]
+    if not fixed:
+        raise FinetuneError("overfit check: no readable training image; check the image folder")
+    return fixed
+
+
+def _random_labels(n_classes: int, seed: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For ``shuffle_labels``: new random labels, shaped as the given ones, at every step (seeded)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return lambda y: torch.randint(0, n_classes, y.shape, generator=gen).to(device)

@@ -15,6 +15,7 @@ from finetune import distributed as ddp
 from finetune.config import FinetuneConfig
 from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, close_loader, device_steps,
                            make_loader, set_loader_epoch)
+from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
 from finetune.errors import ConfigError
@@ -116,7 +117,6 @@ class Setup:
         """The dataset ``fit`` reads ``image_set`` with (``train``: augmented unless ``augment="none"``;
         ``--decode device``: the encoded files, decoded on the device)."""
         if self.config.decode == "device":
-            from finetune.data.decode import EncodedImageDataset
             return EncodedImageDataset(image_set, build_transform(self.data_config, False, self.config).min_size)
         cfg = self.config if augment is None or augment else self.config.replace(augment="none")
         if train:
@@ -209,7 +209,6 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     network_steps = 0 if (setup.head_only and setup.cached_head) else setup.steps_per_epoch * int(config.epochs)
     cudnn_autotune(device, network_steps)
     if config.decode == "device":   # workers read the files; JPEGs are decoded and augmented on the device
-        from finetune.data.decode import DevicePrefetcher, DeviceTransform
         if device.type != "cuda":
             say(f"warning: --decode device on {device.type} decodes in one thread of the main process; "
                 "it is meant for CUDA (nvJPEG): the workers path is usually faster here")

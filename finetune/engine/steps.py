@@ -1,12 +1,12 @@
-"""The step functions: one training epoch over a loader, and an evaluation pass.
-
-Plain functions with explicit arguments, as in torchvision's reference training script.
+"""The batch kernel: one training epoch over any source of ``(x, y)`` batches, and an evaluation pass.
+Every path trains through these two (``fit``'s loop, the cached-feature head, the LR range test, the
+overfit check); plain functions with explicit arguments, as in torchvision's reference training script.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +44,21 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=
         optimizer.step()
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
-                    device: torch.device, *, amp: AmpPolicy | None = None, scaler=None, progress=None,
-                    epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
-                    info: ddp.DistInfo | None = None, normalize: Callable | None = None,
-                    mix: BatchMix | None = None, ema=None) -> dict:
-    """One pass over ``loader``; the scheduler (and the weight average ``ema``) is stepped after every
-    optimizer step.
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer | None, scheduler,
+                    loss_fn: nn.Module, device: torch.device, *, amp: AmpPolicy | None = None, scaler=None,
+                    progress=None, epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
+                    info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
+                    ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
+                    raise_diverged: bool = True) -> dict:
+    """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
+    cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
+    batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
 
     Args:
-        amp: the mixed-precision policy (``runtime.amp_policy``); None = full precision.
-        scaler: the policy's GradScaler with fp16.
-        progress: a tqdm bar to advance (optional).
-        epoch: for the divergence message.
+        batches: ``(x, y)`` batches (None: a batch whose every image failed to decode, skipped).
+        optimizer: None = nothing trains: forward passes in training mode only (a frozen control).
+        amp, scaler: the mixed-precision policy (``runtime.amp_policy``; None = full precision), its GradScaler.
+        progress: a tqdm bar to advance (optional). epoch: for the divergence message.
         only_train: when given, the model stays in eval mode and only this module trains (the head
             phase: frozen backbone without dropout/drop-path, as the cached-feature path computes it).
         info: the DDP position; metrics are summed over ranks.
@@ -65,6 +67,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         mix: mixup/CutMix (``engine.mixing.BatchMix``, reseeded per epoch by the caller): each batch is
             mixed on the device, the loss takes its soft targets, accuracy counts the dominant label.
         ema: a ``finetune.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
+        after_step: called with ``(step, loss)`` (detached) after each step (the LR range test sets the
+            next LR); a true return ends the epoch there.
+        raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks (with ``mix``: the loss
         on the mixed targets, the accuracy against each mixed image's dominant label).
@@ -72,31 +77,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         DivergedError: the loss became NaN/inf (on any rank); nothing of this epoch is saved.
     """
     info = info or ddp.DistInfo()
-    if only_train is None:
-        model.train()
-    else:
-        model.eval()
+    model.train(only_train is None)
+    if only_train is not None:
         only_train.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.zeros((), dtype=torch.int64, device=device)     # first step with a non-finite loss
     seen = 0
     t0 = time.perf_counter()
-    show = progress is not None and not getattr(progress, "disable", False)
-
     lrs: dict[int, float] = {}       # the LR of each step since the last look, for the message
-
-    def check() -> None:
-        """Raise if any rank met a non-finite loss (one host sync, one collective)."""
-        first = int(ddp.all_reduce_max(bad_step.clone(), info))
-        if first:
-            raise diverged(epoch, first, lrs.get(first, optimizer.param_groups[0]["lr"]))
-        lrs.clear()
-
-    for step, batch in enumerate(loader, 1):
-        if step % CHECK_EVERY == 0:
-            check()
-        lrs[step] = scheduler.current_lr() if scheduler is not None else optimizer.param_groups[0]["lr"]
+    for step, batch in enumerate(batches, 1):
+        if raise_diverged and step % CHECK_EVERY == 0:
+            _check(bad_step, lrs, epoch, optimizer, info)
+        lrs[step] = _lr(scheduler, optimizer)
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             continue
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
@@ -108,24 +101,53 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             out = model(x)
         loss = loss_fn(out.float(), target)
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-        optimizer_step(loss, optimizer, scaler)
-        if scheduler is not None:
-            scheduler.step_batch()
-        if ema is not None:
-            ema.update(model)
+        if optimizer is not None:
+            optimizer_step(loss, optimizer, scaler)
+            if scheduler is not None:
+                scheduler.step_batch()
+            if ema is not None:
+                ema.update(model)
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
         correct += (out.detach().argmax(1) == y).sum()
         seen += n
-        if show:
-            dt = max(time.perf_counter() - t0, 1e-9)
-            progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                 img_s=f"{seen * info.world_size / dt:.0f}", refresh=False)
         if progress is not None:
-            progress.update(1)
-    check()
+            _advance(progress, loss_sum, correct, seen, seen * info.world_size / max(time.perf_counter() - t0, 1e-9))
+        if after_step is not None and after_step(step, loss.detach()):
+            break
+    if raise_diverged:
+        _check(bad_step, lrs, epoch, optimizer, info)
+    return _train_totals(loss_sum, correct, seen, t0, info)
+
+
+def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer, info: ddp.DistInfo) -> None:
+    """Raise if any rank met a non-finite loss (one host sync, one collective); ``lrs``: each step's LR
+    since the last look (cleared)."""
+    first = int(ddp.all_reduce_max(bad_step.clone(), info))
+    if first:
+        raise diverged(epoch, first, lrs.get(first, _lr(None, optimizer)))
+    lrs.clear()
+
+
+def _advance(progress, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, images_per_s: float) -> None:
+    """One step on the tqdm bar; the running loss/accuracy/speed only on a visible bar (each is a host sync)."""
+    if not getattr(progress, "disable", False):
+        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                             img_s=f"{images_per_s:.0f}", refresh=False)
+    progress.update(1)
+
+
+def _lr(scheduler, optimizer) -> float:
+    if scheduler is not None:
+        return scheduler.current_lr()
+    return optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
+
+
+def _train_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, t0: float,
+                  info: ddp.DistInfo) -> dict:
+    """The epoch's metrics, summed over ranks; its seconds since ``t0``."""
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
-                                                                    device=device)])
+                                                                    device=loss_sum.device)])
     ddp.all_reduce_sum(totals, info)
     loss_total, correct_total, images = totals.tolist()
     seconds = time.perf_counter() - t0
@@ -136,11 +158,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
+def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
              amp: AmpPolicy | None = None, channels_last: bool = False,
              info: ddp.DistInfo | None = None, normalize: Callable | None = None,
              probs: list | None = None, correct: list | None = None, losses: list | None = None) -> dict:
-    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
+    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)
+    over ``batches`` (a validation loader, or the cached head's validation features).
 
     Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks.
     ``normalize``: as in :func:`train_one_epoch` (uint8 batches normalised on the device).
@@ -153,7 +176,7 @@ def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device,
     c = len(classes)
     confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in loader:
+    for batch in batches:
         if batch is None:
             continue
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)

@@ -13,9 +13,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 from torch import nn
 
-from finetune.io import read_safetensors_header
+from finetune.io import atomic_write, read_safetensors_header
 
 
 CACHE_FORMAT = "zoo-features-1"
@@ -82,10 +83,6 @@ class FeatureCache:
         if self.root is None:
             self._memory[key] = bank
             return
-        from safetensors.numpy import save_file
-
-        from finetune.io import atomic_write
-
         feats = np.ascontiguousarray(bank.features.detach().cpu().float().numpy())
         labels = np.ascontiguousarray(bank.labels.detach().cpu().to(torch.int64).numpy())
         meta = {"format": CACHE_FORMAT, "key": key, "feature_shape": json.dumps(list(bank.feature_shape)),

@@ -1,10 +1,12 @@
 """One pass of a model without its head over a dataset: the features the head sees."""
 import contextlib
 import math
+import sys
 from typing import Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from finetune.data import resolve_workers
 from finetune.engine.runtime import AmpPolicy, amp_policy, to_device
@@ -71,10 +73,6 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     ``allow_empty``: None instead of an error when no image decodes (one rank's shard under torchrun).
     ``fixed_shape``: pad the last batch to ``batch_size`` (None: on CUDA, see below).
     """
-    import sys
-
-    from tqdm.auto import tqdm
-
     n = len(dataset)  # type: ignore[arg-type]
     # On CUDA every batch goes through at one shape (the last one padded): cuDNN plans, and may compile,
     # kernels per input shape, seconds that a small folder's 4-5 shapes (full and last batch, train and

@@ -11,9 +11,10 @@ once per view and is the head phase's epoch source in ``fit``'s loop (``finetune
 * with ``config.aug_views = K > 0`` instead, K randomly augmented views per training image.
 Each epoch of the gradient solver draws one view per image; the L-BFGS solver fits all views at once.
 
-Everything else is the loop's: the loss, optimizer and scheduler of the setup, the batch order of the
-setup's training loader (replayed without decoding images), early stopping, the history and the run
-folder. As in the slow head phase the whole model is in eval mode and only the head trains, so dropout
+Everything else is the engine's: the loss, optimizer and scheduler of the setup, the batch kernel
+(``engine.train_one_epoch`` / ``evaluate`` over batches of features), the batch order of the setup's
+training loader (``data.train_batches``, iterated without a DataLoader), early stopping, the history
+and the run folder. As in the slow head phase the whole model is in eval mode and only the head trains, so dropout
 before the classifier (timm's ``drop_rate``) and stochastic depth are off in both paths; an MLP head's
 own BatchNorm and Dropout train normally in both.
 """
@@ -24,17 +25,16 @@ import time
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from finetune import distributed as ddp
-from finetune.data import ImageDataset, ImageSet, build_transform, make_loader, set_loader_epoch
+from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
 from finetune.data.transforms import augment_mode
 from finetune.engine.setup import Setup
-from finetune.engine.steps import diverged, optimizer_step
+from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.errors import FinetuneError
 from finetune.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.features.extract import _extract, _logits
-from finetune.metrics import per_class_accuracy
 
 __all__ = ["CachedHeadSteps"]
 
@@ -53,8 +53,8 @@ def mirror_view(config) -> bool:
 
 
 class _Targets(torch.utils.data.Dataset):
-    """Stands in for the training dataset when building its loader: same length and ``targets`` (the
-    balanced sampler's weights), no images."""
+    """Stands in for the training dataset when building its batch order (``data.train_batches``): same
+    length and ``targets`` (the balanced sampler's weights), no images."""
 
     def __init__(self, image_set) -> None:
         self.targets = [int(y) for _, y in image_set.items]
@@ -62,37 +62,16 @@ class _Targets(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, key):
-        return key
 
+class FeatureHead(nn.Module):
+    """The head as the batch kernel runs it on features: ``head(x)``, a 1x1-conv head's output flattened."""
 
-class _BatchOrder:
-    """The index batches the setup's training loader yields in each epoch, without iterating it.
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
 
-    The loader is reseeded by ``set_loader_epoch`` before every epoch, as ``fit`` does. A DataLoader also
-    draws one seed for its workers from ``loader.generator`` when an iterator is created (once for
-    persistent workers, every epoch otherwise) before its sampler draws from the same generator (the
-    balanced sampler does). Replaying those draws reproduces the loader's batches exactly, without
-    starting worker processes for a dataset that has no images to decode.
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader, seed: int, rank: int = 0) -> None:
-        self.loader = loader
-        self.seed = seed
-        self.rank = rank
-        self._started = False
-
-    def __len__(self) -> int:
-        return len(self.loader.batch_sampler)  # type: ignore[arg-type]
-
-    def epoch(self, epoch: int) -> Iterator[list[int]]:
-        set_loader_epoch(self.loader, self.seed, epoch, self.rank)
-        persistent = self.loader.num_workers > 0 and self.loader.persistent_workers
-        if not (self._started and persistent):
-            torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
-        self._started = True
-        return ([k[0] if isinstance(k, tuple) else k for k in batch]
-                for batch in self.loader.batch_sampler)  # type: ignore[union-attr]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.head, x)
 
 
 class CachedHeadSteps:
@@ -118,6 +97,7 @@ class CachedHeadSteps:
         self.val_correct: torch.Tensor | None = None   # of the last evaluate(): hits on the decoded images
         self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
         self._prep_seconds = 0.0
+        self.net = FeatureHead(setup.head_module)      # what the kernel trains and evaluates
 
     @property
     def ready(self) -> bool:
@@ -151,13 +131,11 @@ class CachedHeadSteps:
             self.val_labels = self.val_bank.labels[self.val_bank.valid]
             self.val_rows = self.val_bank.valid.nonzero().squeeze(1)
         self.bank_labels = self.train_bank.labels.tolist()
-        # The setup's own loader settings, so the sampler, seed, drop_last and generator draws are the same.
-        # Under torchrun every rank replays the one-process order (rank 0's) on all the features: the head
-        # trains as in one process, and rank 0's is broadcast after each epoch.
+        # The setup's own training order (sampler, seed, drop_last), iterated without a DataLoader. Under
+        # torchrun every rank takes the one-process order (rank 0's) on all the features: the head trains as
+        # in one process, and rank 0's is broadcast after each epoch.
         c = s.config
-        loader = make_loader(_Targets(s.train_set), int(c.batch_size), train=True, workers=c.workers,
-                             device=dev.type, sampler=c.sampler, seed=c.seed)
-        self.order = _BatchOrder(loader, int(c.seed), 0)
+        self.order = train_batches(_Targets(s.train_set), int(c.batch_size), sampler=c.sampler, seed=int(c.seed))
         self._ready = True
         self._prep_seconds = time.perf_counter() - t0
 
@@ -223,19 +201,17 @@ class CachedHeadSteps:
         return dict(self._failures)
 
     # ----------------------------------------------------------------------------- batches
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return _logits(self.s.head_module, x)
-
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Epoch ``epoch``'s training batches of features ``(x, y)`` on the device, in the loader's order
-        (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
+        """Epoch ``epoch``'s training batches of features ``(x, y)`` on the device, in the training loader's
+        order (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
         s = self.s
         n_views = self.train_bank.views
         if n_views > 1:
             g = torch.Generator().manual_seed(int(s.config.seed) * 7919 + epoch)
             view_of = torch.randint(n_views, (len(self.train_bank),), generator=g).to(self.train_feats.device)
-        for batch in self.order.epoch(epoch):
-            keep = [i for i in batch if self.bank_labels[i] >= 0]
+        set_epoch_order(self.order.sampler, int(s.config.seed), epoch)
+        for batch in self.order:
+            keep = [i for i, _seed in batch if self.bank_labels[i] >= 0]
             if not keep:
                 continue
             idx = torch.tensor(keep, dtype=torch.int64)
@@ -244,6 +220,15 @@ class CachedHeadSteps:
             x = self.train_feats[view_of[idx], idx] if n_views > 1 else self.train_feats[0, idx]
             yield (x.to(s.device, non_blocking=True).reshape(-1, *self.shape),
                    y.to(s.device, non_blocking=True))
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation features ``(x, y)`` on the device, in val_set order, batch by batch."""
+        s = self.s
+        bs = int(s.config.batch_size)
+        for start in range(0, int(self.val_rows.shape[0]), bs):
+            r = self.val_rows[start:start + bs]
+            x = self.val_feats[r.to(self.val_feats.device)].to(s.device, non_blocking=True)
+            yield x.reshape(-1, *self.shape), self.val_labels[start:start + bs].to(s.device)
 
     @property
     def solves(self) -> bool:
@@ -259,27 +244,14 @@ class CachedHeadSteps:
 
     def _gradient_epoch(self, epoch: int, optimizer, scheduler, scaler) -> dict:
         s = self.s
-        t0 = time.perf_counter()
-        s.model.eval()
-        s.head_module.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        for step, (x, y) in enumerate(self.batches(epoch), 1):
-            with s.amp.autocast():
-                logits = self.logits(x)
-            loss = s.loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise diverged(epoch, step, scheduler.current_lr())
-            optimizer_step(loss, optimizer, scaler)
-            scheduler.step_batch()
-            bs = int(y.shape[0])
-            total_loss += float(loss.detach()) * bs
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += bs
+        s.model.eval()       # as in the slow head phase: the whole model in eval mode, the head trains
+        out = train_one_epoch(self.net, self.batches(epoch), optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
+                              scaler=scaler, epoch=epoch)
         # the first epoch pays for the extraction: its seconds and speed say so
-        seconds = time.perf_counter() - t0 + self._prep_seconds
+        out["seconds"] += self._prep_seconds
+        out["images_per_s"] = out["images"] / max(out["seconds"], 1e-9)
         self._prep_seconds = 0.0
-        return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen), "images": seen,
-                "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+        return out
 
     def _solve(self) -> dict:
         """Multinomial logistic regression of the head on the training features: full-batch L-BFGS to
@@ -344,38 +316,24 @@ class CachedHeadSteps:
         return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
                 "phase_done": True}
 
-    @torch.no_grad()
     def evaluate(self, full: bool = False) -> dict:
-        """Mean loss and accuracy of the head over the validation features (eval mode, restored after);
-        with ``full``, per-class accuracy and the confusion matrix too, as ``engine.evaluate`` gives them
-        (the features are exactly what the head sees there: no second pass through the backbone).
+        """Mean loss and accuracy of the head over the validation features (``engine.evaluate``; the head's
+        mode restored after); with ``full``, per-class accuracy and the confusion matrix too (the features
+        are exactly what the head sees there: no second pass through the backbone).
         ``val_probs`` then holds each validation image's softmax (None if an image failed to decode)."""
         self.val_probs = self.val_correct = self.val_losses = None
         if self.val_bank is None:
             return {"loss": math.nan, "acc": math.nan}
         s = self.s
-        head = s.head_module
-        was = head.training
-        head.eval()
-        c = len(s.classes)
-        confusion = torch.zeros(c * c, dtype=torch.int64)
-        total = 0.0
-        probs, correct, losses = [], [], []
-        bs = int(s.config.batch_size)
+        was = s.head_module.training
+        probs: list = []
+        correct: list = []
+        losses: list = []
         try:
-            for start in range(0, int(self.val_rows.shape[0]), bs):
-                r = self.val_rows[start:start + bs]
-                x = self.val_feats[r.to(self.val_feats.device)].to(s.device, non_blocking=True)
-                y = self.val_labels[start:start + bs].to(s.device)
-                with s.amp.autocast():
-                    logits = self.logits(x.reshape(-1, *self.shape))
-                total += float(s.eval_loss_fn(logits.float(), y)) * int(y.shape[0])
-                confusion += torch.bincount((y * c + logits.argmax(1)).cpu(), minlength=c * c)
-                probs.append(logits.float().softmax(1).cpu())
-                correct.append((logits.argmax(1) == y).cpu())
-                losses.append(F.cross_entropy(logits.float(), y, reduction="none").double().cpu())
+            out = evaluate(self.net, self.val_batches(), s.eval_loss_fn, s.device, s.classes, amp=s.amp,
+                           probs=probs, correct=correct, losses=losses)
         finally:
-            head.train(was)
+            s.head_module.train(was)
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
         self.val_losses = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
         if s.info.enabled and len(self.val_correct):
@@ -385,14 +343,7 @@ class CachedHeadSteps:
             self.val_correct, self.val_losses = self.val_correct[mine], self.val_losses[mine]
         if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
             self.val_probs = torch.cat(probs)
-        conf = confusion.view(c, c)
-        n = int(conf.sum())
-        right = conf.diag().tolist()
-        out = {"loss": total / max(1, n), "acc": sum(right) / max(1, n)}
-        if full:
-            out.update(per_class=per_class_accuracy(right, conf.sum(1).tolist(), s.classes),
-                       confusion=conf.tolist(), images=n)
-        return out
+        return out if full else {"loss": out["loss"], "acc": out["acc"]}
 
 
 def _gather_bank(parts: list[FeatureBank | None], n: int, info: ddp.DistInfo) -> FeatureBank:

@@ -14,9 +14,9 @@ from torch import nn
 from finetune.config import FinetuneConfig
 from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
 from finetune.errors import FinetuneError
-from finetune.data import set_loader_epoch
+from finetune.data import set_epoch_order, set_loader_epoch, train_batches
 from finetune.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
-from finetune.features.head import _BatchOrder, _Targets
+from finetune.features.head import _Targets
 from finetune.surgery import replace_head
 from finetune.train import fit
 from tests.conftest import make_image_folder
@@ -115,25 +115,31 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
     torch.testing.assert_close(slow_model.features[0].weight, fast_model.features[0].weight)
 
 
-@pytest.mark.parametrize("workers,sampler", [(0, "random"), (1, "random"), (0, "balanced")])
-def test_batch_order_replays_the_loader(tmp_path, workers, sampler):
+class _Keys(_Targets):
+    def __getitem__(self, key):      # a loader over it yields the (index, epoch seed) keys themselves
+        return key
+
+
+@pytest.mark.parametrize("workers,sampler", [(0, "random"), (1, "random"), (0, "balanced"), (1, "balanced")])
+def test_batch_order_is_the_loaders(tmp_path, workers, sampler):
+    """The cached head iterates the training order (data.train_batches) without a DataLoader: the batches a
+    loader yields are exactly those, with any worker count, in every epoch (this fails loudly if a
+    DataLoader ever batches its sampler differently)."""
     items = [(f"img{i}.png", i % 3) for i in range(23)]
     image_set = ImageSet(items, ["a", "b", "c"])
-    config = _config(batch_size=4, workers=workers, sampler=sampler, seed=5)
-    def loader():
-        return make_loader(_Targets(image_set), config.batch_size, train=True, workers=workers, sampler=sampler,
-                           seed=5)
-
-    real = loader()
-    replay = _BatchOrder(loader(), seed=5)
+    real = make_loader(_Keys(image_set), 4, train=True, workers=workers, sampler=sampler, seed=5)
+    order = train_batches(_Targets(image_set), 4, sampler=sampler, seed=5)
     orders = []
     for epoch in (1, 2, 3):
         set_loader_epoch(real, 5, epoch)
-        seen = [b[0].tolist() for b in real]
-        assert seen == [list(b) for b in replay.epoch(epoch)]
+        seen = [list(zip(*(k.tolist() for k in b))) for b in real]
+        set_epoch_order(order.sampler, 5, epoch)
+        assert seen == [list(b) for b in order]
         orders.append(seen)
     assert orders[0] != orders[1]
-    assert len(replay) == len(real)
+    assert len(order) == len(real)
+    set_epoch_order(order.sampler, 5, 2)     # a function of (seed, epoch) alone: epoch 2 again
+    assert [list(b) for b in order] == orders[1]
 
 
 def test_extract_features_restores_head_and_modes(tmp_path):

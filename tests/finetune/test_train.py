@@ -205,6 +205,32 @@ def test_a_nan_loss_is_reported_at_its_own_step_without_a_host_sync_per_step():
     assert len(calls) == CHECK_EVERY - 1       # stopped at the first look, not at the end of the epoch
 
 
+def test_the_kernel_takes_any_batches_a_step_hook_and_leaves_divergence_to_the_caller():
+    """The one loop of every tool: any (x, y) iterable; after_step sees each step's loss and may end the
+    epoch (the LR range test); raise_diverged=False reports NaN in the metrics (the overfit check);
+    optimizer=None only measures (the frozen control)."""
+    from finetune.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    batches = [(torch.randn(3, 4), torch.tensor([0, 1, 0])) for _ in range(6)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    out = train_one_epoch(model, iter(batches), opt, None, nn.CrossEntropyLoss(), torch.device("cpu"),
+                          after_step=lambda step, loss: seen.append((step, float(loss))) or step == 4)
+    assert [s for s, _ in seen] == [1, 2, 3, 4] and out["images"] == 12
+    assert out["loss"] == pytest.approx(sum(v for _, v in seen) / 4)
+    before = [p.clone() for p in model.parameters()]
+    frozen = train_one_epoch(model, batches, None, None, nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert frozen["images"] == 18 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    poisoned = [(x * float("nan"), y) for x, y in batches]
+    out = train_one_epoch(model, poisoned, opt, None, nn.CrossEntropyLoss(), torch.device("cpu"),
+                          raise_diverged=False)
+    assert math.isnan(out["loss"])
+    with pytest.raises(DivergedError, match="epoch 0 step 1"):
+        train_one_epoch(model, poisoned, opt, None, nn.CrossEntropyLoss(), torch.device("cpu"))
+
+
 def test_huge_learning_rate_diverges(data):
     with pytest.raises(DivergedError, match="loss diverged at epoch 1 step"):
         run(data, cfg(optimizer="sgd", lr=1e30, freeze="none", epochs=2))
