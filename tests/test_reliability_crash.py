@@ -57,7 +57,7 @@ def _slow_epochs(seconds: float = 0.0, hold: str | None = None) -> None:
     """Make each training epoch last ``seconds`` longer (after its steps, before its checkpoint), and
     each epoch after the first wait to start while the file ``hold`` exists (the first epoch's line is
     out by then): a test decides when the run may go on, whatever the machine's speed."""
-    import finetune.engine.trainer as loop
+    import finetune.engine.epoch_steps as loop
 
     real = loop.train_one_epoch
     calls = [0]

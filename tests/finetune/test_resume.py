@@ -96,7 +96,7 @@ def test_resume_is_exact_with_two_workers(data, tmp_path):
 
 def test_resume_before_first_epoch_completes(data, reference, tmp_path, monkeypatch):
     """Interrupted inside epoch 1: the epoch-0 checkpoint lets the run start over identically."""
-    import finetune.engine.trainer as loop
+    import finetune.engine.epoch_steps as loop
 
     out = tmp_path / "run"
 

@@ -273,11 +273,11 @@ def test_final_metrics_reuse_the_best_epochs_evaluation(data, monkeypatch):
     """The end of a run passes the val set through the network no more: the best epoch's evaluation is
     the same numbers as a fresh one over the returned weights (metrics and val probabilities)."""
     from finetune.data import ImageDataset, build_transform, make_loader
-    from finetune.engine import trainer
+    from finetune.engine import epoch_steps
 
     calls = []
-    real = trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = epoch_steps.evaluate
+    monkeypatch.setattr(epoch_steps, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, val = data
     result = run(data, cfg(freeze="none", epochs=3, lr=1e-3))
     assert len(calls) == 3           # one evaluation per epoch, none at the end

@@ -108,7 +108,7 @@ def test_every_config_field_has_a_flag():
 
 
 def test_interrupt_then_resume(tmp_path, tiny, monkeypatch):
-    import finetune.engine.trainer as loop
+    import finetune.engine.epoch_steps as loop
 
     data = make_image_folder(tmp_path / "data", per_class=6)
     out = tmp_path / "run"
@@ -139,7 +139,7 @@ def test_interrupt_then_resume(tmp_path, tiny, monkeypatch):
 
 
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
-    import finetune.engine.trainer as loop
+    import finetune.engine.epoch_steps as loop
 
     data = make_image_folder(tmp_path / "data", per_class=6)
     out = tmp_path / "run"
