@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.config import FinetuneConfig, load_config
+from zoo import process
 from zoo.errors import UsageError
 
 __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
@@ -223,6 +224,8 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     from finetune.train import fit
 
     say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
+    if process.describe():
+        say(process.describe())
     model = _build(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
     outcome = RunOutcome(run_dir=run_dir)
     stages, head = [list(s) for s in entry.stages], entry.classifier

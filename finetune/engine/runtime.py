@@ -4,9 +4,6 @@ check and ``zoo predict`` all call these; none decides any of it on its own."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,7 +13,7 @@ from torch import nn
 from finetune import distributed as ddp
 from finetune.errors import ConfigError
 
-__all__ = ["resolve_device", "keep_freed_memory", "cudnn_autotune", "AmpPolicy", "amp_policy", "to_device",
+__all__ = ["resolve_device", "cudnn_autotune", "AmpPolicy", "amp_policy", "to_device",
            "build_loss"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
@@ -33,7 +30,6 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
     Raises:
         ConfigError: the requested device is not available here.
     """
-    keep_freed_memory()
     info = info or ddp.DistInfo()
     name = (name or "auto").strip().lower()
     mps = getattr(torch.backends, "mps", None)
@@ -58,36 +54,6 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"invalid device={name!r}: use auto, cpu, cuda, cuda:N or mps")
     return dev
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
-
-
-@functools.cache      # once per process
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory a training step frees for the next step; once per process.
-
-    By default glibc serves every block over 32 MB (and, at first, over 128 kB) with its own mmap and
-    gives it back to the kernel on free, so each forward/backward pass faults the same activation
-    memory in again, page by page. A 3-epoch EfficientNet-Lite0 finetune on 2 cores spent 16 of its 48
-    CPU seconds in the kernel that way (3 million page faults; timm's train.py the same). Serving large
-    blocks from the heap and never trimming it (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB) keeps them
-    mapped: 0.6 million faults, 2.5 s in the kernel, about 14% more peak memory (docs/benchmarks.md).
-    What jemalloc or tcmalloc would do, without preloading a library.
-
-    Left as it is when the process already chose (GLIBC_TUNABLES with malloc settings, a MALLOC_*
-    variable, an LD_PRELOAD allocator), when ZOO_MALLOC=system, and off glibc. Returns whether it set it.
-    """
-    env = os.environ
-    if (env.get("ZOO_MALLOC", "").strip().lower() == "system" or "malloc" in env.get("GLIBC_TUNABLES", "")
-            or any(k.startswith("MALLOC_") for k in env) or env.get("LD_PRELOAD", "").strip()):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.gnu_get_libc_version) and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError, TypeError):   # not glibc (macOS, musl, Windows): nothing to tune
-        return False
 
 
 def cudnn_autotune(device: torch.device, network_steps: int) -> bool:

@@ -149,50 +149,6 @@ def test_cpu_state_cache_copies_only_what_changed():
     assert all(torch.equal(cache()[k], v) for k, v in net.state_dict().items())
 
 
-_FAULTS = r"""
-import resource, sys, torch
-from finetune.engine.runtime import keep_freed_memory, resolve_device
-resolve_device("cpu")
-print(keep_freed_memory())
-for _ in range(2):                              # warm-up steps
-    x = torch.ones(16 * 2**20)
-    del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):                             # 64 MB freed and asked for again, as a training step does
-    x = torch.ones(16 * 2**20)
-    del x
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists() or not hasattr(__import__("os"), "confstr")
-                    or "glibc" not in (__import__("os").confstr("CS_GNU_LIBC_VERSION") or "").lower(),
-                    reason="glibc's malloc only")
-def test_resolve_device_keeps_freed_memory_for_the_next_step(tmp_path):
-    """The device resolver tunes glibc's malloc once per process: a 64 MB block freed and asked for again
-    (what every training step does with its activations) is not faulted in again page by page; the
-    user's own choice (ZOO_MALLOC=system, GLIBC_TUNABLES, LD_PRELOAD) is left alone."""
-    import os
-    import subprocess
-    import sys
-
-    def run(**env):
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")}
-        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
-                             cwd=ROOT, env={**base, "PYTHONPATH": str(ROOT), **env}).stdout.split()
-        return out[0] == "True", int(out[1])
-
-    tuned, tuned_faults = run()
-    system, system_faults = run(ZOO_MALLOC="system")
-    assert tuned and not system
-    # glibc as shipped faults every 64 MB step in again: thousands of faults with 4 kB pages, tens with
-    # transparent huge pages or 64 kB pages; kept, the block faults in once (1 step in 10 at most).
-    assert system_faults >= 10
-    assert tuned_faults < system_faults / 5
-    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] is False     # the process already chose
-
-
 def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
     """cudnn.benchmark autotunes each new shape: on for a long CUDA run, off for a few batches (a small
     job's feature pass sees 4-5 shapes), never touched on a CPU run."""

@@ -12,7 +12,7 @@ import os
 import click
 
 from finetune.errors import FinetuneError
-from zoo import __version__
+from zoo import __version__, process
 from zoo.cli import console
 from zoo.errors import ZooError
 from zoo.text import printable
@@ -35,6 +35,7 @@ class ZooGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
+        process.keep_freed_memory()      # process-wide settings belong to the entry point (zoo.process)
         with console.session(ctx.meta.get("zoo.args", [])):
             return self._invoke(ctx)
 

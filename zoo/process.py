@@ -1,0 +1,44 @@
+"""Process-wide settings, made once at the CLI's entry point (``zoo.cli.app.ZooGroup``) and said in a
+run's log; the library (``finetune``, ``zoo``'s Python API) never changes them behind a caller's back.
+
+glibc's malloc: large blocks are kept mapped between training steps instead of being returned to the
+kernel and faulted in again page by page on the next step (docs/benchmarks.md, "Memory the training
+step frees"), which is what jemalloc or tcmalloc would do, without preloading a library. No torch here:
+``zoo --help`` stays fast.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+__all__ = ["keep_freed_memory", "describe"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
+
+
+@functools.cache      # once per process
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve large blocks from the heap and never trim it (M_MMAP_MAX=0,
+    M_TRIM_THRESHOLD=2 GiB), so the memory a training step frees is there for the next one.
+
+    Left as it is when the process already chose (GLIBC_TUNABLES with malloc settings, a MALLOC_*
+    variable, an LD_PRELOAD allocator), when ZOO_MALLOC=system, and off glibc. Returns whether it set it.
+    """
+    env = os.environ
+    if (env.get("ZOO_MALLOC", "").strip().lower() == "system" or "malloc" in env.get("GLIBC_TUNABLES", "")
+            or any(k.startswith("MALLOC_") for k in env) or env.get("LD_PRELOAD", "").strip()):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.gnu_get_libc_version) and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):   # not glibc (macOS, musl, Windows): nothing to tune
+        return False
+
+
+def describe() -> str | None:
+    """The line a run's log gets about what this process set (None when nothing was set)."""
+    if keep_freed_memory.cache_info().currsize and keep_freed_memory():
+        return "process: glibc malloc keeps freed memory for the next step (ZOO_MALLOC=system turns it off)"
+    return None
