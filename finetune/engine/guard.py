@@ -13,14 +13,15 @@ summed and the loss differences gathered in item order, so the decision is the o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from finetune import distributed as ddp
+from finetune.checkpoint import HEAD_BEST, load_weights
 from finetune.metrics import paired_gain_p
 
-__all__ = ["ALPHA", "Evaluation", "Verdict", "judge", "paired_loss_p"]
+__all__ = ["ALPHA", "Evaluation", "Verdict", "HeadGuard", "judge", "paired_loss_p"]
 
 ALPHA = 0.05
 BOOTSTRAP_DRAWS = 2000
@@ -106,3 +107,68 @@ def judge(head: Evaluation, tuned: Evaluation, *, head_epoch: int, finetune_epoc
     return Verdict(head_epoch=head_epoch, finetune_epoch=finetune_epoch, gains=gains, losses=losses,
                    p=round(p, 6), loss_gain=round(float(diff.mean()), 6) if diff.numel() else 0.0,
                    p_loss=round(p_loss, 6), alpha=ALPHA, kept=keep)
+
+
+State = dict[str, torch.Tensor]
+
+
+class HeadGuard:
+    """The guard across a run: :meth:`hold` keeps the head phase's best weights and evaluation when that
+    phase ends (the weights also in the run folder, for a run resumed during finetuning); :meth:`settle`
+    after the finetune phase returns the weights the run keeps and says why.
+
+    ``evaluate_state(state)`` evaluates weights through the network (for an evaluation not in memory);
+    ``folder`` is the run's ``RunFolder``; ``say`` the run's log."""
+
+    def __init__(self, folder: Any, evaluate_state: Callable[[State], Evaluation], say: Callable[[str], None],
+                 epoch: int | None = None) -> None:
+        self.folder = folder
+        self.evaluate_state = evaluate_state
+        self.say = say
+        self.epoch = epoch                       # the head phase's best epoch (None: no head phase yet)
+        self.state: State | None = None
+        self.evaluation: Evaluation | None = None
+        self.decision: dict[str, Any] | None = None     # summary.json's head_guard
+
+    def hold(self, epoch: int, state: State, evaluation: Evaluation | None) -> None:
+        self.epoch, self.state, self.evaluation = epoch, state, evaluation
+        self.folder.head(state, {"epoch": str(epoch)})
+
+    @property
+    def reverted(self) -> bool:
+        return self.decision is not None and self.decision["kept"] == "head"
+
+    def settle(self, tuned_epoch: int, tuned_state: State, tuned_eval: Evaluation | None, *, seconds: float,
+               monitor: str, n_val: int, device: torch.device, info: ddp.DistInfo) -> tuple[State, Evaluation] | None:
+        """The head phase's weights and evaluation when they stay the run's best, else None (the finetuned
+        best stays; also when there was nothing to compare). ``seconds``: what the finetune phase took."""
+        if self.epoch is None or tuned_epoch == self.epoch:
+            return None
+        head_state = self.state
+        path = self.folder.path
+        if head_state is None and path is not None and (path / HEAD_BEST).is_file():
+            head_state = load_weights(path / HEAD_BEST)     # resumed during finetuning
+        if head_state is None:
+            return None
+        if tuned_eval is None or tuned_eval.losses is None:
+            tuned_eval = self.evaluate_state(tuned_state)
+        head_eval = self.evaluation
+        if head_eval is None or head_eval.losses is None:
+            head_eval = self.evaluate_state(head_state)
+        verdict = judge(head_eval, tuned_eval, head_epoch=self.epoch, finetune_epoch=tuned_epoch, n_val=n_val,
+                        device=device, info=info)
+        if verdict is None:
+            return None
+        self.decision = verdict.to_dict()
+        if verdict.kept == "finetune":
+            self.say(f"head guard: the finetuned weights of epoch {tuned_epoch} are kept: they were "
+                     f"{verdict.evidence()}")
+            return None
+        self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
+                 f"{tuned_epoch}: they were {verdict.evidence()}: not significantly better. The finetune phase "
+                 f"took {seconds:.0f} s: --freeze head skips it, --no-head-guard keeps its weights, more "
+                 "validation images give the test more power")
+        self.decision["value"] = float(head_eval.metrics["acc" if monitor == "val_acc" else "loss"])
+        self.folder.best(head_state, {"epoch": str(self.epoch), "monitor": "head guard",
+                                      "value": repr(min(verdict.p, verdict.p_loss))})
+        return head_state, head_eval

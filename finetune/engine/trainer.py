@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from finetune import distributed as ddp
-from finetune.checkpoint import BEST, HEAD_BEST, CpuStateCache, load_weights, rng_state, set_rng_state
-from finetune.engine.guard import Evaluation, judge
+from finetune.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
+from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
@@ -109,11 +109,7 @@ class Trainer:
         # The evaluation of the best weights, kept so that the end of
         # the run does not pass the validation set through the network again for the same numbers.
         self.best_eval: Evaluation | None = None
-        # The head phase's result, for the head guard: its best epoch, weights and evaluation.
-        self.head_epoch: int | None = None
-        self.head_state: dict[str, torch.Tensor] | None = None
-        self.head_eval: Evaluation | None = None
-        self.guard: dict[str, Any] | None = None       # what the guard decided (summary.json)
+        self.guard = HeadGuard(run, self._evaluate_state, self.say)
         self._curves_at = time.perf_counter()    # the first drawing waits CURVES_EVERY_S, or a phase's end
 
     # ------------------------------------------------------------------------------------ state
@@ -134,7 +130,7 @@ class Trainer:
         self.stopper.load_state_dict(ckpt["early_stop"])
         self.head_stop.load_state_dict(ckpt["head_stop"])
         self.history = list(ckpt["history"])
-        self.head_epoch = ckpt.get("head_epoch")
+        self.guard.epoch = ckpt.get("head_epoch")
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if (self.folder.path / BEST).is_file():
@@ -156,7 +152,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if running else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "early_stop": self.stopper.state_dict(), "head_stop": self.head_stop.state_dict(),
-            "head_epoch": self.head_epoch,
+            "head_epoch": self.guard.epoch,
             "ema": ({"updates": self.loader_steps.ema.updates, "model": self._weights()}
                     if running and self.loader_steps.ema is not None else None),
             "rng": rng_state(), "history": self.history, "config": self.s.config.to_dict(),
@@ -253,15 +249,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ head guard
     def _end_head_phase(self) -> None:
-        """Keep the head phase's best weights and evaluation for :meth:`_guard_head` (the weights also in
-        the run folder, for a run resumed during finetuning)."""
+        """The head phase's best weights and evaluation, held for the guard (``config.head_guard``)."""
         s = self.s
-        if not (s.config.head_guard and s.has_val and self.best_state is not None):
-            return
-        self.head_epoch = self.stopper.best_epoch
-        self.head_state = self.best_state
-        self.head_eval = self.best_eval
-        self.folder.head(self.head_state, {"epoch": str(self.head_epoch)})
+        if s.config.head_guard and s.has_val and self.best_state is not None:
+            self.guard.hold(self.stopper.best_epoch, self.best_state, self.best_eval)
 
     def _evaluate_state(self, state: dict[str, torch.Tensor]) -> Evaluation:
         """``state``'s evaluation through the network."""
@@ -269,42 +260,16 @@ class Trainer:
         return _evaluation(self.loader_steps, self.loader_steps.evaluate(full=True))
 
     def _guard_head(self) -> None:
-        """After a head phase and finetuning: :func:`finetune.engine.guard.judge` decides whether the
-        finetuned best weights stay the run's best; else the head phase's weights become the run's best
-        (best.safetensors, the export)."""
+        """After a head phase and finetuning: the guard decides which weights stay the run's best."""
         s = self.s
-        if self.head_epoch is None or self.best_state is None or self.stopper.best_epoch == self.head_epoch:
+        if self.best_state is None or not s.config.head_guard:
             return
-        head_state = self.head_state
-        if head_state is None and self.folder.path is not None and (self.folder.path / HEAD_BEST).is_file():
-            head_state = load_weights(self.folder.path / HEAD_BEST)     # resumed during finetuning
-        if head_state is None:
-            return
-        tuned_eval = self.best_eval
-        if tuned_eval is None or tuned_eval.losses is None:
-            tuned_eval = self._evaluate_state(self.best_state)
-        head_eval = self.head_eval
-        if head_eval is None or head_eval.losses is None:
-            head_eval = self._evaluate_state(head_state)
-        verdict = judge(head_eval, tuned_eval, head_epoch=self.head_epoch, finetune_epoch=self.stopper.best_epoch,
-                        n_val=len(s.val_set), device=s.device, info=s.info)
-        if verdict is None:
-            return
-        self.guard = verdict.to_dict()
-        if verdict.kept == "finetune":
-            self.say(f"head guard: the finetuned weights of epoch {verdict.finetune_epoch} are kept: they were "
-                     f"{verdict.evidence()}")
-            return
-        spent = sum(r["seconds"] for r in self.history if r["phase"] == "finetune")
-        self.say(f"head guard: the head of epoch {self.head_epoch} is kept, not the finetuned weights of epoch "
-                 f"{verdict.finetune_epoch}: they were {verdict.evidence()}: not significantly better. The "
-                 f"finetune phase took {spent:.0f} s: --freeze head skips it, --no-head-guard keeps its weights, "
-                 "more validation images give the test more power")
-        self.guard["value"] = float(head_eval.metrics["acc" if s.config.monitor == "val_acc" else "loss"])
-        self.best_state, self.best_eval = head_state, head_eval
-        self.folder.best(head_state, {"epoch": str(self.head_epoch), "monitor": "head guard",
-                                      "value": repr(min(verdict.p, verdict.p_loss))})
-        self.folder.curves(self.history, self.head_epoch)
+        kept = self.guard.settle(self.stopper.best_epoch, self.best_state, self.best_eval,
+                                 seconds=sum(r["seconds"] for r in self.history if r["phase"] == "finetune"),
+                                 monitor=s.config.monitor, n_val=len(s.val_set), device=s.device, info=s.info)
+        if kept is not None:
+            self.best_state, self.best_eval = kept
+            self.folder.curves(self.history, self.guard.epoch)
 
     def run(self) -> FitResult:
         s = self.s
@@ -354,10 +319,10 @@ class Trainer:
         self._guard_head()
         if self.best_state is not None:
             s.model.load_state_dict(self.best_state)
-        reverted = self.guard is not None and self.guard["kept"] == "head"     # the head guard kept the head
+        reverted = self.guard.reverted     # the head guard kept the head
         best_epoch = self.stopper.best_epoch if s.has_val else (self.history[-1]["epoch"] if self.history else 0)
         if reverted:
-            best_epoch = self.guard["head_epoch"]
+            best_epoch = self.guard.epoch
         # a run that ended in a cached-feature head phase evaluates on its features (what the head sees)
         final = (self.head_steps if (self.head_steps is not None and self.phases[-1] == "head"
                                      and getattr(self.head_steps, "ready", False)) else self.loader_steps)
@@ -377,12 +342,12 @@ class Trainer:
         d = s.decision
         self.folder.summary({
             "best_epoch": best_epoch, "monitor": s.config.monitor,
-            "best_value": (self.guard["value"] if reverted else self.stopper.best if s.has_val else None),
+            "best_value": (self.guard.decision["value"] if reverted else self.stopper.best if s.has_val else None),
             "metrics": metrics, "epochs_run": self.epoch, "max_epochs": int(s.config.epochs),
             "stopped_early": self.stopped_early, "phases": self.phases,
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
-            "head_guard": self.guard,
+            "head_guard": self.guard.decision,
             "head_solver": getattr(self.head_steps, "solver_path", None) or None,
             "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
         })
