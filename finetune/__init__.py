@@ -6,6 +6,8 @@ Layers (imports run downward only): tools (``train.fit``, ``features``, ``diagno
 """
 from __future__ import annotations
 
+import importlib
+
 __all__ = ["fit", "FinetuneConfig", "FinetuneError"]
 
 _LAZY = {
@@ -17,7 +19,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

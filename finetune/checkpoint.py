@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from finetune.errors import CheckpointError
 from finetune.io import atomic_write
@@ -113,8 +114,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     """Write the module's state (or a CPU state dict) as safetensors, atomically."""
-    from safetensors.torch import save_file
-
     tensors = cpu_state_dict(module) if isinstance(module, torch.nn.Module) else module
     path = Path(path)
     try:
@@ -126,8 +125,6 @@ def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Ten
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by :func:`save_weights` (CPU tensors)."""
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error type for damaged files

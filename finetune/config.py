@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import ConfigError
-from finetune.io import load_yaml
+from finetune.io import atomic_write_text, load_yaml
 
 __all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
            "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
@@ -310,6 +310,4 @@ def load_config(path: str | Path) -> FinetuneConfig:
 
 
 def save_config(config: FinetuneConfig, path: str | Path) -> None:
-    from finetune.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from finetune.errors import ConfigError
 
@@ -187,8 +188,6 @@ def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> 
     """
     if not info.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [device.index] if device.type == "cuda" else None
     # Frozen parameters (requires_grad=False) are not registered for gradient reduction, so
     # find_unused_parameters is not needed. Buffers are broadcast from rank 0 each forward so that

@@ -38,8 +38,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
 
-from finetune.io import printable_name
+from finetune.data import ImageDataset, ImageSet, build_transform, load_image
+from finetune.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
+from finetune.io import atomic_write_text, printable_name
 
 __all__ = [
     "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS", "EXCLUDE_KINDS",
@@ -134,10 +138,6 @@ def pixel_fingerprint(path: str) -> np.ndarray | None:
     stamps photos) while different photos stay below 0.93 (docs/doctor.md): the net for near copies that
     the pretrained features, which JPEG artefacts move more (cosine down to 0.79), let through.
     """
-    from PIL import Image
-
-    from finetune.data import load_image
-
     try:
         im = load_image(path, min_size=THUMB_SIDE * 4).convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
     except Exception:  # noqa: BLE001 - an undecodable image has no fingerprint; the scan reports it
@@ -152,8 +152,6 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
                ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
     """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
     (rows of an (N, 256) array, zeros when missing) and whether it exists. Read only."""
-    from PIL import Image
-
     hashes, sizes = [], []
     thumbs = np.zeros((len(paths), THUMB_SIDE * THUMB_SIDE), dtype=np.float32)
     has = np.zeros(len(paths), dtype=bool)
@@ -194,11 +192,6 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
         ``(features, valid, hits)``: per split a float32 (N, D) array (zeros where an image failed to
         decode) and a bool (N,) mask, and how many splits came from the cache.
     """
-    import torch
-
-    from finetune.data import ImageDataset, ImageSet, build_transform
-    from finetune.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
-
     dev = torch.device(device)
     model = model.to(dev)
     amp = bool(getattr(config, "amp", False)) and dev.type == "cuda"
@@ -250,8 +243,6 @@ def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tupl
     vectors that differ lands on 1.0 or just under it depending on the BLAS, so at 1.0 it would decide by
     rounding. Below 1.0 the cosine is computed in float64, so that rounding moves it by ~1e-15, not ~1e-7.
     """
-    import torch
-
     z = np.ascontiguousarray(z, dtype=np.float32)
     out: list[tuple[int, int, float]] = []
     if threshold >= 1.0:
@@ -334,8 +325,6 @@ def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequenc
 # ---------------------------------------------------------------------------------- wrong labels
 def _fit_probe(x, y, n_classes: int, l2: float, iters: int):
     """Softmax regression by full-batch L-BFGS (strong Wolfe): returns (W, b) as torch tensors."""
-    import torch
-
     w = torch.zeros((x.shape[1], n_classes), dtype=x.dtype, requires_grad=True)
     b = torch.zeros((n_classes,), dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
@@ -375,8 +364,6 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
         ``score`` (N,) ``p_suggested - p_given``, ``flagged`` (N,) bool: ``p_j >= t_j`` for some other
         class ``j`` (``t_j``: mean self-confidence of class ``j``), ``thresholds`` (C,).
     """
-    import torch
-
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
     x = x - x.mean(0, keepdim=True)
@@ -558,8 +545,6 @@ def _scan_findings(report: Any, classes: list[str], options: DoctorOptions) -> l
 # -------------------------------------------------------------------------------------- csv, exclude
 def write_findings_csv(findings: Iterable[Finding], path: str | Path) -> None:
     """findings.csv: CSV_COLUMNS, one row per finding, UTF-8 (atomic)."""
-    from finetune.io import atomic_write_text
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)

@@ -13,6 +13,8 @@ import io
 import math
 from typing import Any, Iterable, Sequence
 
+from finetune.data import load_image
+
 __all__ = ["esc", "page", "table", "line_chart", "thumbnail_uri", "heatmap", "section"]
 
 _CSS = """
@@ -155,8 +157,6 @@ def heatmap(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
 def thumbnail_uri(path: str, size: int = 160, quality: int = 80) -> str | None:
     """A JPEG data: URI of the image scaled to fit ``size`` px, or None when it cannot be read."""
     try:
-        from finetune.data import load_image
-
         im = load_image(path)
         im.thumbnail((size, size))
         buf = io.BytesIO()

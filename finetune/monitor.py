@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
 from finetune.errors import ConfigError
 from finetune.io import atomic_write
 
@@ -167,9 +171,6 @@ def _last(values: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------
 def new_figure(width: float, height: float):
     # A bare Figure + Agg canvas: no pyplot global state (safe from threads, no figure leak) and faster.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -209,8 +210,6 @@ def write_curves(history: Sequence[dict], path: str | Path, best_epoch: int | No
 
     lrs = _column(rows, "lr")
     ax_lr.plot(epochs, lrs, color="tab:green", label="learning rate", **style)
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
     positive = [v for v in lrs if v == v and v > 0]
     if positive:
         ax_lr.set_yscale("log")
@@ -271,6 +270,7 @@ class TensorBoardLogger:
 
     def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
         try:
+            # lazy: optional extra (pip install "zoo-finetune[tensorboard]"), checked here
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError("--tensorboard needs the tensorboard package: "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
+from finetune.io import atomic_write_text, load_yaml
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history"]
 
@@ -211,8 +212,6 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
         try:
-            from finetune.io import load_yaml
-
             cfg = load_yaml(cfg_path.read_text(encoding="utf-8")) or {}
         except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
             cfg = None
@@ -228,8 +227,6 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
 
 def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()) -> Path:
     """Write ``run_dir/report.html`` (atomic); returns its path."""
-    from finetune.io import atomic_write_text
-
     run = Path(run_dir)
     excluded_file = run / "exclude.txt"
     excluded = excluded_file.read_text(encoding="utf-8").splitlines() if excluded_file.is_file() else []

@@ -19,14 +19,18 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from finetune.config import OPTIMIZERS, FinetuneConfig, save_config
+from finetune.data import ImageSet
 from finetune.errors import ConfigError, DataError, DivergedError
+from finetune.features import FeatureCache
 from finetune.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from finetune.data import ImageSet
+from finetune.monitor import new_figure, save_png
+from finetune.policy import parse_freeze
+from finetune.train import fit
 
 __all__ = ["parse_values", "parse_choices", "SweepSpace", "TrialResult", "SweepResult", "kfold_splits",
            "trial_config", "sweep", "SWEPT_FIELDS"]
@@ -143,16 +147,14 @@ def trial_config(config: FinetuneConfig, params: dict[str, Any]) -> FinetuneConf
 # ----------------------------------------------------------------------------------------------------
 # folds
 # ----------------------------------------------------------------------------------------------------
-def kfold_splits(train_set: "ImageSet", val_set: "ImageSet | None", k: int, seed: int = 0
-                 ) -> list[tuple["ImageSet", "ImageSet"]]:
+def kfold_splits(train_set: ImageSet, val_set: ImageSet | None, k: int, seed: int = 0
+                 ) -> list[tuple[ImageSet, ImageSet]]:
     """Stratified k folds over train + val: each class is shuffled (seeded) and dealt round-robin, so
     every fold holds ~1/k of each class. Returns ``[(train_k, val_k), ...]``.
 
     Raises:
         ConfigError: k < 2. DataError: a class has fewer than k images (it could not be in every fold).
     """
-    from finetune.data import ImageSet
-
     if int(k) < 2:
         raise ConfigError(f"--folds {k}: cross-validation needs at least 2 folds")
     classes = list(train_set.classes)
@@ -306,8 +308,6 @@ def _freeze_label(freeze: str) -> str:
 def write_sweep_plot(result: SweepResult, path: Path) -> None:
     """Metric vs LR (log axis), one line per freeze depth (best over the other swept values at each LR,
     error bars = std over folds), every trial as a faint dot, diverged trials as crosses."""
-    from finetune.monitor import new_figure, save_png
-
     fig = new_figure(6.4, 4.4)
     ax = fig.add_subplot(1, 1, 1)
     ok = [t for t in result.trials if t.status == "ok" and not math.isnan(t.metric)]
@@ -372,7 +372,7 @@ def _fixed_options(config: FinetuneConfig, folds: int, n_train: int, n_val: int)
 
 
 def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], data_config: dict,
-          train_set: "ImageSet", val_set: "ImageSet", config: FinetuneConfig, *, head: str, out_dir: str | Path,
+          train_set: ImageSet, val_set: ImageSet, config: FinetuneConfig, *, head: str, out_dir: str | Path,
           lrs: Sequence[float], weight_decays: Sequence[float] | None = None,
           freezes: Sequence[str] | None = None, optimizers: Sequence[str] | None = None, folds: int = 0,
           resume: bool = False, keep_runs: bool = False, log: Callable[[str], None] | None = None,
@@ -401,13 +401,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
         ConfigError: empty grid, bad values, an existing sweep in ``out_dir`` without ``resume``, or a
             resume whose fixed options differ. Trials that diverge are recorded, not raised.
     """
-    import torch
-    from finetune.policy import parse_freeze
-
-    from finetune.features import FeatureCache
-
     if fit_fn is None:
-        from finetune.train import fit as fit_fn  # type: ignore[no-redef]
+        fit_fn = fit
     features = FeatureCache(None)   # shared by the trials: same (model, data, view) -> computed once
     space = SweepSpace(
         lrs=[float(v) for v in lrs],

@@ -4,8 +4,10 @@ finetune's layers import downward only (tools -> engine -> data -> base), and th
 from __future__ import annotations
 
 import ast
+import io
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,3 +188,79 @@ def test_cli_help_does_not_import_torch():
     mods = _modules_after("from click.testing import CliRunner\nfrom zoo.cli import cli\n"
                           "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output")
     assert "torch" not in mods
+
+
+# Imports sit at the top of their file. The few that stay inside a function are lazy on purpose (the CLI
+# starts without torch, an optional extra reports itself missing, ...) and say so: a comment containing
+# "lazy" on the import's line or within the two lines above it; one comment covers a block of consecutive
+# imports.
+
+
+def _uncommented_local_imports(path: Path) -> list[int]:
+    """Line numbers of imports inside a function or method of ``path`` that no "lazy" comment explains."""
+    source = path.read_text(encoding="utf-8")
+    lazy_lines = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                  if tok.type == tokenize.COMMENT and "lazy" in tok.string.lower()}
+
+    def explained(first: int, last: int) -> bool:
+        return any(line in lazy_lines for line in range(first - 2, last + 1))
+
+    found: set[int] = set()
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            for field in ("body", "orelse", "finalbody"):
+                stmts = getattr(node, field, None)
+                if not isinstance(stmts, list):
+                    continue
+                block: list[ast.stmt] = []       # the run of consecutive imports being read
+                for stmt in [*stmts, None]:
+                    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                        block.append(stmt)
+                        continue
+                    covered = False                  # a comment covers the imports right below it
+                    for imp in block:
+                        covered = covered or explained(imp.lineno, imp.end_lineno or imp.lineno)
+                        if not covered:
+                            found.add(imp.lineno)
+                    block = []
+    return sorted(found)
+
+
+def test_function_local_imports_say_why_they_are_lazy():
+    offenders = []
+    for path in sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        offenders += [f"{rel}:{line}" for line in _uncommented_local_imports(path)]
+    assert not offenders, ("imports inside functions without a comment saying why they are lazy (move them to "
+                           f"the top of the file, or add `# lazy: <reason>`): {offenders}")
+
+
+def test_local_import_check_sees_methods_nested_functions_and_blocks(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import os\n"                                # 1  top of file: fine
+                    "class C:\n"
+                    "    def m(self):\n"
+                    "        import json\n"                      # 4  a method: flagged
+                    "        def inner():\n"
+                    "            from pathlib import Path\n"     # 6  a nested function: flagged
+                    "def f():\n"
+                    "    # lazy: the reason\n"
+                    "    import torch\n"                         # 9  commented
+                    "    import timm\n"                          # 10 the same block
+                    "    x = 1\n"
+                    "    import numpy\n"                         # 12 a new block, too far from the comment
+                    "    try:\n"
+                    "        import onnx  # lazy: optional\n"   # 14 commented on its line
+                    "    except ImportError:\n"
+                    "        x = 2\n"
+                    "        import sys\n"                      # 17 flagged (the comment is 3 lines up)
+                    "def g():\n"
+                    "    import a\n"                            # 19 above the comment: flagged
+                    "    # lazy: b and c\n"
+                    "    import b\n"
+                    "    import c\n"
+                    "\n"
+                    "    import d\n")                           # 25 still the block the comment covers
+    assert _uncommented_local_imports(path) == [4, 6, 12, 17, 19]

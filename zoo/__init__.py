@@ -4,6 +4,8 @@ The public API is imported lazily so that ``import zoo`` (and ``zoo list``) neve
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -23,7 +25,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -90,6 +90,7 @@ def build_network(builder: str, num_classes: int, kwargs: dict[str, Any] | None 
     where = f"{where}: " if where else ""
     kwargs = {k: v for k, v in dict(kwargs or {}).items() if k != "num_classes"}   # num_classes wins
     if library == "timm":
+        # lazy: zoo --help / list / info import this module and must not import torch
         import timm
 
         if not timm.is_model(arch):
@@ -97,6 +98,7 @@ def build_network(builder: str, num_classes: int, kwargs: dict[str, Any] | None 
                                 "upgrade timm or fix the entry")
         return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), **kwargs)
     if library == "torchvision":
+        # lazy: zoo --help / list / info import this module and must not import torch
         import torchvision.models
 
         fn = getattr(torchvision.models, arch, None)
@@ -141,6 +143,7 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
     model = build_architecture(entry, num_classes, fc_dropout=fc_dropout)
     if pretrained:
         path = pull(entry)
+        # lazy: zoo --help / list / info import this module and must not import torch
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

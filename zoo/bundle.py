@@ -20,15 +20,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from finetune.io import SafetensorsHeaderError, atomic_write, atomic_write_text, read_safetensors_header
+import yaml
+from PIL import Image
+
+from finetune.io import SafetensorsHeaderError, atomic_write, atomic_write_text, load_yaml, read_safetensors_header
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.registry import public_source_id
+from zoo.resolve import get_entry, hub_config
+from zoo.sources import fetch_hub_config
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
     import torch
@@ -132,6 +138,7 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
         raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
     head = head or {"kind": "linear"}
     if head.get("kind", "linear") == "mlp":
+        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
         from finetune.surgery import replace_head
 
         replace_head(model, classifier, int(num_classes), kind="mlp", hidden=int(head.get("hidden", 512)),
@@ -192,8 +199,7 @@ class Bundle:
         Raises:
             BundleError: an image cannot be read (the message names it).
         """
-        from PIL import Image
-
+        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
         from zoo.predict import predict_probs, topk as _topk
 
         if isinstance(images, (str, os.PathLike, Image.Image)):
@@ -235,6 +241,7 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     Raises:
         BundleError: a missing, truncated or inconsistent file; the message says which and what to do.
     """
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     import safetensors.torch
 
     path = Path(path)
@@ -277,6 +284,7 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     _load_weights(model, state, weights)
     model.eval().to(device)
 
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from zoo.predict import eval_transform
 
     return Bundle(model=model, transform=eval_transform(data_config), data_config=data_config, labels=labels,
@@ -286,6 +294,7 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
 def _imagenet_labels(model: Any, num_classes: int) -> tuple[list[str], list[str] | None]:
     """ImageNet class descriptions ("tabby, tabby cat") and synsets ("n02123045") for a pretrained model."""
     try:
+        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
         from timm.data import ImageNetInfo, infer_imagenet_subset
 
         subset = infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else None
@@ -312,13 +321,11 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     if not text.startswith(("hf-hub:", "timm:")) and (os.sep in text or text.startswith(".")
                                                        or text.endswith(".safetensors")):
         raise BundleError(f"no bundle at {text}; export one with `zoo export RUN_DIR --out {text}`")
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from zoo.predict import eval_transform
-    from zoo.resolve import get_entry, hub_config
 
     hub_cfg = None
     if text.startswith("hf-hub:"):     # a published model (e.g. by `zoo push`): its config names its classes
-        from zoo.sources import fetch_hub_config
-
         fetch_hub_config(text[len("hf-hub:"):])
         hub_cfg = hub_config(text[len("hf-hub:"):])
     entry = get_entry(text)
@@ -353,10 +360,6 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     p = run_dir / "config.yaml"
     if not p.exists():
         return {}
-    import yaml
-
-    from finetune.io import load_yaml
-
     try:
         data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
@@ -398,6 +401,7 @@ def _timm_config(model: Any, path: Path, labels: list[str], data_config: dict[st
                  weights_cfg: dict[str, Any]) -> None:
     """config.json as timm's ``save_config_for_hf`` writes it, plus our ``zoo`` section, with the weights'
     provenance (``_weights_cfg``) instead of timm's default tag's."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from timm.models._hub import save_config_for_hf
 
     def write(tmp: str) -> None:
@@ -419,6 +423,7 @@ def _timm_config(model: Any, path: Path, labels: list[str], data_config: dict[st
 def _plain_config(arch: str, model: Any, path: Path, labels: list[str], data_config: dict[str, Any],
                   classifier: str, zoo: dict[str, Any], weights_cfg: dict[str, Any]) -> None:
     """The same layout for a torchvision model (timm cannot build it; our loader and torchvision can)."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     import torch
 
     head = model.get_submodule(classifier) if classifier else None
@@ -498,10 +503,12 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
 def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: dict[str, str]) -> float:
     """Write model.onnx (dynamic batch) with ``metadata`` (label names, preprocessing...) in its
     ``metadata_props``, and check it with onnxruntime; returns the max |difference|."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) needs neither torch nor numpy
     import numpy as np
     import torch
 
     try:
+        # lazy: optional extra (pip install 'zoo-finetune[onnx]'), checked here
         import onnxruntime as ort
     except ImportError:
         raise UsageError("--format onnx needs onnx and onnxruntime: pip install 'zoo-finetune[onnx]'") from None
@@ -513,12 +520,11 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
     def write(tmp: str) -> None:
         # The TorchScript exporter (dynamo=False) works offline without onnxscript, and handles every
         # architecture of the zoo; the dynamo exporter needs onnxscript, which is optional.
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (probe[:1],), tmp, dynamo=False, input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        # lazy: optional extra (the onnx extra), checked with onnxruntime above
         import onnx
 
         proto = onnx.load(tmp)
@@ -552,6 +558,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         BundleError: the run folder lacks model.json or the best checkpoint, or they do not fit together.
         UsageError: an unknown format.
     """
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     import safetensors.torch
 
     run = Path(run_dir)

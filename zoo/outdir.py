@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from finetune.io import atomic_write_text
 from zoo.errors import UsageError, ZooError
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
@@ -362,8 +363,6 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
             (path / _LOG).unlink(missing_ok=True)     # the log of an attempt that wrote nothing else
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
-            from finetune.io import atomic_write_text
-
             atomic_write_text(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                   "command": lock.command}, ensure_ascii=False) + "\n")
         yield mode

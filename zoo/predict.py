@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
 import numpy as np
 import torch
+from matplotlib import font_manager, rcParams
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from PIL import Image
+from timm.data.transforms import str_to_interp_mode
+from torchvision.transforms import functional as F
+from tqdm.auto import tqdm
 
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image
 from finetune.io import atomic_write, atomic_write_text
 from zoo.errors import UsageError
+from zoo.text import printable
 
 __all__ = [
     "ImageInput", "TTA_VIEWS", "DEFAULT_TTA_VIEWS", "eval_transform", "tta_transform", "parse_scales", "expand_images",
@@ -39,15 +50,11 @@ DEFAULT_TTA_VIEWS = "flip"     # 2 passes, not 10: neither beat plain evaluation
 
 
 def _image_extensions() -> tuple[str, ...]:
-    from finetune.data import IMAGE_EXTENSIONS
-
     return tuple(IMAGE_EXTENSIONS)
 
 
 def eval_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
     """The validation transform (resize + centre crop + normalise) from the shared training code."""
-    from finetune.data import build_transform
-
     return build_transform(dict(data_config), train=False)
 
 
@@ -91,9 +98,6 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None,
 
         flipped.min_size = getattr(single, "min_size", None)   # the decode size validation uses
         return flipped
-    from timm.data.transforms import str_to_interp_mode
-    from torchvision.transforms import functional as F
-
     _, h, w = (int(v) for v in data_config["input_size"])
     interp = str_to_interp_mode(str(data_config.get("interpolation", "bilinear")))
     mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1)
@@ -146,8 +150,6 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
 def _load(item: Any, min_size: int | None) -> Image.Image:
     if isinstance(item, Image.Image):
         return item.convert("RGB") if item.mode != "RGB" else item
-    from finetune.data import load_image
-
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
     return load_image(item, min_size)
 
@@ -172,8 +174,6 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     Returns:
         (indices of the images that were read, float tensor [n_read, C] on the CPU).
     """
-    from tqdm.auto import tqdm
-
     if tta or tta_scales:
         views = "ten" if tta_scales else tta_views
         transform = tta_transform(data_config, tta_scales, views)
@@ -370,8 +370,6 @@ _GLYPH_WARNING = r"Glyph .* missing from (current )?font"
 
 @functools.lru_cache(maxsize=None)
 def _charmap(path: str) -> frozenset[int]:
-    from matplotlib.ft2font import FT2Font
-
     try:
         return frozenset(FT2Font(path).get_charmap())
     except Exception:       # a font file matplotlib lists but cannot open: no glyphs from it
@@ -381,8 +379,6 @@ def _charmap(path: str) -> frozenset[int]:
 @functools.lru_cache(maxsize=None)
 def _font_for(codepoint: int) -> str | None:
     """The family name of an installed font that draws ``codepoint`` (None: no font has it)."""
-    from matplotlib import font_manager
-
     for font in font_manager.fontManager.ttflist:
         # Last Resort draws a box for every code point: the placeholder this function exists to avoid.
         if "last resort" not in font.name.lower() and codepoint in _charmap(font.fname):
@@ -397,10 +393,6 @@ def plot_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
     drawn with the first installed font that has it (a CJK font, if there is one); a character no
     installed font has is written as its escape (``\\u732b``) instead of an empty box.
     """
-    from matplotlib import font_manager, rcParams
-
-    from zoo.text import printable
-
     default = font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"]))
     have = _charmap(default)
     families = [font_manager.FontProperties(fname=default).get_name()]
@@ -424,11 +416,6 @@ def plot_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path) -> None:
     # Figure + Agg canvas directly: no pyplot state, no global backend switch, safe in threads.
-    import warnings
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     cm = np.asarray(confusion)
     n = len(labels)
     side = min(24.0, max(4.0, 0.45 * n + 2.5))
@@ -458,8 +445,6 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
 
 
 def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
-    import io
-
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()

@@ -16,6 +16,7 @@ byte for byte.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from finetune.io import atomic_write_text
+from zoo.bundle import _decode_metadata, read_safetensors_metadata
+from zoo.cache import sha256_file, zoo_home
 from zoo.errors import BundleError, PushError, UsageError
 from zoo.registry import public_source_id
 
@@ -160,8 +165,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _recipe(run: Path | None) -> dict[str, Any]:
     if run is None or not (run / "config.yaml").is_file():
         return {}
-    import yaml
-
     try:
         data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
@@ -193,6 +196,7 @@ def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Pat
                test: dict[str, Any] | None = None) -> str:
     """README.md: a YAML header the Hub understands (built with huggingface_hub's ModelCardData, with a
     model-index of the validation and test accuracies) and a body that says what the model is."""
+    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     labels = [str(x) for x in meta.get("label_names") or config.get("label_names") or []]
@@ -298,9 +302,6 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     """
     if not REPO_RE.fullmatch(repo or ""):
         raise UsageError(f"--repo {repo!r} is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs)")
-    from zoo.bundle import _decode_metadata, read_safetensors_metadata
-    from zoo.cache import sha256_file
-
     bundle, run = locate(path)
     sha = sha256_file(bundle / WEIGHTS)
     try:
@@ -316,8 +317,6 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     public_meta = _public({k: v for k, v in meta.items()})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
     weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
-    import hashlib
-
     weights_sha = hashlib.sha256(weights).hexdigest()
     cfg = _public(config)
     cfg.setdefault("zoo", {})["weights_sha256"] = weights_sha
@@ -339,6 +338,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
 
 
 def _hub_error(err: Exception, repo: str) -> PushError:
+    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
     from huggingface_hub import errors as hf_errors
 
     status = getattr(getattr(err, "response", None), "status_code", None)
@@ -373,6 +373,7 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
         UsageError, BundleError, PushError: refused (another model there) or failed (repo unchanged).
     """
     plan = plan_push(path, repo, test_metrics)
+    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
     import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub import errors as hf_errors
@@ -413,8 +414,6 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
 
 
 def _pushed_file() -> Path:
-    from zoo.cache import zoo_home
-
     return zoo_home() / "pushed.json"
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from finetune.io import load_yaml
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 
@@ -355,8 +357,6 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
     Raises:
         RegistryError: invalid YAML, unknown/missing keys, bad types, duplicate names (one line each).
     """
-    import yaml
-
     try:
         data = load_yaml(text)
     except yaml.YAMLError as err:

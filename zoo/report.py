@@ -11,7 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from zoo.errors import UsageError
+from finetune.report import write_run_report
+from zoo.bundle import export_run, load_bundle
+from zoo.errors import BundleError, UsageError
+from zoo.predict import predict_probs
 
 __all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
 
@@ -27,9 +30,6 @@ def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu
     Raises:
         BundleError: no usable weights in the run folder.
     """
-    from zoo.bundle import export_run, load_bundle
-    from zoo.predict import predict_probs
-
     run = Path(run_dir)
     try:
         split = json.loads((run / "split.json").read_text(encoding="utf-8"))
@@ -70,9 +70,6 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
     Raises:
         UsageError: ``run_dir`` is not a run folder.
     """
-    from finetune.report import write_run_report
-    from zoo.errors import BundleError
-
     run = Path(run_dir)
     if not (run / "summary.json").is_file() and not (run / "metrics.csv").is_file():
         raise UsageError(f"{run} is not a finished run folder of `zoo finetune` (no summary.json or metrics.csv); "

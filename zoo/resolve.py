@@ -43,6 +43,7 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def _family_of(arch: str) -> str:
+    # lazy: zoo --help / list / info import this module and must not import torch
     import timm.models
 
     try:  # timm keeps each family in its own module: timm.models.resnet, timm.models.convnext, ...
@@ -61,6 +62,7 @@ def timm_entry(ref: str, *, name: str | None = None, pretrained_cfg: dict | None
     Raises:
         UnknownModelError: timm does not know the architecture (close matches listed).
     """
+    # lazy: zoo --help / list / info import this module and must not import torch
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
@@ -139,6 +141,7 @@ def entry_from_hf_config(repo: str, config: dict, revision: str = "main") -> Mod
 
 def hub_config(repo: str) -> dict | None:
     """The cached ``config.json`` of Hub repo ``repo`` (None when not cached or unreadable). No network."""
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
@@ -154,6 +157,7 @@ def hub_config(repo: str) -> dict | None:
 def _hf_hub_entry(repo: str) -> ModelEntry:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>")
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     from huggingface_hub import try_to_load_from_cache
 
     # Only the local HF cache is consulted: resolving a name must never touch the network. The cache dir
@@ -257,6 +261,7 @@ def _module_name(model: "nn.Module", target: "nn.Module") -> str | None:
 def describe_timm(arch: str, num_classes: int, classifier: str | None = None) -> tuple[int, tuple, str]:
     """(params, stages, classifier) of a timm architecture, from a build on the meta device (no memory,
     no init cost). Used for ad-hoc ``timm:``/``hf-hub:`` entries."""
+    # lazy: zoo --help / list / info import this module and must not import torch
     import timm
     import torch
 

@@ -6,6 +6,7 @@ or downloaded, so a typo in ``--data`` costs a second, not a download.
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
@@ -13,9 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from finetune import diagnostics, distributed as ddp
 from finetune.config import FinetuneConfig, load_config
-from zoo import process
+from finetune.data import scan_folder, with_input_size, write_scan
+from finetune.doctor import exclude_items, read_exclude_file
+from finetune.errors import CheckpointError
+from finetune.features import FeatureCache
+from finetune.io import atomic_write_text
+from finetune.policy import parse_freeze
+from finetune.train import fit
+from zoo import build as zbuild, process, report as zreport
+from zoo.build import builder_kwargs, has_fc_dropout
+from zoo.bundle import export_run
+from zoo.cache import features_dir, read_manifest
 from zoo.errors import UsageError
+from zoo.outdir import claim_out
+from zoo.registry import weights_tag
+from zoo.resolve import get_entry
 
 __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
            "load_run_config", "MODEL_JSON"]
@@ -71,14 +88,10 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
     where its weights came from: ``source_sha256`` is the digest of the file as downloaded or imported,
     ``source_weights_sha256`` that of the cached safetensors; ``pretrained_cfg`` (tag, licence, paper, source) is
     the registry entry's, for the bundle's config.json."""
-    from zoo.registry import weights_tag
-
     source, digest, weights_digest = None, None, None
     if pretrained and entry.sources:
         src = entry.sources[0]
         source, digest = src.id(), src.sha256
-        from zoo.cache import read_manifest
-
         manifest = read_manifest(entry.name) or {}
         # The cache records what was actually loaded (trust-on-first-use entries have no pinned digest).
         source = manifest.get("source") or source
@@ -107,15 +120,10 @@ def _plain(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from finetune.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _export(run_dir: Path, log: Log) -> Path:
-    from zoo.bundle import export_run
-    from zoo.outdir import claim_out
-
     # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace).
     with claim_out(run_dir / "export", "export", overwrite=True, note=log):
         out = export_run(run_dir, run_dir / "export")
@@ -130,8 +138,6 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
         return None
     epochs = 0
     try:
-        import csv
-
         with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as fh:
             epochs = sum(1 for _ in csv.DictReader(fh))
     except (OSError, ValueError):
@@ -147,21 +153,15 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
 
 def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
     """The preprocessing a run trains and evaluates with: the entry's, at ``--img-size`` when given."""
-    from finetune.data import with_input_size
-
     return with_input_size(entry.preprocessing.data_config(), int(config.img_size))
 
 
 def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
-    import torch
-
-    from zoo.build import build_architecture, create_model
-
     # Seeded, so that a random-init baseline (--no-pretrained) is the same network in every process.
     torch.manual_seed(int(seed))
     if pretrained:
-        return create_model(entry, pretrained=True, fc_dropout=fc_dropout)
-    return build_architecture(entry, fc_dropout=fc_dropout)
+        return zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout)
+    return zbuild.build_architecture(entry, fc_dropout=fc_dropout)
 
 
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
@@ -183,11 +183,6 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         UnknownModelError / OfflineError / WeightsError: the model cannot be resolved or loaded.
         ConfigError, DivergedError, Interrupted, CheckpointError: from training.
     """
-    from finetune import distributed as ddp
-    from finetune.data import scan_folder
-    from zoo.outdir import claim_out
-    from zoo.resolve import get_entry
-
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
@@ -196,11 +191,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
             say(line)
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         entry = get_entry(model_name)
-        from finetune.policy import parse_freeze
-
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
-        from zoo.build import builder_kwargs
-
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
@@ -218,11 +209,6 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
 
 def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,
                export: bool, kwargs: dict[str, Any], info, say: Log, excluded: list[str]) -> RunOutcome:
-    from finetune import distributed as ddp
-    from finetune.data import write_scan
-    from finetune.features import FeatureCache
-    from finetune.train import fit
-
     say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
     if process.describe():
         say(process.describe())
@@ -236,8 +222,6 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
         return outcome
     # On disk under ZOO_HOME: the LR range test's features serve fit's head phase, a later run on the
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
-    from zoo.cache import features_dir
-
     features = FeatureCache(features_dir())
     if lr_auto:
         outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
@@ -249,8 +233,6 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_scan(report, run_dir)
         if excluded:
-            from finetune.io import atomic_write_text
-
             atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{p}\n" for p in excluded))
         _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
         say(f"run folder: {run_dir}")
@@ -285,10 +267,6 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         UsageError: ``run_dir`` is not a run folder. CheckpointError: no or a damaged checkpoint.
         RunLockedError: another process works in ``run_dir``.
     """
-    from finetune import distributed as ddp
-    from finetune.errors import CheckpointError
-    from zoo.outdir import claim_out
-
     run_dir = Path(run_dir)
     info_path = run_dir / MODEL_JSON
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
@@ -323,11 +301,6 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
                    say: Log) -> RunOutcome:
-    from finetune.data import scan_folder
-    from finetune.train import fit
-    from zoo.build import has_fc_dropout
-    from zoo.resolve import get_entry
-
     report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
                          split_file=run_dir / "split.json")
     for w in report.warnings:
@@ -352,8 +325,6 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
 
 def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
     """Leave the files listed in ``exclude`` out of train/val; returns them relative to the data folder."""
-    from finetune.doctor import exclude_items, read_exclude_file
-
     try:
         paths = read_exclude_file(exclude)
     except ValueError as e:
@@ -374,33 +345,29 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
     """RUN/report.html at the end of a run; a failure here only costs the page, never the run.
     ``val_predictions`` (see ``zoo.report.make_report``) spares it a second pass over the validation set."""
     try:
-        from zoo.report import make_report
-
         dev = config.device if config.device != "auto" else "cpu"
-        say(f"report: {make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
+        say(f"report: {zreport.make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
     except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
         say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")
+
+
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
              say: Log, feature_cache=None):
-    from finetune.diagnostics import lr_find
-
     say("lr: running the LR range test (--lr auto)")
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         kwargs = {"out_png": run_dir / "lr_find.png", "out_csv": run_dir / "lr_find.csv"}
-    found = lr_find(model, stages, data_config, train_set, config, head=head, log=say,
-                    feature_cache=feature_cache, **kwargs)
+    found = diagnostics.lr_find(model, stages, data_config, train_set, config, head=head, log=say,
+                                feature_cache=feature_cache, **kwargs)
     say(f"lr: {found.describe()}")
     return found, config.replace(lr=float(found.suggestion))
 
 
 def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
-    from finetune.diagnostics import overfit_check
-
     say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised")
-    result = overfit_check(model, stages, data_config, train_set, config, head=head,
-                           batches=int(config.overfit_batches), log=say)
+    result = diagnostics.overfit_check(model, stages, data_config, train_set, config, head=head,
+                                       batches=int(config.overfit_batches), log=say)
     return result
 
 

@@ -24,14 +24,23 @@ already queued). fastapi/uvicorn are imported only here, and this module only by
 import asyncio
 import base64
 import concurrent.futures
+import html
 import io
+import ipaddress
+import json
 import socket
 import threading
+import time
 import warnings
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
+from PIL import Image, UnidentifiedImageError
+
 from zoo.errors import ServeError
+from zoo.predict import eval_transform
 
 __all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_app", "start_background",
            "serve", "ALLOWED_FORMATS", "require_serve_extra"]
@@ -43,6 +52,7 @@ _EXTRA_HINT = 'zoo serve needs the serve extra: pip install "zoo-finetune[serve]
 def require_serve_extra() -> None:
     """Raise ServeError with the install line when fastapi / uvicorn / python-multipart are missing."""
     try:
+        # lazy: optional extra (pip install "zoo-finetune[serve]"), checked here
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401  (FastAPI's form parser)
         import uvicorn  # noqa: F401
@@ -71,8 +81,6 @@ class ImageRejected(Exception):
 
 def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeConfig):
     """A PIL RGB image from an uploaded part, or ImageRejected (4xx) saying why not."""
-    from PIL import Image, UnidentifiedImageError
-
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
         raise ImageRejected(415, f"{name}: content type {ctype!r} is not an image; send JPEG, PNG, WebP, BMP or GIF")
@@ -141,8 +149,6 @@ class Batcher:
         return await fut
 
     def _forward(self, tensors: list[Any]) -> Any:
-        import torch
-
         with torch.inference_mode():
             try:
                 device = next(self.model.parameters()).device
@@ -188,9 +194,6 @@ class Batcher:
 
 def _crop_png(tensor: Any, data_config: dict) -> str:
     """The model's input (after resize + crop), un-normalised, as a PNG data URL."""
-    import torch
-    from PIL import Image
-
     mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
     std = torch.tensor(data_config["std"]).view(3, 1, 1)
     pixels = (tensor.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
@@ -223,8 +226,6 @@ class _BodyLimit:
                 elif n > self.limit:
                     status, message = 413, f"the upload ({n:,} bytes) is over the limit ({self.limit:,} bytes)"
             if status is not None:
-                import json
-
                 body = json.dumps({"detail": message}).encode()
                 await send({"type": "http.response.start", "status": status,
                             "headers": [(b"content-type", b"application/json"),
@@ -237,13 +238,10 @@ class _BodyLimit:
 def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = None) -> Any:
     """The FastAPI app for ``bundle`` (a ``zoo.bundle.Bundle``: model, data_config, labels, metadata)."""
     require_serve_extra()
-    from contextlib import asynccontextmanager
-
+    # lazy: optional extra (the serve extra), checked by require_serve_extra above
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.responses import HTMLResponse
     from fastapi.concurrency import run_in_threadpool
-
-    from zoo.predict import eval_transform
 
     cfg = cfg or ServeConfig()
     transform = eval_transform(bundle.data_config)
@@ -326,14 +324,10 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
 
 
 def _html_escape(text: str) -> str:
-    import html
-
     return html.escape(text, quote=True)
 
 
 def _is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -370,8 +364,7 @@ class Background:
 
 def start_background(app: Any, host: str = "127.0.0.1", port: int = 0) -> Background:
     """Run ``app`` with uvicorn in a daemon thread (tests, benchmarks); returns once it accepts connections."""
-    import time
-
+    # lazy: optional extra (the serve extra)
     import uvicorn
 
     sock = _bind(host, port)
@@ -390,6 +383,7 @@ def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConf
           on_ready: Any = None) -> None:
     """Serve ``bundle`` until interrupted (Ctrl-C)."""
     require_serve_extra()
+    # lazy: optional extra (the serve extra), checked by require_serve_extra above
     import uvicorn
 
     app = create_app(bundle, cfg)

@@ -9,6 +9,7 @@ torch is imported only to read a ``.pth`` or to rename keys.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -94,12 +95,11 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
     Raises:
         OfflineError: not cached and offline / unreachable; DownloadError: no such repo or file.
     """
-    from zoo.registry import Source
-
     def offline(why: str) -> OfflineError:
         return OfflineError(f"hf-hub:{repo} is not cached and {why}; on a connected machine run "
                             f"`zoo pull hf-hub:{repo}` and copy ZOO_HOME and the Hugging Face cache (HF_HOME) here")
 
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     from huggingface_hub import try_to_load_from_cache
 
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
@@ -109,6 +109,7 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
     source = Source(kind="hf", repo=repo, revision=revision, filename="config.json", sha256_note="config")
     if is_offline():
         raise offline("offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     import httpx2
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
@@ -209,6 +210,7 @@ def _fetch(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Pa
 def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
     if is_offline():
         raise _offline_error(entry, "offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     import httpx2
     from huggingface_hub import constants as hf_constants
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -255,6 +257,7 @@ def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -
     """Stream an http(s) URL to ``stage``, one attempt, short timeouts, length checked."""
     if is_offline():
         raise _offline_error(entry, "offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    # lazy: zoo --help imports this module; urllib/http.client (slow to import) only when downloading
     import http.client
     import socket
     import urllib.error
@@ -299,8 +302,6 @@ def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) 
 
 
 def _fetch_package(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(source.package or "")
     except (ImportError, ValueError):
@@ -326,6 +327,7 @@ def copy_in(path: Path, stage: Path) -> Path:
 
 def _silent_tqdm() -> type:
     """A tqdm class that never draws (hf_hub_download takes a class, not a flag)."""
+    # lazy: zoo --help imports this module; tqdm (slow to import) only when downloading
     from tqdm.auto import tqdm
 
     class SilentTqdm(tqdm):  # type: ignore[misc,valid-type]
@@ -337,6 +339,7 @@ def _silent_tqdm() -> type:
 
 
 def _progress_bar(total: int | None, desc: str, progress: bool):
+    # lazy: zoo --help imports this module; tqdm (slow to import) only when downloading
     from tqdm.auto import tqdm
 
     # disable=None: tqdm stays quiet when stderr is not a terminal.
@@ -363,6 +366,7 @@ def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
         check_safetensors(raw)  # refuse a file that is not safetensors before it enters the cache
         if source.key_map is None:
             return raw
+        # lazy: zoo --help / list / info import this module and must not import torch
         from safetensors.torch import load_file
 
         tensors = load_file(str(raw))
@@ -394,6 +398,7 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     Raises:
         WeightsError: the pickle wants to run code (refused), or it holds no tensors.
     """
+    # lazy: zoo --help / list / info import this module and must not import torch
     import pickle
 
     import torch
@@ -420,6 +425,7 @@ def load_pth(path: str | Path) -> dict[str, Any]:
 
 def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` after making every tensor contiguous and unshared."""
+    # lazy: zoo --help / list / info import this module and must not import torch
     from safetensors.torch import save_file
 
     seen: set[tuple[int, int]] = set()

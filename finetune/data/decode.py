@@ -33,7 +33,11 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
+from finetune.config import FinetuneConfig
 from finetune.data.device import DeviceAugment
 from finetune.data.images import (
     device_decodable,
@@ -122,12 +126,10 @@ class DeviceTransform:
 
     def __init__(self, data_config: dict, train: bool, config: Any | None = None) -> None:
         if config is None:
-            from finetune.config import FinetuneConfig
             config = FinetuneConfig()
         (self.h, self.w), interp, _, mean, std = _parse_data_config(data_config)
         if interp not in ("nearest", "bilinear", "bicubic"):
             interp = "bilinear"        # not every device's tensor resize has box/hamming/lanczos: bilinear + antialias
-        from torchvision.transforms import InterpolationMode
         self.mode = InterpolationMode(interp)
         # eval geometry: the worker path's own tensor pipeline (limit aspect, resize, centre crop)
         self.fixed = build_transform({**data_config, "interpolation": interp}, False, config, output="uint8")
@@ -147,8 +149,6 @@ class DeviceTransform:
     def decode(self, items: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         """uint8 tensors (encoded 1-D or decoded 3-D) -> decoded (3, H, W) uint8 on ``device``; None for
         an image that decodes neither on the device nor on the CPU (its reason goes to ``failed``)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         out: list[torch.Tensor | None] = [None] * len(items)
         encoded = [i for i, t in enumerate(items) if t.dim() == 1]
         for i, t in enumerate(items):
@@ -181,8 +181,6 @@ class DeviceTransform:
         return out
 
     def _decode_on_cpu(self, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
         except RuntimeError:
@@ -217,8 +215,6 @@ class DeviceTransform:
 
     def _geometry(self, im: torch.Tensor) -> torch.Tensor:
         """One decoded image -> (3, h, w) uint8: random resized crop (train) or resize + centre crop."""
-        from torchvision.transforms.v2 import functional as F
-
         _, height, width = im.shape
         if self.crop_scale is not None:
             top, left, h, w = self._crop_box(height, width)

@@ -6,8 +6,10 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from finetune.errors import DataError
 from finetune.io import printable_name
@@ -16,8 +18,6 @@ from finetune.io import printable_name
 # -------------------------------------------------------------------------------------- decoding
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped)."""
-    import numpy as np
-
     mode = im.mode
     if mode == "RGB":
         return im
@@ -117,8 +117,6 @@ def read_image_bytes(path: str | Path) -> bytes:
 
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
     """An RGB PIL image -> a writable uint8 tensor (3, H, W)."""
-    import numpy as np
-
     rgb = im if im.mode == "RGB" else im.convert("RGB")
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -129,7 +127,6 @@ def load_image_tensor(path: str | Path, min_size: int | None = None) -> torch.Te
     ``load_image``. Raises DataError like ``load_image``."""
     data = read_image_bytes(path)
     if device_decodable(data, min_size):
-        from torchvision.io import ImageReadMode, decode_jpeg
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:

@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode, v2 as T
 
+from finetune.config import FinetuneConfig
 from finetune.errors import ConfigError
 
 # ------------------------------------------------------------------------------------ transforms
@@ -114,15 +116,11 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
         ConfigError: the data config lacks input_size/mean/std, names an unknown interpolation,
             ``output`` is not "float" or "uint8", or ``colour_on_device`` is asked of float output.
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2 as T
-
     if output not in ("float", "uint8"):
         raise ConfigError(f"invalid transform output={output!r}: use float or uint8")
     if colour_on_device and output != "uint8":
         raise ConfigError("colour_on_device needs output='uint8' (the device normalises what it augments)")
     if config is None:
-        from finetune.config import FinetuneConfig
         config = FinetuneConfig()
     (h, w), interp, crop_pct, mean, std = _parse_data_config(data_config)
     mode = InterpolationMode(interp)

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,8 +49,6 @@ def json_safe(value: Any) -> Any:
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist_name in ("zoo-finetune", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors"):
         try:

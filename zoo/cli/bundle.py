@@ -12,6 +12,7 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.errors import UsageError
 from zoo.text import printable
 
 # zoo.predict.TTA_VIEWS / DEFAULT_TTA_VIEWS (that module imports torch; tests/zoo/test_predict.py checks these agree)
@@ -51,6 +52,7 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
       zoo export runs/resnet50-20250101-120000 --out my-classifier
       zoo export runs/resnet50-20250101-120000 --format onnx
     """
+    # lazy: not loaded at CLI start (keeps zoo --help fast)
     from zoo.bundle import export_run
     from zoo.outdir import claim_out
 
@@ -93,9 +95,9 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
       zoo predict my-classifier ./photos --tta --json > predictions.json
       zoo predict efficientnet_lite0 chelsea.png --topk 3
     """
-    from zoo.bundle import load_model
-    from zoo.errors import UsageError
+    # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
+    from zoo.bundle import load_model
     from zoo.predict import expand_images, parse_scales, predict_probs, topk as top
 
     scales = parse_scales(tta_scales)
@@ -162,12 +164,11 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
       zoo eval my-classifier --data ./holdout --tta --out reports/
       zoo eval my-classifier --data ./holdout --tta --tta-scales 224,256,288   # ten-crop at 3 sizes
     """
-    from zoo.bundle import load_model
-    from zoo.errors import UsageError
+    # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
-    from zoo.predict import evaluate, parse_scales, write_eval_reports
-
+    from zoo.bundle import load_model
     from zoo.outdir import claim_out
+    from zoo.predict import evaluate, parse_scales, write_eval_reports
 
     scales = parse_scales(tta_scales)
     if scales and not tta:

@@ -9,6 +9,9 @@ from zoo import cache as zcache
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import ZooError
+from zoo.lock import pull_locked, write_lock
+from zoo.resolve import get_entry
+from zoo.sources import fetch_hub_config, pull
 
 __all__ = ["pull_cmd", "lock_cmd", "import_cmd", "cache_group"]
 
@@ -46,22 +49,15 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: st
       zoo lock --out zoo.lock          # pin what is cached here ...
       zoo pull --locked zoo.lock       # ... and fetch exactly that on another machine
     """
-    from zoo.resolve import get_entry
-    from zoo.sources import pull
-
     if locked is not None:
         if force:
             raise click.UsageError("--force cannot be combined with --locked: a locked pull re-downloads "
                                    "whatever does not match the lock")
-        from zoo.lock import pull_locked
-
         pull_locked(locked, names or None, progress=not quiet,
                     say=lambda name, what: echo(f"{name}: {what}"))
         return
     if not names:
         raise click.UsageError("give at least one NAME (`zoo list` shows them), or --locked LOCKFILE")
-    from zoo.sources import fetch_hub_config
-
     for n in names:   # a Hub repo's config.json says what it is (architecture, classes, pinned sha256)
         if n.strip().startswith("hf-hub:") and not zcache.is_cached(n.strip()):
             fetch_hub_config(n.strip()[len("hf-hub:"):])
@@ -107,8 +103,6 @@ def lock_cmd(names: tuple[str, ...], out: str) -> None:
       zoo pull resnet50 vgg16 && zoo lock --out zoo.lock
       zoo pull --locked zoo.lock       # elsewhere: the same commits, byte for byte
     """
-    from zoo.lock import write_lock
-
     data = write_lock(out, names or None)
     for name, item in sorted(data["models"].items()):
         src = item["source"]
@@ -136,6 +130,7 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
       zoo import alexnet ./alexnet-owt-7be5be79.pth --sha256 7be5be79
       zoo import vgg16 ./vgg16-397923af.pth          # torchvision VGG: FC layers converted to timm's
     """
+    # lazy: zoo --help must not import torch
     from zoo.importer import import_weights
 
     path = import_weights(name, file, sha256=sha256)
@@ -240,6 +235,4 @@ def cache_path(name: str | None) -> None:
 def _check_name(name: str) -> None:
     """A name that is neither cached nor known fails with close matches (a typo is not "not cached")."""
     if not zcache.weights_dir(name).exists():
-        from zoo.resolve import get_entry
-
         get_entry(name)   # raises UnknownModelError listing the close matches

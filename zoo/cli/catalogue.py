@@ -1,12 +1,13 @@
 """``zoo list`` and ``zoo info``: the catalogue. Never imports torch (ad-hoc ``timm:`` refs in ``info`` do)."""
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import click
 
 from zoo.build import VGG_FC_DROPOUT, has_fc_dropout
-from zoo.cache import is_cached
+from zoo.cache import cached_models, is_cached
 from zoo.cli.app import cli
 from zoo.registry import ModelEntry, list_families, list_models
 from zoo.resolve import get_entry
@@ -90,9 +91,7 @@ def list_cmd(pattern: str | None, family: str | None, cached_only: bool, as_json
 
 
 def _list_mine(pattern: str | None, as_json: bool) -> None:
-    import fnmatch
-
-    from zoo.cache import cached_models
+    # lazy: not loaded at CLI start (keeps zoo --help fast)
     from zoo.push import local_bundles, pushed_models
 
     rows = [{"kind": "local", "name": b["path"], "architecture": b["architecture"], "classes": b["num_classes"],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import ZooError
@@ -51,9 +52,8 @@ def demo(out: Path, train_per_class: int, val_per_class: int, test_per_class: in
       zoo demo
       zoo demo --out /tmp/demo --train-per-class 5 --test-per-class 5 --epochs 3   # a quick look
     """
+    # lazy: zoo --help must not import torch
     from zoo.demo import DEMO_MODEL, DemoPlan, demo_weights_file, prepare_out, write_digits_folder
-
-    from zoo.cli import console
 
     console.keep_going()     # the demo trains: a closed pipe must not stop it
     started = time.monotonic()

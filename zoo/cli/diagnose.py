@@ -14,10 +14,16 @@ from typing import Any, Callable
 
 import click
 
-from finetune.config import OPTIMIZERS, FinetuneConfig
+from finetune.config import OPTIMIZERS, FinetuneConfig, load_config, save_config
+from finetune.errors import ConfigError
+from finetune.io import atomic_write_text, load_yaml
+from zoo import build as zbuild
+from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
+from zoo.errors import UsageError
+from zoo.resolve import get_entry
 from zoo.text import printable
 
 __all__ = ["lr_find_cmd", "sweep_cmd"]
@@ -30,14 +36,10 @@ _NOT_HERE = ("overfit_batches", "tensorboard")
 def _resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any], pretrained: bool,
                     extra: dict[str, Any] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
     """defaults < YAML < flags the user typed. Returns the config and the YAML's raw mapping."""
-    from finetune.config import load_config
-
     given = given_options(ctx, values)
     raw: dict[str, Any] = {}
     base = FinetuneConfig()
     if config_path:
-        from finetune.io import load_yaml
-
         base = load_config(config_path)  # validates, with the file name in any error
         raw = load_yaml(Path(config_path).read_text(encoding="utf-8")) or {}
     given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
@@ -55,11 +57,10 @@ def _say(quiet: bool) -> Callable[[str], None]:
 def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None],
              fc_dropout: float | None = None):
     """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model."""
+    # lazy: zoo --help must not import torch
     import torch
 
     from finetune.data import scan_folder
-    from zoo.build import build_architecture, create_model
-    from zoo.resolve import get_entry
     from zoo.runs import scan_lines
 
     entry = get_entry(model)
@@ -67,8 +68,8 @@ def _prepare(model: str, data: str, config: FinetuneConfig, pretrained: bool, sa
     for line in scan_lines(report):
         say(line)
     torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time
-    net = (create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
-           else build_architecture(entry, fc_dropout=fc_dropout))
+    net = (zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
+           else zbuild.build_architecture(entry, fc_dropout=fc_dropout))
     return entry, report, net
 
 
@@ -77,6 +78,7 @@ _OVERWRITE = click.option("--overwrite", is_flag=True, default=False,
 
 
 def _out_dir(out: str | None, model: str, kind: str) -> Path:
+    # lazy: zoo --help must not import torch
     from zoo.runs import default_run_dir
 
     return Path(out) if out else default_run_dir(f"{model}-{kind}")
@@ -140,8 +142,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
       zoo lr-find efficientnet_b0 --data ./photos --start-lr 1e-6 --end-lr 1 --steps 200 --out lrtest
       zoo finetune resnet50 --data ./photos --lr auto      # the same test, then training at its LR
     """
-    from finetune.errors import ConfigError
-    from zoo.cli import console
+    # lazy: not loaded at CLI start (keeps zoo --help fast)
     from zoo.outdir import claim_out
 
     if not start_lr < end_lr:
@@ -159,11 +160,10 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
 def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
                   fc_dropout: float | None, start_lr: float, end_lr: float, steps: int, smooth: float,
                   diverge_factor: float, method: str, say: Callable[[str], None]) -> None:
-    from finetune.config import save_config
+    # lazy: zoo --help must not import torch
     from finetune.data import write_scan
     from finetune.diagnostics import lr_find
     from zoo.runs import run_data_config
-    from finetune.io import atomic_write_text
 
     entry, report, net = _prepare(model, data, config, pretrained, say, fc_dropout)
     write_scan(report, out_dir)
@@ -230,9 +230,8 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
       zoo sweep resnet50 --data ./photos --out sw1 --resume          # after Ctrl-C
       zoo finetune resnet50 --data ./photos --config sw1/best_config.yaml --epochs 30
     """
+    # lazy: zoo --help must not import torch, nor load these modules
     from finetune.sweep import parse_choices, parse_values
-    from zoo.cli import console
-    from zoo.errors import UsageError
     from zoo.outdir import claim_out
 
     if resume and not out:
@@ -255,6 +254,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
 def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
                 fc_dropout: float | None, lrs, wds, freezes, optimizers, folds: int, resume: bool, keep_runs: bool,
                 say: Callable[[str], None]) -> None:
+    # lazy: zoo --help must not import torch
     from finetune.sweep import sweep
     from zoo.runs import run_data_config
 

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from finetune.config import FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 
@@ -18,6 +19,7 @@ _TOP = 5   # findings of each kind shown on the console
 
 def _bar(quiet: bool):
     def make(desc: str, total: int):
+        # lazy: not loaded at CLI start (keeps zoo --help fast)
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
@@ -73,7 +75,7 @@ def doctor_cmd(data: str, model: str | None, out: str | None, near: float, near_
       zoo doctor --data ./photos --model resnet50 --near 0.97 --out ./photos-doctor
       zoo finetune resnet50 --data ./photos --exclude ./photos-doctor/findings.csv
     """
-    from finetune.config import FinetuneConfig
+    # lazy: zoo --help must not import torch
     from finetune.doctor import DoctorOptions
     from zoo import doctor
 

@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from finetune.config import OPTIONS, FinetuneConfig
+from finetune.policy import default_bn
 
 __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default"]
 
@@ -77,6 +78,4 @@ def bn_default(given: dict[str, Any], base: FinetuneConfig, pretrained: bool) ->
     ``--config`` file's value): "eval" for pretrained weights, "train" for a random init."""
     if "bn" in given or base.bn != FinetuneConfig().bn:
         return given
-    from finetune.policy import default_bn
-
     return {**given, "bn": default_bn(pretrained)}

@@ -44,6 +44,7 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
       zoo push my-classifier --repo me/photos-r50 --dry-run
     """
     if dry_run:
+        # lazy: zoo --help must not import huggingface_hub (slow)
         from zoo.push import plan_push
 
         plan = plan_push(path, repo, test_metrics)
@@ -51,6 +52,7 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
         echo(f"would upload to {repo}: " + ", ".join(f"{n} ({len(d):,} bytes)" for n, d in plan.files.items()),
              err=True)
         return
+    # lazy: zoo --help must not import huggingface_hub (slow)
     from huggingface_hub.utils import logging as hf_logging
 
     from zoo.push import push

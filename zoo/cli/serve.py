@@ -42,9 +42,11 @@ def serve_cmd(model: str, host: str, port: int, topk: int, max_upload_mb: float,
       zoo serve my-classifier --port 8080 --topk 3
       curl -F files=@cat.jpg -F files=@dog.jpg http://127.0.0.1:8000/predict
     """
+    # lazy: zoo --help must not import fastapi (an optional extra) nor torch
     from zoo.serve import ServeConfig, require_serve_extra
 
     require_serve_extra()        # before the model is loaded: a missing extra is said at once
+    # lazy: zoo --help must not import torch
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
     from zoo.serve import serve

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from finetune.config import FinetuneConfig
+from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
 from zoo.cli.console import echo
@@ -84,8 +85,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       zoo finetune --resume runs/resnet50-20250101-120000            # after Ctrl-C or a crash
       torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
     """
+    # lazy: zoo --help must not import torch
     from zoo import runs
-    from zoo.cli import console
 
     main = _is_main()
     console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
@@ -154,6 +155,7 @@ def _report(outcome) -> None:
             echo(f"per-class accuracy: {cells}")
     else:
         echo(f"finished ({how}); no validation images, so the last epoch is kept")
+    # lazy: zoo --help must not import matplotlib
     from finetune.monitor import advise
 
     for line in advise(result.history):
