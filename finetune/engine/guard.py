@@ -4,7 +4,9 @@ The finetuned weights (the best epoch on the monitored metric) replace the head 
 validation images say they are better, on one of two paired tests of the same images at ``ALPHA``:
 - accuracy: a one-sided exact McNemar test on the images one got right and the other wrong;
 - loss: a one-sided paired bootstrap of the per-image cross-entropy differences (the head's minus the
-  finetuned weights'), as long as the finetuned weights are not wrong on more images than they fix.
+  finetuned weights'), counted only when the finetuned weights fix more images than they break (a
+  loss that falls on every image while no prediction changes is confidence, not evidence: at a few
+  images per class such runs lost test accuracy).
 A dozen validation images (few-shot) rarely give either test enough evidence, which is where the guard
 protects: there, finetuning lost test accuracy as often as it won. At hundreds of images the loss test
 has the power to see the gains of unfreezing that accuracy alone misses (docs/peers.md). Under torchrun each rank holds its strided shard of the validation set: the counts are
@@ -48,7 +50,7 @@ class Verdict:
     losses: int             # the reverse
     p: float                # exact McNemar, one-sided
     loss_gain: float        # mean per-image cross-entropy: the head's minus the finetuned weights'
-    p_loss: float           # paired bootstrap, one-sided (1.0 when the finetuned weights lose more images)
+    p_loss: float           # paired bootstrap, one-sided (1.0 unless the finetuned weights fix more images than they break)
     alpha: float
     kept: str               # "finetune" | "head"
 
@@ -102,7 +104,7 @@ def judge(head: Evaluation, tuned: Evaluation, *, head_epoch: int, finetune_epoc
         diff = (ddp.gather_strided(diff, n_val, info) if seen == n_val
                 else torch.cat([d.cpu() for d in ddp.gather_objects(diff.cpu(), info)]))
     p = paired_gain_p(gains, losses)
-    p_loss = paired_loss_p(diff) if gains >= losses else 1.0
+    p_loss = paired_loss_p(diff) if gains > losses else 1.0
     keep = "finetune" if min(p, p_loss) < ALPHA else "head"
     return Verdict(head_epoch=head_epoch, finetune_epoch=finetune_epoch, gains=gains, losses=losses,
                    p=round(p, 6), loss_gain=round(float(diff.mean()), 6) if diff.numel() else 0.0,

@@ -45,6 +45,10 @@ def test_the_head_is_kept_without_evidence_or_when_more_images_break_than_are_fi
     few = decide(ev([True] * 10 + [False] * 2, [0.3, 0.5] * 6),
                  ev([True] * 10 + [False] * 2, [0.5, 0.2] * 6))        # a few-shot reshuffle of the loss
     assert few is not None and few.kept == "head" and few.p_loss > 0.05
+    # a lower loss on every image but not one prediction changed: more confident, not better
+    surer = decide(ev([True] * 16 + [False] * 2, [0.4] * 18), ev([True] * 16 + [False] * 2, [0.2] * 18))
+    assert surer is not None and (surer.gains, surer.losses) == (0, 0) and surer.p_loss == 1.0
+    assert surer.kept == "head"
     # far lower loss on most images, but 6 broken against 2 fixed: accuracy comes first
     head = ev([True] * 94 + [False] * 6, [0.5] * 100)
     tuned = ev([True] * 88 + [False] * 6 + [True] * 2 + [False] * 4, [0.1] * 100)
