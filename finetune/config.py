@@ -134,8 +134,8 @@ class FinetuneConfig:
     mlp_activation: str = option("relu", "MLP head: activation.", choices=ACTIVATIONS)
     freeze: str = option("auto",
         "What trains: auto (from the dataset size), head, none (everything) or K (the last K stages).")
-    small_per_class: int = option(100, "auto freeze: fewer images per class than this -> head only.", low=0)
-    small_total: int = option(1000, "auto freeze: fewer images in total than this -> head only.", low=0)
+    small_per_class: int = option(50, "auto freeze: fewer images per class than this -> head only.", low=0)
+    small_total: int = option(500, "auto freeze: fewer images in total than this -> head only.", low=0)
     large_per_class: int = option(1000, "auto freeze: at least this many per class -> everything unfrozen.", low=0)
     medium_stages: int = option(2, "auto freeze: stages unfrozen for a medium-sized dataset.", low=0)
     head_epochs: int = option(-1,

@@ -24,7 +24,7 @@ class FreezeDecision:
         trainable_stages: k in apply_freeze (0 = head only, n_stages = everything).
         label: short description of what trains: "head", "head + last 2 stages" or "all".
         reason: one sentence for the printout, e.g.
-            "312 images, 4 classes, 78 per class: small -> training the head only; pass --freeze to override".
+            "156 images, 4 classes, 39 per class: small -> training the head only; pass --freeze to override".
     """
 
     trainable_stages: int

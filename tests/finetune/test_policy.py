@@ -14,14 +14,22 @@ N_STAGES = 5
 
 
 def test_small_by_per_class_matches_the_documented_sentence():
-    d = decide_freeze(FinetuneConfig(), 312, 4, 78, N_STAGES)
-    assert d == FreezeDecision(0, "head", "312 images, 4 classes, 78 per class: small -> training the head only; "
+    d = decide_freeze(FinetuneConfig(), 156, 4, 39, N_STAGES)
+    assert d == FreezeDecision(0, "head", "156 images, 4 classes, 39 per class: small -> training the head only; "
                                           "pass --freeze to override")
 
 
 def test_small_by_total_even_with_many_per_class():
-    d = decide_freeze(FinetuneConfig(), 600, 2, 300, N_STAGES)  # 300/class >= 100 but 600 < 1000 in total
+    d = decide_freeze(FinetuneConfig(), 400, 2, 200, N_STAGES)  # 200/class >= 50 but 400 < 500 in total
     assert d.trainable_stages == 0 and "small" in d.reason
+
+
+def test_the_thresholds_are_where_unfreezing_started_to_win():
+    """50 per class and 500 in total are medium (unfreezing two stages won 2.3 points on digits at 50 per
+    class, docs/peers.md); one image fewer in the smallest class, or in total, is small."""
+    assert decide_freeze(FinetuneConfig(), 500, 10, 50, N_STAGES).trainable_stages == 2
+    assert decide_freeze(FinetuneConfig(), 499, 10, 49, N_STAGES).trainable_stages == 0
+    assert decide_freeze(FinetuneConfig(), 499, 5, 60, N_STAGES).trainable_stages == 0
 
 
 def test_medium_trains_the_last_medium_stages():
