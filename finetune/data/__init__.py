@@ -1,6 +1,7 @@
 """Image folders, from files to batches on the device; one concern per module:
 
-- ``scan``: scan + validate a folder, the train/val/test split, split files (no decoding beyond headers);
+- ``scan``: scan + validate a folder (layout, classes, usable files), no decoding beyond headers; its parts:
+  ``files`` (walking, file checks), ``imageset`` (ImageSet, ScanReport), ``splits`` (hold-out, split files);
 - ``images``: decoding one file (PIL, or decode_jpeg to a uint8 tensor);
 - ``transforms``: CPU transforms from the model's data config (train augmentation, evaluation crop);
 - ``device``: the device side: uint8 batches normalised, flipped and jittered on the accelerator;

@@ -14,7 +14,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               default_collate, get_worker_info)
 
 from finetune.data.images import load_image, load_image_tensor
-from finetune.data.scan import ImageSet
+from finetune.data.imageset import ImageSet
 from finetune.errors import ConfigError, DataError
 from finetune.io import printable_name
 from finetune.seeding import epoch_seed, sample_seed

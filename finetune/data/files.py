@@ -1,0 +1,182 @@
+"""Image files below a folder: walking (ignored names, symlink loops) and cheap validity checks
+(headers, JPEG structure, decompression-bomb sizes), without decoding beyond what a check needs."""
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from finetune.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
+_JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
+
+
+# -------------------------------------------------------------------------------------- scanning
+def is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _walk_images(top: str, loops: list[str]) -> list[str]:
+    """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped.
+
+    Anything that is not a directory counts as a file, so broken and looping file links are reported
+    as bad files rather than silently vanishing.
+    """
+    out: list[str] = []
+    visited: set[tuple[int, int]] = set()
+
+    def walk(d: str, real: str) -> None:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in visited:       # reached twice through links: count its files once
+            return
+        visited.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if is_ignored(e.name):
+                continue
+            try:
+                is_dir = e.is_dir()          # follows symlinks; False for broken or looping links
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                out.append(e.path)
+                continue
+            sub_real = os.path.realpath(e.path)
+            # A link to this folder or one of its ancestors would walk forever (or pull in other classes).
+            if e.is_symlink() and (sub_real == real or real.startswith(sub_real.rstrip(os.sep) + os.sep)):
+                loops.append(e.path)
+                continue
+            walk(e.path, sub_real)
+
+    walk(top, os.path.realpath(top))
+    return sorted(out)
+
+
+def _check_file(path: str) -> str | None:
+    """Cheap validity check of one file; returns why it cannot be used, or None when it looks fine."""
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.islink(path) and not os.path.exists(path):
+        return "broken or looping symbolic link"
+    if ext not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({ext or 'no extension'})"
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file (0 bytes)"
+        jpeg_problem = _jpeg_structure(path, size)
+        if jpeg_problem:
+            return jpeg_problem
+        with Image.open(path) as im:
+            w, h = im.size
+            fmt = im.format
+            if w < 1 or h < 1:
+                return f"invalid image size {w}x{h}"
+            limit = Image.MAX_IMAGE_PIXELS
+            # PIL only warns between 1x and 2x its limit; both are rejected here.
+            if limit and w * h > limit:
+                return f"too many pixels ({w}x{h}, over the decompression-bomb limit of {limit})"
+            im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
+        if fmt == "JPEG" and not _jpeg_has_end(path, size):
+            # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
+            with Image.open(path) as im:
+                im.load()
+    except Image.DecompressionBombError as e:
+        return f"too many pixels, over the decompression-bomb limit ({e})"
+    except UnidentifiedImageError:
+        return "not a readable image (unrecognised or damaged format)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "broken or looping symbolic link"
+        return f"cannot read: {e.strerror or e}"
+    except Exception as e:  # PIL raises SyntaxError/ValueError/struct.error on malformed headers
+        return f"damaged image ({type(e).__name__}: {e})"
+    return None
+
+
+# JPEG markers without a length field: TEM and RST0-7 (SOI and EOI are handled on their own).
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def _jpeg_structure(path: str, size: int) -> str | None:
+    """For a file that starts like a JPEG (SOI), why its headers cannot lead to image data, else None.
+
+    Walks the marker segments up to the first scan (SOS) without decoding anything. Pillow's own header
+    parser changed between versions in what it accepts (a file cut inside its Huffman tables: refused by
+    Pillow 12, opened by 13), so this check, not Pillow's, decides whether such a file is kept.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return None                     # not a JPEG: Pillow's checks decide
+        pos = 2
+        while True:
+            fh.seek(pos)
+            head = fh.read(4)
+            if len(head) < 2 or head[0] != 0xFF:
+                return "damaged JPEG (its headers break off before any image data)"
+            marker = head[1]
+            if marker == 0xFF:              # fill byte before a marker
+                pos += 1
+            elif marker in _JPEG_STANDALONE:
+                pos += 2
+            elif marker == 0xD9:
+                return "damaged JPEG (it ends before any image data)"
+            elif len(head) < 4 or int.from_bytes(head[2:4], "big") < 2:
+                return "damaged JPEG (its headers break off before any image data)"
+            else:
+                pos += 2 + int.from_bytes(head[2:4], "big")
+                if marker == 0xDA:          # start of scan: image data follows its header
+                    return None if pos < size else "damaged JPEG (no image data after its headers)"
+                if pos >= size:
+                    return "damaged JPEG (its headers break off before any image data)"
+
+
+def _jpeg_has_end(path: str, size: int) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - _JPEG_TAIL))
+        return b"\xff\xd9" in fh.read()
+
+
+def list_classes(folder: str) -> list[str]:
+    try:
+        entries = os.scandir(folder)
+    except OSError as e:
+        raise DataError(f"cannot list {folder}: {e.strerror}; check the path and its permissions") from None
+    with entries:
+        return sorted(e.name for e in entries if not is_ignored(e.name) and is_dir(e))
+
+
+def is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
+    """class name -> files (not yet checked) for ``folder/<class>/**``."""
+    return {c: _walk_images(os.path.join(folder, c), loops) for c in list_classes(folder)}
+
+
+def check_files(files: Sequence[str]) -> list[str | None]:
+    # The filter is set once here, not per file: catch_warnings is process-global and not thread-safe.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # _check_file reports these
+        if len(files) < 64:
+            return [_check_file(f) for f in files]
+        # Header reads are I/O bound (network drives especially); threads overlap the waits.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(_check_file, files, chunksize=32))

@@ -1,0 +1,107 @@
+"""The train/val split: the seeded stratified hold-out of a flat folder, and split files (split.json)
+that keep a run's split when files are added, removed or relabelled."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.data.imageset import ImageSet, ScanReport, relative_path
+from finetune.errors import DataError
+from finetune.io import atomic_write_text, printable_name
+
+SPLIT_FILE_VERSION = 1
+
+
+def _hash_key(seed: int, rel: str) -> str:
+    return hashlib.sha256(f"{seed}:{rel}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def stratified_split(files: dict[str, list[str]], val_split: float, seed: int, root: str
+                      ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """Per class, hold out round(n * val_split) files (at least 1 when n >= 2, never all).
+
+    Files are ordered by a seeded hash of their relative path, so the split does not depend on listing
+    order and adding a file moves few others.
+    """
+    train: dict[str, list[str]] = {}
+    val: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for cls, paths in files.items():
+        order = sorted(paths, key=lambda p: _hash_key(seed, relative_path(p, root)))
+        n = len(order)
+        n_val = min(max(round(n * val_split), 1 if n >= 2 else 0), n - 1) if n else 0
+        val[cls], train[cls] = sorted(order[:n_val]), sorted(order[n_val:])
+        if n == 1:
+            notes.append(f"class '{printable_name(cls)}' has only 1 image: none held out for validation")
+    return train, val, notes
+
+
+# ---------------------------------------------------------------------------------- split files
+def _split_payload(report: ScanReport) -> dict[str, Any]:
+    def rows(s: ImageSet | None) -> list[list[str]] | None:
+        return None if s is None else [[report.relpath(p), s.classes[label]] for p, label in s.items]
+
+    return {"version": SPLIT_FILE_VERSION, "layout": report.layout, "seed": report.seed,
+            "val_split": report.val_split, "classes": report.classes,
+            "train": rows(report.train), "val": rows(report.val), "test": rows(report.test)}
+
+
+def apply_split_file(report: ScanReport, path: Path) -> None:
+    """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        old = {name: {rel: cls for rel, cls in saved[name]} for name in ("train", "val")}
+        old_seed, old_split = int(saved["seed"]), saved.get("val_split")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"split file {path} is damaged ({type(e).__name__}); delete it to make a new split") from None
+    root, where = report.root, f"split file {path.name}"
+    if saved.get("layout") != report.layout:
+        report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
+                               f"{report.layout}; using the folder's split")
+        return
+    current = {report.relpath(p): report.classes[label]
+               for s in (report.train, report.val) for p, label in s.items}
+    before = {**old["train"], **old["val"]}
+    added = sorted(set(current) - set(before))
+    removed = sorted(set(before) - set(current))
+    relabelled = sorted(r for r in set(current) & set(before) if current[r] != before[r])
+    if added or removed or relabelled:
+        report.warnings.append(
+            f"files changed since {where} was written: {len(added)} added, {len(removed)} removed or now "
+            f"unreadable, {len(relabelled)} moved to another class; the unchanged files keep their split"
+            + (" and new ones are split by the seed" if report.layout == "flat" and added else ""))
+    if report.layout == "split":
+        return   # the folders define the split; the file only told us what changed
+    if old_seed != report.seed or (old_split is not None and abs(float(old_split) - (report.val_split or 0)) > 1e-9):
+        report.warnings.append(f"reusing the split in {path.name} (val_split={old_split}, seed={old_seed}); "
+                               "delete it for a new split with the current options")
+        report.seed, report.val_split = old_seed, old_split
+    frac = float(old_split if old_split is not None else 0.2)
+    index = {c: i for i, c in enumerate(report.classes)}
+    train, val = [], []
+    for rel, cls in sorted(current.items(), key=lambda kv: (index[kv[1]], kv[0])):
+        p = os.path.join(root, rel)
+        if rel in old["val"] and rel not in relabelled:
+            side = val
+        elif rel in old["train"] and rel not in relabelled:
+            side = train
+        else:   # new file: a seeded hash decides, holding out about ``frac`` of them
+            side = val if int(_hash_key(report.seed, rel)[:8], 16) / 0xFFFFFFFF < frac else train
+        side.append((p, index[cls]))
+    report.train = ImageSet(train, list(report.classes))
+    report.val = ImageSet(val, list(report.classes))
+
+
+def write_scan(report: ScanReport, run_dir: str | Path) -> None:
+    """Write ``scan.json``, ``split.json`` and ``bad_files.txt`` (one ``path<TAB>reason`` per line)."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "scan.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    # ensure_ascii keeps non-UTF-8 names (surrogate escapes) round-trippable through json.loads.
+    atomic_write_text(run_dir / "split.json", json.dumps(_split_payload(report)) + "\n")
+    lines = [f"{printable_name(report.relpath(p))}\t{r}\n" for p, r in report.bad_files]
+    atomic_write_text(run_dir / "bad_files.txt", "".join(lines))
+
+
