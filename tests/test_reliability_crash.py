@@ -302,12 +302,12 @@ def test_disk_full_while_checkpointing_keeps_previous_checkpoint(data, tiny, tmp
 
 
 def test_disk_full_while_exporting_leaves_no_partial_bundle(tmp_path, monkeypatch):
-    import zoo.bundle
+    import zoo.bundle.export
     from tests.zoo.test_bundle import make_run
 
     run, _ = make_run(tmp_path)
     out = tmp_path / "bundle"
-    seen = _enospc_after_half(monkeypatch, zoo.bundle)
+    seen = _enospc_after_half(monkeypatch, zoo.bundle.export)
     from click.testing import CliRunner
 
     from zoo.cli import cli

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from finetune.io import atomic_write_text
-from zoo.bundle import _decode_metadata, read_safetensors_metadata
+from zoo.bundle.load import _decode_metadata, read_safetensors_metadata
 from zoo.cache import sha256_file, zoo_home
 from zoo.errors import BundleError, PushError, UsageError
 from zoo.registry import public_source_id

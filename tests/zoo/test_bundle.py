@@ -201,7 +201,7 @@ def test_bundle_files_are_readable_by_others(run_and_model, tmp_path):
 
 def test_onnx_mismatch_fails_clearly_and_writes_nothing(run_and_model, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    import zoo.bundle as zb
+    import zoo.bundle.export as zb
 
     monkeypatch.setattr(zb, "ONNX_ATOL", -1.0)   # any difference now counts as a mismatch
     run, _ = run_and_model

@@ -13,7 +13,8 @@ from PIL import Image
 from finetune.config import FinetuneConfig
 from tests.zoo.test_bundle import make_run
 from zoo import cache
-from zoo.bundle import _weights_cfg, export_run, load_bundle
+from zoo.bundle import export_run, load_bundle
+from zoo.bundle.export import _weights_cfg
 from zoo.cli import cli
 from zoo.errors import BundleError, UsageError
 from zoo.registry import list_models, weights_tag

@@ -1,0 +1,327 @@
+"""A finished run folder -> a bundle: model.safetensors with its metadata, config.json in timm's layout,
+the README.md model card, and optionally model.onnx checked against PyTorch."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from finetune.io import atomic_write, atomic_write_text, load_yaml
+from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
+                             _torchvision_kwargs, build_model, read_safetensors_metadata)
+from zoo.cache import sha256_file
+from zoo.errors import BundleError, UsageError
+from zoo.registry import public_source_id
+
+ONNX_ATOL = 1e-4             # ONNX Runtime vs PyTorch logits, checked at export time
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "summary.json"
+    if not p.exists():
+        return {}
+    summary = _read_json(p, "the run's summary is damaged; re-run `zoo finetune` or delete summary.json")
+    metrics = summary.get("metrics", summary)
+    # Keep what JSON can carry; metadata stays small (the header is read on every load).
+    return json.loads(json.dumps(metrics, default=str))
+
+
+def _recipe(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "config.yaml"
+    if not p.exists():
+        return {}
+    try:
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _scan(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "scan.json"
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# pretrained_cfg keys that describe one set of timm weights: timm fills them from its default tag (resnet18:
+# a1_in1k, apache-2.0), so they are replaced by what the registry entry says of the weights actually used.
+_WEIGHTS_KEYS = ("tag", "license", "paper_ids", "paper_name", "origin_url", "notes", "test_input_size",
+                 "test_crop_pct", "hf_hub_id", "hf_hub_filename", "url", "file", "source")
+
+
+def _weights_cfg(info: dict[str, Any]) -> dict[str, Any]:
+    """The weights' provenance for config.json's ``pretrained_cfg`` (tag, license, paper_ids, source), from the
+    registry entry as recorded in model.json; older runs: the source only."""
+    cfg = dict(info.get("pretrained_cfg") or {})
+    if "pretrained_cfg" not in info and info.get("source"):
+        cfg["source"] = info["source"]
+    if cfg.get("source"):     # a bundle is made to be shared: no local folder names in it
+        cfg["source"] = public_source_id(cfg["source"])
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _with_weights_cfg(pretrained_cfg: dict[str, Any], weights_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in pretrained_cfg.items() if k not in _WEIGHTS_KEYS}, **weights_cfg}
+
+
+def _timm_config(model: Any, path: Path, labels: list[str], data_config: dict[str, Any], zoo: dict[str, Any],
+                 weights_cfg: dict[str, Any]) -> None:
+    """config.json as timm's ``save_config_for_hf`` writes it, plus our ``zoo`` section, with the weights'
+    provenance (``_weights_cfg``) instead of timm's default tag's."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    from timm.models._hub import save_config_for_hf
+
+    def write(tmp: str) -> None:
+        try:
+            save_config_for_hf(model, Path(tmp), model_config={"label_names": labels, "zoo": zoo},
+                               data_config=dict(data_config))
+            cfg = json.loads(Path(tmp).read_text(encoding="utf-8"))
+        except TypeError:  # timm before data_config/model_args: write, then record our preprocessing
+            save_config_for_hf(model, Path(tmp), model_config={"label_names": labels, "zoo": zoo})
+            cfg = json.loads(Path(tmp).read_text(encoding="utf-8"))
+            cfg["pretrained_cfg"].update({k: data_config[k] for k in _DATA_KEYS if k in data_config})
+            cfg["pretrained_cfg"]["num_classes"] = len(labels)
+        cfg["pretrained_cfg"] = _with_weights_cfg(cfg.get("pretrained_cfg") or {}, weights_cfg)
+        Path(tmp).write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def _plain_config(arch: str, model: Any, path: Path, labels: list[str], data_config: dict[str, Any],
+                  classifier: str, zoo: dict[str, Any], weights_cfg: dict[str, Any]) -> None:
+    """The same layout for a torchvision model (timm cannot build it; our loader and torchvision can)."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    import torch
+
+    head = model.get_submodule(classifier) if classifier else None
+    first = head[0] if isinstance(head, torch.nn.Sequential) else head
+    num_features = getattr(first, "in_features", None)
+    cfg = {"architecture": arch, "num_classes": len(labels), "num_features": num_features,
+           "label_names": labels,
+           "pretrained_cfg": {**{k: data_config[k] for k in _DATA_KEYS if k in data_config},
+                              "num_classes": len(labels), "classifier": classifier, **weights_cfg},
+           "zoo": zoo}
+    atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if not math.isnan(v) else "nan"
+    return str(v)
+
+
+def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, Any], formats: Sequence[str]) -> str:
+    labels = meta["label_names"]
+    library, _, arch = meta["builder"].partition(":")
+    head = meta.get("head") or {"kind": "linear"}
+    lines = [f"# {meta.get('model') or arch} finetuned on {len(labels)} classes", "",
+             f"Exported by zoo-finetune from a run of `zoo finetune`. Architecture `{meta['builder']}`, "
+             f"head: {head.get('kind', 'linear')}.", "", "## Data", ""]
+    if scan:
+        lines.append(f"- folder: `{scan.get('root', '?')}` (layout: {scan.get('layout', '?')})")
+        counts = scan.get("counts")
+        if isinstance(counts, dict):
+            for split, per in counts.items():
+                if isinstance(per, dict):
+                    lines.append(f"- {split}: {sum(v for v in per.values() if isinstance(v, int))} images")
+    else:
+        lines.append("- (no scan.json in the run folder)")
+    lines += ["", "## Classes", "", ", ".join(f"`{c}`" for c in labels[:200])
+              + (f" ... ({len(labels)} in all)" if len(labels) > 200 else ""), "", "## Validation metrics", ""]
+    metrics = meta.get("metrics") or {}
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    lines += [f"- {k}: {_fmt(v)}" for k, v in scalars.items()] or ["- (none recorded)"]
+    per_class = metrics.get("per_class")
+    if isinstance(per_class, dict) and per_class:
+        lines += ["", "Per-class validation accuracy: " + ", ".join(
+            f"`{c}` {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:200])]
+    lines += ["", "## Recipe", ""]
+    keys = ("optimizer", "lr", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size", "freeze",
+            "head", "bn", "weight_decay", "augment", "label_smoothing", "mixup", "cutmix", "ema", "seed")
+    lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
+    if float(recipe.get("ema") or 0) > 0:
+        lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
+    if meta.get("pretrained") is False:
+        lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
+    else:
+        lines += ["", "## Source weights", "", f"- {meta.get('source') or 'unknown'}",
+                  f"- sha256 of the file as downloaded or imported: {meta.get('source_sha256') or 'unknown'}"]
+    lines += ["", "## Preprocessing", "",
+              f"input {tuple(meta['input_size'])}, {meta['interpolation']} resize to input/crop_pct "
+              f"(crop_pct {meta['crop_pct']}), centre crop, mean {tuple(meta['mean'])}, std {tuple(meta['std'])}.",
+              "", "## Use", "", "```python", "import zoo", "bundle = zoo.load_bundle('.')",
+              "print(bundle.predict('image.jpg', topk=3))", "```", ""]
+    if library == "timm" and head.get("kind", "linear") == "linear":
+        lines += ["Plain timm rebuilds it too:", "", "```python", "import timm",
+                  "model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()", "```", ""]
+    elif library == "timm":
+        lines += ["Note: the MLP head is recorded in config.json (`zoo.head`) and rebuilt by `zoo.load_bundle`; "
+                  "plain timm cannot rebuild this head (`timm.create_model('local-dir:...')` fails to load it).", ""]
+    else:
+        lines += [f"Plain torchvision: `torchvision.models.get_model('{arch}', weights=None, num_classes="
+                  f"{len(labels)}, **config['zoo']['builder_kwargs'])` then `load_state_dict` from "
+                  "`safetensors.torch.load_file('model.safetensors')`.", ""]
+    if "onnx" in formats:
+        lines += [f"`model.onnx`: input `input` (N, {', '.join(str(v) for v in meta['input_size'])}), output "
+                  f"`logits`; checked against PyTorch within {ONNX_ATOL} with ONNX Runtime at export.", ""]
+    return "\n".join(lines)
+
+
+def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: dict[str, str]) -> float:
+    """Write model.onnx (dynamic batch) with ``metadata`` (label names, preprocessing...) in its
+    ``metadata_props``, and check it with onnxruntime; returns the max |difference|."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) needs neither torch nor numpy
+    import numpy as np
+    import torch
+
+    try:
+        # lazy: optional extra (pip install 'zoo-finetune[onnx]'), checked here
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError("--format onnx needs onnx and onnxruntime: pip install 'zoo-finetune[onnx]'") from None
+    c, h, w = (int(v) for v in input_size)
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, c, h, w, generator=gen)
+    diff = {"max": math.inf}
+
+    def write(tmp: str) -> None:
+        # The TorchScript exporter (dynamo=False) works offline without onnxscript, and handles every
+        # architecture of the zoo; the dynamo exporter needs onnxscript, which is optional.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (probe[:1],), tmp, dynamo=False, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        # lazy: optional extra (the onnx extra), checked with onnxruntime above
+        import onnx
+
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():   # a model.onnx is usable without config.json
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, tmp)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": probe.numpy()})[0]
+        with torch.inference_mode():
+            want = model(probe).float().numpy()
+        diff["max"] = float(np.abs(got - want).max())
+        if not diff["max"] <= ONNX_ATOL:
+            raise BundleError(f"ONNX export disagrees with PyTorch (max |difference| {diff['max']:.2e} > {ONNX_ATOL}); "
+                              "model.onnx was not written; export without --format onnx")
+
+    atomic_write(path, write)
+    return diff["max"]
+
+
+def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(model.json, the best checkpoint's state dict, its path) of a finished run folder.
+
+    Raises:
+        BundleError: no run folder, model.json missing or incomplete, the best checkpoint missing or damaged.
+    """
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    import safetensors.torch
+
+    if not run.is_dir():
+        raise BundleError(f"no run folder at {run}; pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
+    info = _read_json(run / "model.json", "the run did not finish or was not made by `zoo finetune`; re-run it")
+    for key in ("builder", "classes", "data_config"):
+        if key not in info:
+            raise BundleError(f"{run / 'model.json'} lacks {key!r}; re-run `zoo finetune` with this version")
+    ckpt = run / "checkpoints" / "best.safetensors"
+    if not ckpt.exists():
+        raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; resume or re-run `zoo finetune`")
+    read_safetensors_metadata(ckpt)  # clear message for a truncated checkpoint before torch sees it
+    try:
+        state = _strip_prefixes(safetensors.torch.load_file(str(ckpt), device="cpu"))
+    except Exception as e:
+        raise BundleError(f"{ckpt} cannot be read ({e}); resume or re-run `zoo finetune`") from None
+    return info, state, ckpt
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+               formats: Sequence[str] = ("safetensors",)) -> Path:
+    """Export a finished run folder as a bundle (model.safetensors + config.json + README.md [+ model.onnx]).
+
+    Args:
+        run_dir: the run folder (model.json, checkpoints/best.safetensors, summary.json, config.yaml).
+        out_dir: where to write; default ``<run_dir>/export``.
+        formats: "safetensors" (always written) and optionally "onnx".
+    Returns:
+        The bundle folder.
+    Raises:
+        BundleError: the run folder lacks model.json or the best checkpoint, or they do not fit together.
+        UsageError: an unknown format.
+    """
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    import safetensors.torch
+
+    run = Path(run_dir)
+    formats = tuple(dict.fromkeys(str(f).lower() for f in formats))
+    unknown = [f for f in formats if f not in ("safetensors", "onnx")]
+    if unknown:
+        raise UsageError(f"unknown export format(s) {unknown}; choose safetensors and/or onnx")
+    info, state, ckpt = _read_run(run)
+    labels = [str(c) for c in info["classes"]]
+
+    builder = str(info["builder"])
+    library, _, arch = builder.partition(":")
+    head = dict(info.get("head") or {"kind": "linear"})
+    classifier = str(info.get("classifier", ""))
+    kwargs = dict(info.get("builder_kwargs") or {})
+    if library == "torchvision":
+        kwargs = _torchvision_kwargs(arch, list(state), kwargs)
+    model = build_model(builder, len(labels), head, classifier, kwargs)
+    _load_weights(model, state, ckpt)
+    model.eval()
+
+    dc = dict(info["data_config"])
+    data_config = {"input_size": [int(v) for v in dc["input_size"]], "interpolation": str(dc["interpolation"]),
+                   "crop_pct": float(dc["crop_pct"]), "crop_mode": str(dc.get("crop_mode", "center")),
+                   "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]]}
+    meta: dict[str, Any] = {
+        "zoo_bundle": BUNDLE_FORMAT, "model": info.get("model"), "architecture": arch, "builder": builder,
+        "builder_kwargs": kwargs, "num_classes": len(labels), "label_names": labels, **data_config,
+        "classifier": classifier, "head": head, "source": public_source_id(info.get("source")),
+        "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
+        "pretrained": info.get("pretrained", True),
+        "metrics": _metrics(run),
+    }
+    out = Path(out_dir) if out_dir is not None else run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    if "onnx" not in formats:   # a model.onnx from an earlier export would describe other weights
+        (out / "model.onnx").unlink(missing_ok=True)
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {"format": "pt", **{k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()}}
+    atomic_write(out / WEIGHTS, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+
+    zoo_section = {"builder": builder, "builder_kwargs": kwargs, "head": head, "classifier": classifier,
+                   "model": info.get("model"), "source": public_source_id(info.get("source")),
+                   "source_sha256": info.get("source_sha256"),
+                   "source_weights_sha256": info.get("source_weights_sha256"),
+                   "weights_sha256": sha256_file(out / WEIGHTS),     # checked by load_bundle
+                   "bundle_format": BUNDLE_FORMAT}
+    weights_cfg = _weights_cfg(info)
+    if library == "timm":
+        _timm_config(model, out / CONFIG, labels, data_config, zoo_section, weights_cfg)
+    else:
+        _plain_config(arch, model, out / CONFIG, labels, data_config, classifier, zoo_section, weights_cfg)
+
+    if "onnx" in formats:
+        onnx_meta = {"label_names": labels, "preprocessing": data_config, "model": info.get("model"),
+                     "builder": builder, "source": public_source_id(info.get("source")),
+                     "source_sha256": info.get("source_sha256"), "zoo_bundle": BUNDLE_FORMAT}
+        _export_onnx(model, out / "model.onnx", data_config["input_size"],
+                     {k: json.dumps(v, ensure_ascii=False) for k, v in onnx_meta.items()})
+    atomic_write_text(out / "README.md", _model_card(meta, _recipe(run), _scan(run), formats))
+    return out

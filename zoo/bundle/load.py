@@ -1,0 +1,321 @@
+"""Reading a bundle: the safetensors header's metadata and config.json (JSON only, nothing unpickled), the
+finetuned architecture rebuilt (``build_model``), ``Bundle`` / ``load_bundle`` / ``load_model``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from PIL import Image
+
+from finetune.io import SafetensorsHeaderError, read_safetensors_header
+from zoo.build import TORCHVISION_KWARGS, build_network, create_model
+from zoo.cache import sha256_file
+from zoo.errors import BundleError, RegistryError
+from zoo.resolve import get_entry, hub_config
+from zoo.sources import fetch_hub_config
+
+if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
+    import torch
+
+
+BUNDLE_FORMAT = "1"          # bumped when the metadata layout changes incompatibly
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, after checking the file is complete. No torch, no pickle.
+
+    Raises:
+        BundleError: missing, truncated, or with a header that is not safetensors JSON.
+    """
+    path = Path(path)
+    fix = "re-export it with `zoo export RUN_DIR`"
+    try:
+        header = read_safetensors_header(path)
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing; {fix}") from None
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read ({e.strerror or e}); {fix}") from None
+    except SafetensorsHeaderError as e:
+        raise BundleError(f"{path} is {e}; {fix}") from None
+    return dict(header.get("__metadata__") or {})
+
+
+def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "format":          # the one plain string, as transformers/timm write it
+            out[key] = value
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise BundleError(f"{path}: metadata field {key!r} is not JSON; re-export with `zoo export RUN_DIR`") from None
+    return out
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing; {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e.__class__.__name__}); {what}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} should hold a JSON object; {what}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------- building
+
+
+def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers leave prefixes in saved state dicts.
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _torchvision_kwargs(arch: str, state_keys: Sequence[str], given: dict[str, Any] | None) -> dict[str, Any]:
+    # zoo.build's constructor arguments (e.g. GoogLeNet's transform_input) are not in the state dict.
+    kwargs = {**TORCHVISION_KWARGS.get(arch, {}), **dict(given or {})}
+    if arch in ("googlenet", "inception_v3"):
+        # Auxiliary classifiers are in the state dict only when the model was built with them.
+        kwargs["aux_logits"] = any(k.startswith(("aux1.", "AuxLogits.")) for k in state_keys)
+        kwargs.setdefault("init_weights", False)   # weights are loaded right after; skip the slow init
+    return kwargs
+
+
+def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, classifier: str,
+                builder_kwargs: dict[str, Any] | None = None) -> "torch.nn.Module":
+    """Rebuild the finetuned architecture (random weights): ``zoo.build.build_network`` plus the recorded head.
+
+    Args:
+        builder: "timm:<arch>" or "torchvision:<arch>".
+        num_classes: C.
+        head: {"kind": "linear"|"mlp", "hidden", "dropout", "activation"}; None means linear.
+        classifier: module name of the head ("fc", "classifier", ...), needed for MLP heads.
+        builder_kwargs: extra constructor arguments (timm ``model_args`` / torchvision kwargs).
+    Raises:
+        BundleError: an unknown builder or architecture.
+    """
+    try:
+        model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
+    except RegistryError as e:
+        raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
+    head = head or {"kind": "linear"}
+    if head.get("kind", "linear") == "mlp":
+        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+        from finetune.surgery import replace_head
+
+        replace_head(model, classifier, int(num_classes), kind="mlp", hidden=int(head.get("hidden", 512)),
+                     dropout=float(head.get("dropout", 0.2)), activation=str(head.get("activation", "relu")))
+    return model
+
+
+def _load_weights(model: "torch.nn.Module", state: dict[str, Any], where: Path) -> None:
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    except RuntimeError as e:  # shape mismatch
+        first = str(e).strip().splitlines()[-1].strip()
+        raise BundleError(f"{where} does not fit the architecture ({first}); re-export the run") from None
+    if missing or unexpected:
+        detail = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
+                 (f"unexpected {unexpected[:3]}" if unexpected else "")
+        raise BundleError(f"{where} does not fit the architecture ({detail}); re-export the run")
+
+
+# ------------------------------------------------------------------------------------------ Bundle
+
+
+@dataclass
+class Bundle:
+    """A ready-to-use classifier: ``model, transform, labels = zoo.load_bundle(path)``.
+
+    Attributes:
+        model: the nn.Module in eval mode.
+        transform: the validation transform (PIL image -> normalised tensor).
+        data_config: timm-style preprocessing (input_size, interpolation, crop_pct, crop_mode, mean, std).
+        labels: class names in output order.
+        metadata: everything the bundle records (architecture, source, metrics, head...).
+        path: the bundle folder (None for a registry model).
+    """
+
+    model: Any
+    transform: Callable[[Any], Any]
+    data_config: dict[str, Any]
+    labels: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.model
+        yield self.transform
+        yield self.labels
+
+    def predict(self, images: Any, topk: int = 5, tta: bool = False, tta_scales: Sequence[int] | None = None,
+                batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per image, best first.
+
+        Args:
+            images: a PIL image or path, or a list of them.
+            topk: how many classes per image.
+            tta: average the ten fixed crops (at each of ``tta_scales`` when given).
+        Raises:
+            BundleError: an image cannot be read (the message names it).
+        """
+        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+        from zoo.predict import predict_probs, topk as _topk
+
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        images = list(images)
+
+        def fail(item: Any, reason: str) -> None:
+            raise BundleError(f"cannot read image {item if not isinstance(item, Image.Image) else 'PIL image'}: "
+                              f"{reason}; check the file")
+
+        _, probs = predict_probs(self.model, images, self.data_config, tta=tta, tta_scales=tta_scales,
+                                 batch_size=batch_size, on_error=fail)
+        return _topk(probs, self.labels, topk)
+
+    def to(self, device: Any) -> "Bundle":
+        """Move the model to ``device`` (e.g. "cuda"); returns self."""
+        self.model.to(device)
+        return self
+
+
+def _check_weights_digest(weights: Path, recorded: Any) -> None:
+    """Refuse weights whose sha256 is not the one ``zoo export`` recorded in config.json (bundles exported
+    before the digest was recorded carry none and are not checked)."""
+    if not recorded:
+        return
+    digest = sha256_file(weights)
+    if digest != str(recorded).lower():
+        raise BundleError(f"{weights} is damaged or was changed: its sha256 {digest[:16]}... is not the "
+                          f"{str(recorded)[:16]}... recorded in config.json; re-export the bundle with "
+                          "`zoo export RUN_DIR`")
+
+
+def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
+    """Load an exported bundle folder (or its model.safetensors).
+
+    Labels and metadata come from the safetensors header and config.json only (no pickle anywhere); the
+    weights' sha256 must equal the one recorded in config.json at export.
+
+    Raises:
+        BundleError: a missing, truncated or inconsistent file; the message says which and what to do.
+    """
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    import safetensors.torch
+
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS:
+        path = path.parent
+    if not path.is_dir():
+        raise BundleError(f"no bundle at {path}; export one with `zoo export RUN_DIR --out {path}`")
+    weights = path / WEIGHTS
+    meta = _decode_metadata(read_safetensors_metadata(weights), weights)
+    config = _read_json(path / CONFIG, "re-export with `zoo export RUN_DIR`")
+    if "builder" not in meta or "label_names" not in meta:
+        raise BundleError(f"{weights} carries no zoo metadata (builder, label_names); "
+                          "it was not written by `zoo export`; export the run again")
+    labels = [str(x) for x in meta["label_names"]]
+    num_classes = int(meta.get("num_classes", len(labels)))
+    if num_classes != len(labels) or int(config.get("num_classes", num_classes)) != num_classes:
+        raise BundleError(f"{path}: inconsistent class count (metadata {num_classes}, labels {len(labels)}, "
+                          f"config.json {config.get('num_classes')}); re-export with `zoo export RUN_DIR`")
+    missing = [k for k in _DATA_KEYS if k not in meta and k != "crop_mode"]
+    if missing:
+        raise BundleError(f"{weights} lacks preprocessing metadata {missing}; re-export with `zoo export RUN_DIR`")
+    data_config = {k: meta[k] for k in _DATA_KEYS if k in meta}
+    data_config.setdefault("crop_mode", "center")
+    data_config["input_size"] = tuple(int(v) for v in data_config["input_size"])
+    data_config["mean"] = tuple(float(v) for v in data_config["mean"])
+    data_config["std"] = tuple(float(v) for v in data_config["std"])
+    data_config["crop_pct"] = float(data_config["crop_pct"])
+
+    zoo_cfg = config.get("zoo") or {}
+    _check_weights_digest(weights, zoo_cfg.get("weights_sha256"))
+    builder = str(meta["builder"])
+    kwargs = dict(meta.get("builder_kwargs") or zoo_cfg.get("builder_kwargs") or {})
+    if builder.startswith("timm:"):
+        kwargs = {**dict(config.get("model_args") or {}), **kwargs}
+    model = build_model(builder, num_classes, meta.get("head"), str(meta.get("classifier", "")), kwargs)
+    try:
+        state = safetensors.torch.load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+        raise BundleError(f"{weights} cannot be read ({e}); re-export with `zoo export RUN_DIR`") from None
+    _load_weights(model, state, weights)
+    model.eval().to(device)
+
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    from zoo.predict import eval_transform
+
+    return Bundle(model=model, transform=eval_transform(data_config), data_config=data_config, labels=labels,
+                  metadata=meta, path=path)
+
+
+def _imagenet_labels(model: Any, num_classes: int) -> tuple[list[str], list[str] | None]:
+    """ImageNet class descriptions ("tabby, tabby cat") and synsets ("n02123045") for a pretrained model."""
+    try:
+        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else None
+        info = ImageNetInfo(subset or "imagenet-1k")
+        if info.num_classes() == num_classes:
+            return ([info.index_to_description(i) for i in range(num_classes)],
+                    [info.index_to_label_name(i) for i in range(num_classes)])
+    except Exception:  # label files are a nicety; fall back to indices rather than fail a prediction
+        pass
+    return [f"class_{i}" for i in range(num_classes)], None
+
+
+def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = True) -> Bundle:
+    """A bundle folder, or a registry model name (pretrained ImageNet weights, ImageNet labels).
+
+    Raises:
+        BundleError: a folder that is not a valid bundle.
+        UnknownModelError: a name that is neither a folder nor a model of the registry.
+    """
+    p = Path(spec)
+    if p.exists():
+        return load_bundle(p, device=device)
+    text = str(spec)
+    if not text.startswith(("hf-hub:", "timm:")) and (os.sep in text or text.startswith(".")
+                                                       or text.endswith(".safetensors")):
+        raise BundleError(f"no bundle at {text}; export one with `zoo export RUN_DIR --out {text}`")
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    from zoo.predict import eval_transform
+
+    hub_cfg = None
+    if text.startswith("hf-hub:"):     # a published model (e.g. by `zoo push`): its config names its classes
+        fetch_hub_config(text[len("hf-hub:"):])
+        hub_cfg = hub_config(text[len("hf-hub:"):])
+    entry = get_entry(text)
+    model = create_model(text, pretrained=pretrained).eval().to(device)
+    data_config = entry.preprocessing.data_config()
+    n_out = int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes)
+    labels, synsets = _imagenet_labels(model, n_out)
+    names = (hub_cfg or {}).get("label_names")
+    if isinstance(names, list) and len(names) == n_out:
+        labels, synsets = [str(x) for x in names], None
+    # label_ids: what an ImageNet-style folder names its classes (zoo eval matches folders by either)
+    meta = {"model": entry.name, "builder": entry.builder, "num_classes": len(labels), "label_ids": synsets,
+            "source": entry.sources[0].id() if entry.sources else None, **data_config}
+    return Bundle(model=model, transform=eval_transform(data_config), data_config=data_config, labels=labels,
+                  metadata=meta, path=None)
