@@ -1,6 +1,7 @@
 """``sweep``: every trial of the grid as a short ``fit``, recorded as it finishes, ranked at the end."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -87,17 +88,9 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     fixed = _fixed_options(config, folds, len(train_set), len(val_set) if val_set is not None else 0)
     done = _start(out, jsonl, {"fixed": fixed, "grid": asdict(space), "metric": metric}, resume)
 
-    def fit_one(tid: str, k: int, tr: ImageSet, va: ImageSet, cfg: FinetuneConfig) -> Any:
-        torch.manual_seed(config.seed)
-        model = model_factory()
-        run_dir = None
-        if keep_runs:
-            run_dir = out / "trials" / tid / (f"fold-{k}" if len(splits) > 1 else "")
-        try:
-            return fit_fn(model, stages, data_config, tr, va, cfg, head=head, run_dir=run_dir,
-                          feature_cache=features)
-        finally:
-            del model
+    fit_one = functools.partial(_fit_split, seed=config.seed, model_factory=model_factory, fit_fn=fit_fn,
+                                stages=stages, data_config=data_config, head=head, features=features,
+                                trials_dir=out / "trials" if keep_runs else None, n_splits=len(splits))
 
     trials = space.trials()
     results: list[TrialResult] = []
@@ -167,6 +160,21 @@ def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> dict[s
         done = _read_jsonl(jsonl)
     atomic_write_text(spec_path, json.dumps(_json_safe(spec), indent=2) + "\n")
     return done
+
+
+def _fit_split(tid: str, k: int, tr: ImageSet, va: ImageSet, cfg: FinetuneConfig, *, seed: int,
+               model_factory: Callable[[], Any], fit_fn: Callable[..., Any], stages: Sequence[Sequence[str]],
+               data_config: dict, head: str, features: FeatureCache, trials_dir: Path | None, n_splits: int) -> Any:
+    """One trial on one split: a fresh model (torch seeded first), ``fit_fn``, the model released after."""
+    torch.manual_seed(seed)
+    model = model_factory()
+    run_dir = None
+    if trials_dir is not None:
+        run_dir = trials_dir / tid / (f"fold-{k}" if n_splits > 1 else "")
+    try:
+        return fit_fn(model, stages, data_config, tr, va, cfg, head=head, run_dir=run_dir, feature_cache=features)
+    finally:
+        del model
 
 
 def _run_trial(tid: str, params: dict[str, Any], config: FinetuneConfig, splits: list, metric: str,
