@@ -309,7 +309,7 @@ def test_class_names_with_control_characters_are_printed_escaped(tiny, tmp_path)
 def test_plot_labels_fall_back_to_a_font_with_the_glyph_or_escape():
     from matplotlib import font_manager
 
-    from zoo.predict import _charmap, plot_labels
+    from zoo.evaluate import _charmap, plot_labels
 
     names, families = plot_labels(["cat", "a\nb", "\u24b6", "\U0010fffd"])
     assert names[0] == "cat" and names[1] == r"a\nb"

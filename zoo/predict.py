@@ -1,44 +1,31 @@
-"""Inference on images: batched prediction, the lecture's fixed-crop test-time augmentation, evaluation.
+"""Inference on images: batched prediction and the lecture's fixed-crop test-time augmentation.
 
 The single-view path uses ``finetune.data.build_transform(data_config, train=False)``: literally the
 validation transform, so a bundle sees the same pixels at prediction time as during validation.
 Test-time augmentation averages the softmax over several views of each image: ``flip`` (the validation
 view and its horizontal mirror) or ``ten`` (the ten fixed crops: four corners + centre, and their
-horizontal flips, optionally at several scales). Library code: raises, never prints.
+horizontal flips, optionally at several scales). Library code: raises, never prints. ``zoo eval``'s
+folder evaluation and reports are in ``zoo.evaluate``.
 """
 from __future__ import annotations
 
-import csv
-import functools
-import io
-import json
 import math
 import os
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
-import numpy as np
 import torch
-from matplotlib import font_manager, rcParams
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ft2font import FT2Font
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image
-from finetune.io import atomic_write, atomic_write_text
 from zoo.errors import UsageError
-from zoo.text import printable
 
 __all__ = [
     "ImageInput", "TTA_VIEWS", "DEFAULT_TTA_VIEWS", "eval_transform", "tta_transform", "parse_scales", "expand_images",
-    "predict_probs", "topk", "EvalReport", "find_eval_images", "evaluate", "classification_metrics",
-    "write_eval_reports",
+    "predict_probs", "topk",
 ]
 
 ImageInput = Union[str, os.PathLike, Image.Image]   # what predict accepts per image
@@ -232,240 +219,3 @@ def topk(probs: torch.Tensor, labels: Sequence[str], k: int = 5) -> list[list[tu
     k = max(1, min(int(k), probs.shape[1]))
     values, indices = probs.topk(k, dim=1)
     return [[(labels[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())] for vs, js in zip(values, indices)]
-
-
-# ---------------------------------------------------------------------------------------------- eval
-
-
-@dataclass
-class EvalReport:
-    """What ``zoo eval`` reports; ``to_dict`` is what metrics.json holds."""
-
-    root: str
-    split: str                                  # "test" | "val" | "." (the folder itself)
-    labels: list[str]
-    n_images: int
-    accuracy: float
-    top5: float | None                          # only when there are more than 5 classes
-    per_class: dict[str, dict[str, float | int | None]]   # precision, recall, support
-    confusion: list[list[int]]                  # rows: true class, columns: predicted
-    wrong: list[dict[str, Any]]                 # most confidently wrong first
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    ignored_folders: list[str] = field(default_factory=list)
-    tta: bool = False
-    tta_scales: list[int] | None = None
-    tta_views: str | None = None                # "flip" | "ten" with TTA
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"root": self.root, "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
-                "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
-                "tta": self.tta, "tta_scales": self.tta_scales, "tta_views": self.tta_views,
-                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-                "ignored_folders": self.ignored_folders, "most_confidently_wrong": self.wrong}
-
-
-def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
-                     aliases: Sequence[str] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
-    """Images of a class-folder layout, labelled by the bundle's class order.
-
-    ``root/test/<class>/`` is used when present, else ``root/val/<class>/``, else ``root/<class>/``.
-    Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
-    ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
-
-    Returns:
-        (split used, [(path, label index)], folders that are not one of the labels)
-    Raises:
-        UsageError: no such folder, no class folder matching a label, or no images.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
-    split, base = ".", root
-    for name in ("test", "val"):
-        if (root / name).is_dir():
-            split, base = name, root / name
-            break
-    exts = _image_extensions()
-    index = {str(name): i for i, name in enumerate(aliases or ())}
-    index.update({name: i for i, name in enumerate(labels)})
-    items: list[tuple[str, int]] = []
-    ignored: list[str] = []
-    folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    for d in folders:
-        if d.name not in index:
-            ignored.append(d.name)
-            continue
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and p.suffix.lower() in exts:
-                items.append((str(p), index[d.name]))
-    if len(ignored) == len(folders):
-        shown = ", ".join(ignored[:5]) or "none"
-        raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
-                         f"labels: {', '.join(list(labels)[:5])}...); lay it out as <class>/<image>")
-    if not items:
-        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(exts)})")
-    return split, items, ignored
-
-
-def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, top-5 (when C > 5), per-class precision/recall/support, confusion matrix. Pure numpy."""
-    n_classes = len(labels)
-    pred = probs.argmax(axis=1)
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (targets, pred), 1)
-    acc = float((pred == targets).mean()) if len(targets) else 0.0
-    top5 = None
-    if n_classes > 5:
-        best5 = np.argsort(-probs, axis=1)[:, :5]
-        top5 = float((best5 == targets[:, None]).any(axis=1).mean())
-    per_class: dict[str, dict[str, float | int | None]] = {}
-    for i, name in enumerate(labels):
-        tp, predicted, support = int(cm[i, i]), int(cm[:, i].sum()), int(cm[i, :].sum())
-        per_class[name] = {"precision": tp / predicted if predicted else None,
-                           "recall": tp / support if support else None, "support": support}
-    return {"accuracy": acc, "top5": top5, "per_class": per_class, "confusion": cm.tolist()}
-
-
-def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
-             tta: bool = False, tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
-             batch_size: int = 32, progress: bool = False, worst: int = 20, on_error: OnError | None = None,
-             aliases: Sequence[str] | None = None) -> EvalReport:
-    """Evaluate a classifier on a class-folder layout (see ``find_eval_images``, also for ``aliases``).
-
-    The probabilities come from :func:`predict_probs` (with TTA: averaged over the views), and every
-    metric from them. Unreadable images are skipped (and listed in the report); ``on_error`` hears
-    about each one.
-    """
-    split, items, ignored = find_eval_images(data_dir, labels, aliases)
-    skipped: list[tuple[str, str]] = []
-
-    def note(item: Any, reason: str) -> None:
-        skipped.append((str(item), reason))
-        if on_error is not None:
-            on_error(item, reason)
-
-    kept, probs = predict_probs(model, [p for p, _ in items], data_config, tta=tta, tta_scales=tta_scales,
-                                tta_views=tta_views, batch_size=batch_size, progress=progress, on_error=note)
-    if not kept:
-        raise UsageError(f"--data {data_dir}: none of the {len(items)} images could be read")
-    if probs.shape[1] != len(labels):
-        raise UsageError(f"the model has {probs.shape[1]} outputs but {len(labels)} labels; re-export the bundle")
-    p = probs.numpy()
-    targets = np.array([items[i][1] for i in kept], dtype=np.int64)
-    m = classification_metrics(p, targets, labels)
-    pred = p.argmax(axis=1)
-    wrong_rows = [(float(p[j, pred[j]]), j) for j in range(len(kept)) if pred[j] != targets[j]]
-    wrong_rows.sort(key=lambda r: -r[0])
-    wrong = [{"path": items[kept[j]][0], "true": labels[targets[j]], "predicted": labels[pred[j]],
-              "confidence": conf, "p_true": float(p[j, targets[j]])} for conf, j in wrong_rows[:worst]]
-    return EvalReport(root=str(data_dir), split=split, labels=list(labels), n_images=len(kept),
-                      accuracy=m["accuracy"], top5=m["top5"], per_class=m["per_class"], confusion=m["confusion"],
-                      wrong=wrong, skipped=skipped, ignored_folders=ignored, tta=bool(tta or tta_scales),
-                      tta_scales=list(tta_scales) if tta_scales else None,
-                      tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None)
-
-
-_GLYPH_WARNING = r"Glyph .* missing from (current )?font"
-
-
-@functools.lru_cache(maxsize=None)
-def _charmap(path: str) -> frozenset[int]:
-    try:
-        return frozenset(FT2Font(path).get_charmap())
-    except Exception:       # a font file matplotlib lists but cannot open: no glyphs from it
-        return frozenset()
-
-
-@functools.lru_cache(maxsize=None)
-def _font_for(codepoint: int) -> str | None:
-    """The family name of an installed font that draws ``codepoint`` (None: no font has it)."""
-    for font in font_manager.fontManager.ttflist:
-        # Last Resort draws a box for every code point: the placeholder this function exists to avoid.
-        if "last resort" not in font.name.lower() and codepoint in _charmap(font.fname):
-            return font.name
-    return None
-
-
-def plot_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Labels a matplotlib figure can draw, and the font families to draw them with.
-
-    Control characters are escaped (``zoo.text.printable``); a character the default font lacks is
-    drawn with the first installed font that has it (a CJK font, if there is one); a character no
-    installed font has is written as its escape (``\\u732b``) instead of an empty box.
-    """
-    default = font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"]))
-    have = _charmap(default)
-    families = [font_manager.FontProperties(fname=default).get_name()]
-    out = []
-    for label in labels:
-        text = []
-        for ch in printable(label):
-            if ord(ch) in have or ch.isspace():
-                text.append(ch)
-                continue
-            family = _font_for(ord(ch))
-            if family is None:
-                text.append(ch.encode("unicode_escape").decode("ascii"))
-                continue
-            if family not in families:
-                families.append(family)
-            text.append(ch)
-        out.append("".join(text))
-    return out, families
-
-
-def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path) -> None:
-    # Figure + Agg canvas directly: no pyplot state, no global backend switch, safe in threads.
-    cm = np.asarray(confusion)
-    n = len(labels)
-    side = min(24.0, max(4.0, 0.45 * n + 2.5))
-    fig = Figure(figsize=(side, side))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(cm, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if n <= 40:
-        names, families = plot_labels([str(x) for x in labels])
-        ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families)
-        ax.set_yticks(range(n), names, fontsize=8, fontfamily=families)
-    if n <= 20:
-        thresh = cm.max() / 2 if cm.size else 0
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > thresh else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix")
-    with warnings.catch_warnings():
-        # plot_labels leaves no glyph missing; this only keeps an odd font's quirk off the console
-        warnings.filterwarnings("ignore", message=_GLYPH_WARNING, category=UserWarning)
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
-def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv (atomic writes)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in
-             ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")}
-    atomic_write_text(paths["metrics.json"], json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(paths["per_class.csv"], _csv_text(
-        [("class", "precision", "recall", "support")]
-        + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))
-    atomic_write_text(paths["confusion.csv"], _csv_text(
-        [("true \\ predicted", *report.labels)]
-        + [(report.labels[i], *row) for i, row in enumerate(report.confusion)]))
-    _confusion_png(report.confusion, report.labels, paths["confusion.png"])
-    atomic_write_text(paths["wrong.csv"], _csv_text(
-        [("path", "true", "predicted", "confidence", "p_true")]
-        + [(w["path"], w["true"], w["predicted"], f"{w['confidence']:.6f}", f"{w['p_true']:.6f}")
-           for w in report.wrong]))
-    return paths

@@ -1,4 +1,4 @@
-"""zoo.predict: ten-crop TTA, batched prediction with skipped images, metrics, eval folders and reports."""
+"""zoo.predict and zoo.evaluate: ten-crop TTA, batched prediction with skipped images, metrics, eval folders and reports."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ from PIL import Image
 
 from tests.conftest import make_image_folder
 from zoo.errors import UsageError
-from zoo.predict import (classification_metrics, evaluate, expand_images, find_eval_images, parse_scales,
-                         predict_probs, topk, tta_transform, write_eval_reports)
+from zoo.evaluate import classification_metrics, evaluate, find_eval_images, write_eval_reports
+from zoo.predict import expand_images, parse_scales, predict_probs, topk, tta_transform
 
 DC = {"input_size": (3, 8, 8), "interpolation": "bilinear", "crop_pct": 0.8, "crop_mode": "center",
       "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

@@ -167,8 +167,9 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
+    from zoo.evaluate import evaluate, write_eval_reports
     from zoo.outdir import claim_out
-    from zoo.predict import evaluate, parse_scales, write_eval_reports
+    from zoo.predict import parse_scales
 
     scales = parse_scales(tta_scales)
     if scales and not tta:
