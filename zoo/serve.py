@@ -34,6 +34,7 @@ import time
 import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -46,6 +47,8 @@ __all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_a
            "serve", "ALLOWED_FORMATS", "require_serve_extra"]
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# The page at GET /: zoo/data/serve.html, __TITLE__ and __TOPK__ filled in per app.
+_PAGE = (Path(__file__).resolve().with_name("data") / "serve.html").read_text(encoding="utf-8")
 _EXTRA_HINT = 'zoo serve needs the serve extra: pip install "zoo-finetune[serve]" (fastapi, uvicorn, python-multipart)'
 
 
@@ -275,16 +278,7 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
 
     @app.get("/info", summary="Model, classes, preprocessing and limits")
     def info() -> dict:
-        try:
-            device = str(next(bundle.model.parameters()).device)
-        except StopIteration:
-            device = "cpu"
-        return {"model": name, "labels": labels, "num_classes": len(labels),
-                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in bundle.data_config.items()},
-                "device": device, "max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
-                "max_pixels": cfg.max_pixels, "max_batch": cfg.max_batch,
-                "batches": {"count": len(batcher.sizes), "images": sum(batcher.sizes),
-                            "largest": max(batcher.sizes, default=0)}}
+        return _info(bundle, name, labels, cfg, batcher)
 
     @app.post("/predict", summary="Top-k classes per image")
     async def predict(files: list[UploadFile] | None = File(None, description="one or more images"),
@@ -306,21 +300,42 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
             except ImageRejected as err:
                 raise HTTPException(err.status, str(err)) from None
         rows = await asyncio.gather(*(batcher.submit(t) for _, t, _ in prepared))
-        k = min(int(topk), len(labels))
-        results = []
-        for (filename, tensor, (w, h)), probs in zip(prepared, rows):
-            values, idx = probs.topk(k)
-            item = {"filename": filename, "width": w, "height": h,
-                    "predictions": [{"label": labels[j], "prob": round(float(v), 6)}
-                                    for v, j in zip(values.tolist(), idx.tolist())]}
-            if crop:
-                item["crop"] = _crop_png(tensor, bundle.data_config)
-            results.append(item)
-        return {"model": name, "results": results}
+        return {"model": name, "results": _results(prepared, rows, min(int(topk), len(labels)), labels, crop,
+                                                   bundle.data_config)}
 
     wrapped = _BodyLimit(app, cfg.max_upload_bytes)
     wrapped.fastapi = app          # tests and benchmarks read app.state.batcher through it
     return wrapped
+
+
+def _info(bundle: Any, name: str, labels: list[str], cfg: ServeConfig, batcher: Batcher) -> dict:
+    """GET /info: the model, its classes and preprocessing, the device, the limits, the batches so far."""
+    try:
+        device = str(next(bundle.model.parameters()).device)
+    except StopIteration:
+        device = "cpu"
+    return {"model": name, "labels": labels, "num_classes": len(labels),
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in bundle.data_config.items()},
+            "device": device, "max_upload_bytes": cfg.max_upload_bytes, "max_files": cfg.max_files,
+            "max_pixels": cfg.max_pixels, "max_batch": cfg.max_batch,
+            "batches": {"count": len(batcher.sizes), "images": sum(batcher.sizes),
+                        "largest": max(batcher.sizes, default=0)}}
+
+
+def _results(prepared: list, rows: Sequence[torch.Tensor], k: int, labels: list[str], crop: bool,
+             data_config: dict) -> list[dict]:
+    """POST /predict's results: per (filename, tensor, (w, h)) and its probabilities, the top ``k`` classes
+    (and with ``crop`` the crop the model saw, as a PNG data URL)."""
+    results = []
+    for (filename, tensor, (w, h)), probs in zip(prepared, rows):
+        values, idx = probs.topk(k)
+        item = {"filename": filename, "width": w, "height": h,
+                "predictions": [{"label": labels[j], "prob": round(float(v), 6)}
+                                for v, j in zip(values.tolist(), idx.tolist())]}
+        if crop:
+            item["crop"] = _crop_png(tensor, data_config)
+        results.append(item)
+    return results
 
 
 def _html_escape(text: str) -> str:
@@ -392,72 +407,3 @@ def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConf
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{sock.getsockname()[1]}", _is_loopback(host))
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__ · zoo serve</title>
-<style>
-body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
-header{padding:14px 22px;background:#1d2330;color:#fff}header b{font-size:17px}header span{opacity:.7;margin-left:10px}
-main{max-width:980px;margin:18px auto;padding:0 16px}
-#drop{border:2px dashed #8a94a6;border-radius:10px;padding:22px;text-align:center;background:#fff;cursor:pointer}
-#drop.over{border-color:#2f6fed;background:#eef3ff}
-.card{display:flex;gap:16px;background:#fff;border-radius:10px;padding:14px;margin:14px 0;box-shadow:0 1px 3px #0002}
-.card figure{margin:0;text-align:center;font-size:12px;color:#5b6475}
-.card img{display:block;max-width:180px;max-height:180px;border-radius:6px;image-rendering:auto}
-.bars{flex:1;min-width:220px}.name{font-weight:600;margin-bottom:6px;word-break:break-all}
-.row{display:grid;grid-template-columns:minmax(80px,160px) 1fr 64px;gap:8px;align-items:center;margin:4px 0}
-.track{background:#e6e9ef;border-radius:4px;height:14px}.fill{background:#2f6fed;height:14px;border-radius:4px}
-.name+.row .fill{background:#13a36f}.pct{text-align:right;font-variant-numeric:tabular-nums}
-.err{color:#b3261e}a{color:#2f6fed}
-</style></head><body>
-<header><b>__TITLE__</b><span>zoo serve</span></header>
-<main>
-<div id="drop" tabindex="0">Drop images here or <u>pick files</u>
-<input id="pick" type="file" accept="image/*" multiple hidden></div>
-<p style="font-size:13px;color:#5b6475">Top-__TOPK__ classes per image; the crop is exactly what the model saw
-(resize, centre crop). API: <code>POST /predict</code> with form files <code>files</code>
-&middot; <a href="/docs">OpenAPI docs</a></p>
-<div id="out"></div>
-</main>
-<script>
-const TOPK = __TOPK__;
-const drop = document.getElementById('drop'), pick = document.getElementById('pick'), out = document.getElementById('out');
-drop.onclick = () => pick.click();
-drop.onkeydown = e => { if (e.key === 'Enter' || e.key === ' ') pick.click(); };
-pick.onchange = () => run([...pick.files]);
-['dragenter','dragover'].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.add('over'); }));
-['dragleave','drop'].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.remove('over'); }));
-drop.addEventListener('drop', e => run([...e.dataTransfer.files]));
-function el(tag, cls, text) { const n = document.createElement(tag); if (cls) n.className = cls; if (text !== undefined) n.textContent = text; return n; }
-function figure(src, caption) { const f = el('figure'); const i = el('img'); i.src = src; i.alt = caption; f.append(i, el('figcaption', '', caption)); return f; }
-async function run(files) {
-  out.textContent = '';
-  for (const f of files) {
-    const card = el('div', 'card'); out.append(card);
-    card.append(figure(URL.createObjectURL(f), 'your image'));
-    const bars = el('div', 'bars'); bars.append(el('div', 'name', f.name)); card.append(bars);
-    const form = new FormData(); form.append('files', f, f.name);
-    try {
-      const r = await fetch('/predict?crop=true&topk=' + TOPK, {method: 'POST', body: form});
-      const doc = await r.json();
-      if (!r.ok) { bars.append(el('div', 'err', doc.detail || ('HTTP ' + r.status))); continue; }
-      const res = doc.results[0];
-      card.insertBefore(figure(res.crop, 'model input'), bars);
-      for (const p of res.predictions) {
-        const row = el('div', 'row'); const track = el('div', 'track'); const fill = el('div', 'fill');
-        fill.style.width = (100 * p.prob).toFixed(1) + '%'; track.append(fill);
-        row.append(el('div', '', p.label), track, el('div', 'pct', (100 * p.prob).toFixed(1) + '%'));
-        bars.append(row);
-      }
-      card.dataset.done = '1';
-    } catch (e) { bars.append(el('div', 'err', String(e))); }
-  }
-  document.body.dataset.state = 'done';
-}
-// ?try=/same/origin/image.jpg runs one image without picking it (links, headless checks)
-const t = new URLSearchParams(location.search).get('try');
-if (t && t.startsWith('/')) fetch(t).then(r => r.blob()).then(b => run([new File([b], t.split('/').pop(), {type: b.type})]));
-</script></body></html>
-"""
