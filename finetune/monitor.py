@@ -122,6 +122,23 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
 
     # 3. Overfitting: a large train/val accuracy gap that keeps growing, or val loss rising while the
     #    train loss keeps falling.
+    overfit = _overfitting(rows, train_loss, val_loss, train_acc, val_acc, t)
+    if overfit:
+        advice.append(overfit)
+
+    # 4. Underfitting: no gap and low accuracy. A stalled loss is an LR problem first (rule 2).
+    last_val_acc = _last(val_acc)
+    if (not stalled and not math.isnan(last_train_acc) and not math.isnan(last_val_acc)
+            and abs(last_train_acc - last_val_acc) < t.underfit_gap and last_train_acc < t.underfit_acc):
+        advice.append(f"underfitting: train acc {last_train_acc:.0%} ~ val acc {last_val_acc:.0%}: "
+                      "the model may be too small or too frozen: unfreeze more stages (or a bigger model)")
+    return advice
+
+
+def _overfitting(rows: list[dict], train_loss: list[float], val_loss: list[float], train_acc: list[float],
+                 val_acc: list[float], t: AdviceThresholds) -> str | None:
+    """Rule 3 of ``advise``: a large train/val accuracy gap that keeps growing, or val loss rising while the
+    train loss keeps falling; the line to report, or None."""
     gaps = [a - b for a, b in zip(train_acc, val_acc) if not (math.isnan(a) or math.isnan(b))]
     acc_overfit = (len(gaps) >= t.min_epochs and gaps[-1] >= t.overfit_acc_gap
                    and gaps[-1] - min(gaps[:-1]) >= t.overfit_gap_growth)
@@ -142,15 +159,8 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
         head_only = all(row.get("phase") == "head" for row in rows)
         remedy = ("more weight decay, early stopping, more training images (or --aug-views)" if head_only
                   else "more augmentation, fewer unfrozen stages, more weight decay, early stopping")
-        advice.append(f"overfitting: {what}: use {remedy}")
-
-    # 4. Underfitting: no gap and low accuracy. A stalled loss is an LR problem first (rule 2).
-    last_val_acc = _last(val_acc)
-    if (not stalled and not math.isnan(last_train_acc) and not math.isnan(last_val_acc)
-            and abs(last_train_acc - last_val_acc) < t.underfit_gap and last_train_acc < t.underfit_acc):
-        advice.append(f"underfitting: train acc {last_train_acc:.0%} ~ val acc {last_val_acc:.0%}: "
-                      "the model may be too small or too frozen: unfreeze more stages (or a bigger model)")
-    return advice
+        return f"overfitting: {what}: use {remedy}"
+    return None
 
 
 def _is_number(value: Any) -> bool:

@@ -138,21 +138,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
 
     # --- data
     if scan:
-        counts = scan.get("counts") or {}
-        classes = scan.get("classes") or []
-        rows = [[c] + [counts[s].get(c, 0) for s in counts] for c in classes]
-        extra = [f"<p>Folder <span class=\"path\">{esc(scan.get('root', ''))}</span>, layout "
-                 f"{esc(scan.get('layout', ''))}, imbalance {esc(scan.get('imbalance'))}.</p>"]
-        bad = scan.get("bad_files") or []
-        if bad:
-            extra.append(f"<p class=\"bad\">{len(bad)} unreadable file(s) skipped: "
-                         + ", ".join(f"<span class=\"path\">{esc(b.get('path'))}</span>" for b in bad[:10]) + "</p>")
-        extra += [f"<p class=\"bad\">warning: {esc(w)}</p>" for w in scan.get("warnings") or []]
-        if excluded:
-            extra.append(f"<p>{len(excluded)} file(s) excluded (exclude.txt): "
-                         + ", ".join(f"<span class=\"path\">{esc(p)}</span>" for p in excluded[:10])
-                         + (" ..." if len(excluded) > 10 else "") + "</p>")
-        body.append(section("Data", "".join(extra) + table(["class", *counts], rows)))
+        body.append(_data_section(scan, excluded))
 
     # --- freeze decision
     freeze = summary.get("freeze") or {}
@@ -163,33 +149,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
 
     # --- curves
     if (run / "metrics.csv").is_file():
-        hist = read_history(run / "metrics.csv")
-        ep = [r.get("epoch", math.nan) for r in hist]
-        best = [float(summary["best_epoch"])] if isinstance(summary.get("best_epoch"), (int, float)) else []
-        # dotted line where the head phase ends (the unfreeze)
-        for a, b in zip(hist, hist[1:]):
-            if a.get("phase") != b.get("phase"):
-                best.append((a["epoch"] + b["epoch"]) / 2)
-        solver = summary.get("head_solver") or []
-        if solver and len(hist) < 2:
-            # a head solved in one step: its curves are one point each; what the run did is the solve
-            c = [math.log10(p["C"]) for p in solver]
-            chosen = [math.log10(p["C"]) for p in solver if p.get("chosen")]
-            charts = [line_chart("validation loss against log10 C", c, {"val": [p["val_loss"] for p in solver]},
-                                 marks=chosen),
-                      line_chart("validation accuracy against log10 C", c, {"val": [p["val_acc"] for p in solver]},
-                                 marks=chosen)]
-            body.append(section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
-                                "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
-                                "(best validation accuracy, then loss).</p>" + "".join(charts)))
-        else:
-            charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
-                                               "val": [r.get("val_loss") for r in hist]}, marks=best),
-                      line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
-                                                   "val": [r.get("val_acc") for r in hist]}, marks=best),
-                      line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
-            body.append(section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
-                                + "".join(charts)))
+        body.append(_curves_section(run, summary))
 
     # --- per class
     conf = metrics.get("confusion")
@@ -209,20 +169,73 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
         body.append(section("Most confidently wrong validation images", "<p>None (or not computed).</p>"))
 
     # --- config
-    cfg_path = run / "config.yaml"
-    if cfg_path.is_file():
-        try:
-            cfg = load_yaml(cfg_path.read_text(encoding="utf-8")) or {}
-        except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
-            cfg = None
-        if isinstance(cfg, dict):
-            inner = table(["option", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
-                                                for k, v in cfg.items()])
-        else:
-            inner = f"<pre>{esc(cfg_path.read_text(encoding='utf-8', errors='replace'))}</pre>"
-        body.append(section("Config", inner))
+    if (run / "config.yaml").is_file():
+        body.append(_config_section(run / "config.yaml"))
     sub = f"{model.get('model', '')} ({model.get('builder', '')}) - {run}"
     return page(f"Run report: {model.get('model') or run.name}", sub, "".join(body))
+
+
+def _data_section(scan: dict[str, Any], excluded: Sequence[str]) -> str:
+    """The data section: images per class and split, skipped and excluded files, the scan's warnings."""
+    counts = scan.get("counts") or {}
+    classes = scan.get("classes") or []
+    rows = [[c] + [counts[s].get(c, 0) for s in counts] for c in classes]
+    extra = [f"<p>Folder <span class=\"path\">{esc(scan.get('root', ''))}</span>, layout "
+             f"{esc(scan.get('layout', ''))}, imbalance {esc(scan.get('imbalance'))}.</p>"]
+    bad = scan.get("bad_files") or []
+    if bad:
+        extra.append(f"<p class=\"bad\">{len(bad)} unreadable file(s) skipped: "
+                     + ", ".join(f"<span class=\"path\">{esc(b.get('path'))}</span>" for b in bad[:10]) + "</p>")
+    extra += [f"<p class=\"bad\">warning: {esc(w)}</p>" for w in scan.get("warnings") or []]
+    if excluded:
+        extra.append(f"<p>{len(excluded)} file(s) excluded (exclude.txt): "
+                     + ", ".join(f"<span class=\"path\">{esc(p)}</span>" for p in excluded[:10])
+                     + (" ..." if len(excluded) > 10 else "") + "</p>")
+    return section("Data", "".join(extra) + table(["class", *counts], rows))
+
+
+def _curves_section(run: Path, summary: dict[str, Any]) -> str:
+    """The curves from metrics.csv (loss, accuracy, learning rate), or the head solve's when it was one step."""
+    hist = read_history(run / "metrics.csv")
+    ep = [r.get("epoch", math.nan) for r in hist]
+    best = [float(summary["best_epoch"])] if isinstance(summary.get("best_epoch"), (int, float)) else []
+    # dotted line where the head phase ends (the unfreeze)
+    for a, b in zip(hist, hist[1:]):
+        if a.get("phase") != b.get("phase"):
+            best.append((a["epoch"] + b["epoch"]) / 2)
+    solver = summary.get("head_solver") or []
+    if solver and len(hist) < 2:
+        # a head solved in one step: its curves are one point each; what the run did is the solve
+        c = [math.log10(p["C"]) for p in solver]
+        chosen = [math.log10(p["C"]) for p in solver if p.get("chosen")]
+        charts = [line_chart("validation loss against log10 C", c, {"val": [p["val_loss"] for p in solver]},
+                             marks=chosen),
+                  line_chart("validation accuracy against log10 C", c, {"val": [p["val_acc"] for p in solver]},
+                             marks=chosen)]
+        return section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
+                       "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
+                       "(best validation accuracy, then loss).</p>" + "".join(charts))
+    charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
+                                       "val": [r.get("val_loss") for r in hist]}, marks=best),
+              line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
+                                           "val": [r.get("val_acc") for r in hist]}, marks=best),
+              line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
+    return section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
+                   + "".join(charts))
+
+
+def _config_section(cfg_path: Path) -> str:
+    """config.yaml as a table (its raw text when it cannot be parsed)."""
+    try:
+        cfg = load_yaml(cfg_path.read_text(encoding="utf-8")) or {}
+    except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
+        cfg = None
+    if isinstance(cfg, dict):
+        inner = table(["option", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
+                                            for k, v in cfg.items()])
+    else:
+        inner = f"<pre>{esc(cfg_path.read_text(encoding='utf-8', errors='replace'))}</pre>"
+    return section("Config", inner)
 
 
 def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()) -> Path:
