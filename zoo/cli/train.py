@@ -109,16 +109,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
                 given["lr"] = lr_value
 
     if resume:
-        if lr_auto:
-            raise click.UsageError("--lr auto cannot be combined with --resume: the run keeps its learning rate")
-        if config_path:
-            raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
-        if fc_dropout is not None:
-            raise click.UsageError("--fc-dropout cannot be combined with --resume: the run keeps its model")
-        if overwrite:
-            raise click.UsageError("--overwrite cannot be combined with --resume: continue the run or start it over")
-        if exclude:
-            raise click.UsageError("--exclude cannot be combined with --resume: the run keeps its exclude.txt")
+        _refuse_with_resume(lr_auto, config_path, fc_dropout, overwrite, exclude)
         outcome = runs.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
     else:
         if not model:
@@ -139,6 +130,21 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         echo(outcome.overfit.verdict)
         ctx.exit(0 if outcome.overfit.passed else 1)
     _report(outcome)
+
+
+def _refuse_with_resume(lr_auto: bool, config_path: str | None, fc_dropout: float | None, overwrite: bool,
+                        exclude: str | None) -> None:
+    """UsageError for the options a resumed run cannot take (it keeps its own config, model and data)."""
+    if lr_auto:
+        raise click.UsageError("--lr auto cannot be combined with --resume: the run keeps its learning rate")
+    if config_path:
+        raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
+    if fc_dropout is not None:
+        raise click.UsageError("--fc-dropout cannot be combined with --resume: the run keeps its model")
+    if overwrite:
+        raise click.UsageError("--overwrite cannot be combined with --resume: continue the run or start it over")
+    if exclude:
+        raise click.UsageError("--exclude cannot be combined with --resume: the run keeps its exclude.txt")
 
 
 def _report(outcome) -> None:
