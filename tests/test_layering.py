@@ -1,6 +1,7 @@
 """Architecture rules from DESIGN.md that a test can hold: no import cycle inside ``zoo`` or ``finetune``
 (function-local imports and importlib/__import__ calls included), ``finetune`` never imports ``zoo``,
-finetune's layers import downward only (tools -> engine -> data -> base), and the CLI starts without torch."""
+finetune's layers import downward only (tools -> engine -> data -> base), the CLI starts without torch, and every
+module and function stays short enough to read (450 and 80 lines)."""
 from __future__ import annotations
 
 import ast
@@ -264,3 +265,38 @@ def test_local_import_check_sees_methods_nested_functions_and_blocks(tmp_path):
                     "\n"
                     "    import d\n")                           # 25 still the block the comment covers
     assert _uncommented_local_imports(path) == [4, 6, 12, 17, 19]
+
+
+# Sizes a newcomer can read (issue 25): every module under 450 lines, every function (from its ``def`` line
+# to its last line, docstring included) at most 80.
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+
+
+def _too_long(path: Path) -> list[str]:
+    source = path.read_text(encoding="utf-8")
+    rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    lines = len(source.splitlines())
+    out = [f"{rel}: {lines} lines"] if lines >= MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                out.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
+    return out
+
+
+def test_modules_under_450_lines_and_functions_at_most_80():
+    offenders = [o for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py")) for o in _too_long(path)]
+    assert offenders == [], ("split by concern (a module per concern, a helper per step), not at the line "
+                             f"limit: {offenders}")
+
+
+def test_size_check_sees_long_functions_and_methods(tmp_path):
+    """The checker itself: a method one line over the limit is found, one at the limit is not."""
+    body = "\n".join(["        x = 0"] * (MAX_FUNCTION_LINES - 1))
+    path = tmp_path / "m.py"
+    path.write_text(f"class A:\n    def ok(self):\n{body}\n\n    def long(self):\n{body}\n        x = 1\n")
+    assert _too_long(path) == [f"m.py:{MAX_FUNCTION_LINES + 3} long: {MAX_FUNCTION_LINES + 1} lines"]
+    path.write_text("x = 0\n" * MAX_MODULE_LINES)
+    assert _too_long(path) == [f"m.py: {MAX_MODULE_LINES} lines"]
