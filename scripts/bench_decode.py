@@ -80,7 +80,7 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform
 
     folder = Path(tempfile.mkdtemp(prefix="zoo-bench-decode-"))
@@ -125,7 +125,7 @@ def main() -> None:
 def loaders(a, dc: dict, folder, data: list[bytes]) -> None:
     """Images/s whole DataLoaders deliver (workers, collate, IPC; no model, nothing on a device): what the
     host can feed a GPU with ``a.loader_workers`` workers. Batch 64, train transforms, zoo's defaults."""
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
 
     torch.set_num_threads(1)

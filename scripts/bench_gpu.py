@@ -16,7 +16,7 @@ to X.json. Measured (images/s, medians of repeats):
   (``make_train_loader`` + ``finetune.data.device_steps``: uint8 batches, flip/jitter and normalisation on the
   GPU) with ``gpu_normalize`` on and off and with zoo's default jitter; and
   ``torchvision.io.decode_jpeg(device="cuda")`` with the crop/flip/normalise on the GPU;
-* head-only: ``finetune.train.fit`` (head only, cached features) for 20 epochs vs one no-grad forward pass (the floor) vs a plain
+* head-only: ``finetune.tools.train.fit`` (head only, cached features) for 20 epochs vs one no-grad forward pass (the floor) vs a plain
   loop re-running the backbone each epoch.
 References: NVIDIA's PyTorch ResNet-50 ~2,470 img/s AMP on one A100; MLPerf ~7,000 img/s per H100 with
 DALI. Target: >= 3,000 img/s end to end on one H100.
@@ -250,9 +250,9 @@ def timed(fn: Callable[[], int], device: torch.device, repeats: int) -> tuple[fl
 
 
 def bench_steps(a, device: torch.device) -> dict[str, Any]:
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.engine import amp_policy, train_one_epoch
-    from finetune.optim import build_optimizer, build_scheduler
+    from finetune.core.optim import build_optimizer, build_scheduler
 
     amp = torch.bfloat16 if a.amp else None     # the bare loop's own autocast dtype
     policy = amp_policy(device, a.amp)           # what train_one_epoch gets (zoo's one AMP policy)
@@ -328,11 +328,11 @@ def bench_compile(a, device: torch.device) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ end to end
 def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str, Any]:
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
     from finetune.data import device_steps, set_loader_epoch
     from finetune.engine import amp_policy, train_one_epoch
-    from finetune.optim import build_optimizer, build_scheduler
+    from finetune.core.optim import build_optimizer, build_scheduler
 
     amp = amp_policy(device, a.amp)
     classes = sorted({f"c{y}" for _, y in items})
@@ -422,10 +422,10 @@ def bench_e2e(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str
 
 # ------------------------------------------------------------------------------------------ head-only
 def bench_head(a, device: torch.device, items: list[tuple[str, int]]) -> dict[str, Any]:
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-    from finetune.surgery import replace_head
-    from finetune.train import fit
+    from finetune.core.surgery import replace_head
+    from finetune.tools.train import fit
 
     classes = sorted({f"c{y}" for _, y in items})
     n_val = len(items) // 5

@@ -129,7 +129,7 @@ def run_probe(data: Path, img_size: int = 0) -> tuple[float, float, dict]:
     from sklearn.metrics import log_loss
 
     from finetune.data import ImageDataset, build_transform, scan_folder
-    from finetune.features import extract_features
+    from finetune.tools.features import extract_features
     from zoo.build import create_model
     from zoo.registry import get_entry
 

@@ -90,9 +90,9 @@ import json, resource, sys, time
 mode, data, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
 if mode == "forward":
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from finetune.data import ImageDataset, build_transform, scan_folder
-    from finetune.features import extract_features
+    from finetune.tools.features import extract_features
     from zoo.build import create_model
     from zoo.registry import get_entry
     report = scan_folder(data)
@@ -105,9 +105,9 @@ if mode == "forward":
         f, _ = extract_features(model, entry.classifier, ImageDataset(s, tf), 64, "cpu", workers=-1)
         n += len(f)
 else:
-    from finetune.config import FinetuneConfig
-    from finetune.doctor import DoctorOptions
-    from zoo import doctor
+    from finetune.core.config import FinetuneConfig
+    from finetune.tools.doctor import DoctorOptions
+    from zoo.jobs import doctor
     result, folder = doctor.run(data, model="efficientnet_lite0", out=out, config=FinetuneConfig(device="cpu"))
     n = result.images
 print(json.dumps({"seconds": time.perf_counter() - t0, "images": n,

@@ -1,7 +1,8 @@
 """Architecture rules from DESIGN.md that a test can hold: no import cycle inside ``zoo`` or ``finetune``
 (function-local imports and importlib/__import__ calls included), ``finetune`` never imports ``zoo``,
-finetune's layers import downward only (tools -> engine -> data -> base), the CLI starts without torch, and every
-module and function stays short enough to read (450 and 80 lines)."""
+the tree shows the layers (every finetune module in finetune/{core,data,engine,tools}, zoo's commands in zoo/cli,
+the work behind them in zoo/jobs) and imports run downward only, the CLI starts without torch, and every module
+and function stays short enough to read (450 and 80 lines)."""
 from __future__ import annotations
 
 import ast
@@ -13,10 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("zoo", "finetune")
-# finetune's layers, top to bottom; a module may import its own layer and the ones below it.
-TOOLS = ("finetune.train", "finetune.features", "finetune.diagnostics", "finetune.sweep", "finetune.doctor",
-         "finetune.report", "finetune.htmlpage")
-LAYERS = {"tools": 3, "engine": 2, "data": 1, "base": 0}
+# The layers, top to bottom, one folder each; a module may import its own layer and the ones below it.
+LAYERS = {"tools": 3, "engine": 2, "data": 1, "core": 0}              # finetune/<layer>/
+ZOO_LAYERS = {"cli": 2, "jobs": 1, "shell": 0}                         # zoo/cli, zoo/jobs, the rest of zoo
 
 
 def _modules() -> dict[str, Path]:
@@ -137,15 +137,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _layer(module: str) -> str:
+    """finetune's layer of ``module``: the folder below finetune/ it lives in."""
     if module == "finetune":
         return "tools"       # the package's public face (lazy ``fit``) sits on top
-    if module.startswith(TOOLS):
-        return "tools"
-    if module.startswith("finetune.engine"):
-        return "engine"
-    if module.startswith("finetune.data"):
-        return "data"
-    return "base"
+    return module.split(".")[1]
+
+
+def _zoo_layer(module: str) -> str:
+    parts = module.split(".")
+    if module == "zoo.__main__":
+        return "cli"         # ``python -m zoo`` is the command line
+    return parts[1] if len(parts) > 1 and parts[1] in ("cli", "jobs") else "shell"
 
 
 def test_no_import_cycles():
@@ -168,8 +170,13 @@ def test_finetune_never_imports_zoo():
     offenders = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("finetune")
                        for t in ts if t.split(".")[0] == "zoo")
     assert offenders == []
-    mods = _modules_after("import finetune, finetune.config, finetune.errors, finetune.train")
+    mods = _modules_after("import finetune, finetune.core.config, finetune.core.errors, finetune.tools.train")
     assert not any(m == "zoo" or m.startswith("zoo.") for m in mods)
+
+
+def test_every_finetune_module_lives_in_a_layer_folder():
+    stray = sorted(m for m in _modules() if m.startswith("finetune.") and m.split(".")[1] not in LAYERS)
+    assert stray == [], f"put each module in finetune/{{{','.join(LAYERS)}}}/: {stray}"
 
 
 def test_finetune_layers_import_downward_only():
@@ -177,6 +184,28 @@ def test_finetune_layers_import_downward_only():
     upward = sorted(f"{m} ({_layer(m)}) -> {t} ({_layer(t)})" for m, ts in graph.items() if m.startswith("finetune")
                     for t in ts if t.startswith("finetune") and LAYERS[_layer(t)] > LAYERS[_layer(m)])
     assert upward == []
+
+
+def test_zoo_layers_import_downward_only():
+    """zoo/cli (commands, the only code that prints) -> zoo/jobs (what a command does) -> the rest of zoo."""
+    graph = _graph()
+    upward = sorted(f"{m} ({_zoo_layer(m)}) -> {t} ({_zoo_layer(t)})" for m, ts in graph.items()
+                    if m.startswith("zoo") for t in ts if t.startswith("zoo")
+                    and ZOO_LAYERS[_zoo_layer(t)] > ZOO_LAYERS[_zoo_layer(m)])
+    assert upward == []
+
+
+def test_cli_command_files_are_named_after_their_commands():
+    """``zoo X`` is defined in zoo/cli/X.py (X_cmd.py for a builtin or keyword, dashes as underscores)."""
+    from zoo.cli import cli
+
+    misplaced = []
+    for name, command in cli.commands.items():
+        stem = name.replace("-", "_")
+        module = (command.callback.__module__ if command.callback else "").rsplit(".", 1)[-1]
+        if module not in (stem, f"{stem}_cmd"):
+            misplaced.append(f"zoo {name}: zoo/cli/{module}.py")
+    assert misplaced == []
 
 
 def _modules_after(code: str) -> set[str]:

@@ -36,7 +36,7 @@ TRAIN = ["--epochs", str(EPOCHS), "--batch-size", "4", "--workers", "0", "--devi
 # ----------------------------------------------------------------------------------------- the driver
 def _slow_checkpoint_writes(seconds: float) -> None:
     """Make every write of last.pt stop half-way for ``seconds`` (the temp file exists, half written)."""
-    import finetune.checkpoint as ckpt
+    import finetune.core.checkpoint as ckpt
 
     real = ckpt.atomic_write
 
@@ -244,8 +244,8 @@ def test_kills_and_signals_then_resume_equals_uninterrupted_run(data, tiny, tmp_
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_says_start_again(tmp_path):
-    from finetune.checkpoint import load_checkpoint
-    from finetune.errors import CheckpointError
+    from finetune.core.checkpoint import load_checkpoint
+    from finetune.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="start it again without --resume"):
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -258,9 +258,9 @@ def _enospc_after_half(monkeypatch, module, only: str | None = None, skip: int =
     ``only``: just for files of that name; ``skip``: that many writes succeed first. Returns a dict with
     the temp files tried and the bytes the final file held when the disk filled up.
     """
-    import finetune.io
+    import finetune.core.io
 
-    real = finetune.io.atomic_write
+    real = finetune.core.io.atomic_write
     seen = {"temps": [], "before": None, "calls": 0}
 
     def full(path, write):
@@ -284,11 +284,11 @@ def _enospc_after_half(monkeypatch, module, only: str | None = None, skip: int =
 
 
 def test_disk_full_while_checkpointing_keeps_previous_checkpoint(data, tiny, tmp_path, monkeypatch):
-    import finetune.checkpoint
+    import finetune.core.checkpoint
 
     run = tmp_path / "run"
     # last.pt writes: before epoch 1, after epoch 1, after epoch 2 <- the disk is full here
-    seen = _enospc_after_half(monkeypatch, finetune.checkpoint, only="last.pt", skip=2)
+    seen = _enospc_after_half(monkeypatch, finetune.core.checkpoint, only="last.pt", skip=2)
     res = invoke(finetune_args(tiny, data, run, "--epochs", "3"))
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
@@ -352,7 +352,7 @@ def test_unwritable_zoo_home_is_one_clear_line_before_any_work(tmp_path, monkeyp
 def test_unwritable_output_folder_is_one_clear_line_before_any_work(data, tiny, tmp_path, monkeypatch, how):
     """--out below a regular file, or in a folder without write permission. Tests run as root, where
     chmod 0o555 does not stop writes, so the permission case makes os.access answer as it would for an
-    ordinary user on a read-only folder (the check zoo.runs does before building anything)."""
+    ordinary user on a read-only folder (the check zoo.jobs.finetune does before building anything)."""
     import zoo.build
 
     def forbidden(*a, **k):

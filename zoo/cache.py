@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.io import atomic_write_text, plain_file_mode
+from finetune.core.io import atomic_write_text, plain_file_mode
 from zoo.errors import CacheError
 
 __all__ = [
@@ -42,7 +42,7 @@ def zoo_home() -> Path:
 
 
 def features_dir() -> Path:
-    """Where backbone feature banks are cached (``finetune.features.FeatureCache``): shared by `zoo doctor`
+    """Where backbone feature banks are cached (``finetune.tools.features.FeatureCache``): shared by `zoo doctor`
     and the head phase of `zoo finetune`, `zoo lr-find` and `zoo sweep` on the same model and data."""
     return zoo_home() / "features"
 

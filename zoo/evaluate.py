@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
-from finetune.io import atomic_write, atomic_write_text
+from finetune.core.io import atomic_write, atomic_write_text
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from finetune.io import atomic_write_text
+from finetune.core.io import atomic_write_text
 from zoo import cache
 from zoo.errors import UsageError
 from zoo.registry import COMMIT_RE, ModelEntry, Source, parse_digest

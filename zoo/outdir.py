@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.io import atomic_write_text
+from finetune.core.io import atomic_write_text
 from zoo.errors import UsageError, ZooError
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.io import atomic_write_text
+from finetune.core.io import atomic_write_text
 from zoo.bundle.load import _decode_metadata, read_safetensors_metadata
 from zoo.cache import sha256_file, zoo_home
 from zoo.errors import BundleError, PushError, UsageError

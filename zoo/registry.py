@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from finetune.io import load_yaml
+from finetune.core.io import load_yaml
 from zoo.entry import (COMMIT_RE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE, entry_pin, matches_pin,
                        parse_digest, public_source_id, weights_tag)
 from zoo.errors import RegistryError, UnknownModelError, UsageError

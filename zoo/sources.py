@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.io import SafetensorsHeaderError, read_safetensors_header
+from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
 from zoo import cache
 from zoo.errors import DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
@@ -379,7 +379,7 @@ def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
 
 
 def check_safetensors(path: str | Path) -> dict[str, Any]:
-    """``finetune.io.read_safetensors_header`` with the zoo's error: the header of a complete safetensors file.
+    """``finetune.core.io.read_safetensors_header`` with the zoo's error: the header of a complete safetensors file.
 
     Raises:
         WeightsError: the file is not a (complete) safetensors file.

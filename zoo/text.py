@@ -1,9 +1,9 @@
-"""Text safe to show: class names and file names may hold anything a file system allows."""
+"""Text safe to show (class names and file names may hold anything a file system allows), and sizes."""
 from __future__ import annotations
 
-from finetune.io import printable_name  # torch-free: `zoo list` may use it
+from finetune.core.io import printable_name  # torch-free: `zoo list` may use it
 
-__all__ = ["printable"]
+__all__ = ["printable", "human_size"]
 
 
 def printable(text: object) -> str:
@@ -14,3 +14,13 @@ def printable(text: object) -> str:
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover

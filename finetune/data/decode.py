@@ -37,7 +37,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from finetune.data.device import DeviceAugment
 from finetune.data.images import (
     device_decodable,
@@ -47,8 +47,8 @@ from finetune.data.images import (
 )
 from finetune.data.loaders import ImageDataset, close_loader
 from finetune.data.transforms import _parse_data_config, augment_mode, build_transform
-from finetune.errors import DataError
-from finetune.io import printable_name
+from finetune.core.errors import DataError
+from finetune.core.io import printable_name
 
 __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
            "device_decodable"]

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from finetune.data.transforms import _parse_data_config, augment_mode
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 
 
 class DeviceNormalize:

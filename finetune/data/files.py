@@ -10,7 +10,7 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from finetune.errors import DataError
+from finetune.core.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.

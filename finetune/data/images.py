@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from finetune.errors import DataError
-from finetune.io import printable_name
+from finetune.core.errors import DataError
+from finetune.core.io import printable_name
 
 
 # -------------------------------------------------------------------------------------- decoding

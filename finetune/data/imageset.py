@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from finetune.io import printable_name
+from finetune.core.io import printable_name
 
 
 # ----------------------------------------------------------------------------------------- results

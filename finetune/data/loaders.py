@@ -15,9 +15,9 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 
 from finetune.data.images import load_image, load_image_tensor
 from finetune.data.imageset import ImageSet
-from finetune.errors import ConfigError, DataError
-from finetune.io import printable_name
-from finetune.seeding import epoch_seed, sample_seed
+from finetune.core.errors import ConfigError, DataError
+from finetune.core.io import printable_name
+from finetune.core.seeding import epoch_seed, sample_seed
 
 
 # -------------------------------------------------------------------------------- dataset/loader

@@ -18,8 +18,8 @@ from typing import Iterable
 from finetune.data.files import IMAGE_EXTENSIONS, check_files, collect_classes, is_ignored, is_dir, list_classes
 from finetune.data.imageset import ImageSet, ScanReport, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_scan
-from finetune.errors import ConfigError, DataError
-from finetune.io import printable_name
+from finetune.core.errors import ConfigError, DataError
+from finetune.core.io import printable_name
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan"]
 

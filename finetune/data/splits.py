@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.imageset import ImageSet, ScanReport, relative_path
-from finetune.errors import DataError
-from finetune.io import atomic_write_text, printable_name
+from finetune.core.errors import DataError
+from finetune.core.io import atomic_write_text, printable_name
 
 SPLIT_FILE_VERSION = 1
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2 as T
 
-from finetune.config import FinetuneConfig
-from finetune.errors import ConfigError
+from finetune.core.config import FinetuneConfig
+from finetune.core.errors import ConfigError
 
 # ------------------------------------------------------------------------------------ transforms
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -168,7 +168,7 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
 
 
 def augment_mode(config: Any) -> str:
-    """``config.augment``: one of ``finetune.config.AUGMENTS`` (a config object without the field means
+    """``config.augment``: one of ``finetune.core.config.AUGMENTS`` (a config object without the field means
     standard)."""
     return str(getattr(config, "augment", "standard"))
 

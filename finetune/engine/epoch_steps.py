@@ -1,6 +1,6 @@
 """How one phase's epochs are computed: the :class:`EpochSteps` protocol the trainer drives, and
 :class:`LoaderSteps`, the ordinary path (batches of images from the setup's loaders through the network).
-The cached-feature head (``finetune.features.CachedHeadSteps``) is the other implementation."""
+The cached-feature head (``finetune.tools.features.CachedHeadSteps``) is the other implementation."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from finetune import distributed as ddp
-from finetune.ema import ModelEma
+from finetune.core import distributed as ddp
+from finetune.core.ema import ModelEma
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 

@@ -19,9 +19,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from finetune import distributed as ddp
-from finetune.checkpoint import HEAD_BEST, load_weights
-from finetune.metrics import paired_gain_p
+from finetune.core import distributed as ddp
+from finetune.core.checkpoint import HEAD_BEST, load_weights
+from finetune.core.metrics import paired_gain_p
 
 __all__ = ["ALPHA", "Evaluation", "Verdict", "HeadGuard", "judge", "paired_loss_p"]
 

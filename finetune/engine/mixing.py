@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from finetune.seeding import sample_seed
+from finetune.core.seeding import sample_seed
 
 __all__ = ["BatchMix", "MixedBatch", "build_mix"]
 

@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import torch
 
-from finetune import distributed as ddp
-from finetune.checkpoint import BEST, HEAD_BEST, LAST, load_checkpoint, save_checkpoint, save_weights
-from finetune.config import RESUME_FREE, FinetuneConfig, save_config
-from finetune.errors import CheckpointError, ConfigError
-from finetune.io import atomic_write_text, printable_name
-from finetune.monitor import TensorBoardLogger, write_curves
+from finetune.core import distributed as ddp
+from finetune.core.checkpoint import BEST, HEAD_BEST, LAST, load_checkpoint, save_checkpoint, save_weights
+from finetune.core.config import RESUME_FREE, FinetuneConfig, save_config
+from finetune.core.errors import CheckpointError, ConfigError
+from finetune.core.io import atomic_write_text, printable_name
+from finetune.core.monitor import TensorBoardLogger, write_curves
 
 __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
 

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from finetune import distributed as ddp
-from finetune.errors import ConfigError
+from finetune.core import distributed as ddp
+from finetune.core.errors import ConfigError
 
 __all__ = ["resolve_device", "cudnn_autotune", "AmpPolicy", "amp_policy", "to_device",
            "build_loss"]

@@ -11,18 +11,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from finetune import distributed as ddp
-from finetune.config import FinetuneConfig
+from finetune.core import distributed as ddp
+from finetune.core.config import FinetuneConfig
 from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, close_loader, device_steps,
                            make_loader, set_loader_epoch)
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
-from finetune.errors import ConfigError
-from finetune.optim import build_optimizer, build_scheduler
-from finetune.policy import FreezeDecision
-from finetune.recipe import prepare_model
-from finetune.seeding import epoch_seed, seed_everything
+from finetune.core.errors import ConfigError
+from finetune.core.optim import build_optimizer, build_scheduler
+from finetune.core.policy import FreezeDecision
+from finetune.core.recipe import prepare_model
+from finetune.core.seeding import epoch_seed, seed_everything
 
 __all__ = ["Setup", "build_setup"]
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import distributed as ddp
+from finetune.core import distributed as ddp
 from finetune.engine.mixing import BatchMix
 from finetune.engine.runtime import AmpPolicy, to_device
-from finetune.errors import DivergedError
-from finetune.metrics import per_class_accuracy
+from finetune.core.errors import DivergedError
+from finetune.core.metrics import per_class_accuracy
 
 __all__ = ["train_one_epoch", "evaluate", "optimizer_step", "diverged"]
 
@@ -66,7 +66,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             ``finetune.data.DeviceNormalize`` that converts them on ``device``; None for float batches.
         mix: mixup/CutMix (``engine.mixing.BatchMix``, reseeded per epoch by the caller): each batch is
             mixed on the device, the loss takes its soft targets, accuracy counts the dominant label.
-        ema: a ``finetune.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
+        ema: a ``finetune.core.ema.ModelEma`` of ``model`` (``--ema``), updated after each step; None = off.
         after_step: called with ``(step, loss)`` (detached) after each step (the LR range test sets the
             next LR); a true return ends the epoch there.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.

@@ -4,11 +4,11 @@ progress, and the run folder.
 
 One loop for every path: an epoch's batches come from :class:`LoaderSteps` (images through the
 network) or from any other object with the same three methods (the cached-feature head path of
-``finetune.features`` is one); the loop alone keeps the history, the LR log, early stopping, the best
+``finetune.tools.features`` is one); the loop alone keeps the history, the LR log, early stopping, the best
 weights, checkpoints and the printout, so each is done once.
 
 Reproducibility: everything random in epoch ``e`` is seeded from ``(config.seed, e, rank)`` at its start
-(``finetune.seeding``), so a run resumed from the checkpoint of epoch ``e - 1`` replays epoch ``e``
+(``finetune.core.seeding``), so a run resumed from the checkpoint of epoch ``e - 1`` replays epoch ``e``
 exactly as an uninterrupted run would.
 """
 from __future__ import annotations
@@ -25,17 +25,17 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from finetune import distributed as ddp
-from finetune.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
+from finetune.core import distributed as ddp
+from finetune.core.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
 from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
-from finetune.errors import DivergedError, Interrupted
-from finetune.metrics import EarlyStopping
-from finetune.monitor import advise
-from finetune.seeding import epoch_seed, seed_everything
-from finetune.surgery import apply_freeze
+from finetune.core.errors import DivergedError, Interrupted
+from finetune.core.metrics import EarlyStopping
+from finetune.core.monitor import advise
+from finetune.core.seeding import epoch_seed, seed_everything
+from finetune.core.surgery import apply_freeze
 
 __all__ = ["FitResult", "Trainer", "HEAD_WARMUP_CAP", "plan_phases"]
 
@@ -56,7 +56,7 @@ class FitResult:
     best_epoch: int
     stopped_early: bool
     run_dir: Any                        # Path | None
-    decision: Any                       # finetune.policy.FreezeDecision
+    decision: Any                       # finetune.core.policy.FreezeDecision
     metrics: dict = field(default_factory=dict)   # val metrics of the returned weights: loss, acc, per_class, confusion
     # softmax probabilities of the returned weights on the val set, one row per image in val_set order
     # (a float tensor [n_val, C] on the CPU); None when unknown (several processes, an image that failed

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from finetune.data import (
     DeviceAugment,
     DeviceNormalize,
@@ -28,7 +28,7 @@ from finetune.data import (
     to_device_batch,
     write_scan,
 )
-from finetune.errors import ConfigError, DataError
+from finetune.core.errors import ConfigError, DataError
 from tests.conftest import make_image, make_image_folder
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from finetune.data import DeviceAugment, ImageDataset, build_transform, load_image, make_loader, scan_folder
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                              device_decodable, unpack)
-from finetune.errors import ConfigError, Interrupted
+from finetune.core.errors import ConfigError, Interrupted
 from tests.conftest import corrupt_jpeg, make_image
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
@@ -243,7 +243,7 @@ def test_loader_with_workers_delivers_packed_batches(tmp_path):
 def test_fit_with_device_decode_trains_and_resumes_identically(tmp_path):
     """The whole loop with decode="device" (on the CPU here): it learns, and a resumed run gives the
     same weights as an uninterrupted one (the augmentation generator is reseeded per epoch)."""
-    from finetune.train import fit
+    from finetune.tools.train import fit
     from tests.finetune.test_train import STAGES, tiny_model
     from tests.finetune.test_train import DATA_CONFIG as LOOP_DC
 

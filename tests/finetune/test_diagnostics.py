@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from finetune.monitor import ADVICE_THRESHOLDS, AdviceThresholds, TensorBoardLogger, advise, write_curves
-from finetune.errors import ConfigError
+from finetune.core.monitor import ADVICE_THRESHOLDS, AdviceThresholds, TensorBoardLogger, advise, write_curves
+from finetune.core.errors import ConfigError
 
 
 def _rows(train_loss, val_loss, train_acc, val_acc, lr=1e-3, phases=None):
@@ -169,9 +169,9 @@ def test_tensorboard_logs_scalars(monkeypatch, tmp_path):
 
 
 # ---- LR range test: pure parts -----------------------------------------------------------------------
-from finetune.diagnostics import (lr_find, lr_schedule, overfit_check, smooth_losses, suggest_steepest,
+from finetune.tools.diagnostics import (lr_find, lr_schedule, overfit_check, smooth_losses, suggest_steepest,
                                   suggest_valley)
-from finetune.seeding import preserved_rng
+from finetune.core.seeding import preserved_rng
 
 
 def test_lr_schedule_is_log_spaced_and_inclusive():
@@ -220,7 +220,7 @@ def _tiny_model():
 
 
 def _config(**kw):
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
 
     base = dict(batch_size=8, workers=0, device="cpu", freeze="none", lr=1e-3)
     return FinetuneConfig(**{**base, **kw})
@@ -305,7 +305,7 @@ def test_overfit_check_fails_when_everything_is_frozen(tiny_train_set):
 
 def test_dropout_is_disabled_for_the_check():
     from torch import nn
-    from finetune.diagnostics import disable_dropout
+    from finetune.tools.diagnostics import disable_dropout
 
     m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
     m.drop_rate = 0.3

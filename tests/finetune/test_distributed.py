@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import distributed as ddp
-from finetune.checkpoint import BEST, load_weights
-from finetune.errors import ConfigError
+from finetune.core import distributed as ddp
+from finetune.core.checkpoint import BEST, load_weights
+from finetune.core.errors import ConfigError
 from tests.conftest import make_image_folder
 from tests.finetune.test_train import cfg, run
 
@@ -56,8 +56,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         from finetune.data import ImageSet
         from tests.finetune.test_distributed import ddp_cfg
         from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
-        from finetune.train import fit
-        from finetune import distributed
+        from finetune.tools.train import fit
+        from finetune.core import distributed
         d = json.load(open({str(sets_file)!r}))
         train = ImageSet([tuple(i) for i in d["train"]], d["classes"])
         val = ImageSet([tuple(i) for i in d["val"]], d["classes"])

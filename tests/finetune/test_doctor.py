@@ -1,4 +1,4 @@
-"""finetune.doctor: duplicates and leaks, the label probe, outliers, findings.csv, the exclude list, the page."""
+"""finetune.tools.doctor: duplicates and leaks, the label probe, outliers, findings.csv, the exclude list, the page."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from finetune.data import scan_folder
-from finetune.doctor import (CSV_COLUMNS, DoctorOptions, exclude_items, find_outliers, label_issues,
+from finetune.tools.doctor import (CSV_COLUMNS, DoctorOptions, exclude_items, find_outliers, label_issues,
                              read_exclude_file, run_doctor, write_findings_csv)
 from tests.conftest import make_image, make_image_folder
 
@@ -156,10 +156,10 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
     import timm
     import torch
 
-    from finetune.config import FinetuneConfig
-    from finetune.doctor import folder_features
-    from finetune.features import FeatureCache
-    from finetune.train import fit
+    from finetune.core.config import FinetuneConfig
+    from finetune.tools.doctor import folder_features
+    from finetune.tools.features import FeatureCache
+    from finetune.tools.train import fit
 
     data = make_image_folder(tmp_path / "data", layout="split", per_class=6, val_per_class=2)
     report = scan_folder(data)
@@ -182,7 +182,7 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
 
 
 def test_doctor_page_is_self_contained_and_escaped(tmp_path):
-    from finetune.report import doctor_html
+    from finetune.tools.pages import doctor_html
 
     data = make_image_folder(tmp_path / "data", classes=("a<b>&c", "dog"), per_class=6)
     shutil.copyfile(data / "dog" / "dog_000.png", data / "dog" / "dog_copy.png")

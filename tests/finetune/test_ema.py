@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.checkpoint import BEST, LAST, load_weights
-from finetune.ema import ModelEma, ema_decay
+from finetune.core.checkpoint import BEST, LAST, load_weights
+from finetune.core.ema import ModelEma, ema_decay
 from finetune.engine import evaluate
-from finetune.errors import Interrupted
+from finetune.core.errors import Interrupted
 from tests.finetune.test_train import DATA_CONFIG, cfg, run, tiny_model
 from tests.finetune.test_resume import data, equal_states, resume_cfg   # noqa: F401  (data: a fixture)
 

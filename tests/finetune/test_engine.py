@@ -11,12 +11,12 @@ import timm
 import torch
 
 import finetune.engine.setup as engine_setup
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from finetune.data import scan_folder
-from finetune.diagnostics import lr_find, overfit_check
+from finetune.tools.diagnostics import lr_find, overfit_check
 from finetune.engine import AmpPolicy
-from finetune.sweep import sweep
-from finetune.train import fit
+from finetune.tools.sweep import sweep
+from finetune.tools.train import fit
 from tests.conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_lr_find_head_only_probes_cached_features(report):
 
 def test_lr_find_features_serve_the_following_fit(report):
     """--lr auto: the range test's features are the fit's (one FeatureCache), computed once."""
-    from finetune.features import FeatureCache
+    from finetune.tools.features import FeatureCache
 
     cache = FeatureCache(None)
     lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="head"), head="fc", steps=6,
@@ -126,7 +126,7 @@ def test_sweep_computes_backbone_features_once(report, tmp_path):
 def test_cpu_state_cache_copies_only_what_changed():
     """Frozen parameters are copied once; trained ones, loaded ones and every buffer (BatchNorm updates its
     statistics without bumping their version counter) are copied again; the result always equals the state."""
-    from finetune.checkpoint import CpuStateCache
+    from finetune.core.checkpoint import CpuStateCache
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
@@ -162,7 +162,7 @@ def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
 
 
 def test_gather_strided_in_one_process_is_the_rows():
-    from finetune import distributed as ddp
+    from finetune.core import distributed as ddp
 
     rows = torch.arange(12.0).reshape(6, 2)
     assert torch.equal(ddp.gather_strided(rows, 6, ddp.DistInfo()), rows)

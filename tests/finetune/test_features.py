@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 from finetune.data import set_epoch_order, set_loader_epoch, train_batches
-from finetune.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
-from finetune.features.head import _Targets
-from finetune.surgery import replace_head
-from finetune.train import fit
+from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
+from finetune.tools.features.head import _Targets
+from finetune.core.surgery import replace_head
+from finetune.tools.train import fit
 from tests.conftest import make_image_folder
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
@@ -161,7 +161,7 @@ def test_extract_features_restores_head_and_modes(tmp_path):
 def test_fixed_shape_extraction_pads_the_last_batch_and_keeps_the_features(tmp_path):
     """On CUDA the feature pass feeds every batch at one shape (the last padded with zeros): the real
     rows' features are those of the unpadded pass, the mirror view too (forced here on the CPU)."""
-    from finetune.features.extract import _extract
+    from finetune.tools.features.extract import _extract
 
     train, _ = _sets(tmp_path / "d")
     model = _model()
@@ -193,7 +193,7 @@ def test_model_with_ops_after_head_is_refused(tmp_path):
 
 def test_trainable_backbone_is_refused(tmp_path):
     from finetune.engine import build_setup
-    from finetune.features import CachedHeadSteps
+    from finetune.tools.features import CachedHeadSteps
 
     train, val = _sets(tmp_path / "d")
     setup = build_setup(Tiny(), STAGES, DATA_CONFIG, train, val, _config(epochs=1, freeze="none"), head="fc")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.distributed import DistInfo
+from finetune.core.distributed import DistInfo
 from finetune.engine.guard import BOOTSTRAP_DRAWS, Evaluation, judge, paired_loss_p
 
 CPU = torch.device("cpu")

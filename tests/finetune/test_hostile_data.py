@@ -26,7 +26,7 @@ from finetune.data import (
     scan_folder,
     write_scan,
 )
-from finetune.errors import DataError
+from finetune.core.errors import DataError
 from tests.conftest import make_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from finetune.data import DeviceAugment, ImageDataset, build_transform
 from finetune.engine import build_loss, build_setup, evaluate
 from finetune.engine.mixing import BatchMix, build_mix
-from finetune.errors import ConfigError, Interrupted
-from finetune.seeding import epoch_seed
+from finetune.core.errors import ConfigError, Interrupted
+from finetune.core.seeding import epoch_seed
 from tests.finetune.test_train import DATA_CONFIG, STAGES, cfg, run, sets, tiny_model
 from tests.finetune.test_resume import _stop_after, equal_states
 
@@ -211,7 +211,7 @@ def test_head_only_with_mixup_trains_through_the_network(data):
 
 def test_lr_find_probes_mixed_batches_and_the_overfit_check_turns_mixing_off(data, monkeypatch):
     import finetune.engine.mixing as mixing
-    from finetune.diagnostics import lr_find, overfit_check
+    from finetune.tools.diagnostics import lr_find, overfit_check
 
     calls = []
     original = mixing.BatchMix.__call__
@@ -220,7 +220,7 @@ def test_lr_find_probes_mixed_batches_and_the_overfit_check_turns_mixing_off(dat
     train, _ = data
     result = lr_find(tiny_model(), STAGES, DATA_CONFIG, train, cfg(freeze="head", mixup=0.2), head="fc", steps=6)
     assert len(result.lrs) > 0 and calls          # head only + mixup: the network path, mixed batches
-    import finetune.diagnostics.overfit as overfit_module
+    import finetune.tools.diagnostics.overfit as overfit_module
 
     seen = []
     real_build = overfit_module.build_setup

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.config import OPTIMIZERS, FinetuneConfig
-from finetune.errors import ConfigError
-from finetune.optim import build_optimizer, build_scheduler, lr_factor, param_groups, set_base_lr
+from finetune.core.config import OPTIMIZERS, FinetuneConfig
+from finetune.core.errors import ConfigError
+from finetune.core.optim import build_optimizer, build_scheduler, lr_factor, param_groups, set_base_lr
 
 
 class Net(nn.Module):
@@ -202,7 +202,7 @@ def test_layer_decay_gives_each_stage_its_lr():
 
 
 def test_layer_decay_skips_frozen_stages_and_off_is_one_backbone_lr():
-    from finetune.surgery import apply_freeze
+    from finetune.core.surgery import apply_freeze
 
     net = Staged()
     apply_freeze(net, STAGED, "fc", 2)                 # s0 (and the unlisted scale) frozen

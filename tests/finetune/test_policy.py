@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.config import FinetuneConfig
-from finetune.errors import ConfigError, DataError
-from finetune.policy import FreezeDecision, decide_freeze
-from finetune.recipe import prepare_model, trainable_summary
+from finetune.core.config import FinetuneConfig
+from finetune.core.errors import ConfigError, DataError
+from finetune.core.policy import FreezeDecision, decide_freeze
+from finetune.core.recipe import prepare_model, trainable_summary
 
 N_STAGES = 5
 
@@ -113,6 +113,6 @@ def test_prepare_model_without_images_is_a_data_error():
 
 
 def test_default_bn_follows_the_weights():
-    from finetune.policy import default_bn
+    from finetune.core.policy import default_bn
 
     assert default_bn(True) == "eval" and default_bn(False) == "train"

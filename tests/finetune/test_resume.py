@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.checkpoint import LAST
-from finetune.errors import CheckpointError, ConfigError, Interrupted
+from finetune.core.checkpoint import LAST
+from finetune.core.errors import CheckpointError, ConfigError, Interrupted
 from tests.finetune.test_train import cfg, run, sets, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(data, reference, tmp_path):
         from finetune.data import ImageSet
         from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
         from tests.finetune.test_resume import resume_cfg
-        from finetune.train import fit
+        from finetune.tools.train import fit
         train = ImageSet({train.items!r}, {train.classes!r})
         val = ImageSet({val.items!r}, {val.classes!r})
         def cb(row):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.config import FinetuneConfig
-from finetune.errors import ConfigError
-from finetune.optim import build_optimizer
-from finetune.recipe import prepare_model, trainable_summary
-from finetune.surgery import (MLPHead, apply_freeze, replace_head, set_bn_eval, stage_parameters,
+from finetune.core.config import FinetuneConfig
+from finetune.core.errors import ConfigError
+from finetune.core.optim import build_optimizer
+from finetune.core.recipe import prepare_model, trainable_summary
+from finetune.core.surgery import (MLPHead, apply_freeze, replace_head, set_bn_eval, stage_parameters,
                               xavier_std)
 
 timm = pytest.importorskip("timm")

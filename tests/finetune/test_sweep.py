@@ -7,9 +7,9 @@ import types
 
 import pytest
 
-from finetune.config import FinetuneConfig, load_config
-from finetune.errors import ConfigError, DataError, DivergedError
-from finetune.sweep import SweepSpace, kfold_splits, parse_choices, parse_values, sweep, trial_config
+from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.errors import ConfigError, DataError, DivergedError
+from finetune.tools.sweep import SweepSpace, kfold_splits, parse_choices, parse_values, sweep, trial_config
 
 
 # ---- parsing -----------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_sweep_2x2_with_folds_and_best_config_reproduces(tmp_path):
     import torch
 
     from finetune.data import scan_folder
-    from finetune.train import fit
+    from finetune.tools.train import fit
     from tests.conftest import make_image_folder
 
     report = scan_folder(make_image_folder(tmp_path / "data", per_class=8), val_split=0.25, seed=0)

@@ -1,4 +1,4 @@
-"""finetune.train.fit: freeze modes, phases, optimizers/schedules, early stopping, NaN guard, run folder."""
+"""finetune.tools.train.fit: freeze modes, phases, optimizers/schedules, early stopping, NaN guard, run folder."""
 from __future__ import annotations
 
 import csv
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.checkpoint import BEST, LAST, load_weights
-from finetune.config import OPTIMIZERS, SCHEDULES, FinetuneConfig
-from finetune.errors import ConfigError, DivergedError, Interrupted
+from finetune.core.checkpoint import BEST, LAST, load_weights
+from finetune.core.config import OPTIMIZERS, SCHEDULES, FinetuneConfig
+from finetune.core.errors import ConfigError, DivergedError, Interrupted
 from finetune.engine import evaluate
-from finetune.train import fit
+from finetune.tools.train import fit
 from tests.conftest import make_image_folder
 
 STAGES = (("stem",), ("block",))
@@ -343,7 +343,7 @@ def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path)
     and the final evaluation are only normalised; a resumed run repeats the uninterrupted one."""
     import finetune.engine.setup as engine_setup
     from finetune.data import DeviceAugment, DeviceNormalize
-    from finetune.seeding import epoch_seed
+    from finetune.core.seeding import epoch_seed
 
     calls = {"reseed": [], "augmented": 0}
 
@@ -439,7 +439,7 @@ def test_advice_is_printed_during_the_run(data):
 def test_paired_gain_p_is_the_exact_one_sided_mcnemar_test():
     from itertools import product
 
-    from finetune.metrics import paired_gain_p
+    from finetune.core.metrics import paired_gain_p
 
     for gains, losses in [(0, 0), (1, 0), (2, 0), (4, 0), (5, 0), (6, 1), (3, 3), (0, 4), (12, 3)]:
         n = gains + losses

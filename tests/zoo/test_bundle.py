@@ -281,9 +281,9 @@ def test_round_trip_after_real_training(tmp_path, monkeypatch):
     import timm
     from safetensors.torch import load_file
 
-    from finetune.config import FinetuneConfig
+    from finetune.core.config import FinetuneConfig
     from tests.conftest import make_image_folder, register_tiny
-    from zoo.runs import run_finetune
+    from zoo.jobs.finetune import run_finetune
 
     name = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=6)

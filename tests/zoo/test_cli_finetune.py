@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from tests.conftest import make_image_folder, register_tiny
 from zoo.cli import cli
 
@@ -155,7 +155,7 @@ def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
 
 
 def test_lr_auto_uses_the_lr_finder(tmp_path, tiny, monkeypatch):
-    diagnostics = pytest.importorskip("finetune.diagnostics")
+    diagnostics = pytest.importorskip("finetune.tools.diagnostics")
     seen = {}
 
     def fake_lr_find(model, stages, data_config, train_set, config, *, head, **kw):
@@ -175,7 +175,7 @@ def test_lr_auto_uses_the_lr_finder(tmp_path, tiny, monkeypatch):
 
 
 def test_overfit_batches_runs_the_check_only(tmp_path, tiny, monkeypatch):
-    diagnostics = pytest.importorskip("finetune.diagnostics")
+    diagnostics = pytest.importorskip("finetune.tools.diagnostics")
 
     def fake_check(model, stages, data_config, train_set, config, *, head, batches, **kw):
         assert batches == 2
@@ -255,7 +255,7 @@ def test_freeze_deeper_than_the_model_fails_before_any_work(tiny, tmp_path):
     (["--bn", "train"], "train"),
 ])
 def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch, flags, expected):
-    from zoo import runs
+    from zoo.jobs import finetune as job
 
     seen = {}
 
@@ -263,7 +263,7 @@ def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch
         seen["bn"], seen["pretrained"] = config.bn, kw["pretrained"]
         raise SystemExit(0)
 
-    monkeypatch.setattr(runs, "run_finetune", capture)
+    monkeypatch.setattr(job, "run_finetune", capture)
     data = make_image_folder(tmp_path / "data", per_class=2)
     CliRunner().invoke(cli, ["finetune", "tiny32", "--data", str(data), *flags])
     assert seen == {"bn": expected, "pretrained": "--no-pretrained" not in flags}
@@ -313,19 +313,19 @@ def test_report_uses_the_runs_own_val_predictions(tmp_path, tiny, monkeypatch, h
     exported bundle predicts for the same images."""
     import torch
 
-    import zoo.report
+    import zoo.jobs.report
     from zoo.bundle import load_bundle
     from zoo.predict import predict_probs
 
     seen = {}
-    real = zoo.report.make_report
+    real = zoo.jobs.report.make_report
 
     def spy(run_dir, **kw):
         seen.update(kw)
         return real(run_dir, **kw)
 
-    monkeypatch.setattr(zoo.report, "make_report", spy)
-    monkeypatch.setattr(zoo.report, "confident_mistakes", lambda *a, **k: pytest.fail("val was predicted again"))
+    monkeypatch.setattr(zoo.jobs.report, "make_report", spy)
+    monkeypatch.setattr(zoo.jobs.report, "confident_mistakes", lambda *a, **k: pytest.fail("val was predicted again"))
     data = make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
     result = invoke("finetune", tiny, "--data", data, "--out", out, *how,

@@ -1,4 +1,4 @@
-"""Option definitions: one table (finetune.config.OPTIONS) behind `zoo finetune`, `lr-find` and `sweep`;
+"""Option definitions: one table (finetune.core.config.OPTIONS) behind `zoo finetune`, `lr-find` and `sweep`;
 every numeric option refused outside its range with one line (exit 2) before a run folder is written."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from finetune.config import OPTIONS, FinetuneConfig
-from finetune.errors import ConfigError
+from finetune.core.config import OPTIONS, FinetuneConfig
+from finetune.core.errors import ConfigError
 from tests.conftest import make_image_folder
 from zoo.cli import cli
 

@@ -228,7 +228,7 @@ def test_eval_tta_accuracy_comes_from_the_averaged_probabilities(tmp_path):
 
 
 def test_cli_tta_choices_are_the_library_ones():
-    from zoo.cli import bundle as cli_bundle
+    from zoo.cli import predict as cli_predict
     from zoo.predict import DEFAULT_TTA_VIEWS, TTA_VIEWS
 
-    assert cli_bundle.TTA_VIEWS == TTA_VIEWS and cli_bundle.DEFAULT_TTA_VIEWS == DEFAULT_TTA_VIEWS
+    assert cli_predict.TTA_VIEWS == TTA_VIEWS and cli_predict.DEFAULT_TTA_VIEWS == DEFAULT_TTA_VIEWS

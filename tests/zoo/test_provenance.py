@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from tests.zoo.test_bundle import make_run
 from zoo import cache
 from zoo.bundle import export_run, load_bundle
@@ -18,7 +18,7 @@ from zoo.bundle.export import _weights_cfg
 from zoo.cli import cli
 from zoo.errors import BundleError, UsageError
 from zoo.registry import list_models, weights_tag
-from zoo.runs import model_info
+from zoo.jobs.finetune import model_info
 
 CURATED = [e.name for e in list_models()]
 

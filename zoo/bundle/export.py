@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from finetune.io import atomic_write, atomic_write_text, load_yaml
+from finetune.core.io import atomic_write, atomic_write_text, load_yaml
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from finetune.io import SafetensorsHeaderError, read_safetensors_header
+from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError
@@ -117,7 +117,7 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
     head = head or {"kind": "linear"}
     if head.get("kind", "linear") == "mlp":
         # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-        from finetune.surgery import replace_head
+        from finetune.core.surgery import replace_head
 
         replace_head(model, classifier, int(num_classes), kind="mlp", hidden=int(head.get("hidden", 512)),
                      dropout=float(head.get("dropout", 0.2)), activation=str(head.get("activation", "relu")))

@@ -1,7 +1,9 @@
 """The ``zoo`` command line. The only place that prints or exits.
 
-The group and its error handling live in ``zoo.cli.app``; each command group lives in its own module
-(catalogue, cache, train, diagnose, bundle, demo, doctor, report, push, serve), imported here so that its commands are registered.
+The group and its error handling live in ``zoo.cli.app``; each command lives in a module named after it
+(``zoo X`` in ``zoo/cli/X.py``; ``list_cmd``, ``import_cmd``, ``eval_cmd`` and ``lr_find`` where the name is a
+builtin, a keyword or has a dash), imported here in the order ``zoo --help`` lists them. ``options``,
+``shared`` and ``console`` are what commands share.
 None of them imports torch at module level, so ``zoo --help``, ``zoo list`` and ``zoo info`` start fast.
 Errors from the library (ZooError, FinetuneError) become one line on stderr and an exit code (1 failure,
 2 usage); ZOO_DEBUG=1 shows the traceback instead.
@@ -11,7 +13,8 @@ from __future__ import annotations
 import sys
 
 from zoo.cli.app import cli
-from zoo.cli import catalogue, cache, train, diagnose, bundle, demo, doctor, report, push, serve  # noqa: F401,E402  (register commands)
+from zoo.cli import (list_cmd, info, pull, lock, import_cmd, cache, finetune, lr_find, sweep,  # noqa: F401,E402
+                     export, predict, eval_cmd, demo, doctor, report, push, serve)           # (register commands)
 
 __all__ = ["main", "cli"]
 

@@ -11,7 +11,7 @@ import os
 
 import click
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 from zoo import __version__, process
 from zoo.cli import console
 from zoo.errors import ZooError

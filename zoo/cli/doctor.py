@@ -1,6 +1,6 @@
 """``zoo doctor``: leaks, duplicates, likely wrong labels and odd files in an image folder.
 
-No torch at import (``zoo --help`` stays fast); the work is in ``zoo.doctor`` / ``finetune.doctor``.
+No torch at import (``zoo --help`` stays fast); the work is in ``zoo.jobs.doctor`` / ``finetune.tools.doctor``.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from finetune.config import FinetuneConfig
+from finetune.core.config import FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 
@@ -76,8 +76,8 @@ def doctor_cmd(data: str, model: str | None, out: str | None, near: float, near_
       zoo finetune resnet50 --data ./photos --exclude ./photos-doctor/findings.csv
     """
     # lazy: zoo --help must not import torch
-    from finetune.doctor import DoctorOptions
-    from zoo import doctor
+    from finetune.tools.doctor import DoctorOptions
+    from zoo.jobs import doctor
 
     def log(msg: str) -> None:
         if not quiet:

@@ -1,5 +1,5 @@
 """The FinetuneConfig flags shared by ``zoo finetune``, ``zoo lr-find`` and ``zoo sweep``, generated from
-``finetune.config.OPTIONS`` (help line, choices, range): one definition, so the commands cannot drift apart.
+``finetune.core.config.OPTIONS`` (help line, choices, range): one definition, so the commands cannot drift apart.
 
 Ranges are shown in ``--help`` but checked in one place, ``FinetuneConfig.validate`` (exit 2, before any run
 folder is written), so YAML values and flags get the same one-line message. No torch at import.
@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 import click
 from click.core import ParameterSource
 
-from finetune.config import OPTIONS, FinetuneConfig
-from finetune.policy import default_bn
+from finetune.core.config import OPTIONS, FinetuneConfig
+from finetune.core.policy import default_bn
 
 __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default"]
 

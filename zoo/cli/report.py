@@ -28,7 +28,7 @@ def report_cmd(run: str, top: int, device: str) -> None:
       zoo report runs/resnet50-20250101-120000 --top 0
     """
     # lazy: zoo --help must not import torch
-    from zoo.report import make_report
+    from zoo.jobs.report import make_report
 
     path = make_report(run, top=top, device=device, log=lambda m: echo(m, err=True), progress=True)
     echo(f"report: {path}")

@@ -1,0 +1,9 @@
+"""finetune's base layer: what every other layer builds on, importing nothing above it.
+
+- ``config``: ``FinetuneConfig`` and its options table; ``errors``: the error hierarchy;
+- ``io``: atomic writes, YAML, safetensors headers; ``seeding``: per-epoch and per-sample seeds;
+- ``metrics``: accuracy, confusion, paired tests; ``monitor``: curves and the lecture's advice;
+- ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers;
+- ``policy``: freeze depth from the data size; ``surgery``: head replacement, freezing, BatchNorm;
+- ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``.
+"""

@@ -1,0 +1,132 @@
+"""Checkpoints of a run: ``checkpoints/last.pt`` (everything needed to resume) and
+``checkpoints/best.safetensors`` (the best weights only).
+
+``last.pt`` holds only tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)``: no pickled code runs when a checkpoint is read. Both files are written
+atomically (temp file + fsync + rename), so a kill -9 at any moment leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune.core.errors import CheckpointError
+from finetune.core.io import atomic_write
+
+__all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
+           "save_weights", "load_weights", "cpu_state_dict"]
+
+LAST = Path("checkpoints") / "last.pt"
+BEST = Path("checkpoints") / "best.safetensors"
+HEAD_BEST = Path("checkpoints") / "head.safetensors"    # the head phase's best weights (the head guard's)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states as weights_only-safe values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        # numpy's key array is stored as a tensor: weights_only refuses numpy arrays.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state` (CUDA states only restored when the device count matches)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the module's state (parameters and buffers), safe to keep or serialise."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+class CpuStateCache:
+    """Detached CPU copies of a module's state, made incrementally: a parameter that is the same object,
+    on the same storage, with the same in-place version counter as at the last call is not copied again
+    (a frozen backbone is copied once per run, not once per epoch). Buffers are always copied: BatchNorm
+    updates its running statistics without bumping their version counter, and they are small.
+    Returned tensors may be shared between calls: treat them as read-only."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._params: dict[str, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        params = {id(p) for p in self.module.parameters()}
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) not in params:
+                out[name] = t.detach().to("cpu", copy=True).contiguous()
+                continue
+            hit = self._params.get(name)
+            if hit is not None and hit[0] is t and hit[1] == t._version and hit[2] == t.data_ptr():
+                out[name] = hit[3]
+                continue
+            copy = t.detach().to("cpu", copy=True).contiguous()
+            self._params[name] = (t, t._version, t.data_ptr(), copy)
+            out[name] = copy
+        return out
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically. Raises CheckpointError (e.g. disk full) naming the path."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; free some disk space "
+                              "or choose another --out") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: there is nothing to resume from, start it again "
+                              "without --resume")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise CheckpointError(f"checkpoint {path} is damaged or not a zoo checkpoint ({type(e).__name__}); "
+                              "start the run again without --resume") from None
+
+
+def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write the module's state (or a CPU state dict) as safetensors, atomically."""
+    tensors = cpu_state_dict(module) if isinstance(module, torch.nn.Module) else module
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; free some disk space "
+                              "or choose another --out") from None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by :func:`save_weights` (CPU tensors)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"cannot read weights {path} ({type(e).__name__}); the run folder is "
+                              "damaged, start the run again") from None

@@ -1,0 +1,313 @@
+"""FinetuneConfig: every option of a finetune run, one record per option (default, help line, allowed
+values, whether it may change on resume), and ``OPTIONS``, the table derived from those records.
+
+YAML overrides the defaults, command-line flags override the YAML; the resolved config is written into
+the run folder (``config.yaml``) and into every checkpoint, so a run can be resumed or reproduced.
+``FinetuneConfig.validate`` checks every field against ``OPTIONS`` (YAML and flags alike); the CLI builds
+the flags of ``zoo finetune``, ``zoo lr-find`` and ``zoo sweep`` (help, choices, ranges) from the same table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.core.errors import ConfigError
+from finetune.core.io import atomic_write_text, load_yaml
+
+__all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
+           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
+
+OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
+SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
+HEADS = ("linear", "mlp")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh")
+MONITORS = ("val_loss", "val_acc")
+HEAD_SOLVERS = ("lbfgs", "gradient")
+AUGMENTS = ("standard", "trivial", "none")
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one FinetuneConfig field may hold and how it is explained (``--help``, error messages).
+
+    ``choices``: the closed set of values; ``low``/``high``: the numeric range (``*_open``: bound excluded);
+    ``sentinels``: values outside the range with a meaning of their own (e.g. -1 = auto); ``resume_free``:
+    the option may change when a run is resumed (it changes speed or output, not the maths of the epochs
+    still to run; epochs and patience may be raised to train longer).
+    """
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    sentinels: tuple[float, ...] = ()
+    resume_free: bool = False
+
+    def range_text(self) -> str:
+        """The allowed values as shown in ``--help`` and in errors: "0 <= x < 1", "x >= 1", "x >= 0 or -1"."""
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        if self.low is None and self.high is None:
+            return ""
+        lo = "" if self.low is None else f"{_num(self.low)} {'<' if self.low_open else '<='} "
+        hi = "" if self.high is None else f" {'<' if self.high_open else '<='} {_num(self.high)}"
+        if self.low is not None and self.high is None:
+            text = f"x {'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            text = f"{lo}x{hi}"
+        return text + "".join(f" or {_num(v)}" for v in self.sentinels)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed (the allowed values, to put in a message), or None when it is."""
+        if self.choices is not None:
+            return None if value in self.choices else "choose one of " + ", ".join(self.choices)
+        if self.low is None and self.high is None or isinstance(value, bool):
+            return None
+        if value in self.sentinels:
+            return None
+        v = float(value)
+        ok = math.isfinite(v)
+        if self.low is not None:
+            ok = ok and (v > self.low if self.low_open else v >= self.low)
+        if self.high is not None:
+            ok = ok and (v < self.high if self.high_open else v <= self.high)
+        return None if ok else f"allowed: {self.range_text()}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False,
+           sentinels: tuple[float, ...] = (), resume_free: bool = False) -> Any:
+    """A FinetuneConfig field with its :class:`Option` (help, allowed values, resume rule) as metadata."""
+    return field(default=default, metadata={"option": Option(help, choices, low, high, low_open, high_open,
+                                                             sentinels, resume_free)})
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of a finetune run: its default, ``--help`` line, allowed values and resume rule, in one
+    record per field (``OPTIONS`` below is derived from them)."""
+
+    # --- data ---
+    val_split: float = option(0.2,
+        "Fraction of each class held out for validation when DIR has no train/val folders.",
+        low=0, high=1, low_open=True, high_open=True)
+    strict: bool = option(False, "Unreadable images are an error instead of being skipped with a warning.")
+    batch_size: int = option(32, "Global batch size (split across processes under torchrun).", low=1)
+    workers: int = option(-1,
+        "DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's local "
+        "processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8), 0 = load in the main "
+        "process.",
+        low=0, sentinels=(-1,), resume_free=True)
+    class_weights: str = option("none",
+        "auto: weight the loss by inverse class frequency (imbalanced data).",
+        choices=("none", "auto"))
+    sampler: str = option("random",
+        "balanced: oversample rare classes in each epoch.",
+        choices=("random", "balanced"))
+    # --- augmentation (train only; evaluation is resize + centre crop) ---
+    augment: str = option("standard",
+        "Training augmentation: standard (random crop-and-scale, flip, brightness/contrast), trivial "
+        "(crop-and-scale, flip, then torchvision's TrivialAugmentWide instead of the jitter) or none.",
+        choices=AUGMENTS)
+    crop_scale_min: float = option(0.8, "Smallest area fraction of the random crop.", low=0, high=1, low_open=True)
+    hflip: float = option(0.5,
+        "Horizontal flip probability (0 disables; for data whose mirror image is another class). Head-only "
+        "runs on cached features then also drop the mirrored view.",
+        low=0, high=1)
+    brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0)
+    contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0)
+    # --- model surgery and freezing ---
+    head: str = option("linear", "New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS)
+    mlp_hidden: int = option(512, "MLP head: hidden units.", low=1)
+    mlp_dropout: float = option(0.2, "MLP head: dropout probability.", low=0, high=1, high_open=True)
+    mlp_activation: str = option("relu", "MLP head: activation.", choices=ACTIVATIONS)
+    freeze: str = option("auto",
+        "What trains: auto (from the dataset size), head, none (everything) or K (the last K stages).")
+    small_per_class: int = option(50, "auto freeze: fewer images per class than this -> head only.", low=0)
+    small_total: int = option(500, "auto freeze: fewer images in total than this -> head only.", low=0)
+    large_per_class: int = option(1000, "auto freeze: at least this many per class -> everything unfrozen.", low=0)
+    medium_stages: int = option(2, "auto freeze: stages unfrozen for a medium-sized dataset.", low=0)
+    head_epochs: int = option(-1,
+        "Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); 0 = off.",
+        low=0, sentinels=(-1,))
+    head_guard: bool = option(True,
+        "After a head phase, keep the head-phase weights unless the finetuned ones are significantly better "
+        "on the validation images (one-sided, 5%: exact McNemar on the images either gets wrong, or a paired "
+        "bootstrap of the per-image loss when they fix more images than they break). "
+        "--no-head-guard keeps the finetuned weights whenever they have the better val metric.",
+        resume_free=True)
+    bn: str = option("eval",
+        "BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the trained "
+        "stages (frozen stages keep theirs); with --no-pretrained the default is train.",
+        choices=("eval", "train"))
+    # --- optimisation ---
+    optimizer: str = option("adam", "Optimizer.", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "Head learning rate, or 'auto' to run the LR range test first.", low=0, low_open=True)
+    backbone_lr_mult: float = option(0.1, "Pretrained layers train at lr x this.", low=0)
+    momentum: float = option(0.9, "Momentum (sgd, rmsprop).", low=0, high=1, high_open=True)
+    nesterov: bool = option(False, "Nesterov momentum (sgd).")
+    weight_decay: float = option(1e-4, "L2 weight decay (not on biases and norm parameters).", low=0)
+    schedule: str = option("cosine",
+        "Learning-rate schedule (stepped per batch; plateau per epoch).",
+        choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "Linear LR warm-up, in epochs (fractions allowed).", low=0)
+    step_size: int = option(10, "step/exp schedules: decay every N epochs.", low=1)
+    gamma: float = option(0.1,
+        "Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
+        low=0, low_open=True)
+    # --- the loop ---
+    epochs: int = option(30, "Maximum epochs in total (early stopping usually ends sooner).", low=1, resume_free=True)
+    patience: int = option(5, "Early stopping: epochs without improvement before stopping.", low=0, resume_free=True)
+    min_delta: float = option(1e-4,
+        "Early stopping: smallest change that counts as an improvement.",
+        low=0, resume_free=True)
+    monitor: str = option("val_loss", "Metric for early stopping and the best checkpoint.", choices=MONITORS)
+    seed: int = option(0, "Seed of the split, the initialisation and the data order.", low=0)
+    device: str = option("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.", resume_free=True)
+    amp: bool = option(True,
+        "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
+        resume_free=True)
+    channels_last: bool = option(True, "channels_last memory format on CUDA.", resume_free=True)
+    gpu_normalize: bool = option(True,
+        "On CUDA: workers decode, crop and send uint8 batches; the GPU flips, jitters and normalises them.",
+        resume_free=True)
+    decode: str = option("workers",
+        "Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, cropped "
+        "and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores cannot keep the "
+        "GPU fed.",
+        choices=("workers", "device"), resume_free=True)
+    compile: bool = option(False, "torch.compile the model (slower start, faster epochs).", resume_free=True)
+    fast_head: bool = option(True, "Head-only training on cached backbone features (much faster; same result).")
+    aug_views: int = option(0, "Fast head path: augmented views cached per image (0 = un-augmented only).", low=0)
+    head_solver: str = option("lbfgs",
+        "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, its L2 "
+        "strength picked on the validation split, like a logistic-regression probe) or gradient "
+        "(--optimizer/--lr epoch by epoch).",
+        choices=HEAD_SOLVERS)
+    img_size: int = option(0,
+        "Input size in pixels for training and evaluation (recorded in the bundle, so predict and eval use it"
+        " too); 0 = the model's own (e.g. 224). Lower is faster on a CPU.",
+        low=16, sentinels=(0,))
+    # --- modern regularisers (off by default until they win: docs/peers.md) ---
+    label_smoothing: float = option(0.0,
+        "Label smoothing of the training loss (torch/timm semantics: the target puts 1 - F + F/C on the true "
+        "class, F/C on every other); validation loss stays plain cross-entropy.",
+        low=0, high=1, high_open=True)
+    mixup: float = option(0.0,
+        "Mixup alpha: each training batch is blended with itself reversed, lambda ~ Beta(A, A), targets mixed"
+        " alike (timm's batch mode); 0 = off. Image-space: a head-only run then trains the head through the "
+        "network, not on cached features.",
+        low=0)
+    cutmix: float = option(0.0,
+        "CutMix alpha: a box of the reversed batch is pasted in, lambda ~ Beta(A, A) corrected to the box's "
+        "area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
+        low=0)
+    # --- EMA / layer decay ---
+    ema: float = option(0.0,
+        "Validate, keep and export an exponential moving average of the weights, updated after every "
+        "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after t "
+        "steps); 0 = off. The head phase (solved on cached features) is not averaged.",
+        low=0, high=1, high_open=True)
+    layer_decay: float = option(1.0,
+        "Layer-wise LR decay: the head trains at --lr, the last stage at lr x --backbone-lr-mult x F, each "
+        "earlier stage F times the one after it; 1 = off.",
+        low=0, high=1, low_open=True)
+    overfit_batches: int = option(0,
+        "Sanity check instead of training: try to overfit N fixed batches, then exit (0 = off).",
+        low=0)
+    tensorboard: bool = option(False,
+        "Also log to RUN/tensorboard (needs the tensorboard package).",
+        resume_free=True)
+    quiet: bool = option(False, "No progress bars or per-epoch lines.", resume_free=True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field, its flag and the allowed values (``OPTIONS``)."""
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError(f"invalid {name}={getattr(self, name)!r} (--{name.replace('_', '-')}): {allowed}")
+
+        for name, option in OPTIONS.items():
+            problem = option.problem(getattr(self, name))
+            if problem is not None:
+                raise bad(name, problem)
+        if self.freeze not in ("auto", "head", "none") and not str(self.freeze).isdigit():
+            raise bad("freeze", "use auto, head, none or a number of stages")
+        # A decay factor above 1 makes these schedules raise the LR; ReduceLROnPlateau refuses factor >= 1.
+        if self.schedule in ("step", "exp") and self.gamma > 1:
+            raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")
+        if self.schedule == "plateau" and self.gamma >= 1:
+            raise bad("gamma", "the plateau schedule needs a decay factor 0 < x < 1")
+        # TrivialAugment runs in the workers on decoded images; --decode device decodes and crops on the GPU.
+        if self.augment == "trivial" and self.decode == "device":
+            raise bad("augment", "trivial runs in the DataLoader workers; use --decode workers with it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; see `zoo finetune --help`")
+        typed: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in data:
+                typed[f.name] = _coerce(f, data[f.name], source)
+        return cls(**typed)
+
+    def replace(self, **changes: Any) -> "FinetuneConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The option table, derived from the fields: the CLI builds its flags from it, validate() checks against it.
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(FinetuneConfig)}
+RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        if kind is str:
+            return str(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {f.name}={value!r} should be a {kind.__name__}") from None
+
+
+def load_config(path: str | Path) -> FinetuneConfig:
+    """Read a YAML config (safe loader). Raises ConfigError with the file name on any problem."""
+    path = Path(path)
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        # One line (PyYAML's message spans several): where, and what. Python tags (!!python/...) land here
+        # too: the safe loader refuses them, nothing is constructed or run.
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join((getattr(e, "problem", None) or str(e)).split())
+        raise ConfigError(f"{path} is not valid YAML{at}: {problem}; fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    return FinetuneConfig.from_dict(data, source=str(path))
+
+
+def save_config(config: FinetuneConfig, path: str | Path) -> None:
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,212 @@
+"""torchrun / DistributedDataParallel helpers.
+
+``torchrun --nproc-per-node N -m zoo finetune ...`` starts N processes with RANK / WORLD_SIZE / LOCAL_RANK
+(and MASTER_ADDR / MASTER_PORT) in the environment; :func:`setup` reads them and joins the process group
+(nccl on CUDA, gloo otherwise). A plain ``python`` run sees no WORLD_SIZE and gets a one-process
+:class:`DistInfo` whose collectives are no-ops, so the loop has a single code path.
+
+Batch size convention: ``config.batch_size`` is the *global* batch, split evenly across ranks, so a run on
+N processes takes the same optimisation steps as a one-process run (equal up to float noise when the
+training set size is a multiple of N; otherwise DistributedSampler pads with a few repeated images).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from finetune.core.errors import ConfigError
+
+__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
+           "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
+           "barrier", "wrap_model", "unwrap", "cleanup"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job. ``enabled`` is False for an ordinary single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes files and reports progress."""
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when absent)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def device_type(device: str) -> str:
+    """"cuda" or "cpu": the kind of process group ``config.device`` needs (MPS runs one process)."""
+    device = (device or "auto").strip().lower()
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def setup(device_type: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (idempotent).
+
+    Args:
+        device_type: "cuda" selects nccl and pins this process to cuda:LOCAL_RANK; anything else gloo.
+            None picks cuda when it is available.
+    Returns:
+        This process's DistInfo (a disabled one outside torchrun).
+    """
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, init_method="env://")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, enabled=True)
+
+
+def per_rank_batch(batch_size: int, info: DistInfo) -> int:
+    """Split the global batch across ranks; refuses sizes that do not divide evenly."""
+    if batch_size % info.world_size:
+        lo = batch_size - batch_size % info.world_size
+        raise ConfigError(f"batch_size={batch_size} is the global batch and must divide by the "
+                          f"{info.world_size} processes: use {lo or info.world_size} or {lo + info.world_size}")
+    return batch_size // info.world_size
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum of ``tensor`` over ranks in place (no-op in a single process); returns it."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_true(flag: bool, device: torch.device, info: DistInfo) -> bool:
+    """True only when ``flag`` holds on every rank, so that all ranks take the same branch."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run folder name chosen from rank 0's clock)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's parameters and buffers of ``module`` copied into every rank's, in place."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+def _comm_device(info: DistInfo) -> torch.device:
+    """Where the process group's collectives take tensors: this rank's GPU for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_strided(rows: torch.Tensor | None, n: int, info: DistInfo) -> torch.Tensor:
+    """Every rank's rows of a strided shard, assembled on every rank in item order.
+
+    Rank ``r`` holds the rows of items ``r, r + W, r + 2W, ...`` of ``n`` items (``W`` ranks), stacked on
+    dim 0; ``rows`` is None on a rank that has none to give (its rows come back as zeros, e.g. a shard
+    whose every image failed to decode), as long as one rank has rows (they give the shape and dtype).
+    Returns the ``n`` rows on the CPU.
+    """
+    if not info.enabled:
+        if rows is None:
+            raise ValueError("gather_strided: no rows")
+        return rows
+    world, rank = info.world_size, info.rank
+    mine = len(range(rank, n, world))
+    meta = gather_objects(None if rows is None else (tuple(rows.shape[1:]), str(rows.dtype)), info)
+    known = next((m for m in meta if m is not None), None)
+    if known is None:
+        raise ValueError("gather_strided: no rank has rows")
+    tail, dtype = known[0], getattr(torch, known[1].replace("torch.", ""))
+    per = -(-n // world)
+    dev = _comm_device(info)
+    padded = torch.zeros((per, *tail), dtype=dtype, device=dev)
+    if rows is not None and mine:
+        padded[:mine] = rows[:mine].to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *tail), dtype=dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part[:len(range(r, n, world))].cpu()
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when distributed, else ``model`` itself.
+
+    DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts identical.
+    """
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    # Frozen parameters (requires_grad=False) are not registered for gradient reduction, so
+    # find_unused_parameters is not needed. Buffers are broadcast from rank 0 each forward so that
+    # BatchNorm statistics stay identical across ranks when bn="train".
+    return DDP(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):       # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif hasattr(model, "module") and type(model).__name__ == "DistributedDataParallel":
+            model = model.module
+        else:
+            return model
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group (call once, at the very end of the job)."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""Freeze depth from the dataset size (pure logic, no torch): the lecture's transfer-learning table.
+
+small data  -> train the new head only (the pretrained features are better than what few images teach)
+medium data -> also finetune the last few stages
+large data  -> finetune everything
+The decision carries a one-sentence reason that the CLI prints, so the user knows how to override it.
+The BatchNorm statistics default follows where the weights come from (:func:`default_bn`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.core.errors import ConfigError
+
+__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn"]
+
+
+@dataclass(frozen=True)
+class FreezeDecision:
+    """How many of the last stages train besides the head, and why.
+
+    Attributes:
+        trainable_stages: k in apply_freeze (0 = head only, n_stages = everything).
+        label: short description of what trains: "head", "head + last 2 stages" or "all".
+        reason: one sentence for the printout, e.g.
+            "156 images, 4 classes, 39 per class: small -> training the head only; pass --freeze to override".
+    """
+
+    trainable_stages: int
+    label: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trainable_stages": self.trainable_stages, "label": self.label, "reason": self.reason}
+
+
+def _label(k: int, n_stages: int) -> str:
+    if k >= n_stages and n_stages > 0:
+        return "all"
+    if k == 0:
+        return "head"
+    return f"head + last {k} stage{'s' if k != 1 else ''}"
+
+
+def _what(k: int, n_stages: int) -> str:
+    if k >= n_stages and n_stages > 0:
+        return "training every layer"
+    if k == 0:
+        return "training the head only"
+    return f"training the head and the last {k} stage{'s' if k != 1 else ''}"
+
+
+def parse_freeze(freeze: str | int, n_stages: int) -> int | None:
+    """``"head"`` -> 0, ``"none"`` -> n_stages, ``"<k>"`` -> k, ``"auto"`` -> None.
+
+    Raises:
+        ConfigError: not one of those, or k larger than the number of stages (the message says the maximum).
+    """
+    value = str(freeze).strip().lower()
+    if value == "auto":
+        return None
+    if value == "head":
+        return 0
+    if value == "none":
+        return n_stages
+    if value.isdigit():
+        k = int(value)
+        if k > n_stages:
+            raise ConfigError(f"--freeze {k}: this model has {n_stages} stages, so the most is {n_stages} "
+                              "(or use none to train everything)")
+        return k
+    raise ConfigError(f"invalid freeze={freeze!r}: use auto, head, none or a number of stages (0-{n_stages})")
+
+
+def decide_freeze(config: Any, n_images: int, n_classes: int, per_class_min: int, n_stages: int) -> FreezeDecision:
+    """Choose how many stages to finetune.
+
+    ``config.freeze == "auto"`` decides from the dataset size, using the smallest class (a model is only
+    as well-trained as its rarest class):
+    small  (per_class_min < config.small_per_class or n_images < config.small_total) -> head only;
+    large  (per_class_min >= config.large_per_class) -> everything;
+    medium (otherwise) -> the head and the last ``config.medium_stages`` stages.
+    "head", "none" and "<k>" are used as requested.
+
+    Args:
+        config: a FinetuneConfig (freeze, small_per_class, small_total, large_per_class, medium_stages).
+        n_images: training images.
+        n_classes: number of classes.
+        per_class_min: training images in the smallest class.
+        n_stages: stages of the model (classifier excluded).
+
+    Returns:
+        The FreezeDecision with its reason.
+
+    Raises:
+        ConfigError: an invalid freeze value or k larger than n_stages.
+    """
+    k = parse_freeze(config.freeze, n_stages)
+    if k is not None:
+        what = _what(k, n_stages)
+        return FreezeDecision(k, _label(k, n_stages),
+                              f"--freeze {str(config.freeze).strip().lower()} requested: {what}")
+    if n_classes > 0 and per_class_min * n_classes == n_images:
+        per_class = f"{per_class_min} per class"
+    else:
+        per_class = f"at least {per_class_min} per class"
+    sizes = f"{n_images} images, {n_classes} classes, {per_class}"
+    if per_class_min < config.small_per_class or n_images < config.small_total:
+        size, k = "small", 0
+    elif per_class_min >= config.large_per_class:
+        size, k = "large", n_stages
+    else:
+        size, k = "medium", max(0, min(int(config.medium_stages), n_stages))
+    return FreezeDecision(k, _label(k, n_stages),
+                          f"{sizes}: {size} -> {_what(k, n_stages)}; pass --freeze to override")
+
+
+def default_bn(pretrained: bool) -> str:
+    """The BatchNorm statistics policy when the user did not choose one.
+
+    ``"eval"`` for pretrained weights: keep the statistics they were trained with. ``"train"`` for a random
+    init: its running statistics are the initial mean 0 / variance 1, which frozen make every BatchNorm
+    an identity (random-init VGG16 and VGG16-BN trained alike, Inception v3's loss reached 1e10).
+    """
+    return "eval" if pretrained else "train"

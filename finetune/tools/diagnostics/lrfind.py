@@ -1,0 +1,299 @@
+"""The LR range test (the lecture's habit, fastai's ``lr_find``): train a few batches while the LR
+grows exponentially, and suggest where the loss falls fastest."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from finetune.core.config import FinetuneConfig
+from finetune.data import ImageSet
+from finetune.engine import Setup, build_setup, train_one_epoch
+from finetune.core.errors import ConfigError, DivergedError, FinetuneError
+from finetune.tools.features import CachedHeadSteps, FeatureCache
+from finetune.core.io import atomic_write_text
+from finetune.core.monitor import finite, new_figure, save_png
+from finetune.core.optim import set_base_lr
+from finetune.core.seeding import preserved_rng
+
+__all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "smooth_losses", "lr_schedule",
+           "write_lr_plot"]
+
+
+@dataclass
+class LRFindResult:
+    """The LR range test's curve and suggestion (head LR; pretrained layers get x backbone_lr_mult).
+
+    Attributes:
+        lrs, losses, smoothed: per step, the head LR, the raw batch loss and its bias-corrected EMA.
+        suggestion: the suggested head LR, from ``method``.
+        method: "valley" (fastai's rule, the default) or "steepest" (steepest descent of the smoothed loss).
+        valley, steepest: what each rule suggests (None when the curve is too short to tell).
+        stopped_early: the smoothed loss exceeded diverge_factor x its best, or became NaN/inf.
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    method: str
+    valley: float | None
+    steepest: float | None
+    stopped_early: bool
+    decision: Any = None          # the FreezeDecision applied during the test (same as fit's)
+
+    def describe(self) -> str:
+        """One line for the printout: the suggestion, which rule gave it, and the other rule's answer."""
+        other = "steepest" if self.method == "valley" else "valley"
+        other_lr = self.steepest if self.method == "valley" else self.valley
+        tail = f"; {other}: {other_lr:.2e}" if other_lr is not None else ""
+        stop = f", stopped early at {self.lrs[-1]:.2e} (loss diverged)" if self.stopped_early else ""
+        return (f"suggested lr {self.suggestion:.2e} ({self.method} rule{tail}); "
+                f"swept {self.lrs[0]:.1e} -> {self.lrs[-1]:.1e} in {len(self.lrs)} steps{stop}")
+
+
+def lr_schedule(start_lr: float, end_lr: float, steps: int) -> list[float]:
+    """``steps`` LRs growing exponentially from ``start_lr`` to ``end_lr`` (both included)."""
+    if steps == 1:
+        return [float(start_lr)]
+    ratio = end_lr / start_lr
+    return [float(start_lr * ratio ** (i / (steps - 1))) for i in range(steps)]
+
+
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
+    """Exponential moving average with bias correction (so early values are not pulled towards 0)."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1.0 - beta) * loss
+        out.append(avg / (1.0 - beta ** (i + 1)))
+    return out
+
+
+def _window(n: int) -> tuple[int, int]:
+    # Like fastai: ignore the first 10% (the EMA still settles) and the last points (the divergence).
+    if n < 10:
+        return 0, n
+    start, end = n // 10, n - min(5, max(1, n // 10))
+    return (start, end) if end - start >= 3 else (0, n)
+
+
+def suggest_valley(lrs: Sequence[float], smoothed: Sequence[float]) -> int | None:
+    """fastai's valley rule: the longest strictly decreasing run of the smoothed loss (as a longest
+    decreasing subsequence), and a point ~1/2 of the way down it. Returns an index into ``lrs``."""
+    lo, hi = _window(len(smoothed))
+    ys = list(smoothed[lo:hi])
+    n = len(ys)
+    if n < 2:
+        return None
+    lds = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if ys[i] < ys[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+        if lds[max_end] < lds[i]:
+            max_end = i
+            max_start = max(0, max_end - lds[max_end])
+    sections = (max_end - max_start) / 3
+    return lo + min(n - 1, max_start + int(sections) + int(sections / 2))
+
+
+def suggest_steepest(lrs: Sequence[float], smoothed: Sequence[float]) -> int | None:
+    """Where the smoothed loss falls fastest per decade of LR (most negative d loss / d log10 lr)."""
+    lo, hi = _window(len(smoothed))
+    if hi - lo < 2:
+        return None
+    xs = [math.log10(v) for v in lrs[lo:hi]]
+    ys = list(smoothed[lo:hi])
+    best, best_i = math.inf, None
+    for i in range(len(ys)):  # central differences inside, one-sided at the ends (numpy.gradient)
+        a, b = max(0, i - 1), min(len(ys) - 1, i + 1)
+        slope = (ys[b] - ys[a]) / (xs[b] - xs[a])
+        if slope < best:
+            best, best_i = slope, i
+    return None if best_i is None else lo + best_i
+
+
+def write_lr_plot(result: LRFindResult, path: str | Path) -> None:
+    """Smoothed (and raw, faint) loss against LR on a log axis, both suggestions marked (PNG, atomic)."""
+    fig = new_figure(6.4, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="batch loss")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=1.8, label="smoothed loss (EMA)")
+    ax.set_xscale("log")
+    for rule, lr, colour, marker in (("valley", result.valley, "tab:red", "o"),
+                                     ("steepest", result.steepest, "tab:green", "s")):
+        if lr is None:
+            continue
+        i = result.lrs.index(lr)
+        chosen = rule == result.method
+        ax.plot([lr], [result.smoothed[i]], marker=marker, markersize=10 if chosen else 7, color=colour,
+                linestyle="none", label=f"{rule}: {lr:.2e}" + (" (suggested)" if chosen else ""))
+        if chosen:
+            ax.axvline(lr, color=colour, linestyle="--", linewidth=1)
+    # Keep the interesting part readable: clip the divergence tail above (it would squash the curve),
+    # never the minimum below.
+    lo, hi = _window(len(result.smoothed))
+    core = finite(result.smoothed[lo:hi]) or finite(result.smoothed)
+    if core:
+        top, bottom = max(core), min(finite(result.smoothed))
+        pad = 0.1 * (top - bottom) or 0.1 * abs(top) or 0.1
+        ax.set_ylim(bottom - pad, top + 3 * pad)
+    ax.set_xlabel("learning rate (head; pretrained layers x backbone_lr_mult)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test: suggested {result.suggestion:.2e} ({result.method} rule)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _write_lr_csv(result: LRFindResult, path: str | Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", "lr", "loss", "smoothed"])
+    for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+        w.writerow([i, f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}"])
+    atomic_write_text(path, buf.getvalue())
+
+
+class _RangeTest:
+    """The LR range test as the batch kernel's ``after_step`` hook: it records each step's LR and loss, sets
+    the next step's LR, and ends the test after the last LR, at a NaN/inf loss or once the smoothed loss
+    exceeds ``diverge_factor`` x its best."""
+
+    def __init__(self, optimizer, lrs: list[float], smooth: float, diverge_factor: float,
+                 log: Callable[[str], None] | None) -> None:
+        self.optimizer, self.schedule, self.log = optimizer, lrs, log
+        self.smooth, self.factor = smooth, diverge_factor
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.avg, self.best, self.stopped, self.done = 0.0, math.inf, False, False
+        set_base_lr(optimizer, lrs[0])
+
+    def __call__(self, _step: int, loss: torch.Tensor) -> bool:
+        i, lr, value = len(self.lrs), self.schedule[len(self.lrs)], float(loss)
+        if not math.isfinite(value):
+            if not self.lrs:
+                raise DivergedError(f"the loss is {value} at lr {lr:.1e} already; lower --start-lr or check the data")
+            return self._end(stopped=True)
+        self.avg = self.smooth * self.avg + (1.0 - self.smooth) * value
+        sm = self.avg / (1.0 - self.smooth ** (i + 1))
+        self.lrs.append(lr)
+        self.losses.append(value)
+        self.smoothed.append(sm)
+        steps = len(self.schedule)
+        if self.log is not None and (i + 1) % max(1, steps // 10) == 0:
+            self.log(f"lr-find {i + 1}/{steps}: lr {lr:.2e} loss {value:.4f} (smoothed {sm:.4f})")
+        if i > 0 and sm > self.factor * self.best:
+            return self._end(stopped=True)
+        self.best = min(self.best, sm)
+        if i + 1 == steps:
+            return self._end(stopped=False)
+        set_base_lr(self.optimizer, self.schedule[i + 1])
+        return False
+
+    def _end(self, stopped: bool) -> bool:
+        self.stopped, self.done = stopped, True
+        return True
+
+
+def _run_range_test(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | None) -> None:
+    """Epochs 1, 2, ... of the training batches (the setup's loader, or the cached features) through the
+    batch kernel until ``test`` is done."""
+    optimizer, scaler = test.optimizer, setup.amp.make_scaler()
+    for epoch in itertools.count(1):
+        if cached is not None:
+            setup.model.eval()          # the head trains on the features, the rest stays in eval mode
+            out = train_one_epoch(cached.net, cached.batches(epoch), optimizer, None, setup.loss_fn, setup.device,
+                                  amp=setup.amp, scaler=scaler, epoch=epoch, after_step=test, raise_diverged=False)
+        else:
+            setup.seed_train_loader(epoch)      # probe what fit trains: its batches, mixed images, soft targets
+            out = train_one_epoch(setup.model, setup.train_loader, optimizer, None, setup.loss_fn, setup.device,
+                                  amp=setup.amp, scaler=scaler, epoch=epoch, channels_last=setup.channels_last,
+                                  normalize=setup.train_normalize, mix=setup.mix, after_step=test,
+                                  raise_diverged=False)
+        if test.done:
+            return
+        if not out["images"]:     # a source that yields nothing must not spin forever
+            raise FinetuneError("the training loader yielded no batch; check the image folder")
+
+
+def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
+            config: FinetuneConfig, *, head: str, start_lr: float = 1e-7, end_lr: float = 10.0,
+            steps: int = 100, smooth: float = 0.98, diverge_factor: float = 4.0, method: str = "valley",
+            out_png: str | Path | None = None, out_csv: str | Path | None = None, reset_head: bool = True,
+            log: Callable[[str], None] | None = None, feature_cache: FeatureCache | None = None) -> LRFindResult:
+    """The LR range test: train for ``steps`` batches while the LR grows exponentially.
+
+    The test probes exactly what ``fit`` trains: the same setup (``engine.build_setup``: new head,
+    freeze decision, BatchNorm policy, loss, AMP policy, training loader) and optimizer (head at LR,
+    pretrained layers at LR x backbone_lr_mult), on a deep copy inside ``preserved_rng``: the caller's
+    model, its state_dict, ``requires_grad`` flags and modes, and every RNG are exactly as before.
+    When ``fit`` would train the head on cached features (head only, ``fast_head``), so does the test:
+    the backbone runs once, and the head is probed on the features (``feature_cache`` shares them with
+    a later ``fit``); otherwise batches of images run through the whole network.
+
+    Args:
+        start_lr, end_lr, steps: the swept head LRs (log-spaced).
+        smooth: EMA factor for the loss (bias-corrected).
+        diverge_factor: stop once the smoothed loss exceeds this x its best.
+        method: which rule gives ``suggestion``: "valley" (default) or "steepest".
+        out_png, out_csv: where to write the plot and the data (atomic).
+        reset_head: passed to prepare_model (False when the head was already replaced).
+        log: called with a progress line every 10% of the steps.
+        feature_cache: the cached-feature path's banks (see ``finetune.tools.features``).
+    Raises:
+        ConfigError: invalid range/options. DivergedError: the loss is NaN/inf at ``start_lr`` already.
+    """
+    if not (0 < start_lr < end_lr):
+        raise ConfigError(f"lr range {start_lr:g} -> {end_lr:g}: need 0 < start_lr < end_lr, e.g. 1e-7 -> 10")
+    if int(steps) < 5:
+        raise ConfigError(f"steps={steps}: the range test needs at least 5 steps (100 is typical)")
+    if not 0.0 <= smooth < 1.0:
+        raise ConfigError(f"smooth={smooth}: use an EMA factor in [0, 1), e.g. 0.98")
+    if not diverge_factor > 1.0:
+        raise ConfigError(f"diverge_factor={diverge_factor}: must be > 1, e.g. 4")
+    if method not in ("valley", "steepest"):
+        raise ConfigError(f"method={method!r}: choose valley or steepest")
+
+    with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, config,
+                                                          head=head, reset_head=reset_head, copy_model=True,
+                                                          distributed=False, log=log)) as setup:
+        cached = None
+        if setup.head_only and setup.cached_head:
+            cached = CachedHeadSteps(setup, feature_cache, log=log)
+            cached.begin_phase("head")
+        if log is not None:
+            what = "the head on cached features" if cached is not None else "the network"
+            log(f"lr-find: probing {what} ({setup.decision.label}), {steps} steps")
+        test = _RangeTest(setup.optimizer(), lr_schedule(start_lr, end_lr, int(steps)), smooth, diverge_factor, log)
+        _run_range_test(setup, test, cached)
+        lrs, losses, smoothed, stopped = test.lrs, test.losses, test.smoothed, test.stopped
+        decision = setup.decision
+        del setup, test, cached  # free accelerator memory before plotting
+
+    v, s = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed)
+    valley = lrs[v] if v is not None else None
+    steepest = lrs[s] if s is not None else None
+    chosen = valley if method == "valley" else steepest
+    used = method
+    if chosen is None:  # too few points for the requested rule: fall back, and say so
+        chosen, used = (steepest, "steepest") if steepest is not None else (valley, "valley")
+    if chosen is None:
+        chosen, used = lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] / 10.0, "min/10"
+    result = LRFindResult(lrs, losses, smoothed, float(chosen), used, valley, steepest, stopped, decision)
+    if out_csv is not None:
+        _write_lr_csv(result, out_csv)
+    if out_png is not None:
+        write_lr_plot(result, out_png)
+    return result
+

@@ -1,0 +1,153 @@
+"""The lecture's first sanity check: overfit a tiny subset. If the pipeline cannot memorise a few
+fixed batches, something is broken (labels, LR, frozen layers), whatever the data."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from finetune.core.config import FinetuneConfig
+from finetune.data import ImageSet, make_loader
+from finetune.engine import build_setup, to_device, train_one_epoch
+from finetune.core.errors import ConfigError, FinetuneError
+from finetune.core.seeding import preserved_rng
+
+__all__ = ["OverfitResult", "overfit_check", "disable_dropout"]
+
+
+@dataclass
+class OverfitResult:
+    """Whether the pipeline can memorise a few fixed batches (the lecture's first sanity check).
+
+    Attributes:
+        passed: training accuracy reached ``target_acc`` and the loss fell to ``target_loss``.
+        final_loss, final_acc: over the fixed batches, in the last pass (measured while training).
+        steps: optimizer steps taken.
+        verdict: one line saying what the result means and what to check.
+        losses: mean loss of each pass over the batches.
+    """
+
+    passed: bool
+    final_loss: float
+    final_acc: float
+    steps: int
+    verdict: str
+    losses: list[float] = field(default_factory=list)
+    decision: Any = None
+
+
+def disable_dropout(model) -> int:
+    """Set every dropout / drop-path probability to 0 (BatchNorm untouched). Returns how many changed."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p:
+            m.p, changed = 0.0, changed + 1
+        for attr in ("drop_prob", "drop_rate"):  # timm: DropPath.drop_prob, model.drop_rate (head dropout)
+            if isinstance(getattr(m, attr, None), float) and getattr(m, attr):
+                setattr(m, attr, 0.0)
+                changed += 1
+    return changed
+
+
+def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
+                  config: FinetuneConfig, *, head: str, batches: int = 2, max_steps: int = 300,
+                  target_acc: float = 1.0, target_loss: float = 0.05, freeze_all: bool = False,
+                  shuffle_labels: bool = False, reset_head: bool = True,
+                  log: Callable[[str], None] | None = None) -> OverfitResult:
+    """Train on ``batches`` fixed batches until they are memorised, or ``max_steps`` optimizer steps.
+
+    Augmentation, weight decay and dropout are off (the model stays in train mode with every dropout
+    p=0; BatchNorm follows the recipe's ``config.bn``); the freeze decision, head and optimizer are
+    those of ``fit``, on a deep copy of ``model`` (the caller's model is not changed).
+
+    Args:
+        batches: N, the number of fixed batches of ``config.batch_size`` images (drawn with config.seed).
+        max_steps: give up after this many optimizer steps.
+        target_acc, target_loss: the pass criterion, over one full pass of the N batches.
+        freeze_all: freeze every layer *and the head* (nothing trains): a control that must fail, and a
+            way to see the loss of the untrained model.
+        shuffle_labels: draw random labels at every step: a control that must fail (nothing to learn).
+        log: called with a progress line after each pass.
+    Returns:
+        OverfitResult; ``verdict`` is "pipeline can learn: N batches overfit to 100% in S steps" or
+        "cannot even overfit N batches (acc A, loss L): check labels, LR, frozen layers".
+    """
+    if int(batches) < 1 or int(max_steps) < 1:
+        raise ConfigError(f"overfit check: batches={batches}, max_steps={max_steps}: both must be at least 1")
+    # Regularisation off: the point is to see that the pipeline *can* fit, nothing must fight it.
+    cfg = config.replace(augment="none", weight_decay=0.0, mlp_dropout=0.0, label_smoothing=0.0, mixup=0.0,
+                         cutmix=0.0)
+    with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, cfg, head=head,
+                                                          reset_head=reset_head, copy_model=True,
+                                                          distributed=False)) as setup:
+        work, decision, device = setup.model, setup.decision, setup.device
+        disable_dropout(work)
+        if freeze_all:
+            for p in work.parameters():
+                p.requires_grad_(False)
+        trainable = any(p.requires_grad for p in work.parameters())
+        optimizer = setup.optimizer() if trainable else None
+        scaler = setup.amp.make_scaler()
+
+        fixed = _fixed_batches(setup, train_set, int(batches))
+        n_batches = len(fixed)
+        labels = _random_labels(len(train_set.classes), cfg.seed, device) if shuffle_labels else None
+
+        steps, passes, losses = 0, 0, []
+        acc = loss_mean = math.nan
+        passed = False
+        while steps < max_steps or passes == 0:
+            # one pass = one epoch of the batch kernel over the fixed batches; a NaN/inf loss ends the check
+            source = fixed if labels is None else ((x, labels(y)) for x, y in fixed)
+            out = train_one_epoch(work, source, optimizer, None, setup.loss_fn, device, amp=setup.amp,
+                                  scaler=scaler, raise_diverged=False)
+            steps += n_batches if optimizer is not None else 0
+            passes += 1
+            acc, loss_mean = out["acc"], out["loss"]
+            losses.append(loss_mean)
+            if log is not None and (passes <= 3 or passes % 10 == 0):   # a readable trace, not one line a pass
+                log(f"overfit pass {passes}: {steps} steps, loss {loss_mean:.4f}, acc {acc:.1%}")
+            if not math.isfinite(loss_mean):
+                break
+            if acc >= target_acc and loss_mean <= target_loss:
+                passed = True
+                break
+            if optimizer is None:  # nothing can change: one pass tells everything
+                break
+        del setup, work, optimizer
+
+    what = f"{n_batches} batch{'es' if n_batches != 1 else ''}"
+    if passed:
+        verdict = f"pipeline can learn: {what} overfit to {acc:.0%} in {steps} steps"
+    else:
+        verdict = (f"cannot even overfit {what} (acc {acc:.0%}, loss {loss_mean:.3g}): "
+                   "check labels, LR, frozen layers")
+        if not trainable:
+            verdict += " (nothing is trainable: every layer and the head are frozen)"
+    return OverfitResult(passed, loss_mean, acc, steps, verdict, losses, decision)
+
+
+def _fixed_batches(setup, train_set: ImageSet, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """N batches of ``config.batch_size`` training images (drawn with ``config.seed``), on the device: the same
+    images, unaugmented, every pass."""
+    cfg, device = setup.config, setup.device
+    items = list(train_set.items)
+    random.Random(cfg.seed).shuffle(items)
+    subset = type(train_set)(items=items[: n * cfg.batch_size], classes=train_set.classes)
+    loader = make_loader(setup.dataset(subset, train=False), cfg.batch_size, train=False, workers=0,
+                         device=device.type)
+    fixed = [to_device(x, y, device, setup.channels_last, setup.normalize) for x, y in filter(None, loader)]
+    if not fixed:
+        raise FinetuneError("overfit check: no readable training image; check the image folder")
+    return fixed
+
+
+def _random_labels(n_classes: int, seed: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For ``shuffle_labels``: new random labels, shaped as the given ones, at every step (seeded)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return lambda y: torch.randint(0, n_classes, y.shape, generator=gen).to(device)

@@ -1,0 +1,264 @@
+"""The doctor's checks, each on arrays: file facts and pixel fingerprints, exact and near duplicates (leaks
+across splits), out-of-fold label issues of a linear probe, outliers, tiny / extreme-aspect images."""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finetune.data import load_image
+from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
+
+
+# ------------------------------------------------------------------------------------------ files
+THUMB_SIDE = 16    # pixel fingerprint: the image as 16x16 grey levels (see pixel_fingerprint)
+
+
+def pixel_fingerprint(path: str) -> np.ndarray | None:
+    """The image (EXIF-upright, transparency on white, as training sees it) shrunk to 16x16 grey levels,
+    mean-centred and L2-normalised; None when it cannot be decoded.
+
+    Re-encoding and resizing barely move it (cosine >= 0.996 for JPEG q60 / 70 % resized copies of the
+    stamps photos) while different photos stay below 0.93 (docs/doctor.md): the net for near copies that
+    the pretrained features, which JPEG artefacts move more (cosine down to 0.79), let through.
+    """
+    try:
+        im = load_image(path, min_size=THUMB_SIDE * 4).convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    except Exception:  # noqa: BLE001 - an undecodable image has no fingerprint; the scan reports it
+        return None
+    v = np.asarray(im, dtype=np.float32).ravel()
+    v = v - v.mean()
+    n = float(np.linalg.norm(v))
+    return v / n if n > 1e-6 else None      # a flat image matches everything: no fingerprint
+
+
+def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None
+               ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
+    """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
+    (rows of an (N, 256) array, zeros when missing) and whether it exists. Read only."""
+    hashes, sizes = [], []
+    thumbs = np.zeros((len(paths), THUMB_SIDE * THUMB_SIDE), dtype=np.float32)
+    has = np.zeros(len(paths), dtype=bool)
+    for k, p in enumerate(paths):
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            hashes.append(h.hexdigest())
+        except OSError:
+            hashes.append("")
+        try:
+            with Image.open(p) as im:
+                sizes.append(tuple(int(v) for v in im.size))   # header only: no decode
+        except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
+            sizes.append(None)
+        fp = pixel_fingerprint(p) if sizes[-1] is not None else None
+        if fp is not None:
+            thumbs[k], has[k] = fp, True
+        if progress is not None:
+            progress(1)
+    return hashes, sizes, thumbs, has
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+# ------------------------------------------------------------------------------------- duplicates
+def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
+    """Pairs (i < j) with cosine similarity >= threshold, in blocks so memory stays O(block x N).
+
+    A threshold of 1.0 (or more) means identical vectors, compared bit for bit: a float cosine of two
+    vectors that differ lands on 1.0 or just under it depending on the BLAS, so at 1.0 it would decide by
+    rounding. Below 1.0 the cosine is computed in float64, so that rounding moves it by ~1e-15, not ~1e-7.
+    """
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    out: list[tuple[int, int, float]] = []
+    if threshold >= 1.0:
+        seen: dict[bytes, int] = {}
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(z):
+            first = seen.setdefault(row.tobytes(), i)
+            groups.setdefault(first, []).append(i)
+        for members in groups.values():
+            out.extend((a, b, 1.0) for k, a in enumerate(members) for b in members[k + 1:])
+        return sorted(out)
+    zt = torch.from_numpy(z).double()
+    for start in range(0, zt.shape[0], block):
+        sim = zt[start:start + block] @ zt.T
+        rows, cols = torch.nonzero(sim >= threshold, as_tuple=True)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if c > i:
+                out.append((i, c, float(sim[r, c])))
+    return out
+
+
+def _add_near_pairs(pairs: dict, vectors, mask, threshold: float) -> list[tuple[int, int]]:
+    """Pairs of rows of ``vectors`` (those ``mask`` keeps; all if None) at cosine >= ``threshold`` that
+    ``pairs`` lacks, added as near copies; returns the added keys."""
+    added = []
+    if vectors is None or not len(vectors):
+        return added
+    rows = np.flatnonzero(mask) if mask is not None else np.arange(len(vectors))
+    for i, j, sim in _near_pairs(vectors[rows], threshold):
+        key = (int(rows[i]), int(rows[j]))
+        if key not in pairs:
+            pairs[key] = (min(sim, 1.0), False)
+            added.append(key)
+    return added
+
+
+def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequence[str], hashes: Sequence[str],
+                    z: np.ndarray | None, ok: np.ndarray | None, threshold: float,
+                    thumbs: np.ndarray | None = None, has_thumb: np.ndarray | None = None,
+                    pixel_threshold: float = 0.99) -> list[Finding]:
+    """Exact (same sha256) and near copies, one row per pair. Near: cosine >= ``threshold`` on the
+    L2-normalised features ``z``, or >= ``pixel_threshold`` on the pixel fingerprints ``thumbs``.
+
+    Args:
+        paths, splits, labels: per image (relative path, split name, class name).
+        hashes: sha256 per image ("" when unreadable: never matched).
+        z: L2-normalised features (N, D) or None; ok: rows of ``z`` that are valid.
+        thumbs, has_thumb: :func:`pixel_fingerprint` rows and which exist (None: not used).
+    """
+    rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    pairs: dict[tuple[int, int], tuple[float, bool]] = {}
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        if h:
+            by_hash.setdefault(h, []).append(i)
+    for group in by_hash.values():
+        for a in range(len(group)):
+            for b in range(a + 1, len(group)):
+                pairs[(group[a], group[b])] = (1.0, True)
+    _add_near_pairs(pairs, z, ok, threshold)
+    pixel = set(_add_near_pairs(pairs, thumbs, has_thumb, pixel_threshold))
+    findings = []
+    for (i, j), (sim, exact) in pairs.items():
+        # the training-side copy first (leaks), else sorted order: the second copy is the one to drop
+        a, b = sorted((i, j), key=lambda k: (rank.get(splits[k], 9), paths[k]))
+        how = ("exact copy (same bytes)" if exact else f"near copy (16x16 pixels cosine {sim:.4f})"
+               if (i, j) in pixel else f"near copy (feature cosine {sim:.3f})")
+        if splits[a] != splits[b]:
+            kind, keep, drop = "leak", b, a
+            detail = f"{how}: {splits[a]} image also in {splits[b]}"
+        else:
+            keep, drop = a, b
+            kind = "duplicate" if labels[a] == labels[b] else "cross_class_duplicate"
+            detail = how if kind == "duplicate" else f"{how} filed under {labels[a]!s} and {labels[b]!s}"
+        findings.append(Finding(paths[drop], kind, round(sim, 4), paths[keep], splits[drop], labels[drop], detail))
+    return findings
+
+
+# ---------------------------------------------------------------------------------- wrong labels
+def _fit_probe(x, y, n_classes: int, l2: float, iters: int):
+    """Softmax regression by full-batch L-BFGS (strong Wolfe): returns (W, b) as torch tensors."""
+    w = torch.zeros((x.shape[1], n_classes), dtype=x.dtype, requires_grad=True)
+    b = torch.zeros((n_classes,), dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per sample: each class dealt round-robin after a seeded shuffle (stratified)."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(y), dtype=np.int64)
+    offset = 0
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        fold[idx] = (np.arange(len(idx)) + offset) % k
+        offset += len(idx)   # small classes do not all start in fold 0
+    return fold
+
+
+def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
+                 l2: float = 1e-3, iters: int = 200) -> dict[str, np.ndarray]:
+    """Out-of-fold class probabilities of a linear probe and the confident-learning flags.
+
+    Args:
+        z: features (N, D), L2-normalised; y: given labels (N,) in [0, n_classes).
+    Returns:
+        ``probs`` (N, C) out-of-fold, ``suggested`` (N,) the most probable other class,
+        ``score`` (N,) ``p_suggested - p_given``, ``flagged`` (N,) bool: ``p_j >= t_j`` for some other
+        class ``j`` (``t_j``: mean self-confidence of class ``j``), ``thresholds`` (C,).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
+    x = x - x.mean(0, keepdim=True)
+    x = x / x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12) * math.sqrt(x.shape[1])
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    probs = torch.zeros((len(y), n_classes), dtype=torch.float32)
+    fold = _folds(np.asarray(y), folds, seed)
+    threads = torch.get_num_threads()
+    # A small probe is thousands of tiny ops: one thread beats a team that mostly waits
+    # (docs/benchmarks.md, "The doctor's label probe runs on one thread").
+    small = x.numel() * n_classes < 20_000_000
+    if small:
+        torch.set_num_threads(1)
+    try:
+        for k in range(folds):
+            test = torch.from_numpy(fold == k)
+            if not bool(test.any()) or bool(test.all()):
+                continue
+            w, b = _fit_probe(x[~test], yt[~test], n_classes, l2, iters)
+            probs[test] = torch.softmax(x[test] @ w + b, dim=1)
+    finally:
+        torch.set_num_threads(threads)
+    p = probs.numpy().astype(np.float64)
+    n = len(y)
+    given = p[np.arange(n), y]
+    thresholds = np.array([p[y == c, c].mean() if np.any(y == c) else 1.0 for c in range(n_classes)])
+    others = p.copy()
+    others[np.arange(n), y] = -1.0
+    suggested = others.argmax(1)
+    flagged = np.any(others >= thresholds[None, :], axis=1)
+    # Among the classes over their threshold, the most probable is the suggestion (argmax otherwise).
+    over = np.where(others >= thresholds[None, :], others, -1.0)
+    suggested = np.where(flagged, over.argmax(1), suggested)
+    score = p[np.arange(n), suggested] - given
+    return {"probs": p, "suggested": suggested, "score": score, "flagged": flagged, "thresholds": thresholds}
+
+
+# ---------------------------------------------------------------------------------------- outliers
+def find_outliers(z: np.ndarray, y: np.ndarray, n_classes: int, z_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """(robust z-score, flagged) of the distance to the nearest class centroid (cosine distance)."""
+    cents = np.stack([z[y == c].mean(0) if np.any(y == c) else np.zeros(z.shape[1]) for c in range(n_classes)])
+    dist = 1.0 - (z @ l2_normalise(cents).T).max(1)
+    med = np.median(dist)
+    mad = np.median(np.abs(dist - med)) * 1.4826
+    rz = (dist - med) / max(mad, 1e-9)
+    return rz, rz > z_max
+
+
+def file_findings(paths: Sequence[str], splits: Sequence[str], labels: Sequence[str],
+                  sizes: Sequence[tuple[int, int] | None], options: DoctorOptions) -> list[Finding]:
+    """Tiny images and extreme aspect ratios, from the header sizes."""
+    out = []
+    for p, s, c, size in zip(paths, splits, labels, sizes):
+        if size is None:
+            continue
+        w, h = size
+        short, long_ = min(w, h), max(w, h)
+        if short < options.min_side:
+            out.append(Finding(p, "tiny", float(short), "", s, c, f"{w}x{h} px, under {options.min_side} px"))
+        if short > 0 and long_ / short > options.max_aspect:
+            out.append(Finding(p, "aspect", round(long_ / short, 3), "", s, c,
+                               f"{w}x{h} px, aspect {long_ / short:.1f} > {options.max_aspect:g}"))
+    return out
+

@@ -1,0 +1,145 @@
+"""The doctor's vocabulary: its options (thresholds), one finding (a row of findings.csv), the result;
+findings.csv and the exclude list that ``zoo finetune --exclude`` reads."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from finetune.core.io import atomic_write_text, printable_name
+
+FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
+                 "tiny", "aspect", "small_class", "scan_warning")
+CSV_COLUMNS = ("path", "finding", "score", "other", "split", "label", "detail")
+# What ``--exclude findings.csv`` drops: the rows that are about one bad file. Tiny images and extreme
+# aspect ratios are reported but kept (they may be fine for the task); edit the CSV to drop them too.
+EXCLUDE_KINDS = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable")
+SPLIT_ORDER = ("train", "val", "test")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DoctorOptions:
+    """Thresholds of the checks (the defaults are the ones measured in docs/doctor.md)."""
+
+    near_threshold: float = 0.95    # cosine similarity of L2-normalised pooled features: a near copy
+    pixel_threshold: float = 0.99   # or cosine similarity of the 16x16 grey pixel fingerprints
+    # (1.0 for either: identical vectors, compared bit for bit rather than by a float cosine)
+    folds: int = 5                  # out-of-fold probe folds (wrong labels)
+    seed: int = 0                   # fold assignment
+    probe_l2: float = 1e-3          # L2 penalty of the linear probe (on the mean squared weight)
+    probe_iters: int = 100          # L-BFGS iterations per fold
+    outlier_z: float = 5.0          # robust z-score of the distance to the nearest class centroid
+    min_side: int = 64              # px; shorter side below this: "tiny"
+    max_aspect: float = 3.0         # long / short side above this: "aspect"
+    small_class_ratio: float = 0.2  # training images below this fraction of the median class: "small_class"
+
+    def validate(self) -> "DoctorOptions":
+        """Raise ValueError on an option outside its range; returns self."""
+        if not 0.0 < self.near_threshold <= 1.0 or not 0.0 < self.pixel_threshold <= 1.0:
+            raise ValueError(f"near_threshold={self.near_threshold} and pixel_threshold={self.pixel_threshold} "
+                             "must be in (0, 1], e.g. 0.95 and 0.99")
+        if self.folds < 2:
+            raise ValueError(f"folds={self.folds} must be at least 2, e.g. 5")
+        if self.probe_l2 < 0 or self.outlier_z <= 0 or self.min_side < 0 or self.max_aspect < 1:
+            raise ValueError("probe_l2 >= 0, outlier_z > 0, min_side >= 0 and max_aspect >= 1 are required")
+        return self
+
+
+@dataclass
+class Finding:
+    """One row of findings.csv. ``path`` relative to the data root (``""`` for folder-wide findings)."""
+
+    path: str
+    finding: str
+    score: float
+    other: str = ""
+    split: str = ""
+    label: str = ""
+    detail: str = ""
+
+
+@dataclass
+class DoctorResult:
+    """What :func:`run_doctor` found: ``findings`` sorted (FINDING_ORDER, then score, highest first)."""
+
+    root: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    findings: list[Finding]
+    options: DoctorOptions
+    images: int
+    # every labelled image, most suspicious first: (relative path, given class, suggested class, score)
+    label_ranking: list[tuple[str, str, str, float]] = field(default_factory=list)
+    probe_accuracy: float = math.nan      # out-of-fold accuracy of the linear probe
+    seconds: dict[str, float] = field(default_factory=dict)
+    feature_cache_hits: int = 0
+
+    def by_kind(self) -> dict[str, int]:
+        """Number of findings of each kind, in FINDING_ORDER (kinds with none included)."""
+        out = {k: 0 for k in FINDING_ORDER}
+        for f in self.findings:
+            out[f.finding] = out.get(f.finding, 0) + 1
+        return out
+
+
+# -------------------------------------------------------------------------------------- csv, exclude
+def write_findings_csv(findings: Iterable[Finding], path: str | Path) -> None:
+    """findings.csv: CSV_COLUMNS, one row per finding, UTF-8 (atomic)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for f in findings:
+        d = asdict(f)
+        w.writerow([printable_name(str(d[c])) if isinstance(d[c], str) else d[c] for c in CSV_COLUMNS])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) -> list[str]:
+    """Paths listed in ``path``: a findings.csv (its ``path`` column, rows of ``kinds`` only) or a
+    plain list (one path per line, ``#`` comments). Paths are returned as written (relative to the data
+    folder, or absolute).
+
+    Raises:
+        ValueError: the file cannot be read or holds no path.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the exclude file {path}: {e}") from None
+    lines = text.splitlines()
+    out: list[str] = []
+    if lines and lines[0].strip().split(",")[:2] == ["path", "finding"]:
+        for row in csv.DictReader(io.StringIO(text)):
+            if row.get("path") and row.get("finding") in kinds:
+                out.append(row["path"])
+    else:
+        out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return list(dict.fromkeys(out))
+
+
+def exclude_items(report: Any, paths: Sequence[str]) -> tuple[int, list[str]]:
+    """Drop ``paths`` (relative to the report's root, or absolute) from its train and val sets in place.
+
+    Returns:
+        (number of images removed, the listed paths that matched no train/val image).
+    """
+    wanted = {os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p)) for p in paths}
+    seen: set[str] = set()
+    removed = 0
+    for s in (report.train, report.val):
+        keep = []
+        for p, y in s.items:
+            norm = os.path.normpath(p)
+            if norm in wanted:
+                seen.add(norm)
+                removed += 1
+            else:
+                keep.append((p, y))
+        s.items[:] = keep
+    unmatched = sorted(report.relpath(p) for p in wanted - seen)
+    return removed, unmatched

@@ -1,0 +1,192 @@
+"""``run_doctor``: every check on a scanned folder, over the pooled backbone features from the feature cache."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from finetune.data import ImageDataset, ImageSet, build_transform
+from finetune.tools.doctor.checks import l2_normalise, file_facts, file_findings, find_duplicates, find_outliers, label_issues
+from finetune.tools.doctor.findings import FINDING_ORDER, SPLIT_ORDER, DoctorOptions, DoctorResult, Finding, Log
+from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
+
+
+# --------------------------------------------------------------------------------------- features
+def folder_features(report: Any, model: Any, head: str, data_config: dict, config: Any, *,
+                    cache_dir: str | Path | None = None, device: str = "cpu", log: Log | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Pooled features of every split, through the feature cache.
+
+    The key is the one ``finetune.tools.features.fit_head_on_features`` uses for its un-augmented banks
+    (split name, items, backbone digest, data_config, evaluation transform, numerics), so the banks
+    are shared with a head-only finetune that uses the same ``cache_dir`` (on the CPU; on CUDA fit
+    feeds uint8 batches normalised on the GPU, whose transform, and so key, differ).
+
+    Returns:
+        ``(features, valid, hits)``: per split a float32 (N, D) array (zeros where an image failed to
+        decode) and a bool (N,) mask, and how many splits came from the cache.
+    """
+    dev = torch.device(device)
+    model = model.to(dev)
+    amp = bool(getattr(config, "amp", False)) and dev.type == "cuda"
+    channels_last = bool(getattr(config, "channels_last", False)) and dev.type == "cuda"
+    numerics = {"amp": amp, "device": dev.type, "channels_last": channels_last, "views": 0, "seed": None}
+    transform = build_transform(data_config, False, config)
+    cache = FeatureCache(cache_dir, log=log)
+    weights = backbone_digest(model, head)
+    feats: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    hits = 0
+    for split, image_set in report.sets().items():
+        if not len(image_set):
+            continue
+        key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=data_config,
+                                transform=transform, extra=numerics)
+
+        def compute(image_set=image_set) -> FeatureBank:
+            # The dataset's "label" is the item's index, so the rows that decoded are known.
+            indexed = ImageSet([(p, i) for i, (p, _) in enumerate(image_set.items)], list(image_set.classes))
+            f, idx = extract_features(model, head, ImageDataset(indexed, transform), int(config.batch_size),
+                                      dev, workers=int(getattr(config, "workers", 0)), amp=amp,
+                                      channels_last=channels_last)
+            n = len(image_set.items)
+            flat = f.reshape(f.shape[0], -1).float()
+            out = torch.zeros((1, n, flat.shape[1]), dtype=torch.float32)
+            labels = torch.full((n,), -1, dtype=torch.int64)
+            out[0, idx] = flat
+            labels[idx] = torch.tensor([image_set.items[i][1] for i in idx.tolist()], dtype=torch.int64)
+            return FeatureBank(out, labels, tuple(f.shape[1:]))
+
+        bank, hit = cache.get_or_compute(key, compute)
+        hits += int(hit)
+        feats[split] = np.asarray(bank.features[0], dtype=np.float32)
+        valid[split] = np.asarray(bank.labels >= 0)
+    return feats, valid, hits
+
+
+# ------------------------------------------------------------------------------------------ doctor
+def run_doctor(report: Any, model: Any = None, head: str | None = None, data_config: dict | None = None,
+               config: Any = None, *, options: DoctorOptions | None = None, cache_dir: str | Path | None = None,
+               device: str = "cpu", log: Log | None = None, progress: Callable[[str, int], Any] | None = None,
+               features: dict[str, np.ndarray] | None = None) -> DoctorResult:
+    """Every check on a scanned folder. Reads the images, writes nothing but the feature cache.
+
+    Args:
+        report: ``finetune.data.scan_folder(root)``.
+        model, head, data_config, config: the pretrained network (its classifier module name), its
+            preprocessing and a FinetuneConfig (batch_size, workers); model None: ``features`` given.
+        options: thresholds (:class:`DoctorOptions`).
+        cache_dir: feature cache folder (None: in memory, recomputed next time).
+        progress: ``progress(desc, total)`` returns a tqdm-like bar (``update``, ``close``) or None.
+        features: per split (N, D) features instead of running ``model`` (tests, precomputed banks).
+    Raises:
+        ValueError: an option out of range. FinetuneError: from the feature extraction.
+    """
+    options = (options or DoctorOptions()).validate()
+    say = log or (lambda _m: None)
+    seconds: dict[str, float] = {}
+    classes = list(report.classes)
+    sets = report.sets()
+    paths_abs = [p for split in SPLIT_ORDER if split in sets for p, _ in sets[split].items]
+    splits = [split for split in SPLIT_ORDER if split in sets for _ in sets[split].items]
+    label_idx = [int(y) for split in SPLIT_ORDER if split in sets for _, y in sets[split].items]
+    rel = [report.relpath(p) for p in paths_abs]
+    labels = [classes[i] for i in label_idx]
+    n = len(paths_abs)
+
+    t0 = time.perf_counter()
+    bar = progress("hashing files", n) if progress is not None else None
+    hashes, sizes, thumbs, has_thumb = file_facts(paths_abs, (lambda k: bar.update(k)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    seconds["files"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    hits = 0
+    if features is None:
+        if model is None:
+            raise ValueError("run_doctor needs a model (or precomputed features)")
+        features, valid, hits = folder_features(report, model, head, data_config, config, cache_dir=cache_dir,
+                                                device=device, log=log)
+    else:
+        valid = {s: np.ones(len(f), dtype=bool) for s, f in features.items()}
+    seconds["features"] = time.perf_counter() - t0
+    blocks = [features[s] for s in SPLIT_ORDER if s in sets and len(sets[s])]
+    z = l2_normalise(np.concatenate(blocks).astype(np.float32)) if blocks else np.zeros((0, 1), np.float32)
+    ok = np.concatenate([valid[s] for s in SPLIT_ORDER if s in sets and len(sets[s])]) if blocks else \
+        np.zeros(0, bool)
+
+    t0 = time.perf_counter()
+    findings = find_duplicates(rel, splits, labels, hashes, z, ok, options.near_threshold, thumbs, has_thumb,
+                               options.pixel_threshold)
+    seconds["duplicates"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    found, ranking, probe_acc = _probe_findings(z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits, labels,
+                                                classes, options, say)
+    findings += found
+    seconds["probe"] = time.perf_counter() - t0
+
+    findings += file_findings(rel, splits, labels, sizes, options)
+    findings += _scan_findings(report, classes, options)
+    kind_rank = {k: i for i, k in enumerate(FINDING_ORDER)}
+    findings.sort(key=lambda f: (kind_rank.get(f.finding, 99), -f.score if f.finding != "tiny" else f.score,
+                                 f.path))
+    return DoctorResult(root=str(report.root), classes=classes, counts=report.counts(), findings=findings,
+                        options=options, images=n, label_ranking=ranking, probe_accuracy=probe_acc,
+                        seconds=seconds, feature_cache_hits=hits)
+
+
+def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str], splits: list[str],
+                    labels: list[str], classes: list[str], options: DoctorOptions, say: Log
+                    ) -> tuple[list[Finding], list[tuple[str, str, str, float]], float]:
+    """Wrong labels (out-of-fold probe) and outliers over the images whose features are valid (``ok``).
+
+    Returns:
+        (findings, every image ranked by the probe's suspicion, the probe's out-of-fold accuracy).
+    """
+    findings: list[Finding] = []
+    rows = np.flatnonzero(ok)
+    ranking: list[tuple[str, str, str, float]] = []
+    probe_acc = math.nan
+    present = np.unique(y[rows]) if len(rows) else np.zeros(0, np.int64)
+    if len(present) >= 2 and len(rows) >= 2 * options.folds:
+        li = label_issues(z[rows], y[rows], len(classes), folds=options.folds, seed=options.seed,
+                          l2=options.probe_l2, iters=options.probe_iters)
+        probe_acc = float((li["probs"].argmax(1) == y[rows]).mean())
+        order = np.argsort(-li["score"], kind="stable")
+        for k in order:
+            i = int(rows[k])
+            ranking.append((rel[i], labels[i], classes[int(li["suggested"][k])], float(li["score"][k])))
+            if li["flagged"][k]:
+                p_sug = li["probs"][k, li["suggested"][k]]
+                findings.append(Finding(rel[i], "wrong_label", round(float(li["score"][k]), 4),
+                                        classes[int(li["suggested"][k])], splits[i], labels[i],
+                                        f"labelled {labels[i]}, probe says {classes[int(li['suggested'][k])]} "
+                                        f"(p={p_sug:.2f} vs {li['probs'][k, y[i]]:.2f})"))
+        rz, out = find_outliers(z[rows], y[rows], len(classes), options.outlier_z)
+        for k in np.flatnonzero(out):
+            i = int(rows[k])
+            findings.append(Finding(rel[i], "outlier", round(float(rz[k]), 3), "", splits[i], labels[i],
+                                    f"far from every class centroid (robust z {rz[k]:.1f})"))
+    else:
+        say("doctor: fewer than two classes or too few images for the label and outlier checks")
+    return findings, ranking, probe_acc
+
+
+def _scan_findings(report: Any, classes: list[str], options: DoctorOptions) -> list[Finding]:
+    out = [Finding(report.relpath(p), "unreadable", 1.0, "", "", "", reason) for p, reason in report.bad_files]
+    counts = report.train.class_counts()
+    nonzero = [c for c in counts if c > 0]
+    median = float(np.median(nonzero)) if nonzero else 0.0
+    for name, c in zip(classes, counts):
+        if median and c < options.small_class_ratio * median:
+            out.append(Finding(name, "small_class", round(c / median, 3), "", "train", name,
+                               f"{c} training images, the median class has {median:g}"))
+    out += [Finding("", "scan_warning", 0.0, "", "", "", w) for w in report.warnings]
+    return out
+

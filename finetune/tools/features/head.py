@@ -1,0 +1,371 @@
+"""The head phase on cached features: when every parameter outside the head is frozen, the backbone
+computes the same features every epoch (it runs in eval mode: BatchNorm uses its stored statistics,
+dropout and drop-path are off), so re-running it is pure waste. :class:`CachedHeadSteps` computes them
+once per view and is the head phase's epoch source in ``fit``'s loop (``finetune.engine.Trainer``):
+
+* view 0, the un-augmented (evaluation-transform) view, always used for validation; for training, when
+  the training augmentation flips (``augment`` with ``hflip > 0``), also its horizontal mirror: the one
+  augmentation that is fixed, so a solved head sees twice the images at the cost of one more pass
+  (measured on real photos: docs/peers.md); ``--hflip 0`` keeps one view, for data whose mirror is
+  another class;
+* with ``config.aug_views = K > 0`` instead, K randomly augmented views per training image.
+Each epoch of the gradient solver draws one view per image; the L-BFGS solver fits all views at once.
+
+Everything else is the engine's: the loss, optimizer and scheduler of the setup, the batch kernel
+(``engine.train_one_epoch`` / ``evaluate`` over batches of features), the batch order of the setup's
+training loader (``data.train_batches``, iterated without a DataLoader), early stopping, the history
+and the run folder. As in the slow head phase the whole model is in eval mode and only the head trains, so dropout
+before the classifier (timm's ``drop_rate``) and stochastic depth are off in both paths; an MLP head's
+own BatchNorm and Dropout train normally in both.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from finetune.core import distributed as ddp
+from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
+from finetune.data.transforms import augment_mode
+from finetune.engine.setup import Setup
+from finetune.engine.steps import evaluate, train_one_epoch
+from finetune.core.errors import FinetuneError
+from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
+from finetune.tools.features.extract import _extract, _logits
+
+__all__ = ["CachedHeadSteps"]
+
+# Feature banks bigger than this stay on the host and are gathered per batch on an accelerator.
+_DEVICE_RESIDENT_BYTES = 4 << 30
+# head_solver="lbfgs": the inverse L2 strengths tried (scikit-learn's C; L2 = 1 / (C x N) on the mean loss),
+# strongest first, each warm-started from the last; the best on the validation split is kept.
+SOLVER_C = tuple(10.0 ** k for k in range(-2, 5))
+SOLVER_MAX_ITER = 500
+Log = Callable[[str], None]
+
+
+def mirror_view(config) -> bool:
+    """The cached head's training features include each image's mirror (see the module docstring)."""
+    return not int(config.aug_views or 0) and augment_mode(config) != "none" and float(config.hflip) > 0
+
+
+class _Targets(torch.utils.data.Dataset):
+    """Stands in for the training dataset when building its batch order (``data.train_batches``): same
+    length and ``targets`` (the balanced sampler's weights), no images."""
+
+    def __init__(self, image_set) -> None:
+        self.targets = [int(y) for _, y in image_set.items]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class FeatureHead(nn.Module):
+    """The head as the batch kernel runs it on features: ``head(x)``, a 1x1-conv head's output flattened."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.head, x)
+
+
+class CachedHeadSteps:
+    """The head phase's epochs on cached features (see the module docstring).
+
+    Args:
+        setup: the shared setup (its model's backbone must be frozen when a phase begins).
+        cache: where banks are kept: a :class:`FeatureCache` shared between runs (a sweep's trials, the
+            LR range test before ``fit``) computes each bank once; None = in memory for this run.
+        log: one-line messages (cache hits, extraction speed, decode failures).
+    """
+
+    label = " (cached features)"
+
+    def __init__(self, setup: Setup, cache: FeatureCache | None = None, log: Log | None = None) -> None:
+        self.s = setup
+        self.cache = cache if cache is not None else FeatureCache(None)
+        self.say = log or (lambda _msg: None)
+        self._failures: dict[str, str] = {}
+        self._ready = False
+        self.solver_path: list[dict] = []   # the L-BFGS solve: per L2 strength, its val loss/acc (summary.json)
+        self.val_probs: torch.Tensor | None = None     # of the last evaluate() (see FitResult.val_probs)
+        self.val_correct: torch.Tensor | None = None   # of the last evaluate(): hits on the decoded images
+        self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
+        self._prep_seconds = 0.0
+        self.net = FeatureHead(setup.head_module)      # what the kernel trains and evaluates
+
+    @property
+    def ready(self) -> bool:
+        """The features are computed (a phase began)."""
+        return self._ready
+
+    # ----------------------------------------------------------------------------- features
+    def begin_phase(self, phase: str) -> None:
+        s = self.s
+        trainable = [n for n, p in s.model.named_parameters() if p.requires_grad and not _strip(n, s.head)]
+        if trainable:
+            raise FinetuneError(f"the fast head path needs a frozen backbone, but {trainable[0]} is trainable; "
+                                "freeze the backbone or run with fast_head off")
+        if self._ready:
+            return
+        t0 = time.perf_counter()
+        views = int(s.config.aug_views or 0)
+        output, self.normalize = s.features_io
+        eval_tf = build_transform(s.data_config, False, s.config, output=output)
+        weights = backbone_digest(s.model, s.head)
+        train_tf = build_transform(s.data_config, True, s.config, output=output) if views > 0 else eval_tf
+        self.train_bank = self._bank("train", s.train_set, train_tf, views, weights, mirror=mirror_view(s.config))
+        self.val_bank = (self._bank("val", s.val_set, eval_tf, 0, weights) if s.has_val else None)
+        if self.val_bank is not None and self.val_bank.feature_shape != self.train_bank.feature_shape:
+            raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
+        dev = s.device
+        self.train_feats = _bank_to(self.train_bank, dev)
+        self.shape = self.train_bank.feature_shape
+        if self.val_bank is not None:
+            self.val_feats = _bank_to(self.val_bank, dev)[0]
+            self.val_labels = self.val_bank.labels[self.val_bank.valid]
+            self.val_rows = self.val_bank.valid.nonzero().squeeze(1)
+        self.bank_labels = self.train_bank.labels.tolist()
+        # The setup's own training order (sampler, seed, drop_last), iterated without a DataLoader. Under
+        # torchrun every rank takes the one-process order (rank 0's) on all the features: the head trains as
+        # in one process, and rank 0's is broadcast after each epoch.
+        c = s.config
+        self.order = train_batches(_Targets(s.train_set), int(c.batch_size), sampler=c.sampler, seed=int(c.seed))
+        self._ready = True
+        self._prep_seconds = time.perf_counter() - t0
+
+    def _bank(self, split: str, image_set, transform, n_views: int, weights: str,
+              mirror: bool = False) -> FeatureBank:
+        """One split's features: the view of ``transform`` (``n_views`` = 0), or ``n_views`` seeded random
+        views of it; ``mirror`` (with ``n_views`` = 0): plus its horizontal mirror."""
+        s = self.s
+        seed = int(s.config.seed)
+        # An un-mirrored single view has the key finetune.tools.doctor.folder_features gives it (shared banks).
+        extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
+                 "views": n_views, "seed": seed if n_views else None}
+        if mirror:
+            extra["mirror"] = True
+        key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
+                                transform=transform, extra=extra)
+        total_views = max(1, n_views) * (2 if mirror else 1)
+
+        info = s.info
+
+        def compute() -> FeatureBank:
+            t0 = time.perf_counter()
+            # under torchrun each rank extracts its strided shard of the images; all ranks get every row
+            shard = image_set.items[info.rank::info.world_size] if info.enabled else image_set.items
+            ds = ImageDataset(ImageSet(shard, image_set.classes), transform)
+            parts = []
+            for v in range(max(1, n_views)):
+                # Augmented views are drawn reproducibly: the transforms use torch's RNG, seeded per view
+                # (workers get seeds from the loader generator). The global RNG is forked and restored so
+                # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed * 1_000_003 + v)
+                    parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
+                                          workers=int(s.config.workers), amp=s.amp,
+                                          channels_last=s.channels_last, seed=seed * 1_000_003 + v,
+                                          desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
+                                          quiet=bool(s.config.quiet) or not info.is_main,
+                                          normalize=self.normalize, mirror=mirror, allow_empty=info.enabled))
+            bank = _gather_bank(parts, len(image_set.items), info)
+            for failed in ddp.gather_objects(ds.failures(), info):   # reported once, with the loop's,
+                for path, reason in failed:                          # at the end of fit
+                    self._failures.setdefault(path, reason)
+            dt = time.perf_counter() - t0
+            n = len(image_set.items) * total_views
+            self.say(f"features: {split} {len(image_set.items)} images x {total_views} view(s) computed in "
+                     f"{dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
+            return bank
+
+        if info.enabled:     # every rank takes the same branch: all load, or all extract their shard
+            bank = self.cache.load(key)
+            hit = ddp.all_true(bank is not None, s.device, info)
+            if not hit:
+                bank = compute()
+                if info.is_main:
+                    self.cache.save(key, bank)
+        else:
+            bank, hit = self.cache.get_or_compute(key, compute)
+        if hit:
+            self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
+        return bank
+
+    def failures(self) -> dict[str, str]:
+        return dict(self._failures)
+
+    # ----------------------------------------------------------------------------- batches
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s training batches of features ``(x, y)`` on the device, in the training loader's
+        order (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
+        s = self.s
+        n_views = self.train_bank.views
+        if n_views > 1:
+            g = torch.Generator().manual_seed(int(s.config.seed) * 7919 + epoch)
+            view_of = torch.randint(n_views, (len(self.train_bank),), generator=g).to(self.train_feats.device)
+        set_epoch_order(self.order.sampler, int(s.config.seed), epoch)
+        for batch in self.order:
+            keep = [i for i, _seed in batch if self.bank_labels[i] >= 0]
+            if not keep:
+                continue
+            idx = torch.tensor(keep, dtype=torch.int64)
+            y = self.train_bank.labels[idx]
+            idx = idx.to(self.train_feats.device)
+            x = self.train_feats[view_of[idx], idx] if n_views > 1 else self.train_feats[0, idx]
+            yield (x.to(s.device, non_blocking=True).reshape(-1, *self.shape),
+                   y.to(s.device, non_blocking=True))
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation features ``(x, y)`` on the device, in val_set order, batch by batch."""
+        s = self.s
+        bs = int(s.config.batch_size)
+        for start in range(0, int(self.val_rows.shape[0]), bs):
+            r = self.val_rows[start:start + bs]
+            x = self.val_feats[r.to(self.val_feats.device)].to(s.device, non_blocking=True)
+            yield x.reshape(-1, *self.shape), self.val_labels[start:start + bs].to(s.device)
+
+    @property
+    def solves(self) -> bool:
+        """A linear head with ``head_solver="lbfgs"``: the phase is one convex solve, not epochs of SGD."""
+        return self.s.config.head_solver == "lbfgs" and isinstance(self.s.head_module, torch.nn.Linear)
+
+    def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
+        out = self._solve() if self.solves else self._gradient_epoch(epoch, optimizer, scheduler, scaler)
+        # Every rank trained the same head on the same features; rank 0's is made everyone's, so that
+        # no GPU's rounding can leave the ranks with different heads.
+        ddp.broadcast_module(self.s.head_module, self.s.info)
+        return out
+
+    def _gradient_epoch(self, epoch: int, optimizer, scheduler, scaler) -> dict:
+        s = self.s
+        s.model.eval()       # as in the slow head phase: the whole model in eval mode, the head trains
+        out = train_one_epoch(self.net, self.batches(epoch), optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
+                              scaler=scaler, epoch=epoch)
+        # the first epoch pays for the extraction: its seconds and speed say so
+        out["seconds"] += self._prep_seconds
+        out["images_per_s"] = out["images"] / max(out["seconds"], 1e-9)
+        self._prep_seconds = 0.0
+        return out
+
+    def _solve(self) -> dict:
+        """Multinomial logistic regression of the head on the training features: full-batch L-BFGS to
+        convergence for each L2 strength of SOLVER_C, the one with the best validation accuracy (then loss)
+        kept; without a validation split, L2 = ``config.weight_decay``. Returns the epoch's train metrics
+        with ``phase_done``: a converged head needs no more epochs.
+
+        The objective is the setup's training loss, so ``label_smoothing`` smooths it too (still convex:
+        cross-entropy against fixed soft targets); C is picked on the plain validation loss/accuracy."""
+        s = self.s
+        t0 = time.perf_counter()
+        head = s.head_module
+        views = self.train_bank.views
+        ok = self.train_bank.valid
+        x = self.train_feats[:, ok.to(self.train_feats.device)].reshape(views * int(ok.sum()), -1)
+        x = x.to(s.device).float()
+        y = self.train_bank.labels[ok].repeat(views).to(s.device)
+        n = int(y.shape[0])
+        strengths = ([(c, 1.0 / (c * n)) for c in SOLVER_C] if self.val_bank is not None
+                     else [(None, float(s.config.weight_decay))])
+        w, b = head.weight, head.bias
+        best = None
+        path: list[dict] = []
+        with torch.no_grad():     # convex: start from zero, then warm-start each weaker L2 from the last
+            w.zero_()
+            if b is not None:
+                b.zero_()
+        head.train()
+        for c, l2 in strengths:
+            opt = torch.optim.LBFGS([p for p in (w, b) if p is not None], lr=1.0, max_iter=SOLVER_MAX_ITER,
+                                    history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-7,
+                                    tolerance_change=1e-10)
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = s.loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
+                loss.backward()
+                return loss
+
+            with torch.enable_grad():
+                opt.step(closure)
+            va = self.evaluate()
+            if c is not None:
+                path.append({"C": c, "l2": l2, "val_loss": va["loss"], "val_acc": va["acc"]})
+            key = (va["acc"], -va["loss"]) if self.val_bank is not None else (0.0, 0.0)
+            if best is None or key > best[0]:
+                best = (key, c, l2, w.detach().clone(), None if b is None else b.detach().clone(), va)
+        _, c, l2, bw, bb, va = best
+        self.solver_path = [dict(p, chosen=p["C"] == c) for p in path]
+        with torch.no_grad():
+            w.copy_(bw)
+            if b is not None:
+                b.copy_(bb)
+            logits = torch.nn.functional.linear(x, w, b)
+            loss = float(s.loss_fn(logits, y))
+            acc = float((logits.argmax(1) == y).float().mean())
+        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
+                  f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
+        self.say(f"head: L-BFGS on cached features to convergence, {picked}")
+        seconds = time.perf_counter() - t0 + self._prep_seconds
+        self._prep_seconds = 0.0
+        return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
+                "phase_done": True}
+
+    def evaluate(self, full: bool = False) -> dict:
+        """Mean loss and accuracy of the head over the validation features (``engine.evaluate``; the head's
+        mode restored after); with ``full``, per-class accuracy and the confusion matrix too (the features
+        are exactly what the head sees there: no second pass through the backbone).
+        ``val_probs`` then holds each validation image's softmax (None if an image failed to decode)."""
+        self.val_probs = self.val_correct = self.val_losses = None
+        if self.val_bank is None:
+            return {"loss": math.nan, "acc": math.nan}
+        s = self.s
+        was = s.head_module.training
+        probs: list = []
+        correct: list = []
+        losses: list = []
+        try:
+            out = evaluate(self.net, self.val_batches(), s.eval_loss_fn, s.device, s.classes, amp=s.amp,
+                           probs=probs, correct=correct, losses=losses)
+        finally:
+            s.head_module.train(was)
+        self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+        self.val_losses = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+        if s.info.enabled and len(self.val_correct):
+            # the head guard pairs these with LoaderSteps' on this rank's strided shard, and combines
+            # the ranks' evidence: each rank keeps its own images'
+            mine = (self.val_rows % s.info.world_size == s.info.rank).cpu()
+            self.val_correct, self.val_losses = self.val_correct[mine], self.val_losses[mine]
+        if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
+            self.val_probs = torch.cat(probs)
+        return out if full else {"loss": out["loss"], "acc": out["acc"]}
+
+
+def _gather_bank(parts: list[FeatureBank | None], n: int, info: ddp.DistInfo) -> FeatureBank:
+    """One split's bank from this process's parts (one per view; None: no image of the shard decoded):
+    under torchrun, the ranks' strided shards gathered in item order, on every rank."""
+    views = [p for p in parts if p is not None]
+    if not info.enabled:
+        return FeatureBank(torch.cat([p.features for p in views]), views[0].labels, views[0].feature_shape)
+    shape = next((sh for sh in ddp.gather_objects(views[0].feature_shape if views else None, info)
+                  if sh is not None), None)
+    if shape is None:
+        raise FinetuneError("no image of this split could be decoded; check the data folder")
+    mine = len(range(info.rank, n, info.world_size))
+    feats = torch.cat([p.features for p in views]).transpose(0, 1).contiguous() if views else None
+    labels = views[0].labels if views else torch.full((mine,), -1, dtype=torch.int64)
+    all_feats = ddp.gather_strided(feats, n, info).transpose(0, 1).contiguous()
+    return FeatureBank(all_feats, ddp.gather_strided(labels, n, info), tuple(shape))
+
+
+def _bank_to(bank: FeatureBank, device: torch.device) -> torch.Tensor:
+    feats = bank.features
+    if device.type != "cpu" and feats.numel() * 4 <= _DEVICE_RESIDENT_BYTES:
+        return feats.to(device)
+    return feats
+

@@ -1,0 +1,248 @@
+"""The two HTML pages: ``DOCTOR/report.html`` (what ``finetune.tools.doctor`` found) and ``RUN/report.html``
+(a run folder drawn as one page). Both are single self-contained files (finetune.tools.htmlpage): inline CSS
+and SVG, thumbnails as data: URIs, no script and no external URL; every user string is escaped.
+
+The run page reads only what the run folder holds (scan.json, summary.json, config.yaml, metrics.csv);
+the most confidently wrong validation images need the model's predictions, which the caller passes in
+(``zoo.jobs.report`` computes them with the exported bundle).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
+from finetune.core.io import atomic_write_text, load_yaml
+
+__all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history"]
+
+_FINDING_TITLES = {
+    "leak": "Leaks: the same image in two splits", "cross_class_duplicate": "Copies filed under two classes",
+    "duplicate": "Duplicates within a class", "wrong_label": "Likely wrong labels",
+    "outlier": "Outliers: far from every class", "unreadable": "Unreadable files", "tiny": "Tiny images",
+    "aspect": "Extreme aspect ratios", "small_class": "Small classes", "scan_warning": "Scan warnings",
+}
+_WITH_IMAGES = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier")
+
+
+def _figure(path: Path, caption: str, size: int = 160) -> str:
+    uri = thumbnail_uri(str(path), size)
+    img = f"<img src=\"{uri}\" alt=\"{esc(path.name)}\" loading=\"lazy\">" if uri else "<p>(unreadable)</p>"
+    return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
+
+
+def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) -> str:
+    """The doctor page: counts, then each kind of finding (the first ``per_kind`` with thumbnails)."""
+    root = Path(result.root)
+    counts = result.by_kind()
+    cards = "".join(f"<div class=\"card\"><b class=\"{'bad' if n else 'ok'}\">{n}</b>{esc(k.replace('_', ' '))}</div>"
+                    for k, n in counts.items())
+    per_split = [[c] + [result.counts[s].get(c, 0) for s in result.counts] for c in result.classes]
+    body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
+                    f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
+                    f"{result.probe_accuracy:.3f}; near-duplicate threshold cosine "
+                    f"{result.options.near_threshold:g}.</p>"),
+            section("Images per class", table(["class", *result.counts], per_split))]
+    by_kind: dict[str, list] = {}
+    for f in result.findings:
+        by_kind.setdefault(f.finding, []).append(f)
+    for kind, items in by_kind.items():
+        shown = items[:per_kind]
+        rows = table(["path", "score", "other / suggested", "split", "class", "detail"],
+                     [[f.path, float(f.score), f.other, f.split, f.label, f.detail] for f in shown])
+        more = f"<p>{len(items) - len(shown)} more in findings.csv.</p>" if len(items) > len(shown) else ""
+        figs = ""
+        if kind in _WITH_IMAGES:
+            cells = []
+            for f in shown[:12]:
+                cap = f"<span class=\"path\">{esc(f.path)}</span><br>{esc(f.detail)}"
+                cells.append(_figure(root / f.path, cap))
+                if kind in ("leak", "duplicate", "cross_class_duplicate") and f.other:
+                    cells.append(_figure(root / f.other, f"<span class=\"path\">{esc(f.other)}</span><br>its copy"))
+            figs = f"<div class=\"grid\">{''.join(cells)}</div>"
+        body.append(section(f"{_FINDING_TITLES.get(kind, kind)} ({len(items)})", figs + rows + more))
+    if not result.findings:
+        body.append(section("Findings", "<p class=\"ok\">Nothing found.</p>"))
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    body.append(f"<p class=\"sub\">Time: {esc(secs)}.</p>")
+    return page(title or "zoo doctor", f"{result.root}", "".join(body))
+
+
+# ------------------------------------------------------------------------------------ run report
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """metrics.csv rows with numbers as floats (empty / unparsable cells: NaN)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            out: dict[str, Any] = {}
+            for k, v in row.items():
+                try:
+                    out[k] = float(v) if k != "phase" else v
+                except (TypeError, ValueError):
+                    out[k] = math.nan
+            rows.append(out)
+    return rows
+
+
+def precision_recall(classes: Sequence[str], confusion: Sequence[Sequence[int]]) -> list[list[Any]]:
+    """[class, precision, recall, f1, support] per class from a confusion matrix (rows: true)."""
+    out = []
+    for i, name in enumerate(classes):
+        tp = confusion[i][i]
+        support = sum(confusion[i])
+        predicted = sum(row[i] for row in confusion)
+        p = tp / predicted if predicted else math.nan
+        r = tp / support if support else math.nan
+        f1 = 2 * p * r / (p + r) if predicted and support and (p + r) else math.nan
+        out.append([name, p, r, f1, int(support)])
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (),
+                    excluded: Sequence[str] = ()) -> str:
+    """The run page from the files in ``run_dir``.
+
+    Args:
+        mistakes: the most confidently wrong validation images, worst first: dicts with ``path``
+            (absolute), ``true``, ``predicted``, ``prob``.
+        excluded: paths left out of the run (``zoo finetune --exclude``).
+    """
+    run = Path(run_dir)
+    scan, summary = _read_json(run / "scan.json"), _read_json(run / "summary.json")
+    model = _read_json(run / "model.json")
+    body = []
+
+    # --- result first: what a reader looks for
+    metrics = summary.get("metrics") or {}
+    cards = [("best epoch", summary.get("best_epoch", "-")),
+             ("val acc", f"{metrics['val_acc']:.3f}" if isinstance(metrics.get("val_acc"), float) else "-"),
+             ("val loss", f"{metrics['val_loss']:.4f}" if isinstance(metrics.get("val_loss"), float) else "-"),
+             ("epochs run", summary.get("epochs_run", "-")),
+             ("seconds", f"{summary['seconds']:.0f}" if isinstance(summary.get("seconds"), (int, float)) else "-")]
+    body.append(section("Result", "<div class=\"cards\">" + "".join(
+        f"<div class=\"card\"><b>{esc(v)}</b>{esc(k)}</div>" for k, v in cards) + "</div>"))
+
+    advice = summary.get("advice") or []
+    body.append(section("Advice", "<ul class=\"advice\">" + "".join(f"<li>{esc(a)}</li>" for a in advice) + "</ul>"
+                        if advice else "<p class=\"ok\">No advice fired: the curves look healthy.</p>"))
+
+    # --- data
+    if scan:
+        body.append(_data_section(scan, excluded))
+
+    # --- freeze decision
+    freeze = summary.get("freeze") or {}
+    if freeze:
+        body.append(section("Freeze decision", f"<p><b>{esc(freeze.get('label', ''))}</b> "
+                            f"({esc(freeze.get('trainable_stages', ''))} trainable stage(s)): "
+                            f"{esc(freeze.get('reason', ''))}</p>"))
+
+    # --- curves
+    if (run / "metrics.csv").is_file():
+        body.append(_curves_section(run, summary))
+
+    # --- per class
+    conf = metrics.get("confusion")
+    classes = summary.get("classes") or model.get("classes") or []
+    if conf and classes:
+        body.append(section("Per class (validation, best weights)",
+                            table(["class", "precision", "recall", "F1", "support"], precision_recall(classes, conf))
+                            + "<h3>Confusion matrix</h3>" + heatmap(classes, conf)))
+
+    # --- mistakes
+    if mistakes:
+        figs = "".join(_figure(Path(m["path"]), f"<b>{esc(m['predicted'])}</b> ({m['prob']:.2f}), "
+                               f"true {esc(m['true'])}<br><span class=\"path\">{esc(Path(m['path']).name)}</span>")
+                       for m in mistakes)
+        body.append(section("Most confidently wrong validation images", f"<div class=\"grid\">{figs}</div>"))
+    elif conf:
+        body.append(section("Most confidently wrong validation images", "<p>None (or not computed).</p>"))
+
+    # --- config
+    if (run / "config.yaml").is_file():
+        body.append(_config_section(run / "config.yaml"))
+    sub = f"{model.get('model', '')} ({model.get('builder', '')}) - {run}"
+    return page(f"Run report: {model.get('model') or run.name}", sub, "".join(body))
+
+
+def _data_section(scan: dict[str, Any], excluded: Sequence[str]) -> str:
+    """The data section: images per class and split, skipped and excluded files, the scan's warnings."""
+    counts = scan.get("counts") or {}
+    classes = scan.get("classes") or []
+    rows = [[c] + [counts[s].get(c, 0) for s in counts] for c in classes]
+    extra = [f"<p>Folder <span class=\"path\">{esc(scan.get('root', ''))}</span>, layout "
+             f"{esc(scan.get('layout', ''))}, imbalance {esc(scan.get('imbalance'))}.</p>"]
+    bad = scan.get("bad_files") or []
+    if bad:
+        extra.append(f"<p class=\"bad\">{len(bad)} unreadable file(s) skipped: "
+                     + ", ".join(f"<span class=\"path\">{esc(b.get('path'))}</span>" for b in bad[:10]) + "</p>")
+    extra += [f"<p class=\"bad\">warning: {esc(w)}</p>" for w in scan.get("warnings") or []]
+    if excluded:
+        extra.append(f"<p>{len(excluded)} file(s) excluded (exclude.txt): "
+                     + ", ".join(f"<span class=\"path\">{esc(p)}</span>" for p in excluded[:10])
+                     + (" ..." if len(excluded) > 10 else "") + "</p>")
+    return section("Data", "".join(extra) + table(["class", *counts], rows))
+
+
+def _curves_section(run: Path, summary: dict[str, Any]) -> str:
+    """The curves from metrics.csv (loss, accuracy, learning rate), or the head solve's when it was one step."""
+    hist = read_history(run / "metrics.csv")
+    ep = [r.get("epoch", math.nan) for r in hist]
+    best = [float(summary["best_epoch"])] if isinstance(summary.get("best_epoch"), (int, float)) else []
+    # dotted line where the head phase ends (the unfreeze)
+    for a, b in zip(hist, hist[1:]):
+        if a.get("phase") != b.get("phase"):
+            best.append((a["epoch"] + b["epoch"]) / 2)
+    solver = summary.get("head_solver") or []
+    if solver and len(hist) < 2:
+        # a head solved in one step: its curves are one point each; what the run did is the solve
+        c = [math.log10(p["C"]) for p in solver]
+        chosen = [math.log10(p["C"]) for p in solver if p.get("chosen")]
+        charts = [line_chart("validation loss against log10 C", c, {"val": [p["val_loss"] for p in solver]},
+                             marks=chosen),
+                  line_chart("validation accuracy against log10 C", c, {"val": [p["val_acc"] for p in solver]},
+                             marks=chosen)]
+        return section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
+                       "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
+                       "(best validation accuracy, then loss).</p>" + "".join(charts))
+    charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
+                                       "val": [r.get("val_loss") for r in hist]}, marks=best),
+              line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
+                                           "val": [r.get("val_acc") for r in hist]}, marks=best),
+              line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
+    return section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
+                   + "".join(charts))
+
+
+def _config_section(cfg_path: Path) -> str:
+    """config.yaml as a table (its raw text when it cannot be parsed)."""
+    try:
+        cfg = load_yaml(cfg_path.read_text(encoding="utf-8")) or {}
+    except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
+        cfg = None
+    if isinstance(cfg, dict):
+        inner = table(["option", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
+                                            for k, v in cfg.items()])
+    else:
+        inner = f"<pre>{esc(cfg_path.read_text(encoding='utf-8', errors='replace'))}</pre>"
+    return section("Config", inner)
+
+
+def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()) -> Path:
+    """Write ``run_dir/report.html`` (atomic); returns its path."""
+    run = Path(run_dir)
+    excluded_file = run / "exclude.txt"
+    excluded = excluded_file.read_text(encoding="utf-8").splitlines() if excluded_file.is_file() else []
+    out = run / "report.html"
+    atomic_write_text(out, run_report_html(run, mistakes, excluded))
+    return out

@@ -1,0 +1,105 @@
+"""``zoo eval``: accuracy, per-class metrics, confusion matrix and predictions on a labelled folder. A thin
+command over zoo.evaluate; no torch at import."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+from zoo.errors import UsageError
+from zoo.text import printable
+from zoo.cli.predict import DEFAULT_TTA_VIEWS, TTA_VIEWS, DEVICE_HELP, warn_skipped
+
+__all__ = ["eval_cmd"]
+
+
+def _default_out(model: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    p = Path(model)
+    # Next to the bundle when MODEL is one; in the working directory for a registry model.
+    return (p.resolve().parent / f"eval-{p.resolve().name}-{stamp}") if p.is_dir() else Path(f"eval-{stamp}")
+
+
+@cli.command("eval", short_help="Accuracy, per-class metrics and confusion matrix on a labelled folder.")
+@click.argument("model")
+@click.option("--data", "data", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Class-folder layout (<class>/<image>); its test/ or val/ split is used when present.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder.  [default: eval-<bundle>-<time> next to the bundle, or ./eval-<time>]")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several views of "
+              "each image (--tta-views).")
+@click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
+              help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and their "
+                   "mirrors (ten-crop).")
+@click.option("--tta-scales", default=None, metavar="S1,S2,...",
+              help="With --tta: resize the shorter side to each size and ten-crop each (implies --tta-views "
+                   "ten; e.g. 224,256,288).")
+@click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the most confidently wrong images to list.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the text summary.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="--out holds an earlier report: replace it (only the report's files).")
+def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str, tta_scales: str | None,
+             worst: int, batch_size: int, device: str, as_json: bool, overwrite: bool) -> None:
+    """Evaluate MODEL (bundle folder or registry name) on the labelled images in --data.
+
+    Writes metrics.json, per_class.csv, confusion.csv, confusion.png and wrong.csv (the most
+    confidently wrong images) to --out.
+
+    \b
+    Examples:
+      zoo eval my-classifier --data ./photos            # uses ./photos/test or ./photos/val if present
+      zoo eval my-classifier --data ./holdout --tta --out reports/
+      zoo eval my-classifier --data ./holdout --tta --tta-scales 224,256,288   # ten-crop at 3 sizes
+    """
+    # lazy: zoo --help must not import torch, nor load these modules
+    from finetune.engine import resolve_device
+    from zoo.bundle import load_model
+    from zoo.evaluate import evaluate, write_eval_reports
+    from zoo.outdir import claim_out
+    from zoo.predict import parse_scales
+
+    scales = parse_scales(tta_scales)
+    if scales and not tta:
+        raise UsageError("--tta-scales needs --tta")
+    out = out or _default_out(model)
+    with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
+        bundle = load_model(model, device=resolve_device(device))
+        report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
+                          tta_views=tta_views, batch_size=batch_size, progress=True, worst=max(worst, 20),
+                          on_error=warn_skipped,
+                          aliases=bundle.metadata.get("label_ids"))
+        paths = write_eval_reports(report, out)
+    if as_json:
+        echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return
+    where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
+    echo(f"evaluated {report.n_images} images from {data} ({where})"
+         + (f" with TTA ({report.tta_views})" if report.tta else ""))
+    if report.ignored_folders:
+        echo("ignored folders that are not classes of the model: "
+             + ", ".join(printable(f) for f in report.ignored_folders[:10]))
+    echo(f"accuracy: {report.accuracy * 100:.2f}%")
+    if report.top5 is not None:
+        echo(f"top-5:    {report.top5 * 100:.2f}%")
+    names = {c: printable(c) for c in report.per_class}
+    width = max(8, *(len(n) for n in names.values()))
+    echo(f"{'class':<{width}}  precision  recall  support")
+    for name, v in report.per_class.items():
+        prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
+        rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
+        echo(f"{names[name]:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+    if report.wrong and worst:
+        echo("most confidently wrong:")
+        for w in report.wrong[:worst]:
+            echo(f"  {w['confidence'] * 100:5.1f}% {printable(w['predicted'])} (true: {printable(w['true'])})  "
+                 f"{printable(w['path'])}")
+    if report.skipped:
+        echo(f"skipped {len(report.skipped)} unreadable image(s)")
+    echo(f"reports: {paths['metrics.json'].parent}")

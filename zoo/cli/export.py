@@ -1,0 +1,50 @@
+"""``zoo export``: a finetuned run folder as a portable bundle. A thin command over zoo.bundle; no torch at import."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+
+__all__ = ["export_cmd"]
+
+
+@cli.command("export", short_help="Write a finetuned run as a portable bundle.")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle folder to write.  [default: RUN_DIR/export]")
+@click.option("--format", "formats", type=click.Choice(["safetensors", "onnx"]), multiple=True,
+              default=("safetensors",), show_default=True,
+              help="Also write model.onnx (checked against PyTorch with onnxruntime). Repeatable.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="--out holds an earlier bundle: replace it (only the bundle's files).")
+def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwrite: bool) -> None:
+    """Export RUN_DIR (a `zoo finetune` run folder) as model.safetensors + config.json + README.md.
+
+    The safetensors header carries architecture, classes, preprocessing, source weights and validation
+    metrics; config.json has timm's layout, so `timm.create_model("local-dir:BUNDLE", pretrained=True)`
+    rebuilds a linear-head model without zoo.
+
+    --out must be new or empty (or an earlier bundle, with --overwrite); RUN_DIR/export, the run's own
+    bundle, is replaced.
+
+    \b
+    Examples:
+      zoo export runs/resnet50-20250101-120000 --out my-classifier
+      zoo export runs/resnet50-20250101-120000 --format onnx
+    """
+    # lazy: not loaded at CLI start (keeps zoo --help fast)
+    from zoo.bundle import export_run
+    from zoo.outdir import claim_out
+
+    formats = tuple(dict.fromkeys(("safetensors", *formats)))
+    if not run_dir.is_dir():    # export_run's own message, before a RUN_DIR/export could be created
+        export_run(run_dir, out, formats=formats)
+    target = out if out is not None else run_dir / "export"
+    # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it.
+    with claim_out(target, "export", overwrite=overwrite or out is None):
+        path = export_run(run_dir, target, formats=formats)
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    echo(f"exported {run_dir} -> {path} ({', '.join(files)})")

@@ -1,0 +1,170 @@
+"""``zoo finetune``: every FinetuneConfig option as a flag, ``--config`` YAML underneath, ``--resume``.
+
+No torch at import (``zoo --help`` stays fast): the work happens in ``zoo.jobs.finetune``, imported inside the
+command. Precedence: defaults < ``--config file.yaml`` < flags the user actually typed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from finetune.core.config import FinetuneConfig
+from zoo.cli import console
+from zoo.cli.app import cli
+from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
+from zoo.cli.console import echo
+from zoo.text import printable
+
+__all__ = ["finetune_cmd"]
+
+def _parse_lr(text: str) -> tuple[float | None, bool]:
+    """(lr, auto): "auto" or a number (its range is checked by FinetuneConfig.validate)."""
+    if str(text).strip().lower() == "auto":
+        return None, True
+    try:
+        lr = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a number nor 'auto' (e.g. --lr 1e-3)", param_hint="--lr")
+    return lr, False
+
+
+def _is_main() -> bool:
+    # torchrun sets RANK: only rank 0 prints.
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+@cli.command("finetune", short_help="Finetune a zoo model on a folder of labelled images.")
+@click.argument("model", required=False)
+@click.option("--data", "data", type=click.Path(file_okay=False), default=None,
+              help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML file with any of the options below; flags given here override it.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
+@click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue the interrupted run in this folder (its config.yaml and split are reused).")
+@click.option("--overwrite", "overwrite", is_flag=True, default=False,
+              help="--out holds an earlier run: start it over (only the files a run writes are replaced).")
+@click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
+              help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
+@click.option("--export/--no-export", "export", default=True, show_default=True,
+              help="Write a bundle to RUN/export at the end (see `zoo predict`).")
+@click.option("--exclude", "exclude", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Leave out the files listed here: a findings.csv of `zoo doctor` or one path per line "
+                   "(recorded in RUN/exclude.txt).")
+@fc_dropout_option
+@config_options()
+@click.pass_context
+def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
+                 out: str | None, resume: str | None, overwrite: bool, pretrained: bool, export: bool,
+                 exclude: str | None, fc_dropout: float | None,
+                 **values: Any) -> None:
+    """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
+
+    The data is checked first (nothing is downloaded if it cannot be trained on); the freeze depth is
+    chosen from the dataset size (and printed with its reason); the head trains first, then the chosen
+    stages; early stopping keeps the best epoch. Everything lands in a run folder: config.yaml,
+    scan.json, split.json, manifest.json, metrics.csv, curves.png, checkpoints/, summary.json, export/.
+
+    --out must be new or empty; a folder holding an earlier run needs --resume (continue) or --overwrite
+    (start over). One process at a time works in a run folder (RUN/.zoo.lock). Everything printed is
+    also in RUN/log.txt; a closed pipe (`| head`) does not stop the run.
+
+    Multi-GPU: torchrun --nproc-per-node N -m zoo finetune ...  (--batch-size is the global batch).
+
+    \b
+    Examples:
+      zoo finetune resnet50 --data ./photos
+      zoo finetune resnet50 --data ./photos --freeze 2 --lr 3e-4 --epochs 20
+      zoo finetune efficientnet_b0 --data ./photos --lr auto --class-weights auto
+      zoo finetune resnet50 --data ./photos --config recipe.yaml --seed 1
+      zoo finetune resnet50 --data ./photos --overfit-batches 2     # sanity check only
+      zoo finetune resnet50 --data ./photos --exclude doctor-photos/findings.csv
+      zoo finetune --resume runs/resnet50-20250101-120000            # after Ctrl-C or a crash
+      torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
+    """
+    # lazy: zoo --help must not import torch
+    from zoo.jobs import finetune as job
+
+    main = _is_main()
+    console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
+
+    def log(msg: str) -> None:
+        if main:
+            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
+
+    def log_file(run_dir) -> None:
+        console.log_to(run_dir / "log.txt")
+
+    given = given_options(ctx, values)
+    lr_auto = False
+    if "lr" in given or not resume:
+        lr_value, lr_auto = _parse_lr(values["lr"])
+        if "lr" in given:
+            if lr_auto:
+                given.pop("lr")
+            else:
+                given["lr"] = lr_value
+
+    if resume:
+        _refuse_with_resume(lr_auto, config_path, fc_dropout, overwrite, exclude)
+        outcome = job.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
+    else:
+        if not model:
+            raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`); "
+                                   "`zoo list` shows the zoo")
+        if not data:
+            raise click.UsageError("--data DIR is required: a folder of class sub-folders of images")
+        base = job.load_run_config(config_path)
+        given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
+        config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
+        outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
+                                    export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
+                                    on_run_dir=log_file, exclude=exclude)
+
+    if not main:
+        return
+    if outcome.overfit is not None:
+        echo(outcome.overfit.verdict)
+        ctx.exit(0 if outcome.overfit.passed else 1)
+    _report(outcome)
+
+
+def _refuse_with_resume(lr_auto: bool, config_path: str | None, fc_dropout: float | None, overwrite: bool,
+                        exclude: str | None) -> None:
+    """UsageError for the options a resumed run cannot take (it keeps its own config, model and data)."""
+    if lr_auto:
+        raise click.UsageError("--lr auto cannot be combined with --resume: the run keeps its learning rate")
+    if config_path:
+        raise click.UsageError("--config cannot be combined with --resume: the run's own config.yaml is used")
+    if fc_dropout is not None:
+        raise click.UsageError("--fc-dropout cannot be combined with --resume: the run keeps its model")
+    if overwrite:
+        raise click.UsageError("--overwrite cannot be combined with --resume: continue the run or start it over")
+    if exclude:
+        raise click.UsageError("--exclude cannot be combined with --resume: the run keeps its exclude.txt")
+
+
+def _report(outcome) -> None:
+    """The end-of-run lines on stdout: best epoch, metrics, per-class accuracy, advice, where things are."""
+    result = outcome.result
+    m = result.metrics or {}
+    how = "stopped early" if result.stopped_early else f"{len(result.history)} epochs"
+    if m:
+        echo(f"best epoch {result.best_epoch} ({how}): val acc {m.get('val_acc', float('nan')):.3f}, "
+             f"val loss {m.get('val_loss', float('nan')):.4f}")
+        per_class = m.get("per_class") or {}
+        if per_class:
+            cells = ", ".join(f"{printable(c)} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
+            echo(f"per-class accuracy: {cells}")
+    else:
+        echo(f"finished ({how}); no validation images, so the last epoch is kept")
+    # lazy: zoo --help must not import matplotlib
+    from finetune.core.monitor import advise
+
+    for line in advise(result.history):
+        echo(f"advice: {line}")
+    if outcome.export_dir is not None:   # (the run folder was printed before training started)
+        echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")

@@ -1,0 +1,104 @@
+"""``zoo lr-find``: the LR range test as a command. The model is set up exactly as ``zoo finetune`` would set it
+up, so every finetune option is accepted here too. No torch at import."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from finetune.core.config import FinetuneConfig, save_config
+from finetune.core.errors import ConfigError
+from finetune.core.io import atomic_write_text
+from zoo.cli import console
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+from zoo.cli.options import config_options
+from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, resolve_config, sayer
+
+__all__ = ["lr_find_cmd"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# zoo lr-find
+# ----------------------------------------------------------------------------------------------------
+@cli.command("lr-find", short_help="LR range test: loss vs an exponentially growing learning rate.")
+@common_options
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Output folder.  [default: runs/<model>-lrfind-<YYYYmmdd-HHMMSS>]")
+@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7, show_default=True,
+              help="First learning rate of the sweep (head LR; pretrained layers get x backbone-lr-mult).")
+@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Last learning rate of the sweep.")
+@click.option("--steps", type=click.IntRange(min=5), default=100, show_default=True,
+              help="Training steps (batches); the LR grows exponentially from start to end over them.")
+@click.option("--method", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,
+              help="Suggestion rule: valley (fastai's, robust) or steepest descent of the smoothed loss.")
+@click.option("--smooth", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.98, show_default=True,
+              help="Exponential moving average factor of the plotted loss (bias-corrected).")
+@click.option("--diverge-factor", type=click.FloatRange(min=1.0, min_open=True), default=4.0, show_default=True,
+              help="Stop once the smoothed loss exceeds this x its best.")
+@overwrite_option
+@config_options(skip=("lr",) + NOT_HERE)
+@click.pass_context
+def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
+                fc_dropout: float | None, out: str | None, start_lr: float, end_lr: float, steps: int, method: str,
+                smooth: float, diverge_factor: float, overwrite: bool, **values: Any) -> None:
+    """Run the LR range test for MODEL on --data and suggest a learning rate.
+
+    The model is set up exactly as `zoo finetune` with the same options would set it up (new head,
+    freeze depth, BatchNorm policy, optimizer and its backbone LR multiplier); the LR grows exponentially
+    over --steps batches while the training loss is recorded. The smoothed loss is plotted against the
+    LR (lr_find.png), the data written to lr_find.csv, and the suggested LR printed with the rule that
+    gave it. Nothing is trained for real: the model is thrown away afterwards.
+
+    \b
+    Examples:
+      zoo lr-find resnet50 --data ./photos
+      zoo lr-find resnet50 --data ./photos --freeze 2 --optimizer sgd --method steepest
+      zoo lr-find efficientnet_b0 --data ./photos --start-lr 1e-6 --end-lr 1 --steps 200 --out lrtest
+      zoo finetune resnet50 --data ./photos --lr auto      # the same test, then training at its LR
+    """
+    # lazy: not loaded at CLI start (keeps zoo --help fast)
+    from zoo.outdir import claim_out
+
+    if not start_lr < end_lr:
+        raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
+    config, _ = resolve_config(ctx, config_path, values, pretrained)
+    say = sayer(config.quiet)
+    console.keep_going()
+    out_dir = resolve_out(out, model, "lrfind")
+    with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
+        console.log_to(out_dir / "log.txt")
+        _lr_find_into(out_dir, model, data, config, pretrained, fc_dropout, start_lr, end_lr, steps, smooth,
+                      diverge_factor, method, say)
+
+
+def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
+                  fc_dropout: float | None, start_lr: float, end_lr: float, steps: int, smooth: float,
+                  diverge_factor: float, method: str, say: Callable[[str], None]) -> None:
+    # lazy: zoo --help must not import torch
+    from finetune.data import write_scan
+    from finetune.tools.diagnostics import lr_find
+    from zoo.jobs.finetune import run_data_config
+
+    entry, report, net = scan_and_build(model, data, config, pretrained, say, fc_dropout)
+    write_scan(report, out_dir)
+    save_config(config, out_dir / "config.yaml")
+    result = lr_find(net, entry.stages, run_data_config(entry, config), report.train, config,
+                     head=entry.classifier, start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,
+                     diverge_factor=diverge_factor, method=method, out_png=out_dir / "lr_find.png",
+                     out_csv=out_dir / "lr_find.csv", log=say)
+    summary = {"model": entry.name, "suggestion": result.suggestion, "method": result.method,
+               "valley": result.valley, "steepest": result.steepest, "stopped_early": result.stopped_early,
+               "steps_run": len(result.lrs), "start_lr": start_lr, "end_lr": end_lr,
+               "backbone_lr_mult": config.backbone_lr_mult,
+               "freeze": result.decision.to_dict() if result.decision is not None else None}
+    atomic_write_text(out_dir / "lr_find.json", json.dumps(summary, indent=2) + "\n")
+    if result.decision is not None:
+        echo(f"freeze: {result.decision.label} ({result.decision.reason})")
+    echo(result.describe())
+    echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
+    random_init = "" if pretrained else " --no-pretrained"
+    echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{random_init}")

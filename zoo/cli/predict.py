@@ -1,0 +1,84 @@
+"""``zoo predict``: top-k classes for images, from a bundle or a zoo model (optionally with test-time
+augmentation). A thin command over zoo.predict; no torch at import."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+from zoo.errors import UsageError
+from zoo.text import printable
+
+__all__ = ["predict_cmd"]
+
+
+# zoo.predict.TTA_VIEWS / DEFAULT_TTA_VIEWS (that module imports torch; tests/zoo/test_predict.py checks these agree);
+# zoo eval uses them and DEVICE_HELP too
+TTA_VIEWS = ("flip", "ten")
+DEFAULT_TTA_VIEWS = "flip"
+
+
+DEVICE_HELP = "Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps."
+
+
+def warn_skipped(item: object, reason: str) -> None:
+    echo(printable(f"zoo: warning: skipped {item}: {reason}"), err=True)
+
+
+@cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several views of "
+              "each image (--tta-views).")
+@click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
+              help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and their "
+                   "mirrors (ten-crop).")
+@click.option("--tta-scales", default=None, metavar="S1,S2,...",
+              help="With --tta: resize the shorter side to each size and ten-crop each (implies --tta-views "
+                   "ten; e.g. 224,256,288).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
+                tta_scales: str | None, batch_size: int, device: str) -> None:
+    """Top-k classes for each image (files or folders) from MODEL.
+
+    MODEL is a bundle folder (from `zoo export`) or a registry name: a pretrained ImageNet model with
+    ImageNet class names, to try before any finetuning. Unreadable images are skipped with a warning.
+
+    \b
+    Examples:
+      zoo predict runs/resnet50-*/export cat.jpg dog.jpg
+      zoo predict my-classifier ./photos --tta --json > predictions.json
+      zoo predict efficientnet_lite0 chelsea.png --topk 3
+    """
+    # lazy: zoo --help must not import torch, nor load these modules
+    from finetune.engine import resolve_device
+    from zoo.bundle import load_model
+    from zoo.predict import expand_images, parse_scales, predict_probs, topk as top
+
+    scales = parse_scales(tta_scales)
+    if scales and not tta:
+        raise UsageError("--tta-scales needs --tta")
+    paths, any_dir = expand_images(images)
+    if not paths:
+        raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
+    bundle = load_model(model, device=resolve_device(device))
+    kept, probs = predict_probs(bundle.model, paths, bundle.data_config, tta=tta, tta_scales=scales,
+                                tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=warn_skipped)
+    if not kept:
+        raise UsageError(f"none of the {len(paths)} images could be read")
+    results = top(probs, bundle.labels, topk)
+    if as_json:
+        doc = [{"image": str(paths[i]), "predictions": [{"label": lab, "prob": round(p, 6)} for lab, p in res]}
+               for i, res in zip(kept, results)]
+        echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        return
+    for i, res in zip(kept, results):
+        echo(printable(paths[i]))
+        for lab, p in res:
+            echo(f"  {p * 100:6.2f}%  {printable(lab)}")

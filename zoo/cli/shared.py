@@ -1,0 +1,81 @@
+"""What ``zoo lr-find`` and ``zoo sweep`` share: their common options, the config they resolve (defaults <
+``--config`` YAML < flags typed), the data scan and model build before any work. No torch at import."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.io import load_yaml
+from zoo import build as zbuild
+from zoo.cli.console import echo
+from zoo.cli.options import bn_default, fc_dropout_option, given_options
+from zoo.resolve import get_entry
+from zoo.text import printable
+
+# Options of `zoo finetune` that mean nothing for these commands.
+NOT_HERE = ("overfit_batches", "tensorboard")
+
+def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any], pretrained: bool,
+                    extra: dict[str, Any] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """defaults < YAML < flags the user typed. Returns the config and the YAML's raw mapping."""
+    given = given_options(ctx, values)
+    raw: dict[str, Any] = {}
+    base = FinetuneConfig()
+    if config_path:
+        base = load_config(config_path)  # validates, with the file name in any error
+        raw = load_yaml(Path(config_path).read_text(encoding="utf-8")) or {}
+    given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
+    merged = {**base.to_dict(), **(extra or {}), **given}
+    return FinetuneConfig.from_dict(merged, source="command line"), raw
+
+def sayer(quiet: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if not quiet:
+            echo(printable(msg), err=True)
+    return say
+
+def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None],
+             fc_dropout: float | None = None):
+    """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model."""
+    # lazy: zoo --help must not import torch
+    import torch
+
+    from finetune.data import scan_folder
+    from zoo.jobs.finetune import scan_lines
+
+    entry = get_entry(model)
+    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=config.strict)
+    for line in scan_lines(report):
+        say(line)
+    torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time
+    net = (zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
+           else zbuild.build_architecture(entry, fc_dropout=fc_dropout))
+    return entry, report, net
+
+overwrite_option = click.option("--overwrite", is_flag=True, default=False,
+                          help="--out holds an earlier result of this command: start over (only its files).")
+
+def resolve_out(out: str | None, model: str, kind: str) -> Path:
+    # lazy: zoo --help must not import torch
+    from zoo.jobs.finetune import default_run_dir
+
+    return Path(out) if out else default_run_dir(f"{model}-{kind}")
+
+COMMON_OPTIONS = [
+    click.argument("model"),
+    click.option("--data", "data", type=click.Path(file_okay=False, exists=True), required=True,
+                 help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*."),
+    click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+                 help="YAML file with finetune options (as `zoo finetune --config`); flags override it."),
+    click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
+                 help="Start from the zoo's pretrained weights; --no-pretrained: random init (tests, baselines)."),
+    fc_dropout_option,
+]
+
+def common_options(func: Callable) -> Callable:
+    for deco in reversed(COMMON_OPTIONS):
+        func = deco(func)
+    return func

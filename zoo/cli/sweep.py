@@ -1,0 +1,138 @@
+"""``zoo sweep``: a grid search in log space as a command, each trial a short finetune. Every finetune option is
+accepted (defaults < ``--config`` YAML < flags typed). No torch at import."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from finetune.core.config import OPTIMIZERS, FinetuneConfig
+from zoo.cli import console
+from zoo.cli.app import cli
+from zoo.cli.console import echo
+from zoo.cli.options import config_options
+from zoo.errors import UsageError
+from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, resolve_config, sayer
+
+__all__ = ["sweep_cmd"]
+
+
+SWEEP_DEFAULT_EPOCHS = 5     # a trial is a short finetune: enough to rank, not to converge
+
+
+# ----------------------------------------------------------------------------------------------------
+# zoo sweep
+# ----------------------------------------------------------------------------------------------------
+@cli.command("sweep", short_help="Grid search (log-spaced LR / weight decay, freeze depth, optimizer).")
+@common_options
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Sweep folder.  [default: runs/<model>-sweep-<YYYYmmdd-HHMMSS>]")
+@click.option("--lr", "lr_spec", default="1e-4:1e-2:3", show_default=True, metavar="START:END:N|A,B,..",
+              help="Head learning rates: N log-spaced values from START to END, or a comma list.")
+@click.option("--weight-decay", "wd_spec", default=None, metavar="START:END:N|A,B,..",
+              help="Weight decays, same syntax (0 allowed in a list).  [default: the config's, 1e-4]")
+@click.option("--freeze", "freeze_spec", default=None, metavar="F1,F2,..",
+              help="Freeze depths to try: head, none, auto or K (train the last K stages).  "
+                   "[default: the config's, auto]")
+@click.option("--optimizer", "optimizer_spec", default=None, metavar="O1,O2,..",
+              help=f"Optimizers to try ({', '.join(OPTIMIZERS)}).  [default: the config's, adam]")
+@click.option("--epochs", "epochs", type=click.IntRange(min=1), default=None,
+              help=f"Epochs per trial.  [default: the --config file's, else {SWEEP_DEFAULT_EPOCHS}]")
+@click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="K-fold cross-validation over train+val (stratified, seeded); 0 = the single split.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted sweep in --out (finished trials are skipped).")
+@click.option("--keep-runs", is_flag=True, help="Keep each trial's run folder (curves, checkpoints) under OUT/trials.")
+@overwrite_option
+@config_options(skip=("lr", "weight_decay", "freeze", "optimizer", "epochs") + NOT_HERE)
+@click.pass_context
+def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None, pretrained: bool,
+              fc_dropout: float | None, out: str | None, lr_spec: str, wd_spec: str | None, freeze_spec: str | None,
+              optimizer_spec: str | None, epochs: int | None, folds: int, resume: bool, keep_runs: bool,
+              overwrite: bool, **values: Any) -> None:
+    """Grid-search MODEL on --data: every combination is a short finetune, ranked by the val metric.
+
+    Learning rates and weight decays are tried in log space; each trial starts from the same pretrained
+    weights, trains --epochs on the same split (or on each of --folds stratified folds: mean +- std) and
+    is ranked by --monitor. Diverging trials are recorded, not fatal. Results: OUT/results.csv (ranked),
+    OUT/sweep.png (metric vs LR per freeze depth), OUT/best_config.yaml for `zoo finetune --config`.
+
+    \b
+    Examples:
+      zoo sweep resnet50 --data ./photos --lr 1e-4:1e-2:5
+      zoo sweep resnet50 --data ./photos --lr 1e-4:1e-2:3 --weight-decay 0,1e-4 --freeze head,1,2
+      zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4
+      zoo sweep resnet50 --data ./photos --out sw1 --resume          # after Ctrl-C
+      zoo finetune resnet50 --data ./photos --config sw1/best_config.yaml --epochs 30
+    """
+    # lazy: zoo --help must not import torch, nor load these modules
+    from finetune.tools.sweep import parse_choices, parse_values
+    from zoo.outdir import claim_out
+
+    if resume and not out:
+        raise UsageError("--resume needs --out: the folder of the sweep to continue")
+    lrs = parse_values(lr_spec, "lr")
+    wds = parse_values(wd_spec, "weight-decay", allow_zero=True) if wd_spec is not None else None
+    freezes = parse_choices(freeze_spec, "freeze") if freeze_spec is not None else None
+    optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
+    config, raw = resolve_config(ctx, config_path, values, pretrained)
+    config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
+    say = sayer(config.quiet)
+    console.keep_going()
+    out_dir = resolve_out(out, model, "sweep")
+    with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say):   # before any download
+        console.log_to(out_dir / "log.txt")
+        _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,
+                    resume, keep_runs, say)
+
+
+def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
+                fc_dropout: float | None, lrs, wds, freezes, optimizers, folds: int, resume: bool, keep_runs: bool,
+                say: Callable[[str], None]) -> None:
+    # lazy: zoo --help must not import torch
+    from finetune.tools.sweep import sweep
+    from zoo.jobs.finetune import run_data_config
+
+    entry, report, net = scan_and_build(model, data, config, pretrained, say, fc_dropout)
+    net.cpu()
+
+    def factory():
+        # A fresh copy of the same starting weights for every trial (no re-reading from disk).
+        return copy.deepcopy(net)
+
+    n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
+    say(f"sweep: {n} training run(s) of {config.epochs} epoch(s) into {out_dir}")
+    result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
+                   head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
+                   optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say)
+    if result.skipped:
+        say(f"resumed: {result.skipped} finished trial(s) taken from {out_dir / 'results.jsonl'}")
+    for line in _table(result):
+        echo(line)
+    if result.best is None:
+        echo("no trial finished: every one diverged; try lower learning rates (see `zoo lr-find`)")
+        ctx.exit(1)
+    echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
+         f"table: {out_dir / 'results.csv'}")
+    random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
+    echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
+         f"--epochs {max(30, config.epochs)}{random_init}")
+
+
+def _table(result) -> list[str]:
+    """The ranked trials as aligned text."""
+    metric = result.metric
+    head = ["rank", "lr", "weight_decay", "freeze", "optimizer", metric, "status"]
+    rows = []
+    for r in result.table():
+        value = r[metric]
+        cell = "-" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+        if result.folds > 1 and cell != "-":
+            cell += f" +- {r[metric + '_std']:.4f}"
+        rows.append([str(r["rank"]), f"{r['lr']:.2e}", f"{r['weight_decay']:.2g}", str(r["freeze"]),
+                     str(r["optimizer"]), cell, str(r["status"])])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*head).rstrip()] + [fmt.format(*row).rstrip() for row in rows]

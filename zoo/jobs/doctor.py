@@ -1,0 +1,112 @@
+"""``zoo doctor`` behind the command: pick and build the model, run ``finetune.tools.doctor``, write DOCTOR/.
+
+The analysis is ``finetune.tools.doctor.run_doctor``; here the zoo side resolves the model (default: the
+smallest cached pretrained model, so the command works offline), keeps the feature banks in the zoo
+cache (``ZOO_HOME/features``) and writes findings.csv, label_ranking.csv, report.html and doctor.json into the output
+folder, which must lie outside the data folder (the user's images are only ever read).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.core.config import FinetuneConfig
+from finetune.data import scan_folder
+from finetune.tools.doctor import run_doctor, write_findings_csv
+from finetune.engine import resolve_device
+from finetune.core.io import atomic_write_text
+from finetune.tools.pages import doctor_html
+from zoo.build import create_model
+from zoo.cache import cached_models, features_dir, read_manifest
+from zoo.errors import UsageError
+from zoo.registry import get_entry
+from zoo.jobs.finetune import run_data_config
+
+__all__ = ["default_model", "run", "check_out_dir"]
+
+Log = Callable[[str], None]
+
+
+def default_model() -> str:
+    """The cached pretrained model with the fewest parameters.
+
+    Raises:
+        UsageError: nothing is cached.
+    """
+    best: tuple[int, str] | None = None
+    for info in cached_models():
+        name = info.get("name")
+        if not name or info.get("damaged"):
+            continue
+        try:
+            params = get_entry(name).params
+        except Exception:  # noqa: BLE001 - a cached model the registry no longer knows is not a candidate
+            continue
+        key = (params if params is not None else 1 << 62, name)
+        best = key if best is None or key < best else best
+    if best is None:
+        raise UsageError("no pretrained model is cached: `zoo pull efficientnet_lite0` (or any model from "
+                         "`zoo list`), or pass --model NAME")
+    return best[1]
+
+
+def check_out_dir(out: Path, data: Path) -> None:
+    """Refuse an output folder inside the data folder: doctor never writes among the user's images."""
+    o, d = os.path.realpath(out), os.path.realpath(data)
+    if o == d or o.startswith(d.rstrip(os.sep) + os.sep):
+        raise UsageError(f"--out {out} is inside the data folder {data}; doctor never writes there: choose "
+                         "another --out")
+
+
+def run(data: str | Path, *, model: str | None = None, out: str | Path | None = None, options: Any = None,
+        config: Any = None, log: Log | None = None, progress: Any = None) -> tuple[Any, Path]:
+    """Scan ``data``, compute features with ``model``, run every check, write the DOCTOR folder.
+
+    Returns:
+        (finetune.tools.doctor.DoctorResult, the output folder).
+    Raises:
+        DataError (from the scan), UsageError (no model / bad --out), and the model-loading errors.
+    """
+    say = log or (lambda _m: None)
+    data = Path(data)
+    config = config or FinetuneConfig()
+    out = Path(out) if out is not None else Path.cwd() / f"doctor-{data.resolve().name}"
+    check_out_dir(out, data)
+    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False)
+    name = model or default_model()
+    entry = get_entry(name)
+    say(f"doctor: {data} ({sum(len(s) for s in report.sets().values())} images, {len(report.classes)} classes), "
+        f"features from {entry.name}")
+    net = create_model(entry, pretrained=True)
+    device = resolve_device(config.device)
+    try:
+        source = (read_manifest(entry.name) or {}).get("source")
+    except Exception:  # noqa: BLE001 - the manifest only adds provenance to doctor.json
+        source = None
+    result = run_doctor(report, net, entry.classifier, run_data_config(entry, config), config,
+                        options=options, cache_dir=features_dir(), device=str(device), log=say,
+                        progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_findings_csv(result.findings, out / "findings.csv")
+    # every labelled image ranked by the probe (most suspicious first), beyond the flagged few
+    rows = ["path,label,suggested,score\n"] + [",".join(_csv_cell(v) for v in (p, g, s, f"{sc:.4f}")) + "\n"
+                                                for p, g, s, sc in result.label_ranking]
+    atomic_write_text(out / "label_ranking.csv", "".join(rows))
+    atomic_write_text(out / "report.html", doctor_html(result, title=f"zoo doctor: {data.name}"))
+    meta = {"data": str(data), "model": entry.name, "source": source, "images": result.images,
+            "classes": result.classes, "counts": result.by_kind(), "probe_accuracy": result.probe_accuracy,
+            "options": dataclasses.asdict(result.options),
+            "seconds": result.seconds, "feature_cache_hits": result.feature_cache_hits}
+    atomic_write_text(out / "doctor.json", json.dumps(meta, indent=2, default=str) + "\n")
+    return result, out
+
+
+def _csv_cell(value: str) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow([value])
+    return buf.getvalue()

@@ -1,0 +1,378 @@
+"""``zoo finetune`` orchestration: validate the data, resolve and build the model, write ``model.json``,
+run ``finetune.fit``, export a bundle. The CLI (``zoo.cli.finetune``) only parses options and prints.
+
+Order matters: the image folder is scanned (and fatal data problems reported) before any model is built
+or downloaded, so a typo in ``--data`` costs a second, not a download.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from finetune.core import distributed as ddp
+from finetune.tools import diagnostics
+from finetune.core.config import FinetuneConfig, load_config
+from finetune.data import scan_folder, with_input_size, write_scan
+from finetune.tools.doctor import exclude_items, read_exclude_file
+from finetune.core.errors import CheckpointError
+from finetune.tools.features import FeatureCache
+from finetune.core.io import atomic_write_text
+from finetune.core.policy import parse_freeze
+from finetune.tools.train import fit
+from zoo import build as zbuild, process, report as zreport
+from zoo.build import builder_kwargs, has_fc_dropout
+from zoo.bundle import export_run
+from zoo.cache import features_dir, read_manifest
+from zoo.errors import UsageError
+from zoo.outdir import claim_out
+from zoo.registry import weights_tag
+from zoo.resolve import get_entry
+
+__all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
+           "load_run_config", "MODEL_JSON"]
+
+MODEL_JSON = "model.json"
+EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunOutcome:
+    """What a ``zoo finetune`` call produced (None fields: not applicable on this rank / this run)."""
+
+    run_dir: Path | None
+    result: Any = None              # finetune.engine.FitResult
+    export_dir: Path | None = None
+    lr_found: Any = None            # finetune.tools.diagnostics.LRFindResult with --lr auto
+    overfit: Any = None             # finetune.tools.diagnostics.OverfitResult with --overfit-batches
+
+
+def _slug(name: str) -> str:
+    """A model name as a folder name: "timm:resnet50.a1_in1k" -> "timm-resnet50.a1_in1k"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (a numeric suffix when two runs start in the same second)."""
+    base = Path(root) / f"{_slug(model_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def scan_lines(report) -> list[str]:
+    """The scan summary the CLI prints: layout, counts per split and class, skipped files, warnings."""
+    counts = report.counts()
+    split = ("train/val folders" if report.layout == "split"
+             else f"flat folder, {report.val_split:.0%} held out per class (seed {report.seed})")
+    sizes = " / ".join(f"{len(s)} {name}" for name, s in report.sets().items())
+    lines = [f"data: {report.root} ({split}): {len(report.classes)} classes, {sizes} images"]
+    for cls in report.classes:
+        per = ", ".join(f"{name} {counts[name][cls]}" for name in counts)
+        lines.append(f"  {cls}: {per}")
+    lines += [f"warning: {w}" for w in report.warnings]   # skipped files among them (once, with bad_files.txt)
+    return lines
+
+
+def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bool,
+               builder_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``model.json`` contract (docs/internals.md): enough to rebuild the finetuned model for export, and
+    where its weights came from: ``source_sha256`` is the digest of the file as downloaded or imported,
+    ``source_weights_sha256`` that of the cached safetensors; ``pretrained_cfg`` (tag, licence, paper, source) is
+    the registry entry's, for the bundle's config.json."""
+    source, digest, weights_digest = None, None, None
+    if pretrained and entry.sources:
+        src = entry.sources[0]
+        source, digest = src.id(), src.sha256
+        manifest = read_manifest(entry.name) or {}
+        # The cache records what was actually loaded (trust-on-first-use entries have no pinned digest).
+        source = manifest.get("source") or source
+        digest = manifest.get("sha256_download") or digest
+        weights_digest = manifest.get("sha256")
+    cfg = {"tag": weights_tag(entry), "license": entry.license, "paper_ids": entry.paper or None,
+           "source": source} if pretrained else {}   # random init: no weights to credit
+    return {
+        "model": entry.name, "builder": entry.builder, "builder_kwargs": dict(builder_kwargs or {}),
+        "source": source, "source_sha256": digest, "source_weights_sha256": weights_digest,
+        "pretrained": pretrained, "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None},
+        "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
+        "classes": list(classes), "num_classes": len(classes),
+        "data_config": _plain(run_data_config(entry, config)),
+        "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
+                 "activation": config.mlp_activation},
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _export(run_dir: Path, log: Log) -> Path:
+    # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace).
+    with claim_out(run_dir / "export", "export", overwrite=True, note=log):
+        out = export_run(run_dir, run_dir / "export")
+    log(f"exported bundle: {out}")
+    return out
+
+
+def _missing_checkpoint(run_dir: Path) -> str | None:
+    """What ``--resume`` lacks when checkpoints/last.pt is gone (None when it is there)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        return None
+    epochs = 0
+    try:
+        with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as fh:
+            epochs = sum(1 for _ in csv.DictReader(fh))
+    except (OSError, ValueError):
+        pass
+    best = (run_dir / "checkpoints" / "best.safetensors").is_file()
+    done = (f"metrics.csv records {epochs} finished epoch(s)" if epochs
+            else "no epoch is recorded in metrics.csv")
+    keep = (f"; its best epoch is still in checkpoints/best.safetensors (zoo export {run_dir})" if best else "")
+    return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
+            f"schedule state to continue from{keep}; start the run over with `zoo finetune MODEL --data DIR "
+            f"--out {run_dir} --overwrite` or choose another --out")
+
+
+def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
+    """The preprocessing a run trains and evaluates with: the entry's, at ``--img-size`` when given."""
+    return with_input_size(entry.preprocessing.data_config(), int(config.img_size))
+
+
+def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
+    # Seeded, so that a random-init baseline (--no-pretrained) is the same network in every process.
+    torch.manual_seed(int(seed))
+    if pretrained:
+        return zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout)
+    return zbuild.build_architecture(entry, fc_dropout=fc_dropout)
+
+
+def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
+                 pretrained: bool = True, lr_auto: bool = False, export: bool = True,
+                 fc_dropout: float | None = None, overwrite: bool = False, log: Log | None = None,
+                 on_run_dir: Callable[[Path], None] | None = None,
+                 exclude: str | Path | None = None) -> RunOutcome:
+    """Scan ``data_dir``, build ``model_name``, train it into a run folder and export a bundle.
+
+    ``fc_dropout``: VGG's FC-4096 dropout (``zoo.build.builder_kwargs``; None = the original 0.5).
+
+    Under torchrun every rank calls this; rank 0 alone prints and writes (the folder name is rank 0's).
+    The run folder follows ``zoo.outdir`` (absent/empty, or ``overwrite`` of an earlier run) and is
+    locked from before the model is built to the end; ``on_run_dir`` is called (rank 0) once it is.
+    ``exclude``: a findings.csv of `zoo doctor` or a list of paths, left out of train/val (RUN/exclude.txt).
+
+    Raises:
+        DataError: the folder cannot be trained on (raised before any model is built).
+        UnknownModelError / OfflineError / WeightsError: the model cannot be resolved or loaded.
+        ConfigError, DivergedError, Interrupted, CheckpointError: from training.
+    """
+    info = ddp.setup(ddp.device_type(config.device))
+    say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    try:
+        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
+        for line in scan_lines(report):
+            say(line)
+        excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
+        entry = get_entry(model_name)
+        parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
+        kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
+        run_dir = Path(out) if out is not None else default_run_dir(entry.name)
+        run_dir = Path(ddp.broadcast_object(str(run_dir), info))
+        # Checked and locked before any download or build: a bad --out costs a second.
+        with claim_out(run_dir, "finetune", overwrite=overwrite, note=say):
+            if info.is_main and on_run_dir is not None:
+                on_run_dir(run_dir)
+            outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
+                                 excluded)
+        ddp.barrier(info)      # rank 0 exported and wrote the report; then every rank leaves the group
+        return outcome
+    finally:
+        ddp.cleanup(info)
+
+
+def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,
+               export: bool, kwargs: dict[str, Any], info, say: Log, excluded: list[str]) -> RunOutcome:
+    say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
+    if process.describe():
+        say(process.describe())
+    model = _build(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
+    outcome = RunOutcome(run_dir=run_dir)
+    stages, head = [list(s) for s in entry.stages], entry.classifier
+    data_config = run_data_config(entry, config)
+
+    if config.overfit_batches > 0:
+        outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
+        return outcome
+    # On disk under ZOO_HOME: the LR range test's features serve fit's head phase, a later run on the
+    # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
+    features = FeatureCache(features_dir())
+    if lr_auto:
+        outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
+                                            run_dir if info.is_main else None, say, features)
+        # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
+        config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_scan(report, run_dir)
+        if excluded:
+            atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{p}\n" for p in excluded))
+        _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
+        say(f"run folder: {run_dir}")
+    ddp.barrier(info)
+    outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
+                         run_dir=run_dir, log=say, feature_cache=features)
+    if export and info.is_main:
+        outcome.export_dir = _export(run_dir, say)
+    if info.is_main:
+        _report_html(run_dir, config, say, _val_predictions(outcome.result, report.val))
+    return outcome
+
+
+def _val_predictions(result, val_set):
+    """(val images as (path, class name), classes, probabilities) of the run's best weights, when fit kept them."""
+    probs = getattr(result, "val_probs", None)
+    if probs is None or len(probs) != len(val_set.items):
+        return None
+    return [(path, val_set.classes[label]) for path, label in val_set.items], list(val_set.classes), probs
+
+
+def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
+                    export: bool = True, log: Log | None = None,
+                    on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own config.yaml and split.
+
+    ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
+    quiet, epochs, patience, ...); fit refuses the rest. No weights are downloaded: the checkpoint holds
+    the whole model.
+
+    Raises:
+        UsageError: ``run_dir`` is not a run folder. CheckpointError: no or a damaged checkpoint.
+        RunLockedError: another process works in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    info_path = run_dir / MODEL_JSON
+    if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
+                         "pass the folder a run wrote, e.g. runs/<model>-<time>")
+    try:
+        info_json = json.loads(info_path.read_text(encoding="utf-8"))
+        scan = json.loads((run_dir / "scan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir}: model.json or scan.json is unreadable ({e}); start a new run") from None
+    config = load_config(run_dir / "config.yaml")
+    if overrides:
+        config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
+    data_dir = Path(data_dir) if data_dir is not None else Path(scan["root"])
+
+    missing = _missing_checkpoint(run_dir)
+    if missing:
+        raise CheckpointError(missing)
+
+    info = ddp.setup(ddp.device_type(config.device))
+    say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    try:
+        with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
+            if info.is_main and on_run_dir is not None:
+                on_run_dir(run_dir)
+            outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
+        ddp.barrier(info)      # as in run_finetune: the group is left together, after rank 0's writes
+        return outcome
+    finally:
+        ddp.cleanup(info)
+
+
+def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
+                   say: Log) -> RunOutcome:
+    report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                         split_file=run_dir / "split.json")
+    for w in report.warnings:
+        say(f"warning: {w}")
+    if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
+        _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
+    entry = get_entry(info_json["model"])
+    # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
+    # with the run's own FC dropout (runs from before model.json recorded it had none).
+    kwargs = info_json.get("builder_kwargs")
+    fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
+    model = _build(entry, False, config.seed, fc_dropout)
+    result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
+                 head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
+    outcome = RunOutcome(run_dir=run_dir, result=result)
+    if export and info.is_main:
+        outcome.export_dir = _export(run_dir, say)
+    if info.is_main:
+        _report_html(run_dir, config, say, _val_predictions(result, report.val))
+    return outcome
+
+
+def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
+    """Leave the files listed in ``exclude`` out of train/val; returns them relative to the data folder."""
+    try:
+        paths = read_exclude_file(exclude)
+    except ValueError as e:
+        raise UsageError(f"--exclude: {e}; pass a findings.csv of `zoo doctor` or a file of paths") from None
+    before = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    removed, unmatched = exclude_items(report, paths)
+    emptied = [c for c, n in zip(report.classes, report.train.class_counts()) if n == 0]
+    if emptied:
+        raise UsageError(f"--exclude {exclude} leaves no training image in class(es) {', '.join(emptied[:5])}; "
+                         "list fewer files (edit the CSV, or raise `zoo doctor --near`)")
+    after = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    say(f"excluded {removed} file(s) listed in {exclude}"
+        + (f" ({len(unmatched)} listed path(s) are not training or validation images)" if unmatched else ""))
+    return sorted(before - after)
+
+
+def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_predictions=None) -> None:
+    """RUN/report.html at the end of a run; a failure here only costs the page, never the run.
+    ``val_predictions`` (see ``zoo.jobs.report.make_report``) spares it a second pass over the validation set."""
+    try:
+        dev = config.device if config.device != "auto" else "cpu"
+        say(f"report: {zreport.make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
+    except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
+        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")
+
+
+def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
+             say: Log, feature_cache=None):
+    say("lr: running the LR range test (--lr auto)")
+    kwargs: dict[str, Any] = {}
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kwargs = {"out_png": run_dir / "lr_find.png", "out_csv": run_dir / "lr_find.csv"}
+    found = diagnostics.lr_find(model, stages, data_config, train_set, config, head=head, log=say,
+                                feature_cache=feature_cache, **kwargs)
+    say(f"lr: {found.describe()}")
+    return found, config.replace(lr=float(found.suggestion))
+
+
+def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
+    say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised")
+    result = diagnostics.overfit_check(model, stages, data_config, train_set, config, head=head,
+                                       batches=int(config.overfit_batches), log=say)
+    return result
+
+
+def load_run_config(path: str | Path | None) -> FinetuneConfig:
+    """``--config file.yaml`` or the defaults."""
+    return load_config(path) if path else FinetuneConfig()
+

@@ -1,0 +1,89 @@
+"""``zoo report RUN`` behind the command: the run's confidently wrong validation images, then the page.
+
+The page itself is ``finetune.tools.pages``; the predictions come from the run's bundle (RUN/export, or a
+temporary export of checkpoints/best.safetensors when the run was made with --no-export), evaluated on
+the validation images split.json lists.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.tools.pages import write_run_report
+from zoo.bundle import export_run, load_bundle
+from zoo.errors import BundleError, UsageError
+from zoo.predict import predict_probs
+
+__all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
+
+Log = Callable[[str], None]
+
+
+def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu",
+                       progress: bool = False) -> list[dict[str, Any]]:
+    """The ``top`` validation images predicted wrong with the highest probability, worst first.
+
+    Returns:
+        dicts ``path`` (absolute), ``true``, ``predicted``, ``prob``; [] when the run has no val split.
+    Raises:
+        BundleError: no usable weights in the run folder.
+    """
+    run = Path(run_dir)
+    try:
+        split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+        root = Path(json.loads((run / "scan.json").read_text(encoding="utf-8"))["root"])
+    except (OSError, ValueError, KeyError):
+        return []
+    val = [(root / rel, cls) for rel, cls in (split.get("val") or []) if (root / rel).is_file()]
+    if not val:
+        return []
+    with tempfile.TemporaryDirectory(prefix="zoo-report-") as tmp:
+        where = run / "export" if (run / "export" / "model.safetensors").is_file() else export_run(run, tmp)
+        bundle = load_bundle(where, device=device)
+        kept, probs = predict_probs(bundle.model, [p for p, _ in val], bundle.data_config, progress=progress,
+                                    on_error=lambda _item, _why: None)
+    return rank_mistakes([val[i] for i in kept], bundle.labels, probs, top=top)
+
+
+def rank_mistakes(images: list[tuple[Any, str]], labels: list[str], probs, *, top: int = 12) -> list[dict[str, Any]]:
+    """The ``top`` of ``images`` ((path, true class name), one row of ``probs`` [n, C] each) predicted wrong
+    with the highest probability, worst first: dicts ``path``, ``true``, ``predicted``, ``prob``."""
+    out = []
+    for (path, true), p in zip(images, probs):
+        pred = int(p.argmax())
+        if labels[pred] != true:
+            out.append({"path": str(path), "true": true, "predicted": labels[pred], "prob": float(p[pred])})
+    out.sort(key=lambda m: -m["prob"])
+    return out[:top]
+
+
+def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log: Log | None = None,
+                progress: bool = False, val_predictions: tuple[list[tuple[Any, str]], list[str], Any] | None = None) -> Path:
+    """Write RUN/report.html; returns its path.
+
+    ``val_predictions``: (validation images as (path, true class name), the class names, their probabilities
+    [n, C] under the run's best weights), when the caller has them (``zoo finetune`` keeps those of its last evaluation);
+    otherwise the bundle predicts the validation images again.
+
+    Raises:
+        UsageError: ``run_dir`` is not a run folder.
+    """
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file() and not (run / "metrics.csv").is_file():
+        raise UsageError(f"{run} is not a finished run folder of `zoo finetune` (no summary.json or metrics.csv); "
+                         "pass the folder a run wrote, e.g. runs/<model>-<time>")
+    try:
+        if top <= 0:
+            mistakes = []
+        elif val_predictions is not None:
+            images, classes, probs = val_predictions
+            mistakes = rank_mistakes(images, classes, probs, top=top)
+        else:
+            mistakes = confident_mistakes(run, top=top, device=device, progress=progress)
+    except BundleError as e:
+        if log is not None:
+            log(f"report: no thumbnails of wrong predictions ({e})")
+        mistakes = []
+    return write_run_report(run, mistakes)
