@@ -26,7 +26,8 @@ from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text
 from finetune.core.policy import parse_freeze
 from finetune.tools.train import fit
-from zoo import build as zbuild, process, report as zreport
+from zoo import build as zbuild, process
+from zoo.jobs import report as zreport
 from zoo.build import builder_kwargs, has_fc_dropout
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest
