@@ -4,13 +4,14 @@ The finetuned weights (the best epoch on the monitored metric) replace the head 
 validation images say they are better, on one of two paired tests of the same images at ``ALPHA``:
 - accuracy: a one-sided exact McNemar test on the images one got right and the other wrong;
 - loss: a one-sided paired bootstrap of the per-image cross-entropy differences (the head's minus the
-  finetuned weights'), counted only when the finetuned weights fix more images than they break (a
-  loss that falls on every image while no prediction changes is confidence, not evidence: at a few
-  images per class such runs lost test accuracy).
-A dozen validation images (few-shot) rarely give either test enough evidence, which is where the guard
-protects: there, finetuning lost test accuracy as often as it won. At hundreds of images the loss test
-has the power to see the gains of unfreezing that accuracy alone misses (docs/peers.md). Under torchrun each rank holds its strided shard of the validation set: the counts are
-summed and the loss differences gathered in item order, so the decision is the one process's.
+  finetuned weights'), counted only when the finetuned weights fix more images than they break and the
+  validation split has at least ``LOSS_TEST_PER_CLASS`` images per class. A loss that falls while no
+  prediction changes is confidence, not evidence, and a bootstrap of a dozen images is no evidence at
+  all: at 2 validation images per class such runs lost test accuracy (docs/peers.md).
+At a few images per class (few-shot) the guard therefore protects the solved head; at hundreds of
+images the loss test has the power to see the gains of unfreezing that accuracy alone misses. Under
+torchrun each rank holds its strided shard of the validation set: the counts are summed and the loss
+differences gathered in item order, so the decision is the one process's.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from finetune.core import distributed as ddp
 from finetune.core.checkpoint import HEAD_BEST, load_weights
 from finetune.core.metrics import paired_gain_p
 
-__all__ = ["ALPHA", "Evaluation", "Verdict", "HeadGuard", "judge", "paired_loss_p"]
+__all__ = ["ALPHA", "LOSS_TEST_PER_CLASS", "Evaluation", "Verdict", "HeadGuard", "judge", "paired_loss_p"]
 
 ALPHA = 0.05
 BOOTSTRAP_DRAWS = 2000
+LOSS_TEST_PER_CLASS = 10      # validation images per class (on average) below which only McNemar counts
 _CHUNK = 100          # bootstrap draws computed at once (memory: _CHUNK x images indices)
 
 
@@ -50,7 +52,7 @@ class Verdict:
     losses: int             # the reverse
     p: float                # exact McNemar, one-sided
     loss_gain: float        # mean per-image cross-entropy: the head's minus the finetuned weights'
-    p_loss: float           # paired bootstrap, one-sided (1.0 unless the finetuned weights fix more images than they break)
+    p_loss: float           # paired bootstrap, one-sided (1.0 when it does not count: see the module docstring)
     alpha: float
     kept: str               # "finetune" | "head"
 
@@ -82,7 +84,7 @@ def paired_loss_p(diff: torch.Tensor, draws: int = BOOTSTRAP_DRAWS, seed: int = 
 
 
 def judge(head: Evaluation, tuned: Evaluation, *, head_epoch: int, finetune_epoch: int, n_val: int,
-          device: torch.device, info: ddp.DistInfo) -> Verdict | None:
+          n_classes: int, device: torch.device, info: ddp.DistInfo) -> Verdict | None:
     """The guard's decision on two evaluations of the same validation images (``n_val``: the split's size);
     None when they did not see the same images on some rank (an image failed to decode in one of them
     only): nothing to pair."""
@@ -104,7 +106,7 @@ def judge(head: Evaluation, tuned: Evaluation, *, head_epoch: int, finetune_epoc
         diff = (ddp.gather_strided(diff, n_val, info) if seen == n_val
                 else torch.cat([d.cpu() for d in ddp.gather_objects(diff.cpu(), info)]))
     p = paired_gain_p(gains, losses)
-    p_loss = paired_loss_p(diff) if gains > losses else 1.0
+    p_loss = paired_loss_p(diff) if gains > losses and seen >= LOSS_TEST_PER_CLASS * n_classes else 1.0
     keep = "finetune" if min(p, p_loss) < ALPHA else "head"
     return Verdict(head_epoch=head_epoch, finetune_epoch=finetune_epoch, gains=gains, losses=losses,
                    p=round(p, 6), loss_gain=round(float(diff.mean()), 6) if diff.numel() else 0.0,
@@ -141,7 +143,8 @@ class HeadGuard:
         return self.decision is not None and self.decision["kept"] == "head"
 
     def settle(self, tuned_epoch: int, tuned_state: State, tuned_eval: Evaluation | None, *, seconds: float,
-               monitor: str, n_val: int, device: torch.device, info: ddp.DistInfo) -> tuple[State, Evaluation] | None:
+               monitor: str, n_val: int, n_classes: int, device: torch.device,
+               info: ddp.DistInfo) -> tuple[State, Evaluation] | None:
         """The head phase's weights and evaluation when they stay the run's best, else None (the finetuned
         best stays; also when there was nothing to compare). ``seconds``: what the finetune phase took."""
         if self.epoch is None or tuned_epoch == self.epoch:
@@ -158,7 +161,7 @@ class HeadGuard:
         if head_eval is None or head_eval.losses is None:
             head_eval = self.evaluate_state(head_state)
         verdict = judge(head_eval, tuned_eval, head_epoch=self.epoch, finetune_epoch=tuned_epoch, n_val=n_val,
-                        device=device, info=info)
+                        n_classes=n_classes, device=device, info=info)
         if verdict is None:
             return None
         self.decision = verdict.to_dict()

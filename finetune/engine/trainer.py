@@ -266,7 +266,8 @@ class Trainer:
             return
         kept = self.guard.settle(self.stopper.best_epoch, self.best_state, self.best_eval,
                                  seconds=sum(r["seconds"] for r in self.history if r["phase"] == "finetune"),
-                                 monitor=s.config.monitor, n_val=len(s.val_set), device=s.device, info=s.info)
+                                 monitor=s.config.monitor, n_val=len(s.val_set), n_classes=len(s.classes),
+                                 device=s.device, info=s.info)
         if kept is not None:
             self.best_state, self.best_eval = kept
             self.folder.curves(self.history, self.guard.epoch)

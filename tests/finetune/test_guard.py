@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from finetune.core.distributed import DistInfo
-from finetune.engine.guard import BOOTSTRAP_DRAWS, Evaluation, judge, paired_loss_p
+from finetune.engine.guard import BOOTSTRAP_DRAWS, LOSS_TEST_PER_CLASS, Evaluation, judge, paired_loss_p
 
 CPU = torch.device("cpu")
 
@@ -14,8 +14,9 @@ def ev(correct: list[bool], losses: list[float]) -> Evaluation:
                       torch.tensor(losses, dtype=torch.float64))
 
 
-def decide(head: Evaluation, tuned: Evaluation):
-    return judge(head, tuned, head_epoch=1, finetune_epoch=5, n_val=len(head.correct), device=CPU, info=DistInfo())
+def decide(head: Evaluation, tuned: Evaluation, n_classes: int = 1):
+    return judge(head, tuned, head_epoch=1, finetune_epoch=5, n_val=len(head.correct), n_classes=n_classes,
+                 device=CPU, info=DistInfo())
 
 
 def test_paired_loss_p_counts_the_draws_that_show_no_gain():
@@ -36,7 +37,7 @@ def test_a_lower_loss_on_hundreds_of_images_keeps_finetuning_that_mcnemar_alone_
     tuned_ok = [True] * 272 + [False] * 8 + [True] * 10 + [False] * 10     # 8 broken, 10 fixed
     head = ev(head_ok, [0.2] * 280 + [2.0] * 20)
     tuned = ev(tuned_ok, [0.1] * 272 + [2.0] * 8 + [0.5] * 10 + [2.0] * 10)
-    v = decide(head, tuned)
+    v = decide(head, tuned, n_classes=10)
     assert v is not None and (v.gains, v.losses) == (10, 8) and v.p > 0.05
     assert v.p_loss < 0.05 and v.loss_gain > 0 and v.kept == "finetune"
 
@@ -60,3 +61,18 @@ def test_evaluations_of_different_images_are_not_paired():
     assert decide(ev([True, False], [0.1, 0.2]), ev([True], [0.1])) is None
     missing = Evaluation(None, {}, None, torch.tensor([True, False]), None)
     assert decide(ev([True, False], [0.1, 0.2]), missing) is None
+
+
+def test_the_loss_test_needs_enough_validation_images_per_class():
+    """Two validation images per class (few-shot): one image fixed and a much lower loss is no evidence
+    (such a run lost a test image of 95 on the stamps); the same at 30 per class is."""
+    def pair(n: int):
+        head = ev([False] + [True] * (n - 1), [2.0] + [0.9] * (n - 1))
+        tuned = ev([True] * n, [0.5] + [0.2] * (n - 1))
+        return head, tuned
+
+    few = decide(*pair(18), n_classes=9)
+    assert 18 < LOSS_TEST_PER_CLASS * 9 and (few.gains, few.losses) == (1, 0)
+    assert few.p_loss == 1.0 and few.kept == "head"
+    many = decide(*pair(300), n_classes=10)
+    assert many.p_loss < 0.05 and many.kept == "finetune"
