@@ -144,7 +144,8 @@ class FinetuneConfig:
     head_guard: bool = option(True,
         "After a head phase, keep the head-phase weights unless the finetuned ones are significantly better "
         "on the validation images (one-sided, 5%: exact McNemar on the images either gets wrong, or a paired "
-        "bootstrap of the per-image loss when they fix more images than they break). "
+        "bootstrap of the per-image loss when they fix more images than they break and there are 10+ "
+        "validation images per class). "
         "--no-head-guard keeps the finetuned weights whenever they have the better val metric.",
         resume_free=True)
     bn: str = option("eval",
