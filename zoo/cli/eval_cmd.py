@@ -12,7 +12,7 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import UsageError
 from zoo.text import printable
-from zoo.cli.predict import DEFAULT_TTA_VIEWS, TTA_VIEWS, DEVICE_HELP, warn_skipped
+from zoo.cli.predict import DEVICE_HELP, tta_options, warn_skipped
 
 __all__ = ["eval_cmd"]
 
@@ -30,14 +30,7 @@ def _default_out(model: str) -> Path:
               help="Class-folder layout (<class>/<image>); its test/ or val/ split is used when present.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder.  [default: eval-<bundle>-<time> next to the bundle, or ./eval-<time>]")
-@click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several views of "
-              "each image (--tta-views).")
-@click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
-              help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and their "
-                   "mirrors (ten-crop).")
-@click.option("--tta-scales", default=None, metavar="S1,S2,...",
-              help="With --tta: resize the shorter side to each size and ten-crop each (implies --tta-views "
-                   "ten; e.g. 224,256,288).")
+@tta_options
 @click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True,
               help="How many of the most confidently wrong images to list.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")

@@ -12,7 +12,7 @@ from zoo.cli.console import echo
 from zoo.errors import UsageError
 from zoo.text import printable
 
-__all__ = ["predict_cmd"]
+__all__ = ["predict_cmd", "tta_options"]
 
 
 # zoo.predict.TTA_VIEWS / DEFAULT_TTA_VIEWS (that module imports torch; tests/zoo/test_predict.py checks these agree);
@@ -24,6 +24,18 @@ DEFAULT_TTA_VIEWS = "flip"
 DEVICE_HELP = "Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps."
 
 
+def tta_options(func):
+    """``--tta``, ``--tta-views`` and ``--tta-scales``: the same three options on zoo predict and zoo eval."""
+    func = click.option("--tta-scales", default=None, metavar="S1,S2,...",
+                        help="With --tta: resize the shorter side to each size and ten-crop each (implies "
+                             "--tta-views ten; e.g. 224,256,288).")(func)
+    func = click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
+                        help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and "
+                             "their mirrors (ten-crop).")(func)
+    return click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several "
+                        "views of each image (--tta-views).")(func)
+
+
 def warn_skipped(item: object, reason: str) -> None:
     echo(printable(f"zoo: warning: skipped {item}: {reason}"), err=True)
 
@@ -33,14 +45,7 @@ def warn_skipped(item: object, reason: str) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-@click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several views of "
-              "each image (--tta-views).")
-@click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
-              help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and their "
-                   "mirrors (ten-crop).")
-@click.option("--tta-scales", default=None, metavar="S1,S2,...",
-              help="With --tta: resize the shorter side to each size and ten-crop each (implies --tta-views "
-                   "ten; e.g. 224,256,288).")
+@tta_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_views: str,

@@ -212,8 +212,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
 def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,
                export: bool, kwargs: dict[str, Any], info, say: Log, excluded: list[str]) -> RunOutcome:
     say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
-    if process.describe():
-        say(process.describe())
+    note = process.describe()
+    if note:
+        say(note)
     model = _build(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
     outcome = RunOutcome(run_dir=run_dir)
     stages, head = [list(s) for s in entry.stages], entry.classifier
