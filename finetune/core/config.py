@@ -121,10 +121,11 @@ class FinetuneConfig:
         "(crop-and-scale, flip, then torchvision's TrivialAugmentWide instead of the jitter) or none.",
         choices=AUGMENTS)
     crop_scale_min: float = option(0.8, "Smallest area fraction of the random crop.", low=0, high=1, low_open=True)
-    hflip: float = option(0.5,
-        "Horizontal flip probability (0 disables; for data whose mirror image is another class). Head-only "
-        "runs on cached features then also drop the mirrored view.",
-        low=0, high=1)
+    hflip: float = option(-1.0,
+        "Horizontal flip probability (0 disables, for data whose mirror image is another class; the cached "
+        "head then drops its mirrored view). -1 = auto: 0.5, or 0 when the cached head fits the validation "
+        "images better without the mirrored views (at least 10 validation images per class).",
+        low=0, high=1, sentinels=(-1,))
     brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0)
     contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0)
     # --- model surgery and freezing ---
@@ -168,7 +169,10 @@ class FinetuneConfig:
         "Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
         low=0, low_open=True)
     # --- the loop ---
-    epochs: int = option(30, "Maximum epochs in total (early stopping usually ends sooner).", low=1, resume_free=True)
+    epochs: int = option(0,
+        "Maximum epochs in total (early stopping may end sooner); 0 = auto: 10 when layers are finetuned "
+        "(a cosine schedule that ends), 30 when only the head trains.",
+        low=1, sentinels=(0,), resume_free=True)
     patience: int = option(5, "Early stopping: epochs without improvement before stopping.", low=0, resume_free=True)
     min_delta: float = option(1e-4,
         "Early stopping: smallest change that counts as an improvement.",

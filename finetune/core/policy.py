@@ -4,7 +4,8 @@ small data  -> train the new head only (the pretrained features are better than 
 medium data -> also finetune the last few stages
 large data  -> finetune everything
 The decision carries a one-sentence reason that the CLI prints, so the user knows how to override it.
-The BatchNorm statistics default follows where the weights come from (:func:`default_bn`).
+The BatchNorm statistics default follows where the weights come from (:func:`default_bn`); the number of
+epochs, what trains (:func:`default_epochs`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from typing import Any
 
 from finetune.core.errors import ConfigError
 
-__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn"]
+__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "AUTO_EPOCHS_HEAD",
+           "AUTO_EPOCHS_FINETUNE"]
+
+# ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
+# (100 per class) 8 epochs tested as well as 30 with early stopping, in half the time (docs/peers.md,
+# "Medium data, session 9"); fastai's fine_tune examples run 1 + 5. A head alone trains on cached
+# features (one L-BFGS solve by default; a gradient or MLP head needs its epochs, which cost little).
+AUTO_EPOCHS_HEAD = 30
+AUTO_EPOCHS_FINETUNE = 10
 
 
 @dataclass(frozen=True)
@@ -124,3 +133,11 @@ def default_bn(pretrained: bool) -> str:
     an identity (random-init VGG16 and VGG16-BN trained alike, Inception v3's loss reached 1e10).
     """
     return "eval" if pretrained else "train"
+
+
+def default_epochs(config: Any, trainable_stages: int) -> int:
+    """``config.epochs``, or for 0 (auto) the policy's: ``AUTO_EPOCHS_HEAD`` when only the head trains
+    (``trainable_stages`` 0), ``AUTO_EPOCHS_FINETUNE`` when layers are finetuned."""
+    if int(config.epochs) > 0:
+        return int(config.epochs)
+    return AUTO_EPOCHS_HEAD if trainable_stages == 0 else AUTO_EPOCHS_FINETUNE

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from finetune.data.transforms import _parse_data_config, augment_mode
+from finetune.data.transforms import _parse_data_config, augment_mode, flip_probability
 from finetune.core.errors import ConfigError
 
 
@@ -90,7 +90,7 @@ class DeviceAugment(DeviceNormalize):
         mode = augment_mode(config)
         on = train and mode != "none"
         jitter = on and mode == "standard"      # trivial: TrivialAugmentWide in the workers replaces the jitter
-        return cls(mean, std, hflip=float(config.hflip) if on else 0.0,
+        return cls(mean, std, hflip=flip_probability(config) if on else 0.0,
                    brightness=float(config.brightness) if jitter else 0.0,
                    contrast=float(config.contrast) if jitter else 0.0, seed=int(getattr(config, "seed", 0)))
 

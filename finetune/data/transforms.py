@@ -13,6 +13,7 @@ from finetune.core.config import FinetuneConfig
 from finetune.core.errors import ConfigError
 
 # ------------------------------------------------------------------------------------ transforms
+AUTO_HFLIP = 0.5      # --hflip -1 (auto): the flip probability unless the run turns it off
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
@@ -147,8 +148,8 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     else:
         steps.extend(fixed())
     colour = augment and not colour_on_device
-    if colour and float(config.hflip) > 0:
-        steps.append(T.RandomHorizontalFlip(float(config.hflip)))
+    if colour and flip_probability(config) > 0:
+        steps.append(T.RandomHorizontalFlip(flip_probability(config)))
     if colour and mode_name == "standard" and (float(config.brightness) > 0 or float(config.contrast) > 0):
         steps.append(T.ColorJitter(brightness=float(config.brightness) or None,
                                    contrast=float(config.contrast) or None))
@@ -165,6 +166,13 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
                           tensor_input=tensor_input)
 
 
+
+
+def flip_probability(config: Any) -> float:
+    """``config.hflip``, with -1 (auto) read as ``AUTO_HFLIP``: the probability the training views are
+    mirrored (the trainer turns auto's flip off when the cached head finds mirrors hurt)."""
+    p = float(getattr(config, "hflip", -1.0))
+    return AUTO_HFLIP if p < 0 else p
 
 
 def augment_mode(config: Any) -> str:

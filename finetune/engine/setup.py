@@ -20,7 +20,7 @@ from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
 from finetune.core.errors import ConfigError
 from finetune.core.optim import build_optimizer, build_scheduler
-from finetune.core.policy import FreezeDecision
+from finetune.core.policy import FreezeDecision, default_epochs
 from finetune.core.recipe import prepare_model
 from finetune.core.seeding import epoch_seed, seed_everything
 
@@ -113,18 +113,30 @@ class Setup:
     def scheduler(self, optimizer: torch.optim.Optimizer, config: FinetuneConfig | None = None):
         return build_scheduler(config or self.config, optimizer, self.steps_per_epoch)
 
-    def dataset(self, image_set: ImageSet, train: bool, *, augment: bool | None = None):
+    def dataset(self, image_set: ImageSet, train: bool, *, augment: bool | None = None,
+                config: FinetuneConfig | None = None):
         """The dataset ``fit`` reads ``image_set`` with (``train``: augmented unless ``augment="none"``;
-        ``--decode device``: the encoded files, decoded on the device)."""
-        if self.config.decode == "device":
-            return EncodedImageDataset(image_set, build_transform(self.data_config, False, self.config).min_size)
-        cfg = self.config if augment is None or augment else self.config.replace(augment="none")
+        ``--decode device``: the encoded files, decoded on the device); ``config``: instead of the setup's."""
+        cfg = config or self.config
+        if cfg.decode == "device":
+            return EncodedImageDataset(image_set, build_transform(self.data_config, False, cfg).min_size)
+        cfg = cfg if augment is None or augment else cfg.replace(augment="none")
         if train:
             tf = build_transform(self.data_config, True, cfg, output=self.output,
                                  colour_on_device=self.train_normalize is not None)
         else:
             tf = build_transform(self.data_config, False, cfg, output=self.output)
         return ImageDataset(image_set, tf)
+
+    def train_without_flip(self) -> None:
+        """From now on the training views are not mirrored (``--hflip`` auto, when the cached head found that
+        mirrors hurt): a new training pipeline at ``hflip=0``; the run's options stay as given."""
+        cfg = self.config.replace(hflip=0.0)
+        close_loader(self.train_loader)
+        _, _, self.train_normalize = device_steps(cfg, self.data_config, self.device)
+        train_ds = self.dataset(self.train_set, True, config=cfg)
+        self.datasets.append(train_ds)
+        self.train_loader = _train_loader(self, train_ds, cfg)
 
     def close(self) -> None:
         """Stop the loaders' worker processes and prefetch threads (the end of ``fit``, errors included)."""
@@ -175,6 +187,9 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     work = copy.deepcopy(model) if copy_model else model
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
+    if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
+        config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
+        say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")
     work.to(device)
     weights = class_weights(train_set) if config.class_weights == "auto" else None
     output, normalize, train_normalize = device_steps(config, data_config, device)
@@ -198,10 +213,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     # the loaders
     train_ds, val_ds = setup.dataset(train_set, True), setup.dataset(val_set, False)
     setup.datasets = [train_ds, val_ds]
+    setup.train_loader = _train_loader(setup, train_ds, config)
     per_rank = ddp.per_rank_batch(int(config.batch_size), info)
-    setup.train_loader = make_loader(train_ds, per_rank, train=True, workers=config.workers, device=device.type,
-                                     sampler=config.sampler, seed=config.seed, world_size=info.world_size,
-                                     rank=info.rank)
     if info.enabled:
         # Strided shards without padding: every validation image is counted exactly once.
         val_ds = torch.utils.data.Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
@@ -212,8 +225,18 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         if device.type != "cuda":
             say(f"warning: --decode device on {device.type} decodes in one thread of the main process; "
                 "it is meant for CUDA (nvJPEG): the workers path is usually faster here")
-        setup.train_loader = DevicePrefetcher(setup.train_loader, DeviceTransform(data_config, True, config),
-                                              device, channels_last=setup.channels_last)
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
                                             device, channels_last=setup.channels_last)
     return setup
+
+
+def _train_loader(setup: Setup, train_ds, config: FinetuneConfig):
+    """The training loader over ``train_ds`` (with ``--decode device``, its device-side decoder in front)."""
+    info, device = setup.info, setup.device
+    loader = make_loader(train_ds, ddp.per_rank_batch(int(config.batch_size), info), train=True,
+                         workers=config.workers, device=device.type, sampler=config.sampler, seed=config.seed,
+                         world_size=info.world_size, rank=info.rank)
+    if config.decode == "device":
+        loader = DevicePrefetcher(loader, DeviceTransform(setup.data_config, True, config), device,
+                                  channels_last=setup.channels_last)
+    return loader

@@ -110,6 +110,8 @@ class Trainer:
         # the run does not pass the validation set through the network again for the same numbers.
         self.best_eval: Evaluation | None = None
         self.guard = HeadGuard(run, self._evaluate_state, self.say)
+        # the cached head's mirror test (--hflip auto): when it dropped the mirror, finetuning trains unflipped
+        self.mirror: dict | None = None
         self._curves_at = time.perf_counter()    # the first drawing waits CURVES_EVERY_S, or a phase's end
 
     # ------------------------------------------------------------------------------------ state
@@ -131,6 +133,7 @@ class Trainer:
         self.head_stop.load_state_dict(ckpt["head_stop"])
         self.history = list(ckpt["history"])
         self.guard.epoch = ckpt.get("head_epoch")
+        self.mirror = ckpt.get("mirror")
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if (self.folder.path / BEST).is_file():
@@ -152,7 +155,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if running else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "early_stop": self.stopper.state_dict(), "head_stop": self.head_stop.state_dict(),
-            "head_epoch": self.guard.epoch,
+            "head_epoch": self.guard.epoch, "mirror": self.mirror,
             "ema": ({"updates": self.loader_steps.ema.updates, "model": self._weights()}
                     if running and self.loader_steps.ema is not None else None),
             "rng": rng_state(), "history": self.history, "config": self.s.config.to_dict(),
@@ -194,6 +197,8 @@ class Trainer:
         if not continuing:
             self.phase_start = self.epoch
         if phase == "finetune":
+            if (self.mirror or {}).get("dropped"):
+                s.train_without_flip()
             # the remaining epochs form the finetune schedule (cosine ends at the last one)
             phase_config = config.replace(epochs=max(1, int(config.epochs) - self.phase_start))
             if not continuing:
@@ -237,6 +242,8 @@ class Trainer:
             self.stopped_early = stop and self.epoch < int(config.epochs)
             done = stop or self.epoch >= int(config.epochs)
         done = done or bool(tr.get("phase_done"))     # e.g. a head solved to convergence in one step
+        if phase == "head" and getattr(steps, "mirror", None) is not None:
+            self.mirror = steps.mirror
         self._record(row, metric, improved, done, steps)
         if warmup and done:
             self._end_head_phase()
@@ -349,7 +356,7 @@ class Trainer:
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
             "head_guard": self.guard.decision,
-            "head_solver": getattr(self.head_steps, "solver_path", None) or None,
+            "head_solver": getattr(self.head_steps, "solver_path", None) or None, "mirror": self.mirror,
             "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
         })
         ddp.barrier(s.info)

@@ -408,3 +408,105 @@ def test_lbfgs_picks_l2_on_validation_and_warm_up_starts_from_it(tmp_path):
                log=logs.append)
     assert [r["phase"] for r in two.history] == ["head", "finetune", "finetune"]
     assert two.history[0]["val_loss"] == pytest.approx(head_only.history[0]["val_loss"], rel=1e-5)
+
+
+class _Halves(nn.Module):
+    """Average-pooled pixels (spatial layout kept) through an identity 1x1 conv: a "left half bright" image
+    and its mirror, a "right half bright" one, have mirrored features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(3).reshape(3, 3, 1, 1))
+            conv.bias.zero_()
+        self.features = nn.Sequential(conv, nn.AvgPool2d(8), nn.Flatten())
+        self.fc = nn.Linear(48, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _halves(root: Path, per_class: int = 10, val_per_class: int = 10, mirrored_classes: bool = True):
+    """Two classes of 32-px images: the left or the right half bright (each class the other's mirror), or
+    with ``mirrored_classes=False`` dark or bright (mirror-symmetric); a little seeded noise in each."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    classes = ["left", "right"] if mirrored_classes else ["dark", "bright"]
+    sets = {}
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        items = []
+        for ci, name in enumerate(classes):
+            for i in range(n):
+                img = torch.rand((32, 32, 3), generator=g) * 60
+                if mirrored_classes:
+                    img[:, :16] += 180 if ci == 0 else 0
+                    img[:, 16:] += 180 if ci == 1 else 0
+                else:
+                    img += 180 * ci
+                path = root / split / name / f"{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(path)
+                items.append((str(path), ci))
+        sets[split] = ImageSet(items, classes)
+    return sets["train"], sets["val"]
+
+
+@pytest.mark.parametrize("mirrored_classes", [True, False])
+def test_the_head_drops_the_mirror_when_mirrors_are_another_class(tmp_path, monkeypatch, mirrored_classes):
+    """--hflip auto: the cached head is solved with and without the mirrored views; when the validation
+    images (10 per class here: the guard's minimum) say the mirror hurts, the plain head is kept and the
+    finetune phase trains without flips (summary.json says so). Mirror-symmetric classes keep the flip."""
+    import json
+
+    from finetune.engine.setup import Setup
+
+    calls: list[str] = []
+    real = Setup.train_without_flip
+    monkeypatch.setattr(Setup, "train_without_flip", lambda self: (calls.append("off"), real(self))[1])
+    train, val = _halves(tmp_path / "d", mirrored_classes=mirrored_classes)
+    logs: list[str] = []
+    result = fit(_Halves(), [["features"]], DATA_CONFIG, train, val,
+                 _config(head_solver="lbfgs", epochs=2, freeze="none", lr=1e-3),
+                 head="fc", run_dir=tmp_path / "run", log=logs.append)
+    mirror = json.loads((tmp_path / "run" / "summary.json").read_text())["mirror"]
+    head_row = result.history[0]
+    assert head_row["phase"] == "head" and result.history[1]["phase"] == "finetune"
+    if mirrored_classes:
+        assert mirror["dropped"] is True and mirror["gains"] > mirror["losses"]
+        assert calls == ["off"]
+        assert head_row["val_acc"] == 1.0
+        assert any(m.startswith("mirror: the head solved without mirrored images") for m in logs)
+    else:
+        assert mirror["dropped"] is False and calls == []
+        assert not any(m.startswith("mirror:") for m in logs)
+
+
+def test_an_explicit_hflip_or_few_validation_images_skip_the_mirror_test(tmp_path):
+    """The mirror is judged only for --hflip auto and with >= 10 validation images per class."""
+    import json
+
+    train, val = _halves(tmp_path / "d")
+    fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(head_solver="lbfgs", hflip=0.5),
+        head="fc", run_dir=tmp_path / "given")
+    few = ImageSet(val.items[:9] + val.items[10:19], val.classes)
+    fit(_Halves(), [["features"]], DATA_CONFIG, train, few, _config(head_solver="lbfgs"), head="fc",
+        run_dir=tmp_path / "few")
+    for run in ("given", "few"):
+        assert json.loads((tmp_path / run / "summary.json").read_text())["mirror"] is None
+
+
+def test_training_without_flip_rebuilds_the_training_pipeline(tmp_path):
+    """Setup.train_without_flip: the new training transform has no flip; the options stay as given."""
+    from finetune.engine import build_setup
+
+    train, val = _sets(tmp_path / "d")
+    setup = build_setup(Tiny(), STAGES, DATA_CONFIG, train, val, _config(freeze="none"), head="fc",
+                        distributed=False)
+    flips = lambda: [t for t in setup.train_loader.dataset.transform.pipeline.transforms  # noqa: E731
+                     if type(t).__name__ == "RandomHorizontalFlip"]
+    assert flips() and flips()[0].p == 0.5
+    setup.train_without_flip()
+    assert flips() == [] and setup.config.hflip == -1.0
+    assert len(setup.datasets) == 3     # the first training dataset's decode failures still count

@@ -115,7 +115,7 @@ def test_trivial_augment_stays_in_the_workers_on_the_device_path():
     names = _names(build_transform(DATA_CONFIG, True, config, output="uint8", colour_on_device=True))
     assert "TrivialAugmentWide" in names and "RandomHorizontalFlip" not in names
     dev = DeviceAugment.from_config(DATA_CONFIG, config)
-    assert dev.hflip == config.hflip and dev.brightness == 0 and dev.contrast == 0
+    assert dev.hflip == 0.5 and dev.brightness == 0 and dev.contrast == 0
     assert DeviceAugment.from_config(DATA_CONFIG, FinetuneConfig()).brightness == FinetuneConfig().brightness
 
 

@@ -116,3 +116,40 @@ def test_default_bn_follows_the_weights():
     from finetune.core.policy import default_bn
 
     assert default_bn(True) == "eval" and default_bn(False) == "train"
+
+
+def test_auto_epochs_follow_what_trains():
+    """--epochs 0 (the default): a short schedule that ends when layers are finetuned, more epochs for a
+    head alone (they run on cached features); a number given is kept."""
+    from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD, default_epochs
+
+    auto = FinetuneConfig()
+    assert auto.epochs == 0
+    assert default_epochs(auto, 0) == AUTO_EPOCHS_HEAD == 30
+    assert default_epochs(auto, 2) == default_epochs(auto, N_STAGES) == AUTO_EPOCHS_FINETUNE == 10
+    assert default_epochs(FinetuneConfig(epochs=7), 0) == default_epochs(FinetuneConfig(epochs=7), 2) == 7
+
+
+def test_the_setup_holds_the_resolved_epochs(tmp_path):
+    """build_setup resolves auto epochs once, from the freeze decision, and says so; the run folder's
+    config.yaml and the checkpoints then record the number."""
+    from finetune.data import ImageSet
+    from finetune.engine import build_setup
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    classes = ["cat", "dog", "fox"]
+    items = [(str(p), ci) for ci, c in enumerate(classes) for p in sorted((root / c).glob("*.png"))]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
+          "std": (0.5,) * 3}
+    for freeze, want in (("head", 30), ("none", 10)):
+        logs: list[str] = []
+        s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
+                        FinetuneConfig(device="cpu", workers=0, freeze=freeze), head="3", copy_model=True,
+                        distributed=False, log=logs.append)
+        assert s.config.epochs == want
+        assert f"epochs: at most {want} (auto for" in " ".join(logs)
+    s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
+                    FinetuneConfig(device="cpu", workers=0, epochs=4), head="3", copy_model=True, distributed=False)
+    assert s.config.epochs == 4

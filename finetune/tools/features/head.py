@@ -29,7 +29,8 @@ from torch import nn
 
 from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
-from finetune.data.transforms import augment_mode
+from finetune.data.transforms import augment_mode, flip_probability
+from finetune.engine.guard import LOSS_TEST_PER_CLASS, Evaluation, judge
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
@@ -49,7 +50,7 @@ Log = Callable[[str], None]
 
 def mirror_view(config) -> bool:
     """The cached head's training features include each image's mirror (see the module docstring)."""
-    return not int(config.aug_views or 0) and augment_mode(config) != "none" and float(config.hflip) > 0
+    return not int(config.aug_views or 0) and augment_mode(config) != "none" and flip_probability(config) > 0
 
 
 class _Targets(torch.utils.data.Dataset):
@@ -93,6 +94,7 @@ class CachedHeadSteps:
         self._failures: dict[str, str] = {}
         self._ready = False
         self.solver_path: list[dict] = []   # the L-BFGS solve: per L2 strength, its val loss/acc (summary.json)
+        self.mirror: dict | None = None     # the mirror test (``_mirror_test``), when it ran (summary.json)
         self.val_probs: torch.Tensor | None = None     # of the last evaluate() (see FitResult.val_probs)
         self.val_correct: torch.Tensor | None = None   # of the last evaluate(): hits on the decoded images
         self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
@@ -259,16 +261,48 @@ class CachedHeadSteps:
         kept; without a validation split, L2 = ``config.weight_decay``. Returns the epoch's train metrics
         with ``phase_done``: a converged head needs no more epochs.
 
+        With the mirrored view and ``--hflip`` auto, the head is solved on the plain view too, and the
+        mirror is dropped (``self.mirror``) when the validation images say it hurts (:meth:`_mirror_test`).
+
         The objective is the setup's training loss, so ``label_smoothing`` smooths it too (still convex:
         cross-entropy against fixed soft targets); C is picked on the plain validation loss/accuracy."""
         s = self.s
         t0 = time.perf_counter()
-        head = s.head_module
         views = self.train_bank.views
         ok = self.train_bank.valid
-        x = self.train_feats[:, ok.to(self.train_feats.device)].reshape(views * int(ok.sum()), -1)
-        x = x.to(s.device).float()
-        y = self.train_bank.labels[ok].repeat(views).to(s.device)
+        feats = self.train_feats[:, ok.to(self.train_feats.device)].to(s.device).float()
+        labels = self.train_bank.labels[ok].to(s.device)
+        c, l2, state, va, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
+        if self._mirror_testable():
+            plain = self._solve_path(feats[0], labels)
+            if self._mirror_test(state, plain[2]):
+                c, l2, state, va, path = plain
+                views = 1
+        self.solver_path = path
+        head = self.s.head_module
+        x, y = feats[:views].reshape(views * int(ok.sum()), -1), labels.repeat(views)
+        with torch.no_grad():
+            head.weight.copy_(state[0])
+            if head.bias is not None:
+                head.bias.copy_(state[1])
+            logits = torch.nn.functional.linear(x, head.weight, head.bias)
+            loss = float(s.loss_fn(logits, y))
+            acc = float((logits.argmax(1) == y).float().mean())
+        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
+                  f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
+        self.say(f"head: L-BFGS on cached features to convergence, {picked}")
+        n = int(y.shape[0])
+        seconds = time.perf_counter() - t0 + self._prep_seconds
+        self._prep_seconds = 0.0
+        return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
+                "phase_done": True}
+
+    def _solve_path(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """The L-BFGS solves of the head on features ``x`` (rows) with labels ``y``, strongest L2 first, each
+        warm-started from the last. Returns ``(C, l2, (weight, bias), val metrics, path)`` of the one kept
+        (C None without a validation split), ``path`` the val loss/acc per C for summary.json."""
+        s = self.s
+        head = s.head_module
         n = int(y.shape[0])
         strengths = ([(c, 1.0 / (c * n)) for c in SOLVER_C] if self.val_bank is not None
                      else [(None, float(s.config.weight_decay))])
@@ -298,23 +332,46 @@ class CachedHeadSteps:
                 path.append({"C": c, "l2": l2, "val_loss": va["loss"], "val_acc": va["acc"]})
             key = (va["acc"], -va["loss"]) if self.val_bank is not None else (0.0, 0.0)
             if best is None or key > best[0]:
-                best = (key, c, l2, w.detach().clone(), None if b is None else b.detach().clone(), va)
-        _, c, l2, bw, bb, va = best
-        self.solver_path = [dict(p, chosen=p["C"] == c) for p in path]
-        with torch.no_grad():
-            w.copy_(bw)
-            if b is not None:
-                b.copy_(bb)
-            logits = torch.nn.functional.linear(x, w, b)
-            loss = float(s.loss_fn(logits, y))
-            acc = float((logits.argmax(1) == y).float().mean())
-        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
-                  f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
-        self.say(f"head: L-BFGS on cached features to convergence, {picked}")
-        seconds = time.perf_counter() - t0 + self._prep_seconds
-        self._prep_seconds = 0.0
-        return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
-                "phase_done": True}
+                best = (key, c, l2, (w.detach().clone(), None if b is None else b.detach().clone()), va)
+        _, c, l2, state, va = best
+        return c, l2, state, va, [dict(p, chosen=p["C"] == c) for p in path]
+
+    def _mirror_testable(self) -> bool:
+        """The mirror can be judged: auto ``--hflip``, a mirrored view in the bank, and at least
+        ``LOSS_TEST_PER_CLASS`` validation images per class (the guard's rule for evidence)."""
+        s = self.s
+        return (float(s.config.hflip) < 0 and self.train_bank.views == 2 and mirror_view(s.config)
+                and self.val_bank is not None
+                and int(self.val_rows.numel()) >= LOSS_TEST_PER_CLASS * len(s.classes))
+
+    def _mirror_test(self, mirrored: tuple, plain: tuple) -> bool:
+        """Whether the head solved without the mirrored views is better on the validation images, by the
+        head guard's paired tests (:func:`finetune.engine.guard.judge`: McNemar, or the loss bootstrap when
+        it fixes more images than it breaks): then the mirror of an image looks like another class
+        (digits, text) and the run drops it. Decided on rank 0 and broadcast; kept in ``self.mirror``."""
+        s = self.s
+        x = self.val_feats[self.val_rows.to(self.val_feats.device)].to(s.device).float()
+        x = x.reshape(x.shape[0], -1)
+        y = self.val_labels.to(s.device)
+        evals = []
+        for w, b in (mirrored, plain):
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(x, w, b)
+            losses = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none").double().cpu()
+            evals.append(Evaluation(self, {}, None, (logits.argmax(1) == y).cpu(), losses))
+        verdict = judge(evals[0], evals[1], head_epoch=0, finetune_epoch=0, n_val=len(y), n_classes=len(s.classes),
+                        device=torch.device("cpu"), info=ddp.DistInfo())
+        drop = ddp.broadcast_object(verdict is not None and verdict.kept == "finetune", s.info)
+        self.mirror = {"dropped": bool(drop), **(verdict.to_dict() if verdict is not None else {})}
+        for k in ("head_epoch", "finetune_epoch", "kept"):
+            self.mirror.pop(k, None)
+        if drop:
+            self.say(f"mirror: the head solved without mirrored images does better on the validation images "
+                     f"(val loss {float(evals[0].losses.mean()):.4f} -> {float(evals[1].losses.mean()):.4f}, "
+                     f"bootstrap p={verdict.p_loss:.2g}; {verdict.gains} image(s) fixed, {verdict.losses} broken, "
+                     f"McNemar p={verdict.p:.2g}): mirrors look like other classes here, so this run trains "
+                     "without flips (pass --hflip to choose)")
+        return bool(drop)
 
     def evaluate(self, full: bool = False) -> dict:
         """Mean loss and accuracy of the head over the validation features (``engine.evaluate``; the head's
