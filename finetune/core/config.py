@@ -170,7 +170,7 @@ class FinetuneConfig:
         low=0, low_open=True)
     # --- the loop ---
     epochs: int = option(0,
-        "Maximum epochs in total (early stopping may end sooner); 0 = auto: 10 when layers are finetuned "
+        "Maximum epochs in total (early stopping may end sooner); 0 = auto: 8 when layers are finetuned "
         "(a cosine schedule that ends), 30 when only the head trains.",
         low=1, sentinels=(0,), resume_free=True)
     patience: int = option(5, "Early stopping: epochs without improvement before stopping.", low=0, resume_free=True)

@@ -18,11 +18,12 @@ __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "def
            "AUTO_EPOCHS_FINETUNE"]
 
 # ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
-# (100 per class) 8 epochs tested as well as 30 with early stopping, in half the time (docs/peers.md,
-# "Medium data, session 9"); fastai's fine_tune examples run 1 + 5. A head alone trains on cached
-# features (one L-BFGS solve by default; a gradient or MLP head needs its epochs, which cost little).
+# (100 per class) 8 epochs (the solved head + 7) tested as well as 30 with early stopping and as 10, in
+# half the time of 30 (docs/peers.md, "Medium data, session 9"); fastai's fine_tune runs 1 + 5. A head
+# alone trains on cached features (one L-BFGS solve by default; a gradient or MLP head needs its epochs,
+# which cost little).
 AUTO_EPOCHS_HEAD = 30
-AUTO_EPOCHS_FINETUNE = 10
+AUTO_EPOCHS_FINETUNE = 8
 
 
 @dataclass(frozen=True)

@@ -214,14 +214,29 @@ def _curves_section(run: Path, summary: dict[str, Any]) -> str:
                              marks=chosen)]
         return section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
                        "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
-                       "(best validation accuracy, then loss).</p>" + "".join(charts))
+                       "(best validation accuracy, then loss).</p>" + _mirror_note(summary) + "".join(charts))
     charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
                                        "val": [r.get("val_loss") for r in hist]}, marks=best),
               line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
                                            "val": [r.get("val_acc") for r in hist]}, marks=best),
               line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
     return section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
-                   + "".join(charts))
+                   + _mirror_note(summary) + "".join(charts))
+
+
+def _mirror_note(summary: dict[str, Any]) -> str:
+    """One line on the mirror test (``--hflip`` auto), when the run made it."""
+    m = summary.get("mirror")
+    if not isinstance(m, dict):
+        return ""
+    what = ("dropped: the head solved without them did better on the validation images, and the run "
+            "trained without flips" if m.get("dropped") else "kept: the validation images showed no harm")
+    return (f"<p class=\"sub\">Mirrored views {what} (without them: {m.get('gains', 0)} image(s) fixed, "
+            f"{m.get('losses', 0)} broken; McNemar p={_g(m.get('p'))}, loss bootstrap p={_g(m.get('p_loss'))}).</p>")
+
+
+def _g(v: Any) -> str:
+    return f"{v:.2g}" if isinstance(v, (int, float)) else "-"
 
 
 def _config_section(cfg_path: Path) -> str:

@@ -510,3 +510,41 @@ def test_training_without_flip_rebuilds_the_training_pipeline(tmp_path):
     setup.train_without_flip()
     assert flips() == [] and setup.config.hflip == -1.0
     assert len(setup.datasets) == 3     # the first training dataset's decode failures still count
+
+
+def test_a_run_resumed_after_the_head_phase_still_trains_without_flip(tmp_path, monkeypatch):
+    """The mirror decision is in the checkpoint: a run interrupted after its head phase, resumed, trains the
+    finetune phase unflipped and ends with the uninterrupted run's weights."""
+    from finetune.core.errors import Interrupted
+    from finetune.engine.setup import Setup
+
+    calls: list[str] = []
+    real = Setup.train_without_flip
+    monkeypatch.setattr(Setup, "train_without_flip", lambda self: (calls.append("off"), real(self))[1])
+    train, val = _halves(tmp_path / "d")
+    config = _config(head_solver="lbfgs", epochs=3, freeze="none", lr=1e-3, patience=10)
+    ref = fit(_Halves(), [["features"]], DATA_CONFIG, train, val, config, head="fc", run_dir=tmp_path / "ref")
+
+    def stop_after_head(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        fit(_Halves(), [["features"]], DATA_CONFIG, train, val, config, head="fc", run_dir=tmp_path / "cut",
+            callbacks=[stop_after_head])
+    assert calls == ["off"]
+    resumed = fit(_Halves(), [["features"]], DATA_CONFIG, train, val, config, head="fc", run_dir=tmp_path / "cut",
+                  resume=True)
+    assert calls == ["off", "off"]
+    a, b = resumed.model.state_dict(), ref.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_report_says_what_the_mirror_test_decided():
+    """report.html's curves/solve section carries one line on the mirror test, when the run made one."""
+    from finetune.tools.pages import _mirror_note
+
+    assert _mirror_note({}) == "" and _mirror_note({"mirror": None}) == ""
+    dropped = _mirror_note({"mirror": {"dropped": True, "gains": 7, "losses": 1, "p": 0.035, "p_loss": 0.0005}})
+    assert "dropped" in dropped and "7 image(s) fixed, 1 broken" in dropped and "p=0.035" in dropped
+    assert "kept" in _mirror_note({"mirror": {"dropped": False, "gains": 0, "losses": 0, "p": 1.0, "p_loss": 1.0}})

@@ -126,7 +126,7 @@ def test_auto_epochs_follow_what_trains():
     auto = FinetuneConfig()
     assert auto.epochs == 0
     assert default_epochs(auto, 0) == AUTO_EPOCHS_HEAD == 30
-    assert default_epochs(auto, 2) == default_epochs(auto, N_STAGES) == AUTO_EPOCHS_FINETUNE == 10
+    assert default_epochs(auto, 2) == default_epochs(auto, N_STAGES) == AUTO_EPOCHS_FINETUNE == 8
     assert default_epochs(FinetuneConfig(epochs=7), 0) == default_epochs(FinetuneConfig(epochs=7), 2) == 7
 
 
@@ -143,7 +143,7 @@ def test_the_setup_holds_the_resolved_epochs(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
           "std": (0.5,) * 3}
-    for freeze, want in (("head", 30), ("none", 10)):
+    for freeze, want in (("head", 30), ("none", 8)):
         logs: list[str] = []
         s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
                         FinetuneConfig(device="cpu", workers=0, freeze=freeze), head="3", copy_model=True,
