@@ -143,10 +143,11 @@ class FinetuneConfig:
         "Head-only epochs before unfreezing; -1 = until its val loss stops improving (max 10); 0 = off.",
         low=0, sentinels=(-1,))
     head_guard: bool = option(True,
-        "After a head phase, keep the head-phase weights unless the finetuned ones are significantly better "
-        "on the validation images (one-sided, 5%: exact McNemar on the images either gets wrong, or a paired "
-        "bootstrap of the per-image loss when they fix more images than they break and there are 10+ "
-        "validation images per class). "
+        "After a head phase: with fewer than 10 validation images per class, keep the head-phase weights "
+        "unless the finetuned ones are significantly better on the validation images (one-sided, 5%: exact "
+        "McNemar on the images either gets wrong); with more, keep the finetuned weights the val metric picked "
+        "unless the head is significantly better (McNemar, or a paired bootstrap of the per-image loss when "
+        "it fixes more images than it breaks). "
         "--no-head-guard keeps the finetuned weights whenever they have the better val metric.",
         resume_free=True)
     bn: str = option("eval",

@@ -1,21 +1,25 @@
 """The head guard: after a head phase and a finetune phase, which of the two the run keeps.
 
-The finetuned weights (the best epoch on the monitored metric) replace the head phase's only when the
-validation images say they are better, on one of two paired tests of the same images at ``ALPHA``:
+Two paired tests of the same validation images at ``ALPHA`` (:func:`judge`):
 - accuracy: a one-sided exact McNemar test on the images one got right and the other wrong;
-- loss: a one-sided paired bootstrap of the per-image cross-entropy differences (the head's minus the
-  finetuned weights'), counted only when the finetuned weights fix more images than they break and the
-  validation split has at least ``LOSS_TEST_PER_CLASS`` images per class. A loss that falls while no
-  prediction changes is confidence, not evidence, and a bootstrap of a dozen images is no evidence at
-  all: at 2 validation images per class such runs lost test accuracy (docs/peers.md).
-At a few images per class (few-shot) the guard therefore protects the solved head; at hundreds of
-images the loss test has the power to see the gains of unfreezing that accuracy alone misses. Under
-torchrun each rank holds its strided shard of the validation set: the counts are summed and the loss
+- loss: a one-sided paired bootstrap of the per-image cross-entropy differences, counted only when the
+  challenger fixes more images than it breaks and the validation split has at least
+  ``LOSS_TEST_PER_CLASS`` images per class. A loss that falls while no prediction changes is confidence,
+  not evidence, and a bootstrap of a dozen images is no evidence at all: at 2 validation images per
+  class such runs lost test accuracy (docs/peers.md).
+Who must pass them depends on how much the validation split can say:
+- below ``LOSS_TEST_PER_CLASS`` images per class (few-shot, where the policy trains the head only and a
+  user forced finetuning): the finetuned weights (the best epoch on the monitored metric) replace the
+  solved head only when a test says they are better. The guard protects the head from a lucky epoch.
+- with more, the monitored metric has picked the finetuned weights over the head already (the head's
+  epoch competes in early stopping), and the head comes back only when a test says *it* is better. On
+  medium digits the other burden vetoed real gains (0.7-4 points: docs/peers.md) and never helped.
+Under torchrun each rank holds its strided shard of the validation set: the counts are summed and the loss
 differences gathered in item order, so the decision is the one process's.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -55,6 +59,7 @@ class Verdict:
     p_loss: float           # paired bootstrap, one-sided (1.0 when it does not count: see the module docstring)
     alpha: float
     kept: str               # "finetune" | "head"
+    burden: str = "finetune"   # who had to pass a test: the finetuned weights (few-shot) or the head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,19 +165,31 @@ class HeadGuard:
         head_eval = self.evaluation
         if head_eval is None or head_eval.losses is None:
             head_eval = self.evaluate_state(head_state)
-        verdict = judge(head_eval, tuned_eval, head_epoch=self.epoch, finetune_epoch=tuned_epoch, n_val=n_val,
-                        n_classes=n_classes, device=device, info=info)
+        kw = dict(head_epoch=self.epoch, finetune_epoch=tuned_epoch, n_val=n_val, n_classes=n_classes,
+                  device=device, info=info)
+        verdict = judge(head_eval, tuned_eval, **kw)
         if verdict is None:
             return None
+        if n_val >= LOSS_TEST_PER_CLASS * n_classes:    # the head must prove itself (module docstring)
+            head_wins = judge(tuned_eval, head_eval, **kw)
+            verdict = replace(verdict, burden="head",
+                              kept="head" if head_wins is not None and head_wins.kept == "finetune" else "finetune")
         self.decision = verdict.to_dict()
         if verdict.kept == "finetune":
             self.say(f"head guard: the finetuned weights of epoch {tuned_epoch} are kept: they were "
-                     f"{verdict.evidence()}")
+                     f"{verdict.evidence()}" + ("" if verdict.burden == "finetune"
+                                                else "; the head was not significantly better"))
             return None
-        self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
-                 f"{tuned_epoch}: they were {verdict.evidence()}: not significantly better. The finetune phase "
-                 f"took {seconds:.0f} s: --freeze head skips it, --no-head-guard keeps its weights, more "
-                 "validation images give the test more power")
+        if verdict.burden == "head":
+            self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
+                     f"{tuned_epoch}: they were {verdict.evidence()}, and the head is significantly better. "
+                     f"The finetune phase took {seconds:.0f} s: --freeze head skips it, --no-head-guard keeps "
+                     "its weights")
+        else:
+            self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
+                     f"{tuned_epoch}: they were {verdict.evidence()}: not significantly better. The finetune "
+                     f"phase took {seconds:.0f} s: --freeze head skips it, --no-head-guard keeps its weights, "
+                     "more validation images give the test more power")
         self.decision["value"] = float(head_eval.metrics["acc" if monitor == "val_acc" else "loss"])
         self.folder.best(head_state, {"epoch": str(self.epoch), "monitor": "head guard",
                                       "value": repr(min(verdict.p, verdict.p_loss))})
