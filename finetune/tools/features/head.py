@@ -363,7 +363,7 @@ class CachedHeadSteps:
                         device=torch.device("cpu"), info=ddp.DistInfo())
         drop = ddp.broadcast_object(verdict is not None and verdict.kept == "finetune", s.info)
         self.mirror = {"dropped": bool(drop), **(verdict.to_dict() if verdict is not None else {})}
-        for k in ("head_epoch", "finetune_epoch", "kept"):
+        for k in ("head_epoch", "finetune_epoch", "kept", "burden"):
             self.mirror.pop(k, None)
         if drop:
             self.say(f"mirror: the head solved without mirrored images does better on the validation images "
