@@ -189,6 +189,9 @@ class Scheduler:
     """
 
     def __init__(self, config: Any, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> None:
+        if int(config.epochs) < 1 and config.schedule == "cosine":   # the one schedule that needs its length
+            raise ConfigError("the schedule needs a number of epochs: epochs=0 (auto) is resolved by "
+                              "finetune.engine.build_setup (finetune.core.policy.default_epochs)")
         self.schedule = config.schedule
         self.optimizer = optimizer
         self.steps_per_epoch = max(1, int(steps_per_epoch))

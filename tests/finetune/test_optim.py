@@ -214,3 +214,10 @@ def test_layer_decay_skips_frozen_stages_and_off_is_one_backbone_lr():
     assert all("stage" not in g for g in off)
     with pytest.raises(ConfigError, match="stage list"):
         param_groups(net, "fc", 1.0, 0.1, 0.0, None, layer_decay=0.5)
+
+
+def test_a_cosine_schedule_refuses_unresolved_auto_epochs():
+    """epochs=0 (auto) is resolved by build_setup; a cosine schedule built from it directly says so."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="epochs=0 \\(auto\\) is resolved by"):
+        build_scheduler(FinetuneConfig(schedule="cosine"), opt, 4)
