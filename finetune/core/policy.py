@@ -45,20 +45,15 @@ class FreezeDecision:
         return {"trainable_stages": self.trainable_stages, "label": self.label, "reason": self.reason}
 
 
-def _label(k: int, n_stages: int) -> str:
+def _describe(k: int, n_stages: int) -> tuple[str, str]:
+    """``(label, what)`` of training ``k`` of ``n_stages`` stages: ("head + last 2 stages", "training the
+    head and the last 2 stages")."""
     if k >= n_stages and n_stages > 0:
-        return "all"
+        return "all", "training every layer"
     if k == 0:
-        return "head"
-    return f"head + last {k} stage{'s' if k != 1 else ''}"
-
-
-def _what(k: int, n_stages: int) -> str:
-    if k >= n_stages and n_stages > 0:
-        return "training every layer"
-    if k == 0:
-        return "training the head only"
-    return f"training the head and the last {k} stage{'s' if k != 1 else ''}"
+        return "head", "training the head only"
+    stages = f"last {k} stage{'s' if k != 1 else ''}"
+    return f"head + {stages}", f"training the head and the {stages}"
 
 
 def parse_freeze(freeze: str | int, n_stages: int) -> int | None:
@@ -108,9 +103,8 @@ def decide_freeze(config: Any, n_images: int, n_classes: int, per_class_min: int
     """
     k = parse_freeze(config.freeze, n_stages)
     if k is not None:
-        what = _what(k, n_stages)
-        return FreezeDecision(k, _label(k, n_stages),
-                              f"--freeze {str(config.freeze).strip().lower()} requested: {what}")
+        label, what = _describe(k, n_stages)
+        return FreezeDecision(k, label, f"--freeze {str(config.freeze).strip().lower()} requested: {what}")
     if n_classes > 0 and per_class_min * n_classes == n_images:
         per_class = f"{per_class_min} per class"
     else:
@@ -122,8 +116,8 @@ def decide_freeze(config: Any, n_images: int, n_classes: int, per_class_min: int
         size, k = "large", n_stages
     else:
         size, k = "medium", max(0, min(int(config.medium_stages), n_stages))
-    return FreezeDecision(k, _label(k, n_stages),
-                          f"{sizes}: {size} -> {_what(k, n_stages)}; pass --freeze to override")
+    label, what = _describe(k, n_stages)
+    return FreezeDecision(k, label, f"{sizes}: {size} -> {what}; pass --freeze to override")
 
 
 def default_bn(pretrained: bool) -> str:

@@ -148,8 +148,9 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     else:
         steps.extend(fixed())
     colour = augment and not colour_on_device
-    if colour and flip_probability(config) > 0:
-        steps.append(T.RandomHorizontalFlip(flip_probability(config)))
+    flip = flip_probability(config)
+    if colour and flip > 0:
+        steps.append(T.RandomHorizontalFlip(flip))
     if colour and mode_name == "standard" and (float(config.brightness) > 0 or float(config.contrast) > 0):
         steps.append(T.ColorJitter(brightness=float(config.brightness) or None,
                                    contrast=float(config.contrast) or None))

@@ -180,16 +180,11 @@ class HeadGuard:
                      f"{verdict.evidence()}" + ("" if verdict.burden == "finetune"
                                                 else "; the head was not significantly better"))
             return None
-        if verdict.burden == "head":
-            self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
-                     f"{tuned_epoch}: they were {verdict.evidence()}, and the head is significantly better. "
-                     f"The finetune phase took {seconds:.0f} s: --freeze head skips it, --no-head-guard keeps "
-                     "its weights")
-        else:
-            self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
-                     f"{tuned_epoch}: they were {verdict.evidence()}: not significantly better. The finetune "
-                     f"phase took {seconds:.0f} s: --freeze head skips it, --no-head-guard keeps its weights, "
-                     "more validation images give the test more power")
+        why, more = ((", and the head is significantly better", "") if verdict.burden == "head" else
+                     (": not significantly better", ", more validation images give the test more power"))
+        self.say(f"head guard: the head of epoch {self.epoch} is kept, not the finetuned weights of epoch "
+                 f"{tuned_epoch}: they were {verdict.evidence()}{why}. The finetune phase took {seconds:.0f} s: "
+                 f"--freeze head skips it, --no-head-guard keeps its weights{more}")
         self.decision["value"] = float(head_eval.metrics["acc" if monitor == "val_acc" else "loss"])
         self.folder.best(head_state, {"epoch": str(self.epoch), "monitor": "head guard",
                                       "value": repr(min(verdict.p, verdict.p_loss))})

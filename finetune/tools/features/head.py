@@ -272,12 +272,13 @@ class CachedHeadSteps:
         ok = self.train_bank.valid
         feats = self.train_feats[:, ok.to(self.train_feats.device)].to(s.device).float()
         labels = self.train_bank.labels[ok].to(s.device)
-        c, l2, state, va, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
+        c, l2, state, kept, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
         if self._mirror_testable():
             plain = self._solve_path(feats[0], labels)
-            if self._mirror_test(state, plain[2]):
-                c, l2, state, va, path = plain
+            if self._mirror_test(kept, plain[3]):
+                c, l2, state, kept, path = plain
                 views = 1
+        va = kept.metrics
         self.solver_path = path
         head = self.s.head_module
         x, y = feats[:views].reshape(views * int(ok.sum()), -1), labels.repeat(views)
@@ -299,8 +300,8 @@ class CachedHeadSteps:
 
     def _solve_path(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """The L-BFGS solves of the head on features ``x`` (rows) with labels ``y``, strongest L2 first, each
-        warm-started from the last. Returns ``(C, l2, (weight, bias), val metrics, path)`` of the one kept
-        (C None without a validation split), ``path`` the val loss/acc per C for summary.json."""
+        warm-started from the last. Returns ``(C, l2, (weight, bias), its validation Evaluation, path)`` of
+        the one kept (C None without a validation split), ``path`` the val loss/acc per C for summary.json."""
         s = self.s
         head = s.head_module
         n = int(y.shape[0])
@@ -332,9 +333,10 @@ class CachedHeadSteps:
                 path.append({"C": c, "l2": l2, "val_loss": va["loss"], "val_acc": va["acc"]})
             key = (va["acc"], -va["loss"]) if self.val_bank is not None else (0.0, 0.0)
             if best is None or key > best[0]:
-                best = (key, c, l2, (w.detach().clone(), None if b is None else b.detach().clone()), va)
-        _, c, l2, state, va = best
-        return c, l2, state, va, [dict(p, chosen=p["C"] == c) for p in path]
+                best = (key, c, l2, (w.detach().clone(), None if b is None else b.detach().clone()),
+                        Evaluation(self, va, None, self.val_correct, self.val_losses))
+        _, c, l2, state, kept = best
+        return c, l2, state, kept, [dict(p, chosen=p["C"] == c) for p in path]
 
     def _mirror_testable(self) -> bool:
         """The mirror can be judged: auto ``--hflip``, a mirrored view in the bank, and at least
@@ -344,34 +346,26 @@ class CachedHeadSteps:
                 and self.val_bank is not None
                 and int(self.val_rows.numel()) >= LOSS_TEST_PER_CLASS * len(s.classes))
 
-    def _mirror_test(self, mirrored: tuple, plain: tuple) -> bool:
-        """Whether the head solved without the mirrored views is better on the validation images, by the
-        head guard's paired tests (:func:`finetune.engine.guard.judge`: McNemar, or the loss bootstrap when
-        it fixes more images than it breaks): then the mirror of an image looks like another class
-        (digits, text) and the run drops it. Decided on rank 0 and broadcast; kept in ``self.mirror``."""
+    def _mirror_test(self, mirrored: Evaluation, plain: Evaluation) -> bool:
+        """Whether the head solved without the mirrored views is better on the validation images than the one
+        solved with them (their evaluations, per image), by the head guard's paired tests
+        (:func:`finetune.engine.guard.judge`: McNemar, or the loss bootstrap when it fixes more images than
+        it breaks; every rank decides the same): then the mirror of an image looks like another class and
+        the run drops it. Kept in ``self.mirror``."""
         s = self.s
-        x = self.val_feats[self.val_rows.to(self.val_feats.device)].to(s.device).float()
-        x = x.reshape(x.shape[0], -1)
-        y = self.val_labels.to(s.device)
-        evals = []
-        for w, b in (mirrored, plain):
-            with torch.no_grad():
-                logits = torch.nn.functional.linear(x, w, b)
-            losses = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none").double().cpu()
-            evals.append(Evaluation(self, {}, None, (logits.argmax(1) == y).cpu(), losses))
-        verdict = judge(evals[0], evals[1], head_epoch=0, finetune_epoch=0, n_val=len(y), n_classes=len(s.classes),
-                        device=torch.device("cpu"), info=ddp.DistInfo())
-        drop = ddp.broadcast_object(verdict is not None and verdict.kept == "finetune", s.info)
-        self.mirror = {"dropped": bool(drop), **(verdict.to_dict() if verdict is not None else {})}
+        verdict = judge(mirrored, plain, head_epoch=0, finetune_epoch=0, n_val=len(s.val_set),
+                        n_classes=len(s.classes), device=s.device, info=s.info)
+        drop = verdict is not None and verdict.kept == "finetune"
+        self.mirror = {"dropped": drop, **(verdict.to_dict() if verdict is not None else {})}
         for k in ("head_epoch", "finetune_epoch", "kept", "burden"):
             self.mirror.pop(k, None)
         if drop:
             self.say(f"mirror: the head solved without mirrored images does better on the validation images "
-                     f"(val loss {float(evals[0].losses.mean()):.4f} -> {float(evals[1].losses.mean()):.4f}, "
+                     f"(val loss {mirrored.metrics['loss']:.4f} -> {plain.metrics['loss']:.4f}, "
                      f"bootstrap p={verdict.p_loss:.2g}; {verdict.gains} image(s) fixed, {verdict.losses} broken, "
                      f"McNemar p={verdict.p:.2g}): mirrors look like other classes here, so this run trains "
                      "without flips (pass --hflip to choose)")
-        return bool(drop)
+        return drop
 
     def evaluate(self, full: bool = False) -> dict:
         """Mean loss and accuracy of the head over the validation features (``engine.evaluate``; the head's
