@@ -123,8 +123,8 @@ class FinetuneConfig:
     crop_scale_min: float = option(0.8, "Smallest area fraction of the random crop.", low=0, high=1, low_open=True)
     hflip: float = option(-1.0,
         "Horizontal flip probability (0 disables, for data whose mirror image is another class; the cached "
-        "head then drops its mirrored view). -1 = auto: 0.5, or 0 when the cached head fits the validation "
-        "images better without the mirrored views (at least 10 validation images per class).",
+        "head then drops its mirrored view). -1 = auto: 0.5, or 0 in a run that trains layers when the "
+        "features tell an image from its mirror (digits, text; at least 10 training images per class).",
         low=0, high=1, sentinels=(-1,))
     brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0)
     contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0)

@@ -171,7 +171,7 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
 
 def flip_probability(config: Any) -> float:
     """``config.hflip``, with -1 (auto) read as ``AUTO_HFLIP``: the probability the training views are
-    mirrored (the trainer turns auto's flip off when the cached head finds mirrors hurt)."""
+    mirrored (the trainer turns auto's flip off when the cached head finds the images handed)."""
     p = float(getattr(config, "hflip", -1.0))
     return AUTO_HFLIP if p < 0 else p
 

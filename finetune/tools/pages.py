@@ -225,14 +225,19 @@ def _curves_section(run: Path, summary: dict[str, Any]) -> str:
 
 
 def _mirror_note(summary: dict[str, Any]) -> str:
-    """One line on the mirror test (``--hflip`` auto), when the run made it."""
+    """One line on the mirror test (``--hflip`` auto in a run that trains layers), when the run made it."""
     m = summary.get("mirror")
     if not isinstance(m, dict):
         return ""
-    what = ("dropped: the head solved without them did better on the validation images, and the run "
-            "trained without flips" if m.get("dropped") else "kept: the validation images showed no harm")
-    return (f"<p class=\"sub\">Mirrored views {what} (without them: {m.get('gains', 0)} image(s) fixed, "
-            f"{m.get('losses', 0)} broken; McNemar p={_g(m.get('p'))}, loss bootstrap p={_g(m.get('p_loss'))}).</p>")
+    what = ("the images have a handedness: the run trained without flips" if m.get("dropped")
+            else "no handedness: flips kept")
+    return (f"<p class=\"sub\">Mirror test: the features tell a training image from its mirror, given its class, "
+            f"{_pct(m.get('score'))} of the time (95% lower bound {_pct(m.get('low'))}, threshold "
+            f"{_pct(m.get('threshold'))}, {m.get('images', '-')} images): {what}.</p>")
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.0%}" if isinstance(v, (int, float)) else "-"
 
 
 def _g(v: Any) -> str:

@@ -454,10 +454,11 @@ def _halves(root: Path, per_class: int = 10, val_per_class: int = 10, mirrored_c
 
 
 @pytest.mark.parametrize("mirrored_classes", [True, False])
-def test_the_head_drops_the_mirror_when_mirrors_are_another_class(tmp_path, monkeypatch, mirrored_classes):
-    """--hflip auto: the cached head is solved with and without the mirrored views; when the validation
-    images (10 per class here: the guard's minimum) say the mirror hurts, the plain head is kept and the
-    finetune phase trains without flips (summary.json says so). Mirror-symmetric classes keep the flip."""
+def test_the_head_drops_the_mirror_when_the_images_are_handed(tmp_path, monkeypatch, mirrored_classes):
+    """--hflip auto in a run that trains layers: the handedness test on the two cached training views; when
+    an image is told from its mirror given its class (here each class is the other's mirror), the head is
+    solved on the images alone and the finetune phase trains without flips (summary.json says so).
+    Mirror-symmetric classes keep the flip."""
     import json
 
     from finetune.engine.setup import Setup
@@ -473,27 +474,32 @@ def test_the_head_drops_the_mirror_when_mirrors_are_another_class(tmp_path, monk
     mirror = json.loads((tmp_path / "run" / "summary.json").read_text())["mirror"]
     head_row = result.history[0]
     assert head_row["phase"] == "head" and result.history[1]["phase"] == "finetune"
+    assert mirror["images"] == 20 and mirror["threshold"] == 0.6
+    (line,) = [m for m in logs if m.startswith("mirror: ")]
     if mirrored_classes:
-        assert mirror["dropped"] is True and mirror["gains"] > mirror["losses"] and "burden" not in mirror
+        assert mirror["dropped"] is True and mirror["handed"] is True and mirror["score"] == 1.0
         assert calls == ["off"]
         assert head_row["val_acc"] == 1.0
-        assert any(m.startswith("mirror: the head solved without mirrored images") for m in logs)
+        assert "trains without flips" in line
     else:
-        assert mirror["dropped"] is False and calls == []
-        assert not any(m.startswith("mirror:") for m in logs)
+        assert mirror["dropped"] is False and mirror["low"] < 0.6 and calls == []
+        assert line.endswith("flips kept")
 
 
-def test_an_explicit_hflip_or_few_validation_images_skip_the_mirror_test(tmp_path):
-    """The mirror is judged only for --hflip auto and with >= 10 validation images per class."""
+def test_an_explicit_hflip_few_images_or_a_head_only_run_skip_the_mirror_test(tmp_path):
+    """The mirror is judged only for --hflip auto, with >= 10 training images per class, in a run that trains
+    layers after the head."""
     import json
 
     train, val = _halves(tmp_path / "d")
-    fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(head_solver="lbfgs", hflip=0.5),
+    layers = dict(head_solver="lbfgs", epochs=2, freeze="none", lr=1e-3)
+    fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(hflip=0.5, **layers),
         head="fc", run_dir=tmp_path / "given")
-    few = ImageSet(val.items[:9] + val.items[10:19], val.classes)
-    fit(_Halves(), [["features"]], DATA_CONFIG, train, few, _config(head_solver="lbfgs"), head="fc",
-        run_dir=tmp_path / "few")
-    for run in ("given", "few"):
+    few = ImageSet(train.items[:9] + train.items[10:19], train.classes)
+    fit(_Halves(), [["features"]], DATA_CONFIG, few, val, _config(**layers), head="fc", run_dir=tmp_path / "few")
+    fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(head_solver="lbfgs"), head="fc",
+        run_dir=tmp_path / "head")
+    for run in ("given", "few", "head"):
         assert json.loads((tmp_path / run / "summary.json").read_text())["mirror"] is None
 
 
@@ -541,10 +547,12 @@ def test_a_run_resumed_after_the_head_phase_still_trains_without_flip(tmp_path, 
 
 
 def test_the_report_says_what_the_mirror_test_decided():
-    """report.html's curves/solve section carries one line on the mirror test, when the run made one."""
+    """report.html's curves section carries one line on the mirror test, when the run made one."""
     from finetune.tools.pages import _mirror_note
 
     assert _mirror_note({}) == "" and _mirror_note({"mirror": None}) == ""
-    dropped = _mirror_note({"mirror": {"dropped": True, "gains": 7, "losses": 1, "p": 0.035, "p_loss": 0.0005}})
-    assert "dropped" in dropped and "7 image(s) fixed, 1 broken" in dropped and "p=0.035" in dropped
-    assert "kept" in _mirror_note({"mirror": {"dropped": False, "gains": 0, "losses": 0, "p": 1.0, "p_loss": 1.0}})
+    base = {"score": 0.74, "low": 0.72, "images": 1000, "threshold": 0.6}
+    dropped = _mirror_note({"mirror": {"dropped": True, "handed": True, **base}})
+    assert "74% of the time" in dropped and "bound 72%" in dropped and "without flips" in dropped
+    kept = _mirror_note({"mirror": {"dropped": False, "handed": False, **base, "score": 0.5, "low": 0.47}})
+    assert "flips kept" in kept and "50%" in kept

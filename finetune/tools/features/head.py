@@ -7,7 +7,8 @@ once per view and is the head phase's epoch source in ``fit``'s loop (``finetune
   the training augmentation flips (``augment`` with ``hflip > 0``), also its horizontal mirror: the one
   augmentation that is fixed, so a solved head sees twice the images at the cost of one more pass
   (measured on real photos: docs/peers.md); ``--hflip 0`` keeps one view, for data whose mirror is
-  another class;
+  another class, and so does ``--hflip`` auto in a run that finetunes layers when the images have a
+  handedness (:mod:`.handedness`: digits, text; the finetune phase then trains without flips too);
 * with ``config.aug_views = K > 0`` instead, K randomly augmented views per training image.
 Each epoch of the gradient solver draws one view per image; the L-BFGS solver fits all views at once.
 
@@ -30,12 +31,13 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
 from finetune.data.transforms import augment_mode, flip_probability
-from finetune.engine.guard import LOSS_TEST_PER_CLASS, Evaluation, judge
+from finetune.engine.guard import Evaluation
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
+from finetune.tools.features.handedness import MIN_PER_CLASS, handedness
 
 __all__ = ["CachedHeadSteps"]
 
@@ -127,6 +129,8 @@ class CachedHeadSteps:
             raise FinetuneError("train and val features differ in shape; clear the feature cache and retry")
         dev = s.device
         self.train_feats = _bank_to(self.train_bank, dev)
+        if self._mirror_testable():
+            self._mirror_test()
         self.shape = self.train_bank.feature_shape
         if self.val_bank is not None:
             self.val_feats = _bank_to(self.val_bank, dev)[0]
@@ -207,7 +211,7 @@ class CachedHeadSteps:
         """Epoch ``epoch``'s training batches of features ``(x, y)`` on the device, in the training loader's
         order (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
         s = self.s
-        n_views = self.train_bank.views
+        n_views = int(self.train_feats.shape[0])
         if n_views > 1:
             g = torch.Generator().manual_seed(int(s.config.seed) * 7919 + epoch)
             view_of = torch.randint(n_views, (len(self.train_bank),), generator=g).to(self.train_feats.device)
@@ -261,23 +265,15 @@ class CachedHeadSteps:
         kept; without a validation split, L2 = ``config.weight_decay``. Returns the epoch's train metrics
         with ``phase_done``: a converged head needs no more epochs.
 
-        With the mirrored view and ``--hflip`` auto, the head is solved on the plain view too, and the
-        mirror is dropped (``self.mirror``) when the validation images say it hurts (:meth:`_mirror_test`).
-
         The objective is the setup's training loss, so ``label_smoothing`` smooths it too (still convex:
         cross-entropy against fixed soft targets); C is picked on the plain validation loss/accuracy."""
         s = self.s
         t0 = time.perf_counter()
-        views = self.train_bank.views
+        views = int(self.train_feats.shape[0])
         ok = self.train_bank.valid
         feats = self.train_feats[:, ok.to(self.train_feats.device)].to(s.device).float()
         labels = self.train_bank.labels[ok].to(s.device)
         c, l2, state, kept, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
-        if self._mirror_testable():
-            plain = self._solve_path(feats[0], labels)
-            if self._mirror_test(kept, plain[3]):
-                c, l2, state, kept, path = plain
-                views = 1
         va = kept.metrics
         self.solver_path = path
         head = self.s.head_module
@@ -339,33 +335,36 @@ class CachedHeadSteps:
         return c, l2, state, kept, [dict(p, chosen=p["C"] == c) for p in path]
 
     def _mirror_testable(self) -> bool:
-        """The mirror can be judged: auto ``--hflip``, a mirrored view in the bank, and at least
-        ``LOSS_TEST_PER_CLASS`` validation images per class (the guard's rule for evidence)."""
+        """The mirror is judged when it matters and can be: a run that trains layers after the head (a
+        head-only run loses nothing to the mirrored views, even on digits: docs/peers.md), auto ``--hflip``,
+        a mirrored view in the bank, and at least ``handedness.MIN_PER_CLASS`` decoded training images per
+        class."""
         s = self.s
-        return (float(s.config.hflip) < 0 and self.train_bank.views == 2 and mirror_view(s.config)
-                and self.val_bank is not None
-                and int(self.val_rows.numel()) >= LOSS_TEST_PER_CLASS * len(s.classes))
+        return (not s.head_only and float(s.config.hflip) < 0 and self.train_bank.views == 2
+                and mirror_view(s.config) and int(self.train_bank.valid.sum()) >= MIN_PER_CLASS * len(s.classes))
 
-    def _mirror_test(self, mirrored: Evaluation, plain: Evaluation) -> bool:
-        """Whether the head solved without the mirrored views is better on the validation images than the one
-        solved with them (their evaluations, per image), by the head guard's paired tests
-        (:func:`finetune.engine.guard.judge`: McNemar, or the loss bootstrap when it fixes more images than
-        it breaks; every rank decides the same): then the mirror of an image looks like another class and
-        the run drops it. Kept in ``self.mirror``."""
+    def _mirror_test(self) -> None:
+        """Whether the training images have a handedness (:mod:`.handedness`): then the mirrored views are
+        dropped from the head's training features and the finetune phase trains without flips
+        (``Trainer`` calls ``Setup.train_without_flip``). Rank 0 decides for every rank; kept in ``self.mirror``."""
         s = self.s
-        verdict = judge(mirrored, plain, head_epoch=0, finetune_epoch=0, n_val=len(s.val_set),
-                        n_classes=len(s.classes), device=s.device, info=s.info)
-        drop = verdict is not None and verdict.kept == "finetune"
-        self.mirror = {"dropped": drop, **(verdict.to_dict() if verdict is not None else {})}
-        for k in ("head_epoch", "finetune_epoch", "kept", "burden"):
-            self.mirror.pop(k, None)
-        if drop:
-            self.say(f"mirror: the head solved without mirrored images does better on the validation images "
-                     f"(val loss {mirrored.metrics['loss']:.4f} -> {plain.metrics['loss']:.4f}, "
-                     f"bootstrap p={verdict.p_loss:.2g}; {verdict.gains} image(s) fixed, {verdict.losses} broken, "
-                     f"McNemar p={verdict.p:.2g}): mirrors look like other classes here, so this run trains "
-                     "without flips (pass --hflip to choose)")
-        return drop
+        ok = self.train_bank.valid.to(self.train_feats.device)
+        verdict = None
+        if s.info.is_main:
+            verdict = handedness(self.train_feats[0, ok], self.train_feats[1, ok],
+                                 self.train_bank.labels[self.train_bank.valid].to(self.train_feats.device),
+                                 len(s.classes), seed=int(s.config.seed)).to_dict()
+        verdict = ddp.broadcast_object(verdict, s.info)
+        self.mirror = {"dropped": verdict["handed"], **verdict}
+        line = (f"mirror: the features tell a training image from its mirror, given its class, "
+                f"{verdict['score']:.0%} of the time (95% bound {verdict['low']:.0%}; chance 50%, "
+                f"threshold {verdict['threshold']:.0%}, {verdict['images']} images): ")
+        if verdict["handed"]:
+            self.train_feats = self.train_feats[:1]
+            self.say(line + "the images have a handedness (text, digits, fixed scenes), so this run trains "
+                            "without flips (pass --hflip 0.5 to flip anyway)")
+        else:
+            self.say(line + "flips kept")
 
     def evaluate(self, full: bool = False) -> dict:
         """Mean loss and accuracy of the head over the validation features (``engine.evaluate``; the head's
