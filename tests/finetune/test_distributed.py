@@ -1,6 +1,7 @@
 """DDP: a 2-process torchrun (gloo, CPU) run equals a single-process run up to float noise."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -96,3 +97,51 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         assert two.pop(key, None) == pytest.approx(one.pop(key, None), abs=1e-5), key
     assert two.pop("p_loss") == pytest.approx(one.pop("p_loss"), abs=0.01)    # the same draws on those
     assert two == one
+
+
+def test_torchrun_two_processes_drop_the_mirror_as_one_process(tmp_path):
+    """--hflip auto under torchrun: rank 0's handedness test decides for every rank (the bank is gathered
+    on each), so handed images train without flips on 2 processes as on one, to the same weights. The
+    flip is the only random augmentation left (crop and jitter off), so a rank that kept it would differ."""
+    from finetune.tools.train import fit
+    from tests.finetune.test_features import DATA_CONFIG, _config, _halves, _Halves
+
+    train, val = _halves(tmp_path / "d", per_class=12)     # 24 training images: 3 batches of 8 on 2 ranks
+    sets_file = tmp_path / "sets.json"
+    sets_file.write_text(json.dumps({"train": train.items, "val": val.items, "classes": train.classes}))
+    options = dict(head_solver="lbfgs", epochs=2, freeze="none", lr=1e-3, batch_size=8, crop_scale_min=1.0,
+                   brightness=0.0, contrast=0.0)
+    script = tmp_path / "mirror_ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from finetune.data import ImageSet
+        from finetune.tools.train import fit
+        from finetune.core import distributed
+        from tests.finetune.test_features import DATA_CONFIG, _config, _Halves
+        d = json.load(open({str(sets_file)!r}))
+        train = ImageSet([tuple(i) for i in d["train"]], d["classes"])
+        val = ImageSet([tuple(i) for i in d["val"]], d["classes"])
+        fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(**{options!r}), head="fc",
+            run_dir={str(tmp_path / "ddp")!r})
+        distributed.cleanup(distributed.setup("cpu"))
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(**options), head="fc",
+        run_dir=tmp_path / "one")
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert two["world_size"] == 2 and one["mirror"]["dropped"] is True
+    assert two["mirror"] == one["mirror"]
+    assert two["best_epoch"] == one["best_epoch"]
+    assert two["metrics"]["val_acc"] == one["metrics"]["val_acc"]
+    rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("one", "ddp")]
+    assert [r["phase"] for r in rows[0]] == ["head", "finetune"]
+    for a, b in zip(*rows):      # the finetune epoch's training loss: a flipping rank would raise it
+        for key in ("train_loss", "train_acc", "val_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
+    a, b = load_weights(tmp_path / "ddp" / BEST), load_weights(tmp_path / "one" / BEST)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
