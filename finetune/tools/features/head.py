@@ -31,7 +31,6 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
 from finetune.data.transforms import augment_mode, flip_probability
-from finetune.engine.guard import Evaluation
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
@@ -273,8 +272,7 @@ class CachedHeadSteps:
         ok = self.train_bank.valid
         feats = self.train_feats[:, ok.to(self.train_feats.device)].to(s.device).float()
         labels = self.train_bank.labels[ok].to(s.device)
-        c, l2, state, kept, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
-        va = kept.metrics
+        c, l2, state, va, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
         self.solver_path = path
         head = self.s.head_module
         x, y = feats[:views].reshape(views * int(ok.sum()), -1), labels.repeat(views)
@@ -296,7 +294,7 @@ class CachedHeadSteps:
 
     def _solve_path(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """The L-BFGS solves of the head on features ``x`` (rows) with labels ``y``, strongest L2 first, each
-        warm-started from the last. Returns ``(C, l2, (weight, bias), its validation Evaluation, path)`` of
+        warm-started from the last. Returns ``(C, l2, (weight, bias), its val loss/acc, path)`` of
         the one kept (C None without a validation split), ``path`` the val loss/acc per C for summary.json."""
         s = self.s
         head = s.head_module
@@ -329,10 +327,9 @@ class CachedHeadSteps:
                 path.append({"C": c, "l2": l2, "val_loss": va["loss"], "val_acc": va["acc"]})
             key = (va["acc"], -va["loss"]) if self.val_bank is not None else (0.0, 0.0)
             if best is None or key > best[0]:
-                best = (key, c, l2, (w.detach().clone(), None if b is None else b.detach().clone()),
-                        Evaluation(self, va, None, self.val_correct, self.val_losses))
-        _, c, l2, state, kept = best
-        return c, l2, state, kept, [dict(p, chosen=p["C"] == c) for p in path]
+                best = (key, c, l2, (w.detach().clone(), None if b is None else b.detach().clone()), va)
+        _, c, l2, state, va = best
+        return c, l2, state, va, [dict(p, chosen=p["C"] == c) for p in path]
 
     def _mirror_testable(self) -> bool:
         """The mirror is judged when it matters and can be: a run that trains layers after the head (a
