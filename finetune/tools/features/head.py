@@ -352,11 +352,12 @@ class CachedHeadSteps:
                                  self.train_bank.labels[self.train_bank.valid].to(self.train_feats.device),
                                  len(s.classes), seed=int(s.config.seed)).to_dict()
         verdict = ddp.broadcast_object(verdict, s.info)
-        self.mirror = {"dropped": verdict["handed"], **verdict}
+        handed = verdict.pop("handed")
+        self.mirror = {"dropped": handed, **verdict}
         line = (f"mirror: the features tell a training image from its mirror, given its class, "
                 f"{verdict['score']:.0%} of the time (95% bound {verdict['low']:.0%}; chance 50%, "
                 f"threshold {verdict['threshold']:.0%}, {verdict['images']} images): ")
-        if verdict["handed"]:
+        if handed:
             self.train_feats = self.train_feats[:1]
             self.say(line + "the images have a handedness (text, digits, fixed scenes), so this run trains "
                             "without flips (pass --hflip 0.5 to flip anyway)")
