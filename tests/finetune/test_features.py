@@ -486,6 +486,26 @@ def test_the_head_drops_the_mirror_when_the_images_are_handed(tmp_path, monkeypa
         assert line.endswith("flips kept")
 
 
+def test_the_gradient_head_trains_on_the_plain_view_of_handed_images(tmp_path):
+    """--head-solver gradient: a handed bank keeps only its plain view, so every epoch's batches are the
+    images themselves, never their mirrors."""
+    from finetune.core.surgery import apply_freeze
+    from finetune.engine import build_setup
+    from finetune.tools.features import CachedHeadSteps
+
+    train, val = _halves(tmp_path / "d")
+    setup = build_setup(_Halves(), [["features"]], DATA_CONFIG, train, val,
+                        _config(head_solver="gradient", freeze="none", epochs=2), head="fc", distributed=False)
+    apply_freeze(setup.model, setup.stages, setup.head, 0)      # the head phase, as the trainer sets it
+    steps = CachedHeadSteps(setup)
+    steps.begin_phase("head")
+    assert steps.mirror["dropped"] is True and steps.train_bank.views == 2
+    plain = steps.train_bank.features[0]
+    for epoch in (1, 2):
+        for x, _y in steps.batches(epoch):
+            assert all(any(torch.equal(row, p) for p in plain) for row in x)
+
+
 def test_an_explicit_hflip_few_images_or_a_head_only_run_skip_the_mirror_test(tmp_path):
     """The mirror is judged only for --hflip auto, with >= 10 training images per class, in a run that trains
     layers after the head."""
