@@ -27,6 +27,26 @@ def ddp_cfg():
     return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, augment="none", lr=1e-2)
 
 
+def _torchrun_fit(tmp_path: Path, train, val, body: str) -> None:
+    """Run ``body`` under ``torchrun --nproc-per-node 2`` (gloo, CPU) with the ImageSets ``train`` and ``val``
+    loaded under those names and the repository importable; asserts that the job succeeded."""
+    sets_file = tmp_path / "sets.json"
+    sets_file.write_text(json.dumps({"train": train.items, "val": val.items, "classes": train.classes}))
+    script = tmp_path / "torchrun_fit.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from finetune.data import ImageSet
+        d = json.load(open({str(sets_file)!r}))
+        train = ImageSet([tuple(i) for i in d["train"]], d["classes"])
+        val = ImageSet([tuple(i) for i in d["val"]], d["classes"])
+    """) + textwrap.dedent(body))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_global_batch_is_split_across_ranks():
     assert ddp.per_rank_batch(32, ddp.DistInfo(rank=1, world_size=4, enabled=True)) == 8
     assert ddp.per_rank_batch(32, ddp.DistInfo()) == 32
@@ -47,21 +67,11 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     # 24 training images (divisible by 2 ranks and by the batch of 8), 9 validation images (uneven shards).
     report = scan_folder(make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split"))
     assert len(report.train) == 24 and len(report.val) == 9
-    sets_file = tmp_path / "sets.json"
-    sets_file.write_text(json.dumps({"train": report.train.items, "val": report.val.items,
-                                     "classes": report.classes}))
-    script = tmp_path / "train_ddp.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from finetune.data import ImageSet
+    _torchrun_fit(tmp_path, report.train, report.val, f"""
         from tests.finetune.test_distributed import ddp_cfg
         from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
         from finetune.tools.train import fit
         from finetune.core import distributed
-        d = json.load(open({str(sets_file)!r}))
-        train = ImageSet([tuple(i) for i in d["train"]], d["classes"])
-        val = ImageSet([tuple(i) for i in d["val"]], d["classes"])
         result = fit(tiny_model(), STAGES, DATA_CONFIG, train, val, ddp_cfg(), head="fc",
                      run_dir={str(tmp_path / "ddp")!r})
         info = distributed.setup("cpu")
@@ -69,11 +79,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         if info.is_main:
             json.dump(result.history, open({str(tmp_path / "history.json")!r}, "w"))
         distributed.cleanup(info)
-    """))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """)
 
     single = run((report.train, report.val), ddp_cfg(), run_dir=tmp_path / "single")
     ddp_history = json.loads((tmp_path / "history.json").read_text())
@@ -99,6 +105,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     assert two == one
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_drop_the_mirror_as_one_process(tmp_path):
     """--hflip auto under torchrun: rank 0's handedness test decides for every rank (the bank is gathered
     on each), so handed images train without flips on 2 processes as on one, to the same weights. The
@@ -107,29 +114,16 @@ def test_torchrun_two_processes_drop_the_mirror_as_one_process(tmp_path):
     from tests.finetune.test_features import DATA_CONFIG, _config, _halves, _Halves
 
     train, val = _halves(tmp_path / "d", per_class=12)     # 24 training images: 3 batches of 8 on 2 ranks
-    sets_file = tmp_path / "sets.json"
-    sets_file.write_text(json.dumps({"train": train.items, "val": val.items, "classes": train.classes}))
     options = dict(head_solver="lbfgs", epochs=2, freeze="none", lr=1e-3, batch_size=8, crop_scale_min=1.0,
                    brightness=0.0, contrast=0.0)
-    script = tmp_path / "mirror_ddp.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from finetune.data import ImageSet
+    _torchrun_fit(tmp_path, train, val, f"""
         from finetune.tools.train import fit
         from finetune.core import distributed
         from tests.finetune.test_features import DATA_CONFIG, _config, _Halves
-        d = json.load(open({str(sets_file)!r}))
-        train = ImageSet([tuple(i) for i in d["train"]], d["classes"])
-        val = ImageSet([tuple(i) for i in d["val"]], d["classes"])
         fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(**{options!r}), head="fc",
             run_dir={str(tmp_path / "ddp")!r})
         distributed.cleanup(distributed.setup("cpu"))
-    """))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """)
     fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(**options), head="fc",
         run_dir=tmp_path / "one")
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
