@@ -129,8 +129,8 @@ class Setup:
         return ImageDataset(image_set, tf)
 
     def train_without_flip(self) -> None:
-        """From now on the training views are not mirrored (``--hflip`` auto, when the cached head found that
-        mirrors hurt): a new training pipeline at ``hflip=0``; the run's options stay as given."""
+        """From now on the training views are not mirrored (``--hflip`` auto, when the cached head's handedness
+        test found the images handed): a new training pipeline at ``hflip=0``; the run's options stay as given."""
         cfg = self.config.replace(hflip=0.0)
         close_loader(self.train_loader)
         _, _, self.train_normalize = device_steps(cfg, self.data_config, self.device)

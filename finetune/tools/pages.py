@@ -214,7 +214,7 @@ def _curves_section(run: Path, summary: dict[str, Any]) -> str:
                              marks=chosen)]
         return section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
                        "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
-                       "(best validation accuracy, then loss).</p>" + _mirror_note(summary) + "".join(charts))
+                       "(best validation accuracy, then loss).</p>" + "".join(charts))
     charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
                                        "val": [r.get("val_loss") for r in hist]}, marks=best),
               line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
@@ -238,10 +238,6 @@ def _mirror_note(summary: dict[str, Any]) -> str:
 
 def _pct(v: Any) -> str:
     return f"{v:.0%}" if isinstance(v, (int, float)) else "-"
-
-
-def _g(v: Any) -> str:
-    return f"{v:.2g}" if isinstance(v, (int, float)) else "-"
 
 
 def _config_section(cfg_path: Path) -> str:
