@@ -164,7 +164,10 @@ class FinetuneConfig:
     schedule: str = option("cosine",
         "Learning-rate schedule (stepped per batch; plateau per epoch).",
         choices=SCHEDULES)
-    warmup_epochs: float = option(0.0, "Linear LR warm-up, in epochs (fractions allowed).", low=0)
+    warmup_epochs: float = option(-1.0,
+        "Linear LR warm-up, in epochs (fractions allowed); -1 = auto: 1 for a finetune phase that starts from "
+        "the solved head (Adam's first steps at the full LR would throw it off), else 0.",
+        low=0, sentinels=(-1,))
     step_size: int = option(10, "step/exp schedules: decay every N epochs.", low=1)
     gamma: float = option(0.1,
         "Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
@@ -220,11 +223,14 @@ class FinetuneConfig:
         "area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
         low=0)
     # --- EMA / layer decay ---
-    ema: float = option(0.0,
+    ema: float = option(-1.0,
         "Validate, keep and export an exponential moving average of the weights, updated after every "
-        "optimizer step of the finetune phase, with this decay (warm-up: min(decay, (1+t)/(10+t)) after t "
-        "steps); 0 = off. The head phase (solved on cached features) is not averaged.",
-        low=0, high=1, high_open=True)
+        "optimizer step of the finetune phase, with this decay; 0 = off; -1 = auto: an average over about "
+        "one epoch (1 - 1/steps per epoch) when the finetune phase starts from the solved head, else off. "
+        "The average starts from the weights the phase begins with; when that head is untrained "
+        "(--head-epochs 0) the decay warms up: min(decay, (1+t)/(10+t)) after t steps. The head phase is "
+        "not averaged.",
+        low=0, high=1, high_open=True, sentinels=(-1,))
     layer_decay: float = option(1.0,
         "Layer-wise LR decay: the head trains at --lr, the last stage at lr x --backbone-lr-mult x F, each "
         "earlier stage F times the one after it; 1 = off.",

@@ -3,11 +3,12 @@
 As timm's ``ModelEmaV3``: the average is a separate copy of the network, its parameters move towards
 the trained ones after each step, its buffers (BatchNorm running statistics) are copied, not averaged.
 
-The decay warms up: after ``t`` updates it is ``min(decay, (1 + t) / (10 + t))`` (TensorFlow's
-``ExponentialMovingAverage(num_updates=t)`` rule). A few-shot run makes only a few optimizer steps per
-epoch (45 images at batch 32: one or two), so a fixed 0.999 would keep the average at the initial weights
-for the whole run; with the warm-up the first update takes 80% of the new weights, after 20 steps the
-average spans roughly the last ten, and only long runs reach ``decay`` itself.
+Where the average starts matters. After a head phase it starts from the solved head, the best weights
+the run has so far, and the decay is the one asked for from the first step (``--ema -1``, the default
+there, spans about one epoch). When the head is untrained (``--head-epochs 0``) the start is worth
+forgetting, so the decay warms up: after ``t`` updates it is ``min(decay, (1 + t) / (10 + t))``
+(TensorFlow's ``ExponentialMovingAverage(num_updates=t)`` rule): the first update takes 90% of the new
+weights, after 20 steps the average spans roughly the last ten.
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ from torch import nn
 __all__ = ["ModelEma", "ema_decay"]
 
 
-def ema_decay(decay: float, updates: int) -> float:
-    """The decay of update number ``updates + 1`` (``updates`` = updates made before it)."""
+def ema_decay(decay: float, updates: int, warmup: bool = True) -> float:
+    """The decay of update number ``updates + 1`` (``updates`` = updates made before it); ``warmup``
+    False: ``decay`` from the first update."""
+    if not warmup:
+        return float(decay)
     return min(float(decay), (1.0 + updates) / (10.0 + updates))
 
 
@@ -29,11 +33,13 @@ class ModelEma:
     """The averaged copy of ``model``: ``update(model)`` after each optimizer step, ``module`` to evaluate.
 
     Only parameters that require grad are averaged (frozen ones equal the copy's by construction: the
-    freeze set is fixed while one EMA lives); every buffer is copied from the trained model.
+    freeze set is fixed while one EMA lives); every buffer is copied from the trained model. ``warmup``:
+    the decay warms up (see the module's docstring); False when ``model`` starts from a solved head.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.updates = 0
         self.module = copy.deepcopy(_unwrap(model))
         self.module.eval()
@@ -42,7 +48,7 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        d = ema_decay(self.decay, self.updates)
+        d = ema_decay(self.decay, self.updates, self.warmup)
         self.updates += 1
         src = _unwrap(model)
         trained = [(e, p) for e, p in zip(self.module.parameters(), src.parameters()) if p.requires_grad]

@@ -192,6 +192,9 @@ class Scheduler:
         if int(config.epochs) < 1 and config.schedule == "cosine":   # the one schedule that needs its length
             raise ConfigError("the schedule needs a number of epochs: epochs=0 (auto) is resolved by "
                               "finetune.engine.build_setup (finetune.core.policy.default_epochs)")
+        if float(config.warmup_epochs) < 0:
+            raise ConfigError("the warm-up is still auto (-1): finetune.engine.build_setup resolves it "
+                              "(finetune.core.policy.default_departure)")
         self.schedule = config.schedule
         self.optimizer = optimizer
         self.steps_per_epoch = max(1, int(steps_per_epoch))

@@ -5,7 +5,8 @@ medium data -> also finetune the last few stages
 large data  -> finetune everything
 The decision carries a one-sentence reason that the CLI prints, so the user knows how to override it.
 The BatchNorm statistics default follows where the weights come from (:func:`default_bn`); the number of
-epochs, what trains (:func:`default_epochs`).
+epochs, what trains (:func:`default_epochs`); how the finetune phase leaves a solved head
+(:func:`default_departure`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 from finetune.core.errors import ConfigError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "AUTO_EPOCHS_HEAD",
-           "AUTO_EPOCHS_FINETUNE"]
+           "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS"]
 
 # ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
 # (100 per class) 8 epochs (the solved head + 7) tested as well as 30 with early stopping and as 10, in
@@ -24,6 +25,14 @@ __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "def
 # which cost little).
 AUTO_EPOCHS_HEAD = 30
 AUTO_EPOCHS_FINETUNE = 8
+
+# ``--warmup-epochs -1`` and ``--ema -1`` (auto) when the finetune phase starts from a solved head: the LR
+# rises over the first epoch and the weights are averaged over about one epoch (decay 1 - 1/steps per
+# epoch). Adam's first steps at the full backbone LR throw a solved head far off (medium digits: val loss
+# 0.146 -> 1.23 after 2 steps), and at that LR the weights wander (0.2-0.6) for the rest of the epoch.
+# The warm-up removes the first, the average the second; neither alone does (docs/peers.md, "Medium
+# data, session 11").
+AUTO_WARMUP_EPOCHS = 1.0
 
 
 @dataclass(frozen=True)
@@ -136,3 +145,24 @@ def default_epochs(config: Any, trainable_stages: int) -> int:
     if int(config.epochs) > 0:
         return int(config.epochs)
     return AUTO_EPOCHS_HEAD if trainable_stages == 0 else AUTO_EPOCHS_FINETUNE
+
+
+def head_first(config: Any, trainable_stages: int) -> bool:
+    """Whether a head phase precedes the finetune phase: layers train (``trainable_stages`` > 0), the head
+    phase is not turned off (``--head-epochs 0``) and the run has room for both (2+ epochs)."""
+    return trainable_stages > 0 and int(config.head_epochs) != 0 and int(config.epochs) >= 2
+
+
+def default_departure(config: Any, trainable_stages: int, steps_per_epoch: int) -> tuple[float, float]:
+    """``(warmup_epochs, ema)`` with their -1 (auto) resolved: after a head phase (:func:`head_first`)
+    ``AUTO_WARMUP_EPOCHS`` and an average over about one epoch, ``1 - 1/steps_per_epoch`` (off below 2
+    steps per epoch: there is nothing to average); otherwise no warm-up and no average. Values the user
+    gave are returned as they are. ``config.epochs`` must be resolved (not 0)."""
+    after_head = head_first(config, trainable_stages)
+    warmup = float(config.warmup_epochs)
+    if warmup < 0:
+        warmup = AUTO_WARMUP_EPOCHS if after_head else 0.0
+    ema = float(config.ema)
+    if ema < 0:
+        ema = 1.0 - 1.0 / int(steps_per_epoch) if (after_head and int(steps_per_epoch) >= 2) else 0.0
+    return warmup, ema

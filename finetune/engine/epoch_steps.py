@@ -56,7 +56,8 @@ class LoaderSteps:
     def begin_phase(self, phase: str) -> None:
         s = self.s
         self.net = ddp.wrap_model(s.model, s.device, s.info)     # DDP sees this phase's trainable set
-        self.ema = ModelEma(s.model, s.config.ema) if (phase == "finetune" and s.config.ema > 0) else None
+        self.ema = (ModelEma(s.model, s.config.ema, warmup=not s.head_first)
+                    if (phase == "finetune" and s.config.ema > 0) else None)
         self.eval_net = s.model if self.ema is None else self.ema.module
         if s.config.compile:
             self.net, self.eval_net = torch.compile(self.net), torch.compile(self.eval_net)

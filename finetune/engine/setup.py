@@ -20,7 +20,7 @@ from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
 from finetune.core.errors import ConfigError
 from finetune.core.optim import build_optimizer, build_scheduler
-from finetune.core.policy import FreezeDecision, default_epochs
+from finetune.core.policy import FreezeDecision, default_departure, default_epochs, head_first
 from finetune.core.recipe import prepare_model
 from finetune.core.seeding import epoch_seed, seed_everything
 
@@ -66,6 +66,11 @@ class Setup:
     @property
     def head_only(self) -> bool:
         return self.decision.trainable_stages == 0
+
+    @property
+    def head_first(self) -> bool:
+        """Whether a head phase precedes the finetune phase (which then starts from the solved head)."""
+        return head_first(self.config, self.decision.trainable_stages)
 
     @property
     def has_val(self) -> bool:
@@ -219,6 +224,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         # Strided shards without padding: every validation image is counted exactly once.
         val_ds = torch.utils.data.Subset(val_ds, list(range(info.rank, len(val_ds), info.world_size)))
     setup.val_loader = make_loader(val_ds, per_rank, train=False, workers=config.workers, device=device.type)
+    config = _resolve_departure(setup, say)
     network_steps = 0 if (setup.head_only and setup.cached_head) else setup.steps_per_epoch * int(config.epochs)
     cudnn_autotune(device, network_steps)
     if config.decode == "device":   # workers read the files; JPEGs are decoded and augmented on the device
@@ -228,6 +234,29 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
                                             device, channels_last=setup.channels_last)
     return setup
+
+
+def _resolve_departure(setup: Setup, say: Log) -> FinetuneConfig:
+    """The auto LR warm-up and EMA (``policy.default_departure``) resolved into ``setup.config``, which is
+    returned; a run that finetunes after its head phase says what it got."""
+    config = setup.config
+    warmup, ema = default_departure(config, setup.decision.trainable_stages, setup.steps_per_epoch)
+    if (warmup, ema) == (config.warmup_epochs, config.ema):
+        return config
+    setup.config = config.replace(warmup_epochs=warmup, ema=ema)
+    gentle = ([f"the LR warms up over {warmup:g} epoch{'' if warmup == 1 else 's'}"] if warmup else []) + (
+        [f"the weights are averaged over about {_span(ema, setup.steps_per_epoch)} (EMA decay {ema:.4g})"]
+        if ema else [])
+    if setup.head_first and gentle:
+        say(f"finetune: leaving the solved head gently: {' and '.join(gentle)} (pass --warmup-epochs 0 "
+            "--ema 0 to turn off)")
+    return setup.config
+
+
+def _span(decay: float, steps_per_epoch: int) -> str:
+    """The EMA's time constant, 1 / (1 - decay) steps, in words: "1 epoch", "2.5 epochs", "0 epochs"."""
+    text = f"{(1.0 / (1.0 - decay)) / steps_per_epoch if decay > 0 else 0.0:.2g}"
+    return f"{text} epoch{'' if text == '1' else 's'}"
 
 
 def _train_loader(setup: Setup, train_ds, config: FinetuneConfig):

@@ -34,6 +34,7 @@ from finetune.engine.setup import Setup
 from finetune.core.errors import DivergedError, Interrupted
 from finetune.core.metrics import EarlyStopping
 from finetune.core.monitor import advise
+from finetune.core.policy import head_first
 from finetune.core.seeding import epoch_seed, seed_everything
 from finetune.core.surgery import apply_freeze
 
@@ -71,7 +72,7 @@ def plan_phases(trainable_stages: int, config) -> tuple[list[str], int]:
     """
     if trainable_stages == 0:
         return ["head"], int(config.epochs)
-    if config.head_epochs == 0 or config.epochs < 2:
+    if not head_first(config, trainable_stages):
         return ["finetune"], 0
     cap = HEAD_WARMUP_CAP if config.head_epochs < 0 else int(config.head_epochs)
     return ["head", "finetune"], min(cap, int(config.epochs) - 1)

@@ -18,13 +18,16 @@ def test_decay_warms_up_to_the_given_decay():
     assert ema_decay(0.999, 0) == pytest.approx(0.1)           # the first update keeps 90% of the new weights
     assert ema_decay(0.999, 10) == pytest.approx(11 / 20)
     assert ema_decay(0.9, 1000) == 0.9                         # capped at the decay asked for
+    assert ema_decay(0.999, 0, warmup=False) == 0.999          # from a solved head: no warm-up
 
 
-def test_ema_is_the_analytic_average_after_k_steps():
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_is_the_analytic_average_after_k_steps(warmup):
+    """With the warm-up rule (an untrained start) and without it (a solved head: the decay from step 1)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     net[0].requires_grad_(False)                               # a frozen layer: the average keeps it as is
-    ema = ModelEma(net, 0.8)
+    ema = ModelEma(net, 0.8, warmup=warmup)
     expected = {k: v.detach().clone() for k, v in net.named_parameters()}
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
     net.train()
@@ -33,7 +36,7 @@ def test_ema_is_the_analytic_average_after_k_steps():
         net(torch.randn(5, 3)).pow(2).mean().backward()
         opt.step()
         ema.update(net)
-        d = min(0.8, (1 + t) / (10 + t))
+        d = min(0.8, (1 + t) / (10 + t)) if warmup else 0.8
         for k, p in net.named_parameters():
             expected[k] = d * expected[k] + (1 - d) * p.detach()
     got = dict(ema.module.named_parameters())
@@ -103,3 +106,30 @@ def test_head_only_run_is_not_averaged(data, tmp_path):
     without = run(data, cfg(epochs=2, freeze="head"), run_dir=tmp_path / "b")
     assert equal_states(with_ema.model.state_dict(), without.model.state_dict())
     assert any("--ema averages the weights of the finetune phase" in line for line in logs)
+
+
+def test_a_default_run_averages_from_the_solved_head_without_warm_up(data, tmp_path, monkeypatch):
+    """The defaults (--ema -1, --warmup-epochs -1) on a run that finetunes after a head phase: the average
+    starts from the solved head with the decay 1 - 1/steps per epoch from its first step, the LR warms up
+    over the first finetune epoch, and config.yaml records both. Without a head phase the decay of an
+    average asked for warms up (the start is an untrained head)."""
+    import yaml
+
+    from finetune.engine import epoch_steps
+
+    made: list[ModelEma] = []
+
+    class Spy(ModelEma):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(epoch_steps, "ModelEma", Spy)
+    out = tmp_path / "run"
+    run(data, cfg(freeze="none", head_epochs=1, epochs=3, ema=-1.0, warmup_epochs=-1.0), run_dir=out)
+    assert [(e.decay, e.warmup) for e in made] == [(pytest.approx(2 / 3), False)]     # 27 images at batch 9
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["warmup_epochs"] == 1.0 and saved["ema"] == pytest.approx(2 / 3)
+    made.clear()
+    run(data, cfg(freeze="none", head_epochs=0, epochs=2, ema=0.9), run_dir=tmp_path / "cold")
+    assert [(e.decay, e.warmup) for e in made] == [(0.9, True)]

@@ -69,7 +69,7 @@ def test_sgd_nesterov_without_momentum_is_rejected():
 
 def curve(schedule: str, epochs: int = 6, spe: int = 4, metric=None, **kw) -> list[float]:
     """Head LR used at each optimizer step."""
-    config = FinetuneConfig(schedule=schedule, epochs=epochs, lr=1.0, **kw)
+    config = FinetuneConfig(schedule=schedule, epochs=epochs, lr=1.0, **{"warmup_epochs": 0.0, **kw})
     opt = build_optimizer(config, Net(), "fc")
     sched = build_scheduler(config, opt, spe)
     lrs = []
@@ -158,7 +158,7 @@ def test_set_base_lr_moves_all_groups_together():
     opt = build_optimizer(FinetuneConfig(lr=1e-3), Net(), "fc")
     set_base_lr(opt, 0.5)
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"head": 0.5, "backbone": pytest.approx(0.05)}
-    sched = build_scheduler(FinetuneConfig(schedule="none"), opt, 4)
+    sched = build_scheduler(FinetuneConfig(schedule="none", warmup_epochs=0.0), opt, 4)
     assert sched.current_lr() == 0.5
 
 
@@ -194,7 +194,7 @@ def test_layer_decay_gives_each_stage_its_lr():
     set_base_lr(opt, 2.0)
     assert owner[id(net.s0.weight)]["lr"] == pytest.approx(2.0 * 0.1 * 0.125)
     # a scheduler scales every group by one factor
-    sched = build_scheduler(FinetuneConfig(schedule="cosine", epochs=2), opt, steps_per_epoch=2)
+    sched = build_scheduler(FinetuneConfig(schedule="cosine", epochs=2, warmup_epochs=0.0), opt, steps_per_epoch=2)
     opt.step()
     sched.step_batch()
     ratio = owner[id(net.s0.weight)]["lr"] / owner[id(net.fc.weight)]["lr"]
@@ -221,3 +221,10 @@ def test_a_cosine_schedule_refuses_unresolved_auto_epochs():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match="epochs=0 \\(auto\\) is resolved by"):
         build_scheduler(FinetuneConfig(schedule="cosine"), opt, 4)
+
+
+def test_a_schedule_refuses_an_unresolved_auto_warmup():
+    """warmup_epochs=-1 (auto) is resolved by build_setup; a schedule built from it directly says so."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="warm-up is still auto"):
+        build_scheduler(FinetuneConfig(schedule="none"), opt, 4)

@@ -153,3 +153,47 @@ def test_the_setup_holds_the_resolved_epochs(tmp_path):
     s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
                     FinetuneConfig(device="cpu", workers=0, epochs=4), head="3", copy_model=True, distributed=False)
     assert s.config.epochs == 4
+
+
+def test_auto_departure_after_a_solved_head_only():
+    """--warmup-epochs -1 and --ema -1 (the defaults): a one-epoch LR warm-up and an average over about one
+    epoch when the finetune phase starts from a head phase; nothing for a head-only run, a run without a
+    head phase (--head-epochs 0) or one with no room for it; values given are kept as they are."""
+    from finetune.core.policy import AUTO_WARMUP_EPOCHS, default_departure, head_first
+
+    auto = FinetuneConfig(epochs=8)
+    assert auto.warmup_epochs == -1 and auto.ema == -1 and AUTO_WARMUP_EPOCHS == 1
+    assert head_first(auto, 2) and not head_first(auto, 0)
+    assert default_departure(auto, 2, 32) == (1.0, 1 - 1 / 32)
+    assert default_departure(auto, N_STAGES, 4) == (1.0, 0.75)
+    assert default_departure(auto, 2, 1) == (1.0, 0.0)              # one step per epoch: nothing to average
+    assert default_departure(auto, 0, 32) == (0.0, 0.0)             # head only
+    assert default_departure(auto.replace(head_epochs=0), 2, 32) == (0.0, 0.0)
+    assert default_departure(FinetuneConfig(epochs=1), 2, 32) == (0.0, 0.0)   # no room for a head phase
+    assert default_departure(auto.replace(warmup_epochs=0.0, ema=0.0), 2, 32) == (0.0, 0.0)
+    assert default_departure(auto.replace(warmup_epochs=2.5, ema=0.99), 0, 32) == (2.5, 0.99)
+
+
+def test_the_setup_holds_the_resolved_departure(tmp_path):
+    """build_setup resolves the auto warm-up and EMA once (steps per epoch from its loader) and says so on
+    a run that finetunes after the head; a head-only run resolves both to 0 without a word."""
+    from finetune.data import ImageSet
+    from finetune.engine import build_setup
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", per_class=4)
+    classes = ["cat", "dog", "fox"]
+    items = [(str(p), ci) for ci, c in enumerate(classes) for p in sorted((root / c).glob("*.png"))]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
+          "std": (0.5,) * 3}
+    for freeze, want, said in (("head", (0.0, 0.0), False), ("none", (1.0, 0.75), True)):
+        logs: list[str] = []
+        s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
+                        FinetuneConfig(device="cpu", workers=0, freeze=freeze, batch_size=3), head="3",
+                        copy_model=True, distributed=False, log=logs.append)
+        assert s.steps_per_epoch == 4
+        assert (s.config.warmup_epochs, s.config.ema) == want
+        assert any(line.startswith("finetune: leaving the solved head gently: the LR warms up over 1 epoch "
+                                   "and the weights are averaged over about 1 epoch (EMA decay 0.75)")
+                   for line in logs) == said

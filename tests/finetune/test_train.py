@@ -461,8 +461,8 @@ def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(dat
     out = tmp_path / "run"
     states = []
     model = tiny_model()
-    result = run(data, cfg(freeze="none", head_epochs=1, epochs=4, lr=1e-2, patience=10), model=model,
-                 run_dir=out, callbacks=[lambda row: states.append(snapshot(model))])
+    result = run(data, cfg(freeze="none", head_epochs=1, epochs=4, lr=1e-2, patience=10, ema=0.0), model=model,
+                 run_dir=out, callbacks=[lambda row: states.append(snapshot(model))])   # ema 0: kept = trained
     summary = json.loads((out / "summary.json").read_text())
     guard = summary["head_guard"]
     assert guard is not None, "a finetune epoch should beat the head epoch on val loss here"

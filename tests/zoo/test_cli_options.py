@@ -15,7 +15,7 @@ from zoo.cli import cli
 
 NONSENSE = [("--gamma", "-1"), ("--weight-decay", "-1"), ("--momentum", "2"), ("--patience", "-1"),
             ("--step-size", "0"), ("--aug-views", "-3"), ("--workers", "-5"), ("--overfit-batches", "-1"),
-            ("--warmup-epochs", "-1"), ("--head-epochs", "-7"), ("--lr", "0"), ("--val-split", "1"),
+            ("--warmup-epochs", "-2"), ("--ema", "-0.5"), ("--head-epochs", "-7"), ("--lr", "0"), ("--val-split", "1"),
             ("--batch-size", "0"), ("--mlp-dropout", "1"), ("--backbone-lr-mult", "-0.1"), ("--seed", "-1"),
             ("--label-smoothing", "1"), ("--mixup", "-1"), ("--cutmix", "-0.2")]
 
@@ -46,6 +46,7 @@ def test_nonsense_numbers_exit_2_before_any_run_folder(tmp_path, flag, value):
 
 def test_sentinels_stay_valid():
     FinetuneConfig(workers=-1, head_epochs=-1, patience=0, aug_views=0, overfit_batches=0, warmup_epochs=0.5)
+    FinetuneConfig(warmup_epochs=-1, ema=-1)      # auto
 
 
 def test_yaml_values_are_checked_the_same_way(tmp_path):
