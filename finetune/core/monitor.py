@@ -57,7 +57,9 @@ class AdviceThresholds:
     converged_acc: float = 0.95      # ... unless the model already fits the training set this well
     overfit_acc_gap: float = 0.15    # train acc - val acc at least this much = a large gap ...
     overfit_gap_growth: float = 0.05  # ... that grew by at least this since its smallest value
-    val_loss_rise: float = 0.10      # or: val loss 10% above its minimum while train loss kept falling
+    val_loss_rise: float = 0.10      # or: val loss 10% above its minimum while train loss kept falling ...
+    val_loss_rise_epochs: int = 2    # ... in each of the last 2 epochs (one epoch's blip at a val loss of 0.04
+                                     # is one image's confidence: medium digits, 0.0414 -> 0.0458 at the end)
     underfit_gap: float = 0.05       # |train acc - val acc| below this = no gap ...
     underfit_acc: float = 0.60       # ... and train acc below this = too small or too frozen
 
@@ -137,8 +139,8 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
 
 def _overfitting(rows: list[dict], train_loss: list[float], val_loss: list[float], train_acc: list[float],
                  val_acc: list[float], t: AdviceThresholds) -> str | None:
-    """Rule 3 of ``advise``: a large train/val accuracy gap that keeps growing, or val loss rising while the
-    train loss keeps falling; the line to report, or None."""
+    """Rule 3 of ``advise``: a large train/val accuracy gap that keeps growing, or val loss risen (for the
+    last ``val_loss_rise_epochs`` epochs) while the train loss keeps falling; the line to report, or None."""
     gaps = [a - b for a, b in zip(train_acc, val_acc) if not (math.isnan(a) or math.isnan(b))]
     acc_overfit = (len(gaps) >= t.min_epochs and gaps[-1] >= t.overfit_acc_gap
                    and gaps[-1] - min(gaps[:-1]) >= t.overfit_gap_growth)
@@ -148,7 +150,8 @@ def _overfitting(rows: list[dict], train_loss: list[float], val_loss: list[float
         vls = [vl for _, vl in pairs]
         i_min = min(range(len(vls)), key=vls.__getitem__)
         tl_at_min, tl_last = pairs[i_min][0], pairs[-1][0]
-        loss_overfit = (i_min < len(vls) - 1 and vls[-1] > vls[i_min] * (1.0 + t.val_loss_rise)
+        k = max(1, int(t.val_loss_rise_epochs))
+        loss_overfit = (i_min < len(vls) - k and all(v > vls[i_min] * (1.0 + t.val_loss_rise) for v in vls[-k:])
                         and tl_last < tl_at_min)
     if acc_overfit or loss_overfit:
         what = (f"train/val accuracy gap {gaps[-1]:.0%} and growing" if acc_overfit

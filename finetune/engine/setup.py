@@ -248,8 +248,8 @@ def _resolve_departure(setup: Setup, say: Log) -> FinetuneConfig:
         [f"the weights are averaged over about {_span(ema, setup.steps_per_epoch)} (EMA decay {ema:.4g})"]
         if ema else [])
     if setup.head_first and gentle:
-        say(f"finetune: leaving the solved head gently: {' and '.join(gentle)} (pass --warmup-epochs 0 "
-            "--ema 0 to turn off)")
+        say(f"finetune: leaving the solved head gently: {' and '.join(gentle)}; pass --warmup-epochs 0 "
+            "--ema 0 to turn off")
     return setup.config
 
 
