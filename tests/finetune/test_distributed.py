@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from finetune.core import distributed as ddp
@@ -130,6 +131,9 @@ def test_torchrun_two_processes_drop_the_mirror_as_one_process(tmp_path):
     two = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert two["world_size"] == 2 and one["mirror"]["dropped"] is True
     assert two["mirror"] == one["mirror"]
+    # the default departure from the solved head (LR warm-up, EMA over one epoch of 3 steps) on both
+    saved = [yaml.safe_load((tmp_path / run / "config.yaml").read_text()) for run in ("one", "ddp")]
+    assert [(c["warmup_epochs"], c["ema"]) for c in saved] == [(1.0, pytest.approx(2 / 3))] * 2
     assert two["best_epoch"] == one["best_epoch"]
     assert two["metrics"]["val_acc"] == one["metrics"]["val_acc"]
     rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("one", "ddp")]
