@@ -130,29 +130,33 @@ def test_auto_epochs_follow_what_trains():
     assert default_epochs(FinetuneConfig(epochs=7), 0) == default_epochs(FinetuneConfig(epochs=7), 2) == 7
 
 
-def test_the_setup_holds_the_resolved_epochs(tmp_path):
-    """build_setup resolves auto epochs once, from the freeze decision, and says so; the run folder's
-    config.yaml and the checkpoints then record the number."""
+def _tiny_setup(root, config: FinetuneConfig, logs: list[str] | None = None):
+    """build_setup of a one-stage conv net on the 3-class image folder ``root`` (16 px), on the CPU."""
     from finetune.data import ImageSet
     from finetune.engine import build_setup
-    from tests.conftest import make_image_folder
 
-    root = make_image_folder(tmp_path / "d", per_class=3)
     classes = ["cat", "dog", "fox"]
     items = [(str(p), ci) for ci, c in enumerate(classes) for p in sorted((root / c).glob("*.png"))]
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
           "std": (0.5,) * 3}
+    return build_setup(model, [["0"]], dc, ImageSet(items, classes), None, config.replace(device="cpu", workers=0),
+                       head="3", copy_model=True, distributed=False,
+                       log=logs.append if logs is not None else None)
+
+
+def test_the_setup_holds_the_resolved_epochs(tmp_path):
+    """build_setup resolves auto epochs once, from the freeze decision, and says so; the run folder's
+    config.yaml and the checkpoints then record the number."""
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
     for freeze, want in (("head", 30), ("none", 8)):
         logs: list[str] = []
-        s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
-                        FinetuneConfig(device="cpu", workers=0, freeze=freeze), head="3", copy_model=True,
-                        distributed=False, log=logs.append)
+        s = _tiny_setup(root, FinetuneConfig(freeze=freeze), logs)
         assert s.config.epochs == want
         assert f"epochs: at most {want} (auto for" in " ".join(logs)
-    s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
-                    FinetuneConfig(device="cpu", workers=0, epochs=4), head="3", copy_model=True, distributed=False)
-    assert s.config.epochs == 4
+    assert _tiny_setup(root, FinetuneConfig(epochs=4)).config.epochs == 4
 
 
 def test_auto_departure_after_a_solved_head_only():
@@ -177,21 +181,12 @@ def test_auto_departure_after_a_solved_head_only():
 def test_the_setup_holds_the_resolved_departure(tmp_path):
     """build_setup resolves the auto warm-up and EMA once (steps per epoch from its loader) and says so on
     a run that finetunes after the head; a head-only run resolves both to 0 without a word."""
-    from finetune.data import ImageSet
-    from finetune.engine import build_setup
     from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path / "d", per_class=4)
-    classes = ["cat", "dog", "fox"]
-    items = [(str(p), ci) for ci, c in enumerate(classes) for p in sorted((root / c).glob("*.png"))]
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
-          "std": (0.5,) * 3}
     for freeze, want, said in (("head", (0.0, 0.0), False), ("none", (1.0, 0.75), True)):
         logs: list[str] = []
-        s = build_setup(model, [["0"]], dc, ImageSet(items, classes), None,
-                        FinetuneConfig(device="cpu", workers=0, freeze=freeze, batch_size=3), head="3",
-                        copy_model=True, distributed=False, log=logs.append)
+        s = _tiny_setup(root, FinetuneConfig(freeze=freeze, batch_size=3), logs)
         assert s.steps_per_epoch == 4
         assert (s.config.warmup_epochs, s.config.ema) == want
         assert any(line.startswith("finetune: leaving the solved head gently: the LR warms up over 1 epoch "
