@@ -6,6 +6,7 @@
 - ``transforms``: CPU transforms from the model's data config (train augmentation, evaluation crop);
 - ``device``: the device side: uint8 batches normalised, flipped and jittered on the accelerator;
 - ``decode``: ``--decode device``: JPEGs decoded (nvJPEG) and augmented on the device;
+- ``geometry``: crops and resizes of a whole batch at once (``decode``'s geometry);
 - ``loaders``: datasets and seeded DataLoaders.
 
 The scan happens before any model is loaded, so fatal problems fail in seconds with one ``DataError``.

@@ -12,7 +12,8 @@ that the next batch is prepared while the current one trains.
 * :class:`DeviceTransform` decodes a list of such tensors and applies the model's preprocessing
   (train: random resized crop, flip, brightness/contrast; eval: resize + centre crop) with the same
   parameters as ``build_transform``, drawn from a private seeded ``random.Random`` (reproducible,
-  thread-safe); crops are resized per image, flip and colour jitter run on the whole batch at once.
+  thread-safe); crops and resizes run on the whole batch at once (``finetune.data.geometry``: images of one
+  size in one resampling), and so do the flip and colour jitter.
 * :class:`DevicePrefetcher` wraps a DataLoader of such batches and yields normalised float batches on
   the device; ``set_epoch(e)`` reseeds the augmentation draws so that a resumed run repeats them.
 
@@ -34,11 +35,10 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from finetune.core.config import FinetuneConfig
 from finetune.data.device import DeviceAugment
+from finetune.data.geometry import Plan, crop_plan, eval_plan, resample
 from finetune.data.images import (
     device_decodable,
     load_image,
@@ -46,7 +46,7 @@ from finetune.data.images import (
     to_uint8_tensor,
 )
 from finetune.data.loaders import ImageDataset, close_loader
-from finetune.data.transforms import _parse_data_config, augment_mode, build_transform
+from finetune.data.transforms import _parse_data_config, augment_mode
 from finetune.core.errors import DataError
 from finetune.core.io import printable_name
 
@@ -119,20 +119,20 @@ class DeviceTransform:
     Same steps and parameters as ``finetune.data.build_transform`` (``RandomResizedCrop(scale=(
     crop_scale_min, 1), ratio=(3/4, 4/3))``, flip with probability ``hflip``, brightness/contrast jitter
     in random order; eval: the long side limited to 2x the short, shorter side resized to
-    ``size / crop_pct``, centre crop: ``build_transform``'s own uint8 pipeline). Resizing is torch's
-    antialiased interpolation, as in the CUDA worker path; pixels differ from the PIL (CPU) path by a
-    few levels, the distribution does not. Box/hamming/lanczos resize as bilinear here.
+    ``size / crop_pct``, centre crop: ``geometry.eval_plan``). Resizing has the weights of torch's
+    antialiased interpolation on CUDA (``finetune.data.geometry``: the whole batch at once); pixels differ
+    from the PIL (CPU) path by a few levels, the distribution does not. Box/hamming/lanczos resize as
+    bilinear here.
     """
 
     def __init__(self, data_config: dict, train: bool, config: Any | None = None) -> None:
         if config is None:
             config = FinetuneConfig()
-        (self.h, self.w), interp, _, mean, std = _parse_data_config(data_config)
+        (self.h, self.w), interp, crop_pct, _, _ = _parse_data_config(data_config)
         if interp not in ("nearest", "bilinear", "bicubic"):
             interp = "bilinear"        # not every device's tensor resize has box/hamming/lanczos: bilinear + antialias
-        self.mode = InterpolationMode(interp)
-        # eval geometry: the worker path's own tensor pipeline (limit aspect, resize, centre crop)
-        self.fixed = build_transform({**data_config, "interpolation": interp}, False, config, output="uint8")
+        self.mode = interp
+        self.crop_pct = float(crop_pct)
         self.train = train
         augment = train and augment_mode(config) != "none"
         self.crop_scale = (float(config.crop_scale_min), 1.0) if augment and float(config.crop_scale_min) < 1 else None
@@ -213,13 +213,13 @@ class DeviceTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def _geometry(self, im: torch.Tensor) -> torch.Tensor:
-        """One decoded image -> (3, h, w) uint8: random resized crop (train) or resize + centre crop."""
+    def _plan(self, im: torch.Tensor) -> Plan:
+        """What one decoded image becomes: a random resized crop (train) or the eval resize + centre crop."""
         _, height, width = im.shape
         if self.crop_scale is not None:
             top, left, h, w = self._crop_box(height, width)
-            return F.resized_crop(im, top, left, h, w, [self.h, self.w], interpolation=self.mode, antialias=True)
-        return self.fixed(im)
+            return crop_plan(top, left, h, w, (self.h, self.w))
+        return eval_plan(height, width, (self.h, self.w), self.crop_pct)
 
     def __call__(self, items, labels: torch.Tensor, device: torch.device | str,
                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -233,7 +233,7 @@ class DeviceTransform:
         keep = [i for i, im in enumerate(images) if im is not None]
         if not keep:
             return None
-        x = torch.stack([self._geometry(images[i]) for i in keep])
+        x = resample([images[i] for i in keep], [self._plan(images[i]) for i in keep], (self.h, self.w), self.mode)
         y = labels[keep] if len(keep) < len(images) else labels
         return self.colour(x, device, channels_last), y.to(device, non_blocking=True)
 

@@ -25,6 +25,9 @@ _FULL = AmpPolicy("cpu", None)
 # step, which then idles while the next step's kernels are queued. A non-finite loss is remembered on the
 # device (its first step) and reported at the next look, or at the end of the epoch.
 CHECK_EVERY = 16
+# Seconds between two refreshes of a visible progress bar's running loss/accuracy: each refresh is a host
+# look (as above), so it is not done every step; tqdm itself redraws at most 10 times a second.
+POSTFIX_EVERY_S = 1.0
 
 
 def diverged(epoch: int, step: int, lr: float) -> DivergedError:
@@ -85,6 +88,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     bad_step = torch.zeros((), dtype=torch.int64, device=device)     # first step with a non-finite loss
     seen = 0
     t0 = time.perf_counter()
+    shown = -math.inf               # when the bar's running figures were last refreshed
     lrs: dict[int, float] = {}       # the LR of each step since the last look, for the message
     for step, batch in enumerate(batches, 1):
         if raise_diverged and step % CHECK_EVERY == 0:
@@ -112,7 +116,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         correct += (out.detach().argmax(1) == y).sum()
         seen += n
         if progress is not None:
-            _advance(progress, loss_sum, correct, seen, seen * info.world_size / max(time.perf_counter() - t0, 1e-9))
+            now = time.perf_counter()
+            look = now - shown >= POSTFIX_EVERY_S
+            shown = now if look else shown
+            _advance(progress, loss_sum, correct, seen, seen * info.world_size / max(now - t0, 1e-9), look)
         if after_step is not None and after_step(step, loss.detach()):
             break
     if raise_diverged:
@@ -129,9 +136,11 @@ def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer,
     lrs.clear()
 
 
-def _advance(progress, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, images_per_s: float) -> None:
-    """One step on the tqdm bar; the running loss/accuracy/speed only on a visible bar (each is a host sync)."""
-    if not getattr(progress, "disable", False):
+def _advance(progress, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, images_per_s: float,
+             look: bool) -> None:
+    """One step on the tqdm bar; the running loss/accuracy/speed only on a visible bar and when ``look``
+    (each refresh is a host sync: at most every ``POSTFIX_EVERY_S``)."""
+    if look and not getattr(progress, "disable", False):
         progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
                              img_s=f"{images_per_s:.0f}", refresh=False)
     progress.update(1)
@@ -176,6 +185,9 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     c = len(classes)
     confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # per-image outputs stay on the device until the pass ends: a copy to the host per batch would make
+    # the host wait for each batch before it queues the next
+    kept: list[tuple[list, torch.Tensor]] = []
     for batch in batches:
         if batch is None:
             continue
@@ -185,11 +197,13 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
         loss_sum += loss_fn(out.float(), y).double() * int(y.shape[0])
         confusion += torch.bincount(y * c + out.argmax(1), minlength=c * c)
         if probs is not None:
-            probs.append(out.float().softmax(1).cpu())
+            kept.append((probs, out.float().softmax(1)))
         if correct is not None:
-            correct.append((out.argmax(1) == y).cpu())
+            kept.append((correct, out.argmax(1) == y))
         if losses is not None:
-            losses.append(F.cross_entropy(out.float(), y, reduction="none").double().cpu())
+            kept.append((losses, F.cross_entropy(out.float(), y, reduction="none").double()))
+    for into, values in kept:
+        into.append(values.cpu())
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
     conf = confusion.view(c, c).cpu()

@@ -205,6 +205,76 @@ def test_a_nan_loss_is_reported_at_its_own_step_without_a_host_sync_per_step():
     assert len(calls) == CHECK_EVERY - 1       # stopped at the first look, not at the end of the epoch
 
 
+def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once_a_second(monkeypatch):
+    """A visible bar's running loss/accuracy is a host look (a GPU sync): refreshed on the first step, then
+    at most every POSTFIX_EVERY_S, never per step; the bar itself still advances every step."""
+    from finetune.engine import steps
+
+    now = [0.0]
+
+    def clock():                     # each look at the clock: a quarter of a second later
+        now[0] += 0.25
+        return now[0]
+
+    looks = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(steps.time, "perf_counter", clock)
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: looks.append(1) or item(t))
+
+    class Bar:
+        disable = False
+
+        def __init__(self):
+            self.posts, self.n = [], 0
+
+        def set_postfix(self, **figures):
+            self.posts.append((self.n + 1, figures))
+
+        def update(self, k):
+            self.n += k
+
+    model = nn.Linear(4, 2)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(40)]
+    bar = Bar()
+    steps.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                          nn.CrossEntropyLoss(), torch.device("cpu"), progress=bar)
+    assert bar.n == 40
+    assert [step for step, _ in bar.posts] == list(range(1, 41, 4))     # 1 s apart at 0.25 s a step
+    assert {"loss", "acc", "img_s"} <= set(bar.posts[0][1])
+    assert len(looks) == 2 * len(bar.posts)
+
+
+def test_evaluation_keeps_per_image_outputs_on_the_device_until_the_pass_ends(monkeypatch):
+    """The probabilities, hits and losses the guard and the report need reach the host after the last
+    batch, not one copy (one GPU sync) per batch; still one entry per batch, in loader order."""
+    from finetune.engine.steps import evaluate
+
+    events = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: events.append("host") or cpu(t, *a, **k))
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+
+    class Net(nn.Module):
+        def forward(self, x):
+            events.append("forward")
+            return linear(x)
+
+    batches = [(torch.randn(n, 4), torch.tensor([0, 1, 2, 0][:n])) for n in (4, 2, 3)]
+    probs, correct, losses = [], [], []
+    out = evaluate(Net(), batches, nn.CrossEntropyLoss(), torch.device("cpu"), ["a", "b", "c"],
+                   probs=probs, correct=correct, losses=losses)
+    last = max(i for i, e in enumerate(events) if e == "forward")
+    assert "host" not in events[:last]
+    with torch.no_grad():
+        want = [linear(x) for x, _ in batches]
+    assert [p.shape[0] for p in probs] == [4, 2, 3] and all(p.device.type == "cpu" for p in probs)
+    assert all(torch.allclose(p, w.softmax(1)) for p, w in zip(probs, want))
+    assert [c.tolist() for c in correct] == [(w.argmax(1) == y).tolist() for w, (_, y) in zip(want, batches)]
+    assert sum(int(c.sum()) for c in correct) == round(out["acc"] * 9)
+    assert torch.cat(losses).mean().item() == pytest.approx(out["loss"])
+
+
 def test_the_kernel_takes_any_batches_a_step_hook_and_leaves_divergence_to_the_caller():
     """The one loop of every tool: any (x, y) iterable; after_step sees each step's loss and may end the
     epoch (the LR range test); raise_diverged=False reports NaN in the metrics (the overfit check);

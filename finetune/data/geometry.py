@@ -1,0 +1,138 @@
+"""Crops and resizes of a whole batch at once, for ``--decode device``.
+
+Each image's crop + resize is two resampling matrices, one per axis, with the weights of torch's
+antialiased interpolation (``F.resized_crop(..., antialias=True)``, PIL's filters: triangle for bilinear,
+Keys a=-0.5 for bicubic, support scaled when shrinking) or nearest; the batch is then resampled with two
+batched matrix products. Images of one size go through together: a few kernels per batch where the
+per-image resize took several per image, and no Python per image on the device thread (pixels as
+torchvision's float path, but for a rare one-level rounding difference; tested).
+
+A :class:`Plan` says what one image becomes: rows ``[top, top + height)`` resized to ``resized_h`` rows, of
+which ``[offset_y, offset_y + out_h)`` are kept (a centre crop after the resize; rows outside the resized
+image are zero, as torchvision's centre crop pads), and the same for columns.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+__all__ = ["Plan", "crop_plan", "eval_plan", "resample"]
+
+# Bytes of float32 pixels resampled in one product: bounds the device memory a batch of large images takes.
+CHUNK_BYTES = 256 * 2**20
+
+
+class Plan(NamedTuple):
+    top: int
+    height: int
+    resized_h: int
+    offset_y: int
+    left: int
+    width: int
+    resized_w: int
+    offset_x: int
+
+
+def crop_plan(top: int, left: int, height: int, width: int, size: tuple[int, int]) -> Plan:
+    """``F.resized_crop(im, top, left, height, width, size)``: the box resized to ``size`` (h, w)."""
+    return Plan(top, height, size[0], 0, left, width, size[1], 0)
+
+
+def eval_plan(height: int, width: int, size: tuple[int, int], crop_pct: float) -> Plan:
+    """The evaluation view of ``finetune.data.transforms.build_transform`` (its ``fixed()`` steps): square
+    targets: the long side limited to 2x the short (``_LimitAspect``), the short side resized to
+    ``floor(size / crop_pct)``, centre crop; others: resized to the scaled box, centre crop."""
+    h, w = size
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    top, left = 0, 0
+    if h == w:
+        limit = max(1, int(math.ceil(min(height, width) * 2.0)))
+        if max(height, width) > limit:
+            if width > height:
+                left, width = (width - limit) // 2, limit
+            else:
+                top, height = (height - limit) // 2, limit
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = scale[0], int(scale[0] * long / short)
+        rw, rh = (new_short, new_long) if width <= height else (new_long, new_short)
+    else:
+        rh, rw = scale
+    return Plan(top, height, rh, int(round((rh - h) / 2.0)), left, width, rw, int(round((rw - w) / 2.0)))
+
+
+def _filter(mode: str):
+    if mode == "bilinear":
+        return 2, lambda x: (1.0 - x.abs()).clamp_(min=0.0)
+    if mode == "bicubic":                   # Keys' cubic, a = -0.5 (PIL; torch's antialiased bicubic)
+        a = -0.5
+
+        def cubic(x: torch.Tensor) -> torch.Tensor:
+            x = x.abs()
+            near = ((a + 2) * x - (a + 3)) * x * x + 1
+            far = (((x - 5) * x + 8) * x - 4) * a
+            return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+        return 4, cubic
+    raise ValueError(f"no antialiased filter for {mode!r}")
+
+
+def _weights(start: torch.Tensor, length: torch.Tensor, resized: torch.Tensor, offset: torch.Tensor,
+             out: int, size: int, mode: str) -> torch.Tensor:
+    """(G, out, size) float32: row j of image g mixes the source pixels that output pixel ``offset + j`` of
+    the resize of ``[start, start + length)`` to ``resized`` pixels takes, with torch's weights (its
+    ``_compute_indices_min_size_weights_aa`` / nearest index, in float32 as torch computes them)."""
+    device = start.device
+    g = start.view(-1, 1, 1).to(torch.float32)
+    n = length.view(-1, 1, 1).to(torch.float32)
+    j = (torch.arange(out, device=device, dtype=torch.float32).view(1, -1, 1) + offset.view(-1, 1, 1))
+    s = torch.arange(size, device=device, dtype=torch.float32).view(1, 1, -1) - g    # index in the box
+    inside = (j >= 0) & (j < resized.view(-1, 1, 1)) & (s >= 0) & (s < n)
+    scale = n / resized.view(-1, 1, 1).to(torch.float32)
+    if mode == "nearest":
+        src = torch.minimum(torch.floor(j * scale), n - 1)
+        return ((s == src) & inside).to(torch.float32)
+    taps, fn = _filter(mode)
+    support = torch.where(scale >= 1.0, taps * 0.5 * scale, torch.full_like(scale, taps * 0.5))
+    invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (j + 0.5)
+    lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), n)
+    w = fn((s - center + 0.5) * invscale) * (inside & (s >= lo) & (s < hi))
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[int, int],
+             mode: str = "bilinear") -> torch.Tensor:
+    """uint8 images (3, H_i, W_i) on one device and a :class:`Plan` each -> a uint8 batch (N, 3, *size).
+
+    ``mode``: bilinear or bicubic (antialiased, as torch's resize of uint8 images on CUDA: float,
+    clamp, round) or nearest.
+    """
+    if len(images) != len(plans):
+        raise ValueError(f"{len(images)} images but {len(plans)} plans")
+    out_h, out_w = size
+    device = images[0].device if images else torch.device("cpu")
+    out = torch.empty((len(images), 3, out_h, out_w), dtype=torch.uint8, device=device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    for (height, width), members in groups.items():
+        per_chunk = max(1, CHUNK_BYTES // (12 * height * width))
+        for k in range(0, len(members), per_chunk):
+            idx = members[k:k + per_chunk]
+            p = torch.tensor([plans[i] for i in idx], dtype=torch.int64).to(device, non_blocking=True)
+            wy = _weights(p[:, 0], p[:, 1], p[:, 2], p[:, 3], out_h, height, mode)        # (G, out_h, H)
+            wx = _weights(p[:, 4], p[:, 5], p[:, 6], p[:, 7], out_w, width, mode)         # (G, out_w, W)
+            x = torch.stack([images[i] for i in idx]).to(torch.float32)                   # (G, 3, H, W)
+            # the cheaper order of the two products (multiply-adds per channel)
+            if height * width * out_w + out_h * height * out_w <= out_h * height * width + out_h * width * out_w:
+                y = wy.unsqueeze(1) @ (x @ wx.transpose(1, 2).unsqueeze(1))
+            else:
+                y = (wy.unsqueeze(1) @ x) @ wx.transpose(1, 2).unsqueeze(1)
+            y = y.clamp_(0, 255).round_().to(torch.uint8)
+            if len(idx) == len(images):
+                return y
+            out[torch.tensor(idx, device=device)] = y
+    return out

@@ -1,0 +1,85 @@
+"""finetune.data.geometry: a batch's crops and resizes in a few batched products, pixel for pixel as
+torchvision's per-image float path (torch's resize of uint8 images on CUDA), but for rare one-level
+rounding differences."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from finetune.data import build_transform
+from finetune.data.geometry import crop_plan, eval_plan, resample
+
+
+def _photo(h: int, w: int, seed: int) -> torch.Tensor:
+    """Smooth gradients plus noise: the resize's overshoot and its rounding ties both show."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    base = torch.stack([yy * 200, xx * 180, (yy + xx) * 90]) + torch.rand(3, h, w, generator=g) * 60
+    return base.clamp(0, 255).to(torch.uint8)
+
+
+def _as_cuda_resizes(x: torch.Tensor, mode: str) -> torch.Tensor:
+    # torchvision on CUDA: uint8 -> float32, interpolate, (clamp), round, uint8 (CPU uint8 has its own kernel)
+    return x if mode == "nearest" else x.clamp(0, 255).round()
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    d = (a.int() - b.int()).abs()
+    assert int(d.max()) <= 1 and int((d > 0).sum()) <= max(1, d.numel() // 1000)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_a_batch_of_random_crops_matches_torchvisions_resized_crop_per_image(mode):
+    rng = random.Random(mode)
+    images, plans, want = [], [], []
+    for k in range(24):
+        H, W = (40, 30) if k % 3 else (rng.randint(3, 90), rng.randint(3, 90))   # a shared size, and others
+        im = _photo(H, W, k)
+        h, w = rng.randint(1, H), rng.randint(1, W)
+        top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+        size = (16, 12)                 # shrinking and enlarging crops, both axes
+        images.append(im)
+        plans.append(crop_plan(top, left, h, w, size))
+        want.append(_as_cuda_resizes(F.resized_crop(im.float(), top, left, h, w, list(size),
+                                                    interpolation=InterpolationMode(mode), antialias=True), mode))
+    got = resample(images, plans, (16, 12), mode)
+    _agree(got, torch.stack(want).to(torch.uint8))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_the_eval_plan_is_build_transforms_evaluation_view(mode):
+    """eval_plan mirrors build_transform's fixed() steps (limit the aspect, resize, centre crop) for square
+    and non-square targets, strips and any crop_pct."""
+    rng = random.Random(1)
+    for k in range(30):
+        H, W = rng.randint(4, 160), rng.randint(4, 160)
+        if k % 5 == 0:
+            W = H * rng.randint(3, 6)          # a strip: the aspect limit crops it first
+        im = _photo(H, W, k)
+        size = (24, 24) if k % 3 else (20, 14)
+        crop_pct = rng.choice([0.5, 0.875, 0.95, 1.0])
+        cfg = {"input_size": (3, *size), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": mode,
+               "crop_pct": crop_pct}
+        want = _as_cuda_resizes(build_transform(cfg, False, output="uint8")(im.float()), mode).to(torch.uint8)
+        got = resample([im], [eval_plan(H, W, size, crop_pct)], size, mode)[0]
+        _agree(got, want)
+
+
+def test_images_of_one_size_go_through_in_chunks_in_their_own_places(monkeypatch):
+    """Sizes are grouped and each group resampled in chunks (bounded memory); every image lands at its
+    own position, the same as one at a time."""
+    import finetune.data.geometry as geometry
+
+    images = [_photo(*((30, 20) if k % 2 else (18, 26)), seed=k) for k in range(9)]
+    plans = [crop_plan(k % 3, 1, 15, 14, (8, 8)) for k in range(9)]
+    alone = torch.cat([resample([im], [p], (8, 8)) for im, p in zip(images, plans)])
+    monkeypatch.setattr(geometry, "CHUNK_BYTES", 12 * 30 * 20 * 2)       # two images of 30x20 per product
+    _agree(resample(images, plans, (8, 8)), alone)      # products of other shapes: BLAS may round apart
+    assert resample([], [], (8, 8)).shape == (0, 3, 8, 8)
+    with pytest.raises(ValueError, match="2 images but 1 plans"):
+        resample(images[:2], plans[:1], (8, 8))
