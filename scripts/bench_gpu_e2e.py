@@ -284,7 +284,9 @@ def main() -> int:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"device: {res.get('gpu', res['device'])} {res.get('versions', '')}", "",
+    caches = ", ".join(f"{k}={os.environ[k]}" for k in ("PYTHONPYCACHEPREFIX", "MPLCONFIGDIR") if os.environ.get(k))
+    lines = [f"device: {res.get('gpu', res['device'])} {res.get('versions', '')}"
+             + (f"; caches: {caches}" if caches else ""), "",
              "| check | result |", "|---|---|"]
     if "exit" in res:
         e = res["exit"]

@@ -13,6 +13,11 @@
 # From a session with a device: run(command="OUT=$OUT bash scripts/gpu_checks.sh", carry=[".peers"], timeout_s=540)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" TQDM_DISABLE=1 HF_HUB_OFFLINE=1
+# Imports compile once into a writable bytecode cache and matplotlib keeps its font cache, as on a machine
+# where the packages were installed normally and zoo ran before: that machine's site-packages has no usable
+# .pyc, so each process compiled ~2,000 modules (~6 s of the small job; docs/benchmarks.md, run 2). The
+# GPU tests run first and fill both; small job 1 still pays what they did not import.
+export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/zoo-pycache}" MPLCONFIGDIR="${MPLCONFIGDIR:-/tmp/zoo-mpl}"
 OUT="${OUT:-/tmp/zoo-gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,timm,torchvision,PIL;print('torch',torch.__version__,'timm',timm.__version__,'torchvision',torchvision.__version__,'cuda',torch.version.cuda,'pillow',PIL.__version__,'cpus',len(__import__('os').sched_getaffinity(0)))" | tee -a "$OUT/gpu.txt"
