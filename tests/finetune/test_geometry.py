@@ -83,3 +83,22 @@ def test_images_of_one_size_go_through_in_chunks_in_their_own_places(monkeypatch
     assert resample([], [], (8, 8)).shape == (0, 3, 8, 8)
     with pytest.raises(ValueError, match="2 images but 1 plans"):
         resample(images[:2], plans[:1], (8, 8))
+
+
+@pytest.mark.gpu
+def test_resampling_on_cuda_matches_the_cpu():
+    """The products on CUDA (cuBLAS, fp32) give the CPU's pixels but for rounding ties; mixed sizes."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    rng = random.Random(3)
+    images = [_photo(*((375, 500) if k % 2 else (rng.randint(200, 400), rng.randint(200, 400))), seed=k)
+              for k in range(40)]
+    plans = []
+    for im in images:
+        H, W = im.shape[-2:]
+        h, w = rng.randint(H // 3, H), rng.randint(W // 3, W)
+        plans.append(crop_plan(rng.randint(0, H - h), rng.randint(0, W - w), h, w, (224, 224)))
+    for mode in ("bilinear", "bicubic"):
+        cpu = resample(images, plans, (224, 224), mode)
+        cuda = resample([im.cuda() for im in images], plans, (224, 224), mode)
+        _agree(cuda.cpu(), cpu)
