@@ -619,3 +619,23 @@ def _pngs(root, n):
         Image.new("RGB", (40, 40), (i * 5 % 256, 80, 160)).save(p)
         paths.append(p)
     return paths
+
+
+def test_many_files_are_checked_in_parallel_runs_with_each_reason_at_its_own_file(tmp_path):
+    """Above 64 files the checks run in threads, a run of files per task: the same reasons, in order, as
+    one at a time; a JPEG with camera data after its end marker is kept, a cut one is not."""
+    from finetune.data.files import _check_file, check_files
+
+    make_image(tmp_path / "a.jpg", 0)
+    good = (tmp_path / "a.jpg").read_bytes()
+    paths = []
+    for i in range(150):
+        p = tmp_path / f"{i:03d}.jpg"
+        kind = i % 5
+        p.write_bytes(good if kind == 0 else good + b"\0" * 4000 if kind == 1 else good[: len(good) * 2 // 3]
+                      if kind == 2 else b"" if kind == 3 else b"not an image")
+        paths.append(str(p))
+    reasons = check_files(paths)
+    assert reasons == [_check_file(p) for p in paths]
+    assert [r is None for r in reasons[:5]] == [True, True, False, False, False]
+    assert reasons[3] == "empty file (0 bytes)"
