@@ -186,3 +186,25 @@ def test_eval_and_predict_with_file_names_that_are_not_utf8(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     images = [d["image"] for d in json.loads(res.stdout)]
     assert str(ev / "a" / "no\u00a0break.png") in images and str(ev / "b" / "wr\\xf3ng.png") in images
+
+
+def test_a_class_folder_name_that_is_not_utf8_trains_exports_and_evaluates(tiny, tmp_path):
+    """The class is named by its folder's printable name (b\\xe9): it used to reach model.json as surrogates
+    and end the run with a UnicodeEncodeError traceback before the first epoch. zoo eval on the same folder
+    matches the folder to that label."""
+    import json
+    import os
+
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4, layout="split", val_per_class=1)
+    for split in ("train", "val"):
+        os.rename(data / split / "b", os.path.join(os.fsencode(data / split), b"b\xe9"))
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *FAST[:-1], "--export")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "export" / "config.json").read_text(encoding="utf-8"))["label_names"] == ["a", "b\\xe9"]
+    res = invoke("eval", run / "export", "--data", data, "--out", tmp_path / "report", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["ignored_folders"] == [] and doc["per_class"]["b\\xe9"]["support"] == 1

@@ -88,12 +88,13 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     ignored: list[str] = []
     folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     for d in folders:
-        if d.name not in index:
+        name = printable_name(d.name)       # how finetune names a class whose folder name is not UTF-8
+        if name not in index:
             ignored.append(d.name)
             continue
         for p in sorted(d.rglob("*")):
             if p.is_file() and p.suffix.lower() in exts:
-                items.append((str(p), index[d.name]))
+                items.append((str(p), index[name]))
     if len(ignored) == len(folders):
         shown = ", ".join(ignored[:5]) or "none"
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
