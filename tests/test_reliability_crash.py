@@ -321,6 +321,37 @@ def test_disk_full_while_exporting_leaves_no_partial_bundle(tmp_path, monkeypatc
     assert not (out / "model.safetensors").exists()
 
 
+def _file_size_limit(limit: int):
+    def set_limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+def test_real_writers_on_a_full_disk_say_so_in_one_line(data, tiny, tmp_path):
+    """The two tests above raise the OSError themselves; the real writers do not: torch.save turns a failed
+    write into RuntimeError("unexpected pos ..."), safetensors into SafetensorError("... (os error 27)").
+    A file-size limit makes them fail for real, root-proof (Python ignores SIGXFSZ, so a write past the
+    limit fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+    done = tmp_path / "done"
+    assert invoke(finetune_args(tiny, data, done, "--epochs", "1")).exit_code == 0   # weights cached too
+    limit = 300_000                       # the run's JSON and YAML files fit; a checkpoint (~1.5 MB) does not
+    assert (done / "checkpoints" / "last.pt").stat().st_size > limit
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ZOO_DEBUG", None)
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    for args, target in ((finetune_args(tiny, data, run, "--epochs", "1"), run / "checkpoints" / "last.pt"),
+                         (["export", str(done), "--out", str(bundle)], bundle / "model.safetensors")):
+        res = subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, env=env, capture_output=True,
+                             text=True, errors="replace", timeout=300, preexec_fn=_file_size_limit(limit))
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+        error, = [ln for ln in res.stderr.splitlines() if ln.startswith("zoo: error:")]
+        assert str(target) in error and "File too large" in error, error
+        assert not target.exists() and not list(target.parent.glob(".*.tmp"))    # nothing half written
+
+
 # --------------------------------------------------------------------------- unwritable destinations
 def test_unwritable_zoo_home_is_one_clear_line_before_any_work(tmp_path, monkeypatch, hub):
     """ZOO_HOME below a regular file (NotADirectory): chmod 0o555 does not stop root, which runs these

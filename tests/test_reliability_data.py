@@ -150,3 +150,61 @@ def test_class_names_that_are_not_portable_file_names_survive_export_and_predict
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc[0]["predictions"][0]["label"] in ODD_CLASSES
+
+
+def test_eval_and_predict_with_file_names_that_are_not_utf8(tiny, tmp_path):
+    """File names that are not UTF-8 (surrogates in Python: an image filed under the wrong class, an
+    unreadable file) and one with a no-break space (valid UTF-8, not printable): zoo eval writes its reports
+    instead of failing on metrics.json, and eval --json / predict --json print JSON that parses (the
+    console escapes what is not printable, which used to put \\xNN escapes, invalid JSON, into strings)."""
+    import json
+    import os
+    import shutil
+
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4, layout="split", val_per_class=1)
+    run = tmp_path / "run"
+    assert invoke("finetune", tiny, "--data", data, "--out", run, *FAST[:-1], "--export").exit_code == 0
+    ev = make_image_folder(tmp_path / "ev", classes=("a", "b"), per_class=2, seed=1)
+    wrong = os.fsdecode(os.path.join(os.fsencode(ev / "b"), b"wr\xf3ng.png"))        # an "a" image under b/
+    shutil.copy(next((ev / "a").iterdir()), wrong)
+    junk = os.fsdecode(os.path.join(os.fsencode(ev / "a"), b"b\xe4d.jpg"))
+    Path(junk).write_bytes(b"not a picture")
+    shutil.copy(next((ev / "a").iterdir()), ev / "a" / "no\u00a0break.png")
+
+    res = invoke("eval", run / "export", "--data", ev, "--out", tmp_path / "report", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    doc = json.loads(res.stdout)
+    assert doc == json.loads((tmp_path / "report" / "metrics.json").read_text(encoding="utf-8"))
+    assert [s["path"] for s in doc["skipped"]] == [str(ev / "a" / "b\\xe4d.jpg")]
+    assert str(ev / "b" / "wr\\xf3ng.png") in [w["path"] for w in doc["most_confidently_wrong"]]
+    assert "wr\\xf3ng.png" in (tmp_path / "report" / "wrong.csv").read_text(encoding="utf-8")
+
+    res = invoke("predict", run / "export", ev, "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    images = [d["image"] for d in json.loads(res.stdout)]
+    assert str(ev / "a" / "no\u00a0break.png") in images and str(ev / "b" / "wr\\xf3ng.png") in images
+
+
+def test_a_class_folder_name_that_is_not_utf8_trains_exports_and_evaluates(tiny, tmp_path):
+    """The class is named by its folder's printable name (b\\xe9): it used to reach model.json as surrogates
+    and end the run with a UnicodeEncodeError traceback before the first epoch. zoo eval on the same folder
+    matches the folder to that label."""
+    import json
+    import os
+
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4, layout="split", val_per_class=1)
+    for split in ("train", "val"):
+        os.rename(data / split / "b", os.path.join(os.fsencode(data / split), b"b\xe9"))
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *FAST[:-1], "--export")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "export" / "config.json").read_text(encoding="utf-8"))["label_names"] == ["a", "b\\xe9"]
+    res = invoke("eval", run / "export", "--data", data, "--out", tmp_path / "report", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["ignored_folders"] == [] and doc["per_class"]["b\\xe9"]["support"] == 1

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
-from finetune.core.io import atomic_write, atomic_write_text
+from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
@@ -50,11 +50,14 @@ class EvalReport:
     tta_views: str | None = None                # "flip" | "ten" with TTA
 
     def to_dict(self) -> dict[str, Any]:
-        return {"root": self.root, "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
+        # File names that are not UTF-8 hold surrogates in memory; on disk and on stdout they read \xNN.
+        name = printable_name
+        return {"root": name(self.root), "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
                 "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
                 "tta": self.tta, "tta_scales": self.tta_scales, "tta_views": self.tta_views,
-                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-                "ignored_folders": self.ignored_folders, "most_confidently_wrong": self.wrong}
+                "skipped": [{"path": name(p), "reason": r} for p, r in self.skipped],
+                "ignored_folders": [name(f) for f in self.ignored_folders],
+                "most_confidently_wrong": [{**w, "path": name(w["path"])} for w in self.wrong]}
 
 
 def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
@@ -85,12 +88,13 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     ignored: list[str] = []
     folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     for d in folders:
-        if d.name not in index:
+        name = printable_name(d.name)       # how finetune names a class whose folder name is not UTF-8
+        if name not in index:
             ignored.append(d.name)
             continue
         for p in sorted(d.rglob("*")):
             if p.is_file() and p.suffix.lower() in exts:
-                items.append((str(p), index[d.name]))
+                items.append((str(p), index[name]))
     if len(ignored) == len(folders):
         shown = ", ".join(ignored[:5]) or "none"
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
@@ -249,7 +253,8 @@ def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in
              ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")}
-    atomic_write_text(paths["metrics.json"], json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    doc = report.to_dict()
+    atomic_write_text(paths["metrics.json"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(paths["per_class.csv"], _csv_text(
         [("class", "precision", "recall", "support")]
         + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))
@@ -260,5 +265,5 @@ def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[s
     atomic_write_text(paths["wrong.csv"], _csv_text(
         [("path", "true", "predicted", "confidence", "p_true")]
         + [(w["path"], w["true"], w["predicted"], f"{w['confidence']:.6f}", f"{w['p_true']:.6f}")
-           for w in report.wrong]))
+           for w in doc["most_confidently_wrong"]]))
     return paths

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from finetune.core.io import printable_name  # torch-free: `zoo list` may use it
 
-__all__ = ["printable", "human_size"]
+__all__ = ["printable", "printable_name", "human_size"]
 
 
 def printable(text: object) -> str:

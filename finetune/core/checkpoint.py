@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finetune.core.errors import CheckpointError
-from finetune.core.io import atomic_write
+from finetune.core.io import atomic_write, write_file
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
            "save_weights", "load_weights", "cpu_state_dict"]
@@ -92,7 +92,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically. Raises CheckpointError (e.g. disk full) naming the path."""
     path = Path(path)
     try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        # through a Python file: torch.save on a path reports a full disk as RuntimeError, not OSError
+        atomic_write(path, lambda tmp: write_file(tmp, lambda fh: torch.save(state, fh)))
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; free some disk space "
                               "or choose another --out") from None

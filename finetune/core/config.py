@@ -295,6 +295,10 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     try:
         if kind is bool and not isinstance(value, bool):
             raise ValueError
+        # int() and float() would take YAML's `true` as 1 and cut `epochs: 2.5` to 2 without a word
+        if kind in (int, float) and isinstance(value, bool) or kind is int and isinstance(value, float) \
+                and not value.is_integer():
+            raise ValueError
         if kind is str:
             return str(value)
         return kind(value)

@@ -4,16 +4,18 @@ safetensors header reader (no torch, no pickle) that the feature cache and the z
 and the one YAML reader (registry files, configs, bundles)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_file_mode",
+__all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
            "read_safetensors_header", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
@@ -30,8 +32,67 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+# How Rust's std::io::Error shows an OS error; safetensors' writer reports a full disk as
+# "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class _KeepWriteError:
+    """A binary file whose first failed write is remembered: torch.save reports a full disk as its own
+    RuntimeError ("unexpected pos ..."), which says neither that the disk is full nor which file."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def write_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(fh)`` into the file ``path`` (for writers that take a file object, like ``torch.save``).
+
+    Raises:
+        OSError: a write failed (disk full...), even when ``write`` turned it into an error of its own.
+    """
+    with open(path, "wb") as fh:
+        sink = _KeepWriteError(fh)
+        try:
+            write(sink)  # type: ignore[arg-type]
+            fh.flush()
+        except OSError:
+            raise
+        except Exception as err:
+            if sink.error is not None:
+                raise sink.error from err
+            raise
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OS error behind a writer's own exception (safetensors: "... (os error 28)"), or None."""
+    if isinstance(err, OSError):
+        return err
+    found = _RUST_OS_ERROR.search(str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code) if code in errno.errorcode else str(err))
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path``. Removes the temp on failure."""
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path``. Removes the temp on failure.
+
+    Raises:
+        OSError: writing failed, naming ``path``; also when the writer reported an OS error as its own
+            exception (safetensors' SafetensorError), so a full disk reads the same whoever wrote.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,9 +108,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(err, OSError) and not err.filename:
-            err.filename = str(path)    # a failed write() names no file; say which one (disk full...)
-        raise
+        os_err = _os_error(err) if isinstance(err, Exception) else None
+        if os_err is None:
+            raise
+        if not os_err.filename:
+            os_err.filename = str(path)    # a failed write() names no file; say which one (disk full...)
+        if os_err is err:
+            raise
+        raise os_err from err
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

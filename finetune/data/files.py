@@ -11,6 +11,7 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
+from finetune.core.io import printable_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
@@ -170,8 +171,15 @@ def is_dir(entry: os.DirEntry) -> bool:
 
 
 def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
-    """class name -> files (not yet checked) for ``folder/<class>/**``."""
-    return {c: _walk_images(os.path.join(folder, c), loops) for c in list_classes(folder)}
+    """class name -> files (not yet checked) for ``folder/<class>/**``.
+
+    A class is named by its folder's printable name: a folder name that is not UTF-8 reads ``\\xNN``
+    (class names are labels, written into JSON files, checkpoints and bundles).
+    """
+    classes: dict[str, list[str]] = {}
+    for c in list_classes(folder):
+        classes.setdefault(printable_name(c), []).extend(_walk_images(os.path.join(folder, c), loops))
+    return dict(sorted(classes.items()))
 
 
 def check_files(files: Sequence[str]) -> list[str | None]:

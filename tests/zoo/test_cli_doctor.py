@@ -78,6 +78,30 @@ def test_finetune_exclude_then_report(tmp_path, tiny, leaky):
     check_html((run / "report.html").read_text(encoding="utf-8"))
 
 
+def test_doctor_then_exclude_with_a_file_name_that_is_not_utf8(tmp_path, tiny, leaky):
+    """A leaked copy whose name is not UTF-8: doctor writes label_ranking.csv (it failed with a
+    UnicodeEncodeError after findings.csv) and findings.csv names the file as \\xNN; --exclude with that
+    findings.csv then leaves it out (the \\xNN text matched no file), and RUN/exclude.txt lists it."""
+    import os
+
+    odd = os.fsdecode(os.path.join(os.fsencode(leaky / "train" / "dog"), b"caf\xe9.png"))
+    shutil.copyfile(leaky / "val" / "dog" / "dog_v000.png", odd)
+    out = tmp_path / "doc"
+    r = invoke("doctor", "--data", leaky, "--model", tiny, "--out", out, "--device", "cpu", "--workers", "0",
+               "--quiet", "--min-side", "0", "--near", "1", "--near-pixels", "1")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "findings.csv").open(encoding="utf-8")))
+    assert any(row["path"] == "train/dog/caf\\xe9.png" and row["finding"] == "leak" for row in rows)
+    assert "train/dog/caf\\xe9.png" in (out / "label_ranking.csv").read_text(encoding="utf-8")
+    run = tmp_path / "run"
+    r = invoke("finetune", tiny, "--data", leaky, "--out", run, "--exclude", out / "findings.csv", "--freeze", "head",
+               "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--no-export")
+    assert r.exit_code == 0, r.output
+    assert "train/dog/caf\\xe9.png" in (run / "exclude.txt").read_text(encoding="utf-8").splitlines()
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert not any("caf" in rel for rel, _ in split["train"] + split["val"])
+
+
 def test_report_of_a_folder_that_is_no_run(tmp_path):
     (tmp_path / "x").mkdir()
     r = invoke("report", tmp_path / "x")

@@ -42,6 +42,25 @@ def test_export_missing_run_is_one_line_error(tmp_path, runner):
     assert len(lines) == 1 and lines[0].startswith("zoo: error: no run folder at")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "other_weights"])
+def test_export_of_a_damaged_best_checkpoint_does_not_say_export_again(tmp_path, runner, damage):
+    """The advice was the bundle's ("re-export it with `zoo export RUN_DIR`"), which reads the same file."""
+    import torch
+    from safetensors.torch import save_file
+
+    run, _ = make_run(tmp_path)
+    best = run / "checkpoints" / "best.safetensors"
+    if damage == "truncated":
+        best.write_bytes(best.read_bytes()[:3000])
+    else:
+        save_file({"fc.weight": torch.zeros(7, 3)}, str(best))
+    res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    line, = res.output.strip().splitlines()
+    assert line.startswith(f"zoo: error: {best}") and "zoo export" not in line and "re-export" not in line
+    assert line.endswith("the run's best checkpoint is damaged; restore the file or re-run `zoo finetune`")
+
+
 def test_predict_folder_json_skips_unreadable(bundle, tmp_path, runner):
     imgs = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=32)
     (imgs / "a" / "broken.jpg").write_bytes(b"definitely not a jpeg")

@@ -3,6 +3,7 @@ every numeric option refused outside its range with one line (exit 2) before a r
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -59,6 +60,21 @@ def test_yaml_values_are_checked_the_same_way(tmp_path):
     assert r.exit_code == 2 and "momentum" in r.output and "0 <= x < 1" in r.output and not out.exists()
     with pytest.raises(ConfigError, match=r"invalid gamma=1.5 .*plateau"):
         FinetuneConfig(schedule="plateau", gamma=1.5)
+
+
+@pytest.mark.parametrize("text,message", [("epochs: 2.5", "epochs=2.5 should be a int"),
+                                          ("lr: true", "lr=True should be a float"),
+                                          ("patience: yes", "patience=True should be a int")])
+def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text, message):
+    """int()/float() took `epochs: 2.5` as 2 and `lr: true` as 1.0 without a word."""
+    from finetune.core.config import load_config
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: {message}")):
+        load_config(cfg)
+    cfg.write_text("epochs: 3.0\nlr: 1\nhead_epochs: '2'\n")       # whole numbers and numeric text still do
+    assert (load_config(cfg).epochs, load_config(cfg).lr, load_config(cfg).head_epochs) == (3, 1.0, 2)
 
 
 @pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])

@@ -222,6 +222,10 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
     return diff["max"]
 
 
+# What to do when the run's best checkpoint is damaged: exporting again reads the same file.
+DAMAGED_RUN = "the run's best checkpoint is damaged; restore the file or re-run `zoo finetune`"
+
+
 def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """(model.json, the best checkpoint's state dict, its path) of a finished run folder.
 
@@ -240,11 +244,11 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     ckpt = run / "checkpoints" / "best.safetensors"
     if not ckpt.exists():
         raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; resume or re-run `zoo finetune`")
-    read_safetensors_metadata(ckpt)  # clear message for a truncated checkpoint before torch sees it
+    read_safetensors_metadata(ckpt, fix=DAMAGED_RUN)  # clear message for a truncated checkpoint before torch sees it
     try:
         state = _strip_prefixes(safetensors.torch.load_file(str(ckpt), device="cpu"))
     except Exception as e:
-        raise BundleError(f"{ckpt} cannot be read ({e}); resume or re-run `zoo finetune`") from None
+        raise BundleError(f"{ckpt} cannot be read ({e}); {DAMAGED_RUN}") from None
     return info, state, ckpt
 
 
@@ -281,7 +285,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     if library == "torchvision":
         kwargs = _torchvision_kwargs(arch, list(state), kwargs)
     model = build_model(builder, len(labels), head, classifier, kwargs)
-    _load_weights(model, state, ckpt)
+    _load_weights(model, state, ckpt, fix=DAMAGED_RUN)
     model.eval()
 
     dc = dict(info["data_config"])

@@ -30,14 +30,16 @@ _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "s
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+def read_safetensors_metadata(path: str | os.PathLike,
+                              fix: str = "re-export it with `zoo export RUN_DIR`") -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, after checking the file is complete. No torch, no pickle.
 
+    Args:
+        fix: what the error message tells the user to do (a bundle: re-export; a run's checkpoint: other).
     Raises:
         BundleError: missing, truncated, or with a header that is not safetensors JSON.
     """
     path = Path(path)
-    fix = "re-export it with `zoo export RUN_DIR`"
     try:
         header = read_safetensors_header(path)
     except FileNotFoundError:
@@ -124,18 +126,18 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
     return model
 
 
-def _load_weights(model: "torch.nn.Module", state: dict[str, Any], where: Path) -> None:
+def _load_weights(model: "torch.nn.Module", state: dict[str, Any], where: Path, fix: str = "re-export the run") -> None:
     missing, unexpected = [], []
     try:
         result = model.load_state_dict(state, strict=False)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     except RuntimeError as e:  # shape mismatch
         first = str(e).strip().splitlines()[-1].strip()
-        raise BundleError(f"{where} does not fit the architecture ({first}); re-export the run") from None
+        raise BundleError(f"{where} does not fit the architecture ({first}); {fix}") from None
     if missing or unexpected:
         detail = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
                  (f"unexpected {unexpected[:3]}" if unexpected else "")
-        raise BundleError(f"{where} does not fit the architecture ({detail}); re-export the run")
+        raise BundleError(f"{where} does not fit the architecture ({detail}); {fix}")
 
 
 # ------------------------------------------------------------------------------------------ Bundle

@@ -71,6 +71,9 @@ class ZooGroup(click.Group):
             if err.errno == errno.ENOSPC:
                 fail(f"no space left on device while writing{where}: free some disk space "
                      "or write elsewhere (--out, ZOO_HOME)", 1)
+            if err.errno in (errno.EDQUOT, errno.EFBIG):     # a quota, or a file-size limit (FAT32, ulimit -f)
+                fail(f"{err.strerror} while writing{where}: free some space under your quota or write "
+                     "elsewhere (--out, ZOO_HOME)", 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 

@@ -70,7 +70,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
                           aliases=bundle.metadata.get("label_ids"))
         paths = write_eval_reports(report, out)
     if as_json:
-        echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        echo(json.dumps(report.to_dict(), indent=2))    # ASCII: echo escapes what is not printable, JSON stays valid
         return
     where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
     echo(f"evaluated {report.n_images} images from {data} ({where})"

@@ -10,7 +10,7 @@ import click
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import UsageError
-from zoo.text import printable
+from zoo.text import printable, printable_name
 
 __all__ = ["predict_cmd", "tta_options"]
 
@@ -79,9 +79,10 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
         raise UsageError(f"none of the {len(paths)} images could be read")
     results = top(probs, bundle.labels, topk)
     if as_json:
-        doc = [{"image": str(paths[i]), "predictions": [{"label": lab, "prob": round(p, 6)} for lab, p in res]}
+        doc = [{"image": printable_name(str(paths[i])),       # a name that is not UTF-8: \xNN, as in every zoo file
+                "predictions": [{"label": lab, "prob": round(p, 6)} for lab, p in res]}
                for i, res in zip(kept, results)]
-        echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        echo(json.dumps(doc, indent=2))    # ASCII: echo escapes what is not printable, the JSON stays valid
         return
     for i, res in zip(kept, results):
         echo(printable(paths[i]))

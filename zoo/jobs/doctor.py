@@ -19,7 +19,7 @@ from finetune.core.config import FinetuneConfig
 from finetune.data import scan_folder
 from finetune.tools.doctor import run_doctor, write_findings_csv
 from finetune.engine import resolve_device
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, printable_name
 from finetune.tools.pages import doctor_html
 from zoo.build import create_model
 from zoo.cache import cached_models, features_dir, read_manifest
@@ -108,5 +108,5 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
 
 def _csv_cell(value: str) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow([value])
+    csv.writer(buf, lineterminator="").writerow([printable_name(value)])   # names that are not UTF-8: \xNN
     return buf.getvalue()

@@ -23,7 +23,7 @@ from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.errors import CheckpointError
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.policy import parse_freeze
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
@@ -236,7 +236,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_scan(report, run_dir)
         if excluded:
-            atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{p}\n" for p in excluded))
+            atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{printable_name(p)}\n" for p in excluded))
         _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
         say(f"run folder: {run_dir}")
     ddp.barrier(info)

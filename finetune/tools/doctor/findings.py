@@ -128,13 +128,15 @@ def exclude_items(report: Any, paths: Sequence[str]) -> tuple[int, list[str]]:
     Returns:
         (number of images removed, the listed paths that matched no train/val image).
     """
-    wanted = {os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p)) for p in paths}
+    # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN.
+    wanted = {printable_name(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p)))
+              for p in paths}
     seen: set[str] = set()
     removed = 0
     for s in (report.train, report.val):
         keep = []
         for p, y in s.items:
-            norm = os.path.normpath(p)
+            norm = printable_name(os.path.normpath(p))
             if norm in wanted:
                 seen.add(norm)
                 removed += 1
