@@ -6,6 +6,7 @@ import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +23,12 @@ _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some camer
 # -------------------------------------------------------------------------------------- scanning
 def is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES
+
+
+def is_ignored_path(path: str | os.PathLike, top: str | os.PathLike) -> bool:
+    """True when any part of ``path`` below ``top`` is ignored (hidden, or archiver/NAS debris such as
+    ``__MACOSX`` and Synology's ``@eaDir`` thumbnails): what the training scan never walks into."""
+    return any(is_ignored(part) for part in Path(os.path.relpath(path, top)).parts)
 
 
 def _walk_images(top: str, loops: list[str]) -> list[str]:

@@ -17,11 +17,11 @@ from typing import Iterable
 
 from finetune.data.files import IMAGE_EXTENSIONS, check_files, collect_classes, is_ignored, is_dir, list_classes
 from finetune.data.imageset import ImageSet, ScanReport, relative_path
-from finetune.data.splits import apply_split_file, stratified_split, write_scan
+from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan", "write_bad_files"]
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest

@@ -101,7 +101,13 @@ def write_scan(report: ScanReport, run_dir: str | Path) -> None:
     atomic_write_text(run_dir / "scan.json", json.dumps(report.to_dict(), indent=2) + "\n")
     # ensure_ascii keeps non-UTF-8 names (surrogate escapes) round-trippable through json.loads.
     atomic_write_text(run_dir / "split.json", json.dumps(_split_payload(report)) + "\n")
+    write_bad_files(report, run_dir)
+
+
+def write_bad_files(report: ScanReport, out_dir: str | Path) -> None:
+    """``bad_files.txt``: the files the scan skipped, one ``path<TAB>reason`` per line (the scan's
+    warning points there)."""
     lines = [f"{printable_name(report.relpath(p))}\t{r}\n" for p, r in report.bad_files]
-    atomic_write_text(run_dir / "bad_files.txt", "".join(lines))
+    atomic_write_text(Path(out_dir) / "bad_files.txt", "".join(lines))
 
 

@@ -39,6 +39,7 @@ def test_doctor_reports_the_leak_and_caches_features(tmp_path, tiny, leaky):
     assert rows[0]["finding"] == "leak" and rows[0]["path"] == "train/cat/cat_003.png"
     check_html((out / "report.html").read_text(encoding="utf-8"))
     assert json.loads((out / "doctor.json").read_text())["feature_cache_hits"] == 0
+    assert not (out / "bad_files.txt").exists()          # nothing skipped
     # second run: the default model is the (only, so smallest) cached one, features from the cache
     r = invoke("doctor", "--data", leaky, "--out", out, "--device", "cpu", "--workers", "0", "--quiet",
                "--near-pixels", "1")
@@ -106,3 +107,15 @@ def test_report_of_a_folder_that_is_no_run(tmp_path):
     (tmp_path / "x").mkdir()
     r = invoke("report", tmp_path / "x")
     assert r.exit_code == 2 and "not a finished run folder" in r.stderr
+
+
+def test_doctor_lists_the_files_its_scan_skipped_where_its_warning_says(tmp_path, tiny, leaky):
+    (leaky / "train" / "cat" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "doc"
+    r = invoke("doctor", "--data", leaky, "--model", tiny, "--out", out, "--device", "cpu", "--workers", "0",
+               "--quiet", "--min-side", "0", "--near-pixels", "1")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "findings.csv").open(encoding="utf-8")))
+    warning = next(row["detail"] for row in rows if row["finding"] == "scan_warning")
+    assert "bad_files.txt" in warning
+    assert (out / "bad_files.txt").read_text(encoding="utf-8").startswith("train/cat/notes.jpg\t")

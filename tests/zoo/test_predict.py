@@ -104,6 +104,25 @@ def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
         expand_images([tmp_path / "missing.jpg"])
 
 
+def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
+    """Hidden files, macOS resource forks and NAS thumbnails (Synology's @eaDir, __MACOSX) are neither
+    predicted nor counted by zoo eval, as the training scan never sees them."""
+    import shutil
+    from pathlib import Path
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    real = sorted(str(p) for p in root.rglob("*.png"))
+    one = Path(real[0])
+    for debris in (root / "a" / ".hidden.png", root / "a" / "._0.png", root / "a" / "@eaDir" / "0.png" / "thumb.png",
+                   root / "b" / "__MACOSX" / "1.png", root / ".cache" / "x.png"):
+        debris.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(one, debris)
+    paths, _ = expand_images([root])
+    assert sorted(map(str, paths)) == real
+    split, items, ignored = find_eval_images(root, ["a", "b"])
+    assert split == "." and sorted(p for p, _ in items) == real and ignored == []
+
+
 def test_classification_metrics_by_hand():
     labels = ["a", "b", "c"]
     targets = np.array([0, 0, 1, 2])

@@ -2,8 +2,9 @@
 
 The analysis is ``finetune.tools.doctor.run_doctor``; here the zoo side resolves the model (default: the
 smallest cached pretrained model, so the command works offline), keeps the feature banks in the zoo
-cache (``ZOO_HOME/features``) and writes findings.csv, label_ranking.csv, report.html and doctor.json into the output
-folder, which must lie outside the data folder (the user's images are only ever read).
+cache (``ZOO_HOME/features``) and writes findings.csv, label_ranking.csv, report.html, doctor.json (and
+bad_files.txt when the scan skipped files) into the output folder, which must lie outside the data folder
+(the user's images are only ever read).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.core.config import FinetuneConfig
-from finetune.data import scan_folder
+from finetune.data import scan_folder, write_bad_files
 from finetune.tools.doctor import run_doctor, write_findings_csv
 from finetune.engine import resolve_device
 from finetune.core.io import atomic_write_text, printable_name
@@ -93,6 +94,8 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
                         progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_findings_csv(result.findings, out / "findings.csv")
+    if report.bad_files:                # the scan's warning points there, as in a run folder
+        write_bad_files(report, out)
     # every labelled image ranked by the probe (most suspicious first), beyond the flagged few
     rows = ["path,label,suggested,score\n"] + [",".join(_csv_cell(v) for v in (p, g, s, f"{sc:.4f}")) + "\n"
                                                 for p, g, s, sc in result.label_ranking]
