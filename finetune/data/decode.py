@@ -325,15 +325,21 @@ class DevicePrefetcher:
                 put(e)
 
         if self._thread is not None and self._thread.is_alive():
-            # The last pass was left early and its thread is still waiting on the loader: two threads
-            # must never iterate the same (persistent-worker) loader at once.
+            # The last pass was left early (or started and never read): two threads must never iterate
+            # the same (persistent-worker) loader at once.
+            if self._stop is not None:
+                self._stop.set()
             self._thread.join(timeout=120)
             if self._thread.is_alive():
                 raise RuntimeError("the previous pass over the data is still running in the background; "
                                    "restart the run (--resume continues it)")
         thread = threading.Thread(target=work, name="zoo-device-decode", daemon=True)
         self._thread, self._stop = thread, stop
-        thread.start()
+        thread.start()       # now, not at the first next(): a pass started ahead decodes ahead
+        return self._batches(results, done, thread, stop)
+
+    def _batches(self, results: queue.Queue, done: object, thread: threading.Thread, stop: threading.Event):
+        cuda = self.device.type == "cuda"
         try:
             while True:
                 item = results.get()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
@@ -40,7 +40,12 @@ class LoaderSteps:
 
     With ``--ema`` the finetune phase keeps a weight average (``self.ema``, started from the weights the
     phase begins with) and validates it instead of the trained weights: the epoch's val metrics, early
-    stopping and the best checkpoint (hence the exported bundle) are the average's."""
+    stopping and the best checkpoint (hence the exported bundle) are the average's.
+
+    Passes start ahead, so that the loader's workers never wait at an epoch's edges: the validation pass
+    as an epoch starts training (its images do not depend on the weights), the next epoch's training pass
+    as validation starts. Each pass's order and augmentation depend on (seed, epoch, rank) alone, so the
+    batches are the ones a pass started on time would give."""
 
     label = ""
 
@@ -52,9 +57,11 @@ class LoaderSteps:
         self.val_probs: torch.Tensor | None = None     # of the last evaluation (see FitResult.val_probs)
         self.val_correct: torch.Tensor | None = None   # of the last evaluation: hits on this rank's images
         self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
+        self._ahead: dict[str, tuple[int, Iterator]] = {}    # "train"/"val" -> (epoch, pass started ahead)
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
+        self._ahead.clear()      # a phase may change the loaders (e.g. the flip dropped): start afresh
         self.net = ddp.wrap_model(s.model, s.device, s.info)     # DDP sees this phase's trainable set
         self.ema = (ModelEma(s.model, s.config.ema, warmup=not s.head_first)
                     if (phase == "finetune" and s.config.ema > 0) else None)
@@ -64,17 +71,33 @@ class LoaderSteps:
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
-        s.seed_train_loader(epoch)
+        batches = self._take("train", epoch)
+        if batches is None:
+            s.seed_train_loader(epoch)
+            batches = iter(s.train_loader)
+        if s.has_val and "val" not in self._ahead:
+            self._ahead["val"] = (epoch, iter(s.val_loader))
         bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
                         disable=s.config.quiet or not s.info.is_main)
         try:
-            return train_one_epoch(self.net, s.train_loader, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
-                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
-                                   only_train=s.head_module if phase == "head" else None, info=s.info,
-                                   normalize=s.train_normalize, mix=s.mix, ema=self.ema)
+            out = train_one_epoch(self.net, batches, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
+                                  scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
+                                  only_train=s.head_module if phase == "head" else None, info=s.info,
+                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema)
         finally:
             if bar is not None:
                 bar.close()
+        if epoch < int(s.config.epochs):
+            s.seed_train_loader(epoch + 1)
+            self._ahead["train"] = (epoch + 1, iter(s.train_loader))
+        return out
+
+    def _take(self, which: str, epoch: int | None) -> Iterator | None:
+        """The pass started ahead for ``which`` (for ``epoch`` when given), else None."""
+        started = self._ahead.pop(which, None)
+        if started is None or (epoch is not None and started[0] != epoch):
+            return None
+        return started[1]
 
     def evaluate(self, full: bool = False) -> dict:
         s = self.s
@@ -84,7 +107,8 @@ class LoaderSteps:
         probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
         correct: list = []
         losses: list = []
-        out = evaluate(s.model if full else self.eval_net, s.val_loader, s.eval_loss_fn, s.device, s.classes,
+        batches = self._take("val", None) or s.val_loader
+        out = evaluate(s.model if full else self.eval_net, batches, s.eval_loss_fn, s.device, s.classes,
                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
                        correct=correct, losses=losses)
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

@@ -222,6 +222,31 @@ def test_prefetcher_yields_the_loader_batches_and_surfaces_errors(tmp_path):
     it.close()                               # breaking out early stops the thread (no hang)
 
 
+def test_a_pass_decodes_from_when_it_starts_and_one_never_read_does_not_block_the_next(tmp_path):
+    """iter() starts the decoding thread at once (a pass started ahead works ahead); a pass started
+    and never read is stopped by the next one, which yields every batch."""
+    import threading
+    import time
+
+    report = scan_folder(folder(tmp_path / "d", n=6), val_split=0.01)
+    ds = EncodedImageDataset(report.train)
+    decoded = threading.Event()
+
+    class Spy(DeviceTransform):
+        def __call__(self, *a, **k):
+            decoded.set()
+            return super().__call__(*a, **k)
+
+    pre = DevicePrefetcher(make_loader(ds, 2, train=False, workers=0), Spy(DATA_CONFIG, False), "cpu", depth=1)
+    iter(pre)                                  # started, never read
+    assert decoded.wait(timeout=30)            # decoding before any next()
+    first = pre._thread
+    t0 = time.monotonic()
+    got = list(pre)
+    assert time.monotonic() - t0 < 30 and not first.is_alive()
+    assert sum(len(y) for _, y in got) == len(ds)
+
+
 def test_collate_encoded_packs_one_tensor_and_skips_failures():
     a = torch.arange(5, dtype=torch.uint8)
     b = torch.arange(24, dtype=torch.uint8).view(3, 2, 4)

@@ -167,3 +167,64 @@ def test_gather_strided_in_one_process_is_the_rows():
     rows = torch.arange(12.0).reshape(6, 2)
     assert torch.equal(ddp.gather_strided(rows, 6, ddp.DistInfo()), rows)
     assert ddp.gather_objects("x", ddp.DistInfo()) == ["x"]
+
+
+class _Watched:
+    """A loader that records when a pass starts and when its first batch is read."""
+
+    def __init__(self, loader, name: str, events: list) -> None:
+        self.loader, self.name, self.events = loader, name, events
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, attr):
+        if attr == "loader":
+            raise AttributeError(attr)
+        return getattr(self.loader, attr)
+
+    def __iter__(self):
+        self.events.append(f"{self.name} starts")
+        inner = iter(self.loader)
+
+        def read():
+            for k, batch in enumerate(inner):
+                if k == 0:
+                    self.events.append(f"{self.name} read")
+                yield batch
+        return read()
+
+
+def test_each_pass_starts_ahead_of_its_turn_with_the_same_batches(report):
+    """With workers, validation's pass starts as an epoch starts training and the next epoch's pass as
+    validation starts, so no worker waits at an epoch's edges; every epoch's numbers are those of a run
+    that loads in the main process (batches depend on (seed, epoch, rank) only)."""
+    from finetune.engine import build_setup
+    from finetune.engine.epoch_steps import LoaderSteps
+
+    def run(workers: int, events: list | None = None) -> list:
+        s = build_setup(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                        _cfg(epochs=3, freeze="none", workers=workers), head="fc", distributed=False)
+        if events is not None:
+            s.train_loader = _Watched(s.train_loader, "train", events)
+            s.val_loader = _Watched(s.val_loader, "val", events)
+        steps = LoaderSteps(s)
+        steps.begin_phase("finetune")
+        opt = s.optimizer()
+        rows = []
+        try:
+            for epoch in (1, 2, 3):
+                if events is not None:
+                    events.append(f"epoch {epoch}")
+                tr = steps.train_epoch(epoch, "finetune", opt, s.scheduler(opt), None)
+                rows.append((tr["loss"], tr["acc"], steps.evaluate()["loss"]))
+        finally:
+            s.close()
+        return rows
+
+    events: list = []
+    ahead = run(1, events)
+    assert events == ["epoch 1", "train starts", "val starts", "train read", "train starts", "val read",
+                      "epoch 2", "val starts", "train read", "train starts", "val read",
+                      "epoch 3", "val starts", "train read", "val read"]
+    assert ahead == run(0)
