@@ -55,8 +55,9 @@ class ModelEma:
         if trained:
             ema_p, new_p = zip(*trained)
             torch._foreach_lerp_(list(ema_p), [p.detach() for p in new_p], 1.0 - d)
-        for e, b in zip(self.module.buffers(), src.buffers()):
-            e.copy_(b)
+        buffers = list(self.module.buffers())
+        if buffers:       # one foreach copy, not a kernel per BatchNorm buffer (159 in a ResNet-50)
+            torch._foreach_copy_(buffers, list(src.buffers()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "decay": self.decay, "model": self.module.state_dict()}
