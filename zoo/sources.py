@@ -55,6 +55,8 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
     neither, the digest seen now is recorded as trusted-on-first-use, see ``zoo.cache.read_manifest``),
     converted to safetensors and renamed by the source's ``key_map``.
 
+    A cached file is re-hashed against its manifest first and refused (CacheError) when it changed on disk.
+
     Args:
         name_or_entry: a registry name (``zoo list``) or a ``ModelEntry``.
         force: download again even when cached.
@@ -69,6 +71,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
         fetch_hub_config(name_or_entry.strip()[len("hf-hub:"):])
     entry = _resolve(name_or_entry)
     if not force and cache.is_cached(entry.name):
+        cache.check(entry.name)   # never serve bytes that changed on disk since they were verified
         return cache.weights_path(entry.name)
     if not entry.sources:
         raise DownloadError(f"{entry.name} has no weight sources; add one to its registry entry or use "

@@ -12,7 +12,7 @@ import pytest
 
 from tests.zoo.conftest import make_entry, point_hf_at, pth_bytes, tensor_bytes
 from zoo import cache
-from zoo.errors import DownloadError, IntegrityError, OfflineError, WeightsError
+from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError
 from zoo.registry import Source
 from zoo.sources import pull
 
@@ -100,6 +100,27 @@ def test_url_cut_mid_body_leaves_nothing_then_next_pull_succeeds(hub, _isolated_
         pull(entry, progress=False)
     assert not cache.weights_path("tiny").exists() and not cache.is_cached("tiny")
     assert leftovers(_isolated_home) == []
+    assert pull(entry, progress=False).read_bytes() == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_cached_weights_changed_on_disk_are_refused_not_served(hub, damage):
+    """A cached file that no longer matches its manifest's sha256 is never returned: the one line says how
+    to fetch it again, and no request is made (offline machines get the same answer)."""
+    data = tensor_bytes(seed=5)
+    entry = make_entry("tiny", hf_source(hub, data))
+    path = pull(entry, progress=False)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-1] ^= 0xFF          # same size, still a valid safetensors file: only the hash can tell
+    else:
+        del raw[len(raw) // 2:]
+    path.write_bytes(bytes(raw))
+    n = len(hub.requests)
+    with pytest.raises(CacheError, match="changed on disk.*zoo pull --force tiny"):
+        pull(entry, progress=False)
+    assert len(hub.requests) == n
+    assert pull(entry, force=True, progress=False).read_bytes() == data
     assert pull(entry, progress=False).read_bytes() == data
 
 
