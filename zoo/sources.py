@@ -294,7 +294,22 @@ def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -
     if expected is not None and got != expected:
         raise DownloadError(f"{where}: the download was cut off at {got} of {expected} bytes; nothing was "
                             "cached; run the command again")
+    if _is_html(target, response.headers.get("Content-Type")):
+        # A proxy's sign-in page or a CDN's error page sent with 200: say so, rather than "altered file",
+        # "unsafe pickle" or "bad safetensors header", which is what its bytes would be taken for next.
+        raise DownloadError(f"{where}: the server sent an HTML page, not a weights file (a sign-in, proxy or "
+                            "error page?); nothing was cached; check the URL and your proxy, then run the command "
+                            "again")
     return target
+
+
+def _is_html(path: Path, content_type: str | None) -> bool:
+    """The response is a web page: declared ``text/html``, or its first bytes are an HTML document's."""
+    if (content_type or "").split(";", 1)[0].strip().lower() in {"text/html", "application/xhtml+xml"}:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body"))
 
 
 def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:

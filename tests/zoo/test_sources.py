@@ -124,6 +124,22 @@ def test_cached_weights_changed_on_disk_are_refused_not_served(hub, damage):
     assert pull(entry, progress=False).read_bytes() == data
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+@pytest.mark.parametrize("pinned", [True, False])
+def test_url_answering_with_an_html_page_says_so(hub, _isolated_home, fmt, pinned):
+    """A proxy's login page or a CDN's error page sent with 200 is named as such, not as a tampered file,
+    an unsafe pickle or a damaged safetensors header."""
+    data = tensor_bytes()
+    url = hub.add_file(f"w/model.{fmt}", b"<!DOCTYPE html>\n<html><body>Please sign in</body></html>\n")
+    entry = make_entry("tiny", Source(kind="url", url=url, sha256=sha(data) if pinned else None,
+                                      sha256_note=None if pinned else "test: no digest", format=fmt))
+    with pytest.raises(DownloadError, match="an HTML page") as err:
+        pull(entry, progress=False)
+    assert not isinstance(err.value, IntegrityError)
+    assert "run code" not in str(err.value) and "check the URL" in str(err.value)
+    assert not cache.is_cached("tiny") and leftovers(_isolated_home) == []
+
+
 def test_four_concurrent_pulls_download_once(hub):
     data = tensor_bytes()
     entry = make_entry("tiny", hf_source(hub, data))
@@ -235,7 +251,7 @@ def test_malicious_pickle_refused(tmp_path, _isolated_home):
 
 
 def test_not_a_safetensors_file_refused(hub):
-    data = b"<html>login page</html>"
+    data = b"plain text, pinned but not safetensors"   # (an HTML page: test_url_answering_with_an_html_page_says_so)
     entry = make_entry("tiny", Source(kind="url", url=hub.add_file("m.safetensors", data), sha256=sha(data)))
     with pytest.raises(WeightsError, match="not a valid safetensors"):
         pull(entry, progress=False)
