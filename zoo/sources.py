@@ -9,15 +9,16 @@ torch is imported only to read a ``.pth`` or to rename keys.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
+from finetune.core.io import SafetensorsHeaderError, atomic_write, read_safetensors_header
 from zoo import cache
-from zoo.errors import DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
+from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import get_entry
@@ -173,6 +174,10 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
         if (stage / COMMIT_FILE).is_file():
             manifest["revision"] = (stage / COMMIT_FILE).read_text(encoding="utf-8").strip()
         return cache.install(entry.name, out, manifest)
+    except OSError as err:
+        if _disk_full(err):     # e.g. converting a .pth: the staged copy did not fit
+            raise _disk_full_error(err) from err
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -250,6 +255,8 @@ def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) ->
             hf_errors.LocalEntryNotFoundError) as err:
         raise _offline_error(entry, f"the download from the Hub failed ({_first_line(err)})") from err
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as err:
+        if _disk_full(err):
+            raise _disk_full_error(err) from err
         raise DownloadError(f"{where}: download failed ({_first_line(err)}); run the command again") from err
     if meta.commit_hash:   # what a branch revision resolved to: recorded so that it can be pinned
         (stage / COMMIT_FILE).write_text(meta.commit_hash, encoding="utf-8")
@@ -289,6 +296,8 @@ def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -
                     got += len(chunk)
                     bar.update(len(chunk))
         except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as err:
+            if _disk_full(err):     # the write failed, not the connection: running it again will not help
+                raise _disk_full_error(err) from err
             raise DownloadError(f"{where}: the download was cut off after {got} bytes ({type(err).__name__}); "
                                 "nothing was cached; run the command again") from err
     if expected is not None and got != expected:
@@ -363,6 +372,16 @@ def _progress_bar(total: int | None, desc: str, progress: bool):
     # disable=None: tqdm stays quiet when stderr is not a terminal.
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=None if progress else True, leave=False)
+
+
+def _disk_full(err: BaseException) -> bool:
+    """A write into ZOO_HOME failed for lack of room: a full disk, a quota, a file-size limit, a read-only mount."""
+    return isinstance(err, OSError) and err.errno in {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _disk_full_error(err: OSError) -> CacheError:
+    return CacheError(f"cannot write the download into {cache.zoo_home()} ({err.strerror}); nothing was cached; "
+                      "free disk space or set ZOO_HOME to a folder on a disk with room")
 
 
 def _status(err: Exception) -> str:
@@ -455,4 +474,5 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
             value = value.clone()  # safetensors refuses tensors that share memory
         seen.add(ident)
         clean[key] = value
-    save_file(clean, str(path), metadata=metadata)
+    # atomic_write: a failed write is the OSError it is (safetensors reports "... (os error 28)" as its own)
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
