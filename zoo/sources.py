@@ -433,7 +433,8 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     """Read a ``.pth`` with ``torch.load(weights_only=True)`` only; unwrap ``state_dict``/``model`` keys.
 
     Raises:
-        WeightsError: the pickle wants to run code (refused), or it holds no tensors.
+        WeightsError: the pickle wants to run code (refused), the file is truncated or damaged, or it holds
+            no tensors.
     """
     # lazy: zoo --help / list / info import this module and must not import torch
     import pickle
@@ -443,11 +444,15 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+    except pickle.UnpicklingError as err:   # the weights-only unpickler met something it will not build
         raise WeightsError(
             f"{path.name} was refused: it is not a plain tensor checkpoint and loading it would run code from the "
             f"file ({_first_line(err)[:120]}); ask for a .safetensors file or convert it where you trust it") \
             from err
+    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+        # the zip reader or the stream gave out first (a cut download or copy): damaged, not unsafe
+        raise WeightsError(f"{path.name} is not a readable PyTorch checkpoint: truncated or damaged "
+                           f"({_first_line(err)[:120]}); copy or download it again") from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
