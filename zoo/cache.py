@@ -28,7 +28,7 @@ from zoo.errors import CacheError
 
 __all__ = [
     "zoo_home", "weights_dir", "weights_path", "manifest_path", "read_manifest", "is_cached",
-    "cached_models", "remove", "verify", "lock", "staging_dir", "install", "sha256_file", "dir_name",
+    "cached_models", "remove", "verify", "check", "lock", "staging_dir", "install", "sha256_file", "dir_name",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -150,36 +150,47 @@ def verify() -> list[str]:
     Returns:
         One line per problem (empty when everything matches), each naming the model and what to do.
     """
-    problems: list[str] = []
     root = zoo_home() / "weights"
     if not root.is_dir():
-        return problems
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        man, weights = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
-        if not man.is_file():
-            # Weights without a manifest: an install that was interrupted before it completed.
-            problems.append(f"{folder.name}: no manifest (interrupted pull?); run `zoo cache rm {folder.name}` "
-                            "and pull it again")
-            continue
-        try:
-            info = json.loads(man.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            problems.append(f"{folder.name}: manifest is damaged; run `zoo cache rm {folder.name}` and pull again")
-            continue
-        name = info.get("name", folder.name)
-        redo = f"run `zoo pull --force {name}`"
-        if not weights.is_file():
-            problems.append(f"{name}: {WEIGHTS_FILE} is missing; {redo}")
-            continue
-        size = weights.stat().st_size
-        if info.get("size") is not None and size != info["size"]:
-            problems.append(f"{name}: size is {size} bytes, manifest says {info['size']}; {redo}")
-            continue
-        digest = sha256_file(weights)
-        if digest != info.get("sha256"):
-            problems.append(f"{name}: sha256 {digest[:16]}... does not match the manifest "
-                            f"({str(info.get('sha256'))[:16]}...): the file changed on disk; {redo}")
-    return problems
+        return []
+    found = (_problem(folder) for folder in sorted(p for p in root.iterdir() if p.is_dir()))
+    return [problem for problem in found if problem]
+
+
+def check(name: str) -> None:
+    """Re-hash the cached weights of ``name`` against its manifest (what a cached pull returns is checked:
+    the cache never serves bytes that changed on disk).
+
+    Raises:
+        CacheError: the file changed, was truncated or removed, or the manifest is damaged.
+    """
+    problem = _problem(weights_dir(name))
+    if problem:
+        raise CacheError(f"cached weights of {problem}")
+
+
+def _problem(folder: Path) -> str | None:
+    """What is wrong with one model folder of the cache (``<name>: ...; what to do``), None when nothing."""
+    man, weights = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
+    if not man.is_file():
+        # Weights without a manifest: an install that was interrupted before it completed.
+        return f"{folder.name}: no manifest (interrupted pull?); run `zoo cache rm {folder.name}` and pull it again"
+    try:
+        info = json.loads(man.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return f"{folder.name}: manifest is damaged; run `zoo cache rm {folder.name}` and pull again"
+    name = info.get("name", folder.name)
+    redo = f"run `zoo pull --force {name}`"
+    if not weights.is_file():
+        return f"{name}: {WEIGHTS_FILE} is missing; {redo}"
+    size = weights.stat().st_size
+    if info.get("size") is not None and size != info["size"]:
+        return f"{name}: size is {size} bytes, manifest says {info['size']}: the file changed on disk; {redo}"
+    digest = sha256_file(weights)
+    if digest != info.get("sha256"):
+        return (f"{name}: sha256 {digest[:16]}... does not match the manifest "
+                f"({str(info.get('sha256'))[:16]}...): the file changed on disk; {redo}")
+    return None
 
 
 def lock(name: str, timeout: float = -1):

@@ -60,6 +60,7 @@ class PushResult:
     url: str
     files: list[str] = field(default_factory=list)
     unchanged: bool = False
+    not_recorded: str | None = None     # why ZOO_HOME/pushed.json could not be written (the push itself succeeded)
 
 
 # ------------------------------------------------------------------------------------------- locating
@@ -277,7 +278,10 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
         raise _hub_error(err, repo) from err
     result = PushResult(repo=repo, revision=branch, commit=commit.oid, url=str(commit.repo_url or repo),
                         files=sorted(plan.files), unchanged=commit.oid == info.sha)
-    _record(result, plan)
+    try:
+        _record(result, plan)
+    except OSError as err:      # the commit is on the Hub: a local bookkeeping failure must not read as a failed push
+        result.not_recorded = f"{err.strerror or err} ({err.filename or _pushed_file()})"
     return result
 
 

@@ -9,15 +9,16 @@ torch is imported only to read a ``.pth`` or to rename keys.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
+from finetune.core.io import SafetensorsHeaderError, atomic_write, read_safetensors_header
 from zoo import cache
-from zoo.errors import DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
+from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import get_entry
@@ -55,6 +56,8 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
     neither, the digest seen now is recorded as trusted-on-first-use, see ``zoo.cache.read_manifest``),
     converted to safetensors and renamed by the source's ``key_map``.
 
+    A cached file is re-hashed against its manifest first and refused (CacheError) when it changed on disk.
+
     Args:
         name_or_entry: a registry name (``zoo list``) or a ``ModelEntry``.
         force: download again even when cached.
@@ -69,6 +72,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
         fetch_hub_config(name_or_entry.strip()[len("hf-hub:"):])
     entry = _resolve(name_or_entry)
     if not force and cache.is_cached(entry.name):
+        cache.check(entry.name)   # never serve bytes that changed on disk since they were verified
         return cache.weights_path(entry.name)
     if not entry.sources:
         raise DownloadError(f"{entry.name} has no weight sources; add one to its registry entry or use "
@@ -170,6 +174,10 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
         if (stage / COMMIT_FILE).is_file():
             manifest["revision"] = (stage / COMMIT_FILE).read_text(encoding="utf-8").strip()
         return cache.install(entry.name, out, manifest)
+    except OSError as err:
+        if _disk_full(err):     # e.g. converting a .pth: the staged copy did not fit
+            raise _disk_full_error(err) from err
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -247,6 +255,8 @@ def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) ->
             hf_errors.LocalEntryNotFoundError) as err:
         raise _offline_error(entry, f"the download from the Hub failed ({_first_line(err)})") from err
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as err:
+        if _disk_full(err):
+            raise _disk_full_error(err) from err
         raise DownloadError(f"{where}: download failed ({_first_line(err)}); run the command again") from err
     if meta.commit_hash:   # what a branch revision resolved to: recorded so that it can be pinned
         (stage / COMMIT_FILE).write_text(meta.commit_hash, encoding="utf-8")
@@ -286,12 +296,29 @@ def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -
                     got += len(chunk)
                     bar.update(len(chunk))
         except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as err:
+            if _disk_full(err):     # the write failed, not the connection: running it again will not help
+                raise _disk_full_error(err) from err
             raise DownloadError(f"{where}: the download was cut off after {got} bytes ({type(err).__name__}); "
                                 "nothing was cached; run the command again") from err
     if expected is not None and got != expected:
         raise DownloadError(f"{where}: the download was cut off at {got} of {expected} bytes; nothing was "
                             "cached; run the command again")
+    if _is_html(target, response.headers.get("Content-Type")):
+        # A proxy's sign-in page or a CDN's error page sent with 200: say so, rather than "altered file",
+        # "unsafe pickle" or "bad safetensors header", which is what its bytes would be taken for next.
+        raise DownloadError(f"{where}: the server sent an HTML page, not a weights file (a sign-in, proxy or "
+                            "error page?); nothing was cached; check the URL and your proxy, then run the command "
+                            "again")
     return target
+
+
+def _is_html(path: Path, content_type: str | None) -> bool:
+    """The response is a web page: declared ``text/html``, or its first bytes are an HTML document's."""
+    if (content_type or "").split(";", 1)[0].strip().lower() in {"text/html", "application/xhtml+xml"}:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body"))
 
 
 def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
@@ -347,6 +374,16 @@ def _progress_bar(total: int | None, desc: str, progress: bool):
                 disable=None if progress else True, leave=False)
 
 
+def _disk_full(err: BaseException) -> bool:
+    """A write into ZOO_HOME failed for lack of room: a full disk, a quota, a file-size limit, a read-only mount."""
+    return isinstance(err, OSError) and err.errno in {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _disk_full_error(err: OSError) -> CacheError:
+    return CacheError(f"cannot write the download into {cache.zoo_home()} ({err.strerror}); nothing was cached; "
+                      "free disk space or set ZOO_HOME to a folder on a disk with room")
+
+
 def _status(err: Exception) -> str:
     response = getattr(err, "response", None)
     return f"HTTP {response.status_code}" if response is not None else type(err).__name__
@@ -396,7 +433,8 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     """Read a ``.pth`` with ``torch.load(weights_only=True)`` only; unwrap ``state_dict``/``model`` keys.
 
     Raises:
-        WeightsError: the pickle wants to run code (refused), or it holds no tensors.
+        WeightsError: the pickle wants to run code (refused), the file is truncated or damaged, or it holds
+            no tensors.
     """
     # lazy: zoo --help / list / info import this module and must not import torch
     import pickle
@@ -406,11 +444,15 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+    except pickle.UnpicklingError as err:   # the weights-only unpickler met something it will not build
         raise WeightsError(
             f"{path.name} was refused: it is not a plain tensor checkpoint and loading it would run code from the "
             f"file ({_first_line(err)[:120]}); ask for a .safetensors file or convert it where you trust it") \
             from err
+    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
+        # the zip reader or the stream gave out first (a cut download or copy): damaged, not unsafe
+        raise WeightsError(f"{path.name} is not a readable PyTorch checkpoint: truncated or damaged "
+                           f"({_first_line(err)[:120]}); copy or download it again") from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -437,4 +479,5 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
             value = value.clone()  # safetensors refuses tensors that share memory
         seen.add(ident)
         clean[key] = value
-    save_file(clean, str(path), metadata=metadata)
+    # atomic_write: a failed write is the OSError it is (safetensors reports "... (os error 28)" as its own)
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))

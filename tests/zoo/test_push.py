@@ -156,6 +156,19 @@ def test_connection_cut_during_commit_leaves_repo_unchanged(hub, tmp_path, runne
     assert hub.count("/lfs/", "PUT") == 2          # b's weights were uploaded, but never committed
 
 
+def test_push_that_succeeded_is_not_reported_failed_when_zoo_home_is_unwritable(hub, tmp_path, runner,
+                                                                               monkeypatch):
+    """The commit is on the Hub: a ZOO_HOME that cannot take the local record (pushed.json, for `zoo list
+    --mine`) gets a note, not exit 1 with an OSError that reads as if the push had failed."""
+    _, a = make_bundle(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "a-file" / "home"))     # below a regular file: root-proof
+    res = push(runner, a)
+    assert res.exit_code == 0, res.output
+    assert len(hub.repos[REPO].log) == 2 and "pushed" in res.stdout
+    assert "note:" in res.stderr and "pushed.json" in res.stderr and "zoo list --mine" in res.stderr
+
+
 def test_cut_lfs_upload_is_retried_then_committed_whole(hub, tmp_path, runner):
     _, a = make_bundle(tmp_path)
     hub.cut_uploads = 1          # huggingface_hub's own backoff retries the PUT once (after 1 s)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.zoo.conftest import make_entry, point_hf_at, pth_bytes, tensor_bytes
 from zoo import cache
-from zoo.errors import DownloadError, IntegrityError, OfflineError, WeightsError
+from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError
 from zoo.registry import Source
 from zoo.sources import pull
 
@@ -101,6 +101,43 @@ def test_url_cut_mid_body_leaves_nothing_then_next_pull_succeeds(hub, _isolated_
     assert not cache.weights_path("tiny").exists() and not cache.is_cached("tiny")
     assert leftovers(_isolated_home) == []
     assert pull(entry, progress=False).read_bytes() == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_cached_weights_changed_on_disk_are_refused_not_served(hub, damage):
+    """A cached file that no longer matches its manifest's sha256 is never returned: the one line says how
+    to fetch it again, and no request is made (offline machines get the same answer)."""
+    data = tensor_bytes(seed=5)
+    entry = make_entry("tiny", hf_source(hub, data))
+    path = pull(entry, progress=False)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-1] ^= 0xFF          # same size, still a valid safetensors file: only the hash can tell
+    else:
+        del raw[len(raw) // 2:]
+    path.write_bytes(bytes(raw))
+    n = len(hub.requests)
+    with pytest.raises(CacheError, match="changed on disk.*zoo pull --force tiny"):
+        pull(entry, progress=False)
+    assert len(hub.requests) == n
+    assert pull(entry, force=True, progress=False).read_bytes() == data
+    assert pull(entry, progress=False).read_bytes() == data
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+@pytest.mark.parametrize("pinned", [True, False])
+def test_url_answering_with_an_html_page_says_so(hub, _isolated_home, fmt, pinned):
+    """A proxy's login page or a CDN's error page sent with 200 is named as such, not as a tampered file,
+    an unsafe pickle or a damaged safetensors header."""
+    data = tensor_bytes()
+    url = hub.add_file(f"w/model.{fmt}", b"<!DOCTYPE html>\n<html><body>Please sign in</body></html>\n")
+    entry = make_entry("tiny", Source(kind="url", url=url, sha256=sha(data) if pinned else None,
+                                      sha256_note=None if pinned else "test: no digest", format=fmt))
+    with pytest.raises(DownloadError, match="an HTML page") as err:
+        pull(entry, progress=False)
+    assert not isinstance(err.value, IntegrityError)
+    assert "run code" not in str(err.value) and "check the URL" in str(err.value)
+    assert not cache.is_cached("tiny") and leftovers(_isolated_home) == []
 
 
 def test_four_concurrent_pulls_download_once(hub):
@@ -214,7 +251,7 @@ def test_malicious_pickle_refused(tmp_path, _isolated_home):
 
 
 def test_not_a_safetensors_file_refused(hub):
-    data = b"<html>login page</html>"
+    data = b"plain text, pinned but not safetensors"   # (an HTML page: test_url_answering_with_an_html_page_says_so)
     entry = make_entry("tiny", Source(kind="url", url=hub.add_file("m.safetensors", data), sha256=sha(data)))
     with pytest.raises(WeightsError, match="not a valid safetensors"):
         pull(entry, progress=False)

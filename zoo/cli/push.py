@@ -65,3 +65,6 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
         return
     echo(f"pushed {', '.join(result.files)} to {repo}@{result.revision} (commit {result.commit[:12]})")
     echo(f'load it: timm.create_model("hf-hub:{repo}", pretrained=True)  or  zoo predict hf-hub:{repo} IMAGE')
+    if result.not_recorded:
+        echo(f"note: the push is not recorded in ZOO_HOME/pushed.json: {result.not_recorded}; `zoo list --mine` "
+             "will not show it (set ZOO_HOME to a writable folder)", err=True)
