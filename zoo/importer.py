@@ -19,7 +19,8 @@ from zoo.errors import IntegrityError, UsageError, WeightsError
 from zoo.keymaps import apply_key_map, import_key_maps
 from zoo.registry import ModelEntry, entry_pin, matches_pin, parse_digest
 from zoo.resolve import get_entry
-from zoo.sources import check_safetensors, copy_in, load_pth, save_tensors
+from zoo.sources import copy_in
+from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
 __all__ = ["import_weights"]
 

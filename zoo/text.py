@@ -1,9 +1,10 @@
-"""Text safe to show (class names and file names may hold anything a file system allows), and sizes."""
+"""Text safe to show (class names and file names may hold anything a file system allows), sizes, and the
+first line of an error."""
 from __future__ import annotations
 
 from finetune.core.io import printable_name  # torch-free: `zoo list` may use it
 
-__all__ = ["printable", "printable_name", "human_size"]
+__all__ = ["printable", "printable_name", "human_size", "first_line"]
 
 
 def printable(text: object) -> str:
@@ -24,3 +25,9 @@ def human_size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
