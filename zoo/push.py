@@ -29,9 +29,10 @@ from typing import Any
 from finetune.core.io import atomic_write_text
 from zoo.bundle.load import _decode_metadata, read_safetensors_metadata
 from zoo.cache import sha256_file, zoo_home
-from zoo.errors import BundleError, PushError, UsageError
+from zoo.errors import BundleError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
 from zoo.registry import public_source_id
+from zoo.sources import is_offline
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
            "local_bundles", "rewrite_safetensors_metadata", "HUB_LICENSES"]
@@ -243,8 +244,12 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
         PushResult (commit id, url; ``unchanged`` when the repo already held exactly these files).
     Raises:
         UsageError, BundleError, PushError: refused (another model there) or failed (repo unchanged).
+        OfflineError: ZOO_OFFLINE or HF_HUB_OFFLINE is set.
     """
     plan = plan_push(path, repo, test_metrics)
+    if is_offline():      # huggingface_hub read HF_HUB_OFFLINE once, at its import; ZOO_OFFLINE it never reads
+        raise OfflineError("zoo push needs the network, and ZOO_OFFLINE or HF_HUB_OFFLINE is set; unset it to "
+                           "push (--dry-run shows what would be sent)")
     # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
     import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi, get_hf_file_metadata, hf_hub_url

@@ -203,6 +203,16 @@ def test_private_flag_and_bad_repo_id(hub, tmp_path, runner):
     assert res.exit_code == 1 and "neither a run folder" in res.output
 
 
+@pytest.mark.parametrize("variable", ["ZOO_OFFLINE", "HF_HUB_OFFLINE"])
+def test_push_while_offline_is_refused_in_one_line_without_a_request(hub, tmp_path, runner, monkeypatch, variable):
+    _, a = make_bundle(tmp_path)
+    monkeypatch.setenv(variable, "1")
+    res = push(runner, a)
+    assert res.exit_code == 1 and res.output.startswith("zoo: error: zoo push needs the network")
+    assert len(res.output.strip().splitlines()) == 1 and hub.requests == []
+    assert push(runner, a, "--dry-run").exit_code == 0
+
+
 def test_dry_run_uploads_nothing(hub, tmp_path, runner):
     _, a = make_bundle(tmp_path)
     res = push(runner, a, "--dry-run")
