@@ -3,9 +3,9 @@
 Each image's crop + resize is two resampling matrices, one per axis, with the weights of torch's
 antialiased interpolation (``F.resized_crop(..., antialias=True)``, PIL's filters: triangle for bilinear,
 Keys a=-0.5 for bicubic, support scaled when shrinking) or nearest; the batch is then resampled with two
-batched matrix products. Images of one size go through together: a few kernels per batch where the
-per-image resize took several per image, and no Python per image on the device thread (pixels as
-torchvision's float path, but for a rare one-level rounding difference; tested).
+batched matrix products, a run of images at a time (mixed sizes zero-padded to the run's largest): a
+few kernels per run where the per-image resize took several per image, and one small copy per image of
+a mixed run (pixels as torchvision's float path, but for a rare one-level rounding difference; tested).
 
 A :class:`Plan` says what one image becomes: rows ``[top, top + height)`` resized to ``resized_h`` rows, of
 which ``[offset_y, offset_y + out_h)`` are kept (a centre crop after the resize; rows outside the resized
@@ -108,31 +108,48 @@ def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[
     """uint8 images (3, H_i, W_i) on one device and a :class:`Plan` each -> a uint8 batch (N, 3, *size).
 
     ``mode``: bilinear or bicubic (antialiased, as torch's resize of uint8 images on CUDA: float,
-    clamp, round) or nearest.
+    clamp, round) or nearest. The images go through in runs (in size order, each run's float pixels and
+    weights within ``CHUNK_BYTES``): a run of one size is stacked, one of mixed sizes is zero-padded to its
+    largest (a plan's box lies inside its own image, so the padding gets weight 0), and each run is
+    resampled by two batched products. The products follow torch's float32 matmul precision: with TF32
+    allowed, a pixel in a few dozen lands one level away.
     """
     if len(images) != len(plans):
         raise ValueError(f"{len(images)} images but {len(plans)} plans")
     out_h, out_w = size
+    n = len(images)
     device = images[0].device if images else torch.device("cpu")
-    out = torch.empty((len(images), 3, out_h, out_w), dtype=torch.uint8, device=device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
-    for (height, width), members in groups.items():
-        per_chunk = max(1, CHUNK_BYTES // (12 * height * width))
-        for k in range(0, len(members), per_chunk):
-            idx = members[k:k + per_chunk]
-            p = torch.tensor([plans[i] for i in idx], dtype=torch.int64).to(device, non_blocking=True)
-            wy = _weights(p[:, 0], p[:, 1], p[:, 2], p[:, 3], out_h, height, mode)        # (G, out_h, H)
-            wx = _weights(p[:, 4], p[:, 5], p[:, 6], p[:, 7], out_w, width, mode)         # (G, out_w, W)
-            x = torch.stack([images[i] for i in idx]).to(torch.float32)                   # (G, 3, H, W)
-            # the cheaper order of the two products (multiply-adds per channel)
-            if height * width * out_w + out_h * height * out_w <= out_h * height * width + out_h * width * out_w:
-                y = wy.unsqueeze(1) @ (x @ wx.transpose(1, 2).unsqueeze(1))
-            else:
-                y = (wy.unsqueeze(1) @ x) @ wx.transpose(1, 2).unsqueeze(1)
-            y = y.clamp_(0, 255).round_().to(torch.uint8)
-            if len(idx) == len(images):
-                return y
-            out[torch.tensor(idx, device=device)] = y
+    out = torch.empty((n, 3, out_h, out_w), dtype=torch.uint8, device=device)
+    if n == 0:
+        return out
+    shapes = [tuple(int(v) for v in im.shape[-2:]) for im in images]
+    order = sorted(range(n), key=lambda i: shapes[i])
+    p = torch.tensor([plans[i] for i in order], dtype=torch.int64).to(device, non_blocking=True)
+    where = torch.tensor(order, dtype=torch.int64).to(device, non_blocking=True)
+    start = 0
+    while start < n:
+        stop, tall, wide = start, 0, 0
+        while stop < n:
+            h, w = max(tall, shapes[order[stop]][0]), max(wide, shapes[order[stop]][1])
+            if stop > start and 4 * (stop + 1 - start) * (3 * h * w + out_h * h + out_w * w) > CHUNK_BYTES:
+                break
+            tall, wide, stop = h, w, stop + 1
+        run = order[start:stop]
+        if all(shapes[i] == (tall, wide) for i in run):
+            x = torch.stack([images[i] for i in run])
+        else:
+            x = torch.zeros((len(run), 3, tall, wide), dtype=torch.uint8, device=device)
+            for j, i in enumerate(run):
+                x[j, :, :shapes[i][0], :shapes[i][1]] = images[i]
+        x = x.to(torch.float32)                                                            # (G, 3, H, W)
+        q = p[start:stop]
+        wy = _weights(q[:, 0], q[:, 1], q[:, 2], q[:, 3], out_h, tall, mode).unsqueeze(1)   # (G, 1, out_h, H)
+        wx = _weights(q[:, 4], q[:, 5], q[:, 6], q[:, 7], out_w, wide, mode).transpose(1, 2).unsqueeze(1)
+        # the cheaper order of the two products (multiply-adds per channel)
+        if tall * wide * out_w + out_h * tall * out_w <= out_h * tall * wide + out_h * wide * out_w:
+            y = wy @ (x @ wx)
+        else:
+            y = (wy @ x) @ wx
+        out.index_copy_(0, where[start:stop], y.clamp_(0, 255).round_().to(torch.uint8))
+        start = stop
     return out
