@@ -185,8 +185,9 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     c = len(classes)
     confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    # per-image outputs stay on the device until the pass ends: a copy to the host per batch would make
-    # the host wait for each batch before it queues the next
+    # Nothing here makes the host wait for a batch: per-image outputs go to the host asynchronously (pinned
+    # memory, read after the pass's last copy below) and the confusion counts by index_add_ (CUDA's
+    # bincount looks at the labels' maximum from the host).
     kept: list[tuple[list, torch.Tensor]] = []
     for batch in batches:
         if batch is None:
@@ -195,21 +196,28 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
         with (amp or _FULL).autocast():
             out = model(x)
         loss_sum += loss_fn(out.float(), y).double() * int(y.shape[0])
-        confusion += torch.bincount(y * c + out.argmax(1), minlength=c * c)
+        pred = out.argmax(1)
+        confusion.index_add_(0, y * c + pred, torch.ones_like(y))
         if probs is not None:
-            kept.append((probs, out.float().softmax(1)))
+            kept.append((probs, _to_host(out.float().softmax(1))))
         if correct is not None:
-            kept.append((correct, out.argmax(1) == y))
+            kept.append((correct, _to_host(pred == y)))
         if losses is not None:
-            kept.append((losses, F.cross_entropy(out.float(), y, reduction="none").double()))
-    for into, values in kept:
-        into.append(values.cpu())
+            kept.append((losses, _to_host(F.cross_entropy(out.float(), y, reduction="none").double())))
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
-    conf = confusion.view(c, c).cpu()
+    conf = confusion.view(c, c).cpu()       # waits for the pass, its copies to the host included
+    for into, values in kept:
+        into.append(values)
     total = int(conf.sum())
     right = conf.diag().tolist()
     per_class = per_class_accuracy(right, conf.sum(1).tolist(), list(classes))
     return {"loss": float(loss_sum) / total if total else math.nan,
             "acc": sum(right) / total if total else math.nan,
             "per_class": per_class, "confusion": conf.tolist(), "images": total}
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU that the host does not wait for (pinned from CUDA): read it only after a later
+    blocking copy on the same stream."""
+    return t.to("cpu", non_blocking=True)

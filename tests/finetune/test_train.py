@@ -244,14 +244,24 @@ def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once
     assert len(looks) == 2 * len(bar.posts)
 
 
-def test_evaluation_keeps_per_image_outputs_on_the_device_until_the_pass_ends(monkeypatch):
-    """The probabilities, hits and losses the guard and the report need reach the host after the last
-    batch, not one copy (one GPU sync) per batch; still one entry per batch, in loader order."""
+def test_evaluation_never_makes_the_host_wait_for_a_batch(monkeypatch):
+    """The probabilities, hits and losses the guard and the report need go to the host without a wait
+    (non-blocking copies), and the confusion counts without CUDA's bincount (it reads the labels' maximum
+    from the host): no host look before the last batch; still one entry per batch, in loader order."""
     from finetune.engine.steps import evaluate
 
     events = []
-    cpu = torch.Tensor.cpu
+    cpu, item, to, bincount = torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.to, torch.bincount
+
+    def spy_to(t, *a, **k):
+        if not k.get("non_blocking") and (a[:1] == ("cpu",) or str(k.get("device")) == "cpu"):
+            events.append("host")
+        return to(t, *a, **k)
+
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: events.append("host") or cpu(t, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("host") or item(t))
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: events.append("host") or bincount(*a, **k))
     torch.manual_seed(0)
     linear = nn.Linear(4, 3)
 
