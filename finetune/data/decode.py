@@ -261,7 +261,8 @@ class DevicePrefetcher:
         return len(self.loader)
 
     def close(self) -> None:
-        """Stop the background thread of a pass left early and the loader's worker processes."""
+        """Stop the background thread of a pass (left early, or started ahead and never read) and the
+        loader's worker processes."""
         if self._stop is not None:
             self._stop.set()
         if self._thread is not None:
@@ -285,6 +286,24 @@ class DevicePrefetcher:
         self.transform.reseed((int(seed) * 1_000_003 + int(epoch)) % 2**63)
 
     def __iter__(self):
+        # The loader's workers start reading now (a pass started ahead reads ahead); the decoding thread,
+        # and the device memory its batches take, start at the first next(), as for a pass started on time.
+        self._stop_running()
+        return self._pass(iter(self.loader))
+
+    def _stop_running(self) -> None:
+        """Stop the thread of an earlier pass (left early, or never finished): two threads must never
+        iterate the same (persistent-worker) loader at once."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        if self._stop is not None:
+            self._stop.set()
+        self._thread.join(timeout=120)
+        if self._thread.is_alive():
+            raise RuntimeError("the previous pass over the data is still running in the background; "
+                               "restart the run (--resume continues it)")
+
+    def _pass(self, source):
         cuda = self.device.type == "cuda"
         side = torch.cuda.Stream(self.device) if cuda else None
         results: queue.Queue = queue.Queue(maxsize=self.depth)
@@ -304,7 +323,7 @@ class DevicePrefetcher:
             try:
                 if cuda:
                     torch.cuda.set_device(self.device)
-                for batch in self.loader:
+                for batch in source:
                     if stop.is_set():
                         return
                     if batch is None:
@@ -324,25 +343,19 @@ class DevicePrefetcher:
             except BaseException as e:     # surfaced in the training thread
                 put(e)
 
-        if self._thread is not None and self._thread.is_alive():
-            # The last pass was left early (or started and never read): two threads must never iterate
-            # the same (persistent-worker) loader at once.
-            if self._stop is not None:
-                self._stop.set()
-            self._thread.join(timeout=120)
-            if self._thread.is_alive():
-                raise RuntimeError("the previous pass over the data is still running in the background; "
-                                   "restart the run (--resume continues it)")
+        self._stop_running()     # a newer pass started between this one's iter() and its first next()
         thread = threading.Thread(target=work, name="zoo-device-decode", daemon=True)
         self._thread, self._stop = thread, stop
-        thread.start()       # now, not at the first next(): a pass started ahead decodes ahead
-        return self._batches(results, done, thread, stop)
-
-    def _batches(self, results: queue.Queue, done: object, thread: threading.Thread, stop: threading.Event):
-        cuda = self.device.type == "cuda"
+        thread.start()
         try:
             while True:
-                item = results.get()
+                try:
+                    item = results.get(timeout=0.5)
+                except queue.Empty:
+                    if not thread.is_alive() and results.empty():
+                        raise RuntimeError("this pass over the data was stopped: a newer pass of the same loader "
+                                           "started; read one pass at a time") from None
+                    continue
                 if item is done:
                     return
                 if isinstance(item, BaseException):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 
 import pytest
 import torch
@@ -222,29 +223,41 @@ def test_prefetcher_yields_the_loader_batches_and_surfaces_errors(tmp_path):
     it.close()                               # breaking out early stops the thread (no hang)
 
 
-def test_a_pass_decodes_from_when_it_starts_and_one_never_read_does_not_block_the_next(tmp_path):
-    """iter() starts the decoding thread at once (a pass started ahead works ahead); a pass started
-    and never read is stopped by the next one, which yields every batch."""
+def test_a_pass_reads_from_iter_decodes_from_next_and_a_superseded_one_says_so(tmp_path):
+    """iter() starts the loader (its workers read ahead) but decodes nothing: the device memory of
+    decoded batches is taken from the first next(), as for a pass started on time. A pass started and
+    never read does not block the next one; reading a pass after a newer one started raises, not hangs."""
     import threading
-    import time
 
     report = scan_folder(folder(tmp_path / "d", n=6), val_split=0.01)
     ds = EncodedImageDataset(report.train)
     decoded = threading.Event()
+    started = []
 
     class Spy(DeviceTransform):
         def __call__(self, *a, **k):
             decoded.set()
             return super().__call__(*a, **k)
 
-    pre = DevicePrefetcher(make_loader(ds, 2, train=False, workers=0), Spy(DATA_CONFIG, False), "cpu", depth=1)
-    iter(pre)                                  # started, never read
-    assert decoded.wait(timeout=30)            # decoding before any next()
-    first = pre._thread
-    t0 = time.monotonic()
+    class Loader(list):
+        dataset = ds
+
+        def __iter__(self):
+            started.append(1)
+            return super().__iter__()
+
+    loader = Loader(make_loader(ds, 2, train=False, workers=0))
+    pre = DevicePrefetcher(loader, Spy(DATA_CONFIG, False), "cpu", depth=1)
+    iter(pre)                                  # started ahead, never read
+    assert started == [1] and not decoded.wait(timeout=0.5)
     got = list(pre)
-    assert time.monotonic() - t0 < 30 and not first.is_alive()
-    assert sum(len(y) for _, y in got) == len(ds)
+    assert started == [1, 1] and sum(len(y) for _, y in got) == len(ds)
+    old = iter(pre)
+    next(old)
+    newer = iter(pre)                          # stops the older pass's thread
+    with pytest.raises(RuntimeError, match="a newer pass of the same loader started"):
+        list(old)
+    assert sum(len(y) for _, y in newer) == len(ds)
 
 
 def test_collate_encoded_packs_one_tensor_and_skips_failures():
@@ -286,9 +299,10 @@ def test_fit_with_device_decode_trains_and_resumes_identically(tmp_path):
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted):        # stopped with epoch 3's pass started ahead
         fit(tiny_model(), STAGES, LOOP_DC, report.train, report.val, FinetuneConfig(**base), head="fc",
             run_dir=tmp_path / "part", callbacks=[stop_after_epoch_2])
+    assert not [t for t in threading.enumerate() if t.name == "zoo-device-decode" and t.is_alive()]
     resumed = fit(tiny_model(), STAGES, LOOP_DC, report.train, report.val, FinetuneConfig(**base), head="fc",
                   run_dir=tmp_path / "part", resume=True)
     for k, v in full.model.state_dict().items():
