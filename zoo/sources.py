@@ -73,8 +73,14 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
         fetch_hub_config(name_or_entry.strip()[len("hf-hub:"):])
     entry = _resolve(name_or_entry)
     if not force and cache.is_cached(entry.name):
-        cache.check(entry.name)   # never serve bytes that changed on disk since they were verified
-        return cache.weights_path(entry.name)
+        try:
+            cache.check(entry.name)   # never serve bytes that changed on disk since they were verified
+            return cache.weights_path(entry.name)
+        except CacheError:
+            with cache.lock(entry.name):     # a `pull --force` may be replacing it right now: look once it is done
+                if cache.is_cached(entry.name):
+                    cache.check(entry.name)
+                    return cache.weights_path(entry.name)
     if not entry.sources:
         raise DownloadError(f"{entry.name} has no weight sources; add one to its registry entry or use "
                             f"`zoo import {entry.name} FILE`")

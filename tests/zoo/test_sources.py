@@ -124,6 +124,27 @@ def test_cached_weights_changed_on_disk_are_refused_not_served(hub, damage):
     assert pull(entry, progress=False).read_bytes() == data
 
 
+def test_a_cached_file_caught_mid_replacement_is_looked_at_again_under_the_lock(hub, monkeypatch):
+    """A `pull --force` in another process removes the manifest, then installs the new file, under the
+    model's lock: a pull that finds the file mid-replacement waits for that lock and looks again, rather
+    than calling a good cache damaged."""
+    data = tensor_bytes(seed=6)
+    entry = make_entry("tiny", hf_source(hub, data))
+    pull(entry, progress=False)
+    real, looks = cache.check, []
+
+    def check(name):
+        looks.append(name)
+        if len(looks) == 1:
+            raise CacheError("cached weights of tiny: no manifest (interrupted pull?)")
+        real(name)
+
+    monkeypatch.setattr(cache, "check", check)
+    n = len(hub.requests)
+    assert pull(entry, progress=False).read_bytes() == data
+    assert looks == ["tiny", "tiny"] and len(hub.requests) == n
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 @pytest.mark.parametrize("pinned", [True, False])
 def test_url_answering_with_an_html_page_says_so(hub, _isolated_home, fmt, pinned):
