@@ -208,3 +208,19 @@ def test_a_class_folder_name_that_is_not_utf8_trains_exports_and_evaluates(tiny,
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["ignored_folders"] == [] and doc["per_class"]["b\\xe9"]["support"] == 1
+
+
+def test_two_class_folders_with_one_printable_name_are_refused_not_merged(tmp_path):
+    """A folder named with the byte \\xe9 and one named with the text \\xe9 would be one class: the scan
+    refuses in one line instead of silently merging them."""
+    import os
+
+    from finetune.core.errors import DataError
+    from finetune.data import scan_folder
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2)
+    os.rename(data / "a", os.path.join(os.fsencode(data), b"caf\xe9"))
+    os.rename(data / "b", data / "caf\\xe9")
+    with pytest.raises(DataError, match=r"two class folders in .* read caf\\xe9 .*rename one"):
+        scan_folder(data)

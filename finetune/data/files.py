@@ -182,10 +182,18 @@ def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
 
     A class is named by its folder's printable name: a folder name that is not UTF-8 reads ``\\xNN``
     (class names are labels, written into JSON files, checkpoints and bundles).
+
+    Raises:
+        DataError: two class folders have the same printable name (one named with undecodable bytes, the
+            other with the same ``\\xNN`` text).
     """
     classes: dict[str, list[str]] = {}
     for c in list_classes(folder):
-        classes.setdefault(printable_name(c), []).extend(_walk_images(os.path.join(folder, c), loops))
+        name = printable_name(c)
+        if name in classes:
+            raise DataError(f"two class folders in {printable_name(folder)} read {name} (one of them has a name that "
+                            "is not UTF-8); rename one")
+        classes[name] = _walk_images(os.path.join(folder, c), loops)
     return dict(sorted(classes.items()))
 
 
