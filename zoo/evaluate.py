@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
-from finetune.data import is_ignored_path
+from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
@@ -87,15 +87,13 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     index.update({name: i for i, name in enumerate(labels)})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
-    folders = sorted(d for d in base.iterdir() if d.is_dir() and not is_ignored_path(d, base))
+    folders = sorted(d for d in base.iterdir() if d.is_dir() and not is_ignored(d.name))
     for d in folders:
         name = printable_name(d.name)       # how finetune names a class whose folder name is not UTF-8
         if name not in index:
             ignored.append(d.name)
             continue
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and p.suffix.lower() in exts and not is_ignored_path(p, d):   # as the training scan
-                items.append((str(p), index[name]))
+        items.extend((p, index[name]) for p in walk_files(str(d)) if os.path.splitext(p)[1].lower() in exts)
     if len(ignored) == len(folders):
         shown = ", ".join(ignored[:5]) or "none"
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "

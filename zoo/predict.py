@@ -20,7 +20,8 @@ from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
-from finetune.data import IMAGE_EXTENSIONS, build_transform, is_ignored_path, load_image
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image
+from finetune.data.files import walk_files
 from zoo.errors import UsageError
 
 __all__ = [
@@ -125,8 +126,7 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
         p = Path(item)
         if p.is_dir():
             any_dir = True
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in exts
-                              and not is_ignored_path(q, p)))
+            out.extend(Path(q) for q in walk_files(str(p)) if os.path.splitext(q)[1].lower() in exts)   # as the scan
         elif p.exists():
             out.append(p)
         else:

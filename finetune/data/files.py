@@ -6,7 +6,6 @@ import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
@@ -25,20 +24,18 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES
 
 
-def is_ignored_path(path: str | os.PathLike, top: str | os.PathLike) -> bool:
-    """True when any part of ``path`` below ``top`` is ignored (hidden, or archiver/NAS debris such as
-    ``__MACOSX`` and Synology's ``@eaDir`` thumbnails): what the training scan never walks into."""
-    return any(is_ignored(part) for part in Path(os.path.relpath(path, top)).parts)
-
-
-def _walk_images(top: str, loops: list[str]) -> list[str]:
-    """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped.
+def walk_files(top: str, loops: list[str] | None = None) -> list[str]:
+    """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped (and
+    appended to ``loops``). Ignored: hidden names and archiver/NAS debris (``__MACOSX``, Synology's
+    ``@eaDir`` thumbnails...), at every level. The training scan, ``zoo predict`` and ``zoo eval`` all
+    walk folders with this.
 
     Anything that is not a directory counts as a file, so broken and looping file links are reported
     as bad files rather than silently vanishing.
     """
     out: list[str] = []
     visited: set[tuple[int, int]] = set()
+    loops = loops if loops is not None else []
 
     def walk(d: str, real: str) -> None:
         try:
@@ -193,7 +190,7 @@ def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
         if name in classes:
             raise DataError(f"two class folders in {printable_name(folder)} read {name} (one of them has a name that "
                             "is not UTF-8); rename one")
-        classes[name] = _walk_images(os.path.join(folder, c), loops)
+        classes[name] = walk_files(os.path.join(folder, c), loops)
     return dict(sorted(classes.items()))
 
 

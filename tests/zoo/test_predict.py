@@ -105,8 +105,9 @@ def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
 
 
 def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
-    """Hidden files, macOS resource forks and NAS thumbnails (Synology's @eaDir, __MACOSX) are neither
-    predicted nor counted by zoo eval, as the training scan never sees them."""
+    """predict and eval walk folders as the training scan does (finetune.data.files.walk_files): hidden
+    files, macOS resource forks and NAS thumbnails (Synology's @eaDir, __MACOSX) are neither predicted
+    nor counted by zoo eval, and a symlinked folder is followed."""
     import shutil
     from pathlib import Path
 
@@ -117,6 +118,11 @@ def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
                    root / "b" / "__MACOSX" / "1.png", root / ".cache" / "x.png"):
         debris.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(one, debris)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(one, elsewhere / "x.png")
+    (root / "a" / "linked").symlink_to(elsewhere, target_is_directory=True)    # followed, as the scan does
+    real = sorted(real + [str(root / "a" / "linked" / "x.png")])
     paths, _ = expand_images([root])
     assert sorted(map(str, paths)) == real
     split, items, ignored = find_eval_images(root, ["a", "b"])
