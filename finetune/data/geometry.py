@@ -18,6 +18,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from finetune.data.transforms import EVAL_MAX_ASPECT, _LimitAspect
+
 __all__ = ["Plan", "crop_plan", "eval_plan", "resample"]
 
 # Bytes of float32 pixels resampled in one product: bounds the device memory a batch of large images takes.
@@ -48,12 +50,8 @@ def eval_plan(height: int, width: int, size: tuple[int, int], crop_pct: float) -
     scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
     top, left = 0, 0
     if h == w:
-        limit = max(1, int(math.ceil(min(height, width) * 2.0)))
-        if max(height, width) > limit:
-            if width > height:
-                left, width = (width - limit) // 2, limit
-            else:
-                top, height = (height - limit) // 2, limit
+        top, left, height, width = _LimitAspect(EVAL_MAX_ASPECT).box(height, width)
+        # torchvision's Resize(int): the short side to the size, the long side scaled and truncated
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = scale[0], int(scale[0] * long / short)
         rw, rh = (new_short, new_long) if width <= height else (new_long, new_short)

@@ -15,6 +15,7 @@ from finetune.core.errors import ConfigError
 # ------------------------------------------------------------------------------------ transforms
 AUTO_HFLIP = 0.5      # --hflip -1 (auto): the flip probability unless the run turns it off
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+EVAL_MAX_ASPECT = 2.0  # square eval views: the long side is first centre-cropped to this many times the short
 
 
 class _LimitAspect:
@@ -27,18 +28,22 @@ class _LimitAspect:
     def __init__(self, ratio: float = 2.0) -> None:
         self.ratio = ratio
 
+    def box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of what an ``h`` x ``w`` image keeps (``geometry.eval_plan`` too)."""
+        limit = max(1, int(math.ceil(min(w, h) * self.ratio)))
+        if max(w, h) <= limit:
+            return 0, 0, h, w
+        if w > h:
+            return 0, (w - limit) // 2, h, limit
+        return (h - limit) // 2, 0, limit, w
+
     def __call__(self, im):
         tensor = isinstance(im, torch.Tensor)
         h, w = tuple(im.shape[-2:]) if tensor else (im.size[1], im.size[0])
-        short = min(w, h)
-        limit = max(1, int(math.ceil(short * self.ratio)))
-        if max(w, h) <= limit:
+        top, left, bh, bw = self.box(h, w)
+        if (bh, bw) == (h, w):
             return im
-        if w > h:
-            left = (w - limit) // 2
-            return im[..., :, left:left + limit] if tensor else im.crop((left, 0, left + limit, h))
-        top = (h - limit) // 2
-        return im[..., top:top + limit, :] if tensor else im.crop((0, top, w, top + limit))
+        return im[..., top:top + bh, left:left + bw] if tensor else im.crop((left, top, left + bw, top + bh))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
@@ -130,7 +135,7 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     def fixed() -> list:
         # Square targets resize the shorter side (aspect kept); others resize to the exact scaled box.
         if h == w:
-            return [_LimitAspect(2.0), T.Resize(scale[0], interpolation=mode, antialias=True),
+            return [_LimitAspect(EVAL_MAX_ASPECT), T.Resize(scale[0], interpolation=mode, antialias=True),
                     T.CenterCrop((h, w))]
         return [T.Resize(scale, interpolation=mode, antialias=True), T.CenterCrop((h, w))]
 
