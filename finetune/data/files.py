@@ -194,6 +194,9 @@ def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
     return dict(sorted(classes.items()))
 
 
+_CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache
+
+
 def check_files(files: Sequence[str]) -> list[str | None]:
     # The filter is set once here, not per file: catch_warnings is process-global and not thread-safe.
     with warnings.catch_warnings():
@@ -205,9 +208,6 @@ def check_files(files: Sequence[str]) -> list[str | None]:
         runs = [files[i:i + _CHECK_RUN] for i in range(0, len(files), _CHECK_RUN)]
         with ThreadPoolExecutor(max_workers=8) as pool:
             return [reason for run in pool.map(_check_run, runs) for reason in run]
-
-
-_CHECK_RUN = 64
 
 
 def _check_run(files: Sequence[str]) -> list[str | None]:
