@@ -107,7 +107,9 @@ class LoaderSteps:
         probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
         correct: list = []
         losses: list = []
-        batches = self._take("val", None) or s.val_loader
+        batches = self._take("val", None)
+        if batches is None:
+            batches = s.val_loader
         out = evaluate(s.model if full else self.eval_net, batches, s.eval_loss_fn, s.device, s.classes,
                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
                        correct=correct, losses=losses)
