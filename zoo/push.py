@@ -33,6 +33,7 @@ from zoo.errors import BundleError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
 from zoo.registry import public_source_id
 from zoo.sources import is_offline
+from zoo.text import first_line
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
            "local_bundles", "rewrite_safetensors_metadata", "HUB_LICENSES"]
@@ -222,10 +223,10 @@ def _hub_error(err: Exception, repo: str) -> PushError:
                          "access (`hf auth login`); nothing was changed")
     if status == 412:
         return PushError(f"{repo}: the repo changed while pushing; run the push again; nothing was changed")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     cause = err.__cause__ or err.__context__
     if cause is not None and str(cause).strip():
-        first += f": {str(cause).strip().splitlines()[0]}"
+        first += f": {first_line(cause)}"
     return PushError(f"upload to {repo} failed ({first}); the repo was left as it was (the commit is made only "
                      "after every file is uploaded); run the push again")
 

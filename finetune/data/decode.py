@@ -12,8 +12,8 @@ that the next batch is prepared while the current one trains.
 * :class:`DeviceTransform` decodes a list of such tensors and applies the model's preprocessing
   (train: random resized crop, flip, brightness/contrast; eval: resize + centre crop) with the same
   parameters as ``build_transform``, drawn from a private seeded ``random.Random`` (reproducible,
-  thread-safe); crops and resizes run on the whole batch at once (``finetune.data.geometry``: images of one
-  size in one resampling), and so do the flip and colour jitter.
+  thread-safe); crops and resizes run on the whole batch at once (``finetune.data.geometry``: runs of
+  images in two batched products), and so do the flip and colour jitter.
 * :class:`DevicePrefetcher` wraps a DataLoader of such batches and yields normalised float batches on
   the device; ``set_epoch(e)`` reseeds the augmentation draws so that a resumed run repeats them.
 
