@@ -17,7 +17,7 @@ from finetune.data.images import load_image, load_image_tensor
 from finetune.data.imageset import ImageSet
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
-from finetune.core.seeding import epoch_seed, sample_seed
+from finetune.core.seeding import epoch_seed, sample_seed, seed_host
 
 
 # -------------------------------------------------------------------------------- dataset/loader
@@ -307,17 +307,16 @@ def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
 
 @contextlib.contextmanager
 def seeded_sample(seed: int):
-    """Seed torch's and Python's generators for one sample; in the main process (``workers=0``) the
-    global streams are restored afterwards, so loading draws nothing from what dropout sees."""
+    """Seed torch's CPU and Python's generators for one sample (``seeding.seed_host``: not CUDA's); in the
+    main process (``workers=0``) they are restored afterwards, so loading draws nothing from what dropout
+    sees."""
     if get_worker_info() is not None:      # a worker process: its generators serve only the samples
-        torch.manual_seed(seed)
-        random.seed(seed)
+        seed_host(seed)
         yield
         return
     state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
+        seed_host(seed)
         try:
             yield
         finally:

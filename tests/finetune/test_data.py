@@ -29,6 +29,7 @@ from finetune.data import (
     write_scan,
 )
 from finetune.core.errors import ConfigError, DataError
+from finetune.core.seeding import sample_seed
 from tests.conftest import make_image, make_image_folder
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
@@ -503,6 +504,25 @@ def test_loader_with_a_worker_records_failures(image_folder):
     sizes = [len(y) for _, y in loader]
     assert sizes == [1, 2]                  # the broken image is dropped from its batch, nothing else
     assert [p for p, _ in ds.failures()] == [str(broken)]
+
+
+def test_a_seeded_sample_draws_from_the_cpu_generator_only(image_folder, monkeypatch):
+    """Each sample's augmentation is seeded from (epoch seed, index) on torch's CPU generator: the same
+    draws as torch.manual_seed gives it, but the CUDA generators (dropout on the GPU) are never reseeded,
+    and no lazy CUDA seeding with its stack trace is queued per image (docs/benchmarks.md)."""
+    report = scan_folder(image_folder)
+    ds = ImageDataset(report.train, build_transform(DATA_CONFIG, True, FinetuneConfig()))
+    key = (3, 12345)
+    torch.manual_seed(sample_seed(12345, 3))
+    expected = ds._load(3)[0]                           # what the sample drew, seeded the old way
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    before = torch.get_rng_state()
+    got = ds[key][0]
+    assert torch.equal(got, expected) and calls == []
+    assert torch.equal(torch.get_rng_state(), before)   # the main process's stream is restored
+    assert not torch.equal(ds[(3, 54321)][0], got)       # another epoch seed, other draws
 
 
 def test_collate_skip_none():

@@ -34,6 +34,7 @@ from finetune.data.transforms import augment_mode, flip_probability
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
+from finetune.core.seeding import seed_host
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
 from finetune.tools.features.handedness import MIN_PER_CLASS, handedness
@@ -172,7 +173,7 @@ class CachedHeadSteps:
                 # (workers get seeds from the loader generator). The global RNG is forked and restored so
                 # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed * 1_000_003 + v)
+                    seed_host(seed * 1_000_003 + v)
                     parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
                                           workers=int(s.config.workers), amp=s.amp,
                                           channels_last=s.channels_last, seed=seed * 1_000_003 + v,
