@@ -1,6 +1,8 @@
 """Process-wide settings, made once at the CLI's entry point (``zoo.cli.app.ZooGroup``) and said in a
 run's log; the library (``finetune``, ``zoo``'s Python API) never changes them behind a caller's back.
 
+At exit, the garbage collector's last passes are skipped (:func:`skip_final_collection`).
+
 glibc's malloc: large blocks are kept mapped between training steps instead of being returned to the
 kernel and faulted in again page by page on the next step (docs/benchmarks.md, "Memory the training
 step frees"), which is what jemalloc or tcmalloc would do, without preloading a library. No torch here:
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import os
 
-__all__ = ["keep_freed_memory", "describe"]
+__all__ = ["keep_freed_memory", "describe", "skip_final_collection"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
 
@@ -35,6 +38,15 @@ def keep_freed_memory() -> bool:
             libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError, TypeError):   # not glibc (macOS, musl, Windows): nothing to tune
         return False
+
+
+def skip_final_collection() -> None:
+    """Called as the process is about to exit: move every object to the garbage collector's permanent
+    generation (``gc.freeze``), so that the interpreter's finalization does not walk again the millions of
+    objects that torch, torchvision and timm created (0.75 s per process here: docs/benchmarks.md,
+    "Process exit"). atexit handlers (weakref finalizers, logging, multiprocessing) and the teardown of
+    modules run as before; only cyclic garbage is left to the operating system."""
+    gc.freeze()
 
 
 def describe() -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from zoo import process
 from zoo.cli.app import cli
 from zoo.cli import (list_cmd, info, pull, lock, import_cmd, cache, finetune, lr_find, sweep,  # noqa: F401,E402
                      export, predict, eval_cmd, demo, doctor, report, push, serve)           # (register commands)
@@ -20,7 +21,11 @@ __all__ = ["main", "cli"]
 
 
 def main() -> None:
-    cli(prog_name="zoo")
+    """The ``zoo`` console script and ``python -m zoo``: the command, then a quick exit."""
+    try:
+        cli(prog_name="zoo")
+    finally:
+        process.skip_final_collection()
 
 
 if __name__ == "__main__":  # pragma: no cover
