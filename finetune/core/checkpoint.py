@@ -4,12 +4,14 @@
 ``last.pt`` holds only tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(weights_only=True)``: no pickled code runs when a checkpoint is read. Both files are written
 atomically (temp file + fsync + rename), so a kill -9 at any moment leaves the previous version intact.
+A run hands them to :class:`BackgroundWrites`, so that training goes on while they reach the disk.
 """
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from finetune.core.errors import CheckpointError
 from finetune.core.io import atomic_write, write_file
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
-           "save_weights", "load_weights", "cpu_state_dict"]
+           "save_weights", "load_weights", "cpu_state_dict", "cpu_copy", "BackgroundWrites"]
 
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.safetensors"
@@ -58,6 +60,69 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the module's state (parameters and buffers), safe to keep or serialise."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def cpu_copy(value: Any) -> Any:
+    """``value`` (dicts, lists, tuples, tensors, plain values) with every tensor copied to the CPU: a
+    snapshot that training can no longer change in place (an optimizer's ``state_dict()`` holds its live
+    tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
+class BackgroundWrites:
+    """Runs writes on one background thread, in the order they were submitted, so that training goes on
+    while an epoch's checkpoint reaches the disk: torch.save, safetensors and fsync release the GIL (the
+    training thread kept 0.89-0.95x of its pace during a 300 MB save on the 2-core CPU; on a GPU such a
+    save is a tenth of a ResNet-50 epoch: docs/benchmarks.md, "Checkpoints in the background").
+
+    Each write gets values nothing changes any more (:func:`cpu_copy`). :meth:`wait` returns when every
+    write submitted so far is on disk and raises the first one's error (CheckpointError: disk full...).
+    The thread is not a daemon: a process that ends with writes pending finishes them first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.append(write)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="zoo-checkpoint-writes")
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                write = self._queue.pop(0)
+            try:
+                write()
+            except BaseException as err:        # kept for wait(), in the caller's thread
+                with self._lock:
+                    self._error = self._error or err
+
+    def wait(self) -> None:
+        """Block until every submitted write is done; raise the first failed write's error (once)."""
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                break
+            thread.join()
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
 
 
 class CpuStateCache:

@@ -42,10 +42,11 @@ class LoaderSteps:
     phase begins with) and validates it instead of the trained weights: the epoch's val metrics, early
     stopping and the best checkpoint (hence the exported bundle) are the average's.
 
-    Passes start ahead, so that the loader's workers never wait at an epoch's edges: the validation pass
-    as an epoch starts training (its images do not depend on the weights), the next epoch's training pass
-    as validation starts. Each pass's order and augmentation depend on (seed, epoch, rank) alone, so the
-    batches are the ones a pass started on time would give."""
+    Passes start ahead, so that the loader's workers never wait at an epoch's edges: the run's first
+    training pass before the run's own set-up (:meth:`start_ahead`), the validation pass as an epoch starts
+    training (its images do not depend on the weights), the next epoch's training pass as validation
+    starts. Each pass's order and augmentation depend on (seed, epoch, rank) alone, so the batches are the
+    ones a pass started on time would give."""
 
     label = ""
 
@@ -57,11 +58,11 @@ class LoaderSteps:
         self.val_probs: torch.Tensor | None = None     # of the last evaluation (see FitResult.val_probs)
         self.val_correct: torch.Tensor | None = None   # of the last evaluation: hits on this rank's images
         self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
-        self._ahead: dict[str, tuple[int, Iterator]] = {}    # "train"/"val" -> (epoch, pass started ahead)
+        # "train"/"val" -> (epoch, loader, its pass started ahead)
+        self._ahead: dict[str, tuple[int, object, Iterator]] = {}
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
-        self._ahead.clear()      # a phase may change the loaders (e.g. the flip dropped): start afresh
         self.net = ddp.wrap_model(s.model, s.device, s.info)     # DDP sees this phase's trainable set
         self.ema = (ModelEma(s.model, s.config.ema, warmup=not s.head_first)
                     if (phase == "finetune" and s.config.ema > 0) else None)
@@ -71,12 +72,10 @@ class LoaderSteps:
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
+        self.start_ahead(epoch)
         batches = self._take("train", epoch)
-        if batches is None:
-            s.seed_train_loader(epoch)
-            batches = iter(s.train_loader)
         if s.has_val and "val" not in self._ahead:
-            self._ahead["val"] = (epoch, iter(s.val_loader))
+            self._ahead["val"] = (epoch, s.val_loader, iter(s.val_loader))
         bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
                         disable=s.config.quiet or not s.info.is_main)
         try:
@@ -88,16 +87,25 @@ class LoaderSteps:
             if bar is not None:
                 bar.close()
         if epoch < int(s.config.epochs):
-            s.seed_train_loader(epoch + 1)
-            self._ahead["train"] = (epoch + 1, iter(s.train_loader))
+            self.start_ahead(epoch + 1)
         return out
 
-    def _take(self, which: str, epoch: int | None) -> Iterator | None:
-        """The pass started ahead for ``which`` (for ``epoch`` when given), else None."""
-        started = self._ahead.pop(which, None)
-        if started is None or (epoch is not None and started[0] != epoch):
+    def start_ahead(self, epoch: int) -> None:
+        """Start epoch ``epoch``'s training pass now, unless it has started: its workers read while the
+        caller does other work (the trainer calls this before its own set-up, so that the first batches
+        are decoded while it writes the run folder and builds the optimizer)."""
+        if self._take("train", epoch, keep=True) is None:
+            self.s.seed_train_loader(epoch)
+            self._ahead["train"] = (epoch, self.s.train_loader, iter(self.s.train_loader))
+
+    def _take(self, which: str, epoch: int | None, keep: bool = False) -> Iterator | None:
+        """The pass started ahead for ``which`` (for ``epoch`` when given) from the setup's current loader
+        (a phase may have replaced it, e.g. the flip dropped), else None; ``keep``: leave it there."""
+        started = self._ahead.get(which) if keep else self._ahead.pop(which, None)
+        loader = self.s.train_loader if which == "train" else self.s.val_loader
+        if started is None or started[1] is not loader or (epoch is not None and started[0] != epoch):
             return None
-        return started[1]
+        return started[2]
 
     def evaluate(self, full: bool = False) -> dict:
         s = self.s

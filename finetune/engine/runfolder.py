@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from finetune.core import distributed as ddp
-from finetune.core.checkpoint import BEST, HEAD_BEST, LAST, load_checkpoint, save_checkpoint, save_weights
+from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, load_checkpoint, save_checkpoint,
+                                     save_weights)
 from finetune.core.config import RESUME_FREE, FinetuneConfig, save_config
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name
@@ -74,6 +75,7 @@ class RunFolder:
         self.path = Path(path) if path is not None else None
         self.writes = self.path is not None and (info or ddp.DistInfo()).is_main
         self.tensorboard: TensorBoardLogger | None = None
+        self._background = BackgroundWrites()
 
     # --- resume
     def load_resume(self, classes: list[str], config: FinetuneConfig) -> dict:
@@ -150,18 +152,26 @@ class RunFolder:
         if self.writes:
             write_curves(history, self.path / "curves.png", best_epoch=best_epoch)
 
+    # The weights files and last.pt are written in the background (``BackgroundWrites``): pass values that
+    # nothing changes afterwards; ``flush`` before anything reads them, and before the next epoch's.
     def best(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         if self.writes:
-            save_weights(self.path / BEST, state, metadata)
+            self._background.submit(lambda: save_weights(self.path / BEST, state, metadata))
 
     def head(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """The head phase's best weights, kept for the head guard of a run that is resumed later."""
         if self.writes:
-            save_weights(self.path / HEAD_BEST, state, metadata)
+            self._background.submit(lambda: save_weights(self.path / HEAD_BEST, state, metadata))
 
     def checkpoint(self, state: dict) -> None:
         if self.writes:
-            save_checkpoint(self.path / LAST, {"format": CHECKPOINT_FORMAT, **state})
+            self._background.submit(lambda: save_checkpoint(self.path / LAST, {"format": CHECKPOINT_FORMAT,
+                                                                                **state}))
+
+    def flush(self) -> None:
+        """Wait until the weights and checkpoints handed over so far are on disk. Raises CheckpointError
+        when one could not be written (the previous version of that file is intact)."""
+        self._background.wait()
 
     def decode_failures(self, failed: dict[str, str], say: Log) -> None:
         """Images that passed the scan but failed to decode while training (each was dropped from its
@@ -188,12 +198,17 @@ class RunFolder:
             atomic_write_text(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
 
     def close(self) -> None:
+        """The TensorBoard writer closed (the weights and checkpoints: :meth:`flush`)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
 
     def saved_epoch(self, fallback: int) -> int:
         """The epoch recorded in last.pt (what a resume continues after)."""
+        try:
+            self.flush()
+        except Exception:   # the last write failed: last.pt is the one before it
+            pass
         try:
             return int(torch.load(self.path / LAST, map_location="cpu", weights_only=True)["epoch"])
         except Exception:  # an unreadable checkpoint: say the epoch before the interrupted one

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from finetune.core import distributed as ddp
-from finetune.core.checkpoint import BEST, CpuStateCache, load_weights, rng_state, set_rng_state
+from finetune.core.checkpoint import BEST, CpuStateCache, cpu_copy, load_weights, rng_state, set_rng_state
 from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
@@ -152,14 +152,15 @@ class Trainer:
             "epoch": self.epoch, "phase_index": next_pi, "phase_start": start, "phases": list(self.phases),
             "finished": next_pi >= len(self.phases), "stopped_early": self.stopped_early,
             "model": self.snapshot(),
-            "optimizer": self.optimizer.state_dict() if running else None,
-            "scheduler": self.scheduler.state_dict() if running else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            # copies that the next steps cannot change: the file is written in the background
+            "optimizer": cpu_copy(self.optimizer.state_dict()) if running else None,
+            "scheduler": cpu_copy(self.scheduler.state_dict()) if running else None,
+            "scaler": cpu_copy(self.scaler.state_dict()) if self.scaler is not None else None,
             "early_stop": self.stopper.state_dict(), "head_stop": self.head_stop.state_dict(),
-            "head_epoch": self.guard.epoch, "mirror": self.mirror,
+            "head_epoch": self.guard.epoch, "mirror": cpu_copy(self.mirror),
             "ema": ({"updates": self.loader_steps.ema.updates, "model": self._weights()}
                     if running and self.loader_steps.ema is not None else None),
-            "rng": rng_state(), "history": self.history, "config": self.s.config.to_dict(),
+            "rng": rng_state(), "history": cpu_copy(self.history), "config": self.s.config.to_dict(),
             "classes": self.s.classes,
             "decision": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
         })
@@ -167,6 +168,7 @@ class Trainer:
     def _record(self, row: dict, metric: float, improved: bool, final: bool, steps: EpochSteps) -> None:
         """After an epoch's evaluation: best weights, metrics.csv, curves, TensorBoard, the printout."""
         s = self.s
+        self.folder.flush()       # the last epoch's files are on disk before this one's are handed over
         self.history.append(row)
         if not s.has_val or improved:
             self.best_state = self._weights()
@@ -286,6 +288,8 @@ class Trainer:
             self._restore()
         else:
             self.folder.refuse_existing_run()
+        if self.pi < len(self.phases) and not (self.phases[self.pi] == "head" and self.head_steps is not None):
+            self.loader_steps.start_ahead(self.epoch + 1)     # decoding while the run gets ready
         self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
         if s.config.ema > 0 and "finetune" not in self.phases:
             self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
@@ -313,6 +317,7 @@ class Trainer:
                               f"{self.folder.path}; continue with `zoo finetune --resume {self.folder.path}`") from None
         except DivergedError:
             self.folder.close()
+            self.folder.flush()      # the last good epoch's checkpoint is on disk when the message says so
             raise
         self.folder.close()
         failed = self.loader_steps.failures()
@@ -360,6 +365,7 @@ class Trainer:
             "head_solver": getattr(self.head_steps, "solver_path", None) or None, "mirror": self.mirror,
             "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
         })
+        self.folder.flush()       # the head guard's best.safetensors too, before anyone reads the folder
         ddp.barrier(s.info)
         return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,
                          stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics,

@@ -228,3 +228,107 @@ def test_each_pass_starts_ahead_of_its_turn_with_the_same_batches(report):
                       "epoch 2", "val starts", "train read", "train starts", "val read",
                       "epoch 3", "val starts", "train read", "val read"]
     assert ahead == run(0)
+
+
+@pytest.mark.parametrize("flip_dropped", [False, True])
+def test_the_run_starts_its_first_pass_before_its_own_set_up_and_keeps_passes_across_phases(report, monkeypatch,
+                                                                                             flip_dropped):
+    """The first training pass starts before the trainer writes its run folder (the workers decode while
+    it gets ready); a pass started ahead in the head phase is the finetune phase's first when the loader
+    is the same, and started afresh when the phase replaced it (the flip dropped); every epoch's numbers
+    are those of a run that loads in the main process."""
+    from finetune.engine import RunFolder, Trainer, build_setup
+
+    def run(workers: int, events: list | None = None) -> list:
+        s = build_setup(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                        _cfg(epochs=3, freeze="none", head_epochs=1, fast_head=False, workers=workers),
+                        head="fc", distributed=False)
+        trainer = Trainer(s, RunFolder(None, s.info))
+        if events is not None:
+            s.train_loader = _Watched(s.train_loader, "train", events)
+            s.val_loader = _Watched(s.val_loader, "val", events)
+            monkeypatch.setattr(RunFolder, "start", lambda *a, **k: events.append("run folder"))
+            if flip_dropped:
+                trainer.mirror = {"dropped": True}
+                monkeypatch.setattr(type(s), "train_without_flip", lambda self: setattr(
+                    self, "train_loader", _Watched(self.train_loader.loader, "train", events)))
+        try:
+            result = trainer.run()
+        finally:
+            s.close()
+        monkeypatch.undo()
+        return [(r["phase"], r["train_loss"], r["val_loss"]) for r in result.history]
+
+    events: list = []
+    ahead = run(1, events)
+    assert [r[0] for r in ahead] == ["head", "finetune", "finetune"]
+    assert events[:2] == ["train starts", "run folder"]
+    # one pass per epoch (3), plus the head phase's pass for epoch 2 when the finetune phase's loader differs
+    assert events.count("train starts") == 3 + flip_dropped
+    assert ahead == run(0)
+
+
+def test_background_writes_run_in_order_and_report_the_first_error_once():
+    import threading
+
+    from finetune.core.checkpoint import BackgroundWrites
+    from finetune.core.errors import CheckpointError
+
+    done: list[int] = []
+    gate = threading.Event()
+    w = BackgroundWrites()
+    w.submit(lambda: (gate.wait(30), done.append(1)))
+    w.submit(lambda: done.append(2))
+    assert done == []                              # submit returns at once
+    gate.set()
+    w.wait()
+    assert done == [1, 2]
+
+    def full():
+        raise CheckpointError("cannot write checkpoint x: No space left on device")
+    w.submit(full)
+    w.submit(lambda: done.append(3))               # later writes still run
+    with pytest.raises(CheckpointError, match="No space left"):
+        w.wait()
+    assert done == [1, 2, 3]
+    w.wait()                                       # reported once
+
+
+def test_the_next_epoch_trains_while_the_last_checkpoint_is_written(report, tmp_path, monkeypatch):
+    """last.pt reaches the disk on a background thread: epoch 2 reads its first batch while epoch 1's
+    checkpoint is still being written, and the checkpoints on disk are whole (a resume reads the last)."""
+    import threading
+
+    import finetune.engine.runfolder as runfolder
+    from finetune.core.checkpoint import load_checkpoint
+    from finetune.engine import RunFolder, Trainer, build_setup
+
+    events: list = []
+    second_pass_read = threading.Event()
+    real_save = runfolder.save_checkpoint
+    overlapped: list[bool] = []
+
+    def slow_save(path, state):
+        if state["epoch"] == 1:            # epoch 1's checkpoint waits until epoch 2 has started reading
+            overlapped.append(second_pass_read.wait(60))
+        real_save(path, state)
+
+    monkeypatch.setattr(runfolder, "save_checkpoint", slow_save)
+    s = build_setup(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                    _cfg(epochs=2, freeze="none", head_epochs=0), head="fc", distributed=False)
+    s.train_loader = _Watched(s.train_loader, "train", events)
+
+    class _Second(list):
+        def append(self, item):
+            super().append(item)
+            if item == "train read" and self.count("train read") == 2:
+                second_pass_read.set()
+    events = _Second()
+    s.train_loader.events = events
+    try:
+        result = Trainer(s, RunFolder(tmp_path / "run", s.info)).run()
+    finally:
+        s.close()
+    assert overlapped == [True]
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
