@@ -9,13 +9,13 @@ torch is imported only to read a ``.pth`` or to rename keys.
 """
 from __future__ import annotations
 
-import errno
 import importlib.util
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
+from finetune.core.io import no_room
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
@@ -182,7 +182,7 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
             manifest["revision"] = (stage / COMMIT_FILE).read_text(encoding="utf-8").strip()
         return cache.install(entry.name, out, manifest)
     except OSError as err:
-        if _disk_full(err):     # e.g. converting a .pth: the staged copy did not fit
+        if no_room(err):     # e.g. converting a .pth: the staged copy did not fit
             raise _disk_full_error(err) from err
         raise
     finally:
@@ -262,7 +262,7 @@ def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) ->
             hf_errors.LocalEntryNotFoundError) as err:
         raise _offline_error(entry, f"the download from the Hub failed ({first_line(err)})") from err
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as err:
-        if _disk_full(err):
+        if no_room(err):
             raise _disk_full_error(err) from err
         raise DownloadError(f"{where}: download failed ({first_line(err)}); run the command again") from err
     if meta.commit_hash:   # what a branch revision resolved to: recorded so that it can be pinned
@@ -303,7 +303,7 @@ def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -
                     got += len(chunk)
                     bar.update(len(chunk))
         except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as err:
-            if _disk_full(err):     # the write failed, not the connection: running it again will not help
+            if no_room(err):     # the write failed, not the connection: running it again will not help
                 raise _disk_full_error(err) from err
             raise DownloadError(f"{where}: the download was cut off after {got} bytes ({type(err).__name__}); "
                                 "nothing was cached; run the command again") from err
@@ -379,11 +379,6 @@ def _progress_bar(total: int | None, desc: str, progress: bool):
     # disable=None: tqdm stays quiet when stderr is not a terminal.
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=None if progress else True, leave=False)
-
-
-def _disk_full(err: BaseException) -> bool:
-    """A write into ZOO_HOME failed for lack of room: a full disk, a quota, a file-size limit, a read-only mount."""
-    return isinstance(err, OSError) and err.errno in {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _disk_full_error(err: OSError) -> CacheError:

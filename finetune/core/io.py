@@ -16,7 +16,7 @@ from typing import IO, Any, Callable
 import yaml
 
 __all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
-           "read_safetensors_header", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER"]
+           "read_safetensors_header", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -30,6 +30,13 @@ def _umask() -> int:
 # mkstemp creates files 0600; a finished file gets the permissions a plain open() would have given it
 # (bundles and a shared weights cache are meant to be read by other users and tools).
 _FILE_MODE = 0o666 & ~_umask()
+
+
+def no_room(err: BaseException) -> bool:
+    """A write that failed for lack of room where it was going: a full disk (ENOSPC), a quota (EDQUOT), a
+    file-size limit (EFBIG: FAT32, ``ulimit -f``) or a read-only mount (EROFS). The one test of it: running
+    the command again will not help, writing elsewhere will."""
+    return isinstance(err, OSError) and err.errno in {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 # How Rust's std::io::Error shows an OS error; safetensors' writer reports a full disk as

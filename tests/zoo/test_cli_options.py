@@ -118,3 +118,38 @@ def test_augment_takes_a_mode(args, expected):
     for old in (["--no-augment"], ["--augment"]):
         r = CliRunner().invoke(probe, old)
         assert r.exit_code == 2, (old, r.output)
+
+
+@pytest.mark.parametrize("code,says", [
+    ("ENOSPC", "no space left on device while writing (/out/x): free some disk space or write elsewhere"),
+    ("EDQUOT", "while writing (/out/x): write elsewhere (--out, ZOO_HOME) or free some space under your quota"),
+    ("EFBIG", "File too large while writing (/out/x): write elsewhere (--out, ZOO_HOME) or free some space"),
+    ("EROFS", "Read-only file system while writing (/out/x): write elsewhere (--out, ZOO_HOME)"),
+    ("EACCES", "Permission denied (/out/x); set ZOO_DEBUG=1 for details"),
+])
+def test_a_write_that_finds_no_room_says_where_and_what_to_do(code, says, monkeypatch):
+    """One test of "no room here" (finetune.core.io.no_room, which the cache's downloads use too): the CLI
+    turns it into one line naming the file and saying to write elsewhere; a read-only mount is not told
+    to free space; other OS errors stay plain."""
+    import errno
+    import os
+
+    import click
+
+    from zoo.cli.app import ZooGroup
+
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    group = ZooGroup()
+
+    @group.command()
+    def boom():
+        number = getattr(errno, code)
+        raise OSError(number, os.strerror(number), "/out/x")
+
+    assert isinstance(group, click.Group)
+    res = CliRunner().invoke(group, ["boom"])
+    assert res.exit_code == 1
+    line, = res.output.strip().splitlines()
+    assert line.startswith("zoo: error: ") and says in line, line
+    if code == "EROFS":
+        assert "free" not in line

@@ -12,6 +12,7 @@ import os
 import click
 
 from finetune.core.errors import FinetuneError
+from finetune.core.io import no_room
 from zoo import __version__, process
 from zoo.cli import console
 from zoo.errors import ZooError
@@ -71,9 +72,9 @@ class ZooGroup(click.Group):
             if err.errno == errno.ENOSPC:
                 fail(f"no space left on device while writing{where}: free some disk space "
                      "or write elsewhere (--out, ZOO_HOME)", 1)
-            if err.errno in (errno.EDQUOT, errno.EFBIG):     # a quota, or a file-size limit (FAT32, ulimit -f)
-                fail(f"{err.strerror} while writing{where}: free some space under your quota or write "
-                     "elsewhere (--out, ZOO_HOME)", 1)
+            if no_room(err):     # a quota, a file-size limit (FAT32, ulimit -f), a read-only mount
+                fail(f"{err.strerror} while writing{where}: write elsewhere (--out, ZOO_HOME)"
+                     + ("" if err.errno == errno.EROFS else " or free some space under your quota"), 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 
