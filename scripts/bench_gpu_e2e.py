@@ -245,10 +245,13 @@ def main() -> int:
         base = ["finetune", f"timm:{arch}", "--data", str(data), "--freeze", "none", "--head-epochs", "0",
                 "--epochs", str(epochs), "--batch-size", str(batch), "--no-export", "--quiet", *common]
         autotune = "import finetune.engine.runtime as r; r.CUDNN_AUTOTUNE_MIN_STEPS = 0"
+        fewer = max(1, len(os.sched_getaffinity(0)) - 3)
         variants = [("zoo, --decode workers", ["--decode", "workers"], None, True),
                     ("zoo, --decode device", ["--decode", "device"], None, True),
                     ("zoo, --decode device, cudnn autotune forced on", ["--decode", "device"], autotune, False),
-                    ("zoo, --decode workers, cudnn autotune forced on", ["--decode", "workers"], autotune, False),
+                    # the default gives workers every core but one; does the training thread lack a core?
+                    (f"zoo, --decode workers --workers {fewer} (2 cores left to the main process)",
+                     ["--decode", "workers", "--workers", str(fewer)], None, False),
                     ("zoo, --decode device --compile", ["--decode", "device", "--compile"], None, False)]
         res["big"] = []
         for k, (name, flags, prelude, core) in enumerate(variants):
