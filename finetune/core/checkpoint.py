@@ -94,9 +94,16 @@ class BackgroundWrites:
     def submit(self, write: Callable[[], None]) -> None:
         with self._lock:
             self._queue.append(write)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._drain, name="zoo-checkpoint-writes")
-                self._thread.start()
+            self._running()
+
+    def _running(self) -> threading.Thread | None:
+        """The writing thread, started when there is work (the lock held: ``_drain`` takes the lock before
+        it looks at the queue, and a thread an interrupt left unstarted is started here)."""
+        if self._thread is None and self._queue:
+            self._thread = threading.Thread(target=self._drain, name="zoo-checkpoint-writes")
+        if self._thread is not None and self._thread.ident is None:
+            self._thread.start()
+        return self._thread
 
     def _drain(self) -> None:
         while True:
@@ -115,7 +122,7 @@ class BackgroundWrites:
         """Block until every submitted write is done; raise the first failed write's error (once)."""
         while True:
             with self._lock:
-                thread = self._thread
+                thread = self._running()
             if thread is None:
                 break
             thread.join()

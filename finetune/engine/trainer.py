@@ -43,7 +43,8 @@ __all__ = ["FitResult", "Trainer", "HEAD_WARMUP_CAP", "plan_phases"]
 HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
 # curves.png is redrawn at most this often (and after a phase's last epoch): a drawing costs more than an
 # epoch on cached features (docs/benchmarks.md, "When curves.png is redrawn"). The other files are written
-# after every epoch: a SIGKILL loses at most the epoch in progress.
+# after every epoch, last.pt and the weights in the background while the next epoch trains: a SIGKILL loses
+# at most the epoch in progress and the one before it, when its files were still on their way.
 CURVES_EVERY_S = 30.0
 Log = Callable[[str], None]
 
@@ -213,11 +214,15 @@ class Trainer:
             self.optimizer.load_state_dict(resumed["optimizer"])
             self.scheduler.load_state_dict(resumed["scheduler"])
         self.ckpt = None      # only the first phase after a resume continues from it
-        steps = self.head_steps if (phase == "head" and self.head_steps is not None) else self.loader_steps
+        steps = self._steps_for(phase)
         steps.begin_phase(phase)
         if resumed is not None and resumed.get("ema") is not None and self.loader_steps.ema is not None:
             self.loader_steps.ema.load_state_dict(resumed["ema"])
         return steps, warmup
+
+    def _steps_for(self, phase: str) -> EpochSteps:
+        """What computes ``phase``'s epochs: the head steps given (cached features) for the head phase."""
+        return self.head_steps if (phase == "head" and self.head_steps is not None) else self.loader_steps
 
     def _run_epoch(self, phase: str, steps: EpochSteps, warmup: bool) -> bool:
         """One epoch; returns whether the phase is done."""
@@ -253,6 +258,8 @@ class Trainer:
         if not warmup and self.stopped_early:
             self.epoch_say(f"early stop after epoch {self.epoch} (best epoch {self.stopper.best_epoch})")
         self._checkpoint(self.pi + 1, None) if done else self._checkpoint(self.pi, self.phase_start)
+        if self.callbacks:
+            self.folder.flush()      # callbacks run after their epoch has been checkpointed (fit's promise)
         for cb in self.callbacks:
             cb(row)
         return done
@@ -288,7 +295,7 @@ class Trainer:
             self._restore()
         else:
             self.folder.refuse_existing_run()
-        if self.pi < len(self.phases) and not (self.phases[self.pi] == "head" and self.head_steps is not None):
+        if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:
             self.loader_steps.start_ahead(self.epoch + 1)     # decoding while the run gets ready
         self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
         if s.config.ema > 0 and "finetune" not in self.phases:
@@ -309,15 +316,16 @@ class Trainer:
                         pass
                     self.pi += 1
                     self.phase_start = None
+                self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
         except KeyboardInterrupt:
             if not self.folder.writes:
                 raise Interrupted(f"interrupted in epoch {self.epoch}; nothing was saved: pass a run folder to "
                                   "be able to resume") from None
             raise Interrupted(f"interrupted: epochs up to {self.folder.saved_epoch(self.epoch)} are saved in "
                               f"{self.folder.path}; continue with `zoo finetune --resume {self.folder.path}`") from None
-        except DivergedError:
+        except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk
             self.folder.close()
-            self.folder.flush()      # the last good epoch's checkpoint is on disk when the message says so
+            self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)
             raise
         self.folder.close()
         failed = self.loader_steps.failures()
@@ -325,7 +333,10 @@ class Trainer:
             for path, reason in self.head_steps.failures().items():
                 failed.setdefault(path, reason)
         self.folder.decode_failures(failed, self.say)
-        return self._finish(t_run)
+        try:
+            return self._finish(t_run)
+        finally:
+            self.folder.flush()
 
     def _finish(self, t_run: float) -> FitResult:
         """The best weights (after the head guard), their full metrics, the summary."""
@@ -354,6 +365,7 @@ class Trainer:
                 probs = getattr(final, "val_probs", None)
         metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
         d = s.decision
+        self.folder.flush()       # the head guard's best.safetensors is on disk before the summary names it
         self.folder.summary({
             "best_epoch": best_epoch, "monitor": s.config.monitor,
             "best_value": (self.guard.decision["value"] if reverted else self.stopper.best if s.has_val else None),
@@ -365,7 +377,6 @@ class Trainer:
             "head_solver": getattr(self.head_steps, "solver_path", None) or None, "mirror": self.mirror,
             "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
         })
-        self.folder.flush()       # the head guard's best.safetensors too, before anyone reads the folder
         ddp.barrier(s.info)
         return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,
                          stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics,

@@ -332,3 +332,77 @@ def test_the_next_epoch_trains_while_the_last_checkpoint_is_written(report, tmp_
     assert overlapped == [True]
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_sigterm_while_the_last_files_are_written_is_an_interruption(report, tmp_path, monkeypatch):
+    """The last epoch's files are waited for while SIGTERM still means "stop cleanly": a SIGTERM then is
+    an Interrupted that names the last epoch as saved, with no temp file left (never the default action,
+    which would kill the process half-way through writing)."""
+    import os
+    import signal
+
+    import finetune.engine.runfolder as runfolder
+    from finetune.core.checkpoint import load_checkpoint
+    from finetune.core.errors import Interrupted
+    from finetune.engine import RunFolder, Trainer, build_setup
+
+    def outside(signum, frame):
+        raise RuntimeError("SIGTERM arrived after the run had put its handler back")
+
+    real_save = runfolder.save_checkpoint
+
+    def save(path, state):
+        if state["finished"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(path, state)
+
+    monkeypatch.setattr(runfolder, "save_checkpoint", save)
+    s = build_setup(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                    _cfg(epochs=2, freeze="none", head_epochs=0), head="fc", distributed=False)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises(Interrupted, match="epochs up to 2 are saved"):
+            Trainer(s, RunFolder(tmp_path / "run", s.info)).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        s.close()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_run_that_fails_waits_for_the_files_it_handed_over(report, tmp_path, monkeypatch):
+    """Whatever ends a run (here an error in epoch 2), the files already handed to the background writer
+    reach the disk before the error leaves fit: no writing thread outlives the run."""
+    import threading
+    import time
+
+    import finetune.engine.runfolder as runfolder
+    from finetune.core.checkpoint import load_checkpoint
+    from finetune.engine import RunFolder, Trainer, build_setup
+    from finetune.engine.epoch_steps import LoaderSteps
+
+    real_save = runfolder.save_checkpoint
+
+    def slow(path, state):
+        if state["epoch"] == 1:
+            time.sleep(0.5)
+        real_save(path, state)
+
+    real_train = LoaderSteps.train_epoch
+
+    def train(self, epoch, *args):
+        if epoch == 2:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real_train(self, epoch, *args)
+
+    monkeypatch.setattr(runfolder, "save_checkpoint", slow)
+    monkeypatch.setattr(LoaderSteps, "train_epoch", train)
+    s = build_setup(_model(), STAGES, DATA_CONFIG, report.train, report.val,
+                    _cfg(epochs=3, freeze="none", head_epochs=0), head="fc", distributed=False)
+    try:
+        with pytest.raises(RuntimeError, match="stand-in"):
+            Trainer(s, RunFolder(tmp_path / "run", s.info)).run()
+    finally:
+        s.close()
+    assert not [t for t in threading.enumerate() if t.name == "zoo-checkpoint-writes"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
