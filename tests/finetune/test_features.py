@@ -576,3 +576,15 @@ def test_the_report_says_what_the_mirror_test_decided():
     assert "74% of the time" in dropped and "bound 72%" in dropped and "without flips" in dropped
     kept = _mirror_note({"mirror": {"dropped": False, **base, "score": 0.5, "low": 0.47}})
     assert "flips kept" in kept and "50%" in kept
+
+def test_the_head_is_solved_on_the_cpu_unless_the_problem_is_large():
+    """L-BFGS's line search reads numbers on the host dozens of times per iteration: a GPU answers each
+    slowly, so small solves (rows x features x classes up to SOLVE_ON_CPU_UP_TO) run on the CPU, large
+    ones where the features are."""
+    from finetune.tools.features.head import SOLVE_ON_CPU_UP_TO, solve_device
+
+    cuda = torch.device("cuda", 0)
+    assert solve_device(cuda, 90 * 1280 * 9) == torch.device("cpu")            # the 63-image job
+    assert solve_device(cuda, 1000 * 1280 * 10) == torch.device("cpu")         # medium digits
+    assert solve_device(cuda, SOLVE_ON_CPU_UP_TO + 1) == cuda
+    assert solve_device(torch.device("cpu"), 10**12) == torch.device("cpu")

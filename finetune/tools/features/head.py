@@ -21,6 +21,7 @@ own BatchNorm and Dropout train normally in both.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable, Iterator
@@ -47,6 +48,11 @@ _DEVICE_RESIDENT_BYTES = 4 << 30
 # strongest first, each warm-started from the last; the best on the validation split is kept.
 SOLVER_C = tuple(10.0 ** k for k in range(-2, 5))
 SOLVER_MAX_ITER = 500
+# A solve of at most this many (rows x features x classes) runs on the CPU whatever the device: L-BFGS's
+# line search looks at a number from the host dozens of times per iteration, which on a GPU costs more than
+# the arithmetic of a small problem (an H200: 1.8 s for a 63-image job's 7 solves; the CPU here: 0.4 s;
+# 2,000 x 2,048 x 100 on 2 cores: 1.3 s; docs/benchmarks.md, "The head's solve on the CPU").
+SOLVE_ON_CPU_UP_TO = 250_000_000
 Log = Callable[[str], None]
 
 
@@ -302,13 +308,15 @@ class CachedHeadSteps:
         n = int(y.shape[0])
         strengths = ([(c, 1.0 / (c * n)) for c in SOLVER_C] if self.val_bank is not None
                      else [(None, float(s.config.weight_decay))])
-        w, b = head.weight, head.bias
+        dev = solve_device(s.device, n * int(x.shape[1]) * int(head.weight.shape[0]))
+        x, y = x.to(dev), y.to(dev)
+        loss_fn = copy.deepcopy(s.loss_fn).to(dev)      # its class weights where the solve runs
+        # the solve's own weights, copied into the head for each validation; convex: start from zero, then
+        # warm-start each weaker L2 from the last
+        w = torch.zeros_like(head.weight, device=dev, requires_grad=True)
+        b = None if head.bias is None else torch.zeros_like(head.bias, device=dev, requires_grad=True)
         best = None
         path: list[dict] = []
-        with torch.no_grad():     # convex: start from zero, then warm-start each weaker L2 from the last
-            w.zero_()
-            if b is not None:
-                b.zero_()
         head.train()
         for c, l2 in strengths:
             opt = torch.optim.LBFGS([p for p in (w, b) if p is not None], lr=1.0, max_iter=SOLVER_MAX_ITER,
@@ -317,12 +325,16 @@ class CachedHeadSteps:
 
             def closure():
                 opt.zero_grad(set_to_none=True)
-                loss = s.loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
+                loss = loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
                 loss.backward()
                 return loss
 
             with torch.enable_grad():
                 opt.step(closure)
+            with torch.no_grad():
+                head.weight.copy_(w)
+                if b is not None:
+                    head.bias.copy_(b)
             va = self.evaluate()
             if c is not None:
                 path.append({"C": c, "l2": l2, "val_loss": va["loss"], "val_acc": va["acc"]})
@@ -393,6 +405,13 @@ class CachedHeadSteps:
         if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
             self.val_probs = torch.cat(probs)
         return out if full else {"loss": out["loss"], "acc": out["acc"]}
+
+
+def solve_device(device: torch.device, size: int) -> torch.device:
+    """Where the head's L-BFGS solve of ``size`` = rows x features x classes runs: the CPU up to
+    SOLVE_ON_CPU_UP_TO (the host looks at the line search's numbers dozens of times per iteration, which
+    a GPU answers slowly), else ``device``."""
+    return torch.device("cpu") if size <= SOLVE_ON_CPU_UP_TO else device
 
 
 def _gather_bank(parts: list[FeatureBank | None], n: int, info: ddp.DistInfo) -> FeatureBank:
