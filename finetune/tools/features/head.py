@@ -360,9 +360,11 @@ class CachedHeadSteps:
         s = self.s
         ok = self.train_bank.valid.to(self.train_feats.device)
         verdict = None
-        if s.info.is_main:
-            verdict = handedness(self.train_feats[0, ok], self.train_feats[1, ok],
-                                 self.train_bank.labels[self.train_bank.valid].to(self.train_feats.device),
+        if s.info.is_main:   # two L-BFGS fits of 2K classes, on the CPU when small (as the head's solve)
+            plain, mirrored = self.train_feats[0, ok], self.train_feats[1, ok]
+            dev = solve_device(s.device, int(plain.shape[0]) * int(plain[0].numel()) * 2 * len(s.classes))
+            verdict = handedness(plain.to(dev), mirrored.to(dev),
+                                 self.train_bank.labels[self.train_bank.valid].to(dev),
                                  len(s.classes), seed=int(s.config.seed)).to_dict()
         verdict = ddp.broadcast_object(verdict, s.info)
         handed = verdict.pop("handed")
