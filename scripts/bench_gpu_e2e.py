@@ -250,7 +250,7 @@ def main() -> int:
                     ("zoo, --decode device", ["--decode", "device"], None, True),
                     ("zoo, --decode device, cudnn autotune forced on", ["--decode", "device"], autotune, False),
                     # the default gives workers every core but one; does the training thread lack a core?
-                    (f"zoo, --decode workers --workers {fewer} (2 cores left to the main process)",
+                    (f"zoo, --decode workers --workers {fewer} (3 cores left to the main process's threads)",
                      ["--decode", "workers", "--workers", str(fewer)], None, False),
                     ("zoo, --decode device --compile", ["--decode", "device", "--compile"], None, False)]
         res["big"] = []

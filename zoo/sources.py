@@ -9,6 +9,7 @@ torch is imported only to read a ``.pth`` or to rename keys.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import shutil
@@ -382,8 +383,10 @@ def _progress_bar(total: int | None, desc: str, progress: bool):
 
 
 def _disk_full_error(err: OSError) -> CacheError:
+    what_to_do = ("set ZOO_HOME to a writable folder" if err.errno == errno.EROFS
+                  else "free disk space or set ZOO_HOME to a folder on a disk with room")
     return CacheError(f"cannot write the download into {cache.zoo_home()} ({err.strerror}); nothing was cached; "
-                      "free disk space or set ZOO_HOME to a folder on a disk with room")
+                      + what_to_do)
 
 
 def _status(err: Exception) -> str:

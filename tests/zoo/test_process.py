@@ -60,18 +60,30 @@ def test_the_library_leaves_malloc_alone_and_the_cli_sets_it(tmp_path):
     import subprocess
     import sys
 
-    code = ("from finetune.engine import resolve_device; resolve_device('cpu'); from zoo import process; "
-            "print(process.keep_freed_memory.cache_info().currsize)")
+    code = ("import gc; from finetune.engine import resolve_device; resolve_device('cpu'); from zoo import process; "
+            "print(process.keep_freed_memory.cache_info().currsize, gc.get_threshold()[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["0"]
+    cached, young = out.stdout.split()
+    assert cached == "0" and int(young) < 50_000          # Python's own thresholds: nothing raised them
     from click.testing import CliRunner
 
     from zoo import process
     from zoo.cli import cli
 
     process.keep_freed_memory.cache_clear()
-    assert CliRunner().invoke(cli, ["list"]).exit_code == 0
-    assert process.keep_freed_memory.cache_info().currsize == 1
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert CliRunner().invoke(cli, ["list"]).exit_code == 0
+        assert process.keep_freed_memory.cache_info().currsize == 1
+        assert gc.get_threshold() == (process.GC_YOUNG_THRESHOLD, 20, 100)    # fewer young collections
+        gc.set_threshold(10**6, 50, 1000)
+        process.fewer_collections()
+        assert gc.get_threshold() == (10**6, 50, 1000)                        # never lowered
+    finally:
+        gc.set_threshold(*before)
 
 
 _EXIT = r"""

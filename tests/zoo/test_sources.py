@@ -353,3 +353,19 @@ def test_pull_killed_mid_download_leaves_nothing_and_next_pull_succeeds(hub, _is
     hub.delay = 0
     assert pull(make_entry("tiny", src), progress=False).read_bytes() == data
     assert leftovers(_isolated_home) == []  # the stale staging folder was cleaned under the lock
+
+
+@pytest.mark.parametrize("code,says,not_says", [("ENOSPC", "free disk space", None),
+                                                ("EROFS", "set ZOO_HOME to a writable folder", "free")])
+def test_a_download_with_no_room_says_what_helps(code, says, not_says):
+    """A pull that cannot write into ZOO_HOME says so, and what helps: room on a full disk, another folder
+    on a read-only mount (where freeing space would not)."""
+    import errno
+    import os
+
+    from zoo.sources import _disk_full_error
+
+    number = getattr(errno, code)
+    message = str(_disk_full_error(OSError(number, os.strerror(number))))
+    assert "nothing was cached" in message and says in message
+    assert not_says is None or not_says not in message

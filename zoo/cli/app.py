@@ -37,6 +37,7 @@ class ZooGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         process.keep_freed_memory()      # process-wide settings belong to the entry point (zoo.process)
+        process.fewer_collections()
         with console.session(ctx.meta.get("zoo.args", [])):
             return self._invoke(ctx)
 
@@ -74,7 +75,7 @@ class ZooGroup(click.Group):
                      "or write elsewhere (--out, ZOO_HOME)", 1)
             if no_room(err):     # a quota, a file-size limit (FAT32, ulimit -f), a read-only mount
                 fail(f"{err.strerror} while writing{where}: write elsewhere (--out, ZOO_HOME)"
-                     + ("" if err.errno == errno.EROFS else " or free some space under your quota"), 1)
+                     + (" or free some space under your quota" if err.errno == errno.EDQUOT else ""), 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 

@@ -38,7 +38,7 @@ from finetune.core.errors import FinetuneError
 from finetune.core.seeding import seed_host
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
-from finetune.tools.features.handedness import MIN_PER_CLASS, handedness
+from finetune.tools.features.handedness import MAX_IMAGES as HANDEDNESS_MAX_IMAGES, MIN_PER_CLASS, handedness
 
 __all__ = ["CachedHeadSteps"]
 
@@ -362,7 +362,8 @@ class CachedHeadSteps:
         verdict = None
         if s.info.is_main:   # two L-BFGS fits of 2K classes, on the CPU when small (as the head's solve)
             plain, mirrored = self.train_feats[0, ok], self.train_feats[1, ok]
-            dev = solve_device(s.device, int(plain.shape[0]) * int(plain[0].numel()) * 2 * len(s.classes))
+            rows = min(int(plain.shape[0]), HANDEDNESS_MAX_IMAGES)     # what the fits use of them
+            dev = solve_device(s.device, rows * int(plain[0].numel()) * 2 * len(s.classes))
             verdict = handedness(plain.to(dev), mirrored.to(dev),
                                  self.train_bank.labels[self.train_bank.valid].to(dev),
                                  len(s.classes), seed=int(s.config.seed)).to_dict()
