@@ -62,6 +62,8 @@ class AdviceThresholds:
                                      # is one image's confidence: medium digits, 0.0414 -> 0.0458 at the end)
     underfit_gap: float = 0.05       # |train acc - val acc| below this = no gap ...
     underfit_acc: float = 0.60       # ... and train acc below this = too small or too frozen
+    fitted_loss: float = 0.01        # a loss below this (mean confidence ~99%) is a fitted model's noise,
+                                     # neither exploding nor overfitting (0.000111 -> 0.00135 at 100% val acc)
 
 
 ADVICE_THRESHOLDS = AdviceThresholds()
@@ -98,7 +100,8 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
         last = phase_tl[-1]
         # ... and above where training started: 8e-07 -> 0.39 (a head that fits its data perfectly, then a
         # normal epoch) is a ratio of 5e5 but no explosion.
-        if best_before_last > 0 and last > t.explode_factor * best_before_last and last > phase_tl[0]:
+        if (best_before_last > 0 and last > t.explode_factor * best_before_last and last > phase_tl[0]
+                and last > t.fitted_loss):
             return [f"training loss is exploding ({best_before_last:.3g} -> {last:.3g}): the learning rate "
                     "is too high, lower it (try 1/10, or run `zoo lr-find`)"]
     # The trend rules judge the last phase alone, for the same reason: a finetune phase's loss on
@@ -152,7 +155,7 @@ def _overfitting(rows: list[dict], train_loss: list[float], val_loss: list[float
         tl_at_min, tl_last = pairs[i_min][0], pairs[-1][0]
         k = max(1, int(t.val_loss_rise_epochs))
         loss_overfit = (i_min < len(vls) - k and all(v > vls[i_min] * (1.0 + t.val_loss_rise) for v in vls[-k:])
-                        and tl_last < tl_at_min)
+                        and tl_last < tl_at_min and vls[-1] > t.fitted_loss)
     if acc_overfit or loss_overfit:
         what = (f"train/val accuracy gap {gaps[-1]:.0%} and growing" if acc_overfit
                 else f"val loss rising ({min(v for _, v in pairs):.3g} -> {pairs[-1][1]:.3g}) "

@@ -46,6 +46,17 @@ def test_a_tiny_loss_rising_below_its_start_is_not_exploding():
     assert any("exploding" in m for m in advise(rows))
 
 
+def test_a_fitted_model_s_tiny_losses_are_neither_exploding_nor_overfitting():
+    """A run at 100% validation accuracy whose losses wobble around 1e-3 (seen on real crops: train
+    0.000111 -> 0.00135, val 0.000535 -> 0.00361) gets no advice: those are a fitted model's noise."""
+    rows = _rows([0.0009, 0.0003, 0.000111, 0.00135], [0.0009, 0.000535, 0.002, 0.00361],
+                 [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    assert advise(rows) == []
+    bigger = _rows([0.09, 0.03, 0.0111, 0.135], [0.09, 0.0535, 0.2, 0.361], [1.0, 1.0, 1.0, 0.97],
+                   [1.0, 1.0, 0.97, 0.95])          # the same wobble 100x larger: a real explosion
+    assert any("exploding" in m for m in advise(bigger))
+
+
 def test_exploding_compares_epochs_of_one_phase():
     """The head phase on cached (un-augmented) features ends far below the finetune phase's loss on
     augmented or mixed images: that jump is no explosion; a rise inside the finetune phase is."""
