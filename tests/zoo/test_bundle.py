@@ -302,3 +302,14 @@ def test_round_trip_after_real_training(tmp_path, monkeypatch):
         assert torch.allclose(bundle.model(x), want, atol=1e-5)
         assert torch.allclose(plain(x), want, atol=1e-5)
     assert bundle.labels == ["cat", "dog", "fox"]
+
+
+def test_a_run_folder_given_for_a_bundle_points_to_its_bundle(run_and_model, tmp_path):
+    """`zoo predict RUN IMG` (the run folder, not its bundle): the message names the bundle to use, or how
+    to export one; never "RUN/model.safetensors is missing"."""
+    run, _ = run_and_model
+    with pytest.raises(BundleError, match=r"is a run folder, not a bundle: export one first with `zoo export"):
+        load_bundle(run)
+    export_run(run, run / "export")
+    with pytest.raises(BundleError, match=r"is a run folder, not a bundle: use its bundle, .*export"):
+        load_bundle(run)

@@ -230,6 +230,11 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     if not path.is_dir():
         raise BundleError(f"no bundle at {path}; export one with `zoo export RUN_DIR --out {path}`")
     weights = path / WEIGHTS
+    if not weights.exists() and ((path / "model.json").is_file() or (path / "checkpoints").is_dir()):
+        exported = path / "export"     # a run folder: `zoo finetune` exports its bundle there by default
+        raise BundleError(f"{path} is a run folder, not a bundle: " + (
+            f"use its bundle, {exported}" if (exported / WEIGHTS).is_file()
+            else f"export one first with `zoo export {path}`"))
     meta = _decode_metadata(read_safetensors_metadata(weights), weights)
     config = _read_json(path / CONFIG, "re-export with `zoo export RUN_DIR`")
     if "builder" not in meta or "label_names" not in meta:
