@@ -15,8 +15,8 @@ from typing import Any
 
 from finetune.core.errors import ConfigError
 
-__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "AUTO_EPOCHS_HEAD",
-           "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS"]
+__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused", "AUTO_EPOCHS_HEAD",
+           "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS", "lr_unused"]
 
 # ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
 # (100 per class) 8 epochs (the solved head + 7) tested as well as 30 with early stopping and as 10, in
@@ -151,6 +151,15 @@ def head_first(config: Any, trainable_stages: int) -> bool:
     """Whether a head phase precedes the finetune phase: layers train (``trainable_stages`` > 0), the head
     phase is not turned off (``--head-epochs 0``) and the run has room for both (2+ epochs)."""
     return trainable_stages > 0 and int(config.head_epochs) != 0 and int(config.epochs) >= 2
+
+
+def lr_unused(config: Any, trainable_stages: int) -> bool:
+    """Whether no learning rate trains anything in such a run: only the head trains (``trainable_stages``
+    0), on cached features (``fast_head``, no mixup/CutMix, which train through the network), solved by
+    L-BFGS (``head_solver`` lbfgs; a linear head, as every registry model has)."""
+    mixes = float(getattr(config, "mixup", 0) or 0) > 0 or float(getattr(config, "cutmix", 0) or 0) > 0
+    return (trainable_stages == 0 and bool(config.fast_head) and config.head_solver == "lbfgs"
+            and not mixes)
 
 
 def default_departure(config: Any, trainable_stages: int, steps_per_epoch: int) -> tuple[float, float]:

@@ -182,7 +182,7 @@ class Trainer:
             self._curves_at = time.perf_counter()
         self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
                        f"{row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
-                       f"acc {row['val_acc']:.3f} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
+                       f"acc {row['val_acc']:.3f} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s")
         for line in advise(self.history):   # the lecture's reading of the curves, as soon as a rule fires
             rule = " ".join(line.split()[:3])
             if rule not in self.advised:
@@ -238,6 +238,8 @@ class Trainer:
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
                "images_per_s": tr["images_per_s"]}
+        if tr.get("solver"):      # a solved head (L-BFGS): no learning rate was used, whatever --lr says
+            row["solver"] = tr["solver"]
         improved = s.has_val and self.stopper.improved(metric)
         if improved:
             self.best_eval = _evaluation(steps, va)
@@ -381,6 +383,11 @@ class Trainer:
         return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,
                          stopped_early=self.stopped_early, run_dir=self.folder.path, decision=d, metrics=metrics,
                          val_probs=probs)
+
+
+def _lr_text(row: dict) -> str:
+    """The epoch line's learning rate: the solver instead where the head was solved (no LR in play)."""
+    return f"solved by {row['solver']}, no lr" if row.get("solver") else f"lr {row['lr']:.3g}"
 
 
 def _evaluation(steps: EpochSteps, metrics: dict) -> Evaluation:

@@ -45,6 +45,21 @@ def test_lr_find_command(tiny_zoo, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["freeze"] == "none"
 
 
+def test_lr_find_on_a_head_only_run_says_its_lr_needs_the_gradient_solver(tiny_zoo, tmp_path):
+    """QA: the default head-only run solves its head by L-BFGS and uses no LR, so the suggested command
+    adds --head-solver gradient and says why; and that run's epoch line says so instead of an LR."""
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "lr"),
+                                 "--steps", "20", "--freeze", "head", *COMMON])
+    assert r.exit_code == 0, r.output
+    (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
+    assert "--head-solver gradient" in nxt and "uses no learning rate" in r.output
+    r = CliRunner().invoke(cli, ["finetune", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "run"),
+                                 "--freeze", "head", "--lr", "0.5", "--epochs", "2", "--no-export", *COMMON])
+    assert r.exit_code == 0, r.output
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("epoch 1/")]
+    assert "solved by L-BFGS, no lr" in line and "lr 0.5" not in line
+
+
 def test_lr_find_usage_errors(tiny_zoo):
     r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--start-lr", "1", "--end-lr",
                                  "0.1", *COMMON])

@@ -11,6 +11,7 @@ import click
 from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text
+from finetune.core.policy import lr_unused
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -101,4 +102,9 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
     echo(result.describe())
     echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
     random_init = "" if pretrained else " --no-pretrained"
-    echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{random_init}")
+    solver = ""
+    if result.decision is not None and lr_unused(config, result.decision.trainable_stages):
+        echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
+             "this one applies with --head-solver gradient (or when layers train: --freeze)")
+        solver = " --head-solver gradient"
+    echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{solver}{random_init}")

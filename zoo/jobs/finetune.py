@@ -22,6 +22,7 @@ from finetune.core.config import FinetuneConfig, load_config
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.errors import CheckpointError
+from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.policy import parse_freeze
@@ -364,6 +365,9 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
     found = diagnostics.lr_find(model, stages, data_config, train_set, config, head=head, log=say,
                                 feature_cache=feature_cache, **kwargs)
     say(f"lr: {found.describe()}")
+    if found.decision is not None and lr_unused(config, found.decision.trainable_stages):
+        say("lr: this run trains the head only and solves it by L-BFGS, which uses no learning rate; the "
+            "suggestion applies with --head-solver gradient")
     return found, config.replace(lr=float(found.suggestion))
 
 

@@ -297,7 +297,7 @@ class CachedHeadSteps:
         seconds = time.perf_counter() - t0 + self._prep_seconds
         self._prep_seconds = 0.0
         return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
-                "phase_done": True}
+                "phase_done": True, "solver": "L-BFGS"}
 
     def _solve_path(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """The L-BFGS solves of the head on features ``x`` (rows) with labels ``y``, strongest L2 first, each
