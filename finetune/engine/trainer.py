@@ -295,6 +295,11 @@ class Trainer:
         s = self.s
         if self.resume:
             self._restore()
+            if self.pi >= len(self.phases) and self.epoch < int(s.config.epochs):
+                self.say(f"note: this run had finished (after epoch {self.epoch}"
+                         f"{', stopped early' if self.stopped_early else ''}): resuming it trains nothing more, "
+                         f"--epochs {s.config.epochs} does not extend a finished run (its LR schedule ended); "
+                         "start a new run to train longer")
         else:
             self.folder.refuse_existing_run()
         if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:

@@ -163,3 +163,18 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(data, reference, tmp_path):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     resumed = run(data, resume_cfg(), run_dir=out, resume=True)
     assert equal_states(resumed.model.state_dict(), reference.model.state_dict())
+
+
+def test_resuming_a_finished_run_with_more_epochs_says_it_is_not_extended(data, tmp_path):
+    """QA: `--resume RUN --epochs 10` on a run that had finished trained nothing and said nothing. It
+    still trains nothing (the LR schedule ended), and now says so and what to do."""
+    out = tmp_path / "run"
+    run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out)
+    lines: list[str] = []
+    again = run(data, cfg(epochs=5, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
+    assert len(again.history) == 2
+    (note,) = [ln for ln in lines if ln.startswith("note: this run had finished")]
+    assert "after epoch 2" in note and "--epochs 5 does not extend a finished run" in note
+    lines.clear()
+    run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
+    assert not [ln for ln in lines if ln.startswith("note: this run had finished")]
