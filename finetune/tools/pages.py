@@ -44,7 +44,7 @@ def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) ->
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
                     f"{result.probe_accuracy:.3f}; near-duplicate threshold cosine "
-                    f"{result.options.near_threshold:g}.</p>"),
+                    f"{result.near_used:.3g}.</p>"),
             section("Images per class", table(["class", *result.counts], per_split))]
     by_kind: dict[str, list] = {}
     for f in result.findings:

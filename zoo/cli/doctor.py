@@ -34,9 +34,10 @@ def _bar(quiet: bool):
               help="Model whose pretrained features are compared.  [default: the smallest cached model]")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
-@click.option("--near", "near", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
+@click.option("--near", "near", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features; 1 means "
-                   "identical features, compared exactly.")
+                   "identical features, compared exactly.  [default: auto: 0.95, raised where images of "
+                   "different classes are that alike to the features, as digits or text are]")
 @click.option("--near-pixels", "near_pixels", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.99,
               show_default=True, help="Near-duplicate threshold on 16x16 grey pixel fingerprints (re-encoded or "
                                       "resized copies); 1 means identical fingerprints, compared exactly.")
@@ -58,7 +59,7 @@ def _bar(quiet: bool):
 @click.option("--workers", "workers", type=int, default=-1, show_default=True,
               help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")
 @click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
-def doctor_cmd(data: str, model: str | None, out: str | None, near: float, near_pixels: float, folds: int, outlier_z: float,
+def doctor_cmd(data: str, model: str | None, out: str | None, near: float | None, near_pixels: float, folds: int, outlier_z: float,
                min_side: int, max_aspect: float, seed: int, val_split: float, device: str, batch_size: int,
                workers: int, quiet: bool) -> None:
     """Look at the data before trusting it: what would inflate or hurt the accuracy of a finetune.

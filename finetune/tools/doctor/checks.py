@@ -99,6 +99,40 @@ def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tupl
     return out
 
 
+NEAR_FLOOR = 0.95          # the auto feature threshold's lowest value (photos: docs/doctor.md)
+_REFERENCE_QUERIES = 2000  # images whose nearest other-class neighbour sets the auto threshold (a seeded sample)
+
+
+def copy_threshold(z: np.ndarray, ok: np.ndarray, labels: Sequence[str], seed: int = 0) -> tuple[float, float]:
+    """The auto feature threshold for near copies, and the reference ``p`` it rests on.
+
+    Images of different classes are not copies of each other (but for a few mislabelled ones). For each
+    image (a seeded sample of at most 2,000), take its most similar image of another class; ``p`` is the
+    95th percentile of those cosines (the top 5% may be such copies). A copy must be closer to identical
+    than that: the threshold is max(NEAR_FLOOR, p + (1 - p) / 2). On photos p is far lower (0.53-0.59
+    measured), so NEAR_FLOOR stands; on upscaled handwritten digits p is 0.952 and the threshold 0.976,
+    above the 0.95-0.968 of distinct digits that were reported as 140 leaks (docs/doctor.md). ``p`` is NaN
+    with fewer than two classes."""
+    rows = np.flatnonzero(ok)
+    lab = np.asarray(labels, dtype=object)[rows]
+    if len(set(lab.tolist())) < 2:
+        return NEAR_FLOOR, math.nan
+    queries = rows if len(rows) <= _REFERENCE_QUERIES else np.sort(
+        np.random.default_rng(seed).choice(rows, _REFERENCE_QUERIES, replace=False))
+    everyone = torch.from_numpy(np.ascontiguousarray(z[rows], dtype=np.float32)).double()
+    index = {int(r): k for k, r in enumerate(rows)}
+    codes = {c: k for k, c in enumerate(sorted(set(lab.tolist())))}
+    cls = torch.tensor([codes[c] for c in lab.tolist()])
+    best = []
+    for start in range(0, len(queries), 512):
+        q = torch.tensor([index[int(r)] for r in queries[start:start + 512]])
+        sim = everyone[q] @ everyone.T
+        sim[cls[q][:, None] == cls[None, :]] = -math.inf         # same class (the image itself too)
+        best.append(sim.max(dim=1).values)
+    p = float(np.quantile(torch.cat(best).numpy(), 0.95))
+    return max(NEAR_FLOOR, p + (1.0 - p) / 2.0), p
+
+
 def _add_near_pairs(pairs: dict, vectors, mask, threshold: float) -> list[tuple[int, int]]:
     """Pairs of rows of ``vectors`` (those ``mask`` keeps; all if None) at cosine >= ``threshold`` that
     ``pairs`` lacks, added as near copies; returns the added keys."""

@@ -26,7 +26,9 @@ Log = Callable[[str], None]
 class DoctorOptions:
     """Thresholds of the checks (the defaults are the ones measured in docs/doctor.md)."""
 
-    near_threshold: float = 0.95    # cosine similarity of L2-normalised pooled features: a near copy
+    # cosine similarity of L2-normalised pooled features from which two images are a near copy; None (auto):
+    # NEAR_FLOOR, raised where images of different classes are that alike (checks.copy_threshold)
+    near_threshold: float | None = None
     pixel_threshold: float = 0.99   # or cosine similarity of the 16x16 grey pixel fingerprints
     # (1.0 for either: identical vectors, compared bit for bit rather than by a float cosine)
     folds: int = 5                  # out-of-fold probe folds (wrong labels)
@@ -40,7 +42,8 @@ class DoctorOptions:
 
     def validate(self) -> "DoctorOptions":
         """Raise ValueError on an option outside its range; returns self."""
-        if not 0.0 < self.near_threshold <= 1.0 or not 0.0 < self.pixel_threshold <= 1.0:
+        near = 0.5 if self.near_threshold is None else self.near_threshold
+        if not 0.0 < near <= 1.0 or not 0.0 < self.pixel_threshold <= 1.0:
             raise ValueError(f"near_threshold={self.near_threshold} and pixel_threshold={self.pixel_threshold} "
                              "must be in (0, 1], e.g. 0.95 and 0.99")
         if self.folds < 2:
@@ -78,6 +81,7 @@ class DoctorResult:
     probe_accuracy: float = math.nan      # out-of-fold accuracy of the linear probe
     seconds: dict[str, float] = field(default_factory=dict)
     feature_cache_hits: int = 0
+    near_used: float = math.nan           # the feature threshold the duplicate check used (see near_threshold)
 
     def by_kind(self) -> dict[str, int]:
         """Number of findings of each kind, in FINDING_ORDER (kinds with none included)."""

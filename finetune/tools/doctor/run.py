@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from finetune.data import ImageDataset, ImageSet, build_transform
-from finetune.tools.doctor.checks import l2_normalise, file_facts, file_findings, find_duplicates, find_outliers, label_issues
+from finetune.tools.doctor.checks import (NEAR_FLOOR, copy_threshold, l2_normalise, file_facts, file_findings,
+                                          find_duplicates, find_outliers, label_issues)
 from finetune.tools.doctor.findings import FINDING_ORDER, SPLIT_ORDER, DoctorOptions, DoctorResult, Finding, Log
 from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
 
@@ -121,7 +122,14 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
         np.zeros(0, bool)
 
     t0 = time.perf_counter()
-    findings = find_duplicates(rel, splits, labels, hashes, z, ok, options.near_threshold, thumbs, has_thumb,
+    near = options.near_threshold
+    if near is None:
+        near, reference = copy_threshold(z, ok, labels, seed=options.seed)
+        if near > NEAR_FLOOR:
+            say(f"near copies by features: cosine >= {near:.3f}, not {NEAR_FLOOR:g}: images of different classes "
+                f"are this alike here (95th percentile of each image's most similar other-class image: "
+                f"{reference:.3f}); copies by bytes and by pixels are found as always")
+    findings = find_duplicates(rel, splits, labels, hashes, z, ok, near, thumbs, has_thumb,
                                options.pixel_threshold)
     seconds["duplicates"] = time.perf_counter() - t0
 
@@ -138,7 +146,7 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
                                  f.path))
     return DoctorResult(root=str(report.root), classes=classes, counts=report.counts(), findings=findings,
                         options=options, images=n, label_ranking=ranking, probe_accuracy=probe_acc,
-                        seconds=seconds, feature_cache_hits=hits)
+                        seconds=seconds, feature_cache_hits=hits, near_used=near)
 
 
 def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str], splits: list[str],
