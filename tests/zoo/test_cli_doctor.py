@@ -69,6 +69,8 @@ def test_finetune_exclude_then_report(tmp_path, tiny, leaky):
     split = json.loads((run / "split.json").read_text())
     assert "train/cat/cat_003.png" not in {rel for rel, _ in split["train"]}
     assert len(split["train"]) == 22
+    # the console's data summary counts what trains (QA: it showed the counts before --exclude)
+    assert f"{len(split['train'])} train" in r.output, r.output
     page = (run / "report.html").read_text(encoding="utf-8")     # written by `zoo finetune` itself
     check_html(page)
     for part in ("Freeze decision", "Head solve", "Confusion matrix", "Config", "excluded"):   # head solved in one step

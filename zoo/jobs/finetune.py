@@ -190,9 +190,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
         report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
-        for line in scan_lines(report):
-            say(line)
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
+        for line in scan_lines(report):      # the counts the run trains on (after --exclude)
+            say(line)
         entry = get_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
