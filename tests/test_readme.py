@@ -264,6 +264,8 @@ def _make_placeholders(cmd: click.Command, args: list[str], parent: click.Contex
         if not (isinstance(kind, click.Path) and kind.exists) or values.get(param.name) is None:
             continue
         raw = values[param.name]
+        if not isinstance(raw, (str, list, tuple)):      # an optional argument not given (click's UNSET)
+            continue
         for value in (raw if isinstance(raw, (list, tuple)) else [raw]):
             p = Path(value)
             if p.exists():

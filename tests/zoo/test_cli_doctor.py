@@ -121,3 +121,16 @@ def test_doctor_lists_the_files_its_scan_skipped_where_its_warning_says(tmp_path
     warning = next(row["detail"] for row in rows if row["finding"] == "scan_warning")
     assert "bad_files.txt" in warning
     assert (out / "bad_files.txt").read_text(encoding="utf-8").startswith("train/cat/notes.jpg\t")
+
+
+def test_the_data_folder_may_be_given_as_an_argument(tmp_path, tiny, leaky):
+    """QA: `zoo doctor DIR` said "Missing option '--data'"; it now takes the folder either way, and says
+    what is wrong when there is none or two."""
+    r = invoke("doctor")
+    assert r.exit_code == 2 and "the data folder is required: zoo doctor --data DIR" in r.output
+    r = invoke("doctor", leaky, "--data", tmp_path)
+    assert r.exit_code == 2 and "two data folders given" in r.output
+    r = invoke("doctor", leaky, "--model", tiny, "--out", tmp_path / "doc", "--workers", "0", "--device", "cpu", "--quiet",
+               "--min-side", "0", "--near", "1", "--near-pixels", "1")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "doc" / "findings.csv").is_file()

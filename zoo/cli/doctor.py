@@ -28,8 +28,10 @@ def _bar(quiet: bool):
 
 
 @cli.command("doctor", short_help="Find leaks, duplicates, likely wrong labels and outliers in an image folder.")
-@click.option("--data", "data", type=click.Path(file_okay=False, exists=True), required=True,
-              help="Image folder: DIR/<class>/* or DIR/{train,val[,test]}/<class>/* (only read).")
+@click.argument("folder", required=False, type=click.Path(file_okay=False, exists=True), metavar="[DIR]")
+@click.option("--data", "data", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Image folder: DIR/<class>/* or DIR/{train,val[,test]}/<class>/* (only read); "
+                   "or give it as DIR.")
 @click.option("--model", "model", default=None,
               help="Model whose pretrained features are compared.  [default: the smallest cached model]")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
@@ -59,7 +61,8 @@ def _bar(quiet: bool):
 @click.option("--workers", "workers", type=int, default=-1, show_default=True,
               help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")
 @click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
-def doctor_cmd(data: str, model: str | None, out: str | None, near: float | None, near_pixels: float, folds: int, outlier_z: float,
+def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str | None, near: float | None,
+               near_pixels: float, folds: int, outlier_z: float,
                min_side: int, max_aspect: float, seed: int, val_split: float, device: str, batch_size: int,
                workers: int, quiet: bool) -> None:
     """Look at the data before trusting it: what would inflate or hurt the accuracy of a finetune.
@@ -76,6 +79,11 @@ def doctor_cmd(data: str, model: str | None, out: str | None, near: float | None
       zoo doctor --data ./photos --model resnet50 --near 0.97 --out ./photos-doctor
       zoo finetune resnet50 --data ./photos --exclude ./photos-doctor/findings.csv
     """
+    if folder is not None and data is not None and folder != data:
+        raise click.UsageError(f"two data folders given ({folder} and --data {data}): give one")
+    data = data or folder
+    if data is None:
+        raise click.UsageError("the data folder is required: zoo doctor --data DIR (or zoo doctor DIR)")
     # lazy: zoo --help must not import torch
     from finetune.tools.doctor import DoctorOptions
     from zoo.jobs import doctor
