@@ -88,6 +88,7 @@ class Trainer:
         self.s = setup
         self.folder = run
         self.resume = resume
+        self.seconds_before, self.t_run = 0.0, time.perf_counter()
         self.callbacks = list(callbacks)
         main = setup.info.is_main
         self.say: Log = log if (log is not None and main) else (lambda _msg: None)
@@ -136,12 +137,18 @@ class Trainer:
         self.history = list(ckpt["history"])
         self.guard.epoch = ckpt.get("head_epoch")
         self.mirror = ckpt.get("mirror")
+        self.seconds_before = float(ckpt.get("seconds", 0.0))    # the earlier processes' time, to their last save
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if (self.folder.path / BEST).is_file():
             self.best_state = load_weights(self.folder.path / BEST)
         self.ckpt = ckpt
         self.say(f"resuming {self.folder.path} after epoch {self.epoch}")
+
+    def _seconds(self) -> float:
+        """The run's training time: this process's so far plus, after a resume, the earlier ones' to their
+        last checkpoint (an epoch cut off by an interruption is not counted: it is run again)."""
+        return self.seconds_before + time.perf_counter() - self.t_run
 
     def _checkpoint(self, next_pi: int, start: int | None) -> None:
         """last.pt after an epoch (or before the first): ``next_pi``/``start`` say where to go on."""
@@ -162,6 +169,7 @@ class Trainer:
             "ema": ({"updates": self.loader_steps.ema.updates, "model": self._weights()}
                     if running and self.loader_steps.ema is not None else None),
             "rng": rng_state(), "history": cpu_copy(self.history), "config": self.s.config.to_dict(),
+            "seconds": self._seconds(),
             "classes": self.s.classes,
             "decision": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
         })
@@ -309,7 +317,7 @@ class Trainer:
             self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
                      "so the average is not used (pass --freeze to finetune layers)")
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
-        t_run = time.perf_counter()
+        t_run = self.t_run = time.perf_counter()
         try:
             with _sigterm_as_interrupt():
                 if self.ckpt is None:
@@ -373,6 +381,7 @@ class Trainer:
         metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
         d = s.decision
         self.folder.flush()       # the head guard's best.safetensors is on disk before the summary names it
+        now = time.perf_counter()
         self.folder.summary({
             "best_epoch": best_epoch, "monitor": s.config.monitor,
             "best_value": (self.guard.decision["value"] if reverted else self.stopper.best if s.has_val else None),
@@ -382,7 +391,8 @@ class Trainer:
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
             "head_guard": self.guard.decision,
             "head_solver": getattr(self.head_steps, "solver_path", None) or None, "mirror": self.mirror,
-            "seconds": round(time.perf_counter() - t_run, 3), "classes": s.classes,
+            "seconds": round(self.seconds_before + now - t_run, 3), "classes": s.classes,
+            **({"seconds_this_process": round(now - t_run, 3)} if self.resume else {}),
         })
         ddp.barrier(s.info)
         return FitResult(model=s.model, history=self.history, best_epoch=best_epoch,

@@ -58,7 +58,9 @@ def test_resume_after_interrupt_matches_uninterrupted(data, reference, tmp_path,
     with pytest.raises(Interrupted) as info:
         run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(k)])
     assert f"zoo finetune --resume {out}" in str(info.value)
-    assert torch.load(out / LAST, weights_only=True)["epoch"] == k
+    saved = torch.load(out / LAST, weights_only=True)
+    assert saved["epoch"] == k
+    before = saved["seconds"]
     # a fresh, differently initialised model: everything must come from the checkpoint
     resumed = run(data, resume_cfg(), run_dir=out, resume=True, model=tiny_model(seed=123))
     assert equal_states(resumed.model.state_dict(), reference.model.state_dict())
@@ -67,6 +69,10 @@ def test_resume_after_interrupt_matches_uninterrupted(data, reference, tmp_path,
     # the head guard decides the same after a resume (the head phase's weights come from head.safetensors)
     guard = json.loads((out / "summary.json").read_text())["head_guard"]
     assert guard is not None and guard == json.loads((reference.run_dir / "summary.json").read_text())["head_guard"]
+    # the summary's time counts the interrupted process's too, up to its last checkpoint
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds"] == pytest.approx(before + summary["seconds_this_process"], abs=0.002)
+    assert before > 0 and "seconds_this_process" not in json.loads((reference.run_dir / "summary.json").read_text())
     final = torch.load(out / LAST, weights_only=True)
     ref_final = torch.load(reference.run_dir / LAST, weights_only=True)
     assert equal_states(final["model"], ref_final["model"])
