@@ -115,7 +115,8 @@ def _import_bench_gpu() -> None:
 def profile_run(data: Path, run: Path, out: Path, env: dict, common: list[str], tiny: bool) -> dict:
     """The big job's ``--decode workers`` run, 2 epochs, under cProfile: where epoch 1's time goes (a GPU's
     first-use costs show up in the first calls of torch.conv2d, the backward pass, decode_jpeg...).
-    Writes profile.txt: the top 40 functions by own time, then by cumulative time."""
+    Writes profile.txt: the top 40 functions by own time, then by cumulative time, then the training loop's
+    own functions (epochs, evaluation, the warm-up before epoch 1) whatever their rank."""
     import io
     import pstats
 
@@ -130,6 +131,7 @@ def profile_run(data: Path, run: Path, out: Path, env: dict, common: list[str], 
         stats = pstats.Stats(str(prof), stream=buf)
         stats.sort_stats("tottime").print_stats(40)
         stats.sort_stats("cumulative").print_stats(40)
+        stats.print_stats(r"engine/(steps|epoch_steps)\.py.*\((train_one_epoch|evaluate|warm_up|train_epoch)\)")
         (out / "profile.txt").write_text(buf.getvalue(), encoding="utf-8")
     r.update(name="zoo, --decode workers, 2 epochs under cProfile (profile.txt)", epochs=zoo_epochs(run))
     return r
@@ -269,9 +271,12 @@ def main() -> int:
         base = ["finetune", f"timm:{arch}", "--data", str(data), "--freeze", "none", "--head-epochs", "0",
                 "--epochs", str(epochs), "--batch-size", str(batch), "--no-export", "--quiet", *common]
         autotune = "import finetune.engine.runtime as r; r.CUDNN_AUTOTUNE_MIN_STEPS = 0"
+        no_warm_up = "import finetune.engine.runtime as r; r.warms_up = lambda device: False"
         fewer = max(1, len(os.sched_getaffinity(0)) - 3)
         variants = [("zoo, --decode workers", ["--decode", "workers"], None, True),
                     ("zoo, --decode device", ["--decode", "device"], None, True),
+                    # epoch 1 against the later ones: what the blank batches before it (steps.warm_up) give
+                    ("zoo, --decode device, no warm-up before epoch 1", ["--decode", "device"], no_warm_up, False),
                     ("zoo, --decode device, cudnn autotune forced on", ["--decode", "device"], autotune, False),
                     # the default gives workers every core but one; does the training thread lack a core?
                     (f"zoo, --decode workers --workers {fewer} (3 cores left to the main process's threads)",

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from finetune.core import distributed as ddp
 from finetune.core.ema import ModelEma
 from finetune.engine.setup import Setup
-from finetune.engine.steps import evaluate, train_one_epoch
+from finetune.engine.runtime import warms_up
+from finetune.engine.steps import evaluate, train_one_epoch, warm_up
 
 __all__ = ["EpochSteps", "LoaderSteps"]
 
@@ -69,6 +70,19 @@ class LoaderSteps:
         self.eval_net = s.model if self.ema is None else self.ema.module
         if s.config.compile:
             self.net, self.eval_net = torch.compile(self.net), torch.compile(self.eval_net)
+        elif warms_up(s.device):     # (compiling happens on the first real batch: a blank one would not help)
+            self._warm_up(phase)
+
+    def _warm_up(self, phase: str) -> None:
+        """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""
+        s = self.s
+        size = tuple(int(v) for v in s.data_config["input_size"])
+        per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
+        n_train = -(-len(s.train_set.items) // s.info.world_size)
+        n_val = -(-len(s.val_set.items) // s.info.world_size)
+        warm_up(s.model, (min(per_rank, n_train), *size), (min(per_rank, n_val), *size) if s.has_val else None,
+                s.loss_fn, s.device, amp=s.amp, channels_last=s.channels_last,
+                only_train=s.head_module if phase == "head" else None)
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s

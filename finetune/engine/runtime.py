@@ -13,7 +13,7 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
 
-__all__ = ["resolve_device", "cudnn_autotune", "AmpPolicy", "amp_policy", "to_device",
+__all__ = ["resolve_device", "cudnn_autotune", "warms_up", "AmpPolicy", "amp_policy", "to_device",
            "build_loss"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
@@ -64,6 +64,15 @@ def cudnn_autotune(device: torch.device, network_steps: int) -> bool:
     on = int(network_steps) >= CUDNN_AUTOTUNE_MIN_STEPS
     torch.backends.cudnn.benchmark = on
     return on
+
+
+def warms_up(device: torch.device) -> bool:
+    """Whether a phase that trains through the network first passes blank batches of its shapes through it
+    (``steps.warm_up``): on CUDA, where the first convolutions of each shape pay for cuDNN's set-up and
+    lazy kernel loading (GPU run 1: epoch 1 about 1.8 s short of the later ones on both decode paths),
+    and where the loader's workers, started ahead, decode the first batches meanwhile. Not on the CPU:
+    nothing there is paid on first use at that scale."""
+    return device.type == "cuda"
 
 
 @dataclass(frozen=True)

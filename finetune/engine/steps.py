@@ -18,7 +18,7 @@ from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.errors import DivergedError
 from finetune.core.metrics import per_class_accuracy
 
-__all__ = ["train_one_epoch", "evaluate", "optimizer_step", "diverged"]
+__all__ = ["train_one_epoch", "evaluate", "warm_up", "optimizer_step", "diverged"]
 
 _FULL = AmpPolicy("cpu", None)
 # Training steps between two looks at the loss from the host: each look waits for the GPU to finish the
@@ -221,3 +221,45 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A copy on the CPU that the host does not wait for (pinned from CUDA): read it only after a later
     blocking copy on the same stream."""
     return t.to("cpu", non_blocking=True)
+
+
+def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[int, ...] | None, loss_fn: nn.Module,
+            device: torch.device, *, amp: AmpPolicy | None = None, channels_last: bool = False,
+            only_train: nn.Module | None = None) -> None:
+    """One training forward and backward of a blank batch of ``train_shape`` (as :func:`train_one_epoch`
+    runs it: same modes, precision and memory format) and one evaluation forward of ``eval_shape``, so that
+    the device's first-use costs (kernel loading, cuDNN's choice or autotuning of each convolution) are
+    paid before the first epoch, while the loader's workers decode its first batches.
+
+    Nothing of the run changes: no optimizer step; the gradients, the buffers (BatchNorm statistics), the
+    modules' modes and the random generators (dropout) are as before."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    try:
+        with torch.random.fork_rng(devices=forked):
+            model.train(only_train is None)
+            if only_train is not None:
+                only_train.train()
+            x = torch.zeros(train_shape, device=device).contiguous(memory_format=fmt)
+            with torch.enable_grad():
+                with (amp or _FULL).autocast():
+                    out = model(x)
+                loss = loss_fn(out.float(), torch.zeros(train_shape[0], dtype=torch.int64, device=device))
+                if loss.requires_grad:
+                    loss.backward()
+            if eval_shape is not None:
+                model.eval()
+                with torch.no_grad(), (amp or _FULL).autocast():
+                    model(torch.zeros(eval_shape, device=device).contiguous(memory_format=fmt))
+    finally:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad = g
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, training in modes:
+            m.training = training

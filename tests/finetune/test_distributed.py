@@ -73,6 +73,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
         from finetune.tools.train import fit
         from finetune.core import distributed
+        import finetune.engine.epoch_steps as epoch_steps
+        epoch_steps.warms_up = lambda device: True      # CUDA's warm-up, under DDP: it must change nothing
         result = fit(tiny_model(), STAGES, DATA_CONFIG, train, val, ddp_cfg(), head="fc",
                      run_dir={str(tmp_path / "ddp")!r})
         info = distributed.setup("cpu")

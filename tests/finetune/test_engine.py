@@ -406,3 +406,56 @@ def test_a_run_that_fails_waits_for_the_files_it_handed_over(report, tmp_path, m
         s.close()
     assert not [t for t in threading.enumerate() if t.name == "zoo-checkpoint-writes"]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_warm_up_runs_a_step_of_each_shape_and_changes_nothing():
+    """``steps.warm_up`` (CUDA's first-use costs before epoch 1, forced here on the CPU): one training
+    forward and backward and one evaluation forward of the given shapes, and afterwards the weights,
+    BatchNorm statistics, gradients, modes and random generators are as they were."""
+    from finetune.engine.runtime import amp_policy
+    from finetune.engine.steps import warm_up
+
+    model = timm.create_model("test_resnet", num_classes=5, drop_rate=0.5)
+    model.train()
+    model.get_submodule("fc").eval()            # a mixed set of modes must come back as it was
+    seen, backward = [], []
+    model.register_forward_hook(lambda m, args, out: seen.append((tuple(args[0].shape), m.training)))
+    model.get_submodule("fc").weight.register_hook(lambda g: backward.append(True))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    warm_up(model, (4, 3, 32, 32), (3, 3, 32, 32), torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+            amp=amp_policy(torch.device("cpu"), True), channels_last=True)
+    assert seen == [((4, 3, 32, 32), True), ((3, 3, 32, 32), False)] and backward == [True]
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_run_that_warms_up_trains_exactly_as_one_that_does_not(report, monkeypatch):
+    """With the warm-up forced on (it runs on CUDA only), each phase that trains through the network warms
+    up its shapes first (the head phase with the backbone frozen in eval mode, as it trains), and every
+    epoch's numbers and the final weights are those of a run without it (dropout on: the random
+    generators too)."""
+    import finetune.engine.epoch_steps as epoch_steps
+
+    def run() -> tuple[list, dict]:
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=5, drop_rate=0.3)
+        result = fit(model, STAGES, DATA_CONFIG, report.train, report.val,
+                     _cfg(epochs=3, freeze="none", head_epochs=1, fast_head=False), head="fc")
+        return ([(r["phase"], r["train_loss"], r["val_loss"]) for r in result.history],
+                {k: v.clone() for k, v in result.model.state_dict().items()})
+
+    plain_history, plain_state = run()
+    calls = []
+    real = epoch_steps.warm_up
+    monkeypatch.setattr(epoch_steps, "warms_up", lambda device: True)
+    monkeypatch.setattr(epoch_steps, "warm_up", lambda model, train_shape, eval_shape, *a, only_train=None, **k: (
+        calls.append((train_shape, eval_shape, only_train is not None)),
+        real(model, train_shape, eval_shape, *a, only_train=only_train, **k))[1])
+    warm_history, warm_state = run()
+    n_val = min(8, len(report.val.items))
+    assert calls == [((8, 3, 32, 32), (n_val, 3, 32, 32), True), ((8, 3, 32, 32), (n_val, 3, 32, 32), False)]
+    assert warm_history == plain_history
+    assert all(torch.equal(plain_state[k], v) for k, v in warm_state.items())
