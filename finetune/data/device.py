@@ -81,6 +81,7 @@ class DeviceAugment(DeviceNormalize):
                               f"contrast={contrast}): hflip is a probability, the strengths are >= 0")
         self.hflip, self.brightness, self.contrast = float(hflip), float(brightness), float(contrast)
         self.rng = rng if rng is not None else random.Random(int(seed))
+        self.shard = (0, 1)        # (rank, world size): see reseed
 
     @classmethod
     def from_config(cls, data_config: dict, config: Any, train: bool = True) -> "DeviceAugment":
@@ -98,9 +99,14 @@ class DeviceAugment(DeviceNormalize):
     def active(self) -> bool:
         return self.hflip > 0 or self.brightness > 0 or self.contrast > 0
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        """Restart the draws from ``seed`` (an epoch's: the same on every rank). Under torchrun each rank
+        draws for the whole global batch and keeps its own images' rows (the ranks split each global batch
+        strided: rank r holds rows r, r + world_size, ...), so every image gets the flip and factors it
+        would get in one process."""
         # tagged: fit seeds Python's global ``random`` with the same epoch seed; this stream stays apart
         self.rng.seed(f"zoo.DeviceAugment:{int(seed)}")
+        self.shard = (int(rank), int(world_size))
 
     def draw(self, n: int) -> tuple[list[bool], list[list[tuple[str, float]]]]:
         """Per image: flip or not, and ColorJitter's brightness/contrast factors in its random order."""
@@ -153,8 +159,9 @@ class DeviceAugment(DeviceNormalize):
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or x.dim() != 4 or x.shape[0] == 0:
             return x
-        flips, ops = self.draw(x.shape[0])
-        return self.apply(x, flips, ops)
+        rank, world = self.shard
+        flips, ops = self.draw(x.shape[0] * world)      # every image of the global batch draws the same amount
+        return self.apply(x, flips[rank::world], ops[rank::world])
 
     def __repr__(self) -> str:
         return (f"DeviceAugment(hflip={self.hflip}, brightness={self.brightness}, contrast={self.contrast}, "

@@ -225,9 +225,11 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
     return BatchSampler(EpochSeededSampler(base), int(batch_size), drop_last_partial(len(base), int(batch_size)))
 
 
-def set_epoch_order(sampler: EpochSeededSampler, seed: int, epoch: int, rank: int = 0) -> None:
-    """Make a training sampler's order and its samples' seeds a function of (seed, epoch, rank)."""
-    sampler.set_epoch(int(epoch), epoch_seed(seed, epoch, rank))
+def set_epoch_order(sampler: EpochSeededSampler, seed: int, epoch: int) -> None:
+    """Make a training sampler's order and its samples' seeds a function of (seed, epoch): the same on
+    every rank, so that an image's augmentation in an epoch is the same whatever the number of processes
+    (the ranks split one permutation of the global indices, and each sample's draws come from its index)."""
+    sampler.set_epoch(int(epoch), epoch_seed(seed, epoch))
 
 
 def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, device: str = "cpu",
@@ -290,12 +292,13 @@ def close_loader(loader) -> None:
 
 
 def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
-    """Make the loader's order, its samples' augmentation and its workers' seeds a function of
-    (seed, epoch, rank)."""
+    """Make the loader's order (this rank's share of one permutation), its samples' augmentation (of
+    (seed, epoch) and each image's index: the same on any number of ranks) and its workers' seeds a
+    function of (seed, epoch, rank)."""
     s = epoch_seed(seed, epoch, rank)
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, EpochSeededSampler):
-        set_epoch_order(sampler, seed, epoch, rank)
+        set_epoch_order(sampler, seed, epoch)
     elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(int(epoch))
     if hasattr(loader, "set_epoch"):   # finetune.data.decode.DevicePrefetcher: its augmentation generator

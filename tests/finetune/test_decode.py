@@ -157,6 +157,28 @@ def test_batched_colour_follows_torchvision_on_random_images():
     assert differ <= total * 1e-3, (differ, total)
 
 
+
+def test_device_augment_gives_each_image_the_same_draws_on_any_number_of_ranks():
+    """Under torchrun the ranks split each global batch strided (rank r: rows r, r + world, ...); each rank
+    draws for the whole global batch and keeps its rows, so 2 ranks augment every image as 1 process does,
+    epoch after epoch (the last batch partial)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g) for n in (8, 8, 4)]
+
+    def augmented(rank: int, world: int) -> list[torch.Tensor]:
+        aug = DeviceAugment((0.5,) * 3, (0.5,) * 3, hflip=0.5, brightness=0.4, contrast=0.4)
+        out = []
+        for epoch in (1, 2):
+            aug.reseed(1000 + epoch, rank, world)
+            out += [aug.augment(x[rank::world]) for x in batches]
+        return out
+
+    one = augmented(0, 1)
+    ranks = [augmented(r, 2) for r in (0, 1)]
+    for k, whole in enumerate(one):
+        assert torch.equal(whole[0::2], ranks[0][k]) and torch.equal(whole[1::2], ranks[1][k])
+    assert not torch.equal(one[0], batches[0])       # the draws did something
+
 def test_epoch_reseed_accepts_any_seed():
     t = DeviceTransform(DATA_CONFIG, True, AUG)
     pre = DevicePrefetcher([], t, "cpu")

@@ -24,8 +24,10 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def ddp_cfg():
-    # No augmentation and no dropout: the only difference left between 1 and 2 processes is summation order.
-    return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, augment="none", lr=1e-2)
+    # Augmentation on (each image's draws come from (seed, epoch, its index): the same on any number of
+    # ranks) and no dropout (each rank's masks are its own): the only difference left between 1 and 2
+    # processes is summation order.
+    return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, lr=1e-2)
 
 
 def _torchrun_fit(tmp_path: Path, train, val, body: str) -> None:
