@@ -77,10 +77,11 @@ def _command(name: str, tiny: str, data: Path, run: Path, out: Path) -> list:
                     "--device", "cpu"],
         "sweep": ["sweep", tiny, "--data", data, "--out", out, "--lr", "1e-3", "--epochs", "1",
                   "--workers", "0", "--device", "cpu"],
+        "doctor": ["doctor", data, "--model", tiny, "--out", out, "--workers", "0", "--device", "cpu"],
     }[name]
 
 
-@pytest.mark.parametrize("command", ["finetune", "export", "eval", "lr-find", "sweep"])
+@pytest.mark.parametrize("command", ["finetune", "export", "eval", "lr-find", "sweep", "doctor"])
 def test_a_users_folder_is_refused_byte_identical(command, tiny, data, tmp_path, user_folder, monkeypatch):
     """A non-empty folder zoo did not write: refused with one line (exit 2) naming it and the options,
     before any model is built; every file byte-identical, nothing added (no marker, no lock)."""

@@ -67,6 +67,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("lr-find", "a `zoo lr-find` result",
          ("scan.json", "split.json", "bad_files.txt", "config.yaml", "lr_find.png", "lr_find.csv", "lr_find.json",
           "log.txt")),
+    Kind("doctor", "a `zoo doctor` report",
+         ("findings.csv", "bad_files.txt", "label_ranking.csv", "report.html", "doctor.json")),
     Kind("sweep", "a `zoo sweep`",
          ("results.jsonl", "results.csv", "sweep.png", "sweep.json", "best_config.yaml", "trials", "log.txt"),
          resumable=True),
@@ -115,6 +117,9 @@ def folder_kind(path: str | os.PathLike) -> str:
             return kind
     except (OSError, ValueError, AttributeError):
         pass
+    if (not (path / MARKER).exists() and "doctor.json" in entries
+            and set(entries) <= set(KINDS["doctor"].files)):
+        return "doctor"     # a report of a zoo doctor from before doctor wrote the marker
     return "other"
 
 

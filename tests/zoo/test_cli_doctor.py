@@ -40,11 +40,42 @@ def test_doctor_reports_the_leak_and_caches_features(tmp_path, tiny, leaky):
     check_html((out / "report.html").read_text(encoding="utf-8"))
     assert json.loads((out / "doctor.json").read_text())["feature_cache_hits"] == 0
     assert not (out / "bad_files.txt").exists()          # nothing skipped
-    # second run: the default model is the (only, so smallest) cached one, features from the cache
+    # second run: the default model is the (only, so smallest) cached one, features from the cache; the
+    # earlier report is replaced when asked
     r = invoke("doctor", "--data", leaky, "--out", out, "--device", "cpu", "--workers", "0", "--quiet",
-               "--near-pixels", "1")
+               "--near-pixels", "1", "--overwrite")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "doctor.json").read_text())["feature_cache_hits"] == 2
+
+
+def test_doctor_writes_only_where_the_output_folder_rules_allow(tmp_path, tiny, leaky, monkeypatch):
+    """A user's folder and a run folder are refused before any work, byte for byte untouched; an earlier
+    report is replaced with --overwrite, and always in the default ./doctor-<DIR name>."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("MINE")
+    (mine / "findings.csv").write_text("my,own\n")
+    args = ("--data", leaky, "--model", tiny, "--device", "cpu", "--workers", "0", "--quiet", "--near-pixels", "1")
+    r = invoke("doctor", *args, "--out", mine)
+    assert r.exit_code == 2 and "holds no zoo output" in r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["findings.csv", "report.html"]
+    assert (mine / "report.html").read_text() == "MINE" and (mine / "findings.csv").read_text() == "my,own\n"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".zoo-run.json").write_text('{"kind": "finetune"}')
+    (run / "report.html").write_text("RUN")
+    r = invoke("doctor", *args, "--out", run)
+    assert r.exit_code == 2 and "holds a `zoo finetune` run" in r.stderr and (run / "report.html").read_text() == "RUN"
+    out = tmp_path / "doc"
+    assert invoke("doctor", *args, "--out", out).exit_code == 0
+    r = invoke("doctor", *args, "--out", out)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    # the default folder (in the working directory), written twice; a report from before the marker counts
+    monkeypatch.chdir(tmp_path)
+    assert invoke("doctor", *args).exit_code == 0 and invoke("doctor", *args).exit_code == 0
+    (tmp_path / "doctor-data" / ".zoo-run.json").unlink()
+    assert invoke("doctor", *args).exit_code == 0
+    assert (tmp_path / "doctor-data" / "doctor.json").is_file()
 
 
 def test_doctor_refuses_to_write_into_the_data_folder(tmp_path, tiny, leaky):

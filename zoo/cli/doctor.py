@@ -36,6 +36,8 @@ def _bar(quiet: bool):
               help="Model whose pretrained features are compared.  [default: the smallest cached model]")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
+@click.option("--overwrite", "overwrite", is_flag=True,
+              help="Replace an earlier doctor report in --out (the default folder is always replaced).")
 @click.option("--near", "near", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features; 1 means "
                    "identical features, compared exactly.  [default: auto: 0.95, raised where images of "
@@ -61,7 +63,8 @@ def _bar(quiet: bool):
 @click.option("--workers", "workers", type=int, default=-1, show_default=True,
               help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")
 @click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
-def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str | None, near: float | None,
+def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str | None, overwrite: bool,
+               near: float | None,
                near_pixels: float, folds: int, outlier_z: float,
                min_side: int, max_aspect: float, seed: int, val_split: float, device: str, batch_size: int,
                workers: int, quiet: bool) -> None:
@@ -100,7 +103,7 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
     config = FinetuneConfig(seed=seed, val_split=val_split, device=device, batch_size=batch_size,
                             workers=workers, quiet=quiet)
     result, folder = doctor.run(data, model=model, out=out, options=options, config=config, log=log,
-                                progress=_bar(quiet))
+                                progress=_bar(quiet), overwrite=overwrite)
     counts = result.by_kind()
     echo(f"{result.images} images, {len(result.classes)} classes: "
                + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n) if result.findings

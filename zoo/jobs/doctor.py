@@ -27,6 +27,7 @@ from zoo.cache import cached_models, features_dir, read_manifest
 from zoo.errors import UsageError
 from zoo.registry import get_entry
 from zoo.jobs.finetune import run_data_config
+from zoo.outdir import claim_out
 
 __all__ = ["default_model", "run", "check_out_dir"]
 
@@ -65,8 +66,13 @@ def check_out_dir(out: Path, data: Path) -> None:
 
 
 def run(data: str | Path, *, model: str | None = None, out: str | Path | None = None, options: Any = None,
-        config: Any = None, log: Log | None = None, progress: Any = None) -> tuple[Any, Path]:
+        config: Any = None, log: Log | None = None, progress: Any = None,
+        overwrite: bool = False) -> tuple[Any, Path]:
     """Scan ``data``, compute features with ``model``, run every check, write the DOCTOR folder.
+
+    The folder follows the output-folder rules of every command (``zoo.outdir``): a new or empty one, or
+    an earlier doctor report there with ``overwrite`` (always for the default ``./doctor-<DIR name>``);
+    anything else is refused before any work.
 
     Returns:
         (finetune.tools.doctor.DoctorResult, the output folder).
@@ -76,8 +82,15 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     say = log or (lambda _m: None)
     data = Path(data)
     config = config or FinetuneConfig()
+    default_out = out is None
     out = Path(out) if out is not None else Path.cwd() / f"doctor-{data.resolve().name}"
     check_out_dir(out, data)
+    with claim_out(out, "doctor", overwrite=overwrite or default_out, note=say):
+        return _run(data, model, out, options, config, say, progress)
+
+
+def _run(data: Path, model: str | None, out: Path, options: Any, config: Any, say: Log,
+         progress: Any) -> tuple[Any, Path]:
     report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False)
     name = model or default_model()
     entry = get_entry(name)
@@ -92,7 +105,6 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     result = run_doctor(report, net, entry.classifier, run_data_config(entry, config), config,
                         options=options, cache_dir=features_dir(), device=str(device), log=say,
                         progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
     write_findings_csv(result.findings, out / "findings.csv")
     if report.bad_files:                # the scan's warning points there, as in a run folder
         write_bad_files(report, out)
