@@ -40,7 +40,8 @@ __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "
 
 MARKER = ".zoo-run.json"
 LOCK = ".zoo.lock"
-_OWN = (MARKER, LOCK)
+STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
+_OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
 # A lock file younger than this whose content cannot be read yet is being written by its creator.
 _FRESH_LOCK_S = 10.0
@@ -54,6 +55,9 @@ class Kind:
     what: str                  # "a `zoo finetune` run": how messages name it
     files: tuple[str, ...]     # every file/folder the command writes there: --overwrite removes these
     resumable: bool = False
+    # the command writes into a staging folder and publishes the whole at the end (zoo.bundle.export):
+    # --overwrite's removal happens then, so an interrupted command leaves the earlier output whole
+    staged: bool = False
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
@@ -61,7 +65,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv", "curves.png",
           "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard",
           "log.txt", "report.html", "exclude.txt"), resumable=True),
-    Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "README.md", "model.onnx")),
+    Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "model.onnx", "README.md"),
+         staged=True),
     Kind("eval", "a `zoo eval` report",
          ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")),
     Kind("lr-find", "a `zoo lr-find` result",
@@ -362,7 +367,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         lock.acquire(note)
         owned = True
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
-        if mode == "overwrite":
+        if mode == "overwrite" and not KINDS[kind].staged:
             _remove_outputs(path, KINDS[kind])
         elif mode == "new" and (path / MARKER).is_file():
             (path / _LOG).unlink(missing_ok=True)     # the log of an attempt that wrote nothing else

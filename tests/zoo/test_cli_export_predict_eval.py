@@ -35,6 +35,35 @@ def test_export_with_onnx(tmp_path, runner):
     assert (run / "export" / "model.onnx").is_file() and (run / "export" / "model.safetensors").is_file()
 
 
+def test_an_interrupted_export_leaves_the_earlier_bundle_whole(tmp_path, runner, monkeypatch):
+    """A re-export stopped before its last file (Ctrl-C while the model card is written) leaves RUN/export
+    exactly as it was, and a new --out as if nothing had run (not a bundle to predict with); the next
+    export goes through."""
+    import zoo.bundle.export as export
+
+    run, _ = make_run(tmp_path)
+    assert runner.invoke(cli, ["export", str(run)]).exit_code == 0
+    def files(folder):      # the bundle's (the marker, zoo's own, is rewritten with its time)
+        return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+    before = files(run / "export")
+    assert {"model.safetensors", "config.json", "README.md"} <= set(before)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_model_card", interrupted)
+    for args in ([str(run)], [str(run), "--out", str(tmp_path / "new")]):
+        res = runner.invoke(cli, ["export", *args])
+        assert isinstance(res.exception, KeyboardInterrupt) or res.exit_code != 0, res.output
+    assert files(run / "export") == before and sorted(p.name for p in (run / "export").glob(".*")) == [".zoo-run.json"]
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "new")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".zoo-run.json", "README.md", "config.json",
+                                                                      "model.safetensors"]
+
 def test_export_missing_run_is_one_line_error(tmp_path, runner):
     res = runner.invoke(cli, ["export", str(tmp_path / "nope")])
     assert res.exit_code == 1

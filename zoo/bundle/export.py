@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +17,7 @@ from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_w
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
+from zoo.outdir import KINDS, STAGING
 from zoo.registry import public_source_id
 
 ONNX_ATOL = 1e-4             # ONNX Runtime vs PyTorch logits, checked at export time
@@ -266,9 +268,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         BundleError: the run folder lacks model.json or the best checkpoint, or they do not fit together.
         UsageError: an unknown format.
     """
-    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-    import safetensors.torch
-
     run = Path(run_dir)
     formats = tuple(dict.fromkeys(str(f).lower() for f in formats))
     unknown = [f for f in formats if f not in ("safetensors", "onnx")]
@@ -301,10 +300,41 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "metrics": _metrics(run),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    if "onnx" not in formats:   # a model.onnx from an earlier export would describe other weights
-        (out / "model.onnx").unlink(missing_ok=True)
+    stage = out / STAGING
+    shutil.rmtree(stage, ignore_errors=True)        # what a killed export left
+    stage.mkdir(parents=True)
+    try:
+        _write_bundle(stage, run, info, model, meta, labels, data_config, formats)
+        _publish(stage, out)
+    except OSError as err:      # (a full disk...) named as the bundle's file, not the staging copy
+        if err.filename and Path(err.filename).parent == stage:
+            err.filename = str(out / Path(err.filename).name)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
 
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished bundle from ``stage`` into ``out``, replacing an earlier one file by file (the
+    weights first: a bundle caught between two files fails load_bundle's weights check, never loads other
+    weights); an earlier file this export did not write (model.onnx) is removed."""
+    for name in KINDS["export"].files:
+        if (stage / name).is_file():
+            os.replace(stage / name, out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+
+
+def _write_bundle(out: Path, run: Path, info: dict[str, Any], model: Any, meta: dict[str, Any], labels: list[str],
+                  data_config: dict[str, Any], formats: Sequence[str]) -> None:
+    """Every file of the bundle, written into ``out`` (the staging folder)."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    import safetensors.torch
+
+    builder, arch = meta["builder"], meta["architecture"]
+    library = builder.partition(":")[0]
+    kwargs, head, classifier = meta["builder_kwargs"], meta["head"], meta["classifier"]
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": "pt", **{k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()}}
     atomic_write(out / WEIGHTS, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
@@ -328,4 +358,3 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         _export_onnx(model, out / "model.onnx", data_config["input_size"],
                      {k: json.dumps(v, ensure_ascii=False) for k, v in onnx_meta.items()})
     atomic_write_text(out / "README.md", _model_card(meta, _recipe(run), _scan(run), formats))
-    return out
