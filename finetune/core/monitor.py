@@ -281,16 +281,23 @@ class TensorBoardLogger:
         ConfigError: tensorboard is not installed (``pip install zoo-finetune[tensorboard]``).
     """
 
-    TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "acc/train",
-            "val_acc": "acc/val", "lr": "lr", "images_per_s": "speed/images_per_s", "seconds": "speed/seconds"}
-
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
+    @staticmethod
+    def writer_class():
+        """torch's SummaryWriter; ConfigError where tensorboard is not installed (a run checks this
+        before it writes anything: ``engine.runtime.check_machine``)."""
         try:
             # lazy: optional extra (pip install "zoo-finetune[tensorboard]"), checked here
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError("--tensorboard needs the tensorboard package: "
                               "pip install zoo-finetune[tensorboard]") from None
+        return SummaryWriter
+
+    TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "acc/train",
+            "val_acc": "acc/val", "lr": "lr", "images_per_s": "speed/images_per_s", "seconds": "speed/seconds"}
+
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
+        SummaryWriter = self.writer_class()
         self.log_dir = Path(run_dir) / subdir
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 

@@ -13,7 +13,7 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
 
-__all__ = ["resolve_device", "cudnn_autotune", "warms_up", "AmpPolicy", "amp_policy", "to_device",
+__all__ = ["resolve_device", "check_machine", "cudnn_autotune", "warms_up", "AmpPolicy", "amp_policy", "to_device",
            "build_loss"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
@@ -54,6 +54,20 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"invalid device={name!r}: use auto, cpu, cuda, cuda:N or mps")
     return dev
+
+
+def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device:
+    """What a run needs from this machine, checked before it writes anything (a mistyped ``--device``
+    must not leave a half-made run folder): its device, and with ``--tensorboard`` the package.
+
+    Raises:
+        ConfigError: either is missing here.
+    """
+    device = resolve_device(config.device, info)
+    if getattr(config, "tensorboard", False):
+        from finetune.core.monitor import TensorBoardLogger    # lazy: matplotlib is not needed to check
+        TensorBoardLogger.writer_class()
+    return device
 
 
 def cudnn_autotune(device: torch.device, network_steps: int) -> bool:

@@ -428,9 +428,9 @@ def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path)
     calls = {"reseed": [], "augmented": 0}
 
     class Counting(DeviceAugment):
-        def reseed(self, seed):
+        def reseed(self, seed, rank=0, world_size=1):
             calls["reseed"].append(seed)
-            super().reseed(seed)
+            super().reseed(seed, rank, world_size)
 
         def augment(self, x):
             calls["augmented"] += 1

@@ -356,3 +356,30 @@ def test_head_only_report_shows_the_solve_not_one_point_curves(tmp_path, tiny):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Head solve" in page and "validation loss against log10 C" in page and "<circle" in page
     assert "Curves</h2>" not in page
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
+def test_a_device_or_package_this_machine_lacks_is_refused_before_any_folder(tmp_path, tiny, monkeypatch,
+                                                                              no_model_build, command):
+    """`--device cuda` on a machine without one (or a mistyped device, or --tensorboard without the
+    package): one line before the output folder exists, so the corrected command can use the same --out
+    (QA: the run folder was left half made and refused the retry)."""
+    from finetune.core.errors import ConfigError
+    from finetune.core.monitor import TensorBoardLogger
+
+    def missing():
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install zoo-finetune[tensorboard]")
+
+    monkeypatch.setattr(TensorBoardLogger, "writer_class", staticmethod(missing))
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    extra = {"finetune": ["--epochs", "1"], "lr-find": ["--steps", "5"], "sweep": ["--lr", "1e-3", "--epochs", "1"]}
+    cases = [["--device", "nonsense"], ["--device", "cuda:7"]]
+    if command == "finetune":       # (the one command that writes TensorBoard logs)
+        cases.append(["--device", "cpu", "--tensorboard"])
+    for case in cases:
+        res = invoke(command, tiny, "--data", data, "--out", out, "--workers", "0", *extra[command], *case)
+        assert res.exit_code != 0
+        line = res.stderr.strip().splitlines()[-1]
+        assert line.startswith("zoo: error: ") and ("device" in line or "tensorboard" in line), line
+        assert not out.exists(), (case, sorted(p.name for p in out.iterdir()))

@@ -62,6 +62,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
       zoo finetune resnet50 --data ./photos --lr auto      # the same test, then training at its LR
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
+    from finetune.engine import check_machine
     from zoo.outdir import claim_out
 
     if not start_lr < end_lr:
@@ -70,6 +71,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "lrfind")
+    check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")
         _lr_find_into(out_dir, model, data, config, pretrained, fc_dropout, start_lr, end_lr, steps, smooth,

@@ -69,6 +69,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     """
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.tools.sweep import parse_choices, parse_values
+    from finetune.engine import check_machine
     from zoo.outdir import claim_out
 
     if resume and not out:
@@ -82,6 +83,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "sweep")
+    check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")
         _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,

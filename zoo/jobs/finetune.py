@@ -26,6 +26,7 @@ from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.policy import parse_freeze
+from finetune.engine import check_machine
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
@@ -196,6 +197,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         entry = get_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
+        check_machine(config, info)                         # a mistyped --device, no tensorboard: too
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
