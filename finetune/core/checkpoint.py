@@ -171,14 +171,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
                               "or choose another --out") from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (``mmap``: its
+    tensors mapped, not read: to look at its small fields)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: there is nothing to resume from, start it again "
                               "without --resume")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for damaged or foreign files
         raise CheckpointError(f"checkpoint {path} is damaged or not a zoo checkpoint ({type(e).__name__}); "
                               "start the run again without --resume") from None

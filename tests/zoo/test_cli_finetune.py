@@ -383,3 +383,24 @@ def test_a_device_or_package_this_machine_lacks_is_refused_before_any_folder(tmp
         line = res.stderr.strip().splitlines()[-1]
         assert line.startswith("zoo: error: ") and ("device" in line or "tensorboard" in line), line
         assert not out.exists(), (case, sorted(p.name for p in out.iterdir()))
+
+
+def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
+    """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
+    summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.
+    Now it says the run had finished and what to do, exit 0, and every file of the run stays as it was."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    other = make_image_folder(tmp_path / "other", per_class=5)
+    out = tmp_path / "run"
+    assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
+
+    def files():
+        return {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "log.txt"}
+
+    before = files()
+    for extra in (["--epochs", "5"], ["--data", other]):
+        res = invoke("finetune", "--resume", out, *extra)
+        assert res.exit_code == 0, res.output
+        assert f"{out} finished after epoch 1: resuming it trains nothing" in res.stderr
+        assert "zoo export" in res.stderr and "best epoch" not in res.stdout
+        assert files() == before

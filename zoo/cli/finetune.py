@@ -124,7 +124,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
                                     export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
                                     on_run_dir=log_file, exclude=exclude)
 
-    if not main:
+    if not main or (outcome.result is None and outcome.overfit is None):   # (a finished run resumed: said so)
         return
     if outcome.overfit is not None:
         echo(outcome.overfit.verdict)

@@ -21,6 +21,7 @@ from finetune.tools import diagnostics
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
+from finetune.core.checkpoint import load_checkpoint
 from finetune.core.errors import CheckpointError
 from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
@@ -153,6 +154,18 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
     return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
             f"schedule state to continue from{keep}; start the run over with `zoo finetune MODEL --data DIR "
             f"--out {run_dir} --overwrite` or choose another --out")
+
+
+def _finished(run_dir: Path) -> str | None:
+    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go)."""
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
+    if not ckpt.get("finished"):
+        return None
+    bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
+              else "it has no bundle yet")
+    return (f"{run_dir} finished after epoch {ckpt.get('epoch')}: resuming it trains nothing and leaves its files "
+            f"as they are; {bundle} (`zoo export {run_dir}` writes it again). Start a new run to train "
+            "longer or on other data")
 
 
 def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
@@ -294,6 +307,11 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    done = _finished(run_dir)
+    if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
+        say(done)
+        ddp.cleanup(info)
+        return RunOutcome(run_dir=run_dir)
     try:
         with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
             if info.is_main and on_run_dir is not None:
