@@ -206,8 +206,9 @@ class FinetuneConfig:
         choices=HEAD_SOLVERS)
     img_size: int = option(0,
         "Input size in pixels for training and evaluation (recorded in the bundle, so predict and eval use it"
-        " too); 0 = the model's own (e.g. 224). Lower is faster on a CPU.",
-        low=16, sentinels=(0,))
+        " too); 0 = the model's own (e.g. 224). Lower is faster on a CPU. At most 2048: a batch's memory grows"
+        " with its square (a mistyped 100000 would take the machine's memory).",
+        low=16, high=2048, sentinels=(0,))
     # --- modern regularisers (off by default until they win: docs/peers.md) ---
     label_smoothing: float = option(0.0,
         "Label smoothing of the training loss (torch/timm semantics: the target puts 1 - F + F/C on the true "

@@ -26,7 +26,9 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("field,value,allowed", [("label_smoothing", 1.0, "0 <= x < 1"),
                                                  ("label_smoothing", -0.1, "0 <= x < 1"),
                                                  ("mixup", -1.0, "x >= 0"), ("cutmix", -0.5, "x >= 0"),
-                                                 ("augment", "autoaugment", "standard, trivial, none")])
+                                                 ("augment", "autoaugment", "standard, trivial, none"),
+                                                 # QA: 100000 took the machine's memory (killed by the OOM killer)
+                                                 ("img_size", 100000, "16 <= x <= 2048 or 0")])
 def test_ranges_come_from_options(field, value, allowed):
     flag = "--" + field.replace("_", "-")
     with pytest.raises(ConfigError, match=rf"invalid {field}=.*\({flag}\): .*{allowed}"):
