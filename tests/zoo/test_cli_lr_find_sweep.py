@@ -88,6 +88,32 @@ def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):
     assert "4 finished trial(s)" in resumed.output
 
 
+def test_an_interrupted_sweep_says_which_trials_are_saved_and_how_to_go_on(tiny_zoo, tmp_path, monkeypatch):
+    """QA: Ctrl-C in the second trial said "interrupted in epoch 1; nothing was saved: pass a run folder"
+    (the trial's own message) although the first trial was in results.jsonl and --resume went on."""
+    import finetune.tools.sweep.run as sweep_run
+
+    real, calls = sweep_run._fit_split, []
+
+    def stop_in_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_run, "_fit_split", stop_in_the_second)
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--lr", "1e-3,1e-2", "--epochs", "1",
+            "--head-epochs", "0", "--freeze", "1", *COMMON]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 130, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line == (f"zoo: error: interrupted: 1 of 2 trial(s) are saved in {out / 'results.jsonl'}; continue with "
+                    f"the same command and --resume (--out {out})"), line
+    monkeypatch.setattr(sweep_run, "_fit_split", real)
+    resumed = CliRunner().invoke(cli, [*args, "--resume"])
+    assert resumed.exit_code == 0 and "1 finished trial(s)" in resumed.output, resumed.output
+
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
     r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-4:1e-2", *COMMON])
     assert r.exit_code == 2 and "START:END:COUNT" in r.output

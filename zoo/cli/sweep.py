@@ -10,6 +10,7 @@ from typing import Any, Callable
 import click
 
 from finetune.core.config import OPTIMIZERS, FinetuneConfig
+from finetune.core.errors import Interrupted
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -106,9 +107,15 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
 
     n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
     say(f"sweep: {n} training run(s) of {config.epochs} epoch(s) into {out_dir}")
-    result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
-                   head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
-                   optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say)
+    try:
+        result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
+                       head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
+                       optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say)
+    except (Interrupted, KeyboardInterrupt):
+        # (a trial's own message would say its epochs were not saved: the sweep saves whole trials)
+        raise Interrupted(f"interrupted: {_finished_trials(out_dir)} of {n} trial(s) are saved in "
+                          f"{out_dir / 'results.jsonl'}; continue with the same command and --resume "
+                          f"(--out {out_dir})") from None
     if result.skipped:
         say(f"resumed: {result.skipped} finished trial(s) taken from {out_dir / 'results.jsonl'}")
     for line in _table(result):
@@ -121,6 +128,14 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
     echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
          f"--epochs {max(30, config.epochs)}{random_init}")
+
+
+def _finished_trials(out_dir: Path) -> int:
+    """Trials recorded in results.jsonl (one line each, appended as each finishes)."""
+    try:
+        return sum(1 for line in (out_dir / "results.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+    except OSError:
+        return 0
 
 
 def _table(result) -> list[str]:
