@@ -114,6 +114,16 @@ def test_an_interrupted_sweep_says_which_trials_are_saved_and_how_to_go_on(tiny_
     resumed = CliRunner().invoke(cli, [*args, "--resume"])
     assert resumed.exit_code == 0 and "1 finished trial(s)" in resumed.output, resumed.output
 
+def test_a_sweep_of_learning_rates_that_train_nothing_says_so(tiny_zoo, tmp_path):
+    """QA: head-only trials solve the head by L-BFGS, so every --lr gave the same val loss and the "best"
+    was the first; the sweep now says so before it starts (not when a trial trains layers)."""
+    base = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3,1e-2", "--epochs", "1", *COMMON]
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "the learning rate trains nothing there" in r.output and "--head-solver gradient" in r.output
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--freeze", "head,1", "--head-epochs", "0"])
+    assert r.exit_code == 0 and "trains nothing" not in r.output, r.output
+
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
     r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-4:1e-2", *COMMON])
     assert r.exit_code == 2 and "START:END:COUNT" in r.output

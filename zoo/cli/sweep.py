@@ -107,6 +107,10 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
 
     n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
     say(f"sweep: {n} training run(s) of {config.epochs} epoch(s) into {out_dir}")
+    if len(lrs) > 1 and _lr_unused_everywhere(config, freezes, report.train.class_counts(), len(entry.stages)):
+        say("note: every trial trains the head only, solved by L-BFGS on cached features: the learning rate "
+            "trains nothing there, so the --lr values rank by nothing; add --head-solver gradient to compare "
+            "them, or sweep --freeze to train layers")
     try:
         result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                        head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
@@ -128,6 +132,19 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
     echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
          f"--epochs {max(30, config.epochs)}{random_init}")
+
+
+def _lr_unused_everywhere(config: FinetuneConfig, freezes, class_counts: list[int], n_stages: int) -> bool:
+    """Whether no trial of the grid uses a learning rate (``policy.lr_unused`` for each freeze depth)."""
+    from finetune.core.policy import decide_freeze, lr_unused    # lazy: as the rest of the sweep's work
+
+    counts = [int(c) for c in class_counts]
+    for freeze in freezes or [config.freeze]:
+        trial = config.replace(freeze=freeze)
+        depth = decide_freeze(trial, sum(counts), len(counts), min(counts), n_stages).trainable_stages
+        if not lr_unused(trial, depth):
+            return False
+    return True
 
 
 def _finished_trials(out_dir: Path) -> int:
