@@ -102,7 +102,7 @@ SPEED_FLAGS = {
     "resume": {"--epochs": "2", "--workers": "0", "--device": "cpu", "--quiet": None},
     # the stand-in's backbone is random, not pretrained: its features need a bolder head LR to be memorised
     "overfit": {**_TRAIN, "--lr": "0.05"},
-    "lr-find": {**_TRAIN, "--steps": "10"},
+    "lr-find": {**{k: v for k, v in _TRAIN.items() if k != "--epochs"}, "--steps": "10"},
     "sweep": {**_TRAIN, "--epochs": "1"},
     "predict": {"--device": "cpu"},
     # the sandbox's drawn images look alike to the random stand-in backbone: only true copies count

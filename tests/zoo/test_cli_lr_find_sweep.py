@@ -140,3 +140,13 @@ def test_help_has_examples_and_defaults():
         for p in cmd.params:
             if p.param_type_name == "option" and p.name != "help":
                 assert p.help, f"{cmd.name} {p.name} has no help"
+
+
+def test_lr_find_offers_no_option_that_a_range_test_ignores(tiny_zoo):
+    """QA: --epochs, --patience, --schedule, --ema, --head-solver... were listed, accepted and ignored."""
+    from zoo.cli.lr_find import NOT_IN_A_RANGE_TEST
+
+    names = {p.name for p in cli.commands["lr-find"].params}
+    assert not names & set(NOT_IN_A_RANGE_TEST) and {"freeze", "optimizer", "batch_size"} <= names
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--epochs", "7", *COMMON])
+    assert r.exit_code == 2 and "No such option '--epochs'" in r.output
