@@ -72,8 +72,9 @@ class Option:
             return None
         if value in self.sentinels:
             return None
-        v = float(value)
-        ok = math.isfinite(v)
+        # an int is compared as it is: float() rounds 2**63 - 1 up to 2**63 and overflows past 1e308
+        v = value if isinstance(value, int) else float(value)
+        ok = isinstance(v, int) or math.isfinite(v)
         if self.low is not None:
             ok = ok and (v > self.low if self.low_open else v >= self.low)
         if self.high is not None:
@@ -182,7 +183,9 @@ class FinetuneConfig:
         "Early stopping: smallest change that counts as an improvement.",
         low=0, resume_free=True)
     monitor: str = option("val_loss", "Metric for early stopping and the best checkpoint.", choices=MONITORS)
-    seed: int = option(0, "Seed of the split, the initialisation and the data order.", low=0)
+    # torch takes seeds below 2**64; the seeds derived from this one (finetune.core.seeding) stay below 2**63
+    seed: int = option(0, "Seed of the split, the initialisation and the data order.", low=0, high=2**63,
+                       high_open=True)
     device: str = option("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.", resume_free=True)
     amp: bool = option(True,
         "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "sample_seed"]
+__all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "sample_seed", "view_seed", "view_pick_seed"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -26,6 +26,16 @@ def sample_seed(seed: int, index: int) -> int:
     """The seed of one sample's augmentation draws within an epoch seeded with ``seed``: what a sample
     draws depends on (epoch seed, index) only, not on which worker loads it or what it loaded before."""
     return (int(seed) * 6_364_136_223_846_793_005 + int(index) * 1_442_695_040_888_963_407 + 1) % (2**63 - 1)
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The seed of augmented view ``view`` of the cached features (the fast head path, ``--aug-views``)."""
+    return (int(seed) * 1_000_003 + int(view)) % (2**63 - 1)
+
+
+def view_pick_seed(seed: int, epoch: int) -> int:
+    """The seed of which cached view each image shows in ``epoch`` (the fast head path, ``--aug-views``)."""
+    return (int(seed) * 7_919 + int(epoch)) % (2**63 - 1)
 
 
 def seed_everything(seed: int) -> None:

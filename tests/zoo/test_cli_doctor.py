@@ -165,3 +165,10 @@ def test_the_data_folder_may_be_given_as_an_argument(tmp_path, tiny, leaky):
                "--min-side", "0", "--near", "1", "--near-pixels", "1")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "doc" / "findings.csv").is_file()
+
+
+def test_doctor_refuses_a_seed_torch_cannot_take(tmp_path, leaky):
+    """--seed has the bound of `zoo finetune --seed` (FinetuneConfig's), checked before any work."""
+    r = invoke("doctor", leaky, "--out", tmp_path / "doc", "--seed", 2**63, "--quiet")
+    assert r.exit_code == 2 and r.output.startswith(f"zoo: error: invalid seed={2**63} (--seed): allowed: 0 <= x <")
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "doc").exists()

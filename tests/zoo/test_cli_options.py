@@ -18,7 +18,7 @@ NONSENSE = [("--gamma", "-1"), ("--weight-decay", "-1"), ("--momentum", "2"), ("
             ("--step-size", "0"), ("--aug-views", "-3"), ("--workers", "-5"), ("--overfit-batches", "-1"),
             ("--warmup-epochs", "-2"), ("--ema", "-0.5"), ("--head-epochs", "-7"), ("--lr", "0"), ("--val-split", "1"),
             ("--batch-size", "0"), ("--mlp-dropout", "1"), ("--backbone-lr-mult", "-0.1"), ("--seed", "-1"),
-            ("--label-smoothing", "1"), ("--mixup", "-1"), ("--cutmix", "-0.2")]
+            ("--label-smoothing", "1"), ("--mixup", "-1"), ("--cutmix", "-0.2"), ("--seed", str(2**63))]
 
 
 def _numeric_fields() -> list[str]:
@@ -43,6 +43,34 @@ def test_nonsense_numbers_exit_2_before_any_run_folder(tmp_path, flag, value):
     assert len(lines) == 1 and flag in lines[0] and "allowed:" in lines[0], r.output
     assert OPTIONS[flag[2:].replace("-", "_")].range_text() in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "lr-find"])
+def test_a_seed_torch_cannot_take_is_refused_in_one_line(tmp_path, command):
+    """QA: --seed 2**63 was a traceback (torch's manual_seed overflowed); the bound is in OPTIONS, so every
+    command built from it refuses it, and a seed past float's range too (it was compared as a float)."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    out = tmp_path / "out"
+    for seed in (2**63, 10**400):
+        r = CliRunner().invoke(cli, [command, "resnet18", "--data", str(data), "--out", str(out), "--seed", str(seed)])
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"zoo: error: invalid seed={seed} (--seed): allowed: 0 <= x < {2**63}")
+        assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_largest_seed_runs_and_its_derived_seeds_fit_torch(tmp_path, monkeypatch):
+    """2**63 - 1 trains (the fast head's per-view seeds were seed * 1_000_003 + view, past torch's 2**64)."""
+    from finetune.core.seeding import epoch_seed, sample_seed, view_pick_seed, view_seed
+    from tests.conftest import register_tiny
+
+    top = 2**63 - 1
+    assert max(view_seed(top, 7), view_pick_seed(top, 99), epoch_seed(top, 99, 7), sample_seed(top, 10**6)) < 2**63
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    r = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(tmp_path / "run"), "--seed",
+                                 str(top), "--aug-views", "2", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
 
 
 def test_sentinels_stay_valid():

@@ -35,7 +35,7 @@ from finetune.data.transforms import augment_mode, flip_probability
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
-from finetune.core.seeding import seed_host
+from finetune.core.seeding import seed_host, view_pick_seed, view_seed
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
 from finetune.tools.features.handedness import MAX_IMAGES as HANDEDNESS_MAX_IMAGES, MIN_PER_CLASS, handedness
@@ -179,10 +179,10 @@ class CachedHeadSteps:
                 # (workers get seeds from the loader generator). The global RNG is forked and restored so
                 # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
                 with torch.random.fork_rng(devices=[]):
-                    seed_host(seed * 1_000_003 + v)
+                    seed_host(view_seed(seed, v))
                     parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
                                           workers=int(s.config.workers), amp=s.amp,
-                                          channels_last=s.channels_last, seed=seed * 1_000_003 + v,
+                                          channels_last=s.channels_last, seed=view_seed(seed, v),
                                           desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
                                           quiet=bool(s.config.quiet) or not info.is_main,
                                           normalize=self.normalize, mirror=mirror, allow_empty=info.enabled))
@@ -219,7 +219,7 @@ class CachedHeadSteps:
         s = self.s
         n_views = int(self.train_feats.shape[0])
         if n_views > 1:
-            g = torch.Generator().manual_seed(int(s.config.seed) * 7919 + epoch)
+            g = torch.Generator().manual_seed(view_pick_seed(s.config.seed, epoch))
             view_of = torch.randint(n_views, (len(self.train_bank),), generator=g).to(self.train_feats.device)
         set_epoch_order(self.order.sampler, int(s.config.seed), epoch)
         for batch in self.order:
