@@ -205,6 +205,16 @@ def test_cli_errors_are_one_line(bundle_dir, monkeypatch):
     assert res.exit_code == 1 and 'pip install "zoo-finetune[serve]"' in res.output
 
 
+@pytest.mark.parametrize("flag,value", [("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"),
+                                        ("--batch-wait-ms", "inf"), ("--batch-wait-ms", "nan")])
+def test_limits_that_are_not_finite_are_refused_in_one_line(bundle_dir, flag, value):
+    """QA: --max-upload-mb nan/inf was a traceback at int(); --batch-wait-ms inf a server that never answered."""
+    res = CliRunner().invoke(cli, ["serve", str(bundle_dir), "--port", "0", "--device", "cpu", flag, value])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"zoo: error: invalid {flag[2:].replace('-', '_')}={value} ({flag}): allowed: ")
+    assert res.output.rstrip().endswith("a finite number")
+
+
 def test_help_imports_neither_torch_nor_fastapi():
     import subprocess
     import sys

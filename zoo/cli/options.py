@@ -2,11 +2,13 @@
 ``finetune.core.config.OPTIONS`` (help line, choices, range): one definition, so the commands cannot drift apart.
 
 Ranges are shown in ``--help`` but checked in one place, ``FinetuneConfig.validate`` (exit 2, before any run
-folder is written), so YAML values and flags get the same one-line message. No torch at import.
+folder is written), so YAML values and flags get the same one-line message. The other commands' bounded
+float options use :class:`FiniteFloatRange`. No torch at import.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable
 
 import click
@@ -14,8 +16,9 @@ from click.core import ParameterSource
 
 from finetune.core.config import OPTIONS, FinetuneConfig
 from finetune.core.policy import default_bn
+from zoo.errors import UsageError
 
-__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default"]
+__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "FiniteFloatRange"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -25,6 +28,23 @@ def _help(name: str) -> str:
     allowed = option.range_text()
     # Closed sets are listed by click.Choice itself; ranges are not (the type stays a plain number).
     return option.help if not allowed or option.choices is not None else f"{option.help}  [{allowed}]"
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that refuses nan and inf too (click's lets nan through, every comparison with it
+    being false, and inf wherever there is no upper bound), with the one line of a zoo usage error (exit 2)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = click.FLOAT.convert(value, param, ctx)      # not a number at all: click's own message
+        finite = math.isfinite(number)
+        if finite:
+            try:
+                return super().convert(number, param, ctx)
+            except click.BadParameter:
+                pass
+        name, flag = (param.name, param.opts[0]) if param is not None else ("value", "")
+        raise UsageError(f"invalid {name}={number} ({flag}): allowed: {self._describe_range()}"
+                         + ("" if finite else ", a finite number"))
 
 
 def config_options(skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
