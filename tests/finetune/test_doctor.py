@@ -26,6 +26,17 @@ def _clusters(n_per: int = 30, classes: int = 3, dim: int = 16, seed: int = 0):
     return x.astype(np.float32), y
 
 
+@pytest.mark.parametrize("field,value", [("near_threshold", float("nan")), ("pixel_threshold", float("nan")),
+                                         ("outlier_z", float("nan")), ("outlier_z", float("inf")),
+                                         ("max_aspect", float("nan")), ("max_aspect", float("inf")),
+                                         ("probe_l2", float("nan"))])
+def test_options_refuse_values_that_switch_a_check_off(field, value):
+    """nan passed every `x < bound` test (and inf the open ones), silently disabling a check; the message
+    names the one option at fault, with its value."""
+    with pytest.raises(ValueError, match=rf"^{field}={value} must be "):
+        DoctorOptions(**{field: value}).validate()
+
+
 def test_a_flipped_label_is_ranked_first_with_its_true_class_suggested():
     x, y = _clusters()
     z = x / np.linalg.norm(x, axis=1, keepdims=True)

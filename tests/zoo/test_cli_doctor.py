@@ -172,3 +172,24 @@ def test_doctor_refuses_a_seed_torch_cannot_take(tmp_path, leaky):
     r = invoke("doctor", leaky, "--out", tmp_path / "doc", "--seed", 2**63, "--quiet")
     assert r.exit_code == 2 and r.output.startswith(f"zoo: error: invalid seed={2**63} (--seed): allowed: 0 <= x <")
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "doc").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--outlier-z", "nan"), ("--max-aspect", "nan"), ("--max-aspect", "inf"),
+                                        ("--near", "nan"), ("--near-pixels", "nan"), ("--near", "0")])
+def test_doctor_refuses_thresholds_that_would_switch_a_check_off(tmp_path, leaky, flag, value):
+    """QA: nan/inf passed click's ranges and silently disabled a check; --near nan was reported as
+    "near_threshold=nan and pixel_threshold=0.99", --near-pixels nan as "near_threshold=None". One line
+    naming the option and the value given, before any work."""
+    r = invoke("doctor", leaky, "--out", tmp_path / "doc", flag, value, "--quiet")
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"zoo: error: invalid {flag[2:].replace('-', '_')}={float(value)} ({flag}): allowed: ")
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "doc").exists()
+
+
+def test_doctor_val_split_help_shows_what_it_accepts(tmp_path, leaky):
+    """The help said [0.0<=x<=1.0] while 0 and 1 were refused (FinetuneConfig's 0 < x < 1)."""
+    text = " ".join(invoke("doctor", "--help").output.split())
+    assert "--val-split FLOAT Validation fraction" in text and "[0 < x < 1] [default: 0.2]" in text
+    for value in ("0", "1.0"):
+        r = invoke("doctor", leaky, "--out", tmp_path / "doc", "--val-split", value, "--quiet")
+        assert r.exit_code == 2 and "(--val-split): allowed: 0 < x < 1" in r.output, r.output

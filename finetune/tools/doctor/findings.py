@@ -41,15 +41,20 @@ class DoctorOptions:
     small_class_ratio: float = 0.2  # training images below this fraction of the median class: "small_class"
 
     def validate(self) -> "DoctorOptions":
-        """Raise ValueError on an option outside its range; returns self."""
-        near = 0.5 if self.near_threshold is None else self.near_threshold
-        if not 0.0 < near <= 1.0 or not 0.0 < self.pixel_threshold <= 1.0:
-            raise ValueError(f"near_threshold={self.near_threshold} and pixel_threshold={self.pixel_threshold} "
-                             "must be in (0, 1], e.g. 0.95 and 0.99")
-        if self.folds < 2:
-            raise ValueError(f"folds={self.folds} must be at least 2, e.g. 5")
-        if self.probe_l2 < 0 or self.outlier_z <= 0 or self.min_side < 0 or self.max_aspect < 1:
-            raise ValueError("probe_l2 >= 0, outlier_z > 0, min_side >= 0 and max_aspect >= 1 are required")
+        """Raise ValueError naming the first option outside its range (nan and inf are outside every one);
+        returns self."""
+        # each test is written so that nan fails it (every comparison with nan is false)
+        for name, ok, allowed in (
+                ("near_threshold", self.near_threshold is None or 0.0 < self.near_threshold <= 1.0,
+                 "in (0, 1], e.g. 0.95"),
+                ("pixel_threshold", 0.0 < self.pixel_threshold <= 1.0, "in (0, 1], e.g. 0.99"),
+                ("folds", self.folds >= 2, "at least 2, e.g. 5"),
+                ("probe_l2", 0.0 <= self.probe_l2 < math.inf, "finite and >= 0"),
+                ("outlier_z", 0.0 < self.outlier_z < math.inf, "finite and > 0, e.g. 5"),
+                ("min_side", self.min_side >= 0, ">= 0"),
+                ("max_aspect", 1.0 <= self.max_aspect < math.inf, "finite and >= 1, e.g. 3")):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)} must be {allowed}")
         return self
 
 
