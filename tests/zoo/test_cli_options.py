@@ -119,6 +119,10 @@ def test_lr_find_refuses_nonsense_before_writing(tmp_path):
     out = tmp_path / "lr"
     r = CliRunner().invoke(cli, ["lr-find", "resnet18", "--data", str(data), "--out", str(out), "--momentum", "2"])
     assert r.exit_code == 2 and "--momentum" in r.output and not out.exists()
+    for flag, value in (("--end-lr", "inf"), ("--start-lr", "nan"), ("--smooth", "nan"), ("--diverge-factor", "inf")):
+        r = CliRunner().invoke(cli, ["lr-find", "resnet18", "--data", str(data), "--out", str(out), flag, value])
+        assert r.exit_code == 2 and f"({flag}): allowed: " in r.output and "a finite number" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("args,expected", [([], "standard"), (["--augment", "trivial"], "trivial"),

@@ -15,7 +15,7 @@ from finetune.core.policy import lr_unused
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import config_options
+from zoo.cli.options import FiniteFloatRange, config_options
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, resolve_config, sayer
 
 __all__ = ["lr_find_cmd"]
@@ -34,17 +34,17 @@ NOT_IN_A_RANGE_TEST = ("epochs", "patience", "min_delta", "monitor", "schedule",
 @common_options
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Output folder.  [default: runs/<model>-lrfind-<YYYYmmdd-HHMMSS>]")
-@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7, show_default=True,
+@click.option("--start-lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-7, show_default=True,
               help="First learning rate of the sweep (head LR; pretrained layers get x backbone-lr-mult).")
-@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--end-lr", type=FiniteFloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Last learning rate of the sweep.")
 @click.option("--steps", type=click.IntRange(min=5), default=100, show_default=True,
               help="Training steps (batches); the LR grows exponentially from start to end over them.")
 @click.option("--method", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,
               help="Suggestion rule: valley (fastai's, robust) or steepest descent of the smoothed loss.")
-@click.option("--smooth", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.98, show_default=True,
+@click.option("--smooth", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.98, show_default=True,
               help="Exponential moving average factor of the plotted loss (bias-corrected).")
-@click.option("--diverge-factor", type=click.FloatRange(min=1.0, min_open=True), default=4.0, show_default=True,
+@click.option("--diverge-factor", type=FiniteFloatRange(min=1.0, min_open=True), default=4.0, show_default=True,
               help="Stop once the smoothed loss exceeds this x its best.")
 @overwrite_option
 @config_options(skip=("lr",) + NOT_IN_A_RANGE_TEST + NOT_HERE)
