@@ -242,6 +242,22 @@ def test_bad_or_missing_config_fails_with_bundle_error(bundle_dir):
         load_bundle(bundle_dir)
 
 
+@pytest.mark.parametrize("value", ["three", None, [3], 3.7])
+def test_a_num_classes_that_is_no_number_fails_with_bundle_error(bundle_dir, value):
+    """QA: config.json's "num_classes": "three" (or null, or [3]) was a ValueError/TypeError traceback at int()."""
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
+    (bundle_dir / "config.json").write_text(json.dumps({**cfg, "num_classes": value}), encoding="utf-8")
+    with pytest.raises(BundleError, match=r"config.json: num_classes is .*, not a number of classes; re-export"):
+        load_bundle(bundle_dir)
+    r = CliRunner().invoke(cli, ["predict", str(bundle_dir), str(bundle_dir / "config.json"), "--device", "cpu"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith("zoo: error: ") and "re-export with `zoo export RUN_DIR`" in r.output
+
+
 def test_missing_weights_or_folder_fail_with_bundle_error(bundle_dir, tmp_path):
     (bundle_dir / "model.safetensors").unlink()
     with pytest.raises(BundleError, match="model.safetensors is missing"):

@@ -76,6 +76,17 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _class_count(value: Any, where: Path) -> int:
+    """A ``num_classes`` read from a bundle file: a whole number (3 or 3.0), else BundleError (text, null,
+    a list, 3.7)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BundleError(f"{where}: num_classes is {json.dumps(value)}, not a number of classes; "
+                      "re-export with `zoo export RUN_DIR`")
+
+
 # ---------------------------------------------------------------------------------------- building
 
 
@@ -241,8 +252,9 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
         raise BundleError(f"{weights} carries no zoo metadata (builder, label_names); "
                           "it was not written by `zoo export`; export the run again")
     labels = [str(x) for x in meta["label_names"]]
-    num_classes = int(meta.get("num_classes", len(labels)))
-    if num_classes != len(labels) or int(config.get("num_classes", num_classes)) != num_classes:
+    num_classes = _class_count(meta.get("num_classes", len(labels)), weights)
+    if num_classes != len(labels) or _class_count(config.get("num_classes", num_classes),
+                                                  path / CONFIG) != num_classes:
         raise BundleError(f"{path}: inconsistent class count (metadata {num_classes}, labels {len(labels)}, "
                           f"config.json {config.get('num_classes')}); re-export with `zoo export RUN_DIR`")
     missing = [k for k in _DATA_KEYS if k not in meta and k != "crop_mode"]
