@@ -113,6 +113,21 @@ def test_predict_text_with_tta_scales(bundle, tmp_path, runner):
     assert bad.exit_code == 2 and "--tta-scales needs --tta" in bad.stderr
 
 
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_tta_views_without_tta_is_refused_as_tta_scales_is(bundle, tmp_path, runner, command):
+    """QA: --tta-views ten without --tta was silently ignored (--tta-scales already said it needs --tta)."""
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(img)
+    where = [str(img)] if command == "predict" else ["--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    for views in ("ten", "flip"):
+        res = runner.invoke(cli, [command, str(bundle), *where, "--tta-views", views])
+        assert res.exit_code == 2 and res.stderr.strip() == "zoo: error: --tta-views needs --tta", res.output
+    assert not (tmp_path / "r").exists()
+    if command == "predict":
+        res = runner.invoke(cli, [command, str(bundle), *where, "--tta", "--tta-views", "ten"])
+        assert res.exit_code == 0, res.output
+
+
 def test_predict_usage_errors(bundle, tmp_path, runner):
     res = runner.invoke(cli, ["predict", str(bundle), str(tmp_path / "missing.jpg")])
     assert res.exit_code == 2 and "no such image or folder" in res.stderr

@@ -10,9 +10,8 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.errors import UsageError
 from zoo.text import printable
-from zoo.cli.predict import DEVICE_HELP, tta_options, warn_skipped
+from zoo.cli.predict import DEVICE_HELP, tta_options, tta_scales_given, warn_skipped
 
 __all__ = ["eval_cmd"]
 
@@ -56,11 +55,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     from zoo.bundle import load_model
     from zoo.evaluate import evaluate, write_eval_reports
     from zoo.outdir import claim_out
-    from zoo.predict import parse_scales
 
-    scales = parse_scales(tta_scales)
-    if scales and not tta:
-        raise UsageError("--tta-scales needs --tta")
+    scales = tta_scales_given(tta, tta_scales)
     out = out or _default_out(model)
     with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
         bundle = load_model(model, device=resolve_device(device))

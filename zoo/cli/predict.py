@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import UsageError
 from zoo.text import printable, printable_name
 
-__all__ = ["predict_cmd", "tta_options"]
+__all__ = ["predict_cmd", "tta_options", "tta_scales_given"]
 
 
 # zoo.predict.TTA_VIEWS / DEFAULT_TTA_VIEWS (that module imports torch; tests/zoo/test_predict.py checks these agree);
@@ -34,6 +35,21 @@ def tta_options(func):
                              "their mirrors (ten-crop).")(func)
     return click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several "
                         "views of each image (--tta-views).")(func)
+
+
+def tta_scales_given(tta: bool, tta_scales: str | None) -> tuple[int, ...] | None:
+    """``--tta-scales`` as sizes, after refusing ``--tta-views`` or ``--tta-scales`` typed without ``--tta``
+    (they would be ignored without a word)."""
+    # lazy: zoo.predict imports torch
+    from zoo.predict import parse_scales
+
+    scales = parse_scales(tta_scales)
+    source = click.get_current_context().get_parameter_source("tta_views")
+    for flag, given in (("--tta-views", source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)),
+                        ("--tta-scales", bool(scales))):
+        if given and not tta:
+            raise UsageError(f"{flag} needs --tta")
+    return scales
 
 
 def warn_skipped(item: object, reason: str) -> None:
@@ -64,11 +80,9 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
-    from zoo.predict import expand_images, parse_scales, predict_probs, topk as top
+    from zoo.predict import expand_images, predict_probs, topk as top
 
-    scales = parse_scales(tta_scales)
-    if scales and not tta:
-        raise UsageError("--tta-scales needs --tta")
+    scales = tta_scales_given(tta, tta_scales)
     paths, any_dir = expand_images(images)
     if not paths:
         raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
