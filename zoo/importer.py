@@ -20,7 +20,7 @@ from zoo.keymaps import apply_key_map, import_key_maps
 from zoo.registry import ModelEntry, entry_pin, matches_pin, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import copy_in
-from zoo.weightfiles import check_safetensors, load_pth, save_tensors
+from zoo.weightfiles import TORCH_SUFFIXES, check_safetensors, is_torch_start, load_pth, save_tensors
 
 __all__ = ["import_weights"]
 
@@ -84,12 +84,12 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) 
 
 
 def _sniff_format(path: Path) -> str:
-    """"pth" for zip/pickle checkpoints, "safetensors" otherwise (decided by content, not the suffix)."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    """"pth" for a file named as a PyTorch checkpoint (.pth, .pt, .bin: a damaged one is then called a damaged
+    checkpoint, not a bad safetensors file) or holding one (zip/pickle), "safetensors" otherwise."""
+    if path.suffix.lower() in TORCH_SUFFIXES:
         return "pth"
-    return "safetensors"
+    with open(path, "rb") as fh:
+        return "pth" if is_torch_start(fh.read(4)) else "safetensors"
 
 
 def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -11,7 +11,15 @@ from finetune.core.io import SafetensorsHeaderError, atomic_write, read_safetens
 from zoo.errors import WeightsError
 from zoo.text import first_line
 
-__all__ = ["check_safetensors", "load_pth", "save_tensors"]
+__all__ = ["check_safetensors", "load_pth", "save_tensors", "TORCH_SUFFIXES", "is_torch_start"]
+
+# Names a PyTorch checkpoint goes by (torchvision's .pth, .pt, transformers' pytorch_model.bin).
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def is_torch_start(head: bytes) -> bool:
+    """Whether a file's first bytes open a ``torch.save`` file: a zip archive, or a pickle (the legacy format)."""
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def check_safetensors(path: str | Path) -> dict[str, Any]:
@@ -41,6 +49,13 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not is_torch_start(head):
+        # torch.load would fail at random (KeyError, an "unsafe" UnpicklingError) on what is no checkpoint at all
+        raise WeightsError(f"{path.name} is not a readable PyTorch checkpoint: "
+                           + ("empty" if not head else "damaged (neither a zip archive nor a pickle)")
+                           + "; copy or download it again")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:   # the weights-only unpickler met something it will not build

@@ -176,7 +176,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         if len(head) < 8:
             raise SafetensorsHeaderError(f"truncated ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+        if n < 2 or n > MAX_SAFETENSORS_HEADER:     # its first 8 bytes are no header length: say no number
+            raise SafetensorsHeaderError("damaged header (its first 8 bytes are no header length)")
+        if n > size - 8:
             raise SafetensorsHeaderError(f"truncated or not a safetensors file (a header of {n} bytes in a "
                                          f"{size}-byte file)")
         raw = fh.read(n)

@@ -107,6 +107,29 @@ def test_import_truncated_pth_is_called_damaged_not_unsafe(tiny_state, tmp_path,
     assert not cache.is_cached("tiny")
 
 
+@pytest.mark.parametrize("name,data", [("junk.pth", b"junk junk junk junk\n"), ("empty.pth", b""),
+                                       ("junk.pt", b"junk junk junk junk\n"), ("pytorch_model.bin", b"<html>404</html>"),
+                                       ("cut.pth", b"\xb0\x1e" + b"\0" * 6 + b'{"w": {"dtype"')])
+def test_a_pth_that_is_no_checkpoint_is_called_a_damaged_checkpoint(tmp_path, registry, name, data):
+    """QA: junk or an empty file named .pth was "not a valid safetensors file (... a header of
+    7959384603921118570 bytes ...)": the suffix says what the file should be, and the message says so."""
+    f = tmp_path / name
+    f.write_bytes(data)
+    r = CliRunner().invoke(cli, ["import", "tiny", str(f)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"zoo: error: {name} is not a readable PyTorch checkpoint: ")
+    assert r.output.rstrip().endswith("; copy or download it again") and "safetensors" not in r.output
+    assert not cache.is_cached("tiny")
+
+
+def test_a_safetensors_file_of_junk_reports_no_absurd_header_size(tmp_path, registry):
+    f = tmp_path / "junk.safetensors"
+    f.write_bytes(b"junk junk junk junk\n")
+    with pytest.raises(WeightsError, match=r"junk.safetensors is not a valid safetensors file \(damaged header") as err:
+        import_weights("tiny", f)
+    assert str(int.from_bytes(b"junk jun", "little")) not in str(err.value)
+
+
 def test_a_pth_cut_anywhere_is_called_damaged(tmp_path):
     """Cut at any point, a zip .pth of some size (its reader then fails with an OSError, not only with the
     errors of a tiny file) is one 'truncated or damaged' WeightsError."""
