@@ -58,25 +58,26 @@ class Kind:
     # the command writes into a staging folder and publishes the whole at the end (zoo.bundle.export):
     # --overwrite's removal happens then, so an interrupted command leaves the earlier output whole
     staged: bool = False
+    folder: str = "output folder"   # "run folder", "bundle folder": how messages name the folder itself
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("finetune", "a `zoo finetune` run",
          ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv", "curves.png",
           "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard",
-          "log.txt", "report.html", "exclude.txt"), resumable=True),
+          "log.txt", "report.html", "exclude.txt"), resumable=True, folder="run folder"),
     Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "model.onnx", "README.md"),
-         staged=True),
+         staged=True, folder="bundle folder"),
     Kind("eval", "a `zoo eval` report",
-         ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")),
+         ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv"), folder="report folder"),
     Kind("lr-find", "a `zoo lr-find` result",
          ("scan.json", "split.json", "bad_files.txt", "config.yaml", "lr_find.png", "lr_find.csv", "lr_find.json",
-          "log.txt")),
+          "log.txt"), folder="lr-find folder"),
     Kind("doctor", "a `zoo doctor` report",
-         ("findings.csv", "bad_files.txt", "label_ranking.csv", "report.html", "doctor.json")),
+         ("findings.csv", "bad_files.txt", "label_ranking.csv", "report.html", "doctor.json"), folder="report folder"),
     Kind("sweep", "a `zoo sweep`",
          ("results.jsonl", "results.csv", "sweep.png", "sweep.json", "best_config.yaml", "trials", "log.txt"),
-         resumable=True),
+         resumable=True, folder="sweep folder"),
 )}
 
 
@@ -172,16 +173,16 @@ def check_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
                      "(nothing was written; --overwrite only replaces a folder zoo wrote)")
 
 
-def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
-    """Raise UsageError when ``path`` cannot be created or written (checked without creating it)."""
+def check_writable(path: str | os.PathLike, option: str = "--out", folder: str = "output folder") -> None:
+    """Raise UsageError when ``path`` cannot be created or written (checked without creating it); the message
+    names it as ``folder`` ("run folder", "bundle folder": the command's :attr:`Kind.folder`)."""
     path = Path(path)
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is not a folder" if parent.exists() and not parent.is_dir() else "is not writable"
-        what = "the run folder" if option == "--out" else "the folder"
-        raise UsageError(f"cannot write {what} {path}: {parent} {why}; choose another {option}")
+        raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; choose another {option}")
 
 
 # ---------------------------------------------------------------------------------------------- lock
@@ -355,7 +356,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         return
     RunLock(path).check()        # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
-    check_writable(path, option)
+    check_writable(path, option, KINDS[kind].folder)
     top = path      # the outermost folder this call creates (path itself when its parent exists)
     while not top.parent.exists() and top.parent != top.parent.parent:
         top = top.parent

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -88,6 +89,28 @@ def test_export_of_a_damaged_best_checkpoint_does_not_say_export_again(tmp_path,
     line, = res.output.strip().splitlines()
     assert line.startswith(f"zoo: error: {best}") and "zoo export" not in line and "re-export" not in line
     assert line.endswith("the run's best checkpoint is damaged; restore the file or re-run `zoo finetune`")
+
+
+@pytest.mark.parametrize("how", ["read_only", "under_a_file"])
+def test_export_to_a_folder_it_cannot_write_names_the_bundle_folder(tmp_path, runner, monkeypatch, how):
+    """QA: `zoo export RUN --out /read-only/b` said "cannot write the run folder"; it writes a bundle. (Root
+    writes through chmod 0o555, so os.access answers as it would for an ordinary user.)"""
+    import os
+
+    run, _ = make_run(tmp_path)
+    parent = tmp_path / "outputs"
+    if how == "under_a_file":
+        parent.write_text("not a folder")
+    else:
+        parent.mkdir(0o555)
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent and mode & os.W_OK
+                            else real_access(p, mode, **k))
+    res = runner.invoke(cli, ["export", str(run), "--out", str(parent / "b")])
+    assert res.exit_code == 2, res.output
+    line, = res.output.strip().splitlines()
+    assert line.startswith(f"zoo: error: cannot write the bundle folder {parent / 'b'}: {parent} is not ")
+    assert line.endswith("; choose another --out") and not (parent / "b").exists()
 
 
 def test_predict_folder_json_skips_unreadable(bundle, tmp_path, runner):
