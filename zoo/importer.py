@@ -84,12 +84,18 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) 
 
 
 def _sniff_format(path: Path) -> str:
-    """"pth" for a file named as a PyTorch checkpoint (.pth, .pt, .bin: a damaged one is then called a damaged
-    checkpoint, not a bad safetensors file) or holding one (zip/pickle), "safetensors" otherwise."""
-    if path.suffix.lower() in TORCH_SUFFIXES:
-        return "pth"
+    """"pth" for a file holding a PyTorch checkpoint (zip/pickle), "safetensors" for one that opens as
+    safetensors (its header length, then its JSON); anything else is judged by its name: "pth" for .pth,
+    .pt, .bin (a damaged one is then called a damaged checkpoint, not a bad safetensors file)."""
     with open(path, "rb") as fh:
-        return "pth" if is_torch_start(fh.read(4)) else "safetensors"
+        head = fh.read(9)
+    if is_torch_start(head):
+        return "pth"
+    opens_as_safetensors = (len(head) == 9 and head[8:9] == b"{"
+                            and int.from_bytes(head[:8], "little") < path.stat().st_size)
+    if not opens_as_safetensors and path.suffix.lower() in TORCH_SUFFIXES:
+        return "pth"
+    return "safetensors"
 
 
 def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -122,6 +122,11 @@ def test_a_pth_that_is_no_checkpoint_is_called_a_damaged_checkpoint(tmp_path, re
     assert not cache.is_cached("tiny")
 
 
+def test_a_safetensors_file_named_pth_is_imported_by_its_content(tiny_state, tmp_path, registry):
+    """The name decides only for what opens as neither format: safetensors weights saved as .pth import."""
+    f = save_st(tiny_state, tmp_path / "weights.pth")
+    assert import_weights("tiny", f).read_bytes() == f.read_bytes()
+
 def test_a_safetensors_file_of_junk_reports_no_absurd_header_size(tmp_path, registry):
     f = tmp_path / "junk.safetensors"
     f.write_bytes(b"junk junk junk junk\n")
