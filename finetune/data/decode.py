@@ -49,6 +49,7 @@ from finetune.data.loaders import ImageDataset, close_loader
 from finetune.data.transforms import _parse_data_config, augment_mode
 from finetune.core.errors import DataError
 from finetune.core.io import printable_name
+from finetune.core.seeding import sample_seed
 
 __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
            "device_decodable"]
@@ -140,10 +141,15 @@ class DeviceTransform:
         # the same generator as the crops
         self.colour = DeviceAugment.from_config(data_config, config, train)
         self.rng = self.colour.rng
+        self.seed = int(getattr(config, "seed", 0))     # the epoch's, once reseeded
         self.failed: list[tuple[int, str]] = []   # (position in its batch, reason), reset per call
 
     def reseed(self, seed: int) -> None:
-        self.rng.seed(int(seed))
+        """An epoch's seed (the same on every rank): with the batch's dataset indices (``__call__``), each
+        image's crop, flip and jitter come from (seed, its index) alone, whatever the batch, worker or
+        number of processes it is in."""
+        self.seed = int(seed)
+        self.rng.seed(self.seed)
 
     # -- decoding
     def decode(self, items: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -221,8 +227,8 @@ class DeviceTransform:
             return crop_plan(top, left, h, w, (self.h, self.w))
         return eval_plan(height, width, (self.h, self.w), self.crop_pct)
 
-    def __call__(self, items, labels: torch.Tensor, device: torch.device | str,
-                 channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __call__(self, items, labels: torch.Tensor, device: torch.device | str, channels_last: bool = False,
+                 indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -233,9 +239,20 @@ class DeviceTransform:
         keep = [i for i, im in enumerate(images) if im is not None]
         if not keep:
             return None
-        x = resample([images[i] for i in keep], [self._plan(images[i]) for i in keep], (self.h, self.w), self.mode)
+        plans, draws = [], None
+        if indices is not None and (self.crop_scale is not None or self.colour.active):
+            draws = ([], [])
+            for i in keep:      # each image's draws from (epoch seed, its dataset index)
+                self.rng.seed(sample_seed(self.seed, int(indices[i])))
+                plans.append(self._plan(images[i]))
+                flips, ops = self.colour.draw(1)
+                draws[0].extend(flips)
+                draws[1].extend(ops)
+        else:
+            plans = [self._plan(images[i]) for i in keep]
+        x = resample([images[i] for i in keep], plans, (self.h, self.w), self.mode)
         y = labels[keep] if len(keep) < len(images) else labels
-        return self.colour(x, device, channels_last), y.to(device, non_blocking=True)
+        return self.colour(x, device, channels_last, draws), y.to(device, non_blocking=True)
 
 
 class DevicePrefetcher:
@@ -330,11 +347,12 @@ class DevicePrefetcher:
                         continue
                     if cuda:
                         with torch.cuda.stream(side):
-                            out = self.transform(batch[0], batch[1], self.device, self.channels_last)
+                            out = self.transform(batch[0], batch[1], self.device, self.channels_last, batch[2])
                             event = torch.cuda.Event()
                             event.record(side)
                     else:
-                        out, event = self.transform(batch[0], batch[1], self.device, self.channels_last), None
+                        out, event = self.transform(batch[0], batch[1], self.device, self.channels_last,
+                                                    batch[2]), None
                     for pos, reason in self.transform.failed:
                         self._log_failure(batch[2][pos], reason)
                     if out is not None and not put((out, event)):

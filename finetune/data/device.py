@@ -37,20 +37,21 @@ class DeviceNormalize:
                                    torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
         return self._cache[device]
 
-    def __call__(self, x: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, device: torch.device | str, channels_last: bool = False,
+                 draws: tuple[list[bool], list[list[tuple[str, float]]]] | None = None) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise TypeError(f"DeviceNormalize expects a uint8 batch, got {x.dtype}; build the dataset's "
                             "transform with output='uint8'")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        x = self.augment(x.to(device, non_blocking=True))
+        x = self.augment(x.to(device, non_blocking=True), draws)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)   # on uint8: 4x less to move than float
         mean, std = self._stats(device)
         return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)   # elementwise: keeps the layout
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, draws=None) -> torch.Tensor:
         """The uint8 batch on the device before normalisation: as is here (see :class:`DeviceAugment`)."""
         return x
 
@@ -156,9 +157,13 @@ class DeviceAugment(DeviceNormalize):
             x = x.mul(factor).add_(other * rest).clamp_(0, 255).to(torch.uint8)
         return x
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, draws=None) -> torch.Tensor:
+        """``draws``: each image's ``(flips, ops)`` drawn by the caller (``decode.DeviceTransform``, per
+        image); None: drawn here for the batch."""
         if not self.active or x.dim() != 4 or x.shape[0] == 0:
             return x
+        if draws is not None:
+            return self.apply(x, *draws)
         rank, world = self.shard
         flips, ops = self.draw(x.shape[0] * world)      # every image of the global batch draws the same amount
         return self.apply(x, flips[rank::world], ops[rank::world])

@@ -301,8 +301,8 @@ def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
         set_epoch_order(sampler, seed, epoch)
     elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(int(epoch))
-    if hasattr(loader, "set_epoch"):   # finetune.data.decode.DevicePrefetcher: its augmentation generator
-        loader.set_epoch(int(epoch), s)
+    if hasattr(loader, "set_epoch"):   # finetune.data.decode.DevicePrefetcher: per image, as the samples' draws
+        loader.set_epoch(int(epoch), epoch_seed(seed, epoch))
     gen = getattr(loader, "generator", None)
     if gen is not None:          # worker seeds
         gen.manual_seed(s)

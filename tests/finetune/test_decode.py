@@ -116,6 +116,25 @@ def test_train_transform_is_seeded_and_varied():
                        e([data], torch.zeros(1, dtype=torch.long), "cpu")[0])
 
 
+def test_with_dataset_indices_each_image_is_augmented_the_same_in_any_batch():
+    """--decode device: given the batch's dataset indices (the prefetcher passes them), an image's crop,
+    flip and jitter come from (epoch seed, its index) alone: split between 2 ranks (strided), or in
+    another order, every image comes out the same; another epoch seed draws anew."""
+    items = [torch.frombuffer(bytearray(jpeg_bytes(photo((60 + 7 * k, 44 + 3 * k), seed=k))), dtype=torch.uint8)
+             for k in range(6)]
+    labels, idx = torch.arange(6), [40, 41, 42, 43, 44, 45]
+    t = DeviceTransform(DATA_CONFIG, True, AUG)
+
+    def run(order, seed=7):
+        t.reseed(seed)
+        return t([items[k] for k in order], labels[order], "cpu", indices=[idx[k] for k in order])[0]
+
+    whole = run([0, 1, 2, 3, 4, 5])
+    assert torch.equal(run([0, 2, 4]), whole[0::2]) and torch.equal(run([1, 3, 5]), whole[1::2])
+    assert torch.equal(run([5, 3, 1]), whole[[5, 3, 1]])
+    other = run([0, 1, 2, 3, 4, 5], seed=8)
+    assert not any(torch.equal(other[k], whole[k]) for k in range(6))
+
 def test_batched_colour_equals_torchvision_per_image():
     """Flip + brightness/contrast on the whole batch == torchvision's functional ops image by image."""
     from torchvision.transforms.v2 import functional as F

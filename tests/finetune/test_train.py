@@ -419,7 +419,7 @@ def test_cuda_requested_without_cuda(data):
 
 def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path):
     """fit with the CUDA device steps (forced here on the CPU: they run anywhere): every training batch
-    goes through DeviceAugment, reseeded at the start of each epoch from (seed, epoch, rank); validation
+    goes through DeviceAugment, reseeded at the start of each epoch from (seed, epoch); validation
     and the final evaluation are only normalised; a resumed run repeats the uninterrupted one."""
     import finetune.engine.setup as engine_setup
     from finetune.data import DeviceAugment, DeviceNormalize
@@ -432,9 +432,9 @@ def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path)
             calls["reseed"].append(seed)
             super().reseed(seed, rank, world_size)
 
-        def augment(self, x):
+        def augment(self, x, draws=None):
             calls["augmented"] += 1
-            return super().augment(x)
+            return super().augment(x, draws)
 
     def cuda_steps(config, data_config, device):
         return "uint8", DeviceNormalize.from_data_config(data_config), Counting.from_config(data_config, config)
