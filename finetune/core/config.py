@@ -178,7 +178,8 @@ class FinetuneConfig:
         "Maximum epochs in total (early stopping may end sooner); 0 = auto: 8 when layers are finetuned "
         "(a cosine schedule that ends), 30 when only the head trains.",
         low=1, sentinels=(0,), resume_free=True)
-    patience: int = option(5, "Early stopping: epochs without improvement before stopping.", low=0, resume_free=True)
+    patience: int = option(5, "Early stopping: epochs without improvement before stopping (0: stop at the first one).",
+                           low=0, resume_free=True)
     min_delta: float = option(1e-4,
         "Early stopping: smallest change that counts as an improvement.",
         low=0, resume_free=True)

@@ -33,12 +33,14 @@ class EarlyStopping:
         return value > self.best + self.min_delta
 
     def step(self, value: float, epoch: int) -> bool:
-        """Record ``value`` for ``epoch``; return True when training should stop."""
+        """Record ``value`` for ``epoch``; return True when training should stop: after ``patience`` epochs
+        in a row without improvement, and never after one that improved (``patience`` 0: stop at the
+        first epoch that does not improve, as Keras' EarlyStopping)."""
         if self.improved(value):
             self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
         else:
             self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
+        return self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}

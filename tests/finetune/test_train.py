@@ -163,6 +163,18 @@ def test_early_stopping_restores_best_epoch(data, tmp_path):
     assert summary["best_epoch"] == 1 and summary["stopped_early"] is True
 
 
+@pytest.mark.parametrize("patience", [0, 1, 2])
+def test_early_stopping_never_stops_after_an_improving_epoch(patience):
+    """QA: --patience 0 stopped after epoch 1, which had improved. ``patience`` epochs in a row without
+    improvement stop the run (0: the first one does), an improving epoch never does."""
+    from finetune.core.metrics import EarlyStopping
+
+    stopper = EarlyStopping(patience=patience, min_delta=0.0)
+    losses = [1.0, 0.9, 0.8, 0.85, 0.86, 0.87, 0.7]
+    stops = [stopper.step(v, e) for e, v in enumerate(losses, 1)]
+    assert stops[:3] == [False] * 3 and stops[6] is False           # improving epochs
+    assert stops[3:6] == [k + 1 >= max(patience, 1) for k in range(3)]
+
 def test_nan_loss_stops_with_diverged_error_and_keeps_last_good_checkpoint(data, tmp_path):
     model = tiny_model()
 
