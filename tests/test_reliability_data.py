@@ -122,7 +122,7 @@ def test_decode_failure_inside_a_worker_is_caught_per_image_and_listed(tiny, tmp
     assert "Traceback" not in res.output
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2                              # the epoch ran: one image dropped, not the batch
-    assert "sneaky.jpg" in res.stderr and "failed to decode" in res.stderr       # reported ...
+    assert "sneaky.jpg" in res.stderr and "failed to load" in res.stderr       # reported ...
     assert any("sneaky.jpg" in k for k in bad_listed(run))   # ... and listed in the run folder, on both paths
     assert bad.exists()
 

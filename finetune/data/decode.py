@@ -45,9 +45,8 @@ from finetune.data.images import (
     read_image_bytes,
     to_uint8_tensor,
 )
-from finetune.data.loaders import ImageDataset, close_loader
+from finetune.data.loaders import ImageDataset, close_loader, failure_reason
 from finetune.data.transforms import _parse_data_config, augment_mode
-from finetune.core.errors import DataError
 from finetune.core.io import printable_name
 from finetune.core.seeding import sample_seed
 
@@ -78,7 +77,7 @@ class EncodedImageDataset(ImageDataset):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index
             return to_uint8_tensor(load_image(path, self.min_size)), label, index
         except Exception as e:   # one bad image must not kill the batch or the worker
-            self.log_failure(index, str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}")
+            self.log_failure(index, failure_reason(e))
             return None
 
     def log_failure(self, index: int, reason: str) -> None:

@@ -75,6 +75,8 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                         "resize or remove it") from None
     except UnidentifiedImageError:
         raise DataError(f"{printable_name(str(path))} is not a readable image; fix or remove it") from None
+    except FileNotFoundError:
+        raise DataError(f"{printable_name(str(path))} is missing: moved or deleted since the scan") from None
     except OSError as e:
         raise DataError(f"cannot decode {printable_name(str(path))}: {e}; fix or remove the file") from None
     except Exception as e:  # malformed files raise SyntaxError / ValueError / struct.error inside PIL

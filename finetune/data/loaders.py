@@ -67,7 +67,7 @@ class ImageDataset(Dataset):
                 im = load_image(path, self.min_size)
             return (self.transform(im) if self.transform is not None else im), label
         except Exception as e:   # one bad image must not kill the batch or the worker
-            reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+            reason = failure_reason(e)
             line = f"{index}\t{printable_name(reason)}".replace("\n", " ") + "\n"
             with open(self.failure_log, "a", encoding="utf-8") as fh:
                 fh.write(line)
@@ -289,6 +289,13 @@ def close_loader(loader) -> None:
         it._shutdown_workers()
     if hasattr(loader, "_iterator"):
         loader._iterator = None
+
+
+def failure_reason(err: Exception) -> str:
+    """Why an image that passed the scan could not be loaded, in one line."""
+    if isinstance(err, FileNotFoundError):
+        return "missing: moved or deleted since the scan"
+    return str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
 
 
 def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
+from finetune.core.io import printable_name
 from finetune.core.ema import ModelEma
 from finetune.engine.setup import Setup
 from finetune.engine.runtime import warms_up
@@ -143,6 +144,18 @@ class LoaderSteps:
 
     def failures(self) -> dict[str, str]:
         return self.s.failures()
+
+    def nothing_loaded(self, trained: dict, evaluated: dict) -> str | None:
+        """What to say when an epoch loaded no image of a split (``images`` 0 in its metrics): the folder
+        moved or was emptied since the scan, and the epoch's NaN numbers would read as a divergence.
+        None when both splits loaded images (the cached-feature steps load none: no ``images`` there)."""
+        for split, n in (("training", trained.get("images")),
+                         ("validation", evaluated.get("images") if self.s.has_val else None)):
+            if n == 0:
+                example = next(iter(self.failures().items()), None)
+                why = f" (e.g. {printable_name(example[0])}: {example[1]})" if example else ""
+                return f"no {split} image could be loaded{why}"
+        return None
 
 
 def _progress(total: int, desc: str, disable: bool):

@@ -180,7 +180,7 @@ class RunFolder:
             return
         names = ", ".join(printable_name(os.path.basename(p)) for p in list(failed)[:3])
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        say(f"warning: {len(failed)} image(s) failed to decode during training and were skipped: {names}{more}"
+        say(f"warning: {len(failed)} image(s) failed to load during training and were skipped: {names}{more}"
             + (" (see bad_files.txt)" if self.writes else ""))
         if not self.writes:
             return
@@ -189,7 +189,7 @@ class RunFolder:
             old = path.read_text(encoding="utf-8")
         except OSError:
             old = ""
-        new = [f"{printable_name(p)}\t{r} (failed to decode during training)\n" for p, r in failed.items()
+        new = [f"{printable_name(p)}\t{r} (failed to load during training)\n" for p, r in failed.items()
                if printable_name(p) + "\t" not in old]
         atomic_write_text(path, old + "".join(new))
 

@@ -31,7 +31,7 @@ from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
-from finetune.core.errors import DivergedError, Interrupted
+from finetune.core.errors import DataError, DivergedError, Interrupted
 from finetune.core.metrics import EarlyStopping
 from finetune.core.monitor import advise
 from finetune.core.policy import head_first
@@ -241,6 +241,11 @@ class Trainer:
         t0 = time.perf_counter()
         tr = steps.train_epoch(self.epoch, phase, self.optimizer, self.scheduler, self.scaler)
         va = steps.evaluate()
+        lost = self.loader_steps.nothing_loaded(tr, va)     # the data moved since the scan: not a divergence
+        if lost:
+            raise DataError(f"{lost} in epoch {self.epoch}: has the data folder moved or changed since the scan?"
+                            + (f" Put it back and continue with `zoo finetune --resume {self.folder.path}`"
+                               if self.folder.writes else ""))
         metric = va["acc"] if config.monitor == "val_acc" else va["loss"]
         self.scheduler.step_epoch(metric if s.has_val else None)
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],

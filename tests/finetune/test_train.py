@@ -175,6 +175,41 @@ def test_early_stopping_never_stops_after_an_improving_epoch(patience):
     assert stops[:3] == [False] * 3 and stops[6] is False           # improving epochs
     assert stops[3:6] == [k + 1 >= max(patience, 1) for k in range(3)]
 
+@pytest.mark.parametrize("gone", ["folder", "val"])
+def test_images_gone_since_the_scan_stop_the_run_and_it_resumes_once_they_are_back(tmp_path, gone):
+    """QA: the data folder moved (or its validation images deleted) after epoch 1: the run went on with NaN
+    losses, advised a lower learning rate and exited 0. An epoch that loads no image of a split now stops
+    the run before it is recorded, saying what happened; the run resumes once the images are back."""
+    from finetune.core.errors import DataError
+
+    root = tmp_path / "data"
+    train, val = sets(root)
+    moved = tmp_path / "moved"
+
+    def take_away(row):
+        if row["epoch"] == 1:
+            if gone == "folder":
+                root.rename(moved)
+            else:
+                for path, _ in val.items:
+                    os.rename(path, path + ".away")
+
+    with pytest.raises(DataError) as err:
+        run((train, val), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run", callbacks=[take_away])
+    split = "training" if gone == "folder" else "validation"
+    assert str(err.value).startswith(f"no {split} image could be loaded (e.g. ")
+    assert ") in epoch 2: has the data folder moved or changed since the scan? Put it back" in str(err.value)
+    assert "missing: moved or deleted since the scan" in str(err.value)
+    assert f"zoo finetune --resume {tmp_path / 'run'}" in str(err.value)
+    assert torch.load(tmp_path / "run" / LAST, weights_only=True)["epoch"] == 1
+    if gone == "folder":
+        moved.rename(root)
+    else:
+        for path, _ in val.items:
+            os.rename(path + ".away", path)
+    again = run((train, val), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run", resume=True)
+    assert len(again.history) == 3 and all(math.isfinite(r["val_loss"]) for r in again.history)
+
 def test_nan_loss_stops_with_diverged_error_and_keeps_last_good_checkpoint(data, tmp_path):
     model = tiny_model()
 
