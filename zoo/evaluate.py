@@ -49,6 +49,7 @@ class EvalReport:
     tta: bool = False
     tta_scales: list[int] | None = None
     tta_views: str | None = None                # "flip" | "ten" with TTA
+    weights_sha256: str | None = None           # of the bundle evaluated (`zoo push --test-metrics` checks it)
 
     def to_dict(self) -> dict[str, Any]:
         # File names that are not UTF-8 hold surrogates in memory; on disk and on stdout they read \xNN.
@@ -56,6 +57,7 @@ class EvalReport:
         return {"root": name(self.root), "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
                 "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
                 "tta": self.tta, "tta_scales": self.tta_scales, "tta_views": self.tta_views,
+                "weights_sha256": self.weights_sha256,
                 "skipped": [{"path": name(p), "reason": r} for p, r in self.skipped],
                 "ignored_folders": [name(f) for f in self.ignored_folders],
                 "most_confidently_wrong": [{**w, "path": name(w["path"])} for w in self.wrong]}

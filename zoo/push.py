@@ -152,8 +152,9 @@ def _check_private(files: dict[str, bytes], marks: list[str]) -> None:
 # ------------------------------------------------------------------------------------------ run facts
 
 
-def _test_metrics(path: str | os.PathLike | None) -> dict[str, Any]:
-    """Metrics of a `zoo eval` report (its folder or metrics.json): accuracy, top5, n_images."""
+def _test_metrics(path: str | os.PathLike | None, weights_sha256: str, labels: list[str]) -> dict[str, Any]:
+    """Metrics of a `zoo eval` report (its folder or metrics.json): accuracy, top5, n_images; refused when
+    they are another model's (other weights, where the report records them, or other labels)."""
     if path is None:
         return {}
     p = Path(path)
@@ -162,6 +163,14 @@ def _test_metrics(path: str | os.PathLike | None) -> dict[str, Any]:
     if "accuracy" not in doc:
         raise UsageError(f"{p} is not a `zoo eval` metrics.json (no 'accuracy'); pass the report folder "
                          "`zoo eval BUNDLE --data DIR --out REPORT` wrote")
+    evaluated = doc.get("weights_sha256")
+    other = (f"other weights (sha256 {str(evaluated)[:12]}..., this bundle's {weights_sha256[:12]}...)"
+             if evaluated and evaluated != weights_sha256 else
+             f"a model of other classes ({len(doc['labels'])}: {', '.join(map(str, doc['labels'][:4]))}...)"
+             if labels and isinstance(doc.get("labels"), list) and list(doc["labels"]) != list(labels) else None)
+    if other:
+        raise UsageError(f"--test-metrics {p} evaluated {other}: evaluate this bundle with `zoo eval BUNDLE "
+                         "--data DIR --out REPORT` and pass that report; nothing was uploaded")
     return doc
 
 
@@ -200,7 +209,8 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     for k in ("file", "url"):
         if isinstance(pc.get(k), str) and not pc[k].startswith(("http://", "https://")):
             pc.pop(k)
-    card = model_card(repo, public_meta, cfg, run, _test_metrics(test_metrics))
+    labels = list(meta.get("label_names") or config.get("label_names") or [])
+    card = model_card(repo, public_meta, cfg, run, _test_metrics(test_metrics, sha, labels))
     files = {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
              CARD: card.encode("utf-8")}
     scan = _read_json(run / "scan.json") if run else {}

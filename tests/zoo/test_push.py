@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from tests.conftest import make_image_folder
 from tests.zoo.test_bundle import CLASSES, make_run
 from zoo.bundle import export_run, load_bundle
 from zoo.cli import cli
@@ -82,6 +83,27 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
                    f'timm.create_model("hf-hub:{REPO}", pretrained=True)', f"zoo predict hf-hub:{REPO}"):
         assert needle in body, needle
 
+
+def test_test_metrics_of_another_model_are_refused(hub, tmp_path, runner):
+    """QA: an evaluation of a 4-class model went into a 3-class model's card. A report recording other
+    weights, or other labels, is refused before anything is uploaded; `zoo eval`'s own report of this
+    bundle goes through (it records the weights' sha256)."""
+    run, bundle = make_bundle(tmp_path)
+    report = tmp_path / "other"
+    report.mkdir()
+    base = {"accuracy": 0.5, "top5": None, "n_images": 9}
+    for doc, what in (({**base, "labels": ["-dash", *CLASSES]}, "a model of other classes"),
+                      ({**base, "labels": list(CLASSES), "weights_sha256": "f" * 64}, "other weights")):
+        (report / "metrics.json").write_text(json.dumps(doc))
+        res = push(runner, bundle, "--test-metrics", str(report))
+        assert res.exit_code == 2 and what in res.output and "nothing was uploaded" in res.output, res.output
+    assert REPO not in hub.repos
+    data = make_image_folder(tmp_path / "holdout", classes=CLASSES, per_class=2)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev"),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["weights_sha256"]
+    assert push(runner, bundle, "--test-metrics", str(tmp_path / "ev")).exit_code == 0
 
 def test_nothing_private_is_published(hub, tmp_path, runner):
     from zoo.push import _read_header_metadata

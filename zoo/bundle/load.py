@@ -284,6 +284,8 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from zoo.predict import eval_transform
 
+    # the weights' digest, checked above: what `zoo eval` records of the model it evaluated
+    meta = {**meta, "weights_sha256": zoo_cfg.get("weights_sha256")}
     return Bundle(model=model, transform=eval_transform(data_config), data_config=data_config, labels=labels,
                   metadata=meta, path=path)
 

@@ -64,6 +64,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
                           tta_views=tta_views, batch_size=batch_size, progress=True, worst=max(worst, 20),
                           on_error=warn_skipped,
                           aliases=bundle.metadata.get("label_ids"))
+        report.weights_sha256 = bundle.metadata.get("weights_sha256")
         paths = write_eval_reports(report, out)
     if as_json:
         echo(json.dumps(report.to_dict(), indent=2))    # ASCII: echo escapes what is not printable, JSON stays valid
