@@ -102,8 +102,8 @@ class RunFolder:
 
     def refuse_existing_run(self) -> None:
         if self.writes and (self.path / LAST).exists():
-            raise ConfigError(f"{self.path} already holds a run: continue it with `zoo finetune --resume "
-                              f"{self.path}` or choose another --out")
+            raise ConfigError(f"{self.path} already holds a run: continue it with resume=True (from the command "
+                              f"line: `zoo finetune --resume {self.path}` for a run it made), or pass another run_dir")
 
     # --- writers
     def start(self, config: FinetuneConfig, train_set, val_set, device: torch.device, info: ddp.DistInfo,

@@ -210,6 +210,19 @@ def test_images_gone_since_the_scan_stop_the_run_and_it_resumes_once_they_are_ba
     again = run((train, val), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run", resume=True)
     assert len(again.history) == 3 and all(math.isfinite(r["val_loss"]) for r in again.history)
 
+def test_a_python_api_run_folder_says_how_to_continue_it(data, tmp_path):
+    """QA: fit() into a folder holding a run advised `zoo finetune --resume`, which then refused the folder
+    as "no model.json/config.yaml" (config.yaml was there). Each now names the way that works."""
+    from click.testing import CliRunner
+    from zoo.cli import cli
+
+    out = tmp_path / "run"
+    run(data, cfg(), run_dir=out)
+    with pytest.raises(ConfigError, match=r"already holds a run: continue it with resume=True"):
+        run(data, cfg(), run_dir=out)
+    res = CliRunner().invoke(cli, ["finetune", "--resume", str(out)])
+    assert res.exit_code == 2 and "written by the Python API" in res.output and "resume=True" in res.output
+
 def test_nan_loss_stops_with_diverged_error_and_keeps_last_good_checkpoint(data, tmp_path):
     model = tiny_model()
 

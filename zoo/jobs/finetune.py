@@ -288,6 +288,9 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     """
     run_dir = Path(run_dir)
     info_path = run_dir / MODEL_JSON
+    if not info_path.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
+        raise UsageError(f"{run_dir} was written by the Python API (finetune's fit: no model.json, so zoo cannot "
+                         "rebuild its model); continue it with fit(..., run_dir=..., resume=True)")
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
