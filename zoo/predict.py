@@ -129,8 +129,10 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
             out.extend(Path(q) for q in walk_files(str(p)) if os.path.splitext(q)[1].lower() in exts)   # as the scan
         elif p.exists():
             out.append(p)
+        elif "://" in str(item):
+            raise UsageError(f"{item} is a URL: zoo reads local files; download the image first")
         else:
-            raise UsageError(f"no such image or folder: {p}")
+            raise UsageError(f"no such image or folder: {item}")
     return out, any_dir
 
 

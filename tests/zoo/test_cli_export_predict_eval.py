@@ -154,6 +154,8 @@ def test_tta_views_without_tta_is_refused_as_tta_scales_is(bundle, tmp_path, run
 def test_predict_usage_errors(bundle, tmp_path, runner):
     res = runner.invoke(cli, ["predict", str(bundle), str(tmp_path / "missing.jpg")])
     assert res.exit_code == 2 and "no such image or folder" in res.stderr
+    res = runner.invoke(cli, ["predict", str(bundle), "http://127.0.0.1:1/x.png"])    # (QA: "http:/127...")
+    assert res.exit_code == 2 and "http://127.0.0.1:1/x.png is a URL" in res.stderr
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"nope")
     res = runner.invoke(cli, ["predict", str(bundle), str(broken)])

@@ -63,7 +63,7 @@ def cache_rm(names: tuple[str, ...]) -> None:
     Examples:
       zoo cache rm resnet50
     """
-    for name in names:
+    for name in dict.fromkeys(names):     # a name given twice is removed once
         _check_name(name)
         size = sum(p.stat().st_size for p in zcache.weights_dir(name).glob("*") if p.is_file()) \
             if zcache.weights_dir(name).is_dir() else 0
