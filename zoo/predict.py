@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -129,8 +130,9 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
             out.extend(Path(q) for q in walk_files(str(p)) if os.path.splitext(q)[1].lower() in exts)   # as the scan
         elif p.exists():
             out.append(p)
-        elif "://" in str(item):
-            raise UsageError(f"{item} is a URL: zoo reads local files; download the image first")
+        elif re.match(r"(https?|ftp|s3|gs)://?", str(item)):     # (a Path argument holds one slash)
+            url = re.sub(r":/+", "://", str(item), count=1)
+            raise UsageError(f"{url} is a URL: zoo reads local files; download the image first")
         else:
             raise UsageError(f"no such image or folder: {item}")
     return out, any_dir
