@@ -65,6 +65,23 @@ def test_an_interrupted_export_leaves_the_earlier_bundle_whole(tmp_path, runner,
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".zoo-run.json", "README.md", "config.json",
                                                                       "model.safetensors"]
 
+def test_exporting_a_run_that_is_still_training_says_so(tmp_path, runner):
+    """QA: `zoo export RUN` during training silently exported the best epoch so far."""
+    import socket
+    import subprocess
+
+    run, _ = make_run(tmp_path)
+    trainer = subprocess.Popen(["sleep", "30"])      # a live process holding the run's lock
+    try:
+        (run / ".zoo.lock").write_text(json.dumps({"pid": trainer.pid, "host": socket.gethostname(),
+                                                   "command": "zoo finetune", "started": "now"}))
+        res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")])
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert res.exit_code == 0, res.output
+    assert f"note: {run} is still training; this exports its best epoch so far" in res.stderr
+
 def test_export_missing_run_is_one_line_error(tmp_path, runner):
     res = runner.invoke(cli, ["export", str(tmp_path / "nope")])
     assert res.exit_code == 1
