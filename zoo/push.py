@@ -235,7 +235,7 @@ def _hub_error(err: Exception, repo: str) -> PushError:
         return PushError(f"{repo}: the repo changed while pushing; run the push again; nothing was changed")
     first = first_line(err)
     cause = err.__cause__ or err.__context__
-    if cause is not None and str(cause).strip():
+    if cause is not None and str(cause).strip() and first_line(cause) not in first:   # (often the same words)
         first += f": {first_line(cause)}"
     return PushError(f"upload to {repo} failed ({first}); the repo was left as it was (the commit is made only "
                      "after every file is uploaded); run the push again")

@@ -276,3 +276,24 @@ def test_list_mine_shows_local_and_pushed(hub, tmp_path, runner, monkeypatch):
     assert "runs/run/export" in res.output and f"hf-hub:{REPO}" in res.output
     doc = json.loads(runner.invoke(cli, ["list", "--mine", "--json"]).stdout)
     assert {d["kind"] for d in doc} == {"local", "pushed"}
+
+
+def test_an_upload_error_names_its_cause_once():
+    """QA: "failed ([Errno 111] Connection refused: [Errno 111] Connection refused)"."""
+    from zoo.push import _hub_error
+
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError as inner:
+            raise RuntimeError(str(inner)) from inner
+    except RuntimeError as err:
+        text = str(_hub_error(err, "me/x"))
+    assert text.count("Connection refused") == 1 and text.startswith("upload to me/x failed ([Errno 111]")
+    try:
+        try:
+            raise TimeoutError("read timed out")
+        except OSError as inner:
+            raise RuntimeError("the upload stopped") from inner
+    except RuntimeError as err:
+        assert "the upload stopped: read timed out" in str(_hub_error(err, "me/x"))
