@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
@@ -108,6 +108,10 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
                                      f"{cfg.max_side} per side)")
         try:
             img.load()
+            try:
+                img = ImageOps.exif_transpose(img) or img      # upright, as training read its images
+            except Exception:   # malformed EXIF: the pixels are fine as stored
+                pass
             rgb = img.convert("RGB")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None

@@ -236,3 +236,16 @@ def test_page_in_headless_chromium(bundle_dir, tmp_path):
     dom = shot.render(bundle_dir, tmp_path / "page.png", image=make_image(tmp_path / "fox.png", 2, 64))
     assert 'data-done="1"' in dom and "model input" in dom and dom.count('class="row"') == 3
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_an_exif_rotated_upload_is_read_upright():
+    """QA: /predict reported the stored 48x32 of a JPEG whose EXIF says to turn it (orientation 6): the
+    upload is turned upright, as training read its images, so its size and pixels are the upright ones."""
+    from zoo.serve import decode_upload
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
+    img = decode_upload(buf.getvalue(), "image/jpeg", "turned.jpg", ServeConfig())
+    assert img.size == (32, 48) and img.mode == "RGB"
