@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
+from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
@@ -259,9 +260,7 @@ def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[s
     atomic_write_text(paths["per_class.csv"], _csv_text(
         [("class", "precision", "recall", "support")]
         + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))
-    atomic_write_text(paths["confusion.csv"], _csv_text(
-        [("true \\ predicted", *report.labels)]
-        + [(report.labels[i], *row) for i, row in enumerate(report.confusion)]))
+    atomic_write_text(paths["confusion.csv"], confusion_csv_text(report.labels, report.confusion))
     _confusion_png(report.confusion, report.labels, paths["confusion.png"])
     atomic_write_text(paths["wrong.csv"], _csv_text(
         [("path", "true", "predicted", "confidence", "p_true")]

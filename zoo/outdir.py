@@ -65,7 +65,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("finetune", "a `zoo finetune` run",
          ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv", "curves.png",
           "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard",
-          "log.txt", "report.html", "exclude.txt"), resumable=True, folder="run folder"),
+          "log.txt", "report.html", "exclude.txt", "confusion.csv"), resumable=True, folder="run folder"),
     Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "model.onnx", "README.md"),
          staged=True, folder="bundle folder"),
     Kind("eval", "a `zoo eval` report",

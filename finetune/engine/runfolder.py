@@ -1,5 +1,5 @@
 """The run folder's writers: config.yaml, manifest.json, metrics.csv, curves.png, best weights,
-checkpoints/last.pt, bad_files.txt, summary.json, TensorBoard. Only the main process writes."""
+checkpoints/last.pt, bad_files.txt, summary.json, confusion.csv, TensorBoard. Only the main process writes."""
 from __future__ import annotations
 
 import csv
@@ -21,6 +21,7 @@ from finetune.core import distributed as ddp
 from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, load_checkpoint, save_checkpoint,
                                      save_weights)
 from finetune.core.config import RESUME_FREE, FinetuneConfig, save_config
+from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.monitor import TensorBoardLogger, write_curves
@@ -47,6 +48,20 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def _summary_json(summary: dict) -> str:
+    """``summary`` as strict, indent=2 JSON with ``metrics.confusion`` one matrix row per line (indent=2 alone
+    puts every number on its own line: 44 MB at 2,000 classes)."""
+    doc = json_safe(summary)
+    metrics = doc.get("metrics")
+    rows = metrics.get("confusion") if isinstance(metrics, dict) else None
+    if not rows:
+        return json.dumps(doc, indent=2) + "\n"
+    mark = "\0confusion"        # no class name or path holds a NUL: the placeholder is unique in the text
+    doc = {**doc, "metrics": {**metrics, "confusion": mark}}
+    matrix = "[\n" + ",\n".join("      " + json.dumps(row) for row in rows) + "\n    ]"
+    return json.dumps(doc, indent=2).replace(json.dumps(mark), matrix, 1) + "\n"
 
 
 def _versions() -> dict[str, str | None]:
@@ -194,8 +209,20 @@ class RunFolder:
         atomic_write_text(path, old + "".join(new))
 
     def summary(self, summary: dict) -> None:
-        if self.writes:
-            atomic_write_text(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+        """summary.json, and confusion.csv: the validation confusion matrix whole (``summary["metrics"]
+        ["confusion"]``, rows: true class, in ``summary["classes"]`` order), named by summary.json's
+        ``confusion_csv``. Up to ``FULL_MAX_CLASSES`` classes summary.json keeps the matrix too, one row per
+        line; above, it leaves it out (2,000 classes: 4 million numbers) and readers take the CSV."""
+        if not self.writes:
+            return
+        metrics = summary.get("metrics") or {}
+        conf = metrics.get("confusion")
+        if conf is not None:
+            atomic_write_text(self.path / CONFUSION_CSV, confusion_csv_text(summary.get("classes") or [], conf))
+            summary = {**summary, "confusion_csv": CONFUSION_CSV}
+            if len(conf) > FULL_MAX_CLASSES:
+                summary["metrics"] = {k: v for k, v in metrics.items() if k != "confusion"}
+        atomic_write_text(self.path / "summary.json", _summary_json(summary))
 
     def close(self) -> None:
         """The TensorBoard writer closed (the weights and checkpoints: :meth:`flush`)."""

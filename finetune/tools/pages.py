@@ -2,22 +2,33 @@
 (a run folder drawn as one page). Both are single self-contained files (finetune.tools.htmlpage): inline CSS
 and SVG, thumbnails as data: URIs, no script and no external URL; every user string is escaped.
 
-The run page reads only what the run folder holds (scan.json, summary.json, config.yaml, metrics.csv);
-the most confidently wrong validation images need the model's predictions, which the caller passes in
-(``zoo.jobs.report`` computes them with the exported bundle).
+The run page reads only what the run folder holds (scan.json, summary.json, confusion.csv, config.yaml,
+metrics.csv); the most confidently wrong validation images need the model's predictions, which the caller
+passes in (``zoo.jobs.report`` computes them with the exported bundle).
+
+Many classes: up to ``FULL_MAX_CLASSES`` (finetune.core.confusion) the page shows every class's counts, its
+precision/recall and the whole confusion matrix. Above it, a table per class or a C x C matrix would be
+unreadable and huge (2,000 classes: 4 million cells, 88 MB), so the page shows the ``TOP_ROWS`` classes with
+the fewest training images, the ``TOP_ROWS`` worst classes (lowest recall, then F1) and the ``TOP_ROWS`` most
+confused (true, predicted) pairs, each with how many more there are, and points to scan.json and
+confusion.csv for the rest: at 2,000 classes some 15 KB plus the thumbnails, drawn in half a second.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
+from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml
 
-__all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history"]
+__all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
+
+TOP_ROWS = 20      # rows of each per-class list above FULL_MAX_CLASSES classes (the rest: scan.json, confusion.csv)
 
 _FINDING_TITLES = {
     "leak": "Leaks: the same image in two splits", "cross_class_duplicate": "Copies filed under two classes",
@@ -90,10 +101,11 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 def precision_recall(classes: Sequence[str], confusion: Sequence[Sequence[int]]) -> list[list[Any]]:
     """[class, precision, recall, f1, support] per class from a confusion matrix (rows: true)."""
     out = []
+    column_sums = [sum(col) for col in zip(*confusion)]      # once: a column per class read row by row is C^2
     for i, name in enumerate(classes):
         tp = confusion[i][i]
         support = sum(confusion[i])
-        predicted = sum(row[i] for row in confusion)
+        predicted = column_sums[i]
         p = tp / predicted if predicted else math.nan
         r = tp / support if support else math.nan
         f1 = 2 * p * r / (p + r) if predicted and support and (p + r) else math.nan
@@ -152,12 +164,9 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
         body.append(_curves_section(run, summary))
 
     # --- per class
-    conf = metrics.get("confusion")
-    classes = summary.get("classes") or model.get("classes") or []
-    if conf and classes:
-        body.append(section("Per class (validation, best weights)",
-                            table(["class", "precision", "recall", "F1", "support"], precision_recall(classes, conf))
-                            + "<h3>Confusion matrix</h3>" + heatmap(classes, conf)))
+    matrix = _confusion(run, summary, summary.get("classes") or model.get("classes") or [])
+    if matrix is not None:
+        body.append(_per_class_section(*matrix))
 
     # --- mistakes
     if mistakes:
@@ -165,7 +174,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
                                f"true {esc(m['true'])}<br><span class=\"path\">{esc(Path(m['path']).name)}</span>")
                        for m in mistakes)
         body.append(section("Most confidently wrong validation images", f"<div class=\"grid\">{figs}</div>"))
-    elif conf:
+    elif matrix is not None:
         body.append(section("Most confidently wrong validation images", "<p>None (or not computed).</p>"))
 
     # --- config
@@ -175,13 +184,69 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
     return page(f"Run report: {model.get('model') or run.name}", sub, "".join(body))
 
 
+def _confusion(run: Path, summary: dict[str, Any], classes: Sequence[str]) -> tuple[list[str], list] | None:
+    """(classes, validation confusion matrix): summary.json's own, else the CSV it names (summary.json leaves
+    the matrix out above FULL_MAX_CLASSES classes); None when the run has neither (no validation split)."""
+    conf = (summary.get("metrics") or {}).get("confusion")
+    if conf and classes:
+        return list(classes), conf
+    name = summary.get("confusion_csv")
+    if not isinstance(name, str) or not (run / Path(name).name).is_file():   # a file of the run folder only
+        return None
+    try:
+        return read_confusion_csv(run / Path(name).name)
+    except (OSError, ValueError):       # a damaged CSV costs the section, never the page
+        return None
+
+
+def _per_class_section(classes: list[str], conf: Sequence[Sequence[int]]) -> str:
+    """Precision/recall per class and the confusion matrix; above FULL_MAX_CLASSES classes the TOP_ROWS worst
+    classes (lowest recall, then F1; the larger class first) and most confused pairs instead."""
+    title, header = "Per class (validation, best weights)", ["class", "precision", "recall", "F1", "support"]
+    rows = precision_recall(classes, conf)
+    if len(classes) <= FULL_MAX_CLASSES:
+        return section(title, table(header, rows) + "<h3>Confusion matrix</h3>" + heatmap(classes, conf))
+
+    def badness(row: list[Any]) -> tuple:
+        _, _, recall, f1, support = row
+        return math.isnan(recall), 0.0 if math.isnan(recall) else recall, 0.0 if math.isnan(f1) else f1, -support
+
+    worst = sorted(rows, key=badness)[:TOP_ROWS]
+    pairs = most_confused(classes, conf, TOP_ROWS)
+    wrong = sum(sum(r) for r in conf) - sum(conf[i][i] for i in range(len(conf)))
+    cells = sum(len(r) - r.count(0) - (r[i] != 0) for i, r in enumerate(conf))    # off-diagonal, not empty
+    csv_note = (f"<p>{len(classes)} classes: too many for a readable confusion matrix; the full matrix (rows: true "
+                "class, columns: predicted) is in <span class=\"path\">confusion.csv</span> in the run folder.</p>")
+    return section(title, csv_note + f"<h3>The {len(worst)} worst classes</h3><p class=\"sub\">Lowest recall "
+                   "first, then lowest F1.</p>" + table(header, worst)
+                   + _more(len(classes) - len(worst), "classes")
+                   + f"<h3>Most confused pairs</h3><p class=\"sub\">{wrong} misclassified validation image(s); "
+                   "the cells of the matrix with the most images.</p>"
+                   + table(["true class", "predicted as", "images", "share of the true class"],
+                           [[t, p, n, f"{share:.0%}"] for t, p, n, share in pairs])
+                   + _more(cells - len(pairs), "pairs with at least one image"))
+
+
+def _more(n: int, what: str) -> str:
+    return f"<p>... and {n} more {what}.</p>" if n > 0 else ""
+
+
 def _data_section(scan: dict[str, Any], excluded: Sequence[str]) -> str:
-    """The data section: images per class and split, skipped and excluded files, the scan's warnings."""
+    """The data section: images per class and split (above FULL_MAX_CLASSES classes, the spread per split and
+    the TOP_ROWS classes with the fewest training images), skipped and excluded files, the scan's warnings."""
     counts = scan.get("counts") or {}
     classes = scan.get("classes") or []
     rows = [[c] + [counts[s].get(c, 0) for s in counts] for c in classes]
     extra = [f"<p>Folder <span class=\"path\">{esc(scan.get('root', ''))}</span>, layout "
              f"{esc(scan.get('layout', ''))}, imbalance {esc(scan.get('imbalance'))}.</p>"]
+    more = ""
+    if len(rows) > FULL_MAX_CLASSES:
+        spread = "; ".join(f"{esc(s)} {min(n)} to {max(n)} (median {statistics.median(n):g})"
+                           for s, n in ((s, [r[k + 1] for r in rows]) for k, s in enumerate(counts)))
+        rows = sorted(rows, key=lambda r: r[1:])[:TOP_ROWS]
+        extra.append(f"<p>{len(classes)} classes; images per class: {spread}. Below, the {len(rows)} with the "
+                     "fewest training images; scan.json in the run folder has every class's counts.</p>")
+        more = _more(len(classes) - len(rows), "classes")
     bad = scan.get("bad_files") or []
     if bad:
         extra.append(f"<p class=\"bad\">{len(bad)} unreadable file(s) skipped: "
@@ -191,7 +256,7 @@ def _data_section(scan: dict[str, Any], excluded: Sequence[str]) -> str:
         extra.append(f"<p>{len(excluded)} file(s) excluded (exclude.txt): "
                      + ", ".join(f"<span class=\"path\">{esc(p)}</span>" for p in excluded[:10])
                      + (" ..." if len(excluded) > 10 else "") + "</p>")
-    return section("Data", "".join(extra) + table(["class", *counts], rows))
+    return section("Data", "".join(extra) + table(["class", *counts], rows) + more)
 
 
 def _curves_section(run: Path, summary: dict[str, Any]) -> str:

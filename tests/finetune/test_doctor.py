@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import csv
 import html.parser
+import json
 import random
+import re
 import shutil
 
 import numpy as np
 import pytest
 
+from finetune.core.confusion import FULL_MAX_CLASSES, read_confusion_csv
 from finetune.data import scan_folder
 from finetune.tools.doctor import (CSV_COLUMNS, DoctorOptions, exclude_items, find_outliers, label_issues,
                              read_exclude_file, run_doctor, write_findings_csv)
@@ -203,6 +206,78 @@ def test_doctor_page_is_self_contained_and_escaped(tmp_path):
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "data:image/jpeg;base64," in page       # the duplicate's thumbnails are embedded
     check_html(page)
+
+
+def many_class_run(run, n: int) -> tuple[list[str], list[list[int]]]:
+    """A run folder holding what the run page reads (scan.json; summary.json and confusion.csv as RunFolder
+    writes them) for ``n`` classes of 4 validation images: 2 right, 1 taken for the next class and 1 for
+    c000, but all 9 of c007's taken for c003 (the most confused pair, the worst class). No training."""
+    from finetune.engine.runfolder import RunFolder
+
+    classes = [f"c{i:03d}" for i in range(n)]
+    conf = [[0] * n for _ in range(n)]
+    for i in range(n):
+        conf[i][i] += 2
+        conf[i][(i + 1) % n] += 1
+        conf[i][0] += 1
+    conf[7] = [9 if j == 3 else 0 for j in range(n)]
+    run.mkdir(parents=True)
+    (run / "scan.json").write_text(json.dumps({
+        "root": "/data", "layout": "flat", "classes": classes,
+        "counts": {"train": {c: 10 + i % 7 for i, c in enumerate(classes)}, "val": {c: 4 for c in classes}}}))
+    per_class = {c: conf[i][i] / sum(conf[i]) for i, c in enumerate(classes)}
+    RunFolder(run).summary({"best_epoch": 1, "classes": classes, "metrics": {
+        "val_acc": 0.5, "val_loss": 1.0, "per_class": per_class, "confusion": conf}})
+    return classes, conf
+
+
+def test_summary_keeps_a_small_confusion_one_row_per_line_and_leaves_a_large_one_to_the_csv(tmp_path):
+    """QA: 2,000 classes wrote a 44 MB summary.json (indent=2 put each of 4 million counts on its own line).
+    Up to FULL_MAX_CLASSES classes summary.json keeps the matrix, one row per line; above, confusion.csv alone
+    holds it and summary.json names the file. The CSV has `zoo eval`'s layout and reads back whole."""
+    classes, conf = many_class_run(tmp_path / "small", FULL_MAX_CLASSES)
+    text = (tmp_path / "small" / "summary.json").read_text()
+    doc = json.loads(text)
+    assert doc["metrics"]["confusion"] == conf and doc["confusion_csv"] == "confusion.csv"
+    assert "      " + json.dumps(conf[7]) + "," in text.splitlines() and len(text.splitlines()) < 4 * FULL_MAX_CLASSES
+    assert read_confusion_csv(tmp_path / "small" / "confusion.csv") == (classes, conf)
+
+    classes, conf = many_class_run(tmp_path / "big", 300)
+    doc = json.loads((tmp_path / "big" / "summary.json").read_text())
+    assert "confusion" not in doc["metrics"] and doc["confusion_csv"] == "confusion.csv"
+    assert doc["metrics"]["per_class"]["c007"] == 0.0 and doc["classes"] == classes
+    assert (tmp_path / "big" / "summary.json").stat().st_size < 30_000
+    rows = list(csv.reader((tmp_path / "big" / "confusion.csv").open(encoding="utf-8")))
+    assert rows[0][:3] == ["true \\ predicted", "c000", "c001"] and rows[8][:5] == ["c007", "0", "0", "0", "9"]
+    assert read_confusion_csv(tmp_path / "big" / "confusion.csv") == (classes, conf)
+
+
+def test_run_page_above_the_class_threshold_lists_worst_classes_and_pairs_not_the_matrix(tmp_path):
+    """QA: 2,000 classes drew the whole matrix as an HTML table (4 million cells, 88 MB). Up to
+    FULL_MAX_CLASSES the page keeps it; above, TOP_ROWS classes with the fewest images, TOP_ROWS worst
+    classes and TOP_ROWS most confused pairs, each with how many more, and where the rest is."""
+    from finetune.tools.pages import TOP_ROWS, run_report_html
+
+    many_class_run(tmp_path / "small", FULL_MAX_CLASSES)
+    page = run_report_html(tmp_path / "small")
+    check_html(page)
+    assert "<h3>Confusion matrix</h3>" in page and "Most confused pairs" not in page
+
+    many_class_run(tmp_path / "big", 300)
+    page = run_report_html(tmp_path / "big")
+    check_html(page)
+    assert len(page) < 60_000 and "<h3>Confusion matrix</h3>" not in page
+    assert "full matrix (rows: true class, columns: predicted) is in <span class=\"path\">confusion.csv" in page
+    data, per_class = page.split("<h2>Per class")
+    assert "train 10 to 16 (median 13)" in data and "scan.json" in data and "... and 280 more classes." in data
+    fewest = re.findall(r"<tr><td>(c\d+)</td>", data)
+    assert len(fewest) == TOP_ROWS and fewest[:3] == ["c000", "c007", "c014"]     # 10 training images each
+    worst, pairs = per_class.split("Most confused pairs")
+    assert re.findall(r"<tr><td>(c\d+)</td>", worst)[:2] == ["c007", "c003"]      # recall 0; then the lowest F1
+    assert "... and 280 more classes." in worst
+    rows = re.findall(r"<tr><td>(c\d+)</td><td>(c\d+)</td><td class=\"num\">(\d+)</td><td>(\d+%)</td>", pairs)
+    assert len(rows) == TOP_ROWS and rows[:2] == [("c007", "c003", "9", "100%"), ("c299", "c000", "2", "50%")]
+    assert "... and 577 more pairs with at least one image." in pairs     # 597 non-empty cells off the diagonal
 
 
 class _Checker(html.parser.HTMLParser):
