@@ -104,6 +104,13 @@ def _split_lines(report: ScanReport) -> Iterable[str]:
             yield f"{name}\t{report.relpath(path)}\t{s.classes[label]}"
 
 
+def name_list(items: Iterable[str], limit: int = 5) -> str:
+    """``a, b, c, d, e and 7 more``: the first ``limit`` names (printable), then how many others."""
+    items = [printable_name(i) for i in items]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def relative_path(path: str, root: str) -> str:
     try:
         rel = os.path.relpath(path, root)

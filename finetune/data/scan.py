@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
 
 from finetune.data.files import IMAGE_EXTENSIONS, check_files, collect_classes, is_ignored, is_dir, list_classes
-from finetune.data.imageset import ImageSet, ScanReport, relative_path
+from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
@@ -40,12 +39,6 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
 def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
     index = {c: i for i, c in enumerate(classes)}
     return ImageSet([(p, index[c]) for c in classes for p in by_class.get(c, [])], list(classes))
-
-
-def _names(items: Iterable[str], limit: int = 5) -> str:
-    items = [printable_name(i) for i in items]
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict: bool = False,
@@ -82,7 +75,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         used = {os.path.basename(d) for d in (train_dir, val_dir, test_dir) if d}
         others = [d for d in list_classes(root_s) if d not in used]
         if others:
-            warn.append(f"ignored folder(s) {_names(others)} next to train/ (only train/, val/, test/ are read)")
+            warn.append(f"ignored folder(s) {name_list(others)} next to train/ (only train/, val/, test/ are read)")
     loops: list[str] = []
     stray: list[str] = []
     if train_dir == root_s:
@@ -149,7 +142,7 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
             continue
         orphans = [c for c, ps in good[name].items() if ps and c not in classes]
         if orphans:
-            raise DataError(f"class(es) {_names(orphans)} in {name}/ have no training images in "
+            raise DataError(f"class(es) {name_list(orphans)} in {name}/ have no training images in "
                             f"{printable_name(relative_path(train_dir, root_s) if train_dir != root_s else root_s)}; "
                             f"add train/<class>/ images or remove them from {name}/")
     if len(classes) < 2:
@@ -158,7 +151,7 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:
-        warn.append(f"empty class folder(s) {_names(empty)} left out (no usable images)")
+        warn.append(f"empty class folder(s) {name_list(empty)} left out (no usable images)")
     if stray:
         warn.append(f"{len(stray)} files directly in {printable_name(root_s)} ignored "
                     "(images must be in DIR/<class>/)")
@@ -177,7 +170,7 @@ def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:
                         "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]
     if missing:
-        warn.append(f"class(es) {_names(missing)} have no validation images; their accuracy cannot be "
+        warn.append(f"class(es) {name_list(missing)} have no validation images; their accuracy cannot be "
                     "measured (add val/<class>/ images)")
     ratio = report.imbalance()
     if ratio > IMBALANCE_WARN:

@@ -72,6 +72,20 @@ def test_train_only_folder_is_split_here(tmp_path):
     assert report.layout == "flat" and report.counts()["val"] == {"cat": 1, "dog": 1, "fox": 1}
 
 
+def test_classes_of_a_single_image_are_one_note_however_many():
+    """A note per single-image class printed 1,000 warning lines for 1,000 such classes: one line names how
+    many and the first 5; one such class keeps its own sentence."""
+    from finetune.data.splits import stratified_split
+
+    files = {f"c{i:04d}": [f"/d/c{i:04d}/{j}.png" for j in range(1 if i % 2 else 3)] for i in range(2000)}
+    train, val, notes = stratified_split(files, 0.2, 0, "/d")
+    assert notes == ["1000 classes have only 1 image (c0001, c0003, c0005, c0007, c0009 and 995 more): "
+                     "none held out for validation"]
+    assert len(val["c0001"]) == 0 and len(val["c0000"]) == 1 and len(train["c0000"]) == 2
+    one = stratified_split({"a": ["/d/a/0.png"], "b": ["/d/b/0.png", "/d/b/1.png"]}, 0.2, 0, "/d")[2]
+    assert one == ["class 'a' has only 1 image: none held out for validation"]
+
+
 def test_split_is_deterministic_and_seeded(image_folder):
     a, b = scan_folder(image_folder, seed=0), scan_folder(image_folder, seed=0)
     c = scan_folder(image_folder, seed=1)

@@ -62,9 +62,11 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny):
     assert err.index("data: ") < err.index("model: tiny32") < err.index("freeze: ")
     assert "freeze: head + last 1 stage" in err
     assert "best epoch" in result.stdout and "per-class accuracy: cat" in result.stdout
+    # 8 images a class at val_split 0.2: round(1.6) = 2 held out, 25% (QA: the header said 20%)
+    assert "(flat folder, 25% held out: 6 of 24 images, as val_split 0.2 is rounded per class" in err
     for name in ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv",
                  "curves.png", "checkpoints/last.pt", "checkpoints/best.safetensors", "summary.json",
-                 "model.json"):
+                 "model.json", "confusion.csv"):
         assert (out / name).is_file(), name
     info = json.loads((out / "model.json").read_text())
     assert info["model"] == "tiny32" and info["builder"] == "timm:test_resnet"
@@ -74,11 +76,48 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny):
     assert [s for s in info["stages"]]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["freeze"]["trainable_stages"] == 1 and summary["phases"] == ["head", "finetune"]
+    assert len(summary["metrics"]["confusion"]) == 3 and summary["confusion_csv"] == "confusion.csv"
     try:
         import zoo.bundle  # noqa: F401
     except ImportError:
         return
     assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path, tiny):
+    """QA: 2,000 classes of 2 images printed a line per class and a 2,000-entry per-class accuracy line,
+    wrote the whole confusion matrix into summary.json, the bundle's metadata and an HTML table, and the
+    header said 20% held out where 1 of 2 images (50%) was. Above FULL_MAX_CLASSES classes: the 10 classes
+    with the fewest images and the 10 lowest accuracies, each with how many more; the matrix in confusion.csv."""
+    from finetune.core.confusion import FULL_MAX_CLASSES, read_confusion_csv
+    from zoo.bundle.load import read_safetensors_metadata
+
+    n = FULL_MAX_CLASSES + 10
+    classes = [f"k{i:02d}" for i in range(n)]
+    data = make_image_folder(tmp_path / "data", classes=classes, per_class=2)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    err = result.stderr.splitlines()
+    assert err[0].endswith(f"(flat folder, 50% held out: {n} of {2 * n} images, as val_split 0.2 is rounded per "
+                           f"class with at least 1 image of each class that has 2 or more; seed 0): {n} classes, "
+                           f"{n} train / {n} val images")
+    assert err[1:3] == ["  the 10 classes with the fewest training images:", "  k00: train 1, val 1"]
+    assert err[12] == f"  ... and {n - 10} more classes, 1 training image each"
+    assert len([line for line in err if line.startswith("  k")]) == 10
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("per-class accuracy")]
+    assert line.startswith(f"per-class accuracy, the 10 lowest of {n}: ")
+    assert len(line.split(" ... ")[0].split(": ", 1)[1].split(", ")) == 10
+    assert f" ... and {n - 10} more (mean over classes " in line and str(out / "report.html") in line
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert "confusion" not in summary["metrics"] and summary["confusion_csv"] == "confusion.csv"
+    labels, matrix = read_confusion_csv(out / "confusion.csv")
+    assert labels == classes and sum(map(sum, matrix)) == n
+    metrics = json.loads(read_safetensors_metadata(out / "export" / "model.safetensors")["metrics"])
+    assert "confusion" not in metrics and len(metrics["per_class"]) == n        # (12 MB of header at 2,000)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Most confused pairs" in page and "<h3>Confusion matrix</h3>" not in page
 
 
 def test_config_file_then_flags(tmp_path, tiny):

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from finetune.core.config import FinetuneConfig
+from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, lowest_first
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
@@ -18,6 +19,8 @@ from zoo.cli.console import echo
 from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
+
+WORST_SHOWN = 10      # classes on the per-class accuracy line above FULL_MAX_CLASSES (the lowest)
 
 def _parse_lr(text: str) -> tuple[float | None, bool]:
     """(lr, auto): "auto" or a number (its range is checked by FinetuneConfig.validate)."""
@@ -157,8 +160,7 @@ def _report(outcome) -> None:
              f"val loss {m.get('val_loss', float('nan')):.4f}")
         per_class = m.get("per_class") or {}
         if per_class:
-            cells = ", ".join(f"{printable(c)} {'-' if v is None else f'{v:.2f}'}" for c, v in per_class.items())
-            echo(f"per-class accuracy: {cells}")
+            echo(_per_class_line(per_class, outcome.run_dir))
     else:
         echo(f"finished ({how}); no validation images, so the last epoch is kept")
     # lazy: zoo --help must not import matplotlib
@@ -168,3 +170,20 @@ def _report(outcome) -> None:
         echo(f"advice: {line}")
     if outcome.export_dir is not None:   # (the run folder was printed before training started)
         echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")
+
+
+def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
+    """``per-class accuracy: a 0.90, b 0.75, ...`` in class order; above FULL_MAX_CLASSES classes the
+    WORST_SHOWN lowest only, then how many more, their mean (balanced accuracy) and where every class is."""
+    def cell(name: str) -> str:
+        v = per_class[name]
+        return f"{printable(name)} {'-' if v is None else f'{v:.2f}'}"
+
+    if len(per_class) <= FULL_MAX_CLASSES:
+        return "per-class accuracy: " + ", ".join(cell(c) for c in per_class)
+    worst = lowest_first(per_class)[:WORST_SHOWN]
+    scored = [v for v in per_class.values() if v is not None]
+    mean = f"mean over classes {sum(scored) / len(scored):.3f}; " if scored else ""
+    where = f"{run_dir / 'report.html'} and {run_dir / CONFUSION_CSV}" if run_dir is not None else "report.html"
+    return (f"per-class accuracy, the {len(worst)} lowest of {len(per_class)}: {', '.join(cell(c) for c in worst)}"
+            f" ... and {len(per_class) - len(worst)} more ({mean}every class: {where})")

@@ -19,6 +19,7 @@ import torch
 from finetune.core import distributed as ddp
 from finetune.tools import diagnostics
 from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.confusion import FULL_MAX_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.checkpoint import load_checkpoint
@@ -43,6 +44,7 @@ __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_fin
            "load_run_config", "MODEL_JSON"]
 
 MODEL_JSON = "model.json"
+SCAN_SHOWN = 10                  # classes listed by the scan summary above FULL_MAX_CLASSES (the fewest images)
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
 Log = Callable[[str], None]
 
@@ -74,17 +76,39 @@ def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
 
 
 def scan_lines(report) -> list[str]:
-    """The scan summary the CLI prints: layout, counts per split and class, skipped files, warnings."""
+    """The scan summary the CLI prints: layout and what was held out, the counts per split and class, skipped
+    files, warnings. Above ``FULL_MAX_CLASSES`` classes only the ``SCAN_SHOWN`` with the fewest training images
+    get a line, then one line for the rest (scan.json in the run folder has every class)."""
     counts = report.counts()
-    split = ("train/val folders" if report.layout == "split"
-             else f"flat folder, {report.val_split:.0%} held out per class (seed {report.seed})")
+    split = "train/val folders" if report.layout == "split" else _held_out(report)
     sizes = " / ".join(f"{len(s)} {name}" for name, s in report.sets().items())
     lines = [f"data: {report.root} ({split}): {len(report.classes)} classes, {sizes} images"]
-    for cls in report.classes:
+    shown = report.classes
+    if len(shown) > FULL_MAX_CLASSES:
+        shown = sorted(shown, key=lambda c: [counts[name][c] for name in counts])[:SCAN_SHOWN]
+        lines.append(f"  the {len(shown)} classes with the fewest training images:")
+    for cls in shown:
         per = ", ".join(f"{name} {counts[name][cls]}" for name in counts)
         lines.append(f"  {cls}: {per}")
+    if len(shown) < len(report.classes):
+        listed = set(shown)
+        rest = sorted(n for c, n in counts["train"].items() if c not in listed)
+        each = f"{rest[0]} to {rest[-1]} training images" if rest[0] != rest[-1] else \
+            f"{rest[0]} training image{'s' if rest[0] != 1 else ''}"
+        lines.append(f"  ... and {len(rest)} more classes, {each} each")
     lines += [f"warning: {w}" for w in report.warnings]   # skipped files among them (once, with bad_files.txt)
     return lines
+
+
+def _held_out(report) -> str:
+    """What a flat folder's split held out: the fraction asked when that is what came out; else what did
+    (val_split is rounded per class, and a class of 2 or more images holds out at least 1)."""
+    n_val, n = len(report.val), len(report.train) + len(report.val)
+    asked, seed = report.val_split, f"seed {report.seed}"
+    if asked is None or not n or round(100 * n_val / n) == round(100 * asked):
+        return f"flat folder, {asked or n_val / max(n, 1):.0%} held out per class ({seed})"
+    return (f"flat folder, {n_val / n:.0%} held out: {n_val} of {n} images, as val_split {asked:g} is rounded per "
+            f"class with at least 1 image of each class that has 2 or more; {seed}")
 
 
 def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bool,
