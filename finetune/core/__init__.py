@@ -3,6 +3,7 @@
 - ``config``: ``FinetuneConfig`` and its options table; ``errors``: the error hierarchy;
 - ``io``: atomic writes, YAML, safetensors headers; ``seeding``: per-epoch and per-sample seeds;
 - ``metrics``: accuracy, confusion, paired tests; ``monitor``: curves and the lecture's advice;
+- ``confusion``: confusion.csv and what a page shows of a matrix too big to show whole;
 - ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers;
 - ``policy``: freeze depth from the data size; ``surgery``: head replacement, freezing, BatchNorm;
 - ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``.
