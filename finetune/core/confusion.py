@@ -20,12 +20,14 @@ from typing import Mapping, Sequence
 
 from finetune.core.io import printable_name
 
-__all__ = ["FULL_MAX_CLASSES", "CONFUSION_CSV", "confusion_csv_text", "read_confusion_csv", "most_confused",
+__all__ = ["FULL_MAX_CLASSES", "SHOWN_CLASSES", "CONFUSION_CSV", "confusion_csv_text", "read_confusion_csv", "most_confused",
            "lowest_first"]
 
 # Up to this many classes the matrix is shown and stored whole (2,500 cells: a page's table still reads,
 # summary.json and a bundle's metadata stay a few KB); above it, the pairs and worst classes and the CSV.
 FULL_MAX_CLASSES = 50
+# Above it, the classes a console lists (the scan's fewest images, the lowest accuracies); the rest in files.
+SHOWN_CLASSES = 10
 CONFUSION_CSV = "confusion.csv"
 _CORNER = "true \\ predicted"
 

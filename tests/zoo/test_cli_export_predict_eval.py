@@ -205,6 +205,21 @@ def test_eval_uses_val_split_and_writes_reports(bundle, tmp_path, runner):
         assert (out / name).is_file()
 
 
+def test_eval_lists_the_lowest_classes_only_when_they_are_many(bundle, tmp_path, runner, monkeypatch):
+    """QA: `zoo eval` printed a line per class (2,000). Above FULL_MAX_CLASSES it prints the SHOWN_CLASSES of
+    lowest recall and how many more (per_class.csv has them all); thresholds lowered here to 3 classes."""
+    import zoo.cli.eval_cmd as eval_cmd
+
+    monkeypatch.setattr(eval_cmd, "FULL_MAX_CLASSES", 1)
+    monkeypatch.setattr(eval_cmd, "SHOWN_CLASSES", 2)
+    data = make_image_folder(tmp_path / "data", classes=CLASSES, per_class=2, size=32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    start = lines.index("the 2 classes of lowest recall (all 3: per_class.csv):")
+    assert lines[start + 1].startswith("class") and lines[start + 4] == "... and 1 more classes"
+    assert len((tmp_path / "ev" / "per_class.csv").read_text().splitlines()) == 4
+
 def test_eval_default_out_is_next_to_bundle(bundle, tmp_path, runner):
     data = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2, size=32)
     res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--json"])

@@ -10,6 +10,7 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from zoo.text import printable
 from zoo.cli.predict import DEVICE_HELP, tta_options, tta_scales_given, warn_skipped
 
@@ -78,13 +79,20 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     echo(f"accuracy: {report.accuracy * 100:.2f}%")
     if report.top5 is not None:
         echo(f"top-5:    {report.top5 * 100:.2f}%")
-    names = {c: printable(c) for c in report.per_class}
+    shown = list(report.per_class)
+    if len(shown) > FULL_MAX_CLASSES:      # (QA: a line per class at 2,000 classes) the lowest recall first
+        shown = lowest_first({c: v["recall"] for c, v in report.per_class.items()})[:SHOWN_CLASSES]
+        echo(f"the {len(shown)} classes of lowest recall (all {len(report.per_class)}: per_class.csv):")
+    names = {c: printable(c) for c in shown}
     width = max(8, *(len(n) for n in names.values()))
     echo(f"{'class':<{width}}  precision  recall  support")
-    for name, v in report.per_class.items():
+    for name in shown:
+        v = report.per_class[name]
         prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
         rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
         echo(f"{names[name]:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+    if len(shown) < len(report.per_class):
+        echo(f"... and {len(report.per_class) - len(shown)} more classes")
     if report.wrong and worst:
         echo("most confidently wrong:")
         for w in report.wrong[:worst]:

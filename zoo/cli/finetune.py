@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from finetune.core.config import FinetuneConfig
-from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, lowest_first
+from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
@@ -20,7 +20,6 @@ from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
 
-WORST_SHOWN = 10      # classes on the per-class accuracy line above FULL_MAX_CLASSES (the lowest)
 
 def _parse_lr(text: str) -> tuple[float | None, bool]:
     """(lr, auto): "auto" or a number (its range is checked by FinetuneConfig.validate)."""
@@ -174,14 +173,14 @@ def _report(outcome) -> None:
 
 def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
     """``per-class accuracy: a 0.90, b 0.75, ...`` in class order; above FULL_MAX_CLASSES classes the
-    WORST_SHOWN lowest only, then how many more, their mean (balanced accuracy) and where every class is."""
+    SHOWN_CLASSES lowest only, then how many more, their mean (balanced accuracy) and where every class is."""
     def cell(name: str) -> str:
         v = per_class[name]
         return f"{printable(name)} {'-' if v is None else f'{v:.2f}'}"
 
     if len(per_class) <= FULL_MAX_CLASSES:
         return "per-class accuracy: " + ", ".join(cell(c) for c in per_class)
-    worst = lowest_first(per_class)[:WORST_SHOWN]
+    worst = lowest_first(per_class)[:SHOWN_CLASSES]
     scored = [v for v in per_class.values() if v is not None]
     mean = f"mean over classes {sum(scored) / len(scored):.3f}; " if scored else ""
     where = f"{run_dir / 'report.html'} and {run_dir / CONFUSION_CSV}" if run_dir is not None else "report.html"

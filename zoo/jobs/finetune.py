@@ -19,7 +19,7 @@ import torch
 from finetune.core import distributed as ddp
 from finetune.tools import diagnostics
 from finetune.core.config import FinetuneConfig, load_config
-from finetune.core.confusion import FULL_MAX_CLASSES
+from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.checkpoint import load_checkpoint
@@ -44,7 +44,6 @@ __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_fin
            "load_run_config", "MODEL_JSON"]
 
 MODEL_JSON = "model.json"
-SCAN_SHOWN = 10                  # classes listed by the scan summary above FULL_MAX_CLASSES (the fewest images)
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
 Log = Callable[[str], None]
 
@@ -77,7 +76,7 @@ def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
 
 def scan_lines(report) -> list[str]:
     """The scan summary the CLI prints: layout and what was held out, the counts per split and class, skipped
-    files, warnings. Above ``FULL_MAX_CLASSES`` classes only the ``SCAN_SHOWN`` with the fewest training images
+    files, warnings. Above ``FULL_MAX_CLASSES`` classes only the ``SHOWN_CLASSES`` with the fewest training images
     get a line, then one line for the rest (scan.json in the run folder has every class)."""
     counts = report.counts()
     split = "train/val folders" if report.layout == "split" else _held_out(report)
@@ -85,7 +84,7 @@ def scan_lines(report) -> list[str]:
     lines = [f"data: {report.root} ({split}): {len(report.classes)} classes, {sizes} images"]
     shown = report.classes
     if len(shown) > FULL_MAX_CLASSES:
-        shown = sorted(shown, key=lambda c: [counts[name][c] for name in counts])[:SCAN_SHOWN]
+        shown = sorted(shown, key=lambda c: [counts[name][c] for name in counts])[:SHOWN_CLASSES]
         lines.append(f"  the {len(shown)} classes with the fewest training images:")
     for cls in shown:
         per = ", ".join(f"{name} {counts[name][cls]}" for name in counts)
