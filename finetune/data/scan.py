@@ -170,8 +170,10 @@ def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:
                         "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]
     if missing:
+        fix = ("add val/<class>/ images" if report.layout == "split" else
+               "a class folder needs 2 or more images for one to be held out")
         warn.append(f"class(es) {name_list(missing)} have no validation images; their accuracy cannot be "
-                    "measured (add val/<class>/ images)")
+                    f"measured ({fix})")
     ratio = report.imbalance()
     if ratio > IMBALANCE_WARN:
         counts = report.counts()["train"]

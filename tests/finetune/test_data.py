@@ -135,6 +135,18 @@ def test_no_validation_images_is_fatal(tmp_path):
         scan_folder(tmp_path / "d")
 
 
+def test_a_class_without_validation_images_is_told_what_fixes_it_in_its_layout(tmp_path):
+    """QA: a flat folder's one-image class was told to "add val/<class>/ images", a folder it does not have."""
+    flat = make_image_folder(tmp_path / "flat", per_class=6)
+    make_image(flat / "lonely" / "only.png", 1)
+    (warning,) = [w for w in scan_folder(flat).warnings if "no validation images" in w]
+    assert "2 or more images" in warning and "val/<class>/" not in warning
+    split = make_image_folder(tmp_path / "split", layout="split", per_class=3, val_per_class=1)
+    make_image(split / "train" / "extra" / "x.png", 1)
+    make_image(split / "train" / "extra" / "y.png", 2)
+    (warning,) = [w for w in scan_folder(split).warnings if "no validation images" in w]
+    assert "add val/<class>/ images" in warning
+
 def test_stray_folders_and_files_are_reported(tmp_path):
     root = make_image_folder(tmp_path / "d", layout="split", per_class=3, val_per_class=1)
     make_image(root / "extras" / "x.png", 0)
