@@ -104,6 +104,21 @@ def split_image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data", layout="split")
 
 
+def unwritable_parent(tmp_path: Path, monkeypatch, how: str) -> Path:
+    """A folder nothing can be written under: a regular file (``how="under_a_file"``), or a folder without
+    write permission (any other ``how``). Tests run as root, where chmod 0o555 does not stop writes, so
+    os.access is made to answer for it as it would for an ordinary user."""
+    parent = tmp_path / "outputs"
+    if how == "under_a_file":
+        parent.write_text("not a folder")
+        return parent
+    parent.mkdir(0o555)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent and mode & os.W_OK
+                        else real_access(p, mode, **k))
+    return parent
+
+
 def tiny_weights() -> bytes:
     """safetensors bytes of timm's ``test_resnet`` (seeded): stand-in "pretrained" weights."""
     import timm

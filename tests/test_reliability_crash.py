@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_reliability_data import register_tiny
+from tests.conftest import unwritable_parent
 from tests.zoo.conftest import hub  # noqa: F401  (the loopback Hub fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,14 +392,7 @@ def test_unwritable_output_folder_is_one_clear_line_before_any_work(data, tiny, 
 
     monkeypatch.setattr(zoo.build, "create_model", forbidden)
     monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
-    parent = tmp_path / "outputs"
-    if how == "under_a_file":
-        parent.write_text("not a folder")
-    else:
-        parent.mkdir(0o555)
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent and mode & os.W_OK
-                            else real_access(p, mode, **k))
+    parent = unwritable_parent(tmp_path, monkeypatch, how)
     res = invoke(finetune_args(tiny, data, parent / "run"))
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     error, = [ln for ln in res.output.strip().splitlines() if ln.startswith("zoo: error:")]

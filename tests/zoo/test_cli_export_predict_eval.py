@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, unwritable_parent
 from tests.zoo.test_bundle import CLASSES, make_run
 from zoo.cli import cli
 
@@ -112,17 +111,8 @@ def test_export_of_a_damaged_best_checkpoint_does_not_say_export_again(tmp_path,
 def test_export_to_a_folder_it_cannot_write_names_the_bundle_folder(tmp_path, runner, monkeypatch, how):
     """QA: `zoo export RUN --out /read-only/b` said "cannot write the run folder"; it writes a bundle. (Root
     writes through chmod 0o555, so os.access answers as it would for an ordinary user.)"""
-    import os
-
     run, _ = make_run(tmp_path)
-    parent = tmp_path / "outputs"
-    if how == "under_a_file":
-        parent.write_text("not a folder")
-    else:
-        parent.mkdir(0o555)
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent and mode & os.W_OK
-                            else real_access(p, mode, **k))
+    parent = unwritable_parent(tmp_path, monkeypatch, how)
     res = runner.invoke(cli, ["export", str(run), "--out", str(parent / "b")])
     assert res.exit_code == 2, res.output
     line, = res.output.strip().splitlines()
