@@ -76,7 +76,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     except UnidentifiedImageError:
         raise DataError(f"{printable_name(str(path))} is not a readable image; fix or remove it") from None
     except FileNotFoundError:
-        raise DataError(f"{printable_name(str(path))} is missing: moved or deleted since the scan") from None
+        raise _missing(path) from None
     except OSError as e:
         raise DataError(f"cannot decode {printable_name(str(path))}: {e}; fix or remove the file") from None
     except Exception as e:  # malformed files raise SyntaxError / ValueError / struct.error inside PIL
@@ -109,10 +109,17 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
         return False
 
 
+def _missing(path: str | Path) -> DataError:
+    """A file listed by the scan that is no longer there (every reader of image files says it this way)."""
+    return DataError(f"{printable_name(str(path))} is missing: moved or deleted since the scan")
+
+
 def read_image_bytes(path: str | Path) -> bytes:
     """The file's bytes. Raises DataError (one line, what to do) when it cannot be read."""
     try:
         return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise _missing(path) from None
     except OSError as e:
         raise DataError(f"cannot read {printable_name(str(path))}: {e.strerror or e}; fix or remove the file") from None
 

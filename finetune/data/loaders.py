@@ -292,9 +292,8 @@ def close_loader(loader) -> None:
 
 
 def failure_reason(err: Exception) -> str:
-    """Why an image that passed the scan could not be loaded, in one line."""
-    if isinstance(err, FileNotFoundError):
-        return "missing: moved or deleted since the scan"
+    """Why an image that passed the scan could not be loaded, in one line (the readers' DataError says it
+    whole, a file gone since the scan included; anything else is named by its type)."""
     return str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
 
 

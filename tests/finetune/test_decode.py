@@ -17,7 +17,7 @@ from finetune.core.config import FinetuneConfig
 from finetune.data import DeviceAugment, ImageDataset, build_transform, load_image, make_loader, scan_folder
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                              device_decodable, unpack)
-from finetune.core.errors import ConfigError, Interrupted
+from finetune.core.errors import ConfigError, DataError, Interrupted
 from tests.conftest import corrupt_jpeg, make_image
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
@@ -429,3 +429,14 @@ def test_cached_head_with_device_decode_on_cuda(tmp_path):
            for d in ("workers", "device")}
     assert got["device"].metrics["images"] == got["workers"].metrics["images"] == len(report.val.items)
     assert abs(got["device"].metrics["val_loss"] - got["workers"].metrics["val_loss"]) < 0.05
+
+
+def test_every_reader_calls_a_file_gone_since_the_scan_missing(tmp_path):
+    """PIL's path and the bytes path (--decode device, the tensor pipeline) say the same of a vanished file."""
+    from finetune.data import load_image
+    from finetune.data.images import load_image_tensor, read_image_bytes
+
+    gone = tmp_path / "cat" / "gone.jpg"
+    for read in (load_image, read_image_bytes, load_image_tensor):
+        with pytest.raises(DataError, match=r"gone\.jpg is missing: moved or deleted since the scan$"):
+            read(gone)
