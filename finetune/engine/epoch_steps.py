@@ -47,8 +47,9 @@ class LoaderSteps:
     Passes start ahead, so that the loader's workers never wait at an epoch's edges: the run's first
     training pass before the run's own set-up (:meth:`start_ahead`), the validation pass as an epoch starts
     training (its images do not depend on the weights), the next epoch's training pass as validation
-    starts. Each pass's order and augmentation depend on (seed, epoch, rank) alone, so the batches are the
-    ones a pass started on time would give."""
+    starts. Each pass's order (the rank's share of one permutation) and augmentation (each image's, from
+    (seed, epoch) and its index) depend on nothing else, so the batches are the ones a pass started on time
+    would give."""
 
     label = ""
 

@@ -333,12 +333,11 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
-    done = _finished(run_dir)
-    if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
-        say(done)
-        ddp.cleanup(info)
-        return RunOutcome(run_dir=run_dir)
     try:
+        done = _finished(run_dir)
+        if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
+            say(done)
+            return RunOutcome(run_dir=run_dir)
         with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
