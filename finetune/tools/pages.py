@@ -51,12 +51,11 @@ def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) ->
     counts = result.by_kind()
     cards = "".join(f"<div class=\"card\"><b class=\"{'bad' if n else 'ok'}\">{n}</b>{esc(k.replace('_', ' '))}</div>"
                     for k, n in counts.items())
-    per_split = [[c] + [result.counts[s].get(c, 0) for s in result.counts] for c in result.classes]
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
                     f"{result.probe_accuracy:.3f}; near-duplicate threshold cosine "
                     f"{result.near_used:.3g}.</p>"),
-            section("Images per class", table(["class", *result.counts], per_split))]
+            section("Images per class", _counts_table(result.classes, result.counts, "doctor.json"))]
     by_kind: dict[str, list] = {}
     for f in result.findings:
         by_kind.setdefault(f.finding, []).append(f)
@@ -234,19 +233,8 @@ def _more(n: int, what: str) -> str:
 def _data_section(scan: dict[str, Any], excluded: Sequence[str]) -> str:
     """The data section: images per class and split (above FULL_MAX_CLASSES classes, the spread per split and
     the TOP_ROWS classes with the fewest training images), skipped and excluded files, the scan's warnings."""
-    counts = scan.get("counts") or {}
-    classes = scan.get("classes") or []
-    rows = [[c] + [counts[s].get(c, 0) for s in counts] for c in classes]
     extra = [f"<p>Folder <span class=\"path\">{esc(scan.get('root', ''))}</span>, layout "
              f"{esc(scan.get('layout', ''))}, imbalance {esc(scan.get('imbalance'))}.</p>"]
-    more = ""
-    if len(rows) > FULL_MAX_CLASSES:
-        spread = "; ".join(f"{esc(s)} {min(n)} to {max(n)} (median {statistics.median(n):g})"
-                           for s, n in ((s, [r[k + 1] for r in rows]) for k, s in enumerate(counts)))
-        rows = sorted(rows, key=lambda r: r[1:])[:TOP_ROWS]
-        extra.append(f"<p>{len(classes)} classes; images per class: {spread}. Below, the {len(rows)} with the "
-                     "fewest training images; scan.json in the run folder has every class's counts.</p>")
-        more = _more(len(classes) - len(rows), "classes")
     bad = scan.get("bad_files") or []
     if bad:
         extra.append(f"<p class=\"bad\">{len(bad)} unreadable file(s) skipped: "
@@ -256,7 +244,22 @@ def _data_section(scan: dict[str, Any], excluded: Sequence[str]) -> str:
         extra.append(f"<p>{len(excluded)} file(s) excluded (exclude.txt): "
                      + ", ".join(f"<span class=\"path\">{esc(p)}</span>" for p in excluded[:10])
                      + (" ..." if len(excluded) > 10 else "") + "</p>")
-    return section("Data", "".join(extra) + table(["class", *counts], rows) + more)
+    counts = _counts_table(scan.get("classes") or [], scan.get("counts") or {}, "scan.json in the run folder")
+    return section("Data", "".join(extra) + counts)
+
+
+def _counts_table(classes: Sequence[str], counts: dict[str, dict[str, int]], where: str) -> str:
+    """Images per class and split (``counts``: split -> class -> images) as a table; above FULL_MAX_CLASSES
+    classes the spread per split and the TOP_ROWS classes with the fewest training images, the rest in ``where``."""
+    rows = [[c] + [counts[s].get(c, 0) for s in counts] for c in classes]
+    if len(rows) <= FULL_MAX_CLASSES:
+        return table(["class", *counts], rows)
+    spread = "; ".join(f"{esc(s)} {min(n)} to {max(n)} (median {statistics.median(n):g})"
+                       for s, n in ((s, [r[k + 1] for r in rows]) for k, s in enumerate(counts)))
+    shown = sorted(rows, key=lambda r: r[1:])[:TOP_ROWS]
+    return (f"<p>{len(classes)} classes; images per class: {spread}. Below, the {len(shown)} with the fewest "
+            f"training images; {esc(where)} has every class's counts.</p>"
+            + table(["class", *counts], shown) + _more(len(classes) - len(shown), "classes"))
 
 
 def _curves_section(run: Path, summary: dict[str, Any]) -> str:

@@ -280,6 +280,28 @@ def test_run_page_above_the_class_threshold_lists_worst_classes_and_pairs_not_th
     assert "... and 577 more pairs with at least one image." in pairs     # 597 non-empty cells off the diagonal
 
 
+def test_doctor_page_above_the_class_threshold_lists_the_smallest_classes_not_every_class(tmp_path):
+    """The doctor page drew a row per class (2,000 rows at 2,000 classes), where the run page lists the
+    TOP_ROWS smallest. One rule for both pages now; doctor.json keeps every class's counts."""
+    from finetune.tools.doctor import DoctorOptions, DoctorResult
+    from finetune.tools.pages import TOP_ROWS, doctor_html
+
+    def page(n: int) -> str:
+        classes = [f"c{i:03d}" for i in range(n)]
+        counts = {"train": {c: 10 + i % 7 for i, c in enumerate(classes)}, "val": {c: 4 for c in classes}}
+        return doctor_html(DoctorResult(root=str(tmp_path), classes=classes, counts=counts, findings=[],
+                                        options=DoctorOptions(), images=14 * n))
+
+    small = page(FULL_MAX_CLASSES)
+    check_html(small)
+    assert len(re.findall(r"<tr><td>c\d+</td>", small)) == FULL_MAX_CLASSES and "more classes" not in small
+    big = page(300)
+    check_html(big)
+    shown = re.findall(r"<tr><td>(c\d+)</td>", big)
+    assert len(shown) == TOP_ROWS and shown[:3] == ["c000", "c007", "c014"]      # 10 training images each
+    assert "train 10 to 16 (median 13)" in big and "doctor.json" in big and "... and 280 more classes." in big
+
+
 class _Checker(html.parser.HTMLParser):
     VOID = {"meta", "img", "br", "hr", "input", "link", "area", "base", "col", "embed", "source", "track", "wbr",
             "rect", "line", "polyline", "path", "circle"}

@@ -38,7 +38,9 @@ def test_doctor_reports_the_leak_and_caches_features(tmp_path, tiny, leaky):
     rows = list(csv.DictReader((out / "findings.csv").open(encoding="utf-8")))
     assert rows[0]["finding"] == "leak" and rows[0]["path"] == "train/cat/cat_003.png"
     check_html((out / "report.html").read_text(encoding="utf-8"))
-    assert json.loads((out / "doctor.json").read_text())["feature_cache_hits"] == 0
+    doc = json.loads((out / "doctor.json").read_text())
+    assert doc["feature_cache_hits"] == 0
+    assert set(doc["images_per_class"]) == {"train", "val"} and set(doc["images_per_class"]["train"]) == set(doc["classes"])
     assert not (out / "bad_files.txt").exists()          # nothing skipped
     # second run: the default model is the (only, so smallest) cached one, features from the cache; the
     # earlier report is replaced when asked
