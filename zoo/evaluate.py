@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +22,13 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from finetune.data.files import is_ignored, walk_files
+from finetune.data.scan import VAL_NAMES
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
 
-__all__ = ["EvalReport", "find_eval_images", "evaluate", "classification_metrics", "write_eval_reports"]
+__all__ = ["EvalReport", "find_eval_images", "evaluate", "classification_metrics", "write_eval_reports",
+           "seen_in_training"]
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -37,7 +39,7 @@ class EvalReport:
     """What ``zoo eval`` reports; ``to_dict`` is what metrics.json holds."""
 
     root: str
-    split: str                                  # "test" | "val" | "." (the folder itself)
+    split: str                                  # "test" | "val" (or "valid", "validation") | "." (the folder)
     labels: list[str]
     n_images: int
     accuracy: float
@@ -51,6 +53,9 @@ class EvalReport:
     tta_scales: list[int] | None = None
     tta_views: str | None = None                # "flip" | "ten" with TTA
     weights_sha256: str | None = None           # of the bundle evaluated (`zoo push --test-metrics` checks it)
+    # "train": the folder the model was trained on (with a carved-out val: validated on too); "val": the
+    # folder that chose its epoch; None: neither, or the bundle does not say (see seen_in_training)
+    seen_in_training: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # File names that are not UTF-8 hold surrogates in memory; on disk and on stdout they read \xNN.
@@ -58,7 +63,7 @@ class EvalReport:
         return {"root": name(self.root), "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
                 "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
                 "tta": self.tta, "tta_scales": self.tta_scales, "tta_views": self.tta_views,
-                "weights_sha256": self.weights_sha256,
+                "weights_sha256": self.weights_sha256, "seen_in_training": self.seen_in_training,
                 "skipped": [{"path": name(p), "reason": r} for p, r in self.skipped],
                 "ignored_folders": [name(f) for f in self.ignored_folders],
                 "most_confidently_wrong": [{**w, "path": name(w["path"])} for w in self.wrong]}
@@ -68,7 +73,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
                      aliases: Sequence[str] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
-    ``root/test/<class>/`` is used when present, else ``root/val/<class>/``, else ``root/<class>/``.
+    ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``, as
+    the training scan names it), else ``root/<class>/``.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
 
@@ -81,7 +87,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
     split, base = ".", root
-    for name in ("test", "val"):
+    for name in ("test", *VAL_NAMES):
         if (root / name).is_dir():
             split, base = name, root / name
             break
@@ -106,6 +112,20 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     return split, items, ignored
 
 
+def seen_in_training(folder: str | os.PathLike, data_folders: Mapping[str, Any] | None) -> str | None:
+    """Whether ``folder`` (the one evaluated) is one the model learnt from, by the bundle's ``data_folders``
+    (zoo.bundle.export: the run's absolute train and val folders): "train", "val" or None. By folder, not by
+    file: the same folder moved or copied elsewhere is not recognised."""
+    if not isinstance(data_folders, Mapping):
+        return None
+    here = os.path.realpath(folder)
+    for kind in ("train", "val"):
+        where = data_folders.get(kind)
+        if isinstance(where, str) and os.path.realpath(where) == here:
+            return kind
+    return None
+
+
 def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy, top-5 (when C > 5), per-class precision/recall/support, confusion matrix. Pure numpy."""
     n_classes = len(labels)
@@ -128,12 +148,12 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Seque
 def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
              tta: bool = False, tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
              batch_size: int = 32, progress: bool = False, worst: int = 20, on_error: OnError | None = None,
-             aliases: Sequence[str] | None = None) -> EvalReport:
+             aliases: Sequence[str] | None = None, data_folders: Mapping[str, Any] | None = None) -> EvalReport:
     """Evaluate a classifier on a class-folder layout (see ``find_eval_images``, also for ``aliases``).
 
     The probabilities come from :func:`predict_probs` (with TTA: averaged over the views), and every
     metric from them. Unreadable images are skipped (and listed in the report); ``on_error`` hears
-    about each one.
+    about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``.
     """
     split, items, ignored = find_eval_images(data_dir, labels, aliases)
     skipped: list[tuple[str, str]] = []
@@ -161,7 +181,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
                       accuracy=m["accuracy"], top5=m["top5"], per_class=m["per_class"], confusion=m["confusion"],
                       wrong=wrong, skipped=skipped, ignored_folders=ignored, tta=bool(tta or tta_scales),
                       tta_scales=list(tta_scales) if tta_scales else None,
-                      tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None)
+                      tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None,
+                      seen_in_training=seen_in_training(Path(data_dir) / split, data_folders))
 
 
 _GLYPH_WARNING = r"Glyph .* missing from (current )?font"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.io import atomic_write_text
-from zoo.bundle.load import _decode_metadata, read_safetensors_metadata
+from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, read_safetensors_metadata
 from zoo.cache import sha256_file, zoo_home
 from zoo.errors import BundleError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
@@ -197,7 +197,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
                           f"{str(recorded)[:16]}...); re-export the bundle; nothing was uploaded")
     raw_meta = read_safetensors_metadata(bundle / WEIGHTS)
     meta = _decode_metadata(raw_meta, bundle / WEIGHTS)
-    public_meta = _public({k: v for k, v in meta.items()})
+    public_meta = _public({k: v for k, v in meta.items() if k not in LOCAL_KEYS})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
     weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
     weights_sha = hashlib.sha256(weights).hexdigest()

@@ -51,6 +51,8 @@ class ScanReport:
     warnings: list[str] = field(default_factory=list)
     seed: int = 0
     val_split: float | None = None      # the fraction used for a flat layout (None for "split")
+    # the folders read, relative to root ("." for root itself): train, val (None: carved from train), test
+    folders: dict[str, str | None] = field(default_factory=dict)
 
     def sets(self) -> dict[str, ImageSet]:
         out = {"train": self.train, "val": self.val}
@@ -92,6 +94,7 @@ class ScanReport:
             "imbalance": None if math.isinf(ratio) else round(ratio, 3),
             "seed": self.seed,
             "val_split": self.val_split,
+            "folders": {k: None if v is None else printable_name(v) for k, v in self.folders.items()},
             "bad_files": [{"path": printable_name(self.relpath(p)), "reason": r} for p, r in self.bad_files],
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint(),

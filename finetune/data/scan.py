@@ -95,8 +95,9 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         report_split = val_split
     test_set = _image_set({c: good["test"].get(c, []) for c in classes}, classes) if test_dir else None
 
+    folders = {k: None if d is None else os.path.relpath(d, root_s) for k, d in dirs.items()}
     report = ScanReport(root_s, layout, classes, _image_set(train_files, classes),
-                        _image_set(val_files, classes), test_set, sorted(bad), warn, seed, report_split)
+                        _image_set(val_files, classes), test_set, sorted(bad), warn, seed, report_split, folders)
     if split_file is not None and os.path.isfile(split_file):
         apply_split_file(report, Path(split_file))
     _check_validation(report, root_s, warn)

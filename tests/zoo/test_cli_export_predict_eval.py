@@ -210,6 +210,46 @@ def test_eval_lists_the_lowest_classes_only_when_they_are_many(bundle, tmp_path,
     assert lines[start + 1].startswith("class") and lines[start + 4] == "... and 1 more classes"
     assert len((tmp_path / "ev" / "per_class.csv").read_text().splitlines()) == 4
 
+@pytest.mark.parametrize("layout", ["split", "flat"])
+def test_eval_on_the_folders_the_model_learnt_from_says_so(tmp_path, runner, layout):
+    """Evaluating a bundle on its own training folder printed training accuracy as if it were a test figure.
+    The bundle records the run's train and val folders (scan.json's, absolute; never pushed): `zoo eval` warns
+    on the training folder (a flat layout's carved-out val lives there too), notes that val/ chose the epoch,
+    and says nothing of a test/ folder or of an unrelated one."""
+    from finetune.data import scan_folder, write_scan
+    from zoo.push import plan_push
+
+    data = make_image_folder(tmp_path / "data", classes=CLASSES, per_class=4, layout=layout, val_per_class=2,
+                             size=32)
+    if layout == "split":
+        make_image_folder(data / "test", classes=CLASSES, per_class=2, size=32)
+    run, _ = make_run(tmp_path)
+    write_scan(scan_folder(data, val_split=0.5), run)
+    res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "bundle")])
+    assert res.exit_code == 0, res.output
+    other = make_image_folder(tmp_path / "other", classes=CLASSES, per_class=2, size=32)
+
+    def seen(folder):
+        res = runner.invoke(cli, ["eval", str(tmp_path / "bundle"), "--data", str(folder), "--overwrite",
+                                  "--out", str(tmp_path / "ev"), "--json"])
+        assert res.exit_code == 0, res.output
+        assert "seen_in_training" in json.loads(res.stdout)      # stdout stays one JSON document
+        return json.loads(res.stdout)["seen_in_training"], res.stderr
+
+    assert seen(other) == (None, "")
+    if layout == "split":
+        assert seen(data) == (None, "")                                   # its test/ split
+        kind, said = seen(data / "train")
+        assert kind == "train" and "is the folder this model was trained on" in said
+        kind, said = seen(data / "val")
+        assert kind == "val" and "chose the epoch kept" in said
+    else:
+        kind, said = seen(data)                       # val was carved out of this folder: both are in it
+        assert kind == "train" and said.count("\n") == 1 and "never saw" in said
+    assert str(tmp_path) not in plan_push(tmp_path / "bundle", "me/cats").files["model.safetensors"].decode(
+        "utf-8", "replace")
+
+
 def test_eval_default_out_is_next_to_bundle(bundle, tmp_path, runner):
     data = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2, size=32)
     res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--json"])

@@ -56,6 +56,17 @@ def _scan(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def _data_folders(scan: dict[str, Any]) -> dict[str, str | None] | None:
+    """The absolute folders the run trained (train) and chose its epoch (val; None: carved out of train) on,
+    from scan.json; None for a run scanned before scan.json named them."""
+    folders, root = scan.get("folders"), scan.get("root")
+    if not isinstance(folders, dict) or not isinstance(root, str) or not isinstance(folders.get("train"), str):
+        return None
+    val = folders.get("val")
+    return {"train": os.path.normpath(os.path.join(root, folders["train"])),
+            "val": os.path.normpath(os.path.join(root, val)) if isinstance(val, str) else None}
+
+
 # pretrained_cfg keys that describe one set of timm weights: timm fills them from its default tag (resnet18:
 # a1_in1k, apache-2.0), so they are replaced by what the registry entry says of the weights actually used.
 _WEIGHTS_KEYS = ("tag", "license", "paper_ids", "paper_name", "origin_url", "notes", "test_input_size",
@@ -298,6 +309,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
         "pretrained": info.get("pretrained", True),
         "metrics": _metrics(run),
+        "data_folders": _data_folders(_scan(run)),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
     stage = out / STAGING

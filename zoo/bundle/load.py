@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
 
 
 BUNDLE_FORMAT = "1"          # bumped when the metadata layout changes incompatibly
+# Metadata about this machine, never published (zoo push drops it): the folders the model was trained and
+# validated on (absolute paths; `zoo eval` warns when it is given them).
+LOCAL_KEYS = ("data_folders",)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")

@@ -17,6 +17,14 @@ from zoo.cli.predict import DEVICE_HELP, tta_options, tta_scales_given, warn_ski
 __all__ = ["eval_cmd"]
 
 
+_SEEN = {
+    "train": "zoo: warning: {folder} is the folder this model was trained on: the accuracy below is its training "
+             "accuracy, not what it does on new images; evaluate on images it never saw (e.g. a test/ folder)",
+    "val": "zoo: note: {folder} holds the run's validation images, which chose the epoch kept: the accuracy is "
+           "slightly optimistic; a test/ folder the run never saw gives an unbiased figure",
+}
+
+
 def _default_out(model: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     p = Path(model)
@@ -48,6 +56,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     \b
     Examples:
       zoo eval my-classifier --data ./photos            # uses ./photos/test or ./photos/val if present
+                                                        # (and warns when they are what the model learnt from)
       zoo eval my-classifier --data ./holdout --tta --out reports/
       zoo eval my-classifier --data ./holdout --tta --tta-scales 224,256,288   # ten-crop at 3 sizes
     """
@@ -64,9 +73,11 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
         report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
                           tta_views=tta_views, batch_size=batch_size, progress=True, worst=max(worst, 20),
                           on_error=warn_skipped,
-                          aliases=bundle.metadata.get("label_ids"))
+                          aliases=bundle.metadata.get("label_ids"), data_folders=bundle.metadata.get("data_folders"))
         report.weights_sha256 = bundle.metadata.get("weights_sha256")
         paths = write_eval_reports(report, out)
+    if report.seen_in_training:
+        echo(printable(_SEEN[report.seen_in_training].format(folder=Path(data) / report.split)), err=True)
     if as_json:
         echo(json.dumps(report.to_dict(), indent=2))    # ASCII: echo escapes what is not printable, JSON stays valid
         return
