@@ -21,7 +21,7 @@ from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
-from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
 from finetune.data.files import walk_files
 from zoo.errors import UsageError
 
@@ -139,8 +139,8 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
 
 
 def _load(item: Any, min_size: int | None) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item.convert("RGB") if item.mode != "RGB" else item
+    if isinstance(item, Image.Image):    # converted as training converts a file (16-bit scaled, alpha on white)
+        return to_rgb(item)
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
     return load_image(item, min_size)
 

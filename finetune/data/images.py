@@ -16,8 +16,10 @@ from finetune.core.io import printable_name
 
 
 # -------------------------------------------------------------------------------------- decoding
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped)."""
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped). What
+    training sees, so every other reader (zoo serve's uploads, PIL images given to zoo.load_bundle) uses it
+    too: ``Image.convert("RGB")`` clips 16-bit values and turns transparent pixels black."""
     mode = im.mode
     if mode == "RGB":
         return im
@@ -69,7 +71,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                     upright = ImageOps.exif_transpose(im)    # a new image: safe after the file closes
                 except Exception:   # malformed EXIF: the pixels are fine, use them as stored
                     upright = None
-                return _to_rgb(upright if upright is not None else im.copy())
+                return to_rgb(upright if upright is not None else im.copy())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None

@@ -257,3 +257,18 @@ def test_cli_tta_choices_are_the_library_ones():
     from zoo.predict import DEFAULT_TTA_VIEWS, TTA_VIEWS
 
     assert cli_predict.TTA_VIEWS == TTA_VIEWS and cli_predict.DEFAULT_TTA_VIEWS == DEFAULT_TTA_VIEWS
+
+
+def test_a_pil_image_is_converted_as_its_file_would_be(tmp_path):
+    """QA: bundle.predict(PIL image) used Image.convert("RGB"): a 16-bit image clipped to white, transparency
+    turned black, so the same picture got another answer as a PIL image than as a path."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.predict import _load
+
+    g16 = Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16))
+    clear = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    for name, img in (("g16.png", g16), ("clear.png", clear)):
+        img.save(tmp_path / name)
+        assert _load(Image.open(tmp_path / name), None).tobytes() == _load(tmp_path / name, None).tobytes(), name

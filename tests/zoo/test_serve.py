@@ -249,3 +249,20 @@ def test_an_exif_rotated_upload_is_read_upright():
     Image.new("RGB", (48, 32), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
     img = decode_upload(buf.getvalue(), "image/jpeg", "turned.jpg", ServeConfig())
     assert img.size == (32, 48) and img.mode == "RGB"
+
+
+def test_uploads_are_converted_to_rgb_as_training_reads_the_file(tmp_path):
+    """QA: an upload was converted with Image.convert("RGB"), which clips a 16-bit PNG to white and turns
+    transparent pixels black, where training (finetune.data.load_image) scales 16-bit and puts transparency
+    on white: the served model saw other pixels than `zoo predict` and gave other answers."""
+    import numpy as np
+
+    from finetune.data import load_image
+    from zoo.serve import decode_upload
+
+    cases = {"g16.png": Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)),
+             "clear.png": Image.new("RGBA", (40, 40), (0, 0, 0, 0)), "la.png": Image.new("LA", (40, 40), (0, 0))}
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        served = decode_upload((tmp_path / name).read_bytes(), "image/png", name, ServeConfig())
+        assert served.tobytes() == load_image(tmp_path / name).tobytes(), name
