@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.io import atomic_write_text
-from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, read_safetensors_metadata
+from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import sha256_file, zoo_home
 from zoo.errors import BundleError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
@@ -191,12 +191,15 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
         config = json.loads((bundle / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BundleError(f"{bundle / CONFIG} is unreadable ({err}); re-export the bundle") from None
-    recorded = (config.get("zoo") or {}).get("weights_sha256")
+    if not isinstance(config, dict):
+        raise BundleError(f"{bundle / CONFIG} should hold a JSON object; re-export the bundle")
+    recorded = config["zoo"].get("weights_sha256") if isinstance(config.get("zoo"), dict) else None
     if recorded and recorded != sha:
         raise BundleError(f"{bundle / WEIGHTS} is not the file config.json describes (sha256 {sha[:16]}... vs "
                           f"{str(recorded)[:16]}...); re-export the bundle; nothing was uploaded")
-    raw_meta = read_safetensors_metadata(bundle / WEIGHTS)
-    meta = _decode_metadata(raw_meta, bundle / WEIGHTS)
+    meta = _decode_metadata(read_safetensors_metadata(bundle / WEIGHTS), bundle / WEIGHTS)
+    labels = [str(x) for x in meta["label_names"]] if isinstance(meta.get("label_names"), list) else None
+    check_config(config, labels, len(labels or ()), bundle / CONFIG)   # what zoo predict would refuse
     public_meta = _public({k: v for k, v in meta.items() if k not in LOCAL_KEYS})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
     weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
@@ -209,7 +212,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     for k in ("file", "url"):
         if isinstance(pc.get(k), str) and not pc[k].startswith(("http://", "https://")):
             pc.pop(k)
-    labels = list(meta.get("label_names") or config.get("label_names") or [])
+    labels = labels or list(config.get("label_names") or [])
     card = model_card(repo, public_meta, cfg, run, _test_metrics(test_metrics, sha, labels))
     files = {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
              CARD: card.encode("utf-8")}
@@ -343,7 +346,7 @@ def local_bundles(root: str | os.PathLike = ".", depth: int = 3) -> list[dict[st
             if not (folder / WEIGHTS).is_file():
                 continue
             cfg = _read_json(cfg_path)
-            if "zoo" not in cfg:
+            if not isinstance(cfg.get("zoo"), dict):    # not ours, or hand-edited: zoo predict says why
                 continue
             found.append({"path": str(folder), "architecture": cfg.get("architecture"),
                           "num_classes": cfg.get("num_classes"), "model": (cfg.get("zoo") or {}).get("model")})

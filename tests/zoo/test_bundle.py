@@ -258,6 +258,44 @@ def test_a_num_classes_that_is_no_number_fails_with_bundle_error(bundle_dir, val
     assert r.output.startswith("zoo: error: ") and "re-export with `zoo export RUN_DIR`" in r.output
 
 
+@pytest.mark.parametrize("edit", [{"label_names": ["Cat", "Dog", "Fox"]}, {"label_names": ["a", "b", "c", "d"]},
+                                  {"zoo": "x"}, {"zoo": None}, {"model_args": [1]}, {"pretrained_cfg": "x"}])
+def test_a_hand_edited_config_json_is_refused_by_predict_push_and_skipped_by_list_mine(bundle_dir, edit,
+                                                                                     monkeypatch):
+    """QA: config.json's label_names renamed (or 4 names for 3 classes) loaded without a word, zoo naming the
+    classes from the weights and plain timm from config.json; "zoo": "x" or "model_args": [1] were an
+    AttributeError/TypeError traceback in zoo predict, zoo push and `zoo list --mine` (any bundle below the
+    current folder), and zoo push published those bundles."""
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+    from zoo.push import local_bundles, plan_push
+
+    cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
+    (bundle_dir / "config.json").write_text(json.dumps({**cfg, **edit}), encoding="utf-8")
+    key = next(iter(edit))
+    with pytest.raises(BundleError, match=f"config.json: '?{key}'?.*; re-export with `zoo export RUN_DIR`"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match=f"config.json: '?{key}'?"):
+        plan_push(bundle_dir, "me/x")
+    r = CliRunner().invoke(cli, ["predict", str(bundle_dir), str(bundle_dir / "config.json"), "--device", "cpu"])
+    assert r.exit_code == 1 and r.output.startswith("zoo: error: ") and len(r.output.strip().splitlines()) == 1
+    monkeypatch.chdir(bundle_dir.parent)
+    assert [b["path"] for b in local_bundles(".")] == ([] if key == "zoo" else ["bundle"])   # listed, not a crash
+
+
+def test_a_file_given_for_a_bundle_names_the_folder_to_give(bundle_dir):
+    """QA: `zoo predict BUNDLE/config.json` answered "no bundle at BUNDLE/config.json; export one with zoo export
+    RUN_DIR --out BUNDLE/config.json"; config.json now stands for its folder as model.safetensors does."""
+    assert load_bundle(bundle_dir / "config.json").labels == list(CLASSES)
+    with pytest.raises(BundleError, match="README.md is a file, not a bundle: give the folder `zoo export` wrote"):
+        load_bundle(bundle_dir / "README.md")
+    (bundle_dir / "config.json").unlink()
+    (bundle_dir / "config.json").mkdir()
+    with pytest.raises(BundleError, match=r"config.json cannot be read \(Is a directory\); re-export"):
+        load_bundle(bundle_dir)
+
+
 def test_missing_weights_or_folder_fail_with_bundle_error(bundle_dir, tmp_path):
     (bundle_dir / "model.safetensors").unlink()
     with pytest.raises(BundleError, match="model.safetensors is missing"):

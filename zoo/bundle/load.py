@@ -74,6 +74,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise BundleError(f"{path} is missing; {what}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON ({e.__class__.__name__}); {what}") from None
+    except OSError as e:        # a folder in its place, no permission
+        raise BundleError(f"{path} cannot be read ({e.strerror or e}); {what}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path} should hold a JSON object; {what}")
     return data
@@ -88,6 +90,32 @@ def _class_count(value: Any, where: Path) -> int:
         return value
     raise BundleError(f"{where}: num_classes is {json.dumps(value)}, not a number of classes; "
                       "re-export with `zoo export RUN_DIR`")
+
+
+def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: int, path: Path) -> None:
+    """config.json (at ``path``) agrees with the weights' metadata: ``zoo``, ``model_args`` and ``pretrained_cfg``
+    are objects, ``num_classes`` and ``label_names`` are those of the weights. Plain timm names the classes
+    from config.json and zoo from the weights' header: a hand-edited config.json would make them disagree.
+    ``labels`` None (weights without zoo's metadata): the types only.
+
+    Raises:
+        BundleError: the first field that does not fit, and what to do.
+    """
+    fix = "re-export with `zoo export RUN_DIR`"
+    for key in ("zoo", "model_args", "pretrained_cfg"):
+        if key in config and not isinstance(config[key], dict):
+            raise BundleError(f"{path}: {key!r} is {json.dumps(config[key])[:40]}, not a JSON object; {fix}")
+    if labels is None:
+        return
+    if _class_count(config.get("num_classes", num_classes), path) != num_classes:
+        raise BundleError(f"{path}: num_classes {config.get('num_classes')} differs from the {num_classes} classes of "
+                          f"{WEIGHTS}; {fix}")
+    names = config.get("label_names")
+    if names is not None and (not isinstance(names, list) or [str(x) for x in names] != labels):
+        shown = ", ".join(map(str, names[:4])) if isinstance(names, list) else json.dumps(names)[:40]
+        raise BundleError(f"{path}: label_names ({shown}...) differ from the classes of {WEIGHTS} "
+                          f"({', '.join(labels[:4])}...), so plain timm and zoo would name the classes differently; "
+                          f"{fix} (class names come from the run's folders)")
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -239,8 +267,11 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     import safetensors.torch
 
     path = Path(path)
-    if path.is_file() and path.name == WEIGHTS:
+    if path.is_file() and path.name in (WEIGHTS, CONFIG):
         path = path.parent
+    elif path.is_file():
+        raise BundleError(f"{path} is a file, not a bundle: give the folder `zoo export` wrote (it holds {WEIGHTS} "
+                          f"and {CONFIG})")
     if not path.is_dir():
         raise BundleError(f"no bundle at {path}; export one with `zoo export RUN_DIR --out {path}`")
     weights = path / WEIGHTS
@@ -256,10 +287,12 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
                           "it was not written by `zoo export`; export the run again")
     labels = [str(x) for x in meta["label_names"]]
     num_classes = _class_count(meta.get("num_classes", len(labels)), weights)
-    if num_classes != len(labels) or _class_count(config.get("num_classes", num_classes),
-                                                  path / CONFIG) != num_classes:
-        raise BundleError(f"{path}: inconsistent class count (metadata {num_classes}, labels {len(labels)}, "
-                          f"config.json {config.get('num_classes')}); re-export with `zoo export RUN_DIR`")
+    if num_classes != len(labels):
+        raise BundleError(f"{path}: inconsistent class count (metadata {num_classes}, labels {len(labels)}); "
+                          "re-export with `zoo export RUN_DIR`")
+    zoo_cfg = config.get("zoo")
+    _check_weights_digest(weights, zoo_cfg.get("weights_sha256") if isinstance(zoo_cfg, dict) else None)
+    check_config(config, labels, num_classes, path / CONFIG)
     missing = [k for k in _DATA_KEYS if k not in meta and k != "crop_mode"]
     if missing:
         raise BundleError(f"{weights} lacks preprocessing metadata {missing}; re-export with `zoo export RUN_DIR`")
@@ -271,7 +304,6 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     data_config["crop_pct"] = float(data_config["crop_pct"])
 
     zoo_cfg = config.get("zoo") or {}
-    _check_weights_digest(weights, zoo_cfg.get("weights_sha256"))
     builder = str(meta["builder"])
     kwargs = dict(meta.get("builder_kwargs") or zoo_cfg.get("builder_kwargs") or {})
     if builder.startswith("timm:"):
