@@ -314,6 +314,31 @@ def test_export_needs_model_json_and_checkpoint(run_and_model):
         export_run(run)
 
 
+@pytest.mark.parametrize("edit", [{"classes": None}, {"classes": "cat"}, {"data_config": "x"}, {"head": "mlp"},
+                                  {"builder": 3}, {"builder_kwargs": [1]}, {"data_config": {"input_size": [3, 32, 32]}}])
+def test_export_and_report_of_a_hand_edited_model_json_say_so_in_one_line(run_and_model, edit):
+    """QA: a run's model.json with "classes": null, "data_config": "x", a data_config without "mean" or
+    "head": "mlp" was a TypeError/ValueError/KeyError traceback in zoo export and zoo report."""
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    from tests.conftest import make_image
+
+    run, _ = run_and_model
+    make_image(run.parent / "data" / "cat" / "a.png", 0)      # a validation image: the report predicts it
+    (run / "scan.json").write_text(json.dumps({"root": str(run.parent / "data")}), encoding="utf-8")
+    (run / "split.json").write_text(json.dumps({"val": [["cat/a.png", "cat"]]}), encoding="utf-8")
+    info = json.loads((run / "model.json").read_text(encoding="utf-8"))
+    (run / "model.json").write_text(json.dumps({**info, **edit}), encoding="utf-8")
+    with pytest.raises(BundleError, match=r"model.json: \w+(\.\w+)? is .*, not what `zoo finetune` writes"):
+        export_run(run)
+    r = CliRunner().invoke(cli, ["export", str(run)])
+    assert r.exit_code == 1 and r.output.startswith("zoo: error: ") and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["report", str(run)])
+    assert r.exit_code == 0 and "report: no thumbnails of wrong predictions" in r.output, r.output
+
+
 def test_export_rejects_checkpoint_of_another_shape(tmp_path):
     run, _ = make_run(tmp_path)
     info = json.loads((run / "model.json").read_text())

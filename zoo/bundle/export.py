@@ -239,6 +239,22 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
 DAMAGED_RUN = "the run's best checkpoint is damaged; restore the file or re-run `zoo finetune`"
 
 
+def _check_run_info(info: dict[str, Any], where: Path) -> None:
+    """model.json's fields have the types `zoo finetune` writes (a hand-edited file: one line, not a traceback)."""
+    dc = info["data_config"]
+    wrong = ("builder" if not isinstance(info["builder"], str) else
+             "classes" if not isinstance(info["classes"], list) or not info["classes"] else
+             "data_config" if not isinstance(dc, dict) else
+             next((f"data_config.{k}" for k in ("input_size", "interpolation", "crop_pct", "mean", "std")
+                   if k not in dc or (k in ("input_size", "mean", "std") and not isinstance(dc[k], list))), None) or
+             next((k for k in ("head", "builder_kwargs") if info.get(k) is not None and not isinstance(info[k], dict)),
+                  None))
+    if wrong:
+        value = info.get(wrong, dc.get(wrong.partition(".")[2]) if isinstance(dc, dict) else None)
+        raise BundleError(f"{where}: {wrong} is {json.dumps(value)[:40]}, not what `zoo finetune` writes (was the "
+                          "file edited?); restore it, or re-run `zoo finetune`")
+
+
 def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """(model.json, the best checkpoint's state dict, its path) of a finished run folder.
 
@@ -254,6 +270,7 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     for key in ("builder", "classes", "data_config"):
         if key not in info:
             raise BundleError(f"{run / 'model.json'} lacks {key!r}; re-run `zoo finetune` with this version")
+    _check_run_info(info, run / "model.json")
     ckpt = run / "checkpoints" / "best.safetensors"
     if not ckpt.exists():
         raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; resume or re-run `zoo finetune`")
