@@ -25,7 +25,7 @@ from zoo.registry import COMMIT_RE, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
 
-__all__ = ["LOCK_VERSION", "lock_record", "write_lock", "read_lock", "pull_locked"]
+__all__ = ["LOCK_VERSION", "lock_record", "write_lock", "lock_text", "read_lock", "pull_locked"]
 
 LOCK_VERSION = 1
 _SOURCE_KEYS = ("kind", "repo", "revision", "filename", "url", "path", "package", "format", "key_map")
@@ -69,8 +69,11 @@ def lock_record(manifest: dict[str, Any]) -> dict[str, Any]:
             "weights_sha256": manifest.get("sha256")}
 
 
-def write_lock(path: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
+def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> dict[str, Any]:
     """Write the lock file for ``names`` (default: every cached model); returns what was written.
+
+    ``path`` None writes nothing (the caller prints it). A path that is no regular file (``/dev/stdout``, a
+    pipe) is written into, not replaced; a symlink's target is replaced, the link stays.
 
     Raises:
         UsageError: a named model is not cached, or a cached one cannot be locked (see ``lock_record``).
@@ -87,8 +90,22 @@ def write_lock(path: str | Path, names: Iterable[str] | None = None) -> dict[str
     else:
         manifests = [m for m in cache.cached_models() if not m.get("damaged")]
     data = {"version": LOCK_VERSION, "models": {m["name"]: lock_record(m) for m in manifests}}
-    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if path is None:
+        return data
+    path, text = Path(path), lock_text(data)
+    if path.exists() and not path.resolve().is_file():
+        # a device or a pipe: the temp file + rename below would put a regular file in its place (as root,
+        # over /dev/stdout or /dev/null)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        atomic_write_text(path.resolve() if path.is_symlink() else path, text)
     return data
+
+
+def lock_text(data: dict[str, Any]) -> str:
+    """A lock file's text (what ``write_lock`` writes)."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:

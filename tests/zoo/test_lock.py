@@ -82,3 +82,30 @@ def test_lock_usage_errors(hub, branch_entry, tmp_path):
     assert r.exit_code == 2 and "bad.lock" in r.output
     r = runner.invoke(cli, ["pull"])
     assert r.exit_code == 2 and "--locked" in r.output
+
+
+def test_lock_out_dash_prints_it_and_a_device_or_link_is_written_into_not_replaced(hub, branch_entry, tmp_path,
+                                                                                  monkeypatch):
+    """QA: `zoo lock --out -` wrote a file named "-"; `--out /dev/null` (or /dev/stdout, a FIFO) put a regular
+    file in the device's place (temp file + rename, as root); `--out LINK` replaced the symlink by a file."""
+    import os
+
+    hub.add_hf(REPO, "model.safetensors", tensor_bytes(0))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["pull", "tiny", "-q"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(cli, ["lock", "--out", "-"])
+    assert r.exit_code == 0 and not (tmp_path / "-").exists()
+    assert "tiny" in json.loads(r.stdout)["models"] and "locked 1 model(s) in stdout" in r.stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)    # a reader waiting, as `<(...)` or `| cat` would
+    try:
+        assert runner.invoke(cli, ["lock", "--out", str(fifo)]).exit_code == 0
+        assert fifo.is_fifo() and "tiny" in json.loads(os.read(reader, 1 << 16))["models"]
+    finally:
+        os.close(reader)
+    (tmp_path / "real.lock").write_text("old")
+    (tmp_path / "link.lock").symlink_to("real.lock")
+    assert runner.invoke(cli, ["lock", "--out", "link.lock"]).exit_code == 0
+    assert (tmp_path / "link.lock").is_symlink() and "tiny" in json.loads((tmp_path / "real.lock").read_text())["models"]
