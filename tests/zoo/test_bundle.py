@@ -392,3 +392,33 @@ def test_a_run_folder_given_for_a_bundle_points_to_its_bundle(run_and_model, tmp
     export_run(run, run / "export")
     with pytest.raises(BundleError, match=r"is a run folder, not a bundle: use its bundle, .*export"):
         load_bundle(run)
+
+
+def test_bundle_predict_refuses_a_topk_below_1_and_an_array_in_one_line_and_takes_tta_views(bundle_dir, monkeypatch):
+    """QA: bundle.predict(..., topk=0) or topk=-1 answered one class without a word; a numpy array was "cannot
+    read image [[[0 0 0] ..." with the whole array printed; `tta=True` was documented as the ten crops but ran
+    the flip views, with no way to ask for the ten crops."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.errors import UsageError
+
+    bundle = load_bundle(bundle_dir)
+    img = Image.new("RGB", (40, 40), (200, 30, 30))
+    for k in (0, -1, 2.5):
+        with pytest.raises(UsageError, match=f"topk={k!r}: give the number of classes wanted per image, 1 or more"):
+            bundle.predict(img, topk=k)
+    with pytest.raises(BundleError) as err:
+        bundle.predict(np.zeros((40, 40, 3), np.uint8))
+    assert str(err.value) == ("cannot read a ndarray: give a file path or a PIL image (PIL.Image.fromarray(array) "
+                              "for an HxWx3 uint8 array)")
+    import zoo.predict
+
+    asked = []
+    real = zoo.predict.tta_transform
+    monkeypatch.setattr(zoo.predict, "tta_transform", lambda cfg, scales, views: asked.append(views) or real(cfg, scales, views))
+    for views in ("flip", "ten"):
+        assert len(bundle.predict(img, topk=3, tta=True, tta_views=views)[0]) == 3
+    assert asked == ["flip", "ten"]
+    with pytest.raises(UsageError, match="--tta-views 'five'"):
+        bundle.predict(img, tta=True, tta_views="five")

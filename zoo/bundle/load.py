@@ -13,7 +13,7 @@ from PIL import Image
 from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
-from zoo.errors import BundleError, RegistryError
+from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.resolve import get_entry, hub_config
 from zoo.sources import fetch_hub_config
 
@@ -211,29 +211,37 @@ class Bundle:
         yield self.labels
 
     def predict(self, images: Any, topk: int = 5, tta: bool = False, tta_scales: Sequence[int] | None = None,
-                batch_size: int = 32) -> list[list[tuple[str, float]]]:
+                batch_size: int = 32, tta_views: str = "flip") -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per image, best first.
 
         Args:
             images: a PIL image or path, or a list of them.
-            topk: how many classes per image.
-            tta: average the ten fixed crops (at each of ``tta_scales`` when given).
+            topk: how many classes per image (at least 1; capped at the number of classes).
+            tta: average the softmax over several views of each image, as ``zoo predict --tta``:
+                ``tta_views`` "flip" (the validation view and its mirror) or "ten" (ten fixed crops);
+                ``tta_scales`` ten-crops at each of these sizes.
         Raises:
             BundleError: an image cannot be read (the message names it).
+            UsageError: ``topk`` below 1, an unknown ``tta_views``.
         """
         # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
         from zoo.predict import predict_probs, topk as _topk
 
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise UsageError(f"topk={topk!r}: give the number of classes wanted per image, 1 or more")
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         images = list(images)
 
         def fail(item: Any, reason: str) -> None:
+            if not isinstance(item, (str, os.PathLike, Image.Image)):    # an array, a tensor: not its repr
+                raise BundleError(f"cannot read a {type(item).__name__}: give a file path or a PIL image "
+                                  "(PIL.Image.fromarray(array) for an HxWx3 uint8 array)")
             raise BundleError(f"cannot read image {item if not isinstance(item, Image.Image) else 'PIL image'}: "
                               f"{reason}; check the file")
 
         _, probs = predict_probs(self.model, images, self.data_config, tta=tta, tta_scales=tta_scales,
-                                 batch_size=batch_size, on_error=fail)
+                                 tta_views=tta_views, batch_size=batch_size, on_error=fail)
         return _topk(probs, self.labels, topk)
 
     def to(self, device: Any) -> "Bundle":
