@@ -272,3 +272,13 @@ def test_a_pil_image_is_converted_as_its_file_would_be(tmp_path):
     for name, img in (("g16.png", g16), ("clear.png", clear)):
         img.save(tmp_path / name)
         assert _load(Image.open(tmp_path / name), None).tobytes() == _load(tmp_path / name, None).tobytes(), name
+
+
+def test_eval_on_a_folder_with_train_only_says_where_held_out_images_go(tmp_path):
+    """QA: `zoo eval BUNDLE --data photos` on photos/train/<class>/ (no test/ or val/) answered "no class folder
+    matches the model's labels (found: train ...); lay it out as <class>/<image>", which misleads."""
+    root = make_image_folder(tmp_path / "data" / "train", classes=("a", "b"), per_class=1, size=16).parent
+    with pytest.raises(UsageError, match=r"has train/ but no test/ or val/ to evaluate on; put held-out images in "
+                                         r".*test/<class>/, or give --data .*train to score the training images"):
+        find_eval_images(root, ["a", "b"])
+    assert len(find_eval_images(root / "train", ["a", "b"])[1]) == 2
