@@ -22,7 +22,7 @@ from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["get_entry", "timm_entry", "entry_from_hf_config", "hub_config", "describe_timm", "derive_stages", "check_stages",
+__all__ = ["get_entry", "check_hub_repo", "timm_entry", "entry_from_hf_config", "hub_config", "describe_timm", "derive_stages", "check_stages",
            "stage_of"]
 
 
@@ -154,9 +154,24 @@ def hub_config(repo: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _hf_hub_entry(repo: str) -> ModelEntry:
+def check_hub_repo(repo: str) -> str:
+    """``repo`` of an ``hf-hub:<org>/<repo>`` name, checked before huggingface_hub sees it.
+
+    Raises:
+        UsageError: not ``<org>/<repo>``; a revision (``@v2``), which zoo does not take in a name.
+    """
+    if "@" in repo and re.fullmatch(r"[\w.-]+/[\w.-]+", repo.partition("@")[0]):
+        name, _, rev = repo.partition("@")
+        raise UsageError(f"hf-hub:{repo}: zoo takes no revision in an hf-hub: name (it reads the main branch); for "
+                         f"branch {rev!r} add an entry with its source's `revision: {rev}` to your ZOO_REGISTRY file "
+                         f"(schema: the header of registry.yaml), or use hf-hub:{name}")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>")
+    return repo
+
+
+def _hf_hub_entry(repo: str) -> ModelEntry:
+    check_hub_repo(repo)
     # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     from huggingface_hub import try_to_load_from_cache
 

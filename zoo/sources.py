@@ -21,7 +21,7 @@ from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
-from zoo.resolve import get_entry
+from zoo.resolve import check_hub_repo, get_entry
 from zoo.text import first_line
 from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
@@ -111,6 +111,7 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
         return OfflineError(f"hf-hub:{repo} is not cached and {why}; on a connected machine run "
                             f"`zoo pull hf-hub:{repo}` and copy ZOO_HOME and the Hugging Face cache (HF_HOME) here")
 
+    check_hub_repo(repo)            # huggingface_hub's own refusal is a traceback
     # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     from huggingface_hub import try_to_load_from_cache
 

@@ -297,3 +297,19 @@ def test_an_upload_error_names_its_cause_once():
             raise RuntimeError("the upload stopped") from inner
     except RuntimeError as err:
         assert "the upload stopped: read timed out" in str(_hub_error(err, "me/x"))
+
+
+def test_a_push_to_a_branch_names_it_in_the_load_hint_and_a_revision_in_a_name_is_one_line(hub, tmp_path, runner):
+    """QA: after `zoo push --revision v2` the hint said `hf-hub:REPO` (the main branch: another model, or
+    none); `zoo predict hf-hub:REPO@v2` (timm's spelling) was an HFValidationError traceback."""
+    _, bundle = make_bundle(tmp_path / "a")
+    res = push(runner, bundle, "--revision", "v2")
+    assert res.exit_code == 0, res.output
+    assert f'timm.create_model("hf-hub:{REPO}@v2", pretrained=True)' in res.output
+    assert f"zoo predict hf-hub:{REPO} IMAGE" not in res.output and "`revision: v2`" in res.output
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    for args in (["predict", f"hf-hub:{REPO}@v2", str(image)], ["pull", f"hf-hub:{REPO}@v2"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 2 and res.output.strip().splitlines() == [res.output.strip()], res.output
+        assert f"hf-hub:{REPO}@v2: zoo takes no revision in an hf-hub: name" in res.output
