@@ -130,6 +130,8 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
             out.extend(Path(q) for q in walk_files(str(p)) if os.path.splitext(q)[1].lower() in exts)   # as the scan
         elif p.exists():
             out.append(p)
+        elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`
+            out.append(Path("/dev/stdin"))
         elif re.match(r"(https?|ftp|s3|gs)://?", str(item)):     # (a Path argument holds one slash)
             url = re.sub(r":/+", "://", str(item), count=1)
             raise UsageError(f"{url} is a URL: zoo reads local files; download the image first")

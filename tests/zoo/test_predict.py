@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image_folder
+from tests.conftest import make_image, make_image_folder
 from zoo.errors import UsageError
 from zoo.evaluate import classification_metrics, evaluate, find_eval_images, write_eval_reports
 from zoo.predict import expand_images, parse_scales, predict_probs, topk, tta_transform
@@ -282,3 +282,21 @@ def test_eval_on_a_folder_with_train_only_says_where_held_out_images_go(tmp_path
                                          r".*test/<class>/, or give --data .*train to score the training images"):
         find_eval_images(root, ["a", "b"])
     assert len(find_eval_images(root / "train", ["a", "b"])[1]) == 2
+
+
+def test_dash_reads_one_image_from_stdin(tmp_path):
+    """QA: `zoo predict BUNDLE - < cat.jpg` (or `curl ... | zoo predict BUNDLE -`) was "no such image or folder: -"."""
+    import subprocess
+    import sys
+
+    from tests.zoo.test_bundle import make_run
+    from zoo.bundle import export_run
+
+    bundle = export_run(make_run(tmp_path)[0], tmp_path / "bundle")
+    image = make_image(tmp_path / "cat.jpg", 0, fmt="JPEG")
+    with open(image, "rb") as stdin:
+        res = subprocess.run([sys.executable, "-m", "zoo", "predict", str(bundle), "-", "--topk", "1", "--json"],
+                             stdin=stdin, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert [d["image"] for d in doc] == ["/dev/stdin"] and len(doc[0]["predictions"]) == 1

@@ -66,7 +66,7 @@ def warn_skipped(item: object, reason: str) -> None:
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
                 tta_scales: str | None, batch_size: int, device: str) -> None:
-    """Top-k classes for each image (files or folders) from MODEL.
+    """Top-k classes for each image (files or folders; - reads one image from stdin) from MODEL.
 
     MODEL is a bundle folder (from `zoo export`) or a registry name: a pretrained ImageNet model with
     ImageNet class names, to try before any finetuning. Unreadable images are skipped with a warning.
@@ -76,6 +76,7 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
       zoo predict runs/resnet50-*/export cat.jpg dog.jpg
       zoo predict my-classifier ./photos --tta --json > predictions.json
       zoo predict efficientnet_lite0 chelsea.png --topk 3
+      curl -s https://example.com/cat.jpg | zoo predict my-classifier -
     """
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
