@@ -222,3 +222,21 @@ def test_registry_sha256_prefix_needs_8_digits(tmp_path):
         parse_registry(entry(sha256="7be5be7"))
     with pytest.raises(RegistryError, match="8 to 64"):
         parse_registry(entry(sha256=None, sha256_prefix="7be5", sha256_note="short"))
+
+
+def test_import_over_other_cached_weights_says_what_it_replaced(tiny_state, tmp_path, registry):
+    """QA: `zoo import NAME FILE` over other cached weights of NAME (e.g. verified ones from `zoo pull`) replaced
+    them without a word; a damaged manifest is still repaired by importing."""
+    a = save_st(tiny_state, tmp_path / "a.safetensors")
+    b = save_st({k: v + 1 if v.is_floating_point() else v for k, v in tiny_state.items()}, tmp_path / "b.safetensors")
+    runner = CliRunner()
+    assert "note:" not in runner.invoke(cli, ["import", "tiny", str(a)]).output
+    assert "note:" not in runner.invoke(cli, ["import", "tiny", str(a)]).output       # the same file again
+    res = runner.invoke(cli, ["import", "tiny", str(b)])
+    assert res.exit_code == 0, res.output
+    digest = hashlib.sha256(a.read_bytes()).hexdigest()
+    assert (f"note: this replaced the cached weights of tiny (sha256 {digest[:12]}..., trusted on first use, "
+            f"from import:{a})") in res.stderr
+    cache.manifest_path("tiny").write_text("{", encoding="utf-8")
+    res = runner.invoke(cli, ["import", "tiny", str(a)])
+    assert res.exit_code == 0 and "note:" not in res.output and cache.read_manifest("tiny")["sha256"] == digest

@@ -6,6 +6,7 @@ import click
 from zoo import cache as zcache
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.errors import ZooError
 from zoo.text import human_size
 
 __all__ = ["import_cmd"]
@@ -32,9 +33,19 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
     # lazy: zoo --help must not import torch
     from zoo.importer import import_weights
 
+    try:
+        before = zcache.read_manifest(name) if zcache.is_cached(name) else None
+    except ZooError:        # a damaged manifest: importing is how it gets repaired
+        before = None
+    before = before if isinstance(before, dict) else {}
     path = import_weights(name, file, sha256=sha256)
     manifest = zcache.read_manifest(name) or {}
     echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
+    old = before.get("sha256_download")
+    if old and old != manifest.get("sha256_download"):    # other weights than the ones runs were made from
+        echo(f"note: this replaced the cached weights of {name} (sha256 {str(old)[:12]}..., "
+             f"{'verified: ' + str(before['verified']) if before.get('verified') else 'trusted on first use'}, "
+             f"from {before.get('source') or 'unknown'})", err=True)
     if manifest.get("verified"):
         echo(f"  verified: sha256 {manifest.get('sha256_download')} matches the {manifest['verified']}")
     else:
