@@ -14,7 +14,7 @@ __all__ = ["report_cmd"]
 @click.option("--top", "top", type=click.IntRange(0), default=12, show_default=True,
               help="Most confidently wrong validation images shown as thumbnails (0: none, no model loaded).")
 @click.option("--device", "device", default="cpu", show_default=True,
-              help="Where the validation images are predicted (cpu, cuda, cuda:N, mps).")
+              help="Where the validation images are predicted (auto, cpu, cuda, cuda:N, mps).")
 def report_cmd(run: str, top: int, device: str) -> None:
     """Write RUN/report.html: data summary, freeze decision and reason, config, curves and LR, per-class
     precision/recall, confusion matrix, the most confidently wrong validation images, the advice.
@@ -28,7 +28,10 @@ def report_cmd(run: str, top: int, device: str) -> None:
       zoo report runs/resnet50-20250101-120000 --top 0
     """
     # lazy: zoo --help must not import torch
+    from finetune.engine import resolve_device
     from zoo.jobs.report import make_report
 
+    if top > 0:     # a device that is not here: one line, as zoo predict says it (--top 0 loads no model)
+        device = str(resolve_device(device))
     path = make_report(run, top=top, device=device, log=lambda m: echo(m, err=True), progress=True)
     echo(f"report: {path}")

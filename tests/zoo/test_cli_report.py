@@ -1,0 +1,29 @@
+"""zoo report through click's CliRunner: the options (the page itself: tests/finetune, tests/zoo/test_cli_doctor.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import make_image
+from tests.zoo.test_bundle import make_run
+from zoo.cli import cli
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "invalid device='bogus': use auto, cpu, cuda, cuda:N or mps"),
+    ("cuda:x", "invalid device='cuda:x'"),
+])
+def test_a_device_that_is_not_there_is_one_line(tmp_path, device, message):
+    """QA: `zoo report RUN --device cuda` without a GPU, or --device bogus, was a RuntimeError traceback from
+    torch's .to(); zoo predict/eval say it in one line."""
+    run, _ = make_run(tmp_path)
+    make_image(tmp_path / "data" / "cat" / "a.png", 0)       # a validation image: the report predicts it
+    (run / "scan.json").write_text(json.dumps({"root": str(tmp_path / "data")}), encoding="utf-8")
+    (run / "split.json").write_text(json.dumps({"val": [["cat/a.png", "cat"]]}), encoding="utf-8")
+    res = CliRunner().invoke(cli, ["report", str(run), "--device", device])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("zoo: error: ") and message in lines[0]
+    res = CliRunner().invoke(cli, ["report", str(run), "--device", device, "--top", "0"])   # no model: no device
+    assert res.exit_code == 0 and (run / "report.html").is_file(), res.output
