@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -89,6 +90,9 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
             manifests.append(manifest)
     else:
         manifests = [m for m in cache.cached_models() if not m.get("damaged")]
+        if not manifests:       # an empty lock over the project's zoo.lock would pin nothing, silently
+            raise UsageError(f"nothing is cached in {cache.zoo_home()} to lock; `zoo pull NAME` first"
+                             + (f" ({path} was not written)" if path is not None else ""))
     data = {"version": LOCK_VERSION, "models": {m["name"]: lock_record(m) for m in manifests}}
     if path is None:
         return data
@@ -115,8 +119,8 @@ def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
         UsageError: missing, not JSON, another version, or an entry without a source and a sha256.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:        # "-": stdin, as in `zoo lock --out - | ssh gpu-box zoo pull --locked -`
+        data = json.loads(sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such lock file; write one with `zoo lock --out {path}`") from None
     except (OSError, ValueError) as err:

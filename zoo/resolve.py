@@ -22,7 +22,8 @@ from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["get_entry", "check_hub_repo", "timm_entry", "entry_from_hf_config", "hub_config", "describe_timm", "derive_stages", "check_stages",
+__all__ = ["get_entry", "check_hub_repo",
+           "timm_entry", "entry_from_hf_config", "hub_config", "describe_timm", "derive_stages", "check_stages",
            "stage_of"]
 
 

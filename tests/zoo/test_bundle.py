@@ -315,7 +315,8 @@ def test_export_needs_model_json_and_checkpoint(run_and_model):
 
 
 @pytest.mark.parametrize("edit", [{"classes": None}, {"classes": "cat"}, {"data_config": "x"}, {"head": "mlp"},
-                                  {"builder": 3}, {"builder_kwargs": [1]}, {"data_config": {"input_size": [3, 32, 32]}}])
+                                  {"builder": 3}, {"builder_kwargs": [1]},
+                                  {"data_config": {"input_size": [3, 32, 32]}}])
 def test_export_and_report_of_a_hand_edited_model_json_say_so_in_one_line(run_and_model, edit):
     """QA: a run's model.json with "classes": null, "data_config": "x", a data_config without "mean" or
     "head": "mlp" was a TypeError/ValueError/KeyError traceback in zoo export and zoo report."""
@@ -416,7 +417,8 @@ def test_bundle_predict_refuses_a_topk_below_1_and_an_array_in_one_line_and_take
 
     asked = []
     real = zoo.predict.tta_transform
-    monkeypatch.setattr(zoo.predict, "tta_transform", lambda cfg, scales, views: asked.append(views) or real(cfg, scales, views))
+    monkeypatch.setattr(zoo.predict, "tta_transform",
+                        lambda cfg, scales, views: asked.append(views) or real(cfg, scales, views))
     for views in ("flip", "ten"):
         assert len(bundle.predict(img, topk=3, tta=True, tta_views=views)[0]) == 3
     assert asked == ["flip", "ten"]

@@ -108,4 +108,25 @@ def test_lock_out_dash_prints_it_and_a_device_or_link_is_written_into_not_replac
     (tmp_path / "real.lock").write_text("old")
     (tmp_path / "link.lock").symlink_to("real.lock")
     assert runner.invoke(cli, ["lock", "--out", "link.lock"]).exit_code == 0
-    assert (tmp_path / "link.lock").is_symlink() and "tiny" in json.loads((tmp_path / "real.lock").read_text())["models"]
+    assert (tmp_path / "link.lock").is_symlink()
+    assert "tiny" in json.loads((tmp_path / "real.lock").read_text())["models"]
+
+
+def test_lock_with_nothing_cached_keeps_the_file_and_pull_locked_dash_reads_stdin(hub, branch_entry, tmp_path,
+                                                                                 monkeypatch):
+    """QA: `zoo lock` on a machine with nothing cached replaced the project's zoo.lock with an empty one (exit 0,
+    "locked 0 model(s)"); `zoo pull --locked -` was "-: no such lock file"."""
+    runner = CliRunner()
+    lock = tmp_path / "zoo.lock"
+    lock.write_text("the project's lock\n")
+    r = runner.invoke(cli, ["lock", "--out", str(lock)])
+    assert r.exit_code == 2 and "nothing is cached in" in r.output and f"({lock} was not written)" in r.output
+    assert lock.read_text() == "the project's lock\n"
+    data = tensor_bytes(0)
+    hub.add_hf(REPO, "model.safetensors", data)
+    assert runner.invoke(cli, ["pull", "tiny", "-q"]).exit_code == 0
+    text = runner.invoke(cli, ["lock", "--out", "-"]).stdout
+    _new_machine(tmp_path, monkeypatch, "machine2")
+    r = runner.invoke(cli, ["pull", "--locked", "-", "-q"], input=text)
+    assert r.exit_code == 0 and "sha256 matches the lock" in r.output, r.output
+    assert cache.weights_path("tiny").read_bytes() == data

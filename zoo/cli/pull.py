@@ -18,7 +18,8 @@ __all__ = ["pull_cmd"]
 @cli.command("pull")
 @click.argument("names", nargs=-1, metavar="NAME...")
 @click.option("--force", is_flag=True, help="Download again even when the model is cached.")
-@click.option("--locked", "locked", type=click.Path(dir_okay=False), default=None, metavar="LOCKFILE",
+@click.option("--locked", "locked", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="LOCKFILE",
               help="Fetch exactly what this lock file (`zoo lock`) pins: its Hub commits, and refuse any file "
                    "whose sha256 differs (nothing is installed then). NAMEs: a subset; default all.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

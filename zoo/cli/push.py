@@ -67,9 +67,9 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
     if result.revision in ("main", None):
         echo(f'load it: timm.create_model("hf-hub:{repo}", pretrained=True)  or  zoo predict hf-hub:{repo} IMAGE')
     else:     # hf-hub:REPO is the main branch, another model or none
-        echo(f'load it: timm.create_model("hf-hub:{repo}@{result.revision}", pretrained=True); zoo reads the main '
-             f'branch of hf-hub:{repo}: for {result.revision!r} add an entry with `revision: {result.revision}` to your '
-             'ZOO_REGISTRY file')
+        rev = result.revision
+        echo(f'load it: timm.create_model("hf-hub:{repo}@{rev}", pretrained=True); zoo reads the main branch of '
+             f'hf-hub:{repo}: for {rev!r} add an entry with `revision: {rev}` to your ZOO_REGISTRY file')
     if result.not_recorded:
         echo(f"note: the push is not recorded in ZOO_HOME/pushed.json: {result.not_recorded}; `zoo list --mine` "
              "will not show it (set ZOO_HOME to a writable folder)", err=True)
