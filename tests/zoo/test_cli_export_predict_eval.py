@@ -315,3 +315,16 @@ def test_predict_tta_on_a_bundle_averages_its_view_and_mirror(bundle, tmp_path, 
         want = (loaded.model(x).softmax(-1) + loaded.model(x.flip(-1)).softmax(-1))[0] / 2
     for label, prob in zip(loaded.labels, want.tolist()):
         assert got[label] == pytest.approx(prob, abs=1e-5)
+
+
+def test_naming_the_runs_own_export_folder_replaces_it_as_the_default_does(tmp_path, runner):
+    """QA: `zoo export RUN --out RUN/export` was refused ("already holds a zoo export bundle: ... --overwrite")
+    where `zoo export RUN`, the same folder, replaces it as the help says."""
+    run, _ = make_run(tmp_path)
+    assert runner.invoke(cli, ["export", str(run)]).exit_code == 0
+    for out in (run / "export", f"{run}/./export/"):
+        res = runner.invoke(cli, ["export", str(run), "--out", str(out)])
+        assert res.exit_code == 0 and "exported" in res.output, res.output
+    assert runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")]).exit_code == 0
+    res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")])     # any other bundle: asked
+    assert res.exit_code == 2 and "already holds a `zoo export` bundle" in res.output

@@ -48,8 +48,9 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
         echo(f"note: {run_dir} is still training; this exports its best epoch so far (the run exports "
              "its final best itself when it ends)", err=True)
     target = out if out is not None else run_dir / "export"
-    # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it.
-    with claim_out(target, "export", overwrite=overwrite or out is None):
+    # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it, named or not.
+    own = target.resolve() == (run_dir / "export").resolve()
+    with claim_out(target, "export", overwrite=overwrite or own):
         path = export_run(run_dir, target, formats=formats)
     files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     echo(f"exported {run_dir} -> {path} ({', '.join(files)})")
