@@ -100,8 +100,12 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
     if path.exists() and not path.resolve().is_file():
         # a device or a pipe: the temp file + rename below would put a regular file in its place (as root,
         # over /dev/stdout or /dev/null)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as err:      # a write error names no file; the CLI's message should (as atomic_write's)
+            err.filename = err.filename or str(path)
+            raise
     else:
         atomic_write_text(path.resolve() if path.is_symlink() else path, text)
     return data
