@@ -124,10 +124,11 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
         raise offline("offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
     # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
     import httpx2
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub import errors as hf_errors
 
-    try:
+    try:    # one HEAD without retries first, as _pull_hf: hf_hub_download retries a refused connection for ~25 s
+        get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=http_timeout())
         return Path(hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir,
                                     etag_timeout=http_timeout()))
     except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,

@@ -217,6 +217,26 @@ def test_no_network_fails_fast(hub, closed_port_url, monkeypatch):
     assert not cache.is_cached("tiny")
 
 
+def test_no_network_fails_fast_for_an_hf_hub_name_too(closed_port_url, tmp_path):
+    """QA: `zoo predict hf-hub:me/model IMG` with nothing listening retried for ~25 s and printed six
+    "Retrying in 1s [Retry 1/5]" lines before its one-line error: the config fetch had no probe. A process of
+    its own: huggingface_hub reads HF_ENDPOINT at import."""
+    import os
+    import subprocess
+    import sys
+
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"")      # never read: the model is not found first
+    env = {**os.environ, "HF_ENDPOINT": closed_port_url, "ZOO_HOME": str(tmp_path / "home"),
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "zoo", "predict", "hf-hub:me/model", str(image)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and time.monotonic() - t0 < 20, res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "Retry" not in res.stderr
+    assert "hf-hub:me/model is not cached and the Hub is unreachable" in res.stderr
+
+
 def test_sources_tried_in_order_first_that_works_wins(hub):
     data = tensor_bytes()
     missing = Source(kind="hf", repo="timm/nope", revision="main", filename="model.safetensors", sha256=sha(data))
