@@ -78,11 +78,19 @@ def read_manifest(name: str) -> dict[str, Any] | None:
     """
     path = manifest_path(name)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (ValueError, OSError) as err:
         raise CacheError(f"manifest {path} is damaged ({err}); run `zoo cache rm {name}` then `zoo pull {name}`")
+    if not _manifest_ok(data):      # valid JSON, not a manifest (null, a list, an object without the name)
+        raise CacheError(f"manifest {path} is damaged (not a zoo manifest); run `zoo cache rm {name}` then "
+                         f"`zoo pull {name}`")
+    return data
+
+
+def _manifest_ok(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("name"), str)
 
 
 def is_cached(name: str) -> bool:
@@ -107,6 +115,8 @@ def cached_models() -> list[dict[str, Any]]:
         try:
             info = json.loads(man.read_text(encoding="utf-8"))
         except (ValueError, OSError):
+            info = None
+        if not _manifest_ok(info):
             info = {"name": folder.name, "damaged": True}
         info["path"] = str(weights)
         info["bytes"] = weights.stat().st_size
@@ -178,8 +188,10 @@ def _problem(folder: Path) -> str | None:
     try:
         info = json.loads(man.read_text(encoding="utf-8"))
     except (ValueError, OSError):
+        info = None
+    if not _manifest_ok(info):
         return f"{folder.name}: manifest is damaged; run `zoo cache rm {folder.name}` and pull again"
-    name = info.get("name", folder.name)
+    name = info["name"]
     redo = f"run `zoo pull --force {name}`"
     if not weights.is_file():
         return f"{name}: {WEIGHTS_FILE} is missing; {redo}"

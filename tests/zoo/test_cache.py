@@ -81,3 +81,24 @@ def test_listing_imports_no_torch(cached):
     code = ("import sys, zoo.cache as c; c.is_cached('alpha'); c.cached_models(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("text", ["null", "[1]", '"x"', "{}", '{"name": 3}'])
+def test_a_manifest_that_is_json_but_no_manifest_is_called_damaged(cached, text):
+    """QA: a manifest.json holding null, a list, a string or an object without the name (hand-edited, or a
+    broken sync) was an AttributeError/TypeError/KeyError traceback in zoo cache ls/verify, zoo lock and every
+    command that loads the model; it is damaged, as unparsable JSON is."""
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+
+    cache.manifest_path("alpha").write_text(text, encoding="utf-8")
+    with pytest.raises(CacheError, match="is damaged"):
+        cache.read_manifest("alpha")
+    assert {m["name"]: m.get("damaged") for m in cache.cached_models()} == {"alpha": True, "beta": None}
+    assert cache.verify() == ["alpha: manifest is damaged; run `zoo cache rm alpha` and pull again"]
+    runner = CliRunner()
+    for args in (["cache", "ls"], ["cache", "verify"], ["lock", "--out", "-"]):
+        res = runner.invoke(cli, args)
+        crashed = res.exception is not None and not isinstance(res.exception, SystemExit)
+        assert res.exit_code in (0, 1) and not crashed, (args, res.output, res.exception)
