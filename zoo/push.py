@@ -324,7 +324,9 @@ def _record(result: PushResult, plan: PushPlan) -> None:
 def pushed_models() -> list[dict[str, Any]]:
     """What ``zoo push`` published from this machine (ZOO_HOME/pushed.json), oldest first."""
     data = _read_json_list(_pushed_file())
-    return [d for d in data if isinstance(d, dict) and "repo" in d]
+    # an entry edited by hand (or cut short) keeps what it has: the fields every reader uses are filled in
+    return [{"revision": "main", "commit": "?", **d} for d in data
+            if isinstance(d, dict) and isinstance(d.get("repo"), str)]
 
 
 def _read_json_list(path: Path) -> list:

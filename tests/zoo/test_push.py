@@ -313,3 +313,19 @@ def test_a_push_to_a_branch_names_it_in_the_load_hint_and_a_revision_in_a_name_i
         res = runner.invoke(cli, args)
         assert res.exit_code == 2 and res.output.strip().splitlines() == [res.output.strip()], res.output
         assert f"hf-hub:{REPO}@v2: zoo takes no revision in an hf-hub: name" in res.output
+
+
+def test_a_hand_edited_pushed_json_neither_breaks_list_mine_nor_the_next_push(hub, tmp_path, runner, monkeypatch):
+    """QA: a ZOO_HOME/pushed.json entry without "revision" (edited by hand) was a KeyError traceback in
+    `zoo list --mine`, and in `zoo push` after its upload had succeeded."""
+    from zoo.cache import zoo_home
+
+    zoo_home().mkdir(parents=True, exist_ok=True)
+    (zoo_home() / "pushed.json").write_text(json.dumps([{"repo": "me/old"}, {"repo": 5}, "x"]), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(cli, ["list", "--mine"])
+    assert res.exit_code == 0 and "hf-hub:me/old" in res.output and "main@?" in res.output, res.output
+    run, _ = make_bundle(tmp_path / "runs")
+    res = push(runner, run)
+    assert res.exit_code == 0 and "pushed" in res.output, res.output
+    assert [p["repo"] for p in json.loads((zoo_home() / "pushed.json").read_text())] == ["me/old", REPO]
