@@ -116,6 +116,10 @@ def lock_text(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+# what each kind of locked source needs to be fetched again
+_NEEDS = {"hf": ("repo", "revision", "filename"), "url": ("url",), "file": ("path",), "package": ("package", "path")}
+
+
 def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
     """The ``models`` of a lock file, checked.
 
@@ -133,8 +137,13 @@ def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
         raise UsageError(f"{path}: not a version-{LOCK_VERSION} zoo lock file; write it again with `zoo lock`")
     for name, item in data["models"].items():
         if not (isinstance(item, dict) and isinstance(item.get("source"), dict) and item.get("sha256")
-                and item["source"].get("kind") in ("hf", "url", "file", "package")):
+                and item["source"].get("kind") in _NEEDS):
             raise UsageError(f"{path}: entry {name!r} lacks its source or sha256; write the lock file again")
+        src = item["source"]
+        lacking = [k for k in _NEEDS[src["kind"]] if not (isinstance(src.get(k), str) and src[k])]
+        if lacking:     # (a hand-edited lock: the download would fail deep inside huggingface_hub)
+            raise UsageError(f"{path}: entry {name!r}: its {src['kind']} source lacks {', '.join(lacking)}; write "
+                             "the lock file again with `zoo lock`")
         parse_digest(item["sha256"], what=f"{path}: {name}: sha256")
     return data["models"]
 

@@ -130,3 +130,16 @@ def test_lock_with_nothing_cached_keeps_the_file_and_pull_locked_dash_reads_stdi
     r = runner.invoke(cli, ["pull", "--locked", "-", "-q"], input=text)
     assert r.exit_code == 0 and "sha256 matches the lock" in r.output, r.output
     assert cache.weights_path("tiny").read_bytes() == data
+
+
+@pytest.mark.parametrize("source, lacking", [({"kind": "hf", "repo": "a/b", "revision": "main"}, "filename"),
+                                             ({"kind": "url", "url": None}, "url"), ({"kind": "file"}, "path"),
+                                             ({"kind": "package", "path": "w.pth"}, "package")])
+def test_a_locked_source_without_what_it_needs_is_one_line(branch_entry, tmp_path, source, lacking):
+    """QA: a hand-edited lock whose hf source had no filename was a TypeError traceback (quote_from_bytes)
+    from deep inside huggingface_hub."""
+    lock = tmp_path / "zoo.lock"
+    lock.write_text(json.dumps({"version": 1, "models": {"tiny": {"sha256": "a" * 64, "source": source}}}))
+    r = CliRunner().invoke(cli, ["pull", "--locked", str(lock)])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [r.output.strip()], r.output
+    assert f"entry 'tiny': its {source['kind']} source lacks {lacking}; write the lock file again" in r.output
