@@ -101,7 +101,7 @@ def rewrite_safetensors_metadata(data: bytes, metadata: dict[str, str]) -> bytes
         header = json.loads(data[8:8 + n])
     except (struct.error, ValueError) as err:
         raise BundleError(f"model.safetensors has no readable header ({err}); re-export the bundle") from None
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}   # the same bytes every time
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)          # safetensors keeps the tensor data 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw + data[8 + n:]

@@ -424,3 +424,14 @@ def test_bundle_predict_refuses_a_topk_below_1_and_an_array_in_one_line_and_take
     assert asked == ["flip", "ten"]
     with pytest.raises(UsageError, match="--tta-views 'five'"):
         bundle.predict(img, tta=True, tta_views="five")
+
+
+def test_the_same_run_exported_twice_gives_the_same_bytes(run_and_model, tmp_path):
+    """QA: safetensors writes the header's metadata in hash order, so two exports of one run differed in
+    their bytes and weights_sha256: a `zoo eval` report of the first export was "other weights" to
+    `zoo push --test-metrics`, and every push of an unchanged bundle made a new commit."""
+    run, _ = run_and_model
+    a, b = export_run(run, tmp_path / "a"), export_run(run, tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+    assert load_bundle(a).labels == list(CLASSES)

@@ -329,3 +329,19 @@ def test_a_hand_edited_pushed_json_neither_breaks_list_mine_nor_the_next_push(hu
     res = push(runner, run)
     assert res.exit_code == 0 and "pushed" in res.output, res.output
     assert [p["repo"] for p in json.loads((zoo_home() / "pushed.json").read_text())] == ["me/old", REPO]
+
+
+def test_a_re_exported_bundle_is_the_same_push_and_the_same_test_report(hub, tmp_path, runner):
+    """QA: after `zoo export RUN` again (same weights), `zoo push` made a new commit and `--test-metrics` of the
+    report made on the first export was refused as "other weights": the export's bytes changed each time."""
+    run, bundle = make_bundle(tmp_path / "a")
+    make_image_folder(tmp_path / "data", classes=CLASSES, per_class=2, layout="flat", size=32)
+    report = tmp_path / "report"
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(tmp_path / "data"), "--out", str(report)])
+    assert res.exit_code == 0, res.output
+    assert push(runner, run).exit_code == 0
+    export_run(run, run / "export")
+    res = push(runner, run, "--test-metrics", str(report), "--dry-run")
+    assert res.exit_code == 0, res.output
+    res = push(runner, run)
+    assert res.exit_code == 0 and "nothing to push" in res.output, res.output
