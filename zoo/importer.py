@@ -47,7 +47,9 @@ def import_weights(name: str | ModelEntry, file: str | Path, sha256: str | None 
     pin = parse_digest(sha256) if sha256 is not None else None
     file = Path(file).expanduser()
     if not file.is_file():
-        raise UsageError(f"{file}: no such file; give the path of a .safetensors or .pth file")
+        what = "not a regular file (a pipe, a device or a folder): save it to a file first" if file.exists() \
+            else "no such file"
+        raise UsageError(f"{file}: {what}; give the path of a .safetensors or .pth file")
     with cache.lock(entry.name):
         stage = cache.staging_dir(entry.name)
         try:

@@ -240,3 +240,15 @@ def test_import_over_other_cached_weights_says_what_it_replaced(tiny_state, tmp_
     cache.manifest_path("tiny").write_text("{", encoding="utf-8")
     res = runner.invoke(cli, ["import", "tiny", str(a)])
     assert res.exit_code == 0 and "note:" not in res.output and cache.read_manifest("tiny")["sha256"] == digest
+
+
+def test_a_pipe_given_as_the_file_is_called_a_pipe_not_missing(tmp_path, registry):
+    """QA: `zoo import NAME FIFO` (or /dev/stdin) said "FIFO: no such file" of a path that exists."""
+    from zoo.errors import UsageError
+
+    fifo = tmp_path / "weights.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"weights.fifo: not a regular file \(a pipe, a device or a folder\)"):
+        import_weights("tiny", fifo)
+    with pytest.raises(UsageError, match=r"absent.safetensors: no such file"):
+        import_weights("tiny", tmp_path / "absent.safetensors")
