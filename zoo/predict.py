@@ -132,6 +132,8 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`
             out.append(Path("/dev/stdin"))
+        elif p.is_symlink():
+            raise UsageError(f"{item} is a broken symbolic link (to {os.readlink(p)}); fix or remove it")
         elif re.match(r"(https?|ftp|s3|gs)://?", str(item)):     # (a Path argument holds one slash)
             url = re.sub(r":/+", "://", str(item), count=1)
             raise UsageError(f"{url} is a URL: zoo reads local files; download the image first")

@@ -102,6 +102,9 @@ def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
     assert any_dir and len(paths) == 4 and all(p.suffix == ".png" for p in paths)
     with pytest.raises(UsageError, match="no such image"):
         expand_images([tmp_path / "missing.jpg"])
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "moved.jpg")      # QA: was "no such image or folder"
+    with pytest.raises(UsageError, match=r"gone.jpg is a broken symbolic link \(to .*moved.jpg\); fix or remove it"):
+        expand_images([tmp_path / "gone.jpg"])
 
 
 def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
