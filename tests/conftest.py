@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ZOO_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
+    # huggingface_hub froze its cache folder when a test module imported it (timm does) before this fixture
+    # ran: without this, timm's hf-hub downloads went to the user's ~/.cache/huggingface and a second run of
+    # the suite found test_push's repo there (no download where the test expects one).
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        for name, value in (("HF_HOME", home / "hf"), ("HF_HUB_CACHE", home / "hf" / "hub"),
+                            ("HUGGINGFACE_HUB_CACHE", home / "hf" / "hub")):
+            if hasattr(constants, name):
+                monkeypatch.setattr(constants, name, str(value))
     monkeypatch.delenv("ZOO_REGISTRY", raising=False)
     monkeypatch.delenv("ZOO_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
