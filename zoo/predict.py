@@ -47,6 +47,10 @@ def eval_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
     return build_transform(dict(data_config), train=False)
 
 
+MAX_TTA_SCALE = 2048       # pixels of the shorter side, as --img-size's bound
+MAX_TTA_SCALES = 8          # sizes: ten views each
+
+
 def parse_scales(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
     """``"224,256,288"`` -> (224, 256, 288). Raises UsageError on anything but positive integers."""
     if text is None or text == "" or (not isinstance(text, str) and len(text) == 0):
@@ -58,6 +62,10 @@ def parse_scales(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
         raise UsageError(f"--tta-scales {text!r}: give comma-separated pixel sizes, e.g. 224,256,288") from None
     if not scales or any(s <= 0 for s in scales):
         raise UsageError(f"--tta-scales {text!r}: sizes must be positive, e.g. 224,256,288")
+    if max(scales) > MAX_TTA_SCALE or len(scales) > MAX_TTA_SCALES:
+        # (QA: 100000 resized each image to 30 GB and then called it unreadable)
+        raise UsageError(f"--tta-scales {text!r}: at most {MAX_TTA_SCALES} sizes of at most {MAX_TTA_SCALE} pixels "
+                         "(each adds ten views per image), e.g. 224,256,288")
     return scales
 
 

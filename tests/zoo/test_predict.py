@@ -58,7 +58,8 @@ def test_multi_scale_tta_stacks_ten_views_per_scale():
 def test_parse_scales():
     assert parse_scales("224, 256,288") == (224, 256, 288)
     assert parse_scales(None) is None
-    for bad in ("a,b", "0", "-3"):
+    assert parse_scales("2048") == (2048,) and len(parse_scales(",".join(["224"] * 8))) == 8
+    for bad in ("a,b", "0", "-3", "100000", "224,2049", ",".join(["224"] * 9)):
         with pytest.raises(UsageError):
             parse_scales(bad)
 

@@ -29,7 +29,7 @@ def tta_options(func):
     """``--tta``, ``--tta-views`` and ``--tta-scales``: the same three options on zoo predict and zoo eval."""
     func = click.option("--tta-scales", default=None, metavar="S1,S2,...",
                         help="With --tta: resize the shorter side to each size and ten-crop each (implies "
-                             "--tta-views ten; e.g. 224,256,288).")(func)
+                             "--tta-views ten; e.g. 224,256,288; at most 8 sizes of at most 2048).")(func)
     func = click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
                         help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and "
                              "their mirrors (ten-crop).")(func)
