@@ -27,3 +27,21 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, device, message):
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("zoo: error: ") and message in lines[0]
     res = CliRunner().invoke(cli, ["report", str(run), "--device", device, "--top", "0"])   # no model: no device
     assert res.exit_code == 0 and (run / "report.html").is_file(), res.output
+
+
+def test_a_report_of_a_run_that_is_still_training_says_so(tmp_path):
+    """QA: `zoo report RUN` during training drew the epochs so far without a word, where zoo export notes it."""
+    import socket
+    import subprocess
+
+    run, _ = make_run(tmp_path)
+    trainer = subprocess.Popen(["sleep", "30"])      # a live process holding the run's lock
+    try:
+        (run / ".zoo.lock").write_text(json.dumps({"pid": trainer.pid, "host": socket.gethostname(),
+                                                   "command": "zoo finetune", "started": "now"}))
+        res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert res.exit_code == 0 and (run / "report.html").is_file(), res.output
+    assert f"note: {run} is still training; this page shows its epochs so far" in res.stderr

@@ -30,7 +30,13 @@ def report_cmd(run: str, top: int, device: str) -> None:
     # lazy: zoo --help must not import torch
     from finetune.engine import resolve_device
     from zoo.jobs.report import make_report
+    from zoo.outdir import RunLock, RunLockedError
 
+    try:
+        RunLock(run).check()
+    except RunLockedError:      # as zoo export says it: the page shows the epochs done so far
+        echo(f"note: {run} is still training; this page shows its epochs so far (the run redraws it when it "
+             "ends)", err=True)
     if top > 0:     # a device that is not here: one line, as zoo predict says it (--top 0 loads no model)
         device = str(resolve_device(device))
     path = make_report(run, top=top, device=device, log=lambda m: echo(m, err=True), progress=True)
