@@ -36,15 +36,29 @@ def diverged(epoch: int, step: int, lr: float) -> DivergedError:
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
-    """Backward and step, through the GradScaler when fp16 autocast uses one."""
+    """Backward and step, through the GradScaler when fp16 autocast uses one.
+
+    Raises:
+        DivergedError: the learning rate or weight decay does not fit the parameters' float type (e.g.
+            ``--lr 1e300``): torch's update refuses it before any NaN could show in the loss.
+    """
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    try:
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        groups = optimizer.param_groups
+        lr = max(float(g.get("lr", 0.0)) for g in groups)
+        wd = max(float(g.get("weight_decay", 0.0)) for g in groups)
+        raise DivergedError(f"the optimizer step overflowed (learning rate up to {lr:.3g}, weight decay up to "
+                            f"{wd:.3g}): lower the learning rate, --backbone-lr-mult or --weight-decay") from None
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer | None, scheduler,
