@@ -127,11 +127,15 @@ class FinetuneConfig:
         "head then drops its mirrored view). -1 = auto: 0.5, or 0 in a run that trains layers when the "
         "features tell an image from its mirror (digits, text; at least 10 training images per class).",
         low=0, high=1, sentinels=(-1,))
-    brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0)
-    contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0)
+    # The jitter factor is drawn from [max(0, 1 - F), 1 + F]: at 10 an image may be 11x brighter, white already;
+    # past float32 (a mistyped 1e300) every image failed in the workers, told as "has the data folder moved?".
+    brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0, high=10)
+    contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0, high=10)
     # --- model surgery and freezing ---
     head: str = option("linear", "New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS)
-    mlp_hidden: int = option(512, "MLP head: hidden units.", low=1)
+    mlp_hidden: int = option(512,
+        "MLP head: hidden units. At most 65536: the first layer holds features x this weights (a mistyped "
+        "1e11 would take the machine's memory).", low=1, high=65536)
     mlp_dropout: float = option(0.2, "MLP head: dropout probability.", low=0, high=1, high_open=True)
     mlp_activation: str = option("relu", "MLP head: activation.", choices=ACTIVATIONS)
     freeze: str = option("auto",
@@ -202,7 +206,9 @@ class FinetuneConfig:
         choices=("workers", "device"), resume_free=True)
     compile: bool = option(False, "torch.compile the model (slower start, faster epochs).", resume_free=True)
     fast_head: bool = option(True, "Head-only training on cached backbone features (much faster; same result).")
-    aug_views: int = option(0, "Fast head path: augmented views cached per image (0 = un-augmented only).", low=0)
+    aug_views: int = option(0,
+        "Fast head path: augmented views cached per image (0 = un-augmented only). At most 100: each view is "
+        "one more pass of the backbone over the training images, its features kept in memory.", low=0, high=100)
     head_solver: str = option("lbfgs",
         "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, its L2 "
         "strength picked on the validation split, like a logistic-regression probe) or gradient "
