@@ -184,3 +184,18 @@ def test_resuming_a_finished_run_with_more_epochs_says_it_is_not_extended(data, 
     lines.clear()
     run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
     assert not [ln for ln in lines if ln.startswith("note: this run had finished")]
+
+
+def test_resuming_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(data, tmp_path):
+    """QA: `--resume RUN --epochs 1` of a run interrupted after epoch 2 trained a third epoch and marked the
+    run finished, so that it could no longer be continued to the epochs it was started with."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(2)])
+    before = (out / LAST).read_bytes()
+    for fewer in (1, 2):
+        with pytest.raises(ConfigError, match=rf"has trained 2 epochs, and --epochs counts them all \(here {fewer}: "
+                                              r"none is left\): pass more than 2 to continue"):
+            run(data, resume_cfg(epochs=fewer), run_dir=out, resume=True)
+    assert (out / LAST).read_bytes() == before
+    assert len(run(data, resume_cfg(), run_dir=out, resume=True).history) == 4
