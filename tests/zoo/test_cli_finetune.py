@@ -424,6 +424,19 @@ def test_a_device_or_package_this_machine_lacks_is_refused_before_any_folder(tmp
         assert not out.exists(), (case, sorted(p.name for p in out.iterdir()))
 
 
+def test_resume_with_another_out_is_refused_not_ignored(tmp_path, tiny):
+    """QA: `--resume RUN --out OTHER` went on training in RUN and said nothing of OTHER."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
+    res = invoke("finetune", "--resume", out, "--out", tmp_path / "other")
+    assert res.exit_code == 2
+    assert "cannot be combined with --resume: the run continues in its own folder" in res.stderr
+    assert not (tmp_path / "other").exists()
+    same = invoke("finetune", "--resume", out, "--out", out)      # its own folder: nothing to refuse
+    assert same.exit_code == 0 and "finished after epoch 1" in same.stderr
+
+
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
     """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
     summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.
