@@ -437,6 +437,28 @@ def test_resume_with_another_out_is_refused_not_ignored(tmp_path, tiny):
     assert same.exit_code == 0 and "finished after epoch 1" in same.stderr
 
 
+@pytest.mark.parametrize("where", ["_export", "_report_html"])
+def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(tmp_path, tiny, monkeypatch, where):
+    """QA: Ctrl-C while the bundle or report.html was written said only `zoo: interrupted`, as if the run
+    were lost; every epoch is saved and two commands write what is missing."""
+    import zoo.jobs.finetune as job
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, where, ctrl_c)
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert res.exit_code == 130
+    bundle = f"its bundle with `zoo export {out}` and " if where == "_export" else ""
+    assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted after training: {out} holds the finished "
+                                                   f"run; write {bundle}its page with `zoo report {out}`")
+    again = invoke("finetune", "--resume", out)
+    assert again.exit_code == 0 and "finished after epoch 1" in again.stderr
+
+
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
     """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
     summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.

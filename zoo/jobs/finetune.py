@@ -23,7 +23,7 @@ from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.checkpoint import load_checkpoint
-from finetune.core.errors import CheckpointError
+from finetune.core.errors import CheckpointError, Interrupted
 from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
@@ -281,10 +281,21 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     ddp.barrier(info)
     outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
                          run_dir=run_dir, log=say, feature_cache=features)
-    if export and info.is_main:
-        outcome.export_dir = _export(run_dir, say)
-    if info.is_main:
-        _report_html(run_dir, config, say, _val_predictions(outcome.result, report.val))
+    return _finish(outcome, report.val, config, export, info, say)
+
+
+def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, info, say: Log) -> RunOutcome:
+    """After training (rank 0): the bundle, then report.html. Ctrl-C here loses no epoch: it says how to write them."""
+    run_dir = outcome.run_dir
+    try:
+        if export and info.is_main:
+            outcome.export_dir = _export(run_dir, say)
+        if info.is_main:
+            _report_html(run_dir, config, say, _val_predictions(outcome.result, val_set))
+    except KeyboardInterrupt:
+        bundle = f"its bundle with `zoo export {run_dir}` and " if export and outcome.export_dir is None else ""
+        raise Interrupted(f"interrupted after training: {run_dir} holds the finished run; write {bundle}its page "
+                          f"with `zoo report {run_dir}`") from None
     return outcome
 
 
@@ -364,12 +375,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     model = _build(entry, False, config.seed, fc_dropout)
     result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
                  head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
-    outcome = RunOutcome(run_dir=run_dir, result=result)
-    if export and info.is_main:
-        outcome.export_dir = _export(run_dir, say)
-    if info.is_main:
-        _report_html(run_dir, config, say, _val_predictions(result, report.val))
-    return outcome
+    return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
 
 
 def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
