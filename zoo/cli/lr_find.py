@@ -38,8 +38,9 @@ NOT_IN_A_RANGE_TEST = ("epochs", "patience", "min_delta", "monitor", "schedule",
               help="First learning rate of the sweep (head LR; pretrained layers get x backbone-lr-mult).")
 @click.option("--end-lr", type=FiniteFloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Last learning rate of the sweep.")
-@click.option("--steps", type=click.IntRange(min=5), default=100, show_default=True,
-              help="Training steps (batches); the LR grows exponentially from start to end over them.")
+@click.option("--steps", type=click.IntRange(min=5, max=10000), default=100, show_default=True,
+              help="Training steps (batches); the LR grows exponentially from start to end over them. At most 10000 "
+                   "(a mistyped 1e20 ran for ever).")
 @click.option("--method", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,
               help="Suggestion rule: valley (fastai's, robust) or steepest descent of the smoothed loss.")
 @click.option("--smooth", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.98, show_default=True,
