@@ -237,7 +237,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
-        with claim_out(run_dir, "finetune", overwrite=overwrite, note=say):
+        with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
@@ -349,7 +349,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
             say(done)
             return RunOutcome(run_dir=run_dir)
-        with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
+        with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
