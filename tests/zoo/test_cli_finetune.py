@@ -459,6 +459,19 @@ def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(t
     assert again.exit_code == 0 and "finished after epoch 1" in again.stderr
 
 
+def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, tiny, no_model_build):
+    """QA: `--out DATA/run1` was accepted; the next scan of DATA (a new run, or this run's --resume once
+    curves.png existed) read run1/ as a class of its own, trained on curves.png."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data / "run1", data):
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+        assert res.exit_code == 2
+        assert f"--out {out} is inside the data folder {data}; a later scan of the data would read the run's " \
+               "images" in res.stderr
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
     """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
     summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.

@@ -128,6 +128,10 @@ def test_a_sweep_of_learning_rates_that_train_nothing_says_so(tiny_zoo, tmp_path
     assert r.exit_code == 0 and "trains nothing" not in r.output, r.output
 
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
+    for command in ("lr-find", "sweep"):    # QA: their lr_find.png / sweep.png became a class of the next scan
+        r = CliRunner().invoke(cli, [command, "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tiny_zoo / "o"),
+                                     *COMMON])
+        assert r.exit_code == 2 and "is inside the data folder" in r.output and not (tiny_zoo / "o").exists()
     r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-4:1e-2", *COMMON])
     assert r.exit_code == 2 and "START:END:COUNT" in r.output
     r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--resume", *COMMON])

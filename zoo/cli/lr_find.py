@@ -70,7 +70,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
     from finetune.engine import check_machine
-    from zoo.outdir import claim_out
+    from zoo.outdir import check_outside, claim_out
 
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
@@ -78,6 +78,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "lrfind")
+    check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own")
     check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")

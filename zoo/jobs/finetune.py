@@ -36,7 +36,7 @@ from zoo.build import builder_kwargs, has_fc_dropout
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest
 from zoo.errors import UsageError
-from zoo.outdir import claim_out
+from zoo.outdir import check_outside, claim_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 
@@ -235,6 +235,8 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         check_machine(config, info)                         # a mistyped --device, no tensorboard: too
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
+        check_outside(run_dir, data_dir, "a later scan of the data would read the run's images (curves.png, "
+                      "confusion.png) as a class of its own")
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
