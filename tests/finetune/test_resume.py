@@ -199,3 +199,22 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(
             run(data, resume_cfg(epochs=fewer), run_dir=out, resume=True)
     assert (out / LAST).read_bytes() == before
     assert len(run(data, resume_cfg(), run_dir=out, resume=True).history) == 4
+
+
+def test_an_interrupted_rank_other_than_0_does_not_say_nothing_was_saved(data, tmp_path, monkeypatch):
+    """QA: SIGTERM to `torchrun ... zoo finetune` printed rank 0's "epochs up to 42 are saved in RUN", then
+    rank 1's "nothing was saved: pass a run folder to be able to resume". Rank 1 (a run folder it does not
+    write) now points at the same resume."""
+    from finetune.engine import runfolder
+
+    real_init = runfolder.RunFolder.__init__
+
+    def as_rank_1(self, *a, **k):
+        real_init(self, *a, **k)
+        self.writes = False
+
+    monkeypatch.setattr(runfolder.RunFolder, "__init__", as_rank_1)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as info:
+        run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(1)])
+    assert str(info.value) == f"interrupted: rank 0 saves {out}; continue with `zoo finetune --resume {out}`"
