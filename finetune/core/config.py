@@ -9,6 +9,7 @@ the flags of ``zoo finetune``, ``zoo lr-find`` and ``zoo sweep`` (help, choices,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -283,9 +284,13 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "FinetuneConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; see `zoo finetune --help`")
+        unknown = sorted(str(k) for k in set(data) - known)     # str: YAML keys may be numbers or null (QA)
+        if unknown:     # `batch-size:` as the flag is spelled, `Lr:`: the key meant is named (QA)
+            meant = [m[0] for k in unknown
+                     if (m := difflib.get_close_matches(k.lower().replace("-", "_"), sorted(known), n=1))]
+            hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}{hint}; keys are the option names "
+                              "with underscores, see `zoo finetune --help`")
         typed: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in data:
