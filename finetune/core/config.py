@@ -274,6 +274,10 @@ class FinetuneConfig:
             raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")
         if self.schedule == "plateau" and self.gamma >= 1:
             raise bad("gamma", "the plateau schedule needs a decay factor 0 < x < 1")
+        # Checked here, not only when the optimizer is built: by then the run folder held a config that no
+        # --resume could get past (QA).
+        if self.optimizer == "sgd" and self.nesterov and not self.momentum > 0:
+            raise bad("nesterov", "Nesterov momentum needs --momentum above 0; set --momentum 0.9 or drop --nesterov")
         # TrivialAugment runs in the workers on decoded images; --decode device decodes and crops on the GPU.
         if self.augment == "trivial" and self.decode == "device":
             raise bad("augment", "trivial runs in the DataLoader workers; use --decode workers with it")
