@@ -472,6 +472,28 @@ def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, tiny, no_model
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
 
 
+def test_resume_of_a_run_that_stopped_before_its_config_says_start_it_over(tmp_path, tiny, monkeypatch):
+    """QA: a run that failed after writing scan.json and model.json but before config.yaml (e.g. a torchrun
+    batch size refused by the loaders) was called a run by --out ("continue it with --resume") and no run
+    folder by --resume. --resume now says there is nothing to resume and how to start over."""
+    import zoo.jobs.finetune as job
+
+    def fails(*a, **k):
+        raise KeyboardInterrupt
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, "fit", fails)
+        assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 130
+    assert (out / "model.json").is_file() and not (out / "config.yaml").exists()
+    res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 1
+    assert f"{out} stopped before its training was set up (no config.yaml): there is nothing to resume; start it " \
+           f"over with `zoo finetune MODEL --data DIR --out {out} --overwrite`" in res.stderr
+    assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+
+
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
     """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
     summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.

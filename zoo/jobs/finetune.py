@@ -327,6 +327,10 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     if not info_path.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
         raise UsageError(f"{run_dir} was written by the Python API (finetune's fit: no model.json, so zoo cannot "
                          "rebuild its model); continue it with fit(..., run_dir=..., resume=True)")
+    if info_path.is_file() and not (run_dir / "config.yaml").is_file():   # `--out` calls it a run: say what it is
+        raise CheckpointError(f"{run_dir} stopped before its training was set up (no config.yaml): there is "
+                              f"nothing to resume; start it over with `zoo finetune MODEL --data DIR --out {run_dir} "
+                              "--overwrite`")
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
