@@ -72,3 +72,21 @@ def test_torchrun_cli_ends_promptly_and_matches_one_process(tmp_path, monkeypatc
     assert w1.keys() == w2.keys()
     for k in w1:
         assert (w1[k].double() - w2[k].double()).abs().max() < 1e-3, k
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_into_a_refused_folder_ends_every_rank_with_rank_0s_line(tmp_path, monkeypatch):
+    """QA: only rank 0 checks --out; when it was refused (here: under a file, as for a folder that already holds
+    a run), rank 1 went on to its next collective and died there with a gloo traceback ("Connection closed
+    by peer"). Every rank now leaves with rank 0's one line and exit code."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, layout="split")
+    (tmp_path / "afile").write_text("not a folder")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"))
+    env.pop("WORLD_SIZE", None)
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", tiny, "--data",
+                   str(data), "--out", str(tmp_path / "afile" / "run"), *OPTIONS], env, ROOT)
+    assert run.returncode != 0
+    line = f"zoo: error: cannot write the run folder {tmp_path / 'afile' / 'run'}: "
+    assert run.stdout.count(line) == 2, run.stdout[-3000:]
+    assert "[rank1]" not in run.stdout and "Connection closed" not in run.stdout, run.stdout[-3000:]

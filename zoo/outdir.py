@@ -185,6 +185,13 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; choose another {option}")
 
 
+def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str) -> None:
+    """Raise UsageError when ``path`` is the data folder ``data`` or inside it (``why``: what goes wrong there)."""
+    o, d = os.path.realpath(path), os.path.realpath(data)
+    if o == d or o.startswith(d.rstrip(os.sep) + os.sep):
+        raise UsageError(f"--out {path} is inside the data folder {data}; {why}: choose another --out")
+
+
 # ---------------------------------------------------------------------------------------------- lock
 def _command_line() -> str:
     return " ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo"

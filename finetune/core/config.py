@@ -9,6 +9,7 @@ the flags of ``zoo finetune``, ``zoo lr-find`` and ``zoo sweep`` (help, choices,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -127,11 +128,15 @@ class FinetuneConfig:
         "head then drops its mirrored view). -1 = auto: 0.5, or 0 in a run that trains layers when the "
         "features tell an image from its mirror (digits, text; at least 10 training images per class).",
         low=0, high=1, sentinels=(-1,))
-    brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0)
-    contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0)
+    # The jitter factor is drawn from [max(0, 1 - F), 1 + F]: at 10 an image may be 11x brighter, white already;
+    # past float32 (a mistyped 1e300) every image failed in the workers, told as "has the data folder moved?".
+    brightness: float = option(0.2, "Brightness jitter strength (0 disables).", low=0, high=10)
+    contrast: float = option(0.2, "Contrast jitter strength (0 disables).", low=0, high=10)
     # --- model surgery and freezing ---
     head: str = option("linear", "New classifier: linear (FC-C, Xavier init) or a small MLP.", choices=HEADS)
-    mlp_hidden: int = option(512, "MLP head: hidden units.", low=1)
+    mlp_hidden: int = option(512,
+        "MLP head: hidden units. At most 65536: the first layer holds features x this weights (a mistyped "
+        "1e11 would take the machine's memory).", low=1, high=65536)
     mlp_dropout: float = option(0.2, "MLP head: dropout probability.", low=0, high=1, high_open=True)
     mlp_activation: str = option("relu", "MLP head: activation.", choices=ACTIVATIONS)
     freeze: str = option("auto",
@@ -202,7 +207,9 @@ class FinetuneConfig:
         choices=("workers", "device"), resume_free=True)
     compile: bool = option(False, "torch.compile the model (slower start, faster epochs).", resume_free=True)
     fast_head: bool = option(True, "Head-only training on cached backbone features (much faster; same result).")
-    aug_views: int = option(0, "Fast head path: augmented views cached per image (0 = un-augmented only).", low=0)
+    aug_views: int = option(0,
+        "Fast head path: augmented views cached per image (0 = un-augmented only). At most 100: each view is "
+        "one more pass of the backbone over the training images, its features kept in memory.", low=0, high=100)
     head_solver: str = option("lbfgs",
         "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, its L2 "
         "strength picked on the validation split, like a logistic-regression probe) or gradient "
@@ -267,6 +274,10 @@ class FinetuneConfig:
             raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")
         if self.schedule == "plateau" and self.gamma >= 1:
             raise bad("gamma", "the plateau schedule needs a decay factor 0 < x < 1")
+        # Checked here, not only when the optimizer is built: by then the run folder held a config that no
+        # --resume could get past (QA).
+        if self.optimizer == "sgd" and self.nesterov and not self.momentum > 0:
+            raise bad("nesterov", "Nesterov momentum needs --momentum above 0; set --momentum 0.9 or drop --nesterov")
         # TrivialAugment runs in the workers on decoded images; --decode device decodes and crops on the GPU.
         if self.augment == "trivial" and self.decode == "device":
             raise bad("augment", "trivial runs in the DataLoader workers; use --decode workers with it")
@@ -277,9 +288,13 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "FinetuneConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; see `zoo finetune --help`")
+        unknown = sorted(str(k) for k in set(data) - known)     # str: YAML keys may be numbers or null (QA)
+        if unknown:     # `batch-size:` as the flag is spelled, `Lr:`: the key meant is named (QA)
+            meant = [m[0] for k in unknown
+                     if (m := difflib.get_close_matches(k.lower().replace("-", "_"), sorted(known), n=1))]
+            hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}{hint}; keys are the option names "
+                              "with underscores, see `zoo finetune --help`")
         typed: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in data:

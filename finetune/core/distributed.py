@@ -11,6 +11,7 @@ training set size is a multiple of N; otherwise DistributedSampler pads with a f
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from finetune.core.errors import ConfigError
+from finetune.core.errors import ConfigError, FinetuneError
 
 __all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "wrap_model", "unwrap", "cleanup"]
+           "barrier", "wrap_model", "unwrap", "cleanup", "entered_on_main"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,32 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def entered_on_main(cm, info: DistInfo):
+    """Enter ``cm``, a check only rank 0 makes (e.g. claiming the run folder: the others' ``cm`` lets them
+    through), and share its outcome: when rank 0 is refused, every rank raises its error. The others would
+    otherwise wait for rank 0 in the next collective until its exit broke the connection (a traceback each).
+
+    Raises:
+        rank 0's error, on rank 0 as raised, on the others as a FinetuneError with its message and exit code.
+    """
+    with contextlib.ExitStack() as stack:
+        failed: Exception | None = None
+        try:
+            value = stack.enter_context(cm)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            failed = e
+        mine = (str(failed), getattr(failed, "exit_code", 1)) if failed is not None and info.is_main else None
+        told = broadcast_object(mine, info) if info.enabled else None
+        if failed is not None:
+            raise failed
+        if told is not None:
+            err = FinetuneError(told[0])
+            err.exit_code = told[1]
+            raise err
+        yield value
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

@@ -27,12 +27,28 @@ IMBALANCE_WARN = 3.0        # warn when the largest class has more than this man
 
 
 def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
-    """-> (train folder, val folder or None, test folder or None)."""
+    """-> (train folder, val folder or None, test folder or None).
+
+    The split folders are matched in any case (``Train/`` ``Val/`` from Windows or macOS: read as two
+    classes "Train" and "Val" they trained a classifier of the split); a folder of split folders alone,
+    without ``train/``, is a DataError rather than a flat folder whose classes are "val" and "test".
+    """
     subdirs = set(list_classes(root))
-    val = next((os.path.join(root, v) for v in VAL_NAMES if v in subdirs), None)
-    test = os.path.join(root, "test") if "test" in subdirs else None
-    if "train" in subdirs and (val is not None or subdirs <= {"train", "test"}):
-        return os.path.join(root, "train"), val, test
+
+    def find(name: str) -> str | None:
+        found = name if name in subdirs else next((d for d in sorted(subdirs) if d.lower() == name), None)
+        return os.path.join(root, found) if found is not None else None
+
+    train = find("train")
+    val = next((find(v) for v in VAL_NAMES if find(v)), None)
+    test = find("test")
+    lowered = {d.lower() for d in subdirs}
+    if train is not None and (val is not None or lowered <= {"train", "test"}):
+        return train, val, test
+    if train is None and lowered and lowered <= {*VAL_NAMES, "test"}:
+        found = name_list(f"{d}/" for d in sorted(subdirs))
+        raise DataError(f"{printable_name(root)} holds {found} but no train/ folder: put the training images in "
+                        "DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
     return root, None, None
 
 

@@ -97,7 +97,8 @@ class RunFolder:
         """The checkpoint to continue from, checked against this run's classes and options.
 
         Raises:
-            CheckpointError: missing/foreign checkpoint, other classes. ConfigError: changed options.
+            CheckpointError: missing/foreign checkpoint, other classes. ConfigError: changed options, or an
+                unfinished run given no epoch left to train.
         """
         if self.path is None:
             raise ConfigError("resume needs the run folder: pass run_dir")
@@ -107,6 +108,11 @@ class RunFolder:
         if list(ckpt["classes"]) != classes:
             raise CheckpointError(f"the classes of {self.path} ({', '.join(ckpt['classes'])}) differ from the "
                                   "data's; resume with the same data folder")
+        done = int(ckpt["epoch"])
+        if not ckpt.get("finished") and done >= int(config.epochs):   # it trained one more epoch and ended the run
+            raise ConfigError(f"{self.path} has trained {done} epochs, and --epochs counts them all (here "
+                              f"{config.epochs}: none is left): pass more than {done} to continue, or leave "
+                              "--epochs out")
         current = config.to_dict()
         differ = sorted(k for k, v in ckpt["config"].items()
                         if k in current and k not in RESUME_FREE and current[k] != v)

@@ -58,12 +58,18 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
 
 def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device:
     """What a run needs from this machine, checked before it writes anything (a mistyped ``--device``
-    must not leave a half-made run folder): its device, and with ``--tensorboard`` the package.
+    must not leave a half-made run folder): its device, under torchrun a batch that divides by the processes
+    and no balanced sampler, and with ``--tensorboard`` the package.
 
     Raises:
         ConfigError: either is missing here.
     """
     device = resolve_device(config.device, info)
+    if info is not None and info.enabled:     # refused by the loaders too, once the run folder was written (QA)
+        ddp.per_rank_batch(int(config.batch_size), info)
+        if getattr(config, "sampler", "random") == "balanced":
+            raise ConfigError("--sampler balanced is not supported with distributed training; "
+                              "use --class-weights auto instead")
     if getattr(config, "tensorboard", False):
         from finetune.core.monitor import TensorBoardLogger    # lazy: matplotlib is not needed to check
         TensorBoardLogger.writer_class()

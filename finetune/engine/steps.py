@@ -15,7 +15,7 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.engine.mixing import BatchMix
 from finetune.engine.runtime import AmpPolicy, to_device
-from finetune.core.errors import DivergedError
+from finetune.core.errors import ConfigError, DivergedError
 from finetune.core.metrics import per_class_accuracy
 
 __all__ = ["train_one_epoch", "evaluate", "warm_up", "optimizer_step", "diverged"]
@@ -36,15 +36,29 @@ def diverged(epoch: int, step: int, lr: float) -> DivergedError:
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
-    """Backward and step, through the GradScaler when fp16 autocast uses one."""
+    """Backward and step, through the GradScaler when fp16 autocast uses one.
+
+    Raises:
+        DivergedError: the learning rate or weight decay does not fit the parameters' float type (e.g.
+            ``--lr 1e300``): torch's update refuses it before any NaN could show in the loss.
+    """
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    try:
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        groups = optimizer.param_groups
+        lr = max(float(g.get("lr", 0.0)) for g in groups)
+        wd = max(float(g.get("weight_decay", 0.0)) for g in groups)
+        raise DivergedError(f"the optimizer step overflowed (learning rate up to {lr:.3g}, weight decay up to "
+                            f"{wd:.3g}): lower the learning rate, --backbone-lr-mult or --weight-decay") from None
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer | None, scheduler,
@@ -101,8 +115,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if mix is not None:
             mixed = mix(x, y, step)
             x, target, y = mixed.x, mixed.target, mixed.y
-        with (amp or _FULL).autocast():
-            out = model(x)
+        out = _forward(model, x, amp)
         loss = loss_fn(out.float(), target)
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if optimizer is not None:
@@ -125,6 +138,21 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     if raise_diverged:
         _check(bad_step, lrs, epoch, optimizer, info)
     return _train_totals(loss_sum, correct, seen, t0, info)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None) -> torch.Tensor:
+    """The training forward pass. A BatchNorm layer that trains given one value per channel (a batch of one
+    image: the MLP head's at any size, the network's with --bn train where its last maps are 1x1) made torch
+    raise a ValueError, a traceback; it is a ConfigError saying what to change."""
+    try:
+        with (amp or _FULL).autocast():
+            return model(x)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise ConfigError(f"a BatchNorm layer cannot train on a batch of {x.shape[0]} image (the MLP head's, or the "
+                          "network's with --bn train or --no-pretrained): start again with --batch-size 2 or more "
+                          "per process") from None
 
 
 def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer, info: ddp.DistInfo) -> None:

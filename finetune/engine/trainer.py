@@ -338,9 +338,12 @@ class Trainer:
                     self.phase_start = None
                 self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
         except KeyboardInterrupt:
-            if not self.folder.writes:
+            if self.folder.path is None:
                 raise Interrupted(f"interrupted in epoch {self.epoch}; nothing was saved: pass a run folder to "
                                   "be able to resume") from None
+            if not self.folder.writes:      # another rank under torchrun: rank 0 says what it saved (QA)
+                raise Interrupted(f"interrupted: rank 0 saves {self.folder.path}; continue with `zoo finetune "
+                                  f"--resume {self.folder.path}`") from None
             raise Interrupted(f"interrupted: epochs up to {self.folder.saved_epoch(self.epoch)} are saved in "
                               f"{self.folder.path}; continue with `zoo finetune --resume {self.folder.path}`") from None
         except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk

@@ -72,6 +72,28 @@ def test_train_only_folder_is_split_here(tmp_path):
     assert report.layout == "flat" and report.counts()["val"] == {"cat": 1, "dog": 1, "fox": 1}
 
 
+def test_split_folders_in_another_case_are_the_split(tmp_path):
+    """QA: Train/ and Val/ (Windows, macOS) were read as a flat folder of two classes, "Train" and "Val"."""
+    root = tmp_path / "d"
+    make_image_folder(root / "Train", per_class=3)
+    make_image_folder(root / "VALID", per_class=1)
+    make_image(root / "Test" / "cat" / "t0.png", 0)
+    report = scan_folder(root)
+    assert report.layout == "split" and report.classes == ["cat", "dog", "fox"]
+    assert report.counts()["val"] == {"cat": 1, "dog": 1, "fox": 1} and len(report.test) == 1
+    assert all(p.startswith("VALID/") for p, _ in rels(report, report.val))
+
+
+@pytest.mark.parametrize("folders", [("val",), ("val", "test"), ("Validation", "TEST")])
+def test_split_folders_without_train_are_refused_not_read_as_classes(tmp_path, folders):
+    """QA: val/ + test/ without train/ trained a classifier of two classes, "test" and "val"."""
+    for name in folders:
+        make_image_folder(tmp_path / "d" / name, per_class=2)
+    with pytest.raises(DataError, match=r"holds .*/ but no train/ folder: put the training images in "
+                                        r"DIR/train/<class>/"):
+        scan_folder(tmp_path / "d")
+
+
 def test_classes_of_a_single_image_are_one_note_however_many():
     """A note per single-image class printed 1,000 warning lines for 1,000 such classes: one line names how
     many and the first 5; one such class keeps its own sentence."""

@@ -57,6 +57,21 @@ def test_global_batch_is_split_across_ranks():
         ddp.per_rank_batch(9, ddp.DistInfo(world_size=2, enabled=True))
 
 
+def test_what_torchrun_refuses_is_refused_before_the_run_folder_is_written():
+    """QA: an odd --batch-size or --sampler balanced under torchrun was refused by the loaders, after the run
+    folder held scan.json and model.json but no config.yaml: the corrected command was told the folder holds
+    a run (continue it with --resume), and --resume that it is not a run folder."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.engine import check_machine
+
+    two = ddp.DistInfo(rank=1, world_size=2, enabled=True)
+    with pytest.raises(ConfigError, match="must divide by the 2 processes: use 6 or 8"):
+        check_machine(FinetuneConfig(device="cpu", batch_size=7), two)
+    with pytest.raises(ConfigError, match="--sampler balanced is not supported with distributed training"):
+        check_machine(FinetuneConfig(device="cpu", batch_size=8, sampler="balanced"), two)
+    check_machine(FinetuneConfig(device="cpu", batch_size=7, sampler="balanced"), ddp.DistInfo())
+
+
 def test_single_process_is_not_distributed(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = ddp.setup("cpu")

@@ -28,7 +28,13 @@ def data(tmp_path_factory):
                                                  ("mixup", -1.0, "x >= 0"), ("cutmix", -0.5, "x >= 0"),
                                                  ("augment", "autoaugment", "standard, trivial, none"),
                                                  # QA: 100000 took the machine's memory (killed by the OOM killer)
-                                                 ("img_size", 100000, "16 <= x <= 2048 or 0")])
+                                                 ("img_size", 100000, "16 <= x <= 2048 or 0"),
+                                                 # QA: a traceback (can't allocate 38 TB) / "has the data folder
+                                                 # moved?" for every image / hours of feature passes
+                                                 ("mlp_hidden", 10**11, "1 <= x <= 65536"),
+                                                 ("brightness", 1e300, "0 <= x <= 10"),
+                                                 ("contrast", 1e300, "0 <= x <= 10"),
+                                                 ("aug_views", 10**9, "0 <= x <= 100")])
 def test_ranges_come_from_options(field, value, allowed):
     flag = "--" + field.replace("_", "-")
     with pytest.raises(ConfigError, match=rf"invalid {field}=.*\({flag}\): .*{allowed}"):

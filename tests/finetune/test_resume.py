@@ -184,3 +184,37 @@ def test_resuming_a_finished_run_with_more_epochs_says_it_is_not_extended(data, 
     lines.clear()
     run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
     assert not [ln for ln in lines if ln.startswith("note: this run had finished")]
+
+
+def test_resuming_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(data, tmp_path):
+    """QA: `--resume RUN --epochs 1` of a run interrupted after epoch 2 trained a third epoch and marked the
+    run finished, so that it could no longer be continued to the epochs it was started with."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(2)])
+    before = (out / LAST).read_bytes()
+    for fewer in (1, 2):
+        with pytest.raises(ConfigError, match=rf"has trained 2 epochs, and --epochs counts them all \(here {fewer}: "
+                                              r"none is left\): pass more than 2 to continue"):
+            run(data, resume_cfg(epochs=fewer), run_dir=out, resume=True)
+    assert (out / LAST).read_bytes() == before
+    assert len(run(data, resume_cfg(), run_dir=out, resume=True).history) == 4
+
+
+def test_an_interrupted_rank_other_than_0_does_not_say_nothing_was_saved(data, tmp_path, monkeypatch):
+    """QA: SIGTERM to `torchrun ... zoo finetune` printed rank 0's "epochs up to 42 are saved in RUN", then
+    rank 1's "nothing was saved: pass a run folder to be able to resume". Rank 1 (a run folder it does not
+    write) now points at the same resume."""
+    from finetune.engine import runfolder
+
+    real_init = runfolder.RunFolder.__init__
+
+    def as_rank_1(self, *a, **k):
+        real_init(self, *a, **k)
+        self.writes = False
+
+    monkeypatch.setattr(runfolder.RunFolder, "__init__", as_rank_1)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as info:
+        run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(1)])
+    assert str(info.value) == f"interrupted: rank 0 saves {out}; continue with `zoo finetune --resume {out}`"

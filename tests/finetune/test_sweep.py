@@ -23,7 +23,10 @@ def test_log_range_and_lists():
 
 @pytest.mark.parametrize("spec,match", [("1e-4:1e-2", "START:END:COUNT"), ("0:1e-2:3", "positive ends"),
                                          ("1e-4:1e-2:x", "whole number"), ("abc", "not a number"),
-                                         ("0,1e-3", "not allowed"), ("", "no values")])
+                                         ("0,1e-3", "not allowed"), ("", "no values"),
+                                         # QA: 1e11 values hung building the list, before any output
+                                         ("1e-4:1e-2:0", "COUNT must be 1 to 100"),
+                                         ("1e-4:1e-2:100000000000", "COUNT must be 1 to 100")])
 def test_bad_value_specs(spec, match):
     with pytest.raises(ConfigError, match=match):
         parse_values(spec)
@@ -126,6 +129,9 @@ def test_sweep_rejects_bad_grid_before_training(tmp_path):
     with pytest.raises(ConfigError, match="lion"):
         sweep(lambda: object(), STAGES, {}, _set(4), _set(2), FinetuneConfig(), head="fc", out_dir=tmp_path,
               lrs=[1e-3], optimizers=["lion"], fit_fn=_fake_fit(calls))
+    with pytest.raises(ConfigError, match=r"--folds 1: cross-validation needs at least 2 folds \(0: the single"):
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2), FinetuneConfig(), head="fc", out_dir=tmp_path,
+              lrs=[1e-3], folds=1, fit_fn=_fake_fit(calls))     # QA: it ran the single split, unsaid
     assert calls == []
 
 

@@ -265,6 +265,34 @@ def test_a_nan_loss_is_reported_at_its_own_step_without_a_host_sync_per_step():
     assert len(calls) == CHECK_EVERY - 1       # stopped at the first look, not at the end of the epoch
 
 
+@pytest.mark.parametrize("opt_kwargs", [{"lr": 1e300}, {"lr": 1e-3, "weight_decay": 1e300}])
+def test_a_learning_rate_or_weight_decay_past_float32_is_a_divergence_not_a_traceback(opt_kwargs):
+    """QA: --lr 1e308 (or --weight-decay / --backbone-lr-mult 1e300) made torch's update raise
+    'value cannot be converted to type float without overflow' before any loss could turn NaN: a traceback."""
+    from finetune.engine.steps import train_one_epoch
+
+    model = nn.Linear(4, 2)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1]))]
+    opt = torch.optim.Adam(model.parameters(), **opt_kwargs)
+    with pytest.raises(DivergedError, match=r"^the optimizer step overflowed .*: lower the learning rate"):
+        train_one_epoch(model, batches, opt, None, nn.CrossEntropyLoss(), torch.device("cpu"), epoch=1)
+
+
+def test_a_batchnorm_training_on_one_image_is_a_config_error_not_a_traceback():
+    """QA: --head mlp --batch-size 1 (and --bn train / --no-pretrained where the last maps are 1x1) ended in
+    torch's ValueError 'Expected more than 1 value per channel when training', a traceback."""
+    from finetune.engine.steps import train_one_epoch
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"^a BatchNorm layer cannot train on a batch of 1 image .*--batch-size 2 "):
+        train_one_epoch(model, [(torch.randn(1, 4), torch.tensor([0]))], opt, None, nn.CrossEntropyLoss(),
+                        torch.device("cpu"))
+    out = train_one_epoch(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], opt, None, nn.CrossEntropyLoss(),
+                          torch.device("cpu"))
+    assert out["images"] == 2
+
+
 def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once_a_second(monkeypatch):
     """A visible bar's running loss/accuracy is a host look (a GPU sync): refreshed on the first step, then
     at most every POSTFIX_EVERY_S, never per step; the bar itself still advances every step."""

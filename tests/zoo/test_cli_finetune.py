@@ -424,6 +424,76 @@ def test_a_device_or_package_this_machine_lacks_is_refused_before_any_folder(tmp
         assert not out.exists(), (case, sorted(p.name for p in out.iterdir()))
 
 
+def test_resume_with_another_out_is_refused_not_ignored(tmp_path, tiny):
+    """QA: `--resume RUN --out OTHER` went on training in RUN and said nothing of OTHER."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
+    res = invoke("finetune", "--resume", out, "--out", tmp_path / "other")
+    assert res.exit_code == 2
+    assert "cannot be combined with --resume: the run continues in its own folder" in res.stderr
+    assert not (tmp_path / "other").exists()
+    same = invoke("finetune", "--resume", out, "--out", out)      # its own folder: nothing to refuse
+    assert same.exit_code == 0 and "finished after epoch 1" in same.stderr
+
+
+@pytest.mark.parametrize("where", ["_export", "_report_html"])
+def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(tmp_path, tiny, monkeypatch, where):
+    """QA: Ctrl-C while the bundle or report.html was written said only `zoo: interrupted`, as if the run
+    were lost; every epoch is saved and two commands write what is missing."""
+    import zoo.jobs.finetune as job
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, where, ctrl_c)
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert res.exit_code == 130
+    bundle = f"its bundle with `zoo export {out}` and " if where == "_export" else ""
+    assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted after training: {out} holds the finished "
+                                                   f"run; write {bundle}its page with `zoo report {out}`")
+    again = invoke("finetune", "--resume", out)
+    assert again.exit_code == 0 and "finished after epoch 1" in again.stderr
+
+
+def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, tiny, no_model_build):
+    """QA: `--out DATA/run1` was accepted; the next scan of DATA (a new run, or this run's --resume once
+    curves.png existed) read run1/ as a class of its own, trained on curves.png."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data / "run1", data):
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+        assert res.exit_code == 2
+        assert f"--out {out} is inside the data folder {data}; a later scan of the data would read the run's " \
+               "images" in res.stderr
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_resume_of_a_run_that_stopped_before_its_config_says_start_it_over(tmp_path, tiny, monkeypatch):
+    """QA: a run that failed after writing scan.json and model.json but before config.yaml (e.g. a torchrun
+    batch size refused by the loaders) was called a run by --out ("continue it with --resume") and no run
+    folder by --resume. --resume now says there is nothing to resume and how to start over."""
+    import zoo.jobs.finetune as job
+
+    def fails(*a, **k):
+        raise KeyboardInterrupt
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, "fit", fails)
+        assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 130
+    assert (out / "model.json").is_file() and not (out / "config.yaml").exists()
+    res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 1
+    assert f"{out} stopped before its training was set up (no config.yaml): there is nothing to resume; start it " \
+           f"over with `zoo finetune MODEL --data DIR --out {out} --overwrite`" in res.stderr
+    assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+
+
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
     """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
     summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.

@@ -66,6 +66,9 @@ def test_lr_find_usage_errors(tiny_zoo):
     assert r.exit_code == 2 and "must be below --end-lr" in r.output
     r = CliRunner().invoke(cli, ["lr-find", "tiny-resnt", "--data", str(tiny_zoo), *COMMON])
     assert r.exit_code != 0 and "tiny-resnet" in r.output  # close match offered
+    # QA: --steps 100000000000000000000 ran for ever on the cached features
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--steps", "10001", *COMMON])
+    assert r.exit_code == 2 and "5<=x<=10000" in r.output
 
 
 def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):
@@ -125,6 +128,10 @@ def test_a_sweep_of_learning_rates_that_train_nothing_says_so(tiny_zoo, tmp_path
     assert r.exit_code == 0 and "trains nothing" not in r.output, r.output
 
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
+    for command in ("lr-find", "sweep"):    # QA: their lr_find.png / sweep.png became a class of the next scan
+        r = CliRunner().invoke(cli, [command, "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tiny_zoo / "o"),
+                                     *COMMON])
+        assert r.exit_code == 2 and "is inside the data folder" in r.output and not (tiny_zoo / "o").exists()
     r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-4:1e-2", *COMMON])
     assert r.exit_code == 2 and "START:END:COUNT" in r.output
     r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--resume", *COMMON])

@@ -105,6 +105,21 @@ def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text,
     assert (load_config(cfg).epochs, load_config(cfg).lr, load_config(cfg).head_epochs) == (3, 1.0, 2)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("batch-size: 8", "unknown option(s) batch-size (did you mean batch_size?); keys are the option names with "
+                      "underscores"),
+    ("Lr: 0.1\nmomentom: 0.5", "unknown option(s) Lr, momentom (did you mean lr, momentum?)"),
+    # QA: sorting a number (or null) key with a text one raised TypeError, a traceback
+    ("1: 2\nfoo: 3", "unknown option(s) 1, foo; keys are"), ("null: 1\nlr: 0.1", "unknown option(s) None; keys")])
+def test_unknown_yaml_keys_name_the_option_meant(tmp_path, text, message):
+    from finetune.core.config import load_config
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: {message}")):
+        load_config(cfg)
+
+
 @pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
 def test_help_shows_ranges_and_the_same_options(command):
     r = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)

@@ -112,6 +112,9 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
 
     if resume:
         _refuse_with_resume(lr_auto, config_path, fc_dropout, overwrite, exclude)
+        if out is not None and os.path.realpath(out) != os.path.realpath(resume):   # (it went on in RUN, unsaid)
+            raise click.UsageError(f"--out {out} cannot be combined with --resume: the run continues in its own "
+                                   f"folder {resume}; drop --out")
         outcome = job.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
     else:
         if not model:

@@ -38,8 +38,9 @@ NOT_IN_A_RANGE_TEST = ("epochs", "patience", "min_delta", "monitor", "schedule",
               help="First learning rate of the sweep (head LR; pretrained layers get x backbone-lr-mult).")
 @click.option("--end-lr", type=FiniteFloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Last learning rate of the sweep.")
-@click.option("--steps", type=click.IntRange(min=5), default=100, show_default=True,
-              help="Training steps (batches); the LR grows exponentially from start to end over them.")
+@click.option("--steps", type=click.IntRange(min=5, max=10000), default=100, show_default=True,
+              help="Training steps (batches); the LR grows exponentially from start to end over them. At most 10000 "
+                   "(a mistyped 1e20 ran for ever).")
 @click.option("--method", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,
               help="Suggestion rule: valley (fastai's, robust) or steepest descent of the smoothed loss.")
 @click.option("--smooth", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.98, show_default=True,
@@ -69,7 +70,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
     from finetune.engine import check_machine
-    from zoo.outdir import claim_out
+    from zoo.outdir import check_outside, claim_out
 
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
@@ -77,6 +78,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "lrfind")
+    check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own")
     check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")

@@ -71,7 +71,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.tools.sweep import parse_choices, parse_values
     from finetune.engine import check_machine
-    from zoo.outdir import claim_out
+    from zoo.outdir import check_outside, claim_out
 
     if resume and not out:
         raise UsageError("--resume needs --out: the folder of the sweep to continue")
@@ -84,6 +84,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "sweep")
+    check_outside(out_dir, data, "a later scan of the data would read sweep.png as a class of its own")
     check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")

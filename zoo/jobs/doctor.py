@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ from zoo.cache import cached_models, features_dir, read_manifest
 from zoo.errors import UsageError
 from zoo.registry import get_entry
 from zoo.jobs.finetune import run_data_config
-from zoo.outdir import claim_out
+from zoo.outdir import check_outside, claim_out
 
 __all__ = ["default_model", "run", "check_out_dir"]
 
@@ -59,10 +58,7 @@ def default_model() -> str:
 
 def check_out_dir(out: Path, data: Path) -> None:
     """Refuse an output folder inside the data folder: doctor never writes among the user's images."""
-    o, d = os.path.realpath(out), os.path.realpath(data)
-    if o == d or o.startswith(d.rstrip(os.sep) + os.sep):
-        raise UsageError(f"--out {out} is inside the data folder {data}; doctor never writes there: choose "
-                         "another --out")
+    check_outside(out, data, "doctor never writes there")
 
 
 def run(data: str | Path, *, model: str | None = None, out: str | Path | None = None, options: Any = None,

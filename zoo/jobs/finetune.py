@@ -23,7 +23,7 @@ from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.checkpoint import load_checkpoint
-from finetune.core.errors import CheckpointError
+from finetune.core.errors import CheckpointError, Interrupted
 from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
@@ -36,7 +36,7 @@ from zoo.build import builder_kwargs, has_fc_dropout
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest
 from zoo.errors import UsageError
-from zoo.outdir import claim_out
+from zoo.outdir import check_outside, claim_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 
@@ -235,9 +235,11 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         check_machine(config, info)                         # a mistyped --device, no tensorboard: too
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
+        check_outside(run_dir, data_dir, "a later scan of the data would read the run's images (curves.png, "
+                      "confusion.png) as a class of its own")
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
-        with claim_out(run_dir, "finetune", overwrite=overwrite, note=say):
+        with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
@@ -281,10 +283,21 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     ddp.barrier(info)
     outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
                          run_dir=run_dir, log=say, feature_cache=features)
-    if export and info.is_main:
-        outcome.export_dir = _export(run_dir, say)
-    if info.is_main:
-        _report_html(run_dir, config, say, _val_predictions(outcome.result, report.val))
+    return _finish(outcome, report.val, config, export, info, say)
+
+
+def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, info, say: Log) -> RunOutcome:
+    """After training (rank 0): the bundle, then report.html. Ctrl-C here loses no epoch: it says how to write them."""
+    run_dir = outcome.run_dir
+    try:
+        if export and info.is_main:
+            outcome.export_dir = _export(run_dir, say)
+        if info.is_main:
+            _report_html(run_dir, config, say, _val_predictions(outcome.result, val_set))
+    except KeyboardInterrupt:
+        bundle = f"its bundle with `zoo export {run_dir}` and " if export and outcome.export_dir is None else ""
+        raise Interrupted(f"interrupted after training: {run_dir} holds the finished run; write {bundle}its page "
+                          f"with `zoo report {run_dir}`") from None
     return outcome
 
 
@@ -314,6 +327,10 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     if not info_path.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
         raise UsageError(f"{run_dir} was written by the Python API (finetune's fit: no model.json, so zoo cannot "
                          "rebuild its model); continue it with fit(..., run_dir=..., resume=True)")
+    if info_path.is_file() and not (run_dir / "config.yaml").is_file():   # `--out` calls it a run: say what it is
+        raise CheckpointError(f"{run_dir} stopped before its training was set up (no config.yaml): there is "
+                              f"nothing to resume; start it over with `zoo finetune MODEL --data DIR --out {run_dir} "
+                              "--overwrite`")
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
@@ -338,7 +355,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
             say(done)
             return RunOutcome(run_dir=run_dir)
-        with claim_out(run_dir, "finetune", resume=True, option="--resume", note=say):
+        with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
@@ -364,12 +381,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     model = _build(entry, False, config.seed, fc_dropout)
     result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
                  head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
-    outcome = RunOutcome(run_dir=run_dir, result=result)
-    if export and info.is_main:
-        outcome.export_dir = _export(run_dir, say)
-    if info.is_main:
-        _report_html(run_dir, config, say, _val_predictions(result, report.val))
-    return outcome
+    return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
 
 
 def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:

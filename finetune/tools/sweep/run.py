@@ -80,7 +80,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     space = _grid(config, len(stages), lrs, weight_decays, freezes, optimizers)
     metric = config.monitor
     folds = int(folds or 0)
-    splits = kfold_splits(train_set, val_set, folds, config.seed) if folds >= 2 else [(train_set, val_set)]
+    splits = kfold_splits(train_set, val_set, folds, config.seed) if folds else [(train_set, val_set)]   # 1: refused
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

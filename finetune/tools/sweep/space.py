@@ -24,6 +24,9 @@ def _float(text: str, name: str) -> float:
         raise ConfigError(f"--{name}: {text!r} is not a number; use e.g. 1e-4:1e-2:5 or 1e-4,1e-3") from None
 
 
+MAX_COUNT = 100     # values of one START:END:COUNT range
+
+
 def parse_values(spec: str | float | Sequence[float], name: str = "lr", allow_zero: bool = False) -> list[float]:
     """``"1e-4:1e-2:5"`` -> 5 log-spaced values from 1e-4 to 1e-2; ``"0,1e-4,1e-3"`` -> that list.
 
@@ -50,8 +53,9 @@ def parse_values(spec: str | float | Sequence[float], name: str = "lr", allow_ze
         if start <= 0 or end <= 0:
             raise ConfigError(f"--{name} {spec!r}: a log-spaced range needs positive ends; "
                               "list 0 explicitly, e.g. 0,1e-5,1e-4")
-        if count < 1:
-            raise ConfigError(f"--{name} {spec!r}: COUNT must be at least 1")
+        if not 1 <= count <= MAX_COUNT:    # a typo of 1e11 values hung building the list, before any output
+            raise ConfigError(f"--{name} {spec!r}: COUNT must be 1 to {MAX_COUNT} (each value is one more "
+                              "training run per combination)")
         if count == 1:
             values = [start]
         else:
@@ -132,7 +136,7 @@ def kfold_splits(train_set: ImageSet, val_set: ImageSet | None, k: int, seed: in
         ConfigError: k < 2. DataError: a class has fewer than k images (it could not be in every fold).
     """
     if int(k) < 2:
-        raise ConfigError(f"--folds {k}: cross-validation needs at least 2 folds")
+        raise ConfigError(f"--folds {k}: cross-validation needs at least 2 folds (0: the single train/val split)")
     classes = list(train_set.classes)
     items = list(train_set.items) + (list(val_set.items) if val_set is not None else [])
     by_class: dict[int, list[tuple[str, int]]] = {}
