@@ -22,7 +22,7 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from finetune.data.files import is_ignored, walk_files
-from finetune.data.scan import VAL_NAMES
+from finetune.data.scan import VAL_NAMES, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
@@ -73,8 +73,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
                      aliases: Sequence[str] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
-    ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``, as
-    the training scan names it), else ``root/<class>/``.
+    ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``; in
+    any case: as the training scan reads them), else ``root/<class>/``.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
 
@@ -86,11 +86,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
-    split, base = ".", root
-    for name in ("test", *VAL_NAMES):
-        if (root / name).is_dir():
-            split, base = name, root / name
-            break
+    found = split_folder(root, ("test",)) or split_folder(root, VAL_NAMES)    # in any case, as the scan reads them
+    split, base = (os.path.basename(found), Path(found)) if found else (".", root)
     exts = _image_extensions()
     index = {str(name): i for i, name in enumerate(aliases or ())}
     index.update({name: i for i, name in enumerate(labels)})

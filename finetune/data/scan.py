@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from finetune.data.files import IMAGE_EXTENSIONS, check_files, collect_classes, is_ignored, is_dir, list_classes
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
@@ -20,10 +21,22 @@ from finetune.data.splits import apply_split_file, stratified_split, write_bad_f
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan", "write_bad_files"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "write_scan", "write_bad_files",
+           "VAL_NAMES"]
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest
+
+
+def split_folder(root: str | os.PathLike, names: Sequence[str], subdirs: Iterable[str] | None = None) -> str | None:
+    """The sub-folder of ``root`` named like the first of ``names`` found (e.g. VAL_NAMES), in any case (the
+    exact name first): its path, or None. ``subdirs``: root's sub-folders when the caller has listed them."""
+    subdirs = sorted(list_classes(os.fspath(root)) if subdirs is None else subdirs)
+    for name in names:
+        found = name if name in subdirs else next((d for d in subdirs if d.lower() == name), None)
+        if found is not None:
+            return os.path.join(os.fspath(root), found)
+    return None
 
 
 def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
@@ -34,14 +47,7 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
     without ``train/``, is a DataError rather than a flat folder whose classes are "val" and "test".
     """
     subdirs = set(list_classes(root))
-
-    def find(name: str) -> str | None:
-        found = name if name in subdirs else next((d for d in sorted(subdirs) if d.lower() == name), None)
-        return os.path.join(root, found) if found is not None else None
-
-    train = find("train")
-    val = next((find(v) for v in VAL_NAMES if find(v)), None)
-    test = find("test")
+    train, val, test = (split_folder(root, names, subdirs) for names in (("train",), VAL_NAMES, ("test",)))
     lowered = {d.lower() for d in subdirs}
     if train is not None and (val is not None or lowered <= {"train", "test"}):
         return train, val, test

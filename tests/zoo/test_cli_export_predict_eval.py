@@ -195,6 +195,22 @@ def test_eval_uses_val_split_and_writes_reports(bundle, tmp_path, runner):
         assert (out / name).is_file()
 
 
+def test_eval_finds_the_split_folders_in_any_case_as_the_scan_does(bundle, tmp_path, runner):
+    """QA: the scan reads Train/ Val/ (Windows, macOS) as the split; eval looked for test/ and val/ only, so
+    given the root of such a folder it found no class folder."""
+    data = tmp_path / "data"
+    labels = (CLASSES[0], CLASSES[2])        # (the second has a "/": no folder name)
+    make_image_folder(data / "Train", classes=labels, per_class=2, size=32)
+    make_image_folder(data / "Validation", classes=labels, per_class=1, size=32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["split"] == "Validation" and json.loads(res.stdout)["n_images"] == len(labels)
+    make_image_folder(data / "TEST", classes=labels, per_class=2, size=32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev2"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["split"] == "TEST" and json.loads(res.stdout)["n_images"] == 2 * len(labels)
+
+
 def test_eval_lists_the_lowest_classes_only_when_they_are_many(bundle, tmp_path, runner, monkeypatch):
     """QA: `zoo eval` printed a line per class (2,000). Above FULL_MAX_CLASSES it prints the SHOWN_CLASSES of
     lowest recall and how many more (per_class.csv has them all); thresholds lowered here to 3 classes."""
