@@ -6,5 +6,6 @@
 - ``confusion``: confusion.csv and what a page shows of a matrix too big to show whole;
 - ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers;
 - ``policy``: freeze depth from the data size; ``surgery``: head replacement, freezing, BatchNorm;
-- ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``.
+- ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``;
+- ``signals``: SIGTERM taken as Ctrl-C (a run's and the CLI's one signal policy).
 """

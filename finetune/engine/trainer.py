@@ -13,11 +13,8 @@ exactly as an uninterrupted run would.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
@@ -36,6 +33,7 @@ from finetune.core.metrics import EarlyStopping
 from finetune.core.monitor import advise
 from finetune.core.policy import head_first
 from finetune.core.seeding import epoch_seed, seed_everything
+from finetune.core.signals import sigterm_as_interrupt
 from finetune.core.surgery import apply_freeze
 
 __all__ = ["FitResult", "Trainer", "HEAD_WARMUP_CAP", "plan_phases"]
@@ -324,7 +322,7 @@ class Trainer:
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
         t_run = self.t_run = time.perf_counter()
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 if self.ckpt is None:
                     self._checkpoint(0, None)      # an interruption during epoch 1 can resume too
                 else:
@@ -417,26 +415,3 @@ def _evaluation(steps: EpochSteps, metrics: dict) -> Evaluation:
     """``metrics`` kept with what ``steps`` recorded of the same evaluation, per image."""
     return Evaluation(steps, metrics, getattr(steps, "val_probs", None), getattr(steps, "val_correct", None),
                       getattr(steps, "val_losses", None))
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (e.g. a scheduler ending the job) and SIGINT take the same path as Ctrl-C.
-
-    SIGINT is set explicitly too: a process started in the background by a non-interactive shell
-    inherits SIGINT ignored, and `kill -INT` must still save and stop the run.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous_term = signal.signal(signal.SIGTERM, handler)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -91,16 +92,31 @@ def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):
     assert "4 finished trial(s)" in resumed.output
 
 
-def test_an_interrupted_sweep_says_which_trials_are_saved_and_how_to_go_on(tiny_zoo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_sweep_says_which_trials_are_saved_and_how_to_go_on(tiny_zoo, tmp_path, monkeypatch, request, how):
     """QA: Ctrl-C in the second trial said "interrupted in epoch 1; nothing was saved: pass a run folder"
-    (the trial's own message) although the first trial was in results.jsonl and --resume went on."""
+    (the trial's own message) although the first trial was in results.jsonl and --resume went on.
+    SIGTERM between two trials (outside a training loop's own handler) ended the process with 143 and no
+    word; the CLI takes it as Ctrl-C now."""
+    import signal
+
     import finetune.tools.sweep.run as sweep_run
 
+    class NotTakenAsCtrlC(Exception):
+        pass
+
+    def not_ctrl_c(signum, frame):      # what SIGTERM does here unless the CLI takes it as Ctrl-C
+        raise NotTakenAsCtrlC
+
+    previous = signal.signal(signal.SIGTERM, not_ctrl_c)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
     real, calls = sweep_run._fit_split, []
 
     def stop_in_the_second(*a, **k):
         calls.append(1)
         if len(calls) == 2:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         return real(*a, **k)
 

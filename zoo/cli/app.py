@@ -13,6 +13,7 @@ import click
 
 from finetune.core.errors import FinetuneError
 from finetune.core.io import no_room
+from finetune.core.signals import sigterm_as_interrupt
 from zoo import __version__, process
 from zoo.cli import console
 from zoo.errors import ZooError
@@ -38,7 +39,9 @@ class ZooGroup(click.Group):
     def invoke(self, ctx: click.Context):
         process.keep_freed_memory()      # process-wide settings belong to the entry point (zoo.process)
         process.fewer_collections()
-        with console.session(ctx.meta.get("zoo.args", [])):
+        # SIGTERM (a scheduler, torchrun stopping the other ranks) ends every command as Ctrl-C does: its
+        # finally blocks run and it says what was saved, not a silent exit 143
+        with console.session(ctx.meta.get("zoo.args", [])), sigterm_as_interrupt():
             return self._invoke(ctx)
 
     def _invoke(self, ctx: click.Context):
