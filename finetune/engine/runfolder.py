@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, load_checkpoint, save_checkpoint,
@@ -117,9 +118,25 @@ class RunFolder:
         differ = sorted(k for k, v in ckpt["config"].items()
                         if k in current and k not in RESUME_FREE and current[k] != v)
         if differ:
-            raise ConfigError(f"cannot resume with changed option(s) {', '.join(differ)}: drop them (the run's "
-                              "config.yaml is used) or start a new run")
+            raise ConfigError(self._changed(differ, ckpt["config"], current))
         return ckpt
+
+    def _changed(self, differ: list[str], trained: dict, current: dict) -> str:
+        """Why ``differ`` stops the resume: RUN/config.yaml edited since the checkpoint (the file holds the
+        new value), else options given to the resume itself."""
+        try:
+            on_disk = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            on_disk = {}
+        edited = [k for k in differ if isinstance(on_disk, dict) and k in on_disk and on_disk[k] == current[k]]
+        shown = ", ".join(f"{k}: {current[k]!r} (the checkpoint's: {trained[k]!r})" for k in (edited or differ))
+        if edited:
+            return (f"{self.path / 'config.yaml'} differs from the options {self.path / LAST} was trained with: "
+                    f"{shown}; put the checkpoint's values back in config.yaml to continue the run, or train "
+                    f"with the new ones in a new run (`zoo finetune MODEL --data DIR --config "
+                    f"{self.path / 'config.yaml'} --out NEW`)")
+        return (f"cannot resume with changed option(s) {shown}: drop them (the run's config.yaml is used) or "
+                "start a new run")
 
     def refuse_existing_run(self) -> None:
         if self.writes and (self.path / LAST).exists():

@@ -513,3 +513,45 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert f"{out} finished after epoch 1: resuming it trains nothing" in res.stderr
         assert "zoo export" in res.stderr and "best epoch" not in res.stdout
         assert files() == before
+
+
+def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat"):
+    """(data, RUN): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
+    import finetune.engine.epoch_steps as loop
+
+    data = make_image_folder(tmp_path / "data", per_class=6, layout=layout)
+    out = tmp_path / "run"
+    real, calls = loop.train_one_epoch, []
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+        result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
+                        "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
+    assert result.exit_code == 130, result.output
+    return data, out
+
+
+def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_option(tmp_path, tiny, monkeypatch):
+    """QA: editing RUN/config.yaml, then `--resume RUN`, said "changed option(s) lr: drop them", as if a flag had
+    been given. It now says the file differs from the checkpoint, with both values, and what to do."""
+    _, out = _interrupted_run(tmp_path, monkeypatch, tiny)
+    conf = out / "config.yaml"
+    saved = yaml.safe_load(conf.read_text())
+    conf.write_text(yaml.safe_dump({**saved, "lr": 0.123}, sort_keys=False))
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
+        f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
+        f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
+    # an option given to the resume itself is still called one, with its value and the run's
+    conf.write_text(yaml.safe_dump(saved, sort_keys=False))
+    result = invoke("finetune", "--resume", out, "--optimizer", "sgd", "--workers", "0", "--no-export")
+    assert result.exit_code == 2
+    assert f"changed option(s) optimizer: 'sgd' (the checkpoint's: {saved['optimizer']!r}): drop them" in result.stderr
