@@ -26,6 +26,7 @@ from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_c
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.monitor import TensorBoardLogger, write_curves
+from finetune.data.imageset import name_list
 
 __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
 
@@ -83,6 +84,15 @@ def _files_hash(train_set, val_set) -> str:
     return h.hexdigest()
 
 
+def _classes_differ(run: Path, trained: list[str], found: list[str]) -> str:
+    """Which classes the data lacks and which it has besides those ``run`` trained on (a few, then how many more)."""
+    gone, new = [c for c in trained if c not in found], [c for c in found if c not in trained]
+    what = "; ".join(([f"not in the data: {name_list(gone)}"] if gone else [])
+                     + ([f"not trained on: {name_list(new)}"] if new else [])) or "the same names in another order"
+    return (f"the classes of the data differ from those {run} trained on ({what}); resume with the data folder it "
+            "trained on, its class folders named as they were (rename them back), or start a new run")
+
+
 class RunFolder:
     """One run's folder, or nothing at all (``path`` None, or a rank other than 0): every writer is then a
     no-op, so the training loop calls them unconditionally."""
@@ -107,8 +117,7 @@ class RunFolder:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{self.path / LAST} was written by another version; start a new run")
         if list(ckpt["classes"]) != classes:
-            raise CheckpointError(f"the classes of {self.path} ({', '.join(ckpt['classes'])}) differ from the "
-                                  "data's; resume with the same data folder")
+            raise CheckpointError(_classes_differ(self.path, list(ckpt["classes"]), classes))
         done = int(ckpt["epoch"])
         if not ckpt.get("finished") and done >= int(config.epochs):   # it trained one more epoch and ended the run
             raise ConfigError(f"{self.path} has trained {done} epochs, and --epochs counts them all (here "

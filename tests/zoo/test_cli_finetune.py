@@ -555,3 +555,32 @@ def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_optio
     result = invoke("finetune", "--resume", out, "--optimizer", "sgd", "--workers", "0", "--no-export")
     assert result.exit_code == 2
     assert f"changed option(s) optimizer: 'sgd' (the checkpoint's: {saved['optimizer']!r}): drop them" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_resuming_on_renamed_class_folders_names_the_classes_that_differ(tmp_path, tiny, monkeypatch, layout):
+    """QA: a class folder renamed mid-run, then `--resume`, said "resume with the same data folder" and listed
+    the run's classes, not which differ. It now names those the data lacks and those it has besides."""
+    data, out = _interrupted_run(tmp_path, monkeypatch, tiny, layout)
+    for base in ([data / "train", data / "val"] if layout == "split" else [data]):
+        (base / "dog").rename(base / "dogs")
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: the classes of the data differ from those {out} trained on (not in the data: dog; not "
+        "trained on: dogs); resume with the data folder it trained on, its class folders named as they were "
+        "(rename them back), or start a new run")
+
+
+def test_many_classes_that_differ_are_named_a_few_then_how_many_more(tmp_path):
+    from finetune.core.checkpoint import save_checkpoint
+    from finetune.core.errors import CheckpointError
+    from finetune.engine.runfolder import CHECKPOINT_FORMAT, RunFolder
+
+    trained = [f"c{i:02d}" for i in range(9)]
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"format": CHECKPOINT_FORMAT, "classes": trained,
+                                                          "epoch": 1, "config": {}})
+    with pytest.raises(CheckpointError) as err:
+        RunFolder(tmp_path).load_resume([c.upper() for c in trained], FinetuneConfig(epochs=3))
+    assert "(not in the data: c00, c01, c02, c03, c04 and 4 more; not trained on: C00, C01, C02, C03, C04 and 4 " \
+           "more)" in str(err.value)
