@@ -584,3 +584,29 @@ def test_many_classes_that_differ_are_named_a_few_then_how_many_more(tmp_path):
         RunFolder(tmp_path).load_resume([c.upper() for c in trained], FinetuneConfig(epochs=3))
     assert "(not in the data: c00, c01, c02, c03, c04 and 4 more; not trained on: C00, C01, C02, C03, C04 and 4 " \
            "more)" in str(err.value)
+
+
+def test_resume_without_scan_json_asks_for_the_data_folder_then_continues_and_writes_it_again(tmp_path, tiny,
+                                                                                                 monkeypatch):
+    """QA: a deleted RUN/scan.json made `--resume` say "start a new run" though checkpoints/last.pt was intact.
+    scan.json only records the data folder (the split is split.json's, the classes the checkpoint's): without it
+    the resume asks for --data, and with --data it continues and writes scan.json again."""
+    data, out = _interrupted_run(tmp_path, monkeypatch, tiny)
+    scan = (out / "scan.json").read_text()
+    split = (out / "split.json").read_bytes()
+    (out / "scan.json").unlink()
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"zoo: error: {out / 'scan.json'} is missing, and only it records the data folder the run trained on; its "
+        f"checkpoint is intact: continue with `zoo finetune --resume {out} --data DIR`, DIR that folder (the run's "
+        "split.json and classes are kept, and scan.json written again)")
+    other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cat"), per_class=4)
+    result = invoke("finetune", "--resume", out, "--data", other, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 1 and "(not in the data: dog, fox; not trained on: ant, bee)" in result.stderr
+    assert not (out / "scan.json").exists()      # not a record of a folder the run did not train on
+    result = invoke("finetune", "--resume", out, "--data", data, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
+    assert json.loads((out / "scan.json").read_text()) == json.loads(scan)
+    assert (out / "split.json").read_bytes() == split
