@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,5 +89,44 @@ def test_torchrun_into_a_refused_folder_ends_every_rank_with_rank_0s_line(tmp_pa
                    str(data), "--out", str(tmp_path / "afile" / "run"), *OPTIONS], env, ROOT)
     assert run.returncode != 0
     line = f"zoo: error: cannot write the run folder {tmp_path / 'afile' / 'run'}: "
-    assert run.stdout.count(line) == 2, run.stdout[-3000:]
+    assert run.stdout.count(line) == 1, run.stdout[-3000:]      # rank 0's; rank 1 exits with its code, quietly
+    assert "zoo: error (rank 1)" not in run.stdout
     assert "[rank1]" not in run.stdout and "Connection closed" not in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+@pytest.mark.parametrize("args,code,line", [
+    (["--data", "{tmp}/nope"], 1, "zoo: error: data folder {tmp}/nope does not exist"),
+    (["--data", "{tmp}", "--lr", "bogus"], 2, "Error: Invalid value for --lr: 'bogus' is neither a number")])
+def test_torchrun_prints_an_error_every_rank_meets_once(tmp_path, args, code, line):
+    """QA: under torchrun every one-line error was printed once per rank (two identical lines). Rank 0 prints
+    it; every rank still exits with the error's code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"))
+    env.pop("WORLD_SIZE", None)
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", "resnet18",
+                   "--device", "cpu", *(a.format(tmp=tmp_path) for a in args)], env, ROOT)
+    assert run.returncode == 1          # torchrun's own; the ranks' codes are in its summary
+    assert run.stdout.count(line.format(tmp=tmp_path)) == 1, run.stdout[-3000:]
+    assert "zoo: error" not in run.stdout.replace(line.format(tmp=tmp_path), ""), run.stdout[-3000:]
+    assert len(re.findall(rf"exitcode\s+: {code} \(pid", run.stdout)) == 2, run.stdout[-3000:]   # torchrun's summary
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_path, monkeypatch, stopped):
+    """A rank other than 0 waits for torchrun to stop it (rank 0 met the error too and said it); when rank 0
+    goes on, the error is that rank's own and it says so, naming itself."""
+    from click.testing import CliRunner
+
+    from zoo.cli import app, cli
+
+    def sleep(seconds):
+        assert seconds == app.RANK_GRACE_S
+        if stopped:
+            raise KeyboardInterrupt         # torchrun's SIGTERM, as sigterm_as_interrupt turns it
+
+    monkeypatch.setattr(app.time, "sleep", sleep)
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    said = f"zoo: error (rank 1): data folder {tmp_path / 'nope'} does not exist"
+    assert (result.stderr == "") if stopped else result.stderr.startswith(said), result.stderr

@@ -309,6 +309,9 @@ class FinetuneConfig:
 OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(FinetuneConfig)}
 RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
 
+# What a value of each option type is called in messages (every FinetuneConfig field is one of these).
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     kind = type(f.default)
@@ -323,7 +326,9 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             return str(value)
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {f.name}={value!r} should be a {kind.__name__}") from None
+        hint = ("; auto is taken on the command line only (--lr auto): in a file give the learning rate, e.g. "
+                "lr: 0.001" if f.name == "lr" and str(value).strip().lower() == "auto" else "")
+        raise ConfigError(f"{source}: {f.name}={value!r} should be {_KIND_WORDS[kind]}{hint}") from None
 
 
 def load_config(path: str | Path) -> FinetuneConfig:

@@ -101,10 +101,13 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     report.val = ImageSet(val, list(report.classes))
 
 
-def write_scan(report: ScanReport, run_dir: str | Path) -> None:
-    """Write ``scan.json``, ``split.json`` and ``bad_files.txt`` (one ``path<TAB>reason`` per line)."""
+def write_scan(report: ScanReport, run_dir: str | Path, scan_only: bool = False) -> None:
+    """Write ``scan.json``, ``split.json`` and ``bad_files.txt`` (one ``path<TAB>reason`` per line);
+    ``scan_only``: ``scan.json`` alone (a resume writing a deleted one again keeps the run's split)."""
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "scan.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    if scan_only:
+        return
     # ensure_ascii keeps non-UTF-8 names (surrogate escapes) round-trippable through json.loads.
     atomic_write_text(run_dir / "split.json", json.dumps(_split_payload(report)) + "\n")
     write_bad_files(report, run_dir)

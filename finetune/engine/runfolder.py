@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, load_checkpoint, save_checkpoint,
@@ -25,6 +26,7 @@ from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_c
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.monitor import TensorBoardLogger, write_curves
+from finetune.data.imageset import name_list
 
 __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
 
@@ -82,6 +84,15 @@ def _files_hash(train_set, val_set) -> str:
     return h.hexdigest()
 
 
+def _classes_differ(run: Path, trained: list[str], found: list[str]) -> str:
+    """Which classes the data lacks and which it has besides those ``run`` trained on (a few, then how many more)."""
+    gone, new = [c for c in trained if c not in found], [c for c in found if c not in trained]
+    what = "; ".join(([f"not in the data: {name_list(gone)}"] if gone else [])
+                     + ([f"not trained on: {name_list(new)}"] if new else [])) or "the same names in another order"
+    return (f"the classes of the data differ from those {run} trained on ({what}); resume with the data folder it "
+            "trained on, its class folders named as they were (rename them back), or start a new run")
+
+
 class RunFolder:
     """One run's folder, or nothing at all (``path`` None, or a rank other than 0): every writer is then a
     no-op, so the training loop calls them unconditionally."""
@@ -106,8 +117,7 @@ class RunFolder:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{self.path / LAST} was written by another version; start a new run")
         if list(ckpt["classes"]) != classes:
-            raise CheckpointError(f"the classes of {self.path} ({', '.join(ckpt['classes'])}) differ from the "
-                                  "data's; resume with the same data folder")
+            raise CheckpointError(_classes_differ(self.path, list(ckpt["classes"]), classes))
         done = int(ckpt["epoch"])
         if not ckpt.get("finished") and done >= int(config.epochs):   # it trained one more epoch and ended the run
             raise ConfigError(f"{self.path} has trained {done} epochs, and --epochs counts them all (here "
@@ -117,9 +127,25 @@ class RunFolder:
         differ = sorted(k for k, v in ckpt["config"].items()
                         if k in current and k not in RESUME_FREE and current[k] != v)
         if differ:
-            raise ConfigError(f"cannot resume with changed option(s) {', '.join(differ)}: drop them (the run's "
-                              "config.yaml is used) or start a new run")
+            raise ConfigError(self._changed(differ, ckpt["config"], current))
         return ckpt
+
+    def _changed(self, differ: list[str], trained: dict, current: dict) -> str:
+        """Why ``differ`` stops the resume: RUN/config.yaml edited since the checkpoint (the file holds the
+        new value), else options given to the resume itself."""
+        try:
+            on_disk = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            on_disk = {}
+        edited = [k for k in differ if isinstance(on_disk, dict) and k in on_disk and on_disk[k] == current[k]]
+        shown = ", ".join(f"{k}: {current[k]!r} (the checkpoint's: {trained[k]!r})" for k in (edited or differ))
+        if edited:
+            return (f"{self.path / 'config.yaml'} differs from the options {self.path / LAST} was trained with: "
+                    f"{shown}; put the checkpoint's values back in config.yaml to continue the run, or train "
+                    f"with the new ones in a new run (`zoo finetune MODEL --data DIR --config "
+                    f"{self.path / 'config.yaml'} --out NEW`)")
+        return (f"cannot resume with changed option(s) {shown}: drop them (the run's config.yaml is used) or "
+                "start a new run")
 
     def refuse_existing_run(self) -> None:
         if self.writes and (self.path / LAST).exists():

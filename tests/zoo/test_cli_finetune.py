@@ -513,3 +513,100 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert f"{out} finished after epoch 1: resuming it trains nothing" in res.stderr
         assert "zoo export" in res.stderr and "best epoch" not in res.stdout
         assert files() == before
+
+
+def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat"):
+    """(data, RUN): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
+    import finetune.engine.epoch_steps as loop
+
+    data = make_image_folder(tmp_path / "data", per_class=6, layout=layout)
+    out = tmp_path / "run"
+    real, calls = loop.train_one_epoch, []
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+        result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
+                        "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
+    assert result.exit_code == 130, result.output
+    return data, out
+
+
+def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_option(tmp_path, tiny, monkeypatch):
+    """QA: editing RUN/config.yaml, then `--resume RUN`, said "changed option(s) lr: drop them", as if a flag had
+    been given. It now says the file differs from the checkpoint, with both values, and what to do."""
+    _, out = _interrupted_run(tmp_path, monkeypatch, tiny)
+    conf = out / "config.yaml"
+    saved = yaml.safe_load(conf.read_text())
+    conf.write_text(yaml.safe_dump({**saved, "lr": 0.123}, sort_keys=False))
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
+        f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
+        f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
+    # an option given to the resume itself is still called one, with its value and the run's
+    conf.write_text(yaml.safe_dump(saved, sort_keys=False))
+    result = invoke("finetune", "--resume", out, "--optimizer", "sgd", "--workers", "0", "--no-export")
+    assert result.exit_code == 2
+    assert f"changed option(s) optimizer: 'sgd' (the checkpoint's: {saved['optimizer']!r}): drop them" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_resuming_on_renamed_class_folders_names_the_classes_that_differ(tmp_path, tiny, monkeypatch, layout):
+    """QA: a class folder renamed mid-run, then `--resume`, said "resume with the same data folder" and listed
+    the run's classes, not which differ. It now names those the data lacks and those it has besides."""
+    data, out = _interrupted_run(tmp_path, monkeypatch, tiny, layout)
+    for base in ([data / "train", data / "val"] if layout == "split" else [data]):
+        (base / "dog").rename(base / "dogs")
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: the classes of the data differ from those {out} trained on (not in the data: dog; not "
+        "trained on: dogs); resume with the data folder it trained on, its class folders named as they were "
+        "(rename them back), or start a new run")
+
+
+def test_many_classes_that_differ_are_named_a_few_then_how_many_more(tmp_path):
+    from finetune.core.checkpoint import save_checkpoint
+    from finetune.core.errors import CheckpointError
+    from finetune.engine.runfolder import CHECKPOINT_FORMAT, RunFolder
+
+    trained = [f"c{i:02d}" for i in range(9)]
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"format": CHECKPOINT_FORMAT, "classes": trained,
+                                                          "epoch": 1, "config": {}})
+    with pytest.raises(CheckpointError) as err:
+        RunFolder(tmp_path).load_resume([c.upper() for c in trained], FinetuneConfig(epochs=3))
+    assert "(not in the data: c00, c01, c02, c03, c04 and 4 more; not trained on: C00, C01, C02, C03, C04 and 4 " \
+           "more)" in str(err.value)
+
+
+def test_resume_without_scan_json_asks_for_the_data_folder_then_continues_and_writes_it_again(tmp_path, tiny,
+                                                                                                 monkeypatch):
+    """QA: a deleted RUN/scan.json made `--resume` say "start a new run" though checkpoints/last.pt was intact.
+    scan.json only records the data folder (the split is split.json's, the classes the checkpoint's): without it
+    the resume asks for --data, and with --data it continues and writes scan.json again."""
+    data, out = _interrupted_run(tmp_path, monkeypatch, tiny)
+    scan = (out / "scan.json").read_text()
+    split = (out / "split.json").read_bytes()
+    (out / "scan.json").unlink()
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"zoo: error: {out / 'scan.json'} is missing, and only it records the data folder the run trained on; its "
+        f"checkpoint is intact: continue with `zoo finetune --resume {out} --data DIR`, DIR that folder (the run's "
+        "split.json and classes are kept, and scan.json written again)")
+    other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cat"), per_class=4)
+    result = invoke("finetune", "--resume", out, "--data", other, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 1 and "(not in the data: dog, fox; not trained on: ant, bee)" in result.stderr
+    assert not (out / "scan.json").exists()      # not a record of a folder the run did not train on
+    result = invoke("finetune", "--resume", out, "--data", data, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
+    assert json.loads((out / "scan.json").read_text()) == json.loads(scan)
+    assert (out / "split.json").read_bytes() == split

@@ -90,11 +90,17 @@ def test_yaml_values_are_checked_the_same_way(tmp_path):
         FinetuneConfig(schedule="plateau", gamma=1.5)
 
 
-@pytest.mark.parametrize("text,message", [("epochs: 2.5", "epochs=2.5 should be a int"),
-                                          ("lr: true", "lr=True should be a float"),
-                                          ("patience: yes", "patience=True should be a int")])
+@pytest.mark.parametrize("text,message", [
+    ("epochs: 2.5", "epochs=2.5 should be a whole number"),
+    ("lr: true", "lr=True should be a number"),
+    ("patience: yes", "patience=True should be a whole number"),
+    ("tensorboard: 3", "tensorboard=3 should be true or false"),
+    ("lr: auto", "lr='auto' should be a number; auto is taken on the command line only (--lr auto): in a file "
+                 "give the learning rate, e.g. lr: 0.001"),
+    ("lr: Auto", "lr='Auto' should be a number; auto is taken on the command line only (--lr auto)")])
 def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text, message):
-    """int()/float() took `epochs: 2.5` as 2 and `lr: true` as 1.0 without a word."""
+    """int()/float() took `epochs: 2.5` as 2 and `lr: true` as 1.0 without a word. QA: the messages said
+    "should be a int" (Python's type names), and `lr: auto` gave no hint that auto is a command-line value."""
     from finetune.core.config import load_config
 
     cfg = tmp_path / "recipe.yaml"
@@ -103,6 +109,12 @@ def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text,
         load_config(cfg)
     cfg.write_text("epochs: 3.0\nlr: 1\nhead_epochs: '2'\n")       # whole numbers and numeric text still do
     assert (load_config(cfg).epochs, load_config(cfg).lr, load_config(cfg).head_epochs) == (3, 1.0, 2)
+
+
+def test_every_option_type_has_a_word_in_the_messages():
+    from finetune.core.config import _KIND_WORDS
+
+    assert {type(f.default) for f in dataclasses.fields(FinetuneConfig)} <= set(_KIND_WORDS)
 
 
 @pytest.mark.parametrize("text,message", [

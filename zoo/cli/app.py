@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 
 import click
 
@@ -20,6 +21,8 @@ from zoo.errors import ZooError
 from zoo.text import printable
 
 __all__ = ["cli", "ZooGroup"]
+
+RANK_GRACE_S = 5.0     # see _rank_0_ended_it
 
 
 class ZooGroup(click.Group):
@@ -45,9 +48,14 @@ class ZooGroup(click.Group):
             return self._invoke(ctx)
 
     def _invoke(self, ctx: click.Context):
+        rank = int(os.environ.get("RANK", "0") or 0)
+        main = rank == 0
+
         def fail(message: str, code: int):
+            if not main and (code == 130 or _rank_0_ended_it()):   # interrupted: rank 0 says what is saved
+                ctx.exit(code)
             with contextlib.suppress(console.OutputClosed):
-                console.echo(f"zoo: error: {message}", err=True)
+                console.echo(f"zoo: error: {message}" if main else f"zoo: error (rank {rank}): {message}", err=True)
             ctx.exit(code)
 
         debug = os.environ.get("ZOO_DEBUG") == "1"
@@ -55,6 +63,10 @@ class ZooGroup(click.Group):
             return super().invoke(ctx)
         except console.OutputClosed:
             ctx.exit(0)      # the reader went away (`zoo list | head`): nothing more to say
+        except click.ClickException as err:      # usage: click prints it, on rank 0 (see _rank_0_ended_it)
+            if not main and _rank_0_ended_it():
+                ctx.exit(err.exit_code)
+            raise
         except (ZooError, FinetuneError) as err:
             if debug:
                 raise
@@ -63,7 +75,8 @@ class ZooGroup(click.Group):
             if debug:
                 raise
             with contextlib.suppress(console.OutputClosed):
-                console.echo("zoo: interrupted", err=True)
+                if main:
+                    console.echo("zoo: interrupted", err=True)
             ctx.exit(130)
         except OSError as err:
             if console.is_broken_pipe(err) and err.filename is None:
@@ -80,6 +93,20 @@ class ZooGroup(click.Group):
                 fail(f"{err.strerror} while writing{where}: write elsewhere (--out, ZOO_HOME)"
                      + (" or free some space under your quota" if err.errno == errno.EDQUOT else ""), 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
+
+
+def _rank_0_ended_it() -> bool:
+    """Under torchrun (RANK) rank 0 alone says why a command failed: every rank meets the same error (the same
+    options and data, or rank 0's refusal shared by ``ddp.entered_on_main``), and N copies of the line read as N
+    problems. Another rank waits up to ``RANK_GRACE_S`` for torchrun to stop it, which it does once rank 0 has
+    exited (with its line; a rank that exited first would get rank 0 stopped before it said a word). True when
+    it was stopped (SIGTERM, as Ctrl-C): nothing to add. False when rank 0 went on: the error is this rank's
+    own, and it says it. Each rank exits with its own code."""
+    try:
+        time.sleep(RANK_GRACE_S)
+    except KeyboardInterrupt:
+        return True
+    return False
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -334,19 +334,22 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
+    missing = _missing_checkpoint(run_dir)
+    if missing:
+        raise CheckpointError(missing)
+    if data_dir is None and not (run_dir / "scan.json").exists():   # only it names the data folder
+        raise UsageError(f"{run_dir / 'scan.json'} is missing, and only it records the data folder the run trained "
+                         f"on; its checkpoint is intact: continue with `zoo finetune --resume {run_dir} --data DIR`, "
+                         "DIR that folder (the run's split.json and classes are kept, and scan.json written again)")
     try:
         info_json = json.loads(info_path.read_text(encoding="utf-8"))
-        scan = json.loads((run_dir / "scan.json").read_text(encoding="utf-8"))
+        scan = json.loads((run_dir / "scan.json").read_text(encoding="utf-8")) if data_dir is None else None
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir}: model.json or scan.json is unreadable ({e}); start a new run") from None
     config = load_config(run_dir / "config.yaml")
     if overrides:
         config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
     data_dir = Path(data_dir) if data_dir is not None else Path(scan["root"])
-
-    missing = _missing_checkpoint(run_dir)
-    if missing:
-        raise CheckpointError(missing)
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
@@ -373,6 +376,9 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
         say(f"warning: {w}")
     if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
         _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
+    if info.is_main and not (run_dir / "scan.json").exists() and \
+            list(load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)["classes"]) == report.classes:
+        write_scan(report, run_dir, scan_only=True)    # deleted: export, report and the next resume read it
     entry = get_entry(info_json["model"])
     # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
     # with the run's own FC dropout (runs from before model.json recorded it had none).
