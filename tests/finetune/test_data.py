@@ -179,6 +179,20 @@ def test_stray_folders_and_files_are_reported(tmp_path):
     assert any("directly in" in w for w in scan_folder(flat).warnings)
 
 
+def test_files_outside_the_class_folders_of_a_split_layout_are_reported(tmp_path):
+    """QA (docs/guide/data.md: files not in a class folder are ignored with a warning): an image dropped into
+    train/ or val/ itself, or next to them, was left out without a word in a split layout."""
+    root = make_image_folder(tmp_path / "d", layout="split", per_class=3, val_per_class=1)
+    make_image(root / "train" / "loose.png", 0)
+    make_image(root / "val" / "also.png", 1)
+    report = scan_folder(root)
+    (warning,) = [w for w in report.warnings if "outside the class folders" in w]
+    assert warning.startswith("2 files") and "train/loose.png" in warning and "DIR/train/<class>/" in warning
+    assert len(report.train) == 9 and len(report.val) == 3
+    assert not [w for w in scan_folder(make_image_folder(tmp_path / "clean", layout="split", per_class=3,
+                                                         val_per_class=1)).warnings if "outside" in w]
+
+
 def test_jpegs_without_image_data_are_refused_by_the_scan_whatever_the_pillow(tmp_path):
     """Cut inside the Huffman tables, ending right after the headers, a scan header with nothing after
     it: refused by the scan's own marker walk (Pillow 12 refuses the first at open, Pillow 13 opens it),
