@@ -150,6 +150,20 @@ def test_split_file_files_changed(image_folder, tmp_path):
     assert len(again.train) + len(again.val) == 36 - 1 + 3
 
 
+def test_split_file_counts_a_file_moved_to_another_class_as_moved(image_folder, tmp_path):
+    """QA (docs/guide/data.md: a resume reports files added, removed or relabelled): a class is its folder, so
+    a relabelled file has a new path, and the warning said '1 added, 1 removed, 0 moved to another class'."""
+    first = scan_folder(image_folder)
+    write_scan(first, tmp_path / "run")
+    os.rename(image_folder / "fox" / "fox_001.png", image_folder / "cat" / "fox_001.png")
+    make_image(image_folder / "dog" / "new.png", 1)
+    again = scan_folder(image_folder, split_file=tmp_path / "run" / "split.json")
+    (msg,) = [w for w in again.warnings if "changed since" in w]
+    assert "1 added, 0 removed" in msg and "1 moved to another class" in msg
+    assert len(again.train) + len(again.val) == 36 + 1
+    assert "cat/fox_001.png" in {again.relpath(p) for p, c in again.train.items + again.val.items if c == 0}
+
+
 def test_no_validation_images_is_fatal(tmp_path):
     for c in range(2):
         make_image(tmp_path / "d" / f"c{c}" / "only.png", c)          # 1 image per class: nothing to hold out
