@@ -100,9 +100,11 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
             warn.append(f"ignored folder(s) {name_list(others)} next to train/ (only train/, val/, test/ are read)")
     loops: list[str] = []
     stray: list[str] = []
-    if train_dir == root_s:
-        with os.scandir(root_s) as entries:
-            stray = [e.name for e in entries if not is_ignored(e.name) and not is_dir(e)]
+    for folder in (root_s,) if train_dir == root_s else (root_s, train_dir, val_dir, test_dir):
+        if folder:   # files outside any class folder (in a split layout, also those in DIR and train/ val/ test/)
+            with os.scandir(folder) as entries:
+                stray += sorted(relative_path(e.path, root_s) for e in entries
+                                if not is_ignored(e.name) and not is_dir(e))
     dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
     good, bad = _usable_files(root_s, dirs, loops, stray, strict)
     classes = _classes(root_s, train_dir, good, stray, loops, bad, warn)
@@ -175,9 +177,12 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:
         warn.append(f"empty class folder(s) {name_list(empty)} left out (no usable images)")
-    if stray:
+    if stray and train_dir == root_s:
         warn.append(f"{len(stray)} files directly in {printable_name(root_s)} ignored "
                     "(images must be in DIR/<class>/)")
+    elif stray:
+        warn.append(f"{len(stray)} files outside the class folders ignored, e.g. {printable_name(stray[0])} "
+                    "(images must be in DIR/train/<class>/, DIR/val/<class>/ or DIR/test/<class>/)")
     if loops:
         warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. {printable_name(relative_path(loops[0], root_s))}")
     if bad:

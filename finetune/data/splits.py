@@ -55,6 +55,13 @@ def _split_payload(report: ScanReport) -> dict[str, Any]:
             "train": rows(report.train), "val": rows(report.val), "test": rows(report.test)}
 
 
+def _without_class(rel: str, layout: str) -> str:
+    """A relative path without its class folder (``cat/x.jpg`` -> ``x.jpg``; ``train/cat/x.jpg`` -> ``train/x.jpg``)."""
+    parts = rel.split("/")
+    at = 1 if layout == "split" else 0
+    return "/".join(parts[:at] + parts[at + 1:])
+
+
 def apply_split_file(report: ScanReport, path: Path) -> None:
     """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed."""
     try:
@@ -73,12 +80,19 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     before = {**old["train"], **old["val"]}
     added = sorted(set(current) - set(before))
     removed = sorted(set(before) - set(current))
-    relabelled = sorted(r for r in set(current) & set(before) if current[r] != before[r])
+    # A class is its folder, so a file moved to another class has a new path: the same path without its class
+    # folder (and of another class) is that move, not one file removed and another added.
+    gone = {_without_class(r, report.layout): r for r in removed}
+    moves = {a: gone[k] for a in added if (k := _without_class(a, report.layout)) in gone
+             and current[a] != before[gone[k]]}
+    relabelled = sorted(moves)
+    added = [a for a in added if a not in moves]
+    removed = sorted(set(removed) - set(moves.values()))
     if added or removed or relabelled:
         report.warnings.append(
             f"files changed since {where} was written: {len(added)} added, {len(removed)} removed or now "
             f"unreadable, {len(relabelled)} moved to another class; the unchanged files keep their split"
-            + (" and new ones are split by the seed" if report.layout == "flat" and added else ""))
+            + (" and new ones are split by the seed" if report.layout == "flat" and (added or relabelled) else ""))
     if report.layout == "split":
         return   # the folders define the split; the file only told us what changed
     if old_seed != report.seed or (old_split is not None and abs(float(old_split) - (report.val_split or 0)) > 1e-9):

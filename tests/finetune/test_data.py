@@ -150,6 +150,20 @@ def test_split_file_files_changed(image_folder, tmp_path):
     assert len(again.train) + len(again.val) == 36 - 1 + 3
 
 
+def test_split_file_counts_a_file_moved_to_another_class_as_moved(image_folder, tmp_path):
+    """QA (docs/guide/data.md: a resume reports files added, removed or relabelled): a class is its folder, so
+    a relabelled file has a new path, and the warning said '1 added, 1 removed, 0 moved to another class'."""
+    first = scan_folder(image_folder)
+    write_scan(first, tmp_path / "run")
+    os.rename(image_folder / "fox" / "fox_001.png", image_folder / "cat" / "fox_001.png")
+    make_image(image_folder / "dog" / "new.png", 1)
+    again = scan_folder(image_folder, split_file=tmp_path / "run" / "split.json")
+    (msg,) = [w for w in again.warnings if "changed since" in w]
+    assert "1 added, 0 removed" in msg and "1 moved to another class" in msg
+    assert len(again.train) + len(again.val) == 36 + 1
+    assert "cat/fox_001.png" in {again.relpath(p) for p, c in again.train.items + again.val.items if c == 0}
+
+
 def test_no_validation_images_is_fatal(tmp_path):
     for c in range(2):
         make_image(tmp_path / "d" / f"c{c}" / "only.png", c)          # 1 image per class: nothing to hold out
@@ -177,6 +191,20 @@ def test_stray_folders_and_files_are_reported(tmp_path):
     flat = make_image_folder(tmp_path / "f", per_class=3)
     make_image(flat / "loose.png", 0)
     assert any("directly in" in w for w in scan_folder(flat).warnings)
+
+
+def test_files_outside_the_class_folders_of_a_split_layout_are_reported(tmp_path):
+    """QA (docs/guide/data.md: files not in a class folder are ignored with a warning): an image dropped into
+    train/ or val/ itself, or next to them, was left out without a word in a split layout."""
+    root = make_image_folder(tmp_path / "d", layout="split", per_class=3, val_per_class=1)
+    make_image(root / "train" / "loose.png", 0)
+    make_image(root / "val" / "also.png", 1)
+    report = scan_folder(root)
+    (warning,) = [w for w in report.warnings if "outside the class folders" in w]
+    assert warning.startswith("2 files") and "train/loose.png" in warning and "DIR/train/<class>/" in warning
+    assert len(report.train) == 9 and len(report.val) == 3
+    assert not [w for w in scan_folder(make_image_folder(tmp_path / "clean", layout="split", per_class=3,
+                                                         val_per_class=1)).warnings if "outside" in w]
 
 
 def test_jpegs_without_image_data_are_refused_by_the_scan_whatever_the_pillow(tmp_path):

@@ -64,8 +64,9 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     Examples:
       zoo sweep resnet50 --data ./photos --lr 1e-4:1e-2:5
       zoo sweep resnet50 --data ./photos --lr 1e-4:1e-2:3 --weight-decay 0,1e-4 --freeze head,1,2
-      zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4
-      zoo sweep resnet50 --data ./photos --out sw1 --resume          # after Ctrl-C
+      zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4 --out sw1
+      zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4 --out sw1 --resume
+                                                    # after Ctrl-C: the same options, finished trials skipped
       zoo finetune resnet50 --data ./photos --config sw1/best_config.yaml --epochs 30
     """
     # lazy: zoo --help must not import torch, nor load these modules
