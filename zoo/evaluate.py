@@ -1,5 +1,5 @@
 """``zoo eval``: a labelled folder through a model (``zoo.predict.predict_probs``), its metrics (accuracy,
-top-5, per class, confusion) and reports (metrics.json, predictions.csv, confusion.png)."""
+top-5, per class, confusion) and reports (metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv)."""
 from __future__ import annotations
 
 import csv

@@ -277,6 +277,15 @@ def test_lr_find_stops_early_on_divergence_and_steepest_rule(tiny_train_set):
     assert "stopped early" in res.describe()
 
 
+def test_lr_find_says_nothing_of_the_runs_auto_epochs(tiny_train_set):
+    """QA: under `zoo finetune --lr auto` with auto epochs the line "epochs: at most N (auto for ...)" came
+    twice: from the range test's setup, then from the run's. The range test trains steps, not epochs."""
+    said: list[str] = []
+    lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(epochs=0), head="fc", steps=5,
+            log=said.append)
+    assert said and not any(m.startswith("epochs:") for m in said), said
+
+
 def test_lr_find_rejects_bad_ranges(tiny_train_set):
     with pytest.raises(ConfigError, match="start_lr < end_lr"):
         lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", start_lr=1.0, end_lr=1e-3)

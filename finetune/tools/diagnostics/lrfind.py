@@ -265,6 +265,9 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     if method not in ("valley", "steepest"):
         raise ConfigError(f"method={method!r}: choose valley or steepest")
 
+    # the test trains `steps` steps, not epochs: auto epochs (0) would print the run's epoch line a second time
+    # under --lr auto, and size cuDNN's autotuning for a whole run
+    config = config.replace(epochs=1) if int(config.epochs) == 0 else config
     with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, config,
                                                           head=head, reset_head=reset_head, copy_model=True,
                                                           distributed=False, log=log)) as setup:
