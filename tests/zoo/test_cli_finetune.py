@@ -147,24 +147,7 @@ def test_every_config_field_has_a_flag():
 
 
 def test_interrupt_then_resume(tmp_path, tiny, monkeypatch):
-    import finetune.engine.epoch_steps as loop
-
-    data = make_image_folder(tmp_path / "data", per_class=6)
-    out = tmp_path / "run"
-    real = loop.train_one_epoch
-    calls = {"n": 0}
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
-        result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
-                        "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
-    assert result.exit_code == 130
+    _, out, result = _interrupted_run(tmp_path, monkeypatch, tiny)
     assert f"zoo finetune --resume {out}" in result.stderr
     assert not (out / "summary.json").exists()
     # no weights are needed to resume: the checkpoint holds the whole model
@@ -516,7 +499,7 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
 
 
 def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat"):
-    """(data, RUN): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
+    """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
     import finetune.engine.epoch_steps as loop
 
     data = make_image_folder(tmp_path / "data", per_class=6, layout=layout)
@@ -534,13 +517,13 @@ def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat"):
         result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
                         "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
     assert result.exit_code == 130, result.output
-    return data, out
+    return data, out, result
 
 
 def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_option(tmp_path, tiny, monkeypatch):
     """QA: editing RUN/config.yaml, then `--resume RUN`, said "changed option(s) lr: drop them", as if a flag had
     been given. It now says the file differs from the checkpoint, with both values, and what to do."""
-    _, out = _interrupted_run(tmp_path, monkeypatch, tiny)
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
     conf = out / "config.yaml"
     saved = yaml.safe_load(conf.read_text())
     conf.write_text(yaml.safe_dump({**saved, "lr": 0.123}, sort_keys=False))
@@ -561,7 +544,7 @@ def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_optio
 def test_resuming_on_renamed_class_folders_names_the_classes_that_differ(tmp_path, tiny, monkeypatch, layout):
     """QA: a class folder renamed mid-run, then `--resume`, said "resume with the same data folder" and listed
     the run's classes, not which differ. It now names those the data lacks and those it has besides."""
-    data, out = _interrupted_run(tmp_path, monkeypatch, tiny, layout)
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny, layout)
     for base in ([data / "train", data / "val"] if layout == "split" else [data]):
         (base / "dog").rename(base / "dogs")
     result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
@@ -591,7 +574,7 @@ def test_resume_without_scan_json_asks_for_the_data_folder_then_continues_and_wr
     """QA: a deleted RUN/scan.json made `--resume` say "start a new run" though checkpoints/last.pt was intact.
     scan.json only records the data folder (the split is split.json's, the classes the checkpoint's): without it
     the resume asks for --data, and with --data it continues and writes scan.json again."""
-    data, out = _interrupted_run(tmp_path, monkeypatch, tiny)
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
     scan = (out / "scan.json").read_text()
     split = (out / "split.json").read_bytes()
     (out / "scan.json").unlink()
