@@ -250,7 +250,7 @@ class Trainer:
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
                "images_per_s": tr["images_per_s"]}
         if tr.get("solver"):      # a solved head (L-BFGS): no learning rate was used, whatever --lr says
-            row["solver"] = tr["solver"]
+            row["solver"], row["lr"] = tr["solver"], math.nan     # ("nan" in metrics.csv; the curves skip it)
         improved = s.has_val and self.stopper.improved(metric)
         if improved:
             self.best_eval = _evaluation(steps, va)
