@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, load_checkpoint, save_checkpoint,
                                      save_weights)
-from finetune.core.config import RESUME_FREE, FinetuneConfig, save_config
+from finetune.core.config import RESUME_FREE, FinetuneConfig, load_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name
@@ -133,11 +132,11 @@ class RunFolder:
     def _changed(self, differ: list[str], trained: dict, current: dict) -> str:
         """Why ``differ`` stops the resume: RUN/config.yaml edited since the checkpoint (the file holds the
         new value), else options given to the resume itself."""
-        try:
-            on_disk = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
+        try:    # typed as the run reads it (plain YAML reads `lr: 1e-4` as the text '1e-4')
+            on_disk = load_config(self.path / "config.yaml").to_dict()
+        except ConfigError:
             on_disk = {}
-        edited = [k for k in differ if isinstance(on_disk, dict) and k in on_disk and on_disk[k] == current[k]]
+        edited = [k for k in differ if k in on_disk and on_disk[k] == current[k]]
         shown = ", ".join(f"{k}: {current[k]!r} (the checkpoint's: {trained[k]!r})" for k in (edited or differ))
         if edited:
             return (f"{self.path / 'config.yaml'} differs from the options {self.path / LAST} was trained with: "

@@ -533,6 +533,10 @@ def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_optio
         f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
         f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
         f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
+    # written as people write learning rates (plain YAML reads `1e-4` as text; the run reads it as a number)
+    conf.write_text(conf.read_text().replace("lr: 0.123", "lr: 1e-4"))
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 2 and f"{conf} differs from the options" in result.stderr, result.stderr
     # an option given to the resume itself is still called one, with its value and the run's
     conf.write_text(yaml.safe_dump(saved, sort_keys=False))
     result = invoke("finetune", "--resume", out, "--optimizer", "sgd", "--workers", "0", "--no-export")
