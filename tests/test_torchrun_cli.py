@@ -126,7 +126,28 @@ def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_pa
 
     monkeypatch.setattr(app.time, "sleep", sleep)
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(app.process, "under_torchrun", lambda: True)     # (no process group to join here)
     result = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(tmp_path / "nope")])
     assert result.exit_code == 1
     said = f"zoo: error (rank 1): data folder {tmp_path / 'nope'} does not exist"
     assert (result.stderr == "") if stopped else result.stderr.startswith(said), result.stderr
+
+
+def test_a_rank_set_without_torchrun_says_its_errors_at_once_and_a_bad_one_is_rank_0(tmp_path, monkeypatch):
+    """Review: RANK alone (a SLURM or Kubeflow set-up, no torchrun to stop the job) made every error of every
+    command wait 5 s and then name a rank; RANK=abc was a ValueError traceback before any command ran."""
+    from click.testing import CliRunner
+
+    from zoo.cli import app, cli
+
+    def no_wait(seconds):
+        raise AssertionError("waited for a torchrun that is not there")
+
+    monkeypatch.setattr(app.time, "sleep", no_wait)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "does not exist" in result.stderr, result.stderr
+    monkeypatch.setenv("RANK", "abc")
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 0 and "resnet50" in result.stdout, result.output

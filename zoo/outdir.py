@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 
 from finetune.core.io import atomic_write_text
 from zoo.errors import UsageError, ZooError
+from zoo.process import launcher_rank
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
            "RunLock", "is_main_process"]
@@ -87,10 +88,7 @@ class RunLockedError(ZooError):
 
 def is_main_process() -> bool:
     """False on the ranks other than 0 under torchrun (they neither lock nor write)."""
-    try:
-        return int(os.environ.get("RANK", "0") or 0) == 0
-    except ValueError:
-        return True
+    return launcher_rank() == 0
 
 
 def _entries(path: Path) -> list[str]:

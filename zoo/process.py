@@ -16,9 +16,29 @@ import functools
 import gc
 import os
 
-__all__ = ["keep_freed_memory", "describe", "fewer_collections", "skip_final_collection"]
+__all__ = ["keep_freed_memory", "describe", "fewer_collections", "skip_final_collection", "launcher_rank",
+           "under_torchrun"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
+
+
+def launcher_rank() -> int:
+    """This process's rank as a launcher set it (RANK: torchrun, also SLURM or Kubeflow set-ups); 0 when
+    unset or not a number. Only rank 0 prints, locks and writes a run folder."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun (its TORCHELASTIC_RUN_ID) with other processes beside this one: torchrun stops
+    them all once one has exited, which the CLI's one-line errors rely on (zoo.cli.app)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        world = 1
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and world > 1
 
 
 @functools.cache      # once per process

@@ -115,3 +115,20 @@ def test_the_cli_exits_without_a_final_collection_and_keeps_its_exit_cleanups():
     frozen = [ln for ln in lines if ln.startswith("frozen")]
     assert frozen and frozen[0].split()[1] == "True"
     assert not Path(frozen[0].split()[-1]).exists()         # the finalizer ran at exit
+
+
+def test_launcher_rank_and_torchrun(monkeypatch):
+    from zoo.process import launcher_rank, under_torchrun
+
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert launcher_rank() == 0 and not under_torchrun()
+    monkeypatch.setenv("RANK", "abc")
+    assert launcher_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launcher_rank() == 3 and not under_torchrun()          # a RANK without torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert under_torchrun()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not under_torchrun()                                   # torchrun with one process: nobody to wait for

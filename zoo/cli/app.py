@@ -48,11 +48,11 @@ class ZooGroup(click.Group):
             return self._invoke(ctx)
 
     def _invoke(self, ctx: click.Context):
-        rank = int(os.environ.get("RANK", "0") or 0)
-        main = rank == 0
+        rank = process.launcher_rank()
+        main, shared = rank == 0, process.under_torchrun()    # (a RANK without torchrun: every rank says it)
 
         def fail(message: str, code: int):
-            if not main and (code == 130 or _rank_0_ended_it()):   # interrupted: rank 0 says what is saved
+            if not main and shared and (code == 130 or _rank_0_ended_it()):   # 130: rank 0 says what is saved
                 ctx.exit(code)
             with contextlib.suppress(console.OutputClosed):
                 console.echo(f"zoo: error: {message}" if main else f"zoo: error (rank {rank}): {message}", err=True)
@@ -64,7 +64,7 @@ class ZooGroup(click.Group):
         except console.OutputClosed:
             ctx.exit(0)      # the reader went away (`zoo list | head`): nothing more to say
         except click.ClickException as err:      # usage: click prints it, on rank 0 (see _rank_0_ended_it)
-            if not main and _rank_0_ended_it():
+            if not main and shared and _rank_0_ended_it():
                 ctx.exit(err.exit_code)
             raise
         except (ZooError, FinetuneError) as err:
@@ -75,7 +75,7 @@ class ZooGroup(click.Group):
             if debug:
                 raise
             with contextlib.suppress(console.OutputClosed):
-                if main:
+                if main or not shared:
                     console.echo("zoo: interrupted", err=True)
             ctx.exit(130)
         except OSError as err:

@@ -16,6 +16,7 @@ from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options
 from zoo.cli.console import echo
+from zoo.outdir import is_main_process
 from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
@@ -30,11 +31,6 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
     except ValueError:
         raise click.BadParameter(f"{text!r} is neither a number nor 'auto' (e.g. --lr 1e-3)", param_hint="--lr")
     return lr, False
-
-
-def _is_main() -> bool:
-    # torchrun sets RANK: only rank 0 prints.
-    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 @cli.command("finetune", short_help="Finetune a zoo model on a folder of labelled images.")
@@ -90,7 +86,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
     # lazy: zoo --help must not import torch
     from zoo.jobs import finetune as job
 
-    main = _is_main()
+    main = is_main_process()     # torchrun sets RANK: only rank 0 prints
     console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
 
     def log(msg: str) -> None:
