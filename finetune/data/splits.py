@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
@@ -55,11 +56,16 @@ def _split_payload(report: ScanReport) -> dict[str, Any]:
             "train": rows(report.train), "val": rows(report.val), "test": rows(report.test)}
 
 
-def _without_class(rel: str, layout: str) -> str:
-    """A relative path without its class folder (``cat/x.jpg`` -> ``x.jpg``; ``train/cat/x.jpg`` -> ``train/x.jpg``)."""
+def _without_class(rel: str, folders: Iterable[str]) -> str:
+    """A relative path without its class folder, the one right below the split folder it is in (``folders``:
+    the scanned train/val folders, "." for the root): ``cat/x.jpg`` -> ``x.jpg``, ``train/cat/x.jpg`` ->
+    ``train/x.jpg``. A path in none of them is returned as it is."""
     parts = rel.split("/")
-    at = 1 if layout == "split" else 0
-    return "/".join(parts[:at] + parts[at + 1:])
+    for folder in sorted(folders, key=len, reverse=True):
+        above = [] if folder in (".", "") else folder.replace(os.sep, "/").split("/")
+        if parts[:len(above)] == above and len(parts) > len(above) + 1:
+            return "/".join(above + parts[len(above) + 1:])
+    return rel
 
 
 def apply_split_file(report: ScanReport, path: Path) -> None:
@@ -80,10 +86,14 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     before = {**old["train"], **old["val"]}
     added = sorted(set(current) - set(before))
     removed = sorted(set(before) - set(current))
-    # A class is its folder, so a file moved to another class has a new path: the same path without its class
-    # folder (and of another class) is that move, not one file removed and another added.
-    gone = {_without_class(r, report.layout): r for r in removed}
-    moves = {a: gone[k] for a in added if (k := _without_class(a, report.layout)) in gone
+    # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
+    # the same path but for their class folder (each the only one of that name) count as that move. By name:
+    # a file deleted and another of the same name added under another class count as a move too.
+    folders = [f for k, f in report.folders.items() if k in ("train", "val") and f]
+    gone_keys = Counter(_without_class(r, folders) for r in removed)
+    new_keys = Counter(_without_class(a, folders) for a in added)
+    gone = {k: r for r in removed if gone_keys[k := _without_class(r, folders)] == 1}
+    moves = {a: gone[k] for a in added if (k := _without_class(a, folders)) in gone and new_keys[k] == 1
              and current[a] != before[gone[k]]}
     relabelled = sorted(moves)
     added = [a for a in added if a not in moves]
@@ -91,7 +101,8 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     if added or removed or relabelled:
         report.warnings.append(
             f"files changed since {where} was written: {len(added)} added, {len(removed)} removed or now "
-            f"unreadable, {len(relabelled)} moved to another class; the unchanged files keep their split"
+            f"unreadable, {len(relabelled)} moved to another class (a file name gone from one class and new in "
+            "another); the unchanged files keep their split"
             + (" and new ones are split by the seed" if report.layout == "flat" and (added or relabelled) else ""))
     if report.layout == "split":
         return   # the folders define the split; the file only told us what changed

@@ -164,6 +164,29 @@ def test_split_file_counts_a_file_moved_to_another_class_as_moved(image_folder, 
     assert "cat/fox_001.png" in {again.relpath(p) for p, c in again.train.items + again.val.items if c == 0}
 
 
+def test_a_move_is_found_below_the_scanned_folder_and_only_for_a_name_seen_once(tmp_path):
+    """Review: a train/ + test/ folder (flat: val carved out of train/) had its split folder stripped instead
+    of the class, so a real move counted as 1 added + 1 removed; and two files of one name moved the same
+    way cannot be paired, so they stay added and removed."""
+    root = tmp_path / "data"
+    for ci, name in enumerate(("cat", "dog", "fox", "owl")):
+        for i in range(6):
+            make_image(root / "train" / name / f"{name}_{i:03d}.png", ci)
+        make_image(root / "test" / name / "t.png", ci)
+    for name in ("dog", "fox"):
+        make_image(root / "train" / name / "s.png", 1)
+    first = scan_folder(root)
+    assert first.layout == "flat" and first.folders["train"] == "train"
+    write_scan(first, tmp_path / "run")
+    os.rename(root / "train" / "fox" / "fox_001.png", root / "train" / "cat" / "fox_001.png")
+    (msg,) = [w for w in scan_folder(root, split_file=tmp_path / "run" / "split.json").warnings if "changed" in w]
+    assert "0 added, 0 removed or now unreadable, 1 moved to another class" in msg, msg
+    os.rename(root / "train" / "dog" / "s.png", root / "train" / "cat" / "s.png")
+    os.rename(root / "train" / "fox" / "s.png", root / "train" / "owl" / "s.png")    # two of one name: ambiguous
+    (msg,) = [w for w in scan_folder(root, split_file=tmp_path / "run" / "split.json").warnings if "changed" in w]
+    assert "2 added, 2 removed or now unreadable, 1 moved to another class" in msg, msg
+
+
 def test_no_validation_images_is_fatal(tmp_path):
     for c in range(2):
         make_image(tmp_path / "d" / f"c{c}" / "only.png", c)          # 1 image per class: nothing to hold out
