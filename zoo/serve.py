@@ -28,6 +28,7 @@ import html
 import io
 import ipaddress
 import json
+import signal
 import socket
 import threading
 import time
@@ -408,7 +409,19 @@ def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConf
 
     app = create_app(bundle, cfg)
     sock = _bind(host, port)
-    if on_ready is not None:
-        shown = f"[{host}]" if ":" in host else host
-        on_ready(f"http://{shown}:{sock.getsockname()[1]}", _is_loopback(host))
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    # uvicorn shuts down on SIGTERM, then raises it again for the handler it found: the CLI's (SIGTERM as
+    # Ctrl-C) would call a service's normal stop "interrupted", exit 130; a stopped server ends with 0
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if in_main else None
+    try:
+        if on_ready is not None:
+            shown = f"[{host}]" if ":" in host else host
+            on_ready(f"http://{shown}:{sock.getsockname()[1]}", _is_loopback(host))
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    raise SystemExit(0)

@@ -266,3 +266,23 @@ def test_uploads_are_converted_to_rgb_as_training_reads_the_file(tmp_path):
         img.save(tmp_path / name)
         served = decode_upload((tmp_path / name).read_bytes(), "image/png", name, ServeConfig())
         assert served.tobytes() == load_image(tmp_path / name).tobytes(), name
+
+
+def test_a_server_stopped_by_sigterm_exits_0_and_says_nothing(bundle_dir):
+    """Review: once every command took SIGTERM as Ctrl-C, a service manager's normal stop of `zoo serve` (uvicorn
+    shuts down, then raises SIGTERM again) ended as "zoo: interrupted", exit 130: a failed unit to systemd."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", str(bundle_dir), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        line = proc.stdout.readline()            # "serving ... at URL": uvicorn is about to accept
+        assert line.startswith("serving "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "interrupted" not in err, (proc.returncode, err)
