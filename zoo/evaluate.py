@@ -102,7 +102,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
         items.extend((p, index[name]) for p in walk_files(str(d)) if os.path.splitext(p)[1].lower() in exts)
     if len(ignored) == len(folders):
         shown = ", ".join(ignored[:5]) or "none"
-        if split == "." and (root / "train").is_dir():     # a split folder whose held-out part is missing
+        if split == "." and split_folder(root, ("train",)):     # a split folder whose held-out part is missing
             raise UsageError(f"--data {root} has train/ but no test/ or val/ to evaluate on; put held-out images "
                              f"in {root / 'test'}/<class>/, or give --data {root / 'train'} to score the training "
                              "images (optimistic: the model has seen them)")

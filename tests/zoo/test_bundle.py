@@ -409,6 +409,7 @@ def test_bundle_predict_refuses_a_topk_below_1_and_an_array_in_one_line_and_take
     for k in (0, -1, 2.5):
         with pytest.raises(UsageError, match=f"topk={k!r}: give the number of classes wanted per image, 1 or more"):
             bundle.predict(img, topk=k)
+    assert len(bundle.predict(img, topk=np.int64(2))[0]) == 2        # a numpy integer is a number of classes
     with pytest.raises(BundleError) as err:
         bundle.predict(np.zeros((40, 40, 3), np.uint8))
     assert str(err.value) == ("cannot read a ndarray: give a file path or a PIL image (PIL.Image.fromarray(array) "

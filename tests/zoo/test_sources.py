@@ -229,10 +229,10 @@ def test_no_network_fails_fast_for_an_hf_hub_name_too(closed_port_url, tmp_path)
     image.write_bytes(b"")      # never read: the model is not found first
     env = {**os.environ, "HF_ENDPOINT": closed_port_url, "ZOO_HOME": str(tmp_path / "home"),
            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
-    t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "zoo", "predict", "hf-hub:me/model", str(image)], env=env,
                          capture_output=True, text=True, timeout=600)
-    assert res.returncode == 1 and time.monotonic() - t0 < 20, res.stderr
+    # (no wall-clock bound: the process imports torch, slow on a busy machine; no retry is what made it fast)
+    assert res.returncode == 1, res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "Retry" not in res.stderr
     assert "hf-hub:me/model is not cached and the Hub is unreachable" in res.stderr
 

@@ -3,6 +3,7 @@ finetuned architecture rebuilt (``build_model``), ``Bundle`` / ``load_bundle`` /
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,7 @@ class Bundle:
         # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
         from zoo.predict import predict_probs, topk as _topk
 
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:   # (numpy ints too)
             raise UsageError(f"topk={topk!r}: give the number of classes wanted per image, 1 or more")
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -242,7 +243,7 @@ class Bundle:
 
         _, probs = predict_probs(self.model, images, self.data_config, tta=tta, tta_scales=tta_scales,
                                  tta_views=tta_views, batch_size=batch_size, on_error=fail)
-        return _topk(probs, self.labels, topk)
+        return _topk(probs, self.labels, int(topk))
 
     def to(self, device: Any) -> "Bundle":
         """Move the model to ``device`` (e.g. "cuda"); returns self."""
