@@ -37,7 +37,7 @@ from zoo.errors import UsageError, ZooError
 from zoo.process import launcher_rank
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
-           "RunLock", "is_main_process"]
+           "RunLock", "is_main_process", "still_training"]
 
 MARKER = ".zoo-run.json"
 LOCK = ".zoo.lock"
@@ -84,6 +84,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 
 class RunLockedError(ZooError):
     """Another live process works in the folder (exit 1: wait for it, or use another folder)."""
+
+
+def still_training(run: str | os.PathLike) -> bool:
+    """Whether a live process holds RUN's lock (a run still training: zoo export and zoo report say so)."""
+    try:
+        RunLock(run).check()
+    except RunLockedError:
+        return True
+    return False
 
 
 def is_main_process() -> bool:

@@ -37,14 +37,12 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
     from zoo.bundle import export_run
-    from zoo.outdir import RunLock, RunLockedError, claim_out
+    from zoo.outdir import claim_out, still_training
 
     formats = tuple(dict.fromkeys(("safetensors", *formats)))
     if not run_dir.is_dir():    # export_run's own message, before a RUN_DIR/export could be created
         export_run(run_dir, out, formats=formats)
-    try:
-        RunLock(run_dir).check()
-    except RunLockedError:      # a run still training: its best epoch so far is what gets exported
+    if still_training(run_dir):      # its best epoch so far is what gets exported
         echo(f"note: {run_dir} is still training; this exports its best epoch so far (the run exports "
              "its final best itself when it ends)", err=True)
     target = out if out is not None else run_dir / "export"

@@ -30,11 +30,9 @@ def report_cmd(run: str, top: int, device: str) -> None:
     # lazy: zoo --help must not import torch
     from finetune.engine import resolve_device
     from zoo.jobs.report import make_report
-    from zoo.outdir import RunLock, RunLockedError
+    from zoo.outdir import still_training
 
-    try:
-        RunLock(run).check()
-    except RunLockedError:      # as zoo export says it: the page shows the epochs done so far
+    if still_training(run):      # as zoo export says it: the page shows the epochs done so far
         echo(f"note: {run} is still training; this page shows its epochs so far (the run redraws it when it "
              "ends)", err=True)
     if top > 0:     # a device that is not here: one line, as zoo predict says it (--top 0 loads no model)
