@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import atomic_write_text
+from finetune.core.io import SafetensorsHeaderError, atomic_write_text, rewrite_safetensors_metadata
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import sha256_file, zoo_home
 from zoo.errors import BundleError, OfflineError, PushError, UsageError
@@ -36,7 +36,7 @@ from zoo.sources import is_offline
 from zoo.text import first_line
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
-           "local_bundles", "rewrite_safetensors_metadata", "HUB_LICENSES"]
+           "local_bundles", "HUB_LICENSES"]
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
@@ -88,23 +88,6 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 # ---------------------------------------------------------------------------------- safetensors header
-
-
-def rewrite_safetensors_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
-    """``data`` (a safetensors file) with its ``__metadata__`` replaced; the tensor bytes are untouched.
-
-    Raises:
-        BundleError: not a safetensors file.
-    """
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-    except (struct.error, ValueError) as err:
-        raise BundleError(f"model.safetensors has no readable header ({err}); re-export the bundle") from None
-    header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}   # the same bytes every time
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)          # safetensors keeps the tensor data 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
 def _read_header_metadata(data: bytes) -> dict[str, str]:
@@ -202,7 +185,10 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     check_config(config, labels, len(labels or ()), bundle / CONFIG)   # what zoo predict would refuse
     public_meta = _public({k: v for k, v in meta.items() if k not in LOCAL_KEYS})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
-    weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
+    try:
+        weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
+    except SafetensorsHeaderError as err:
+        raise BundleError(f"{bundle / WEIGHTS} has no readable header ({err}); re-export the bundle") from None
     weights_sha = hashlib.sha256(weights).hexdigest()
     cfg = _public(config)
     cfg.setdefault("zoo", {})["weights_sha256"] = weights_sha

@@ -16,7 +16,8 @@ from typing import IO, Any, Callable
 import yaml
 
 __all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
-           "read_safetensors_header", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room"]
+           "read_safetensors_header", "rewrite_safetensors_metadata", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER",
+           "no_room"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -155,6 +156,26 @@ def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with libyaml's C parser when PyYAML has it (the curated registry parses in 14 ms
     instead of 118 ms); the same objects and the same ``yaml.YAMLError``s either way."""
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def rewrite_safetensors_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """``data`` (a safetensors file's bytes) with its ``__metadata__`` replaced by ``metadata`` in sorted key
+    order; the tensor bytes are untouched. safetensors itself writes the metadata in hash order, which changes
+    from process to process: sorted, the same weights and metadata always give the same bytes (the same
+    sha256: an exported bundle, a pushed commit).
+
+    Raises:
+        SafetensorsHeaderError: ``data`` has no readable safetensors header.
+    """
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError) as err:
+        raise SafetensorsHeaderError(f"damaged header ({err})") from None
+    header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)          # safetensors keeps the tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:

@@ -6,14 +6,13 @@ import json
 import math
 import os
 import shutil
-import struct
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from finetune.core.io import atomic_write, atomic_write_text, load_yaml
+from finetune.core.io import atomic_write, atomic_write_text, load_yaml, rewrite_safetensors_metadata
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
@@ -356,24 +355,6 @@ def _publish(stage: Path, out: Path) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def _sort_metadata(path: str) -> None:
-    """Rewrite the ``__metadata__`` of the safetensors file at ``path`` in sorted key order, in place.
-
-    safetensors writes it in hash order, which changes from process to process: the same run exported twice
-    gave other bytes, so another weights_sha256 (a `zoo eval` report of the first export was "other weights"
-    to `zoo push --test-metrics`, and each push of an unchanged bundle was a new commit). The same keys and
-    values in another order take the same bytes; a header that would not is left as it is.
-    """
-    with open(path, "r+b") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        head = json.loads(fh.read(n))
-        head["__metadata__"] = dict(sorted((head.get("__metadata__") or {}).items()))
-        raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(raw) <= n:
-            fh.seek(8)
-            fh.write(raw + b" " * (n - len(raw)))
-
-
 def _write_bundle(out: Path, run: Path, info: dict[str, Any], model: Any, meta: dict[str, Any], labels: list[str],
                   data_config: dict[str, Any], formats: Sequence[str]) -> None:
     """Every file of the bundle, written into ``out`` (the staging folder)."""
@@ -385,11 +366,9 @@ def _write_bundle(out: Path, run: Path, info: dict[str, Any], model: Any, meta: 
     kwargs, head, classifier = meta["builder_kwargs"], meta["head"], meta["classifier"]
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": "pt", **{k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()}}
-    def save(tmp: str) -> None:
-        safetensors.torch.save_file(tensors, tmp, metadata=header)
-        _sort_metadata(tmp)
-
-    atomic_write(out / WEIGHTS, save)
+    # the metadata in sorted order (safetensors writes it in hash order): the same run exports the same bytes
+    data = rewrite_safetensors_metadata(safetensors.torch.save(tensors, metadata=header), header)
+    atomic_write(out / WEIGHTS, lambda tmp: Path(tmp).write_bytes(data))
 
     zoo_section = {"builder": builder, "builder_kwargs": kwargs, "head": head, "classifier": classifier,
                    "model": info.get("model"), "source": public_source_id(info.get("source")),
