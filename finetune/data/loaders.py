@@ -204,12 +204,8 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
     Raises:
         ConfigError: unknown sampler, or ``balanced`` with several processes.
     """
-    if sampler not in ("random", "balanced"):
-        raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
+    check_sampler(sampler, world_size)
     if sampler == "balanced":
-        if world_size > 1:
-            raise ConfigError("--sampler balanced is not supported with distributed training; "
-                              "use --class-weights auto instead")
         targets = getattr(dataset, "targets", None)
         if targets is None:
             raise ConfigError("--sampler balanced needs a dataset with class labels (targets)")
@@ -223,6 +219,16 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
         base = DistributedSampler(dataset, num_replicas=int(world_size), rank=int(rank), shuffle=True,
                                   seed=int(seed), drop_last=False)
     return BatchSampler(EpochSeededSampler(base), int(batch_size), drop_last_partial(len(base), int(batch_size)))
+
+
+def check_sampler(sampler: str, world_size: int) -> None:
+    """Raise ConfigError for an unknown ``sampler`` or ``balanced`` on several processes (a weighted draw per
+    rank would not split one epoch between them); checked before a run writes anything, and by the loaders."""
+    if sampler not in ("random", "balanced"):
+        raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
+    if sampler == "balanced" and int(world_size) > 1:
+        raise ConfigError("--sampler balanced is not supported with distributed training; "
+                          "use --class-weights auto instead")
 
 
 def set_epoch_order(sampler: EpochSeededSampler, seed: int, epoch: int) -> None:
@@ -245,8 +251,7 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
     Raises:
         ConfigError: unknown sampler, or ``balanced`` with several processes.
     """
-    if sampler not in ("random", "balanced"):
-        raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
+    check_sampler(sampler, world_size)
     chosen = None
     drop_last = False
     if train:

@@ -12,6 +12,7 @@ from torch import nn
 
 from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
+from finetune.data.loaders import check_sampler
 
 __all__ = ["resolve_device", "check_machine", "cudnn_autotune", "warms_up", "AmpPolicy", "amp_policy", "to_device",
            "build_loss"]
@@ -65,11 +66,9 @@ def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device
         ConfigError: either is missing here.
     """
     device = resolve_device(config.device, info)
-    if info is not None and info.enabled:     # refused by the loaders too, once the run folder was written (QA)
+    if info is not None and info.enabled:     # the loaders' own checks, before the run folder is written (QA)
         ddp.per_rank_batch(int(config.batch_size), info)
-        if getattr(config, "sampler", "random") == "balanced":
-            raise ConfigError("--sampler balanced is not supported with distributed training; "
-                              "use --class-weights auto instead")
+        check_sampler(getattr(config, "sampler", "random"), info.world_size)
     if getattr(config, "tensorboard", False):
         from finetune.core.monitor import TensorBoardLogger    # lazy: matplotlib is not needed to check
         TensorBoardLogger.writer_class()
