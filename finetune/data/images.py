@@ -127,8 +127,8 @@ def read_image_bytes(path: str | Path) -> bytes:
 
 
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> a writable uint8 tensor (3, H, W)."""
-    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    """A PIL image (any mode: :func:`to_rgb`) -> a writable uint8 tensor (3, H, W)."""
+    rgb = to_rgb(im)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
