@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 from finetune.core.io import atomic_write_text
 from zoo import cache
 from zoo.errors import UsageError
-from zoo.registry import COMMIT_RE, ModelEntry, Source, parse_digest
+from zoo.registry import COMMIT_RE, SOURCE_REQUIRED, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
 
@@ -117,9 +117,6 @@ def lock_text(data: dict[str, Any]) -> str:
 
 
 # what each kind of locked source needs to be fetched again
-_NEEDS = {"hf": ("repo", "revision", "filename"), "url": ("url",), "file": ("path",), "package": ("package", "path")}
-
-
 def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
     """The ``models`` of a lock file, checked.
 
@@ -137,10 +134,10 @@ def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
         raise UsageError(f"{path}: not a version-{LOCK_VERSION} zoo lock file; write it again with `zoo lock`")
     for name, item in data["models"].items():
         if not (isinstance(item, dict) and isinstance(item.get("source"), dict) and item.get("sha256")
-                and item["source"].get("kind") in _NEEDS):
+                and item["source"].get("kind") in SOURCE_REQUIRED):
             raise UsageError(f"{path}: entry {name!r} lacks its source or sha256; write the lock file again")
         src = item["source"]
-        lacking = [k for k in _NEEDS[src["kind"]] if not (isinstance(src.get(k), str) and src[k])]
+        lacking = [k for k in SOURCE_REQUIRED[src["kind"]] if not (isinstance(src.get(k), str) and src[k])]
         if lacking:     # (a hand-edited lock: the download would fail deep inside huggingface_hub)
             raise UsageError(f"{path}: entry {name!r}: its {src['kind']} source lacks {', '.join(lacking)}; write "
                              "the lock file again with `zoo lock`")

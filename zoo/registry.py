@@ -27,6 +27,7 @@ from zoo.errors import RegistryError, UnknownModelError, UsageError
 __all__ = [
     "Source", "Preprocessing", "ModelEntry", "load_registry", "list_models", "get_entry", "list_families",
     "curated_registry_path", "parse_registry", "natural_key", "AD_HOC_PREFIXES", "COMMIT_RE", "MIN_PREFIX",
+    "SOURCE_REQUIRED",
     "parse_digest", "matches_pin", "entry_pin", "weights_tag", "public_source_id",
 ]
 
@@ -42,6 +43,7 @@ _SOURCE_KINDS = {
     "file": (("path",), ("repo", "revision", "revision_note", "filename", "url", "package")),
     "package": (("package", "path"), ("repo", "revision", "revision_note", "filename", "url")),
 }
+SOURCE_REQUIRED = {kind: required for kind, (required, _) in _SOURCE_KINDS.items()}   # also checked in a lock file
 _SOURCE_FIELDS = ("kind", "repo", "revision", "revision_note", "filename", "url", "path", "package", "sha256",
                   "sha256_prefix", "sha256_note", "format", "key_map")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
