@@ -22,7 +22,7 @@ from zoo.text import printable
 
 __all__ = ["cli", "ZooGroup"]
 
-RANK_GRACE_S = 5.0     # see _rank_0_ended_it
+RANK_GRACE_S = 5.0     # see _rank_0_ended_it; ZOO_RANK_GRACE_S sets it (a loaded machine, a slow shared disk)
 
 
 class ZooGroup(click.Group):
@@ -95,6 +95,13 @@ class ZooGroup(click.Group):
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 
+def _grace() -> float:
+    try:
+        return max(0.0, float(os.environ.get("ZOO_RANK_GRACE_S", RANK_GRACE_S)))
+    except ValueError:
+        return RANK_GRACE_S
+
+
 def _rank_0_ended_it() -> bool:
     """Under torchrun (RANK) rank 0 alone says why a command failed: every rank meets the same error (the same
     options and data, or rank 0's refusal shared by ``ddp.entered_on_main``), and N copies of the line read as N
@@ -103,7 +110,7 @@ def _rank_0_ended_it() -> bool:
     it was stopped (SIGTERM, as Ctrl-C): nothing to add. False when rank 0 went on: the error is this rank's
     own, and it says it. Each rank exits with its own code."""
     try:
-        time.sleep(RANK_GRACE_S)
+        time.sleep(_grace())
     except KeyboardInterrupt:
         return True
     return False
