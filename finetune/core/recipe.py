@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from finetune.core.errors import DataError
+from finetune.core.errors import ConfigError, DataError
 from finetune.core.policy import FreezeDecision, decide_freeze
 from finetune.core.surgery import apply_freeze, bn_frozen_layers, replace_head, set_bn_eval
 
@@ -34,6 +34,7 @@ def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, 
         ConfigError: bad head name, head options, freeze value or stage list.
         DataError: no training images.
     """
+    _check_names(stages, head)
     counts = [int(c) for c in class_counts]
     if not counts or sum(counts) == 0:
         raise DataError("no training images to decide the freeze depth from; check the image folder")
@@ -45,6 +46,19 @@ def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, 
     # The head's BatchNorm (MLP) is new: it has no pretrained statistics to keep, so it always trains.
     set_bn_eval(model, config.bn, exclude=(head,))
     return decision
+
+
+def _check_names(stages: Any, head: Any) -> None:
+    """``stages`` is a list of lists of module names and ``head`` a module name: anything else (None, a flat
+    list of names, module objects) is a ConfigError that says so, not a TypeError or a confusing lookup."""
+    if not isinstance(head, str):
+        raise ConfigError(f"head must be the classifier's module name (a str such as 'fc' or 'head.fc'), "
+                          f"not a {type(head).__name__}; model.named_modules() lists the names")
+    ok = isinstance(stages, (list, tuple)) and all(
+        isinstance(st, (list, tuple)) and all(isinstance(n, str) for n in st) for st in stages)
+    if not ok:
+        raise ConfigError("stages must be a list of stages, each a list of module names (str), input to output, "
+                          "e.g. [['conv1', 'bn1'], ['layer1'], ['layer2']]; model.named_modules() lists the names")
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

@@ -196,6 +196,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")
+    _to_float32(work, say)
     work.to(device)
     weights = class_weights(train_set) if config.class_weights == "auto" else None
     output, normalize, train_normalize = device_steps(config, data_config, device)
@@ -235,6 +236,16 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
                                             device, channels_last=setup.channels_last)
     return setup
+
+
+def _to_float32(model: nn.Module, say: Log) -> None:
+    """The recipe trains float32 weights (``amp`` gives mixed precision) and feeds float32 batches: a model
+    handed over in half, bfloat16 or double precision is converted in place, and the log says so."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes - {torch.float32}:
+        model.float()
+        say(f"note: the model's {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} weights were "
+            "converted to float32 to train (mixed precision on CUDA comes from the config's amp option)")
 
 
 def _resolve_departure(setup: Setup, say: Log) -> FinetuneConfig:
