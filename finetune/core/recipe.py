@@ -34,6 +34,8 @@ def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, 
         ConfigError: bad head name, head options, freeze value or stage list.
         DataError: no training images.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, not a {type(model).__name__}")
     _check_names(stages, head)
     counts = [int(c) for c in class_counts]
     if not counts or sum(counts) == 0:

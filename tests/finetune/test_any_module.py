@@ -55,3 +55,38 @@ def test_the_returned_model_is_in_eval_mode(data, how):
     else:
         result = run(data, cfg(fast_head=True, head_epochs=1, epochs=2, freeze="none"))
     assert not result.model.training
+
+
+@pytest.mark.parametrize("what", ["config dict", "config None", "train list", "val ImageFolder-like", "model"])
+def test_arguments_of_the_wrong_kind_are_one_finetune_error(data, what):
+    from finetune.core.errors import DataError, FinetuneError
+    from tests.finetune.test_train import DATA_CONFIG, STAGES
+    from finetune.tools.train import fit
+
+    train, val = data
+    model, config = tiny_model(), cfg()
+    if what == "config dict":
+        config, expected = {"epochs": 1}, ConfigError
+    elif what == "config None":
+        config, expected = None, ConfigError
+    elif what == "train list":
+        train, expected = train.items, DataError
+    elif what == "val ImageFolder-like":
+        val, expected = object(), DataError
+    else:
+        model, expected = (lambda x: x), ConfigError
+    with pytest.raises(expected) as err:
+        fit(model, STAGES, DATA_CONFIG, train, val, config, head="fc")
+    assert isinstance(err.value, FinetuneError)
+
+
+def test_a_forward_with_auxiliary_outputs_is_a_config_error(data):
+    from tests.finetune.test_train import Tiny
+
+    class Aux(Tiny):       # torchvision's GoogLeNet/Inception v3 return a namedtuple while training
+        def forward(self, x):
+            out = super().forward(x)
+            return (out, out) if self.training else out
+
+    with pytest.raises(ConfigError, match="aux_logits=False"):
+        run(data, cfg(freeze="none"), model=Aux())
