@@ -40,7 +40,9 @@ def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, 
     counts = [int(c) for c in class_counts]
     if not counts or sum(counts) == 0:
         raise DataError("no training images to decide the freeze depth from; check the image folder")
-    if reset_head:
+    if not reset_head:
+        _check_kept_head(model, head, num_classes)
+    else:
         replace_head(model, head, num_classes, kind=config.head, hidden=config.mlp_hidden,
                      dropout=config.mlp_dropout, activation=config.mlp_activation)
     decision = decide_freeze(config, sum(counts), len(counts), min(counts), len(stages))
@@ -61,6 +63,17 @@ def _check_names(stages: Any, head: Any) -> None:
     if not ok:
         raise ConfigError("stages must be a list of stages, each a list of module names (str), input to output, "
                           "e.g. [['conv1', 'bn1'], ['layer1'], ['layer2']]; model.named_modules() lists the names")
+
+
+def _check_kept_head(model: nn.Module, head: str, num_classes: int) -> None:
+    """``reset_head=False`` keeps the head: it must already give one output per class."""
+    try:
+        out = getattr(model.get_submodule(head), "out_features", None)
+    except AttributeError:
+        raise ConfigError(f"the model has no module named {head!r}; pass the classifier's module name") from None
+    if isinstance(out, int) and out != int(num_classes):
+        raise ConfigError(f"reset_head=False keeps the head {head!r}, which has {out} outputs, but the data has "
+                          f"{num_classes} classes; pass reset_head=True to give it a new head for these classes")
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

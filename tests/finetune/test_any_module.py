@@ -90,3 +90,11 @@ def test_a_forward_with_auxiliary_outputs_is_a_config_error(data):
 
     with pytest.raises(ConfigError, match="aux_logits=False"):
         run(data, cfg(freeze="none"), model=Aux())
+
+
+def test_reset_head_false_with_a_head_for_other_classes_is_a_config_error(data):
+    with pytest.raises(ConfigError, match="reset_head=True"):
+        run(data, cfg(), model=tiny_model(), reset_head=False)     # a 10-output head, 3 classes
+    result = run(data, cfg(), model=tiny_model(), reset_head=True)
+    again = run(data, cfg(), model=result.model, reset_head=False)  # already 3 outputs: kept
+    assert again.model.fc.out_features == 3
