@@ -157,7 +157,11 @@ class RunFolder:
         """config.yaml (new runs), manifest.json (resumes are appended), the TensorBoard writer."""
         if not self.writes:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:      # a file of that name, a file above it, no permission
+            raise ConfigError(f"cannot use {self.path} as the run folder ({err.strerror or err}); pass a "
+                              "run_dir that is a folder or does not exist yet") from None
         if not resume:
             save_config(config, self.path / "config.yaml")
         self._write_manifest(config, train_set, val_set, device, info, resume)

@@ -18,7 +18,7 @@ from finetune.data import (ImageDataset, ImageSet, build_transform, class_weight
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
-from finetune.core.errors import ConfigError
+from finetune.core.errors import ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import FreezeDecision, default_departure, default_epochs, head_first
 from finetune.core.recipe import prepare_model
@@ -181,6 +181,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         ConfigError: bad options, train/val classes differ, device not available.
     """
     say = log or (lambda _msg: None)
+    _check_kinds(config, train_set, val_set)
     if val_set is None:
         val_set = ImageSet(items=[], classes=list(train_set.classes))
     if list(train_set.classes) != list(val_set.classes):
@@ -196,6 +197,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")
+    _to_float32(work, say)
     work.to(device)
     weights = class_weights(train_set) if config.class_weights == "auto" else None
     output, normalize, train_normalize = device_steps(config, data_config, device)
@@ -235,6 +237,27 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
                                             device, channels_last=setup.channels_last)
     return setup
+
+
+def _check_kinds(config: Any, train_set: Any, val_set: Any) -> None:
+    """A config or image set of another kind (a dict, a list, a torchvision dataset) is one clear error."""
+    if not isinstance(config, FinetuneConfig):
+        raise ConfigError(f"config must be a finetune.FinetuneConfig (e.g. FinetuneConfig(epochs=10, lr=1e-3)), "
+                          f"not a {type(config).__name__}")
+    for name, image_set in (("train_set", train_set), ("val_set", val_set)):
+        if not isinstance(image_set, ImageSet) and not (name == "val_set" and image_set is None):
+            raise DataError(f"{name} must be a finetune.data.ImageSet (scan_folder(...).train / .val), not a "
+                            f"{type(image_set).__name__}")
+
+
+def _to_float32(model: nn.Module, say: Log) -> None:
+    """The recipe trains float32 weights (``amp`` gives mixed precision) and feeds float32 batches: a model
+    handed over in half, bfloat16 or double precision is converted in place, and the log says so."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes - {torch.float32}:
+        model.float()
+        say(f"note: the model's {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} weights were "
+            "converted to float32 to train (mixed precision on CUDA comes from the config's amp option)")
 
 
 def _resolve_departure(setup: Setup, say: Log) -> FinetuneConfig:

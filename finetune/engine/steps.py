@@ -146,13 +146,17 @@ def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None) -> torch.
     raise a ValueError, a traceback; it is a ConfigError saying what to change."""
     try:
         with (amp or _FULL).autocast():
-            return model(x)
+            out = model(x)
     except ValueError as e:
         if "Expected more than 1 value per channel" not in str(e):
             raise
         raise ConfigError(f"a BatchNorm layer cannot train on a batch of {x.shape[0]} image (the MLP head's, or the "
                           "network's with --bn train or --no-pretrained): start again with --batch-size 2 or more "
                           "per process") from None
+    if not isinstance(out, torch.Tensor):    # torchvision's GoogLeNet/Inception v3 with aux_logits in train mode
+        raise ConfigError(f"the model's forward returned a {type(out).__name__} in training mode, not one tensor of "
+                          "logits: build it without auxiliary outputs (torchvision: aux_logits=False)")
+    return out
 
 
 def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer, info: ddp.DistInfo) -> None:

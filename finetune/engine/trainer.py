@@ -365,6 +365,7 @@ class Trainer:
         self._guard_head()
         if self.best_state is not None:
             s.model.load_state_dict(self.best_state)
+        s.model.eval()      # returned ready to predict, whichever path (cached features, no val set) ran last
         reverted = self.guard.reverted     # the head guard kept the head
         best_epoch = self.stopper.best_epoch if s.has_val else (self.history[-1]["epoch"] if self.history else 0)
         if reverted:
