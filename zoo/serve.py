@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from finetune.data import to_rgb
+from finetune.data import upright_rgb
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
 
@@ -110,11 +110,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
                                      f"{cfg.max_side} per side)")
         try:
             img.load()
-            try:
-                img = ImageOps.exif_transpose(img) or img      # upright, as training read its images
-            except Exception:   # malformed EXIF: the pixels are fine as stored
-                pass
-            rgb = to_rgb(img)       # as training reads a file: 16-bit scaled, transparency on white
+            rgb = upright_rgb(img)      # as training reads a file: upright, 16-bit scaled, transparency on white
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None
         except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, ValueError...

@@ -47,6 +47,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")                       # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """A loaded image as training sees it: turned upright by its EXIF orientation, then :func:`to_rgb`. A new
+    image (safe to use after ``im``'s file closes); malformed EXIF leaves the pixels as stored."""
+    try:
+        upright = ImageOps.exif_transpose(im)
+    except Exception:   # malformed EXIF: the pixels are fine, use them as stored
+        upright = None
+    return to_rgb(upright if upright is not None else im.copy())
+
+
 def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     """Decode an image file to an upright 8-bit RGB PIL image (first frame of animations).
 
@@ -67,11 +77,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
                 if min_size and im.format == "JPEG":
                     im.draft("RGB", (int(min_size), int(min_size)))
                 im.load()
-                try:
-                    upright = ImageOps.exif_transpose(im)    # a new image: safe after the file closes
-                except Exception:   # malformed EXIF: the pixels are fine, use them as stored
-                    upright = None
-                return to_rgb(upright if upright is not None else im.copy())
+                return upright_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None
