@@ -54,6 +54,12 @@ def test_lr_find_on_a_head_only_run_says_its_lr_needs_the_gradient_solver(tiny_z
     assert r.exit_code == 0, r.output
     (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
     assert "--head-solver gradient" in nxt and "uses no learning rate" in r.output
+    # an MLP head trains by gradient at the LR whatever the solver: no such note (QA)
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "mlp"),
+                                 "--steps", "20", "--freeze", "head", "--head", "mlp", *COMMON])
+    assert r.exit_code == 0 and "uses no learning rate" not in r.output, r.output
+    (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
+    assert "--head-solver" not in nxt
     r = CliRunner().invoke(cli, ["finetune", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "run"),
                                  "--freeze", "head", "--lr", "0.5", "--epochs", "2", "--no-export", *COMMON])
     assert r.exit_code == 0, r.output
