@@ -145,9 +145,14 @@ def test_a_sweep_of_learning_rates_that_train_nothing_says_so(tiny_zoo, tmp_path
     base = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3,1e-2", "--epochs", "1", *COMMON]
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
-    assert "the learning rate trains nothing there" in r.output and "--head-solver gradient" in r.output
+    assert "the --lr values rank by nothing" in r.output and "--head-solver gradient" in r.output
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--freeze", "head,1", "--head-epochs", "0"])
     assert r.exit_code == 0 and "trains nothing" not in r.output, r.output
+    # QA: so do optimizers and weight decays (L-BFGS picks its L2 on the validation split): 4 equal trials
+    one_lr = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3", "--epochs", "1", *COMMON]
+    r = CliRunner().invoke(cli, [*one_lr, "--out", str(tmp_path / "c"), "--optimizer", "adam,sgd",
+                                 "--weight-decay", "0,1e-2"])
+    assert r.exit_code == 0 and "the --optimizer, --weight-decay values rank by nothing" in r.output, r.output
 
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
     for command in ("lr-find", "sweep"):    # QA: their lr_find.png / sweep.png became a class of the next scan
