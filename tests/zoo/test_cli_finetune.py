@@ -291,6 +291,30 @@ def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch
     assert seen == {"bn": expected, "pretrained": "--no-pretrained" not in flags}
 
 
+@pytest.mark.parametrize("command", ["finetune", "lr-find"])
+def test_a_config_files_bn_wins_over_the_no_pretrained_default_even_when_it_is_eval(tmp_path, monkeypatch, command):
+    """QA: `bn: eval` in --config FILE equals the default, so --no-pretrained took it for unset and trained
+    the BatchNorm statistics; the file's value is the user's choice (defaults < YAML < flags)."""
+    from finetune.tools import diagnostics
+    from zoo.jobs import finetune as job
+
+    seen = {}
+
+    def capture(*args, **kw):
+        seen["bn"] = next(a for a in args if hasattr(a, "bn")).bn
+        raise SystemExit(0)
+
+    monkeypatch.setattr(job, "run_finetune", capture)
+    monkeypatch.setattr(diagnostics, "lr_find", capture)
+    register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    config = tmp_path / "recipe.yaml"
+    config.write_text("bn: eval\n")
+    CliRunner().invoke(cli, [command, "tiny32", "--data", str(data), "--config", str(config), "--no-pretrained",
+                             "--out", str(tmp_path / "out")])
+    assert seen == {"bn": "eval"}
+
+
 def test_no_pretrained_run_updates_bn_statistics_of_trained_stages_only(tmp_path, tiny):
     from safetensors.torch import load_file
 

@@ -41,7 +41,7 @@ from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 
 __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
-           "load_run_config", "MODEL_JSON"]
+           "MODEL_JSON"]
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
@@ -439,9 +439,3 @@ def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head
     result = diagnostics.overfit_check(model, stages, data_config, train_set, config, head=head,
                                        batches=int(config.overfit_batches), log=say)
     return result
-
-
-def load_run_config(path: str | Path | None) -> FinetuneConfig:
-    """``--config file.yaml`` or the defaults."""
-    return load_config(path) if path else FinetuneConfig()
-
