@@ -211,6 +211,32 @@ def test_overfit_batches_runs_the_check_only(tmp_path, tiny, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_overfit_batches_with_lr_auto_checks_at_the_suggested_lr(tmp_path, tiny, monkeypatch):
+    """QA: --overfit-batches returned before --lr auto ran, so the check trained at --lr's default without a
+    word; it now runs the range test first (writing nothing) and overfits at its suggestion."""
+    diagnostics = pytest.importorskip("finetune.tools.diagnostics")
+    seen = {}
+
+    def fake_lr_find(model, stages, data_config, train_set, config, *, head, **kw):
+        seen["plot"] = kw.get("out_png")
+        return diagnostics.LRFindResult(lrs=[1e-5, 1e-1], losses=[1.0, 0.5], smoothed=[1.0, 0.5],
+                                        suggestion=0.0123, method="valley", valley=0.0123, steepest=None,
+                                        stopped_early=False)
+
+    def fake_check(model, stages, data_config, train_set, config, *, head, batches, **kw):
+        seen["lr"] = config.lr
+        return diagnostics.OverfitResult(passed=True, final_loss=0.01, final_acc=1.0, steps=3, verdict="can learn")
+
+    monkeypatch.setattr(diagnostics, "lr_find", fake_lr_find)
+    monkeypatch.setattr(diagnostics, "overfit_check", fake_check)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", "--overfit-batches", "1",
+                    "--lr", "auto", *FAST)
+    assert result.exit_code == 0, result.output
+    assert seen == {"plot": None, "lr": pytest.approx(0.0123)} and "at lr 0.0123" in result.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_bad_lr_is_a_usage_error(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=4)
     result = invoke("finetune", "tiny32", "--data", data, "--lr", "fast")
