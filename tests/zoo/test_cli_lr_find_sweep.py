@@ -150,11 +150,23 @@ def test_a_sweep_of_learning_rates_that_train_nothing_says_so(tiny_zoo, tmp_path
     assert "the --lr values rank by nothing" in r.output and "--head-solver gradient" in r.output
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--freeze", "head,1", "--head-epochs", "0"])
     assert r.exit_code == 0 and "trains nothing" not in r.output, r.output
-    # QA: so do optimizers and weight decays (L-BFGS picks its L2 on the validation split): 4 equal trials
-    one_lr = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3", "--epochs", "1", *COMMON]
-    r = CliRunner().invoke(cli, [*one_lr, "--out", str(tmp_path / "c"), "--optimizer", "adam,sgd",
+
+def test_a_sweep_of_optimizers_and_weight_decays_that_train_nothing_says_so(tiny_zoo, tmp_path):
+    """QA: L-BFGS picks its own L2 on the validation split and takes no optimizer steps, so head-only trials
+    over --optimizer and --weight-decay were all equal, without the note --lr lists get."""
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3", "--epochs", "1",
+                                 *COMMON, "--out", str(tmp_path / "c"), "--optimizer", "adam,sgd",
                                  "--weight-decay", "0,1e-2"])
     assert r.exit_code == 0 and "the --optimizer, --weight-decay values rank by nothing" in r.output, r.output
+
+
+def test_a_sweep_with_auto_epochs_from_its_config_says_auto(tiny_zoo, tmp_path):
+    """QA: `epochs: 0` in --config (auto: each trial's policy) was announced as "of 0 epoch(s)"."""
+    (tmp_path / "auto.yaml").write_text("epochs: 0\n")
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3", *COMMON,
+                                 "--config", str(tmp_path / "auto.yaml"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "of auto epochs (8 when layers train, 30 for the head only)" in r.output, r.output
+
 
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
     for command in ("lr-find", "sweep"):    # QA: their lr_find.png / sweep.png became a class of the next scan

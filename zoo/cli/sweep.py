@@ -11,6 +11,7 @@ import click
 
 from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
+from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -108,7 +109,10 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         return copy.deepcopy(net)
 
     n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
-    say(f"sweep: {n} training run(s) of {config.epochs} epoch(s) into {out_dir}")
+    # epochs 0 (auto, from a --config file) is each trial's policy.default_epochs (QA: "of 0 epoch(s)")
+    length = (f"{config.epochs} epoch(s)" if config.epochs else
+              f"auto epochs ({AUTO_EPOCHS_FINETUNE} when layers train, {AUTO_EPOCHS_HEAD} for the head only)")
+    say(f"sweep: {n} training run(s) of {length} into {out_dir}")
     # L-BFGS picks its own L2 on the validation split and takes no optimizer steps: these axes change nothing
     idle = [flag for flag, values in (("--lr", lrs), ("--optimizer", optimizers), ("--weight-decay", wds))
             if values is not None and len(values) > 1]
