@@ -320,9 +320,7 @@ class Trainer:
         if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:
             self.loader_steps.start_ahead(self.epoch + 1)     # decoding while the run gets ready
         self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
-        if s.config.ema > 0 and "finetune" not in self.phases:
-            self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
-                     "so the average is not used (pass --freeze to finetune layers)")
+        self._say_unused_epochs()
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
         t_run = self.t_run = time.perf_counter()
         try:
@@ -362,6 +360,18 @@ class Trainer:
             return self._finish(t_run)
         finally:
             self.folder.flush()
+
+    def _say_unused_epochs(self) -> None:
+        """Notes for options that the phase plan leaves unused: --ema in a head-only run, and --head-epochs
+        beyond what --epochs leaves room for (QA: --head-epochs 3 --epochs 1 ran no head phase, unsaid)."""
+        config = self.s.config
+        if config.ema > 0 and "finetune" not in self.phases:
+            self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
+                     "so the average is not used (pass --freeze to finetune layers)")
+        asked, room = int(config.head_epochs), (self.warm_cap if "head" in self.phases else 0)
+        if "finetune" in self.phases and room < asked:
+            self.say(f"note: --epochs {config.epochs} leaves room for {room} of the {asked} head epoch(s) asked "
+                     "(--head-epochs): a run keeps at least one epoch to finetune; raise --epochs for them")
 
     def _finish(self, t_run: float) -> FitResult:
         """The best weights (after the head guard), their full metrics, the summary."""
