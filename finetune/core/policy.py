@@ -156,10 +156,11 @@ def head_first(config: Any, trainable_stages: int) -> bool:
 def lr_unused(config: Any, trainable_stages: int) -> bool:
     """Whether no learning rate trains anything in such a run: only the head trains (``trainable_stages``
     0), on cached features (``fast_head``, no mixup/CutMix, which train through the network), solved by
-    L-BFGS (``head_solver`` lbfgs; a linear head, as every registry model has)."""
+    L-BFGS (``head_solver`` lbfgs, which solves a linear head only: ``--head mlp`` trains by gradient at
+    the LR whatever the solver, ``CachedHeadSteps.solves``)."""
     mixes = float(getattr(config, "mixup", 0) or 0) > 0 or float(getattr(config, "cutmix", 0) or 0) > 0
     return (trainable_stages == 0 and bool(config.fast_head) and config.head_solver == "lbfgs"
-            and not mixes)
+            and config.head == "linear" and not mixes)
 
 
 def default_departure(config: Any, trainable_stages: int, steps_per_epoch: int) -> tuple[float, float]:

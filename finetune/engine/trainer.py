@@ -113,6 +113,7 @@ class Trainer:
         self.guard = HeadGuard(run, self._evaluate_state, self.say)
         # the cached head's mirror test (--hflip auto): when it dropped the mirror, finetuning trains unflipped
         self.mirror: dict | None = None
+        self.solver_path: list[dict] = []    # the head's L-BFGS solve (summary.json), kept across a resume
         self._curves_at = time.perf_counter()    # the first drawing waits CURVES_EVERY_S, or a phase's end
 
     # ------------------------------------------------------------------------------------ state
@@ -135,6 +136,7 @@ class Trainer:
         self.history = list(ckpt["history"])
         self.guard.epoch = ckpt.get("head_epoch")
         self.mirror = ckpt.get("mirror")
+        self.solver_path = list(ckpt.get("head_solver") or [])
         self.seconds_before = float(ckpt.get("seconds", 0.0))    # the earlier processes' time, to their last save
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -163,7 +165,7 @@ class Trainer:
             "scheduler": cpu_copy(self.scheduler.state_dict()) if running else None,
             "scaler": cpu_copy(self.scaler.state_dict()) if self.scaler is not None else None,
             "early_stop": self.stopper.state_dict(), "head_stop": self.head_stop.state_dict(),
-            "head_epoch": self.guard.epoch, "mirror": cpu_copy(self.mirror),
+            "head_epoch": self.guard.epoch, "mirror": cpu_copy(self.mirror), "head_solver": cpu_copy(self.solver_path),
             "ema": ({"updates": self.loader_steps.ema.updates, "model": self._weights()}
                     if running and self.loader_steps.ema is not None else None),
             "rng": rng_state(), "history": cpu_copy(self.history), "config": self.s.config.to_dict(),
@@ -265,6 +267,8 @@ class Trainer:
         done = done or bool(tr.get("phase_done"))     # e.g. a head solved to convergence in one step
         if phase == "head" and getattr(steps, "mirror", None) is not None:
             self.mirror = steps.mirror
+        if phase == "head" and getattr(steps, "solver_path", None):
+            self.solver_path = list(steps.solver_path)
         self._record(row, metric, improved, done, steps)
         if warmup and done:
             self._end_head_phase()
@@ -316,9 +320,7 @@ class Trainer:
         if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:
             self.loader_steps.start_ahead(self.epoch + 1)     # decoding while the run gets ready
         self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
-        if s.config.ema > 0 and "finetune" not in self.phases:
-            self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
-                     "so the average is not used (pass --freeze to finetune layers)")
+        self._say_unused_epochs()
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
         t_run = self.t_run = time.perf_counter()
         try:
@@ -359,6 +361,18 @@ class Trainer:
         finally:
             self.folder.flush()
 
+    def _say_unused_epochs(self) -> None:
+        """Notes for options that the phase plan leaves unused: --ema in a head-only run, and --head-epochs
+        beyond what --epochs leaves room for (QA: --head-epochs 3 --epochs 1 ran no head phase, unsaid)."""
+        config = self.s.config
+        if config.ema > 0 and "finetune" not in self.phases:
+            self.say("note: --ema averages the weights of the finetune phase; this run trains the head only, "
+                     "so the average is not used (pass --freeze to finetune layers)")
+        asked, room = int(config.head_epochs), (self.warm_cap if "head" in self.phases else 0)
+        if "finetune" in self.phases and room < asked:
+            self.say(f"note: --epochs {config.epochs} leaves room for {room} of the {asked} head epoch(s) asked "
+                     "(--head-epochs): a run keeps at least one epoch to finetune; raise --epochs for them")
+
     def _finish(self, t_run: float) -> FitResult:
         """The best weights (after the head guard), their full metrics, the summary."""
         s = self.s
@@ -397,7 +411,7 @@ class Trainer:
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
             "head_guard": self.guard.decision,
-            "head_solver": getattr(self.head_steps, "solver_path", None) or None, "mirror": self.mirror,
+            "head_solver": self.solver_path or None, "mirror": self.mirror,
             "seconds": round(self.seconds_before + now - t_run, 3), "classes": s.classes,
             **({"seconds_this_process": round(now - t_run, 3)} if self.resume else {}),
         })

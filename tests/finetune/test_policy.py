@@ -192,3 +192,14 @@ def test_the_setup_holds_the_resolved_departure(tmp_path):
         assert any(line.startswith("finetune: leaving the solved head gently: the LR warms up over 1 epoch "
                                    "and the weights are averaged over about 1 epoch (EMA decay 0.75)")
                    for line in logs) == said
+
+
+def test_an_mlp_head_uses_the_learning_rate_even_with_the_lbfgs_solver():
+    """QA: L-BFGS solves a linear head only; an MLP head trains by gradient at --lr, so `--lr auto`,
+    `zoo lr-find` and `zoo sweep` must not say that its learning rate is unused."""
+    from finetune.core.policy import lr_unused
+
+    assert lr_unused(FinetuneConfig(), 0)
+    assert not lr_unused(FinetuneConfig(head="mlp"), 0)
+    assert not lr_unused(FinetuneConfig(head_solver="gradient"), 0)
+    assert not lr_unused(FinetuneConfig(mixup=0.2), 0) and not lr_unused(FinetuneConfig(), 1)

@@ -218,3 +218,15 @@ def test_an_interrupted_rank_other_than_0_does_not_say_nothing_was_saved(data, t
     with pytest.raises(Interrupted) as info:
         run(data, resume_cfg(), run_dir=out, callbacks=[_stop_after(1)])
     assert str(info.value) == f"interrupted: rank 0 saves {out}; continue with `zoo finetune --resume {out}`"
+
+
+def test_a_resumed_run_keeps_its_head_solve_in_the_summary(data, tmp_path):
+    """QA: the L-BFGS solve's path (val loss/acc per C) lived only in the head steps, so a run resumed after its
+    head phase wrote summary.json with head_solver null; the checkpoint carries it."""
+    config = cfg(epochs=3, freeze="none", fast_head=True, head_epochs=-1)
+    run(data, config, run_dir=tmp_path / "full")
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=tmp_path / "cut", callbacks=[_stop_after(2)])
+    run(data, config, run_dir=tmp_path / "cut", resume=True, model=tiny_model(seed=123))
+    full, cut = (json.loads((tmp_path / d / "summary.json").read_text())["head_solver"] for d in ("full", "cut"))
+    assert full and cut == full

@@ -654,3 +654,15 @@ def test_no_head_guard_and_runs_without_a_head_phase_skip_it(data, tmp_path):
     assert off.best_epoch >= 1
     run(data, cfg(freeze="none", head_epochs=0, epochs=2), run_dir=tmp_path / "b")
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["head_guard"] is None
+
+
+@pytest.mark.parametrize("epochs, head_epochs, room", [(1, 3, 0), (3, 5, 2)])
+def test_head_epochs_beyond_what_epochs_leaves_are_said(data, epochs, head_epochs, room):
+    """QA: --head-epochs 3 --epochs 1 ran no head phase, and --head-epochs 5 --epochs 3 two head epochs, unsaid."""
+    lines: list[str] = []
+    run(data, cfg(epochs=epochs, head_epochs=head_epochs, freeze="none", patience=10), log=lines.append)
+    (note,) = [ln for ln in lines if "(--head-epochs)" in ln]
+    assert f"--epochs {epochs} leaves room for {room} of the {head_epochs} head epoch(s)" in note
+    lines.clear()
+    run(data, cfg(epochs=3, head_epochs=2, freeze="none"), log=lines.append)    # room for both: nothing said
+    assert not [ln for ln in lines if "(--head-epochs)" in ln]

@@ -211,6 +211,32 @@ def test_overfit_batches_runs_the_check_only(tmp_path, tiny, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_overfit_batches_with_lr_auto_checks_at_the_suggested_lr(tmp_path, tiny, monkeypatch):
+    """QA: --overfit-batches returned before --lr auto ran, so the check trained at --lr's default without a
+    word; it now runs the range test first (writing nothing) and overfits at its suggestion."""
+    diagnostics = pytest.importorskip("finetune.tools.diagnostics")
+    seen = {}
+
+    def fake_lr_find(model, stages, data_config, train_set, config, *, head, **kw):
+        seen["plot"] = kw.get("out_png")
+        return diagnostics.LRFindResult(lrs=[1e-5, 1e-1], losses=[1.0, 0.5], smoothed=[1.0, 0.5],
+                                        suggestion=0.0123, method="valley", valley=0.0123, steepest=None,
+                                        stopped_early=False)
+
+    def fake_check(model, stages, data_config, train_set, config, *, head, batches, **kw):
+        seen["lr"] = config.lr
+        return diagnostics.OverfitResult(passed=True, final_loss=0.01, final_acc=1.0, steps=3, verdict="can learn")
+
+    monkeypatch.setattr(diagnostics, "lr_find", fake_lr_find)
+    monkeypatch.setattr(diagnostics, "overfit_check", fake_check)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", "--overfit-batches", "1",
+                    "--lr", "auto", *FAST)
+    assert result.exit_code == 0, result.output
+    assert seen == {"plot": None, "lr": pytest.approx(0.0123)} and "at lr 0.0123" in result.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_bad_lr_is_a_usage_error(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=4)
     result = invoke("finetune", "tiny32", "--data", data, "--lr", "fast")
@@ -289,6 +315,30 @@ def test_no_pretrained_implies_bn_train_unless_bn_is_given(tmp_path, monkeypatch
     data = make_image_folder(tmp_path / "data", per_class=2)
     CliRunner().invoke(cli, ["finetune", "tiny32", "--data", str(data), *flags])
     assert seen == {"bn": expected, "pretrained": "--no-pretrained" not in flags}
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find"])
+def test_a_config_files_bn_wins_over_the_no_pretrained_default_even_when_it_is_eval(tmp_path, monkeypatch, command):
+    """QA: `bn: eval` in --config FILE equals the default, so --no-pretrained took it for unset and trained
+    the BatchNorm statistics; the file's value is the user's choice (defaults < YAML < flags)."""
+    from finetune.tools import diagnostics
+    from zoo.jobs import finetune as job
+
+    seen = {}
+
+    def capture(*args, **kw):
+        seen["bn"] = next(a for a in args if hasattr(a, "bn")).bn
+        raise SystemExit(0)
+
+    monkeypatch.setattr(job, "run_finetune", capture)
+    monkeypatch.setattr(diagnostics, "lr_find", capture)
+    register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    config = tmp_path / "recipe.yaml"
+    config.write_text("bn: eval\n")
+    CliRunner().invoke(cli, [command, "tiny32", "--data", str(data), "--config", str(config), "--no-pretrained",
+                             "--out", str(tmp_path / "out")])
+    assert seen == {"bn": "eval"}
 
 
 def test_no_pretrained_run_updates_bn_statistics_of_trained_stages_only(tmp_path, tiny):

@@ -39,6 +39,8 @@ def test_lr_find_command(tiny_zoo, tmp_path):
     assert "valley rule" in r.output and "suggested lr" in r.output
     (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
     assert nxt.endswith("--no-pretrained")          # the printed command trains the same (random-init) model
+    # ... with the options the LR was found for (QA: --freeze none was dropped, so it trained the head only)
+    assert f"--config {out / 'config.yaml'} --lr " in nxt
     summary = json.loads((out / "lr_find.json").read_text())
     assert 1e-5 <= summary["suggestion"] <= 1 and summary["method"] == "valley"
     for name in ("lr_find.png", "lr_find.csv", "config.yaml", "scan.json"):
@@ -54,6 +56,12 @@ def test_lr_find_on_a_head_only_run_says_its_lr_needs_the_gradient_solver(tiny_z
     assert r.exit_code == 0, r.output
     (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
     assert "--head-solver gradient" in nxt and "uses no learning rate" in r.output
+    # an MLP head trains by gradient at the LR whatever the solver: no such note (QA)
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "mlp"),
+                                 "--steps", "20", "--freeze", "head", "--head", "mlp", *COMMON])
+    assert r.exit_code == 0 and "uses no learning rate" not in r.output, r.output
+    (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
+    assert "--head-solver" not in nxt
     r = CliRunner().invoke(cli, ["finetune", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "run"),
                                  "--freeze", "head", "--lr", "0.5", "--epochs", "2", "--no-export", *COMMON])
     assert r.exit_code == 0, r.output
@@ -139,9 +147,26 @@ def test_a_sweep_of_learning_rates_that_train_nothing_says_so(tiny_zoo, tmp_path
     base = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3,1e-2", "--epochs", "1", *COMMON]
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
-    assert "the learning rate trains nothing there" in r.output and "--head-solver gradient" in r.output
+    assert "the --lr values rank by nothing" in r.output and "--head-solver gradient" in r.output
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--freeze", "head,1", "--head-epochs", "0"])
     assert r.exit_code == 0 and "trains nothing" not in r.output, r.output
+
+def test_a_sweep_of_optimizers_and_weight_decays_that_train_nothing_says_so(tiny_zoo, tmp_path):
+    """QA: L-BFGS picks its own L2 on the validation split and takes no optimizer steps, so head-only trials
+    over --optimizer and --weight-decay were all equal, without the note --lr lists get."""
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3", "--epochs", "1",
+                                 *COMMON, "--out", str(tmp_path / "c"), "--optimizer", "adam,sgd",
+                                 "--weight-decay", "0,1e-2"])
+    assert r.exit_code == 0 and "the --optimizer, --weight-decay values rank by nothing" in r.output, r.output
+
+
+def test_a_sweep_with_auto_epochs_from_its_config_says_auto(tiny_zoo, tmp_path):
+    """QA: `epochs: 0` in --config (auto: each trial's policy) was announced as "of 0 epoch(s)"."""
+    (tmp_path / "auto.yaml").write_text("epochs: 0\n")
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--lr", "1e-3", *COMMON,
+                                 "--config", str(tmp_path / "auto.yaml"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "of auto epochs (8 when layers train, 30 for the head only)" in r.output, r.output
+
 
 def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
     for command in ("lr-find", "sweep"):    # QA: their lr_find.png / sweep.png became a class of the next scan

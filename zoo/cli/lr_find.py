@@ -111,10 +111,14 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
         echo(f"freeze: {result.decision.label} ({result.decision.reason})")
     echo(result.describe())
     echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
-    random_init = "" if pretrained else " --no-pretrained"
+    # The model and options the test ran with (config.yaml: defaults < --config < flags): without them the
+    # command printed trained another setup (freeze depth, optimizer, backbone LR multiplier) than the one probed.
+    model_flags = ("" if pretrained else " --no-pretrained") + (f" --fc-dropout {fc_dropout:g}"
+                                                                 if fc_dropout is not None else "")
     solver = ""
     if result.decision is not None and lr_unused(config, result.decision.trainable_stages):
         echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
              "this one applies with --head-solver gradient (or when layers train: --freeze)")
         solver = " --head-solver gradient"
-    echo(f"next: zoo finetune {model} --data {data} --lr {result.suggestion:.2g}{solver}{random_init}")
+    echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'config.yaml'} --lr {result.suggestion:.2g}"
+         f"{solver}{model_flags}")

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import click
 from click.core import ParameterSource
 
-from finetune.core.config import OPTIONS, FinetuneConfig
+from finetune.core.config import OPTIONS, FinetuneConfig, load_config
+from finetune.core.io import load_yaml
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
-__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "FiniteFloatRange"]
+__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config",
+           "FiniteFloatRange"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -93,9 +96,19 @@ def fc_dropout_option(func: Callable) -> Callable:
              "none); 0 turns it off.  [0 <= x < 1; default: 0.5 for VGG]")(func)
 
 
-def bn_default(given: dict[str, Any], base: FinetuneConfig, pretrained: bool) -> dict[str, Any]:
+def read_config(path: str | None) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """``--config FILE``: the config it gives over the defaults (validated, with the file name in any error)
+    and the file's own mapping, which says what it set; ``(FinetuneConfig(), {})`` without a file."""
+    if not path:
+        return FinetuneConfig(), {}
+    config = load_config(path)
+    return config, load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+
+
+def bn_default(given: dict[str, Any], file_values: dict[str, Any], pretrained: bool) -> dict[str, Any]:
     """``given`` with ``bn`` following the weights when the user chose none (neither ``--bn`` nor a
-    ``--config`` file's value): "eval" for pretrained weights, "train" for a random init."""
-    if "bn" in given or base.bn != FinetuneConfig().bn:
+    ``--config`` file's ``bn``, ``file_values``: even one that equals the default, QA): "eval" for
+    pretrained weights, "train" for a random init."""
+    if "bn" in given or "bn" in file_values:
         return given
     return {**given, "bn": default_bn(pretrained)}

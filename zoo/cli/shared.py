@@ -7,11 +7,10 @@ from typing import Any, Callable
 
 import click
 
-from finetune.core.config import FinetuneConfig, load_config
-from finetune.core.io import load_yaml
+from finetune.core.config import FinetuneConfig
 from zoo import build as zbuild
 from zoo.cli.console import echo
-from zoo.cli.options import bn_default, fc_dropout_option, given_options
+from zoo.cli.options import bn_default, fc_dropout_option, given_options, read_config
 from zoo.resolve import get_entry
 from zoo.text import printable
 
@@ -22,12 +21,8 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
                     extra: dict[str, Any] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
     """defaults < YAML < flags the user typed. Returns the config and the YAML's raw mapping."""
     given = given_options(ctx, values)
-    raw: dict[str, Any] = {}
-    base = FinetuneConfig()
-    if config_path:
-        base = load_config(config_path)  # validates, with the file name in any error
-        raw = load_yaml(Path(config_path).read_text(encoding="utf-8")) or {}
-    given = bn_default(given, base, pretrained)   # --no-pretrained: BatchNorm trains unless --bn says
+    base, raw = read_config(config_path)
+    given = bn_default(given, raw, pretrained)   # --no-pretrained: BatchNorm trains unless --bn (or the file) says
     merged = {**base.to_dict(), **(extra or {}), **given}
     return FinetuneConfig.from_dict(merged, source="command line"), raw
 

@@ -11,6 +11,7 @@ import click
 
 from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
+from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -108,11 +109,17 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         return copy.deepcopy(net)
 
     n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
-    say(f"sweep: {n} training run(s) of {config.epochs} epoch(s) into {out_dir}")
-    if len(lrs) > 1 and _lr_unused_everywhere(config, freezes, report.train.class_counts(), len(entry.stages)):
-        say("note: every trial trains the head only, solved by L-BFGS on cached features: the learning rate "
-            "trains nothing there, so the --lr values rank by nothing; add --head-solver gradient to compare "
-            "them, or sweep --freeze to train layers")
+    # epochs 0 (auto, from a --config file) is each trial's policy.default_epochs (QA: "of 0 epoch(s)")
+    length = (f"{config.epochs} epoch(s)" if config.epochs else
+              f"auto epochs ({AUTO_EPOCHS_FINETUNE} when layers train, {AUTO_EPOCHS_HEAD} for the head only)")
+    say(f"sweep: {n} training run(s) of {length} into {out_dir}")
+    # L-BFGS picks its own L2 on the validation split and takes no optimizer steps: these axes change nothing
+    idle = [flag for flag, values in (("--lr", lrs), ("--optimizer", optimizers), ("--weight-decay", wds))
+            if values is not None and len(values) > 1]
+    if idle and _lr_unused_everywhere(config, freezes, report.train.class_counts(), len(entry.stages)):
+        say("note: every trial trains the head only, solved by L-BFGS on cached features: the learning rate, "
+            f"optimizer and weight decay train nothing there, so the {', '.join(idle)} values rank by nothing; "
+            "add --head-solver gradient to compare them, or sweep --freeze to train layers")
     try:
         result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                        head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,

@@ -41,7 +41,7 @@ from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 
 __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "resume_finetune",
-           "load_run_config", "MODEL_JSON"]
+           "MODEL_JSON"]
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
@@ -261,17 +261,18 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     stages, head = [list(s) for s in entry.stages], entry.classifier
     data_config = run_data_config(entry, config)
 
-    if config.overfit_batches > 0:
-        outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
-        return outcome
+    overfit = config.overfit_batches > 0     # a sanity check: it writes no run folder
     # On disk under ZOO_HOME: the LR range test's features serve fit's head phase, a later run on the
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
     features = FeatureCache(features_dir())
-    if lr_auto:
+    if lr_auto:     # before the overfit check too: it trains at the LR asked for (QA: it took --lr's default)
         outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
-                                            run_dir if info.is_main else None, say, features)
+                                            run_dir if info.is_main and not overfit else None, say, features)
         # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
         config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
+    if overfit:
+        outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
+        return outcome
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -428,20 +429,15 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
     found = diagnostics.lr_find(model, stages, data_config, train_set, config, head=head, log=say,
                                 feature_cache=feature_cache, **kwargs)
     say(f"lr: {found.describe()}")
-    if found.decision is not None and lr_unused(config, found.decision.trainable_stages):
+    if found.decision is not None and lr_unused(config, found.decision.trainable_stages) \
+            and not config.overfit_batches:      # (the overfit check trains by gradient, at this LR)
         say("lr: this run trains the head only and solves it by L-BFGS, which uses no learning rate; the "
             "suggestion applies with --head-solver gradient")
     return found, config.replace(lr=float(found.suggestion))
 
 
 def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
-    say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised")
+    say(f"overfit check: training on {config.overfit_batches} fixed batch(es) until memorised, at lr {config.lr:.3g}")
     result = diagnostics.overfit_check(model, stages, data_config, train_set, config, head=head,
                                        batches=int(config.overfit_batches), log=say)
     return result
-
-
-def load_run_config(path: str | Path | None) -> FinetuneConfig:
-    """``--config file.yaml`` or the defaults."""
-    return load_config(path) if path else FinetuneConfig()
-
