@@ -52,6 +52,7 @@ class EvalReport:
     tta: bool = False
     tta_scales: list[int] | None = None
     tta_views: str | None = None                # "flip" | "ten" with TTA
+    tta_mirror: bool | None = None              # with TTA: whether the mirrored views were among them
     weights_sha256: str | None = None           # of the bundle evaluated (`zoo push --test-metrics` checks it)
     # "train": the folder the model was trained on (with a carved-out val: validated on too); "val": the
     # folder that chose its epoch; None: neither, or the bundle does not say (see seen_in_training)
@@ -63,6 +64,7 @@ class EvalReport:
         return {"root": name(self.root), "split": self.split, "n_images": self.n_images, "accuracy": self.accuracy,
                 "top5": self.top5, "per_class": self.per_class, "labels": self.labels,
                 "tta": self.tta, "tta_scales": self.tta_scales, "tta_views": self.tta_views,
+                "tta_mirror": self.tta_mirror,
                 "weights_sha256": self.weights_sha256, "seen_in_training": self.seen_in_training,
                 "skipped": [{"path": name(p), "reason": r} for p, r in self.skipped],
                 "ignored_folders": [name(f) for f in self.ignored_folders],
@@ -149,12 +151,14 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Seque
 def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
              tta: bool = False, tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
              batch_size: int = 32, progress: bool = False, worst: int = 20, on_error: OnError | None = None,
-             aliases: Sequence[str] | None = None, data_folders: Mapping[str, Any] | None = None) -> EvalReport:
+             aliases: Sequence[str] | None = None, data_folders: Mapping[str, Any] | None = None,
+             mirror: bool = True) -> EvalReport:
     """Evaluate a classifier on a class-folder layout (see ``find_eval_images``, also for ``aliases``).
 
     The probabilities come from :func:`predict_probs` (with TTA: averaged over the views), and every
     metric from them. Unreadable images are skipped (and listed in the report); ``on_error`` hears
-    about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``.
+    about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``; ``mirror=False`` leaves
+    TTA's mirrored views out (``Bundle.tta_mirror``).
     """
     split, items, ignored = find_eval_images(data_dir, labels, aliases)
     skipped: list[tuple[str, str]] = []
@@ -165,7 +169,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
             on_error(item, reason)
 
     kept, probs = predict_probs(model, [p for p, _ in items], data_config, tta=tta, tta_scales=tta_scales,
-                                tta_views=tta_views, batch_size=batch_size, progress=progress, on_error=note)
+                                tta_views=tta_views, batch_size=batch_size, progress=progress, on_error=note,
+                                mirror=mirror)
     if not kept:
         raise UsageError(f"--data {data_dir}: none of the {len(items)} images could be read")
     if probs.shape[1] != len(labels):
@@ -183,6 +188,7 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
                       wrong=wrong, skipped=skipped, ignored_folders=ignored, tta=bool(tta or tta_scales),
                       tta_scales=list(tta_scales) if tta_scales else None,
                       tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None,
+                      tta_mirror=bool(mirror) if (tta or tta_scales) else None,
                       seen_in_training=seen_in_training(Path(data_dir) / split, data_folders))
 
 

@@ -69,8 +69,8 @@ def parse_scales(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
     return scales
 
 
-def tta_transform(data_config: dict, scales: Sequence[int] | None = None,
-                  views: str = "ten") -> Callable[[Image.Image], torch.Tensor]:
+def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views: str = "ten",
+                  mirror: bool = True) -> Callable[[Image.Image], torch.Tensor]:
     """Test-time augmentation views of one image, stacked: (V, 3, H, W).
 
     ``views="flip"``: the validation view (:func:`eval_transform`, the very pixels validation sees) and
@@ -78,6 +78,9 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None,
     shorter side is resized as in validation (input size / crop_pct); with ``scales`` it is resized to
     each scale in turn. Each resized image gives the four corner crops, the centre crop and their
     horizontal flips at the model's input size.
+
+    ``mirror=False`` (a model that never saw a mirrored image: ``Bundle.tta_mirror``) leaves the mirrored
+    views out: "flip" is then the validation view alone (V = 1), "ten" the five crops of each scale.
 
     Raises:
         UsageError: an unknown ``views``, scales with ``flip``, or a scale smaller than the input size.
@@ -91,7 +94,7 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None,
 
         def flipped(img: Image.Image) -> torch.Tensor:
             x = single(img)
-            return torch.stack([x, x.flip(-1)])
+            return torch.stack([x, x.flip(-1)] if mirror else [x])
 
         flipped.min_size = getattr(single, "min_size", None)   # the decode size validation uses
         return flipped
@@ -113,7 +116,7 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None,
         views = []
         for size in sizes:
             resized = F.resize(img, size, interpolation=interp)
-            for crop in F.ten_crop(resized, [h, w]):
+            for crop in (F.ten_crop(resized, [h, w]) if mirror else F.five_crop(resized, [h, w])):
                 views.append((F.to_tensor(crop) - mean) / std)
         return torch.stack(views)
 
@@ -160,8 +163,8 @@ def _load(item: Any, min_size: int | None) -> Image.Image:
 @torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: dict, *, tta: bool = False,
                   tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
-                  batch_size: int = 32, progress: bool = False,
-                  on_error: OnError | None = None) -> tuple[list[int], torch.Tensor]:
+                  batch_size: int = 32, progress: bool = False, on_error: OnError | None = None,
+                  mirror: bool = True) -> tuple[list[int], torch.Tensor]:
     """Softmax probabilities for each readable image, batched, on the model's device.
 
     Args:
@@ -169,7 +172,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         images: paths or PIL images.
         data_config: timm-style preprocessing (input_size, interpolation, crop_pct, mean, std).
         tta: average the softmax over the views of :func:`tta_transform` (``tta_views``: flip or ten;
-            ten-crop at each of ``tta_scales`` when given).
+            ten-crop at each of ``tta_scales`` when given; ``mirror=False``: without the mirrored views).
         batch_size: images per forward pass (with TTA each image contributes all its views).
         progress: show a tqdm bar (quiet anyway when stderr is not a terminal).
         on_error: called with (image, reason) for an unreadable image, which is then skipped;
@@ -179,7 +182,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     """
     if tta or tta_scales:
         views = "ten" if tta_scales else tta_views
-        transform = tta_transform(data_config, tta_scales, views)
+        transform = tta_transform(data_config, tta_scales, views, mirror=mirror)
         min_size = max(tta_scales) if tta_scales else getattr(transform, "min_size", None)
     else:
         transform = eval_transform(data_config)

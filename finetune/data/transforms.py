@@ -181,6 +181,13 @@ def flip_probability(config: Any) -> float:
     return AUTO_HFLIP if p < 0 else p
 
 
+def trains_mirrored(config: Any) -> bool:
+    """Whether a run with ``config`` shows the model mirrored training images: an augmentation that flips
+    (not ``none``) at a flip probability above 0. (A run whose auto flip the mirror test turned off records
+    that in its summary, ``mirror.dropped``.)"""
+    return augment_mode(config) != "none" and flip_probability(config) > 0
+
+
 def augment_mode(config: Any) -> str:
     """``config.augment``: one of ``finetune.core.config.AUGMENTS`` (a config object without the field means
     standard)."""

@@ -419,7 +419,7 @@ def test_bundle_predict_refuses_a_topk_below_1_and_an_array_in_one_line_and_take
     asked = []
     real = zoo.predict.tta_transform
     monkeypatch.setattr(zoo.predict, "tta_transform",
-                        lambda cfg, scales, views: asked.append(views) or real(cfg, scales, views))
+                        lambda cfg, scales, views, mirror: asked.append(views) or real(cfg, scales, views, mirror))
     for views in ("flip", "ten"):
         assert len(bundle.predict(img, topk=3, tta=True, tta_views=views)[0]) == 3
     assert asked == ["flip", "ten"]

@@ -142,7 +142,7 @@ def test_report_of_a_many_class_run_is_small_and_points_to_the_csv(tmp_path):
     """QA: `zoo report` on a 2,000-class run rebuilt an 88 MB page in 12 s. A 300-class run (summary.json
     without the matrix, confusion.csv with it, as a run writes them) draws a page of some tens of KB from the
     CSV, and the bundle's metrics (read from summary.json) no longer carry the matrix."""
-    from zoo.bundle.export import _metrics
+    from zoo.bundle.export import _metrics, _summary
 
     many_class_run(tmp_path / "run", 300)
     r = invoke("report", tmp_path / "run", "--top", "0")
@@ -151,7 +151,8 @@ def test_report_of_a_many_class_run_is_small_and_points_to_the_csv(tmp_path):
     check_html(page)
     assert (tmp_path / "run" / "report.html").stat().st_size < 60_000
     assert "<td>c007</td><td>c003</td><td class=\"num\">9</td>" in page and "confusion.csv" in page
-    assert "confusion" not in _metrics(tmp_path / "run") and len(_metrics(tmp_path / "run")["per_class"]) == 300
+    metrics = _metrics(_summary(tmp_path / "run"))
+    assert "confusion" not in metrics and len(metrics["per_class"]) == 300
 
 
 def test_report_of_a_folder_that_is_no_run(tmp_path):

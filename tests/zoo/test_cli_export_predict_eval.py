@@ -344,3 +344,38 @@ def test_naming_the_runs_own_export_folder_replaces_it_as_the_default_does(tmp_p
     assert runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")]).exit_code == 0
     res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")])     # any other bundle: asked
     assert res.exit_code == 2 and "already holds a `zoo export` bundle" in res.output
+
+
+@pytest.mark.parametrize("config, summary, mirrored", [
+    ("lr: 0.001\n", {}, True),                                      # auto flip, kept
+    ("hflip: 0.0\n", {}, False),                                    # --hflip 0
+    ("hflip: 0.5\naugment: none\n", {}, False),                     # no augmentation at all
+    ("hflip: -1.0\n", {"mirror": {"dropped": True}}, False),        # the run's mirror test turned the flip off
+])
+def test_tta_leaves_the_mirrored_views_out_for_a_model_trained_without_them(tmp_path, runner, config, summary,
+                                                                             mirrored):
+    from zoo.bundle import load_bundle
+
+    run, _ = make_run(tmp_path)
+    (run / "config.yaml").write_text(config)
+    (run / "summary.json").write_text(json.dumps({**json.loads((run / "summary.json").read_text()), **summary}))
+    assert runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")]).exit_code == 0
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.metadata["trained_on_mirrors"] is mirrored and bundle.tta_mirror is mirrored
+    data = make_image_folder(tmp_path / "data", classes=CLASSES, per_class=2, size=64)
+    res = runner.invoke(cli, ["eval", str(tmp_path / "b"), "--data", str(data), "--tta", "--tta-views", "ten",
+                              "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert ("trained without mirrored images" in res.output) is not mirrored
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta_mirror"] is mirrored
+    res = runner.invoke(cli, ["predict", str(tmp_path / "b"), str(data), "--tta"])
+    assert res.exit_code == 0 and ("the plain view alone" in res.output) is not mirrored
+    # a bundle exported before the key existed: as before, mirrored views
+    bundle.metadata.pop("trained_on_mirrors")
+    assert bundle.tta_mirror
+
+
+def test_predict_probs_agree_with_and_without_mirrors_on_an_old_bundle(bundle):
+    from zoo.bundle import load_bundle
+
+    assert load_bundle(bundle).tta_mirror

@@ -304,3 +304,31 @@ def test_dash_reads_one_image_from_stdin(tmp_path):
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [d["image"] for d in doc] == ["/dev/stdin"] and len(doc[0]["predictions"]) == 1
+
+
+def test_without_mirror_tta_keeps_only_the_unmirrored_views():
+    from zoo.predict import eval_transform
+
+    img = _gradient(20, 30)
+    one = tta_transform(DC, views="flip", mirror=False)(img)
+    assert one.shape == (1, 3, 8, 8) and torch.equal(one[0], eval_transform(DC)(img))
+    ten, five = tta_transform(DC, [8, 12])(img), tta_transform(DC, [8, 12], mirror=False)(img)
+    assert five.shape == (10, 3, 8, 8)          # five crops at each of 2 scales
+    assert torch.equal(five[:5], ten[:5]) and torch.equal(five[5:], ten[10:15])   # ten_crop: the five, then mirrors
+
+
+def test_a_model_trained_without_mirrors_keeps_its_tta_accuracy(tmp_path):
+    # The left/right model of the test above: with the mirrored view left out, TTA (flip) is the plain view.
+    root = tmp_path / "data"
+    for name in ("left", "right"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            _half_red(name).save(root / name / f"{i}.png")
+    model = LeftRight().eval()
+    report = evaluate(model, ["left", "right"], DC, root, tta=True, tta_views="flip", mirror=False)
+    assert report.accuracy == 1.0 and report.to_dict()["tta_mirror"] is False
+    assert evaluate(model, ["left", "right"], DC, root, tta=True).to_dict()["tta_mirror"] is True
+    assert evaluate(model, ["left", "right"], DC, root).to_dict()["tta_mirror"] is None
+    _, plain = predict_probs(model, [root / "right" / "0.png"], DC)
+    _, tta = predict_probs(model, [root / "right" / "0.png"], DC, tta=True, mirror=False)
+    assert torch.equal(tta, plain)

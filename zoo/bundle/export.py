@@ -26,11 +26,14 @@ ONNX_ATOL = 1e-4             # ONNX Runtime vs PyTorch logits, checked at export
 # ----------------------------------------------------------------------------------------- export
 
 
-def _metrics(run_dir: Path) -> dict[str, Any]:
+def _summary(run_dir: Path) -> dict[str, Any]:
     p = run_dir / "summary.json"
     if not p.exists():
         return {}
-    summary = _read_json(p, "the run's summary is damaged; re-run `zoo finetune` or delete summary.json")
+    return _read_json(p, "the run's summary is damaged; re-run `zoo finetune` or delete summary.json")
+
+
+def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
     metrics = summary.get("metrics", summary)
     # Keep what JSON can carry; metadata stays small (the header is read on every load).
     return json.loads(json.dumps(metrics, default=str))
@@ -45,6 +48,20 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _trained_on_mirrors(recipe: dict[str, Any], summary: dict[str, Any]) -> bool:
+    """Whether the model learnt from mirrored images (its config's flip, unless the run's mirror test turned
+    the auto flip off): test-time augmentation averages over mirrored views only then (a digit or a letter
+    mirrored is another symbol, and a model trained without flips has no answer for it)."""
+    # lazy: the bundle's metadata readers (zoo push, zoo list --mine) must not import torch through here
+    from types import SimpleNamespace
+
+    from finetune.data.transforms import trains_mirrored
+
+    config = SimpleNamespace(hflip=recipe.get("hflip", -1.0), augment=recipe.get("augment", "standard"))
+    mirror = summary.get("mirror")
+    return trains_mirrored(config) and not (isinstance(mirror, dict) and mirror.get("dropped"))
 
 
 def _scan(run_dir: Path) -> dict[str, Any]:
@@ -303,6 +320,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise UsageError(f"unknown export format(s) {unknown}; choose safetensors and/or onnx")
     info, state, ckpt = _read_run(run)
     labels = [str(c) for c in info["classes"]]
+    summary = _summary(run)
 
     builder = str(info["builder"])
     library, _, arch = builder.partition(":")
@@ -325,7 +343,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "classifier": classifier, "head": head, "source": public_source_id(info.get("source")),
         "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
         "pretrained": info.get("pretrained", True),
-        "metrics": _metrics(run),
+        "metrics": _metrics(summary),
+        "trained_on_mirrors": _trained_on_mirrors(_recipe(run), summary),
         "data_folders": _data_folders(_scan(run)),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"

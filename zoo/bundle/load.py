@@ -206,6 +206,12 @@ class Bundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def tta_mirror(self) -> bool:
+        """Whether test-time augmentation may average over mirrored views: the model learnt from mirrored
+        images (recorded at export; a bundle exported before that, and a registry model: yes)."""
+        return self.metadata.get("trained_on_mirrors") is not False
+
     def __iter__(self) -> Iterator[Any]:
         yield self.model
         yield self.transform
@@ -220,7 +226,8 @@ class Bundle:
             topk: how many classes per image (at least 1; capped at the number of classes).
             tta: average the softmax over several views of each image, as ``zoo predict --tta``:
                 ``tta_views`` "flip" (the validation view and its mirror) or "ten" (ten fixed crops);
-                ``tta_scales`` ten-crops at each of these sizes.
+                ``tta_scales`` ten-crops at each of these sizes. A model trained without mirrored images
+                (``tta_mirror`` False) gets no mirrored view: flip is then the plain view, ten five crops.
         Raises:
             BundleError: an image cannot be read (the message names it).
             UsageError: ``topk`` below 1, an unknown ``tta_views``.
@@ -242,7 +249,7 @@ class Bundle:
                               f"{reason}; check the file")
 
         _, probs = predict_probs(self.model, images, self.data_config, tta=tta, tta_scales=tta_scales,
-                                 tta_views=tta_views, batch_size=batch_size, on_error=fail)
+                                 tta_views=tta_views, batch_size=batch_size, on_error=fail, mirror=self.tta_mirror)
         return _topk(probs, self.labels, int(topk))
 
     def to(self, device: Any) -> "Bundle":

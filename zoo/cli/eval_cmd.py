@@ -12,7 +12,7 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from zoo.text import printable
-from zoo.cli.predict import DEVICE_HELP, tta_options, tta_scales_given, warn_skipped
+from zoo.cli.predict import DEVICE_HELP, note_unmirrored_tta, tta_options, tta_scales_given, warn_skipped
 
 __all__ = ["eval_cmd"]
 
@@ -70,10 +70,12 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     out = out or _default_out(model)
     with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
         bundle = load_model(model, device=resolve_device(device))
+        note_unmirrored_tta(tta, tta_views, scales, bundle.tta_mirror)
         report = evaluate(bundle.model, bundle.labels, bundle.data_config, data, tta=tta, tta_scales=scales,
                           tta_views=tta_views, batch_size=batch_size, progress=True, worst=max(worst, 20),
                           on_error=warn_skipped,
-                          aliases=bundle.metadata.get("label_ids"), data_folders=bundle.metadata.get("data_folders"))
+                          aliases=bundle.metadata.get("label_ids"), data_folders=bundle.metadata.get("data_folders"),
+                          mirror=bundle.tta_mirror)
         report.weights_sha256 = bundle.metadata.get("weights_sha256")
         paths = write_eval_reports(report, out)
     if report.seen_in_training:
@@ -83,7 +85,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
         return
     where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
     echo(f"evaluated {report.n_images} images from {data} ({where})"
-         + (f" with TTA ({report.tta_views})" if report.tta else ""))
+         + (f" with TTA ({report.tta_views}{'' if report.tta_mirror else ', no mirrored views'})" if report.tta else ""))
     if report.ignored_folders:
         echo("ignored folders that are not classes of the model: "
              + ", ".join(printable(f) for f in report.ignored_folders[:10]))

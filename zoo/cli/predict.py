@@ -13,7 +13,7 @@ from zoo.cli.console import echo
 from zoo.errors import UsageError
 from zoo.text import printable, printable_name
 
-__all__ = ["predict_cmd", "tta_options", "tta_scales_given"]
+__all__ = ["predict_cmd", "tta_options", "tta_scales_given", "note_unmirrored_tta"]
 
 
 # zoo.predict.TTA_VIEWS / DEFAULT_TTA_VIEWS (that module imports torch; tests/zoo/test_predict.py checks these agree);
@@ -32,7 +32,8 @@ def tta_options(func):
                              "--tta-views ten; e.g. 224,256,288; at most 8 sizes of at most 2048).")(func)
     func = click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
                         help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and "
-                             "their mirrors (ten-crop).")(func)
+                             "their mirrors (ten-crop). A model trained without flips (--hflip 0) gets no "
+                             "mirrored view.")(func)
     return click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several "
                         "views of each image (--tta-views).")(func)
 
@@ -50,6 +51,17 @@ def tta_scales_given(tta: bool, tta_scales: str | None) -> tuple[int, ...] | Non
         if given and not tta:
             raise UsageError(f"{flag} needs --tta")
     return scales
+
+
+def note_unmirrored_tta(tta: bool, views: str, scales: tuple[int, ...] | None, mirror: bool) -> None:
+    """With TTA on a model that never saw a mirrored image (its mirror may be another class: a digit, a
+    letter), say that the mirrored views are left out and what TTA then averages."""
+    if not (tta or scales) or mirror:
+        return
+    what = ("five crops per scale" if scales else "the five crops" if views == "ten"
+            else "the plain view alone, as without --tta (--tta-views ten averages five crops)")
+    echo("note: this model was trained without mirrored images (--hflip 0, or the run found the images "
+         f"handed), so TTA leaves the mirrored views out: {what}", err=True)
 
 
 def warn_skipped(item: object, reason: str) -> None:
@@ -88,8 +100,10 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
     if not paths:
         raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
     bundle = load_model(model, device=resolve_device(device))
+    note_unmirrored_tta(tta, tta_views, scales, bundle.tta_mirror)
     kept, probs = predict_probs(bundle.model, paths, bundle.data_config, tta=tta, tta_scales=scales,
-                                tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=warn_skipped)
+                                tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=warn_skipped,
+                                mirror=bundle.tta_mirror)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be read")
     results = top(probs, bundle.labels, topk)

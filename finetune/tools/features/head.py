@@ -31,7 +31,7 @@ from torch import nn
 
 from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
-from finetune.data.transforms import augment_mode, flip_probability
+from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
@@ -58,7 +58,7 @@ Log = Callable[[str], None]
 
 def mirror_view(config) -> bool:
     """The cached head's training features include each image's mirror (see the module docstring)."""
-    return not int(config.aug_views or 0) and augment_mode(config) != "none" and flip_probability(config) > 0
+    return not int(config.aug_views or 0) and trains_mirrored(config)
 
 
 class _Targets(torch.utils.data.Dataset):
