@@ -78,6 +78,7 @@ def test_every_tool_asks_the_same_policy(report, monkeypatch):
 def test_precision_loss_and_device_are_decided_in_one_module():
     """No second AMP policy, loss builder or device resolver anywhere in finetune or zoo."""
     patterns = {"torch.autocast(": "autocast", "GradScaler(": "GradScaler", "is_bf16_supported": "bf16 check",
+                "get_device_capability": "bf16 check",
                 "CrossEntropyLoss(": "loss", "def resolve_device": "device resolver",
                 "def pick_device": "device resolver"}
     found = {}
@@ -147,6 +148,25 @@ def test_cpu_state_cache_copies_only_what_changed():
         assert torch.equal(second[k], v), k
     net.load_state_dict({k: torch.zeros_like(v) for k, v in net.state_dict().items()})
     assert all(torch.equal(cache()[k], v) for k, v in net.state_dict().items())
+
+
+def test_amp_picks_bf16_only_where_the_device_computes_it(monkeypatch):
+    """A V100/T4 (compute capability 7.x) only emulates bf16, though torch.cuda.is_bf16_supported() says yes
+    there: AMP is fp16 with a GradScaler; an A100/H100 (8.x, 9.x) gets bf16. Each device answers for itself
+    (--device cuda:1 on a machine whose GPU 0 is another kind); a bare "cuda" is the current device."""
+    from finetune.engine.runtime import amp_policy
+
+    capability = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)     # torch's answer on a T4
+    t4 = amp_policy(torch.device("cuda", 0), True)
+    assert t4.dtype == torch.float16 and t4.needs_scaler
+    assert amp_policy(torch.device("cuda"), True).dtype == torch.float16
+    h100 = amp_policy(torch.device("cuda", 1), True)
+    assert h100.dtype == torch.bfloat16 and not h100.needs_scaler
+    assert amp_policy(torch.device("cuda", 1), False).dtype is None
 
 
 def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
