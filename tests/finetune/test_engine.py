@@ -452,6 +452,38 @@ def test_warm_up_runs_a_step_of_each_shape_and_changes_nothing():
     assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
 
 
+def test_warm_up_meets_the_training_forwards_config_errors(report, monkeypatch):
+    """On CUDA the warm-up makes the first training forward: a BatchNorm that trains on one image (--head mlp
+    --batch-size 1) and a forward with auxiliary outputs were a ValueError / AttributeError traceback there,
+    where the CPU's first epoch says what to change. Forced on here; the model comes back unchanged."""
+    import finetune.engine.epoch_steps as epoch_steps
+    from finetune.core.errors import ConfigError
+    from finetune.engine.steps import warm_up
+
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(8),
+                              torch.nn.Linear(8, 2))
+    state = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"^a BatchNorm layer cannot train on a batch of 1 image"):
+        warm_up(mlp, (1, 3, 2, 2), None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert all(torch.equal(state[k], v) for k, v in mlp.state_dict().items()) and mlp.training
+
+    class Aux(torch.nn.Module):       # torchvision's GoogLeNet/Inception v3 return a namedtuple while training
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 2)
+
+        def forward(self, x):
+            out = self.fc(x.flatten(1))
+            return (out, out) if self.training else out
+
+    with pytest.raises(ConfigError, match="aux_logits=False"):
+        warm_up(Aux(), (2, 3, 2, 2), None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    monkeypatch.setattr(epoch_steps, "warms_up", lambda device: True)
+    with pytest.raises(ConfigError, match=r"^a BatchNorm layer cannot train on a batch of 1 image"):
+        fit(timm.create_model("test_resnet", num_classes=5), STAGES, DATA_CONFIG, report.train, report.val,
+            _cfg(epochs=1, freeze="none", batch_size=1, head="mlp", head_epochs=0, fast_head=False), head="fc")
+
+
 def test_a_run_that_warms_up_trains_exactly_as_one_that_does_not(report, monkeypatch):
     """With the warm-up forced on (it runs on CUDA only), each phase that trains through the network warms
     up its shapes first (the head phase with the backbone frozen in eval mode, as it trains), and every
