@@ -26,7 +26,8 @@ CUDNN_AUTOTUNE_MIN_STEPS = 200
 def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) -> torch.device:
     """``config.device`` -> torch.device: "auto" prefers CUDA, then Apple MPS, then CPU.
 
-    Under torchrun a bare "cuda" means this process's GPU (cuda:LOCAL_RANK).
+    A bare "cuda" is the current device, as in torch: under torchrun this process's GPU (cuda:LOCAL_RANK),
+    where another index is refused.
 
     Raises:
         ConfigError: the requested device is not available here.
@@ -46,7 +47,13 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={name} but no CUDA device is visible; use --device cpu or auto")
-        index = dev.index if dev.index is not None else (info.local_rank if info.enabled else 0)
+        # a bare "cuda" is torch's current device: this process's GPU, which under torchrun ddp.setup pinned
+        # (the tools that run outside the process group, e.g. the LR range test of --lr auto, included)
+        index = dev.index if dev.index is not None else (
+            info.local_rank if info.enabled else torch.cuda.current_device())
+        if info.enabled and index != info.local_rank:
+            raise ConfigError(f"device={name} under torchrun: each process trains on its own GPU, cuda:LOCAL_RANK; "
+                              "pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
         return torch.device("cuda", index)

@@ -169,6 +169,29 @@ def test_amp_picks_bf16_only_where_the_device_computes_it(monkeypatch):
     assert amp_policy(torch.device("cuda", 1), False).dtype is None
 
 
+def test_a_bare_cuda_is_this_process_gpu_and_torchrun_refuses_another(monkeypatch):
+    """QA: a bare "cuda" outside the process group meant cuda:0, so under torchrun every rank's LR range test
+    (--lr auto --device cuda) and overfit check ran on GPU 0; it is torch's current device, the one ddp.setup
+    pinned to LOCAL_RANK. Under torchrun an explicit other index put every rank on one GPU (an NCCL
+    error at the first collective): a ConfigError before anything is written."""
+    from finetune.core.distributed import DistInfo
+    from finetune.core.errors import ConfigError
+    from finetune.engine.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)     # LOCAL_RANK 2, pinned by ddp.setup
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    second_node = DistInfo(rank=6, world_size=8, local_rank=2, enabled=True)
+    assert resolve_device("cuda", second_node) == resolve_device("auto", second_node) == torch.device("cuda", 2)
+    assert resolve_device("cuda:2", second_node) == torch.device("cuda", 2)
+    with pytest.raises(ConfigError, match=r"^device=cuda:1 under torchrun: .*CUDA_VISIBLE_DEVICES"):
+        resolve_device("cuda:1", second_node)
+    with pytest.raises(ConfigError, match="only 4 CUDA device"):
+        resolve_device("cuda:7")
+
+
 def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
     """cudnn.benchmark autotunes each new shape: on for a long CUDA run, off for a few batches (a small
     job's feature pass sees 4-5 shapes), never touched on a CPU run."""
