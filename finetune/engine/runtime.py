@@ -14,8 +14,8 @@ from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
 from finetune.data.loaders import check_sampler
 
-__all__ = ["resolve_device", "check_machine", "cudnn_autotune", "warms_up", "AmpPolicy", "amp_policy", "to_device",
-           "build_loss"]
+__all__ = ["resolve_device", "check_machine", "cudnn_autotune", "warms_up", "AmpPolicy", "amp_policy", "bf16_native",
+           "to_device", "build_loss"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
 # steps of one shape, and makes a job of a few batches (the feature pass of a small folder sees 4-5
@@ -26,7 +26,8 @@ CUDNN_AUTOTUNE_MIN_STEPS = 200
 def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) -> torch.device:
     """``config.device`` -> torch.device: "auto" prefers CUDA, then Apple MPS, then CPU.
 
-    Under torchrun a bare "cuda" means this process's GPU (cuda:LOCAL_RANK).
+    A bare "cuda" is the current device, as in torch: under torchrun this process's GPU (cuda:LOCAL_RANK),
+    where another index is refused.
 
     Raises:
         ConfigError: the requested device is not available here.
@@ -46,7 +47,13 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={name} but no CUDA device is visible; use --device cpu or auto")
-        index = dev.index if dev.index is not None else (info.local_rank if info.enabled else 0)
+        # a bare "cuda" is torch's current device: this process's GPU, which under torchrun ddp.setup pinned
+        # (the tools that run outside the process group, e.g. the LR range test of --lr auto, included)
+        index = dev.index if dev.index is not None else (
+            info.local_rank if info.enabled else torch.cuda.current_device())
+        if info.enabled and index != info.local_rank:
+            raise ConfigError(f"device={name} under torchrun: each process trains on its own GPU, cuda:LOCAL_RANK; "
+                              "pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
         return torch.device("cuda", index)
@@ -125,7 +132,17 @@ def amp_policy(device: torch.device | str, enabled: bool) -> AmpPolicy:
     device = torch.device(device)
     if device.type != "cuda" or not enabled:
         return AmpPolicy(device.type, None)
-    return AmpPolicy("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return AmpPolicy("cuda", torch.bfloat16 if bf16_native(device) else torch.float16)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` itself (not the current one) computes in bfloat16: compute capability 8.0
+    (Ampere) or later, or ROCm. ``torch.cuda.is_bf16_supported()`` also answers yes on a V100 or T4 (7.x),
+    where bf16 is only emulated (no tensor cores: slower than fp32), and asks the current device only."""
+    if torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool = False,

@@ -88,10 +88,10 @@ class Setup:
 
     @property
     def features_io(self) -> tuple[str, Callable | None]:
-        """``(output, normalize)`` of the cached-feature passes: the workers path's evaluation pipeline.
-        With ``--decode device`` the loaders hand over batches the DevicePrefetcher already normalised;
-        the feature passes read the files themselves, so on CUDA they get uint8 batches and the device
-        normalisation that goes with them, as without ``--decode device``."""
+        """``(output, normalize)`` of the cached-feature passes and the overfit check's fixed batches: the
+        workers path's evaluation pipeline. With ``--decode device`` the loaders hand over batches the
+        DevicePrefetcher already normalised; those passes read the files themselves, so on CUDA they get
+        uint8 batches and the device normalisation that goes with them, as without ``--decode device``."""
         if self.config.decode == "device":
             output, normalize, _ = device_steps(self.config.replace(decode="workers"), self.data_config, self.device)
             return output, normalize

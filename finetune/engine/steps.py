@@ -264,7 +264,11 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[in
     paid before the first epoch, while the loader's workers decode its first batches.
 
     Nothing of the run changes: no optimizer step; the gradients, the buffers (BatchNorm statistics), the
-    modules' modes and the random generators (dropout) are as before."""
+    modules' modes and the random generators (dropout) are as before.
+
+    Raises:
+        ConfigError: as :func:`train_one_epoch`'s forward (a BatchNorm training on one image, a forward with
+            auxiliary outputs): on CUDA the warm-up meets them first."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -278,8 +282,7 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[in
                 only_train.train()
             x = torch.zeros(train_shape, device=device).contiguous(memory_format=fmt)
             with torch.enable_grad():
-                with (amp or _FULL).autocast():
-                    out = model(x)
+                out = _forward(model, x, amp)      # the epoch's forward: its ConfigErrors come here first
                 loss = loss_fn(out.float(), torch.zeros(train_shape[0], dtype=torch.int64, device=device))
                 if loss.requires_grad:
                     loss.backward()

@@ -307,6 +307,36 @@ def test_overfit_check_passes_on_learnable_batches(tiny_train_set):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_overfit_check_under_decode_device(tiny_train_set, monkeypatch):
+    """QA: --overfit-batches with --decode device unpacked the encoded files' batches (bytes, labels, indices)
+    as (images, labels): a ValueError traceback. The fixed batches are the workers path's evaluation view,
+    on CUDA uint8 normalised on the device (its device steps forced here on the CPU)."""
+    import torch
+
+    import finetune.engine.setup as engine_setup
+    from finetune.data import DeviceAugment, DeviceNormalize
+
+    normalised = []
+
+    class Counting(DeviceNormalize):
+        def __call__(self, x, *a, **k):
+            normalised.append(x.dtype)
+            return super().__call__(x, *a, **k)
+
+    def cuda_steps(config, data_config, device):     # device_steps on CUDA (gpu_normalize on)
+        if config.decode == "device":
+            return "uint8", None, None
+        return "uint8", Counting.from_data_config(data_config), DeviceAugment.from_config(data_config, config)
+
+    for steps in (None, cuda_steps):
+        if steps is not None:
+            monkeypatch.setattr(engine_setup, "device_steps", steps)
+        res = overfit_check(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2, decode="device"),
+                            head="fc", batches=2, max_steps=4)
+        assert res.steps == 4 and math.isfinite(res.final_loss)
+    assert normalised == [torch.uint8] * 2      # each fixed batch once, from uint8
+
+
 def test_overfit_check_fails_on_random_labels(tiny_train_set):
     res = overfit_check(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2), head="fc",
                         batches=2, max_steps=60, shuffle_labels=True)

@@ -78,6 +78,7 @@ def test_every_tool_asks_the_same_policy(report, monkeypatch):
 def test_precision_loss_and_device_are_decided_in_one_module():
     """No second AMP policy, loss builder or device resolver anywhere in finetune or zoo."""
     patterns = {"torch.autocast(": "autocast", "GradScaler(": "GradScaler", "is_bf16_supported": "bf16 check",
+                "get_device_capability": "bf16 check",
                 "CrossEntropyLoss(": "loss", "def resolve_device": "device resolver",
                 "def pick_device": "device resolver"}
     found = {}
@@ -147,6 +148,48 @@ def test_cpu_state_cache_copies_only_what_changed():
         assert torch.equal(second[k], v), k
     net.load_state_dict({k: torch.zeros_like(v) for k, v in net.state_dict().items()})
     assert all(torch.equal(cache()[k], v) for k, v in net.state_dict().items())
+
+
+def test_amp_picks_bf16_only_where_the_device_computes_it(monkeypatch):
+    """A V100/T4 (compute capability 7.x) only emulates bf16, though torch.cuda.is_bf16_supported() says yes
+    there: AMP is fp16 with a GradScaler; an A100/H100 (8.x, 9.x) gets bf16. Each device answers for itself
+    (--device cuda:1 on a machine whose GPU 0 is another kind); a bare "cuda" is the current device."""
+    from finetune.engine.runtime import amp_policy
+
+    capability = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)     # torch's answer on a T4
+    t4 = amp_policy(torch.device("cuda", 0), True)
+    assert t4.dtype == torch.float16 and t4.needs_scaler
+    assert amp_policy(torch.device("cuda"), True).dtype == torch.float16
+    h100 = amp_policy(torch.device("cuda", 1), True)
+    assert h100.dtype == torch.bfloat16 and not h100.needs_scaler
+    assert amp_policy(torch.device("cuda", 1), False).dtype is None
+
+
+def test_a_bare_cuda_is_this_process_gpu_and_torchrun_refuses_another(monkeypatch):
+    """QA: a bare "cuda" outside the process group meant cuda:0, so under torchrun every rank's LR range test
+    (--lr auto --device cuda) and overfit check ran on GPU 0; it is torch's current device, the one ddp.setup
+    pinned to LOCAL_RANK. Under torchrun an explicit other index put every rank on one GPU (an NCCL
+    error at the first collective): a ConfigError before anything is written."""
+    from finetune.core.distributed import DistInfo
+    from finetune.core.errors import ConfigError
+    from finetune.engine.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)     # LOCAL_RANK 2, pinned by ddp.setup
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    second_node = DistInfo(rank=6, world_size=8, local_rank=2, enabled=True)
+    assert resolve_device("cuda", second_node) == resolve_device("auto", second_node) == torch.device("cuda", 2)
+    assert resolve_device("cuda:2", second_node) == torch.device("cuda", 2)
+    with pytest.raises(ConfigError, match=r"^device=cuda:1 under torchrun: .*CUDA_VISIBLE_DEVICES"):
+        resolve_device("cuda:1", second_node)
+    with pytest.raises(ConfigError, match="only 4 CUDA device"):
+        resolve_device("cuda:7")
 
 
 def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
@@ -430,6 +473,38 @@ def test_warm_up_runs_a_step_of_each_shape_and_changes_nothing():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_warm_up_meets_the_training_forwards_config_errors(report, monkeypatch):
+    """On CUDA the warm-up makes the first training forward: a BatchNorm that trains on one image (--head mlp
+    --batch-size 1) and a forward with auxiliary outputs were a ValueError / AttributeError traceback there,
+    where the CPU's first epoch says what to change. Forced on here; the model comes back unchanged."""
+    import finetune.engine.epoch_steps as epoch_steps
+    from finetune.core.errors import ConfigError
+    from finetune.engine.steps import warm_up
+
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(8),
+                              torch.nn.Linear(8, 2))
+    state = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"^a BatchNorm layer cannot train on a batch of 1 image"):
+        warm_up(mlp, (1, 3, 2, 2), None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert all(torch.equal(state[k], v) for k, v in mlp.state_dict().items()) and mlp.training
+
+    class Aux(torch.nn.Module):       # torchvision's GoogLeNet/Inception v3 return a namedtuple while training
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 2)
+
+        def forward(self, x):
+            out = self.fc(x.flatten(1))
+            return (out, out) if self.training else out
+
+    with pytest.raises(ConfigError, match="aux_logits=False"):
+        warm_up(Aux(), (2, 3, 2, 2), None, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    monkeypatch.setattr(epoch_steps, "warms_up", lambda device: True)
+    with pytest.raises(ConfigError, match=r"^a BatchNorm layer cannot train on a batch of 1 image"):
+        fit(timm.create_model("test_resnet", num_classes=5), STAGES, DATA_CONFIG, report.train, report.val,
+            _cfg(epochs=1, freeze="none", batch_size=1, head="mlp", head_epochs=0, fast_head=False), head="fc")
 
 
 def test_a_run_that_warms_up_trains_exactly_as_one_that_does_not(report, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from finetune.core.config import FinetuneConfig
-from finetune.data import ImageSet, make_loader
+from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
 from finetune.engine import build_setup, to_device, train_one_epoch
 from finetune.core.errors import ConfigError, FinetuneError
 from finetune.core.seeding import preserved_rng
@@ -139,9 +139,12 @@ def _fixed_batches(setup, train_set: ImageSet, n: int) -> list[tuple[torch.Tenso
     items = list(train_set.items)
     random.Random(cfg.seed).shuffle(items)
     subset = type(train_set)(items=items[: n * cfg.batch_size], classes=train_set.classes)
-    loader = make_loader(setup.dataset(subset, train=False), cfg.batch_size, train=False, workers=0,
-                         device=device.type)
-    fixed = [to_device(x, y, device, setup.channels_last, setup.normalize) for x, y in filter(None, loader)]
+    # the evaluation view as the workers path makes it, also under --decode device (whose datasets hand over
+    # encoded files for a DevicePrefetcher): the batches are made once here and kept
+    output, normalize = setup.features_io
+    dataset = ImageDataset(subset, build_transform(setup.data_config, False, cfg, output=output))
+    loader = make_loader(dataset, cfg.batch_size, train=False, workers=0, device=device.type)
+    fixed = [to_device(x, y, device, setup.channels_last, normalize) for x, y in filter(None, loader)]
     if not fixed:
         raise FinetuneError("overfit check: no readable training image; check the image folder")
     return fixed
