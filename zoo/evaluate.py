@@ -22,7 +22,7 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from finetune.data.files import is_ignored, walk_files
-from finetune.data.scan import VAL_NAMES, split_folder
+from finetune.data.scan import held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
@@ -74,7 +74,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     """Images of a class-folder layout, labelled by the bundle's class order.
 
     ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``; in
-    any case: as the training scan reads them), else ``root/<class>/``.
+    any case), else ``root/<class>/``: the folder is read as the training scan reads it
+    (``finetune.data.scan.held_out_folder``), so a class named ``valid`` or ``test`` stays a class.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
 
@@ -86,7 +87,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
-    found = split_folder(root, ("test",)) or split_folder(root, VAL_NAMES)    # in any case, as the scan reads them
+    found = held_out_folder(root)       # in any case, and only where the training scan sees a split
     split, base = (os.path.basename(found), Path(found)) if found else (".", root)
     exts = _image_extensions()
     index = {str(name): i for i, name in enumerate(aliases or ())}

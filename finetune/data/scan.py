@@ -21,8 +21,8 @@ from finetune.data.splits import apply_split_file, stratified_split, write_bad_f
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "write_scan", "write_bad_files",
-           "VAL_NAMES"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "held_out_folder", "write_scan",
+           "write_bad_files", "VAL_NAMES"]
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest
@@ -56,6 +56,18 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
         raise DataError(f"{printable_name(root)} holds {found} but no train/ folder: put the training images in "
                         "DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
     return root, None, None
+
+
+def held_out_folder(root: str | os.PathLike) -> str | None:
+    """The folder of ``root`` that scores a trained model, read as the scan reads ``root``: test/, else val/,
+    of a split layout or of held-out folders alone (a hold-out set); None for a folder of classes, where a
+    class named like a split (``valid/`` next to ``invalid/``) is a class, as it was in training."""
+    root_s = os.fspath(root)
+    try:
+        train, val, test = _detect_layout(root_s)
+    except DataError:           # val/ or test/ without train/: a hold-out set
+        return split_folder(root_s, ("test",)) or split_folder(root_s, VAL_NAMES)
+    return None if train == root_s else test or val
 
 
 def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:

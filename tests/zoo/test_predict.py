@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.data.scan import scan_folder
 from tests.conftest import make_image, make_image_folder
 from zoo.errors import UsageError
 from zoo.evaluate import classification_metrics, evaluate, find_eval_images, write_eval_reports
@@ -162,6 +163,17 @@ def test_find_eval_images_prefers_test_then_val(tmp_path):
     # ImageNet-style folders named by synset match a pretrained model's descriptive labels
     split, items, ignored = find_eval_images(root / "test", ["tabby, tabby cat", "zebra"], aliases=["b", "zzz"])
     assert split == "." and sorted({lab for _, lab in items}) == [0, 1] and ignored == []
+
+
+def test_find_eval_images_reads_a_class_named_like_a_split_as_the_scan_does(tmp_path):
+    """QA: a model trained on classes valid/ and invalid/ (the scan: a flat folder of two classes) could not be
+    evaluated on that folder: eval took valid/ for the validation split and found no class folder in it."""
+    root = make_image_folder(tmp_path / "data", classes=("invalid", "valid"), per_class=2, size=16)
+    assert scan_folder(root).classes == ["invalid", "valid"]
+    split, items, ignored = find_eval_images(root, ["invalid", "valid"])
+    assert split == "." and sorted(lab for _, lab in items) == [0, 0, 1, 1] and ignored == []
+    holdout = make_image_folder(tmp_path / "holdout" / "test", classes=("invalid", "valid"), per_class=1, size=16)
+    assert find_eval_images(holdout.parent, ["invalid", "valid"])[0] == "test"    # a hold-out set alone
 
 
 def test_evaluate_and_reports(tmp_path):
