@@ -185,6 +185,10 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
     if len(classes) < 2:
         what = f"only 1 class ({printable_name(classes[0])})" if classes else "no class folders with images"
         hint = f"; {len(stray)} files directly in the folder were ignored" if stray else ""
+        inner = _subfolders(os.path.join(root_s, classes[0])) if classes and train_dir == root_s else []
+        if len(inner) >= 2:     # a zip's top folder (photos.zip -> DIR/photos/<class>/): one level too high
+            hint += (f"; its folders {name_list(inner)} look like the classes: pass "
+                     f"{printable_name(os.path.join(root_s, classes[0]))} as the data folder")
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:
@@ -201,6 +205,13 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
         warn.append(f"skipped {len(bad)} unreadable or non-image files, e.g. "
                     f"{printable_name(relative_path(bad[0][0], root_s))} ({bad[0][1]}); all are listed in bad_files.txt")
     return classes
+
+
+def _subfolders(folder: str) -> list[str]:
+    try:
+        return list_classes(folder)
+    except DataError:       # a class named by a folder name that is not UTF-8: its printable name is no path
+        return []
 
 
 def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:

@@ -758,3 +758,18 @@ def test_many_files_are_checked_in_parallel_runs_with_each_reason_at_its_own_fil
     assert reasons == [_check_file(p) for p in paths]
     assert [r is None for r in reasons[:5]] == [True, True, False, False, False]
     assert reasons[3] == "empty file (0 bytes)"
+
+
+def test_a_zip_top_folder_is_named_as_the_data_folder_to_pass(tmp_path):
+    """QA: photos.zip extracted as DIR/photos/<class>/ (and DIR/__MACOSX/) failed with "found only 1 class
+    (photos) ... a classifier needs at least 2 class folders", which does not say where the classes are."""
+    make_image_folder(tmp_path / "d" / "photos", classes=("cat", "dog"), per_class=2, size=16)
+    (tmp_path / "d" / "__MACOSX" / "photos").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"only 1 class \(photos\) .*; its folders cat, dog look like the classes: "
+                                        r"pass .*d/photos as the data folder") as err:
+        scan_folder(tmp_path / "d")
+    assert "\n" not in str(err.value)
+    assert scan_folder(tmp_path / "d" / "photos").classes == ["cat", "dog"]
+    make_image(tmp_path / "one" / "cat" / "0.png", 0)        # a single class folder of images: no such hint
+    with pytest.raises(DataError, match=r"only 1 class \(cat\) in [^;]*; a classifier needs"):
+        scan_folder(tmp_path / "one")
