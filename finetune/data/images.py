@@ -3,6 +3,7 @@ torchvision's decode_jpeg to a uint8 tensor for the files it decodes exactly."""
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,7 +136,11 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
 
 
 def _missing(path: str | Path) -> DataError:
-    """A file listed by the scan that is no longer there (every reader of image files says it this way)."""
+    """A file that cannot be found (every reader of image files says it this way): one listed by the scan
+    and moved or deleted since, or a symbolic link to nothing (a folder given to zoo predict or eval)."""
+    if os.path.islink(path):
+        return DataError(f"{printable_name(str(path))} is a broken symbolic link (to "
+                         f"{printable_name(os.readlink(path))}); fix or remove it")
     return DataError(f"{printable_name(str(path))} is missing: moved or deleted since the scan")
 
 
