@@ -13,7 +13,8 @@ from finetune.core.errors import DataError
 from finetune.core.io import printable_name
 from finetune.data.images import pil_warnings
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
