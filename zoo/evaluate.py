@@ -188,6 +188,7 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
 
 
 _GLYPH_WARNING = r"Glyph .* missing from (current )?font"
+_TICK_CHARS = 40       # confusion.png tick labels: a longer class name is cut (the csv files hold it whole)
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,7 +248,8 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
     im = ax.imshow(cm, cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if n <= 40:
-        names, families = plot_labels([str(x) for x in labels])
+        names, families = plot_labels([x if len(x) <= _TICK_CHARS else x[:_TICK_CHARS - 3] + "..."
+                                       for x in map(str, labels)])
         ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families)
         ax.set_yticks(range(n), names, fontsize=8, fontfamily=families)
     if n <= 20:
@@ -262,6 +264,8 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
     with warnings.catch_warnings():
         # plot_labels leaves no glyph missing; this only keeps an odd font's quirk off the console
         warnings.filterwarnings("ignore", message=_GLYPH_WARNING, category=UserWarning)
+        # a figure too small for its labels is drawn as it is: matplotlib's note named its own file and line
+        warnings.filterwarnings("ignore", message="Tight layout not applied", category=UserWarning)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 

@@ -316,3 +316,16 @@ def test_dash_reads_one_image_from_stdin(tmp_path):
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [d["image"] for d in doc] == ["/dev/stdin"] and len(doc[0]["predictions"]) == 1
+
+
+def test_confusion_png_with_a_very_long_class_name_prints_nothing(tmp_path):
+    """QA: a 200-character class name made `zoo eval` print matplotlib's '.../zoo/evaluate.py:264: UserWarning:
+    Tight layout not applied...' and its code line, and the name ran off the figure; it is cut at 40 characters."""
+    import warnings
+
+    from zoo.evaluate import _confusion_png
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _confusion_png([[2, 0], [1, 1]], ["L" * 200, "short"], tmp_path / "confusion.png")
+    assert [str(w.message) for w in caught] == [] and (tmp_path / "confusion.png").stat().st_size > 0
