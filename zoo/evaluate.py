@@ -22,7 +22,7 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from finetune.data.files import is_ignored, walk_files
-from finetune.data.scan import VAL_NAMES, split_folder
+from finetune.data.scan import held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
@@ -76,7 +76,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     """Images of a class-folder layout, labelled by the bundle's class order.
 
     ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``; in
-    any case: as the training scan reads them), else ``root/<class>/``.
+    any case), else ``root/<class>/``: the folder is read as the training scan reads it
+    (``finetune.data.scan.held_out_folder``), so a class named ``valid`` or ``test`` stays a class.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
 
@@ -88,7 +89,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
-    found = split_folder(root, ("test",)) or split_folder(root, VAL_NAMES)    # in any case, as the scan reads them
+    found = held_out_folder(root)       # in any case, and only where the training scan sees a split
     split, base = (os.path.basename(found), Path(found)) if found else (".", root)
     exts = _image_extensions()
     index = {str(name): i for i, name in enumerate(aliases or ())}
@@ -193,6 +194,7 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
 
 
 _GLYPH_WARNING = r"Glyph .* missing from (current )?font"
+_TICK_CHARS = 40       # confusion.png tick labels: a longer class name is cut (the csv files hold it whole)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,7 +254,8 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
     im = ax.imshow(cm, cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if n <= 40:
-        names, families = plot_labels([str(x) for x in labels])
+        names, families = plot_labels([x if len(x) <= _TICK_CHARS else x[:_TICK_CHARS - 3] + "..."
+                                       for x in map(str, labels)])
         ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families)
         ax.set_yticks(range(n), names, fontsize=8, fontfamily=families)
     if n <= 20:
@@ -267,6 +270,8 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
     with warnings.catch_warnings():
         # plot_labels leaves no glyph missing; this only keeps an odd font's quirk off the console
         warnings.filterwarnings("ignore", message=_GLYPH_WARNING, category=UserWarning)
+        # a figure too small for its labels is drawn as it is: matplotlib's note named its own file and line
+        warnings.filterwarnings("ignore", message="Tight layout not applied", category=UserWarning)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 

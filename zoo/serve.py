@@ -32,7 +32,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from finetune.data import upright_rgb
+from finetune.data import pil_warnings, upright_rgb
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
 
@@ -94,8 +93,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
                                  "send a raster image")
     if not data:
         raise ImageRejected(400, f"{name}: the file is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pil_warnings():
         try:
             img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
         except UnidentifiedImageError:

@@ -14,8 +14,8 @@ The scan happens before any model is loaded, so fatal problems fail in seconds w
 from __future__ import annotations
 
 from finetune.data.device import DeviceAugment, DeviceNormalize, device_steps, to_device_batch
-from finetune.data.images import (device_decodable, load_image, load_image_tensor, read_image_bytes, to_rgb,
-                                  to_uint8_tensor, upright_rgb)
+from finetune.data.images import (device_decodable, load_image, load_image_tensor, pil_warnings, read_image_bytes,
+                                  to_rgb, to_uint8_tensor, upright_rgb)
 from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, ImageDataset, class_weights,
                                    close_loader, collate_skip_none, drop_last_partial, make_loader,
                                    resolve_workers, set_epoch_order, set_loader_epoch, train_batches)
@@ -25,6 +25,7 @@ from finetune.data.transforms import ImageTransform, build_transform, trains_mir
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan", "write_bad_files",
     "load_image", "load_image_tensor", "read_image_bytes", "to_rgb", "upright_rgb", "to_uint8_tensor", "device_decodable",
+    "pil_warnings",
     "build_transform", "ImageTransform", "with_input_size", "trains_mirrored",
     "DeviceNormalize", "DeviceAugment", "to_device_batch", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",

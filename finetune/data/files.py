@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -12,8 +11,10 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.io import printable_name
+from finetune.data.images import pil_warnings
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
@@ -199,8 +200,7 @@ _CHECK_RUN = 64    # files per thread task: a future per file cost more than a c
 
 def check_files(files: Sequence[str]) -> list[str | None]:
     # The filter is set once here, not per file: catch_warnings is process-global and not thread-safe.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # _check_file reports these
+    with pil_warnings(bombs="ignore"):   # _check_file reports these
         if len(files) < 64:
             return [_check_file(f) for f in files]
         # Header reads wait on the disk (a cold cache, a network drive); threads overlap the waits. Each

@@ -3,8 +3,11 @@ torchvision's decode_jpeg to a uint8 tensor for the files it decodes exactly."""
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -16,6 +19,23 @@ from finetune.core.io import printable_name
 
 
 # -------------------------------------------------------------------------------------- decoding
+@contextmanager
+def pil_warnings(bombs: str = "error") -> Iterator[None]:
+    """``warnings.catch_warnings`` for reading image files, the one set of PIL filters every reader uses.
+
+    PIL's decompression-bomb warning (between 1x and 2x its pixel limit) becomes ``bombs``: "error" (raised
+    as ``Image.DecompressionBombWarning``) or "ignore" (the caller checks the size itself). PIL's notes on
+    damaged metadata (a camera file whose EXIF block breaks off: "Corrupt EXIF data. Expecting to read 12
+    bytes but only got 10.", printed with PIL's own file and line) are silenced: PIL goes on and the pixels
+    are used as stored (:func:`upright_rgb`), so they only alarmed. Not thread-safe (``catch_warnings``):
+    enter it once, around the threads.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter(bombs, Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+        yield
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped). What
     training sees, so every other reader (zoo serve's uploads, PIL images given to zoo.load_bundle) uses it
@@ -69,8 +89,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
         DataError: the file cannot be read or decoded, or exceeds PIL's decompression-bomb limit.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pil_warnings():
             with Image.open(path) as im:
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
@@ -105,8 +124,7 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
     if not data.startswith(_SOI):
         return False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pil_warnings():
             with Image.open(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
                 if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive"):
                     return False
@@ -118,7 +136,11 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
 
 
 def _missing(path: str | Path) -> DataError:
-    """A file listed by the scan that is no longer there (every reader of image files says it this way)."""
+    """A file that cannot be found (every reader of image files says it this way): one listed by the scan
+    and moved or deleted since, or a symbolic link to nothing (a folder given to zoo predict or eval)."""
+    if os.path.islink(path):
+        return DataError(f"{printable_name(str(path))} is a broken symbolic link (to "
+                         f"{printable_name(os.readlink(path))}); fix or remove it")
     return DataError(f"{printable_name(str(path))} is missing: moved or deleted since the scan")
 
 

@@ -21,8 +21,8 @@ from finetune.data.splits import apply_split_file, stratified_split, write_bad_f
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "write_scan", "write_bad_files",
-           "VAL_NAMES"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "held_out_folder", "write_scan",
+           "write_bad_files", "VAL_NAMES"]
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest
@@ -56,6 +56,18 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
         raise DataError(f"{printable_name(root)} holds {found} but no train/ folder: put the training images in "
                         "DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
     return root, None, None
+
+
+def held_out_folder(root: str | os.PathLike) -> str | None:
+    """The folder of ``root`` that scores a trained model, read as the scan reads ``root``: test/, else val/,
+    of a split layout or of held-out folders alone (a hold-out set); None for a folder of classes, where a
+    class named like a split (``valid/`` next to ``invalid/``) is a class, as it was in training."""
+    root_s = os.fspath(root)
+    try:
+        train, val, test = _detect_layout(root_s)
+    except DataError:           # val/ or test/ without train/: a hold-out set
+        return split_folder(root_s, ("test",)) or split_folder(root_s, VAL_NAMES)
+    return None if train == root_s else test or val
 
 
 def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
@@ -173,6 +185,10 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
     if len(classes) < 2:
         what = f"only 1 class ({printable_name(classes[0])})" if classes else "no class folders with images"
         hint = f"; {len(stray)} files directly in the folder were ignored" if stray else ""
+        inner = _subfolders(os.path.join(root_s, classes[0])) if classes and train_dir == root_s else []
+        if len(inner) >= 2:     # a zip's top folder (photos.zip -> DIR/photos/<class>/): one level too high
+            hint += (f"; its folders {name_list(inner)} look like the classes: pass "
+                     f"{printable_name(os.path.join(root_s, classes[0]))} as the data folder")
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:
@@ -189,6 +205,13 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
         warn.append(f"skipped {len(bad)} unreadable or non-image files, e.g. "
                     f"{printable_name(relative_path(bad[0][0], root_s))} ({bad[0][1]}); all are listed in bad_files.txt")
     return classes
+
+
+def _subfolders(folder: str) -> list[str]:
+    try:
+        return list_classes(folder)
+    except DataError:       # a class named by a folder name that is not UTF-8: its printable name is no path
+        return []
 
 
 def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:

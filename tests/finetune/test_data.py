@@ -758,3 +758,31 @@ def test_many_files_are_checked_in_parallel_runs_with_each_reason_at_its_own_fil
     assert reasons == [_check_file(p) for p in paths]
     assert [r is None for r in reasons[:5]] == [True, True, False, False, False]
     assert reasons[3] == "empty file (0 bytes)"
+
+
+def test_a_zip_top_folder_is_named_as_the_data_folder_to_pass(tmp_path):
+    """QA: photos.zip extracted as DIR/photos/<class>/ (and DIR/__MACOSX/) failed with "found only 1 class
+    (photos) ... a classifier needs at least 2 class folders", which does not say where the classes are."""
+    make_image_folder(tmp_path / "d" / "photos", classes=("cat", "dog"), per_class=2, size=16)
+    (tmp_path / "d" / "__MACOSX" / "photos").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"only 1 class \(photos\) .*; its folders cat, dog look like the classes: "
+                                        r"pass .*d/photos as the data folder") as err:
+        scan_folder(tmp_path / "d")
+    assert "\n" not in str(err.value)
+    assert scan_folder(tmp_path / "d" / "photos").classes == ["cat", "dog"]
+    make_image(tmp_path / "one" / "cat" / "0.png", 0)        # a single class folder of images: no such hint
+    with pytest.raises(DataError, match=r"only 1 class \(cat\) in [^;]*; a classifier needs"):
+        scan_folder(tmp_path / "one")
+
+
+def test_jpegs_saved_as_jfif_and_netpbm_files_are_images(tmp_path):
+    """QA: a .jfif (how Windows browsers save JPEGs) and .ppm / .pgm files (torchvision's ImageFolder reads
+    them) were skipped as 'not an image file type', though Pillow reads them (zoo predict and eval, which
+    filter folders by the same IMAGE_EXTENSIONS, dropped them without a word)."""
+    root = make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=2, size=16)
+    for i, (name, fmt) in enumerate((("web.jfif", "JPEG"), ("CAM.JPE", "JPEG"), ("x.ppm", "PPM"), ("y.pgm", None))):
+        image = Image.open(make_image(root / "cat" / f"src{i}.png", 0, 16))
+        (image.convert("L") if name.endswith(".pgm") else image).save(root / "cat" / name, format=fmt)
+        (root / "cat" / f"src{i}.png").unlink()
+    report = scan_folder(root)
+    assert report.bad_files == [] and report.counts()["train"]["cat"] + report.counts()["val"]["cat"] == 6

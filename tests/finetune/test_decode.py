@@ -440,3 +440,11 @@ def test_every_reader_calls_a_file_gone_since_the_scan_missing(tmp_path):
     for read in (load_image, read_image_bytes, load_image_tensor):
         with pytest.raises(DataError, match=r"gone\.jpg is missing: moved or deleted since the scan$"):
             read(gone)
+    # QA: a broken link in a folder given to zoo predict / eval (no scan there) read "missing: moved or deleted
+    # since the scan"; the scan calls it a broken symbolic link, and so does every reader now
+    link = tmp_path / "cat" / "link.jpg"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "elsewhere.jpg")
+    for read in (load_image, read_image_bytes, load_image_tensor):
+        with pytest.raises(DataError, match=r"link\.jpg is a broken symbolic link \(to .*elsewhere\.jpg\); fix or remove it$"):
+            read(link)

@@ -22,6 +22,7 @@ from finetune.data import (
     ImageSet,
     build_transform,
     collate_skip_none,
+    device_decodable,
     load_image,
     scan_folder,
     write_scan,
@@ -284,3 +285,26 @@ def test_decompression_bomb_rejected(hostile, tmp_path, monkeypatch):
     assert [(report.relpath(p), "decompression-bomb" in r) for p, r in report.bad_files] == [("c0/big.png", True)]
     with pytest.raises(DataError, match="decompression-bomb"):
         load_image(root / "c0" / "big.png")
+
+
+def test_a_photo_with_damaged_exif_is_used_without_pil_warnings(tmp_path):
+    """QA: a JPEG whose EXIF block breaks off made PIL print "…/PIL/TiffImagePlugin.py:982: UserWarning: Corrupt
+    EXIF data. Expecting to read 12 bytes but only got 10." during the scan, the feature pass and zoo predict;
+    the image is used as stored, so the scan keeps it and nothing is printed."""
+    import warnings
+
+    root = tmp_path / "d"
+    for ci, cls in enumerate(("a", "b")):
+        for i in range(2):
+            make_image(root / cls / f"{i}.png", ci)
+    damaged = root / "a" / "camera.jpg"
+    # an EXIF IFD whose only entry (orientation, SHORT x 65535) points past the end of the block
+    Image.new("RGB", (8, 6), RED).save(damaged, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03"
+                                                      b"\xff\xff\xff\xff\x00\x01")
+    with warnings.catch_warnings(record=True) as caught:
+        report = scan_folder(root)
+        image = load_image(damaged)
+        device_decodable(damaged.read_bytes())
+    assert report.bad_files == [] and len(report.train) + len(report.val) == 5
+    assert image.size == (8, 6)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []

@@ -211,6 +211,15 @@ def test_eval_finds_the_split_folders_in_any_case_as_the_scan_does(bundle, tmp_p
     assert json.loads(res.stdout)["split"] == "TEST" and json.loads(res.stdout)["n_images"] == 2 * len(labels)
 
 
+def test_eval_out_inside_the_data_is_refused(bundle, tmp_path, runner):
+    """QA: `zoo eval B --data photos --out photos/report` wrote confusion.png there, and the next
+    `zoo finetune --data photos` trained a class "report" on it (finetune, lr-find and sweep refuse this)."""
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[0], CLASSES[2]), per_class=1, size=32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(data / "report")])
+    assert res.exit_code == 2 and "is inside the data folder" in res.output, res.output
+    assert not (data / "report").exists()
+
+
 def test_eval_lists_the_lowest_classes_only_when_they_are_many(bundle, tmp_path, runner, monkeypatch):
     """QA: `zoo eval` printed a line per class (2,000). Above FULL_MAX_CLASSES it prints the SHOWN_CLASSES of
     lowest recall and how many more (per_class.csv has them all); thresholds lowered here to 3 classes."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.data.scan import scan_folder
 from tests.conftest import make_image, make_image_folder
 from zoo.errors import UsageError
 from zoo.evaluate import classification_metrics, evaluate, find_eval_images, write_eval_reports
@@ -162,6 +163,17 @@ def test_find_eval_images_prefers_test_then_val(tmp_path):
     # ImageNet-style folders named by synset match a pretrained model's descriptive labels
     split, items, ignored = find_eval_images(root / "test", ["tabby, tabby cat", "zebra"], aliases=["b", "zzz"])
     assert split == "." and sorted({lab for _, lab in items}) == [0, 1] and ignored == []
+
+
+def test_find_eval_images_reads_a_class_named_like_a_split_as_the_scan_does(tmp_path):
+    """QA: a model trained on classes valid/ and invalid/ (the scan: a flat folder of two classes) could not be
+    evaluated on that folder: eval took valid/ for the validation split and found no class folder in it."""
+    root = make_image_folder(tmp_path / "data", classes=("invalid", "valid"), per_class=2, size=16)
+    assert scan_folder(root).classes == ["invalid", "valid"]
+    split, items, ignored = find_eval_images(root, ["invalid", "valid"])
+    assert split == "." and sorted(lab for _, lab in items) == [0, 0, 1, 1] and ignored == []
+    holdout = make_image_folder(tmp_path / "holdout" / "test", classes=("invalid", "valid"), per_class=1, size=16)
+    assert find_eval_images(holdout.parent, ["invalid", "valid"])[0] == "test"    # a hold-out set alone
 
 
 def test_evaluate_and_reports(tmp_path):
@@ -332,3 +344,16 @@ def test_a_model_trained_without_mirrors_keeps_its_tta_accuracy(tmp_path):
     _, plain = predict_probs(model, [root / "right" / "0.png"], DC)
     _, tta = predict_probs(model, [root / "right" / "0.png"], DC, tta=True, mirror=False)
     assert torch.equal(tta, plain)
+
+
+def test_confusion_png_with_a_very_long_class_name_prints_nothing(tmp_path):
+    """QA: a 200-character class name made `zoo eval` print matplotlib's '.../zoo/evaluate.py:264: UserWarning:
+    Tight layout not applied...' and its code line, and the name ran off the figure; it is cut at 40 characters."""
+    import warnings
+
+    from zoo.evaluate import _confusion_png
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _confusion_png([[2, 0], [1, 1]], ["L" * 200, "short"], tmp_path / "confusion.png")
+    assert [str(w.message) for w in caught] == [] and (tmp_path / "confusion.png").stat().st_size > 0

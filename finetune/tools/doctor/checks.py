@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.data import load_image
+from finetune.data import load_image, pil_warnings
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
 
 
@@ -53,7 +53,7 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
         except OSError:
             hashes.append("")
         try:
-            with Image.open(p) as im:
+            with pil_warnings(bombs="ignore"), Image.open(p) as im:
                 sizes.append(tuple(int(v) for v in im.size))   # header only: no decode
         except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
             sizes.append(None)
