@@ -28,7 +28,7 @@ from typing import Any
 
 from finetune.core.io import SafetensorsHeaderError, atomic_write_text, rewrite_safetensors_metadata
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
-from zoo.cache import sha256_file, zoo_home
+from zoo.cache import zoo_home
 from zoo.errors import BundleError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
 from zoo.registry import public_source_id
@@ -93,6 +93,13 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
 def _read_header_metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+
+
+def _header_metadata_or_none(data: bytes) -> dict[str, str] | None:
+    try:
+        return _read_header_metadata(data)
+    except (struct.error, ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------- scrubbing
@@ -169,7 +176,12 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     if not REPO_RE.fullmatch(repo or ""):
         raise UsageError(f"--repo {repo!r} is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs)")
     bundle, run = locate(path)
-    sha = sha256_file(bundle / WEIGHTS)
+    raw_meta = read_safetensors_metadata(bundle / WEIGHTS)      # (checks the file is whole)
+    try:    # read once: the digest, the header and the published bytes are of the same file
+        data = (bundle / WEIGHTS).read_bytes()
+    except OSError as err:
+        raise BundleError(f"{bundle / WEIGHTS} cannot be read ({err.strerror or err}); nothing was uploaded") from None
+    sha = hashlib.sha256(data).hexdigest()
     try:
         config = json.loads((bundle / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -180,13 +192,16 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     if recorded and recorded != sha:
         raise BundleError(f"{bundle / WEIGHTS} is not the file config.json describes (sha256 {sha[:16]}... vs "
                           f"{str(recorded)[:16]}...); re-export the bundle; nothing was uploaded")
-    meta = _decode_metadata(read_safetensors_metadata(bundle / WEIGHTS), bundle / WEIGHTS)
+    if _header_metadata_or_none(data) != raw_meta:      # `zoo export` replaced it since its header was read
+        raise BundleError(f"{bundle} changed while it was read (a `zoo export` writing it?); push again when it is "
+                          "done; nothing was uploaded")
+    meta = _decode_metadata(raw_meta, bundle / WEIGHTS)
     labels = [str(x) for x in meta["label_names"]] if isinstance(meta.get("label_names"), list) else None
     check_config(config, labels, len(labels or ()), bundle / CONFIG)   # what zoo predict would refuse
     public_meta = _public({k: v for k, v in meta.items() if k not in LOCAL_KEYS})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
     try:
-        weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
+        weights = rewrite_safetensors_metadata(data, header)
     except SafetensorsHeaderError as err:
         raise BundleError(f"{bundle / WEIGHTS} has no readable header ({err}); re-export the bundle") from None
     weights_sha = hashlib.sha256(weights).hexdigest()

@@ -4,6 +4,7 @@ never mocked. Then plain timm, `zoo pull` and `zoo predict` load what was pushed
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -345,3 +346,28 @@ def test_a_re_exported_bundle_is_the_same_push_and_the_same_test_report(hub, tmp
     assert res.exit_code == 0, res.output
     res = push(runner, run)
     assert res.exit_code == 0 and "nothing to push" in res.output, res.output
+
+
+def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tmp_path, monkeypatch):
+    """QA: plan_push hashed the weights, read their header and then read their bytes by name, each at its own
+    time: a `zoo export --overwrite` that published in between had the second export's weights published
+    under the first export's label names (a Hub model naming every class wrong). The bytes are read once."""
+    import zoo.push as push_module
+    from tests.zoo.test_bundle import _publish, _two_bundles
+    from zoo.errors import BundleError
+
+    a, b = _two_bundles(tmp_path)
+    out = shutil.copytree(a, tmp_path / "bundle")
+    real = push_module.read_safetensors_metadata
+
+    def read_then_export_publishes(path, *args, **kwargs):
+        meta = real(path, *args, **kwargs)
+        _publish(b, out)
+        return meta
+
+    monkeypatch.setattr(push_module, "read_safetensors_metadata", read_then_export_publishes)
+    with pytest.raises(BundleError, match="changed while it was read .*nothing was uploaded"):
+        push_module.plan_push(out, REPO)
+    monkeypatch.setattr(push_module, "read_safetensors_metadata", real)
+    plan = push_module.plan_push(out, REPO)     # once the export is done: the new bundle, whole
+    assert json.loads(plan.files["config.json"])["label_names"] == ["xx", "yy", "zz"]
