@@ -340,6 +340,26 @@ class RunLock:
 
 
 # --------------------------------------------------------------------------------------------- claim
+_WAIT_POLL_S = 0.5
+
+
+def _wait_unlocked(path: Path, wait: float, note: Callable[[str], None] | None) -> None:
+    """Return once no live process holds ``path``'s lock; RunLockedError after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            RunLock(path).check()
+            return
+        except RunLockedError as err:
+            if time.monotonic() >= deadline:
+                raise
+            if note is not None and not said:
+                note(f"note: {str(err).split('; ')[0]}; waiting for it to finish")
+                said = True
+        time.sleep(_WAIT_POLL_S)
+
+
 def _remove_outputs(path: Path, kind: Kind) -> None:
     """``--overwrite``: remove what the command writes there, nothing else."""
     for name in kind.files:
@@ -353,8 +373,11 @@ def _remove_outputs(path: Path, kind: Kind) -> None:
 @contextlib.contextmanager
 def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overwrite: bool = False,
               option: str = "--out", note: Callable[[str], None] | None = None,
-              command: str | None = None) -> Iterator[str]:
+              command: str | None = None, wait: float = 0.0) -> Iterator[str]:
     """Check, create, lock and mark ``path`` for the command ``kind``; yields the mode (see check_out).
+
+    ``wait``: seconds to wait (saying so through ``note``) while a live process holds the folder, before
+    RunLockedError; 0 refuses at once.
 
     Under the lock the folder is checked again (another process may have written it in between), then
     ``--overwrite`` removes the command's old files. On exit the lock is released, and a folder this
@@ -368,7 +391,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
-    RunLock(path).check()        # a live holder is named first: "in use by pid ..." says more than "not empty"
+    _wait_unlocked(path, wait, note)    # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
     check_writable(path, option, KINDS[kind].folder)
     top = path      # the outermost folder this call creates (path itself when its parent exists)

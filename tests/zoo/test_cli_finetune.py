@@ -597,3 +597,43 @@ def test_resume_without_scan_json_asks_for_the_data_folder_then_continues_and_wr
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
     assert json.loads((out / "scan.json").read_text()) == json.loads(scan)
     assert (out / "split.json").read_bytes() == split
+
+
+def test_the_runs_own_export_waits_for_a_zoo_export_writing_run_export_then_writes_the_final_best(tmp_path, tiny,
+                                                                                                  monkeypatch):
+    """QA: `zoo export RUN` during training (its best epoch so far) still writing RUN/export when the run ended:
+    zoo finetune exited 1 with 'RUN/export is in use ... choose another folder', after training, without
+    report.html, and RUN/export kept the earlier epoch's bundle. The run now waits, then exports its own."""
+    import os
+    import socket
+    import time
+
+    import zoo.jobs.finetune as job
+    import zoo.outdir as outdir
+
+    lock_json = json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "zoo export RUN"})
+    real_claim = job.claim_out
+
+    def export_folder_held_by_another_process(path, kind, **kwargs):
+        if kind == "export":
+            path.mkdir(parents=True, exist_ok=True)
+            (path / outdir.LOCK).write_text(lock_json)
+        return real_claim(path, kind, **kwargs)
+
+    class Clock:        # the other process finishes while the run waits
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(_seconds):
+            (tmp_path / "run" / "export" / outdir.LOCK).unlink()
+
+    monkeypatch.setattr(job, "claim_out", export_folder_held_by_another_process)
+    monkeypatch.setattr(outdir, "time", Clock())
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "run/export is in use by pid" in result.output and "waiting for it to finish" in result.output
+    run = tmp_path / "run"
+    assert (run / "report.html").is_file() and not (run / "export" / outdir.LOCK).exists()
+    assert (run / "export" / "model.safetensors").stat().st_mtime >= (run / "checkpoints" / "best.safetensors").stat().st_mtime

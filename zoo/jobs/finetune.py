@@ -45,6 +45,7 @@ __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_fin
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
+EXPORT_WAIT_S = 300.0          # how long the run's own export waits for another process writing RUN/export
 Log = Callable[[str], None]
 
 
@@ -152,8 +153,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _export(run_dir: Path, log: Log) -> Path:
-    # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace).
-    with claim_out(run_dir / "export", "export", overwrite=True, note=log):
+    # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace); a `zoo
+    # export RUN` of a best epoch so far may be writing it: waited for, then replaced by the run's final best.
+    with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S):
         out = export_run(run_dir, run_dir / "export")
     log(f"exported bundle: {out}")
     return out
