@@ -285,7 +285,7 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
             remote = get_hf_file_metadata(hf_hub_url(repo, WEIGHTS, revision=info.sha, endpoint=endpoint),
                                           token=token)
             etag = (remote.etag or "").strip('"')
-            if etag != plan.weights_sha256:
+            if etag != plan.weights_sha256 and not _pushed_from_this_bundle(repo, info.sha, plan, endpoint, token):
                 raise PushError(f"{repo}@{branch} already holds another model (model.safetensors {etag[:12]}...); "
                                 "push to a branch with --revision NAME or replace it with --overwrite")
         ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in plan.files.items()]
@@ -306,6 +306,24 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
 
 
 # ---------------------------------------------------------------------------------- "my models"
+
+
+def _pushed_from_this_bundle(repo: str, commit: str, plan: PushPlan, endpoint: str | None, token: str | None) -> bool:
+    """Whether the model at ``repo@commit`` was pushed from this very bundle file (its config.json's
+    ``zoo.published_from_sha256``): the same model, whose published bytes differ only because an earlier zoo
+    wrote the header in another order. False when that cannot be told."""
+    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    ours = json.loads(plan.files[CONFIG]).get("zoo", {}).get("published_from_sha256")
+    try:
+        remote = json.loads(Path(hf_hub_download(repo, CONFIG, revision=commit, endpoint=endpoint,
+                                                 token=token)).read_text(encoding="utf-8"))
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError):     # (no config.json there: not ours)
+        return False
+    zoo_section = remote.get("zoo") if isinstance(remote, dict) else None
+    return bool(ours) and isinstance(zoo_section, dict) and zoo_section.get("published_from_sha256") == ours
 
 
 def _pushed_file() -> Path:

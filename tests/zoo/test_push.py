@@ -371,3 +371,36 @@ def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tm
     monkeypatch.setattr(push_module, "read_safetensors_metadata", real)
     plan = push_module.plan_push(out, REPO)     # once the export is done: the new bundle, whole
     assert json.loads(plan.files["config.json"])["label_names"] == ["xx", "yy", "zz"]
+
+
+def test_a_model_an_earlier_zoo_pushed_from_this_bundle_is_the_same_model_not_another(hub, tmp_path, runner,
+                                                                                       monkeypatch):
+    """QA (upgrade): a bundle pushed by a zoo from before the header was sorted, pushed again after the upgrade
+    (e.g. to add --test-metrics): 'me/x@main already holds another model; ... --overwrite', though it is the
+    same bundle file. Its config.json's zoo.published_from_sha256 says so; another model is still refused."""
+    import struct
+
+    import zoo.push as push_module
+
+    real = push_module.rewrite_safetensors_metadata
+
+    def as_an_earlier_zoo_wrote_it(data, metadata):      # the same header, in another order
+        out = real(data, metadata)
+        (n,) = struct.unpack("<Q", out[:8])
+        header = json.loads(out[8:8 + n])
+        header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + out[8 + n:]
+
+    _, a = make_bundle(tmp_path / "a", seed=0)
+    _, b = make_bundle(tmp_path / "b", seed=1)
+    monkeypatch.setattr(push_module, "rewrite_safetensors_metadata", as_an_earlier_zoo_wrote_it)
+    assert push(runner, a).exit_code == 0
+    monkeypatch.setattr(push_module, "rewrite_safetensors_metadata", real)
+    old = hub.snapshot(REPO)["main"][1]["model.safetensors"]
+    res = push(runner, a)
+    assert res.exit_code == 0 and "another model" not in res.output, res.output
+    assert hub.snapshot(REPO)["main"][1]["model.safetensors"] != old        # now the sorted header
+    res = push(runner, b)
+    assert res.exit_code == 1 and "already holds another model" in res.output
