@@ -28,8 +28,8 @@ from typing import Any
 
 from finetune.core.io import SafetensorsHeaderError, atomic_write_text, rewrite_safetensors_metadata
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
-from zoo.cache import zoo_home
-from zoo.errors import BundleError, OfflineError, PushError, UsageError
+from zoo.cache import lock, zoo_home
+from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
 from zoo.registry import public_source_id
 from zoo.sources import is_offline
@@ -331,13 +331,18 @@ def _pushed_file() -> Path:
 
 
 def _record(result: PushResult, plan: PushPlan) -> None:
-    items = [p for p in pushed_models() if not (p["repo"] == result.repo and p["revision"] == result.revision)]
-    items.append({"repo": result.repo, "revision": result.revision, "commit": result.commit,
-                  "weights_sha256": plan.weights_sha256, "bundle": str(plan.bundle.resolve()),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     path = _pushed_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(items, indent=2) + "\n")
+    try:
+        guard = lock(path.name)     # read, add, write: two pushes at once would each drop the other's record
+    except CacheError as err:
+        raise OSError(str(err)) from err
+    with guard:
+        items = [p for p in pushed_models() if not (p["repo"] == result.repo and p["revision"] == result.revision)]
+        items.append({"repo": result.repo, "revision": result.revision, "commit": result.commit,
+                      "weights_sha256": plan.weights_sha256, "bundle": str(plan.bundle.resolve()),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_text(path, json.dumps(items, indent=2) + "\n")
 
 
 def pushed_models() -> list[dict[str, Any]]:

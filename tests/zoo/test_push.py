@@ -404,3 +404,32 @@ def test_a_model_an_earlier_zoo_pushed_from_this_bundle_is_the_same_model_not_an
     assert hub.snapshot(REPO)["main"][1]["model.safetensors"] != old        # now the sorted header
     res = push(runner, b)
     assert res.exit_code == 1 and "already holds another model" in res.output
+
+
+def test_two_pushes_finishing_at_once_both_stay_in_pushed_json(tmp_path, monkeypatch):
+    """QA: each push read ZOO_HOME/pushed.json, added its record and wrote the file back: two pushes ending at
+    the same time (a script pushing several models in parallel) kept only one record, and `zoo list --mine`
+    lost the other push. The read-add-write is done under a file lock."""
+    import threading
+    import time
+    from pathlib import Path
+
+    import zoo.push as push_module
+
+    real = push_module.pushed_models
+
+    def slow_read():
+        items = real()
+        time.sleep(0.3)         # the other push reads the file meanwhile
+        return items
+
+    monkeypatch.setattr(push_module, "pushed_models", slow_read)
+    plan = push_module.PushPlan(repo=REPO, files={}, weights_sha256="ab" * 32, bundle=Path(tmp_path), run=None,
+                                card="")
+    results = [push_module.PushResult(repo=f"me/m{i}", revision="main", commit=f"{i}" * 40, url="") for i in (1, 2)]
+    threads = [threading.Thread(target=push_module._record, args=(r, plan)) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p["repo"] for p in real()) == ["me/m1", "me/m2"]
