@@ -174,6 +174,10 @@ def check_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         raise UsageError(f"{path} holds {KINDS[found].what}, not {spec.what}; choose another {option} "
                          "(nothing was written)")
     if resume and kind == "finetune":
+        if (path / "model.json").is_file() and (path / "config.yaml").is_file():   # (a copy made with `cp -r RUN/*`)
+            raise UsageError(f"{path} holds a run's model.json and config.yaml but not its marker {MARKER} (a copy "
+                             "that left out hidden files?); if a `zoo finetune` run wrote it, put the marker back "
+                             f"with `echo '{{\"kind\": \"finetune\"}}' > {path / MARKER}` and resume again")
         raise UsageError(f"{path} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
     raise UsageError(f"{path} is not empty and holds no zoo output: choose a new or empty folder with {option} "

@@ -637,3 +637,20 @@ def test_the_runs_own_export_waits_for_a_zoo_export_writing_run_export_then_writ
     run = tmp_path / "run"
     assert (run / "report.html").is_file() and not (run / "export" / outdir.LOCK).exists()
     assert (run / "export" / "model.safetensors").stat().st_mtime >= (run / "checkpoints" / "best.safetensors").stat().st_mtime
+
+
+def test_a_run_copied_without_its_hidden_marker_is_named_so_on_resume(tmp_path):
+    """QA (sharing): a run folder copied with `cp -r RUN/* COPY/` (hidden files left out) was 'not a run folder
+    of zoo finetune (no model.json/config.yaml)' to --resume, though both are there. It now says the marker is
+    missing and how to put it back; with it back the folder resumes."""
+    from zoo.errors import UsageError
+    from zoo.outdir import MARKER, check_out
+
+    run = tmp_path / "copy"
+    run.mkdir()
+    (run / "model.json").write_text("{}")
+    (run / "config.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UsageError, match=f"not its marker {MARKER} .*put the marker back with `echo"):
+        check_out(run, "finetune", resume=True)
+    (run / MARKER).write_text('{"kind": "finetune"}')
+    assert check_out(run, "finetune", resume=True) == "resume"
