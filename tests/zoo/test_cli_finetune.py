@@ -654,3 +654,18 @@ def test_a_run_copied_without_its_hidden_marker_is_named_so_on_resume(tmp_path):
         check_out(run, "finetune", resume=True)
     (run / MARKER).write_text('{"kind": "finetune"}')
     assert check_out(run, "finetune", resume=True) == "resume"
+
+
+def test_a_resume_with_data_moved_elsewhere_records_the_new_folder(tmp_path, tiny, monkeypatch):
+    """QA (sharing): a run copied to another machine, or its data moved, resumed with --data NEW: scan.json kept
+    the old folder, so the bundle's data_folders named it, `zoo eval BUNDLE --data NEW` gave the training
+    accuracy without its 'the folder this model was trained on' warning, and every later --resume needed --data
+    again. scan.json now follows the folder the run goes on with."""
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    result = invoke("finetune", "--resume", out, "--data", moved, "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "scan.json").read_text())["root"] == str(moved)
+    result = invoke("eval", out / "export", "--data", moved, "--out", tmp_path / "eval")
+    assert result.exit_code == 0 and "is the folder this model was trained on" in result.stderr, result.output
