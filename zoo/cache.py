@@ -108,20 +108,44 @@ def cached_models() -> list[dict[str, Any]]:
     if not root.is_dir():
         return out
     for folder in sorted(root.iterdir()):
+        _settle(folder)
         man = folder / MANIFEST_FILE
         weights = folder / WEIGHTS_FILE
         if not (man.is_file() and weights.is_file()):
             continue
         try:
             info = json.loads(man.read_text(encoding="utf-8"))
+            size = weights.stat().st_size
+        except FileNotFoundError:       # `zoo cache rm` removed it meanwhile
+            continue
         except (ValueError, OSError):
-            info = None
+            info, size = None, 0
         if not _manifest_ok(info):
             info = {"name": folder.name, "damaged": True}
         info["path"] = str(weights)
-        info["bytes"] = weights.stat().st_size
+        info["bytes"] = size
         out.append(info)
     return out
+
+
+_INSTALL_WAIT_S = 120.0
+
+
+def _settle(folder: Path) -> None:
+    """Weights without their manifest are an install in progress (``install`` replaces the manifest last, under
+    the model's lock, while it fsyncs the weights) or an interrupted one: wait for that lock (at most
+    ``_INSTALL_WAIT_S``) so a listing taken meanwhile (`zoo lock`, `zoo cache ls/verify`) neither leaves out
+    nor calls damaged a model being installed."""
+    if (folder / MANIFEST_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        return
+    # lazy: zoo --help / list import this module; filelock only here and to write the cache
+    from filelock import Timeout
+
+    try:
+        with lock(folder.name, timeout=_INSTALL_WAIT_S):
+            pass
+    except (Timeout, CacheError):   # (a read-only ZOO_HOME: nothing can be installing there)
+        pass
 
 
 def remove(name: str) -> Path:
@@ -181,6 +205,7 @@ def check(name: str) -> None:
 
 def _problem(folder: Path) -> str | None:
     """What is wrong with one model folder of the cache (``<name>: ...; what to do``), None when nothing."""
+    _settle(folder)
     man, weights = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
     if not man.is_file():
         # Weights without a manifest: an install that was interrupted before it completed.

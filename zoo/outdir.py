@@ -174,6 +174,10 @@ def check_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         raise UsageError(f"{path} holds {KINDS[found].what}, not {spec.what}; choose another {option} "
                          "(nothing was written)")
     if resume and kind == "finetune":
+        if (path / "model.json").is_file() and (path / "config.yaml").is_file():   # (a copy made with `cp -r RUN/*`)
+            raise UsageError(f"{path} holds a run's model.json and config.yaml but not its marker {MARKER} (a copy "
+                             "that left out hidden files?); if a `zoo finetune` run wrote it, put the marker back "
+                             f"with `echo '{{\"kind\": \"finetune\"}}' > {path / MARKER}` and resume again")
         raise UsageError(f"{path} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
     raise UsageError(f"{path} is not empty and holds no zoo output: choose a new or empty folder with {option} "
@@ -340,6 +344,26 @@ class RunLock:
 
 
 # --------------------------------------------------------------------------------------------- claim
+_WAIT_POLL_S = 0.5
+
+
+def _wait_unlocked(path: Path, wait: float, note: Callable[[str], None] | None) -> None:
+    """Return once no live process holds ``path``'s lock; RunLockedError after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            RunLock(path).check()
+            return
+        except RunLockedError as err:
+            if time.monotonic() >= deadline:
+                raise
+            if note is not None and not said:
+                note(f"note: {str(err).split('; ')[0]}; waiting for it to finish")
+                said = True
+        time.sleep(_WAIT_POLL_S)
+
+
 def _remove_outputs(path: Path, kind: Kind) -> None:
     """``--overwrite``: remove what the command writes there, nothing else."""
     for name in kind.files:
@@ -353,8 +377,11 @@ def _remove_outputs(path: Path, kind: Kind) -> None:
 @contextlib.contextmanager
 def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overwrite: bool = False,
               option: str = "--out", note: Callable[[str], None] | None = None,
-              command: str | None = None) -> Iterator[str]:
+              command: str | None = None, wait: float = 0.0) -> Iterator[str]:
     """Check, create, lock and mark ``path`` for the command ``kind``; yields the mode (see check_out).
+
+    ``wait``: seconds to wait (saying so through ``note``) while a live process holds the folder, before
+    RunLockedError; 0 refuses at once.
 
     Under the lock the folder is checked again (another process may have written it in between), then
     ``--overwrite`` removes the command's old files. On exit the lock is released, and a folder this
@@ -368,7 +395,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
-    RunLock(path).check()        # a live holder is named first: "in use by pid ..." says more than "not empty"
+    _wait_unlocked(path, wait, note)    # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
     check_writable(path, option, KINDS[kind].folder)
     top = path      # the outermost folder this call creates (path itself when its parent exists)

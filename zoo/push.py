@@ -28,8 +28,8 @@ from typing import Any
 
 from finetune.core.io import SafetensorsHeaderError, atomic_write_text, rewrite_safetensors_metadata
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
-from zoo.cache import sha256_file, zoo_home
-from zoo.errors import BundleError, OfflineError, PushError, UsageError
+from zoo.cache import lock, zoo_home
+from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
 from zoo.registry import public_source_id
 from zoo.sources import is_offline
@@ -93,6 +93,13 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
 def _read_header_metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+
+
+def _header_metadata_or_none(data: bytes) -> dict[str, str] | None:
+    try:
+        return _read_header_metadata(data)
+    except (struct.error, ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------- scrubbing
@@ -169,7 +176,12 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     if not REPO_RE.fullmatch(repo or ""):
         raise UsageError(f"--repo {repo!r} is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs)")
     bundle, run = locate(path)
-    sha = sha256_file(bundle / WEIGHTS)
+    raw_meta = read_safetensors_metadata(bundle / WEIGHTS)      # (checks the file is whole)
+    try:    # read once: the digest, the header and the published bytes are of the same file
+        data = (bundle / WEIGHTS).read_bytes()
+    except OSError as err:
+        raise BundleError(f"{bundle / WEIGHTS} cannot be read ({err.strerror or err}); nothing was uploaded") from None
+    sha = hashlib.sha256(data).hexdigest()
     try:
         config = json.loads((bundle / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -180,13 +192,16 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     if recorded and recorded != sha:
         raise BundleError(f"{bundle / WEIGHTS} is not the file config.json describes (sha256 {sha[:16]}... vs "
                           f"{str(recorded)[:16]}...); re-export the bundle; nothing was uploaded")
-    meta = _decode_metadata(read_safetensors_metadata(bundle / WEIGHTS), bundle / WEIGHTS)
+    if _header_metadata_or_none(data) != raw_meta:      # `zoo export` replaced it since its header was read
+        raise BundleError(f"{bundle} changed while it was read (a `zoo export` writing it?); push again when it is "
+                          "done; nothing was uploaded")
+    meta = _decode_metadata(raw_meta, bundle / WEIGHTS)
     labels = [str(x) for x in meta["label_names"]] if isinstance(meta.get("label_names"), list) else None
     check_config(config, labels, len(labels or ()), bundle / CONFIG)   # what zoo predict would refuse
     public_meta = _public({k: v for k, v in meta.items() if k not in LOCAL_KEYS})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
     try:
-        weights = rewrite_safetensors_metadata((bundle / WEIGHTS).read_bytes(), header)
+        weights = rewrite_safetensors_metadata(data, header)
     except SafetensorsHeaderError as err:
         raise BundleError(f"{bundle / WEIGHTS} has no readable header ({err}); re-export the bundle") from None
     weights_sha = hashlib.sha256(weights).hexdigest()
@@ -270,7 +285,7 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
             remote = get_hf_file_metadata(hf_hub_url(repo, WEIGHTS, revision=info.sha, endpoint=endpoint),
                                           token=token)
             etag = (remote.etag or "").strip('"')
-            if etag != plan.weights_sha256:
+            if etag != plan.weights_sha256 and not _pushed_from_this_bundle(repo, info.sha, plan, endpoint, token):
                 raise PushError(f"{repo}@{branch} already holds another model (model.safetensors {etag[:12]}...); "
                                 "push to a branch with --revision NAME or replace it with --overwrite")
         ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in plan.files.items()]
@@ -293,18 +308,41 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
 # ---------------------------------------------------------------------------------- "my models"
 
 
+def _pushed_from_this_bundle(repo: str, commit: str, plan: PushPlan, endpoint: str | None, token: str | None) -> bool:
+    """Whether the model at ``repo@commit`` was pushed from this very bundle file (its config.json's
+    ``zoo.published_from_sha256``): the same model, whose published bytes differ only because an earlier zoo
+    wrote the header in another order. False when that cannot be told."""
+    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    ours = json.loads(plan.files[CONFIG]).get("zoo", {}).get("published_from_sha256")
+    try:
+        remote = json.loads(Path(hf_hub_download(repo, CONFIG, revision=commit, endpoint=endpoint,
+                                                 token=token)).read_text(encoding="utf-8"))
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError):     # (no config.json there: not ours)
+        return False
+    zoo_section = remote.get("zoo") if isinstance(remote, dict) else None
+    return bool(ours) and isinstance(zoo_section, dict) and zoo_section.get("published_from_sha256") == ours
+
+
 def _pushed_file() -> Path:
     return zoo_home() / "pushed.json"
 
 
 def _record(result: PushResult, plan: PushPlan) -> None:
-    items = [p for p in pushed_models() if not (p["repo"] == result.repo and p["revision"] == result.revision)]
-    items.append({"repo": result.repo, "revision": result.revision, "commit": result.commit,
-                  "weights_sha256": plan.weights_sha256, "bundle": str(plan.bundle.resolve()),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     path = _pushed_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(items, indent=2) + "\n")
+    try:
+        guard = lock(path.name)     # read, add, write: two pushes at once would each drop the other's record
+    except CacheError as err:
+        raise OSError(str(err)) from err
+    with guard:
+        items = [p for p in pushed_models() if not (p["repo"] == result.repo and p["revision"] == result.revision)]
+        items.append({"repo": result.repo, "revision": result.revision, "commit": result.commit,
+                      "weights_sha256": plan.weights_sha256, "bundle": str(plan.bundle.resolve()),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_text(path, json.dumps(items, indent=2) + "\n")
 
 
 def pushed_models() -> list[dict[str, Any]]:

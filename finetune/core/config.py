@@ -347,7 +347,12 @@ def load_config(path: str | Path) -> FinetuneConfig:
         raise ConfigError(f"{path} is not valid YAML{at}: {problem}; fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
-    return FinetuneConfig.from_dict(data, source=str(path))
+    try:
+        return FinetuneConfig.from_dict(data, source=str(path))
+    except ConfigError as err:      # validate()'s "invalid augment='x' (--augment)" names a flag: say which file
+        if str(err).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def save_config(config: FinetuneConfig, path: str | Path) -> None:

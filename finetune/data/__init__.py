@@ -20,10 +20,11 @@ from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, Image
                                    close_loader, collate_skip_none, drop_last_partial, make_loader,
                                    resolve_workers, set_epoch_order, set_loader_epoch, train_batches)
 from finetune.data.scan import IMAGE_EXTENSIONS, ImageSet, ScanReport, scan_folder, write_bad_files, write_scan
+from finetune.data.splits import scan_outdated
 from finetune.data.transforms import ImageTransform, build_transform, trains_mirrored, with_input_size
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan", "write_bad_files",
+    "IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan", "write_bad_files", "scan_outdated",
     "load_image", "load_image_tensor", "read_image_bytes", "to_rgb", "upright_rgb", "to_uint8_tensor", "device_decodable",
     "pil_warnings",
     "build_transform", "ImageTransform", "with_input_size", "trains_mirrored",

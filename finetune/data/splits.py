@@ -138,6 +138,17 @@ def write_scan(report: ScanReport, run_dir: str | Path, scan_only: bool = False)
     write_bad_files(report, run_dir)
 
 
+def scan_outdated(report: ScanReport, run_dir: str | Path) -> bool:
+    """Whether ``run_dir/scan.json`` is missing, unreadable or names another data folder than ``report`` (a
+    resume given ``--data`` after the data moved): the export (``zoo eval``'s trained-on-it warning), the report
+    and the next resume read the folder from it."""
+    try:
+        recorded = json.loads((Path(run_dir) / "scan.json").read_text(encoding="utf-8")).get("root")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return recorded != printable_name(report.root)
+
+
 def write_bad_files(report: ScanReport, out_dir: str | Path) -> None:
     """``bad_files.txt``: the files the scan skipped, one ``path<TAB>reason`` per line (the scan's
     warning points there)."""

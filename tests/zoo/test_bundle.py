@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import socket
 import struct
 from pathlib import Path
 
@@ -436,3 +439,57 @@ def test_the_same_run_exported_twice_gives_the_same_bytes(run_and_model, tmp_pat
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
     assert load_bundle(a).labels == list(CLASSES)
+
+
+def _two_bundles(tmp_path) -> tuple[Path, Path]:
+    """Bundles of two runs with the same number of classes and other class names (their own weights)."""
+    a = export_run(make_run(tmp_path / "a", classes=("ant", "bee", "cat"))[0], tmp_path / "bundle_a")
+    b = export_run(make_run(tmp_path / "b", classes=("xx", "yy", "zz"), seed=1)[0], tmp_path / "bundle_b")
+    return a, b
+
+
+def _publish(src: Path, out: Path) -> None:
+    """What zoo export's publish does: each file replaced, the weights first."""
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(src / name, out / f".{name}.new")
+        os.replace(out / f".{name}.new", out / name)
+
+
+def test_a_bundle_replaced_while_it_loads_never_pairs_one_exports_labels_with_the_others_weights(tmp_path,
+                                                                                                monkeypatch):
+    """QA: load_bundle read the header, config.json, the digest and the tensors by name at different times: a
+    `zoo export --overwrite` that published meanwhile gave `zoo predict` the first export's labels and
+    preprocessing with the second export's weights (silently wrong classes). It now reads again."""
+    import zoo.bundle.load as load
+
+    a, b = _two_bundles(tmp_path)
+    out = shutil.copytree(a, tmp_path / "bundle")
+    real_build = load.build_model
+    published = []
+
+    def build_then_export_publishes(*args, **kwargs):
+        if not published:
+            published.append(True)
+            _publish(b, out)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(load, "build_model", build_then_export_publishes)
+    bundle = load_bundle(out)
+    expected = load_bundle(b)
+    assert published and bundle.labels == ["xx", "yy", "zz"]
+    for (k, v), w in zip(bundle.model.state_dict().items(), expected.model.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_a_bundle_caught_between_its_two_files_by_a_live_export_says_so(tmp_path):
+    """The weights of one export beside the config.json of the other, while `zoo export` holds the folder:
+    'another process writes it', not 'damaged ... re-export'."""
+    a, b = _two_bundles(tmp_path)
+    out = shutil.copytree(a, tmp_path / "bundle")
+    shutil.copy(b / "model.safetensors", out / "model.safetensors")
+    with pytest.raises(BundleError, match="damaged or was changed"):
+        load_bundle(out)
+    (out / ".zoo.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                               "command": "zoo export run --out bundle --overwrite"}))
+    with pytest.raises(BundleError, match="cannot be read while another process writes it: .*zoo export run"):
+        load_bundle(out)

@@ -102,3 +102,40 @@ def test_a_manifest_that_is_json_but_no_manifest_is_called_damaged(cached, text)
         res = runner.invoke(cli, args)
         crashed = res.exception is not None and not isinstance(res.exception, SystemExit)
         assert res.exit_code in (0, 1) and not crashed, (args, res.output, res.exception)
+
+
+def test_a_model_being_installed_is_waited_for_not_left_out_of_a_lock_or_called_damaged(cached, tmp_path):
+    """QA: `zoo pull --force` / `zoo import` of a cached model removes its manifest, fsyncs the new weights
+    (seconds for a large file) and writes the manifest last, under the model's lock. A `zoo lock` taken
+    meanwhile left the model out of the lock file without a word (exit 0), and `zoo cache verify` told the
+    user to remove it. Both now wait for the install."""
+    import json
+    import threading
+    import time
+
+    from zoo.lock import write_lock
+
+    manifest = {k: v for k, v in cache.read_manifest("beta").items() if k not in ("name", "size")}
+    staged = tmp_path / "staged.safetensors"
+    staged.write_bytes(cache.weights_path("beta").read_bytes())
+    removed = threading.Event()
+
+    def install_slowly():
+        with cache.lock("beta"):
+            cache.manifest_path("beta").unlink()      # what install does first
+            removed.set()
+            time.sleep(0.5)                           # its fsync of a large file
+            cache.install("beta", staged, manifest)
+
+    installer = threading.Thread(target=install_slowly)
+    installer.start()
+    try:
+        assert removed.wait(5)
+        assert set(write_lock(tmp_path / "zoo.lock")["models"]) == {"alpha", "beta"}
+    finally:
+        installer.join()
+    assert set(json.loads((tmp_path / "zoo.lock").read_text())["models"]) == {"alpha", "beta"}
+    cache.manifest_path("beta").unlink()              # an interrupted install: nothing holds the lock
+    started = time.monotonic()
+    assert [m["name"] for m in cache.cached_models()] == ["alpha"] and cache.verify()[0].startswith("beta: no manifest")
+    assert time.monotonic() - started < 5

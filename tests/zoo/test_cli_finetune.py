@@ -647,3 +647,75 @@ def test_resume_without_scan_json_asks_for_the_data_folder_then_continues_and_wr
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
     assert json.loads((out / "scan.json").read_text()) == json.loads(scan)
     assert (out / "split.json").read_bytes() == split
+
+
+def test_the_runs_own_export_waits_for_a_zoo_export_writing_run_export_then_writes_the_final_best(tmp_path, tiny,
+                                                                                                  monkeypatch):
+    """QA: `zoo export RUN` during training (its best epoch so far) still writing RUN/export when the run ended:
+    zoo finetune exited 1 with 'RUN/export is in use ... choose another folder', after training, without
+    report.html, and RUN/export kept the earlier epoch's bundle. The run now waits, then exports its own."""
+    import os
+    import socket
+    import time
+
+    import zoo.jobs.finetune as job
+    import zoo.outdir as outdir
+
+    lock_json = json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "zoo export RUN"})
+    real_claim = job.claim_out
+
+    def export_folder_held_by_another_process(path, kind, **kwargs):
+        if kind == "export":
+            path.mkdir(parents=True, exist_ok=True)
+            (path / outdir.LOCK).write_text(lock_json)
+        return real_claim(path, kind, **kwargs)
+
+    class Clock:        # the other process finishes while the run waits
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(_seconds):
+            (tmp_path / "run" / "export" / outdir.LOCK).unlink()
+
+    monkeypatch.setattr(job, "claim_out", export_folder_held_by_another_process)
+    monkeypatch.setattr(outdir, "time", Clock())
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "run/export is in use by pid" in result.output and "waiting for it to finish" in result.output
+    run = tmp_path / "run"
+    assert (run / "report.html").is_file() and not (run / "export" / outdir.LOCK).exists()
+    assert (run / "export" / "model.safetensors").stat().st_mtime >= (run / "checkpoints" / "best.safetensors").stat().st_mtime
+
+
+def test_a_run_copied_without_its_hidden_marker_is_named_so_on_resume(tmp_path):
+    """QA (sharing): a run folder copied with `cp -r RUN/* COPY/` (hidden files left out) was 'not a run folder
+    of zoo finetune (no model.json/config.yaml)' to --resume, though both are there. It now says the marker is
+    missing and how to put it back; with it back the folder resumes."""
+    from zoo.errors import UsageError
+    from zoo.outdir import MARKER, check_out
+
+    run = tmp_path / "copy"
+    run.mkdir()
+    (run / "model.json").write_text("{}")
+    (run / "config.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UsageError, match=f"not its marker {MARKER} .*put the marker back with `echo"):
+        check_out(run, "finetune", resume=True)
+    (run / MARKER).write_text('{"kind": "finetune"}')
+    assert check_out(run, "finetune", resume=True) == "resume"
+
+
+def test_a_resume_with_data_moved_elsewhere_records_the_new_folder(tmp_path, tiny, monkeypatch):
+    """QA (sharing): a run copied to another machine, or its data moved, resumed with --data NEW: scan.json kept
+    the old folder, so the bundle's data_folders named it, `zoo eval BUNDLE --data NEW` gave the training
+    accuracy without its 'the folder this model was trained on' warning, and every later --resume needed --data
+    again. scan.json now follows the folder the run goes on with."""
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    result = invoke("finetune", "--resume", out, "--data", moved, "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "scan.json").read_text())["root"] == str(moved)
+    result = invoke("eval", out / "export", "--data", moved, "--out", tmp_path / "eval")
+    assert result.exit_code == 0 and "is the folder this model was trained on" in result.stderr, result.output

@@ -132,6 +132,21 @@ def test_unknown_yaml_keys_name_the_option_meant(tmp_path, text, message):
         load_config(cfg)
 
 
+@pytest.mark.parametrize("text,message", [
+    # a run's config.yaml written by a zoo from before --augment took a mode (31e7fd3): `zoo finetune --resume`
+    ("augment: true", "invalid augment='True' (--augment): choose one of standard, trivial, none"),
+    ("epochs: -3", "invalid epochs=-3 (--epochs): allowed: x >= 1 or 0")])
+def test_a_value_a_yaml_file_gives_out_of_range_names_the_file(tmp_path, text, message):
+    """QA: a --config file's or a resumed run's config.yaml value out of range was `invalid augment='True'
+    (--augment): ...`, naming a flag the user never gave, not the file to fix."""
+    from finetune.core.config import load_config
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: {message}")):
+        load_config(cfg)
+
+
 @pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
 def test_help_shows_ranges_and_the_same_options(command):
     r = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)

@@ -4,6 +4,7 @@ never mocked. Then plain timm, `zoo pull` and `zoo predict` load what was pushed
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -345,3 +346,90 @@ def test_a_re_exported_bundle_is_the_same_push_and_the_same_test_report(hub, tmp
     assert res.exit_code == 0, res.output
     res = push(runner, run)
     assert res.exit_code == 0 and "nothing to push" in res.output, res.output
+
+
+def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tmp_path, monkeypatch):
+    """QA: plan_push hashed the weights, read their header and then read their bytes by name, each at its own
+    time: a `zoo export --overwrite` that published in between had the second export's weights published
+    under the first export's label names (a Hub model naming every class wrong). The bytes are read once."""
+    import zoo.push as push_module
+    from tests.zoo.test_bundle import _publish, _two_bundles
+    from zoo.errors import BundleError
+
+    a, b = _two_bundles(tmp_path)
+    out = shutil.copytree(a, tmp_path / "bundle")
+    real = push_module.read_safetensors_metadata
+
+    def read_then_export_publishes(path, *args, **kwargs):
+        meta = real(path, *args, **kwargs)
+        _publish(b, out)
+        return meta
+
+    monkeypatch.setattr(push_module, "read_safetensors_metadata", read_then_export_publishes)
+    with pytest.raises(BundleError, match="changed while it was read .*nothing was uploaded"):
+        push_module.plan_push(out, REPO)
+    monkeypatch.setattr(push_module, "read_safetensors_metadata", real)
+    plan = push_module.plan_push(out, REPO)     # once the export is done: the new bundle, whole
+    assert json.loads(plan.files["config.json"])["label_names"] == ["xx", "yy", "zz"]
+
+
+def test_a_model_an_earlier_zoo_pushed_from_this_bundle_is_the_same_model_not_another(hub, tmp_path, runner,
+                                                                                       monkeypatch):
+    """QA (upgrade): a bundle pushed by a zoo from before the header was sorted, pushed again after the upgrade
+    (e.g. to add --test-metrics): 'me/x@main already holds another model; ... --overwrite', though it is the
+    same bundle file. Its config.json's zoo.published_from_sha256 says so; another model is still refused."""
+    import struct
+
+    import zoo.push as push_module
+
+    real = push_module.rewrite_safetensors_metadata
+
+    def as_an_earlier_zoo_wrote_it(data, metadata):      # the same header, in another order
+        out = real(data, metadata)
+        (n,) = struct.unpack("<Q", out[:8])
+        header = json.loads(out[8:8 + n])
+        header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + out[8 + n:]
+
+    _, a = make_bundle(tmp_path / "a", seed=0)
+    _, b = make_bundle(tmp_path / "b", seed=1)
+    monkeypatch.setattr(push_module, "rewrite_safetensors_metadata", as_an_earlier_zoo_wrote_it)
+    assert push(runner, a).exit_code == 0
+    monkeypatch.setattr(push_module, "rewrite_safetensors_metadata", real)
+    old = hub.snapshot(REPO)["main"][1]["model.safetensors"]
+    res = push(runner, a)
+    assert res.exit_code == 0 and "another model" not in res.output, res.output
+    assert hub.snapshot(REPO)["main"][1]["model.safetensors"] != old        # now the sorted header
+    res = push(runner, b)
+    assert res.exit_code == 1 and "already holds another model" in res.output
+
+
+def test_two_pushes_finishing_at_once_both_stay_in_pushed_json(tmp_path, monkeypatch):
+    """QA: each push read ZOO_HOME/pushed.json, added its record and wrote the file back: two pushes ending at
+    the same time (a script pushing several models in parallel) kept only one record, and `zoo list --mine`
+    lost the other push. The read-add-write is done under a file lock."""
+    import threading
+    import time
+    from pathlib import Path
+
+    import zoo.push as push_module
+
+    real = push_module.pushed_models
+
+    def slow_read():
+        items = real()
+        time.sleep(0.3)         # the other push reads the file meanwhile
+        return items
+
+    monkeypatch.setattr(push_module, "pushed_models", slow_read)
+    plan = push_module.PushPlan(repo=REPO, files={}, weights_sha256="ab" * 32, bundle=Path(tmp_path), run=None,
+                                card="")
+    results = [push_module.PushResult(repo=f"me/m{i}", revision="main", commit=f"{i}" * 40, url="") for i in (1, 2)]
+    threads = [threading.Thread(target=push_module._record, args=(r, plan)) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p["repo"] for p in real()) == ["me/m1", "me/m2"]

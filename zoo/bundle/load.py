@@ -15,6 +15,7 @@ from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
+from zoo.outdir import RunLock, RunLockedError
 from zoo.resolve import get_entry, hub_config
 from zoo.sources import fetch_hub_config
 
@@ -276,16 +277,56 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
     Labels and metadata come from the safetensors header and config.json only (no pickle anywhere); the
     weights' sha256 must equal the one recorded in config.json at export.
 
+    The files are read by name several times (header, config.json, digest, tensors). A ``zoo export`` that
+    replaces the bundle meanwhile would pair one export's labels and preprocessing with the other's weights,
+    so the read is repeated until both files were the same from its start to its end.
+
     Raises:
         BundleError: a missing, truncated or inconsistent file; the message says which and what to do.
     """
-    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-    import safetensors.torch
-
     path = Path(path)
     if path.is_file() and path.name in (WEIGHTS, CONFIG):
         path = path.parent
-    elif path.is_file():
+    for _ in range(_READ_TRIES):
+        before = _files_state(path)
+        try:
+            bundle = _read_bundle(path, device)
+        except BundleError as err:
+            if _files_state(path) != before:
+                continue        # a file was replaced while it was read: what failed may be that mix
+            try:                # an export caught between its two files: say so, not "re-export"
+                RunLock(path).check()
+            except RunLockedError as busy:
+                raise BundleError(f"{path} cannot be read while another process writes it: {busy}") from None
+            raise err
+        if _files_state(path) == before:
+            return bundle
+    raise BundleError(f"{path} changed every time it was read ({_READ_TRIES} tries): a `zoo export` is writing "
+                      "into it; try again when it is done")
+
+
+_READ_TRIES = 3
+
+
+def _files_state(path: Path) -> tuple:
+    """What tells one version of the bundle's two files from another: ``zoo export`` replaces each by a new
+    file (a new inode, new times), so this changes whenever a file was replaced or rewritten."""
+    state = []
+    for name in (WEIGHTS, CONFIG):
+        try:
+            st = os.stat(path / name)
+            state.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
+
+
+def _read_bundle(path: Path, device: Any) -> Bundle:
+    """One read of the bundle folder ``path`` (see load_bundle)."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+    import safetensors.torch
+
+    if path.is_file():
         raise BundleError(f"{path} is a file, not a bundle: give the folder `zoo export` wrote (it holds {WEIGHTS} "
                           f"and {CONFIG})")
     if not path.is_dir():

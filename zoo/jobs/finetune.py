@@ -20,7 +20,7 @@ from finetune.core import distributed as ddp
 from finetune.tools import diagnostics
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
-from finetune.data import scan_folder, with_input_size, write_scan
+from finetune.data import scan_folder, scan_outdated, with_input_size, write_scan
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.checkpoint import load_checkpoint
 from finetune.core.errors import CheckpointError, Interrupted
@@ -45,6 +45,7 @@ __all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_fin
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
+EXPORT_WAIT_S = 300.0          # how long the run's own export waits for another process writing RUN/export
 Log = Callable[[str], None]
 
 
@@ -152,8 +153,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _export(run_dir: Path, log: Log) -> Path:
-    # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace).
-    with claim_out(run_dir / "export", "export", overwrite=True, note=log):
+    # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace); a `zoo
+    # export RUN` of a best epoch so far may be writing it: waited for, then replaced by the run's final best.
+    with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S):
         out = export_run(run_dir, run_dir / "export")
     log(f"exported bundle: {out}")
     return out
@@ -377,9 +379,9 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
         say(f"warning: {w}")
     if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
         _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
-    if info.is_main and not (run_dir / "scan.json").exists() and \
+    if info.is_main and scan_outdated(report, run_dir) and \
             list(load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)["classes"]) == report.classes:
-        write_scan(report, run_dir, scan_only=True)    # deleted: export, report and the next resume read it
+        write_scan(report, run_dir, scan_only=True)    # deleted, or the data moved (--data): written again
     entry = get_entry(info_json["model"])
     # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
     # with the run's own FC dropout (runs from before model.json recorded it had none).
