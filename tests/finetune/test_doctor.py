@@ -143,6 +143,27 @@ def test_reencoded_and_resized_copies_are_found_by_their_pixels(tmp_path):
     assert leaks == {("train/a/0.png", "test/a/jpeg60.jpg"), ("train/a/0.png", "test/a/small.jpg")}
 
 
+def test_a_jpeg_copy_of_a_mid_sized_photo_is_found_by_its_pixels(tmp_path):
+    """QA: the fingerprint decoded a JPEG at a reduced scale down to 64 px (4 pixels per thumbnail cell);
+    libjpeg's scaled decode of the q60 copy of a 161x131 photo then had cosine 0.976-0.981 with the PNG
+    original and the leak was missed (2 of the 206 stamps photos). Now no less than 128 px: 0.999."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                noise = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+                path = tmp_path / "d" / split / cls / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(noise).resize((161, 131)).filter(ImageFilter.GaussianBlur(2)).save(path)
+    Image.open(tmp_path / "d" / "train" / "a" / "0.png").save(tmp_path / "d" / "test" / "a" / "q60.jpg", quality=60)
+    report = scan_folder(tmp_path / "d")
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0))
+    leaks = {(f.path, f.other) for f in result.findings if f.finding == "leak"}
+    assert leaks == {("train/a/0.png", "test/a/q60.jpg")}
+
+
 def _colour_folder(root):
     """The same shapes drawn in red, green and blue (three classes) in every split, and two copies of
     train/red/0.png in test/red: JPEG quality 60, and resized to 70 % (JPEG quality 90)."""
