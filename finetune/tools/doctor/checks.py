@@ -29,7 +29,7 @@ def pixel_fingerprint(path: str) -> np.ndarray | None:
     >= 0.99 but for a few) while different photos stay below 0.93 (docs/doctor.md): the net for near
     copies that the pretrained features, which JPEG artefacts move more (cosine down to 0.79), let
     through. Colour counts: the same shapes in red and in blue, which the former 16x16 grey levels called
-    identical (cosine 1), are 0.70-0.80 apart, not copies (colour classes: ripeness, product colours). A
+    identical (cosine 1), have cosine 0.70-0.80: not copies (colour classes: ripeness, product colours). A
     grey image has no chroma: its fingerprint is its luma, as before.
     """
     try:
