@@ -16,6 +16,12 @@ in a ZOO_HOME of this script's own. For each seed:
   exclude  (--finetune) head-only finetune on the damaged folder, then again with
            `--exclude findings.csv`; test accuracy of both on the test split, and on the test split
            without the leaked copies.
+  pixels   the pixel fingerprints' cosine of each re-encoded / resized copy with its original, and of the
+           nearest pair of *different* photos in the damaged folder: the gap `--near-pixels` sits in;
+           --pixels-only: the same on every photo and its copies, and on recoloured copies (no model).
+
+A second run with the same --work reuses its folders (and so the feature cache): to re-measure after a
+change to the checks, add --no-timing.
 
     PYTHONPATH=. .venv/bin/python scripts/doctor_check.py --seeds 3 --finetune
 """
@@ -108,7 +114,9 @@ else:
     from finetune.core.config import FinetuneConfig
     from finetune.tools.doctor import DoctorOptions
     from zoo.jobs import doctor
-    result, folder = doctor.run(data, model="efficientnet_lite0", out=out, config=FinetuneConfig(device="cpu"))
+    # overwrite: the warm run (and a rerun with the same --work) replaces this script's own earlier report
+    result, folder = doctor.run(data, model="efficientnet_lite0", out=out, config=FinetuneConfig(device="cpu"),
+                                overwrite=True)
     n = result.images
 print(json.dumps({"seconds": time.perf_counter() - t0, "images": n,
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -139,7 +147,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--stamps-dir", default=None)
     ap.add_argument("--finetune", action="store_true", help="also measure the effect of --exclude on test accuracy")
-    ap.add_argument("--work", default=None, help="work folder (default: a new temp dir)")
+    ap.add_argument("--work", default=None, help="work folder (default: a new temp dir); one an earlier run "
+                    "left is reused: its folders, its feature cache")
+    ap.add_argument("--no-timing", action="store_true", help="leave out the time/memory runs and the finetunes")
+    ap.add_argument("--pixels-only", action="store_true", help="only the pixel fingerprints' calibration on every "
+                    "photo (no model, seconds): copies vs different photos vs recoloured copies")
     args = ap.parse_args()
     import transfer_check
 
@@ -147,6 +159,8 @@ def main() -> None:
     files = {}
     for name, sub in CLASSES.items():
         files[name] = sorted(p for p in (stamps / sub).rglob("*.png") if "cartoon" not in p.relative_to(stamps).parts)
+    if args.pixels_only:
+        return pixel_calibration([p for paths in files.values() for p in paths])
     work = Path(args.work or tempfile.mkdtemp(prefix="zoo-doctor-check-"))
     env = dict(os.environ, ZOO_HOME=str(work / "zoo-home"), PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
     from zoo.demo import demo_weights_file
@@ -157,12 +171,16 @@ def main() -> None:
 
     rows = []
     for seed in range(args.seeds):
-        clean, damaged = work / f"clean-{seed}", work / f"damaged-{seed}"
-        build_folder(clean, files, seed, damage=False)
-        truth = build_folder(damaged, files, seed, damage=True)
+        clean, damaged, known = work / f"clean-{seed}", work / f"damaged-{seed}", work / f"truth-{seed}.json"
+        if not known.exists():     # an earlier run's folders are reused as they are: the feature cache holds
+            shutil.rmtree(clean, ignore_errors=True)
+            shutil.rmtree(damaged, ignore_errors=True)
+            build_folder(clean, files, seed, damage=False)
+            known.write_text(json.dumps(build_folder(damaged, files, seed, damage=True)))
+        truth = json.loads(known.read_text())
         measure("doctor", clean, work / f"doc-clean-{seed}", env)
         clean_doc = json.loads((work / f"doc-clean-{seed}" / "doctor.json").read_text())
-        timed = seed == 0          # the time/memory rows and the finetunes: the first seed only (CPU hours)
+        timed = seed == 0 and not args.no_timing   # time/memory and the finetunes: the first seed only (CPU hours)
         fwd = measure("forward", damaged, work / "unused", env) if timed else None
         cold = measure("doctor", damaged, work / f"doc-{seed}", env)
         warm = measure("doctor", damaged, work / f"doc-{seed}", env) if timed else None
@@ -184,6 +202,7 @@ def main() -> None:
                "flagged": len(flagged), "flagged_true": len(set(flagged) & set(truth["flipped"])),
                "clean_findings": clean_doc["counts"], "probe_acc": json.loads((doc / "doctor.json").read_text())["probe_accuracy"],
                "cold_s": cold["seconds"], "cold_mb": cold["max_rss_mb"], "images": cold["images"]}
+        row.update(pixel_cosines(damaged, truth))
         if timed:
             row.update(forward_s=fwd["seconds"], forward_mb=fwd["max_rss_mb"], warm_s=warm["seconds"],
                        warm_mb=warm["max_rss_mb"])
@@ -202,6 +221,72 @@ def main() -> None:
         print(json.dumps(row))
     print_table(rows)
     (work / "doctor_check.json").write_text(json.dumps(rows, indent=2))
+
+
+def pixel_cosines(damaged: Path, truth: dict) -> dict:
+    """Cosines of the doctor's pixel fingerprints: each re-encoded / resized copy with its original (the
+    byte-identical copies are 1 by construction and left out), and the most similar pair of different
+    photos (a copy counts as its original)."""
+    import numpy as np
+
+    from finetune.tools.doctor import pixel_fingerprint
+
+    found = {str(p.relative_to(damaged)): pixel_fingerprint(str(p)) for p in sorted(damaged.rglob("*")) if p.is_file()}
+    paths = [p for p, fp in found.items() if fp is not None]        # a flat image has no fingerprint
+    origin = {dst: src for src, dst in truth["copies"]}
+    prints = np.stack([found[p] for p in paths]).astype(np.float64)
+    sim = prints @ prints.T
+    index = {p: k for k, p in enumerate(paths)}
+    copies = sorted(float(sim[index[src], index[dst]]) for src, dst in truth["copies"] if Path(dst).suffix == ".jpg")
+    same = np.array([[origin.get(a, a) == origin.get(b, b) for b in paths] for a in paths])
+    sim[same] = -np.inf
+    i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
+    return {"pixel_copies": copies, "pixel_nearest_other": float(sim[i, j]), "pixel_nearest_pair": [paths[i], paths[j]]}
+
+
+def pixel_calibration(files: list[Path], threshold: float = 0.99) -> None:
+    """The pixel fingerprint on every photo: its cosine with a JPEG q60 copy and a 70 % resized (JPEG q90)
+    copy, which should reach ``threshold``, and with recoloured copies (hue turned 180 degrees, red and
+    blue swapped, grey levels), which colour classes need below it; and the most similar pair of different
+    photos. Photos under 64 px (the doctor's ``tiny``) are counted apart."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from finetune.data import load_image
+    from finetune.tools.doctor import pixel_fingerprint
+
+    def jpeg(im, quality, scale=1.0):
+        if scale != 1.0:
+            im = im.resize((max(8, int(im.width * scale)), max(8, int(im.height * scale))))
+        buf = io.BytesIO()
+        im.save(buf, "PNG" if quality is None else "JPEG", **({} if quality is None else {"quality": quality}))
+        return io.BytesIO(buf.getvalue())
+
+    def hue180(im):
+        h, s, v = im.convert("HSV").split()
+        return Image.merge("HSV", (h.point(lambda x: (x + 128) % 256), s, v)).convert("RGB")
+
+    variants = {"JPEG q60": lambda im: jpeg(im, 60), "70 % JPEG q90": lambda im: jpeg(im, 90, 0.7),
+                "hue +180": lambda im: jpeg(hue180(im), None),
+                "red<->blue": lambda im: jpeg(Image.merge("RGB", im.split()[::-1]), None),
+                "grey levels": lambda im: jpeg(im.convert("L").convert("RGB"), None)}
+    images = [load_image(p) for p in files]
+    small = np.array([min(im.size) < 64 for im in images])
+    prints = np.stack([pixel_fingerprint(str(p)) for p in files]).astype(np.float64)
+    print(f"\n{len(files)} photos ({int(small.sum())} under 64 px); pixel cosine with the original, and how many "
+          f"are at >= {threshold} (called copies): all / photos of 64 px and more")
+    for name, make in variants.items():
+        cos = np.array([float(prints[k] @ pixel_fingerprint(make(im))) for k, im in enumerate(images)])
+        found = cos >= threshold
+        print(f"  {name:14s} min {cos.min():.4f} (64 px+: {cos[~small].min():.4f}); copies {int(found.sum())}/{len(cos)} "
+              f"/ {int(found[~small].sum())}/{int((~small).sum())}")
+    sim = prints @ prints.T
+    np.fill_diagonal(sim, -np.inf)
+    i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
+    print(f"  nearest different photos {sim[i, j]:.4f} ({files[i].name} / {files[j].name}); pairs >= {threshold}: "
+          f"{int((sim >= threshold).sum()) // 2}")
 
 
 def rank_file(doc: Path) -> list[tuple[str, ...]]:
@@ -225,6 +310,13 @@ def print_table(rows: list[dict]) -> None:
               f"{c['duplicate'] + c['cross_class_duplicate']} / {c['outlier']} |")
     print(f"\nmean precision=recall@k {mean('precision_at_k'):.3f}; copies found {sum(r['copies_found'] for r in rows)}"
           f"/{10 * len(rows)}")
+    print("\n| seed | leak rows, damaged (10 copies) | pixel cosine, copies (min-max) | nearest different photos |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['leak_rows']} | {min(r['pixel_copies']):.4f}-{max(r['pixel_copies']):.4f} | "
+              f"{r['pixel_nearest_other']:.4f} ({' / '.join(r['pixel_nearest_pair'])}) |")
+    if "forward_s" not in rows[0]:
+        return
     print("\n| seed | images | forward pass s (MB) | doctor cold s (MB) | doctor warm s (MB) | cold / forward |")
     print("|---|---|---|---|---|---|")
     for r in rows[:1]:

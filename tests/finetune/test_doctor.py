@@ -143,6 +143,84 @@ def test_reencoded_and_resized_copies_are_found_by_their_pixels(tmp_path):
     assert leaks == {("train/a/0.png", "test/a/jpeg60.jpg"), ("train/a/0.png", "test/a/small.jpg")}
 
 
+def test_a_jpeg_copy_of_a_mid_sized_photo_is_found_by_its_pixels(tmp_path):
+    """QA: the fingerprint decoded a JPEG at a reduced scale down to 64 px (4 pixels per thumbnail cell);
+    libjpeg's scaled decode of the q60 copy of a 161x131 photo then had cosine 0.976-0.981 with the PNG
+    original and the leak was missed (2 of the 206 stamps photos). Now no less than 128 px: 0.999."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                noise = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+                path = tmp_path / "d" / split / cls / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(noise).resize((161, 131)).filter(ImageFilter.GaussianBlur(2)).save(path)
+    Image.open(tmp_path / "d" / "train" / "a" / "0.png").save(tmp_path / "d" / "test" / "a" / "q60.jpg", quality=60)
+    report = scan_folder(tmp_path / "d")
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0))
+    leaks = {(f.path, f.other) for f in result.findings if f.finding == "leak"}
+    assert leaks == {("train/a/0.png", "test/a/q60.jpg")}
+
+
+def _colour_folder(root):
+    """The same shapes drawn in red, green and blue (three classes) in every split, and two copies of
+    train/red/0.png in test/red: JPEG quality 60, and resized to 70 % (JPEG quality 90)."""
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 40, 210)}
+    for split, n in (("train", 4), ("val", 1), ("test", 2)):
+        for k in range(n):
+            for name, colour in colours.items():
+                rng = random.Random(f"{split}{k}")          # the same shapes in every colour
+                im = Image.new("RGB", (64, 64), (255, 255, 255))
+                draw = ImageDraw.Draw(im)
+                for _ in range(3):
+                    x, y = rng.randint(0, 44), rng.randint(0, 44)
+                    box = [x, y, x + rng.randint(10, 30), y + rng.randint(10, 30)]
+                    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                im.save(root / split / name / f"{k}.png")
+    src = Image.open(root / "train" / "red" / "0.png")
+    src.save(root / "test" / "red" / "q60.jpg", quality=60)
+    src.resize((45, 45)).save(root / "test" / "red" / "small.jpg", quality=90)
+    return root
+
+
+def test_the_same_shapes_in_another_colour_are_not_copies(tmp_path):
+    """QA: the fingerprint was 16x16 grey levels, mean-centred: a red and a blue copy of one shape had
+    cosine 1.0 and 33 images of three colour classes were reported as cross-class duplicates and leaks
+    (and `--exclude` dropped them). Colour now counts; the JPEG and resized copies are still found, and
+    only against their own original."""
+    report = scan_folder(_colour_folder(tmp_path / "d"))
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0))
+    copies = {(f.finding, f.path, f.other) for f in result.findings if f.finding in ("leak", "duplicate",
+                                                                                      "cross_class_duplicate")}
+    assert copies == {("leak", "train/red/0.png", "test/red/q60.jpg"), ("leak", "train/red/0.png", "test/red/small.jpg"),
+                      ("duplicate", "test/red/small.jpg", "test/red/q60.jpg")}
+
+
+def test_pixel_threshold_one_means_identical_fingerprints(tmp_path):
+    """At --near-pixels 1 the fingerprints are compared exactly: the same pixels in another file format
+    are a copy (score 1), a JPEG quality-95 copy (cosine just under 1) and the other colours are not."""
+    from PIL import Image
+
+    from finetune.tools.doctor import pixel_fingerprint
+
+    data = _colour_folder(tmp_path / "d")
+    src = Image.open(data / "train" / "red" / "0.png")
+    src.save(data / "test" / "red" / "same.bmp")
+    src.save(data / "test" / "red" / "q95.jpg", quality=95)
+    a, b = pixel_fingerprint(str(data / "train" / "red" / "0.png")), pixel_fingerprint(str(data / "test" / "red" / "q95.jpg"))
+    assert not np.array_equal(a, b) and float(a.astype(np.float64) @ b) > 0.99
+    report = scan_folder(data)
+    result = run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0, pixel_threshold=1.0))
+    copies = [(f.finding, f.path, f.other, f.score) for f in result.findings if f.finding in ("leak", "duplicate",
+                                                                                              "cross_class_duplicate")]
+    assert copies == [("leak", "train/red/0.png", "test/red/same.bmp", 1.0)]
+
+
 def test_exclude_file_and_items(tmp_path):
     data = _leaky_folder(tmp_path)
     report = scan_folder(data)

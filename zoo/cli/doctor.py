@@ -44,8 +44,9 @@ def _bar(quiet: bool):
                    "identical features, compared exactly.  [default: auto: 0.95, raised where images of "
                    "different classes are that alike to the features, as digits or text are]")
 @click.option("--near-pixels", "near_pixels", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=0.99,
-              show_default=True, help="Near-duplicate threshold on 16x16 grey pixel fingerprints (re-encoded or "
-                                      "resized copies); 1 means identical fingerprints, compared exactly.")
+              show_default=True, help="Near-duplicate threshold on 16x16 colour pixel fingerprints (re-encoded or "
+                                      "resized copies; another colour is another image); 1 means identical "
+                                      "fingerprints, compared exactly.")
 @click.option("--folds", "folds", type=click.IntRange(2, 50), default=5, show_default=True,
               help="Out-of-fold folds of the linear probe that flags likely wrong labels.")
 @click.option("--outlier-z", "outlier_z", type=FiniteFloatRange(0.0, min_open=True), default=5.0, show_default=True,

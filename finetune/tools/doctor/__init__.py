@@ -9,7 +9,7 @@ user's folder; :func:`write_findings_csv` writes where it is told.
 Findings, most serious first (``FINDING_ORDER``):
 
 * ``leak``: the same image (same bytes, features with cosine similarity >= ``near_threshold``, or
-  16x16 grey pixel fingerprints with cosine >= ``pixel_threshold``: re-encoded / resized copies) in two
+  16x16 colour pixel fingerprints with cosine >= ``pixel_threshold``: re-encoded / resized copies) in two
   splits. ``path`` is the copy on the training side (train before val before test: the one
   ``zoo finetune --exclude`` can drop), ``other`` the copy in the later split.
 * ``cross_class_duplicate`` / ``duplicate``: the same image twice in one split, in two classes / one class.

@@ -15,23 +15,34 @@ from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
 
 
 # ------------------------------------------------------------------------------------------ files
-THUMB_SIDE = 16    # pixel fingerprint: the image as 16x16 grey levels (see pixel_fingerprint)
+THUMB_SIDE = 16    # pixel fingerprint: luma at 16x16, the two chroma channels at 8x8 (see pixel_fingerprint)
+THUMB_VALUES = THUMB_SIDE ** 2 + 2 * (THUMB_SIDE // 2) ** 2
 
 
 def pixel_fingerprint(path: str) -> np.ndarray | None:
-    """The image (EXIF-upright, transparency on white, as training sees it) shrunk to 16x16 grey levels,
-    mean-centred and L2-normalised; None when it cannot be decoded.
+    """The image (EXIF-upright, transparency on white, as training sees it) shrunk to 16x16 pixels in
+    JPEG's colour space (YCbCr): luma at 16x16, each chroma channel averaged over 2x2 cells (8x8, as JPEG
+    subsamples it) and weighted 2, so that per area it counts as much as luma; each channel mean-centred,
+    the whole L2-normalised (384 values). None when it cannot be decoded or is flat.
 
-    Re-encoding and resizing barely move it (cosine >= 0.996 for JPEG q60 / 70 % resized copies of the
-    stamps photos) while different photos stay below 0.93 (docs/doctor.md): the net for near copies that
-    the pretrained features, which JPEG artefacts move more (cosine down to 0.79), let through.
+    Re-encoding and resizing barely move it (JPEG q60 / 70 % resized copies of the stamps photos: cosine
+    >= 0.99 but for a few) while different photos stay below 0.93 (docs/doctor.md): the net for near
+    copies that the pretrained features, which JPEG artefacts move more (cosine down to 0.79), let
+    through. Colour counts: the same shapes in red and in blue, which the former 16x16 grey levels called
+    identical (cosine 1), have cosine 0.70-0.80: not copies (colour classes: ripeness, product colours). A
+    grey image has no chroma: its fingerprint is its luma, as before.
     """
     try:
-        im = load_image(path, min_size=THUMB_SIDE * 4).convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+        # A big JPEG is decoded at a reduced scale, but to no less than 8 pixels per thumbnail cell: at 4 (64 px)
+        # libjpeg's scaled decode moved the JPEG q60 copy of a 161x131 photo to cosine 0.976-0.98 (missed).
+        im = load_image(path, min_size=THUMB_SIDE * 8).convert("YCbCr").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
     except Exception:  # noqa: BLE001 - an undecodable image has no fingerprint; the scan reports it
         return None
-    v = np.asarray(im, dtype=np.float32).ravel()
-    v = v - v.mean()
+    ycc = np.asarray(im, dtype=np.float32)
+    half = THUMB_SIDE // 2
+    chroma = ycc[..., 1:].reshape(half, 2, half, 2, 2).mean(axis=(1, 3)) * 2.0
+    parts = (ycc[..., 0].ravel(), chroma[..., 0].ravel(), chroma[..., 1].ravel())
+    v = np.concatenate([c - c.mean() for c in parts])
     n = float(np.linalg.norm(v))
     return v / n if n > 1e-6 else None      # a flat image matches everything: no fingerprint
 
@@ -39,9 +50,9 @@ def pixel_fingerprint(path: str) -> np.ndarray | None:
 def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None
                ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
     """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
-    (rows of an (N, 256) array, zeros when missing) and whether it exists. Read only."""
+    (rows of an (N, THUMB_VALUES) array, zeros when missing) and whether it exists. Read only."""
     hashes, sizes = [], []
-    thumbs = np.zeros((len(paths), THUMB_SIDE * THUMB_SIDE), dtype=np.float32)
+    thumbs = np.zeros((len(paths), THUMB_VALUES), dtype=np.float32)
     has = np.zeros(len(paths), dtype=bool)
     for k, p in enumerate(paths):
         h = hashlib.sha256()

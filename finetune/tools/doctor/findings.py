@@ -29,7 +29,7 @@ class DoctorOptions:
     # cosine similarity of L2-normalised pooled features from which two images are a near copy; None (auto):
     # NEAR_FLOOR, raised where images of different classes are that alike (checks.copy_threshold)
     near_threshold: float | None = None
-    pixel_threshold: float = 0.99   # or cosine similarity of the 16x16 grey pixel fingerprints
+    pixel_threshold: float = 0.99   # or cosine similarity of the 16x16 colour pixel fingerprints
     # (1.0 for either: identical vectors, compared bit for bit rather than by a float cosine)
     folds: int = 5                  # out-of-fold probe folds (wrong labels)
     seed: int = 0                   # fold assignment
