@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -120,16 +121,20 @@ def test_export_to_a_folder_it_cannot_write_names_the_bundle_folder(tmp_path, ru
     assert line.endswith("; choose another --out") and not (parent / "b").exists()
 
 
-def test_predict_folder_json_skips_unreadable(bundle, tmp_path, runner):
+def test_predict_folder_json_lists_unreadable_images_with_their_reason(bundle, tmp_path, runner):
     imgs = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=32)
     (imgs / "a" / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    (imgs / "b" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     res = runner.invoke(cli, ["predict", str(bundle), str(imgs), "--json", "--topk", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "zoo: warning: skipped" in res.stderr and "broken.jpg" in res.stderr
+    assert "zoo: warning: skipped" in res.stderr and "broken.jpg" in res.stderr and "cut.png" in res.stderr
     doc = json.loads(res.stdout)
-    assert len(doc) == 4 and all(len(d["predictions"]) == 2 for d in doc)
-    assert all(p["label"] in CLASSES for d in doc for p in d["predictions"])
-    assert not any(d["image"].endswith("broken.jpg") for d in doc)
+    assert [d["image"] for d in doc] == sorted(d["image"] for d in doc) and len(doc) == 6     # every image, in order
+    bad = {Path(d["image"]).name: d for d in doc if "error" in d}
+    assert sorted(bad) == ["broken.jpg", "cut.png"] and all(d["predictions"] == [] and d["error"] for d in bad.values())
+    good = [d for d in doc if "error" not in d]
+    assert len(good) == 4 and all(len(d["predictions"]) == 2 for d in good)
+    assert all(p["label"] in CLASSES for d in good for p in d["predictions"])
 
 
 def test_predict_text_with_tta_scales(bundle, tmp_path, runner):

@@ -101,16 +101,27 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
         raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
     bundle = load_model(model, device=resolve_device(device))
     note_unmirrored_tta(tta, tta_views, scales, bundle.tta_mirror)
+    reasons: list[str] = []     # of the skipped images, in input order
+
+    def skipped(item: object, reason: str) -> None:
+        reasons.append(reason)
+        warn_skipped(item, reason)
+
     kept, probs = predict_probs(bundle.model, paths, bundle.data_config, tta=tta, tta_scales=scales,
-                                tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=warn_skipped,
+                                tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=skipped,
                                 mirror=bundle.tta_mirror)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be read")
     results = top(probs, bundle.labels, topk)
     if as_json:
-        doc = [{"image": printable_name(str(paths[i])),       # a name that is not UTF-8: \xNN, as in every zoo file
-                "predictions": [{"label": lab, "prob": round(p, 6)} for lab, p in res]}
-               for i, res in zip(kept, results)]
+        # every image given, in order: a skipped one with no predictions and the reason (a script reading the
+        # document sees what was not classified, not only stderr)
+        found = {i: [{"label": lab, "prob": round(p, 6)} for lab, p in res] for i, res in zip(kept, results)}
+        errors = iter(reasons)
+        doc = [{"image": printable_name(str(path)),       # a name that is not UTF-8: \xNN, as in every zoo file
+                "predictions": found[i]} if i in found else
+               {"image": printable_name(str(path)), "predictions": [], "error": printable(next(errors, "unreadable"))}
+               for i, path in enumerate(paths)]
         echo(json.dumps(doc, indent=2))    # ASCII: echo escapes what is not printable, the JSON stays valid
         return
     for i, res in zip(kept, results):
