@@ -649,6 +649,24 @@ def test_resume_without_scan_json_asks_for_the_data_folder_then_continues_and_wr
     assert (out / "split.json").read_bytes() == split
 
 
+@pytest.mark.parametrize("damage, problem", [("{\"root\": ", "is unreadable (Expecting value"),
+                                            ("[1, 2]", "names no data folder"), ("{\"root\": 3}", "names no data folder")])
+def test_resume_with_a_damaged_scan_json_asks_for_the_data_folder_then_continues(tmp_path, tiny, monkeypatch,
+                                                                                 damage, problem):
+    """A damaged (not deleted) RUN/scan.json said "start a new run" (or a KeyError traceback for JSON of
+    another shape) though the checkpoint was intact: it asks for --data as a deleted one does."""
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    scan = json.loads((out / "scan.json").read_text())
+    (out / "scan.json").write_text(damage)
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 2, result.output
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"zoo: error: {out / 'scan.json'} {problem}") and f"--resume {out} --data DIR" in line
+    result = invoke("finetune", "--resume", out, "--data", data, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "scan.json").read_text()) == scan
+
+
 def test_the_runs_own_export_waits_for_a_zoo_export_writing_run_export_then_writes_the_final_best(tmp_path, tiny,
                                                                                                   monkeypatch):
     """QA: `zoo export RUN` during training (its best epoch so far) still writing RUN/export when the run ended:

@@ -340,19 +340,14 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     missing = _missing_checkpoint(run_dir)
     if missing:
         raise CheckpointError(missing)
-    if data_dir is None and not (run_dir / "scan.json").exists():   # only it names the data folder
-        raise UsageError(f"{run_dir / 'scan.json'} is missing, and only it records the data folder the run trained "
-                         f"on; its checkpoint is intact: continue with `zoo finetune --resume {run_dir} --data DIR`, "
-                         "DIR that folder (the run's split.json and classes are kept, and scan.json written again)")
     try:
         info_json = json.loads(info_path.read_text(encoding="utf-8"))
-        scan = json.loads((run_dir / "scan.json").read_text(encoding="utf-8")) if data_dir is None else None
     except (OSError, ValueError) as e:
-        raise UsageError(f"{run_dir}: model.json or scan.json is unreadable ({e}); start a new run") from None
+        raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
+    data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
     config = load_config(run_dir / "config.yaml")
     if overrides:
         config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
-    data_dir = Path(data_dir) if data_dir is not None else Path(scan["root"])
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
@@ -369,6 +364,27 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         return outcome
     finally:
         ddp.cleanup(info)
+
+
+def _scanned_root(run_dir: Path) -> Path:
+    """The data folder a run trained on, from its scan.json (only it names it).
+
+    Raises:
+        UsageError: scan.json missing or damaged: the checkpoint is intact, and ``--data`` resumes the run."""
+    scan_json = run_dir / "scan.json"
+    try:
+        scan = json.loads(scan_json.read_text(encoding="utf-8"))
+        root = scan.get("root") if isinstance(scan, dict) else None
+        problem = None if isinstance(root, str) and root else "names no data folder"
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as e:
+        problem = f"is unreadable ({e})"
+    if problem:
+        raise UsageError(f"{scan_json} {problem}, and only it records the data folder the run trained on; its "
+                         f"checkpoint is intact: continue with `zoo finetune --resume {run_dir} --data DIR`, DIR that "
+                         "folder (the run's split.json and classes are kept, and scan.json written again)")
+    return Path(root)
 
 
 def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
