@@ -85,6 +85,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
     """
     # lazy: zoo --help must not import torch
     from zoo.jobs import finetune as job
+    from zoo.jobs.resume import resume_finetune
 
     main = is_main_process()     # torchrun sets RANK: only rank 0 prints
     console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
@@ -111,7 +112,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         if out is not None and os.path.realpath(out) != os.path.realpath(resume):   # (it went on in RUN, unsaid)
             raise click.UsageError(f"--out {out} cannot be combined with --resume: the run continues in its own "
                                    f"folder {resume}; drop --out")
-        outcome = job.resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
+        outcome = resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
     else:
         if not model:
             raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`); "

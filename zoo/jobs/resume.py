@@ -1,0 +1,156 @@
+"""``zoo finetune --resume RUN``: continue a run from ``checkpoints/last.pt`` with its own config.yaml, split and
+model.json (no download: the checkpoint holds the whole model); what to say when there is nothing to resume.
+The new-run path and what both share (the exclusions, the model build, the end of a run) are
+``zoo.jobs.finetune``'s.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.core import distributed as ddp
+from finetune.core.checkpoint import load_checkpoint
+from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.errors import CheckpointError
+from finetune.data import scan_folder, scan_outdated, write_scan
+from finetune.tools.train import fit
+from zoo.build import has_fc_dropout
+from zoo.errors import UsageError
+from zoo.jobs.finetune import EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _build, _finish
+from zoo.outdir import claim_out
+from zoo.resolve import get_entry
+
+__all__ = ["resume_finetune"]
+
+Log = Callable[[str], None]
+
+
+def _missing_checkpoint(run_dir: Path) -> str | None:
+    """What ``--resume`` lacks when checkpoints/last.pt is gone (None when it is there)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        return None
+    epochs = 0
+    try:
+        with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as fh:
+            epochs = sum(1 for _ in csv.DictReader(fh))
+    except (OSError, ValueError):
+        pass
+    best = (run_dir / "checkpoints" / "best.safetensors").is_file()
+    done = (f"metrics.csv records {epochs} finished epoch(s)" if epochs
+            else "no epoch is recorded in metrics.csv")
+    keep = (f"; its best epoch is still in checkpoints/best.safetensors (zoo export {run_dir})" if best else "")
+    return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
+            f"schedule state to continue from{keep}; start the run over with `zoo finetune MODEL --data DIR "
+            f"--out {run_dir} --overwrite` or choose another --out")
+
+
+def _finished(run_dir: Path) -> str | None:
+    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go)."""
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
+    if not ckpt.get("finished"):
+        return None
+    bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
+              else "it has no bundle yet")
+    return (f"{run_dir} finished after epoch {ckpt.get('epoch')}: resuming it trains nothing and leaves its files "
+            f"as they are; {bundle} (`zoo export {run_dir}` writes it again). Start a new run to train "
+            "longer or on other data")
+
+
+def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
+                    export: bool = True, log: Log | None = None,
+                    on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own config.yaml and split.
+
+    ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
+    quiet, epochs, patience, ...); fit refuses the rest. No weights are downloaded: the checkpoint holds
+    the whole model.
+
+    Raises:
+        UsageError: ``run_dir`` is not a run folder. CheckpointError: no or a damaged checkpoint.
+        RunLockedError: another process works in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    info_path = run_dir / MODEL_JSON
+    if not info_path.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
+        raise UsageError(f"{run_dir} was written by the Python API (finetune's fit: no model.json, so zoo cannot "
+                         "rebuild its model); continue it with fit(..., run_dir=..., resume=True)")
+    if info_path.is_file() and not (run_dir / "config.yaml").is_file():   # `--out` calls it a run: say what it is
+        raise CheckpointError(f"{run_dir} stopped before its training was set up (no config.yaml): there is "
+                              f"nothing to resume; start it over with `zoo finetune MODEL --data DIR --out {run_dir} "
+                              "--overwrite`")
+    if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
+                         "pass the folder a run wrote, e.g. runs/<model>-<time>")
+    missing = _missing_checkpoint(run_dir)
+    if missing:
+        raise CheckpointError(missing)
+    try:
+        info_json = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
+    data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    if overrides:
+        config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
+
+    info = ddp.setup(ddp.device_type(config.device))
+    say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    try:
+        done = _finished(run_dir)
+        if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
+            say(done)
+            return RunOutcome(run_dir=run_dir)
+        with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
+            if info.is_main and on_run_dir is not None:
+                on_run_dir(run_dir)
+            outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
+        ddp.barrier(info)      # as in run_finetune: the group is left together, after rank 0's writes
+        return outcome
+    finally:
+        ddp.cleanup(info)
+
+
+def _scanned_root(run_dir: Path) -> Path:
+    """The data folder a run trained on, from its scan.json (only it names it).
+
+    Raises:
+        UsageError: scan.json missing or damaged: the checkpoint is intact, and ``--data`` resumes the run."""
+    scan_json = run_dir / "scan.json"
+    try:
+        scan = json.loads(scan_json.read_text(encoding="utf-8"))
+        root = scan.get("root") if isinstance(scan, dict) else None
+        problem = None if isinstance(root, str) and root else "names no data folder"
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as e:
+        problem = f"is unreadable ({e})"
+    if problem:
+        raise UsageError(f"{scan_json} {problem}, and only it records the data folder the run trained on; its "
+                         f"checkpoint is intact: continue with `zoo finetune --resume {run_dir} --data DIR`, DIR that "
+                         "folder (the run's split.json and classes are kept, and scan.json written again)")
+    return Path(root)
+
+
+def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
+                   say: Log) -> RunOutcome:
+    report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                         split_file=run_dir / "split.json")
+    for w in report.warnings:
+        say(f"warning: {w}")
+    if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
+        _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
+    if info.is_main and scan_outdated(report, run_dir) and \
+            list(load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)["classes"]) == report.classes:
+        write_scan(report, run_dir, scan_only=True)    # deleted, or the data moved (--data): written again
+    entry = get_entry(info_json["model"])
+    # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
+    # with the run's own FC dropout (runs from before model.json recorded it had none).
+    kwargs = info_json.get("builder_kwargs")
+    fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
+    model = _build(entry, False, config.seed, fc_dropout)
+    result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
+                 head=info_json["classifier"], run_dir=run_dir, resume=True, log=say)
+    return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
