@@ -3,6 +3,7 @@ keyed and never trusts a bad file, features shared between runs."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from finetune.tools.features.head import _Targets
 from finetune.core.surgery import replace_head
 from finetune.tools.train import fit
 from tests.conftest import make_image_folder
+from tests.finetune.test_train import DEVICES
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -588,3 +590,56 @@ def test_the_head_is_solved_on_the_cpu_unless_the_problem_is_large():
     assert solve_device(cuda, 1000 * 1280 * 10) == torch.device("cpu")         # medium digits
     assert solve_device(cuda, SOLVE_ON_CPU_UP_TO + 1) == cuda
     assert solve_device(torch.device("cpu"), 10**12) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_head_solved_where_the_features_are_is_the_cpu_solve(tmp_path, monkeypatch, device):
+    """A large job's path, taken by a small one: SOLVE_ON_CPU_UP_TO 0 runs the L-BFGS solve on the training
+    device, and _DEVICE_RESIDENT_BYTES 0 then keeps the feature banks on the host, gathered per batch. All
+    three runs load the same banks from one cache, so they differ only in where the solve and the banks are:
+    the same L2 strength is picked and the same head comes out. On the CPU that is bit for bit. On CUDA the
+    sums are rounded in another order: features moved by ~1e-7 (relative, random) moved this head's weights
+    by 0.1% of their largest and its validation probabilities by 3e-5 on the CPU (the weakest L2, C=1e4, is
+    picked: the classes separate), so the bounds are 2% and 1e-3; a dropped bias, another split's labels or
+    another C's weights are off by far more."""
+    from finetune.tools.features import head as head_module
+
+    solved_on: list[str] = []
+
+    class Spy(torch.optim.LBFGS):
+        def __init__(self, params, **kw):
+            params = list(params)
+            solved_on.append(params[0].device.type)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Spy)
+    train, val = _sets(tmp_path / "d")
+    cache = FeatureCache(tmp_path / "cache")
+    runs = {}
+    for where, solve_up_to, resident in [("default", head_module.SOLVE_ON_CPU_UP_TO, 4 << 30), ("device", 0, 4 << 30),
+                                         ("host banks", 0, 0)]:
+        monkeypatch.setattr(head_module, "SOLVE_ON_CPU_UP_TO", solve_up_to)
+        monkeypatch.setattr(head_module, "_DEVICE_RESIDENT_BYTES", resident)
+        solved_on.clear()
+        model = _model()
+        result = _fit(model, train, val, _config(head_solver="lbfgs", device=device), feature_cache=cache,
+                      run_dir=tmp_path / where.replace(" ", "_"))
+        assert solved_on == ["cpu" if where == "default" else device] * len(head_module.SOLVER_C), where
+        summary = json.loads((tmp_path / where.replace(" ", "_") / "summary.json").read_text())
+        picked = [p["C"] for p in summary["head_solver"] if p["chosen"]]
+        runs[where] = (picked, model.fc.weight.detach().cpu(), model.fc.bias.detach().cpu(), result.val_probs)
+        assert model.fc.weight.device.type == device and result.val_probs is not None
+        assert math.isfinite(result.metrics["val_loss"])
+    assert (cache.computed, cache.hits) == (2, 4)          # one bank per split, shared by the three runs
+    picked, weight, bias, probs = runs["default"]
+    for where in ("device", "host banks"):
+        p, w, b, pr = runs[where]
+        assert p == picked, where
+        if device == "cpu":
+            assert torch.equal(w, weight) and torch.equal(b, bias) and torch.equal(pr, probs), where
+        else:
+            scale = float(weight.abs().max())
+            torch.testing.assert_close(w, weight, rtol=0, atol=2e-2 * scale, msg=where)
+            torch.testing.assert_close(b, bias, rtol=0, atol=2e-2 * scale, msg=where)
+            torch.testing.assert_close(pr, probs, rtol=0, atol=1e-3, msg=where)
+

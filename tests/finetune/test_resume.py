@@ -1,8 +1,11 @@
 """Resume: an interrupted run continued with resume=True ends with exactly the uninterrupted weights."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.core.checkpoint import LAST
+from finetune.core.checkpoint import BEST, HEAD_BEST, LAST, load_checkpoint, load_weights
 from finetune.core.errors import CheckpointError, ConfigError, Interrupted
-from tests.finetune.test_train import cfg, run, sets, tiny_model
+from tests.finetune.test_train import DEVICES, cfg, devices, run, sets, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -230,3 +233,96 @@ def test_a_resumed_run_keeps_its_head_solve_in_the_summary(data, tmp_path):
     run(data, config, run_dir=tmp_path / "cut", resume=True, model=tiny_model(seed=123))
     full, cut = (json.loads((tmp_path / d / "summary.json").read_text())["head_solver"] for d in ("full", "cut"))
     assert full and cut == full
+
+
+# ---- the accelerator's paths across a resume: the CPU case here, the CUDA case in `pytest -m gpu` ----------
+def _cut_and_resume(data, config, out, k: int, keep=None):
+    """``config``'s run interrupted after epoch ``k``, then resumed into a fresh, differently initialised model
+    (``keep``: a copy of the interrupted run folder is left there)."""
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=out, callbacks=[_stop_after(k)])
+    cut = load_checkpoint(out / LAST)
+    if keep is not None:
+        shutil.copytree(out, keep)
+    return cut, run(data, config, run_dir=out, resume=True, model=tiny_model(seed=123))
+
+
+def _same_run(resumed, full, device: str) -> None:
+    """The resumed run is the uninterrupted one: bit for bit on the CPU; on CUDA (cuDNN deterministic) within
+    float32 rounding of the losses, 1e-3 relative: a lost piece of state (the loss scale, the average, an
+    optimizer moment) moves this tiny model's losses by percents (an Adam step on a gradient of ~0 may take
+    either sign from one rounding, so the weights themselves are compared on the CPU only)."""
+    losses = [[r[k] for r in h.history] for h in (resumed, full) for k in ("train_loss", "val_loss")]
+    assert all(math.isfinite(v) for row in losses for v in row)
+    if device == "cpu":
+        assert losses[:2] == losses[2:]
+        assert equal_states(resumed.model.state_dict(), full.model.state_dict())
+    else:
+        assert losses[0] == pytest.approx(losses[2], rel=1e-3) and losses[1] == pytest.approx(losses[3], rel=1e-3)
+
+
+def _loads_on_the_cpu(run_dir, model) -> dict:
+    """last.pt and the weights files of ``run_dir`` load into a CPU copy of ``model`` (plain key names: no
+    ``_orig_mod.`` of torch.compile, no ``module.`` of DDP), as on a machine without a GPU."""
+    ckpt = load_checkpoint(run_dir / LAST, map_location="cpu")
+    plain = copy.deepcopy(model).cpu()
+    keys = set(plain.state_dict())
+    states = [ckpt["model"], load_weights(run_dir / BEST)] + ([ckpt["ema"]["model"]] if ckpt["ema"] else [])
+    states += [load_weights(run_dir / HEAD_BEST)] if (run_dir / HEAD_BEST).is_file() else []
+    for state in states:
+        assert set(state) == keys and all(t.device.type == "cpu" for t in state.values())
+        plain.load_state_dict(state)
+    return ckpt
+
+
+@pytest.mark.parametrize("device", devices(slow_on_cpu=True))
+def test_compile_with_ema_resumes_as_the_uninterrupted_run(data, tmp_path, monkeypatch, device):
+    """--compile --ema after a solved head (the default departure): the network and the average are trained
+    and validated through torch.compile's wrappers, whose state_dict keys carry ``_orig_mod.``; last.pt, the
+    average in it and the weights files hold the plain names, and a run interrupted inside the finetune phase
+    resumes (its average included) into the uninterrupted run. The CPU case is slow: Inductor's first C++
+    compile of the graphs takes ~30 s on 2 cores (~10 s once its disk cache is warm)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    config = resume_cfg(device=device, compile=True, ema=0.9, fast_head=True, head="linear", epochs=3)
+    full = run(data, config, run_dir=tmp_path / "full")
+    assert [r["phase"] for r in full.history] == ["head", "finetune", "finetune"]
+    assert next(full.model.parameters()).device.type == device
+    cut, resumed = _cut_and_resume(data, config, tmp_path / "cut", 2)
+    assert cut["ema"] is not None and cut["ema"]["updates"] > 0        # the average was live at the cut
+    _same_run(resumed, full, device)
+    for out in ("full", "cut"):
+        _loads_on_the_cpu(tmp_path / out, full.model)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_loss_scaling_resumes_where_it_stopped(data, tmp_path, monkeypatch, device):
+    """AMP in fp16 with a GradScaler (a V100 or T4; on the CPU, whose autocast computes fp16 too, forced
+    here): the scaler's scale and growth count are in last.pt, so a resumed run skips and scales the same
+    steps as the uninterrupted one. The scaler starts at 2**20 and grows after every 2 good steps, so fp16
+    overflows again and again in these 9 steps: a scaler restarted from scratch on resume skips other
+    steps and trains other weights. The interrupted run also resumes on a machine without a GPU (or fp16)."""
+    from finetune.engine import runtime
+    from finetune.engine import setup as setup_module
+
+    class Eager(torch.amp.GradScaler):
+        def __init__(self, device="cuda", init_scale=2.0 ** 20, growth_factor=2.0, backoff_factor=0.5,
+                     growth_interval=2, enabled=True):
+            super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Eager)
+    monkeypatch.setattr(runtime, "bf16_native", lambda dev: False)      # fp16 on any GPU, as on a V100/T4
+    if device == "cpu":     # amp_policy gives the CPU full precision: fp16 autocast with a scaler, as on CUDA
+        monkeypatch.setattr(setup_module, "amp_policy",
+                            lambda dev, enabled: runtime.AmpPolicy("cpu", torch.float16 if enabled else None))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    config = resume_cfg(device=device, epochs=3)
+    full = run(data, config, run_dir=tmp_path / "full")
+    cut, resumed = _cut_and_resume(data, config, tmp_path / "cut", 2, keep=tmp_path / "elsewhere")
+    scaler = _loads_on_the_cpu(tmp_path / "full", full.model)["scaler"]
+    assert scaler["scale"] < 2.0 ** 20 and cut["scaler"]["scale"] < 2.0 ** 20       # fp16 did overflow
+    assert _loads_on_the_cpu(tmp_path / "cut", full.model)["scaler"] == scaler
+    _same_run(resumed, full, device)
+    monkeypatch.setattr(setup_module, "amp_policy", runtime.amp_policy)     # the CPU's own: full precision
+    on_cpu = run(data, config.replace(device="cpu"), run_dir=tmp_path / "elsewhere", resume=True)
+    losses = [r["train_loss"] for r in on_cpu.history]
+    assert len(losses) == 3 and losses[:2] == [r["train_loss"] for r in cut["history"]] and math.isfinite(losses[2])

@@ -543,6 +543,16 @@ def test_fit_wires_device_augment_for_training_only(data, monkeypatch, tmp_path)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def devices(slow_on_cpu: bool = False) -> list:
+    """A check's device parameter: the CPU case runs in the default suite (``slow_on_cpu``: in ``-m slow``),
+    the CUDA case in the GPU session's ``pytest -m gpu`` (scripts/gpu_checks.sh), skipped without a GPU."""
+    return [pytest.param("cpu", id="cpu", marks=[pytest.mark.slow] if slow_on_cpu else []),
+            pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+
+DEVICES = devices()
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_head_only_on_cached_features_stays_nchw(data):
@@ -587,13 +597,6 @@ def test_cuda_amp_channels_last(data, tmp_path, monkeypatch, bf16):
     # a smoke check only (cuDNN's kernels may differ in the last bits, and on this tiny model a wrong
     # augmentation seed moves the loss by under 1%): exactness is test_fit_wires_device_augment_... on CPU
     assert again.history[1]["train_loss"] == pytest.approx(result.history[1]["train_loss"], rel=2e-2)
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_compile(data):
-    result = run(data, cfg(device="cuda", freeze="1", compile=True, epochs=1))
-    assert math.isfinite(result.history[0]["train_loss"]) and next(result.model.parameters()).is_cuda
 
 
 def test_advice_is_printed_during_the_run(data):
