@@ -737,3 +737,31 @@ def test_a_resume_with_data_moved_elsewhere_records_the_new_folder(tmp_path, tin
     assert json.loads((out / "scan.json").read_text())["root"] == str(moved)
     result = invoke("eval", out / "export", "--data", moved, "--out", tmp_path / "eval")
     assert result.exit_code == 0 and "is the folder this model was trained on" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("flags, config, note", [
+    (["--mlp-hidden", "64", "--mlp-dropout", "0.1"], "", "--mlp-dropout, --mlp-hidden shape the MLP head; this run's "
+                                                         "head is linear (add --head mlp)"),
+    ([], "mlp_activation: elu\n", "--mlp-activation shapes the MLP head"),        # a --config key counts too
+    (["--head", "mlp", "--head-solver", "lbfgs"], "", "--head-solver lbfgs solves a linear head"),
+    (["--augment", "none", "--aug-views", "3"], "", "--aug-views 3 with --augment none caches 3 identical views"),
+    (["--head", "mlp", "--mlp-hidden", "64"], "", None),
+    (["--mlp-hidden", "512"], "head: mlp\n", None),
+])
+def test_options_that_the_run_leaves_without_effect_are_noted(tmp_path, monkeypatch, flags, config, note):
+    """QA: --mlp-* with a linear head, --head-solver lbfgs with an MLP head and --aug-views with --augment none
+    were accepted without a word and changed nothing."""
+    from zoo.jobs import finetune as job
+
+    def stop(*a, **k):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(job, "run_finetune", stop)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    extra = []
+    if config:
+        (tmp_path / "c.yaml").write_text(config)
+        extra = ["--config", str(tmp_path / "c.yaml")]
+    res = invoke("finetune", "tiny32", "--data", data, *flags, *extra)
+    notes = [ln for ln in res.stderr.splitlines() if ln.startswith("note: ")]
+    assert (notes == []) if note is None else (len(notes) == 1 and note in notes[0]), res.stderr

@@ -14,7 +14,7 @@ from finetune.core.config import FinetuneConfig
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from zoo.cli import console
 from zoo.cli.app import cli
-from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options, read_config
+from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options, idle_options, read_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
 from zoo.text import printable
@@ -122,6 +122,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         base, file_values = read_config(config_path)
         given = bn_default(given, file_values, pretrained)   # --no-pretrained: BN trains unless --bn or the file says
         config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
+        for note in idle_options(config, [*given, *file_values]):
+            log(note)
         outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
                                     export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
                                     on_run_dir=log_file, exclude=exclude)

@@ -20,7 +20,7 @@ from finetune.core.io import load_yaml
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
-__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config",
+__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config", "idle_options",
            "FiniteFloatRange"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -112,3 +112,21 @@ def bn_default(given: dict[str, Any], file_values: dict[str, Any], pretrained: b
     if "bn" in given or "bn" in file_values:
         return given
     return {**given, "bn": default_bn(pretrained)}
+
+
+def idle_options(config: FinetuneConfig, chosen: Iterable[str]) -> list[str]:
+    """Notes for options the user chose (``chosen``: flags and ``--config`` keys) that ``config`` leaves
+    without effect, each saying what would use them (QA: each was accepted without a word)."""
+    chosen = set(chosen)
+    notes = []
+    mlp = sorted(f"--{k.replace('_', '-')}" for k in chosen if k.startswith("mlp_"))
+    if mlp and config.head != "mlp":
+        notes.append(f"note: {', '.join(mlp)} {'shape' if len(mlp) > 1 else 'shapes'} the MLP head; this run's head "
+                     f"is {config.head} (add --head mlp)")
+    if config.head == "mlp" and "head_solver" in chosen and config.head_solver == "lbfgs":
+        notes.append("note: --head-solver lbfgs solves a linear head; the MLP head trains by gradient at --lr")
+    if config.augment == "none" and int(config.aug_views) > 0 and "aug_views" in chosen:
+        notes.append(f"note: --aug-views {config.aug_views} with --augment none caches {config.aug_views} identical "
+                     "views of each image; drop one of the two")
+    return notes
+
