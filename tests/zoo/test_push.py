@@ -351,7 +351,11 @@ def test_a_re_exported_bundle_is_the_same_push_and_the_same_test_report(hub, tmp
 def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tmp_path, monkeypatch):
     """QA: plan_push hashed the weights, read their header and then read their bytes by name, each at its own
     time: a `zoo export --overwrite` that published in between had the second export's weights published
-    under the first export's label names (a Hub model naming every class wrong). The bytes are read once."""
+    under the first export's label names (a Hub model naming every class wrong). The bytes are read once,
+    and config.json, read after them, must describe them: an export publishing in between is named."""
+    import os
+    import socket
+
     import zoo.push as push_module
     from tests.zoo.test_bundle import _publish, _two_bundles
     from zoo.errors import BundleError
@@ -362,12 +366,16 @@ def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tm
 
     def read_then_export_publishes(path, *args, **kwargs):
         meta = real(path, *args, **kwargs)
+        (out / ".zoo.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                   "command": "zoo export run --out bundle --overwrite"}))
         _publish(b, out)
         return meta
 
     monkeypatch.setattr(push_module, "read_safetensors_metadata", read_then_export_publishes)
-    with pytest.raises(BundleError, match="changed while it was read .*nothing was uploaded"):
+    with pytest.raises(BundleError, match="cannot be pushed while another process writes it: .*zoo export run.*; "
+                                          "push again when it is done; nothing was uploaded"):
         push_module.plan_push(out, REPO)
+    (out / ".zoo.lock").unlink()
     monkeypatch.setattr(push_module, "read_safetensors_metadata", real)
     plan = push_module.plan_push(out, REPO)     # once the export is done: the new bundle, whole
     assert json.loads(plan.files["config.json"])["label_names"] == ["xx", "yy", "zz"]
