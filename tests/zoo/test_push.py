@@ -85,6 +85,30 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
         assert needle in body, needle
 
 
+@pytest.mark.parametrize("tta, said", [
+    ({}, None),
+    ({"tta": True, "tta_views": "flip", "tta_scales": None, "tta_mirror": True},
+     "the centre view and its mirror (`zoo predict --tta`)"),
+    ({"tta": True, "tta_views": "flip", "tta_scales": None, "tta_mirror": False}, None),   # the plain view
+    ({"tta": True, "tta_views": "ten", "tta_scales": [40, 48], "tta_mirror": False},
+     "five crops at sizes 40,48 (`zoo predict --tta --tta-scales 40,48`)")])
+def test_a_test_accuracy_measured_with_tta_says_so_in_the_card(tmp_path, tta, said):
+    """QA: `zoo push --test-metrics` of a `zoo eval --tta` report published its accuracy as the plain "test
+    accuracy": a reader predicting one view (timm, zoo predict) gets less. The card says which views."""
+    from zoo.push import plan_push
+
+    _, bundle = make_bundle(tmp_path)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "n_images": 9, **tta}))
+    card = plan_push(bundle, REPO, test_metrics=tmp_path / "report").card
+    line = next(ln for ln in card.splitlines() if ln.startswith("- test accuracy: 0.5000 on 9 images"))
+    if said is None:
+        assert "augmentation" not in line and "name: test accuracy\n" in card
+    else:
+        assert line.endswith(f", with test-time augmentation: the softmax averaged over {said}")
+        assert "name: test accuracy (TTA)\n" in card
+
+
 def test_test_metrics_of_another_model_are_refused(hub, tmp_path, runner):
     """QA: an evaluation of a 4-class model went into a 3-class model's card. A report recording other
     weights, or other labels, is refused before anything is uploaded; `zoo eval`'s own report of this
