@@ -108,14 +108,29 @@ def _eval_results(metrics: dict[str, Any], test: dict[str, Any], data_name: str)
                                   dataset_name=data_name, dataset_split="validation", metric_type="accuracy",
                                   metric_value=float(metrics["val_acc"]), metric_name="validation accuracy"))
     if isinstance(test.get("accuracy"), (int, float)):
+        tta = " (TTA)" if _tta_views(test) else ""
         results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder",
                                   dataset_name=data_name, dataset_split="test", metric_type="accuracy",
-                                  metric_value=float(test["accuracy"]), metric_name="test accuracy"))
+                                  metric_value=float(test["accuracy"]), metric_name=f"test accuracy{tta}"))
         if isinstance(test.get("top5"), (int, float)):
             results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder",
                                       dataset_name=data_name, dataset_split="test", metric_type="top_5_accuracy",
-                                      metric_value=float(test["top5"]), metric_name="test top-5 accuracy"))
+                                      metric_value=float(test["top5"]), metric_name=f"test top-5 accuracy{tta}"))
     return results
+
+
+def _tta_views(test: dict[str, Any]) -> str | None:
+    """The views a `zoo eval --tta` report averaged (its tta_views, tta_scales, tta_mirror), in words; None
+    without TTA, or where it came down to the plain view (flip on a model trained without mirrors)."""
+    if not test.get("tta"):
+        return None
+    mirror = test.get("tta_mirror") is not False
+    scales = test.get("tta_scales")
+    if test.get("tta_views") == "flip" and not scales:
+        return "the centre view and its mirror (`zoo predict --tta`)" if mirror else None
+    sizes = ",".join(map(str, scales)) if isinstance(scales, list) and scales else ""
+    return (f"{'ten' if mirror else 'five'} crops" + (f" at sizes {sizes} (`zoo predict --tta --tta-scales {sizes}`)"
+                                                      if sizes else " (`zoo predict --tta --tta-views ten`)"))
 
 
 def _data_lines(scan: dict[str, Any], labels: list[str], run: Path | None) -> list[str]:
@@ -155,8 +170,10 @@ def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], metrics: dict
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines += [f"- validation {k.removeprefix('val_')}: {_fmt(v)}" for k, v in scalars.items()]
     if test:
+        views = _tta_views(test)    # a single-view prediction (timm, zoo predict) scores lower: say how it was got
         lines += [f"- test accuracy: {_fmt(test['accuracy'])} on {test.get('n_images', '?')} images"
-                  + (f" (top-5 {_fmt(test['top5'])})" if isinstance(test.get("top5"), float) else "")]
+                  + (f" (top-5 {_fmt(test['top5'])})" if isinstance(test.get("top5"), float) else "")
+                  + (f", with test-time augmentation: the softmax averaged over {views}" if views else "")]
     if not scalars and not test:
         lines.append("- (none recorded)")
     return lines

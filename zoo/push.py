@@ -20,14 +20,14 @@ import hashlib
 import json
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import SafetensorsHeaderError, atomic_write_text, rewrite_safetensors_metadata
-from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
+from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, parse_safetensors_header,
+                              rewrite_safetensors_metadata)
+from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, bundle_writer, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
@@ -91,15 +91,7 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def _read_header_metadata(data: bytes) -> dict[str, str]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
-
-
-def _header_metadata_or_none(data: bytes) -> dict[str, str] | None:
-    try:
-        return _read_header_metadata(data)
-    except (struct.error, ValueError, AttributeError):
-        return None
+    return dict(parse_safetensors_header(data).get("__metadata__") or {})
 
 
 # ----------------------------------------------------------------------------------------- scrubbing
@@ -176,11 +168,11 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     if not REPO_RE.fullmatch(repo or ""):
         raise UsageError(f"--repo {repo!r} is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs)")
     bundle, run = locate(path)
-    raw_meta = read_safetensors_metadata(bundle / WEIGHTS)      # (checks the file is whole)
-    try:    # read once: the digest, the header and the published bytes are of the same file
-        data = (bundle / WEIGHTS).read_bytes()
+    try:    # read once: the digest, the header and the published bytes are of the same file (QA: a `zoo export`
+        data = (bundle / WEIGHTS).read_bytes()      # replacing it between reads published mixed label names)
     except OSError as err:
         raise BundleError(f"{bundle / WEIGHTS} cannot be read ({err.strerror or err}); nothing was uploaded") from None
+    raw_meta = read_safetensors_metadata(bundle / WEIGHTS, data=data)      # (checks the file is whole)
     sha = hashlib.sha256(data).hexdigest()
     try:
         config = json.loads((bundle / CONFIG).read_text(encoding="utf-8"))
@@ -190,11 +182,12 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
         raise BundleError(f"{bundle / CONFIG} should hold a JSON object; re-export the bundle")
     recorded = config["zoo"].get("weights_sha256") if isinstance(config.get("zoo"), dict) else None
     if recorded and recorded != sha:
+        writer = bundle_writer(bundle)   # config.json read after the weights: a live export replaced both?
+        if writer:
+            raise BundleError(f"{bundle} cannot be pushed while another process writes it: {writer}; push again "
+                              "when it is done; nothing was uploaded")
         raise BundleError(f"{bundle / WEIGHTS} is not the file config.json describes (sha256 {sha[:16]}... vs "
                           f"{str(recorded)[:16]}...); re-export the bundle; nothing was uploaded")
-    if _header_metadata_or_none(data) != raw_meta:      # `zoo export` replaced it since its header was read
-        raise BundleError(f"{bundle} changed while it was read (a `zoo export` writing it?); push again when it is "
-                          "done; nothing was uploaded")
     meta = _decode_metadata(raw_meta, bundle / WEIGHTS)
     labels = [str(x) for x in meta["label_names"]] if isinstance(meta.get("label_names"), list) else None
     check_config(config, labels, len(labels or ()), bundle / CONFIG)   # what zoo predict would refuse

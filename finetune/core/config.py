@@ -20,8 +20,8 @@ import yaml
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml
 
-__all__ = ["FinetuneConfig", "load_config", "save_config", "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS",
-           "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
+__all__ = ["FinetuneConfig", "load_config", "read_config_file", "save_config", "Option", "OPTIONS", "OPTIMIZERS",
+           "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
@@ -333,6 +333,12 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
 
 def load_config(path: str | Path) -> FinetuneConfig:
     """Read a YAML config (safe loader). Raises ConfigError with the file name on any problem."""
+    return read_config_file(path)[0]
+
+
+def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """:func:`load_config` and the file's own mapping (which says what the file set, e.g. a ``bn`` equal to
+    the default), from one read of the file."""
     path = Path(path)
     try:
         data = load_yaml(path.read_text(encoding="utf-8")) or {}
@@ -348,7 +354,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
     try:
-        return FinetuneConfig.from_dict(data, source=str(path))
+        return FinetuneConfig.from_dict(data, source=str(path)), data
     except ConfigError as err:      # validate()'s "invalid augment='x' (--augment)" names a flag: say which file
         if str(err).startswith(str(path)):
             raise

@@ -16,8 +16,8 @@ from typing import IO, Any, Callable
 import yaml
 
 __all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
-           "read_safetensors_header", "rewrite_safetensors_metadata", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER",
-           "no_room"]
+           "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -193,18 +193,27 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise SafetensorsHeaderError(f"truncated ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > MAX_SAFETENSORS_HEADER:     # its first 8 bytes are no header length: say no number
-            raise SafetensorsHeaderError("damaged header (its first 8 bytes are no header length)")
-        if n > size - 8:
-            raise SafetensorsHeaderError(f"truncated or not a safetensors file (a header of {n} bytes in a "
-                                         f"{size}-byte file)")
-        raw = fh.read(n)
+        return _checked_header(fh.read(8), fh.read, size)
+
+
+def parse_safetensors_header(data: bytes) -> dict[str, Any]:
+    """:func:`read_safetensors_header` of a whole file's bytes, already read (one read: its digest, header and
+    tensors are of the same file, whatever replaces it on disk meanwhile)."""
+    return _checked_header(data[:8], lambda n: data[8:8 + n], len(data))
+
+
+def _checked_header(head: bytes, read: Callable[[int], bytes], size: int) -> dict[str, Any]:
+    """The header of a ``size``-byte safetensors file: ``head`` its first 8 bytes, ``read(n)`` the next n."""
+    if len(head) < 8:
+        raise SafetensorsHeaderError(f"truncated ({size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n < 2 or n > MAX_SAFETENSORS_HEADER:     # its first 8 bytes are no header length: say no number
+        raise SafetensorsHeaderError("damaged header (its first 8 bytes are no header length)")
+    if n > size - 8:
+        raise SafetensorsHeaderError(f"truncated or not a safetensors file (a header of {n} bytes in a "
+                                     f"{size}-byte file)")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(read(n).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise SafetensorsHeaderError("damaged header (not JSON)") from None
     if not isinstance(header, dict):

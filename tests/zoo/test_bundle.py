@@ -493,3 +493,15 @@ def test_a_bundle_caught_between_its_two_files_by_a_live_export_says_so(tmp_path
                                                "command": "zoo export run --out bundle --overwrite"}))
     with pytest.raises(BundleError, match="cannot be read while another process writes it: .*zoo export run"):
         load_bundle(out)
+
+
+@pytest.mark.parametrize("dropped", [True, False])
+def test_an_unfinished_runs_export_takes_the_mirror_test_from_its_checkpoint(run_and_model, tmp_path, dropped):
+    """QA: `zoo export RUN` of a run still training (its best epoch so far) or interrupted has no summary.json
+    yet; the bundle said trained_on_mirrors from the config alone, so a run whose mirror test had dropped the
+    flip (digits, text) got mirrored TTA views. The decision is in checkpoints/last.pt until the run ends."""
+    run, _ = run_and_model
+    (run / "summary.json").unlink()
+    torch.save({"mirror": {"dropped": dropped}}, run / "checkpoints" / "last.pt")
+    bundle = load_bundle(export_run(run, tmp_path / "bundle"))
+    assert bundle.metadata["trained_on_mirrors"] is (not dropped) and bundle.tta_mirror is (not dropped)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.conftest import make_image_folder, unwritable_parent
+from tests.conftest import make_image, make_image_folder, unwritable_parent
 from tests.zoo.test_bundle import CLASSES, make_run
 from zoo.cli import cli
 
@@ -380,7 +380,7 @@ def test_tta_leaves_the_mirrored_views_out_for_a_model_trained_without_them(tmp_
     res = runner.invoke(cli, ["eval", str(tmp_path / "b"), "--data", str(data), "--tta", "--tta-views", "ten",
                               "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
-    assert ("trained without mirrored images" in res.output) is not mirrored
+    assert ("trained without mirrored images (--hflip 0, --augment none, or" in res.output) is not mirrored
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta_mirror"] is mirrored
     res = runner.invoke(cli, ["predict", str(tmp_path / "b"), str(data), "--tta"])
     assert res.exit_code == 0 and ("the plain view alone" in res.output) is not mirrored
@@ -389,7 +389,23 @@ def test_tta_leaves_the_mirrored_views_out_for_a_model_trained_without_them(tmp_
     assert bundle.tta_mirror
 
 
-def test_predict_probs_agree_with_and_without_mirrors_on_an_old_bundle(bundle):
-    from zoo.bundle import load_bundle
+def test_a_bundle_exported_before_trained_on_mirrors_keeps_the_mirrored_tta_views(bundle, runner):
+    """A bundle whose header has no trained_on_mirrors (exported before it was recorded): TTA as before, with
+    the mirrored views, and no note."""
+    import hashlib
 
-    assert load_bundle(bundle).tta_mirror
+    from finetune.core.io import rewrite_safetensors_metadata
+    from zoo.bundle import load_bundle, read_safetensors_metadata
+
+    weights, config = bundle / "model.safetensors", bundle / "config.json"
+    meta = read_safetensors_metadata(weights)
+    meta.pop("trained_on_mirrors")
+    weights.write_bytes(rewrite_safetensors_metadata(weights.read_bytes(), meta))
+    doc = json.loads(config.read_text())
+    doc["zoo"]["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    config.write_text(json.dumps(doc))
+    old = load_bundle(bundle)
+    assert "trained_on_mirrors" not in old.metadata and old.tta_mirror
+    image = make_image(bundle.parent / "cat.png", 0, 64)
+    res = runner.invoke(cli, ["predict", str(bundle), str(image), "--tta"])
+    assert res.exit_code == 0 and "mirrored" not in res.output, res.output

@@ -250,14 +250,19 @@ def test_flip_tta_averages_the_mirror_view():
     assert torch.allclose(tta, single, atol=1e-6)
 
 
-def test_eval_tta_accuracy_comes_from_the_averaged_probabilities(tmp_path):
-    # Single view: each image is right. Its mirror votes strongly for the other class; averaged, the "right"
-    # images tip over to "left": TTA accuracy 1/2, as the averaged probabilities say.
-    root = tmp_path / "data"
+def _left_right_folder(root):
+    """left/ and right/, two half-red images each (the LeftRight model gets every one right)."""
     for name in ("left", "right"):
         (root / name).mkdir(parents=True)
         for i in range(2):
             _half_red(name).save(root / name / f"{i}.png")
+    return root
+
+
+def test_eval_tta_accuracy_comes_from_the_averaged_probabilities(tmp_path):
+    # Single view: each image is right. Its mirror votes strongly for the other class; averaged, the "right"
+    # images tip over to "left": TTA accuracy 1/2, as the averaged probabilities say.
+    root = _left_right_folder(tmp_path / "data")
     model = LeftRight().eval()
     plain = evaluate(model, ["left", "right"], DC, root)
     tta = evaluate(model, ["left", "right"], DC, root, tta=True, tta_views="flip")
@@ -331,11 +336,7 @@ def test_without_mirror_tta_keeps_only_the_unmirrored_views():
 
 def test_a_model_trained_without_mirrors_keeps_its_tta_accuracy(tmp_path):
     # The left/right model of the test above: with the mirrored view left out, TTA (flip) is the plain view.
-    root = tmp_path / "data"
-    for name in ("left", "right"):
-        (root / name).mkdir(parents=True)
-        for i in range(2):
-            _half_red(name).save(root / name / f"{i}.png")
+    root = _left_right_folder(tmp_path / "data")
     model = LeftRight().eval()
     report = evaluate(model, ["left", "right"], DC, root, tta=True, tta_views="flip", mirror=False)
     assert report.accuracy == 1.0 and report.to_dict()["tta_mirror"] is False

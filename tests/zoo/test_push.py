@@ -85,6 +85,30 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
         assert needle in body, needle
 
 
+@pytest.mark.parametrize("tta, said", [
+    ({}, None),
+    ({"tta": True, "tta_views": "flip", "tta_scales": None, "tta_mirror": True},
+     "the centre view and its mirror (`zoo predict --tta`)"),
+    ({"tta": True, "tta_views": "flip", "tta_scales": None, "tta_mirror": False}, None),   # the plain view
+    ({"tta": True, "tta_views": "ten", "tta_scales": [40, 48], "tta_mirror": False},
+     "five crops at sizes 40,48 (`zoo predict --tta --tta-scales 40,48`)")])
+def test_a_test_accuracy_measured_with_tta_says_so_in_the_card(tmp_path, tta, said):
+    """QA: `zoo push --test-metrics` of a `zoo eval --tta` report published its accuracy as the plain "test
+    accuracy": a reader predicting one view (timm, zoo predict) gets less. The card says which views."""
+    from zoo.push import plan_push
+
+    _, bundle = make_bundle(tmp_path)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "n_images": 9, **tta}))
+    card = plan_push(bundle, REPO, test_metrics=tmp_path / "report").card
+    line = next(ln for ln in card.splitlines() if ln.startswith("- test accuracy: 0.5000 on 9 images"))
+    if said is None:
+        assert "augmentation" not in line and "name: test accuracy\n" in card
+    else:
+        assert line.endswith(f", with test-time augmentation: the softmax averaged over {said}")
+        assert "name: test accuracy (TTA)\n" in card
+
+
 def test_test_metrics_of_another_model_are_refused(hub, tmp_path, runner):
     """QA: an evaluation of a 4-class model went into a 3-class model's card. A report recording other
     weights, or other labels, is refused before anything is uploaded; `zoo eval`'s own report of this
@@ -351,7 +375,11 @@ def test_a_re_exported_bundle_is_the_same_push_and_the_same_test_report(hub, tmp
 def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tmp_path, monkeypatch):
     """QA: plan_push hashed the weights, read their header and then read their bytes by name, each at its own
     time: a `zoo export --overwrite` that published in between had the second export's weights published
-    under the first export's label names (a Hub model naming every class wrong). The bytes are read once."""
+    under the first export's label names (a Hub model naming every class wrong). The bytes are read once,
+    and config.json, read after them, must describe them: an export publishing in between is named."""
+    import os
+    import socket
+
     import zoo.push as push_module
     from tests.zoo.test_bundle import _publish, _two_bundles
     from zoo.errors import BundleError
@@ -362,12 +390,16 @@ def test_a_bundle_replaced_while_push_reads_it_is_refused_not_published_mixed(tm
 
     def read_then_export_publishes(path, *args, **kwargs):
         meta = real(path, *args, **kwargs)
+        (out / ".zoo.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                   "command": "zoo export run --out bundle --overwrite"}))
         _publish(b, out)
         return meta
 
     monkeypatch.setattr(push_module, "read_safetensors_metadata", read_then_export_publishes)
-    with pytest.raises(BundleError, match="changed while it was read .*nothing was uploaded"):
+    with pytest.raises(BundleError, match="cannot be pushed while another process writes it: .*zoo export run.*; "
+                                          "push again when it is done; nothing was uploaded"):
         push_module.plan_push(out, REPO)
+    (out / ".zoo.lock").unlink()
     monkeypatch.setattr(push_module, "read_safetensors_metadata", real)
     plan = push_module.plan_push(out, REPO)     # once the export is done: the new bundle, whole
     assert json.loads(plan.files["config.json"])["label_names"] == ["xx", "yy", "zz"]

@@ -50,18 +50,29 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _trained_on_mirrors(recipe: dict[str, Any], summary: dict[str, Any]) -> bool:
+def _trained_on_mirrors(run_dir: Path, recipe: dict[str, Any], summary: dict[str, Any]) -> bool:
     """Whether the model learnt from mirrored images (its config's flip, unless the run's mirror test turned
     the auto flip off): test-time augmentation averages over mirrored views only then (a digit or a letter
-    mirrored is another symbol, and a model trained without flips has no answer for it)."""
+    mirrored is another symbol, and a model trained without flips has no answer for it). The mirror test's
+    decision is in summary.json once the run finished, before that (an export of the best epoch so far, or
+    of an interrupted run) in its checkpoint."""
     # lazy: the bundle's metadata readers (zoo push, zoo list --mine) must not import torch through here
     from types import SimpleNamespace
 
+    from finetune.core.checkpoint import load_checkpoint
+    from finetune.core.errors import CheckpointError
     from finetune.data.transforms import trains_mirrored
 
     config = SimpleNamespace(hflip=recipe.get("hflip", -1.0), augment=recipe.get("augment", "standard"))
+    if not trains_mirrored(config):
+        return False
     mirror = summary.get("mirror")
-    return trains_mirrored(config) and not (isinstance(mirror, dict) and mirror.get("dropped"))
+    if "mirror" not in summary:
+        try:
+            mirror = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True).get("mirror")
+        except CheckpointError:     # none (a run from before checkpoints carried it) or damaged: no test known
+            mirror = None
+    return not (isinstance(mirror, dict) and mirror.get("dropped"))
 
 
 def _scan(run_dir: Path) -> dict[str, Any]:
@@ -344,7 +355,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
         "pretrained": info.get("pretrained", True),
         "metrics": _metrics(summary),
-        "trained_on_mirrors": _trained_on_mirrors(_recipe(run), summary),
+        "trained_on_mirrors": _trained_on_mirrors(run, _recipe(run), summary),
         "data_folders": _data_folders(_scan(run)),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from finetune.core.io import SafetensorsHeaderError, read_safetensors_header
+from finetune.core.io import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
@@ -35,18 +35,19 @@ _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "s
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_safetensors_metadata(path: str | os.PathLike,
-                              fix: str = "re-export it with `zoo export RUN_DIR`") -> dict[str, str]:
+def read_safetensors_metadata(path: str | os.PathLike, fix: str = "re-export it with `zoo export RUN_DIR`",
+                              data: bytes | None = None) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, after checking the file is complete. No torch, no pickle.
 
     Args:
         fix: what the error message tells the user to do (a bundle: re-export; a run's checkpoint: other).
+        data: the file's bytes, when the caller has read them (``path`` then only names it in errors).
     Raises:
         BundleError: missing, truncated, or with a header that is not safetensors JSON.
     """
     path = Path(path)
     try:
-        header = read_safetensors_header(path)
+        header = read_safetensors_header(path) if data is None else parse_safetensors_header(data)
     except FileNotFoundError:
         raise BundleError(f"{path} is missing; {fix}") from None
     except OSError as e:
@@ -294,10 +295,10 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
         except BundleError as err:
             if _files_state(path) != before:
                 continue        # a file was replaced while it was read: what failed may be that mix
-            try:                # an export caught between its two files: say so, not "re-export"
-                RunLock(path).check()
-            except RunLockedError as busy:
-                raise BundleError(f"{path} cannot be read while another process writes it: {busy}") from None
+            writer = bundle_writer(path)    # an export caught between its two files: say so, not "re-export"
+            if writer:
+                raise BundleError(f"{path} cannot be read while another process writes it: {writer}; try again "
+                                  "when it is done") from None
             raise err
         if _files_state(path) == before:
             return bundle
@@ -306,6 +307,16 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
 
 
 _READ_TRIES = 3
+
+
+def bundle_writer(path: str | os.PathLike) -> str | None:
+    """Who is writing the bundle folder ``path`` right now (a live ``zoo export``'s lock, in words: "B is in use
+    by pid P on HOST (...)"), or None: what a read that found its files inconsistent tells the user."""
+    try:
+        RunLock(path).check()
+    except RunLockedError as busy:
+        return str(busy).split("; ")[0]
+    return None
 
 
 def _files_state(path: Path) -> tuple:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import click
 from click.core import ParameterSource
 
-from finetune.core.config import OPTIONS, FinetuneConfig, load_config
-from finetune.core.io import load_yaml
+from finetune.core.config import OPTIONS, FinetuneConfig, read_config_file
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
@@ -99,10 +97,7 @@ def fc_dropout_option(func: Callable) -> Callable:
 def read_config(path: str | None) -> tuple[FinetuneConfig, dict[str, Any]]:
     """``--config FILE``: the config it gives over the defaults (validated, with the file name in any error)
     and the file's own mapping, which says what it set; ``(FinetuneConfig(), {})`` without a file."""
-    if not path:
-        return FinetuneConfig(), {}
-    config = load_config(path)
-    return config, load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+    return read_config_file(path) if path else (FinetuneConfig(), {})
 
 
 def bn_default(given: dict[str, Any], file_values: dict[str, Any], pretrained: bool) -> dict[str, Any]:

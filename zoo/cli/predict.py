@@ -32,8 +32,8 @@ def tta_options(func):
                              "--tta-views ten; e.g. 224,256,288; at most 8 sizes of at most 2048).")(func)
     func = click.option("--tta-views", type=click.Choice(TTA_VIEWS), default=DEFAULT_TTA_VIEWS, show_default=True,
                         help="With --tta: flip = the centre view and its mirror; ten = four corners + centre and "
-                             "their mirrors (ten-crop). A model trained without flips (--hflip 0) gets no "
-                             "mirrored view.")(func)
+                             "their mirrors (ten-crop). A model trained without mirrored images (--hflip 0, "
+                             "--augment none) gets no mirrored view.")(func)
     return click.option("--tta", is_flag=True, help="Test-time augmentation: average the softmax over several "
                         "views of each image (--tta-views).")(func)
 
@@ -60,8 +60,8 @@ def note_unmirrored_tta(tta: bool, views: str, scales: tuple[int, ...] | None, m
         return
     what = ("five crops per scale" if scales else "the five crops" if views == "ten"
             else "the plain view alone, as without --tta (--tta-views ten averages five crops)")
-    echo("note: this model was trained without mirrored images (--hflip 0, or the run found the images "
-         f"handed), so TTA leaves the mirrored views out: {what}", err=True)
+    echo("note: this model was trained without mirrored images (--hflip 0, --augment none, or the run found "
+         f"the images handed), so TTA leaves the mirrored views out: {what}", err=True)
 
 
 def warn_skipped(item: object, reason: str) -> None:
