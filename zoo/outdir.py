@@ -196,10 +196,15 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; choose another {option}")
 
 
-def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str) -> None:
-    """Raise UsageError when ``path`` is the data folder ``data`` or inside it (``why``: what goes wrong there)."""
+def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str, given: bool = True) -> None:
+    """Raise UsageError when ``path`` is the data folder ``data`` or inside it (``why``: what goes wrong there);
+    ``given=False``: ``path`` is the command's default, not a ``--out`` the user typed (e.g. run from inside
+    the data folder)."""
     o, d = os.path.realpath(path), os.path.realpath(data)
     if o == d or o.startswith(d.rstrip(os.sep) + os.sep):
+        if not given:
+            raise UsageError(f"the default output folder {path} is inside the data folder {data}; {why}: pass "
+                             "--out with a folder outside it")
         raise UsageError(f"--out {path} is inside the data folder {data}; {why}: choose another --out")
 
 

@@ -225,6 +225,21 @@ def test_eval_out_inside_the_data_is_refused(bundle, tmp_path, runner):
     assert not (data / "report").exists()
 
 
+def test_a_default_output_folder_inside_the_data_says_it_is_the_default(bundle, tmp_path, runner, monkeypatch):
+    """Run from inside the data folder without --out, eval/doctor/lr-find/sweep/finetune refused their default
+    folder as "--out X is inside the data folder ...: choose another --out", an option the user never gave."""
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[0], CLASSES[2]), per_class=1, size=32)
+    monkeypatch.chdir(data)
+    res = runner.invoke(cli, ["eval", "efficientnet_lite0", "--data", str(data)])
+    assert res.exit_code == 2, res.output
+    line, = res.stderr.strip().splitlines()
+    assert line.startswith("zoo: error: the default output folder eval-") and "is inside the data folder" in line
+    assert line.endswith("pass --out with a folder outside it") and sorted(p.name for p in data.iterdir()) == \
+        sorted([CLASSES[0], CLASSES[2]])
+    res = runner.invoke(cli, ["doctor", "--data", str(data)])
+    assert res.exit_code == 2 and "the default output folder" in res.stderr, res.output
+
+
 def test_eval_lists_the_lowest_classes_only_when_they_are_many(bundle, tmp_path, runner, monkeypatch):
     """QA: `zoo eval` printed a line per class (2,000). Above FULL_MAX_CLASSES it prints the SHOWN_CLASSES of
     lowest recall and how many more (per_class.csv has them all); thresholds lowered here to 3 classes."""

@@ -67,8 +67,9 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     from zoo.outdir import check_outside, claim_out
 
     scales = tta_scales_given(tta, tta_scales)
+    given = out is not None
     out = out or _default_out(model)
-    check_outside(out, data, "a later scan of the data would read confusion.png as a class of its own")
+    check_outside(out, data, "a later scan of the data would read confusion.png as a class of its own", given)
     with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
         bundle = load_model(model, device=resolve_device(device))
         note_unmirrored_tta(tta, tta_views, scales, bundle.tta_mirror)

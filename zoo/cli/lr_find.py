@@ -78,7 +78,8 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "lrfind")
-    check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own")
+    check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own",
+                  out is not None)
     check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")

@@ -86,7 +86,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     say = sayer(config.quiet)
     console.keep_going()
     out_dir = resolve_out(out, model, "sweep")
-    check_outside(out_dir, data, "a later scan of the data would read sweep.png as a class of its own")
+    check_outside(out_dir, data, "a later scan of the data would read sweep.png as a class of its own", out is not None)
     check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say):   # before any download
         console.log_to(out_dir / "log.txt")

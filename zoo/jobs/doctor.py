@@ -56,9 +56,9 @@ def default_model() -> str:
     return best[1]
 
 
-def check_out_dir(out: Path, data: Path) -> None:
+def check_out_dir(out: Path, data: Path, given: bool = True) -> None:
     """Refuse an output folder inside the data folder: doctor never writes among the user's images."""
-    check_outside(out, data, "doctor never writes there")
+    check_outside(out, data, "doctor never writes there", given)
 
 
 def run(data: str | Path, *, model: str | None = None, out: str | Path | None = None, options: Any = None,
@@ -80,7 +80,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
     config = config or FinetuneConfig()
     default_out = out is None
     out = Path(out) if out is not None else Path.cwd() / f"doctor-{data.resolve().name}"
-    check_out_dir(out, data)
+    check_out_dir(out, data, given=not default_out)
     with claim_out(out, "doctor", overwrite=overwrite or default_out, note=say):
         return _run(data, model, out, options, config, say, progress)
 
