@@ -75,16 +75,28 @@ class LoaderSteps:
         elif warms_up(s.device):     # (compiling happens on the first real batch: a blank one would not help)
             self._warm_up(phase)
 
+    def _shape(self, train: bool) -> tuple[int, ...]:
+        """A full batch of this rank's training (``train``) or validation images: ``(n, C, H, W)``."""
+        s = self.s
+        per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
+        n = -(-len((s.train_set if train else s.val_set).items) // s.info.world_size)
+        return (min(per_rank, n), *(int(v) for v in s.data_config["input_size"]))
+
     def _warm_up(self, phase: str) -> None:
         """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""
         s = self.s
-        size = tuple(int(v) for v in s.data_config["input_size"])
-        per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
-        n_train = -(-len(s.train_set.items) // s.info.world_size)
-        n_val = -(-len(s.val_set.items) // s.info.world_size)
-        warm_up(s.model, (min(per_rank, n_train), *size), (min(per_rank, n_val), *size) if s.has_val else None,
-                s.loss_fn, s.device, amp=s.amp, channels_last=s.channels_last,
-                only_train=s.head_module if phase == "head" else None)
+        warm_up(s.model, self._shape(True), self._shape(False) if s.has_val else None, s.loss_fn, s.device,
+                amp=s.amp, channels_last=s.channels_last, only_train=s.head_module if phase == "head" else None)
+
+    def _blank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under torchrun, what a rank trains on, weighing 0, in a step whose every image failed to decode
+        (``steps._stand_in``): zeros shaped as a full training batch, as the loader hands it to the network
+        (normalised float, NHWC with channels_last: the shape and layout a compiled model already knows)."""
+        s = self.s
+        shape = self._shape(True)
+        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+        return (torch.zeros(shape, device=s.device).contiguous(memory_format=fmt),
+                torch.zeros(shape[0], dtype=torch.int64, device=s.device))
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
@@ -98,7 +110,7 @@ class LoaderSteps:
             out = train_one_epoch(self.net, batches, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
-                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema)
+                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank)
         finally:
             if bar is not None:
                 bar.close()
