@@ -156,7 +156,13 @@ class LoaderSteps:
         return out
 
     def failures(self) -> dict[str, str]:
-        return self.s.failures()
+        """Every rank's images that failed to decode so far (path -> reason), on every rank: a collective,
+        which every rank calls at the same point (the end of an epoch, of the run)."""
+        failed: dict[str, str] = {}
+        for part in ddp.gather_objects(self.s.failures(), self.s.info):
+            for path, reason in part.items():
+                failed.setdefault(path, reason)
+        return failed
 
     def nothing_loaded(self, trained: dict, evaluated: dict) -> str | None:
         """What to say when an epoch loaded no image of a split (``images`` 0 in its metrics): the folder

@@ -179,7 +179,7 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
     skipped the step while the other waited in DDP's gradient all-reduce: the job hung for good (with
     --decode device the prefetcher dropped the batch, so that rank also took one step fewer). Now it takes
     the step on a zero-weight batch and both ranks end with the same weights; rank 1's whole validation
-    shard failing is fine too."""
+    shard failing is fine too, and rank 0 reports every rank's failures once (rank 1's were never said)."""
     from finetune.data import ImageDataset, scan_folder
     from finetune.data.loaders import set_epoch_order, train_batches
 
@@ -191,7 +191,7 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
     damaged += [path for path, _ in report.val.items[1::2]]                         # rank 1's validation shard
     for path in damaged:
         Path(path).write_bytes(b"not an image")
-    _torchrun_fit(tmp_path, report.train, report.val, f"""
+    out = _torchrun_fit(tmp_path, report.train, report.val, f"""
         import torch
         from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
         from finetune.core import distributed
@@ -208,3 +208,7 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])     # the ranks stayed in step
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and summary["metrics"]["images"] == 5       # rank 0's validation shard
+    warnings = [line for line in out.splitlines() if "failed to load during training" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"rank 0: warning: {len(damaged)} image(s) failed"), out
+    listed = (tmp_path / "ddp" / "bad_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(damaged)
