@@ -164,17 +164,39 @@ class LoaderSteps:
                 failed.setdefault(path, reason)
         return failed
 
-    def nothing_loaded(self, trained: dict, evaluated: dict) -> str | None:
-        """What to say when an epoch loaded no image of a split (``images`` 0 in its metrics): the folder
-        moved or was emptied since the scan, and the epoch's NaN numbers would read as a divergence.
-        None when both splits loaded images (the cached-feature steps load none: no ``images`` there)."""
+    def nothing_loaded(self, trained: dict, evaluated: dict, failed: dict[str, str]) -> str | None:
+        """What to say when an epoch loaded no image of a split (``images`` 0 in its metrics: its NaN numbers
+        would read as a divergence), or when every training image of a class has failed to load (``failed``:
+        the epoch's steps' failures, all ranks'), which would train a head that never sees it. The folder
+        moved or changed since the scan. None when neither (the cached-feature steps load no ``images``)."""
         for split, n in (("training", trained.get("images")),
                          ("validation", evaluated.get("images") if self.s.has_val else None)):
             if n == 0:
-                example = next(iter(self.failures().items()), None)
-                why = f" (e.g. {printable_name(example[0])}: {example[1]})" if example else ""
-                return f"no {split} image could be loaded{why}"
+                example = next(iter(failed.items()), None)
+                return f"no {split} image could be loaded" + (f" (e.g. {_failed(*example)})" if example else "")
+        return _lost_class(self.s.train_set, failed)
+
+
+def _lost_class(train_set, failed: dict[str, str]) -> str | None:
+    """Which class of ``train_set`` (an ImageSet) has every image in ``failed`` (path -> reason), said as
+    the run's error says it; None when each class has an image that loaded (or is yet to be read)."""
+    if not failed:
         return None
+    left = train_set.class_counts()
+    for path, label in train_set.items:
+        left[label] -= path in failed
+    for label, (n, total) in enumerate(zip(left, train_set.class_counts())):
+        if total and n == 0:
+            path = next(p for p, y in train_set.items if y == label)
+            return (f"no training image of class {printable_name(train_set.classes[label])!r} could be loaded "
+                    f"(all {total} failed, e.g. {_failed(path, failed[path])})")
+    return None
+
+
+def _failed(path: str, reason: str) -> str:
+    """One failed image in a message: its reason, which names it (the readers' DataError), or path: reason."""
+    name = printable_name(path)
+    return reason if name in reason else f"{name}: {reason}"
 
 
 def _progress(total: int, desc: str, disable: bool):
