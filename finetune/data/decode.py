@@ -255,7 +255,8 @@ class DeviceTransform:
 
 
 class DevicePrefetcher:
-    """Iterate a DataLoader of :func:`collate_encoded` batches as normalised float batches on ``device``.
+    """Iterate a DataLoader of :func:`collate_encoded` batches as normalised float batches on ``device``
+    (None for a batch whose every image failed, as the loader gives it: one item per batch of ``loader``).
 
     A background thread decodes and transforms batch k+1 (on its own CUDA stream) while batch k trains.
     ``len()``, ``sampler``, ``dataset`` and the other DataLoader attributes are those of ``loader``.
@@ -342,7 +343,9 @@ class DevicePrefetcher:
                 for batch in source:
                     if stop.is_set():
                         return
-                    if batch is None:
+                    if batch is None:      # every image failed in the workers: a step all the same (below)
+                        if not put((None, None)):
+                            return
                         continue
                     if cuda:
                         with torch.cuda.stream(side):
@@ -354,7 +357,7 @@ class DevicePrefetcher:
                                                     batch[2]), None
                     for pos, reason in self.transform.failed:
                         self._log_failure(batch[2][pos], reason)
-                    if out is not None and not put((out, event)):
+                    if not put((out, event)):
                         return
                 put(done)
             except BaseException as e:     # surfaced in the training thread
@@ -377,6 +380,9 @@ class DevicePrefetcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if item[0] is None:    # a batch whose every image failed: None, as the loader's, so that each
+                    yield None         # rank of a DDP job takes as many steps as the others (steps._stand_in)
+                    continue
                 (x, y), event = item
                 if cuda:
                     current = torch.cuda.current_stream(self.device)

@@ -75,16 +75,28 @@ class LoaderSteps:
         elif warms_up(s.device):     # (compiling happens on the first real batch: a blank one would not help)
             self._warm_up(phase)
 
+    def _shape(self, train: bool) -> tuple[int, ...]:
+        """A full batch of this rank's training (``train``) or validation images: ``(n, C, H, W)``."""
+        s = self.s
+        per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
+        n = -(-len((s.train_set if train else s.val_set).items) // s.info.world_size)
+        return (min(per_rank, n), *(int(v) for v in s.data_config["input_size"]))
+
     def _warm_up(self, phase: str) -> None:
         """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""
         s = self.s
-        size = tuple(int(v) for v in s.data_config["input_size"])
-        per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
-        n_train = -(-len(s.train_set.items) // s.info.world_size)
-        n_val = -(-len(s.val_set.items) // s.info.world_size)
-        warm_up(s.model, (min(per_rank, n_train), *size), (min(per_rank, n_val), *size) if s.has_val else None,
-                s.loss_fn, s.device, amp=s.amp, channels_last=s.channels_last,
-                only_train=s.head_module if phase == "head" else None)
+        warm_up(s.model, self._shape(True), self._shape(False) if s.has_val else None, s.loss_fn, s.device,
+                amp=s.amp, channels_last=s.channels_last, only_train=s.head_module if phase == "head" else None)
+
+    def _blank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under torchrun, what a rank trains on, weighing 0, in a step whose every image failed to decode
+        (``steps._stand_in``): zeros shaped as a full training batch, as the loader hands it to the network
+        (normalised float, NHWC with channels_last: the shape and layout a compiled model already knows)."""
+        s = self.s
+        shape = self._shape(True)
+        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+        return (torch.zeros(shape, device=s.device).contiguous(memory_format=fmt),
+                torch.zeros(shape[0], dtype=torch.int64, device=s.device))
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
@@ -98,7 +110,7 @@ class LoaderSteps:
             out = train_one_epoch(self.net, batches, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
-                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema)
+                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank)
         finally:
             if bar is not None:
                 bar.close()
@@ -144,19 +156,47 @@ class LoaderSteps:
         return out
 
     def failures(self) -> dict[str, str]:
-        return self.s.failures()
+        """Every rank's images that failed to decode so far (path -> reason), on every rank: a collective,
+        which every rank calls at the same point (the end of an epoch, of the run)."""
+        failed: dict[str, str] = {}
+        for part in ddp.gather_objects(self.s.failures(), self.s.info):
+            for path, reason in part.items():
+                failed.setdefault(path, reason)
+        return failed
 
-    def nothing_loaded(self, trained: dict, evaluated: dict) -> str | None:
-        """What to say when an epoch loaded no image of a split (``images`` 0 in its metrics): the folder
-        moved or was emptied since the scan, and the epoch's NaN numbers would read as a divergence.
-        None when both splits loaded images (the cached-feature steps load none: no ``images`` there)."""
+    def nothing_loaded(self, trained: dict, evaluated: dict, failed: dict[str, str]) -> str | None:
+        """What to say when an epoch loaded no image of a split (``images`` 0 in its metrics: its NaN numbers
+        would read as a divergence), or when every training image of a class has failed to load (``failed``:
+        the epoch's steps' failures, all ranks'), which would train a head that never sees it. The folder
+        moved or changed since the scan. None when neither (the cached-feature steps load no ``images``)."""
         for split, n in (("training", trained.get("images")),
                          ("validation", evaluated.get("images") if self.s.has_val else None)):
             if n == 0:
-                example = next(iter(self.failures().items()), None)
-                why = f" (e.g. {printable_name(example[0])}: {example[1]})" if example else ""
-                return f"no {split} image could be loaded{why}"
+                example = next(iter(failed.items()), None)
+                return f"no {split} image could be loaded" + (f" (e.g. {_failed(*example)})" if example else "")
+        return _lost_class(self.s.train_set, failed)
+
+
+def _lost_class(train_set, failed: dict[str, str]) -> str | None:
+    """Which class of ``train_set`` (an ImageSet) has every image in ``failed`` (path -> reason), said as
+    the run's error says it; None when each class has an image that loaded (or is yet to be read)."""
+    if not failed:
         return None
+    left = train_set.class_counts()
+    for path, label in train_set.items:
+        left[label] -= path in failed
+    for label, (n, total) in enumerate(zip(left, train_set.class_counts())):
+        if total and n == 0:
+            path = next(p for p, y in train_set.items if y == label)
+            return (f"no training image of class {printable_name(train_set.classes[label])!r} could be loaded "
+                    f"(all {total} failed, e.g. {_failed(path, failed[path])})")
+    return None
+
+
+def _failed(path: str, reason: str) -> str:
+    """One failed image in a message: its reason, which names it (the readers' DataError), or path: reason."""
+    name = printable_name(path)
+    return reason if name in reason else f"{name}: {reason}"
 
 
 def _progress(total: int, desc: str, disable: bool):

@@ -4,6 +4,7 @@ overfit check); plain functions with explicit arguments, as in torchvision's ref
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Iterable, Sequence
@@ -66,7 +67,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                     progress=None, epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
                     info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
                     ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
-                    raise_diverged: bool = True) -> dict:
+                    raise_diverged: bool = True, blank: Callable[[], tuple] | None = None) -> dict:
     """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
     cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
     batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
@@ -87,6 +88,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         after_step: called with ``(step, loss)`` (detached) after each step (the LR range test sets the
             next LR); a true return ends the epoch there.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
+        blank: under DDP, ``() -> (x, y)`` on ``device``: the stand-in for a batch whose every image failed
+            (:func:`_stand_in`); needed where ``batches`` can yield None on several processes.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks (with ``mix``: the loss
         on the mixed targets, the accuracy against each mixed image's dominant label).
@@ -109,6 +112,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             _check(bad_step, lrs, epoch, optimizer, info)
         lrs[step] = _lr(scheduler, optimizer)
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
+            if info.enabled:     # the other ranks' step waits for this one's gradients: it takes part, weighing 0
+                _stand_in(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema)
             continue
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
         target = y
@@ -120,10 +125,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if optimizer is not None:
             optimizer_step(loss, optimizer, scaler)
-            if scheduler is not None:
-                scheduler.step_batch()
-            if ema is not None:
-                ema.update(model)
+            _stepped(model, scheduler, ema)
         n = int(y.shape[0])
         loss_sum += loss.detach().double() * n
         correct += (out.detach().argmax(1) == y).sum()
@@ -138,6 +140,49 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     if raise_diverged:
         _check(bad_step, lrs, epoch, optimizer, info)
     return _train_totals(loss_sum, correct, seen, t0, info)
+
+
+def _stepped(model: nn.Module, scheduler, ema) -> None:
+    """After an optimizer step: the scheduler's per-step LR, the weight average."""
+    if scheduler is not None:
+        scheduler.step_batch()
+    if ema is not None:
+        ema.update(model)
+
+
+def _stand_in(model: nn.Module, blank: Callable[[], tuple] | None, loss_fn: nn.Module, amp: AmpPolicy | None,
+              optimizer, scheduler, scaler, ema) -> None:
+    """A training step for a rank of a DDP job that has no image in it (each failed to decode, after the
+    scan). The other ranks' backward waits in DDP's gradient all-reduce for this rank's, so it runs the
+    step too, on ``blank()`` with its loss weighed 0: its gradient is zero and the others' is averaged over
+    all ranks, as ``DistributedDataParallel.join`` does for a rank out of inputs; the optimizer, the LR
+    schedule and the weight average take the step every rank takes. Nothing else of the batch remains:
+    the BatchNorm statistics and the random generators (dropout) are as before, and the epoch's metrics do
+    not count it. Only this rare path pays for it: a normal step is unchanged (no extra collective)."""
+    if blank is None:
+        raise RuntimeError("train_one_epoch: a batch whose every image failed needs `blank` under DDP")
+    x, y = blank()
+    with _as_before(model, x.device):
+        loss = loss_fn(_forward(model, x, amp).float(), y) * 0.0
+        if optimizer is not None:
+            optimizer_step(loss, optimizer, scaler)
+    if optimizer is not None:
+        _stepped(model, scheduler, ema)
+
+
+@contextlib.contextmanager
+def _as_before(model: nn.Module, device: torch.device):
+    """Run a forward/backward pass that must leave no trace: the model's buffers (BatchNorm statistics) and
+    the random generators (torch's CPU one, ``device``'s CUDA one) are restored afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=forked):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None) -> torch.Tensor:
@@ -271,12 +316,10 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[in
             auxiliary outputs): on CUDA the warm-up meets them first."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
-    forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     try:
-        with torch.random.fork_rng(devices=forked):
+        with _as_before(model, device):
             model.train(only_train is None)
             if only_train is not None:
                 only_train.train()
@@ -291,10 +334,7 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[in
                 with torch.no_grad(), (amp or _FULL).autocast():
                     model(torch.zeros(eval_shape, device=device).contiguous(memory_format=fmt))
     finally:
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.grad = g
-            for b, saved in buffers:
-                b.copy_(saved)
+        for p, g in zip(params, grads):
+            p.grad = g
         for m, training in modes:
             m.training = training

@@ -241,7 +241,7 @@ class Trainer:
         t0 = time.perf_counter()
         tr = steps.train_epoch(self.epoch, phase, self.optimizer, self.scheduler, self.scaler)
         va = steps.evaluate()
-        lost = self.loader_steps.nothing_loaded(tr, va)     # the data moved since the scan: not a divergence
+        lost = self.loader_steps.nothing_loaded(tr, va, steps.failures())    # the data changed since the scan
         if lost:
             raise DataError(f"{lost} in epoch {self.epoch}: has the data folder moved or changed since the scan?"
                             + (f" Put it back and continue with `zoo finetune --resume {self.folder.path}`"

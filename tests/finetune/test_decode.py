@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import random
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from finetune.core.config import FinetuneConfig
-from finetune.data import DeviceAugment, ImageDataset, build_transform, load_image, make_loader, scan_folder
+from finetune.data import DeviceAugment, ImageDataset, ImageSet, build_transform, load_image, make_loader, scan_folder
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                              device_decodable, unpack)
 from finetune.core.errors import ConfigError, DataError, Interrupted
@@ -300,6 +301,27 @@ def test_a_pass_reads_from_iter_decodes_from_next_and_a_superseded_one_says_so(t
     with pytest.raises(RuntimeError, match="a newer pass of the same loader started"):
         list(old)
     assert sum(len(y) for _, y in newer) == len(ds)
+
+
+def test_a_batch_whose_every_image_failed_is_a_none_as_from_the_loader(tmp_path):
+    """The prefetcher dropped such a batch (every file unreadable, or every JPEG failing at decode): under
+    torchrun that rank took one training step fewer than the others and the job hung in DDP's all-reduce.
+    Now it passes None on, as the loader does: one item per batch of the loader, on every rank."""
+    root = tmp_path / "d"
+    folder(root / "train", n=3)
+    folder(root / "val", n=1)
+    items = scan_folder(root).train.items       # batches of 2: [a/0, a/1], [a/2, b/0], [b/1, b/2]
+    good = Path(items[2][0]).read_bytes()
+    for path, _ in items[:2]:
+        Path(path).write_bytes(b"not an image")          # fails in the dataset (the workers)
+    for path, _ in items[4:]:
+        Path(path).write_bytes(corrupt_jpeg(good))       # fails in the device decode
+    ds = EncodedImageDataset(ImageSet(items, ["a", "b"]))
+    loader = make_loader(ds, 2, train=False, workers=0)
+    got = list(DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cpu"))
+    assert len(got) == len(loader) == 3 and got[0] is None and got[2] is None
+    assert got[1][1].tolist() == [items[2][1], items[3][1]]
+    assert sorted(p for p, _ in ds.failures()) == sorted(p for p, _ in items[:2] + items[4:])
 
 
 def test_collate_encoded_packs_one_tensor_and_skips_failures():

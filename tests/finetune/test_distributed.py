@@ -30,14 +30,17 @@ def ddp_cfg():
     return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, lr=1e-2)
 
 
-def _torchrun_fit(tmp_path: Path, train, val, body: str) -> None:
+def _torchrun_fit(tmp_path: Path, train, val, body: str, timeout: float = 240) -> str:
     """Run ``body`` under ``torchrun --nproc-per-node 2`` (gloo, CPU) with the ImageSets ``train`` and ``val``
-    loaded under those names and the repository importable; asserts that the job succeeded."""
+    loaded under those names and the repository importable; asserts that the job succeeded within ``timeout``
+    seconds, and returns its output. A rank still running then ends itself with its stack on the output (a
+    rank blocked in a collective holds the test no longer than that)."""
     sets_file = tmp_path / "sets.json"
     sets_file.write_text(json.dumps({"train": train.items, "val": val.items, "classes": train.classes}))
     script = tmp_path / "torchrun_fit.py"
     script.write_text(textwrap.dedent(f"""
-        import json, sys
+        import faulthandler, json, sys
+        faulthandler.dump_traceback_later({timeout}, exit=True)
         sys.path.insert(0, {str(ROOT)!r})
         from finetune.data import ImageSet
         d = json.load(open({str(sets_file)!r}))
@@ -45,9 +48,14 @@ def _torchrun_fit(tmp_path: Path, train, val, body: str) -> None:
         val = ImageSet([tuple(i) for i in d["val"]], d["classes"])
     """) + textwrap.dedent(body))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = tmp_path / "torchrun.log"       # a file, not a pipe: a rank left behind would hold a pipe open
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], cwd=ROOT,
+                              env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout + 60)
+    out = log.read_text()
+    assert "Timeout (" not in out, f"a rank was still running after {timeout} s (hung?):\n{out[-3000:]}"
+    assert proc.returncode == 0, out[-3000:]
+    return out
 
 
 def test_global_batch_is_split_across_ranks():
@@ -162,3 +170,45 @@ def test_torchrun_two_processes_drop_the_mirror_as_one_process(tmp_path):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
     a, b = load_weights(tmp_path / "ddp" / BEST), load_weights(tmp_path / "one" / BEST)
     assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, decode):
+    """CUDA audit: when every image of one rank's batch failed to decode (damaged after the scan), that rank
+    skipped the step while the other waited in DDP's gradient all-reduce: the job hung for good (with
+    --decode device the prefetcher dropped the batch, so that rank also took one step fewer). Now it takes
+    the step on a zero-weight batch and both ranks end with the same weights; rank 1's whole validation
+    shard failing is fine too, and rank 0 reports every rank's failures once (rank 1's were never said)."""
+    from finetune.data import ImageDataset, scan_folder
+    from finetune.data.loaders import set_epoch_order, train_batches
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split"))
+    config = ddp_cfg().replace(epochs=1, head_epochs=0, decode=decode)
+    order = train_batches(ImageDataset(report.train), 4, seed=config.seed, world_size=2, rank=1)
+    set_epoch_order(order.sampler, config.seed, 1)
+    damaged = [report.train.items[i][0] for i, _seed in next(iter(order))]      # rank 1's first batch
+    damaged += [path for path, _ in report.val.items[1::2]]                         # rank 1's validation shard
+    for path in damaged:
+        Path(path).write_bytes(b"not an image")
+    out = _torchrun_fit(tmp_path, report.train, report.val, f"""
+        import torch
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
+        from finetune.core import distributed
+        from finetune.core.config import FinetuneConfig
+        from finetune.tools.train import fit
+        info = distributed.setup("cpu")
+        config = FinetuneConfig.from_dict({config.to_dict()!r})
+        result = fit(tiny_model(), STAGES, DATA_CONFIG, train, val, config, head="fc",
+                     run_dir={str(tmp_path / "ddp")!r}, log=lambda line: print(f"rank {{info.rank}}: {{line}}"))
+        torch.save(result.model.state_dict(), {str(tmp_path)!r} + f"/rank{{info.rank}}.pt")
+        distributed.cleanup(info)
+    """, timeout=45)
+    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])     # the ranks stayed in step
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["metrics"]["images"] == 5       # rank 0's validation shard
+    warnings = [line for line in out.splitlines() if "failed to load during training" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"rank 0: warning: {len(damaged)} image(s) failed"), out
+    listed = (tmp_path / "ddp" / "bad_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(damaged)

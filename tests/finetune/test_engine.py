@@ -475,6 +475,52 @@ def test_warm_up_runs_a_step_of_each_shape_and_changes_nothing():
     assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
 
 
+def test_a_rank_whose_batch_failed_takes_the_step_with_zero_weight(tmp_path):
+    """Under DDP a rank whose every image of a batch failed to decode used to skip the step while the others
+    waited for its gradients (a hang; the two-process job is in test_distributed). It now takes the step on
+    a blank batch weighing 0 (one rank here: what the step leaves behind, not the collectives): the weights
+    move only by the real batch's gradient, the BatchNorm statistics, random generators and metrics are
+    those of the real batch alone, and the LR schedule steps as every rank's does."""
+    import torch.distributed as dist
+    from finetune.core import distributed as ddp
+    from finetune.engine.steps import train_one_epoch
+
+    class Schedule:
+        steps = 0
+
+        def step_batch(self):
+            self.steps += 1
+
+        def current_lr(self):
+            return 0.1
+
+    def epoch(with_blank: bool):
+        torch.manual_seed(0)
+        model = ddp.wrap_model(timm.create_model("test_resnet", num_classes=3, drop_rate=0.5), cpu, info)
+        blanks = []
+        blank = lambda: blanks.append(1) or (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))  # noqa: E731
+        optimizer, schedule = torch.optim.SGD(model.parameters(), lr=0.1), Schedule()
+        batches = [(x, y), None] if with_blank else [(x, y)]
+        out = train_one_epoch(model, batches, optimizer, schedule, torch.nn.CrossEntropyLoss(), cpu, info=info,
+                              blank=blank)
+        return model.module.state_dict(), out, schedule.steps, len(blanks), torch.get_rng_state()
+
+    cpu = torch.device("cpu")
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        info = ddp.DistInfo(rank=0, world_size=1, enabled=True)
+        state, out, steps, blanks, rng = epoch(True)
+        one_state, one_out, one_steps, _, one_rng = epoch(False)
+    finally:
+        dist.destroy_process_group()
+    assert (steps, blanks, one_steps) == (2, 1, 1)
+    assert state.keys() == one_state.keys() and all(torch.equal(state[k], one_state[k]) for k in state)
+    assert torch.equal(rng, one_rng)
+    assert out["images"] == one_out["images"] == 4
+    assert (out["loss"], out["acc"]) == (one_out["loss"], one_out["acc"])
+
+
 def test_warm_up_meets_the_training_forwards_config_errors(report, monkeypatch):
     """On CUDA the warm-up makes the first training forward: a BatchNorm that trains on one image (--head mlp
     --batch-size 1) and a forward with auxiliary outputs were a ValueError / AttributeError traceback there,

@@ -210,6 +210,30 @@ def test_images_gone_since_the_scan_stop_the_run_and_it_resumes_once_they_are_ba
     again = run((train, val), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run", resume=True)
     assert len(again.history) == 3 and all(math.isfinite(r["val_loss"]) for r in again.history)
 
+@pytest.mark.parametrize("fast_head", [False, True])
+def test_a_class_whose_every_training_image_fails_stops_the_run(tmp_path, fast_head):
+    """QA (torchrun audit): every training image of one class damaged after the scan: the run trained on
+    without it (a head that never sees the class) and only warned at the end, under torchrun of rank 0's
+    share alone. The first epoch that has met them all now stops the run, saying which class, before it is
+    recorded, as when a whole split is gone; through the network and on cached features alike."""
+    from finetune.core.errors import DataError
+
+    train, val = sets(tmp_path / "data")
+    dog = train.classes.index("dog")
+    for path, label in train.items:
+        if label == dog:
+            with open(path, "wb") as fh:
+                fh.write(b"not an image")
+    config = cfg(epochs=2, freeze="head" if fast_head else "none", fast_head=fast_head)
+    with pytest.raises(DataError) as err:
+        run((train, val), config, run_dir=tmp_path / "run")
+    message = str(err.value)
+    n = train.class_counts()[dog]
+    assert message.startswith(f"no training image of class 'dog' could be loaded (all {n} failed, e.g. "), message
+    assert "is not a readable image" in message and ") in epoch 1: has the data folder moved or changed" in message
+    assert torch.load(tmp_path / "run" / LAST, weights_only=True)["epoch"] == 0
+
+
 def test_a_python_api_run_folder_says_how_to_continue_it(data, tmp_path):
     """QA: fit() into a folder holding a run advised `zoo finetune --resume`, which then refused the folder
     as "no model.json/config.yaml" (config.yaml was there). Each now names the way that works."""
