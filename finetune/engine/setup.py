@@ -231,7 +231,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     network_steps = 0 if (setup.head_only and setup.cached_head) else setup.steps_per_epoch * int(config.epochs)
     cudnn_autotune(device, network_steps)
     if config.decode == "device":   # workers read the files; JPEGs are decoded and augmented on the device
-        if device.type != "cuda":
+        if device.type != "cuda" and network_steps:    # (a head on cached features reads through its own passes)
             say(f"warning: --decode device on {device.type} decodes in one thread of the main process; "
                 "it is meant for CUDA (nvJPEG): the workers path is usually faster here")
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),

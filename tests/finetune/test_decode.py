@@ -356,8 +356,10 @@ def test_fit_with_device_decode_trains_and_resumes_identically(tmp_path):
     report = scan_folder(root, val_split=0.25)
     base = dict(epochs=3, batch_size=6, workers=0, lr=3e-2, fast_head=False, head_epochs=0, quiet=True,
                 device="cpu", freeze="none", decode="device", patience=10)
+    said = []
     full = fit(tiny_model(), STAGES, LOOP_DC, report.train, report.val, FinetuneConfig(**base), head="fc",
-               run_dir=tmp_path / "full")
+               run_dir=tmp_path / "full", log=said.append)
+    assert any(m.startswith("warning: --decode device on cpu decodes in one thread") for m in said)
     assert full.history[-1]["val_acc"] > 0.5 and full.history[-1]["train_loss"] < full.history[0]["train_loss"]
     def stop_after_epoch_2(row):
         if row["epoch"] == 2:
@@ -459,9 +461,11 @@ def test_the_default_head_only_run_with_device_decode(tmp_path, monkeypatch, dev
     got = {}
     for decode in ("workers", "device"):
         out = tmp_path / decode
+        said = []
         got[decode] = run(data, cfg(freeze="auto", fast_head=True, epochs=0, decode=decode, device=device),
-                          run_dir=out)
+                          run_dir=out, log=said.append)
         result = got[decode]
+        assert not [m for m in said if "--decode device" in m]    # no loader-path warning: the loaders never run
         assert [r["phase"] for r in result.history] == ["head"] and result.history[0].get("solver") == "L-BFGS"
         assert result.metrics["images"] == len(report.val.items) and result.val_probs is not None
         assert "corrupt.jpg" in (out / "bad_files.txt").read_text()
