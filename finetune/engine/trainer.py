@@ -14,10 +14,9 @@ exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
-from finetune.core.errors import DataError, DivergedError, Interrupted
+from finetune.core.errors import DataError, Interrupted
 from finetune.core.metrics import EarlyStopping
 from finetune.core.monitor import advise
 from finetune.core.policy import head_first

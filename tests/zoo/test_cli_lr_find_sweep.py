@@ -69,6 +69,17 @@ def test_lr_find_on_a_head_only_run_says_its_lr_needs_the_gradient_solver(tiny_z
     assert "solved by L-BFGS, no lr" in line and "lr 0.5" not in line
 
 
+@pytest.mark.parametrize("command", ["lr-find", "sweep"])
+def test_lr_find_and_sweep_note_the_options_the_run_leaves_without_effect(tiny_zoo, tmp_path, command):
+    """Review: `zoo sweep --mlp-hidden 512` with a linear head ran every trial with the option doing nothing, as
+    finetune did before it noted it; the three commands resolve their config in one place, notes included."""
+    short = ["--epochs", "1"] if command == "sweep" else ["--steps", "10"]
+    r = CliRunner().invoke(cli, [command, "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "o"),
+                                 "--mlp-hidden", "64", *short, *COMMON])
+    assert r.exit_code == 0, r.output
+    assert "note: --mlp-hidden shapes the MLP head; this run's head is linear (add --head mlp)" in r.stderr
+
+
 def test_lr_find_usage_errors(tiny_zoo):
     r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--start-lr", "1", "--end-lr",
                                  "0.1", *COMMON])

@@ -10,11 +10,10 @@ from typing import Any
 
 import click
 
-from finetune.core.config import FinetuneConfig
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from zoo.cli import console
 from zoo.cli.app import cli
-from zoo.cli.options import bn_default, config_options, fc_dropout_option, given_options, idle_options, read_config
+from zoo.cli.options import config_options, fc_dropout_option, given_options, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
 from zoo.text import printable
@@ -119,10 +118,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
                                    "`zoo list` shows the zoo")
         if not data:
             raise click.UsageError("--data DIR is required: a folder of class sub-folders of images")
-        base, file_values = read_config(config_path)
-        given = bn_default(given, file_values, pretrained)   # --no-pretrained: BN trains unless --bn or the file says
-        config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
-        for note in idle_options(config, [*given, *file_values]):
+        config, _, notes = resolve_config(ctx, config_path, values, pretrained, given=given)
+        for note in notes:
             log(note)
         outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
                                     export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,

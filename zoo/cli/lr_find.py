@@ -15,8 +15,8 @@ from finetune.core.policy import lr_unused
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import FiniteFloatRange, config_options
-from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, resolve_config, sayer
+from zoo.cli.options import FiniteFloatRange, config_options, resolve_config
+from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
 __all__ = ["lr_find_cmd"]
 
@@ -74,8 +74,10 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
 
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
-    config, _ = resolve_config(ctx, config_path, values, pretrained)
+    config, _, notes = resolve_config(ctx, config_path, values, pretrained)
     say = sayer(config.quiet)
+    for note in notes:
+        say(note)
     console.keep_going()
     out_dir = resolve_out(out, model, "lrfind")
     check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own",

@@ -19,7 +19,7 @@ from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
 __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config", "idle_options",
-           "FiniteFloatRange"]
+           "resolve_config", "FiniteFloatRange"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -124,4 +124,19 @@ def idle_options(config: FinetuneConfig, chosen: Iterable[str]) -> list[str]:
         notes.append(f"note: --aug-views {config.aug_views} with --augment none caches {config.aug_views} identical "
                      "views of each image; drop one of the two")
     return notes
+
+
+def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any], pretrained: bool,
+                   given: dict[str, Any] | None = None) -> tuple[FinetuneConfig, dict[str, Any], list[str]]:
+    """The one merge of zoo finetune, lr-find and sweep: defaults < ``--config`` YAML < flags the user typed
+    (``given``: those flags, when the command already read them, e.g. finetune's ``--lr auto``).
+
+    Returns:
+        The config, the YAML's own mapping, and the notes of :func:`idle_options` for the command to print.
+    """
+    given = given_options(ctx, values) if given is None else given
+    base, raw = read_config(config_path)
+    given = bn_default(given, raw, pretrained)   # --no-pretrained: BatchNorm trains unless --bn (or the file) says
+    config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
+    return config, raw, idle_options(config, [*given, *raw])
 

@@ -1,30 +1,21 @@
-"""What ``zoo lr-find`` and ``zoo sweep`` share: their common options, the config they resolve (defaults <
+"""What ``zoo lr-find`` and ``zoo sweep`` share: their common options (the config they resolve, defaults <
 ``--config`` YAML < flags typed), the data scan and model build before any work. No torch at import."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
 from finetune.core.config import FinetuneConfig
 from zoo import build as zbuild
 from zoo.cli.console import echo
-from zoo.cli.options import bn_default, fc_dropout_option, given_options, read_config
+from zoo.cli.options import fc_dropout_option
 from zoo.resolve import get_entry
 from zoo.text import printable
 
 # Options of `zoo finetune` that mean nothing for these commands.
 NOT_HERE = ("overfit_batches", "tensorboard")
-
-def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str, Any], pretrained: bool,
-                    extra: dict[str, Any] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """defaults < YAML < flags the user typed. Returns the config and the YAML's raw mapping."""
-    given = given_options(ctx, values)
-    base, raw = read_config(config_path)
-    given = bn_default(given, raw, pretrained)   # --no-pretrained: BatchNorm trains unless --bn (or the file) says
-    merged = {**base.to_dict(), **(extra or {}), **given}
-    return FinetuneConfig.from_dict(merged, source="command line"), raw
 
 def sayer(quiet: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:

@@ -15,9 +15,9 @@ from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import config_options
+from zoo.cli.options import config_options, resolve_config
 from zoo.errors import UsageError
-from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, resolve_config, sayer
+from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
 __all__ = ["sweep_cmd"]
 
@@ -81,9 +81,11 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     wds = parse_values(wd_spec, "weight-decay", allow_zero=True) if wd_spec is not None else None
     freezes = parse_choices(freeze_spec, "freeze") if freeze_spec is not None else None
     optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
-    config, raw = resolve_config(ctx, config_path, values, pretrained)
+    config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
     say = sayer(config.quiet)
+    for note in notes:
+        say(note)
     console.keep_going()
     out_dir = resolve_out(out, model, "sweep")
     check_outside(out_dir, data, "a later scan of the data would read sweep.png as a class of its own", out is not None)
