@@ -8,6 +8,7 @@ Every param group records ``name`` ("head" | "backbone"), ``lr_mult`` (1 for the
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -221,7 +222,15 @@ class Scheduler:
         self._step += 1
         # Plateau owns the LR once warm-up is over: stepping LambdaLR then would undo its reductions.
         if self.plateau is None or self._step <= self.warmup_steps:
-            self.warmup.step()
+            if self._step > 1:
+                self.warmup.step()
+                return
+            # torch checks the first step only: when fp16 loss scaling skipped the first optimizer step (its
+            # scale overflowed, as it often does at the start on a V100/T4), it warns that the scheduler
+            # stepped first. The schedule counts optimizer steps taken or skipped alike, on purpose.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.warmup.step()
 
     def step_epoch(self, val_metric: float | None = None) -> None:
         """End of an epoch: plateau looks at ``val_metric``; the per-step schedules ignore it.
