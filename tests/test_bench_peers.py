@@ -27,9 +27,73 @@ def test_cutouts_are_composited_on_white_as_rgb(tmp_path):
 
 def test_peer_classes_are_stamp_folders_the_loader_reads(tmp_path):
     bp = load_script()
-    tc = bp._transfer_check()
+    tc = bp._script("transfer_check")
     for sub in bp.PEER_CLASSES.values():
         (tmp_path / sub).mkdir(parents=True)
         Image.new("RGBA", (3, 3)).save(tmp_path / sub / "p.png")
     files = tc.stamp_files(tmp_path, bp.PEER_CLASSES)
     assert list(files) == list(bp.PEER_CLASSES) and all(len(v) == 1 for v in files.values())
+
+
+def _mnist_csv(path: Path, per_class: int, classes: int = 2) -> Path:
+    """A tiny mnist_5k.csv.gz: 784 pixels (black, one white square of ink) then the label, per row."""
+    import gzip
+
+    rows = []
+    for i in range(per_class * classes):
+        pixels = [0] * 784
+        for r in range(10, 18):
+            pixels[r * 28 + 10:r * 28 + 18] = [255] * 8
+        rows.append(",".join(map(str, [*pixels, i % classes])))
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(rows) + "\n")
+    return path
+
+
+def _names(root: Path, split: str) -> set[str]:
+    return {p.relative_to(root / split).as_posix() for p in (root / split).rglob("*.png")}
+
+
+def test_mnist5k_split_is_seeded_white_on_black_and_its_test_images_do_not_move(tmp_path, monkeypatch):
+    """--dataset mnist5k writes scripts/mnist5k.py's folders (the writer ablate_medium.py uses) with the plan's
+    validation and test sizes; a larger training set leaves a seed's validation and test images where they are."""
+    import argparse
+
+    bp = load_script()
+    monkeypatch.setitem(bp.MEDIUM, "mnist5k", {"train": 2, "val": 1, "test": 2})
+    csv_gz = _mnist_csv(tmp_path / "mnist.csv.gz", per_class=6)
+    args = argparse.Namespace(dataset="mnist5k", mnist_csv=str(csv_gz), train_per_class=2)
+    assert bp.write_medium_split(args, tmp_path / "a", seed=0) == {"train": 4, "val": 2, "test": 4}
+    args.train_per_class = 3
+    assert bp.write_medium_split(args, tmp_path / "b", seed=0) == {"train": 6, "val": 2, "test": 4}
+    for split in ("val", "test"):
+        assert _names(tmp_path / "a", split) == _names(tmp_path / "b", split)
+    assert _names(tmp_path / "a", "train") < _names(tmp_path / "b", "train")
+    assert {p.name for p in (tmp_path / "a" / "train").iterdir()} == {"0", "1"}
+    bp.write_medium_split(args, tmp_path / "c", seed=1)
+    assert _names(tmp_path / "c", "test") != _names(tmp_path / "b", "test")
+    image = Image.open(next((tmp_path / "a" / "test" / "1").iterdir()))
+    assert image.mode == "L" and image.size == (64, 64)
+    assert image.getpixel((0, 0)) == 0 and image.getpixel((32, 32)) == 255     # white ink on black
+
+
+def test_mnist5k_refuses_more_images_than_a_class_holds(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    bp = load_script()
+    monkeypatch.setitem(bp.MEDIUM, "mnist5k", {"train": 2, "val": 1, "test": 2})
+    args = argparse.Namespace(dataset="mnist5k", mnist_csv=str(_mnist_csv(tmp_path / "m.csv.gz", 6)), train_per_class=4)
+    with pytest.raises(SystemExit, match="at most 3 train"):
+        bp.write_medium_split(args, tmp_path / "d", seed=0)
+    assert not (tmp_path / "d").exists()
+
+
+def test_mnist5k_needs_its_csv(monkeypatch):
+    import pytest
+
+    bp = load_script()
+    monkeypatch.setattr("sys.argv", ["bench_peers.py", "--dataset", "mnist5k", "--only", "zoo,probe"])
+    with pytest.raises(SystemExit, match="--mnist-csv"):
+        bp.main()
