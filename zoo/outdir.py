@@ -37,7 +37,7 @@ from zoo.errors import UsageError, ZooError
 from zoo.process import launcher_rank
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
-           "RunLock", "is_main_process", "still_training"]
+           "RunLock", "is_main_process", "still_training", "lock_holder"]
 
 MARKER = ".zoo-run.json"
 LOCK = ".zoo.lock"
@@ -86,13 +86,19 @@ class RunLockedError(ZooError):
     """Another live process works in the folder (exit 1: wait for it, or use another folder)."""
 
 
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the folder ``path``'s lock right now, in words ("P is in use by pid N on HOST (...)"), or None
+    when no live process does."""
+    try:
+        RunLock(path).check()
+    except RunLockedError as busy:
+        return str(busy).split("; ")[0]
+    return None
+
+
 def still_training(run: str | os.PathLike) -> bool:
     """Whether a live process holds RUN's lock (a run still training: zoo export and zoo report say so)."""
-    try:
-        RunLock(run).check()
-    except RunLockedError:
-        return True
-    return False
+    return lock_holder(run) is not None
 
 
 def is_main_process() -> bool:
@@ -356,16 +362,13 @@ def _wait_unlocked(path: Path, wait: float, note: Callable[[str], None] | None) 
     """Return once no live process holds ``path``'s lock; RunLockedError after ``wait`` seconds."""
     deadline = time.monotonic() + wait
     said = False
-    while True:
-        try:
-            RunLock(path).check()
+    while (holder := lock_holder(path)) is not None:
+        if time.monotonic() >= deadline:
+            RunLock(path).check()       # RunLockedError, with what to do (or the holder has just gone)
             return
-        except RunLockedError as err:
-            if time.monotonic() >= deadline:
-                raise
-            if note is not None and not said:
-                note(f"note: {str(err).split('; ')[0]}; waiting for it to finish")
-                said = True
+        if note is not None and not said:
+            note(f"note: {holder}; waiting for it to finish")
+            said = True
         time.sleep(_WAIT_POLL_S)
 
 

@@ -27,10 +27,11 @@ from typing import Any
 
 from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, parse_safetensors_header,
                               rewrite_safetensors_metadata)
-from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, bundle_writer, check_config, read_safetensors_metadata
+from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
+from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
 from zoo.sources import is_offline
 from zoo.text import first_line
@@ -182,7 +183,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
         raise BundleError(f"{bundle / CONFIG} should hold a JSON object; re-export the bundle")
     recorded = config["zoo"].get("weights_sha256") if isinstance(config.get("zoo"), dict) else None
     if recorded and recorded != sha:
-        writer = bundle_writer(bundle)   # config.json read after the weights: a live export replaced both?
+        writer = lock_holder(bundle)   # config.json read after the weights: a live export replaced both?
         if writer:
             raise BundleError(f"{bundle} cannot be pushed while another process writes it: {writer}; push again "
                               "when it is done; nothing was uploaded")

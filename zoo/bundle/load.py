@@ -15,7 +15,7 @@ from finetune.core.io import SafetensorsHeaderError, parse_safetensors_header, r
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
-from zoo.outdir import RunLock, RunLockedError
+from zoo.outdir import lock_holder
 from zoo.resolve import get_entry, hub_config
 from zoo.sources import fetch_hub_config
 
@@ -295,7 +295,7 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
         except BundleError as err:
             if _files_state(path) != before:
                 continue        # a file was replaced while it was read: what failed may be that mix
-            writer = bundle_writer(path)    # an export caught between its two files: say so, not "re-export"
+            writer = lock_holder(path)    # an export caught between its two files: say so, not "re-export"
             if writer:
                 raise BundleError(f"{path} cannot be read while another process writes it: {writer}; try again "
                                   "when it is done") from None
@@ -307,16 +307,6 @@ def load_bundle(path: str | os.PathLike, device: Any = "cpu") -> Bundle:
 
 
 _READ_TRIES = 3
-
-
-def bundle_writer(path: str | os.PathLike) -> str | None:
-    """Who is writing the bundle folder ``path`` right now (a live ``zoo export``'s lock, in words: "B is in use
-    by pid P on HOST (...)"), or None: what a read that found its files inconsistent tells the user."""
-    try:
-        RunLock(path).check()
-    except RunLockedError as busy:
-        return str(busy).split("; ")[0]
-    return None
 
 
 def _files_state(path: Path) -> tuple:
