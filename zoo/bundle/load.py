@@ -348,8 +348,8 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
     if num_classes != len(labels):
         raise BundleError(f"{path}: inconsistent class count (metadata {num_classes}, labels {len(labels)}); "
                           "re-export with `zoo export RUN_DIR`")
-    zoo_cfg = config.get("zoo")
-    _check_weights_digest(weights, zoo_cfg.get("weights_sha256") if isinstance(zoo_cfg, dict) else None)
+    zoo_cfg = config.get("zoo") if isinstance(config.get("zoo"), dict) else {}    # (not an object: check_config says)
+    _check_weights_digest(weights, zoo_cfg.get("weights_sha256"))
     check_config(config, labels, num_classes, path / CONFIG)
     missing = [k for k in _DATA_KEYS if k not in meta and k != "crop_mode"]
     if missing:
@@ -361,7 +361,6 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
     data_config["std"] = tuple(float(v) for v in data_config["std"])
     data_config["crop_pct"] = float(data_config["crop_pct"])
 
-    zoo_cfg = config.get("zoo") or {}
     builder = str(meta["builder"])
     kwargs = dict(meta.get("builder_kwargs") or zoo_cfg.get("builder_kwargs") or {})
     if builder.startswith("timm:"):
