@@ -41,6 +41,12 @@ class DistInfo:
         """Only rank 0 writes files and reports progress."""
         return self.rank == 0
 
+    @property
+    def is_node_main(self) -> bool:
+        """The first process on its machine: it fills that machine's caches (ZOO_HOME is per machine; a cache
+        shared between machines is safe too, as each file is written to a temporary name and renamed)."""
+        return self.local_rank == 0
+
 
 def env_world_size() -> int:
     """WORLD_SIZE as set by torchrun (1 when absent)."""

@@ -151,12 +151,19 @@ def test_torchrun_two_processes_drop_the_mirror_as_one_process(tmp_path):
     options = dict(head_solver="lbfgs", epochs=2, freeze="none", lr=1e-3, batch_size=8, crop_scale_min=1.0,
                    brightness=0.0, contrast=0.0)
     _torchrun_fit(tmp_path, train, val, f"""
+        import os
         from finetune.tools.train import fit
-        from finetune.core import distributed
+        from finetune.tools.features import FeatureCache
         from tests.finetune.test_features import DATA_CONFIG, _config, _Halves
+        # two machines of one process each: each is its machine's first (LOCAL_RANK 0) with a cache of its own
+        os.environ["LOCAL_RANK"] = "0"
+        cache = FeatureCache({str(tmp_path)!r} + "/cache-rank" + os.environ["RANK"])
         fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(**{options!r}), head="fc",
-            run_dir={str(tmp_path / "ddp")!r})
+            run_dir={str(tmp_path / "ddp")!r}, feature_cache=cache)
     """)
+    # every machine's cache got the gathered features, so that a re-run hits on every rank (only rank 0's did)
+    saved = [sorted(p.name for p in (tmp_path / f"cache-rank{r}").iterdir()) for r in (0, 1)]
+    assert saved[0] and saved[0] == saved[1]
     fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(**options), head="fc",
         run_dir=tmp_path / "one")
     one = json.loads((tmp_path / "one" / "summary.json").read_text())

@@ -201,7 +201,7 @@ class CachedHeadSteps:
             hit = ddp.all_true(bank is not None, s.device, info)
             if not hit:
                 bank = compute()
-                if info.is_main:
+                if info.is_node_main:      # every machine's cache, so that a re-run hits on every rank
                     self.cache.save(key, bank)
         else:
             bank, hit = self.cache.get_or_compute(key, compute)
