@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from tests.conftest import make_image_folder, tiny_entry, tiny_weights, write_registry

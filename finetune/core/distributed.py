@@ -73,7 +73,6 @@ def setup(device_type: str | None = None) -> DistInfo:
     world = env_world_size()
     if world <= 1:
         return DistInfo()
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"

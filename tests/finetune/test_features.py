@@ -2,7 +2,6 @@
 keyed and never trusts a bad file, features shared between runs."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
