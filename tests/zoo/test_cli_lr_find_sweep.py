@@ -232,3 +232,4 @@ def test_the_finetune_a_command_suggests_loads_the_features_it_computed(tiny_zoo
     assert r.exit_code == 0, r.output
     assert "features: train loaded from cache" in r.output      # (lr-find computes no validation features)
     assert ("features: val loaded from cache" in r.output) == (command == "sweep")
+    assert "note:" not in r.output      # its --config holds every option: none of them was chosen (QA)
