@@ -42,9 +42,10 @@ def _fmt(v: Any) -> str:
 
 def trained_recipe(recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """The run's config.yaml (``recipe``) as the run trained, for a model card: ``freeze`` as the policy decided
-    it (config.yaml keeps what was asked, e.g. auto) and ``head_solver`` where L-BFGS solved the head, whose
-    optimizer and lr then trained only the layers after it, or nothing."""
-    out = dict(recipe)
+    it (config.yaml keeps what was asked, e.g. auto), ``head_solver`` where L-BFGS solved the head, whose
+    optimizer and lr then trained only the layers after it, or nothing, and ``best_phase``, the phase of the
+    weights kept (summary.json; None for runs from before it was recorded)."""
+    out = dict(recipe, best_phase=summary.get("best_phase"))     # not shown: says whose weights were kept
     freeze = summary.get("freeze") if isinstance(summary.get("freeze"), dict) else {}
     if freeze.get("label"):
         asked = recipe.get("freeze")

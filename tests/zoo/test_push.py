@@ -486,3 +486,16 @@ def test_both_model_cards_say_the_freeze_decided_and_a_solved_head(tmp_path, pha
     for text in (readme, card):
         (line,) = [ln for ln in text.splitlines() if "lbfgs (the head solved on cached features" in ln]
         assert line.endswith(f"no learning rate; the optimizer and lr {after})")
+
+
+@pytest.mark.parametrize("best_phase, said", [("finetune", True), ("head", False), (None, True)])
+def test_the_bundle_card_names_ema_weights_only_where_the_finetune_phase_was_kept(tmp_path, best_phase, said):
+    """QA: with --ema (auto after a solved head) the card said the weights were the finetune phase's moving
+    average where the epoch kept was the head phase's, which is not averaged. (None: a run from before
+    summary.json named the phase keeps the line.)"""
+    run, _ = make_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "best_phase": best_phase}))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "ema: 0.9\n")
+    readme = (export_run(run, run / "export") / "README.md").read_text()
+    assert ("exponential moving average" in readme) == said

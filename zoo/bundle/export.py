@@ -193,7 +193,7 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
             "freeze",
             "head", "bn", "weight_decay", "augment", "label_smoothing", "mixup", "cutmix", "ema", "seed")
     lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
-    if float(recipe.get("ema") or 0) > 0:
+    if float(recipe.get("ema") or 0) > 0 and recipe.get("best_phase") != "head":   # the head phase is not averaged
         lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
     if meta.get("pretrained") is False:
         lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
