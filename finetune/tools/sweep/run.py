@@ -68,8 +68,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
         fit_fn: the training function (default ``finetune.tools.train.fit``); it is given
             ``feature_cache=``, one :class:`finetune.tools.features.FeatureCache` for the whole sweep, so the
             backbone features of a head-only trial are computed once and shared by every trial.
-        feature_cache: where those features are kept (default: in memory, for this sweep only); one on
-            disk shares them with later runs on the same model and data.
+        feature_cache: where those features are kept (default: in memory; on disk, later runs share them).
     Returns:
         SweepResult, best first; ``best_config.yaml`` holds ``trial_config(config, best.params)``.
     Raises:
@@ -78,8 +77,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     """
     if fit_fn is None:
         fit_fn = fit
-    # shared by the trials: same (model, data, view) -> computed once
-    features = feature_cache if feature_cache is not None else FeatureCache(None)
+    features = feature_cache if feature_cache is not None else FeatureCache(None)   # shared by the trials
     space = _grid(config, len(stages), lrs, weight_decays, freezes, optimizers)
     metric = config.monitor
     folds = int(folds or 0)
