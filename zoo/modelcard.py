@@ -10,7 +10,7 @@ import yaml
 
 from zoo.registry import public_source_id
 
-__all__ = ["model_card", "HUB_LICENSES"]
+__all__ = ["model_card", "trained_recipe", "HUB_LICENSES"]
 
 # licence ids the Hub's metadata validator knows (those the registry uses); anything else is "other"
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
@@ -38,6 +38,25 @@ def _recipe(run: Path | None) -> dict[str, Any]:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def trained_recipe(recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's config.yaml (``recipe``) as the run trained, for a model card: ``freeze`` as the policy decided
+    it (config.yaml keeps what was asked, e.g. auto), ``head_solver`` where L-BFGS solved the head, whose
+    optimizer and lr then trained only the layers after it, or nothing, and ``best_phase``, the phase of the
+    weights kept (summary.json; None for runs from before it was recorded)."""
+    out = dict(recipe, best_phase=summary.get("best_phase"))     # not shown: says whose weights were kept
+    freeze = summary.get("freeze") if isinstance(summary.get("freeze"), dict) else {}
+    if freeze.get("label"):
+        asked = recipe.get("freeze")
+        out["freeze"] = str(freeze["label"]) + (f" ({asked})" if asked not in (None, freeze["label"]) else "")
+    if summary.get("head_solver"):
+        after = "the optimizer and lr trained the layers after it" if "finetune" in (summary.get("phases") or []) \
+            else "the optimizer and lr trained nothing"
+        out["head_solver"] = f"lbfgs (the head solved on cached features, no learning rate; {after})"
+    else:
+        out.pop("head_solver", None)
+    return out
 
 
 def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Path | None,
@@ -159,12 +178,13 @@ def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], metrics: dict
     """The card's recipe and metrics sections."""
     lines: list[str] = []
     lines += ["", "## Recipe", ""]
-    freeze = summary.get("freeze") if isinstance(summary.get("freeze"), dict) else {}
+    recipe = trained_recipe(recipe, summary)
     facts = {"optimizer": recipe.get("optimizer"), "learning rate": recipe.get("lr"),
-             "schedule": recipe.get("schedule"), "epochs": recipe.get("epochs"),
-             "epochs run": summary.get("epochs_run"), "best epoch": summary.get("best_epoch"),
-             "freeze depth": freeze.get("depth", recipe.get("freeze")), "batch size": recipe.get("batch_size"),
-             "weight decay": recipe.get("weight_decay"), "phases": ", ".join(summary.get("phases") or []) or None}
+             "head solver": recipe.get("head_solver"), "schedule": recipe.get("schedule"),
+             "epochs": recipe.get("epochs"), "epochs run": summary.get("epochs_run"),
+             "best epoch": summary.get("best_epoch"), "freeze depth": recipe.get("freeze"),
+             "batch size": recipe.get("batch_size"), "weight decay": recipe.get("weight_decay"),
+             "phases": ", ".join(summary.get("phases") or []) or None}
     lines += [f"- {k}: {_fmt(v)}" for k, v in facts.items() if v not in (None, "")] or ["- (not recorded)"]
     lines += ["", "## Metrics", ""]
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -404,6 +404,7 @@ class Trainer:
         now = time.perf_counter()
         self.folder.summary({
             "best_epoch": best_epoch, "monitor": s.config.monitor,
+            "best_phase": next((r["phase"] for r in self.history if r["epoch"] == best_epoch), None),
             "best_value": (self.guard.decision["value"] if reverted else self.stopper.best if s.has_val else None),
             "metrics": metrics, "epochs_run": self.epoch, "max_epochs": int(s.config.epochs),
             "stopped_early": self.stopped_early, "phases": self.phases,

@@ -695,3 +695,14 @@ def test_head_epochs_beyond_what_epochs_leaves_are_said(data, epochs, head_epoch
     lines.clear()
     run(data, cfg(epochs=3, head_epochs=2, freeze="none"), log=lines.append)    # room for both: nothing said
     assert not [ln for ln in lines if "(--head-epochs)" in ln]
+
+
+def test_summary_names_the_phase_of_the_weights_kept(data, tmp_path):
+    """QA: a bundle's card said its weights were the finetune phase's moving average (--ema) where the epoch
+    kept was the head phase's; summary.json now names the phase of best_epoch (metrics.csv's row)."""
+    run(data, cfg(epochs=3, freeze="none", fast_head=True, head_epochs=-1), run_dir=tmp_path / "r")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
+        phase = {int(row["epoch"]): row["phase"] for row in csv.DictReader(fh)}
+    assert set(phase.values()) == {"head", "finetune"}
+    assert summary["best_phase"] == phase[summary["best_epoch"]]

@@ -747,6 +747,11 @@ def test_a_resume_with_data_moved_elsewhere_records_the_new_folder(tmp_path, tin
     (["--augment", "none", "--aug-views", "3"], "", "--aug-views 3 with --augment none caches 3 identical views"),
     (["--head", "mlp", "--mlp-hidden", "64"], "", None),
     (["--mlp-hidden", "512"], "head: mlp\n", None),
+    # a file that holds every option (lr-find's config.yaml, sweep's best_config.yaml, which their next: lines
+    # pass as --config) chose only what differs from the defaults (QA: every such run was told --mlp-* did nothing)
+    ([], yaml.safe_dump(FinetuneConfig().to_dict()), None),
+    ([], yaml.safe_dump({**FinetuneConfig().to_dict(), "head": "mlp"}), None),
+    ([], yaml.safe_dump({**FinetuneConfig().to_dict(), "mlp_hidden": 64}), "--mlp-hidden shapes the MLP head"),
 ])
 def test_options_that_the_run_leaves_without_effect_are_noted(tmp_path, monkeypatch, flags, config, note):
     """QA: --mlp-* with a linear head, --head-solver lbfgs with an MLP head and --aug-views with --augment none

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 import yaml
@@ -209,3 +210,26 @@ def test_lr_find_offers_no_option_that_a_range_test_ignores(tiny_zoo):
     assert not names & set(NOT_IN_A_RANGE_TEST) and {"freeze", "optimizer", "batch_size"} <= names
     r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--epochs", "7", *COMMON])
     assert r.exit_code == 2 and "No such option '--epochs'" in r.output
+
+
+def _next_command(output: str) -> list[str]:
+    """The arguments of the `next: zoo ...` line a command printed (without the leading `zoo`)."""
+    (line,) = [ln for ln in output.splitlines() if ln.startswith("next: zoo ")]
+    return shlex.split(line.removeprefix("next: zoo "))
+
+
+@pytest.mark.parametrize("command", ["lr-find", "sweep"])
+def test_the_finetune_a_command_suggests_loads_the_features_it_computed(tiny_zoo, tmp_path, command):
+    """QA: lr-find and sweep kept the backbone features in memory only, so the `zoo finetune` their `next:`
+    line prints computed them again (41 s for 400 digits at 64 px on 2 cores); they now share
+    ZOO_HOME/features with finetune and doctor."""
+    short = ["--lr", "1e-3", "--epochs", "1"] if command == "sweep" else ["--steps", "10"]
+    r = CliRunner().invoke(cli, [command, "tiny-resnet", "--data", str(tiny_zoo), "--out", str(tmp_path / "o"),
+                                 "--freeze", "head", *short, *COMMON])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, [*_next_command(r.output), "--epochs", "1", "--no-export", "--out",
+                                 str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert "features: train loaded from cache" in r.output      # (lr-find computes no validation features)
+    assert ("features: val loaded from cache" in r.output) == (command == "sweep")
+    assert "note:" not in r.output      # its --config holds every option: none of them was chosen (QA)

@@ -465,3 +465,37 @@ def test_two_pushes_finishing_at_once_both_stay_in_pushed_json(tmp_path, monkeyp
     for t in threads:
         t.join()
     assert sorted(p["repo"] for p in real()) == ["me/m1", "me/m2"]
+
+
+@pytest.mark.parametrize("phases, after", [(["head"], "trained nothing"),
+                                           (["head", "finetune"], "trained the layers after it")])
+def test_both_model_cards_say_the_freeze_decided_and_a_solved_head(tmp_path, phases, after):
+    """QA: the bundle's README.md and the pushed card gave the freeze as config.yaml asked it ("auto"; the
+    pushed card read a summary key, "depth", that no run writes), and gave optimizer and lr as the recipe
+    of a head that L-BFGS solved with neither."""
+    from zoo.push import plan_push
+
+    run, _ = make_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "phases": phases, "head_solver": [{"C": 1.0}],
+                                                  "freeze": {"trainable_stages": 0, "label": "head"}}))
+    bundle = export_run(run, run / "export")
+    readme = (bundle / "README.md").read_text()
+    card = plan_push(bundle, REPO).card
+    assert "- freeze: head (auto)\n" in readme and "- freeze depth: head (auto)\n" in card
+    for text in (readme, card):
+        (line,) = [ln for ln in text.splitlines() if "lbfgs (the head solved on cached features" in ln]
+        assert line.endswith(f"no learning rate; the optimizer and lr {after})")
+
+
+@pytest.mark.parametrize("best_phase, said", [("finetune", True), ("head", False), (None, True)])
+def test_the_bundle_card_names_ema_weights_only_where_the_finetune_phase_was_kept(tmp_path, best_phase, said):
+    """QA: with --ema (auto after a solved head) the card said the weights were the finetune phase's moving
+    average where the epoch kept was the head phase's, which is not averaged. (None: a run from before
+    summary.json named the phase keeps the line.)"""
+    run, _ = make_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "best_phase": best_phase}))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "ema: 0.9\n")
+    readme = (export_run(run, run / "export") / "README.md").read_text()
+    assert ("exponential moving average" in readme) == said

@@ -17,6 +17,7 @@ from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_w
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
+from zoo.modelcard import trained_recipe
 from zoo.outdir import KINDS, STAGING
 from zoo.registry import public_source_id
 
@@ -188,10 +189,11 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
         lines += ["", "Per-class validation accuracy: " + ", ".join(
             f"`{c}` {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:200])]
     lines += ["", "## Recipe", ""]
-    keys = ("optimizer", "lr", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size", "freeze",
+    keys = ("optimizer", "lr", "head_solver", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size",
+            "freeze",
             "head", "bn", "weight_decay", "augment", "label_smoothing", "mixup", "cutmix", "ema", "seed")
     lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
-    if float(recipe.get("ema") or 0) > 0:
+    if float(recipe.get("ema") or 0) > 0 and recipe.get("best_phase") != "head":   # the head phase is not averaged
         lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
     if meta.get("pretrained") is False:
         lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
@@ -418,4 +420,5 @@ def _write_bundle(out: Path, run: Path, info: dict[str, Any], model: Any, meta: 
                      "source_sha256": info.get("source_sha256"), "zoo_bundle": BUNDLE_FORMAT}
         _export_onnx(model, out / "model.onnx", data_config["input_size"],
                      {k: json.dumps(v, ensure_ascii=False) for k, v in onnx_meta.items()})
-    atomic_write_text(out / "README.md", _model_card(meta, _recipe(run), _scan(run), formats))
+    recipe = trained_recipe(_recipe(run), _summary(run))    # freeze as decided, the head's solver
+    atomic_write_text(out / "README.md", _model_card(meta, recipe, _scan(run), formats))

@@ -101,7 +101,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
                 say: Callable[[str], None]) -> None:
     # lazy: zoo --help must not import torch
     from finetune.tools.sweep import sweep
-    from zoo.jobs.finetune import run_data_config
+    from zoo.jobs.finetune import feature_cache, run_data_config
 
     entry, report, net = scan_and_build(model, data, config, pretrained, say, fc_dropout)
     net.cpu()
@@ -125,7 +125,8 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     try:
         result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                        head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
-                       optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say)
+                       optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say,
+                       feature_cache=feature_cache())
     except (Interrupted, KeyboardInterrupt):
         # (a trial's own message would say its epochs were not saved: the sweep saves whole trials)
         raise Interrupted(f"interrupted: {_finished_trials(out_dir)} of {n} trial(s) are saved in "

@@ -38,8 +38,8 @@ from zoo.outdir import check_outside, claim_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 
-__all__ = ["RunOutcome", "default_run_dir", "scan_lines", "model_info", "run_finetune", "run_data_config",
-           "MODEL_JSON", "EXCLUDE_TXT"]
+__all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "model_info", "run_finetune",
+           "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
@@ -159,6 +159,12 @@ def _export(run_dir: Path, log: Log) -> Path:
     return out
 
 
+def feature_cache() -> FeatureCache:
+    """The backbone feature banks on disk (ZOO_HOME/features): the one store of zoo finetune (and --resume),
+    lr-find, sweep and doctor, so that the command a `next:` line prints loads what the last one computed."""
+    return FeatureCache(features_dir())
+
+
 def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
     """The preprocessing a run trains and evaluates with: the entry's, at ``--img-size`` when given."""
     return with_input_size(entry.preprocessing.data_config(), int(config.img_size))
@@ -232,7 +238,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     overfit = config.overfit_batches > 0     # a sanity check: it writes no run folder
     # On disk under ZOO_HOME: the LR range test's features serve fit's head phase, a later run on the
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
-    features = FeatureCache(features_dir())
+    features = feature_cache()
     if lr_auto:     # before the overfit check too: it trains at the LR asked for (QA: it took --lr's default)
         outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
                                             run_dir if info.is_main and not overfit else None, say, features)

@@ -49,7 +49,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
           lrs: Sequence[float], weight_decays: Sequence[float] | None = None,
           freezes: Sequence[str] | None = None, optimizers: Sequence[str] | None = None, folds: int = 0,
           resume: bool = False, keep_runs: bool = False, log: Callable[[str], None] | None = None,
-          fit_fn: Callable[..., Any] | None = None) -> SweepResult:
+          fit_fn: Callable[..., Any] | None = None, feature_cache: FeatureCache | None = None) -> SweepResult:
     """Run every combination of the swept values as a short ``fit`` and rank them.
 
     Each trial starts from a fresh ``model_factory()`` (torch is seeded with ``config.seed`` just before
@@ -68,6 +68,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
         fit_fn: the training function (default ``finetune.tools.train.fit``); it is given
             ``feature_cache=``, one :class:`finetune.tools.features.FeatureCache` for the whole sweep, so the
             backbone features of a head-only trial are computed once and shared by every trial.
+        feature_cache: where those features are kept (default: in memory; on disk, later runs share them).
     Returns:
         SweepResult, best first; ``best_config.yaml`` holds ``trial_config(config, best.params)``.
     Raises:
@@ -76,7 +77,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     """
     if fit_fn is None:
         fit_fn = fit
-    features = FeatureCache(None)   # shared by the trials: same (model, data, view) -> computed once
+    features = feature_cache if feature_cache is not None else FeatureCache(None)   # shared by the trials
     space = _grid(config, len(stages), lrs, weight_decays, freezes, optimizers)
     metric = config.monitor
     folds = int(folds or 0)
