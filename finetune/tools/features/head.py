@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
@@ -318,7 +320,10 @@ class CachedHeadSteps:
         best = None
         path: list[dict] = []
         head.train()
-        for c, l2 in strengths:
+        # seconds to minutes for thousands of images and classes: a bar over the strengths (not on a pipe)
+        quiet = bool(s.config.quiet) or not s.info.is_main or len(strengths) < 2
+        for c, l2 in tqdm(strengths, desc="head: L-BFGS solve per C", unit="C", leave=False, file=sys.stderr,
+                          dynamic_ncols=True, disable=True if quiet else None):
             opt = torch.optim.LBFGS([p for p in (w, b) if p is not None], lr=1.0, max_iter=SOLVER_MAX_ITER,
                                     history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-7,
                                     tolerance_change=1e-10)
