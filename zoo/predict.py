@@ -9,6 +9,7 @@ folder evaluation and reports are in ``zoo.evaluate``.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -124,7 +125,8 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
 
 
 def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:
-    """Files as given, folders expanded recursively to their images (sorted).
+    """Files as given, folders expanded recursively to their images (sorted), and a glob pattern that names no
+    file (quoted, so the shell left it: ``'photos/*/*.jpg'``, ``**`` recursive) to the image files it matches.
 
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
@@ -136,7 +138,15 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
     any_dir = False
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
+            matches = sorted(glob.glob(str(item), recursive=True))
+            found = [Path(q) for q in matches if os.path.isfile(q) and os.path.splitext(q)[1].lower() in exts]
+            if not found:
+                raise UsageError(f"no image matches {item}" + (f" ({len(matches)} other match(es), none an image "
+                                                               f"file)" if matches else ""))
+            any_dir = True
+            out.extend(found)
+        elif p.is_dir():
             any_dir = True
             out.extend(Path(q) for q in walk_files(str(p)) if os.path.splitext(q)[1].lower() in exts)   # as the scan
         elif p.exists():

@@ -109,6 +109,19 @@ def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
         expand_images([tmp_path / "gone.jpg"])
 
 
+def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
+    """QA: `zoo predict B 'photos/*/*.png'` (quoted, so the shell leaves it) said "no such image or folder"."""
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    (root / "a" / "notes.txt").write_text("x")
+    paths, many = expand_images([f"{root}/*/*"])
+    assert many and paths == sorted(root.glob("*/*.png")) and len(paths) == 4
+    assert expand_images([f"{root}/**/*_001.png"])[0] == [root / "a" / "a_001.png", root / "b" / "b_001.png"]
+    with pytest.raises(UsageError, match=r"no image matches .*\*\.txt$"):
+        expand_images([f"{root}/*.txt"])
+    with pytest.raises(UsageError, match=r"no image matches .*/a/\*\.txt \(1 other match\(es\), none an image"):
+        expand_images([f"{root}/a/*.txt"])
+
+
 def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
     """predict and eval walk folders as the training scan does (finetune.data.files.walk_files): hidden
     files, macOS resource forks and NAS thumbnails (Synology's @eaDir, __MACOSX) are neither predicted
