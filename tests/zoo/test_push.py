@@ -299,6 +299,7 @@ def test_list_mine_shows_local_and_pushed(hub, tmp_path, runner, monkeypatch):
     res = runner.invoke(cli, ["list", "--mine"])
     assert res.exit_code == 0, res.output
     assert "runs/run/export" in res.output and f"hf-hub:{REPO}" in res.output
+    assert res.output.split("\n")[0].split() == ["KIND", "NAME", "ARCH", "CLASSES", "DETAIL"]   # every column named
     doc = json.loads(runner.invoke(cli, ["list", "--mine", "--json"]).stdout)
     assert {d["kind"] for d in doc} == {"local", "pushed"}
 

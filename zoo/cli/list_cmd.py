@@ -110,7 +110,7 @@ def _list_mine(pattern: str | None, as_json: bool) -> None:
         echo("no models of yours here: `zoo finetune` writes runs/<name>/export, `zoo push` publishes one",
              err=True)
         return
-    header = ("KIND", "NAME", "ARCH", "CLASSES", "")
+    header = ("KIND", "NAME", "ARCH", "CLASSES", "DETAIL")
     cells = [(r["kind"], r["name"], r["architecture"] or "-", "-" if r["classes"] is None else str(r["classes"]),
               r["detail"]) for r in rows]
     widths = [max(len(str(c[i])) for c in [header] + cells) for i in range(len(header))]
