@@ -346,3 +346,25 @@ def test_a_folder_left_by_a_run_killed_before_writing_anything_counts_as_empty(t
         (folder / "model.json").write_text("{}")
     assert len(notes) == 1 and f"pid {dead.pid}" in notes[0]
     assert folder_kind(folder) == "finetune" and not (folder / LOCK).exists()
+
+
+def test_a_folder_left_by_a_run_killed_while_writing_its_marker_counts_as_empty(tmp_path):
+    """kill -9 half-way through the marker's atomic write: a dead process's lock and the marker's temp file
+    remain. Chaos QA: every command refused the folder (`is not empty and holds no zoo output`, also with
+    --overwrite; --resume: `not a run folder`), and only deleting zoo's own debris by hand helped."""
+    from zoo.outdir import LOCK, MARKER, claim_out, folder_kind
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    temp = folder / f".{MARKER}.ita_x_o1.tmp"
+    temp.write_text('{"kind": "fine')
+    (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "zoo x"}))
+    assert folder_kind(folder) == "empty"
+    with claim_out(folder, "finetune", note=lambda _m: None) as mode:
+        assert mode == "new" and not temp.exists()     # the half marker goes once the folder is taken
+        (folder / "model.json").write_text("{}")
+    assert folder_kind(folder) == "finetune" and sorted(os.listdir(folder)) == [MARKER, "model.json"]

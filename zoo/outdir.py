@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, is_temp_of
 from zoo.errors import UsageError, ZooError
 from zoo.process import launcher_rank
 
@@ -109,7 +109,8 @@ def is_main_process() -> bool:
 def _entries(path: Path) -> list[str]:
     """The folder's entries other than the marker and the lock (both say nothing about content)."""
     try:
-        return [n for n in os.listdir(path) if n not in _OWN]
+        # a temp file of the marker is what a command killed while writing it leaves: no content either
+        return [n for n in os.listdir(path) if n not in _OWN and not is_temp_of(n, MARKER)]
     except FileNotFoundError:
         return []
 
@@ -419,8 +420,12 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
         if mode == "overwrite" and not KINDS[kind].staged:
             _remove_outputs(path, KINDS[kind])
-        elif mode == "new" and (path / MARKER).is_file():
-            (path / _LOG).unlink(missing_ok=True)     # the log of an attempt that wrote nothing else
+        elif mode == "new":
+            if (path / MARKER).is_file():
+                (path / _LOG).unlink(missing_ok=True)     # the log of an attempt that wrote nothing else
+            for name in os.listdir(path):                 # and the marker it was killed writing
+                if is_temp_of(name, MARKER):
+                    (path / name).unlink(missing_ok=True)
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
             atomic_write_text(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
