@@ -163,6 +163,41 @@ def test_a_command_that_fails_early_leaves_no_folder(tiny, data, tmp_path, monke
 
 
 # --------------------------------------------------------------------------------------------- locks
+def test_a_lock_that_could_not_be_written_is_not_left_claiming_the_folder(tmp_path, monkeypatch):
+    """Chaos QA (ulimit -f 0; a full disk): `.zoo.lock` was created but its content not written, and the
+    failed command left it empty, so the next command, run at once, was refused for 10 s with `RUN is being
+    claimed by another process; wait for it to finish` though no process was."""
+    import errno
+
+    import zoo.outdir as outdir
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, *a, **k):
+            self.fh = real(fd, *a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, _text):
+            raise OSError(errno.EFBIG, "File too large")
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(outdir.os, "fdopen", Full)
+        with pytest.raises(OSError, match="File too large"):
+            outdir.RunLock(folder).acquire()
+    assert not (folder / outdir.LOCK).exists()
+    lock = outdir.RunLock(folder).acquire()      # at once, no "being claimed"
+    assert lock.held
+    lock.release()
+
+
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     from zoo.errors import ZooError
     from zoo.outdir import LOCK, RunLock
