@@ -162,6 +162,41 @@ def test_a_command_that_fails_early_leaves_no_folder(tiny, data, tmp_path, monke
 
 
 # --------------------------------------------------------------------------------------------- locks
+def test_a_lock_that_could_not_be_written_is_not_left_claiming_the_folder(tmp_path, monkeypatch):
+    """Chaos QA (ulimit -f 0; a full disk): `.zoo.lock` was created but its content not written, and the
+    failed command left it empty, so the next command, run at once, was refused for 10 s with `RUN is being
+    claimed by another process; wait for it to finish` though no process was."""
+    import errno
+
+    import zoo.outdir as outdir
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, *a, **k):
+            self.fh = real(fd, *a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, _text):
+            raise OSError(errno.EFBIG, "File too large")
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(outdir.os, "fdopen", Full)
+        with pytest.raises(OSError, match="File too large"):
+            outdir.RunLock(folder).acquire()
+    assert not (folder / outdir.LOCK).exists()
+    lock = outdir.RunLock(folder).acquire()      # at once, no "being claimed"
+    assert lock.held
+    lock.release()
+
+
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     from zoo.errors import ZooError
     from zoo.outdir import LOCK, RunLock
@@ -345,3 +380,25 @@ def test_a_folder_left_by_a_run_killed_before_writing_anything_counts_as_empty(t
         (folder / "model.json").write_text("{}")
     assert len(notes) == 1 and f"pid {dead.pid}" in notes[0]
     assert folder_kind(folder) == "finetune" and not (folder / LOCK).exists()
+
+
+def test_a_folder_left_by_a_run_killed_while_writing_its_marker_counts_as_empty(tmp_path):
+    """kill -9 half-way through the marker's atomic write: a dead process's lock and the marker's temp file
+    remain. Chaos QA: every command refused the folder (`is not empty and holds no zoo output`, also with
+    --overwrite; --resume: `not a run folder`), and only deleting zoo's own debris by hand helped."""
+    from zoo.outdir import LOCK, MARKER, claim_out, folder_kind
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    temp = folder / f".{MARKER}.ita_x_o1.tmp"
+    temp.write_text('{"kind": "fine')
+    (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "zoo x"}))
+    assert folder_kind(folder) == "empty"
+    with claim_out(folder, "finetune", note=lambda _m: None) as mode:
+        assert mode == "new" and not temp.exists()     # the half marker goes once the folder is taken
+        (folder / "model.json").write_text("{}")
+    assert folder_kind(folder) == "finetune" and sorted(os.listdir(folder)) == [MARKER, "model.json"]

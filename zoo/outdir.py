@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, is_temp_of
 from zoo.errors import UsageError, ZooError
 from zoo.process import launcher_rank
 
@@ -109,7 +109,8 @@ def is_main_process() -> bool:
 def _entries(path: Path) -> list[str]:
     """The folder's entries other than the marker and the lock (both say nothing about content)."""
     try:
-        return [n for n in os.listdir(path) if n not in _OWN]
+        # a temp file of the marker is what a command killed while writing it leaves: no content either
+        return [n for n in os.listdir(path) if n not in _OWN and not is_temp_of(n, MARKER)]
     except FileNotFoundError:
         return []
 
@@ -262,8 +263,12 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(self._content)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self._content)
+        except BaseException:
+            self.path.unlink(missing_ok=True)     # a full disk, a file-size limit: no empty lock claiming the folder
+            raise
         self.held = True
         return True
 
@@ -419,8 +424,11 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
         if mode == "overwrite" and not KINDS[kind].staged:
             _remove_outputs(path, KINDS[kind])
-        elif mode == "new" and (path / MARKER).is_file():
-            (path / _LOG).unlink(missing_ok=True)     # the log of an attempt that wrote nothing else
+        elif mode == "new":     # left by an attempt that wrote nothing else: its log, a marker it was killed writing
+            stale = [n for n in os.listdir(path) if is_temp_of(n, MARKER)]
+            stale += [_LOG] if (path / MARKER).is_file() else []
+            for name in stale:
+                (path / name).unlink(missing_ok=True)
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
             atomic_write_text(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"),

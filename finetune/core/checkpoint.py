@@ -8,6 +8,7 @@ A run hands them to :class:`BackgroundWrites`, so that training goes on while th
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from pathlib import Path
@@ -15,17 +16,22 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.core.errors import CheckpointError
 from finetune.core.io import atomic_write, write_file
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
-           "save_weights", "load_weights", "cpu_state_dict", "cpu_copy", "BackgroundWrites"]
+           "save_weights", "load_weights", "weights_damage", "cpu_state_dict", "cpu_copy", "BackgroundWrites"]
 
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.safetensors"
 HEAD_BEST = Path("checkpoints") / "head.safetensors"    # the head phase's best weights (the head guard's)
+# The weights files record the sha256 of their tensors (names, dtypes, shapes, bytes): safetensors has no
+# checksum, and a flipped bit on disk would otherwise be resumed from, or exported into a bundle whose own
+# sha256 then vouches for it (as the feature cache does for its banks).
+DIGEST_KEY = "zoo_tensors_sha256"
 
 
 def rng_state() -> dict[str, Any]:
@@ -186,13 +192,34 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                               "start the run again without --resume") from None
 
 
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def weights_damage(path: str | Path, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why the ``tensors`` read from the weights file ``path`` are not what :func:`save_weights` wrote (their
+    sha256 differs from the one it recorded), or None (they are; or a file written before zoo recorded it)."""
+    with safe_open(str(path), framework="pt") as fh:
+        recorded = (fh.metadata() or {}).get(DIGEST_KEY)
+    if recorded is None or recorded == _tensors_digest(tensors):
+        return None
+    return f"the tensors of {path} do not match the sha256 recorded when it was written (a damaged file)"
+
+
 def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
-    """Write the module's state (or a CPU state dict) as safetensors, atomically."""
+    """Write the module's state (or a CPU state dict) as safetensors, atomically, with its tensors' sha256."""
     tensors = cpu_state_dict(module) if isinstance(module, torch.nn.Module) else module
     path = Path(path)
+    metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(tensors)}
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}; free some disk space "
                               "or choose another --out") from None
@@ -201,7 +228,11 @@ def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Ten
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by :func:`save_weights` (CPU tensors)."""
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
+        damage = weights_damage(path, state)
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise CheckpointError(f"cannot read weights {path} ({type(e).__name__}); the run folder is "
                               "damaged, start the run again") from None
+    if damage:
+        raise CheckpointError(f"{damage}; the run folder is damaged, start the run again")
+    return state

@@ -17,7 +17,7 @@ import yaml
 
 __all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
            "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
-           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room"]
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -94,6 +94,15 @@ def _os_error(err: BaseException) -> OSError | None:
     return OSError(code, os.strerror(code) if code in errno.errorcode else str(err))
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def is_temp_of(entry: str, name: str) -> bool:
+    """Whether the folder entry ``entry`` is a temp file of :func:`atomic_write` for the file ``name``: what a
+    process killed (kill -9) half-way through writing ``name`` leaves next to it."""
+    return entry.startswith(f".{name}.") and entry.endswith(_TEMP_SUFFIX)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename the temp file onto ``path``. Removes the temp on failure.
 
@@ -103,7 +112,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

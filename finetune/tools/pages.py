@@ -113,10 +113,13 @@ def precision_recall(classes: Sequence[str], confusion: Sequence[Sequence[int]])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing, damaged or no object (`null`): the page leaves out
+    what it would have shown."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (),

@@ -317,6 +317,28 @@ def test_export_needs_model_json_and_checkpoint(run_and_model):
         export_run(run)
 
 
+def test_a_flipped_bit_in_the_runs_best_weights_is_refused_not_exported(run_and_model):
+    """Chaos QA: one flipped bit in a run's checkpoints/best.safetensors (safetensors has no checksum) was
+    exported without a word, into a bundle whose config.json weights_sha256 then vouched for the damaged
+    weights; a resume took it as its best epoch. The weights files now record their tensors' sha256."""
+    from finetune.core.checkpoint import load_weights, save_weights
+    from finetune.core.errors import CheckpointError
+
+    run, model = run_and_model
+    best = run / "checkpoints" / "best.safetensors"
+    save_weights(best, model)
+    export_run(run, run / "ok")                                   # as written: exported
+    assert torch.equal(load_weights(best)["fc.weight"], model.state_dict()["fc.weight"])
+    data = bytearray(best.read_bytes())
+    data[-9] ^= 0x04                                              # inside the last tensor's bytes
+    best.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="do not match the sha256 recorded when it was written.*restore the file"):
+        export_run(run, run / "x")
+    assert not (run / "x").exists()
+    with pytest.raises(CheckpointError, match="do not match the sha256 recorded"):
+        load_weights(best)
+
+
 @pytest.mark.parametrize("edit", [{"classes": None}, {"classes": "cat"}, {"data_config": "x"}, {"head": "mlp"},
                                   {"builder": 3}, {"builder_kwargs": [1]},
                                   {"data_config": {"input_size": [3, 32, 32]}}])

@@ -527,6 +527,36 @@ def test_resume_of_a_run_that_stopped_before_its_config_says_start_it_over(tmp_p
     assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
 
 
+@pytest.mark.parametrize("left", ["scan_json", "marker_and_log"])
+def test_resume_of_a_run_stopped_before_its_model_json_says_start_it_over(tmp_path, tiny, monkeypatch, left):
+    """Chaos QA: a run killed after its scan.json but before model.json was called a run by --out ("continue it
+    with zoo finetune --resume RUN") and "not a run folder of `zoo finetune` ... pass the folder a run wrote" by
+    --resume (also when only its marker and log were written). --resume now says how to start it over."""
+    import zoo.jobs.finetune as job
+    from zoo.outdir import MARKER
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    if left == "scan_json":
+        def killed(*a, **k):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(job, "model_info", killed)
+            assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 130
+        assert (out / "scan.json").is_file() and not (out / "model.json").exists()
+        assert "--resume" in invoke("finetune", tiny, "--data", data, "--out", out, *FAST).stderr
+    else:
+        out.mkdir()
+        (out / MARKER).write_text('{"kind": "finetune"}')
+        (out / "log.txt").write_text("$ zoo finetune ...\n")
+    res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 1
+    assert f"{out} stopped before its training was set up (no config.yaml): there is nothing to resume; start it " \
+           f"over with `zoo finetune MODEL --data DIR --out {out} --overwrite`" in res.stderr
+    assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+
+
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
     """QA: `--resume RUN --epochs 5` (or with another --data) on a finished run trained nothing but rewrote
     summary.json (max_epochs 5, the head solver's record gone, metrics of the other folder) and the bundle.

@@ -45,3 +45,19 @@ def test_a_report_of_a_run_that_is_still_training_says_so(tmp_path):
         trainer.wait()
     assert res.exit_code == 0 and (run / "report.html").is_file(), res.output
     assert f"note: {run} is still training; this page shows its epochs so far" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["summary.json", "scan.json", "split.json", "model.json"])
+@pytest.mark.parametrize("content", ["null", "[1, 2]", '"x"'])
+def test_a_run_json_file_that_holds_no_object_costs_its_section_not_the_page(tmp_path, name, content):
+    """Chaos QA: a run's summary.json replaced by `null` (also a list or a string; scan.json and split.json
+    too) made `zoo report RUN` an AttributeError/TypeError traceback; a damaged (unparsable) one was already
+    drawn without it."""
+    run, _ = make_run(tmp_path)
+    make_image(tmp_path / "data" / "cat" / "a.png", 0)
+    (run / "scan.json").write_text(json.dumps({"root": str(tmp_path / "data")}), encoding="utf-8")
+    (run / "split.json").write_text(json.dumps({"val": [["cat/a.png", "cat"]]}), encoding="utf-8")
+    (run / name).write_text(content, encoding="utf-8")
+    res = CliRunner().invoke(cli, ["report", str(run), "--device", "cpu"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "<html" in (run / "report.html").read_text(encoding="utf-8").lower()

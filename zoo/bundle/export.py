@@ -294,6 +294,8 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     import safetensors.torch
 
+    from finetune.core.checkpoint import weights_damage
+
     if not run.is_dir():
         raise BundleError(f"no run folder at {run}; pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
     info = _read_json(run / "model.json", "the run did not finish or was not made by `zoo finetune`; re-run it")
@@ -306,10 +308,13 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; resume or re-run `zoo finetune`")
     read_safetensors_metadata(ckpt, fix=DAMAGED_RUN)  # clear message for a truncated checkpoint before torch sees it
     try:
-        state = _strip_prefixes(safetensors.torch.load_file(str(ckpt), device="cpu"))
+        state = safetensors.torch.load_file(str(ckpt), device="cpu")
+        damage = weights_damage(ckpt, state)    # a flipped bit: never exported under a fresh sha256
     except Exception as e:
         raise BundleError(f"{ckpt} cannot be read ({e}); {DAMAGED_RUN}") from None
-    return info, state, ckpt
+    if damage:
+        raise BundleError(f"{damage}; {DAMAGED_RUN}")
+    return info, _strip_prefixes(state), ckpt
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,

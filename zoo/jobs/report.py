@@ -34,9 +34,9 @@ def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu
     try:
         split = json.loads((run / "split.json").read_text(encoding="utf-8"))
         root = Path(json.loads((run / "scan.json").read_text(encoding="utf-8"))["root"])
-    except (OSError, ValueError, KeyError):
+        val = [(root / rel, cls) for rel, cls in (split.get("val") or []) if (root / rel).is_file()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):   # damaged: the page goes without thumbnails
         return []
-    val = [(root / rel, cls) for rel, cls in (split.get("val") or []) if (root / rel).is_file()]
     if not val:
         return []
     with tempfile.TemporaryDirectory(prefix="zoo-report-") as tmp:

@@ -19,7 +19,7 @@ from finetune.tools.train import fit
 from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
 from zoo.jobs.finetune import EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _build, _finish, feature_cache
-from zoo.outdir import claim_out
+from zoo.outdir import MARKER, claim_out, folder_kind
 from zoo.resolve import get_entry
 
 __all__ = ["resume_finetune"]
@@ -77,7 +77,9 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     if not info_path.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
         raise UsageError(f"{run_dir} was written by the Python API (finetune's fit: no model.json, so zoo cannot "
                          "rebuild its model); continue it with fit(..., run_dir=..., resume=True)")
-    if info_path.is_file() and not (run_dir / "config.yaml").is_file():   # `--out` calls it a run: say what it is
+    # a run that stopped (killed) before its config.yaml: `--out` calls it a run (or an empty folder), say what it is
+    started = info_path.is_file() or ((run_dir / MARKER).is_file() and folder_kind(run_dir) in ("finetune", "empty"))
+    if started and not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} stopped before its training was set up (no config.yaml): there is "
                               f"nothing to resume; start it over with `zoo finetune MODEL --data DIR --out {run_dir} "
                               "--overwrite`")
