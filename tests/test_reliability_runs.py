@@ -195,6 +195,13 @@ def test_a_lock_that_could_not_be_written_is_not_left_claiming_the_folder(tmp_pa
     lock = outdir.RunLock(folder).acquire()      # at once, no "being claimed"
     assert lock.held
     lock.release()
+    # and a command that created its --out (two levels) leaves no empty folder behind when the lock failed so
+    new = tmp_path / "runs" / "new"
+    with monkeypatch.context() as m:
+        m.setattr(outdir.os, "fdopen", Full)
+        with pytest.raises(OSError, match="File too large"), outdir.claim_out(new, "finetune"):
+            pass
+    assert not (tmp_path / "runs").exists()
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):

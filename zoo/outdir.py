@@ -440,10 +440,10 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
             with contextlib.suppress(OSError):
                 (path / _LOG).unlink(missing_ok=True)
                 (path / MARKER).unlink(missing_ok=True)
-                if created:
-                    folder = path
-                    while True:
-                        folder.rmdir()
-                        if folder == top:
-                            break
-                        folder = folder.parent
+        folder = path     # the folders this call created, left empty (the lock could not be written too): removed
+        with contextlib.suppress(OSError):      # (rmdir removes only an empty folder)
+            while created:
+                folder.rmdir()
+                if folder == top:
+                    break
+                folder = folder.parent
