@@ -49,10 +49,14 @@ def _torchrun_fit(tmp_path: Path, train, val, body: str, timeout: float = 240) -
     """) + textwrap.dedent(body) + textwrap.dedent("""
         # leave the group together, as `zoo finetune` does (ddp.barrier before ddp.cleanup): a rank that destroys
         # it while the other still finishes the last collective makes that one abort in gloo
+        import gc, os
         from finetune.core import distributed as _ddp
-        _info = _ddp.setup("cpu")
-        _ddp.barrier(_info)
-        _ddp.cleanup(_info)
+        gc.collect()   # the DDP wrapper's reducer (cyclic garbage) is freed now, not in the interpreter's teardown:
+        _info = _ddp.setup("cpu")      # a gloo group freed there can abort the process ('terminate called
+        _ddp.barrier(_info)            # without an active exception', pytorch/pytorch#179291); and the teardown
+        _ddp.cleanup(_info)            # is skipped, as zoo's CLI skips its final collection
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(0)
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     log = tmp_path / "torchrun.log"       # a file, not a pipe: a rank left behind would hold a pipe open
