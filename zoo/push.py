@@ -33,7 +33,7 @@ from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageEr
 from zoo.modelcard import HUB_LICENSES, _read_json, model_card
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
-from zoo.sources import is_offline
+from zoo.sources import hub_transport, is_offline
 from zoo.text import first_line
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
@@ -259,8 +259,8 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
     if is_offline():      # huggingface_hub read HF_HUB_OFFLINE once, at its import; ZOO_OFFLINE it never reads
         raise OfflineError("zoo push needs the network, and ZOO_OFFLINE or HF_HUB_OFFLINE is set; unset it to "
                            "push (--dry-run shows what would be sent)")
+    httpx2 = hub_transport()
     # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
-    import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub import errors as hf_errors
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from zoo.resolve import check_hub_repo, get_entry
 from zoo.text import first_line
 from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
-__all__ = ["pull", "fetch_hub_config", "is_offline", "http_timeout", "copy_in",
+__all__ = ["pull", "fetch_hub_config", "is_offline", "hub_transport", "http_timeout", "copy_in",
            "COMMIT_FILE"]
 
 _CHUNK = 1 << 20
@@ -47,6 +48,34 @@ def _truthy(value: str | None) -> bool:
 def is_offline() -> bool:
     """``ZOO_OFFLINE`` or ``HF_HUB_OFFLINE`` set (read now, not at import: tests and users change them)."""
     return _truthy(os.environ.get("ZOO_OFFLINE")) or _truthy(os.environ.get("HF_HUB_OFFLINE"))
+
+
+HUB_MIN = (2, 0)    # huggingface_hub 2.0 moved its transport to httpx2, whose errors the Hub calls below catch
+
+
+def hub_transport():
+    """``httpx2``, the transport of huggingface_hub 2.x, whose errors its calls raise (connection refused,
+    timeout, a cut stream). An older huggingface_hub (1.x: httpx) raises errors none of our handlers
+    name, a traceback instead of one line; it is refused here, at the first Hub request, instead.
+
+    Raises:
+        DownloadError: the installed huggingface_hub is older than 2.0, or httpx2 is missing.
+    """
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
+    import huggingface_hub
+
+    have = huggingface_hub.__version__
+    release = tuple(int(n) for n in re.findall(r"\d+", have)[:2])
+    try:
+        # lazy: the transport of huggingface_hub 2.x, installed with it
+        import httpx2
+    except ImportError:
+        release = (0, 0)
+    if release < HUB_MIN:
+        raise DownloadError(f"the Hub needs huggingface_hub>={HUB_MIN[0]}.{HUB_MIN[1]} and its transport httpx2 "
+                            f"(this environment has huggingface_hub {have}); run "
+                            "`pip install -U 'huggingface_hub>=2.0'`")
+    return httpx2
 
 
 # --------------------------------------------------------------------------------------------------- pull
@@ -122,8 +151,8 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
     source = Source(kind="hf", repo=repo, revision=revision, filename="config.json", sha256_note="config")
     if is_offline():
         raise offline("offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    httpx2 = hub_transport()
     # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
-    import httpx2
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub import errors as hf_errors
 
@@ -228,8 +257,8 @@ def _fetch(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Pa
 def _fetch_hf(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
     if is_offline():
         raise _offline_error(entry, "offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
+    httpx2 = hub_transport()
     # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
-    import httpx2
     from huggingface_hub import constants as hf_constants
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub import errors as hf_errors

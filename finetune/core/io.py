@@ -41,8 +41,9 @@ def no_room(err: BaseException) -> bool:
 
 
 # How Rust's std::io::Error shows an OS error; safetensors' writer reports a full disk as
-# "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)".
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)" (0.6 on), and
+# 0.4 / 0.5 (allowed) as "... IoError(Os { code: 28, kind: StorageFull, message: ... })" (Rust's Debug form).
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+),")
 
 
 class _KeepWriteError:
@@ -90,7 +91,7 @@ def _os_error(err: BaseException) -> OSError | None:
     found = _RUST_OS_ERROR.search(str(err))
     if found is None:
         return None
-    code = int(found.group(1))
+    code = int(found.group(1) or found.group(2))
     return OSError(code, os.strerror(code) if code in errno.errorcode else str(err))
 
 

@@ -189,6 +189,25 @@ def test_onnx_export_matches_and_has_dynamic_batch(run_and_model, tmp_path):
     assert not (out / "model.onnx").exists()
 
 
+def test_onnx_export_works_with_a_torch_without_the_dynamo_choice(run_and_model, tmp_path, monkeypatch):
+    """QA: torch.onnx.export has taken dynamo= only since torch 2.5; on torch 2.3 / 2.4 (pyproject allows
+    torch>=2.3) `zoo export --format onnx` was a TypeError (unexpected keyword argument 'dynamo')."""
+    pytest.importorskip("onnxruntime")
+    real = torch.onnx.export
+    seen = []
+
+    def export_before_2_5(model, args, f, *, input_names=None, output_names=None, dynamic_axes=None,
+                          opset_version=None):
+        seen.append(f)
+        return real(model, args, f, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                    opset_version=opset_version, dynamo=False)
+
+    monkeypatch.setattr(torch.onnx, "export", export_before_2_5)
+    run, _ = run_and_model
+    out = export_run(run, tmp_path / "bundle", formats=("safetensors", "onnx"))
+    assert len(seen) == 1 and (out / "model.onnx").is_file()
+
+
 def test_bundle_files_are_readable_by_others(run_and_model, tmp_path):
     """Bundles are for other people and tools: files get the umask's permissions, not mkstemp's 0600."""
     import os

@@ -260,6 +260,21 @@ def test_push_while_offline_is_refused_in_one_line_without_a_request(hub, tmp_pa
     assert push(runner, a, "--dry-run").exit_code == 0
 
 
+def test_push_with_a_huggingface_hub_older_than_2_is_refused_in_one_line_without_a_request(hub, tmp_path, runner,
+                                                                                           monkeypatch):
+    """QA: under huggingface_hub 1.x (no httpx2) zoo push was a ModuleNotFoundError traceback."""
+    import sys
+
+    import huggingface_hub
+
+    _, a = make_bundle(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "__version__", "1.33.0")
+    monkeypatch.setitem(sys.modules, "httpx2", None)
+    res = push(runner, a)
+    assert res.exit_code == 1 and res.output.startswith("zoo: error: the Hub needs huggingface_hub>=2.0")
+    assert len(res.output.strip().splitlines()) == 1 and hub.requests == []
+
+
 def test_dry_run_uploads_nothing(hub, tmp_path, runner):
     _, a = make_bundle(tmp_path)
     res = push(runner, a, "--dry-run")

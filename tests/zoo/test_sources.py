@@ -228,13 +228,40 @@ def test_no_network_fails_fast_for_an_hf_hub_name_too(closed_port_url, tmp_path)
     image = tmp_path / "cat.png"
     image.write_bytes(b"")      # never read: the model is not found first
     env = {**os.environ, "HF_ENDPOINT": closed_port_url, "ZOO_HOME": str(tmp_path / "home"),
-           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           # timm 1.0.21-1.0.24 (allowed) import torch.jit.interface, which a new torch warns of at import
+           "PYTHONWARNINGS": "ignore::FutureWarning"}
     res = subprocess.run([sys.executable, "-m", "zoo", "predict", "hf-hub:me/model", str(image)], env=env,
                          capture_output=True, text=True, timeout=600)
     # (no wall-clock bound: the process imports torch, slow on a busy machine; no retry is what made it fast)
     assert res.returncode == 1, res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "Retry" not in res.stderr
     assert "hf-hub:me/model is not cached and the Hub is unreachable" in res.stderr
+
+
+@pytest.mark.parametrize("hub_version, has_httpx2", [("1.33.0", True), ("2.4.0", False)])
+def test_an_old_huggingface_hub_is_refused_in_one_line_and_the_next_source_used(hub, monkeypatch, hub_version,
+                                                                                has_httpx2):
+    """QA: with huggingface_hub 1.33 (the GPU machine's; its transport is httpx) a refused connection escaped
+    our handlers (they name httpx2's errors) as an httpx.ConnectError traceback, and without httpx2 every Hub
+    pull was a ModuleNotFoundError traceback. Refused at the first Hub request, naming the fix; a model's
+    other sources are still tried."""
+    import sys
+
+    import huggingface_hub
+
+    data = tensor_bytes()
+    monkeypatch.setattr(huggingface_hub, "__version__", hub_version)
+    if not has_httpx2:
+        monkeypatch.setitem(sys.modules, "httpx2", None)      # `import httpx2` raises ImportError
+    hf_only = make_entry("tiny", hf_source(hub, data))
+    with pytest.raises(DownloadError, match=r"huggingface_hub>=2\.0 .*pip install -U 'huggingface_hub>=2\.0'"):
+        pull(hf_only, progress=False)
+    assert not cache.is_cached("tiny")
+    entry = make_entry("tiny2", hf_source(hub, data), Source(kind="url", url=hub.add_file("m.safetensors", data),
+                                                             sha256=sha(data)))
+    pull(entry, progress=False)
+    assert cache.read_manifest("tiny2")["source"].startswith("url:")
 
 
 def test_sources_tried_in_order_first_that_works_wins(hub):

@@ -2,6 +2,7 @@
 the README.md model card, and optionally model.onnx checked against PyTorch."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -240,11 +241,14 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
 
     def write(tmp: str) -> None:
         # The TorchScript exporter (dynamo=False) works offline without onnxscript, and handles every
-        # architecture of the zoo; the dynamo exporter needs onnxscript, which is optional.
+        # architecture of the zoo; the dynamo exporter needs onnxscript, which is optional. torch 2.5 added
+        # the choice (2.9 made dynamo the default); before it, TorchScript is the only exporter.
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (probe[:1],), tmp, dynamo=False, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+            torch.onnx.export(model, (probe[:1],), tmp, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                              **legacy)
         # lazy: optional extra (the onnx extra), checked with onnxruntime above
         import onnx
 

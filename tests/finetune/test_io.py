@@ -1,0 +1,31 @@
+"""finetune.core.io: atomic writes and the OS errors behind a writer's own exceptions."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from finetune.core.io import atomic_write, no_room
+
+
+class SafetensorError(Exception):
+    """Stands in for safetensors' exception (a Rust error turned into text)."""
+
+
+@pytest.mark.parametrize("message", [
+    # safetensors 0.6 and later
+    "Error while serializing: I/O error: No space left on device (os error 28)",
+    # safetensors 0.4 / 0.5 (pyproject allows >=0.4): Rust's Debug form of the same io::Error
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',
+])
+def test_a_full_disk_reported_by_safetensors_reads_as_a_full_disk(tmp_path, message):
+    """QA: with safetensors 0.4 / 0.5 a full disk (or a file-size limit) while converting a .pth was a
+    SafetensorError traceback from `zoo pull`: only 0.6's "(os error N)" wording was recognised."""
+    def write(tmp: str) -> None:
+        raise SafetensorError(message)
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "model.safetensors", write)
+    assert caught.value.errno == errno.ENOSPC and no_room(caught.value)
+    assert caught.value.filename == str(tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
