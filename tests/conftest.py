@@ -37,8 +37,12 @@ def _isolated_home(tmp_path_factory, monkeypatch):
                             ("HUGGINGFACE_HUB_CACHE", home / "hf" / "hub")):
             if hasattr(constants, name):
                 monkeypatch.setattr(constants, name, str(value))
-    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
-    monkeypatch.delenv("ZOO_OFFLINE", raising=False)
+    # The user's own zoo settings stay out (ZOO_HOME is set above): ZOO_DEBUG=1, the documented way to see a
+    # traceback, turned every one-line error into one (140 tests of tests/zoo failed); ZOO_RANK_GRACE_S,
+    # ZOO_MALLOC=system, ZOO_HTTP_TIMEOUT, ZOO_REGISTRY and ZOO_OFFLINE change what tests check. A test that
+    # wants one sets it. Removed from os.environ, they stay out of the subprocesses tests start too.
+    for var in [v for v in os.environ if v.startswith("ZOO_") and v != "ZOO_HOME"]:
+        monkeypatch.delenv(var)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # The machine's launcher and proxy settings stay out: a SLURM/torchrun WORLD_SIZE or RANK would make
     # every run distributed (or a non-writing rank), a proxy would carry the loopback Hub's traffic.
