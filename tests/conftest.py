@@ -15,10 +15,15 @@ import pytest
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 
-# Tests never touch the network or the user's caches. huggingface_hub and timm read these at import.
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
+# Tests never touch the network or the user's caches. huggingface_hub and timm read these at import, so the
+# user's own Hugging Face and tqdm settings go before anything imports them: HF_DEBUG=1 or
+# HF_HUB_VERBOSITY=debug logged every request (a traceback among them) to the stderr that tests read, and
+# HF_HUB_ENABLE_HF_TRANSFER=1 (widely recommended) a FutureWarning. Set, not defaulted, like the threads.
+for _var in [v for v in os.environ if v.startswith(("HF_", "HUGGINGFACE_", "TQDM_"))]:
+    del os.environ[_var]
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TQDM_DISABLE"] = "1"
 
 
 @pytest.fixture(autouse=True)
