@@ -187,3 +187,32 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def forbid_model_builds(monkeypatch, message: str) -> None:
+    """Make every way zoo builds a model (``zoo.build.create_model``/``build_architecture``, and each module's
+    own ``from zoo.build import ...`` name for them) raise AssertionError(message), for this test only.
+
+    Every zoo module is imported first: one that a command imports lazily (zoo.jobs.doctor) would otherwise
+    take the stand-in as its name when this test happens to import it first, and keep it for the rest of
+    the session (seen under random test order: a later `zoo doctor` "built a model before the output
+    folder was checked"), while one imported earlier kept the real function, unguarded."""
+    import importlib
+    import pkgutil
+
+    import zoo
+    import zoo.build
+
+    for info in pkgutil.walk_packages(zoo.__path__, "zoo."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+    def forbidden(*a, **k):
+        raise AssertionError(message)
+
+    real = (zoo.build.create_model, zoo.build.build_architecture)
+    for name, module in list(sys.modules.items()):
+        if name == "zoo" or name.startswith("zoo."):
+            for attr, value in list(vars(module).items()):
+                if any(value is r for r in real):
+                    monkeypatch.setattr(module, attr, forbidden)
