@@ -15,10 +15,15 @@ import pytest
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 
-# Tests never touch the network or the user's caches. huggingface_hub and timm read these at import.
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
+# Tests never touch the network or the user's caches. huggingface_hub and timm read these at import, so the
+# user's own Hugging Face and tqdm settings go before anything imports them: HF_DEBUG=1 or
+# HF_HUB_VERBOSITY=debug logged every request (a traceback among them) to the stderr that tests read, and
+# HF_HUB_ENABLE_HF_TRANSFER=1 (widely recommended) a FutureWarning. Set, not defaulted, like the threads.
+for _var in [v for v in os.environ if v.startswith(("HF_", "HUGGINGFACE_", "TQDM_"))]:
+    del os.environ[_var]
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TQDM_DISABLE"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +42,12 @@ def _isolated_home(tmp_path_factory, monkeypatch):
                             ("HUGGINGFACE_HUB_CACHE", home / "hf" / "hub")):
             if hasattr(constants, name):
                 monkeypatch.setattr(constants, name, str(value))
-    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
-    monkeypatch.delenv("ZOO_OFFLINE", raising=False)
+    # The user's own zoo settings stay out (ZOO_HOME is set above): ZOO_DEBUG=1, the documented way to see a
+    # traceback, turned every one-line error into one (140 tests of tests/zoo failed); ZOO_RANK_GRACE_S,
+    # ZOO_MALLOC=system, ZOO_HTTP_TIMEOUT, ZOO_REGISTRY and ZOO_OFFLINE change what tests check. A test that
+    # wants one sets it. Removed from os.environ, they stay out of the subprocesses tests start too.
+    for var in [v for v in os.environ if v.startswith("ZOO_") and v != "ZOO_HOME"]:
+        monkeypatch.delenv(var)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # The machine's launcher and proxy settings stay out: a SLURM/torchrun WORLD_SIZE or RANK would make
     # every run distributed (or a non-writing rank), a proxy would carry the loopback Hub's traffic.
@@ -178,3 +187,32 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def forbid_model_builds(monkeypatch, message: str) -> None:
+    """Make every way zoo builds a model (``zoo.build.create_model``/``build_architecture``, and each module's
+    own ``from zoo.build import ...`` name for them) raise AssertionError(message), for this test only.
+
+    Every zoo module is imported first: one that a command imports lazily (zoo.jobs.doctor) would otherwise
+    take the stand-in as its name when this test happens to import it first, and keep it for the rest of
+    the session (seen under random test order: a later `zoo doctor` "built a model before the output
+    folder was checked"), while one imported earlier kept the real function, unguarded."""
+    import importlib
+    import pkgutil
+
+    import zoo
+    import zoo.build
+
+    for info in pkgutil.walk_packages(zoo.__path__, "zoo."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+    def forbidden(*a, **k):
+        raise AssertionError(message)
+
+    real = (zoo.build.create_model, zoo.build.build_architecture)
+    for name, module in list(sys.modules.items()):
+        if name == "zoo" or name.startswith("zoo."):
+            for attr, value in list(vars(module).items()):
+                if any(value is r for r in real):
+                    monkeypatch.setattr(module, attr, forbidden)

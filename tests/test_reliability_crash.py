@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_reliability_data import register_tiny
-from tests.conftest import unwritable_parent
+from tests.conftest import forbid_model_builds, unwritable_parent
 from tests.zoo.conftest import hub  # noqa: F401  (the loopback Hub fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,13 +385,7 @@ def test_unwritable_output_folder_is_one_clear_line_before_any_work(data, tiny, 
     """--out below a regular file, or in a folder without write permission. Tests run as root, where
     chmod 0o555 does not stop writes, so the permission case makes os.access answer as it would for an
     ordinary user on a read-only folder (the check zoo.jobs.finetune does before building anything)."""
-    import zoo.build
-
-    def forbidden(*a, **k):
-        raise AssertionError("a model was built before the output folder was checked")
-
-    monkeypatch.setattr(zoo.build, "create_model", forbidden)
-    monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
+    forbid_model_builds(monkeypatch, "a model was built before the output folder was checked")
     parent = unwritable_parent(tmp_path, monkeypatch, how)
     res = invoke(finetune_args(tiny, data, parent / "run"))
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image_folder, register_tiny
+from tests.conftest import forbid_model_builds, make_image_folder, register_tiny
 from tests.test_reliability_crash import HOLD_ENV, SLOW_EPOCH_ENV, Proc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +84,7 @@ def _command(name: str, tiny: str, data: Path, run: Path, out: Path) -> list:
 def test_a_users_folder_is_refused_byte_identical(command, tiny, data, tmp_path, user_folder, monkeypatch):
     """A non-empty folder zoo did not write: refused with one line (exit 2) naming it and the options,
     before any model is built; every file byte-identical, nothing added (no marker, no lock)."""
-    import zoo.build
-
-    def forbidden(*a, **k):
-        raise AssertionError("work started before the output folder was checked")
-
-    monkeypatch.setattr(zoo.build, "create_model", forbidden)
-    monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
+    forbid_model_builds(monkeypatch, "work started before the output folder was checked")
     (tmp_path / "run").mkdir()      # export's RUN_DIR exists: the --out check is what refuses
     before = snapshot(user_folder)
     for extra in ([], ["--overwrite"]):     # --overwrite replaces only a folder zoo wrote

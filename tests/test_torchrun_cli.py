@@ -100,7 +100,7 @@ def test_torchrun_into_a_refused_folder_ends_every_rank_with_rank_0s_line(tmp_pa
     (["--data", "{tmp}", "--lr", "bogus"], 2, "Error: Invalid value for --lr: 'bogus' is neither a number")])
 def test_torchrun_prints_an_error_every_rank_meets_once(tmp_path, args, code, line):
     """QA: under torchrun every one-line error was printed once per rank (two identical lines). Rank 0 prints
-    it; every rank still exits with the error's code."""
+    it; every rank that met the error exits with its code."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
                ZOO_RANK_GRACE_S="120")     # a loaded machine must not make rank 1 speak before rank 0 reached it
     env.pop("WORLD_SIZE", None)
@@ -109,7 +109,11 @@ def test_torchrun_prints_an_error_every_rank_meets_once(tmp_path, args, code, li
     assert run.returncode == 1          # torchrun's own; the ranks' codes are in its summary
     assert run.stdout.count(line.format(tmp=tmp_path)) == 1, run.stdout[-3000:]
     assert "zoo: error" not in run.stdout.replace(line.format(tmp=tmp_path), ""), run.stdout[-3000:]
-    assert len(re.findall(rf"exitcode\s+: {code} \(pid", run.stdout)) == 2, run.stdout[-3000:]   # torchrun's summary
+    # torchrun's summary: rank 0 exits with the error's code; rank 1 too when it met the error before torchrun
+    # stopped it, which a loaded machine may not let it do (still starting when rank 0 had exited: 130, or
+    # -15 before zoo took SIGTERM over; seen on a loaded 2-core machine)
+    codes = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+) \(pid", run.stdout))
+    assert codes.get("0") == str(code) and codes.get("1") in (str(code), "130", "-15"), run.stdout[-3000:]
 
 
 @pytest.mark.parametrize("stopped", [True, False])

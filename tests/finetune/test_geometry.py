@@ -30,7 +30,11 @@ def _as_cuda_resizes(x: torch.Tensor, mode: str) -> torch.Tensor:
 def _agree(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
     d = (a.int() - b.int()).abs()
-    assert int(d.max()) <= 1 and int((d > 0).sum()) <= max(1, d.numel() // 1000)
+    # One level at most, on a few pixels: which pixels' rounding ties tip is the CPU's kernels' to decide
+    # (the reference's resize and the products, in float32). AVX2/AVX-512 kernels tip 0-4 of 13824 in the
+    # batch test over 30 draws, torch's generic ones (ATEN_CPU_CAPABILITY=default: another CPU) 1-22; a
+    # wrong plan moves pixels by tens of levels, a wrong rounding about half of them by one.
+    assert int(d.max()) <= 1 and int((d > 0).sum()) <= max(1, d.numel() // 200)
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])

@@ -14,8 +14,8 @@ from tests.zoo.hub_server import HubServer
 
 HUB = HubServer().start()
 os.environ["HF_ENDPOINT"] = HUB.url
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+os.environ["HF_HUB_DISABLE_XET"] = "1"                 # (tests/conftest.py removed the user's HF_* settings)
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
 
 
 def point_hf_at(endpoint: str) -> None:

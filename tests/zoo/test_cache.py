@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,9 @@ from zoo.errors import CacheError
 from zoo.registry import Source
 from zoo.sources import pull
 
+
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def cached(hub):
@@ -80,7 +84,7 @@ def test_remove(cached):
 def test_listing_imports_no_torch(cached):
     code = ("import sys, zoo.cache as c; c.is_cached('alpha'); c.cached_models(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @pytest.mark.parametrize("text", ["null", "[1]", '"x"', "{}", '{"name": 3}'])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -9,6 +10,9 @@ from click.testing import CliRunner
 from tests.zoo.conftest import entry_dict, pth_bytes, tensor_bytes, write_registry
 from zoo import cache
 from zoo.cli import cli
+
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
 
 REPO = "timm/tiny.cli"
 
@@ -111,7 +115,7 @@ def test_help_does_not_import_torch():
             "r = CliRunner().invoke(cli, ['cache', '--help']); assert r.exit_code == 0, r.output; "
             "r = CliRunner().invoke(cli, ['pull', '--help']); assert 'Examples' in r.output; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_pull_of_a_branch_revision_reports_the_commit_to_pin(registry):
@@ -157,7 +161,7 @@ def test_pull_onto_a_full_disk_says_so_not_cut_off(hub, tmp_path, monkeypatch, _
     env.pop("ZOO_DEBUG", None)
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))  # noqa: E731
     res = subprocess.run([sys.executable, "-m", "zoo", "pull", "big", "-q"], env=env, capture_output=True,
-                         text=True, errors="replace", timeout=120, preexec_fn=limit)
+                         text=True, errors="replace", timeout=120, preexec_fn=limit, cwd=ROOT)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     error, = [ln for ln in res.stderr.splitlines() if ln.startswith("zoo: error:")]
     assert "File too large" in error and "ZOO_HOME" in error and str(_isolated_home) in error, error

@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from finetune.core.config import FinetuneConfig
-from tests.conftest import make_image_folder, register_tiny
+from tests.conftest import forbid_model_builds, make_image_folder, register_tiny
 from zoo.cli import cli
 
 
@@ -28,13 +28,7 @@ def invoke(*args):
 @pytest.fixture
 def no_model_build(monkeypatch):
     """Fail loudly if anything tries to build or download a model."""
-    import zoo.build
-
-    def forbidden(*a, **kw):
-        raise AssertionError("a model was built before the data was validated")
-
-    monkeypatch.setattr(zoo.build, "create_model", forbidden)
-    monkeypatch.setattr(zoo.build, "build_architecture", forbidden)
+    forbid_model_builds(monkeypatch, "a model was built before the data was validated")
 
 
 @pytest.mark.parametrize("layout", ["empty", "one_class", "missing"])

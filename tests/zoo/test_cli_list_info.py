@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,9 @@ from click.testing import CliRunner
 
 from zoo.cli import cli
 
+
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
 
 def run(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -117,5 +121,5 @@ def test_list_and_info_do_not_import_torch(argv):
             f"r = CliRunner().invoke(cli, {argv!r})\n"
             "assert r.exit_code == 0, r.output\n"
             "print('torch' in sys.modules, 'timm' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False False"

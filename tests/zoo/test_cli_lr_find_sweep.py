@@ -42,7 +42,8 @@ def test_lr_find_command(tiny_zoo, tmp_path):
     (nxt,) = [line for line in r.output.splitlines() if line.startswith("next: zoo finetune tiny-resnet")]
     assert nxt.endswith("--no-pretrained")          # the printed command trains the same (random-init) model
     # ... with the options the LR was found for (QA: --freeze none was dropped, so it trained the head only)
-    assert f"--config {out / 'config.yaml'} --lr " in nxt
+    argv = shlex.split(nxt)                         # a shell command: paths with a space are quoted
+    assert argv[argv.index("--config") + 1:argv.index("--config") + 3] == [str(out / "config.yaml"), "--lr"]
     summary = json.loads((out / "lr_find.json").read_text())
     assert 1e-5 <= summary["suggestion"] <= 1 and summary["method"] == "valley"
     for name in ("lr_find.png", "lr_find.csv", "config.yaml", "scan.json"):

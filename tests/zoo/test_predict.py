@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from tests.conftest import make_image, make_image_folder
 from zoo.errors import UsageError
 from zoo.evaluate import classification_metrics, evaluate, find_eval_images, write_eval_reports
 from zoo.predict import expand_images, parse_scales, predict_probs, topk, tta_transform
+
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
 
 DC = {"input_size": (3, 8, 8), "interpolation": "bilinear", "crop_pct": 0.8, "crop_mode": "center",
       "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
@@ -330,7 +334,7 @@ def test_dash_reads_one_image_from_stdin(tmp_path):
     image = make_image(tmp_path / "cat.jpg", 0, fmt="JPEG")
     with open(image, "rb") as stdin:
         res = subprocess.run([sys.executable, "-m", "zoo", "predict", str(bundle), "-", "--topk", "1", "--json"],
-                             stdin=stdin, capture_output=True, text=True, timeout=600)
+                             stdin=stdin, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [d["image"] for d in doc] == ["/dev/stdin"] and len(doc[0]["predictions"]) == 1

@@ -13,6 +13,9 @@ from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo.registry import (ModelEntry, curated_registry_path, get_entry, list_families, list_models, load_registry,
                           natural_key, parse_registry)
 
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
+
 REQUIRED_MODELS = [
     "alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "googlenet",
     "inception_v3", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenetv3_large_100",
@@ -114,7 +117,7 @@ def test_load_registry_does_not_import_torch():
     code = ("import sys\nfrom zoo.registry import load_registry, list_models, get_entry\n"
             "load_registry(); list_models('vgg*'); get_entry('resnet50')\n"
             "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
 

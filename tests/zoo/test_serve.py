@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,9 @@ from zoo.bundle import export_run, load_bundle  # noqa: E402
 from zoo.cli import cli  # noqa: E402
 from zoo.serve import Batcher, ServeConfig, create_app, start_background  # noqa: E402
 
+
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
@@ -222,7 +226,7 @@ def test_help_imports_neither_torch_nor_fastapi():
             "r = CliRunner().invoke(cli, ['serve', '--help']); assert r.exit_code == 0; "
             "r = CliRunner().invoke(cli, ['push', '--help']); assert r.exit_code == 0; "
             "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'huggingface_hub') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
 
 
@@ -276,7 +280,7 @@ def test_a_server_stopped_by_sigterm_exits_0_and_says_nothing(bundle_dir):
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", str(bundle_dir), "--port", "0", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}, cwd=ROOT)
     try:
         line = proc.stdout.readline()            # "serving ... at URL": uvicorn is about to accept
         assert line.startswith("serving "), (line, proc.stderr.read() if proc.poll() is not None else "")

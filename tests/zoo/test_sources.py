@@ -16,6 +16,9 @@ from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, 
 from zoo.registry import Source
 from zoo.sources import pull
 
+# the repository root: subprocesses import this checkout's zoo, whichever folder pytest runs from
+ROOT = Path(__file__).resolve().parents[2]
+
 REPO = "timm/tiny.test"
 
 
@@ -232,7 +235,7 @@ def test_no_network_fails_fast_for_an_hf_hub_name_too(closed_port_url, tmp_path)
            # timm 1.0.21-1.0.24 (allowed) import torch.jit.interface, which a new torch warns of at import
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     res = subprocess.run([sys.executable, "-m", "zoo", "predict", "hf-hub:me/model", str(image)], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     # (no wall-clock bound: the process imports torch, slow on a busy machine; no retry is what made it fast)
     assert res.returncode == 1, res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "Retry" not in res.stderr

@@ -3,6 +3,7 @@ up, so every finetune option is accepted here too. No torch at import."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,5 +124,7 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
         echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
              "this one applies with --head-solver gradient (or when layers train: --freeze)")
         solver = " --head-solver gradient"
-    echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'config.yaml'} --lr {result.suggestion:.2g}"
+    # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
+    echo(f"next: zoo finetune {shlex.quote(str(model))} --data {shlex.quote(str(data))} "
+         f"--config {shlex.quote(str(out_dir / 'config.yaml'))} --lr {result.suggestion:.2g}"
          f"{solver}{model_flags}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shlex
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,7 +143,9 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
          f"table: {out_dir / 'results.csv'}")
     random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
-    echo(f"next: zoo finetune {model} --data {data} --config {out_dir / 'best_config.yaml'} "
+    # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
+    echo(f"next: zoo finetune {shlex.quote(str(model))} --data {shlex.quote(str(data))} "
+         f"--config {shlex.quote(str(out_dir / 'best_config.yaml'))} "
          f"--epochs {max(30, config.epochs)}{random_init}")
 
 
