@@ -227,3 +227,18 @@ def test_a_write_that_finds_no_room_says_where_and_what_to_do(code, says, monkey
     assert line.startswith("zoo: error: ") and says in line, line
     if code in ("EROFS", "EFBIG"):     # freeing space would not help
         assert "free" not in line
+
+
+def test_a_config_key_written_otherwise_at_its_default_chooses_nothing(tmp_path):
+    """A --config key counts as chosen (for the 'has no effect' notes) when its value differs from the default
+    as the option reads it: PyYAML reads `2e-1` (no dot) and `'512'` as text, which the config takes as 0.2
+    and 512, the defaults; compared as read they were called choices ('--mlp-dropout, --mlp-hidden shape the
+    MLP head')."""
+    from zoo.cli.options import resolve_config
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("mlp_dropout: 2e-1\nmlp_hidden: '512'\nmlp_activation: relu\n")
+    config, _, notes = resolve_config(None, str(cfg), {}, True, given={})
+    assert (config.mlp_dropout, config.mlp_hidden) == (0.2, 512) and notes == []
+    cfg.write_text("mlp_dropout: 3e-1\n")       # another value is a choice, however it is written
+    assert "--mlp-dropout" in resolve_config(None, str(cfg), {}, True, given={})[2][0]

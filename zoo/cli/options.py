@@ -139,8 +139,9 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     given = bn_default(given, raw, pretrained)   # --no-pretrained: BatchNorm trains unless --bn (or the file) says
     config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
     # A file key at its default chose nothing: lr-find's config.yaml and sweep's best_config.yaml, which their
-    # next: lines pass as --config, hold every option (QA: each such run was told its --mlp-* did nothing)
-    defaults = FinetuneConfig().to_dict()
-    chosen_in_file = [k for k, v in raw.items() if k not in defaults or v != defaults[k]]
+    # next: lines pass as --config, hold every option (QA: each such run was told its --mlp-* did nothing).
+    # Compared as the config reads them (``base``): YAML gives `2e-1` and `'512'` as text.
+    defaults = FinetuneConfig()
+    chosen_in_file = [k for k in raw if getattr(base, k) != getattr(defaults, k)]
     return config, raw, idle_options(config, [*given, *chosen_in_file])
 
