@@ -23,7 +23,7 @@ from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
-from finetune.data.files import walk_files
+from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
 
 __all__ = [
@@ -124,9 +124,35 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     return transform
 
 
+def _folder_images(folder: str | Path, exts: Sequence[str]) -> list[Path]:
+    """The images below ``folder``, walked as the training scan walks it (hidden files and NAS debris skipped)."""
+    return [Path(q) for q in walk_files(str(folder)) if os.path.splitext(q)[1].lower() in exts]
+
+
+def _pattern_images(pattern: str, exts: Sequence[str]) -> list[Path]:
+    """The images a glob pattern names, as the shell would hand them over: the image files it matches, and the
+    images of the folders it matches (``'photos/*'``); what a folder walk skips (``@eaDir``, ``__MACOSX``) is
+    skipped below the pattern's literal part too. Each image once, in the order found."""
+    parts = Path(pattern).parts
+    literal = next((i for i, n in enumerate(parts) if glob.has_magic(n)), len(parts))    # leading plain names
+    matches = sorted(glob.glob(pattern, recursive=True))
+    found: dict[Path, None] = {}
+    for q in matches:
+        if any(is_ignored(n) for n in Path(q).parts[literal:]):
+            continue
+        if os.path.isdir(q):
+            found.update(dict.fromkeys(_folder_images(q, exts)))
+        elif os.path.splitext(q)[1].lower() in exts:
+            found[Path(q)] = None
+    if not found:
+        raise UsageError(f"no image matches {pattern}" + (f" ({len(matches)} other match(es), none an image file "
+                                                          "or a folder of images)" if matches else ""))
+    return list(found)
+
+
 def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:
     """Files as given, folders expanded recursively to their images (sorted), and a glob pattern that names no
-    file (quoted, so the shell left it: ``'photos/*/*.jpg'``, ``**`` recursive) to the image files it matches.
+    file (quoted, so the shell left it: ``'photos/*/*.jpg'``, ``**`` recursive) to the images it matches.
 
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
@@ -139,16 +165,11 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
     for item in inputs:
         p = Path(item)
         if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
-            matches = sorted(glob.glob(str(item), recursive=True))
-            found = [Path(q) for q in matches if os.path.isfile(q) and os.path.splitext(q)[1].lower() in exts]
-            if not found:
-                raise UsageError(f"no image matches {item}" + (f" ({len(matches)} other match(es), none an image "
-                                                               f"file)" if matches else ""))
             any_dir = True
-            out.extend(found)
+            out.extend(_pattern_images(str(item), exts))
         elif p.is_dir():
             any_dir = True
-            out.extend(Path(q) for q in walk_files(str(p)) if os.path.splitext(q)[1].lower() in exts)   # as the scan
+            out.extend(_folder_images(p, exts))
         elif p.exists():
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`

@@ -375,3 +375,18 @@ def test_confusion_png_with_a_very_long_class_name_prints_nothing(tmp_path):
         warnings.simplefilter("always")
         _confusion_png([[2, 0], [1, 1]], ["L" * 200, "short"], tmp_path / "confusion.png")
     assert [str(w.message) for w in caught] == [] and (tmp_path / "confusion.png").stat().st_size > 0
+
+
+def test_a_quoted_pattern_takes_folders_and_skips_debris_as_the_shell_and_a_folder_walk_do(tmp_path):
+    """Review: `zoo predict B 'photos/*'` (folders matched) said 'no image matches', though the shell's own
+    expansion (unquoted) hands zoo the folders, which it walks; and `'photos/**/*.jpg'` predicted Synology's
+    @eaDir thumbnails, which `zoo predict B photos` (walk_files, as the training scan) skips."""
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    thumbs = root / "a" / "@eaDir" / "a_000.png"
+    thumbs.mkdir(parents=True)
+    make_image(thumbs / "SYNOPHOTO_THUMB_M.png", 0)
+    walked = expand_images([root])[0]
+    assert thumbs / "SYNOPHOTO_THUMB_M.png" not in walked and len(walked) == 4
+    assert expand_images([f"{root}/*"])[0] == walked
+    assert expand_images([f"{root}/**/*.png"])[0] == walked
+    assert expand_images([f"{root}/**"])[0] == walked          # each image once, though ** matches its folders too

@@ -79,7 +79,7 @@ def warn_skipped(item: object, reason: str) -> None:
 def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
                 tta_scales: str | None, batch_size: int, device: str) -> None:
     """Top-k classes for each image (files or folders; - reads one image from stdin) from MODEL.
-    A quoted pattern ('photos/**/*.jpg') is expanded to the image files it matches.
+    A quoted pattern ('photos/**/*.jpg', 'photos/*') is expanded to the images it matches, folders walked.
 
     MODEL is a bundle folder (from `zoo export`) or a registry name: a pretrained ImageNet model with
     ImageNet class names, to try before any finetuning. Unreadable images are skipped with a warning.
