@@ -23,7 +23,8 @@ from finetune.core.errors import CheckpointError
 from finetune.core.io import atomic_write, write_file
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
-           "save_weights", "load_weights", "weights_damage", "cpu_state_dict", "cpu_copy", "BackgroundWrites"]
+           "save_weights", "load_weights", "weights_damage", "tensors_sha256", "cpu_state_dict", "cpu_copy",
+           "BackgroundWrites"]
 
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.safetensors"
@@ -192,8 +193,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                               "start the run again without --resume") from None
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def tensors_sha256(tensors: dict[str, torch.Tensor], salt: str = "") -> str:
+    """The sha256 of named tensors (names, dtypes, shapes and bytes, in name order), after ``salt``: what a
+    weights file records (:data:`DIGEST_KEY`) and what keys the feature cache to a backbone's weights."""
+    h = hashlib.sha256(salt.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -207,7 +210,7 @@ def weights_damage(path: str | Path, tensors: dict[str, torch.Tensor]) -> str | 
     sha256 differs from the one it recorded), or None (they are; or a file written before zoo recorded it)."""
     with safe_open(str(path), framework="pt") as fh:
         recorded = (fh.metadata() or {}).get(DIGEST_KEY)
-    if recorded is None or recorded == _tensors_digest(tensors):
+    if recorded is None or recorded == tensors_sha256(tensors):
         return None
     return f"the tensors of {path} do not match the sha256 recorded when it was written (a damaged file)"
 
@@ -217,7 +220,7 @@ def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Ten
     """Write the module's state (or a CPU state dict) as safetensors, atomically, with its tensors' sha256."""
     tensors = cpu_state_dict(module) if isinstance(module, torch.nn.Module) else module
     path = Path(path)
-    metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(tensors)}
+    metadata = {**(metadata or {}), DIGEST_KEY: tensors_sha256(tensors)}
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except OSError as e:

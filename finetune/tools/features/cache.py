@@ -16,6 +16,7 @@ import torch
 from safetensors.numpy import save_file
 from torch import nn
 
+from finetune.core.checkpoint import tensors_sha256
 from finetune.core.io import atomic_write, read_safetensors_header
 
 
@@ -155,15 +156,8 @@ def _strip(name: str, prefix: str) -> bool:
 def backbone_digest(model: nn.Module, head: str) -> str:
     """sha256 of the model's class and of every state_dict entry outside ``head`` (names, dtypes,
     shapes, values; BatchNorm running statistics included): the features depend on exactly these."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, t in model.state_dict().items():
-        if _strip(name, head) or not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
+    return tensors_sha256({name: t for name, t in model.state_dict().items()
+                           if isinstance(t, torch.Tensor) and not _strip(name, head)}, salt=type(model).__qualname__)
 
 
 def data_digest(items: Sequence[tuple[str, int]]) -> str:
