@@ -2,12 +2,12 @@
 pipeline_tag, license, base_model, tags, model-index) and a body that says what the model is."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from finetune.core.io import read_json_object
 from zoo.registry import public_source_id
 
 __all__ = ["model_card", "trained_recipe", "HUB_LICENSES"]
@@ -16,14 +16,6 @@ __all__ = ["model_card", "trained_recipe", "HUB_LICENSES"]
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
                 "cc-by-sa-4.0", "cc-by-nc-sa-4.0", "llama2", "openrail", "gpl-3.0", "lgpl-3.0", "agpl-3.0",
                 "cc0-1.0", "unlicense")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _recipe(run: Path | None) -> dict[str, Any]:
@@ -72,8 +64,8 @@ def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Pat
     source = public_source_id(meta.get("source") or pcfg.get("source"))
     licence = str(pcfg.get("license") or "unknown").lower()
     base_model = source[3:].split("@", 1)[0] if source and source.startswith("hf:") else None
-    scan = _read_json(run / "scan.json") if run else {}
-    summary = _read_json(run / "summary.json") if run else {}
+    scan = read_json_object(run / "scan.json") if run else {}
+    summary = read_json_object(run / "summary.json") if run else {}
     recipe = _recipe(run)
     metrics = dict(meta.get("metrics") or summary.get("metrics") or {})
     data_name = Path(str(scan.get("root") or "image folder")).name or "image folder"

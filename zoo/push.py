@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, parse_safetensors_header,
-                              rewrite_safetensors_metadata)
+                              read_json_object, rewrite_safetensors_metadata)
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
-from zoo.modelcard import HUB_LICENSES, _read_json, model_card
+from zoo.modelcard import HUB_LICENSES, model_card
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
 from zoo.sources import hub_transport, is_offline
@@ -142,7 +142,7 @@ def _test_metrics(path: str | os.PathLike | None, weights_sha256: str, labels: l
         return {}
     p = Path(path)
     p = p / "metrics.json" if p.is_dir() else p
-    doc = _read_json(p)
+    doc = read_json_object(p)
     if "accuracy" not in doc:
         raise UsageError(f"{p} is not a `zoo eval` metrics.json (no 'accuracy'); pass the report folder "
                          "`zoo eval BUNDLE --data DIR --out REPORT` wrote")
@@ -211,7 +211,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     card = model_card(repo, public_meta, cfg, run, _test_metrics(test_metrics, sha, labels))
     files = {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
              CARD: card.encode("utf-8")}
-    scan = _read_json(run / "scan.json") if run else {}
+    scan = read_json_object(run / "scan.json") if run else {}
     _check_private(files, _private_markers(bundle, run, scan))
     return PushPlan(repo=repo, files=files, weights_sha256=weights_sha, bundle=bundle, run=run, card=card)
 
@@ -365,7 +365,7 @@ def local_bundles(root: str | os.PathLike = ".", depth: int = 3) -> list[dict[st
             folder = cfg_path.parent
             if not (folder / WEIGHTS).is_file():
                 continue
-            cfg = _read_json(cfg_path)
+            cfg = read_json_object(cfg_path)
             if not isinstance(cfg.get("zoo"), dict):    # not ours, or hand-edited: zoo predict says why
                 continue
             found.append({"path": str(folder), "architecture": cfg.get("architecture"),

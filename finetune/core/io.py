@@ -17,7 +17,7 @@ import yaml
 
 __all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
            "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
-           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of"]
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "read_json_object"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -160,6 +160,16 @@ def printable_name(text: str) -> str:
 
 class SafetensorsHeaderError(ValueError):
     """A file is not a complete safetensors file; ``str(err)`` says how (callers add what to do next)."""
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the file ``path``, or {} when it is missing, unreadable, not UTF-8, not JSON or no
+    object (``null``, a list): for pages and cards that leave out what a damaged run file would have shown."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):       # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_yaml(text: str) -> Any:

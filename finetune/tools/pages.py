@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
-from finetune.core.io import atomic_write_text, load_yaml
+from finetune.core.io import atomic_write_text, load_yaml, read_json_object
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
 
@@ -112,16 +112,6 @@ def precision_recall(classes: Sequence[str], confusion: Sequence[Sequence[int]])
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; {} when it is missing, damaged or no object (`null`): the page leaves out
-    what it would have shown."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (),
                     excluded: Sequence[str] = ()) -> str:
     """The run page from the files in ``run_dir``.
@@ -132,8 +122,8 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
         excluded: paths left out of the run (``zoo finetune --exclude``).
     """
     run = Path(run_dir)
-    scan, summary = _read_json(run / "scan.json"), _read_json(run / "summary.json")
-    model = _read_json(run / "model.json")
+    scan, summary = read_json_object(run / "scan.json"), read_json_object(run / "summary.json")
+    model = read_json_object(run / "model.json")
     body = []
 
     # --- result first: what a reader looks for

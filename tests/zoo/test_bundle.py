@@ -358,6 +358,16 @@ def test_a_flipped_bit_in_the_runs_best_weights_is_refused_not_exported(run_and_
         load_weights(best)
 
 
+def test_a_run_json_file_that_is_not_utf8_costs_its_part_of_the_card_not_the_export(run_and_model):
+    """Review: the export read scan.json with its own reader, which caught JSONDecodeError but not the
+    UnicodeDecodeError of bytes that are not UTF-8 (a traceback); it now shares the reader of the report page
+    and the push card (finetune.core.io.read_json_object), for which a damaged file gives nothing."""
+    run, _ = run_and_model
+    (run / "scan.json").write_bytes(b'{"root": "\xff\xfe"}')
+    out = export_run(run, run / "b")
+    assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("edit", [{"classes": None}, {"classes": "cat"}, {"data_config": "x"}, {"head": "mlp"},
                                   {"builder": 3}, {"builder_kwargs": [1]},
                                   {"data_config": {"input_size": [3, 32, 32]}}])

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from finetune.core.io import atomic_write, atomic_write_text, load_yaml, rewrite_safetensors_metadata
+from finetune.core.io import (atomic_write, atomic_write_text, load_yaml, read_json_object,
+                              rewrite_safetensors_metadata)
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
@@ -78,12 +79,7 @@ def _trained_on_mirrors(run_dir: Path, recipe: dict[str, Any], summary: dict[str
 
 
 def _scan(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "scan.json"
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json_object(run_dir / "scan.json")
 
 
 def _data_folders(scan: dict[str, Any]) -> dict[str, str | None] | None:
