@@ -207,10 +207,13 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                   channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
                   mix=build_mix(config, len(counts)))
-    # NHWC on CUDA for runs that train the network. A head-only run on cached features only passes each
-    # image forward once, and NHWC there costs cuDNN's first-use set-up for nothing (an H200, 63-image
-    # default run: feature pass 5.0 -> 0.6 s, whole process 17.9 -> 12.5 s; docs/benchmarks.md).
-    setup.channels_last = (bool(config.channels_last) and device.type == "cuda"
+    # NHWC on CUDA and the CPU for runs that train the network: on the CPU oneDNN's NHWC kernels (depthwise
+    # convolutions above all) took 0.75x the CPU time of NCHW for a medium Lite0 run's training step, no
+    # registry model's step slower beyond noise (docs/benchmarks.md, "NHWC on the CPU"). A head-only run on
+    # cached features only passes each image forward once, and NHWC there costs cuDNN's first-use set-up
+    # for nothing (an H200, 63-image default run: feature pass 5.0 -> 0.6 s, whole process 17.9 -> 12.5 s);
+    # it stays NCHW.
+    setup.channels_last = (bool(config.channels_last) and device.type in ("cuda", "cpu")
                            and not (setup.head_only and setup.cached_head))
     if setup.channels_last:
         work.to(memory_format=torch.channels_last)

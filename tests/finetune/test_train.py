@@ -577,20 +577,23 @@ def devices(slow_on_cpu: bool = False) -> list:
 DEVICES = devices()
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_head_only_on_cached_features_stays_nchw(data):
-    """NHWC pays cuDNN's first-use set-up: only runs that train the network convert the model."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_only_on_cached_features_stays_nchw(data, device):
+    """NHWC pays cuDNN's first-use set-up: only runs that train the network convert the model (on the CPU
+    too, where oneDNN's NHWC kernels are the faster ones); --no-channels-last keeps it NCHW."""
     from finetune.engine import build_setup
 
     train, val = data
-    head = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device="cuda", freeze="head",
+    head = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device=device, freeze="head",
                                                                        fast_head=True), head="fc")
-    net = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device="cuda", freeze="none"), head="fc")
+    net = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device=device, freeze="none"), head="fc")
+    off = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device=device, freeze="none",
+                                                                      channels_last=False), head="fc")
     assert not head.channels_last and head.model.stem[0].weight.is_contiguous()
     assert net.channels_last and net.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-    head.close()
-    net.close()
+    assert not off.channels_last and off.model.stem[0].weight.is_contiguous()
+    for setup in (head, net, off):
+        setup.close()
 
 
 @pytest.mark.gpu
