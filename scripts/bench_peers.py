@@ -12,7 +12,11 @@ from), run side by side:
              transform, the backbone's output before the classifier), C picked on the validation split,
              fitted on the training images only
   fastai     `vision_learner(dls, "tf_efficientnet_lite0").fine_tune(N)` (fastai's timm path; its
-             normalisation is the model's mean/std 0.5), run in a venv that has fastai (--fastai-python)
+             normalisation is the model's mean/std 0.5), run in a venv that has fastai (--fastai-python).
+             On that path fastai splits the model in 2 parameter groups (the whole body, the head), so
+             fine_tune's unfrozen epochs train the whole body at base_lr/2/lr_mult = 1e-5 (a ResNet's
+             middle layers get 1e-4): what a fastai user gets, kept; `fastai-stages` is the same run with
+             3 groups as fastai's own ResNet split (docs/peers.md, "Why fastai scores low")
   timm       timm's own `train.py` (--timm-train: a copy of it, not part of this project) with its
              defaults except --device cpu, --batch-size 16 (its 128 exceeds the training set, and its
              training loader drops the last partial batch) and --epochs (its 300 is hours here)
@@ -28,8 +32,10 @@ tool reads the same pixels (zoo would composite on white itself; fastai and timm
 
 Medium mode (``--dataset digits``): scikit-learn's handwritten digits as 64-px PNG folders, ``--train-per-class``
 (default 100) + 30 validation + 44 test images per class, seeded splits, every tool at ``--img-size`` px
-(default 128); the same rows (zoo's default then unfreezes stages), plus `zoo-head` (--freeze head) and
-`fastai-lrfind` (fine_tune at lr_find's valley):
+(default 128); the same rows (zoo's default then unfreezes stages), plus `zoo-head` (--freeze head),
+`fastai-lrfind` (fine_tune at lr_find's valley) and `fastai-stages`. Every fastai row logs its validation
+curve (train loss, val loss, val accuracy per epoch, the frozen epoch first) in its fastai.json and the output;
+--fastai-aug/--fastai-tune/--fastai-split change its aug_transforms, fine_tune and splitter (experiments):
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_peers.py --dataset digits --splits 2 \
         --only zoo,zoo-head,zoo-full,probe,fastai,fastai-lrfind,timm --fastai-epochs 5 --timm-epochs 10 ...
@@ -56,7 +62,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet_lite0"          # the registry entry (timm tf_efficientnet_lite0)
 TIMM_ARCH = "tf_efficientnet_lite0"
-TOOLS = ("zoo", "zoo-head", "zoo-full", "probe", "fastai", "fastai-lrfind", "timm")
+TOOLS = ("zoo", "zoo-head", "zoo-full", "probe", "fastai", "fastai-lrfind", "fastai-stages", "timm")
+FASTAI_ROWS = ("fastai", "fastai-lrfind", "fastai-stages")
 ZOO_FLAGS = {"zoo": [], "zoo-head": ["--freeze", "head"], "zoo-full": ["--freeze", "none"]}
 # Photo classes of tuxpaint-stamps-default (>= 9 photos each). tools/instruments/fish/planets/insects were
 # never used by this project; birds/fruit/vegetables/flowers are 4 of the 5 classes of transfer_check.py
@@ -167,10 +174,12 @@ def run_probe(data: Path, img_size: int = 0) -> tuple[float, float, dict]:
 
 # ---------------------------------------------------------------------------------------- fastai
 def fastai_child(args: argparse.Namespace) -> None:
-    """Runs inside the fastai venv: train with fine_tune, evaluate on data/test, write a JSON result."""
+    """Runs inside the fastai venv: train with fine_tune, evaluate on data/test, write a JSON result
+    (with the validation curve: train loss, val loss, val accuracy of every epoch, the frozen one first)."""
     started = time.monotonic()
     import timm
-    from fastai.vision.all import ImageDataLoaders, Resize, aug_transforms, get_image_files, set_seed, vision_learner
+    from fastai.vision.all import (Callback, ImageDataLoaders, Recorder, Resize, accuracy, aug_transforms,
+                                   get_image_files, set_seed, vision_learner)
 
     weights = args.weights
     create = timm.create_model
@@ -182,36 +191,78 @@ def fastai_child(args: argparse.Namespace) -> None:
             kwargs["pretrained_cfg_overlay"] = dict(file=weights)
         return create(name, pretrained=pretrained, **kwargs)
 
+    curve = []
+
+    class Curve(Callback):   # Recorder.values starts afresh at each fit: fine_tune's two fits, kept here
+        order = Recorder.order + 1
+
+        def after_epoch(self):
+            curve.append([round(float(v), 5) for v in self.recorder.values[-1]])
+
     timm.create_model = create_from_file
     set_seed(args.seed)
     data = Path(args.data)
+    aug, tune, extra = _kwargs(args.fastai_aug), _kwargs(args.fastai_tune), _kwargs(args.fastai_learner)
     dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(args.img_size or 224),
-                                       batch_tfms=aug_transforms(), bs=args.batch_size, num_workers=0)
-    learn = vision_learner(dls, TIMM_ARCH, pretrained=True)
+                                       batch_tfms=aug_transforms(**aug), bs=args.batch_size, num_workers=0)
+    # accuracy is only logged (fine_tune keeps its last epoch whatever the metrics say)
+    learn = vision_learner(dls, TIMM_ARCH, pretrained=True, metrics=accuracy, cbs=Curve(),
+                           splitter=_timm_stage_split if args.fastai_split == "stages" else None, **extra)
+    lr = None
     with learn.no_bar(), learn.no_logging():
         if args.lr_find:    # the LR its finder suggests (the valley), as fastai's course does
-            learn.fine_tune(args.epochs, base_lr=float(learn.lr_find(show_plot=False).valley))
-        else:
-            learn.fine_tune(args.epochs)
+            lr = float(learn.lr_find(show_plot=False).valley)
+            tune["base_lr"] = lr
+            curve.clear()    # the finder's own short epochs
+        learn.fine_tune(args.epochs, **tune)
+    learn.remove_cb(Curve)   # the test pass is no epoch
     trained = time.monotonic()
     test = learn.dls.test_dl(get_image_files(data / "test"), with_labels=True)
     with learn.no_bar():
         preds, targets = learn.get_preds(dl=test)
     acc = float((preds.argmax(1) == targets).float().mean())
-    Path(args.result).write_text(json.dumps({"accuracy": acc, "train_s": trained - started,
-                                             "test_s": time.monotonic() - trained, "n_test": len(targets)}))
+    Path(args.result).write_text(json.dumps({
+        "accuracy": acc, "train_s": trained - started, "test_s": time.monotonic() - trained,
+        "n_test": len(targets), "lr_find": lr, "param_groups": len(learn.opt.param_lists),
+        "curve": {"columns": ["train_loss", "valid_loss", "accuracy"], "epochs": curve}}))
+
+
+def _kwargs(text: str | None) -> dict:
+    """'do_flip=False,max_rotate=0' as a dict of Python literals (the fastai experiment knobs)."""
+    import ast
+
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def _timm_stage_split(model):
+    """Three parameter groups for a timm EfficientNet in fastai's (TimmBody, head) model, as fastai's own
+    ResNet split: stem and the first 4 stages, the last 3 stages and the final conv, the head."""
+    body = model[0].model
+    early = [body.conv_stem, body.bn1, *body.blocks[:4]]
+    late = [*body.blocks[4:], body.conv_head, body.bn2]
+    return [[p for m in early for p in m.parameters()], [p for m in late for p in m.parameters()],
+            list(model[1].parameters())]
 
 
 def run_fastai(python: str, data: Path, weights: Path, epochs: int, seed: int, work: Path, img_size: int = 0,
-               lr_find: bool = False, batch_size: int = 16) -> tuple[float, float]:
+               lr_find: bool = False, batch_size: int = 16, aug: str = "", tune: str = "",
+               split: str = "", learner: str = "") -> tuple[float, float]:
     result = work / "fastai.json"
     env = {**os.environ, "PYTHONPATH": ""}   # fastai's venv sees the main venv's torch/timm through a .pth file
     total = run_timed([python, __file__, "--fastai-child", "--data", str(data), "--weights", str(weights),
                        "--fastai-epochs", str(epochs), "--seed", str(seed), "--result", str(result),
                        "--img-size", str(img_size), "--batch-size", str(batch_size),
-                       *(["--lr-find"] if lr_find else [])],
+                       *(["--lr-find"] if lr_find else []), *(["--fastai-aug", aug] if aug else []),
+                       *(["--fastai-tune", tune] if tune else []), *(["--fastai-split", split] if split else []),
+                       *(["--fastai-learner", learner] if learner else [])],
                       work / "fastai.log", env=env)
     out = json.loads(result.read_text())
+    say("  fastai epochs (train loss, val loss, val acc): " + "; ".join(
+        " / ".join(f"{v:.3f}" for v in e) for e in out["curve"]["epochs"]))
     return out["accuracy"], total - out["test_s"]   # the whole process, less its test pass
 
 
@@ -278,6 +329,14 @@ def main() -> None:
     ap.add_argument("--seeds", help="comma-separated split seeds instead (e.g. 1,2: to extend an earlier run)")
     ap.add_argument("--fastai-python", help="python of a venv with fastai (needed for the fastai row)")
     ap.add_argument("--fastai-epochs", type=int, default=10, help="fine_tune(N)")
+    ap.add_argument("--fastai-aug", metavar="K=V,...",
+                    help="experiment: keyword arguments of aug_transforms, e.g. 'do_flip=False'")
+    ap.add_argument("--fastai-tune", metavar="K=V,...",
+                    help="experiment: keyword arguments of fine_tune, e.g. 'lr_mult=10'")
+    ap.add_argument("--fastai-learner", metavar="K=V,...",
+                    help="experiment: keyword arguments of vision_learner, e.g. 'train_bn=False'")
+    ap.add_argument("--fastai-split", choices=("default", "stages"), default="default",
+                    help="experiment: fastai's splitter for the timm model (default: body and head, 2 groups)")
     ap.add_argument("--timm-train", help="path to a copy of timm's train.py (needed for the timm row)")
     ap.add_argument("--timm-epochs", type=int, default=30)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
@@ -322,6 +381,12 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join((*TOOLS, *variants))}")
     LABELS.update({name: f"`zoo finetune {' '.join(flags)}`" for name, flags in variants.items()})
+    knobs = [f"{k} {v}" for k, v in (("aug_transforms", args.fastai_aug), ("fine_tune", args.fastai_tune),
+                                      ("vision_learner", args.fastai_learner),
+                                      ("splitter", args.fastai_split if args.fastai_split != "default" else ""))
+             if v]
+    for row in FASTAI_ROWS if knobs else ():
+        LABELS[row] += f" ({'; '.join(knobs)})"
     evals = {}
     for v in args.eval_flags:
         name, sep, flags = v.partition("=")
@@ -333,7 +398,7 @@ def main() -> None:
         for name, flags in evals.items():
             tools.insert(tools.index(row) + 1 + list(evals).index(name), f"{row}+{name}")
             LABELS[f"{row}+{name}"] = f"{LABELS[row]}, `zoo eval {' '.join(flags)}`"
-    if {"fastai", "fastai-lrfind"} & set(tools) and not args.fastai_python:
+    if set(FASTAI_ROWS) & set(tools) and not args.fastai_python:
         sys.exit("the fastai row needs --fastai-python (a venv with fastai), or leave it out of --only")
     if "timm" in tools and not (args.timm_train and Path(args.timm_train).is_file()):
         sys.exit("the timm row needs --timm-train PATH (a copy of timm's train.py), or leave it out of --only")
@@ -357,7 +422,7 @@ def main() -> None:
     pth, sha = demo_weights_file()
     run_timed(zoo_cmd("import", MODEL, str(pth), "--sha256", sha), work / "import.log")
     weights = work / "efficientnet_lite0.safetensors"
-    if {"fastai", "fastai-lrfind", "timm"} & set(tools):
+    if {*FASTAI_ROWS, "timm"} & set(tools):
         export_weights(weights)
 
     results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
@@ -389,9 +454,11 @@ def main() -> None:
             elif tool == "probe":
                 acc, s, details = run_probe(data, args.img_size)
                 probe_details.append(details)
-            elif tool in ("fastai", "fastai-lrfind"):
+            elif tool in FASTAI_ROWS:
                 acc, s = run_fastai(args.fastai_python, data, weights, args.fastai_epochs, seed, run, args.img_size,
-                                    lr_find=tool == "fastai-lrfind", batch_size=32 if medium else 16)
+                                    lr_find=tool == "fastai-lrfind", batch_size=32 if medium else 16,
+                                    aug=args.fastai_aug, tune=args.fastai_tune, learner=args.fastai_learner,
+                                    split="stages" if tool == "fastai-stages" else args.fastai_split)
             else:
                 acc, s = run_timm(Path(args.timm_train), data, weights, len(files), args.timm_epochs, seed, run,
                                   args.img_size, batch_size=32 if medium else 16)
@@ -440,6 +507,7 @@ LABELS = {"zoo": "`zoo finetune` defaults", "zoo-head": "`zoo finetune --freeze 
           "fastai-lrfind": "fastai `fine_tune({fe}, base_lr=lr_find().valley)`",
           "probe": "LogisticRegression (L-BFGS, C on val) on the same pooled features",
           "fastai": "fastai `vision_learner(...).fine_tune({fe})`",
+          "fastai-stages": "fastai `fine_tune({fe})`, 3 parameter groups as its ResNet split",
           "timm": "timm `train.py`, defaults, `--epochs {te} --batch-size {bs}`"}
 
 

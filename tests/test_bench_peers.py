@@ -97,3 +97,34 @@ def test_mnist5k_needs_its_csv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench_peers.py", "--dataset", "mnist5k", "--only", "zoo,probe"])
     with pytest.raises(SystemExit, match="--mnist-csv"):
         bp.main()
+
+
+def test_fastai_knobs_parse_as_python_literals():
+    bp = load_script()
+    assert bp._kwargs("do_flip=False, max_rotate=0.,max_zoom=1") == {"do_flip": False, "max_rotate": 0.0, "max_zoom": 1}
+    assert bp._kwargs("") == {} and bp._kwargs(None) == {}
+
+
+def test_fastai_stage_split_puts_every_parameter_in_one_of_three_groups():
+    """The `fastai-stages` row's splitter on fastai's (TimmBody, head) model: stem + stages 0-3, stages 4-6 +
+    the final conv, the head; each parameter exactly once (fastai's optimizer would train a missing one never)."""
+    import timm
+    import torch.nn as nn
+
+    bp = load_script()
+
+    class Body(nn.Module):       # fastai's TimmBody keeps the timm model as .model
+        def __init__(self):
+            super().__init__()
+            self.model = timm.create_model(bp.TIMM_ARCH, pretrained=False, num_classes=0)
+
+    model = nn.Sequential(Body(), nn.Sequential(nn.BatchNorm1d(2560), nn.Linear(2560, 10)))
+    groups = bp._timm_stage_split(model)
+    assert len(groups) == 3
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+    body = model[0].model
+    group = {id(p): i for i, g in enumerate(groups) for p in g}
+    assert group[id(body.conv_stem.weight)] == 0 and group[id(body.blocks[3][0].conv_pw.weight)] == 0
+    assert group[id(body.blocks[4][0].conv_pw.weight)] == 1 and group[id(body.conv_head.weight)] == 1
+    assert group[id(model[1][1].weight)] == 2
