@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 
-from finetune.core.io import read_json_object
+from finetune.core.io import load_yaml, read_json_object
 from zoo.registry import public_source_id
 
-__all__ = ["model_card", "trained_recipe", "HUB_LICENSES"]
+__all__ = ["model_card", "run_recipe", "trained_recipe", "HUB_LICENSES"]
 
 # licence ids the Hub's metadata validator knows (those the registry uses); anything else is "other"
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
@@ -18,11 +18,12 @@ HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-
                 "cc0-1.0", "unlicense")
 
 
-def _recipe(run: Path | None) -> dict[str, Any]:
+def run_recipe(run: Path | None) -> dict[str, Any]:
+    """The run's config.yaml as a mapping, or {} when there is none or it is damaged (a card leaves it out)."""
     if run is None or not (run / "config.yaml").is_file():
         return {}
     try:
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        data = load_yaml((run / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -66,7 +67,7 @@ def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Pat
     base_model = source[3:].split("@", 1)[0] if source and source.startswith("hf:") else None
     scan = read_json_object(run / "scan.json") if run else {}
     summary = read_json_object(run / "summary.json") if run else {}
-    recipe = _recipe(run)
+    recipe = run_recipe(run)
     metrics = dict(meta.get("metrics") or summary.get("metrics") or {})
     data_name = Path(str(scan.get("root") or "image folder")).name or "image folder"
     test = test or {}

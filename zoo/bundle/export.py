@@ -11,15 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from finetune.core.io import (atomic_write, atomic_write_text, load_yaml, read_json_object,
-                              rewrite_safetensors_metadata)
+from finetune.core.io import atomic_write, atomic_write_text, read_json_object, rewrite_safetensors_metadata
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
-from zoo.modelcard import trained_recipe
+from zoo.modelcard import run_recipe, trained_recipe
 from zoo.outdir import KINDS, STAGING
 from zoo.registry import public_source_id
 
@@ -40,17 +37,6 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
     metrics = summary.get("metrics", summary)
     # Keep what JSON can carry; metadata stays small (the header is read on every load).
     return json.loads(json.dumps(metrics, default=str))
-
-
-def _recipe(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "config.yaml"
-    if not p.exists():
-        return {}
-    try:
-        data = load_yaml(p.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _trained_on_mirrors(run_dir: Path, recipe: dict[str, Any], summary: dict[str, Any]) -> bool:
@@ -338,7 +324,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise UsageError(f"unknown export format(s) {unknown}; choose safetensors and/or onnx")
     info, state, ckpt = _read_run(run)
     labels = [str(c) for c in info["classes"]]
-    summary = _summary(run)
+    summary, recipe, scan = _summary(run), run_recipe(run), _scan(run)     # read once: the metadata's and the card's
 
     builder = str(info["builder"])
     library, _, arch = builder.partition(":")
@@ -362,15 +348,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "source_sha256": info.get("source_sha256"), "source_weights_sha256": info.get("source_weights_sha256"),
         "pretrained": info.get("pretrained", True),
         "metrics": _metrics(summary),
-        "trained_on_mirrors": _trained_on_mirrors(run, _recipe(run), summary),
-        "data_folders": _data_folders(_scan(run)),
+        "trained_on_mirrors": _trained_on_mirrors(run, recipe, summary),
+        "data_folders": _data_folders(scan),
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
     stage = out / STAGING
     shutil.rmtree(stage, ignore_errors=True)        # what a killed export left
     stage.mkdir(parents=True)
     try:
-        _write_bundle(stage, run, info, model, meta, labels, data_config, formats)
+        card = _model_card(meta, trained_recipe(recipe, summary), scan, formats)   # freeze as decided, head's solver
+        _write_bundle(stage, info, model, meta, labels, data_config, formats, card)
         _publish(stage, out)
     except OSError as err:      # (a full disk...) named as the bundle's file, not the staging copy
         if err.filename and Path(err.filename).parent == stage:
@@ -392,9 +379,9 @@ def _publish(stage: Path, out: Path) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def _write_bundle(out: Path, run: Path, info: dict[str, Any], model: Any, meta: dict[str, Any], labels: list[str],
-                  data_config: dict[str, Any], formats: Sequence[str]) -> None:
-    """Every file of the bundle, written into ``out`` (the staging folder)."""
+def _write_bundle(out: Path, info: dict[str, Any], model: Any, meta: dict[str, Any], labels: list[str],
+                  data_config: dict[str, Any], formats: Sequence[str], card: str) -> None:
+    """Every file of the bundle, written into ``out`` (the staging folder); ``card`` is its README.md."""
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     import safetensors.torch
 
@@ -425,5 +412,4 @@ def _write_bundle(out: Path, run: Path, info: dict[str, Any], model: Any, meta: 
                      "source_sha256": info.get("source_sha256"), "zoo_bundle": BUNDLE_FORMAT}
         _export_onnx(model, out / "model.onnx", data_config["input_size"],
                      {k: json.dumps(v, ensure_ascii=False) for k, v in onnx_meta.items()})
-    recipe = trained_recipe(_recipe(run), _summary(run))    # freeze as decided, the head's solver
-    atomic_write_text(out / "README.md", _model_card(meta, recipe, _scan(run), formats))
+    atomic_write_text(out / "README.md", card)
