@@ -173,6 +173,20 @@ def test_doctor_lists_the_files_its_scan_skipped_where_its_warning_says(tmp_path
     assert (out / "bad_files.txt").read_text(encoding="utf-8").startswith("train/cat/notes.jpg\t")
 
 
+def test_class_and_file_names_with_a_newline_stay_on_one_line_of_the_console(tmp_path, tiny):
+    """QA (session 18): a class folder named ``new\\nline`` broke every doctor finding that named it into two
+    console lines (finetune, eval and predict print it escaped)."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "new\nline"), layout="split", per_class=6,
+                             val_per_class=2)
+    shutil.copyfile(data / "train" / "new\nline" / "new\nline_003.png", data / "val" / "new\nline" / "le\nak.png")
+    r = invoke("doctor", "--data", data, "--model", tiny, "--out", tmp_path / "doc", "--device", "cpu",
+               "--workers", "0", "--min-side", "0")
+    assert r.exit_code == 0, r.output
+    leak = [ln for ln in r.stdout.splitlines() if ln.lstrip().startswith("leak ")]
+    assert any(r"val/new\nline/le\nak.png" in ln for ln in leak), r.stdout
+    assert "new\nline" not in r.output, r.output
+
+
 def test_the_data_folder_may_be_given_as_an_argument(tmp_path, tiny, leaky):
     """QA: `zoo doctor DIR` said "Missing option '--data'"; it now takes the folder either way, and says
     what is wrong when there is none or two."""

@@ -12,6 +12,7 @@ from finetune.core.config import OPTIONS, FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import FiniteFloatRange
+from zoo.text import printable
 
 __all__ = ["doctor_cmd"]
 
@@ -98,7 +99,7 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
 
     def log(msg: str) -> None:
         if not quiet:
-            echo(msg, err=True)
+            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
 
     try:
         options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed, outlier_z=outlier_z,
@@ -120,7 +121,8 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
         shown[f.finding] = shown.get(f.finding, 0) + 1
         other = f" -> {f.other}" if f.other else ""
         where = f.path or "(folder)"
-        echo(f"  {f.finding:22s} {where}{other}  [{f.score:g}] {f.detail}")
+        # class and file names are in all three fields: a newline in one must not start a line of its own
+        echo(printable(f"  {f.finding:22s} {where}{other}  [{f.score:g}] {f.detail}"))
     for kind, n in counts.items():
         if n > shown.get(kind, 0) and shown.get(kind, 0):
             echo(f"  ... {n - shown[kind]} more {kind.replace('_', ' ')}")
