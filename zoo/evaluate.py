@@ -21,7 +21,7 @@ from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
-from finetune.data.files import is_ignored, walk_files
+from finetune.data.files import class_key, is_ignored, walk_files
 from finetune.data.scan import held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
@@ -94,11 +94,14 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
     exts = _image_extensions()
     index = {str(name): i for i, name in enumerate(aliases or ())}
     index.update({name: i for i, name in enumerate(labels)})
+    index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
     folders = sorted(d for d in base.iterdir() if d.is_dir() and not is_ignored(d.name))
     for d in folders:
-        name = printable_name(d.name)       # how finetune names a class whose folder name is not UTF-8
+        # how finetune names a class whose folder name is not UTF-8; café composed or decomposed is one name
+        name = printable_name(d.name)
+        name = name if name in index else class_key(name)
         if name not in index:
             ignored.append(d.name)
             continue

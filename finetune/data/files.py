@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -183,16 +184,30 @@ def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
 
     Raises:
         DataError: two class folders have the same printable name (one named with undecodable bytes, the
-            other with the same ``\\xNN`` text).
+            other with the same ``\\xNN`` text), or names that differ only in their Unicode form (``café``
+            composed and decomposed: one name to the eye, to macOS and in every label printed).
     """
     classes: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
     for c in list_classes(folder):
         name = printable_name(c)
-        if name in classes:
-            raise DataError(f"two class folders in {printable_name(folder)} read {name} (one of them has a name that "
-                            "is not UTF-8); rename one")
+        twin = seen.get(class_key(name))
+        if twin is not None:
+            why = ("one of them has a name that is not UTF-8" if twin == name else
+                   "written with other Unicode characters: composed and decomposed accents, as macOS and Linux "
+                   "tools write them")
+            raise DataError(f"two class folders in {printable_name(folder)} read {name} ({why}); rename one, or "
+                            "move the images of one into the other")
+        seen[class_key(name)] = name
         classes[name] = walk_files(os.path.join(folder, c), loops)
     return dict(sorted(classes.items()))
+
+
+def class_key(name: str) -> str:
+    """What makes two class names the same name: their Unicode NFC form (``cafe\\u0301`` is ``caf\\xe9``,
+    as macOS file systems and every reader take it). The scan refuses two class folders with one key;
+    ``zoo eval`` matches a class folder to a model's label by it."""
+    return unicodedata.normalize("NFC", name)
 
 
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache

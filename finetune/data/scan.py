@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from finetune.data.files import IMAGE_EXTENSIONS, check_files, collect_classes, is_ignored, is_dir, list_classes
+from finetune.data.files import (IMAGE_EXTENSIONS, check_files, class_key, collect_classes, is_ignored, is_dir,
+                                  list_classes)
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
@@ -147,6 +148,8 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
     Raises DataError when no file is usable, or (strict) when any file is not.
     """
     raw = {name: collect_classes(d, loops) for name, d in dirs.items() if d}
+    named = {class_key(c): c for c in raw["train"]}     # val/café read as train/café whatever its Unicode form
+    raw = {name: {named.get(class_key(c), c): ps for c, ps in split.items()} for name, split in raw.items()}
     all_files = [p for split in raw.values() for paths in split.values() for p in paths]
     reasons = dict(zip(all_files, check_files(all_files)))
     bad = [(p, r) for p, r in reasons.items() if r is not None]

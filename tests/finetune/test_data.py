@@ -786,3 +786,17 @@ def test_jpegs_saved_as_jfif_and_netpbm_files_are_images(tmp_path):
         (root / "cat" / f"src{i}.png").unlink()
     report = scan_folder(root)
     assert report.bad_files == [] and report.counts()["train"]["cat"] + report.counts()["val"]["cat"] == 6
+
+
+def test_class_folders_whose_names_differ_only_in_unicode_form_are_one_name(tmp_path):
+    """QA (session 18): café written composed (NFC, Linux tools) and decomposed (NFD, macOS) were two classes,
+    printed alike in every label; a val/ folder copied from a Mac was a class "with no training images"."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    data = make_image_folder(tmp_path / "twins", classes=("a", nfc), per_class=2)
+    os.rename(make_image_folder(tmp_path / "other", classes=(nfd,), per_class=2) / nfd, data / nfd)
+    with pytest.raises(DataError, match=r"two class folders in .* read caf.* \(written with other Unicode .*rename one"):
+        scan_folder(data)
+    split = make_image_folder(tmp_path / "split", classes=("a", nfc), per_class=2, layout="split", val_per_class=1)
+    os.rename(split / "val" / nfc, split / "val" / nfd)
+    report = scan_folder(split)
+    assert report.classes == ["a", nfc] and report.counts()["val"] == {"a": 1, nfc: 1}

@@ -167,6 +167,14 @@ def test_classification_metrics_by_hand():
     assert six["accuracy"] == 0.0 and six["top5"] == pytest.approx(0.5)
 
 
+def test_a_class_folder_matches_its_label_in_either_unicode_form(tmp_path):
+    """QA (session 18): a test folder copied from a Mac (cafe\\u0301, decomposed) was "not a class of the
+    model" trained on caf\\xe9 (composed), the two printed alike."""
+    make_image_folder(tmp_path / "d", classes=("a", "cafe\u0301"), per_class=1)
+    split, items, ignored = find_eval_images(tmp_path / "d", ["a", "caf\u00e9"])
+    assert ignored == [] and sorted(label for _, label in items) == [0, 1]
+
+
 def test_find_eval_images_prefers_test_then_val(tmp_path):
     root = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2, layout="split",
                              val_per_class=1, size=16)
