@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -101,8 +102,10 @@ def _check_file(path: str) -> str | None:
             # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
             with Image.open(path) as im:
                 im.load()
-    except Image.DecompressionBombError as e:
-        return f"too many pixels, over the decompression-bomb limit ({e})"
+    except Image.DecompressionBombError as e:   # over 2x the limit: PIL refuses to open it, naming 2x as its limit
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        return (f"too many pixels ({size.group(1) + ' pixels, ' if size else ''}over the decompression-bomb limit "
+                f"of {Image.MAX_IMAGE_PIXELS})")
     except UnidentifiedImageError:
         return "not a readable image (unrecognised or damaged format)"
     except OSError as e:

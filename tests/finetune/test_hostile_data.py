@@ -280,9 +280,14 @@ def test_decompression_bomb_rejected(hostile, tmp_path, monkeypatch):
         for i in range(2):
             make_image(root / f"c{c}" / f"{i}.png", c, size=32)
     Image.new("RGB", (40, 40)).save(root / "c0" / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)          # 1600 px: over 1x, under 2x
+    Image.new("RGB", (50, 50)).save(root / "c0" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)          # 1600 px: over 1x, under 2x; 2500 px: over 2x
     report = scan_folder(root)
-    assert [(report.relpath(p), "decompression-bomb" in r) for p, r in report.bad_files] == [("c0/big.png", True)]
+    assert [(report.relpath(p), "decompression-bomb" in r) for p, r in report.bad_files] == [("c0/big.png", True),
+                                                                                           ("c0/huge.png", True)]
+    # QA (session 18): one limit in every reason (over 2x PIL's own message named 2400, twice the limit)
+    assert [r for _, r in report.bad_files] == ["too many pixels (40x40, over the decompression-bomb limit of 1200)",
+                                                "too many pixels (2500 pixels, over the decompression-bomb limit of 1200)"]
     with pytest.raises(DataError, match="decompression-bomb"):
         load_image(root / "c0" / "big.png")
 
