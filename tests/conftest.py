@@ -95,6 +95,27 @@ def corrupt_jpeg(good: bytes) -> bytes:
     return bytes(header) + b"\xff\xc8" * max(8, (len(good) - start - 2) // 2) + b"\xff\xd9"
 
 
+def fifo_with_a_late_writer(path: Path, after_s: float = 5.0):
+    """A named pipe at ``path``, and a thread that opens it for writing (then closes it) after ``after_s``: a
+    reader that opens the pipe (a regression) then fails on no data instead of waiting for good."""
+    import threading
+    import time
+
+    os.mkfifo(path)
+
+    def write_late() -> None:
+        time.sleep(after_s)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)      # ENXIO when no reader waits: nothing to unblock
+            os.close(fd)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=write_late, daemon=True)
+    thread.start()
+    return thread
+
+
 def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 12, layout: str = "flat",
                       val_per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
     """Write ``root/<class>/*.png`` (layout="flat") or ``root/{train,val}/<class>/*.png`` (layout="split")."""

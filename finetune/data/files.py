@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.io import printable_name
-from finetune.data.images import pil_warnings
+from finetune.data.images import pil_warnings, special_file
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -81,6 +81,9 @@ def _check_file(path: str) -> str | None:
         return "broken or looping symbolic link"
     if ext not in IMAGE_EXTENSIONS:
         return f"not an image file type ({ext or 'no extension'})"
+    kind = special_file(path)
+    if kind is not None:            # reading it could wait for good (a pipe); its size reads 0
+        return f"{kind}, not an image file"
     try:
         size = os.path.getsize(path)
         if size == 0:

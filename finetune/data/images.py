@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,26 @@ def upright_rgb(im: Image.Image) -> Image.Image:
     return to_rgb(upright if upright is not None else im.copy())
 
 
+def special_file(path: str | Path) -> str | None:
+    """What ``path`` is when it is a named pipe, a socket or a device rather than a file (opening a pipe waits for
+    a writer: zoo predict of a folder holding one hung for good), else None. The streams a user names on purpose
+    (``zoo predict BUNDLE -`` reads /dev/stdin, ``<(curl ...)`` is /dev/fd/N) live under /dev and /proc and
+    are read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None             # missing, a broken link: the reader says so
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        return None
+    return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
+
+
+def _refuse_special(path: str | Path) -> None:
+    kind = special_file(path)
+    if kind is not None:
+        raise DataError(f"{printable_name(str(path))} is {kind}, not an image file; remove it from the folder")
+
+
 def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     """Decode an image file to an upright 8-bit RGB PIL image (first frame of animations).
 
@@ -88,6 +109,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     Raises:
         DataError: the file cannot be read or decoded, or exceeds PIL's decompression-bomb limit.
     """
+    _refuse_special(path)
     try:
         with pil_warnings():
             with Image.open(path) as im:
@@ -146,6 +168,7 @@ def _missing(path: str | Path) -> DataError:
 
 def read_image_bytes(path: str | Path) -> bytes:
     """The file's bytes. Raises DataError (one line, what to do) when it cannot be read."""
+    _refuse_special(path)
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:

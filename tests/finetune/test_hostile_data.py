@@ -28,7 +28,7 @@ from finetune.data import (
     write_scan,
 )
 from finetune.core.errors import DataError
-from tests.conftest import make_image
+from tests.conftest import fifo_with_a_late_writer, make_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -313,3 +313,20 @@ def test_a_photo_with_damaged_exif_is_used_without_pil_warnings(tmp_path):
     assert report.bad_files == [] and len(report.train) + len(report.val) == 5
     assert image.size == (8, 6)
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+
+
+def test_a_named_pipe_in_a_class_folder_is_skipped_with_its_reason_never_opened(tmp_path):
+    """QA (session 18): a FIFO named like an image was listed as "empty file (0 bytes)" by the scan, and zoo
+    predict / zoo eval of the folder opened it and waited for a writer for good."""
+    from finetune.data.images import read_image_bytes
+
+    root = tmp_path / "d"
+    for c in range(2):
+        for i in range(2):
+            make_image(root / f"c{c}" / f"{i}.png", c, size=16)
+    fifo_with_a_late_writer(root / "c0" / "pipe.jpg")
+    report = scan_folder(root)
+    assert [(report.relpath(p), r) for p, r in report.bad_files] == [("c0/pipe.jpg", "a named pipe, not an image file")]
+    for read in (load_image, read_image_bytes):
+        with pytest.raises(DataError, match=r"pipe.jpg is a named pipe, not an image file; remove it"):
+            read(root / "c0" / "pipe.jpg")

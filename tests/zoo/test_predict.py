@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from finetune.data.scan import scan_folder
-from tests.conftest import make_image, make_image_folder
+from tests.conftest import fifo_with_a_late_writer, make_image, make_image_folder
 from zoo.errors import UsageError
 from zoo.evaluate import classification_metrics, evaluate, find_eval_images, write_eval_reports
 from zoo.predict import expand_images, parse_scales, predict_probs, topk, tta_transform
@@ -149,6 +149,18 @@ def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
     assert sorted(map(str, paths)) == real
     split, items, ignored = find_eval_images(root, ["a", "b"])
     assert split == "." and sorted(p for p, _ in items) == real and ignored == []
+
+
+def test_a_named_pipe_in_a_folder_is_skipped_with_its_reason_not_waited_on(tmp_path):
+    """QA (session 18): zoo predict / zoo eval of a folder holding a FIFO named like an image hung for good."""
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=1, size=16)
+    fifo_with_a_late_writer(root / "a" / "pipe.jpg")
+    paths, _ = expand_images([root])
+    skipped = []
+    kept, probs = predict_probs(MeanColour().eval(), paths, DC,
+                                on_error=lambda item, why: skipped.append((Path(item).name, why)))
+    assert len(kept) == 2 and skipped == [("pipe.jpg", f"DataError: {root / 'a' / 'pipe.jpg'} is a named pipe, "
+                                                      "not an image file; remove it from the folder")]
 
 
 def test_classification_metrics_by_hand():
