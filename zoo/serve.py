@@ -41,13 +41,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings, upright_rgb
+from finetune.data.files import IMAGE_FORMATS
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
 
 __all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_app", "start_background",
            "serve", "ALLOWED_FORMATS", "require_serve_extra"]
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# The files training reads (a model trained on TIFFs is tried with TIFFs); any other content is refused.
+ALLOWED_FORMATS = IMAGE_FORMATS
+_SEND = "send JPEG, PNG, WebP, BMP, GIF, TIFF or PPM/PGM"
 # The page at GET /: zoo/data/serve.html, __TITLE__ and __TOPK__ filled in per app.
 _PAGE = (Path(__file__).resolve().with_name("data") / "serve.html").read_text(encoding="utf-8")
 _EXTRA_HINT = 'zoo serve needs the serve extra: pip install "zoo-finetune[serve]" (fastapi, uvicorn, python-multipart)'
@@ -87,7 +90,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
     """A PIL RGB image from an uploaded part, or ImageRejected (4xx) saying why not."""
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-        raise ImageRejected(415, f"{name}: content type {ctype!r} is not an image; send JPEG, PNG, WebP, BMP or GIF")
+        raise ImageRejected(415, f"{name}: content type {ctype!r} is not an image; {_SEND}")
     if ctype == "image/svg+xml":
         raise ImageRejected(415, f"{name}: SVG is not decoded (vector images can hide scripts and bombs); "
                                  "send a raster image")
@@ -97,7 +100,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         try:
             img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
         except UnidentifiedImageError:
-            raise ImageRejected(415, f"{name}: not a JPEG, PNG, WebP, BMP or GIF image") from None
+            raise ImageRejected(415, f"{name}: not an image zoo reads; {_SEND}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None
         except Exception as err:  # a header Pillow cannot parse

@@ -17,6 +17,8 @@ from finetune.data.images import pil_warnings, special_file
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+# Pillow's formats of those files: what a reader of bytes without a file name (zoo serve's uploads) opens.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)

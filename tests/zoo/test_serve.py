@@ -271,6 +271,23 @@ def test_uploads_are_converted_to_rgb_as_training_reads_the_file(tmp_path):
         assert served.tobytes() == load_image(tmp_path / name).tobytes(), name
 
 
+def test_every_file_type_training_reads_is_served(tmp_path):
+    """QA (session 18): a model trained on TIFFs (a 32-bit float microscopy image) or PGMs answered 415 "not a
+    JPEG, PNG, WebP, BMP or GIF image" for its own files; zoo predict read them."""
+    import numpy as np
+
+    from finetune.data import IMAGE_EXTENSIONS, load_image
+    from zoo.serve import decode_upload
+
+    grey = Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16))     # mode F
+    for ext in IMAGE_EXTENSIONS:
+        path = tmp_path / f"x{ext}"
+        (grey if ext in (".tif", ".tiff") else Image.new("RGB", (16, 16), (200, 30, 60)).convert(
+            "L" if ext == ".pgm" else "RGB")).save(path)
+        served = decode_upload(path.read_bytes(), "application/octet-stream", path.name, ServeConfig())
+        assert served.tobytes() == load_image(path).tobytes(), ext
+
+
 def test_a_server_stopped_by_sigterm_exits_0_and_says_nothing(bundle_dir):
     """Review: once every command took SIGTERM as Ctrl-C, a service manager's normal stop of `zoo serve` (uvicorn
     shuts down, then raises SIGTERM again) ended as "zoo: interrupted", exit 130: a failed unit to systemd."""
