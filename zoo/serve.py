@@ -40,7 +40,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from finetune.data import pil_warnings, upright_rgb
+from finetune.data import pil_warnings
+from finetune.data.images import decode_opened
 from finetune.data.files import IMAGE_FORMATS
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
@@ -86,8 +87,13 @@ class ImageRejected(Exception):
         self.status = status
 
 
-def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeConfig):
-    """A PIL RGB image from an uploaded part, or ImageRejected (4xx) saying why not."""
+def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeConfig, min_size: int | None = None):
+    """(PIL RGB image, its upright (width, height)) from an uploaded part, or ImageRejected (4xx) saying why not.
+
+    Decoded as training and zoo predict decode a file (``finetune.data.images.decode_opened``): given the
+    transform's ``min_size``, a big JPEG at the same reduced scale, so the model sees the pixels it would see
+    in ``zoo predict`` (a full-size decode resized differently). The size is the image's, not the reduced one.
+    """
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
         raise ImageRejected(415, f"{name}: content type {ctype!r} is not an image; {_SEND}")
@@ -110,14 +116,13 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
             raise ImageRejected(413, f"{name}: {w}x{h} pixels is over the limit ({cfg.max_pixels:,} pixels, "
                                      f"{cfg.max_side} per side)")
         try:
-            img.load()
-            rgb = upright_rgb(img)      # as training reads a file: upright, 16-bit scaled, transparency on white
+            rgb = decode_opened(img, min_size)   # as training reads a file: upright, 16-bit scaled, alpha on white
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None
         except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
             raise ImageRejected(400, f"{name}: truncated or corrupt image ({type(err).__name__}: "
                                      f"{str(err)[:80]})") from None
-    return rgb
+    return rgb, ((w, h) if rgb.size == img.size else (h, w))     # turned upright by its EXIF: (h, w)
 
 
 class Batcher:
@@ -268,8 +273,8 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
     app.state.config = cfg
 
     def prepare(data: bytes, ctype: str | None, filename: str) -> tuple[Any, tuple[int, int]]:
-        img = decode_upload(data, ctype, filename, cfg)
-        return transform(img), img.size
+        img, size = decode_upload(data, ctype, filename, cfg, getattr(transform, "min_size", None))
+        return transform(img), size
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

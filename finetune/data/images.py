@@ -78,6 +78,18 @@ def upright_rgb(im: Image.Image) -> Image.Image:
     return to_rgb(upright if upright is not None else im.copy())
 
 
+def decode_opened(im: Image.Image, min_size: int | None = None) -> Image.Image:
+    """An opened image's pixels as training reads them (:func:`load_image`; zoo serve's uploads): the first
+    frame, a big JPEG at a reduced scale (PIL ``draft``) while both sides stay at least ``min_size``, upright
+    RGB. Raises what PIL raises for a damaged file."""
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    if min_size and im.format == "JPEG":
+        im.draft("RGB", (int(min_size), int(min_size)))
+    im.load()
+    return upright_rgb(im)
+
+
 def special_file(path: str | Path) -> str | None:
     """What ``path`` is when it is a named pipe, a socket or a device rather than a file (opening a pipe waits for
     a writer: zoo predict of a folder holding one hung for good), else None. The streams a user names on purpose
@@ -113,12 +125,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     try:
         with pil_warnings():
             with Image.open(path) as im:
-                if getattr(im, "n_frames", 1) > 1:
-                    im.seek(0)
-                if min_size and im.format == "JPEG":
-                    im.draft("RGB", (int(min_size), int(min_size)))
-                im.load()
-                return upright_rgb(im)
+                return decode_opened(im, min_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None

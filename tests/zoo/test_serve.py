@@ -250,8 +250,26 @@ def test_an_exif_rotated_upload_is_read_upright():
     exif[0x0112] = 6
     buf = io.BytesIO()
     Image.new("RGB", (48, 32), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
-    img = decode_upload(buf.getvalue(), "image/jpeg", "turned.jpg", ServeConfig())
-    assert img.size == (32, 48) and img.mode == "RGB"
+    img, size = decode_upload(buf.getvalue(), "image/jpeg", "turned.jpg", ServeConfig())
+    assert img.size == size == (32, 48) and img.mode == "RGB"
+
+
+def test_a_big_jpeg_upload_is_decoded_as_zoo_predict_decodes_the_file(tmp_path):
+    """QA (session 18): uploads were decoded at full size, where zoo predict (and validation) decode a JPEG over
+    twice the resize at a reduced scale (PIL draft): a 1600x1200 photo reached a 224 px model as other pixels
+    (8 levels apart on average). /predict still reports the image's own size, upright."""
+    import numpy as np
+
+    from finetune.data import load_image
+    from zoo.serve import decode_upload
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).resize((800, 600)).save(tmp_path / "big.jpg", quality=90, exif=exif.tobytes())
+    img, size = decode_upload((tmp_path / "big.jpg").read_bytes(), "image/jpeg", "big.jpg", ServeConfig(), 64)
+    assert img.tobytes() == load_image(tmp_path / "big.jpg", 64).tobytes() and img.size == (75, 100)
+    assert size == (600, 800)
 
 
 def test_uploads_are_converted_to_rgb_as_training_reads_the_file(tmp_path):
@@ -267,7 +285,7 @@ def test_uploads_are_converted_to_rgb_as_training_reads_the_file(tmp_path):
              "clear.png": Image.new("RGBA", (40, 40), (0, 0, 0, 0)), "la.png": Image.new("LA", (40, 40), (0, 0))}
     for name, img in cases.items():
         img.save(tmp_path / name)
-        served = decode_upload((tmp_path / name).read_bytes(), "image/png", name, ServeConfig())
+        served, _ = decode_upload((tmp_path / name).read_bytes(), "image/png", name, ServeConfig())
         assert served.tobytes() == load_image(tmp_path / name).tobytes(), name
 
 
@@ -284,7 +302,7 @@ def test_every_file_type_training_reads_is_served(tmp_path):
         path = tmp_path / f"x{ext}"
         (grey if ext in (".tif", ".tiff") else Image.new("RGB", (16, 16), (200, 30, 60)).convert(
             "L" if ext == ".pgm" else "RGB")).save(path)
-        served = decode_upload(path.read_bytes(), "application/octet-stream", path.name, ServeConfig())
+        served, _ = decode_upload(path.read_bytes(), "application/octet-stream", path.name, ServeConfig())
         assert served.tobytes() == load_image(path).tobytes(), ext
 
 
