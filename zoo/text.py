@@ -2,9 +2,11 @@
 first line of an error."""
 from __future__ import annotations
 
+import unicodedata
+
 from finetune.core.io import printable_name  # torch-free: `zoo list` may use it
 
-__all__ = ["printable", "printable_name", "human_size", "first_line"]
+__all__ = ["printable", "printable_name", "cell_width", "pad", "human_size", "first_line"]
 
 
 def printable(text: object) -> str:
@@ -15,6 +17,19 @@ def printable(text: object) -> str:
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
+def cell_width(text: str) -> int:
+    """The terminal cells ``text`` takes: a combining mark none (``café`` decomposed is 4), a wide East Asian
+    character two (``猫`` is 2), any other character one. For columns of user-named things (class names)."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` followed by spaces up to ``width`` terminal cells (:func:`cell_width`), as ``str.ljust`` does
+    for ASCII."""
+    return text + " " * max(0, width - cell_width(text))
 
 
 def human_size(n: int) -> str:

@@ -424,3 +424,19 @@ def test_a_bundle_exported_before_trained_on_mirrors_keeps_the_mirrored_tta_view
     image = make_image(bundle.parent / "cat.png", 0, 64)
     res = runner.invoke(cli, ["predict", str(bundle), str(image), "--tta"])
     assert res.exit_code == 0 and "mirrored" not in res.output, res.output
+
+
+def test_eval_class_table_lines_up_whatever_the_class_names_hold():
+    """QA (session 18): the table padded by characters, so a class named 猫 (two terminal cells) or café with a
+    combining accent (one cell for two characters) pushed its row's columns out of line."""
+    from zoo.cli.eval_cmd import class_table
+    from zoo.text import cell_width, pad
+
+    assert [cell_width(s) for s in ("cat", "猫", "cafe\u0301", "caf\u00e9", "")] == [3, 2, 4, 4, 0]
+    assert pad("猫", 4) == "猫  " and pad("toolong", 3) == "toolong"
+    names = ["cat", "猫の写真", "cafe\u0301", "new\nline"]
+    per_class = {n: {"precision": 0.5, "recall": 1.0, "support": 3} for n in names}
+    per_class["猫の写真"]["precision"] = None
+    lines = class_table(per_class, names)
+    assert len(lines) == 5 and len({cell_width(line) for line in lines}) == 1, lines
+    assert lines[2].startswith("猫の写真  ") and lines[4].startswith("new\\nline")

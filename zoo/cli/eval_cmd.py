@@ -11,7 +11,7 @@ import click
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
-from zoo.text import printable
+from zoo.text import cell_width, pad, printable
 from zoo.cli.predict import DEVICE_HELP, note_unmirrored_tta, tta_options, tta_scales_given, warn_skipped
 
 __all__ = ["eval_cmd"]
@@ -98,14 +98,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     if len(shown) > FULL_MAX_CLASSES:      # (QA: a line per class at 2,000 classes) the lowest recall first
         shown = lowest_first({c: v["recall"] for c, v in report.per_class.items()})[:SHOWN_CLASSES]
         echo(f"the {len(shown)} classes of lowest recall (all {len(report.per_class)}: per_class.csv):")
-    names = {c: printable(c) for c in shown}
-    width = max(8, *(len(n) for n in names.values()))
-    echo(f"{'class':<{width}}  precision  recall  support")
-    for name in shown:
-        v = report.per_class[name]
-        prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
-        rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
-        echo(f"{names[name]:<{width}}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+    for line in class_table(report.per_class, shown):
+        echo(line)
     if len(shown) < len(report.per_class):
         echo(f"... and {len(report.per_class) - len(shown)} more classes")
     if report.wrong and worst:
@@ -116,3 +110,17 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     if report.skipped:
         echo(f"skipped {len(report.skipped)} unreadable image(s)")
     echo(f"reports: {paths['metrics.json'].parent}")
+
+
+def class_table(per_class: dict[str, dict], shown: list[str]) -> list[str]:
+    """The per-class lines of ``zoo eval``: class, precision, recall, support, in columns that line up in a
+    terminal whatever the class names hold (wide CJK characters, combining accents: :func:`zoo.text.cell_width`)."""
+    names = {c: printable(c) for c in shown}
+    width = max(8, *(cell_width(n) for n in names.values()))
+    lines = [f"{'class':<{width}}  precision  recall  support"]
+    for name in shown:
+        v = per_class[name]
+        prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
+        rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
+        lines.append(f"{pad(names[name], width)}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+    return lines

@@ -10,6 +10,7 @@ from zoo.cache import cached_models, is_cached
 from zoo.cli.app import cli
 from zoo.registry import ModelEntry, list_families, list_models
 from zoo.cli.console import echo
+from zoo.text import cell_width, pad, printable
 
 __all__ = ["list_cmd"]
 
@@ -111,8 +112,8 @@ def _list_mine(pattern: str | None, as_json: bool) -> None:
              err=True)
         return
     header = ("KIND", "NAME", "ARCH", "CLASSES", "DETAIL")
-    cells = [(r["kind"], r["name"], r["architecture"] or "-", "-" if r["classes"] is None else str(r["classes"]),
-              r["detail"]) for r in rows]
-    widths = [max(len(str(c[i])) for c in [header] + cells) for i in range(len(header))]
+    cells = [(r["kind"], printable(r["name"]), r["architecture"] or "-",
+              "-" if r["classes"] is None else str(r["classes"]), printable(r["detail"])) for r in rows]
+    widths = [max(cell_width(str(c[i])) for c in [header] + cells) for i in range(len(header))]
     for c in [header] + cells:
-        echo("  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip())
+        echo("  ".join(pad(str(v), w) for v, w in zip(c, widths)).rstrip())
