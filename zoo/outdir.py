@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text, is_temp_of
+from finetune.core.io import atomic_write_text, is_temp_of, shell_command
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -120,7 +120,7 @@ def folder_kind(path: str | os.PathLike) -> str:
 
 def _resume_hint(kind: Kind, path: Path) -> str:
     if kind.name == "finetune":
-        return f"continue it with `zoo finetune --resume {path}`, "
+        return f"continue it with `{shell_command('zoo', 'finetune', '--resume', path)}`, "
     if kind.resumable:
         return "continue it with --resume, "
     return ""
@@ -157,9 +157,10 @@ def check_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
                          "(nothing was written)")
     if resume and kind == "finetune":
         if (path / "model.json").is_file() and (path / "config.yaml").is_file():   # (a copy made with `cp -r RUN/*`)
+            put_back = shell_command("echo", json.dumps({"kind": "finetune"})) + " > " + shell_command(path / MARKER)
             raise UsageError(f"{path} holds a run's model.json and config.yaml but not its marker {MARKER} (a copy "
                              "that left out hidden files?); if a `zoo finetune` run wrote it, put the marker back "
-                             f"with `echo '{{\"kind\": \"finetune\"}}' > {path / MARKER}` and resume again")
+                             f"with `{put_back}` and resume again")
         raise UsageError(f"{path} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
     raise UsageError(f"{path} is not empty and holds no zoo output: choose a new or empty folder with {option} "

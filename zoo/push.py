@@ -34,7 +34,7 @@ from zoo.modelcard import HUB_LICENSES, model_card
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
 from zoo.sources import hub_transport, is_offline
-from zoo.text import first_line
+from zoo.text import first_line, shell_command
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
            "local_bundles", "HUB_LICENSES"]
@@ -79,7 +79,8 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if (p / "model.json").is_file():
         bundle = p / "export"
         if not (bundle / WEIGHTS).is_file():
-            raise BundleError(f"{p} is a run folder without an exported bundle; run `zoo export {p}` first")
+            raise BundleError(f"{p} is a run folder without an exported bundle; run "
+                              f"`{shell_command('zoo', 'export', p)}` first")
         return bundle, p
     if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         run = p.parent if (p.parent / "model.json").is_file() else None

@@ -2,9 +2,9 @@
 first line of an error."""
 from __future__ import annotations
 
-from finetune.core.io import printable_name  # torch-free: `zoo list` may use it
+from finetune.core.io import printable_name, shell_command  # torch-free: `zoo list` may use them
 
-__all__ = ["printable", "printable_name", "human_size", "first_line"]
+__all__ = ["printable", "printable_name", "shell_command", "human_size", "first_line"]
 
 
 def printable(text: object) -> str:

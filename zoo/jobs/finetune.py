@@ -37,6 +37,7 @@ from zoo.errors import UsageError
 from zoo.outdir import check_outside, claim_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
+from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "model_info", "run_finetune",
            "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
@@ -270,9 +271,10 @@ def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, 
         if info.is_main:
             _report_html(run_dir, config, say, _val_predictions(outcome.result, val_set))
     except KeyboardInterrupt:
-        bundle = f"its bundle with `zoo export {run_dir}` and " if export and outcome.export_dir is None else ""
+        bundle = (f"its bundle with `{shell_command('zoo', 'export', run_dir)}` and "
+                  if export and outcome.export_dir is None else "")
         raise Interrupted(f"interrupted after training: {run_dir} holds the finished run; write {bundle}its page "
-                          f"with `zoo report {run_dir}`") from None
+                          f"with `{shell_command('zoo', 'report', run_dir)}`") from None
     return outcome
 
 
@@ -309,7 +311,8 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
         dev = config.device if config.device != "auto" else "cpu"
         say(f"report: {zreport.make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
     except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
-        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")
+        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with "
+            f"`{shell_command('zoo', 'report', run_dir)}`")
 
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
