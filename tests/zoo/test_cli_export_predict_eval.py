@@ -28,6 +28,16 @@ def bundle(tmp_path, runner):
     return out
 
 
+def test_export_of_a_run_with_a_damaged_scan_json_warns_in_one_line_and_exports(tmp_path):
+    run, _ = make_run(tmp_path)
+    (run / "scan.json").write_text("{not json", encoding="utf-8")
+    res = CliRunner().invoke(cli, ["export", str(run)])
+    assert res.exit_code == 0, res.output
+    warned = [ln for ln in res.stderr.splitlines() if "scan.json" in ln]
+    assert len(warned) == 1 and "present but unreadable" in warned[0] and "exported anyway" in warned[0]
+    assert (run / "export" / "model.safetensors").is_file()
+
+
 def test_export_with_onnx(tmp_path, runner):
     pytest.importorskip("onnxruntime")
     run, _ = make_run(tmp_path)

@@ -155,7 +155,7 @@ def _export(run_dir: Path, log: Log) -> Path:
     # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace); a `zoo
     # export RUN` of a best epoch so far may be writing it: waited for, then replaced by the run's final best.
     with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S):
-        out = export_run(run_dir, run_dir / "export")
+        out = export_run(run_dir, run_dir / "export", note=log)
     log(f"exported bundle: {out}")
     return out
 
