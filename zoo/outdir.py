@@ -34,7 +34,7 @@ from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
-           "RunLock", "is_main_process", "still_training", "lock_holder"]
+           "default_out", "RunLock", "is_main_process", "still_training", "lock_holder"]
 
 MARKER = ".zoo-run.json"
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
@@ -79,6 +79,18 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 def is_main_process() -> bool:
     """False on the ranks other than 0 under torchrun (they neither lock nor write)."""
     return launcher_rank() == 0
+
+
+def default_out(parent: str | os.PathLike, stem: str) -> Path:
+    """The default output folder of every command: ``parent/<stem>-<YYYYmmdd-HHMMSS>``, with a numeric suffix
+    (``-2``, ``-3``, ...) when that folder exists, so that two commands started in the same second each get
+    their own (the second neither refused nor writing over the first)."""
+    base = Path(parent) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists() or path.is_symlink():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
 
 
 def _entries(path: Path) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +33,7 @@ from zoo.build import builder_kwargs
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest
 from zoo.errors import UsageError
-from zoo.outdir import check_outside, claim_out
+from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 from zoo.text import shell_command
@@ -65,13 +64,9 @@ def _slug(name: str) -> str:
 
 
 def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
-    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (a numeric suffix when two runs start in the same second)."""
-    base = Path(root) / f"{_slug(model_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, i = base, 1
-    while path.exists():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    return path
+    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (``zoo.outdir.default_out``: a numeric suffix when two runs start in
+    the same second)."""
+    return default_out(root, _slug(model_name))
 
 
 def scan_lines(report) -> list[str]:
