@@ -176,6 +176,19 @@ def test_printed_commands_paste_into_a_shell_under_a_path_with_a_space_and_a_dol
     assert json.loads((odd / "summary.json").read_text())["epochs_run"] == 3
 
 
+def test_a_flipped_bit_in_last_pt_stops_the_resume_with_one_line_and_trains_nothing(tmp_path, tiny, monkeypatch):
+    from tests.finetune.test_checkpoint import flip_a_bit_in_the_largest_tensor
+
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    flip_a_bit_in_the_largest_tensor(out / "checkpoints" / "last.pt")
+    metrics = (out / "metrics.csv").read_bytes()
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet", "--no-export")
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error:")]
+    assert len(lines) == 1 and "last.pt is damaged" in lines[0] and f"zoo export {out}" in lines[0]
+    assert "Traceback" not in result.output and (out / "metrics.csv").read_bytes() == metrics
+
+
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     import finetune.engine.epoch_steps as loop
 
