@@ -12,6 +12,7 @@ from zoo.errors import RegistryError, UsageError, WeightsError
 from zoo.registry import ModelEntry
 from zoo.resolve import get_entry
 from zoo.sources import pull
+from zoo.text import shell_command
 
 if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.build stays cheap
     import torch
@@ -150,8 +151,8 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise WeightsError(f"{path}: not a readable safetensors file ({err}); run `zoo pull {entry.name} "
-                               "--force` to fetch it again") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({err}); run "
+                               f"`{shell_command('zoo', 'pull', entry.name, '--force')}` to fetch it again") from None
         skip = num_classes is not None and num_classes != entry.num_classes
         load_weights(model, state, entry, skip_classifier=skip, where=str(path))
     return model
@@ -173,7 +174,8 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
              if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise WeightsError(f"{where}: {len(wrong)} tensors have the wrong shape for {entry.name} ({entry.builder}), "
-                           f"e.g. {', '.join(wrong[:3])}; run `zoo pull {entry.name} --force` or fix the entry")
+                           f"e.g. {', '.join(wrong[:3])}; run `{shell_command('zoo', 'pull', entry.name, '--force')}` "
+                           "or fix the entry")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys
                if not (skip_classifier and (k == cls or k.startswith(cls + ".")))]
@@ -184,7 +186,7 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
         problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
     if problems:
         raise WeightsError(f"{where}: weights do not fit {entry.name} ({entry.builder}): {'; '.join(problems)}; "
-                           f"run `zoo pull {entry.name} --force` or fix the entry's key_map")
+                           f"run `{shell_command('zoo', 'pull', entry.name, '--force')}` or fix the entry's key_map")
 
 
 def data_config(entry: str | ModelEntry) -> dict:

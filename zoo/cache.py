@@ -25,6 +25,7 @@ from typing import Any
 
 from finetune.core.io import atomic_write_text, plain_file_mode
 from zoo.errors import CacheError
+from zoo.text import shell_command
 
 __all__ = [
     "zoo_home", "weights_dir", "weights_path", "manifest_path", "read_manifest", "is_cached",
@@ -82,10 +83,11 @@ def read_manifest(name: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (ValueError, OSError) as err:
-        raise CacheError(f"manifest {path} is damaged ({err}); run `zoo cache rm {name}` then `zoo pull {name}`")
+        raise CacheError(f"manifest {path} is damaged ({err}); run `{shell_command('zoo', 'cache', 'rm', name)}` then "
+                         f"`{shell_command('zoo', 'pull', name)}`")
     if not _manifest_ok(data):      # valid JSON, not a manifest (null, a list, an object without the name)
-        raise CacheError(f"manifest {path} is damaged (not a zoo manifest); run `zoo cache rm {name}` then "
-                         f"`zoo pull {name}`")
+        raise CacheError(f"manifest {path} is damaged (not a zoo manifest); run "
+                         f"`{shell_command('zoo', 'cache', 'rm', name)}` then `{shell_command('zoo', 'pull', name)}`")
     return data
 
 
@@ -209,15 +211,17 @@ def _problem(folder: Path) -> str | None:
     man, weights = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
     if not man.is_file():
         # Weights without a manifest: an install that was interrupted before it completed.
-        return f"{folder.name}: no manifest (interrupted pull?); run `zoo cache rm {folder.name}` and pull it again"
+        return (f"{folder.name}: no manifest (interrupted pull?); run "
+                f"`{shell_command('zoo', 'cache', 'rm', folder.name)}` and pull it again")
     try:
         info = json.loads(man.read_text(encoding="utf-8"))
     except (ValueError, OSError):
         info = None
     if not _manifest_ok(info):
-        return f"{folder.name}: manifest is damaged; run `zoo cache rm {folder.name}` and pull again"
+        return (f"{folder.name}: manifest is damaged; run `{shell_command('zoo', 'cache', 'rm', folder.name)}` "
+                "and pull again")
     name = info["name"]
-    redo = f"run `zoo pull --force {name}`"
+    redo = f"run `{shell_command('zoo', 'pull', '--force', name)}`"
     if not weights.is_file():
         return f"{name}: {WEIGHTS_FILE} is missing; {redo}"
     size = weights.stat().st_size

@@ -25,6 +25,7 @@ from zoo.errors import UsageError
 from zoo.registry import COMMIT_RE, SOURCE_REQUIRED, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
+from zoo.text import shell_command
 
 __all__ = ["LOCK_VERSION", "lock_record", "write_lock", "lock_text", "read_lock", "pull_locked"]
 
@@ -62,10 +63,10 @@ def lock_record(manifest: dict[str, Any]) -> dict[str, Any]:
     source = _recorded_source(str(manifest.get("source") or ""), manifest)
     if source is None or not manifest.get("sha256_download"):
         raise UsageError(f"{name}: its cache manifest does not say where the weights came from; run "
-                         f"`zoo pull {name} --force` before locking")
+                         f"`{shell_command('zoo', 'pull', name, '--force')}` before locking")
     if source.kind == "hf" and not COMMIT_RE.fullmatch(str(source.revision or "")):
         raise UsageError(f"{name}: the cache does not record which Hub commit it came from; run "
-                         f"`zoo pull {name} --force` before locking")
+                         f"`{shell_command('zoo', 'pull', name, '--force')}` before locking")
     return {"source": {k: getattr(source, k) for k in _SOURCE_KEYS}, "sha256": manifest["sha256_download"],
             "weights_sha256": manifest.get("sha256")}
 
@@ -86,7 +87,8 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
             entry = get_entry(name)
             manifest = cache.read_manifest(entry.name)
             if not manifest or not cache.is_cached(entry.name):
-                raise UsageError(f"{entry.name} is not cached; `zoo pull {entry.name}` first, then lock it")
+                raise UsageError(f"{entry.name} is not cached; `{shell_command('zoo', 'pull', entry.name)}` first, "
+                                 "then lock it")
             manifests.append(manifest)
     else:
         manifests = [m for m in cache.cached_models() if not m.get("damaged")]
@@ -127,7 +129,8 @@ def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
     try:        # "-": stdin, as in `zoo lock --out - | ssh gpu-box zoo pull --locked -`
         data = json.loads(sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such lock file; write one with `zoo lock --out {path}`") from None
+        raise UsageError(f"{path}: no such lock file; write one with "
+                         f"`{shell_command('zoo', 'lock', '--out', path)}`") from None
     except (OSError, ValueError) as err:
         raise UsageError(f"{path}: not a readable lock file ({err}); write it again with `zoo lock`") from None
     if not isinstance(data, dict) or data.get("version") != LOCK_VERSION or not isinstance(data.get("models"), dict):

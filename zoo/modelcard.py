@@ -2,6 +2,7 @@
 pipeline_tag, license, base_model, tags, model-index) and a body that says what the model is."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import yaml
 
 from finetune.core.io import load_yaml, read_json_object
 from zoo.registry import public_source_id
+from zoo.text import first_line
 
-__all__ = ["model_card", "run_recipe", "trained_recipe", "HUB_LICENSES"]
+__all__ = ["model_card", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENSES"]
 
 # licence ids the Hub's metadata validator knows (those the registry uses); anything else is "other"
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
@@ -27,6 +29,21 @@ def run_recipe(run: Path | None) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def run_scan(run: Path | None) -> tuple[dict[str, Any], str | None]:
+    """The run's scan.json as a mapping, and why it cannot be read when it is there but damaged (not UTF-8,
+    not JSON, no object): a card then says "present but unreadable", not "no scan.json". ({}, None) without
+    one. The reason names no path (a card must not publish the local folder)."""
+    if run is None:
+        return {}, None
+    try:
+        data = json.loads((run / "scan.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as err:    # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return {}, first_line(err) if not isinstance(err, OSError) else (err.strerror or type(err).__name__)
+    return (data, None) if isinstance(data, dict) else ({}, "it holds no JSON object")
 
 
 def _fmt(v: Any) -> str:
@@ -65,7 +82,7 @@ def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Pat
     source = public_source_id(meta.get("source") or pcfg.get("source"))
     licence = str(pcfg.get("license") or "unknown").lower()
     base_model = source[3:].split("@", 1)[0] if source and source.startswith("hf:") else None
-    scan = read_json_object(run / "scan.json") if run else {}
+    scan, scan_problem = run_scan(run)
     summary = read_json_object(run / "summary.json") if run else {}
     recipe = run_recipe(run)
     metrics = dict(meta.get("metrics") or summary.get("metrics") or {})
@@ -86,6 +103,8 @@ def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Pat
              f"{head} head) finetuned with [zoo-finetune](https://github.com/) (`zoo finetune`).", "",
              "## Data", ""]
     lines += _data_lines(scan, labels, run)
+    lines += ["", f"(The run's scan.json is present but unreadable ({scan_problem}), so the data is not "
+                  "described here.)"] if scan_problem else []
     lines += _recipe_lines(recipe, summary, metrics, test)
     lines += ["", "## Source weights", "",
               f"- {source or 'none (random initialisation)'}",

@@ -14,10 +14,8 @@ every refusal is one line naming the folder and the options, raised before anyth
 A folder is recognised by the marker file ``.zoo-run.json`` written first (``{"kind": ...}``), so a run
 whose checkpoints were deleted is still a run; a folder without the marker is not zoo's.
 
-While a command works in its folder, the folder is locked: ``.zoo.lock`` holds the holder's pid, host and
-command line, created atomically (``O_CREAT | O_EXCL``). A second process is refused at once with who
-holds it; a lock left by a dead process on this host is taken over with a note. Under torchrun only
-rank 0 (``RANK``) checks, locks and writes.
+While a command works in its folder, the folder is locked (``zoo.runlock``: ``.zoo.lock``, one process at a
+time). Under torchrun only rank 0 (``RANK``) checks, locks and writes.
 """
 from __future__ import annotations
 
@@ -25,27 +23,23 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text, is_temp_of
-from zoo.errors import UsageError, ZooError
+from finetune.core.io import atomic_write_text, is_temp_of, shell_command
+from zoo.errors import UsageError
 from zoo.process import launcher_rank
+from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
-           "RunLock", "is_main_process", "still_training", "lock_holder"]
+           "default_out", "RunLock", "is_main_process", "still_training", "lock_holder"]
 
 MARKER = ".zoo-run.json"
-LOCK = ".zoo.lock"
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
-# A lock file younger than this whose content cannot be read yet is being written by its creator.
-_FRESH_LOCK_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -82,28 +76,21 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 )}
 
 
-class RunLockedError(ZooError):
-    """Another live process works in the folder (exit 1: wait for it, or use another folder)."""
-
-
-def lock_holder(path: str | os.PathLike) -> str | None:
-    """Who holds the folder ``path``'s lock right now, in words ("P is in use by pid N on HOST (...)"), or None
-    when no live process does."""
-    try:
-        RunLock(path).check()
-    except RunLockedError as busy:
-        return str(busy).split("; ")[0]
-    return None
-
-
-def still_training(run: str | os.PathLike) -> bool:
-    """Whether a live process holds RUN's lock (a run still training: zoo export and zoo report say so)."""
-    return lock_holder(run) is not None
-
-
 def is_main_process() -> bool:
     """False on the ranks other than 0 under torchrun (they neither lock nor write)."""
     return launcher_rank() == 0
+
+
+def default_out(parent: str | os.PathLike, stem: str) -> Path:
+    """The default output folder of every command: ``parent/<stem>-<YYYYmmdd-HHMMSS>``, with a numeric suffix
+    (``-2``, ``-3``, ...) when that folder exists, so that two commands started in the same second each get
+    their own (the second neither refused nor writing over the first)."""
+    base = Path(parent) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists() or path.is_symlink():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
 
 
 def _entries(path: Path) -> list[str]:
@@ -145,7 +132,7 @@ def folder_kind(path: str | os.PathLike) -> str:
 
 def _resume_hint(kind: Kind, path: Path) -> str:
     if kind.name == "finetune":
-        return f"continue it with `zoo finetune --resume {path}`, "
+        return f"continue it with `{shell_command('zoo', 'finetune', '--resume', path)}`, "
     if kind.resumable:
         return "continue it with --resume, "
     return ""
@@ -182,9 +169,10 @@ def check_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
                          "(nothing was written)")
     if resume and kind == "finetune":
         if (path / "model.json").is_file() and (path / "config.yaml").is_file():   # (a copy made with `cp -r RUN/*`)
+            put_back = shell_command("echo", json.dumps({"kind": "finetune"})) + " > " + shell_command(path / MARKER)
             raise UsageError(f"{path} holds a run's model.json and config.yaml but not its marker {MARKER} (a copy "
                              "that left out hidden files?); if a `zoo finetune` run wrote it, put the marker back "
-                             f"with `echo '{{\"kind\": \"finetune\"}}' > {path / MARKER}` and resume again")
+                             f"with `{put_back}` and resume again")
         raise UsageError(f"{path} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
     raise UsageError(f"{path} is not empty and holds no zoo output: choose a new or empty folder with {option} "
@@ -213,150 +201,6 @@ def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str, gi
             raise UsageError(f"the default output folder {path} is inside the data folder {data}; {why}: pass "
                              "--out with a folder outside it")
         raise UsageError(f"--out {path} is inside the data folder {data}; {why}: choose another --out")
-
-
-# ---------------------------------------------------------------------------------------------- lock
-def _command_line() -> str:
-    return " ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo"
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":      # os.kill(pid, 0) would terminate the process there: assume it is alive
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # alive, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
-class RunLock:
-    """``FOLDER/.zoo.lock``: pid + host + command of the one process working in FOLDER.
-
-    ``acquire`` creates the file with ``O_CREAT | O_EXCL`` (atomic: of two processes exactly one
-    succeeds); ``release`` removes it if it is still ours.
-    """
-
-    def __init__(self, folder: str | os.PathLike, command: str | None = None):
-        self.path = Path(folder) / LOCK
-        self.command = command or _command_line()
-        self.held = False
-        self._content = ""
-
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return None
-
-    def _create(self) -> bool:
-        payload = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self._content = json.dumps(payload, ensure_ascii=False) + "\n"
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self._content)
-        except BaseException:
-            self.path.unlink(missing_ok=True)     # a full disk, a file-size limit: no empty lock claiming the folder
-            raise
-        self.held = True
-        return True
-
-    def _take_over(self, seen: str) -> bool:
-        """Move the stale lock aside, if it is still the one we read; then create ours."""
-        aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
-            return self._create()
-        try:
-            moved = aside.read_text(encoding="utf-8")
-        except OSError:
-            moved = seen
-        if moved != seen:   # another process took it over in between: put its fresh lock back
-            with contextlib.suppress(OSError):
-                os.link(aside, self.path)
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return self._create()
-
-    def check(self) -> None:
-        """Raise RunLockedError when a live process holds the lock (reads only; a stale lock passes)."""
-        try:
-            seen = self.path.read_text(encoding="utf-8")
-        except OSError:
-            return
-        self._refuse_if_held(seen)
-
-    def _refuse_if_held(self, seen: str) -> tuple[dict, int] | None:
-        """The holder (record, pid) of a stale lock, None while it is still being written; raises
-        RunLockedError when the holder is alive, or on another host (whose pids cannot be checked)."""
-        try:
-            holder = json.loads(seen)
-            pid, host = int(holder["pid"]), str(holder.get("host", ""))
-        except (ValueError, KeyError, TypeError):
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return None
-            if age < _FRESH_LOCK_S:      # its creator is writing it right now
-                raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
-                                     "wait for it to finish or choose another folder") from None
-            return {}, -1
-        if host != socket.gethostname():
-            raise RunLockedError(
-                f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}); "
-                f"wait for it to finish, or delete {self.path} if that process is gone")
-        if pid != os.getpid() and _pid_alive(pid):
-            raise RunLockedError(
-                f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}, "
-                f"since {holder.get('started', '?')}); wait for it to finish or choose another folder")
-        return holder, pid
-
-    def acquire(self, note: Callable[[str], None] | None = None) -> "RunLock":
-        """Take the lock or raise RunLockedError naming the holder. ``note`` hears about a stale take-over."""
-        for _ in range(5):
-            if self._create():
-                return self
-            try:
-                seen = self.path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                continue
-            except OSError:
-                seen = ""
-            stale = self._refuse_if_held(seen)
-            if stale is None:
-                continue
-            holder, pid = stale
-            if self._take_over(seen):
-                if note is not None and pid != os.getpid():
-                    what = f"pid {pid} ({holder.get('command', '?')})" if pid > 0 else "an unreadable lock"
-                    note(f"note: took over the lock of {self.path.parent} left by {what}, which is no "
-                         "longer running")
-                return self
-        raise RunLockedError(f"{self.path.parent} is being claimed by another process; try again")
-
-    def release(self) -> None:
-        """Remove the lock file if it is still ours."""
-        if not self.held:
-            return
-        self.held = False
-        try:
-            if self.path.read_text(encoding="utf-8") == self._content:
-                self.path.unlink()
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------------------------- claim

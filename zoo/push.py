@@ -30,11 +30,11 @@ from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, parse_s
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
-from zoo.modelcard import HUB_LICENSES, model_card
+from zoo.modelcard import HUB_LICENSES, model_card, run_scan
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
 from zoo.sources import hub_transport, is_offline
-from zoo.text import first_line
+from zoo.text import first_line, shell_command
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
            "local_bundles", "HUB_LICENSES"]
@@ -79,7 +79,8 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if (p / "model.json").is_file():
         bundle = p / "export"
         if not (bundle / WEIGHTS).is_file():
-            raise BundleError(f"{p} is a run folder without an exported bundle; run `zoo export {p}` first")
+            raise BundleError(f"{p} is a run folder without an exported bundle; run "
+                              f"`{shell_command('zoo', 'export', p)}` first")
         return bundle, p
     if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         run = p.parent if (p.parent / "model.json").is_file() else None
@@ -211,7 +212,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     card = model_card(repo, public_meta, cfg, run, _test_metrics(test_metrics, sha, labels))
     files = {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
              CARD: card.encode("utf-8")}
-    scan = read_json_object(run / "scan.json") if run else {}
+    scan = run_scan(run)[0]
     _check_private(files, _private_markers(bundle, run, scan))
     return PushPlan(repo=repo, files=files, weights_sha256=weights_sha, bundle=bundle, run=run, card=card)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo import registry
 from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
+from zoo.text import shell_command
 
 if TYPE_CHECKING:
     from torch import nn
@@ -181,12 +182,13 @@ def _hf_hub_entry(repo: str) -> ModelEntry:
     cached = try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     if not isinstance(cached, str):
         raise UsageError(f"hf-hub:{repo}: its config.json is not in the Hugging Face cache, so the architecture is "
-                         f"unknown; run `hf download {repo} config.json` (or add an entry to your ZOO_REGISTRY file)")
+                         f"unknown; run `{shell_command('hf', 'download', repo, 'config.json')}` (or add an entry to "
+                         "your ZOO_REGISTRY file)")
     try:
         config = json.loads(Path(cached).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UsageError(f"hf-hub:{repo}: cached config.json is unreadable ({err}); run "
-                         f"`hf download {repo} config.json --force-download`") from None
+                         f"`{shell_command('hf', 'download', repo, 'config.json', '--force-download')}`") from None
     return entry_from_hf_config(repo, config)
 
 

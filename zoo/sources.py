@@ -23,7 +23,7 @@ from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, 
 from zoo.keymaps import apply_key_map
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import check_hub_repo, get_entry
-from zoo.text import first_line
+from zoo.text import first_line, shell_command
 from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
 __all__ = ["pull", "fetch_hub_config", "is_offline", "hub_transport", "http_timeout", "copy_in",
@@ -113,7 +113,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
                     return cache.weights_path(entry.name)
     if not entry.sources:
         raise DownloadError(f"{entry.name} has no weight sources; add one to its registry entry or use "
-                            f"`zoo import {entry.name} FILE`")
+                            f"`{shell_command('zoo', 'import', entry.name, 'FILE')}`")
     with cache.lock(entry.name):
         # Another process may have finished the same pull while we waited for the lock.
         if not force and cache.is_cached(entry.name):
@@ -138,7 +138,8 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
     """
     def offline(why: str) -> OfflineError:
         return OfflineError(f"hf-hub:{repo} is not cached and {why}; on a connected machine run "
-                            f"`zoo pull hf-hub:{repo}` and copy ZOO_HOME and the Hugging Face cache (HF_HOME) here")
+                            f"`{shell_command('zoo', 'pull', 'hf-hub:' + repo)}` and copy ZOO_HOME and the Hugging "
+                            "Face cache (HF_HOME) here")
 
     check_hub_repo(repo)            # huggingface_hub's own refusal is a traceback
     # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
@@ -191,9 +192,10 @@ def _summarise(entry: ModelEntry, failures: list[tuple[Source, ZooError]]) -> Zo
 
 def _offline_error(entry: ModelEntry, why: str) -> OfflineError:
     return OfflineError(
-        f"{entry.name} is not cached and {why}; on a connected machine run `zoo pull {entry.name}` and copy "
+        f"{entry.name} is not cached and {why}; on a connected machine run "
+        f"`{shell_command('zoo', 'pull', entry.name)}` and copy "
         f"its ZOO_HOME (weights/{cache.dir_name(entry.name)}) here, or register a local file with "
-        f"`zoo import {entry.name} FILE`")
+        f"`{shell_command('zoo', 'import', entry.name, 'FILE')}`")
 
 
 COMMIT_FILE = "hf-commit.txt"   # in the staging folder: the Hub commit a download came from

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 
-from finetune.core.io import printable_name  # torch-free: `zoo list` may use it
+from finetune.core.io import printable_name, shell_command  # torch-free: `zoo list` may use them
 
-__all__ = ["printable", "printable_name", "cell_width", "pad", "human_size", "first_line"]
+__all__ = ["printable", "printable_name", "shell_command", "cell_width", "pad", "human_size", "first_line"]
 
 
 def printable(text: object) -> str:

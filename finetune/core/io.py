@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import struct
 import tempfile
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["printable_name", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
-           "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+__all__ = ["printable_name", "shell_command", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file",
+           "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "read_json_object"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
@@ -156,6 +157,14 @@ def printable_name(text: str) -> str:
     """A file or class name as text that always encodes: names that are not UTF-8 arrive from the OS as
     surrogate escapes; their bytes are shown as ``\\xNN`` instead of failing to print or write."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def shell_command(*words: object) -> str:
+    """The one way a command for the user to paste is written (hints, ``next:`` lines, error advice): each
+    word quoted for a POSIX shell where it needs it, so a path with a space, ``$`` or quote stays one word;
+    placeholders (``MODEL``, ``DIR``) and plain words stay as they are.  ``shell_command("zoo", "export",
+    run)`` -> ``zoo export '/tmp/my runs/a'``."""
+    return " ".join(shlex.quote(str(w)) for w in words)
 
 
 class SafetensorsHeaderError(ValueError):

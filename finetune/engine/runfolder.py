@@ -23,7 +23,7 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
-from finetune.core.io import atomic_write_text, printable_name
+from finetune.core.io import atomic_write_text, printable_name, shell_command
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.imageset import name_list
 
@@ -139,17 +139,22 @@ class RunFolder:
         edited = [k for k in differ if k in on_disk and on_disk[k] == current[k]]
         shown = ", ".join(f"{k}: {current[k]!r} (the checkpoint's: {trained[k]!r})" for k in (edited or differ))
         if edited:
+            new_run = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--config", self.path / "config.yaml",
+                                    "--out", "NEW")
             return (f"{self.path / 'config.yaml'} differs from the options {self.path / LAST} was trained with: "
                     f"{shown}; put the checkpoint's values back in config.yaml to continue the run, or train "
-                    f"with the new ones in a new run (`zoo finetune MODEL --data DIR --config "
-                    f"{self.path / 'config.yaml'} --out NEW`)")
+                    f"with the new ones in a new run (`{new_run}`)")
         return (f"cannot resume with changed option(s) {shown}: drop them (the run's config.yaml is used) or "
                 "start a new run")
 
     def refuse_existing_run(self) -> None:
         if self.writes and (self.path / LAST).exists():
             raise ConfigError(f"{self.path} already holds a run: continue it with resume=True (from the command "
-                              f"line: `zoo finetune --resume {self.path}` for a run it made), or pass another run_dir")
+                              f"line: `{self.resume_command()}` for a run it made), or pass another run_dir")
+
+    def resume_command(self) -> str:
+        """The command that continues this run, quoted to paste into a shell."""
+        return shell_command("zoo", "finetune", "--resume", self.path)
 
     # --- writers
     def start(self, config: FinetuneConfig, train_set, val_set, device: torch.device, info: ddp.DistInfo,

@@ -243,7 +243,7 @@ class Trainer:
         lost = self.loader_steps.nothing_loaded(tr, va, steps.failures())    # the data changed since the scan
         if lost:
             raise DataError(f"{lost} in epoch {self.epoch}: has the data folder moved or changed since the scan?"
-                            + (f" Put it back and continue with `zoo finetune --resume {self.folder.path}`"
+                            + (f" Put it back and continue with `{self.folder.resume_command()}`"
                                if self.folder.writes else ""))
         metric = va["acc"] if config.monitor == "val_acc" else va["loss"]
         self.scheduler.step_epoch(metric if s.has_val else None)
@@ -341,10 +341,10 @@ class Trainer:
                 raise Interrupted(f"interrupted in epoch {self.epoch}; nothing was saved: pass a run folder to "
                                   "be able to resume") from None
             if not self.folder.writes:      # another rank under torchrun: rank 0 says what it saved (QA)
-                raise Interrupted(f"interrupted: rank 0 saves {self.folder.path}; continue with `zoo finetune "
-                                  f"--resume {self.folder.path}`") from None
+                raise Interrupted(f"interrupted: rank 0 saves {self.folder.path}; continue with "
+                                  f"`{self.folder.resume_command()}`") from None
             raise Interrupted(f"interrupted: epochs up to {self.folder.saved_epoch(self.epoch)} are saved in "
-                              f"{self.folder.path}; continue with `zoo finetune --resume {self.folder.path}`") from None
+                              f"{self.folder.path}; continue with `{self.folder.resume_command()}`") from None
         except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk
             self.folder.close()
             self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)

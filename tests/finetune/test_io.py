@@ -5,7 +5,7 @@ import errno
 
 import pytest
 
-from finetune.core.io import atomic_write, no_room
+from finetune.core.io import atomic_write, no_room, shell_command
 
 
 class SafetensorError(Exception):
@@ -29,3 +29,12 @@ def test_a_full_disk_reported_by_safetensors_reads_as_a_full_disk(tmp_path, mess
     assert caught.value.errno == errno.ENOSPC and no_room(caught.value)
     assert caught.value.filename == str(tmp_path / "model.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shell_command_quotes_only_the_words_a_shell_would_change():
+    import shlex
+
+    words = ["zoo", "finetune", "--resume", "/tmp/my runs/a $HOME b'c", "--data", "DIR", "--lr", "0.001", ""]
+    line = shell_command(*words)
+    assert shlex.split(line) == words
+    assert line.startswith("zoo finetune --resume '/tmp/my runs/a $HOME b'\"'\"'c' --data DIR --lr 0.001")

@@ -360,12 +360,30 @@ def test_a_flipped_bit_in_the_runs_best_weights_is_refused_not_exported(run_and_
 
 def test_a_run_json_file_that_is_not_utf8_costs_its_part_of_the_card_not_the_export(run_and_model):
     """Review: the export read scan.json with its own reader, which caught JSONDecodeError but not the
-    UnicodeDecodeError of bytes that are not UTF-8 (a traceback); it now shares the reader of the report page
-    and the push card (finetune.core.io.read_json_object), for which a damaged file gives nothing."""
+    UnicodeDecodeError of bytes that are not UTF-8 (a traceback); it now shares the push card's reader
+    (zoo.modelcard.run_scan), for which a damaged file gives nothing but the reason it was not read."""
     run, _ = run_and_model
     (run / "scan.json").write_bytes(b'{"root": "\xff\xfe"}')
     out = export_run(run, run / "b")
     assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", [b'{"root": "/data", "lay', b'{"root": "\xff\xfe"}', b"[1, 2]", b""])
+def test_a_damaged_scan_json_is_named_in_the_card_and_a_warning_and_exported_anyway(run_and_model, damage):
+    """Session 17: a scan.json present but damaged was exported silently, its card saying "no scan.json in the
+    run folder", as if the run had none; the card and one warning line now say it is there but unreadable."""
+    run, _ = run_and_model
+    (run / "scan.json").write_bytes(damage)
+    heard: list[str] = []
+    out = export_run(run, run / "b", note=heard.append)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "scan.json in the run folder is present but unreadable" in card and "no scan.json" not in card
+    assert len(heard) == 1 and heard[0].startswith(f"warning: {run / 'scan.json'} is present but unreadable (")
+    assert load_bundle(out).labels == list(CLASSES)
+    (run / "scan.json").unlink()        # none at all: the card says so, and nothing is heard
+    heard.clear()
+    out = export_run(run, run / "c", note=heard.append)
+    assert "(no scan.json in the run folder)" in (out / "README.md").read_text(encoding="utf-8") and heard == []
 
 
 @pytest.mark.parametrize("edit", [{"classes": None}, {"classes": "cat"}, {"data_config": "x"}, {"head": "mlp"},

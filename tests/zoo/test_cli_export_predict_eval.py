@@ -28,6 +28,16 @@ def bundle(tmp_path, runner):
     return out
 
 
+def test_export_of_a_run_with_a_damaged_scan_json_warns_in_one_line_and_exports(tmp_path):
+    run, _ = make_run(tmp_path)
+    (run / "scan.json").write_text("{not json", encoding="utf-8")
+    res = CliRunner().invoke(cli, ["export", str(run)])
+    assert res.exit_code == 0, res.output
+    warned = [ln for ln in res.stderr.splitlines() if "scan.json" in ln]
+    assert len(warned) == 1 and "present but unreadable" in warned[0] and "exported anyway" in warned[0]
+    assert (run / "export" / "model.safetensors").is_file()
+
+
 def test_export_with_onnx(tmp_path, runner):
     pytest.importorskip("onnxruntime")
     run, _ = make_run(tmp_path)
@@ -302,6 +312,22 @@ def test_eval_default_out_is_next_to_bundle(bundle, tmp_path, runner):
     assert json.loads(res.stdout)["split"] == "."
     reports = [p for p in bundle.parent.iterdir() if p.name.startswith("eval-bundle-")]
     assert len(reports) == 1 and (reports[0] / "confusion.png").is_file()
+
+
+def test_two_evals_started_in_the_same_second_each_get_their_own_default_folder(bundle, tmp_path, runner,
+                                                                                 monkeypatch):
+    """Session 17: eval's default folder had no suffix, so a second eval of the same bundle in the same second
+    was refused (`already holds a zoo eval report`); it now takes zoo.outdir.default_out's -2 as runs do."""
+    import zoo.outdir as outdir
+
+    monkeypatch.setattr(outdir.time, "strftime", lambda fmt, *a: "20250101-120000")     # the same second
+    data = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2, size=32)
+    for _ in range(2):
+        res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--json"])
+        assert res.exit_code == 0, res.output
+    reports = sorted(p.name for p in bundle.parent.iterdir() if p.name.startswith("eval-bundle-"))
+    assert reports == ["eval-bundle-20250101-120000", "eval-bundle-20250101-120000-2"]
+    assert all((bundle.parent / r / "metrics.json").is_file() for r in reports)
 
 
 def test_help_lists_examples(runner):

@@ -154,6 +154,41 @@ def test_interrupt_then_resume(tmp_path, tiny, monkeypatch):
     assert len(manifest["resumed"]) == 1
 
 
+def _pasted(line: str, after: str) -> list[str]:
+    """The argv a shell makes of the first `command` printed after ``after`` in ``line``."""
+    import shlex
+
+    return shlex.split(line.split(after, 1)[1].split("`")[1])
+
+
+def test_printed_commands_paste_into_a_shell_under_a_path_with_a_space_and_a_dollar(tmp_path, tiny, monkeypatch):
+    """Session 17: only the `next:` lines were quoted; the resume hint printed `zoo finetune --resume /x/my runs/$b`,
+    which a shell splits at the space and expands at the $."""
+    odd = tmp_path / "my runs" / "a $HOME b'c"
+    _, out, result = _interrupted_run(tmp_path, monkeypatch, tiny, out=odd)
+    argv = _pasted(result.stderr, "continue with")
+    assert argv == ["zoo", "finetune", "--resume", str(odd)]
+    refused = invoke("finetune", tiny, "--data", tmp_path / "data", "--out", odd)       # --out of an earlier run
+    assert refused.exit_code == 2
+    assert _pasted(refused.stderr, "continue it with") == argv
+    resumed = invoke(*argv[1:], "--workers", "0", "--quiet", "--no-export")         # the pasted command works
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((odd / "summary.json").read_text())["epochs_run"] == 3
+
+
+def test_a_flipped_bit_in_last_pt_stops_the_resume_with_one_line_and_trains_nothing(tmp_path, tiny, monkeypatch):
+    from tests.finetune.test_checkpoint import flip_a_bit_in_the_largest_tensor
+
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    flip_a_bit_in_the_largest_tensor(out / "checkpoints" / "last.pt")
+    metrics = (out / "metrics.csv").read_bytes()
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet", "--no-export")
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error:")]
+    assert len(lines) == 1 and "last.pt is damaged" in lines[0] and f"zoo export {out}" in lines[0]
+    assert "Traceback" not in result.output and (out / "metrics.csv").read_bytes() == metrics
+
+
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     import finetune.engine.epoch_steps as loop
 
@@ -572,12 +607,12 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert files() == before
 
 
-def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat"):
+def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None):
     """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
     import finetune.engine.epoch_steps as loop
 
     data = make_image_folder(tmp_path / "data", per_class=6, layout=layout)
-    out = tmp_path / "run"
+    out = out or tmp_path / "run"
     real, calls = loop.train_one_epoch, []
 
     def ctrl_c_in_epoch_2(*args, **kwargs):

@@ -85,6 +85,15 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
         assert needle in body, needle
 
 
+def test_the_hub_card_says_a_damaged_scan_json_is_present_but_unreadable(tmp_path):
+    from zoo.push import plan_push
+
+    run, bundle = make_bundle(tmp_path)
+    (run / "scan.json").write_text("{not json", encoding="utf-8")
+    card = plan_push(bundle, REPO).card
+    assert "The run's scan.json is present but unreadable (" in card and str(tmp_path) not in card
+
+
 @pytest.mark.parametrize("tta, said", [
     ({}, None),
     ({"tta": True, "tta_views": "flip", "tta_scales": None, "tta_mirror": True},

@@ -9,14 +9,14 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from finetune.core.io import atomic_write, atomic_write_text, read_json_object, rewrite_safetensors_metadata
+from finetune.core.io import atomic_write, atomic_write_text, rewrite_safetensors_metadata
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
-from zoo.modelcard import run_recipe, trained_recipe
+from zoo.modelcard import run_recipe, run_scan, trained_recipe
 from zoo.outdir import KINDS, STAGING
 from zoo.registry import public_source_id
 
@@ -62,10 +62,6 @@ def _trained_on_mirrors(run_dir: Path, recipe: dict[str, Any], summary: dict[str
         except CheckpointError:     # none (a run from before checkpoints carried it) or damaged: no test known
             mirror = None
     return not (isinstance(mirror, dict) and mirror.get("dropped"))
-
-
-def _scan(run_dir: Path) -> dict[str, Any]:
-    return read_json_object(run_dir / "scan.json")
 
 
 def _data_folders(scan: dict[str, Any]) -> dict[str, str | None] | None:
@@ -146,14 +142,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, Any], formats: Sequence[str]) -> str:
+def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, Any], formats: Sequence[str],
+                scan_problem: str | None = None) -> str:
     labels = meta["label_names"]
     library, _, arch = meta["builder"].partition(":")
     head = meta.get("head") or {"kind": "linear"}
     lines = [f"# {meta.get('model') or arch} finetuned on {len(labels)} classes", "",
              f"Exported by zoo-finetune from a run of `zoo finetune`. Architecture `{meta['builder']}`, "
              f"head: {head.get('kind', 'linear')}.", "", "## Data", ""]
-    if scan:
+    if scan_problem:
+        lines.append(f"- (scan.json in the run folder is present but unreadable: {scan_problem})")
+    elif scan:
         lines.append(f"- folder: `{scan.get('root', '?')}` (layout: {scan.get('layout', '?')})")
         counts = scan.get("counts")
         if isinstance(counts, dict):
@@ -304,13 +303,15 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-               formats: Sequence[str] = ("safetensors",)) -> Path:
+               formats: Sequence[str] = ("safetensors",), note: Callable[[str], None] | None = None) -> Path:
     """Export a finished run folder as a bundle (model.safetensors + config.json + README.md [+ model.onnx]).
 
     Args:
         run_dir: the run folder (model.json, checkpoints/best.safetensors, summary.json, config.yaml).
         out_dir: where to write; default ``<run_dir>/export``.
         formats: "safetensors" (always written) and optionally "onnx".
+        note: hears a warning line about a run file that is present but unreadable (scan.json: the bundle is
+            written without what it would have told).
     Returns:
         The bundle folder.
     Raises:
@@ -324,7 +325,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise UsageError(f"unknown export format(s) {unknown}; choose safetensors and/or onnx")
     info, state, ckpt = _read_run(run)
     labels = [str(c) for c in info["classes"]]
-    summary, recipe, scan = _summary(run), run_recipe(run), _scan(run)     # read once: the metadata's and the card's
+    summary, recipe, (scan, scan_problem) = _summary(run), run_recipe(run), run_scan(run)  # read once: meta + card
+    if scan_problem and note is not None:
+        note(f"warning: {run / 'scan.json'} is present but unreadable ({scan_problem}): the bundle's card does "
+             "not describe the data, and zoo eval cannot tell when it is given the folders the run trained on; "
+             "exported anyway")
 
     builder = str(info["builder"])
     library, _, arch = builder.partition(":")
@@ -356,7 +361,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     shutil.rmtree(stage, ignore_errors=True)        # what a killed export left
     stage.mkdir(parents=True)
     try:
-        card = _model_card(meta, trained_recipe(recipe, summary), scan, formats)   # freeze as decided, head's solver
+        card = _model_card(meta, trained_recipe(recipe, summary), scan, formats, scan_problem)  # freeze as decided
         _write_bundle(stage, info, model, meta, labels, data_config, formats, card)
         _publish(stage, out)
     except OSError as err:      # (a full disk...) named as the bundle's file, not the staging copy

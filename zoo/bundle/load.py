@@ -18,6 +18,7 @@ from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.outdir import lock_holder
 from zoo.resolve import get_entry, hub_config
 from zoo.sources import fetch_hub_config
+from zoo.text import shell_command
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
     import torch
@@ -331,13 +332,14 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
         raise BundleError(f"{path} is a file, not a bundle: give the folder `zoo export` wrote (it holds {WEIGHTS} "
                           f"and {CONFIG})")
     if not path.is_dir():
-        raise BundleError(f"no bundle at {path}; export one with `zoo export RUN_DIR --out {path}`")
+        raise BundleError(f"no bundle at {path}; export one with "
+                          f"`{shell_command('zoo', 'export', 'RUN_DIR', '--out', path)}`")
     weights = path / WEIGHTS
     if not weights.exists() and ((path / "model.json").is_file() or (path / "checkpoints").is_dir()):
         exported = path / "export"     # a run folder: `zoo finetune` exports its bundle there by default
         raise BundleError(f"{path} is a run folder, not a bundle: " + (
             f"use its bundle, {exported}" if (exported / WEIGHTS).is_file()
-            else f"export one first with `zoo export {path}`"))
+            else f"export one first with `{shell_command('zoo', 'export', path)}`"))
     meta = _decode_metadata(read_safetensors_metadata(weights), weights)
     config = _read_json(path / CONFIG, "re-export with `zoo export RUN_DIR`")
     if "builder" not in meta or "label_names" not in meta:
@@ -411,7 +413,8 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     text = str(spec)
     if not text.startswith(("hf-hub:", "timm:")) and (os.sep in text or text.startswith(".")
                                                        or text.endswith(".safetensors")):
-        raise BundleError(f"no bundle at {text}; export one with `zoo export RUN_DIR --out {text}`")
+        raise BundleError(f"no bundle at {text}; export one with "
+                          f"`{shell_command('zoo', 'export', 'RUN_DIR', '--out', text)}`")
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from zoo.predict import eval_transform
 

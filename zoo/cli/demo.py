@@ -1,7 +1,6 @@
 """``zoo demo``: the whole journey offline, each step the command a user would type."""
 from __future__ import annotations
 
-import shlex
 import time
 from pathlib import Path
 
@@ -11,12 +10,13 @@ from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import ZooError
+from zoo.text import shell_command
 
 
 def _step(title: str, args: list[str]) -> None:
     """Show the command, then run it in this process exactly as the shell would."""
     echo(f"\n== {title}", bold=True)
-    echo("$ zoo " + " ".join(shlex.quote(a) for a in args))
+    echo("$ " + shell_command("zoo", *args))
     code = cli.main(args=args, prog_name="zoo", standalone_mode=False)
     if code not in (None, 0):
         raise ZooError(f"demo step failed: zoo {args[0]} exited with {code} (see the message above)")

@@ -11,6 +11,7 @@ import click
 from finetune.core.config import OPTIONS, FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.text import shell_command
 from zoo.cli.options import FiniteFloatRange
 from zoo.text import printable
 
@@ -129,5 +130,5 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
     echo(f"findings: {folder / 'findings.csv'}")
     echo(f"report:   {folder / 'report.html'}")
     if counts.get("leak"):
-        echo("leaks inflate every test figure: drop them with "
-                   f"`zoo finetune MODEL --data {data} --exclude {folder / 'findings.csv'}`, or fix the folders")
+        drop = shell_command("zoo", "finetune", "MODEL", "--data", data, "--exclude", folder / "findings.csv")
+        echo(f"leaks inflate every test figure: drop them with `{drop}`, or fix the folders")

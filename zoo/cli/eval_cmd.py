@@ -3,7 +3,6 @@ command over zoo.evaluate; no torch at import."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
@@ -26,10 +25,12 @@ _SEEN = {
 
 
 def _default_out(model: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # lazy: zoo --help loads no more than it needs
+    from zoo.outdir import default_out
+
     p = Path(model)
     # Next to the bundle when MODEL is one; in the working directory for a registry model.
-    return (p.resolve().parent / f"eval-{p.resolve().name}-{stamp}") if p.is_dir() else Path(f"eval-{stamp}")
+    return default_out(p.resolve().parent, f"eval-{p.resolve().name}") if p.is_dir() else default_out(".", "eval")
 
 
 @cli.command("eval", short_help="Accuracy, per-class metrics and confusion matrix on a labelled folder.")

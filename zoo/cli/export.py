@@ -49,6 +49,6 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it, named or not.
     own = target.resolve() == (run_dir / "export").resolve()
     with claim_out(target, "export", overwrite=overwrite or own):
-        path = export_run(run_dir, target, formats=formats)
+        path = export_run(run_dir, target, formats=formats, note=lambda line: echo(line, err=True))
     files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     echo(f"exported {run_dir} -> {path} ({', '.join(files)})")

@@ -16,7 +16,7 @@ from zoo.cli.app import cli
 from zoo.cli.options import config_options, fc_dropout_option, given_options, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
-from zoo.text import printable
+from zoo.text import printable, shell_command
 
 __all__ = ["finetune_cmd"]
 
@@ -167,7 +167,7 @@ def _report(outcome) -> None:
     for line in advise(result.history):
         echo(f"advice: {line}")
     if outcome.export_dir is not None:   # (the run folder was printed before training started)
-        echo(f"bundle: {outcome.export_dir}  (zoo predict {outcome.export_dir} IMAGE)")
+        echo(f"bundle: {outcome.export_dir}  ({shell_command('zoo', 'predict', outcome.export_dir, 'IMAGE')})")
 
 
 def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:

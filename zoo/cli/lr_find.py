@@ -3,7 +3,6 @@ up, so every finetune option is accepted here too. No torch at import."""
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from finetune.core.policy import lr_unused
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.text import shell_command
 from zoo.cli.options import FiniteFloatRange, config_options, resolve_config
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
@@ -117,14 +117,13 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
     echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
     # The model and options the test ran with (config.yaml: defaults < --config < flags): without them the
     # command printed trained another setup (freeze depth, optimizer, backbone LR multiplier) than the one probed.
-    model_flags = ("" if pretrained else " --no-pretrained") + (f" --fc-dropout {fc_dropout:g}"
-                                                                 if fc_dropout is not None else "")
-    solver = ""
+    model_flags = ([] if pretrained else ["--no-pretrained"]) + (["--fc-dropout", f"{fc_dropout:g}"]
+                                                                 if fc_dropout is not None else [])
+    solver = []
     if result.decision is not None and lr_unused(config, result.decision.trainable_stages):
         echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
              "this one applies with --head-solver gradient (or when layers train: --freeze)")
-        solver = " --head-solver gradient"
+        solver = ["--head-solver", "gradient"]
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
-    echo(f"next: zoo finetune {shlex.quote(str(model))} --data {shlex.quote(str(data))} "
-         f"--config {shlex.quote(str(out_dir / 'config.yaml'))} --lr {result.suggestion:.2g}"
-         f"{solver}{model_flags}")
+    echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "config.yaml",
+                                  "--lr", f"{result.suggestion:.2g}", *solver, *model_flags))

@@ -7,6 +7,7 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.text import shell_command
 
 __all__ = ["push_cmd"]
 
@@ -65,7 +66,8 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
         return
     echo(f"pushed {', '.join(result.files)} to {repo}@{result.revision} (commit {result.commit[:12]})")
     if result.revision in ("main", None):
-        echo(f'load it: timm.create_model("hf-hub:{repo}", pretrained=True)  or  zoo predict hf-hub:{repo} IMAGE')
+        predict = shell_command("zoo", "predict", f"hf-hub:{repo}", "IMAGE")
+        echo(f'load it: timm.create_model("hf-hub:{repo}", pretrained=True)  or  {predict}')
     else:     # hf-hub:REPO is the main branch, another model or none
         rev = result.revision
         echo(f'load it: timm.create_model("hf-hub:{repo}@{rev}", pretrained=True); zoo reads the main branch of '

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shlex
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.text import shell_command
 from zoo.cli.options import config_options, resolve_config
 from zoo.errors import UsageError
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
@@ -142,11 +142,10 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         ctx.exit(1)
     echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
          f"table: {out_dir / 'results.csv'}")
-    random_init = "" if pretrained else " --no-pretrained"   # the sweep's trials started from random weights
+    random_init = [] if pretrained else ["--no-pretrained"]   # the sweep's trials started from random weights
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
-    echo(f"next: zoo finetune {shlex.quote(str(model))} --data {shlex.quote(str(data))} "
-         f"--config {shlex.quote(str(out_dir / 'best_config.yaml'))} "
-         f"--epochs {max(30, config.epochs)}{random_init}")
+    echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
+                                  "--epochs", max(30, config.epochs), *random_init))
 
 
 def _lr_unused_everywhere(config: FinetuneConfig, freezes, class_counts: list[int], n_stages: int) -> bool:

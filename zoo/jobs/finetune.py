@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,9 +33,10 @@ from zoo.build import builder_kwargs
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest
 from zoo.errors import UsageError
-from zoo.outdir import check_outside, claim_out
+from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
+from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "model_info", "run_finetune",
            "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
@@ -64,13 +64,9 @@ def _slug(name: str) -> str:
 
 
 def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
-    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (a numeric suffix when two runs start in the same second)."""
-    base = Path(root) / f"{_slug(model_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, i = base, 1
-    while path.exists():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    return path
+    """``runs/<model>-<YYYYmmdd-HHMMSS>`` (``zoo.outdir.default_out``: a numeric suffix when two runs start in
+    the same second)."""
+    return default_out(root, _slug(model_name))
 
 
 def scan_lines(report) -> list[str]:
@@ -154,7 +150,7 @@ def _export(run_dir: Path, log: Log) -> Path:
     # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace); a `zoo
     # export RUN` of a best epoch so far may be writing it: waited for, then replaced by the run's final best.
     with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S):
-        out = export_run(run_dir, run_dir / "export")
+        out = export_run(run_dir, run_dir / "export", note=log)
     log(f"exported bundle: {out}")
     return out
 
@@ -270,9 +266,10 @@ def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, 
         if info.is_main:
             _report_html(run_dir, config, say, _val_predictions(outcome.result, val_set))
     except KeyboardInterrupt:
-        bundle = f"its bundle with `zoo export {run_dir}` and " if export and outcome.export_dir is None else ""
+        bundle = (f"its bundle with `{shell_command('zoo', 'export', run_dir)}` and "
+                  if export and outcome.export_dir is None else "")
         raise Interrupted(f"interrupted after training: {run_dir} holds the finished run; write {bundle}its page "
-                          f"with `zoo report {run_dir}`") from None
+                          f"with `{shell_command('zoo', 'report', run_dir)}`") from None
     return outcome
 
 
@@ -309,7 +306,8 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
         dev = config.device if config.device != "auto" else "cpu"
         say(f"report: {zreport.make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
     except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
-        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `zoo report {run_dir}`")
+        say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with "
+            f"`{shell_command('zoo', 'report', run_dir)}`")
 
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,

@@ -21,6 +21,7 @@ from zoo.errors import UsageError
 from zoo.jobs.finetune import EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _build, _finish, feature_cache
 from zoo.outdir import MARKER, claim_out, folder_kind
 from zoo.resolve import get_entry
+from zoo.text import shell_command
 
 __all__ = ["resume_finetune"]
 
@@ -41,10 +42,15 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
     best = (run_dir / "checkpoints" / "best.safetensors").is_file()
     done = (f"metrics.csv records {epochs} finished epoch(s)" if epochs
             else "no epoch is recorded in metrics.csv")
-    keep = (f"; its best epoch is still in checkpoints/best.safetensors (zoo export {run_dir})" if best else "")
+    export = shell_command("zoo", "export", run_dir)
+    keep = f"; its best epoch is still in checkpoints/best.safetensors ({export})" if best else ""
     return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
-            f"schedule state to continue from{keep}; start the run over with `zoo finetune MODEL --data DIR "
-            f"--out {run_dir} --overwrite` or choose another --out")
+            f"schedule state to continue from{keep}; start the run over with `{_start_over(run_dir)}` or "
+            "choose another --out")
+
+
+def _start_over(run_dir: Path) -> str:
+    return shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run_dir, "--overwrite")
 
 
 def _finished(run_dir: Path) -> str | None:
@@ -54,9 +60,9 @@ def _finished(run_dir: Path) -> str | None:
         return None
     bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
               else "it has no bundle yet")
+    export = shell_command("zoo", "export", run_dir)
     return (f"{run_dir} finished after epoch {ckpt.get('epoch')}: resuming it trains nothing and leaves its files "
-            f"as they are; {bundle} (`zoo export {run_dir}` writes it again). Start a new run to train "
-            "longer or on other data")
+            f"as they are; {bundle} (`{export}` writes it again). Start a new run to train longer or on other data")
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
@@ -81,8 +87,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     started = info_path.is_file() or ((run_dir / MARKER).is_file() and folder_kind(run_dir) in ("finetune", "empty"))
     if started and not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} stopped before its training was set up (no config.yaml): there is "
-                              f"nothing to resume; start it over with `zoo finetune MODEL --data DIR --out {run_dir} "
-                              "--overwrite`")
+                              f"nothing to resume; start it over with `{_start_over(run_dir)}`")
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
@@ -130,8 +135,9 @@ def _scanned_root(run_dir: Path) -> Path:
     except (OSError, ValueError) as e:
         problem = f"is unreadable ({e})"
     if problem:
+        resume = shell_command("zoo", "finetune", "--resume", run_dir, "--data", "DIR")
         raise UsageError(f"{scan_json} {problem}, and only it records the data folder the run trained on; its "
-                         f"checkpoint is intact: continue with `zoo finetune --resume {run_dir} --data DIR`, DIR that "
+                         f"checkpoint is intact: continue with `{resume}`, DIR that "
                          "folder (the run's split.json and classes are kept, and scan.json written again)")
     return Path(root)
 
