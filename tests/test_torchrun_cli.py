@@ -116,6 +116,26 @@ def test_torchrun_prints_an_error_every_rank_meets_once(tmp_path, args, code, li
     assert codes.get("0") == str(code) and codes.get("1") in (str(code), "130", "-15"), run.stdout[-3000:]
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+@pytest.mark.parametrize("command", ["lr-find", "sweep"])
+def test_torchrun_refuses_a_one_process_command_in_one_line_before_writing(tmp_path, monkeypatch, command):
+    """QA: `torchrun --nproc-per-node 2 -m zoo lr-find` ran the range test on each rank: rank 1 (which does not
+    claim --out) wrote into the folder before rank 0 had claimed it, and rank 0 refused it as a stranger's
+    ("is not empty and holds no zoo output"); `zoo sweep` ran every trial on both ranks, each printing every
+    line and appending to one results.jsonl (each trial twice). Only `zoo finetune` runs on several processes;
+    the others are refused by rank 0, in one line, with nothing written."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, layout="split")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
+               ZOO_RANK_GRACE_S="120")
+    env.pop("WORLD_SIZE", None)
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "zoo", command, tiny, "--data",
+                   str(data), "--out", str(tmp_path / "out"), "--device", "cpu"], env, ROOT)
+    line = f"zoo: error: zoo {command} runs in one process: start it without torchrun"
+    assert run.returncode == 1 and run.stdout.count(line) == 1, run.stdout[-3000:]
+    assert run.stdout.count("zoo: error") == 1 and not (tmp_path / "out").exists(), run.stdout[-3000:]
+
+
 @pytest.mark.parametrize("stopped", [True, False])
 def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_path, monkeypatch, stopped):
     """A rank other than 0 waits for torchrun to stop it (rank 0 met the error too and said it); when rank 0

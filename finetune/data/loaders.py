@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import tempfile
@@ -147,18 +148,20 @@ def class_weights(image_set: ImageSet) -> list[float]:
 DROP_LAST_FRACTION = 0.05   # a last partial batch is dropped only when it holds at most this share of the set
 
 
-def drop_last_partial(n: int, batch_size: int) -> bool:
-    """Whether a training loader over ``n`` images drops its last partial batch.
+def drop_last_partial(n: int, batch_size: int, world_size: int = 1) -> bool:
+    """Whether a training loader over ``n`` images at the global ``batch_size`` drops its last partial batch.
 
     Dropping it keeps every step's batch statistics sound (a batch of one breaks BatchNorm in train
     mode), but on a small set it throws away a large share of every epoch (48 images at batch 32 would
     train on 32). The rule: drop it only when it is a single image, or at most ``DROP_LAST_FRACTION`` (5%)
-    of the set; otherwise every image trains in every epoch.
+    of the set; otherwise every image trains in every epoch. It is decided on the whole set and the global
+    batch, so N processes take the steps one takes, except that a last batch that leaves some rank of
+    ``world_size`` a single image (at most ``world_size`` images) is dropped too, as BatchNorm runs per rank.
     """
     rem = int(n) % int(batch_size)
     if rem == 0 or n <= batch_size:
         return False
-    return rem == 1 or rem <= DROP_LAST_FRACTION * n
+    return rem == 1 or rem <= DROP_LAST_FRACTION * n or (int(world_size) > 1 and rem <= int(world_size))
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
@@ -169,8 +172,9 @@ class EpochSeededSampler(torch.utils.data.Sampler):
     A wrapped sampler that draws from its own ``generator`` (the balanced one) has it seeded with the
     epoch seed: the order is then a function of (seed, epoch, rank) alone, whoever iterates it."""
 
-    def __init__(self, sampler) -> None:
+    def __init__(self, sampler, limit: int | None = None) -> None:
         self.sampler = sampler
+        self.limit = len(sampler) if limit is None else min(int(limit), len(sampler))   # indices per epoch
         self.seed = 0
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
@@ -184,10 +188,10 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         seed = self.seed
-        return ((int(i), seed) for i in self.sampler)
+        return ((int(i), seed) for i in itertools.islice(self.sampler, self.limit))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self.limit
 
 
 def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: int = 0, world_size: int = 1,
@@ -198,7 +202,9 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
     too (``world_size=1``): a one-process run takes exactly the batches that an N-process run splits
     between its ranks. ``"balanced"`` oversamples rare classes (WeightedRandomSampler, inverse class
     frequency, drawing from its own generator; needs ``dataset.targets``; one process only). The last
-    partial batch is dropped by :func:`drop_last_partial`'s rule. :func:`make_loader` hands this sampler,
+    partial batch is dropped by :func:`drop_last_partial`'s rule, decided on the global batch (``batch_size``
+    x ``world_size``): a dropping rank then stops after the one-process run's full batches (its sampler's
+    ``limit``; a padded shard could hold one more). :func:`make_loader` hands this sampler,
     batch size and drop_last to its DataLoader; the cached-feature head iterates the same batches without one.
 
     Raises:
@@ -218,7 +224,10 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
     else:
         base = DistributedSampler(dataset, num_replicas=int(world_size), rank=int(rank), shuffle=True,
                                   seed=int(seed), drop_last=False)
-    return BatchSampler(EpochSeededSampler(base), int(batch_size), drop_last_partial(len(base), int(batch_size)))
+    n, global_batch = len(dataset), int(batch_size) * int(world_size)
+    drop = drop_last_partial(n, global_batch, int(world_size))
+    limit = n // global_batch * int(batch_size) if drop else None
+    return BatchSampler(EpochSeededSampler(base, limit), int(batch_size), drop)
 
 
 def check_sampler(sampler: str, world_size: int) -> None:

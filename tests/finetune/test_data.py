@@ -713,6 +713,36 @@ def test_drop_last_rule():
     assert not drop_last_partial(64, 32) and not drop_last_partial(20, 32)
 
 
+@pytest.mark.parametrize("n,batch,world", [(63, 4, 2), (67, 8, 2), (143, 8, 2), (1077, 128, 2), (1000, 32, 4),
+                                            (24, 8, 2), (61, 8, 2), (3, 8, 2)])
+def test_ranks_take_the_one_process_batches(n, batch, world):
+    """QA: each rank applied the drop-last rule to its own shard and batch, so N processes took another number
+    of steps per epoch than one (63 images at batch 4 on 2 ranks: 16 steps, one process 15; 1077 at 128: 9
+    against 8), and so another LR schedule. The rule is decided on the global batch: step k of every rank
+    together is one process's batch k (the last, when kept, with the few images the padding repeats)."""
+    from finetune.data import drop_last_partial, set_epoch_order, train_batches
+
+    class Sized:
+        def __len__(self):
+            return n
+
+    def batches(ranks, rank):
+        order = train_batches(Sized(), batch // ranks, seed=5, world_size=ranks, rank=rank)
+        set_epoch_order(order.sampler, 5, 3)
+        assert len(order) == len(list(order))
+        return [[i for i, _seed in b] for b in order]
+
+    one, shares = batches(1, 0), [batches(world, r) for r in range(world)]
+    assert {len(s) for s in shares} == {len(one)}
+    together = [sorted(sum((s[k] for s in shares), [])) for k in range(len(one))]
+    kept = one and len(one[-1]) < batch
+    assert together[:len(one) - kept] == [sorted(b) for b in one[:len(one) - kept]]
+    if kept:
+        assert set(one[-1]) <= set(together[-1]) and len(together[-1]) - len(one[-1]) < world
+    # a last batch that would leave a rank one image is dropped under torchrun (BatchNorm runs per rank)
+    assert drop_last_partial(26, 8) is False and drop_last_partial(26, 8, 2) is True
+
+
 def test_small_training_set_trains_on_every_image_each_epoch(tmp_path):
     """48 images at batch 32: each epoch trains on all 48 (two steps), not on 32 (one)."""
     from finetune.engine import train_one_epoch

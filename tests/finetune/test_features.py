@@ -332,6 +332,28 @@ def test_augmented_views_are_a_reproducible_bank(tmp_path):
     torch.testing.assert_close(again.features, bank.features)
 
 
+def test_augmented_views_do_not_depend_on_the_workers(tmp_path):
+    """QA: the augmented views were one random stream over the images each process loaded, so --workers 2
+    (or a rank's shard under torchrun: tests/finetune/test_distributed.py) drew other views of every image
+    and solved another head (2 processes: val acc 0.525 against 0.35 in one). Each image's view is now seeded
+    by (view seed, its index in the split), as the training loader's draws are."""
+    from finetune.core.seeding import view_seed
+
+    train, val = _sets(tmp_path / "d")
+    config = _config(epochs=1, aug_views=2, crop_scale_min=0.5)
+    banks = []
+    for workers in (0, 2):
+        cache_dir = tmp_path / f"cache{workers}"
+        _fit(_model(), train, val, config.replace(workers=workers), cache_dir=cache_dir)
+        (train_file,) = cache_dir.glob("train-*.safetensors")
+        banks.append(FeatureCache(cache_dir).load(train_file.stem))
+    torch.testing.assert_close(banks[1].features, banks[0].features)
+    # view 1 of image 4 is the training transform's draw for (its index, the view's seed), whoever loads it
+    x, _ = ImageDataset(train, build_transform(DATA_CONFIG, True, config))[(4, view_seed(config.seed, 1))]
+    alone = extract_features(_model(), "fc", [(x, 0)], batch_size=1)[0]
+    torch.testing.assert_close(banks[0].features[1, 4], alone.reshape(-1))
+
+
 def test_two_phase_warmup_trains_the_head_on_cached_features(tmp_path):
     """freeze none: the head warm-up (until its val loss stops improving) runs on cached features, then
     the whole network trains; the warm-up rows equal those of the ordinary path."""

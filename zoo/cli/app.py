@@ -17,12 +17,17 @@ from finetune.core.io import no_room
 from finetune.core.signals import sigterm_as_interrupt
 from zoo import __version__, process
 from zoo.cli import console
-from zoo.errors import ZooError
+from zoo.errors import UsageError, ZooError
 from zoo.text import printable
 
 __all__ = ["cli", "ZooGroup"]
 
 RANK_GRACE_S = 5.0     # see _rank_0_ended_it; ZOO_RANK_GRACE_S sets it (a loaded machine, a slow shared disk)
+# The commands that run under torchrun (DDP over its processes); any other, started by torchrun on several
+# processes, is refused with one line: each rank ran all of it, writing the same folder (QA: `zoo lr-find`'s
+# rank 1 wrote into --out before rank 0 had claimed it, which rank 0 then refused as a stranger's folder;
+# `zoo sweep` ran every trial twice, each rank printing and appending to one results.jsonl).
+ON_SEVERAL_PROCESSES = frozenset({"finetune"})
 
 
 class ZooGroup(click.Group):
@@ -38,6 +43,13 @@ class ZooGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["zoo.args"] = list(args)     # the command line, for RUN/log.txt
         return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and command.name not in ON_SEVERAL_PROCESSES and process.under_torchrun():
+            raise UsageError(f"zoo {command.name} runs in one process: start it without torchrun (only zoo "
+                             f"finetune trains on several processes)")
+        return name, command, rest
 
     def invoke(self, ctx: click.Context):
         process.keep_freed_memory()      # process-wide settings belong to the entry point (zoo.process)

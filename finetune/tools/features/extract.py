@@ -2,7 +2,7 @@
 import contextlib
 import math
 import sys
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -36,16 +36,18 @@ def _features_mode(model: nn.Module, head: str) -> Iterator[nn.Module]:
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Wraps a dataset to return ``(index, image, label)`` (or ``(index, None)`` for a bad image)."""
+    """Wraps a dataset to return ``(i, image, label)`` (or ``(i, None)`` for a bad image) for the ``i``-th of
+    ``keys``, the dataset keys to load (default: every index in order)."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, keys: Sequence | None = None) -> None:
         self.dataset = dataset
+        self.keys = range(len(dataset)) if keys is None else keys  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.keys)
 
     def __getitem__(self, i: int):
-        return i, self.dataset[i]
+        return i, self.dataset[self.keys[i]]
 
 
 def _collate_indexed(batch):
@@ -63,8 +65,10 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
              device: torch.device, *, workers: int = 0, amp: AmpPolicy | None = None, channels_last: bool = False,
              seed: int | None = None, desc: str | None = None, quiet: bool = True,
              normalize=None, mirror: bool = False, allow_empty: bool = False,
-             fixed_shape: bool | None = None) -> FeatureBank | None:
+             fixed_shape: bool | None = None, keys: Sequence | None = None) -> FeatureBank | None:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
+    ``keys``: the dataset keys to load, one bank row each (default: every index in order); an
+    ``ImageDataset`` key ``(index, seed)`` seeds that image's augmentation draws by itself.
     ``mirror``: a second view, each batch's horizontal mirror, from the same decoded batch (one pass
     over the files, two forward passes).
 
@@ -73,7 +77,8 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     ``allow_empty``: None instead of an error when no image decodes (one rank's shard under torchrun).
     ``fixed_shape``: pad the last batch to ``batch_size`` (None: on CUDA, see below).
     """
-    n = len(dataset)  # type: ignore[arg-type]
+    items = _Indexed(dataset, keys)
+    n = len(items)
     # On CUDA every batch goes through at one shape (the last one padded): cuDNN plans, and may compile,
     # kernels per input shape, seconds that a small folder's 4-5 shapes (full and last batch, train and
     # val, the head check) would pay each; a CPU has no such cost and skips the padded rows' work.
@@ -81,14 +86,14 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     workers = resolve_workers(int(workers), device.type, -(-n // max(1, int(batch_size))), single_pass_images=n)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     loader = torch.utils.data.DataLoader(
-        _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+        items, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate_indexed, pin_memory=device.type == "cuda", generator=gen,
         persistent_workers=False, prefetch_factor=4 if workers else None)
     feats: torch.Tensor | None = None
     labels = torch.full((n,), -1, dtype=torch.int64)
     shape: tuple[int, ...] = ()
     checked = False
-    bar = tqdm(total=len(dataset), desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
+    bar = tqdm(total=n, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
                disable=True if (quiet or desc is None) else None)
     with _features_mode(model, head) as head_module, (amp or amp_policy(device, False)).autocast(), bar:
         for batch in loader:

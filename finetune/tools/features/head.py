@@ -32,12 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
-from finetune.data import ImageDataset, ImageSet, build_transform, set_epoch_order, train_batches
+from finetune.data import ImageDataset, build_transform, set_epoch_order, train_batches
 from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
-from finetune.core.seeding import seed_host, view_pick_seed, view_seed
+from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
 from finetune.tools.features.handedness import MAX_IMAGES as HANDEDNESS_MAX_IMAGES, MIN_PER_CLASS, handedness
@@ -164,6 +164,8 @@ class CachedHeadSteps:
                  "views": n_views, "seed": seed if n_views else None}
         if mirror:
             extra["mirror"] = True
+        elif n_views:     # (a bank of an earlier version drew its views from one stream per rank and worker)
+            extra["draws"] = "per image"
         key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
                                 transform=transform, extra=extra)
         total_views = max(1, n_views) * (2 if mirror else 1)
@@ -173,21 +175,20 @@ class CachedHeadSteps:
         def compute() -> FeatureBank:
             t0 = time.perf_counter()
             # under torchrun each rank extracts its strided shard of the images; all ranks get every row
-            shard = image_set.items[info.rank::info.world_size] if info.enabled else image_set.items
-            ds = ImageDataset(ImageSet(shard, image_set.classes), transform)
+            shard = range(info.rank if info.enabled else 0, len(image_set.items), info.world_size)
+            ds = ImageDataset(image_set, transform)
             parts = []
             for v in range(max(1, n_views)):
-                # Augmented views are drawn reproducibly: the transforms use torch's RNG, seeded per view
-                # (workers get seeds from the loader generator). The global RNG is forked and restored so
-                # that extraction consumes none of it: the head's dropout then sees the slow path's draws.
-                with torch.random.fork_rng(devices=[]):
-                    seed_host(view_seed(seed, v))
-                    parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
-                                          workers=int(s.config.workers), amp=s.amp,
-                                          channels_last=s.channels_last, seed=view_seed(seed, v),
-                                          desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
-                                          quiet=bool(s.config.quiet) or not info.is_main,
-                                          normalize=self.normalize, mirror=mirror, allow_empty=info.enabled))
+                # An augmented view's draws are seeded per image, by (view seed, its index in the split)
+                # (``ImageDataset``'s keyed form; it forks the global RNG, which the head's dropout uses): the
+                # same on any number of ranks and with any --workers, as the training loader's (QA: one stream
+                # per rank and worker gave 2 ranks, or --workers 2, other views and another head).
+                keys = [(i, view_seed(seed, v)) for i in shard] if n_views else shard
+                parts.append(_extract(s.model, s.head, ds, int(s.config.batch_size), s.device,
+                                      workers=int(s.config.workers), amp=s.amp, channels_last=s.channels_last,
+                                      desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
+                                      quiet=bool(s.config.quiet) or not info.is_main, keys=keys,
+                                      normalize=self.normalize, mirror=mirror, allow_empty=info.enabled))
             bank = _gather_bank(parts, len(image_set.items), info)
             for failed in ddp.gather_objects(ds.failures(), info):   # reported once, with the loop's,
                 for path, reason in failed:                          # at the end of fit
