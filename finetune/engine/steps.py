@@ -113,7 +113,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         lrs[step] = _lr(scheduler, optimizer)
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             if info.enabled:     # the other ranks' step waits for this one's gradients: it takes part, weighing 0
-                _stand_in(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema)
+                _stand_in(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema, info)
             continue
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
         target = y
@@ -121,7 +121,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             mixed = mix(x, y, step)
             x, target, y = mixed.x, mixed.target, mixed.y
         out = _forward(model, x, amp)
-        loss = loss_fn(out.float(), target)
+        loss = batch_loss(loss_fn, out.float(), target, info)
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if optimizer is not None:
             optimizer_step(loss, optimizer, scaler)
@@ -142,6 +142,37 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return _train_totals(loss_sum, correct, seen, t0, info)
 
 
+def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_fn``'s batch mean as (sum, weight): the weight is what torch divides by, the sum of the
+    targets' class weights for a class-weighted cross-entropy on class indices (``--class-weights auto``:
+    label smoothing divides by it too), else the number of images. Means over several batches or ranks are
+    then ``sum(sums) / sum(weights)``, whatever the batching."""
+    mean = loss_fn(out, target)
+    weight = getattr(loss_fn, "weight", None)
+    if weight is not None and not target.is_floating_point():
+        total = weight[target].sum()
+    else:
+        total = torch.tensor(float(target.shape[0]), device=out.device)
+    return mean * total, total
+
+
+def batch_loss(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor, info: ddp.DistInfo, *,
+               blank: bool = False) -> torch.Tensor:
+    """The training loss of this rank's part of the global batch, scaled so that DDP's average of the ranks'
+    gradients is the gradient of one process's loss on the whole batch. A plain mean needs nothing: the
+    shards are the same size. A class-weighted cross-entropy divides by the batch's weight, which differs
+    between shards (each rank's mean, averaged, weighed its rare-class images otherwise than one process):
+    each rank divides its sum by the mean weight over the ranks (one scalar all-reduce per step, only
+    then; on CUDA it queues like the gradients' and the host does not wait). ``blank``: a stand-in step
+    (:func:`_stand_in`) that adds no weight."""
+    if not info.enabled or getattr(loss_fn, "weight", None) is None or target.is_floating_point():
+        return loss_fn(out, target)
+    total, weight = loss_parts(loss_fn, out, target)
+    shared = weight.detach().clone() * (0.0 if blank else 1.0)
+    ddp.all_reduce_sum(shared, info)
+    return total * info.world_size / shared.clamp_min(torch.finfo(shared.dtype).tiny)
+
+
 def _stepped(model: nn.Module, scheduler, ema) -> None:
     """After an optimizer step: the scheduler's per-step LR, the weight average."""
     if scheduler is not None:
@@ -151,7 +182,7 @@ def _stepped(model: nn.Module, scheduler, ema) -> None:
 
 
 def _stand_in(model: nn.Module, blank: Callable[[], tuple] | None, loss_fn: nn.Module, amp: AmpPolicy | None,
-              optimizer, scheduler, scaler, ema) -> None:
+              optimizer, scheduler, scaler, ema, info: ddp.DistInfo) -> None:
     """A training step for a rank of a DDP job that has no image in it (each failed to decode, after the
     scan). The other ranks' backward waits in DDP's gradient all-reduce for this rank's, so it runs the
     step too, on ``blank()`` with its loss weighed 0: its gradient is zero and the others' is averaged over
@@ -163,7 +194,7 @@ def _stand_in(model: nn.Module, blank: Callable[[], tuple] | None, loss_fn: nn.M
         raise RuntimeError("train_one_epoch: a batch whose every image failed needs `blank` under DDP")
     x, y = blank()
     with _as_before(model, x.device):
-        loss = loss_fn(_forward(model, x, amp).float(), y) * 0.0
+        loss = batch_loss(loss_fn, _forward(model, x, amp).float(), y, info, blank=True) * 0.0
         if optimizer is not None:
             optimizer_step(loss, optimizer, scaler)
     if optimizer is not None:
@@ -251,7 +282,9 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)
     over ``batches`` (a validation loader, or the cached head's validation features).
 
-    Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks.
+    Under DDP each rank passes its own shard of the validation set; the sums are reduced over ranks. The loss
+    is the mean over the whole set (weighted by class with ``--class-weights auto``: :func:`loss_parts`), the
+    same however the set is split into batches or ranks.
     ``normalize``: as in :func:`train_one_epoch` (uint8 batches normalised on the device).
     ``probs``: a list that receives each batch's softmax probabilities (CPU float tensors, loader order).
     ``correct``: a list that receives each batch's per-image hits (CPU bool tensors, this rank's images).
@@ -262,6 +295,7 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     c = len(classes)
     confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_weight = torch.zeros((), dtype=torch.float64, device=device)     # (loss_parts: images, or class weight)
     # Nothing here makes the host wait for a batch: per-image outputs go to the host asynchronously (pinned
     # memory, read after the pass's last copy below) and the confusion counts by index_add_ (CUDA's
     # bincount looks at the labels' maximum from the host).
@@ -272,7 +306,9 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
         x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
         with (amp or _FULL).autocast():
             out = model(x)
-        loss_sum += loss_fn(out.float(), y).double() * int(y.shape[0])
+        part, weight = loss_parts(loss_fn, out.float(), y)
+        loss_sum += part.double()
+        loss_weight += weight.double()
         pred = out.argmax(1)
         confusion.index_add_(0, y * c + pred, torch.ones_like(y))
         if probs is not None:
@@ -283,13 +319,14 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
             kept.append((losses, _to_host(F.cross_entropy(out.float(), y, reduction="none").double())))
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
+    ddp.all_reduce_sum(loss_weight, info)
     conf = confusion.view(c, c).cpu()       # waits for the pass, its copies to the host included
     for into, values in kept:
         into.append(values)
     total = int(conf.sum())
     right = conf.diag().tolist()
     per_class = per_class_accuracy(right, conf.sum(1).tolist(), list(classes))
-    return {"loss": float(loss_sum) / total if total else math.nan,
+    return {"loss": float(loss_sum) / float(loss_weight) if total and float(loss_weight) else math.nan,
             "acc": sum(right) / total if total else math.nan,
             "per_class": per_class, "confusion": conf.tolist(), "images": total}
 

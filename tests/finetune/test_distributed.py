@@ -214,6 +214,35 @@ def test_torchrun_two_processes_take_the_steps_of_one_process_on_an_odd_set(tmp_
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path):
+    """QA (session 18): with --class-weights auto each rank's loss was torch's weighted mean over its own
+    half of the batch, and DDP averaged the two means: the rare class weighed otherwise than in one process
+    (Lite0, imbalanced digits: first epoch's train loss 0.3682 vs 0.3661, best epoch 5 vs 6). Each rank now
+    divides by the whole batch's class weight; the validation loss is the weighted mean over the whole set."""
+    from finetune.data import ImageSet, scan_folder
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=20, val_per_class=3, layout="split"))
+    classes = report.train.classes
+    kept = [item for item in report.train.items if item[1] != 1 or item[0].endswith(("_000.png", "_001.png",
+                                                                                      "_002.png", "_003.png"))]
+    train = ImageSet(kept, classes)                  # 20 + 4 + 20 images: the middle class is rare
+    config = ddp_cfg().replace(epochs=1, head_epochs=0, batch_size=4, class_weights="auto")
+    _torchrun_fit(tmp_path, train, report.val, f"""
+        from finetune.core.config import FinetuneConfig
+        from finetune.tools.train import fit
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
+        fit(tiny_model(), STAGES, DATA_CONFIG, train, val, FinetuneConfig.from_dict({config.to_dict()!r}),
+            head="fc", run_dir={str(tmp_path / "ddp")!r})
+    """)
+    single = run((train, report.val), config, run_dir=tmp_path / "one")
+    rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+    for key in ("train_loss", "train_acc", "val_loss"):
+        assert float(rows[0][key]) == pytest.approx(single.history[0][key], abs=1e-5), key
+    a, b = load_weights(tmp_path / "ddp" / BEST), load_weights(tmp_path / "one" / BEST)
+    assert all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_cache_the_augmented_views_of_one_process(tmp_path):
     """QA: with --aug-views each rank drew its shard's views from one random stream of its own, so the bank
     (and the head solved on it) differed from one process's: `zoo finetune --freeze head --aug-views 2` on

@@ -580,3 +580,23 @@ def test_a_run_that_warms_up_trains_exactly_as_one_that_does_not(report, monkeyp
     assert calls == [((8, 3, 32, 32), (n_val, 3, 32, 32), True), ((8, 3, 32, 32), (n_val, 3, 32, 32), False)]
     assert warm_history == plain_history
     assert all(torch.equal(plain_state[k], v) for k, v in warm_state.items())
+
+
+def test_the_class_weighted_validation_loss_is_one_mean_over_the_set_however_it_is_batched():
+    """QA (session 18): evaluate averaged each batch's weighted mean by its image count, so the validation
+    loss (early stopping, the best epoch) of --class-weights auto depended on the batch size and on how
+    the set was split between ranks. It is now the weighted mean over the whole set."""
+    from finetune.engine.steps import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=gen)
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1, 2])
+    weight = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight.float())
+    model = torch.nn.Linear(4, 3).double()
+    with torch.no_grad():
+        whole = float(torch.nn.functional.cross_entropy(model(x.double()), y, weight=weight))
+    for size in (1, 3, 10):
+        batches = [(x[i:i + size].double(), y[i:i + size]) for i in range(0, 10, size)]
+        out = evaluate(model, batches, loss_fn, torch.device("cpu"), ["a", "b", "c"])
+        assert out["loss"] == pytest.approx(whole, rel=1e-6), size
