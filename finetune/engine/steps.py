@@ -164,8 +164,11 @@ def batch_loss(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor, info
     between shards (each rank's mean, averaged, weighed its rare-class images otherwise than one process):
     each rank divides its sum by the mean weight over the ranks (one scalar all-reduce per step, only
     then; on CUDA it queues like the gradients' and the host does not wait). ``blank``: a stand-in step
-    (:func:`_stand_in`) that adds no weight."""
-    if not info.enabled or getattr(loss_fn, "weight", None) is None or target.is_floating_point():
+    (:func:`_stand_in`) that adds no weight. Whether the all-reduce runs depends on the loss alone, never on
+    the batch: a stand-in's class targets and the other ranks' mixed (probability) ones take it alike (QA:
+    --mixup with --class-weights auto, the stand-in rank alone all-reduced and gloo aborted the job); for
+    probability targets torch divides by the images, so the shared weight is the images then."""
+    if not info.enabled or getattr(loss_fn, "weight", None) is None:
         return loss_fn(out, target)
     total, weight = loss_parts(loss_fn, out, target)
     shared = weight.detach().clone() * (0.0 if blank else 1.0)
@@ -189,7 +192,8 @@ def _stand_in(model: nn.Module, blank: Callable[[], tuple] | None, loss_fn: nn.M
     all ranks, as ``DistributedDataParallel.join`` does for a rank out of inputs; the optimizer, the LR
     schedule and the weight average take the step every rank takes. Nothing else of the batch remains:
     the BatchNorm statistics and the random generators (dropout) are as before, and the epoch's metrics do
-    not count it. Only this rare path pays for it: a normal step is unchanged (no extra collective)."""
+    not count it. Only this rare path pays for it: a normal step is unchanged (no extra collective; with class
+    weights both take :func:`batch_loss`'s one)."""
     if blank is None:
         raise RuntimeError("train_one_epoch: a batch whose every image failed needs `blank` under DDP")
     x, y = blank()

@@ -600,3 +600,29 @@ def test_the_class_weighted_validation_loss_is_one_mean_over_the_set_however_it_
         batches = [(x[i:i + size].double(), y[i:i + size]) for i in range(0, 10, size)]
         out = evaluate(model, batches, loss_fn, torch.device("cpu"), ["a", "b", "c"])
         assert out["loss"] == pytest.approx(whole, rel=1e-6), size
+
+
+def test_every_rank_takes_the_class_weight_all_reduce_whatever_its_batch(monkeypatch):
+    """QA (review of session 18): under torchrun with --class-weights auto and --mixup, a rank whose whole batch
+    failed to decode took its stand-in step on class targets and all-reduced the batch's class weight, while the
+    other rank's mixed (probability) targets skipped it: gloo aborted the job ('collective mismatch'). The
+    all-reduce now depends on the loss alone; for probability targets the shared weight is the image count."""
+    from finetune.core import distributed as ddp
+    from finetune.engine import steps
+
+    calls = []
+
+    def two_equal_ranks(tensor, info):       # as if the other rank held the same batch
+        calls.append(float(tensor))
+        return tensor.mul_(2)
+
+    monkeypatch.setattr(steps.ddp, "all_reduce_sum", two_equal_ranks)
+    info = ddp.DistInfo(rank=0, world_size=2, enabled=True)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 4.0]))
+    out = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    soft = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float() * 0.7 + 0.1
+    mixed = steps.batch_loss(loss_fn, out, soft, info)
+    blank = steps.batch_loss(loss_fn, out, torch.zeros(4, dtype=torch.int64), info, blank=True)
+    assert len(calls) == 2 and calls[0] == 4.0 and calls[1] == 0.0      # one collective each, as every rank's
+    assert float(mixed) == pytest.approx(float(loss_fn(out, soft)), rel=1e-6)
+    assert torch.isfinite(blank)
