@@ -20,10 +20,12 @@ def printable(text: object) -> str:
 
 
 def cell_width(text: str) -> int:
-    """The terminal cells ``text`` takes: a combining mark none (``café`` decomposed is 4), a wide East Asian
-    character two (``猫`` is 2), any other character one. For columns of user-named things (class names)."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-               for c in text)
+    """The terminal cells ``text`` takes: a mark drawn on the character before it none (``café`` decomposed is
+    4; Unicode categories Mn and Me, as wcwidth counts them: Thai and Devanagari vowel signs too, whose
+    combining class is 0), a wide East Asian character two (``猫`` is 2), any other character one. For columns of
+    user-named things (class names)."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 def pad(text: str, width: int) -> str:

@@ -459,6 +459,8 @@ def test_eval_class_table_lines_up_whatever_the_class_names_hold():
     from zoo.text import cell_width, pad
 
     assert [cell_width(s) for s in ("cat", "猫", "cafe\u0301", "caf\u00e9", "")] == [3, 2, 4, 4, 0]
+    # (review) Thai and Devanagari vowel signs are marks of combining class 0: no cell of their own either
+    assert [cell_width(s) for s in ("\u0e17\u0e35\u0e48", "\u0939\u093f\u0902")] == [1, 2]
     assert pad("猫", 4) == "猫  " and pad("toolong", 3) == "toolong"
     names = ["cat", "猫の写真", "cafe\u0301", "new\nline"]
     per_class = {n: {"precision": 0.5, "recall": 1.0, "support": 3} for n in names}
