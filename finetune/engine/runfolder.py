@@ -277,6 +277,6 @@ class RunFolder:
         except Exception:   # the last write failed: last.pt is the one before it
             pass
         try:
-            return int(torch.load(self.path / LAST, map_location="cpu", weights_only=True)["epoch"])
+            return int(load_checkpoint(self.path / LAST, mmap=True)["epoch"])    # (its tensors neither read nor hashed)
         except Exception:  # an unreadable checkpoint: say the epoch before the interrupted one
             return max(0, fallback - 1)
