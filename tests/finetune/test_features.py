@@ -354,6 +354,23 @@ def test_augmented_views_do_not_depend_on_the_workers(tmp_path):
     torch.testing.assert_close(banks[0].features[1, 4], alone.reshape(-1))
 
 
+def test_computing_the_features_leaves_the_global_random_stream_alone(tmp_path):
+    """QA (review of session 18): once augmented views were seeded per image, extraction ran without its seeded
+    loader generator, and the DataLoader drew its workers' base seed from the global RNG: `zoo lr-find` (and
+    --lr auto) on cached features with a dropout head probed other losses on a cache miss than on a hit."""
+    from finetune.tools.diagnostics import lr_find
+
+    train, _ = _sets(tmp_path / "d")
+    cache = FeatureCache(tmp_path / "cache")
+    runs = []
+    for _ in ("miss", "hit"):
+        torch.manual_seed(0)
+        runs.append(lr_find(_model(head="mlp"), STAGES, DATA_CONFIG, train, _config(freeze="head", head="mlp"),
+                            head="fc", start_lr=1e-4, end_lr=1.0, steps=6, reset_head=False,
+                            feature_cache=cache).losses)
+    assert len(list((tmp_path / "cache").glob("train-*.safetensors"))) == 1 and runs[0] == runs[1]
+
+
 def test_two_phase_warmup_trains_the_head_on_cached_features(tmp_path):
     """freeze none: the head warm-up (until its val loss stops improving) runs on cached features, then
     the whole network trains; the warm-up rows equal those of the ordinary path."""

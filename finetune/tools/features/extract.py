@@ -84,7 +84,10 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     # val, the head check) would pay each; a CPU has no such cost and skips the padded rows' work.
     fixed_shape = device.type == "cuda" if fixed_shape is None else fixed_shape
     workers = resolve_workers(int(workers), device.type, -(-n // max(1, int(batch_size))), single_pass_images=n)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    # A generator of its own, always: without one, the DataLoader draws its workers' base seed from the global
+    # RNG, which the head's dropout then continues from (QA: lr-find on cached features with an MLP head gave
+    # other losses on a cache miss than on a hit). Augmented views are seeded per image (``keys``), not by it.
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
     loader = torch.utils.data.DataLoader(
         items, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate_indexed, pin_memory=device.type == "cuda", generator=gen,
