@@ -94,12 +94,14 @@ def special_file(path: str | Path) -> str | None:
     """What ``path`` is when it is a named pipe, a socket or a device rather than a file (opening a pipe waits for
     a writer: zoo predict of a folder holding one hung for good), else None. The streams a user names on purpose
     (``zoo predict BUNDLE -`` reads /dev/stdin, ``<(curl ...)`` is /dev/fd/N) live under /dev and /proc and
-    are read."""
+    are read; /dev/shm is a folder of files like any other (a data set copied to RAM), checked as one."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None             # missing, a broken link: the reader says so
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or os.path.abspath(path).startswith(("/dev/", "/proc/")):
+    where = os.path.abspath(path)
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or (where.startswith(("/dev/", "/proc/"))
+                                                    and not where.startswith("/dev/shm/")):
         return None
     return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
 

@@ -330,3 +330,18 @@ def test_a_named_pipe_in_a_class_folder_is_skipped_with_its_reason_never_opened(
     for read in (load_image, read_image_bytes):
         with pytest.raises(DataError, match=r"pipe.jpg is a named pipe, not an image file; remove it"):
             read(root / "c0" / "pipe.jpg")
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no writable /dev/shm")
+def test_a_named_pipe_in_a_data_folder_under_dev_shm_is_still_refused(tmp_path):
+    """Review (session 18): the streams a user names (/dev/stdin, /dev/fd/N) are read whatever they are, but a
+    data set copied to /dev/shm (RAM) is a folder of files: a FIFO there was opened and zoo predict waited."""
+    import tempfile
+
+    from finetune.data.images import special_file
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        fifo_with_a_late_writer(Path(shm) / "pipe.jpg", after_s=2.0)
+        with pytest.raises(DataError, match=r"pipe.jpg is a named pipe, not an image file"):
+            load_image(Path(shm) / "pipe.jpg")
+    assert special_file("/dev/stdin") is None
