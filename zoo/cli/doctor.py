@@ -11,9 +11,8 @@ import click
 from finetune.core.config import OPTIONS, FinetuneConfig
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.text import shell_command
 from zoo.cli.options import FiniteFloatRange
-from zoo.text import printable
+from zoo.text import printable, shell_command
 
 __all__ = ["doctor_cmd"]
 

@@ -63,7 +63,7 @@ def _collate_indexed(batch):
 @torch.no_grad()
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: AmpPolicy | None = None, channels_last: bool = False,
-             seed: int | None = None, desc: str | None = None, quiet: bool = True,
+             desc: str | None = None, quiet: bool = True,
              normalize=None, mirror: bool = False, allow_empty: bool = False,
              fixed_shape: bool | None = None, keys: Sequence | None = None) -> FeatureBank | None:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
@@ -87,7 +87,7 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     # A generator of its own, always: without one, the DataLoader draws its workers' base seed from the global
     # RNG, which the head's dropout then continues from (QA: lr-find on cached features with an MLP head gave
     # other losses on a cache miss than on a hit). Augmented views are seeded per image (``keys``), not by it.
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(
         items, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate_indexed, pin_memory=device.type == "cuda", generator=gen,
