@@ -176,3 +176,16 @@ def test_a_rank_set_without_torchrun_says_its_errors_at_once_and_a_bad_one_is_ra
     monkeypatch.setenv("RANK", "abc")
     result = CliRunner().invoke(cli, ["list"])
     assert result.exit_code == 0 and "resnet50" in result.stdout, result.output
+
+
+def test_help_of_a_one_process_command_is_shown_under_torchrun(monkeypatch):
+    """Review (session 18): `torchrun ... -m zoo lr-find --help` was refused as a run; help writes nothing."""
+    from click.testing import CliRunner
+
+    from zoo.cli import app, cli
+
+    monkeypatch.setattr(app.process, "under_torchrun", lambda: True)
+    shown = CliRunner().invoke(cli, ["lr-find", "--help"])
+    assert shown.exit_code == 0 and "Usage: " in shown.stdout, shown.output
+    refused = CliRunner().invoke(cli, ["lr-find", "resnet18", "--data", "nowhere"])
+    assert refused.exit_code == 2 and "zoo lr-find runs in one process" in refused.stderr, refused.output

@@ -46,7 +46,9 @@ class ZooGroup(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name, command, rest = super().resolve_command(ctx, args)
-        if command is not None and command.name not in ON_SEVERAL_PROCESSES and process.under_torchrun():
+        asks_help = any(a in ctx.help_option_names for a in rest)     # (reads, writes nothing: let it through)
+        if command is not None and command.name not in ON_SEVERAL_PROCESSES and not asks_help \
+                and process.under_torchrun():
             raise UsageError(f"zoo {command.name} runs in one process: start it without torchrun (only zoo "
                              f"finetune trains on several processes)")
         return name, command, rest
