@@ -41,7 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import decode_opened
+from finetune.data.images import EMPTY_FILE, decode_opened
 from finetune.data.files import IMAGE_FORMATS
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
@@ -101,7 +101,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         raise ImageRejected(415, f"{name}: SVG is not decoded (vector images can hide scripts and bombs); "
                                  "send a raster image")
     if not data:
-        raise ImageRejected(400, f"{name}: the file is empty")
+        raise ImageRejected(400, f"{name}: {EMPTY_FILE}")
     with pil_warnings():
         try:
             img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
