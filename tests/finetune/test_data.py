@@ -134,6 +134,31 @@ def test_split_file_round_trip(image_folder, tmp_path):
     assert rels(fresh, fresh.val) == rels(first, first.val)
 
 
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_a_split_file_and_class_names_survive_a_rename_into_the_other_unicode_form(tmp_path, layout):
+    """QA (helper-45): after `cp -R` through macOS (names decomposed), every file of class élan was "moved to another
+    class" for the split file, and got a new side by the seed (validation images into training); the class was
+    named in the new form, so a resume refused it. Matched by class_key now, with the run's own names kept."""
+    import unicodedata
+
+    nfd = lambda name: unicodedata.normalize("NFD", name)     # noqa: E731
+    data = make_image_folder(tmp_path / "data", classes=("élan", "fox", "gnu"), per_class=6, layout=layout,
+                             val_per_class=2, size=16)
+    first = scan_folder(data, seed=3, val_split=0.5)
+    write_scan(first, tmp_path / "run")
+    for split in [data] if layout == "flat" else [data / "train", data / "val"]:
+        for f in (split / "élan").iterdir():
+            f.rename(split / "élan" / nfd(f.name))
+        (split / "élan").rename(split / nfd("élan"))
+    assert scan_folder(data).classes == [nfd("élan"), "fox", "gnu"]     # decomposed, it sorts first
+    again = scan_folder(data, seed=3, val_split=0.5, split_file=tmp_path / "run" / "split.json",
+                        class_names=first.classes)
+    assert again.classes == first.classes == ["fox", "gnu", "élan"] and again.warnings == first.warnings
+    for got, want in ((again.train, first.train), (again.val, first.val)):
+        assert [(unicodedata.normalize("NFC", p), label) for p, label in got.items] == want.items
+        assert all(os.path.isfile(p) for p, _ in got.items)
+
+
 def test_split_file_files_changed(image_folder, tmp_path):
     first = scan_folder(image_folder)
     write_scan(first, tmp_path / "run")
