@@ -509,6 +509,36 @@ def test_colour_on_device_leaves_flip_and_jitter_to_device_augment(tmp_path):
         build_transform(DATA_CONFIG, True, config, colour_on_device=True)
 
 
+def test_a_failed_image_changes_no_other_images_device_augmentation(tmp_path):
+    """QA (helper-45): on CUDA the workers crop (seeded per image by (epoch seed, index)) and DeviceAugment
+    flipped and jittered the batch from one stream by position: after an image that failed to load, every
+    later image of the epoch got another image's flip and factors, and under torchrun a rank that lost an
+    image kept the wrong rows of the global draws. The batches carry their dataset indices now, and each image
+    draws from (epoch seed, its index): with a file broken, the others come out as they did."""
+    from finetune.engine.runtime import to_device
+
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=4, size=40)
+    items = [(str(p), int(p.parent.name == "b")) for p in sorted(data.rglob("*.png"))]
+    config = FinetuneConfig(crop_scale_min=0.5, hflip=0.5, brightness=0.4, contrast=0.4)
+    ds = ImageDataset(ImageSet(items, ["a", "b"]),
+                      build_transform(DATA_CONFIG, True, config, output="uint8", colour_on_device=True))
+    aug = DeviceAugment.from_config(DATA_CONFIG, config)
+
+    def augmented(keys, rank=0, world=1):
+        aug.reseed(1234, rank, world)
+        batch = collate_skip_none([ds[(i, 99)] for i in keys])     # (index, epoch seed): the workers' keys
+        return to_device(*batch[:2], torch.device("cpu"), False, aug, *batch[2:3])[0]
+
+    whole = augmented(range(8))
+    assert not torch.equal(whole, to_device_batch(collate_skip_none([ds[(i, 99)] for i in range(8)])[0], "cpu",
+                                                  DATA_CONFIG["mean"], DATA_CONFIG["std"]))    # it augmented
+    Path(items[2][0]).write_bytes(b"broken since the scan")
+    kept = [0, 1, 3, 4, 5, 6, 7]
+    assert torch.equal(augmented(range(8)), whole[kept])
+    assert torch.equal(augmented([1, 3, 5, 7], rank=1, world=2), whole[[1, 3, 5, 7]])   # a rank's share
+    assert torch.equal(augmented([0, 4, 6], rank=0, world=2), whole[[0, 4, 6]])         # ... short of one
+
+
 def test_device_augment_draws_follow_color_jitter():
     """Factors in ColorJitter's ranges, both orders, flips at the given rate; reseeded = the same draws;
     eval and augment="none" do nothing but normalise."""
