@@ -23,6 +23,7 @@ from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
+from finetune.data.loaders import failure_reason
 from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
 
@@ -248,7 +249,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
             except Exception as err:  # any decoder failure: the image is skipped, the run goes on
                 if on_error is None:
                     raise
-                on_error(item, f"{type(err).__name__}: {err}".strip())
+                on_error(item, failure_reason(err))    # in the words the training loaders log
                 bar.update(1)
                 continue
             pending.append(tensor)

@@ -41,7 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import decode_opened
+from finetune.data.images import EMPTY_FILE, decode_opened
 from finetune.data.files import IMAGE_FORMATS
 from zoo.errors import ServeError
 from zoo.predict import eval_transform
@@ -73,8 +73,10 @@ class ServeConfig:
     topk: int = 5                              # classes per image unless ?topk= says otherwise
     max_upload_bytes: int = 10 * 1024 * 1024   # per request, all files together
     max_files: int = 32                        # per request
-    max_pixels: int = 40_000_000               # width x height, read from the header before decoding
-    max_side: int = 16384
+    # width x height, read from the header before decoding: what bounds the decode's time and memory. No limit
+    # per side: a 20000x20 strip (zoo predict and training read it) costs 400,000 pixels, and the evaluation
+    # transform crops its long side to twice the short before resizing (finetune.data.transforms._LimitAspect).
+    max_pixels: int = 40_000_000
     max_batch: int = 16                        # images per forward pass
     batch_wait_ms: float = 0.0                 # how long the batcher waits for more once one arrived
 
@@ -101,7 +103,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         raise ImageRejected(415, f"{name}: SVG is not decoded (vector images can hide scripts and bombs); "
                                  "send a raster image")
     if not data:
-        raise ImageRejected(400, f"{name}: the file is empty")
+        raise ImageRejected(400, f"{name}: {EMPTY_FILE}")
     with pil_warnings():
         try:
             img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
@@ -112,9 +114,8 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         except Exception as err:  # a header Pillow cannot parse
             raise ImageRejected(400, f"{name}: unreadable image header ({type(err).__name__})") from None
         w, h = img.size
-        if w < 1 or h < 1 or w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
-            raise ImageRejected(413, f"{name}: {w}x{h} pixels is over the limit ({cfg.max_pixels:,} pixels, "
-                                     f"{cfg.max_side} per side)")
+        if w < 1 or h < 1 or w * h > cfg.max_pixels:
+            raise ImageRejected(413, f"{name}: {w}x{h} pixels is over the limit ({cfg.max_pixels:,} pixels)")
         try:
             rgb = decode_opened(img, min_size)   # as training reads a file: upright, 16-bit scaled, alpha on white
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.io import printable_name
-from finetune.data.images import pil_warnings, special_file
+from finetune.data.images import EMPTY_FILE, pil_warnings, special_file
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -89,7 +89,7 @@ def _check_file(path: str) -> str | None:
     try:
         size = os.path.getsize(path)
         if size == 0:
-            return "empty file (0 bytes)"
+            return EMPTY_FILE
         jpeg_problem = _jpeg_structure(path, size)
         if jpeg_problem:
             return jpeg_problem

@@ -18,6 +18,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from finetune.core.errors import DataError
 from finetune.core.io import printable_name
 
+# Why a file of no bytes is skipped: the scan (bad_files.txt), the training loaders, zoo predict / eval and
+# zoo serve's uploads all say it in these words.
+EMPTY_FILE = "empty file (0 bytes)"
 
 # -------------------------------------------------------------------------------------- decoding
 @contextmanager
@@ -132,7 +135,8 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None
     except UnidentifiedImageError:
-        raise DataError(f"{printable_name(str(path))} is not a readable image; fix or remove it") from None
+        what = f"an {EMPTY_FILE}" if _is_empty(path) else "not a readable image"
+        raise DataError(f"{printable_name(str(path))} is {what}; fix or remove it") from None
     except FileNotFoundError:
         raise _missing(path) from None
     except OSError as e:
@@ -140,6 +144,13 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     except Exception as e:  # malformed files raise SyntaxError / ValueError / struct.error inside PIL
         raise DataError(f"cannot decode {printable_name(str(path))} ({type(e).__name__}: {e}); "
                         "fix or remove the file") from None
+
+
+def _is_empty(path: str | Path) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:         # /dev/stdin and friends: no size to ask
+        return False
 
 
 _SOI = b"\xff\xd8\xff"

@@ -66,7 +66,9 @@ class ImageDataset(Dataset):
                 im = load_image_tensor(path, self.min_size)
             else:
                 im = load_image(path, self.min_size)
-            return (self.transform(im) if self.transform is not None else im), label
+            out = self.transform(im) if self.transform is not None else im
+            # the device draws this image's flip and jitter from its index (DeviceAugment.draws_for)
+            return (out, label, index) if getattr(self.transform, "colour_on_device", False) else (out, label)
         except Exception as e:   # one bad image must not kill the batch or the worker
             reason = failure_reason(e)
             line = f"{index}\t{printable_name(reason)}".replace("\n", " ") + "\n"

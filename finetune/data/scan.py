@@ -77,7 +77,7 @@ def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
 
 
 def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict: bool = False,
-                split_file: str | Path | None = None) -> ScanReport:
+                split_file: str | Path | None = None, class_names: Sequence[str] = ()) -> ScanReport:
     """Scan and validate an image folder; make (or reuse) the train/val split.
 
     Accepts ``root/train/<class>/*`` + ``root/val/<class>/*`` (+ optional ``root/test/<class>/*``), or
@@ -89,6 +89,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         seed: seeds the split.
         strict: unreadable files are a DataError instead of being skipped with a warning.
         split_file: a split.json written by ``write_scan``; when it exists its split is reused.
+        class_names: the names a run trained on (a resume): a class folder whose name reads as one of them
+            (:func:`~finetune.data.files.class_key`: renamed into the other Unicode form since) is named so.
 
     Returns:
         ScanReport (absolute paths; warnings for skipped files, empty classes, imbalance...).
@@ -119,7 +121,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
                 stray += sorted(relative_path(e.path, root_s) for e in entries
                                 if not is_ignored(e.name) and not is_dir(e))
     dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
-    good, bad = _usable_files(root_s, dirs, loops, stray, strict)
+    good, bad = _usable_files(root_s, dirs, loops, stray, strict, class_names)
     classes = _classes(root_s, train_dir, good, stray, loops, bad, warn)
 
     train_files = {c: good["train"][c] for c in classes}
@@ -141,15 +143,17 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     return report
 
 
-def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], stray: list[str], strict: bool
-                  ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
+def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], stray: list[str], strict: bool,
+                  class_names: Sequence[str] = ()) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
     """-> ({split: {class: usable files}}, [(unusable file, reason)]) for the train/val/test folders found.
 
     Raises DataError when no file is usable, or (strict) when any file is not.
     """
     raw = {name: collect_classes(d, loops) for name, d in dirs.items() if d}
-    named = {class_key(c): c for c in raw["train"]}     # val/café read as train/café whatever its Unicode form
-    raw = {name: {named.get(class_key(c), c): ps for c, ps in split.items()} for name, split in raw.items()}
+    # val/café read as train/café whatever its Unicode form; a resumed run's café as it trained on it
+    named = {class_key(c): c for c in [*raw["train"], *class_names]}
+    raw = {name: dict(sorted(((named.get(class_key(c), c), ps) for c, ps in split.items()), key=lambda kv: kv[0]))
+           for name, split in raw.items()}
     all_files = [p for split in raw.values() for paths in split.values() for p in paths]
     reasons = dict(zip(all_files, check_files(all_files)))
     bad = [(p, r) for p, r in reasons.items() if r is not None]

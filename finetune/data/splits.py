@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from finetune.data.files import class_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
 from finetune.core.io import atomic_write_text, printable_name
@@ -69,19 +70,23 @@ def _without_class(rel: str, folders: Iterable[str]) -> str:
 
 
 def apply_split_file(report: ScanReport, path: Path) -> None:
-    """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed."""
+    """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed.
+
+    A file is matched by its relative path's :func:`class_key`: folders and files renamed into the other Unicode
+    form (copied through macOS) keep their side and class."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        old = {name: {rel: cls for rel, cls in saved[name]} for name in ("train", "val")}
+        old = {name: {class_key(rel): cls for rel, cls in saved[name]} for name in ("train", "val")}
         old_seed, old_split = int(saved["seed"]), saved.get("val_split")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"split file {path} is damaged ({type(e).__name__}); delete it to make a new split") from None
-    root, where = report.root, f"split file {path.name}"
+    where = f"split file {path.name}"
     if saved.get("layout") != report.layout:
         report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
                                f"{report.layout}; using the folder's split")
         return
-    current = {report.relpath(p): report.classes[label]
+    paths = {class_key(report.relpath(p)): p for s in (report.train, report.val) for p, _ in s.items}
+    current = {class_key(report.relpath(p)): report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
     added = sorted(set(current) - set(before))
@@ -89,12 +94,12 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
     # the same path but for their class folder (each the only one of that name) count as that move. By name:
     # a file deleted and another of the same name added under another class count as a move too.
-    folders = [f for k, f in report.folders.items() if k in ("train", "val") and f]
+    folders = [class_key(f) for k, f in report.folders.items() if k in ("train", "val") and f]
     gone_keys = Counter(_without_class(r, folders) for r in removed)
     new_keys = Counter(_without_class(a, folders) for a in added)
     gone = {k: r for r in removed if gone_keys[k := _without_class(r, folders)] == 1}
     moves = {a: gone[k] for a in added if (k := _without_class(a, folders)) in gone and new_keys[k] == 1
-             and current[a] != before[gone[k]]}
+             and class_key(current[a]) != class_key(before[gone[k]])}
     relabelled = sorted(moves)
     added = [a for a in added if a not in moves]
     removed = sorted(set(removed) - set(moves.values()))
@@ -114,13 +119,13 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     index = {c: i for i, c in enumerate(report.classes)}
     train, val = [], []
     for rel, cls in sorted(current.items(), key=lambda kv: (index[kv[1]], kv[0])):
-        p = os.path.join(root, rel)
+        p = paths[rel]
         if rel in old["val"] and rel not in relabelled:
             side = val
         elif rel in old["train"] and rel not in relabelled:
             side = train
         else:   # new file: a seeded hash decides, holding out about ``frac`` of them
-            side = val if int(_hash_key(report.seed, rel)[:8], 16) / 0xFFFFFFFF < frac else train
+            side = val if int(_hash_key(report.seed, report.relpath(p))[:8], 16) / 0xFFFFFFFF < frac else train
         side.append((p, index[cls]))
     report.train = ImageSet(train, list(report.classes))
     report.val = ImageSet(val, list(report.classes))

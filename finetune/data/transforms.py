@@ -55,10 +55,13 @@ class ImageTransform:
     ``output``: "float" (normalised float32) or "uint8" (0-255 pixels; ``mean``/``std`` are then applied
     on the device by :class:`DeviceNormalize`). ``tensor_input``: the pipeline works on uint8 tensors
     (``ImageDataset`` then decodes with :func:`load_image_tensor`); PIL images are accepted either way.
+    ``colour_on_device``: the flip and colour jitter are left to :class:`DeviceAugment` (``ImageDataset``
+    then hands each sample's dataset index along, from which the device draws them).
     """
 
     def __init__(self, pipeline: Callable, min_size: int, train: bool, *, output: str = "float",
-                 mean: tuple = (), std: tuple = (), tensor_input: bool = False) -> None:
+                 mean: tuple = (), std: tuple = (), tensor_input: bool = False, colour_on_device: bool = False
+                 ) -> None:
         self.pipeline = pipeline
         self.min_size = min_size
         self.train = train
@@ -66,6 +69,7 @@ class ImageTransform:
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.tensor_input = tensor_input
+        self.colour_on_device = colour_on_device
 
     def __call__(self, im: Image.Image):
         return self.pipeline(im)
@@ -169,7 +173,7 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     if output == "float":
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     return ImageTransform(T.Compose(steps), min_size=max(scale), train=train, output=output, mean=mean, std=std,
-                          tensor_input=tensor_input)
+                          tensor_input=tensor_input, colour_on_device=colour_on_device)
 
 
 

@@ -25,6 +25,7 @@ from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_c
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name, shell_command
 from finetune.core.monitor import TensorBoardLogger, write_curves
+from finetune.data.files import class_key
 from finetune.data.imageset import name_list
 
 __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
@@ -85,7 +86,8 @@ def _files_hash(train_set, val_set) -> str:
 
 def _classes_differ(run: Path, trained: list[str], found: list[str]) -> str:
     """Which classes the data lacks and which it has besides those ``run`` trained on (a few, then how many more)."""
-    gone, new = [c for c in trained if c not in found], [c for c in found if c not in trained]
+    keys, found_keys = {class_key(c) for c in trained}, {class_key(c) for c in found}
+    gone, new = [c for c in trained if class_key(c) not in found_keys], [c for c in found if class_key(c) not in keys]
     what = "; ".join(([f"not in the data: {name_list(gone)}"] if gone else [])
                      + ([f"not trained on: {name_list(new)}"] if new else [])) or "the same names in another order"
     return (f"the classes of the data differ from those {run} trained on ({what}); resume with the data folder it "
@@ -115,7 +117,8 @@ class RunFolder:
         ckpt = load_checkpoint(self.path / LAST)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{self.path / LAST} was written by another version; start a new run")
-        if list(ckpt["classes"]) != classes:
+        # By class_key: folders renamed into the other Unicode form since (copied through macOS) are the same classes.
+        if [class_key(c) for c in ckpt["classes"]] != [class_key(c) for c in classes]:
             raise CheckpointError(_classes_differ(self.path, list(ckpt["classes"]), classes))
         done = int(ckpt["epoch"])
         if not ckpt.get("finished") and done >= int(config.epochs):   # it trained one more epoch and ended the run

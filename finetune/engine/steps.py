@@ -73,7 +73,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
 
     Args:
-        batches: ``(x, y)`` batches (None: a batch whose every image failed to decode, skipped).
+        batches: ``(x, y)`` batches (None: a batch whose every image failed to decode, skipped); a third
+            item, the images' dataset indices, seeds each image's device augmentation (``normalize``).
         optimizer: None = nothing trains: forward passes in training mode only (a frozen control).
         amp, scaler: the mixed-precision policy (``runtime.amp_policy``; None = full precision), its GradScaler.
         progress: a tqdm bar to advance (optional). epoch: for the divergence message.
@@ -115,7 +116,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             if info.enabled:     # the other ranks' step waits for this one's gradients: it takes part, weighing 0
                 _stand_in(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema, info)
             continue
-        x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
+        x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
         target = y
         if mix is not None:
             mixed = mix(x, y, step)
@@ -307,7 +308,7 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     for batch in batches:
         if batch is None:
             continue
-        x, y = to_device(batch[0], batch[1], device, channels_last, normalize)
+        x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
         with (amp or _FULL).autocast():
             out = model(x)
         part, weight = loss_parts(loss_fn, out.float(), y)

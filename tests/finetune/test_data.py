@@ -134,6 +134,31 @@ def test_split_file_round_trip(image_folder, tmp_path):
     assert rels(fresh, fresh.val) == rels(first, first.val)
 
 
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_a_split_file_and_class_names_survive_a_rename_into_the_other_unicode_form(tmp_path, layout):
+    """QA (helper-45): after `cp -R` through macOS (names decomposed), every file of class élan was "moved to another
+    class" for the split file, and got a new side by the seed (validation images into training); the class was
+    named in the new form, so a resume refused it. Matched by class_key now, with the run's own names kept."""
+    import unicodedata
+
+    nfd = lambda name: unicodedata.normalize("NFD", name)     # noqa: E731
+    data = make_image_folder(tmp_path / "data", classes=("élan", "fox", "gnu"), per_class=6, layout=layout,
+                             val_per_class=2, size=16)
+    first = scan_folder(data, seed=3, val_split=0.5)
+    write_scan(first, tmp_path / "run")
+    for split in [data] if layout == "flat" else [data / "train", data / "val"]:
+        for f in (split / "élan").iterdir():
+            f.rename(split / "élan" / nfd(f.name))
+        (split / "élan").rename(split / nfd("élan"))
+    assert scan_folder(data).classes == [nfd("élan"), "fox", "gnu"]     # decomposed, it sorts first
+    again = scan_folder(data, seed=3, val_split=0.5, split_file=tmp_path / "run" / "split.json",
+                        class_names=first.classes)
+    assert again.classes == first.classes == ["fox", "gnu", "élan"] and again.warnings == first.warnings
+    for got, want in ((again.train, first.train), (again.val, first.val)):
+        assert [(unicodedata.normalize("NFC", p), label) for p, label in got.items] == want.items
+        assert all(os.path.isfile(p) for p, _ in got.items)
+
+
 def test_split_file_files_changed(image_folder, tmp_path):
     first = scan_folder(image_folder)
     write_scan(first, tmp_path / "run")
@@ -482,6 +507,36 @@ def test_colour_on_device_leaves_flip_and_jitter_to_device_augment(tmp_path):
     assert torch.equal(aug(base.unsqueeze(0), "cpu"), norm(ref.unsqueeze(0), "cpu"))
     with pytest.raises(ConfigError, match="uint8"):
         build_transform(DATA_CONFIG, True, config, colour_on_device=True)
+
+
+def test_a_failed_image_changes_no_other_images_device_augmentation(tmp_path):
+    """QA (helper-45): on CUDA the workers crop (seeded per image by (epoch seed, index)) and DeviceAugment
+    flipped and jittered the batch from one stream by position: after an image that failed to load, every
+    later image of the epoch got another image's flip and factors, and under torchrun a rank that lost an
+    image kept the wrong rows of the global draws. The batches carry their dataset indices now, and each image
+    draws from (epoch seed, its index): with a file broken, the others come out as they did."""
+    from finetune.engine.runtime import to_device
+
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=4, size=40)
+    items = [(str(p), int(p.parent.name == "b")) for p in sorted(data.rglob("*.png"))]
+    config = FinetuneConfig(crop_scale_min=0.5, hflip=0.5, brightness=0.4, contrast=0.4)
+    ds = ImageDataset(ImageSet(items, ["a", "b"]),
+                      build_transform(DATA_CONFIG, True, config, output="uint8", colour_on_device=True))
+    aug = DeviceAugment.from_config(DATA_CONFIG, config)
+
+    def augmented(keys, rank=0, world=1):
+        aug.reseed(1234, rank, world)
+        batch = collate_skip_none([ds[(i, 99)] for i in keys])     # (index, epoch seed): the workers' keys
+        return to_device(*batch[:2], torch.device("cpu"), False, aug, *batch[2:3])[0]
+
+    whole = augmented(range(8))
+    assert not torch.equal(whole, to_device_batch(collate_skip_none([ds[(i, 99)] for i in range(8)])[0], "cpu",
+                                                  DATA_CONFIG["mean"], DATA_CONFIG["std"]))    # it augmented
+    Path(items[2][0]).write_bytes(b"broken since the scan")
+    kept = [0, 1, 3, 4, 5, 6, 7]
+    assert torch.equal(augmented(range(8)), whole[kept])
+    assert torch.equal(augmented([1, 3, 5, 7], rank=1, world=2), whole[[1, 3, 5, 7]])   # a rank's share
+    assert torch.equal(augmented([0, 4, 6], rank=0, world=2), whole[[0, 4, 6]])         # ... short of one
 
 
 def test_device_augment_draws_follow_color_jitter():

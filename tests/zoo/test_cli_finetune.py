@@ -829,3 +829,42 @@ def test_options_that_the_run_leaves_without_effect_are_noted(tmp_path, monkeypa
     res = invoke("finetune", "tiny32", "--data", data, *flags, *extra)
     notes = [ln for ln in res.stderr.splitlines() if ln.startswith("note: ")]
     assert (notes == []) if note is None else (len(notes) == 1 and note in notes[0]), res.stderr
+
+
+@pytest.mark.parametrize("trained_in, now_in", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_resume_after_the_class_folders_were_renamed_into_the_other_unicode_form(tmp_path, tiny, monkeypatch,
+                                                                                   trained_in, now_in):
+    """QA (helper-45): copying a data folder through macOS writes its names decomposed (NFD); `--resume` then said
+    the classes differ ("not in the data: élan; not trained on: élan"), and the split file saw every file of
+    the class as moved. The scan reads such names as one (class_key), so the resume goes on with the names and
+    split the run trained on; NFD-trained runs (older ones included) resume on NFC copies alike. élan sorts after
+    fox composed, before it decomposed: the labels keep the run's order."""
+    import finetune.engine.epoch_steps as loop
+    import unicodedata
+
+    form = lambda name, f: unicodedata.normalize(f, name)        # noqa: E731
+    data = make_image_folder(tmp_path / "data", classes=(form("élan", trained_in), "fox"), per_class=5)
+    out = tmp_path / "run"
+    real, calls = loop.train_one_epoch, []
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+        result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
+                        "--epochs", "2", "--workers", "0", "--batch-size", "4", "--no-export", "--quiet")
+    assert result.exit_code == 130, result.output
+    trained = json.loads((out / "model.json").read_text())["classes"]
+    for folder in list(data.iterdir()):                          # the class folder and its files, renamed
+        for f in list(folder.iterdir()):
+            f.rename(folder / form(f.name, now_in))
+        folder.rename(data / form(folder.name, now_in))
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export")
+    assert result.exit_code == 0, result.output
+    assert "moved to another class" not in result.output and "differ" not in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"] == trained and summary["epochs_run"] == 2

@@ -159,8 +159,27 @@ def test_a_named_pipe_in_a_folder_is_skipped_with_its_reason_not_waited_on(tmp_p
     skipped = []
     kept, probs = predict_probs(MeanColour().eval(), paths, DC,
                                 on_error=lambda item, why: skipped.append((Path(item).name, why)))
-    assert len(kept) == 2 and skipped == [("pipe.jpg", f"DataError: {root / 'a' / 'pipe.jpg'} is a named pipe, "
+    assert len(kept) == 2 and skipped == [("pipe.jpg", f"{root / 'a' / 'pipe.jpg'} is a named pipe, "
                                                       "not an image file; remove it from the folder")]
+
+
+def test_an_empty_file_is_skipped_for_the_reason_the_scan_gives(tmp_path):
+    """QA (helper-45): a zero-byte image was "empty file (0 bytes)" in the scan and bad_files.txt but "DataError:
+    ... is not a readable image" in zoo predict and zoo eval (and in bad_files.txt when it emptied after the
+    scan). One reason on every path, in the words the training loaders log (no exception class name)."""
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "b" / "junk.jpg").write_bytes(b"not an image")
+    scanned = dict(scan_folder(root).bad_files)
+    assert scanned == {str(root / "a" / "empty.jpg"): "empty file (0 bytes)",
+                       str(root / "b" / "junk.jpg"): "not a readable image (unrecognised or damaged format)"}
+    skipped = []
+    paths, _ = expand_images([root])
+    kept, _ = predict_probs(MeanColour().eval(), paths, DC, on_error=lambda item, why: skipped.append(why))
+    assert len(kept) == 4 and skipped == [f"{root / 'a' / 'empty.jpg'} is an empty file (0 bytes); fix or remove it",
+                                          f"{root / 'b' / 'junk.jpg'} is not a readable image; fix or remove it"]
+    report = evaluate(MeanColour().eval(), ["a", "b", "c"], DC, root)
+    assert [why for _, why in report.skipped] == skipped
 
 
 def test_classification_metrics_by_hand():

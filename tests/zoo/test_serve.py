@@ -289,6 +289,21 @@ def test_uploads_are_converted_to_rgb_as_training_reads_the_file(tmp_path):
         assert served.tobytes() == load_image(tmp_path / name).tobytes(), name
 
 
+def test_a_long_strip_that_zoo_predict_reads_is_served(tmp_path):
+    """QA (helper-45): a 20000x20 PNG (400,000 pixels) was refused with 413 "over the limit (40,000,000 pixels,
+    16384 per side)" while zoo predict and training read it. The pixel limit bounds the decode and the eval
+    transform crops a strip's long side before resizing, so the side limit guarded nothing: gone."""
+    from finetune.data import load_image
+    from zoo.serve import ImageRejected, decode_upload
+
+    Image.new("RGB", (20000, 20), (200, 30, 60)).save(tmp_path / "strip.png")
+    served, size = decode_upload((tmp_path / "strip.png").read_bytes(), "image/png", "strip.png", ServeConfig())
+    assert size == (20000, 20) and served.tobytes() == load_image(tmp_path / "strip.png").tobytes()
+    with pytest.raises(ImageRejected) as err:         # the pixel limit still holds
+        decode_upload((tmp_path / "strip.png").read_bytes(), "image/png", "strip.png", ServeConfig(max_pixels=399_999))
+    assert err.value.status == 413 and str(err.value) == "strip.png: 20000x20 pixels is over the limit (399,999 pixels)"
+
+
 def test_every_file_type_training_reads_is_served(tmp_path):
     """QA (session 18): a model trained on TIFFs (a 32-bit float microscopy image) or PGMs answered 415 "not a
     JPEG, PNG, WebP, BMP or GIF image" for its own files; zoo predict read them."""

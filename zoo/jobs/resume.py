@@ -142,10 +142,17 @@ def _scanned_root(run_dir: Path) -> Path:
     return Path(root)
 
 
+def _trained_classes(info_json: dict) -> list[str]:
+    """The class names in model.json (the checkpoint's, written with it); none from a hand-edited file."""
+    classes = info_json.get("classes")
+    return classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else []
+
+
 def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
                    say: Log) -> RunOutcome:
+    # class_names: class folders renamed into the other Unicode form since keep the names the run trained on
     report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                         split_file=run_dir / "split.json")
+                         split_file=run_dir / "split.json", class_names=_trained_classes(info_json))
     for w in report.warnings:
         say(f"warning: {w}")
     if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
