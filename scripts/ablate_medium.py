@@ -6,7 +6,9 @@ seeded splits), the real EfficientNet-Lite0 ImageNet weights (the demo's package
 ``--img-size`` px with ``--hflip 0`` (a mirrored digit is another symbol). Each variant is one
 ``zoo finetune`` process with the default policy (auto freeze: head + last stages at 100 per class) plus
 its flags; per run: the solved head's val loss/acc, the first finetune epoch's, the best epoch's, the
-head guard's decision, test accuracy (``zoo eval`` on test/) and wall time. Prints a markdown table.
+head guard's decision, test accuracy (``zoo eval`` on test/), wall and CPU time and the load average at
+the start and end of each run (the machine may be shared). Prints a markdown table. Variant ``nchw`` is the
+default in NCHW (``--no-channels-last``): ``--variants default,nchw`` is session 18's NHWC/accuracy pair.
 
     python scripts/ablate_medium.py --splits 0,1 --variants default,warmup1 --out /tmp/ablate
 
@@ -52,6 +54,7 @@ VARIANTS = {
     "f2": ["--freeze", "2"],
     "crop0.35": ["--crop-scale-min", "0.35"],
     "none": ["--freeze", "none"],
+    "nchw": ["--no-channels-last"],      # the default's twin in NCHW on the CPU (session 18: NHWC and accuracy)
 }
 
 
@@ -78,13 +81,23 @@ def mnist5k(root: Path, seed: int, per_class: int, csv_gz: Path) -> Path:
     return root
 
 
-def run(cmd: list[str], log: Path, env: dict) -> float:
-    t0 = time.monotonic()
+def run(cmd: list[str], log: Path, env: dict) -> dict:
+    """Runs ``cmd`` (output to ``log``): its wall and CPU seconds (user + sys of the child) and the load
+    average at its start and end (the machine is shared: wall time alone is no ratio to quote)."""
+    load0, cpu0, t0 = os.getloadavg()[0], _children_cpu(), time.monotonic()
     with open(log, "w", encoding="utf-8") as fh:
         code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if code:
         raise SystemExit(f"{' '.join(cmd[:6])} failed ({code}); see {log}")
-    return time.monotonic() - t0
+    return {"seconds": time.monotonic() - t0, "cpu_s": _children_cpu() - cpu0,
+            "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -119,10 +132,10 @@ def main() -> int:
                        "--seed", str(split), "--quiet", *VARIANTS[name]]
                 if a.epochs:
                     cmd += ["--epochs", str(a.epochs)]
-                seconds = run(cmd, a.out / f"s{split}-{name}.log", env)
+                timing = run(cmd, a.out / f"s{split}-{name}.log", env)
                 run([sys.executable, "-m", "zoo", "eval", str(run_dir / "export"), "--data", str(data / "test"),
                      "--out", str(run_dir / "eval"), "--overwrite"], a.out / f"s{split}-{name}.eval.log", env)
-                (run_dir / "wall.json").write_text(json.dumps({"seconds": seconds}))
+                (run_dir / "wall.json").write_text(json.dumps(timing))
             rows.append(collect(run_dir, split, name))
             say(f"s{split} {name}: {rows[-1]}")
     table = markdown(rows)
@@ -138,27 +151,45 @@ def collect(run_dir: Path, split: int, name: str) -> dict:
     tune = [r for r in hist if r["phase"] == "finetune"]
     test = json.loads((run_dir / "eval" / "metrics.json").read_text())
     guard = summary.get("head_guard") or {}
+    best = next((r for r in hist if int(r["epoch"]) == summary["best_epoch"]), None)
+    n_val = len(json.loads((run_dir / "split.json").read_text()).get("val", [])) if (
+        run_dir / "split.json").is_file() else 0
+    test_acc = float(test.get("acc", test.get("accuracy", float("nan"))))
+    timing = json.loads((run_dir / "wall.json").read_text())
     return {"split": split, "variant": name, "freeze": summary["freeze"].get("label", ""),
             "head_val_loss": float(head[-1]["val_loss"]) if head else None,
             "head_val_acc": float(head[-1]["val_acc"]) if head else None,
             "ft1_val_loss": float(tune[0]["val_loss"]) if tune else None,
             "ft1_val_acc": float(tune[0]["val_acc"]) if tune else None,
+            "ft1_train_loss": float(tune[0]["train_loss"]) if tune else None,
             "best_epoch": summary["best_epoch"], "epochs": summary["epochs_run"],
+            "best_phase": summary.get("best_phase"),
+            "best_val_loss": float(best["val_loss"]) if best else None,
+            "val_correct": round(float(best["val_acc"]) * n_val) if best and n_val else None, "n_val": n_val,
             "guard": guard.get("kept", ""), "guard_p": guard.get("p"),
-            "test_acc": float(test.get("acc", test.get("accuracy", float("nan")))),
-            "seconds": json.loads((run_dir / "wall.json").read_text())["seconds"]}
+            "test_acc": test_acc, "n_test": test.get("n_images"),
+            "test_correct": round(test_acc * test["n_images"]) if test.get("n_images") else None,
+            "epoch_s": [round(float(r["seconds"]), 1) for r in tune],
+            "seconds": timing["seconds"], "cpu_s": timing.get("cpu_s"), "load": timing.get("load")}
 
 
 def markdown(rows: list[dict]) -> str:
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    out = ["| split | variant | head val loss / acc | 1st finetune epoch val loss / acc | best epoch / run | "
-           "guard kept (p) | test acc | wall s |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| split | variant | head val loss / acc | 1st finetune epoch train loss, val loss / acc | best epoch / "
+           "run (phase) | val correct | guard kept (p) | test acc (correct) | wall s | CPU s | finetune epoch s | "
+           "load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['split']} | {r['variant']} | {f(r['head_val_loss'], '.3f')} / {f(r['head_val_acc'], '.3f')} | "
-                   f"{f(r['ft1_val_loss'], '.3f')} / {f(r['ft1_val_acc'], '.3f')} | {r['best_epoch']} / {r['epochs']} | "
-                   f"{r['guard']} ({f(r['guard_p'], '.2g')}) | {100 * r['test_acc']:.2f} | {r['seconds']:.0f} |")
+        ep = r["epoch_s"]
+        out.append(f"| {r['split']} | {r['variant']} | {f(r['head_val_loss'], '.4f')} / "
+                   f"{f(r['head_val_acc'], '.3f')} | "
+                   f"{f(r['ft1_train_loss'], '.4f')}, {f(r['ft1_val_loss'], '.4f')} / {f(r['ft1_val_acc'], '.3f')} | "
+                   f"{r['best_epoch']} / {r['epochs']} ({r['best_phase']}) | {r['val_correct']}/{r['n_val']} | "
+                   f"{r['guard']} ({f(r['guard_p'], '.2g')}) | {100 * r['test_acc']:.2f} "
+                   f"({r['test_correct']}/{r['n_test']}) | {r['seconds']:.0f} | {f(r['cpu_s'], '.0f')} | "
+                   f"{f(min(ep) if ep else None, '.1f')}-{f(max(ep) if ep else None, '.1f')} | "
+                   f"{' / '.join(map(str, r['load'] or []))} |")
     return "\n".join(out) + "\n"
 
 
