@@ -196,8 +196,8 @@ class FinetuneConfig:
     amp: bool = option(True,
         "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
         resume_free=True)
-    channels_last: bool = option(True, "channels_last (NHWC) memory format on CUDA and the CPU for runs that "
-                                   "train the network.", resume_free=True)
+    channels_last: bool = option(True, "channels_last (NHWC) memory format: on the CPU always, on CUDA when "
+                                   "the network trains.", resume_free=True)
     gpu_normalize: bool = option(True,
         "On CUDA: workers decode, crop and send uint8 batches; the GPU flips, jitters and normalises them.",
         resume_free=True)

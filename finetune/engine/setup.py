@@ -17,7 +17,7 @@ from finetune.data import (ImageDataset, ImageSet, build_transform, class_weight
                            make_loader, set_loader_epoch)
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
-from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, resolve_device
+from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, nhwc, resolve_device
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import FreezeDecision, default_departure, default_epochs, head_first
@@ -207,14 +207,9 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                   channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
                   mix=build_mix(config, len(counts)))
-    # NHWC on CUDA and the CPU for runs that train the network: on the CPU oneDNN's NHWC kernels (depthwise
-    # convolutions above all) took 0.75x the CPU time of NCHW for a medium Lite0 run's training step, no
-    # registry model's step slower beyond noise (docs/benchmarks.md, "NHWC on the CPU"). A head-only run on
-    # cached features only passes each image forward once, and NHWC there costs cuDNN's first-use set-up
-    # for nothing (an H200, 63-image default run: feature pass 5.0 -> 0.6 s, whole process 17.9 -> 12.5 s);
-    # it stays NCHW.
-    setup.channels_last = (bool(config.channels_last) and device.type in ("cuda", "cpu")
-                           and not (setup.head_only and setup.cached_head))
+    # the layout (runtime.nhwc): NHWC on the CPU, and on CUDA when the network trains (not for a head-only
+    # run on cached features, which passes each image forward once)
+    setup.channels_last = nhwc(device, config.channels_last, trains=not (setup.head_only and setup.cached_head))
     if setup.channels_last:
         work.to(memory_format=torch.channels_last)
     if setup.head_only and setup.mix is not None and config.fast_head:

@@ -169,6 +169,21 @@ def test_amp_picks_bf16_only_where_the_device_computes_it(monkeypatch):
     assert amp_policy(torch.device("cuda", 1), False).dtype is None
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda:0", "mps"])
+@pytest.mark.parametrize("trains", [True, False])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_one_layout_rule_nhwc_on_the_cpu_always_on_cuda_when_the_network_trains(device, trains, enabled):
+    """One rule for every forward pass (QA session 18): on the CPU oneDNN's NHWC kernels are the faster ones
+    for a training step and a forward alike, so NHWC whenever --channels-last is on; on CUDA a single pass
+    (doctor, a head-only run's feature pass) pays cuDNN's first-use NHWC set-up for nothing, so only runs that
+    train the network; MPS stays NCHW. Doctor had the CUDA rule upside down and the CPU head path NCHW."""
+    from finetune.engine import nhwc
+
+    expected = enabled and (device == "cpu" or (device == "cuda:0" and trains))
+    assert nhwc(torch.device(device), enabled, trains=trains) is expected
+    assert nhwc(device, enabled, trains=trains) is expected
+
+
 def test_a_bare_cuda_is_this_process_gpu_and_torchrun_refuses_another(monkeypatch):
     """QA: a bare "cuda" outside the process group meant cuda:0, so under torchrun every rank's LR range test
     (--lr auto --device cuda) and overfit check ran on GPU 0; it is torch's current device, the one ddp.setup

@@ -68,9 +68,9 @@ def _model(seed: int = 0, head: str = "linear") -> nn.Module:
 
 def _config(**kw) -> FinetuneConfig:
     # head_solver="gradient": these tests are about the epoch loop on cached features (lbfgs: below).
-    # channels_last off: the slow path trains through the network, NHWC on the CPU by default, the cached
-    # one stays NCHW; their last-bit differences reach the MLP head's bias before BatchNorm (a direction
-    # of zero true gradient that Adam steps on its rounding noise), so they are compared at one layout.
+    # channels_last off: the tests compare the slow path (through the network) with the cached one, and the
+    # last-bit differences between layouts reach the MLP head's bias before BatchNorm (a direction of zero
+    # true gradient that Adam steps on its rounding noise), so they are compared in NCHW, as they always were.
     base = dict(batch_size=5, workers=0, epochs=4, patience=2, lr=0.05, seed=3, schedule="cosine",
                 optimizer="adam", amp=False, head_solver="gradient", device="cpu", channels_last=False)
     base.update(kw)

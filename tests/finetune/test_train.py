@@ -578,9 +578,10 @@ DEVICES = devices()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_head_only_on_cached_features_stays_nchw(data, device):
-    """NHWC pays cuDNN's first-use set-up: only runs that train the network convert the model (on the CPU
-    too, where oneDNN's NHWC kernels are the faster ones); --no-channels-last keeps it NCHW."""
+def test_head_only_on_cached_features_is_nchw_on_cuda_only(data, device):
+    """NHWC pays cuDNN's first-use set-up: on CUDA only runs that train the network convert the model; on the
+    CPU, where oneDNN's NHWC kernels are the faster ones forward and backward, a head-only run's feature pass
+    is NHWC too (``runtime.nhwc``); --no-channels-last keeps it NCHW."""
     from finetune.engine import build_setup
 
     train, val = data
@@ -589,8 +590,10 @@ def test_head_only_on_cached_features_stays_nchw(data, device):
     net = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device=device, freeze="none"), head="fc")
     off = build_setup(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(device=device, freeze="none",
                                                                       channels_last=False), head="fc")
-    assert not head.channels_last and head.model.stem[0].weight.is_contiguous()
-    assert net.channels_last and net.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = torch.channels_last
+    assert head.channels_last is (device == "cpu")
+    assert head.model.stem[0].weight.is_contiguous(memory_format=nhwc if device == "cpu" else torch.contiguous_format)
+    assert net.channels_last and net.model.stem[0].weight.is_contiguous(memory_format=nhwc)
     assert not off.channels_last and off.model.stem[0].weight.is_contiguous()
     for setup in (head, net, off):
         setup.close()

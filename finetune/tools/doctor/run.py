@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from finetune.data import ImageDataset, ImageSet, build_transform
+from finetune.engine.runtime import nhwc
 from finetune.tools.doctor.checks import (NEAR_FLOOR, copy_threshold, l2_normalise, file_facts, file_findings,
                                           find_duplicates, find_outliers, label_issues)
 from finetune.tools.doctor.findings import FINDING_ORDER, SPLIT_ORDER, DoctorOptions, DoctorResult, Finding, Log
@@ -23,9 +24,10 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
     """Pooled features of every split, through the feature cache.
 
     The key is the one ``finetune.tools.features.fit_head_on_features`` uses for its un-augmented banks
-    (split name, items, backbone digest, data_config, evaluation transform, numerics), so the banks
-    are shared with a head-only finetune that uses the same ``cache_dir`` (on the CPU; on CUDA fit
-    feeds uint8 batches normalised on the GPU, whose transform, and so key, differ).
+    (split name, items, backbone digest, data_config, evaluation transform, numerics, the layout of
+    ``finetune.engine.runtime.nhwc``), so the banks are shared with a finetune's head phase on cached
+    features that uses the same ``cache_dir`` (on the CPU, head-only or not; on CUDA fit feeds uint8
+    batches normalised on the GPU, whose transform, and so key, differ).
 
     Returns:
         ``(features, valid, hits)``: per split a float32 (N, D) array (zeros where an image failed to
@@ -34,7 +36,9 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
     dev = torch.device(device)
     model = model.to(dev)
     amp = bool(getattr(config, "amp", False)) and dev.type == "cuda"
-    channels_last = bool(getattr(config, "channels_last", False)) and dev.type == "cuda"
+    channels_last = nhwc(dev, bool(getattr(config, "channels_last", False)), trains=False)   # fit's layout
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     numerics = {"amp": amp, "device": dev.type, "channels_last": channels_last, "views": 0, "seed": None}
     transform = build_transform(data_config, False, config)
     cache = FeatureCache(cache_dir, log=log)

@@ -173,7 +173,8 @@ def extract_features(model: nn.Module, head: str, dataset: torch.utils.data.Data
         model: the full network; ``head`` names its classifier module ("fc", "head.fc", "classifier").
         dataset: yields ``(image tensor, label)``, or None for an undecodable image (dropped).
         batch_size, device, workers: of the extraction pass (``workers`` -1 = min(8, cpus - 1)).
-        amp: autocast (bf16 where supported) on CUDA; channels_last: NHWC inputs on CUDA.
+        amp: autocast (bf16 where supported) on CUDA; channels_last: NHWC inputs (the caller's layout,
+            ``finetune.engine.runtime.nhwc``).
 
     Returns:
         ``(features, labels)``: float32 ``(N_ok, *feature_shape)`` and int64 ``(N_ok,)``, dataset order.
