@@ -238,6 +238,22 @@ def bundle_dir(run_and_model, tmp_path) -> Path:
     return export_run(run_and_model[0], tmp_path / "bundle")
 
 
+def test_a_bundle_evaluates_in_nhwc_on_the_cpu_and_moves_to_nchw_for_cuda(bundle_dir, monkeypatch):
+    """QA session 18: zoo predict/eval/serve evaluated in NCHW on the CPU, where oneDNN's NHWC kernels took
+    0.68x the time (`zoo eval` of Lite0 on 440 images, the same predictions); the bundle loader places the
+    model in ``finetune.engine.runtime.nhwc``'s layout for an evaluation on its device (CUDA: NCHW)."""
+    import zoo.bundle.load as load
+
+    bundle = load_bundle(bundle_dir)
+    convs = [m.weight for m in bundle.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not bundle.model.training
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append((a, k)) or self)
+    load._place(bundle.model, "cuda")       # (no GPU needed: where it goes, and in which layout)
+    assert moved == [(("cuda",), {"memory_format": torch.contiguous_format})]
+
+
 def test_truncated_weights_fail_with_bundle_error(bundle_dir):
     f = bundle_dir / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
