@@ -69,14 +69,24 @@ def _without_class(rel: str, folders: Iterable[str]) -> str:
     return rel
 
 
+def _file_keys(rels: Iterable[str]) -> dict[str, str]:
+    """Relative path -> the key a split file matches it by: its :func:`class_key` (a file renamed into the other
+    Unicode form is the same file), or the path itself for files whose key another file has too (``café.jpg``
+    composed and decomposed side by side, as Linux allows: two images, neither dropped)."""
+    rels = list(rels)
+    count = Counter(class_key(r) for r in rels)
+    return {r: class_key(r) if count[class_key(r)] == 1 else r for r in rels}
+
+
 def apply_split_file(report: ScanReport, path: Path) -> None:
     """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed.
 
-    A file is matched by its relative path's :func:`class_key`: folders and files renamed into the other Unicode
-    form (copied through macOS) keep their side and class."""
+    A file is matched by its relative path's :func:`class_key` (:func:`_file_keys`): folders and files renamed
+    into the other Unicode form (copied through macOS) keep their side and class."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        old = {name: {class_key(rel): cls for rel, cls in saved[name]} for name in ("train", "val")}
+        keys = _file_keys(rel for name in ("train", "val") for rel, _ in saved[name])
+        old = {name: {keys[rel]: cls for rel, cls in saved[name]} for name in ("train", "val")}
         old_seed, old_split = int(saved["seed"]), saved.get("val_split")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"split file {path} is damaged ({type(e).__name__}); delete it to make a new split") from None
@@ -85,8 +95,9 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
         report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
                                f"{report.layout}; using the folder's split")
         return
-    paths = {class_key(report.relpath(p)): p for s in (report.train, report.val) for p, _ in s.items}
-    current = {class_key(report.relpath(p)): report.classes[label]
+    keys = _file_keys(report.relpath(p) for s in (report.train, report.val) for p, _ in s.items)
+    paths = {keys[report.relpath(p)]: p for s in (report.train, report.val) for p, _ in s.items}
+    current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
     added = sorted(set(current) - set(before))

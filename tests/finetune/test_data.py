@@ -159,6 +159,22 @@ def test_a_split_file_and_class_names_survive_a_rename_into_the_other_unicode_fo
         assert all(os.path.isfile(p) for p, _ in got.items)
 
 
+def test_a_split_file_keeps_both_files_whose_names_differ_only_in_unicode_form(tmp_path):
+    """QA (helper-47): the split file matched files by class_key alone, so two images of one class named
+    ``café.png`` composed and decomposed (two files on Linux) became one on the split's reuse: a resume or a
+    re-scan with the run's split.json silently trained and validated on one image fewer."""
+    import unicodedata
+
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4, size=16)
+    for form, src in (("NFC", "cat_000.png"), ("NFD", "cat_001.png")):
+        (data / "cat" / src).rename(data / "cat" / unicodedata.normalize(form, "café.png"))
+    first = scan_folder(data, seed=3, val_split=0.5)
+    write_scan(first, tmp_path / "run")
+    again = scan_folder(data, seed=3, val_split=0.5, split_file=tmp_path / "run" / "split.json")
+    assert len(first.train.items) + len(first.val.items) == 8
+    assert (again.train.items, again.val.items, again.warnings) == (first.train.items, first.val.items, [])
+
+
 def test_split_file_files_changed(image_folder, tmp_path):
     first = scan_folder(image_folder)
     write_scan(first, tmp_path / "run")
