@@ -221,6 +221,28 @@ def test_pixel_threshold_one_means_identical_fingerprints(tmp_path):
     assert copies == [("leak", "train/red/0.png", "test/red/same.bmp", 1.0)]
 
 
+def test_excluded_paths_follow_a_rename_into_the_other_unicode_form(tmp_path):
+    """QA (helper-47): a resume goes on after the class folders were renamed into the other Unicode form (copied
+    through macOS), but its exclude.txt (composed names) matched no image any more: the images the run left out
+    (duplicates, leaks, wrong labels) trained again from the resumed epoch on. Matched by class_key now, and an
+    image listed exactly never takes its decomposed twin with it."""
+    import os
+    import unicodedata
+
+    nfd = lambda name: unicodedata.normalize("NFD", name)     # noqa: E731
+    data = make_image_folder(tmp_path / "data", classes=("élan", "fox"), per_class=4, size=16)
+    (data / "élan").rename(data / nfd("élan"))
+    names = lambda r: [os.path.basename(p) for s in (r.train, r.val) for p, _ in s.items]     # noqa: E731
+    report = scan_folder(data)
+    assert exclude_items(report, ["élan/élan_000.png", "fox/fox_000.png"]) == (2, [])
+    assert len(names(report)) == 6 and not any(n.endswith("_000.png") for n in names(report))
+    (data / "fox" / "fox_001.png").rename(data / "fox" / "café.png")
+    (data / "fox" / "fox_002.png").rename(data / "fox" / nfd("café.png"))
+    report = scan_folder(data)
+    assert exclude_items(report, ["fox/café.png"]) == (1, [])
+    assert nfd("café.png") in names(report) and "café.png" not in names(report)
+
+
 def test_exclude_file_and_items(tmp_path):
     data = _leaky_folder(tmp_path)
     report = scan_folder(data)

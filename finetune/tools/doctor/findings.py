@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from finetune.core.io import atomic_write_text, printable_name
+from finetune.data.files import class_key
 
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
                  "tiny", "aspect", "small_class", "scan_warning")
@@ -137,17 +138,21 @@ def exclude_items(report: Any, paths: Sequence[str]) -> tuple[int, list[str]]:
     Returns:
         (number of images removed, the listed paths that matched no train/val image).
     """
-    # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN.
+    # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN. A listed
+    # path no image has exactly matches by class_key (the folder renamed into the other Unicode form since, as a
+    # resumed run's exclude.txt finds it after a copy through macOS), never the twin of an image listed exactly.
     wanted = {printable_name(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p)))
               for p in paths}
+    norms = {p: printable_name(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
+    by_key = {class_key(w): w for w in wanted - set(norms.values())}
     seen: set[str] = set()
     removed = 0
     for s in (report.train, report.val):
         keep = []
         for p, y in s.items:
-            norm = printable_name(os.path.normpath(p))
-            if norm in wanted:
-                seen.add(norm)
+            listed = norms[p] if norms[p] in wanted else by_key.get(class_key(norms[p]))
+            if listed is not None:
+                seen.add(listed)
                 removed += 1
             else:
                 keep.append((p, y))
