@@ -44,7 +44,7 @@ from finetune.data import pil_warnings
 from finetune.data.images import EMPTY_FILE, decode_opened
 from finetune.data.files import IMAGE_FORMATS
 from zoo.errors import ServeError
-from zoo.predict import eval_transform
+from zoo.predict import eval_transform, model_input
 
 __all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_app", "start_background",
            "serve", "ALLOWED_FORMATS", "require_serve_extra"]
@@ -166,8 +166,7 @@ class Batcher:
                 device = next(self.model.parameters()).device
             except StopIteration:
                 device = torch.device("cpu")
-            batch = torch.stack(tensors).to(device, non_blocking=True)
-            return self.model(batch).float().softmax(dim=-1).cpu()
+            return self.model(model_input(torch.stack(tensors), device)).float().softmax(dim=-1).cpu()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -257,17 +257,8 @@ class Bundle:
 
     def to(self, device: Any) -> "Bundle":
         """Move the model to ``device`` (e.g. "cuda"); returns self."""
-        _place(self.model, device)
+        self.model.to(device)
         return self
-
-
-def _place(model: Any, device: Any) -> Any:
-    """``model`` in eval mode on ``device``, in the layout of an evaluation there (``finetune.engine.runtime.nhwc``:
-    NHWC on the CPU, where `zoo eval` took 0.68x the time of NCHW; NCHW on CUDA)."""
-    import torch    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-    from finetune.engine.runtime import nhwc    # lazy: (the same)
-    layout = torch.channels_last if nhwc(device, True, trains=False) else torch.contiguous_format
-    return model.eval().to(device, memory_format=layout)
 
 
 def _check_weights_digest(weights: Path, recorded: Any) -> None:
@@ -382,7 +373,7 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
     except Exception as e:  # safetensors raises its own SafetensorError for damaged files
         raise BundleError(f"{weights} cannot be read ({e}); re-export with `zoo export RUN_DIR`") from None
     _load_weights(model, state, weights)
-    _place(model, device)
+    model.eval().to(device)
 
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from zoo.predict import eval_transform
@@ -432,7 +423,7 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
         fetch_hub_config(text[len("hf-hub:"):])
         hub_cfg = hub_config(text[len("hf-hub:"):])
     entry = get_entry(text)
-    model = _place(create_model(text, pretrained=pretrained), device)
+    model = create_model(text, pretrained=pretrained).eval().to(device)
     data_config = entry.preprocessing.data_config()
     n_out = int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes)
     labels, synsets = _imagenet_labels(model, n_out)
