@@ -607,11 +607,11 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert files() == before
 
 
-def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None):
+def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox")):
     """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
     import finetune.engine.epoch_steps as loop
 
-    data = make_image_folder(tmp_path / "data", per_class=6, layout=layout)
+    data = make_image_folder(tmp_path / "data", classes=classes, per_class=6, layout=layout)
     out = out or tmp_path / "run"
     real, calls = loop.train_one_epoch, []
 
@@ -839,25 +839,10 @@ def test_resume_after_the_class_folders_were_renamed_into_the_other_unicode_form
     the class as moved. The scan reads such names as one (class_key), so the resume goes on with the names and
     split the run trained on; NFD-trained runs (older ones included) resume on NFC copies alike. élan sorts after
     fox composed, before it decomposed: the labels keep the run's order."""
-    import finetune.engine.epoch_steps as loop
     import unicodedata
 
     form = lambda name, f: unicodedata.normalize(f, name)        # noqa: E731
-    data = make_image_folder(tmp_path / "data", classes=(form("élan", trained_in), "fox"), per_class=5)
-    out = tmp_path / "run"
-    real, calls = loop.train_one_epoch, []
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
-        result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
-                        "--epochs", "2", "--workers", "0", "--batch-size", "4", "--no-export", "--quiet")
-    assert result.exit_code == 130, result.output
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=(form("élan", trained_in), "fox"))
     trained = json.loads((out / "model.json").read_text())["classes"]
     for folder in list(data.iterdir()):                          # the class folder and its files, renamed
         for f in list(folder.iterdir()):
@@ -867,4 +852,4 @@ def test_resume_after_the_class_folders_were_renamed_into_the_other_unicode_form
     assert result.exit_code == 0, result.output
     assert "moved to another class" not in result.output and "differ" not in result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["classes"] == trained and summary["epochs_run"] == 2
+    assert summary["classes"] == trained and summary["epochs_run"] == 3
