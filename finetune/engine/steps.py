@@ -153,7 +153,7 @@ def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> t
     if weight is not None and not target.is_floating_point():
         total = weight[target].sum()
     else:
-        total = torch.tensor(float(target.shape[0]), device=out.device)
+        total = out.new_full((), float(target.shape[0]))    # (a fill on the device: no copy the host waits for)
     return mean * total, total
 
 
