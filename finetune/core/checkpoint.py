@@ -173,6 +173,14 @@ class CpuStateCache:
         return out
 
 
+def _hash_tensor(h: Any, label: str, t: torch.Tensor) -> None:
+    """Feed ``h`` one tensor as both digests take it: ``label``, dtype and shape, then its bytes."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{label}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # (hashlib releases the GIL)
+
+
 def state_sha256(state: Any) -> str:
     """The sha256 of a checkpoint's contents: every value in order, where it sits (keys, list positions),
     tensors by dtype, shape and bytes, other leaves by ``repr`` (as they load back: ints, floats, strings)."""
@@ -180,10 +188,7 @@ def state_sha256(state: Any) -> str:
 
     def walk(value: Any, where: str) -> None:
         if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{where}|{t.dtype}|{tuple(t.shape)}\n".encode())
-            if t.numel():
-                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # (hashlib releases the GIL)
+            _hash_tensor(h, where, value)
         elif isinstance(value, dict):
             h.update(f"{where}|dict|{len(value)}\n".encode())
             for k, v in value.items():
@@ -245,10 +250,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], salt: str = "") -> str:
     weights file records (:data:`DIGEST_KEY`) and what keys the feature cache to a backbone's weights."""
     h = hashlib.sha256(salt.encode())
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        _hash_tensor(h, name, tensors[name])
     return h.hexdigest()
 
 
