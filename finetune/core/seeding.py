@@ -14,7 +14,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "sample_seed", "view_seed", "view_pick_seed"]
+__all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "sample_seed", "repeat_seed", "view_seed",
+           "view_pick_seed"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -26,6 +27,15 @@ def sample_seed(seed: int, index: int) -> int:
     """The seed of one sample's augmentation draws within an epoch seeded with ``seed``: what a sample
     draws depends on (epoch seed, index) only, not on which worker loads it or what it loaded before."""
     return (int(seed) * 6_364_136_223_846_793_005 + int(index) * 1_442_695_040_888_963_407 + 1) % (2**63 - 1)
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed that stands for ``seed`` (an epoch's) at the ``repeat``-th extra draw of one image within the
+    epoch: ``--sampler balanced`` draws rare images several times, and each draw gets its own crop, flip and
+    jitter. Repeat 0 (every image's first draw, and every draw of the random sampler) is ``seed`` itself."""
+    if int(repeat) == 0:
+        return int(seed)
+    return (int(seed) * 2_862_933_555_777_941_757 + int(repeat) * 3_037_000_493 + 7) % (2**63 - 1)
 
 
 def view_seed(seed: int, view: int) -> int:

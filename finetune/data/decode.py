@@ -54,8 +54,10 @@ __all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTr
            "device_decodable"]
 
 class EncodedImageDataset(ImageDataset):
-    """``[i] -> (uint8 tensor, label, i)``: encoded JPEG bytes (1-D) or a decoded image (3, H, W); None
-    when the file cannot be read or decoded (logged like :class:`~finetune.data.ImageDataset`).
+    """``[i] -> (uint8 tensor, label, i, key)``: encoded JPEG bytes (1-D) or a decoded image (3, H, W), and
+    the sample key that seeds the image's crop, flip and jitter on the device (``seeding.sample_seed`` of the
+    sampler's (index, epoch seed) key, as ``ImageDataset``'s); None when the file cannot be read or decoded
+    (logged like :class:`~finetune.data.ImageDataset`).
 
     ``min_size``: as ``load_image``'s, for the images decoded in the worker (the CPU path's ``draft``).
     """
@@ -69,13 +71,14 @@ class EncodedImageDataset(ImageDataset):
         return collate_encoded(batch)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        index = key[0] if isinstance(key, tuple) else key   # no augmentation here: the device draws it
+        index, seed = key if isinstance(key, tuple) else (key, 0)   # no augmentation here: the device draws it
         path, label = self.image_set.items[index]
+        draw_key = sample_seed(seed, index)
         try:
             data = read_image_bytes(path)
             if device_decodable(data, self.min_size):
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index
-            return to_uint8_tensor(load_image(path, self.min_size)), label, index
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index, draw_key
+            return to_uint8_tensor(load_image(path, self.min_size)), label, index, draw_key
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, failure_reason(e))
             return None
@@ -87,14 +90,14 @@ class EncodedImageDataset(ImageDataset):
 
 
 def collate_encoded(batch: list):
-    """((packed pixels, shapes), int64 labels, dataset indices) without the samples that failed; None
-    when all failed. The batch's images travel as ONE uint8 tensor (see :func:`pack`): a tensor per
+    """((packed pixels, shapes), int64 labels, dataset indices, sample keys) without the samples that
+    failed; None when all failed. The batch's images travel as ONE uint8 tensor (see :func:`pack`): a tensor per
     image would take one shared-memory file descriptor each on its way out of a worker and run out."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return None
     return (pack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch], dtype=torch.int64),
-            [int(b[2]) for b in batch])
+            [int(b[2]) for b in batch], [int(b[3]) for b in batch])
 
 
 def pack(items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,15 +143,14 @@ class DeviceTransform:
         # the same generator as the crops
         self.colour = DeviceAugment.from_config(data_config, config, train)
         self.rng = self.colour.rng
-        self.seed = int(getattr(config, "seed", 0))     # the epoch's, once reseeded
+        self.rng.seed(int(getattr(config, "seed", 0)))
         self.failed: list[tuple[int, str]] = []   # (position in its batch, reason), reset per call
 
     def reseed(self, seed: int) -> None:
-        """An epoch's seed (the same on every rank): with the batch's dataset indices (``__call__``), each
-        image's crop, flip and jitter come from (seed, its index) alone, whatever the batch, worker or
-        number of processes it is in."""
-        self.seed = int(seed)
-        self.rng.seed(self.seed)
+        """Restart the draws of batches without sample keys from ``seed``. With the batch's keys
+        (``__call__``), each image's crop, flip and jitter come from its key alone, whatever the batch,
+        worker or number of processes it is in."""
+        self.rng.seed(int(seed))
 
     # -- decoding
     def decode(self, items: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -227,7 +229,7 @@ class DeviceTransform:
         return eval_plan(height, width, (self.h, self.w), self.crop_pct)
 
     def __call__(self, items, labels: torch.Tensor, device: torch.device | str, channels_last: bool = False,
-                 indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                 keys: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -239,10 +241,10 @@ class DeviceTransform:
         if not keep:
             return None
         plans, draws = [], None
-        if indices is not None and (self.crop_scale is not None or self.colour.active):
+        if keys is not None and (self.crop_scale is not None or self.colour.active):
             draws = ([], [])
-            for i in keep:      # each image's draws from (epoch seed, its dataset index)
-                self.rng.seed(sample_seed(self.seed, int(indices[i])))
+            for i in keep:      # each image's draws from its sample key: f(epoch seed, dataset index, repeat)
+                self.rng.seed(int(keys[i]))
                 plans.append(self._plan(images[i]))
                 flips, ops = self.colour.draw(1)
                 draws[0].extend(flips)
@@ -349,12 +351,12 @@ class DevicePrefetcher:
                         continue
                     if cuda:
                         with torch.cuda.stream(side):
-                            out = self.transform(batch[0], batch[1], self.device, self.channels_last, batch[2])
+                            out = self.transform(batch[0], batch[1], self.device, self.channels_last, batch[3])
                             event = torch.cuda.Event()
                             event.record(side)
                     else:
                         out, event = self.transform(batch[0], batch[1], self.device, self.channels_last,
-                                                    batch[2]), None
+                                                    batch[3]), None
                     for pos, reason in self.transform.failed:
                         self._log_failure(batch[2][pos], reason)
                     if not put((out, event)):

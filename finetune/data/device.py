@@ -9,7 +9,6 @@ import torch
 
 from finetune.data.transforms import _parse_data_config, augment_mode, flip_probability
 from finetune.core.errors import ConfigError
-from finetune.core.seeding import sample_seed
 
 
 # Mixed into each image's seed: a worker seeds Python's global ``random`` with the same sample seed, and this
@@ -45,17 +44,17 @@ class DeviceNormalize:
 
     def __call__(self, x: torch.Tensor, device: torch.device | str, channels_last: bool = False,
                  draws: tuple[list[bool], list[list[tuple[str, float]]]] | None = None,
-                 indices: Sequence[int] | None = None) -> torch.Tensor:
-        """``draws``: each image's augmentation, drawn by the caller; else ``indices``: the images' dataset
-        indices, each image's draws from (epoch seed, its index) (:meth:`DeviceAugment.draws_for`)."""
+                 keys: Sequence[int] | None = None) -> torch.Tensor:
+        """``draws``: each image's augmentation, drawn by the caller; else ``keys``: the images' sample keys
+        (``ImageDataset``'s third item), each image's draws from its key (:meth:`DeviceAugment.draws_for`)."""
         if x.dtype != torch.uint8:
             raise TypeError(f"DeviceNormalize expects a uint8 batch, got {x.dtype}; build the dataset's "
                             "transform with output='uint8'")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if draws is None and indices is not None:
-            draws = self.draws_for(indices)
+        if draws is None and keys is not None:
+            draws = self.draws_for(keys)
         x = self.augment(x.to(device, non_blocking=True), draws)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)   # on uint8: 4x less to move than float
@@ -66,7 +65,7 @@ class DeviceNormalize:
         """The uint8 batch on the device before normalisation: as is here (see :class:`DeviceAugment`)."""
         return x
 
-    def draws_for(self, indices: Sequence[int]):
+    def draws_for(self, keys: Sequence[int]):
         """Nothing is drawn here (see :class:`DeviceAugment`)."""
         return None
 
@@ -97,7 +96,6 @@ class DeviceAugment(DeviceNormalize):
                               f"contrast={contrast}): hflip is a probability, the strengths are >= 0")
         self.hflip, self.brightness, self.contrast = float(hflip), float(brightness), float(contrast)
         self.rng = rng if rng is not None else random.Random(int(seed))
-        self.seed = int(seed)      # the epoch's, once reseeded
         self.shard = (0, 1)        # (rank, world size): see reseed
 
     @classmethod
@@ -117,26 +115,26 @@ class DeviceAugment(DeviceNormalize):
         return self.hflip > 0 or self.brightness > 0 or self.contrast > 0
 
     def reseed(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        """Restart the draws from ``seed`` (an epoch's: the same on every rank). Given the batch's dataset
-        indices (the training loader's batches carry them: ``ImageDataset`` with a ``colour_on_device``
-        transform), each image draws from (seed, its index) alone (:meth:`draws_for`). Without them the
-        batch draws from one stream: under torchrun each rank draws for the whole global batch and keeps its
+        """Restart the draws from ``seed`` (an epoch's: the same on every rank). Given the batch's sample
+        keys (the training loader's batches carry them: ``ImageDataset`` with a ``colour_on_device``
+        transform), each image draws from its key alone (:meth:`draws_for`) and ``seed`` is not used. Without
+        them the batch draws from one stream: under torchrun each rank draws for the whole global batch and keeps its
         own images' rows (the ranks split each global batch strided: rank r holds rows r, r + world_size,
         ...), which holds only while no image fails to load."""
         # tagged: fit seeds Python's global ``random`` with the same epoch seed; this stream stays apart
         self.rng.seed(f"zoo.DeviceAugment:{int(seed)}")
-        self.seed = int(seed)
         self.shard = (int(rank), int(world_size))
 
-    def draws_for(self, indices: Sequence[int]) -> tuple[list[bool], list[list[tuple[str, float]]]] | None:
-        """Each image's flip and factors from (epoch seed, its dataset index), as the workers seed each
-        sample's crop (``seeding.sample_seed``): an image that failed to load, a batch that failed whole, or
-        the rank an image is on change no other image's draws. None when nothing is drawn."""
+    def draws_for(self, keys: Sequence[int]) -> tuple[list[bool], list[list[tuple[str, float]]]] | None:
+        """Each image's flip and factors from its sample key, ``seeding.sample_seed(epoch seed, dataset
+        index)`` (another for each repeat of an image in the epoch: ``EpochSeededSampler``), the seed of its
+        crop in the worker: an image that failed to load, a batch that failed whole, or the rank an image is
+        on change no other image's draws. None when nothing is drawn."""
         if not self.active:
             return None
         flips, ops = [], []
-        for index in indices:
-            self.rng.seed(sample_seed(self.seed, int(index)) ^ _IMAGE_TAG)
+        for key in keys:
+            self.rng.seed(int(key) ^ _IMAGE_TAG)
             f, o = self.draw(1)
             flips += f
             ops += o

@@ -18,12 +18,15 @@ from finetune.data.images import load_image, load_image_tensor
 from finetune.data.imageset import ImageSet
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import printable_name
-from finetune.core.seeding import epoch_seed, sample_seed, seed_host
+from finetune.core.seeding import epoch_seed, repeat_seed, sample_seed, seed_host
 
 
 # -------------------------------------------------------------------------------- dataset/loader
 class ImageDataset(Dataset):
     """``ImageDataset(image_set, transform)[i] -> (tensor, label)``, or None when image i fails to decode.
+    A key ``(i, epoch seed)`` (the training samplers') seeds the image's augmentation; with a
+    ``colour_on_device`` transform a third item, the sample's key (``seeding.sample_seed``), seeds the
+    flip and jitter that ``DeviceAugment`` draws for it.
 
     Failures are recorded as ``index<TAB>reason`` lines in ``failure_log`` (a temp file unless given;
     appends from worker processes are safe), and ``failures()`` lists them as (path, reason).
@@ -55,11 +58,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is None:
-            return self._load(index)
-        with seeded_sample(sample_seed(seed, index)):   # augmentation draws: f(epoch seed, index) only
-            return self._load(index)
+            return self._load(index, sample_seed(0, index))
+        draw_key = sample_seed(seed, index)
+        with seeded_sample(draw_key):   # augmentation draws: f(epoch seed, index) only
+            return self._load(index, draw_key)
 
-    def _load(self, index: int):
+    def _load(self, index: int, draw_key: int):
         path, label = self.image_set.items[index]
         try:
             if getattr(self.transform, "tensor_input", False):    # a tensor pipeline: decode to a tensor
@@ -67,8 +71,8 @@ class ImageDataset(Dataset):
             else:
                 im = load_image(path, self.min_size)
             out = self.transform(im) if self.transform is not None else im
-            # the device draws this image's flip and jitter from its index (DeviceAugment.draws_for)
-            return (out, label, index) if getattr(self.transform, "colour_on_device", False) else (out, label)
+            # the device draws this image's flip and jitter from its sample's key (DeviceAugment.draws_for)
+            return (out, label, draw_key) if getattr(self.transform, "colour_on_device", False) else (out, label)
         except Exception as e:   # one bad image must not kill the batch or the worker
             reason = failure_reason(e)
             line = f"{index}\t{printable_name(reason)}".replace("\n", " ") + "\n"
@@ -169,7 +173,10 @@ def drop_last_partial(n: int, batch_size: int, world_size: int = 1) -> bool:
 class EpochSeededSampler(torch.utils.data.Sampler):
     """Wraps an index sampler to yield ``(index, epoch seed)``: ``ImageDataset`` seeds each sample's
     augmentation from (epoch seed, index), so an epoch's draws depend on nothing that workers did before
-    (persistent workers included) and are the same with any worker count, across a resume too.
+    (persistent workers included) and are the same with any worker count, across a resume too. An index
+    drawn again within the epoch (the balanced sampler draws with replacement) comes with
+    ``seeding.repeat_seed(epoch seed, k)`` at its k-th repeat: each copy of an oversampled image is
+    augmented anew, not repeated pixel for pixel.
 
     A wrapped sampler that draws from its own ``generator`` (the balanced one) has it seeded with the
     epoch seed: the order is then a function of (seed, epoch, rank) alone, whoever iterates it."""
@@ -189,11 +196,20 @@ class EpochSeededSampler(torch.utils.data.Sampler):
                 generator.manual_seed(self.seed)
 
     def __iter__(self):
-        seed = self.seed
-        return ((int(i), seed) for i in itertools.islice(self.sampler, self.limit))
+        seed, drawn = self.seed, {}
+        indices = (int(i) for i in itertools.islice(self.sampler, self.limit))
+        return ((i, repeat_seed(seed, count_draw(drawn, i))) for i in indices)
 
     def __len__(self) -> int:
         return self.limit
+
+
+def count_draw(drawn: dict[int, int], index: int) -> int:
+    """How many times ``index`` was drawn before in this pass (0 at its first draw); ``drawn``, the pass's
+    counts, is updated."""
+    repeat = drawn.get(index, 0)
+    drawn[index] = repeat + 1
+    return repeat
 
 
 def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: int = 0, world_size: int = 1,

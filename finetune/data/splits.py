@@ -18,7 +18,9 @@ SPLIT_FILE_VERSION = 1
 
 
 def _hash_key(seed: int, rel: str) -> str:
-    return hashlib.sha256(f"{seed}:{rel}".encode("utf-8", "surrogatepass")).hexdigest()
+    """The seeded hash that orders a file for the split, of its :func:`class_key`: a folder copied through
+    macOS (names decomposed) splits as the original does."""
+    return hashlib.sha256(f"{seed}:{class_key(rel)}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def stratified_split(files: dict[str, list[str]], val_split: float, seed: int, root: str

@@ -161,14 +161,14 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool = False,
-              normalize: Callable | None = None, indices: torch.Tensor | None = None
+              normalize: Callable | None = None, keys: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch on ``device``: uint8 batches through ``normalize`` (a ``DeviceNormalize``; ``indices``, the
-    images' dataset indices when the batch carries them, seed each image's device augmentation), float
+    """A batch on ``device``: uint8 batches through ``normalize`` (a ``DeviceNormalize``; ``keys``, the
+    images' sample keys when the batch carries them, seed each image's device augmentation), float
     ones copied (NHWC with ``channels_last``)."""
     if normalize is not None:     # uint8 batch: copied as uint8, converted and normalised on the device
-        if indices is not None:
-            return normalize(x, device, channels_last, indices=indices.tolist()), y.to(device, non_blocking=True)
+        if keys is not None:
+            return normalize(x, device, channels_last, keys=keys.tolist()), y.to(device, non_blocking=True)
         return normalize(x, device, channels_last), y.to(device, non_blocking=True)
     x = x.to(device, non_blocking=True)
     if channels_last and x.dim() == 4:

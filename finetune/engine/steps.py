@@ -74,7 +74,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
 
     Args:
         batches: ``(x, y)`` batches (None: a batch whose every image failed to decode, skipped); a third
-            item, the images' dataset indices, seeds each image's device augmentation (``normalize``).
+            item, the images' sample keys, seeds each image's device augmentation (``normalize``).
         optimizer: None = nothing trains: forward passes in training mode only (a frozen control).
         amp, scaler: the mixed-precision policy (``runtime.amp_policy``; None = full precision), its GradScaler.
         progress: a tqdm bar to advance (optional). epoch: for the divergence message.

@@ -159,6 +159,23 @@ def test_a_split_file_and_class_names_survive_a_rename_into_the_other_unicode_fo
         assert all(os.path.isfile(p) for p, _ in got.items)
 
 
+def test_a_fresh_split_does_not_depend_on_the_unicode_form_of_names(tmp_path):
+    """QA (session 18's note): the seeded split hashed each path as written, so the same folder with its
+    names decomposed (a copy through macOS) held out other images: another validation set, other figures for
+    the same data and seed. The hash takes the class_key (NFC) of the path now."""
+    import unicodedata
+
+    held_out = []
+    for form in ("NFC", "NFD"):
+        data = make_image_folder(tmp_path / form, classes=("élan", "fox"), per_class=12, size=16)
+        for f in sorted(data.rglob("*.png")):
+            f.rename(f.parent / unicodedata.normalize(form, f"é{f.name}"))
+        (data / "élan").rename(data / unicodedata.normalize(form, "élan"))
+        report = scan_folder(data, seed=3, val_split=0.25)
+        held_out.append(sorted(unicodedata.normalize("NFC", report.relpath(p)) for p, _ in report.val.items))
+    assert len(held_out[0]) == 6 and held_out[0] == held_out[1]
+
+
 def test_a_split_file_keeps_both_files_whose_names_differ_only_in_unicode_form(tmp_path):
     """QA (helper-47): the split file matched files by class_key alone, so two images of one class named
     ``café.png`` composed and decomposed (two files on Linux) became one on the split's reuse: a resume or a
@@ -555,6 +572,39 @@ def test_a_failed_image_changes_no_other_images_device_augmentation(tmp_path):
     assert torch.equal(augmented([0, 4, 6], rank=0, world=2), whole[[0, 4, 6]])         # ... short of one
 
 
+def test_each_repeat_of_an_image_in_an_epoch_is_augmented_anew(tmp_path):
+    """QA (session 18's note): --sampler balanced draws rare images several times an epoch, and every repeat
+    was seeded by (epoch seed, index) alone, so each copy had the same crop, flip and jitter, pixel for pixel,
+    in the workers and on the device: oversampling repeated one picture. The k-th repeat now draws from
+    ``repeat_seed(epoch seed, k)``; first draws (every draw of the random sampler) keep the epoch seed."""
+    from finetune.core.seeding import repeat_seed
+    from finetune.data.decode import EncodedImageDataset
+    from finetune.data.loaders import EpochSeededSampler
+
+    sampler = EpochSeededSampler([3, 5, 3, 3, 1])
+    sampler.set_epoch(0, 99)
+    keys = list(sampler)
+    assert keys == [(3, 99), (5, 99), (3, repeat_seed(99, 1)), (3, repeat_seed(99, 2)), (1, 99)]
+    assert len({seed for _, seed in keys}) == 3
+    assert list(sampler) == keys                  # a function of the epoch seed: the same pass again
+
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=3, size=40)
+    image_set = ImageSet([(str(p), int(p.parent.name == "b")) for p in sorted(data.rglob("*.png"))], ["a", "b"])
+    config = FinetuneConfig(crop_scale_min=0.5, hflip=0.5, brightness=0.4, contrast=0.4)
+    repeats = (0, 2, 3)                            # the positions of image 3's three draws
+    views = [ImageDataset(image_set, build_transform(DATA_CONFIG, True, config))[keys[k]][0] for k in repeats]
+    assert not any(torch.equal(views[a], views[b]) for a, b in ((0, 1), (0, 2), (1, 2)))
+    # CUDA's default path: the worker crops (per key, as above), DeviceAugment flips and jitters per sample key
+    ds = ImageDataset(image_set, build_transform(DATA_CONFIG, True, config, output="uint8", colour_on_device=True))
+    batch = collate_skip_none([ds[k] for k in keys])
+    assert batch[2][0] == sample_seed(99, 3)       # a first draw: the key it always had
+    _flips, ops = DeviceAugment.from_config(DATA_CONFIG, config).draws_for(batch[2].tolist())
+    assert len({tuple(ops[k]) for k in repeats}) == 3
+    # --decode device: the encoded files carry the same sample keys to the device's crop and colour draws
+    encoded = EncodedImageDataset(image_set)
+    assert [encoded[k][3] for k in keys] == batch[2].tolist()
+
+
 def test_device_augment_draws_follow_color_jitter():
     """Factors in ColorJitter's ranges, both orders, flips at the given rate; reseeded = the same draws;
     eval and augment="none" do nothing but normalise."""
@@ -597,7 +647,8 @@ def test_fit_leaves_colour_to_the_device_on_cuda_only():
 
 
 def test_train_epoch_with_device_augment_is_reseedable(image_folder):
-    """train_one_epoch over uint8 batches + DeviceAugment: the same epoch seed gives the same weights."""
+    """train_one_epoch over uint8 batches + DeviceAugment: the same epoch seed gives the same weights; another
+    epoch seed of the samples (the same order) other flips and jitter, so other weights."""
     from finetune.engine import train_one_epoch
 
     report = scan_folder(image_folder)
@@ -611,9 +662,10 @@ def test_train_epoch_with_device_augment_is_reseedable(image_folder):
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                     torch.nn.Linear(4, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        aug.reseed(seed)
-        out = train_one_epoch(model, make_loader(ds, 4, train=True, workers=0, seed=7), opt, None,
-                              torch.nn.CrossEntropyLoss(), torch.device("cpu"), normalize=aug)
+        loader = make_loader(ds, 4, train=True, workers=0, seed=7)     # the order: seed 7, epoch 0
+        loader.sampler.set_epoch(0, seed)                              # the samples' keys: epoch seed ``seed``
+        out = train_one_epoch(model, loader, opt, None, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                              normalize=aug)
         return out, torch.cat([p.detach().flatten() for p in model.parameters()])
 
     (a, wa), (_, wb), (_, wc) = epoch(5), epoch(5), epoch(6)
@@ -684,7 +736,7 @@ def test_a_seeded_sample_draws_from_the_cpu_generator_only(image_folder, monkeyp
     ds = ImageDataset(report.train, build_transform(DATA_CONFIG, True, FinetuneConfig()))
     key = (3, 12345)
     torch.manual_seed(sample_seed(12345, 3))
-    expected = ds._load(3)[0]                           # what the sample drew, seeded the old way
+    expected = ds._load(3, 0)[0]                        # what the sample drew, seeded the old way
     calls = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))

@@ -19,6 +19,7 @@ from finetune.data import DeviceAugment, ImageDataset, ImageSet, build_transform
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                              device_decodable, unpack)
 from finetune.core.errors import ConfigError, DataError, Interrupted
+from finetune.core.seeding import sample_seed
 from tests.conftest import corrupt_jpeg, make_image
 from tests.finetune.test_train import DEVICES
 
@@ -118,8 +119,8 @@ def test_train_transform_is_seeded_and_varied():
                        e([data], torch.zeros(1, dtype=torch.long), "cpu")[0])
 
 
-def test_with_dataset_indices_each_image_is_augmented_the_same_in_any_batch():
-    """--decode device: given the batch's dataset indices (the prefetcher passes them), an image's crop,
+def test_with_sample_keys_each_image_is_augmented_the_same_in_any_batch():
+    """--decode device: given the batch's sample keys (the prefetcher passes them), an image's crop,
     flip and jitter come from (epoch seed, its index) alone: split between 2 ranks (strided), or in
     another order, every image comes out the same; another epoch seed draws anew."""
     items = [torch.frombuffer(bytearray(jpeg_bytes(photo((60 + 7 * k, 44 + 3 * k), seed=k))), dtype=torch.uint8)
@@ -128,8 +129,8 @@ def test_with_dataset_indices_each_image_is_augmented_the_same_in_any_batch():
     t = DeviceTransform(DATA_CONFIG, True, AUG)
 
     def run(order, seed=7):
-        t.reseed(seed)
-        return t([items[k] for k in order], labels[order], "cpu", indices=[idx[k] for k in order])[0]
+        t.reseed(1000 + len(order))          # the stream of key-less batches: not used
+        return t([items[k] for k in order], labels[order], "cpu", keys=[sample_seed(seed, idx[k]) for k in order])[0]
 
     whole = run([0, 1, 2, 3, 4, 5])
     assert torch.equal(run([0, 2, 4]), whole[0::2]) and torch.equal(run([1, 3, 5]), whole[1::2])
@@ -328,8 +329,8 @@ def test_collate_encoded_packs_one_tensor_and_skips_failures():
     a = torch.arange(5, dtype=torch.uint8)
     b = torch.arange(24, dtype=torch.uint8).view(3, 2, 4)
     assert collate_encoded([None, None]) is None
-    (flat, shapes), labels, idx = collate_encoded([(a, 1, 4), None, (b, 0, 7)])
-    assert flat.shape == (29,) and labels.tolist() == [1, 0] and idx == [4, 7]
+    (flat, shapes), labels, idx, keys = collate_encoded([(a, 1, 4, 11), None, (b, 0, 7, 12)])
+    assert flat.shape == (29,) and labels.tolist() == [1, 0] and idx == [4, 7] and keys == [11, 12]
     x, y = unpack(flat, shapes)
     assert torch.equal(x, a) and torch.equal(y, b)
 

@@ -549,6 +549,32 @@ def test_the_gradient_head_trains_on_the_plain_view_of_handed_images(tmp_path):
             assert all(any(torch.equal(row, p) for p in plain) for row in x)
 
 
+def test_a_repeated_image_shows_its_next_view(tmp_path):
+    """--sampler balanced with --aug-views: an image drawn again in the same epoch shows the next cached view
+    (the first draw keeps the epoch's pick), not the same features again."""
+    from finetune.engine import build_setup
+    from finetune.tools.features import CachedHeadSteps
+
+    train, val = _sets(tmp_path / "d")
+    config = _config(sampler="balanced", aug_views=2, crop_scale_min=0.5)
+    setup = build_setup(_model(), STAGES, DATA_CONFIG, train, val, config.replace(freeze="head"), head="fc",
+                        distributed=False)
+    steps = CachedHeadSteps(setup)
+    steps.begin_phase("head")
+    feats = steps.train_feats
+    n_views = int(feats.shape[0])
+    assert n_views == 2
+    set_epoch_order(steps.order.sampler, config.seed, 1)
+    drawn = [i for batch in steps.order for i, _seed in batch]
+    rows = torch.cat([x.reshape(x.shape[0], -1) for x, _y in steps.batches(1)])
+    shown: dict[int, list[int]] = {}
+    for i, row in zip(drawn, rows):
+        shown.setdefault(i, []).append(next(v for v in range(n_views) if torch.equal(feats[v, i].reshape(-1), row)))
+    repeated = {i: v for i, v in shown.items() if len(v) > 1}
+    assert repeated                                # 18 draws with replacement out of 18 images
+    assert all(v[k + 1] == (v[k] + 1) % n_views for v in repeated.values() for k in range(len(v) - 1))
+
+
 def test_an_explicit_hflip_few_images_or_a_head_only_run_skip_the_mirror_test(tmp_path):
     """The mirror is judged only for --hflip auto, with >= 10 training images per class, in a run that trains
     layers after the head."""

@@ -65,7 +65,11 @@ def note_unmirrored_tta(tta: bool, views: str, scales: tuple[int, ...] | None, m
 
 
 def warn_skipped(item: object, reason: str) -> None:
-    echo(printable(f"zoo: warning: skipped {item}: {reason}"), err=True)
+    """One warning line for an image that predict or eval skipped; a reason that names the image already
+    (the readers' "X is not a readable image; ...") is not prefixed with its name a second time."""
+    name = str(item)
+    said = reason if name in reason or printable_name(name) in reason else f"{name}: {reason}"
+    echo(printable(f"zoo: warning: skipped {said}"), err=True)
 
 
 @cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")

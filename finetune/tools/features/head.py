@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
-from finetune.data import ImageDataset, build_transform, set_epoch_order, train_batches
+from finetune.data import ImageDataset, build_transform, count_draw, set_epoch_order, train_batches
 from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
@@ -221,18 +221,18 @@ class CachedHeadSteps:
         order (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
         s = self.s
         n_views = int(self.train_feats.shape[0])
-        if n_views > 1:
-            g = torch.Generator().manual_seed(view_pick_seed(s.config.seed, epoch))
-            view_of = torch.randint(n_views, (len(self.train_bank),), generator=g).to(self.train_feats.device)
+        g = torch.Generator().manual_seed(view_pick_seed(s.config.seed, epoch))
+        view_of = torch.randint(n_views, (len(self.train_bank),), generator=g)     # the view each image shows
         set_epoch_order(self.order.sampler, int(s.config.seed), epoch)
+        drawn: dict[int, int] = {}     # an image drawn again this epoch (--sampler balanced) shows its next view
         for batch in self.order:
             keep = [i for i, _seed in batch if self.bank_labels[i] >= 0]
             if not keep:
                 continue
             idx = torch.tensor(keep, dtype=torch.int64)
             y = self.train_bank.labels[idx]
-            idx = idx.to(self.train_feats.device)
-            x = self.train_feats[view_of[idx], idx] if n_views > 1 else self.train_feats[0, idx]
+            views = (view_of[idx] + torch.tensor([count_draw(drawn, i) for i in keep])) % n_views
+            x = self.train_feats[views.to(self.train_feats.device), idx.to(self.train_feats.device)]
             yield (x.to(s.device, non_blocking=True).reshape(-1, *self.shape),
                    y.to(s.device, non_blocking=True))
 
