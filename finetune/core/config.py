@@ -160,6 +160,10 @@ class FinetuneConfig:
         "BatchNorm statistics: eval keeps the pretrained ones frozen; train updates those of the trained "
         "stages (frozen stages keep theirs); with --no-pretrained the default is train.",
         choices=("eval", "train"))
+    sync_bn: bool = option(False,
+        "Under torchrun on GPUs with --bn train: BatchNorm statistics over the whole global batch "
+        "(SyncBatchNorm, one all-reduce per layer and step), as one process computes them; without it each GPU "
+        "normalises by its own share. No effect in one process or with --bn eval; GPUs only.")
     # --- optimisation ---
     optimizer: str = option("adam", "Optimizer.", choices=OPTIMIZERS)
     lr: float = option(1e-3, "Head learning rate, or 'auto' to run the LR range test first.", low=0, low_open=True)

@@ -18,6 +18,7 @@ from finetune.core.errors import ConfigError
 
 __all__ = [
     "MLPHead",
+    "sync_batchnorm",
     "replace_head",
     "head_in_features",
     "stage_parameters",
@@ -279,6 +280,33 @@ def set_bn_eval(model: nn.Module, mode: str = "eval", exclude: Iterable[str] = (
         m.train = functools.partial(replacement, m)  # type: ignore[method-assign]
         setattr(m, flag, True)
         m.train(model.training)
+
+
+def sync_batchnorm(model: nn.Module, mode: str, exclude: Iterable[str] = ()) -> int:
+    """Make the model's BatchNorm layers SyncBatchNorm (``--sync-bn``): under torchrun their training
+    statistics come from the whole global batch. timm's converter keeps timm's BatchNorm + activation layers
+    whole (torch's would drop the activation); the parameters and buffers are the same tensors, so state
+    dicts, the optimizer's parameters and the freeze are unchanged, and :func:`set_bn_eval`'s ``mode`` is
+    applied to the new layers. Layers under an ``exclude`` prefix (the new head, trained the same on every
+    rank from cached features) stay as they are. Returns the number of layers converted.
+
+    Raises:
+        ConfigError: a BatchNorm subclass that neither converter knows (its own forward would be lost).
+    """
+    from timm.layers import BatchNormAct2d, convert_sync_batchnorm   # lazy: timm only for --sync-bn
+
+    exclude = tuple(e for e in exclude if e)
+    known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNormAct2d)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and name
+               and not any(belongs_to(name, e) for e in exclude)]
+    odd = sorted({type(m).__name__ for _, m in targets if type(m) not in known})
+    if odd:
+        raise ConfigError(f"--sync-bn cannot convert this model's {', '.join(odd)} layers; leave --sync-bn out")
+    for name, m in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, convert_sync_batchnorm(m))
+    set_bn_eval(model, mode, exclude=exclude)
+    return len(targets)
 
 
 def bn_frozen_layers(model: nn.Module) -> int:

@@ -76,10 +76,22 @@ def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device
     if info is not None and info.enabled:     # the loaders' own checks, before the run folder is written (QA)
         ddp.per_rank_batch(int(config.batch_size), info)
         check_sampler(getattr(config, "sampler", "random"), info.world_size)
+        check_sync_bn(config, info, device)
     if getattr(config, "tensorboard", False):
         from finetune.core.monitor import TensorBoardLogger    # lazy: matplotlib is not needed to check
         TensorBoardLogger.writer_class()
     return device
+
+
+def check_sync_bn(config: Any, info: ddp.DistInfo, device: torch.device) -> None:
+    """``--sync-bn`` under torchrun needs CUDA devices (torch's SyncBatchNorm has no CPU kernel: the first
+    training step would raise).
+
+    Raises:
+        ConfigError: it is asked for on several processes of another device.
+    """
+    if getattr(config, "sync_bn", False) and info.enabled and device.type != "cuda":
+        raise ConfigError("--sync-bn needs GPUs: torch's SyncBatchNorm runs on CUDA devices only; leave it out here")
 
 
 def cudnn_autotune(device: torch.device, network_steps: int) -> bool:

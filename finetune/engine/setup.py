@@ -17,11 +17,13 @@ from finetune.data import (ImageDataset, ImageSet, build_transform, class_weight
                            make_loader, set_loader_epoch)
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
-from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, cudnn_autotune, nhwc, resolve_device
+from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sync_bn, cudnn_autotune, nhwc,
+                                     resolve_device)
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import FreezeDecision, default_departure, default_epochs, head_first
 from finetune.core.recipe import prepare_model
+from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
 
 __all__ = ["Setup", "build_setup"]
@@ -160,6 +162,20 @@ class Setup:
         return failed
 
 
+def _sync_bn(model: nn.Module, head: str, config: FinetuneConfig, info: ddp.DistInfo, device: torch.device,
+             say: Callable[[str], None]) -> None:
+    """``--sync-bn`` under torchrun: the backbone's BatchNorm layers become SyncBatchNorm (``--bn train``), or a
+    note that frozen statistics have nothing to synchronise."""
+    check_sync_bn(config, info, device)
+    if not (config.sync_bn and info.enabled):
+        return
+    if config.bn == "train":
+        n = sync_batchnorm(model, config.bn, exclude=(head,))
+        say(f"BatchNorm: {n} layers synchronised across the {info.world_size} processes (--sync-bn)")
+    else:
+        say("note: --sync-bn has no effect with --bn eval: the pretrained statistics stay frozen")
+
+
 def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
                 val_set: ImageSet | None, config: FinetuneConfig, *, head: str, reset_head: bool = True,
                 copy_model: bool = False, distributed: bool = True, log: Log | None = None) -> Setup:
@@ -197,6 +213,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")
+    _sync_bn(work, head, config, info, device, say)
     _to_float32(work, say)
     work.to(device)
     weights = class_weights(train_set) if config.class_weights == "auto" else None

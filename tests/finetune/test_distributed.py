@@ -301,3 +301,15 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
     assert len(warnings) == 1 and warnings[0].startswith(f"rank 0: warning: {len(damaged)} image(s) failed"), out
     listed = (tmp_path / "ddp" / "bad_files.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in listed) == sorted(damaged)
+
+
+def test_sync_bn_needs_gpus_under_torchrun():
+    """torch's SyncBatchNorm has no CPU kernel: asked for on several CPU processes, --sync-bn is refused before
+    the run writes anything; in one process it has nothing to synchronise and is accepted anywhere."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.engine import check_machine
+
+    two = ddp.DistInfo(rank=0, world_size=2, enabled=True)
+    with pytest.raises(ConfigError, match="--sync-bn needs GPUs"):
+        check_machine(FinetuneConfig(device="cpu", batch_size=8, bn="train", sync_bn=True), two)
+    check_machine(FinetuneConfig(device="cpu", batch_size=8, bn="train", sync_bn=True), ddp.DistInfo())

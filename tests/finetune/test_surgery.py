@@ -226,3 +226,51 @@ def test_bn_train_follows_each_phase_freeze(resnet):
     assert not resnet.layer4[0].bn1.training
     clone = copy.deepcopy(resnet).train()
     assert clone.layer4[0].bn1.training and not clone.layer3[0].bn1.training
+
+
+@pytest.mark.parametrize("arch,mode", [("test_efficientnet", "train"), ("test_resnet", "eval")])
+def test_sync_bn_converts_the_backbone_and_keeps_weights_freeze_and_policy(arch, mode):
+    """--sync-bn: every backbone BatchNorm becomes a SyncBatchNorm (timm's BatchNorm + activation layers keep their
+    activation: torch's converter would drop it), holding the same tensors; the new MLP head's BatchNorm, trained
+    alike on every rank from cached features, stays. The freeze and the statistics policy hold on the new layers,
+    and in eval mode the model computes what it did (SyncBatchNorm only differs while it trains)."""
+    from timm.layers import BatchNormAct2d
+    from finetune.core.surgery import sync_batchnorm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10)
+    head = model.default_cfg["classifier"]
+    stages = [[n for n, _ in model.named_children() if n != head]]
+    config = FinetuneConfig(freeze="1", bn=mode, head="mlp", mlp_hidden=8)
+    prepare_model(model, stages, head, 3, [10, 10, 10], config)
+    bns = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    state = model.state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    before = model.eval()(x)
+    assert sync_batchnorm(model, mode, exclude=(head,)) == sum(not n.startswith(head + ".") for n in bns)
+    after = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert set(after) == set(bns)
+    for n, m in after.items():
+        assert isinstance(m, nn.SyncBatchNorm) != n.startswith(head + "."), n
+        assert (bns[n] is BatchNormAct2d) == (type(m).__name__ == "SyncBatchNormAct"), n   # the activation kept
+    assert list(model.state_dict()) == list(state)
+    assert all(model.state_dict()[k].data_ptr() == v.data_ptr() for k, v in state.items())   # the same tensors
+    assert trainable(model) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert torch.equal(model.eval()(x), before)
+    model.train()
+    trains = {n for n, m in after.items() if m.training and not n.startswith(head + ".")}
+    assert trains == (set() if mode == "eval" else {n for n in after if not n.startswith(head + ".")})
+    assert all(m.training for n, m in after.items() if n.startswith(head + "."))
+
+
+def test_sync_bn_refuses_a_batchnorm_it_cannot_convert_whole():
+    from finetune.core.surgery import sync_batchnorm
+
+    class ScaledBN(nn.BatchNorm2d):            # a forward of its own, which a SyncBatchNorm would lose
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ConfigError, match="--sync-bn cannot convert this model's ScaledBN layers"):
+        sync_batchnorm(model, "train")
+    assert type(model[1]) is ScaledBN
