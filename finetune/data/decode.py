@@ -301,7 +301,8 @@ class DevicePrefetcher:
             dataset.log_failure(index, reason)
 
     def set_epoch(self, epoch: int, seed: int = 0) -> None:
-        """Reseed the augmentation draws from (seed, epoch): an epoch's crops depend on nothing else."""
+        """Reseed the draws of batches without sample keys from (seed, epoch); batches with keys (the
+        training sampler's) draw each image from its key alone."""
         self.transform.reseed((int(seed) * 1_000_003 + int(epoch)) % 2**63)
 
     def __iter__(self):
