@@ -69,6 +69,9 @@ def setup(device_type: str | None = None) -> DistInfo:
             None picks cuda when it is available.
     Returns:
         This process's DistInfo (a disabled one outside torchrun).
+    Raises:
+        ConfigError: "cuda" with no GPU for this process (none visible, or more processes on the machine
+            than GPUs): torch's own error is a traceback per rank.
     """
     world = env_world_size()
     if world <= 1:
@@ -79,9 +82,23 @@ def setup(device_type: str | None = None) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            _check_gpu_for(local_rank)
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, enabled=True)
+
+
+def _check_gpu_for(local_rank: int) -> None:
+    """Raise ConfigError unless this machine shows a GPU for local rank ``local_rank`` (each process trains
+    on cuda:LOCAL_RANK)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError("device=cuda under torchrun, but no CUDA device is visible here; use --device cpu "
+                          "(or auto)")
+    if local_rank >= count:
+        raise ConfigError(f"torchrun started local rank {local_rank}, but this machine shows {count} CUDA "
+                          f"device(s) and each process trains on its own GPU: use --nproc-per-node {count} or "
+                          "fewer (or check CUDA_VISIBLE_DEVICES)")
 
 
 def per_rank_batch(batch_size: int, info: DistInfo) -> int:
