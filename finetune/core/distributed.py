@@ -24,7 +24,7 @@ from finetune.core.errors import ConfigError, FinetuneError
 
 __all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "wrap_model", "unwrap", "cleanup", "entered_on_main"]
+           "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,16 @@ def gather_strided(rows: torch.Tensor | None, n: int, info: DistInfo) -> torch.T
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def leave(info: DistInfo) -> None:
+    """Every rank leaves the process group together: a barrier, then the group is gone (nothing when it is
+    already). Called where the collectives are over and work that one rank does alone begins (rank 0's
+    export and report): the others would wait for it in a collective, which NCCL's watchdog ends after its
+    timeout (10 minutes), failing a finished job; having left, they exit and free their GPUs."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:

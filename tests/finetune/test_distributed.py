@@ -327,3 +327,17 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
     assert len(warnings) == 1 and warnings[0].startswith(f"rank 0: warning: {len(damaged)} image(s) failed"), out
     listed = (tmp_path / "ddp" / "bad_files.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in listed) == sorted(damaged)
+
+
+def test_leave_ends_the_group_once(tmp_path):
+    """ddp.leave: a barrier, then the group is destroyed; a second call (the job's end after _finish left) is a
+    no-op, as is a run outside torchrun."""
+    import torch.distributed as dist
+
+    ddp.leave(ddp.DistInfo())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    one = ddp.DistInfo(rank=0, world_size=1, enabled=True)
+    ddp.leave(one)
+    assert not dist.is_initialized()
+    ddp.leave(one)
+    ddp.cleanup(one)
