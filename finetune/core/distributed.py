@@ -24,7 +24,7 @@ from finetune.core.errors import ConfigError, FinetuneError
 
 __all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "wrap_model", "unwrap", "cleanup", "entered_on_main"]
+           "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ def setup(device_type: str | None = None) -> DistInfo:
             None picks cuda when it is available.
     Returns:
         This process's DistInfo (a disabled one outside torchrun).
+    Raises:
+        ConfigError: "cuda" with no GPU for this process (none visible, or more processes on the machine
+            than GPUs): torch's own error is a traceback per rank.
     """
     world = env_world_size()
     if world <= 1:
@@ -79,9 +82,23 @@ def setup(device_type: str | None = None) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            _check_gpu_for(local_rank)
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, enabled=True)
+
+
+def _check_gpu_for(local_rank: int) -> None:
+    """Raise ConfigError unless this machine shows a GPU for local rank ``local_rank`` (each process trains
+    on cuda:LOCAL_RANK)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError("device=cuda under torchrun, but no CUDA device is visible here; use --device cpu "
+                          "(or auto)")
+    if local_rank >= count:
+        raise ConfigError(f"torchrun started local rank {local_rank}, but this machine shows {count} CUDA "
+                          f"device(s) and each process trains on its own GPU: use --nproc-per-node {count} or "
+                          "fewer (or check CUDA_VISIBLE_DEVICES)")
 
 
 def per_rank_batch(batch_size: int, info: DistInfo) -> int:
@@ -211,6 +228,16 @@ def gather_strided(rows: torch.Tensor | None, n: int, info: DistInfo) -> torch.T
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def leave(info: DistInfo) -> None:
+    """Every rank leaves the process group together: a barrier, then the group is gone (nothing when it is
+    already). Called where the collectives are over and work that one rank does alone begins (rank 0's
+    export and report): the others would wait for it in a collective, which NCCL's watchdog ends after its
+    timeout (10 minutes), failing a finished job; having left, they exit and free their GPUs."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:

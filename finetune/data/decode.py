@@ -5,7 +5,7 @@ the GPU"), the workers only read the files and the device decodes them (``torchv
 CUDA), crops, flips, jitters and normalises them, in a background thread on its own CUDA stream so
 that the next batch is prepared while the current one trains.
 
-* :class:`EncodedImageDataset` ``[i] -> (uint8 tensor, label, i)``: the file's bytes (1-D) for a
+* :class:`EncodedImageDataset` ``[i] -> (uint8 tensor, label, i, sample key)``: the file's bytes (1-D) for a
   baseline RGB/grey JPEG without EXIF rotation and not big enough for PIL's reduced-scale decode, else
   the image decoded in the worker exactly as the CPU path does (``load_image``; 3-D, un-augmented):
   PNGs, CMYK, progressive, rotated or big JPEGs still work, through the workers.

@@ -56,7 +56,7 @@ class ImageTransform:
     on the device by :class:`DeviceNormalize`). ``tensor_input``: the pipeline works on uint8 tensors
     (``ImageDataset`` then decodes with :func:`load_image_tensor`); PIL images are accepted either way.
     ``colour_on_device``: the flip and colour jitter are left to :class:`DeviceAugment` (``ImageDataset``
-    then hands each sample's dataset index along, from which the device draws them).
+    then hands each sample's key along, from which the device draws them).
     """
 
     def __init__(self, pipeline: Callable, min_size: int, train: bool, *, output: str = "float",

@@ -97,6 +97,32 @@ def test_single_process_is_not_distributed(monkeypatch):
     assert not info.enabled and info.is_main and info.world_size == 1
 
 
+@pytest.mark.parametrize("gpus,local_rank,said", [
+    (0, 0, "no CUDA device is visible here; use --device cpu"),
+    (2, 3, "local rank 3, but this machine shows 2 CUDA device(s) and each process trains on its own GPU: "
+           "use --nproc-per-node 2 or fewer")])
+def test_nccl_without_a_gpu_for_this_rank_is_one_line(monkeypatch, gpus, local_rank, said):
+    """torchrun --device cuda on a machine without a GPU, or more processes per machine than GPUs: each rank
+    met torch.cuda.set_device's RuntimeError (a traceback per rank, before any of zoo's checks). It is a
+    ConfigError now, before set_device or the process group (the CUDA case is forced on this CPU)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached past the check")
+
+    monkeypatch.setattr(torch.cuda, "set_device", never)
+    monkeypatch.setattr(dist, "init_process_group", never)
+    with pytest.raises(ConfigError) as err:
+        ddp.setup("cuda")
+    assert said in str(err.value)
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_match_single_process(tmp_path):
     from finetune.data import scan_folder
@@ -313,3 +339,17 @@ def test_sync_bn_needs_gpus_under_torchrun():
     with pytest.raises(ConfigError, match="--sync-bn needs GPUs"):
         check_machine(FinetuneConfig(device="cpu", batch_size=8, bn="train", sync_bn=True), two)
     check_machine(FinetuneConfig(device="cpu", batch_size=8, bn="train", sync_bn=True), ddp.DistInfo())
+
+
+def test_leave_ends_the_group_once(tmp_path):
+    """ddp.leave: a barrier, then the group is destroyed; a second call (the job's end after _finish left) is a
+    no-op, as is a run outside torchrun."""
+    import torch.distributed as dist
+
+    ddp.leave(ddp.DistInfo())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    one = ddp.DistInfo(rank=0, world_size=1, enabled=True)
+    ddp.leave(one)
+    assert not dist.is_initialized()
+    ddp.leave(one)
+    ddp.cleanup(one)

@@ -853,3 +853,21 @@ def test_resume_after_the_class_folders_were_renamed_into_the_other_unicode_form
     assert "moved to another class" not in result.output and "differ" not in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"] == trained and summary["epochs_run"] == 3
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_leaves_the_process_group_before_rank_0_exports_and_reports(tmp_path, monkeypatch, rank):
+    """Under torchrun the report of a finetuned run predicts the validation set again on rank 0 (the ranks'
+    shards keep no probabilities), on the CPU with --device auto: minutes for a large set, which the other
+    ranks spent in the final barrier, where NCCL's watchdog ends a job after 10 minutes (ranks aborted, then
+    rank 0 stopped: a finished run failed). _finish now leaves the group first; rank 0 alone goes on."""
+    from finetune.core import distributed as ddp
+    from zoo.jobs import finetune as job
+
+    events: list[str] = []
+    monkeypatch.setattr(ddp, "leave", lambda info: events.append("leave"))
+    monkeypatch.setattr(job, "_export", lambda run_dir, say: events.append("export") or run_dir / "export")
+    monkeypatch.setattr(job, "_report_html", lambda *a, **k: events.append("report"))
+    info = ddp.DistInfo(rank=rank, world_size=2, local_rank=rank, enabled=True)
+    job._finish(job.RunOutcome(run_dir=tmp_path), None, FinetuneConfig(), True, info, lambda _m: None)
+    assert events == (["leave", "export", "report"] if rank == 0 else ["leave"])

@@ -214,7 +214,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
                 on_run_dir(run_dir)
             outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
                                  excluded)
-        ddp.barrier(info)      # rank 0 exported and wrote the report; then every rank leaves the group
+        ddp.leave(info)      # (done by _finish after training; here after the overfit check)
         return outcome
     finally:
         ddp.cleanup(info)
@@ -258,7 +258,10 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
 
 
 def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, info, say: Log) -> RunOutcome:
-    """After training (rank 0): the bundle, then report.html. Ctrl-C here loses no epoch: it says how to write them."""
+    """After training (rank 0): the bundle, then report.html. Ctrl-C here loses no epoch: it says how to write them.
+    Under torchrun every rank leaves the process group first: the report may predict the validation set again
+    (a run's shards keep no probabilities), minutes that the others spent in a barrier NCCL times out."""
+    ddp.leave(info)
     run_dir = outcome.run_dir
     try:
         if export and info.is_main:

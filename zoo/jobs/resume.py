@@ -114,7 +114,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
-        ddp.barrier(info)      # as in run_finetune: the group is left together, after rank 0's writes
+        ddp.leave(info)      # as in run_finetune (done by _finish after training)
         return outcome
     finally:
         ddp.cleanup(info)
