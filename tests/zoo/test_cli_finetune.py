@@ -871,3 +871,19 @@ def test_every_rank_leaves_the_process_group_before_rank_0_exports_and_reports(t
     info = ddp.DistInfo(rank=rank, world_size=2, local_rank=rank, enabled=True)
     job._finish(job.RunOutcome(run_dir=tmp_path), None, FinetuneConfig(), True, info, lambda _m: None)
     assert events == (["leave", "export", "report"] if rank == 0 else ["leave"])
+
+
+def test_the_report_pass_of_an_auto_run_uses_the_gpu(tmp_path, monkeypatch):
+    """QA (helper-48): the end-of-run report mapped --device auto to the CPU. Under torchrun (no validation
+    probabilities kept: each rank had a shard) it predicted the whole validation set again on rank 0's CPU,
+    minutes for a large set, with the GPU idle. auto is now the run's device (forced CUDA answers here)."""
+    import torch
+    from zoo.jobs import finetune as job
+
+    asked: list[str] = []
+    monkeypatch.setattr(job.zreport, "make_report", lambda run, device, **kw: asked.append(device) or run)
+    job._report_html(tmp_path, FinetuneConfig(device="cpu"), lambda _m: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    job._report_html(tmp_path, FinetuneConfig(), lambda _m: None)
+    assert asked == ["cpu", "cuda:0"]

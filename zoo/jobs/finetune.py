@@ -25,7 +25,7 @@ from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.policy import parse_freeze
-from finetune.engine import check_machine
+from finetune.engine import check_machine, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
@@ -306,7 +306,7 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
     """RUN/report.html at the end of a run; a failure here only costs the page, never the run.
     ``val_predictions`` (see ``zoo.jobs.report.make_report``) spares it a second pass over the validation set."""
     try:
-        dev = config.device if config.device != "auto" else "cpu"
+        dev = str(resolve_device(config.device))     # auto: the run's GPU, free again (rank 0's under torchrun)
         say(f"report: {zreport.make_report(run_dir, device=dev, log=say, val_predictions=val_predictions)}")
     except Exception as e:  # noqa: BLE001 - the run is saved; the page can be redrawn with `zoo report`
         say(f"warning: report.html not written ({type(e).__name__}: {e}); retry with "
