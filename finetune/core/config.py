@@ -115,7 +115,8 @@ class FinetuneConfig:
         "auto: weight the loss by inverse class frequency (imbalanced data).",
         choices=("none", "auto"))
     sampler: str = option("random",
-        "balanced: oversample rare classes in each epoch.",
+        "balanced: oversample rare classes in each epoch (a head solved by L-BFGS takes the equivalent class "
+        "weights).",
         choices=("random", "balanced"))
     # --- augmentation (train only; evaluation is resize + centre crop) ---
     augment: str = option("standard",

@@ -99,6 +99,14 @@ class Setup:
             return output, normalize
         return self.output, self.normalize
 
+    def full_batch_loss(self, device: torch.device) -> nn.Module:
+        """The training loss of a solve over the whole training set at once (the head's L-BFGS) on ``device``.
+        ``--sampler balanced`` draws every class as often: over an epoch, in expectation, that weighs the loss
+        by inverse class frequency, so a solve, which no sampler feeds, takes those class weights."""
+        if self.config.sampler == "balanced" and self.config.class_weights != "auto":
+            return build_loss(self.config.replace(class_weights="auto"), class_weights(self.train_set), device)
+        return copy.deepcopy(self.loss_fn).to(device)
+
     @property
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train_loader))

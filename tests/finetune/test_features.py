@@ -575,6 +575,34 @@ def test_a_repeated_image_shows_its_next_view(tmp_path):
     assert all(v[k + 1] == (v[k] + 1) % n_views for v in repeated.values() for k in range(len(v) - 1))
 
 
+def test_a_solved_head_takes_the_class_weights_of_the_balanced_sampler(tmp_path):
+    """QA (session 19): --sampler balanced feeds epochs of batches, and the default head phase is one L-BFGS solve
+    over all the features, which no sampler feeds: a head-only run asked to balance its classes solved the
+    plain loss. The solve now takes the class weights the sampler amounts to over an epoch (inverse class
+    frequency, as --class-weights auto), and another head comes out of it."""
+    from finetune.data import class_weights
+    from finetune.engine import build_setup
+
+    train, val = _sets(tmp_path / "d")
+    train = ImageSet([it for it in train.items if it[1] != 0 or "000" in it[0] or "001" in it[0]], train.classes)
+    assert train.class_counts() == [2, 6, 6]
+
+    def setup(**kw):
+        return build_setup(_model(), STAGES, DATA_CONFIG, train, val, _config(freeze="head", **kw), head="fc",
+                           distributed=False)
+
+    loss = setup(sampler="balanced").full_batch_loss(torch.device("cpu"))
+    assert loss.weight.tolist() == pytest.approx(class_weights(train)) and class_weights(train)[0] > 1
+    assert setup().full_batch_loss(torch.device("cpu")).weight is None
+    assert setup(sampler="balanced", class_weights="auto").full_batch_loss(torch.device("cpu")).weight is not None
+    heads = []
+    for sampler in ("random", "balanced"):
+        model = _model()
+        _fit(model, train, val, _config(head_solver="lbfgs", epochs=1, sampler=sampler))
+        heads.append(model.fc.weight.detach().clone())
+    assert not torch.equal(heads[0], heads[1])
+
+
 def test_an_explicit_hflip_few_images_or_a_head_only_run_skip_the_mirror_test(tmp_path):
     """The mirror is judged only for --hflip auto, with >= 10 training images per class, in a run that trains
     layers after the head."""

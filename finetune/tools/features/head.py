@@ -21,7 +21,6 @@ own BatchNorm and Dropout train normally in both.
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -313,7 +312,7 @@ class CachedHeadSteps:
                      else [(None, float(s.config.weight_decay))])
         dev = solve_device(s.device, n * int(x.shape[1]) * int(head.weight.shape[0]))
         x, y = x.to(dev), y.to(dev)
-        loss_fn = copy.deepcopy(s.loss_fn).to(dev)      # its class weights where the solve runs
+        loss_fn = s.full_batch_loss(dev)      # its class weights where the solve runs
         # the solve's own weights, copied into the head for each validation; convex: start from zero, then
         # warm-start each weaker L2 from the last
         w = torch.zeros_like(head.weight, device=dev, requires_grad=True)
