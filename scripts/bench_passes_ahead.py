@@ -47,7 +47,7 @@ def main() -> int:
 
     def consume(batches, step: float) -> int:
         n = 0
-        for x, _ in batches:
+        for x, *_ in batches:     # (x, y, sample keys) from the training loader
             time.sleep(step)
             n += len(x)
         return n
