@@ -603,6 +603,33 @@ def test_a_solved_head_takes_the_class_weights_of_the_balanced_sampler(tmp_path)
     assert not torch.equal(heads[0], heads[1])
 
 
+def test_a_solved_head_reports_the_loss_it_solved_under_the_balanced_sampler(tmp_path):
+    """QA (session 19): under --sampler balanced the L-BFGS solve minimises the class-weighted loss, but the
+    epoch's train loss was the plain one of the solved head (the loss of a balanced epoch's batches weighs the
+    classes alike: the finetune phase's rows and the gradient head's did, the solved head's row did not)."""
+    from finetune.engine import build_setup
+    from finetune.tools.features import CachedHeadSteps
+
+    train, _val = _sets(tmp_path / "d")
+    train = ImageSet([it for it in train.items if it[1] != 0 or "000" in it[0] or "001" in it[0]], train.classes)
+    # no validation split: one solve at L2 = --weight-decay, strong enough that the classes' losses differ
+    setup = build_setup(_model(), STAGES, DATA_CONFIG, train, None,
+                        _config(head_solver="lbfgs", freeze="head", sampler="balanced", weight_decay=0.5),
+                        head="fc", distributed=False)
+    steps = CachedHeadSteps(setup)
+    steps.begin_phase("head")
+    out = steps.train_epoch(1, "head", None, None, None)
+    feats, ok = steps.train_feats, steps.train_bank.valid
+    x = feats[:, ok].reshape(-1, feats.shape[-1]).float()
+    y = steps.train_bank.labels[ok].repeat(int(feats.shape[0]))
+    with torch.no_grad():
+        logits = setup.head_module(x)
+        weighted = float(setup.full_batch_loss(torch.device("cpu"))(logits, y))
+        plain = float(nn.functional.cross_entropy(logits, y))
+    assert out["loss"] == pytest.approx(weighted, rel=1e-5)
+    assert abs(weighted - plain) > 2e-3 * plain       # (about 1% apart here: not the plain loss)
+
+
 def test_an_explicit_hflip_few_images_or_a_head_only_run_skip_the_mirror_test(tmp_path):
     """The mirror is judged only for --hflip auto, with >= 10 training images per class, in a run that trains
     layers after the head."""

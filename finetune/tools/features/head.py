@@ -273,8 +273,9 @@ class CachedHeadSteps:
         kept; without a validation split, L2 = ``config.weight_decay``. Returns the epoch's train metrics
         with ``phase_done``: a converged head needs no more epochs.
 
-        The objective is the setup's training loss, so ``label_smoothing`` smooths it too (still convex:
-        cross-entropy against fixed soft targets); C is picked on the plain validation loss/accuracy."""
+        The objective, also the epoch's train loss, is ``Setup.full_batch_loss`` (class-weighted under ``--sampler
+        balanced``; ``label_smoothing`` smooths it too, still convex: cross-entropy against fixed soft targets);
+        C is picked on the plain validation loss/accuracy."""
         s = self.s
         t0 = time.perf_counter()
         views = int(self.train_feats.shape[0])
@@ -290,7 +291,7 @@ class CachedHeadSteps:
             if head.bias is not None:
                 head.bias.copy_(state[1])
             logits = torch.nn.functional.linear(x, head.weight, head.bias)
-            loss = float(s.loss_fn(logits, y))
+            loss = float(s.full_batch_loss(x.device)(logits, y))     # the objective solved
             acc = float((logits.argmax(1) == y).float().mean())
         picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
                   f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
