@@ -215,6 +215,15 @@ def test_lr_find_offers_no_option_that_a_range_test_ignores(tiny_zoo):
     assert r.exit_code == 2 and re.search(r"No such option:? '?--epochs\b", r.output), r.output
 
 
+@pytest.mark.parametrize("command", ["lr-find", "sweep"])
+def test_no_sync_bn_where_one_process_runs(tiny_zoo, command):
+    """QA (session 19): --sync-bn, generated from the option table with the rest, was listed by lr-find and sweep,
+    which run in one process only (torchrun is refused), where it does nothing: accepted and ignored."""
+    assert "sync_bn" not in {p.name for p in cli.commands[command].params}
+    r = CliRunner().invoke(cli, [command, "tiny-resnet", "--data", str(tiny_zoo), "--sync-bn", *COMMON])
+    assert r.exit_code == 2 and re.search(r"No such option:? '?--sync-bn\b", r.output), r.output
+
+
 def _next_command(output: str) -> list[str]:
     """The arguments of the `next: zoo ...` line a command printed (without the leading `zoo`)."""
     (line,) = [ln for ln in output.splitlines() if ln.startswith("next: zoo ")]

@@ -14,8 +14,9 @@ from zoo.cli.options import fc_dropout_option
 from zoo.resolve import get_entry
 from zoo.text import printable
 
-# Options of `zoo finetune` that mean nothing for these commands.
-NOT_HERE = ("overfit_batches", "tensorboard")
+# Options of `zoo finetune` that mean nothing for these commands (they run in one process: --sync-bn, which
+# acts only under torchrun, would be accepted and ignored).
+NOT_HERE = ("overfit_batches", "tensorboard", "sync_bn")
 
 def sayer(quiet: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
