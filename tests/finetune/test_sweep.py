@@ -121,6 +121,29 @@ def test_sweep_ranks_records_divergence_and_resumes(tmp_path):
         sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg.replace(epochs=3), resume=True, **args)
 
 
+def test_a_sweep_started_before_an_option_existed_resumes(tmp_path):
+    """QA (session 19): sweep.json records every fixed option, and an option added since (--sync-bn) made a
+    sweep begun before it differ from itself: --resume refused it. An option missing from the record had its
+    default then; set otherwise now, the sweep is still another one."""
+    import json
+
+    calls = []
+    cfg = FinetuneConfig(epochs=2, monitor="val_acc")
+    args = dict(head="fc", out_dir=tmp_path / "sw", lrs=[1e-4, 1e-3], fit_fn=_fake_fit(calls))
+    sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg, **args)
+    spec_path = tmp_path / "sw" / "sweep.json"
+    spec = json.loads(spec_path.read_text())
+    del spec["fixed"]["config"]["sync_bn"]      # as an older zoo wrote it
+    spec_path.write_text(json.dumps(spec))
+    calls.clear()
+    res = sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg, resume=True, **args)
+    assert res.skipped == 2 and calls == []
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="other fixed options"):
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), cfg.replace(sync_bn=True), resume=True,
+              **args)
+
+
 def test_sweep_rejects_bad_grid_before_training(tmp_path):
     calls = []
     with pytest.raises(ConfigError):

@@ -155,12 +155,24 @@ def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> dict[s
         if not resume:
             raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
         previous = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() else {}
-        if _json_safe(previous.get("fixed")) != json.loads(json.dumps(_json_safe(spec["fixed"]))):
+        fixed = json.loads(json.dumps(_json_safe(spec["fixed"])))
+        if _with_later_defaults(_json_safe(previous.get("fixed")), fixed) != fixed:
             raise ConfigError(f"{out}: the sweep there used other fixed options (epochs, folds, data...); "
                               "resume with the same options or choose another --out")
         done = _read_jsonl(jsonl)
     atomic_write_text(spec_path, json.dumps(_json_safe(spec), indent=2) + "\n")
     return done
+
+
+def _with_later_defaults(fixed: Any, now: dict[str, Any]) -> Any:
+    """A recorded sweep's fixed options, with those that ``now`` (this sweep's) has and it lacks, options added
+    to FinetuneConfig since it was written, at their defaults (what that sweep trained with): it resumes unless
+    one of them is set otherwise now."""
+    if not isinstance(fixed, dict) or not isinstance(fixed.get("config"), dict):
+        return fixed
+    defaults = json.loads(json.dumps(_json_safe(FinetuneConfig().to_dict())))
+    later = {k: defaults[k] for k in now.get("config", {}) if k not in fixed["config"] and k in defaults}
+    return {**fixed, "config": {**fixed["config"], **later}}
 
 
 def _fit_split(tid: str, k: int, tr: ImageSet, va: ImageSet, cfg: FinetuneConfig, *, seed: int,
