@@ -147,10 +147,13 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
 
 
 def _is_empty(path: str | Path) -> bool:
+    """A regular file of no bytes. A stream (``zoo predict BUNDLE -`` on a pipe) reports size 0 whatever it
+    carried, and its bytes are spent by then: not said to be empty."""
     try:
-        return os.path.getsize(path) == 0
-    except OSError:         # /dev/stdin and friends: no size to ask
+        st = os.stat(path)
+    except OSError:         # no size to ask
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
 
 
 _SOI = b"\xff\xd8\xff"

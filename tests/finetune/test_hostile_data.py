@@ -332,6 +332,22 @@ def test_a_named_pipe_in_a_class_folder_is_skipped_with_its_reason_never_opened(
             read(root / "c0" / "pipe.jpg")
 
 
+def test_a_stream_that_is_no_image_is_not_called_empty(tmp_path):
+    """QA (session 19): `printf 'junk' | zoo predict BUNDLE -` warned "/dev/stdin is an empty file (0 bytes)": a
+    pipe's size is 0 whatever it carried. A regular file of no bytes is still called empty."""
+    r, w = os.pipe()
+    os.write(w, b"not an image at all")
+    os.close(w)
+    try:
+        with pytest.raises(DataError, match=r"is not a readable image; fix or remove it"):
+            load_image(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.jpg is an empty file \(0 bytes\)"):
+        load_image(tmp_path / "empty.jpg")
+
+
 @pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no writable /dev/shm")
 def test_a_named_pipe_in_a_data_folder_under_dev_shm_is_still_refused(tmp_path):
     """Review (session 18): the streams a user names (/dev/stdin, /dev/fd/N) are read whatever they are, but a
