@@ -27,6 +27,7 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_f
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest
+IMBALANCE_ADVICE = "; consider --class-weights auto or --sampler balanced"    # (the commands drop it: scan_lines)
 
 
 def split_folder(root: str | os.PathLike, names: Sequence[str], subdirs: Iterable[str] | None = None) -> str | None:
@@ -237,5 +238,4 @@ def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:
         counts = report.counts()["train"]
         big, small = max(counts, key=counts.get), min(counts, key=counts.get)
         warn.append(f"classes are imbalanced ({ratio:.1f}x: '{printable_name(big)}' has {counts[big]} training "
-                    f"images, '{printable_name(small)}' {counts[small]}); consider --class-weights auto or "
-                    "--sampler balanced")
+                    f"images, '{printable_name(small)}' {counts[small]}){IMBALANCE_ADVICE}")

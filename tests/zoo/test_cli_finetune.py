@@ -887,3 +887,24 @@ def test_the_report_pass_of_an_auto_run_uses_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     job._report_html(tmp_path, FinetuneConfig(), lambda _m: None)
     assert asked == ["cpu", "cuda:0"]
+
+
+def test_a_run_that_balances_its_classes_is_not_told_to_balance_them_again(tmp_path):
+    """QA (session 19): with --sampler balanced the scan's imbalance warning still said "consider --class-weights
+    auto or --sampler balanced", and the two together count the imbalance twice (docs/guide/data.md)."""
+    from finetune.data import scan_folder
+    from zoo.jobs.finetune import scan_lines
+
+    make_image_folder(tmp_path / "d", classes=("a",), per_class=3)
+    make_image_folder(tmp_path / "d", classes=("b",), per_class=15)
+    report = scan_folder(tmp_path / "d")
+
+    def warned(config):
+        return [line for line in scan_lines(report, config) if "imbalanced" in line]
+
+    assert [w.endswith("; consider --class-weights auto or --sampler balanced") for w in warned(None)] == [True]
+    assert warned(FinetuneConfig()) == warned(None)
+    for config, said in ((FinetuneConfig(sampler="balanced"), "--sampler balanced"),
+                         (FinetuneConfig(class_weights="auto"), "--class-weights auto")):
+        (line,) = warned(config)
+        assert line.endswith(f"({said} weighs them alike)") and "consider" not in line

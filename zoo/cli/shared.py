@@ -35,7 +35,7 @@ def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bo
 
     entry = get_entry(model)
     report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=config.strict)
-    for line in scan_lines(report):
+    for line in scan_lines(report, config):
         say(line)
     torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time
     net = (zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained

@@ -19,6 +19,7 @@ from finetune.tools import diagnostics
 from finetune.core.config import FinetuneConfig
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
+from finetune.data.scan import IMBALANCE_ADVICE
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.errors import Interrupted
 from finetune.core.policy import lr_unused
@@ -69,7 +70,7 @@ def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
     return default_out(root, _slug(model_name))
 
 
-def scan_lines(report) -> list[str]:
+def scan_lines(report, config: FinetuneConfig | None = None) -> list[str]:
     """The scan summary the CLI prints: layout and what was held out, the counts per split and class, skipped
     files, warnings. Above ``FULL_MAX_CLASSES`` classes only the ``SHOWN_CLASSES`` with the fewest training images
     get a line, then one line for the rest (scan.json in the run folder has every class)."""
@@ -90,8 +91,19 @@ def scan_lines(report) -> list[str]:
         each = f"{rest[0]} to {rest[-1]} training images" if rest[0] != rest[-1] else \
             f"{rest[0]} training image{'s' if rest[0] != 1 else ''}"
         lines.append(f"  ... and {len(rest)} more classes, {each} each")
-    lines += [f"warning: {w}" for w in report.warnings]   # skipped files among them (once, with bad_files.txt)
+    # skipped files among them (once, with bad_files.txt)
+    lines += [f"warning: {w}" for w in scan_warnings(report, config)]
     return lines
+
+
+def scan_warnings(report, config: FinetuneConfig | None = None) -> list[str]:
+    """The scan's warnings for a run with ``config``: one that already balances the classes (``--sampler
+    balanced`` or ``--class-weights auto``) is not advised to add the other, which would count the imbalance twice."""
+    chosen = None if config is None else ("--sampler balanced" if config.sampler == "balanced" else
+                                          "--class-weights auto" if config.class_weights == "auto" else None)
+    if chosen is None:
+        return list(report.warnings)
+    return [w.replace(IMBALANCE_ADVICE, f" ({chosen} weighs them alike)") for w in report.warnings]
 
 
 def _held_out(report) -> str:
@@ -198,7 +210,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     try:
         report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
-        for line in scan_lines(report):      # the counts the run trains on (after --exclude)
+        for line in scan_lines(report, config):      # the counts the run trains on (after --exclude)
             say(line)
         entry = get_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
