@@ -908,3 +908,30 @@ def test_a_run_that_balances_its_classes_is_not_told_to_balance_them_again(tmp_p
                          (FinetuneConfig(class_weights="auto"), "--class-weights auto")):
         (line,) = warned(config)
         assert line.endswith(f"({said} weighs them alike)") and "consider" not in line
+
+
+def test_a_bundle_that_cannot_be_written_after_training_says_the_run_is_saved(tmp_path, tiny, monkeypatch):
+    """QA (session 19): RUN/export refused after training (here a file of the user's in it) ended the run with
+    "choose a new or empty folder with --out (nothing was written ...)": the whole run was written, and a new
+    --out trains it all again; report.html was not written either. Now the page is written and the error says
+    the run is saved and how to write the bundle."""
+    from zoo.jobs import finetune as job
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    real_fit = job.fit
+
+    def fit_then_a_user_file(*args, **kwargs):
+        result = real_fit(*args, **kwargs)
+        (out / "export").mkdir()
+        (out / "export" / "notes.txt").write_text("mine")
+        return result
+
+    monkeypatch.setattr(job, "fit", fit_then_a_user_file)
+    result = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(out), "--freeze", "head",
+                                      *FAST])
+    assert result.exit_code == 2, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("zoo: error:")]
+    assert line.startswith(f"zoo: error: training finished and is saved in {out}, but its bundle was not written: ")
+    assert f"`zoo export {out} --out`" in line and "with --out" not in line
+    assert (out / "report.html").is_file() and (out / "export" / "notes.txt").read_text() == "mine"

@@ -33,7 +33,7 @@ from zoo.jobs import report as zreport
 from zoo.build import builder_kwargs
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest
-from zoo.errors import UsageError
+from zoo.errors import UsageError, ZooError
 from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
 from zoo.resolve import get_entry
@@ -161,7 +161,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _export(run_dir: Path, log: Log) -> Path:
     # RUN/export belongs to the run: a re-export replaces it (the one folder the rule lets zoo replace); a `zoo
     # export RUN` of a best epoch so far may be writing it: waited for, then replaced by the run's final best.
-    with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S):
+    with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S,
+                   option=f"`{shell_command('zoo', 'export', run_dir)} --out`"):
         out = export_run(run_dir, run_dir / "export", note=log)
     log(f"exported bundle: {out}")
     return out
@@ -270,14 +271,20 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
 
 
 def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, info, say: Log) -> RunOutcome:
-    """After training (rank 0): the bundle, then report.html. Ctrl-C here loses no epoch: it says how to write them.
+    """After training (rank 0): the bundle, then report.html. Ctrl-C here loses no epoch: it says how to write them;
+    a bundle refused (RUN/export not zoo's, locked, unreadable weights) costs the bundle only: the page is written,
+    then the error says the run is saved.
     Under torchrun every rank leaves the process group first: the report may predict the validation set again
     (a run's shards keep no probabilities), minutes that the others spent in a barrier NCCL times out."""
     ddp.leave(info)
     run_dir = outcome.run_dir
+    failed: ZooError | None = None
     try:
         if export and info.is_main:
-            outcome.export_dir = _export(run_dir, say)
+            try:
+                outcome.export_dir = _export(run_dir, say)
+            except ZooError as e:      # the run is saved: its page is still written, then the error says so
+                failed = e
         if info.is_main:
             _report_html(run_dir, config, say, _val_predictions(outcome.result, val_set))
     except KeyboardInterrupt:
@@ -285,6 +292,10 @@ def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, 
                   if export and outcome.export_dir is None else "")
         raise Interrupted(f"interrupted after training: {run_dir} holds the finished run; write {bundle}its page "
                           f"with `{shell_command('zoo', 'report', run_dir)}`") from None
+    if failed is not None:
+        err = ZooError(f"training finished and is saved in {run_dir}, but its bundle was not written: {failed}")
+        err.exit_code = failed.exit_code
+        raise err from None
     return outcome
 
 
