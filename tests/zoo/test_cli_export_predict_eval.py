@@ -470,3 +470,22 @@ def test_eval_class_table_lines_up_whatever_the_class_names_hold():
     lines = class_table(per_class, names)
     assert len(lines) == 5 and len({cell_width(line) for line in lines}) == 1, lines
     assert lines[2].startswith("猫の写真  ") and lines[4].startswith("new\\nline")
+
+
+@pytest.mark.parametrize("item, reason, line", [
+    ("e", "OSError: image file is truncated", "e: OSError: image file is truncated"),
+    ("image", "OSError: image file is truncated", "image: OSError: image file is truncated"),
+    ("a/b.jpg", "a/b.jpg is not a readable image; fix or remove it",
+     "a/b.jpg is not a readable image; fix or remove it"),
+    ("x y.png", "cannot decode x y.png: broken data stream; fix or remove the file",
+     "cannot decode x y.png: broken data stream; fix or remove the file"),
+    ("b.jpg", "cannot decode a/b.jpg (SyntaxError: bad); fix or remove the file",
+     "b.jpg: cannot decode a/b.jpg (SyntaxError: bad); fix or remove the file"),
+])
+def test_a_skipped_image_is_named_once_and_always(capsys, item, reason, line):
+    """QA (session 19): warn_skipped left the name out when it occurred anywhere in the reason, so an image
+    called "e" or "image" skipped for "OSError: image file is truncated" was not named at all."""
+    from zoo.cli.predict import warn_skipped
+
+    warn_skipped(item, reason)
+    assert capsys.readouterr().err == f"zoo: warning: skipped {line}\n"

@@ -3,6 +3,7 @@ augmentation). A thin command over zoo.predict; no torch at import."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -66,9 +67,13 @@ def note_unmirrored_tta(tta: bool, views: str, scales: tuple[int, ...] | None, m
 
 def warn_skipped(item: object, reason: str) -> None:
     """One warning line for an image that predict or eval skipped; a reason that names the image already
-    (the readers' "X is not a readable image; ...") is not prefixed with its name a second time."""
+    (the readers' "X is not a readable image; ...", "cannot decode X: ...") is not prefixed with its name a
+    second time. Named means as the readers name a file, not anywhere in the text: a short name ("e", "image")
+    is in many a reason that names no file ("OSError: image file is truncated")."""
     name = str(item)
-    said = reason if name in reason or printable_name(name) in reason else f"{name}: {reason}"
+    named = any(re.search(rf"(?:^|\s){re.escape(n)}(?: is | has |: | \(|$)", reason)
+                for n in {name, printable_name(name)})
+    said = reason if named else f"{name}: {reason}"
     echo(printable(f"zoo: warning: skipped {said}"), err=True)
 
 
