@@ -472,6 +472,8 @@ def test_round_trip_after_real_training(tmp_path, monkeypatch):
         assert torch.allclose(bundle.model(x), want, atol=1e-5)
         assert torch.allclose(plain(x), want, atol=1e-5)
     assert bundle.labels == ["cat", "dog", "fox"]
+    card = (outcome.export_dir / "README.md").read_text(encoding="utf-8")     # how the classes were weighed
+    assert "- sampler: random\n" in card and "- class_weights: none\n" in card and "- sync_bn: False\n" in card
 
 
 def test_a_run_folder_given_for_a_bundle_points_to_its_bundle(run_and_model, tmp_path):

@@ -173,7 +173,8 @@ def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, An
     lines += ["", "## Recipe", ""]
     keys = ("optimizer", "lr", "head_solver", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size",
             "freeze",
-            "head", "bn", "weight_decay", "augment", "label_smoothing", "mixup", "cutmix", "ema", "seed")
+            "head", "bn", "sync_bn", "class_weights", "sampler", "weight_decay", "augment", "label_smoothing", "mixup",
+            "cutmix", "ema", "seed")
     lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
     if float(recipe.get("ema") or 0) > 0 and recipe.get("best_phase") != "head":   # the head phase is not averaged
         lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
