@@ -179,11 +179,17 @@ class EpochSeededSampler(torch.utils.data.Sampler):
     augmented anew, not repeated pixel for pixel.
 
     A wrapped sampler that draws from its own ``generator`` (the balanced one) has it seeded with the
-    epoch seed: the order is then a function of (seed, epoch, rank) alone, whoever iterates it."""
+    epoch seed: the order is then a function of (seed, epoch) alone, whoever iterates it. ``shard=(rank,
+    world_size)`` makes it one process's share of that global order under torchrun (every rank draws the same;
+    rank r takes positions r, r + world_size, ..., padded as ``DistributedSampler`` pads), repeats counted on the
+    whole order: the ranks together take the one-process run's samples, keys included. ``limit``: the indices
+    per epoch (of this share)."""
 
-    def __init__(self, sampler, limit: int | None = None) -> None:
+    def __init__(self, sampler, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         self.sampler = sampler
-        self.limit = len(sampler) if limit is None else min(int(limit), len(sampler))   # indices per epoch
+        self.rank, self.world = int(shard[0]), int(shard[1])
+        share = -(-len(sampler) // self.world)
+        self.limit = share if limit is None else min(int(limit), share)
         self.seed = 0
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
@@ -197,8 +203,14 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         seed, drawn = self.seed, {}
-        indices = (int(i) for i in itertools.islice(self.sampler, self.limit))
-        return ((i, repeat_seed(seed, count_draw(drawn, i))) for i in indices)
+        order = [int(i) for i in self.sampler] if self.world > 1 else itertools.islice(self.sampler, self.limit)
+        keys = ((int(i), repeat_seed(seed, count_draw(drawn, int(i)))) for i in order)
+        if self.world == 1:
+            return keys
+        keys = list(keys)
+        while keys and len(keys) % self.world:           # padded to a whole number of rows of ranks
+            keys += [(i, repeat_seed(seed, count_draw(drawn, i))) for i, _ in keys[:-len(keys) % self.world]]
+        return itertools.islice(keys[self.rank::self.world], self.limit)
 
     def __len__(self) -> int:
         return self.limit
@@ -219,16 +231,18 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
     With ``sampler="random"`` a ``DistributedSampler`` permutation seeded by ``seed + epoch`` in one process
     too (``world_size=1``): a one-process run takes exactly the batches that an N-process run splits
     between its ranks. ``"balanced"`` oversamples rare classes (WeightedRandomSampler, inverse class
-    frequency, drawing from its own generator; needs ``dataset.targets``; one process only). The last
+    frequency, drawing from its own generator; needs ``dataset.targets``), the same global draw on every rank,
+    each taking its strided share (:class:`EpochSeededSampler`'s ``shard``). The last
     partial batch is dropped by :func:`drop_last_partial`'s rule, decided on the global batch (``batch_size``
     x ``world_size``): a dropping rank then stops after the one-process run's full batches (its sampler's
     ``limit``; a padded shard could hold one more). :func:`make_loader` hands this sampler,
     batch size and drop_last to its DataLoader; the cached-feature head iterates the same batches without one.
 
     Raises:
-        ConfigError: unknown sampler, or ``balanced`` with several processes.
+        ConfigError: unknown sampler.
     """
-    check_sampler(sampler, world_size)
+    check_sampler(sampler)
+    shard = (0, 1)
     if sampler == "balanced":
         targets = getattr(dataset, "targets", None)
         if targets is None:
@@ -239,23 +253,20 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
         weights = torch.tensor([1.0 / counts[int(t)] for t in targets], dtype=torch.double)
         base = WeightedRandomSampler(weights, num_samples=len(targets), replacement=True,
                                      generator=torch.Generator().manual_seed(int(seed)))
+        shard = (int(rank), int(world_size))
     else:
         base = DistributedSampler(dataset, num_replicas=int(world_size), rank=int(rank), shuffle=True,
                                   seed=int(seed), drop_last=False)
     n, global_batch = len(dataset), int(batch_size) * int(world_size)
     drop = drop_last_partial(n, global_batch, int(world_size))
     limit = n // global_batch * int(batch_size) if drop else None
-    return BatchSampler(EpochSeededSampler(base, limit), int(batch_size), drop)
+    return BatchSampler(EpochSeededSampler(base, limit, shard), int(batch_size), drop)
 
 
-def check_sampler(sampler: str, world_size: int) -> None:
-    """Raise ConfigError for an unknown ``sampler`` or ``balanced`` on several processes (a weighted draw per
-    rank would not split one epoch between them); checked before a run writes anything, and by the loaders."""
+def check_sampler(sampler: str) -> None:
+    """Raise ConfigError for an unknown ``sampler``; checked before a run writes anything, and by the loaders."""
     if sampler not in ("random", "balanced"):
         raise ConfigError(f"invalid sampler={sampler!r}: choose one of random, balanced")
-    if sampler == "balanced" and int(world_size) > 1:
-        raise ConfigError("--sampler balanced is not supported with distributed training; "
-                          "use --class-weights auto instead")
 
 
 def set_epoch_order(sampler: EpochSeededSampler, seed: int, epoch: int) -> None:
@@ -276,9 +287,9 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
     across epochs; memory is pinned for CUDA.
 
     Raises:
-        ConfigError: unknown sampler, or ``balanced`` with several processes.
+        ConfigError: unknown sampler.
     """
-    check_sampler(sampler, world_size)
+    check_sampler(sampler)
     chosen = None
     drop_last = False
     if train:

@@ -12,7 +12,6 @@ from torch import nn
 
 from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
-from finetune.data.loaders import check_sampler
 
 __all__ = ["resolve_device", "check_machine", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy", "amp_policy",
            "bf16_native", "to_device", "build_loss"]
@@ -67,7 +66,7 @@ def resolve_device(name: str | None = "auto", info: ddp.DistInfo | None = None) 
 def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device:
     """What a run needs from this machine, checked before it writes anything (a mistyped ``--device``
     must not leave a half-made run folder): its device, under torchrun a batch that divides by the processes
-    and no balanced sampler, and with ``--tensorboard`` the package.
+    and GPUs for ``--sync-bn``, and with ``--tensorboard`` the package.
 
     Raises:
         ConfigError: either is missing here.
@@ -75,7 +74,6 @@ def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device
     device = resolve_device(config.device, info)
     if info is not None and info.enabled:     # the loaders' own checks, before the run folder is written (QA)
         ddp.per_rank_batch(int(config.batch_size), info)
-        check_sampler(getattr(config, "sampler", "random"), info.world_size)
         check_sync_bn(config, info, device)
     if getattr(config, "tensorboard", False):
         from finetune.core.monitor import TensorBoardLogger    # lazy: matplotlib is not needed to check

@@ -866,6 +866,37 @@ def test_ranks_take_the_one_process_batches(n, batch, world):
     assert drop_last_partial(26, 8) is False and drop_last_partial(26, 8, 2) is True
 
 
+@pytest.mark.parametrize("n,batch,world", [(63, 4, 2), (67, 8, 2), (1000, 32, 4), (61, 8, 2), (3, 8, 2)])
+def test_balanced_ranks_share_the_one_process_draw(n, batch, world):
+    """--sampler balanced was refused under torchrun (a weighted draw per rank would not split one epoch). Every
+    rank now draws the same global order and takes its strided share, repeats counted on the whole order: step k
+    of the ranks together is one process's batch k, each sample with the key (and so the augmentation) it has
+    in one process; another epoch draws anew."""
+    from finetune.data import set_epoch_order, train_batches
+
+    class Imbalanced:
+        targets = [0 if i < n // 2 else 1 + i % 3 for i in range(n)]
+
+        def __len__(self):
+            return n
+
+    def batches(ranks, rank, epoch=3):
+        order = train_batches(Imbalanced(), batch // ranks, sampler="balanced", seed=5, world_size=ranks, rank=rank)
+        set_epoch_order(order.sampler, 5, epoch)
+        got = [list(b) for b in order]
+        assert len(order) == len(got)
+        return got
+
+    one, shares = batches(1, 0), [batches(world, r) for r in range(world)]
+    assert {len(s) for s in shares} == {len(one)}
+    together = [sorted(sum((s[k] for s in shares), [])) for k in range(len(one))]
+    kept = one and len(one[-1]) < batch
+    assert together[:len(one) - kept] == [sorted(b) for b in one[:len(one) - kept]]
+    if kept:       # the last partial batch, padded to a whole row of ranks with further draws of its first images
+        assert set(one[-1]) <= set(together[-1]) and len(together[-1]) - len(one[-1]) < world
+    assert batches(world, 0) == shares[0] and batches(world, 0, epoch=4) != shares[0]
+
+
 def test_small_training_set_trains_on_every_image_each_epoch(tmp_path):
     """48 images at batch 32: each epoch trains on all 48 (two steps), not on 32 (one)."""
     from finetune.engine import train_one_epoch

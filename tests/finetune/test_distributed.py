@@ -77,17 +77,17 @@ def test_global_batch_is_split_across_ranks():
 
 
 def test_what_torchrun_refuses_is_refused_before_the_run_folder_is_written():
-    """QA: an odd --batch-size or --sampler balanced under torchrun was refused by the loaders, after the run
-    folder held scan.json and model.json but no config.yaml: the corrected command was told the folder holds
-    a run (continue it with --resume), and --resume that it is not a run folder."""
+    """QA: an odd --batch-size under torchrun was refused by the loaders, after the run folder held scan.json
+    and model.json but no config.yaml: the corrected command was told the folder holds a run (continue it with
+    --resume), and --resume that it is not a run folder. (--sampler balanced, refused too then, runs under
+    torchrun since session 19.)"""
     from finetune.core.config import FinetuneConfig
     from finetune.engine import check_machine
 
     two = ddp.DistInfo(rank=1, world_size=2, enabled=True)
     with pytest.raises(ConfigError, match="must divide by the 2 processes: use 6 or 8"):
         check_machine(FinetuneConfig(device="cpu", batch_size=7), two)
-    with pytest.raises(ConfigError, match="--sampler balanced is not supported with distributed training"):
-        check_machine(FinetuneConfig(device="cpu", batch_size=8, sampler="balanced"), two)
+    check_machine(FinetuneConfig(device="cpu", batch_size=8, sampler="balanced"), two)    # the ranks share one draw
     check_machine(FinetuneConfig(device="cpu", batch_size=7, sampler="balanced"), ddp.DistInfo())
 
 
@@ -240,11 +240,13 @@ def test_torchrun_two_processes_take_the_steps_of_one_process_on_an_odd_set(tmp_
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
-def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path):
+@pytest.mark.parametrize("option", [{"class_weights": "auto"}, {"sampler": "balanced"}])
+def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path, option):
     """QA (session 18): with --class-weights auto each rank's loss was torch's weighted mean over its own
     half of the batch, and DDP averaged the two means: the rare class weighed otherwise than in one process
     (Lite0, imbalanced digits: first epoch's train loss 0.3682 vs 0.3661, best epoch 5 vs 6). Each rank now
-    divides by the whole batch's class weight; the validation loss is the weighted mean over the whole set."""
+    divides by the whole batch's class weight; the validation loss is the weighted mean over the whole set.
+    Session 19: --sampler balanced, refused under torchrun before, shares one draw between the ranks."""
     from finetune.data import ImageSet, scan_folder
 
     report = scan_folder(make_image_folder(tmp_path / "data", per_class=20, val_per_class=3, layout="split"))
@@ -252,7 +254,7 @@ def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path):
     kept = [item for item in report.train.items if item[1] != 1 or item[0].endswith(("_000.png", "_001.png",
                                                                                       "_002.png", "_003.png"))]
     train = ImageSet(kept, classes)                  # 20 + 4 + 20 images: the middle class is rare
-    config = ddp_cfg().replace(epochs=1, head_epochs=0, batch_size=4, class_weights="auto")
+    config = ddp_cfg().replace(epochs=1, head_epochs=0, batch_size=4, **option)
     _torchrun_fit(tmp_path, train, report.val, f"""
         from finetune.core.config import FinetuneConfig
         from finetune.tools.train import fit
