@@ -764,8 +764,10 @@ def test_balanced_sampler_and_class_weights(tmp_path):
     for _ in range(10):
         drawn.update(image_set.items[i][1] for i, _seed in loader.sampler)
     assert abs(drawn[0] / (drawn[0] + drawn[1]) - 0.5) < 0.08     # 75/25 data sampled about 50/50
-    with pytest.raises(ConfigError):
-        make_loader(ImageDataset(image_set), 8, train=True, sampler="balanced", world_size=2)
+    two = make_loader(ImageDataset(image_set), 8, train=True, workers=0, sampler="balanced", world_size=2, rank=1)
+    assert len(two.sampler) == 20          # its half of one global draw (test_balanced_ranks_share_the_one_process_draw)
+    with pytest.raises(ConfigError, match="invalid sampler"):
+        make_loader(ImageDataset(image_set), 8, train=True, sampler="weighted")
 
 
 def test_resolve_workers(monkeypatch):
