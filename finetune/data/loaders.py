@@ -203,6 +203,8 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         seed, drawn = self.seed, {}
+        if isinstance(self.sampler, DistributedSampler):     # a permutation's share: no index twice, nothing to count
+            return ((int(i), seed) for i in itertools.islice(self.sampler, self.limit))
         order = [int(i) for i in self.sampler] if self.world > 1 else itertools.islice(self.sampler, self.limit)
         keys = ((int(i), repeat_seed(seed, count_draw(drawn, int(i)))) for i in order)
         if self.world == 1:
