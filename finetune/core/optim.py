@@ -256,7 +256,8 @@ class Scheduler:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule, "step": self._step, "lrs": self.lrs(),
+        return {"schedule": self.schedule, "step": self._step, "steps_per_epoch": self.steps_per_epoch,
+                "lrs": self.lrs(),
                 "warmup": {k: v for k, v in self.warmup.state_dict().items() if k != "lr_lambdas"},
                 "plateau": self.plateau.state_dict() if self.plateau is not None else None}
 
@@ -270,13 +271,22 @@ class Scheduler:
         if state.get("schedule") != self.schedule:
             raise ConfigError(f"the checkpoint used schedule {state.get('schedule')!r}, not {self.schedule!r}; "
                               "resume with the same --schedule or start a new run")
-        self._step = int(state["step"])
+        self._step, lrs = int(state["step"]), state["lrs"]
         warm = dict(state["warmup"])
+        saved_spe = int(state.get("steps_per_epoch") or self.steps_per_epoch)
+        if saved_spe != self.steps_per_epoch:
+            # Resumed on another number of processes, whose loaders drop a last partial batch that the saved
+            # run's kept (or the reverse): the same epochs done, counted in this run's steps (QA: the schedule
+            # ran ahead, cosine's last epochs at 0.8x and 0.6x their LR). Resumes are at an epoch's end.
+            self._step = self._step * self.steps_per_epoch // saved_spe
+            warm["last_epoch"] = self._step
+            if self.plateau is None or self._step <= self.warmup_steps:
+                lrs = [base * self._factor(self._step) for base in warm["base_lrs"]]
         warm["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.warmup.load_state_dict(warm)
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])
-        for g, lr in zip(self.optimizer.param_groups, state["lrs"]):
+        for g, lr in zip(self.optimizer.param_groups, lrs):
             g["lr"] = lr
 
 

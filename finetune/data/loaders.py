@@ -227,7 +227,7 @@ def count_draw(drawn: dict[int, int], index: int) -> int:
 
 
 def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: int = 0, world_size: int = 1,
-                  rank: int = 0) -> BatchSampler:
+                  rank: int = 0, processes: int | None = None) -> BatchSampler:
     """The training order: batches of ``(index, epoch seed)`` keys, set per epoch by :func:`set_epoch_order`.
 
     With ``sampler="random"`` a ``DistributedSampler`` permutation seeded by ``seed + epoch`` in one process
@@ -239,6 +239,9 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
     x ``world_size``): a dropping rank then stops after the one-process run's full batches (its sampler's
     ``limit``; a padded shard could hold one more). :func:`make_loader` hands this sampler,
     batch size and drop_last to its DataLoader; the cached-feature head iterates the same batches without one.
+    ``processes`` (with ``world_size=1``): the global batches of a run on that many processes, the ranks' steps
+    together, their last partial batch dropped as they drop it (the cached head under torchrun: the LR schedule
+    counts the loaders' steps).
 
     Raises:
         ConfigError: unknown sampler.
@@ -260,7 +263,7 @@ def train_batches(dataset, batch_size: int, *, sampler: str = "random", seed: in
         base = DistributedSampler(dataset, num_replicas=int(world_size), rank=int(rank), shuffle=True,
                                   seed=int(seed), drop_last=False)
     n, global_batch = len(dataset), int(batch_size) * int(world_size)
-    drop = drop_last_partial(n, global_batch, int(world_size))
+    drop = drop_last_partial(n, global_batch, int(processes or world_size))
     limit = n // global_batch * int(batch_size) if drop else None
     return BatchSampler(EpochSeededSampler(base, limit, shard), int(batch_size), drop)
 

@@ -899,6 +899,30 @@ def test_balanced_ranks_share_the_one_process_draw(n, batch, world):
     assert batches(world, 0) == shares[0] and batches(world, 0, epoch=4) != shares[0]
 
 
+@pytest.mark.parametrize("sampler", ["random", "balanced"])
+def test_the_global_order_of_n_processes_takes_their_steps(sampler):
+    """``processes``: the batches that N ranks' loaders take together, in one order (the cached head under
+    torchrun). 18 images at batch 8 leave 2: one process keeps them, two drop them (a rank would train on one
+    image); the head took 3 steps against the loaders' 2, which its LR schedule counted (QA, session 19)."""
+    from finetune.data import set_epoch_order, train_batches
+
+    class Targets:
+        targets = [i % 3 for i in range(18)]
+
+        def __len__(self):
+            return 18
+
+    def batches(order):
+        set_epoch_order(order.sampler, 5, 2)
+        return [list(b) for b in order]
+
+    glob = batches(train_batches(Targets(), 8, sampler=sampler, seed=5, processes=2))
+    ranks = [batches(train_batches(Targets(), 4, sampler=sampler, seed=5, world_size=2, rank=r)) for r in (0, 1)]
+    assert len(glob) == len(ranks[0]) == len(ranks[1]) == 2
+    assert [sorted(b) for b in glob] == [sorted(a + b) for a, b in zip(*ranks)]
+    assert len(batches(train_batches(Targets(), 8, sampler=sampler, seed=5))) == 3     # one process keeps them
+
+
 def test_small_training_set_trains_on_every_image_each_epoch(tmp_path):
     """48 images at batch 32: each epoch trains on all 48 (two steps), not on 32 (one)."""
     from finetune.engine import train_one_epoch

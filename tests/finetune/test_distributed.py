@@ -271,6 +271,27 @@ def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path, optio
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+@pytest.mark.parametrize("sampler", ["random", "balanced"])
+def test_torchrun_cached_head_takes_the_steps_its_schedule_counts(tmp_path, sampler):
+    """QA (session 19): the cached head iterated the one-process order while the LR schedule counted the
+    loaders' steps, which drop a last partial batch that would leave a rank one image: 18 images at batch 8
+    took 3 steps an epoch against a schedule of 2 (`zoo finetune --freeze head --head-solver gradient` on 2
+    processes, 34 images: epoch 2 at LR 0.00063 instead of 0.00075). The head now takes the loaders' steps."""
+    from tests.finetune.test_features import _config, _fit, _model, _sets
+
+    train, val = _sets(tmp_path / "d")           # 18 training images: 2 left over at batch 8
+    options = dict(epochs=3, patience=5, batch_size=8, sampler=sampler)
+    _torchrun_fit(tmp_path, train, val, f"""
+        from tests.finetune.test_features import _config, _fit, _model
+        _fit(_model(), train, val, _config(**{options!r}), run_dir={str(tmp_path / "ddp")!r})
+    """)
+    _fit(_model(), train, val, _config(**options), run_dir=tmp_path / "one")
+    rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("one", "ddp")]
+    assert [r["phase"] for r in rows[1]] == ["head"] * 3
+    assert [r["lr"] for r in rows[1]] == [r["lr"] for r in rows[0]]     # cosine, at each epoch's start
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_cache_the_augmented_views_of_one_process(tmp_path):
     """QA: with --aug-views each rank drew its shard's views from one random stream of its own, so the bank
     (and the head solved on it) differed from one process's: `zoo finetune --freeze head --aug-views 2` on

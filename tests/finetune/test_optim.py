@@ -157,6 +157,33 @@ def test_scheduler_state_dict_round_trips(schedule):
         build_scheduler(config.replace(schedule="step"), make()[0], 4).load_state_dict(state)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_resume_on_other_steps_per_epoch_keeps_the_epochs_done(schedule):
+    """QA (session 19): a run saved after 2 epochs of 5 steps (34 images at batch 8, one process) and resumed on
+    2 processes, whose loaders drop the last 2 images (4 steps), went on from step 10 of a 4-step epoch: 2.5
+    epochs into the schedule, its last epochs at 0.8x and 0.6x their LR. The position is the epochs done."""
+    config = FinetuneConfig(schedule=schedule, epochs=4, lr=1.0, warmup_epochs=1.0, step_size=3, gamma=0.5)
+
+    def run(spe, epochs, state=None):
+        opt = build_optimizer(config, Net(), "fc")
+        sched = build_scheduler(config, opt, spe)
+        if state is not None:
+            sched.load_state_dict(state)
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(sched.lrs())
+            for _ in range(spe):
+                opt.step()
+                sched.step_batch()
+            sched.step_epoch(1.0)
+        return lrs, sched.state_dict()
+
+    (_, saved), (four, _) = run(5, 2), run(4, 4)
+    resumed, _ = run(4, 2, saved)
+    assert resumed == four[2:]
+    assert run(5, 2, run(5, 2)[1])[0] == run(5, 4)[0][2:]     # the same steps: unchanged
+
+
 def test_set_base_lr_moves_all_groups_together():
     opt = build_optimizer(FinetuneConfig(lr=1e-3), Net(), "fc")
     set_base_lr(opt, 0.5)

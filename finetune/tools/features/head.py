@@ -145,10 +145,11 @@ class CachedHeadSteps:
             self.val_rows = self.val_bank.valid.nonzero().squeeze(1)
         self.bank_labels = self.train_bank.labels.tolist()
         # The setup's own training order (sampler, seed, drop_last), iterated without a DataLoader. Under
-        # torchrun every rank takes the one-process order (rank 0's) on all the features: the head trains as
-        # in one process, and rank 0's is broadcast after each epoch.
+        # torchrun every rank takes the global order on all the features, with the loaders' steps (the schedule's
+        # steps_per_epoch: QA, it took a batch more at 34 images); rank 0's head is broadcast after each epoch.
         c = s.config
-        self.order = train_batches(_Targets(s.train_set), int(c.batch_size), sampler=c.sampler, seed=int(c.seed))
+        self.order = train_batches(_Targets(s.train_set), int(c.batch_size), sampler=c.sampler, seed=int(c.seed),
+                                   processes=s.info.world_size)
         self._ready = True
         self._prep_seconds = time.perf_counter() - t0
 
