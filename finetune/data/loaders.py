@@ -205,13 +205,13 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         seed, drawn = self.seed, {}
         if isinstance(self.sampler, DistributedSampler):     # a permutation's share: no index twice, nothing to count
             return ((int(i), seed) for i in itertools.islice(self.sampler, self.limit))
-        order = [int(i) for i in self.sampler] if self.world > 1 else itertools.islice(self.sampler, self.limit)
-        keys = ((int(i), repeat_seed(seed, count_draw(drawn, int(i)))) for i in order)
         if self.world == 1:
-            return keys
-        keys = list(keys)
-        while keys and len(keys) % self.world:           # padded to a whole number of rows of ranks
-            keys += [(i, repeat_seed(seed, count_draw(drawn, i))) for i, _ in keys[:-len(keys) % self.world]]
+            order = (int(i) for i in itertools.islice(self.sampler, self.limit))
+            return ((i, repeat_seed(seed, count_draw(drawn, i))) for i in order)
+        order = [int(i) for i in self.sampler]
+        while order and len(order) % self.world:          # padded to a whole number of rows of ranks
+            order += order[:-len(order) % self.world]
+        keys = [(i, repeat_seed(seed, count_draw(drawn, i))) for i in order]     # repeats counted on the whole order
         return itertools.islice(keys[self.rank::self.world], self.limit)
 
     def __len__(self) -> int:
