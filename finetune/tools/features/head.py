@@ -224,17 +224,17 @@ class CachedHeadSteps:
         g = torch.Generator().manual_seed(view_pick_seed(s.config.seed, epoch))
         view_of = torch.randint(n_views, (len(self.train_bank),), generator=g)     # the view each image shows
         set_epoch_order(self.order.sampler, int(s.config.seed), epoch)
-        drawn: dict[int, int] = {}     # an image drawn again this epoch (--sampler balanced) shows its next view
+        drawn = {} if n_views > 1 and s.config.sampler == "balanced" else None    # a repeat shows the next view
         for batch in self.order:
             keep = [i for i, _seed in batch if self.bank_labels[i] >= 0]
             if not keep:
                 continue
             idx = torch.tensor(keep, dtype=torch.int64)
             y = self.train_bank.labels[idx]
-            views = (view_of[idx] + torch.tensor([count_draw(drawn, i) for i in keep])) % n_views
+            turns = 0 if drawn is None else [count_draw(drawn, i) for i in keep]
+            views = (view_of[idx] + torch.tensor(turns)) % n_views
             x = self.train_feats[views.to(self.train_feats.device), idx.to(self.train_feats.device)]
-            yield (x.to(s.device, non_blocking=True).reshape(-1, *self.shape),
-                   y.to(s.device, non_blocking=True))
+            yield x.to(s.device, non_blocking=True).reshape(-1, *self.shape), y.to(s.device, non_blocking=True)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The validation features ``(x, y)`` on the device, in val_set order, batch by batch."""
