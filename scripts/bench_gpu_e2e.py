@@ -273,8 +273,11 @@ def main() -> int:
         autotune = "import finetune.engine.runtime as r; r.CUDNN_AUTOTUNE_MIN_STEPS = 0"
         no_warm_up = "import finetune.engine.runtime as r; r.warms_up = lambda device: False"
         fewer = max(1, len(os.sched_getaffinity(0)) - 3)
+        share = "import finetune.data.decode as d; d.WORKER_SHARE = 0.5"
         variants = [("zoo, --decode workers", ["--decode", "workers"], None, True),
                     ("zoo, --decode device", ["--decode", "device"], None, True),
+                    # both decoders at once: the workers decode half the JPEGs (scripts/bench_gpu_parts.py)
+                    ("zoo, --decode device, workers decode half the JPEGs", ["--decode", "device"], share, True),
                     # epoch 1 against the later ones: what the blank batches before it (steps.warm_up) give
                     ("zoo, --decode device, no warm-up before epoch 1", ["--decode", "device"], no_warm_up, False),
                     ("zoo, --decode device, cudnn autotune forced on", ["--decode", "device"], autotune, False),

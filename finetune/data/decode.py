@@ -50,8 +50,13 @@ from finetune.data.transforms import _parse_data_config, augment_mode
 from finetune.core.io import printable_name
 from finetune.core.seeding import sample_seed
 
-__all__ = ["EncodedImageDataset", "collate_encoded", "pack", "unpack", "DeviceTransform", "DevicePrefetcher",
-           "device_decodable"]
+__all__ = ["EncodedImageDataset", "decoded_in_worker", "collate_encoded", "pack", "unpack", "DeviceTransform",
+           "DevicePrefetcher", "device_decodable", "WORKER_SHARE"]
+
+# The share of the device-decodable JPEGs that ``--decode device``'s workers decode themselves (see
+# EncodedImageDataset). 0 until measured on a GPU (docs/benchmarks.md, "Both decoders at once"):
+# scripts/bench_gpu_parts.py measures the loader's images/s at several shares.
+WORKER_SHARE = 0.0
 
 class EncodedImageDataset(ImageDataset):
     """``[i] -> (uint8 tensor, label, i, key)``: encoded JPEG bytes (1-D) or a decoded image (3, H, W), and
@@ -60,11 +65,16 @@ class EncodedImageDataset(ImageDataset):
     (logged like :class:`~finetune.data.ImageDataset`).
 
     ``min_size``: as ``load_image``'s, for the images decoded in the worker (the CPU path's ``draft``).
+    ``worker_share``: the fraction of the JPEGs the device could decode that the worker decodes instead
+    (libjpeg-turbo, the same pixels as ``load_image``), so that the host's cores and nvJPEG both decode:
+    which images is a function of their sample keys (:func:`decoded_in_worker`), so a run is repeatable.
     """
 
-    def __init__(self, image_set, min_size: int | None = None, failure_log: str | Path | None = None) -> None:
+    def __init__(self, image_set, min_size: int | None = None, failure_log: str | Path | None = None,
+                 worker_share: float = 0.0) -> None:
         super().__init__(image_set, None, failure_log)
         self.min_size = min_size
+        self.worker_share = float(worker_share)
 
     @staticmethod
     def collate_fn(batch: list):          # picked up by finetune.data.make_loader
@@ -77,7 +87,13 @@ class EncodedImageDataset(ImageDataset):
         try:
             data = read_image_bytes(path)
             if device_decodable(data, self.min_size):
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index, draw_key
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if not decoded_in_worker(draw_key, self.worker_share):
+                    return encoded, label, index, draw_key
+                try:
+                    return decode_jpeg(encoded, mode=ImageReadMode.RGB), label, index, draw_key
+                except RuntimeError:      # a damaged file: load_image below says what is wrong with it
+                    pass
             return to_uint8_tensor(load_image(path, self.min_size)), label, index, draw_key
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, failure_reason(e))
@@ -87,6 +103,12 @@ class EncodedImageDataset(ImageDataset):
         """Record that image ``index`` failed (listed by ``failures()``; safe from worker processes)."""
         with open(self.failure_log, "a", encoding="utf-8") as fh:
             fh.write(f"{int(index)}\t{printable_name(reason)}".replace("\n", " ") + "\n")
+
+
+def decoded_in_worker(key: int, share: float) -> bool:
+    """Whether the image drawn with sample key ``key`` is one of the ``share`` (0..1) of the device-decodable
+    JPEGs that a worker decodes: a hash of the key (another image set each epoch), the same in every run."""
+    return share > 0 and ((int(key) * 0x9E3779B97F4A7C15) % 2**64) < share * 2**64
 
 
 def collate_encoded(batch: list):

@@ -15,6 +15,7 @@ from finetune.core import distributed as ddp
 from finetune.core.config import FinetuneConfig
 from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, close_loader, device_steps,
                            make_loader, set_loader_epoch)
+from finetune.data import decode
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sync_bn, cudnn_autotune, nhwc,
@@ -135,7 +136,8 @@ class Setup:
         ``--decode device``: the encoded files, decoded on the device); ``config``: instead of the setup's."""
         cfg = config or self.config
         if cfg.decode == "device":
-            return EncodedImageDataset(image_set, build_transform(self.data_config, False, cfg).min_size)
+            return EncodedImageDataset(image_set, build_transform(self.data_config, False, cfg).min_size,
+                                       worker_share=decode.WORKER_SHARE)
         cfg = cfg if augment is None or augment else cfg.replace(augment="none")
         if train:
             tf = build_transform(self.data_config, True, cfg, output=self.output,

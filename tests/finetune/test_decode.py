@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from finetune.core.config import FinetuneConfig
-from finetune.data import DeviceAugment, ImageDataset, ImageSet, build_transform, load_image, make_loader, scan_folder
+from finetune.data import (DeviceAugment, ImageDataset, ImageSet, build_transform, close_loader, load_image, make_loader,
+                           scan_folder, set_loader_epoch)
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
-                             device_decodable, unpack)
+                                  decoded_in_worker, device_decodable, unpack)
 from finetune.core.errors import ConfigError, DataError, Interrupted
 from finetune.core.seeding import sample_seed
 from tests.conftest import corrupt_jpeg, make_image
@@ -333,6 +334,47 @@ def test_collate_encoded_packs_one_tensor_and_skips_failures():
     assert flat.shape == (29,) and labels.tolist() == [1, 0] and idx == [4, 7] and keys == [11, 12]
     x, y = unpack(flat, shapes)
     assert torch.equal(x, a) and torch.equal(y, b)
+
+
+def test_worker_share_picks_images_by_key_and_changes_no_pixel(tmp_path):
+    """--decode device with a share of the JPEGs decoded in the workers (both decoders at once): which
+    images is a function of their sample keys, about the share of them, and on the CPU (libjpeg-turbo on
+    both sides) the training batches are the ones nvJPEG's share-0 path gives, pixel for pixel, with a
+    worker process too; a damaged JPEG among the worker's share is reported as load_image reports it."""
+    keys = [sample_seed(7, i) for i in range(4000)]
+    for share in (0.25, 0.5):
+        picked = [decoded_in_worker(k, share) for k in keys]
+        assert abs(sum(picked) / len(keys) - share) < 0.05
+        assert picked == [decoded_in_worker(k, share) for k in keys]
+    assert not any(decoded_in_worker(k, 0.0) for k in keys) and all(decoded_in_worker(k, 1.0) for k in keys)
+
+    report = scan_folder(folder(tmp_path / "d", n=6), val_split=0.01)
+
+    def epochs(share: float, workers: int) -> list[torch.Tensor]:
+        ds = EncodedImageDataset(report.train, worker_share=share)
+        kinds = {ds[i][0].dim() for i in range(len(ds))}
+        assert kinds == ({1} if share == 0 else {3} if share == 1 else {1, 3})
+        loader = make_loader(ds, 4, train=True, workers=workers, seed=3)
+        pre = DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, True, AUG), "cpu")
+        out = []
+        for epoch in (1, 2):
+            set_loader_epoch(loader, 3, epoch)
+            out += [x for x, _ in pre]
+        close_loader(loader)
+        return out
+
+    plain = epochs(0.0, 0)
+    for share, workers in ((0.5, 0), (1.0, 0), (0.5, 1)):
+        got = epochs(share, workers)
+        assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(got, plain))
+
+    bad = report.train.items[0][0]
+    Path(bad).write_bytes(corrupt_jpeg(Path(report.train.items[1][0]).read_bytes()))
+    ds = EncodedImageDataset(report.train, worker_share=1.0)
+    assert ds[0] is None
+    with pytest.raises(DataError) as said:
+        load_image(bad)
+    assert ds.failures() == [(bad, str(said.value))]
 
 
 def test_loader_with_workers_delivers_packed_batches(tmp_path):
