@@ -163,9 +163,6 @@ def main() -> int:
 
         row(f"zoo step (train_one_epoch, --optimizer {opt_name}, uint8 batch augmented on the device)",
             rate(zoo_step, device, repeats))
-    del model, sgd, opt
-    if cuda:
-        torch.cuda.empty_cache()
 
     # -- the loaders alone
     say("== the loaders alone (a pass after the first)")

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from finetune.core.config import FinetuneConfig
-from finetune.data import (DeviceAugment, ImageDataset, ImageSet, build_transform, close_loader, load_image, make_loader,
-                           scan_folder, set_loader_epoch)
+from finetune.data import (DeviceAugment, ImageDataset, ImageSet, build_transform, close_loader, load_image,
+                           make_loader, scan_folder, set_loader_epoch)
 from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImageDataset, collate_encoded,
                                   decoded_in_worker, device_decodable, unpack)
 from finetune.core.errors import ConfigError, DataError, Interrupted
