@@ -41,7 +41,7 @@ from finetune.data.device import DeviceAugment
 from finetune.data.geometry import Plan, crop_plan, eval_plan, resample
 from finetune.data.images import (
     device_decodable,
-    load_image,
+    load_image_tensor,
     read_image_bytes,
     to_uint8_tensor,
 )
@@ -86,15 +86,9 @@ class EncodedImageDataset(ImageDataset):
         draw_key = sample_seed(seed, index)
         try:
             data = read_image_bytes(path)
-            if device_decodable(data, self.min_size):
-                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                if not decoded_in_worker(draw_key, self.worker_share):
-                    return encoded, label, index, draw_key
-                try:
-                    return decode_jpeg(encoded, mode=ImageReadMode.RGB), label, index, draw_key
-                except RuntimeError:      # a damaged file: load_image below says what is wrong with it
-                    pass
-            return to_uint8_tensor(load_image(path, self.min_size)), label, index, draw_key
+            if device_decodable(data, self.min_size) and not decoded_in_worker(draw_key, self.worker_share):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index, draw_key
+            return load_image_tensor(path, self.min_size, data), label, index, draw_key
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, failure_reason(e))
             return None
