@@ -142,7 +142,7 @@ def zoo_epochs(run: Path) -> list[dict]:
     path = run / "metrics.csv"
     if not path.is_file():
         return []
-    return [{k: float(v) for k, v in row.items() if k in ("epoch", "images_per_s", "seconds")}
+    return [{k: float(v or "nan") for k, v in row.items() if k in ("epoch", "images_per_s", "seconds", "data_wait")}
             for row in csv.DictReader(path.open(encoding="utf-8"))]
 
 
@@ -349,8 +349,9 @@ def markdown(res: dict) -> str:
         per = " / ".join(f"{r:,.0f}" for r in rates)
         ratio = f"; steady {steady / ceiling:.2f}x ceiling, epoch 1 {first / max(steady, 1e-9):.2f}x steady" \
             if ceiling and rates else ""
+        waits = " / ".join(f"{e.get('data_wait', float('nan')):.0%}" for e in b["epochs"])
         lines.append(f"| {b['name']} | exit {b['code']}, **{b['seconds']:.1f} s** whole process; train img/s per "
-                     f"epoch {per}{ratio} |")
+                     f"epoch {per}{ratio}; waiting for data {waits} |")
     if "timm" in res:
         t = res["timm"]
         zoo = next((b for b in res.get("big", []) if b["code"] == 0), None)

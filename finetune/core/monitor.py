@@ -294,7 +294,8 @@ class TensorBoardLogger:
         return SummaryWriter
 
     TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "acc/train",
-            "val_acc": "acc/val", "lr": "lr", "images_per_s": "speed/images_per_s", "seconds": "speed/seconds"}
+            "val_acc": "acc/val", "lr": "lr", "images_per_s": "speed/images_per_s", "seconds": "speed/seconds",
+            "data_wait": "speed/data_wait"}
 
     def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
         SummaryWriter = self.writer_class()

@@ -31,7 +31,7 @@ from finetune.data.imageset import name_list
 __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
 
 HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                "images_per_s")
+                "images_per_s", "data_wait")
 CHECKPOINT_FORMAT = 1
 # Options that may differ between a run and its resumption: FinetuneConfig's resume_free ones. device,
 # gpu_normalize and decode move the augmentation draws (DeviceAugment, DeviceTransform draw on the device,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +105,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.zeros((), dtype=torch.int64, device=device)     # first step with a non-finite loss
     seen = 0
+    waited = [0.0]                   # seconds the loop waited for its batches (the loader's, not the device's)
     t0 = time.perf_counter()
     shown = -math.inf               # when the bar's running figures were last refreshed
     lrs: dict[int, float] = {}       # the LR of each step since the last look, for the message
-    for step, batch in enumerate(batches, 1):
+    for step, batch in enumerate(_waiting(batches, waited), 1):
         if raise_diverged and step % CHECK_EVERY == 0:
             _check(bad_step, lrs, epoch, optimizer, info)
         lrs[step] = _lr(scheduler, optimizer)
@@ -140,7 +141,22 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             break
     if raise_diverged:
         _check(bad_step, lrs, epoch, optimizer, info)
-    return _train_totals(loss_sum, correct, seen, t0, info)
+    return _train_totals(loss_sum, correct, seen, t0, waited[0], info)
+
+
+def _waiting(batches: Iterable, waited: list[float]) -> Iterator:
+    """``batches``, adding to ``waited[0]`` the seconds each ``next()`` took: the time the training loop
+    stood idle for data. The host runs ahead of an accelerator, so this is the loader falling behind the
+    steps, not the steps' own time (two clock reads a step, no device sync)."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield batch
 
 
 def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,18 +281,20 @@ def _lr(scheduler, optimizer) -> float:
     return optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
 
 
-def _train_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, t0: float,
+def _train_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, t0: float, waited: float,
                   info: ddp.DistInfo) -> dict:
-    """The epoch's metrics, summed over ranks; its seconds since ``t0``."""
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
-                                                                    device=loss_sum.device)])
+    """The epoch's metrics, summed over ranks; its seconds since ``t0`` (the device's queued steps done);
+    ``data_wait``: the share of them the loop waited for data (``waited`` seconds, the mean over ranks)."""
+    totals = torch.cat([torch.stack([loss_sum, correct.double()]),
+                        torch.tensor([float(seen), waited], dtype=torch.float64, device=loss_sum.device)])
     ddp.all_reduce_sum(totals, info)
-    loss_total, correct_total, images = totals.tolist()
+    loss_total, correct_total, images, wait = totals.tolist()
     seconds = time.perf_counter() - t0
     images = int(images)
     return {"loss": loss_total / images if images else math.nan,
             "acc": correct_total / images if images else math.nan,
-            "images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
+            "images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+            "data_wait": min(1.0, wait / info.world_size / max(seconds, 1e-9))}
 
 
 @torch.no_grad()

@@ -43,6 +43,9 @@ HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val lo
 # after every epoch, last.pt and the weights in the background while the next epoch trains: a SIGKILL loses
 # at most the epoch in progress and the one before it, when its files were still on their way.
 CURVES_EVERY_S = 30.0
+# An epoch's line says how much of it the training loop waited for data (metrics.csv's data_wait) from this
+# share up: the loader, not the device, set its speed (more --workers, or --decode device on a GPU).
+SAY_DATA_WAIT = 0.1
 Log = Callable[[str], None]
 
 
@@ -189,7 +192,9 @@ class Trainer:
             self._curves_at = time.perf_counter()
         self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
                        f"{row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
-                       f"acc {row['val_acc']:.3f} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s")
+                       f"acc {row['val_acc']:.3f} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s"
+                       + (f" ({row['data_wait']:.0%} of it waiting for data)"
+                          if row.get("data_wait", 0.0) >= SAY_DATA_WAIT else ""))
         for line in advise(self.history):   # the lecture's reading of the curves, as soon as a rule fires
             rule = " ".join(line.split()[:3])
             if rule not in self.advised:
@@ -249,7 +254,7 @@ class Trainer:
         self.scheduler.step_epoch(metric if s.has_val else None)
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
-               "images_per_s": tr["images_per_s"]}
+               "images_per_s": tr["images_per_s"], "data_wait": tr.get("data_wait", math.nan)}
         if tr.get("solver"):      # a solved head (L-BFGS): no learning rate was used, whatever --lr says
             row["solver"], row["lr"] = tr["solver"], math.nan     # ("nan" in metrics.csv; the curves skip it)
         improved = s.has_val and self.stopper.improved(metric)

@@ -107,7 +107,7 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
         assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4, abs=1e-5)
         assert row["lr"] == ref["lr"]
         assert set(row) == {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                            "seconds", "images_per_s"}
+                            "seconds", "images_per_s", "data_wait"}
     assert fast.best_epoch == slow.best_epoch
     # the final metrics come from the features (no second backbone pass) and equal the network's
     assert fast.metrics["val_loss"] == pytest.approx(slow.metrics["val_loss"], rel=1e-4, abs=1e-5)

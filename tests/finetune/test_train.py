@@ -289,6 +289,33 @@ def test_a_nan_loss_is_reported_at_its_own_step_without_a_host_sync_per_step():
     assert len(calls) == CHECK_EVERY - 1       # stopped at the first look, not at the end of the epoch
 
 
+def test_data_wait_is_the_share_of_the_epoch_spent_waiting_for_batches():
+    """train_one_epoch's data_wait (metrics.csv, the epoch line): a loader slower than the steps waits most of
+    the epoch, steps slower than the loader hardly; measured by the host clock around next() alone."""
+    import time
+
+    from finetune.engine.steps import train_one_epoch
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def slow_loader():
+        for _ in range(4):
+            time.sleep(0.05)
+            yield torch.randn(2, 4), torch.tensor([0, 1])
+
+    class SlowStep(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return model(x)
+
+    waiting = train_one_epoch(model, slow_loader(), opt, None, nn.CrossEntropyLoss(), torch.device("cpu"))
+    stepping = train_one_epoch(SlowStep(), [(torch.randn(2, 4), torch.tensor([0, 1]))] * 4, opt, None,
+                               nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert waiting["data_wait"] > 0.6 and stepping["data_wait"] < 0.2
+    assert waiting["images"] == stepping["images"] == 8
+
+
 @pytest.mark.parametrize("opt_kwargs", [{"lr": 1e300}, {"lr": 1e-3, "weight_decay": 1e300}])
 def test_a_learning_rate_or_weight_decay_past_float32_is_a_divergence_not_a_traceback(opt_kwargs):
     """QA: --lr 1e308 (or --weight-decay / --backbone-lr-mult 1e300) made torch's update raise
@@ -324,7 +351,7 @@ def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once
 
     now = [0.0]
 
-    def clock():                     # each look at the clock: a quarter of a second later
+    def clock():                     # each read of the clock: a quarter of a second later
         now[0] += 0.25
         return now[0]
 
@@ -351,7 +378,9 @@ def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once
     steps.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), None,
                           nn.CrossEntropyLoss(), torch.device("cpu"), progress=bar)
     assert bar.n == 40
-    assert [step for step, _ in bar.posts] == list(range(1, 41, 4))     # 1 s apart at 0.25 s a step
+    # three clock reads a step (the bar's, and the two around next() that time the wait for data): 0.75 s a
+    # step, so the figures are refreshed every second step
+    assert [step for step, _ in bar.posts] == list(range(1, 41, 2))
     assert {"loss", "acc", "img_s"} <= set(bar.posts[0][1])
     assert len(looks) == 2 * len(bar.posts)
 
@@ -437,7 +466,8 @@ def test_run_folder_has_every_file(data, tmp_path):
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(rows[0]) == {"epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                            "images_per_s"}
+                            "images_per_s", "data_wait"}
+    assert all(0.0 <= float(r["data_wait"]) <= 1.0 for r in rows)
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["files_sha256"]) == 64 and manifest["seed"] == 0 and manifest["versions"]["torch"]
     assert manifest["command"]
