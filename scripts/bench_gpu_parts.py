@@ -50,6 +50,23 @@ def items_of(split: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return items, classes
 
 
+def host_cpu() -> dict:
+    """The host's CPU: model, logical CPUs this process may use, cores and hyper-threads (from /proc/cpuinfo)."""
+    import os
+
+    info: dict = {"usable_cpus": len(os.sched_getaffinity(0))}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "siblings", "cpu cores") and key not in info:
+            info[key] = value.strip()
+    return info
+
+
 def rate(passes: Callable[[], Iterable[int]], device: torch.device, repeats: int) -> dict:
     """images/s of each call of ``passes`` (an iterable of batch sizes, consumed); the first call is a
     warm-up (workers start, kernels load), the median of the others is the figure."""
@@ -105,7 +122,8 @@ def main() -> int:
     from finetune.engine.steps import train_one_epoch
 
     cuda = device.type == "cuda"
-    res: dict = {"device": str(device), "arch": arch, "batch": batch, "images": len(items), "rows": []}
+    res: dict = {"device": str(device), "arch": arch, "batch": batch, "images": len(items), "rows": [],
+                 "host": host_cpu()}
     if cuda:
         res["gpu"] = torch.cuda.get_device_name(device)
     torch.backends.cudnn.benchmark = cuda
@@ -187,7 +205,13 @@ def main() -> int:
                                                                                    repeats))
     row("--decode workers: the loader, batches moved and augmented on the device", rate(workers_pass(True), device,
                                                                                        repeats))
+    full = loader.num_workers
     close_loader(loader)
+    if full >= 4:        # how the workers scale: half of them (hyper-threads, memory bandwidth, the main process)
+        loader = make_loader(ds, batch, train=True, workers=full // 2, device=device.type, seed=0)
+        row(f"--decode workers: the loader alone ({loader.num_workers} workers)", rate(workers_pass(False), device,
+                                                                                       repeats))
+        close_loader(loader)
     dconfig = config.replace(decode="device")
     for share in SHARES:
         eds = EncodedImageDataset(image_set, build_transform(data_config, False, dconfig).min_size, worker_share=share)
@@ -234,6 +258,7 @@ def main() -> int:
 
     row("geometry.resample: the batch's crops and resizes", rate(crop, device, repeats))
 
+    say(f"host: {res['host']}")
     lines = [f"| part ({res.get('gpu', device.type)}, {arch}, batch {batch}, {len(items)} JPEGs) | images/s |",
              "|---|---|"]
     lines += [f"| {r['name']} | {r['img_s']:,.0f} |" for r in res["rows"]]
