@@ -14,8 +14,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write
 
-__all__ = ["AdviceThresholds", "ADVICE_THRESHOLDS", "advise", "write_curves", "TensorBoardLogger",
-           "new_figure", "save_png", "finite"]
+__all__ = ["AdviceThresholds", "ADVICE_THRESHOLDS", "advise", "data_advice", "waited", "write_curves",
+           "TensorBoardLogger", "new_figure", "save_png", "finite"]
 
 
 def _num(value: Any) -> float:
@@ -67,6 +67,33 @@ class AdviceThresholds:
 
 
 ADVICE_THRESHOLDS = AdviceThresholds()
+
+
+# An epoch's line says how much of it the training loop waited for its batches (metrics.csv's data_wait) from
+# SAY_DATA_WAIT up; from ADVISE_DATA_WAIT up the run says once what to change: the loader set the speed.
+SAY_DATA_WAIT = 0.1
+ADVISE_DATA_WAIT = 0.3
+
+
+def waited(row: dict) -> str:
+    """`` (38% of it waiting for data)`` for an epoch's line, or "" below ``SAY_DATA_WAIT``."""
+    wait = _num(row.get("data_wait"))
+    return f" ({wait:.0%} of it waiting for data)" if wait >= SAY_DATA_WAIT else ""
+
+
+def data_advice(row: dict, device_type: str, decode: str) -> list[str]:
+    """What to change when an epoch's training loop waited for its batches ``ADVISE_DATA_WAIT`` of it or more."""
+    wait = _num(row.get("data_wait"))
+    if not wait >= ADVISE_DATA_WAIT:
+        return []
+    if device_type == "cpu":
+        what = "the workers prepare images slower than the steps use them; more --workers may help"
+    elif decode == "workers":
+        what = (f"the workers decode JPEGs slower than the {device_type.upper()} trains; try --decode device "
+                "(decoded on the GPU) or more --workers")
+    else:
+        what = "the files are read or decoded slower than the GPU trains; more --workers may help"
+    return [f"the training loop waited for data {wait:.0%} of the epoch: {what}"]
 
 
 def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESHOLDS) -> list[str]:

@@ -58,6 +58,7 @@ __all__ = ["EncodedImageDataset", "decoded_in_worker", "collate_encoded", "pack"
 # scripts/bench_gpu_parts.py measures the loader's images/s at several shares.
 WORKER_SHARE = 0.0
 
+
 class EncodedImageDataset(ImageDataset):
     """``[i] -> (uint8 tensor, label, i, key)``: encoded JPEG bytes (1-D) or a decoded image (3, H, W), and
     the sample key that seeds the image's crop, flip and jitter on the device (``seeding.sample_seed`` of the

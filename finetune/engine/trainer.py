@@ -29,7 +29,7 @@ from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.core.errors import DataError, Interrupted
 from finetune.core.metrics import EarlyStopping
-from finetune.core.monitor import advise
+from finetune.core.monitor import advise, data_advice, waited
 from finetune.core.policy import head_first
 from finetune.core.seeding import epoch_seed, seed_everything
 from finetune.core.signals import sigterm_as_interrupt
@@ -43,9 +43,6 @@ HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val lo
 # after every epoch, last.pt and the weights in the background while the next epoch trains: a SIGKILL loses
 # at most the epoch in progress and the one before it, when its files were still on their way.
 CURVES_EVERY_S = 30.0
-# An epoch's line says how much of it the training loop waited for data (metrics.csv's data_wait) from this
-# share up: the loader, not the device, set its speed (more --workers, or --decode device on a GPU).
-SAY_DATA_WAIT = 0.1
 Log = Callable[[str], None]
 
 
@@ -192,10 +189,9 @@ class Trainer:
             self._curves_at = time.perf_counter()
         self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
                        f"{row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
-                       f"acc {row['val_acc']:.3f} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s"
-                       + (f" ({row['data_wait']:.0%} of it waiting for data)"
-                          if row.get("data_wait", 0.0) >= SAY_DATA_WAIT else ""))
-        for line in advise(self.history):   # the lecture's reading of the curves, as soon as a rule fires
+                       f"acc {row['val_acc']:.3f} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s{waited(row)}")
+        # the lecture's reading of the curves, as soon as a rule fires; the loader's speed
+        for line in advise(self.history) + data_advice(row, s.device.type, s.config.decode):
             rule = " ".join(line.split()[:3])
             if rule not in self.advised:
                 self.advised.add(rule)
