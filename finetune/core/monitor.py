@@ -70,9 +70,11 @@ ADVICE_THRESHOLDS = AdviceThresholds()
 
 
 # An epoch's line says how much of it the training loop waited for its batches (metrics.csv's data_wait) from
-# SAY_DATA_WAIT up; from ADVISE_DATA_WAIT up the run says once what to change: the loader set the speed.
+# SAY_DATA_WAIT up; from ADVISE_DATA_WAIT up, in an epoch of ADVISE_MIN_SECONDS or more, the run says once what
+# to change (the loader set the speed; in a shorter epoch the wait is mostly the first batches', and moot).
 SAY_DATA_WAIT = 0.1
 ADVISE_DATA_WAIT = 0.3
+ADVISE_MIN_SECONDS = 20.0
 
 
 def waited(row: dict) -> str:
@@ -84,7 +86,7 @@ def waited(row: dict) -> str:
 def data_advice(row: dict, device_type: str, decode: str) -> list[str]:
     """What to change when an epoch's training loop waited for its batches ``ADVISE_DATA_WAIT`` of it or more."""
     wait = _num(row.get("data_wait"))
-    if not wait >= ADVISE_DATA_WAIT:
+    if not (wait >= ADVISE_DATA_WAIT and _num(row.get("seconds")) >= ADVISE_MIN_SECONDS):
         return []
     if device_type == "cpu":
         what = "the workers prepare images slower than the steps use them; more --workers may help"
