@@ -84,13 +84,13 @@ def waited(row: dict) -> str:
 
 
 def data_advice(row: dict, device_type: str, decode: str) -> list[str]:
-    """What to change when an epoch's training loop waited for its batches ``ADVISE_DATA_WAIT`` of it or more."""
+    """What to change when an accelerator's training loop waited for its batches ``ADVISE_DATA_WAIT`` of an epoch
+    or more. None on a CPU: there loading and training share the cores (up to 4 cores the loop loads the images
+    itself, no worker measured faster: docs/benchmarks.md, "Worker processes"), so the wait is work, not idling."""
     wait = _num(row.get("data_wait"))
-    if not (wait >= ADVISE_DATA_WAIT and _num(row.get("seconds")) >= ADVISE_MIN_SECONDS):
+    if device_type == "cpu" or not (wait >= ADVISE_DATA_WAIT and _num(row.get("seconds")) >= ADVISE_MIN_SECONDS):
         return []
-    if device_type == "cpu":
-        what = "the workers prepare images slower than the steps use them; more --workers may help"
-    elif decode == "workers":
+    if decode == "workers":
         what = (f"the workers decode JPEGs slower than the {device_type.upper()} trains; try --decode device "
                 "(decoded on the GPU) or more --workers")
     else:

@@ -26,8 +26,8 @@ HEALTHY = _rows([1.0, 0.7, 0.5, 0.4, 0.35], [1.0, 0.75, 0.58, 0.5, 0.47],
 # ---- advice ------------------------------------------------------------------------------------------
 def test_an_epoch_that_waited_for_data_says_so_and_what_to_change():
     """metrics.csv's data_wait: the epoch's line names it from 10%, the advice from 30% in an epoch of 20 s or
-    more (per device and --decode); a row without it (a solved head, a run resumed from before it existed)
-    says nothing."""
+    more on an accelerator (per --decode); a row without it (a solved head, a run resumed from before it
+    existed) says nothing."""
     assert waited({"data_wait": 0.38}) == " (38% of it waiting for data)"
     assert waited({"data_wait": 0.05}) == waited({}) == waited({"data_wait": float("nan")}) == ""
     assert data_advice({"data_wait": 0.2, "seconds": 60}, "cuda", "workers") == data_advice({}, "cuda", "workers") == []
@@ -35,8 +35,8 @@ def test_an_epoch_that_waited_for_data_says_so_and_what_to_change():
     [gpu] = data_advice({"data_wait": 0.45, "seconds": 60}, "cuda", "workers")
     assert gpu.startswith("the training loop waited for data 45% of the epoch") and "--decode device" in gpu
     [device] = data_advice({"data_wait": 0.45, "seconds": 60}, "cuda", "device")
-    [cpu] = data_advice({"data_wait": 0.45, "seconds": 60}, "cpu", "workers")
-    assert "--decode" not in device + cpu and "--workers" in device and "--workers" in cpu
+    assert "--decode" not in device and "--workers" in device
+    assert data_advice({"data_wait": 0.45, "seconds": 60}, "cpu", "workers") == []   # the cores load or train
 
 
 def test_healthy_run_gets_no_advice():
