@@ -81,6 +81,198 @@ def rate(passes: Callable[[], Iterable[int]], device: torch.device, repeats: int
     return {"img_s": statistics.median(rates), "all": [round(r) for r in rates]}
 
 
+class Bench:
+    """What every part shares: the device, the sizes, the images, the zoo config, and the rows measured."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        from finetune.core.config import FinetuneConfig
+        from finetune.data import ImageSet
+
+        self.device = torch.device(a.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        self.arch, self.batch, self.steps, self.repeats = (("test_resnet", 8, 3, 1) if a.tiny
+                                                           else ("resnet50", 256, 30, 2))
+        self.items, self.classes = items_of(training_folder(a))
+        if a.tiny:
+            self.items = self.items[:48]
+        self.image_set = ImageSet(self.items, self.classes)
+        self.config = FinetuneConfig(batch_size=self.batch, workers=0 if a.tiny else -1, epochs=4, freeze="none",
+                                     head_epochs=0, warmup_epochs=0, ema=0)
+        self.tiny = a.tiny
+        self.epoch = 0
+        self.res: dict = {"device": str(self.device), "arch": self.arch, "batch": self.batch,
+                          "images": len(self.items), "rows": [], "host": host_cpu()}
+        if self.cuda:
+            self.res["gpu"] = torch.cuda.get_device_name(self.device)
+        torch.backends.cudnn.benchmark = self.cuda
+
+    def row(self, name: str, passes: Callable[[], Iterable[int]]) -> None:
+        value = {"name": name, **rate(passes, self.device, self.repeats)}
+        self.res["rows"].append(value)
+        say(f"  {name}: {value['img_s']:,.0f} img/s {value['all']}")
+
+    def next_epoch(self, loader) -> None:
+        from finetune.data import set_loader_epoch
+
+        self.epoch += 1
+        set_loader_epoch(loader, 0, self.epoch)
+
+
+def training_folder(a: argparse.Namespace) -> Path:
+    """--data's train/ folder, or one generated like bench_gpu_e2e's big job (10,240 JPEGs of 500x375)."""
+    if a.data is not None:
+        return a.data / "train"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scripts_bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scripts_bench_gpu"] = module
+    spec.loader.exec_module(module)      # type: ignore[union-attr]
+    folder = a.out / "data" / "train"
+    if not folder.is_dir():
+        n, size = (48, (100, 75)) if a.tiny else (10_240, (500, 375))
+        module.write_jpegs(folder, n, 4 if a.tiny else 20, size)
+    return folder
+
+
+def step_rows(b: Bench) -> dict:
+    """The bare step (the ceiling) and zoo's step on host uint8 batches; returns the model's data config."""
+    import timm
+    from timm.data import resolve_data_config
+
+    from finetune.core.optim import build_optimizer, build_scheduler
+    from finetune.data import device_steps
+    from finetune.engine.runtime import amp_policy, build_loss
+    from finetune.engine.steps import train_one_epoch
+
+    say("== the step")
+    dev, cuda = b.device, b.cuda
+    torch.manual_seed(0)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    model = timm.create_model(b.arch, num_classes=len(b.classes)).to(dev).to(memory_format=fmt).train()
+    data_config = resolve_data_config({}, model=model)
+    if b.tiny:
+        data_config["input_size"] = (3, 32, 32)
+    px = int(data_config["input_size"][-1])
+    x = torch.randn(b.batch, 3, px, px, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, len(b.classes), (b.batch,), device=dev)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def bare() -> Iterable[int]:
+        for _ in range(b.steps):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            sgd.step()
+            yield b.batch
+
+    b.row("step ceiling: SGD, float batch on the device", bare)
+    _, _, train_norm = device_steps(b.config, data_config, dev)
+    raw = torch.randint(0, 256, (b.batch, 3, px, px), dtype=torch.uint8)
+    raw = raw.pin_memory() if cuda else raw
+    keys = torch.arange(b.batch, dtype=torch.int64) * 7919 + 1
+    host = [((raw if train_norm is not None else raw.float()), y.cpu(), keys)] * b.steps
+    for name in ("adam", "sgd"):
+        cfg = b.config.replace(optimizer=name)
+        opt = build_optimizer(cfg, model, "fc")
+        sched = build_scheduler(cfg, opt, 10_000)
+
+        def zoo_step(cfg=cfg, opt=opt, sched=sched) -> Iterable[int]:
+            yield train_one_epoch(model, host, opt, sched, build_loss(cfg, None, dev), dev, amp=amp_policy(dev, True),
+                                  channels_last=cuda, normalize=train_norm)["images"]
+
+        b.row(f"zoo step (train_one_epoch, --optimizer {name}, uint8 batch augmented on the device)", zoo_step)
+    return data_config
+
+
+def loader_rows(b: Bench, data_config: dict) -> None:
+    """The workers' loader (all workers, half of them, with its device work) and the device path's
+    prefetcher at each worker share: a pass after the first, no model."""
+    from finetune.data import ImageDataset, build_transform, close_loader, device_steps, make_loader
+    from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
+    from finetune.engine.runtime import to_device
+
+    say("== the loaders alone (a pass after the first)")
+    dev = b.device
+    output, _, train_norm = device_steps(b.config, data_config, dev)
+    ds = ImageDataset(b.image_set, build_transform(data_config, True, b.config, output=output,
+                                                    colour_on_device=train_norm is not None))
+
+    def workers_pass(loader, to_dev: bool) -> Callable[[], Iterable[int]]:
+        def run() -> Iterable[int]:
+            b.next_epoch(loader)
+            for batch in loader:
+                if batch is not None:
+                    if to_dev:
+                        to_device(*batch[:2], dev, b.cuda, train_norm, *batch[2:3])
+                    yield int(batch[1].shape[0])
+        return run
+
+    loader = make_loader(ds, b.batch, train=True, workers=b.config.workers, device=dev.type, seed=0)
+    full = loader.num_workers
+    b.row(f"--decode workers: the loader alone ({full} workers)", workers_pass(loader, False))
+    b.row("--decode workers: the loader, batches moved and augmented on the device", workers_pass(loader, True))
+    close_loader(loader)
+    if full >= 4:        # how the workers scale: half of them (hyper-threads, memory bandwidth, the main process)
+        loader = make_loader(ds, b.batch, train=True, workers=full // 2, device=dev.type, seed=0)
+        b.row(f"--decode workers: the loader alone ({loader.num_workers} workers)", workers_pass(loader, False))
+        close_loader(loader)
+    dconfig = b.config.replace(decode="device")
+    for share in SHARES:
+        min_size = build_transform(data_config, False, dconfig).min_size
+        eds = EncodedImageDataset(b.image_set, min_size, worker_share=share)
+        dl = make_loader(eds, b.batch, train=True, workers=b.config.workers, device=dev.type, seed=0)
+        pre = DevicePrefetcher(dl, DeviceTransform(data_config, True, dconfig), dev, channels_last=b.cuda)
+
+        def device_pass(dl=dl, pre=pre) -> Iterable[int]:
+            b.next_epoch(dl)
+            for batch in pre:
+                if batch is not None:
+                    yield int(batch[1].shape[0])
+
+        b.row(f"--decode device, worker share {share:g}: the prefetcher alone", device_pass)
+        pre.close()
+
+
+def decoder_rows(b: Bench, data_config: dict) -> None:
+    """nvJPEG on batches of files in memory, one CPU core's decode_jpeg, the batched crop."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from finetune.data.decode import DeviceTransform
+    from finetune.data.geometry import resample
+
+    say("== nvJPEG and the batched crop alone")
+    dev = b.device
+    files = [torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8) for f, _ in b.items[:b.batch]]
+
+    def batches_of_files() -> Iterable[int]:
+        for _ in range(b.steps // 3 or 1):
+            decode_jpeg(files, mode=ImageReadMode.RGB, device=dev)
+            yield len(files)
+
+    def one_core() -> Iterable[int]:
+        for f in files[:64]:
+            decode_jpeg(f, mode=ImageReadMode.RGB)
+            yield 1
+
+    b.row(f"decode_jpeg on {dev.type}, batches of {len(files)} files in memory", batches_of_files)
+    b.row("decode_jpeg on one CPU core (libjpeg-turbo)", one_core)
+    images = decode_jpeg(files, mode=ImageReadMode.RGB, device=dev)
+    transform = DeviceTransform(data_config, True, b.config.replace(decode="device"))
+    plans = [transform._plan(im) for im in images]
+    size = tuple(int(v) for v in data_config["input_size"][-2:])
+
+    def crop() -> Iterable[int]:
+        for _ in range(b.steps // 3 or 1):
+            resample(images, plans, size, transform.mode)
+            yield len(images)
+
+    b.row("geometry.resample: the batch's crops and resizes", crop)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="a folder with train/ and val/ class folders (default: generated)")
@@ -89,178 +281,14 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test of every part on the CPU")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(a.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    arch, batch, steps, repeats = ("test_resnet", 8, 3, 1) if a.tiny else ("resnet50", 256, 30, 2)
-    data = a.data
-    if data is None:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("scripts_bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["scripts_bench_gpu"] = module
-        spec.loader.exec_module(module)      # type: ignore[union-attr]
-        data = a.out / "data"
-        if not (data / "train").is_dir():
-            n, size = (48, (100, 75)) if a.tiny else (10_240, (500, 375))
-            module.write_jpegs(data / "train", n, 4 if a.tiny else 20, size)
-    items, classes = items_of(data / "train")
-    if a.tiny:
-        items = items[:48]
-
-    import timm
-    from timm.data import resolve_data_config
-
-    from finetune.core.config import FinetuneConfig
-    from finetune.core.optim import build_optimizer, build_scheduler
-    from finetune.data import (ImageDataset, ImageSet, build_transform, close_loader, device_steps, make_loader,
-                               set_loader_epoch)
-    from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
-    from finetune.data.geometry import resample
-    from finetune.engine.runtime import amp_policy, build_loss, to_device
-    from finetune.engine.steps import train_one_epoch
-
-    cuda = device.type == "cuda"
-    res: dict = {"device": str(device), "arch": arch, "batch": batch, "images": len(items), "rows": [],
-                 "host": host_cpu()}
-    if cuda:
-        res["gpu"] = torch.cuda.get_device_name(device)
-    torch.backends.cudnn.benchmark = cuda
-
-    def row(name: str, value: dict) -> None:
-        value = {"name": name, **value}
-        res["rows"].append(value)
-        say(f"  {name}: {value.get('img_s', 0):,.0f} img/s {value.get('all', '')}")
-
-    torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=len(classes)).to(device)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    model = model.to(memory_format=fmt).train()
-    data_config = resolve_data_config({}, model=model)
-    if a.tiny:
-        data_config["input_size"] = (3, 32, 32)
-    px = int(data_config["input_size"][-1])
-    config = FinetuneConfig(batch_size=batch, workers=0 if a.tiny else -1, epochs=4, freeze="none",
-                            head_epochs=0, warmup_epochs=0, ema=0)
-    image_set = ImageSet(items, classes)
-
-    # -- the step
-    say("== the step")
-    x = torch.randn(batch, 3, px, px, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, len(classes), (batch,), device=device)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def bare() -> Iterable[int]:
-        for _ in range(steps):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            sgd.zero_grad(set_to_none=True)
-            loss.backward()
-            sgd.step()
-            yield batch
-
-    row("step ceiling: SGD, float batch on the device", rate(bare, device, repeats))
-    output, _, train_norm = device_steps(config, data_config, device)
-    pin = cuda and torch.cuda.is_available()
-    raw = torch.randint(0, 256, (batch, 3, px, px), dtype=torch.uint8)
-    raw = raw.pin_memory() if pin else raw
-    keys = torch.arange(batch, dtype=torch.int64) * 7919 + 1
-    amp = amp_policy(device, True)
-    loss_fn = build_loss(config, None, device)
-    for opt_name in ("adam", "sgd"):
-        cfg = config.replace(optimizer=opt_name)
-        opt = build_optimizer(cfg, model, "fc")
-        sched = build_scheduler(cfg, opt, 10_000)
-        host = [((raw if train_norm is not None else raw.float()), y.cpu(), keys)] * steps
-
-        def zoo_step() -> Iterable[int]:
-            out = train_one_epoch(model, host, opt, sched, loss_fn, device, amp=amp, channels_last=cuda,
-                                  normalize=train_norm)
-            yield out["images"]
-
-        row(f"zoo step (train_one_epoch, --optimizer {opt_name}, uint8 batch augmented on the device)",
-            rate(zoo_step, device, repeats))
-
-    # -- the loaders alone
-    say("== the loaders alone (a pass after the first)")
-    ds = ImageDataset(image_set, build_transform(data_config, True, config, output=output,
-                                                  colour_on_device=train_norm is not None))
-    loader = make_loader(ds, batch, train=True, workers=config.workers, device=device.type, seed=0)
-    epoch = [0]
-
-    def workers_pass(to_dev: bool) -> Callable[[], Iterable[int]]:
-        def run() -> Iterable[int]:
-            epoch[0] += 1
-            set_loader_epoch(loader, 0, epoch[0])
-            for b in loader:
-                if b is None:
-                    continue
-                if to_dev:
-                    to_device(*b[:2], device, cuda, train_norm, *b[2:3])
-                yield int(b[1].shape[0])
-        return run
-
-    row(f"--decode workers: the loader alone ({loader.num_workers} workers)", rate(workers_pass(False), device,
-                                                                                   repeats))
-    row("--decode workers: the loader, batches moved and augmented on the device", rate(workers_pass(True), device,
-                                                                                       repeats))
-    full = loader.num_workers
-    close_loader(loader)
-    if full >= 4:        # how the workers scale: half of them (hyper-threads, memory bandwidth, the main process)
-        loader = make_loader(ds, batch, train=True, workers=full // 2, device=device.type, seed=0)
-        row(f"--decode workers: the loader alone ({loader.num_workers} workers)", rate(workers_pass(False), device,
-                                                                                       repeats))
-        close_loader(loader)
-    dconfig = config.replace(decode="device")
-    for share in SHARES:
-        eds = EncodedImageDataset(image_set, build_transform(data_config, False, dconfig).min_size, worker_share=share)
-        dl = make_loader(eds, batch, train=True, workers=config.workers, device=device.type, seed=0)
-        pre = DevicePrefetcher(dl, DeviceTransform(data_config, True, dconfig), device, channels_last=cuda)
-
-        def device_pass(dl=dl, pre=pre) -> Iterable[int]:
-            epoch[0] += 1
-            set_loader_epoch(dl, 0, epoch[0])
-            for b in pre:
-                if b is not None:
-                    yield int(b[1].shape[0])
-
-        row(f"--decode device, worker share {share:g}: the prefetcher alone", rate(device_pass, device, repeats))
-        pre.close()
-
-    # -- the decoder and the crop alone
-    say("== nvJPEG and the batched crop alone")
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    files = [torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8) for f, _ in items[:batch]]
-
-    def nvjpeg() -> Iterable[int]:
-        for _ in range(steps // 3 or 1):
-            decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
-            yield len(files)
-
-    row(f"decode_jpeg on {device.type}, batches of {len(files)} files in memory", rate(nvjpeg, device, repeats))
-
-    def cpu_decode() -> Iterable[int]:
-        for f in files[:64]:
-            decode_jpeg(f, mode=ImageReadMode.RGB)
-            yield 1
-
-    row("decode_jpeg on one CPU core (libjpeg-turbo)", rate(cpu_decode, device, repeats))
-    images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
-    transform = DeviceTransform(data_config, True, dconfig)
-    plans = [transform._plan(im) for im in images]
-
-    def crop() -> Iterable[int]:
-        for _ in range(steps // 3 or 1):
-            resample(images, plans, (px, px), transform.mode)
-            yield len(images)
-
-    row("geometry.resample: the batch's crops and resizes", rate(crop, device, repeats))
-
+    b = Bench(a)
+    data_config = step_rows(b)
+    loader_rows(b, data_config)
+    decoder_rows(b, data_config)
+    res = b.res
     say(f"host: {res['host']}")
-    lines = [f"| part ({res.get('gpu', device.type)}, {arch}, batch {batch}, {len(items)} JPEGs) | images/s |",
-             "|---|---|"]
+    what = f"{res.get('gpu', b.device.type)}, {b.arch}, batch {b.batch}, {len(b.items)} JPEGs"
+    lines = [f"| part ({what}) | images/s |", "|---|---|"]
     lines += [f"| {r['name']} | {r['img_s']:,.0f} |" for r in res["rows"]]
     table = "\n".join(lines) + "\n"
     (a.out / "table.md").write_text(table, encoding="utf-8")

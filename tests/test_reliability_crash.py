@@ -165,7 +165,8 @@ def final_state(run: Path) -> tuple[dict, dict, list]:
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     best = load_file(str(run / "checkpoints" / "best.safetensors"))
     with open(run / "metrics.csv", encoding="utf-8") as fh:
-        rows = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait")} for r in csv.DictReader(fh)]
+        rows = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait")}
+                for r in csv.DictReader(fh)]
     return last["model"], best, rows
 
 

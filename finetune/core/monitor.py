@@ -64,37 +64,39 @@ class AdviceThresholds:
     underfit_acc: float = 0.60       # ... and train acc below this = too small or too frozen
     fitted_loss: float = 0.01        # a loss below this (mean confidence ~99%) is a fitted model's noise,
                                      # neither exploding nor overfitting (0.000111 -> 0.00135 at 100% val acc)
+    # The loader's speed (metrics.csv's data_wait: the share of a training pass spent getting its batches):
+    say_data_wait: float = 0.1       # an epoch's line gives the share from here up;
+    advise_data_wait: float = 0.3    # from here up, on an accelerator, in an epoch of ...
+    advise_min_seconds: float = 20.0  # ... this many seconds or more (shorter: mostly the first batches'), the run
+                                      # says once what to change (data_advice)
 
 
 ADVICE_THRESHOLDS = AdviceThresholds()
 
 
-# An epoch's line says how much of it the training loop waited for its batches (metrics.csv's data_wait) from
-# SAY_DATA_WAIT up; from ADVISE_DATA_WAIT up, in an epoch of ADVISE_MIN_SECONDS or more, the run says once what
-# to change (the loader set the speed; in a shorter epoch the wait is mostly the first batches', and moot).
-SAY_DATA_WAIT = 0.1
-ADVISE_DATA_WAIT = 0.3
-ADVISE_MIN_SECONDS = 20.0
-
-
-def waited(row: dict) -> str:
-    """`` (38% of it waiting for data)`` for an epoch's line, or "" below ``SAY_DATA_WAIT``."""
+def waited(row: dict, thresholds: AdviceThresholds = ADVICE_THRESHOLDS) -> str:
+    """`` (38% of it spent getting data)`` for an epoch's line (``row["data_wait"]``: waiting for the workers,
+    or loading in the loop itself where there are none), or "" below ``thresholds.say_data_wait``."""
     wait = _num(row.get("data_wait"))
-    return f" ({wait:.0%} of it waiting for data)" if wait >= SAY_DATA_WAIT else ""
+    return f" ({wait:.0%} of it spent getting data)" if wait >= thresholds.say_data_wait else ""
 
 
-def data_advice(row: dict, device_type: str, decode: str) -> list[str]:
-    """What to change when an accelerator's training loop waited for its batches ``ADVISE_DATA_WAIT`` of an epoch
+def data_advice(row: dict, device_type: str, decode: str, thresholds: AdviceThresholds = ADVICE_THRESHOLDS
+                ) -> list[str]:
+    """What to change when an accelerator's training loop waited for its batches ``advise_data_wait`` of an epoch
     or more. None on a CPU: there loading and training share the cores (up to 4 cores the loop loads the images
     itself, no worker measured faster: docs/benchmarks.md, "Worker processes"), so the wait is work, not idling."""
+    t = thresholds
     wait = _num(row.get("data_wait"))
-    if device_type == "cpu" or not (wait >= ADVISE_DATA_WAIT and _num(row.get("seconds")) >= ADVISE_MIN_SECONDS):
+    if device_type == "cpu" or not (wait >= t.advise_data_wait and _num(row.get("seconds")) >= t.advise_min_seconds):
         return []
-    if decode == "workers":
-        what = (f"the workers decode JPEGs slower than the {device_type.upper()} trains; try --decode device "
-                "(decoded on the GPU) or more --workers")
+    if decode == "device":       # the workers only read files: one thread decodes (nvJPEG) and crops
+        what = ("the thread that decodes the JPEGs on the GPU is slower than the training; compare with "
+                "--decode workers")
+    elif device_type == "cuda":
+        what = "the workers decode JPEGs slower than the GPU trains; try --decode device (decoded on the GPU)"
     else:
-        what = "the files are read or decoded slower than the GPU trains; more --workers may help"
+        what = "the workers prepare images slower than the device trains; --workers sets how many there are"
     return [f"the training loop waited for data {wait:.0%} of the epoch: {what}"]
 
 

@@ -22,9 +22,10 @@ __all__ = ["EpochSteps", "LoaderSteps"]
 
 
 class EpochSteps(Protocol):
-    """How one phase's epochs are computed. ``train_epoch`` returns ``{"loss", "acc", "images_per_s"}``
-    (and ``"phase_done": True`` when the phase needs no more epochs), ``evaluate`` ``{"loss", "acc"}``
-    (full metrics with ``full=True``)."""
+    """How one phase's epochs are computed. ``train_epoch`` returns ``{"loss", "acc", "images_per_s"}`` (and
+    ``"data_wait"``, the share of the epoch spent getting its batches, where they are read from files;
+    ``"phase_done": True`` when the phase needs no more epochs), ``evaluate`` ``{"loss", "acc"}`` (full
+    metrics with ``full=True``)."""
 
     label: str
 

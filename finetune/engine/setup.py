@@ -15,7 +15,7 @@ from finetune.core import distributed as ddp
 from finetune.core.config import FinetuneConfig
 from finetune.data import (ImageDataset, ImageSet, build_transform, class_weights, close_loader, device_steps,
                            make_loader, set_loader_epoch)
-from finetune.data import decode
+from finetune.data import decode       # (decode.WORKER_SHARE read at each use: a bench may set it)
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
 from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sync_bn, cudnn_autotune, nhwc,

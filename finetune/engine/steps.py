@@ -92,8 +92,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         blank: under DDP, ``() -> (x, y)`` on ``device``: the stand-in for a batch whose every image failed
             (:func:`_stand_in`); needed where ``batches`` can yield None on several processes.
     Returns:
-        ``{"loss", "acc", "images", "seconds", "images_per_s"}`` over all ranks (with ``mix``: the loss
-        on the mixed targets, the accuracy against each mixed image's dominant label).
+        ``{"loss", "acc", "images", "seconds", "images_per_s", "data_wait"}`` over all ranks (:func:`_waiting`;
+        with ``mix``: the loss on the mixed targets, the accuracy against each mixed image's dominant label).
     Raises:
         DivergedError: the loss became NaN/inf (on any rank); nothing of this epoch is saved.
     """
@@ -145,18 +145,21 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
 
 
 def _waiting(batches: Iterable, waited: list[float]) -> Iterator:
-    """``batches``, adding to ``waited[0]`` the seconds each ``next()`` took: the time the training loop
-    stood idle for data. The host runs ahead of an accelerator, so this is the loader falling behind the
-    steps, not the steps' own time (two clock reads a step, no device sync)."""
+    """``batches``, adding to ``waited[0]`` the seconds the loop spent getting them: ``iter()`` (a loader's
+    workers starting, unless its pass started ahead) and each ``next()``, the last one's too. The host runs
+    ahead of an accelerator, so this is the loader falling behind the steps, not the steps' own time (two clock
+    reads a step, no device sync); with no worker it is the loading itself."""
+    t = time.perf_counter()
     it = iter(batches)
     while True:
-        t = time.perf_counter()
         try:
             batch = next(it)
         except StopIteration:
+            waited[0] += time.perf_counter() - t
             return
         waited[0] += time.perf_counter() - t
         yield batch
+        t = time.perf_counter()
 
 
 def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

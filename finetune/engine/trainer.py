@@ -250,7 +250,8 @@ class Trainer:
         self.scheduler.step_epoch(metric if s.has_val else None)
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
-               "images_per_s": tr["images_per_s"], "data_wait": tr.get("data_wait", math.nan)}
+               "images_per_s": tr["images_per_s"],       # the loader's wait; cached features load no file:
+               "data_wait": tr.get("data_wait", math.nan) if steps is self.loader_steps else math.nan}
         if tr.get("solver"):      # a solved head (L-BFGS): no learning rate was used, whatever --lr says
             row["solver"], row["lr"] = tr["solver"], math.nan     # ("nan" in metrics.csv; the curves skip it)
         improved = s.has_val and self.stopper.improved(metric)

@@ -28,14 +28,16 @@ def test_an_epoch_that_waited_for_data_says_so_and_what_to_change():
     """metrics.csv's data_wait: the epoch's line names it from 10%, the advice from 30% in an epoch of 20 s or
     more on an accelerator (per --decode); a row without it (a solved head, a run resumed from before it
     existed) says nothing."""
-    assert waited({"data_wait": 0.38}) == " (38% of it waiting for data)"
+    assert waited({"data_wait": 0.38}) == " (38% of it spent getting data)"
     assert waited({"data_wait": 0.05}) == waited({}) == waited({"data_wait": float("nan")}) == ""
     assert data_advice({"data_wait": 0.2, "seconds": 60}, "cuda", "workers") == data_advice({}, "cuda", "workers") == []
     assert data_advice({"data_wait": 0.45, "seconds": 5}, "cuda", "workers") == []    # a short epoch: moot
     [gpu] = data_advice({"data_wait": 0.45, "seconds": 60}, "cuda", "workers")
     assert gpu.startswith("the training loop waited for data 45% of the epoch") and "--decode device" in gpu
-    [device] = data_advice({"data_wait": 0.45, "seconds": 60}, "cuda", "device")
-    assert "--decode" not in device and "--workers" in device
+    [device] = data_advice({"data_wait": 0.45, "seconds": 60}, "cuda", "device")    # one thread decodes there
+    assert "--decode workers" in device
+    [mps] = data_advice({"data_wait": 0.45, "seconds": 60}, "mps", "workers")     # no nvJPEG there
+    assert "--decode" not in mps and "--workers" in mps
     assert data_advice({"data_wait": 0.45, "seconds": 60}, "cpu", "workers") == []   # the cores load or train
 
 
