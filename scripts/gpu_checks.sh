@@ -28,6 +28,8 @@ unset PYTHONDONTWRITEBYTECODE
 OUT="${OUT:-/tmp/zoo-gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,timm,torchvision,PIL;print('torch',torch.__version__,'timm',timm.__version__,'torchvision',torchvision.__version__,'cuda',torch.version.cuda,'pillow',PIL.__version__,'cpus',len(__import__('os').sched_getaffinity(0)))" | tee -a "$OUT/gpu.txt"
+# the host's cores against its hyper-threads (the workers path's decode capacity; docs/benchmarks.md, run 4)
+grep -m3 -E "^(model name|siblings|cpu cores)" /proc/cpuinfo | tee -a "$OUT/gpu.txt"
 if [ "${1:-}" = "--parts" ]; then
   # Each part of an epoch alone (about 2 minutes): the step, the loaders, nvJPEG, the batched crop.
   data=(); [ -d /tmp/zoo-e2e-work/big/train ] && data=(--data /tmp/zoo-e2e-work/big)
