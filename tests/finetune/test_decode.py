@@ -458,6 +458,14 @@ def test_device_decode_on_cuda_matches_cpu(tmp_path):
     for epoch in range(3):
         train.set_epoch(epoch)
         assert all(torch.isfinite(x).all() for x, _ in train)
+    # half the JPEGs decoded in the workers (pinned pixels through the same stream): the same batches
+    shared = EncodedImageDataset(report.train, worker_share=0.5)
+    assert {shared[i][0].dim() for i in range(len(shared)) if shared[i] is not None} == {1, 3}
+    loader = make_loader(shared, 16, train=False, workers=2, device="cuda")
+    for _ in range(2):
+        got = torch.cat([x.cpu() for x, _ in DevicePrefetcher(loader, DeviceTransform(DATA_CONFIG, False), "cuda")])
+        assert got.shape == cpu.shape and torch.isfinite(got).all()
+        assert float((got - cpu).abs().mean()) < 0.05
 
 
 def test_cached_head_under_decode_device_takes_the_cuda_pipeline_on_the_cpu(tmp_path, monkeypatch):
