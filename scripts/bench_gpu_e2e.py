@@ -43,17 +43,19 @@ def say(msg: str) -> None:
 
 
 def run_timed(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 600) -> dict:
-    """Run ``cmd`` (output to ``log``): exit code, whole-process seconds, seconds from the last line of
-    output to the exit."""
+    """Run ``cmd`` (output to ``log``, and each line with its second since the start to ``log`` .times: the
+    process's timeline, e.g. when the scan, the model and each epoch were done): exit code, whole-process
+    seconds, seconds from the last line of output to the exit."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     last = [t0]
-    with open(log, "w", encoding="utf-8") as fh:
+    with open(log, "w", encoding="utf-8") as fh, open(log.with_suffix(".times"), "w", encoding="utf-8") as times:
         def read() -> None:
             for line in proc.stdout:      # type: ignore[union-attr]
                 fh.write(line)
                 last[0] = time.monotonic()
+                times.write(f"{last[0] - t0:8.2f}  {line}")
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -269,7 +271,7 @@ def main() -> int:
         res["ceiling"] = step_ceiling(a.device, arch, batch, px, 3 if a.tiny else 30)
         say(f"  step ceiling {res['ceiling']:.0f} img/s")
         base = ["finetune", f"timm:{arch}", "--data", str(data), "--freeze", "none", "--head-epochs", "0",
-                "--epochs", str(epochs), "--batch-size", str(batch), "--no-export", "--quiet", *common]
+                "--epochs", str(epochs), "--batch-size", str(batch), "--no-export", *common]   # (epoch lines: .times)
         autotune = "import finetune.engine.runtime as r; r.CUDNN_AUTOTUNE_MIN_STEPS = 0"
         no_warm_up = "import finetune.engine.runtime as r; r.warms_up = lambda device: False"
         fewer = max(1, len(os.sched_getaffinity(0)) - 3)
