@@ -28,7 +28,7 @@ from zoo.errors import CacheError
 from zoo.text import shell_command
 
 __all__ = [
-    "zoo_home", "weights_dir", "weights_path", "manifest_path", "read_manifest", "is_cached",
+    "zoo_home", "scan_memo", "weights_dir", "weights_path", "manifest_path", "read_manifest", "is_cached",
     "cached_models", "remove", "verify", "check", "lock", "staging_dir", "install", "sha256_file", "dir_name",
 ]
 
@@ -46,6 +46,14 @@ def features_dir() -> Path:
     """Where backbone feature banks are cached (``finetune.tools.features.FeatureCache``): shared by `zoo doctor`
     and the head phase of `zoo finetune`, `zoo lr-find` and `zoo sweep` on the same model and data."""
     return zoo_home() / "features"
+
+
+def scan_memo(data_dir: str | Path) -> Path:
+    """Where the file checks of a data folder's scans are remembered (``finetune.data.scan_folder``'s
+    ``memo``): one JSON file per folder (its real path) under ZOO_HOME/scans; files unchanged since the last
+    scan of that folder are not opened again."""
+    where = os.path.realpath(os.fspath(data_dir)).encode("utf-8", "surrogateescape")
+    return zoo_home() / "scans" / f"{hashlib.sha256(where).hexdigest()[:32]}.json"
 
 
 def dir_name(name: str) -> str:

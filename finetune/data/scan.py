@@ -78,7 +78,8 @@ def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
 
 
 def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict: bool = False,
-                split_file: str | Path | None = None, class_names: Sequence[str] = ()) -> ScanReport:
+                split_file: str | Path | None = None, class_names: Sequence[str] = (),
+                memo: str | Path | None = None) -> ScanReport:
     """Scan and validate an image folder; make (or reuse) the train/val split.
 
     Accepts ``root/train/<class>/*`` + ``root/val/<class>/*`` (+ optional ``root/test/<class>/*``), or
@@ -92,6 +93,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         split_file: a split.json written by ``write_scan``; when it exists its split is reused.
         class_names: the names a run trained on (a resume): a class folder whose name reads as one of them
             (:func:`~finetune.data.files.class_key`: renamed into the other Unicode form since) is named so.
+        memo: a file that remembers each file's check (``files.check_files``): files unchanged since an
+            earlier scan are not opened again.
 
     Returns:
         ScanReport (absolute paths; warnings for skipped files, empty classes, imbalance...).
@@ -122,7 +125,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
                 stray += sorted(relative_path(e.path, root_s) for e in entries
                                 if not is_ignored(e.name) and not is_dir(e))
     dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
-    good, bad = _usable_files(root_s, dirs, loops, stray, strict, class_names)
+    good, bad = _usable_files(root_s, dirs, loops, stray, strict, class_names, memo)
     classes = _classes(root_s, train_dir, good, stray, loops, bad, warn)
 
     train_files = {c: good["train"][c] for c in classes}
@@ -145,7 +148,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
 
 
 def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], stray: list[str], strict: bool,
-                  class_names: Sequence[str] = ()) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
+                  class_names: Sequence[str] = (), memo: str | Path | None = None
+                  ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
     """-> ({split: {class: usable files}}, [(unusable file, reason)]) for the train/val/test folders found.
 
     Raises DataError when no file is usable, or (strict) when any file is not.
@@ -156,7 +160,7 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
     raw = {name: dict(sorted(((named.get(class_key(c), c), ps) for c, ps in split.items()), key=lambda kv: kv[0]))
            for name, split in raw.items()}
     all_files = [p for split in raw.values() for paths in split.values() for p in paths]
-    reasons = dict(zip(all_files, check_files(all_files)))
+    reasons = dict(zip(all_files, check_files(all_files, memo)))
     bad = [(p, r) for p, r in reasons.items() if r is not None]
     good = {name: {c: [p for p in ps if reasons[p] is None] for c, ps in split.items()}
             for name, split in raw.items()}

@@ -970,6 +970,50 @@ def test_many_files_are_checked_in_parallel_runs_with_each_reason_at_its_own_fil
     assert reasons[3] == "empty file (0 bytes)"
 
 
+def test_a_memo_of_file_checks_spares_unchanged_files_and_rechecks_changed_ones(tmp_path, monkeypatch):
+    """scan_folder(memo=...): a second scan opens no unchanged file and gives the same report; a file
+    damaged, emptied or mended since is checked again (its size or change time moved); a memo made with
+    another Pillow, bomb limit or format, or damaged, or in a folder that cannot be written, is not used."""
+    from finetune.data import files
+
+    make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=4, size=16)
+    (tmp_path / "d" / "dog" / "junk.jpg").write_bytes(b"not an image")
+    memo = tmp_path / "cache" / "scan.json"
+    checked: list[str] = []
+    real = files._check_file
+    monkeypatch.setattr(files, "_check_file", lambda path: checked.append(path) or real(path))
+
+    def scan():
+        checked.clear()
+        report = scan_folder(tmp_path / "d", memo=memo)
+        return report.train.items + report.val.items, report.bad_files
+
+    first = scan()
+    assert len(checked) == 9 and memo.is_file() and len(first[1]) == 1
+    assert scan() == first and checked == []
+    cat = sorted((tmp_path / "d" / "cat").iterdir())
+    cat[0].write_bytes(b"\xff\xd8\xff")                         # damaged since
+    second = scan()
+    assert checked == [str(cat[0])] and len(second[1]) == 2
+    st = os.stat(cat[1])
+    cat[1].write_bytes(b"\0" * st.st_size)                        # same size, its times set back (cp -p, rsync -t):
+    os.utime(cat[1], ns=(st.st_atime_ns, st.st_mtime_ns))           # the change time still moved
+    assert len(scan()[1]) == 3 and checked == [str(cat[1])]
+    (tmp_path / "d" / "dog" / "junk.jpg").unlink()
+    make_image(tmp_path / "d" / "dog" / "junk.jpg", 1, size=16)    # mended since
+    assert len(scan()[1]) == 2 and checked == [str(tmp_path / "d" / "dog" / "junk.jpg")]
+    doc = json.loads(memo.read_text())
+    for change in ({"pillow": "0.0"}, {"max_pixels": 1}, {"format": 0}):
+        memo.write_text(json.dumps({**doc, "made_with": {**doc["made_with"], **change}}))
+        scan()
+        assert len(checked) == 9                                   # all checked again, the memo rewritten
+    memo.write_text("{damaged")
+    assert len(scan()[1]) == 2 and len(checked) == 9 and json.loads(memo.read_text())["files"]
+    monkeypatch.setattr(files, "atomic_write_text", lambda *a: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    memo.unlink()
+    assert len(scan()[1]) == 2 and not memo.exists()               # no memo kept; the scan is the same
+
+
 def test_a_zip_top_folder_is_named_as_the_data_folder_to_pass(tmp_path):
     """QA: photos.zip extracted as DIR/photos/<class>/ (and DIR/__MACOSX/) failed with "found only 1 class
     (photos) ... a classifier needs at least 2 class folders", which does not say where the classes are."""

@@ -36,6 +36,17 @@ def test_zoo_home_follows_env(monkeypatch, tmp_path):
     assert cache.zoo_home().parts[-2:] == (".cache", "zoo")
 
 
+def test_a_data_folder_has_one_scan_memo_under_zoo_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "z"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    memo = cache.scan_memo(tmp_path / "a")
+    assert memo.parent == tmp_path / "z" / "scans" and memo.suffix == ".json"
+    assert cache.scan_memo(str(tmp_path / "a") + "/") == cache.scan_memo(tmp_path / "link") == memo
+    assert cache.scan_memo(tmp_path / "b") != memo
+
+
 def test_adhoc_names_get_safe_folders():
     assert cache.weights_dir("timm:resnet10t").name == "timm--resnet10t"
     assert cache.weights_dir("hf-hub:org/repo").name == "hf-hub--org--repo"

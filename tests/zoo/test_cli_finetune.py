@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from finetune.core.config import FinetuneConfig
 from tests.conftest import forbid_model_builds, make_image_folder, register_tiny
+from zoo.cache import scan_memo
 from zoo.cli import cli
 
 
@@ -62,6 +64,8 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny):
                  "curves.png", "checkpoints/last.pt", "checkpoints/best.safetensors", "summary.json",
                  "model.json", "confusion.csv"):
         assert (out / name).is_file(), name
+    memo = json.loads(scan_memo(data).read_text())                    # the next scan of the folder opens nothing
+    assert sorted(memo["files"]) == sorted(str(p) for p in Path(data).rglob("*.png"))
     info = json.loads((out / "model.json").read_text())
     assert info["model"] == "tiny32" and info["builder"] == "timm:test_resnet"
     assert info["classes"] == ["cat", "dog", "fox"] and info["classifier"] == "fc"

@@ -31,10 +31,12 @@ def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bo
     import torch
 
     from finetune.data import scan_folder
+    from zoo.cache import scan_memo
     from zoo.jobs.finetune import scan_lines
 
     entry = get_entry(model)
-    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=config.strict)
+    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                         memo=scan_memo(data))
     for line in scan_lines(report, config):
         say(line)
     torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time

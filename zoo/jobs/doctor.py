@@ -22,7 +22,7 @@ from finetune.engine import resolve_device
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.tools.pages import doctor_html
 from zoo.build import create_model
-from zoo.cache import cached_models, features_dir, read_manifest
+from zoo.cache import cached_models, features_dir, read_manifest, scan_memo
 from zoo.errors import UsageError
 from zoo.registry import get_entry
 from zoo.jobs.finetune import run_data_config
@@ -87,7 +87,7 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
 
 def _run(data: Path, model: str | None, out: Path, options: Any, config: Any, say: Log,
          progress: Any) -> tuple[Any, Path]:
-    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False)
+    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False, memo=scan_memo(data))
     name = model or default_model()
     entry = get_entry(name)
     say(f"doctor: {data} ({sum(len(s) for s in report.sets().values())} images, {len(report.classes)} classes), "

@@ -32,7 +32,7 @@ from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
 from zoo.build import builder_kwargs
 from zoo.bundle import export_run
-from zoo.cache import features_dir, read_manifest
+from zoo.cache import features_dir, read_manifest, scan_memo
 from zoo.errors import UsageError, ZooError
 from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
@@ -209,7 +209,8 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
-        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict)
+        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                             memo=scan_memo(data_dir))
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         for line in scan_lines(report, config):      # the counts the run trains on (after --exclude)
             say(line)

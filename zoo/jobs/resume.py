@@ -17,6 +17,7 @@ from finetune.core.errors import CheckpointError
 from finetune.data import scan_folder, scan_outdated, write_scan
 from finetune.tools.train import fit
 from zoo.build import has_fc_dropout
+from zoo.cache import scan_memo
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _build, _finish, feature_cache,
                                scan_warnings)
@@ -153,7 +154,8 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
                    say: Log) -> RunOutcome:
     # class_names: class folders renamed into the other Unicode form since keep the names the run trained on
     report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                         split_file=run_dir / "split.json", class_names=_trained_classes(info_json))
+                         split_file=run_dir / "split.json", class_names=_trained_classes(info_json),
+                         memo=scan_memo(data_dir))
     for w in scan_warnings(report, config):
         say(f"warning: {w}")
     if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
