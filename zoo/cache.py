@@ -48,12 +48,23 @@ def features_dir() -> Path:
     return zoo_home() / "features"
 
 
+SCAN_MEMO_DAYS = 30      # a data folder's scan memo not used for this long is removed (by the next scan)
+
+
 def scan_memo(data_dir: str | Path) -> Path:
     """Where the file checks of a data folder's scans are remembered (``finetune.data.scan_folder``'s
     ``memo``): one JSON file per folder (its real path) under ZOO_HOME/scans; files unchanged since the last
-    scan of that folder are not opened again."""
+    scan of that folder are not opened again. Memos of folders not scanned for SCAN_MEMO_DAYS are removed."""
     where = os.path.realpath(os.fspath(data_dir)).encode("utf-8", "surrogateescape")
-    return zoo_home() / "scans" / f"{hashlib.sha256(where).hexdigest()[:32]}.json"
+    folder = zoo_home() / "scans"
+    old = time.time() - SCAN_MEMO_DAYS * 86400
+    try:
+        for memo in folder.glob("*.json"):
+            if memo.stat().st_mtime < old:
+                memo.unlink()
+    except OSError:          # none yet, read-only, removed meanwhile by another scan
+        pass
+    return folder / f"{hashlib.sha256(where).hexdigest()[:32]}.json"
 
 
 def dir_name(name: str) -> str:

@@ -255,6 +255,11 @@ def check_files(files: Sequence[str], memo: str | Path | None = None) -> list[st
     entries = {f: [*k, r] for f, k, r in zip(files, keys, reasons) if k is not None}
     if entries != known:
         _write_memo(memo, entries)
+    else:
+        try:
+            os.utime(memo)       # used: its time says so (zoo removes memos of folders not scanned for a month)
+        except OSError:
+            pass
     return reasons
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,13 @@ def test_a_data_folder_has_one_scan_memo_under_zoo_home(monkeypatch, tmp_path):
     assert memo.parent == tmp_path / "z" / "scans" and memo.suffix == ".json"
     assert cache.scan_memo(str(tmp_path / "a") + "/") == cache.scan_memo(tmp_path / "link") == memo
     assert cache.scan_memo(tmp_path / "b") != memo
+    memo.parent.mkdir(parents=True)
+    memo.write_text("{}")
+    stale = memo.parent / "0123.json"
+    stale.write_text("{}")
+    os.utime(stale, (0, time.time() - (cache.SCAN_MEMO_DAYS + 1) * 86400))
+    cache.scan_memo(tmp_path / "b")
+    assert memo.is_file() and not stale.exists()       # a folder not scanned for a month: its memo goes
 
 
 def test_adhoc_names_get_safe_folders():
