@@ -53,16 +53,21 @@ SCAN_MEMO_DAYS = 30      # a data folder's scan memo not used for this long is r
 
 def scan_memo(data_dir: str | Path) -> Path:
     """Where the file checks of a data folder's scans are remembered (``finetune.data.scan_folder``'s
-    ``memo``): one JSON file per folder (its real path) under ZOO_HOME/scans; files unchanged since the last
-    scan of that folder are not opened again. Memos of folders not scanned for SCAN_MEMO_DAYS are removed."""
-    where = os.path.realpath(os.fspath(data_dir)).encode("utf-8", "surrogateescape")
+    ``memo``): one JSON file per folder under ZOO_HOME/scans, named after the folder's absolute path as given
+    (its entries are the files' paths under it: a folder reached through a link has its own). Files found
+    fine and unchanged since the last scan of that folder are not opened again. What lies there unused for
+    SCAN_MEMO_DAYS (a folder not scanned since, a write cut short) is removed first."""
+    where = os.path.abspath(os.fspath(data_dir)).encode("utf-8", "surrogateescape")
     folder = zoo_home() / "scans"
     old = time.time() - SCAN_MEMO_DAYS * 86400
     try:
-        for memo in folder.glob("*.json"):
-            if memo.stat().st_mtime < old:
-                memo.unlink()
-    except OSError:          # none yet, read-only, removed meanwhile by another scan
+        for memo in folder.iterdir():
+            try:
+                if memo.stat().st_mtime < old:
+                    memo.unlink()
+            except OSError:  # removed meanwhile by another scan
+                pass
+    except OSError:          # none yet, or unreadable
         pass
     return folder / f"{hashlib.sha256(where).hexdigest()[:32]}.json"
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -225,34 +226,34 @@ def class_key(name: str) -> str:
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache
 
 
-# What a memo of file checks (check_files' ``memo``) was made with: verdicts of another format, Pillow or
-# decompression-bomb limit are not reused. Bump the format when _check_file's verdicts change.
-_MEMO_FORMAT = 1
+# What a memo of file checks (check_files' ``memo``) was made with: a memo of another format, Pillow or
+# decompression-bomb limit is not used. Bump the format when _check_file's verdicts change.
+_MEMO_FORMAT = 2
+# A file changed less than this before a scan (or dated in the future) is not remembered: a same-size rewrite
+# within one tick of a coarse clock (FAT, ext3, HFS+, some NFS/SMB servers) would keep its times (git's rule).
+_MEMO_RACY_NS = 2_000_000_000
 
 
 def check_files(files: Sequence[str], memo: str | Path | None = None) -> list[str | None]:
     """Why each file cannot be used (None: it looks fine), by :func:`_check_file`.
 
-    ``memo``: a JSON file that remembers each regular file's verdict with its size, modification and change
-    times and inode: a file unchanged since is not opened again (a second scan of 12,288 JPEGs: one stat
-    each instead of three opens), a changed one (any write moves its change time) is checked again. It is
-    rewritten when anything changed; one that cannot be read or written is ignored."""
-    if memo is None:
+    ``memo``: a JSON file that remembers the files found fine, each with its size, modification and change
+    times and inode: such a file unchanged since is not opened again (a later scan of 12,288 JPEGs: a stat
+    each instead of three opens), a changed one (a write moves its change time, whatever mtime a tool sets
+    back) is checked again, and so is every file found unusable (a read error may pass; the reason is said
+    again). It is rewritten when anything changed; one that cannot be read or written is ignored. Not on
+    Windows, where a file's ctime is its creation time."""
+    if memo is None or os.name == "nt":
         return _check_all(files)
+    started = time.time_ns()
     keys = [_stat_key(f) for f in files]
     known = _read_memo(memo)
     reasons: list[str | None] = [None] * len(files)
-    todo = []
-    for i, (f, k) in enumerate(zip(files, keys)):
-        entry = known.get(f)
-        if (k is not None and isinstance(entry, list) and len(entry) == 5 and entry[:4] == k
-                and isinstance(entry[4], (str, type(None)))):
-            reasons[i] = entry[4]
-        else:
-            todo.append(i)
+    todo = [i for i, (f, k) in enumerate(zip(files, keys)) if k is None or known.get(f) != k]
     for i, reason in zip(todo, _check_all([files[i] for i in todo])):
         reasons[i] = reason
-    entries = {f: [*k, r] for f, k, r in zip(files, keys, reasons) if k is not None}
+    entries = {f: k for f, k, r in zip(files, keys, reasons)
+               if k is not None and r is None and started - _MEMO_RACY_NS > max(k[1], k[2])}
     if entries != known:
         _write_memo(memo, entries)
     else:

@@ -971,14 +971,19 @@ def test_many_files_are_checked_in_parallel_runs_with_each_reason_at_its_own_fil
 
 
 def test_a_memo_of_file_checks_spares_unchanged_files_and_rechecks_changed_ones(tmp_path, monkeypatch):
-    """scan_folder(memo=...): a second scan opens no unchanged file and gives the same report; a file
-    damaged, emptied or mended since is checked again (its size or change time moved); a memo made with
-    another Pillow, bomb limit or format, or damaged, or in a folder that cannot be written, is not used."""
+    """scan_folder(memo=...): a second scan opens no unchanged file found fine and gives the same report; a
+    file damaged, zero-filled (its times set back) or mended since is checked again (its size or change time
+    moved); a file found unusable is checked at every scan (a read error may pass); one changed within the
+    last 2 s is not remembered (a coarse clock); a memo made with another Pillow, bomb limit or format, or
+    damaged, or in a folder that cannot be written, is not used."""
     from finetune.data import files
 
     make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=4, size=16)
-    (tmp_path / "d" / "dog" / "junk.jpg").write_bytes(b"not an image")
     memo = tmp_path / "cache" / "scan.json"
+    scan_folder(tmp_path / "d", memo=memo)
+    assert not memo.exists()                                         # all written just now: nothing remembered
+    monkeypatch.setattr(files, "_MEMO_RACY_NS", 0)
+    (tmp_path / "d" / "dog" / "junk.jpg").write_bytes(b"not an image")
     checked: list[str] = []
     real = files._check_file
     monkeypatch.setattr(files, "_check_file", lambda path: checked.append(path) or real(path))
@@ -991,19 +996,20 @@ def test_a_memo_of_file_checks_spares_unchanged_files_and_rechecks_changed_ones(
     first = scan()
     assert len(checked) == 9 and memo.is_file() and len(first[1]) == 1
     os.utime(memo, (0, 0))
-    assert scan() == first and checked == []
+    junk = str(tmp_path / "d" / "dog" / "junk.jpg")
+    assert scan() == first and checked == [junk]                    # only the unusable file, again
     assert memo.stat().st_mtime > 0                                 # used: its time moves (zoo prunes by it)
     cat = sorted((tmp_path / "d" / "cat").iterdir())
     cat[0].write_bytes(b"\xff\xd8\xff")                         # damaged since
     second = scan()
-    assert checked == [str(cat[0])] and len(second[1]) == 2
+    assert checked == [str(cat[0]), junk] and len(second[1]) == 2
     st = os.stat(cat[1])
     cat[1].write_bytes(b"\0" * st.st_size)                        # same size, its times set back (cp -p, rsync -t):
     os.utime(cat[1], ns=(st.st_atime_ns, st.st_mtime_ns))           # the change time still moved
-    assert len(scan()[1]) == 3 and checked == [str(cat[1])]
+    assert len(scan()[1]) == 3 and checked == [str(cat[0]), str(cat[1]), junk]
     (tmp_path / "d" / "dog" / "junk.jpg").unlink()
     make_image(tmp_path / "d" / "dog" / "junk.jpg", 1, size=16)    # mended since
-    assert len(scan()[1]) == 2 and checked == [str(tmp_path / "d" / "dog" / "junk.jpg")]
+    assert len(scan()[1]) == 2 and checked == [str(cat[0]), str(cat[1]), junk]
     doc = json.loads(memo.read_text())
     for change in ({"pillow": "0.0"}, {"max_pixels": 1}, {"format": 0}):
         memo.write_text(json.dumps({**doc, "made_with": {**doc["made_with"], **change}}))

@@ -48,7 +48,10 @@ def test_fatal_data_problems_are_one_line_before_any_model(tmp_path, no_model_bu
     assert not (tmp_path / "runs").exists()
 
 
-def test_finetune_writes_the_whole_run_folder(tmp_path, tiny):
+def test_finetune_writes_the_whole_run_folder(tmp_path, tiny, monkeypatch):
+    from finetune.data import files
+
+    monkeypatch.setattr(files, "_MEMO_RACY_NS", 0)     # the images are remembered though written just now
     data = make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
     result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "1", "--head-epochs", "1",
@@ -64,7 +67,7 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny):
                  "curves.png", "checkpoints/last.pt", "checkpoints/best.safetensors", "summary.json",
                  "model.json", "confusion.csv"):
         assert (out / name).is_file(), name
-    memo = json.loads(scan_memo(data).read_text())                    # the next scan of the folder opens nothing
+    memo = json.loads(scan_memo(data).read_text())                    # found fine: not opened by the next scan
     assert sorted(memo["files"]) == sorted(str(p) for p in Path(data).rglob("*.png"))
     info = json.loads((out / "model.json").read_text())
     assert info["model"] == "tiny32" and info["builder"] == "timm:test_resnet"
