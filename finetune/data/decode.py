@@ -87,9 +87,10 @@ class EncodedImageDataset(ImageDataset):
         draw_key = sample_seed(seed, index)
         try:
             data = read_image_bytes(path)
-            if device_decodable(data, self.min_size) and not decoded_in_worker(draw_key, self.worker_share):
+            plain = device_decodable(data, self.min_size)
+            if plain and not decoded_in_worker(draw_key, self.worker_share):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index, draw_key
-            return load_image_tensor(path, self.min_size, data), label, index, draw_key
+            return load_image_tensor(path, self.min_size, data, plain), label, index, draw_key
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, failure_reason(e))
             return None

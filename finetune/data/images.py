@@ -206,13 +206,14 @@ def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def load_image_tensor(path: str | Path, min_size: int | None = None, data: bytes | None = None) -> torch.Tensor:
+def load_image_tensor(path: str | Path, min_size: int | None = None, data: bytes | None = None,
+                      plain: bool | None = None) -> torch.Tensor:
     """``load_image`` as a uint8 tensor (3, H, W): plain JPEGs (:func:`device_decodable`) are decoded by
     ``torchvision.io.decode_jpeg`` (libjpeg-turbo, faster than PIL's decode), everything else by
-    ``load_image``. ``data``: the file's bytes, when the caller has read them. Raises DataError like
-    ``load_image``."""
+    ``load_image``. ``data``: the file's bytes, and ``plain``: ``device_decodable(data, min_size)``, when the
+    caller has them already. Raises DataError like ``load_image``."""
     data = read_image_bytes(path) if data is None else data
-    if device_decodable(data, min_size):
+    if device_decodable(data, min_size) if plain is None else plain:
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
