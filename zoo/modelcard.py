@@ -3,6 +3,7 @@ pipeline_tag, license, base_model, tags, model-index) and a body that says what 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ __all__ = ["model_card", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENS
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
                 "cc-by-sa-4.0", "cc-by-nc-sa-4.0", "llama2", "openrail", "gpl-3.0", "lgpl-3.0", "agpl-3.0",
                 "cc0-1.0", "unlicense")
+CARD_CLASSES = 200           # classes listed by name in a card; a bigger label set is counted
+# the run's options a card gives (config.yaml, as trained: trained_recipe), in this order
+RECIPE_KEYS = ("optimizer", "lr", "head_solver", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size",
+               "freeze", "head", "bn", "sync_bn", "class_weights", "sampler", "weight_decay", "augment",
+               "label_smoothing", "mixup", "cutmix", "ema", "seed")
+MLP_NOTE = ("Note: the MLP head is recorded in config.json (`zoo.head`) and rebuilt by `zoo.load_bundle`; plain timm "
+            "cannot rebuild this head ({load} fails to load it).")
 
 
 def run_recipe(run: Path | None) -> dict[str, Any]:
@@ -46,10 +54,6 @@ def run_scan(run: Path | None) -> tuple[dict[str, Any], str | None]:
     return (data, None) if isinstance(data, dict) else ({}, "it holds no JSON object")
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def trained_recipe(recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """The run's config.yaml (``recipe``) as the run trained, for a model card: ``freeze`` as the policy decided
     it (config.yaml keeps what was asked, e.g. auto), ``head_solver`` where L-BFGS solved the head, whose
@@ -69,63 +73,58 @@ def trained_recipe(recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str,
     return out
 
 
-def model_card(repo: str, meta: dict[str, Any], config: dict[str, Any], run: Path | None,
-               test: dict[str, Any] | None = None) -> str:
-    """README.md: a YAML header the Hub understands (built with huggingface_hub's ModelCardData, with a
-    model-index of the validation and test accuracies) and a body that says what the model is."""
-    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
-    from huggingface_hub import ModelCard, ModelCardData
+def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, repo: str | None = None,
+               onnx_atol: float | None = None, test: dict[str, Any] | None = None) -> str:
+    """A bundle's README.md: what the model is, its data, recipe, metrics, source weights, preprocessing and
+    how to use it, from its metadata (``meta``: model.safetensors' header) and its run folder (``run``:
+    scan.json, summary.json, config.yaml, exclude.txt; None for a bundle without one).
 
-    labels = [str(x) for x in meta.get("label_names") or config.get("label_names") or []]
+    ``repo`` None: the card `zoo export` writes into the bundle (the local data folder named; ``onnx_atol``:
+    the bundle has a model.onnx, checked within that). ``repo`` given: the card of that Hub repo (`zoo push`):
+    a YAML header the Hub reads (built with huggingface_hub's ModelCardData, a model-index of the validation and
+    ``test`` accuracies), nothing local, and how to load it from the Hub. ``licence``: the base weights' (config.json's pretrained_cfg)."""
+    labels = [str(x) for x in meta.get("label_names") or []]
     library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
-    pcfg = config.get("pretrained_cfg") or {}
-    source = public_source_id(meta.get("source") or pcfg.get("source"))
-    licence = str(pcfg.get("license") or "unknown").lower()
-    base_model = source[3:].split("@", 1)[0] if source and source.startswith("hf:") else None
+    head = (meta.get("head") or {}).get("kind", "linear")
     scan, scan_problem = run_scan(run)
     summary = read_json_object(run / "summary.json") if run else {}
-    recipe = run_recipe(run)
     metrics = dict(meta.get("metrics") or summary.get("metrics") or {})
-    data_name = Path(str(scan.get("root") or "image folder")).name or "image folder"
-    test = test or {}
-
-    card_data = ModelCardData(
-        library_name="timm" if library == "timm" else "pytorch", pipeline_tag="image-classification",
-        license=licence if licence in HUB_LICENSES else "other",
-        license_name=None if licence in HUB_LICENSES else (licence if licence != "unknown" else "unknown"),
-        base_model=base_model, tags=["image-classification", library, "zoo-finetune", arch],
-        model_name=repo.split("/", 1)[1], eval_results=_eval_results(metrics, test, data_name) or None)
-
     name = meta.get("model") or arch
-    head = (meta.get("head") or {}).get("kind", "linear")
-    lines = [f"# {repo.split('/', 1)[1]}", "",
-             f"An image classifier for {len(labels)} classes: `{name}` ({meta.get('builder')}, "
-             f"{head} head) finetuned with [zoo-finetune](https://github.com/) (`zoo finetune`).", "",
-             "## Data", ""]
-    lines += _data_lines(scan, labels, run)
-    lines += ["", f"(The run's scan.json is present but unreadable ({scan_problem}), so the data is not "
-                  "described here.)"] if scan_problem else []
-    lines += _recipe_lines(recipe, summary, metrics, test)
-    lines += ["", "## Source weights", "",
-              f"- {source or 'none (random initialisation)'}",
-              f"- sha256 of the file: {meta.get('source_sha256') or 'unknown'}",
-              f"- licence of the base weights: {licence}",
-              "", "## Preprocessing", "",
+    title = repo.split("/", 1)[1] if repo else f"{name} finetuned on {len(labels)} classes"
+    lines = [f"# {title}", "", f"An image classifier for {len(labels)} classes: `{name}` (`{meta.get('builder')}`, "
+             f"{head} head), finetuned with zoo-finetune (`zoo finetune`).", "", "## Data", ""]
+    lines += _data_lines(scan, scan_problem, labels, run, published=repo is not None)
+    lines += _recipe_lines(run_recipe(run), summary, run is not None)
+    lines += _metrics_lines(metrics, test or {})
+    lines += _source_lines(meta, licence)
+    lines += ["", "## Preprocessing", "",
               f"input {tuple(meta.get('input_size', ()))}, {meta.get('interpolation')} resize to input/crop_pct "
               f"(crop_pct {meta.get('crop_pct')}), centre crop, mean {tuple(meta.get('mean', ()))}, "
               f"std {tuple(meta.get('std', ()))}; recorded in config.json's pretrained_cfg.", "", "## Use", ""]
-    if library == "timm" and head == "linear":
-        lines += ["```python", "import timm, torch", "from PIL import Image", "",
-                  f'model = timm.create_model("hf-hub:{repo}", pretrained=True).eval()',
-                  "cfg = timm.data.resolve_data_config({}, model=model)",
-                  "transform = timm.data.create_transform(**cfg)",
-                  'x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)',
-                  "probs = model(x).softmax(-1)",
-                  'labels = model.pretrained_cfg["label_names"]', "```", ""]
-    lines += ["With zoo-finetune (same sha256 checks and cache as its curated models):", "", "```bash",
-              f"zoo pull hf-hub:{repo}", f"zoo predict hf-hub:{repo} image.jpg", "```", ""]
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    return str(card)
+    lines += _hub_use_lines(repo, library, head) if repo else _bundle_use_lines(meta, library, arch, head, onnx_atol)
+    body = "\n".join(lines)
+    if repo is None:
+        return body
+    data_name = Path(str(scan.get("root") or "image folder")).name or "image folder"
+    return _with_hub_header(repo, meta, licence, library, arch, body, _eval_results(metrics, test or {}, data_name))
+
+
+def _with_hub_header(repo: str, meta: dict[str, Any], licence: str | None, library: str, arch: str, body: str,
+                     eval_results: list) -> str:
+    """``body`` under the YAML header the Hub reads: library, pipeline tag, licence, base model, tags, model-index."""
+    # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
+    from huggingface_hub import ModelCard, ModelCardData
+
+    licence = str(licence or "unknown").lower()
+    source = public_source_id(meta.get("source"))
+    card_data = ModelCardData(
+        library_name="timm" if library == "timm" else "pytorch", pipeline_tag="image-classification",
+        license=licence if licence in HUB_LICENSES else "other",
+        license_name=None if licence in HUB_LICENSES else licence,
+        base_model=source[3:].split("@", 1)[0] if source and source.startswith("hf:") else None,
+        tags=["image-classification", library, "zoo-finetune", arch],
+        model_name=repo.split("/", 1)[1], eval_results=eval_results or None)
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
 
 
 def _eval_results(metrics: dict[str, Any], test: dict[str, Any], data_name: str) -> list:
@@ -164,20 +163,35 @@ def _tta_views(test: dict[str, Any]) -> str | None:
                                                       if sizes else " (`zoo predict --tta --tta-views ten`)"))
 
 
-def _data_lines(scan: dict[str, Any], labels: list[str], run: Path | None) -> list[str]:
-    """The card's data section: images per class and split (or the class names), images left out."""
+def _cell(name: str) -> str:
+    """A class name as a markdown table cell: code, its pipes escaped."""
+    return "`" + name.replace("|", "\\|") + "`"
+
+
+def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str], run: Path | None,
+                published: bool) -> list[str]:
+    """The card's data section: images per class and split (or the class names), images left out; the local
+    folder only where the card is not ``published``."""
     lines: list[str] = []
-    counts = scan.get("counts") if isinstance(scan.get("counts"), dict) else {}
+    counts = {s: per for s, per in (scan.get("counts") or {}).items() if isinstance(per, dict)} \
+        if isinstance(scan.get("counts"), dict) else {}
     if counts:
         lines += ["| class | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
-        for c in labels[:200]:
-            lines.append(f"| {c} | " + " | ".join(str((counts[s] or {}).get(c, 0)) if isinstance(counts[s], dict)
-                                                  else "-" for s in counts) + " |")
-        totals = {s: sum(v for v in per.values() if isinstance(v, int)) for s, per in counts.items()
-                  if isinstance(per, dict)}
+        lines += [f"| {_cell(c)} | " + " | ".join(str(per.get(c, 0)) for per in counts.values()) + " |"
+                  for c in labels[:CARD_CLASSES]]
+        lines += [f"| ... ({len(labels)} classes in all) |" + " |" * len(counts)] if len(labels) > CARD_CLASSES else []
+        totals = {s: sum(v for v in per.values() if isinstance(v, int)) for s, per in counts.items()}
         lines += ["", "Images: " + ", ".join(f"{s} {n}" for s, n in totals.items()) + "."]
     else:
-        lines.append("Classes: " + ", ".join(f"`{c}`" for c in labels[:200]))
+        lines.append("Classes: " + ", ".join(_cell(c) for c in labels[:CARD_CLASSES])
+                     + (f" ... ({len(labels)} in all)" if len(labels) > CARD_CLASSES else ""))
+    if scan and not published:
+        lines += ["", f"Folder: `{scan.get('root', '?')}` (layout: {scan.get('layout', '?')})."]
+    if scan_problem:
+        lines += ["", f"(The run's scan.json is present but unreadable ({scan_problem}), so the data is not "
+                      "described here.)"]
+    elif run is not None and not scan:
+        lines += ["", "(no scan.json in the run folder)"]
     if run is not None and (run / "exclude.txt").is_file():
         left = [x for x in (run / "exclude.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
         lines += ["", f"`zoo doctor` findings: {len(left)} image(s) (duplicates, near-duplicates across splits or "
@@ -185,20 +199,32 @@ def _data_lines(scan: dict[str, Any], labels: list[str], run: Path | None) -> li
     return lines
 
 
-def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], metrics: dict[str, Any],
-                  test: dict[str, Any]) -> list[str]:
-    """The card's recipe and metrics sections."""
-    lines: list[str] = []
-    lines += ["", "## Recipe", ""]
-    recipe = trained_recipe(recipe, summary)
-    facts = {"optimizer": recipe.get("optimizer"), "learning rate": recipe.get("lr"),
-             "head solver": recipe.get("head_solver"), "schedule": recipe.get("schedule"),
-             "epochs": recipe.get("epochs"), "epochs run": summary.get("epochs_run"),
-             "best epoch": summary.get("best_epoch"), "freeze depth": recipe.get("freeze"),
-             "batch size": recipe.get("batch_size"), "weight decay": recipe.get("weight_decay"),
-             "phases": ", ".join(summary.get("phases") or []) or None}
-    lines += [f"- {k}: {_fmt(v)}" for k, v in facts.items() if v not in (None, "")] or ["- (not recorded)"]
-    lines += ["", "## Metrics", ""]
+def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], has_run: bool) -> list[str]:
+    """The card's recipe: the run's options as `zoo finetune` takes them (freeze as decided, a solved head
+    named), what the run did (epochs run, best epoch, phases)."""
+    recipe = trained_recipe(recipe, summary) if recipe else {}
+    lines = ["", "## Recipe", ""]
+    lines += [f"- {k}: {recipe[k]}" for k in RECIPE_KEYS if recipe.get(k) not in (None, "")]
+    if float(recipe.get("ema") or 0) > 0 and recipe.get("best_phase") != "head":   # the head phase is not averaged
+        lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
+    done = {"epochs run": summary.get("epochs_run"), "best epoch": summary.get("best_epoch"),
+            "phases": ", ".join(summary.get("phases") or []) or None}
+    lines += [f"- {k}: {v}" for k, v in done.items() if v not in (None, "")]
+    if len(lines) == 3:
+        lines.append("- (no config.yaml in the run folder)" if has_run else "- (not recorded: no run folder)")
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if not math.isnan(v) else "nan"
+    return str(v)
+
+
+def _metrics_lines(metrics: dict[str, Any], test: dict[str, Any]) -> list[str]:
+    """The card's metrics: the validation scalars and per-class accuracy of the weights kept; the test
+    accuracy of a `zoo eval` report where one was given (with the views its TTA averaged)."""
+    lines = ["", "## Metrics", ""]
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines += [f"- validation {k.removeprefix('val_')}: {_fmt(v)}" for k, v in scalars.items()]
     if test:
@@ -208,4 +234,54 @@ def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], metrics: dict
                   + (f", with test-time augmentation: the softmax averaged over {views}" if views else "")]
     if not scalars and not test:
         lines.append("- (none recorded)")
+    per_class = metrics.get("per_class")
+    if isinstance(per_class, dict) and per_class:
+        lines += ["", "Per-class validation accuracy: " + ", ".join(
+            f"{_cell(c)} {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:CARD_CLASSES])]
+    return lines
+
+
+def _source_lines(meta: dict[str, Any], licence: str | None) -> list[str]:
+    source = public_source_id(meta.get("source"))
+    if meta.get("pretrained") is False or not source:
+        return ["", "## Source weights", "", "- none: trained from random initialisation"]
+    return ["", "## Source weights", "", f"- {source}",
+            f"- sha256 of the file as downloaded or imported: {meta.get('source_sha256') or 'unknown'}",
+            f"- licence of the base weights: {str(licence or 'unknown').lower()}"]
+
+
+def _bundle_use_lines(meta: dict[str, Any], library: str, arch: str, head: str, onnx_atol: float | None) -> list[str]:
+    """How to load the bundle folder: zoo, plain timm or torchvision; its ONNX file."""
+    lines = ["```python", "import zoo", "bundle = zoo.load_bundle('.')", "print(bundle.predict('image.jpg', topk=3))",
+             "```", ""]
+    if library == "timm" and head == "linear":
+        lines += ["Plain timm rebuilds it too:", "", "```python", "import timm",
+                  "model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()", "```", ""]
+    elif library == "timm":
+        lines += [MLP_NOTE.format(load="`timm.create_model('local-dir:...')`"), ""]
+    else:
+        lines += [f"Plain torchvision: `torchvision.models.get_model('{arch}', weights=None, num_classes="
+                  f"{len(meta.get('label_names') or [])}, **config['zoo']['builder_kwargs'])` then `load_state_dict` "
+                  "from `safetensors.torch.load_file('model.safetensors')`.", ""]
+    if onnx_atol is not None:
+        lines += [f"`model.onnx`: input `input` (N, {', '.join(str(v) for v in meta.get('input_size', ()))}), output "
+                  f"`logits`; checked against PyTorch within {onnx_atol} with ONNX Runtime at export.", ""]
+    return lines
+
+
+def _hub_use_lines(repo: str, library: str, head: str) -> list[str]:
+    """How to load the Hub repo: plain timm (a linear head), zoo."""
+    lines: list[str] = []
+    if library == "timm" and head == "linear":
+        lines += ["```python", "import timm, torch", "from PIL import Image", "",
+                  f'model = timm.create_model("hf-hub:{repo}", pretrained=True).eval()',
+                  "cfg = timm.data.resolve_data_config({}, model=model)",
+                  "transform = timm.data.create_transform(**cfg)",
+                  'x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)',
+                  "probs = model(x).softmax(-1)",
+                  'labels = model.pretrained_cfg["label_names"]', "```", ""]
+    elif library == "timm":
+        lines += [MLP_NOTE.format(load=f'`timm.create_model("hf-hub:{repo}")`'), ""]
+    lines += ["With zoo-finetune (same sha256 checks and cache as its curated models):", "", "```bash",
+              f"zoo pull hf-hub:{repo}", f"zoo predict hf-hub:{repo} image.jpg", "```", ""]
     return lines

@@ -209,7 +209,8 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
         if isinstance(pc.get(k), str) and not pc[k].startswith(("http://", "https://")):
             pc.pop(k)
     labels = labels or list(config.get("label_names") or [])
-    card = model_card(repo, public_meta, cfg, run, _test_metrics(test_metrics, sha, labels))
+    card_meta = {**public_meta, "label_names": labels, "source": public_meta.get("source") or pc.get("source")}
+    card = model_card(card_meta, run, pc.get("license"), repo=repo, test=_test_metrics(test_metrics, sha, labels))
     files = {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
              CARD: card.encode("utf-8")}
     scan = run_scan(run)[0]

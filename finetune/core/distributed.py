@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from finetune.core.errors import ConfigError, FinetuneError
 
 __all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main"]
+           "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main", "computed_on_main"]
 
 
 @dataclass(frozen=True)
@@ -157,15 +157,40 @@ def entered_on_main(cm, info: DistInfo):
             value = stack.enter_context(cm)
         except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
             failed = e
-        mine = (str(failed), getattr(failed, "exit_code", 1)) if failed is not None and info.is_main else None
-        told = broadcast_object(mine, info) if info.enabled else None
-        if failed is not None:
-            raise failed
-        if told is not None:
-            err = FinetuneError(told[0])
-            err.exit_code = told[1]
-            raise err
+        _share_outcome(failed, info)
         yield value
+
+
+def computed_on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """``fn()`` run on rank 0 alone, its value on every rank: one look at something the ranks must agree on
+    (the data folder's scan: a file added while N ranks each scanned would give them different datasets).
+    In one process, ``fn()``.
+
+    Raises:
+        ``fn``'s error, on rank 0 as raised, on the others as a FinetuneError with its message and exit code.
+    """
+    if not info.enabled:
+        return fn()
+    value, failed = None, None
+    if info.is_main:
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            failed = e
+    _share_outcome(failed, info)
+    return broadcast_object(value, info)
+
+
+def _share_outcome(failed: Exception | None, info: DistInfo) -> None:
+    """Rank 0's error (``failed``, None on the others and where it succeeded) raised on every rank."""
+    mine = (str(failed), getattr(failed, "exit_code", 1)) if failed is not None and info.is_main else None
+    told = broadcast_object(mine, info) if info.enabled else None
+    if failed is not None:
+        raise failed
+    if told is not None:
+        err = FinetuneError(told[0])
+        err.exit_code = told[1]
+        raise err
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

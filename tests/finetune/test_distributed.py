@@ -376,3 +376,38 @@ def test_leave_ends_the_group_once(tmp_path):
     assert not dist.is_initialized()
     ddp.leave(one)
     ddp.cleanup(one)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_computed_on_main_gives_every_rank_rank_0s_value_or_error(tmp_path):
+    """ddp.computed_on_main (the data folder's scan under torchrun): only rank 0 calls the function, every rank
+    gets its value; its error is raised on every rank, with its message and exit code, and nobody hangs."""
+    body = """
+        from finetune.core import distributed as ddp
+        from finetune.core.errors import DataError, FinetuneError
+        info = ddp.setup("cpu")
+        calls = []
+        def look():
+            calls.append(info.rank)
+            return {"seen by": info.rank, "files": ["a.jpg", "b.jpg"]}
+        got = ddp.computed_on_main(look, info)
+        assert got == {"seen by": 0, "files": ["a.jpg", "b.jpg"]}, got
+        assert calls == ([0] if info.rank == 0 else []), calls
+        def refuse():
+            err = DataError("class 'x' has no images: add some")
+            err.exit_code = 7
+            raise err
+        try:
+            ddp.computed_on_main(refuse, info)
+        except FinetuneError as e:
+            assert str(e) == "class 'x' has no images: add some" and e.exit_code == 7, (e, e.exit_code)
+            assert isinstance(e, DataError) == (info.rank == 0), type(e)
+        else:
+            raise AssertionError("no error")
+        print(f"rank {info.rank} ok", flush=True)
+    """
+    from finetune.data import ImageSet
+
+    empty = ImageSet([], ["a"])
+    out = _torchrun_fit(tmp_path, empty, empty, body, timeout=120)
+    assert "rank 0 ok" in out and "rank 1 ok" in out

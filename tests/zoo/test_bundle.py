@@ -101,7 +101,7 @@ def test_metadata_and_timm_config_layout(run_and_model, tmp_path):
     assert cfg["zoo"]["head"] == {"kind": "linear"}
 
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "val_acc: 0.7500" in card and "`dog/wolf: ?*`" in card and "optimizer: adam" in card
+    assert "validation acc: 0.7500" in card and "`dog/wolf: ?*`" in card and "- optimizer: adam\n" in card
     assert "local-dir:" in card and "`cat` 1.0000" in card and "as downloaded or imported: " + "ab" * 32 in card
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temp left
 
@@ -395,7 +395,7 @@ def test_a_damaged_scan_json_is_named_in_the_card_and_a_warning_and_exported_any
     heard: list[str] = []
     out = export_run(run, run / "b", note=heard.append)
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "scan.json in the run folder is present but unreadable" in card and "no scan.json" not in card
+    assert "The run's scan.json is present but unreadable (" in card and "no scan.json" not in card
     assert len(heard) == 1 and heard[0].startswith(f"warning: {run / 'scan.json'} is present but unreadable (")
     assert load_bundle(out).labels == list(CLASSES)
     (run / "scan.json").unlink()        # none at all: the card says so, and nothing is heard

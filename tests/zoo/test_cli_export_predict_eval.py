@@ -63,7 +63,7 @@ def test_an_interrupted_export_leaves_the_earlier_bundle_whole(tmp_path, runner,
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "_model_card", interrupted)
+    monkeypatch.setattr(export, "model_card", interrupted)
     for args in ([str(run)], [str(run), "--out", str(tmp_path / "new")]):
         res = runner.invoke(cli, ["export", *args])
         assert isinstance(res.exception, KeyboardInterrupt) or res.exit_code != 0, res.output

@@ -79,7 +79,7 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
     assert got == {("validation", "accuracy"): 0.75, ("test", "accuracy"): 0.5}
     assert data.to_dict()["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     body = card.text
-    for needle in ("| cat | 9 | 3 |", "Images: train 24, val 8.", "2 image(s)", "- learning rate: 0.001",
+    for needle in ("| `cat` | 9 | 3 |", "Images: train 24, val 8.", "2 image(s)", "- lr: 0.001\n",
                    "- epochs: 5", "validation acc: 0.7500", "test accuracy: 0.5000 on 9 images",
                    f'timm.create_model("hf-hub:{REPO}", pretrained=True)', f"zoo predict hf-hub:{REPO}"):
         assert needle in body, needle
@@ -157,7 +157,7 @@ def test_nothing_private_is_published(hub, tmp_path, runner):
     assert cfg["zoo"]["source"] == "import:efficientnet-lite0-57934424.pth"
     assert cfg["pretrained_cfg"]["source"] == "import:efficientnet-lite0-57934424.pth"
     assert cfg["zoo"]["source_sha256"] == "ab" * 32 and "file" not in cfg["pretrained_cfg"]
-    assert "sha256 of the file: " + "ab" * 32 in texts[1]
+    assert "sha256 of the file as downloaded or imported: " + "ab" * 32 in texts[1]
     # the export itself no longer records it either (bundle config, safetensors header, ONNX metadata)
     assert json.loads((bundle / "config.json").read_text())["pretrained_cfg"]["source"] == \
         "import:efficientnet-lite0-57934424.pth"
@@ -507,7 +507,7 @@ def test_both_model_cards_say_the_freeze_decided_and_a_solved_head(tmp_path, pha
     bundle = export_run(run, run / "export")
     readme = (bundle / "README.md").read_text()
     card = plan_push(bundle, REPO).card
-    assert "- freeze: head (auto)\n" in readme and "- freeze depth: head (auto)\n" in card
+    assert "- freeze: head (auto)\n" in readme and "- freeze: head (auto)\n" in card
     for text in (readme, card):
         (line,) = [ln for ln in text.splitlines() if "lbfgs (the head solved on cached features" in ln]
         assert line.endswith(f"no learning rate; the optimizer and lr {after})")

@@ -16,7 +16,7 @@ from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_w
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
-from zoo.modelcard import run_recipe, run_scan, trained_recipe
+from zoo.modelcard import model_card, run_recipe, run_scan
 from zoo.outdir import KINDS, STAGING
 from zoo.registry import public_source_id
 
@@ -134,74 +134,6 @@ def _plain_config(arch: str, model: Any, path: Path, labels: list[str], data_con
                               "num_classes": len(labels), "classifier": classifier, **weights_cfg},
            "zoo": zoo}
     atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if not math.isnan(v) else "nan"
-    return str(v)
-
-
-def _model_card(meta: dict[str, Any], recipe: dict[str, Any], scan: dict[str, Any], formats: Sequence[str],
-                scan_problem: str | None = None) -> str:
-    labels = meta["label_names"]
-    library, _, arch = meta["builder"].partition(":")
-    head = meta.get("head") or {"kind": "linear"}
-    lines = [f"# {meta.get('model') or arch} finetuned on {len(labels)} classes", "",
-             f"Exported by zoo-finetune from a run of `zoo finetune`. Architecture `{meta['builder']}`, "
-             f"head: {head.get('kind', 'linear')}.", "", "## Data", ""]
-    if scan_problem:
-        lines.append(f"- (scan.json in the run folder is present but unreadable: {scan_problem})")
-    elif scan:
-        lines.append(f"- folder: `{scan.get('root', '?')}` (layout: {scan.get('layout', '?')})")
-        counts = scan.get("counts")
-        if isinstance(counts, dict):
-            for split, per in counts.items():
-                if isinstance(per, dict):
-                    lines.append(f"- {split}: {sum(v for v in per.values() if isinstance(v, int))} images")
-    else:
-        lines.append("- (no scan.json in the run folder)")
-    lines += ["", "## Classes", "", ", ".join(f"`{c}`" for c in labels[:200])
-              + (f" ... ({len(labels)} in all)" if len(labels) > 200 else ""), "", "## Validation metrics", ""]
-    metrics = meta.get("metrics") or {}
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    lines += [f"- {k}: {_fmt(v)}" for k, v in scalars.items()] or ["- (none recorded)"]
-    per_class = metrics.get("per_class")
-    if isinstance(per_class, dict) and per_class:
-        lines += ["", "Per-class validation accuracy: " + ", ".join(
-            f"`{c}` {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:200])]
-    lines += ["", "## Recipe", ""]
-    keys = ("optimizer", "lr", "head_solver", "backbone_lr_mult", "layer_decay", "schedule", "epochs", "batch_size",
-            "freeze",
-            "head", "bn", "sync_bn", "class_weights", "sampler", "weight_decay", "augment", "label_smoothing", "mixup",
-            "cutmix", "ema", "seed")
-    lines += [f"- {k}: {recipe[k]}" for k in keys if k in recipe] or ["- (no config.yaml in the run folder)"]
-    if float(recipe.get("ema") or 0) > 0 and recipe.get("best_phase") != "head":   # the head phase is not averaged
-        lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
-    if meta.get("pretrained") is False:
-        lines += ["", "## Source weights", "", "- none: trained from random initialisation"]
-    else:
-        lines += ["", "## Source weights", "", f"- {meta.get('source') or 'unknown'}",
-                  f"- sha256 of the file as downloaded or imported: {meta.get('source_sha256') or 'unknown'}"]
-    lines += ["", "## Preprocessing", "",
-              f"input {tuple(meta['input_size'])}, {meta['interpolation']} resize to input/crop_pct "
-              f"(crop_pct {meta['crop_pct']}), centre crop, mean {tuple(meta['mean'])}, std {tuple(meta['std'])}.",
-              "", "## Use", "", "```python", "import zoo", "bundle = zoo.load_bundle('.')",
-              "print(bundle.predict('image.jpg', topk=3))", "```", ""]
-    if library == "timm" and head.get("kind", "linear") == "linear":
-        lines += ["Plain timm rebuilds it too:", "", "```python", "import timm",
-                  "model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()", "```", ""]
-    elif library == "timm":
-        lines += ["Note: the MLP head is recorded in config.json (`zoo.head`) and rebuilt by `zoo.load_bundle`; "
-                  "plain timm cannot rebuild this head (`timm.create_model('local-dir:...')` fails to load it).", ""]
-    else:
-        lines += [f"Plain torchvision: `torchvision.models.get_model('{arch}', weights=None, num_classes="
-                  f"{len(labels)}, **config['zoo']['builder_kwargs'])` then `load_state_dict` from "
-                  "`safetensors.torch.load_file('model.safetensors')`.", ""]
-    if "onnx" in formats:
-        lines += [f"`model.onnx`: input `input` (N, {', '.join(str(v) for v in meta['input_size'])}), output "
-                  f"`logits`; checked against PyTorch within {ONNX_ATOL} with ONNX Runtime at export.", ""]
-    return "\n".join(lines)
 
 
 def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: dict[str, str]) -> float:
@@ -326,7 +258,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise UsageError(f"unknown export format(s) {unknown}; choose safetensors and/or onnx")
     info, state, ckpt = _read_run(run)
     labels = [str(c) for c in info["classes"]]
-    summary, recipe, (scan, scan_problem) = _summary(run), run_recipe(run), run_scan(run)  # read once: meta + card
+    summary, recipe, (scan, scan_problem) = _summary(run), run_recipe(run), run_scan(run)  # (the card reads its own)
     if scan_problem and note is not None:
         note(f"warning: {run / 'scan.json'} is present but unreadable ({scan_problem}): the bundle's card does "
              "not describe the data, and zoo eval cannot tell when it is given the folders the run trained on; "
@@ -362,7 +294,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     shutil.rmtree(stage, ignore_errors=True)        # what a killed export left
     stage.mkdir(parents=True)
     try:
-        card = _model_card(meta, trained_recipe(recipe, summary), scan, formats, scan_problem)  # freeze as decided
+        card = model_card(meta, run, _weights_cfg(info).get("license"),
+                          onnx_atol=ONNX_ATOL if "onnx" in formats else None)
         _write_bundle(stage, info, model, meta, labels, data_config, formats, card)
         _publish(stage, out)
     except OSError as err:      # (a full disk...) named as the bundle's file, not the staging copy

@@ -209,8 +209,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
-        report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                             memo=scan_memo(data_dir))
+        # rank 0 scans, every rank trains on what it found (one look: the ranks' datasets cannot differ)
+        report = ddp.computed_on_main(lambda: scan_folder(data_dir, val_split=config.val_split, seed=config.seed,
+                                                          strict=config.strict, memo=scan_memo(data_dir)), info)
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         for line in scan_lines(report, config):      # the counts the run trains on (after --exclude)
             say(line)

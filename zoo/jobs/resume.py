@@ -153,9 +153,10 @@ def _trained_classes(info_json: dict) -> list[str]:
 def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
                    say: Log) -> RunOutcome:
     # class_names: class folders renamed into the other Unicode form since keep the names the run trained on
-    report = scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                         split_file=run_dir / "split.json", class_names=_trained_classes(info_json),
-                         memo=scan_memo(data_dir))
+    report = ddp.computed_on_main(      # rank 0 scans, every rank trains on what it found (zoo.jobs.finetune)
+        lambda: scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
+                            split_file=run_dir / "split.json", class_names=_trained_classes(info_json),
+                            memo=scan_memo(data_dir)), info)
     for w in scan_warnings(report, config):
         say(f"warning: {w}")
     if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
