@@ -524,3 +524,18 @@ def test_the_bundle_card_names_ema_weights_only_where_the_finetune_phase_was_kep
     (run / "config.yaml").write_text((run / "config.yaml").read_text() + "ema: 0.9\n")
     readme = (export_run(run, run / "export") / "README.md").read_text()
     assert ("exponential moving average" in readme) == said
+
+
+def test_both_cards_give_the_recipe_as_config_yaml_holds_it(tmp_path):
+    """One card writer for the bundle and the Hub (zoo.modelcard.model_card): the same recipe lines, values as
+    config.yaml holds them (the Hub card printed a small learning rate, 1e-5, as 0.0000)."""
+    from zoo.push import plan_push
+
+    run, _ = make_bundle(tmp_path)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("lr: 0.001", "lr: 1.0e-05"))
+    bundle = export_run(run, run / "export")
+    readme, card = (bundle / "README.md").read_text(), plan_push(bundle, REPO).card
+    recipe = [[ln for ln in text.split("## Recipe")[1].split("## Metrics")[0].splitlines() if ln]
+              for text in (readme, card)]
+    assert recipe[0] == recipe[1] and "- lr: 1e-05" in recipe[0], recipe
+    assert "/home/alice/photos" in readme and "/home/alice" not in card      # the local folder stays local
