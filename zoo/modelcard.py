@@ -82,7 +82,8 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
     ``repo`` None: the card `zoo export` writes into the bundle (the local data folder named; ``onnx_atol``:
     the bundle has a model.onnx, checked within that). ``repo`` given: the card of that Hub repo (`zoo push`):
     a YAML header the Hub reads (built with huggingface_hub's ModelCardData, a model-index of the validation and
-    ``test`` accuracies), nothing local, and how to load it from the Hub. ``licence``: the base weights' (config.json's pretrained_cfg)."""
+    ``test`` accuracies), nothing local, and how to load it from the Hub. ``licence``: the base weights'
+    (config.json's pretrained_cfg)."""
     labels = [str(x) for x in meta.get("label_names") or []]
     library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
     head = (meta.get("head") or {}).get("kind", "linear")

@@ -60,12 +60,13 @@ def rank_mistakes(images: list[tuple[Any, str]], labels: list[str], probs, *, to
 
 
 def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log: Log | None = None,
-                progress: bool = False, val_predictions: tuple[list[tuple[Any, str]], list[str], Any] | None = None) -> Path:
+                progress: bool = False,
+                val_predictions: tuple[list[tuple[Any, str]], list[str], Any] | None = None) -> Path:
     """Write RUN/report.html; returns its path.
 
     ``val_predictions``: (validation images as (path, true class name), the class names, their probabilities
-    [n, C] under the run's best weights), when the caller has them (``zoo finetune`` keeps those of its last evaluation);
-    otherwise the bundle predicts the validation images again.
+    [n, C] under the run's best weights), when the caller has them (``zoo finetune`` keeps those of its last
+    evaluation); otherwise the bundle predicts the validation images again.
 
     Raises:
         UsageError: ``run_dir`` is not a run folder.
