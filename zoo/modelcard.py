@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,10 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
     (config.json's pretrained_cfg)."""
     labels = [str(x) for x in meta.get("label_names") or []]
     library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
-    head = (meta.get("head") or {}).get("kind", "linear")
+    head = str(meta["head"].get("kind", "linear")) if isinstance(meta.get("head"), dict) else "linear"
     scan, scan_problem = run_scan(run)
     summary = read_json_object(run / "summary.json") if run else {}
-    metrics = dict(meta.get("metrics") or summary.get("metrics") or {})
+    metrics = next((m for m in (meta.get("metrics"), summary.get("metrics")) if isinstance(m, dict) and m), {})
     name = meta.get("model") or arch
     title = repo.split("/", 1)[1] if repo else f"{name} finetuned on {len(labels)} classes"
     lines = [f"# {title}", "", f"An image classifier for {len(labels)} classes: `{name}` (`{meta.get('builder')}`, "
@@ -99,15 +100,14 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
     lines += _metrics_lines(metrics, test or {})
     lines += _source_lines(meta, licence)
     lines += ["", "## Preprocessing", "",
-              f"input {tuple(meta.get('input_size', ()))}, {meta.get('interpolation')} resize to input/crop_pct "
-              f"(crop_pct {meta.get('crop_pct')}), centre crop, mean {tuple(meta.get('mean', ()))}, "
-              f"std {tuple(meta.get('std', ()))}; recorded in config.json's pretrained_cfg.", "", "## Use", ""]
+              f"input {_values(meta, 'input_size')}, {meta.get('interpolation')} resize to input/crop_pct "
+              f"(crop_pct {meta.get('crop_pct')}), centre crop, mean {_values(meta, 'mean')}, "
+              f"std {_values(meta, 'std')}; recorded in config.json's pretrained_cfg.", "", "## Use", ""]
     lines += _hub_use_lines(repo, library, head) if repo else _bundle_use_lines(meta, library, arch, head, onnx_atol)
     body = "\n".join(lines)
     if repo is None:
         return body
-    data_name = Path(str(scan.get("root") or "image folder")).name or "image folder"
-    return _with_hub_header(repo, meta, licence, library, arch, body, _eval_results(metrics, test or {}, data_name))
+    return _with_hub_header(repo, meta, licence, library, arch, body, _eval_results(metrics, test or {}))
 
 
 def _with_hub_header(repo: str, meta: dict[str, Any], licence: str | None, library: str, arch: str, body: str,
@@ -128,26 +128,24 @@ def _with_hub_header(repo: str, meta: dict[str, Any], licence: str | None, libra
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
 
 
-def _eval_results(metrics: dict[str, Any], test: dict[str, Any], data_name: str) -> list:
-    """The model-index entries: validation accuracy, test accuracy and top-5 where recorded."""
+def _eval_results(metrics: dict[str, Any], test: dict[str, Any]) -> list:
+    """The model-index entries: validation accuracy, test accuracy and top-5 where recorded (finite numbers).
+    The dataset is named "image folder": the data folder's own name is local, as its path is."""
     # lazy: zoo list --mine imports this module; huggingface_hub (slow to import) only to push
     from huggingface_hub import EvalResult
 
-    results = []
-    if isinstance(metrics.get("val_acc"), (int, float)):
-        results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder",
-                                  dataset_name=data_name, dataset_split="validation", metric_type="accuracy",
-                                  metric_value=float(metrics["val_acc"]), metric_name="validation accuracy"))
-    if isinstance(test.get("accuracy"), (int, float)):
-        tta = " (TTA)" if _tta_views(test) else ""
-        results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder",
-                                  dataset_name=data_name, dataset_split="test", metric_type="accuracy",
-                                  metric_value=float(test["accuracy"]), metric_name=f"test accuracy{tta}"))
-        if isinstance(test.get("top5"), (int, float)):
-            results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder",
-                                      dataset_name=data_name, dataset_split="test", metric_type="top_5_accuracy",
-                                      metric_value=float(test["top5"]), metric_name=f"test top-5 accuracy{tta}"))
-    return results
+    tta = " (TTA)" if _tta_views(test) else ""
+    wanted = [("validation", "accuracy", metrics.get("val_acc"), "validation accuracy"),
+              ("test", "accuracy", test.get("accuracy"), f"test accuracy{tta}")]
+    if _finite(test.get("accuracy")):
+        wanted.append(("test", "top_5_accuracy", test.get("top5"), f"test top-5 accuracy{tta}"))
+    return [EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name="image folder",
+                       dataset_split=split, metric_type=kind, metric_value=float(value), metric_name=name)
+            for split, kind, value, name in wanted if _finite(value)]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _tta_views(test: dict[str, Any]) -> str | None:
@@ -164,9 +162,24 @@ def _tta_views(test: dict[str, Any]) -> str | None:
                                                       if sizes else " (`zoo predict --tta --tta-views ten`)"))
 
 
-def _cell(name: str) -> str:
-    """A class name as a markdown table cell: code, its pipes escaped."""
-    return "`" + name.replace("|", "\\|") + "`"
+def _code(name: Any) -> str:
+    """A name (a class, a folder) as inline code that nothing in it can end or break: on one line, fenced by
+    more backticks than it holds in a row."""
+    text = " ".join(str(name).splitlines()) or " "
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _cell(name: Any) -> str:
+    """A name as a markdown table cell: inline code, its pipes escaped (which a table reads first)."""
+    return _code(name).replace("|", "\\|")
+
+
+def _values(meta: dict[str, Any], key: str) -> tuple:
+    v = meta.get(key)
+    return tuple(v) if isinstance(v, (list, tuple)) else ()
 
 
 def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str], run: Path | None,
@@ -184,10 +197,10 @@ def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str
         totals = {s: sum(v for v in per.values() if isinstance(v, int)) for s, per in counts.items()}
         lines += ["", "Images: " + ", ".join(f"{s} {n}" for s, n in totals.items()) + "."]
     else:
-        lines.append("Classes: " + ", ".join(_cell(c) for c in labels[:CARD_CLASSES])
+        lines.append("Classes: " + ", ".join(_code(c) for c in labels[:CARD_CLASSES])
                      + (f" ... ({len(labels)} in all)" if len(labels) > CARD_CLASSES else ""))
     if scan and not published:
-        lines += ["", f"Folder: `{scan.get('root', '?')}` (layout: {scan.get('layout', '?')})."]
+        lines += ["", f"Folder: {_code(scan.get('root', '?'))} (layout: {scan.get('layout', '?')})."]
     if scan_problem:
         lines += ["", f"(The run's scan.json is present but unreadable ({scan_problem}), so the data is not "
                       "described here.)"]
@@ -203,15 +216,16 @@ def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str
 def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], has_run: bool) -> list[str]:
     """The card's recipe: the run's options as `zoo finetune` takes them (freeze as decided, a solved head
     named), what the run did (epochs run, best epoch, phases)."""
-    recipe = trained_recipe(recipe, summary) if recipe else {}
+    asked = recipe
+    recipe = trained_recipe(recipe, summary)
     lines = ["", "## Recipe", ""]
     lines += [f"- {k}: {recipe[k]}" for k in RECIPE_KEYS if recipe.get(k) not in (None, "")]
-    if float(recipe.get("ema") or 0) > 0 and recipe.get("best_phase") != "head":   # the head phase is not averaged
+    if _finite(recipe.get("ema")) and recipe["ema"] > 0 and recipe.get("best_phase") != "head":  # head: not averaged
         lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
     done = {"epochs run": summary.get("epochs_run"), "best epoch": summary.get("best_epoch"),
             "phases": ", ".join(summary.get("phases") or []) or None}
     lines += [f"- {k}: {v}" for k, v in done.items() if v not in (None, "")]
-    if len(lines) == 3:
+    if not asked:
         lines.append("- (no config.yaml in the run folder)" if has_run else "- (not recorded: no run folder)")
     return lines
 
@@ -238,15 +252,15 @@ def _metrics_lines(metrics: dict[str, Any], test: dict[str, Any]) -> list[str]:
     per_class = metrics.get("per_class")
     if isinstance(per_class, dict) and per_class:
         lines += ["", "Per-class validation accuracy: " + ", ".join(
-            f"{_cell(c)} {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:CARD_CLASSES])]
+            f"{_code(c)} {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:CARD_CLASSES])
+            + (f" ... ({len(per_class)} in all)" if len(per_class) > CARD_CLASSES else "")]
     return lines
 
 
 def _source_lines(meta: dict[str, Any], licence: str | None) -> list[str]:
-    source = public_source_id(meta.get("source"))
-    if meta.get("pretrained") is False or not source:
+    if meta.get("pretrained") is False:
         return ["", "## Source weights", "", "- none: trained from random initialisation"]
-    return ["", "## Source weights", "", f"- {source}",
+    return ["", "## Source weights", "", f"- {public_source_id(meta.get('source')) or 'unknown'}",
             f"- sha256 of the file as downloaded or imported: {meta.get('source_sha256') or 'unknown'}",
             f"- licence of the base weights: {str(licence or 'unknown').lower()}"]
 

@@ -36,7 +36,7 @@ from zoo.registry import public_source_id
 from zoo.sources import hub_transport, is_offline
 from zoo.text import first_line, shell_command
 
-__all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "model_card", "pushed_models",
+__all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "pushed_models",
            "local_bundles", "HUB_LICENSES"]
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"

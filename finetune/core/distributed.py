@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -25,6 +26,11 @@ from finetune.core.errors import ConfigError, FinetuneError
 __all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
            "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main", "computed_on_main"]
+
+
+# how long the other ranks wait for rank 0 in computed_on_main: a first scan of millions of files on network
+# storage can take an hour; a rank 0 that died is noticed sooner (torchrun ends the job)
+PATIENCE = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -166,19 +172,34 @@ def computed_on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
     (the data folder's scan: a file added while N ranks each scanned would give them different datasets).
     In one process, ``fn()``.
 
+    The others wait in a gloo group of its own, for up to ``PATIENCE``: the default group's timeout (NCCL's 10
+    minutes) would end them during a long first scan. The value travels through the host (a report of a
+    million images is some 70 MB), never a GPU.
+
     Raises:
-        ``fn``'s error, on rank 0 as raised, on the others as a FinetuneError with its message and exit code.
+        ``fn``'s error, on rank 0 as raised, on the others as a FinetuneError with its message and exit code
+        (an interrupt of rank 0 included: exit code 130).
     """
     if not info.enabled:
         return fn()
-    value, failed = None, None
-    if info.is_main:
-        try:
-            value = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
-            failed = e
-    _share_outcome(failed, info)
-    return broadcast_object(value, info)
+    patient = dist.new_group(backend="gloo", timeout=PATIENCE)       # every rank, before rank 0 starts
+    try:
+        box: list[Any] = [None]
+        if info.is_main:
+            try:
+                box = [("value", fn())]
+            except BaseException as e:   # an interrupt too: the others hear of it, not of a broken connection
+                code = getattr(e, "exit_code", 130 if isinstance(e, KeyboardInterrupt) else 1)
+                dist.broadcast_object_list([("error", str(e) or "rank 0 was interrupted", code)], src=0, group=patient)
+                raise
+        dist.broadcast_object_list(box, src=0, group=patient)
+    finally:
+        dist.destroy_process_group(patient)
+    if box[0][0] == "error":
+        err = FinetuneError(box[0][1])
+        err.exit_code = box[0][2]
+        raise err
+    return box[0][1]
 
 
 def _share_outcome(failed: Exception | None, info: DistInfo) -> None:

@@ -381,14 +381,21 @@ def test_leave_ends_the_group_once(tmp_path):
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_computed_on_main_gives_every_rank_rank_0s_value_or_error(tmp_path):
     """ddp.computed_on_main (the data folder's scan under torchrun): only rank 0 calls the function, every rank
-    gets its value; its error is raised on every rank, with its message and exit code, and nobody hangs."""
+    gets its value, also when rank 0 takes longer than the default group's timeout (NCCL's 10 minutes ended the
+    others in a long first scan; here gloo's, set to 2 s); its error is raised on every rank with its message and
+    exit code, an interrupt as exit code 130, and nobody hangs."""
     body = """
+        import time
+        from datetime import timedelta
+        import torch.distributed as dist
         from finetune.core import distributed as ddp
         from finetune.core.errors import DataError, FinetuneError
+        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=2))
         info = ddp.setup("cpu")
         calls = []
         def look():
             calls.append(info.rank)
+            time.sleep(4)
             return {"seen by": info.rank, "files": ["a.jpg", "b.jpg"]}
         got = ddp.computed_on_main(look, info)
         assert got == {"seen by": 0, "files": ["a.jpg", "b.jpg"]}, got
@@ -397,13 +404,19 @@ def test_computed_on_main_gives_every_rank_rank_0s_value_or_error(tmp_path):
             err = DataError("class 'x' has no images: add some")
             err.exit_code = 7
             raise err
-        try:
-            ddp.computed_on_main(refuse, info)
-        except FinetuneError as e:
-            assert str(e) == "class 'x' has no images: add some" and e.exit_code == 7, (e, e.exit_code)
-            assert isinstance(e, DataError) == (info.rank == 0), type(e)
-        else:
-            raise AssertionError("no error")
+        def interrupted():
+            raise KeyboardInterrupt
+        for fn, said, code in ((refuse, "class 'x' has no images: add some", 7),
+                               (interrupted, "rank 0 was interrupted", 130)):
+            try:
+                ddp.computed_on_main(fn, info)
+            except KeyboardInterrupt:
+                assert info.rank == 0 and fn is interrupted
+            except FinetuneError as e:
+                assert str(e) == said and e.exit_code == code, (e, e.exit_code)
+                assert isinstance(e, DataError) == (info.rank == 0), type(e)
+            else:
+                raise AssertionError("no error")
         print(f"rank {info.rank} ok", flush=True)
     """
     from finetune.data import ImageSet

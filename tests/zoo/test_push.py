@@ -539,3 +539,39 @@ def test_both_cards_give_the_recipe_as_config_yaml_holds_it(tmp_path):
               for text in (readme, card)]
     assert recipe[0] == recipe[1] and "- lr: 1e-05" in recipe[0], recipe
     assert "/home/alice/photos" in readme and "/home/alice" not in card      # the local folder stays local
+
+
+def test_the_cards_after_review(tmp_path):
+    """Review of the single card writer (helper-54): weights of unknown source are not called a random
+    initialisation; without a config.yaml the freeze as decided and the solved head still show; the Hub's
+    model-index names no local folder and holds no NaN; a class name with a backtick, a pipe or a line break
+    keeps the table one row per class."""
+    from zoo.modelcard import model_card
+    from zoo.push import plan_push
+
+    classes = ["a|b", "it`s", "two\nlines"]
+    run, _ = make_run(tmp_path, classes=classes)
+    info = json.loads((run / "model.json").read_text())
+    info.pop("source"), info.pop("source_sha256")        # a run from before they were recorded
+    (run / "model.json").write_text(json.dumps(info))
+    (run / "config.yaml").unlink()
+    (run / "scan.json").write_text(json.dumps({"root": "/srv/acme-secret-xrays", "layout": "split", "counts": {
+        "train": dict(zip(classes, [4, 5, 6])), "val": dict(zip(classes, [1, 2, 3]))}}))
+    (run / "summary.json").write_text(json.dumps({"metrics": {"val_acc": float("nan"), "val_loss": 0.5},
+                                                  "freeze": {"label": "head"}, "head_solver": [{"C": 1.0}],
+                                                  "phases": ["head"]}))
+    bundle = export_run(run, run / "export")
+    readme, card = (bundle / "README.md").read_text(), plan_push(bundle, REPO).card
+    for text in (readme, card):
+        assert "random initialisation" not in text and "\n- unknown\n" in text
+        assert "- freeze: head\n" in text and "- head_solver: lbfgs (the head solved" in text
+        assert "(no config.yaml in the run folder)" in text
+        rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
+        assert rows == ["| `a\\|b` | 4 | 1 |", "| ``it`s`` | 5 | 2 |", "| `two lines` | 6 | 3 |"], rows
+    assert "acme-secret-xrays" not in card and "acme-secret-xrays" in readme and "nan" not in card.split("---")[1]
+    # metadata of unusual shape gives a card, not a traceback
+    odd = {"label_names": classes, "builder": "timm:test_resnet", "head": "mlp", "metrics": [0.5], "input_size": None,
+           "mean": None, "std": None, "pretrained": False}
+    for repo in (None, REPO):
+        text = model_card(odd, None, None, repo=repo)
+        assert "- none: trained from random initialisation" in text and "input (), " in text
