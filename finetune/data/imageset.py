@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from finetune.core.io import printable_name
@@ -80,6 +80,23 @@ class ScanReport:
 
     def relpath(self, path: str) -> str:
         return relative_path(path, self.root)
+
+    def moved_to(self, root: str) -> ScanReport:
+        """This report for the same folder reached at ``root`` (as another machine mounts it: torchrun on several
+        nodes, where rank 0 scanned), every path under the old root re-rooted; itself where ``root`` is its own."""
+        root = os.path.abspath(root)
+        if root == self.root:
+            return self
+
+        def move(path: str) -> str:
+            rel = self.relpath(path)
+            return path if rel == path else os.path.join(root, *rel.split("/"))
+
+        def moved(s: ImageSet | None) -> ImageSet | None:
+            return None if s is None else ImageSet([(move(p), label) for p, label in s.items], s.classes)
+
+        return replace(self, root=root, train=moved(self.train), val=moved(self.val), test=moved(self.test),
+                       bad_files=[(move(p), why) for p, why in self.bad_files])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (paths relative to ``root``)."""

@@ -1062,3 +1062,22 @@ def test_class_folders_whose_names_differ_only_in_unicode_form_are_one_name(tmp_
     os.rename(split / "val" / nfc, split / "val" / nfd)
     report = scan_folder(split)
     assert report.classes == ["a", nfc] and report.counts()["val"] == {"a": 1, nfc: 1}
+
+
+def test_a_report_moved_to_another_mount_of_the_folder_is_that_mounts_scan(tmp_path):
+    """torchrun on several nodes: rank 0's scan is every rank's, each re-rooted where its node reaches the
+    folder (ScanReport.moved_to): the same as a scan there, paths outside the folder kept as they are."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    (data / "cat" / "broken.png").write_bytes(b"not an image")
+    there = tmp_path / "mnt"
+    there.symlink_to(data, target_is_directory=True)      # another path to the same files
+    report = scan_folder(data, val_split=0.25, seed=3)
+    moved = report.moved_to(str(there))
+    direct = scan_folder(there, val_split=0.25, seed=3)
+    assert moved.root == direct.root == str(there)
+    for name in ("train", "val"):
+        assert getattr(moved, name).items == getattr(direct, name).items
+    assert moved.bad_files == direct.bad_files and len(moved.bad_files) == 1
+    assert moved.fingerprint() == report.fingerprint() and report.moved_to(str(data)) is report
+    outside = report.__class__(**{**report.__dict__, "bad_files": [("/elsewhere/x.png", "why")]})
+    assert outside.moved_to(str(there)).bad_files == [("/elsewhere/x.png", "why")]

@@ -39,8 +39,8 @@ from zoo.registry import weights_tag
 from zoo.resolve import get_entry
 from zoo.text import shell_command
 
-__all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "model_info", "run_finetune",
-           "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
+__all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "model_info",
+           "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
@@ -209,9 +209,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
-        # rank 0 scans, every rank trains on what it found (one look: the ranks' datasets cannot differ)
-        report = ddp.computed_on_main(lambda: scan_folder(data_dir, val_split=config.val_split, seed=config.seed,
-                                                          strict=config.strict, memo=scan_memo(data_dir)), info)
+        report = scan_on_main(data_dir, config, info)
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         for line in scan_lines(report, config):      # the counts the run trains on (after --exclude)
             say(line)
@@ -233,6 +231,16 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         return outcome
     finally:
         ddp.cleanup(info)
+
+
+def scan_on_main(data_dir: str | Path, config: FinetuneConfig, info, **kwargs):
+    """``scan_folder(data_dir, ...)`` with the run's options (and ``kwargs``), remembering its file checks
+    (``zoo.cache.scan_memo``). Under torchrun rank 0 alone scans and every rank trains on what it found: one
+    look, so the ranks' datasets cannot differ (a file added meanwhile), the paths as this rank reaches
+    ``data_dir``."""
+    report = ddp.computed_on_main(lambda: scan_folder(data_dir, val_split=config.val_split, seed=config.seed,
+                                                      strict=config.strict, memo=scan_memo(data_dir), **kwargs), info)
+    return report.moved_to(str(data_dir))
 
 
 def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,

@@ -14,13 +14,12 @@ from finetune.core import distributed as ddp
 from finetune.core.checkpoint import load_checkpoint
 from finetune.core.config import FinetuneConfig, load_config
 from finetune.core.errors import CheckpointError
-from finetune.data import scan_folder, scan_outdated, write_scan
+from finetune.data import scan_outdated, write_scan
 from finetune.tools.train import fit
 from zoo.build import has_fc_dropout
-from zoo.cache import scan_memo
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _build, _finish, feature_cache,
-                               scan_warnings)
+                               scan_on_main, scan_warnings)
 from zoo.outdir import MARKER, claim_out, folder_kind
 from zoo.resolve import get_entry
 from zoo.text import shell_command
@@ -153,10 +152,8 @@ def _trained_classes(info_json: dict) -> list[str]:
 def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
                    say: Log) -> RunOutcome:
     # class_names: class folders renamed into the other Unicode form since keep the names the run trained on
-    report = ddp.computed_on_main(      # rank 0 scans, every rank trains on what it found (zoo.jobs.finetune)
-        lambda: scan_folder(data_dir, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                            split_file=run_dir / "split.json", class_names=_trained_classes(info_json),
-                            memo=scan_memo(data_dir)), info)
+    report = scan_on_main(data_dir, config, info, split_file=run_dir / "split.json",
+                          class_names=_trained_classes(info_json))
     for w in scan_warnings(report, config):
         say(f"warning: {w}")
     if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
