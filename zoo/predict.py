@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
 from finetune.data.loaders import failure_reason
+from finetune.data.transforms import EVAL_MAX_ASPECT, LimitAspect
 from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
 
@@ -78,8 +79,9 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     ``views="flip"``: the validation view (:func:`eval_transform`, the very pixels validation sees) and
     its horizontal mirror (V = 2). ``views="ten"``: ten-crop (V = 10 x n_scales): without ``scales`` the
     shorter side is resized as in validation (input size / crop_pct); with ``scales`` it is resized to
-    each scale in turn. Each resized image gives the four corner crops, the centre crop and their
-    horizontal flips at the model's input size.
+    each scale in turn, its long side first centre-cropped to ``EVAL_MAX_ASPECT`` times the short as in
+    validation. Each resized image gives the four corner crops, the centre crop and their horizontal flips at
+    the model's input size.
 
     ``mirror=False`` (a model that never saw a mirrored image: ``Bundle.tta_mirror``) leaves the mirrored
     views out: "flip" is then the validation view alone (V = 1), "ten" the five crops of each scale.
@@ -114,8 +116,11 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
         raise UsageError(f"TTA scale(s) {too_small} smaller than the model's input size {h}x{w}; "
                          f"use scales of at least {max(h, w)}")
 
+    limit = LimitAspect(EVAL_MAX_ASPECT)     # as validation's: a 20000x2 strip is not resized to 4M x 2048 px
+
     def transform(img: Image.Image) -> torch.Tensor:
         views = []
+        img = limit(img)
         for size in sizes:
             resized = F.resize(img, size, interpolation=interp)
             for crop in (F.ten_crop(resized, [h, w]) if mirror else F.five_crop(resized, [h, w])):

@@ -75,7 +75,7 @@ class ServeConfig:
     max_files: int = 32                        # per request
     # width x height, read from the header before decoding: what bounds the decode's time and memory. No limit
     # per side: a 20000x20 strip (zoo predict and training read it) costs 400,000 pixels, and the evaluation
-    # transform crops its long side to twice the short before resizing (finetune.data.transforms._LimitAspect).
+    # transform crops its long side to twice the short before resizing (finetune.data.transforms.LimitAspect).
     max_pixels: int = 40_000_000
     max_batch: int = 16                        # images per forward pass
     batch_wait_ms: float = 0.0                 # how long the batcher waits for more once one arrived

@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from finetune.data.transforms import EVAL_MAX_ASPECT, _LimitAspect
+from finetune.data.transforms import EVAL_MAX_ASPECT, LimitAspect
 
 __all__ = ["Plan", "crop_plan", "eval_plan", "resample"]
 
@@ -44,13 +44,13 @@ def crop_plan(top: int, left: int, height: int, width: int, size: tuple[int, int
 
 def eval_plan(height: int, width: int, size: tuple[int, int], crop_pct: float) -> Plan:
     """The evaluation view of ``finetune.data.transforms.build_transform`` (its ``fixed()`` steps): square
-    targets: the long side limited to 2x the short (``_LimitAspect``), the short side resized to
+    targets: the long side limited to 2x the short (``LimitAspect``), the short side resized to
     ``floor(size / crop_pct)``, centre crop; others: resized to the scaled box, centre crop."""
     h, w = size
     scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
     top, left = 0, 0
     if h == w:
-        top, left, height, width = _LimitAspect(EVAL_MAX_ASPECT).box(height, width)
+        top, left, height, width = LimitAspect(EVAL_MAX_ASPECT).box(height, width)
         # torchvision's Resize(int): the short side to the size, the long side scaled and truncated
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = scale[0], int(scale[0] * long / short)

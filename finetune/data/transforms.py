@@ -18,7 +18,7 @@ _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"
 EVAL_MAX_ASPECT = 2.0  # square eval views: the long side is first centre-cropped to this many times the short
 
 
-class _LimitAspect:
+class LimitAspect:
     """Centre-crop the long side to at most ``ratio`` x the short side before an eval resize.
 
     The eval centre crop keeps only the middle of the image anyway, so this changes nothing visible for
@@ -139,7 +139,7 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     def fixed() -> list:
         # Square targets resize the shorter side (aspect kept); others resize to the exact scaled box.
         if h == w:
-            return [_LimitAspect(EVAL_MAX_ASPECT), T.Resize(scale[0], interpolation=mode, antialias=True),
+            return [LimitAspect(EVAL_MAX_ASPECT), T.Resize(scale[0], interpolation=mode, antialias=True),
                     T.CenterCrop((h, w))]
         return [T.Resize(scale, interpolation=mode, antialias=True), T.CenterCrop((h, w))]
 

@@ -60,6 +60,21 @@ def test_multi_scale_tta_stacks_ten_views_per_scale():
         tta_transform(DC, scales=[4])
 
 
+def test_ten_crop_tta_of_a_thin_strip_stays_small(monkeypatch):
+    """QA (helper-53): ten-crop TTA resized a 20000x2 strip's short side to the scale, a 20M x 2048 intermediate
+    (17 GB, the process killed); its long side is first cut to twice the short, as validation cuts it."""
+    from torchvision.transforms import functional as F
+
+    from zoo import predict
+
+    sizes = []
+    real = F.resize
+    monkeypatch.setattr(predict.F, "resize", lambda img, size, **kw: sizes.append(img.size) or real(img, size, **kw))
+    views = tta_transform(DC, scales=[8, 2048])(Image.new("RGB", (20000, 2)))
+    assert views.shape == (20, 3, 8, 8) and sizes == [(4, 2), (4, 2)]
+    assert tta_transform(DC, scales=[8])(_gradient(20, 30)).shape == (10, 3, 8, 8)     # within 2:1: as before
+
+
 def test_parse_scales():
     assert parse_scales("224, 256,288") == (224, 256, 288)
     assert parse_scales(None) is None
