@@ -33,6 +33,23 @@ def no_model_build(monkeypatch):
     forbid_model_builds(monkeypatch, "a model was built before the data was validated")
 
 
+def test_a_feature_cache_that_cannot_be_written_is_a_warning_not_the_end(tmp_path, tiny):
+    """QA (helper-53): with ZOO_HOME read-only (a shared, pre-pulled cache) the run ended after computing its
+    features, "Operation not permitted (.../features)", leaving a half-made run folder. The cache only saves
+    time: one warning, the features kept in memory, the run finishes. (A file where the cache folder goes
+    stands for read-only here: root writes anywhere.)"""
+    from zoo.cache import features_dir
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    features_dir().parent.mkdir(parents=True, exist_ok=True)
+    features_dir().write_text("not a folder")
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", *FAST[:-1])
+    assert result.exit_code == 0, result.output
+    warned = [ln for ln in result.stderr.splitlines() if "the feature cache cannot be written" in ln]
+    assert len(warned) == 1 and str(features_dir()) in warned[0] and "features serve this run only" in warned[0]
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("layout", ["empty", "one_class", "missing"])
 def test_fatal_data_problems_are_one_line_before_any_model(tmp_path, no_model_build, layout):
     data = tmp_path / "data"

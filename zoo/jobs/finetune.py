@@ -168,10 +168,11 @@ def _export(run_dir: Path, log: Log) -> Path:
     return out
 
 
-def feature_cache() -> FeatureCache:
+def feature_cache(log: Log | None = None) -> FeatureCache:
     """The backbone feature banks on disk (ZOO_HOME/features): the one store of zoo finetune (and --resume),
-    lr-find, sweep and doctor, so that the command a `next:` line prints loads what the last one computed."""
-    return FeatureCache(features_dir())
+    lr-find, sweep and doctor, so that the command a `next:` line prints loads what the last one computed.
+    ``log`` hears of a damaged bank (recomputed) and of a cache that cannot be written (kept in memory)."""
+    return FeatureCache(features_dir(), log=log)
 
 
 def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
@@ -257,7 +258,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     overfit = config.overfit_batches > 0     # a sanity check: it writes no run folder
     # On disk under ZOO_HOME: the LR range test's features serve fit's head phase, a later run on the
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
-    features = feature_cache()
+    features = feature_cache(say)
     if lr_auto:     # before the overfit check too: it trains at the LR asked for (QA: it took --lr's default)
         outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
                                             run_dir if info.is_main and not overfit else None, say, features)

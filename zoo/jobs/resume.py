@@ -168,5 +168,5 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
     model = _build(entry, False, config.seed, fc_dropout)
     result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
-                 head=info_json["classifier"], run_dir=run_dir, resume=True, log=say, feature_cache=feature_cache())
+                 head=info_json["classifier"], run_dir=run_dir, resume=True, log=say, feature_cache=feature_cache(say))
     return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)

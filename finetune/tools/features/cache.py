@@ -71,6 +71,7 @@ class FeatureCache:
         self._log = log
         self.computed = 0      # banks computed by get_or_compute
         self.hits = 0          # banks get_or_compute found stored
+        self.write_error: str | None = None    # why the first bank could not be stored (then kept in memory)
 
     def path(self, key: str) -> Path | None:
         return self.root / f"{key}.safetensors" if self.root is not None else None
@@ -80,7 +81,9 @@ class FeatureCache:
             self._log(msg)
 
     def save(self, key: str, bank: FeatureBank) -> None:
-        """Store ``bank`` under ``key`` (atomically when on disk)."""
+        """Store ``bank`` under ``key`` (atomically when on disk). The cache only saves time: where the disk
+        refuses it (a read-only ZOO_HOME, a full disk), the bank is kept in memory for this object's life and
+        ``write_error`` says why; the run goes on."""
         if self.root is None:
             self._memory[key] = bank
             return
@@ -88,13 +91,22 @@ class FeatureCache:
         labels = np.ascontiguousarray(bank.labels.detach().cpu().to(torch.int64).numpy())
         meta = {"format": CACHE_FORMAT, "key": key, "feature_shape": json.dumps(list(bank.feature_shape)),
                 "sha256": _digest_arrays([feats, labels])}
-        atomic_write(self.path(key), lambda tmp: save_file({"features": feats, "labels": labels}, tmp,
-                                                           metadata=meta))
+        try:
+            atomic_write(self.path(key), lambda tmp: save_file({"features": feats, "labels": labels}, tmp,
+                                                               metadata=meta))
+        except OSError as e:
+            self._memory[key] = bank
+            if self.write_error is None:
+                self.write_error = f"{e.strerror or type(e).__name__} ({self.root})"
+                self._say(f"warning: the feature cache cannot be written: {self.write_error}; the features serve "
+                          "this run only (ZOO_HOME=DIR names a writable cache folder)")
 
     def load(self, key: str) -> FeatureBank | None:
         """The bank stored under ``key``, or None when absent or damaged (a damaged file is removed)."""
+        if key in self._memory:
+            return self._memory[key]
         if self.root is None:
-            return self._memory.get(key)
+            return None
         path = self.path(key)
         if not path.exists():
             return None

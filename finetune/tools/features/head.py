@@ -14,11 +14,10 @@ Each epoch of the gradient solver draws one view per image; the L-BFGS solver fi
 
 Everything else is the engine's: the loss, optimizer and scheduler of the setup, the batch kernel
 (``engine.train_one_epoch`` / ``evaluate`` over batches of features), the batch order of the setup's
-training loader (``data.train_batches``, iterated without a DataLoader), early stopping, the history
-and the run folder. As in the slow head phase the whole model is in eval mode and only the head trains, so dropout
-before the classifier (timm's ``drop_rate``) and stochastic depth are off in both paths; an MLP head's
-own BatchNorm and Dropout train normally in both.
-"""
+training loader (``data.train_batches``, iterated without a DataLoader), early stopping, the history and the
+run folder. As in the slow head phase the whole model is in eval mode and only the head trains, so dropout before
+the classifier (timm's ``drop_rate``) and stochastic depth are off in both paths; an MLP head's own BatchNorm and
+Dropout train normally in both."""
 from __future__ import annotations
 
 import math
