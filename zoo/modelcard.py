@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from finetune.core.io import load_yaml, read_json_object
+from finetune.core.io import load_yaml, read_json_object, read_user_text
 from zoo.registry import public_source_id
 from zoo.text import first_line
 
@@ -34,8 +34,8 @@ def run_recipe(run: Path | None) -> dict[str, Any]:
     if run is None or not (run / "config.yaml").is_file():
         return {}
     try:
-        data = load_yaml((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        data = load_yaml(read_user_text(run / "config.yaml")) or {}
+    except (OSError, ValueError, yaml.YAMLError):     # (UnicodeDecodeError is a ValueError)
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -207,7 +207,8 @@ def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str
     elif run is not None and not scan:
         lines += ["", "(no scan.json in the run folder)"]
     if run is not None and (run / "exclude.txt").is_file():
-        left = [x for x in (run / "exclude.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+        left = [x for x in (run / "exclude.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+                if x.strip()]      # (counted only)
         lines += ["", f"`zoo doctor` findings: {len(left)} image(s) (duplicates, near-duplicates across splits or "
                   "suspect labels) were left out of training and validation with `--exclude`."]
     return lines
@@ -226,7 +227,7 @@ def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], has_run: bool
             "phases": ", ".join(summary.get("phases") or []) or None}
     lines += [f"- {k}: {v}" for k, v in done.items() if v not in (None, "")]
     if not asked:
-        lines.append("- (no config.yaml in the run folder)" if has_run else "- (not recorded: no run folder)")
+        lines.append("- (no readable config.yaml in the run folder)" if has_run else "- (not recorded: no run folder)")
     return lines
 
 

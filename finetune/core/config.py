@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from finetune.core.errors import ConfigError
-from finetune.core.io import atomic_write_text, load_yaml
+from finetune.core.io import atomic_write_text, load_yaml, read_user_text
 
 __all__ = ["FinetuneConfig", "load_config", "read_config_file", "save_config", "Option", "OPTIONS", "OPTIMIZERS",
            "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
@@ -347,9 +347,12 @@ def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
     the default), from one read of the file."""
     path = Path(path)
     try:
-        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(read_user_text(path)) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (UTF-8, or UTF-16 with a byte-order mark): save it as "
+                          "UTF-8 text") from None
     except yaml.YAMLError as e:
         # One line (PyYAML's message spans several): where, and what. Python tags (!!python/...) land here
         # too: the safe loader refuses them, nothing is constructed or run.

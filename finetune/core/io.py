@@ -4,6 +4,7 @@ safetensors header reader (no torch, no pickle) that the feature cache and the z
 and the one YAML reader (registry files, configs, bundles)."""
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -179,6 +180,21 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):       # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_user_text(path: str | Path) -> str:
+    """A text file a person wrote (a YAML config): UTF-8, or the UTF-8/16/32 its byte-order mark names (Windows
+    Notepad's "Unicode" is UTF-16 with one).
+
+    Raises:
+        OSError: it cannot be read. UnicodeDecodeError: it is not text in any of those.
+    """
+    data = Path(path).read_bytes()
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):        # (UTF-32 LE's mark starts with UTF-16 LE's: it is looked for first)
+            return data.decode(codec)
+    return data.decode("utf-8")
 
 
 def load_yaml(text: str) -> Any:

@@ -256,8 +256,13 @@ def _counts_table(classes: Sequence[str], counts: dict[str, dict[str, int]], whe
 
 
 def _curves_section(run: Path, summary: dict[str, Any]) -> str:
-    """The curves from metrics.csv (loss, accuracy, learning rate), or the head solve's when it was one step."""
-    hist = read_history(run / "metrics.csv")
+    """The curves from metrics.csv (loss, accuracy, learning rate), or the head solve's when it was one step;
+    a metrics.csv that cannot be read as CSV text is said to be so, as other damaged run files are left out."""
+    try:
+        hist = read_history(run / "metrics.csv")
+    except (OSError, ValueError, csv.Error) as e:     # (UnicodeDecodeError is a ValueError)
+        return section("Curves", f"<p>metrics.csv cannot be read ({esc(type(e).__name__)}): the curves are not "
+                                 "shown; the run's summary.json and checkpoints are unaffected</p>")
     ep = [r.get("epoch", math.nan) for r in hist]
     best = [float(summary["best_epoch"])] if isinstance(summary.get("best_epoch"), (int, float)) else []
     # dotted line where the head phase ends (the unfreeze)
@@ -319,7 +324,8 @@ def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (
     """Write ``run_dir/report.html`` (atomic); returns its path."""
     run = Path(run_dir)
     excluded_file = run / "exclude.txt"
-    excluded = excluded_file.read_text(encoding="utf-8").splitlines() if excluded_file.is_file() else []
+    excluded = (excluded_file.read_text(encoding="utf-8", errors="replace").splitlines()     # shown, not used
+                if excluded_file.is_file() else [])
     out = run / "report.html"
     atomic_write_text(out, run_report_html(run, mistakes, excluded))
     return out

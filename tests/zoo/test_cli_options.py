@@ -90,6 +90,24 @@ def test_yaml_values_are_checked_the_same_way(tmp_path):
         FinetuneConfig(schedule="plateau", gamma=1.5)
 
 
+def test_a_config_in_utf16_is_read_and_one_in_no_text_encoding_is_one_line(tmp_path):
+    """QA (helper-53): a config saved by Windows Notepad as "Unicode" (UTF-16 with a byte-order mark) or a binary
+    file given as --config was a UnicodeDecodeError traceback. UTF-16/32 with a mark and UTF-8 with one are read;
+    anything else is one line that says what to do, before any run folder."""
+    from finetune.core.config import load_config
+
+    for codec in ("utf-16", "utf-8-sig", "utf-32"):
+        (tmp_path / "c.yaml").write_bytes("epochs: 3\nlr: 0.01  # é\n".encode(codec))
+        assert (load_config(tmp_path / "c.yaml").epochs, load_config(tmp_path / "c.yaml").lr) == (3, 0.01), codec
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    (tmp_path / "c.yaml").write_bytes(bytes(range(128, 256)))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(data), "--out", str(out),
+                                 "--config", str(tmp_path / "c.yaml")])
+    assert r.exit_code == 2 and not out.exists() and isinstance(r.exception, (type(None), SystemExit)), r.output
+    assert "is not a text file (UTF-8, or UTF-16 with a byte-order mark): save it as UTF-8 text" in r.output
+
+
 @pytest.mark.parametrize("text,message", [
     ("epochs: 2.5", "epochs=2.5 should be a whole number"),
     ("lr: true", "lr=True should be a number"),

@@ -61,3 +61,20 @@ def test_a_run_json_file_that_holds_no_object_costs_its_section_not_the_page(tmp
     res = CliRunner().invoke(cli, ["report", str(run), "--device", "cpu"])
     assert res.exit_code == 0 and "Traceback" not in res.output, res.output
     assert "<html" in (run / "report.html").read_text(encoding="utf-8").lower()
+
+
+def test_run_text_files_in_no_text_encoding_cost_their_part_not_the_page_or_the_bundle(tmp_path):
+    """QA (helper-53): a metrics.csv of binary bytes made `zoo report RUN` a UnicodeDecodeError traceback (an
+    exclude.txt and a config.yaml in no text encoding did too, in the report, export and push): the curves say
+    the file cannot be read, the card leaves out what it cannot read, the bundle is written."""
+    from zoo.bundle import export_run
+
+    run, _ = make_run(tmp_path)
+    garbage = bytes(range(128, 256)) * 3
+    for name in ("metrics.csv", "exclude.txt", "config.yaml"):
+        (run / name).write_bytes(garbage)
+    res = CliRunner().invoke(cli, ["report", str(run), "--device", "cpu"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "metrics.csv cannot be read (UnicodeDecodeError)" in (run / "report.html").read_text(encoding="utf-8")
+    card = (export_run(run, tmp_path / "bundle") / "README.md").read_text(encoding="utf-8")
+    assert "(no readable config.yaml in the run folder)" in card and "## Source weights" in card

@@ -565,7 +565,7 @@ def test_the_cards_after_review(tmp_path):
     for text in (readme, card):
         assert "random initialisation" not in text and "\n- unknown\n" in text
         assert "- freeze: head\n" in text and "- head_solver: lbfgs (the head solved" in text
-        assert "(no config.yaml in the run folder)" in text
+        assert "(no readable config.yaml in the run folder)" in text
         rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
         assert rows == ["| `a\\|b` | 4 | 1 |", "| ``it`s`` | 5 | 2 |", "| `two lines` | 6 | 3 |"], rows
     assert "acme-secret-xrays" not in card and "acme-secret-xrays" in readme and "nan" not in card.split("---")[1]
