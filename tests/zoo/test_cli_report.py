@@ -78,3 +78,23 @@ def test_run_text_files_in_no_text_encoding_cost_their_part_not_the_page_or_the_
     assert "metrics.csv cannot be read (UnicodeDecodeError)" in (run / "report.html").read_text(encoding="utf-8")
     card = (export_run(run, tmp_path / "bundle") / "README.md").read_text(encoding="utf-8")
     assert "(no readable config.yaml in the run folder)" in card and "## Source weights" in card
+
+
+def test_a_report_html_that_zoo_did_not_write_is_not_replaced(tmp_path):
+    """QA (helper-53): `zoo report DIR` on another tool's folder (a PyTorch Lightning CSVLogger's metrics.csv beside
+    the user's own report.html) replaced that page. Without zoo's marker, an existing report.html is refused; a
+    run folder zoo wrote is redrawn."""
+    from zoo.outdir import MARKER
+
+    folder = tmp_path / "lightning_logs"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("epoch,val_loss\n0,1.0\n")
+    (folder / "report.html").write_text("<p>my notes</p>")
+    res = CliRunner().invoke(cli, ["report", str(folder), "--top", "0"])
+    assert res.exit_code != 0 and "its report.html is not zoo's to replace" in res.output, res.output
+    assert (folder / "report.html").read_text() == "<p>my notes</p>"
+    run, _ = make_run(tmp_path)
+    (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
+    (run / "report.html").write_text("old page")
+    res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
+    assert res.exit_code == 0 and "<html" in (run / "report.html").read_text().lower(), res.output

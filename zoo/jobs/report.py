@@ -14,6 +14,7 @@ from typing import Any, Callable
 from finetune.tools.pages import write_run_report
 from zoo.bundle import export_run, load_bundle
 from zoo.errors import BundleError, UsageError
+from zoo.outdir import MARKER, folder_kind
 from zoo.predict import predict_probs
 
 __all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
@@ -69,12 +70,16 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
     evaluation); otherwise the bundle predicts the validation images again.
 
     Raises:
-        UsageError: ``run_dir`` is not a run folder.
+        UsageError: ``run_dir`` is not a run folder, or its report.html is not zoo's (a folder without zoo's
+            marker: another tool's metrics.csv and page).
     """
     run = Path(run_dir)
     if not (run / "summary.json").is_file() and not (run / "metrics.csv").is_file():
         raise UsageError(f"{run} is not a finished run folder of `zoo finetune` (no summary.json or metrics.csv); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
+    if (run / "report.html").exists() and folder_kind(run) != "finetune":     # (QA: a logger's folder, its page)
+        raise UsageError(f"{run} is not a run folder zoo wrote (no {MARKER}) and its report.html is not zoo's to "
+                         "replace; pass the folder a `zoo finetune` run wrote (nothing was written)")
     try:
         if top <= 0:
             mistakes = []
