@@ -42,15 +42,18 @@ MARKER = ".zoo-demo"   # marks a folder the demo made, so that a second `zoo dem
 def prepare_out(out: Path) -> bool:
     """Make ``out`` ready for a demo; returns True when an earlier demo there was replaced.
 
-    A folder the demo made earlier (it holds the marker file) is replaced; anything else that already
-    holds a run is left alone and refused.
+    A folder the demo made earlier (it holds the marker file) is replaced; any other folder that is not empty
+    is left alone and refused (QA: the demo wrote its digits into a user's own data/ beside their classes).
     """
     replaced = False
     if (out / MARKER).is_file():
         shutil.rmtree(out)
         replaced = True
-    elif (out / "run").is_dir() and any((out / "run").iterdir()):
-        raise UsageError(f"{out / 'run'} already holds a run: remove it or pass another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"{out} is not empty and was not made by `zoo demo`: pass a new or empty --out "
+                         "(nothing was written)")
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder: pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `zoo demo`; a later `zoo demo --out` here replaces this folder\n")
     return replaced

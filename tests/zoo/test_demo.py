@@ -1,6 +1,7 @@
 """`zoo demo` end to end on a reduced size: real digits, real packaged ImageNet weights, no network."""
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from zoo.cli import cli
@@ -24,13 +25,19 @@ def test_demo_runs_the_whole_journey_offline(tmp_path, monkeypatch):
     assert 0.0 <= metrics["accuracy"] <= 1.0
 
 
-def test_demo_refuses_to_overwrite_a_run(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.csv").write_text("x")
+@pytest.mark.parametrize("mine", ["run/metrics.csv", "data/cats/a.png", "notes.txt"])
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, mine):
+    """A folder the demo did not make is refused if anything is in it (QA helper-53: the digits went into a
+    user's own data/ beside their classes), before anything is written; a bad --lr too, not at step 3."""
+    (tmp_path / mine).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / mine).write_text("x")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "already holds a run" in result.output
-    assert (tmp_path / "run" / "metrics.csv").exists()          # nothing of the user's was touched
+    assert "is not empty and was not made by `zoo demo`: pass a new or empty --out" in result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before    # nothing touched
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "new"), "--lr", "-1"])
+    assert result.exit_code == 2 and "invalid lr=-1.0 (--lr)" in result.output and not (tmp_path / "new").exists()
 
 
 def test_a_second_demo_replaces_the_first(tmp_path):

@@ -9,6 +9,7 @@ import click
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.cli.options import FiniteFloatRange
 from zoo.errors import ZooError
 from zoo.text import shell_command
 
@@ -33,7 +34,7 @@ def _step(title: str, args: list[str]) -> None:
               help="Held-out images per digit for `zoo eval`.")
 @click.option("--epochs", type=click.IntRange(1), default=100, show_default=True,
               help="Maximum epochs (early stopping usually ends sooner).")
-@click.option("--lr", type=float, default=1e-2, show_default=True,
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-2, show_default=True,
               help="Head learning rate. Higher than finetune's 1e-3 default: 100 images make few steps per epoch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 def demo(out: Path, train_per_class: int, val_per_class: int, test_per_class: int, epochs: int,
