@@ -91,6 +91,22 @@ def test_doctor_without_a_cached_model_says_what_to_do(tmp_path, leaky):
     assert r.exit_code == 2 and "zoo pull" in r.stderr
 
 
+def test_doctor_takes_an_imported_timm_reference_by_name_and_by_default(tmp_path, leaky):
+    """QA: `zoo doctor DIR --model timm:test_resnet` (a reference every other command takes) failed with
+    "'timm:test_resnet' is an ad-hoc reference, not a registry name; resolve it with zoo.resolve.get_entry",
+    and without --model doctor said "no pretrained model is cached" with that model in the cache."""
+    from tests.conftest import tiny_weights
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(tiny_weights())
+    assert invoke("import", "timm:test_resnet", weights).exit_code == 0
+    args = ("--data", leaky, "--device", "cpu", "--workers", "0", "--quiet", "--near-pixels", "1", "--overwrite")
+    for model in (("--model", "timm:test_resnet"), ()):
+        r = invoke("doctor", *args, *model, "--out", tmp_path / "doc")
+        assert r.exit_code == 0, (model, r.output)
+        assert json.loads((tmp_path / "doc" / "doctor.json").read_text())["model"] == "timm:test_resnet"
+
+
 def test_finetune_exclude_then_report(tmp_path, tiny, leaky):
     listing = tmp_path / "drop.txt"
     listing.write_text("train/cat/cat_003.png\ntrain/dog/dog_000.png\n")

@@ -229,6 +229,26 @@ def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     assert result.exit_code == 2 and "optimizer" in result.stderr
 
 
+def test_resume_refuses_another_model_and_takes_the_runs_own(tmp_path, tiny, monkeypatch):
+    """QA: `zoo finetune timm:resnet18 --resume RUN` on a run of another model went on training the run's model
+    and said nothing of the one named (a changed option is refused). Another model (the same architecture
+    under another name, an unknown name) is refused in one line before any training; the run's own name,
+    in any case, resumes it."""
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    metrics = (out / "metrics.csv").read_bytes()
+    for other in ("timm:test_resnet", "no-such-model"):
+        res = invoke("finetune", other, "--resume", out, "--workers", "0", "--quiet", "--no-export")
+        assert res.exit_code == 2, res.output
+        assert res.stderr.strip().splitlines() == [
+            f"zoo: error: cannot resume {out} with model {other}: the run trains tiny32; drop the model argument "
+            f"(`zoo finetune --resume {out}`) or name tiny32; another model needs a new run "
+            f"(`zoo finetune {other} --data DIR`)"]
+    assert (out / "metrics.csv").read_bytes() == metrics and not (out / "summary.json").exists()
+    res = invoke("finetune", "TINY32", "--resume", out, "--workers", "0", "--quiet", "--no-export")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
+
+
 def test_lr_auto_uses_the_lr_finder(tmp_path, tiny, monkeypatch):
     diagnostics = pytest.importorskip("finetune.tools.diagnostics")
     seen = {}

@@ -41,7 +41,8 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Continue the interrupted run in this folder (its config.yaml and split are reused).")
+              help="Continue the interrupted run in this folder (its config.yaml, split and model are reused; a MODEL "
+                   "given must be the run's).")
 @click.option("--overwrite", "overwrite", is_flag=True, default=False,
               help="--out holds an earlier run: start it over (only the files a run writes are replaced).")
 @click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
@@ -111,7 +112,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         if out is not None and os.path.realpath(out) != os.path.realpath(resume):   # (it went on in RUN, unsaid)
             raise click.UsageError(f"--out {out} cannot be combined with --resume: the run continues in its own "
                                    f"folder {resume}; drop --out")
-        outcome = resume_finetune(resume, given, data_dir=data, export=export, log=log, on_run_dir=log_file)
+        outcome = resume_finetune(resume, given, data_dir=data, model=model, export=export, log=log,
+                                  on_run_dir=log_file)
     else:
         if not model:
             raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`); "

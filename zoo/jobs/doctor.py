@@ -24,9 +24,9 @@ from finetune.tools.pages import doctor_html
 from zoo.build import create_model
 from zoo.cache import cached_models, features_dir, read_manifest, scan_memo
 from zoo.errors import UsageError
-from zoo.registry import get_entry
 from zoo.jobs.finetune import run_data_config
 from zoo.outdir import check_outside, claim_out
+from zoo.resolve import get_entry
 
 __all__ = ["default_model", "run", "check_out_dir"]
 
@@ -36,23 +36,33 @@ Log = Callable[[str], None]
 def default_model() -> str:
     """The cached pretrained model with the fewest parameters.
 
+    Registry names and ``timm:<arch>`` references are candidates (a ``timm:`` model in the cache was pulled
+    or imported as any registry model is, and resolves offline); ``hf-hub:`` ones are not: those are mostly
+    finetunes (``zoo list --mine`` lists them as the user's), whose features may have learnt this very
+    folder's labels and would hide its wrong ones from the probe. ``--model hf-hub:...`` still uses one.
+
     Raises:
-        UsageError: nothing is cached.
+        UsageError: no candidate is cached.
     """
     best: tuple[int, str] | None = None
+    hub: list[str] = []
     for info in cached_models():
         name = info.get("name")
         if not name or info.get("damaged"):
             continue
+        if str(name).startswith("hf-hub:"):
+            hub.append(str(name))
+            continue
         try:
             params = get_entry(name).params
-        except Exception:  # noqa: BLE001 - a cached model the registry no longer knows is not a candidate
+        except Exception:  # noqa: BLE001 - a cached model no registry (or timm) knows now is not a candidate
             continue
         key = (params if params is not None else 1 << 62, name)
         best = key if best is None or key < best else best
     if best is None:
+        mine = f" (hf-hub: models such as {hub[0]} are not picked by default; name one with --model)" if hub else ""
         raise UsageError("no pretrained model is cached: `zoo pull efficientnet_lite0` (or any model from "
-                         "`zoo list`), or pass --model NAME")
+                         f"`zoo list`), or pass --model NAME{mine}")
     return best[1]
 
 

@@ -67,17 +67,17 @@ def _finished(run_dir: Path) -> str | None:
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
-                    export: bool = True, log: Log | None = None,
+                    model: str | None = None, export: bool = True, log: Log | None = None,
                     on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
     """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own config.yaml and split.
 
     ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
-    quiet, epochs, patience, ...); fit refuses the rest. No weights are downloaded: the checkpoint holds
-    the whole model.
+    quiet, epochs, patience, ...); fit refuses the rest. ``model``, when given, must name the run's own
+    model (``_check_model``). No weights are downloaded: the checkpoint holds the whole model.
 
     Raises:
-        UsageError: ``run_dir`` is not a run folder. CheckpointError: no or a damaged checkpoint.
-        RunLockedError: another process works in ``run_dir``.
+        UsageError: ``run_dir`` is not a run folder; ``model`` names another model. CheckpointError: no or a
+        damaged checkpoint. RunLockedError: another process works in ``run_dir``.
     """
     run_dir = Path(run_dir)
     info_path = run_dir / MODEL_JSON
@@ -99,6 +99,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         info_json = json.loads(info_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
+    if model is not None:
+        _check_model(model, run_dir, info_json)
     data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
     config = load_config(run_dir / "config.yaml")
     if overrides:
@@ -119,6 +121,33 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         return outcome
     finally:
         ddp.cleanup(info)
+
+
+def _check_model(model: str, run_dir: Path, info_json: dict) -> None:
+    """Refuse a ``model`` that does not name the model the run in ``run_dir`` trains (its model.json's).
+
+    The checkpoint decides what a resumed run trains: another model named with ``--resume`` was silently
+    ignored (QA), while a changed option is refused. Names are compared as resolved entries, so the run's
+    own name in another case (``ResNet50``) or with spaces passes; a name that resolves to nothing (an
+    unknown model, an hf-hub: repo not cached) is not the run's either.
+
+    Raises:
+        UsageError: ``model`` names another model, or model.json names none.
+    """
+    trained = info_json.get("model")
+    if not isinstance(trained, str) or not trained:
+        raise UsageError(f"{run_dir}: model.json names no model (edited or damaged); start a new run")
+    if model.strip() == trained:        # the name model.json records: nothing to resolve (no timm import)
+        return
+    try:
+        named = get_entry(model).name
+    except UsageError:                  # unknown, or a malformed reference: not the run's model
+        named = None
+    if named != trained:
+        resume = shell_command("zoo", "finetune", "--resume", run_dir)
+        new = shell_command("zoo", "finetune", model, "--data", "DIR")
+        raise UsageError(f"cannot resume {run_dir} with model {model}: the run trains {trained}; drop the model "
+                         f"argument (`{resume}`) or name {trained}; another model needs a new run (`{new}`)")
 
 
 def _scanned_root(run_dir: Path) -> Path:
