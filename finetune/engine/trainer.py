@@ -345,8 +345,10 @@ class Trainer:
             if not self.folder.writes:      # another rank under torchrun: rank 0 says what it saved (QA)
                 raise Interrupted(f"interrupted: rank 0 saves {self.folder.path}; continue with "
                                   f"`{self.folder.resume_command()}`") from None
-            raise Interrupted(f"interrupted: epochs up to {self.folder.saved_epoch(self.epoch)} are saved in "
-                              f"{self.folder.path}; continue with `{self.folder.resume_command()}`") from None
+            saved = self.folder.saved_epoch(self.epoch)
+            done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is"
+            raise Interrupted(f"interrupted: {done} {self.folder.path}; continue with "
+                              f"`{self.folder.resume_command()}`") from None
         except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk
             self.folder.close()
             self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)

@@ -594,3 +594,13 @@ def test_an_unfinished_runs_export_takes_the_mirror_test_from_its_checkpoint(run
     torch.save({"mirror": {"dropped": dropped}}, run / "checkpoints" / "last.pt")
     bundle = load_bundle(export_run(run, tmp_path / "bundle"))
     assert bundle.metadata["trained_on_mirrors"] is (not dropped) and bundle.tta_mirror is (not dropped)
+
+
+def test_a_bundle_given_for_a_run_to_export_is_named_as_one(run_and_model, tmp_path):
+    """QA (helper-53): `zoo export RUN/export` said "the run did not finish"; it is a bundle, exported already."""
+    run, _ = run_and_model
+    bundle = export_run(run, tmp_path / "bundle")
+    with pytest.raises(BundleError, match=r"is a bundle \(what `zoo export` writes\), not a run folder: it is "
+                                          r"exported already"):
+        export_run(bundle, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -137,9 +137,10 @@ def test_predict_folder_json_lists_unreadable_images_with_their_reason(bundle, t
     (imgs / "b" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     res = runner.invoke(cli, ["predict", str(bundle), str(imgs), "--json", "--topk", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    warned = sorted(line for line in res.stderr.splitlines() if line.startswith("zoo: warning: skipped"))
+    warned = sorted(line for line in res.stderr.splitlines() if line.startswith("zoo: warning: image skipped"))
     assert [line.count("broken.jpg") + 10 * line.count("cut.png") for line in warned] == [1, 10]   # each named once
-    assert warned[0] == f"zoo: warning: skipped {imgs / 'a' / 'broken.jpg'} is not a readable image; fix or remove it"
+    assert warned[0] == (f"zoo: warning: image skipped: {imgs / 'a' / 'broken.jpg'} is not a readable image; fix or "
+                         "remove it")
     doc = json.loads(res.stdout)
     assert [d["image"] for d in doc] == sorted(d["image"] for d in doc) and len(doc) == 6     # every image, in order
     bad = {Path(d["image"]).name: d for d in doc if "error" in d}
@@ -488,4 +489,4 @@ def test_a_skipped_image_is_named_once_and_always(capsys, item, reason, line):
     from zoo.cli.predict import warn_skipped
 
     warn_skipped(item, reason)
-    assert capsys.readouterr().err == f"zoo: warning: skipped {line}\n"
+    assert capsys.readouterr().err == f"zoo: warning: image skipped: {line}\n"

@@ -216,6 +216,9 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
 
     if not run.is_dir():
         raise BundleError(f"no run folder at {run}; pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
+    if not (run / "model.json").exists() and (run / CONFIG).is_file() and (run / WEIGHTS).is_file():
+        raise BundleError(f"{run} is a bundle (what `zoo export` writes), not a run folder: it is exported already; "
+                          f"use it as it is (`zoo predict {run} IMAGE`) or pass the run folder it came from")
     info = _read_json(run / "model.json", "the run did not finish or was not made by `zoo finetune`; re-run it")
     for key in ("builder", "classes", "data_config"):
         if key not in info:

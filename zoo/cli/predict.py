@@ -74,7 +74,7 @@ def warn_skipped(item: object, reason: str) -> None:
     named = any(re.search(rf"(?:^|\s){re.escape(n)}(?: is | has |: | \(|$)", reason)
                 for n in {name, printable_name(name)})
     said = reason if named else f"{name}: {reason}"
-    echo(printable(f"zoo: warning: skipped {said}"), err=True)
+    echo(printable(f"zoo: warning: image skipped: {said}"), err=True)
 
 
 @cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")
