@@ -403,3 +403,24 @@ def test_a_folder_left_by_a_run_killed_while_writing_its_marker_counts_as_empty(
         assert mode == "new" and not temp.exists()     # the half marker goes once the folder is taken
         (folder / "model.json").write_text("{}")
     assert folder_kind(folder) == "finetune" and sorted(os.listdir(folder)) == [MARKER, "model.json"]
+
+
+def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
+    """QA (helper-53): a run killed (kill -9) while writing curves.png or last.pt left .curves.png.<random>.tmp
+    (or a gigabyte .last.pt.<random>.tmp) that no resume removed. Claiming the folder to resume removes them,
+    in the run folder and checkpoints/; its files, a user's file and the bundle folder are left alone."""
+    import json
+
+    from zoo.outdir import MARKER, claim_out
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "export").mkdir()
+    (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
+    keep = ["metrics.csv", "notes.tmp", ".hidden.tmp", "checkpoints/last.pt", "export/.model.safetensors.a1b2c3d4.tmp"]
+    stale = [".curves.png.k3j_9xz1.tmp", "checkpoints/.last.pt.q8w7e6r5.tmp"]
+    for name in keep + stale:
+        (run / name).write_text("x")
+    with claim_out(run, "finetune", resume=True) as mode:
+        assert mode == "resume"
+    assert all((run / n).exists() for n in keep) and not any((run / n).exists() for n in stale)

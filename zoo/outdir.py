@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text, is_temp_of, shell_command
+from finetune.core.io import atomic_write_text, is_temp, is_temp_of, shell_command
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -128,6 +128,18 @@ def folder_kind(path: str | os.PathLike) -> str:
             and set(entries) <= set(KINDS["doctor"].files)):
         return "doctor"     # a report of a zoo doctor from before doctor wrote the marker
     return "other"
+
+
+def _remove_temps(path: Path) -> None:
+    """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) in ``path`` and
+    its checkpoints/: the folder is locked, so no writer of this command is running (a `zoo export` of it writes
+    in its own bundle folder, left alone)."""
+    for folder in (path, path / "checkpoints"):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if is_temp(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(folder / name)
 
 
 def _resume_hint(kind: Kind, path: Path) -> str:
@@ -273,6 +285,8 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
             stale += [_LOG] if (path / MARKER).is_file() else []
             for name in stale:
                 (path / name).unlink(missing_ok=True)
+        else:                   # resumed: what a killed attempt was writing (a .last.pt.*.tmp can be gigabytes)
+            _remove_temps(path)
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
             atomic_write_text(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"),

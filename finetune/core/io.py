@@ -19,7 +19,7 @@ import yaml
 
 __all__ = ["printable_name", "shell_command", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
-           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "read_json_object"]
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -104,6 +104,12 @@ def is_temp_of(entry: str, name: str) -> bool:
     """Whether the folder entry ``entry`` is a temp file of :func:`atomic_write` for the file ``name``: what a
     process killed (kill -9) half-way through writing ``name`` leaves next to it."""
     return entry.startswith(f".{name}.") and entry.endswith(_TEMP_SUFFIX)
+
+
+def is_temp(entry: str) -> bool:
+    """Whether the folder entry ``entry`` is a temp file of :func:`atomic_write`, for any file (mkstemp's
+    ``.<name>.<8 random characters>.tmp``)."""
+    return re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(_TEMP_SUFFIX), entry) is not None
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
