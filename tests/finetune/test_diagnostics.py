@@ -371,6 +371,30 @@ def test_overfit_check_fails_when_everything_is_frozen(tiny_train_set):
     assert "check labels, LR, frozen layers" in res.verdict and "nothing is trainable" in res.verdict
 
 
+@pytest.mark.parametrize("acc, loss, passed", [(1.0, 0.381, True), (0.5, 0.9, False), (1.0, 1.2, False)])
+def test_overfit_check_counts_the_batches_there_are_and_passes_at_full_accuracy(tiny_train_set, monkeypatch, acc,
+                                                                               loss, passed):
+    """QA: --overfit-batches 2 on 20 images at batch size 32 said "training on 2 fixed batch(es)" (one exists),
+    reached acc 100% and then failed: "cannot even overfit 1 batch (acc 100%, loss 0.381): check labels". Every
+    image right while the loss falls is a pass (the loss may still be above target_loss when max_steps ends); a
+    model that stays wrong still fails. The passes are stubbed: their numbers are given, not landed on."""
+    import finetune.tools.diagnostics.overfit as overfit_module
+
+    passes = iter([{"acc": 0.5, "loss": 1.2}] + [{"acc": acc, "loss": loss}] * 10)
+    monkeypatch.setattr(overfit_module, "train_one_epoch", lambda *a, **k: next(passes))
+    n = len(tiny_train_set.items)
+    assert n < 32 and overfit_module.fixed_batch_count(n, 32, 2) == 1 and overfit_module.fixed_batch_count(n, 8, 2) == 2
+    res = overfit_check(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(batch_size=32), head="fc",
+                        batches=2, max_steps=5)
+    assert res.passed is passed and res.steps == 5
+    if passed:
+        assert res.verdict == ("pipeline can learn: 1 batch overfit to 100% accuracy in 5 steps (loss 1.2 -> 0.381, "
+                               "still above 0.05: more steps or a higher LR take it lower)")
+    else:       # wrong, or right by chance while the loss stayed put
+        assert res.verdict == (f"cannot even overfit 1 batch (acc {acc:.0%}, loss {loss:.3g}): check labels, LR, "
+                               "frozen layers")
+
+
 def test_dropout_is_disabled_for_the_check():
     from torch import nn
     from finetune.tools.diagnostics import disable_dropout

@@ -284,6 +284,26 @@ def test_overfit_batches_runs_the_check_only(tmp_path, tiny, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_overfit_batches_says_how_many_batches_the_data_holds(tmp_path, tiny, monkeypatch):
+    """QA: --overfit-batches 2 on 20 training images at batch size 32 said "training on 2 fixed batch(es)"; one
+    batch exists, and the line says so."""
+    diagnostics = pytest.importorskip("finetune.tools.diagnostics")
+
+    def fake_check(model, stages, data_config, train_set, config, *, head, batches, **kw):
+        seen["images"] = len(train_set.items)
+        return diagnostics.OverfitResult(passed=True, final_loss=0.01, final_acc=1.0, steps=3, verdict="can learn")
+
+    seen: dict = {}
+    monkeypatch.setattr(diagnostics, "overfit_check", fake_check)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", "--overfit-batches", "2", *FAST,
+                    "--batch-size", "32")
+    assert result.exit_code == 0, result.output
+    assert seen["images"] < 32
+    assert (f"overfit check: training on 1 fixed batch ({seen['images']} images) until memorised" in result.stderr
+            and "(2 asked: the training set holds no more)" in result.stderr), result.stderr
+
+
 def test_overfit_batches_with_lr_auto_checks_at_the_suggested_lr(tmp_path, tiny, monkeypatch):
     """QA: --overfit-batches returned before --lr auto ran, so the check trained at --lr's default without a
     word; it now runs the range test first (writing nothing) and overfits at its suggestion."""

@@ -1,6 +1,7 @@
 """`zoo lr-find` and `zoo sweep` through click's CliRunner, on a tiny random-init model at 32 px."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -112,6 +113,46 @@ def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):
     resumed = CliRunner().invoke(cli, [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "4 finished trial(s)" in resumed.output
+
+
+def test_a_resumed_sweep_with_other_values_ranks_the_earlier_trials_too(tiny_zoo, tmp_path):
+    """QA: `--resume --lr 5e-2,1e-1` after a sweep of 6 LRs wrote results.csv, best_config.yaml and sweep.png of the
+    2 new trials only (the 6 survived in results.jsonl alone, without a word). The fixed options are checked on
+    resume, so every trial of the folder is comparable: the resumed sweep ranks them all and says so."""
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--epochs", "1", "--head-epochs", "0",
+            "--freeze", "1", *COMMON]
+    first = CliRunner().invoke(cli, [*args, "--lr", "1e-3,1e-2"])
+    assert first.exit_code == 0, first.output
+    r = CliRunner().invoke(cli, [*args, "--lr", "1e-2,5e-2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "1 finished trial(s) taken" in r.output and "1 earlier trial(s) outside this grid kept" in r.output
+    lines = r.output.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("rank"))
+    assert len([l for l in lines[header + 1:] if l[:1].isdigit()]) == 3
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(float(row["lr"]) for row in rows) == [1e-3, 1e-2, 5e-2]
+    assert yaml.safe_load((out / "best_config.yaml").read_text())["lr"] == float(rows[0]["lr"])   # rank 1 of all 3
+
+
+def test_a_sweep_whose_trials_all_keep_the_solved_head_says_the_lr_ranked_nothing(tiny_zoo, tmp_path):
+    """QA: with --freeze none each trial's best epoch was its head epoch, solved by L-BFGS (no LR in play): equal
+    val losses ranked, a "best" LR named, no note. Also the resumed sweep, whose features all came from the disk
+    cache, said "0 bank(s) computed once, reused 2 time(s) by later trials"."""
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--epochs", "3", "--freeze", "none",
+            *COMMON]
+    r = CliRunner().invoke(cli, [*args, "--lr", "1e-7,1e-6"])
+    assert r.exit_code == 0, r.output
+    assert all(t["solved_head"] for t in map(json.loads, (out / "results.jsonl").read_text().splitlines()))
+    assert "note: every trial kept its head epoch, solved by L-BFGS" in r.output
+    assert "the --lr values rank by nothing" in r.output
+    assert "features: 2 bank(s) computed once, reused 2 time(s) by later trials" in r.output
+    resumed = CliRunner().invoke(cli, [*args, "--lr", "1e-5", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "features: 2 bank load(s) from the feature cache, computed by an earlier run; none computed" \
+        in resumed.output
+    assert "reused" not in resumed.output
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])

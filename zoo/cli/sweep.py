@@ -3,6 +3,7 @@ accepted (defaults < ``--config`` YAML < flags typed). No torch at import."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +47,9 @@ SWEEP_DEFAULT_EPOCHS = 5     # a trial is a short finetune: enough to rank, not 
               help=f"Epochs per trial.  [default: the --config file's, else {SWEEP_DEFAULT_EPOCHS}]")
 @click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
               help="K-fold cross-validation over train+val (stratified, seeded); 0 = the single split.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted sweep in --out (finished trials are skipped).")
+@click.option("--resume", is_flag=True,
+              help="Continue the sweep in --out: finished trials are skipped; new --lr/--weight-decay/--freeze/"
+                   "--optimizer values extend it, ranked with the earlier trials (other options must match).")
 @click.option("--keep-runs", is_flag=True, help="Keep each trial's run folder (curves, checkpoints) under OUT/trials.")
 @overwrite_option
 @config_options(skip=("lr", "weight_decay", "freeze", "optimizer", "epochs") + NOT_HERE)
@@ -69,6 +72,8 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
       zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4 --out sw1
       zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4 --out sw1 --resume
                                                     # after Ctrl-C: the same options, finished trials skipped
+      zoo sweep resnet50 --data ./photos --optimizer adam,sgd --folds 3 --epochs 4 --out sw1 --resume --lr 3e-2
+                                                    # extend the grid: ranked with the trials already there
       zoo finetune resnet50 --data ./photos --config sw1/best_config.yaml --epochs 30
     """
     # lazy: zoo --help must not import torch, nor load these modules
@@ -119,7 +124,8 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     # L-BFGS picks its own L2 on the validation split and takes no optimizer steps: these axes change nothing
     idle = [flag for flag, values in (("--lr", lrs), ("--optimizer", optimizers), ("--weight-decay", wds))
             if values is not None and len(values) > 1]
-    if idle and _lr_unused_everywhere(config, freezes, report.train.class_counts(), len(entry.stages)):
+    head_only = bool(idle) and _lr_unused_everywhere(config, freezes, report.train.class_counts(), len(entry.stages))
+    if head_only:
         say("note: every trial trains the head only, solved by L-BFGS on cached features: the learning rate, "
             f"optimizer and weight decay train nothing there, so the {', '.join(idle)} values rank by nothing; "
             "add --head-solver gradient to compare them, or sweep --freeze to train layers")
@@ -127,14 +133,27 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                        head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
                        optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say,
-                       feature_cache=feature_cache())
+                       feature_cache=feature_cache(say))
     except (Interrupted, KeyboardInterrupt):
         # (a trial's own message would say its epochs were not saved: the sweep saves whole trials)
-        raise Interrupted(f"interrupted: {_finished_trials(out_dir)} of {n} trial(s) are saved in "
+        raise Interrupted(f"interrupted: {_finished_trials(out_dir, _grid_ids(config, lrs, wds, freezes, optimizers))}"
+                          f" of {n} trial(s) are saved in "
                           f"{out_dir / 'results.jsonl'}; continue with the same command and --resume "
                           f"(--out {out_dir})") from None
     if result.skipped:
         say(f"resumed: {result.skipped} finished trial(s) taken from {out_dir / 'results.jsonl'}")
+    if result.earlier:
+        # a resume with another grid extends the sweep (same fixed options, checked): its trials stay ranked
+        say(f"resumed: {result.earlier} earlier trial(s) outside this grid kept from {out_dir / 'results.jsonl'}; "
+            f"the table, best config and plot rank all {len(result.trials)}")
+    ok = [t for t in result.trials if t.status == "ok"]
+    varied = [flag for flag, key in (("--lr", "lr"), ("--optimizer", "optimizer"), ("--weight-decay", "weight_decay"))
+              if len({t.params[key] for t in ok}) > 1]
+    if not head_only and varied and all(t.solved_head for t in ok):
+        # (found after the fact: with layers to train, the head epoch solved by L-BFGS was the best of each)
+        say("note: every trial kept its head epoch, solved by L-BFGS, which uses no learning rate, optimizer or "
+            f"weight decay: the {', '.join(varied)} values rank by nothing; sweep more --epochs so that training "
+            "the layers can beat the solved head, or --head-epochs 0 to rank the finetuning alone")
     for line in _table(result):
         echo(line)
     if result.best is None:
@@ -161,12 +180,32 @@ def _lr_unused_everywhere(config: FinetuneConfig, freezes, class_counts: list[in
     return True
 
 
-def _finished_trials(out_dir: Path) -> int:
-    """Trials recorded in results.jsonl (one line each, appended as each finishes)."""
+def _grid_ids(config: FinetuneConfig, lrs, wds, freezes, optimizers) -> set[str]:
+    """The trial ids of this grid (None: the config's value, as ``sweep`` takes it)."""
+    # lazy: zoo --help must not import torch
+    from finetune.tools.sweep import SweepSpace
+    from finetune.tools.sweep.space import trial_id
+
+    space = SweepSpace([float(v) for v in lrs], [float(v) for v in (wds if wds is not None else [config.weight_decay])],
+                       [str(v) for v in (freezes if freezes is not None else [config.freeze])],
+                       [str(v) for v in (optimizers if optimizers is not None else [config.optimizer])])
+    return {trial_id(p) for p in space.trials()}
+
+
+def _finished_trials(out_dir: Path, ids: set[str]) -> int:
+    """Trials of this grid (``ids``) recorded in results.jsonl (one line each, appended as each finishes); an
+    extended sweep's earlier trials there are not among the N of this grid."""
     try:
-        return sum(1 for line in (out_dir / "results.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+        lines = (out_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()
     except OSError:
         return 0
+    found = set()
+    for line in lines:
+        try:
+            found.add(json.loads(line).get("id"))
+        except (ValueError, AttributeError):
+            continue      # a line cut by the interruption
+    return len(found & ids)
 
 
 def _table(result) -> list[str]:

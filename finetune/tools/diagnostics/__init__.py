@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from finetune.tools.diagnostics.lrfind import (LRFindResult, lr_find, lr_schedule, smooth_losses, suggest_steepest,
                                          suggest_valley, write_lr_plot)
-from finetune.tools.diagnostics.overfit import OverfitResult, disable_dropout, overfit_check
+from finetune.tools.diagnostics.overfit import OverfitResult, disable_dropout, fixed_batch_count, overfit_check
 
 __all__ = ["LRFindResult", "lr_find", "lr_schedule", "smooth_losses", "suggest_steepest", "suggest_valley",
-           "write_lr_plot", "OverfitResult", "overfit_check", "disable_dropout"]
+           "write_lr_plot", "OverfitResult", "overfit_check", "disable_dropout",
+           "fixed_batch_count"]

@@ -71,6 +71,8 @@ class FeatureCache:
         self._log = log
         self.computed = 0      # banks computed by get_or_compute
         self.hits = 0          # banks get_or_compute found stored
+        self.earlier_hits = 0  # ... of them, banks this object did not compute (an earlier run stored them)
+        self._computed_keys: set[str] = set()
         self.write_error: str | None = None    # why the first bank could not be stored (then kept in memory)
 
     def path(self, key: str) -> Path | None:
@@ -150,10 +152,12 @@ class FeatureCache:
         bank = self.load(key)
         if bank is not None:
             self.hits += 1
+            self.earlier_hits += key not in self._computed_keys
             return bank, True
         bank = compute()
         self.save(key, bank)
         self.computed += 1
+        self._computed_keys.add(key)
         return bank, False
 
 

@@ -35,6 +35,8 @@ class TrialResult:
     epochs_run: int = 0
     seconds: float = 0.0
     message: str = ""
+    # the kept epoch (of every fold) is a head solved by L-BFGS: no LR, optimizer or weight decay shaped it
+    solved_head: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +60,8 @@ class SweepResult:
     best_config: FinetuneConfig | None
     out_dir: Path
     folds: int
-    skipped: int = 0                    # trials found finished in results.jsonl (resume)
+    skipped: int = 0                    # trials of this grid found finished in results.jsonl (resume)
+    earlier: int = 0                    # trials in results.jsonl outside this grid, ranked with it (resume)
 
     def table(self) -> list[dict[str, Any]]:
         """Rows for printing/CSV: rank, the swept values, the metric (+- std), status."""

@@ -27,8 +27,9 @@ from finetune.tools.train import fit
 # ----------------------------------------------------------------------------------------------------
 # the sweep
 # ----------------------------------------------------------------------------------------------------
-def _fit_metrics(result: Any) -> tuple[float, float, int | None, int]:
-    """(val_loss, val_acc, best_epoch, epochs run) of a FitResult, from its best-epoch history row."""
+def _fit_metrics(result: Any) -> tuple[float, float, int | None, int, bool]:
+    """(val_loss, val_acc, best_epoch, epochs run, solved) of a FitResult, from its best-epoch history row;
+    solved: that epoch is a head solved by L-BFGS (its row names the solver), which used no learning rate."""
     history = list(getattr(result, "history", []) or [])
     best_epoch = getattr(result, "best_epoch", None)
     row = next((r for r in history if r.get("epoch") == best_epoch), None)
@@ -36,7 +37,7 @@ def _fit_metrics(result: Any) -> tuple[float, float, int | None, int]:
     loss = metrics.get("val_loss", row.get("val_loss") if row else math.nan)
     acc = metrics.get("val_acc", row.get("val_acc") if row else math.nan)
     return (math.nan if loss is None else float(loss), math.nan if acc is None else float(acc),
-            best_epoch, len(history))
+            best_epoch, len(history), bool(row and row.get("solver")))
 
 
 def _fixed_options(config: FinetuneConfig, folds: int, n_train: int, n_val: int) -> dict[str, Any]:
@@ -61,7 +62,10 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     Args:
         lrs, weight_decays, freezes, optimizers: the grid; None keeps the config's value.
         out_dir: results folder (see the module docstring).
-        resume: skip trials already in ``out_dir/results.jsonl`` (the fixed options must match).
+        resume: skip trials already in ``out_dir/results.jsonl`` (the fixed options must match). Recorded
+            trials outside this grid (an earlier grid, extended now) are ranked with it: every trial in
+            ``out_dir`` ran with the same fixed options (each resume checks them), so the table, best config
+            and plot cover them all (``SweepResult.earlier`` counts them).
         keep_runs: give each trial a run folder (``out_dir/trials/<id>[/fold-k]``) with its curves and
             checkpoints; off by default (faster, smaller).
         log: called with one line per finished trial.
@@ -94,7 +98,10 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
                                 trials_dir=out / "trials" if keep_runs else None, n_splits=len(splits))
 
     trials = space.trials()
-    results: list[TrialResult] = []
+    # A resume with another grid extends the sweep: the trials of the earlier grids stay in the ranking.
+    ids = {trial_id(p) for p in trials}
+    results: list[TrialResult] = [t for tid, t in done.items() if tid not in ids]
+    earlier = len(results)
     skipped = 0
     for n, params in enumerate(trials, 1):
         tid = trial_id(params)
@@ -106,24 +113,51 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
         _append_jsonl(jsonl, trial.to_dict())
         results.append(trial)
         if log is not None:
-            what = (f"{metric} {trial.metric:.4g}" + (f" +- {trial.metric_std:.2g}" if len(splits) > 1 else "")
-                    if trial.status == "ok" else f"diverged ({trial.message})")
-            log(f"trial {n}/{len(trials)} lr {params['lr']:.2e} wd {params['weight_decay']:.2g} "
-                f"freeze {params['freeze']} {params['optimizer']}: {what} ({trial.seconds:.1f} s)")
+            log(_trial_line(trial, f"{n}/{len(trials)}", metric, len(splits)))
         # Partial results stay readable while the sweep runs.
         _write_csv(SweepResult(_rank(results, metric), metric, None, None, out, folds), out / "results.csv")
 
     if log is not None and (features.computed or features.hits):
-        log(f"features: {features.computed} bank(s) computed once, reused {features.hits} time(s) by later trials")
-    ranked = _rank(results, metric)
+        log(_features_line(features))
+    return _write_results(results, config, out, folds, skipped, earlier)
+
+
+def _trial_line(trial: TrialResult, position: str, metric: str, n_splits: int) -> str:
+    """The line a finished trial logs: its values, its metric (mean +- std over folds) or its divergence."""
+    params = trial.params
+    what = (f"{metric} {trial.metric:.4g}" + (f" +- {trial.metric_std:.2g}" if n_splits > 1 else "")
+            if trial.status == "ok" else f"diverged ({trial.message})")
+    return (f"trial {position} lr {params['lr']:.2e} wd {params['weight_decay']:.2g} freeze {params['freeze']} "
+            f"{params['optimizer']}: {what} ({trial.seconds:.1f} s)")
+
+
+def _write_results(results: list[TrialResult], config: FinetuneConfig, out: Path, folds: int, skipped: int,
+                   earlier: int) -> SweepResult:
+    """Rank the trials; write results.csv, best_config.yaml (the best trial's config) and sweep.png."""
+    ranked = _rank(results, config.monitor)
     best = ranked[0] if ranked and ranked[0].status == "ok" else None
     best_config = trial_config(config, best.params) if best is not None else None
-    result = SweepResult(ranked, metric, best, best_config, out, folds, skipped)
+    result = SweepResult(ranked, config.monitor, best, best_config, out, folds, skipped, earlier)
     _write_csv(result, out / "results.csv")
     if best_config is not None:
         save_config(best_config, out / "best_config.yaml")
     write_sweep_plot(result, out / "sweep.png")
     return result
+
+
+def _features_line(features: FeatureCache) -> str:
+    """How the trials got their backbone features: computed here and reused by the later trials, or loaded
+    from a cache an earlier run filled (a resumed sweep, or a disk cache: nothing computed, nothing "reused
+    by later trials")."""
+    earlier = features.earlier_hits
+    later = features.hits - earlier
+    parts = []
+    if features.computed:
+        parts.append(f"{features.computed} bank(s) computed once, reused {later} time(s) by later trials")
+    if earlier:
+        parts.append(f"{earlier} bank load(s) from the feature cache, computed by an earlier run"
+                     + ("" if features.computed else "; none computed"))
+    return "features: " + "; ".join(parts)
 
 
 def _grid(config: FinetuneConfig, n_stages: int, lrs: Sequence[float], weight_decays: Sequence[float] | None,
@@ -199,13 +233,15 @@ def _run_trial(tid: str, params: dict[str, Any], config: FinetuneConfig, splits:
     losses: list[float] = []
     accs: list[float] = []
     best_epoch, epochs_run, status, message = None, 0, "ok", ""
+    solved = []
     for k, (tr, va) in enumerate(splits):
         try:
             res = fit_one(tid, k, tr, va, cfg)
         except DivergedError as err:
             status, message = "diverged", str(err)
             break
-        loss, acc, best_epoch, epochs_run = _fit_metrics(res)
+        loss, acc, best_epoch, epochs_run, solved_k = _fit_metrics(res)
+        solved.append(solved_k)
         losses.append(loss)
         accs.append(acc)
         fold_metrics.append(acc if metric == "val_acc" else loss)
@@ -214,6 +250,6 @@ def _run_trial(tid: str, params: dict[str, Any], config: FinetuneConfig, splits:
         std = statistics.stdev(fold_metrics) if len(fold_metrics) > 1 else 0.0
         return TrialResult(tid, params, "ok", mean, std, statistics.fmean(losses), statistics.fmean(accs),
                            fold_metrics, best_epoch if len(splits) == 1 else None, epochs_run,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, solved_head=all(solved))
     return TrialResult(tid, params, status, math.nan, math.nan, fold_metrics=fold_metrics,
                        seconds=time.perf_counter() - t0, message=message)
