@@ -423,3 +423,15 @@ def test_one_epoch_blip_of_val_loss_is_not_overfitting():
     held = _rows([0.3, 0.1, 0.05, 0.03, 0.02, 0.015], [0.12, 0.07, 0.05, 0.0414, 0.0458, 0.047],
                  [0.9, 0.97, 0.99, 1.0, 1.0, 1.0], [0.95, 0.97, 0.98, 0.98, 0.98, 0.98])
     assert any(a.startswith("overfitting: val loss rising (0.0414 -> 0.047)") for a in advise(held))
+
+
+def test_a_suggestion_from_too_few_points_says_it_is_a_guess():
+    """QA (helper-53): --end-lr 1e30 --steps 5 diverged after 3 points and the test suggested an LR with no word
+    that no rule could read the curve; the "min/10" fallback says so and what to change."""
+    from finetune.tools.diagnostics import LRFindResult
+
+    lrs, losses = [1e-7, 1e-2, 1e3], [2.0, 2.1, 9.0]
+    guess = LRFindResult(lrs, losses, losses, 1e-8, "min/10", None, None, True).describe()
+    assert guess.endswith("this is a guess (the lowest loss / 10): sweep a narrower range (--end-lr) or more --steps")
+    read = LRFindResult(lrs, losses, losses, 1e-3, "valley", 1e-3, None, False).describe()
+    assert "guess" not in read
