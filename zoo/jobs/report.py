@@ -79,7 +79,8 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
     if (run / "report.html").exists() and folder_kind(run) != "finetune":     # (QA: a logger's folder, its page)
         raise UsageError(f"{run} is not a run folder zoo wrote (no {MARKER}) and its report.html is not zoo's to "
-                         "replace; pass the folder a `zoo finetune` run wrote (nothing was written)")
+                         "replace; pass the folder a `zoo finetune` run wrote (a copy that left out the hidden "
+                         f"{MARKER}: copy it too, or move report.html away); nothing was written")
     try:
         if top <= 0:
             mistakes = []
