@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
 from finetune.data.loaders import failure_reason
-from finetune.data.transforms import EVAL_MAX_ASPECT, LimitAspect
+from finetune.data.transforms import LimitAspect
 from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
 
@@ -39,6 +39,9 @@ OnError = Callable[[Any, str], None]
 # Test-time augmentation views: flip = the validation view + its mirror; ten = torchvision's ten-crop.
 TTA_VIEWS = ("flip", "ten")
 DEFAULT_TTA_VIEWS = "flip"     # 2 passes, not 10: neither beat plain evaluation on real photos (docs/peers.md)
+# ten-crop TTA cuts a longer side to this many times the short before resizing (QA: a 20000x2 PNG resized to
+# 20M x 2048 px took 17 GB); validation cuts at 2x (EVAL_MAX_ASPECT), but its one view is central anyway
+TTA_MAX_ASPECT = 8.0
 
 
 def _image_extensions() -> tuple[str, ...]:
@@ -79,9 +82,9 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     ``views="flip"``: the validation view (:func:`eval_transform`, the very pixels validation sees) and
     its horizontal mirror (V = 2). ``views="ten"``: ten-crop (V = 10 x n_scales): without ``scales`` the
     shorter side is resized as in validation (input size / crop_pct); with ``scales`` it is resized to
-    each scale in turn, its long side first centre-cropped to ``EVAL_MAX_ASPECT`` times the short as in
-    validation. Each resized image gives the four corner crops, the centre crop and their horizontal flips at
-    the model's input size.
+    each scale in turn, its long side first centre-cropped to ``TTA_MAX_ASPECT`` times the short (only extreme
+    strips: the corner crops of a panorama still reach its corners). Each resized image gives the four corner
+    crops, the centre crop and their horizontal flips at the model's input size.
 
     ``mirror=False`` (a model that never saw a mirrored image: ``Bundle.tta_mirror``) leaves the mirrored
     views out: "flip" is then the validation view alone (V = 1), "ten" the five crops of each scale.
@@ -116,7 +119,7 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
         raise UsageError(f"TTA scale(s) {too_small} smaller than the model's input size {h}x{w}; "
                          f"use scales of at least {max(h, w)}")
 
-    limit = LimitAspect(EVAL_MAX_ASPECT)     # as validation's: a 20000x2 strip is not resized to 4M x 2048 px
+    limit = LimitAspect(TTA_MAX_ASPECT)      # a 20000x2 strip is not resized to 20M x 2048 px
 
     def transform(img: Image.Image) -> torch.Tensor:
         views = []

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from finetune.core.io import load_yaml
+from finetune.core.io import load_yaml, read_user_text
 from zoo.entry import (COMMIT_RE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE, entry_pin, matches_pin,
                        parse_digest, public_source_id, weights_tag)
 from zoo.errors import RegistryError, UnknownModelError, UsageError
@@ -302,10 +302,13 @@ _CACHE: dict[tuple, dict[str, ModelEntry]] = {}
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_user_text(path)
     except FileNotFoundError:
         raise RegistryError(f"{path}: registry file not found; create it or unset ZOO_REGISTRY / --registry") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise RegistryError(f"{path}: the registry file is not UTF-8 text (nor UTF-16/32 with a byte-order mark); "
+                            "save it as UTF-8") from None
+    except OSError as err:
         raise RegistryError(f"{path}: cannot read the registry file ({err}); check the path and permissions") from None
 
 

@@ -351,8 +351,8 @@ def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text file (UTF-8, or UTF-16 with a byte-order mark): save it as "
-                          "UTF-8 text") from None
+        raise ConfigError(f"{path} is not UTF-8 text (nor UTF-16/32 with a byte-order mark): save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         # One line (PyYAML's message spans several): where, and what. Python tags (!!python/...) land here
         # too: the safe loader refuses them, nothing is constructed or run.

@@ -346,7 +346,7 @@ class Trainer:
                 raise Interrupted(f"interrupted: rank 0 saves {self.folder.path}; continue with "
                                   f"`{self.folder.resume_command()}`") from None
             saved = self.folder.saved_epoch(self.epoch)
-            done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is"
+            done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is in"
             raise Interrupted(f"interrupted: {done} {self.folder.path}; continue with "
                               f"`{self.folder.resume_command()}`") from None
         except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 from finetune.data import load_image
 
-__all__ = ["esc", "page", "table", "line_chart", "thumbnail_uri", "heatmap", "section"]
+__all__ = ["esc", "page", "table", "line_chart", "thumbnail_uri", "heatmap", "section", "GENERATOR"]
 
 _CSS = """
 :root{--fg:#1d2430;--muted:#5b6575;--line:#d8dde5;--bg:#fff;--soft:#f4f6f9;--bad:#b3261e;--ok:#1b6e3a}
@@ -53,9 +53,12 @@ def esc(value: Any) -> str:
     return html.escape(text, quote=True)
 
 
+GENERATOR = '<meta name="generator" content="zoo-finetune">'     # a page zoo drew (zoo report redraws it)
+
+
 def page(title: str, subtitle: str, body: str) -> str:
     """A whole document around ``body`` (already HTML); ``title``/``subtitle`` are escaped here."""
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR +
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{esc(title)}</h1><p class=\"sub\">{esc(subtitle)}</p>{body}</body></html>\n")

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
-from finetune.core.io import atomic_write_text, load_yaml, read_json_object
+from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
 
@@ -309,7 +309,7 @@ def _pct(v: Any) -> str:
 def _config_section(cfg_path: Path) -> str:
     """config.yaml as a table (its raw text when it cannot be parsed)."""
     try:
-        cfg = load_yaml(cfg_path.read_text(encoding="utf-8")) or {}
+        cfg = load_yaml(read_user_text(cfg_path)) or {}
     except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
         cfg = None
     if isinstance(cfg, dict):

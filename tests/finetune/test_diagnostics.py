@@ -432,6 +432,7 @@ def test_a_suggestion_from_too_few_points_says_it_is_a_guess():
 
     lrs, losses = [1e-7, 1e-2, 1e3], [2.0, 2.1, 9.0]
     guess = LRFindResult(lrs, losses, losses, 1e-8, "min/10", None, None, True).describe()
-    assert guess.endswith("this is a guess (the lowest loss / 10): sweep a narrower range (--end-lr) or more --steps")
+    assert guess.endswith("this is a guess (the lowest loss / 10): a narrower LR range or more steps read it "
+                          "(zoo lr-find --end-lr, --steps)")
     read = LRFindResult(lrs, losses, losses, 1e-3, "valley", 1e-3, None, False).describe()
     assert "guess" not in read

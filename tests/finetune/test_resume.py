@@ -114,7 +114,7 @@ def test_resume_before_first_epoch_completes(data, reference, tmp_path, monkeypa
 
     with monkeypatch.context() as m:
         m.setattr(loop, "train_one_epoch", ctrl_c)
-        with pytest.raises(Interrupted, match="interrupted: before the first epoch ended; the run is "):
+        with pytest.raises(Interrupted, match="interrupted: before the first epoch ended; the run is in "):
             run(data, resume_cfg(), run_dir=out)
     resumed = run(data, resume_cfg(), run_dir=out, resume=True)
     assert equal_states(resumed.model.state_dict(), reference.model.state_dict())

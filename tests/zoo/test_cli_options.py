@@ -105,7 +105,7 @@ def test_a_config_in_utf16_is_read_and_one_in_no_text_encoding_is_one_line(tmp_p
     r = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(data), "--out", str(out),
                                  "--config", str(tmp_path / "c.yaml")])
     assert r.exit_code == 2 and not out.exists() and isinstance(r.exception, (type(None), SystemExit)), r.output
-    assert "is not a text file (UTF-8, or UTF-16 with a byte-order mark): save it as UTF-8 text" in r.output
+    assert "is not UTF-8 text (nor UTF-16/32 with a byte-order mark): save it as UTF-8" in r.output
 
 
 @pytest.mark.parametrize("text,message", [

@@ -98,3 +98,7 @@ def test_a_report_html_that_zoo_did_not_write_is_not_replaced(tmp_path):
     (run / "report.html").write_text("old page")
     res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
     assert res.exit_code == 0 and "<html" in (run / "report.html").read_text().lower(), res.output
+    (run / MARKER).unlink()       # a run from before the marker, a copy without hidden files: its own page redrawn
+    for _ in range(2):
+        res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
+        assert res.exit_code == 0, res.output

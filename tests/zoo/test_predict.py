@@ -71,8 +71,10 @@ def test_ten_crop_tta_of_a_thin_strip_stays_small(monkeypatch):
     real = F.resize
     monkeypatch.setattr(predict.F, "resize", lambda img, size, **kw: sizes.append(img.size) or real(img, size, **kw))
     views = tta_transform(DC, scales=[8, 2048])(Image.new("RGB", (20000, 2)))
-    assert views.shape == (20, 3, 8, 8) and sizes == [(4, 2), (4, 2)]
-    assert tta_transform(DC, scales=[8])(_gradient(20, 30)).shape == (10, 3, 8, 8)     # within 2:1: as before
+    assert views.shape == (20, 3, 8, 8) and sizes == [(16, 2), (16, 2)]
+    sizes.clear()
+    assert tta_transform(DC, scales=[8])(Image.new("RGB", (300, 100))).shape == (10, 3, 8, 8)
+    assert sizes == [(300, 100)]      # a 3:1 panorama whole: its corner crops reach its corners
 
 
 def test_parse_scales():

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from finetune.core.io import atomic_write, atomic_write_text, rewrite_safetensors_metadata
+from finetune.core.io import atomic_write, atomic_write_text, rewrite_safetensors_metadata, shell_command
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
@@ -218,7 +218,8 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise BundleError(f"no run folder at {run}; pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
     if not (run / "model.json").exists() and (run / CONFIG).is_file() and (run / WEIGHTS).is_file():
         raise BundleError(f"{run} is a bundle (what `zoo export` writes), not a run folder: it is exported already; "
-                          f"use it as it is (`zoo predict {run} IMAGE`) or pass the run folder it came from")
+                          f"use it as it is (`{shell_command('zoo', 'predict', run, 'IMAGE')}`) or pass the run "
+                          "folder it came from")
     info = _read_json(run / "model.json", "the run did not finish or was not made by `zoo finetune`; re-run it")
     for key in ("builder", "classes", "data_config"):
         if key not in info:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.tools.htmlpage import GENERATOR
 from finetune.tools.pages import write_run_report
 from zoo.bundle import export_run, load_bundle
 from zoo.errors import BundleError, UsageError
@@ -60,6 +61,17 @@ def rank_mistakes(images: list[tuple[Any, str]], labels: list[str], probs, *, to
     return out[:top]
 
 
+def _drawn_by_zoo(page: Path) -> bool:
+    """Whether ``page`` is a page zoo drew (its generator tag near the top): another tool's page beside its
+    metrics.csv is not replaced (QA), zoo's own is redrawn, in a run folder without zoo's marker too (a run
+    from before the marker, a copy that left out hidden files)."""
+    try:
+        with open(page, "rb") as fh:
+            return GENERATOR.encode() in fh.read(4096)
+    except OSError:
+        return False
+
+
 def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log: Log | None = None,
                 progress: bool = False,
                 val_predictions: tuple[list[tuple[Any, str]], list[str], Any] | None = None) -> Path:
@@ -77,7 +89,7 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
     if not (run / "summary.json").is_file() and not (run / "metrics.csv").is_file():
         raise UsageError(f"{run} is not a finished run folder of `zoo finetune` (no summary.json or metrics.csv); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
-    if (run / "report.html").exists() and folder_kind(run) != "finetune":     # (QA: a logger's folder, its page)
+    if (run / "report.html").exists() and folder_kind(run) != "finetune" and not _drawn_by_zoo(run / "report.html"):
         raise UsageError(f"{run} is not a run folder zoo wrote (no {MARKER}) and its report.html is not zoo's to "
                          "replace; pass the folder a `zoo finetune` run wrote (a copy that left out the hidden "
                          f"{MARKER}: copy it too, or move report.html away); nothing was written")

@@ -55,8 +55,8 @@ class LRFindResult:
         other_lr = self.steepest if self.method == "valley" else self.valley
         tail = f"; {other}: {other_lr:.2e}" if other_lr is not None else ""
         stop = f", stopped early at {self.lrs[-1]:.2e} (loss diverged)" if self.stopped_early else ""
-        guess = ("; too few points to read the curve, so this is a guess (the lowest loss / 10): sweep a narrower "
-                 "range (--end-lr) or more --steps" if self.method == "min/10" else "")
+        guess = ("; too few points to read the curve, so this is a guess (the lowest loss / 10): a narrower LR "
+                 "range or more steps read it (zoo lr-find --end-lr, --steps)" if self.method == "min/10" else "")
         return (f"suggested lr {self.suggestion:.2e} ({self.method} rule{tail}); "
                 f"swept {self.lrs[0]:.1e} -> {self.lrs[-1]:.1e} in {len(self.lrs)} steps{stop}{guess}")
 

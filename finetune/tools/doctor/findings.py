@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from finetune.core.io import atomic_write_text, printable_name
+from finetune.core.io import atomic_write_text, printable_name, read_user_text
 from finetune.data.files import class_key
 
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
@@ -118,8 +118,11 @@ def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) ->
         ValueError: the file cannot be read or holds no path.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_user_text(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read the exclude file {path}: it is not UTF-8 text (nor UTF-16/32 with a "
+                         "byte-order mark); save it as UTF-8") from None
+    except OSError as e:
         raise ValueError(f"cannot read the exclude file {path}: {e}") from None
     lines = text.splitlines()
     out: list[str] = []
