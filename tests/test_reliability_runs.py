@@ -417,10 +417,19 @@ def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "export").mkdir()
     (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
-    keep = ["metrics.csv", "notes.tmp", ".hidden.tmp", "checkpoints/last.pt", "export/.model.safetensors.a1b2c3d4.tmp"]
+    keep = ["metrics.csv", "notes.tmp", ".hidden.tmp", ".backup.ABCDEFGH.tmp", "checkpoints/last.pt",
+            "export/.model.safetensors.a1b2c3d4.tmp", ".report.html.zz11yy22.tmp"]
     stale = [".curves.png.k3j_9xz1.tmp", "checkpoints/.last.pt.q8w7e6r5.tmp"]
     for name in keep + stale:
         (run / name).write_text("x")
     with claim_out(run, "finetune", resume=True) as mode:
         assert mode == "resume"
     assert all((run / n).exists() for n in keep) and not any((run / n).exists() for n in stale)
+    sweep = tmp_path / "sweep"      # --keep-runs: each trial's checkpoints
+    (sweep / "trials" / "t1" / "fold-1" / "checkpoints").mkdir(parents=True)
+    (sweep / MARKER).write_text(json.dumps({"kind": "sweep"}))
+    temp = sweep / "trials" / "t1" / "fold-1" / "checkpoints" / ".last.pt.ab12cd34.tmp"
+    temp.write_text("x")
+    with claim_out(sweep, "sweep", resume=True):
+        pass
+    assert not temp.exists()

@@ -131,15 +131,15 @@ def folder_kind(path: str | os.PathLike) -> str:
 
 
 def _remove_temps(path: Path) -> None:
-    """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) in ``path`` and
-    its checkpoints/: the folder is locked, so no writer of this command is running (a `zoo export` of it writes
-    in its own bundle folder, left alone)."""
-    for folder in (path, path / "checkpoints"):
-        with contextlib.suppress(OSError):
-            for name in os.listdir(folder):
-                if is_temp(name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(folder / name)
+    """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) under ``path``
+    (a sweep's trials/<id>/checkpoints too): the folder is locked, so no writer of this command runs. Left alone:
+    a bundle folder (`zoo export` writes there without the lock) and report.html's (`zoo report` too)."""
+    for folder, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if d not in ("export", STAGING)]
+        for name in names:
+            if is_temp(name) and not is_temp_of(name, "report.html"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
 
 
 def _resume_hint(kind: Kind, path: Path) -> str:
