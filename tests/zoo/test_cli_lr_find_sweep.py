@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 
 import pytest
 import yaml
@@ -133,6 +134,30 @@ def test_a_resumed_sweep_with_other_values_ranks_the_earlier_trials_too(tiny_zoo
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(float(row["lr"]) for row in rows) == [1e-3, 1e-2, 5e-2]
     assert yaml.safe_load((out / "best_config.yaml").read_text())["lr"] == float(rows[0]["lr"])   # rank 1 of all 3
+
+
+def test_a_sweep_resumed_with_another_model_or_data_is_refused_and_an_unidentified_one_ranks_only_its_grid(
+        tiny_zoo, tmp_path):
+    """Review (helper-57): the resume check compared the config, not the model, its starting weights or the data
+    folder, so an extended sweep ranked another model's trials and wrote one as the best config. sweep.json
+    records them (``identity``); a sweep recorded before it resumes, but its trials outside the grid stay out."""
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--out", str(out), "--epochs", "1", "--head-epochs", "0", "--freeze", "1", *COMMON]
+    assert CliRunner().invoke(cli, [*args, "--data", str(tiny_zoo), "--lr", "1e-3"]).exit_code == 0
+    other = ["sweep", "timm:test_efficientnet", *args[2:], "--data", str(tiny_zoo)]
+    moved = tmp_path / "other-data"
+    shutil.copytree(tiny_zoo, moved)
+    (next(moved.rglob("*.png"))).rename(moved / "cat" / "renamed.png")      # same counts, other files
+    for changed in (other, [*args, "--data", str(moved)]):
+        r = CliRunner().invoke(cli, [*changed, "--lr", "1e-2", "--resume"])
+        assert r.exit_code != 0 and "used other fixed options (model, epochs, folds, data...)" in r.output, r.output
+    spec = json.loads((out / "sweep.json").read_text())
+    del spec["fixed"]["identity"]                          # as a sweep recorded before identities
+    (out / "sweep.json").write_text(json.dumps(spec))
+    for _ in range(2):                                     # and it stays unidentified
+        r = CliRunner().invoke(cli, [*args, "--data", str(tiny_zoo), "--lr", "1e-2", "--resume"])
+        assert r.exit_code == 0 and "outside this grid kept" not in r.output, r.output
+        assert [float(row["lr"]) for row in csv.DictReader((out / "results.csv").open())] == [1e-2]
 
 
 def test_a_sweep_whose_trials_all_keep_the_solved_head_says_the_lr_ranked_nothing(tiny_zoo, tmp_path):
@@ -286,3 +311,16 @@ def test_the_finetune_a_command_suggests_loads_the_features_it_computed(tiny_zoo
     assert "features: train loaded from cache" in r.output      # (lr-find computes no validation features)
     assert ("features: val loaded from cache" in r.output) == (command == "sweep")
     assert "note:" not in r.output      # its --config holds every option: none of them was chosen (QA)
+
+
+def test_a_head_only_sweep_extended_on_resume_says_the_head_only_note(tiny_zoo, tmp_path):
+    """Review (helper-57): a head-only sweep at one LR, extended with --resume --lr OTHER, printed "sweep more
+    --epochs so that training the layers can beat the solved head", while no layer trains: the head-only note is
+    the one that applies (as for the same grid swept at once)."""
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--epochs", "2", "--freeze", "head",
+            *COMMON]
+    assert CliRunner().invoke(cli, [*args, "--lr", "1e-3"]).exit_code == 0
+    r = CliRunner().invoke(cli, [*args, "--lr", "1e-2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "note: every trial trains the head only, solved by L-BFGS" in r.output and "more --epochs" not in r.output

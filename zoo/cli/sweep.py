@@ -116,7 +116,8 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         # A fresh copy of the same starting weights for every trial (no re-reading from disk).
         return copy.deepcopy(net)
 
-    n = (len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])) * max(1, folds)
+    trials = len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])
+    n = trials * max(1, folds)
     # epochs 0 (auto, from a --config file) is each trial's policy.default_epochs (QA: "of 0 epoch(s)")
     length = (f"{config.epochs} epoch(s)" if config.epochs else
               f"auto epochs ({AUTO_EPOCHS_FINETUNE} when layers train, {AUTO_EPOCHS_HEAD} for the head only)")
@@ -124,20 +125,21 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     # L-BFGS picks its own L2 on the validation split and takes no optimizer steps: these axes change nothing
     idle = [flag for flag, values in (("--lr", lrs), ("--optimizer", optimizers), ("--weight-decay", wds))
             if values is not None and len(values) > 1]
-    head_only = bool(idle) and _lr_unused_everywhere(config, freezes, report.train.class_counts(), len(entry.stages))
+    counts, n_stages = report.train.class_counts(), len(entry.stages)
+    head_only = bool(idle) and _lr_unused_everywhere(config, freezes, counts, n_stages)
     if head_only:
-        say("note: every trial trains the head only, solved by L-BFGS on cached features: the learning rate, "
-            f"optimizer and weight decay train nothing there, so the {', '.join(idle)} values rank by nothing; "
-            "add --head-solver gradient to compare them, or sweep --freeze to train layers")
+        say(_head_only_note(idle))
     try:
         result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                        head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
                        optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say,
-                       feature_cache=feature_cache(say))
+                       feature_cache=feature_cache(say),
+                       identity={"model": entry.name, "pretrained": bool(pretrained), "fc_dropout": fc_dropout,
+                                 "data": report.fingerprint()})
     except (Interrupted, KeyboardInterrupt):
         # (a trial's own message would say its epochs were not saved: the sweep saves whole trials)
         raise Interrupted(f"interrupted: {_finished_trials(out_dir, _grid_ids(config, lrs, wds, freezes, optimizers))}"
-                          f" of {n} trial(s) are saved in "
+                          f" of {trials} trial(s) are saved in "
                           f"{out_dir / 'results.jsonl'}; continue with the same command and --resume "
                           f"(--out {out_dir})") from None
     if result.skipped:
@@ -150,10 +152,12 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     varied = [flag for flag, key in (("--lr", "lr"), ("--optimizer", "optimizer"), ("--weight-decay", "weight_decay"))
               if len({t.params[key] for t in ok}) > 1]
     if not head_only and varied and all(t.solved_head for t in ok):
-        # (found after the fact: with layers to train, the head epoch solved by L-BFGS was the best of each)
-        say("note: every trial kept its head epoch, solved by L-BFGS, which uses no learning rate, optimizer or "
-            f"weight decay: the {', '.join(varied)} values rank by nothing; sweep more --epochs so that training "
-            "the layers can beat the solved head, or --head-epochs 0 to rank the finetuning alone")
+        if _lr_unused_everywhere(config, sorted({t.params["freeze"] for t in ok}), counts, n_stages):
+            say(_head_only_note(varied))      # (a grid extended on resume: the trials of both train the head only)
+        else:    # found after the fact: with layers to train, the head epoch solved by L-BFGS was the best of each
+            say("note: every trial kept its head epoch, solved by L-BFGS, which uses no learning rate, optimizer or "
+                f"weight decay: the {', '.join(varied)} values rank by nothing; sweep more --epochs so that training "
+                "the layers can beat the solved head, or --head-epochs 0 to rank the finetuning alone")
     for line in _table(result):
         echo(line)
     if result.best is None:
@@ -165,6 +169,12 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
     echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
                                   "--epochs", max(30, config.epochs), *random_init))
+
+
+def _head_only_note(flags: list[str]) -> str:
+    return ("note: every trial trains the head only, solved by L-BFGS on cached features: the learning rate, "
+            f"optimizer and weight decay train nothing there, so the {', '.join(flags)} values rank by nothing; "
+            "add --head-solver gradient to compare them, or sweep --freeze to train layers")
 
 
 def _lr_unused_everywhere(config: FinetuneConfig, freezes, class_counts: list[int], n_stages: int) -> bool:

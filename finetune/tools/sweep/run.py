@@ -40,9 +40,11 @@ def _fit_metrics(result: Any) -> tuple[float, float, int | None, int, bool]:
             best_epoch, len(history), bool(row and row.get("solver")))
 
 
-def _fixed_options(config: FinetuneConfig, folds: int, n_train: int, n_val: int) -> dict[str, Any]:
+def _fixed_options(config: FinetuneConfig, folds: int, n_train: int, n_val: int,
+                   identity: dict[str, Any] | None) -> dict[str, Any]:
     fixed = {k: v for k, v in config.to_dict().items() if k not in SWEPT_FIELDS and k != "quiet"}
-    return {"config": fixed, "folds": folds, "n_train": n_train, "n_val": n_val}
+    return {"config": fixed, "folds": folds, "n_train": n_train, "n_val": n_val,
+            **({"identity": identity} if identity is not None else {})}
 
 
 def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], data_config: dict,
@@ -50,7 +52,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
           lrs: Sequence[float], weight_decays: Sequence[float] | None = None,
           freezes: Sequence[str] | None = None, optimizers: Sequence[str] | None = None, folds: int = 0,
           resume: bool = False, keep_runs: bool = False, log: Callable[[str], None] | None = None,
-          fit_fn: Callable[..., Any] | None = None, feature_cache: FeatureCache | None = None) -> SweepResult:
+          fit_fn: Callable[..., Any] | None = None, feature_cache: FeatureCache | None = None,
+          identity: dict[str, Any] | None = None) -> SweepResult:
     """Run every combination of the swept values as a short ``fit`` and rank them.
 
     Each trial starts from a fresh ``model_factory()`` (torch is seeded with ``config.seed`` just before
@@ -62,10 +65,12 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     Args:
         lrs, weight_decays, freezes, optimizers: the grid; None keeps the config's value.
         out_dir: results folder (see the module docstring).
-        resume: skip trials already in ``out_dir/results.jsonl`` (the fixed options must match). Recorded
-            trials outside this grid (an earlier grid, extended now) are ranked with it: every trial in
-            ``out_dir`` ran with the same fixed options (each resume checks them), so the table, best config
-            and plot cover them all (``SweepResult.earlier`` counts them).
+        resume: skip trials already in ``out_dir/results.jsonl`` (the fixed options and ``identity`` must
+            match). Recorded trials outside this grid (an earlier grid, extended now) are ranked with it: every
+            trial in ``out_dir`` ran with the same fixed options and identity (each resume checks them), so the
+            table, best config and plot cover them all (``SweepResult.earlier`` counts them). A sweep recorded
+            without an identity (before it was recorded) resumes, but its trials outside this grid are not
+            ranked: nothing says they trained the same model on the same data.
         keep_runs: give each trial a run folder (``out_dir/trials/<id>[/fold-k]``) with its curves and
             checkpoints; off by default (faster, smaller).
         log: called with one line per finished trial.
@@ -73,6 +78,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
             ``feature_cache=``, one :class:`finetune.tools.features.FeatureCache` for the whole sweep, so the
             backbone features of a head-only trial are computed once and shared by every trial.
         feature_cache: where those features are kept (default: in memory; on disk, later runs share them).
+        identity: what the trials train beyond the config (the CLI's: the model, its starting weights, the
+            data's fingerprint), recorded in sweep.json and checked on resume.
     Returns:
         SweepResult, best first; ``best_config.yaml`` holds ``trial_config(config, best.params)``.
     Raises:
@@ -90,8 +97,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
-    fixed = _fixed_options(config, folds, len(train_set), len(val_set) if val_set is not None else 0)
-    done = _start(out, jsonl, {"fixed": fixed, "grid": asdict(space), "metric": metric}, resume)
+    fixed = _fixed_options(config, folds, len(train_set), len(val_set) if val_set is not None else 0, identity)
+    done, identified = _start(out, jsonl, {"fixed": fixed, "grid": asdict(space), "metric": metric}, resume)
 
     fit_one = functools.partial(_fit_split, seed=config.seed, model_factory=model_factory, fit_fn=fit_fn,
                                 stages=stages, data_config=data_config, head=head, features=features,
@@ -100,7 +107,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     trials = space.trials()
     # A resume with another grid extends the sweep: the trials of the earlier grids stay in the ranking.
     ids = {trial_id(p) for p in trials}
-    results: list[TrialResult] = [t for tid, t in done.items() if tid not in ids]
+    results: list[TrialResult] = [t for tid, t in done.items() if tid not in ids] if identified else []
     earlier = len(results)
     skipped = 0
     for n, params in enumerate(trials, 1):
@@ -180,22 +187,29 @@ def _grid(config: FinetuneConfig, n_stages: int, lrs: Sequence[float], weight_de
     return space
 
 
-def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> dict[str, TrialResult]:
-    """Write ``out/sweep.json``; the trials already in ``jsonl`` when resuming (ConfigError: an existing sweep
-    without ``resume``, or one whose fixed options differ)."""
+def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> tuple[dict[str, TrialResult], bool]:
+    """Write ``out/sweep.json``; the trials already in ``jsonl`` when resuming, and whether they are known to
+    share this sweep's identity (a sweep recorded before identities were: not known). ConfigError: an existing
+    sweep without ``resume``, or one whose fixed options or identity differ."""
     spec_path = out / "sweep.json"
     done: dict[str, TrialResult] = {}
+    identified = True
     if jsonl.exists() and jsonl.stat().st_size > 0:
         if not resume:
             raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
         previous = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() else {}
         fixed = json.loads(json.dumps(_json_safe(spec["fixed"])))
-        if _with_later_defaults(_json_safe(previous.get("fixed")), fixed) != fixed:
-            raise ConfigError(f"{out}: the sweep there used other fixed options (epochs, folds, data...); "
+        recorded = _with_later_defaults(_json_safe(previous.get("fixed")), fixed)
+        if isinstance(recorded, dict) and "identity" in fixed and "identity" not in recorded:
+            recorded, identified = {**recorded, "identity": fixed["identity"]}, False
+        if recorded != fixed:
+            raise ConfigError(f"{out}: the sweep there used other fixed options (model, epochs, folds, data...); "
                               "resume with the same options or choose another --out")
         done = _read_jsonl(jsonl)
+    if not identified:      # its earlier trials stay unidentified: the record must not vouch for them later
+        spec = {**spec, "fixed": {k: v for k, v in spec["fixed"].items() if k != "identity"}}
     atomic_write_text(spec_path, json.dumps(_json_safe(spec), indent=2) + "\n")
-    return done
+    return done, identified
 
 
 def _with_later_defaults(fixed: Any, now: dict[str, Any]) -> Any:
