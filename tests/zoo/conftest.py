@@ -72,12 +72,16 @@ def pth_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+# timm's test_resnet, every parameter but fc's in one stage (zoo.build checks an entry's stages)
+TEST_RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
 def make_entry(name: str, *sources, builder: str = "timm:test_resnet", classifier: str = "fc"):
     """A ModelEntry built directly (no registry file needed)."""
     from zoo.registry import ModelEntry, Preprocessing
 
     return ModelEntry(name=name, builder=builder, sources=tuple(sources), preprocessing=Preprocessing(),
-                      stages=(("conv1",),), classifier=classifier, license="apache-2.0", family="test")
+                      stages=TEST_RESNET_STAGES, classifier=classifier, license="apache-2.0", family="test")
 
 
 def write_registry(path: Path, entries: list[dict]) -> Path:
@@ -94,6 +98,6 @@ def entry_dict(name: str, sources: list[dict], builder: str = "timm:test_resnet"
             "preprocessing": {"input_size": [3, 160, 160], "interpolation": "bicubic", "crop_pct": 0.875,
                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                               "origin": "timm pretrained_cfg"},
-            "stages": [["conv1", "bn1"], ["layer1"], ["layer2"]], "classifier": "fc",
+            "stages": [list(s) for s in TEST_RESNET_STAGES], "classifier": "fc",
             "params": 1000, "top1": None, "license": "apache-2.0", "paper": "", "year": 2024, "family": "test",
             "description": "tiny test model"}

@@ -50,6 +50,25 @@ def test_a_feature_cache_that_cannot_be_written_is_a_warning_not_the_end(tmp_pat
     assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "export" / "model.safetensors").is_file()
 
 
+def test_a_registry_entry_whose_stages_leave_out_layers_is_refused_before_any_download(tmp_path, monkeypatch):
+    """QA (helper-58): a user registry entry for test_resnet with stages conv1/bn1, layer1, layer2 (layer3 and
+    layer4 in none) was accepted and `--freeze 1` trained layer2, the two blocks nearest the output frozen. The
+    network's parameters are held to the stages (zoo.resolve.check_stages) before the weights are fetched."""
+    from tests.zoo.conftest import entry_dict, write_registry
+
+    entry = entry_dict("gappy", [{"kind": "url", "url": "http://127.0.0.1:9/never.safetensors", "sha256": "ab" * 32}])
+    entry["stages"] = [["conv1", "bn1"], ["layer1"], ["layer2"]]
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "reg.yaml", [entry])))
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    for command in (["finetune", "gappy", "--data", data, "--out", tmp_path / "run", *FAST],
+                    ["lr-find", "gappy", "--data", data, "--out", tmp_path / "lr", "--device", "cpu"]):
+        result = CliRunner().invoke(cli, [str(a) for a in command])
+        assert result.exit_code != 0, result.output
+        assert ("entry 'gappy': its stages do not fit the network: parameter 'layer3.0.conv1.weight' is in 0 "
+                "stages") in result.output, result.output
+        assert "never.safetensors" not in result.output     # refused before any download was tried
+
+
 @pytest.mark.parametrize("layout", ["empty", "one_class", "missing"])
 def test_fatal_data_problems_are_one_line_before_any_model(tmp_path, no_model_build, layout):
     data = tmp_path / "data"

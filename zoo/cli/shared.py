@@ -8,7 +8,6 @@ from typing import Callable
 import click
 
 from finetune.core.config import FinetuneConfig
-from zoo import build as zbuild
 from zoo.cli.console import echo
 from zoo.cli.options import fc_dropout_option
 from zoo.resolve import get_entry
@@ -26,23 +25,17 @@ def sayer(quiet: bool) -> Callable[[str], None]:
 
 def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None],
              fc_dropout: float | None = None):
-    """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model."""
+    """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model, as
+    `zoo finetune` scans and builds (one process: lr-find and sweep refuse torchrun)."""
     # lazy: zoo --help must not import torch
-    import torch
-
-    from finetune.data import scan_folder
-    from zoo.cache import scan_memo
-    from zoo.jobs.finetune import scan_lines
+    from finetune.core.distributed import DistInfo
+    from zoo.jobs.finetune import build_for_training, scan_lines, scan_on_main
 
     entry = get_entry(model)
-    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=config.strict,
-                         memo=scan_memo(data))
+    report = scan_on_main(data, config, DistInfo())
     for line in scan_lines(report, config):
         say(line)
-    torch.manual_seed(int(config.seed))  # a --no-pretrained baseline is the same network every time
-    net = (zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout) if pretrained
-           else zbuild.build_architecture(entry, fc_dropout=fc_dropout))
-    return entry, report, net
+    return entry, report, build_for_training(entry, pretrained, config.seed, fc_dropout)
 
 overwrite_option = click.option("--overwrite", is_flag=True, default=False,
                           help="--out holds an earlier result of this command: start over (only its files).")

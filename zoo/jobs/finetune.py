@@ -33,13 +33,14 @@ from zoo.jobs import report as zreport
 from zoo.build import builder_kwargs
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest, scan_memo
-from zoo.errors import UsageError, ZooError
+from zoo.errors import RegistryError, UsageError, ZooError
 from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
-from zoo.resolve import get_entry
+from zoo.resolve import check_stages, get_entry
 from zoo.text import shell_command
 
-__all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "model_info",
+__all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "build_for_training",
+           "model_info",
            "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
 
 MODEL_JSON = "model.json"
@@ -180,8 +181,23 @@ def run_data_config(entry, config: FinetuneConfig) -> dict[str, Any]:
     return with_input_size(entry.preprocessing.data_config(), int(config.img_size))
 
 
-def _build(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
-    # Seeded, so that a random-init baseline (--no-pretrained) is the same network in every process.
+def build_for_training(entry, pretrained: bool, seed: int, fc_dropout: float | None = None):
+    """The network that finetune (and its resume), lr-find and sweep train: seeded, so that a random-init
+    baseline (--no-pretrained) is the same network in every process and every run.
+
+    Raises:
+        RegistryError: the entry's stages do not fit the network (``zoo.resolve.check_stages``), checked on a
+            network without memory before any download: a user registry's stages that left out the last layers
+            made `--freeze K` unfreeze other ones, silently (QA).
+    """
+    with torch.device("meta"):
+        problems = check_stages(zbuild.build_architecture(entry, fc_dropout=fc_dropout), entry.stages,
+                                entry.classifier)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RegistryError(f"{entry.origin_file}: entry '{entry.name}': its stages do not fit the network: "
+                            f"{'; '.join(problems[:3])}{more}; every parameter except the classifier's must be in "
+                            f"exactly one stage (`{shell_command('zoo', 'info', 'timm:ARCH')}` prints stages that do)")
     torch.manual_seed(int(seed))
     if pretrained:
         return zbuild.create_model(entry, pretrained=True, fc_dropout=fc_dropout)
@@ -250,7 +266,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     note = process.describe()
     if note:
         say(note)
-    model = _build(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
+    model = build_for_training(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
     outcome = RunOutcome(run_dir=run_dir)
     stages, head = [list(s) for s in entry.stages], entry.classifier
     data_config = run_data_config(entry, config)

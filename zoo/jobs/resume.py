@@ -18,7 +18,7 @@ from finetune.data import scan_outdated, write_scan
 from finetune.tools.train import fit
 from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
-from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _build, _finish, feature_cache,
+from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training, feature_cache,
                                scan_on_main, scan_warnings)
 from zoo.outdir import MARKER, claim_out, folder_kind
 from zoo.resolve import get_entry
@@ -195,7 +195,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     # with the run's own FC dropout (runs from before model.json recorded it had none).
     kwargs = info_json.get("builder_kwargs")
     fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
-    model = _build(entry, False, config.seed, fc_dropout)
+    model = build_for_training(entry, False, config.seed, fc_dropout)
     result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
                  head=info_json["classifier"], run_dir=run_dir, resume=True, log=say, feature_cache=feature_cache(say))
     return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
