@@ -138,15 +138,27 @@ def _check_private(files: dict[str, bytes], marks: list[str]) -> None:
 
 def _test_metrics(path: str | os.PathLike | None, weights_sha256: str, labels: list[str]) -> dict[str, Any]:
     """Metrics of a `zoo eval` report (its folder or metrics.json): accuracy, top5, n_images; refused when
-    they are another model's (other weights, where the report records them, or other labels)."""
+    they are another model's (other weights, where the report records them, or other labels), when they are
+    not a held-out accuracy (a report of the folders the model trained or chose its epoch on: published as
+    "test accuracy", QA) or not one at all (a number outside 0..1)."""
     if path is None:
         return {}
     p = Path(path)
     p = p / "metrics.json" if p.is_dir() else p
+    fix = "pass the report folder `zoo eval BUNDLE --data DIR --out REPORT` wrote; nothing was uploaded"
+    if not p.is_file():
+        raise UsageError(f"--test-metrics: no {p}; {fix}")
     doc = read_json_object(p)
-    if "accuracy" not in doc:
-        raise UsageError(f"{p} is not a `zoo eval` metrics.json (no 'accuracy'); pass the report folder "
-                         "`zoo eval BUNDLE --data DIR --out REPORT` wrote")
+    if not doc:
+        raise UsageError(f"--test-metrics: {p} is not a JSON object (unreadable or damaged); {fix}")
+    accuracy = doc.get("accuracy")
+    if not (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1):
+        raise UsageError(f"--test-metrics: {p} holds no accuracy between 0 and 1 (accuracy: {accuracy!r}); {fix}")
+    if doc.get("seen_in_training"):
+        raise UsageError(f"--test-metrics {p} evaluated the {doc['seen_in_training']} folder this model was trained "
+                         "on: its accuracy is not a test accuracy; evaluate images it never saw (`zoo eval BUNDLE "
+                         "--data DIR --out REPORT`, DIR a held-out folder or one with a test/ split); nothing was "
+                         "uploaded")
     evaluated = doc.get("weights_sha256")
     other = (f"other weights (sha256 {str(evaluated)[:12]}..., this bundle's {weights_sha256[:12]}...)"
              if evaluated and evaluated != weights_sha256 else

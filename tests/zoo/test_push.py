@@ -575,3 +575,27 @@ def test_the_cards_after_review(tmp_path):
     for repo in (None, REPO):
         text = model_card(odd, None, None, repo=repo)
         assert "- none: trained from random initialisation" in text and "input (), " in text
+
+
+@pytest.mark.parametrize("doc, said", [
+    ({"accuracy": 7.5}, "holds no accuracy between 0 and 1 (accuracy: 7.5)"),
+    ({"accuracy": "high"}, "holds no accuracy between 0 and 1 (accuracy: 'high')"),
+    ({"accuracy": 1.0, "seen_in_training": "train"}, "evaluated the train folder this model was trained on: its "
+                                                     "accuracy is not a test accuracy"),
+    ("{not json", "is not a JSON object (unreadable or damaged)"),
+    (None, "--test-metrics: no ")])
+def test_test_metrics_that_are_no_test_accuracy_are_refused(tmp_path, doc, said):
+    """QA (helper-58): an accuracy of 7.5, a text one, and `zoo eval`'s report of the training folder (which eval
+    itself calls the training accuracy) were published as the card's "test accuracy"; a damaged file and a
+    folder without metrics.json were called "not a zoo eval metrics.json (no 'accuracy')"."""
+    from zoo.errors import UsageError
+    from zoo.push import plan_push
+
+    _, bundle = make_bundle(tmp_path)
+    report = tmp_path / "report"
+    report.mkdir()
+    if doc is not None:
+        (report / "metrics.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    with pytest.raises(UsageError, match="nothing was uploaded") as err:
+        plan_push(bundle, REPO, test_metrics=report)
+    assert said in str(err.value)
