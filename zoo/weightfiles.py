@@ -18,8 +18,10 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 def is_torch_start(head: bytes) -> bool:
-    """Whether a file's first bytes open a ``torch.save`` file: a zip archive, or a pickle (the legacy format)."""
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    """Whether a file's first bytes open a ``torch.save`` file: a zip archive, or a pickle (the legacy format:
+    PROTO and a protocol torch writes, 2 to 5; a safetensors file whose header length starts with 0x80 is not
+    one, QA)."""
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def check_safetensors(path: str | Path) -> dict[str, Any]:
@@ -57,7 +59,10 @@ def load_pth(path: str | Path) -> dict[str, Any]:
                            + ("empty" if not head else "damaged (neither a zip archive nor a pickle)")
                            + "; copy or download it again")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # from an open file: torch.load given a path named .safetensors reads it as safetensors (QA: a .pth so
+        # named, a traceback), whatever its bytes say
+        with open(path, "rb") as fh:
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:   # the weights-only unpickler met something it will not build
         raise WeightsError(
             f"{path.name} was refused: it is not a plain tensor checkpoint and loading it would run code from the "

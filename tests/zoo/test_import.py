@@ -127,6 +127,25 @@ def test_a_safetensors_file_named_pth_is_imported_by_its_content(tiny_state, tmp
     f = save_st(tiny_state, tmp_path / "weights.pth")
     assert import_weights("tiny", f).read_bytes() == f.read_bytes()
 
+def test_a_pth_named_safetensors_imports_and_a_safetensors_opening_with_0x80_is_no_pickle(tiny_state, tmp_path,
+                                                                                         registry):
+    """QA (helper-58): a .pth named .safetensors was a traceback (torch.load given the path reads it as safetensors
+    by its name); a damaged safetensors whose header length starts with 0x80 went to torch.load as a pickle (a
+    traceback, or "loading it would run code" under another name)."""
+    import struct
+
+    f = tmp_path / "pthnamed.safetensors"
+    f.write_bytes(pth_bytes(dict(tiny_state)))
+    assert import_weights("tiny", f).is_file()
+    bad = tmp_path / "huge.safetensors"
+    bad.write_bytes(struct.pack("<Q", 50_000_000) + b"{" + b" " * 100)
+    for name in ("huge.safetensors", "huge.bin"):
+        bad = bad.rename(tmp_path / name)
+        with pytest.raises(WeightsError) as err:
+            import_weights("tiny", bad)
+        assert "run code" not in str(err.value) and ("damaged" in str(err.value) or "not a valid" in str(err.value))
+
+
 def test_a_safetensors_file_of_junk_reports_no_absurd_header_size(tmp_path, registry):
     f = tmp_path / "junk.safetensors"
     f.write_bytes(b"junk junk junk junk\n")
