@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import SafetensorsHeaderError, atomic_write, read_safetensors_header
+from finetune.core.io import SafetensorsHeaderError, atomic_write, read_safetensors_header, rewrite_safetensors_metadata
 from zoo.errors import WeightsError
 from zoo.text import first_line
 
@@ -86,9 +86,11 @@ def load_pth(path: str | Path) -> dict[str, Any]:
 
 
 def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` after making every tensor contiguous and unshared."""
+    """``safetensors.torch.save_file`` after making every tensor contiguous and unshared, the metadata in sorted
+    order (safetensors writes it in hash order): the same file converted twice gives the same bytes, so the
+    cache's and a lock file's ``weights_sha256`` can be reproduced (QA: 1 conversion in 3 differed)."""
     # lazy: zoo --help / list / info import this module and must not import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     seen: set[tuple[int, int]] = set()
     clean = {}
@@ -100,4 +102,6 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
         seen.add(ident)
         clean[key] = value
     # atomic_write: a failed write is the OSError it is (safetensors reports "... (os error 28)" as its own)
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+    data = save(clean, metadata=metadata)
+    data = rewrite_safetensors_metadata(data, metadata) if metadata else data
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

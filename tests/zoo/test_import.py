@@ -271,3 +271,12 @@ def test_a_pipe_given_as_the_file_is_called_a_pipe_not_missing(tmp_path, registr
         import_weights("tiny", fifo)
     with pytest.raises(UsageError, match=r"absent.safetensors: no such file"):
         import_weights("tiny", tmp_path / "absent.safetensors")
+
+
+def test_a_pth_converted_twice_gives_the_same_bytes(tiny_state, tmp_path, registry):
+    """QA (helper-58): the .pth -> safetensors conversion wrote its metadata in hash order, so the cached file's
+    sha256 (a lock file's weights_sha256, a bundle's source_weights_sha256) changed from one import to the next."""
+    f = tmp_path / "w.pth"
+    f.write_bytes(pth_bytes(dict(tiny_state)))
+    digests = {hashlib.sha256(import_weights("tiny", f).read_bytes()).hexdigest() for _ in range(4)}
+    assert len(digests) == 1
