@@ -54,7 +54,7 @@ def read_safetensors_metadata(path: str | os.PathLike, fix: str = "re-export it 
     except OSError as e:
         raise BundleError(f"{path} cannot be read ({e.strerror or e}); {fix}") from None
     except SafetensorsHeaderError as e:
-        raise BundleError(f"{path} is {e}; {fix}") from None
+        raise BundleError(f"{path} is not a complete safetensors file: {e}; {fix}") from None
     return dict(header.get("__metadata__") or {})
 
 

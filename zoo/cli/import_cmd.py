@@ -43,8 +43,10 @@ def import_cmd(name: str, file: str, sha256: str | None) -> None:
     echo(f"{name}: imported, {human_size(path.stat().st_size)}: {path}")
     old = before.get("sha256_download")
     if old and old != manifest.get("sha256_download"):    # other weights than the ones runs were made from
-        echo(f"note: this replaced the cached weights of {name} (sha256 {str(old)[:12]}..., "
-             f"{'verified: ' + str(before['verified']) if before.get('verified') else 'trusted on first use'}, "
+        # (a pulled file's manifest says tofu: false where the registry pinned it; an import's says "verified")
+        trust = ("verified: " + str(before["verified"]) if before.get("verified") else
+                 "verified against the registry pin" if before.get("tofu") is False else "trusted on first use")
+        echo(f"note: this replaced the cached weights of {name} (sha256 {str(old)[:12]}..., {trust}, "
              f"from {before.get('source') or 'unknown'})", err=True)
     if manifest.get("verified"):
         echo(f"  verified: sha256 {manifest.get('sha256_download')} matches the {manifest['verified']}")
