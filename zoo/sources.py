@@ -363,7 +363,11 @@ def _is_html(path: Path, content_type: str | None) -> bool:
 
 
 def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
+    """A ``kind: file`` source: its path (``~`` and ``$VARS`` expanded), relative to the folder of the registry
+    file that holds the entry (QA: it was relative to wherever zoo ran)."""
     path = Path(os.path.expandvars(source.path or "")).expanduser()
+    if not path.is_absolute() and entry.origin_file:
+        path = Path(entry.origin_file).parent / path
     if not path.is_file():
         raise DownloadError(f"{source.id()}: no such file; fix the path in the registry entry")
     return copy_in(path, stage)

@@ -419,3 +419,23 @@ def test_a_download_with_no_room_says_what_helps(code, says, not_says):
     message = str(_disk_full_error(OSError(number, os.strerror(number))))
     assert "nothing was cached" in message and says in message
     assert not_says is None or not_says not in message
+
+
+def test_a_relative_file_source_is_relative_to_its_registry_file(tmp_path, monkeypatch, _isolated_home):
+    """QA (helper-58): `path: good.safetensors` in a user registry was read from wherever zoo ran ("no such
+    file" from another folder); it is the registry file's neighbour."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from tests.zoo.conftest import entry_dict
+    from zoo.resolve import get_entry
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "good.safetensors"))
+    entry = entry_dict("rel", [{"kind": "file", "path": "good.safetensors", "sha256": None, "sha256_note": "test"}])
+    (folder / "reg.yaml").write_text(yaml.safe_dump({"models": [entry]}))
+    monkeypatch.setenv("ZOO_REGISTRY", str(folder / "reg.yaml"))
+    monkeypatch.chdir(tmp_path)                              # not the registry's folder
+    assert pull(get_entry("rel")).is_file()
