@@ -168,3 +168,12 @@ def test_pull_onto_a_full_disk_says_so_not_cut_off(hub, tmp_path, monkeypatch, _
     assert "cut off" not in error and "run the command again" not in error, error
     assert not cache.is_cached("big") and not any(p.is_file() for p in (_isolated_home / "tmp").rglob("*"))
     assert run("pull", "big", "-q").exit_code == 0      # room again: the same pull succeeds
+
+
+def test_cache_ls_with_zoo_home_a_file_says_so(tmp_path, monkeypatch):
+    """QA (helper-58): `zoo cache ls` said "nothing cached under FILE" where pull and import say it is a file."""
+    home = tmp_path / "home-file"
+    home.write_text("x")
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    r = CliRunner().invoke(cli, ["cache", "ls"])
+    assert r.exit_code == 2 and f"ZOO_HOME={home} is a file, not a folder" in r.output, r.output

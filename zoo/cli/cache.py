@@ -8,6 +8,7 @@ import click
 from zoo import cache as zcache
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.errors import UsageError
 from zoo.resolve import get_entry
 from zoo.text import human_size
 
@@ -42,7 +43,10 @@ def cache_ls(as_json: bool) -> None:
         echo(json.dumps(models, indent=2))
         return
     if not models:
-        echo(f"nothing cached under {zcache.zoo_home()}; `zoo pull NAME` fetches a model")
+        home = zcache.zoo_home()
+        if home.exists() and not home.is_dir():      # (QA: "nothing cached", where pull says what is wrong)
+            raise UsageError(f"ZOO_HOME={home} is a file, not a folder: point ZOO_HOME at a folder")
+        echo(f"nothing cached under {home}; `zoo pull NAME` fetches a model")
         return
     width = max(len(m.get("name", "")) for m in models)
     total = 0
