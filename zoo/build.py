@@ -173,9 +173,11 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
+        # (QA: a pinned file of another architecture passes its sha256 check; fetching it again changes nothing)
         raise WeightsError(f"{where}: {len(wrong)} tensors have the wrong shape for {entry.name} ({entry.builder}), "
-                           f"e.g. {', '.join(wrong[:3])}; run `{shell_command('zoo', 'pull', entry.name, '--force')}` "
-                           "or fix the entry")
+                           f"e.g. {', '.join(wrong[:3])}: weights of another architecture; fix the entry's builder or "
+                           f"source (`{shell_command('zoo', 'pull', entry.name, '--force')}` fetches the same file "
+                           "again: it only helps a file changed in the cache)")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys
                if not (skip_classifier and (k == cls or k.startswith(cls + ".")))]
