@@ -128,7 +128,9 @@ def is_cached(name: str) -> bool:
 
 
 def cached_models() -> list[dict[str, Any]]:
-    """One dict per cached model: its manifest plus ``path`` and ``bytes`` (the size on disk now)."""
+    """One dict per cached model: its manifest plus ``path``, ``bytes`` (the size on disk now, also where the
+    manifest is damaged) and ``folder`` (its folder's name under weights/: a copied folder's manifest names
+    the model it was copied from)."""
     root = zoo_home() / "weights"
     out: list[dict[str, Any]] = []
     if not root.is_dir():
@@ -140,16 +142,15 @@ def cached_models() -> list[dict[str, Any]]:
         if not (man.is_file() and weights.is_file()):
             continue
         try:
-            info = json.loads(man.read_text(encoding="utf-8"))
             size = weights.stat().st_size
+            info = json.loads(man.read_text(encoding="utf-8"))
         except FileNotFoundError:       # `zoo cache rm` removed it meanwhile
             continue
         except (ValueError, OSError):
-            info, size = None, 0
+            info = None
         if not _manifest_ok(info):
             info = {"name": folder.name, "damaged": True}
-        info["path"] = str(weights)
-        info["bytes"] = size
+        info.update(path=str(weights), bytes=size, folder=folder.name)
         out.append(info)
     return out
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,21 @@ def test_cache_ls_with_zoo_home_a_file_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_HOME", str(home))
     r = CliRunner().invoke(cli, ["cache", "ls"])
     assert r.exit_code == 2 and f"ZOO_HOME={home} is a file, not a folder" in r.output, r.output
+
+
+def test_cache_ls_names_a_copied_folder_and_sizes_a_damaged_manifest(tmp_path, monkeypatch):
+    """QA (helper-58): a copied weights folder was listed under the name of the model it was copied from (twice
+    the same name; the folder `zoo cache rm` takes appeared nowhere), and one with a damaged manifest as 0 B."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    for folder, manifest in (("tiny", json.dumps({"name": "tiny", "sha256": "ab" * 32, "source": "file:x"})),
+                             ("tiny-backup", json.dumps({"name": "tiny", "sha256": "ab" * 32, "source": "file:x"})),
+                             ("broken", "{not json")):
+        (home / "weights" / folder).mkdir(parents=True)
+        (home / "weights" / folder / "model.safetensors").write_bytes(b"x" * 2048)
+        (home / "weights" / folder / "manifest.json").write_text(manifest)
+    r = CliRunner().invoke(cli, ["cache", "ls"])
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[0]: ln for ln in r.output.splitlines()[:-1]}
+    assert sorted(lines) == ["broken", "tiny", "tiny-backup"], r.output
+    assert "(manifest: tiny)" in lines["tiny-backup"] and "2.0 KiB" in lines["broken"], r.output

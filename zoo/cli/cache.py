@@ -8,7 +8,7 @@ import click
 from zoo import cache as zcache
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.errors import UsageError
+from zoo.errors import UsageError, ZooError
 from zoo.resolve import get_entry
 from zoo.text import human_size
 
@@ -48,14 +48,26 @@ def cache_ls(as_json: bool) -> None:
             raise UsageError(f"ZOO_HOME={home} is a file, not a folder: point ZOO_HOME at a folder")
         echo(f"nothing cached under {home}; `zoo pull NAME` fetches a model")
         return
-    width = max(len(m.get("name", "")) for m in models)
+    names = [_listed_name(m) for m in models]
+    width = max(len(n) for n in names)
     total = 0
-    for m in models:
+    for m, name in zip(models, names):
         total += m["bytes"]
         tofu = "  (tofu)" if m.get("tofu") else ""
-        echo(f"{m.get('name', '?'):<{width}}  {human_size(m['bytes']):>10}  "
+        echo(f"{name:<{width}}  {human_size(m['bytes']):>10}  "
              f"{str(m.get('sha256', ''))[:12]}  {m.get('source', '?')}{tofu}")
     echo(f"{len(models)} model(s), {human_size(total)} in {zcache.zoo_home()}")
+
+
+def _listed_name(model: dict) -> str:
+    """The name `zoo cache rm` takes: the model's, or its folder's where the two differ (a copied folder, whose
+    manifest names the model it was copied from: QA), with the manifest's in brackets."""
+    name, folder = str(model.get("name", "?")), str(model.get("folder", ""))
+    try:
+        same = not folder or zcache.dir_name(name) == folder
+    except ZooError:
+        same = False
+    return name if same else f"{folder} (manifest: {name})"
 
 
 @cache_group.command("rm")
