@@ -3,7 +3,6 @@ accepted (defaults < ``--config`` YAML < flags typed). No torch at import."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -106,7 +105,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
                 fc_dropout: float | None, lrs, wds, freezes, optimizers, folds: int, resume: bool, keep_runs: bool,
                 say: Callable[[str], None]) -> None:
     # lazy: zoo --help must not import torch
-    from finetune.tools.sweep import sweep
+    from finetune.tools.sweep import finished_trials, sweep
     from zoo.jobs.finetune import feature_cache, run_data_config
 
     entry, report, net = scan_and_build(model, data, config, pretrained, say, fc_dropout)
@@ -138,8 +137,8 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
                                  "data": report.fingerprint()})
     except (Interrupted, KeyboardInterrupt):
         # (a trial's own message would say its epochs were not saved: the sweep saves whole trials)
-        raise Interrupted(f"interrupted: {_finished_trials(out_dir, _grid_ids(config, lrs, wds, freezes, optimizers))}"
-                          f" of {trials} trial(s) are saved in "
+        done = finished_trials(out_dir, config, n_stages, lrs, wds, freezes, optimizers)
+        raise Interrupted(f"interrupted: {done} of {trials} trial(s) are saved in "
                           f"{out_dir / 'results.jsonl'}; continue with the same command and --resume "
                           f"(--out {out_dir})") from None
     if result.skipped:
@@ -188,34 +187,6 @@ def _lr_unused_everywhere(config: FinetuneConfig, freezes, class_counts: list[in
         if not lr_unused(trial, depth):
             return False
     return True
-
-
-def _grid_ids(config: FinetuneConfig, lrs, wds, freezes, optimizers) -> set[str]:
-    """The trial ids of this grid (None: the config's value, as ``sweep`` takes it)."""
-    # lazy: zoo --help must not import torch
-    from finetune.tools.sweep import SweepSpace
-    from finetune.tools.sweep.space import trial_id
-
-    space = SweepSpace([float(v) for v in lrs], [float(v) for v in (wds if wds is not None else [config.weight_decay])],
-                       [str(v) for v in (freezes if freezes is not None else [config.freeze])],
-                       [str(v) for v in (optimizers if optimizers is not None else [config.optimizer])])
-    return {trial_id(p) for p in space.trials()}
-
-
-def _finished_trials(out_dir: Path, ids: set[str]) -> int:
-    """Trials of this grid (``ids``) recorded in results.jsonl (one line each, appended as each finishes); an
-    extended sweep's earlier trials there are not among the N of this grid."""
-    try:
-        lines = (out_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return 0
-    found = set()
-    for line in lines:
-        try:
-            found.add(json.loads(line).get("id"))
-        except (ValueError, AttributeError):
-            continue      # a line cut by the interruption
-    return len(found & ids)
 
 
 def _table(result) -> list[str]:

@@ -167,6 +167,18 @@ def _features_line(features: FeatureCache) -> str:
     return "features: " + "; ".join(parts)
 
 
+def finished_trials(out_dir: str | Path, config: FinetuneConfig, n_stages: int, lrs: Sequence[float],
+                    weight_decays: Sequence[float] | None = None, freezes: Sequence[str] | None = None,
+                    optimizers: Sequence[str] | None = None) -> int:
+    """How many trials of this grid (``sweep``'s arguments) ``out_dir/results.jsonl`` holds: what a resume of an
+    interrupted sweep skips (an extended sweep's earlier trials there are not among them)."""
+    ids = {trial_id(p) for p in _grid(config, n_stages, lrs, weight_decays, freezes, optimizers).trials()}
+    try:
+        return len(ids & set(_read_jsonl(Path(out_dir) / "results.jsonl")))
+    except OSError:
+        return 0
+
+
 def _grid(config: FinetuneConfig, n_stages: int, lrs: Sequence[float], weight_decays: Sequence[float] | None,
           freezes: Sequence[str] | None, optimizers: Sequence[str] | None) -> SweepSpace:
     """The swept values (None: the config's value), each checked before any trial runs."""
