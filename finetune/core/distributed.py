@@ -196,9 +196,7 @@ def computed_on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
     finally:
         dist.destroy_process_group(patient)
     if box[0][0] == "error":
-        err = FinetuneError(box[0][1])
-        err.exit_code = box[0][2]
-        raise err
+        raise _told(*box[0][1:])
     return box[0][1]
 
 
@@ -209,9 +207,14 @@ def _share_outcome(failed: Exception | None, info: DistInfo) -> None:
     if failed is not None:
         raise failed
     if told is not None:
-        err = FinetuneError(told[0])
-        err.exit_code = told[1]
-        raise err
+        raise _told(*told)
+
+
+def _told(message: str, exit_code: int) -> FinetuneError:
+    """Rank 0's error as another rank raises it: its message and exit code."""
+    err = FinetuneError(message)
+    err.exit_code = exit_code
+    return err
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
