@@ -217,16 +217,15 @@ def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str
 def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], has_run: bool) -> list[str]:
     """The card's recipe: the run's options as `zoo finetune` takes them (freeze as decided, a solved head
     named), what the run did (epochs run, best epoch, phases)."""
-    asked = recipe
-    recipe = trained_recipe(recipe, summary)
+    trained = trained_recipe(recipe, summary)
     lines = ["", "## Recipe", ""]
-    lines += [f"- {k}: {recipe[k]}" for k in RECIPE_KEYS if recipe.get(k) not in (None, "")]
-    if _finite(recipe.get("ema")) and recipe["ema"] > 0 and recipe.get("best_phase") != "head":  # head: not averaged
+    lines += [f"- {k}: {trained[k]}" for k in RECIPE_KEYS if trained.get(k) not in (None, "")]
+    if _finite(trained.get("ema")) and trained["ema"] > 0 and trained.get("best_phase") != "head":  # head: no EMA
         lines.append("- the weights are the exponential moving average of the finetune phase's (`--ema`)")
     done = {"epochs run": summary.get("epochs_run"), "best epoch": summary.get("best_epoch"),
             "phases": ", ".join(summary.get("phases") or []) or None}
     lines += [f"- {k}: {v}" for k, v in done.items() if v not in (None, "")]
-    if not asked:
+    if not recipe:
         lines.append("- (no readable config.yaml in the run folder)" if has_run else "- (not recorded: no run folder)")
     return lines
 

@@ -40,8 +40,7 @@ from zoo.resolve import check_stages, get_entry
 from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "build_for_training",
-           "model_info",
-           "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
+           "model_info", "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude

@@ -18,8 +18,8 @@ from finetune.data import scan_outdated, write_scan
 from finetune.tools.train import fit
 from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
-from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training, feature_cache,
-                               scan_on_main, scan_warnings)
+from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training,
+                               feature_cache, scan_on_main, scan_warnings)
 from zoo.outdir import MARKER, claim_out, folder_kind
 from zoo.resolve import get_entry
 from zoo.text import shell_command
