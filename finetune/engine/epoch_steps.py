@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from finetune.core import distributed as ddp
 from finetune.core.io import printable_name
 from finetune.core.ema import ModelEma
+from finetune.data.loaders import close_loader
+from finetune.data.replay import KeptPass
 from finetune.engine.setup import Setup
 from finetune.engine.runtime import warms_up
 from finetune.engine.steps import evaluate, train_one_epoch, warm_up
@@ -50,7 +52,8 @@ class LoaderSteps:
     training (its images do not depend on the weights), the next epoch's training pass as validation
     starts. Each pass's order (the rank's share of one permutation) and augmentation (each image's, from
     (seed, epoch) and its index) depend on nothing else, so the batches are the ones a pass started on time
-    would give."""
+    would give. The validation pass's batches are the same every epoch: after its first full pass they are
+    served from memory (``finetune.data.replay``, within a budget), and no later pass is started."""
 
     label = ""
 
@@ -64,6 +67,7 @@ class LoaderSteps:
         self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
         # "train"/"val" -> (epoch, loader, its pass started ahead)
         self._ahead: dict[str, tuple[int, object, Iterator]] = {}
+        self._val = KeptPass()      # the validation batches, after a first full pass
 
     def begin_phase(self, phase: str) -> None:
         s = self.s
@@ -103,7 +107,7 @@ class LoaderSteps:
         s = self.s
         self.start_ahead(epoch)
         batches = self._take("train", epoch)
-        if s.has_val and "val" not in self._ahead:
+        if s.has_val and "val" not in self._ahead and self._val.get(s.val_loader) is None:
             self._ahead["val"] = (epoch, s.val_loader, iter(s.val_loader))
         bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
                         disable=s.config.quiet or not s.info.is_main)
@@ -144,12 +148,15 @@ class LoaderSteps:
         probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
         correct: list = []
         losses: list = []
-        batches = self._take("val", None)
-        if batches is None:
-            batches = s.val_loader
+        batches = kept = self._val.get(s.val_loader)
+        if kept is None:
+            started = self._take("val", None)
+            batches = self._val.record(s.val_loader, s.val_loader if started is None else started)
         out = evaluate(s.model if full else self.eval_net, batches, s.eval_loss_fn, s.device, s.classes,
                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
                        correct=correct, losses=losses)
+        if kept is None and self._val.get(s.val_loader) is not None:
+            close_loader(s.val_loader)      # kept: its workers have nothing left to do
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
         self.val_losses = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
         if probs and sum(len(p) for p in probs) == len(s.val_set):     # no image dropped: rows = val_set items

@@ -253,10 +253,12 @@ class _Watched:
         return read()
 
 
-def test_each_pass_starts_ahead_of_its_turn_with_the_same_batches(report):
+def test_each_pass_starts_ahead_of_its_turn_with_the_same_batches(report, monkeypatch):
     """With workers, validation's pass starts as an epoch starts training and the next epoch's pass as
-    validation starts, so no worker waits at an epoch's edges; every epoch's numbers are those of a run
-    that loads in the main process (batches depend on (seed, epoch, rank) only)."""
+    validation starts, so no worker waits at an epoch's edges; validation's batches, kept after its first
+    pass, are read once; every epoch's numbers are those of a run that loads in the main process (batches
+    depend on (seed, epoch, rank) only), and of one that reads validation's images every epoch."""
+    import finetune.data.replay as replay
     from finetune.engine import build_setup
     from finetune.engine.epoch_steps import LoaderSteps
 
@@ -283,9 +285,14 @@ def test_each_pass_starts_ahead_of_its_turn_with_the_same_batches(report):
     events: list = []
     ahead = run(1, events)
     assert events == ["epoch 1", "train starts", "val starts", "train read", "train starts", "val read",
+                      "epoch 2", "train read", "train starts", "epoch 3", "train read"]
+    assert ahead == run(0)
+    monkeypatch.setattr(replay, "BUDGET_BYTES", 0)     # nothing kept: validation read every epoch
+    events = []
+    assert run(1, events) == ahead
+    assert events == ["epoch 1", "train starts", "val starts", "train read", "train starts", "val read",
                       "epoch 2", "val starts", "train read", "train starts", "val read",
                       "epoch 3", "val starts", "train read", "val read"]
-    assert ahead == run(0)
 
 
 @pytest.mark.parametrize("flip_dropped", [False, True])

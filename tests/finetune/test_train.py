@@ -175,13 +175,18 @@ def test_early_stopping_never_stops_after_an_improving_epoch(patience):
     assert stops[:3] == [False] * 3 and stops[6] is False           # improving epochs
     assert stops[3:6] == [k + 1 >= max(patience, 1) for k in range(3)]
 
-@pytest.mark.parametrize("gone", ["folder", "val"])
-def test_images_gone_since_the_scan_stop_the_run_and_it_resumes_once_they_are_back(tmp_path, gone):
+@pytest.mark.parametrize("gone", ["folder", "val", "val kept"])
+def test_images_gone_since_the_scan_stop_the_run_and_it_resumes_once_they_are_back(tmp_path, monkeypatch, gone):
     """QA: the data folder moved (or its validation images deleted) after epoch 1: the run went on with NaN
     losses, advised a lower learning rate and exited 0. An epoch that loads no image of a split now stops
-    the run before it is recorded, saying what happened; the run resumes once the images are back."""
+    the run before it is recorded, saying what happened; the run resumes once the images are back.
+    Validation's batches kept in memory after epoch 1 (``finetune.data.replay``, "val kept") are not read
+    again: that run finishes on the images it read, with the numbers of an undisturbed run."""
+    import finetune.data.replay as replay
     from finetune.core.errors import DataError
 
+    if gone == "val":
+        monkeypatch.setattr(replay, "BUDGET_BYTES", 0)       # validation's images read every epoch
     root = tmp_path / "data"
     train, val = sets(root)
     moved = tmp_path / "moved"
@@ -194,6 +199,11 @@ def test_images_gone_since_the_scan_stop_the_run_and_it_resumes_once_they_are_ba
                 for path, _ in val.items:
                     os.rename(path, path + ".away")
 
+    if gone == "val kept":
+        result = run((train, val), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run", callbacks=[take_away])
+        undisturbed = run(sets(tmp_path / "data2"), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run2")
+        assert [r["val_loss"] for r in result.history] == [r["val_loss"] for r in undisturbed.history]
+        return
     with pytest.raises(DataError) as err:
         run((train, val), cfg(epochs=3, freeze="none"), run_dir=tmp_path / "run", callbacks=[take_away])
     split = "training" if gone == "folder" else "validation"

@@ -1,0 +1,70 @@
+"""finetune.data.replay: an evaluation pass kept after its first full pass, within a memory budget."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import finetune.data.replay as replay
+from finetune.data.replay import KeptPass, budget
+
+
+def _batches(n: int = 3) -> list:
+    return [(torch.full((2, 3, 4, 4), k, dtype=torch.uint8), torch.tensor([k, k])) for k in range(n)] + [None]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all((x is None and y is None) or (x is not None and y is not None and all(
+        torch.equal(u, v) for u, v in zip(x, y))) for x, y in zip(a, b))
+
+
+def test_a_full_pass_is_kept_for_its_own_loader_only():
+    loader, other, batches = object(), object(), _batches()
+    kept = KeptPass()
+    assert kept.get(loader) is None
+    assert list(kept.record(loader, batches)) == batches        # passed through unchanged
+    assert kept.get(loader) == batches
+    assert kept.get(other) is None                               # another loader (a new phase's): not its pass
+    kept.clear()
+    assert kept.get(loader) is None
+
+
+def test_a_pass_left_early_keeps_nothing():
+    loader, kept = object(), KeptPass()
+    for _ in kept.record(loader, _batches()):
+        break                       # an evaluation that raised midway
+    assert kept.get(loader) is None
+    assert _same(list(kept.record(loader, _batches())), _batches())     # recorded on its next full pass
+    assert kept.get(loader) is not None
+
+
+def test_a_pass_beyond_the_budget_is_not_kept_nor_recorded_again(monkeypatch):
+    one = sum(t.nbytes for t in _batches()[0])
+    monkeypatch.setattr(replay, "BUDGET_BYTES", 2 * one)       # two of the three batches fit
+    loader, kept = object(), KeptPass()
+    assert _same(list(kept.record(loader, _batches())), _batches())
+    assert kept.get(loader) is None
+    monkeypatch.setattr(replay, "BUDGET_BYTES", 10 * one)
+    list(kept.record(loader, _batches()))
+    assert kept.get(loader) is None       # its size is known: not copied again each epoch
+    fresh = object()
+    list(kept.record(fresh, _batches()))
+    assert kept.get(fresh) is not None
+
+
+def test_a_batch_in_a_workers_shared_memory_is_kept_as_a_copy():
+    x = torch.arange(48, dtype=torch.uint8).view(1, 3, 4, 4).share_memory_()
+    loader, kept = object(), KeptPass()
+    list(kept.record(loader, [(x, torch.tensor([1]))]))
+    (kx, ky), = kept.get(loader)
+    assert torch.equal(kx, x) and not kx.is_shared() and ky.tolist() == [1]
+
+
+def test_the_host_budget_is_positive_and_capped():
+    assert 0 < budget(torch.device("cpu")) <= replay.BUDGET_BYTES
+
+
+@pytest.mark.gpu
+def test_the_device_budget_is_positive_and_capped():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    assert 0 < budget(torch.device("cuda")) <= replay.BUDGET_BYTES
