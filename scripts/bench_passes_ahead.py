@@ -2,12 +2,14 @@
 """Passes started ahead (``finetune.engine.epoch_steps.LoaderSteps``) against passes started on time, on a
 loader whose consumer does not use the host's cores (a GPU step, stood in for by a sleep), so that what is
 measured is only when the loader's workers have nothing to do: during validation (the training workers)
-and during training (the validation workers), and at an epoch's start (the consumer).
+and during training (the validation workers), and at an epoch's start (the consumer). A third order,
+"kept", is LoaderSteps' own since session 22: passes ahead, and validation's batches kept after its first
+pass (``finetune.data.replay``), its loader's workers stopped then.
 
     .venv/bin/python scripts/bench_passes_ahead.py --data /tmp/mid --workers 2 --rounds 3
 
 The folder: train/ and val/ class folders of JPEGs (e.g. the GPU big-job folder's images, 500x375). Both
-orders read the same batches; the script prints each round's seconds for 3 epochs and the median ratio.
+orders read the same batches; the script prints each round's seconds for 3 epochs and the median ratios.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def main() -> int:
     a = p.parse_args()
 
     from finetune.data import ImageDataset, build_transform, close_loader, make_loader, scan_folder, set_loader_epoch
+    from finetune.data.replay import KeptPass
 
     dc = {"input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875, "mean": (0.5,) * 3,
           "std": (0.5,) * 3}
@@ -60,22 +63,30 @@ def main() -> int:
             consume(iter(val), a.val_step)
         return time.perf_counter() - t0
 
-    def ahead(train, val) -> float:                 # LoaderSteps' order
+    def ahead(train, val, keep: KeptPass | None = None) -> float:       # LoaderSteps' order
         t0 = time.perf_counter()
         set_loader_epoch(train, 0, 1)
         nxt = iter(train)
         for epoch in range(1, a.epochs + 1):
-            batches, vb = nxt, iter(val)
+            held = keep.get(val) if keep is not None else None
+            batches = nxt
+            vb = held if held is not None else (keep.record(val, iter(val)) if keep is not None else iter(val))
             consume(batches, a.train_step)
             if epoch < a.epochs:
                 set_loader_epoch(train, 0, epoch + 1)
                 nxt = iter(train)
             consume(vb, a.val_step)
+            if held is None and keep is not None and keep.get(val) is not None:
+                close_loader(val)
         return time.perf_counter() - t0
 
+    def kept(train, val) -> float:
+        return ahead(train, val, KeptPass())
+
+    orders = [("on time", on_time), ("ahead", ahead), ("kept", kept)]
     rows = []
     for r in range(a.rounds):
-        for name, fn in (("on time", on_time), ("ahead", ahead)) if r % 2 == 0 else (("ahead", ahead), ("on time", on_time)):
+        for name, fn in orders[r % 3:] + orders[:r % 3]:
             train, val = loaders()
             try:
                 seconds = fn(train, val)
@@ -84,9 +95,12 @@ def main() -> int:
                 close_loader(val)
             rows.append((r, name, seconds))
             print(f"round {r + 1}: {name}: {seconds:.2f} s for {a.epochs} epochs", flush=True)
-    ratios = [next(s for rr, n, s in rows if rr == r and n == "ahead") / next(s for rr, n, s in rows if rr == r and n == "on time")
-              for r in range(a.rounds)]
-    print(f"ahead / on time, median of {a.rounds} rounds: {statistics.median(ratios):.3f}")
+    def ratio(num: str, den: str) -> float:
+        return statistics.median(next(s for rr, n, s in rows if rr == r and n == num)
+                                 / next(s for rr, n, s in rows if rr == r and n == den) for r in range(a.rounds))
+
+    print(f"ahead / on time, median of {a.rounds} rounds: {ratio('ahead', 'on time'):.3f}")
+    print(f"kept / ahead, median of {a.rounds} rounds: {ratio('kept', 'ahead'):.3f}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""scripts/bench_passes_ahead.py on a tiny folder: both orders read the training loader's batches to the end."""
+"""scripts/bench_passes_ahead.py on a tiny folder: every order reads the training loader's batches to the end."""
 from __future__ import annotations
 
 import sys
@@ -15,4 +15,5 @@ def test_bench_passes_ahead_reads_the_keyed_training_batches(tmp_path, monkeypat
                                       "--train-step", "0", "--val-step", "0"])
     assert load_script("bench_passes_ahead").main() == 0
     out = capsys.readouterr().out
-    assert "round 1: ahead:" in out and "round 1: on time:" in out and "median of 1 rounds" in out
+    assert "round 1: ahead:" in out and "round 1: on time:" in out and "round 1: kept:" in out
+    assert "ahead / on time, median of 1 rounds" in out and "kept / ahead, median of 1 rounds" in out
