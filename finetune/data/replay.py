@@ -11,6 +11,7 @@ whose pass outgrew the budget is not recorded again.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Iterator
 
 import torch
@@ -72,7 +73,8 @@ def _own(batch):
 def budget(device: torch.device) -> int:
     """Bytes a kept pass may take on ``device``: :data:`BUDGET_BYTES`, and at most an eighth of the
     accelerator memory free (its caching allocator's unused blocks count as free) or a quarter of the host
-    memory available (Linux's MemAvailable; elsewhere an eighth of the budget, the amount being unknown)."""
+    memory available (Linux's MemAvailable; elsewhere an eighth of the budget, the amount being unknown),
+    shared by torchrun's processes on the machine (LOCAL_WORLD_SIZE), which each keep their own shard."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -80,7 +82,8 @@ def budget(device: torch.device) -> int:
     if device.type != "cpu":
         return 0      # (MPS and others: their free memory is not known here)
     available = _host_available()
-    return min(BUDGET_BYTES, available // 4) if available is not None else BUDGET_BYTES // 8
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return (min(BUDGET_BYTES, available // 4) if available is not None else BUDGET_BYTES // 8) // local
 
 
 def _host_available() -> int | None:

@@ -59,8 +59,12 @@ def test_a_batch_in_a_workers_shared_memory_is_kept_as_a_copy():
     assert torch.equal(kx, x) and not kx.is_shared() and ky.tolist() == [1]
 
 
-def test_the_host_budget_is_positive_and_capped():
-    assert 0 < budget(torch.device("cpu")) <= replay.BUDGET_BYTES
+def test_the_host_budget_is_positive_capped_and_shared_by_a_machines_processes(monkeypatch):
+    one = budget(torch.device("cpu"))
+    assert 0 < one <= replay.BUDGET_BYTES
+    monkeypatch.setattr(replay, "_host_available", lambda: 8 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")        # torchrun's 4 processes on this machine: 2 GiB / 4 each
+    assert budget(torch.device("cpu")) == (2 << 30) // 4
 
 
 @pytest.mark.gpu
