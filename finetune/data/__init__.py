@@ -8,6 +8,7 @@
 - ``decode``: ``--decode device``: JPEGs decoded (nvJPEG) and augmented on the device;
 - ``geometry``: crops and resizes of a whole batch at once (``decode``'s geometry);
 - ``loaders``: datasets and seeded DataLoaders.
+- ``replay``: an evaluation pass's batches kept after its first full pass (validation read once).
 
 The scan happens before any model is loaded, so fatal problems fail in seconds with one ``DataError``.
 """
