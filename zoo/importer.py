@@ -2,7 +2,7 @@
 for air-gapped machines. The file is checked against the architecture (built on the meta device) and,
 when its tensor names are another library's, converted (the entry's key maps).
 
-Sits above ``zoo.build`` (it needs the architecture) and ``zoo.sources`` (reading and converting files).
+Sits above ``zoo.network`` (it needs the architecture) and ``zoo.sources`` (reading and converting files).
 """
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 
 from zoo import cache
-from zoo.build import DROPPED_PREFIXES, build_architecture
 from zoo.errors import IntegrityError, UsageError, WeightsError
 from zoo.keymaps import apply_key_map, import_key_maps
+from zoo.network import weights_misfit
 from zoo.registry import ModelEntry, entry_pin, matches_pin, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import copy_in
@@ -101,12 +100,7 @@ def _sniff_format(path: Path) -> str:
 
 
 def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Check names and shapes against ``build_architecture(entry)``; try the sources' key maps if needed."""
-    with torch.device("meta"):
-        model = build_architecture(entry)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # Tensors published checkpoints carry but the built model drops on purpose (googlenet's aux heads).
-    dropped = DROPPED_PREFIXES.get(entry.builder, ())
+    """Check names and shapes with ``zoo.network.weights_misfit``; try the sources' key maps if needed."""
     candidates: list[str | None] = [None] + list(dict.fromkeys(
         [s.key_map for s in entry.sources if s.key_map] + list(import_key_maps(entry.builder))))
     first_problem = ""
@@ -116,22 +110,9 @@ def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[
         except WeightsError as err:
             first_problem = first_problem or str(err)
             continue
-        problem = _mismatch(expected, {k: tuple(v.shape) for k, v in mapped.items()
-                                       if not (dropped and k.startswith(dropped))})
+        problem = weights_misfit(entry, {k: tuple(v.shape) for k, v in mapped.items()})
         if not problem:
             return mapped, key_map
         first_problem = first_problem or problem
     raise WeightsError(f"the file does not fit {entry.name} ({entry.builder}): {first_problem}; "
                        "check you have the weights of this architecture")
-
-
-def _mismatch(expected: dict[str, tuple], got: dict[str, tuple], show: int = 5) -> str:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    wrong = [f"{k} {got[k]} != {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-        if items:
-            more = f" (+{len(items) - show} more)" if len(items) > show else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:show])}{more}")
-    return "; ".join(parts)

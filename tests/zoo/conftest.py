@@ -2,6 +2,7 @@
 (or timm, which imports it) is imported; helpers to publish tiny weights and build entries."""
 from __future__ import annotations
 
+import functools
 import io
 import os
 import socket
@@ -55,13 +56,27 @@ def closed_port_url() -> str:
 
 
 def tensor_bytes(seed: int = 0, **shapes) -> bytes:
-    """A small safetensors file (default: ``{"w": 4x4, "b": 4}``) as bytes."""
+    """A safetensors file as bytes: by default random weights of timm's ``test_resnet`` (1.9 MB), the
+    architecture of ``make_entry``/``entry_dict`` (a pull refuses a file that does not fit it); with
+    ``shapes`` (e.g. ``w=(4, 4)``), tensors of those names and shapes, which fit no entry."""
     import torch
     from safetensors.torch import save
 
     g = torch.Generator().manual_seed(seed)
-    shapes = shapes or {"w": (4, 4), "b": (4,)}
-    return save({k: torch.randn(*s, generator=g) for k, s in shapes.items()})
+    if shapes:
+        return save({k: torch.randn(*s, generator=g) for k, s in shapes.items()})
+    return save({k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                 for k, v in resnet_state().items()})
+
+
+@functools.lru_cache(maxsize=1)
+def resnet_state() -> dict:
+    """The state dict of timm's ``test_resnet``, its integer buffers (num_batches_tracked) at zero."""
+    import timm
+    import torch
+
+    model = timm.create_model("test_resnet")
+    return {k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in model.state_dict().items()}
 
 
 def pth_bytes(obj) -> bytes:

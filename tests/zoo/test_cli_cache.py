@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.zoo.conftest import entry_dict, pth_bytes, tensor_bytes, write_registry
+from tests.zoo.conftest import entry_dict, pth_bytes, resnet_state, tensor_bytes, write_registry
 from zoo import cache
 from zoo.cli import cli
 
@@ -76,6 +76,44 @@ def test_pull_integrity_failure_exit_1(registry):
     assert not cache.is_cached("tiny-bad")
 
 
+def test_a_pinned_file_of_another_architecture_is_refused_by_pull_and_nothing_is_cached(hub, tmp_path, monkeypatch,
+                                                                                        _isolated_home):
+    """QA (session 21, left as it was): a pinned file whose sha256 matches but whose tensors are another
+    architecture's (test_vit's weights under a test_resnet entry) said "pulled and verified"; the build then
+    refused it. The pull now checks the fit as `zoo import` does: one line naming what to fix in the entry,
+    nothing cached, no staging left; over a good cached copy (`--force`), that copy stays, verified."""
+    import timm
+    from safetensors.torch import save
+
+    good = tensor_bytes(0)
+    vit = save({k: v.contiguous() for k, v in timm.create_model("test_vit").state_dict().items()})
+    reg = tmp_path / "r.yaml"
+    monkeypatch.setenv("ZOO_REGISTRY", str(reg))
+
+    def register(data: bytes) -> None:
+        write_registry(reg, [entry_dict("tiny", [{"kind": "url", "url": hub.add_file("m.safetensors", data),
+                                                  "sha256": sha(data)}])])
+
+    register(vit)
+    r = run("pull", "tiny", "-q")
+    assert r.exit_code == 1 and "pulled and verified" not in r.output, r.output
+    error, = [ln for ln in r.output.splitlines() if ln.startswith("zoo: error:")]
+    assert "does not fit tiny (timm:test_resnet)" in error and "missing" in error, error
+    assert "its sha256 matches the pin, but it holds the weights of another architecture" in error, error
+    assert "nothing was cached; fix the entry's source and its sha256 pin" in error, error
+    assert not cache.is_cached("tiny") and not cache.weights_path("tiny").exists()
+    assert not any(p.is_file() for p in (_isolated_home / "tmp").rglob("*"))
+    assert "nothing cached" in run("cache", "ls").output
+
+    register(good)
+    assert run("pull", "tiny", "-q").exit_code == 0
+    register(vit)
+    r = run("pull", "tiny", "--force", "-q")
+    assert r.exit_code == 1 and "does not fit tiny" in r.output, r.output
+    assert cache.weights_path("tiny").read_bytes() == good
+    assert run("cache", "verify").exit_code == 0
+
+
 def test_pull_several_continues_after_a_failure(registry):
     r = run("pull", "tiny-bad", "tiny-pinned", "-q")
     assert r.exit_code == 1
@@ -138,8 +176,8 @@ def test_cache_rm_and_path_suggest_close_matches_for_a_typo(registry):
 def test_pull_onto_a_full_disk_says_so_not_cut_off(hub, tmp_path, monkeypatch, _isolated_home, kind):
     """A write that fails in ZOO_HOME (a file-size limit in a subprocess: EFBIG, as a full disk gives ENOSPC)
     is a local problem with what to do about it, not "the download was cut off ... run the command again",
-    nor a traceback from safetensors when a .pth is converted (pth: 256 KiB whose one tensor is stored under
-    five names, 1.25 MiB once converted)."""
+    nor a traceback from safetensors when a .pth is converted (pth: test_resnet's tensors all views of one
+    storage, 0.68 MB, 1.9 MB once converted)."""
     import os
     import resource
     import subprocess
@@ -147,20 +185,22 @@ def test_pull_onto_a_full_disk_says_so_not_cut_off(hub, tmp_path, monkeypatch, _
 
     import torch
 
-    data = tensor_bytes(0, w=(512, 512))           # 1 MiB: past the limit below
+    data = tensor_bytes(0)                         # 1.9 MB: past the limit below
     if kind == "hf":
         source = {"kind": "hf", "repo": REPO, "revision": hub.add_hf(REPO, "model.safetensors", data),
                   "filename": "model.safetensors", "sha256": sha(data)}
     elif kind == "url":
         source = {"kind": "url", "url": hub.add_file("big.safetensors", data), "sha256": sha(data)}
     else:
-        shared = torch.zeros(64, 1024)
-        data = pth_bytes({f"k{i}": shared for i in range(5)})
+        state = resnet_state()
+        shared = torch.zeros(max(v.numel() for v in state.values()))
+        data = pth_bytes({k: shared[:v.numel()].view(v.shape) if v.is_floating_point() else v
+                          for k, v in state.items()})
         source = {"kind": "url", "url": hub.add_file("shared.pth", data), "sha256": sha(data), "format": "pth"}
     monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "r.yaml", [entry_dict("big", [source])])))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("ZOO_DEBUG", None)
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))  # noqa: E731
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # noqa: E731
     res = subprocess.run([sys.executable, "-m", "zoo", "pull", "big", "-q"], env=env, capture_output=True,
                          text=True, errors="replace", timeout=120, preexec_fn=limit, cwd=ROOT)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.zoo.conftest import make_entry, point_hf_at, pth_bytes, tensor_bytes
+from tests.zoo.conftest import make_entry, point_hf_at, pth_bytes, resnet_state, tensor_bytes
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError
 from zoo.registry import Source
@@ -85,7 +85,7 @@ def test_tofu_records_digest_and_checks_it_on_force(hub):
 
 
 def test_hf_cut_mid_body_is_resumed_and_verified(hub, _isolated_home):
-    data = tensor_bytes(seed=3, w=(64, 64))
+    data = tensor_bytes(seed=3)
     entry = make_entry("tiny", hf_source(hub, data))
     hub.cut[f"/{REPO}/resolve/{entry.sources[0].revision}/model.safetensors"] = 1
     path = pull(entry, progress=False)
@@ -95,7 +95,7 @@ def test_hf_cut_mid_body_is_resumed_and_verified(hub, _isolated_home):
 
 
 def test_url_cut_mid_body_leaves_nothing_then_next_pull_succeeds(hub, _isolated_home):
-    data = tensor_bytes(seed=4, w=(64, 64))
+    data = tensor_bytes(seed=4)
     url = hub.add_file("w/model.safetensors", data)
     entry = make_entry("tiny", Source(kind="url", url=url, sha256=sha(data)))
     hub.cut["/files/w/model.safetensors"] = 1
@@ -286,7 +286,7 @@ def test_url_source_with_sha256_prefix_and_pth_conversion(hub):
     import torch
     from safetensors.torch import load_file
 
-    sd = {"conv.weight": torch.randn(2, 3, 1, 1), "fc.bias": torch.zeros(2)}
+    sd = resnet_state()
     data = pth_bytes({"state_dict": sd})
     url = hub.add_file(f"alexnet-{sha(data)[:8]}.pth", data)
     entry = make_entry("tv", Source(kind="url", url=url, sha256_prefix=sha(data)[:8], format="pth"))
@@ -380,7 +380,7 @@ def test_pull_killed_mid_download_leaves_nothing_and_next_pull_succeeds(hub, _is
     import subprocess
     import sys
 
-    data = tensor_bytes(seed=5, w=(64, 64))
+    data = tensor_bytes(seed=5)
     src = hf_source(hub, data)
     hub.delay = 30  # headers sent, body held back: the client is mid-download when it is killed
     # Not via tests.zoo.conftest: importing it would start a second hub and re-point HF_ENDPOINT.
@@ -424,16 +424,14 @@ def test_a_download_with_no_room_says_what_helps(code, says, not_says):
 def test_a_relative_file_source_is_relative_to_its_registry_file(tmp_path, monkeypatch, _isolated_home):
     """QA (helper-58): `path: good.safetensors` in a user registry was read from wherever zoo ran ("no such
     file" from another folder); it is the registry file's neighbour."""
-    import torch
     import yaml
-    from safetensors.torch import save_file
 
     from tests.zoo.conftest import entry_dict
     from zoo.resolve import get_entry
 
     folder = tmp_path / "mine"
     folder.mkdir()
-    save_file({"w": torch.zeros(2)}, str(folder / "good.safetensors"))
+    (folder / "good.safetensors").write_bytes(tensor_bytes())
     entry = entry_dict("rel", [{"kind": "file", "path": "good.safetensors", "sha256": None, "sha256_note": "test"}])
     (folder / "reg.yaml").write_text(yaml.safe_dump({"models": [entry]}))
     monkeypatch.setenv("ZOO_REGISTRY", str(folder / "reg.yaml"))
