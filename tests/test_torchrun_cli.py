@@ -137,6 +137,28 @@ def test_torchrun_refuses_a_one_process_command_in_one_line_before_writing(tmp_p
     assert run.stdout.count("zoo: error") == 1 and not (tmp_path / "out").exists(), run.stdout[-3000:]
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_refuses_a_global_batch_that_leaves_each_rank_one_image_for_batchnorm_before_any_work(tmp_path,
+                                                                                                     monkeypatch):
+    """QA (session 21, left as it was): a global --batch-size 2 over 2 processes is one image a rank; with --bn
+    train where test_resnet's last maps are 1x1 (32 px) it ran until layer4 first trained. Refused now by
+    rank 0 in one line before the run folder or the weights, saying the global batch to ask for."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, layout="split")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
+               ZOO_RANK_GRACE_S="120")
+    env.pop("WORLD_SIZE", None)
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", tiny, "--data",
+                   str(data), "--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0",
+                   "--batch-size", "2", "--bn", "train", "--freeze", "none"], env, ROOT)
+    line = ("zoo: error: a BatchNorm layer cannot train on a batch of 1 image (layer4.0.bn1 gets one value per "
+            "channel at 32x32 px under --bn train): start again with --batch-size 4 or more (2 per process), or "
+            "--bn eval to keep the pretrained statistics")
+    assert run.returncode == 1 and run.stdout.count(line) == 1, run.stdout[-3000:]
+    assert run.stdout.count("zoo: error") == 1 and not (tmp_path / "out").exists(), run.stdout[-3000:]
+    assert "model: tiny32" not in run.stdout, run.stdout[-3000:]       # refused before the weights were loaded
+
+
 @pytest.mark.parametrize("stopped", [True, False])
 def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_path, monkeypatch, stopped):
     """A rank other than 0 waits for torchrun to stop it (rank 0 met the error too and said it); when rank 0

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.policy import FreezeDecision, decide_freeze
-from finetune.core.surgery import apply_freeze, bn_frozen_layers, replace_head, set_bn_eval
+from finetune.core.surgery import apply_freeze, belongs_to, bn_frozen_layers, replace_head, set_bn_eval
 
-__all__ = ["prepare_model", "trainable_summary"]
+__all__ = ["prepare_model", "trainable_summary", "check_batchnorm_batch", "lone_value_batchnorm"]
 
 
 def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, num_classes: int,
@@ -94,3 +97,77 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen,
             "trainable_tensors": t_tensors, "frozen_tensors": f_tensors,
             "bn_frozen_layers": bn_frozen_layers(model)}
+
+
+class _Found(Exception):
+    """Stops the meta forward at the first BatchNorm layer given one value per channel."""
+
+
+def lone_value_batchnorm(model: nn.Module, input_size: Sequence[int], batch: int,
+                         skip: Sequence[str] = ()) -> str | None:
+    """The first BatchNorm layer that, in the modes ``model.train()`` gives (``prepare_model``'s freeze and
+    BatchNorm policy), a batch of ``batch`` images of ``input_size`` (C, H, W) would give one value per
+    channel, which torch refuses mid-run ("Expected more than 1 value per channel when training"): its name,
+    or None. The forward runs on the meta device (the parameters and buffers stand in as meta tensors): no
+    memory, no arithmetic, the model unchanged. ``skip``: module-name prefixes not to look at. A model
+    that cannot run on the meta device is None too (the training step's own refusal remains)."""
+    found: list[str] = []
+
+    def look(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if module.training and x.dim() >= 2 and x.shape[1] and x.numel() // x.shape[1] == 1:
+                found.append(name)
+                raise _Found
+        return hook
+
+    handles = [m.register_forward_pre_hook(look(n)) for n, m in model.named_modules()
+               if isinstance(m, _BatchNorm) and not any(belongs_to(n, p) for p in skip if p)]
+    meta = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    was = model.training
+    try:
+        model.train()
+        with torch.no_grad():
+            functional_call(model, meta, (torch.empty(int(batch), *input_size, device="meta"),))
+    except _Found:
+        pass
+    except Exception:   # noqa: BLE001 (an op without a meta kernel, a data-dependent shape: cannot tell here)
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return found[0] if found else None
+
+
+def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: int, *, head: str,
+                          processes: int = 1, synced: bool = False) -> None:
+    """Refuse, before any step, a per-process ``batch`` that leaves a BatchNorm layer which trains one value
+    per channel (``lone_value_batchnorm``): a batch of one image through the MLP head's BatchNorm, or with
+    ``--bn train`` through a layer whose maps are 1x1 at this image size. torch refused it only when that
+    layer first trained (after the head phase). Two images give every channel two values: nothing to look at.
+
+    Args:
+        model: prepared by ``prepare_model`` (its freeze and BatchNorm policy applied).
+        input_size: (C, H, W) of the training images.
+        batch: images per process; ``processes``: how many share the global batch.
+        head: the classifier's module name; ``synced``: the other layers are SyncBatchNorm (``--sync-bn``
+            under torchrun), whose statistics come from the whole global batch.
+    Raises:
+        ConfigError: saying which layer, and what to change.
+    """
+    if int(batch) > 1:
+        return
+    name = lone_value_batchnorm(model, input_size, batch, skip=[n for n, _ in model.named_children()
+                                                                if synced and not belongs_to(head, n)])
+    if name is None:
+        return
+    per = f"--batch-size {2 * processes} or more (2 per process)" if processes > 1 else "--batch-size 2 or more"
+    size = "x".join(str(int(d)) for d in input_size[1:])
+    if belongs_to(name, head):
+        why, other = f"the MLP head's {name} gets one value per channel", "or --head linear"
+    else:   # the network's own layers train under --bn train (the default with --no-pretrained)
+        why, other = (f"{name} gets one value per channel at {size} px under --bn train",
+                      "or --bn eval to keep the pretrained statistics")
+    raise ConfigError(f"a BatchNorm layer cannot train on a batch of 1 image ({why}): start again with {per}, "
+                      f"{other}")

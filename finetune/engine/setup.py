@@ -23,7 +23,7 @@ from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sy
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import FreezeDecision, default_departure, default_epochs, head_first
-from finetune.core.recipe import prepare_model
+from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
 
@@ -220,6 +220,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     work = copy.deepcopy(model) if copy_model else model
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
+    check_batchnorm_batch(work, data_config["input_size"], ddp.per_rank_batch(int(config.batch_size), info), head=head,
+                          processes=info.world_size, synced=bool(config.sync_bn and info.enabled))
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")

@@ -648,3 +648,26 @@ def test_every_rank_takes_the_class_weight_all_reduce_whatever_its_batch(monkeyp
     assert len(calls) == 2 and calls[0] == 4.0 and calls[1] == 0.0      # one collective each, as every rank's
     assert float(mixed) == pytest.approx(float(loss_fn(out, soft)), rel=1e-6)
     assert torch.isfinite(blank)
+
+
+def test_a_batch_of_one_that_a_training_batchnorm_cannot_take_is_refused_at_set_up_and_a_last_one_is_dropped(
+        report, monkeypatch):
+    """QA (session 21, left as it was): `--batch-size 1 --bn train` where test_resnet's last maps are 1x1 (32 px)
+    was refused only when that layer first trained (torch's "Expected more than 1 value per channel"). fit (and
+    every tool on ``build_setup``) refuses it at set-up now, before any step, naming the layer and what to
+    change. A last partial batch of one image (18 training images at batch 17) never reaches BatchNorm: the
+    training loader drops it (``drop_last_partial``), every step takes 17 and the run ends."""
+    from finetune.core.errors import ConfigError
+    from finetune.engine import steps
+
+    assert len(report.train.items) == 18
+    seen, real = [], steps._forward
+    monkeypatch.setattr(steps, "_forward", lambda model, x, amp: (seen.append(int(x.shape[0])), real(model, x, amp))[1])
+    options = dict(epochs=1, freeze="none", bn="train", head_epochs=0, fast_head=False, augment="none")
+    with pytest.raises(ConfigError, match=re.escape(
+            "a BatchNorm layer cannot train on a batch of 1 image (layer4.0.bn1 gets one value per channel at 32x32 "
+            "px under --bn train): start again with --batch-size 2 or more, or --bn eval")):
+        fit(_model(), STAGES, DATA_CONFIG, report.train, report.val, _cfg(batch_size=1, **options), head="fc")
+    assert seen == []                       # refused before the first step
+    result = fit(_model(), STAGES, DATA_CONFIG, report.train, report.val, _cfg(batch_size=17, **options), head="fc")
+    assert seen == [17] and [row["phase"] for row in result.history] == ["finetune"]

@@ -69,6 +69,39 @@ def test_a_registry_entry_whose_stages_leave_out_layers_is_refused_before_any_do
         assert "never.safetensors" not in result.output     # refused before any download was tried
 
 
+def test_a_batch_of_one_image_that_a_training_batchnorm_cannot_take_is_refused_before_any_download(tmp_path,
+                                                                                                  monkeypatch):
+    """QA (session 21, left as it was): `--batch-size 1 --bn train` where the last maps are 1x1 (test_resnet at
+    32 px), or `--head mlp --batch-size 1`, ran until that layer first trained (after the head phase) and
+    then stopped with "cannot train on a batch of 1 image". Refused now after the scan (the freeze decision
+    needs its counts), before the weights are fetched or the run folder is made, naming the layer and what
+    to change; a batch of one where no training BatchNorm is left one value (the backbone frozen, or its
+    maps 2x2 at 64 px) is not refused: it goes on to the download."""
+    from tests.conftest import tiny_entry, write_registry
+
+    source = {"kind": "url", "url": "http://127.0.0.1:9/never.safetensors", "sha256": "ab" * 32}
+    write_registry(tmp_path / "reg.yaml", [tiny_entry("far32", source)], monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    base = ["finetune", "far32", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--workers", "0",
+            "--device", "cpu", "--quiet", "--batch-size", "1"]
+    cases = [(["--bn", "train", "--freeze", "none"],
+              "layer4.0.bn1 gets one value per channel at 32x32 px under --bn train): start again with "
+              "--batch-size 2 or more, or --bn eval"),
+             (["--head", "mlp"], "(the MLP head's fc.bn gets one value per channel): start again with --batch-size "
+                                 "2 or more, or --head linear"),
+             (["--no-pretrained", "--freeze", "1"], "under --bn train): start again with --batch-size 2 or more")]
+    for args, said in cases:
+        result = CliRunner().invoke(cli, [str(a) for a in base + args])
+        assert result.exit_code == 2, result.output
+        line, = result.stderr.strip().splitlines()[-1:]
+        assert line.startswith("zoo: error: a BatchNorm layer cannot train on a batch of 1 image (") and said in line, \
+            result.stderr
+        assert "never.safetensors" not in result.output and not (tmp_path / "run").exists()
+    for args in (["--bn", "train", "--freeze", "head"], ["--bn", "train", "--freeze", "none", "--img-size", "64"]):
+        result = CliRunner().invoke(cli, [str(a) for a in base + args])
+        assert result.exit_code == 1 and "never.safetensors" in result.output, result.output   # the download
+
+
 @pytest.mark.parametrize("layout", ["empty", "one_class", "missing"])
 def test_fatal_data_problems_are_one_line_before_any_model(tmp_path, no_model_build, layout):
     data = tmp_path / "data"

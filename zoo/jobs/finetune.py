@@ -26,6 +26,7 @@ from finetune.core.policy import lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.policy import parse_freeze
+from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
@@ -40,7 +41,7 @@ from zoo.resolve import check_stages, get_entry
 from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "build_for_training",
-           "model_info", "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
+           "check_batch_early", "model_info", "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
 
 MODEL_JSON = "model.json"
 EXCLUDE_TXT = "exclude.txt"      # paths (relative to the data folder) left out by --exclude
@@ -203,6 +204,27 @@ def build_for_training(entry, pretrained: bool, seed: int, fc_dropout: float | N
     return zbuild.build_architecture(entry, fc_dropout=fc_dropout)
 
 
+def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout: float | None = None) -> None:
+    """The engine's check of the batch against BatchNorm (``finetune.core.recipe.check_batchnorm_batch``, made
+    again when fit sets up) on the network built on the meta device and prepared as fit prepares it (its head,
+    the freeze the scan's counts decide, the BatchNorm policy): a batch of one image that a training BatchNorm
+    layer cannot normalise is refused before the download and the run folder, not when that layer first trains
+    (after the head phase).
+
+    Raises:
+        ConfigError: the layer, and what to change (a larger --batch-size, --bn eval, --head linear).
+    """
+    per = ddp.per_rank_batch(int(config.batch_size), info)
+    if per > 1:
+        return    # two images give every channel two values
+    counts = train_set.class_counts()
+    with torch.device("meta"):
+        model = zbuild.build_architecture(entry, fc_dropout=fc_dropout)
+        prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
+    check_batchnorm_batch(model, run_data_config(entry, config)["input_size"], per, head=entry.classifier,
+                          processes=info.world_size, synced=bool(config.sync_bn and info.enabled))
+
+
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,
                  pretrained: bool = True, lr_auto: bool = False, export: bool = True,
                  fc_dropout: float | None = None, overwrite: bool = False, log: Log | None = None,
@@ -233,6 +255,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         check_machine(config, info)                         # a mistyped --device, no tensorboard: too
+        check_batch_early(entry, report.train, config, info, fc_dropout)   # a batch BatchNorm cannot train on
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         check_outside(run_dir, data_dir, "a later scan of the data would read the run's images (curves.png, "
                       "confusion.png) as a class of its own", out is not None)
