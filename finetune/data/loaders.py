@@ -217,6 +217,24 @@ class EpochSeededSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.limit
 
+    def counted(self) -> int:
+        """How many of this share's samples, from its first, are the set's own: the rest (the last one of
+        some ranks) are the copies that pad the global order to a whole number of rows of ranks
+        (``DistributedSampler``'s, or the balanced draw's above). They train, so that every rank takes the
+        same steps; an epoch's metrics leave them out (``engine.steps._tally``)."""
+        if isinstance(self.sampler, DistributedSampler):
+            n, rank, world = len(self.sampler.dataset), self.sampler.rank, self.sampler.num_replicas
+        else:
+            n, rank, world = len(self.sampler), self.rank, self.world
+        return min(self.limit, max(0, -(-(n - rank) // world)))
+
+
+def counted_images(loader) -> int | None:
+    """This rank's images in an epoch of a training ``loader`` (:func:`make_loader`, or a ``DevicePrefetcher``
+    around one) that its metrics count: :meth:`EpochSeededSampler.counted`; None for another loader."""
+    sampler = getattr(getattr(loader, "loader", loader), "sampler", None)
+    return sampler.counted() if isinstance(sampler, EpochSeededSampler) else None
+
 
 def count_draw(drawn: dict[int, int], index: int) -> int:
     """How many times ``index`` was drawn before in this pass (0 at its first draw); ``drawn``, the pass's

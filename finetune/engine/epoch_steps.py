@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from finetune.core import distributed as ddp
 from finetune.core.io import printable_name
 from finetune.core.ema import ModelEma
-from finetune.data.loaders import close_loader
+from finetune.data.loaders import close_loader, counted_images
 from finetune.data.replay import KeptPass
 from finetune.engine.setup import Setup
 from finetune.engine.runtime import warms_up
@@ -115,7 +115,8 @@ class LoaderSteps:
             out = train_one_epoch(self.net, batches, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
-                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank)
+                                  normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank,
+                                  counted=counted_images(s.train_loader))     # not the padding copies
         finally:
             if bar is not None:
                 bar.close()

@@ -67,7 +67,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                     progress=None, epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
                     info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
                     ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
-                    raise_diverged: bool = True, blank: Callable[[], tuple] | None = None) -> dict:
+                    raise_diverged: bool = True, blank: Callable[[], tuple] | None = None,
+                    counted: int | None = None) -> dict:
     """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
     cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
     batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
@@ -91,6 +92,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
         blank: under DDP, ``() -> (x, y)`` on ``device``: the stand-in for a batch whose every image failed
             (:func:`_stand_in`); needed where ``batches`` can yield None on several processes.
+        counted: how many of this rank's images, from the first, the metrics count (the sampler's ``counted``);
+            the rest, copies padding the ranks' shares to one length, train but are left out (:func:`_tally`).
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s", "data_wait"}`` over all ranks (:func:`_waiting`;
         with ``mix``: the loss on the mixed targets, the accuracy against each mixed image's dominant label).
@@ -128,10 +131,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if optimizer is not None:
             optimizer_step(loss, optimizer, scaler)
             _stepped(model, scheduler, ema)
-        n = int(y.shape[0])
-        loss_sum += loss.detach().double() * n
-        correct += (out.detach().argmax(1) == y).sum()
-        seen += n
+        seen += _tally(loss_sum, correct, loss, out, y, loss_fn, target, None if counted is None else counted - seen)
         if progress is not None:
             now = time.perf_counter()
             look = now - shown >= POSTFIX_EVERY_S
@@ -142,6 +142,26 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     if raise_diverged:
         _check(bad_step, lrs, epoch, optimizer, info)
     return _train_totals(loss_sum, correct, seen, t0, waited[0], info)
+
+
+def _tally(loss_sum: torch.Tensor, correct: torch.Tensor, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor,
+           loss_fn: nn.Module, target: torch.Tensor, left: int | None) -> int:
+    """Add a training batch to the epoch's metrics (in place, on the device: no host sync); returns the images
+    counted. ``left``: how many more of this rank's images count (None: all). Under torchrun the last images
+    of some ranks are copies of the first ones that pad every rank's share to one length (``DistributedSampler``'s
+    padding): they train as before, but the metrics count each image of the set once, as validation's unpadded
+    shards do. Only a batch holding such copies pays for it (the loss of its first ``left`` rows). An image
+    that failed to decode earlier on the rank moves the cut by one (a batch says which rows it lost only as a
+    count)."""
+    n = int(y.shape[0])
+    k = n if left is None else max(0, min(n, left))
+    if k == n:
+        loss_sum += loss.detach().double() * n
+        correct += (out.detach().argmax(1) == y).sum()
+    elif k:
+        loss_sum += loss_fn(out.detach()[:k].float(), target[:k]).double() * k
+        correct += (out.detach()[:k].argmax(1) == y[:k]).sum()
+    return k
 
 
 def _waiting(batches: Iterable, waited: list[float]) -> Iterator:

@@ -239,6 +239,62 @@ def test_torchrun_two_processes_take_the_steps_of_one_process_on_an_odd_set(tmp_
     assert all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
 
 
+_ONE_PASS = """
+    # one pass of a training loader, forward only (a linear model: no BatchNorm, so batches of 2 or 4 give the
+    # same per-image losses), over 11 images at 2 a rank: DistributedSampler pads them to 12
+    import torch
+    from finetune.core import distributed
+    from finetune.data import ImageDataset, build_transform, counted_images, make_loader, set_loader_epoch
+    from finetune.engine.steps import train_one_epoch
+    from tests.finetune.test_train import DATA_CONFIG
+
+    def one_pass(train, info):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+        loader = make_loader(ImageDataset(train, build_transform(DATA_CONFIG, False)), 4 // info.world_size,
+                             train=True, workers=0, world_size=info.world_size, rank=info.rank)
+        set_loader_epoch(loader, 0, 1, info.rank)
+        return train_one_epoch(model, loader, None, None, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                               info=info, counted=counted_images(loader))
+"""
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_train_metrics_count_each_image_once_not_the_padding_copies(tmp_path):
+    """QA (session 21): under torchrun DistributedSampler pads the training order with copies so that every
+    rank takes the same steps (11 images on 2 ranks: 12); the train loss and accuracy of metrics.csv counted
+    the copies. They still train (the gradients see what they saw), but the metrics count each image once, as
+    validation's unpadded shards do: an epoch's images are 11, and a forward-only pass gives the loss and
+    accuracy of one process over the same 11 images."""
+    from finetune.data import scan_folder
+    from finetune.core.distributed import DistInfo
+
+    report = scan_folder(make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4,
+                                           val_per_class=1, layout="split"))
+    train = report.train.__class__(report.train.items[:11], report.train.classes)
+    assert len(train) == 11
+    _torchrun_fit(tmp_path, train, report.val, textwrap.dedent(_ONE_PASS) + textwrap.dedent(f"""
+        import finetune.engine.epoch_steps as epoch_steps
+        from finetune.tools.train import fit
+        from tests.finetune.test_train import STAGES, cfg, tiny_model
+        images, real = [], epoch_steps.train_one_epoch
+        epoch_steps.train_one_epoch = lambda *a, **k: (lambda out: (images.append(out["images"]), out)[1])(real(*a, **k))
+        fit(tiny_model(), STAGES, DATA_CONFIG, train, val, cfg(epochs=2, batch_size=4, freeze="none"), head="fc")
+        info = distributed.setup("cpu")
+        out = one_pass(train, info)
+        if info.is_main:
+            json.dump({{"fit": images, "pass": out}}, open({str(tmp_path / "two.json")!r}, "w"))
+    """))
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["fit"] == [11, 11]                    # both epochs: 12 with the padding copy
+    namespace: dict = {}
+    exec(textwrap.dedent(_ONE_PASS), namespace)
+    one = namespace["one_pass"](train, DistInfo())
+    assert two["pass"]["images"] == one["images"] == 11
+    assert two["pass"]["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    assert two["pass"]["acc"] == pytest.approx(one["acc"], abs=1e-9)
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 @pytest.mark.parametrize("option", [{"class_weights": "auto"}, {"sampler": "balanced"}])
 def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path, option):
