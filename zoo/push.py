@@ -33,7 +33,7 @@ from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageEr
 from zoo.modelcard import HUB_LICENSES, model_card, run_scan
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
-from zoo.sources import hub_transport, is_offline
+from zoo.hub import hub_transport, is_offline
 from zoo.text import first_line, shell_command
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "pushed_models",

@@ -10,72 +10,23 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from finetune.core.io import no_room
 from zoo import cache
-from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, UsageError, WeightsError, ZooError
+from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
 from zoo.network import check_fit
 from zoo.registry import ModelEntry, Source
-from zoo.resolve import check_hub_repo, get_entry
+from zoo.hub import USER_AGENT, http_timeout, hub_transport, is_offline, resolve_entry
 from zoo.text import first_line, shell_command
 from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
-__all__ = ["pull", "fetch_hub_config", "is_offline", "hub_transport", "http_timeout", "copy_in", "COMMIT_FILE"]
+__all__ = ["pull", "copy_in", "COMMIT_FILE"]
 
 _CHUNK = 1 << 20
-USER_AGENT = "zoo-finetune/0.1"
-
-
-def http_timeout() -> float:
-    """Seconds to wait for a connection or the next bytes (``ZOO_HTTP_TIMEOUT``, default 10)."""
-    try:
-        return float(os.environ.get("ZOO_HTTP_TIMEOUT", "10"))
-    except ValueError as err:
-        raise UsageError("ZOO_HTTP_TIMEOUT must be a number of seconds, e.g. ZOO_HTTP_TIMEOUT=10") from err
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def is_offline() -> bool:
-    """``ZOO_OFFLINE`` or ``HF_HUB_OFFLINE`` set (read now, not at import: tests and users change them)."""
-    return _truthy(os.environ.get("ZOO_OFFLINE")) or _truthy(os.environ.get("HF_HUB_OFFLINE"))
-
-
-HUB_MIN = (2, 0)    # huggingface_hub 2.0 moved its transport to httpx2, whose errors the Hub calls below catch
-
-
-def hub_transport():
-    """``httpx2``, the transport of huggingface_hub 2.x, whose errors its calls raise (connection refused,
-    timeout, a cut stream). An older huggingface_hub (1.x: httpx) raises errors none of our handlers
-    name, a traceback instead of one line; it is refused here, at the first Hub request, instead.
-
-    Raises:
-        DownloadError: the installed huggingface_hub is older than 2.0, or httpx2 is missing.
-    """
-    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
-    import huggingface_hub
-
-    have = huggingface_hub.__version__
-    release = tuple(int(n) for n in re.findall(r"\d+", have)[:2])
-    try:
-        # lazy: the transport of huggingface_hub 2.x, installed with it
-        import httpx2
-    except ImportError:
-        release = (0, 0)
-    if release < HUB_MIN:
-        raise DownloadError(f"the Hub needs huggingface_hub>={HUB_MIN[0]}.{HUB_MIN[1]} and its transport httpx2 "
-                            f"(this environment has huggingface_hub {have}); run "
-                            "`pip install -U 'huggingface_hub>=2.0'`")
-    return httpx2
-
-
 # --------------------------------------------------------------------------------------------------- pull
 def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = True) -> Path:
     """Make sure a model's weights are cached; return the path of its ``model.safetensors``.
@@ -96,10 +47,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
     Raises:
         UnknownModelError, OfflineError, IntegrityError, DownloadError, WeightsError, CacheError.
     """
-    if isinstance(name_or_entry, str) and name_or_entry.strip().startswith("hf-hub:") \
-            and not cache.is_cached(name_or_entry.strip()):
-        fetch_hub_config(name_or_entry.strip()[len("hf-hub:"):])
-    entry = _resolve(name_or_entry)
+    entry = name_or_entry if isinstance(name_or_entry, ModelEntry) else resolve_entry(name_or_entry)
     if not force and cache.is_cached(entry.name):
         try:
             cache.check(entry.name)   # never serve bytes that changed on disk since they were verified
@@ -124,55 +72,6 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
             except (DownloadError, WeightsError) as err:
                 failures.append((source, err))
         raise _summarise(entry, failures)
-
-
-def fetch_hub_config(repo: str, revision: str = "main") -> Path:
-    """Download ``config.json`` of Hub repo ``repo`` into the Hugging Face cache (what ``hf-hub:`` names are
-    resolved from: architecture, classes, preprocessing, and for ``zoo push`` repos the weights' sha256).
-    A config already cached is used as it is, without a request.
-
-    Raises:
-        OfflineError: not cached and offline / unreachable; DownloadError: no such repo or file.
-    """
-    def offline(why: str) -> OfflineError:
-        return OfflineError(f"hf-hub:{repo} is not cached and {why}; on a connected machine run "
-                            f"`{shell_command('zoo', 'pull', 'hf-hub:' + repo)}` and copy ZOO_HOME and the Hugging "
-                            "Face cache (HF_HOME) here")
-
-    check_hub_repo(repo)            # huggingface_hub's own refusal is a traceback
-    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
-    from huggingface_hub import try_to_load_from_cache
-
-    cache_dir = os.environ.get("HF_HUB_CACHE") or None
-    cached = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir, revision=revision)
-    if isinstance(cached, str):
-        return Path(cached)
-    source = Source(kind="hf", repo=repo, revision=revision, filename="config.json", sha256_note="config")
-    if is_offline():
-        raise offline("offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
-    httpx2 = hub_transport()
-    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub import errors as hf_errors
-
-    try:    # one HEAD without retries first, as _pull_hf: hf_hub_download retries a refused connection for ~25 s
-        get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=http_timeout())
-        return Path(hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir,
-                                    etag_timeout=http_timeout()))
-    except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,
-            hf_errors.LocalEntryNotFoundError) as err:
-        raise offline(f"the Hub is unreachable ({first_line(err)})") from err
-    except hf_errors.RepositoryNotFoundError as err:
-        raise DownloadError(f"{source.id()}: repository not found (or private: set HF_TOKEN)") from err
-    except (hf_errors.RevisionNotFoundError, hf_errors.RemoteEntryNotFoundError) as err:
-        raise DownloadError(f"{source.id()}: the repo has no config.json at {revision}; it is not a timm model "
-                            "repo") from err
-    except (hf_errors.HfHubHTTPError, httpx2.HTTPError, OSError) as err:
-        raise DownloadError(f"{source.id()}: download failed ({first_line(err)}); run the command again") from err
-
-
-def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
-    return name_or_entry if isinstance(name_or_entry, ModelEntry) else get_entry(name_or_entry)
 
 
 def _summarise(entry: ModelEntry, failures: list[tuple[Source, ZooError]]) -> ZooError:

@@ -1051,3 +1051,22 @@ def test_a_bundle_that_cannot_be_written_after_training_says_the_run_is_saved(tm
     assert line.startswith(f"zoo: error: training finished and is saved in {out}, but its bundle was not written: ")
     assert f"`zoo export {out} --out`" in line and "with --out" not in line
     assert (out / "report.html").is_file() and (out / "export" / "notes.txt").read_text() == "mine"
+
+
+def test_finetune_of_an_uncached_hf_hub_repo_fetches_its_config_and_weights(tmp_path, hub):
+    """`zoo finetune hf-hub:ORG/REPO` stopped at `its config.json is not in the Hugging Face cache ... run hf
+    download` while `zoo pull` and `zoo predict` of the same name fetched it: every command resolves an hf-hub:
+    name through `zoo.hub.resolve_entry` now, which fetches config.json (then the run pulls the weights)."""
+    from safetensors.torch import save
+
+    from tests.zoo.conftest import resnet_state
+
+    config = {"architecture": "test_resnet", "num_classes": 1000,
+              "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "classifier": "fc"}}
+    hub.add_hf("someone/tiny-ft", "config.json", json.dumps(config).encode())
+    hub.add_hf("someone/tiny-ft", "model.safetensors", save(resnet_state()))   # (timm's init: BatchNorm as built)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    res = invoke("finetune", "hf-hub:someone/tiny-ft", "--data", data, "--out", tmp_path / "run", "--no-export", *FAST)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["model"] == "hf-hub:someone/tiny-ft"
+    assert hub.count("config.json") >= 1 and hub.count("model.safetensors") >= 1

@@ -123,3 +123,25 @@ def test_list_and_info_do_not_import_torch(argv):
             "print('torch' in sys.modules, 'timm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False False"
+
+
+def test_info_of_an_uncached_hf_hub_repo_fetches_its_config_once(hub, monkeypatch):
+    """`zoo info hf-hub:ORG/REPO` read only the local Hugging Face cache (an uncached repo: `run hf download`
+    first). Now it fetches the repo's config.json, as `zoo pull` and `zoo predict` do (and timm's
+    create_model), once: the second call makes no request; offline, an uncached repo is one line."""
+    config = {"architecture": "test_resnet", "num_classes": 4,
+              "pretrained_cfg": {"input_size": [3, 96, 96], "mean": [0.5] * 3, "std": [0.5] * 3, "classifier": "fc"}}
+    hub.add_hf("someone/tiny-info", "config.json", json.dumps(config).encode())
+    res = CliRunner().invoke(cli, ["info", "hf-hub:someone/tiny-info", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["builder"] == "timm:test_resnet" and data["num_classes"] == 4
+    assert data["preprocessing"]["input_size"] == [3, 96, 96]
+    asked = hub.count("config.json")
+    assert asked >= 1
+    assert CliRunner().invoke(cli, ["info", "hf-hub:someone/tiny-info"]).exit_code == 0
+    assert hub.count("config.json") == asked                  # cached: no second request
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    res = CliRunner().invoke(cli, ["info", "hf-hub:someone/never-fetched"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "hf-hub:someone/never-fetched is not cached and offline mode is on" in res.output

@@ -17,7 +17,7 @@ from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.outdir import lock_holder
 from zoo.resolve import get_entry, hub_config
-from zoo.sources import fetch_hub_config
+from zoo.hub import fetch_hub_config
 from zoo.text import shell_command
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it

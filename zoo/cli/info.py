@@ -9,7 +9,7 @@ from zoo.build import VGG_FC_DROPOUT, has_fc_dropout
 from zoo.cache import is_cached
 from zoo.cli.app import cli
 from zoo.registry import ModelEntry
-from zoo.resolve import get_entry
+from zoo.hub import resolve_entry
 from zoo.cli.console import echo
 from zoo.cli.list_cmd import format_params
 
@@ -67,15 +67,17 @@ def info_cmd(name: str, as_json: bool) -> None:
     stages finetuning freezes by, the classifier, and every weight source with its digest.
 
     NAME is a zoo name (zoo list), timm:<arch>[.<tag>] or hf-hub:<org>/<repo> (those two build the
-    network on the meta device to find its stages, so they import torch).
+    network on the meta device to find its stages, so they import torch; an hf-hub: repo's config.json is
+    downloaded once, into the Hugging Face cache).
 
     \b
     Examples:
       zoo info resnet50
       zoo info vgg16_bn --json
       zoo info timm:resnet18.a1_in1k
+      zoo info hf-hub:timm/convnext_tiny.fb_in22k_ft_in1k
     """
-    entry = get_entry(name)
+    entry = resolve_entry(name)
     cached = is_cached(entry.name)
     if as_json:
         data = entry.to_dict()

@@ -8,8 +8,8 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.errors import ZooError
 from zoo.lock import pull_locked
-from zoo.resolve import get_entry
-from zoo.sources import fetch_hub_config, pull
+from zoo.hub import resolve_entry
+from zoo.sources import pull
 from zoo.text import human_size
 
 __all__ = ["pull_cmd"]
@@ -48,10 +48,9 @@ def pull_cmd(ctx: click.Context, names: tuple[str, ...], force: bool, locked: st
         return
     if not names:
         raise click.UsageError("give at least one NAME (`zoo list` shows them), or --locked LOCKFILE")
-    for n in names:   # a Hub repo's config.json says what it is (architecture, classes, pinned sha256)
-        if n.strip().startswith("hf-hub:") and not zcache.is_cached(n.strip()):
-            fetch_hub_config(n.strip()[len("hf-hub:"):])
-    entries = [get_entry(n) for n in names]  # unknown names fail (exit 2) before anything is downloaded
+    # unknown names fail (exit 2) before anything is downloaded; a Hub repo's config.json (fetched) says
+    # what it is: architecture, classes, pinned sha256
+    entries = [resolve_entry(n) for n in names]
     failed = 0
     for entry in entries:
         was_cached = zcache.is_cached(entry.name)

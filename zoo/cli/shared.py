@@ -10,7 +10,7 @@ import click
 from finetune.core.config import FinetuneConfig
 from zoo.cli.console import echo
 from zoo.cli.options import fc_dropout_option
-from zoo.resolve import get_entry
+from zoo.hub import resolve_entry
 from zoo.text import printable
 
 # Options of `zoo finetune` that mean nothing for these commands (they run in one process: --sync-bn, which
@@ -31,7 +31,7 @@ def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bo
     from finetune.core.distributed import DistInfo
     from zoo.jobs.finetune import build_for_training, scan_lines, scan_on_main
 
-    entry = get_entry(model)
+    entry = resolve_entry(model)
     report = scan_on_main(data, config, DistInfo())
     for line in scan_lines(report, config):
         say(line)

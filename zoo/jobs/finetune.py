@@ -37,7 +37,8 @@ from zoo.cache import features_dir, read_manifest, scan_memo
 from zoo.errors import RegistryError, UsageError, ZooError
 from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
-from zoo.resolve import check_stages, get_entry
+from zoo.resolve import check_stages
+from zoo.hub import resolve_entry
 from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "build_for_training",
@@ -251,7 +252,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         for line in scan_lines(report, config):      # the counts the run trains on (after --exclude)
             say(line)
-        entry = get_entry(model_name)
+        entry = resolve_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         check_machine(config, info)                         # a mistyped --device, no tensorboard: too

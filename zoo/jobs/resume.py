@@ -22,6 +22,7 @@ from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclu
                                feature_cache, scan_on_main, scan_warnings)
 from zoo.outdir import MARKER, claim_out, folder_kind
 from zoo.resolve import get_entry
+from zoo.hub import resolve_entry
 from zoo.text import shell_command
 
 __all__ = ["resume_finetune"]
@@ -190,7 +191,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     if info.is_main and scan_outdated(report, run_dir) and \
             list(load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)["classes"]) == report.classes:
         write_scan(report, run_dir, scan_only=True)    # deleted, or the data moved (--data): written again
-    entry = get_entry(info_json["model"])
+    entry = resolve_entry(info_json["model"])
     # Weights come from the checkpoint: the architecture alone is enough (no download, works offline),
     # with the run's own FC dropout (runs from before model.json recorded it had none).
     kwargs = info_json.get("builder_kwargs")
