@@ -195,6 +195,17 @@ def test_model_with_ops_after_head_is_refused(tmp_path):
         _fit(model, train, val, _config(epochs=1))
 
 
+def test_weights_that_give_nan_features_are_called_damaged_not_a_model_of_another_shape(tmp_path):
+    """A backbone whose weights give NaN (a diverged checkpoint imported, a negative BatchNorm variance) was
+    refused as a model whose output is not its head's ('run with fast_head off'), which it is not."""
+    train, val = _sets(tmp_path / "d")
+    model = _model()
+    with torch.no_grad():
+        next(model.features.parameters()).fill_(float("nan"))
+    with pytest.raises(FinetuneError, match="features are NaN or infinite on the first images: its weights are damaged"):
+        _fit(model, train, val, _config(epochs=1))
+
+
 def test_trainable_backbone_is_refused(tmp_path):
     from finetune.engine import build_setup
     from finetune.tools.features import CachedHeadSteps

@@ -130,7 +130,11 @@ def _check_head_is_last(model: nn.Module, head: str, head_module: nn.Module, x: 
                         f: torch.Tensor) -> None:
     """The fast path computes logits as ``head(features)``: verify that on two images, so a model that
     transforms the head's output (or feeds it anything but the pooled features) fails loudly instead
-    of training the wrong function."""
+    of training the wrong function. Features that are not finite are the weights' fault, and said so."""
+    if not bool(torch.isfinite(f).all()):
+        raise FinetuneError("the backbone's features are NaN or infinite on the first images: its weights are "
+                            "damaged (e.g. a diverged checkpoint, a negative BatchNorm variance); pull or import "
+                            "sound weights, or train with --no-pretrained")
     parent_name, _, attr = head.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     was = head_module.training
