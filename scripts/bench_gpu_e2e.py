@@ -276,10 +276,13 @@ def main() -> int:
         no_warm_up = "import finetune.engine.runtime as r; r.warms_up = lambda device: False"
         fewer = max(1, len(os.sched_getaffinity(0)) - 3)
         share = "import finetune.data.decode as d; d.WORKER_SHARE = 0.5"
+        read_val = "import finetune.data.replay as r; r.BUDGET_BYTES = 0"     # validation decoded every epoch
         variants = [("zoo, --decode workers", ["--decode", "workers"], None, True),
                     ("zoo, --decode device", ["--decode", "device"], None, True),
                     # both decoders at once: the workers decode half the JPEGs (scripts/bench_gpu_parts.py)
                     ("zoo, --decode device, workers decode half the JPEGs", ["--decode", "device"], share, True),
+                    # what keeping validation's batches after epoch 1 gives (finetune.data.replay, session 22)
+                    ("zoo, --decode workers, validation decoded every epoch", ["--decode", "workers"], read_val, False),
                     # epoch 1 against the later ones: what the blank batches before it (steps.warm_up) give
                     ("zoo, --decode device, no warm-up before epoch 1", ["--decode", "device"], no_warm_up, False),
                     ("zoo, --decode device, cudnn autotune forced on", ["--decode", "device"], autotune, False),
