@@ -164,6 +164,12 @@ class LoaderSteps:
             self.val_probs = torch.cat(probs)
         return out
 
+    def close(self) -> None:
+        """Let go of the kept validation batches and of any pass started ahead (the end of ``fit``): a sweep's
+        next fit must not find them still held, as they would be until a garbage collection found the trainer."""
+        self._val.clear()
+        self._ahead.clear()
+
     def failures(self) -> dict[str, str]:
         """Every rank's images that failed to decode so far (path -> reason), on every rank: a collective,
         which every rank calls at the same point (the end of an epoch, of the run)."""

@@ -61,4 +61,5 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     try:
         return trainer.run()
     finally:
+        trainer.loader_steps.close()     # the kept validation batches go now, not when a gc finds the trainer
         setup.close()      # worker processes and prefetch threads end with the run, not at exit

@@ -671,3 +671,32 @@ def test_a_batch_of_one_that_a_training_batchnorm_cannot_take_is_refused_at_set_
     assert seen == []                       # refused before the first step
     result = fit(_model(), STAGES, DATA_CONFIG, report.train, report.val, _cfg(batch_size=17, **options), head="fc")
     assert seen == [17] and [row["phase"] for row in result.history] == ["finetune"]
+
+
+def test_fit_lets_the_kept_validation_batches_go_when_it_returns(report, monkeypatch):
+    """A sweep runs many fits in one process: each fit's validation batches, kept in memory after its first
+    pass (``finetune.data.replay``, up to 2 GiB or an eighth of the free GPU memory), go when the fit returns,
+    not when a garbage collection finds its trainer (held in a reference cycle: the head guard calls back)."""
+    import gc
+    import weakref
+
+    import finetune.data.replay as replay
+
+    made: list = []
+    real_init = replay.KeptPass.__init__
+    monkeypatch.setattr(replay.KeptPass, "__init__", lambda self: (made.append(self), real_init(self))[1])
+    refs: list = []
+
+    def watch(_row: dict) -> None:
+        if not refs:
+            refs.extend(weakref.ref(t) for k in made for b in (k._batches or []) if b is not None for t in b)
+
+    gc.collect()
+    gc.disable()
+    try:
+        fit(_model(), STAGES, DATA_CONFIG, report.train, report.val, _cfg(freeze="none", head_epochs=0),
+            head="fc", callbacks=[watch])
+        alive = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
+    assert refs and alive == 0
