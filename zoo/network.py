@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.netwo
     from torch import nn
 
 __all__ = [
-    "build_network", "build_architecture", "builder_kwargs", "has_fc_dropout", "weights_misfit", "check_fit",
-    "TORCHVISION_KWARGS", "DROPPED_PREFIXES", "VGG_FC_DROPOUT",
+    "build_network", "build_architecture", "meta_network", "builder_kwargs", "has_fc_dropout", "weights_misfit",
+    "check_fit", "TORCHVISION_KWARGS", "DROPPED_PREFIXES", "VGG_FC_DROPOUT",
 ]
 
 # torchvision builders need a few flags to match the published weights / to stay cheap:
@@ -131,9 +131,29 @@ def build_architecture(entry: str | ModelEntry, num_classes: int | None = None, 
                          where=f"{entry.origin_file}: entry '{entry.name}'")
 
 
+def meta_network(entry: str | ModelEntry, *, fc_dropout: float | None = None) -> "nn.Module | None":
+    """``build_architecture(entry)`` on the meta device (no memory, no init), or None for a network whose
+    constructor needs real numbers (torchvision's RegNets copy a computed tensor out: "Cannot copy out of meta
+    tensor"): a check made on it is then left to the real build.
+
+    Raises:
+        RegistryError, UsageError: as ``build_architecture``.
+    """
+    # lazy: zoo --help / list / info import this module and must not import torch
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_architecture(entry, fc_dropout=fc_dropout)
+    except (NotImplementedError, RuntimeError):     # (our own errors are neither)
+        return None
+
+
 def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], show: int = 5) -> str:
     """What keeps tensors of these names and shapes from loading into ``build_architecture(entry)`` (built on
-    the meta device): "" when they fit. Tensors in ``DROPPED_PREFIXES`` (googlenet's aux heads) are ignored.
+    the meta device): "" when they fit, or when the network cannot be built there (``meta_network``: loading
+    the file into the real network checks it). Tensors in ``DROPPED_PREFIXES`` (googlenet's aux heads) are
+    ignored.
 
     Args:
         shapes: tensor name -> shape, e.g. from a safetensors header.
@@ -143,11 +163,9 @@ def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], sho
     Raises:
         RegistryError: the builder names an architecture the installed timm/torchvision lacks.
     """
-    # lazy: zoo --help / list / info import this module and must not import torch
-    import torch
-
-    with torch.device("meta"):
-        model = build_architecture(entry)
+    model = meta_network(entry)
+    if model is None:
+        return ""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     dropped = DROPPED_PREFIXES.get(entry.builder, ())
     got = {k: tuple(v) for k, v in shapes.items() if not (dropped and k.startswith(dropped))}

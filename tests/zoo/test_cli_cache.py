@@ -236,3 +236,22 @@ def test_cache_ls_names_a_copied_folder_and_sizes_a_damaged_manifest(tmp_path, m
     lines = {ln.split()[0]: ln for ln in r.output.splitlines()[:-1]}
     assert sorted(lines) == ["broken", "tiny", "tiny-backup"], r.output
     assert "(manifest: tiny)" in lines["tiny-backup"] and "2.0 KiB" in lines["broken"], r.output
+
+
+def test_pull_takes_the_file_of_a_network_that_cannot_be_built_on_the_meta_device(hub, tmp_path, monkeypatch):
+    """The fit check of a pull builds the entry's network on the meta device; torchvision's RegNets cannot be
+    (their constructor copies a computed tensor out: "Cannot copy out of meta tensor"), and the pull of their
+    own weights crashed. Such a network's file is pulled unchecked: the build that loads it checks every
+    tensor (``zoo.build.load_weights``)."""
+    import torchvision
+    from safetensors.torch import save
+
+    net = torchvision.models.regnet_x_400mf(weights=None, num_classes=3)
+    data = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "r.yaml", [{
+        **entry_dict("reg", [{"kind": "url", "url": hub.add_file("reg.safetensors", data), "sha256": sha(data)}],
+                     builder="torchvision:regnet_x_400mf"),
+        "num_classes": 3, "stages": [["stem"], ["trunk_output"]]}])))
+    r = run("pull", "reg", "-q")
+    assert r.exit_code == 0, r.output
+    assert cache.weights_path("reg").read_bytes() == data
