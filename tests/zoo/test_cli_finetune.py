@@ -1070,3 +1070,21 @@ def test_finetune_of_an_uncached_hf_hub_repo_fetches_its_config_and_weights(tmp_
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "model.json").read_text())["model"] == "hf-hub:someone/tiny-ft"
     assert hub.count("config.json") >= 1 and hub.count("model.safetensors") >= 1
+
+
+def test_a_network_that_cannot_be_built_on_the_meta_device_is_not_refused_by_the_early_checks(tmp_path):
+    """The stage check and the batch-of-one BatchNorm check build the network on the meta device before any
+    download; torchvision's RegNets cannot be built there ("Cannot copy out of meta tensor") and `zoo finetune`
+    of such an entry crashed. The stage check takes the real network instead (built for training next anyway),
+    the BatchNorm check is left to fit's set-up, which makes it on the real network."""
+    from finetune.core.distributed import DistInfo
+    from finetune.data import scan_folder
+    from tests.zoo.conftest import make_entry
+    from zoo.jobs.finetune import build_for_training, check_batch_early
+
+    entry = dataclasses.replace(make_entry("reg", builder="torchvision:regnet_x_400mf"),
+                                stages=(("stem",), ("trunk_output",)))
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=4), val_split=0.25)
+    check_batch_early(entry, report.train, FinetuneConfig(batch_size=1, bn="train", freeze="none"), DistInfo())
+    model = build_for_training(entry, pretrained=False, seed=0)
+    assert model.fc.out_features == 1000

@@ -39,6 +39,7 @@ from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
 from zoo.resolve import check_stages
 from zoo.hub import resolve_entry
+from zoo.network import meta_network
 from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "build_for_training",
@@ -191,9 +192,11 @@ def build_for_training(entry, pretrained: bool, seed: int, fc_dropout: float | N
             network without memory before any download: a user registry's stages that left out the last layers
             made `--freeze K` unfreeze other ones, silently (QA).
     """
-    with torch.device("meta"):
-        problems = check_stages(zbuild.build_architecture(entry, fc_dropout=fc_dropout), entry.stages,
-                                entry.classifier)
+    # (a network the meta device cannot build is checked as built for training: that build comes next anyway)
+    skeleton = meta_network(entry, fc_dropout=fc_dropout)
+    if skeleton is None:
+        skeleton = zbuild.build_architecture(entry, fc_dropout=fc_dropout)
+    problems = check_stages(skeleton, entry.stages, entry.classifier)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise RegistryError(f"{entry.origin_file}: entry '{entry.name}': its stages do not fit the network: "
@@ -219,8 +222,10 @@ def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout
     if per > 1:
         return    # two images give every channel two values
     counts = train_set.class_counts()
+    model = meta_network(entry, fc_dropout=fc_dropout)
+    if model is None:
+        return    # a network the meta device cannot build: fit's set-up makes the check on the real one
     with torch.device("meta"):
-        model = zbuild.build_architecture(entry, fc_dropout=fc_dropout)
         prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
     check_batchnorm_batch(model, run_data_config(entry, config)["input_size"], per, head=entry.classifier,
                           processes=info.world_size, synced=bool(config.sync_bn and info.enabled))
