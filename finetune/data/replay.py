@@ -7,7 +7,9 @@ workers path is decode-bound, and a 10,240 + 2,048 image run spent a sixth of it
 So the first full pass keeps each batch as the loader delivered it (where it lives: host batches in host
 memory, a ``--decode device`` pass's on the device), within a memory budget (:func:`budget`), and later
 passes read them from memory. A pass that stops early, or outgrows the budget, keeps nothing; a loader
-whose pass outgrew the budget is not recorded again.
+whose pass outgrew the budget is not recorded again. Nor is a pass that lost an image (it failed to load)
+kept: the next pass reads the files and is recorded instead, so that an image that failed once (a file being
+copied, a network filesystem's hiccup) is counted again when it loads, not left out of every later epoch.
 """
 from __future__ import annotations
 
@@ -36,29 +38,41 @@ class KeptPass:
 
     def record(self, loader, batches: Iterable) -> Iterator:
         """Yield ``batches`` (a pass over ``loader``) unchanged; once they are exhausted, keep them for
-        :meth:`get` if they fit :func:`budget` (measured where the first batch lives)."""
+        :meth:`get` if they fit :func:`budget` (measured where the first batch lives) and hold every image of
+        ``loader.dataset`` (when it has one)."""
         if any(r is loader for r in self._refused):
             yield from batches
             return
         kept: list | None = []
-        size, limit = 0, None
+        size, limit, rows = 0, None, 0
         for batch in batches:
             if kept is not None:
                 if batch is not None:
                     limit = budget(batch[0].device) if limit is None else limit
                     size += sum(t.nbytes for t in batch if isinstance(t, torch.Tensor))
+                    rows += len(batch[1])
                 if limit is not None and size > limit:
                     kept = None
                     self._refused.append(loader)
                 else:
                     kept.append(_own(batch))
             yield batch
+        if kept is not None and rows < _images(loader):      # an image failed to load: recorded again next time
+            kept = None
         if kept is not None:       # (a pass left early never gets here: a generator closed midway)
             self._loader, self._batches = loader, kept
 
     def clear(self) -> None:
         """Let the kept batches go (their memory: the end of a run)."""
         self._loader = self._batches = None
+
+
+def _images(loader) -> int:
+    """The images a full pass over ``loader`` gives when none fails: its dataset's length (0 if unknown)."""
+    try:
+        return len(getattr(loader, "dataset", ()))
+    except TypeError:
+        return 0
 
 
 def _own(batch):

@@ -72,3 +72,19 @@ def test_the_device_budget_is_positive_and_capped():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     assert 0 < budget(torch.device("cuda")) <= replay.BUDGET_BYTES
+
+
+def test_a_pass_that_lost_an_image_is_not_kept_so_later_passes_read_it_again():
+    """An image that failed to load in the first pass (a file being copied, a network filesystem's hiccup)
+    was left out of every later epoch's validation, the head guard's and the final evaluation (whose per-image
+    probabilities then went missing): such a pass is not kept, and later passes read the files as before."""
+
+    class Loader:
+        dataset = range(7)            # seven images; the pass below gives six (one failed)
+
+    loader, kept = Loader(), KeptPass()
+    assert _same(list(kept.record(loader, _batches())), _batches())
+    assert kept.get(loader) is None
+    Loader.dataset = range(6)         # the next pass gives every image: it is kept
+    assert _same(list(kept.record(loader, _batches())), _batches())
+    assert _same(kept.get(loader), _batches())

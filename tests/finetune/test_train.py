@@ -752,3 +752,24 @@ def test_summary_names_the_phase_of_the_weights_kept(data, tmp_path):
         phase = {int(row["epoch"]): row["phase"] for row in csv.DictReader(fh)}
     assert set(phase.values()) == {"head", "finetune"}
     assert summary["best_phase"] == phase[summary["best_epoch"]]
+
+
+def test_a_validation_image_that_failed_in_the_first_pass_counts_again_once_it_loads(tmp_path):
+    """Validation's batches are kept after its first full pass (``finetune.data.replay``); a first pass that
+    lost an image (here moved away during epoch 1, back after it) was kept all the same, and that image was
+    left out of every later epoch, of the head guard's and of the final evaluation (whose per-image
+    probabilities then went missing). Such a pass is not kept: epoch 2 reads the files again, with the
+    numbers of an undisturbed run."""
+    train, val = sets(tmp_path / "data")
+    path = val.items[0][0]
+    os.rename(path, path + ".away")
+
+    def back(row: dict) -> None:
+        if row["epoch"] == 1:
+            os.rename(path + ".away", path)
+
+    result = run((train, val), cfg(epochs=2, freeze="none"), callbacks=[back])
+    undisturbed = run(sets(tmp_path / "data2"), cfg(epochs=2, freeze="none"))
+    assert result.history[0]["val_loss"] != undisturbed.history[0]["val_loss"]      # epoch 1 lacked it
+    assert result.history[1]["val_loss"] == undisturbed.history[1]["val_loss"]
+    assert result.val_probs is not None and len(result.val_probs) == len(val.items)
