@@ -255,3 +255,22 @@ def test_pull_takes_the_file_of_a_network_that_cannot_be_built_on_the_meta_devic
     r = run("pull", "reg", "-q")
     assert r.exit_code == 0, r.output
     assert cache.weights_path("reg").read_bytes() == data
+
+
+def test_pull_takes_a_file_without_batchnorm_counts_as_the_build_loads_it(hub, tmp_path, monkeypatch):
+    """Checkpoints saved before PyTorch 0.4 (torchvision's first ResNet, VGG-BN, DenseNet files) hold no
+    BatchNorm ``num_batches_tracked``: loading fills each in (torch's ``_NormBase._load_from_state_dict``), and
+    ``zoo.build.load_weights`` takes them, but the fit check of a pull refused them as "missing"."""
+    import torch
+
+    from zoo.network import weights_misfit
+    from tests.zoo.conftest import make_entry
+
+    state = {k: v for k, v in resnet_state().items() if not k.endswith("num_batches_tracked")}
+    assert weights_misfit(make_entry("tiny"), {k: tuple(v.shape) for k, v in state.items()}) == ""
+    data = pth_bytes({k: torch.randn(v.shape) for k, v in state.items()})
+    monkeypatch.setenv("ZOO_REGISTRY", str(write_registry(tmp_path / "r.yaml", [entry_dict("old", [
+        {"kind": "url", "url": hub.add_file("old.pth", data), "sha256": sha(data), "format": "pth"}])])))
+    r = run("pull", "old", "-q")
+    assert r.exit_code == 0, r.output
+    assert cache.is_cached("old")
