@@ -88,3 +88,22 @@ def test_a_pass_that_lost_an_image_is_not_kept_so_later_passes_read_it_again():
     Loader.dataset = range(6)         # the next pass gives every image: it is kept
     assert _same(list(kept.record(loader, _batches())), _batches())
     assert _same(kept.get(loader), _batches())
+
+
+def test_the_host_budget_stays_within_a_containers_memory_limit(monkeypatch, tmp_path):
+    """Inside a container /proc/meminfo tells the whole machine's memory (64 GiB here): a 4 GiB container
+    with 3 GiB in use (half a GiB of it reclaimable page cache) got the full 2 GiB budget, enough for the
+    kernel to kill the run. The budget is a quarter of what the container's limit leaves (1.5 GiB)."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{4 << 30}\n")
+    (v2 / "memory.current").write_text(f"{3 << 30}\n")
+    (v2 / "memory.stat").write_text(f"anon 1\ninactive_file {1 << 29}\nactive_file 7\n")
+    monkeypatch.setattr(replay, "_CGROUP_FILES", ((str(v2 / "memory.max"), str(v2 / "memory.current"),
+                                                   "inactive_file"),))
+    monkeypatch.setattr(replay, "_meminfo", lambda path, key, unit, real=replay._meminfo: (
+        64 << 30 if key == "MemAvailable:" else real(path, key, unit)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert budget(torch.device("cpu")) == (3 << 29) // 4
+    (v2 / "memory.max").write_text("max\n")              # no limit: the machine's memory decides
+    assert budget(torch.device("cpu")) == replay.BUDGET_BYTES
