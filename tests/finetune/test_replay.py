@@ -107,3 +107,19 @@ def test_the_host_budget_stays_within_a_containers_memory_limit(monkeypatch, tmp
     assert budget(torch.device("cpu")) == (3 << 29) // 4
     (v2 / "memory.max").write_text("max\n")              # no limit: the machine's memory decides
     assert budget(torch.device("cpu")) == replay.BUDGET_BYTES
+
+
+def test_the_device_budget_leaves_the_training_its_peak(monkeypatch):
+    """On CUDA the budget counted every block the caching allocator held unused as free, those the training
+    reserved for its peak included (80 GB card, the training's peak 75 GB, 10 GB held between epochs): an
+    eighth of 70 GB, the full 2 GiB kept on the device, and a batch size that filled the card ran out of
+    memory in epoch 2. Free is what no process holds plus what the allocator holds beyond the peak."""
+    gb = 1 << 30
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (4 * gb, 80 * gb))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 76 * gb)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 10 * gb)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: 75 * gb)
+    assert budget(torch.device("cuda", 0)) == 5 * gb // 8
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: 20 * gb)     # a small peak
+    assert budget(torch.device("cuda", 0)) == replay.BUDGET_BYTES
