@@ -158,8 +158,10 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
     """
     if int(batch) > 1:
         return
-    name = lone_value_batchnorm(model, input_size, batch, skip=[n for n, _ in model.named_children()
-                                                                if synced and not belongs_to(head, n)])
+    # synchronised: every BatchNorm layer outside the classifier (``surgery.sync_batchnorm``'s exclude)
+    synced_layers = [n for n, m in model.named_modules() if synced and isinstance(m, _BatchNorm) and n
+                     and not belongs_to(n, head)]
+    name = lone_value_batchnorm(model, input_size, batch, skip=synced_layers)
     if name is None:
         return
     per = f"--batch-size {2 * processes} or more (2 per process)" if processes > 1 else "--batch-size 2 or more"

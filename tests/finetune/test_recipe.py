@@ -1,0 +1,30 @@
+"""finetune.core.recipe: the batch-of-one BatchNorm check (``check_batchnorm_batch``)."""
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from finetune.core.errors import ConfigError
+from finetune.core.recipe import check_batchnorm_batch
+
+
+class _HeadBlockNet(nn.Module):
+    """A network whose head block holds a BatchNorm before the classifier (``head.1``), as LeViT's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_synchronised_batchnorm_beside_the_classifier_is_not_refused():
+    """Under torchrun with --sync-bn every BatchNorm layer but the classifier's own (``sync_batchnorm``'s
+    exclude: the head's prefix) takes its statistics from the global batch, so one image a process is two
+    values. The check skipped only the top-level children that do not hold the classifier: a layer beside it
+    in its block (``head.0`` beside ``head.1``) was refused, though synchronised."""
+    check_batchnorm_batch(_HeadBlockNet(), (3, 8, 8), 1, head="head.1", processes=2, synced=True)
+    with pytest.raises(ConfigError, match=r"head\.0 gets one value per channel"):
+        check_batchnorm_batch(_HeadBlockNet(), (3, 8, 8), 1, head="head.1", processes=2, synced=False)
