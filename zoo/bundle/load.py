@@ -16,8 +16,8 @@ from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.outdir import lock_holder
-from zoo.resolve import get_entry, hub_config
-from zoo.hub import fetch_hub_config
+from zoo.resolve import hub_config
+from zoo.hub import resolve_entry
 from zoo.text import shell_command
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
@@ -418,12 +418,10 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
     from zoo.predict import eval_transform
 
-    hub_cfg = None
-    if text.startswith("hf-hub:"):     # a published model (e.g. by `zoo push`): its config names its classes
-        fetch_hub_config(text[len("hf-hub:"):])
-        hub_cfg = hub_config(text[len("hf-hub:"):])
-    entry = get_entry(text)
-    model = create_model(text, pretrained=pretrained).eval().to(device)
+    entry = resolve_entry(text)        # (an hf-hub: repo's config.json fetched once, as every command does)
+    # a published model (e.g. by `zoo push`): its config names its classes
+    hub_cfg = hub_config(text[len("hf-hub:"):]) if text.startswith("hf-hub:") else None
+    model = create_model(entry, pretrained=pretrained).eval().to(device)
     data_config = entry.preprocessing.data_config()
     n_out = int(getattr(model, "num_classes", entry.num_classes) or entry.num_classes)
     labels, synsets = _imagenet_labels(model, n_out)
