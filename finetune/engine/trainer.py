@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -109,7 +110,10 @@ class Trainer:
         # The evaluation of the best weights, kept so that the end of
         # the run does not pass the validation set through the network again for the same numbers.
         self.best_eval: Evaluation | None = None
-        self.guard = HeadGuard(run, self._evaluate_state, self.say)
+        # (through a weak reference: the guard holding the trainer's bound method would keep the trainer, its
+        # setup, model and optimizer state, past the end of fit in a reference cycle, until a garbage collection)
+        evaluate_state = weakref.WeakMethod(self._evaluate_state)
+        self.guard = HeadGuard(run, lambda state: evaluate_state()(state), self.say)
         # the cached head's mirror test (--hflip auto): when it dropped the mirror, finetuning trains unflipped
         self.mirror: dict | None = None
         self.solver_path: list[dict] = []    # the head's L-BFGS solve (summary.json), kept across a resume

@@ -700,3 +700,33 @@ def test_fit_lets_the_kept_validation_batches_go_when_it_returns(report, monkeyp
     finally:
         gc.enable()
     assert refs and alive == 0
+
+
+@pytest.mark.parametrize("options", [dict(freeze="none", head_epochs=0),
+                                     dict(freeze="none", head_epochs=1, fast_head=True, ema=0.9)])
+def test_a_fits_trainer_and_its_setup_go_when_it_returns_without_a_garbage_collection(report, monkeypatch, options):
+    """A sweep's trial drops its model after fit (``sweep.run._fit_split``), but the trainer held itself in a
+    reference cycle (the head guard's callback, a bound method), and with it the setup: the model, the
+    optimizer's state, the loaders, the cached features, until a garbage collection found them (GPU memory
+    that Python's collector does not count, across many trials). Nothing of a fit outlives it but its result."""
+    import gc
+    import weakref
+
+    import finetune.engine.trainer as trainer_module
+
+    made: list = []
+    real_init = trainer_module.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        made.append(weakref.ref(self))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", init)
+    gc.collect()
+    gc.disable()
+    try:
+        result = fit(_model(), STAGES, DATA_CONFIG, report.train, report.val, _cfg(epochs=3, **options), head="fc")
+        alive = [ref() is not None for ref in made]
+    finally:
+        gc.enable()
+    assert alive == [False] and result.history
