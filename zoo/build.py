@@ -27,10 +27,6 @@ __all__ = [
 ]
 
 
-def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
-    return name_or_entry if isinstance(name_or_entry, ModelEntry) else get_entry(name_or_entry)
-
-
 def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrained: bool = True, *,
                  fc_dropout: float | None = None) -> "nn.Module":
     """Build model ``name`` and, when ``pretrained``, load its cached weights (pulling them first if needed).
@@ -41,7 +37,7 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
     Raises:
         UnknownModelError, DownloadError/OfflineError (from pull), WeightsError: the file does not fit.
     """
-    entry = _resolve(name)
+    entry = get_entry(name)
     model = build_architecture(entry, num_classes, fc_dropout=fc_dropout)
     if pretrained:
         path = pull(entry)
@@ -94,4 +90,4 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
 
 def data_config(entry: str | ModelEntry) -> dict:
     """timm-style data config (input_size, interpolation, crop_pct, crop_mode, mean, std) of the entry."""
-    return _resolve(entry).preprocessing.data_config()
+    return get_entry(entry).preprocessing.data_config()

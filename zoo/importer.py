@@ -42,7 +42,7 @@ def import_weights(name: str | ModelEntry, file: str | Path, sha256: str | None 
     Raises:
         UnknownModelError, IntegrityError (digest), WeightsError (unsafe, or does not fit), CacheError.
     """
-    entry = name if isinstance(name, ModelEntry) else get_entry(name)
+    entry = get_entry(name)
     pin = parse_digest(sha256) if sha256 is not None else None
     file = Path(file).expanduser()
     if not file.is_file():

@@ -72,10 +72,6 @@ def builder_kwargs(entry: ModelEntry, fc_dropout: float | None = None) -> dict[s
     return {"drop_rate": p}
 
 
-def _resolve(name_or_entry: str | ModelEntry) -> ModelEntry:
-    return name_or_entry if isinstance(name_or_entry, ModelEntry) else get_entry(name_or_entry)
-
-
 def build_network(builder: str, num_classes: int, kwargs: dict[str, Any] | None = None, *,
                   where: str = "") -> "nn.Module":
     """The network a builder string names, with random weights (no download).
@@ -125,7 +121,7 @@ def build_architecture(entry: str | ModelEntry, num_classes: int | None = None, 
     Raises:
         RegistryError: the builder names an architecture the installed timm/torchvision lacks.
     """
-    entry = _resolve(entry)
+    entry = get_entry(entry)
     n = entry.num_classes if num_classes is None else int(num_classes)
     return build_network(entry.builder, n, builder_kwargs(entry, fc_dropout),
                          where=f"{entry.origin_file}: entry '{entry.name}'")

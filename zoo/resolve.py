@@ -28,14 +28,16 @@ __all__ = ["get_entry", "check_hub_repo",
            "stage_of"]
 
 
-def get_entry(name: str) -> ModelEntry:
+def get_entry(name: str | ModelEntry) -> ModelEntry:
     """The entry called ``name``: a registry name (``zoo.registry.get_entry``), ``timm:<arch>[.<tag>]`` or
-    ``hf-hub:<org>/<repo>`` (ad-hoc entries; these import timm and torch).
+    ``hf-hub:<org>/<repo>`` (ad-hoc entries; these import timm and torch); an entry given is returned as is.
 
     Raises:
         UnknownModelError: not in any registry / not a timm architecture (close matches listed);
         UsageError: an empty name or a malformed hub reference; RegistryError: a file is malformed.
     """
+    if isinstance(name, ModelEntry):
+        return name
     text = name.strip() if isinstance(name, str) else name
     if isinstance(text, str) and text.startswith("timm:"):
         return timm_entry(text[len("timm:"):])
