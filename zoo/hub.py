@@ -108,7 +108,7 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
         raise DownloadError(f"{source.id()}: download failed ({first_line(err)}); run the command again") from err
 
 
-def resolve_entry(name: str) -> ModelEntry:
+def resolve_entry(name: str | ModelEntry) -> ModelEntry:
     """``zoo.resolve.get_entry(name)``, after fetching an ``hf-hub:`` name's ``config.json`` when the Hugging Face
     cache lacks it (:func:`fetch_hub_config`: the network, once; it says the architecture, classes and
     preprocessing), as timm's ``create_model("hf-hub:...")`` does. Every command that takes a model name from

@@ -47,7 +47,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
     Raises:
         UnknownModelError, OfflineError, IntegrityError, DownloadError, WeightsError, CacheError.
     """
-    entry = name_or_entry if isinstance(name_or_entry, ModelEntry) else resolve_entry(name_or_entry)
+    entry = resolve_entry(name_or_entry)
     if not force and cache.is_cached(entry.name):
         try:
             cache.check(entry.name)   # never serve bytes that changed on disk since they were verified
