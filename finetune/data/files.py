@@ -26,6 +26,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", "
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
+# The reason given for a folder that cannot be listed (bad_files.txt, predict's and eval's skipped images)
+UNLISTED_FOLDER = "folder cannot be read"
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
 
 
@@ -34,11 +36,13 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES
 
 
-def walk_files(top: str, loops: list[str] | None = None) -> list[str]:
+def walk_files(top: str, loops: list[str] | None = None,
+               unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped (and
-    appended to ``loops``). Ignored: hidden names and archiver/NAS debris (``__MACOSX``, Synology's
-    ``@eaDir`` thumbnails...), at every level. The training scan, ``zoo predict`` and ``zoo eval`` all
-    walk folders with this.
+    appended to ``loops``), folders that cannot be listed (no permission) too, each appended to ``unlisted``
+    with the reason. Ignored: hidden names and archiver/NAS debris (``__MACOSX``, Synology's ``@eaDir``
+    thumbnails...), at every level. The training scan, ``zoo predict`` and ``zoo eval`` all walk folders
+    with this.
 
     Anything that is not a directory counts as a file, so broken and looping file links are reported
     as bad files rather than silently vanishing.
@@ -46,6 +50,7 @@ def walk_files(top: str, loops: list[str] | None = None) -> list[str]:
     out: list[str] = []
     visited: set[tuple[int, int]] = set()
     loops = loops if loops is not None else []
+    unlisted = unlisted if unlisted is not None else []
 
     def walk(d: str, real: str) -> None:
         try:
@@ -58,7 +63,8 @@ def walk_files(top: str, loops: list[str] | None = None) -> list[str]:
         visited.add(key)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError:
+        except OSError as e:     # a chmod 000 folder: its images were left out without a word (QA)
+            unlisted.append((d, f"{UNLISTED_FOLDER} ({e.strerror or e}): the images in it are left out"))
             return
         for e in entries:
             if is_ignored(e.name):
@@ -189,8 +195,10 @@ def is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
-    """class name -> files (not yet checked) for ``folder/<class>/**``.
+def collect_classes(folder: str, loops: list[str],
+                    unlisted: list[tuple[str, str]] | None = None) -> dict[str, list[str]]:
+    """class name -> files (not yet checked) for ``folder/<class>/**``; folders that cannot be listed ->
+    ``unlisted`` (see :func:`walk_files`).
 
     A class is named by its folder's printable name: a folder name that is not UTF-8 reads ``\\xNN``
     (class names are labels, written into JSON files, checkpoints and bundles).
@@ -212,7 +220,7 @@ def collect_classes(folder: str, loops: list[str]) -> dict[str, list[str]]:
             raise DataError(f"two class folders in {printable_name(folder)} read {name} ({why}); rename one, or "
                             "move the images of one into the other")
         seen[class_key(name)] = name
-        classes[name] = walk_files(os.path.join(folder, c), loops)
+        classes[name] = walk_files(os.path.join(folder, c), loops, unlisted)
     return dict(sorted(classes.items()))
 
 

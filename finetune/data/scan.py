@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from finetune.data.files import (IMAGE_EXTENSIONS, check_files, class_key, collect_classes, is_ignored, is_dir,
-                                  list_classes)
+                                  list_classes, UNLISTED_FOLDER)
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
@@ -154,14 +154,15 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
 
     Raises DataError when no file is usable, or (strict) when any file is not.
     """
-    raw = {name: collect_classes(d, loops) for name, d in dirs.items() if d}
+    unlisted: list[tuple[str, str]] = []      # listed with the bad files: their images are left out
+    raw = {name: collect_classes(d, loops, unlisted) for name, d in dirs.items() if d}
     # val/café read as train/café whatever its Unicode form; a resumed run's café as it trained on it
     named = {class_key(c): c for c in [*raw["train"], *class_names]}
     raw = {name: dict(sorted(((named.get(class_key(c), c), ps) for c, ps in split.items()), key=lambda kv: kv[0]))
            for name, split in raw.items()}
     all_files = [p for split in raw.values() for paths in split.values() for p in paths]
     reasons = dict(zip(all_files, check_files(all_files, memo)))
-    bad = [(p, r) for p, r in reasons.items() if r is not None]
+    bad = [(p, r) for p, r in reasons.items() if r is not None] + unlisted
     good = {name: {c: [p for p in ps if reasons[p] is None] for c, ps in split.items()}
             for name, split in raw.items()}
 
@@ -213,6 +214,10 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
                     "(images must be in DIR/train/<class>/, DIR/val/<class>/ or DIR/test/<class>/)")
     if loops:
         warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. {printable_name(relative_path(loops[0], root_s))}")
+    unlisted = [p for p, r in bad if r.startswith(UNLISTED_FOLDER)]
+    if unlisted:
+        warn.append(f"cannot read {len(unlisted)} folder(s), e.g. {printable_name(relative_path(unlisted[0], root_s))}"
+                    " (no permission?): the images in them are left out; make them readable (chmod) to use them")
     if bad:
         warn.append(f"skipped {len(bad)} unreadable or non-image files, e.g. "
                     f"{printable_name(relative_path(bad[0][0], root_s))} ({bad[0][1]}); all are listed in bad_files.txt")

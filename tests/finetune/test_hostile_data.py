@@ -361,3 +361,33 @@ def test_a_named_pipe_in_a_data_folder_under_dev_shm_is_still_refused(tmp_path):
         with pytest.raises(DataError, match=r"pipe.jpg is a named pipe, not an image file"):
             load_image(Path(shm) / "pipe.jpg")
     assert special_file("/dev/stdin") is None
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_left_out_silently(tmp_path, monkeypatch):
+    """QA session 22: a chmod 000 folder (a class's sub-folder, or a whole class) was skipped without a word:
+    its images were simply not trained on, and an unreadable class was called an "empty class folder". Tests
+    run as root, where chmod 000 does not stop reading, so os.scandir is made to refuse as it does for a user."""
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog", "fox"), per_class=4)
+    make_image(data / "cat" / "sub" / "hidden_from_us.png", 0)
+    locked = {str(data / "cat" / "sub"), str(data / "fox")}
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = scan_folder(data)
+    reasons = {report.relpath(p): r for p, r in report.bad_files}
+    assert set(reasons) == {"cat/sub", "fox"}
+    assert all("folder cannot be read (Permission denied)" in r for r in reasons.values())
+    assert report.classes == ["cat", "dog"]
+    assert any(w.startswith("cannot read 2 folder(s), e.g. cat/sub") and "left out" in w for w in report.warnings)
+    write_scan(report, tmp_path / "run")           # bad_files.txt names them, as any skipped file
+    listed = (tmp_path / "run" / "bad_files.txt").read_text(encoding="utf-8")
+    assert "cat/sub\tfolder cannot be read" in listed and "fox\tfolder cannot be read" in listed
+    with pytest.raises(DataError, match="unreadable files"):
+        scan_folder(data, strict=True)
