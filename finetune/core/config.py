@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -319,10 +320,19 @@ RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
 _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: a list of YAML aliases (``[*a, *a, ...]``, nine deep) is a few lines of
+    file but billions of items to print, and the message took minutes and gigabytes (QA)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 60, 60
+    return short.repr(value)
+
+
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     kind = type(f.default)
     try:
-        if kind is bool and not isinstance(value, bool):
+        if kind is bool and not isinstance(value, bool) or \
+                kind is str and not isinstance(value, (str, int, float)):   # (a list's text is no option value)
             raise ValueError
         # int() and float() would take YAML's `true` as 1 and cut `epochs: 2.5` to 2 without a word
         if kind in (int, float) and isinstance(value, bool) or kind is int and isinstance(value, float) \
@@ -333,8 +343,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         hint = ("; auto is taken on the command line only (--lr auto): in a file give the learning rate, e.g. "
-                "lr: 0.001" if f.name == "lr" and str(value).strip().lower() == "auto" else "")
-        raise ConfigError(f"{source}: {f.name}={value!r} should be {_KIND_WORDS[kind]}{hint}") from None
+                "lr: 0.001" if f.name == "lr" and isinstance(value, str) and value.strip().lower() == "auto" else "")
+        raise ConfigError(f"{source}: {f.name}={_shown(value)} should be {_KIND_WORDS[kind]}{hint}") from None
 
 
 def load_config(path: str | Path) -> FinetuneConfig:
@@ -347,7 +357,7 @@ def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
     the default), from one read of the file."""
     path = Path(path)
     try:
-        data = load_yaml(read_user_text(path)) or {}
+        data = load_yaml(read_user_text(path), unique_keys=True) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -129,6 +129,47 @@ def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text,
     assert (load_config(cfg).epochs, load_config(cfg).lr, load_config(cfg).head_epochs) == (3, 1.0, 2)
 
 
+
+def test_a_key_given_twice_in_a_config_is_refused_naming_both_lines(tmp_path):
+    """QA session 22: PyYAML keeps the last of two equal keys without a word, so a recipe with `lr: 0.01` at the
+    top and a forgotten `lr: 0.5` further down trained at 0.5. Now one line naming both lines, before any run
+    folder; a merge key (`<<: *base`) may still be overridden, as YAML means it."""
+    from finetune.core.config import load_config
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("lr: 0.01\nepochs: 2\nlr: 0.5\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{cfg} is not valid YAML at line 3, column 1: lr is given twice (lines 1 and 3), and only the last "
+            "would count: keep one; fix the file")):
+        load_config(cfg)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    r = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(data), "--out", str(tmp_path / "run"),
+                                 "--config", str(cfg)])
+    assert r.exit_code == 2 and not (tmp_path / "run").exists() and "given twice" in r.output, r.output
+    cfg.write_text("<<: {lr: 0.01, epochs: 2}\nlr: 0.02\n")
+    assert (load_config(cfg).lr, load_config(cfg).epochs) == (0.02, 2)
+
+
+def test_a_config_value_made_of_nested_aliases_is_refused_at_once(tmp_path):
+    """QA session 22: `lr: [*h, *h, ...]`, aliases nine deep (a few lines: a "billion laughs"), was printed whole
+    in the "should be a number" line: minutes and 7 GB, then killed. It is now shown cut short, and a list is no
+    text for an option that takes text (it was turned into its repr)."""
+    import time
+
+    from finetune.core.config import load_config
+
+    lines = ["lr:", "  - &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: lr=[['x', 'x', 'x', 'x', ...], [[...]") + ".* should be a number"):
+        load_config(cfg)
+    assert time.perf_counter() - start < 5
+    cfg.write_text("device: [cpu]\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: device=['cpu'] should be text")):
+        load_config(cfg)
+
 def test_every_option_type_has_a_word_in_the_messages():
     from finetune.core.config import _KIND_WORDS
 
