@@ -28,7 +28,7 @@ from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
-from finetune.core.errors import DataError, Interrupted
+from finetune.core.errors import CheckpointError, DataError, Interrupted
 from finetune.core.metrics import EarlyStopping
 from finetune.core.monitor import advise, data_advice, waited
 from finetune.core.policy import head_first
@@ -131,7 +131,13 @@ class Trainer:
 
     def _restore(self) -> None:
         ckpt = self.folder.load_resume(self.s.classes, self.s.config)
-        self.s.model.load_state_dict(ckpt["model"])
+        try:
+            self.s.model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:     # another architecture (an edited model name): one line, not 60
+            first = str(err).strip().splitlines()[-1].strip().rstrip(".")
+            raise CheckpointError(f"{self.folder.path / 'checkpoints' / 'last.pt'} holds the weights of another "
+                                  f"model than the one built to continue it ({first}): was the run's model changed "
+                                  "since? Resume it with the model it was trained with") from None
         self.epoch, self.pi, self.phase_start = int(ckpt["epoch"]), int(ckpt["phase_index"]), ckpt["phase_start"]
         self.stopped_early = bool(ckpt["stopped_early"])
         self.stopper.load_state_dict(ckpt["early_stop"])

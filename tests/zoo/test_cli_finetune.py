@@ -745,6 +745,32 @@ def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, class
     return data, out, result
 
 
+
+@pytest.mark.parametrize("edit,code,says", [
+    (lambda m: [], 2, "model.json holds [], not the JSON object `zoo finetune` writes (was the file edited?)"),
+    (lambda m: None, 2, "model.json holds null, not the JSON object"),
+    (lambda m: {k: v for k, v in m.items() if k != "model"}, 2, "model.json lacks 'model', which `zoo finetune` writes"),
+    (lambda m: {**m, "stages": "all"}, 2, 'model.json: stages is "all", not what `zoo finetune` writes'),
+    (lambda m: {**m, "builder_kwargs": [1]}, 2, "model.json: builder_kwargs is [1], not what"),
+    (lambda m: {**m, "model": "resnet18"}, 1, "last.pt holds the weights of another model than the one built to "
+                                              "continue it (size mismatch for ")])
+def test_a_hand_edited_model_json_stops_the_resume_in_one_line(tmp_path, tiny, monkeypatch, edit, code, says):
+    """QA session 22: `--resume` of a run whose model.json was edited by hand (a list, null, a field removed or of
+    another type, another model's name) was an AttributeError, KeyError or 60-line size-mismatch traceback. Now one
+    line saying which field and what to do, and the checkpoint unchanged."""
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    info = out / "model.json"
+    info.write_text(json.dumps(edit(json.loads(info.read_text()))))
+    last = (out / "checkpoints" / "last.pt").read_bytes()
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
+    assert result.exit_code == code, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error:")]
+    assert len(errors) == 1 and says in errors[0] and "Traceback" not in result.stderr, result.stderr
+    if code == 2:
+        assert errors[0].endswith(f"restore it to continue the run, or start the run over with `zoo finetune MODEL "
+                                  f"--data DIR --out {out} --overwrite`")
+    assert (out / "checkpoints" / "last.pt").read_bytes() == last
+
 def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_option(tmp_path, tiny, monkeypatch):
     """QA: editing RUN/config.yaml, then `--resume RUN`, said "changed option(s) lr: drop them", as if a flag had
     been given. It now says the file differs from the checkpoint, with both values, and what to do."""

@@ -100,6 +100,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         info_json = json.loads(info_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
+    _check_info(info_json, info_path)
     if model is not None:
         _check_model(model, run_dir, info_json)
     data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
@@ -122,6 +123,33 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         return outcome
     finally:
         ddp.cleanup(info)
+
+
+def _check_info(info_json: Any, path: Path) -> None:
+    """model.json holds what the resume reads, of the types `zoo finetune` writes: a hand-edited file (a list,
+    a field removed or of another type) is one line, not an AttributeError or KeyError traceback (QA).
+
+    Raises:
+        UsageError: the first field that does not fit, and what to do.
+    """
+    def stages_ok(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(s, list) and all(isinstance(n, str) for n in s) for s in v)
+
+    checks = {"model": lambda v: isinstance(v, str) and bool(v), "stages": stages_ok,
+              "classifier": lambda v: isinstance(v, str), "data_config": lambda v: isinstance(v, dict),
+              "builder_kwargs": lambda v: v is None or isinstance(v, dict)}
+    problem = None if isinstance(info_json, dict) else \
+        f"{path} holds {json.dumps(info_json)[:40]}, not the JSON object `zoo finetune` writes"
+    for key, ok in checks.items() if problem is None else ():
+        if key not in info_json and key != "builder_kwargs":     # (runs from before it was recorded lack it)
+            problem = f"{path} lacks {key!r}, which `zoo finetune` writes"
+        elif key in info_json and not ok(info_json[key]):
+            problem = f"{path}: {key} is {json.dumps(info_json[key])[:40]}, not what `zoo finetune` writes"
+        if problem:
+            break
+    if problem:
+        raise UsageError(f"{problem} (was the file edited?); restore it to continue the run, or start the run "
+                         f"over with `{_start_over(path.parent)}`")
 
 
 def _check_model(model: str, run_dir: Path, info_json: dict) -> None:
