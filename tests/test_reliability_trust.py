@@ -124,7 +124,7 @@ def test_resume_from_a_checkpoint_with_a_pickle_payload_refuses_it(tmp_path, mon
     res = invoke("finetune", "--resume", run, "--no-export")
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     line, = res.stderr.strip().splitlines()
-    assert "is damaged or not a zoo checkpoint" in line and "without --resume" in line
+    assert "is damaged or not a zoo checkpoint" in line and f"--out {run} --overwrite" in line
     assert not marker.exists()
 
 

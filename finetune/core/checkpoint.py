@@ -229,19 +229,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: there is nothing to resume from, start it again "
                               "without --resume")
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    over = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run, "--overwrite")
+    # "without --resume" (as it said for a truncated file) is refused: the folder holds a run (QA)
+    what_now = (f"export its best epoch (checked on its own) with `{shell_command('zoo', 'export', run)}`, or start "
+                f"the run over with `{over}`")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for damaged or foreign files
-        raise CheckpointError(f"checkpoint {path} is damaged or not a zoo checkpoint ({type(e).__name__}); "
-                              "start the run again without --resume") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a zoo checkpoint ({type(e).__name__}), so "
+                              f"the run cannot go on from it; {what_now}") from None
     recorded = ckpt.pop(STATE_DIGEST_KEY, None) if isinstance(ckpt, dict) else None
     if recorded is not None and not mmap and recorded != state_sha256(ckpt):
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        over = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run, "--overwrite")
         raise CheckpointError(f"checkpoint {path} is damaged: what it holds does not match the sha256 recorded "
-                              "when it was written, so the run cannot go on from it; export its best epoch "
-                              f"(checked on its own) with `{shell_command('zoo', 'export', run)}`, or start the "
-                              f"run over with `{over}`")
+                              f"when it was written, so the run cannot go on from it; {what_now}")
     return ckpt
 
 

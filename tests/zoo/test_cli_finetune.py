@@ -265,6 +265,23 @@ def test_a_flipped_bit_in_last_pt_stops_the_resume_with_one_line_and_trains_noth
     assert "Traceback" not in result.output and (out / "metrics.csv").read_bytes() == metrics
 
 
+
+@pytest.mark.parametrize("keep", [0, 0.5])
+def test_a_truncated_last_pt_says_what_works_not_start_again_without_resume(tmp_path, tiny, monkeypatch, keep):
+    """QA session 22: a last.pt cut short (a full disk, an interrupted copy of the run folder) said "start the run
+    again without --resume", a command that refuses the folder (it holds a run). It now says what the flipped-bit
+    case says, and the export it suggests works."""
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:int(last.stat().st_size * keep)])
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet", "--no-export")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line, = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error:")]
+    assert line == (f"zoo: error: checkpoint {last} is damaged or not a zoo checkpoint (RuntimeError), so the run "
+                    f"cannot go on from it; export its best epoch (checked on its own) with `zoo export {out}`, or "
+                    f"start the run over with `zoo finetune MODEL --data DIR --out {out} --overwrite`")
+    assert invoke("export", out).exit_code == 0
+
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     import finetune.engine.epoch_steps as loop
 
