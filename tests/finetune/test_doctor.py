@@ -474,3 +474,37 @@ def test_the_feature_threshold_rises_where_different_classes_look_alike():
     x_sep, y_sep = _clusters()
     z_sep = x_sep / np.linalg.norm(x_sep, axis=1, keepdims=True)
     assert copy_threshold(z_sep, np.ones(len(z_sep), bool), [str(k) for k in y_sep])[0] == NEAR_FLOOR
+
+
+def test_many_copies_of_one_image_are_one_row_per_copy_not_every_pair():
+    """QA session 22: 3,000 copies of one placeholder image (a scraped folder's "photo unavailable") were reported
+    as every pair of them: 4.5 million findings, a 466 MB findings.csv, 3 GB of memory and 85 s (10,000 copies
+    would not have fitted in memory). Copies with the same bytes, features or fingerprint are now one row per
+    copy to drop, each the kind a pair of them is (duplicate in one class, cross-class in one split, leak
+    across splits), and the same images are dropped by --exclude: all but the one kept."""
+    import time
+
+    from finetune.tools.doctor.checks import find_duplicates
+
+    small = ["train/cat/1.png", "train/cat/2.png", "train/dog/3.png", "val/cat/1.png", "val/cat/2.png"]
+    splits, labels = [p.split("/")[0] for p in small], [p.split("/")[1] for p in small]
+    z = np.ones((len(small), 4), dtype=np.float32) / 2            # identical features too
+    rows = {(f.finding, f.path, f.other) for f in find_duplicates(small, splits, labels, ["h"] * 5, z,
+                                                                  np.ones(5, bool), 0.95)}
+    assert rows == {("duplicate", "train/cat/2.png", "train/cat/1.png"),
+                    ("cross_class_duplicate", "train/dog/3.png", "train/cat/1.png"),
+                    ("duplicate", "val/cat/2.png", "val/cat/1.png"),
+                    ("leak", "train/cat/1.png", "val/cat/1.png")}
+
+    n = 20000
+    paths = [f"{'val' if i % 5 == 0 else 'train'}/{'dog' if i % 3 else 'cat'}/p{i:05d}.png" for i in range(n)]
+    splits, labels = [p.split("/")[0] for p in paths], [p.split("/")[1] for p in paths]
+    thumbs = np.ones((n, 8), dtype=np.float32) / np.sqrt(8)
+    start = time.perf_counter()
+    found = find_duplicates(paths, splits, labels, ["same"] * n, np.tile(z[:1], (n, 1)), np.ones(n, bool), 0.95,
+                            thumbs, np.ones(n, bool))
+    assert time.perf_counter() - start < 20
+    assert len(found) == n - 1 and len({f.path for f in found}) == n - 1
+    kinds = {k: sum(f.finding == k for f in found) for k in ("leak", "cross_class_duplicate", "duplicate")}
+    assert kinds == {"leak": 1, "cross_class_duplicate": 2, "duplicate": n - 4}
+    assert {f.other for f in found if f.finding == "leak"} == {"val/cat/p00000.png"}
