@@ -204,7 +204,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
                           f"{str(recorded)[:16]}...); re-export the bundle; nothing was uploaded")
     meta = _decode_metadata(raw_meta, bundle / WEIGHTS)
     labels = [str(x) for x in meta["label_names"]] if isinstance(meta.get("label_names"), list) else None
-    check_config(config, labels, len(labels or ()), bundle / CONFIG)   # what zoo predict would refuse
+    check_config(config, labels, len(labels or ()), bundle / CONFIG, meta)   # what zoo predict would refuse
     public_meta = _public({k: v for k, v in meta.items() if k not in LOCAL_KEYS})
     header = {k: (v if k == "format" else json.dumps(v, ensure_ascii=False)) for k, v in public_meta.items()}
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import struct
@@ -323,6 +324,33 @@ def test_a_hand_edited_config_json_is_refused_by_predict_push_and_skipped_by_lis
     monkeypatch.chdir(bundle_dir.parent)
     assert [b["path"] for b in local_bundles(".")] == ([] if key == "zoo" else ["bundle"])   # listed, not a crash
 
+
+
+@pytest.mark.parametrize("field,value", [("input_size", [3, -32, -32]), ("input_size", [32, 32]), ("std", [0, 0, 0]),
+                                         ("mean", "imagenet"), ("crop_pct", 0), ("interpolation", "magic"),
+                                         ("architecture", "resnet18")])
+def test_preprocessing_or_architecture_edited_in_config_json_is_refused_not_ignored(bundle_dir, field, value):
+    """QA session 22: config.json's pretrained_cfg (a negative input size, a zero std, ...) or architecture edited by
+    hand loaded without a word: zoo reads them from the weights' header and predicted as before, while plain timm
+    (and the Hub, through zoo push) would build and feed the model from the edited file. Now refused as edited
+    label names are; the same values written otherwise (3.0 for 3) still load."""
+    from zoo.push import plan_push
+
+    cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
+    same = {**cfg, "pretrained_cfg": {**cfg["pretrained_cfg"],
+                                      "input_size": [float(v) for v in cfg["pretrained_cfg"]["input_size"]]}}
+    (bundle_dir / "config.json").write_text(json.dumps(same), encoding="utf-8")
+    assert load_bundle(bundle_dir).labels == list(CLASSES)
+    edited = {**cfg, field: value} if field == "architecture" else \
+        {**cfg, "pretrained_cfg": {**cfg["pretrained_cfg"], field: value}}
+    (bundle_dir / "config.json").write_text(json.dumps(edited), encoding="utf-8")
+    name = field if field == "architecture" else f"pretrained_cfg.{field}"
+    says = re.escape(f"config.json: {name} {json.dumps(value)} differs from the ") + ".* recorded in model.safetensors, " \
+        "so plain timm would build or feed the model otherwise than zoo; re-export with `zoo export RUN_DIR`"
+    with pytest.raises(BundleError, match=says):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match=says):
+        plan_push(bundle_dir, "me/x")
 
 def test_a_file_given_for_a_bundle_names_the_folder_to_give(bundle_dir):
     """QA: `zoo predict BUNDLE/config.json` answered "no bundle at BUNDLE/config.json; export one with zoo export

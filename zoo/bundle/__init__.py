@@ -15,8 +15,9 @@ A bundle folder holds
 
 Reading a bundle's labels and metadata never unpickles anything: JSON and the safetensors header only.
 
-The parts: ``load`` (reading a bundle: metadata, ``Bundle``, ``load_bundle``, ``load_model``) and ``export``
-(a run folder -> a bundle: weights, config.json, the model card, ONNX).
+The parts: ``load`` (reading a bundle: metadata, ``Bundle``, ``load_bundle``, ``load_model``), ``checks``
+(config.json agrees with the weights' header) and ``export`` (a run folder -> a bundle: weights, config.json,
+the model card, ONNX).
 """
 from __future__ import annotations
 

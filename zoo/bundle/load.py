@@ -13,6 +13,7 @@ from PIL import Image
 
 from finetune.core.io import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
+from zoo.bundle.checks import DATA_KEYS as _DATA_KEYS, WEIGHTS, check_config, class_count as _class_count
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.outdir import lock_holder
@@ -28,9 +29,7 @@ BUNDLE_FORMAT = "1"          # bumped when the metadata layout changes incompati
 # Metadata about this machine, never published (zoo push drops it): the folders the model was trained and
 # validated on (absolute paths; `zoo eval` warns when it is given them).
 LOCAL_KEYS = ("data_folders",)
-WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -83,43 +82,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BundleError(f"{path} should hold a JSON object; {what}")
     return data
-
-
-def _class_count(value: Any, where: Path) -> int:
-    """A ``num_classes`` read from a bundle file: a whole number (3 or 3.0), else BundleError (text, null,
-    a list, 3.7)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise BundleError(f"{where}: num_classes is {json.dumps(value)}, not a number of classes; "
-                      "re-export with `zoo export RUN_DIR`")
-
-
-def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: int, path: Path) -> None:
-    """config.json (at ``path``) agrees with the weights' metadata: ``zoo``, ``model_args`` and ``pretrained_cfg``
-    are objects, ``num_classes`` and ``label_names`` are those of the weights. Plain timm names the classes
-    from config.json and zoo from the weights' header: a hand-edited config.json would make them disagree.
-    ``labels`` None (weights without zoo's metadata): the types only.
-
-    Raises:
-        BundleError: the first field that does not fit, and what to do.
-    """
-    fix = "re-export with `zoo export RUN_DIR`"
-    for key in ("zoo", "model_args", "pretrained_cfg"):
-        if key in config and not isinstance(config[key], dict):
-            raise BundleError(f"{path}: {key!r} is {json.dumps(config[key])[:40]}, not a JSON object; {fix}")
-    if labels is None:
-        return
-    if _class_count(config.get("num_classes", num_classes), path) != num_classes:
-        raise BundleError(f"{path}: num_classes {config.get('num_classes')} differs from the {num_classes} classes of "
-                          f"{WEIGHTS}; {fix}")
-    names = config.get("label_names")
-    if names is not None and (not isinstance(names, list) or [str(x) for x in names] != labels):
-        shown = ", ".join(map(str, names[:4])) if isinstance(names, list) else json.dumps(names)[:40]
-        raise BundleError(f"{path}: label_names ({shown}...) differ from the classes of {WEIGHTS} "
-                          f"({', '.join(labels[:4])}...), so plain timm and zoo would name the classes differently; "
-                          f"{fix} (class names come from the run's folders)")
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -352,7 +314,7 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
                           "re-export with `zoo export RUN_DIR`")
     zoo_cfg = config.get("zoo") if isinstance(config.get("zoo"), dict) else {}    # (not an object: check_config says)
     _check_weights_digest(weights, zoo_cfg.get("weights_sha256"))
-    check_config(config, labels, num_classes, path / CONFIG)
+    check_config(config, labels, num_classes, path / CONFIG, meta)
     missing = [k for k in _DATA_KEYS if k not in meta and k != "crop_mode"]
     if missing:
         raise BundleError(f"{weights} lacks preprocessing metadata {missing}; re-export with `zoo export RUN_DIR`")
