@@ -200,7 +200,10 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is not a folder" if parent.exists() and not parent.is_dir() else "is not writable"
-        raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; choose another {option}")
+        # a run to continue is not chosen again: it is made writable, or copied where it can be written (QA)
+        fix = ("make it writable, or copy the run folder where it can be written and resume the copy"
+               if option == "--resume" else f"choose another {option}")
+        raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; {fix}")
 
 
 def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str, given: bool = True) -> None:

@@ -282,6 +282,24 @@ def test_a_truncated_last_pt_says_what_works_not_start_again_without_resume(tmp_
                     f"start the run over with `zoo finetune MODEL --data DIR --out {out} --overwrite`")
     assert invoke("export", out).exit_code == 0
 
+
+def test_resuming_a_read_only_run_folder_says_make_it_writable_not_choose_another(tmp_path, tiny, monkeypatch):
+    """QA session 22: `--resume RUN` of a run folder that cannot be written (a read-only mount, another user's)
+    said "choose another --resume", as if another run would do. It now says to make it writable or resume a copy.
+    Tests run as root, where chmod does not stop writes: os.access answers as it would for a user."""
+    import os
+
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    last = (out / "checkpoints" / "last.pt").read_bytes()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == out and mode & os.W_OK
+                        else real(p, mode, **k))
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet", "--no-export")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"zoo: error: cannot write the run folder {out}: {out} is not writable; make it "
+                                     "writable, or copy the run folder where it can be written and resume the copy")
+    assert (out / "checkpoints" / "last.pt").read_bytes() == last
+
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     import finetune.engine.epoch_steps as loop
 
