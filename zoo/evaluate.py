@@ -71,15 +71,16 @@ class EvalReport:
                 "most_confidently_wrong": [{**w, "path": name(w["path"])} for w in self.wrong]}
 
 
-def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
-                     aliases: Sequence[str] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
+def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Sequence[str] | None = None,
+                     unlisted: list[tuple[str, str]] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
     ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``; in
     any case), else ``root/<class>/``: the folder is read as the training scan reads it
     (``finetune.data.scan.held_out_folder``), so a class named ``valid`` or ``test`` stays a class.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
-    ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat").
+    ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat"). Folders in them
+    that cannot be listed go to ``unlisted`` (folder, reason).
 
     Returns:
         (split used, [(path, label index)], folders that are not one of the labels)
@@ -105,7 +106,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str],
         if name not in index:
             ignored.append(d.name)
             continue
-        items.extend((p, index[name]) for p in walk_files(str(d)) if os.path.splitext(p)[1].lower() in exts)
+        items.extend((p, index[name]) for p in walk_files(str(d), unlisted=unlisted)
+                     if os.path.splitext(p)[1].lower() in exts)
     if len(ignored) == len(folders):
         shown = ", ".join(ignored[:5]) or "none"
         if split == "." and split_folder(root, ("train",)):     # a split folder whose held-out part is missing
@@ -164,13 +166,17 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
     about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``; ``mirror=False`` leaves
     TTA's mirrored views out (``Bundle.tta_mirror``).
     """
-    split, items, ignored = find_eval_images(data_dir, labels, aliases)
+    unlisted: list[tuple[str, str]] = []
+    split, items, ignored = find_eval_images(data_dir, labels, aliases, unlisted)
     skipped: list[tuple[str, str]] = []
 
     def note(item: Any, reason: str) -> None:
         skipped.append((str(item), reason))
         if on_error is not None:
             on_error(item, reason)
+
+    for folder, reason in unlisted:     # a chmod 000 folder: its images are not in the accuracy, and it says so
+        note(folder, reason)
 
     kept, probs = predict_probs(model, [p for p, _ in items], data_config, tta=tta, tta_scales=tta_scales,
                                 tta_views=tta_views, batch_size=batch_size, progress=progress, on_error=note,

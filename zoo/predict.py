@@ -133,12 +133,13 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     return transform
 
 
-def _folder_images(folder: str | Path, exts: Sequence[str]) -> list[Path]:
-    """The images below ``folder``, walked as the training scan walks it (hidden files and NAS debris skipped)."""
-    return [Path(q) for q in walk_files(str(folder)) if os.path.splitext(q)[1].lower() in exts]
+def _folder_images(folder: str | Path, exts: Sequence[str], unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
+    """The images below ``folder``, walked as the training scan walks it (hidden files and NAS debris skipped;
+    folders that cannot be listed -> ``unlisted``, with the reason)."""
+    return [Path(q) for q in walk_files(str(folder), unlisted=unlisted) if os.path.splitext(q)[1].lower() in exts]
 
 
-def _pattern_images(pattern: str, exts: Sequence[str]) -> list[Path]:
+def _pattern_images(pattern: str, exts: Sequence[str], unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
     """The images a glob pattern names, as the shell would hand them over: the image files it matches, and the
     images of the folders it matches (``'photos/*'``); what a folder walk skips (``@eaDir``, ``__MACOSX``) is
     skipped below the pattern's literal part too. Each image once, in the order found."""
@@ -150,7 +151,7 @@ def _pattern_images(pattern: str, exts: Sequence[str]) -> list[Path]:
         if any(is_ignored(n) for n in Path(q).parts[literal:]):
             continue
         if os.path.isdir(q):
-            found.update(dict.fromkeys(_folder_images(q, exts)))
+            found.update(dict.fromkeys(_folder_images(q, exts, unlisted)))
         elif os.path.splitext(q)[1].lower() in exts:
             found[Path(q)] = None
     if not found:
@@ -159,9 +160,11 @@ def _pattern_images(pattern: str, exts: Sequence[str]) -> list[Path]:
     return list(found)
 
 
-def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:
+def expand_images(inputs: Iterable[str | os.PathLike],
+                  unlisted: list[tuple[str, str]] | None = None) -> tuple[list[Path], bool]:
     """Files as given, folders expanded recursively to their images (sorted), and a glob pattern that names no
     file (quoted, so the shell left it: ``'photos/*/*.jpg'``, ``**`` recursive) to the images it matches.
+    Folders below them that cannot be listed go to ``unlisted`` (folder, reason).
 
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
@@ -175,10 +178,10 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool
         p = Path(item)
         if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
             any_dir = True
-            out.extend(_pattern_images(str(item), exts))
+            out.extend(_pattern_images(str(item), exts, unlisted))
         elif p.is_dir():
             any_dir = True
-            out.extend(_folder_images(p, exts))
+            out.extend(_folder_images(p, exts, unlisted))
         elif p.exists():
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`

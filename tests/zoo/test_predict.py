@@ -168,6 +168,31 @@ def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
     assert split == "." and sorted(p for p, _ in items) == real and ignored == []
 
 
+
+def test_a_folder_that_cannot_be_listed_is_named_by_predict_and_eval_not_left_out_silently(tmp_path, monkeypatch):
+    """QA session 22: a chmod 000 folder in a folder given to zoo predict or zoo eval was skipped without a word (its
+    images neither predicted nor in eval's accuracy). It is now named with its reason: a warning line in predict,
+    a skipped entry (and on_error) in eval. Root reads chmod 000 folders: os.scandir refuses as for a user."""
+    import os
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    make_image(root / "b" / "locked" / "x.png", 1, size=16)
+    locked, real = str(root / "b" / "locked"), os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    unlisted = []
+    paths, _ = expand_images([root], unlisted)
+    assert len(paths) == 4 and unlisted == [(locked, "folder cannot be read (Permission denied): the images in it "
+                                                     "are left out")]
+    heard = []
+    report = evaluate(MeanColour().eval(), ["a", "b", "c"], DC, root, on_error=lambda item, why: heard.append(item))
+    assert heard == [locked] and [p for p, _ in report.skipped] == [locked]
+
 def test_a_named_pipe_in_a_folder_is_skipped_with_its_reason_not_waited_on(tmp_path):
     """QA (session 18): zoo predict / zoo eval of a folder holding a FIFO named like an image hung for good."""
     root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=1, size=16)

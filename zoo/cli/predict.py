@@ -106,7 +106,10 @@ def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, 
     from zoo.predict import expand_images, predict_probs, topk as top
 
     scales = tta_scales_given(tta, tta_scales)
-    paths, any_dir = expand_images(images)
+    unlisted: list[tuple[str, str]] = []
+    paths, any_dir = expand_images(images, unlisted)
+    for folder, reason in unlisted:     # (a chmod 000 folder: its images were left out without a word, QA)
+        warn_skipped(folder, reason)
     if not paths:
         raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
     bundle = load_model(model, device=resolve_device(device))
