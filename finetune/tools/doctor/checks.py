@@ -81,32 +81,40 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- duplicates
-def _near_pairs(z: np.ndarray, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
-    """Pairs (i < j) with cosine similarity >= threshold, in blocks so memory stays O(block x N).
+NEAR_PER_KIND = 5      # near copies listed per image and kind (leak, duplicate, cross-class duplicate)
 
-    A threshold of 1.0 (or more) means identical vectors, compared bit for bit: a float cosine of two
-    vectors that differ lands on 1.0 or just under it depending on the BLAS, so at 1.0 it would decide by
-    rounding. Below 1.0 the cosine is computed in float64, so that rounding moves it by ~1e-15, not ~1e-7.
+
+def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.ndarray, label: np.ndarray,
+                per_kind: int = NEAR_PER_KIND, block: int = 1024) -> list[tuple[int, int, float]]:
+    """Pairs (i < j) with cosine similarity >= threshold, each found from the image of the two that is dropped
+    (the later in ``order``, the keep order), at most ``per_kind`` per image and kind (the most similar copies in
+    another split, in its class, in another class of its split: ``split`` and ``label`` are codes per row), in
+    blocks so memory stays O(block x N). Every pair was listed: a class of 1,000 near-identical video frames is
+    half a million pairs, 10,000 frames would not fit in memory (QA).
+
+    The vectors are distinct (identical ones are grouped before): a threshold of 1.0 (or more) finds nothing,
+    as a float cosine of two vectors that differ lands on 1.0 or just under it depending on the BLAS. Below
+    1.0 the cosine is computed in float64, so that rounding moves it by ~1e-15, not ~1e-7.
     """
-    z = np.ascontiguousarray(z, dtype=np.float32)
     out: list[tuple[int, int, float]] = []
-    if threshold >= 1.0:
-        seen: dict[bytes, int] = {}
-        groups: dict[int, list[int]] = {}
-        for i, row in enumerate(z):
-            first = seen.setdefault(row.tobytes(), i)
-            groups.setdefault(first, []).append(i)
-        for members in groups.values():
-            out.extend((a, b, 1.0) for k, a in enumerate(members) for b in members[k + 1:])
-        return sorted(out)
-    zt = torch.from_numpy(z).double()
+    if threshold >= 1.0 or len(z) < 2:
+        return out
+    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).double()
+    order_t, split_t, label_t = (torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in (order, split, label))
     for start in range(0, zt.shape[0], block):
-        sim = zt[start:start + block] @ zt.T
-        rows, cols = torch.nonzero(sim >= threshold, as_tuple=True)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i = start + r
-            if c > i:
-                out.append((i, c, float(sim[r, c])))
+        rows = slice(start, start + block)
+        sim = zt[rows] @ zt.T
+        found = (sim >= threshold) & (order_t[None, :] < order_t[rows, None])     # partners kept before the row
+        if not bool(found.any()):
+            continue
+        same_split, same_label = split_t[None, :] == split_t[rows, None], label_t[None, :] == label_t[rows, None]
+        for mask in (found & ~same_split, found & same_split & same_label, found & same_split & ~same_label):
+            hit = torch.nonzero(mask.any(dim=1)).flatten()
+            if not len(hit):
+                continue
+            best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(per_kind, zt.shape[0]), dim=1)
+            for r, values, partners in zip(hit.tolist(), best.tolist(), cols.tolist()):
+                out += [(min(start + r, c), max(start + r, c), v) for v, c in zip(values, partners) if v > -math.inf]
     return out
 
 
@@ -186,7 +194,11 @@ def _add_near_pairs(pairs: dict, vectors, mask, threshold: float, kept, splits: 
         added += _star(pairs, group, kept, splits, labels, 1.0, False)
         reps.append(min(group, key=kept))
     reps = np.asarray(sorted(reps), dtype=np.int64)
-    for i, j, sim in _near_pairs(vectors[reps], threshold) if len(reps) > 1 else ():
+    position = np.empty(len(reps), dtype=np.int64)
+    position[sorted(range(len(reps)), key=lambda k: kept(int(reps[k])))] = np.arange(len(reps))
+    codes = [np.unique(np.asarray([str(v[r]) for r in reps], dtype=object), return_inverse=True)[1]
+             for v in (splits, labels)]
+    for i, j, sim in _near_pairs(vectors[reps], threshold, position, *codes):
         key = (int(reps[i]), int(reps[j]))
         if key not in pairs:
             pairs[key] = (min(sim, 1.0), False)
@@ -200,7 +212,9 @@ def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequenc
                     pixel_threshold: float = 0.99) -> list[Finding]:
     """Exact (same sha256) and near copies, one row per pair: near, cosine >= ``threshold`` on the
     L2-normalised features ``z``, or >= ``pixel_threshold`` on the pixel fingerprints ``thumbs``. Identical
-    copies (the same bytes, features or fingerprint) are one row per copy, against the one kept.
+    copies (the same bytes, features or fingerprint) are one row per copy, against the one kept; an image with
+    many near copies lists the ``NEAR_PER_KIND`` most similar of each kind. Either way the images a row drops
+    (``path``) are those a row per pair would drop.
 
     Args:
         paths, splits, labels: per image (relative path, split name, class name).
