@@ -109,8 +109,8 @@ class RunFolder:
         """The checkpoint to continue from, checked against this run's classes and options.
 
         Raises:
-            CheckpointError: missing/foreign checkpoint, other classes. ConfigError: changed options, or an
-                unfinished run given no epoch left to train.
+            CheckpointError: missing/foreign checkpoint, other classes, the best weights missing. ConfigError:
+                changed options, or an unfinished run given no epoch left to train.
         """
         if self.path is None:
             raise ConfigError("resume needs the run folder: pass run_dir")
@@ -130,6 +130,12 @@ class RunFolder:
                         if k in current and k not in RESUME_FREE and current[k] != v)
         if differ:
             raise ConfigError(self._changed(differ, ckpt["config"], current))
+        best = int((ckpt.get("early_stop") or {}).get("best_epoch", -1))     # (an epoch > 0: validated)
+        if best > 0 and not (self.path / BEST).is_file():   # deleted: the run trained on, then had no best to export
+            over = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", self.path, "--overwrite")
+            raise CheckpointError(f"{self.path / BEST} is missing, and only it holds the weights of the run's best "
+                                  f"epoch so far (epoch {best}): put it back to continue the run, or start the run "
+                                  f"over with `{over}`")
         return ckpt
 
     def _changed(self, differ: list[str], trained: dict, current: dict) -> str:

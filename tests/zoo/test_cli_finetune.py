@@ -300,6 +300,22 @@ def test_resuming_a_read_only_run_folder_says_make_it_writable_not_choose_anothe
                                      "writable, or copy the run folder where it can be written and resume the copy")
     assert (out / "checkpoints" / "last.pt").read_bytes() == last
 
+
+def test_resuming_without_best_safetensors_stops_before_training_instead_of_after(tmp_path, tiny, monkeypatch):
+    """QA session 22: with checkpoints/best.safetensors deleted, `--resume` trained the remaining epochs, then could
+    not write the bundle ("the run saved no best checkpoint; resume or re-run"), and a resume of the now finished
+    run trained nothing. It now stops before training, saying what is missing and what to do; nothing changes."""
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    (out / "checkpoints" / "best.safetensors").unlink()
+    before = {p.name: p.read_bytes() for p in (out / "metrics.csv", out / "checkpoints" / "last.pt")}
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        f"zoo: error: {out / 'checkpoints' / 'best.safetensors'} is missing, and only it holds the weights of the "
+        "run's best epoch so far (epoch 1): put it back to continue the run, or start the run over with "
+        f"`zoo finetune MODEL --data DIR --out {out} --overwrite`")
+    assert {p.name: p.read_bytes() for p in (out / "metrics.csv", out / "checkpoints" / "last.pt")} == before
+
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     import finetune.engine.epoch_steps as loop
 
