@@ -106,7 +106,10 @@ class FinetuneConfig:
         "Fraction of each class held out for validation when DIR has no train/val folders.",
         low=0, high=1, low_open=True, high_open=True)
     strict: bool = option(False, "Unreadable images are an error instead of being skipped with a warning.")
-    batch_size: int = option(32, "Global batch size (split across processes under torchrun).", low=1)
+    # (at most what torch's samplers take: 1e20 passed the range and was a ValueError traceback after the run
+    # folder was written, in the cached head's batches: QA)
+    batch_size: int = option(32, "Global batch size (split across processes under torchrun).", low=1, high=2**63,
+                             high_open=True)
     workers: int = option(-1,
         "DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's local "
         "processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8), 0 = load in the main "

@@ -45,6 +45,20 @@ def test_nonsense_numbers_exit_2_before_any_run_folder(tmp_path, flag, value):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["finetune", "lr-find"])
+def test_a_batch_size_torch_cannot_take_is_refused_in_one_line(tmp_path, command):
+    """QA session 22: --batch-size 1e20 (or batch_size: 100000000000000000000 in a --config) passed the range and
+    was a ValueError traceback from torch's sampler in the cached head's batches (lr-find; finetune with
+    --head-solver gradient, after the run folder was written). The bound is in OPTIONS, as the seed's is."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    out = tmp_path / "out"
+    extra = ["--head-solver", "gradient"] if command == "finetune" else []
+    r = CliRunner().invoke(cli, [command, "resnet18", "--data", str(data), "--out", str(out), "--batch-size", str(10**20),
+                                 *extra])
+    assert r.exit_code == 2 and not out.exists(), r.output
+    assert r.output.strip() == f"zoo: error: invalid batch_size={10**20} (--batch-size): allowed: 1 <= x < {2**63}"
+
+
 @pytest.mark.parametrize("command", ["sweep", "lr-find"])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(tmp_path, command):
     """QA: --seed 2**63 was a traceback (torch's manual_seed overflowed); the bound is in OPTIONS, so every
