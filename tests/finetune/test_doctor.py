@@ -55,6 +55,27 @@ def test_a_flipped_label_is_ranked_first_with_its_true_class_suggested():
     np.testing.assert_allclose(out["probs"], again["probs"])
 
 
+
+def test_classes_too_small_for_the_probe_neither_are_judged_nor_draw_others_into_wrong_labels():
+    """QA session 22: 40 one-image classes beside 3 classes of 30 made 102 "wrong label" findings (62 of the 90 good
+    images "probably" one of the one-image classes, and each of those 40): a class of one image is never in the
+    probe that scores it, so its self-confidence threshold was near 0. --exclude then dropped them all. A class
+    of fewer than MIN_PROBE_IMAGES images is now suggested for no image, and its images are not flagged; the
+    flipped label among the big classes is still found."""
+    from finetune.tools.doctor.checks import MIN_PROBE_IMAGES
+
+    x, y = _clusters()
+    rng = np.random.default_rng(1)
+    few = MIN_PROBE_IMAGES - 1
+    x = np.concatenate([x, rng.normal(size=(40 * few, x.shape[1])).astype(np.float32) * 4])
+    y = np.concatenate([y, np.repeat(np.arange(3, 43), few)])
+    y[7] = 2                # image 7 is class 0, filed under 2
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out = label_issues(z, y, 43, folds=5, seed=0)
+    assert out["flagged"][7] and out["suggested"][7] == 0
+    assert not out["flagged"][90:].any() and (out["suggested"] < 3).all()
+    assert out["flagged"][:90].sum() <= 3
+
 def test_an_image_far_from_every_class_is_an_outlier():
     x, y = _clusters()
     x[5] = -x[:30].mean(0) * 3        # pointing away from every centroid
