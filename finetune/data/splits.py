@@ -140,6 +140,12 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
         else:   # new file: a seeded hash decides, holding out about ``frac`` of them
             side = val if int(_hash_key(report.seed, report.relpath(p))[:8], 16) / 0xFFFFFFFF < frac else train
         side.append((p, index[cls]))
+    if old["val"] and not val:      # it said "use DIR/<class>/ folders with at least 2 images per class" (QA)
+        first = printable_name(next(iter(saved["val"]))[0])
+        raise DataError(f"none of the {len(old['val'])} validation images recorded in {path.name} is in "
+                        f"{printable_name(report.root)} any more (e.g. {first}): moved or deleted since the run "
+                        "began? Put them back to continue the run (a new split would validate on images it has "
+                        "trained on)")
     report.train = ImageSet(train, list(report.classes))
     report.val = ImageSet(val, list(report.classes))
 

@@ -134,6 +134,23 @@ def test_split_file_round_trip(image_folder, tmp_path):
     assert rels(fresh, fresh.val) == rels(first, first.val)
 
 
+
+def test_every_validation_image_of_a_split_file_gone_says_so_not_make_a_split(image_folder, tmp_path):
+    """QA session 22: a resume after the run's validation images were deleted (or moved) said "no validation images
+    in DIR: ... use DIR/<class>/ folders with at least 2 images per class so a split can be made", of a folder that
+    is just that. It now says the images split.json recorded are gone, and to put them back."""
+    first = scan_folder(image_folder)
+    write_scan(first, tmp_path / "run")
+    for p, _ in first.val.items:
+        os.remove(p)
+    with pytest.raises(DataError) as err:
+        scan_folder(image_folder, split_file=tmp_path / "run" / "split.json")
+    assert str(err.value) == (
+        f"none of the {len(first.val)} validation images recorded in split.json is in {image_folder} any more (e.g. "
+        f"{first.relpath(first.val.items[0][0])}): moved or deleted since the run began? Put them back to continue "
+        "the run (a new split would validate on images it has trained on)")
+
+
 @pytest.mark.parametrize("layout", ["flat", "split"])
 def test_a_split_file_and_class_names_survive_a_rename_into_the_other_unicode_form(tmp_path, layout):
     """QA (helper-45): after `cp -R` through macOS (names decomposed), every file of class élan was "moved to another
