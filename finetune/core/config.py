@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -279,6 +280,10 @@ class FinetuneConfig:
                 raise bad(name, problem)
         if self.freeze not in ("auto", "head", "none") and not str(self.freeze).isdigit():
             raise bad("freeze", "use auto, head, none or a number of stages")
+        # the spelling here, so that a --config file's `device: gpu` is named with its file (QA); whether the
+        # device is there is engine.runtime's to say
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device).strip().lower()):
+            raise bad("device", "use auto, cpu, cuda, cuda:N or mps")
         # A decay factor above 1 makes these schedules raise the LR; ReduceLROnPlateau refuses factor >= 1.
         if self.schedule in ("step", "exp") and self.gamma > 1:
             raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")

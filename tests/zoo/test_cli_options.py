@@ -210,7 +210,9 @@ def test_unknown_yaml_keys_name_the_option_meant(tmp_path, text, message):
 @pytest.mark.parametrize("text,message", [
     # a run's config.yaml written by a zoo from before --augment took a mode (31e7fd3): `zoo finetune --resume`
     ("augment: true", "invalid augment='True' (--augment): choose one of standard, trivial, none"),
-    ("epochs: -3", "invalid epochs=-3 (--epochs): allowed: x >= 1 or 0")])
+    ("epochs: -3", "invalid epochs=-3 (--epochs): allowed: x >= 1 or 0"),
+    # QA session 22: `invalid device='gpu': ...` named neither the file nor the option (checked when resolved)
+    ("device: gpu", "invalid device='gpu' (--device): use auto, cpu, cuda, cuda:N or mps")])
 def test_a_value_a_yaml_file_gives_out_of_range_names_the_file(tmp_path, text, message):
     """QA: a --config file's or a resumed run's config.yaml value out of range was `invalid augment='True'
     (--augment): ...`, naming a flag the user never gave, not the file to fix."""
