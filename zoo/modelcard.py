@@ -37,7 +37,10 @@ def run_recipe(run: Path | None) -> dict[str, Any]:
         data = load_yaml(read_user_text(run / "config.yaml")) or {}
     except (OSError, ValueError, yaml.YAMLError):     # (UnicodeDecodeError is a ValueError)
         return {}
-    return data if isinstance(data, dict) else {}
+    # every option is a number, text or true/false: a hand-edited list of nested aliases (a few lines that
+    # print as billions of items) took zoo export minutes and 13 GB before it was killed (QA)
+    return {k: v for k, v in data.items() if v is None or isinstance(v, (str, int, float))} \
+        if isinstance(data, dict) else {}
 
 
 def run_scan(run: Path | None) -> tuple[dict[str, Any], str | None]:

@@ -22,8 +22,8 @@ import yaml
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text
 
-__all__ = ["FinetuneConfig", "load_config", "read_config_file", "save_config", "Option", "OPTIONS", "OPTIMIZERS",
-           "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
+__all__ = ["FinetuneConfig", "load_config", "read_config_file", "save_config", "short_repr", "Option", "OPTIONS",
+           "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
@@ -328,7 +328,7 @@ RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
 _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
 
-def _shown(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """``repr(value)`` cut short: a list of YAML aliases (``[*a, *a, ...]``, nine deep) is a few lines of
     file but billions of items to print, and the message took minutes and gigabytes (QA)."""
     short = reprlib.Repr()
@@ -352,7 +352,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     except (TypeError, ValueError):
         hint = ("; auto is taken on the command line only (--lr auto): in a file give the learning rate, e.g. "
                 "lr: 0.001" if f.name == "lr" and isinstance(value, str) and value.strip().lower() == "auto" else "")
-        raise ConfigError(f"{source}: {f.name}={_shown(value)} should be {_KIND_WORDS[kind]}{hint}") from None
+        raise ConfigError(f"{source}: {f.name}={short_repr(value)} should be {_KIND_WORDS[kind]}{hint}") from None
 
 
 def load_config(path: str | Path) -> FinetuneConfig:

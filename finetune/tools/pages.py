@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
+from finetune.core.config import short_repr
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
 
@@ -312,8 +313,9 @@ def _config_section(cfg_path: Path) -> str:
         cfg = load_yaml(read_user_text(cfg_path)) or {}
     except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
         cfg = None
-    if isinstance(cfg, dict):
-        inner = table(["option", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
+    if isinstance(cfg, dict):     # (a nested value, e.g. of YAML aliases nine deep, cut short: QA)
+        inner = table(["option", "value"], [[k, v if isinstance(v, str) else json.dumps(v)
+                                             if v is None or isinstance(v, (int, float)) else short_repr(v)]
                                             for k, v in cfg.items()])
     else:
         inner = f"<pre>{esc(cfg_path.read_text(encoding='utf-8', errors='replace'))}</pre>"

@@ -80,6 +80,27 @@ def test_run_text_files_in_no_text_encoding_cost_their_part_not_the_page_or_the_
     assert "(no readable config.yaml in the run folder)" in card and "## Source weights" in card
 
 
+
+def test_a_config_yaml_value_of_nested_aliases_is_shown_cut_short_by_report_and_left_out_of_the_card(tmp_path):
+    """QA session 22: a run's config.yaml hand-edited to hold `lr: [*h, *h, ...]` (YAML aliases nine deep: a few
+    lines that print as billions of items) took `zoo report RUN` and `zoo export RUN` minutes and 12-13 GB before
+    they were killed. The page shows the value cut short; the card keeps only the values an option can have."""
+    import time
+
+    from zoo.bundle import export_run
+
+    run, _ = make_run(tmp_path)
+    lines = ["lr:", "  - &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (run / "config.yaml").write_text("\n".join(lines) + "\nepochs: 3\n", encoding="utf-8")
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
+    assert res.exit_code == 0, res.output
+    assert "<td>lr</td><td>[[&#x27;x&#x27;, &#x27;x&#x27;, &#x27;x&#x27;, &#x27;x&#x27;, ...]" in \
+        (run / "report.html").read_text(encoding="utf-8")
+    card = (export_run(run, tmp_path / "bundle") / "README.md").read_text(encoding="utf-8")
+    assert "'x'" not in card and time.perf_counter() - start < 30
+
 def test_a_report_html_that_zoo_did_not_write_is_not_replaced(tmp_path):
     """QA (helper-53): `zoo report DIR` on another tool's folder (a PyTorch Lightning CSVLogger's metrics.csv beside
     the user's own report.html) replaced that page. Without zoo's marker, an existing report.html is refused; a
