@@ -204,6 +204,13 @@ def test_weights_that_give_nan_features_are_called_damaged_not_a_model_of_anothe
         next(model.features.parameters()).fill_(float("nan"))
     with pytest.raises(FinetuneError, match="features are NaN or infinite on the first images: its weights are damaged"):
         _fit(model, train, val, _config(epochs=1))
+    # under float16 autocast (a GPU without bfloat16) the range may be the cause: --no-amp comes first
+    from finetune.engine.runtime import AmpPolicy
+    from finetune.tools.features.extract import _check_head_is_last
+
+    f = torch.full((2, 4), float("inf"))
+    with pytest.raises(FinetuneError, match="under float16 mixed precision .*: run with --no-amp"):
+        _check_head_is_last(model, "fc", model.fc, torch.zeros(2, 3, 8, 8), f, AmpPolicy("cuda", torch.float16))
 
 
 def test_trainable_backbone_is_refused(tmp_path):

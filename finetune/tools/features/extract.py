@@ -98,7 +98,8 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     checked = False
     bar = tqdm(total=n, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
                disable=True if (quiet or desc is None) else None)
-    with _features_mode(model, head) as head_module, (amp or amp_policy(device, False)).autocast(), bar:
+    amp = amp or amp_policy(device, False)
+    with _features_mode(model, head) as head_module, amp.autocast(), bar:
         for batch in loader:
             if batch is None:
                 continue
@@ -112,7 +113,7 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
             if not checked:
                 shape = tuple(f.shape[1:])
                 probe = slice(None) if fixed_shape else slice(0, 2)
-                _check_head_is_last(model, head, head_module, x[probe], f[probe])
+                _check_head_is_last(model, head, head_module, x[probe], f[probe], amp)
                 feats = torch.zeros((2 if mirror else 1, n, math.prod(shape)), dtype=torch.float32)
                 checked = True
             feats[0, idx] = f[:real].reshape(real, -1).float().cpu()
@@ -127,11 +128,16 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
 
 
 def _check_head_is_last(model: nn.Module, head: str, head_module: nn.Module, x: torch.Tensor,
-                        f: torch.Tensor) -> None:
+                        f: torch.Tensor, amp: AmpPolicy | None = None) -> None:
     """The fast path computes logits as ``head(features)``: verify that on two images, so a model that
     transforms the head's output (or feeds it anything but the pooled features) fails loudly instead
-    of training the wrong function. Features that are not finite are the weights' fault, and said so."""
+    of training the wrong function. Features that are not finite are the weights' fault (or float16's range),
+    and said so."""
     if not bool(torch.isfinite(f).all()):
+        if amp is not None and amp.dtype == torch.float16:
+            raise FinetuneError("the backbone's features are NaN or infinite on the first images under float16 "
+                                "mixed precision (this GPU has no bfloat16): run with --no-amp; if they still are, "
+                                "its weights are damaged")
         raise FinetuneError("the backbone's features are NaN or infinite on the first images: its weights are "
                             "damaged (e.g. a diverged checkpoint, a negative BatchNorm variance); pull or import "
                             "sound weights, or train with --no-pretrained")
