@@ -1165,3 +1165,17 @@ def test_a_network_that_cannot_be_built_on_the_meta_device_is_not_refused_by_the
     check_batch_early(entry, report.train, FinetuneConfig(batch_size=1, bn="train", freeze="none"), DistInfo())
     model = build_for_training(entry, pretrained=False, seed=0)
     assert model.fc.out_features == 1000
+
+
+def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_without_validation_apart():
+    """QA (session 22): 'the 10 lowest' put classes without validation images ('-') after classes at 1.00."""
+    from finetune.core.confusion import FULL_MAX_CLASSES
+    from zoo.cli.finetune import _per_class_line
+
+    per_class = {f"k{i:02d}": (None if i % 2 else 1.0) for i in range(FULL_MAX_CLASSES + 10)}
+    per_class["k00"] = 0.5
+    scored = sum(v is not None for v in per_class.values())
+    line = _per_class_line(per_class, None)
+    shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
+    assert shown[0] == "k00 0.50" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
+    assert f"({len(per_class) - scored} without validation images; mean over classes " in line

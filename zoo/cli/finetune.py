@@ -181,9 +181,11 @@ def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
 
     if len(per_class) <= FULL_MAX_CLASSES:
         return "per-class accuracy: " + ", ".join(cell(c) for c in per_class)
-    worst = lowest_first(per_class)[:SHOWN_CLASSES]
-    scored = [v for v in per_class.values() if v is not None]
-    mean = f"mean over classes {sum(scored) / len(scored):.3f}; " if scored else ""
+    scored = [c for c in lowest_first(per_class) if per_class[c] is not None and per_class[c] == per_class[c]]
+    worst = scored[:SHOWN_CLASSES]      # (a class without validation images is no "lowest": counted apart)
+    unscored = len(per_class) - len(scored)
+    none = f"{unscored} without validation images; " if unscored else ""
+    mean = f"mean over classes {sum(per_class[c] for c in scored) / len(scored):.3f}; " if scored else ""
     where = f"{run_dir / 'report.html'} and {run_dir / CONFUSION_CSV}" if run_dir is not None else "report.html"
     return (f"per-class accuracy, the {len(worst)} lowest of {len(per_class)}: {', '.join(cell(c) for c in worst)}"
-            f" ... and {len(per_class) - len(worst)} more ({mean}every class: {where})")
+            f" ... and {len(per_class) - len(worst)} more ({none}{mean}every class: {where})")
