@@ -187,11 +187,29 @@ def test_a_folder_that_cannot_be_listed_is_named_by_predict_and_eval_not_left_ou
     monkeypatch.setattr(os, "scandir", scandir)
     unlisted = []
     paths, _ = expand_images([root], unlisted)
-    assert len(paths) == 4 and unlisted == [(locked, "folder cannot be read (Permission denied): the images in it "
-                                                     "are left out")]
+    reason = "folder cannot be read (Permission denied): the images in it are left out; make it readable to use them"
+    assert len(paths) == 4 and unlisted == [(locked, reason)]
     heard = []
     report = evaluate(MeanColour().eval(), ["a", "b", "c"], DC, root, on_error=lambda item, why: heard.append(item))
-    assert heard == [locked] and [p for p, _ in report.skipped] == [locked]
+    # (review: a folder is no "skipped ... unreadable image(s)": it was counted as one, its images uncounted)
+    assert heard == [locked] and report.skipped == [] and report.unreadable_folders == [(locked, reason)]
+    assert report.to_dict()["unreadable_folders"] == [{"path": locked, "reason": reason}]
+
+
+def test_a_folder_that_cannot_be_listed_is_a_folder_in_the_warning_and_in_evals_summary(capsys):
+    """Review of QA session 22: predict's and eval's warning for an unreadable folder said "image skipped", and
+    eval's summary counted the folder as one "skipped ... unreadable image(s)"."""
+    from zoo.cli.eval_cmd import skipped_lines
+    from zoo.cli.predict import warn_skipped
+
+    reason = "folder cannot be read (Permission denied): the images in it are left out; make it readable to use them"
+    warn_skipped("d/b/locked", reason)
+    assert capsys.readouterr().err == f"zoo: warning: folder skipped: d/b/locked: {reason}\n"
+    lines = skipped_lines([("x.png", "not an image")], [("d/b/locked", reason), ("d/c", reason)])
+    assert lines == ["skipped 1 unreadable image(s)",
+                     "could not read 2 folder(s), e.g. d/b/locked: their images are not in the accuracy; make them "
+                     "readable and evaluate again"]
+    assert skipped_lines([], []) == []
 
 def test_a_named_pipe_in_a_folder_is_skipped_with_its_reason_not_waited_on(tmp_path):
     """QA (session 18): zoo predict / zoo eval of a folder holding a FIFO named like an image hung for good."""
