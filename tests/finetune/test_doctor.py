@@ -76,6 +76,26 @@ def test_classes_too_small_for_the_probe_neither_are_judged_nor_draw_others_into
     assert not out["flagged"][90:].any() and (out["suggested"] < 3).all()
     assert out["flagged"][:90].sum() <= 3
 
+def test_the_classes_the_label_probe_does_not_judge_are_named_not_passed_over_in_silence(tmp_path):
+    """Review of QA session 22: since classes of fewer than MIN_PROBE_IMAGES images are not judged, a folder of
+    4 images per class (the probe runs: 12 images, 3 classes) had no wrong_label finding and no word that its
+    labels were not checked; before, they were. The log says which classes were passed over and what to do."""
+    from finetune.tools.doctor.checks import MIN_PROBE_IMAGES
+
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog", "fox"), per_class=MIN_PROBE_IMAGES + 1,
+                             size=32)
+    heard: list[str] = []
+    report = scan_folder(data)
+    run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0), log=heard.append)
+    assert not any("are not checked" in m for m in heard)
+    for p in sorted((data / "fox").iterdir())[MIN_PROBE_IMAGES - 1:]:
+        p.unlink()
+    report = scan_folder(data)
+    run_doctor(report, features=_features(report), options=DoctorOptions(min_side=0), log=heard.append)
+    assert f"doctor: the labels of 1 class of fewer than {MIN_PROBE_IMAGES} images are not checked (fox): the " \
+        "probe that would judge an image of such a class learns too little of it; add images to check them" in heard
+
+
 def test_an_image_far_from_every_class_is_an_outlier():
     x, y = _clusters()
     x[5] = -x[:30].mean(0) * 3        # pointing away from every centroid
