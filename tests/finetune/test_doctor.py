@@ -96,6 +96,21 @@ def test_the_classes_the_label_probe_does_not_judge_are_named_not_passed_over_in
         "probe that would judge an image of such a class learns too little of it; add images to check them" in heard
 
 
+@pytest.mark.parametrize("orientation,shown", [(1, (48, 96)), (6, (96, 48)), (8, (96, 48))])
+def test_the_size_of_an_exif_rotated_image_is_the_one_it_is_seen_at(tmp_path, orientation, shown):
+    """Found by QA session 22, left: the tiny and aspect findings gave an EXIF-rotated JPEG's stored size (48x96
+    for a photo seen, and trained on, as 96x48). Read from the header's EXIF, no pixel decoded."""
+    from PIL import Image
+
+    from finetune.tools.doctor.checks import file_facts
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.jpg"
+    Image.new("RGB", (48, 96), (200, 30, 30)).save(path, exif=exif.tobytes())
+    assert file_facts([str(path)])[1] == [shown]
+
+
 def test_an_image_far_from_every_class_is_an_outlier():
     x, y = _clusters()
     x[5] = -x[:30].mean(0) * 3        # pointing away from every centroid

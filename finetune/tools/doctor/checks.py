@@ -47,6 +47,20 @@ def pixel_fingerprint(path: str) -> np.ndarray | None:
     return v / n if n > 1e-6 else None      # a flat image matches everything: no fingerprint
 
 
+_QUARTER_TURNS = (5, 6, 7, 8)     # EXIF orientations that show the picture turned by 90 degrees
+
+
+def _shown_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is seen and trained on (load_image applies the EXIF rotation),
+    from the header: EXIF is parsed only when the header holds it (PNG's getexif would decode the pixels)."""
+    w, h = (int(v) for v in im.size)
+    try:
+        turned = "exif" in im.info and im.getexif().get(0x0112) in _QUARTER_TURNS
+    except Exception:  # noqa: BLE001 - a damaged EXIF block costs the rotation, not the size
+        turned = False
+    return (h, w) if turned else (w, h)
+
+
 def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None
                ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
     """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
@@ -65,7 +79,7 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
             hashes.append("")
         try:
             with pil_warnings(bombs="ignore"), Image.open(p) as im:
-                sizes.append(tuple(int(v) for v in im.size))   # header only: no decode
+                sizes.append(_shown_size(im))   # header only: no decode
         except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
             sizes.append(None)
         fp = pixel_fingerprint(p) if sizes[-1] is not None else None
