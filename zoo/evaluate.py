@@ -90,6 +90,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
         UsageError: no such folder, no class folder matching a label, or no images.
     """
     root = Path(root)
+    unlisted = unlisted if unlisted is not None else []
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
     found = held_out_folder(root)       # in any case, and only where the training scan sees a split
@@ -118,6 +119,10 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                              "images (optimistic: the model has seen them)")
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
                          f"labels: {', '.join(list(labels)[:5])}...); lay it out as <class>/<image>")
+    if not items and unlisted:      # (it said "hold no images" of folders it could not read: review)
+        raise UsageError(f"--data {base}: {len(unlisted)} folder(s) in it cannot be read, e.g. {unlisted[0][0]} "
+                         f"({unlisted[0][1].split(':')[0]}), and no other holds an image: make them readable to "
+                         "evaluate their images")
     if not items:
         raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(exts)})")
     return split, items, ignored

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,26 @@ def test_a_folder_that_cannot_be_listed_is_a_folder_in_the_warning_and_in_evals_
                      "could not read 2 folder(s), e.g. d/b/locked: their images are not in the accuracy; make them "
                      "readable and evaluate again"]
     assert skipped_lines([], []) == []
+
+def test_eval_of_class_folders_that_cannot_be_listed_says_so_not_that_they_hold_no_images(tmp_path, monkeypatch):
+    """Review of QA session 22: when every class folder was unreadable, zoo eval stopped with "the class folders hold
+    no images", before any warning was printed: it now says they cannot be read, and to make them readable."""
+    import os
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    locked, real = {str(root / "a"), str(root / "b")}, os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UsageError, match=re.escape(f"--data {root}: 2 folder(s) in it cannot be read, e.g. {root / 'a'} "
+                                                   "(folder cannot be read (Permission denied)), and no other holds "
+                                                   "an image: make them readable to evaluate their images")):
+        evaluate(MeanColour().eval(), ["a", "b"], DC, root)
+
 
 def test_a_named_pipe_in_a_folder_is_skipped_with_its_reason_not_waited_on(tmp_path):
     """QA (session 18): zoo predict / zoo eval of a folder holding a FIFO named like an image hung for good."""
