@@ -48,6 +48,7 @@ class EvalReport:
     confusion: list[list[int]]                  # rows: true class, columns: predicted
     wrong: list[dict[str, Any]]                 # most confidently wrong first
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)   # (folder, reason): not listed
     ignored_folders: list[str] = field(default_factory=list)
     tta: bool = False
     tta_scales: list[int] | None = None
@@ -67,6 +68,7 @@ class EvalReport:
                 "tta_mirror": self.tta_mirror,
                 "weights_sha256": self.weights_sha256, "seen_in_training": self.seen_in_training,
                 "skipped": [{"path": name(p), "reason": r} for p, r in self.skipped],
+                "unreadable_folders": [{"path": name(p), "reason": r} for p, r in self.unreadable_folders],
                 "ignored_folders": [name(f) for f in self.ignored_folders],
                 "most_confidently_wrong": [{**w, "path": name(w["path"])} for w in self.wrong]}
 
@@ -88,6 +90,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
         UsageError: no such folder, no class folder matching a label, or no images.
     """
     root = Path(root)
+    unlisted = unlisted if unlisted is not None else []
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
     found = held_out_folder(root)       # in any case, and only where the training scan sees a split
@@ -116,6 +119,10 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                              "images (optimistic: the model has seen them)")
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
                          f"labels: {', '.join(list(labels)[:5])}...); lay it out as <class>/<image>")
+    if not items and unlisted:      # (it said "hold no images" of folders it could not read: review)
+        raise UsageError(f"--data {base}: {len(unlisted)} folder(s) in it cannot be read, e.g. {unlisted[0][0]} "
+                         f"({unlisted[0][1].split(':')[0]}), and no other holds an image: make them readable to "
+                         "evaluate their images")
     if not items:
         raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(exts)})")
     return split, items, ignored
@@ -162,8 +169,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
     """Evaluate a classifier on a class-folder layout (see ``find_eval_images``, also for ``aliases``).
 
     The probabilities come from :func:`predict_probs` (with TTA: averaged over the views), and every
-    metric from them. Unreadable images are skipped (and listed in the report); ``on_error`` hears
-    about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``; ``mirror=False`` leaves
+    metric from them. Unreadable images are skipped (and listed in the report), folders that cannot be
+    listed too (``unreadable_folders``); ``on_error`` hears about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``; ``mirror=False`` leaves
     TTA's mirrored views out (``Bundle.tta_mirror``).
     """
     unlisted: list[tuple[str, str]] = []
@@ -176,7 +183,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
             on_error(item, reason)
 
     for folder, reason in unlisted:     # a chmod 000 folder: its images are not in the accuracy, and it says so
-        note(folder, reason)
+        if on_error is not None:        # (a folder, not one skipped image: report.unreadable_folders)
+            on_error(folder, reason)
 
     kept, probs = predict_probs(model, [p for p, _ in items], data_config, tta=tta, tta_scales=tta_scales,
                                 tta_views=tta_views, batch_size=batch_size, progress=progress, on_error=note,
@@ -195,7 +203,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
               "confidence": conf, "p_true": float(p[j, targets[j]])} for conf, j in wrong_rows[:worst]]
     return EvalReport(root=str(data_dir), split=split, labels=list(labels), n_images=len(kept),
                       accuracy=m["accuracy"], top5=m["top5"], per_class=m["per_class"], confusion=m["confusion"],
-                      wrong=wrong, skipped=skipped, ignored_folders=ignored, tta=bool(tta or tta_scales),
+                      wrong=wrong, skipped=skipped, unreadable_folders=unlisted, ignored_folders=ignored,
+                      tta=bool(tta or tta_scales),
                       tta_scales=list(tta_scales) if tta_scales else None,
                       tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None,
                       tta_mirror=bool(mirror) if (tta or tta_scales) else None,

@@ -281,8 +281,8 @@ class FinetuneConfig:
         if self.freeze not in ("auto", "head", "none") and not str(self.freeze).isdigit():
             raise bad("freeze", "use auto, head, none or a number of stages")
         # the spelling here, so that a --config file's `device: gpu` is named with its file (QA); whether the
-        # device is there is engine.runtime's to say
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device).strip().lower()):
+        # device is there is engine.runtime's to say (cpu:0 and mps:0 are torch's too: a run started so resumes)
+        if not re.fullmatch(r"auto|(cpu|mps|cuda)(:\d+)?", str(self.device).strip().lower()):
             raise bad("device", "use auto, cpu, cuda, cuda:N or mps")
         # A decay factor above 1 makes these schedules raise the LR; ReduceLROnPlateau refuses factor >= 1.
         if self.schedule in ("step", "exp") and self.gamma > 1:

@@ -17,7 +17,7 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["printable_name", "shell_command", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file",
+__all__ = ["UNLISTED_FOLDER", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
 
@@ -158,6 +158,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def plain_file_mode(path: str | Path) -> None:
     """Give a file made by mkstemp/mkdtemp the permissions a plain open() would have (umask applied)."""
     os.chmod(path, _FILE_MODE)
+
+
+# How the reason for a folder that cannot be listed begins (bad_files.txt, predict's and eval's warnings):
+# here, below the data layer, so that the CLI, which imports no torch, tells a folder from an image by it
+UNLISTED_FOLDER = "folder cannot be read"
 
 
 def printable_name(text: str) -> str:

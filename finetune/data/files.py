@@ -17,7 +17,7 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
-from finetune.core.io import atomic_write_text, printable_name
+from finetune.core.io import UNLISTED_FOLDER, atomic_write_text, printable_name
 from finetune.data.images import EMPTY_FILE, pil_warnings, special_file
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
@@ -26,8 +26,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", "
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
-# The reason given for a folder that cannot be listed (bad_files.txt, predict's and eval's skipped images)
-UNLISTED_FOLDER = "folder cannot be read"
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
 
 
@@ -64,7 +62,8 @@ def walk_files(top: str, loops: list[str] | None = None,
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:     # a chmod 000 folder: its images were left out without a word (QA)
-            unlisted.append((d, f"{UNLISTED_FOLDER} ({e.strerror or e}): the images in it are left out"))
+            unlisted.append((d, f"{UNLISTED_FOLDER} ({e.strerror or e}): the images in it are left out; "
+                                "make it readable to use them"))
             return
         for e in entries:
             if is_ignored(e.name):

@@ -218,9 +218,11 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
     if unlisted:
         warn.append(f"cannot read {len(unlisted)} folder(s), e.g. {printable_name(relative_path(unlisted[0], root_s))}"
                     " (no permission?): the images in them are left out; make them readable (chmod) to use them")
-    if bad:
-        warn.append(f"skipped {len(bad)} unreadable or non-image files, e.g. "
-                    f"{printable_name(relative_path(bad[0][0], root_s))} ({bad[0][1]}); all are listed in bad_files.txt")
+    files = [(p, r) for p, r in bad if not r.startswith(UNLISTED_FOLDER)]     # (a folder is said above, once)
+    if files:
+        warn.append(f"skipped {len(files)} unreadable or non-image files, e.g. "
+                    f"{printable_name(relative_path(files[0][0], root_s))} ({files[0][1]}); all are listed in "
+                    "bad_files.txt")
     return classes
 
 

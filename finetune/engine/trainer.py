@@ -29,6 +29,7 @@ from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.core.errors import CheckpointError, DataError, Interrupted
+from finetune.core.io import shell_command
 from finetune.core.metrics import EarlyStopping
 from finetune.core.monitor import advise, data_advice, waited
 from finetune.core.policy import head_first
@@ -134,10 +135,12 @@ class Trainer:
         try:
             self.s.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:     # another architecture (an edited model name): one line, not 60
-            first = str(err).strip().splitlines()[-1].strip().rstrip(".")
-            raise CheckpointError(f"{self.folder.path / 'checkpoints' / 'last.pt'} holds the weights of another "
-                                  f"model than the one built to continue it ({first}): was the run's model changed "
-                                  "since? Resume it with the model it was trained with") from None
+            first, run = str(err).strip().splitlines()[-1].strip().rstrip("."), self.folder.path
+            over = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run, "--overwrite")
+            raise CheckpointError(f"{run / 'checkpoints' / 'last.pt'} holds the weights of another model than the "
+                                  f"one built to continue it ({first}): was the model named in {run / 'model.json'} "
+                                  "changed since? Put the one the run trained back to continue it, or start the run "
+                                  f"over with `{over}`") from None
         self.epoch, self.pi, self.phase_start = int(ckpt["epoch"]), int(ckpt["phase_index"]), ckpt["phase_start"]
         self.stopped_early = bool(ckpt["stopped_early"])
         self.stopper.load_state_dict(ckpt["early_stop"])

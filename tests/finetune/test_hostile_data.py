@@ -386,6 +386,11 @@ def test_a_folder_that_cannot_be_listed_is_reported_not_left_out_silently(tmp_pa
     assert all("folder cannot be read (Permission denied)" in r for r in reasons.values())
     assert report.classes == ["cat", "dog"]
     assert any(w.startswith("cannot read 2 folder(s), e.g. cat/sub") and "left out" in w for w in report.warnings)
+    # (review: the folders were also "skipped 2 unreadable or non-image files", counted twice and as files)
+    assert not any("non-image files" in w for w in report.warnings)
+    make_image(data / "dog" / "broken.png", 0).write_bytes(b"not a png")
+    said = [w for w in scan_folder(data).warnings if "non-image files" in w]
+    assert len(said) == 1 and said[0].startswith("skipped 1 unreadable or non-image files, e.g. dog/broken.png (")
     write_scan(report, tmp_path / "run")           # bad_files.txt names them, as any skipped file
     listed = (tmp_path / "run" / "bad_files.txt").read_text(encoding="utf-8")
     assert "cat/sub\tfolder cannot be read" in listed and "fox\tfolder cannot be read" in listed

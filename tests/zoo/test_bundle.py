@@ -352,6 +352,25 @@ def test_preprocessing_or_architecture_edited_in_config_json_is_refused_not_igno
     with pytest.raises(BundleError, match=says):
         plan_push(bundle_dir, "me/x")
 
+@pytest.mark.parametrize("builder", ["timm:test_resnet.r160_in1k", "timm:gluon_resnet18_v1b"])
+def test_a_bundle_of_a_tagged_or_renamed_timm_architecture_loads_and_pushes(tmp_path, builder):
+    """Review of QA session 22: timm writes config.json's architecture without the tag and under the current
+    name of a deprecated one (test_resnet for test_resnet.r160_in1k, resnet18 for gluon_resnet18_v1b), while
+    the weights' header records the builder's name: the new architecture check refused every such bundle,
+    freshly exported or pushed, and re-exporting (its advice) made the same bundle again."""
+    from zoo.push import plan_push
+
+    run, _ = make_run(tmp_path, builder=builder)
+    bundle = export_run(run, tmp_path / "bundle")
+    assert json.loads((bundle / "config.json").read_text(encoding="utf-8"))["architecture"] != builder[5:]
+    assert load_bundle(bundle).labels == list(CLASSES)
+    plan_push(bundle, "me/x")
+    cfg = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+    (bundle / "config.json").write_text(json.dumps({**cfg, "architecture": "resnet34"}), encoding="utf-8")
+    with pytest.raises(BundleError, match="architecture \"resnet34\" differs"):
+        load_bundle(bundle)
+
+
 def test_a_file_given_for_a_bundle_names_the_folder_to_give(bundle_dir):
     """QA: `zoo predict BUNDLE/config.json` answered "no bundle at BUNDLE/config.json; export one with zoo export
     RUN_DIR --out BUNDLE/config.json"; config.json now stands for its folder as model.safetensors does."""

@@ -820,6 +820,10 @@ def test_a_hand_edited_model_json_stops_the_resume_in_one_line(tmp_path, tiny, m
     if code == 2:
         assert errors[0].endswith(f"restore it to continue the run, or start the run over with `zoo finetune MODEL "
                                   f"--data DIR --out {out} --overwrite`")
+    else:   # (review: it said "resume it with the model it was trained with", which --resume cannot be given)
+        assert errors[0].endswith(f"was the model named in {out / 'model.json'} changed since? Put the one the run "
+                                  f"trained back to continue it, or start the run over with `zoo finetune MODEL "
+                                  f"--data DIR --out {out} --overwrite`")
     assert (out / "checkpoints" / "last.pt").read_bytes() == last
 
 def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_option(tmp_path, tiny, monkeypatch):

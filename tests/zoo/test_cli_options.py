@@ -224,6 +224,16 @@ def test_a_value_a_yaml_file_gives_out_of_range_names_the_file(tmp_path, text, m
         load_config(cfg)
 
 
+@pytest.mark.parametrize("device", ["cpu:0", "mps:0", "CUDA:1", " cuda ", "auto"])
+def test_a_device_torch_takes_still_passes_the_spelling_check_in_a_run_config(tmp_path, device):
+    """Review of QA session 22: 905a16b's spelling check refused `cpu:0` and `mps:0`, which torch (and zoo before)
+    take: a run started with --device cpu:0 could no longer be resumed, its config.yaml refused."""
+    from finetune.core.config import FinetuneConfig, load_config, save_config
+
+    save_config(FinetuneConfig(device=device), tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").device == device
+
+
 @pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
 def test_help_shows_ranges_and_the_same_options(command):
     r = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)

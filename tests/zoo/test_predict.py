@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -187,11 +188,49 @@ def test_a_folder_that_cannot_be_listed_is_named_by_predict_and_eval_not_left_ou
     monkeypatch.setattr(os, "scandir", scandir)
     unlisted = []
     paths, _ = expand_images([root], unlisted)
-    assert len(paths) == 4 and unlisted == [(locked, "folder cannot be read (Permission denied): the images in it "
-                                                     "are left out")]
+    reason = "folder cannot be read (Permission denied): the images in it are left out; make it readable to use them"
+    assert len(paths) == 4 and unlisted == [(locked, reason)]
     heard = []
     report = evaluate(MeanColour().eval(), ["a", "b", "c"], DC, root, on_error=lambda item, why: heard.append(item))
-    assert heard == [locked] and [p for p, _ in report.skipped] == [locked]
+    # (review: a folder is no "skipped ... unreadable image(s)": it was counted as one, its images uncounted)
+    assert heard == [locked] and report.skipped == [] and report.unreadable_folders == [(locked, reason)]
+    assert report.to_dict()["unreadable_folders"] == [{"path": locked, "reason": reason}]
+
+
+def test_a_folder_that_cannot_be_listed_is_a_folder_in_the_warning_and_in_evals_summary(capsys):
+    """Review of QA session 22: predict's and eval's warning for an unreadable folder said "image skipped", and
+    eval's summary counted the folder as one "skipped ... unreadable image(s)"."""
+    from zoo.cli.eval_cmd import skipped_lines
+    from zoo.cli.predict import warn_skipped
+
+    reason = "folder cannot be read (Permission denied): the images in it are left out; make it readable to use them"
+    warn_skipped("d/b/locked", reason)
+    assert capsys.readouterr().err == f"zoo: warning: folder skipped: d/b/locked: {reason}\n"
+    lines = skipped_lines([("x.png", "not an image")], [("d/b/locked", reason), ("d/c", reason)])
+    assert lines == ["skipped 1 unreadable image(s)",
+                     "could not read 2 folder(s), e.g. d/b/locked: their images are not in the accuracy; make them "
+                     "readable and evaluate again"]
+    assert skipped_lines([], []) == []
+
+def test_eval_of_class_folders_that_cannot_be_listed_says_so_not_that_they_hold_no_images(tmp_path, monkeypatch):
+    """Review of QA session 22: when every class folder was unreadable, zoo eval stopped with "the class folders hold
+    no images", before any warning was printed: it now says they cannot be read, and to make them readable."""
+    import os
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    locked, real = {str(root / "a"), str(root / "b")}, os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UsageError, match=re.escape(f"--data {root}: 2 folder(s) in it cannot be read, e.g. {root / 'a'} "
+                                                   "(folder cannot be read (Permission denied)), and no other holds "
+                                                   "an image: make them readable to evaluate their images")):
+        evaluate(MeanColour().eval(), ["a", "b"], DC, root)
+
 
 def test_a_named_pipe_in_a_folder_is_skipped_with_its_reason_not_waited_on(tmp_path):
     """QA (session 18): zoo predict / zoo eval of a folder holding a FIFO named like an image hung for good."""

@@ -33,6 +33,26 @@ def _same_value(a: Any, b: Any) -> bool:
     return float(a) == float(b) if numeric else type(a) is type(b) and a == b
 
 
+def _timm_name(builder_arch: str) -> str:
+    """The name timm writes as config.json's ``architecture`` for a model built as ``builder_arch``: without a
+    tag (``test_resnet.r160_in1k`` -> ``test_resnet``) and, for a deprecated name, its current one
+    (``gluon_resnet18_v1b`` -> ``resnet18``): the model's own ``pretrained_cfg``, not the name it was made with."""
+    name = builder_arch.split(".", 1)[0]
+    try:
+        # lazy: only for names that differ; reading a bundle's metadata (zoo push, zoo list --mine) imports no torch
+        from timm.models import get_deprecated_models
+    except ImportError:         # (timm missing, or too old to map names: the tag rule alone)
+        return name
+    current = get_deprecated_models().get(name)
+    return current.split(".", 1)[0] if isinstance(current, str) else name
+
+
+def _same_architecture(held: Any, recorded: Any) -> bool:
+    """config.json's ``architecture`` names what the header's builds: the same name, or timm's for it."""
+    return _same_value(held, recorded) or isinstance(held, str) and isinstance(recorded, str) \
+        and held == _timm_name(recorded)
+
+
 def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: int, path: Path,
                  meta: dict[str, Any] | None = None) -> None:
     """config.json (at ``path``) agrees with the weights' metadata: ``zoo``, ``model_args`` and ``pretrained_cfg``
@@ -63,7 +83,8 @@ def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: 
     fields = [("architecture", config, "architecture")] + [
         (f"pretrained_cfg.{k}", config.get("pretrained_cfg") or {}, k) for k in DATA_KEYS]
     for name, held, key in fields if meta else ():
-        if key in held and key in meta and not _same_value(held[key], meta[key]):
+        same = _same_architecture if key == "architecture" else _same_value
+        if key in held and key in meta and not same(held[key], meta[key]):
             raise BundleError(f"{path}: {name} {json.dumps(held[key])[:40]} differs from the "
                               f"{json.dumps(meta[key])[:40]} recorded in {WEIGHTS}, so plain timm would build or "
                               f"feed the model otherwise than zoo; {fix}")

@@ -108,9 +108,19 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
         for w in report.wrong[:worst]:
             echo(f"  {w['confidence'] * 100:5.1f}% {printable(w['predicted'])} (true: {printable(w['true'])})  "
                  f"{printable(w['path'])}")
-    if report.skipped:
-        echo(f"skipped {len(report.skipped)} unreadable image(s)")
+    for line in skipped_lines(report.skipped, report.unreadable_folders):
+        echo(printable(line))
     echo(f"reports: {paths['metrics.json'].parent}")
+
+
+def skipped_lines(skipped: list[tuple[str, str]], folders: list[tuple[str, str]]) -> list[str]:
+    """The summary's lines for the images eval skipped and the folders it could not list (each is also a
+    warning line as it is met): a folder is no skipped image, and its images are not counted at all."""
+    lines = [f"skipped {len(skipped)} unreadable image(s)"] if skipped else []
+    if folders:
+        lines.append(f"could not read {len(folders)} folder(s), e.g. {folders[0][0]}: their images are not in the "
+                     "accuracy; make them readable and evaluate again")
+    return lines
 
 
 def class_table(per_class: dict[str, dict], shown: list[str]) -> list[str]:

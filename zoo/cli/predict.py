@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from finetune.core.io import UNLISTED_FOLDER
 from zoo.errors import UsageError
 from zoo.text import printable, printable_name
 
@@ -74,7 +75,8 @@ def warn_skipped(item: object, reason: str) -> None:
     named = any(re.search(rf"(?:^|\s){re.escape(n)}(?: is | has |: | \(|$)", reason)
                 for n in {name, printable_name(name)})
     said = reason if named else f"{name}: {reason}"
-    echo(printable(f"zoo: warning: image skipped: {said}"), err=True)
+    what = "folder" if reason.startswith(UNLISTED_FOLDER) else "image"   # (a folder walk_files cannot list)
+    echo(printable(f"zoo: warning: {what} skipped: {said}"), err=True)
 
 
 @cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")

@@ -47,6 +47,20 @@ def pixel_fingerprint(path: str) -> np.ndarray | None:
     return v / n if n > 1e-6 else None      # a flat image matches everything: no fingerprint
 
 
+_QUARTER_TURNS = (5, 6, 7, 8)     # EXIF orientations that show the picture turned by 90 degrees
+
+
+def _shown_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is seen and trained on (load_image applies the EXIF rotation),
+    from the header: EXIF is parsed only when the header holds it (PNG's getexif would decode the pixels)."""
+    w, h = (int(v) for v in im.size)
+    try:
+        turned = "exif" in im.info and im.getexif().get(0x0112) in _QUARTER_TURNS
+    except Exception:  # noqa: BLE001 - a damaged EXIF block costs the rotation, not the size
+        turned = False
+    return (h, w) if turned else (w, h)
+
+
 def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None
                ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
     """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
@@ -65,7 +79,7 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
             hashes.append("")
         try:
             with pil_warnings(bombs="ignore"), Image.open(p) as im:
-                sizes.append(tuple(int(v) for v in im.size))   # header only: no decode
+                sizes.append(_shown_size(im))   # header only: no decode
         except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
             sizes.append(None)
         fp = pixel_fingerprint(p) if sizes[-1] is not None else None
@@ -154,11 +168,13 @@ def copy_threshold(z: np.ndarray, ok: np.ndarray, labels: Sequence[str], seed: i
 
 def _star(pairs: dict, group: list[int], kept, splits: Sequence[str], labels: Sequence[str], sim: float,
           exact: bool) -> list[tuple[int, int]]:
-    """Pair each image of ``group`` (copies of one another) with the one kept in its class and split, those with
-    the one kept in their split, and those with the one kept overall (``kept``: the sort key); add the pairs
-    ``pairs`` lacks and return them. A group of n copies is n - 1 rows, one per copy to drop, each a duplicate,
-    a cross-class duplicate or a leak as a pair of them would be: every pair was n(n-1)/2 rows (3,000 copies of
-    a placeholder image: 4.5 million findings, a 466 MB findings.csv and 3 GB of memory) (QA)."""
+    """Pair each image of ``group`` (copies of one another) in another split than the one kept overall
+    (``kept``: the sort key) with it, a leak; in the kept one's split, each with the one kept in its class, and
+    those with the one kept overall. Add the pairs ``pairs`` lacks and return them. A group of n copies is n - 1
+    rows, one per copy to drop, each a duplicate, a cross-class duplicate or a leak as a pair of them would be:
+    every pair was n(n-1)/2 rows (3,000 copies of a placeholder image: 4.5 million findings, a 466 MB
+    findings.csv and 3 GB of memory) (QA). Every copy in another split is a leak (review: paired within its
+    split, 16,000 training copies of a validation image were one leak and 15,999 duplicates)."""
     added: list[tuple[int, int]] = []
 
     def link(members: list[int]) -> int:
@@ -170,10 +186,13 @@ def _star(pairs: dict, group: list[int], kept, splits: Sequence[str], labels: Se
                 added.append(key)
         return centre
 
-    nested: dict[str, dict[str, list[int]]] = {}
+    home = splits[min(group, key=kept)]
+    by_label: dict[str, list[int]] = {}
     for m in group:
-        nested.setdefault(splits[m], {}).setdefault(labels[m], []).append(m)
-    link([link([link(members) for members in by_label.values()]) for by_label in nested.values()])
+        if splits[m] == home:
+            by_label.setdefault(labels[m], []).append(m)
+    centre = link([link(members) for members in by_label.values()])
+    link([centre] + [m for m in group if splits[m] != home])
     return added
 
 

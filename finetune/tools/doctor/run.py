@@ -12,7 +12,7 @@ import torch
 from finetune.data import ImageDataset, ImageSet, build_transform
 from finetune.engine.runtime import nhwc
 from finetune.tools.doctor.checks import (NEAR_FLOOR, copy_threshold, l2_normalise, file_facts, file_findings,
-                                          find_duplicates, find_outliers, label_issues)
+                                          find_duplicates, find_outliers, label_issues, MIN_PROBE_IMAGES)
 from finetune.tools.doctor.findings import FINDING_ORDER, SPLIT_ORDER, DoctorOptions, DoctorResult, Finding, Log
 from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
 
@@ -180,6 +180,7 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
                                         classes[int(li["suggested"][k])], splits[i], labels[i],
                                         f"labelled {labels[i]}, probe says {classes[int(li['suggested'][k])]} "
                                         f"(p={p_sug:.2f} vs {li['probs'][k, y[i]]:.2f})"))
+        _say_unjudged(y[rows], classes, say)
         rz, out = find_outliers(z[rows], y[rows], len(classes), options.outlier_z)
         for k in np.flatnonzero(out):
             i = int(rows[k])
@@ -188,6 +189,18 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
     else:
         say("doctor: fewer than two classes or too few images for the label and outlier checks")
     return findings, ranking, probe_acc
+
+
+def _say_unjudged(y: np.ndarray, classes: list[str], say: Log) -> None:
+    """Name the classes ``label_issues`` leaves unjudged (fewer than MIN_PROBE_IMAGES images): without this line
+    a folder of 4 images per class had no wrong_label finding and no word that its labels went unchecked."""
+    counts = np.bincount(y, minlength=len(classes))
+    few = [classes[c] for c in np.flatnonzero((counts > 0) & (counts < MIN_PROBE_IMAGES))]
+    if few:
+        shown = ", ".join(few[:5]) + (f", ... ({len(few) - 5} more)" if len(few) > 5 else "")
+        say(f"doctor: the labels of {len(few)} class{'es' if len(few) > 1 else ''} of fewer than {MIN_PROBE_IMAGES} "
+            f"images are not checked ({shown}): the probe that would judge an image of such a class learns too "
+            "little of it; add images to check them")
 
 
 def _scan_findings(report: Any, classes: list[str], options: DoctorOptions) -> list[Finding]:
