@@ -86,6 +86,8 @@ class Option:
 
 
 def _num(v: float) -> str:
+    if isinstance(v, int) and v >= 2**32 and v & (v - 1) == 0:     # a power of two past 2**32: 2**63, not 19 digits
+        return f"2**{v.bit_length() - 1}"
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 

@@ -58,7 +58,7 @@ def test_a_batch_size_torch_cannot_take_is_refused_in_one_line(tmp_path, command
     r = CliRunner().invoke(cli, [command, "resnet18", "--data", str(data), "--out", str(out), "--batch-size", str(10**20),
                                  *extra])
     assert r.exit_code == 2 and not out.exists(), r.output
-    assert r.output.strip() == f"zoo: error: invalid batch_size={10**20} (--batch-size): allowed: 1 <= x < {2**63}"
+    assert r.output.strip() == f"zoo: error: invalid batch_size={10**20} (--batch-size): allowed: 1 <= x < 2**63"
 
 
 @pytest.mark.parametrize("command", ["sweep", "lr-find"])
@@ -70,7 +70,7 @@ def test_a_seed_torch_cannot_take_is_refused_in_one_line(tmp_path, command):
     for seed in (2**63, 10**400):
         r = CliRunner().invoke(cli, [command, "resnet18", "--data", str(data), "--out", str(out), "--seed", str(seed)])
         assert r.exit_code == 2, r.output
-        assert r.output.startswith(f"zoo: error: invalid seed={seed} (--seed): allowed: 0 <= x < {2**63}")
+        assert r.output.startswith(f"zoo: error: invalid seed={seed} (--seed): allowed: 0 <= x < 2**63")
         assert len(r.output.strip().splitlines()) == 1 and not out.exists()
 
 
