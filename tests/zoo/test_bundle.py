@@ -292,7 +292,7 @@ def test_a_num_classes_that_is_no_number_fails_with_bundle_error(bundle_dir, val
 
     cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
     (bundle_dir / "config.json").write_text(json.dumps({**cfg, "num_classes": value}), encoding="utf-8")
-    with pytest.raises(BundleError, match=r"config.json: num_classes is .*, not a number of classes; re-export"):
+    with pytest.raises(BundleError, match=r"config.json: num_classes is .*, not a number of classes; restore the file as it was written \(re-export"):
         load_bundle(bundle_dir)
     r = CliRunner().invoke(cli, ["predict", str(bundle_dir), str(bundle_dir / "config.json"), "--device", "cpu"])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
@@ -315,7 +315,7 @@ def test_a_hand_edited_config_json_is_refused_by_predict_push_and_skipped_by_lis
     cfg = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
     (bundle_dir / "config.json").write_text(json.dumps({**cfg, **edit}), encoding="utf-8")
     key = next(iter(edit))
-    with pytest.raises(BundleError, match=f"config.json: '?{key}'?.*; re-export with `zoo export RUN_DIR`"):
+    with pytest.raises(BundleError, match=f"config.json: '?{key}'?.*; restore the file as it was written \(re-export with `zoo export RUN_DIR`"):
         load_bundle(bundle_dir)
     with pytest.raises(BundleError, match=f"config.json: '?{key}'?"):
         plan_push(bundle_dir, "me/x")
@@ -346,7 +346,7 @@ def test_preprocessing_or_architecture_edited_in_config_json_is_refused_not_igno
     (bundle_dir / "config.json").write_text(json.dumps(edited), encoding="utf-8")
     name = field if field == "architecture" else f"pretrained_cfg.{field}"
     says = re.escape(f"config.json: {name} {json.dumps(value)} differs from the ") + ".* recorded in model.safetensors, " \
-        "so plain timm would build or feed the model otherwise than zoo; re-export with `zoo export RUN_DIR`"
+        "so plain timm would build or feed the model otherwise than zoo; restore the file as it was written \\(re-export"
     with pytest.raises(BundleError, match=says):
         load_bundle(bundle_dir)
     with pytest.raises(BundleError, match=says):

@@ -22,7 +22,7 @@ def class_count(value: Any, where: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise BundleError(f"{where}: num_classes is {json.dumps(value)}, not a number of classes; "
-                      "re-export with `zoo export RUN_DIR`")
+                      "restore the file as it was written (re-export with `zoo export RUN_DIR`, or pull or download the bundle again)")
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -64,7 +64,7 @@ def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: 
     Raises:
         BundleError: the first field that does not fit, and what to do.
     """
-    fix = "re-export with `zoo export RUN_DIR`"
+    fix = "restore the file as it was written (re-export with `zoo export RUN_DIR`, or pull or download the bundle again)"
     for key in ("zoo", "model_args", "pretrained_cfg"):
         if key in config and not isinstance(config[key], dict):
             raise BundleError(f"{path}: {key!r} is {json.dumps(config[key])[:40]}, not a JSON object; {fix}")
