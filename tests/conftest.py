@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,12 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Point ZOO_HOME and the HF cache at fresh temp dirs for every test."""
     home = tmp_path_factory.mktemp("zoo_home")
     monkeypatch.setenv("ZOO_HOME", str(home))
+    # Temp files go under pytest's own temp folders (it prunes old ones), this process's and its subprocesses':
+    # the tests that kill a run on purpose left its datasets' failure logs and torchrun's folders in the
+    # machine's /tmp for good (about 850 files and as many folders a day of test runs).
+    scratch = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
     # huggingface_hub froze its cache folder when a test module imported it (timm does) before this fixture
