@@ -170,8 +170,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
 
     The probabilities come from :func:`predict_probs` (with TTA: averaged over the views), and every
     metric from them. Unreadable images are skipped (and listed in the report), folders that cannot be
-    listed too (``unreadable_folders``); ``on_error`` hears about each one. ``data_folders`` (a bundle's metadata) sets ``seen_in_training``; ``mirror=False`` leaves
-    TTA's mirrored views out (``Bundle.tta_mirror``).
+    listed too (``unreadable_folders``); ``on_error`` hears about each one. ``data_folders`` (a bundle's
+    metadata) sets ``seen_in_training``; ``mirror=False`` leaves TTA's mirrored views out (``Bundle.tta_mirror``).
     """
     unlisted: list[tuple[str, str]] = []
     split, items, ignored = find_eval_images(data_dir, labels, aliases, unlisted)

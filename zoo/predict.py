@@ -133,7 +133,8 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     return transform
 
 
-def _folder_images(folder: str | Path, exts: Sequence[str], unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
+def _folder_images(folder: str | Path, exts: Sequence[str],
+                   unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
     """The images below ``folder``, walked as the training scan walks it (hidden files and NAS debris skipped;
     folders that cannot be listed -> ``unlisted``, with the reason)."""
     return [Path(q) for q in walk_files(str(folder), unlisted=unlisted) if os.path.splitext(q)[1].lower() in exts]

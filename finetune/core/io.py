@@ -17,8 +17,8 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["UNLISTED_FOLDER", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file",
-           "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+__all__ = ["UNLISTED_FOLDER", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
+           "atomic_write_text", "write_file", "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header

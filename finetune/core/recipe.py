@@ -159,8 +159,8 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
     if int(batch) > 1:
         return
     # synchronised: every BatchNorm layer outside the classifier (``surgery.sync_batchnorm``'s exclude)
-    synced_layers = [n for n, m in model.named_modules() if synced and isinstance(m, _BatchNorm) and n
-                     and not belongs_to(n, head)]
+    synced_layers = [n for n, m in model.named_modules()
+                     if isinstance(m, _BatchNorm) and n and not belongs_to(n, head)] if synced else []
     name = lone_value_batchnorm(model, input_size, batch, skip=synced_layers)
     if name is None:
         return

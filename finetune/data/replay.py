@@ -86,10 +86,10 @@ def _own(batch):
 
 def budget(device: torch.device) -> int:
     """Bytes a kept pass may take on ``device``: :data:`BUDGET_BYTES`, and at most an eighth of the
-    accelerator memory free (its caching allocator's blocks beyond the process's peak use count as free) or a quarter of the host
-    memory available (Linux's MemAvailable, within a container's memory limit; elsewhere an eighth of the
-    budget, the amount being unknown),
-    shared by torchrun's processes on the machine (LOCAL_WORLD_SIZE), which each keep their own shard."""
+    accelerator memory free (its caching allocator's blocks beyond the process's peak use count as free) or a
+    quarter of the host memory available (Linux's MemAvailable, within a container's memory limit; elsewhere an
+    eighth of the budget, the amount being unknown), shared by torchrun's processes on the machine
+    (LOCAL_WORLD_SIZE), which each keep their own shard."""
     if device.type == "cuda":
         # free: what no process holds, and what this one's allocator holds beyond its peak so far (the
         # training's: blocks it reserved for an epoch's peak are not free for keeping, the next epoch needs them)

@@ -12,6 +12,8 @@ __all__ = ["check_config", "class_count", "DATA_KEYS", "WEIGHTS"]
 
 WEIGHTS = "model.safetensors"
 DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+# what to do about a config.json that disagrees with its weights, whoever wrote the bundle (a run, the Hub)
+_FIX = "restore the file as it was written (re-export with `zoo export RUN_DIR`, or pull or download the bundle again)"
 
 
 def class_count(value: Any, where: Path) -> int:
@@ -21,8 +23,7 @@ def class_count(value: Any, where: Path) -> int:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise BundleError(f"{where}: num_classes is {json.dumps(value)}, not a number of classes; "
-                      "restore the file as it was written (re-export with `zoo export RUN_DIR`, or pull or download the bundle again)")
+    raise BundleError(f"{where}: num_classes is {json.dumps(value)}, not a number of classes; {_FIX}")
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -64,21 +65,20 @@ def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: 
     Raises:
         BundleError: the first field that does not fit, and what to do.
     """
-    fix = "restore the file as it was written (re-export with `zoo export RUN_DIR`, or pull or download the bundle again)"
     for key in ("zoo", "model_args", "pretrained_cfg"):
         if key in config and not isinstance(config[key], dict):
-            raise BundleError(f"{path}: {key!r} is {json.dumps(config[key])[:40]}, not a JSON object; {fix}")
+            raise BundleError(f"{path}: {key!r} is {json.dumps(config[key])[:40]}, not a JSON object; {_FIX}")
     if labels is None:
         return
     if class_count(config.get("num_classes", num_classes), path) != num_classes:
         raise BundleError(f"{path}: num_classes {config.get('num_classes')} differs from the {num_classes} classes of "
-                          f"{WEIGHTS}; {fix}")
+                          f"{WEIGHTS}; {_FIX}")
     names = config.get("label_names")
     if names is not None and (not isinstance(names, list) or [str(x) for x in names] != labels):
         shown = ", ".join(map(str, names[:4])) if isinstance(names, list) else json.dumps(names)[:40]
         raise BundleError(f"{path}: label_names ({shown}...) differ from the classes of {WEIGHTS} "
                           f"({', '.join(labels[:4])}...), so plain timm and zoo would name the classes differently; "
-                          f"{fix} (class names come from the run's folders)")
+                          f"{_FIX} (class names come from the run's folders)")
     # (a zero std or another architecture in config.json: what timm would build and feed, not zoo: QA)
     fields = [("architecture", config, "architecture")] + [
         (f"pretrained_cfg.{k}", config.get("pretrained_cfg") or {}, k) for k in DATA_KEYS]
@@ -87,4 +87,4 @@ def check_config(config: dict[str, Any], labels: list[str] | None, num_classes: 
         if key in held and key in meta and not same(held[key], meta[key]):
             raise BundleError(f"{path}: {name} {json.dumps(held[key])[:40]} differs from the "
                               f"{json.dumps(meta[key])[:40]} recorded in {WEIGHTS}, so plain timm would build or "
-                              f"feed the model otherwise than zoo; {fix}")
+                              f"feed the model otherwise than zoo; {_FIX}")
