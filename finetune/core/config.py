@@ -22,7 +22,7 @@ import yaml
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text
 
-__all__ = ["FinetuneConfig", "load_config", "read_config_file", "save_config", "short_repr", "Option", "OPTIONS",
+__all__ = ["FinetuneConfig", "load_config", "load_resume_config", "read_config_file", "save_config", "short_repr", "Option", "OPTIONS",
            "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
@@ -325,6 +325,7 @@ class FinetuneConfig:
 # The option table, derived from the fields: the CLI builds its flags from it, validate() checks against it.
 OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(FinetuneConfig)}
 RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
+_FIELDS = {f.name: f for f in fields(FinetuneConfig)}
 
 # What a value of each option type is called in messages (every FinetuneConfig field is one of these).
 _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
@@ -366,6 +367,39 @@ def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
     """:func:`load_config` and the file's own mapping (which says what the file set, e.g. a ``bn`` equal to
     the default), from one read of the file."""
     path = Path(path)
+    data = _read_mapping(path)
+    return _from_file(data, path), data
+
+
+def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[FinetuneConfig, list[str]]:
+    """A run's saved config (``path``) with ``overrides`` (the options given to the resume) on top, and the
+    notes to show.
+
+    A resume-free option whose saved value is no longer allowed (written by an older version with another
+    range, or edited: ``workers: 1000``) does not block the resume, as it changes nothing in the maths: the
+    value given now, else the default, replaces it, and a note says so. Any other option out of bounds is
+    the ConfigError :func:`load_config` raises.
+    """
+    path, overrides = Path(path), dict(overrides or {})
+    data, notes = _read_mapping(path), []
+    for name in sorted(RESUME_FREE & {k for k in data if isinstance(k, str)}):
+        try:
+            problem = OPTIONS[name].problem(_coerce(_FIELDS[name], data[name], str(path)))
+        except ConfigError:
+            problem = f"should be {_KIND_WORDS[type(_FIELDS[name].default)]}"
+        if problem is not None:
+            now, why = (overrides[name], "given now") if name in overrides else (_FIELDS[name].default, "the default")
+            notes.append(f"{path}: {name}={short_repr(data[name])} is out of bounds ({problem}); this resume "
+                         f"uses {name}={now!r} ({why})")
+            data = {**data, name: now}
+    config = _from_file(data, path)
+    if overrides:
+        config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
+    return config, notes
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``. Raises ConfigError with the file name on any problem."""
     try:
         data = load_yaml(read_user_text(path), unique_keys=True) or {}
     except OSError as e:
@@ -382,8 +416,12 @@ def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
         raise ConfigError(f"{path} is not valid YAML{at}: {problem}; fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
+    return data
+
+
+def _from_file(data: dict[str, Any], path: Path) -> FinetuneConfig:
     try:
-        return FinetuneConfig.from_dict(data, source=str(path)), data
+        return FinetuneConfig.from_dict(data, source=str(path))
     except ConfigError as err:      # validate()'s "invalid augment='x' (--augment)" names a flag: say which file
         if str(err).startswith(str(path)):
             raise

@@ -1183,3 +1183,18 @@ def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_wit
     shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
     assert shown[0] == "k00 0.50" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
     assert f"({len(per_class) - scored} without validation images; mean over classes " in line
+
+
+def test_a_saved_config_with_workers_out_of_bounds_resumes_with_the_default_and_says_so(tmp_path, tiny, monkeypatch):
+    """helper-63: config.yaml's workers above 512 (an older version's range, or edited) stopped `--resume` with
+    "invalid workers=1000" until the file was edited; workers changes no maths, so the resume goes on with the
+    default (or the flag given now) and one line says so."""
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    conf = out / "config.yaml"
+    conf.write_text(conf.read_text().replace("workers: 0", "workers: 1000"))
+    result = invoke("finetune", "--resume", out, "--device", "cpu", "--quiet", "--no-export")
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in result.stderr.splitlines() if "workers=1000 is out of bounds" in ln]
+    assert said == [f"{conf}: workers=1000 is out of bounds (allowed: 0 <= x <= 512 or -1); this resume uses "
+                    "workers=-1 (the default)"]
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3

@@ -329,3 +329,24 @@ def test_a_config_key_written_otherwise_at_its_default_chooses_nothing(tmp_path)
     assert (config.mlp_dropout, config.mlp_hidden) == (0.2, 512) and notes == []
     cfg.write_text("mlp_dropout: 3e-1\n")       # another value is a choice, however it is written
     assert "--mlp-dropout" in resolve_config(None, str(cfg), {}, True, given={})[2][0]
+
+
+def test_a_resume_free_option_out_of_bounds_in_a_saved_config_gives_way_to_the_flag_or_the_default(tmp_path):
+    """helper-63: a run whose config.yaml holds workers: 1000 (an older version's, or edited) could not be resumed
+    without editing the file. workers changes no maths: the value given now, else the default, replaces it with
+    one note; an option that does change the maths (lr) still refuses."""
+    from finetune.core.config import load_resume_config
+
+    conf = tmp_path / "config.yaml"
+    conf.write_text(yaml.safe_dump({**FinetuneConfig(epochs=3).to_dict(), "workers": 1000}))
+    config, notes = load_resume_config(conf)
+    assert config.workers == -1 and config.epochs == 3
+    assert notes == [f"{conf}: workers=1000 is out of bounds (allowed: 0 <= x <= 512 or -1); this resume uses "
+                     "workers=-1 (the default)"]
+    config, notes = load_resume_config(conf, {"workers": 2, "epochs": 5})
+    assert (config.workers, config.epochs) == (2, 5) and len(notes) == 1 and notes[0].endswith("workers=2 (given now)")
+    conf.write_text(yaml.safe_dump({**FinetuneConfig().to_dict(), "workers": 4}))
+    assert load_resume_config(conf) == (FinetuneConfig(workers=4), [])
+    conf.write_text(yaml.safe_dump({**FinetuneConfig().to_dict(), "workers": 1000, "lr": -1.0}))
+    with pytest.raises(ConfigError, match=r"invalid lr=-1.0"):
+        load_resume_config(conf)

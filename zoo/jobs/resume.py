@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import load_checkpoint
-from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.config import FinetuneConfig, load_resume_config
 from finetune.core.errors import CheckpointError
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.train import fit
@@ -104,12 +104,13 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     if model is not None:
         _check_model(model, run_dir, info_json)
     data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    if overrides:
-        config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
+    # (a resume-free option out of bounds in config.yaml, e.g. an older version's workers: 1000, is replaced)
+    config, notes = load_resume_config(run_dir / "config.yaml", overrides)
 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    for note in notes:
+        say(note)
     try:
         done = _finished(run_dir)
         if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
