@@ -47,7 +47,6 @@ from finetune.data.images import (
 )
 from finetune.data.loaders import ImageDataset, close_loader, failure_reason
 from finetune.data.transforms import _parse_data_config, augment_mode
-from finetune.core.io import printable_name
 from finetune.core.seeding import sample_seed
 
 __all__ = ["EncodedImageDataset", "decoded_in_worker", "collate_encoded", "pack", "unpack", "DeviceTransform",
@@ -94,11 +93,6 @@ class EncodedImageDataset(ImageDataset):
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, failure_reason(e))
             return None
-
-    def log_failure(self, index: int, reason: str) -> None:
-        """Record that image ``index`` failed (listed by ``failures()``; safe from worker processes)."""
-        with open(self.failure_log, "a", encoding="utf-8") as fh:
-            fh.write(f"{int(index)}\t{printable_name(reason)}".replace("\n", " ") + "\n")
 
 
 def decoded_in_worker(key: int, share: float) -> bool:

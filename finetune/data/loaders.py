@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import os
 import random
+import secrets
 import tempfile
 import weakref
 from pathlib import Path
@@ -28,8 +29,9 @@ class ImageDataset(Dataset):
     ``colour_on_device`` transform a third item, the sample's key (``seeding.sample_seed``), seeds the
     flip and jitter that ``DeviceAugment`` draws for it.
 
-    Failures are recorded as ``index<TAB>reason`` lines in ``failure_log`` (a temp file unless given;
-    appends from worker processes are safe), and ``failures()`` lists them as (path, reason).
+    Failures are recorded as ``index<TAB>reason`` lines in ``failure_log`` (a temp file unless given, made
+    by the first failure; appends from worker processes are safe), and ``failures()`` lists them as (path,
+    reason).
     """
 
     def __init__(self, image_set: ImageSet, transform: Callable | None = None,
@@ -38,8 +40,11 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.min_size = getattr(transform, "min_size", None)
         if failure_log is None:
-            fd, failure_log = tempfile.mkstemp(prefix="zoo-decode-failures-", suffix=".tsv")
-            os.close(fd)
+            # Named now, made by the first failure (_append_line): a process killed (SIGKILL, OOM) before its
+            # finalizer ran left one empty file per dataset in the temp dir, whether or not an image failed.
+            # The name is random (as mkstemp's), so no other user can put a link there first.
+            failure_log = os.path.join(tempfile.gettempdir(),
+                                       f"zoo-decode-failures-{os.getpid()}-{secrets.token_hex(8)}.tsv")
             # Only the creating process removes it: workers get pickled copies without this finalizer.
             weakref.finalize(self, _unlink_quietly, failure_log)
         self.failure_log = str(failure_log)
@@ -74,11 +79,16 @@ class ImageDataset(Dataset):
             # the device draws this image's flip and jitter from its sample's key (DeviceAugment.draws_for)
             return (out, label, draw_key) if getattr(self.transform, "colour_on_device", False) else (out, label)
         except Exception as e:   # one bad image must not kill the batch or the worker
-            reason = failure_reason(e)
-            line = f"{index}\t{printable_name(reason)}".replace("\n", " ") + "\n"
-            with open(self.failure_log, "a", encoding="utf-8") as fh:
-                fh.write(line)
+            self.log_failure(index, failure_reason(e))
             return None
+
+    def log_failure(self, index: int, reason: str) -> None:
+        """Record that image ``index`` failed (listed by ``failures()``; safe from worker processes)."""
+        line = f"{int(index)}\t{printable_name(reason)}".replace("\n", " ") + "\n"
+        # O_APPEND: each line is one write, whole, whichever process writes it; O_NOFOLLOW: never through a link
+        fd = os.open(self.failure_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with open(fd, "a", encoding="utf-8") as fh:
+            fh.write(line)
 
     def failures(self) -> list[tuple[str, str]]:
         """(path, reason) for every image that failed to decode so far, in dataset order."""

@@ -1098,3 +1098,46 @@ def test_a_report_moved_to_another_mount_of_the_folder_is_that_mounts_scan(tmp_p
     assert moved.fingerprint() == report.fingerprint() and report.moved_to(str(data)) is report
     outside = report.__class__(**{**report.__dict__, "bad_files": [("/elsewhere/x.png", "why")]})
     assert outside.moved_to(str(there)).bad_files == [("/elsewhere/x.png", "why")]
+
+
+def test_the_decode_failure_log_is_made_only_by_a_failure_so_a_killed_run_leaves_no_empty_file(image_folder,
+                                                                                               tmp_path):
+    """helper-63: every ImageDataset made an empty zoo-decode-failures-*.tsv in the temp dir at once, removed only
+    by its finalizer: a SIGKILLed (or OOM-killed) run left one per dataset. The file is now made by the first
+    failure; a run where no image fails writes none, one that fails lists it as before and removes it."""
+    import gc
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    code = textwrap.dedent(f"""
+        import os, signal
+        from finetune.data import ImageDataset, scan_folder
+        from finetune.data.decode import EncodedImageDataset
+        report = scan_folder({str(image_folder)!r})
+        for ds in (ImageDataset(report.train), EncodedImageDataset(report.train)):
+            assert all(ds[i] is not None for i in range(len(ds)))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    killed = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            env={**os.environ, "TMPDIR": str(scratch)}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(scratch.iterdir()) == []
+
+    from finetune.data.decode import EncodedImageDataset
+
+    report = scan_folder(image_folder)
+    broken = image_folder / "cat" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    for kind in (ImageDataset, EncodedImageDataset):
+        ds = kind(ImageSet([report.train.items[0], (str(broken), 0)], report.classes))
+        assert ds[0] is not None and not Path(ds.failure_log).exists()
+        assert ds[1] is None and Path(ds.failure_log).is_file()
+        assert [p for p, _ in ds.failures()] == [str(broken)]
+        log = ds.failure_log
+        del ds
+        gc.collect()
+        assert not Path(log).exists()
