@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from zoo import cache
 from zoo.errors import IntegrityError, UsageError, WeightsError
 from zoo.keymaps import apply_key_map, import_key_maps
-from zoo.network import weights_misfit
+from zoo.network import network_shapes, weights_misfit
 from zoo.registry import ModelEntry, entry_pin, matches_pin, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import copy_in
@@ -104,13 +104,14 @@ def _fit_architecture(entry: ModelEntry, tensors: dict[str, Any]) -> tuple[dict[
     candidates: list[str | None] = [None] + list(dict.fromkeys(
         [s.key_map for s in entry.sources if s.key_map] + list(import_key_maps(entry.builder))))
     first_problem = ""
+    expected = network_shapes(entry)        # built once (on the meta device), whatever the maps tried
     for key_map in candidates:
         try:
             mapped = apply_key_map(key_map, tensors)
         except WeightsError as err:
             first_problem = first_problem or str(err)
             continue
-        problem = weights_misfit(entry, {k: tuple(v.shape) for k, v in mapped.items()})
+        problem = weights_misfit(entry, {k: tuple(v.shape) for k, v in mapped.items()}, expected=expected)
         if not problem:
             return mapped, key_map
         first_problem = first_problem or problem

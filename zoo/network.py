@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.netwo
     from torch import nn
 
 __all__ = [
-    "build_network", "build_architecture", "meta_network", "builder_kwargs", "has_fc_dropout", "weights_misfit",
+    "build_network", "build_architecture", "meta_network", "network_shapes", "builder_kwargs", "has_fc_dropout", "weights_misfit",
     "check_fit", "TORCHVISION_KWARGS", "DROPPED_PREFIXES", "VGG_FC_DROPOUT",
 ]
 
@@ -145,7 +145,23 @@ def meta_network(entry: str | ModelEntry, *, fc_dropout: float | None = None) ->
         return None
 
 
-def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], show: int = 5) -> str:
+def network_shapes(entry: ModelEntry) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor name and shape of ``build_architecture(entry)``, built on the meta device once, or None
+    when it cannot be built there (``meta_network``). Hand it to ``weights_misfit`` to check several files
+    (or one file under several key maps) against a single build.
+
+    Raises:
+        RegistryError: the builder names an architecture the installed timm/torchvision lacks.
+    """
+    model = meta_network(entry)
+    return None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+_BUILD: Any = object()      # weights_misfit's `expected` not given: build the network to know it
+
+
+def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], show: int = 5, *,
+                   expected: Mapping[str, tuple[int, ...]] | None = _BUILD) -> str:
     """What keeps tensors of these names and shapes from loading into ``build_architecture(entry)`` (built on
     the meta device): "" when they fit, or when the network cannot be built there (``meta_network``: loading
     the file into the real network checks it). Tensors in ``DROPPED_PREFIXES`` (googlenet's aux heads) are
@@ -154,15 +170,16 @@ def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], sho
     Args:
         shapes: tensor name -> shape, e.g. from a safetensors header.
         show: how many names of each kind of problem to give.
+        expected: ``network_shapes(entry)`` when already known, None included (not built again).
     Returns:
         e.g. ``"2 missing: fc.weight, fc.bias; 1 shape mismatch: conv1.weight (8, 3, 7, 7) != (24, 3, 7, 7)"``.
     Raises:
         RegistryError: the builder names an architecture the installed timm/torchvision lacks.
     """
-    model = meta_network(entry)
-    if model is None:
+    if expected is _BUILD:
+        expected = network_shapes(entry)
+    if expected is None:
         return ""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     dropped = DROPPED_PREFIXES.get(entry.builder, ())
     got = {k: tuple(v) for k, v in shapes.items() if not (dropped and k.startswith(dropped))}
     # a BatchNorm count absent from the file (saved before PyTorch 0.4) is filled in by the load: not missing

@@ -186,6 +186,28 @@ def test_import_applies_the_sources_key_map():
     assert man["key_map"] == "lukemelas_efficientnet" and man["sha256_download"] == LITE0_SHA
 
 
+def test_import_builds_the_network_once_whatever_the_key_maps_it_tries(tiny_state, tmp_path, registry, monkeypatch):
+    """helper-63: each key map tried (none, the sources', the builder's IMPORT_KEY_MAPS) built the meta network
+    again. A file that fits only through the last of three candidates is imported after one build."""
+    import zoo.keymaps
+    import zoo.network
+
+    monkeypatch.setitem(zoo.keymaps.KEY_MAPS, "as_is", dict)
+    monkeypatch.setitem(zoo.keymaps.KEY_MAPS, "unprefixed",
+                        lambda state: {k.removeprefix("model."): v for k, v in state.items()})
+    monkeypatch.setitem(zoo.keymaps.IMPORT_KEY_MAPS, "timm:test_", ("as_is", "unprefixed"))
+    real, builds = zoo.network.build_network, []
+    monkeypatch.setattr(zoo.network, "build_network", lambda *a, **k: builds.append(a[0]) or real(*a, **k))
+    f = save_st({f"model.{k}": v for k, v in tiny_state.items()}, tmp_path / "w.safetensors")
+    import_weights("tiny", f)
+    assert builds == ["timm:test_resnet"]
+    assert cache.read_manifest("tiny")["key_map"] == "unprefixed"
+    builds.clear()
+    with pytest.raises(WeightsError, match="does not fit tiny"):       # no candidate fits: still one build
+        import_weights("tiny", save_st({"x": tiny_state["fc.bias"]}, tmp_path / "x.safetensors"))
+    assert builds == ["timm:test_resnet"]
+
+
 def test_cli_import_exit_codes(tiny_state, tmp_path, registry):
     f = save_st(tiny_state, tmp_path / "w.safetensors")
     runner = CliRunner()
