@@ -159,6 +159,24 @@ def test_torchrun_refuses_a_global_batch_that_leaves_each_rank_one_image_for_bat
     assert "model: tiny32" not in run.stdout, run.stdout[-3000:]       # refused before the weights were loaded
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_trains_an_mlp_head_alone_on_cached_features_at_one_image_per_process(tmp_path, monkeypatch):
+    """helper-63: `--head mlp --freeze head --batch-size 2` over 2 processes was refused ("the MLP head's fc.bn
+    gets one value per channel"), though every rank trains the head on the cached features of the whole global
+    batch (2 images). It trains now; the refusal stays where a layer trains on the process's own image (above)."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, layout="split")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"))
+    env.pop("WORLD_SIZE", None)
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", tiny, "--data",
+                   str(data), "--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0", "--batch-size", "2",
+                   "--head", "mlp", "--freeze", "head", "--epochs", "2", "--no-export", "--quiet"], env, ROOT)
+    assert run.returncode == 0 and "zoo: error" not in run.stdout, run.stdout[-3000:]
+    assert "features: train 12 images x 2 view(s) computed" in run.stdout, run.stdout[-3000:]      # cached
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 2
+
+
 @pytest.mark.parametrize("stopped", [True, False])
 def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_path, monkeypatch, stopped):
     """A rank other than 0 waits for torchrun to stop it (rank 0 met the error too and said it); when rank 0

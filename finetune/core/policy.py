@@ -16,7 +16,8 @@ from typing import Any
 from finetune.core.errors import ConfigError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused", "AUTO_EPOCHS_HEAD",
-           "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS", "lr_unused"]
+           "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS", "mixes_images",
+           "head_on_cached_features", "batchnorm_batch"]
 
 # ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
 # (100 per class) 8 epochs (the solved head + 7) tested as well as 30 with early stopping and as 10, in
@@ -153,14 +154,41 @@ def head_first(config: Any, trainable_stages: int) -> bool:
     return trainable_stages > 0 and int(config.head_epochs) != 0 and int(config.epochs) >= 2
 
 
+def mixes_images(config: Any) -> bool:
+    """Whether training batches are mixed (``--mixup`` / ``--cutmix`` above 0)."""
+    return float(getattr(config, "mixup", 0) or 0) > 0 or float(getattr(config, "cutmix", 0) or 0) > 0
+
+
+def head_on_cached_features(config: Any, trainable_stages: int) -> bool:
+    """Whether a head phase trains on cached backbone features (``fast_head``). A head-only run
+    (``trainable_stages`` 0) with mixup or CutMix trains through the network: those mix images, which cached
+    features no longer are (as in timm and fastai, whatever is frozen). A warm-up head phase before
+    unfreezing stays on the features; mixing starts with finetuning."""
+    return bool(config.fast_head) and not (trainable_stages == 0 and mixes_images(config))
+
+
+def batchnorm_batch(config: Any, trainable_stages: int, per_process: int) -> int:
+    """The fewest images a training BatchNorm layer is given in one step of the run: the batch to check
+    against a layer that one image would leave one value per channel (``recipe.check_batchnorm_batch``).
+
+    A network layer trains in every run where ``trainable_stages`` > 0 (a finetune phase always follows the
+    head's), and the head trains through the network without ``fast_head``: each process then passes its own
+    ``per_process`` batch. A head alone on cached features is trained by every process on the whole global
+    batch (``config.batch_size``: the features are gathered to every rank, ``data.train_batches(...,
+    processes=...)``), so its MLP head's BatchNorm sees that.
+    """
+    if trainable_stages == 0 and head_on_cached_features(config, trainable_stages):
+        return int(config.batch_size)
+    return int(per_process)
+
+
 def lr_unused(config: Any, trainable_stages: int) -> bool:
     """Whether no learning rate trains anything in such a run: only the head trains (``trainable_stages``
     0), on cached features (``fast_head``, no mixup/CutMix, which train through the network), solved by
     L-BFGS (``head_solver`` lbfgs, which solves a linear head only: ``--head mlp`` trains by gradient at
     the LR whatever the solver, ``CachedHeadSteps.solves``)."""
-    mixes = float(getattr(config, "mixup", 0) or 0) > 0 or float(getattr(config, "cutmix", 0) or 0) > 0
-    return (trainable_stages == 0 and bool(config.fast_head) and config.head_solver == "lbfgs"
-            and config.head == "linear" and not mixes)
+    return (trainable_stages == 0 and head_on_cached_features(config, trainable_stages)
+            and config.head_solver == "lbfgs" and config.head == "linear")
 
 
 def default_departure(config: Any, trainable_stages: int, steps_per_epoch: int) -> tuple[float, float]:

@@ -150,7 +150,9 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
     Args:
         model: prepared by ``prepare_model`` (its freeze and BatchNorm policy applied).
         input_size: (C, H, W) of the training images.
-        batch: images per process; ``processes``: how many share the global batch.
+        batch: the fewest images a training BatchNorm layer gets in one step (``policy.batchnorm_batch``: the
+            images per process, or the global batch for a head alone on cached features);
+            ``processes``: how many share the global batch.
         head: the classifier's module name; ``synced``: the other layers are SyncBatchNorm (``--sync-bn``
             under torchrun), whose statistics come from the whole global batch.
     Raises:

@@ -22,7 +22,8 @@ from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sy
                                      resolve_device)
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
-from finetune.core.policy import FreezeDecision, default_departure, default_epochs, head_first
+from finetune.core.policy import (FreezeDecision, batchnorm_batch, default_departure, default_epochs, head_first,
+                                   head_on_cached_features)
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
@@ -81,13 +82,10 @@ class Setup:
 
     @property
     def cached_head(self) -> bool:
-        """Whether a head phase may train on cached backbone features (``config.fast_head``; under
-        torchrun each rank extracts its shard and every rank gets them all). A head-only run with mixup or
-        CutMix trains through the network: those mix images, which cached features no longer are (as in
-        timm and fastai, whatever is frozen). A warm-up head phase before unfreezing stays on the
-        features (the converged head unfreezing starts from); mixing starts with finetuning."""
-        mixes_images = self.head_only and self.mix is not None
-        return bool(self.config.fast_head) and not mixes_images
+        """Whether a head phase may train on cached backbone features (``policy.head_on_cached_features``:
+        ``config.fast_head``, not a head-only run with mixup or CutMix; under torchrun each rank extracts its
+        shard and every rank gets them all)."""
+        return head_on_cached_features(self.config, self.decision.trainable_stages)
 
     @property
     def features_io(self) -> tuple[str, Callable | None]:
@@ -220,8 +218,9 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     work = copy.deepcopy(model) if copy_model else model
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
-    check_batchnorm_batch(work, data_config["input_size"], ddp.per_rank_batch(int(config.batch_size), info), head=head,
-                          processes=info.world_size, synced=bool(config.sync_bn and info.enabled))
+    bn_batch = batchnorm_batch(config, decision.trainable_stages, ddp.per_rank_batch(int(config.batch_size), info))
+    check_batchnorm_batch(work, data_config["input_size"], bn_batch, head=head, processes=info.world_size,
+                          synced=bool(config.sync_bn and info.enabled))
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")

@@ -28,3 +28,21 @@ def test_a_synchronised_batchnorm_beside_the_classifier_is_not_refused():
     check_batchnorm_batch(_HeadBlockNet(), (3, 8, 8), 1, head="head.1", processes=2, synced=True)
     with pytest.raises(ConfigError, match=r"head\.0 gets one value per channel"):
         check_batchnorm_batch(_HeadBlockNet(), (3, 8, 8), 1, head="head.1", processes=2, synced=False)
+
+
+def test_the_batch_a_training_batchnorm_sees_is_the_global_one_only_for_a_head_alone_on_cached_features():
+    """helper-63: `--head mlp` under torchrun with a global --batch-size equal to the processes (one image each)
+    was refused, though a head alone on cached features trains on the whole global batch on every rank
+    (features.CachedHeadSteps over data.train_batches(..., processes=N)). policy.batchnorm_batch is the one
+    place that says which batch a training BatchNorm gets."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.core.policy import batchnorm_batch
+
+    config = FinetuneConfig(batch_size=2, head="mlp")
+    assert batchnorm_batch(config, 0, 1) == 2                   # the head alone, on cached features
+    assert batchnorm_batch(config, 1, 1) == 1                   # layers train (after the head phase): per process
+    assert batchnorm_batch(config.replace(epochs=1), 2, 1) == 1
+    assert batchnorm_batch(config.replace(fast_head=False), 0, 1) == 1   # the head trains through the network
+    assert batchnorm_batch(config.replace(mixup=0.2), 0, 1) == 1         # mixing: through the network too
+    assert batchnorm_batch(config.replace(cutmix=1.0), 0, 1) == 1
+    assert batchnorm_batch(FinetuneConfig(batch_size=1, head="mlp"), 0, 1) == 1   # one process, one image

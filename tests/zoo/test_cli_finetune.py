@@ -1171,6 +1171,31 @@ def test_a_network_that_cannot_be_built_on_the_meta_device_is_not_refused_by_the
     assert model.fc.out_features == 1000
 
 
+def test_an_mlp_head_alone_on_cached_features_is_not_refused_a_global_batch_of_one_image_per_process(tmp_path):
+    """helper-63: under torchrun, `--head mlp --batch-size 2` on 2 processes (one image each) was refused before the
+    download ("the MLP head's fc.bn gets one value per channel"), though a head alone on cached features trains on
+    the global batch on every rank. It is refused still when some phase trains on the process's own image: layers
+    that train after the head phase, a head trained through the network (--no-fast-head, or mixup)."""
+    from finetune.core.distributed import DistInfo
+    from finetune.core.errors import ConfigError
+    from finetune.data import scan_folder
+    from tests.zoo.conftest import make_entry
+    from zoo.jobs.finetune import check_batch_early
+
+    entry = make_entry("tiny")
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=4), val_split=0.25)
+    two = DistInfo(rank=0, world_size=2, enabled=True)
+    head_alone = FinetuneConfig(batch_size=2, head="mlp", freeze="head")
+    check_batch_early(entry, report.train, head_alone, two)
+    for refused in (head_alone.replace(freeze="none"), head_alone.replace(fast_head=False),
+                    head_alone.replace(mixup=0.2)):
+        with pytest.raises(ConfigError, match=r"the MLP head's fc\.bn gets one value per channel\): start again "
+                                              r"with --batch-size 4 or more \(2 per process\), or --head linear"):
+            check_batch_early(entry, report.train, refused, two)
+    with pytest.raises(ConfigError, match=r"fc\.bn gets one value per channel"):    # one process: the global batch is 1
+        check_batch_early(entry, report.train, head_alone.replace(batch_size=1), DistInfo())
+
+
 def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_without_validation_apart():
     """QA (session 22): 'the 10 lowest' put classes without validation images ('-') after classes at 1.00."""
     from finetune.core.confusion import FULL_MAX_CLASSES

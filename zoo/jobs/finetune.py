@@ -22,7 +22,7 @@ from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.data.scan import IMBALANCE_ADVICE
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.errors import Interrupted
-from finetune.core.policy import lr_unused
+from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, printable_name
 from finetune.core.policy import parse_freeze
@@ -213,7 +213,8 @@ def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout
     again when fit sets up) on the network built on the meta device and prepared as fit prepares it (its head,
     the freeze the scan's counts decide, the BatchNorm policy): a batch of one image that a training BatchNorm
     layer cannot normalise is refused before the download and the run folder, not when that layer first trains
-    (after the head phase).
+    (after the head phase). A head alone on cached features trains on the global batch on every rank
+    (``policy.batchnorm_batch``): one image per process is refused only when a layer trains on it.
 
     Raises:
         ConfigError: the layer, and what to change (a larger --batch-size, --bn eval, --head linear).
@@ -226,8 +227,9 @@ def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout
     if model is None:
         return    # a network the meta device cannot build: fit's set-up makes the check on the real one
     with torch.device("meta"):
-        prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
-    check_batchnorm_batch(model, run_data_config(entry, config)["input_size"], per, head=entry.classifier,
+        decision = prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
+    check_batchnorm_batch(model, run_data_config(entry, config)["input_size"],
+                          batchnorm_batch(config, decision.trainable_stages, per), head=entry.classifier,
                           processes=info.world_size, synced=bool(config.sync_bn and info.enabled))
 
 
