@@ -594,3 +594,25 @@ def test_thousands_of_near_copies_list_a_few_per_image_and_drop_the_same_images(
     assert max(len(v) for v in per.values()) == NEAR_PER_KIND and len(found) <= 2 * NEAR_PER_KIND * n
     assert {f.path for f in found} == set(paths) - {"val/cat/f00000.png"}
     assert all((p, "leak") in per for p in paths if p.startswith("train/"))    # each training frame's leak is listed
+
+
+@pytest.mark.parametrize("names", [("a", "b"), ("b", "a")])
+def test_training_images_with_the_same_features_near_a_validation_image_are_each_its_leak(names):
+    """helper-63: identical features are one group, compared with the other images through the one it keeps; of
+    two training images with the same features near a validation image, the first by path was the leak and the
+    second only its duplicate. Each is now the leak (the same cosine), whichever sorts first, and --exclude drops
+    the same images."""
+    from finetune.tools.doctor.checks import find_duplicates
+
+    u = np.array([1.0, 0.0, 0.0, 0.0])
+    w = np.array([0.97, np.sqrt(1 - 0.97**2), 0.0, 0.0])        # cosine 0.97 with u
+    far = np.array([0.0, 0.0, 1.0, 0.0])
+    paths = [f"train/cat/{names[0]}.png", f"train/cat/{names[1]}.png", "val/cat/v.png", "train/dog/d.png"]
+    splits, labels = [p.split("/")[0] for p in paths], [p.split("/")[1] for p in paths]
+    z = np.stack([u, u, w, far]).astype(np.float32)
+    found = find_duplicates(paths, splits, labels, ["1", "2", "3", "4"], z, np.ones(4, bool), 0.95)
+    leaks = {(f.path, f.other, f.score) for f in found if f.finding == "leak"}
+    assert leaks == {("train/cat/a.png", "val/cat/v.png", 0.97), ("train/cat/b.png", "val/cat/v.png", 0.97)}
+    assert {(f.finding, f.path, f.other) for f in found} - {("leak", p, o) for p, o, _ in leaks} == \
+        {("duplicate", "train/cat/b.png", "train/cat/a.png")}          # the tie itself, as before
+    assert "train/dog/d.png" not in {f.path for f in found}

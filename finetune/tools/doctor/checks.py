@@ -200,7 +200,10 @@ def _add_near_pairs(pairs: dict, vectors, mask, threshold: float, kept, splits: 
                     labels: Sequence[str]) -> list[tuple[int, int]]:
     """Pairs of rows of ``vectors`` (those ``mask`` keeps; all if None) at cosine >= ``threshold`` that
     ``pairs`` lacks, added as near copies; returns the added keys. Rows with identical vectors are one group
-    (:func:`_star`), compared with the others through the one it keeps."""
+    (:func:`_star`), compared with the others through the one it keeps; a near copy found for it is one for
+    every row of its group: each in another split than the copy kept of the two is that leak too (helper-63:
+    of two training images with the same features near a validation image, one was the leak and the other
+    only its duplicate, as it happened to sort)."""
     added: list[tuple[int, int]] = []
     if vectors is None or not len(vectors):
         return added
@@ -208,20 +211,24 @@ def _add_near_pairs(pairs: dict, vectors, mask, threshold: float, kept, splits: 
     same: dict[bytes, list[int]] = {}
     for r in rows:
         same.setdefault(np.ascontiguousarray(vectors[r], dtype=np.float32).tobytes(), []).append(int(r))
-    reps = []
+    reps, groups = [], {}
     for group in same.values():
         added += _star(pairs, group, kept, splits, labels, 1.0, False)
         reps.append(min(group, key=kept))
+        groups[reps[-1]] = group
     reps = np.asarray(sorted(reps), dtype=np.int64)
     position = np.empty(len(reps), dtype=np.int64)
     position[sorted(range(len(reps)), key=lambda k: kept(int(reps[k])))] = np.arange(len(reps))
     codes = [np.unique(np.asarray([str(v[r]) for r in reps], dtype=object), return_inverse=True)[1]
              for v in (splits, labels)]
     for i, j, sim in _near_pairs(vectors[reps], threshold, position, *codes):
-        key = (int(reps[i]), int(reps[j]))
-        if key not in pairs:
-            pairs[key] = (min(sim, 1.0), False)
-            added.append(key)
+        keep, drop = sorted((int(reps[i]), int(reps[j])), key=kept)
+        ties = [m for m in groups[drop] if m != drop and splits[m] != splits[keep]]   # linear in the group
+        for m in [drop, *ties]:
+            key = (min(m, keep), max(m, keep))
+            if key not in pairs:
+                pairs[key] = (min(sim, 1.0), False)
+                added.append(key)
     return added
 
 
