@@ -290,12 +290,12 @@ def test_excluded_paths_follow_a_rename_into_the_other_unicode_form(tmp_path):
     (data / "élan").rename(data / nfd("élan"))
     names = lambda r: [os.path.basename(p) for s in (r.train, r.val) for p, _ in s.items]     # noqa: E731
     report = scan_folder(data)
-    assert exclude_items(report, ["élan/élan_000.png", "fox/fox_000.png"]) == (2, [])
+    assert exclude_items(report, ["élan/élan_000.png", "fox/fox_000.png"]) == (2, [], {})
     assert len(names(report)) == 6 and not any(n.endswith("_000.png") for n in names(report))
     (data / "fox" / "fox_001.png").rename(data / "fox" / "café.png")
     (data / "fox" / "fox_002.png").rename(data / "fox" / nfd("café.png"))
     report = scan_folder(data)
-    assert exclude_items(report, ["fox/café.png"]) == (1, [])
+    assert exclude_items(report, ["fox/café.png"]) == (1, [], {})
     assert nfd("café.png") in names(report) and "café.png" not in names(report)
 
 
@@ -311,7 +311,7 @@ def test_exclude_file_and_items(tmp_path):
                      "nowhere/x.png\n")
     assert read_exclude_file(plain)[0] == "train/cat/cat_000.png"
     n_train, n_val = len(report.train), len(report.val)
-    removed, unmatched = exclude_items(report, read_exclude_file(plain))
+    removed, unmatched, _ = exclude_items(report, read_exclude_file(plain))
     assert removed == 2 and unmatched == ["nowhere/x.png"]
     assert len(report.train) == n_train - 1 and len(report.val) == n_val - 1
     kept = tmp_path / "tiny.csv"      # tiny / aspect rows are reported, not excluded by default
@@ -320,6 +320,50 @@ def test_exclude_file_and_items(tmp_path):
     assert read_exclude_file(kept) == ["train/b.png"]
     with pytest.raises(ValueError):
         read_exclude_file(tmp_path / "missing.csv")
+
+
+def test_a_listed_folder_leaves_out_the_images_in_it(tmp_path, monkeypatch):
+    """helper-63: the doctor's row for a folder it could not read ("folder cannot be read", kind unreadable) matched
+    no image once the folder was readable again, so `--exclude findings.csv` trained on the images it had listed.
+    A listed folder now leaves out every image under it (as the row of an unreadable image leaves the image out
+    once it is fixed), in a plain list too; a listed path that is no image and holds none is unmatched. (Tests
+    run as root, where chmod 000 does not stop reading: os.scandir refuses as it does for a user.)"""
+    import os
+
+    data = make_image_folder(tmp_path / "data", per_class=4, size=16)
+    sub = data / "cat" / "locked"
+    sub.mkdir()
+    for i in range(3):
+        (data / "cat" / f"cat_{i:03d}.png").rename(sub / f"cat_{i:03d}.png")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(sub):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", scandir)
+        report = scan_folder(data)
+    rows = _scan_findings_for(report)
+    assert [(f.path, f.finding) for f in rows if f.finding == "unreadable"] == [("cat/locked", "unreadable")]
+    findings = tmp_path / "findings.csv"
+    write_findings_csv(rows, findings)
+    assert read_exclude_file(findings) == ["cat/locked"]
+
+    report = scan_folder(data)          # readable now: its three images are back in the scan
+    n = len(report.train) + len(report.val)
+    assert exclude_items(report, read_exclude_file(findings)) == (3, [], {"cat/locked": 3})
+    assert len(report.train) + len(report.val) == n - 3
+    assert not any("/locked/" in p for s in (report.train, report.val) for p, _ in s.items)
+    report = scan_folder(data)
+    assert exclude_items(report, ["cat", "cat/locked/cat_000.png", "dog/none"]) == (4, ["dog/none"], {"cat": 3})
+
+
+def _scan_findings_for(report):
+    from finetune.tools.doctor.run import _scan_findings
+
+    return _scan_findings(report, list(report.classes), DoctorOptions())
 
 
 def test_features_go_through_the_cache_fit_uses(tmp_path):

@@ -130,6 +130,28 @@ def test_finetune_exclude_then_report(tmp_path, tiny, leaky):
     check_html((run / "report.html").read_text(encoding="utf-8"))
 
 
+def test_finetune_exclude_of_a_folder_row_leaves_its_images_out_and_says_so(tmp_path, tiny, leaky):
+    """helper-63: a findings.csv row for a folder the doctor could not read (fixed since) matched no image: the
+    run trained on its images and said "1 listed path(s) are not training or validation images". The folder's
+    images are left out, named in the line, and recorded one by one in exclude.txt (a --resume drops them too)."""
+    sub = leaky / "train" / "dog" / "burst"
+    sub.mkdir()
+    for i in range(2):
+        shutil.move(str(leaky / "train" / "dog" / f"dog_{i:03d}.png"), str(sub / f"dog_{i:03d}.png"))
+    findings = tmp_path / "findings.csv"
+    findings.write_text("path,finding,score,other,split,label,detail\n"
+                        "train/dog/burst,unreadable,1.0,,,,folder cannot be read (Permission denied)\n")
+    run = tmp_path / "run"
+    r = invoke("finetune", tiny, "--data", leaky, "--out", run, "--exclude", findings, "--freeze", "head",
+               "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--no-export")
+    assert r.exit_code == 0, r.output
+    assert (f"excluded 2 file(s) listed in {findings}; 2 of them in the listed folder(s) train/dog/burst: a folder "
+            "listed leaves out every image in it\n") in r.stderr, r.stderr
+    assert (run / "exclude.txt").read_text().splitlines() == ["train/dog/burst/dog_000.png",
+                                                              "train/dog/burst/dog_001.png"]
+    assert len(json.loads((run / "split.json").read_text())["train"]) == 22
+
+
 def test_doctor_then_exclude_with_a_file_name_that_is_not_utf8(tmp_path, tiny, leaky):
     """A leaked copy whose name is not UTF-8: doctor writes label_ranking.csv (it failed with a
     UnicodeEncodeError after findings.csv) and findings.csv names the file as \\xNN; --exclude with that

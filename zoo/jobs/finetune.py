@@ -19,6 +19,7 @@ from finetune.tools import diagnostics
 from finetune.core.config import FinetuneConfig
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
+from finetune.data.imageset import name_list
 from finetune.data.scan import IMBALANCE_ADVICE
 from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.errors import Interrupted
@@ -371,13 +372,15 @@ def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
     except ValueError as e:
         raise UsageError(f"--exclude: {e}; pass a findings.csv of `zoo doctor` or a file of paths") from None
     before = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
-    removed, unmatched = exclude_items(report, paths)
+    removed, unmatched, folders = exclude_items(report, paths)
     emptied = [c for c, n in zip(report.classes, report.train.class_counts()) if n == 0]
     if emptied:
         raise UsageError(f"--exclude {exclude} leaves no training image in class(es) {', '.join(emptied[:5])}; "
                          "list fewer files (edit the CSV, or raise `zoo doctor --near`)")
     after = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
-    say(f"excluded {removed} file(s) listed in {exclude}"
+    inside = (f"; {sum(folders.values())} of them in the listed folder(s) {name_list(list(folders))}: a folder "
+              "listed leaves out every image in it" if folders else "")
+    say(f"excluded {removed} file(s) listed in {exclude}{inside}"
         + (f" ({len(unmatched)} listed path(s) are not training or validation images)" if unmatched else ""))
     return sorted(before - after)
 

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from finetune.core.io import atomic_write_text, printable_name, read_user_text
 from finetune.data.files import class_key
@@ -135,11 +135,23 @@ def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) ->
     return list(dict.fromkeys(out))
 
 
-def exclude_items(report: Any, paths: Sequence[str]) -> tuple[int, list[str]]:
-    """Drop ``paths`` (relative to the report's root, or absolute) from its train and val sets in place.
+class Excluded(NamedTuple):
+    """What :func:`exclude_items` left out."""
+
+    removed: int                # images removed from train and val
+    unmatched: list[str]        # listed paths that are no train/val image and no folder of any
+    folders: dict[str, int]     # listed folders (relative) -> the images under them removed
+
+
+def exclude_items(report: Any, paths: Sequence[str]) -> Excluded:
+    """Drop ``paths`` (relative to the report's root, or absolute) from its train and val sets in place. A
+    listed folder drops every image under it: the doctor's row for a folder it could not read (``unreadable``,
+    "folder cannot be read") excludes that folder's images once it is readable, as the row of an unreadable
+    image excludes the image once it is fixed; a folder in a plain list is read the same way (as .gitignore or
+    ``rsync --exclude`` read one).
 
     Returns:
-        (number of images removed, the listed paths that matched no train/val image).
+        (images removed, the listed paths that matched no train/val image or folder, listed folders -> images).
     """
     # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN. A listed
     # path no image has exactly matches by class_key (the folder renamed into the other Unicode form since, as a
@@ -149,16 +161,30 @@ def exclude_items(report: Any, paths: Sequence[str]) -> tuple[int, list[str]]:
     norms = {p: printable_name(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
     by_key = {class_key(w): w for w in wanted - set(norms.values())}
     seen: set[str] = set()
+    folders: dict[str, int] = {}
     removed = 0
     for s in (report.train, report.val):
         keep = []
         for p, y in s.items:
             listed = norms[p] if norms[p] in wanted else by_key.get(class_key(norms[p]))
-            if listed is not None:
-                seen.add(listed)
+            folder = _listed_folder(norms[p], by_key) if listed is None and by_key else None
+            if folder is not None:
+                folders[folder] = folders.get(folder, 0) + 1
+            if (listed or folder) is not None:
+                seen.add(listed or folder)
                 removed += 1
             else:
                 keep.append((p, y))
         s.items[:] = keep
     unmatched = sorted(report.relpath(p) for p in wanted - seen)
-    return removed, unmatched
+    return Excluded(removed, unmatched, {report.relpath(f): n for f, n in sorted(folders.items())})
+
+
+def _listed_folder(path: str, by_key: dict[str, str]) -> str | None:
+    """The listed folder (a value of ``by_key``, keyed by ``class_key``) that holds ``path``, nearest first."""
+    folder, parent = path, os.path.dirname(path)
+    while parent != folder:
+        folder, parent = parent, os.path.dirname(parent)
+        if class_key(folder) in by_key:
+            return by_key[class_key(folder)]
+    return None
