@@ -20,7 +20,7 @@ import torch
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, load_checkpoint, save_checkpoint,
                                      save_weights)
-from finetune.core.config import RESUME_FREE, FinetuneConfig, load_config, save_config
+from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
 from finetune.core.io import atomic_write_text, printable_name, shell_command
@@ -141,8 +141,9 @@ class RunFolder:
     def _changed(self, differ: list[str], trained: dict, current: dict) -> str:
         """Why ``differ`` stops the resume: RUN/config.yaml edited since the checkpoint (the file holds the
         new value), else options given to the resume itself."""
-        try:    # typed as the run reads it (plain YAML reads `lr: 1e-4` as the text '1e-4')
-            on_disk = load_config(self.path / "config.yaml").to_dict()
+        try:    # typed as the run reads it (plain YAML reads `lr: 1e-4` as the text '1e-4'), and read as the
+            # resume read it: a resume-free option out of bounds (workers: 1000) does not hide an edit
+            on_disk = load_resume_config(self.path / "config.yaml")[0].to_dict()
         except ConfigError:
             on_disk = {}
         edited = [k for k in differ if k in on_disk and on_disk[k] == current[k]]

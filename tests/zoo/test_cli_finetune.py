@@ -1223,3 +1223,20 @@ def test_a_saved_config_with_workers_out_of_bounds_resumes_with_the_default_and_
     assert said == [f"{conf}: workers=1000 is out of bounds (allowed: 0 <= x <= 512 or -1); this resume uses "
                     "workers=-1 (the default)"]
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
+
+
+def test_a_hand_edited_lr_beside_an_out_of_bounds_workers_is_still_named_as_an_edit_of_config_yaml(tmp_path, tiny,
+                                                                                                   monkeypatch):
+    """Review of helper-63's load_resume_config: the resume now reads a config.yaml holding workers: 1000, but the
+    message for an edited option that changes the maths read the same file with the strict reader, failed, and
+    called the edit an option given to the resume ("changed option(s) lr: drop them"), though no flag was given."""
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    conf = out / "config.yaml"
+    saved = yaml.safe_load(conf.read_text())
+    conf.write_text(yaml.safe_dump({**saved, "lr": 0.123, "workers": 1000}, sort_keys=False))
+    result = invoke("finetune", "--resume", out, "--no-export", "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
+        f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
+        f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
