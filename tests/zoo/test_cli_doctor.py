@@ -152,6 +152,31 @@ def test_finetune_exclude_of_a_folder_row_leaves_its_images_out_and_says_so(tmp_
     assert len(json.loads((run / "split.json").read_text())["train"]) == 22
 
 
+
+def test_finetune_exclude_of_a_class_folder_row_says_the_row_empties_the_class(tmp_path, tiny, leaky):
+    """Review of helper-63's folder rows: zoo doctor lists a class folder it could not read as an unreadable row
+    (the class is then left out of its scan). Made readable again, that row now leaves out the whole class, and
+    the refusal said "list fewer files (edit the CSV, or raise `zoo doctor --near`)": no word of the folder row,
+    and --near has nothing to do with it. It names the folder row and how to train on its images."""
+    findings = tmp_path / "findings.csv"
+    findings.write_text("path,finding,score,other,split,label,detail\n"
+                        "train/dog,unreadable,1.0,,,,folder cannot be read (Permission denied)\n"
+                        "train/cat/cat_000.png,duplicate,1.0,train/cat/cat_001.png,train,cat,exact copy\n")
+    r = invoke("finetune", tiny, "--data", leaky, "--out", tmp_path / "run", "--exclude", findings, "--freeze",
+               "head", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (
+        f"zoo: error: --exclude {findings} leaves no training image in class(es) dog: the listed folder(s) train/dog "
+        "hold all of them (a listed folder leaves out every image in it; zoo doctor lists a folder it could not "
+        "read); delete those rows to train on their images, or run `zoo doctor` again on the data as it is now")
+    assert not (tmp_path / "run").exists()
+    listed = tmp_path / "files.txt"     # files alone (no folder) that empty a class: the advice is unchanged
+    listed.write_text("".join(f"train/dog/{p.name}\n" for p in (leaky / "train" / "dog").iterdir()))
+    r = invoke("finetune", tiny, "--data", leaky, "--out", tmp_path / "run", "--exclude", listed, "--freeze",
+               "head", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+    assert r.exit_code == 2 and r.stderr.strip().endswith(
+        "leaves no training image in class(es) dog; list fewer files (edit the CSV, or raise `zoo doctor --near`)")
+
 def test_doctor_then_exclude_with_a_file_name_that_is_not_utf8(tmp_path, tiny, leaky):
     """A leaked copy whose name is not UTF-8: doctor writes label_ranking.csv (it failed with a
     UnicodeEncodeError after findings.csv) and findings.csv names the file as \\xNN; --exclude with that

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable
 
 import torch
@@ -372,17 +372,32 @@ def _apply_exclude(report, exclude: str | Path, say: Log) -> list[str]:
     except ValueError as e:
         raise UsageError(f"--exclude: {e}; pass a findings.csv of `zoo doctor` or a file of paths") from None
     before = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
+    train_before = [(report.relpath(p), report.classes[y]) for p, y in report.train.items]
     removed, unmatched, folders = exclude_items(report, paths)
     emptied = [c for c, n in zip(report.classes, report.train.class_counts()) if n == 0]
     if emptied:
-        raise UsageError(f"--exclude {exclude} leaves no training image in class(es) {', '.join(emptied[:5])}; "
-                         "list fewer files (edit the CSV, or raise `zoo doctor --near`)")
+        raise UsageError(f"--exclude {exclude} leaves no training image in class(es) {', '.join(emptied[:5])}"
+                         f"{_emptied_by_folders(folders, train_before, emptied)}")
     after = {report.relpath(p) for s in (report.train, report.val) for p, _ in s.items}
     inside = (f"; {sum(folders.values())} of them in the listed folder(s) {name_list(list(folders))}: a folder "
               "listed leaves out every image in it" if folders else "")
     say(f"excluded {removed} file(s) listed in {exclude}{inside}"
         + (f" ({len(unmatched)} listed path(s) are not training or validation images)" if unmatched else ""))
     return sorted(before - after)
+
+
+def _emptied_by_folders(folders: dict[str, int], train_before: list[tuple[str, str]], emptied: list[str]) -> str:
+    """Why and what next when ``--exclude`` empties classes: a listed folder (the doctor's row for a class
+    folder it could not read, readable since) is named with the rows to delete; else fewer rows, or --near."""
+    gone = [p for p, c in train_before if c in emptied]
+    held = [f for f in folders if any(PurePath(f) in PurePath(p).parents for p in gone)]
+    if not held:
+        return "; list fewer files (edit the CSV, or raise `zoo doctor --near`)"
+    inside = sum(1 for p in gone if any(PurePath(f) in PurePath(p).parents for f in held))
+    share = "all" if inside == len(gone) else f"{inside} of the {len(gone)}"
+    return (f": the listed folder(s) {name_list(held)} hold {share} of them (a listed folder leaves out every "
+            "image in it; zoo doctor lists a folder it could not read); delete those rows to train on their images, "
+            "or run `zoo doctor` again on the data as it is now")
 
 
 def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_predictions=None) -> None:
