@@ -377,8 +377,9 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
 
     A resume-free option whose saved value is no longer allowed (written by an older version with another
     range, or edited: ``workers: 1000``) does not block the resume, as it changes nothing in the maths: the
-    value given now, else the default, replaces it, and a note says so. Any other option out of bounds is
-    the ConfigError :func:`load_config` raises.
+    value given now, else the default, replaces it, and a note says so. A resume-free flag given now also
+    settles a rule across options its saved value breaks (``decode: device`` beside ``augment: trivial``,
+    with ``--decode workers``). Any other option out of bounds is the ConfigError :func:`load_config` raises.
     """
     path, overrides = Path(path), dict(overrides or {})
     data, notes = _read_mapping(path), []
@@ -392,7 +393,18 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
             notes.append(f"{path}: {name}={short_repr(data[name])} is out of bounds ({problem}); this resume "
                          f"uses {name}={now!r} ({why})")
             data = {**data, name: now}
-    config = _from_file(data, path)
+    try:
+        config = _from_file(data, path)
+    except ConfigError as err:
+        # a rule across options (decode: device beside augment: trivial) or a spelling (device: gpu) that a
+        # resume-free flag given now settles: that saved value is not the one the resume uses
+        free = {k: v for k, v in overrides.items() if k in RESUME_FREE}
+        try:
+            config = _from_file({**data, **free}, path) if free else None
+        except ConfigError:
+            config = None
+        if config is None:
+            raise err from None
     if overrides:
         config = FinetuneConfig.from_dict({**config.to_dict(), **overrides}, source="--resume options")
     return config, notes

@@ -350,3 +350,24 @@ def test_a_resume_free_option_out_of_bounds_in_a_saved_config_gives_way_to_the_f
     conf.write_text(yaml.safe_dump({**FinetuneConfig().to_dict(), "workers": 1000, "lr": -1.0}))
     with pytest.raises(ConfigError, match=r"invalid lr=-1.0"):
         load_resume_config(conf)
+
+
+@pytest.mark.parametrize("saved,given", [({"decode": "device", "augment": "trivial"}, {"decode": "workers"}),
+                                         ({"device": "gpu"}, {"device": "cpu"})])
+def test_a_resume_free_flag_given_now_settles_a_rule_its_saved_value_breaks(tmp_path, saved, given):
+    """Review of helper-63's load_resume_config: a saved config.yaml whose resume-free option breaks a rule of
+    validate() other than its own range (decode: device beside augment: trivial, or device: gpu, edited) still
+    blocked the resume when the flag the message asks for was given to it (--decode workers): the file was
+    checked alone before the options given now. The resume-free flag given now settles it; alone, the file's
+    error stands, naming the file."""
+    from finetune.core.config import load_resume_config
+
+    conf = tmp_path / "config.yaml"
+    conf.write_text(yaml.safe_dump({**FinetuneConfig().to_dict(), **saved}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(conf))}: invalid "):
+        load_resume_config(conf)
+    config, notes = load_resume_config(conf, given)
+    assert {k: getattr(config, k) for k in given} == given and notes == []
+    assert all(getattr(config, k) == v for k, v in saved.items() if k not in given)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(conf))}: invalid "):   # an invalid flag settles nothing
+        load_resume_config(conf, {**given, "workers": 2000})
