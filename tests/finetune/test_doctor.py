@@ -360,6 +360,26 @@ def test_a_listed_folder_leaves_out_the_images_in_it(tmp_path, monkeypatch):
     assert exclude_items(report, ["cat", "cat/locked/cat_000.png", "dog/none"]) == (4, ["dog/none"], {"cat": 3})
 
 
+
+def test_a_listed_folder_matches_whole_path_components_never_a_name_prefix(tmp_path):
+    """Review of helper-63's folder rows: a listed folder leaves out the images under it, matched folder by folder
+    up the image's path: `cat` leaves `cats2/` and `cat/burst2/` alone, `cat/burst` takes `cat/burst/` only, a
+    listed name that is a prefix of a folder (`ca`, `cat/bur`) matches nothing, and `./cat/` is `cat`."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "cats2"), per_class=4, size=16)
+    for sub in ("burst", "burst2"):
+        (data / "cat" / sub).mkdir()
+        make_image(data / "cat" / sub / "x.png", 0, size=16)
+    names = lambda r: sorted(r.relpath(p) for s in (r.train, r.val) for p, _ in s.items)     # noqa: E731
+    everything = names(scan_folder(data))
+    for listed, folders in [(["cat"], {"cat": 6}), (["./cat/"], {"cat": 6}), (["cat/burst"], {"cat/burst": 1}),
+                            (["ca", "cat/bur", "cats"], {})]:
+        report = scan_folder(data)
+        found = exclude_items(report, listed)
+        assert (found.removed, found.folders) == (sum(folders.values()), folders), listed
+        under = [f + "/" for f in folders]
+        assert names(report) == [p for p in everything if not any(p.startswith(u) for u in under)], listed
+        assert found.unmatched == ([] if folders else sorted(listed))
+
 def _scan_findings_for(report):
     from finetune.tools.doctor.run import _scan_findings
 
