@@ -155,6 +155,29 @@ def test_a_command_that_fails_early_leaves_no_folder(tiny, data, tmp_path, monke
     assert not (tmp_path / "deep").exists()
 
 
+@pytest.mark.parametrize("where", ["link", "below_link"])
+def test_an_out_that_is_a_dangling_symlink_is_one_line_naming_the_link(tiny, data, tmp_path, monkeypatch, where):
+    """QA (helper-64): `--out LINK` (or `--out LINK/sub`), LINK a symbolic link to a folder that does not exist
+    (a disk not mounted, a folder moved), ended every command with `File exists (LINK); set ZOO_DEBUG=1 for
+    details`, exit 1 (finetune after its scan). Refused now with the link and its target named, exit 2,
+    before any model is built; nothing is created where the link points."""
+    from zoo.errors import UsageError
+    from zoo.outdir import KINDS, claim_out
+
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "unmounted" / "runs")
+    out = link if where == "link" else link / "sub"
+    forbid_model_builds(monkeypatch, "a model was built before --out was checked")
+    res = invoke("finetune", tiny, "--data", data, "--out", out, *TRAIN)
+    line = error_line(res)
+    assert res.exit_code == 2 and f"{link} is a symbolic link to {tmp_path / 'unmounted' / 'runs'}" in line, line
+    assert "which does not exist" in line and "choose another --out" in line, line
+    for kind in KINDS:
+        with pytest.raises(UsageError, match="is a symbolic link to"), claim_out(out, kind):
+            pass
+    assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+
+
 # --------------------------------------------------------------------------------------------- locks
 def test_a_lock_that_could_not_be_written_is_not_left_claiming_the_folder(tmp_path, monkeypatch):
     """Chaos QA (ulimit -f 0; a full disk): `.zoo.lock` was created but its content not written, and the

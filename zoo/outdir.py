@@ -197,6 +197,10 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
     path = Path(path)
     parent = path
     while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():     # a dangling link: mkdir said "File exists" (QA); never created (an unmounted disk?)
+            raise UsageError(f"cannot write the {folder} {path}: {parent} is a symbolic link to "
+                             f"{os.readlink(parent)}, which does not exist (a disk not mounted, a folder moved?); "
+                             f"create that folder, or choose another {option}")
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is not a folder" if parent.exists() and not parent.is_dir() else "is not writable"
