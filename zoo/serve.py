@@ -41,8 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import EMPTY_FILE, decode_opened
-from finetune.data.files import IMAGE_FORMATS
+from finetune.data.images import EMPTY_FILE, IMAGE_FORMATS, decode_opened, open_image
 from zoo.errors import ServeError
 from zoo.predict import eval_transform, model_input
 
@@ -106,7 +105,7 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         raise ImageRejected(400, f"{name}: {EMPTY_FILE}")
     with pil_warnings():
         try:
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            img = open_image(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageRejected(415, f"{name}: not an image zoo reads; {_SEND}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from finetune.core.config import FinetuneConfig
@@ -42,6 +41,7 @@ from finetune.data.geometry import Plan, crop_plan, eval_plan, resample
 from finetune.data.images import (
     device_decodable,
     load_image_tensor,
+    open_image,
     read_image_bytes,
     to_uint8_tensor,
 )
@@ -204,7 +204,7 @@ class DeviceTransform:
             return decode_jpeg(data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
         except RuntimeError:
             try:
-                with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                with open_image(io.BytesIO(data.numpy().tobytes())) as im:
                     im.load()
                     return to_uint8_tensor(im).to(device)
             except Exception as e:

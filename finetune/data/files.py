@@ -18,12 +18,10 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.io import UNLISTED_FOLDER, atomic_write_text, printable_name
-from finetune.data.images import EMPTY_FILE, pil_warnings, special_file
+from finetune.data.images import EMPTY_FILE, open_image, pil_warnings, special_file
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-# Pillow's formats of those files: what a reader of bytes without a file name (zoo serve's uploads) opens.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
@@ -103,7 +101,7 @@ def _check_file(path: str) -> str | None:
         jpeg_problem = _jpeg_structure(path, size)
         if jpeg_problem:
             return jpeg_problem
-        with Image.open(path) as im:
+        with open_image(path) as im:
             w, h = im.size
             fmt = im.format
             if w < 1 or h < 1:
@@ -115,7 +113,7 @@ def _check_file(path: str) -> str | None:
             im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
         if fmt == "JPEG" and not _jpeg_has_end(path, size):
             # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.load()
     except Image.DecompressionBombError as e:   # over 2x the limit: PIL refuses to open it, naming 2x as its limit
         size = re.search(r"\((\d+) pixels\)", str(e))
@@ -235,7 +233,7 @@ _CHECK_RUN = 64    # files per thread task: a future per file cost more than a c
 
 # What a memo of file checks (check_files' ``memo``) was made with: a memo of another format, Pillow or
 # decompression-bomb limit is not used. Bump the format when _check_file's verdicts change.
-_MEMO_FORMAT = 2
+_MEMO_FORMAT = 3     # 3: only IMAGE_FORMATS are opened (an EPS named .jpg was kept)
 # A file changed less than this before a scan (or dated in the future) is not remembered: a same-size rewrite
 # within one tick of a coarse clock (FAT, ext3, HFS+, some NFS/SMB servers) would keep its times (git's rule).
 _MEMO_RACY_NS = 2_000_000_000

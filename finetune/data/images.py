@@ -21,6 +21,16 @@ from finetune.core.io import printable_name
 # Why a file of no bytes is skipped: the scan (bad_files.txt), the training loaders, zoo predict / eval and
 # zoo serve's uploads all say it in these words.
 EMPTY_FILE = "empty file (0 bytes)"
+# Pillow's formats of the files training reads (files.IMAGE_EXTENSIONS): the only decoders any reader uses, so
+# a file whose name lies (an EPS named .jpg, handed to Ghostscript by Pillow) is refused, not opened (QA).
+# A phone's multi-picture JPEG opens through the JPEG decoder (as format "MPO").
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
+def open_image(fp) -> Image.Image:
+    """``Image.open`` limited to :data:`IMAGE_FORMATS` (UnidentifiedImageError for any other content); every
+    reader of images (scan, loaders, predict, eval, doctor, serve) opens them through it."""
+    return Image.open(fp, formats=IMAGE_FORMATS)
 
 # -------------------------------------------------------------------------------------- decoding
 @contextmanager
@@ -129,7 +139,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     _refuse_special(path)
     try:
         with pil_warnings():
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 return decode_opened(im, min_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
@@ -170,7 +180,7 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
         return False
     try:
         with pil_warnings():
-            with Image.open(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
+            with open_image(io.BytesIO(data)) as im:     # header only: no pixel is decoded here
                 if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive"):
                     return False
                 if min_size and min(im.size) >= 2 * int(min_size):

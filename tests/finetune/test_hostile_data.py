@@ -396,3 +396,38 @@ def test_a_folder_that_cannot_be_listed_is_reported_not_left_out_silently(tmp_pa
     assert "cat/sub\tfolder cannot be read" in listed and "fox\tfolder cannot be read" in listed
     with pytest.raises(DataError, match="unreadable files"):
         scan_folder(data, strict=True)
+
+
+def test_a_file_of_another_format_named_jpg_is_refused_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """QA (helper-64): the content decides the decoder, and Pillow has decoders for far more than the files
+    training reads: an EPS named .jpg (a web download, `curl ... | zoo predict BUNDLE -`) was opened and
+    handed to Ghostscript to decode (`Unable to locate Ghostscript`, or Ghostscript run on whatever the file
+    holds where it is installed); a TGA, ICO or PCX named .jpg trained. Only JPEG, PNG, WebP, BMP, GIF,
+    TIFF and PPM/PGM are opened now, by every reader (zoo serve already refused the rest); a phone's
+    multi-picture JPEG (MPO) and a PNG named .jpg still are."""
+    from PIL import EpsImagePlugin
+
+    from finetune.tools.doctor.checks import file_facts
+
+    def ghostscript(*a, **k):
+        raise AssertionError("Ghostscript was run on a file from the data folder")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    im = Image.new("RGB", (40, 40), RED)
+    (tmp_path / "a").mkdir()
+    for fmt in ("EPS", "TGA", "ICO", "PCX"):
+        im.save(tmp_path / "a" / f"x_{fmt}.jpg", format=fmt)
+    im.save(tmp_path / "a" / "png_named.jpg", format="PNG")
+    im.save(tmp_path / "a" / "phone.jpg", format="MPO", save_all=True, append_images=[Image.new("RGB", (40, 40))])
+    for i in range(2):
+        make_image(tmp_path / "b" / f"b{i}.png", 1)
+    report = scan_folder(tmp_path)
+    assert sorted(Path(p).name for p, _ in report.bad_files) == ["x_EPS.jpg", "x_ICO.jpg", "x_PCX.jpg", "x_TGA.jpg"]
+    assert all("not a readable image" in why for _, why in report.bad_files), report.bad_files
+    for fmt in ("EPS", "TGA"):
+        path = tmp_path / "a" / f"x_{fmt}.jpg"
+        with pytest.raises(DataError, match="is not a readable image"):
+            load_image(path)
+        assert file_facts([str(path)])[1] == [None]          # zoo doctor reads no size from it
+    assert load_image(tmp_path / "a" / "png_named.jpg").size == (40, 40)
+    assert load_image(tmp_path / "a" / "phone.jpg").size == (40, 40)         # opened as "MPO"

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from finetune.data import load_image, pil_warnings
+from finetune.data.images import open_image
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
 
 
@@ -78,7 +79,7 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
         except OSError:
             hashes.append("")
         try:
-            with pil_warnings(bombs="ignore"), Image.open(p) as im:
+            with pil_warnings(bombs="ignore"), open_image(p) as im:
                 sizes.append(_shown_size(im))   # header only: no decode
         except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
             sizes.append(None)
