@@ -651,3 +651,35 @@ def test_a_bundle_given_for_a_run_to_export_is_named_as_one(run_and_model, tmp_p
                                           r"exported already"):
         export_run(bundle, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_bundle_of_another_format_is_refused_naming_the_version_not_read_as_this_one(bundle_dir):
+    """QA (helper-64): the header's `zoo_bundle` (the bundle format, "1") was written and never read: a bundle
+    exported by a newer zoo whose format changed would be read as this one's, by predict, eval, serve and
+    push (which rewrites its header). Refused now in one line saying to use a newer zoo or re-export; a
+    bundle of this format, and one written before the field (none), still load."""
+    from safetensors.torch import load_file, save_file
+
+    from zoo.cache import sha256_file
+    from zoo.push import plan_push
+
+    weights, config = bundle_dir / "model.safetensors", bundle_dir / "config.json"
+    meta = dict(read_safetensors_metadata(weights))
+    assert meta["zoo_bundle"] == '"1"'
+
+    def rewrite(**changed):
+        save_file(load_file(weights), weights, metadata={**meta, **changed})
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        cfg["zoo"]["weights_sha256"] = sha256_file(weights)      # a consistent bundle, as that zoo wrote it
+        config.write_text(json.dumps(cfg), encoding="utf-8")
+
+    rewrite(zoo_bundle='"2"')
+    says = ("is a bundle of format '2', written by another version of zoo-finetune; this one reads format '1': "
+            "use the version that exported it or a newer one (pip install -U zoo-finetune)")
+    with pytest.raises(BundleError, match=re.escape(says)):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match=re.escape(says)):
+        plan_push(bundle_dir, "me/x")
+    meta.pop("zoo_bundle")
+    rewrite()
+    assert load_bundle(bundle_dir).labels == list(CLASSES)

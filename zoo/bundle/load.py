@@ -58,6 +58,8 @@ def read_safetensors_metadata(path: str | os.PathLike, fix: str = "re-export it 
 
 
 def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """A bundle's header metadata, decoded (every reader of a bundle: load_bundle, zoo push); a bundle of
+    another format than this zoo's (a newer zoo's export) is refused, not read as this format (QA)."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "format":          # the one plain string, as transformers/timm write it
@@ -67,6 +69,11 @@ def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             raise BundleError(f"{path}: metadata field {key!r} is not JSON; re-export with `zoo export RUN_DIR`") from None
+    fmt = out.get("zoo_bundle")
+    if fmt is not None and str(fmt) != BUNDLE_FORMAT:      # (exports before the field carry none: format 1)
+        raise BundleError(f"{path} is a bundle of format {str(fmt)[:20]!r}, written by another version of "
+                          f"zoo-finetune; this one reads format {BUNDLE_FORMAT!r}: use the version that exported it "
+                          "or a newer one (pip install -U zoo-finetune), or export the run again with this one")
     return out
 
 
