@@ -264,7 +264,7 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
         RegistryError: invalid YAML, unknown/missing keys, bad types, duplicate names (one line each).
     """
     try:
-        data = load_yaml(text)
+        data = load_yaml(text, unique_keys=True)      # a key written twice: refused, not the last kept (QA)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

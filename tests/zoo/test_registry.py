@@ -195,6 +195,18 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     assert str(path) in msg and "invalid YAML at line" in msg and "\n" not in msg
 
 
+def test_a_key_given_twice_in_a_registry_entry_is_refused_naming_both_lines():
+    """QA (helper-64): a user registry entry with a key written twice (`name: tiny32` copied, then edited to
+    `name: tiny64` below it; a second `sources:`) was read with the last value and no word, as `--config`
+    files were before session 22: `zoo info tiny32` said "unknown model 'tiny32'; did you mean tiny64?".
+    Registry files are read as --config files are: refused in one line naming both lines."""
+    text = yaml.safe_dump({"models": [_entry()]}, sort_keys=False)
+    twice = text.replace("- name: ", "- name: first\n  name: ", 1)
+    with pytest.raises(RegistryError, match=r"^mine.yaml: invalid YAML at line 3, column 3: name is given twice "
+                                             r"\(lines 2 and 3\), and only the last would count: keep one"):
+        parse_registry(twice, "mine.yaml")
+
+
 @pytest.mark.parametrize("text, needle", [
     ("- a\n- b\n", "top level must be a mapping"),
     ("models: {}\n", "field 'models'"),
