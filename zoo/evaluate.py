@@ -22,7 +22,7 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
 from finetune.data.files import class_key, is_ignored, walk_files
-from finetune.data.scan import held_out_folder, split_folder
+from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
 from zoo.text import printable
@@ -111,6 +111,11 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
             continue
         items.extend((p, index[name]) for p in walk_files(str(d), unlisted=unlisted)
                      if os.path.splitext(p)[1].lower() in exts)
+    if not folders and found:       # an empty test/ (made for later) beside val/: "found: none" said nothing (QA)
+        val = split_folder(root, VAL_NAMES) if split.lower() == "test" else None
+        raise UsageError(f"--data {root}: {base} holds no class folders, and zoo eval scores {split}/ where there "
+                         f"is one: put the held-out images in {base}/<class>/"
+                         + (f", or give --data {val} to score the validation images" if val else ""))
     if len(ignored) == len(folders):
         shown = ", ".join(ignored[:5]) or "none"
         if split == "." and split_folder(root, ("train",)):     # a split folder whose held-out part is missing

@@ -302,6 +302,25 @@ def test_find_eval_images_prefers_test_then_val(tmp_path):
     assert split == "." and sorted({lab for _, lab in items}) == [0, 1] and ignored == []
 
 
+def test_an_empty_test_folder_beside_val_says_fill_it_or_score_val_not_found_none(tmp_path):
+    """QA (helper-64): train/ and val/ with an empty test/ (made for later): zoo eval takes test/, as it should
+    where there is one, and said `--data DIR/test: no class folder matches the model's labels (found: none;
+    labels: ...); lay it out as <class>/<image>`, which the folder already is. Now it names the empty test/
+    and the two ways on; an empty test/ alone (a hold-out set not filled yet) says the first."""
+    root = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2, layout="split",
+                             val_per_class=1, size=16)
+    (root / "test").mkdir()
+    with pytest.raises(UsageError) as info:
+        find_eval_images(root, ["a", "b"])
+    assert str(info.value) == (f"--data {root}: {root / 'test'} holds no class folders, and zoo eval scores test/ "
+                               f"where there is one: put the held-out images in {root / 'test'}/<class>/, or give "
+                               f"--data {root / 'val'} to score the validation images")
+    assert find_eval_images(root / "val", ["a", "b"])[0] == "."          # what it says works
+    (tmp_path / "holdout" / "test").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"holdout/test holds no class folders, .*/test/<class>/$"):
+        find_eval_images(tmp_path / "holdout", ["a", "b"])
+
+
 def test_find_eval_images_reads_a_class_named_like_a_split_as_the_scan_does(tmp_path):
     """QA: a model trained on classes valid/ and invalid/ (the scan: a flat folder of two classes) could not be
     evaluated on that folder: eval took valid/ for the validation split and found no class folder in it."""
