@@ -178,6 +178,41 @@ def test_an_out_that_is_a_dangling_symlink_is_one_line_naming_the_link(tiny, dat
     assert not (tmp_path / "unmounted").exists() and link.is_symlink()
 
 
+def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):
+    """QA (helper-64): `zoo finetune --out RUN --overwrite` removed RUN/export and RUN/checkpoints whole, with
+    the user's files in them (notes beside the bundle, a `zoo eval --out RUN/export/holdout` report), though
+    --overwrite promises to remove only what the command writes. Now only zoo's files go from those two
+    folders (and the temp files of writes cut short); a folder left with nothing of the user's goes too,
+    and the new run's own export is still written into RUN/export."""
+    from zoo.outdir import MARKER, claim_out
+
+    def run_folder(root: Path, users: bool) -> Path:
+        (root / "export").mkdir(parents=True)
+        (root / "checkpoints").mkdir()
+        (root / MARKER).write_text('{"kind": "finetune"}')
+        (root / "export" / MARKER).write_text('{"kind": "export"}')
+        for name in ("model.safetensors", "config.json", "README.md", "model.onnx"):
+            (root / "export" / name).write_text("old bundle")
+        for name in ("last.pt", "best.safetensors", "head.safetensors", ".last.pt.abcd1234.tmp"):
+            (root / "checkpoints" / name).write_text("old run")
+        (root / "metrics.csv").write_text("old")
+        if users:
+            (root / "export" / "holdout").mkdir()
+            (root / "export" / "holdout" / "metrics.json").write_text('{"accuracy": 0.9}')
+            (root / "export" / "notes.md").write_text("mine")
+            (root / "checkpoints" / "mine.txt").write_text("mine")
+        return root
+
+    users, bare = run_folder(tmp_path / "users", True), run_folder(tmp_path / "bare", False)
+    for root in (users, bare):
+        with claim_out(root, "finetune", overwrite=True) as mode:
+            assert mode == "overwrite"
+    assert sorted(os.listdir(users / "export")) == [MARKER, "holdout", "notes.md"]
+    assert (users / "export" / "holdout" / "metrics.json").read_text() == '{"accuracy": 0.9}'
+    assert os.listdir(users / "checkpoints") == ["mine.txt"] and not (users / "metrics.csv").exists()
+    assert not (bare / "export").exists() and not (bare / "checkpoints").exists()   # nothing of the user's there
+
+
 # --------------------------------------------------------------------------------------------- locks
 def test_a_lock_that_could_not_be_written_is_not_left_claiming_the_folder(tmp_path, monkeypatch):
     """Chaos QA (ulimit -f 0; a full disk): `.zoo.lock` was created but its content not written, and the

@@ -240,14 +240,34 @@ def _wait_unlocked(path: Path, wait: float, note: Callable[[str], None] | None) 
         time.sleep(_WAIT_POLL_S)
 
 
+# What a run writes inside its sub-folders: --overwrite removes these there (and temp files of writes cut
+# short) and leaves anything else, with the folder: the user's notes or a `zoo eval` report put in RUN/export
+# went with the whole folder (QA). A sub-folder not named here (tensorboard, a sweep's trials) goes whole.
+_INSIDE: dict[str, tuple[str, ...]] = {
+    "export": (*KINDS["export"].files, MARKER, LOCK, STAGING),
+    "checkpoints": ("last.pt", "best.safetensors", "head.safetensors"),
+}
+
+
 def _remove_outputs(path: Path, kind: Kind) -> None:
     """``--overwrite``: remove what the command writes there, nothing else."""
     for name in kind.files:
         target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
+        if name in _INSIDE and target.is_dir() and not target.is_symlink():
+            for entry in os.listdir(target):
+                if (entry in _INSIDE[name] or is_temp(entry)) and entry != MARKER:
+                    _remove(target / entry)
+            if set(os.listdir(target)) <= {MARKER}:     # nothing of the user's is left in it
+                _remove(target)     # (else its marker stays: the new run's own export may replace it again)
+        else:
+            _remove(target)
+
+
+def _remove(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
 
 
 @contextlib.contextmanager
