@@ -207,6 +207,7 @@ def collect_classes(folder: str, loops: list[str],
     """
     classes: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
+    reals: dict[str, str] = {}
     for c in list_classes(folder):
         name = printable_name(c)
         twin = seen.get(class_key(name))
@@ -217,8 +218,29 @@ def collect_classes(folder: str, loops: list[str],
             raise DataError(f"two class folders in {printable_name(folder)} read {name} ({why}); rename one, or "
                             "move the images of one into the other")
         seen[class_key(name)] = name
+        _refuse_shared_folder(folder, c, reals)
         classes[name] = walk_files(os.path.join(folder, c), loops, unlisted)
     return dict(sorted(classes.items()))
+
+
+def _refuse_shared_folder(folder: str, c: str, reals: dict[str, str]) -> None:
+    """DataError when class folder ``c`` is, through a symbolic link, another class folder or inside one (or
+    holds one): its images would be in both classes, and trained as both without a word (QA). ``reals``:
+    the real paths of the class folders so far, and of their parent folders (``"^" + path``)."""
+    real = os.path.realpath(os.path.join(folder, c))
+    parents = [os.path.dirname(real)]
+    while os.path.dirname(parents[-1]) != parents[-1]:
+        parents.append(os.path.dirname(parents[-1]))
+    other = reals.get(real) or reals.get("^" + real) or next((reals[p] for p in parents if p in reals), None)
+    if other is not None:
+        link = c if os.path.islink(os.path.join(folder, c)) else other
+        raise DataError(f"class folders {printable_name(other)} and {printable_name(c)} in "
+                        f"{printable_name(folder)} hold the same images ({printable_name(link)} leads to "
+                        f"{printable_name(os.path.realpath(os.path.join(folder, link)))} through a symbolic "
+                        "link), which would be trained as both classes; remove the link, or give each class "
+                        "a folder of its own")
+    reals[real] = c
+    reals.update(("^" + p, c) for p in parents)
 
 
 def class_key(name: str) -> str:

@@ -1067,6 +1067,30 @@ def test_jpegs_saved_as_jfif_and_netpbm_files_are_images(tmp_path):
     assert report.bad_files == [] and report.counts()["train"]["cat"] + report.counts()["val"]["cat"] == 6
 
 
+def test_a_class_folder_linked_to_another_class_folder_or_into_it_is_refused(tmp_path):
+    """QA (helper-64): `kitty -> cat` (or `kitty -> cat/sub`, or two class folders linked into one folder
+    elsewhere) trained the same images as both classes without a word (per-class accuracy "cat 0.00,
+    kitty 1.00"). The scan refuses it in one line naming the link and where it leads; a class folder
+    linked to a folder of its own, outside the data, is read as before."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
+    (data / "cat" / "sub").mkdir()
+    os.replace(data / "cat" / "cat_000.png", data / "cat" / "sub" / "cat_000.png")
+    elsewhere = make_image_folder(tmp_path / "elsewhere", classes=("fox",), per_class=4) / "fox"
+    for link, target in (("kitty", data / "cat"), ("kitty", data / "cat" / "sub"), ("all", data)):
+        (data / link).symlink_to(target)
+        with pytest.raises(DataError, match=rf"^class folders \w+ and \w+ in {data} hold the same images "
+                                            rf"\({link} leads to {target} through a symbolic link\), which would "
+                                            "be trained as both classes; remove the link"):
+            scan_folder(data)
+        (data / link).unlink()
+    (data / "fox").symlink_to(elsewhere)
+    (data / "wolf").symlink_to(elsewhere / ".." / "fox")       # a second link to that folder: refused too
+    with pytest.raises(DataError, match=r"class folders fox and wolf in .* \(wolf leads to .*/elsewhere/fox "):
+        scan_folder(data)
+    (data / "wolf").unlink()
+    assert scan_folder(data).classes == ["cat", "dog", "fox"]
+
+
 def test_class_folders_whose_names_differ_only_in_unicode_form_are_one_name(tmp_path):
     """QA (session 18): café written composed (NFC, Linux tools) and decomposed (NFD, macOS) were two classes,
     printed alike in every label; a val/ folder copied from a Mac was a class "with no training images"."""
