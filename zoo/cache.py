@@ -316,5 +316,10 @@ def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        link = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+        if link is not None:        # mkdir said "File exists" (QA)
+            raise CacheError(f"cannot create {folder}: {link} is a symbolic link to {os.readlink(link)}, which does "
+                             "not exist (a disk not mounted, a folder moved?); create that folder, or set ZOO_HOME "
+                             "to a writable folder") from err
         raise CacheError(f"cannot create {folder} ({err.strerror or err}); set ZOO_HOME to a writable folder") \
             from err

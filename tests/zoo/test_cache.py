@@ -165,3 +165,21 @@ def test_a_model_being_installed_is_waited_for_not_left_out_of_a_lock_or_called_
     started = time.monotonic()
     assert [m["name"] for m in cache.cached_models()] == ["alpha"] and cache.verify()[0].startswith("beta: no manifest")
     assert time.monotonic() - started < 5
+
+
+def test_a_zoo_home_that_is_a_dangling_link_is_named_as_one(tmp_path, monkeypatch):
+    """QA (helper-64): ZOO_HOME (or ~/.cache/zoo) a symbolic link to a folder on a disk that is not mounted:
+    every command said `cannot create ZOO_HOME/locks (File exists); set ZOO_HOME to a writable folder`.
+    It names the link and where it leads now, and creates nothing there."""
+    from zoo.errors import CacheError
+
+    link = tmp_path / "zoo"
+    link.symlink_to(tmp_path / "unmounted" / "zoo")
+    for home in (link, link / "sub"):
+        monkeypatch.setenv("ZOO_HOME", str(home))
+        with pytest.raises(CacheError) as info:
+            cache.lock("resnet18")
+        assert str(info.value) == (f"cannot create {home / 'locks'}: {link} is a symbolic link to "
+                                   f"{tmp_path / 'unmounted' / 'zoo'}, which does not exist (a disk not mounted, a "
+                                   "folder moved?); create that folder, or set ZOO_HOME to a writable folder")
+    assert not (tmp_path / "unmounted").exists()
