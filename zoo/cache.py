@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import atomic_write_text, plain_file_mode
+from finetune.core.io import atomic_write_text, broken_link, plain_file_mode
 from zoo.errors import CacheError
 from zoo.text import shell_command
 
@@ -316,10 +316,9 @@ def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        link = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+        link = broken_link(folder)
         if link is not None:        # mkdir said "File exists" (QA)
-            raise CacheError(f"cannot create {folder}: {link} is a symbolic link to {os.readlink(link)}, which does "
-                             "not exist (a disk not mounted, a folder moved?); create that folder, or set ZOO_HOME "
-                             "to a writable folder") from err
+            raise CacheError(f"cannot create {folder}: {link}; create that folder, or set ZOO_HOME to a writable "
+                             "folder") from err
         raise CacheError(f"cannot create {folder} ({err.strerror or err}); set ZOO_HOME to a writable folder") \
             from err

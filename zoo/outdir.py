@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text, is_temp, is_temp_of, shell_command
+from finetune.core.io import atomic_write_text, broken_link, is_temp, is_temp_of, shell_command
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -196,11 +196,10 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
     names it as ``folder`` ("run folder", "bundle folder": the command's :attr:`Kind.folder`)."""
     path = Path(path)
     parent = path
+    link = broken_link(path)        # mkdir said "File exists" (QA); nothing is created where it leads
+    if link is not None:
+        raise UsageError(f"cannot write the {folder} {path}: {link}; create that folder, or choose another {option}")
     while not parent.exists() and parent != parent.parent:
-        if parent.is_symlink():     # a dangling link: mkdir said "File exists" (QA); never created (an unmounted disk?)
-            raise UsageError(f"cannot write the {folder} {path}: {parent} is a symbolic link to "
-                             f"{os.readlink(parent)}, which does not exist (a disk not mounted, a folder moved?); "
-                             f"create that folder, or choose another {option}")
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is not a folder" if parent.exists() and not parent.is_dir() else "is not writable"

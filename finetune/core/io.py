@@ -17,7 +17,7 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["UNLISTED_FOLDER", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
+__all__ = ["UNLISTED_FOLDER", "broken_link", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
            "atomic_write_text", "write_file", "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
 
@@ -163,6 +163,17 @@ def plain_file_mode(path: str | Path) -> None:
 # How the reason for a folder that cannot be listed begins (bad_files.txt, predict's and eval's warnings):
 # here, below the data layer, so that the CLI, which imports no torch, tells a folder from an image by it
 UNLISTED_FOLDER = "folder cannot be read"
+
+
+def broken_link(path: str | Path) -> str | None:
+    """Why ``path`` cannot be created, when it is or lies below a symbolic link to nothing (``mkdir`` says
+    "File exists"): ``"LINK is a symbolic link to TARGET, which does not exist (...)"``; None otherwise."""
+    path = Path(path)
+    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if link is None:
+        return None
+    return (f"{link} is a symbolic link to {os.readlink(link)}, which does not exist (a disk not mounted, a "
+            "folder moved?)")
 
 
 def printable_name(text: str) -> str:
