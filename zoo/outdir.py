@@ -33,7 +33,7 @@ from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
-__all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "check_out", "claim_out",
+__all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
            "default_out", "RunLock", "is_main_process", "still_training", "lock_holder"]
 
 MARKER = ".zoo-run.json"
@@ -128,6 +128,22 @@ def folder_kind(path: str | os.PathLike) -> str:
             and set(entries) <= set(KINDS["doctor"].files)):
         return "doctor"     # a report of a zoo doctor from before doctor wrote the marker
     return "other"
+
+
+def sweep_trial(path: str | os.PathLike) -> str | None:
+    """What to say of ``path`` when it is a trial folder of a `zoo sweep` (``OUT/trials/<id>``, or its
+    ``fold-K``, kept by --keep-runs), which holds no model.json: zoo can neither export nor continue it, and
+    `zoo predict`, `zoo export` and `zoo finetune --resume` say so (QA: predict said to export it, and export
+    to re-run it). None for any other folder."""
+    path = Path(path)
+    for trials in (path.parent, path.parent.parent):
+        if trials.name == "trials" and folder_kind(trials.parent) == "sweep" and not (path / "model.json").exists():
+            best = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--config",
+                                 trials.parent / "best_config.yaml")
+            return (f"{path} is a trial of the zoo sweep in {trials.parent} (kept by --keep-runs), which zoo does "
+                    f"not export or continue: train its options as a run (`{best}` trains the best trial's) and "
+                    "use that run's bundle")
+    return None
 
 
 def _remove_temps(path: Path) -> None:

@@ -324,3 +324,27 @@ def test_a_head_only_sweep_extended_on_resume_says_the_head_only_note(tiny_zoo, 
     r = CliRunner().invoke(cli, [*args, "--lr", "1e-2", "--resume"])
     assert r.exit_code == 0, r.output
     assert "note: every trial trains the head only, solved by L-BFGS" in r.output and "more --epochs" not in r.output
+
+
+@pytest.mark.parametrize("fold", ["", "fold-0"])
+def test_a_kept_sweep_trial_is_named_as_one_by_predict_export_and_resume(tmp_path, fold):
+    """QA (helper-64): a trial folder kept by `zoo sweep --keep-runs` (OUT/trials/<id>, or its fold-K) has
+    checkpoints but no model.json. `zoo predict TRIAL` said to export it first with `zoo export TRIAL`, which
+    said `TRIAL/model.json is missing; the run did not finish or was not made by zoo finetune; re-run it`, and
+    `zoo finetune --resume TRIAL` that it `was written by the Python API ... continue it with fit(...)`.
+    Each says now what it is and the way on: train its options as a run."""
+    sweep = tmp_path / "sweep"
+    trial = sweep / "trials" / "lr0.001_wd0.0001_freeze-auto_adam" / fold
+    (trial / "checkpoints").mkdir(parents=True)
+    (trial / "checkpoints" / "best.safetensors").write_bytes(b"")
+    (trial / "config.yaml").write_text("lr: 0.001\n")
+    (sweep / ".zoo-run.json").write_text('{"kind": "sweep"}')
+    (sweep / "best_config.yaml").write_text("lr: 0.001\n")
+    says = (f"zoo: error: {trial} is a trial of the zoo sweep in {sweep} (kept by --keep-runs), which zoo does not "
+            "export or continue: train its options as a run (`zoo finetune MODEL --data DIR --config "
+            f"{sweep / 'best_config.yaml'}` trains the best trial's) and use that run's bundle")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    for args, code in ((["predict", trial, image], 1), (["export", trial], 1), (["finetune", "--resume", trial], 2)):
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+        assert res.exit_code == code and res.output.strip() == says, (args, res.output)

@@ -17,7 +17,7 @@ from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_w
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
 from zoo.modelcard import model_card, run_recipe, run_scan
-from zoo.outdir import KINDS, STAGING
+from zoo.outdir import KINDS, STAGING, sweep_trial
 from zoo.registry import public_source_id
 
 ONNX_ATOL = 1e-4             # ONNX Runtime vs PyTorch logits, checked at export time
@@ -220,6 +220,8 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise BundleError(f"{run} is a bundle (what `zoo export` writes), not a run folder: it is exported already; "
                           f"use it as it is (`{shell_command('zoo', 'predict', run, 'IMAGE')}`) or pass the run "
                           "folder it came from")
+    if (trial := sweep_trial(run)) is not None:
+        raise BundleError(trial)
     info = _read_json(run / "model.json", "the run did not finish or was not made by `zoo finetune`; re-run it")
     for key in ("builder", "classes", "data_config"):
         if key not in info:

@@ -16,7 +16,7 @@ from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.bundle.checks import DATA_KEYS as _DATA_KEYS, WEIGHTS, check_config, class_count as _class_count
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
-from zoo.outdir import lock_holder
+from zoo.outdir import lock_holder, sweep_trial
 from zoo.resolve import hub_config
 from zoo.hub import resolve_entry
 from zoo.text import shell_command
@@ -305,6 +305,8 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
                           f"`{shell_command('zoo', 'export', 'RUN_DIR', '--out', path)}`")
     weights = path / WEIGHTS
     if not weights.exists() and ((path / "model.json").is_file() or (path / "checkpoints").is_dir()):
+        if (trial := sweep_trial(path)) is not None:
+            raise BundleError(trial)
         exported = path / "export"     # a run folder: `zoo finetune` exports its bundle there by default
         raise BundleError(f"{path} is a run folder, not a bundle: " + (
             f"use its bundle, {exported}" if (exported / WEIGHTS).is_file()

@@ -20,7 +20,7 @@ from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training,
                                feature_cache, scan_on_main, scan_warnings)
-from zoo.outdir import MARKER, claim_out, folder_kind
+from zoo.outdir import MARKER, claim_out, folder_kind, sweep_trial
 from zoo.resolve import get_entry
 from zoo.hub import resolve_entry
 from zoo.text import shell_command
@@ -82,6 +82,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     """
     run_dir = Path(run_dir)
     info_path = run_dir / MODEL_JSON
+    if (trial := sweep_trial(run_dir)) is not None:
+        raise UsageError(trial)
     if not info_path.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
         raise UsageError(f"{run_dir} was written by the Python API (finetune's fit: no model.json, so zoo cannot "
                          "rebuild its model); continue it with fit(..., run_dir=..., resume=True)")
