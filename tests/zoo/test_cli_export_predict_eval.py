@@ -38,6 +38,18 @@ def test_export_of_a_run_with_a_damaged_scan_json_warns_in_one_line_and_exports(
     assert (run / "export" / "model.safetensors").is_file()
 
 
+def test_re_exporting_lists_the_bundles_files_not_the_users_beside_them(tmp_path, runner):
+    """QA (helper-64): `zoo export RUN` over RUN/export, where the user keeps notes.md beside the bundle, said
+    `exported RUN -> RUN/export (README.md, config.json, model.safetensors, notes.md)`: notes.md was neither
+    written nor replaced (it stays as it was)."""
+    run, _ = make_run(tmp_path)
+    assert runner.invoke(cli, ["export", str(run)]).exit_code == 0
+    (run / "export" / "notes.md").write_text("mine")
+    res = runner.invoke(cli, ["export", str(run)])
+    assert res.exit_code == 0 and res.output.strip().endswith("(README.md, config.json, model.safetensors)"), res.output
+    assert (run / "export" / "notes.md").read_text() == "mine"
+
+
 def test_export_with_onnx(tmp_path, runner):
     pytest.importorskip("onnxruntime")
     run, _ = make_run(tmp_path)

@@ -37,7 +37,7 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
     from zoo.bundle import export_run
-    from zoo.outdir import claim_out, still_training
+    from zoo.outdir import KINDS, claim_out, still_training
 
     formats = tuple(dict.fromkeys(("safetensors", *formats)))
     if not run_dir.is_dir():    # export_run's own message, before a RUN_DIR/export could be created
@@ -50,5 +50,6 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     own = target.resolve() == (run_dir / "export").resolve()
     with claim_out(target, "export", overwrite=overwrite or own):
         path = export_run(run_dir, target, formats=formats, note=lambda line: echo(line, err=True))
-    files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    # the bundle's files only: the user's own beside them (notes, a report) were listed as exported (QA)
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name in KINDS["export"].files)
     echo(f"exported {run_dir} -> {path} ({', '.join(files)})")
