@@ -79,7 +79,7 @@ def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
 
 def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict: bool = False,
                 split_file: str | Path | None = None, class_names: Sequence[str] = (),
-                memo: str | Path | None = None) -> ScanReport:
+                memo: str | Path | None = None, left_out: Sequence[str] = ()) -> ScanReport:
     """Scan and validate an image folder; make (or reuse) the train/val split.
 
     Accepts ``root/train/<class>/*`` + ``root/val/<class>/*`` (+ optional ``root/test/<class>/*``), or
@@ -95,6 +95,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
             (:func:`~finetune.data.files.class_key`: renamed into the other Unicode form since) is named so.
         memo: a file that remembers each file's check (``files.check_files``): files unchanged since an
             earlier scan are not opened again.
+        left_out: paths (relative to ``root``) the run left out (its --exclude): not in ``split_file``, and
+            not files added since it was written.
 
     Returns:
         ScanReport (absolute paths; warnings for skipped files, empty classes, imbalance...).
@@ -142,7 +144,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     report = ScanReport(root_s, layout, classes, _image_set(train_files, classes),
                         _image_set(val_files, classes), test_set, sorted(bad), warn, seed, report_split, folders)
     if split_file is not None and os.path.isfile(split_file):
-        apply_split_file(report, Path(split_file))
+        apply_split_file(report, Path(split_file), left_out)
     _check_validation(report, root_s, warn)
     return report
 

@@ -80,8 +80,10 @@ def _file_keys(rels: Iterable[str]) -> dict[str, str]:
     return {r: class_key(r) if count[class_key(r)] == 1 else r for r in rels}
 
 
-def apply_split_file(report: ScanReport, path: Path) -> None:
-    """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed.
+def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> None:
+    """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed. Files in
+    ``left_out`` (relative paths the run excluded: not in the split file) are not called added (QA: every
+    resume of a run with --exclude warned of them as added files).
 
     A file is matched by its relative path's :func:`class_key` (:func:`_file_keys`): folders and files renamed
     into the other Unicode form (copied through macOS) keep their side and class."""
@@ -102,7 +104,7 @@ def apply_split_file(report: ScanReport, path: Path) -> None:
     current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
-    added = sorted(set(current) - set(before))
+    added = sorted(set(current) - set(before) - set(_file_keys(left_out).values()))
     removed = sorted(set(before) - set(current))
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
     # the same path but for their class folder (each the only one of that name) count as that move. By name:

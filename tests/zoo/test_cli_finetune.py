@@ -774,8 +774,9 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert files() == before
 
 
-def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox")):
-    """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1."""
+def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox"), extra=()):
+    """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1
+    (``extra``: more options, e.g. ``("--exclude", FILE)`` made before the data: ``tmp_path / "data"``)."""
     import finetune.engine.epoch_steps as loop
 
     data = make_image_folder(tmp_path / "data", classes=classes, per_class=6, layout=layout)
@@ -791,9 +792,23 @@ def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, class
     with monkeypatch.context() as m:
         m.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
         result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "head", "--no-fast-head",
-                        "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet")
+                        "--epochs", "3", "--workers", "0", "--batch-size", "8", "--no-export", "--quiet", *extra)
     assert result.exit_code == 130, result.output
     return data, out, result
+
+
+def test_resuming_a_run_with_excluded_files_does_not_call_them_added(tmp_path, tiny, monkeypatch):
+    """QA (helper-64): every `--resume` of a run made with --exclude warned `files changed since split file
+    split.json was written: 2 added, ...; new ones are split by the seed`, the data unchanged: the files the
+    run left out are not in its split.json, and the scan counted them as new before they were left out again.
+    The scan is told what the run left out (RUN/exclude.txt): no warning, the same files left out."""
+    (tmp_path / "exclude.txt").write_text("cat/cat_000.png\ndog/dog_001.png\n")
+    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, extra=("--exclude", tmp_path / "exclude.txt"))
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 0, res.output
+    assert "files changed since" not in res.output and "excluded 2 file(s)" in res.output, res.output
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert not {"cat/cat_000.png", "dog/dog_001.png"} & {p for side in ("train", "val") for p, _ in split[side]}
 
 
 

@@ -5,6 +5,7 @@ The new-run path and what both share (the exclusions, the model build, the end o
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from finetune.core.checkpoint import load_checkpoint
 from finetune.core.config import FinetuneConfig, load_resume_config
 from finetune.core.errors import CheckpointError
 from finetune.data import scan_outdated, write_scan
+from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
 from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
@@ -213,12 +215,17 @@ def _trained_classes(info_json: dict) -> list[str]:
 def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: FinetuneConfig, export: bool, info,
                    say: Log) -> RunOutcome:
     # class_names: class folders renamed into the other Unicode form since keep the names the run trained on
+    excluded = run_dir / EXCLUDE_TXT      # the files the run left out stay out
+    left_out: list[str] = []
+    if excluded.is_file():
+        with contextlib.suppress(ValueError):       # a damaged file: _apply_exclude below says so
+            left_out = read_exclude_file(excluded)
     report = scan_on_main(data_dir, config, info, split_file=run_dir / "split.json",
-                          class_names=_trained_classes(info_json))
+                          class_names=_trained_classes(info_json), left_out=left_out)
     for w in scan_warnings(report, config):
         say(f"warning: {w}")
-    if (run_dir / EXCLUDE_TXT).is_file():   # the files the run left out stay out
-        _apply_exclude(report, run_dir / EXCLUDE_TXT, say)
+    if excluded.is_file():
+        _apply_exclude(report, excluded, say)
     if info.is_main and scan_outdated(report, run_dir) and \
             list(load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)["classes"]) == report.classes:
         write_scan(report, run_dir, scan_only=True)    # deleted, or the data moved (--data): written again
