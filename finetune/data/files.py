@@ -29,7 +29,9 @@ _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some camer
 
 # -------------------------------------------------------------------------------------- scanning
 def is_ignored(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED_NAMES
+    # `x.jpg:Zone.Identifier`: Windows' "downloaded from the web" mark, a file of its own once copied into WSL or
+    # through Samba, beside every image (QA: each listed as a bad file, and --strict refused the folder)
+    return name.startswith(".") or name in IGNORED_NAMES or name.lower().endswith(":zone.identifier")
 
 
 def walk_files(top: str, loops: list[str] | None = None,

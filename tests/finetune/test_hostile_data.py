@@ -431,3 +431,20 @@ def test_a_file_of_another_format_named_jpg_is_refused_never_handed_to_ghostscri
         assert file_facts([str(path)])[1] == [None]          # zoo doctor reads no size from it
     assert load_image(tmp_path / "a" / "png_named.jpg").size == (40, 40)
     assert load_image(tmp_path / "a" / "phone.jpg").size == (40, 40)         # opened as "MPO"
+
+
+def test_windows_zone_identifier_files_beside_each_image_are_ignored_as_debris(tmp_path):
+    """QA (helper-64): a folder copied from Windows into WSL (or through Samba) holds `x.jpg:Zone.Identifier`
+    beside every downloaded image (Windows' mark of the web, a file of its own there): each was a bad file
+    (`not an image file type (.identifier)`), one warning per run, and `--strict` refused the folder. They are
+    debris like `.DS_Store` now: in no run file, not an error under --strict, not predicted."""
+    from finetune.data.files import walk_files
+
+    for cls in (0, 1):
+        for i in range(3):
+            image = make_image(tmp_path / f"c{cls}" / f"{i}.jpg", cls)
+            Path(f"{image}:Zone.Identifier").write_text("[ZoneTransfer]\r\nZoneId=3\r\n")
+    report = scan_folder(tmp_path, strict=True)
+    assert report.bad_files == [] and not any("Zone" in w for w in report.warnings)
+    assert sum(report.counts()["train"].values()) + sum(report.counts()["val"].values()) == 6
+    assert not any("Zone" in p for p in walk_files(str(tmp_path)))
