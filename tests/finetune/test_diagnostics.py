@@ -295,6 +295,17 @@ def test_lr_find_stops_early_on_divergence_and_steepest_rule(tiny_train_set):
     assert "stopped early" in res.describe()
 
 
+def test_lr_find_past_what_float32_holds_stops_as_a_divergence(tiny_train_set):
+    """QA (helper-64): `zoo lr-find --end-lr 1e300` ended with `the optimizer step overflowed (learning rate up
+    to 5.62e+69 ...): lower the learning rate, --backbone-lr-mult or --weight-decay`, exit 1, its folder without
+    a result: the step refused an LR the parameters' float type cannot hold. That is where the range test has
+    diverged: it stops there (stopped early) and reads the curve of the steps before, as at a NaN loss."""
+    res = lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", start_lr=1e-7,
+                  end_lr=1e300, steps=5)      # the second step at 5.6e69
+    assert res.stopped_early and 1 <= len(res.lrs) < 5 and max(res.lrs) < 3.4e38, res.lrs
+    assert res.lrs[0] <= res.suggestion <= res.lrs[-1] or "guess" in res.describe()
+
+
 def test_lr_find_says_nothing_of_the_runs_auto_epochs(tiny_train_set):
     """QA: under `zoo finetune --lr auto` with auto epochs the line "epochs: at most N (auto for ...)" came
     twice: from the range test's setup, then from the run's. The range test trains steps, not epochs."""

@@ -213,20 +213,30 @@ def _run_range_test(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | No
     batch kernel until ``test`` is done."""
     optimizer, scaler = test.optimizer, setup.amp.make_scaler()
     for epoch in itertools.count(1):
-        if cached is not None:
-            setup.model.eval()          # the head trains on the features, the rest stays in eval mode
-            out = train_one_epoch(cached.net, cached.batches(epoch), optimizer, None, setup.loss_fn, setup.device,
-                                  amp=setup.amp, scaler=scaler, epoch=epoch, after_step=test, raise_diverged=False)
-        else:
-            setup.seed_train_loader(epoch)      # probe what fit trains: its batches, mixed images, soft targets
-            out = train_one_epoch(setup.model, setup.train_loader, optimizer, None, setup.loss_fn, setup.device,
-                                  amp=setup.amp, scaler=scaler, epoch=epoch, channels_last=setup.channels_last,
-                                  normalize=setup.train_normalize, mix=setup.mix, after_step=test,
-                                  raise_diverged=False)
+        try:
+            out = _range_test_epoch(setup, test, cached, optimizer, scaler, epoch)
+        except DivergedError:       # an LR past what the parameters' float type holds (--end-lr 1e300): the
+            if not test.lrs:        # test has diverged there, as at a NaN loss (QA: "lower the learning rate")
+                raise
+            test._end(stopped=True)
+            return
         if test.done:
             return
         if not out["images"]:     # a source that yields nothing must not spin forever
             raise FinetuneError("the training loader yielded no batch; check the image folder")
+
+
+def _range_test_epoch(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | None, optimizer, scaler,
+                      epoch: int) -> dict:
+    """One epoch of the range test's batches (see _run_range_test); train_one_epoch's tally."""
+    if cached is not None:
+        setup.model.eval()          # the head trains on the features, the rest stays in eval mode
+        return train_one_epoch(cached.net, cached.batches(epoch), optimizer, None, setup.loss_fn, setup.device,
+                               amp=setup.amp, scaler=scaler, epoch=epoch, after_step=test, raise_diverged=False)
+    setup.seed_train_loader(epoch)      # probe what fit trains: its batches, mixed images, soft targets
+    return train_one_epoch(setup.model, setup.train_loader, optimizer, None, setup.loss_fn, setup.device,
+                           amp=setup.amp, scaler=scaler, epoch=epoch, channels_last=setup.channels_last,
+                           normalize=setup.train_normalize, mix=setup.mix, after_step=test, raise_diverged=False)
 
 
 def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
