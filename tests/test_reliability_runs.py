@@ -178,6 +178,21 @@ def test_an_out_that_is_a_dangling_symlink_is_one_line_naming_the_link(tiny, dat
     assert not (tmp_path / "unmounted").exists() and link.is_symlink()
 
 
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_an_out_with_a_name_too_long_for_the_file_system_is_one_line(tiny, data, tmp_path, where):
+    """QA (helper-64): `--out` with a name over the file system's 255 bytes (a pasted sentence, a URL) ended
+    with `File name too long (PATH); set ZOO_DEBUG=1 for details`, exit 1 (finetune after its scan). Refused
+    now in one line naming the limit, exit 2, before anything is written."""
+    long = "x" * 300
+    out = tmp_path / long if where == "last" else tmp_path / long / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", out, *TRAIN)
+    line = error_line(res)
+    assert res.exit_code == 2 and line.endswith(f"the name {'x' * 24}... is 300 bytes long, more than the 255 a "
+                                                "name may have on this file system; choose a shorter --out"), line
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (data, tmp_path / "registry.yaml",
+                                                                    tmp_path / "tiny32.safetensors"))
+
+
 def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):
     """QA (helper-64): `zoo finetune --out RUN --overwrite` removed RUN/export and RUN/checkpoints whole, with
     the user's files in them (notes beside the bundle, a `zoo eval --out RUN/export/holdout` report), though

@@ -225,6 +225,26 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; {fix}")
 
 
+def _check_name_lengths(path: Path, option: str, folder: str) -> None:
+    """UsageError when a name in ``path`` is longer than its file system takes (QA: `File name too long (PATH);
+    set ZOO_DEBUG=1 for details`, from the first look at the folder). Checked before anything else touches it."""
+    parts = Path(os.path.abspath(path)).parts
+    base = Path(parts[0])
+    for part in parts[1:]:          # the deepest existing folder: its file system's limit (os.path.isdir never raises)
+        if not os.path.isdir(base / part):
+            break
+        base = base / part
+    try:
+        limit = int(os.pathconf(base, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
+    longest = max(parts, key=lambda p: len(os.fsencode(p)))
+    if len(os.fsencode(longest)) > limit:
+        raise UsageError(f"cannot write the {folder} {path}: the name {longest[:24]}... is {len(os.fsencode(longest))} "
+                         f"bytes long, more than the {limit} a name may have on this file system; choose a shorter "
+                         f"{option}")
+
+
 def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str, given: bool = True) -> None:
     """Raise UsageError when ``path`` is the data folder ``data`` or inside it (``why``: what goes wrong there);
     ``given=False``: ``path`` is the command's default, not a ``--out`` the user typed (e.g. run from inside
@@ -306,6 +326,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
+    _check_name_lengths(path, option, KINDS[kind].folder)
     _wait_unlocked(path, wait, note)    # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
     check_writable(path, option, KINDS[kind].folder)
