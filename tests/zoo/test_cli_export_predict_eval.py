@@ -162,6 +162,16 @@ def test_predict_folder_json_lists_unreadable_images_with_their_reason(bundle, t
     assert all(p["label"] in CLASSES for d in good for p in d["predictions"])
 
 
+def test_a_path_with_a_name_too_long_for_the_file_system_says_shorten_it(bundle, tmp_path, runner):
+    """QA (helper-64): `zoo predict BUNDLE <a 300-byte name>.jpg` (a pasted URL) ended with `File name too long
+    (PATH); set ZOO_DEBUG=1 for details`: the way on is to shorten the name, said now by the CLI's one handler
+    of OS errors (an image, a bundle, ZOO_HOME alike)."""
+    res = runner.invoke(cli, ["predict", str(bundle), str(tmp_path / ("x" * 300 + ".jpg"))])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert res.output.strip().endswith(".jpg): a name in the path is longer than the file system takes (255 bytes "
+                                       "on most); shorten it"), res.output
+
+
 def test_predict_text_with_tta_scales(bundle, tmp_path, runner):
     img = tmp_path / "x.png"
     Image.new("RGB", (90, 70), (10, 200, 30)).save(img)

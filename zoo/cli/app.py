@@ -106,6 +106,9 @@ class ZooGroup(click.Group):
             if no_room(err):     # a quota, a file-size limit (FAT32, ulimit -f), a read-only mount
                 fail(f"{err.strerror} while writing{where}: write elsewhere (--out, ZOO_HOME)"
                      + (" or free some space under your quota" if err.errno == errno.EDQUOT else ""), 1)
+            if err.errno == errno.ENAMETOOLONG:    # a name no file can have (QA: "...; set ZOO_DEBUG=1")
+                fail(f"{err.strerror}{where}: a name in the path is longer than the file system takes (255 bytes "
+                     "on most); shorten it", 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 
