@@ -193,6 +193,28 @@ def test_an_out_with_a_name_too_long_for_the_file_system_is_one_line(tiny, data,
                                                                     tmp_path / "tiny32.safetensors"))
 
 
+@pytest.mark.parametrize("limit", [-1, 0, 20])
+def test_the_name_length_check_measures_only_new_names_and_only_against_a_stated_limit(tmp_path, monkeypatch, limit):
+    """Review (h67) of the check above: a file system that states no name limit (``pathconf`` gives -1:
+    POSIX's "no limit") refused every --out ("the name ... is 3 bytes long, more than the -1 a name may
+    have"), and the names of folders that exist already were measured against the limit of the deepest of
+    them (a long folder name on ext4 above an ecryptfs mount of 143 bytes): they exist, so they fit. Only the
+    names still to be created are measured, against a limit the file system states."""
+    from zoo import outdir
+    from zoo.errors import UsageError
+
+    existing = tmp_path / ("y" * 40)
+    existing.mkdir()
+    monkeypatch.setattr(outdir.os, "pathconf", lambda *_a: limit)
+    with outdir.claim_out(existing / "run", "finetune") as mode:
+        assert mode == "new"
+    if limit > 0:       # a new name over a stated limit is still refused, before anything is created
+        with pytest.raises(UsageError, match="is 25 bytes long, more than the 20"), \
+                outdir.claim_out(existing / ("z" * 25) / "run", "finetune"):
+            pass
+        assert os.listdir(existing) == []
+
+
 def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):
     """QA (helper-64): `zoo finetune --out RUN --overwrite` removed RUN/export and RUN/checkpoints whole, with
     the user's files in them (notes beside the bundle, a `zoo eval --out RUN/export/holdout` report), though

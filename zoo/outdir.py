@@ -229,16 +229,19 @@ def _check_name_lengths(path: Path, option: str, folder: str) -> None:
     """UsageError when a name in ``path`` is longer than its file system takes (QA: `File name too long (PATH);
     set ZOO_DEBUG=1 for details`, from the first look at the folder). Checked before anything else touches it."""
     parts = Path(os.path.abspath(path)).parts
-    base = Path(parts[0])
-    for part in parts[1:]:          # the deepest existing folder: its file system's limit (os.path.isdir never raises)
+    base, new = Path(parts[0]), ()
+    for i, part in enumerate(parts[1:], 1):   # the deepest existing folder: its file system's limit (isdir never raises)
         if not os.path.isdir(base / part):
-            break
+            new = parts[i:]     # only these are created: the existing names fit (measured against another
+            break               # file system's limit, a long name above an ecryptfs mount was refused)
         base = base / part
     try:
         limit = int(os.pathconf(base, "PC_NAME_MAX"))
     except (OSError, ValueError):
         limit = 255
-    longest = max(parts, key=lambda p: len(os.fsencode(p)))
+    if not new or limit <= 0:       # -1: the file system states no limit (it refused every --out)
+        return
+    longest = max(new, key=lambda p: len(os.fsencode(p)))
     if len(os.fsencode(longest)) > limit:
         raise UsageError(f"cannot write the {folder} {path}: the name {longest[:24]}... is {len(os.fsencode(longest))} "
                          f"bytes long, more than the {limit} a name may have on this file system; choose a shorter "
