@@ -169,7 +169,9 @@ def broken_link(path: str | Path) -> str | None:
     """Why ``path`` cannot be created, when it is or lies below a symbolic link to nothing (``mkdir`` says
     "File exists"): ``"LINK is a symbolic link to TARGET, which does not exist (...)"``; None otherwise."""
     path = Path(path)
-    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    # os.path's islink/exists answer False where pathlib's raise (a folder the user may not enter: EACCES on
+    # Python < 3.12), so a caller's own message for that failure stands
+    link = next((p for p in (path, *path.parents) if os.path.islink(p) and not os.path.exists(p)), None)
     if link is None:
         return None
     return (f"{link} is a symbolic link to {os.readlink(link)}, which does not exist (a disk not mounted, a "

@@ -183,3 +183,27 @@ def test_a_zoo_home_that_is_a_dangling_link_is_named_as_one(tmp_path, monkeypatc
                                    f"{tmp_path / 'unmounted' / 'zoo'}, which does not exist (a disk not mounted, a "
                                    "folder moved?); create that folder, or set ZOO_HOME to a writable folder")
     assert not (tmp_path / "unmounted").exists()
+
+
+def test_a_zoo_home_below_a_folder_that_cannot_be_searched_is_one_line_not_a_bare_permission_error(tmp_path,
+                                                                                                  monkeypatch):
+    """Review (h67) of the dangling-link message above: ZOO_HOME below a folder the user may not enter (chmod
+    700 of another user's home) made mkdir fail with EACCES, and the look for a dangling link that followed
+    (pathlib's is_symlink: lstat) raised the same PermissionError out of the handler, so the command ended
+    with a bare `Permission denied` instead of `cannot create ... (Permission denied); set ZOO_HOME to a
+    writable folder`. Root, which runs these tests, enters any folder: the OS calls refuse as for a user."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def refuse(real):
+        def call(path, *a, **k):
+            if Path(path).is_relative_to(locked) and Path(path) != locked:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *a, **k)
+        return call
+
+    for name in ("stat", "lstat", "mkdir"):
+        monkeypatch.setattr(os, name, refuse(getattr(os, name)))
+    monkeypatch.setenv("ZOO_HOME", str(locked / "zoo"))
+    with pytest.raises(CacheError, match=r"\(Permission denied\); set ZOO_HOME to a writable folder"):
+        cache.lock("resnet18")
