@@ -18,10 +18,12 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.io import UNLISTED_FOLDER, atomic_write_text, printable_name
-from finetune.data.images import EMPTY_FILE, open_image, pil_warnings, special_file
+from finetune.data.images import EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file
 
-# .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+# .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too; .avif
+# where this Pillow decodes it (images.IMAGE_FORMATS).
+IMAGE_EXTENSIONS = ((".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+                    + ((".avif",) if "AVIF" in IMAGE_FORMATS else ()))
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)

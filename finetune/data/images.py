@@ -23,8 +23,14 @@ from finetune.core.io import printable_name
 EMPTY_FILE = "empty file (0 bytes)"
 # Pillow's formats of the files training reads (files.IMAGE_EXTENSIONS): the only decoders any reader uses, so
 # a file whose name lies (an EPS named .jpg, handed to Ghostscript by Pillow) is refused, not opened (QA).
-# A phone's multi-picture JPEG opens through the JPEG decoder (as format "MPO").
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+# A phone's multi-picture JPEG opens through the JPEG decoder (as format "MPO"). AVIF where this Pillow decodes
+# it (11.2+ wheels): browsers save it under .jpg names too, and web-scraped folders hold such files.
+try:
+    from PIL import AvifImagePlugin as _avif
+    _AVIF: tuple[str, ...] = ("AVIF",) if _avif.SUPPORTED else ()
+except ImportError:       # an older Pillow: no AVIF decoder
+    _AVIF = ()
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM") + _AVIF
 
 
 def open_image(fp) -> Image.Image:

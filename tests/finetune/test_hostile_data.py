@@ -433,6 +433,28 @@ def test_a_file_of_another_format_named_jpg_is_refused_never_handed_to_ghostscri
     assert load_image(tmp_path / "a" / "phone.jpg").size == (40, 40)         # opened as "MPO"
 
 
+def test_an_avif_image_is_read_under_its_own_name_and_under_a_jpg_name(tmp_path):
+    """Review of the format limit above: browsers save AVIF under .jpg names too (web-scraped folders hold
+    such files), and they trained before the limit; AVIF is read wherever this Pillow decodes it, as .avif
+    and under a .jpg name, by the scan and by the loaders."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF decoder")
+    (tmp_path / "a").mkdir()
+    im = Image.new("RGB", (40, 30), RED)
+    im.save(tmp_path / "a" / "web.jpg", format="AVIF")
+    im.save(tmp_path / "a" / "photo.avif", format="AVIF")
+    for i in range(2):
+        make_image(tmp_path / "b" / f"b{i}.png", 1)
+    report = scan_folder(tmp_path)
+    assert report.bad_files == []
+    kept = [p for s in report.sets().values() for p, _ in s.items]
+    assert sorted(Path(p).name for p in kept if Path(p).parent.name == "a") == ["photo.avif", "web.jpg"]
+    for name in ("web.jpg", "photo.avif"):
+        assert load_image(tmp_path / "a" / name).size == (40, 30)
+
+
 def test_windows_zone_identifier_files_beside_each_image_are_ignored_as_debris(tmp_path):
     """QA (helper-64): a folder copied from Windows into WSL (or through Samba) holds `x.jpg:Zone.Identifier`
     beside every downloaded image (Windows' mark of the web, a file of its own there): each was a bad file
