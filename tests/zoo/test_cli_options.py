@@ -286,7 +286,9 @@ def test_augment_takes_a_mode(args, expected):
     ("EDQUOT", "while writing (/out/x): write elsewhere (--out, ZOO_HOME) or free some space under your quota"),
     ("EFBIG", "File too large while writing (/out/x): write elsewhere (--out, ZOO_HOME)"),
     ("EROFS", "Read-only file system while writing (/out/x): write elsewhere (--out, ZOO_HOME)"),
-    ("EACCES", "Permission denied (/out/x); set ZOO_DEBUG=1 for details"),
+    ("EACCES", "Permission denied (/out/x): this user may not use that path; change its permissions (or ask its "
+               "owner), or choose another (--out, ZOO_HOME)"),
+    ("ENOEXEC", "Exec format error (/out/x); set ZOO_DEBUG=1 for details"),
 ])
 def test_a_write_that_finds_no_room_says_where_and_what_to_do(code, says, monkeypatch):
     """One test of "no room here" (finetune.core.io.no_room, which the cache's downloads use too): the CLI

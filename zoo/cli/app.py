@@ -109,6 +109,9 @@ class ZooGroup(click.Group):
             if err.errno == errno.ENAMETOOLONG:    # a name no file can have (QA: "...; set ZOO_DEBUG=1")
                 fail(f"{err.strerror}{where}: a name in the path is longer than the file system takes (255 bytes "
                      "on most); shorten it", 1)
+            if err.errno in (errno.EACCES, errno.EPERM):     # (a review: a folder the user may not enter)
+                fail(f"{err.strerror}{where}: this user may not use that path; change its permissions (or ask "
+                     "its owner), or choose another (--out, ZOO_HOME)", 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
 
 
