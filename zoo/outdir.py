@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -278,27 +279,48 @@ def _wait_unlocked(path: Path, wait: float, note: Callable[[str], None] | None) 
         time.sleep(_WAIT_POLL_S)
 
 
-# What a run writes inside its sub-folders: --overwrite removes these there (and temp files of writes cut
-# short) and leaves anything else, with the folder: the user's notes or a `zoo eval` report put in RUN/export
-# went with the whole folder (QA). A sub-folder not named here (tensorboard, a sweep's trials) goes whole.
-_INSIDE: dict[str, tuple[str, ...]] = {
-    "export": (*KINDS["export"].files, MARKER, LOCK, STAGING),
-    "checkpoints": ("last.pt", "best.safetensors", "head.safetensors"),
+# What --overwrite may delete inside a command's sub-folders, the one place that decides it: a rule maps an
+# entry's name to False (the user's: kept), None (zoo's: removed whole) or the rule of a folder zoo writes into,
+# where only zoo's entries go, and the folder with them when nothing of the user's is left. The user's notes or
+# a `zoo eval` report put in RUN/export went with the whole folder (QA), and so did anything in a sweep's trials/.
+# Temp files of writes cut short are zoo's everywhere. A sub-folder without a rule (tensorboard) goes whole.
+_Rule = Callable[[str], "_Rule | bool | None"]
+_TRIAL = re.compile(r"lr.+_wd.+_freeze-.+_.+")  # finetune.tools.sweep.space.trial_id's names (a test checks)
+_FOLD = re.compile(r"fold-\d+")                  # a trial's fold under --folds
+
+
+def _own(names: tuple[str, ...], inside: dict[str, _Rule] | None = None) -> _Rule:
+    """The rule of a folder where zoo writes ``names`` (the folders in ``inside`` by their own rule)."""
+    return lambda n: (inside or {}).get(n) if n in names else None if is_temp(n) else False
+
+
+_CHECKPOINTS = _own(("last.pt", "best.safetensors", "head.safetensors"))
+_EXPORT = _own((*KINDS["export"].files, LOCK, STAGING))     # (its marker stays while the user's files do)
+_RUN = _own(KINDS["finetune"].files, {"export": _EXPORT, "checkpoints": _CHECKPOINTS})   # a trial's run folder
+_INSIDE: dict[str, _Rule] = {
+    "export": _EXPORT, "checkpoints": _CHECKPOINTS,
+    "trials": lambda n: (lambda m: _RUN if _FOLD.fullmatch(m) else _RUN(m)) if _TRIAL.fullmatch(n) else False,
 }
 
 
 def _remove_outputs(path: Path, kind: Kind) -> None:
     """``--overwrite``: remove what the command writes there, nothing else."""
     for name in kind.files:
-        target = path / name
-        if name in _INSIDE and target.is_dir() and not target.is_symlink():
-            for entry in os.listdir(target):
-                if (entry in _INSIDE[name] or is_temp(entry)) and entry != MARKER:
-                    _remove(target / entry)
-            if set(os.listdir(target)) <= {MARKER}:     # nothing of the user's is left in it
-                _remove(target)     # (else its marker stays: the new run's own export may replace it again)
-        else:
-            _remove(target)
+        _remove_own(path / name, _INSIDE.get(name))
+
+
+def _remove_own(target: Path, rule: _Rule | None) -> None:
+    """Remove ``target``, written by zoo: whole without a ``rule``, else only zoo's entries in it (by ``rule``),
+    and the folder itself when nothing else is left in it but a marker."""
+    if rule is None or not target.is_dir() or target.is_symlink():
+        _remove(target)
+        return
+    for entry in os.listdir(target):
+        inner = rule(entry)
+        if inner is not False:
+            _remove_own(target / entry, inner if callable(inner) else None)
+    if set(os.listdir(target)) <= {MARKER}:     # nothing of the user's is left in it
+        _remove(target)     # (else its marker stays: the new run's own export may replace it again)
 
 
 def _remove(target: Path) -> None:

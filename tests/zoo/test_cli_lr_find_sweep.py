@@ -348,3 +348,31 @@ def test_a_kept_sweep_trial_is_named_as_one_by_predict_export_and_resume(tmp_pat
     for args, code in ((["predict", trial, image], 1), (["export", trial], 1), (["finetune", "--resume", trial], 2)):
         res = CliRunner().invoke(cli, [str(a) for a in args])
         assert res.exit_code == code and res.output.strip() == says, (args, res.output)
+
+
+def test_sweep_overwrite_keeps_the_users_files_inside_trials(tiny_zoo, tmp_path):
+    """QA (helper-64): `zoo sweep --overwrite` removed OUT/trials whole, with the user's files in it (notes
+    beside a kept trial, a folder of their own), though --overwrite promises to remove only what the command
+    writes. The trials go by the rule RUN/export and RUN/checkpoints go by (zoo.outdir, one place): a kept
+    trial's files and folders go, the user's stay, and a trial folder with nothing of the user's goes whole."""
+    from finetune.tools.sweep.space import trial_id
+
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--epochs", "1", "--lr", "1e-3",
+            *COMMON]
+    r = CliRunner().invoke(cli, [*args, "--keep-runs"])
+    assert r.exit_code == 0, r.output
+    (trial,) = os.listdir(out / "trials")
+    (out / "trials" / trial / "notes.md").write_text("mine")
+    (out / "trials" / "mine").mkdir()
+    (out / "trials" / "mine" / "config.yaml").write_text("mine")
+    (out / "trials" / "README.txt").write_text("mine")
+    other = out / "trials" / trial_id({"lr": 0.5, "weight_decay": 0.1, "freeze": "head", "optimizer": "sgd"})
+    (other / "fold-0" / "checkpoints").mkdir(parents=True)     # an older --folds trial, nothing of the user's
+    for name in ("fold-0/config.yaml", "fold-0/metrics.csv", "fold-0/checkpoints/best.safetensors"):
+        (other / name).write_text("old")
+    r = CliRunner().invoke(cli, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out / "trials")) == sorted(["README.txt", "mine", trial])
+    assert os.listdir(out / "trials" / trial) == ["notes.md"]
+    assert (out / "trials" / "mine" / "config.yaml").read_text() == "mine"
