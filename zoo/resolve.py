@@ -56,6 +56,10 @@ def _family_of(arch: str) -> str:
         return re.sub(r"[\d_]+$", "", arch) or arch
 
 
+_TIMM_REF = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")    # every timm name and pretrained tag has this form
+_LIST_TIMM = "`python -c \"import timm; print(timm.list_models('*name*'))\"`"
+
+
 def timm_entry(ref: str, *, name: str | None = None, pretrained_cfg: dict | None = None,
                sources: tuple[Source, ...] | None = None, num_classes: int | None = None) -> ModelEntry:
     """An ad-hoc entry for any timm model ``<arch>[.<tag>]`` (imports timm and torch).
@@ -66,6 +70,10 @@ def timm_entry(ref: str, *, name: str | None = None, pretrained_cfg: dict | None
     Raises:
         UnknownModelError: timm does not know the architecture (close matches listed).
     """
+    if not _TIMM_REF.fullmatch(ref):   # a path, an empty architecture: said "has no architecture ''" (QA)
+        raise UnknownModelError(f"{name or 'timm:' + ref!r} is not a timm model name: timm: takes an architecture, "
+                                "with a pretrained tag or without, in letters, digits and '_' (timm:resnet50, "
+                                f"timm:resnet18.a1_in1k); {_LIST_TIMM} lists them")
     # lazy: zoo --help / list / info import this module and must not import torch
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
@@ -75,7 +83,7 @@ def timm_entry(ref: str, *, name: str | None = None, pretrained_cfg: dict | None
         close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
         hint = f"did you mean {', '.join('timm:' + c for c in close)}? " if close else ""
         raise UnknownModelError(f"timm {timm.__version__} has no architecture '{arch}'; {hint}"
-                                "`python -c \"import timm; print(timm.list_models('*name*'))\"` lists them")
+                                f"{_LIST_TIMM} lists them")
     cfg = dict(pretrained_cfg or {})
     if not cfg:
         found = None

@@ -33,6 +33,17 @@ def test_timm_reference_with_tag_and_unknowns():
         get_entry("timm:resnet18.nope_in1k")
 
 
+@pytest.mark.parametrize("typed", ["timm:../../x", "timm:", "timm:.", "timm:a/b", "timm:resnet18.", "timm:~/w.pth"])
+def test_a_timm_name_with_a_path_or_no_architecture_shows_what_was_typed_and_a_valid_name(typed):
+    """QA (helper-64): `timm:../../x` (a path, an empty architecture) said `timm 1.0 has no architecture ''`:
+    neither what was typed nor what a timm name looks like."""
+    with pytest.raises(UnknownModelError) as info:
+        get_entry(typed)
+    assert str(info.value).startswith(f"{typed!r} is not a timm model name: timm: takes an architecture, with a "
+                                      "pretrained tag or without, in letters, digits and '_' (timm:resnet50, "
+                                      "timm:resnet18.a1_in1k); ")
+
+
 def _cache_hf_config(cache: Path, repo: str, config: dict) -> None:
     # The huggingface_hub cache layout: refs/main -> snapshots/<commit>/<file>.
     root = cache / ("models--" + repo.replace("/", "--"))
