@@ -207,7 +207,8 @@ def collect_classes(folder: str, loops: list[str],
     Raises:
         DataError: two class folders have the same printable name (one named with undecodable bytes, the
             other with the same ``\\xNN`` text), or names that differ only in their Unicode form (``café``
-            composed and decomposed: one name to the eye, to macOS and in every label printed).
+            composed and decomposed: one name to the eye, to macOS and in every label printed) or in
+            whitespace at an end (``cat`` and ``cat ``): one :func:`class_key`.
     """
     classes: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
@@ -219,6 +220,10 @@ def collect_classes(folder: str, loops: list[str],
             why = ("one of them has a name that is not UTF-8" if twin == name else
                    "written with other Unicode characters: composed and decomposed accents, as macOS and Linux "
                    "tools write them")
+            if twin.strip() != twin or name.strip() != name:    # (QA: two classes, printed almost alike)
+                raise DataError(f"two class folders in {printable_name(folder)} are named {twin!r} and {name!r}, one "
+                                "name but for whitespace at an end, and would print alike as two classes; rename "
+                                "one, or move the images of one into the other")
             raise DataError(f"two class folders in {printable_name(folder)} read {name} ({why}); rename one, or "
                             "move the images of one into the other")
         seen[class_key(name)] = name
@@ -247,11 +252,17 @@ def _refuse_shared_folder(folder: str, c: str, reals: dict[str, str]) -> None:
     reals.update(("^" + p, c) for p in parents)
 
 
-def class_key(name: str) -> str:
-    """What makes two class names the same name: their Unicode NFC form (``cafe\\u0301`` is ``caf\\xe9``,
-    as macOS file systems and every reader take it). The scan refuses two class folders with one key;
-    ``zoo eval`` matches a class folder to a model's label by it."""
+def name_key(name: str) -> str:
+    """What makes two file names (or relative paths) the same name: their Unicode NFC form (``cafe\\u0301`` is
+    ``caf\\xe9``, as macOS file systems and every reader take it). A split file matches files by it."""
     return unicodedata.normalize("NFC", name)
+
+
+def class_key(name: str) -> str:
+    """What makes two class names the same name: their :func:`name_key`, less whitespace at either end (``cat``
+    and ``cat `` print alike in every label). The scan refuses two class folders with one key; ``zoo eval``
+    matches a class folder to a model's label by it."""
+    return name_key(name).strip()
 
 
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetune.data.files import class_key
+from finetune.data.files import class_key, name_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
 from finetune.core.io import atomic_write_text, printable_name
@@ -18,9 +18,9 @@ SPLIT_FILE_VERSION = 1
 
 
 def _hash_key(seed: int, rel: str) -> str:
-    """The seeded hash that orders a file for the split, of its :func:`class_key`: a folder copied through
+    """The seeded hash that orders a file for the split, of its :func:`name_key`: a folder copied through
     macOS (names decomposed) splits as the original does."""
-    return hashlib.sha256(f"{seed}:{class_key(rel)}".encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(f"{seed}:{name_key(rel)}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def stratified_split(files: dict[str, list[str]], val_split: float, seed: int, root: str
@@ -72,12 +72,12 @@ def _without_class(rel: str, folders: Iterable[str]) -> str:
 
 
 def _file_keys(rels: Iterable[str]) -> dict[str, str]:
-    """Relative path -> the key a split file matches it by: its :func:`class_key` (a file renamed into the other
+    """Relative path -> the key a split file matches it by: its :func:`name_key` (a file renamed into the other
     Unicode form is the same file), or the path itself for files whose key another file has too (``café.jpg``
     composed and decomposed side by side, as Linux allows: two images, neither dropped)."""
     rels = list(rels)
-    count = Counter(class_key(r) for r in rels)
-    return {r: class_key(r) if count[class_key(r)] == 1 else r for r in rels}
+    count = Counter(name_key(r) for r in rels)
+    return {r: name_key(r) if count[name_key(r)] == 1 else r for r in rels}
 
 
 def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> None:
@@ -85,7 +85,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     ``left_out`` (relative paths the run excluded: not in the split file) are not called added (QA: every
     resume of a run with --exclude warned of them as added files).
 
-    A file is matched by its relative path's :func:`class_key` (:func:`_file_keys`): folders and files renamed
+    A file is matched by its relative path's :func:`name_key` (:func:`_file_keys`): folders and files renamed
     into the other Unicode form (copied through macOS) keep their side and class."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -109,7 +109,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
     # the same path but for their class folder (each the only one of that name) count as that move. By name:
     # a file deleted and another of the same name added under another class count as a move too.
-    folders = [class_key(f) for k, f in report.folders.items() if k in ("train", "val") and f]
+    folders = [name_key(f) for k, f in report.folders.items() if k in ("train", "val") and f]
     gone_keys = Counter(_without_class(r, folders) for r in removed)
     new_keys = Counter(_without_class(a, folders) for a in added)
     gone = {k: r for r in removed if gone_keys[k := _without_class(r, folders)] == 1}

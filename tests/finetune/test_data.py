@@ -1105,6 +1105,22 @@ def test_class_folders_whose_names_differ_only_in_unicode_form_are_one_name(tmp_
     assert report.classes == ["a", nfc] and report.counts()["val"] == {"a": 1, nfc: 1}
 
 
+@pytest.mark.parametrize("twin", ["cat ", " cat", "cat\t", "cat\u00a0"])
+def test_class_folders_whose_names_differ_only_in_whitespace_at_an_end_are_refused_quoted(tmp_path, twin):
+    """QA (helper-64): class folders `cat` and `cat ` were two classes, printed almost alike in every label.
+    Refused at the scan as names equal under NFC are (one class_key), the names quoted so the space shows."""
+    data = make_image_folder(tmp_path / "twins", classes=("cat", "dog"), per_class=2)
+    os.rename(make_image_folder(tmp_path / "other", classes=(twin,), per_class=2) / twin, data / twin)
+    first, second = sorted(["cat", twin])
+    with pytest.raises(DataError) as info:
+        scan_folder(data)
+    assert str(info.value) == (f"two class folders in {data} are named {first!r} and {second!r}, one name but for "
+                               "whitespace at an end, and would print alike as two classes; rename one, or move "
+                               "the images of one into the other")
+    os.rename(data / "cat", data / "kitten")        # alone, a name with a space at an end is a class as before
+    assert scan_folder(data).classes == sorted([twin, "dog", "kitten"])
+
+
 def test_a_report_moved_to_another_mount_of_the_folder_is_that_mounts_scan(tmp_path):
     """torchrun on several nodes: rank 0's scan is every rank's, each re-rooted where its node reaches the
     folder (ScanReport.moved_to): the same as a scan there, paths outside the folder kept as they are."""
