@@ -13,7 +13,8 @@ from zoo.registry import ModelEntry, Source
 from zoo.resolve import check_hub_repo, get_entry
 from zoo.text import first_line, shell_command
 
-__all__ = ["fetch_hub_config", "resolve_entry", "is_offline", "hub_transport", "http_timeout", "USER_AGENT"]
+__all__ = ["fetch_hub_config", "resolve_entry", "resolve_early", "is_offline", "hub_transport", "http_timeout",
+           "USER_AGENT"]
 
 USER_AGENT = "zoo-finetune/0.1"
 
@@ -63,6 +64,17 @@ def hub_transport():
     return httpx2
 
 
+def _cached_config(repo: str, revision: str = "main") -> Path | None:
+    """The cached ``config.json`` of Hub repo ``repo`` (its name checked first), or None; no request."""
+    check_hub_repo(repo)            # huggingface_hub's own refusal is a traceback
+    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                    revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def fetch_hub_config(repo: str, revision: str = "main") -> Path:
     """Download ``config.json`` of Hub repo ``repo`` into the Hugging Face cache (what ``hf-hub:`` names are
     resolved from: architecture, classes, preprocessing, and for ``zoo push`` repos the weights' sha256).
@@ -76,14 +88,9 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
                             f"`{shell_command('zoo', 'pull', 'hf-hub:' + repo)}` and copy ZOO_HOME and the Hugging "
                             "Face cache (HF_HOME) here")
 
-    check_hub_repo(repo)            # huggingface_hub's own refusal is a traceback
-    # lazy: zoo --help / list / info import this module; huggingface_hub is slow to import
-    from huggingface_hub import try_to_load_from_cache
-
-    cache_dir = os.environ.get("HF_HUB_CACHE") or None
-    cached = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir, revision=revision)
-    if isinstance(cached, str):
-        return Path(cached)
+    cached = _cached_config(repo, revision)
+    if cached is not None:
+        return cached
     source = Source(kind="hf", repo=repo, revision=revision, filename="config.json", sha256_note="config")
     if is_offline():
         raise offline("offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
@@ -94,8 +101,8 @@ def fetch_hub_config(repo: str, revision: str = "main") -> Path:
 
     try:    # one HEAD without retries first, as _pull_hf: hf_hub_download retries a refused connection for ~25 s
         get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=http_timeout())
-        return Path(hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir,
-                                    etag_timeout=http_timeout()))
+        return Path(hf_hub_download(repo, "config.json", revision=revision, etag_timeout=http_timeout(),
+                                    cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except (httpx2.ConnectError, httpx2.TimeoutException, hf_errors.OfflineModeIsEnabled,
             hf_errors.LocalEntryNotFoundError) as err:
         raise offline(f"the Hub is unreachable ({first_line(err)})") from err
@@ -119,4 +126,19 @@ def resolve_entry(name: str | ModelEntry) -> ModelEntry:
     """
     if isinstance(name, str) and name.strip().startswith("hf-hub:"):
         fetch_hub_config(name.strip()[len("hf-hub:"):])
+    return get_entry(name)
+
+
+def resolve_early(name: str) -> ModelEntry | None:
+    """``name``'s entry, resolved before a command scans its data, so that a mistyped name is refused in a second,
+    not after the scan of a big folder (QA): a registry or ``timm:`` name, or an ``hf-hub:`` name whose
+    config.json is cached. None for an ``hf-hub:`` name not cached (its repo name is checked): its config.json is
+    fetched after the scan (:func:`resolve_entry`), so that data that cannot be trained on downloads nothing.
+
+    Raises:
+        UnknownModelError, UsageError: as ``get_entry`` (the close matches listed).
+    """
+    text = name.strip() if isinstance(name, str) else name
+    if isinstance(text, str) and text.startswith("hf-hub:") and _cached_config(text[len("hf-hub:"):]) is None:
+        return None
     return get_entry(name)

@@ -109,8 +109,8 @@ def test_fatal_data_problems_are_one_line_before_any_model(tmp_path, no_model_bu
         make_image_folder(data, classes=("cat",))
     elif layout == "empty":
         data.mkdir()
-    # an unknown model name too: the data is checked first, so its error is the one shown
-    result = invoke("finetune", "no-such-model", "--data", data, *FAST)
+    # a registry name: resolved before the scan (a mistyped one is refused first), built only after it
+    result = invoke("finetune", "resnet18", "--data", data, *FAST)
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("zoo: error: "), result.stderr

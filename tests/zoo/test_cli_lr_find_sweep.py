@@ -376,3 +376,33 @@ def test_sweep_overwrite_keeps_the_users_files_inside_trials(tiny_zoo, tmp_path)
     assert sorted(os.listdir(out / "trials")) == sorted(["README.txt", "mine", trial])
     assert os.listdir(out / "trials" / trial) == ["notes.md"]
     assert (out / "trials" / "mine" / "config.yaml").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep", "doctor"])
+def test_a_mistyped_model_is_refused_before_the_data_is_scanned(tiny_zoo, tmp_path, monkeypatch, command):
+    """QA (helper-64): `zoo finetune resnt50 --data DIR` scanned the data first (minutes on a big folder), then
+    said `unknown model` (lr-find, sweep and doctor's --model too, and lr-find and sweep fetched an hf-hub: name
+    before the scan). A registry or timm: name is resolved before the scan now (the close matches as
+    before); an hf-hub: name not cached is still fetched after it, so unusable data downloads nothing."""
+    import zoo.jobs.doctor
+    import zoo.jobs.finetune as job
+
+    scanned = []
+    real_scan, real_doctor_scan = job.scan_on_main, zoo.jobs.doctor.scan_folder
+    monkeypatch.setattr(job, "scan_on_main", lambda *a, **k: scanned.append(a) or real_scan(*a, **k))
+    monkeypatch.setattr(zoo.jobs.doctor, "scan_folder", lambda *a, **k: scanned.append(a) or real_doctor_scan(*a, **k))
+
+    def invoke(model: str):
+        if command == "doctor":     # (doctor's MODEL is --model)
+            return CliRunner().invoke(cli, ["doctor", str(tiny_zoo), "--model", model, "--out", str(tmp_path / "out")])
+        return CliRunner().invoke(cli, [command, model, "--data", str(tiny_zoo), "--out", str(tmp_path / "out"),
+                                        *COMMON])
+
+    for typed, says in (("tiny-resnt", "unknown model 'tiny-resnt'; did you mean tiny-resnet?"),
+                        ("timm:test_resnt", "has no architecture 'test_resnt'; did you mean timm:test_resnet")):
+        r = invoke(typed)
+        assert r.exit_code == 2 and says in r.output and not scanned, (typed, r.output)
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    r = invoke("hf-hub:someone/model")
+    assert r.exit_code == 1 and "hf-hub:someone/model is not cached" in r.output and len(scanned) == 1, r.output

@@ -10,7 +10,7 @@ import click
 from finetune.core.config import FinetuneConfig
 from zoo.cli.console import echo
 from zoo.cli.options import fc_dropout_option
-from zoo.hub import resolve_entry
+from zoo.hub import resolve_early, resolve_entry
 from zoo.text import printable
 
 # Options of `zoo finetune` that mean nothing for these commands (they run in one process: --sync-bn, which
@@ -25,16 +25,18 @@ def sayer(quiet: bool) -> Callable[[str], None]:
 
 def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bool, say: Callable[[str], None],
              fc_dropout: float | None = None):
-    """Scan the data first (nothing is downloaded for unusable data), then resolve and build the model, as
-    `zoo finetune` scans and builds (one process: lr-find and sweep refuse torchrun)."""
+    """Resolve the model's name (a mistyped one: before the scan), scan the data (an uncached ``hf-hub:`` name is
+    fetched after it: nothing is downloaded for unusable data), then build the model, as `zoo finetune` scans
+    and builds (one process: lr-find and sweep refuse torchrun)."""
     # lazy: zoo --help must not import torch
     from finetune.core.distributed import DistInfo
     from zoo.jobs.finetune import build_for_training, scan_lines, scan_on_main
 
-    entry = resolve_entry(model)
+    entry = resolve_early(model)
     report = scan_on_main(data, config, DistInfo())
     for line in scan_lines(report, config):
         say(line)
+    entry = entry or resolve_entry(model)
     return entry, report, build_for_training(entry, pretrained, config.seed, fc_dropout)
 
 overwrite_option = click.option("--overwrite", is_flag=True, default=False,

@@ -27,7 +27,7 @@ from zoo.errors import UsageError
 from zoo.jobs.finetune import run_data_config
 from zoo.outdir import check_outside, claim_out
 from zoo.resolve import get_entry
-from zoo.hub import resolve_entry
+from zoo.hub import resolve_early, resolve_entry
 
 __all__ = ["default_model", "run", "check_out_dir"]
 
@@ -98,9 +98,10 @@ def run(data: str | Path, *, model: str | None = None, out: str | Path | None = 
 
 def _run(data: Path, model: str | None, out: Path, options: Any, config: Any, say: Log,
          progress: Any) -> tuple[Any, Path]:
-    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False, memo=scan_memo(data))
     name = model or default_model()
-    entry = resolve_entry(name)
+    entry = resolve_early(name)      # a mistyped --model: before the scan (an uncached hf-hub: after it)
+    report = scan_folder(data, val_split=config.val_split, seed=config.seed, strict=False, memo=scan_memo(data))
+    entry = entry or resolve_entry(name)
     say(f"doctor: {data} ({sum(len(s) for s in report.sets().values())} images, {len(report.classes)} classes), "
         f"features from {entry.name}")
     net = create_model(entry, pretrained=True)

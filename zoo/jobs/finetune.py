@@ -39,7 +39,7 @@ from zoo.errors import RegistryError, UsageError, ZooError
 from zoo.outdir import check_outside, claim_out, default_out
 from zoo.registry import weights_tag
 from zoo.resolve import check_stages
-from zoo.hub import resolve_entry
+from zoo.hub import resolve_early, resolve_entry
 from zoo.network import meta_network
 from zoo.text import shell_command
 
@@ -256,11 +256,12 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     info = ddp.setup(ddp.device_type(config.device))
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
+        entry = resolve_early(model_name)           # a mistyped MODEL: before the scan (an uncached hf-hub: after)
         report = scan_on_main(data_dir, config, info)
         excluded = _apply_exclude(report, exclude, say) if exclude is not None else []
         for line in scan_lines(report, config):      # the counts the run trains on (after --exclude)
             say(line)
-        entry = resolve_entry(model_name)
+        entry = entry or resolve_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
         check_machine(config, info)                         # a mistyped --device, no tensorboard: too
