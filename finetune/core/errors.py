@@ -1,7 +1,8 @@
 """Errors raised by the training engine. ``finetune`` never imports ``zoo``; the CLI maps these too."""
 from __future__ import annotations
 
-__all__ = ["FinetuneError", "ConfigError", "DataError", "DivergedError", "CheckpointError", "Interrupted"]
+__all__ = ["FinetuneError", "ConfigError", "FreezeTooDeepError", "DataError",
+           "DivergedError", "CheckpointError", "Interrupted"]
 
 
 class FinetuneError(Exception):
@@ -14,6 +15,16 @@ class ConfigError(FinetuneError):
     """An option or config file value is invalid."""
 
     exit_code = 2
+
+
+class FreezeTooDeepError(ConfigError):
+    """A freeze depth past the model's stages, known once the model is: ``where`` names the value as the user
+    gave it (``--freeze 99``; the CLI says ``freeze 99 in FILE`` when a ``--config`` file gave it)."""
+
+    def __init__(self, depth: int, n_stages: int, where: str | None = None) -> None:
+        self.depth, self.n_stages = depth, n_stages
+        super().__init__(f"{where or f'--freeze {depth}'}: this model has {n_stages} stages, so the most is "
+                         f"{n_stages} (or use none to train everything)")
 
 
 class DataError(FinetuneError):

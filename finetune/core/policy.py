@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.core.errors import ConfigError
+from finetune.core.errors import ConfigError, FreezeTooDeepError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused", "AUTO_EPOCHS_HEAD",
            "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS", "mixes_images",
@@ -82,8 +82,7 @@ def parse_freeze(freeze: str | int, n_stages: int) -> int | None:
     if value.isdigit():
         k = int(value)
         if k > n_stages:
-            raise ConfigError(f"--freeze {k}: this model has {n_stages} stages, so the most is {n_stages} "
-                              "(or use none to train everything)")
+            raise FreezeTooDeepError(k, n_stages)
         return k
     raise ConfigError(f"invalid freeze={freeze!r}: use auto, head, none or a number of stages (0-{n_stages})")
 

@@ -406,3 +406,18 @@ def test_a_mistyped_model_is_refused_before_the_data_is_scanned(tiny_zoo, tmp_pa
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     r = invoke("hf-hub:someone/model")
     assert r.exit_code == 1 and "hf-hub:someone/model is not cached" in r.output and len(scanned) == 1, r.output
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
+def test_a_freeze_too_deep_in_a_config_file_is_said_of_the_file(tiny_zoo, tmp_path, command):
+    """QA (helper-64): `freeze: 99` in a --config file was reported as `--freeze 99: this model has 5 stages`,
+    a flag never typed, the file not named. Said of the file now; a --freeze typed keeps the flag's wording
+    (over the file's value too)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("freeze: 99\n")
+    args = [command, "tiny-resnet", "--data", str(tiny_zoo), "--config", str(recipe), *COMMON]
+    rest = ": this model has 5 stages, so the most is 5 (or use none to train everything)"
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and r.output.strip().endswith(f"freeze 99 in {recipe}{rest}"), r.output
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--freeze", "42"])
+    assert r.exit_code == 2 and r.output.strip().endswith(f"--freeze 42{rest}"), r.output

@@ -13,7 +13,7 @@ import click
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from zoo.cli import console
 from zoo.cli.app import cli
-from zoo.cli.options import config_options, fc_dropout_option, given_options, resolve_config
+from zoo.cli.options import config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
 from zoo.text import printable, shell_command
@@ -120,12 +120,13 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
                                    "`zoo list` shows the zoo")
         if not data:
             raise click.UsageError("--data DIR is required: a folder of class sub-folders of images")
-        config, _, notes = resolve_config(ctx, config_path, values, pretrained, given=given)
+        config, raw, notes = resolve_config(ctx, config_path, values, pretrained, given=given)
         for note in notes:
             log(note)
-        outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
-                                    export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
-                                    on_run_dir=log_file, exclude=exclude)
+        with naming_the_file(ctx, config_path, raw):    # (a freeze too deep, given in the file)
+            outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
+                                        export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
+                                        on_run_dir=log_file, exclude=exclude)
 
     if not main or (outcome.result is None and outcome.overfit is None):   # (a finished run resumed: said so)
         return

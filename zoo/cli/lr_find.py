@@ -16,7 +16,7 @@ from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.text import shell_command
-from zoo.cli.options import FiniteFloatRange, config_options, resolve_config
+from zoo.cli.options import FiniteFloatRange, config_options, naming_the_file, resolve_config
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
 __all__ = ["lr_find_cmd"]
@@ -75,7 +75,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
 
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
-    config, _, notes = resolve_config(ctx, config_path, values, pretrained)
+    config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
     say = sayer(config.quiet)
     for note in notes:
         say(note)
@@ -84,7 +84,8 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own",
                   out is not None)
     check_machine(config)          # a mistyped --device: before the folder is made
-    with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say):   # before any download
+    with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say), \
+            naming_the_file(ctx, config_path, raw):     # (claimed before any download)
         console.log_to(out_dir / "log.txt")
         _lr_find_into(out_dir, model, data, config, pretrained, fc_dropout, start_lr, end_lr, steps, smooth,
                       diverge_factor, method, say)

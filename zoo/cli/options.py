@@ -7,14 +7,16 @@ float options use :class:`FiniteFloatRange`. No torch at import.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import click
 from click.core import ParameterSource
 
 from finetune.core.config import OPTIONS, FinetuneConfig, read_config_file
+from finetune.core.errors import FreezeTooDeepError
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
@@ -145,3 +147,17 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     chosen_in_file = [k for k in raw if getattr(base, k) != getattr(defaults, k)]
     return config, raw, idle_options(config, [*given, *chosen_in_file])
 
+
+@contextlib.contextmanager
+def naming_the_file(ctx: click.Context, config_path: str | None, file_values: dict[str, Any]) -> Iterator[None]:
+    """A freeze depth past the model's stages (known once the model is) said of the ``--config`` file when the
+    file gave it, not as ``--freeze`` (QA: ``freeze: 99`` in the file was named ``--freeze 99``, the file not at
+    all); a ``--freeze`` typed (zoo sweep's grid too) keeps the flag's wording."""
+    try:
+        yield
+    except FreezeTooDeepError as err:
+        typed = any(ctx.get_parameter_source(p) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+                    for p in ("freeze", "freeze_spec") if p in ctx.params)
+        if typed or not config_path or "freeze" not in file_values:
+            raise
+        raise FreezeTooDeepError(err.depth, err.n_stages, f"freeze {file_values['freeze']} in {config_path}") from None

@@ -16,7 +16,7 @@ from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.text import shell_command
-from zoo.cli.options import config_options, resolve_config
+from zoo.cli.options import config_options, naming_the_file, resolve_config
 from zoo.errors import UsageError
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
@@ -95,7 +95,8 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     out_dir = resolve_out(out, model, "sweep")
     check_outside(out_dir, data, "a later scan of the data would read sweep.png as a class of its own", out is not None)
     check_machine(config)          # a mistyped --device: before the folder is made
-    with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say):   # before any download
+    with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say), \
+            naming_the_file(ctx, config_path, raw):     # (claimed before any download)
         console.log_to(out_dir / "log.txt")
         _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,
                     resume, keep_runs, say)
