@@ -254,7 +254,7 @@ def _refuse_shared_folder(folder: str, c: str, reals: dict[str, str]) -> None:
 
 def name_key(name: str) -> str:
     """What makes two file names (or relative paths) the same name: their Unicode NFC form (``cafe\\u0301`` is
-    ``caf\\xe9``, as macOS file systems and every reader take it). A split file matches files by it."""
+    ``caf\\xe9``, as macOS file systems and every reader take it). The seeded split hashes each path by it."""
     return unicodedata.normalize("NFC", name)
 
 

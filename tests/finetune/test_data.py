@@ -176,6 +176,21 @@ def test_a_split_file_and_class_names_survive_a_rename_into_the_other_unicode_fo
         assert all(os.path.isfile(p) for p, _ in got.items)
 
 
+def test_a_split_file_keeps_the_files_of_a_class_folder_that_lost_whitespace_at_an_end(tmp_path):
+    """Review (h68): class_key strips whitespace, so a run's class `cat ` is the folder `cat` on its resume; the
+    split file matched files by the NFC form of their paths only, so every file of the class was removed and
+    added, and given a new side by the seed (validation images into training, the resume not refused)."""
+    data = make_image_folder(tmp_path / "data", classes=("cat ", "fox", "gnu"), per_class=6, size=16)
+    first = scan_folder(data, seed=3, val_split=0.5)
+    write_scan(first, tmp_path / "run")
+    (data / "cat ").rename(data / "cat")
+    again = scan_folder(data, seed=3, val_split=0.5, split_file=tmp_path / "run" / "split.json",
+                        class_names=first.classes)
+    trimmed = lambda items: [(p.replace(f"{os.sep}cat {os.sep}", f"{os.sep}cat{os.sep}"), y) for p, y in items]  # noqa: E731
+    assert again.classes == first.classes and again.warnings == first.warnings
+    assert (again.train.items, again.val.items) == (trimmed(first.train.items), trimmed(first.val.items))
+
+
 def test_a_fresh_split_does_not_depend_on_the_unicode_form_of_names(tmp_path):
     """QA (session 18's note): the seeded split hashed each path as written, so the same folder with its
     names decomposed (a copy through macOS) held out other images: another validation set, other figures for
