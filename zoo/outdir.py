@@ -35,7 +35,7 @@ from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
-           "default_out", "RunLock", "is_main_process", "still_training", "lock_holder"]
+           "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder"]
 
 MARKER = ".zoo-run.json"
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
@@ -307,6 +307,12 @@ def _remove_outputs(path: Path, kind: Kind) -> None:
     """``--overwrite``: remove what the command writes there, nothing else."""
     for name in kind.files:
         _remove_own(path / name, _INSIDE.get(name))
+
+
+def clear_trial_run(path: str | os.PathLike) -> None:
+    """Remove what a sweep trial's run folder ``path`` (``OUT/trials/<id>[/fold-K]``) holds of zoo's, by the rule
+    --overwrite goes by: a trial interrupted there is run again from the start on ``zoo sweep --resume``."""
+    _remove_own(Path(path), _RUN)
 
 
 def _remove_own(target: Path, rule: _Rule | None) -> None:

@@ -421,3 +421,22 @@ def test_a_freeze_too_deep_in_a_config_file_is_said_of_the_file(tiny_zoo, tmp_pa
     assert r.exit_code == 2 and r.output.strip().endswith(f"freeze 99 in {recipe}{rest}"), r.output
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--freeze", "42"])
     assert r.exit_code == 2 and r.output.strip().endswith(f"--freeze 42{rest}"), r.output
+
+
+def test_a_sweep_resumed_after_a_trial_was_interrupted_runs_that_trial_again(tiny_zoo, tmp_path):
+    """Review (h68): a trial interrupted under --keep-runs leaves its run folder (last.pt) unrecorded in
+    results.jsonl; `zoo sweep --resume` ran it again into that folder and failed ("... already holds a run:
+    continue it with resume=True"), pointing at `zoo finetune --resume` of a trial, which zoo refuses. Its
+    zoo files go first, by the rule --overwrite goes by (the user's stay)."""
+    out = tmp_path / "sw"
+    args = ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--epochs", "1", "--keep-runs", *COMMON]
+    r = CliRunner().invoke(cli, [*args, "--lr", "1e-3"])
+    assert r.exit_code == 0, r.output
+    (done,) = os.listdir(out / "trials")
+    cut = out / "trials" / done.replace("lr0.001", "lr0.01")     # what an interrupted second trial leaves
+    shutil.copytree(out / "trials" / done, cut)
+    (cut / "notes.md").write_text("mine")
+    r = CliRunner().invoke(cli, [*args, "--lr", "1e-3,1e-2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert (cut / "notes.md").read_text() == "mine" and (cut / "checkpoints" / "last.pt").is_file()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2

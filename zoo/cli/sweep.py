@@ -102,6 +102,18 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
                     resume, keep_runs, say)
 
 
+def _fit_afresh(*args: Any, run_dir: Path | None = None, **kwargs: Any) -> Any:
+    """``fit``, into a trial's run folder (--keep-runs) cleared of what an interrupted attempt left there (its
+    last.pt refused the trial on --resume: "already holds a run"), by the rule --overwrite goes by."""
+    # lazy: zoo --help must not import torch
+    from finetune.tools.train import fit
+    from zoo.outdir import clear_trial_run
+
+    if run_dir is not None and run_dir.is_dir():    # (a trial runs only when results.jsonl does not hold it)
+        clear_trial_run(run_dir)
+    return fit(*args, run_dir=run_dir, **kwargs)
+
+
 def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config: FinetuneConfig, pretrained: bool,
                 fc_dropout: float | None, lrs, wds, freezes, optimizers, folds: int, resume: bool, keep_runs: bool,
                 say: Callable[[str], None]) -> None:
@@ -133,7 +145,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         result = sweep(factory, entry.stages, run_data_config(entry, config), report.train, report.val, config,
                        head=entry.classifier, out_dir=out_dir, lrs=lrs, weight_decays=wds, freezes=freezes,
                        optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say,
-                       feature_cache=feature_cache(say),
+                       feature_cache=feature_cache(say), fit_fn=_fit_afresh,
                        identity={"model": entry.name, "pretrained": bool(pretrained), "fc_dropout": fc_dropout,
                                  "data": report.fingerprint()})
     except (Interrupted, KeyboardInterrupt):
