@@ -265,6 +265,12 @@ def class_key(name: str) -> str:
     return name_key(name).strip()
 
 
+def path_key(path: str) -> str:
+    """What makes two paths the same path: each of their names by :func:`class_key` (the class folder ``cat `` is
+    the class ``cat``, and its files the same files). A split file and an exclude list match files by it."""
+    return "/".join(class_key(part) for part in path.replace(os.sep, "/").split("/"))
+
+
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetune.data.files import class_key, name_key
+from finetune.data.files import class_key, name_key, path_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
 from finetune.core.io import atomic_write_text, printable_name
@@ -71,19 +71,14 @@ def _without_class(rel: str, folders: Iterable[str]) -> str:
     return rel
 
 
-def _path_key(rel: str) -> str:
-    """A relative path's names each by :func:`class_key`: the class folder ``cat `` is the class ``cat`` (the scan
-    and a resume take it so), and its files the same files, not all removed and added (re-split by the seed)."""
-    return "/".join(class_key(part) for part in rel.split("/"))
-
-
 def _file_keys(rels: Iterable[str]) -> dict[str, str]:
-    """Relative path -> the key a split file matches it by: its :func:`_path_key` (a file renamed into the other
-    Unicode form is the same file), or the path itself for files whose key another file has too (``café.jpg``
-    composed and decomposed side by side, as Linux allows: two images, neither dropped)."""
+    """Relative path -> the key a split file matches it by: its :func:`path_key` (a file renamed into the other
+    Unicode form, or in a class folder that lost whitespace at an end, is the same file), or the path itself for
+    files whose key another file has too (``café.jpg`` composed and decomposed side by side, as Linux allows: two
+    images, neither dropped)."""
     rels = list(rels)
-    count = Counter(_path_key(r) for r in rels)
-    return {r: _path_key(r) if count[_path_key(r)] == 1 else r for r in rels}
+    count = Counter(path_key(r) for r in rels)
+    return {r: path_key(r) if count[path_key(r)] == 1 else r for r in rels}
 
 
 def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> None:
@@ -91,7 +86,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     ``left_out`` (relative paths the run excluded: not in the split file) are not called added (QA: every
     resume of a run with --exclude warned of them as added files).
 
-    A file is matched by its relative path's :func:`_path_key` (:func:`_file_keys`): folders and files renamed
+    A file is matched by its relative path's :func:`path_key` (:func:`_file_keys`): folders and files renamed
     into the other Unicode form (copied through macOS), or class folders that lost whitespace at an end, keep
     their side and class."""
     try:
@@ -116,7 +111,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
     # the same path but for their class folder (each the only one of that name) count as that move. By name:
     # a file deleted and another of the same name added under another class count as a move too.
-    folders = [_path_key(f) for k, f in report.folders.items() if k in ("train", "val") and f]
+    folders = [path_key(f) for k, f in report.folders.items() if k in ("train", "val") and f]
     gone_keys = Counter(_without_class(r, folders) for r in removed)
     new_keys = Counter(_without_class(a, folders) for a in added)
     gone = {k: r for r in removed if gone_keys[k := _without_class(r, folders)] == 1}

@@ -299,6 +299,21 @@ def test_excluded_paths_follow_a_rename_into_the_other_unicode_form(tmp_path):
     assert nfd("café.png") in names(report) and "café.png" not in names(report)
 
 
+def test_excluded_paths_follow_a_class_folder_that_lost_whitespace_at_an_end(tmp_path):
+    """Review (h68): class_key strips whitespace at an end since 6c21e2d, so a run's class `cat ` resumes on the
+    folder `cat`; its exclude.txt (`cat /...`) matched no image there, and the images the run left out trained
+    again (the whole path's class_key strips only its ends). Paths match by each name's class_key now, as the
+    split file's."""
+    import os
+
+    data = make_image_folder(tmp_path / "data", classes=("cat ", "fox"), per_class=4, size=16)
+    (data / "cat ").rename(data / "cat")
+    names = lambda r: [os.path.basename(p) for s in (r.train, r.val) for p, _ in s.items]     # noqa: E731
+    report = scan_folder(data)
+    assert exclude_items(report, ["cat /cat _000.png", "cat "]) == (4, [], {"cat ": 3})
+    assert sorted(names(report)) == [f"fox_00{i}.png" for i in range(4)]
+
+
 def test_exclude_file_and_items(tmp_path):
     data = _leaky_folder(tmp_path)
     report = scan_folder(data)

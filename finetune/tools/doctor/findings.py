@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from finetune.core.io import atomic_write_text, printable_name, read_user_text
-from finetune.data.files import class_key
+from finetune.data.files import path_key
 
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
                  "tiny", "aspect", "small_class", "scan_warning")
@@ -154,19 +154,20 @@ def exclude_items(report: Any, paths: Sequence[str]) -> Excluded:
         (images removed, the listed paths that matched no train/val image or folder, listed folders -> images).
     """
     # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN. A listed
-    # path no image has exactly matches by class_key (the folder renamed into the other Unicode form since, as a
-    # resumed run's exclude.txt finds it after a copy through macOS), never the twin of an image listed exactly.
+    # path no image has exactly matches by path_key (the folder renamed into the other Unicode form since, as a
+    # resumed run's exclude.txt finds it after a copy through macOS, or trimmed of whitespace at an end), never
+    # the twin of an image listed exactly.
     wanted = {printable_name(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p)))
               for p in paths}
     norms = {p: printable_name(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
-    by_key = {class_key(w): w for w in wanted - set(norms.values())}
+    by_key = {path_key(w): w for w in wanted - set(norms.values())}
     seen: set[str] = set()
     folders: dict[str, int] = {}
     removed = 0
     for s in (report.train, report.val):
         keep = []
         for p, y in s.items:
-            listed = norms[p] if norms[p] in wanted else by_key.get(class_key(norms[p]))
+            listed = norms[p] if norms[p] in wanted else by_key.get(path_key(norms[p]))
             folder = _listed_folder(norms[p], by_key) if listed is None and by_key else None
             if folder is not None:
                 folders[folder] = folders.get(folder, 0) + 1
@@ -181,10 +182,10 @@ def exclude_items(report: Any, paths: Sequence[str]) -> Excluded:
 
 
 def _listed_folder(path: str, by_key: dict[str, str]) -> str | None:
-    """The listed folder (a value of ``by_key``, keyed by ``class_key``) that holds ``path``, nearest first."""
+    """The listed folder (a value of ``by_key``, keyed by ``path_key``) that holds ``path``, nearest first."""
     folder, parent = path, os.path.dirname(path)
     while parent != folder:
         folder, parent = parent, os.path.dirname(parent)
-        if class_key(folder) in by_key:
-            return by_key[class_key(folder)]
+        if path_key(folder) in by_key:
+            return by_key[path_key(folder)]
     return None
