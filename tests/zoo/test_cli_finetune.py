@@ -1255,3 +1255,18 @@ def test_a_hand_edited_lr_beside_an_out_of_bounds_workers_is_still_named_as_an_e
         f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
         f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
         f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
+
+
+def test_resume_after_a_class_folder_lost_whitespace_at_an_end(tmp_path, tiny, monkeypatch):
+    """Review (h68): the class `cat ` is the folder `cat` for the scan and the resume (one class_key since
+    6c21e2d); its files' sides in split.json and the run's exclude.txt followed only the NFC form of whole
+    paths: every file of the class was re-split by the seed (validation images into training) and the images left
+    out trained again."""
+    (tmp_path / "exclude.txt").write_text("cat /cat _000.png\n")
+    data, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=("cat ", "dog"),
+                                    extra=("--exclude", tmp_path / "exclude.txt"))
+    (data / "cat ").rename(data / "cat")
+    res = invoke("finetune", "--resume", run, "--workers", "0", "--no-export")
+    assert res.exit_code == 0, res.output
+    assert "files changed" not in res.output and "matched no" not in res.output, res.output
+    assert json.loads((run / "summary.json").read_text())["classes"] == ["cat ", "dog"]
