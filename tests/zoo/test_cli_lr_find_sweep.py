@@ -440,3 +440,16 @@ def test_a_sweep_resumed_after_a_trial_was_interrupted_runs_that_trial_again(tin
     assert r.exit_code == 0, r.output
     assert (cut / "notes.md").read_text() == "mine" and (cut / "checkpoints" / "last.pt").is_file()
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("freeze", ["auto", "head", "none", "0", "12"])
+def test_every_trial_folder_name_is_one_overwrite_takes_for_a_trial(freeze):
+    """Review (h68): zoo.outdir recognises a trial folder by a pattern of trial_id's names ("a test checks"; none
+    did): a name it misses keeps an old trial's last.pt and checkpoints through --overwrite."""
+    from finetune.core.config import OPTIMIZERS
+    from finetune.tools.sweep.space import trial_id
+    from zoo.outdir import _TRIAL
+
+    for lr, wd, opt in ((1e-5, 0.0, OPTIMIZERS[0]), (0.3, 1e-4, OPTIMIZERS[-1]), (12.5, 0.05, OPTIMIZERS[0])):
+        name = trial_id({"lr": lr, "weight_decay": wd, "freeze": freeze, "optimizer": opt})
+        assert _TRIAL.fullmatch(name), name
