@@ -42,7 +42,8 @@ class FreezeDecision:
 
     Attributes:
         trainable_stages: k in apply_freeze (0 = head only, n_stages = everything).
-        label: short description of what trains: "head", "head + last 2 stages" or "all".
+        label: short description of what trains, in --freeze's words: "head", "head + last 2 stages" or
+            "none" (nothing frozen: "all" read as "freeze: all", and a model card said "freeze: all (none)").
         reason: one sentence for the printout, e.g.
             "156 images, 4 classes, 39 per class: small -> training the head only; pass --freeze to override".
     """
@@ -57,9 +58,9 @@ class FreezeDecision:
 
 def _describe(k: int, n_stages: int) -> tuple[str, str]:
     """``(label, what)`` of training ``k`` of ``n_stages`` stages: ("head + last 2 stages", "training the
-    head and the last 2 stages")."""
+    head and the last 2 stages"); every stage is "none", as --freeze says it."""
     if k >= n_stages and n_stages > 0:
-        return "all", "training every layer"
+        return "none", "training every layer"
     if k == 0:
         return "head", "training the head only"
     stages = f"last {k} stage{'s' if k != 1 else ''}"

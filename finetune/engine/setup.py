@@ -223,7 +223,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                           synced=bool(config.sync_bn and info.enabled))
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
-        say(f"epochs: at most {config.epochs} (auto for {decision.label}; pass --epochs to choose)")
+        say(f"epochs: at most {config.epochs} (auto for freeze {decision.label}; pass --epochs to choose)")
     _sync_bn(work, head, config, info, device, say)
     _to_float32(work, say)
     work.to(device)

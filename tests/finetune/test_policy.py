@@ -42,12 +42,12 @@ def test_medium_trains_the_last_medium_stages():
 
 def test_large_trains_everything():
     d = decide_freeze(FinetuneConfig(), 20000, 10, 2000, N_STAGES)
-    assert (d.trainable_stages, d.label) == (N_STAGES, "all")
+    assert (d.trainable_stages, d.label) == (N_STAGES, "none")
     assert "large -> training every layer" in d.reason
 
 
-@pytest.mark.parametrize("freeze, k, label", [("head", 0, "head"), ("none", 5, "all"), ("3", 3, "head + last 3 stages"),
-                                              ("0", 0, "head"), ("5", 5, "all")])
+@pytest.mark.parametrize("freeze, k, label", [("head", 0, "head"), ("none", 5, "none"), ("3", 3, "head + last 3 stages"),
+                                              ("0", 0, "head"), ("5", 5, "none")])
 def test_requested_modes_ignore_the_dataset_size(freeze, k, label):
     d = decide_freeze(FinetuneConfig(freeze=freeze), 20, 2, 10, N_STAGES)
     assert (d.trainable_stages, d.label) == (k, label)
