@@ -70,6 +70,8 @@ def test_info_text_and_json():
     for needle in ("timm:vgg16", "hf:timm/vgg16.tv_in1k@main/model.safetensors", "pre_logits", "head.fc",
                    "torchvision VGG16_Weights", "bilinear", "stages (6"):
         assert needle in r.output
+    assert "top-1        71.592%  [" in r.output     # the digits the source gives, no padding
+    assert "top-1        75.1%  [" in run("info", "efficientnet_lite0").output     # it said 75.100%
     data = json.loads(run("info", "alexnet", "--json").output)
     assert data["builder"] == "torchvision:alexnet" and data["classifier"] == "classifier.6"
     assert data["sources"][0]["sha256_prefix"] == "7be5be79" and data["cached"] is False

@@ -23,7 +23,7 @@ def _info_text(entry: ModelEntry, cached: bool) -> str:
         f"  family       {entry.family}",
         f"  builder      {entry.builder}",
         f"  params       {format_params(entry.params)}" + (f" ({entry.params:,})" if entry.params else ""),
-        "  top-1        " + ("-" if entry.top1 is None else f"{entry.top1:.3f}%")
+        "  top-1        " + ("-" if entry.top1 is None else f"{entry.top1:g}%")     # as given: 75.1%, not 75.100%
         + (f"  [{entry.top1_source}]" if entry.top1_source else ""),
         f"  licence      {entry.license}",
         f"  paper        {entry.paper or '-'}" + (f" ({entry.year})" if entry.year else ""),
