@@ -46,7 +46,9 @@ def test_re_exporting_lists_the_bundles_files_not_the_users_beside_them(tmp_path
     assert runner.invoke(cli, ["export", str(run)]).exit_code == 0
     (run / "export" / "notes.md").write_text("mine")
     res = runner.invoke(cli, ["export", str(run)])
-    assert res.exit_code == 0 and res.output.strip().endswith("(README.md, config.json, model.safetensors)"), res.output
+    said = [ln for ln in res.output.splitlines() if ln.startswith("exported ")]
+    assert res.exit_code == 0 and said[0].endswith("(README.md, config.json, model.safetensors)"), res.output
+    assert res.output.strip().splitlines()[-1] == f"next: zoo predict {run / 'export'} IMAGE", res.output
     assert (run / "export" / "notes.md").read_text() == "mine"
 
 

@@ -7,6 +7,7 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.text import shell_command
 
 __all__ = ["export_cmd"]
 
@@ -53,3 +54,4 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     # the bundle's files only: the user's own beside them (notes, a report) were listed as exported (QA)
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name in KINDS["export"].files)
     echo(f"exported {run_dir} -> {path} ({', '.join(files)})")
+    echo("next: " + shell_command("zoo", "predict", path, "IMAGE"))    # as lr-find and sweep end: what to run
