@@ -88,5 +88,7 @@ def skip_final_collection() -> None:
 def describe() -> str | None:
     """The line a run's log gets about what this process set (None when nothing was set)."""
     if keep_freed_memory.cache_info().currsize and keep_freed_memory():
-        return "process: glibc malloc keeps freed memory for the next step (ZOO_MALLOC=system turns it off)"
+        # in a user's words: what changes for them (speed, memory) and the switch ("glibc malloc" said nothing)
+        return ("memory: kept for the next training step once freed (faster; the process holds more RAM; "
+                "ZOO_MALLOC=system turns it off)")
     return None
