@@ -289,7 +289,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
             cached.begin_phase("head")
         if log is not None:
             what = "the head on cached features" if cached is not None else "the network"
-            log(f"lr-find: probing {what} ({setup.decision.label}), {steps} steps")
+            log(f"lr-find: probing {what} (freeze {setup.decision.label}), {steps} steps")
         test = _RangeTest(setup.optimizer(), lr_schedule(start_lr, end_lr, int(steps)), smooth, diverge_factor, log)
         _run_range_test(setup, test, cached)
         lrs, losses, smoothed, stopped = test.lrs, test.losses, test.smoothed, test.stopped
