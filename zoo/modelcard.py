@@ -14,7 +14,7 @@ from finetune.core.io import load_yaml, read_json_object, read_user_text
 from zoo.registry import public_source_id
 from zoo.text import first_line
 
-__all__ = ["model_card", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENSES"]
+__all__ = ["model_card", "recorded_recipe", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENSES"]
 
 # licence ids the Hub's metadata validator knows (those the registry uses); anything else is "other"
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
@@ -77,6 +77,30 @@ def trained_recipe(recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str,
     return out
 
 
+def recorded_recipe(recipe: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """What a card's recipe section reads from the run folder, as `zoo export` records it in the bundle's metadata
+    (``recipe``): config.yaml's options (``recipe``) and summary.json's freeze as decided, solved head, phases and
+    epochs, so that a bundle pushed without its run folder keeps its recipe."""
+    freeze = summary.get("freeze") if isinstance(summary.get("freeze"), dict) else {}
+    facts = {"freeze": {"label": str(freeze["label"])} if freeze.get("label") else None,
+             "head_solver": True if summary.get("head_solver") else None,
+             "phases": [str(p) for p in summary["phases"]] if isinstance(summary.get("phases"), list) else None,
+             **{k: summary.get(k) for k in ("best_phase", "epochs_run", "best_epoch")}}
+    return {"config": {k: recipe[k] for k in RECIPE_KEYS if k in recipe},
+            "summary": {k: v for k, v in facts.items() if v is not None}}
+
+
+def _card_recipe(meta: dict[str, Any], run: Path | None, summary: dict[str, Any]) -> tuple[dict, dict, bool]:
+    """(config.yaml's options, summary.json, whether they were recorded) for a card: the bundle's own record
+    (it describes these weights, wherever the bundle was copied), else its run folder's files (a bundle exported
+    before the record), else nothing."""
+    rec = meta.get("recipe")
+    if isinstance(rec, dict) and isinstance(rec.get("config"), dict) and isinstance(rec.get("summary"), dict):
+        config = {k: v for k, v in rec["config"].items() if v is None or isinstance(v, (str, int, float))}
+        return config, rec["summary"], True
+    return run_recipe(run), summary, run is not None
+
+
 def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, repo: str | None = None,
                onnx_atol: float | None = None, test: dict[str, Any] | None = None) -> str:
     """A bundle's README.md: what the model is, its data, recipe, metrics, source weights, preprocessing and
@@ -99,7 +123,7 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
     lines = [f"# {title}", "", f"An image classifier for {len(labels)} classes: `{name}` (`{meta.get('builder')}`, "
              f"{head} head), finetuned with zoo-finetune (`zoo finetune`).", "", "## Data", ""]
     lines += _data_lines(scan, scan_problem, labels, run, published=repo is not None)
-    lines += _recipe_lines(run_recipe(run), summary, run is not None)
+    lines += _recipe_lines(*_card_recipe(meta, run, summary))
     lines += _metrics_lines(metrics, test or {})
     lines += _source_lines(meta, licence)
     lines += ["", "## Preprocessing", "",
@@ -219,7 +243,8 @@ def _data_lines(scan: dict[str, Any], scan_problem: str | None, labels: list[str
 
 def _recipe_lines(recipe: dict[str, Any], summary: dict[str, Any], has_run: bool) -> list[str]:
     """The card's recipe: the run's options as `zoo finetune` takes them (freeze as decided, a solved head
-    named), what the run did (epochs run, best epoch, phases)."""
+    named), what the run did (epochs run, best epoch, phases); ``has_run``: the run's files were read (from its
+    folder or the bundle's record of them)."""
     trained = trained_recipe(recipe, summary)
     lines = ["", "## Recipe", ""]
     lines += [f"- {k}: {trained[k]}" for k in RECIPE_KEYS if trained.get(k) not in (None, "")]

@@ -599,3 +599,40 @@ def test_test_metrics_that_are_no_test_accuracy_are_refused(tmp_path, doc, said)
     with pytest.raises(UsageError, match="nothing was uploaded") as err:
         plan_push(bundle, REPO, test_metrics=report)
     assert said in str(err.value)
+
+
+def _recipe_section(text: str) -> list[str]:
+    return [ln for ln in text.split("## Recipe")[1].split("## Metrics")[0].splitlines() if ln]
+
+
+def test_a_bundle_pushed_without_its_run_folder_keeps_its_recipe(hub, tmp_path, runner):
+    """QA: `zoo push BUNDLE --dry-run` of a bundle copied out of its run folder gave "Recipe: (not recorded: no
+    run folder)", though the bundle's README.md had it; `zoo export` now records the card's recipe in the bundle's
+    metadata. A bundle exported before that keeps the "not recorded" line."""
+    import hashlib
+
+    from finetune.core.io import rewrite_safetensors_metadata
+    from zoo.bundle.load import read_safetensors_metadata
+
+    run, bundle = make_bundle(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "phases": ["head", "finetune"], "best_epoch": 2,
+                                                  "epochs_run": 3, "freeze": {"label": "head"}}))
+    bundle = export_run(run, run / "export")
+    copy = shutil.copytree(bundle, tmp_path / "elsewhere" / "bundle")
+    from_run, alone = push(runner, run, "--dry-run"), push(runner, copy, "--dry-run")
+    assert from_run.exit_code == 0 and alone.exit_code == 0, alone.output
+    recipe = _recipe_section(alone.stdout)
+    assert recipe == _recipe_section(from_run.stdout) == _recipe_section((copy / "README.md").read_text())
+    assert "- freeze: head (auto)" in recipe and "- best epoch: 2" in recipe and "- phases: head, finetune" in recipe
+    assert not any("not recorded" in ln for ln in recipe), recipe
+
+    data = (copy / "model.safetensors").read_bytes()    # as an earlier zoo exported it: no recipe in the header
+    header = {k: v for k, v in read_safetensors_metadata(copy / "model.safetensors").items() if k != "recipe"}
+    (copy / "model.safetensors").write_bytes(rewrite_safetensors_metadata(data, header))
+    config = json.loads((copy / "config.json").read_text())
+    config["zoo"]["weights_sha256"] = hashlib.sha256((copy / "model.safetensors").read_bytes()).hexdigest()
+    (copy / "config.json").write_text(json.dumps(config))
+    old = push(runner, copy, "--dry-run")
+    assert old.exit_code == 0 and _recipe_section(old.stdout) == ["- (not recorded: no run folder)"], old.output
+    assert hub.requests == []

@@ -16,7 +16,7 @@ from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_w
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
-from zoo.modelcard import model_card, run_recipe, run_scan
+from zoo.modelcard import model_card, recorded_recipe, run_recipe, run_scan
 from zoo.outdir import KINDS, STAGING, sweep_trial
 from zoo.registry import public_source_id
 
@@ -294,6 +294,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         "metrics": _metrics(summary),
         "trained_on_mirrors": _trained_on_mirrors(run, recipe, summary),
         "data_folders": _data_folders(scan),
+        "recipe": recorded_recipe(recipe, summary),     # the card's recipe, for a bundle pushed without its run
     }
     out = Path(out_dir) if out_dir is not None else run / "export"
     stage = out / STAGING
