@@ -154,6 +154,19 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny, monkeypatch):
     assert (out / "export" / "model.safetensors").is_file()
 
 
+def test_finetune_names_its_bundle_once(tmp_path, tiny):
+    """QA: `zoo finetune` ended with "exported bundle: RUN/export" on stderr and "bundle: RUN/export  (zoo predict
+    ...)" on stdout, the same folder twice; the one line that says how to use it is kept (screen and log.txt)."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in (result.stdout + result.stderr).splitlines() if str(out / "export") in ln]
+    assert len(said) == 1 and said[0].startswith(f"bundle: {out / 'export'}  (zoo predict "), said
+    logged = [ln for ln in (out / "log.txt").read_text(encoding="utf-8").splitlines() if str(out / "export") in ln]
+    assert logged == said
+
+
 def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path, tiny):
     """QA: 2,000 classes of 2 images printed a line per class and a 2,000-entry per-class accuracy line,
     wrote the whole confusion matrix into summary.json, the bundle's metadata and an HTML table, and the

@@ -167,9 +167,8 @@ def _export(run_dir: Path, log: Log) -> Path:
     # export RUN` of a best epoch so far may be writing it: waited for, then replaced by the run's final best.
     with claim_out(run_dir / "export", "export", overwrite=True, note=log, wait=EXPORT_WAIT_S,
                    option=f"`{shell_command('zoo', 'export', run_dir)} --out`"):
-        out = export_run(run_dir, run_dir / "export", note=log)
-    log(f"exported bundle: {out}")
-    return out
+        # (not named here: the run's last line, "bundle: PATH  (zoo predict ...)", says where it is and how to use it)
+        return export_run(run_dir, run_dir / "export", note=log)
 
 
 def feature_cache(log: Log | None = None) -> FeatureCache:
