@@ -18,7 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.io import UNLISTED_FOLDER, atomic_write_text, printable_name
-from finetune.data.images import EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file
+from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
+                                  unreadable_kind)
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too; .avif
 # where this Pillow decodes it (images.IMAGE_FORMATS).
@@ -124,7 +125,7 @@ def _check_file(path: str) -> str | None:
         return (f"too many pixels ({size.group(1) + ' pixels, ' if size else ''}over the decompression-bomb limit "
                 f"of {Image.MAX_IMAGE_PIXELS})")
     except UnidentifiedImageError:
-        return "not a readable image (unrecognised or damaged format)"
+        return unreadable_kind(path) or "not a readable image (unrecognised or damaged format)"
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "broken or looping symbolic link"

@@ -151,7 +151,7 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None
     except UnidentifiedImageError:
-        what = f"an {EMPTY_FILE}" if _is_empty(path) else "not a readable image"
+        what = f"an {EMPTY_FILE}" if _is_empty(path) else (unreadable_kind(path) or "not a readable image")
         raise DataError(f"{printable_name(str(path))} is {what}; fix or remove it") from None
     except FileNotFoundError:
         raise _missing(path) from None
@@ -160,6 +160,28 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     except Exception as e:  # malformed files raise SyntaxError / ValueError / struct.error inside PIL
         raise DataError(f"cannot decode {printable_name(str(path))} ({type(e).__name__}: {e}); "
                         "fix or remove the file") from None
+
+
+# ISO media brands (bytes 8-12 after "ftyp") of the photo formats Pillow may lack: a phone's HEIC, a browser's AVIF.
+_ISO_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF",
+               b"msf1": "HEIF"}
+
+
+def unreadable_kind(path: str | Path) -> str | None:
+    """What a file Pillow identified no image in is, when its header names a photo format zoo cannot decode
+    here (an AVIF without Pillow's AVIF decoder, a HEIC under a .jpg name), with the way on; None otherwise."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):     # a pipe's bytes are spent, and reading could wait
+            return None
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return None
+    fmt = _ISO_BRANDS.get(head[8:12]) if head[4:8] == b"ftyp" else None
+    if fmt is None or fmt in IMAGE_FORMATS:
+        return None
+    fix = "install Pillow 11.2 or newer, or convert it to JPEG or PNG" if fmt == "AVIF" else "convert it to JPEG or PNG"
+    return f"an {fmt} image, which this installation cannot decode ({fix})"
 
 
 def _is_empty(path: str | Path) -> bool:

@@ -455,6 +455,27 @@ def test_an_avif_image_is_read_under_its_own_name_and_under_a_jpg_name(tmp_path)
         assert load_image(tmp_path / "a" / name).size == (40, 30)
 
 
+def test_a_heic_or_an_avif_this_pillow_cannot_decode_is_named_with_the_way_on(tmp_path, monkeypatch):
+    """A phone's HEIC or a browser's AVIF under a .jpg name, where this Pillow has no decoder for it, was 'not a
+    readable image (unrecognised or damaged format)': the scan and load_image name the format and what to do."""
+    import finetune.data.images as images
+
+    monkeypatch.setattr(images, "IMAGE_FORMATS", tuple(f for f in images.IMAGE_FORMATS if f != "AVIF"))
+    (tmp_path / "a").mkdir()
+    for name, brand in (("phone.jpg", b"heic"), ("web.jpg", b"avif")):
+        (tmp_path / "a" / name).write_bytes(b"\x00\x00\x00\x18ftyp" + brand + bytes(200))
+    for i in range(2):
+        make_image(tmp_path / "a" / f"a{i}.png", 1)
+        make_image(tmp_path / "b" / f"b{i}.png", 1)
+    reasons = {Path(p).name: why for p, why in scan_folder(tmp_path).bad_files}
+    assert reasons == {
+        "phone.jpg": "an HEIC image, which this installation cannot decode (convert it to JPEG or PNG)",
+        "web.jpg": "an AVIF image, which this installation cannot decode (install Pillow 11.2 or newer, or "
+                   "convert it to JPEG or PNG)"}
+    with pytest.raises(DataError, match=r"phone\.jpg is an HEIC image, which this installation cannot decode"):
+        load_image(tmp_path / "a" / "phone.jpg")
+
+
 def test_windows_zone_identifier_files_beside_each_image_are_ignored_as_debris(tmp_path):
     """QA (helper-64): a folder copied from Windows into WSL (or through Samba) holds `x.jpg:Zone.Identifier`
     beside every downloaded image (Windows' mark of the web, a file of its own there): each was a bad file
