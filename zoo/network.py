@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.netwo
     from torch import nn
 
 __all__ = [
-    "build_network", "build_architecture", "meta_network", "network_shapes", "builder_kwargs", "has_fc_dropout", "weights_misfit",
+    "build_network", "build_architecture", "meta_network", "network_shapes", "builder_kwargs", "has_fc_dropout",
+    "weights_misfit",
     "check_fit", "TORCHVISION_KWARGS", "DROPPED_PREFIXES", "VGG_FC_DROPOUT",
 ]
 

@@ -231,7 +231,8 @@ def _check_name_lengths(path: Path, option: str, folder: str) -> None:
     set ZOO_DEBUG=1 for details`, from the first look at the folder). Checked before anything else touches it."""
     parts = Path(os.path.abspath(path)).parts
     base, new = Path(parts[0]), ()
-    for i, part in enumerate(parts[1:], 1):   # the deepest existing folder: its file system's limit (isdir never raises)
+    # the deepest existing folder: its file system's limit (isdir never raises)
+    for i, part in enumerate(parts[1:], 1):
         if not os.path.isdir(base / part):
             new = parts[i:]     # only these are created: the existing names fit (measured against another
             break               # file system's limit, a long name above an ecryptfs mount was refused)

@@ -22,8 +22,8 @@ import yaml
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text
 
-__all__ = ["FinetuneConfig", "load_config", "load_resume_config", "read_config_file", "save_config", "short_repr", "Option", "OPTIONS",
-           "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
+__all__ = ["FinetuneConfig", "load_config", "load_resume_config", "read_config_file", "save_config", "short_repr",
+           "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")

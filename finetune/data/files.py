@@ -218,13 +218,13 @@ def collect_classes(folder: str, loops: list[str],
         name = printable_name(c)
         twin = seen.get(class_key(name))
         if twin is not None:
-            why = ("one of them has a name that is not UTF-8" if twin == name else
-                   "written with other Unicode characters: composed and decomposed accents, as macOS and Linux "
-                   "tools write them")
             if twin.strip() != twin or name.strip() != name:    # (QA: two classes, printed almost alike)
                 raise DataError(f"two class folders in {printable_name(folder)} are named {twin!r} and {name!r}, one "
                                 "name but for whitespace at an end, and would print alike as two classes; rename "
                                 "one, or move the images of one into the other")
+            why = ("one of them has a name that is not UTF-8" if twin == name else
+                   "written with other Unicode characters: composed and decomposed accents, as macOS and Linux "
+                   "tools write them")
             raise DataError(f"two class folders in {printable_name(folder)} read {name} ({why}); rename one, or "
                             "move the images of one into the other")
         seen[class_key(name)] = name
