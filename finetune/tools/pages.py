@@ -26,6 +26,7 @@ from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, tab
 from finetune.core.config import short_repr
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
+from finetune.core.metrics import accuracy_text
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
 
@@ -54,7 +55,7 @@ def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) ->
                     for k, n in counts.items())
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
-                    f"{result.probe_accuracy:.3f}; near-duplicate threshold cosine "
+                    f"{accuracy_text(result.probe_accuracy)}; near-duplicate threshold cosine "
                     f"{result.near_used:.3g}.</p>"),
             section("Images per class", _counts_table(result.classes, result.counts, "doctor.json"))]
     by_kind: dict[str, list] = {}
@@ -130,7 +131,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
     # --- result first: what a reader looks for
     metrics = summary.get("metrics") or {}
     cards = [("best epoch", summary.get("best_epoch", "-")),
-             ("val acc", f"{metrics['val_acc']:.3f}" if isinstance(metrics.get("val_acc"), float) else "-"),
+             ("val acc", accuracy_text(metrics.get("val_acc"))),
              ("val loss", f"{metrics['val_loss']:.4f}" if isinstance(metrics.get("val_loss"), float) else "-"),
              ("epochs run", summary.get("epochs_run", "-")),
              ("seconds", f"{summary['seconds']:.0f}" if isinstance(summary.get("seconds"), (int, float)) else "-")]

@@ -331,7 +331,7 @@ def test_overfit_check_passes_on_learnable_batches(tiny_train_set):
     res = overfit_check(model, STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2, mlp_dropout=0.5),
                         head="fc", batches=2, max_steps=200, log=lines.append)
     assert res.passed and res.final_acc == 1.0 and res.final_loss <= 0.05
-    assert res.verdict == f"pipeline can learn: 2 batches overfit to 100% in {res.steps} steps"
+    assert res.verdict == f"pipeline can learn: 2 batches overfit to 100.00% in {res.steps} steps"
     assert 0 < res.steps <= 200 and lines and res.losses[-1] == res.final_loss
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -399,10 +399,10 @@ def test_overfit_check_counts_the_batches_there_are_and_passes_at_full_accuracy(
                         batches=2, max_steps=5)
     assert res.passed is passed and res.steps == 5
     if passed:
-        assert res.verdict == ("pipeline can learn: 1 batch overfit to 100% accuracy in 5 steps (loss 1.2 -> 0.381, "
+        assert res.verdict == ("pipeline can learn: 1 batch overfit to 100.00% accuracy in 5 steps (loss 1.2 -> 0.381, "
                                "still above 0.05: more steps or a higher LR take it lower)")
     else:       # wrong, or right by chance while the loss stayed put
-        assert res.verdict == (f"cannot even overfit 1 batch (acc {acc:.0%}, loss {loss:.3g}): check labels, LR, "
+        assert res.verdict == (f"cannot even overfit 1 batch (acc {acc * 100:.2f}%, loss {loss:.3g}): check labels, LR, "
                                "frozen layers")
 
 

@@ -285,7 +285,7 @@ def test_doctor_refuses_thresholds_that_would_switch_a_check_off(tmp_path, leaky
 def test_doctor_val_split_help_shows_what_it_accepts(tmp_path, leaky):
     """The help said [0.0<=x<=1.0] while 0 and 1 were refused (FinetuneConfig's 0 < x < 1)."""
     text = " ".join(invoke("doctor", "--help").output.split())
-    assert "--val-split FLOAT Validation fraction" in text and "[0 < x < 1] [default: 0.2]" in text
+    assert "--val-split FLOAT Validation fraction" in text and "[default: 0.2; 0 < x < 1]" in text
     for value in ("0", "1.0"):
         r = invoke("doctor", leaky, "--out", tmp_path / "doc", "--val-split", value, "--quiet")
         assert r.exit_code == 2 and "(--val-split): allowed: 0 < x < 1" in r.output, r.output

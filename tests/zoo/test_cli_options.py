@@ -240,7 +240,7 @@ def test_help_shows_ranges_and_the_same_options(command):
     assert r.exit_code == 0
     text = " ".join(r.output.split())
     assert "--decode [workers|device]" in text                   # lr-find/sweep had lost it
-    assert "[0 <= x < 1]" in text and "[0 <= x <= 512 or -1]" in text    # momentum, workers
+    assert "[default: 0.9; 0 <= x < 1]" in text and "[default: -1; 0 <= x <= 512 or -1]" in text   # momentum, workers
 
 
 def test_lr_find_refuses_nonsense_before_writing(tmp_path):
@@ -373,3 +373,24 @@ def test_a_resume_free_flag_given_now_settles_a_rule_its_saved_value_breaks(tmp_
     assert all(getattr(config, k) == v for k, v in saved.items() if k not in given)
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(conf))}: invalid "):   # an invalid flag settles nothing
         load_resume_config(conf, {**given, "workers": 2000})
+
+
+def test_every_command_shows_an_allowed_range_in_one_form():
+    """QA: `--help` showed a bounded option three ways: the config's `[x >= 0]  [default: 50]`, click's
+    `[default: 5; x>=1]` (with an INTEGER RANGE metavar) and hand-written ones (`[0 <= x < 1; default: ...]`,
+    `[default: the --config file's, else 5]  [x>=1]`). Every option now ends `[default: D; RANGE]`, the range in
+    finetune.core.config.range_text's form, its metavar the plain type's."""
+    from zoo.cli.options import IntRange
+
+    for name in cli.commands:
+        text = CliRunner().invoke(cli, [name, "--help"]).output
+        options = " ".join(text.split("Options:", 1)[1].split())
+        assert not re.search(r"\d(<=|<|>=|>)x|x(<=|<|>=|>)\d", options), (name, options)    # click's "x>=1"
+        assert "] [" not in options and "RANGE" not in options, (name, options)
+    finetune_help = " ".join(CliRunner().invoke(cli, ["finetune", "--help"]).output.split())
+    assert "[default: 50; x >= 0]" in finetune_help and "[default: 0.5 for VGG; 0 <= x < 1]" in finetune_help
+    sweep_help = " ".join(CliRunner().invoke(cli, ["sweep", "--help"]).output.split())
+    assert "--epochs INTEGER Epochs per trial. [default: the --config file's, else 5; x >= 1]" in sweep_help
+    r = CliRunner().invoke(cli, ["predict", "resnet18", "x.jpg", "--topk", "0"])      # click's own message too
+    assert r.exit_code == 2 and "0 is not in the range x >= 1" in r.output, r.output
+    assert IntRange(0, 9)._describe_range() == "0 <= x <= 9"

@@ -80,7 +80,7 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
     assert data.to_dict()["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     body = card.text
     for needle in ("| `cat` | 9 | 3 |", "Images: train 24, val 8.", "2 image(s)", "- lr: 0.001\n",
-                   "- epochs: 5", "validation acc: 0.7500", "test accuracy: 0.5000 on 9 images",
+                   "- epochs: 5", "validation acc: 75.00%", "test accuracy: 50.00% on 9 images",
                    f'timm.create_model("hf-hub:{REPO}", pretrained=True)', f"zoo predict hf-hub:{REPO}"):
         assert needle in body, needle
 
@@ -110,7 +110,7 @@ def test_a_test_accuracy_measured_with_tta_says_so_in_the_card(tmp_path, tta, sa
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "n_images": 9, **tta}))
     card = plan_push(bundle, REPO, test_metrics=tmp_path / "report").card
-    line = next(ln for ln in card.splitlines() if ln.startswith("- test accuracy: 0.5000 on 9 images"))
+    line = next(ln for ln in card.splitlines() if ln.startswith("- test accuracy: 50.00% on 9 images"))
     if said is None:
         assert "augmentation" not in line and "name: test accuracy\n" in card
     else:

@@ -35,6 +35,7 @@ from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
+from finetune.core.metrics import accuracy_text
 from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
@@ -293,7 +294,7 @@ class CachedHeadSteps:
             logits = torch.nn.functional.linear(x, head.weight, head.bias)
             loss = float(s.full_batch_loss(x.device)(logits, y))     # the objective solved
             acc = float((logits.argmax(1) == y).float().mean())
-        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
+        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {accuracy_text(va['acc'])}, "
                   f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
         self.say(f"head: L-BFGS on cached features to convergence, {picked}")
         n = int(y.shape[0])
