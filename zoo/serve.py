@@ -3,8 +3,9 @@
 Routes
   GET  /          a page: pick or drop images, see the top-k as bars and the crop the model saw
   POST /predict   multipart form files under ``files`` (one or more) or ``file``; ``?topk=5&crop=false``;
-                  answers ``{"model", "results": [{"filename", "width", "height", "predictions": [{"label",
-                  "prob"}], "crop"?}]}``
+                  answers ``{"model", "results": [{"image", "filename", "width", "height", "predictions":
+                  [{"label", "prob"}], "crop"?}]}``: ``image`` is the uploaded file's name, the key ``zoo predict
+                  --json`` names it by; ``filename``, the same value, is kept for clients written before
   GET  /info      labels, preprocessing, device, limits;  GET /health;  GET /docs, /openapi.json (FastAPI)
 
 Hostile input is answered with a 4xx and never reaches the model: a body over ``max_upload_bytes`` or
@@ -336,7 +337,7 @@ def _results(prepared: list, rows: Sequence[torch.Tensor], k: int, labels: list[
     results = []
     for (filename, tensor, (w, h)), probs in zip(prepared, rows):
         values, idx = probs.topk(k)
-        item = {"filename": filename, "width": w, "height": h,
+        item = {"image": filename, "filename": filename, "width": w, "height": h,     # (filename: the old key)
                 "predictions": [{"label": labels[j], "prob": round(float(v), 6)}
                                 for v, j in zip(values.tolist(), idx.tolist())]}
         if crop:
