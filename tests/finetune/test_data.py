@@ -280,8 +280,16 @@ def test_a_move_is_found_below_the_scanned_folder_and_only_for_a_name_seen_once(
 def test_no_validation_images_is_fatal(tmp_path):
     for c in range(2):
         make_image(tmp_path / "d" / f"c{c}" / "only.png", c)          # 1 image per class: nothing to hold out
-    with pytest.raises(DataError, match="no validation images"):
+    with pytest.raises(DataError) as info:
         scan_folder(tmp_path / "d")
+    assert str(info.value) == (f"each of the 2 class folders in {tmp_path / 'd'} holds a single image, so none can be "
+                               "held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images "
+                               "to validate on")
+    make_image(tmp_path / "s" / "train" / "c0" / "a.png", 0)
+    make_image(tmp_path / "s" / "train" / "c1" / "b.png", 1)
+    (tmp_path / "s" / "val").mkdir()                                # a val/ folder, empty: the split's own message
+    with pytest.raises(DataError, match="no validation images in .*: add DIR/val/<class>/ images"):
+        scan_folder(tmp_path / "s")
 
 
 def test_a_class_without_validation_images_is_told_what_fixes_it_in_its_layout(tmp_path):
