@@ -199,7 +199,7 @@ def _per_class_section(classes: list[str], conf: Sequence[Sequence[int]]) -> str
     title, header = "Per class (validation, best weights)", ["class", "precision", "recall", "F1", "support"]
     rows = precision_recall(classes, conf)
     if len(classes) <= FULL_MAX_CLASSES:
-        return section(title, table(header, rows) + "<h3>Confusion matrix</h3>" + heatmap(classes, conf))
+        return section(title, table(header, _as_percent(rows)) + "<h3>Confusion matrix</h3>" + heatmap(classes, conf))
 
     def badness(row: list[Any]) -> tuple:
         _, _, recall, f1, support = row
@@ -212,13 +212,18 @@ def _per_class_section(classes: list[str], conf: Sequence[Sequence[int]]) -> str
     csv_note = (f"<p>{len(classes)} classes: too many for a readable confusion matrix; the full matrix (rows: true "
                 "class, columns: predicted) is in <span class=\"path\">confusion.csv</span> in the run folder.</p>")
     return section(title, csv_note + f"<h3>The {len(worst)} worst classes</h3><p class=\"sub\">Lowest recall "
-                   "first, then lowest F1.</p>" + table(header, worst)
+                   "first, then lowest F1.</p>" + table(header, _as_percent(worst))
                    + _more(len(classes) - len(worst), "classes")
                    + f"<h3>Most confused pairs</h3><p class=\"sub\">{wrong} misclassified validation image(s); "
                    "the cells of the matrix with the most images.</p>"
                    + table(["true class", "predicted as", "images", "share of the true class"],
                            [[t, p, n, f"{share:.0%}"] for t, p, n, share in pairs])
                    + _more(cells - len(pairs), "pairs with at least one image"))
+
+
+def _as_percent(rows: list[list[Any]]) -> list[list[Any]]:
+    """precision_recall's rows as shown: precision, recall and F1 in percent (accuracy_text), as zoo eval prints."""
+    return [[name, accuracy_text(p), accuracy_text(r), accuracy_text(f1), support] for name, p, r, f1, support in rows]
 
 
 def _more(n: int, what: str) -> str:
