@@ -1253,7 +1253,7 @@ def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_wit
     scored = sum(v is not None for v in per_class.values())
     line = _per_class_line(per_class, None)
     shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
-    assert shown[0] == "k00 0.50" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
+    assert shown[0] == "k00 50.00%" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
     assert f"({len(per_class) - scored} without validation images; mean over classes " in line
 
 
