@@ -268,7 +268,8 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
 
     app = FastAPI(title=f"zoo serve: {name}", version="1", lifespan=lifespan,
                   description="Top-k classes for images. POST images as multipart form files under `files` "
-                              "(one or more) or `file`.")
+                              "(one or more) or `file`. Each result names its image by `image`, as `zoo predict "
+                              "--json` does; `filename`, the same name, is kept for older clients.")
     app.state.batcher = batcher
     app.state.config = cfg
 

@@ -86,6 +86,7 @@ def test_info_openapi_docs_and_page(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body
+    assert "`filename`, the same name, is kept for older clients" in spec["info"]["description"]   # the alias
     assert httpx.get(f"{server.url}/docs").status_code == 200
     page = httpx.get(f"{server.url}/").text
     assert "Drop images here" in page and "/predict?crop=true" in page
