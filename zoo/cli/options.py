@@ -3,7 +3,9 @@
 
 Ranges are shown in ``--help`` but checked in one place, ``FinetuneConfig.validate`` (exit 2, before any run
 folder is written), so YAML values and flags get the same one-line message. The other commands' bounded
-float options use :class:`FiniteFloatRange`. No torch at import.
+options use :class:`IntRange` and :class:`FiniteFloatRange`; every range reads one way, ``[default: D; RANGE]``
+(``finetune.core.config.range_text``; :class:`RangedOption` for a range or default click cannot show). No torch
+at import.
 """
 from __future__ import annotations
 
