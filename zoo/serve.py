@@ -42,15 +42,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import EMPTY_FILE, IMAGE_FORMATS, decode_opened, open_image
+from finetune.data.images import EMPTY_FILE, decode_opened, open_image
 from zoo.errors import ServeError
 from zoo.predict import eval_transform, model_input
 
 __all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_app", "start_background",
-           "serve", "ALLOWED_FORMATS", "require_serve_extra"]
+           "serve", "require_serve_extra"]
 
 # The files training reads (a model trained on TIFFs is tried with TIFFs); any other content is refused.
-ALLOWED_FORMATS = IMAGE_FORMATS
 _SEND = "send JPEG, PNG, WebP, BMP, GIF, TIFF or PPM/PGM"
 # The page at GET /: zoo/data/serve.html, __TITLE__ and __TOPK__ filled in per app.
 _PAGE = (Path(__file__).resolve().with_name("data") / "serve.html").read_text(encoding="utf-8")

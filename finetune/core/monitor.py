@@ -343,9 +343,6 @@ class TensorBoardLogger:
                 self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def log_scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, float(value), step)
-
     def close(self) -> None:
         self.writer.close()
 
