@@ -8,10 +8,11 @@ import os
 import re
 from pathlib import Path
 
+from finetune.core.io import shell_command
 from zoo.errors import DownloadError, OfflineError, UsageError
 from zoo.registry import ModelEntry, Source
 from zoo.resolve import check_hub_repo, get_entry, model_name
-from zoo.text import first_line, shell_command
+from zoo.text import first_line
 
 __all__ = ["fetch_hub_config", "resolve_entry", "resolve_early", "is_offline", "hub_transport", "http_timeout",
            "USER_AGENT"]

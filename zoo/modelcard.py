@@ -12,7 +12,8 @@ import yaml
 
 from finetune.core.io import load_yaml, read_json_object, read_user_text
 from zoo.registry import public_source_id
-from zoo.text import accuracy_text, first_line
+from finetune.core.metrics import accuracy_text
+from zoo.text import first_line
 
 __all__ = ["model_card", "recorded_recipe", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENSES"]
 

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from finetune.core.io import shell_command
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo import registry
 from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
-from zoo.text import shell_command
 
 if TYPE_CHECKING:
     from torch import nn

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 
-from finetune.core.io import printable_name, shell_command  # torch-free: `zoo list` may use them
-from finetune.core.metrics import accuracy_text  # the one printed form of an accuracy (98.64%)
+from finetune.core.io import printable_name
 
-__all__ = ["printable", "printable_name", "shell_command", "accuracy_text", "cell_width", "pad", "human_size", "first_line"]
+__all__ = ["printable", "cell_width", "pad", "human_size", "first_line"]
 
 
 def printable(text: object) -> str:

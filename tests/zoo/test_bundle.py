@@ -660,7 +660,7 @@ def test_a_bundle_of_another_format_is_refused_naming_the_version_not_read_as_th
     bundle of this format, and one written before the field (none), still load."""
     from safetensors.torch import load_file, save_file
 
-    from zoo.cache import sha256_file
+    from finetune.core.io import sha256_file
     from zoo.push import plan_push
 
     weights, config = bundle_dir / "model.safetensors", bundle_dir / "config.json"

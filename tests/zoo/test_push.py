@@ -140,7 +140,7 @@ def test_test_metrics_of_another_model_are_refused(hub, tmp_path, runner):
     assert push(runner, bundle, "--test-metrics", str(tmp_path / "ev")).exit_code == 0
 
 def test_nothing_private_is_published(hub, tmp_path, runner):
-    from zoo.push import _read_header_metadata
+    from zoo.bundle import read_safetensors_metadata
 
     run, bundle = make_bundle(tmp_path)
     # a bundle exported before the fix still carries the local path: push cleans it anyway
@@ -150,7 +150,7 @@ def test_nothing_private_is_published(hub, tmp_path, runner):
     assert push(runner, bundle).exit_code == 0
     files = hub.repos[REPO].files
     texts = [files["config.json"].decode(), files["README.md"].decode(),
-             json.dumps(_read_header_metadata(files["model.safetensors"]))]
+             json.dumps(read_safetensors_metadata("model.safetensors", data=files["model.safetensors"]))]
     for text in texts:
         assert "/home/alice" not in text and str(tmp_path) not in text
     cfg = json.loads(files["config.json"])

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
+from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import FiniteFloatRange, IntRange
 from zoo.errors import ZooError
-from zoo.text import shell_command
 
 
 def _step(title: str, args: list[str]) -> None:

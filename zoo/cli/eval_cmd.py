@@ -11,7 +11,8 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import IntRange
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
-from zoo.text import accuracy_text, cell_width, pad, printable
+from finetune.core.metrics import accuracy_text
+from zoo.text import cell_width, pad, printable
 from zoo.cli.predict import DEVICE_HELP, note_unmirrored_tta, tta_options, tta_scales_given, warn_skipped
 
 __all__ = ["eval_cmd"]

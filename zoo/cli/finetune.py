@@ -11,12 +11,14 @@ from typing import Any
 import click
 
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
+from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
-from zoo.text import accuracy_text, printable, shell_command
+from finetune.core.metrics import accuracy_text
+from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
 

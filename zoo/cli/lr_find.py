@@ -10,12 +10,11 @@ import click
 
 from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, shell_command
 from finetune.core.policy import lr_unused
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.text import shell_command
 from zoo.cli.options import FiniteFloatRange, IntRange, config_options, naming_the_file, resolve_config
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 

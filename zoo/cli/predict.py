@@ -12,9 +12,9 @@ from click.core import ParameterSource
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import IntRange
-from finetune.core.io import UNLISTED_FOLDER
+from finetune.core.io import UNLISTED_FOLDER, printable_name
 from zoo.errors import UsageError
-from zoo.text import printable, printable_name
+from zoo.text import printable
 
 __all__ = ["predict_cmd", "tta_options", "tta_scales_given", "note_unmirrored_tta"]
 

@@ -12,10 +12,10 @@ from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
 from finetune.core.metrics import metric_text
 from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
+from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.text import shell_command
 from zoo.cli.options import IntRange, RangedOption, config_options, naming_the_file, resolve_config
 from zoo.errors import UsageError
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer

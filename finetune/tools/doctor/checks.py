@@ -2,7 +2,6 @@
 across splits), out-of-fold label issues of a linear probe, outliers, tiny / extreme-aspect images."""
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, Sequence
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.core.io import sha256_file
 from finetune.data import load_image, pil_warnings
 from finetune.data.images import open_image
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
@@ -70,12 +70,8 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
     thumbs = np.zeros((len(paths), THUMB_VALUES), dtype=np.float32)
     has = np.zeros(len(paths), dtype=bool)
     for k, p in enumerate(paths):
-        h = hashlib.sha256()
         try:
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            hashes.append(h.hexdigest())
+            hashes.append(sha256_file(p))
         except OSError:
             hashes.append("")
         try:
