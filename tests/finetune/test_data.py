@@ -683,7 +683,7 @@ def test_fit_leaves_colour_to_the_device_on_cuda_only():
     assert device_steps(config.replace(gpu_normalize=False), DATA_CONFIG, torch.device("cuda")) == \
         ("float", None, None)
     assert device_steps(config.replace(decode="device"), DATA_CONFIG, torch.device("cuda")) == \
-        ("uint8", None, None)                                    # finetune.decode does all of it
+        ("uint8", None, None)                                    # finetune.data.decode does all of it
 
 
 def test_train_epoch_with_device_augment_is_reseedable(image_folder):
