@@ -329,9 +329,9 @@ class TensorBoardLogger:
             "val_acc": "acc/val", "lr": "lr", "images_per_s": "speed/images_per_s", "seconds": "speed/seconds",
             "data_wait": "speed/data_wait"}
 
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
+    def __init__(self, run_dir: str | Path) -> None:
         SummaryWriter = self.writer_class()
-        self.log_dir = Path(run_dir) / subdir
+        self.log_dir = Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log_epoch(self, row: dict) -> None:

@@ -30,6 +30,7 @@ from finetune.core.metrics import accuracy_text
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
 
+_PER_KIND = 24     # findings of each kind the doctor page shows with thumbnails
 TOP_ROWS = 20      # rows of each per-class list above FULL_MAX_CLASSES classes (the rest: scan.json, confusion.csv)
 
 _FINDING_TITLES = {
@@ -47,8 +48,8 @@ def _figure(path: Path, caption: str, size: int = 160) -> str:
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
 
-def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) -> str:
-    """The doctor page: counts, then each kind of finding (the first ``per_kind`` with thumbnails)."""
+def doctor_html(result: Any, *, title: str | None = None) -> str:
+    """The doctor page: counts, then each kind of finding (the first ``_PER_KIND`` with thumbnails)."""
     root = Path(result.root)
     counts = result.by_kind()
     cards = "".join(f"<div class=\"card\"><b class=\"{'bad' if n else 'ok'}\">{n}</b>{esc(k.replace('_', ' '))}</div>"
@@ -62,7 +63,7 @@ def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) ->
     for f in result.findings:
         by_kind.setdefault(f.finding, []).append(f)
     for kind, items in by_kind.items():
-        shown = items[:per_kind]
+        shown = items[:_PER_KIND]
         rows = table(["path", "score", "other / suggested", "split", "class", "detail"],
                      [[f.path, float(f.score), f.other, f.split, f.label, f.detail] for f in shown])
         more = f"<p>{len(items) - len(shown)} more in findings.csv.</p>" if len(items) > len(shown) else ""

@@ -96,9 +96,9 @@ NEAR_PER_KIND = 5      # near copies listed per image and kind (leak, duplicate,
 
 
 def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.ndarray, label: np.ndarray,
-                per_kind: int = NEAR_PER_KIND, block: int = 1024) -> list[tuple[int, int, float]]:
+                block: int = 1024) -> list[tuple[int, int, float]]:
     """Pairs (i < j) with cosine similarity >= threshold, each found from the image of the two that is dropped
-    (the later in ``order``, the keep order), at most ``per_kind`` per image and kind (the most similar copies in
+    (the later in ``order``, the keep order), at most ``NEAR_PER_KIND`` per image and kind (the most similar copies in
     another split, in its class, in another class of its split: ``split`` and ``label`` are codes per row), in
     blocks so memory stays O(block x N). Every pair was listed: a class of 1,000 near-identical video frames is
     half a million pairs, 10,000 frames would not fit in memory (QA).
@@ -123,7 +123,7 @@ def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.nd
             hit = torch.nonzero(mask.any(dim=1)).flatten()
             if not len(hit):
                 continue
-            best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(per_kind, zt.shape[0]), dim=1)
+            best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(NEAR_PER_KIND, zt.shape[0]), dim=1)
             for r, values, partners in zip(hit.tolist(), best.tolist(), cols.tolist()):
                 out += [(min(start + r, c), max(start + r, c), v) for v, c in zip(values, partners) if v > -math.inf]
     return out
