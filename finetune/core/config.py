@@ -22,7 +22,7 @@ import yaml
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text
 
-__all__ = ["FinetuneConfig", "load_config", "load_resume_config", "read_config_file", "save_config", "short_repr",
+__all__ = ["FinetuneConfig", "load_resume_config", "read_config_file", "save_config", "short_repr",
            "Option", "OPTIONS", "range_text", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS",
            "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
@@ -363,14 +363,9 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {f.name}={short_repr(value)} should be {_KIND_WORDS[kind]}{hint}") from None
 
 
-def load_config(path: str | Path) -> FinetuneConfig:
-    """Read a YAML config (safe loader). Raises ConfigError with the file name on any problem."""
-    return read_config_file(path)[0]
-
-
 def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """:func:`load_config` and the file's own mapping (which says what the file set, e.g. a ``bn`` equal to
-    the default), from one read of the file."""
+    """A YAML config (safe loader) and the file's own mapping (which says what the file set, e.g. a ``bn``
+    equal to the default), from one read of the file. Raises ConfigError with the file name on any problem."""
     path = Path(path)
     data = _read_mapping(path)
     return _from_file(data, path), data
@@ -384,7 +379,7 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
     range, or edited: ``workers: 1000``) does not block the resume, as it changes nothing in the maths: the
     value given now, else the default, replaces it, and a note says so. A resume-free flag given now also
     settles a rule across options its saved value breaks (``decode: device`` beside ``augment: trivial``,
-    with ``--decode workers``). Any other option out of bounds is the ConfigError :func:`load_config` raises.
+    with ``--decode workers``). Any other option out of bounds is the ConfigError :func:`read_config_file` raises.
     """
     path, overrides = Path(path), dict(overrides or {})
     data, notes = _read_mapping(path), []

@@ -25,7 +25,7 @@ from finetune.core.errors import ConfigError, FinetuneError
 
 __all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main", "computed_on_main"]
+           "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main"]
 
 
 # how long the other ranks wait for rank 0 in computed_on_main: a first scan of millions of files on network
@@ -293,17 +293,6 @@ def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> 
     # find_unused_parameters is not needed. Buffers are broadcast from rank 0 each forward so that
     # BatchNorm statistics stay identical across ranks when bn="train".
     return DDP(model, device_ids=ids)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):       # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif hasattr(model, "module") and type(model).__name__ == "DistributedDataParallel":
-            model = model.module
-        else:
-            return model
 
 
 def cleanup(info: DistInfo) -> None:
