@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from finetune.core.io import sha256_file
+from finetune.core.optim import lbfgs_minimise
 from finetune.data import load_image, pil_warnings
 from finetune.data.images import open_image
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
@@ -282,16 +283,8 @@ def _fit_probe(x, y, n_classes: int, l2: float, iters: int):
     """Softmax regression by full-batch L-BFGS (strong Wolfe): returns (W, b) as torch tensors."""
     w = torch.zeros((x.shape[1], n_classes), dtype=x.dtype, requires_grad=True)
     b = torch.zeros((n_classes,), dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum(), iters,
+                   tolerance_grad=1e-6, tolerance_change=1e-9)
     return w.detach(), b.detach()
 
 
