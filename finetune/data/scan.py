@@ -240,10 +240,12 @@ def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:
     if len(report.val) == 0:
         counts = report.train.class_counts()
         if report.layout == "flat" and counts and max(counts) == 1:     # (QA: a doctor run on one said only
-            raise DataError(                                           # "no validation images")
-                f"each of the {len(counts)} class folders in {printable_name(root_s)} holds a single image, so none "
-                "can be held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images to "
-                "validate on")
+            # "no validation images"); the folder the classes are in: DIR, or DIR/train/ without a val/ beside it
+            classes_in = os.path.normpath(os.path.join(root_s, report.folders.get("train") or "."))
+            raise DataError(
+                f"each of the {len(counts)} class folders in {printable_name(classes_in)} holds a single image, so "
+                "none can be held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images "
+                "to validate on")
         raise DataError(f"no validation images in {printable_name(root_s)}: add DIR/val/<class>/ images, or use "
                         "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]
