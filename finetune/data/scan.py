@@ -215,7 +215,8 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
         warn.append(f"{len(stray)} files outside the class folders ignored, e.g. {printable_name(stray[0])} "
                     "(images must be in DIR/train/<class>/, DIR/val/<class>/ or DIR/test/<class>/)")
     if loops:
-        warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. {printable_name(relative_path(loops[0], root_s))}")
+        warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. "
+                    f"{printable_name(relative_path(loops[0], root_s))}")
     unlisted = [p for p, r in bad if r.startswith(UNLISTED_FOLDER)]
     if unlisted:
         warn.append(f"cannot read {len(unlisted)} folder(s), e.g. {printable_name(relative_path(unlisted[0], root_s))}"
