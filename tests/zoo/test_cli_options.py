@@ -251,7 +251,7 @@ def test_min_delta_says_its_unit_now_that_accuracies_print_in_percent():
     (no epoch ever improves): its help says the unit (helper-74)."""
     r = CliRunner().invoke(cli, ["finetune", "--help"], terminal_width=200)
     text = " ".join(r.output.split())
-    assert "in the metric's own unit (val_acc: a fraction, 0.001 = 0.1 point of the printed percent)" in text
+    assert "smallest change that counts as an improvement (val_acc: a fraction, 0.001 = 0.1 point)" in text
 
 
 def test_lr_find_refuses_nonsense_before_writing(tmp_path):
