@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write
@@ -256,6 +256,7 @@ def write_curves(history: Sequence[dict], path: str | Path, best_epoch: int | No
         ax.grid(True, alpha=0.3)
     if finite(_as_fraction(_column(rows, "train_acc")) + _as_fraction(_column(rows, "val_acc"))):
         ax_acc.set_ylim(-0.02, 1.02)
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=1))    # fractions read in percent, as printed
 
     lrs = _column(rows, "lr")
     ax_lr.plot(epochs, lrs, color="tab:green", label="learning rate", **style)

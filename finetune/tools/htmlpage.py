@@ -94,9 +94,19 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
 
+def _tick_text(value: float, *, log_y: bool = False, percent: bool = False) -> str:
+    """A y tick label: ``percent``: a fraction as percent (an accuracy, ``0.875`` -> ``87.5%``, as every printed
+    accuracy reads); ``log_y``: ``value`` is the log10 of the label; else the value itself."""
+    if log_y:
+        return f"{10 ** value:.3g}"
+    return f"{value * 100:.3g}%" if percent else f"{value:.3g}"
+
+
 def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float | None]], *,
-               log_y: bool = False, marks: Sequence[float] = (), width: int = 520, height: int = 220) -> str:
-    """An inline SVG line chart (NaN/None points skipped); ``marks``: dashed vertical lines at these x."""
+               log_y: bool = False, percent: bool = False, marks: Sequence[float] = (), width: int = 520,
+               height: int = 220) -> str:
+    """An inline SVG line chart (NaN/None points skipped); ``marks``: dashed vertical lines at these x;
+    ``percent``: the y values are fractions (accuracies), labelled in percent (the data stays fractions)."""
     pad_l, pad_r, pad_t, pad_b = 56, 12, 22, 28
     pts = {k: [(float(a), float(b)) for a, b in zip(x, v) if b is not None and math.isfinite(float(b))
                and (not log_y or float(b) > 0)] for k, v in series.items()}
@@ -105,8 +115,9 @@ def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float 
         return f"<p>{esc(title)}: no data</p>"
     tr = math.log10 if log_y else (lambda v: v)
     y0, y1 = tr(min(ys)), tr(max(ys))
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    if y1 - y0 < 1e-12:     # one value: a band around it; an accuracy's within 0-100% (1.0 read "50%-150%")
+        pad = 0.05 if percent else 0.5
+        y0, y1 = (max(0.0, y0 - pad), min(1.0, y1 + pad)) if percent and 0 <= y0 <= 1 else (y0 - pad, y1 + pad)
     x0, x1 = float(min(x)), float(max(x))
     if x1 - x0 < 1e-12:
         x0, x1 = x0 - 0.5, x1 + 0.5
@@ -124,7 +135,7 @@ def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float 
              f"<rect x=\"{pad_l}\" y=\"{pad_t}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#bbb\"/>"]
     for t in range(5):
         v = y0 + (y1 - y0) * t / 4
-        label = f"{10 ** v:.3g}" if log_y else f"{v:.3g}"
+        label = _tick_text(v, log_y=log_y, percent=percent)
         yy = pad_t + (1 - t / 4) * h
         parts.append(f"<line x1=\"{pad_l}\" x2=\"{pad_l + w}\" y1=\"{yy:.1f}\" y2=\"{yy:.1f}\" stroke=\"#eee\"/>"
                      f"<text x=\"{pad_l - 4}\" y=\"{yy + 4:.1f}\" text-anchor=\"end\">{label}</text>")

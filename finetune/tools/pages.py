@@ -285,14 +285,14 @@ def _curves_section(run: Path, summary: dict[str, Any]) -> str:
         charts = [line_chart("validation loss against log10 C", c, {"val": [p["val_loss"] for p in solver]},
                              marks=chosen),
                   line_chart("validation accuracy against log10 C", c, {"val": [p["val_acc"] for p in solver]},
-                             marks=chosen)]
+                             percent=True, marks=chosen)]
         return section("Head solve", "<p class=\"sub\">The head was solved on cached features by L-BFGS "
                        "for each L2 strength (1 / (C x images)), strongest first; dashed: the C kept "
                        "(best validation accuracy, then loss).</p>" + "".join(charts))
     charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
                                        "val": [r.get("val_loss") for r in hist]}, marks=best),
               line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
-                                           "val": [r.get("val_acc") for r in hist]}, marks=best),
+                                           "val": [r.get("val_acc") for r in hist]}, percent=True, marks=best),
               line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
     return section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
                    + _mirror_note(summary) + "".join(charts))

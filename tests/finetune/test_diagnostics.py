@@ -155,6 +155,22 @@ def test_write_curves_full_history_with_phases(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left behind
 
 
+def test_curves_accuracy_axis_reads_in_percent_and_the_loss_axis_as_it_was(tmp_path, monkeypatch):
+    """Review (session 24): every printed accuracy is percent (accuracy_text, the panel's title too) but the
+    accuracy panel's axis read 0.0 ... 1.0; it now reads 0% ... 100%, the data (metrics.csv) still fractions."""
+    import finetune.core.monitor as monitor
+    from matplotlib.ticker import PercentFormatter
+
+    figs = []
+    monkeypatch.setattr(monitor, "save_png", lambda fig, path: figs.append(fig))
+    write_curves(HEALTHY, tmp_path / "curves.png")
+    ax_loss, ax_acc, ax_lr = figs[0].axes
+    acc = ax_acc.yaxis.get_major_formatter()
+    assert isinstance(acc, PercentFormatter) and acc(0.5) == "50%" and acc(1.0) == "100%"
+    assert not isinstance(ax_loss.yaxis.get_major_formatter(), PercentFormatter)
+    assert "%" not in ax_loss.yaxis.get_major_formatter()(0.5)
+
+
 def test_write_curves_is_robust(tmp_path):
     # (its speed, ~0.15 s a plot, is a benchmark figure, not a unit-test threshold: shared CI machines)
     out = tmp_path / "curves.png"

@@ -699,3 +699,37 @@ def test_training_images_with_the_same_features_near_a_validation_image_are_each
     assert {(f.finding, f.path, f.other) for f in found} - {("leak", p, o) for p, o, _ in leaks} == \
         {("duplicate", "train/cat/b.png", "train/cat/a.png")}          # the tie itself, as before
     assert "train/dog/d.png" not in {f.path for f in found}
+
+
+def _svg_ticks(page: str, title: str) -> list[str]:
+    """The y tick labels of the SVG chart titled ``title`` (the legend's labels carry a fill, ticks do not)."""
+    (svg,) = re.findall(rf"<svg [^>]*aria-label=\"{re.escape(title)}\".*?</svg>", page)
+    return re.findall(r"text-anchor=\"end\">([^<]*)</text>", svg)
+
+
+def test_run_page_accuracy_axes_read_in_percent_and_loss_axes_as_they_were(tmp_path):
+    """Review (session 24): every accuracy on the page read in percent (accuracy_text) but the accuracy chart's
+    axis read 0.2 ... 1; its ticks are now percent, the data (metrics.csv) still fractions, the loss axis as it was.
+    A head solved in one step whose every C reached 100% drew its accuracy axis from 50% to 150%."""
+    from finetune.engine.runfolder import RunFolder
+    from finetune.tools.pages import run_report_html
+
+    run = tmp_path / "run"
+    many_class_run(run, 8)
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n"
+                                     "1,head,1.0,1.0,0.2,0.4,0.01\n2,finetune,0.5,0.75,0.6,0.6,0.01\n"
+                                     "3,finetune,0.0,0.5,1.0,0.8,0.01\n")
+    page = run_report_html(run)
+    check_html(page)
+    assert _svg_ticks(page, "accuracy") == ["20%", "40%", "60%", "80%", "100%"]
+    assert _svg_ticks(page, "loss") == ["0", "0.25", "0.5", "0.75", "1"]
+
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n1,head,,,,,\n")
+    RunFolder(run).summary({"best_epoch": 1, "classes": [f"c{i:03d}" for i in range(8)], "metrics": {"val_acc": 1.0},
+                            "head_solver": [{"C": c, "val_loss": 0.5, "val_acc": 1.0, "chosen": c == 1.0}
+                                            for c in (0.1, 1.0, 10.0)]})
+    page = run_report_html(run)
+    check_html(page)
+    ticks = _svg_ticks(page, "validation accuracy against log10 C")
+    assert ticks[0] == "95%" and ticks[-1] == "100%" and all(t.endswith("%") for t in ticks)
+    assert "%" not in "".join(_svg_ticks(page, "validation loss against log10 C"))

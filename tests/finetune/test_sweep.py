@@ -190,3 +190,24 @@ def test_sweep_2x2_with_folds_and_best_config_reproduces(tmp_path):
 
 _DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
                 "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+@pytest.mark.parametrize("metric", ["val_acc", "val_loss"])
+def test_sweep_plot_reads_an_accuracy_in_percent_and_a_loss_as_it_was(tmp_path, monkeypatch, metric):
+    """Review (session 24): the plot's title printed the best val_acc in percent (metric_text) over an axis of
+    0.6 ... 0.9; a val_acc axis now reads in percent (results.csv keeps the fractions), a val_loss axis as it was."""
+    import finetune.tools.sweep.results as results
+    from matplotlib.ticker import PercentFormatter
+    from finetune.tools.sweep import SweepResult, TrialResult
+
+    trials = [TrialResult(id=f"t{i}", params={"lr": lr, "weight_decay": 0.0, "freeze": "head", "optimizer": "adam"},
+                          status="ok", metric=m) for i, (lr, m) in enumerate([(1e-3, 0.9), (1e-2, 0.6)])]
+    figs = []
+    monkeypatch.setattr(results, "save_png", lambda fig, path: figs.append(fig))
+    results.write_sweep_plot(SweepResult(trials, metric, trials[0], None, tmp_path, 1), tmp_path / "sweep.png")
+    (ax,) = figs[0].axes
+    formatter = ax.yaxis.get_major_formatter()
+    assert isinstance(formatter, PercentFormatter) == (metric == "val_acc")
+    if metric == "val_acc":
+        label = formatter(0.75)     # its decimals follow the axis range: 75%, 75.0% ...
+        assert label.endswith("%") and float(label[:-1]) == 75

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import PercentFormatter
+
 from finetune.core.config import FinetuneConfig
 from finetune.core.io import atomic_write_text
 from finetune.core.metrics import metric_text
@@ -176,6 +178,8 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (head)")
     ax.set_ylabel(result.metric + (f" (mean of {result.folds} folds)" if result.folds > 1 else ""))
+    if result.metric == "val_acc":      # fractions read in percent, as the title and every printed accuracy
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
     title = "sweep"
     if result.best is not None:
         p = result.best.params
