@@ -364,7 +364,9 @@ def _read_json_list(path: Path) -> list:
 
 def local_bundles(root: str | os.PathLike = ".", depth: int = 3) -> list[dict[str, Any]]:
     """Bundles (model.safetensors + config.json with a ``zoo`` section) under ``root``, at most ``depth``
-    folders down (``runs/<run>/export`` is 2): path, architecture, classes, validation accuracy."""
+    folders down (``runs/<run>/export`` is 2): ``path``, ``architecture``, ``num_classes`` and ``model`` (the
+    registry name it was finetuned from), as config.json records them; no metric (those are in the weights'
+    header and README.md, and ``zoo list --mine`` shows none)."""
     root = Path(root)
     found: list[dict[str, Any]] = []
     for level in range(depth + 1):
