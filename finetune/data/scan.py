@@ -90,7 +90,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         val_split: fraction of each class held out for validation (flat layout only).
         seed: seeds the split.
         strict: unreadable files are a DataError instead of being skipped with a warning.
-        split_file: a split.json written by ``write_scan``; when it exists its split is reused.
+        split_file: a split.json written by ``write_scan``; when it exists its split is reused (one recording no
+            validation images, its run's --exclude having listed them all, too: a warning, no refusal).
         class_names: the names a run trained on (a resume): a class folder whose name reads as one of them
             (:func:`~finetune.data.files.class_key`: renamed into the other Unicode form since) is named so.
         memo: a file that remembers each file's check (``files.check_files``): files unchanged since an
@@ -143,8 +144,13 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     folders = {k: None if d is None else os.path.relpath(d, root_s) for k, d in dirs.items()}
     report = ScanReport(root_s, layout, classes, _image_set(train_files, classes),
                         _image_set(val_files, classes), test_set, sorted(bad), warn, seed, report_split, folders)
+    recorded = None
     if split_file is not None and os.path.isfile(split_file):
-        apply_split_file(report, Path(split_file), left_out)
+        recorded = apply_split_file(report, Path(split_file), left_out)
+    if len(report.val) == 0 and recorded == 0:      # its run trained without validation: kept, not refused
+        warn.append(f"split file {os.path.basename(split_file)} records no validation images (its run left every one "
+                    "out, e.g. by --exclude): the split is kept, so none are validated on")
+        return report
     _check_validation(report, root_s, warn)
     return report
 

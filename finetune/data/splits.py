@@ -81,10 +81,13 @@ def _file_keys(rels: Iterable[str]) -> dict[str, str]:
     return {r: path_key(r) if count[path_key(r)] == 1 else r for r in rels}
 
 
-def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> None:
+def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> int | None:
     """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed. Files in
     ``left_out`` (relative paths the run excluded: not in the split file) are not called added (QA: every
-    resume of a run with --exclude warned of them as added files).
+    resume of a run with --exclude warned of them as added files), nor split by the seed: they go to train, to be
+    left out again (hashed, one could stand in val for a class that has none). Returns how many validation images
+    the file records (0: its run had none, e.g. its --exclude listed every one), or None when the folder's own
+    split is used (the file was made for another layout).
 
     A file is matched by its relative path's :func:`path_key` (:func:`_file_keys`): folders and files renamed
     into the other Unicode form (copied through macOS), or class folders that lost whitespace at an end, keep
@@ -100,13 +103,14 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     if saved.get("layout") != report.layout:
         report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
                                f"{report.layout}; using the folder's split")
-        return
+        return None
     keys = _file_keys(report.relpath(p) for s in (report.train, report.val) for p, _ in s.items)
     paths = {keys[report.relpath(p)]: p for s in (report.train, report.val) for p, _ in s.items}
     current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
-    added = sorted(set(current) - set(before) - set(_file_keys(left_out).values()))
+    outside = set(_file_keys(left_out).values())
+    added = sorted(set(current) - set(before) - outside)
     removed = sorted(set(before) - set(current))
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
     # the same path but for their class folder (each the only one of that name) count as that move. By name:
@@ -127,7 +131,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
             "another); the unchanged files keep their split"
             + (" and new ones are split by the seed" if report.layout == "flat" and (added or relabelled) else ""))
     if report.layout == "split":
-        return   # the folders define the split; the file only told us what changed
+        return len(old["val"])   # the folders define the split; the file only told us what changed
     if old_seed != report.seed or (old_split is not None and abs(float(old_split) - (report.val_split or 0)) > 1e-9):
         report.warnings.append(f"reusing the split in {path.name} (val_split={old_split}, seed={old_seed}); "
                                "delete it for a new split with the current options")
@@ -139,8 +143,8 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
         p = paths[rel]
         if rel in old["val"] and rel not in relabelled:
             side = val
-        elif rel in old["train"] and rel not in relabelled:
-            side = train
+        elif rel in outside or (rel in old["train"] and rel not in relabelled):
+            side = train    # (one the run left out: where its --exclude takes it out again)
         else:   # new file: a seeded hash decides, holding out about ``frac`` of them
             side = val if int(_hash_key(report.seed, report.relpath(p))[:8], 16) / 0xFFFFFFFF < frac else train
         side.append((p, index[cls]))
@@ -152,6 +156,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
                         "trained on)")
     report.train = ImageSet(train, list(report.classes))
     report.val = ImageSet(val, list(report.classes))
+    return len(old["val"])
 
 
 def write_scan(report: ScanReport, run_dir: str | Path, scan_only: bool = False) -> None:

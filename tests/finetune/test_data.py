@@ -1205,3 +1205,31 @@ def test_the_decode_failure_log_is_made_only_by_a_failure_so_a_killed_run_leaves
         del ds
         gc.collect()
         assert not Path(log).exists()
+
+
+@pytest.mark.parametrize("deleted", [False, True])
+def test_a_split_file_without_validation_images_is_kept_not_refused_with_a_false_reason(tmp_path, deleted):
+    """Review (session 24): a run whose --exclude listed every validation image trains without any (its split.json
+    records none); its resume was refused with `no validation images in DIR: ... use DIR/<class>/ folders with at
+    least 2 images per class so a split can be made`, of a folder with 2 per class, or, once the excluded files were
+    deleted, `each of the 3 class folders in DIR holds a single image`, of a run made without validation. The
+    split is kept, as the run made it, and said so."""
+    from finetune.tools.doctor import exclude_items
+
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    first = scan_folder(data)
+    val = [first.relpath(p) for p, _ in first.val.items]
+    exclude_items(first, val)                               # what --exclude of every validation image leaves
+    write_scan(first, tmp_path / "run")
+    if deleted:
+        for rel in val:
+            os.remove(data / rel)
+    again = scan_folder(data, split_file=tmp_path / "run" / "split.json", left_out=val)
+    kept = sorted(rel for rel, _ in rels(again, again.train))
+    assert len(again.val) == 0
+    assert kept == sorted([rel for rel, _ in rels(first, first.train)] + ([] if deleted else val))
+    assert ("split file split.json records no validation images (its run left every one out, e.g. by --exclude): "
+            "the split is kept, so none are validated on") in again.warnings
+    if deleted:     # without the split file, the folder's own refusal, as before
+        with pytest.raises(DataError, match="each of the 3 class folders in .* holds a single image"):
+            scan_folder(data)

@@ -844,6 +844,25 @@ def test_resuming_a_run_with_excluded_files_does_not_call_them_added(tmp_path, t
 
 
 
+def test_resuming_a_run_that_excluded_every_validation_image_goes_on_without_validation(tmp_path, tiny, monkeypatch):
+    """Review (session 24): a run whose --exclude lists every validation image trains without validation (the
+    last epoch is kept). Its --resume split the excluded files again by the seed: when none landed in val it was
+    refused, `no validation images in DIR: ... use DIR/<class>/ folders with at least 2 images per class so a
+    split can be made` (tests/finetune/test_data.py); here two did, and it warned `class(es) dog have no validation
+    images; ... (a class folder needs 2 or more images ...)` of a class of 6, as if the others had some. The
+    excluded files stay on the train side, to be left out again; the run goes on as it began, and says why."""
+    from finetune.data import scan_folder
+
+    first = scan_folder(make_image_folder(tmp_path / "data", per_class=6))     # the split the run makes
+    (tmp_path / "exclude.txt").write_text("".join(f"{first.relpath(p)}\n" for p, _ in first.val.items))
+    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, extra=("--exclude", tmp_path / "exclude.txt"))
+    assert json.loads((run / "split.json").read_text(encoding="utf-8"))["val"] == []
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 0, res.output
+    assert "split.json records no validation images" in res.output and "have no validation images" not in res.output
+    assert "no validation images, so the last epoch is kept" in res.output
+
+
 @pytest.mark.parametrize("edit,code,says", [
     (lambda m: [], 2, "model.json holds [], not the JSON object `zoo finetune` writes (was the file edited?)"),
     (lambda m: None, 2, "model.json holds null, not the JSON object"),
