@@ -12,11 +12,10 @@ from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, shell_command
 from finetune.core.policy import lr_unused
-from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import FiniteFloatRange, IntRange, config_options, naming_the_file, resolve_config
-from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
+from zoo.cli.options import FiniteFloatRange, IntRange, config_options, resolve_config
+from zoo.cli.shared import NOT_HERE, claimed_out, common_options, overwrite_option, scan_and_build
 
 __all__ = ["lr_find_cmd"]
 
@@ -69,23 +68,11 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
       zoo finetune resnet50 --data ./photos --lr auto      # the same test, then training at its LR
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
-    from finetune.engine import check_machine
-    from zoo.outdir import check_outside, claim_out
-
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
     config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
-    say = sayer(config.quiet)
-    for note in notes:
-        say(note)
-    console.keep_going()
-    out_dir = resolve_out(out, model, "lrfind")
-    check_outside(out_dir, data, "a later scan of the data would read lr_find.png as a class of its own",
-                  out is not None)
-    check_machine(config)          # a mistyped --device: before the folder is made
-    with claim_out(out_dir, "lr-find", overwrite=overwrite, note=say), \
-            naming_the_file(ctx, config_path, raw):     # (claimed before any download)
-        console.log_to(out_dir / "log.txt")
+    with claimed_out(ctx, "lr-find", config, config_path, raw, notes, model, data, out, "lr_find.png",
+                     overwrite=overwrite) as (out_dir, say):
         _lr_find_into(out_dir, model, data, config, pretrained, fc_dropout, start_lr, end_lr, steps, smooth,
                       diverge_factor, method, say)
 

@@ -1,15 +1,18 @@
 """What ``zoo lr-find`` and ``zoo sweep`` share: their common options (the config they resolve, defaults <
-``--config`` YAML < flags typed), the data scan and model build before any work. No torch at import."""
+``--config`` YAML < flags typed), the output folder they claim, the data scan and model build before any work.
+No torch at import."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import click
 
 from finetune.core.config import FinetuneConfig
+from zoo.cli import console
 from zoo.cli.console import echo
-from zoo.cli.options import fc_dropout_option
+from zoo.cli.options import fc_dropout_option, naming_the_file
 from zoo.hub import resolve_early, resolve_entry
 from zoo.text import printable
 
@@ -42,11 +45,31 @@ def scan_and_build(model: str, data: str, config: FinetuneConfig, pretrained: bo
 overwrite_option = click.option("--overwrite", is_flag=True, default=False,
                           help="--out holds an earlier result of this command: start over (only its files).")
 
-def resolve_out(out: str | None, model: str, kind: str) -> Path:
+@contextmanager
+def claimed_out(ctx: click.Context, command: str, config: FinetuneConfig, config_path: str | None,
+                raw: dict[str, Any], notes: list[str], model: str, data: str, out: str | None, product: str, *,
+                resume: bool = False, overwrite: bool = False) -> Iterator[tuple[Path, Callable[[str], None]]]:
+    """Start ``command`` (``lr-find``, ``sweep``) in its output folder: print the config's notes, check the folder
+    (outside the data: a later scan would read ``product`` as a class), the device, then claim the folder before any
+    download and log into it. Yields the folder and the command's ``say``; an error from the options of the
+    ``--config`` file names that file."""
     # lazy: zoo --help must not import torch
+    from finetune.engine import check_machine
     from zoo.jobs.finetune import default_run_dir
+    from zoo.outdir import check_outside, claim_out
 
-    return Path(out) if out else default_run_dir(f"{model}-{kind}")
+    say = sayer(config.quiet)
+    for note in notes:
+        say(note)
+    console.keep_going()
+    out_dir = Path(out) if out else default_run_dir(f"{model}-{command.replace('-', '')}")
+    check_outside(out_dir, data, f"a later scan of the data would read {product} as a class of its own",
+                  out is not None)
+    check_machine(config)          # a mistyped --device: before the folder is made
+    with claim_out(out_dir, command, resume=resume, overwrite=overwrite, note=say), \
+            naming_the_file(ctx, config_path, raw):
+        console.log_to(out_dir / "log.txt")
+        yield out_dir, say
 
 COMMON_OPTIONS = [
     click.argument("model"),

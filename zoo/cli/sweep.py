@@ -13,12 +13,11 @@ from finetune.core.errors import Interrupted
 from finetune.core.metrics import metric_text
 from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
 from finetune.core.io import shell_command
-from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import IntRange, RangedOption, config_options, naming_the_file, resolve_config
+from zoo.cli.options import IntRange, RangedOption, config_options, resolve_config
 from zoo.errors import UsageError
-from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
+from zoo.cli.shared import NOT_HERE, claimed_out, common_options, overwrite_option, scan_and_build
 
 __all__ = ["sweep_cmd"]
 
@@ -77,8 +76,6 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     """
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.tools.sweep import parse_choices, parse_values
-    from finetune.engine import check_machine
-    from zoo.outdir import check_outside, claim_out
 
     if resume and not out:
         raise UsageError("--resume needs --out: the folder of the sweep to continue")
@@ -88,16 +85,8 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
     config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
-    say = sayer(config.quiet)
-    for note in notes:
-        say(note)
-    console.keep_going()
-    out_dir = resolve_out(out, model, "sweep")
-    check_outside(out_dir, data, "a later scan of the data would read sweep.png as a class of its own", out is not None)
-    check_machine(config)          # a mistyped --device: before the folder is made
-    with claim_out(out_dir, "sweep", resume=resume, overwrite=overwrite, note=say), \
-            naming_the_file(ctx, config_path, raw):     # (claimed before any download)
-        console.log_to(out_dir / "log.txt")
+    with claimed_out(ctx, "sweep", config, config_path, raw, notes, model, data, out, "sweep.png", resume=resume,
+                     overwrite=overwrite) as (out_dir, say):
         _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,
                     resume, keep_runs, say)
 
