@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text, broken_link, is_temp, is_temp_of, shell_command
+from finetune.core.io import OUTPUT_MARKER, atomic_write_text, broken_link, is_temp, is_temp_of, shell_command
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -37,7 +37,7 @@ from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_traini
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
            "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder"]
 
-MARKER = ".zoo-run.json"
+MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping

@@ -17,7 +17,7 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["UNLISTED_FOLDER", "broken_link", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
+__all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
            "atomic_write_text", "write_file", "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
 
@@ -163,6 +163,10 @@ def plain_file_mode(path: str | Path) -> None:
 # How the reason for a folder that cannot be listed begins (bad_files.txt, predict's and eval's warnings):
 # here, below the data layer, so that the CLI, which imports no torch, tells a folder from an image by it
 UNLISTED_FOLDER = "folder cannot be read"
+
+# The file every zoo command writes first into its output folder (zoo.outdir): here, below the data layer, so
+# that the scan knows a run folder, bundle or report (curves.png, confusion.png) for zoo's output, not images
+OUTPUT_MARKER = ".zoo-run.json"
 
 
 def broken_link(path: str | Path) -> str | None:
