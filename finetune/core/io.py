@@ -17,7 +17,8 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
+__all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
+           "atomic_write", "atomic_write_bytes",
            "atomic_write_text", "write_file", "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
 
@@ -186,6 +187,16 @@ def printable_name(text: str) -> str:
     """A file or class name as text that always encodes: names that are not UTF-8 arrive from the OS as
     surrogate escapes; their bytes are shown as ``\\xNN`` instead of failing to print or write."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def printable(text: object) -> str:
+    """``text`` on one visible line: control and other invisible characters as escapes (``\\n``,
+    ``\\x1b``, ``\\u200b``), undecodable file-name bytes as ``\\xNN``; everything printable unchanged
+    (``café 猫 ✓`` stays as it is)."""
+    s = printable_name(str(text))
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 def shell_command(*words: object) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from finetune.data.files import class_key, name_key, path_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
-from finetune.core.io import atomic_write_text, printable_name
+from finetune.core.io import atomic_write_text, printable, printable_name
 
 SPLIT_FILE_VERSION = 1
 
@@ -179,8 +179,8 @@ def scan_outdated(report: ScanReport, run_dir: str | Path) -> bool:
 
 def write_bad_files(report: ScanReport, out_dir: str | Path) -> None:
     """``bad_files.txt``: the files the scan skipped, one ``path<TAB>reason`` per line (the scan's
-    warning points there)."""
-    lines = [f"{printable_name(report.relpath(p))}\t{r}\n" for p, r in report.bad_files]
+    warning points there); a tab or newline in a name is written escaped (``\\t``, ``\\n``), as printed."""
+    lines = [f"{printable(report.relpath(p))}\t{printable(r)}\n" for p, r in report.bad_files]
     atomic_write_text(Path(out_dir) / "bad_files.txt", "".join(lines))
 
 
