@@ -78,7 +78,8 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
     pipe) is written into, not replaced; a symlink's target is replaced, the link stays.
 
     Raises:
-        UsageError: a named model is not cached, or a cached one cannot be locked (see ``lock_record``).
+        UsageError: a named model is not cached, or a cached one cannot be locked (see ``lock_record``), or
+            ``path`` is a file of the user's (not empty, no lock file), which is left as it is.
     """
     wanted = list(names or [])
     if wanted:
@@ -109,8 +110,25 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
             err.filename = err.filename or str(path)
             raise
     else:
-        atomic_write_text(path.resolve() if path.is_symlink() else path, text)
+        target = path.resolve() if path.is_symlink() else path
+        _refuse_another_file(target, path)
+        atomic_write_text(target, text)
     return data
+
+
+def _refuse_another_file(target: Path, path: Path) -> None:
+    """UsageError when ``target`` is a file of the user's (not empty, not a zoo lock file): `zoo lock --out
+    notes.txt` (a typo, a tab completion) replaced it without a word (QA). A lock file of any version is zoo's."""
+    try:
+        if not target.is_file() or target.stat().st_size == 0:
+            return
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and isinstance(data.get("models"), dict)):
+        raise UsageError(f"{path} exists and is not a zoo lock file, and zoo lock replaces only a lock file: "
+                         f"choose another --out (e.g. {shell_command('zoo', 'lock', '--out', 'zoo.lock')}); "
+                         f"{path} was not written")
 
 
 def lock_text(data: dict[str, Any]) -> str:
