@@ -140,6 +140,12 @@ def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(tmp_p
                                          r"image or a folder \(\. for the current one\)"):
         expand_images([tmp_path / "a" / "a_000.png", ""])
     assert len(expand_images(["."])[0]) == 2
+    from click.testing import CliRunner  # lazy: the one CLI case of this module
+
+    from zoo.cli import cli  # lazy: as above
+    r = CliRunner().invoke(cli, ["predict", "no-such-bundle", ""])   # the images are expanded before the model
+    assert r.exit_code == 2 and r.output.startswith("zoo: error: an image argument is empty") \
+        and len(r.output.splitlines()) == 1, r.output
 
 
 def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
