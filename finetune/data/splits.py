@@ -106,7 +106,8 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
-    added = sorted(set(current) - set(before) - set(_file_keys(left_out).values()))
+    left = {printable(k) for k in _file_keys(left_out).values()}    # (exclude.txt writes a newline in a name as \n)
+    added = sorted(k for k in set(current) - set(before) if printable(k) not in left)
     removed = sorted(set(before) - set(current))
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
     # the same path but for their class folder (each the only one of that name) count as that move. By name:
