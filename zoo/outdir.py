@@ -226,6 +226,18 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; {fix}")
 
 
+def _refuse_unexpanded_home(path: Path, option: str) -> None:
+    """UsageError when ``path`` begins with a ``~`` the shell left as it is (quoted: ``--out "~/runs/a"``, or
+    ``OUT="~/runs"`` in a script): a folder named ``~`` was made in the current folder, and ``rm -rf ~``, the
+    obvious way to remove it again, removes the home folder (QA). Such a folder made before is used as it is."""
+    if path.parts and path.parts[0].startswith("~") and not os.path.lexists(path.parts[0]):
+        home = os.path.expanduser(path.parts[0])
+        instead = f"write {Path(home, *path.parts[1:])} (or leave the ~ unquoted)" if home != path.parts[0] \
+            else "write the folder's full path"
+        raise UsageError(f"{option} {path} begins with {path.parts[0]}, which the shell expands only when it is not "
+                         f"quoted, so zoo would make a folder named {path.parts[0]} here: {instead}")
+
+
 def _check_name_lengths(path: Path, option: str, folder: str) -> None:
     """UsageError when a name in ``path`` is longer than its file system takes (QA: `File name too long (PATH);
     set ZOO_DEBUG=1 for details`, from the first look at the folder). Checked before anything else touches it."""
@@ -358,6 +370,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
+    _refuse_unexpanded_home(path, option)
     _check_name_lengths(path, option, KINDS[kind].folder)
     _wait_unlocked(path, wait, note)    # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
