@@ -233,6 +233,9 @@ def test_an_out_beginning_with_a_quoted_tilde_is_refused_not_made_a_folder_named
     for kind in KINDS:
         with pytest.raises(UsageError, match="begins with ~"), claim_out(Path("~") / "b", kind):
             pass
+    for command in (("lock", "--out", "~/zoo.lock"), ("demo", "--out", "~/demo")):
+        res = invoke(*command)
+        assert res.exit_code == 2 and "begins with ~, which the shell expands only" in error_line(res), res.output
     assert not (tmp_path / "~").exists()
     (tmp_path / "~").mkdir()
     with claim_out(Path("~") / "b", "export") as mode:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 from finetune.core.io import atomic_write_text
 from zoo import cache
 from zoo.errors import UsageError
+from zoo.outdir import refuse_unexpanded_home
 from zoo.registry import COMMIT_RE, SOURCE_REQUIRED, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
@@ -81,6 +82,8 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
         UsageError: a named model is not cached, or a cached one cannot be locked (see ``lock_record``), or
             ``path`` is a file of the user's (not empty, no lock file), which is left as it is.
     """
+    if path is not None:
+        refuse_unexpanded_home(Path(path))
     wanted = list(names or [])
     if wanted:
         manifests = []

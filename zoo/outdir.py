@@ -35,7 +35,8 @@ from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
-           "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder"]
+           "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder",
+           "refuse_unexpanded_home"]
 
 MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
@@ -226,10 +227,11 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; {fix}")
 
 
-def _refuse_unexpanded_home(path: Path, option: str) -> None:
+def refuse_unexpanded_home(path: Path, option: str = "--out") -> None:
     """UsageError when ``path`` begins with a ``~`` the shell left as it is (quoted: ``--out "~/runs/a"``, or
     ``OUT="~/runs"`` in a script): a folder named ``~`` was made in the current folder, and ``rm -rf ~``, the
-    obvious way to remove it again, removes the home folder (QA). Such a folder made before is used as it is."""
+    obvious way to remove it again, removes the home folder (QA). Such a folder made before is used as it is.
+    Every ``--out`` (``zoo lock``'s and ``zoo demo``'s too) is checked by it."""
     if path.parts and path.parts[0].startswith("~") and not os.path.lexists(path.parts[0]):
         home = os.path.expanduser(path.parts[0])
         instead = f"write {Path(home, *path.parts[1:])} (or leave the ~ unquoted)" if home != path.parts[0] \
@@ -370,7 +372,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
-    _refuse_unexpanded_home(path, option)
+    refuse_unexpanded_home(path, option)
     _check_name_lengths(path, option, KINDS[kind].folder)
     _wait_unlocked(path, wait, note)    # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
