@@ -527,6 +527,40 @@ def test_a_folder_left_by_a_run_killed_while_writing_its_marker_counts_as_empty(
     assert folder_kind(folder) == "finetune" and sorted(os.listdir(folder)) == [MARKER, "model.json"]
 
 
+def test_a_marker_whose_kind_is_not_a_name_counts_as_not_zoos(tmp_path):
+    """helper-73: a hand-edited marker whose "kind" is a list or an object (not a name) ended folder_kind, so
+    every command given that folder, in a traceback (TypeError: unhashable type); it is a folder zoo did not
+    write, as a marker that is not JSON is."""
+    from zoo.outdir import MARKER, folder_kind
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    for kind in ([], {"a": 1}, "finetune-ish", None):
+        (folder / MARKER).write_text(json.dumps({"kind": kind}))
+        assert folder_kind(folder) == "other"
+    (folder / MARKER).write_text(json.dumps({"kind": "finetune"}))
+    assert folder_kind(folder) == "finetune"
+
+
+def test_a_resume_over_a_manifest_that_holds_no_object_starts_a_new_one(tmp_path):
+    """helper-73: a run's manifest.json holding JSON that is not an object (``[]``, ``null``) ended the resume
+    in a traceback (AttributeError: 'list' object has no attribute 'setdefault'); a damaged or missing one
+    was already replaced by a new manifest with the resume recorded, and so is this."""
+    import torch
+
+    from finetune.core.config import FinetuneConfig
+    from finetune.engine.runfolder import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for held in ("[]", "null", "{not json"):
+        (run / "manifest.json").write_text(held)
+        RunFolder(run).start(FinetuneConfig(), None, None, torch.device("cpu"), None, resume=True)
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert list(manifest) == ["resumed"] and len(manifest["resumed"]) == 1
+
+
 def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     """QA (helper-53): a run killed (kill -9) while writing curves.png or last.pt left .curves.png.<random>.tmp
     (or a gigabyte .last.pt.<random>.tmp) that no resume removed. Claiming the folder to resume removes them,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from finetune.core.io import shell_command
 from zoo.errors import WeightsError
 from zoo.network import (DROPPED_PREFIXES, TORCHVISION_KWARGS, VGG_FC_DROPOUT, build_architecture, build_network,
                          builder_kwargs, has_fc_dropout)
 from zoo.registry import ModelEntry
 from zoo.resolve import get_entry
 from zoo.sources import pull
-from zoo.text import shell_command
 
 if TYPE_CHECKING:  # torch is imported inside the functions: importing zoo.build stays cheap
     import torch

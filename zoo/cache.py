@@ -23,18 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import atomic_write_text, broken_link, plain_file_mode
+from finetune.core.io import atomic_write_text, broken_link, plain_file_mode, sha256_file, shell_command
 from zoo.errors import CacheError
-from zoo.text import shell_command
 
 __all__ = [
     "zoo_home", "scan_memo", "weights_dir", "weights_path", "manifest_path", "read_manifest", "is_cached",
-    "cached_models", "remove", "verify", "check", "lock", "staging_dir", "install", "sha256_file", "dir_name",
+    "cached_models", "remove", "verify", "check", "lock", "staging_dir", "install", "dir_name",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-_CHUNK = 1 << 20
 
 
 def zoo_home() -> Path:
@@ -194,15 +192,6 @@ def remove(name: str) -> Path:
         except OSError as err:
             raise CacheError(f"cannot remove {folder} ({err.strerror or err}); check its permissions") from err
     return folder
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify() -> list[str]:

@@ -21,7 +21,7 @@ from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
-from finetune.data.files import class_key, is_ignored, walk_files
+from finetune.data.files import class_key, list_classes, walk_files
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
@@ -101,7 +101,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
-    folders = sorted(d for d in base.iterdir() if d.is_dir() and not is_ignored(d.name))
+    folders = [base / name for name in list_classes(str(base))]     # as the training scan lists them
     for d in folders:
         # how finetune names a class whose folder name is not UTF-8; café composed or decomposed is one name
         name = printable_name(d.name)

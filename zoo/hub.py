@@ -8,10 +8,11 @@ import os
 import re
 from pathlib import Path
 
+from finetune.core.io import shell_command
 from zoo.errors import DownloadError, OfflineError, UsageError
 from zoo.registry import ModelEntry, Source
-from zoo.resolve import check_hub_repo, get_entry
-from zoo.text import first_line, shell_command
+from zoo.resolve import check_hub_repo, get_entry, model_name
+from zoo.text import first_line
 
 __all__ = ["fetch_hub_config", "resolve_entry", "resolve_early", "is_offline", "hub_transport", "http_timeout",
            "USER_AGENT"]
@@ -124,8 +125,8 @@ def resolve_entry(name: str | ModelEntry) -> ModelEntry:
     Raises:
         UnknownModelError, UsageError: as ``get_entry``; OfflineError, DownloadError: as :func:`fetch_hub_config`.
     """
-    if isinstance(name, str) and name.strip().startswith("hf-hub:"):
-        fetch_hub_config(name.strip()[len("hf-hub:"):])
+    if isinstance(name, str) and model_name(name).startswith("hf-hub:"):
+        fetch_hub_config(model_name(name)[len("hf-hub:"):])
     return get_entry(name)
 
 
@@ -138,7 +139,7 @@ def resolve_early(name: str) -> ModelEntry | None:
     Raises:
         UnknownModelError, UsageError: as ``get_entry`` (the close matches listed).
     """
-    text = name.strip() if isinstance(name, str) else name
+    text = model_name(name) if isinstance(name, str) else name
     if isinstance(text, str) and text.startswith("hf-hub:") and _cached_config(text[len("hf-hub:"):]) is None:
         return None
     return get_entry(name)

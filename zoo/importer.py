@@ -12,6 +12,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from finetune.core.io import sha256_file
 from zoo import cache
 from zoo.errors import IntegrityError, UsageError, WeightsError
 from zoo.keymaps import apply_key_map, import_key_maps
@@ -59,7 +60,7 @@ def import_weights(name: str | ModelEntry, file: str | Path, sha256: str | None 
 
 def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) -> Path:
     raw = copy_in(file, stage)
-    digest = cache.sha256_file(raw)
+    digest = sha256_file(raw)
     if pin is not None and not matches_pin(digest, pin):
         raise IntegrityError(f"{file.name}: sha256 {digest} does not match --sha256 {pin}; "
                              "nothing was imported; check you have the right file")
@@ -77,7 +78,7 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) 
         out = stage / "converted.safetensors"
         save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
     manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
-                "sha256": digest if out == raw else cache.sha256_file(out),
+                "sha256": digest if out == raw else sha256_file(out),
                 "tofu": pin is None and pinned is None, "format": fmt, "key_map": key_map}
     if pin is not None or pinned is not None:
         manifest["verified"] = f"--sha256 {pin}" if pin is not None else f"registry pin of {pinned.id()}"

@@ -19,14 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, shell_command
 from zoo import cache
 from zoo.errors import UsageError
 from zoo.outdir import refuse_unexpanded_home
 from zoo.registry import COMMIT_RE, SOURCE_REQUIRED, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
-from zoo.text import shell_command
 
 __all__ = ["LOCK_VERSION", "lock_record", "write_lock", "lock_text", "read_lock", "pull_locked"]
 

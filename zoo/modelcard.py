@@ -12,6 +12,7 @@ import yaml
 
 from finetune.core.io import load_yaml, read_json_object, read_user_text
 from zoo.registry import public_source_id
+from finetune.core.metrics import accuracy_text
 from zoo.text import first_line
 
 __all__ = ["model_card", "recorded_recipe", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENSES"]
@@ -269,18 +270,19 @@ def _metrics_lines(metrics: dict[str, Any], test: dict[str, Any]) -> list[str]:
     accuracy of a `zoo eval` report where one was given (with the views its TTA averaged)."""
     lines = ["", "## Metrics", ""]
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    lines += [f"- validation {k.removeprefix('val_')}: {_fmt(v)}" for k, v in scalars.items()]
+    lines += [f"- validation {k.removeprefix('val_')}: {accuracy_text(v) if k.endswith('acc') else _fmt(v)}"
+              for k, v in scalars.items()]
     if test:
         views = _tta_views(test)    # a single-view prediction (timm, zoo predict) scores lower: say how it was got
-        lines += [f"- test accuracy: {_fmt(test['accuracy'])} on {test.get('n_images', '?')} images"
-                  + (f" (top-5 {_fmt(test['top5'])})" if isinstance(test.get("top5"), float) else "")
+        lines += [f"- test accuracy: {accuracy_text(test['accuracy'])} on {test.get('n_images', '?')} images"
+                  + (f" (top-5 {accuracy_text(test['top5'])})" if isinstance(test.get("top5"), float) else "")
                   + (f", with test-time augmentation: the softmax averaged over {views}" if views else "")]
     if not scalars and not test:
         lines.append("- (none recorded)")
     per_class = metrics.get("per_class")
     if isinstance(per_class, dict) and per_class:
         lines += ["", "Per-class validation accuracy: " + ", ".join(
-            f"{_code(c)} {_fmt(v) if v is not None else '-'}" for c, v in list(per_class.items())[:CARD_CLASSES])
+            f"{_code(c)} {accuracy_text(v)}" for c, v in list(per_class.items())[:CARD_CLASSES])
             + (f" ... ({len(per_class)} in all)" if len(per_class) > CARD_CLASSES else "")]
     return lines
 

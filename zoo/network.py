@@ -159,9 +159,10 @@ def network_shapes(entry: ModelEntry) -> dict[str, tuple[int, ...]] | None:
 
 
 _BUILD: Any = object()      # weights_misfit's `expected` not given: build the network to know it
+_SHOWN = 5                  # names weights_misfit gives of each kind of problem
 
 
-def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], show: int = 5, *,
+def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], *,
                    expected: Mapping[str, tuple[int, ...]] | None = _BUILD) -> str:
     """What keeps tensors of these names and shapes from loading into ``build_architecture(entry)`` (built on
     the meta device): "" when they fit, or when the network cannot be built there (``meta_network``: loading
@@ -170,7 +171,6 @@ def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], sho
 
     Args:
         shapes: tensor name -> shape, e.g. from a safetensors header.
-        show: how many names of each kind of problem to give.
         expected: ``network_shapes(entry)`` when already known, None included (not built again).
     Returns:
         e.g. ``"2 missing: fc.weight, fc.bias; 1 shape mismatch: conv1.weight (8, 3, 7, 7) != (24, 3, 7, 7)"``.
@@ -190,8 +190,8 @@ def weights_misfit(entry: ModelEntry, shapes: Mapping[str, tuple[int, ...]], sho
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
         if items:
-            more = f" (+{len(items) - show} more)" if len(items) > show else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:show])}{more}")
+            more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOWN])}{more}")
     return "; ".join(parts)
 
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import OUTPUT_MARKER, atomic_write_text, broken_link, is_temp, is_temp_of, shell_command
+from finetune.core.io import (OUTPUT_MARKER, atomic_write_text, broken_link, is_temp, is_temp_of, read_json_object,
+                              shell_command)
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -120,12 +121,9 @@ def folder_kind(path: str | os.PathLike) -> str:
         return "empty"
     if entries == [_LOG] and (path / MARKER).is_file():
         return "empty"      # a command killed (kill -9) before writing anything but its log
-    try:
-        kind = json.loads((path / MARKER).read_text(encoding="utf-8")).get("kind")
-        if kind in KINDS:
-            return kind
-    except (OSError, ValueError, AttributeError):
-        pass
+    kind = read_json_object(path / MARKER).get("kind")
+    if isinstance(kind, str) and kind in KINDS:
+        return kind
     if (not (path / MARKER).exists() and "doctor.json" in entries
             and set(entries) <= set(KINDS["doctor"].files)):
         return "doctor"     # a report of a zoo doctor from before doctor wrote the marker

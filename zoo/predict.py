@@ -14,7 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -29,11 +29,10 @@ from finetune.data.files import is_ignored, walk_files
 from zoo.errors import UsageError
 
 __all__ = [
-    "ImageInput", "TTA_VIEWS", "DEFAULT_TTA_VIEWS", "eval_transform", "tta_transform", "parse_scales", "expand_images",
+    "TTA_VIEWS", "DEFAULT_TTA_VIEWS", "eval_transform", "tta_transform", "parse_scales", "expand_images",
     "model_input", "predict_probs", "topk",
 ]
 
-ImageInput = Union[str, os.PathLike, Image.Image]   # what predict accepts per image
 # Called with (image, reason) for each image that cannot be read; the image is then skipped.
 OnError = Callable[[Any, str], None]
 # Test-time augmentation views: flip = the validation view + its mirror; ten = torchvision's ten-crop.

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, parse_safetensors_header,
-                              read_json_object, rewrite_safetensors_metadata)
+from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, read_json_object, rewrite_safetensors_metadata,
+                              shell_command)
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
@@ -34,7 +34,7 @@ from zoo.modelcard import HUB_LICENSES, model_card, run_scan
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
 from zoo.hub import hub_transport, is_offline
-from zoo.text import first_line, shell_command
+from zoo.text import first_line
 
 __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "pushed_models",
            "local_bundles", "HUB_LICENSES"]
@@ -89,13 +89,6 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
                       "pass the folder `zoo finetune` or `zoo export` wrote")
 
 
-# ---------------------------------------------------------------------------------- safetensors header
-
-
-def _read_header_metadata(data: bytes) -> dict[str, str]:
-    return dict(parse_safetensors_header(data).get("__metadata__") or {})
-
-
 # ----------------------------------------------------------------------------------------- scrubbing
 
 
@@ -125,7 +118,7 @@ def _private_markers(bundle: Path, run: Path | None, scan: dict[str, Any]) -> li
 
 def _check_private(files: dict[str, bytes], marks: list[str]) -> None:
     for name, data in files.items():
-        text = (json.dumps(_read_header_metadata(data), ensure_ascii=False) if name == WEIGHTS
+        text = (json.dumps(read_safetensors_metadata(name, data=data), ensure_ascii=False) if name == WEIGHTS
                 else data.decode("utf-8", "replace"))
         for m in marks:
             if m and m in text:

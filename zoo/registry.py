@@ -23,6 +23,7 @@ from finetune.core.io import load_yaml, read_user_text
 from zoo.entry import (COMMIT_RE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE, entry_pin, matches_pin,
                        parse_digest, public_source_id, weights_tag)
 from zoo.errors import RegistryError, UnknownModelError, UsageError
+from zoo.text import first_line
 
 __all__ = [
     "Source", "Preprocessing", "ModelEntry", "load_registry", "list_models", "get_entry", "list_families",
@@ -268,7 +269,7 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        problem = getattr(err, "problem", None) or first_line(err)
         raise RegistryError(f"{path}: invalid YAML{at}: {problem}; fix the syntax") from None
     where = _Where(path)
     if data is None:

@@ -15,15 +15,15 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from finetune.core.io import shell_command
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo import registry
 from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
-from zoo.text import shell_command
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["get_entry", "check_hub_repo",
+__all__ = ["get_entry", "model_name", "check_hub_repo",
            "timm_entry", "entry_from_hf_config", "hub_config", "describe_timm", "derive_stages", "check_stages",
            "stage_of"]
 
@@ -38,12 +38,32 @@ def get_entry(name: str | ModelEntry) -> ModelEntry:
     """
     if isinstance(name, ModelEntry):
         return name
-    text = name.strip() if isinstance(name, str) else name
+    text = model_name(name) if isinstance(name, str) else name
     if isinstance(text, str) and text.startswith("timm:"):
         return timm_entry(text[len("timm:"):])
     if isinstance(text, str) and text.startswith("hf-hub:"):
         return _hf_hub_entry(text[len("hf-hub:"):])
     return registry.get_entry(name)
+
+
+# 'timm: resnet50', 'hf-hub : org/repo': a prefix typed with a space (as a YAML key is), a name of no source
+_SPACED_PREFIX = re.compile(r"(timm|hf-hub)(\s+:\s*|\s*:\s+)(\S+)")
+
+
+def model_name(name: str) -> str:
+    """``name`` as the commands read it: stripped, its ``timm:``/``hf-hub:`` prefix checked.
+
+    Raises:
+        UnknownModelError: a ``timm:`` prefix with a space around its colon (``timm: resnet50``);
+        UsageError: an ``hf-hub:`` prefix with one (``hf-hub: org/repo``): each says the name to write.
+    """
+    text = name.strip()
+    spaced = _SPACED_PREFIX.fullmatch(text)
+    if spaced:
+        prefix, ref = spaced.group(1), spaced.group(3)
+        error = UnknownModelError if prefix == "timm" else UsageError
+        raise error(f"{text!r} has a space around the colon of '{prefix}:'; write {prefix}:{ref} (no space)")
+    return text
 
 
 def _family_of(arch: str) -> str:

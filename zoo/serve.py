@@ -3,8 +3,9 @@
 Routes
   GET  /          a page: pick or drop images, see the top-k as bars and the crop the model saw
   POST /predict   multipart form files under ``files`` (one or more) or ``file``; ``?topk=5&crop=false``;
-                  answers ``{"model", "results": [{"filename", "width", "height", "predictions": [{"label",
-                  "prob"}], "crop"?}]}``
+                  answers ``{"model", "results": [{"image", "filename", "width", "height", "predictions":
+                  [{"label", "prob"}], "crop"?}]}``: ``image`` is the uploaded file's name, the key ``zoo predict
+                  --json`` names it by; ``filename``, the same value, is kept for clients written before
   GET  /info      labels, preprocessing, device, limits;  GET /health;  GET /docs, /openapi.json (FastAPI)
 
 Hostile input is answered with a 4xx and never reaches the model: a body over ``max_upload_bytes`` or
@@ -41,15 +42,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import EMPTY_FILE, IMAGE_FORMATS, decode_opened, open_image
+from finetune.data.images import EMPTY_FILE, decode_opened, open_image
 from zoo.errors import ServeError
 from zoo.predict import eval_transform, model_input
 
 __all__ = ["ServeConfig", "Batcher", "ImageRejected", "decode_upload", "create_app", "start_background",
-           "serve", "ALLOWED_FORMATS", "require_serve_extra"]
+           "serve", "require_serve_extra"]
 
 # The files training reads (a model trained on TIFFs is tried with TIFFs); any other content is refused.
-ALLOWED_FORMATS = IMAGE_FORMATS
 _SEND = "send JPEG, PNG, WebP, BMP, GIF, TIFF or PPM/PGM"
 # The page at GET /: zoo/data/serve.html, __TITLE__ and __TOPK__ filled in per app.
 _PAGE = (Path(__file__).resolve().with_name("data") / "serve.html").read_text(encoding="utf-8")
@@ -267,7 +267,8 @@ def create_app(bundle: Any, cfg: ServeConfig | None = None, title: str | None = 
 
     app = FastAPI(title=f"zoo serve: {name}", version="1", lifespan=lifespan,
                   description="Top-k classes for images. POST images as multipart form files under `files` "
-                              "(one or more) or `file`.")
+                              "(one or more) or `file`. Each result names its image by `image`, as `zoo predict "
+                              "--json` does; `filename`, the same name, is kept for older clients.")
     app.state.batcher = batcher
     app.state.config = cfg
 
@@ -336,7 +337,7 @@ def _results(prepared: list, rows: Sequence[torch.Tensor], k: int, labels: list[
     results = []
     for (filename, tensor, (w, h)), probs in zip(prepared, rows):
         values, idx = probs.topk(k)
-        item = {"filename": filename, "width": w, "height": h,
+        item = {"image": filename, "filename": filename, "width": w, "height": h,     # (filename: the old key)
                 "predictions": [{"label": labels[j], "prob": round(float(v), 6)}
                                 for v, j in zip(values.tolist(), idx.tolist())]}
         if crop:

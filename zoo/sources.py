@@ -14,14 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from finetune.core.io import no_room
+from finetune.core.io import no_room, sha256_file, shell_command
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
 from zoo.network import check_fit
 from zoo.registry import ModelEntry, Source
 from zoo.hub import USER_AGENT, http_timeout, hub_transport, is_offline, resolve_entry
-from zoo.text import first_line, shell_command
+from zoo.text import first_line
 from zoo.weightfiles import check_safetensors, load_pth, save_tensors
 
 __all__ = ["pull", "copy_in", "COMMIT_FILE"]
@@ -103,12 +103,12 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
     stage = cache.staging_dir(entry.name)
     try:
         raw = _fetch(entry, source, stage, progress)
-        digest = cache.sha256_file(raw)
-        tofu = _check_digest(entry, source, digest, previous)
+        digest = sha256_file(raw)
+        tofu = _check_digest(source, digest, previous)
         out = _to_safetensors(raw, source, stage)
         check_fit(entry, out, where=source.id(), pinned=not tofu)   # a pinned file may be another model's
         manifest = {"source": source.id(), "sha256_download": digest,
-                    "sha256": digest if out == raw else cache.sha256_file(out), "tofu": tofu,
+                    "sha256": digest if out == raw else sha256_file(out), "tofu": tofu,
                     "format": source.format, "key_map": source.key_map}
         if (stage / COMMIT_FILE).is_file():
             manifest["revision"] = (stage / COMMIT_FILE).read_text(encoding="utf-8").strip()
@@ -121,7 +121,7 @@ def _pull_one(entry: ModelEntry, source: Source, progress: bool, previous: dict 
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _check_digest(entry: ModelEntry, source: Source, digest: str, previous: dict | None) -> bool:
+def _check_digest(source: Source, digest: str, previous: dict | None) -> bool:
     """Raise IntegrityError on a mismatch; return True when the digest is trusted on first use."""
     where = source.id()
     if source.sha256:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 
-from finetune.core.io import printable, printable_name, shell_command  # torch-free: `zoo list` uses them
+from finetune.core.io import printable  # torch-free: `zoo list` uses it
 
-__all__ = ["printable", "printable_name", "shell_command", "cell_width", "pad", "human_size", "first_line"]
+__all__ = ["printable", "cell_width", "pad", "human_size", "first_line"]
 
 
 def cell_width(text: str) -> int:

@@ -22,8 +22,9 @@ import yaml
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text
 
-__all__ = ["FinetuneConfig", "load_config", "load_resume_config", "read_config_file", "save_config", "short_repr",
-           "Option", "OPTIONS", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS", "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
+__all__ = ["FinetuneConfig", "load_resume_config", "read_config_file", "save_config", "short_repr",
+           "Option", "OPTIONS", "range_text", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS",
+           "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
 OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("step", "exp", "inv", "cosine", "plateau", "none")
@@ -54,18 +55,10 @@ class Option:
     resume_free: bool = False
 
     def range_text(self) -> str:
-        """The allowed values as shown in ``--help`` and in errors: "0 <= x < 1", "x >= 1", "x >= 0 or -1"."""
+        """The allowed values as shown in ``--help`` and in errors (:func:`range_text`), or the choices."""
         if self.choices is not None:
             return ", ".join(self.choices)
-        if self.low is None and self.high is None:
-            return ""
-        lo = "" if self.low is None else f"{_num(self.low)} {'<' if self.low_open else '<='} "
-        hi = "" if self.high is None else f" {'<' if self.high_open else '<='} {_num(self.high)}"
-        if self.low is not None and self.high is None:
-            text = f"x {'>' if self.low_open else '>='} {_num(self.low)}"
-        else:
-            text = f"{lo}x{hi}"
-        return text + "".join(f" or {_num(v)}" for v in self.sentinels)
+        return range_text(self.low, self.high, self.low_open, self.high_open, self.sentinels)
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not allowed (the allowed values, to put in a message), or None when it is."""
@@ -83,6 +76,18 @@ class Option:
         if self.high is not None:
             ok = ok and (v < self.high if self.high_open else v <= self.high)
         return None if ok else f"allowed: {self.range_text()}"
+
+
+def range_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False,
+               sentinels: tuple[float, ...] = ()) -> str:
+    """The one form of an allowed range, in every command's ``--help`` (the config's options and click's ranges,
+    zoo.cli.options) and error: "0 <= x < 1", "x >= 1", "x > 0", "x <= 9", "x >= 0 or -1"; "" when unbounded."""
+    if low is None and high is None:
+        return ""
+    lo = "" if low is None else f"{_num(low)} {'<' if low_open else '<='} "
+    hi = "" if high is None else f" {'<' if high_open else '<='} {_num(high)}"
+    text = f"x {'>' if low_open else '>='} {_num(low)}" if high is None else f"{lo}x{hi}"
+    return text + "".join(f" or {_num(v)}" for v in sentinels)
 
 
 def _num(v: float) -> str:
@@ -358,14 +363,9 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {f.name}={short_repr(value)} should be {_KIND_WORDS[kind]}{hint}") from None
 
 
-def load_config(path: str | Path) -> FinetuneConfig:
-    """Read a YAML config (safe loader). Raises ConfigError with the file name on any problem."""
-    return read_config_file(path)[0]
-
-
 def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """:func:`load_config` and the file's own mapping (which says what the file set, e.g. a ``bn`` equal to
-    the default), from one read of the file."""
+    """A YAML config (safe loader) and the file's own mapping (which says what the file set, e.g. a ``bn``
+    equal to the default), from one read of the file. Raises ConfigError with the file name on any problem."""
     path = Path(path)
     data = _read_mapping(path)
     return _from_file(data, path), data
@@ -379,7 +379,7 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
     range, or edited: ``workers: 1000``) does not block the resume, as it changes nothing in the maths: the
     value given now, else the default, replaces it, and a note says so. A resume-free flag given now also
     settles a rule across options its saved value breaks (``decode: device`` beside ``augment: trivial``,
-    with ``--decode workers``). Any other option out of bounds is the ConfigError :func:`load_config` raises.
+    with ``--decode workers``). Any other option out of bounds is the ConfigError :func:`read_config_file` raises.
     """
     path, overrides = Path(path), dict(overrides or {})
     data, notes = _read_mapping(path), []

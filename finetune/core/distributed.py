@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from finetune.core.errors import ConfigError, FinetuneError
 
-__all__ = ["DistInfo", "setup", "device_type", "env_world_size", "per_rank_batch", "all_reduce_sum",
+__all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "leave", "wrap_model", "unwrap", "cleanup", "entered_on_main", "computed_on_main"]
+           "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main"]
 
 
 # how long the other ranks wait for rank 0 in computed_on_main: a first scan of millions of files on network
@@ -59,20 +59,12 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def device_type(device: str) -> str:
-    """"cuda" or "cpu": the kind of process group ``config.device`` needs (MPS runs one process)."""
-    device = (device or "auto").strip().lower()
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-def setup(device_type: str | None = None) -> DistInfo:
+def setup(device: str) -> DistInfo:
     """Join the process group described by torchrun's environment variables (idempotent).
 
     Args:
-        device_type: "cuda" selects nccl and pins this process to cuda:LOCAL_RANK; anything else gloo.
-            None picks cuda when it is available.
+        device: ``config.device``; "cuda", "cuda:N", or "auto" with a GPU visible: nccl, pinning this
+            process to cuda:LOCAL_RANK; anything else gloo (MPS runs one process).
     Returns:
         This process's DistInfo (a disabled one outside torchrun).
     Raises:
@@ -83,11 +75,11 @@ def setup(device_type: str | None = None) -> DistInfo:
     if world <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
+        device = (device or "auto").strip().lower()
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
             _check_gpu_for(local_rank)
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://")
@@ -235,7 +227,7 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(t, src=0)
 
 
-def _comm_device(info: DistInfo) -> torch.device:
+def _comm_device() -> torch.device:
     """Where the process group's collectives take tensors: this rank's GPU for nccl, the CPU for gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -262,7 +254,7 @@ def gather_strided(rows: torch.Tensor | None, n: int, info: DistInfo) -> torch.T
         raise ValueError("gather_strided: no rank has rows")
     tail, dtype = known[0], getattr(torch, known[1].replace("torch.", ""))
     per = -(-n // world)
-    dev = _comm_device(info)
+    dev = _comm_device()
     padded = torch.zeros((per, *tail), dtype=dtype, device=dev)
     if rows is not None and mine:
         padded[:mine] = rows[:mine].to(dev)
@@ -301,17 +293,6 @@ def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo) -> 
     # find_unused_parameters is not needed. Buffers are broadcast from rank 0 each forward so that
     # BatchNorm statistics stay identical across ranks when bn="train".
     return DDP(model, device_ids=ids)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):       # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif hasattr(model, "module") and type(model).__name__ == "DistributedDataParallel":
-            model = model.module
-        else:
-            return model
 
 
 def cleanup(info: DistInfo) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import hashlib
 import json
 import os
 import re
@@ -18,9 +19,10 @@ from typing import IO, Any, Callable
 import yaml
 
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
-           "atomic_write", "atomic_write_bytes",
-           "atomic_write_text", "write_file", "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
-           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object"]
+           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
+           "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
+           "sha256_file"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -219,6 +221,19 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):       # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    Raises:
+        OSError: it cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_user_text(path: str | Path) -> str:

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p"]
+__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p", "accuracy_text", "metric_text"]
 
 
 @dataclass
@@ -47,6 +47,26 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+def accuracy_text(value: float | None) -> str:
+    """An accuracy (a fraction in [0, 1]) as every printed line shows it: ``0.9864`` -> ``98.64%`` (percent,
+    two decimals, as ``zoo eval`` and timm's train.py print Acc@1); ``-`` for None or NaN. The one form of the
+    screen, log.txt, report.html and the sweep plot; data files (metrics.csv, results.csv, JSON) keep the
+    fraction, so nothing that reads them changes."""
+    try:
+        v = float(value)     # (a numpy scalar too)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(v) else f"{v * 100:.2f}%"
+
+
+def metric_text(metric: str, value: float | None, loss_format: str = ".4g") -> str:
+    """A monitored metric as printed: an accuracy (``val_acc``, ``train_acc``) by :func:`accuracy_text`, a loss
+    in ``loss_format``; ``-`` for None or NaN."""
+    if metric.endswith("acc"):
+        return accuracy_text(value)
+    return "-" if value is None or math.isnan(value) else format(value, loss_format)
 
 
 def per_class_accuracy(correct: list[int], total: list[int], classes: list[str]) -> dict[str, float | None]:

@@ -13,6 +13,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write
+from finetune.core.metrics import accuracy_text
 
 __all__ = ["AdviceThresholds", "ADVICE_THRESHOLDS", "advise", "data_advice", "waited", "write_curves",
            "TensorBoardLogger", "new_figure", "save_png", "finite"]
@@ -166,7 +167,7 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
     last_val_acc = _last(val_acc)
     if (not stalled and not math.isnan(last_train_acc) and not math.isnan(last_val_acc)
             and abs(last_train_acc - last_val_acc) < t.underfit_gap and last_train_acc < t.underfit_acc):
-        advice.append(f"underfitting: train acc {last_train_acc:.0%} ~ val acc {last_val_acc:.0%}: "
+        advice.append(f"underfitting: train acc {accuracy_text(last_train_acc)} ~ val acc {accuracy_text(last_val_acc)}: "
                       "the model may be too small or too frozen: unfreeze more stages (or a bigger model)")
     return advice
 
@@ -188,7 +189,7 @@ def _overfitting(rows: list[dict], train_loss: list[float], val_loss: list[float
         loss_overfit = (i_min < len(vls) - k and all(v > vls[i_min] * (1.0 + t.val_loss_rise) for v in vls[-k:])
                         and tl_last < tl_at_min and vls[-1] > t.fitted_loss)
     if acc_overfit or loss_overfit:
-        what = (f"train/val accuracy gap {gaps[-1]:.0%} and growing" if acc_overfit
+        what = (f"train/val accuracy gap {accuracy_text(gaps[-1])} and growing" if acc_overfit
                 else f"val loss rising ({min(v for _, v in pairs):.3g} -> {pairs[-1][1]:.3g}) "
                      "while train loss falls")
         # With only the head training there are no stages to re-freeze (and the cached-feature path sees
@@ -295,7 +296,7 @@ def write_curves(history: Sequence[dict], path: str | Path, best_epoch: int | No
     ax_acc.legend(loc="lower right", fontsize=7)
     last = rows[-1] if rows else {}
     ax_loss.set_title(f"epoch {last.get('epoch', '-')}  "
-                      f"val loss {_num(last.get('val_loss')):.4g}  val acc {_num(last.get('val_acc')):.3g}",
+                      f"val loss {_num(last.get('val_loss')):.4g}  val acc {accuracy_text(_num(last.get('val_acc')))}",
                       fontsize=9)
     # Fixed margins instead of tight_layout(): this runs every epoch and tight_layout doubles the cost.
     fig.subplots_adjust(left=0.13, right=0.97, top=0.95, bottom=0.07, hspace=0.1)
@@ -328,9 +329,9 @@ class TensorBoardLogger:
             "val_acc": "acc/val", "lr": "lr", "images_per_s": "speed/images_per_s", "seconds": "speed/seconds",
             "data_wait": "speed/data_wait"}
 
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard") -> None:
+    def __init__(self, run_dir: str | Path) -> None:
         SummaryWriter = self.writer_class()
-        self.log_dir = Path(run_dir) / subdir
+        self.log_dir = Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log_epoch(self, row: dict) -> None:
@@ -341,9 +342,6 @@ class TensorBoardLogger:
             if not math.isnan(value):
                 self.writer.add_scalar(tag, value, step)
         self.writer.flush()
-
-    def log_scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, float(value), step)
 
     def close(self) -> None:
         self.writer.close()

@@ -1,4 +1,5 @@
-"""Parameter groups, optimizers and learning-rate schedules with linear warm-up.
+"""Parameter groups, optimizers and learning-rate schedules with linear warm-up; the L-BFGS solve of the
+convex problems on features.
 
 Every param group records ``name`` ("head" | "backbone"), ``lr_mult`` (1 for the head,
 ``backbone_lr_mult`` for pretrained layers, times ``layer_decay ** depth`` per stage with layer decay) and ``base_lr`` (head LR x lr_mult). The scheduler scales
@@ -26,6 +27,7 @@ __all__ = [
     "Scheduler",
     "INV_POWER",
     "plateau_patience",
+    "lbfgs_minimise",
 ]
 
 # "inv" is 1/t decay: lr * (1 + gamma * t) ** -INV_POWER with t in epochs since warm-up ended
@@ -302,3 +304,21 @@ def build_scheduler(config: Any, optimizer: torch.optim.Optimizer, steps_per_epo
         ConfigError: unknown schedule.
     """
     return Scheduler(config, optimizer, steps_per_epoch)
+
+
+def lbfgs_minimise(params: Sequence[torch.Tensor], objective: Callable[[], torch.Tensor], max_iter: int, *,
+                   tolerance_grad: float = 1e-7, tolerance_change: float = 1e-10) -> None:
+    """Minimise ``objective()`` (a full-batch loss of ``params``) in place by L-BFGS with a strong-Wolfe line
+    search: the one solver of the convex problems on features (the head solve, the handedness test, the
+    doctor's label probe)."""
+    opt = torch.optim.LBFGS(list(params), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = objective()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)

@@ -11,9 +11,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.policy import FreezeDecision, decide_freeze
-from finetune.core.surgery import apply_freeze, belongs_to, bn_frozen_layers, replace_head, set_bn_eval
+from finetune.core.surgery import apply_freeze, belongs_to, replace_head, set_bn_eval
 
-__all__ = ["prepare_model", "trainable_summary", "check_batchnorm_batch", "lone_value_batchnorm"]
+__all__ = ["prepare_model", "check_batchnorm_batch", "lone_value_batchnorm"]
 
 
 def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, num_classes: int,
@@ -77,26 +77,6 @@ def _check_kept_head(model: nn.Module, head: str, num_classes: int) -> None:
     if isinstance(out, int) and out != int(num_classes):
         raise ConfigError(f"reset_head=False keeps the head {head!r}, which has {out} outputs, but the data has "
                           f"{num_classes} classes; pass reset_head=True to give it a new head for these classes")
-
-
-def trainable_summary(model: nn.Module) -> dict[str, int]:
-    """Parameter counts for the printout.
-
-    Returns:
-        ``{"trainable", "frozen", "total"}`` (scalars), ``{"trainable_tensors", "frozen_tensors"}`` and
-        ``"bn_frozen_layers"`` (BatchNorm layers keeping their pretrained statistics).
-    """
-    trainable = frozen = t_tensors = f_tensors = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            trainable += p.numel()
-            t_tensors += 1
-        else:
-            frozen += p.numel()
-            f_tensors += 1
-    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen,
-            "trainable_tensors": t_tensors, "frozen_tensors": f_tensors,
-            "bn_frozen_layers": bn_frozen_layers(model)}
 
 
 class _Found(Exception):

@@ -7,7 +7,6 @@ stage prefix ``s`` when ``p == s`` or ``p.startswith(s + ".")`` (docs/internals.
 from __future__ import annotations
 
 import functools
-import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -24,9 +23,7 @@ __all__ = [
     "stage_parameters",
     "apply_freeze",
     "set_bn_eval",
-    "bn_frozen_layers",
     "belongs_to",
-    "xavier_std",
 ]
 
 _ACTIVATIONS = {
@@ -308,14 +305,3 @@ def sync_batchnorm(model: nn.Module, mode: str, exclude: Iterable[str] = ()) -> 
     set_bn_eval(model, mode, exclude=exclude)
     return len(targets)
 
-
-def bn_frozen_layers(model: nn.Module) -> int:
-    """How many BatchNorm layers keep frozen statistics now (for the summary printout): all of them under
-    ``bn="eval"``, those of frozen stages under ``bn="train"``."""
-    return sum(1 for m in model.modules()
-               if getattr(m, _FROZEN_FLAG, False) or (getattr(m, _FOLLOWS_FLAG, False) and not _stage_trains(m)))
-
-
-def xavier_std(fan_in: int, fan_out: int) -> float:
-    """Standard deviation of Xavier/Glorot init: sqrt(2 / (fan_in + fan_out))."""
-    return math.sqrt(2.0 / (fan_in + fan_out))

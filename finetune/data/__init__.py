@@ -14,7 +14,7 @@ The scan happens before any model is loaded, so fatal problems fail in seconds w
 """
 from __future__ import annotations
 
-from finetune.data.device import DeviceAugment, DeviceNormalize, device_steps, to_device_batch
+from finetune.data.device import DeviceAugment, DeviceNormalize, device_steps
 from finetune.data.images import (device_decodable, load_image, load_image_tensor, pil_warnings, read_image_bytes,
                                   to_rgb, to_uint8_tensor, upright_rgb)
 from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, ImageDataset, class_weights,
@@ -30,7 +30,7 @@ __all__ = [
     "load_image", "load_image_tensor", "read_image_bytes", "to_rgb", "upright_rgb", "to_uint8_tensor", "device_decodable",
     "pil_warnings",
     "build_transform", "ImageTransform", "with_input_size", "trains_mirrored",
-    "DeviceNormalize", "DeviceAugment", "to_device_batch", "device_steps",
+    "DeviceNormalize", "DeviceAugment", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",
     "train_batches", "set_epoch_order", "count_draw", "counted_images",
     "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers", "close_loader",

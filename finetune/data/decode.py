@@ -36,7 +36,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from finetune.core.config import FinetuneConfig
-from finetune.data.device import DeviceAugment
+from finetune.data.device import DeviceAugment, indexed_device
 from finetune.data.geometry import Plan, crop_plan, eval_plan, resample
 from finetune.data.images import (
     device_decodable,
@@ -242,9 +242,7 @@ class DeviceTransform:
 
     def __call__(self, items, labels: torch.Tensor, device: torch.device | str, channels_last: bool = False,
                  keys: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed_device(device)
         if isinstance(items, tuple):        # (flat, shapes) from collate_encoded
             items = unpack(*items)
         self.failed = []
@@ -280,9 +278,7 @@ class DevicePrefetcher:
                  channels_last: bool = False, depth: int = 2) -> None:
         self.loader = loader
         self.transform = transform
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = indexed_device(device)
         self.channels_last = channels_last
         self.depth = max(1, int(depth))
         self._thread: threading.Thread | None = None

@@ -16,6 +16,14 @@ from finetune.core.errors import ConfigError
 _IMAGE_TAG = int.from_bytes(b"zoo.aug", "big")
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device, a bare "cuda" as the current GPU with its index (cuda:N)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class DeviceNormalize:
     """uint8 batches (N, 3, H, W) from ``build_transform(..., output="uint8")`` -> normalised float32 on
     the device: ``(x / 255 - mean) / std``, the float pipeline's own operations (``ToDtype`` multiplies
@@ -50,9 +58,7 @@ class DeviceNormalize:
         if x.dtype != torch.uint8:
             raise TypeError(f"DeviceNormalize expects a uint8 batch, got {x.dtype}; build the dataset's "
                             "transform with output='uint8'")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed_device(device)
         if draws is None and keys is not None:
             draws = self.draws_for(keys)
         x = self.augment(x.to(device, non_blocking=True), draws)
@@ -202,18 +208,6 @@ class DeviceAugment(DeviceNormalize):
     def __repr__(self) -> str:
         return (f"DeviceAugment(hflip={self.hflip}, brightness={self.brightness}, contrast={self.contrast}, "
                 f"mean={self.mean}, std={self.std})")
-
-
-def to_device_batch(x: torch.Tensor, device: torch.device | str, mean: Sequence[float], std: Sequence[float],
-                    channels_last: bool = False) -> torch.Tensor:
-    """A uint8 image batch -> normalised float32 on ``device`` (see :class:`DeviceNormalize`).
-
-    Raises:
-        TypeError: ``x`` is not uint8.
-    """
-    return DeviceNormalize(mean, std)(x, device, channels_last)
-
-
 
 
 def device_steps(config: Any, data_config: dict, device: torch.device | str):

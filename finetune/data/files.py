@@ -17,7 +17,7 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
-from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable_name
+from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable_name, read_json_object
 from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
                                   unreadable_kind)
 
@@ -331,12 +331,9 @@ def _memo_header() -> dict:
 
 
 def _read_memo(memo: str | Path) -> dict[str, list]:
-    try:
-        doc = json.loads(Path(memo).read_text(encoding="utf-8"))
-        files = doc["files"] if doc.get("made_with") == _memo_header() else {}
-        return files if isinstance(files, dict) else {}
-    except (OSError, ValueError, TypeError, AttributeError, KeyError):   # none yet, damaged, another layout
-        return {}
+    doc = read_json_object(memo)      # {} when there is none yet or it is damaged
+    files = doc.get("files") if doc.get("made_with") == _memo_header() else None    # another layout
+    return files if isinstance(files, dict) else {}
 
 
 def _write_memo(memo: str | Path, entries: dict[str, list]) -> None:

@@ -241,6 +241,12 @@ def _subfolders(folder: str) -> list[str]:
 def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:
     """DataError without validation images; warnings for classes without any and for imbalance."""
     if len(report.val) == 0:
+        counts = report.train.class_counts()
+        if report.layout == "flat" and counts and max(counts) == 1:     # (QA: a doctor run on one said only
+            raise DataError(                                           # "no validation images")
+                f"each of the {len(counts)} class folders in {printable_name(root_s)} holds a single image, so none "
+                "can be held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images to "
+                "validate on")
         raise DataError(f"no validation images in {printable_name(root_s)}: add DIR/val/<class>/ images, or use "
                         "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]

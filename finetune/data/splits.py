@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from finetune.data.files import class_key, name_key, path_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
-from finetune.core.io import atomic_write_text, printable, printable_name
+from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object
 
 SPLIT_FILE_VERSION = 1
 
@@ -171,11 +171,7 @@ def scan_outdated(report: ScanReport, run_dir: str | Path) -> bool:
     """Whether ``run_dir/scan.json`` is missing, unreadable or names another data folder than ``report`` (a
     resume given ``--data`` after the data moved): the export (``zoo eval``'s trained-on-it warning), the report
     and the next resume read the folder from it."""
-    try:
-        recorded = json.loads((Path(run_dir) / "scan.json").read_text(encoding="utf-8")).get("root")
-    except (OSError, ValueError, AttributeError):
-        return True
-    return recorded != printable_name(report.root)
+    return read_json_object(Path(run_dir) / "scan.json").get("root") != printable_name(report.root)
 
 
 def write_bad_files(report: ScanReport, out_dir: str | Path) -> None:

@@ -114,9 +114,8 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     ``"none"``: the evaluation view.
 
     ``output="uint8"`` stops before the float conversion: the same steps and random draws, a uint8 tensor
-    (3, H, W) out (4x fewer bytes through worker queues and to the GPU); :class:`DeviceNormalize` /
-    :func:`to_device_batch` then apply ``x / 255``, mean and std on the device with the same float32
-    operations, so the model sees the same values.
+    (3, H, W) out (4x fewer bytes through worker queues and to the GPU); :class:`DeviceNormalize` then applies
+    ``x / 255``, mean and std on the device with the same float32 operations, so the model sees the same values.
 
     ``colour_on_device`` (uint8 output only) leaves the flip and the brightness/contrast jitter out of
     the pipeline: :class:`DeviceAugment` applies them to the whole batch on the device (``fit`` does so

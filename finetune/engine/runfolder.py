@@ -23,7 +23,7 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
-from finetune.core.io import atomic_write_text, printable, printable_name, shell_command
+from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object, shell_command
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
@@ -187,10 +187,7 @@ class RunFolder:
         path = self.path / "manifest.json"
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv)}
         if resume and path.is_file():
-            try:
-                manifest = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                manifest = {}
+            manifest = read_json_object(path)
             manifest.setdefault("resumed", []).append(entry)
         else:
             manifest = {"created": entry["time"], "command": entry["command"], "seed": config.seed,

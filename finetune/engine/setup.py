@@ -210,7 +210,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         val_set = ImageSet(items=[], classes=list(train_set.classes))
     if list(train_set.classes) != list(val_set.classes):
         raise ConfigError("train and val sets have different class lists; build both from one scan")
-    info = ddp.setup(ddp.device_type(config.device)) if distributed else ddp.DistInfo()
+    info = ddp.setup(config.device) if distributed else ddp.DistInfo()
     device = resolve_device(config.device, info)
 
     # the model: head, freeze decision, BatchNorm policy (seeded: the new head's init is reproducible)

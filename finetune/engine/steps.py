@@ -17,7 +17,7 @@ from finetune.core import distributed as ddp
 from finetune.engine.mixing import BatchMix
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.errors import ConfigError, DivergedError
-from finetune.core.metrics import per_class_accuracy
+from finetune.core.metrics import accuracy_text, per_class_accuracy
 
 __all__ = ["train_one_epoch", "evaluate", "warm_up", "optimizer_step", "diverged"]
 
@@ -294,7 +294,7 @@ def _advance(progress, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int,
     """One step on the tqdm bar; the running loss/accuracy/speed only on a visible bar and when ``look``
     (each refresh is a host sync: at most every ``POSTFIX_EVERY_S``)."""
     if look and not getattr(progress, "disable", False):
-        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=accuracy_text(correct.item() / seen),
                              img_s=f"{images_per_s:.0f}", refresh=False)
     progress.update(1)
 

@@ -30,7 +30,7 @@ from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.core.errors import CheckpointError, DataError, Interrupted
 from finetune.core.io import shell_command
-from finetune.core.metrics import EarlyStopping
+from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
 from finetune.core.policy import head_first
 from finetune.core.seeding import epoch_seed, seed_everything
@@ -201,8 +201,8 @@ class Trainer:
             self.folder.curves(self.history, best if best > 0 else None)
             self._curves_at = time.perf_counter()
         self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
-                       f"{row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
-                       f"acc {row['val_acc']:.3f} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s{waited(row)}")
+                       f"{row['train_loss']:.4f} acc {accuracy_text(row['train_acc'])} | val loss {row['val_loss']:.4f} "
+                       f"acc {accuracy_text(row['val_acc'])} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s{waited(row)}")
         # the lecture's reading of the curves, as soon as a rule fires; the loader's speed
         for line in advise(self.history) + data_advice(row, s.device.type, s.config.decode):
             rule = " ".join(line.split()[:3])

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 from finetune.core.io import printable
@@ -69,7 +70,12 @@ def section(title: str, inner: str) -> str:
     return f"<section><h2>{esc(title)}</h2>{inner}</section>"
 
 
+_SHOWN_NUMBER = re.compile(r"-|-?\d+(\.\d+)?%")   # a number already formatted (98.64%, "-" for none): as numbers
+
+
 def _cell(v: Any) -> str:
+    if isinstance(v, str) and _SHOWN_NUMBER.fullmatch(v):
+        return f"<td class=\"num\">{v}</td>"
     if isinstance(v, float):
         if math.isnan(v):
             return "<td class=\"num\">-</td>"

@@ -26,9 +26,11 @@ from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, tab
 from finetune.core.config import short_repr
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
+from finetune.core.metrics import accuracy_text
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
 
+_PER_KIND = 24     # findings of each kind the doctor page shows with thumbnails
 TOP_ROWS = 20      # rows of each per-class list above FULL_MAX_CLASSES classes (the rest: scan.json, confusion.csv)
 
 _FINDING_TITLES = {
@@ -46,22 +48,22 @@ def _figure(path: Path, caption: str, size: int = 160) -> str:
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
 
-def doctor_html(result: Any, *, per_kind: int = 24, title: str | None = None) -> str:
-    """The doctor page: counts, then each kind of finding (the first ``per_kind`` with thumbnails)."""
+def doctor_html(result: Any, *, title: str | None = None) -> str:
+    """The doctor page: counts, then each kind of finding (the first ``_PER_KIND`` with thumbnails)."""
     root = Path(result.root)
     counts = result.by_kind()
     cards = "".join(f"<div class=\"card\"><b class=\"{'bad' if n else 'ok'}\">{n}</b>{esc(k.replace('_', ' '))}</div>"
                     for k, n in counts.items())
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
-                    f"{result.probe_accuracy:.3f}; near-duplicate threshold cosine "
+                    f"{accuracy_text(result.probe_accuracy)}; near-duplicate threshold cosine "
                     f"{result.near_used:.3g}.</p>"),
             section("Images per class", _counts_table(result.classes, result.counts, "doctor.json"))]
     by_kind: dict[str, list] = {}
     for f in result.findings:
         by_kind.setdefault(f.finding, []).append(f)
     for kind, items in by_kind.items():
-        shown = items[:per_kind]
+        shown = items[:_PER_KIND]
         rows = table(["path", "score", "other / suggested", "split", "class", "detail"],
                      [[f.path, float(f.score), f.other, f.split, f.label, f.detail] for f in shown])
         more = f"<p>{len(items) - len(shown)} more in findings.csv.</p>" if len(items) > len(shown) else ""
@@ -130,7 +132,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
     # --- result first: what a reader looks for
     metrics = summary.get("metrics") or {}
     cards = [("best epoch", summary.get("best_epoch", "-")),
-             ("val acc", f"{metrics['val_acc']:.3f}" if isinstance(metrics.get("val_acc"), float) else "-"),
+             ("val acc", accuracy_text(metrics.get("val_acc"))),
              ("val loss", f"{metrics['val_loss']:.4f}" if isinstance(metrics.get("val_loss"), float) else "-"),
              ("epochs run", summary.get("epochs_run", "-")),
              ("seconds", f"{summary['seconds']:.0f}" if isinstance(summary.get("seconds"), (int, float)) else "-")]
@@ -198,7 +200,7 @@ def _per_class_section(classes: list[str], conf: Sequence[Sequence[int]]) -> str
     title, header = "Per class (validation, best weights)", ["class", "precision", "recall", "F1", "support"]
     rows = precision_recall(classes, conf)
     if len(classes) <= FULL_MAX_CLASSES:
-        return section(title, table(header, rows) + "<h3>Confusion matrix</h3>" + heatmap(classes, conf))
+        return section(title, table(header, _as_percent(rows)) + "<h3>Confusion matrix</h3>" + heatmap(classes, conf))
 
     def badness(row: list[Any]) -> tuple:
         _, _, recall, f1, support = row
@@ -211,13 +213,18 @@ def _per_class_section(classes: list[str], conf: Sequence[Sequence[int]]) -> str
     csv_note = (f"<p>{len(classes)} classes: too many for a readable confusion matrix; the full matrix (rows: true "
                 "class, columns: predicted) is in <span class=\"path\">confusion.csv</span> in the run folder.</p>")
     return section(title, csv_note + f"<h3>The {len(worst)} worst classes</h3><p class=\"sub\">Lowest recall "
-                   "first, then lowest F1.</p>" + table(header, worst)
+                   "first, then lowest F1.</p>" + table(header, _as_percent(worst))
                    + _more(len(classes) - len(worst), "classes")
                    + f"<h3>Most confused pairs</h3><p class=\"sub\">{wrong} misclassified validation image(s); "
                    "the cells of the matrix with the most images.</p>"
                    + table(["true class", "predicted as", "images", "share of the true class"],
                            [[t, p, n, f"{share:.0%}"] for t, p, n, share in pairs])
                    + _more(cells - len(pairs), "pairs with at least one image"))
+
+
+def _as_percent(rows: list[list[Any]]) -> list[list[Any]]:
+    """precision_recall's rows as shown: precision, recall and F1 in percent (accuracy_text), as zoo eval prints."""
+    return [[name, accuracy_text(p), accuracy_text(r), accuracy_text(f1), support] for name, p, r, f1, support in rows]
 
 
 def _more(n: int, what: str) -> str:

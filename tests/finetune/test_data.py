@@ -25,7 +25,6 @@ from finetune.data import (
     make_loader,
     resolve_workers,
     scan_folder,
-    to_device_batch,
     write_scan,
 )
 from finetune.core.errors import ConfigError, DataError
@@ -280,8 +279,16 @@ def test_a_move_is_found_below_the_scanned_folder_and_only_for_a_name_seen_once(
 def test_no_validation_images_is_fatal(tmp_path):
     for c in range(2):
         make_image(tmp_path / "d" / f"c{c}" / "only.png", c)          # 1 image per class: nothing to hold out
-    with pytest.raises(DataError, match="no validation images"):
+    with pytest.raises(DataError) as info:
         scan_folder(tmp_path / "d")
+    assert str(info.value) == (f"each of the 2 class folders in {tmp_path / 'd'} holds a single image, so none can be "
+                               "held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images "
+                               "to validate on")
+    make_image(tmp_path / "s" / "train" / "c0" / "a.png", 0)
+    make_image(tmp_path / "s" / "train" / "c1" / "b.png", 1)
+    (tmp_path / "s" / "val").mkdir()                                # a val/ folder, empty: the split's own message
+    with pytest.raises(DataError, match="no validation images in .*: add DIR/val/<class>/ images"):
+        scan_folder(tmp_path / "s")
 
 
 def test_a_class_without_validation_images_is_told_what_fixes_it_in_its_layout(tmp_path):
@@ -489,7 +496,6 @@ def test_uint8_output_matches_float_path(tmp_path, train):
         assert x.dtype == torch.float32
         diff = _levels(x, a, DATA_CONFIG)
         assert float(diff.max()) <= 2.0 + 1e-4 and float(diff.mean()) < 0.5
-        assert torch.equal(to_device_batch(b.unsqueeze(0), "cpu", DATA_CONFIG["mean"], DATA_CONFIG["std"])[0], x)
 
 
 def test_load_image_tensor_equals_load_image(tmp_path):
@@ -618,8 +624,8 @@ def test_a_failed_image_changes_no_other_images_device_augmentation(tmp_path):
         return to_device(*batch[:2], torch.device("cpu"), False, aug, *batch[2:3])[0]
 
     whole = augmented(range(8))
-    assert not torch.equal(whole, to_device_batch(collate_skip_none([ds[(i, 99)] for i in range(8)])[0], "cpu",
-                                                  DATA_CONFIG["mean"], DATA_CONFIG["std"]))    # it augmented
+    plain = DeviceNormalize(DATA_CONFIG["mean"], DATA_CONFIG["std"])
+    assert not torch.equal(whole, plain(collate_skip_none([ds[(i, 99)] for i in range(8)])[0], "cpu"))  # it augmented
     Path(items[2][0]).write_bytes(b"broken since the scan")
     kept = [0, 1, 3, 4, 5, 6, 7]
     assert torch.equal(augmented(range(8)), whole[kept])
@@ -698,7 +704,7 @@ def test_fit_leaves_colour_to_the_device_on_cuda_only():
     assert device_steps(config.replace(gpu_normalize=False), DATA_CONFIG, torch.device("cuda")) == \
         ("float", None, None)
     assert device_steps(config.replace(decode="device"), DATA_CONFIG, torch.device("cuda")) == \
-        ("uint8", None, None)                                    # finetune.decode does all of it
+        ("uint8", None, None)                                    # finetune.data.decode does all of it
 
 
 def test_train_epoch_with_device_augment_is_reseedable(image_folder):

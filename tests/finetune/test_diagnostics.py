@@ -198,8 +198,7 @@ def test_tensorboard_logs_scalars(monkeypatch, tmp_path):
 
 
 # ---- LR range test: pure parts -----------------------------------------------------------------------
-from finetune.tools.diagnostics import (lr_find, lr_schedule, overfit_check, smooth_losses, suggest_steepest,
-                                  suggest_valley)
+from finetune.tools.diagnostics import lr_find, lr_schedule, overfit_check, suggest_steepest, suggest_valley
 from finetune.core.seeding import preserved_rng
 
 
@@ -207,12 +206,6 @@ def test_lr_schedule_is_log_spaced_and_inclusive():
     lrs = lr_schedule(1e-6, 1.0, 7)
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
     assert all(b / a == pytest.approx(10.0) for a, b in zip(lrs, lrs[1:]))
-
-
-def test_smoothing_is_bias_corrected():
-    assert smooth_losses([2.0] * 5, 0.98) == pytest.approx([2.0] * 5)  # no pull towards 0 at the start
-    sm = smooth_losses([1.0, 0.0], 0.5)
-    assert sm == pytest.approx([1.0, 1 / 3])
 
 
 def test_suggestions_land_on_the_descent():
@@ -280,6 +273,9 @@ def test_lr_find_suggests_inside_range_and_restores_everything(tiny_train_set, t
     assert 1e-6 <= res.suggestion <= 1.0
     assert res.valley is not None and res.steepest is not None
     assert len(res.lrs) == len(res.losses) == len(res.smoothed) <= 40
+    # the smoothed loss is a bias-corrected EMA (beta 0.98): no pull towards 0 at the start
+    l0, l1 = res.losses[:2]
+    assert res.smoothed[:2] == pytest.approx([l0, (0.98 * 0.02 * l0 + 0.02 * l1) / (1 - 0.98 ** 2)], rel=1e-9)
     assert res.lrs == sorted(res.lrs)
     assert "valley rule" in res.describe()
     _png_ok(tmp_path / "lr.png")
@@ -331,7 +327,7 @@ def test_overfit_check_passes_on_learnable_batches(tiny_train_set):
     res = overfit_check(model, STAGES, DATA_CONFIG, tiny_train_set, _config(lr=1e-2, mlp_dropout=0.5),
                         head="fc", batches=2, max_steps=200, log=lines.append)
     assert res.passed and res.final_acc == 1.0 and res.final_loss <= 0.05
-    assert res.verdict == f"pipeline can learn: 2 batches overfit to 100% in {res.steps} steps"
+    assert res.verdict == f"pipeline can learn: 2 batches overfit to 100.00% in {res.steps} steps"
     assert 0 < res.steps <= 200 and lines and res.losses[-1] == res.final_loss
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -399,10 +395,10 @@ def test_overfit_check_counts_the_batches_there_are_and_passes_at_full_accuracy(
                         batches=2, max_steps=5)
     assert res.passed is passed and res.steps == 5
     if passed:
-        assert res.verdict == ("pipeline can learn: 1 batch overfit to 100% accuracy in 5 steps (loss 1.2 -> 0.381, "
+        assert res.verdict == ("pipeline can learn: 1 batch overfit to 100.00% accuracy in 5 steps (loss 1.2 -> 0.381, "
                                "still above 0.05: more steps or a higher LR take it lower)")
     else:       # wrong, or right by chance while the loss stayed put
-        assert res.verdict == (f"cannot even overfit 1 batch (acc {acc:.0%}, loss {loss:.3g}): check labels, LR, "
+        assert res.verdict == (f"cannot even overfit 1 batch (acc {acc * 100:.2f}%, loss {loss:.3g}): check labels, LR, "
                                "frozen layers")
 
 

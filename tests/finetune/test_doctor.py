@@ -533,8 +533,12 @@ def test_run_page_above_the_class_threshold_lists_worst_classes_and_pairs_not_th
     assert len(fewest) == TOP_ROWS and fewest[:3] == ["c000", "c007", "c014"]     # 10 training images each
     worst, pairs = per_class.split("Most confused pairs")
     assert re.findall(r"<tr><td>(c\d+)</td>", worst)[:2] == ["c007", "c003"]      # recall 0; then the lowest F1
+    # precision, recall, F1 in percent as zoo eval prints them (they read 0.000), right-aligned as numbers
+    assert re.search(r"<tr><td>c007</td>(<td class=\"num\">(-|\d+\.\d\d%)</td>){3}<td class=\"num\">\d+</td></tr>", worst)
+    assert '<td class="num">0.00%</td>' in worst and not re.search(r">\d\.\d{3}<", worst)
     assert "... and 280 more classes." in worst
-    rows = re.findall(r"<tr><td>(c\d+)</td><td>(c\d+)</td><td class=\"num\">(\d+)</td><td>(\d+%)</td>", pairs)
+    rows = re.findall(r"<tr><td>(c\d+)</td><td>(c\d+)</td><td class=\"num\">(\d+)</td><td class=\"num\">(\d+%)</td>",
+                      pairs)
     assert len(rows) == TOP_ROWS and rows[:2] == [("c007", "c003", "9", "100%"), ("c299", "c000", "2", "50%")]
     assert "... and 577 more pairs with at least one image." in pairs     # 597 non-empty cells off the diagonal
 

@@ -12,11 +12,16 @@ from torch import nn
 from finetune.core.config import FinetuneConfig
 from finetune.core.errors import ConfigError
 from finetune.core.optim import build_optimizer
-from finetune.core.recipe import prepare_model, trainable_summary
-from finetune.core.surgery import (MLPHead, apply_freeze, replace_head, set_bn_eval, stage_parameters,
-                              xavier_std)
+from finetune.core.recipe import prepare_model
+from finetune.core.surgery import MLPHead, apply_freeze, replace_head, set_bn_eval, stage_parameters
 
 timm = pytest.importorskip("timm")
+
+
+def xavier_std(fan_in: int, fan_out: int) -> float:
+    """Standard deviation of Xavier/Glorot init: sqrt(2 / (fan_in + fan_out))."""
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
 
 STAGES = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
 
@@ -217,8 +222,6 @@ def test_bn_train_follows_each_phase_freeze(resnet):
     apply_freeze(resnet, STAGES, "fc", 0)
     resnet.train()
     assert not any(m.training for n, m in resnet.named_modules() if isinstance(m, nn.BatchNorm2d))
-    assert trainable_summary(resnet)["bn_frozen_layers"] == sum(
-        isinstance(m, nn.BatchNorm2d) for m in resnet.modules())
     apply_freeze(resnet, STAGES, "fc", 1)
     resnet.train()
     assert resnet.layer4[0].bn1.training and not resnet.layer3[0].bn1.training

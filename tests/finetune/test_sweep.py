@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from finetune.core.config import FinetuneConfig, load_config
+from finetune.core.config import FinetuneConfig, read_config_file
 from finetune.core.errors import ConfigError, DataError, DivergedError
 from finetune.tools.sweep import SweepSpace, kfold_splits, parse_choices, parse_values, sweep, trial_config
 
@@ -104,7 +104,7 @@ def test_sweep_ranks_records_divergence_and_resumes(tmp_path):
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("rank,lr,weight_decay,freeze,optimizer,val_acc") and len(csv_lines) == 7
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    best = load_config(out / "best_config.yaml")
+    best = read_config_file(out / "best_config.yaml")[0]
     assert best == trial_config(cfg, res.best.params) and best.lr == 1e-3 and best.epochs == 2
 
     # an existing sweep is not overwritten; --resume skips the finished trials
@@ -180,7 +180,7 @@ def test_sweep_2x2_with_folds_and_best_config_reproduces(tmp_path):
     saved = [json.loads(l) for l in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
     assert len(saved) == 4
 
-    best = load_config(tmp_path / "sweep" / "best_config.yaml")
+    best = read_config_file(tmp_path / "sweep" / "best_config.yaml")[0]
     assert (best.lr, best.freeze) == (res.best.params["lr"], res.best.params["freeze"])
     train0, val0 = kfold_splits(report.train, report.val, 2, best.seed)[0]
     torch.manual_seed(best.seed)

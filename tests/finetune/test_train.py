@@ -692,6 +692,18 @@ def test_paired_gain_p_is_the_exact_one_sided_mcnemar_test():
     assert paired_gain_p(4, 0) > 0.05 > paired_gain_p(5, 0)      # 5 clean wins is the fewest that count
 
 
+def test_accuracy_text_is_the_one_printed_form_of_an_accuracy():
+    """QA: finetune printed 0.980 where eval printed 98.64%; both now go through accuracy_text."""
+    import numpy as np
+
+    from finetune.core.metrics import accuracy_text, metric_text
+
+    assert accuracy_text(0.98641) == "98.64%" and accuracy_text(1) == "100.00%" and accuracy_text(0.0) == "0.00%"
+    assert accuracy_text(np.float32(0.5)) == "50.00%" and accuracy_text(None) == accuracy_text(math.nan) == "-"
+    assert metric_text("val_acc", 0.25) == "25.00%" and metric_text("val_loss", 0.123456) == "0.1235"
+    assert metric_text("val_loss", 0.123456, ".4f") == "0.1235" and metric_text("val_loss", math.nan) == "-"
+
+
 @pytest.mark.parametrize("alpha,kept", [(0.0, "head"), (1.01, "finetune")])
 def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(data, tmp_path, monkeypatch,
                                                                               alpha, kept):

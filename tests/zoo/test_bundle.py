@@ -103,8 +103,8 @@ def test_metadata_and_timm_config_layout(run_and_model, tmp_path):
     assert cfg["zoo"]["head"] == {"kind": "linear"}
 
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "validation acc: 0.7500" in card and "`dog/wolf: ?*`" in card and "- optimizer: adam\n" in card
-    assert "local-dir:" in card and "`cat` 1.0000" in card and "as downloaded or imported: " + "ab" * 32 in card
+    assert "validation acc: 75.00%" in card and "`dog/wolf: ?*`" in card and "- optimizer: adam\n" in card
+    assert "local-dir:" in card and "`cat` 100.00%" in card and "as downloaded or imported: " + "ab" * 32 in card
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temp left
 
 
@@ -671,7 +671,7 @@ def test_a_bundle_of_another_format_is_refused_naming_the_version_not_read_as_th
     bundle of this format, and one written before the field (none), still load."""
     from safetensors.torch import load_file, save_file
 
-    from zoo.cache import sha256_file
+    from finetune.core.io import sha256_file
     from zoo.push import plan_push
 
     weights, config = bundle_dir / "model.safetensors", bundle_dir / "config.json"

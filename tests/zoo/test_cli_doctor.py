@@ -285,7 +285,20 @@ def test_doctor_refuses_thresholds_that_would_switch_a_check_off(tmp_path, leaky
 def test_doctor_val_split_help_shows_what_it_accepts(tmp_path, leaky):
     """The help said [0.0<=x<=1.0] while 0 and 1 were refused (FinetuneConfig's 0 < x < 1)."""
     text = " ".join(invoke("doctor", "--help").output.split())
-    assert "--val-split FLOAT Validation fraction" in text and "[0 < x < 1] [default: 0.2]" in text
+    assert "--val-split FLOAT Validation fraction" in text and "[default: 0.2; 0 < x < 1]" in text
     for value in ("0", "1.0"):
         r = invoke("doctor", leaky, "--out", tmp_path / "doc", "--val-split", value, "--quiet")
         assert r.exit_code == 2 and "(--val-split): allowed: 0 < x < 1" in r.output, r.output
+
+
+def test_doctor_on_one_image_per_class_says_so_and_what_to_add(tmp_path, tiny):
+    """QA: `zoo doctor` on a folder of one image per class said only "no validation images in DIR: add
+    DIR/val/<class>/ images, or ...": nothing about the folder, read as zoo finetune would split it. It now says
+    that each class folder holds a single image and what to add, in one line (exit 1), and writes nothing."""
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    r = invoke("doctor", data, "--model", tiny, "--out", tmp_path / "doc", "--device", "cpu", "--quiet")
+    assert r.exit_code == 1, r.output
+    assert r.output == (f"zoo: error: each of the 3 class folders in {data} holds a single image, so none can be held "
+                        "out for validation: add images, 2 or more per class, or DIR/val/<class>/ images to validate "
+                        "on\n")
+    assert not (tmp_path / "doc").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,10 @@ def test_eval_uses_val_split_and_writes_reports(bundle, tmp_path, runner):
     assert "(its val/ split) with TTA" in res.stdout
     assert "ignored folders that are not classes of the model: dog" in res.stdout
     assert "accuracy:" in res.stdout and "top-5" not in res.stdout           # 3 classes: no top-5
+    # one printed form of an accuracy in every command (finetune.core.metrics.accuracy_text); the JSON: a fraction
+    assert re.search(r"^accuracy: \d{1,3}\.\d\d%$", res.stdout, re.M), res.stdout
+    pct = r"(-|\d{1,3}\.\d\d%)"
+    assert re.search(rf"^class +precision +recall +support\n.+  {pct} +{pct} +\d+$", res.stdout, re.M), res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["n_images"] == 2
     for name in ("per_class.csv", "confusion.csv", "confusion.png", "wrong.csv"):

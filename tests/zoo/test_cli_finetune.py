@@ -1,8 +1,10 @@
 """``zoo finetune`` end to end on a tiny registry model (timm's test_resnet at 32 px)."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -124,7 +126,7 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
     result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", "1", "--head-epochs", "1",
-                    "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet")
+                    "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu")
     assert result.exit_code == 0, result.output
     err = result.stderr
     assert err.index("data: ") < err.index("model: tiny32") < err.index("freeze: ")
@@ -147,11 +149,27 @@ def test_finetune_writes_the_whole_run_folder(tmp_path, tiny, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["freeze"]["trainable_stages"] == 1 and summary["phases"] == ["head", "finetune"]
     assert len(summary["metrics"]["confusion"]) == 3 and summary["confusion_csv"] == "confusion.csv"
+    assert _accuracies_print_in_percent(result.stdout, out)     # (not --quiet: the epoch lines too)
     try:
         import zoo.bundle  # noqa: F401
     except ImportError:
         return
     assert (out / "export" / "model.safetensors").is_file()
+
+
+def _accuracies_print_in_percent(stdout: str, out: Path) -> list[str]:
+    """QA: finetune printed accuracies as 0.980 where zoo eval prints 98.64%: every printed accuracy is now
+    percent with two decimals (finetune.core.metrics.accuracy_text), on the screen and in log.txt, while
+    metrics.csv and summary.json keep the fraction (what a script reads)."""
+    pct = r"\d{1,3}\.\d\d%"
+    assert re.search(rf"^best epoch \d+ \(.*\): val acc {pct}, val loss ", stdout, re.M), stdout
+    assert re.search(rf"^per-class accuracy: cat {pct}, dog {pct}, fox {pct}$", stdout, re.M), stdout
+    epochs = [ln for ln in (out / "log.txt").read_text().splitlines() if re.match(r"epoch \d+/", ln)]
+    assert all(re.search(rf"train loss \S+ acc {pct} \| val loss \S+ acc {pct} \|", ln) for ln in epochs)
+    return epochs
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows and all(0.0 <= float(r["val_acc"]) <= 1.0 for r in rows)       # the data file: a fraction
+    assert 0.0 <= json.loads((out / "summary.json").read_text())["metrics"]["val_acc"] <= 1.0
 
 
 def test_finetune_names_its_bundle_once(tmp_path, tiny):
@@ -165,6 +183,7 @@ def test_finetune_names_its_bundle_once(tmp_path, tiny):
     assert len(said) == 1 and said[0].startswith(f"bundle: {out / 'export'}  (zoo predict "), said
     logged = [ln for ln in (out / "log.txt").read_text(encoding="utf-8").splitlines() if str(out / "export") in ln]
     assert logged == said
+    _accuracies_print_in_percent(result.stdout, out)
 
 
 def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path, tiny):
@@ -1254,7 +1273,7 @@ def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_wit
     scored = sum(v is not None for v in per_class.values())
     line = _per_class_line(per_class, None)
     shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
-    assert shown[0] == "k00 0.50" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
+    assert shown[0] == "k00 50.00%" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
     assert f"({len(per_class) - scored} without validation images; mean over classes " in line
 
 

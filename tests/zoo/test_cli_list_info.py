@@ -117,6 +117,18 @@ def test_help_has_examples(command):
     assert r.exit_code == 0 and "Examples:" in r.output and "zoo " + command in r.output
 
 
+def test_every_command_has_examples_and_a_whole_summary_line():
+    """QA: `zoo --help` listed pull, import and cache (and `zoo cache --help` verify) with their first sentence cut
+    by click ("Download, verify and cache the weights of one or more models..."); each has a short help now."""
+    for group, names in ((cli, list(cli.commands)), (cli.commands["cache"], list(cli.commands["cache"].commands))):
+        text = CliRunner().invoke(group, ["--help"]).output
+        listed = text.split("Commands:", 1)[1]
+        assert "..." not in listed, listed
+        for name in names:
+            r = CliRunner().invoke(group, [name, "--help"])
+            assert r.exit_code == 0 and "Examples:" in r.output, (name, r.output)
+
+
 @pytest.mark.parametrize("argv", [["list"], ["list", "--json"], ["info", "resnet50"]])
 def test_list_and_info_do_not_import_torch(argv):
     code = ("import sys\nfrom click.testing import CliRunner\nfrom zoo.cli import cli\n"

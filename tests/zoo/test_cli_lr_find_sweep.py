@@ -93,7 +93,7 @@ def test_lr_find_usage_errors(tiny_zoo):
     assert r.exit_code != 0 and "tiny-resnet" in r.output  # close match offered
     # QA: --steps 100000000000000000000 ran for ever on the cached features
     r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--steps", "10001", *COMMON])
-    assert r.exit_code == 2 and "5<=x<=10000" in r.output
+    assert r.exit_code == 2 and "5 <= x <= 10000" in r.output
 
 
 def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):

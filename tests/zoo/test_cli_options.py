@@ -110,11 +110,12 @@ def test_a_config_in_utf16_is_read_and_one_in_no_text_encoding_is_one_line(tmp_p
     """QA (helper-53): a config saved by Windows Notepad as "Unicode" (UTF-16 with a byte-order mark) or a binary
     file given as --config was a UnicodeDecodeError traceback. UTF-16/32 with a mark and UTF-8 with one are read;
     anything else is one line that says what to do, before any run folder."""
-    from finetune.core.config import load_config
+    from finetune.core.config import read_config_file
 
     for codec in ("utf-16", "utf-8-sig", "utf-32"):
         (tmp_path / "c.yaml").write_bytes("epochs: 3\nlr: 0.01  # é\n".encode(codec))
-        assert (load_config(tmp_path / "c.yaml").epochs, load_config(tmp_path / "c.yaml").lr) == (3, 0.01), codec
+        config = read_config_file(tmp_path / "c.yaml")[0]
+        assert (config.epochs, config.lr) == (3, 0.01), codec
     data = make_image_folder(tmp_path / "data", per_class=2)
     (tmp_path / "c.yaml").write_bytes(bytes(range(128, 256)))
     out = tmp_path / "run"
@@ -135,14 +136,15 @@ def test_a_config_in_utf16_is_read_and_one_in_no_text_encoding_is_one_line(tmp_p
 def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text, message):
     """int()/float() took `epochs: 2.5` as 2 and `lr: true` as 1.0 without a word. QA: the messages said
     "should be a int" (Python's type names), and `lr: auto` gave no hint that auto is a command-line value."""
-    from finetune.core.config import load_config
+    from finetune.core.config import read_config_file
 
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(text + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"{cfg}: {message}")):
-        load_config(cfg)
+        read_config_file(cfg)
     cfg.write_text("epochs: 3.0\nlr: 1\nhead_epochs: '2'\n")       # whole numbers and numeric text still do
-    assert (load_config(cfg).epochs, load_config(cfg).lr, load_config(cfg).head_epochs) == (3, 1.0, 2)
+    config = read_config_file(cfg)[0]
+    assert (config.epochs, config.lr, config.head_epochs) == (3, 1.0, 2)
 
 
 
@@ -150,20 +152,21 @@ def test_a_key_given_twice_in_a_config_is_refused_naming_both_lines(tmp_path):
     """QA session 22: PyYAML keeps the last of two equal keys without a word, so a recipe with `lr: 0.01` at the
     top and a forgotten `lr: 0.5` further down trained at 0.5. Now one line naming both lines, before any run
     folder; a merge key (`<<: *base`) may still be overridden, as YAML means it."""
-    from finetune.core.config import load_config
+    from finetune.core.config import read_config_file
 
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text("lr: 0.01\nepochs: 2\nlr: 0.5\n")
     with pytest.raises(ConfigError, match=re.escape(
             f"{cfg} is not valid YAML at line 3, column 1: lr is given twice (lines 1 and 3), and only the last "
             "would count: keep one; fix the file")):
-        load_config(cfg)
+        read_config_file(cfg)
     data = make_image_folder(tmp_path / "data", per_class=2)
     r = CliRunner().invoke(cli, ["finetune", "resnet18", "--data", str(data), "--out", str(tmp_path / "run"),
                                  "--config", str(cfg)])
     assert r.exit_code == 2 and not (tmp_path / "run").exists() and "given twice" in r.output, r.output
     cfg.write_text("<<: {lr: 0.01, epochs: 2}\nlr: 0.02\n")
-    assert (load_config(cfg).lr, load_config(cfg).epochs) == (0.02, 2)
+    config = read_config_file(cfg)[0]
+    assert (config.lr, config.epochs) == (0.02, 2)
 
 
 def test_a_config_value_made_of_nested_aliases_is_refused_at_once(tmp_path):
@@ -172,7 +175,7 @@ def test_a_config_value_made_of_nested_aliases_is_refused_at_once(tmp_path):
     text for an option that takes text (it was turned into its repr)."""
     import time
 
-    from finetune.core.config import load_config
+    from finetune.core.config import read_config_file
 
     lines = ["lr:", "  - &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
@@ -180,11 +183,11 @@ def test_a_config_value_made_of_nested_aliases_is_refused_at_once(tmp_path):
     cfg.write_text("\n".join(lines) + "\n")
     start = time.perf_counter()
     with pytest.raises(ConfigError, match=re.escape(f"{cfg}: lr=[['x', 'x', 'x', 'x', ...], [[...]") + ".* should be a number"):
-        load_config(cfg)
+        read_config_file(cfg)
     assert time.perf_counter() - start < 5
     cfg.write_text("device: [cpu]\n")
     with pytest.raises(ConfigError, match=re.escape(f"{cfg}: device=['cpu'] should be text")):
-        load_config(cfg)
+        read_config_file(cfg)
 
 def test_every_option_type_has_a_word_in_the_messages():
     from finetune.core.config import _KIND_WORDS
@@ -199,12 +202,12 @@ def test_every_option_type_has_a_word_in_the_messages():
     # QA: sorting a number (or null) key with a text one raised TypeError, a traceback
     ("1: 2\nfoo: 3", "unknown option(s) 1, foo; keys are"), ("null: 1\nlr: 0.1", "unknown option(s) None; keys")])
 def test_unknown_yaml_keys_name_the_option_meant(tmp_path, text, message):
-    from finetune.core.config import load_config
+    from finetune.core.config import read_config_file
 
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(text + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"{cfg}: {message}")):
-        load_config(cfg)
+        read_config_file(cfg)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -216,22 +219,22 @@ def test_unknown_yaml_keys_name_the_option_meant(tmp_path, text, message):
 def test_a_value_a_yaml_file_gives_out_of_range_names_the_file(tmp_path, text, message):
     """QA: a --config file's or a resumed run's config.yaml value out of range was `invalid augment='True'
     (--augment): ...`, naming a flag the user never gave, not the file to fix."""
-    from finetune.core.config import load_config
+    from finetune.core.config import read_config_file
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(text + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"{cfg}: {message}")):
-        load_config(cfg)
+        read_config_file(cfg)
 
 
 @pytest.mark.parametrize("device", ["cpu:0", "mps:0", "CUDA:1", " cuda ", "auto"])
 def test_a_device_torch_takes_still_passes_the_spelling_check_in_a_run_config(tmp_path, device):
     """Review of QA session 22: 905a16b's spelling check refused `cpu:0` and `mps:0`, which torch (and zoo before)
     take: a run started with --device cpu:0 could no longer be resumed, its config.yaml refused."""
-    from finetune.core.config import FinetuneConfig, load_config, save_config
+    from finetune.core.config import FinetuneConfig, read_config_file, save_config
 
     save_config(FinetuneConfig(device=device), tmp_path / "config.yaml")
-    assert load_config(tmp_path / "config.yaml").device == device
+    assert read_config_file(tmp_path / "config.yaml")[0].device == device
 
 
 @pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep"])
@@ -240,7 +243,7 @@ def test_help_shows_ranges_and_the_same_options(command):
     assert r.exit_code == 0
     text = " ".join(r.output.split())
     assert "--decode [workers|device]" in text                   # lr-find/sweep had lost it
-    assert "[0 <= x < 1]" in text and "[0 <= x <= 512 or -1]" in text    # momentum, workers
+    assert "[default: 0.9; 0 <= x < 1]" in text and "[default: -1; 0 <= x <= 512 or -1]" in text   # momentum, workers
 
 
 def test_lr_find_refuses_nonsense_before_writing(tmp_path):
@@ -373,3 +376,24 @@ def test_a_resume_free_flag_given_now_settles_a_rule_its_saved_value_breaks(tmp_
     assert all(getattr(config, k) == v for k, v in saved.items() if k not in given)
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(conf))}: invalid "):   # an invalid flag settles nothing
         load_resume_config(conf, {**given, "workers": 2000})
+
+
+def test_every_command_shows_an_allowed_range_in_one_form():
+    """QA: `--help` showed a bounded option three ways: the config's `[x >= 0]  [default: 50]`, click's
+    `[default: 5; x>=1]` (with an INTEGER RANGE metavar) and hand-written ones (`[0 <= x < 1; default: ...]`,
+    `[default: the --config file's, else 5]  [x>=1]`). Every option now ends `[default: D; RANGE]`, the range in
+    finetune.core.config.range_text's form, its metavar the plain type's."""
+    from zoo.cli.options import IntRange
+
+    for name in cli.commands:
+        text = CliRunner().invoke(cli, [name, "--help"]).output
+        options = " ".join(text.split("Options:", 1)[1].split())
+        assert not re.search(r"\d(<=|<|>=|>)x|x(<=|<|>=|>)\d", options), (name, options)    # click's "x>=1"
+        assert "] [" not in options and "RANGE" not in options, (name, options)
+    finetune_help = " ".join(CliRunner().invoke(cli, ["finetune", "--help"]).output.split())
+    assert "[default: 50; x >= 0]" in finetune_help and "[default: 0.5 for VGG; 0 <= x < 1]" in finetune_help
+    sweep_help = " ".join(CliRunner().invoke(cli, ["sweep", "--help"]).output.split())
+    assert "--epochs INTEGER Epochs per trial. [default: the --config file's, else 5; x >= 1]" in sweep_help
+    r = CliRunner().invoke(cli, ["predict", "resnet18", "x.jpg", "--topk", "0"])      # click's own message too
+    assert r.exit_code == 2 and "0 is not in the range x >= 1" in r.output, r.output
+    assert IntRange(0, 9)._describe_range() == "0 <= x <= 9"

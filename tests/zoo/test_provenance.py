@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from finetune.core.config import FinetuneConfig
+from finetune.core.io import sha256_file
 from tests.zoo.test_bundle import make_run
 from zoo import cache
 from zoo.bundle import export_run, load_bundle
@@ -85,7 +86,7 @@ def test_recorded_source_digest_is_the_files(tmp_path, monkeypatch):
     import_weights("tiny", f)
     info = model_info(get_entry("tiny"), ["a", "b"], FinetuneConfig(), pretrained=True)
     assert info["source_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
-    assert info["source_weights_sha256"] == cache.sha256_file(cache.weights_path("tiny"))
+    assert info["source_weights_sha256"] == sha256_file(cache.weights_path("tiny"))
     assert info["source_sha256"] != info["source_weights_sha256"]       # the .pth was converted
 
 
@@ -93,7 +94,7 @@ def test_flipped_byte_is_refused_with_one_line(tmp_path):
     run, _ = make_run(tmp_path)
     out = export_run(run, tmp_path / "bundle")
     assert json.loads((out / "config.json").read_text())["zoo"]["weights_sha256"] == \
-        cache.sha256_file(out / "model.safetensors")
+        sha256_file(out / "model.safetensors")
     load_bundle(out)
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())

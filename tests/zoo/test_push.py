@@ -80,7 +80,7 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
     assert data.to_dict()["model-index"][0]["results"][0]["task"]["type"] == "image-classification"
     body = card.text
     for needle in ("| `cat` | 9 | 3 |", "Images: train 24, val 8.", "2 image(s)", "- lr: 0.001\n",
-                   "- epochs: 5", "validation acc: 0.7500", "test accuracy: 0.5000 on 9 images",
+                   "- epochs: 5", "validation acc: 75.00%", "test accuracy: 50.00% on 9 images",
                    f'timm.create_model("hf-hub:{REPO}", pretrained=True)', f"zoo predict hf-hub:{REPO}"):
         assert needle in body, needle
 
@@ -110,7 +110,7 @@ def test_a_test_accuracy_measured_with_tta_says_so_in_the_card(tmp_path, tta, sa
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "n_images": 9, **tta}))
     card = plan_push(bundle, REPO, test_metrics=tmp_path / "report").card
-    line = next(ln for ln in card.splitlines() if ln.startswith("- test accuracy: 0.5000 on 9 images"))
+    line = next(ln for ln in card.splitlines() if ln.startswith("- test accuracy: 50.00% on 9 images"))
     if said is None:
         assert "augmentation" not in line and "name: test accuracy\n" in card
     else:
@@ -140,7 +140,7 @@ def test_test_metrics_of_another_model_are_refused(hub, tmp_path, runner):
     assert push(runner, bundle, "--test-metrics", str(tmp_path / "ev")).exit_code == 0
 
 def test_nothing_private_is_published(hub, tmp_path, runner):
-    from zoo.push import _read_header_metadata
+    from zoo.bundle import read_safetensors_metadata
 
     run, bundle = make_bundle(tmp_path)
     # a bundle exported before the fix still carries the local path: push cleans it anyway
@@ -150,7 +150,7 @@ def test_nothing_private_is_published(hub, tmp_path, runner):
     assert push(runner, bundle).exit_code == 0
     files = hub.repos[REPO].files
     texts = [files["config.json"].decode(), files["README.md"].decode(),
-             json.dumps(_read_header_metadata(files["model.safetensors"]))]
+             json.dumps(read_safetensors_metadata("model.safetensors", data=files["model.safetensors"]))]
     for text in texts:
         assert "/home/alice" not in text and str(tmp_path) not in text
     cfg = json.loads(files["config.json"])

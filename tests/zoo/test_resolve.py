@@ -44,6 +44,30 @@ def test_a_timm_name_with_a_path_or_no_architecture_shows_what_was_typed_and_a_v
                                       "timm:resnet18.a1_in1k); ")
 
 
+@pytest.mark.parametrize("typed,error,write", [
+    ("timm: resnet50", UnknownModelError, "timm:resnet50"), ("timm : resnet18.a1_in1k", UnknownModelError,
+                                                            "timm:resnet18.a1_in1k"),
+    ("hf-hub: owner/name", UsageError, "hf-hub:owner/name"), ("hf-hub :owner/name", UsageError, "hf-hub:owner/name")])
+def test_a_prefix_typed_with_a_space_says_the_name_to_write(typed, error, write, tmp_path):
+    """QA: `zoo finetune 'timm: resnet50'` got the generic "is not a timm model name" line, `hf-hub: owner/name`
+    "is not a Hub reference"; each now says what is wrong and the name to write, in one line, before any scan
+    (resolve_early) and wherever a name is resolved (resolve_entry, get_entry)."""
+    from click.testing import CliRunner
+
+    from tests.conftest import make_image_folder
+    from zoo.cli import cli
+    from zoo.hub import resolve_early, resolve_entry
+
+    said = f"{typed!r} has a space around the colon of '{write.split(':')[0]}:'; write {write} (no space)"
+    for resolve in (get_entry, resolve_early, resolve_entry):
+        with pytest.raises(error) as info:
+            resolve(typed)
+        assert str(info.value) == said
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    r = CliRunner().invoke(cli, ["finetune", typed, "--data", str(data), "--out", str(tmp_path / "run")])
+    assert r.exit_code != 0 and r.output == f"zoo: error: {said}\n" and not (tmp_path / "run").exists(), r.output
+
+
 def _cache_hf_config(cache: Path, repo: str, config: dict) -> None:
     # The huggingface_hub cache layout: refs/main -> snapshots/<commit>/<file>.
     root = cache / ("models--" + repo.replace("/", "--"))

@@ -62,7 +62,8 @@ def test_predict_files_and_file(server, tmp_path):
                                                   ("files", ("b.png", b, "image/png"))])
     assert r.status_code == 200, r.text
     doc = r.json()
-    assert [x["filename"] for x in doc["results"]] == ["a.png", "b.png"]
+    # `image`, as zoo predict --json names it (QA: serve said `filename`); `filename` stays, a documented alias
+    assert [x["image"] for x in doc["results"]] == [x["filename"] for x in doc["results"]] == ["a.png", "b.png"]
     bundle = server.extra["bundle"]
     for item, data in zip(doc["results"], (a, b)):
         want = bundle.predict(Image.open(io.BytesIO(data)), topk=3)[0]
@@ -85,9 +86,11 @@ def test_info_openapi_docs_and_page(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body
+    assert "`filename`, the same name, is kept for older clients" in spec["info"]["description"]   # the alias
     assert httpx.get(f"{server.url}/docs").status_code == 200
     page = httpx.get(f"{server.url}/").text
     assert "Drop images here" in page and "/predict?crop=true" in page
+    assert "res.image" in page and "filename" not in page         # the page reads the key of zoo predict --json
 
 
 def _png_with_size(w: int, h: int) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.core.io import sha256_file
 from tests.zoo.conftest import make_entry, point_hf_at, pth_bytes, resnet_state, tensor_bytes
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError
@@ -294,7 +295,7 @@ def test_url_source_with_sha256_prefix_and_pth_conversion(hub):
     loaded = load_file(str(path))
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
     man = cache.read_manifest("tv")
-    assert man["sha256_download"] == sha(data) and man["sha256"] == cache.sha256_file(path)
+    assert man["sha256_download"] == sha(data) and man["sha256"] == sha256_file(path)
     assert man["tofu"] is False
 
 

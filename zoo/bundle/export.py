@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from finetune.core.io import atomic_write, atomic_write_text, rewrite_safetensors_metadata, shell_command
+from finetune.core.io import (atomic_write, atomic_write_text, rewrite_safetensors_metadata, sha256_file,
+                              shell_command)
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
-from zoo.cache import sha256_file
 from zoo.errors import BundleError, UsageError
 from zoo.modelcard import model_card, recorded_recipe, run_recipe, run_scan
 from zoo.outdir import KINDS, STAGING, sweep_trial

@@ -11,15 +11,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from finetune.core.io import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
+from finetune.core.io import (SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header, sha256_file,
+                              shell_command)
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.bundle.checks import DATA_KEYS as _DATA_KEYS, WEIGHTS, check_config, class_count as _class_count
-from zoo.cache import sha256_file
 from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.outdir import lock_holder, sweep_trial
 from zoo.resolve import hub_config
 from zoo.hub import resolve_entry
-from zoo.text import shell_command
 
 if TYPE_CHECKING:  # torch is imported lazily: reading metadata must not need it
     import torch

@@ -15,7 +15,7 @@ from zoo.text import human_size
 __all__ = ["cache_group"]
 
 
-@cli.group("cache")
+@cli.group("cache", short_help="Inspect and manage the weights cache (ZOO_HOME).")
 def cache_group() -> None:
     """Inspect and manage the weights cache (ZOO_HOME, default ~/.cache/zoo).
 
@@ -87,7 +87,7 @@ def cache_rm(names: tuple[str, ...]) -> None:
         echo(f"removed {name} ({human_size(size)}): {folder}")
 
 
-@cache_group.command("verify")
+@cache_group.command("verify", short_help="Re-hash every cached file against its manifest.")
 @click.pass_context
 def cache_verify(ctx: click.Context) -> None:
     """Re-hash every cached file against its manifest; exit 1 when one does not match.

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
+from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import FiniteFloatRange
+from zoo.cli.options import FiniteFloatRange, IntRange
 from zoo.errors import ZooError
-from zoo.text import shell_command
 
 
 def _step(title: str, args: list[str]) -> None:
@@ -26,13 +26,13 @@ def _step(title: str, args: list[str]) -> None:
 @cli.command()
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("zoo-demo"),
               show_default=True, help="Folder for the demo's data, run, bundle and reports.")
-@click.option("--train-per-class", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--train-per-class", type=IntRange(1), default=10, show_default=True,
               help="Training images per digit (few-shot on purpose: where pretrained features shine).")
-@click.option("--val-per-class", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--val-per-class", type=IntRange(1), default=10, show_default=True,
               help="Validation images per digit (early stopping).")
-@click.option("--test-per-class", type=click.IntRange(1), default=50, show_default=True,
+@click.option("--test-per-class", type=IntRange(1), default=50, show_default=True,
               help="Held-out images per digit for `zoo eval`.")
-@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--epochs", type=IntRange(1), default=100, show_default=True,
               help="Maximum epochs (early stopping usually ends sooner).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-2, show_default=True,
               help="Head learning rate. Higher than finetune's 1e-3 default: 100 images make few steps per epoch.")

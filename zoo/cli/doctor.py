@@ -9,10 +9,11 @@ import sys
 import click
 
 from finetune.core.config import OPTIONS, FinetuneConfig
+from finetune.core.io import shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import FiniteFloatRange
-from zoo.text import printable, shell_command
+from zoo.cli.options import FiniteFloatRange, IntRange, RangedOption
+from zoo.text import printable
 
 __all__ = ["doctor_cmd"]
 
@@ -40,31 +41,32 @@ def _bar(quiet: bool):
               help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
 @click.option("--overwrite", "overwrite", is_flag=True,
               help="Replace an earlier doctor report in --out (the default folder is always replaced).")
-@click.option("--near", "near", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=None,
+@click.option("--near", "near", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=None, cls=RangedOption,
+              default_text="auto: 0.95, raised where images of different classes are that alike to the features, "
+                           "as digits or text are",
               help="Near-duplicate threshold: cosine similarity of the L2-normalised pooled features; 1 means "
-                   "identical features, compared exactly.  [default: auto: 0.95, raised where images of "
-                   "different classes are that alike to the features, as digits or text are]")
+                   "identical features, compared exactly.")
 @click.option("--near-pixels", "near_pixels", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=0.99,
               show_default=True, help="Near-duplicate threshold on 16x16 colour pixel fingerprints (re-encoded or "
                                       "resized copies; another colour is another image); 1 means identical "
                                       "fingerprints, compared exactly.")
-@click.option("--folds", "folds", type=click.IntRange(2, 50), default=5, show_default=True,
+@click.option("--folds", "folds", type=IntRange(2, 50), default=5, show_default=True,
               help="Out-of-fold folds of the linear probe that flags likely wrong labels.")
 @click.option("--outlier-z", "outlier_z", type=FiniteFloatRange(0.0, min_open=True), default=5.0, show_default=True,
               help="Outlier: robust z-score of the distance to the nearest class centroid above this.")
-@click.option("--min-side", "min_side", type=click.IntRange(0), default=64, show_default=True,
+@click.option("--min-side", "min_side", type=IntRange(0), default=64, show_default=True,
               help="Tiny image: shorter side under this many pixels.")
 @click.option("--max-aspect", "max_aspect", type=FiniteFloatRange(1.0), default=3.0, show_default=True,
               help="Extreme aspect ratio: long side / short side above this.")
 # --seed and --val-split are checked by FinetuneConfig, as those of `zoo finetune` (their ranges are its)
-@click.option("--seed", "seed", type=int, default=0, show_default=True,
-              help="Seed of the probe folds and of the train/val split of a flat folder (as `zoo finetune`).  "
-                   f"[{OPTIONS['seed'].range_text()}]")
-@click.option("--val-split", "val_split", type=float, default=0.2, show_default=True,
-              help="Validation fraction of a flat folder (as `zoo finetune`, so the splits checked are its splits).  "
-                   f"[{OPTIONS['val_split'].range_text()}]")
+@click.option("--seed", "seed", type=int, default=0, show_default=True, cls=RangedOption,
+              allowed=OPTIONS["seed"].range_text(),
+              help="Seed of the probe folds and of the train/val split of a flat folder (as `zoo finetune`).")
+@click.option("--val-split", "val_split", type=float, default=0.2, show_default=True, cls=RangedOption,
+              allowed=OPTIONS["val_split"].range_text(),
+              help="Validation fraction of a flat folder (as `zoo finetune`, so the splits checked are its splits).")
 @click.option("--device", "device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--batch-size", "batch_size", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--batch-size", "batch_size", type=IntRange(1), default=64, show_default=True,
               help="Images per forward pass of the feature extraction.")
 @click.option("--workers", "workers", type=int, default=-1, show_default=True,
               help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")

@@ -9,7 +9,9 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.cli.options import IntRange
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
+from finetune.core.metrics import accuracy_text
 from zoo.text import cell_width, pad, printable
 from zoo.cli.predict import DEVICE_HELP, note_unmirrored_tta, tta_options, tta_scales_given, warn_skipped
 
@@ -40,9 +42,9 @@ def _default_out(model: str) -> Path:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder.  [default: eval-<bundle>-<time> next to the bundle, or ./eval-<time>]")
 @tta_options
-@click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--worst", type=IntRange(min=0), default=10, show_default=True,
               help="How many of the most confidently wrong images to list.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--batch-size", type=IntRange(min=1), default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the text summary.")
 @click.option("--overwrite", is_flag=True, default=False,
@@ -92,9 +94,9 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     if report.ignored_folders:
         echo("ignored folders that are not classes of the model: "
              + ", ".join(printable(f) for f in report.ignored_folders[:10]))
-    echo(f"accuracy: {report.accuracy * 100:.2f}%")
+    echo(f"accuracy: {accuracy_text(report.accuracy)}")
     if report.top5 is not None:
-        echo(f"top-5:    {report.top5 * 100:.2f}%")
+        echo(f"top-5:    {accuracy_text(report.top5)}")
     shown = list(report.per_class)
     if len(shown) > FULL_MAX_CLASSES:      # (QA: a line per class at 2,000 classes) the lowest recall first
         shown = lowest_first({c: v["recall"] for c, v in report.per_class.items()})[:SHOWN_CLASSES]
@@ -128,10 +130,9 @@ def class_table(per_class: dict[str, dict], shown: list[str]) -> list[str]:
     terminal whatever the class names hold (wide CJK characters, combining accents: :func:`zoo.text.cell_width`)."""
     names = {c: printable(c) for c in shown}
     width = max(8, *(cell_width(n) for n in names.values()))
-    lines = [f"{'class':<{width}}  precision  recall  support"]
+    lines = [f"{'class':<{width}}  precision   recall  support"]
     for name in shown:
         v = per_class[name]
-        prec = "-" if v["precision"] is None else f"{v['precision'] * 100:.1f}%"
-        rec = "-" if v["recall"] is None else f"{v['recall'] * 100:.1f}%"
-        lines.append(f"{pad(names[name], width)}  {prec:>9}  {rec:>6}  {v['support']:>7}")
+        prec, rec = accuracy_text(v["precision"]), accuracy_text(v["recall"])
+        lines.append(f"{pad(names[name], width)}  {prec:>9}  {rec:>7}  {v['support']:>7}")
     return lines

@@ -11,12 +11,14 @@ from typing import Any
 import click
 
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
+from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
-from zoo.text import printable, shell_command
+from finetune.core.metrics import accuracy_text
+from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
 
@@ -157,7 +159,7 @@ def _report(outcome) -> None:
     m = result.metrics or {}
     how = "stopped early" if result.stopped_early else f"{len(result.history)} epochs"
     if m:
-        echo(f"best epoch {result.best_epoch} ({how}): val acc {m.get('val_acc', float('nan')):.3f}, "
+        echo(f"best epoch {result.best_epoch} ({how}): val acc {accuracy_text(m.get('val_acc'))}, "
              f"val loss {m.get('val_loss', float('nan')):.4f}")
         per_class = m.get("per_class") or {}
         if per_class:
@@ -174,11 +176,11 @@ def _report(outcome) -> None:
 
 
 def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
-    """``per-class accuracy: a 0.90, b 0.75, ...`` in class order; above FULL_MAX_CLASSES classes the
+    """``per-class accuracy: a 90.00%, b 75.00%, ...`` in class order; above FULL_MAX_CLASSES classes the
     SHOWN_CLASSES lowest only, then how many more, their mean (balanced accuracy) and where every class is."""
     def cell(name: str) -> str:
         v = per_class[name]
-        return f"{printable(name)} {'-' if v is None else f'{v:.2f}'}"
+        return f"{printable(name)} {accuracy_text(v)}"
 
     if len(per_class) <= FULL_MAX_CLASSES:
         return "per-class accuracy: " + ", ".join(cell(c) for c in per_class)
@@ -186,7 +188,7 @@ def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
     worst = scored[:SHOWN_CLASSES]      # (a class without validation images is no "lowest": counted apart)
     unscored = len(per_class) - len(scored)
     none = f"{unscored} without validation images; " if unscored else ""
-    mean = f"mean over classes {sum(per_class[c] for c in scored) / len(scored):.3f}; " if scored else ""
+    mean = f"mean over classes {accuracy_text(sum(per_class[c] for c in scored) / len(scored))}; " if scored else ""
     where = f"{run_dir / 'report.html'} and {run_dir / CONFUSION_CSV}" if run_dir is not None else "report.html"
     return (f"per-class accuracy, the {len(worst)} lowest of {len(per_class)}: {', '.join(cell(c) for c in worst)}"
             f" ... and {len(per_class) - len(worst)} more ({none}{mean}every class: {where})")

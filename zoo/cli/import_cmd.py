@@ -12,7 +12,7 @@ from zoo.text import human_size
 __all__ = ["import_cmd"]
 
 
-@cli.command("import")
+@cli.command("import", short_help="Register a local .safetensors or .pth as a model's weights.")
 @click.argument("name")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--sha256", "sha256", metavar="HEX",

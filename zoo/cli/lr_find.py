@@ -10,13 +10,12 @@ import click
 
 from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, shell_command
 from finetune.core.policy import lr_unused
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.text import shell_command
-from zoo.cli.options import FiniteFloatRange, config_options, naming_the_file, resolve_config
+from zoo.cli.options import FiniteFloatRange, IntRange, config_options, naming_the_file, resolve_config
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
 __all__ = ["lr_find_cmd"]
@@ -39,7 +38,7 @@ NOT_IN_A_RANGE_TEST = ("epochs", "patience", "min_delta", "monitor", "schedule",
               help="First learning rate of the sweep (head LR; pretrained layers get x backbone-lr-mult).")
 @click.option("--end-lr", type=FiniteFloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Last learning rate of the sweep.")
-@click.option("--steps", type=click.IntRange(min=5, max=10000), default=100, show_default=True,
+@click.option("--steps", type=IntRange(min=5, max=10000), default=100, show_default=True,
               help="Training steps (batches); the LR grows exponentially from start to end over them. At most 10000 "
                    "(a mistyped 1e20 ran for ever).")
 @click.option("--method", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,

@@ -3,7 +3,9 @@
 
 Ranges are shown in ``--help`` but checked in one place, ``FinetuneConfig.validate`` (exit 2, before any run
 folder is written), so YAML values and flags get the same one-line message. The other commands' bounded
-float options use :class:`FiniteFloatRange`. No torch at import.
+options use :class:`IntRange` and :class:`FiniteFloatRange`; every range reads one way, ``[default: D; RANGE]``
+(``finetune.core.config.range_text``; :class:`RangedOption` for a range or default click cannot show). No torch
+at import.
 """
 from __future__ import annotations
 
@@ -15,27 +17,62 @@ from typing import Any, Callable, Iterable, Iterator
 import click
 from click.core import ParameterSource
 
-from finetune.core.config import OPTIONS, FinetuneConfig, read_config_file
+from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file
 from finetune.core.errors import FreezeTooDeepError
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
 __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config", "idle_options",
-           "resolve_config", "FiniteFloatRange"]
+           "resolve_config", "FiniteFloatRange", "IntRange", "RangedOption"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
-def _help(name: str) -> str:
+class _RangeText:
+    """Click's number ranges described in zoo's one form (``finetune.core.config.range_text``: "x >= 1", not
+    click's "x>=1"), in ``--help`` and in click's own out-of-range message."""
+
+    def _describe_range(self) -> str:
+        return range_text(self.min, self.max, self.min_open, self.max_open)
+
+
+class IntRange(_RangeText, click.IntRange):
+    """``click.IntRange`` whose range reads as every other option's (:class:`_RangeText`), as is its metavar
+    (INTEGER, as a config option's: the range is in the help's brackets)."""
+
+    name = "integer"
+
+
+class RangedOption(click.Option):
+    """A click option whose help ends as every option's: ``[default: D; RANGE]``. ``allowed``: the range of a
+    number option whose type is no click range (a config option, checked by FinetuneConfig.validate);
+    ``default_text``: a default told in words ("the config's, else 5") where the value is decided later."""
+
+    def __init__(self, *args: Any, allowed: str = "", default_text: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allowed, self.default_text = allowed, default_text
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if self.default_text:
+            extra["default"] = self.default_text
+        if self.allowed:
+            extra["range"] = self.allowed
+        return extra
+
+
+def _allowed(name: str) -> str:
+    """A config option's range for its ``--help`` (closed sets are listed by click.Choice itself)."""
     option = OPTIONS[name]
-    allowed = option.range_text()
-    # Closed sets are listed by click.Choice itself; ranges are not (the type stays a plain number).
-    return option.help if not allowed or option.choices is not None else f"{option.help}  [{allowed}]"
+    return "" if option.choices is not None else option.range_text()
 
 
-class FiniteFloatRange(click.FloatRange):
+class FiniteFloatRange(_RangeText, click.FloatRange):
     """``click.FloatRange`` that refuses nan and inf too (click's lets nan through, every comparison with it
-    being false, and inf wherever there is no upper bound), with the one line of a zoo usage error (exit 2)."""
+    being false, and inf wherever there is no upper bound), with the one line of a zoo usage error (exit 2).
+    Its metavar is FLOAT, as a config option's."""
+
+    name = "float"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         number = click.FLOAT.convert(value, param, ctx)      # not a number at all: click's own message
@@ -65,16 +102,16 @@ def config_options(skip: Iterable[str] = ()) -> Callable[[Callable], Callable]:
             option = OPTIONS[f.name]
             if isinstance(default, bool):
                 opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, show_default=True,
-                                   help=_help(f.name))
+                                   help=option.help)
             elif f.name == "lr":
                 opt = click.option(flag, f.name, default=str(default), show_default=True, metavar="LR|auto",
-                                   help=_help(f.name))
+                                   help=option.help, cls=RangedOption, allowed=_allowed(f.name))
             elif option.choices is not None:
                 opt = click.option(flag, f.name, type=click.Choice(option.choices), default=default,
-                                   show_default=True, help=_help(f.name))
+                                   show_default=True, help=option.help)
             else:
                 opt = click.option(flag, f.name, type=_CLICK_TYPES[type(default)], default=default,
-                                   show_default=True, help=_help(f.name))
+                                   show_default=True, help=option.help, cls=RangedOption, allowed=_allowed(f.name))
             func = opt(func)
         return func
     return decorate
@@ -91,9 +128,10 @@ def given_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
 def fc_dropout_option(func: Callable) -> Callable:
     """``--fc-dropout``: VGG's FC-4096 dropout (checked in ``zoo.build.builder_kwargs``, the one place)."""
     return click.option(
-        "--fc-dropout", "fc_dropout", type=click.FLOAT, default=None, metavar="P",
+        "--fc-dropout", "fc_dropout", type=click.FLOAT, default=None, metavar="P", cls=RangedOption,
+        allowed=range_text(0, 1, high_open=True), default_text="0.5 for VGG",
         help="VGG only: dropout in the FC-4096 layers while they train, as in the original (timm's VGG has "
-             "none); 0 turns it off.  [0 <= x < 1; default: 0.5 for VGG]")(func)
+             "none); 0 turns it off.")(func)
 
 
 def read_config(path: str | None) -> tuple[FinetuneConfig, dict[str, Any]]:

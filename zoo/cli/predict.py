@@ -10,9 +10,10 @@ from click.core import ParameterSource
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from finetune.core.io import UNLISTED_FOLDER
+from zoo.cli.options import IntRange
+from finetune.core.io import UNLISTED_FOLDER, printable_name
 from zoo.errors import UsageError
-from zoo.text import printable, printable_name
+from zoo.text import printable
 
 __all__ = ["predict_cmd", "tta_options", "tta_scales_given", "note_unmirrored_tta"]
 
@@ -81,10 +82,10 @@ def warn_skipped(item: object, reason: str) -> None:
 @cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True, type=click.Path())   # (str: Path("") would be ".")
-@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
+@click.option("--topk", type=IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @tta_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--batch-size", type=IntRange(min=1), default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
                 tta_scales: str | None, batch_size: int, device: str) -> None:

@@ -15,7 +15,7 @@ from zoo.text import human_size
 __all__ = ["pull_cmd"]
 
 
-@cli.command("pull")
+@cli.command("pull", short_help="Download, verify and cache models' weights (as safetensors).")
 @click.argument("names", nargs=-1, metavar="NAME...")
 @click.option("--force", is_flag=True, help="Download again even when the model is cached.")
 @click.option("--locked", "locked", type=click.Path(dir_okay=False, allow_dash=True), default=None,

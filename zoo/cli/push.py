@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
+from finetune.core.io import shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.text import shell_command
 
 __all__ = ["push_cmd"]
 

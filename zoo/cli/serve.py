@@ -6,7 +6,7 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import FiniteFloatRange
+from zoo.cli.options import FiniteFloatRange, IntRange, RangedOption
 
 __all__ = ["serve_cmd"]
 
@@ -16,17 +16,17 @@ __all__ = ["serve_cmd"]
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default answers this machine only; 0.0.0.0 exposes the model "
                    "to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
-@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--port", type=IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option("--topk", type=IntRange(min=1), default=5, show_default=True,
               help="Classes per image unless the request says ?topk=N.")
 @click.option("--max-upload-mb", type=FiniteFloatRange(0.01, 1_000_000), default=10.0, show_default=True,
               help="Largest request body (all images together); larger uploads get 413.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+@click.option("--max-pixels", type=IntRange(min=1), default=40_000_000, show_default=True,
               help="Largest image (width x height, read from its header before decoding); 413 above.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--max-batch", type=IntRange(min=1), default=16, show_default=True,
               help="Images of concurrent requests run together in one forward pass.")
-@click.option("--batch-wait-ms", type=FiniteFloatRange(0, 60_000), default=None,
-              help="Wait this long for more images once one arrived.  [default: 5 on a GPU, 0 on the CPU]")
+@click.option("--batch-wait-ms", type=FiniteFloatRange(0, 60_000), default=None, cls=RangedOption,
+              default_text="5 on a GPU, 0 on the CPU", help="Wait this long for more images once one arrived.")
 @click.option("--device", default="auto", show_default=True,
               help="Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps.")
 def serve_cmd(model: str, host: str, port: int, topk: int, max_upload_mb: float, max_pixels: int,

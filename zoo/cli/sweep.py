@@ -3,7 +3,6 @@ accepted (defaults < ``--config`` YAML < flags typed). No torch at import."""
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,12 +10,13 @@ import click
 
 from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
+from finetune.core.metrics import metric_text
 from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
+from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.text import shell_command
-from zoo.cli.options import config_options, naming_the_file, resolve_config
+from zoo.cli.options import IntRange, RangedOption, config_options, naming_the_file, resolve_config
 from zoo.errors import UsageError
 from zoo.cli.shared import NOT_HERE, overwrite_option, common_options, resolve_out, scan_and_build, sayer
 
@@ -42,9 +42,9 @@ SWEEP_DEFAULT_EPOCHS = 5     # a trial is a short finetune: enough to rank, not 
                    "[default: the config's, auto]")
 @click.option("--optimizer", "optimizer_spec", default=None, metavar="O1,O2,..",
               help=f"Optimizers to try ({', '.join(OPTIMIZERS)}).  [default: the config's, adam]")
-@click.option("--epochs", "epochs", type=click.IntRange(min=1), default=None,
-              help=f"Epochs per trial.  [default: the --config file's, else {SWEEP_DEFAULT_EPOCHS}]")
-@click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--epochs", "epochs", type=IntRange(min=1), default=None, cls=RangedOption,
+              default_text=f"the --config file's, else {SWEEP_DEFAULT_EPOCHS}", help="Epochs per trial.")
+@click.option("--folds", type=IntRange(min=0), default=0, show_default=True,
               help="K-fold cross-validation over train+val (stratified, seeded); 0 = the single split.")
 @click.option("--resume", is_flag=True,
               help="Continue the sweep in --out: finished trials are skipped; new --lr/--weight-decay/--freeze/"
@@ -208,10 +208,9 @@ def _table(result) -> list[str]:
     head = ["rank", "lr", "weight_decay", "freeze", "optimizer", metric, "status"]
     rows = []
     for r in result.table():
-        value = r[metric]
-        cell = "-" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+        cell = metric_text(metric, r[metric], ".4f")
         if result.folds > 1 and cell != "-":
-            cell += f" +- {r[metric + '_std']:.4f}"
+            cell += f" +- {metric_text(metric, r[metric + '_std'], '.4f')}"
         rows.append([str(r["rank"]), f"{r['lr']:.2e}", f"{r['weight_decay']:.2g}", str(r["freeze"]),
                      str(r["optimizer"]), cell, str(r["status"])])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]

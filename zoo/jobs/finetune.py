@@ -25,7 +25,7 @@ from finetune.tools.doctor import exclude_items, read_exclude_file
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, printable, printable_name
+from finetune.core.io import atomic_write_text, printable, printable_name, shell_command
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, resolve_device
@@ -41,7 +41,6 @@ from zoo.registry import weights_tag
 from zoo.resolve import check_stages
 from zoo.hub import resolve_early, resolve_entry
 from zoo.network import meta_network
-from zoo.text import shell_command
 
 __all__ = ["RunOutcome", "default_run_dir", "feature_cache", "scan_lines", "scan_on_main", "build_for_training",
            "check_batch_early", "model_info", "run_finetune", "run_data_config", "MODEL_JSON", "EXCLUDE_TXT"]
@@ -59,7 +58,6 @@ class RunOutcome:
     run_dir: Path | None
     result: Any = None              # finetune.engine.FitResult
     export_dir: Path | None = None
-    lr_found: Any = None            # finetune.tools.diagnostics.LRFindResult with --lr auto
     overfit: Any = None             # finetune.tools.diagnostics.OverfitResult with --overfit-batches
 
 
@@ -252,7 +250,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         UnknownModelError / OfflineError / WeightsError: the model cannot be resolved or loaded.
         ConfigError, DivergedError, Interrupted, CheckpointError: from training.
     """
-    info = ddp.setup(ddp.device_type(config.device))
+    info = ddp.setup(config.device)
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     try:
         entry = resolve_early(model_name)           # a mistyped MODEL: before the scan (an uncached hf-hub: after)
@@ -307,8 +305,8 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
     features = feature_cache(say)
     if lr_auto:     # before the overfit check too: it trains at the LR asked for (QA: it took --lr's default)
-        outcome.lr_found, config = _lr_auto(model, stages, data_config, report.train, config, head,
-                                            run_dir if info.is_main and not overfit else None, say, features)
+        config = _lr_auto(model, stages, data_config, report.train, config, head,
+                          run_dir if info.is_main and not overfit else None, say, features)
         # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
         config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
     if overfit:
@@ -413,7 +411,7 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
 
 
 def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
-             say: Log, feature_cache=None):
+             say: Log, feature_cache=None) -> FinetuneConfig:
     say("lr: running the LR range test (--lr auto)")
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
@@ -426,7 +424,7 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
             and not config.overfit_batches:      # (the overfit check trains by gradient, at this LR)
         say("lr: this run trains the head only and solves it by L-BFGS, which uses no learning rate; the "
             "suggestion applies with --head-solver gradient")
-    return found, config.replace(lr=float(found.suggestion))
+    return config.replace(lr=float(found.suggestion))
 
 
 def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):

@@ -18,6 +18,7 @@ from finetune.core.errors import CheckpointError
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
+from finetune.core.io import shell_command
 from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training,
@@ -25,7 +26,6 @@ from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclu
 from zoo.outdir import MARKER, claim_out, folder_kind, sweep_trial
 from zoo.resolve import get_entry
 from zoo.hub import resolve_entry
-from zoo.text import shell_command
 
 __all__ = ["resume_finetune"]
 
@@ -111,7 +111,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     # (a resume-free option out of bounds in config.yaml, e.g. an older version's workers: 1000, is replaced)
     config, notes = load_resume_config(run_dir / "config.yaml", overrides)
 
-    info = ddp.setup(ddp.device_type(config.device))
+    info = ddp.setup(config.device)
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
     for note in notes:
         say(note)

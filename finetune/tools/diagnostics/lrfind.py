@@ -23,7 +23,7 @@ from finetune.core.monitor import finite, new_figure, save_png
 from finetune.core.optim import set_base_lr
 from finetune.core.seeding import preserved_rng
 
-__all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "smooth_losses", "lr_schedule",
+__all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "lr_schedule",
            "write_lr_plot"]
 
 
@@ -67,15 +67,6 @@ def lr_schedule(start_lr: float, end_lr: float, steps: int) -> list[float]:
         return [float(start_lr)]
     ratio = end_lr / start_lr
     return [float(start_lr * ratio ** (i / (steps - 1))) for i in range(steps)]
-
-
-def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
-    """Exponential moving average with bias correction (so early values are not pulled towards 0)."""
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses):
-        avg = beta * avg + (1.0 - beta) * loss
-        out.append(avg / (1.0 - beta ** (i + 1)))
-    return out
 
 
 def _window(n: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from finetune.core.config import FinetuneConfig
 from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
 from finetune.engine import build_setup, to_device, train_one_epoch
 from finetune.core.errors import ConfigError, FinetuneError
+from finetune.core.metrics import accuracy_text
 from finetune.core.seeding import preserved_rng
 
 __all__ = ["OverfitResult", "overfit_check", "disable_dropout", "fixed_batch_count"]
@@ -118,7 +119,7 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
             acc, loss_mean = out["acc"], out["loss"]
             losses.append(loss_mean)
             if log is not None and (passes <= 3 or passes % 10 == 0):   # a readable trace, not one line a pass
-                log(f"overfit pass {passes}: {steps} steps, loss {loss_mean:.4f}, acc {acc:.1%}")
+                log(f"overfit pass {passes}: {steps} steps, loss {loss_mean:.4f}, acc {accuracy_text(acc)}")
             if not math.isfinite(loss_mean):
                 break
             if acc >= target_acc and loss_mean <= target_loss:
@@ -142,14 +143,14 @@ def _verdict(losses: list[float], acc: float, steps: int, n_batches: int, target
     passed = loss_mean <= target_loss or (acc >= target_acc and fell)
     what = _batches(n_batches)
     if passed and acc >= target_acc and loss_mean <= target_loss:
-        return passed, f"pipeline can learn: {what} overfit to {acc:.0%} in {steps} steps"
+        return passed, f"pipeline can learn: {what} overfit to {accuracy_text(acc)} in {steps} steps"
     if passed and acc >= target_acc:
-        return passed, (f"pipeline can learn: {what} overfit to {acc:.0%} accuracy in {steps} steps (loss "
+        return passed, (f"pipeline can learn: {what} overfit to {accuracy_text(acc)} accuracy in {steps} steps (loss "
                         f"{losses[0]:.3g} -> {loss_mean:.3g}, still above {target_loss:g}: more steps or a higher LR "
                         "take it lower)")
     if passed:
-        return passed, f"pipeline can learn: {what} overfit to loss {loss_mean:.3g} in {steps} steps (acc {acc:.0%})"
-    verdict = f"cannot even overfit {what} (acc {acc:.0%}, loss {loss_mean:.3g}): check labels, LR, frozen layers"
+        return passed, f"pipeline can learn: {what} overfit to loss {loss_mean:.3g} in {steps} steps (acc {accuracy_text(acc)})"
+    verdict = f"cannot even overfit {what} (acc {accuracy_text(acc)}, loss {loss_mean:.3g}): check labels, LR, frozen layers"
     return passed, verdict + ("" if trainable else " (nothing is trainable: every layer and the head are frozen)")
 
 

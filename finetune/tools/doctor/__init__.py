@@ -2,7 +2,7 @@
 
 Everything here works on a :class:`finetune.data.ScanReport` and the pooled backbone features of its
 images (the features the head sees, from the cached-feature path: :class:`finetune.tools.features.FeatureCache`
-keyed exactly as ``fit_head_on_features`` keys its evaluation-transform banks, so a second doctor run, or
+keyed exactly as ``CachedHeadSteps`` keys its evaluation-transform banks, so a second doctor run, or
 a head-only finetune given the same cache folder, reuses them). Nothing here prints or writes into the
 user's folder; :func:`write_findings_csv` writes where it is told.
 

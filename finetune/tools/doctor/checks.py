@@ -2,7 +2,6 @@
 across splits), out-of-fold label issues of a linear probe, outliers, tiny / extreme-aspect images."""
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, Sequence
 
@@ -10,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.core.io import sha256_file
+from finetune.core.optim import lbfgs_minimise
 from finetune.data import load_image, pil_warnings
 from finetune.data.images import open_image
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
@@ -70,12 +71,8 @@ def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = No
     thumbs = np.zeros((len(paths), THUMB_VALUES), dtype=np.float32)
     has = np.zeros(len(paths), dtype=bool)
     for k, p in enumerate(paths):
-        h = hashlib.sha256()
         try:
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            hashes.append(h.hexdigest())
+            hashes.append(sha256_file(p))
         except OSError:
             hashes.append("")
         try:
@@ -100,9 +97,9 @@ NEAR_PER_KIND = 5      # near copies listed per image and kind (leak, duplicate,
 
 
 def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.ndarray, label: np.ndarray,
-                per_kind: int = NEAR_PER_KIND, block: int = 1024) -> list[tuple[int, int, float]]:
+                block: int = 1024) -> list[tuple[int, int, float]]:
     """Pairs (i < j) with cosine similarity >= threshold, each found from the image of the two that is dropped
-    (the later in ``order``, the keep order), at most ``per_kind`` per image and kind (the most similar copies in
+    (the later in ``order``, the keep order), at most ``NEAR_PER_KIND`` per image and kind (the most similar copies in
     another split, in its class, in another class of its split: ``split`` and ``label`` are codes per row), in
     blocks so memory stays O(block x N). Every pair was listed: a class of 1,000 near-identical video frames is
     half a million pairs, 10,000 frames would not fit in memory (QA).
@@ -127,7 +124,7 @@ def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.nd
             hit = torch.nonzero(mask.any(dim=1)).flatten()
             if not len(hit):
                 continue
-            best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(per_kind, zt.shape[0]), dim=1)
+            best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(NEAR_PER_KIND, zt.shape[0]), dim=1)
             for r, values, partners in zip(hit.tolist(), best.tolist(), cols.tolist()):
                 out += [(min(start + r, c), max(start + r, c), v) for v, c in zip(values, partners) if v > -math.inf]
     return out
@@ -286,16 +283,8 @@ def _fit_probe(x, y, n_classes: int, l2: float, iters: int):
     """Softmax regression by full-batch L-BFGS (strong Wolfe): returns (W, b) as torch tensors."""
     w = torch.zeros((x.shape[1], n_classes), dtype=x.dtype, requires_grad=True)
     b = torch.zeros((n_classes,), dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum(), iters,
+                   tolerance_grad=1e-6, tolerance_change=1e-9)
     return w.detach(), b.detach()
 
 

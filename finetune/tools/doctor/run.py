@@ -23,7 +23,7 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """Pooled features of every split, through the feature cache.
 
-    The key is the one ``finetune.tools.features.fit_head_on_features`` uses for its un-augmented banks
+    The key is the one ``finetune.tools.features.CachedHeadSteps`` uses for its un-augmented banks
     (split name, items, backbone digest, data_config, evaluation transform, numerics, the layout of
     ``finetune.engine.runtime.nhwc``), so the banks are shared with a finetune's head phase on cached
     features that uses the same ``cache_dir`` (on the CPU, head-only or not; on CUDA fit feeds uint8

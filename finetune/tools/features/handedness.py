@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from finetune.core.optim import lbfgs_minimise
+
 __all__ = ["HANDED", "MIN_PER_CLASS", "MAX_IMAGES", "Handedness", "handedness"]
 
 # The mean score above which (its lower bound, that is) the mirror is another kind of image.
@@ -81,17 +83,7 @@ def _fold_scores(p_tr, m_tr, y_tr, p_te, m_te, y_te, k: int) -> torch.Tensor:
     w = torch.zeros(x.shape[1], 2 * k, device=x.device, requires_grad=True)
     b = torch.zeros(2 * k, device=x.device, requires_grad=True)
     l2 = 1.0 / (_C * x.shape[0])
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum(), 500)
     rows = torch.arange(y_te.shape[0], device=y_te.device)
     per_view = []
     with torch.no_grad():

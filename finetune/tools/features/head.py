@@ -35,6 +35,8 @@ from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
+from finetune.core.metrics import accuracy_text
+from finetune.core.optim import lbfgs_minimise
 from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
@@ -293,7 +295,7 @@ class CachedHeadSteps:
             logits = torch.nn.functional.linear(x, head.weight, head.bias)
             loss = float(s.full_batch_loss(x.device)(logits, y))     # the objective solved
             acc = float((logits.argmax(1) == y).float().mean())
-        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {va['acc']:.3f}, "
+        picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {accuracy_text(va['acc'])}, "
                   f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
         self.say(f"head: L-BFGS on cached features to convergence, {picked}")
         n = int(y.shape[0])
@@ -325,18 +327,10 @@ class CachedHeadSteps:
         quiet = bool(s.config.quiet) or not s.info.is_main or len(strengths) < 2
         for c, l2 in tqdm(strengths, desc="head: L-BFGS solve per C", unit="C", leave=False, file=sys.stderr,
                           dynamic_ncols=True, disable=True if quiet else None):
-            opt = torch.optim.LBFGS([p for p in (w, b) if p is not None], lr=1.0, max_iter=SOLVER_MAX_ITER,
-                                    history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-7,
-                                    tolerance_change=1e-10)
+            def objective(l2: float = l2) -> torch.Tensor:
+                return loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
 
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
-                loss.backward()
-                return loss
-
-            with torch.enable_grad():
-                opt.step(closure)
+            lbfgs_minimise([p for p in (w, b) if p is not None], objective, SOLVER_MAX_ITER)
             with torch.no_grad():
                 head.weight.copy_(w)
                 if b is not None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from finetune.core.config import FinetuneConfig
 from finetune.core.io import atomic_write_text
+from finetune.core.metrics import metric_text
 from finetune.core.monitor import new_figure, save_png
 from finetune.tools.sweep.space import _unique
 
@@ -178,7 +179,7 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
     title = "sweep"
     if result.best is not None:
         p = result.best.params
-        title = (f"best {result.metric} {result.best.metric:.4g}: lr {p['lr']:.2g}, wd {p['weight_decay']:.2g}, "
+        title = (f"best {result.metric} {metric_text(result.metric, result.best.metric)}: lr {p['lr']:.2g}, wd {p['weight_decay']:.2g}, "
                  f"freeze {p['freeze']}, {p['optimizer']}")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)

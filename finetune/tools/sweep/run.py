@@ -17,6 +17,7 @@ from finetune.data import ImageSet
 from finetune.core.errors import ConfigError, DivergedError
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text
+from finetune.core.metrics import metric_text
 from finetune.core.policy import parse_freeze
 from finetune.tools.sweep.results import (SweepResult, TrialResult, _append_jsonl, _json_safe, _rank, _read_jsonl,
                                      _write_csv, write_sweep_plot)
@@ -132,7 +133,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
 def _trial_line(trial: TrialResult, position: str, metric: str, n_splits: int) -> str:
     """The line a finished trial logs: its values, its metric (mean +- std over folds) or its divergence."""
     params = trial.params
-    what = (f"{metric} {trial.metric:.4g}" + (f" +- {trial.metric_std:.2g}" if n_splits > 1 else "")
+    what = (f"{metric} {metric_text(metric, trial.metric)}"
+            + (f" +- {metric_text(metric, trial.metric_std, '.2g')}" if n_splits > 1 else "")
             if trial.status == "ok" else f"diverged ({trial.message})")
     return (f"trial {position} lr {params['lr']:.2e} wd {params['weight_decay']:.2g} freeze {params['freeze']} "
             f"{params['optimizer']}: {what} ({trial.seconds:.1f} s)")
