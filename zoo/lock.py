@@ -23,6 +23,7 @@ from finetune.core.io import atomic_write_text, shell_command
 from zoo import cache
 from zoo.errors import UsageError
 from zoo.outdir import refuse_unexpanded_home
+from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.registry import COMMIT_RE, SOURCE_REQUIRED, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
@@ -164,6 +165,9 @@ def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
         if lacking:     # (a hand-edited lock: the download would fail deep inside huggingface_hub)
             raise UsageError(f"{path}: entry {name!r}: its {src['kind']} source lacks {', '.join(lacking)}; write "
                              "the lock file again with `zoo lock`")
+        if src["kind"] == "hf" and not HUB_REPO_RE.fullmatch(src["repo"]):   # (QA: HFValidationError traceback)
+            raise UsageError(f"{path}: entry {name!r}: its hf source's repo {src['repo']!r} is no Hub repository "
+                             f"({HUB_REPO_RULE}); write the lock file again with `zoo lock`")
         parse_digest(item["sha256"], what=f"{path}: {name}: sha256")
     return data["models"]
 

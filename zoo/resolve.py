@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 from finetune.core.io import shell_command
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo import registry
+from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
 
 if TYPE_CHECKING:
@@ -186,27 +187,19 @@ def hub_config(repo: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-# The Hub's rule for <org>/<repo> (huggingface_hub's validate_repo_id): ASCII letters, digits, '-', '_', '.', neither
-# beginning nor ending with '-' or '.', no '--' or '..', at most 96 characters. `hf-hub:../x` passed a looser
-# pattern and huggingface_hub's HFValidationError ended the command in a traceback (QA).
-_HUB_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-_HUB_REPO = re.compile(f"{_HUB_PART}/{_HUB_PART}")
-
-
 def check_hub_repo(repo: str) -> str:
     """``repo`` of an ``hf-hub:<org>/<repo>`` name, checked before huggingface_hub sees it.
 
     Raises:
         UsageError: not ``<org>/<repo>``; a revision (``@v2``), which zoo does not take in a name.
     """
-    if "@" in repo and _HUB_REPO.fullmatch(repo.partition("@")[0]):
+    if "@" in repo and HUB_REPO_RE.fullmatch(repo.partition("@")[0]):
         name, _, rev = repo.partition("@")
         raise UsageError(f"hf-hub:{repo}: zoo takes no revision in an hf-hub: name (it reads the main branch); for "
                          f"branch {rev!r} add an entry with its source's `revision: {rev}` to your ZOO_REGISTRY file "
                          f"(schema: the header of registry.yaml), or use hf-hub:{name}")
-    if not _HUB_REPO.fullmatch(repo):
-        raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>, each in letters, digits, "
-                         "'-', '_' and '.' (no '--' or '..'), beginning and ending with a letter, digit or '_'")
+    if not HUB_REPO_RE.fullmatch(repo):
+        raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>, {HUB_REPO_RULE}")
     return repo
 
 

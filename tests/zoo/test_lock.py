@@ -166,3 +166,14 @@ def test_a_locked_source_without_what_it_needs_is_one_line(branch_entry, tmp_pat
     r = CliRunner().invoke(cli, ["pull", "--locked", str(lock)])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [r.output.strip()], r.output
     assert f"entry 'tiny': its {source['kind']} source lacks {lacking}; write the lock file again" in r.output
+
+
+def test_a_locked_hf_repo_the_hub_would_refuse_is_one_line(branch_entry, tmp_path):
+    """QA (h72): a hand-edited lock whose hf repo is `a/..` reached huggingface_hub, whose HFValidationError ended
+    `zoo pull --locked` in a traceback."""
+    lock = tmp_path / "zoo.lock"
+    source = {"kind": "hf", "repo": "a/..", "revision": "0" * 40, "filename": "model.safetensors"}
+    lock.write_text(json.dumps({"version": 1, "models": {"tiny": {"sha256": "a" * 64, "source": source}}}))
+    r = CliRunner().invoke(cli, ["pull", "--locked", str(lock)])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [r.output.strip()], r.output
+    assert "entry 'tiny': its hf source's repo 'a/..' is no Hub repository (each in letters" in r.output, r.output
