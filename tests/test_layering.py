@@ -329,3 +329,14 @@ def test_size_check_sees_long_functions_and_methods(tmp_path):
     assert _too_long(path) == [f"m.py:{MAX_FUNCTION_LINES + 3} long: {MAX_FUNCTION_LINES + 1} lines"]
     path.write_text("x = 0\n" * MAX_MODULE_LINES)
     assert _too_long(path) == [f"m.py: {MAX_MODULE_LINES} lines"]
+
+
+MAX_LINE_CHARS = 120     # CONVENTIONS' line length; the merges of helper-71 (2026-12) added lines of 121-137
+
+
+def test_lines_at_most_120_characters():
+    offenders = [f"{path.relative_to(ROOT).as_posix()}:{i}: {len(line)}"
+                 for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py"))
+                 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if len(line) > MAX_LINE_CHARS]
+    assert offenders == [], f"wrap these lines at {MAX_LINE_CHARS} characters: {offenders}"

@@ -203,7 +203,7 @@ class FinetuneConfig:
     patience: int = option(5, "Early stopping: epochs without improvement before stopping (0: stop at the first one).",
                            low=0, resume_free=True)
     min_delta: float = option(1e-4,
-        "Early stopping: smallest change that counts as an improvement.",
+        "Early stopping: smallest change that counts as an improvement (val_acc: a fraction, 0.001 = 0.1 point).",
         low=0, resume_free=True)
     monitor: str = option("val_loss", "Metric for early stopping and the best checkpoint.", choices=MONITORS)
     # torch takes seeds below 2**64; the seeds derived from this one (finetune.core.seeding) stay below 2**63

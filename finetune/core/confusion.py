@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 from finetune.core.io import printable_name
 
-__all__ = ["FULL_MAX_CLASSES", "SHOWN_CLASSES", "CONFUSION_CSV", "confusion_csv_text", "read_confusion_csv", "most_confused",
-           "lowest_first"]
+__all__ = ["FULL_MAX_CLASSES", "SHOWN_CLASSES", "CONFUSION_CSV", "confusion_csv_text", "read_confusion_csv",
+           "most_confused", "lowest_first"]
 
 # Up to this many classes the matrix is shown and stored whole (2,500 cells: a page's table still reads,
 # summary.json and a bundle's metadata stay a few KB); above it, the pairs and worst classes and the CSV.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,12 +54,11 @@ def accuracy_text(value: float | None) -> str:
     """An accuracy (a fraction in [0, 1]) as every printed line shows it: ``0.9864`` -> ``98.64%`` (percent,
     two decimals, as ``zoo eval`` and timm's train.py print Acc@1); ``-`` for None or NaN. The one form of the
     screen, log.txt, report.html and the sweep plot; data files (metrics.csv, results.csv, JSON) keep the
-    fraction, so nothing that reads them changes."""
-    try:
-        v = float(value)     # (a numpy scalar too)
-    except (TypeError, ValueError):
+    fraction, so nothing that reads them changes. Anything but a finite number (a numpy scalar is one) is ``-``
+    too: a damaged summary.json's ``"0.9"``, ``true`` or ``Infinity`` is no accuracy (report.html said ``-``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return "-"
-    return "-" if math.isnan(v) else f"{v * 100:.2f}%"
+    return f"{float(value) * 100:.2f}%"
 
 
 def metric_text(metric: str, value: float | None, loss_format: str = ".4g") -> str:

@@ -167,7 +167,8 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
     last_val_acc = _last(val_acc)
     if (not stalled and not math.isnan(last_train_acc) and not math.isnan(last_val_acc)
             and abs(last_train_acc - last_val_acc) < t.underfit_gap and last_train_acc < t.underfit_acc):
-        advice.append(f"underfitting: train acc {accuracy_text(last_train_acc)} ~ val acc {accuracy_text(last_val_acc)}: "
+        advice.append(f"underfitting: train acc {accuracy_text(last_train_acc)} ~ val acc "
+                      f"{accuracy_text(last_val_acc)}: "
                       "the model may be too small or too frozen: unfreeze more stages (or a bigger model)")
     return advice
 

@@ -2,7 +2,8 @@
 convex problems on features.
 
 Every param group records ``name`` ("head" | "backbone"), ``lr_mult`` (1 for the head,
-``backbone_lr_mult`` for pretrained layers, times ``layer_decay ** depth`` per stage with layer decay) and ``base_lr`` (head LR x lr_mult). The scheduler scales
+``backbone_lr_mult`` for pretrained layers, times ``layer_decay ** depth`` per stage with layer decay) and
+``base_lr`` (head LR x lr_mult). The scheduler scales
 ``base_lr`` by one factor for all groups, and the LR finder moves every group together with
 :func:`set_base_lr`, so pretrained layers always train at ``backbone_lr_mult`` x the head's LR.
 """

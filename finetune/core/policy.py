@@ -15,9 +15,9 @@ from typing import Any
 
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 
-__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused", "AUTO_EPOCHS_HEAD",
-           "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS", "mixes_images",
-           "head_on_cached_features", "batchnorm_batch"]
+__all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused",
+           "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE", "head_first", "default_departure", "AUTO_WARMUP_EPOCHS",
+           "mixes_images", "head_on_cached_features", "batchnorm_batch"]
 
 # ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
 # (100 per class) 8 epochs (the solved head + 7) tested as well as 30 with early stopping and as 10, in

@@ -27,8 +27,8 @@ from finetune.data.transforms import ImageTransform, build_transform, trains_mir
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "write_scan", "write_bad_files", "scan_outdated",
-    "load_image", "load_image_tensor", "read_image_bytes", "to_rgb", "upright_rgb", "to_uint8_tensor", "device_decodable",
-    "pil_warnings",
+    "load_image", "load_image_tensor", "read_image_bytes", "to_rgb", "upright_rgb", "to_uint8_tensor",
+    "device_decodable", "pil_warnings",
     "build_transform", "ImageTransform", "with_input_size", "trains_mirrored",
     "DeviceNormalize", "DeviceAugment", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",

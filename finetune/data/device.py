@@ -154,7 +154,8 @@ class DeviceAugment(DeviceNormalize):
             steps = []
             if self.brightness > 0 or self.contrast > 0:
                 order = [0, 1] if self.rng.random() < 0.5 else [1, 0]
-                b = self.rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness > 0 else None
+                b = (self.rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness > 0
+                     else None)
                 c = self.rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast > 0 else None
                 steps = [("b", b) if k == 0 else ("c", c) for k in order if (b if k == 0 else c) is not None]
             ops.append(steps)

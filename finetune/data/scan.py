@@ -218,7 +218,8 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
         warn.append(f"{len(stray)} files outside the class folders ignored, e.g. {printable_name(stray[0])} "
                     "(images must be in DIR/train/<class>/, DIR/val/<class>/ or DIR/test/<class>/)")
     if loops:
-        warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. {printable_name(relative_path(loops[0], root_s))}")
+        warn.append(f"skipped {len(loops)} symbolic-link loop(s), e.g. "
+                    f"{printable_name(relative_path(loops[0], root_s))}")
     unlisted = [p for p, r in bad if r.startswith(UNLISTED_FOLDER)]
     if unlisted:
         warn.append(f"cannot read {len(unlisted)} folder(s), e.g. {printable_name(relative_path(unlisted[0], root_s))}"
@@ -243,10 +244,12 @@ def _check_validation(report: ScanReport, root_s: str, warn: list[str]) -> None:
     if len(report.val) == 0:
         counts = report.train.class_counts()
         if report.layout == "flat" and counts and max(counts) == 1:     # (QA: a doctor run on one said only
-            raise DataError(                                           # "no validation images")
-                f"each of the {len(counts)} class folders in {printable_name(root_s)} holds a single image, so none "
-                "can be held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images to "
-                "validate on")
+            # "no validation images"); the folder the classes are in: DIR, or DIR/train/ without a val/ beside it
+            classes_in = os.path.normpath(os.path.join(root_s, report.folders.get("train") or "."))
+            raise DataError(
+                f"each of the {len(counts)} class folders in {printable_name(classes_in)} holds a single image, so "
+                "none can be held out for validation: add images, 2 or more per class, or DIR/val/<class>/ images "
+                "to validate on")
         raise DataError(f"no validation images in {printable_name(root_s)}: add DIR/val/<class>/ images, or use "
                         "DIR/<class>/ folders with at least 2 images per class so a split can be made")
     missing = [c for c, n in zip(report.classes, report.val.class_counts()) if n == 0]

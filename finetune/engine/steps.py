@@ -250,7 +250,8 @@ def _as_before(model: nn.Module, device: torch.device):
     """Run a forward/backward pass that must leave no trace: the model's buffers (BatchNorm statistics) and
     the random generators (torch's CPU one, ``device``'s CUDA one) are restored afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    forked = ([device.index if device.index is not None else torch.cuda.current_device()]
+              if device.type == "cuda" else [])
     try:
         with torch.random.fork_rng(devices=forked):
             yield

@@ -108,8 +108,7 @@ class Trainer:
         self.ckpt: dict | None = None
         self.snapshot = CpuStateCache(setup.model)    # the frozen backbone is copied once, not every epoch
         self._ema_snapshot: CpuStateCache | None = None
-        # The evaluation of the best weights, kept so that the end of
-        # the run does not pass the validation set through the network again for the same numbers.
+        # the best weights' evaluation, kept: the run's end need not pass the validation set through the net again
         self.best_eval: Evaluation | None = None
         # (through a weak reference: the guard holding the trainer's bound method would keep the trainer, its
         # setup, model and optimizer state, past the end of fit in a reference cycle, until a garbage collection)
@@ -201,8 +200,9 @@ class Trainer:
             self.folder.curves(self.history, best if best > 0 else None)
             self._curves_at = time.perf_counter()
         self.epoch_say(f"epoch {row['epoch']}/{s.config.epochs} {row['phase']}{steps.label}: train loss "
-                       f"{row['train_loss']:.4f} acc {accuracy_text(row['train_acc'])} | val loss {row['val_loss']:.4f} "
-                       f"acc {accuracy_text(row['val_acc'])} | {_lr_text(row)} | {row['images_per_s']:.0f} img/s{waited(row)}")
+                       f"{row['train_loss']:.4f} acc {accuracy_text(row['train_acc'])} | val loss "
+                       f"{row['val_loss']:.4f} acc {accuracy_text(row['val_acc'])} | {_lr_text(row)} | "
+                       f"{row['images_per_s']:.0f} img/s{waited(row)}")
         # the lecture's reading of the curves, as soon as a rule fires; the loader's speed
         for line in advise(self.history) + data_advice(row, s.device.type, s.config.decode):
             rule = " ".join(line.split()[:3])

@@ -286,6 +286,9 @@ def test_no_validation_images_is_fatal(tmp_path):
                                "to validate on")
     make_image(tmp_path / "s" / "train" / "c0" / "a.png", 0)
     make_image(tmp_path / "s" / "train" / "c1" / "b.png", 1)
+    with pytest.raises(DataError) as info:     # train/ alone: the class folders are in DIR/train, not DIR
+        scan_folder(tmp_path / "s")
+    assert str(info.value).startswith(f"each of the 2 class folders in {tmp_path / 's' / 'train'} holds a single ")
     (tmp_path / "s" / "val").mkdir()                                # a val/ folder, empty: the split's own message
     with pytest.raises(DataError, match="no validation images in .*: add DIR/val/<class>/ images"):
         scan_folder(tmp_path / "s")

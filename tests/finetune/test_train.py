@@ -704,6 +704,16 @@ def test_accuracy_text_is_the_one_printed_form_of_an_accuracy():
     assert metric_text("val_loss", 0.123456, ".4f") == "0.1235" and metric_text("val_loss", math.nan) == "-"
 
 
+def test_accuracy_text_of_what_is_no_number_is_a_dash():
+    """A damaged summary.json (a string, a boolean, Infinity where an accuracy was) showed "90.00%", "100.00%"
+    and "inf%" in report.html's val acc card and the model card; it showed "-" before accuracy_text."""
+    import math
+
+    from finetune.core.metrics import accuracy_text
+
+    assert [accuracy_text(v) for v in ("0.9", True, False, math.inf, -math.inf, [0.5])] == ["-"] * 6
+
+
 @pytest.mark.parametrize("alpha,kept", [(0.0, "head"), (1.01, "finetune")])
 def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(data, tmp_path, monkeypatch,
                                                                               alpha, kept):

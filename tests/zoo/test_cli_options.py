@@ -246,6 +246,14 @@ def test_help_shows_ranges_and_the_same_options(command):
     assert "[default: 0.9; 0 <= x < 1]" in text and "[default: -1; 0 <= x <= 512 or -1]" in text   # momentum, workers
 
 
+def test_min_delta_says_its_unit_now_that_accuracies_print_in_percent():
+    """The epoch lines say "val acc 98.64%"; --min-delta 0.5 read as half a point is half the scale for val_acc
+    (no epoch ever improves): its help says the unit (helper-74)."""
+    r = CliRunner().invoke(cli, ["finetune", "--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    assert "smallest change that counts as an improvement (val_acc: a fraction, 0.001 = 0.1 point)" in text
+
+
 def test_lr_find_refuses_nonsense_before_writing(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     out = tmp_path / "lr"

@@ -67,7 +67,8 @@ def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
-            raise BundleError(f"{path}: metadata field {key!r} is not JSON; re-export with `zoo export RUN_DIR`") from None
+            raise BundleError(f"{path}: metadata field {key!r} is not JSON; re-export with "
+                              "`zoo export RUN_DIR`") from None
     fmt = out.get("zoo_bundle")
     if fmt is not None and str(fmt) != BUNDLE_FORMAT:      # (exports before the field carry none: format 1)
         raise BundleError(f"{path} is a bundle of format {str(fmt)[:20]!r}, written by another version of "

@@ -38,7 +38,8 @@ def _bar(quiet: bool):
 @click.option("--model", "model", default=None,
               help="Model whose pretrained features are compared.  [default: the smallest cached model]")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="Where findings.csv, report.html and doctor.json go (outside --data).  [default: ./doctor-<DIR name>]")
+              help="Where findings.csv, report.html and doctor.json go (outside --data).  "
+                   "[default: ./doctor-<DIR name>]")
 @click.option("--overwrite", "overwrite", is_flag=True,
               help="Replace an earlier doctor report in --out (the default folder is always replaced).")
 @click.option("--near", "near", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=None, cls=RangedOption,
@@ -104,8 +105,8 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
             echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
 
     try:
-        options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed, outlier_z=outlier_z,
-                                min_side=min_side, max_aspect=max_aspect).validate()
+        options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed,
+                                outlier_z=outlier_z, min_side=min_side, max_aspect=max_aspect).validate()
     except ValueError as e:
         raise click.UsageError(str(e))
     config = FinetuneConfig(seed=seed, val_split=val_split, device=device, batch_size=batch_size,

@@ -90,7 +90,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
         return
     where = "the folder itself" if report.split == "." else f"its {report.split}/ split"
     echo(f"evaluated {report.n_images} images from {data} ({where})"
-         + (f" with TTA ({report.tta_views}{'' if report.tta_mirror else ', no mirrored views'})" if report.tta else ""))
+         + (f" with TTA ({report.tta_views}{'' if report.tta_mirror else ', no mirrored views'})"
+            if report.tta else ""))
     if report.ignored_folders:
         echo("ignored folders that are not classes of the model: "
              + ", ".join(printable(f) for f in report.ignored_folders[:10]))

@@ -149,8 +149,10 @@ def _verdict(losses: list[float], acc: float, steps: int, n_batches: int, target
                         f"{losses[0]:.3g} -> {loss_mean:.3g}, still above {target_loss:g}: more steps or a higher LR "
                         "take it lower)")
     if passed:
-        return passed, f"pipeline can learn: {what} overfit to loss {loss_mean:.3g} in {steps} steps (acc {accuracy_text(acc)})"
-    verdict = f"cannot even overfit {what} (acc {accuracy_text(acc)}, loss {loss_mean:.3g}): check labels, LR, frozen layers"
+        return passed, (f"pipeline can learn: {what} overfit to loss {loss_mean:.3g} in {steps} steps "
+                        f"(acc {accuracy_text(acc)})")
+    verdict = (f"cannot even overfit {what} (acc {accuracy_text(acc)}, loss {loss_mean:.3g}): check labels, LR, "
+               "frozen layers")
     return passed, verdict + ("" if trainable else " (nothing is trainable: every layer and the head are frozen)")
 
 

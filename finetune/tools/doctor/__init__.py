@@ -38,6 +38,7 @@ from finetune.tools.doctor.run import folder_features, run_doctor
 
 __all__ = [
     "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS", "EXCLUDE_KINDS",
-    "file_facts", "pixel_fingerprint", "folder_features", "find_duplicates", "label_issues", "find_outliers", "file_findings",
+    "file_facts", "pixel_fingerprint", "folder_features", "find_duplicates", "label_issues", "find_outliers",
+    "file_findings",
     "run_doctor", "write_findings_csv", "read_exclude_file", "exclude_items", "Excluded",
 ]

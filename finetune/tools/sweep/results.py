@@ -179,8 +179,8 @@ def write_sweep_plot(result: SweepResult, path: Path) -> None:
     title = "sweep"
     if result.best is not None:
         p = result.best.params
-        title = (f"best {result.metric} {metric_text(result.metric, result.best.metric)}: lr {p['lr']:.2g}, wd {p['weight_decay']:.2g}, "
-                 f"freeze {p['freeze']}, {p['optimizer']}")
+        title = (f"best {result.metric} {metric_text(result.metric, result.best.metric)}: lr {p['lr']:.2g}, "
+                 f"wd {p['weight_decay']:.2g}, freeze {p['freeze']}, {p['optimizer']}")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
