@@ -215,6 +215,33 @@ def test_the_name_length_check_measures_only_new_names_and_only_against_a_stated
         assert os.listdir(existing) == []
 
 
+def test_an_out_beginning_with_a_quoted_tilde_is_refused_not_made_a_folder_named_tilde(tiny, data, tmp_path,
+                                                                                       monkeypatch):
+    """QA (h72): `--out "~/runs/a"` (quoted, or `OUT="~/runs"` in a script: the shell expands neither) made a
+    folder named `~` in the current folder, which `rm -rf ~`, the obvious way to remove it, turns into the
+    removal of the home folder. Refused in one line with the path meant, for every command with --out; a `~`
+    folder made before is used as it is."""
+    from zoo.errors import UsageError
+    from zoo.outdir import KINDS, claim_out
+
+    monkeypatch.chdir(tmp_path)
+    res = invoke("finetune", tiny, "--data", data, "--out", "~/runs/a", *TRAIN)
+    line = error_line(res)
+    assert res.exit_code == 2 and line.endswith(
+        "--out ~/runs/a begins with ~, which the shell expands only when it is not quoted, so zoo would make a "
+        f"folder named ~ here: write {Path('~/runs/a').expanduser()} (or leave the ~ unquoted)"), line
+    for kind in KINDS:
+        with pytest.raises(UsageError, match="begins with ~"), claim_out(Path("~") / "b", kind):
+            pass
+    for command in (("lock", "--out", "~/zoo.lock"), ("demo", "--out", "~/demo")):
+        res = invoke(*command)
+        assert res.exit_code == 2 and "begins with ~, which the shell expands only" in error_line(res), res.output
+    assert not (tmp_path / "~").exists()
+    (tmp_path / "~").mkdir()
+    with claim_out(Path("~") / "b", "export") as mode:
+        assert mode == "new"
+
+
 def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):
     """QA (helper-64): `zoo finetune --out RUN --overwrite` removed RUN/export and RUN/checkpoints whole, with
     the user's files in them (notes beside the bundle, a `zoo eval --out RUN/export/holdout` report), though

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from zoo.errors import UsageError
+from zoo.outdir import refuse_unexpanded_home
 from zoo.resolve import get_entry
 
 __all__ = ["DEMO_MODEL", "prepare_out", "DemoPlan", "write_digits_folder", "demo_weights_file"]
@@ -45,6 +46,7 @@ def prepare_out(out: Path) -> bool:
     A folder the demo made earlier (it holds the marker file) is replaced; any other folder that is not empty
     is left alone and refused (QA: the demo wrote its digits into a user's own data/ beside their classes).
     """
+    refuse_unexpanded_home(out)
     replaced = False
     if (out / MARKER).is_file():
         shutil.rmtree(out)

@@ -10,11 +10,19 @@ from typing import Any
 
 from zoo.errors import UsageError
 
-__all__ = ["Source", "Preprocessing", "ModelEntry", "public_source_id", "COMMIT_RE", "MIN_PREFIX",
-           "parse_digest", "matches_pin", "entry_pin", "weights_tag"]
+__all__ = ["Source", "Preprocessing", "ModelEntry", "public_source_id", "COMMIT_RE", "HUB_REPO_RE",
+           "HUB_REPO_RULE", "MIN_PREFIX", "parse_digest", "matches_pin", "entry_pin", "weights_tag"]
 
 _HEX_RE = re.compile(r"[0-9a-f]+")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")   # a full Hub commit hash
+# The Hub's rule for a repository id <org>/<repo> (huggingface_hub's validate_repo_id): ASCII letters, digits, '-',
+# '_', '.', neither beginning nor ending with '-' or '.', no '--' or '..', at most 96 characters. Ids that passed a
+# looser pattern (`hf-hub:../x`, `repo: a/..` in a registry) reached huggingface_hub, whose HFValidationError
+# ended the command in a traceback (QA).
+_HUB_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_REPO_RE = re.compile(f"{_HUB_PART}/{_HUB_PART}")
+HUB_REPO_RULE = ("each in letters, digits, '-', '_' and '.' (no '--' or '..'), beginning and ending with a letter, "
+                 "digit or '_'")
 MIN_PREFIX = 8                            # hex digits a sha256 prefix pin needs (torchvision publishes 8)
 
 

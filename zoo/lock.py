@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable
 from finetune.core.io import atomic_write_text, shell_command
 from zoo import cache
 from zoo.errors import UsageError
+from zoo.outdir import refuse_unexpanded_home
+from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.registry import COMMIT_RE, SOURCE_REQUIRED, ModelEntry, Source, parse_digest
 from zoo.resolve import get_entry
 from zoo.sources import pull
@@ -77,8 +79,11 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
     pipe) is written into, not replaced; a symlink's target is replaced, the link stays.
 
     Raises:
-        UsageError: a named model is not cached, or a cached one cannot be locked (see ``lock_record``).
+        UsageError: a named model is not cached, or a cached one cannot be locked (see ``lock_record``), or
+            ``path`` is a file of the user's (not empty, no lock file), which is left as it is.
     """
+    if path is not None:
+        refuse_unexpanded_home(Path(path))
     wanted = list(names or [])
     if wanted:
         manifests = []
@@ -108,8 +113,25 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
             err.filename = err.filename or str(path)
             raise
     else:
-        atomic_write_text(path.resolve() if path.is_symlink() else path, text)
+        target = path.resolve() if path.is_symlink() else path
+        _refuse_another_file(target, path)
+        atomic_write_text(target, text)
     return data
+
+
+def _refuse_another_file(target: Path, path: Path) -> None:
+    """UsageError when ``target`` is a file of the user's (not empty, not a zoo lock file): `zoo lock --out
+    notes.txt` (a typo, a tab completion) replaced it without a word (QA). A lock file of any version is zoo's."""
+    try:
+        if not target.is_file() or target.stat().st_size == 0:
+            return
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and isinstance(data.get("models"), dict)):
+        raise UsageError(f"{path} exists and is not a zoo lock file, and zoo lock replaces only a lock file: "
+                         f"choose another --out (e.g. {shell_command('zoo', 'lock', '--out', 'zoo.lock')}); "
+                         f"{path} was not written")
 
 
 def lock_text(data: dict[str, Any]) -> str:
@@ -143,6 +165,9 @@ def read_lock(path: str | Path) -> dict[str, dict[str, Any]]:
         if lacking:     # (a hand-edited lock: the download would fail deep inside huggingface_hub)
             raise UsageError(f"{path}: entry {name!r}: its {src['kind']} source lacks {', '.join(lacking)}; write "
                              "the lock file again with `zoo lock`")
+        if src["kind"] == "hf" and not HUB_REPO_RE.fullmatch(src["repo"]):   # (QA: HFValidationError traceback)
+            raise UsageError(f"{path}: entry {name!r}: its hf source's repo {src['repo']!r} is no Hub repository "
+                             f"({HUB_REPO_RULE}); write the lock file again with `zoo lock`")
         parse_digest(item["sha256"], what=f"{path}: {name}: sha256")
     return data["models"]
 

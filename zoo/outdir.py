@@ -29,15 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import atomic_write_text, broken_link, is_temp, is_temp_of, read_json_object, shell_command
+from finetune.core.io import (OUTPUT_MARKER, atomic_write_text, broken_link, is_temp, is_temp_of, read_json_object,
+                              shell_command)
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
-           "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder"]
+           "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder",
+           "refuse_unexpanded_home"]
 
-MARKER = ".zoo-run.json"
+MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
@@ -223,6 +225,19 @@ def check_writable(path: str | os.PathLike, option: str = "--out", folder: str =
         raise UsageError(f"cannot write the {folder} {path}: {parent} {why}; {fix}")
 
 
+def refuse_unexpanded_home(path: Path, option: str = "--out") -> None:
+    """UsageError when ``path`` begins with a ``~`` the shell left as it is (quoted: ``--out "~/runs/a"``, or
+    ``OUT="~/runs"`` in a script): a folder named ``~`` was made in the current folder, and ``rm -rf ~``, the
+    obvious way to remove it again, removes the home folder (QA). Such a folder made before is used as it is.
+    Every ``--out`` (``zoo lock``'s and ``zoo demo``'s too) is checked by it."""
+    if path.parts and path.parts[0].startswith("~") and not os.path.lexists(path.parts[0]):
+        home = os.path.expanduser(path.parts[0])
+        instead = f"write {Path(home, *path.parts[1:])} (or leave the ~ unquoted)" if home != path.parts[0] \
+            else "write the folder's full path"
+        raise UsageError(f"{option} {path} begins with {path.parts[0]}, which the shell expands only when it is not "
+                         f"quoted, so zoo would make a folder named {path.parts[0]} here: {instead}")
+
+
 def _check_name_lengths(path: Path, option: str, folder: str) -> None:
     """UsageError when a name in ``path`` is longer than its file system takes (QA: `File name too long (PATH);
     set ZOO_DEBUG=1 for details`, from the first look at the folder). Checked before anything else touches it."""
@@ -355,6 +370,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
     if not is_main_process():
         yield "new"
         return
+    refuse_unexpanded_home(path, option)
     _check_name_lengths(path, option, KINDS[kind].folder)
     _wait_unlocked(path, wait, note)    # a live holder is named first: "in use by pid ..." says more than "not empty"
     mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)

@@ -169,13 +169,16 @@ def expand_images(inputs: Iterable[str | os.PathLike],
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
     Raises:
-        UsageError: an argument that does not exist.
+        UsageError: an argument that does not exist, or is empty.
     """
     exts = _image_extensions()
     out: list[Path] = []
     any_dir = False
     for item in inputs:
         p = Path(item)
+        if str(item) == "":     # Path("") is ".": every image below the current folder was predicted (QA)
+            raise UsageError("an image argument is empty (an unset shell variable?): give an image or a folder "
+                             "(. for the current one)")
         if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
             any_dir = True
             out.extend(_pattern_images(str(item), exts, unlisted))

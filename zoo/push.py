@@ -29,6 +29,7 @@ from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, read_js
                               shell_command)
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
+from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
 from zoo.modelcard import HUB_LICENSES, model_card, run_scan
 from zoo.outdir import lock_holder
@@ -40,7 +41,6 @@ __all__ = ["PushPlan", "PushResult", "locate", "plan_push", "push", "pushed_mode
            "local_bundles", "HUB_LICENSES"]
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
-REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass
@@ -172,8 +172,9 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
     Raises:
         UsageError: a malformed repo id; BundleError: not a bundle; PushError: a local path would leak.
     """
-    if not REPO_RE.fullmatch(repo or ""):
-        raise UsageError(f"--repo {repo!r} is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs)")
+    if not HUB_REPO_RE.fullmatch(repo or ""):     # (QA: `a--b/c` failed at upload, "run the push again")
+        raise UsageError(f"--repo {repo!r} is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs), "
+                         f"{HUB_REPO_RULE}")
     bundle, run = locate(path)
     try:    # read once: the digest, the header and the published bytes are of the same file (QA: a `zoo export`
         data = (bundle / WEIGHTS).read_bytes()      # replacing it between reads published mixed label names)

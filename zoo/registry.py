@@ -20,8 +20,8 @@ from typing import Any, Iterable
 import yaml
 
 from finetune.core.io import load_yaml, read_user_text
-from zoo.entry import (COMMIT_RE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE, entry_pin, matches_pin,
-                       parse_digest, public_source_id, weights_tag)
+from zoo.entry import (COMMIT_RE, HUB_REPO_RE, HUB_REPO_RULE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE,
+                       entry_pin, matches_pin, parse_digest, public_source_id, weights_tag)
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo.text import first_line
 
@@ -164,8 +164,8 @@ def _parse_source(where: _Where, i: int, data: Any) -> Source:
     if sha is None and pre is None and not values.get("sha256_note"):
         raise where.error(prefix + "sha256_note", "required when sha256 is null (say why there is no digest)")
     if kind == "hf":
-        if "/" not in values["repo"]:
-            raise where.error(prefix + "repo", f"must look like <org>/<name>, got {values['repo']!r}")
+        if not HUB_REPO_RE.fullmatch(values["repo"]):
+            raise where.error(prefix + "repo", f"must look like <org>/<name>, {HUB_REPO_RULE}, got {values['repo']!r}")
         if not COMMIT_RE.fullmatch(values["revision"]) and not values.get("revision_note"):
             raise where.error(prefix + "revision_note",
                               f"required when revision is not a 40-hex commit ({values['revision']!r})")

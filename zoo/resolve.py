@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 from finetune.core.io import shell_command
 from zoo.errors import RegistryError, UnknownModelError, UsageError
 from zoo import registry
+from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.registry import COMMIT_RE, ModelEntry, Preprocessing, Source
 
 if TYPE_CHECKING:
@@ -192,13 +193,13 @@ def check_hub_repo(repo: str) -> str:
     Raises:
         UsageError: not ``<org>/<repo>``; a revision (``@v2``), which zoo does not take in a name.
     """
-    if "@" in repo and re.fullmatch(r"[\w.-]+/[\w.-]+", repo.partition("@")[0]):
+    if "@" in repo and HUB_REPO_RE.fullmatch(repo.partition("@")[0]):
         name, _, rev = repo.partition("@")
         raise UsageError(f"hf-hub:{repo}: zoo takes no revision in an hf-hub: name (it reads the main branch); for "
                          f"branch {rev!r} add an entry with its source's `revision: {rev}` to your ZOO_REGISTRY file "
                          f"(schema: the header of registry.yaml), or use hf-hub:{name}")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>")
+    if not HUB_REPO_RE.fullmatch(repo):
+        raise UsageError(f"'hf-hub:{repo}' is not a Hub reference; write hf-hub:<org>/<repo>, {HUB_REPO_RULE}")
     return repo
 
 

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 
-from finetune.core.io import printable_name
+from finetune.core.io import printable  # torch-free: `zoo list` uses it
 
 __all__ = ["printable", "cell_width", "pad", "human_size", "first_line"]
-
-
-def printable(text: object) -> str:
-    """``text`` on one visible line: control and other invisible characters as escapes (``\\n``,
-    ``\\x1b``, ``\\u200b``), undecodable file-name bytes as ``\\xNN``; everything printable unchanged
-    (``café 猫 ✓`` stays as it is)."""
-    s = printable_name(str(text))
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 def cell_width(text: str) -> int:

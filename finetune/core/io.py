@@ -18,10 +18,11 @@ from typing import IO, Any, Callable
 
 import yaml
 
-__all__ = ["UNLISTED_FOLDER", "broken_link", "printable_name", "shell_command", "atomic_write", "atomic_write_bytes",
-           "atomic_write_text", "write_file", "plain_file_mode", "read_safetensors_header", "parse_safetensors_header",
-           "rewrite_safetensors_metadata", "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of",
-           "is_temp", "read_json_object", "sha256_file"]
+__all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
+           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
+           "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
+           "sha256_file"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -166,6 +167,10 @@ def plain_file_mode(path: str | Path) -> None:
 # here, below the data layer, so that the CLI, which imports no torch, tells a folder from an image by it
 UNLISTED_FOLDER = "folder cannot be read"
 
+# The file every zoo command writes first into its output folder (zoo.outdir): here, below the data layer, so
+# that the scan knows a run folder, bundle or report (curves.png, confusion.png) for zoo's output, not images
+OUTPUT_MARKER = ".zoo-run.json"
+
 
 def broken_link(path: str | Path) -> str | None:
     """Why ``path`` cannot be created, when it is or lies below a symbolic link to nothing (``mkdir`` says
@@ -184,6 +189,16 @@ def printable_name(text: str) -> str:
     """A file or class name as text that always encodes: names that are not UTF-8 arrive from the OS as
     surrogate escapes; their bytes are shown as ``\\xNN`` instead of failing to print or write."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def printable(text: object) -> str:
+    """``text`` on one visible line: control and other invisible characters as escapes (``\\n``,
+    ``\\x1b``, ``\\u200b``), undecodable file-name bytes as ``\\xNN``; everything printable unchanged
+    (``café 猫 ✓`` stays as it is)."""
+    s = printable_name(str(text))
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 def shell_command(*words: object) -> str:

@@ -17,7 +17,7 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
-from finetune.core.io import UNLISTED_FOLDER, atomic_write_text, printable_name, read_json_object
+from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable_name, read_json_object
 from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
                                   unreadable_kind)
 
@@ -42,8 +42,9 @@ def walk_files(top: str, loops: list[str] | None = None,
     """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped (and
     appended to ``loops``), folders that cannot be listed (no permission) too, each appended to ``unlisted``
     with the reason. Ignored: hidden names and archiver/NAS debris (``__MACOSX``, Synology's ``@eaDir``
-    thumbnails...), at every level. The training scan, ``zoo predict`` and ``zoo eval`` all walk folders
-    with this.
+    thumbnails...), at every level, and the folders a zoo command wrote (holding its ``.zoo-run.json``: a run
+    folder's curves.png, an eval report's confusion.png are no images of the data). The training scan,
+    ``zoo predict`` and ``zoo eval`` all walk folders with this.
 
     Anything that is not a directory counts as a file, so broken and looping file links are reported
     as bad files rather than silently vanishing.
@@ -62,6 +63,8 @@ def walk_files(top: str, loops: list[str] | None = None,
         if key in visited:       # reached twice through links: count its files once
             return
         visited.add(key)
+        if os.path.isfile(os.path.join(d, OUTPUT_MARKER)):    # (QA: an earlier run's PNGs trained as a class)
+            return
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:     # a chmod 000 folder: its images were left out without a word (QA)

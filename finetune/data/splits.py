@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from finetune.data.files import class_key, name_key, path_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
-from finetune.core.io import atomic_write_text, printable_name, read_json_object
+from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object
 
 SPLIT_FILE_VERSION = 1
 
@@ -109,7 +109,8 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
-    outside = set(_file_keys(left_out).values())
+    left = {printable(k) for k in _file_keys(left_out).values()}    # (exclude.txt writes a newline in a name as \n)
+    outside = {k for k in current if printable(k) in left}
     added = sorted(set(current) - set(before) - outside)
     removed = sorted(set(before) - set(current))
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with
@@ -180,8 +181,8 @@ def scan_outdated(report: ScanReport, run_dir: str | Path) -> bool:
 
 def write_bad_files(report: ScanReport, out_dir: str | Path) -> None:
     """``bad_files.txt``: the files the scan skipped, one ``path<TAB>reason`` per line (the scan's
-    warning points there)."""
-    lines = [f"{printable_name(report.relpath(p))}\t{r}\n" for p, r in report.bad_files]
+    warning points there); a tab or newline in a name is written escaped (``\\t``, ``\\n``), as printed."""
+    lines = [f"{printable(report.relpath(p))}\t{printable(r)}\n" for p, r in report.bad_files]
     atomic_write_text(Path(out_dir) / "bad_files.txt", "".join(lines))
 
 

@@ -23,7 +23,7 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
-from finetune.core.io import atomic_write_text, printable_name, read_json_object, shell_command
+from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object, shell_command
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
@@ -251,8 +251,8 @@ class RunFolder:
             old = path.read_text(encoding="utf-8")
         except OSError:
             old = ""
-        new = [f"{printable_name(p)}\t{r} (failed to load during training)\n" for p, r in failed.items()
-               if printable_name(p) + "\t" not in old]
+        new = [f"{printable(p)}\t{printable(r)} (failed to load during training)\n" for p, r in failed.items()
+               if f"{printable(p)}\t" not in old]
         atomic_write_text(path, old + "".join(new))
 
     def summary(self, summary: dict) -> None:

@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any, Iterable, Sequence
 
+from finetune.core.io import printable
 from finetune.data import load_image
 
 __all__ = ["esc", "page", "table", "line_chart", "thumbnail_uri", "heatmap", "section", "GENERATOR"]
@@ -48,10 +49,10 @@ ul.advice li{margin:.2em 0}
 
 
 def esc(value: Any) -> str:
-    """HTML-escape any value (quotes included); file names that are not UTF-8 are shown escaped."""
-    text = value if isinstance(value, str) else str(value)
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return html.escape(text, quote=True)
+    """HTML-escape any value (quotes included) on one line: file names that are not UTF-8, and control characters
+    (a class folder named with a newline or a tab), are shown escaped, as the console prints them (a raw newline
+    showed as a space, so ``ca\\nt`` read as ``ca t``)."""
+    return html.escape(printable(value), quote=True)
 
 
 GENERATOR = '<meta name="generator" content="zoo-finetune">'     # a page zoo drew (zoo report redraws it)

@@ -325,7 +325,8 @@ def _config_section(cfg_path: Path) -> str:
                                              if v is None or isinstance(v, (int, float)) else short_repr(v)]
                                             for k, v in cfg.items()])
     else:
-        inner = f"<pre>{esc(cfg_path.read_text(encoding='utf-8', errors='replace'))}</pre>"
+        text = cfg_path.read_text(encoding="utf-8", errors="replace")
+        inner = "<pre>" + "\n".join(esc(line) for line in text.splitlines()) + "</pre>"
     return section("Config", inner)
 
 

@@ -316,6 +316,29 @@ def test_stray_folders_and_files_are_reported(tmp_path):
     assert any("directly in" in w for w in scan_folder(flat).warnings)
 
 
+def test_folders_zoo_wrote_are_not_read_as_images_and_a_run_given_for_data_is_refused(tmp_path):
+    """QA (h72): a run folder kept in the data folder (``runs/``), or an eval report inside a class folder, was
+    read as images: its curves.png and confusion.png trained as a class ``runs``; ``--data RUN`` (a run folder
+    with three eval reports) trained a 3-class model on their confusion.png. A folder holding the marker
+    every zoo command writes first (``.zoo-run.json``) is zoo's output, never data."""
+    from finetune.data.files import walk_files
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    run = root / "runs" / "r1"
+    for name in ("curves.png", "eval-a/confusion.png", "eval-b/confusion.png", "export/x.png"):
+        make_image(run / name, 0)
+    make_image(root / "cat" / "eval-c" / "confusion.png", 0)
+    for folder in (run, run / "eval-a", run / "eval-b", root / "cat" / "eval-c"):
+        (folder / ".zoo-run.json").write_text('{"kind": "eval"}')
+    report = scan_folder(root)
+    assert report.classes == ["cat", "dog", "fox"] and len(report.train) + len(report.val) == 9
+    assert any("empty class folder(s) runs" in w for w in report.warnings) and not report.bad_files
+    assert [Path(p).name for p in walk_files(str(root / "cat"))] == ["cat_000.png", "cat_001.png", "cat_002.png"]
+    with pytest.raises(DataError, match=r"r1 is a folder zoo wrote \(a run, bundle or report\), not images to "
+                                        r"learn from: pass --data the image folder"):
+        scan_folder(run)
+
+
 def test_files_outside_the_class_folders_of_a_split_layout_are_reported(tmp_path):
     """QA (docs/guide/data.md: files not in a class folder are ignored with a warning): an image dropped into
     train/ or val/ itself, or next to them, was left out without a word in a split layout."""

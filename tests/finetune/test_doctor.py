@@ -490,6 +490,27 @@ def test_summary_keeps_a_small_confusion_one_row_per_line_and_leaves_a_large_one
     assert read_confusion_csv(tmp_path / "big" / "confusion.csv") == (classes, conf)
 
 
+def test_class_names_with_a_newline_or_a_tab_are_shown_escaped_on_the_run_page(tmp_path):
+    """QA (h72): the console prints a class folder named ``ca<newline>t`` as ``ca\\nt``, but report.html put the
+    raw newline (a tab) into its tables, where a browser shows a space: ``ca t``, another name. A config.yaml
+    shown as text (not a mapping) keeps its lines."""
+    from finetune.engine.runfolder import RunFolder
+    from finetune.tools.pages import run_report_html
+
+    run, classes = tmp_path / "run", ["ca\nt", "d\tog"]
+    run.mkdir()
+    (run / "scan.json").write_text(json.dumps({"root": "/data", "layout": "flat", "classes": classes, "counts": {
+        "train": {c: 4 for c in classes}, "val": {c: 2 for c in classes}}}))
+    RunFolder(run).summary({"best_epoch": 1, "classes": classes, "metrics": {
+        "val_acc": 0.5, "val_loss": 1.0, "per_class": {c: 0.5 for c in classes}, "confusion": [[1, 1], [1, 1]]}})
+    (run / "config.yaml").write_text("- lr: 0.1\n- epochs: 2\n")
+    page = run_report_html(run)
+    check_html(page)
+    assert "ca\nt" not in page and "d\tog" not in page
+    assert page.count("<td>ca\\nt</td>") >= 2 and "<th>d\\tog</th>" in page
+    assert "<pre>- lr: 0.1\n- epochs: 2</pre>" in page
+
+
 def test_run_page_above_the_class_threshold_lists_worst_classes_and_pairs_not_the_matrix(tmp_path):
     """QA: 2,000 classes drew the whole matrix as an HTML table (4 million cells, 88 MB). Up to
     FULL_MAX_CLASSES the page keeps it; above, TOP_ROWS classes with the fewest images, TOP_ROWS worst

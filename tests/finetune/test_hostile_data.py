@@ -28,7 +28,7 @@ from finetune.data import (
     write_scan,
 )
 from finetune.core.errors import DataError
-from tests.conftest import fifo_with_a_late_writer, make_image
+from tests.conftest import fifo_with_a_late_writer, make_image, make_image_folder
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -206,6 +206,19 @@ def test_write_scan_with_odd_names(hostile, tmp_path):
     again = scan_folder(hostile["data"], split_file=tmp_path / "run" / "split.json")
     assert again.fingerprint() == report.fingerprint()          # non-UTF-8 names survive split.json
     assert not any("changed since" in w for w in again.warnings)
+
+
+def test_a_bad_file_named_with_a_newline_or_a_tab_is_one_line_of_bad_files_txt(tmp_path):
+    """QA (h72): bad_files.txt is one ``path<TAB>reason`` per line, and a bad file named ``bad<newline>name.png``
+    took two lines (``cat/bad``, then ``name.png<TAB>reason``), one named with a tab three columns; the names
+    are written escaped now, as the console prints them."""
+    data = make_image_folder(tmp_path / "d", per_class=3)
+    for name in ("bad\nname.png", "bad\ttab.png"):
+        (data / "cat" / name).write_bytes(b"junk")
+    write_scan(scan_folder(data), tmp_path / "run")
+    lines = (tmp_path / "run" / "bad_files.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == ["cat/bad\\nname.png", "cat/bad\\ttab.png"]
+    assert all(len(line.split("\t")) == 2 for line in lines)
 
 
 def test_strict_makes_bad_files_fatal(hostile):

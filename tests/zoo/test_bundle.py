@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import make_image_folder
 from zoo.bundle import Bundle, export_run, load_bundle, read_safetensors_metadata
 from zoo.errors import BundleError
 
@@ -389,6 +390,16 @@ def test_missing_weights_or_folder_fail_with_bundle_error(bundle_dir, tmp_path):
         load_bundle(bundle_dir)
     with pytest.raises(BundleError, match="no bundle at"):
         load_bundle(tmp_path / "nowhere")
+
+
+def test_an_image_folder_given_for_a_bundle_is_called_no_bundle_not_told_to_re_export(tmp_path):
+    """QA (h72): `zoo predict DATA IMAGE` (`zoo serve DATA`, `zoo eval DATA ...`), the data folder in the bundle's
+    place, said "DATA/model.safetensors is missing; re-export it with `zoo export RUN_DIR`", as of a damaged
+    bundle."""
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    with pytest.raises(BundleError, match=r"data is not a bundle \(it holds neither model.safetensors nor "
+                                          r"config.json\): give the folder `zoo export` wrote \(RUN_DIR/export\)"):
+        load_bundle(data)
 
 
 def test_export_needs_model_json_and_checkpoint(run_and_model):

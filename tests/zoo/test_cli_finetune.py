@@ -863,6 +863,26 @@ def test_resuming_a_run_that_excluded_every_validation_image_goes_on_without_val
     assert "no validation images, so the last epoch is kept" in res.output
 
 
+def test_an_excluded_file_named_with_a_newline_stays_out_when_the_run_is_resumed(tmp_path, tiny, monkeypatch):
+    """QA (h72): RUN/exclude.txt is one path per line, and an excluded image named with a newline (listed in a
+    `zoo doctor` findings.csv, where CSV quoting keeps it whole) was written raw: two lines matching nothing, so
+    the resume said `files changed since split file split.json was written: 1 added` and trained on the image
+    the user had excluded. exclude.txt writes it escaped, as bad_files.txt and the console."""
+    import csv
+
+    with (tmp_path / "findings.csv").open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["path", "finding", "score", "other", "split", "label", "detail"],
+                                  ["f\nox/f\nox_000.png", "leak", "1.0", "f\nox/f\nox_001.png", "val", "f\nox", "x"]])
+    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=("cat", "dog", "f\nox"),
+                                 extra=("--exclude", tmp_path / "findings.csv"))
+    assert (run / "exclude.txt").read_text(encoding="utf-8") == "f\\nox/f\\nox_000.png\n"
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 0, res.output
+    assert "files changed since" not in res.output and "excluded 1 file(s)" in res.output, res.output
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert "f\nox/f\nox_000.png" not in {p for side in ("train", "val") for p, _ in split[side]}
+
+
 @pytest.mark.parametrize("edit,code,says", [
     (lambda m: [], 2, "model.json holds [], not the JSON object `zoo finetune` writes (was the file edited?)"),
     (lambda m: None, 2, "model.json holds null, not the JSON object"),

@@ -105,11 +105,34 @@ def test_lock_out_dash_prints_it_and_a_device_or_link_is_written_into_not_replac
         assert fifo.is_fifo() and "tiny" in json.loads(os.read(reader, 1 << 16))["models"]
     finally:
         os.close(reader)
-    (tmp_path / "real.lock").write_text("old")
+    (tmp_path / "real.lock").write_text('{"models": {}, "version": 1}\n')       # an earlier lock
     (tmp_path / "link.lock").symlink_to("real.lock")
     assert runner.invoke(cli, ["lock", "--out", "link.lock"]).exit_code == 0
     assert (tmp_path / "link.lock").is_symlink()
     assert "tiny" in json.loads((tmp_path / "real.lock").read_text())["models"]
+
+
+def test_lock_out_a_file_of_the_users_is_refused_byte_identical_and_an_earlier_lock_replaced(hub, branch_entry,
+                                                                                              tmp_path, monkeypatch):
+    """QA (h72): `zoo lock --out notes.txt` (a typo, a tab completion; a link to such a file) replaced the user's
+    file with a lock file, without a word."""
+    hub.add_hf(REPO, "model.safetensors", tensor_bytes(0))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["pull", "tiny", "-q"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    (tmp_path / "link.lock").symlink_to("notes.txt")
+    for out in ("notes.txt", "link.lock"):
+        r = runner.invoke(cli, ["lock", "--out", out])
+        assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+        assert f"{out} exists and is not a zoo lock file, and zoo lock replaces only a lock file: choose " \
+               f"another --out" in r.output and f"{out} was not written" in r.output
+    assert notes.read_text() == "my notes\n"
+    for earlier in ('{"models": {"old": {}}, "version": 1}\n', ""):       # an earlier lock, an empty file
+        (tmp_path / "zoo.lock").write_text(earlier)
+        assert runner.invoke(cli, ["lock"]).exit_code == 0
+        assert list(json.loads((tmp_path / "zoo.lock").read_text())["models"]) == ["tiny"]
 
 
 def test_lock_with_nothing_cached_keeps_the_file_and_pull_locked_dash_reads_stdin(hub, branch_entry, tmp_path,
@@ -143,3 +166,14 @@ def test_a_locked_source_without_what_it_needs_is_one_line(branch_entry, tmp_pat
     r = CliRunner().invoke(cli, ["pull", "--locked", str(lock)])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [r.output.strip()], r.output
     assert f"entry 'tiny': its {source['kind']} source lacks {lacking}; write the lock file again" in r.output
+
+
+def test_a_locked_hf_repo_the_hub_would_refuse_is_one_line(branch_entry, tmp_path):
+    """QA (h72): a hand-edited lock whose hf repo is `a/..` reached huggingface_hub, whose HFValidationError ended
+    `zoo pull --locked` in a traceback."""
+    lock = tmp_path / "zoo.lock"
+    source = {"kind": "hf", "repo": "a/..", "revision": "0" * 40, "filename": "model.safetensors"}
+    lock.write_text(json.dumps({"version": 1, "models": {"tiny": {"sha256": "a" * 64, "source": source}}}))
+    r = CliRunner().invoke(cli, ["pull", "--locked", str(lock)])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [r.output.strip()], r.output
+    assert "entry 'tiny': its hf source's repo 'a/..' is no Hub repository (each in letters" in r.output, r.output

@@ -131,6 +131,23 @@ def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
         expand_images([tmp_path / "gone.jpg"])
 
 
+def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """QA (h72): `zoo predict BUNDLE "$IMG"`, IMG unset, predicted every image below the current folder (Path("")
+    is "."): from a home folder, every photo in it. `.` still means the current folder."""
+    make_image_folder(tmp_path, classes=("a",), per_class=2, size=16)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"an image argument is empty \(an unset shell variable\?\): give an "
+                                         r"image or a folder \(\. for the current one\)"):
+        expand_images([tmp_path / "a" / "a_000.png", ""])
+    assert len(expand_images(["."])[0]) == 2
+    from click.testing import CliRunner  # lazy: the one CLI case of this module
+
+    from zoo.cli import cli  # lazy: as above
+    r = CliRunner().invoke(cli, ["predict", "no-such-bundle", ""])   # the images are expanded before the model
+    assert r.exit_code == 2 and r.output.startswith("zoo: error: an image argument is empty") \
+        and len(r.output.splitlines()) == 1, r.output
+
+
 def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
     """QA: `zoo predict B 'photos/*/*.png'` (quoted, so the shell leaves it) said "no such image or folder"."""
     root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)

@@ -255,6 +255,10 @@ def test_private_flag_and_bad_repo_id(hub, tmp_path, runner):
     assert hub.repos[REPO].private
     res = push(runner, a, repo="not a repo")
     assert res.exit_code == 2 and res.output.startswith("zoo: error: --repo 'not a repo' is not a Hub repo id")
+    for bad in ("a--b/c", "me/model."):     # QA (h72): the Hub refuses them; the push failed at the upload, "run
+        res = push(runner, a, repo=bad)       # the push again"
+        said = f"zoo: error: --repo '{bad}' is not a Hub repo id; write OWNER/NAME (e.g. me/cats-vs-dogs), each in "
+        assert res.exit_code == 2 and res.output.startswith(said), res.output
     res = runner.invoke(cli, ["push", str(tmp_path), "--repo", REPO])
     assert res.exit_code == 1 and "neither a run folder" in res.output
 

@@ -169,6 +169,9 @@ def test_get_entry_is_case_insensitive_fallback():
     ([_entry(sources=[{"kind": "file", "path": "/x", "sha256": "abc"}])], ["field 'sources[0].sha256'", "64"]),
     ([_entry(sources=[{"kind": "hf", "repo": "timm/x", "revision": "main", "filename": "model.safetensors",
                        "sha256_note": "n"}])], ["field 'sources[0].revision_note'"]),
+    # QA (h72): a repo the Hub refuses passed the registry, then `zoo pull` ended in HFValidationError's traceback
+    ([_entry(sources=[{"kind": "hf", "repo": "a/..", "revision": "0" * 40, "filename": "f", "sha256_note": "n"}])],
+     ["field 'sources[0].repo'", "(no '--' or '..')", "got 'a/..'"]),
     ([_entry(sources=[{"kind": "url", "url": "http://example.com/x.pth", "sha256_note": "n"}])],
      ["field 'sources[0].url'", "https"]),
     ([_entry(sources=[{"kind": "hf", "url": "https://x", "repo": "a/b", "revision": "0" * 40,

@@ -68,6 +68,26 @@ def test_a_prefix_typed_with_a_space_says_the_name_to_write(typed, error, write,
     assert r.exit_code != 0 and r.output == f"zoo: error: {said}\n" and not (tmp_path / "run").exists(), r.output
 
 
+@pytest.mark.parametrize("typed", ["hf-hub:../x", "hf-hub:a/..", "hf-hub:-a/b", "hf-hub:a--b/c", "hf-hub:a/.b"])
+def test_an_hf_hub_name_the_hub_would_refuse_is_one_line_not_a_traceback(typed):
+    """QA (h72): `zoo info hf-hub:../x` (`a/..`, `-a/b`: names that passed zoo's pattern, [\\w.-]+/[\\w.-]+)
+    reached huggingface_hub, whose HFValidationError ended every command in a traceback. The Hub's own rule is
+    checked first (zoo.resolve.check_hub_repo), in one line."""
+    from click.testing import CliRunner
+
+    from zoo.cli import cli
+    from zoo.hub import resolve_early, resolve_entry
+
+    said = (f"'{typed}' is not a Hub reference; write hf-hub:<org>/<repo>, each in letters, digits, '-', '_' and "
+            "'.' (no '--' or '..'), beginning and ending with a letter, digit or '_'")
+    for resolve in (get_entry, resolve_early, resolve_entry):
+        with pytest.raises(UsageError) as info:
+            resolve(typed)
+        assert str(info.value) == said
+    r = CliRunner().invoke(cli, ["info", typed])
+    assert r.exit_code == 2 and r.output == f"zoo: error: {said}\n", r.output
+
+
 def _cache_hf_config(cache: Path, repo: str, config: dict) -> None:
     # The huggingface_hub cache layout: refs/main -> snapshots/<commit>/<file>.
     root = cache / ("models--" + repo.replace("/", "--"))

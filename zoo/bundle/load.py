@@ -311,6 +311,9 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
         raise BundleError(f"{path} is a run folder, not a bundle: " + (
             f"use its bundle, {exported}" if (exported / WEIGHTS).is_file()
             else f"export one first with `{shell_command('zoo', 'export', path)}`"))
+    if not weights.exists() and not (path / CONFIG).exists():   # (QA: "re-export it", said of an image folder)
+        raise BundleError(f"{path} is not a bundle (it holds neither {WEIGHTS} nor {CONFIG}): give the folder "
+                          "`zoo export` wrote (RUN_DIR/export), or a model name")
     meta = _decode_metadata(read_safetensors_metadata(weights), weights)
     config = _read_json(path / CONFIG, "re-export with `zoo export RUN_DIR`")
     if "builder" not in meta or "label_names" not in meta:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -82,13 +81,13 @@ def warn_skipped(item: object, reason: str) -> None:
 
 @cli.command("predict", short_help="Classify images with a bundle or a pretrained model.")
 @click.argument("model")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path())   # (str: Path("") would be ".")
 @click.option("--topk", type=IntRange(min=1), default=5, show_default=True, help="Classes shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @tta_options
 @click.option("--batch-size", type=IntRange(min=1), default=32, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-def predict_cmd(model: str, images: tuple[Path, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
+def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, tta: bool, tta_views: str,
                 tta_scales: str | None, batch_size: int, device: str) -> None:
     """Top-k classes for each image (files or folders; - reads one image from stdin) from MODEL.
     A quoted pattern ('photos/**/*.jpg', 'photos/*') is expanded to the images it matches, folders walked.

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-from finetune.core.io import atomic_write_text, printable_name, read_user_text
+from finetune.core.io import atomic_write_text, printable, printable_name, read_user_text
 from finetune.data.files import path_key
 
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
@@ -153,13 +153,13 @@ def exclude_items(report: Any, paths: Sequence[str]) -> Excluded:
     Returns:
         (images removed, the listed paths that matched no train/val image or folder, listed folders -> images).
     """
-    # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN. A listed
+    # Compared as printable names: findings.csv and exclude.txt write a name that is not UTF-8 as \xNN (exclude.txt
+    # a newline or tab in a name as \n, \t: one path a line; findings.csv keeps them, quoted). A listed
     # path no image has exactly matches by path_key (the folder renamed into the other Unicode form since, as a
     # resumed run's exclude.txt finds it after a copy through macOS, or trimmed of whitespace at an end), never
     # the twin of an image listed exactly.
-    wanted = {printable_name(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p)))
-              for p in paths}
-    norms = {p: printable_name(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
+    wanted = {printable(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p))) for p in paths}
+    norms = {p: printable(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
     by_key = {path_key(w): w for w in wanted - set(norms.values())}
     seen: set[str] = set()
     folders: dict[str, int] = {}
