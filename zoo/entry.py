@@ -16,13 +16,14 @@ __all__ = ["Source", "Preprocessing", "ModelEntry", "public_source_id", "COMMIT_
 _HEX_RE = re.compile(r"[0-9a-f]+")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")   # a full Hub commit hash
 # The Hub's rule for a repository id <org>/<repo> (huggingface_hub's validate_repo_id): ASCII letters, digits, '-',
-# '_', '.', neither beginning nor ending with '-' or '.', no '--' or '..', at most 96 characters. Ids that passed a
+# '_', '.', neither beginning nor ending with '-' or '.', no '--' or '..', at most 96 characters, the id not ending
+# in '.git' (case-sensitive, as the Hub's check: `a/b.git` gave HFValidationError's traceback, QA). Ids that passed a
 # looser pattern (`hf-hub:../x`, `repo: a/..` in a registry) reached huggingface_hub, whose HFValidationError
 # ended the command in a traceback (QA).
 _HUB_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-HUB_REPO_RE = re.compile(f"{_HUB_PART}/{_HUB_PART}")
+HUB_REPO_RE = re.compile(f"{_HUB_PART}/{_HUB_PART}(?<!\\.git)")
 HUB_REPO_RULE = ("each in letters, digits, '-', '_' and '.' (no '--' or '..'), beginning and ending with a letter, "
-                 "digit or '_'")
+                 "digit or '_', the name not ending in '.git'")
 MIN_PREFIX = 8                            # hex digits a sha256 prefix pin needs (torchvision publishes 8)
 
 

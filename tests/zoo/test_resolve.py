@@ -68,7 +68,8 @@ def test_a_prefix_typed_with_a_space_says_the_name_to_write(typed, error, write,
     assert r.exit_code != 0 and r.output == f"zoo: error: {said}\n" and not (tmp_path / "run").exists(), r.output
 
 
-@pytest.mark.parametrize("typed", ["hf-hub:../x", "hf-hub:a/..", "hf-hub:-a/b", "hf-hub:a--b/c", "hf-hub:a/.b"])
+@pytest.mark.parametrize("typed", ["hf-hub:../x", "hf-hub:a/..", "hf-hub:-a/b", "hf-hub:a--b/c", "hf-hub:a/.b",
+                                   "hf-hub:a/b.git"])
 def test_an_hf_hub_name_the_hub_would_refuse_is_one_line_not_a_traceback(typed):
     """QA (h72): `zoo info hf-hub:../x` (`a/..`, `-a/b`: names that passed zoo's pattern, [\\w.-]+/[\\w.-]+)
     reached huggingface_hub, whose HFValidationError ended every command in a traceback. The Hub's own rule is
@@ -79,13 +80,32 @@ def test_an_hf_hub_name_the_hub_would_refuse_is_one_line_not_a_traceback(typed):
     from zoo.hub import resolve_early, resolve_entry
 
     said = (f"'{typed}' is not a Hub reference; write hf-hub:<org>/<repo>, each in letters, digits, '-', '_' and "
-            "'.' (no '--' or '..'), beginning and ending with a letter, digit or '_'")
+            "'.' (no '--' or '..'), beginning and ending with a letter, digit or '_', the name not ending in '.git'")
     for resolve in (get_entry, resolve_early, resolve_entry):
         with pytest.raises(UsageError) as info:
             resolve(typed)
         assert str(info.value) == said
     r = CliRunner().invoke(cli, ["info", typed])
     assert r.exit_code == 2 and r.output == f"zoo: error: {said}\n", r.output
+
+
+@pytest.mark.parametrize("repo", ["timm/resnet50.a1_in1k", "google/vit-base-patch16-224", "facebook/convnext-tiny-224",
+                                  "01-ai/x", "_a/b_", "A/B", "a.b/c.d", "a/x.GIT", "a.git/b", "a/" + "x" * 96,
+                                  "x" * 96 + "/a", "a/b.git", "a/" + "x" * 97, "a-/b", "a/.b", "a/b--c", "a/b..c",
+                                  "caf\u00e9/x", "a/b/c", "a b/c"])
+def test_the_hub_repo_rule_is_huggingface_hubs_own(repo):
+    """Review (h77): zoo.entry.HUB_REPO_RE takes exactly the <org>/<repo> ids huggingface_hub's validate_repo_id
+    takes: `a/b.git` passed it and ended `zoo info hf-hub:a/b.git` in HFValidationError's traceback."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from zoo.entry import HUB_REPO_RE
+
+    try:
+        validate_repo_id(repo)
+        hub = True
+    except HFValidationError:
+        hub = False
+    assert bool(HUB_REPO_RE.fullmatch(repo)) == hub
 
 
 def _cache_hf_config(cache: Path, repo: str, config: dict) -> None:
