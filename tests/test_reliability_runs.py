@@ -242,6 +242,26 @@ def test_an_out_beginning_with_a_quoted_tilde_is_refused_not_made_a_folder_named
         assert mode == "new"
 
 
+def test_a_tilde_name_no_shell_expands_is_taken_as_the_folder_name(tmp_path, monkeypatch):
+    """Review (h77): `--out ./~draft` (pathlib drops the ./) and `--out ~draft` (no user draft: the shell leaves
+    it as typed, quoted or not) were refused as a quoted ~, telling the user to write the full path of the very
+    folder they named. Only a ~ or ~user that a shell expands is refused."""
+    from zoo.errors import UsageError
+    from zoo.outdir import claim_out, refuse_unexpanded_home
+
+    monkeypatch.chdir(tmp_path)
+    name = "~zoo-no-such-user-h77"
+    assert os.path.expanduser(name) == name
+    for out in (Path("./" + name), Path(name) / "run", Path("a/~/b")):
+        refuse_unexpanded_home(out)
+    with claim_out(Path(name) / "run", "eval") as mode:
+        assert mode == "new"
+    for out in (Path("~"), Path("~/x"), Path("~root/x")):
+        if os.path.expanduser(out.parts[0]) != out.parts[0]:      # (a user root: most systems)
+            with pytest.raises(UsageError, match="which the shell expands only when it is not quoted"):
+                refuse_unexpanded_home(out)
+
+
 def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):
     """QA (helper-64): `zoo finetune --out RUN --overwrite` removed RUN/export and RUN/checkpoints whole, with
     the user's files in them (notes beside the bundle, a `zoo eval --out RUN/export/holdout` report), though

@@ -229,11 +229,11 @@ def refuse_unexpanded_home(path: Path, option: str = "--out") -> None:
     """UsageError when ``path`` begins with a ``~`` the shell left as it is (quoted: ``--out "~/runs/a"``, or
     ``OUT="~/runs"`` in a script): a folder named ``~`` was made in the current folder, and ``rm -rf ~``, the
     obvious way to remove it again, removes the home folder (QA). Such a folder made before is used as it is.
-    Every ``--out`` (``zoo lock``'s and ``zoo demo``'s too) is checked by it."""
-    if path.parts and path.parts[0].startswith("~") and not os.path.lexists(path.parts[0]):
-        home = os.path.expanduser(path.parts[0])
-        instead = f"write {Path(home, *path.parts[1:])} (or leave the ~ unquoted)" if home != path.parts[0] \
-            else "write the folder's full path"
+    Every ``--out`` (``zoo lock``'s and ``zoo demo``'s too) is checked by it. A ``~name`` no shell expands (no
+    user ``name``: ``--out ./~draft``, ``~draft`` unquoted) is the folder name it reads, and taken (review)."""
+    home = os.path.expanduser(path.parts[0]) if path.parts and path.parts[0].startswith("~") else None
+    if home is not None and home != path.parts[0] and not os.path.lexists(path.parts[0]):
+        instead = f"write {Path(home, *path.parts[1:])} (or leave the ~ unquoted)"
         raise UsageError(f"{option} {path} begins with {path.parts[0]}, which the shell expands only when it is not "
                          f"quoted, so zoo would make a folder named {path.parts[0]} here: {instead}")
 
