@@ -121,14 +121,20 @@ def write_lock(path: str | Path | None, names: Iterable[str] | None = None) -> d
 
 def _refuse_another_file(target: Path, path: Path) -> None:
     """UsageError when ``target`` is a file of the user's (not empty, not a zoo lock file): `zoo lock --out
-    notes.txt` (a typo, a tab completion) replaced it without a word (QA). A lock file of any version is zoo's."""
+    notes.txt` (a typo, a tab completion) replaced it without a word (QA). A lock file of any version is zoo's,
+    and so is one that no longer parses but holds a lock's ``"models": {`` (git's conflict markers in it, a
+    hand edit's stray comma): `zoo pull --locked` tells the user to write it again with `zoo lock` (review)."""
     try:
         if not target.is_file() or target.stat().st_size == 0:
             return
-        data = json.loads(target.read_text(encoding="utf-8"))
+        text = target.read_text(encoding="utf-8")
     except (OSError, ValueError):
-        data = None
-    if not (isinstance(data, dict) and isinstance(data.get("models"), dict)):
+        text = ""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = '"models": {' in text
+    if not (data is True or isinstance(data, dict) and isinstance(data.get("models"), dict)):
         raise UsageError(f"{path} exists and is not a zoo lock file, and zoo lock replaces only a lock file: "
                          f"choose another --out (e.g. {shell_command('zoo', 'lock', '--out', 'zoo.lock')}); "
                          f"{path} was not written")

@@ -135,6 +135,27 @@ def test_lock_out_a_file_of_the_users_is_refused_byte_identical_and_an_earlier_l
         assert list(json.loads((tmp_path / "zoo.lock").read_text())["models"]) == ["tiny"]
 
 
+def test_a_lock_file_broken_by_a_merge_is_written_again_by_zoo_lock(hub, branch_entry, tmp_path, monkeypatch):
+    """Review (h77): a zoo.lock that no longer parses (git's conflict markers, a hand edit's stray comma) made
+    `zoo pull --locked` say `write it again with zoo lock`, and `zoo lock` then refused it as a file of the
+    user's (`choose another --out`): no way to repair the project's lock in place."""
+    hub.add_hf(REPO, "model.safetensors", tensor_bytes(0))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["pull", "tiny", "-q"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(cli, ["lock"]).exit_code == 0
+    lines = (tmp_path / "zoo.lock").read_text().splitlines(keepends=True)
+    broken = ["<<<<<<< HEAD\n", *lines, "=======\n", *lines, ">>>>>>> other\n"]
+    for text in ("".join(broken), "".join(lines).replace("}\n", "},\n", 1)):
+        (tmp_path / "zoo.lock").write_text(text)
+        r = runner.invoke(cli, ["pull", "--locked", "zoo.lock"])
+        said = "zoo.lock: not a readable lock file ("
+        assert r.exit_code == 2 and said in r.output and "write it again with `zoo lock`" in r.output, r.output
+        r = runner.invoke(cli, ["lock"])
+        assert r.exit_code == 0, r.output
+        assert list(json.loads((tmp_path / "zoo.lock").read_text())["models"]) == ["tiny"]
+
+
 def test_lock_with_nothing_cached_keeps_the_file_and_pull_locked_dash_reads_stdin(hub, branch_entry, tmp_path,
                                                                                  monkeypatch):
     """QA: `zoo lock` on a machine with nothing cached replaced the project's zoo.lock with an empty one (exit 0,
