@@ -11,13 +11,14 @@ import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import PIL
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
-from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable_name, read_json_object
+from finetune.core.io import (OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable, printable_name,
+                              read_json_object)
 from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
                                   unreadable_kind)
 
@@ -273,6 +274,18 @@ def path_key(path: str) -> str:
     """What makes two paths the same path: each of their names by :func:`class_key` (the class folder ``cat `` is
     the class ``cat``, and its files the same files). A split file and an exclude list match files by it."""
     return "/".join(class_key(part) for part in path.replace(os.sep, "/").split("/"))
+
+
+def listed_names(listed: Iterable[str], names: Iterable[str]) -> dict[str, str]:
+    """name -> the entry of ``listed`` it is, for the ``names`` listed: an entry that is a name exactly stands for
+    that name only; another stands for the names that print as it (exclude.txt writes a newline or tab in a name
+    as ``\\n``, ``\\t``). So a file named ``a\\nb`` (a backslash) is not left out with its twin named with a
+    newline (review: listing either excluded both). An exclusion list and a split file's accounting match by it."""
+    names = list(names)
+    wanted = set(listed)
+    exact = wanted & set(names)
+    escaped = {printable(w): w for w in wanted - exact}
+    return {n: n if n in exact else escaped[printable(n)] for n in names if n in exact or printable(n) in escaped}
 
 
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from finetune.data.files import class_key, name_key, path_key
+from finetune.data.files import class_key, listed_names, name_key, path_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
 from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object
@@ -109,8 +109,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
-    left = {printable(k) for k in _file_keys(left_out).values()}    # (exclude.txt writes a newline in a name as \n)
-    outside = {k for k in current if printable(k) in left}
+    outside = set(listed_names(_file_keys(left_out).values(), current))   # (exclude.txt: a newline in a name as \n)
     added = sorted(set(current) - set(before) - outside)
     removed = sorted(set(before) - set(current))
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with

@@ -1230,6 +1230,24 @@ def test_the_decode_failure_log_is_made_only_by_a_failure_so_a_killed_run_leaves
         assert not Path(log).exists()
 
 
+def test_a_new_file_named_with_a_backslash_is_added_not_taken_for_its_excluded_newline_twin(tmp_path):
+    """Review (h77): the split file's accounting matched the run's exclude.txt (a newline in a name written as
+    ``\\n``) by printed names only, so a file ``cat/a\\nb.png`` (a backslash) added after the run excluded
+    ``cat/a<newline>b.png`` was taken for the excluded file: not called added, and left out by the resume too."""
+    from finetune.core.io import printable
+    from finetune.tools.doctor import exclude_items
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    make_image(data / "cat" / "a\nb.png", 1)
+    first = scan_folder(data)
+    exclude_items(first, ["cat/a\nb.png"])
+    write_scan(first, tmp_path / "run")
+    make_image(data / "cat" / "a\\nb.png", 2)
+    again = scan_folder(data, split_file=tmp_path / "run" / "split.json", left_out=[printable("cat/a\nb.png")])
+    assert any(w.startswith("files changed since split file split.json was written: 1 added, 0 removed")
+               for w in again.warnings), again.warnings
+
+
 @pytest.mark.parametrize("deleted", [False, True])
 def test_a_split_file_without_validation_images_is_kept_not_refused_with_a_false_reason(tmp_path, deleted):
     """Review (session 24): a run whose --exclude listed every validation image trains without any (its split.json

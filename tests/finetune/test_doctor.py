@@ -299,6 +299,27 @@ def test_excluded_paths_follow_a_rename_into_the_other_unicode_form(tmp_path):
     assert nfd("café.png") in names(report) and "café.png" not in names(report)
 
 
+def test_a_name_with_a_backslash_is_not_excluded_with_its_twin_named_with_a_newline(tmp_path):
+    """Review (h77): since exclude.txt writes a newline in a name as ``\\n``, names were matched by their printed
+    form only, so ``cat/a\\nb.png`` (a backslash and an n: a Windows-ish name) and ``cat/a<newline>b.png`` were one
+    name: listing either (a plain list, a findings.csv row, an older run's exclude.txt) left out both, and the
+    split file's accounting counted both as excluded. A name listed exactly is that file only; the printed form
+    matches where no file has the listed name (a run's own exclude.txt: the newline written as \\n)."""
+    import os
+
+    data = make_image_folder(tmp_path / "data", per_class=4, size=16)
+    make_image(data / "cat" / "a\\nb.png", 1, size=16)
+    make_image(data / "cat" / "a\nb.png", 2, size=16)
+    names = lambda r: [os.path.basename(p) for s in (r.train, r.val) for p, _ in s.items]     # noqa: E731
+    for listed, gone in (("cat/a\\nb.png", "a\\nb.png"), ("cat/a\nb.png", "a\nb.png")):
+        report = scan_folder(data)
+        assert exclude_items(report, [listed]) == (1, [], {}), repr(listed)
+        assert gone not in names(report) and len(names(report)) == 13, repr(listed)
+    (data / "cat" / "a\\nb.png").unlink()     # alone: a run's exclude.txt line `cat/a\nb.png` is the newline name
+    report = scan_folder(data)
+    assert exclude_items(report, ["cat/a\\nb.png"]) == (1, [], {}) and "a\nb.png" not in names(report)
+
+
 def test_excluded_paths_follow_a_class_folder_that_lost_whitespace_at_an_end(tmp_path):
     """Review (h68): class_key strips whitespace at an end since 6c21e2d, so a run's class `cat ` resumes on the
     folder `cat`; its exclude.txt (`cat /...`) matched no image there, and the images the run left out trained

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from finetune.core.io import atomic_write_text, printable, printable_name, read_user_text
-from finetune.data.files import path_key
+from finetune.data.files import listed_names, path_key
 
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
                  "tiny", "aspect", "small_class", "scan_warning")
@@ -158,16 +158,18 @@ def exclude_items(report: Any, paths: Sequence[str]) -> Excluded:
     # path no image has exactly matches by path_key (the folder renamed into the other Unicode form since, as a
     # resumed run's exclude.txt finds it after a copy through macOS, or trimmed of whitespace at an end), never
     # the twin of an image listed exactly.
-    wanted = {printable(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p))) for p in paths}
-    norms = {p: printable(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
-    by_key = {path_key(w): w for w in wanted - set(norms.values())}
+    wanted = {printable_name(os.path.normpath(p if os.path.isabs(p) else os.path.join(report.root, p))) for p in paths}
+    exact = {p: printable_name(os.path.normpath(p)) for s in (report.train, report.val) for p, _ in s.items}
+    hits = listed_names(wanted, exact.values())     # a name listed exactly, or as printed (\n for a newline)
+    norms = {p: printable(n) for p, n in exact.items()}
+    by_key = {path_key(printable(w)): w for w in wanted - set(hits.values())}
     seen: set[str] = set()
     folders: dict[str, int] = {}
     removed = 0
     for s in (report.train, report.val):
         keep = []
         for p, y in s.items:
-            listed = norms[p] if norms[p] in wanted else by_key.get(path_key(norms[p]))
+            listed = hits.get(exact[p]) or by_key.get(path_key(norms[p]))
             folder = _listed_folder(norms[p], by_key) if listed is None and by_key else None
             if folder is not None:
                 folders[folder] = folders.get(folder, 0) + 1
