@@ -21,7 +21,7 @@ from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text
 from finetune.core.io import atomic_write, atomic_write_text, printable_name
-from finetune.data.files import class_key, list_classes, walk_files
+from finetune.data.files import class_key, list_classes, refuse_zoo_output, walk_files
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
@@ -87,12 +87,14 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     Returns:
         (split used, [(path, label index)], folders that are not one of the labels)
     Raises:
-        UsageError: no such folder, no class folder matching a label, or no images.
+        UsageError: no such folder, no class folder matching a label, or no images; DataError: a folder a zoo
+            command wrote (a run, bundle or report).
     """
     root = Path(root)
     unlisted = unlisted if unlisted is not None else []
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
+    refuse_zoo_output(str(root), "to evaluate on: pass --data the held-out images' folder, one sub-folder per class")
     found = held_out_folder(root)       # in any case, and only where the training scan sees a split
     split, base = (os.path.basename(found), Path(found)) if found else (".", root)
     exts = _image_extensions()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
 from finetune.data.loaders import failure_reason
 from finetune.data.transforms import LimitAspect
-from finetune.data.files import is_ignored, walk_files
+from finetune.data.files import is_ignored, refuse_zoo_output, walk_files
 from zoo.errors import UsageError
 
 __all__ = [
@@ -169,7 +169,7 @@ def expand_images(inputs: Iterable[str | os.PathLike],
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
     Raises:
-        UsageError: an argument that does not exist, or is empty.
+        UsageError: an argument that does not exist, or is empty; DataError: a folder a zoo command wrote.
     """
     exts = _image_extensions()
     out: list[Path] = []
@@ -184,6 +184,7 @@ def expand_images(inputs: Iterable[str | os.PathLike],
             out.extend(_pattern_images(str(item), exts, unlisted))
         elif p.is_dir():
             any_dir = True
+            refuse_zoo_output(str(p), "to classify: give the folder of the images, or name its files")
             out.extend(_folder_images(p, exts, unlisted))
         elif p.exists():
             out.append(p)

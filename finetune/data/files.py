@@ -38,6 +38,20 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES or name.lower().endswith(":zone.identifier")
 
 
+def is_zoo_output(folder: str) -> bool:
+    """Whether ``folder`` is one a zoo command wrote (a run folder, bundle or report: it holds the marker every
+    command writes first, ``.zoo-run.json``): no images of the data, skipped by :func:`walk_files`."""
+    return os.path.isfile(os.path.join(folder, OUTPUT_MARKER))
+
+
+def refuse_zoo_output(folder: str, use: str) -> None:
+    """DataError when ``folder``, given where images go (``--data``, ``zoo predict``'s folder), is one a zoo command
+    wrote (:func:`is_zoo_output`): its images would be skipped, and it read as an empty folder or no class folders
+    (review). ``use``: the message's end, what the images were for and what to give instead."""
+    if is_zoo_output(folder):
+        raise DataError(f"{printable_name(folder)} is a folder zoo wrote (a run, bundle or report), not images {use}")
+
+
 def walk_files(top: str, loops: list[str] | None = None,
                unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped (and
@@ -64,7 +78,7 @@ def walk_files(top: str, loops: list[str] | None = None,
         if key in visited:       # reached twice through links: count its files once
             return
         visited.add(key)
-        if os.path.isfile(os.path.join(d, OUTPUT_MARKER)):    # (QA: an earlier run's PNGs trained as a class)
+        if is_zoo_output(d):    # (QA: an earlier run's PNGs trained as a class)
             return
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from finetune.data.files import (IMAGE_EXTENSIONS, check_files, class_key, collect_classes, is_ignored, is_dir,
-                                  list_classes, UNLISTED_FOLDER)
+                                  list_classes, refuse_zoo_output, UNLISTED_FOLDER)
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
-from finetune.core.io import OUTPUT_MARKER, printable_name
+from finetune.core.io import printable_name
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "held_out_folder", "write_scan",
            "write_bad_files", "VAL_NAMES"]
@@ -110,9 +110,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     if not os.path.isdir(root_s):
         raise DataError(f"data folder {printable_name(root_s)} does not exist or is not a folder; "
                         "pass --data DIR with one sub-folder per class")
-    if os.path.isfile(os.path.join(root_s, OUTPUT_MARKER)):     # (QA: its eval reports trained as classes)
-        raise DataError(f"{printable_name(root_s)} is a folder zoo wrote (a run, bundle or report), not images to "
-                        "learn from: pass --data the image folder, with one sub-folder per class")
+    # (QA: its eval reports trained as classes)
+    refuse_zoo_output(root_s, "to learn from: pass --data the image folder, with one sub-folder per class")
     train_dir, val_dir, test_dir = _detect_layout(root_s)
     layout = "split" if val_dir else "flat"
     if layout == "flat" and not 0.0 < val_split < 1.0:

@@ -148,6 +148,36 @@ def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(tmp_p
         and len(r.output.splitlines()) == 1, r.output
 
 
+def test_a_folder_zoo_wrote_given_for_images_is_named_so_not_called_empty(tmp_path, monkeypatch):
+    """Review (h77): since the folder walk skips folders holding zoo's marker, `zoo predict B RUN` (a run folder,
+    its curves.png in it) said `no images found in RUN`, and `zoo eval B --data RUN` `no class folder matches
+    the model's labels (found: eval-a, ...)`, with no word of why; the training scan names it a folder zoo wrote.
+    All three say so now (finetune.data.files.refuse_zoo_output); a file in it, or a pattern, is still read."""
+    from click.testing import CliRunner  # lazy: one CLI case
+
+    from finetune.core.errors import DataError
+    from zoo.cli import cli  # lazy: as above
+
+    run = tmp_path / "run"
+    for name in ("curves.png", "eval-a/a/confusion.png"):
+        make_image(run / name, 0, size=16)
+    for folder in (run, run / "eval-a"):
+        (folder / ".zoo-run.json").write_text('{"kind": "eval"}')
+    for given in (run, run / "eval-a"):
+        with pytest.raises(DataError, match=r"is a folder zoo wrote \(a run, bundle or report\), not images to "
+                                            r"classify: give the folder of the images, or name its files"):
+            expand_images([given])
+    with pytest.raises(DataError, match=r"run is a folder zoo wrote \(a run, bundle or report\), not images to "
+                                        r"evaluate on: pass --data the held-out images' folder"):
+        find_eval_images(run, ["a", "b"])
+    assert expand_images([run / "curves.png"])[0] == [run / "curves.png"]
+    assert expand_images([str(run / "*.png")])[0] == [run / "curves.png"]
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["predict", "no-such-bundle", "run"])    # the images are expanded before the model
+    assert r.exit_code == 1 and r.output.startswith("zoo: error: run is a folder zoo wrote") \
+        and len(r.output.splitlines()) == 1, r.output
+
+
 def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
     """QA: `zoo predict B 'photos/*/*.png'` (quoted, so the shell leaves it) said "no such image or folder"."""
     root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
