@@ -47,9 +47,12 @@ def is_zoo_output(folder: str) -> bool:
 def refuse_zoo_output(folder: str, use: str) -> None:
     """DataError when ``folder``, given where images go (``--data``, ``zoo predict``'s folder), is one a zoo command
     wrote (:func:`is_zoo_output`): its images would be skipped, and it read as an empty folder or no class folders
-    (review). ``use``: the message's end, what the images were for and what to give instead."""
+    (review). ``use``: what the images were for and what to give instead. The marker is named: a folder of the
+    user's that a zoo command once wrote into (its output removed, images copied in) reads as the user's again."""
     if is_zoo_output(folder):
-        raise DataError(f"{printable_name(folder)} is a folder zoo wrote (a run, bundle or report), not images {use}")
+        raise DataError(f"{printable_name(folder)} is a folder zoo wrote (a run, bundle or report), not images {use} "
+                        f"(it holds {OUTPUT_MARKER}, which zoo writes first into its output; if the folder is yours, "
+                        "delete that file)")
 
 
 def walk_files(top: str, loops: list[str] | None = None,

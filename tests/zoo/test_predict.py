@@ -176,6 +176,8 @@ def test_a_folder_zoo_wrote_given_for_images_is_named_so_not_called_empty(tmp_pa
     r = CliRunner().invoke(cli, ["predict", "no-such-bundle", "run"])    # the images are expanded before the model
     assert r.exit_code == 1 and r.output.startswith("zoo: error: run is a folder zoo wrote") \
         and len(r.output.splitlines()) == 1, r.output
+    assert r.output.rstrip().endswith("(it holds .zoo-run.json, which zoo writes first into its output; if the "
+                                      "folder is yours, delete that file)"), r.output
 
 
 def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
