@@ -109,7 +109,8 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     current = {keys[report.relpath(p)]: report.classes[label]
                for s in (report.train, report.val) for p, label in s.items}
     before = {**old["train"], **old["val"]}
-    outside = set(listed_names(_file_keys(left_out).values(), current))   # (exclude.txt: a newline in a name as \n)
+    # (exclude.txt: a newline in a name written as \n, a path beginning with # as ./#...)
+    outside = set(listed_names(_file_keys(os.path.normpath(p) for p in left_out).values(), current))
     added = sorted(set(current) - set(before) - outside)
     removed = sorted(set(before) - set(current))
     # A class is its folder, so a file moved to another class has a new path: a removed and an added file with

@@ -883,6 +883,27 @@ def test_an_excluded_file_named_with_a_newline_stays_out_when_the_run_is_resumed
     assert "f\nox/f\nox_000.png" not in {p for side in ("train", "val") for p, _ in split[side]}
 
 
+def test_an_excluded_file_in_a_class_folder_named_with_a_hash_stays_out_when_the_run_is_resumed(tmp_path, tiny,
+                                                                                                 monkeypatch):
+    """Review (h77): RUN/exclude.txt is read back as a plain list, where a line beginning with # is a comment, so
+    an excluded image of a class folder `#fox` (scraped datasets name folders by hashtag) was written
+    `#fox/#fox_000.png`, read as a comment on resume, and trained again (`files changed since split file
+    split.json was written: 1 added`). exclude.txt writes it `./#fox/...` (doctor.exclude_list_text)."""
+    import csv
+
+    with (tmp_path / "findings.csv").open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["path", "finding", "score", "other", "split", "label", "detail"],
+                                  ["#fox/#fox_000.png", "leak", "1.0", "#fox/#fox_001.png", "val", "#fox", "x"]])
+    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=("cat", "dog", "#fox"),
+                                 extra=("--exclude", tmp_path / "findings.csv"))
+    assert (run / "exclude.txt").read_text(encoding="utf-8") == "./#fox/#fox_000.png\n"
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 0, res.output
+    assert "files changed since" not in res.output and "excluded 1 file(s)" in res.output, res.output
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert "#fox/#fox_000.png" not in {p for side in ("train", "val") for p, _ in split[side]}
+
+
 @pytest.mark.parametrize("edit,code,says", [
     (lambda m: [], 2, "model.json holds [], not the JSON object `zoo finetune` writes (was the file edited?)"),
     (lambda m: None, 2, "model.json holds null, not the JSON object"),

@@ -21,11 +21,11 @@ from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES
 from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.data.imageset import name_list
 from finetune.data.scan import IMBALANCE_ADVICE
-from finetune.tools.doctor import exclude_items, read_exclude_file
+from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude_file
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, printable, printable_name, shell_command
+from finetune.core.io import atomic_write_text, printable_name, shell_command
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, resolve_device
@@ -317,8 +317,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_scan(report, run_dir)
         if excluded:
-            # one path a line: a newline or tab in a name written escaped (QA), as exclude_items matches it
-            atomic_write_text(run_dir / EXCLUDE_TXT, "".join(f"{printable(p)}\n" for p in excluded))
+            atomic_write_text(run_dir / EXCLUDE_TXT, exclude_list_text(excluded))    # (read back on resume)
         _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
         say(f"run folder: {run_dir}")
     ddp.barrier(info)

@@ -33,12 +33,13 @@ from __future__ import annotations
 from finetune.tools.doctor.checks import (file_facts, file_findings, find_duplicates, find_outliers, label_issues,
                                     pixel_fingerprint)
 from finetune.tools.doctor.findings import (CSV_COLUMNS, EXCLUDE_KINDS, FINDING_ORDER, DoctorOptions, DoctorResult,
-                                      Excluded, Finding, exclude_items, read_exclude_file, write_findings_csv)
+                                      Excluded, Finding, exclude_items, exclude_list_text, read_exclude_file,
+                                      write_findings_csv)
 from finetune.tools.doctor.run import folder_features, run_doctor
 
 __all__ = [
     "DoctorOptions", "Finding", "DoctorResult", "FINDING_ORDER", "CSV_COLUMNS", "EXCLUDE_KINDS",
     "file_facts", "pixel_fingerprint", "folder_features", "find_duplicates", "label_issues", "find_outliers",
     "file_findings",
-    "run_doctor", "write_findings_csv", "read_exclude_file", "exclude_items", "Excluded",
+    "run_doctor", "write_findings_csv", "read_exclude_file", "exclude_list_text", "exclude_items", "Excluded",
 ]

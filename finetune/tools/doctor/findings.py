@@ -135,6 +135,15 @@ def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) ->
     return list(dict.fromkeys(out))
 
 
+def exclude_list_text(paths: Iterable[str]) -> str:
+    """A plain exclude list of ``paths`` (a run's exclude.txt), one a line, as :func:`read_exclude_file` reads it
+    back: a newline or tab in a name written escaped (``\\n``, as printed), and a path beginning with ``#`` (a
+    class folder ``#cats``, as scraped datasets name them) written ``./#cats/...``: read as a comment, its image
+    trained again when the run was resumed (review)."""
+    lines = [printable(p) for p in paths]
+    return "".join(f"./{ln}\n" if ln.lstrip().startswith("#") else f"{ln}\n" for ln in lines)
+
+
 class Excluded(NamedTuple):
     """What :func:`exclude_items` left out."""
 
