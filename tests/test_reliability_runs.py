@@ -581,6 +581,27 @@ def test_a_resume_over_a_manifest_that_holds_no_object_starts_a_new_one(tmp_path
         assert list(manifest) == ["resumed"] and len(manifest["resumed"]) == 1
 
 
+def test_a_resume_over_a_manifest_whose_resumed_is_not_a_list_records_the_resume(tmp_path):
+    """Review of helper-73's read_json_object fold (helper-75): a manifest.json that is an object but whose
+    ``"resumed"`` is not a list (``null``, text, an object: hand-edited or damaged) still ended the resume in a
+    traceback (AttributeError: 'NoneType' object has no attribute 'append'); the resumes are recorded anew, the
+    rest of the manifest kept."""
+    import torch
+
+    from finetune.core.config import FinetuneConfig
+    from finetune.engine.runfolder import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for held in (None, "x", {"a": 1}, 3):
+        (run / "manifest.json").write_text(json.dumps({"seed": 7, "resumed": held}))
+        RunFolder(run).start(FinetuneConfig(), None, None, torch.device("cpu"), None, resume=True)
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["seed"] == 7 and len(manifest["resumed"]) == 1, held
+    RunFolder(run).start(FinetuneConfig(), None, None, torch.device("cpu"), None, resume=True)
+    assert len(json.loads((run / "manifest.json").read_text())["resumed"]) == 2      # a list is appended to
+
+
 def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     """QA (helper-53): a run killed (kill -9) while writing curves.png or last.pt left .curves.png.<random>.tmp
     (or a gigabyte .last.pt.<random>.tmp) that no resume removed. Claiming the folder to resume removes them,

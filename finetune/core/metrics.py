@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p", "accuracy_text", "metric_text"]
+__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p", "accuracy_text", "metric_text", "as_fraction"]
 
 
 @dataclass
@@ -59,6 +59,16 @@ def accuracy_text(value: float | None) -> str:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return "-"
     return f"{float(value) * 100:.2f}%"
+
+
+def as_fraction(values: Sequence[float | None]) -> list[float | None]:
+    """A history's accuracy column as fractions, the contract: one whose numbers exceed 1 was written in percent
+    (by hand or by an older tool) and is divided by 100, so curves.png, report.html and the advice read it alike
+    (not a 95.0 "accuracy", nor an axis to 9500%). None and NaN cells stay as they are."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite and max(finite) > 1.0 + 1e-9:
+        return [None if v is None else v / 100.0 for v in values]
+    return list(values)
 
 
 def metric_text(metric: str, value: float | None, loss_format: str = ".4g") -> str:

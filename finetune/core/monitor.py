@@ -13,7 +13,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write
-from finetune.core.metrics import accuracy_text
+from finetune.core.metrics import accuracy_text, as_fraction
 
 __all__ = ["AdviceThresholds", "ADVICE_THRESHOLDS", "advise", "data_advice", "waited", "write_curves",
            "TensorBoardLogger", "new_figure", "save_png", "finite"]
@@ -30,15 +30,6 @@ def _num(value: Any) -> float:
 
 def _column(history: Sequence[dict], key: str) -> list[float]:
     return [_num(row.get(key)) for row in history]
-
-
-def _as_fraction(values: list[float]) -> list[float]:
-    # Accuracies are fractions by contract; tolerate percentages (a history written by hand or by an
-    # older tool) rather than giving silly advice about a 95.0 "accuracy".
-    finite = [v for v in values if not math.isnan(v)]
-    if finite and max(finite) > 1.0 + 1e-9:
-        return [v / 100.0 for v in values]
-    return values
 
 
 def finite(values: Sequence[float]) -> list[float]:
@@ -144,8 +135,8 @@ def advise(history: Sequence[dict], thresholds: AdviceThresholds = ADVICE_THRESH
         return []
 
     advice: list[str] = []
-    train_acc = _as_fraction(_column(rows, "train_acc"))
-    val_acc = _as_fraction(_column(rows, "val_acc"))
+    train_acc = as_fraction(_column(rows, "train_acc"))
+    val_acc = as_fraction(_column(rows, "val_acc"))
     val_loss = _column(rows, "val_loss")
     last_train_acc = _last(train_acc)
 
@@ -249,12 +240,12 @@ def write_curves(history: Sequence[dict], path: str | Path, best_epoch: int | No
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         tr, va = _column(rows, f"train_{key}"), _column(rows, f"val_{key}")
         if key == "acc":
-            tr, va = _as_fraction(tr), _as_fraction(va)
+            tr, va = as_fraction(tr), as_fraction(va)
         ax.plot(epochs, tr, color="tab:blue", label=f"train {label}", **style)
         ax.plot(epochs, va, color="tab:orange", label=f"val {label}", **style)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    if finite(_as_fraction(_column(rows, "train_acc")) + _as_fraction(_column(rows, "val_acc"))):
+    if finite(as_fraction(_column(rows, "train_acc")) + as_fraction(_column(rows, "val_acc"))):
         ax_acc.set_ylim(-0.02, 1.02)
     ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=1))    # fractions read in percent, as printed
 

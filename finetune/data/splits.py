@@ -81,13 +81,33 @@ def _file_keys(rels: Iterable[str]) -> dict[str, str]:
     return {r: path_key(r) if count[path_key(r)] == 1 else r for r in rels}
 
 
+def _validation_gone(report: ScanReport, path: Path, saved: dict[str, Any]) -> DataError:
+    """The refusal of a resume whose recorded validation images are all gone: a new split would validate on
+    images the run has trained on."""
+    first = printable_name(next(iter(saved["val"]))[0])
+    return DataError(f"none of the {len(saved['val'])} validation images recorded in {path.name} is in "
+                     f"{printable_name(report.root)} any more (e.g. {first}): moved or deleted since the run began? "
+                     "Put them back to continue the run (a new split would validate on images it has trained on)")
+
+
+def _without_val_folder(report: ScanReport, path: Path, saved: dict[str, Any]) -> int:
+    """A split-layout run resumed on its folder with val/ gone (train/ alone reads as flat): a seeded split of
+    train/ would validate on images the run trained on, so it is refused, unless the run recorded no validation
+    images (its --exclude listed them all): then train/ stays training, as it trained. Returns 0."""
+    if saved["val"]:
+        raise _validation_gone(report, path, saved)
+    items = sorted(report.train.items + report.val.items, key=lambda item: (item[1], item[0]))
+    report.train, report.val = ImageSet(items, list(report.classes)), ImageSet([], list(report.classes))
+    return 0
+
+
 def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> int | None:
     """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed. Files in
     ``left_out`` (relative paths the run excluded: not in the split file) are not called added (QA: every
     resume of a run with --exclude warned of them as added files), nor split by the seed: they go to train, to be
     left out again (hashed, one could stand in val for a class that has none). Returns how many validation images
     the file records (0: its run had none, e.g. its --exclude listed every one), or None when the folder's own
-    split is used (the file was made for another layout).
+    split is used (the file was made for a flat layout; a split layout's val/ gone: :func:`_without_val_folder`).
 
     A file is matched by its relative path's :func:`path_key` (:func:`_file_keys`): folders and files renamed
     into the other Unicode form (copied through macOS), or class folders that lost whitespace at an end, keep
@@ -100,6 +120,8 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"split file {path} is damaged ({type(e).__name__}); delete it to make a new split") from None
     where = f"split file {path.name}"
+    if saved.get("layout") == "split" and report.layout == "flat":
+        return _without_val_folder(report, path, saved)
     if saved.get("layout") != report.layout:
         report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
                                f"{report.layout}; using the folder's split")
@@ -150,11 +172,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
             side = val if int(_hash_key(report.seed, report.relpath(p))[:8], 16) / 0xFFFFFFFF < frac else train
         side.append((p, index[cls]))
     if old["val"] and not val:      # it said "use DIR/<class>/ folders with at least 2 images per class" (QA)
-        first = printable_name(next(iter(saved["val"]))[0])
-        raise DataError(f"none of the {len(old['val'])} validation images recorded in {path.name} is in "
-                        f"{printable_name(report.root)} any more (e.g. {first}): moved or deleted since the run "
-                        "began? Put them back to continue the run (a new split would validate on images it has "
-                        "trained on)")
+        raise _validation_gone(report, path, saved)
     report.train = ImageSet(train, list(report.classes))
     report.val = ImageSet(val, list(report.classes))
     return len(old["val"])

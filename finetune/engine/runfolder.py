@@ -187,8 +187,9 @@ class RunFolder:
         path = self.path / "manifest.json"
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv)}
         if resume and path.is_file():
-            manifest = read_json_object(path)
-            manifest.setdefault("resumed", []).append(entry)
+            manifest = read_json_object(path)       # {} when damaged; a "resumed" that is no list: started anew
+            resumed = manifest.get("resumed")
+            manifest["resumed"] = [*(resumed if isinstance(resumed, list) else []), entry]
         else:
             manifest = {"created": entry["time"], "command": entry["command"], "seed": config.seed,
                         "files_sha256": _files_hash(train_set, val_set),

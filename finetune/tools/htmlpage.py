@@ -95,12 +95,16 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
 
-def _tick_text(value: float, *, log_y: bool = False, percent: bool = False) -> str:
-    """A y tick label: ``percent``: a fraction as percent (an accuracy, ``0.875`` -> ``87.5%``, as every printed
-    accuracy reads); ``log_y``: ``value`` is the log10 of the label; else the value itself."""
-    if log_y:
-        return f"{10 ** value:.3g}"
-    return f"{value * 100:.3g}%" if percent else f"{value:.3g}"
+def _tick_texts(values: Sequence[float], *, log_y: bool = False, percent: bool = False) -> list[str]:
+    """The y tick labels: ``percent``: fractions as percent (an accuracy, ``0.875`` -> ``87.5%``, as every printed
+    accuracy reads); ``log_y``: ``values`` are the log10 of the labels; else the values themselves. 3 significant
+    digits, more where they would print two ticks alike (99.9% to 100% read 99.9%, 99.9%, 100%, 100%, 100%)."""
+    numbers = [10 ** v if log_y else v * 100 if percent else v for v in values]
+    for digits in range(3, 17):
+        labels = [f"{n:.{digits}g}" + ("%" if percent and not log_y else "") for n in numbers]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
 
 
 def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float | None]], *,
@@ -134,9 +138,8 @@ def line_chart(title: str, x: Sequence[float], series: dict[str, Sequence[float 
              f"font-size=\"11\" font-family=\"sans-serif\">",
              f"<text x=\"{pad_l}\" y=\"14\" font-weight=\"bold\">{esc(title)}</text>",
              f"<rect x=\"{pad_l}\" y=\"{pad_t}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#bbb\"/>"]
-    for t in range(5):
-        v = y0 + (y1 - y0) * t / 4
-        label = _tick_text(v, log_y=log_y, percent=percent)
+    labels = _tick_texts([y0 + (y1 - y0) * t / 4 for t in range(5)], log_y=log_y, percent=percent)
+    for t, label in enumerate(labels):
         yy = pad_t + (1 - t / 4) * h
         parts.append(f"<line x1=\"{pad_l}\" x2=\"{pad_l + w}\" y1=\"{yy:.1f}\" y2=\"{yy:.1f}\" stroke=\"#eee\"/>"
                      f"<text x=\"{pad_l - 4}\" y=\"{yy + 4:.1f}\" text-anchor=\"end\">{label}</text>")

@@ -26,7 +26,7 @@ from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, tab
 from finetune.core.config import short_repr
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
-from finetune.core.metrics import accuracy_text
+from finetune.core.metrics import accuracy_text, as_fraction
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
 
@@ -291,8 +291,8 @@ def _curves_section(run: Path, summary: dict[str, Any]) -> str:
                        "(best validation accuracy, then loss).</p>" + "".join(charts))
     charts = [line_chart("loss", ep, {"train": [r.get("train_loss") for r in hist],
                                        "val": [r.get("val_loss") for r in hist]}, marks=best),
-              line_chart("accuracy", ep, {"train": [r.get("train_acc") for r in hist],
-                                           "val": [r.get("val_acc") for r in hist]}, percent=True, marks=best),
+              line_chart("accuracy", ep, {k: as_fraction([r.get(f"{k}_acc") for r in hist]) for k in ("train", "val")},
+                         percent=True, marks=best),      # (a history in percent read as curves.png reads it)
               line_chart("learning rate (log)", ep, {"lr": [r.get("lr") for r in hist]}, log_y=True)]
     return section("Curves", "<p class=\"sub\">Dashed: best epoch and the end of the head phase.</p>"
                    + _mirror_note(summary) + "".join(charts))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -146,6 +147,31 @@ def test_every_validation_image_of_a_split_file_gone_says_so_not_make_a_split(im
         scan_folder(image_folder, split_file=tmp_path / "run" / "split.json")
     assert str(err.value) == (
         f"none of the {len(first.val)} validation images recorded in split.json is in {image_folder} any more (e.g. "
+        f"{first.relpath(first.val.items[0][0])}): moved or deleted since the run began? Put them back to continue "
+        "the run (a new split would validate on images it has trained on)")
+
+
+@pytest.mark.parametrize("excluded_all", [False, True])
+def test_the_val_folder_of_a_split_run_gone_is_not_made_again_from_train(tmp_path, excluded_all):
+    """Review (helper-78): a resume after a train/ + val/ run's val/ was deleted (or moved) read DIR as a flat folder
+    (train/ alone) and split train/ by the seed, one warning ("using the folder's split"): the run went on validating
+    on images it had trained on, where the same loss from a flat folder is refused. Refused the same way now; a run
+    that had no validation images (its --exclude listed every one) goes on without, as from a flat folder."""
+    root = make_image_folder(tmp_path / "d", layout="split", per_class=4, val_per_class=2)
+    first = scan_folder(root)
+    if excluded_all:
+        first.val = ImageSet([], first.classes)
+    write_scan(first, tmp_path / "run")
+    shutil.rmtree(root / "val")
+    if excluded_all:
+        again = scan_folder(root, split_file=tmp_path / "run" / "split.json")
+        assert len(again.val) == 0 and rels(again, again.train) == rels(first, first.train)
+        assert any("records no validation images" in w for w in again.warnings)
+        return
+    with pytest.raises(DataError) as err:
+        scan_folder(root, split_file=tmp_path / "run" / "split.json")
+    assert str(err.value) == (
+        f"none of the {len(first.val)} validation images recorded in split.json is in {root} any more (e.g. "
         f"{first.relpath(first.val.items[0][0])}): moved or deleted since the run began? Put them back to continue "
         "the run (a new split would validate on images it has trained on)")
 

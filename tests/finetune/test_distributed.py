@@ -123,6 +123,33 @@ def test_nccl_without_a_gpu_for_this_rank_is_one_line(monkeypatch, gpus, local_r
     assert said in str(err.value)
 
 
+@pytest.mark.parametrize("device,gpus,backend", [
+    ("cpu", 2, "gloo"), (" CPU ", 2, "gloo"), ("cpu:0", 2, "gloo"), ("mps", 2, "gloo"),
+    ("auto", 2, "nccl"), ("auto", 0, "gloo"), ("", 2, "nccl"), (None, 0, "gloo"),
+    ("cuda", 2, "nccl"), (" CUDA ", 2, "nccl"), ("cuda:0", 2, "nccl")])
+def test_setup_picks_the_backend_from_the_configured_device(monkeypatch, device, gpus, backend):
+    """Review of the refactor that let ddp.setup read ``config.device`` itself (ddp.device_type went): a run
+    configured for the CPU on a machine with GPUs joins a gloo group, unpinned; cuda (any spelling, any index)
+    or auto with a GPU visible joins nccl with this process pinned to cuda:LOCAL_RANK (the CUDA case is forced
+    on this CPU)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("pinned", i)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    info = ddp.setup(device)
+    pinned = [("pinned", 1)] if backend == "nccl" else []
+    assert calls == [*pinned, (backend, {"init_method": "env://"})]
+    assert (info.enabled, info.rank, info.world_size, info.local_rank) == (True, 1, 2, 1)
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_match_single_process(tmp_path):
     from finetune.data import scan_folder

@@ -775,3 +775,40 @@ def test_run_page_accuracy_axes_read_in_percent_and_loss_axes_as_they_were(tmp_p
     ticks = _svg_ticks(page, "validation accuracy against log10 C")
     assert ticks[0] == "95%" and ticks[-1] == "100%" and all(t.endswith("%") for t in ticks)
     assert "%" not in "".join(_svg_ticks(page, "validation loss against log10 C"))
+
+
+def test_run_page_accuracy_axis_of_a_history_in_percent_reads_as_curves_png_does(tmp_path):
+    """Review (helper-78): a metrics.csv whose accuracies are percentages (written by hand or an older tool, which
+    curves.png's panel reads as fractions: monitor's percent tolerance) drew report.html's axis 2e+03% ... 1e+04%
+    once its ticks were percent; both now read it the same: 20% ... 100%."""
+    from finetune.tools.pages import run_report_html
+
+    run = tmp_path / "run"
+    many_class_run(run, 8)
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n"
+                                     "1,head,1.0,1.0,20,40,0.01\n2,finetune,0.5,0.75,60,60,0.01\n"
+                                     "3,finetune,0.0,0.5,100,80,0.01\n")
+    page = run_report_html(run)
+    check_html(page)
+    assert _svg_ticks(page, "accuracy") == ["20%", "40%", "60%", "80%", "100%"]
+
+
+@pytest.mark.parametrize("low", ["0.999", "0.9995", "0.99999"])
+def test_run_page_axis_ticks_of_a_narrow_range_are_distinct(tmp_path, low):
+    """Review (helper-78): ticks printed to 3 significant digits said one number several times over a narrow range:
+    accuracies between 99.9% and 100% read 99.9%, 99.9%, 100%, 100%, 100% (a 99.95% point drawn on a '100%' line);
+    each tick now has the digits that tell it from its neighbours, and the two ends as before where they sufficed."""
+    from finetune.tools.pages import run_report_html
+
+    run = tmp_path / "run"
+    many_class_run(run, 8)
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n"
+                                     f"1,head,1.0001,1.0002,{low},{low},0.01\n2,finetune,1.0001,1.0002,1.0,1.0,0.01\n")
+    page = run_report_html(run)
+    check_html(page)
+    for title in ("accuracy", "loss"):
+        ticks = _svg_ticks(page, title)
+        assert len(set(ticks)) == 5, ticks
+    acc = _svg_ticks(page, "accuracy")
+    assert acc[-1] == "100%" and all(t.endswith("%") for t in acc)
+    assert [float(t[:-1]) for t in acc] == sorted(float(t[:-1]) for t in acc)

@@ -453,3 +453,22 @@ def test_every_trial_folder_name_is_one_overwrite_takes_for_a_trial(freeze):
     for lr, wd, opt in ((1e-5, 0.0, OPTIMIZERS[0]), (0.3, 1e-4, OPTIMIZERS[-1]), (12.5, 0.05, OPTIMIZERS[0])):
         name = trial_id({"lr": lr, "weight_decay": wd, "freeze": freeze, "optimizer": opt})
         assert _TRIAL.fullmatch(name), name
+
+
+@pytest.mark.parametrize("command, product", [("lr-find", "lr_find.png"), ("sweep", "sweep.png")])
+def test_the_default_out_folder_is_named_for_the_command(tmp_path, monkeypatch, command, product):
+    """Review (helper-78) of zoo.cli.shared.claimed_out, the one start of both commands: without --out the folder is
+    runs/MODEL-lrfind-TIME / runs/MODEL-sweep-TIME, as each command's own copy named it; a folder that holds
+    nothing but its log when the command ends is removed again."""
+    import click
+    from finetune.core.config import FinetuneConfig
+    from zoo.cli.shared import claimed_out
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    ctx = click.Context(click.Command(command))
+    with claimed_out(ctx, command, FinetuneConfig(quiet=True), None, {}, [], "test_resnet", "data", None,
+                     product) as (out_dir, say):
+        assert (tmp_path / out_dir).parent == tmp_path / "runs" and (tmp_path / out_dir).is_dir()
+        assert re.fullmatch(rf"test_resnet-{command.replace('-', '')}-\d{{8}}-\d{{6}}(-\d+)?", out_dir.name)
+    assert not (tmp_path / out_dir).exists()
