@@ -863,45 +863,30 @@ def test_resuming_a_run_that_excluded_every_validation_image_goes_on_without_val
     assert "no validation images, so the last epoch is kept" in res.output
 
 
-def test_an_excluded_file_named_with_a_newline_stays_out_when_the_run_is_resumed(tmp_path, tiny, monkeypatch):
-    """QA (h72): RUN/exclude.txt is one path per line, and an excluded image named with a newline (listed in a
-    `zoo doctor` findings.csv, where CSV quoting keeps it whole) was written raw: two lines matching nothing, so
-    the resume said `files changed since split file split.json was written: 1 added` and trained on the image
-    the user had excluded. exclude.txt writes it escaped, as bad_files.txt and the console."""
+@pytest.mark.parametrize("cls,written", [("f\nox", "f\\nox/f\\nox_000.png"), ("#fox", "./#fox/#fox_000.png")])
+def test_an_excluded_file_of_an_odd_class_name_stays_out_when_the_run_is_resumed(tmp_path, tiny, monkeypatch, cls,
+                                                                                  written):
+    """RUN/exclude.txt is one path per line, read back as a plain list where a line beginning with # is a comment.
+    QA (h72): an excluded image named with a newline (listed in a `zoo doctor` findings.csv, where CSV quoting
+    keeps it whole) was written raw: two lines matching nothing. Review (h77): one of a class folder `#fox`
+    (scraped datasets name folders by hashtag) was written `#fox/#fox_000.png`, read as a comment. Either way the
+    resume said `files changed since split file split.json was written: 1 added` and trained on the image the user
+    had excluded. exclude.txt writes the first escaped (as bad_files.txt and the console), the second `./#fox/...`
+    (doctor.exclude_list_text)."""
     import csv
 
+    image = f"{cls}/{cls}_000.png"
     with (tmp_path / "findings.csv").open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([["path", "finding", "score", "other", "split", "label", "detail"],
-                                  ["f\nox/f\nox_000.png", "leak", "1.0", "f\nox/f\nox_001.png", "val", "f\nox", "x"]])
-    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=("cat", "dog", "f\nox"),
+                                  [image, "leak", "1.0", f"{cls}/{cls}_001.png", "val", cls, "x"]])
+    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=("cat", "dog", cls),
                                  extra=("--exclude", tmp_path / "findings.csv"))
-    assert (run / "exclude.txt").read_text(encoding="utf-8") == "f\\nox/f\\nox_000.png\n"
+    assert (run / "exclude.txt").read_text(encoding="utf-8") == written + "\n"
     res = invoke("finetune", "--resume", run)
     assert res.exit_code == 0, res.output
     assert "files changed since" not in res.output and "excluded 1 file(s)" in res.output, res.output
     split = json.loads((run / "split.json").read_text(encoding="utf-8"))
-    assert "f\nox/f\nox_000.png" not in {p for side in ("train", "val") for p, _ in split[side]}
-
-
-def test_an_excluded_file_in_a_class_folder_named_with_a_hash_stays_out_when_the_run_is_resumed(tmp_path, tiny,
-                                                                                                 monkeypatch):
-    """Review (h77): RUN/exclude.txt is read back as a plain list, where a line beginning with # is a comment, so
-    an excluded image of a class folder `#fox` (scraped datasets name folders by hashtag) was written
-    `#fox/#fox_000.png`, read as a comment on resume, and trained again (`files changed since split file
-    split.json was written: 1 added`). exclude.txt writes it `./#fox/...` (doctor.exclude_list_text)."""
-    import csv
-
-    with (tmp_path / "findings.csv").open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([["path", "finding", "score", "other", "split", "label", "detail"],
-                                  ["#fox/#fox_000.png", "leak", "1.0", "#fox/#fox_001.png", "val", "#fox", "x"]])
-    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, classes=("cat", "dog", "#fox"),
-                                 extra=("--exclude", tmp_path / "findings.csv"))
-    assert (run / "exclude.txt").read_text(encoding="utf-8") == "./#fox/#fox_000.png\n"
-    res = invoke("finetune", "--resume", run)
-    assert res.exit_code == 0, res.output
-    assert "files changed since" not in res.output and "excluded 1 file(s)" in res.output, res.output
-    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
-    assert "#fox/#fox_000.png" not in {p for side in ("train", "val") for p, _ in split[side]}
+    assert image not in {p for side in ("train", "val") for p, _ in split[side]}
 
 
 @pytest.mark.parametrize("edit,code,says", [
