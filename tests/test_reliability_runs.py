@@ -630,3 +630,29 @@ def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     with claim_out(sweep, "sweep", resume=True):
         pass
     assert not temp.exists()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_data_folder_that_is_a_looping_or_dangling_link_is_named_as_one(tiny, tmp_path, monkeypatch, kind):
+    """QA (helper-72, left): `--data loop` (`ln -s loop loop`) read `does not exist or is not a folder` (zoo
+    finetune's scan) or click's `Directory 'loop' does not exist` (eval, doctor, lr-find, sweep); a link to a
+    folder gone read the same. Every command now names the link for what it is (`finetune.core.io.broken_link`)
+    with the way on, exit 2, before any model is built; the scan says it too (`scan_folder`, the library's)."""
+    from finetune.core.errors import DataError
+    from finetune.data import scan_folder
+
+    link = tmp_path / kind
+    link.symlink_to(link if kind == "loop" else tmp_path / "unmounted" / "photos")
+    what = ("is a symbolic link that loops" if kind == "loop" else
+            f"is a symbolic link to {tmp_path / 'unmounted' / 'photos'}, which does not exist")
+    forbid_model_builds(monkeypatch, "a model was built before --data was checked")
+    for args in (["finetune", tiny, "--data", link, "--out", tmp_path / "run"], ["eval", tiny, "--data", link],
+                 ["doctor", link], ["doctor", "--data", link], ["lr-find", tiny, "--data", link],
+                 ["sweep", tiny, "--data", link, "--lr", "0.1,0.2"]):
+        res = invoke(*args)
+        assert res.exit_code == 2 and f"{link} {what}" in res.output, (args, res.output)
+        assert "point the link at the image folder, or give the folder itself" in res.output, (args, res.output)
+        assert "does not exist." not in res.output and "Traceback" not in res.output, (args, res.output)
+    with pytest.raises(DataError, match=f"{kind} {what.split(',')[0]}"):
+        scan_folder(link)
+    assert not (tmp_path / "run").exists()

@@ -42,7 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import EMPTY_FILE, decode_opened, open_image
+from finetune.data.images import EMPTY_FILE, decode_opened, open_image, verified
 from zoo.errors import ServeError
 from zoo.predict import eval_transform, model_input
 
@@ -105,7 +105,8 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         raise ImageRejected(400, f"{name}: {EMPTY_FILE}")
     with pil_warnings():
         try:
-            img = open_image(io.BytesIO(data))
+            buf = io.BytesIO(data)
+            img = open_image(buf)
         except UnidentifiedImageError:
             raise ImageRejected(415, f"{name}: not an image zoo reads; {_SEND}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -116,7 +117,8 @@ def decode_upload(data: bytes, content_type: str | None, name: str, cfg: ServeCo
         if w < 1 or h < 1 or w * h > cfg.max_pixels:
             raise ImageRejected(413, f"{name}: {w}x{h} pixels is over the limit ({cfg.max_pixels:,} pixels)")
         try:
-            rgb = decode_opened(img, min_size)   # as training reads a file: upright, 16-bit scaled, alpha on white
+            # as training reads a file: a PNG's checksums checked, upright, 16-bit scaled, alpha on white
+            rgb = decode_opened(verified(img, buf), min_size)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageRejected(413, f"{name}: image dimensions are too large (decompression bomb)") from None
         except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, ValueError...

@@ -173,14 +173,20 @@ OUTPUT_MARKER = ".zoo-run.json"
 
 
 def broken_link(path: str | Path) -> str | None:
-    """Why ``path`` cannot be created, when it is or lies below a symbolic link to nothing (``mkdir`` says
-    "File exists"): ``"LINK is a symbolic link to TARGET, which does not exist (...)"``; None otherwise."""
+    """Why ``path`` cannot be created or read, when it is or lies below a symbolic link to nothing (``mkdir`` says
+    "File exists"): ``"LINK is a symbolic link to TARGET, which does not exist (...)"``, or one that loops
+    (``ln -s loop loop``: "LINK is a symbolic link that loops ..."); None otherwise."""
     path = Path(path)
     # os.path's islink/exists answer False where pathlib's raise (a folder the user may not enter: EACCES on
     # Python < 3.12), so a caller's own message for that failure stands
     link = next((p for p in (path, *path.parents) if os.path.islink(p) and not os.path.exists(p)), None)
     if link is None:
         return None
+    try:
+        os.stat(link)
+    except OSError as e:
+        if e.errno == errno.ELOOP:     # (QA: `--data loop` "does not exist")
+            return f"{link} is a symbolic link that loops (to {os.readlink(link)}, which leads back to it)"
     return (f"{link} is a symbolic link to {os.readlink(link)}, which does not exist (a disk not mounted, a "
             "folder moved?)")
 

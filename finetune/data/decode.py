@@ -89,7 +89,7 @@ class EncodedImageDataset(ImageDataset):
             plain = device_decodable(data, self.min_size)
             if plain and not decoded_in_worker(draw_key, self.worker_share):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index, draw_key
-            return load_image_tensor(path, self.min_size, data, plain), label, index, draw_key
+            return load_image_tensor(path, self.min_size, data, plain, checked=True), label, index, draw_key
         except Exception as e:   # one bad image must not kill the batch or the worker
             self.log_failure(index, failure_reason(e))
             return None

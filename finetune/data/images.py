@@ -131,13 +131,28 @@ def _refuse_special(path: str | Path) -> None:
         raise DataError(f"{printable_name(str(path))} is {kind}, not an image file; remove it from the folder")
 
 
-def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
+def verified(im: Image.Image, fp) -> Image.Image:
+    """``im``, just opened from ``fp`` (a path or a seekable file), ready to decode once a PNG's chunk checksums
+    are found right (Pillow's ``verify``, the scan's check in ``files.check_files``): a PNG that fails them is
+    damaged to libpng and browsers, and Pillow's decode alone reads its pixels without a word (QA: eval and
+    predict used one the scan had skipped). Raises SyntaxError ("broken PNG file ...") for a wrong one."""
+    if im.format != "PNG":
+        return im
+    im.verify()          # reads the chunks to the end; the image cannot be decoded after it
+    if hasattr(fp, "seek"):
+        fp.seek(0)
+    return open_image(fp)
+
+
+def load_image(path: str | Path, min_size: int | None = None, checked: bool = False) -> Image.Image:
     """Decode an image file to an upright 8-bit RGB PIL image (first frame of animations).
 
     Args:
         path: the image file.
         min_size: big JPEGs are decoded at a reduced scale (PIL ``draft``) while both sides stay at
             least this large; None decodes at full size.
+        checked: the file passed the scan's check (``files.check_files``, a training set's loaders): a
+            PNG's checksums are not read again each epoch (:func:`verified`, done otherwise).
 
     Raises:
         DataError: the file cannot be read or decoded, or exceeds PIL's decompression-bomb limit.
@@ -146,7 +161,10 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
     try:
         with pil_warnings():
             with open_image(path) as im:
-                return decode_opened(im, min_size)
+                if checked:
+                    return decode_opened(im, min_size)
+                with verified(im, path) as ready:
+                    return decode_opened(ready, min_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "
                         "resize or remove it") from None
@@ -245,17 +263,17 @@ def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def load_image_tensor(path: str | Path, min_size: int | None = None, data: bytes | None = None,
-                      plain: bool | None = None) -> torch.Tensor:
+                      plain: bool | None = None, checked: bool = False) -> torch.Tensor:
     """``load_image`` as a uint8 tensor (3, H, W): plain JPEGs (:func:`device_decodable`) are decoded by
     ``torchvision.io.decode_jpeg`` (libjpeg-turbo, faster than PIL's decode), everything else by
     ``load_image``. ``data``: the file's bytes, and ``plain``: ``device_decodable(data, min_size)``, when the
-    caller has them already. Raises DataError like ``load_image``."""
+    caller has them already; ``checked`` as ``load_image``'s. Raises DataError like ``load_image``."""
     data = read_image_bytes(path) if data is None else data
     if device_decodable(data, min_size) if plain is None else plain:
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass                  # let PIL decide: it reads some files libjpeg's strict mode rejects
-    return to_uint8_tensor(load_image(path, min_size))
+    return to_uint8_tensor(load_image(path, min_size, checked))
 
 

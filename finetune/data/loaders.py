@@ -72,9 +72,9 @@ class ImageDataset(Dataset):
         path, label = self.image_set.items[index]
         try:
             if getattr(self.transform, "tensor_input", False):    # a tensor pipeline: decode to a tensor
-                im = load_image_tensor(path, self.min_size)
+                im = load_image_tensor(path, self.min_size, checked=True)    # (the scan checked each file)
             else:
-                im = load_image(path, self.min_size)
+                im = load_image(path, self.min_size, checked=True)
             out = self.transform(im) if self.transform is not None else im
             # the device draws this image's flip and jitter from its sample's key (DeviceAugment.draws_for)
             return (out, label, draw_key) if getattr(self.transform, "colour_on_device", False) else (out, label)

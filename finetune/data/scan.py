@@ -20,7 +20,7 @@ from finetune.data.files import (IMAGE_EXTENSIONS, check_files, class_key, colle
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
-from finetune.core.io import printable_name
+from finetune.core.io import broken_link, printable_name
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "held_out_folder", "write_scan",
            "write_bad_files", "VAL_NAMES"]
@@ -108,7 +108,8 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     """
     root_s = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root_s):
-        raise DataError(f"data folder {printable_name(root_s)} does not exist or is not a folder; "
+        link = broken_link(root_s)      # (QA: a link that loops "does not exist")
+        raise DataError(f"data folder {printable_name(link or root_s + ' does not exist or is not a folder')}; "
                         "pass --data DIR with one sub-folder per class")
     # (QA: its eval reports trained as classes)
     refuse_zoo_output(root_s, "to learn from: pass --data the image folder, with one sub-folder per class")

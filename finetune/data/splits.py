@@ -101,13 +101,28 @@ def _without_val_folder(report: ScanReport, path: Path, saved: dict[str, Any]) -
     return 0
 
 
+def _trained_in_val(report: ScanReport, path: Path, trained: Iterable[str]) -> None:
+    """A flat run's folder reorganised into train/ + val/ since (the folders are the split now, and a split file
+    of ``cat/x.jpg`` rows cannot overrule them): DataError when val/ holds an image the run trained on
+    (``trained``: split file keys), whose validation would flatter early stopping and the guard."""
+    trained = set(trained)
+    leaked = [p for p, _ in report.val.items if path_key(report.relpath(p).split("/", 1)[-1]) in trained]
+    if leaked:
+        train, val = (printable_name(report.folders.get(k) or k) for k in ("train", "val"))
+        raise DataError(f"{printable_name(report.root)} was reorganised into {train}/ and {val}/ since the run began "
+                        f"({path.name} records a folder of classes), and {val}/ holds {len(leaked)} image(s) the run "
+                        f"trained on (e.g. {printable_name(report.relpath(leaked[0]))}), which would flatter its "
+                        "validation: put the folder back as it was to continue the run, or start a new run on it")
+
+
 def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> int | None:
     """Reuse a saved split: unchanged files keep their side; added files are assigned by the seed. Files in
     ``left_out`` (relative paths the run excluded: not in the split file) are not called added (QA: every
     resume of a run with --exclude warned of them as added files), nor split by the seed: they go to train, to be
     left out again (hashed, one could stand in val for a class that has none). Returns how many validation images
     the file records (0: its run had none, e.g. its --exclude listed every one), or None when the folder's own
-    split is used (the file was made for a flat layout; a split layout's val/ gone: :func:`_without_val_folder`).
+    split is used (the file was made for a flat layout, and val/ holds no image it trained: :func:`_trained_in_val`;
+    a split layout's val/ gone: :func:`_without_val_folder`).
 
     A file is matched by its relative path's :func:`path_key` (:func:`_file_keys`): folders and files renamed
     into the other Unicode form (copied through macOS), or class folders that lost whitespace at an end, keep
@@ -122,6 +137,8 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     where = f"split file {path.name}"
     if saved.get("layout") == "split" and report.layout == "flat":
         return _without_val_folder(report, path, saved)
+    if saved.get("layout") == "flat" and report.layout == "split":
+        _trained_in_val(report, path, old["train"])
     if saved.get("layout") != report.layout:
         report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
                                f"{report.layout}; using the folder's split")

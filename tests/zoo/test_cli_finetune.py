@@ -1347,3 +1347,35 @@ def test_resume_after_a_class_folder_lost_whitespace_at_an_end(tmp_path, tiny, m
     assert res.exit_code == 0, res.output
     assert "files changed" not in res.output and "matched no" not in res.output, res.output
     assert json.loads((run / "summary.json").read_text())["classes"] == ["cat ", "dog"]
+
+
+@pytest.mark.parametrize("by", ["anyhow", "split_json"])
+def test_a_flat_run_resumed_on_its_folder_reorganised_into_train_and_val_refuses_a_val_it_trained_on(
+        tmp_path, tiny, monkeypatch, by):
+    """QA (helper-72/78, left): a flat run (DIR/<class>/) whose folder was then reorganised into DIR/train/ +
+    DIR/val/, resumed: one warning (`split file split.json was made for a flat layout but the folder is now
+    split; using the folder's split`) and val/ held images the run had trained on, so early stopping and the
+    guard read a flattered score. The saved split cannot be honoured per file there (the folders are the split
+    now), so the resume is refused in one line when val/ holds a file split.json records as training; a folder
+    reorganised by split.json itself (val/ = the run's validation images) goes on with the folders' split."""
+    data, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    saved = json.loads((run / "split.json").read_text())
+    sides = {rel: "val" for rel, _ in saved["val"]} | {rel: "train" for rel, _ in saved["train"]}
+    moved_to_val = 0
+    for cls in ("cat", "dog", "fox"):
+        for i, f in enumerate(sorted((data / cls).iterdir())):
+            side = sides[f"{cls}/{f.name}"] if by == "split_json" else ("val" if i < 2 else "train")
+            moved_to_val += side == "val" and sides[f"{cls}/{f.name}"] == "train"
+            (data / side / cls).mkdir(parents=True, exist_ok=True)
+            f.rename(data / side / cls / f.name)
+        (data / cls).rmdir()
+    res = invoke("finetune", "--resume", run, "--workers", "0")
+    if by == "split_json":
+        assert res.exit_code == 0, res.output
+        assert "made for a flat layout but the folder is now split" in res.output
+        return
+    assert moved_to_val and res.exit_code == 1, res.output
+    line = [ln for ln in res.output.splitlines() if ln.startswith("zoo: error:")]
+    assert len(line) == 1 and "Traceback" not in res.output, res.output
+    assert (f"val/ holds {moved_to_val} image(s) the run trained on" in line[0]
+            and "put the folder back as it was to continue the run, or start a new run" in line[0]), line

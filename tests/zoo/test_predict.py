@@ -578,3 +578,46 @@ def test_a_quoted_pattern_takes_folders_and_skips_debris_as_the_shell_and_a_fold
     assert expand_images([f"{root}/*"])[0] == walked
     assert expand_images([f"{root}/**/*.png"])[0] == walked
     assert expand_images([f"{root}/**"])[0] == walked          # each image once, though ** matches its folders too
+
+
+def _png_with_a_wrong_idat_crc(path: Path, colour: tuple[int, int, int]) -> None:
+    """A valid PNG with one byte of its IDAT chunk's CRC flipped: the pixel data itself inflates whole."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), colour).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT")
+    data[at + 4 + struct.unpack(">I", data[at - 4:at])[0]] ^= 0xFF      # first byte of the chunk's CRC
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+
+
+def test_a_png_with_a_wrong_crc_is_damaged_to_every_reader_as_to_the_scan(tmp_path):
+    """QA (helper-72, left): a PNG whose IDAT CRC is wrong (pixels whole) was skipped by the training scan and
+    zoo doctor (Pillow's verify checks CRCs) but predicted by zoo predict, eval and serve (Pillow's decode does
+    not): eval counted one image more than training on the same folder. Every reader now calls it damaged, as
+    libpng and browsers do; the training loaders, reading files the scan checked, do not check it each epoch."""
+    from finetune.core.errors import DataError
+    from finetune.data import load_image
+    from zoo.serve import ImageRejected, ServeConfig, decode_upload
+
+    for name, colour in zip("abc", [(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (tmp_path / name).mkdir()
+        for j in range(2):
+            Image.new("RGB", (12, 12), colour).save(tmp_path / name / f"{j}.png")
+    bad = tmp_path / "a" / "bad_crc.png"
+    _png_with_a_wrong_idat_crc(bad, (255, 0, 0))
+
+    scan = scan_folder(tmp_path, val_split=0.5)
+    assert [(Path(p).name, "bad header checksum" in why) for p, why in scan.bad_files] == [("bad_crc.png", True)]
+    report = evaluate(MeanColour().eval(), ["a", "b", "c"], DC, tmp_path)
+    assert report.n_images == 6 == len(scan.train.items) + len(scan.val.items)       # 7 before: bad_crc.png too
+    assert [(Path(p).name, "bad header checksum" in why) for p, why in report.skipped] == [("bad_crc.png", True)]
+    with pytest.raises(DataError, match=r"bad_crc\.png .*bad header checksum.*fix or remove the file"):
+        load_image(bad)                                                   # zoo predict's decode
+    with pytest.raises(ImageRejected, match="bad header checksum"):
+        decode_upload(bad.read_bytes(), "image/png", "bad_crc.png", ServeConfig())
+    assert load_image(bad, checked=True).size == (12, 12)   # the loaders' read: the scan's check stands
+    assert decode_upload((tmp_path / "a" / "0.png").read_bytes(), "image/png", "0.png", ServeConfig())[1] == (12, 12)

@@ -12,7 +12,7 @@ from finetune.core.config import OPTIONS, FinetuneConfig
 from finetune.core.io import shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import FiniteFloatRange, IntRange, RangedOption
+from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption
 from zoo.text import printable
 
 __all__ = ["doctor_cmd"]
@@ -31,8 +31,8 @@ def _bar(quiet: bool):
 
 
 @cli.command("doctor", short_help="Find leaks, duplicates, likely wrong labels and outliers in an image folder.")
-@click.argument("folder", required=False, type=click.Path(file_okay=False, exists=True), metavar="[DIR]")
-@click.option("--data", "data", type=click.Path(file_okay=False, exists=True), default=None,
+@click.argument("folder", required=False, type=Folder(exists=True), metavar="[DIR]")
+@click.option("--data", "data", type=Folder(exists=True), default=None,
               help="Image folder: DIR/<class>/* or DIR/{train,val[,test]}/<class>/* (only read); "
                    "or give it as DIR.")
 @click.option("--model", "model", default=None,

@@ -9,7 +9,7 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import IntRange
+from zoo.cli.options import Folder, IntRange
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from finetune.core.metrics import accuracy_text
 from zoo.text import cell_width, pad, printable
@@ -37,7 +37,7 @@ def _default_out(model: str) -> Path:
 
 @cli.command("eval", short_help="Accuracy, per-class metrics and confusion matrix on a labelled folder.")
 @click.argument("model")
-@click.option("--data", "data", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+@click.option("--data", "data", required=True, type=Folder(exists=True, path_type=Path),
               help="Class-folder layout (<class>/<image>); its test/ or val/ split is used when present.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder.  [default: eval-<bundle>-<time> next to the bundle, or ./eval-<time>]")

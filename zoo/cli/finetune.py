@@ -14,7 +14,7 @@ from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASS
 from finetune.core.io import shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
-from zoo.cli.options import config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
+from zoo.cli.options import Folder, config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
 from finetune.core.metrics import accuracy_text
@@ -36,7 +36,7 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
 
 @cli.command("finetune", short_help="Finetune a zoo model on a folder of labelled images.")
 @click.argument("model", required=False)
-@click.option("--data", "data", type=click.Path(file_okay=False), default=None,
+@click.option("--data", "data", type=Folder(), default=None,
               help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="YAML file with any of the options below; flags given here override it.")

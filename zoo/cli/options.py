@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterable, Iterator
 
 import click
@@ -19,13 +20,29 @@ from click.core import ParameterSource
 
 from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file
 from finetune.core.errors import FreezeTooDeepError
+from finetune.core.io import broken_link
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
 __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config", "idle_options",
-           "resolve_config", "FiniteFloatRange", "IntRange", "RangedOption"]
+           "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+class Folder(click.Path):
+    """``click.Path(file_okay=False, ...)`` for a folder to read (``--data``, ``zoo doctor DIR``) that names a
+    symbolic link which loops or leads nowhere for what it is, with the way on (click said "Directory 'loop'
+    does not exist", and the scan "does not exist or is not a folder")."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(file_okay=False, **kwargs)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        link = broken_link(os.fspath(value)) if isinstance(value, (str, os.PathLike)) and value else None
+        if link is not None:
+            self.fail(f"{link}: point the link at the image folder, or give the folder itself", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class _RangeText:

@@ -12,7 +12,7 @@ import click
 from finetune.core.config import FinetuneConfig
 from zoo.cli import console
 from zoo.cli.console import echo
-from zoo.cli.options import fc_dropout_option, naming_the_file
+from zoo.cli.options import Folder, fc_dropout_option, naming_the_file
 from zoo.hub import resolve_early, resolve_entry
 from zoo.text import printable
 
@@ -73,7 +73,7 @@ def claimed_out(ctx: click.Context, command: str, config: FinetuneConfig, config
 
 COMMON_OPTIONS = [
     click.argument("model"),
-    click.option("--data", "data", type=click.Path(file_okay=False, exists=True), required=True,
+    click.option("--data", "data", type=Folder(exists=True), required=True,
                  help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*."),
     click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
                  help="YAML file with finetune options (as `zoo finetune --config`); flags override it."),

@@ -37,7 +37,7 @@ def pixel_fingerprint(path: str) -> np.ndarray | None:
     try:
         # A big JPEG is decoded at a reduced scale, but to no less than 8 pixels per thumbnail cell: at 4 (64 px)
         # libjpeg's scaled decode moved the JPEG q60 copy of a 161x131 photo to cosine 0.976-0.98 (missed).
-        im = load_image(path, min_size=THUMB_SIDE * 8).convert("YCbCr").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+        im = load_image(path, THUMB_SIDE * 8, checked=True).convert("YCbCr").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
     except Exception:  # noqa: BLE001 - an undecodable image has no fingerprint; the scan reports it
         return None
     ycc = np.asarray(im, dtype=np.float32)
