@@ -144,6 +144,19 @@ def verified(im: Image.Image, fp) -> Image.Image:
     return open_image(fp)
 
 
+def _rereadable(path: str | Path) -> str | Path | io.BytesIO:
+    """``path``, or for a stream (a pipe: ``curl ... | zoo predict BUNDLE -``) its bytes in memory: :func:`verified`
+    reads a PNG twice, and a pipe's bytes are spent by the first read (review: a piped PNG was "not a readable
+    image")."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return path
+    except OSError:         # missing, unreadable: open_image says which
+        return path
+    with open(path, "rb") as fh:
+        return io.BytesIO(fh.read())
+
+
 def load_image(path: str | Path, min_size: int | None = None, checked: bool = False) -> Image.Image:
     """Decode an image file to an upright 8-bit RGB PIL image (first frame of animations).
 
@@ -160,10 +173,11 @@ def load_image(path: str | Path, min_size: int | None = None, checked: bool = Fa
     _refuse_special(path)
     try:
         with pil_warnings():
-            with open_image(path) as im:
+            source = path if checked else _rereadable(path)
+            with open_image(source) as im:
                 if checked:
                     return decode_opened(im, min_size)
-                with verified(im, path) as ready:
+                with verified(im, source) as ready:
                     return decode_opened(ready, min_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{printable_name(str(path))} has too many pixels (over PIL's decompression-bomb limit); "

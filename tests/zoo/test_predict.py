@@ -510,8 +510,11 @@ def test_eval_on_a_folder_with_train_only_says_where_held_out_images_go(tmp_path
     assert len(find_eval_images(root / "train", ["a", "b"])[1]) == 2
 
 
-def test_dash_reads_one_image_from_stdin(tmp_path):
-    """QA: `zoo predict BUNDLE - < cat.jpg` (or `curl ... | zoo predict BUNDLE -`) was "no such image or folder: -"."""
+@pytest.mark.parametrize("fmt,piped", [("JPEG", False), ("PNG", True)])
+def test_dash_reads_one_image_from_stdin(tmp_path, fmt, piped):
+    """QA: `zoo predict BUNDLE - < cat.jpg` (or `curl ... | zoo predict BUNDLE -`) was "no such image or folder: -".
+    Review (session 24): a PNG through a pipe was "not a readable image" once PNG checksums were verified before
+    decoding (a second read of a stream whose bytes the first had spent)."""
     import subprocess
     import sys
 
@@ -519,10 +522,14 @@ def test_dash_reads_one_image_from_stdin(tmp_path):
     from zoo.bundle import export_run
 
     bundle = export_run(make_run(tmp_path)[0], tmp_path / "bundle")
-    image = make_image(tmp_path / "cat.jpg", 0, fmt="JPEG")
-    with open(image, "rb") as stdin:
-        res = subprocess.run([sys.executable, "-m", "zoo", "predict", str(bundle), "-", "--topk", "1", "--json"],
-                             stdin=stdin, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    image = make_image(tmp_path / f"cat.{fmt.lower()}", 0, fmt=fmt)
+    cmd = [sys.executable, "-m", "zoo", "predict", str(bundle), "-", "--topk", "1", "--json"]
+    if piped:
+        res = subprocess.run(cmd, input=image.read_bytes(), capture_output=True, timeout=600, cwd=ROOT)
+        res.stdout, res.stderr = res.stdout.decode(), res.stderr.decode()
+    else:
+        with open(image, "rb") as stdin:
+            res = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [d["image"] for d in doc] == ["/dev/stdin"] and len(doc[0]["predictions"]) == 1
