@@ -656,3 +656,30 @@ def test_a_data_folder_that_is_a_looping_or_dangling_link_is_named_as_one(tiny, 
     with pytest.raises(DataError, match=f"{kind} {what.split(',')[0]}"):
         scan_folder(link)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["loop", "chain"])
+def test_a_run_or_bundle_folder_that_is_a_looping_or_dangling_link_is_named_as_one(tmp_path, monkeypatch, kind):
+    """Review (helper-80) of helper-79's --data fix: `zoo report loop`, `zoo export loop`, `zoo push loop`,
+    `zoo finetune --resume loop` still read click's `Directory 'loop' does not exist`, and `zoo predict loop`
+    (eval, serve: zoo.bundle.load_model) `unknown model 'loop'`; a chain a -> b -> (nothing) read "a is a
+    symbolic link to b, which does not exist" of a b that `ls` lists. Each names the link, and the chain."""
+    monkeypatch.chdir(tmp_path)
+    if kind == "loop":
+        os.symlink("loop", "loop")
+        name, what = "loop", "loop is a symbolic link that loops"
+    else:
+        os.symlink("b", kind)                  # relative links, as `ln -s b chain` makes them
+        os.symlink("gone", "b")
+        name, what = kind, "chain is a symbolic link to b -> gone, which does not exist"
+    make_image_folder(tmp_path / "d", ("cat", "dog"), per_class=1)
+    image = next((tmp_path / "d" / "cat").iterdir())
+    forbid_model_builds(monkeypatch, "a model was built before MODEL was checked")
+    for args, folder in ((["report", name], "run folder"), (["export", name], "run folder"),
+                         (["push", name, "--repo", "me/x"], "run or bundle folder"),
+                         (["finetune", "--resume", name], "run folder"), (["predict", name, image], "bundle folder"),
+                         (["eval", name, "--data", "d", "--out", "o"], "bundle folder")):
+        res = invoke(*args)
+        assert res.exit_code in (1, 2) and what in res.output, (args, res.output)
+        assert f"point the link at the {folder}, or give the folder itself" in res.output, (args, res.output)
+        assert "does not exist." not in res.output and "unknown model" not in res.output, (args, res.output)

@@ -187,7 +187,11 @@ def broken_link(path: str | Path) -> str | None:
     except OSError as e:
         if e.errno == errno.ELOOP:     # (QA: `--data loop` "does not exist")
             return f"{link} is a symbolic link that loops (to {os.readlink(link)}, which leads back to it)"
-    return (f"{link} is a symbolic link to {os.readlink(link)}, which does not exist (a disk not mounted, a "
+    # a chain a -> b -> c: "to b, which does not exist" of a b that `ls` lists (review): each link on the way named
+    hops, at = [os.readlink(link)], str(link)
+    while len(hops) < 8 and os.path.islink(nxt := os.path.join(os.path.dirname(at), hops[-1])):
+        hops, at = hops + [os.readlink(nxt)], nxt
+    return (f"{link} is a symbolic link to {' -> '.join(hops)}, which does not exist (a disk not mounted, a "
             "folder moved?)")
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from finetune.core.io import (SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header, sha256_file,
-                              shell_command)
+from finetune.core.io import (SafetensorsHeaderError, broken_link, parse_safetensors_header, read_safetensors_header,
+                              sha256_file, shell_command)
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.bundle.checks import DATA_KEYS as _DATA_KEYS, WEIGHTS, check_config, class_count as _class_count
 from zoo.errors import BundleError, RegistryError, UsageError
@@ -384,6 +384,8 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", pretrained: bool = 
     p = Path(spec)
     if p.exists():
         return load_bundle(p, device=device)
+    if (link := broken_link(p)) is not None:   # (review: "unknown model 'b'" of a link to a bundle moved away)
+        raise BundleError(f"{link}: point the link at the bundle folder, or give the folder itself")
     text = str(spec)
     if not text.startswith(("hf-hub:", "timm:")) and (os.sep in text or text.startswith(".")
                                                        or text.endswith(".safetensors")):

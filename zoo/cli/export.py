@@ -8,12 +8,13 @@ import click
 from finetune.core.io import shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.cli.options import Folder
 
 __all__ = ["export_cmd"]
 
 
 @cli.command("export", short_help="Write a finetuned run as a portable bundle.")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=Folder(path_type=Path, what="run folder"))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle folder to write.  [default: RUN_DIR/export]")
 @click.option("--format", "formats", type=click.Choice(["safetensors", "onnx"]), multiple=True,

@@ -42,7 +42,7 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
               help="YAML file with any of the options below; flags given here override it.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
-@click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
+@click.option("--resume", "resume", type=Folder(exists=True, what="run folder"), default=None,
               help="Continue the interrupted run in this folder (its config.yaml, split and model are reused; a MODEL "
                    "given must be the run's).")
 @click.option("--overwrite", "overwrite", is_flag=True, default=False,

@@ -31,17 +31,19 @@ _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
 class Folder(click.Path):
-    """``click.Path(file_okay=False, ...)`` for a folder to read (``--data``, ``zoo doctor DIR``) that names a
-    symbolic link which loops or leads nowhere for what it is, with the way on (click said "Directory 'loop'
-    does not exist", and the scan "does not exist or is not a folder")."""
+    """``click.Path(file_okay=False, ...)`` for a folder to read (``--data``, ``zoo doctor DIR``, a run or bundle
+    folder) that names a symbolic link which loops or leads nowhere for what it is, with the way on (click said
+    "Directory 'loop' does not exist", and the scan "does not exist or is not a folder"). ``what``: the folder
+    the link should lead to, as the message names it."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, what: str = "image folder", **kwargs: Any) -> None:
         super().__init__(file_okay=False, **kwargs)
+        self.what = what
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         link = broken_link(os.fspath(value)) if isinstance(value, (str, os.PathLike)) and value else None
         if link is not None:
-            self.fail(f"{link}: point the link at the image folder, or give the folder itself", param, ctx)
+            self.fail(f"{link}: point the link at the {self.what}, or give the folder itself", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -8,12 +8,13 @@ import click
 from finetune.core.io import shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.cli.options import Folder
 
 __all__ = ["push_cmd"]
 
 
 @cli.command("push", short_help="Publish a bundle to a Hugging Face Hub repo (timm-loadable).")
-@click.argument("path", metavar="RUN_OR_BUNDLE", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("path", metavar="RUN_OR_BUNDLE", type=Folder(exists=True, path_type=Path, what="run or bundle folder"))
 @click.option("--repo", required=True, metavar="OWNER/NAME", help="Hub model repo; created when missing.")
 @click.option("--private", is_flag=True, default=False, show_default=True,
               help="Create the repo private (an existing repo keeps its visibility).")

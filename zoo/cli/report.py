@@ -5,13 +5,13 @@ import click
 
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import IntRange
+from zoo.cli.options import Folder, IntRange
 
 __all__ = ["report_cmd"]
 
 
 @cli.command("report", short_help="Draw a run folder as one HTML page (RUN/report.html).")
-@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.argument("run", type=Folder(exists=True, what="run folder"))
 @click.option("--top", "top", type=IntRange(0), default=12, show_default=True,
               help="Most confidently wrong validation images shown as thumbnails (0: none, no model loaded).")
 @click.option("--device", "device", default="cpu", show_default=True,
