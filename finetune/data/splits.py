@@ -101,18 +101,33 @@ def _without_val_folder(report: ScanReport, path: Path, saved: dict[str, Any]) -
     return 0
 
 
-def _trained_in_val(report: ScanReport, path: Path, trained: Iterable[str]) -> None:
+def _trained_in_val(report: ScanReport, path: Path, trained: Iterable[str], left_out: Iterable[str] = ()) -> None:
     """A flat run's folder reorganised into train/ + val/ since (the folders are the split now, and a split file
     of ``cat/x.jpg`` rows cannot overrule them): DataError when val/ holds an image the run trained on
-    (``trained``: split file keys), whose validation would flatter early stopping and the guard."""
+    (``trained``: split file keys), whose validation would flatter early stopping and the guard, or when train/
+    or val/ holds one the run left out (``left_out``: its exclude.txt rows, which name no file there any more:
+    review, the images left out were trained on)."""
     trained = set(trained)
-    leaked = [p for p, _ in report.val.items if path_key(report.relpath(p).split("/", 1)[-1]) in trained]
-    if leaked:
-        train, val = (printable_name(report.folders.get(k) or k) for k in ("train", "val"))
-        raise DataError(f"{printable_name(report.root)} was reorganised into {train}/ and {val}/ since the run began "
-                        f"({path.name} records a folder of classes), and {val}/ holds {len(leaked)} image(s) the run "
-                        f"trained on (e.g. {printable_name(report.relpath(leaked[0]))}), which would flatter its "
-                        "validation: put the folder back as it was to continue the run, or start a new run on it")
+    excluded = {path_key(os.path.normpath(p)) for p in left_out}
+
+    def key(p: str) -> str:     # val/cat/x.jpg -> cat/x.jpg, as the flat run recorded it
+        return path_key(report.relpath(p).split("/", 1)[-1])
+
+    leaked = [p for p, _ in report.val.items if key(p) in trained]
+    back = [p for s in (report.train, report.val) for p, _ in s.items if {key(p), printable(key(p))} & excluded]
+    if not leaked and not back:
+        return
+    train, val = (printable_name(report.folders.get(k) or k) for k in ("train", "val"))
+    why = [f"{val}/ holds {len(leaked)} image(s) the run trained on (e.g. {printable_name(report.relpath(leaked[0]))}"
+           "), which would flatter its validation"] if leaked else []
+    if back:
+        held = sorted({report.relpath(p).split("/", 1)[0] for p in back})
+        why.append(f"{'/ and '.join(held)}/ {'holds' if len(held) == 1 else 'hold'} {len(back)} image(s) the run "
+                   f"left out (its exclude.txt, e.g. {printable_name(report.relpath(back[0]))}), which it would "
+                   "train or validate on")
+    raise DataError(f"{printable_name(report.root)} was reorganised into {train}/ and {val}/ since the run began "
+                    f"({path.name} records a folder of classes), and {'; and '.join(why)}: put the folder back as "
+                    "it was to continue the run, or start a new run on it")
 
 
 def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = ()) -> int | None:
@@ -138,7 +153,7 @@ def apply_split_file(report: ScanReport, path: Path, left_out: Iterable[str] = (
     if saved.get("layout") == "split" and report.layout == "flat":
         return _without_val_folder(report, path, saved)
     if saved.get("layout") == "flat" and report.layout == "split":
-        _trained_in_val(report, path, old["train"])
+        _trained_in_val(report, path, old["train"], left_out)
     if saved.get("layout") != report.layout:
         report.warnings.append(f"{where} was made for a {saved.get('layout')} layout but the folder is now "
                                f"{report.layout}; using the folder's split")

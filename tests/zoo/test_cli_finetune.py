@@ -1379,3 +1379,28 @@ def test_a_flat_run_resumed_on_its_folder_reorganised_into_train_and_val_refuses
     assert len(line) == 1 and "Traceback" not in res.output, res.output
     assert (f"val/ holds {moved_to_val} image(s) the run trained on" in line[0]
             and "put the folder back as it was to continue the run, or start a new run" in line[0]), line
+
+
+def test_a_flat_run_with_exclude_resumed_on_its_folder_reorganised_into_train_and_val_keeps_them_out(
+        tmp_path, tiny, monkeypatch):
+    """Review (helper-80) of helper-79's refusal: a flat run made with --exclude, its folder then reorganised
+    into train/ + val/ by its own split.json (the one reorganisation the resume accepts), resumed: its
+    exclude.txt rows (`cat/cat_000.png`) matched nothing under train/ or val/, so the images the run had left
+    out (a wrong label, a duplicate) were trained on, said only as `1 listed path(s) are not training or
+    validation images`. They are refused as val/'s trained images are: the run's data would change under it."""
+    (tmp_path / "exclude.txt").write_text("cat/cat_000.png\n")
+    data, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, extra=("--exclude", tmp_path / "exclude.txt"))
+    saved = json.loads((run / "split.json").read_text())
+    sides = {rel: "val" for rel, _ in saved["val"]} | {rel: "train" for rel, _ in saved["train"]}
+    assert "cat/cat_000.png" not in sides
+    for cls in ("cat", "dog", "fox"):
+        for f in sorted((data / cls).iterdir()):
+            side = sides.get(f"{cls}/{f.name}", "train")       # the excluded file: to train/, where it was left out
+            (data / side / cls).mkdir(parents=True, exist_ok=True)
+            f.rename(data / side / cls / f.name)
+        (data / cls).rmdir()
+    res = invoke("finetune", "--resume", run, "--workers", "0")
+    line = [ln for ln in res.output.splitlines() if ln.startswith("zoo: error:")]
+    assert res.exit_code == 1 and len(line) == 1 and "Traceback" not in res.output, res.output
+    assert ("train/ holds 1 image(s) the run left out (its exclude.txt, e.g. train/cat/cat_000.png)" in line[0]
+            and "put the folder back as it was to continue the run, or start a new run" in line[0]), line
