@@ -25,7 +25,7 @@ from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, printable_name, shell_command
+from finetune.core.io import atomic_write_text, shell_command
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, resolve_device
