@@ -114,8 +114,9 @@ def _trained_in_val(report: ScanReport, path: Path, trained: Iterable[str], left
         return path_key(report.relpath(p).split("/", 1)[-1])
 
     leaked = [p for p, _ in report.val.items if key(p) in trained]
-    back = [p for s in (report.train, report.val) for p, _ in s.items
-            if excluded and ((k := key(p)) in excluded or printable(k) in excluded)]
+    keys = {p: key(p) for s in (report.train, report.val) for p, _ in s.items}
+    listed = listed_names(excluded, keys.values())      # exactly, or as exclude.txt prints it (\n for a newline)
+    back = [p for p, k in keys.items() if k in listed]
     if not leaked and not back:
         return
     train, val = (printable_name(report.folders.get(k) or k) for k in ("train", "val"))

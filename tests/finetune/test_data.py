@@ -1300,3 +1300,26 @@ def test_a_split_file_without_validation_images_is_kept_not_refused_with_a_false
     if deleted:     # without the split file, the folder's own refusal, as before
         with pytest.raises(DataError, match="each of the 3 class folders in .* holds a single image"):
             scan_folder(data)
+
+
+def test_a_reorganised_folder_counts_only_the_excluded_file_not_its_newline_twin_as_left_out(tmp_path):
+    """Review (helper-81): a flat run's folder reorganised into train/ + val/ is refused when they hold a file its
+    exclude.txt lists; that check matched the rows by printed names alone, so a file ``cat/a<newline>b.png`` the run
+    trained on counted as left out beside the excluded ``cat/a\\nb.png`` (a backslash), listed exactly: `2 image(s)
+    the run left out`. It matches as the exclusion itself does (``files.listed_names``): 1."""
+    from finetune.tools.doctor import exclude_items
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    make_image(data / "cat" / "a\nb.png", 1)
+    make_image(data / "cat" / "a\\nb.png", 2)
+    first = scan_folder(data)
+    exclude_items(first, ["cat/a\\nb.png"])
+    write_scan(first, tmp_path / "run")
+    sides = {first.relpath(p): side for side, s in (("val", first.val), ("train", first.train)) for p, _ in s.items}
+    for cls in ("cat", "dog", "fox"):
+        for f in sorted((data / cls).iterdir()):
+            (data / sides.get(f"{cls}/{f.name}", "train") / cls).mkdir(parents=True, exist_ok=True)
+            f.rename(data / sides.get(f"{cls}/{f.name}", "train") / cls / f.name)
+        (data / cls).rmdir()
+    with pytest.raises(DataError, match=r"train/ holds 1 image\(s\) the run left out"):
+        scan_folder(data, split_file=tmp_path / "run" / "split.json", left_out=["cat/a\\nb.png"])
