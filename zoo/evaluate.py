@@ -20,12 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text
-from finetune.core.io import atomic_write, atomic_write_text, printable_name
+from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name
 from finetune.data.files import class_key, list_classes, refuse_zoo_output, walk_files
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
-from zoo.text import printable
 
 __all__ = ["EvalReport", "find_eval_images", "evaluate", "classification_metrics", "write_eval_reports",
            "seen_in_training"]
@@ -243,7 +242,7 @@ def _font_for(codepoint: int) -> str | None:
 def plot_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
     """Labels a matplotlib figure can draw, and the font families to draw them with.
 
-    Control characters are escaped (``zoo.text.printable``); a character the default font lacks is
+    Control characters are escaped (``finetune.core.io.printable``); a character the default font lacks is
     drawn with the first installed font that has it (a CJK font, if there is one); a character no
     installed font has is written as its escape (``\\u732b``) instead of an empty box.
     """

@@ -1,12 +1,10 @@
-"""Text safe to show (class names and file names may hold anything a file system allows), sizes, and the
-first line of an error."""
+"""Text laid out to show (class names may hold wide or combining characters), sizes, and the first line of an
+error; escaping what cannot be shown is ``finetune.core.io.printable``."""
 from __future__ import annotations
 
 import unicodedata
 
-from finetune.core.io import printable  # torch-free: `zoo list` uses it
-
-__all__ = ["printable", "cell_width", "pad", "human_size", "first_line"]
+__all__ = ["cell_width", "pad", "human_size", "first_line"]
 
 
 def cell_width(text: str) -> int:

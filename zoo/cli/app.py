@@ -13,12 +13,11 @@ import time
 import click
 
 from finetune.core.errors import FinetuneError
-from finetune.core.io import no_room
+from finetune.core.io import no_room, printable
 from finetune.core.signals import sigterm_as_interrupt
 from zoo import __version__, process
 from zoo.cli import console
 from zoo.errors import UsageError, ZooError
-from zoo.text import printable
 
 __all__ = ["cli", "ZooGroup"]
 

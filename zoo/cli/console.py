@@ -25,7 +25,7 @@ from typing import IO, Iterator
 
 import click
 
-from zoo.text import printable
+from finetune.core.io import printable
 
 __all__ = ["echo", "keep_going", "log_to", "session", "OutputClosed", "is_broken_pipe", "pipe_closed"]
 

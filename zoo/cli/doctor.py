@@ -9,11 +9,10 @@ import sys
 import click
 
 from finetune.core.config import OPTIONS, FinetuneConfig
-from finetune.core.io import shell_command
+from finetune.core.io import printable, shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption
-from zoo.text import printable
 
 __all__ = ["doctor_cmd"]
 

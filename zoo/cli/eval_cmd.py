@@ -12,7 +12,8 @@ from zoo.cli.console import echo
 from zoo.cli.options import Folder, IntRange
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
 from finetune.core.metrics import accuracy_text
-from zoo.text import cell_width, pad, printable
+from finetune.core.io import printable
+from zoo.text import cell_width, pad
 from zoo.cli.predict import DEVICE_HELP, note_unmirrored_tta, tta_options, tta_scales_given, warn_skipped
 
 __all__ = ["eval_cmd"]

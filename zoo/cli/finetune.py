@@ -11,14 +11,13 @@ from typing import Any
 import click
 
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
-from finetune.core.io import shell_command
+from finetune.core.io import printable, shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import Folder, config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
 from zoo.cli.console import echo
 from zoo.outdir import is_main_process
 from finetune.core.metrics import accuracy_text
-from zoo.text import printable
 
 __all__ = ["finetune_cmd"]
 

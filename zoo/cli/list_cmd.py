@@ -10,7 +10,8 @@ from zoo.cache import cached_models, is_cached
 from zoo.cli.app import cli
 from zoo.registry import ModelEntry, list_families, list_models
 from zoo.cli.console import echo
-from zoo.text import cell_width, pad, printable
+from finetune.core.io import printable
+from zoo.text import cell_width, pad
 
 __all__ = ["list_cmd"]
 

@@ -11,9 +11,8 @@ from click.core import ParameterSource
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import IntRange
-from finetune.core.io import UNLISTED_FOLDER, printable_name
+from finetune.core.io import UNLISTED_FOLDER, printable, printable_name
 from zoo.errors import UsageError
-from zoo.text import printable
 
 __all__ = ["predict_cmd", "tta_options", "tta_scales_given", "note_unmirrored_tta"]
 

@@ -14,7 +14,7 @@ from zoo.cli import console
 from zoo.cli.console import echo
 from zoo.cli.options import Folder, fc_dropout_option, naming_the_file
 from zoo.hub import resolve_early, resolve_entry
-from zoo.text import printable
+from finetune.core.io import printable
 
 # Options of `zoo finetune` that mean nothing for these commands (they run in one process: --sync-bn, which
 # acts only under torchrun, would be accepted and ignored).
