@@ -262,7 +262,14 @@ def _check_name_lengths(path: Path, option: str, folder: str) -> None:
                          f"{option}")
 
 
-def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str, given: bool = True) -> None:
+# Why an output folder may not lie in the data: the scan skips a folder zoo wrote (scan.is_zoo_output), so the
+# images in it would drop out of the data, and the outputs would clutter the user's folder (before the skip: a later
+# scan trained the run's curves.png as a class of its own)
+IN_THE_DATA = "zoo's files would sit among the images, and every scan skips a folder zoo writes into"
+
+
+def check_outside(path: str | os.PathLike, data: str | os.PathLike, why: str = IN_THE_DATA,
+                  given: bool = True) -> None:
     """Raise UsageError when ``path`` is the data folder ``data`` or inside it (``why``: what goes wrong there);
     ``given=False``: ``path`` is the command's default, not a ``--out`` the user typed (e.g. run from inside
     the data folder)."""

@@ -722,14 +722,15 @@ def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(t
 
 def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, tiny, no_model_build):
     """QA: `--out DATA/run1` was accepted; the next scan of DATA (a new run, or this run's --resume once
-    curves.png existed) read run1/ as a class of its own, trained on curves.png."""
+    curves.png existed) read run1/ as a class of its own, trained on curves.png. The scan skips a folder zoo
+    wrote now (helper-72), so the refusal says why it still stands (the lead, session 24: it said the old reason)."""
     data = make_image_folder(tmp_path / "data", per_class=4)
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
     for out in (data / "run1", data):
         res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
         assert res.exit_code == 2
-        assert f"--out {out} is inside the data folder {data}; a later scan of the data would read the run's " \
-               "images" in res.stderr
+        assert f"--out {out} is inside the data folder {data}; zoo's files would sit among the images, and every " \
+               "scan skips a folder zoo writes into: choose another --out" in res.stderr
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
 
 

@@ -455,8 +455,8 @@ def test_every_trial_folder_name_is_one_overwrite_takes_for_a_trial(freeze):
         assert _TRIAL.fullmatch(name), name
 
 
-@pytest.mark.parametrize("command, product", [("lr-find", "lr_find.png"), ("sweep", "sweep.png")])
-def test_the_default_out_folder_is_named_for_the_command(tmp_path, monkeypatch, command, product):
+@pytest.mark.parametrize("command", ["lr-find", "sweep"])
+def test_the_default_out_folder_is_named_for_the_command(tmp_path, monkeypatch, command):
     """Review (helper-78) of zoo.cli.shared.claimed_out, the one start of both commands: without --out the folder is
     runs/MODEL-lrfind-TIME / runs/MODEL-sweep-TIME, as each command's own copy named it; a folder that holds
     nothing but its log when the command ends is removed again."""
@@ -467,8 +467,8 @@ def test_the_default_out_folder_is_named_for_the_command(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     ctx = click.Context(click.Command(command))
-    with claimed_out(ctx, command, FinetuneConfig(quiet=True), None, {}, [], "test_resnet", "data", None,
-                     product) as (out_dir, say):
+    with claimed_out(ctx, command, FinetuneConfig(quiet=True), None, {}, [], "test_resnet", "data",
+                     None) as (out_dir, say):
         assert (tmp_path / out_dir).parent == tmp_path / "runs" and (tmp_path / out_dir).is_dir()
         assert re.fullmatch(rf"test_resnet-{command.replace('-', '')}-\d{{8}}-\d{{6}}(-\d+)?", out_dir.name)
     assert not (tmp_path / out_dir).exists()

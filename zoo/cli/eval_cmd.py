@@ -73,7 +73,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     scales = tta_scales_given(tta, tta_scales)
     given = out is not None
     out = out or _default_out(model)
-    check_outside(out, data, "a later scan of the data would read confusion.png as a class of its own", given)
+    check_outside(out, data, given=given)
     with claim_out(out, "eval", overwrite=overwrite):     # refused before the model is loaded
         bundle = load_model(model, device=resolve_device(device))
         note_unmirrored_tta(tta, tta_views, scales, bundle.tta_mirror)

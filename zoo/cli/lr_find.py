@@ -71,7 +71,7 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     if not start_lr < end_lr:
         raise ConfigError(f"--start-lr {start_lr:g} must be below --end-lr {end_lr:g}")
     config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
-    with claimed_out(ctx, "lr-find", config, config_path, raw, notes, model, data, out, "lr_find.png",
+    with claimed_out(ctx, "lr-find", config, config_path, raw, notes, model, data, out,
                      overwrite=overwrite) as (out_dir, say):
         _lr_find_into(out_dir, model, data, config, pretrained, fc_dropout, start_lr, end_lr, steps, smooth,
                       diverge_factor, method, say)

@@ -47,10 +47,10 @@ overwrite_option = click.option("--overwrite", is_flag=True, default=False,
 
 @contextmanager
 def claimed_out(ctx: click.Context, command: str, config: FinetuneConfig, config_path: str | None,
-                raw: dict[str, Any], notes: list[str], model: str, data: str, out: str | None, product: str, *,
+                raw: dict[str, Any], notes: list[str], model: str, data: str, out: str | None, *,
                 resume: bool = False, overwrite: bool = False) -> Iterator[tuple[Path, Callable[[str], None]]]:
     """Start ``command`` (``lr-find``, ``sweep``) in its output folder: print the config's notes, check the folder
-    (outside the data: a later scan would read ``product`` as a class), the device, then claim the folder before any
+    (outside the data: ``zoo.outdir.check_outside``), the device, then claim the folder before any
     download and log into it. Yields the folder and the command's ``say``; an error from the options of the
     ``--config`` file names that file."""
     # lazy: zoo --help must not import torch
@@ -63,8 +63,7 @@ def claimed_out(ctx: click.Context, command: str, config: FinetuneConfig, config
         say(note)
     console.keep_going()
     out_dir = Path(out) if out else default_run_dir(f"{model}-{command.replace('-', '')}")
-    check_outside(out_dir, data, f"a later scan of the data would read {product} as a class of its own",
-                  out is not None)
+    check_outside(out_dir, data, given=out is not None)
     check_machine(config)          # a mistyped --device: before the folder is made
     with claim_out(out_dir, command, resume=resume, overwrite=overwrite, note=say), \
             naming_the_file(ctx, config_path, raw):

@@ -85,7 +85,7 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
     config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
-    with claimed_out(ctx, "sweep", config, config_path, raw, notes, model, data, out, "sweep.png", resume=resume,
+    with claimed_out(ctx, "sweep", config, config_path, raw, notes, model, data, out, resume=resume,
                      overwrite=overwrite) as (out_dir, say):
         _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,
                     resume, keep_runs, say)

@@ -264,8 +264,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         check_machine(config, info)                         # a mistyped --device, no tensorboard: too
         check_batch_early(entry, report.train, config, info, fc_dropout)   # a batch BatchNorm cannot train on
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
-        check_outside(run_dir, data_dir, "a later scan of the data would read the run's images (curves.png, "
-                      "confusion.png) as a class of its own", out is not None)
+        check_outside(run_dir, data_dir, given=out is not None)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
