@@ -262,9 +262,9 @@ def _check_name_lengths(path: Path, option: str, folder: str) -> None:
                          f"{option}")
 
 
-# Why an output folder may not lie in the data: the scan skips a folder zoo wrote (scan.is_zoo_output), so the
-# images in it would drop out of the data, and the outputs would clutter the user's folder (before the skip: a later
-# scan trained the run's curves.png as a class of its own)
+# Why an output folder may not lie in the data: the scan skips a folder zoo wrote
+# (finetune.data.files.is_zoo_output), so the images in it would drop out of the data, and the outputs would clutter
+# the user's folder (before the skip: a later scan trained the run's curves.png as a class of its own)
 IN_THE_DATA = "zoo's files would sit among the images, and every scan skips a folder zoo writes into"
 
 

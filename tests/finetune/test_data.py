@@ -145,10 +145,14 @@ def test_every_validation_image_of_a_split_file_gone_says_so_not_make_a_split(im
         os.remove(p)
     with pytest.raises(DataError) as err:
         scan_folder(image_folder, split_file=tmp_path / "run" / "split.json")
-    assert str(err.value) == (
-        f"none of the {len(first.val)} validation images recorded in split.json is in {image_folder} any more (e.g. "
-        f"{first.relpath(first.val.items[0][0])}): moved or deleted since the run began? Put them back to continue "
-        "the run (a new split would validate on images it has trained on)")
+    assert str(err.value) == _validation_gone(first, image_folder)
+
+
+def _validation_gone(first, root) -> str:
+    """The refusal of a resume whose recorded validation images are all gone (splits._validation_gone)."""
+    return (f"none of the {len(first.val)} validation images recorded in split.json is in {root} any more (e.g. "
+            f"{first.relpath(first.val.items[0][0])}): moved or deleted since the run began? Put them back to "
+            "continue the run (a new split would validate on images it has trained on)")
 
 
 @pytest.mark.parametrize("excluded_all", [False, True])
@@ -170,10 +174,7 @@ def test_the_val_folder_of_a_split_run_gone_is_not_made_again_from_train(tmp_pat
         return
     with pytest.raises(DataError) as err:
         scan_folder(root, split_file=tmp_path / "run" / "split.json")
-    assert str(err.value) == (
-        f"none of the {len(first.val)} validation images recorded in split.json is in {root} any more (e.g. "
-        f"{first.relpath(first.val.items[0][0])}): moved or deleted since the run began? Put them back to continue "
-        "the run (a new split would validate on images it has trained on)")
+    assert str(err.value) == _validation_gone(first, root)
 
 
 @pytest.mark.parametrize("layout", ["flat", "split"])

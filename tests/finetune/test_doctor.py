@@ -749,6 +749,20 @@ def _svg_ticks(page: str, title: str) -> list[str]:
     return re.findall(r"text-anchor=\"end\">([^<]*)</text>", svg)
 
 
+def _page_of_history(run, acc_scale):
+    """report.html of a run whose metrics.csv holds 3 epochs, accuracies 0.2 ... 1.0 times ``acc_scale`` (100: a
+    history written in percent), checked as HTML."""
+    from finetune.tools.pages import run_report_html
+
+    many_class_run(run, 8)
+    rows = [(1, "head", 1.0, 1.0, 0.2, 0.4), (2, "finetune", 0.5, 0.75, 0.6, 0.6), (3, "finetune", 0.0, 0.5, 1.0, 0.8)]
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n" + "".join(
+        f"{e},{p},{tl},{vl},{ta * acc_scale:g},{va * acc_scale:g},0.01\n" for e, p, tl, vl, ta, va in rows))
+    page = run_report_html(run)
+    check_html(page)
+    return page
+
+
 def test_run_page_accuracy_axes_read_in_percent_and_loss_axes_as_they_were(tmp_path):
     """Review (session 24): every accuracy on the page read in percent (accuracy_text) but the accuracy chart's
     axis read 0.2 ... 1; its ticks are now percent, the data (metrics.csv) still fractions, the loss axis as it was.
@@ -757,12 +771,7 @@ def test_run_page_accuracy_axes_read_in_percent_and_loss_axes_as_they_were(tmp_p
     from finetune.tools.pages import run_report_html
 
     run = tmp_path / "run"
-    many_class_run(run, 8)
-    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n"
-                                     "1,head,1.0,1.0,0.2,0.4,0.01\n2,finetune,0.5,0.75,0.6,0.6,0.01\n"
-                                     "3,finetune,0.0,0.5,1.0,0.8,0.01\n")
-    page = run_report_html(run)
-    check_html(page)
+    page = _page_of_history(run, 1)
     assert _svg_ticks(page, "accuracy") == ["20%", "40%", "60%", "80%", "100%"]
     assert _svg_ticks(page, "loss") == ["0", "0.25", "0.5", "0.75", "1"]
 
@@ -781,15 +790,7 @@ def test_run_page_accuracy_axis_of_a_history_in_percent_reads_as_curves_png_does
     """Review (helper-78): a metrics.csv whose accuracies are percentages (written by hand or an older tool, which
     curves.png's panel reads as fractions: monitor's percent tolerance) drew report.html's axis 2e+03% ... 1e+04%
     once its ticks were percent; both now read it the same: 20% ... 100%."""
-    from finetune.tools.pages import run_report_html
-
-    run = tmp_path / "run"
-    many_class_run(run, 8)
-    (run / "metrics.csv").write_text("epoch,phase,train_loss,val_loss,train_acc,val_acc,lr\n"
-                                     "1,head,1.0,1.0,20,40,0.01\n2,finetune,0.5,0.75,60,60,0.01\n"
-                                     "3,finetune,0.0,0.5,100,80,0.01\n")
-    page = run_report_html(run)
-    check_html(page)
+    page = _page_of_history(tmp_path / "run", 100)
     assert _svg_ticks(page, "accuracy") == ["20%", "40%", "60%", "80%", "100%"]
 
 
