@@ -22,6 +22,7 @@ from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
+from finetune.core.io import broken_link
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
 from finetune.data.loaders import failure_reason
 from finetune.data.transforms import LimitAspect
@@ -190,8 +191,8 @@ def expand_images(inputs: Iterable[str | os.PathLike],
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`
             out.append(Path("/dev/stdin"))
-        elif p.is_symlink():
-            raise UsageError(f"{item} is a broken symbolic link (to {os.readlink(p)}); fix or remove it")
+        elif (link := broken_link(p)) is not None:     # a link to nothing, one that loops, or below one
+            raise UsageError(f"{link}; fix or remove it")
         elif re.match(r"(https?|ftp|s3|gs)://?", str(item)):     # (a Path argument holds one slash)
             url = re.sub(r":/+", "://", str(item), count=1)
             raise UsageError(f"{url} is a URL: zoo reads local files; download the image first")

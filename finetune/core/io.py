@@ -186,13 +186,14 @@ def broken_link(path: str | Path) -> str | None:
         os.stat(link)
     except OSError as e:
         if e.errno == errno.ELOOP:     # (QA: `--data loop` "does not exist")
-            return f"{link} is a symbolic link that loops (to {os.readlink(link)}, which leads back to it)"
+            return (f"{printable(link)} is a symbolic link that loops (to {printable(os.readlink(link))}, which leads "
+                    "back to it)")
     # a chain a -> b -> c: "to b, which does not exist" of a b that `ls` lists (review): each link on the way named
     hops, at = [os.readlink(link)], str(link)
     while len(hops) < 8 and os.path.islink(nxt := os.path.join(os.path.dirname(at), hops[-1])):
         hops, at = hops + [os.readlink(nxt)], nxt
-    return (f"{link} is a symbolic link to {' -> '.join(hops)}, which does not exist (a disk not mounted, a "
-            "folder moved?)")
+    return (f"{printable(link)} is a symbolic link to {printable(' -> '.join(hops))}, which does not exist (a disk not "
+            "mounted, a folder moved?)")
 
 
 def printable_name(text: str) -> str:

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from finetune.core.errors import DataError
-from finetune.core.io import printable_name
+from finetune.core.io import broken_link, printable_name
 
 # Why a file of no bytes is skipped: the scan (bad_files.txt), the training loaders, zoo predict / eval and
 # zoo serve's uploads all say it in these words.
@@ -253,9 +253,8 @@ def device_decodable(data: bytes, min_size: int | None = None) -> bool:
 def _missing(path: str | Path) -> DataError:
     """A file that cannot be found (every reader of image files says it this way): one listed by the scan
     and moved or deleted since, or a symbolic link to nothing (a folder given to zoo predict or eval)."""
-    if os.path.islink(path):
-        return DataError(f"{printable_name(str(path))} is a broken symbolic link (to "
-                         f"{printable_name(os.readlink(path))}); fix or remove it")
+    if (link := broken_link(path)) is not None:
+        return DataError(f"{link}; fix or remove it")
     return DataError(f"{printable_name(str(path))} is missing: moved or deleted since the scan")
 
 

@@ -127,8 +127,16 @@ def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
     with pytest.raises(UsageError, match="no such image"):
         expand_images([tmp_path / "missing.jpg"])
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "moved.jpg")      # QA: was "no such image or folder"
-    with pytest.raises(UsageError, match=r"gone.jpg is a broken symbolic link \(to .*moved.jpg\); fix or remove it"):
+    with pytest.raises(UsageError, match=r"gone.jpg is a symbolic link to .*moved.jpg, which does not exist .*; fix or "
+                                         r"remove it$"):
         expand_images([tmp_path / "gone.jpg"])
+    # one wording with every other command (finetune.core.io.broken_link): a loop, and an image below a link to nothing
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    with pytest.raises(UsageError, match=r"loop.jpg is a symbolic link that loops .*; fix or remove it$"):
+        expand_images([tmp_path / "loop.jpg"])
+    (tmp_path / "disk").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(UsageError, match=r"disk is a symbolic link to .*unmounted, which does not exist"):
+        expand_images([tmp_path / "disk" / "cat.jpg"])
 
 
 def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
