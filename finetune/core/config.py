@@ -229,7 +229,8 @@ class FinetuneConfig:
         "Fast head path: augmented views cached per image (0 = un-augmented only). At most 100: each view is "
         "one more pass of the backbone over the training images, its features kept in memory.", low=0, high=100)
     head_solver: str = option("lbfgs",
-        "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, its L2 "
+        "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, fewer "
+        "iterations for a very large solve, its L2 "
         "strength picked on the validation split, like a logistic-regression probe) or gradient "
         "(--optimizer/--lr epoch by epoch).",
         choices=HEAD_SOLVERS)

@@ -29,6 +29,7 @@ __all__ = [
     "INV_POWER",
     "plateau_patience",
     "lbfgs_minimise",
+    "lbfgs_iterations",
 ]
 
 # "inv" is 1/t decay: lr * (1 + gamma * t) ** -INV_POWER with t in epochs since warm-up ended
@@ -307,12 +308,31 @@ def build_scheduler(config: Any, optimizer: torch.optim.Optimizer, steps_per_epo
     return Scheduler(config, optimizer, steps_per_epoch)
 
 
+# The work one L-BFGS solve may do: a problem of (rows x parameters) up to LBFGS_FULL_SIZE iterates to
+# convergence or its max_iter; a bigger one stops after proportionally fewer iterations, never fewer than
+# LBFGS_MIN_ITER. Without it, 20,000 images x 2 views of 100 classes (1,280 features) took 90 s per C on
+# 2 cores, over 10 minutes before a medium run's first epoch; 50 iterations per C, warm-started along the
+# path, reached the converged solve's validation accuracy (docs/benchmarks.md, "The head's solve at size").
+LBFGS_FULL_SIZE = 250_000_000
+LBFGS_MIN_ITER = 50
+
+
+def lbfgs_iterations(max_iter: int, rows: int, params: int) -> int:
+    """The iterations a solve of ``rows`` x ``params`` gets: ``max_iter`` up to LBFGS_FULL_SIZE, then fewer in
+    proportion to its size, at least LBFGS_MIN_ITER (or ``max_iter`` if that is smaller). The same on every
+    device, so a run's head does not depend on where it is solved."""
+    size = max(1, int(rows) * int(params))
+    return max(min(max_iter, LBFGS_MIN_ITER), min(max_iter, max_iter * LBFGS_FULL_SIZE // size))
+
+
 def lbfgs_minimise(params: Sequence[torch.Tensor], objective: Callable[[], torch.Tensor], max_iter: int, *,
-                   tolerance_grad: float = 1e-7, tolerance_change: float = 1e-10) -> None:
-    """Minimise ``objective()`` (a full-batch loss of ``params``) in place by L-BFGS with a strong-Wolfe line
-    search: the one solver of the convex problems on features (the head solve, the handedness test, the
-    doctor's label probe)."""
-    opt = torch.optim.LBFGS(list(params), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                   rows: int, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-10) -> None:
+    """Minimise ``objective()`` (a full-batch loss of ``params`` over ``rows`` samples) in place by L-BFGS with a
+    strong-Wolfe line search, at most :func:`lbfgs_iterations` iterations: the one solver of the convex problems
+    on features (the head solve, the handedness test, the doctor's label probe)."""
+    params = list(params)
+    max_iter = lbfgs_iterations(max_iter, rows, sum(int(p.numel()) for p in params))
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
 
     def closure() -> torch.Tensor:

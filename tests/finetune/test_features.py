@@ -783,3 +783,30 @@ def test_the_head_solved_where_the_features_are_is_the_cpu_solve(tmp_path, monke
             torch.testing.assert_close(b, bias, rtol=0, atol=2e-2 * scale, msg=where)
             torch.testing.assert_close(pr, probs, rtol=0, atol=1e-3, msg=where)
 
+
+
+def test_a_large_head_solve_is_capped_by_its_size(tmp_path, monkeypatch):
+    """The head's solve tells the solver how many rows it fits (finetune.core.optim.lbfgs_iterations): a solve
+    made 'large' here (LBFGS_FULL_SIZE 1) runs each C for LBFGS_MIN_ITER iterations, not SOLVER_MAX_ITER, and
+    still picks a C on validation and finishes the run."""
+    from finetune.core import optim
+    from finetune.tools.features import head as head_module
+
+    max_iters: list[int] = []
+
+    class Spy(torch.optim.LBFGS):
+        def __init__(self, params, **kw):
+            max_iters.append(kw["max_iter"])
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Spy)
+    train, val = _sets(tmp_path / "d")
+    _fit(_model(), train, val, _config(head_solver="lbfgs"), run_dir=tmp_path / "full")
+    assert max_iters == [head_module.SOLVER_MAX_ITER] * len(head_module.SOLVER_C)      # small: unchanged
+    max_iters.clear()
+    monkeypatch.setattr(optim, "LBFGS_FULL_SIZE", 1)
+    monkeypatch.setattr(optim, "LBFGS_MIN_ITER", 4)
+    _fit(_model(), train, val, _config(head_solver="lbfgs"), run_dir=tmp_path / "capped")
+    assert max_iters == [4] * len(head_module.SOLVER_C)
+    summary = json.loads((tmp_path / "capped" / "summary.json").read_text())
+    assert sum(p["chosen"] for p in summary["head_solver"]) == 1

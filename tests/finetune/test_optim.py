@@ -258,3 +258,51 @@ def test_a_schedule_refuses_an_unresolved_auto_warmup():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match="warm-up is still auto"):
         build_scheduler(FinetuneConfig(schedule="none"), opt, 4)
+
+
+def test_lbfgs_iterations_shrink_with_the_size_of_the_solve_and_never_below_the_floor():
+    """Every solve our measured jobs make (the 63-image job, medium digits, MNIST at 300 a class, the
+    handedness test of 10 classes) keeps its max_iter; beyond LBFGS_FULL_SIZE (rows x parameters) the
+    iterations fall in proportion, down to LBFGS_MIN_ITER: 20,000 images x 2 views of 100 classes gets the floor."""
+    from finetune.core.optim import LBFGS_FULL_SIZE, LBFGS_MIN_ITER, lbfgs_iterations
+
+    for rows, params in [(90, 1281 * 9), (2000, 1281 * 10), (6000, 1281 * 10), (4000, 1281 * 20)]:
+        assert lbfgs_iterations(500, rows, params) == 500
+    assert lbfgs_iterations(500, 1, LBFGS_FULL_SIZE) == 500
+    assert lbfgs_iterations(500, 2, LBFGS_FULL_SIZE) == 250
+    assert lbfgs_iterations(500, 40_000, 1281 * 100) == LBFGS_MIN_ITER
+    assert lbfgs_iterations(20, 40_000, 1281 * 100) == 20          # a caller's smaller max_iter stands
+    sizes = [10 ** k for k in range(3, 14)]
+    its = [lbfgs_iterations(500, s, 1) for s in sizes]
+    assert its == sorted(its, reverse=True) and min(its) == LBFGS_MIN_ITER
+
+
+def test_lbfgs_minimise_stops_at_the_iterations_its_size_allows(monkeypatch):
+    """The cap is in the one solver (head solve, handedness test, doctor's probe alike): a problem made 'large'
+    by a smaller LBFGS_FULL_SIZE evaluates its objective a bounded number of times, and a small one converges to
+    the same optimum as before the cap."""
+    from finetune.core import optim
+    from finetune.core.optim import lbfgs_minimise
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g) * torch.logspace(-2, 1, 8)       # ill-conditioned, as features are
+    y = torch.randint(0, 3, (200,), generator=g)
+
+    def solve() -> tuple[torch.Tensor, int]:
+        w = torch.zeros(8, 3, requires_grad=True)
+        calls = [0]
+
+        def objective() -> torch.Tensor:
+            calls[0] += 1
+            return torch.nn.functional.cross_entropy(x @ w, y) + 1e-6 * w.pow(2).sum()
+
+        lbfgs_minimise([w], objective, 500, rows=200)
+        return w.detach(), calls[0]
+
+    full, calls = solve()
+    assert calls > 10                       # it iterated, converging (tolerances, not the cap, ended it)
+    monkeypatch.setattr(optim, "LBFGS_MIN_ITER", 3)
+    monkeypatch.setattr(optim, "LBFGS_FULL_SIZE", 1)       # 200 x 24: the floor, 3 iterations
+    capped, capped_calls = solve()
+    assert capped_calls <= 3 * 5 // 4 + 1 < calls           # LBFGS: max_eval = max_iter x 1.25
+    assert not torch.equal(capped, full)

@@ -284,7 +284,7 @@ def _fit_probe(x, y, n_classes: int, l2: float, iters: int):
     w = torch.zeros((x.shape[1], n_classes), dtype=x.dtype, requires_grad=True)
     b = torch.zeros((n_classes,), dtype=x.dtype, requires_grad=True)
     lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum(), iters,
-                   tolerance_grad=1e-6, tolerance_change=1e-9)
+                   rows=int(x.shape[0]), tolerance_grad=1e-6, tolerance_change=1e-9)
     return w.detach(), b.detach()
 
 

@@ -83,7 +83,8 @@ def _fold_scores(p_tr, m_tr, y_tr, p_te, m_te, y_te, k: int) -> torch.Tensor:
     w = torch.zeros(x.shape[1], 2 * k, device=x.device, requires_grad=True)
     b = torch.zeros(2 * k, device=x.device, requires_grad=True)
     l2 = 1.0 / (_C * x.shape[0])
-    lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum(), 500)
+    lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum(), 500,
+                   rows=int(x.shape[0]))
     rows = torch.arange(y_te.shape[0], device=y_te.device)
     per_view = []
     with torch.no_grad():

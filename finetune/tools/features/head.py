@@ -36,7 +36,7 @@ from finetune.engine.setup import Setup
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
 from finetune.core.metrics import accuracy_text
-from finetune.core.optim import lbfgs_minimise
+from finetune.core.optim import lbfgs_iterations, lbfgs_minimise
 from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
@@ -297,7 +297,11 @@ class CachedHeadSteps:
             acc = float((logits.argmax(1) == y).float().mean())
         picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {accuracy_text(va['acc'])}, "
                   f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
-        self.say(f"head: L-BFGS on cached features to convergence, {picked}")
+        rows = int(y.shape[0])
+        its = lbfgs_iterations(SOLVER_MAX_ITER, rows, sum(int(p.numel()) for p in head.parameters()))
+        how = ("to convergence" if its == SOLVER_MAX_ITER
+               else f"at most {its} iterations per C ({rows} rows: a large solve)")
+        self.say(f"head: L-BFGS on cached features {how}, {picked}")
         n = int(y.shape[0])
         seconds = time.perf_counter() - t0 + self._prep_seconds
         self._prep_seconds = 0.0
@@ -330,7 +334,7 @@ class CachedHeadSteps:
             def objective(l2: float = l2) -> torch.Tensor:
                 return loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
 
-            lbfgs_minimise([p for p in (w, b) if p is not None], objective, SOLVER_MAX_ITER)
+            lbfgs_minimise([p for p in (w, b) if p is not None], objective, SOLVER_MAX_ITER, rows=n)
             with torch.no_grad():
                 head.weight.copy_(w)
                 if b is not None:
