@@ -1300,7 +1300,21 @@ def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_wit
     line = _per_class_line(per_class, None)
     shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
     assert shown[0] == "k00 50.00%" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
-    assert f"({len(per_class) - scored} without validation images; mean over classes " in line
+    assert f"(20 of them also at 100.00%; {len(per_class) - scored} without validation images; mean over classes " \
+        in line
+
+
+def test_the_per_class_line_counts_the_hidden_classes_tied_with_the_last_shown():
+    """helper-82: 1,000 classes x 20 images (4 validation images each) had 25 classes at 0.00%; the line showed
+    10 of them, picked by name, and did not say that 15 more were as bad."""
+    from zoo.cli.finetune import _per_class_line
+
+    per_class = {f"k{i:03d}": (0.0 if i % 40 == 0 else 0.75) for i in range(1000)}     # 25 at 0.00%
+    line = _per_class_line(per_class, None)
+    shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
+    assert shown == [f"k{i:03d} 0.00%" for i in range(0, 400, 40)]
+    assert " ... and 990 more (15 of them also at 0.00%; mean over classes " in line
+    assert "also at" not in _per_class_line({**per_class, **{f"k{i:03d}": 0.5 for i in range(400, 1000, 40)}}, None)
 
 
 def test_a_saved_config_with_workers_out_of_bounds_resumes_with_the_default_and_says_so(tmp_path, tiny, monkeypatch):
