@@ -90,8 +90,16 @@ def paired_gain_p(gains: int, losses: int) -> float:
     ``gains``: images the new model gets right and the old one wrong; ``losses``: the reverse. Returns
     the probability of at least ``gains`` of the ``gains + losses`` discordant images going the new
     model's way if both were equally good (each discordant image a fair coin); 1.0 when none differ.
+    Exact (integers): each coefficient from the one before, C(n, k + 1) = C(n, k) (n - k) / (k + 1), since a
+    math.comb per term costs a power of n more: 16,000 discordant images (a 90,000-image validation split)
+    took 13 s that way, 0.03 s this way (docs/benchmarks.md, "Scale audit, helper-82").
     """
-    n = int(gains) + int(losses)
+    gains = int(gains)
+    n = gains + int(losses)
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(int(gains), n + 1)) / 2 ** n
+    total, term = 0, math.comb(n, gains)
+    for k in range(gains, n + 1):
+        total += term
+        term = term * (n - k) // (k + 1)
+    return total / 2 ** n

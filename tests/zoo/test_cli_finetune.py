@@ -210,7 +210,9 @@ def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path
     [line] = [line for line in result.stdout.splitlines() if line.startswith("per-class accuracy")]
     assert line.startswith(f"per-class accuracy, the 10 lowest of {n}: ")
     assert len(line.split(" ... ")[0].split(": ", 1)[1].split(", ")) == 10
-    assert f" ... and {n - 10} more (mean over classes " in line and str(out / "report.html") in line
+    # (one validation image a class: the 10th lowest is tied with as many hidden classes as the net got wrong)
+    assert re.search(rf" \.\.\. and {n - 10} more \((\d+ of them also at (0\.00|100\.00)%; )?mean over classes ", line)
+    assert str(out / "report.html") in line
 
     summary = json.loads((out / "summary.json").read_text())
     assert "confusion" not in summary["metrics"] and summary["confusion_csv"] == "confusion.csv"
@@ -1300,7 +1302,21 @@ def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_wit
     line = _per_class_line(per_class, None)
     shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
     assert shown[0] == "k00 50.00%" and len(shown) == 10 and all(not c.endswith(" -") for c in shown)
-    assert f"({len(per_class) - scored} without validation images; mean over classes " in line
+    assert f"(20 of them also at 100.00%; {len(per_class) - scored} without validation images; mean over classes " \
+        in line
+
+
+def test_the_per_class_line_counts_the_hidden_classes_tied_with_the_last_shown():
+    """helper-82: 1,000 classes x 20 images (4 validation images each) had 25 classes at 0.00%; the line showed
+    10 of them, picked by name, and did not say that 15 more were as bad."""
+    from zoo.cli.finetune import _per_class_line
+
+    per_class = {f"k{i:03d}": (0.0 if i % 40 == 0 else 0.75) for i in range(1000)}     # 25 at 0.00%
+    line = _per_class_line(per_class, None)
+    shown = line.split(" ... ")[0].split(": ", 1)[1].split(", ")
+    assert shown == [f"k{i:03d} 0.00%" for i in range(0, 400, 40)]
+    assert " ... and 990 more (15 of them also at 0.00%; mean over classes " in line
+    assert "also at" not in _per_class_line({**per_class, **{f"k{i:03d}": 0.5 for i in range(400, 1000, 40)}}, None)
 
 
 def test_a_saved_config_with_workers_out_of_bounds_resumes_with_the_default_and_says_so(tmp_path, tiny, monkeypatch):

@@ -176,7 +176,8 @@ def _report(outcome) -> None:
 
 def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
     """``per-class accuracy: a 90.00%, b 75.00%, ...`` in class order; above FULL_MAX_CLASSES classes the
-    SHOWN_CLASSES lowest only, then how many more, their mean (balanced accuracy) and where every class is."""
+    SHOWN_CLASSES lowest only, then how many more (those tied with the last shown counted), their mean (balanced
+    accuracy) and where every class is."""
     def cell(name: str) -> str:
         v = per_class[name]
         return f"{printable(name)} {accuracy_text(v)}"
@@ -186,7 +187,10 @@ def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:
     scored = [c for c in lowest_first(per_class) if per_class[c] is not None and per_class[c] == per_class[c]]
     worst = scored[:SHOWN_CLASSES]      # (a class without validation images is no "lowest": counted apart)
     unscored = len(per_class) - len(scored)
-    none = f"{unscored} without validation images; " if unscored else ""
+    # (1,000 classes x 4 validation images: 25 at 0.00%, the 10 shown picked among them by name)
+    tied = sum(1 for c in scored[len(worst):] if per_class[c] == per_class[worst[-1]]) if worst else 0
+    none = f"{tied} of them also at {accuracy_text(per_class[worst[-1]])}; " if tied else ""
+    none += f"{unscored} without validation images; " if unscored else ""
     mean = f"mean over classes {accuracy_text(sum(per_class[c] for c in scored) / len(scored))}; " if scored else ""
     where = f"{run_dir / 'report.html'} and {run_dir / CONFUSION_CSV}" if run_dir is not None else "report.html"
     return (f"per-class accuracy, the {len(worst)} lowest of {len(per_class)}: {', '.join(cell(c) for c in worst)}"
