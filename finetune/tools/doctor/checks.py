@@ -111,23 +111,35 @@ def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.nd
     out: list[tuple[int, int, float]] = []
     if threshold >= 1.0 or len(z) < 2:
         return out
-    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).double()
+    z32 = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    zt = z32.double()
+    # A float32 product screens each block (half the time of float64: 25,000 x 1280 features, docs/benchmarks.md
+    # "Scale audit of doctor, eval, predict"): its error on unit vectors is at most D x 2^-24, so a row with no
+    # screened cosine within twice that of the threshold has no pair, and only the others are computed in float64.
+    slack = 2.0 * z32.shape[1] * 2.0 ** -24
     order_t, split_t, label_t = (torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in (order, split, label))
     for start in range(0, zt.shape[0], block):
-        rows = slice(start, start + block)
-        sim = zt[rows] @ zt.T
-        found = (sim >= threshold) & (order_t[None, :] < order_t[rows, None])     # partners kept before the row
-        if not bool(found.any()):
+        earlier = order_t[None, :] < order_t[start:start + block, None]     # partners kept before the row
+        near = torch.nonzero((((z32[start:start + block] @ z32.T) >= threshold - slack) & earlier).any(dim=1))
+        if not len(near):
             continue
+        rows = start + near.flatten()
+        sim = _exact_cosines(zt, rows)
+        found = (sim >= threshold) & earlier[rows - start]
         same_split, same_label = split_t[None, :] == split_t[rows, None], label_t[None, :] == label_t[rows, None]
         for mask in (found & ~same_split, found & same_split & same_label, found & same_split & ~same_label):
             hit = torch.nonzero(mask.any(dim=1)).flatten()
             if not len(hit):
                 continue
             best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(NEAR_PER_KIND, zt.shape[0]), dim=1)
-            for r, values, partners in zip(hit.tolist(), best.tolist(), cols.tolist()):
-                out += [(min(start + r, c), max(start + r, c), v) for v, c in zip(values, partners) if v > -math.inf]
+            for r, values, partners in zip(rows[hit].tolist(), best.tolist(), cols.tolist()):
+                out += [(min(r, c), max(r, c), v) for v, c in zip(values, partners) if v > -math.inf]
     return out
+
+
+def _exact_cosines(zt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The float64 cosines of the rows ``rows`` of ``zt`` (unit vectors) with every row: (len(rows), N)."""
+    return zt[rows] @ zt.T
 
 
 NEAR_FLOOR = 0.95          # the auto feature threshold's lowest value (photos: docs/doctor.md)
@@ -302,6 +314,25 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 MIN_PROBE_IMAGES = 5   # images a class needs for the out-of-fold probe to judge its labels
+# images x features x classes up to which the probe sees the features whole (100 classes x 25,000 images x 1280: 3.2e9)
+PROBE_WORK = 4e9
+PROBE_MIN_FEATURES = 128    # a bigger probe is fitted on this many principal components, or more (see probe_inputs)
+
+
+def probe_inputs(x: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The centred features ``x`` (N, D) as the label probe is fitted on them: as they are while N x D x C is at
+    most ``PROBE_WORK``, else their top principal components, as many as keep the probe within it (at least
+    ``PROBE_MIN_FEATURES``). Each L-BFGS step costs N x D x C, and the solver's floor is 50 steps per fold, so
+    the probe's time grew with N x C: minutes at 1,000 classes (docs/benchmarks.md "Scale audit of doctor, eval,
+    predict, helper-83"). Unsupervised (no label is used): no fold learns from another fold's labels."""
+    n, d = (int(v) for v in x.shape)
+    keep = max(PROBE_MIN_FEATURES, int(PROBE_WORK // max(1, n * n_classes)))
+    if n * d * n_classes <= PROBE_WORK or keep >= d:
+        return x
+    xd = x.double()
+    _, vectors = torch.linalg.eigh(xd.T @ xd)            # ascending: the last ones hold the most variance
+    return (xd @ vectors[:, -keep:]).float()
+
 
 
 def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
@@ -317,7 +348,7 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
     """
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
-    x = x - x.mean(0, keepdim=True)
+    x = probe_inputs(x - x.mean(0, keepdim=True), n_classes)
     x = x / x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12) * math.sqrt(x.shape[1])
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     probs = torch.zeros((len(y), n_classes), dtype=torch.float32)
