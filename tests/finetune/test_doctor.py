@@ -816,30 +816,6 @@ def test_run_page_axis_ticks_of_a_narrow_range_are_distinct(tmp_path, low):
     assert [float(t[:-1]) for t in acc] == sorted(float(t[:-1]) for t in acc)
 
 
-def test_a_label_probe_too_big_to_fit_whole_is_fitted_on_principal_components_and_still_finds_the_flip(monkeypatch):
-    """helper-83: each L-BFGS step of the probe costs images x features x classes, 50 steps per fold at least: 1,000
-    classes x 10 images x 1280 features took minutes (docs/benchmarks.md, "Scale audit of doctor, eval, predict").
-    Above ``PROBE_WORK`` the probe is fitted on the top principal components, as many as keep it within; below,
-    on the features whole, as before. Here the work limit is scaled down to the test's clusters."""
-    import finetune.tools.doctor.checks as checks
-
-    seen: list[int] = []
-    fit = checks._fit_probe
-    monkeypatch.setattr(checks, "_fit_probe", lambda x, *a, **k: seen.append(int(x.shape[1])) or fit(x, *a, **k))
-    x, y = _clusters()
-    z = x / np.linalg.norm(x, axis=1, keepdims=True)
-    flipped = y.copy()
-    flipped[7] = 2          # image 7 is class 0, filed under 2
-    label_issues(z, flipped, 3, folds=5, seed=0)
-    assert seen == [16] * 5                 # a small probe: the features whole
-    seen.clear()
-    monkeypatch.setattr(checks, "PROBE_WORK", 90 * 3 * 4, raising=False)
-    monkeypatch.setattr(checks, "PROBE_MIN_FEATURES", 2, raising=False)
-    out = label_issues(z, flipped, 3, folds=5, seed=0)
-    assert seen == [4] * 5                  # 90 images x 3 classes x 4 components: within the limit
-    assert np.argsort(-out["score"])[0] == 7 and out["flagged"][7] and out["suggested"][7] == 0
-
-
 def test_the_near_copy_search_computes_in_float64_only_the_rows_a_float32_screen_leaves_and_finds_the_same_pairs(
         monkeypatch):
     """helper-83: the near-copy search multiplied every block of rows by every row in float64, twice the time of

@@ -314,25 +314,6 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 MIN_PROBE_IMAGES = 5   # images a class needs for the out-of-fold probe to judge its labels
-# images x features x classes up to which the probe sees the features whole (100 classes x 25,000 images x 1280: 3.2e9)
-PROBE_WORK = 4e9
-PROBE_MIN_FEATURES = 128    # a bigger probe is fitted on this many principal components, or more (see probe_inputs)
-
-
-def probe_inputs(x: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """The centred features ``x`` (N, D) as the label probe is fitted on them: as they are while N x D x C is at
-    most ``PROBE_WORK``, else their top principal components, as many as keep the probe within it (at least
-    ``PROBE_MIN_FEATURES``). Each L-BFGS step costs N x D x C, and the solver's floor is 50 steps per fold, so
-    the probe's time grew with N x C: minutes at 1,000 classes (docs/benchmarks.md "Scale audit of doctor, eval,
-    predict, helper-83"). Unsupervised (no label is used): no fold learns from another fold's labels."""
-    n, d = (int(v) for v in x.shape)
-    keep = max(PROBE_MIN_FEATURES, int(PROBE_WORK // max(1, n * n_classes)))
-    if n * d * n_classes <= PROBE_WORK or keep >= d:
-        return x
-    xd = x.double()
-    _, vectors = torch.linalg.eigh(xd.T @ xd)            # ascending: the last ones hold the most variance
-    return (xd @ vectors[:, -keep:]).float()
-
 
 
 def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
@@ -348,7 +329,7 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
     """
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
-    x = probe_inputs(x - x.mean(0, keepdim=True), n_classes)
+    x = x - x.mean(0, keepdim=True)
     x = x / x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12) * math.sqrt(x.shape[1])
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     probs = torch.zeros((len(y), n_classes), dtype=torch.float32)
