@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from finetune.core.confusion import FULL_MAX_CLASSES, read_confusion_csv
 from finetune.data import scan_folder
@@ -814,33 +813,3 @@ def test_run_page_axis_ticks_of_a_narrow_range_are_distinct(tmp_path, low):
     acc = _svg_ticks(page, "accuracy")
     assert acc[-1] == "100%" and all(t.endswith("%") for t in acc)
     assert [float(t[:-1]) for t in acc] == sorted(float(t[:-1]) for t in acc)
-
-
-def test_the_near_copy_search_computes_in_float64_only_the_rows_a_float32_screen_leaves_and_finds_the_same_pairs(
-        monkeypatch):
-    """helper-83: the near-copy search multiplied every block of rows by every row in float64, twice the time of
-    float32 (25,000 x 1280 features, docs/benchmarks.md "Scale audit of doctor, eval, predict"). A float32 product
-    now screens each block (its error on unit vectors is at most D x 2^-24, the screen keeps twice that below the
-    threshold); only the rows it keeps are computed in float64, and the pairs are those the float64 product of
-    every row finds."""
-    import finetune.tools.doctor.checks as checks
-
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(2500, 64))
-    planted = {(10, 1500): 0.02, (700, 2400): 0.05, (1200, 1201): 0.08}      # near copies: cosine 0.99 or more
-    for (i, j), noise in planted.items():
-        z[j] = z[i] + noise * rng.normal(size=64) / 8
-    z = checks.l2_normalise(z.astype(np.float32))
-    exact_rows: list[int] = []
-    fn = checks._exact_cosines
-    monkeypatch.setattr(checks, "_exact_cosines", lambda zt, rows: exact_rows.extend(rows.tolist()) or fn(zt, rows),
-                        raising=False)
-    zero = np.zeros(len(z), dtype=np.int64)
-    found = checks._near_pairs(z, 0.99, np.arange(len(z)), zero, zero)
-    whole = torch.from_numpy(z).double()
-    sim = (whole @ whole.T).numpy()
-    expected = {(i, j) for i, j in zip(*np.nonzero(sim >= 0.99)) if i < j}
-    assert expected == set(planted)
-    assert {(i, j) for i, j, _ in found} == expected
-    assert sorted(exact_rows) == sorted(j for _, j in planted)      # each pair's later row, the one it drops
-    np.testing.assert_allclose([v for *_, v in found], [sim[i, j] for i, j, _ in found], rtol=0, atol=1e-12)

@@ -111,35 +111,23 @@ def _near_pairs(z: np.ndarray, threshold: float, order: np.ndarray, split: np.nd
     out: list[tuple[int, int, float]] = []
     if threshold >= 1.0 or len(z) < 2:
         return out
-    z32 = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-    zt = z32.double()
-    # A float32 product screens each block (half the time of float64: 25,000 x 1280 features, docs/benchmarks.md
-    # "Scale audit of doctor, eval, predict"): its error on unit vectors is at most D x 2^-24, so a row with no
-    # screened cosine within twice that of the threshold has no pair, and only the others are computed in float64.
-    slack = 2.0 * z32.shape[1] * 2.0 ** -24
+    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).double()
     order_t, split_t, label_t = (torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in (order, split, label))
     for start in range(0, zt.shape[0], block):
-        earlier = order_t[None, :] < order_t[start:start + block, None]     # partners kept before the row
-        near = torch.nonzero((((z32[start:start + block] @ z32.T) >= threshold - slack) & earlier).any(dim=1))
-        if not len(near):
+        rows = slice(start, start + block)
+        sim = zt[rows] @ zt.T
+        found = (sim >= threshold) & (order_t[None, :] < order_t[rows, None])     # partners kept before the row
+        if not bool(found.any()):
             continue
-        rows = start + near.flatten()
-        sim = _exact_cosines(zt, rows)
-        found = (sim >= threshold) & earlier[rows - start]
         same_split, same_label = split_t[None, :] == split_t[rows, None], label_t[None, :] == label_t[rows, None]
         for mask in (found & ~same_split, found & same_split & same_label, found & same_split & ~same_label):
             hit = torch.nonzero(mask.any(dim=1)).flatten()
             if not len(hit):
                 continue
             best, cols = sim[hit].masked_fill(~mask[hit], -math.inf).topk(min(NEAR_PER_KIND, zt.shape[0]), dim=1)
-            for r, values, partners in zip(rows[hit].tolist(), best.tolist(), cols.tolist()):
-                out += [(min(r, c), max(r, c), v) for v, c in zip(values, partners) if v > -math.inf]
+            for r, values, partners in zip(hit.tolist(), best.tolist(), cols.tolist()):
+                out += [(min(start + r, c), max(start + r, c), v) for v, c in zip(values, partners) if v > -math.inf]
     return out
-
-
-def _exact_cosines(zt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The float64 cosines of the rows ``rows`` of ``zt`` (unit vectors) with every row: (len(rows), N)."""
-    return zt[rows] @ zt.T
 
 
 NEAR_FLOOR = 0.95          # the auto feature threshold's lowest value (photos: docs/doctor.md)
