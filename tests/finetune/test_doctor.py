@@ -813,3 +813,30 @@ def test_run_page_axis_ticks_of_a_narrow_range_are_distinct(tmp_path, low):
     acc = _svg_ticks(page, "accuracy")
     assert acc[-1] == "100%" and all(t.endswith("%") for t in acc)
     assert [float(t[:-1]) for t in acc] == sorted(float(t[:-1]) for t in acc)
+
+
+def test_a_probe_that_flags_a_large_share_of_the_images_says_what_the_share_means_before_an_exclude_drops_them():
+    """helper-83: at scale a weak probe flags whole classes (3,961 of 25,000 images at 100 classes; every image of
+    1,000 classes of 10), and `--exclude findings.csv`, the doctor's own advice, drops every wrong_label row. Above
+    a tenth of the judged images the log says so; separable clusters (a flipped label) stay silent."""
+    from finetune.tools.doctor.run import _probe_findings
+
+    def probe(x, y):
+        z = x / np.linalg.norm(x, axis=1, keepdims=True)
+        heard: list[str] = []
+        names = [f"c{k}" for k in range(int(y.max()) + 1)]
+        found, _, _ = _probe_findings(z, np.ones(len(y), bool), y, [f"{k}.png" for k in range(len(y))],
+                                      ["train"] * len(y), [names[k] for k in y], names, DoctorOptions(), heard.append)
+        return sum(f.finding == "wrong_label" for f in found), [m for m in heard if "wrong labels at" in m]
+
+    x, y = _clusters()
+    y[7] = 2
+    flagged, said = probe(x, y)
+    assert flagged <= 3 and said == []
+    noise = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)      # 20 classes the features lack
+    flagged, said = probe(noise, np.repeat(np.arange(20), 10))
+    assert flagged > 100 and len(said) == 1
+    assert said == [f"doctor: the probe calls {flagged:,} of 200 images ({flagged / 200:.0%}) wrong labels at "
+                    f"out-of-fold accuracy {said[0].split('accuracy ')[1].split(':')[0]}: more likely classes the "
+                    "features cannot tell apart than label errors; look at the suggested classes in findings.csv "
+                    "first, since --exclude findings.csv drops every wrong_label row"]

@@ -181,6 +181,7 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
                                         f"labelled {labels[i]}, probe says {classes[int(li['suggested'][k])]} "
                                         f"(p={p_sug:.2f} vs {li['probs'][k, y[i]]:.2f})"))
         _say_unjudged(y[rows], classes, say)
+        _say_many_flagged(int(li["flagged"].sum()), len(rows), probe_acc, say)
         rz, out = find_outliers(z[rows], y[rows], len(classes), options.outlier_z)
         for k in np.flatnonzero(out):
             i = int(rows[k])
@@ -201,6 +202,22 @@ def _say_unjudged(y: np.ndarray, classes: list[str], say: Log) -> None:
         say(f"doctor: the labels of {len(few)} class{'es' if len(few) > 1 else ''} of fewer than {MIN_PROBE_IMAGES} "
             f"images are not checked ({shown}): the probe that would judge an image of such a class learns too "
             "little of it; add images to check them")
+
+
+# A share of the judged images above which the wrong_label rows read as classes the features cannot tell apart
+FLAGGED_SHARE_NOTE = 0.1
+
+
+def _say_many_flagged(flagged: int, judged: int, accuracy: float, say: Log) -> None:
+    """Say so when the probe calls more than FLAGGED_SHARE_NOTE of the judged images wrong labels: a weak probe's
+    thresholds (each class's mean self-confidence) are low, and it flags whole classes that the features cannot
+    tell apart (helper-83: 3,961 of 25,000 images at 100 classes, every image at 1,000 classes of 10 images), and
+    ``--exclude findings.csv`` drops every one of them."""
+    if judged and flagged > FLAGGED_SHARE_NOTE * judged:
+        say(f"doctor: the probe calls {flagged:,} of {judged:,} images ({flagged / judged:.0%}) wrong labels at "
+            f"out-of-fold accuracy {accuracy:.0%}: more likely classes the features cannot tell apart than label "
+            "errors; look at the suggested classes in findings.csv first, since --exclude findings.csv drops every "
+            "wrong_label row")
 
 
 def _scan_findings(report: Any, classes: list[str], options: DoctorOptions) -> list[Finding]:
