@@ -13,8 +13,10 @@ import glob
 import math
 import os
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
-from finetune.data.loaders import failure_reason
+from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
 from finetune.data.files import is_ignored, refuse_zoo_output, walk_files
 from zoo.errors import UsageError
@@ -225,7 +227,8 @@ def model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: dict, *, tta: bool = False,
                   tta_scales: Sequence[int] | None = None, tta_views: str = DEFAULT_TTA_VIEWS,
                   batch_size: int = 32, progress: bool = False, on_error: OnError | None = None,
-                  mirror: bool = True) -> tuple[list[int], torch.Tensor]:
+                  mirror: bool = True, threads: int | None = None,
+                  on_batch: Callable[[list[int], torch.Tensor], None] | None = None) -> tuple[list[int], torch.Tensor]:
     """Softmax probabilities for each readable image, batched, on the model's device.
 
     Args:
@@ -238,6 +241,11 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         progress: show a tqdm bar (quiet anyway when stderr is not a terminal).
         on_error: called with (image, reason) for an unreadable image, which is then skipped;
             without it the error propagates.
+        threads: images decoded and transformed at once (:func:`_prepared`); None: the training loaders'
+            worker count for the model's device (``resolve_workers``: every core but one on CUDA, none on a CPU
+            of up to 4 cores).
+        on_batch: called with (indices, probabilities) of each batch as soon as it is predicted (``zoo predict``
+            prints as it goes: the first lines of 10,000 images come in seconds, and a Ctrl-C keeps them).
     Returns:
         (indices of the images that were read, float tensor [n_read, C] on the CPU).
     """
@@ -268,17 +276,18 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         probs = logits.float().softmax(dim=-1).view(len(pending), views, -1).mean(dim=1)
         chunks.append(probs.cpu())
         kept.extend(pending_idx)
+        if on_batch is not None:
+            on_batch(list(pending_idx), chunks[-1])
         pending.clear()
         pending_idx.clear()
 
+    threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), len(images))
     with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
-        for i, item in enumerate(images):
-            try:
-                tensor = transform(_load(item, min_size))
-            except Exception as err:  # any decoder failure: the image is skipped, the run goes on
+        for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
+            if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on
                 if on_error is None:
-                    raise
-                on_error(item, failure_reason(err))    # in the words the training loaders log
+                    raise tensor
+                on_error(images[i], failure_reason(tensor))    # in the words the training loaders log
                 bar.update(1)
                 continue
             pending.append(tensor)
@@ -290,6 +299,40 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     if not chunks:
         return [], torch.empty(0, 0)
     return kept, torch.cat(chunks)
+
+
+def _prepared(images: Sequence[Any], prepare: Callable[[Any], torch.Tensor], threads: int,
+              batch_size: int) -> Iterator[tuple[int, torch.Tensor | Exception]]:
+    """``(index, prepare(image))`` for each image in order, or the exception that preparing it raised. With
+    ``threads`` > 0 the images are decoded and transformed that many at a time, up to a batch and two per thread
+    ahead of the one consumed, so the next batch is ready when the model is (PIL's decoders and resizes and
+    torch's ops let go of the GIL: docs/benchmarks.md, "Decoding for predict and eval"); 0: one after another, here."""
+    if threads <= 0:
+        for i, item in enumerate(images):
+            try:
+                yield i, prepare(item)
+            except Exception as err:
+                yield i, err
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-decode")
+    ahead: deque = deque()
+    todo = iter(enumerate(images))
+    try:
+        for i, item in todo:
+            ahead.append((i, pool.submit(prepare, item)))
+            if len(ahead) >= batch_size + 2 * threads:
+                break
+        while ahead:
+            i, done = ahead.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append((nxt[0], pool.submit(prepare, nxt[1])))
+            try:
+                yield i, done.result()
+            except Exception as err:
+                yield i, err
+    finally:     # an error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def topk(probs: torch.Tensor, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:

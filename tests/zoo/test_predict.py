@@ -119,6 +119,71 @@ def test_predict_probs_batches_and_skips_unreadable(tmp_path):
         predict_probs(model, [broken], DC)                              # without on_error it propagates
 
 
+def test_predict_and_eval_decode_on_the_loaders_worker_count(monkeypatch):
+    """One worker policy (finetune.data.loaders.resolve_workers) for the training loaders and for predict's and
+    eval's decoding threads: what it says for the model's device is what predict_probs uses."""
+    import zoo.predict as predict
+
+    asked: list[str] = []
+    used: list[int] = []
+    real = predict._prepared
+    monkeypatch.setattr(predict, "resolve_workers", lambda workers, device: asked.append(device) or 2)
+    monkeypatch.setattr(predict, "_prepared", lambda images, prepare, threads, batch: used.append(threads) or
+                        real(images, prepare, threads, batch))
+    img = Image.new("RGB", (12, 12), (255, 0, 0))
+    assert predict_probs(MeanColour().eval(), [img, img, img], DC)[0] == [0, 1, 2]
+    assert predict_probs(MeanColour().eval(), [img], DC)[0] == [0]          # never more threads than images
+    assert asked == ["cpu", "cpu"] and used == [2, 1]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_images_decoded_on_threads_give_the_same_probabilities_errors_and_order(tmp_path, tta):
+    """On a GPU machine predict and eval decode on threads (the loaders' worker count: resolve_workers); here,
+    on 3 threads, the result is that of decoding one image after another: the same probabilities to the bit,
+    the same images kept, the same unreadable ones reported in input order, and without on_error the first
+    unreadable image's error."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(23):
+        p = tmp_path / f"img{i:02d}.png"
+        if i in (4, 11, 12):
+            p.write_bytes(b"not an image at all" * i)
+        else:
+            Image.fromarray(rng.integers(0, 255, (9 + i, 14, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    runs = {}
+    for threads in (0, 3):
+        seen: list[str] = []
+        kept, probs = predict_probs(MeanColour().eval(), paths, DC, batch_size=4, tta=tta, threads=threads,
+                                    on_error=lambda item, why: seen.append(str(item)))
+        runs[threads] = (kept, probs, seen)
+        with pytest.raises(Exception, match="img04"):
+            predict_probs(MeanColour().eval(), paths, DC, batch_size=4, threads=threads)
+    assert runs[0][0] == runs[3][0] == [i for i in range(23) if i not in (4, 11, 12)]
+    assert torch.equal(runs[0][1], runs[3][1])
+    assert runs[0][2] == runs[3][2] == [str(paths[i]) for i in (4, 11, 12)]
+
+
+def test_a_consumer_that_stops_early_leaves_no_decoding_behind():
+    """predict's decode-ahead threads stop with their consumer (an error or Ctrl-C between batches): the images
+    queued ahead are cancelled, and no thread of the pool outlives the generator."""
+    import threading
+
+    from zoo.predict import _prepared
+
+    started: list[int] = []
+
+    def prepare(i: int) -> torch.Tensor:
+        started.append(i)
+        return torch.tensor([i])
+
+    gen = _prepared(list(range(1000)), prepare, 2, 4)
+    assert [int(next(gen)[1]) for _ in range(3)] == [0, 1, 2]
+    gen.close()
+    assert len(started) < 20
+    assert not [t for t in threading.enumerate() if t.name.startswith("zoo-decode")]
+
+
 def test_expand_images_recurses_folders_and_rejects_missing(tmp_path):
     make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
     (tmp_path / "d" / "notes.txt").write_text("x")

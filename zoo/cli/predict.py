@@ -105,6 +105,7 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
     from zoo.predict import expand_images, predict_probs, topk as top
+    from tqdm.auto import tqdm
 
     scales = tta_scales_given(tta, tta_scales)
     unlisted: list[tuple[str, str]] = []
@@ -121,13 +122,20 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
         reasons.append(reason)
         warn_skipped(item, reason)
 
+    def printed(indices: list[int], probs) -> None:     # text: each batch as soon as it is predicted
+        with tqdm.external_write_mode():                 # above a folder's progress bar, not through it
+            for i, res in zip(indices, top(probs, bundle.labels, topk)):
+                echo(printable(paths[i]))
+                for lab, p in res:
+                    echo(f"  {p * 100:6.2f}%  {printable(lab)}")
+
     kept, probs = predict_probs(bundle.model, paths, bundle.data_config, tta=tta, tta_scales=scales,
                                 tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=skipped,
-                                mirror=bundle.tta_mirror)
+                                mirror=bundle.tta_mirror, on_batch=None if as_json else printed)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be read")
-    results = top(probs, bundle.labels, topk)
     if as_json:
+        results = top(probs, bundle.labels, topk)
         # every image given, in order: a skipped one with no predictions and the reason (a script reading the
         # document sees what was not classified, not only stderr)
         found = {i: [{"label": lab, "prob": round(p, 6)} for lab, p in res] for i, res in zip(kept, results)}
@@ -137,8 +145,3 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
                {"image": printable_name(str(path)), "predictions": [], "error": printable(next(errors, "unreadable"))}
                for i, path in enumerate(paths)]
         echo(json.dumps(doc, indent=2))    # ASCII: echo escapes what is not printable, the JSON stays valid
-        return
-    for i, res in zip(kept, results):
-        echo(printable(paths[i]))
-        for lab, p in res:
-            echo(f"  {p * 100:6.2f}%  {printable(lab)}")
