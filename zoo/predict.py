@@ -281,7 +281,8 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         pending.clear()
         pending_idx.clear()
 
-    threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), len(images))
+    # never more threads than images, and none for one image (zoo serve's requests): nothing to overlap
+    threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
     with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
         for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
             if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on

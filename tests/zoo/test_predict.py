@@ -132,8 +132,9 @@ def test_predict_and_eval_decode_on_the_loaders_worker_count(monkeypatch):
                         real(images, prepare, threads, batch))
     img = Image.new("RGB", (12, 12), (255, 0, 0))
     assert predict_probs(MeanColour().eval(), [img, img, img], DC)[0] == [0, 1, 2]
-    assert predict_probs(MeanColour().eval(), [img], DC)[0] == [0]          # never more threads than images
-    assert asked == ["cpu", "cpu"] and used == [2, 1]
+    assert predict_probs(MeanColour().eval(), [img, img], DC)[0] == [0, 1]      # never more threads than images
+    assert predict_probs(MeanColour().eval(), [img], DC)[0] == [0]              # none for one: nothing to overlap
+    assert asked == ["cpu"] * 3 and used == [2, 1, 0]
 
 
 @pytest.mark.parametrize("tta", [False, True])
