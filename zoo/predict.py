@@ -25,7 +25,7 @@ from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
-from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
 from finetune.data.files import is_ignored, refuse_zoo_output, walk_files
@@ -318,22 +318,27 @@ def _prepared(images: Sequence[Any], prepare: Callable[[Any], torch.Tensor], thr
     pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-decode")
     ahead: deque = deque()
     todo = iter(enumerate(images))
-    try:
-        for i, item in todo:
-            ahead.append((i, pool.submit(prepare, item)))
-            if len(ahead) >= batch_size + 2 * threads:
-                break
-        while ahead:
-            i, done = ahead.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append((nxt[0], pool.submit(prepare, nxt[1])))
-            try:
-                yield i, done.result()
-            except Exception as err:
-                yield i, err
-    finally:     # an error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded
-        pool.shutdown(wait=True, cancel_futures=True)
+    # load_image's own pil_warnings (catch_warnings) is not thread-safe: entered and left on several threads at
+    # once, one thread restored the filters another had set, which then outlived the run (every later decompression-
+    # bomb warning of the process an error) or left a decode without them. Entered once here, around the threads,
+    # every interleaving restores a list that holds these filters, and leaving it restores the process's own.
+    with pil_warnings():
+        try:
+            for i, item in todo:
+                ahead.append((i, pool.submit(prepare, item)))
+                if len(ahead) >= batch_size + 2 * threads:
+                    break
+            while ahead:
+                i, done = ahead.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    ahead.append((nxt[0], pool.submit(prepare, nxt[1])))
+                try:
+                    yield i, done.result()
+                except Exception as err:
+                    yield i, err
+        finally:     # an error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def topk(probs: torch.Tensor, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:

@@ -165,6 +165,30 @@ def test_images_decoded_on_threads_give_the_same_probabilities_errors_and_order(
     assert runs[0][2] == runs[3][2] == [str(paths[i]) for i in (4, 11, 12)]
 
 
+def test_decoding_threads_read_under_the_pil_filters_and_leave_the_process_filters_as_they_were(monkeypatch):
+    """Review (helper-85): load_image's pil_warnings is catch_warnings, which is not thread-safe; entered on each
+    decoding thread, one thread restored the filters another had set: after a threaded predict the process kept
+    'error' for PIL's decompression-bomb warning (5 runs of 200 images on 4 threads: 2 filters left over each time),
+    and a decode could run without it. The filters are now set once around the threads: each thread finds them
+    set before it reads, and the process's own filters come back."""
+    import warnings
+
+    import zoo.predict as predict
+
+    before = list(warnings.filters)
+    bombs_refused: list[bool] = []
+
+    def load(item, size):      # what a decoding thread finds before load_image enters its own filters
+        bombs_refused.append(any(f[0] == "error" and f[2] is Image.DecompressionBombWarning for f in warnings.filters))
+        return item
+
+    monkeypatch.setattr(predict, "_load", load)
+    img = Image.new("RGB", (12, 12), (255, 0, 0))
+    assert predict_probs(MeanColour().eval(), [img] * 6, DC, batch_size=2, threads=2)[0] == list(range(6))
+    assert bombs_refused == [True] * 6
+    assert warnings.filters == before
+
+
 def test_a_consumer_that_stops_early_leaves_no_decoding_behind():
     """predict's decode-ahead threads stop with their consumer (an error or Ctrl-C between batches): the images
     queued ahead are cancelled, and no thread of the pool outlives the generator."""
