@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -203,8 +204,17 @@ def expand_images(inputs: Iterable[str | os.PathLike],
     return out, any_dir
 
 
+# A PIL image given to predict_probs may be opened lazily (Image.open) and given more than once: its first load()
+# decodes from its file on whichever decoding thread gets there, and two at once broke the decode (review: [im] * 8
+# on 4 threads, 3-4 of 8 "unreadable": AssertionError, "broken data stream"). Loaded one at a time; once loaded,
+# load() returns at once and the resizes that follow only read it.
+_PIL_LOAD = threading.Lock()
+
+
 def _load(item: Any, min_size: int | None) -> Image.Image:
     if isinstance(item, Image.Image):    # converted as training converts a file (16-bit scaled, alpha on white)
+        with _PIL_LOAD:
+            item.load()
         return to_rgb(item)
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
     return load_image(item, min_size)

@@ -189,6 +189,31 @@ def test_decoding_threads_read_under_the_pil_filters_and_leave_the_process_filte
     assert warnings.filters == before
 
 
+def test_a_pil_image_given_more_than_once_is_loaded_on_one_thread_at_a_time():
+    """Review (helper-85): a PIL image opened lazily (Image.open) and given several times (bundle.predict([im] * 8))
+    was loaded from its file by several decoding threads at once: 3-4 of 8 came back unreadable (AssertionError,
+    "broken data stream"). Loads now take turns; every copy gets the probabilities of one image after another."""
+    import time
+
+    at_once: list[int] = []
+    loading, loaded = [0], [False]
+    img = Image.new("RGB", (12, 12), (255, 0, 0))
+
+    def load():            # a lazy image: how many threads are inside its first load (a pause invites a second)
+        if not loaded[0]:
+            loading[0] += 1
+            at_once.append(loading[0])
+            time.sleep(0.05)
+            loading[0] -= 1
+            loaded[0] = True
+        return Image.Image.load(img)
+
+    img.load = load
+    kept, probs = predict_probs(MeanColour().eval(), [img] * 8, DC, batch_size=4, threads=4)
+    assert kept == list(range(8)) and max(at_once) == 1
+    assert torch.equal(probs, predict_probs(MeanColour().eval(), [img] * 8, DC, batch_size=4, threads=0)[1])
+
+
 def test_a_consumer_that_stops_early_leaves_no_decoding_behind():
     """predict's decode-ahead threads stop with their consumer (an error or Ctrl-C between batches): the images
     queued ahead are cancelled, and no thread of the pool outlives the generator."""
