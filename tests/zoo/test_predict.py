@@ -214,6 +214,25 @@ def test_a_pil_image_given_more_than_once_is_loaded_on_one_thread_at_a_time():
     assert torch.equal(probs, predict_probs(MeanColour().eval(), [img] * 8, DC, batch_size=4, threads=0)[1])
 
 
+def test_a_stream_among_the_images_is_read_on_the_calling_thread(tmp_path, monkeypatch):
+    """Review (helper-85): `sleep 40 | zoo predict BUNDLE - a.jpg` on decoding threads: a Ctrl-C printed
+    "zoo: interrupted" and then waited on, the pool's thread joined while it read the pipe, until its writer
+    ended. A stream (/dev/stdin, <(...)'s /dev/fd/N) is now read without threads, where a Ctrl-C interrupts it."""
+    import zoo.predict as predict
+
+    used: list[int] = []
+    real = predict._prepared
+    monkeypatch.setattr(predict, "_prepared", lambda images, prepare, threads, batch: used.append(threads) or
+                        real(images, prepare, threads, batch))
+    png = tmp_path / "a.png"
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(png)
+    for stream in ("/dev/null", Path("/dev/null")):      # (read: nothing; stdin might be a terminal)
+        kept, _ = predict_probs(MeanColour().eval(), [png, stream, png], DC, threads=2, on_error=lambda *a: None)
+        assert kept == [0, 2]
+    predict_probs(MeanColour().eval(), [png, png, png], DC, threads=2)
+    assert used == [0, 0, 2]
+
+
 def test_a_consumer_that_stops_early_leaves_no_decoding_behind():
     """predict's decode-ahead threads stop with their consumer (an error or Ctrl-C between batches): the images
     queued ahead are cancelled, and no thread of the pool outlives the generator."""
