@@ -291,7 +291,8 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         pending.clear()
         pending_idx.clear()
 
-    # never more threads than images, and none for one image (zoo serve's requests): nothing to overlap; none
+    # never more threads than images, and none for one image (bundle.predict(img), zoo predict BUNDLE cat.jpg;
+    # zoo serve has its own batcher): nothing to overlap; none
     # either where a stream is read (`zoo predict BUNDLE - a.jpg`): a Ctrl-C while a thread waited on the pipe's
     # writer waited with it (the pool's threads are joined), where the main thread's read is interrupted
     threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
