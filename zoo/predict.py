@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
-from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, to_rgb
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
 from finetune.data.files import is_ignored, refuse_zoo_output, walk_files
@@ -203,8 +204,17 @@ def expand_images(inputs: Iterable[str | os.PathLike],
     return out, any_dir
 
 
+# A PIL image given to predict_probs may be opened lazily (Image.open) and given more than once: its first load()
+# decodes from its file on whichever decoding thread gets there, and two at once broke the decode (review: [im] * 8
+# on 4 threads, 3-4 of 8 "unreadable": AssertionError, "broken data stream"). Loaded one at a time; once loaded,
+# load() returns at once and the resizes that follow only read it.
+_PIL_LOAD = threading.Lock()
+
+
 def _load(item: Any, min_size: int | None) -> Image.Image:
     if isinstance(item, Image.Image):    # converted as training converts a file (16-bit scaled, alpha on white)
+        with _PIL_LOAD:
+            item.load()
         return to_rgb(item)
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
     return load_image(item, min_size)
@@ -281,8 +291,12 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
         pending.clear()
         pending_idx.clear()
 
-    # never more threads than images, and none for one image (zoo serve's requests): nothing to overlap
+    # never more threads than images, and none for one image (bundle.predict(img), zoo predict BUNDLE cat.jpg;
+    # zoo serve has its own batcher): nothing to overlap; none
+    # either where a stream is read (`zoo predict BUNDLE - a.jpg`): a Ctrl-C while a thread waited on the pipe's
+    # writer waited with it (the pool's threads are joined), where the main thread's read is interrupted
     threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
+    threads = 0 if any(_stream(item) for item in images) else threads
     with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
         for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
             if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on
@@ -302,6 +316,15 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     return kept, torch.cat(chunks)
 
 
+def _stream(item: Any) -> bool:
+    """Whether ``item`` names a stream: /dev/stdin, ``<(curl ...)``'s /dev/fd/N (the only ones read:
+    ``finetune.data.images.special_file``), whose read waits for its writer."""
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    where = os.path.abspath(os.fsdecode(item))
+    return where.startswith(("/dev/", "/proc/")) and not where.startswith("/dev/shm/")
+
+
 def _prepared(images: Sequence[Any], prepare: Callable[[Any], torch.Tensor], threads: int,
               batch_size: int) -> Iterator[tuple[int, torch.Tensor | Exception]]:
     """``(index, prepare(image))`` for each image in order, or the exception that preparing it raised. With
@@ -318,22 +341,27 @@ def _prepared(images: Sequence[Any], prepare: Callable[[Any], torch.Tensor], thr
     pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-decode")
     ahead: deque = deque()
     todo = iter(enumerate(images))
-    try:
-        for i, item in todo:
-            ahead.append((i, pool.submit(prepare, item)))
-            if len(ahead) >= batch_size + 2 * threads:
-                break
-        while ahead:
-            i, done = ahead.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append((nxt[0], pool.submit(prepare, nxt[1])))
-            try:
-                yield i, done.result()
-            except Exception as err:
-                yield i, err
-    finally:     # an error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded
-        pool.shutdown(wait=True, cancel_futures=True)
+    # load_image's own pil_warnings (catch_warnings) is not thread-safe: entered and left on several threads at
+    # once, one thread restored the filters another had set, which then outlived the run (every later decompression-
+    # bomb warning of the process an error) or left a decode without them. Entered once here, around the threads,
+    # every interleaving restores a list that holds these filters, and leaving it restores the process's own.
+    with pil_warnings():
+        try:
+            for i, item in todo:
+                ahead.append((i, pool.submit(prepare, item)))
+                if len(ahead) >= batch_size + 2 * threads:
+                    break
+            while ahead:
+                i, done = ahead.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    ahead.append((nxt[0], pool.submit(prepare, nxt[1])))
+                try:
+                    yield i, done.result()
+                except Exception as err:
+                    yield i, err
+        finally:     # an error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def topk(probs: torch.Tensor, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:

@@ -165,6 +165,74 @@ def test_images_decoded_on_threads_give_the_same_probabilities_errors_and_order(
     assert runs[0][2] == runs[3][2] == [str(paths[i]) for i in (4, 11, 12)]
 
 
+def test_decoding_threads_read_under_the_pil_filters_and_leave_the_process_filters_as_they_were(monkeypatch):
+    """Review (helper-85): load_image's pil_warnings is catch_warnings, which is not thread-safe; entered on each
+    decoding thread, one thread restored the filters another had set: after a threaded predict the process kept
+    'error' for PIL's decompression-bomb warning (5 runs of 200 images on 4 threads: 2 filters left over each time),
+    and a decode could run without it. The filters are now set once around the threads: each thread finds them
+    set before it reads, and the process's own filters come back."""
+    import warnings
+
+    import zoo.predict as predict
+
+    before = list(warnings.filters)
+    bombs_refused: list[bool] = []
+
+    def load(item, size):      # what a decoding thread finds before load_image enters its own filters
+        bombs_refused.append(any(f[0] == "error" and f[2] is Image.DecompressionBombWarning for f in warnings.filters))
+        return item
+
+    monkeypatch.setattr(predict, "_load", load)
+    img = Image.new("RGB", (12, 12), (255, 0, 0))
+    assert predict_probs(MeanColour().eval(), [img] * 6, DC, batch_size=2, threads=2)[0] == list(range(6))
+    assert bombs_refused == [True] * 6
+    assert warnings.filters == before
+
+
+def test_a_pil_image_given_more_than_once_is_loaded_on_one_thread_at_a_time():
+    """Review (helper-85): a PIL image opened lazily (Image.open) and given several times (bundle.predict([im] * 8))
+    was loaded from its file by several decoding threads at once: 3-4 of 8 came back unreadable (AssertionError,
+    "broken data stream"). Loads now take turns; every copy gets the probabilities of one image after another."""
+    import time
+
+    at_once: list[int] = []
+    loading, loaded = [0], [False]
+    img = Image.new("RGB", (12, 12), (255, 0, 0))
+
+    def load():            # a lazy image: how many threads are inside its first load (a pause invites a second)
+        if not loaded[0]:
+            loading[0] += 1
+            at_once.append(loading[0])
+            time.sleep(0.05)
+            loading[0] -= 1
+            loaded[0] = True
+        return Image.Image.load(img)
+
+    img.load = load
+    kept, probs = predict_probs(MeanColour().eval(), [img] * 8, DC, batch_size=4, threads=4)
+    assert kept == list(range(8)) and max(at_once) == 1
+    assert torch.equal(probs, predict_probs(MeanColour().eval(), [img] * 8, DC, batch_size=4, threads=0)[1])
+
+
+def test_a_stream_among_the_images_is_read_on_the_calling_thread(tmp_path, monkeypatch):
+    """Review (helper-85): `sleep 40 | zoo predict BUNDLE - a.jpg` on decoding threads: a Ctrl-C printed
+    "zoo: interrupted" and then waited on, the pool's thread joined while it read the pipe, until its writer
+    ended. A stream (/dev/stdin, <(...)'s /dev/fd/N) is now read without threads, where a Ctrl-C interrupts it."""
+    import zoo.predict as predict
+
+    used: list[int] = []
+    real = predict._prepared
+    monkeypatch.setattr(predict, "_prepared", lambda images, prepare, threads, batch: used.append(threads) or
+                        real(images, prepare, threads, batch))
+    png = tmp_path / "a.png"
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(png)
+    for stream in ("/dev/null", Path("/dev/null")):      # (read: nothing; stdin might be a terminal)
+        kept, _ = predict_probs(MeanColour().eval(), [png, stream, png], DC, threads=2, on_error=lambda *a: None)
+        assert kept == [0, 2]
+    predict_probs(MeanColour().eval(), [png, png, png], DC, threads=2)
+    assert used == [0, 0, 2]
+
+
 def test_a_consumer_that_stops_early_leaves_no_decoding_behind():
     """predict's decode-ahead threads stop with their consumer (an error or Ctrl-C between batches): the images
     queued ahead are cancelled, and no thread of the pool outlives the generator."""
