@@ -279,8 +279,8 @@ def test_lbfgs_iterations_shrink_with_the_size_of_the_solve_and_never_below_the_
 
 def test_lbfgs_minimise_stops_at_the_iterations_its_size_allows(monkeypatch):
     """The cap is in the one solver (head solve, handedness test, doctor's probe alike): a problem made 'large'
-    by a smaller LBFGS_FULL_SIZE evaluates its objective a bounded number of times, and a small one converges to
-    the same optimum as before the cap."""
+    by a smaller LBFGS_FULL_SIZE evaluates its objective a bounded number of times and stops short of the optimum
+    that the same problem reaches uncapped (where its tolerances, not the cap, end it)."""
     from finetune.core import optim
     from finetune.core.optim import lbfgs_minimise
 
