@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
+from finetune.data.images import named_stream
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
 from finetune.data.files import is_ignored, refuse_zoo_output, walk_files
@@ -296,7 +297,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     # either where a stream is read (`zoo predict BUNDLE - a.jpg`): a Ctrl-C while a thread waited on the pipe's
     # writer waited with it (the pool's threads are joined), where the main thread's read is interrupted
     threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
-    threads = 0 if any(_stream(item) for item in images) else threads
+    threads = 0 if any(isinstance(item, (str, os.PathLike)) and named_stream(item) for item in images) else threads
     with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
         for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
             if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on
@@ -314,15 +315,6 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     if not chunks:
         return [], torch.empty(0, 0)
     return kept, torch.cat(chunks)
-
-
-def _stream(item: Any) -> bool:
-    """Whether ``item`` names a stream: /dev/stdin, ``<(curl ...)``'s /dev/fd/N (the only ones read:
-    ``finetune.data.images.special_file``), whose read waits for its writer."""
-    if not isinstance(item, (str, os.PathLike)):
-        return False
-    where = os.path.abspath(os.fsdecode(item))
-    return where.startswith(("/dev/", "/proc/")) and not where.startswith("/dev/shm/")
 
 
 def _prepared(images: Sequence[Any], prepare: Callable[[Any], torch.Tensor], threads: int,

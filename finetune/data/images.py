@@ -109,18 +109,23 @@ def decode_opened(im: Image.Image, min_size: int | None = None) -> Image.Image:
     return upright_rgb(im)
 
 
+def named_stream(path: str | Path) -> bool:
+    """Whether ``path`` lies where the streams a user names on purpose live (``zoo predict BUNDLE -`` reads
+    /dev/stdin, ``<(curl ...)`` is /dev/fd/N): under /dev or /proc, but not /dev/shm, a folder of files like any
+    other (a data set copied to RAM). Such a path is read, and its read waits for its writer."""
+    where = os.path.abspath(os.fsdecode(path))
+    return where.startswith(("/dev/", "/proc/")) and not where.startswith("/dev/shm/")
+
+
 def special_file(path: str | Path) -> str | None:
     """What ``path`` is when it is a named pipe, a socket or a device rather than a file (opening a pipe waits for
-    a writer: zoo predict of a folder holding one hung for good), else None. The streams a user names on purpose
-    (``zoo predict BUNDLE -`` reads /dev/stdin, ``<(curl ...)`` is /dev/fd/N) live under /dev and /proc and
-    are read; /dev/shm is a folder of files like any other (a data set copied to RAM), checked as one."""
+    a writer: zoo predict of a folder holding one hung for good), else None; the streams a user names on purpose
+    (:func:`named_stream`) are read."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None             # missing, a broken link: the reader says so
-    where = os.path.abspath(path)
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or (where.startswith(("/dev/", "/proc/"))
-                                                    and not where.startswith("/dev/shm/")):
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or named_stream(path):
         return None
     return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
 

@@ -297,12 +297,11 @@ class CachedHeadSteps:
             acc = float((logits.argmax(1) == y).float().mean())
         picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {accuracy_text(va['acc'])}, "
                   f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
-        rows = int(y.shape[0])
-        its = lbfgs_iterations(SOLVER_MAX_ITER, rows, sum(int(p.numel()) for p in head.parameters()))
-        how = ("to convergence" if its == SOLVER_MAX_ITER
-               else f"at most {its} iterations per C ({rows} rows: a large solve)")
-        self.say(f"head: L-BFGS on cached features {how}, {picked}")
         n = int(y.shape[0])
+        its = lbfgs_iterations(SOLVER_MAX_ITER, n, sum(int(p.numel()) for p in head.parameters()))
+        how = ("to convergence" if its == SOLVER_MAX_ITER
+               else f"at most {its} iterations per C ({n} rows: a large solve)")
+        self.say(f"head: L-BFGS on cached features {how}, {picked}")
         seconds = time.perf_counter() - t0 + self._prep_seconds
         self._prep_seconds = 0.0
         return {"loss": loss, "acc": acc, "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
