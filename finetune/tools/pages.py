@@ -56,8 +56,8 @@ def doctor_html(result: Any, *, title: str | None = None) -> str:
                     for k, n in counts.items())
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
-                    f"{accuracy_text(result.probe_accuracy)}; near-duplicate threshold cosine "
-                    f"{result.near_used:.3g}.</p>"),
+                    f"{accuracy_text(result.probe_accuracy)} (L2 {result.probe_l2:.3g}); near-duplicate threshold "
+                    f"cosine {result.near_used:.3g}.</p>"),
             section("Images per class", _counts_table(result.classes, result.counts, "doctor.json"))]
     by_kind: dict[str, list] = {}
     for f in result.findings:

@@ -123,7 +123,7 @@ def _run(data: Path, model: str | None, out: Path, options: Any, config: Any, sa
     atomic_write_text(out / "report.html", doctor_html(result, title=f"zoo doctor: {data.name}"))
     meta = {"data": str(data), "model": entry.name, "source": source, "images": result.images,
             "classes": result.classes, "images_per_class": result.counts, "counts": result.by_kind(),
-            "probe_accuracy": result.probe_accuracy,
+            "probe_accuracy": result.probe_accuracy, "probe_l2": result.probe_l2,
             "options": dataclasses.asdict(result.options), "near_used": result.near_used,
             "seconds": result.seconds, "feature_cache_hits": result.feature_cache_hits}
     atomic_write_text(out / "doctor.json", json.dumps(meta, indent=2, default=str) + "\n")

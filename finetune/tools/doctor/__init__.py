@@ -15,9 +15,10 @@ Findings, most serious first (``FINDING_ORDER``):
 * ``cross_class_duplicate`` / ``duplicate``: the same image twice in one split, in two classes / one class.
   ``path`` is the second copy (sorted order), ``other`` the first.
 * ``wrong_label``: out-of-fold predictions of a linear probe (softmax regression, full-batch L-BFGS,
-  ``folds`` stratified folds, seeded) over every labelled image; as in confident learning an image is
-  flagged when another class ``j`` gets ``p_j >= t_j``, ``t_j`` being the mean out-of-fold probability
-  of class ``j`` over the images labelled ``j`` (its self-confidence). Score: ``p_j - p_given``;
+  ``folds`` stratified folds, seeded, its L2 strength chosen by its held-out loss) over every labelled image;
+  confident learning's flags: the image's most probable class among those at or over their threshold ``t_j``
+  (the mean out-of-fold probability of class ``j`` over the images labelled ``j``) is another class, and the
+  image is among those the estimated noise rate of that pair of classes prunes. Score: ``p_j - p_given``;
   ``other``: the suggested class.
 * ``outlier``: far from every class centroid: robust z-score of ``1 - max_c cos(f, centroid_c)`` above
   ``outlier_z`` (median / MAD over the folder).
@@ -26,15 +27,16 @@ Findings, most serious first (``FINDING_ORDER``):
   ``unreadable`` and ``scan_warning`` (what the scan already reported).
 
 The parts: ``findings`` (the options, the rows, findings.csv and the exclude list), ``checks`` (duplicates,
-the label probe, outliers, file sizes) and ``run`` (the folder's features and :func:`run_doctor`).
+outliers, file sizes), ``labels`` (the label probe and confident learning's
+flags) and ``run`` (the folder's features and :func:`run_doctor`).
 """
 from __future__ import annotations
 
-from finetune.tools.doctor.checks import (file_facts, file_findings, find_duplicates, find_outliers, label_issues,
-                                    pixel_fingerprint)
+from finetune.tools.doctor.checks import file_facts, file_findings, find_duplicates, find_outliers, pixel_fingerprint
 from finetune.tools.doctor.findings import (CSV_COLUMNS, EXCLUDE_KINDS, FINDING_ORDER, DoctorOptions, DoctorResult,
                                       Excluded, Finding, exclude_items, exclude_list_text, read_exclude_file,
                                       write_findings_csv)
+from finetune.tools.doctor.labels import label_issues
 from finetune.tools.doctor.run import folder_features, run_doctor
 
 __all__ = [

@@ -1,5 +1,5 @@
 """The doctor's checks, each on arrays: file facts and pixel fingerprints, exact and near duplicates (leaks
-across splits), out-of-fold label issues of a linear probe, outliers, tiny / extreme-aspect images."""
+across splits), outliers, tiny / extreme-aspect images."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from finetune.core.io import sha256_file
-from finetune.core.optim import lbfgs_minimise
 from finetune.data import load_image, pil_warnings
 from finetune.data.images import open_image
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
@@ -276,87 +275,6 @@ def find_duplicates(paths: Sequence[str], splits: Sequence[str], labels: Sequenc
             detail = how if kind == "duplicate" else f"{how} filed under {labels[a]!s} and {labels[b]!s}"
         findings.append(Finding(paths[drop], kind, round(sim, 4), paths[keep], splits[drop], labels[drop], detail))
     return findings
-
-
-# ---------------------------------------------------------------------------------- wrong labels
-def _fit_probe(x, y, n_classes: int, l2: float, iters: int):
-    """Softmax regression by full-batch L-BFGS (strong Wolfe): returns (W, b) as torch tensors."""
-    w = torch.zeros((x.shape[1], n_classes), dtype=x.dtype, requires_grad=True)
-    b = torch.zeros((n_classes,), dtype=x.dtype, requires_grad=True)
-    lbfgs_minimise([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum(), iters,
-                   rows=int(x.shape[0]), tolerance_grad=1e-6, tolerance_change=1e-9)
-    return w.detach(), b.detach()
-
-
-def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold index per sample: each class dealt round-robin after a seeded shuffle (stratified)."""
-    rng = np.random.default_rng(seed)
-    fold = np.zeros(len(y), dtype=np.int64)
-    offset = 0
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        fold[idx] = (np.arange(len(idx)) + offset) % k
-        offset += len(idx)   # small classes do not all start in fold 0
-    return fold
-
-
-MIN_PROBE_IMAGES = 5   # images a class needs for the out-of-fold probe to judge its labels
-
-
-def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
-                 l2: float = 1e-3, iters: int = 200) -> dict[str, np.ndarray]:
-    """Out-of-fold class probabilities of a linear probe and the confident-learning flags.
-
-    Args:
-        z: features (N, D), L2-normalised; y: given labels (N,) in [0, n_classes).
-    Returns:
-        ``probs`` (N, C) out-of-fold, ``suggested`` (N,) the most probable other class,
-        ``score`` (N,) ``p_suggested - p_given``, ``flagged`` (N,) bool: ``p_j >= t_j`` for some other
-        class ``j`` (``t_j``: mean self-confidence of class ``j``), ``thresholds`` (C,).
-    """
-    x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-    # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
-    x = x - x.mean(0, keepdim=True)
-    x = x / x.pow(2).sum(1).mean().sqrt().clamp_min(1e-12) * math.sqrt(x.shape[1])
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    probs = torch.zeros((len(y), n_classes), dtype=torch.float32)
-    fold = _folds(np.asarray(y), folds, seed)
-    threads = torch.get_num_threads()
-    # A small probe is thousands of tiny ops: one thread beats a team that mostly waits
-    # (docs/benchmarks.md, "The doctor's label probe runs on one thread").
-    small = x.numel() * n_classes < 20_000_000
-    if small:
-        torch.set_num_threads(1)
-    try:
-        for k in range(folds):
-            test = torch.from_numpy(fold == k)
-            if not bool(test.any()) or bool(test.all()):
-                continue
-            w, b = _fit_probe(x[~test], yt[~test], n_classes, l2, iters)
-            probs[test] = torch.softmax(x[test] @ w + b, dim=1)
-    finally:
-        torch.set_num_threads(threads)
-    p = probs.numpy().astype(np.float64)
-    n = len(y)
-    given = p[np.arange(n), y]
-    # A class of one image is never in the probe that scores it: its "self-confidence" is a guess near 0, and as
-    # a threshold it made most images of the other classes wrong labels of it (40 one-image classes beside 3 of
-    # 30: 62 of the 90 flagged, and the 40 themselves). Such a class is suggested for no image, nor its image
-    # flagged (QA).
-    counts = np.bincount(np.asarray(y), minlength=n_classes)
-    thresholds = np.array([p[y == c, c].mean() if counts[c] >= MIN_PROBE_IMAGES else math.inf
-                           for c in range(n_classes)])
-    others = p.copy()
-    others[np.arange(n), y] = -1.0
-    others[:, counts < MIN_PROBE_IMAGES] = -1.0
-    suggested = others.argmax(1)
-    flagged = np.any(others >= thresholds[None, :], axis=1) & (counts[y] >= MIN_PROBE_IMAGES)
-    # Among the classes over their threshold, the most probable is the suggestion (argmax otherwise).
-    over = np.where(others >= thresholds[None, :], others, -1.0)
-    suggested = np.where(flagged, over.argmax(1), suggested)
-    score = p[np.arange(n), suggested] - given
-    return {"probs": p, "suggested": suggested, "score": score, "flagged": flagged, "thresholds": thresholds}
 
 
 # ---------------------------------------------------------------------------------------- outliers

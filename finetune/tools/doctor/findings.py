@@ -34,7 +34,7 @@ class DoctorOptions:
     # (1.0 for either: identical vectors, compared bit for bit rather than by a float cosine)
     folds: int = 5                  # out-of-fold probe folds (wrong labels)
     seed: int = 0                   # fold assignment
-    probe_l2: float = 1e-3          # L2 penalty of the linear probe (on the mean squared weight)
+    probe_l2: float | None = None   # L2 penalty of the linear probe; None: chosen by its held-out loss (labels.py)
     probe_iters: int = 100          # L-BFGS iterations per fold
     outlier_z: float = 5.0          # robust z-score of the distance to the nearest class centroid
     min_side: int = 64              # px; shorter side below this: "tiny"
@@ -50,7 +50,7 @@ class DoctorOptions:
                  "in (0, 1], e.g. 0.95"),
                 ("pixel_threshold", 0.0 < self.pixel_threshold <= 1.0, "in (0, 1], e.g. 0.99"),
                 ("folds", self.folds >= 2, "at least 2, e.g. 5"),
-                ("probe_l2", 0.0 <= self.probe_l2 < math.inf, "finite and >= 0"),
+                ("probe_l2", self.probe_l2 is None or 0.0 <= self.probe_l2 < math.inf, "finite and >= 0"),
                 ("outlier_z", 0.0 < self.outlier_z < math.inf, "finite and > 0, e.g. 5"),
                 ("min_side", self.min_side >= 0, ">= 0"),
                 ("max_aspect", 1.0 <= self.max_aspect < math.inf, "finite and >= 1, e.g. 3")):
@@ -85,6 +85,7 @@ class DoctorResult:
     # every labelled image, most suspicious first: (relative path, given class, suggested class, score)
     label_ranking: list[tuple[str, str, str, float]] = field(default_factory=list)
     probe_accuracy: float = math.nan      # out-of-fold accuracy of the linear probe
+    probe_l2: float = math.nan            # its L2 strength (chosen by its held-out loss unless options set it)
     seconds: dict[str, float] = field(default_factory=dict)
     feature_cache_hits: int = 0
     near_used: float = math.nan           # the feature threshold the duplicate check used (see near_threshold)

@@ -12,7 +12,8 @@ import torch
 from finetune.data import ImageDataset, ImageSet, build_transform
 from finetune.engine.runtime import nhwc
 from finetune.tools.doctor.checks import (NEAR_FLOOR, copy_threshold, l2_normalise, file_facts, file_findings,
-                                          find_duplicates, find_outliers, label_issues, MIN_PROBE_IMAGES)
+                                          find_duplicates, find_outliers)
+from finetune.tools.doctor.labels import MIN_PROBE_IMAGES, label_issues
 from finetune.tools.doctor.findings import FINDING_ORDER, SPLIT_ORDER, DoctorOptions, DoctorResult, Finding, Log
 from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
 
@@ -138,8 +139,8 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
     seconds["duplicates"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    found, ranking, probe_acc = _probe_findings(z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits, labels,
-                                                classes, options, say)
+    found, ranking, probe_acc, probe_l2 = _probe_findings(z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits,
+                                                          labels, classes, options, say)
     findings += found
     seconds["probe"] = time.perf_counter() - t0
 
@@ -150,26 +151,28 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
                                  f.path))
     return DoctorResult(root=str(report.root), classes=classes, counts=report.counts(), findings=findings,
                         options=options, images=n, label_ranking=ranking, probe_accuracy=probe_acc,
+                        probe_l2=probe_l2,
                         seconds=seconds, feature_cache_hits=hits, near_used=near)
 
 
 def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str], splits: list[str],
                     labels: list[str], classes: list[str], options: DoctorOptions, say: Log
-                    ) -> tuple[list[Finding], list[tuple[str, str, str, float]], float]:
+                    ) -> tuple[list[Finding], list[tuple[str, str, str, float]], float, float]:
     """Wrong labels (out-of-fold probe) and outliers over the images whose features are valid (``ok``).
 
     Returns:
-        (findings, every image ranked by the probe's suspicion, the probe's out-of-fold accuracy).
+        (findings, every image ranked by the probe's suspicion, the probe's out-of-fold accuracy, its L2).
     """
     findings: list[Finding] = []
     rows = np.flatnonzero(ok)
     ranking: list[tuple[str, str, str, float]] = []
-    probe_acc = math.nan
+    probe_acc = probe_l2 = math.nan
     present = np.unique(y[rows]) if len(rows) else np.zeros(0, np.int64)
     if len(present) >= 2 and len(rows) >= 2 * options.folds:
         li = label_issues(z[rows], y[rows], len(classes), folds=options.folds, seed=options.seed,
                           l2=options.probe_l2, iters=options.probe_iters)
         probe_acc = float((li["probs"].argmax(1) == y[rows]).mean())
+        probe_l2 = float(li["l2"])
         order = np.argsort(-li["score"], kind="stable")
         for k in order:
             i = int(rows[k])
@@ -189,7 +192,7 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
                                     f"far from every class centroid (robust z {rz[k]:.1f})"))
     else:
         say("doctor: fewer than two classes or too few images for the label and outlier checks")
-    return findings, ranking, probe_acc
+    return findings, ranking, probe_acc, probe_l2
 
 
 def _say_unjudged(y: np.ndarray, classes: list[str], say: Log) -> None:
