@@ -394,7 +394,7 @@ def start_background(app: Any, host: str = "127.0.0.1", port: int = 0) -> Backgr
 
     sock = _bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="zoo-serve")
+    thread = threading.Thread(target=_served, args=(server, sock), daemon=True, name="zoo-serve")
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -402,6 +402,16 @@ def start_background(app: Any, host: str = "127.0.0.1", port: int = 0) -> Backgr
             raise ServeError("the server did not start; set ZOO_DEBUG=1 for details")
         time.sleep(0.02)
     return Background(url=f"http://{host}:{sock.getsockname()[1]}", server=server, thread=thread, app=app)
+
+
+def _served(server: Any, sock: socket.socket) -> None:
+    """``server.run`` under PIL's filters. Each upload is decoded under its own ``pil_warnings`` too, but that is
+    ``catch_warnings``, which is not thread-safe, and concurrent uploads are decoded on several threads: one thread
+    restored the filters another had set, so an upload could be decoded without them (a 1x-2x decompression bomb let
+    through as a warning) or the process kept them. Set once around the server, every interleaving restores a list
+    that holds them (as zoo.predict does around its decoding threads)."""
+    with pil_warnings():
+        server.run(sockets=[sock])
 
 
 def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None,
@@ -424,7 +434,7 @@ def serve(bundle: Any, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConf
         if on_ready is not None:
             shown = f"[{host}]" if ":" in host else host
             on_ready(f"http://{shown}:{sock.getsockname()[1]}", _is_loopback(host))
-        server.run(sockets=[sock])
+        _served(server, sock)
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

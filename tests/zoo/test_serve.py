@@ -342,3 +342,23 @@ def test_a_server_stopped_by_sigterm_exits_0_and_says_nothing(bundle_dir):
     finally:
         proc.kill()
     assert proc.returncode == 0 and "interrupted" not in err, (proc.returncode, err)
+
+
+def test_the_server_runs_under_the_pil_filters_and_leaves_the_process_filters_as_they_were():
+    """Session 26 (the gap helper-85 found in zoo.predict, here in serve): each upload's own pil_warnings is
+    catch_warnings, not thread-safe, and concurrent uploads are decoded on several threads, so one could be decoded
+    without the filters another thread's exit had removed. The server now runs under them (every interleaving of
+    the uploads' own then restores a list that holds them), and they go when it stops."""
+    import warnings
+
+    from zoo.serve import _served
+
+    before = list(warnings.filters)
+    seen: list[bool] = []
+
+    class Server:
+        def run(self, sockets):
+            seen.append(any(f[0] == "error" and f[2] is Image.DecompressionBombWarning for f in warnings.filters))
+
+    _served(Server(), None)
+    assert seen == [True] and warnings.filters == before
