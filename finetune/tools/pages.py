@@ -54,9 +54,10 @@ def doctor_html(result: Any, *, title: str | None = None) -> str:
     counts = result.by_kind()
     cards = "".join(f"<div class=\"card\"><b class=\"{'bad' if n else 'ok'}\">{n}</b>{esc(k.replace('_', ' '))}</div>"
                     for k, n in counts.items())
+    strength = f" (L2 {result.probe_l2:.3g})" if math.isfinite(result.probe_l2) else ""    # no probe ran: no L2
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
-                    f"{accuracy_text(result.probe_accuracy)} (L2 {result.probe_l2:.3g}); near-duplicate threshold "
+                    f"{accuracy_text(result.probe_accuracy)}{strength}; near-duplicate threshold "
                     f"cosine {result.near_used:.3g}.</p>"),
             section("Images per class", _counts_table(result.classes, result.counts, "doctor.json"))]
     by_kind: dict[str, list] = {}

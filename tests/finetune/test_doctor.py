@@ -512,6 +512,23 @@ def test_doctor_page_is_self_contained_and_escaped(tmp_path):
     check_html(page)
 
 
+def test_doctor_page_gives_the_probe_strength_only_when_a_probe_ran(tmp_path):
+    """Review of session 26: the page's summary gained the probe's L2 strength, written with ``:.3g``, so a folder
+    too small for the label probe (its accuracy ``-``) read "out-of-fold accuracy - (L2 nan)". No probe, no
+    strength; when one ran, its strength as doctor.json's ``probe_l2``."""
+    from finetune.tools.pages import doctor_html
+
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3, size=32)
+    report = scan_folder(data)
+    result = run_doctor(report, features=_features(report))
+    assert np.isnan(result.probe_accuracy) and np.isnan(result.probe_l2)      # 6 images: no probe
+    page = doctor_html(result)
+    check_html(page)
+    assert "out-of-fold accuracy -;" in page and "L2" not in page and "nan" not in page.split("near-duplicate")[0]
+    result.probe_accuracy, result.probe_l2 = 0.75, 0.03
+    assert "out-of-fold accuracy 75.00% (L2 0.03);" in doctor_html(result)
+
+
 def many_class_run(run, n: int) -> tuple[list[str], list[list[int]]]:
     """A run folder holding what the run page reads (scan.json; summary.json and confusion.csv as RunFolder
     writes them) for ``n`` classes of 4 validation images: 2 right, 1 taken for the next class and 1 for

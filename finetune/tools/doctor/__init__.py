@@ -16,10 +16,13 @@ Findings, most serious first (``FINDING_ORDER``):
   ``path`` is the second copy (sorted order), ``other`` the first.
 * ``wrong_label``: out-of-fold predictions of a linear probe (softmax regression, full-batch L-BFGS,
   ``folds`` stratified folds, seeded, its L2 strength chosen by its held-out loss) over every labelled image;
-  confident learning's flags: the image's most probable class among those at or over their threshold ``t_j``
-  (the mean out-of-fold probability of class ``j`` over the images labelled ``j``) is another class, and the
-  image is among those the estimated noise rate of that pair of classes prunes. Score: ``p_j - p_given``;
-  ``other``: the suggested class.
+  confident learning's C+NR flags (``labels.confident_flags``): the confident joint (each image counted under
+  its most probable class among those at or over their threshold ``t_j``, the mean out-of-fold probability of
+  class ``j`` over the images labelled ``j``), calibrated, estimates how many images labelled ``i`` are ``j``; an
+  image is flagged when it is among its class's least probable images (prune by class), among the largest
+  margins ``p_j - p_i`` of a pair the joint counts (prune by noise rate), and a class that may be suggested is
+  more probable than its label. Score: ``p_j - p_given``; ``other``: the suggested class (the most probable
+  other one).
 * ``outlier``: far from every class centroid: robust z-score of ``1 - max_c cos(f, centroid_c)`` above
   ``outlier_z`` (median / MAD over the folder).
 * ``tiny`` (shorter side < ``min_side`` px), ``aspect`` (long / short side > ``max_aspect``),
