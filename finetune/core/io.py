@@ -8,6 +8,7 @@ import codecs
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -152,6 +153,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
     atomic_write(path, write)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None (read back as NaN), in dicts, lists and tuples: the strict JSON every file zoo writes is
+    (summary.json, doctor.json, a sweep's records)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

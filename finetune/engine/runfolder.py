@@ -23,12 +23,13 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
-from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object, shell_command
+from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object,
+                               shell_command)
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
 
-__all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE", "json_safe"]
+__all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE"]
 
 HISTORY_KEYS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                 "images_per_s", "data_wait")
@@ -39,17 +40,6 @@ CHECKPOINT_FORMAT = 1
 # distributions.
 
 Log = Callable[[str], None]
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None so that summary.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _summary_json(summary: dict) -> str:

@@ -302,3 +302,19 @@ def test_doctor_on_one_image_per_class_says_so_and_what_to_add(tmp_path, tiny):
                         "out for validation: add images, 2 or more per class, or DIR/val/<class>/ images to validate "
                         "on\n")
     assert not (tmp_path / "doc").exists()
+
+
+def test_doctor_json_is_strict_json_when_a_check_has_no_value(tmp_path, tiny):
+    """Review of session 26: a folder too small for the label probe wrote `"probe_accuracy": NaN` (and now
+    `probe_l2`) into doctor.json, which strict JSON parsers (JavaScript's JSON.parse, jq) refuse. It writes null, as
+    summary.json and a sweep's records do (one json_safe, finetune.core.io)."""
+    data = make_image_folder(tmp_path / "data", per_class=3, val_per_class=1, size=32)
+    out = tmp_path / "doc"
+    r = invoke("doctor", "--data", data, "--model", tiny, "--out", out, "--device", "cpu", "--workers", "0", "--quiet")
+    assert r.exit_code == 0, r.output
+
+    def refuse(constant):
+        raise AssertionError(f"doctor.json holds {constant}")
+
+    doc = json.loads((out / "doctor.json").read_text(), parse_constant=refuse)
+    assert doc["probe_accuracy"] is None and doc["probe_l2"] is None

@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.ticker import PercentFormatter
 
 from finetune.core.config import FinetuneConfig
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, json_safe
 from finetune.core.metrics import metric_text
 from finetune.core.monitor import new_figure, save_png
 from finetune.tools.sweep.space import _unique
@@ -77,17 +77,6 @@ class SweepResult:
         return rows
 
 
-def _json_safe(value: Any) -> Any:
-    # JSON has no NaN: write null (read back as NaN).
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _rank(trials: list[TrialResult], metric: str) -> list[TrialResult]:
     # Accuracy: higher first, ties (frequent on small val sets) broken by the lower val loss;
     # loss: lower first, ties broken by the higher accuracy.
@@ -115,7 +104,7 @@ def _write_csv(result: SweepResult, path: Path) -> None:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     # One flushed + fsynced line per finished trial: an interruption loses at most the running trial.
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_json_safe(record)) + "\n")
+        fh.write(json.dumps(json_safe(record)) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -16,10 +16,10 @@ from finetune.core.config import OPTIMIZERS, FinetuneConfig, save_config
 from finetune.data import ImageSet
 from finetune.core.errors import ConfigError, DivergedError
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, json_safe
 from finetune.core.metrics import metric_text
 from finetune.core.policy import parse_freeze
-from finetune.tools.sweep.results import (SweepResult, TrialResult, _append_jsonl, _json_safe, _rank, _read_jsonl,
+from finetune.tools.sweep.results import (SweepResult, TrialResult, _append_jsonl, _rank, _read_jsonl,
                                      _write_csv, write_sweep_plot)
 from finetune.tools.sweep.space import SWEPT_FIELDS, SweepSpace, kfold_splits, trial_config, trial_id
 from finetune.tools.train import fit
@@ -212,8 +212,8 @@ def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> tuple[
         if not resume:
             raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
         previous = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() else {}
-        fixed = json.loads(json.dumps(_json_safe(spec["fixed"])))
-        recorded = _with_later_defaults(_json_safe(previous.get("fixed")), fixed)
+        fixed = json.loads(json.dumps(json_safe(spec["fixed"])))
+        recorded = _with_later_defaults(json_safe(previous.get("fixed")), fixed)
         if isinstance(recorded, dict) and "identity" in fixed and "identity" not in recorded:
             recorded, identified = {**recorded, "identity": fixed["identity"]}, False
         if recorded != fixed:
@@ -222,7 +222,7 @@ def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> tuple[
         done = _read_jsonl(jsonl)
     if not identified:      # its earlier trials stay unidentified: the record must not vouch for them later
         spec = {**spec, "fixed": {k: v for k, v in spec["fixed"].items() if k != "identity"}}
-    atomic_write_text(spec_path, json.dumps(_json_safe(spec), indent=2) + "\n")
+    atomic_write_text(spec_path, json.dumps(json_safe(spec), indent=2) + "\n")
     return done, identified
 
 
@@ -232,7 +232,7 @@ def _with_later_defaults(fixed: Any, now: dict[str, Any]) -> Any:
     one of them is set otherwise now."""
     if not isinstance(fixed, dict) or not isinstance(fixed.get("config"), dict):
         return fixed
-    defaults = json.loads(json.dumps(_json_safe(FinetuneConfig().to_dict())))
+    defaults = json.loads(json.dumps(json_safe(FinetuneConfig().to_dict())))
     later = {k: defaults[k] for k in now.get("config", {}) if k not in fixed["config"] and k in defaults}
     return {**fixed, "config": {**fixed["config"], **later}}
 
