@@ -28,13 +28,14 @@ from torchvision.transforms import v2 as T
 COLOUR_ON_DEVICE = "zoo ImageDataset, train, uint8 output, flip + jitter left to the GPU (CUDA default)"
 
 
-def photos(n: int, seed: int = 0) -> list[bytes]:
+def photos(n: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> list[bytes]:
+    """``n`` photo-like JPEGs (q90) of ``size`` (width, height): smooth colour fields with noise."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         small = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
-        im = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
-        arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, (375, 500, 3))
+        im = Image.fromarray(small).resize(size, Image.BICUBIC)
+        arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, (size[1], size[0], 3))
         buf = io.BytesIO()
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())

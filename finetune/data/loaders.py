@@ -136,10 +136,7 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     """
     if workers >= 0:
         return workers
-    try:
-        cpus = len(os.sched_getaffinity(0))   # respects container/cgroup CPU pinning
-    except AttributeError:
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     if str(device).startswith("cuda"):
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
         auto = max(0, cpus // local - 1)
@@ -148,6 +145,14 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     if single_pass_images is not None and single_pass_images < MIN_IMAGES_FOR_WORKERS:
         return 0
     return auto if batches is None else min(auto, max(0, int(batches)))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (container/cgroup pinning), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def class_weights(image_set: ImageSet) -> list[float]:

@@ -3,7 +3,9 @@ across splits), outliers, tiny / extreme-aspect images."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from contextlib import closing
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +13,8 @@ from PIL import Image
 
 from finetune.core.io import sha256_file
 from finetune.data import load_image, pil_warnings
-from finetune.data.images import open_image
+from finetune.data.images import named_stream, open_image, special_file
+from finetune.data.loaders import usable_cpus
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
 
 
@@ -62,29 +65,99 @@ def _shown_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None
+_BOMB = object()       # _facts_of: the header says between 1x and 2x PIL's pixel limit (its size is read after)
+_FACTS_RUN = 16        # files per thread task (check_files takes 64): a Ctrl-C waits for at most 16 per thread
+FILE_THREADS = 8       # at most, as the scan's file checks (finetune.data.files.check_files)
+FEW_CPUS = 4           # up to this many cores, no threads (resolve_workers' CPU rule; docs/benchmarks.md)
+
+
+def file_facts(paths: Sequence[str], progress: Callable[[int], None] | None = None, threads: int | None = None
                ) -> tuple[list[str], list[tuple[int, int] | None], np.ndarray, np.ndarray]:
     """Per path: sha256 of the bytes, (width, height) from the header or None, the pixel fingerprint
-    (rows of an (N, THUMB_VALUES) array, zeros when missing) and whether it exists. Read only."""
-    hashes, sizes = [], []
+    (rows of an (N, THUMB_VALUES) array, zeros when missing) and whether it exists. Read only.
+
+    ``threads``: files read at once (None: :func:`file_threads`), in runs, the results in input order and the same
+    to the bit as on one thread; ``progress(1)`` is called per file on the calling thread, in order."""
+    hashes: list[str] = []
+    sizes: list[tuple[int, int] | None] = []
     thumbs = np.zeros((len(paths), THUMB_VALUES), dtype=np.float32)
     has = np.zeros(len(paths), dtype=bool)
-    for k, p in enumerate(paths):
-        try:
-            hashes.append(sha256_file(p))
-        except OSError:
-            hashes.append("")
-        try:
-            with pil_warnings(bombs="ignore"), open_image(p) as im:
-                sizes.append(_shown_size(im))   # header only: no decode
-        except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
-            sizes.append(None)
-        fp = pixel_fingerprint(p) if sizes[-1] is not None else None
-        if fp is not None:
-            thumbs[k], has[k] = fp, True
-        if progress is not None:
-            progress(1)
+    threads = file_threads(paths) if threads is None else int(threads)
+    bombs = []
+    # pil_warnings (catch_warnings) is not thread-safe: entered once here, around the threads (zoo.predict._prepared);
+    # each file's own (load_image's) sets the same filters, so every interleaving reads under them.
+    with pil_warnings(), closing(_facts_in_order(paths, threads)) as facts:   # closed (its threads joined) first
+        for k, (digest, size, fp) in enumerate(facts):
+            hashes.append(digest)
+            sizes.append(size)
+            if size is _BOMB:
+                bombs.append(k)
+            if fp is not None:
+                thumbs[k], has[k] = fp, True
+            if progress is not None:
+                progress(1)
+    for k in bombs:                # the threads are done: the header is read under "ignore" for its size
+        sizes[k] = _header_size(paths[k])
     return hashes, sizes, thumbs, has
+
+
+def file_threads(paths: Sequence[str]) -> int:
+    """Threads for :func:`file_facts`: ``FILE_THREADS``, no more than the cores, where the files are two runs or
+    more and the machine has more than ``FEW_CPUS`` cores (on the 2 cores here threads gave no gain that held from
+    one sitting to the next; docs/benchmarks.md); none where a stream is among the files (zoo.predict's rule,
+    ``named_stream``: a Ctrl-C would wait for its writer)."""
+    cpus = usable_cpus()
+    if cpus <= FEW_CPUS or len(paths) < 2 * _FACTS_RUN or any(named_stream(p) for p in paths):
+        return 0
+    return min(FILE_THREADS, cpus)
+
+
+def _facts_in_order(paths: Sequence[str], threads: int) -> Iterator[tuple[str, Any, np.ndarray | None]]:
+    """:func:`_facts_of` of each path in order, on ``threads`` threads (0: here). A Ctrl-C or an error in the
+    consumer drops the runs not started and waits only for those being read."""
+    if threads <= 0:
+        yield from map(_facts_of, paths)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-doctor-files")
+    try:
+        runs = [pool.submit(_facts_run, paths[i:i + _FACTS_RUN]) for i in range(0, len(paths), _FACTS_RUN)]
+        for run in runs:
+            yield from run.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _facts_run(paths: Sequence[str]) -> list[tuple[str, Any, np.ndarray | None]]:
+    return [_facts_of(p) for p in paths]
+
+
+def _facts_of(path: str) -> tuple[str, Any, np.ndarray | None]:
+    """(sha256 or "" when unreadable, shown size or None or ``_BOMB``, fingerprint or None) of one file, under
+    ``pil_warnings()`` entered by the caller. A pipe, socket or device is not opened, as load_image refuses it: a
+    pipe's open waits for a writer (the serial pass hung on one), and a thread left in it would outlive a Ctrl-C."""
+    if special_file(path) is not None:
+        return "", None, None
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        digest = ""
+    try:
+        with open_image(path) as im:
+            size = _shown_size(im)   # header only: no decode
+    except Image.DecompressionBombWarning:   # load_image refuses it (no fingerprint); its size is read later
+        return digest, _BOMB, None
+    except Exception:  # noqa: BLE001 - any decoder failure: the size is unknown, the scan reports it
+        return digest, None, None
+    return digest, size, pixel_fingerprint(path)
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    try:
+        with pil_warnings(bombs="ignore"), open_image(path) as im:
+            return _shown_size(im)
+    except Exception:  # noqa: BLE001 - as in _facts_of
+        return None
+
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
