@@ -3,6 +3,7 @@ across splits), outliers, tiny / extreme-aspect images."""
 from __future__ import annotations
 
 import math
+from collections import deque
 from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
@@ -113,15 +114,25 @@ def file_threads(paths: Sequence[str]) -> int:
 
 
 def _facts_in_order(paths: Sequence[str], threads: int) -> Iterator[tuple[str, Any, np.ndarray | None]]:
-    """:func:`_facts_of` of each path in order, on ``threads`` threads (0: here). A Ctrl-C or an error in the
-    consumer drops the runs not started and waits only for those being read."""
+    """:func:`_facts_of` of each path in order, on ``threads`` threads (0: here), up to two runs per thread ahead
+    (a run's results are held until consumed: all at once doubled the fingerprints' memory). A Ctrl-C or an error
+    in the consumer drops the runs not started and waits only for those being read."""
     if threads <= 0:
         yield from map(_facts_of, paths)
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-doctor-files")
+    starts = iter(range(0, len(paths), _FACTS_RUN))
+    ahead: deque = deque()
     try:
-        runs = [pool.submit(_facts_run, paths[i:i + _FACTS_RUN]) for i in range(0, len(paths), _FACTS_RUN)]
-        for run in runs:
+        for start in starts:
+            ahead.append(pool.submit(_facts_run, paths[start:start + _FACTS_RUN]))
+            if len(ahead) >= 2 * threads:
+                break
+        while ahead:
+            run = ahead.popleft()
+            start = next(starts, None)
+            if start is not None:
+                ahead.append(pool.submit(_facts_run, paths[start:start + _FACTS_RUN]))
             yield from run.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
