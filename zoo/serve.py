@@ -42,7 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data import pil_warnings
-from finetune.data.images import EMPTY_FILE, decode_opened, open_image, verified
+from finetune.data.images import EMPTY_FILE, decode_opened, open_image, shared_pil_warnings, verified
 from zoo.errors import ServeError
 from zoo.predict import eval_transform, model_input
 
@@ -408,9 +408,10 @@ def _served(server: Any, sock: socket.socket) -> None:
     """``server.run`` under PIL's filters. Each upload is decoded under its own ``pil_warnings`` too, but that is
     ``catch_warnings``, which is not thread-safe, and concurrent uploads are decoded on several threads: one thread
     restored the filters another had set, so an upload could be decoded without them (a 1x-2x decompression bomb let
-    through as a warning) or the process kept them. Set once around the server, every interleaving restores a list
-    that holds them (as zoo.predict does around its decoding threads)."""
-    with pil_warnings():
+    through as a warning) or the process kept them. Set around the servers, every interleaving restores a list
+    that holds them (as zoo.predict does around its decoding threads); shared by the background servers' threads,
+    which stop in any order."""
+    with shared_pil_warnings():
         server.run(sockets=[sock])
 
 

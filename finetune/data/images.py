@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -54,6 +55,32 @@ def pil_warnings(bombs: str = "error") -> Iterator[None]:
         warnings.simplefilter(bombs, Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
         yield
+
+
+_SHARED = threading.Lock()
+_shared: list = []          # [the ExitStack holding pil_warnings() for shared_pil_warnings' holders, their count]
+
+
+@contextmanager
+def shared_pil_warnings() -> Iterator[None]:
+    """:func:`pil_warnings` held by threads that start and stop in any order (zoo serve's background servers, a thread
+    each): the first to enter sets the filters, the last to leave restores the process's. Each thread's own
+    ``catch_warnings`` restored on leaving the list it had found, so of two servers stopped in the order they started,
+    the first took the filters from the second, still serving, and the second left them in the process for good."""
+    with _SHARED:
+        if not _shared:
+            held = ExitStack()
+            held.enter_context(pil_warnings())
+            _shared[:] = [held, 0]
+        _shared[1] += 1
+    try:
+        yield
+    finally:
+        with _SHARED:
+            _shared[1] -= 1
+            if not _shared[1]:
+                _shared.pop(0).close()
+                _shared.clear()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -344,7 +344,16 @@ def test_a_server_stopped_by_sigterm_exits_0_and_says_nothing(bundle_dir):
     assert proc.returncode == 0 and "interrupted" not in err, (proc.returncode, err)
 
 
-def test_the_server_runs_under_the_pil_filters_and_leaves_the_process_filters_as_they_were():
+@pytest.fixture
+def alone(monkeypatch):
+    """The servers a test starts as the process's only ones: the module's background server (``server``), started
+    under an earlier test's warning filters (pytest's catch_warnings, left since), holds shared_pil_warnings."""
+    import finetune.data.images as images
+
+    monkeypatch.setattr(images, "_shared", [])
+
+
+def test_the_server_runs_under_the_pil_filters_and_leaves_the_process_filters_as_they_were(alone):
     """Session 26 (the gap helper-85 found in zoo.predict, here in serve): each upload's own pil_warnings is
     catch_warnings, not thread-safe, and concurrent uploads are decoded on several threads, so one could be decoded
     without the filters another thread's exit had removed. The server now runs under them (every interleaving of
@@ -362,3 +371,40 @@ def test_the_server_runs_under_the_pil_filters_and_leaves_the_process_filters_as
 
     _served(Server(), None)
     assert seen == [True] and warnings.filters == before
+
+
+def test_background_servers_stopped_in_any_order_keep_the_pil_filters_while_one_serves_and_leave_none(alone):
+    """Review of session 26's _served: each background server (start_background: a thread each) entered its own
+    catch_warnings, which restores on leaving the list it found. Of two servers stopped in the order they started,
+    the first took PIL's filters from the second, still serving, and the second left them in the process for good.
+    Now the first server to start sets them and the last to stop restores the process's filters, in either order."""
+    import threading
+    import warnings
+
+    from zoo.serve import _served
+
+    def pil_set() -> bool:
+        return any(f[0] == "error" and f[2] is Image.DecompressionBombWarning for f in warnings.filters)
+
+    class Server:
+        def __init__(self) -> None:
+            self.started, self.stop = threading.Event(), threading.Event()
+
+        def run(self, sockets):
+            self.started.set()
+            self.stop.wait(30)
+
+    for order in ((0, 1), (1, 0)):
+        before = list(warnings.filters)
+        servers = [Server(), Server()]
+        threads = [threading.Thread(target=_served, args=(s, None), daemon=True) for s in servers]
+        for s, t in zip(servers, threads):
+            t.start()
+            assert s.started.wait(30)
+        first, last = order
+        servers[first].stop.set()
+        threads[first].join(30)
+        assert pil_set(), order             # the other one still serves: its uploads are read under them
+        servers[last].stop.set()
+        threads[last].join(30)
+        assert warnings.filters == before, order
