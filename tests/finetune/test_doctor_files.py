@@ -169,3 +169,28 @@ def test_the_file_pass_runs_on_threads_only_where_they_pay(monkeypatch):
     assert file_threads(paths[1:]) == 0
     assert file_threads(paths[:16] + ["/dev/stdin"] + paths[16:]) == 0
     assert file_threads(paths[:16] + ["/dev/shm/data/cat/x.jpg"] + paths[16:]) == checks.FILE_THREADS
+
+
+def test_a_bomb_over_twice_the_limit_and_an_error_in_a_thread_are_as_on_one_thread(tmp_path, monkeypatch):
+    """Review (helper-88): an image over twice PIL's limit (DecompressionBombError, not the warning the pass reads
+    the size of later) has no size and no fingerprint on threads as on one, as before the threads; an error raised
+    in a thread (MemoryError, a bug) is raised to the caller, not waited on, and leaves no thread and no filter."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+    paths = [str(make_image(tmp_path / f"{i:03d}.png", i % 3, size=20)) for i in range(40)]
+    Image.new("RGB", (60, 60), (10, 200, 10)).save(tmp_path / "huge.png")       # 3,600 px: over 2x
+    paths.insert(21, str(tmp_path / "huge.png"))
+    serial = file_facts(paths, threads=0)
+    _same(file_facts(paths, threads=3), serial)
+    assert (serial[1][21], bool(serial[3][21])) == (None, False) and serial[0][21]
+    before, real = list(warnings.filters), checks._facts_of
+
+    def facts_of(path):
+        if path == paths[30]:
+            raise MemoryError("a worker ran out")
+        return real(path)
+
+    monkeypatch.setattr(checks, "_facts_of", facts_of)
+    with pytest.raises(MemoryError, match="a worker ran out"):
+        file_facts(paths, threads=3)
+    assert not [t for t in threading.enumerate() if t.name.startswith("zoo-doctor-files")]
+    assert warnings.filters == before
