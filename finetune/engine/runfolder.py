@@ -6,14 +6,13 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
