@@ -14,8 +14,7 @@ import math
 import os
 import re
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -26,6 +25,7 @@ from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
+from finetune.core.threads import ordered_map
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
 from finetune.data.images import named_stream
 from finetune.data.loaders import failure_reason, resolve_workers
@@ -323,37 +323,20 @@ def _prepared(images: Sequence[Any], prepare: Callable[[Any], torch.Tensor], thr
     ``threads`` > 0 the images are decoded and transformed that many at a time, up to a batch and two per thread
     ahead of the one consumed, so the next batch is ready when the model is (PIL's decoders and resizes and
     torch's ops let go of the GIL: docs/benchmarks.md, "Decoding for predict and eval"); 0: one after another, here."""
-    if threads <= 0:
-        for i, item in enumerate(images):
-            try:
-                yield i, prepare(item)
-            except Exception as err:
-                yield i, err
-        return
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-decode")
-    ahead: deque = deque()
-    todo = iter(enumerate(images))
+    def attempt(item: Any) -> torch.Tensor | Exception:
+        try:
+            return prepare(item)
+        except Exception as err:
+            return err
+
     # load_image's own pil_warnings (catch_warnings) is not thread-safe: entered and left on several threads at
     # once, one thread restored the filters another had set, which then outlived the run (every later decompression-
     # bomb warning of the process an error) or left a decode without them. Entered once here, around the threads,
-    # every interleaving restores a list that holds these filters, and leaving it restores the process's own.
-    with pil_warnings():
-        try:
-            for i, item in todo:
-                ahead.append((i, pool.submit(prepare, item)))
-                if len(ahead) >= batch_size + 2 * threads:
-                    break
-            while ahead:
-                i, done = ahead.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    ahead.append((nxt[0], pool.submit(prepare, nxt[1])))
-                try:
-                    yield i, done.result()
-                except Exception as err:
-                    yield i, err
-        finally:     # an error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded
-            pool.shutdown(wait=True, cancel_futures=True)
+    # every interleaving restores a list that holds these filters, and leaving it restores the process's own. An
+    # error or Ctrl-C in the consumer: the images queued ahead are dropped, not decoded (ordered_map).
+    with pil_warnings() if threads > 0 else nullcontext(), \
+            closing(ordered_map(attempt, images, threads, batch_size + 2 * threads, "zoo-decode")) as done:
+        yield from enumerate(done)
 
 
 def topk(probs: torch.Tensor, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:

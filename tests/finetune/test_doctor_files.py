@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import finetune.core.threads as threads
 import finetune.tools.doctor.checks as checks
 from finetune.tools.doctor.checks import file_facts, file_threads
 from tests.conftest import corrupt_jpeg, make_image
@@ -110,7 +111,7 @@ def test_a_ctrl_c_stops_the_file_threads_without_reading_the_rest(tmp_path, monk
         read.append(path)
         return real(path)
 
-    class Pool(checks.ThreadPoolExecutor):
+    class Pool(threads.ThreadPoolExecutor):
         def shutdown(self, wait=True, *, cancel_futures=False):
             super().shutdown(wait=False, cancel_futures=cancel_futures)
             gate.set()
@@ -120,7 +121,7 @@ def test_a_ctrl_c_stops_the_file_threads_without_reading_the_rest(tmp_path, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checks, "_facts_of", facts_of)
-    monkeypatch.setattr(checks, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", Pool)
     before = list(warnings.filters)
     with pytest.raises(KeyboardInterrupt):
         file_facts(paths, interrupt, threads=2)

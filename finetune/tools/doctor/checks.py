@@ -3,9 +3,7 @@ across splits), outliers, tiny / extreme-aspect images."""
 from __future__ import annotations
 
 import math
-from collections import deque
 from contextlib import closing
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from PIL import Image
 
 from finetune.core.io import sha256_file
+from finetune.core.threads import ordered_map
 from finetune.data import load_image, pil_warnings
 from finetune.data.images import named_stream, open_image, special_file
 from finetune.data.loaders import usable_cpus
@@ -114,28 +113,16 @@ def file_threads(paths: Sequence[str]) -> int:
 
 
 def _facts_in_order(paths: Sequence[str], threads: int) -> Iterator[tuple[str, Any, np.ndarray | None]]:
-    """:func:`_facts_of` of each path in order, on ``threads`` threads (0: here), up to two runs per thread ahead
-    (a run's results are held until consumed: all at once doubled the fingerprints' memory). A Ctrl-C or an error
-    in the consumer drops the runs not started and waits only for those being read."""
+    """:func:`_facts_of` of each path in order, on ``threads`` threads (0: here), in runs of ``_FACTS_RUN`` files, up
+    to two runs per thread ahead (a run's results are held until consumed: all at once doubled the fingerprints'
+    memory). A Ctrl-C or an error in the consumer drops the runs not started and waits only for those being read."""
     if threads <= 0:
         yield from map(_facts_of, paths)
         return
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="zoo-doctor-files")
-    starts = iter(range(0, len(paths), _FACTS_RUN))
-    ahead: deque = deque()
-    try:
-        for start in starts:
-            ahead.append(pool.submit(_facts_run, paths[start:start + _FACTS_RUN]))
-            if len(ahead) >= 2 * threads:
-                break
-        while ahead:
-            run = ahead.popleft()
-            start = next(starts, None)
-            if start is not None:
-                ahead.append(pool.submit(_facts_run, paths[start:start + _FACTS_RUN]))
-            yield from run.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    runs = (paths[start:start + _FACTS_RUN] for start in range(0, len(paths), _FACTS_RUN))
+    with closing(ordered_map(_facts_run, runs, threads, 2 * threads, "zoo-doctor-files")) as done:
+        for run in done:
+            yield from run
 
 
 def _facts_run(paths: Sequence[str]) -> list[tuple[str, Any, np.ndarray | None]]:
