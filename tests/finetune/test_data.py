@@ -919,6 +919,21 @@ def test_load_image_draft_keeps_target_size(tmp_path):
     assert min(small.size) >= 256 and small.size[0] < 2000      # decoded at reduced scale, never below 256
 
 
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_training_views_of_a_big_jpeg_are_decoded_large_enough_for_the_smallest_random_crop(tmp_path, output):
+    # A 2400x1800 JPEG: decoded for the default crops (80%+ of the area) at 1/4 scale (600x450, above the
+    # evaluation's 256); for timm's 0.08 at 1/2 (1200x900): at 1/4 its smallest crops (~170 px) were enlarged.
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (10, 120, 200)).save(path, quality=80)
+    cfg = dict(DATA_CONFIG, input_size=(3, 224, 224), crop_pct=0.875)
+    default = build_transform(cfg, train=True, config=FinetuneConfig(), output=output)
+    wide = build_transform(cfg, train=True, config=FinetuneConfig(crop_scale_min=0.08), output=output)
+    assert default.min_size == 256 and wide.min_size == 792          # ceil(224 / sqrt(0.08))
+    assert build_transform(cfg, train=False, config=FinetuneConfig(crop_scale_min=0.08)).min_size == 256
+    assert load_image(path, default.min_size).size == (600, 450)
+    assert load_image(path, wide.min_size).size == (1200, 900)
+
+
 def test_drop_last_rule():
     from finetune.data import drop_last_partial
 
