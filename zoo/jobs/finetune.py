@@ -28,7 +28,7 @@ from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, shell_command
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
-from finetune.engine import check_machine, resolve_device
+from finetune.engine import check_machine, idle_gpus_note, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
@@ -261,7 +261,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         entry = entry or resolve_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
-        check_machine(config, info)                         # a mistyped --device, no tensorboard: too
+        device = check_machine(config, info)                # a mistyped --device, no tensorboard: too
         check_batch_early(entry, report.train, config, info, fc_dropout)   # a batch BatchNorm cannot train on
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         check_outside(run_dir, data_dir, given=out is not None)
@@ -270,6 +270,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
+            idle = idle_gpus_note(device, info)       # one GPU of several: torchrun would use them all
+            if idle:
+                say(idle)
             outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
                                  excluded)
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
