@@ -13,8 +13,8 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
 
-__all__ = ["resolve_device", "check_machine", "idle_gpus_note", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy", "amp_policy",
-           "bf16_native", "to_device", "build_loss"]
+__all__ = ["resolve_device", "check_machine", "idle_gpus_note", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy",
+           "amp_policy", "bf16_native", "to_device", "build_loss"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
 # steps of one shape, and makes a job of a few batches (the feature pass of a small folder sees 4-5
