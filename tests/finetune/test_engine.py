@@ -676,7 +676,8 @@ def test_a_batch_of_one_that_a_training_batchnorm_cannot_take_is_refused_at_set_
 
     assert len(report.train.items) == 18
     seen, real = [], steps._forward
-    monkeypatch.setattr(steps, "_forward", lambda model, x, amp: (seen.append(int(x.shape[0])), real(model, x, amp))[1])
+    monkeypatch.setattr(steps, "_forward",
+                        lambda model, x, amp, *masks: (seen.append(int(x.shape[0])), real(model, x, amp, *masks))[1])
     options = dict(epochs=1, freeze="none", bn="train", head_epochs=0, fast_head=False, augment="none")
     with pytest.raises(ConfigError, match=re.escape(
             "a BatchNorm layer cannot train on a batch of 1 image (layer4.0.bn1 gets one value per channel at 32x32 "

@@ -26,8 +26,9 @@ DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct
 class Tiny(nn.Module):
     """Two stages with BatchNorm and a Linear classifier ``fc``: enough to see every freeze mode."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
+        self.drop_rate = drop_rate     # timm's dropout before the classifier, functional as timm's models call it
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -35,13 +36,15 @@ class Tiny(nn.Module):
         self.poison = False      # tests flip it to make the forward pass emit NaN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+        features = torch.nn.functional.dropout(self.pool(self.block(self.stem(x))).flatten(1), self.drop_rate,
+                                               self.training)
+        out = self.fc(features)
         return out * float("nan") if self.poison else out
 
 
-def tiny_model(seed: int = 0) -> Tiny:
+def tiny_model(seed: int = 0, drop_rate: float = 0.0) -> Tiny:
     torch.manual_seed(seed)
-    return Tiny()
+    return Tiny(drop_rate=drop_rate)
 
 
 def sets(root):
