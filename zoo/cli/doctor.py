@@ -12,6 +12,7 @@ from finetune.core.config import OPTIONS, FinetuneConfig
 from finetune.core.io import printable, shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.cli.shared import sayer
 from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption
 
 __all__ = ["doctor_cmd"]
@@ -99,10 +100,7 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
     from finetune.tools.doctor import DoctorOptions
     from zoo.jobs import doctor
 
-    def log(msg: str) -> None:
-        if not quiet:
-            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
-
+    log = sayer(quiet)
     try:
         options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed,
                                 outlier_z=outlier_z, min_side=min_side, max_aspect=max_aspect).validate()
