@@ -38,3 +38,17 @@ def test_shell_command_quotes_only_the_words_a_shell_would_change():
     line = shell_command(*words)
     assert shlex.split(line) == words
     assert line.startswith("zoo finetune --resume '/tmp/my runs/a $HOME b'\"'\"'c' --data DIR --lr 0.001")
+
+
+def test_json_safe_is_plain_strict_json_data_nested_and_leaves_other_values_as_they_are():
+    """The one JSON-sanitiser (summary.json, doctor.json, a sweep's records, model.json's data_config since
+    helper-90 folded zoo.jobs.finetune's own ``_plain`` into it): dicts copied, lists and tuples as lists at any
+    depth, NaN and infinities as None, every other value (numbers, text, None, booleans) itself."""
+    from finetune.core.io import json_safe
+
+    value = {"mean": (0.5, 0.25, 0.125), "input_size": (3, 32, 32), "crop_pct": 0.875, "name": "bicubic",
+             "nested": {"list": [1, (2, float("nan"))], "inf": float("-inf"), "none": None, "flag": True}}
+    assert json_safe(value) == {"mean": [0.5, 0.25, 0.125], "input_size": [3, 32, 32], "crop_pct": 0.875,
+                                "name": "bicubic", "nested": {"list": [1, [2, None]], "inf": None, "none": None,
+                                                              "flag": True}}
+    assert type(json_safe(value)["mean"]) is list and json_safe(value) is not value

@@ -25,7 +25,7 @@ from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, shell_command
+from finetune.core.io import atomic_write_text, json_safe, shell_command
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, resolve_device
@@ -142,18 +142,10 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
         "pretrained": pretrained, "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None},
         "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
         "classes": list(classes), "num_classes": len(classes),
-        "data_config": _plain(run_data_config(entry, config)),
+        "data_config": json_safe(run_data_config(entry, config)),
         "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
                  "activation": config.mlp_activation},
     }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _write_json(path: Path, data: dict) -> None:
