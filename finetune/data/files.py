@@ -9,7 +9,7 @@ import re
 import stat
 import time
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,6 +17,7 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
+from finetune.core.threads import ordered_map
 from finetune.core.io import (OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable, printable_name,
                               read_json_object)
 from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
@@ -306,6 +307,7 @@ def listed_names(listed: Iterable[str], names: Iterable[str]) -> dict[str, str]:
 
 
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache
+CHECK_THREADS = 8  # threads of the file checks (the doctor's file pass takes as many at most)
 
 
 # What a memo of file checks (check_files' ``memo``) was made with: a memo of another format, Pillow or
@@ -380,10 +382,11 @@ def _check_all(files: Sequence[str]) -> list[str | None]:
         if len(files) < 64:
             return [_check_file(f) for f in files]
         # Header reads wait on the disk (a cold cache, a network drive); threads overlap the waits. Each
-        # task checks a run of files: a future per file cost more than the check on a warm cache.
-        runs = [files[i:i + _CHECK_RUN] for i in range(0, len(files), _CHECK_RUN)]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return [reason for run in pool.map(_check_run, runs) for reason in run]
+        # task checks a run of files: a future per file cost more than the check on a warm cache. A Ctrl-C
+        # drops the runs not started.
+        runs = (files[i:i + _CHECK_RUN] for i in range(0, len(files), _CHECK_RUN))
+        with closing(ordered_map(_check_run, runs, CHECK_THREADS, 2 * CHECK_THREADS, "zoo-scan-files")) as done:
+            return [reason for run in done for reason in run]
 
 
 def _check_run(files: Sequence[str]) -> list[str | None]:
