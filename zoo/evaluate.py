@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
-from finetune.core.confusion import confusion_csv_text
+from finetune.core.confusion import confusion_csv_text, precision_recall
 from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name
 from finetune.data.files import class_key, list_classes, refuse_zoo_output, walk_files
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
@@ -159,12 +160,11 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Seque
     if n_classes > 5:
         best5 = np.argsort(-probs, axis=1)[:, :5]
         top5 = float((best5 == targets[:, None]).any(axis=1).mean())
-    per_class: dict[str, dict[str, float | int | None]] = {}
-    for i, name in enumerate(labels):
-        tp, predicted, support = int(cm[i, i]), int(cm[:, i].sum()), int(cm[i, :].sum())
-        per_class[name] = {"precision": tp / predicted if predicted else None,
-                           "recall": tp / support if support else None, "support": support}
-    return {"accuracy": acc, "top5": top5, "per_class": per_class, "confusion": cm.tolist()}
+    confusion = cm.tolist()
+    per_class: dict[str, dict[str, float | int | None]] = {
+        name: {"precision": None if math.isnan(p) else p, "recall": None if math.isnan(r) else r, "support": support}
+        for name, p, r, _f1, support in precision_recall(labels, confusion)}
+    return {"accuracy": acc, "top5": top5, "per_class": per_class, "confusion": confusion}
 
 
 def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,

@@ -470,6 +470,27 @@ def test_classification_metrics_by_hand():
     assert six["accuracy"] == 0.0 and six["top5"] == pytest.approx(0.5)
 
 
+def test_eval_and_the_run_page_compute_precision_and_recall_in_one_place():
+    """zoo eval's per_class and the run page's table both come from finetune.core.confusion.precision_recall
+    (helper-90: eval had its own numpy copy): precision, recall, F1 and support by hand, NaN (None in eval's
+    per_class) for a class never predicted or with no images."""
+    import math
+
+    from finetune.core.confusion import precision_recall
+
+    confusion = [[2, 1, 0], [0, 0, 0], [1, 0, 0]]      # b has no image; c is never predicted
+    rows = precision_recall(["a", "b", "c"], confusion)
+    assert rows[0] == ["a", 2 / 3, 2 / 3, 2 / 3, 3]
+    assert rows[1][1] == 0.0 and math.isnan(rows[1][2]) and math.isnan(rows[1][3]) and rows[1][4] == 0
+    assert math.isnan(rows[2][1]) and rows[2][2] == 0.0 and math.isnan(rows[2][3]) and rows[2][4] == 1
+    probs = np.eye(3)[[0, 0, 1, 0]]                       # predicted a, a, b, a for true a, a, a, c
+    m = classification_metrics(probs, np.array([0, 0, 0, 2]), ["a", "b", "c"])
+    assert m["confusion"] == confusion
+    assert m["per_class"] == {"a": {"precision": 2 / 3, "recall": 2 / 3, "support": 3},
+                              "b": {"precision": 0.0, "recall": None, "support": 0},
+                              "c": {"precision": None, "recall": 0.0, "support": 1}}
+
+
 def test_a_class_folder_matches_its_label_in_either_unicode_form(tmp_path):
     """QA (session 18): a test folder copied from a Mac (cafe\\u0301, decomposed) was "not a class of the
     model" trained on caf\\xe9 (composed), the two printed alike."""
