@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
-from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
+from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
 from finetune.data.images import named_stream
@@ -298,7 +298,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     # writer waited with it (the pool's threads are joined), where the main thread's read is interrupted
     threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
     threads = 0 if any(isinstance(item, (str, os.PathLike)) and named_stream(item) for item in images) else threads
-    with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(len(images), unit="img", quiet=not progress) as bar:
         for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
             if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on
                 if on_error is None:

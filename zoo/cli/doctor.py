@@ -4,12 +4,11 @@ No torch at import (``zoo --help`` stays fast); the work is in ``zoo.jobs.doctor
 """
 from __future__ import annotations
 
-import sys
-
 import click
 
 from finetune.core.config import OPTIONS, FinetuneConfig
 from finetune.core.io import printable, shell_command
+from finetune.core.progress import progress_bar
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.shared import sayer
@@ -22,11 +21,7 @@ _TOP = 5   # findings of each kind shown on the console
 
 def _bar(quiet: bool):
     def make(desc: str, total: int):
-        # lazy: not loaded at CLI start (keeps zoo --help fast)
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
-                    disable=True if quiet else None)
+        return progress_bar(total, desc, unit="img", quiet=quiet)
     return make
 
 
