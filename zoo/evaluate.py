@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import math
 import os
 import warnings
@@ -21,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text, precision_recall
-from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name
+from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name, write_json
 from finetune.data.files import class_key, list_classes, refuse_zoo_output, walk_files
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
@@ -313,7 +312,7 @@ def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[s
     paths = {name: out / name for name in
              ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")}
     doc = report.to_dict()
-    atomic_write_text(paths["metrics.json"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    write_json(paths["metrics.json"], doc, indent=2, ensure_ascii=False)
     atomic_write_text(paths["per_class.csv"], _csv_text(
         [("class", "precision", "recall", "support")]
         + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, read_json_object, rewrite_safetensors_metadata,
-                              shell_command)
+from finetune.core.io import (SafetensorsHeaderError, read_json_object, rewrite_safetensors_metadata, shell_command,
+                              write_json)
 from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
@@ -344,7 +344,7 @@ def _record(result: PushResult, plan: PushPlan) -> None:
         items.append({"repo": result.repo, "revision": result.revision, "commit": result.commit,
                       "weights_sha256": plan.weights_sha256, "bundle": str(plan.bundle.resolve()),
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        atomic_write_text(path, json.dumps(items, indent=2) + "\n")
+        write_json(path, items, indent=2)
 
 
 def pushed_models() -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import IO, Any, Callable
 import yaml
 
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
-           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
+           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "write_file", "plain_file_mode",
            "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
            "sha256_file"]
@@ -169,6 +169,18 @@ def json_safe(value: Any) -> Any:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: Any, **options: Any) -> None:
+    """``data`` as JSON and a newline, in UTF-8, written atomically: the one JSON writer of run folders, reports,
+    bundles, output-folder markers and the cache. ``options``: ``json.dumps``'s (``indent``, ``sort_keys``,
+    ``default``; ``ensure_ascii=False`` only for text whose file names are escaped already: a name that is not
+    UTF-8 holds surrogates, which UTF-8 cannot encode).
+
+    Raises:
+        OSError: as :func:`atomic_write`. TypeError / ValueError: ``data`` is not JSON (``default`` aside).
+    """
+    atomic_write_text(path, json.dumps(data, **options) + "\n")
 
 
 def plain_file_mode(path: str | Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import stat
@@ -18,8 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
 from finetune.core.threads import ordered_map
-from finetune.core.io import (OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable, printable_name,
-                              read_json_object)
+from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, printable, printable_name, read_json_object, write_json
 from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
                                   unreadable_kind)
 
@@ -371,7 +369,7 @@ def _read_memo(memo: str | Path) -> dict[str, list]:
 def _write_memo(memo: str | Path, entries: dict[str, list]) -> None:
     try:
         Path(memo).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(memo, json.dumps({"made_with": _memo_header(), "files": entries}, separators=(",", ":")))
+        write_json(memo, {"made_with": _memo_header(), "files": entries}, separators=(",", ":"))
     except OSError:      # a read-only or full cache folder: the next scan checks the files again
         pass
 

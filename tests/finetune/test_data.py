@@ -1143,7 +1143,7 @@ def test_a_memo_of_file_checks_spares_unchanged_files_and_rechecks_changed_ones(
         assert len(checked) == 9                                   # all checked again, the memo rewritten
     memo.write_text("{damaged")
     assert len(scan()[1]) == 2 and len(checked) == 9 and json.loads(memo.read_text())["files"]
-    monkeypatch.setattr(files, "atomic_write_text", lambda *a: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    monkeypatch.setattr(files, "write_json", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     memo.unlink()
     assert len(scan()[1]) == 2 and not memo.exists()               # no memo kept; the scan is the same
 

@@ -52,3 +52,23 @@ def test_json_safe_is_plain_strict_json_data_nested_and_leaves_other_values_as_t
                                 "name": "bicubic", "nested": {"list": [1, [2, None]], "inf": None, "none": None,
                                                               "flag": True}}
     assert type(json_safe(value)["mean"]) is list and json_safe(value) is not value
+
+
+def test_write_json_writes_the_json_text_and_a_newline_atomically_with_the_callers_options(tmp_path):
+    """finetune.core.io.write_json, the one JSON writer (helper-90: twelve ``atomic_write_text(path,
+    json.dumps(...) + "\\n")`` lines and zoo.jobs.finetune's own ``_write_json``): exactly ``json.dumps(data,
+    **options) + "\\n"`` in UTF-8, a folder made for it, no temp file left beside it."""
+    import json
+    import os
+
+    from finetune.core.io import write_json
+
+    data = {"b": "café 猫", "a": [1, 2.5, None], "t": (3, 4)}
+    for options in ({}, {"indent": 2}, {"indent": 2, "ensure_ascii": False}, {"indent": 2, "sort_keys": True},
+                    {"separators": (",", ":")}):
+        path = tmp_path / "new" / "f.json"
+        write_json(path, data, **options)
+        assert path.read_bytes() == (json.dumps(data, **options) + "\n").encode("utf-8")
+        assert os.listdir(path.parent) == ["f.json"]
+    write_json(path, {"x": object()}, default=lambda v: "obj")
+    assert json.loads(path.read_text(encoding="utf-8")) == {"x": "obj"}
