@@ -21,10 +21,10 @@ from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text, precision_recall
 from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name, write_json
-from finetune.data.files import class_key, list_classes, refuse_zoo_output, walk_files
+from finetune.data.files import IMAGE_EXTENSIONS, class_key, image_files, list_classes, refuse_zoo_output
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
-from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
+from zoo.predict import DEFAULT_TTA_VIEWS, OnError, predict_probs
 
 __all__ = ["EvalReport", "find_eval_images", "evaluate", "classification_metrics", "write_eval_reports",
            "seen_in_training"]
@@ -96,7 +96,6 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     refuse_zoo_output(str(root), "to evaluate on: pass --data the held-out images' folder, one sub-folder per class")
     found = held_out_folder(root)       # in any case, and only where the training scan sees a split
     split, base = (os.path.basename(found), Path(found)) if found else (".", root)
-    exts = _image_extensions()
     index = {str(name): i for i, name in enumerate(aliases or ())}
     index.update({name: i for i, name in enumerate(labels)})
     index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
@@ -110,8 +109,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
         if name not in index:
             ignored.append(d.name)
             continue
-        items.extend((p, index[name]) for p in walk_files(str(d), unlisted=unlisted)
-                     if os.path.splitext(p)[1].lower() in exts)
+        items.extend((p, index[name]) for p in image_files(str(d), unlisted))
     if not folders and found:       # an empty test/ (made for later) beside val/: "found: none" said nothing (QA)
         val = split_folder(root, VAL_NAMES) if split.lower() == "test" else None
         raise UsageError(f"--data {root}: {base} holds no class folders, and zoo eval scores {split}/ where there "
@@ -130,7 +128,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                          f"({unlisted[0][1].split(':')[0]}), and no other holds an image: make them readable to "
                          "evaluate their images")
     if not items:
-        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(exts)})")
+        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return split, items, ignored
 
 

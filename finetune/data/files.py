@@ -109,6 +109,13 @@ def walk_files(top: str, loops: list[str] | None = None,
     return sorted(out)
 
 
+def image_files(top: str, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
+    """The files below ``top`` named as images (:data:`IMAGE_EXTENSIONS`, in any case), sorted, walked as
+    :func:`walk_files` walks (folders that cannot be listed -> ``unlisted``): what ``zoo predict`` reads of a
+    folder and ``zoo eval`` of a class folder. (The training scan keeps every file, to say why one is unusable.)"""
+    return [p for p in walk_files(top, unlisted=unlisted) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+
+
 def _check_file(path: str) -> str | None:
     """Cheap validity check of one file; returns why it cannot be used, or None when it looks fine."""
     ext = os.path.splitext(path)[1].lower()

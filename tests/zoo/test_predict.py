@@ -335,6 +335,28 @@ def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
         expand_images([f"{root}/a/*.txt"])
 
 
+def test_predict_and_eval_read_the_image_files_of_a_folder_by_one_rule(tmp_path):
+    """zoo predict's folders and zoo eval's class folders are read by finetune.data.files.image_files (helper-90:
+    each filtered walk_files by extension itself): files named as images in any case (.PNG, .Jpeg), sorted, at any
+    depth; a text file, a file with no extension and a hidden image are not read."""
+    from pathlib import Path
+
+    from finetune.data.files import image_files
+
+    root = make_image_folder(tmp_path / "d", classes=("a",), per_class=2, size=16)
+    one = next(root.rglob("*.png"))
+    for name in ("UPPER.PNG", "deep/mixed.Jpeg", "notes.txt", "README", ".hidden.png"):
+        (root / "a" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "a" / name).write_bytes(one.read_bytes())
+    expected = sorted(str(p) for p in (root / "a").rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in (".png", ".jpeg"))
+    assert image_files(str(root / "a")) == expected and len(expected) == 4
+    paths, _ = expand_images([root / "a"])
+    assert paths == [Path(p) for p in expected]
+    _, items, _ = find_eval_images(root, ["a"])
+    assert [p for p, _ in items] == expected
+
+
 def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
     """predict and eval walk folders as the training scan does (finetune.data.files.walk_files): hidden
     files, macOS resource forks and NAS thumbnails (Synology's @eaDir, __MACOSX) are neither predicted
