@@ -2,7 +2,6 @@
 top-5, per class, confusion) and reports (metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv)."""
 from __future__ import annotations
 
-import csv
 import functools
 import io
 import math
@@ -10,7 +9,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text, precision_recall
-from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name, write_json
+from finetune.core.io import atomic_write, atomic_write_text, csv_text, printable, printable_name, write_json
 from finetune.data.files import IMAGE_EXTENSIONS, class_key, image_files, list_classes, refuse_zoo_output
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
@@ -297,12 +296,6 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
 def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
     """metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv (atomic writes)."""
     out = Path(out_dir)
@@ -311,12 +304,12 @@ def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[s
              ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")}
     doc = report.to_dict()
     write_json(paths["metrics.json"], doc, indent=2, ensure_ascii=False)
-    atomic_write_text(paths["per_class.csv"], _csv_text(
+    atomic_write_text(paths["per_class.csv"], csv_text(
         [("class", "precision", "recall", "support")]
         + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))
     atomic_write_text(paths["confusion.csv"], confusion_csv_text(report.labels, report.confusion))
     _confusion_png(report.confusion, report.labels, paths["confusion.png"])
-    atomic_write_text(paths["wrong.csv"], _csv_text(
+    atomic_write_text(paths["wrong.csv"], csv_text(
         [("path", "true", "predicted", "confidence", "p_true")]
         + [(w["path"], w["true"], w["predicted"], f"{w['confidence']:.6f}", f"{w['p_true']:.6f}")
            for w in doc["most_confidently_wrong"]]))

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import csv
 import heapq
-import io
 import math
-from itertools import compress
+from itertools import chain, compress
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from finetune.core.io import printable_name
+from finetune.core.io import csv_text, printable_name
 
 __all__ = ["FULL_MAX_CLASSES", "SHOWN_CLASSES", "CONFUSION_CSV", "confusion_csv_text", "read_confusion_csv",
            "most_confused", "lowest_first", "precision_recall"]
@@ -36,11 +35,8 @@ def confusion_csv_text(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -
     """``confusion.csv``'s text: the header ``true \\ predicted, <labels>``, then ``<true label>, <counts>``
     per row (rows: true class, columns: predicted). Names that are not UTF-8 are written escaped (\\xNN)."""
     names = [printable_name(str(c)) for c in labels]
-    buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    out.writerow((_CORNER, *names))
-    out.writerows((name, *(int(v) for v in row)) for name, row in zip(names, matrix))
-    return buf.getvalue()
+    # row by row (chain): 2,000 classes are 4 million cells, not to be held twice
+    return csv_text(chain([(_CORNER, *names)], ((name, *map(int, row)) for name, row in zip(names, matrix))))
 
 
 def read_confusion_csv(path: str | Path) -> tuple[list[str], list[list[int]]]:

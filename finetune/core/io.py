@@ -5,8 +5,10 @@ and the one YAML reader (registry files, configs, bundles)."""
 from __future__ import annotations
 
 import codecs
+import csv
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -15,13 +17,13 @@ import shlex
 import struct
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import yaml
 
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
-           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "write_file", "plain_file_mode",
-           "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
+           "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
            "sha256_file"]
 
@@ -169,6 +171,14 @@ def json_safe(value: Any) -> Any:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """``rows`` as CSV text with ``\\n`` line ends (``csv.writer``'s quoting: a cell with a comma, quote or line
+    break quoted): the one CSV writer of findings.csv, lr_find.csv, confusion.csv and zoo eval's reports."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
 
 
 def write_json(path: str | Path, data: Any, **options: Any) -> None:

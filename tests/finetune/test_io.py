@@ -72,3 +72,15 @@ def test_write_json_writes_the_json_text_and_a_newline_atomically_with_the_calle
         assert os.listdir(path.parent) == ["f.json"]
     write_json(path, {"x": object()}, default=lambda v: "obj")
     assert json.loads(path.read_text(encoding="utf-8")) == {"x": "obj"}
+
+
+def test_csv_text_is_the_csv_modules_quoting_with_newline_line_ends():
+    """finetune.core.io.csv_text, the one CSV writer (helper-90: zoo eval's ``_csv_text`` and the StringIO +
+    csv.writer of findings.csv, lr_find.csv and confusion.csv): each row a line ending in ``\\n`` on every OS, a
+    cell with a comma, a quote or a line break quoted, numbers and None as csv writes them; rows may be a
+    generator."""
+    from finetune.core.io import csv_text
+
+    rows = [("path", "class"), ("a,b.png", 'say "hi"'), ("two\nlines", None), (1, 0.5)]
+    assert csv_text(rows) == 'path,class\n"a,b.png","say ""hi"""\n"two\nlines",\n1,0.5\n'
+    assert csv_text(iter(rows)) == csv_text(rows) and csv_text([]) == ""
