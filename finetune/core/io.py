@@ -25,7 +25,7 @@ __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "prin
            "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
-           "sha256_file"]
+           "sha256_file", "yaml_problem"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -325,6 +325,15 @@ def load_yaml(text: str, unique_keys: bool = False) -> Any:
     instead of 118 ms); the same objects and the same ``yaml.YAMLError``s either way. ``unique_keys``: a
     key given twice in one mapping is a ``yaml.YAMLError`` too (a file people write by hand)."""
     return yaml.load(text, Loader=_UniqueKeysLoader if unique_keys else _SafeLoader)
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML error as the end of one line: ``" at line 3, column 5: could not find expected ':'"`` (where, when
+    PyYAML knows it, then what; whitespace folded, so a message of several lines stays one). The one wording of a
+    config file's and a registry file's syntax errors (callers say which file, and what to do)."""
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{at}: {' '.join((getattr(err, 'problem', None) or str(err)).split())}"
 
 
 def rewrite_safetensors_metadata(data: bytes, metadata: dict[str, str]) -> bytes:

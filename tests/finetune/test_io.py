@@ -84,3 +84,21 @@ def test_csv_text_is_the_csv_modules_quoting_with_newline_line_ends():
     rows = [("path", "class"), ("a,b.png", 'say "hi"'), ("two\nlines", None), (1, 0.5)]
     assert csv_text(rows) == 'path,class\n"a,b.png","say ""hi"""\n"two\nlines",\n1,0.5\n'
     assert csv_text(iter(rows)) == csv_text(rows) and csv_text([]) == ""
+
+
+def test_yaml_problem_says_where_and_what_on_one_line():
+    """finetune.core.io.yaml_problem, the one wording of a YAML file's syntax error (helper-90: the config reader and
+    the registry parser each had a copy): where (1-based line and column) when PyYAML knows it, then its problem,
+    whitespace folded to one line."""
+    import yaml
+
+    from finetune.core.io import load_yaml, yaml_problem
+
+    with pytest.raises(yaml.YAMLError) as err:
+        load_yaml("lr: 0.1\nepochs: 3\nlr: 0.5\n", unique_keys=True)
+    assert yaml_problem(err.value) == (" at line 3, column 1: lr is given twice (lines 1 and 3), and only the last "
+                                       "would count: keep one")
+    with pytest.raises(yaml.YAMLError) as err:
+        load_yaml("a: [1, 2\nb: 3\n")
+    assert yaml_problem(err.value).startswith(" at line 2, column ") and "\n" not in yaml_problem(err.value)
+    assert yaml_problem(yaml.YAMLError("no place\n  known")) == ": no place known"
