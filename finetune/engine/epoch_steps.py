@@ -4,15 +4,14 @@ The cached-feature head (``finetune.tools.features.CachedHeadSteps``) is the oth
 from __future__ import annotations
 
 import math
-import sys
 from typing import Iterator, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
 from finetune.core.io import printable_name
+from finetune.core.progress import progress_bar
 from finetune.core.seeding import epoch_seed
 from finetune.core.ema import ModelEma
 from finetune.data.loaders import close_loader, counted_images
@@ -111,8 +110,8 @@ class LoaderSteps:
         batches = self._take("train", epoch)
         if s.has_val and "val" not in self._ahead and self._val.get(s.val_loader) is None:
             self._ahead["val"] = (epoch, s.val_loader, iter(s.val_loader))
-        bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
-                        disable=s.config.quiet or not s.info.is_main)
+        bar = progress_bar(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}", unit="batch",
+                           quiet=s.config.quiet or not s.info.is_main)
         try:
             out = train_one_epoch(self.net, batches, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
@@ -223,9 +222,3 @@ def _failed(path: str, reason: str) -> str:
     """One failed image in a message: its reason, which names it (the readers' DataError), or path: reason."""
     name = printable_name(path)
     return reason if name in reason else f"{name}: {reason}"
-
-
-def _progress(total: int, desc: str, disable: bool):
-    """One tqdm bar per epoch on stderr (quiet when stderr is not a terminal, or with quiet=True)."""
-    return tqdm(total=total, desc=desc, leave=False, disable=True if disable else None, file=sys.stderr,
-                dynamic_ncols=True, unit="batch")

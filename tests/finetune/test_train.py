@@ -357,6 +357,33 @@ def test_a_batchnorm_training_on_one_image_is_a_config_error_not_a_traceback():
     assert out["images"] == 2
 
 
+def test_one_progress_bar_on_stderr_cleared_when_done_and_silent_when_quiet_or_not_a_terminal(monkeypatch):
+    """finetune.core.progress.progress_bar is every bar's (helper-90: an epoch's, feature extraction's, the
+    head's solves', zoo predict's, zoo doctor's and a download's were six tqdm calls, two without the terminal's
+    width or an explicit stderr): on stderr, cleared when it closes, following the terminal's width; silent with
+    quiet, and wherever stderr is not a terminal."""
+    import io
+    import sys
+
+    from finetune.core.progress import progress_bar
+    from zoo.cli.doctor import _bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_bar(3, "x", unit="img").disable                 # pytest's stderr is no terminal
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert progress_bar(3, "x", unit="img", quiet=True).disable
+    assert _bar(True)("files", 3).disable
+    with progress_bar(3, "epoch 1/1 head", unit="batch") as bar:
+        assert not bar.disable and not bar.leave and bar.dynamic_ncols and bar.unit == "batch"
+        bar.update(3)
+    assert "epoch 1/1 head" in term.getvalue()
+    assert list(progress_bar(unit="C", quiet=True, iterable=[0.1, 1.0])) == [0.1, 1.0]
+
+
 def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once_a_second(monkeypatch):
     """A visible bar's running loss/accuracy is a host look (a GPU sync): refreshed on the first step, then
     at most every POSTFIX_EVERY_S, never per step; the bar itself still advances every step."""
