@@ -16,14 +16,25 @@ inside ``scaled_dot_product_attention``. Not used under ``--compile`` (the compi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from finetune.core.seeding import drop_seed
+from finetune.core import distributed as ddp
+from finetune.core.seeding import drop_seed, epoch_seed
 
-__all__ = ["SharedDropout"]
+__all__ = ["SharedDropout", "epoch_drops"]
+
+
+def epoch_drops(config: Any, epoch: int, info: ddp.DistInfo | None = None) -> SharedDropout | None:
+    """The dropout masks of ``epoch`` of a run seeded with ``config.seed``, for this process's rows of each global
+    batch (``info``; None: a process that sees whole global batches, as every rank of the cached-feature head
+    does). None under ``--compile``, whose graph keeps torch's dropout."""
+    if getattr(config, "compile", False):
+        return None
+    rank, world = (info.rank, info.world_size) if info is not None and info.enabled else (0, 1)
+    return SharedDropout(epoch_seed(config.seed, epoch), rank, world)
 
 
 class SharedDropout:

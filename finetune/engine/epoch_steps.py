@@ -12,11 +12,10 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.core.io import printable_name
 from finetune.core.progress import progress_bar
-from finetune.core.seeding import epoch_seed
 from finetune.core.ema import ModelEma
 from finetune.data.loaders import close_loader, counted_images
 from finetune.data.replay import KeptPass
-from finetune.engine.drops import SharedDropout
+from finetune.engine.drops import epoch_drops
 from finetune.engine.setup import Setup
 from finetune.engine.runtime import warms_up
 from finetune.engine.steps import evaluate, train_one_epoch, warm_up
@@ -118,21 +117,13 @@ class LoaderSteps:
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
                                   normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank,
                                   counted=counted_images(s.train_loader),     # not the padding copies
-                                  drops=self._drops(epoch))
+                                  drops=epoch_drops(s.config, epoch, s.info))
         finally:
             if bar is not None:
                 bar.close()
         if epoch < int(s.config.epochs):
             self.start_ahead(epoch + 1)
         return out
-
-    def _drops(self, epoch: int) -> SharedDropout | None:
-        """The epoch's dropout masks, drawn for the global batch: the same on any number of processes (not under
-        ``--compile``, whose graph keeps torch's dropout)."""
-        s = self.s
-        if s.config.compile:
-            return None
-        return SharedDropout(epoch_seed(s.config.seed, epoch), s.info.rank, s.info.world_size)
 
     def start_ahead(self, epoch: int) -> None:
         """Start epoch ``epoch``'s training pass now, unless it has started: its workers read while the

@@ -31,6 +31,7 @@ from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, build_transform, count_draw, set_epoch_order, train_batches
 from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
+from finetune.engine.drops import epoch_drops
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
 from finetune.core.metrics import accuracy_text
@@ -261,7 +262,7 @@ class CachedHeadSteps:
         s = self.s
         s.model.eval()       # as in the slow head phase: the whole model in eval mode, the head trains
         out = train_one_epoch(self.net, self.batches(epoch), optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
-                              scaler=scaler, epoch=epoch)
+                              scaler=scaler, epoch=epoch, drops=epoch_drops(s.config, epoch))   # whole batches
         # the first epoch pays for the extraction: its seconds and speed say so
         out["seconds"] += self._prep_seconds
         out["images_per_s"] = out["images"] / max(out["seconds"], 1e-9)
