@@ -485,6 +485,45 @@ def test_torchrun_two_processes_cache_the_augmented_views_of_one_process(tmp_pat
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_ranks_load_cached_features_only_when_every_rank_holds_the_same_bank(tmp_path):
+    """Multi-GPU audit (helper-89): a head on cached features under torchrun on machines that each cached the bank
+    of their own (earlier runs on each, other GPUs or precisions: the same key, other last bits) loaded each
+    machine's: each rank solved and judged the head on its own features, and early stopping on its own numbers could
+    send the ranks different ways. The banks' recorded sha256 are compared now: any difference, and every rank
+    extracts its shard again (rank 1's machine holds another bank here, made up by a stand-in load)."""
+    from tests.finetune.test_features import _sets
+
+    train, val = _sets(tmp_path / "d")
+    _torchrun_fit(tmp_path, train, val, f"""
+        import torch
+        from tests.finetune.test_features import _config, _fit, _model
+        from finetune.core import distributed
+        from finetune.tools.features.cache import FeatureBank, FeatureCache
+        import finetune.tools.features.head as head_module
+        info = distributed.setup("cpu")
+        cache = {str(tmp_path / "cache")!r}
+        _fit(_model(), train, val, _config(epochs=1, batch_size=6), cache_dir=cache)   # the bank, by local rank 0
+        real_load, real_begin, seen = FeatureCache.load, head_module.CachedHeadSteps.begin_phase, []
+        def load(self, key):
+            bank = real_load(self, key)
+            if bank is None or info.rank == 0:
+                return bank
+            other = FeatureBank(bank.features + 0.01, bank.labels, bank.feature_shape)
+            other.digest = "another machine's bank"
+            return other
+        def begin_phase(self, phase):
+            real_begin(self, phase)
+            mine = self.train_feats.cpu()
+            seen.append(all(torch.equal(mine, theirs) for theirs in distributed.gather_objects(mine, info)))
+        FeatureCache.load, head_module.CachedHeadSteps.begin_phase = load, begin_phase
+        _fit(_model(), train, val, _config(epochs=1, batch_size=6), cache_dir=cache)
+        if info.is_main:
+            json.dump(seen, open({str(tmp_path / "seen.json")!r}, "w"))
+    """)
+    assert json.loads((tmp_path / "seen.json").read_text()) == [True]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 @pytest.mark.parametrize("decode", ["workers", "device"])
 def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, decode):
     """CUDA audit: when every image of one rank's batch failed to decode (damaged after the scan), that rank
