@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import atomic_write_text, broken_link, plain_file_mode, sha256_file, shell_command
+from finetune.core.io import broken_link, plain_file_mode, sha256_file, shell_command, write_json
 from zoo.errors import CacheError
 
 __all__ = [
@@ -294,7 +294,7 @@ def install(name: str, file: str | Path, manifest: dict[str, Any]) -> Path:
         os.replace(file, final)
         record = {"name": name, **manifest, "size": final.stat().st_size,
                   "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write_text(manifest_path(name), json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_json(manifest_path(name), record, indent=2, sort_keys=True)
     except OSError as err:
         raise CacheError(f"cannot write {folder} ({err.strerror or err}); free disk space or set ZOO_HOME "
                          "to a writable folder") from err

@@ -2,15 +2,14 @@
 top-5, per class, confusion) and reports (metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv)."""
 from __future__ import annotations
 
-import csv
 import functools
 import io
-import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,12 +18,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
-from finetune.core.confusion import confusion_csv_text
-from finetune.core.io import atomic_write, atomic_write_text, printable, printable_name
-from finetune.data.files import class_key, list_classes, refuse_zoo_output, walk_files
+from finetune.core.confusion import confusion_csv_text, precision_recall
+from finetune.core.io import atomic_write, atomic_write_text, csv_text, printable, printable_name, write_json
+from finetune.data.files import IMAGE_EXTENSIONS, class_key, image_files, list_classes, refuse_zoo_output
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
-from zoo.predict import DEFAULT_TTA_VIEWS, OnError, _image_extensions, predict_probs
+from zoo.predict import DEFAULT_TTA_VIEWS, OnError, predict_probs
 
 __all__ = ["EvalReport", "find_eval_images", "evaluate", "classification_metrics", "write_eval_reports",
            "seen_in_training"]
@@ -96,7 +95,6 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     refuse_zoo_output(str(root), "to evaluate on: pass --data the held-out images' folder, one sub-folder per class")
     found = held_out_folder(root)       # in any case, and only where the training scan sees a split
     split, base = (os.path.basename(found), Path(found)) if found else (".", root)
-    exts = _image_extensions()
     index = {str(name): i for i, name in enumerate(aliases or ())}
     index.update({name: i for i, name in enumerate(labels)})
     index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
@@ -110,8 +108,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
         if name not in index:
             ignored.append(d.name)
             continue
-        items.extend((p, index[name]) for p in walk_files(str(d), unlisted=unlisted)
-                     if os.path.splitext(p)[1].lower() in exts)
+        items.extend((p, index[name]) for p in image_files(str(d), unlisted))
     if not folders and found:       # an empty test/ (made for later) beside val/: "found: none" said nothing (QA)
         val = split_folder(root, VAL_NAMES) if split.lower() == "test" else None
         raise UsageError(f"--data {root}: {base} holds no class folders, and zoo eval scores {split}/ where there "
@@ -130,7 +127,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                          f"({unlisted[0][1].split(':')[0]}), and no other holds an image: make them readable to "
                          "evaluate their images")
     if not items:
-        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(exts)})")
+        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return split, items, ignored
 
 
@@ -159,12 +156,11 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: Seque
     if n_classes > 5:
         best5 = np.argsort(-probs, axis=1)[:, :5]
         top5 = float((best5 == targets[:, None]).any(axis=1).mean())
-    per_class: dict[str, dict[str, float | int | None]] = {}
-    for i, name in enumerate(labels):
-        tp, predicted, support = int(cm[i, i]), int(cm[:, i].sum()), int(cm[i, :].sum())
-        per_class[name] = {"precision": tp / predicted if predicted else None,
-                           "recall": tp / support if support else None, "support": support}
-    return {"accuracy": acc, "top5": top5, "per_class": per_class, "confusion": cm.tolist()}
+    confusion = cm.tolist()
+    per_class: dict[str, dict[str, float | int | None]] = {
+        name: {"precision": None if math.isnan(p) else p, "recall": None if math.isnan(r) else r, "support": support}
+        for name, p, r, _f1, support in precision_recall(labels, confusion)}
+    return {"accuracy": acc, "top5": top5, "per_class": per_class, "confusion": confusion}
 
 
 def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, data_dir: str | os.PathLike, *,
@@ -300,12 +296,6 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
 def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
     """metrics.json, per_class.csv, confusion.csv, confusion.png, wrong.csv (atomic writes)."""
     out = Path(out_dir)
@@ -313,13 +303,13 @@ def write_eval_reports(report: EvalReport, out_dir: str | os.PathLike) -> dict[s
     paths = {name: out / name for name in
              ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "wrong.csv")}
     doc = report.to_dict()
-    atomic_write_text(paths["metrics.json"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(paths["per_class.csv"], _csv_text(
+    write_json(paths["metrics.json"], doc, indent=2, ensure_ascii=False)
+    atomic_write_text(paths["per_class.csv"], csv_text(
         [("class", "precision", "recall", "support")]
         + [(c, v["precision"], v["recall"], v["support"]) for c, v in report.per_class.items()]))
     atomic_write_text(paths["confusion.csv"], confusion_csv_text(report.labels, report.confusion))
     _confusion_png(report.confusion, report.labels, paths["confusion.png"])
-    atomic_write_text(paths["wrong.csv"], _csv_text(
+    atomic_write_text(paths["wrong.csv"], csv_text(
         [("path", "true", "predicted", "confidence", "p_true")]
         + [(w["path"], w["true"], w["predicted"], f"{w['confidence']:.6f}", f"{w['p_true']:.6f}")
            for w in doc["most_confidently_wrong"]]))

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import (OUTPUT_MARKER, atomic_write_text, broken_link, is_temp, is_temp_of, read_json_object,
-                              shell_command)
+from finetune.core.io import (OUTPUT_MARKER, broken_link, is_temp, is_temp_of, read_json_object, shell_command,
+                              write_json)
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -404,8 +404,8 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
             _remove_temps(path)
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
-            atomic_write_text(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                  "command": lock.command}, ensure_ascii=False) + "\n")
+            write_json(marker, {"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": lock.command},
+                       ensure_ascii=False)
         yield mode
     finally:
         lock.release()

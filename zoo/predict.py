@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
-from tqdm.auto import tqdm
 
 from finetune.core.io import broken_link
+from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
 from finetune.data.images import named_stream
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
-from finetune.data.files import is_ignored, refuse_zoo_output, walk_files
+from finetune.data.files import image_files, is_ignored, refuse_zoo_output
 from zoo.errors import UsageError
 
 __all__ = [
@@ -46,10 +46,6 @@ DEFAULT_TTA_VIEWS = "flip"     # 2 passes, not 10: neither beat plain evaluation
 # ten-crop TTA cuts a longer side to this many times the short before resizing (QA: a 20000x2 PNG resized to
 # 20M x 2048 px took 17 GB); validation cuts at 2x (EVAL_MAX_ASPECT), but its one view is central anyway
 TTA_MAX_ASPECT = 8.0
-
-
-def _image_extensions() -> tuple[str, ...]:
-    return tuple(IMAGE_EXTENSIONS)
 
 
 def eval_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
@@ -137,14 +133,7 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     return transform
 
 
-def _folder_images(folder: str | Path, exts: Sequence[str],
-                   unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
-    """The images below ``folder``, walked as the training scan walks it (hidden files and NAS debris skipped;
-    folders that cannot be listed -> ``unlisted``, with the reason)."""
-    return [Path(q) for q in walk_files(str(folder), unlisted=unlisted) if os.path.splitext(q)[1].lower() in exts]
-
-
-def _pattern_images(pattern: str, exts: Sequence[str], unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
+def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
     """The images a glob pattern names, as the shell would hand them over: the image files it matches, and the
     images of the folders it matches (``'photos/*'``); what a folder walk skips (``@eaDir``, ``__MACOSX``) is
     skipped below the pattern's literal part too. Each image once, in the order found."""
@@ -156,8 +145,8 @@ def _pattern_images(pattern: str, exts: Sequence[str], unlisted: list[tuple[str,
         if any(is_ignored(n) for n in Path(q).parts[literal:]):
             continue
         if os.path.isdir(q):
-            found.update(dict.fromkeys(_folder_images(q, exts, unlisted)))
-        elif os.path.splitext(q)[1].lower() in exts:
+            found.update(dict.fromkeys(map(Path, image_files(q, unlisted))))
+        elif os.path.splitext(q)[1].lower() in IMAGE_EXTENSIONS:
             found[Path(q)] = None
     if not found:
         raise UsageError(f"no image matches {pattern}" + (f" ({len(matches)} other match(es), none an image file "
@@ -176,7 +165,6 @@ def expand_images(inputs: Iterable[str | os.PathLike],
     Raises:
         UsageError: an argument that does not exist, or is empty; DataError: a folder a zoo command wrote.
     """
-    exts = _image_extensions()
     out: list[Path] = []
     any_dir = False
     for item in inputs:
@@ -186,11 +174,11 @@ def expand_images(inputs: Iterable[str | os.PathLike],
                              "(. for the current one)")
         if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
             any_dir = True
-            out.extend(_pattern_images(str(item), exts, unlisted))
+            out.extend(_pattern_images(str(item), unlisted))
         elif p.is_dir():
             any_dir = True
             refuse_zoo_output(str(p), "to classify: give the folder of the images, or name its files")
-            out.extend(_folder_images(p, exts, unlisted))
+            out.extend(map(Path, image_files(str(p), unlisted)))
         elif p.exists():
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`
@@ -298,7 +286,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     # writer waited with it (the pool's threads are joined), where the main thread's read is interrupted
     threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
     threads = 0 if any(isinstance(item, (str, os.PathLike)) and named_stream(item) for item in images) else threads
-    with tqdm(total=len(images), unit="img", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(len(images), unit="img", quiet=not progress) as bar:
         for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
             if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on
                 if on_error is None:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.core.io import (SafetensorsHeaderError, atomic_write_text, read_json_object, rewrite_safetensors_metadata,
-                              shell_command)
-from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, check_config, read_safetensors_metadata
+from finetune.core.io import (SafetensorsHeaderError, read_json_object, rewrite_safetensors_metadata, shell_command,
+                              write_json)
+from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, _read_json, check_config, read_safetensors_metadata
 from zoo.cache import lock, zoo_home
 from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
@@ -182,12 +182,7 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
         raise BundleError(f"{bundle / WEIGHTS} cannot be read ({err.strerror or err}); nothing was uploaded") from None
     raw_meta = read_safetensors_metadata(bundle / WEIGHTS, data=data)      # (checks the file is whole)
     sha = hashlib.sha256(data).hexdigest()
-    try:
-        config = json.loads((bundle / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{bundle / CONFIG} is unreadable ({err}); re-export the bundle") from None
-    if not isinstance(config, dict):
-        raise BundleError(f"{bundle / CONFIG} should hold a JSON object; re-export the bundle")
+    config = _read_json(bundle / CONFIG, "re-export the bundle; nothing was uploaded")
     recorded = config["zoo"].get("weights_sha256") if isinstance(config.get("zoo"), dict) else None
     if recorded and recorded != sha:
         writer = lock_holder(bundle)   # config.json read after the weights: a live export replaced both?
@@ -344,7 +339,7 @@ def _record(result: PushResult, plan: PushPlan) -> None:
         items.append({"repo": result.repo, "revision": result.revision, "commit": result.commit,
                       "weights_sha256": plan.weights_sha256, "bundle": str(plan.bundle.resolve()),
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        atomic_write_text(path, json.dumps(items, indent=2) + "\n")
+        write_json(path, items, indent=2)
 
 
 def pushed_models() -> list[dict[str, Any]]:

@@ -19,11 +19,10 @@ from typing import Any, Iterable
 
 import yaml
 
-from finetune.core.io import load_yaml, read_user_text
+from finetune.core.io import load_yaml, read_user_text, yaml_problem
 from zoo.entry import (COMMIT_RE, HUB_REPO_RE, HUB_REPO_RULE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE,
                        entry_pin, matches_pin, parse_digest, public_source_id, weights_tag)
 from zoo.errors import RegistryError, UnknownModelError, UsageError
-from zoo.text import first_line
 
 __all__ = [
     "Source", "Preprocessing", "ModelEntry", "load_registry", "list_models", "get_entry", "list_families",
@@ -267,10 +266,7 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
     try:
         data = load_yaml(text, unique_keys=True)      # a key written twice: refused, not the last kept (QA)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or first_line(err)
-        raise RegistryError(f"{path}: invalid YAML{at}: {problem}; fix the syntax") from None
+        raise RegistryError(f"{path}: invalid YAML{yaml_problem(err)}; fix the syntax") from None
     where = _Where(path)
     if data is None:
         data = {"models": []}

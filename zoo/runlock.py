@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from finetune.core.io import printable_name
 from zoo.errors import ZooError
 
 __all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "still_training"]
@@ -43,7 +44,8 @@ def still_training(run: str | os.PathLike) -> bool:
 
 
 def _command_line() -> str:
-    return " ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo"
+    # an argument that is not UTF-8 (a path named in Latin-1) holds surrogates, which no UTF-8 file takes: as \xNN
+    return printable_name(" ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.core.io import no_room, sha256_file, shell_command
+from finetune.core.progress import progress_bar
 from zoo import cache
 from zoo.errors import CacheError, DownloadError, IntegrityError, OfflineError, WeightsError, ZooError
 from zoo.keymaps import apply_key_map
@@ -229,7 +230,8 @@ def _fetch_url(entry: ModelEntry, source: Source, stage: Path, progress: bool) -
         expected = int(expected) if expected and expected.isdigit() else None
         got = 0
         try:
-            with open(target, "wb") as fh, _progress_bar(expected, target.name, progress) as bar:
+            with open(target, "wb") as fh, progress_bar(expected, target.name, unit="B", quiet=not progress,
+                                                        unit_scale=True, unit_divisor=1024) as bar:
                 while chunk := response.read(_CHUNK):
                     fh.write(chunk)
                     got += len(chunk)
@@ -304,15 +306,6 @@ def _silent_tqdm() -> type:
             super().__init__(*args, **kwargs)
 
     return SilentTqdm
-
-
-def _progress_bar(total: int | None, desc: str, progress: bool):
-    # lazy: zoo --help imports this module; tqdm (slow to import) only when downloading
-    from tqdm.auto import tqdm
-
-    # disable=None: tqdm stays quiet when stderr is not a terminal.
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=None if progress else True, leave=False)
 
 
 def _disk_full_error(err: OSError) -> CacheError:

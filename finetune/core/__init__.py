@@ -7,5 +7,6 @@
 - ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers;
 - ``policy``: freeze depth from the data size; ``surgery``: head replacement, freezing, BatchNorm;
 - ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``;
-- ``signals``: SIGTERM taken as Ctrl-C (a run's and the CLI's one signal policy).
+- ``signals``: SIGTERM taken as Ctrl-C (a run's and the CLI's one signal policy);
+- ``threads``: the one ordered thread map; ``progress``: the one progress bar.
 """

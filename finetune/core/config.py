@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from finetune.core.errors import ConfigError
-from finetune.core.io import atomic_write_text, load_yaml, read_user_text
+from finetune.core.io import atomic_write_text, load_yaml, read_user_text, yaml_problem
 
 __all__ = ["FinetuneConfig", "load_resume_config", "read_config_file", "save_config", "short_repr",
            "Option", "OPTIONS", "range_text", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS",
@@ -423,10 +423,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         # One line (PyYAML's message spans several): where, and what. Python tags (!!python/...) land here
         # too: the safe loader refuses them, nothing is constructed or run.
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = " ".join((getattr(e, "problem", None) or str(e)).split())
-        raise ConfigError(f"{path} is not valid YAML{at}: {problem}; fix the file") from None
+        raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}; fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
     return data

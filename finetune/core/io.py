@@ -5,8 +5,10 @@ and the one YAML reader (registry files, configs, bundles)."""
 from __future__ import annotations
 
 import codecs
+import csv
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -15,15 +17,15 @@ import shlex
 import struct
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import yaml
 
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
-           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_file", "plain_file_mode",
-           "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
+           "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
+           "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
-           "sha256_file"]
+           "sha256_file", "yaml_problem"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -171,6 +173,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """``rows`` as CSV text with ``\\n`` line ends (``csv.writer``'s quoting: a cell with a comma, quote or line
+    break quoted): the one CSV writer of findings.csv, lr_find.csv, confusion.csv and zoo eval's reports."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_json(path: str | Path, data: Any, **options: Any) -> None:
+    """``data`` as JSON and a newline, in UTF-8, written atomically: the one JSON writer of run folders, reports,
+    bundles, output-folder markers and the cache. ``options``: ``json.dumps``'s (``indent``, ``sort_keys``,
+    ``default``; ``ensure_ascii=False`` only for text whose file names are escaped already: a name that is not
+    UTF-8 holds surrogates, which UTF-8 cannot encode).
+
+    Raises:
+        OSError: as :func:`atomic_write`. TypeError / ValueError: ``data`` is not JSON (``default`` aside).
+    """
+    atomic_write_text(path, json.dumps(data, **options) + "\n")
+
+
 def plain_file_mode(path: str | Path) -> None:
     """Give a file made by mkstemp/mkdtemp the permissions a plain open() would have (umask applied)."""
     os.chmod(path, _FILE_MODE)
@@ -303,6 +325,15 @@ def load_yaml(text: str, unique_keys: bool = False) -> Any:
     instead of 118 ms); the same objects and the same ``yaml.YAMLError``s either way. ``unique_keys``: a
     key given twice in one mapping is a ``yaml.YAMLError`` too (a file people write by hand)."""
     return yaml.load(text, Loader=_UniqueKeysLoader if unique_keys else _SafeLoader)
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML error as the end of one line: ``" at line 3, column 5: could not find expected ':'"`` (where, when
+    PyYAML knows it, then what; whitespace folded, so a message of several lines stays one). The one wording of a
+    config file's and a registry file's syntax errors (callers say which file, and what to do)."""
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{at}: {' '.join((getattr(err, 'problem', None) or str(err)).split())}"
 
 
 def rewrite_safetensors_metadata(data: bytes, metadata: dict[str, str]) -> bytes:

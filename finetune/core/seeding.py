@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "sample_seed", "repeat_seed", "view_seed",
-           "view_pick_seed"]
+           "view_pick_seed", "drop_seed"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -46,6 +46,12 @@ def view_seed(seed: int, view: int) -> int:
 def view_pick_seed(seed: int, epoch: int) -> int:
     """The seed of which cached view each image shows in ``epoch`` (the fast head path, ``--aug-views``)."""
     return (int(seed) * 7_919 + int(epoch)) % (2**63 - 1)
+
+
+def drop_seed(seed: int, step: int, call: int) -> int:
+    """The seed of the dropout masks of the ``call``-th dropout of training step ``step`` in an epoch seeded with
+    ``seed`` (``finetune.engine.drops.SharedDropout``): the same on every rank."""
+    return (int(seed) * 2_654_435_761 + int(step) * 40_503 + int(call) * 9_973 + 11) % (2**63 - 1)
 
 
 def seed_everything(seed: int) -> None:

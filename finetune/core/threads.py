@@ -15,7 +15,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: i
     threads, with at most ``ahead`` calls queued or running, the one consumed next included (results are held until
     consumed: a bound on memory). An exception ``fn`` raises is raised at its item. Closing the generator (an error
     or a Ctrl-C in the consumer) drops the calls not started and waits only for those running. Used by zoo predict's
-    decoding threads and zoo doctor's file pass."""
+    decoding threads, zoo doctor's file pass and the scan's file checks."""
     if threads <= 0:
         yield from map(fn, items)
         return

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import stat
 import time
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,8 +16,8 @@ import PIL
 from PIL import Image, UnidentifiedImageError
 
 from finetune.core.errors import DataError
-from finetune.core.io import (OUTPUT_MARKER, UNLISTED_FOLDER, atomic_write_text, printable, printable_name,
-                              read_json_object)
+from finetune.core.threads import ordered_map
+from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, printable, printable_name, read_json_object, write_json
 from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
                                   unreadable_kind)
 
@@ -108,6 +107,13 @@ def walk_files(top: str, loops: list[str] | None = None,
 
     walk(top, os.path.realpath(top))
     return sorted(out)
+
+
+def image_files(top: str, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
+    """The files below ``top`` named as images (:data:`IMAGE_EXTENSIONS`, in any case), sorted, walked as
+    :func:`walk_files` walks (folders that cannot be listed -> ``unlisted``): what ``zoo predict`` reads of a
+    folder and ``zoo eval`` of a class folder. (The training scan keeps every file, to say why one is unusable.)"""
+    return [p for p in walk_files(top, unlisted=unlisted) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
 
 
 def _check_file(path: str) -> str | None:
@@ -306,6 +312,7 @@ def listed_names(listed: Iterable[str], names: Iterable[str]) -> dict[str, str]:
 
 
 _CHECK_RUN = 64    # files per thread task: a future per file cost more than a check on a warm cache
+CHECK_THREADS = 8  # threads of the file checks (the doctor's file pass takes as many at most)
 
 
 # What a memo of file checks (check_files' ``memo``) was made with: a memo of another format, Pillow or
@@ -369,7 +376,7 @@ def _read_memo(memo: str | Path) -> dict[str, list]:
 def _write_memo(memo: str | Path, entries: dict[str, list]) -> None:
     try:
         Path(memo).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(memo, json.dumps({"made_with": _memo_header(), "files": entries}, separators=(",", ":")))
+        write_json(memo, {"made_with": _memo_header(), "files": entries}, separators=(",", ":"))
     except OSError:      # a read-only or full cache folder: the next scan checks the files again
         pass
 
@@ -380,10 +387,11 @@ def _check_all(files: Sequence[str]) -> list[str | None]:
         if len(files) < 64:
             return [_check_file(f) for f in files]
         # Header reads wait on the disk (a cold cache, a network drive); threads overlap the waits. Each
-        # task checks a run of files: a future per file cost more than the check on a warm cache.
-        runs = [files[i:i + _CHECK_RUN] for i in range(0, len(files), _CHECK_RUN)]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return [reason for run in pool.map(_check_run, runs) for reason in run]
+        # task checks a run of files: a future per file cost more than the check on a warm cache. A Ctrl-C
+        # drops the runs not started.
+        runs = (files[i:i + _CHECK_RUN] for i in range(0, len(files), _CHECK_RUN))
+        with closing(ordered_map(_check_run, runs, CHECK_THREADS, 2 * CHECK_THREADS, "zoo-scan-files")) as done:
+            return [reason for run in done for reason in run]
 
 
 def _check_run(files: Sequence[str]) -> list[str | None]:

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from finetune.data.files import class_key, listed_names, name_key, path_key
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.core.errors import DataError
-from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object
+from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object, write_json
 
 SPLIT_FILE_VERSION = 1
 
@@ -216,11 +216,11 @@ def write_scan(report: ScanReport, run_dir: str | Path, scan_only: bool = False)
     """Write ``scan.json``, ``split.json`` and ``bad_files.txt`` (one ``path<TAB>reason`` per line);
     ``scan_only``: ``scan.json`` alone (a resume writing a deleted one again keeps the run's split)."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "scan.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_json(run_dir / "scan.json", report.to_dict(), indent=2)
     if scan_only:
         return
     # ensure_ascii keeps non-UTF-8 names (surrogate escapes) round-trippable through json.loads.
-    atomic_write_text(run_dir / "split.json", json.dumps(_split_payload(report)) + "\n")
+    write_json(run_dir / "split.json", _split_payload(report))
     write_bad_files(report, run_dir)
 
 

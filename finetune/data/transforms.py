@@ -150,9 +150,11 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
     steps: list = [T.PILToTensor()] if tensor_input else []
     mode_name = augment_mode(config)
     augment = train and mode_name != "none"
+    min_size = max(scale)
     if augment and float(config.crop_scale_min) < 1.0:
         steps.append(T.RandomResizedCrop((h, w), scale=(float(config.crop_scale_min), 1.0), interpolation=mode,
                                          antialias=True))
+        min_size = max(min_size, crop_min_size((h, w), float(config.crop_scale_min)))
     else:
         steps.extend(fixed())
     colour = augment and not colour_on_device
@@ -171,10 +173,18 @@ def build_transform(data_config: dict, train: bool, config: Any | None = None, *
         steps.append(T.PILToTensor())
     if output == "float":
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-    return ImageTransform(T.Compose(steps), min_size=max(scale), train=train, output=output, mean=mean, std=std,
+    return ImageTransform(T.Compose(steps), min_size=min_size, train=train, output=output, mean=mean, std=std,
                           tensor_input=tensor_input, colour_on_device=colour_on_device)
 
 
+
+
+def crop_min_size(size: tuple[int, int], scale_min: float) -> int:
+    """The short side a big JPEG is decoded at, at least (PIL ``draft``), for random crops of ``scale_min`` of its
+    area and more to be resized to ``size`` without enlarging a square one: ``max(size) / sqrt(scale_min)``. At the
+    default 0.8 this is below the evaluation's ``size / crop_pct`` (256 for 224), which then decides; at timm's
+    0.08 a 224-px view needs 792 px (decoded at 256 px, its smallest crops were 72 px enlarged 3x)."""
+    return math.ceil(max(size) / math.sqrt(scale_min))
 
 
 def flip_probability(config: Any) -> float:

@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 from finetune.engine.runfolder import CHECKPOINT_FORMAT, HISTORY_KEYS, RESUME_FREE, RunFolder
-from finetune.engine.runtime import AmpPolicy, amp_policy, build_loss, nhwc, resolve_device, check_machine, to_device
+from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, nhwc, resolve_device, check_machine,
+                                     idle_gpus_note, to_device)
 from finetune.engine.setup import Setup, build_setup
 from finetune.engine.steps import diverged, evaluate, optimizer_step, train_one_epoch
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.trainer import HEAD_WARMUP_CAP, FitResult, Trainer, plan_phases
 
 __all__ = [
-    "resolve_device", "check_machine", "nhwc", "AmpPolicy", "amp_policy", "build_loss", "to_device",
+    "resolve_device", "check_machine", "idle_gpus_note", "nhwc", "AmpPolicy", "amp_policy", "build_loss", "to_device",
     "Setup", "build_setup", "train_one_epoch", "evaluate", "optimizer_step", "diverged",
     "RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE",
     "Trainer", "EpochSteps", "LoaderSteps", "FitResult", "HEAD_WARMUP_CAP", "plan_phases",

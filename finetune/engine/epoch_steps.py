@@ -4,18 +4,19 @@ The cached-feature head (``finetune.tools.features.CachedHeadSteps``) is the oth
 from __future__ import annotations
 
 import math
-import sys
 from typing import Iterator, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
 from finetune.core.io import printable_name
+from finetune.core.progress import progress_bar
+from finetune.core.seeding import epoch_seed
 from finetune.core.ema import ModelEma
 from finetune.data.loaders import close_loader, counted_images
 from finetune.data.replay import KeptPass
+from finetune.engine.drops import SharedDropout
 from finetune.engine.setup import Setup
 from finetune.engine.runtime import warms_up
 from finetune.engine.steps import evaluate, train_one_epoch, warm_up
@@ -109,14 +110,15 @@ class LoaderSteps:
         batches = self._take("train", epoch)
         if s.has_val and "val" not in self._ahead and self._val.get(s.val_loader) is None:
             self._ahead["val"] = (epoch, s.val_loader, iter(s.val_loader))
-        bar = _progress(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}",
-                        disable=s.config.quiet or not s.info.is_main)
+        bar = progress_bar(len(s.train_loader), f"epoch {epoch}/{s.config.epochs} {phase}", unit="batch",
+                           quiet=s.config.quiet or not s.info.is_main)
         try:
             out = train_one_epoch(self.net, batches, optimizer, scheduler, s.loss_fn, s.device, amp=s.amp,
                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
                                   normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank,
-                                  counted=counted_images(s.train_loader))     # not the padding copies
+                                  counted=counted_images(s.train_loader),     # not the padding copies
+                                  drops=self._drops(epoch))
         finally:
             if bar is not None:
                 bar.close()
@@ -129,6 +131,14 @@ class LoaderSteps:
         if epoch < int(s.config.epochs):
             self.start_ahead(epoch + 1)
         return out
+
+    def _drops(self, epoch: int) -> SharedDropout | None:
+        """The epoch's dropout masks, drawn for the global batch: the same on any number of processes (not under
+        ``--compile``, whose graph keeps torch's dropout)."""
+        s = self.s
+        if s.config.compile:
+            return None
+        return SharedDropout(epoch_seed(s.config.seed, epoch), s.info.rank, s.info.world_size)
 
     def start_ahead(self, epoch: int) -> None:
         """Start epoch ``epoch``'s training pass now, unless it has started: its workers read while the
@@ -218,9 +228,3 @@ def _failed(path: str, reason: str) -> str:
     """One failed image in a message: its reason, which names it (the readers' DataError), or path: reason."""
     name = printable_name(path)
     return reason if name in reason else f"{name}: {reason}"
-
-
-def _progress(total: int, desc: str, disable: bool):
-    """One tqdm bar per epoch on stderr (quiet when stderr is not a terminal, or with quiet=True)."""
-    return tqdm(total=total, desc=desc, leave=False, disable=True if disable else None, file=sys.stderr,
-                dynamic_ncols=True, unit="batch")

@@ -22,8 +22,8 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import CheckpointError, ConfigError
-from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object,
-                               shell_command)
+from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, shell_command,
+                              write_json)
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
@@ -185,7 +185,7 @@ class RunFolder:
                         "images": {"train": len(train_set.items), "val": len(val_set.items)},
                         "classes": list(train_set.classes), "versions": _versions(),
                         "device": str(device), "world_size": info.world_size}
-        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+        write_json(path, manifest, indent=2)
 
     def metrics(self, history: list[dict]) -> None:
         """After every epoch: metrics.csv (cheap) and TensorBoard."""

@@ -13,8 +13,8 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.core.errors import ConfigError
 
-__all__ = ["resolve_device", "check_machine", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy", "amp_policy",
-           "bf16_native", "to_device", "build_loss"]
+__all__ = ["resolve_device", "check_machine", "idle_gpus_note", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy",
+           "amp_policy", "bf16_native", "to_device", "build_loss"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
 # steps of one shape, and makes a job of a few batches (the feature pass of a small folder sees 4-5
@@ -79,6 +79,19 @@ def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device
         from finetune.core.monitor import TensorBoardLogger    # lazy: matplotlib is not needed to check
         TensorBoardLogger.writer_class()
     return device
+
+
+def idle_gpus_note(device: torch.device, info: ddp.DistInfo | None = None) -> str | None:
+    """A line for a one-process run on one of several GPUs: which it trains on, and that torchrun trains on all
+    (``--batch-size`` is the global batch, so the same options give the same steps). None otherwise (one GPU, no
+    GPU, or already under torchrun)."""
+    if device.type != "cuda" or (info is not None and info.enabled):
+        return None
+    count = torch.cuda.device_count()
+    if count < 2:
+        return None
+    return (f"device: {device}, one of the {count} GPUs here; to train on all {count}, start the same command "
+            f"as `torchrun --nproc-per-node {count} -m zoo finetune ...`")
 
 
 def check_sync_bn(config: Any, info: ddp.DistInfo, device: torch.device) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.core import distributed as ddp
+from finetune.engine.drops import SharedDropout
 from finetune.engine.mixing import BatchMix
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.errors import ConfigError, DivergedError
@@ -68,7 +69,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                     info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
                     ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
                     raise_diverged: bool = True, blank: Callable[[], tuple] | None = None,
-                    counted: int | None = None) -> dict:
+                    counted: int | None = None, drops: SharedDropout | None = None) -> dict:
     """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
     cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
     batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
@@ -94,6 +95,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             (:func:`_stand_in`); needed where ``batches`` can yield None on several processes.
         counted: how many of this rank's images, from the first, the metrics count (the sampler's ``counted``);
             the rest, copies padding the ranks' shares to one length, train but are left out (:func:`_tally`).
+        drops: dropout masks drawn for the global batch (``engine.drops.SharedDropout``); None: torch's own.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s", "data_wait"}`` over all ranks (:func:`_waiting`;
         with ``mix``: the loss on the mixed targets, the accuracy against each mixed image's dominant label).
@@ -121,11 +123,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                 _stand_in(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema, info)
             continue
         x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
-        target = y
-        if mix is not None:
-            mixed = mix(x, y, step)
-            x, target, y = mixed.x, mixed.target, mixed.y
-        out = _forward(model, x, amp)
+        mixed = mix(x, y, step) if mix is not None else None     # soft targets, each image's dominant label
+        x, target, y = (mixed.x, mixed.target, mixed.y) if mixed is not None else (x, y, y)
+        out = _forward(model, x, amp, drops.at(step) if drops is not None else contextlib.nullcontext())
         loss = batch_loss(loss_fn, out.float(), target, info)
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if optimizer is not None:
@@ -261,13 +261,15 @@ def _as_before(model: nn.Module, device: torch.device):
                 b.copy_(saved)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None) -> torch.Tensor:
-    """The training forward pass. A BatchNorm layer that trains given one value per channel (a batch of one
-    image: the MLP head's at any size, the network's with --bn train where its last maps are 1x1) made torch
+def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None,
+             masks: contextlib.AbstractContextManager = contextlib.nullcontext()) -> torch.Tensor:
+    """The training forward pass (its dropout drawn within ``masks``: ``SharedDropout.at``). A BatchNorm layer
+    that trains given one value per channel (a batch of one image: the MLP head's at any size, the network's with
+    --bn train where its last maps are 1x1) made torch
     raise a ValueError, a traceback; it is a ConfigError saying what to change (set-up refuses it before the
     first step, ``finetune.core.recipe.check_batchnorm_batch``; this stays for a model it could not look into)."""
     try:
-        with (amp or _FULL).autocast():
+        with (amp or _FULL).autocast(), masks:
             out = model(x)
     except ValueError as e:
         if "Expected more than 1 value per channel" not in str(e):

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, table, thumbnail_uri
 from finetune.core.config import short_repr
-from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, read_confusion_csv
+from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, precision_recall, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
 from finetune.core.metrics import accuracy_text, as_fraction
 
-__all__ = ["doctor_html", "run_report_html", "write_run_report", "precision_recall", "read_history", "TOP_ROWS"]
+__all__ = ["doctor_html", "run_report_html", "write_run_report", "read_history", "TOP_ROWS"]
 
 _PER_KIND = 24     # findings of each kind the doctor page shows with thumbnails
 TOP_ROWS = 20      # rows of each per-class list above FULL_MAX_CLASSES classes (the rest: scan.json, confusion.csv)
@@ -99,21 +99,6 @@ def read_history(path: Path) -> list[dict[str, Any]]:
                     out[k] = math.nan
             rows.append(out)
     return rows
-
-
-def precision_recall(classes: Sequence[str], confusion: Sequence[Sequence[int]]) -> list[list[Any]]:
-    """[class, precision, recall, f1, support] per class from a confusion matrix (rows: true)."""
-    out = []
-    column_sums = [sum(col) for col in zip(*confusion)]      # once: a column per class read row by row is C^2
-    for i, name in enumerate(classes):
-        tp = confusion[i][i]
-        support = sum(confusion[i])
-        predicted = column_sums[i]
-        p = tp / predicted if predicted else math.nan
-        r = tp / support if support else math.nan
-        f1 = 2 * p * r / (p + r) if predicted and support and (p + r) else math.nan
-        out.append([name, p, r, f1, int(support)])
-    return out
 
 
 def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (),

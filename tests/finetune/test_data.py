@@ -919,6 +919,21 @@ def test_load_image_draft_keeps_target_size(tmp_path):
     assert min(small.size) >= 256 and small.size[0] < 2000      # decoded at reduced scale, never below 256
 
 
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_training_views_of_a_big_jpeg_are_decoded_large_enough_for_the_smallest_random_crop(tmp_path, output):
+    # A 2400x1800 JPEG: decoded for the default crops (80%+ of the area) at 1/4 scale (600x450, above the
+    # evaluation's 256); for timm's 0.08 at 1/2 (1200x900): at 1/4 its smallest crops (~170 px) were enlarged.
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (10, 120, 200)).save(path, quality=80)
+    cfg = dict(DATA_CONFIG, input_size=(3, 224, 224), crop_pct=0.875)
+    default = build_transform(cfg, train=True, config=FinetuneConfig(), output=output)
+    wide = build_transform(cfg, train=True, config=FinetuneConfig(crop_scale_min=0.08), output=output)
+    assert default.min_size == 256 and wide.min_size == 792          # ceil(224 / sqrt(0.08))
+    assert build_transform(cfg, train=False, config=FinetuneConfig(crop_scale_min=0.08)).min_size == 256
+    assert load_image(path, default.min_size).size == (600, 450)
+    assert load_image(path, wide.min_size).size == (1200, 900)
+
+
 def test_drop_last_rule():
     from finetune.data import drop_last_partial
 
@@ -1061,6 +1076,41 @@ def test_many_files_are_checked_in_parallel_runs_with_each_reason_at_its_own_fil
     assert reasons[3] == "empty file (0 bytes)"
 
 
+def test_a_ctrl_c_stops_the_scan_file_checks_without_checking_the_rest(tmp_path, monkeypatch):
+    """The scan's file checks run on finetune.core.threads.ordered_map, as the doctor's file pass does (helper-90:
+    they had a pool of their own, whose map cancelled the runs not started just the same): a Ctrl-C drops the runs
+    not started and waits only for those being checked; no thread outlives the scan."""
+    import threading
+
+    from finetune.core import threads
+    from finetune.data import files
+
+    paths = [str(tmp_path / f"{i:04d}.png") for i in range(20 * files._CHECK_RUN)]
+    gate, checked = threading.Event(), []
+
+    def check(path):    # the first file is the Ctrl-C; every other run waits until the pool is told to stop
+        if path == paths[0]:
+            raise KeyboardInterrupt
+        if paths.index(path) >= files._CHECK_RUN and not gate.wait(10):
+            gate.set()      # (a pool never told to stop: the rest go on, to be counted)
+        checked.append(path)
+        return None
+
+    class Pool(threads.ThreadPoolExecutor):
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=False, cancel_futures=cancel_futures)
+            gate.set()
+            super().shutdown(wait=wait)
+
+    monkeypatch.setattr(files, "_check_file", check)
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", Pool)
+    with pytest.raises(KeyboardInterrupt):
+        files.check_files(paths)
+    # the first run, and at most the runs the 8 threads had started when it stopped
+    assert len(checked) <= (1 + files.CHECK_THREADS) * files._CHECK_RUN < len(paths) - 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("zoo-scan-files")]
+
+
 def test_a_memo_of_file_checks_spares_unchanged_files_and_rechecks_changed_ones(tmp_path, monkeypatch):
     """scan_folder(memo=...): a second scan opens no unchanged file found fine and gives the same report; a
     file damaged, zero-filled (its times set back) or mended since is checked again (its size or change time
@@ -1108,7 +1158,7 @@ def test_a_memo_of_file_checks_spares_unchanged_files_and_rechecks_changed_ones(
         assert len(checked) == 9                                   # all checked again, the memo rewritten
     memo.write_text("{damaged")
     assert len(scan()[1]) == 2 and len(checked) == 9 and json.loads(memo.read_text())["files"]
-    monkeypatch.setattr(files, "atomic_write_text", lambda *a: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    monkeypatch.setattr(files, "write_json", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     memo.unlink()
     assert len(scan()[1]) == 2 and not memo.exists()               # no memo kept; the scan is the same
 

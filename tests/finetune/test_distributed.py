@@ -17,7 +17,7 @@ from finetune.core import distributed as ddp
 from finetune.core.checkpoint import BEST, load_weights
 from finetune.core.errors import ConfigError
 from tests.conftest import make_image_folder
-from tests.finetune.test_train import cfg, run
+from tests.finetune.test_train import cfg, run, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -25,8 +25,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def ddp_cfg():
     # Augmentation on (each image's draws come from (seed, epoch, its index): the same on any number of
-    # ranks) and no dropout (each rank's masks are its own): the only difference left between 1 and 2
-    # processes is summation order.
+    # ranks); the only difference left between 1 and 2 processes is summation order.
     return cfg(epochs=2, freeze="none", head_epochs=1, batch_size=8, lr=1e-2)
 
 
@@ -217,7 +216,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         from finetune.core import distributed
         import finetune.engine.epoch_steps as epoch_steps
         epoch_steps.warms_up = lambda device: True      # CUDA's warm-up, under DDP: it must change nothing
-        result = fit(tiny_model(), STAGES, DATA_CONFIG, train, val, ddp_cfg(), head="fc",
+        result = fit(tiny_model(drop_rate=0.3), STAGES, DATA_CONFIG, train, val, ddp_cfg(), head="fc",
                      run_dir={str(tmp_path / "ddp")!r})
         info = distributed.setup("cpu")
         assert info.world_size == 2, info
@@ -225,7 +224,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
             json.dump(result.history, open({str(tmp_path / "history.json")!r}, "w"))
     """)
 
-    single = run((report.train, report.val), ddp_cfg(), run_dir=tmp_path / "single")
+    # with dropout before the classifier: its masks are drawn for the global batch (engine.drops.SharedDropout)
+    single = run((report.train, report.val), ddp_cfg(), run_dir=tmp_path / "single", model=tiny_model(drop_rate=0.3))
     ddp_history = json.loads((tmp_path / "history.json").read_text())
     assert [r["phase"] for r in ddp_history] == ["head", "finetune"]
     for a, b in zip(ddp_history, single.history):

@@ -235,6 +235,20 @@ def test_a_bare_cuda_is_this_process_gpu_and_torchrun_refuses_another(monkeypatc
         resolve_device("cuda:7")
 
 
+def test_a_one_process_run_on_one_of_several_gpus_says_torchrun_would_use_them_all(monkeypatch):
+    from finetune.core.distributed import DistInfo
+    from finetune.engine.runtime import idle_gpus_note
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    note = idle_gpus_note(torch.device("cuda", 0))
+    assert note == ("device: cuda:0, one of the 4 GPUs here; to train on all 4, start the same command as "
+                    "`torchrun --nproc-per-node 4 -m zoo finetune ...`")
+    assert idle_gpus_note(torch.device("cpu")) is None
+    assert idle_gpus_note(torch.device("cuda", 1), DistInfo(rank=1, world_size=4, local_rank=1, enabled=True)) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert idle_gpus_note(torch.device("cuda", 0)) is None
+
+
 def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
     """cudnn.benchmark autotunes each new shape: on for a long CUDA run, off for a few batches (a small
     job's feature pass sees 4-5 shapes), never touched on a CPU run."""
@@ -690,7 +704,8 @@ def test_a_batch_of_one_that_a_training_batchnorm_cannot_take_is_refused_at_set_
 
     assert len(report.train.items) == 18
     seen, real = [], steps._forward
-    monkeypatch.setattr(steps, "_forward", lambda model, x, amp: (seen.append(int(x.shape[0])), real(model, x, amp))[1])
+    monkeypatch.setattr(steps, "_forward",
+                        lambda model, x, amp, *masks: (seen.append(int(x.shape[0])), real(model, x, amp, *masks))[1])
     options = dict(epochs=1, freeze="none", bn="train", head_epochs=0, fast_head=False, augment="none")
     with pytest.raises(ConfigError, match=re.escape(
             "a BatchNorm layer cannot train on a batch of 1 image (layer4.0.bn1 gets one value per channel at 32x32 "

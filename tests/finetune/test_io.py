@@ -38,3 +38,67 @@ def test_shell_command_quotes_only_the_words_a_shell_would_change():
     line = shell_command(*words)
     assert shlex.split(line) == words
     assert line.startswith("zoo finetune --resume '/tmp/my runs/a $HOME b'\"'\"'c' --data DIR --lr 0.001")
+
+
+def test_json_safe_is_plain_strict_json_data_nested_and_leaves_other_values_as_they_are():
+    """The one JSON-sanitiser (summary.json, doctor.json, a sweep's records, model.json's data_config since
+    helper-90 folded zoo.jobs.finetune's own ``_plain`` into it): dicts copied, lists and tuples as lists at any
+    depth, NaN and infinities as None, every other value (numbers, text, None, booleans) itself."""
+    from finetune.core.io import json_safe
+
+    value = {"mean": (0.5, 0.25, 0.125), "input_size": (3, 32, 32), "crop_pct": 0.875, "name": "bicubic",
+             "nested": {"list": [1, (2, float("nan"))], "inf": float("-inf"), "none": None, "flag": True}}
+    assert json_safe(value) == {"mean": [0.5, 0.25, 0.125], "input_size": [3, 32, 32], "crop_pct": 0.875,
+                                "name": "bicubic", "nested": {"list": [1, [2, None]], "inf": None, "none": None,
+                                                              "flag": True}}
+    assert type(json_safe(value)["mean"]) is list and json_safe(value) is not value
+
+
+def test_write_json_writes_the_json_text_and_a_newline_atomically_with_the_callers_options(tmp_path):
+    """finetune.core.io.write_json, the one JSON writer (helper-90: twelve ``atomic_write_text(path,
+    json.dumps(...) + "\\n")`` lines and zoo.jobs.finetune's own ``_write_json``): exactly ``json.dumps(data,
+    **options) + "\\n"`` in UTF-8, a folder made for it, no temp file left beside it."""
+    import json
+    import os
+
+    from finetune.core.io import write_json
+
+    data = {"b": "café 猫", "a": [1, 2.5, None], "t": (3, 4)}
+    for options in ({}, {"indent": 2}, {"indent": 2, "ensure_ascii": False}, {"indent": 2, "sort_keys": True},
+                    {"separators": (",", ":")}):
+        path = tmp_path / "new" / "f.json"
+        write_json(path, data, **options)
+        assert path.read_bytes() == (json.dumps(data, **options) + "\n").encode("utf-8")
+        assert os.listdir(path.parent) == ["f.json"]
+    write_json(path, {"x": object()}, default=lambda v: "obj")
+    assert json.loads(path.read_text(encoding="utf-8")) == {"x": "obj"}
+
+
+def test_csv_text_is_the_csv_modules_quoting_with_newline_line_ends():
+    """finetune.core.io.csv_text, the one CSV writer (helper-90: zoo eval's ``_csv_text`` and the StringIO +
+    csv.writer of findings.csv, lr_find.csv and confusion.csv): each row a line ending in ``\\n`` on every OS, a
+    cell with a comma, a quote or a line break quoted, numbers and None as csv writes them; rows may be a
+    generator."""
+    from finetune.core.io import csv_text
+
+    rows = [("path", "class"), ("a,b.png", 'say "hi"'), ("two\nlines", None), (1, 0.5)]
+    assert csv_text(rows) == 'path,class\n"a,b.png","say ""hi"""\n"two\nlines",\n1,0.5\n'
+    assert csv_text(iter(rows)) == csv_text(rows) and csv_text([]) == ""
+
+
+def test_yaml_problem_says_where_and_what_on_one_line():
+    """finetune.core.io.yaml_problem, the one wording of a YAML file's syntax error (helper-90: the config reader and
+    the registry parser each had a copy): where (1-based line and column) when PyYAML knows it, then its problem,
+    whitespace folded to one line."""
+    import yaml
+
+    from finetune.core.io import load_yaml, yaml_problem
+
+    with pytest.raises(yaml.YAMLError) as err:
+        load_yaml("lr: 0.1\nepochs: 3\nlr: 0.5\n", unique_keys=True)
+    assert yaml_problem(err.value) == (" at line 3, column 1: lr is given twice (lines 1 and 3), and only the last "
+                                       "would count: keep one")
+    with pytest.raises(yaml.YAMLError) as err:
+        load_yaml("a: [1, 2\nb: 3\n")
+    assert yaml_problem(err.value).startswith(" at line 2, column ") and "\n" not in yaml_problem(err.value)
+    assert yaml_problem(yaml.YAMLError("no place\n  known")) == ": no place known"

@@ -26,8 +26,9 @@ DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct
 class Tiny(nn.Module):
     """Two stages with BatchNorm and a Linear classifier ``fc``: enough to see every freeze mode."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
+        self.drop_rate = drop_rate     # timm's dropout before the classifier, functional as timm's models call it
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -35,13 +36,15 @@ class Tiny(nn.Module):
         self.poison = False      # tests flip it to make the forward pass emit NaN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+        features = torch.nn.functional.dropout(self.pool(self.block(self.stem(x))).flatten(1), self.drop_rate,
+                                               self.training)
+        out = self.fc(features)
         return out * float("nan") if self.poison else out
 
 
-def tiny_model(seed: int = 0) -> Tiny:
+def tiny_model(seed: int = 0, drop_rate: float = 0.0) -> Tiny:
     torch.manual_seed(seed)
-    return Tiny()
+    return Tiny(drop_rate=drop_rate)
 
 
 def sets(root):
@@ -352,6 +355,33 @@ def test_a_batchnorm_training_on_one_image_is_a_config_error_not_a_traceback():
     out = train_one_epoch(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], opt, None, nn.CrossEntropyLoss(),
                           torch.device("cpu"))
     assert out["images"] == 2
+
+
+def test_one_progress_bar_on_stderr_cleared_when_done_and_silent_when_quiet_or_not_a_terminal(monkeypatch):
+    """finetune.core.progress.progress_bar is every bar's (helper-90: an epoch's, feature extraction's, the
+    head's solves', zoo predict's, zoo doctor's and a download's were six tqdm calls, two without the terminal's
+    width or an explicit stderr): on stderr, cleared when it closes, following the terminal's width; silent with
+    quiet, and wherever stderr is not a terminal."""
+    import io
+    import sys
+
+    from finetune.core.progress import progress_bar
+    from zoo.cli.doctor import _bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_bar(3, "x", unit="img").disable                 # pytest's stderr is no terminal
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert progress_bar(3, "x", unit="img", quiet=True).disable
+    assert _bar(True)("files", 3).disable
+    with progress_bar(3, "epoch 1/1 head", unit="batch") as bar:
+        assert not bar.disable and not bar.leave and bar.dynamic_ncols and bar.unit == "batch"
+        bar.update(3)
+    assert "epoch 1/1 head" in term.getvalue()
+    assert list(progress_bar(unit="C", quiet=True, iterable=[0.1, 1.0])) == [0.1, 1.0]
 
 
 def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once_a_second(monkeypatch):

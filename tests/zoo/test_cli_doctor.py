@@ -201,6 +201,23 @@ def test_doctor_then_exclude_with_a_file_name_that_is_not_utf8(tmp_path, tiny, l
     assert not any("caf" in rel for rel, _ in split["train"] + split["val"])
 
 
+def test_a_command_line_naming_a_folder_that_is_not_utf8_claims_its_output_folder(tmp_path, tiny, leaky, monkeypatch):
+    """`zoo doctor --out $'doc-caf\\xe9'` (any command line with an argument that is not UTF-8, as a Latin-1 folder
+    name is): the output folder's lock and marker record the command with that byte as \\xNN, as every other
+    name that is not UTF-8 is written (before: UnicodeEncodeError writing .zoo.lock, nothing done)."""
+    import os
+    import sys
+
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"doc-caf\xe9"))
+    args = ["doctor", "--data", str(leaky), "--model", tiny, "--out", out, "--device", "cpu", "--workers", "0",
+            "--quiet", "--min-side", "0"]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/zoo", *args])        # what the process was started with
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    marker = json.loads((tmp_path / "doc-caf\udce9" / ".zoo-run.json").read_text(encoding="utf-8"))
+    assert marker["command"].endswith("doc-caf\\xe9 --device cpu --workers 0 --quiet --min-side 0")
+
+
 def test_report_of_a_many_class_run_is_small_and_points_to_the_csv(tmp_path):
     """QA: `zoo report` on a 2,000-class run rebuilt an 88 MB page in 12 s. A 300-class run (summary.json
     without the matrix, confusion.csv with it, as a run writes them) draws a page of some tens of KB from the

@@ -1421,3 +1421,21 @@ def test_a_flat_run_with_exclude_resumed_on_its_folder_reorganised_into_train_an
     assert res.exit_code == 1 and len(line) == 1 and "Traceback" not in res.output, res.output
     assert ("train/ holds 1 image(s) the run left out (its exclude.txt, e.g. train/cat/cat_000.png)" in line[0]
             and "put the folder back as it was to continue the run, or start a new run" in line[0]), line
+
+
+def test_a_run_on_one_of_several_gpus_names_them_before_training(tmp_path, monkeypatch):
+    """A one-process CUDA run on a machine with 2+ GPUs says which it trains on and how torchrun uses all (the line
+    itself: tests/finetune/test_engine.py); the device is the run's own, checked before any work. The GPU is
+    stood in for (this machine has none): training itself is not run."""
+    import torch
+
+    import zoo.jobs.finetune as job
+
+    monkeypatch.setattr(job, "check_machine", lambda config, info: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(job, "_train_new", lambda *args: job.RunOutcome(run_dir=tmp_path / "run"))
+    lines: list[str] = []
+    job.run_finetune("timm:test_resnet", make_image_folder(tmp_path / "data", per_class=4),
+                     FinetuneConfig(device="cuda", workers=0, quiet=True), out=tmp_path / "run", log=lines.append)
+    assert lines.count("device: cuda:0, one of the 2 GPUs here; to train on all 2, start the same command as "
+                       "`torchrun --nproc-per-node 2 -m zoo finetune ...`") == 1

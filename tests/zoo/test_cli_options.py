@@ -405,3 +405,16 @@ def test_every_command_shows_an_allowed_range_in_one_form():
     r = CliRunner().invoke(cli, ["predict", "resnet18", "x.jpg", "--topk", "0"])      # click's own message too
     assert r.exit_code == 2 and "0 is not in the range x >= 1" in r.output, r.output
     assert IntRange(0, 9)._describe_range() == "0 <= x <= 9"
+
+
+def test_the_commands_log_through_one_sayer_one_visible_line_a_message_and_none_when_quiet(capsys):
+    """finetune, doctor, lr-find and sweep log their progress through zoo.cli.shared.sayer (helper-90: finetune
+    and doctor had their own copies): a message with a newline in it (a class name) is one line on stderr,
+    nothing on stdout, and nothing at all when quiet (finetune: on a rank other than 0)."""
+    from zoo.cli import doctor, finetune as finetune_cmd, shared
+
+    shared.sayer(quiet=False)("class a\nb: 3 images")
+    shared.sayer(quiet=True)("not shown")
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "class a\\nb: 3 images\n")
+    assert doctor.sayer is shared.sayer and finetune_cmd.sayer is shared.sayer

@@ -335,6 +335,28 @@ def test_a_quoted_glob_pattern_is_expanded_to_its_image_files(tmp_path):
         expand_images([f"{root}/a/*.txt"])
 
 
+def test_predict_and_eval_read_the_image_files_of_a_folder_by_one_rule(tmp_path):
+    """zoo predict's folders and zoo eval's class folders are read by finetune.data.files.image_files (helper-90:
+    each filtered walk_files by extension itself): files named as images in any case (.PNG, .Jpeg), sorted, at any
+    depth; a text file, a file with no extension and a hidden image are not read."""
+    from pathlib import Path
+
+    from finetune.data.files import image_files
+
+    root = make_image_folder(tmp_path / "d", classes=("a",), per_class=2, size=16)
+    one = next(root.rglob("*.png"))
+    for name in ("UPPER.PNG", "deep/mixed.Jpeg", "notes.txt", "README", ".hidden.png"):
+        (root / "a" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "a" / name).write_bytes(one.read_bytes())
+    expected = sorted(str(p) for p in (root / "a").rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in (".png", ".jpeg"))
+    assert image_files(str(root / "a")) == expected and len(expected) == 4
+    paths, _ = expand_images([root / "a"])
+    assert paths == [Path(p) for p in expected]
+    _, items, _ = find_eval_images(root, ["a"])
+    assert [p for p, _ in items] == expected
+
+
 def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
     """predict and eval walk folders as the training scan does (finetune.data.files.walk_files): hidden
     files, macOS resource forks and NAS thumbnails (Synology's @eaDir, __MACOSX) are neither predicted
@@ -468,6 +490,27 @@ def test_classification_metrics_by_hand():
                           [0.3, 0.2, 0.2, 0.15, 0.14, 0.01]])   # target 5 ranked last: miss
     six = classification_metrics(six_probs, np.array([2, 5]), list("abcdef"))
     assert six["accuracy"] == 0.0 and six["top5"] == pytest.approx(0.5)
+
+
+def test_eval_and_the_run_page_compute_precision_and_recall_in_one_place():
+    """zoo eval's per_class and the run page's table both come from finetune.core.confusion.precision_recall
+    (helper-90: eval had its own numpy copy): precision, recall, F1 and support by hand, NaN (None in eval's
+    per_class) for a class never predicted or with no images."""
+    import math
+
+    from finetune.core.confusion import precision_recall
+
+    confusion = [[2, 1, 0], [0, 0, 0], [1, 0, 0]]      # b has no image; c is never predicted
+    rows = precision_recall(["a", "b", "c"], confusion)
+    assert rows[0] == ["a", 2 / 3, 2 / 3, 2 / 3, 3]
+    assert rows[1][1] == 0.0 and math.isnan(rows[1][2]) and math.isnan(rows[1][3]) and rows[1][4] == 0
+    assert math.isnan(rows[2][1]) and rows[2][2] == 0.0 and math.isnan(rows[2][3]) and rows[2][4] == 1
+    probs = np.eye(3)[[0, 0, 1, 0]]                       # predicted a, a, b, a for true a, a, a, c
+    m = classification_metrics(probs, np.array([0, 0, 0, 2]), ["a", "b", "c"])
+    assert m["confusion"] == confusion
+    assert m["per_class"] == {"a": {"precision": 2 / 3, "recall": 2 / 3, "support": 3},
+                              "b": {"precision": 0.0, "recall": None, "support": 0},
+                              "c": {"precision": None, "recall": 0.0, "support": 1}}
 
 
 def test_a_class_folder_matches_its_label_in_either_unicode_form(tmp_path):

@@ -88,6 +88,9 @@ def test_recorded_source_digest_is_the_files(tmp_path, monkeypatch):
     assert info["source_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
     assert info["source_weights_sha256"] == sha256_file(cache.weights_path("tiny"))
     assert info["source_sha256"] != info["source_weights_sha256"]       # the .pth was converted
+    # model.json's data_config is plain JSON data (finetune.core.io.json_safe): lists, not the tuples timm gives
+    assert info["data_config"] == json.loads(json.dumps(info["data_config"]))
+    assert isinstance(info["data_config"]["input_size"], list) and isinstance(info["data_config"]["mean"], list)
 
 
 def test_flipped_byte_is_refused_with_one_line(tmp_path):

@@ -640,3 +640,19 @@ def test_a_bundle_pushed_without_its_run_folder_keeps_its_recipe(hub, tmp_path, 
     old = push(runner, copy, "--dry-run")
     assert old.exit_code == 0 and _recipe_section(old.stdout) == ["- (not recorded: no run folder)"], old.output
     assert hub.requests == []
+
+
+@pytest.mark.parametrize("content, said", [("{not json", "is not valid JSON (JSONDecodeError)"),
+                                           ("[1, 2]", "should hold a JSON object")])
+def test_a_bundle_whose_config_json_is_damaged_is_refused_as_loading_it_refuses_it(tmp_path, content, said):
+    """zoo push reads the bundle's config.json as zoo predict loads it (zoo.bundle.load._read_json; helper-90: push
+    had its own copy, "is unreadable (Expecting value: line 1 column 2 (char 1))"): one line saying what is wrong
+    with the file and to re-export, before anything is uploaded."""
+    from zoo.errors import BundleError
+    from zoo.push import plan_push
+
+    _, bundle = make_bundle(tmp_path)
+    (bundle / "config.json").write_text(content, encoding="utf-8")
+    with pytest.raises(BundleError) as err:
+        plan_push(bundle, "me/tiny")
+    assert str(err.value) == f"{bundle / 'config.json'} {said}; re-export the bundle; nothing was uploaded"

@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from finetune.core.io import (atomic_write, atomic_write_text, rewrite_safetensors_metadata, sha256_file,
-                              shell_command)
+from finetune.core.io import (atomic_write, atomic_write_text, rewrite_safetensors_metadata, sha256_file, shell_command,
+                              write_json)
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.errors import BundleError, UsageError
@@ -133,7 +133,7 @@ def _plain_config(arch: str, model: Any, path: Path, labels: list[str], data_con
            "pretrained_cfg": {**{k: data_config[k] for k in _DATA_KEYS if k in data_config},
                               "num_classes": len(labels), "classifier": classifier, **weights_cfg},
            "zoo": zoo}
-    atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_json(path, cfg, indent=2, ensure_ascii=False)
 
 
 def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: dict[str, str]) -> float:

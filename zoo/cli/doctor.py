@@ -4,14 +4,14 @@ No torch at import (``zoo --help`` stays fast); the work is in ``zoo.jobs.doctor
 """
 from __future__ import annotations
 
-import sys
-
 import click
 
 from finetune.core.config import OPTIONS, FinetuneConfig
 from finetune.core.io import printable, shell_command
+from finetune.core.progress import progress_bar
 from zoo.cli.app import cli
 from zoo.cli.console import echo
+from zoo.cli.shared import sayer
 from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption
 
 __all__ = ["doctor_cmd"]
@@ -21,11 +21,7 @@ _TOP = 5   # findings of each kind shown on the console
 
 def _bar(quiet: bool):
     def make(desc: str, total: int):
-        # lazy: not loaded at CLI start (keeps zoo --help fast)
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
-                    disable=True if quiet else None)
+        return progress_bar(total, desc, unit="img", quiet=quiet)
     return make
 
 
@@ -99,10 +95,7 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
     from finetune.tools.doctor import DoctorOptions
     from zoo.jobs import doctor
 
-    def log(msg: str) -> None:
-        if not quiet:
-            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
-
+    log = sayer(quiet)
     try:
         options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed,
                                 outlier_z=outlier_z, min_side=min_side, max_aspect=max_aspect).validate()

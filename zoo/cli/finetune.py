@@ -16,6 +16,7 @@ from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import Folder, config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
 from zoo.cli.console import echo
+from zoo.cli.shared import sayer
 from zoo.outdir import is_main_process
 from finetune.core.metrics import accuracy_text
 
@@ -91,9 +92,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
     main = is_main_process()     # torchrun sets RANK: only rank 0 prints
     console.keep_going()     # a closed stdout/stderr must not stop training; log.txt has every line
 
-    def log(msg: str) -> None:
-        if main:
-            echo(printable(msg), err=True)     # one line each: a class name with a newline stays one
+    log = sayer(quiet=not main)
 
     def log_file(run_dir) -> None:
         console.log_to(run_dir / "log.txt")

@@ -2,7 +2,6 @@
 up, so every finetune option is accepted here too. No torch at import."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +9,7 @@ import click
 
 from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
-from finetune.core.io import atomic_write_text, shell_command
+from finetune.core.io import shell_command, write_json
 from finetune.core.policy import lr_unused
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -97,7 +96,7 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
                "steps_run": len(result.lrs), "start_lr": start_lr, "end_lr": end_lr,
                "backbone_lr_mult": config.backbone_lr_mult,
                "freeze": result.decision.to_dict() if result.decision is not None else None}
-    atomic_write_text(out_dir / "lr_find.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "lr_find.json", summary, indent=2)
     if result.decision is not None:
         echo(f"freeze: {result.decision.label} ({result.decision.reason})")
     echo(result.describe())

@@ -21,6 +21,8 @@ from finetune.core.io import printable
 NOT_HERE = ("overfit_batches", "tensorboard", "sync_bn")
 
 def sayer(quiet: bool) -> Callable[[str], None]:
+    """The one progress logger of the commands (finetune, doctor, lr-find, sweep): each message on stderr as one
+    visible line (``printable``: a class name with a newline stays one line), nothing with ``quiet``."""
     def say(msg: str) -> None:
         if not quiet:
             echo(printable(msg), err=True)

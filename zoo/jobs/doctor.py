@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ from finetune.core.config import FinetuneConfig
 from finetune.data import scan_folder, write_bad_files
 from finetune.tools.doctor import run_doctor, write_findings_csv
 from finetune.engine import resolve_device
-from finetune.core.io import atomic_write_text, json_safe, printable_name
+from finetune.core.io import atomic_write_text, json_safe, printable_name, write_json
 from finetune.tools.pages import doctor_html
 from zoo.build import create_model
 from zoo.cache import cached_models, features_dir, read_manifest, scan_memo
@@ -126,7 +125,7 @@ def _run(data: Path, model: str | None, out: Path, options: Any, config: Any, sa
             "probe_accuracy": result.probe_accuracy, "probe_l2": result.probe_l2,
             "options": dataclasses.asdict(result.options), "near_used": result.near_used,
             "seconds": result.seconds, "feature_cache_hits": result.feature_cache_hits}
-    atomic_write_text(out / "doctor.json", json.dumps(json_safe(meta), indent=2, default=str) + "\n")
+    write_json(out / "doctor.json", json_safe(meta), indent=2, default=str)
     return result, out
 
 

@@ -6,7 +6,6 @@ or downloaded, so a typo in ``--data`` costs a second, not a download.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -25,10 +24,10 @@ from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, shell_command
+from finetune.core.io import atomic_write_text, json_safe, shell_command, write_json
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
-from finetune.engine import check_machine, resolve_device
+from finetune.engine import check_machine, idle_gpus_note, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
@@ -142,22 +141,10 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
         "pretrained": pretrained, "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None},
         "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
         "classes": list(classes), "num_classes": len(classes),
-        "data_config": _plain(run_data_config(entry, config)),
+        "data_config": json_safe(run_data_config(entry, config)),
         "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
                  "activation": config.mlp_activation},
     }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _export(run_dir: Path, log: Log) -> Path:
@@ -261,7 +248,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         entry = entry or resolve_entry(model_name)
         parse_freeze(config.freeze, len(entry.stages))   # a --freeze too deep for this model: before any work
         kwargs = builder_kwargs(entry, fc_dropout)          # a bad --fc-dropout: before any work too
-        check_machine(config, info)                         # a mistyped --device, no tensorboard: too
+        device = check_machine(config, info)                # a mistyped --device, no tensorboard: too
         check_batch_early(entry, report.train, config, info, fc_dropout)   # a batch BatchNorm cannot train on
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         check_outside(run_dir, data_dir, given=out is not None)
@@ -270,6 +257,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
+            idle = idle_gpus_note(device, info)       # one GPU of several: torchrun would use them all
+            if idle:
+                say(idle)
             outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
                                  excluded)
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
@@ -317,7 +307,8 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
         write_scan(report, run_dir)
         if excluded:
             atomic_write_text(run_dir / EXCLUDE_TXT, exclude_list_text(excluded))    # (read back on resume)
-        _write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs))
+        write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs), indent=2,
+                   ensure_ascii=False)
         say(f"run folder: {run_dir}")
     ddp.barrier(info)
     outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,

@@ -3,8 +3,6 @@ grows exponentially, and suggest where the loss falls fastest."""
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import itertools
 import math
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from finetune.data import ImageSet
 from finetune.engine import Setup, build_setup, train_one_epoch
 from finetune.core.errors import ConfigError, DivergedError, FinetuneError
 from finetune.tools.features import CachedHeadSteps, FeatureCache
-from finetune.core.io import atomic_write_text
+from finetune.core.io import atomic_write_text, csv_text
 from finetune.core.monitor import finite, new_figure, save_png
 from finetune.core.optim import set_base_lr
 from finetune.core.seeding import preserved_rng
@@ -149,12 +147,9 @@ def write_lr_plot(result: LRFindResult, path: str | Path) -> None:
 
 
 def _write_lr_csv(result: LRFindResult, path: str | Path) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["step", "lr", "loss", "smoothed"])
-    for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
-        w.writerow([i, f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}"])
-    atomic_write_text(path, buf.getvalue())
+    rows = [[i, f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}"]
+            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed))]
+    atomic_write_text(path, csv_text([["step", "lr", "loss", "smoothed"], *rows]))
 
 
 class _RangeTest:

@@ -13,6 +13,7 @@ from PIL import Image
 from finetune.core.io import sha256_file
 from finetune.core.threads import ordered_map
 from finetune.data import load_image, pil_warnings
+from finetune.data.files import CHECK_THREADS
 from finetune.data.images import named_stream, open_image, special_file
 from finetune.data.loaders import usable_cpus
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
@@ -67,7 +68,7 @@ def _shown_size(im: Image.Image) -> tuple[int, int]:
 
 _BOMB = object()       # _facts_of: the header says between 1x and 2x PIL's pixel limit (its size is read after)
 _FACTS_RUN = 16        # files per thread task (check_files takes 64): a Ctrl-C waits for at most 16 per thread
-FILE_THREADS = 8       # at most, as the scan's file checks (finetune.data.files.check_files)
+FILE_THREADS = CHECK_THREADS    # at most, as the scan's file checks (finetune.data.files.check_files)
 FEW_CPUS = 4           # up to this many cores, no threads (resolve_workers' CPU rule; docs/benchmarks.md)
 
 

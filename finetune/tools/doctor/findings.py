@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-from finetune.core.io import atomic_write_text, printable, printable_name, read_user_text
+from finetune.core.io import atomic_write_text, csv_text, printable, printable_name, read_user_text
 from finetune.data.files import listed_names, path_key
 
 FINDING_ORDER = ("leak", "cross_class_duplicate", "duplicate", "wrong_label", "outlier", "unreadable",
@@ -101,13 +101,9 @@ class DoctorResult:
 # -------------------------------------------------------------------------------------- csv, exclude
 def write_findings_csv(findings: Iterable[Finding], path: str | Path) -> None:
     """findings.csv: CSV_COLUMNS, one row per finding, UTF-8 (atomic)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for f in findings:
-        d = asdict(f)
-        w.writerow([printable_name(str(d[c])) if isinstance(d[c], str) else d[c] for c in CSV_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
+    rows = ([printable_name(str(d[c])) if isinstance(d[c], str) else d[c] for c in CSV_COLUMNS]
+            for d in map(asdict, findings))
+    atomic_write_text(path, csv_text([CSV_COLUMNS, *rows]))
 
 
 def read_exclude_file(path: str | Path, kinds: Sequence[str] = EXCLUDE_KINDS) -> list[str]:

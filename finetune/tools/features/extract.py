@@ -1,16 +1,15 @@
 """One pass of a model without its head over a dataset: the features the head sees."""
 import contextlib
 import math
-import sys
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from finetune.data import resolve_workers
 from finetune.engine.runtime import AmpPolicy, amp_policy, to_device
 from finetune.core.errors import FinetuneError
+from finetune.core.progress import progress_bar
 from finetune.tools.features.cache import FeatureBank
 
 
@@ -96,8 +95,7 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     labels = torch.full((n,), -1, dtype=torch.int64)
     shape: tuple[int, ...] = ()
     checked = False
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True,
-               disable=True if (quiet or desc is None) else None)
+    bar = progress_bar(n, desc, unit="img", quiet=quiet or desc is None)
     amp = amp or amp_policy(device, False)
     with _features_mode(model, head) as head_module, amp.autocast(), bar:
         for batch in loader:

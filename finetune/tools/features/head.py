@@ -21,13 +21,11 @@ Dropout train normally in both."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from finetune.core import distributed as ddp
 from finetune.data import ImageDataset, build_transform, count_draw, set_epoch_order, train_batches
@@ -37,6 +35,7 @@ from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
 from finetune.core.metrics import accuracy_text
 from finetune.core.optim import lbfgs_iterations, lbfgs_minimise
+from finetune.core.progress import progress_bar
 from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
@@ -331,8 +330,7 @@ class CachedHeadSteps:
         head.train()
         # seconds to minutes for thousands of images and classes: a bar over the strengths (not on a pipe)
         quiet = bool(s.config.quiet) or not s.info.is_main or len(strengths) < 2
-        for c, l2 in tqdm(strengths, desc="head: L-BFGS solve per C", unit="C", leave=False, file=sys.stderr,
-                          dynamic_ncols=True, disable=True if quiet else None):
+        for c, l2 in progress_bar(desc="head: L-BFGS solve per C", unit="C", quiet=quiet, iterable=strengths):
             def objective(l2: float = l2) -> torch.Tensor:
                 return loss_fn(torch.nn.functional.linear(x, w, b), y) + 0.5 * l2 * w.pow(2).sum()
 

@@ -16,7 +16,7 @@ from finetune.core.config import OPTIMIZERS, FinetuneConfig, save_config
 from finetune.data import ImageSet
 from finetune.core.errors import ConfigError, DivergedError
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, json_safe
+from finetune.core.io import json_safe, write_json
 from finetune.core.metrics import metric_text
 from finetune.core.policy import parse_freeze
 from finetune.tools.sweep.results import (SweepResult, TrialResult, _append_jsonl, _rank, _read_jsonl,
@@ -222,7 +222,7 @@ def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> tuple[
         done = _read_jsonl(jsonl)
     if not identified:      # its earlier trials stay unidentified: the record must not vouch for them later
         spec = {**spec, "fixed": {k: v for k, v in spec["fixed"].items() if k != "identity"}}
-    atomic_write_text(spec_path, json.dumps(json_safe(spec), indent=2) + "\n")
+    write_json(spec_path, json_safe(spec), indent=2)
     return done, identified
 
 

@@ -1,0 +1,61 @@
+"""Dropout masks that do not depend on the number of processes.
+
+torch's dropout draws each mask from the process's generator over the batch it sees, so under torchrun each rank
+drew its own masks over its share of the batch: a run on N processes trained with other masks than the same run in
+one process, and the two drifted apart from the first finetune epoch (docs/peers.md, "One process or two").
+:class:`SharedDropout` draws every mask for the whole global batch from a generator seeded by (epoch seed, step,
+call), the same on every rank and in one process, and each rank keeps its own rows (the ranks split each global
+batch strided, as the image augmentation's draws do: ``finetune.data.device.DeviceAugment``).
+
+It stands in for ``torch.nn.functional.dropout`` during a training forward (:meth:`SharedDropout.at`): that is what
+``nn.Dropout`` calls (torchvision's VGG, AlexNet and GoogLeNet classifiers, zoo's MLP head) and what timm's models
+call before their classifier (``drop_rate``). Not covered, and still drawn per rank: channel dropout
+(``dropout2d``), stochastic depth (timm's ``drop_path``, off unless a model is built with it) and attention dropout
+inside ``scaled_dot_product_attention``. Not used under ``--compile`` (the compiled graph keeps torch's own).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from finetune.core.seeding import drop_seed
+
+__all__ = ["SharedDropout"]
+
+
+class SharedDropout:
+    """The masks of one epoch: ``seed`` (the epoch's, the same on every rank), this rank's place ``rank`` among
+    ``world`` processes."""
+
+    def __init__(self, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.seed, self.rank, self.world = int(seed), int(rank), int(world)
+        self._step = 0
+        self._calls = 0
+
+    @contextmanager
+    def at(self, step: int) -> Iterator[None]:
+        """Within: the training forward of ``step``, whose dropout calls draw this step's shared masks."""
+        plain = F.dropout
+        self._step, self._calls = int(step), 0
+        F.dropout = self._dropout
+        try:
+            yield
+        finally:
+            F.dropout = plain
+
+    def _dropout(self, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+                 ) -> torch.Tensor:
+        if not training or p == 0.0 or input.dim() == 0:
+            return input
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self._calls += 1
+        generator = torch.Generator(device=input.device)
+        generator.manual_seed(drop_seed(self.seed, self._step, self._calls))
+        shape = (input.shape[0] * self.world, *input.shape[1:])
+        keep = torch.rand(shape, generator=generator, device=input.device)[self.rank::self.world] >= p
+        scale = keep.to(input.dtype) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+        return input.mul_(scale) if inplace else input * scale
