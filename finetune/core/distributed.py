@@ -12,6 +12,7 @@ training set size is a multiple of N; otherwise DistributedSampler pads with a f
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +29,11 @@ __all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_
            "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main"]
 
 
+# gather_strided moves at most this much per collective: under NCCL the rows travel through every rank's GPU,
+# and a feature bank gathered whole (1M images x 2 views x 2,048 floats: 16 GB, received by NCCL into one flat
+# buffer, then copied into the ranks' parts) needs twice that on each GPU, where one process keeps the bank on the
+# host (read from the code, not met: no multi-GPU machine was at hand)
+GATHER_BYTES = 256 << 20
 # how long the other ranks wait for rank 0 in computed_on_main: a first scan of millions of files on network
 # storage can take an hour; a rank 0 that died is noticed sooner (torchrun ends the job)
 PATIENCE = timedelta(hours=24)
@@ -60,7 +66,8 @@ def env_world_size() -> int:
 
 
 def setup(device: str) -> DistInfo:
-    """Join the process group described by torchrun's environment variables (idempotent).
+    """Join the process group described by torchrun's environment variables (idempotent; in an NCCL group the
+    caller joined, this process is pinned to cuda:LOCAL_RANK too).
 
     Args:
         device: ``config.device``; "cuda", "cuda:N", or "auto" with a GPU visible: nccl, pinning this
@@ -83,6 +90,11 @@ def setup(device: str) -> DistInfo:
             _check_gpu_for(local_rank)
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://")
+    elif dist.get_backend() == "nccl" and torch.cuda.current_device() != local_rank:
+        # a group the caller joined (``fit`` in a script of theirs) without pinning the GPU: NCCL's object
+        # collectives and ``gather_strided`` take the current device, cuda:0 on every rank (NCCL: "Duplicate GPU")
+        _check_gpu_for(local_rank)
+        torch.cuda.set_device(local_rank)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, enabled=True)
 
 
@@ -218,12 +230,13 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
-    """Rank 0's parameters and buffers of ``module`` copied into every rank's, in place."""
+def broadcast_module(module: torch.nn.Module, info: DistInfo, *, buffers_only: bool = False) -> None:
+    """Rank 0's parameters and buffers of ``module`` (``buffers_only``: its buffers) copied into every rank's, in
+    place."""
     if not info.enabled:
         return
     with torch.no_grad():
-        for t in module.state_dict().values():
+        for t in (module.buffers() if buffers_only else module.state_dict().values()):
             dist.broadcast(t, src=0)
 
 
@@ -255,14 +268,21 @@ def gather_strided(rows: torch.Tensor | None, n: int, info: DistInfo) -> torch.T
     tail, dtype = known[0], getattr(torch, known[1].replace("torch.", ""))
     per = -(-n // world)
     dev = _comm_device()
-    padded = torch.zeros((per, *tail), dtype=dtype, device=dev)
-    if rows is not None and mine:
-        padded[:mine] = rows[:mine].to(dev)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    row_bytes = max(1, math.prod(tail) * torch.empty((), dtype=dtype).element_size())
+    step = max(1, GATHER_BYTES // (row_bytes * world))     # rows of each rank per collective
     out = torch.empty((n, *tail), dtype=dtype)
-    for r, part in enumerate(parts):
-        out[r::world] = part[:len(range(r, n, world))].cpu()
+    for start in range(0, per, step):
+        k = min(step, per - start)
+        padded = torch.zeros((k, *tail), dtype=dtype, device=dev)
+        if rows is not None and mine > start:
+            got = min(k, mine - start)
+            padded[:got] = rows[start:start + got].to(dev)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        for r, part in enumerate(parts):
+            theirs = len(range(r, n, world)) - start       # rank r's rows left from this block on
+            if theirs > 0:
+                out[r + start * world::world][:min(k, theirs)] = part[:min(k, theirs)].cpu()
     return out
 
 

@@ -121,6 +121,12 @@ class LoaderSteps:
         finally:
             if bar is not None:
                 bar.close()
+        if s.info.enabled:
+            # DDP gives every rank rank 0's buffers before each forward, so after the epoch's last step each rank's
+            # BatchNorm statistics (--bn train, an MLP head's) are its own: validation (each rank its shard), the
+            # weight average and the head guard take rank 0's, those of the weights the run saves
+            for module in (s.model, *((self.ema.module,) if self.ema is not None else ())):
+                ddp.broadcast_module(module, s.info, buffers_only=True)
         if epoch < int(s.config.epochs):
             self.start_ahead(epoch + 1)
         return out

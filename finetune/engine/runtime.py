@@ -165,12 +165,18 @@ class AmpPolicy:
         return torch.amp.GradScaler(self.device_type) if self.needs_scaler else None
 
 
-def amp_policy(device: torch.device | str, enabled: bool) -> AmpPolicy:
-    """The policy for ``config.amp`` (``enabled``) on ``device``."""
+def amp_policy(device: torch.device | str, enabled: bool, info: ddp.DistInfo | None = None) -> AmpPolicy:
+    """The policy for ``config.amp`` (``enabled``) on ``device``. Under torchrun (``info``) every process takes
+    the same one: bf16 only where every process's GPU computes it, else fp16 with a GradScaler on all (GPUs of
+    two generations: each its own precision, DDP averaged the fp16 ranks' scaled gradients, 65,536x, with the
+    others' unscaled ones, and the ranks' weights went apart)."""
     device = torch.device(device)
     if device.type != "cuda" or not enabled:
         return AmpPolicy(device.type, None)
-    return AmpPolicy("cuda", torch.bfloat16 if bf16_native(device) else torch.float16)
+    bf16 = bf16_native(device)
+    if info is not None and info.enabled:
+        bf16 = ddp.all_true(bf16, device, info)
+    return AmpPolicy("cuda", torch.bfloat16 if bf16 else torch.float16)
 
 
 def bf16_native(device: torch.device) -> bool:

@@ -230,8 +230,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     weights = class_weights(train_set) if config.class_weights == "auto" else None
     output, normalize, train_normalize = device_steps(config, data_config, device)
     setup = Setup(model=work, head=head, stages=[list(s) for s in stages], data_config=data_config,
-                  config=config, train_set=train_set, val_set=val_set, decision=decision, device=device,
-                  info=info, amp=amp_policy(device, bool(config.amp)), loss_fn=build_loss(config, weights, device),
+                  config=config, train_set=train_set, val_set=val_set, decision=decision, device=device, info=info,
+                  amp=amp_policy(device, bool(config.amp), info), loss_fn=build_loss(config, weights, device),
                   channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
                   mix=build_mix(config, len(counts)))

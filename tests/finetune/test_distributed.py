@@ -149,6 +149,59 @@ def test_setup_picks_the_backend_from_the_configured_device(monkeypatch, device,
     assert (info.enabled, info.rank, info.world_size, info.local_rank) == (True, 1, 2, 1)
 
 
+@pytest.mark.parametrize("backend,current,pinned", [("nccl", 0, [1]), ("nccl", 1, []), ("gloo", 0, [])])
+def test_setup_pins_this_ranks_gpu_in_a_group_the_caller_joined(monkeypatch, backend, current, pinned):
+    """Multi-GPU audit (helper-89): ``fit`` under torchrun in a script that joined an NCCL group itself, without
+    torch.cuda.set_device: ddp.setup left the group as it found it, so every rank's object collectives and
+    gather_strided took cuda:0 (NCCL: "Duplicate GPU detected") while its model sat on cuda:LOCAL_RANK. It pins
+    cuda:LOCAL_RANK now, as for a group it joins itself (a gloo group, or a GPU already pinned: untouched; the
+    CUDA answers are forced on this CPU)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    info = ddp.setup("cuda")
+    assert calls == pinned
+    assert (info.enabled, info.rank, info.local_rank) == (True, 1, 1)
+
+
+def test_gather_strided_moves_a_bounded_block_per_collective(monkeypatch):
+    """Multi-GPU audit (helper-89): under NCCL gather_strided's rows travel through each rank's GPU, and a feature
+    bank went in one collective (the whole bank received on every GPU, and copied again into the parts: 16 GB and
+    more for 1M images x 2 views of 2,048 features, an out-of-memory where one process keeps the bank on the
+    host). Now at most GATHER_BYTES per collective, the rows assembled as before: rank 0 of 2 here, with 9 items
+    (rank 1 holds 4: its last block is padding), the other rank's rows made up by the stand-in collective."""
+    import torch.distributed as dist
+
+    info = ddp.DistInfo(rank=0, world_size=2, enabled=True)
+    n, tail = 9, (2, 3)
+    mine = torch.arange(5 * 6, dtype=torch.float32).reshape(5, *tail)          # items 0, 2, 4, 6, 8
+    sizes: list[int] = []
+
+    def all_gather(parts, tensor):
+        sizes.append(sum(p.numel() * p.element_size() for p in parts))
+        parts[0].copy_(tensor)
+        parts[1].copy_(tensor + 1000)         # rank 1's rows: items 1, 3, 5, 7 (its 5th row is padding)
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(ddp, "gather_objects", lambda obj, info: [obj, obj])
+    row = 6 * 4
+    monkeypatch.setattr(ddp, "GATHER_BYTES", 2 * row * 2, raising=False)     # two rows of each rank per collective
+    out = ddp.gather_strided(mine, n, info)
+    assert torch.equal(out[0::2], mine) and torch.equal(out[1::2], mine[:4] + 1000)
+    assert sizes and max(sizes) <= ddp.GATHER_BYTES and len(sizes) == 3
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_match_single_process(tmp_path):
     from finetune.data import scan_folder
@@ -194,6 +247,43 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         assert two.pop(key, None) == pytest.approx(one.pop(key, None), abs=1e-5), key
     assert two.pop("p_loss") == pytest.approx(one.pop("p_loss"), abs=0.01)    # the same draws on those
     assert two == one
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_every_rank_validates_with_rank_0s_batchnorm_statistics(tmp_path):
+    """Multi-GPU audit (helper-89): DDP copies rank 0's buffers into every rank before each training forward only,
+    so after an epoch's last step each rank's BatchNorm running statistics (--bn train) were its own: each rank
+    validated its shard, and the weight average (--ema) its own copy of them, with statistics that were not those
+    of the weights rank 0 saves, and the epoch's val loss/acc and the head guard mixed the two. Each rank now
+    holds rank 0's buffers, the model's and the average's, whenever it validates (checked at every evaluation)."""
+    from finetune.data import scan_folder
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split"))
+    _torchrun_fit(tmp_path, report.train, report.val, f"""
+        import torch
+        from tests.finetune.test_distributed import ddp_cfg
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
+        from finetune.tools.train import fit
+        from finetune.core import distributed
+        import finetune.engine.epoch_steps as epoch_steps
+        seen = []
+        real = epoch_steps.LoaderSteps.evaluate
+        def checked(self, full=False):
+            nets = {{"model": self.s.model, **({{"ema": self.ema.module}} if self.ema is not None else {{}})}}
+            mine = {{name: [b.detach().cpu().clone() for b in net.buffers()] for name, net in nets.items()}}
+            ranks = distributed.gather_objects(mine, self.s.info)
+            seen.append({{name: all(torch.equal(a, b) for other in ranks for a, b in zip(other[name], mine[name]))
+                         for name in mine}})
+            return real(self, full)
+        epoch_steps.LoaderSteps.evaluate = checked
+        fit(tiny_model(), STAGES, DATA_CONFIG, train, val, ddp_cfg().replace(bn="train", head_epochs=0, ema=0.5),
+            head="fc")
+        if distributed.setup("cpu").is_main:
+            json.dump(seen, open({str(tmp_path / "seen.json")!r}, "w"))
+    """)
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert len(seen) >= 2 and all("ema" in s for s in seen), seen
+    assert all(all(s.values()) for s in seen), seen
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
@@ -392,6 +482,45 @@ def test_torchrun_two_processes_cache_the_augmented_views_of_one_process(tmp_pat
     assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
     one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "ddp"))
     assert two["world_size"] == 2 and two["metrics"]["val_acc"] == one["metrics"]["val_acc"]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_ranks_load_cached_features_only_when_every_rank_holds_the_same_bank(tmp_path):
+    """Multi-GPU audit (helper-89): a head on cached features under torchrun on machines that each cached the bank
+    of their own (earlier runs on each, other GPUs or precisions: the same key, other last bits) loaded each
+    machine's: each rank solved and judged the head on its own features, and early stopping on its own numbers could
+    send the ranks different ways. The banks' recorded sha256 are compared now: any difference, and every rank
+    extracts its shard again (rank 1's machine holds another bank here, made up by a stand-in load)."""
+    from tests.finetune.test_features import _sets
+
+    train, val = _sets(tmp_path / "d")
+    _torchrun_fit(tmp_path, train, val, f"""
+        import torch
+        from tests.finetune.test_features import _config, _fit, _model
+        from finetune.core import distributed
+        from finetune.tools.features.cache import FeatureBank, FeatureCache
+        import finetune.tools.features.head as head_module
+        info = distributed.setup("cpu")
+        cache = {str(tmp_path / "cache")!r}
+        _fit(_model(), train, val, _config(epochs=1, batch_size=6), cache_dir=cache)   # the bank, by local rank 0
+        real_load, real_begin, seen = FeatureCache.load, head_module.CachedHeadSteps.begin_phase, []
+        def load(self, key):
+            bank = real_load(self, key)
+            if bank is None or info.rank == 0:
+                return bank
+            other = FeatureBank(bank.features + 0.01, bank.labels, bank.feature_shape)
+            other.digest = "another machine's bank"
+            return other
+        def begin_phase(self, phase):
+            real_begin(self, phase)
+            mine = self.train_feats.cpu()
+            seen.append(all(torch.equal(mine, theirs) for theirs in distributed.gather_objects(mine, info)))
+        FeatureCache.load, head_module.CachedHeadSteps.begin_phase = load, begin_phase
+        _fit(_model(), train, val, _config(epochs=1, batch_size=6), cache_dir=cache)
+        if info.is_main:
+            json.dump(seen, open({str(tmp_path / "seen.json")!r}, "w"))
+    """)
+    assert json.loads((tmp_path / "seen.json").read_text()) == [True]
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")

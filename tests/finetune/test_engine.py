@@ -169,6 +169,34 @@ def test_amp_picks_bf16_only_where_the_device_computes_it(monkeypatch):
     assert amp_policy(torch.device("cuda", 1), False).dtype is None
 
 
+@pytest.mark.parametrize("others_bf16", [True, False])
+def test_amp_is_one_precision_on_every_rank(monkeypatch, others_bf16):
+    """Multi-GPU audit (helper-89): under torchrun each process chose its precision from its own GPU, so GPUs of
+    two generations (an A100 beside a V100 or T4) trained in bf16 on some ranks and fp16 with a GradScaler on
+    others, and DDP averaged the fp16 ranks' scaled gradients (x65,536) with the others' unscaled ones. The ranks
+    now agree: bf16 only where every rank's GPU computes it (``ddp.all_true``, forced here on the CPU: this rank's
+    GPU is an H100, the other's as ``others_bf16``); one process asks no other."""
+    from finetune.core import distributed as ddp
+    from finetune.engine import runtime
+
+    asked: list = []
+
+    def all_true(flag, device, info):
+        asked.append((flag, device, info.world_size))
+        return flag and others_bf16
+
+    monkeypatch.setattr(runtime, "bf16_native", lambda device: True)
+    monkeypatch.setattr(ddp, "all_true", all_true)
+    gpu = torch.device("cuda", 1)
+    two = ddp.DistInfo(rank=1, world_size=2, local_rank=1, enabled=True)
+    policy = runtime.amp_policy(gpu, True, two)
+    assert asked == [(True, gpu, 2)]
+    assert (policy.dtype, policy.needs_scaler) == ((torch.bfloat16, False) if others_bf16 else (torch.float16, True))
+    asked.clear()
+    assert runtime.amp_policy(gpu, True, ddp.DistInfo()).dtype == torch.bfloat16 and asked == []
+    assert runtime.amp_policy(gpu, False, two).dtype is None and asked == []     # no AMP: nothing to agree on
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda:0", "mps"])
 @pytest.mark.parametrize("trains", [True, False])
 @pytest.mark.parametrize("enabled", [True, False])

@@ -313,7 +313,7 @@ def test_fp16_loss_scaling_resumes_where_it_stopped(data, tmp_path, monkeypatch,
     monkeypatch.setattr(runtime, "bf16_native", lambda dev: False)      # fp16 on any GPU, as on a V100/T4
     if device == "cpu":     # amp_policy gives the CPU full precision: fp16 autocast with a scaler, as on CUDA
         monkeypatch.setattr(setup_module, "amp_policy",
-                            lambda dev, enabled: runtime.AmpPolicy("cpu", torch.float16 if enabled else None))
+                            lambda dev, enabled, info=None: runtime.AmpPolicy("cpu", torch.float16 if enabled else None))
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     config = resume_cfg(device=device, epochs=3)
     full = run(data, config, run_dir=tmp_path / "full")

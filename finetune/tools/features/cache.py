@@ -35,6 +35,7 @@ class FeatureBank:
     features: torch.Tensor          # (V, N, prod(feature_shape)) float32
     labels: torch.Tensor            # (N,) int64
     feature_shape: tuple[int, ...]
+    digest: str | None = None       # the sha256 of its bytes, checked, when read from a cache file
 
     @property
     def views(self) -> int:
@@ -145,7 +146,7 @@ class FeatureCache:
         if feats.ndim != 3 or labels.shape != (feats.shape[1],):
             raise ValueError("inconsistent shapes")
         return FeatureBank(torch.from_numpy(feats), torch.from_numpy(labels),
-                           tuple(json.loads(meta["feature_shape"])))
+                           tuple(json.loads(meta["feature_shape"])), digest=meta["sha256"])
 
     def get_or_compute(self, key: str, compute: Callable[[], FeatureBank]) -> tuple[FeatureBank, bool]:
         """``(bank, hit)``: the cached bank, or ``compute()`` stored under ``key``."""

@@ -202,7 +202,10 @@ class CachedHeadSteps:
 
         if info.enabled:     # every rank takes the same branch: all load, or all extract their shard
             bank = self.cache.load(key)
-            hit = ddp.all_true(bank is not None, s.device, info)
+            # ... and loads the same bank: machines that cached theirs apart (other runs, GPUs, precisions) hold
+            # banks that differ in their last bits, and each rank judges the head on its own (early stopping too)
+            digests = ddp.gather_objects(None if bank is None else bank.digest, info)
+            hit = digests[0] is not None and all(d == digests[0] for d in digests)
             if not hit:
                 bank = compute()
                 if info.is_node_main:      # every machine's cache, so that a re-run hits on every rank
