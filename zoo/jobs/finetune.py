@@ -257,7 +257,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
-            idle = idle_gpus_note(device, info)       # one GPU of several: torchrun would use them all
+            idle = idle_gpus_note(device, info, config.device)    # one GPU of several: torchrun uses them all
             if idle:
                 say(idle)
             outcome = _train_new(entry, report, config, run_dir, pretrained, lr_auto, export, kwargs, info, say,
