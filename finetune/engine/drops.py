@@ -10,8 +10,11 @@ batch strided, as the image augmentation's draws do: ``finetune.data.device.Devi
 It stands in for ``torch.nn.functional.dropout`` during a training forward (:meth:`SharedDropout.at`): that is what
 ``nn.Dropout`` calls (torchvision's VGG, AlexNet and GoogLeNet classifiers, zoo's MLP head) and what timm's models
 call before their classifier (``drop_rate``). Not covered, and still drawn per rank: channel dropout
-(``dropout2d``), stochastic depth (timm's ``drop_path``, off unless a model is built with it) and attention dropout
-inside ``scaled_dot_product_attention``. Not used under ``--compile`` (the compiled graph keeps torch's own).
+(``dropout2d``), stochastic depth (timm's ``drop_path``, off unless a model is built with it), attention dropout
+inside ``scaled_dot_product_attention`` and a model's module that took the function itself at import (``from
+torch.nn.functional import dropout``: it keeps torch's). Not used under ``--compile`` (the compiled graph keeps
+torch's own). Only the training loop's thread draws while it stands in (no other thread of a run calls dropout: the
+device decoding, the checkpoint writes and a loader's pinning do not).
 """
 from __future__ import annotations
 
