@@ -14,7 +14,9 @@ call before their classifier (``drop_rate``). Not covered, and still drawn per r
 inside ``scaled_dot_product_attention`` and a model's module that took the function itself at import (``from
 torch.nn.functional import dropout``: it keeps torch's). Not used under ``--compile`` (the compiled graph keeps
 torch's own). Only the training loop's thread draws while it stands in (no other thread of a run calls dropout: the
-device decoding, the checkpoint writes and a loader's pinning do not).
+device decoding, the checkpoint writes and a loader's pinning do not). A dropout over a tensor whose first dimension
+is not the batch (a sequence-first transformer, ``nn.MultiheadAttention``'s weights, B x heads rows) still draws
+independent masks, only not the one-process ones.
 """
 from __future__ import annotations
 
