@@ -6,6 +6,7 @@ or downloaded, so a typo in ``--data`` costs a second, not a download.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -322,7 +323,9 @@ def _check_utf8(run_dir: Path) -> None:
     """safetensors opens only a UTF-8 path: in a run folder named otherwise (a Latin-1 byte) the run trained, then
     its bundle could not be written (QA: "best.safetensors cannot be read"). Refused before any work."""
     try:
-        os.path.abspath(run_dir).encode("utf-8")
+        str(run_dir).encode("utf-8")
+        with contextlib.suppress(OSError):      # (a working folder deleted since: claiming the run folder says so)
+            os.path.abspath(run_dir).encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError(f"the run folder {printable_name(str(run_dir))} has a name that is not UTF-8, where the "
                          "weights files cannot be read back; choose a UTF-8 name with --out") from None
