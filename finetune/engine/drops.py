@@ -10,8 +10,13 @@ batch strided, as the image augmentation's draws do: ``finetune.data.device.Devi
 It stands in for ``torch.nn.functional.dropout`` during a training forward (:meth:`SharedDropout.at`): that is what
 ``nn.Dropout`` calls (torchvision's VGG, AlexNet and GoogLeNet classifiers, zoo's MLP head) and what timm's models
 call before their classifier (``drop_rate``). Not covered, and still drawn per rank: channel dropout
-(``dropout2d``), stochastic depth (timm's ``drop_path``, off unless a model is built with it) and attention dropout
-inside ``scaled_dot_product_attention``. Not used under ``--compile`` (the compiled graph keeps torch's own).
+(``dropout2d``), stochastic depth (timm's ``drop_path``, off unless a model is built with it), attention dropout
+inside ``scaled_dot_product_attention`` and a model's module that took the function itself at import (``from
+torch.nn.functional import dropout``: it keeps torch's). Not used under ``--compile`` (the compiled graph keeps
+torch's own). Only the training loop's thread draws while it stands in (no other thread of a run calls dropout: the
+device decoding, the checkpoint writes and a loader's pinning do not). A dropout over a tensor whose first dimension
+is not the batch (a sequence-first transformer, ``nn.MultiheadAttention``'s weights, B x heads rows) still draws
+independent masks, only not the one-process ones.
 """
 from __future__ import annotations
 
@@ -68,5 +73,7 @@ class SharedDropout:
         generator.manual_seed(drop_seed(self.seed, self._step, self._calls))
         shape = (input.shape[0] * self.world, *input.shape[1:])
         keep = torch.rand(shape, generator=generator, device=input.device)[self.rank::self.world] >= p
-        scale = keep.to(input.dtype) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
-        return input.mul_(scale) if inplace else input * scale
+        # times a Python number: computed in float and rounded once in bf16/fp16 (a scale tensor in the input's
+        # dtype rounded 1/(1-p) first: up to 0.2% off each kept value)
+        scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+        return input.mul_(keep).mul_(scale) if inplace else input * keep * scale

@@ -81,17 +81,20 @@ def check_machine(config: Any, info: ddp.DistInfo | None = None) -> torch.device
     return device
 
 
-def idle_gpus_note(device: torch.device, info: ddp.DistInfo | None = None) -> str | None:
+def idle_gpus_note(device: torch.device, info: ddp.DistInfo | None = None, asked: str | None = None) -> str | None:
     """A line for a one-process run on one of several GPUs: which it trains on, and that torchrun trains on all
     (``--batch-size`` is the global batch, so the same options give the same steps). None otherwise (one GPU, no
-    GPU, or already under torchrun)."""
+    GPU, or already under torchrun). ``asked``: the ``--device`` given; one naming a GPU (``cuda:1``) is what
+    torchrun refuses (:func:`resolve_device`), so the line says to pass ``--device cuda`` there instead."""
     if device.type != "cuda" or (info is not None and info.enabled):
         return None
     count = torch.cuda.device_count()
     if count < 2:
         return None
+    named = (asked or "").strip().lower()
+    instead = f" with --device cuda in place of --device {named}" if ":" in named else ""
     return (f"device: {device}, one of the {count} GPUs here; to train on all {count}, start the same command "
-            f"as `torchrun --nproc-per-node {count} -m zoo finetune ...`")
+            f"as `torchrun --nproc-per-node {count} -m zoo finetune ...`{instead}")
 
 
 def check_sync_bn(config: Any, info: ddp.DistInfo, device: torch.device) -> None:

@@ -133,10 +133,10 @@ class Setup:
         """The dataset ``fit`` reads ``image_set`` with (``train``: augmented unless ``augment="none"``;
         ``--decode device``: the encoded files, decoded on the device); ``config``: instead of the setup's."""
         cfg = config or self.config
-        if cfg.decode == "device":
-            return EncodedImageDataset(image_set, build_transform(self.data_config, False, cfg).min_size,
-                                       worker_share=decode.WORKER_SHARE)
         cfg = cfg if augment is None or augment else cfg.replace(augment="none")
+        if cfg.decode == "device":      # the worker's draft decodes as large as the CPU path's (its random crops)
+            return EncodedImageDataset(image_set, build_transform(self.data_config, train, cfg).min_size,
+                                       worker_share=decode.WORKER_SHARE)
         if train:
             tf = build_transform(self.data_config, True, cfg, output=self.output,
                                  colour_on_device=self.train_normalize is not None)

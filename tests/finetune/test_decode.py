@@ -9,6 +9,7 @@ import io
 import random
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from finetune.data.decode import (DevicePrefetcher, DeviceTransform, EncodedImag
                                   decoded_in_worker, device_decodable, unpack)
 from finetune.core.errors import ConfigError, DataError, Interrupted
 from finetune.core.seeding import sample_seed
+from finetune.engine.setup import Setup
 from tests.conftest import corrupt_jpeg, make_image
 from tests.finetune.test_train import DEVICES
 
@@ -548,3 +550,18 @@ def test_every_reader_calls_a_file_gone_since_the_scan_missing(tmp_path):
         with pytest.raises(DataError, match=r"link\.jpg is a symbolic link to .*elsewhere\.jpg, which does not "
                                              r"exist .*; fix or remove it$"):
             read(link)
+
+
+def test_device_decode_reads_a_big_jpeg_as_large_as_the_cpu_path_for_small_random_crops(tmp_path):
+    # --decode device with --crop-scale-min 0.08: a JPEG too big for the device's full decode is drafted in the
+    # worker; its training view must be decoded at the training transform's size (792 px for a 224 view), as the
+    # CPU path's, not the evaluation's 256 (before: 600x450, whose smallest crops were enlarged ~2x).
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (10, 120, 200)).save(path, quality=80)
+    data_config = {"input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875,
+                   "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    setup = SimpleNamespace(data_config=data_config, config=FinetuneConfig(decode="device", crop_scale_min=0.08))
+    images = ImageSet([(str(path), 0)], ["a"])
+    train, val = Setup.dataset(setup, images, True), Setup.dataset(setup, images, False)
+    assert isinstance(train, EncodedImageDataset) and (train.min_size, val.min_size) == (792, 256)
+    assert tuple(train[0][0].shape) == (3, 900, 1200) and tuple(val[0][0].shape) == (3, 450, 600)

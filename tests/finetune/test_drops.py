@@ -73,3 +73,15 @@ def test_outside_training_and_outside_the_step_nothing_changes():
     assert F.dropout is plain                                             # torch's own again, after an error too
     with pytest.raises(ValueError, match="between 0 and 1"), SharedDropout(seed=0).at(1):
         F.dropout(x, 1.5, True)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_half_precision_kept_value_is_scaled_in_float_and_rounded_once(inplace):
+    # Under bf16 autocast the scale 1/(1-p) was rounded to bf16 first (1/0.9 -> 1.109375): each kept value biased
+    # by up to 0.2% (torch's CUDA kernel scales in float). Now the product is computed in float and rounded once.
+    x = torch.linspace(0.5, 4.0, 400).to(torch.bfloat16).reshape(20, 20)
+    want = (x.float() * (1 / 0.9)).to(torch.bfloat16)
+    got = _forward(SharedDropout(seed=0), nn.Dropout(0.1, inplace=inplace), x.clone())
+    kept = got != 0
+    assert got.dtype == torch.bfloat16 and kept.any()
+    assert torch.equal(got[kept], want[kept])

@@ -249,6 +249,19 @@ def test_a_one_process_run_on_one_of_several_gpus_says_torchrun_would_use_them_a
     assert idle_gpus_note(torch.device("cuda", 0)) is None
 
 
+def test_the_one_gpu_of_several_note_does_not_advise_torchrun_a_device_it_refuses(monkeypatch):
+    # `zoo finetune --device cuda:1` on 2 GPUs: "the same command" under torchrun would be refused on rank 0
+    # (resolve_device: another index than LOCAL_RANK); the line says to pass --device cuda there instead.
+    from finetune.engine.runtime import idle_gpus_note
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert idle_gpus_note(torch.device("cuda", 1), None, " CUDA:1") == (
+        "device: cuda:1, one of the 2 GPUs here; to train on all 2, start the same command as "
+        "`torchrun --nproc-per-node 2 -m zoo finetune ...` with --device cuda in place of --device cuda:1")
+    for asked in ("auto", "cuda", None):
+        assert idle_gpus_note(torch.device("cuda", 0), None, asked).endswith("-m zoo finetune ...`"), asked
+
+
 def test_cudnn_autotune_only_for_jobs_of_many_steps(monkeypatch):
     """cudnn.benchmark autotunes each new shape: on for a long CUDA run, off for a few batches (a small
     job's feature pass sees 4-5 shapes), never touched on a CPU run."""

@@ -1439,3 +1439,41 @@ def test_a_run_on_one_of_several_gpus_names_them_before_training(tmp_path, monke
                      FinetuneConfig(device="cuda", workers=0, quiet=True), out=tmp_path / "run", log=lines.append)
     assert lines.count("device: cuda:0, one of the 2 GPUs here; to train on all 2, start the same command as "
                        "`torchrun --nproc-per-node 2 -m zoo finetune ...`") == 1
+
+
+def test_a_resumed_run_on_one_of_several_gpus_names_them_too(tmp_path, tiny, monkeypatch):
+    """`zoo finetune --resume RUN` in one process on a machine with 2+ GPUs says what a new run says (the
+    one-GPU-of-several note): torchrun resumes it on them all. The GPU is stood in for: training is not run."""
+    import torch
+
+    import zoo.jobs.resume as resume
+
+    _, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    monkeypatch.setattr(resume, "resolve_device", lambda name, info: torch.device("cuda", 0), raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(resume, "_train_resumed", lambda run_dir, *args: resume.RunOutcome(run_dir=run_dir))
+    lines: list[str] = []
+    resume.resume_finetune(run, {}, log=lines.append)
+    assert lines.count("device: cuda:0, one of the 2 GPUs here; to train on all 2, start the same command as "
+                       "`torchrun --nproc-per-node 2 -m zoo finetune ...`") == 1, lines
+
+
+def test_a_run_folder_named_in_latin_1_is_refused_before_any_work(tmp_path, tiny, monkeypatch):
+    """`zoo finetune ... --out $'run\\xe9'`: safetensors opens only UTF-8 paths, so the run trained and then could
+    not write its bundle ("best.safetensors cannot be read ... damaged"). Refused first, one line, nothing made."""
+    import os
+
+    import zoo.jobs.finetune as job
+
+    def no_training(*args):
+        raise AssertionError("trained in a folder whose weights cannot be read back")
+
+    monkeypatch.setattr(job, "_train_new", no_training)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / os.fsdecode(b"run\xe9")
+    res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert lines[-1].endswith("run\\xe9 has a name that is not UTF-8, where the weights files cannot be read back; "
+                              "choose a UTF-8 name with --out"), lines
+    assert not os.path.lexists(out)

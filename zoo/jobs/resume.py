@@ -19,6 +19,7 @@ from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
 from finetune.core.io import shell_command
+from finetune.engine import idle_gpus_note, resolve_device
 from zoo.build import has_fc_dropout
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training,
@@ -123,6 +124,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
+            if idle := idle_gpus_note(resolve_device(config.device, info), info, config.device):
+                say(idle)     # as a new run says it: one GPU of several, torchrun resumes on them all
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
         ddp.leave(info)      # as in run_finetune (done by _finish after training)
         return outcome
