@@ -103,31 +103,35 @@ def test_noisy_labels_choose_a_stronger_probe_and_are_found():
 
 def test_no_fold_is_scored_at_a_strength_its_own_held_out_labels_chose(monkeypatch):
     """Session 27: the strength was chosen on fold 0 by its held-out loss and fold 0 was then scored at it, so fold
-    0's own labels (its flips among them) took part in choosing the probe that judged them. Now two folds run the
-    strength path: each is scored at the other's choice, every other fold at the first's. Faked held-out losses
-    make fold 0's labels want 1.0 and fold 1's 1e-3: fold 0 gets 1e-3, the rest 1.0."""
+    0's own labels (its flips among them) took part in choosing the probe that judged them. Now one path of
+    strengths is fitted without folds 0 and 1 and scored on each: fold 0 is scored at fold 1's choice, fold 1 at
+    fold 0's, the other folds at both together's. Faked held-out losses: fold 0's labels want 1.0, fold 1's 1e-3
+    (and 1.0 is better for both together)."""
     from finetune.tools.doctor import labels
 
     x, y = _clusters(n_per=20, classes=3)
     z = x / np.linalg.norm(x, axis=1, keepdims=True)
     fold = labels._folds(y, 5, 0)
-    seen = []
+    calls = []
 
-    def path(x_, y_, held, n_classes, iters):
-        k = int(fold[held.numpy()][0])
-        assert (fold[held.numpy()] == k).all() and held.sum() == (fold == k).sum()
-        seen.append(k)
-        target = 1.0 if k == 0 else 1e-3
-        return {l2: abs(np.log(l2 / target)) for l2 in labels.L2_PATH}, {}
+    def path(x_, y_, train, held, n_classes, iters):
+        calls.append(sorted(held))
+        assert not (train.numpy() & np.isin(fold, [0, 1])).any() and train.sum() == np.isin(fold, [2, 3, 4]).sum()
+        assert all((held[k].numpy() == (fold == k)).all() for k in held)
+        wants = {0: (1.0, 1.0), 1: (1e-3, 0.5)}
+        return {k: {l2: 0.0 if l2 == wants[k][0] else wants[k][1] for l2 in labels.L2_PATH} for k in held}, {}
 
     monkeypatch.setattr(labels, "_strength_path", path)
     out = label_issues(z, y, 3, folds=5, seed=0)
-    assert seen == [0, 1]
+    assert calls == [[0, 1]]
     assert out["fold_l2"].tolist() == [1e-3, 1.0, 1.0, 1.0, 1.0] and out["l2"] == 1.0
     assert np.allclose(out["probs"].sum(1), 1.0)
-    # the rule itself: a fold's strength comes from a path that held out another fold
+    # the rule: each chooser fold at the other's choice, every other fold at their loss per image together
     losses = {3: {1.0: 0.5, 0.1: 0.25}, 1: {1.0: 0.25, 0.1: 0.5}}
-    assert labels.fold_strengths(losses, [0, 1, 2, 3]) == {0: 0.1, 1: 0.1, 2: 0.1, 3: 1.0}
+    assert labels.fold_strengths(losses, {3: 10, 1: 30}, [0, 1, 2, 3]) == {0: 1.0, 1: 0.1, 2: 1.0, 3: 1.0}
+    monkeypatch.undo()      # two folds (--folds 2): each fold's probe is the other fold's path; both are scored
+    two = label_issues(z, y, 3, folds=2, seed=0)
+    assert set(two["fold_l2"].tolist()) <= set(labels.L2_PATH) and two["l2"] == two["fold_l2"][1]
 
 
 def test_the_calibrated_joint_keeps_each_row_at_its_class_count():

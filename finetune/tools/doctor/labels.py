@@ -44,21 +44,24 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _strength_path(x: torch.Tensor, y: torch.Tensor, held: torch.Tensor, n_classes: int, iters: int
-                   ) -> tuple[dict[float, float], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
-    """The probe fitted without the rows ``held`` down L2_PATH, strongest first, each fit warm-started from the
-    last: the cross-entropy of the held rows (on their given labels) and the fit, per strength. It stops
-    L2_PATH_PATIENCE strengths after the lowest loss (the loss falls, then rises, as the penalty weakens)."""
-    losses: dict[float, float] = {}
+def _strength_path(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, held: dict[int, torch.Tensor],
+                   n_classes: int, iters: int
+                   ) -> tuple[dict[int, dict[float, float]], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
+    """The probe fitted on the rows ``train`` down L2_PATH, strongest first, each fit warm-started from the last:
+    per strength, the cross-entropy of each held set (``held[k]``: fold k's rows, on their given labels) and the
+    fit. It stops once every held loss has risen L2_PATH_PATIENCE strengths past its lowest (the loss falls, then
+    rises, as the penalty weakens)."""
+    losses: dict[int, dict[float, float]] = {k: {} for k in held}
     fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     fit = None
-    worse = 0
+    worse = dict.fromkeys(held, 0)
     for l2 in L2_PATH:
-        best = min(losses.values(), default=math.inf)
-        fit = fits[l2] = _fit_probe(x[~held], y[~held], n_classes, l2, iters, start=fit)
-        losses[l2] = float(torch.nn.functional.cross_entropy(x[held] @ fit[0] + fit[1], y[held]))
-        worse = 0 if losses[l2] < best else worse + 1
-        if worse >= L2_PATH_PATIENCE:
+        fit = fits[l2] = _fit_probe(x[train], y[train], n_classes, l2, iters, start=fit)
+        for k, rows in held.items():
+            best = min(losses[k].values(), default=math.inf)
+            losses[k][l2] = float(torch.nn.functional.cross_entropy(x[rows] @ fit[0] + fit[1], y[rows]))
+            worse[k] = 0 if losses[k][l2] < best else worse[k] + 1
+        if min(worse.values()) >= L2_PATH_PATIENCE:
             break
     return losses, fits
 
@@ -68,13 +71,16 @@ def _best(losses: dict[float, float]) -> float:
     return min(losses, key=lambda l2: (losses[l2], -l2))
 
 
-def fold_strengths(losses: dict[int, dict[float, float]], folds: list[int]) -> dict[int, float]:
-    """The L2 strength each fold is scored at, from the held-out losses of the two folds paths were run on
-    (``losses[k]``: the path that held fold k out). A fold's own held-out labels never choose its strength
-    (nested): the first path's fold is scored at the second's choice and the second at the first's; every other
-    fold at the first's (its labels were in neither loss)."""
+def fold_strengths(losses: dict[int, dict[float, float]], sizes: dict[int, int], folds: list[int]
+                   ) -> dict[int, float]:
+    """The L2 strength each fold is scored at, from the held-out losses of two folds (``losses[k]``: fold k's,
+    ``sizes[k]`` its images) under probes that saw neither. A fold's own labels never choose its strength: the
+    first held fold is scored at the second's choice and the second at the first's; every other fold at the
+    choice of both together (their mean loss per image)."""
     first, second = list(losses)
-    return {k: _best(losses[second] if k == first else losses[first]) for k in folds}
+    both = {l2: (losses[first][l2] * sizes[first] + losses[second][l2] * sizes[second])
+            for l2 in losses[first] if l2 in losses[second]}
+    return {k: _best(losses[second] if k == first else losses[first] if k == second else both) for k in folds}
 
 
 def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int, seed: int, l2: float | None,
@@ -98,16 +104,23 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
     if small:
         torch.set_num_threads(1)
     try:
-        paths = {k: _strength_path(x, yt, torch.from_numpy(fold == k), n_classes, iters)
-                 for k in (scored[:2] if l2 is None else [])}
-        strengths = fold_strengths({k: path[0] for k, path in paths.items()}, scored) if paths else {}
+        strengths: dict[int, float] = {}
+        starts: dict[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = {}
+        if l2 is None and scored:
+            held = {k: torch.from_numpy(fold == k) for k in scored[:2]}
+            if len(scored) > 2:   # one path fitted without the two folds whose losses choose: nested for both
+                losses, fits = _strength_path(x, yt, ~(held[scored[0]] | held[scored[1]]), held, n_classes, iters)
+                starts = dict.fromkeys(scored, fits)
+            else:                 # two folds: each path is fitted on the other fold, whose strength it chooses
+                runs = {k: _strength_path(x, yt, ~rows, {k: rows}, n_classes, iters) for k, rows in held.items()}
+                losses, starts = {k: run[0][k] for k, run in runs.items()}, {k: run[1] for k, run in runs.items()}
+            strengths = fold_strengths(losses, {k: int(rows.sum()) for k, rows in held.items()}, scored)
         for k in scored:
             test = torch.from_numpy(fold == k)
             used[k] = strengths.get(k, l2)
-            fits = paths[k][1] if k in paths else {}
-            # a path's fit at this strength is this fold's probe; past where the path stopped, it goes on from there
-            fit = fits.get(used[k]) or _fit_probe(x[~test], yt[~test], n_classes, float(used[k]), iters,
-                                                   start=fits[min(fits)] if fits else None)
+            # started from the path's fit at this strength, on most (or all) of this fold's training part
+            fit = _fit_probe(x[~test], yt[~test], n_classes, float(used[k]), iters,
+                             start=starts.get(k, {}).get(used[k]))
             probs[test] = torch.softmax(x[test] @ fit[0] + fit[1], dim=1)
     finally:
         torch.set_num_threads(threads)
@@ -188,8 +201,9 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
     Returns:
         ``probs`` (N, C) out-of-fold, ``suggested`` (N,) the most probable other class (of MIN_PROBE_IMAGES
         images or more), ``score`` (N,) ``p_suggested - p_given``, ``flagged`` (N,) bool (:func:`confident_flags`),
-        ``thresholds`` (C,) (each class's mean self-confidence), ``l2`` the strength every fold but the first was
-        scored at (nan: no probe ran), ``fold_l2`` (folds,) each fold's.
+        ``thresholds`` (C,) (each class's mean self-confidence), ``l2`` the strength of the last fold (with 3 folds
+        or more: of every fold but the two whose losses chose it; nan: no probe ran), ``fold_l2`` (folds,) each
+        fold's.
     """
     y = np.asarray(y)
     p, used = out_of_fold_probs(z, y, n_classes, folds=folds, seed=seed, l2=l2, iters=iters)
