@@ -55,11 +55,13 @@ def _strength_path(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, held: 
     fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     fit = None
     worse = dict.fromkeys(held, 0)
+    x_fit, y_fit = x[train], y[train]
+    x_held = {k: (x[rows], y[rows]) for k, rows in held.items()}
     for l2 in L2_PATH:
-        fit = fits[l2] = _fit_probe(x[train], y[train], n_classes, l2, iters, start=fit)
-        for k, rows in held.items():
+        fit = fits[l2] = _fit_probe(x_fit, y_fit, n_classes, l2, iters, start=fit)
+        for k, (xk, yk) in x_held.items():
             best = min(losses[k].values(), default=math.inf)
-            losses[k][l2] = float(torch.nn.functional.cross_entropy(x[rows] @ fit[0] + fit[1], y[rows]))
+            losses[k][l2] = float(torch.nn.functional.cross_entropy(xk @ fit[0] + fit[1], yk))
             worse[k] = 0 if losses[k][l2] < best else worse[k] + 1
         if min(worse.values()) >= L2_PATH_PATIENCE:
             break
