@@ -101,6 +101,62 @@ def test_noisy_labels_choose_a_stronger_probe_and_are_found():
     assert fixed["l2"] == 1e-3
 
 
+def test_no_fold_is_scored_at_a_strength_its_own_held_out_labels_chose(monkeypatch):
+    """Session 27: the strength was chosen on fold 0 by its held-out loss and fold 0 was then scored at it, so fold
+    0's own labels (its flips among them) took part in choosing the probe that judged them. Now one path of
+    strengths is fitted without folds 0 and 1 and scored on each: fold 0 is scored at fold 1's choice, fold 1 at
+    fold 0's, the other folds at both together's. Faked held-out losses: fold 0's labels want 1.0, fold 1's 1e-3
+    (and 1.0 is better for both together)."""
+    from finetune.tools.doctor import labels
+
+    x, y = _clusters(n_per=20, classes=3)
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    fold = labels._folds(y, 5, 0)
+    calls = []
+
+    def path(x_, y_, train, held, n_classes, iters):
+        calls.append(sorted(held))
+        assert not (train.numpy() & np.isin(fold, [0, 1])).any() and train.sum() == np.isin(fold, [2, 3, 4]).sum()
+        assert all((held[k].numpy() == (fold == k)).all() for k in held)
+        wants = {0: (1.0, 1.0), 1: (1e-3, 0.5)}
+        return {k: {l2: 0.0 if l2 == wants[k][0] else wants[k][1] for l2 in labels.L2_PATH} for k in held}, {}
+
+    monkeypatch.setattr(labels, "_strength_path", path)
+    out = label_issues(z, y, 3, folds=5, seed=0)
+    assert calls == [[0, 1]]
+    assert out["fold_l2"].tolist() == [1e-3, 1.0, 1.0, 1.0, 1.0] and out["l2"] == 1.0
+    assert np.allclose(out["probs"].sum(1), 1.0)
+    # the rule: each chooser fold at the other's choice, every other fold at their loss per image together
+    losses = {3: {1.0: 0.5, 0.1: 0.25}, 1: {1.0: 0.25, 0.1: 0.5}}
+    assert labels.fold_strengths(losses, {3: 10, 1: 30}, [0, 1, 2, 3]) == {0: 1.0, 1: 0.1, 2: 1.0, 3: 1.0}
+    monkeypatch.undo()      # two folds (--folds 2): each fold's probe is the other fold's path; both are scored
+    two = label_issues(z, y, 3, folds=2, seed=0)
+    assert set(two["fold_l2"].tolist()) <= set(labels.L2_PATH) and two["l2"] == two["fold_l2"][1]
+
+
+def test_the_calibrated_joint_keeps_each_row_at_its_class_count():
+    """Session 27: the calibrated confident joint was rounded cell by cell, so a row could miss its class's count
+    (35 images labelled 0, 25 of them confident: 9 / 9 / 7 scale to 12.6 / 12.6 / 9.8, rounded 13 / 13 / 10 = 36),
+    and the prune by class (n_i - Q[i, i]) and by noise rate (Q[i, j]) disagreed. Confident learning rounds each
+    row preserving its total: the largest remainders round up, 13 / 12 / 10. Dyadic probabilities."""
+    from finetune.tools.doctor.labels import calibrated_joint
+
+    p = np.array([[0.75, 0.125, 0.125]] * 9 + [[0.125, 0.75, 0.125]] * 9 + [[0.125, 0.125, 0.75]] * 7
+                 + [[0.375, 0.3125, 0.3125]] * 10 + [[0.125, 0.75, 0.125]] * 4 + [[0.125, 0.125, 0.75]] * 4)
+    y = np.array([0] * 35 + [1] * 4 + [2] * 4)
+    joint = calibrated_joint(p, y, np.ones(len(y), bool), np.full(3, 0.5))
+    assert joint.tolist() == [[13, 12, 10], [0, 4, 0], [0, 0, 4]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):     # any probabilities: every row with a confident image sums to its judged images
+        p = rng.dirichlet(np.ones(5) * 0.5, size=200)
+        y = rng.integers(0, 5, 200)
+        judged = rng.random(200) < 0.9
+        thresholds = np.array([p[y == c, c].mean() for c in range(5)])
+        joint = calibrated_joint(p, y, judged, thresholds)
+        counted = joint.sum(1) > 0
+        assert (joint.sum(1)[counted] == np.bincount(y[judged], minlength=5)[counted]).all() and counted.any()
+
+
 def test_classes_too_small_for_the_probe_neither_are_judged_nor_draw_others_into_wrong_labels():
     """QA session 22: 40 one-image classes beside 3 classes of 30 made 102 "wrong label" findings (62 of the 90 good
     images "probably" one of the one-image classes, and each of those 40): a class of one image is never in the

@@ -13,9 +13,10 @@ from finetune.core.optim import lbfgs_minimise
 
 MIN_PROBE_IMAGES = 5   # images a class needs for the out-of-fold probe to judge its labels
 # L2 strengths of the probe, strongest first (each fit starts from the last): the one with the lowest held-out loss
-# on the given labels is used. A weak L2 lets the probe learn the wrong labels of its training folds, and it then
-# believes them in the fold it scores (medium digits, 10% of labels flipped: F1 of the flags 0.71 at 1e-3, 0.78-0.86
-# at the 0.03-0.1 this loss picks; on clean labels it picks 1e-3-1e-2).
+# on the given labels is used, chosen on another fold than the one it scores (fold_strengths). A weak L2 lets the
+# probe learn the wrong labels of its training folds, and it then believes them in the fold it scores (medium
+# digits, 10% of labels flipped: F1 of the flags 0.71 at 1e-3, 0.78-0.86 at the 0.03-0.1 this loss picks; on clean
+# labels it picks 1e-3-1e-2).
 L2_PATH = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3)
 L2_PATH_PATIENCE = 2   # strengths past the best whose held-out loss is higher before the path stops
 
@@ -43,31 +44,51 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _choose_l2(x: torch.Tensor, y: torch.Tensor, held: torch.Tensor, n_classes: int, iters: int
-               ) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
-    """The strength of L2_PATH whose probe, fitted without the rows ``held``, has the lowest cross-entropy on them
-    (the given labels), and that fit. Strongest first, each fit warm-started from the last; it stops
-    L2_PATH_PATIENCE strengths after the best (the loss falls, then rises, as the penalty weakens)."""
-    best: tuple[float, float, tuple[torch.Tensor, torch.Tensor]] | None = None
+def _strength_path(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, held: dict[int, torch.Tensor],
+                   n_classes: int, iters: int
+                   ) -> tuple[dict[int, dict[float, float]], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
+    """The probe fitted on the rows ``train`` down L2_PATH, strongest first, each fit warm-started from the last:
+    per strength, the cross-entropy of each held set (``held[k]``: fold k's rows, on their given labels) and the
+    fit. It stops once every held loss has risen L2_PATH_PATIENCE strengths past its lowest (the loss falls, then
+    rises, as the penalty weakens)."""
+    losses: dict[int, dict[float, float]] = {k: {} for k in held}
+    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     fit = None
-    worse = 0
+    worse = dict.fromkeys(held, 0)
+    x_fit, y_fit = x[train], y[train]
+    x_held = {k: (x[rows], y[rows]) for k, rows in held.items()}
     for l2 in L2_PATH:
-        fit = _fit_probe(x[~held], y[~held], n_classes, l2, iters, start=fit)
-        loss = float(torch.nn.functional.cross_entropy(x[held] @ fit[0] + fit[1], y[held]))
-        if best is None or loss < best[0]:
-            best, worse = (loss, l2, fit), 0
-        else:
-            worse += 1
-            if worse >= L2_PATH_PATIENCE:
-                break
-    assert best is not None
-    return best[1], best[2]
+        fit = fits[l2] = _fit_probe(x_fit, y_fit, n_classes, l2, iters, start=fit)
+        for k, (xk, yk) in x_held.items():
+            best = min(losses[k].values(), default=math.inf)
+            losses[k][l2] = float(torch.nn.functional.cross_entropy(xk @ fit[0] + fit[1], yk))
+            worse[k] = 0 if losses[k][l2] < best else worse[k] + 1
+        if min(worse.values()) >= L2_PATH_PATIENCE:
+            break
+    return losses, fits
+
+
+def _best(losses: dict[float, float]) -> float:
+    """The strength of the lowest loss (the stronger of a tie)."""
+    return min(losses, key=lambda l2: (losses[l2], -l2))
+
+
+def fold_strengths(losses: dict[int, dict[float, float]], sizes: dict[int, int], folds: list[int]
+                   ) -> dict[int, float]:
+    """The L2 strength each fold is scored at, from the held-out losses of two folds (``losses[k]``: fold k's,
+    ``sizes[k]`` its images) under probes that saw neither. A fold's own labels never choose its strength: the
+    first held fold is scored at the second's choice and the second at the first's; every other fold at the
+    choice of both together (their mean loss per image)."""
+    first, second = list(losses)
+    both = {l2: (losses[first][l2] * sizes[first] + losses[second][l2] * sizes[second])
+            for l2 in losses[first] if l2 in losses[second]}
+    return {k: _best(losses[second] if k == first else losses[first] if k == second else both) for k in folds}
 
 
 def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int, seed: int, l2: float | None,
-                      iters: int) -> tuple[np.ndarray, float]:
-    """(N, C) class probabilities of each image from a probe that did not see it, and the L2 strength used
-    (``l2`` None: chosen on the first fold by :func:`_choose_l2`)."""
+                      iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) class probabilities of each image from a probe that did not see it, and the L2 strength each fold
+    was scored at (nan: a fold left empty). ``l2`` None: chosen by the held-out loss (:func:`fold_strengths`)."""
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
     x = x - x.mean(0, keepdim=True)
@@ -75,6 +96,9 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     probs = torch.zeros((len(y), n_classes), dtype=torch.float32)
     fold = _folds(np.asarray(y), folds, seed)
+    # a fold with no image, or all of them (fewer images than folds), has no probe to score it
+    scored = [k for k in range(folds) if 0 < int((fold == k).sum()) < len(y)]
+    used = np.full(folds, math.nan)
     threads = torch.get_num_threads()
     # A small probe is thousands of tiny ops: one thread beats a team that mostly waits
     # (docs/benchmarks.md, "The doctor's label probe runs on one thread").
@@ -82,31 +106,65 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
     if small:
         torch.set_num_threads(1)
     try:
-        chosen = None
-        for k in range(folds):
+        strengths: dict[int, float] = {}
+        starts: dict[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = {}
+        if l2 is None and scored:
+            held = {k: torch.from_numpy(fold == k) for k in scored[:2]}
+            if len(scored) > 2:   # one path fitted without the two folds whose losses choose: nested for both
+                losses, fits = _strength_path(x, yt, ~(held[scored[0]] | held[scored[1]]), held, n_classes, iters)
+                starts = dict.fromkeys(scored, fits)
+            else:                 # two folds: each path is fitted on the other fold, whose strength it chooses
+                runs = {k: _strength_path(x, yt, ~rows, {k: rows}, n_classes, iters) for k, rows in held.items()}
+                losses, starts = {k: run[0][k] for k, run in runs.items()}, {k: run[1] for k, run in runs.items()}
+            strengths = fold_strengths(losses, {k: int(rows.sum()) for k, rows in held.items()}, scored)
+        for k in scored:
             test = torch.from_numpy(fold == k)
-            if not bool(test.any()) or bool(test.all()):
-                continue
-            if l2 is None:
-                l2, fit = _choose_l2(x, yt, test, n_classes, iters)
-            else:
-                fit = _fit_probe(x[~test], yt[~test], n_classes, l2, iters)
-            chosen = l2
+            used[k] = strengths.get(k, l2)
+            # started from the path's fit at this strength, on most (or all) of this fold's training part
+            fit = _fit_probe(x[~test], yt[~test], n_classes, float(used[k]), iters,
+                             start=starts.get(k, {}).get(used[k]))
             probs[test] = torch.softmax(x[test] @ fit[0] + fit[1], dim=1)
     finally:
         torch.set_num_threads(threads)
-    return probs.numpy().astype(np.float64), (math.nan if chosen is None else float(chosen))
+    return probs.numpy().astype(np.float64), used
+
+
+def calibrated_joint(p: np.ndarray, y: np.ndarray, judged: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Confident learning's calibrated confident joint (the paper's eq. 3 and its row totals): ``(C, C)`` integer
+    counts, ``[i, j]`` an estimate of how many judged images labelled i are j.
+
+    The confident joint counts the judged images labelled i whose most probable class among those at or over
+    their threshold is j. Each row is scaled to the judged images labelled i, then rounded to whole images
+    preserving that total (the largest remainders round up; ties to the lower class): per-cell rounding could
+    leave a row one or more images off its class's count, and the prune by class (``n_i - Q[i, i]``) and by
+    noise rate (``Q[i, j]``) then disagreed on how many of its images are wrong. A row of no confident image is
+    all zeros (nothing is known of that class's errors).
+    """
+    c = p.shape[1]
+    confident = p >= thresholds[None, :]
+    guess = np.where(confident, p, -1.0).argmax(1)
+    counted = judged & confident.any(1)
+    joint = np.zeros((c, c))
+    np.add.at(joint, (y[counted], guess[counted]), 1.0)
+    labelled = np.bincount(y[judged], minlength=c)
+    estimate = np.zeros((c, c), dtype=np.int64)
+    for i in np.flatnonzero(joint.sum(1) > 0):
+        share = joint[i] / joint[i].sum() * labelled[i]
+        whole = np.floor(share)
+        up = np.argsort(-(share - whole), kind="stable")[:max(int(labelled[i] - whole.sum()), 0)]
+        whole[up] += 1
+        estimate[i] = whole
+    return estimate
 
 
 def confident_flags(p: np.ndarray, y: np.ndarray, judged: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Confident learning's label issues from out-of-fold probabilities: the paper's "C+NR", an image flagged both
     by class and by noise rate, and a class that may be suggested more probable than its label.
 
-    The confident joint counts the judged images labelled i whose most probable class among those at or over
-    their threshold is j; calibrated, each row sums to its class's images and the whole to all of them: an
-    estimate ``Q[i, j]`` of how many images labelled i are j. By class: the ``n_i - Q[i, i]`` images labelled i
-    least probably i. By noise rate: for each j != i, the ``Q[i, j]`` images labelled i with the largest margin
-    ``p_j - p_i``. (On medium digits with 10% of labels flipped: F1 0.835 against 0.805 for the joint's
+    :func:`calibrated_joint` estimates ``Q[i, j]``, how many images labelled i are j (each row summing to the
+    judged images labelled i, so that both prunes agree on their count). By class: the ``n_i - Q[i, i]`` images
+    labelled i least probably i. By noise rate: for each j != i, the ``Q[i, j]`` images labelled i with the largest
+    margin ``p_j - p_i``. (On medium digits with 10% of labels flipped: F1 0.835 against 0.805 for the joint's
     off-diagonal pruned by noise rate, and 0.711 for the old rule, any other class at or over its threshold, at
     the old fixed L2; docs/doctor.md.)
 
@@ -116,21 +174,11 @@ def confident_flags(p: np.ndarray, y: np.ndarray, judged: np.ndarray, thresholds
     Returns:
         (N,) bool.
     """
-    n, c = p.shape
-    confident = p >= thresholds[None, :]
-    guess = np.where(confident, p, -1.0).argmax(1)
-    counted = judged & confident.any(1)
-    joint = np.zeros((c, c))
-    np.add.at(joint, (y[counted], guess[counted]), 1.0)
-    labelled = np.bincount(y[judged], minlength=c).astype(np.float64)
-    rows = joint.sum(1)
-    calibrated = np.divide(joint, rows[:, None], out=np.zeros_like(joint), where=rows[:, None] > 0) * labelled[:, None]
-    if calibrated.sum() <= 0:
-        return np.zeros(n, dtype=bool)
-    estimate = np.rint(calibrated * (labelled.sum() / calibrated.sum())).astype(np.int64)
+    n = len(y)
+    estimate = calibrated_joint(p, y, judged, thresholds)
     by_class = np.zeros(n, dtype=bool)
     by_rate = np.zeros(n, dtype=bool)
-    for i in np.flatnonzero(rows > 0):
+    for i in np.flatnonzero(estimate.sum(1) > 0):
         members = np.flatnonzero(judged & (y == i))
         if len(members) <= 1:
             continue
@@ -155,7 +203,9 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
     Returns:
         ``probs`` (N, C) out-of-fold, ``suggested`` (N,) the most probable other class (of MIN_PROBE_IMAGES
         images or more), ``score`` (N,) ``p_suggested - p_given``, ``flagged`` (N,) bool (:func:`confident_flags`),
-        ``thresholds`` (C,) (each class's mean self-confidence), ``l2`` the strength used.
+        ``thresholds`` (C,) (each class's mean self-confidence), ``l2`` the strength of the last fold (with 3 folds
+        or more: of every fold but the two whose losses chose it; nan: no probe ran), ``fold_l2`` (folds,) each
+        fold's.
     """
     y = np.asarray(y)
     p, used = out_of_fold_probs(z, y, n_classes, folds=folds, seed=seed, l2=l2, iters=iters)
@@ -174,4 +224,4 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
     suggested = others.argmax(1)
     score = p[np.arange(n), suggested] - p[np.arange(n), y]
     return {"probs": p, "suggested": suggested, "score": score, "flagged": flagged, "thresholds": thresholds,
-            "l2": used}
+            "l2": float(used[np.isfinite(used)][-1]) if np.isfinite(used).any() else math.nan, "fold_l2": used}
