@@ -119,6 +119,30 @@ def test_fast_path_matches_slow_path(tmp_path, head, sampler):
     torch.testing.assert_close(slow_model.features[0].weight, fast_model.features[0].weight)
 
 
+def test_fast_path_matches_slow_path_after_a_batch_of_undecodable_images(tmp_path):
+    """Review of the cached head's dropout (helper-93): the slow path's loader yields a batch whose every image
+    failed to decode as None, which takes its step number (``train_one_epoch`` skips it); the cached head dropped it
+    from its batches, so every later step of the epoch drew the shared dropout masks (``engine.drops``) of the step
+    before it, and an MLP head trained with other masks than the slow path's. Here the first batch of epoch 1 is
+    made of undecodable images only (found from the training order, a function of the seed)."""
+    train, val = _sets(tmp_path / "d")
+    config = _config(head="mlp", augment="none", sampler="random", batch_size=6, epochs=2)
+    order = train_batches(_Targets(train), 6, sampler="random", seed=int(config.seed))
+    set_epoch_order(order.sampler, int(config.seed), 1)
+    first = [i for i, _seed in next(iter(order))]
+    for i in first:
+        Path(train.items[i][0]).write_bytes(b"not a png")
+    slow_model, fast_model = _model(head="mlp"), _model(head="mlp")
+    slow = _fit(slow_model, train, val, config.replace(fast_head=False))
+    logs: list[str] = []
+    fast = _fit(fast_model, train, val, config, log=logs.append)
+    assert any("(cached features)" in m for m in logs)
+    for row, ref in zip(fast.history, slow.history):
+        assert row["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4, abs=1e-5)
+    for (name, a), b in zip(slow_model.fc.state_dict().items(), fast_model.fc.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
 class _Keys(_Targets):
     def __getitem__(self, key):      # a loader over it yields the (index, epoch seed) keys themselves
         return key

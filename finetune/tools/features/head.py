@@ -220,9 +220,10 @@ class CachedHeadSteps:
         return dict(self._failures)
 
     # ----------------------------------------------------------------------------- batches
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
         """Epoch ``epoch``'s training batches of features ``(x, y)`` on the device, in the training loader's
-        order (undecodable images dropped from their batch, as ``collate_skip_none`` does)."""
+        order (undecodable images dropped from their batch, as ``collate_skip_none`` does; a batch of none but
+        them is None, as the loader's: it takes its step number, which seeds the step's dropout masks)."""
         s = self.s
         n_views = int(self.train_feats.shape[0])
         g = torch.Generator().manual_seed(view_pick_seed(s.config.seed, epoch))
@@ -232,6 +233,7 @@ class CachedHeadSteps:
         for batch in self.order:
             keep = [i for i, _seed in batch if self.bank_labels[i] >= 0]
             if not keep:
+                yield None
                 continue
             idx = torch.tensor(keep, dtype=torch.int64)
             y = self.train_bank.labels[idx]
