@@ -48,13 +48,22 @@ def _figure(path: Path, caption: str, size: int = 160) -> str:
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
 
+def _probe_strength(l2: float, fold_l2: Sequence[float]) -> str:
+    """The summary's " (L2 x)": the probe's strength, or the range its folds were scored at when they differ
+    (labels.fold_strengths: folds 0 and 1 at each other's choice); no probe ran: nothing."""
+    used = sorted({v for v in fold_l2 if math.isfinite(v)})
+    if len(used) > 1:
+        return f" (L2 {used[0]:.3g}-{used[-1]:.3g} by fold)"
+    return f" (L2 {l2:.3g})" if math.isfinite(l2) else ""
+
+
 def doctor_html(result: Any, *, title: str | None = None) -> str:
     """The doctor page: counts, then each kind of finding (the first ``_PER_KIND`` with thumbnails)."""
     root = Path(result.root)
     counts = result.by_kind()
     cards = "".join(f"<div class=\"card\"><b class=\"{'bad' if n else 'ok'}\">{n}</b>{esc(k.replace('_', ' '))}</div>"
                     for k, n in counts.items())
-    strength = f" (L2 {result.probe_l2:.3g})" if math.isfinite(result.probe_l2) else ""    # no probe ran: no L2
+    strength = _probe_strength(result.probe_l2, result.probe_fold_l2)
     body = [section("Summary", f"<div class=\"cards\">{cards}</div>"
                     f"<p>{result.images} images, {len(result.classes)} classes; linear-probe out-of-fold accuracy "
                     f"{accuracy_text(result.probe_accuracy)}{strength}; near-duplicate threshold "

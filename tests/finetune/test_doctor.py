@@ -585,6 +585,25 @@ def test_doctor_page_gives_the_probe_strength_only_when_a_probe_ran(tmp_path):
     assert "out-of-fold accuracy 75.00% (L2 0.03);" in doctor_html(result)
 
 
+def test_doctor_page_gives_each_folds_strength_when_the_folds_differ(tmp_path):
+    """Review of session 27 (helper-94): folds 0 and 1 are scored at each other's choice and the rest at both
+    together's, so the folds can differ (25,000 synthetic images of 100 classes: fold 1 at 1e-3, the others at
+    3e-3), yet the page and doctor.json gave one strength, the last fold's, as the probe's. DoctorResult keeps
+    each fold's (doctor.json: ``probe_fold_l2``) and the page gives their range when they differ."""
+    from finetune.tools.pages import doctor_html
+
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=8, size=32)
+    report = scan_folder(data)
+    result = run_doctor(report, features=_features(report))
+    assert len(result.probe_fold_l2) == 5 and result.probe_l2 == result.probe_fold_l2[-1]     # 16 images: probed
+    result.probe_accuracy, result.probe_l2, result.probe_fold_l2 = 0.75, 3e-3, [1e-3, 3e-3, 3e-3, 3e-3, 3e-3]
+    page = doctor_html(result)
+    check_html(page)
+    assert "out-of-fold accuracy 75.00% (L2 0.001-0.003 by fold);" in page
+    result.probe_fold_l2 = [3e-3] * 5
+    assert "out-of-fold accuracy 75.00% (L2 0.003);" in doctor_html(result)
+
+
 def many_class_run(run, n: int) -> tuple[list[str], list[list[int]]]:
     """A run folder holding what the run page reads (scan.json; summary.json and confusion.csv as RunFolder
     writes them) for ``n`` classes of 4 validation images: 2 right, 1 taken for the next class and 1 for

@@ -40,6 +40,7 @@ def test_doctor_reports_the_leak_and_caches_features(tmp_path, tiny, leaky):
     check_html((out / "report.html").read_text(encoding="utf-8"))
     doc = json.loads((out / "doctor.json").read_text())
     assert doc["feature_cache_hits"] == 0
+    assert len(doc["probe_fold_l2"]) == 5 and doc["probe_l2"] == doc["probe_fold_l2"][-1]   # each fold's (helper-94)
     assert set(doc["images_per_class"]) == {"train", "val"} and set(doc["images_per_class"]["train"]) == set(doc["classes"])
     assert not (out / "bad_files.txt").exists()          # nothing skipped
     # second run: the default model is the (only, so smallest) cached one, features from the cache; the
@@ -334,4 +335,4 @@ def test_doctor_json_is_strict_json_when_a_check_has_no_value(tmp_path, tiny):
         raise AssertionError(f"doctor.json holds {constant}")
 
     doc = json.loads((out / "doctor.json").read_text(), parse_constant=refuse)
-    assert doc["probe_accuracy"] is None and doc["probe_l2"] is None
+    assert doc["probe_accuracy"] is None and doc["probe_l2"] is None and doc["probe_fold_l2"] == []

@@ -123,6 +123,7 @@ def _run(data: Path, model: str | None, out: Path, options: Any, config: Any, sa
     meta = {"data": str(data), "model": entry.name, "source": source, "images": result.images,
             "classes": result.classes, "images_per_class": result.counts, "counts": result.by_kind(),
             "probe_accuracy": result.probe_accuracy, "probe_l2": result.probe_l2,
+            "probe_fold_l2": result.probe_fold_l2,
             "options": dataclasses.asdict(result.options), "near_used": result.near_used,
             "seconds": result.seconds, "feature_cache_hits": result.feature_cache_hits}
     write_json(out / "doctor.json", json_safe(meta), indent=2, default=str)

@@ -86,6 +86,8 @@ class DoctorResult:
     label_ranking: list[tuple[str, str, str, float]] = field(default_factory=list)
     probe_accuracy: float = math.nan      # out-of-fold accuracy of the linear probe
     probe_l2: float = math.nan            # its L2 strength (chosen by its held-out loss unless options set it)
+    # each fold's strength (labels.fold_strengths: folds 0 and 1 may differ from the rest); empty: no probe ran
+    probe_fold_l2: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     feature_cache_hits: int = 0
     near_used: float = math.nan           # the feature threshold the duplicate check used (see near_threshold)

@@ -139,8 +139,8 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
     seconds["duplicates"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    found, ranking, probe_acc, probe_l2 = _probe_findings(z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits,
-                                                          labels, classes, options, say)
+    found, ranking, probe_acc, probe_l2, fold_l2 = _probe_findings(
+        z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits, labels, classes, options, say)
     findings += found
     seconds["probe"] = time.perf_counter() - t0
 
@@ -151,28 +151,30 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
                                  f.path))
     return DoctorResult(root=str(report.root), classes=classes, counts=report.counts(), findings=findings,
                         options=options, images=n, label_ranking=ranking, probe_accuracy=probe_acc,
-                        probe_l2=probe_l2,
+                        probe_l2=probe_l2, probe_fold_l2=fold_l2,
                         seconds=seconds, feature_cache_hits=hits, near_used=near)
 
 
 def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str], splits: list[str],
                     labels: list[str], classes: list[str], options: DoctorOptions, say: Log
-                    ) -> tuple[list[Finding], list[tuple[str, str, str, float]], float, float]:
+                    ) -> tuple[list[Finding], list[tuple[str, str, str, float]], float, float, list[float]]:
     """Wrong labels (out-of-fold probe) and outliers over the images whose features are valid (``ok``).
 
     Returns:
-        (findings, every image ranked by the probe's suspicion, the probe's out-of-fold accuracy, its L2).
+        (findings, every image ranked by the probe's suspicion, the probe's out-of-fold accuracy, its L2 (the
+        last fold's), each fold's L2).
     """
     findings: list[Finding] = []
     rows = np.flatnonzero(ok)
     ranking: list[tuple[str, str, str, float]] = []
     probe_acc = probe_l2 = math.nan
+    fold_l2: list[float] = []
     present = np.unique(y[rows]) if len(rows) else np.zeros(0, np.int64)
     if len(present) >= 2 and len(rows) >= 2 * options.folds:
         li = label_issues(z[rows], y[rows], len(classes), folds=options.folds, seed=options.seed,
                           l2=options.probe_l2, iters=options.probe_iters)
         probe_acc = float((li["probs"].argmax(1) == y[rows]).mean())
-        probe_l2 = float(li["l2"])
+        probe_l2, fold_l2 = float(li["l2"]), [float(v) for v in li["fold_l2"]]
         order = np.argsort(-li["score"], kind="stable")
         for k in order:
             i = int(rows[k])
@@ -192,7 +194,7 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
                                     f"far from every class centroid (robust z {rz[k]:.1f})"))
     else:
         say("doctor: fewer than two classes or too few images for the label and outlier checks")
-    return findings, ranking, probe_acc, probe_l2
+    return findings, ranking, probe_acc, probe_l2, fold_l2
 
 
 def _say_unjudged(y: np.ndarray, classes: list[str], say: Log) -> None:
