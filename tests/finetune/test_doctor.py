@@ -129,6 +129,19 @@ def test_no_fold_is_scored_at_a_strength_its_own_held_out_labels_chose(monkeypat
     # the rule: each chooser fold at the other's choice, every other fold at their loss per image together
     losses = {3: {1.0: 0.5, 0.1: 0.25}, 1: {1.0: 0.25, 0.1: 0.5}}
     assert labels.fold_strengths(losses, {3: 10, 1: 30}, [0, 1, 2, 3]) == {0: 1.0, 1: 0.1, 2: 1.0, 3: 1.0}
+    # per image, not per fold (helper-94: the sizes above tie an unweighted mean too): the bigger fold 3 wants 0.1
+    assert labels.fold_strengths(losses, {3: 30, 1: 10}, [0, 1, 2, 3]) == {0: 0.1, 1: 0.1, 2: 0.1, 3: 1.0}
+    halves = labels._folds(y, 2, 0)
+    calls.clear()
+
+    def two_paths(x_, y_, train, held, n_classes, iters):    # --folds 2: fitted on the one fold, loss on the other
+        (k, rows), = held.items()
+        calls.append(k)
+        assert (rows.numpy() == (halves == k)).all() and (train.numpy() == (halves != k)).all()
+        return {k: {l2: 0.0 if l2 == (1.0, 1e-3)[k] else 0.5 for l2 in labels.L2_PATH}}, {}
+
+    monkeypatch.setattr(labels, "_strength_path", two_paths)
+    assert label_issues(z, y, 3, folds=2, seed=0)["fold_l2"].tolist() == [1e-3, 1.0] and calls == [0, 1]
     monkeypatch.undo()      # two folds (--folds 2): each fold's probe is the other fold's path; both are scored
     two = label_issues(z, y, 3, folds=2, seed=0)
     assert set(two["fold_l2"].tolist()) <= set(labels.L2_PATH) and two["l2"] == two["fold_l2"][1]
