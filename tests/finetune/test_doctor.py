@@ -975,8 +975,8 @@ def test_a_probe_that_flags_a_large_share_of_the_images_says_what_the_share_mean
         z = x / np.linalg.norm(x, axis=1, keepdims=True)
         heard: list[str] = []
         names = [f"c{k}" for k in range(int(y.max()) + 1)]
-        found, _, _, _ = _probe_findings(z, np.ones(len(y), bool), y, [f"{k}.png" for k in range(len(y))],
-                                      ["train"] * len(y), [names[k] for k in y], names, DoctorOptions(), heard.append)
+        found = _probe_findings(z, np.ones(len(y), bool), y, [f"{k}.png" for k in range(len(y))],
+                                ["train"] * len(y), [names[k] for k in y], names, DoctorOptions(), heard.append)[0]
         return sum(f.finding == "wrong_label" for f in found), [m for m in heard if "wrong labels at" in m]
 
     x, y = _clusters()
