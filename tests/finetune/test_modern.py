@@ -149,6 +149,29 @@ def test_mixup_blends_inputs_and_targets_with_the_drawn_lambda():
     assert torch.equal(x, before)                                   # the input batch is not modified in place
 
 
+def test_every_rank_mixes_each_step_with_the_one_process_kind_lambda_and_box(monkeypatch):
+    """Under torchrun each rank's mixer draws each step's kind, lambda and CutMix box as one process does (they
+    were seeded with the rank: another lambda on every rank); the pairs are each rank's own images."""
+    from types import SimpleNamespace
+
+    import finetune.engine.setup as setup_module
+    from finetune.core.distributed import DistInfo
+
+    monkeypatch.setattr(setup_module, "set_loader_epoch", lambda *args: None)
+    draws = []
+    ranks = (DistInfo(), DistInfo(rank=0, world_size=2, enabled=True), DistInfo(rank=1, world_size=2, enabled=True))
+    for info in ranks:
+        mix = BatchMix(mixup=0.4, cutmix=1.0, num_classes=3)
+        fake = SimpleNamespace(config=FinetuneConfig(seed=3), info=info, train_loader=None, train_normalize=None,
+                               mix=mix)
+        setup_module.Setup.seed_train_loader(fake, 5)
+        draws.append([(mix.draw(step)[:2], mix(torch.ones(4, 3, 8, 8), torch.tensor([0, 1, 2, 1]), step).x)
+                      for step in range(1, 9)])
+    for rank_draws in draws[1:]:
+        for (kind_lam, x), (one_kind_lam, one_x) in zip(rank_draws, draws[0]):
+            assert kind_lam == one_kind_lam and torch.equal(x, one_x)
+
+
 def test_cutmix_pastes_a_box_and_corrects_lambda_to_its_area():
     x, y = torch.zeros(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     x += torch.arange(4.0).view(4, 1, 1, 1)            # image i is all i
