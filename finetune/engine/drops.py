@@ -16,7 +16,9 @@ torch.nn.functional import dropout``: it keeps torch's). Not used under ``--comp
 torch's own). Only the training loop's thread draws while it stands in (no other thread of a run calls dropout: the
 device decoding, the checkpoint writes and a loader's pinning do not). A dropout over a tensor whose first dimension
 is not the batch (a sequence-first transformer, ``nn.MultiheadAttention``'s weights, B x heads rows) still draws
-independent masks, only not the one-process ones.
+independent masks, only not the one-process ones. Activation checkpointing (none here) would re-run the forward in
+the backward pass, outside :meth:`SharedDropout.at`, with torch's masks: a wrong gradient; such a model must not use
+this.
 """
 from __future__ import annotations
 
