@@ -132,6 +132,22 @@ def test_bundle_unpacks_and_predicts(run_and_model, tmp_path):
         bundle.predict(tmp_path / "missing.png")
 
 
+def test_a_bundle_and_a_run_moved_into_a_folder_named_in_latin_1_load_and_export(run_and_model, tmp_path):
+    """A folder whose name is not UTF-8 (Latin-1 `caf\xe9`, which Python gives as a surrogate escape): safetensors
+    opens only UTF-8 paths, so `zoo predict` said "model.safetensors cannot be read ...; re-export" and `zoo export`
+    called the run's best checkpoint damaged. Both read their weights through Python's open() now."""
+    run, model = run_and_model
+    cafe = tmp_path / os.fsdecode(b"caf\xe9")
+    cafe.mkdir()
+    moved = Path(shutil.move(str(export_run(run, tmp_path / "bundle")), cafe / "bundle"))
+    moved_run = Path(shutil.move(str(run), cafe / "run"))
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(load_bundle(moved).model(x), model(x), atol=1e-5, rtol=0)
+    again = export_run(moved_run, cafe / "again")        # the run's best checkpoint, and a bundle written there
+    assert (again / "model.safetensors").read_bytes() == (moved / "model.safetensors").read_bytes()
+
+
 def test_load_bundle_never_unpickles(run_and_model, tmp_path, monkeypatch):
     run, _ = run_and_model
     out = export_run(run, tmp_path / "bundle")

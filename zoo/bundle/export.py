@@ -210,9 +210,7 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         BundleError: no run folder, model.json missing or incomplete, the best checkpoint missing or damaged.
     """
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-    import safetensors.torch
-
-    from finetune.core.checkpoint import weights_damage
+    from finetune.core.checkpoint import read_tensors, weights_damage
 
     if not run.is_dir():
         raise BundleError(f"no run folder at {run}; pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
@@ -232,7 +230,7 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; resume or re-run `zoo finetune`")
     read_safetensors_metadata(ckpt, fix=DAMAGED_RUN)  # clear message for a truncated checkpoint before torch sees it
     try:
-        state = safetensors.torch.load_file(str(ckpt), device="cpu")
+        state = read_tensors(ckpt)
         damage = weights_damage(ckpt, state)    # a flipped bit: never exported under a fresh sha256
     except Exception as e:
         raise BundleError(f"{ckpt} cannot be read ({e}); {DAMAGED_RUN}") from None
