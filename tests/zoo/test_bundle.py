@@ -207,6 +207,21 @@ def test_onnx_export_matches_and_has_dynamic_batch(run_and_model, tmp_path):
     assert not (out / "model.onnx").exists()
 
 
+def test_onnx_export_into_a_folder_named_in_latin_1(run_and_model, tmp_path):
+    """`zoo export RUN --format onnx` with the bundle under `caf\xe9` (not UTF-8): torch's exporter, onnx and
+    onnxruntime take only UTF-8 paths (a TypeError traceback). model.onnx is made in memory, then written."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+
+    run, model = run_and_model
+    out = export_run(run, tmp_path / os.fsdecode(b"caf\xe9") / "bundle", formats=("safetensors", "onnx"))
+    data = (out / "model.onnx").read_bytes()
+    assert {p.key for p in onnx.load_from_string(data).metadata_props} >= {"label_names", "builder"}
+    got = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": _inputs().numpy()})
+    with torch.no_grad():
+        assert abs(got[0] - model(_inputs()).numpy()).max() < 1e-4
+
+
 def test_onnx_export_works_with_a_torch_without_the_dynamo_choice(run_and_model, tmp_path, monkeypatch):
     """QA: torch.onnx.export has taken dynamo= only since torch 2.5; on torch 2.3 / 2.4 (pyproject allows
     torch>=2.3) `zoo export --format onnx` was a TypeError (unexpected keyword argument 'dynamo')."""
