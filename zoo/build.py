@@ -43,10 +43,10 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
         path = pull(entry)
         # lazy: zoo --help / list / info import this module and must not import torch
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from finetune.core.checkpoint import read_tensors  # lazy: as above
 
         try:
-            state = load_file(str(path))
+            state = read_tensors(path)
         except (SafetensorError, OSError) as err:
             raise WeightsError(f"{path}: not a readable safetensors file ({err}); run "
                                f"`{shell_command('zoo', 'pull', entry.name, '--force')}` to fetch it again") from None

@@ -10,8 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
+from finetune.core.checkpoint import read_tensors
 from finetune.core.io import sha256_file
 from zoo import cache
 from zoo.errors import IntegrityError, UsageError, WeightsError
@@ -68,7 +67,7 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) 
     fmt = _sniff_format(raw)
     if fmt == "safetensors":
         check_safetensors(raw)
-        tensors = load_file(str(raw))
+        tensors = read_tensors(raw)
     else:
         tensors = load_pth(raw)
     tensors, key_map = _fit_architecture(entry, tensors)

@@ -330,9 +330,9 @@ def _to_safetensors(raw: Path, source: Source, stage: Path) -> Path:
         if source.key_map is None:
             return raw
         # lazy: zoo --help / list / info import this module and must not import torch
-        from safetensors.torch import load_file
+        from finetune.core.checkpoint import read_tensors
 
-        tensors = load_file(str(raw))
+        tensors = read_tensors(raw)
     else:
         tensors = load_pth(raw)
     tensors = apply_key_map(source.key_map, tensors)

@@ -9,6 +9,7 @@ A run hands them to :class:`BackgroundWrites`, so that training goes on while th
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 from pathlib import Path
@@ -16,15 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from finetune.core.errors import CheckpointError
-from finetune.core.io import atomic_write, shell_command, write_file
+from finetune.core.io import atomic_write, read_safetensors_header, shell_command, write_file
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
-           "save_weights", "load_weights", "weights_damage", "tensors_sha256", "state_sha256", "cpu_state_dict",
-           "cpu_copy", "BackgroundWrites"]
+           "save_weights", "load_weights", "read_tensors", "write_tensors", "weights_damage", "tensors_sha256",
+           "state_sha256", "cpu_state_dict", "cpu_copy", "BackgroundWrites"]
 
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.safetensors"
@@ -221,7 +221,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                     mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``, its contents checked
     against the sha256 it recorded (a checkpoint from before it recorded one: unchecked). ``mmap``: its
-    tensors mapped, not read, and not checked: to look at its small fields.
+    tensors mapped, not read, and not checked: to look at its small fields (read and checked where the path
+    is not UTF-8).
 
     Raises:
         CheckpointError: none at ``path``, not a zoo checkpoint, or damaged (says what to do)."""
@@ -234,6 +235,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     # "without --resume" (as it said for a truncated file) is refused: the folder holds a run (QA)
     what_now = (f"export its best epoch (checked on its own) with `{shell_command('zoo', 'export', run)}`, or start "
                 f"the run over with `{over}`")
+    mmap = mmap and _utf8(path) is not None     # torch maps only a UTF-8 path; it reads any other one whole
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for damaged or foreign files
@@ -255,11 +257,48 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], salt: str = "") -> str:
     return h.hexdigest()
 
 
+def _utf8(path: str | os.PathLike) -> str | None:
+    """``path`` as the str safetensors can open, or None: safetensors opens only UTF-8 paths, while a folder
+    named in another encoding (a Latin-1 byte, which Python gives as a surrogate escape) is any OS's to accept."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``, on the CPU: memory-mapped, or read whole through Python's
+    open() where the path is not UTF-8 (what every weights file zoo reads goes through).
+
+    Raises:
+        OSError: the file cannot be read; SafetensorError: it is no safetensors file.
+    """
+    name = _utf8(path)
+    if name is not None:
+        return load_file(name, device="cpu")
+    with open(path, "rb") as fh:
+        return load(fh.read())
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, also to a path that is not UTF-8 (through Python's open()); not atomic:
+    hand it to :func:`~finetune.core.io.atomic_write` as the writer of its temp file."""
+    name = _utf8(path)
+    if name is not None:
+        save_file(tensors, name, metadata=metadata)
+        return
+    data = save(tensors, metadata=metadata)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
 def weights_damage(path: str | Path, tensors: dict[str, torch.Tensor]) -> str | None:
     """Why the ``tensors`` read from the weights file ``path`` are not what :func:`save_weights` wrote (their
     sha256 differs from the one it recorded), or None (they are; or a file written before zoo recorded it)."""
-    with safe_open(str(path), framework="pt") as fh:
-        recorded = (fh.metadata() or {}).get(DIGEST_KEY)
+    recorded = (read_safetensors_header(path).get("__metadata__") or {}).get(DIGEST_KEY)
     if recorded is None or recorded == tensors_sha256(tensors):
         return None
     return f"the tensors of {path} do not match the sha256 recorded when it was written (a damaged file)"
@@ -272,7 +311,7 @@ def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Ten
     path = Path(path)
     metadata = {**(metadata or {}), DIGEST_KEY: tensors_sha256(tensors)}
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: write_tensors(tmp, tensors, metadata))
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}; free some disk space "
                               "or choose another --out") from None
@@ -281,7 +320,7 @@ def save_weights(path: str | Path, module: torch.nn.Module | dict[str, torch.Ten
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by :func:`save_weights` (CPU tensors)."""
     try:
-        state = load_file(str(path), device="cpu")
+        state = read_tensors(path)
         damage = weights_damage(path, state)
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise CheckpointError(f"cannot read weights {path} ({type(e).__name__}); the run folder is "

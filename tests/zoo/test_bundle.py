@@ -132,6 +132,22 @@ def test_bundle_unpacks_and_predicts(run_and_model, tmp_path):
         bundle.predict(tmp_path / "missing.png")
 
 
+def test_a_bundle_and_a_run_moved_into_a_folder_named_in_latin_1_load_and_export(run_and_model, tmp_path):
+    """A folder whose name is not UTF-8 (Latin-1 `caf\xe9`, which Python gives as a surrogate escape): safetensors
+    opens only UTF-8 paths, so `zoo predict` said "model.safetensors cannot be read ...; re-export" and `zoo export`
+    called the run's best checkpoint damaged. Both read their weights through Python's open() now."""
+    run, model = run_and_model
+    cafe = tmp_path / os.fsdecode(b"caf\xe9")
+    cafe.mkdir()
+    moved = Path(shutil.move(str(export_run(run, tmp_path / "bundle")), cafe / "bundle"))
+    moved_run = Path(shutil.move(str(run), cafe / "run"))
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(load_bundle(moved).model(x), model(x), atol=1e-5, rtol=0)
+    again = export_run(moved_run, cafe / "again")        # the run's best checkpoint, and a bundle written there
+    assert (again / "model.safetensors").read_bytes() == (moved / "model.safetensors").read_bytes()
+
+
 def test_load_bundle_never_unpickles(run_and_model, tmp_path, monkeypatch):
     run, _ = run_and_model
     out = export_run(run, tmp_path / "bundle")
@@ -189,6 +205,21 @@ def test_onnx_export_matches_and_has_dynamic_batch(run_and_model, tmp_path):
     # re-exporting without ONNX into the same folder must not leave the old model.onnx behind
     export_run(run, out)
     assert not (out / "model.onnx").exists()
+
+
+def test_onnx_export_into_a_folder_named_in_latin_1(run_and_model, tmp_path):
+    """`zoo export RUN --format onnx` with the bundle under `caf\xe9` (not UTF-8): torch's exporter, onnx and
+    onnxruntime take only UTF-8 paths (a TypeError traceback). model.onnx is made in memory, then written."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+
+    run, model = run_and_model
+    out = export_run(run, tmp_path / os.fsdecode(b"caf\xe9") / "bundle", formats=("safetensors", "onnx"))
+    data = (out / "model.onnx").read_bytes()
+    assert {p.key for p in onnx.load_from_string(data).metadata_props} >= {"label_names", "builder"}
+    got = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": _inputs().numpy()})
+    with torch.no_grad():
+        assert abs(got[0] - model(_inputs()).numpy()).max() < 1e-4
 
 
 def test_onnx_export_works_with_a_torch_without_the_dynamo_choice(run_and_model, tmp_path, monkeypatch):

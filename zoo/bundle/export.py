@@ -3,6 +3,7 @@ the README.md model card, and optionally model.onnx checked against PyTorch."""
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import math
 import os
@@ -160,17 +161,21 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
         legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (probe[:1],), tmp, input_names=["input"], output_names=["logits"],
+            # in memory, as onnx.load would read it whole anyway: torch, onnx and onnxruntime open only UTF-8
+            # paths, and a bundle folder may be named otherwise (a Latin-1 byte: a TypeError traceback)
+            buf = io.BytesIO()
+            torch.onnx.export(model, (probe[:1],), buf, input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                               **legacy)
         # lazy: optional extra (the onnx extra), checked with onnxruntime above
         import onnx
 
-        proto = onnx.load(tmp)
+        proto = onnx.load_from_string(buf.getvalue())
         for key, value in metadata.items():   # a model.onnx is usable without config.json
             proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, tmp)
-        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        data = proto.SerializeToString()
+        Path(tmp).write_bytes(data)
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         got = session.run(None, {"input": probe.numpy()})[0]
         with torch.inference_mode():
             want = model(probe).float().numpy()
@@ -210,9 +215,7 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         BundleError: no run folder, model.json missing or incomplete, the best checkpoint missing or damaged.
     """
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-    import safetensors.torch
-
-    from finetune.core.checkpoint import weights_damage
+    from finetune.core.checkpoint import read_tensors, weights_damage
 
     if not run.is_dir():
         raise BundleError(f"no run folder at {run}; pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
@@ -232,7 +235,7 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; resume or re-run `zoo finetune`")
     read_safetensors_metadata(ckpt, fix=DAMAGED_RUN)  # clear message for a truncated checkpoint before torch sees it
     try:
-        state = safetensors.torch.load_file(str(ckpt), device="cpu")
+        state = read_tensors(ckpt)
         damage = weights_damage(ckpt, state)    # a flipped bit: never exported under a fresh sha256
     except Exception as e:
         raise BundleError(f"{ckpt} cannot be read ({e}); {DAMAGED_RUN}") from None

@@ -295,7 +295,7 @@ def _files_state(path: Path) -> tuple:
 def _read_bundle(path: Path, device: Any) -> Bundle:
     """One read of the bundle folder ``path`` (see load_bundle)."""
     # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-    import safetensors.torch
+    from finetune.core.checkpoint import read_tensors
 
     if path.is_file():
         raise BundleError(f"{path} is a file, not a bundle: give the folder `zoo export` wrote (it holds {WEIGHTS} "
@@ -343,7 +343,7 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
         kwargs = {**dict(config.get("model_args") or {}), **kwargs}
     model = build_model(builder, num_classes, meta.get("head"), str(meta.get("classifier", "")), kwargs)
     try:
-        state = safetensors.torch.load_file(str(weights), device="cpu")
+        state = read_tensors(weights)
     except Exception as e:  # safetensors raises its own SafetensorError for damaged files
         raise BundleError(f"{weights} cannot be read ({e}); re-export with `zoo export RUN_DIR`") from None
     _load_weights(model, state, weights)

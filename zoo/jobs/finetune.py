@@ -7,7 +7,6 @@ or downloaded, so a typo in ``--data`` costs a second, not a download.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -26,7 +25,7 @@ from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, json_safe, printable_name, shell_command, write_json
+from finetune.core.io import atomic_write_text, json_safe, shell_command, write_json
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, idle_gpus_note, resolve_device
@@ -254,7 +253,6 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         check_batch_early(entry, report.train, config, info, fc_dropout)   # a batch BatchNorm cannot train on
         run_dir = Path(out) if out is not None else default_run_dir(entry.name)
         check_outside(run_dir, data_dir, given=out is not None)
-        _check_utf8(run_dir)
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
@@ -317,18 +315,6 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,
                          run_dir=run_dir, log=say, feature_cache=features)
     return _finish(outcome, report.val, config, export, info, say)
-
-
-def _check_utf8(run_dir: Path) -> None:
-    """safetensors opens only a UTF-8 path: in a run folder named otherwise (a Latin-1 byte) the run trained, then
-    its bundle could not be written (QA: "best.safetensors cannot be read"). Refused before any work."""
-    try:
-        str(run_dir).encode("utf-8")
-        with contextlib.suppress(OSError):      # (a working folder deleted since: claiming the run folder says so)
-            os.path.abspath(run_dir).encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"the run folder {printable_name(str(run_dir))} has a name that is not UTF-8, where the "
-                         "weights files cannot be read back; choose a UTF-8 name with --out") from None
 
 
 def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, info, say: Log) -> RunOutcome:

@@ -13,10 +13,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 from torch import nn
 
-from finetune.core.checkpoint import tensors_sha256
+from finetune.core.checkpoint import tensors_sha256, write_tensors
 from finetune.core.io import atomic_write, read_safetensors_header
 
 
@@ -95,8 +94,8 @@ class FeatureCache:
         meta = {"format": CACHE_FORMAT, "key": key, "feature_shape": json.dumps(list(bank.feature_shape)),
                 "sha256": _digest_arrays([feats, labels])}
         try:
-            atomic_write(self.path(key), lambda tmp: save_file({"features": feats, "labels": labels}, tmp,
-                                                               metadata=meta))
+            tensors = {"features": torch.from_numpy(feats), "labels": torch.from_numpy(labels)}
+            atomic_write(self.path(key), lambda tmp: write_tensors(tmp, tensors, meta))
         except OSError as e:
             self._memory[key] = bank
             if self.write_error is None:
