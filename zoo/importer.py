@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.checkpoint import read_tensors
-from finetune.core.io import sha256_file
+from finetune.core.io import printable_name, sha256_file
 from zoo import cache
 from zoo.errors import IntegrityError, UsageError, WeightsError
 from zoo.keymaps import apply_key_map, import_key_maps
@@ -75,7 +75,7 @@ def _import_staged(entry: ModelEntry, file: Path, stage: Path, pin: str | None) 
         out = raw
     else:
         out = stage / "converted.safetensors"
-        save_tensors(tensors, out, metadata={"source": f"import:{file.name}", "format": "pt"})
+        save_tensors(tensors, out, metadata={"source": f"import:{printable_name(file.name)}", "format": "pt"})
     manifest = {"source": f"import:{file.resolve()}", "sha256_download": digest,
                 "sha256": digest if out == raw else sha256_file(out),
                 "tofu": pin is None and pinned is None, "format": fmt, "key_map": key_map}

@@ -302,3 +302,27 @@ def test_a_pth_converted_twice_gives_the_same_bytes(tiny_state, tmp_path, regist
     f.write_bytes(pth_bytes(dict(tiny_state)))
     digests = {hashlib.sha256(import_weights("tiny", f).read_bytes()).hexdigest() for _ in range(4)}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_file_named_in_latin_1_imports_and_finetunes(tiny_state, tmp_path, registry, suffix):
+    """`zoo import tiny $'w\\xe9.pth'` (a file name that is not UTF-8, a surrogate escape in Python): the .pth's
+    conversion wrote its name into the safetensors metadata, and `zoo finetune tiny` then wrote the import's path
+    into model.json: both a UnicodeEncodeError traceback. The name is kept as `w\\xe9` text (printable_name)."""
+    import json
+
+    from tests.conftest import make_image_folder
+
+    f = tmp_path / os.fsdecode(b"w\xe9" + suffix.encode())
+    if suffix == ".pth":
+        f.write_bytes(pth_bytes({"state_dict": dict(tiny_state)}))
+    else:
+        save_st(tiny_state, f)
+    res = CliRunner().invoke(cli, ["import", "tiny", str(f)])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    res = CliRunner().invoke(cli, ["finetune", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs",
+                                   "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    source = json.loads((tmp_path / "run" / "model.json").read_text(encoding="utf-8"))["pretrained_cfg"]["source"]
+    assert source.endswith("w\\xe9" + suffix), source

@@ -25,7 +25,7 @@ from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude
 from finetune.core.errors import Interrupted
 from finetune.core.policy import batchnorm_batch, lr_unused
 from finetune.tools.features import FeatureCache
-from finetune.core.io import atomic_write_text, json_safe, shell_command, write_json
+from finetune.core.io import atomic_write_text, json_safe, printable_name, shell_command, write_json
 from finetune.core.policy import parse_freeze
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.engine import check_machine, idle_gpus_note, resolve_device
@@ -131,7 +131,8 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
         source, digest = src.id(), src.sha256
         manifest = read_manifest(entry.name) or {}
         # The cache records what was actually loaded (trust-on-first-use entries have no pinned digest).
-        source = manifest.get("source") or source
+        # (a file imported from a path that is not UTF-8: its surrogates escaped, model.json being UTF-8)
+        source = printable_name(str(manifest["source"])) if manifest.get("source") else source
         digest = manifest.get("sha256_download") or digest
         weights_digest = manifest.get("sha256")
     cfg = {"tag": weights_tag(entry), "license": entry.license, "paper_ids": entry.paper or None,
