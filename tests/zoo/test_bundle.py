@@ -222,6 +222,33 @@ def test_onnx_export_into_a_folder_named_in_latin_1(run_and_model, tmp_path):
         assert abs(got[0] - model(_inputs()).numpy()).max() < 1e-4
 
 
+def test_an_onnx_export_holds_one_copy_of_the_model_while_onnxruntime_checks_it(run_and_model, tmp_path, monkeypatch):
+    """c5c3ca9 builds model.onnx in memory (torch, onnx and onnxruntime open only UTF-8 paths); it kept the
+    exporter's buffer (and the parsed proto) alive beside the serialized bytes while onnxruntime loaded them:
+    +150 MiB peak RSS for a 75 MiB resnet50 (1320 vs 1169 MiB before c5c3ca9). Now freed first: as before."""
+    import gc
+    import io
+
+    ort = pytest.importorskip("onnxruntime")
+    run, _ = run_and_model
+    real, alive = ort.InferenceSession, []
+
+    def buffered(obj) -> int:
+        try:
+            with obj.getbuffer() as view:
+                return view.nbytes
+        except ValueError:      # closed
+            return 0
+
+    def session(data, **kwargs):
+        alive.extend(n for o in gc.get_objects() if isinstance(o, io.BytesIO) and (n := buffered(o)) >= len(data) // 2)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    export_run(run, tmp_path / "bundle", formats=("safetensors", "onnx"))
+    assert alive == []      # (before: the exporter's BytesIO, as big as model.onnx)
+
+
 def test_onnx_export_works_with_a_torch_without_the_dynamo_choice(run_and_model, tmp_path, monkeypatch):
     """QA: torch.onnx.export has taken dynamo= only since torch 2.5; on torch 2.3 / 2.4 (pyproject allows
     torch>=2.3) `zoo export --format onnx` was a TypeError (unexpected keyword argument 'dynamo')."""

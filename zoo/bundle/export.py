@@ -171,9 +171,11 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
         import onnx
 
         proto = onnx.load_from_string(buf.getvalue())
+        del buf     # one copy of the model at a time (onnx.load of the file held one): its peak memory as before
         for key, value in metadata.items():   # a model.onnx is usable without config.json
             proto.metadata_props.add(key=key, value=value)
         data = proto.SerializeToString()
+        del proto
         Path(tmp).write_bytes(data)
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         got = session.run(None, {"input": probe.numpy()})[0]
