@@ -291,8 +291,7 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(tensors, name, metadata=metadata)
         return
     data = save(tensors, metadata=metadata)
-    with open(path, "wb") as fh:
-        fh.write(data)
+    write_file(path, lambda fh: fh.write(data))
 
 
 def weights_damage(path: str | Path, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -265,9 +265,9 @@ def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None,
              masks: contextlib.AbstractContextManager = contextlib.nullcontext()) -> torch.Tensor:
     """The training forward pass (its dropout drawn within ``masks``: ``SharedDropout.at``). A BatchNorm layer
     that trains given one value per channel (a batch of one image: the MLP head's at any size, the network's with
-    --bn train where its last maps are 1x1) made torch
-    raise a ValueError, a traceback; it is a ConfigError saying what to change (set-up refuses it before the
-    first step, ``finetune.core.recipe.check_batchnorm_batch``; this stays for a model it could not look into)."""
+    --bn train where its last maps are 1x1) made torch raise a ValueError, a traceback; it is a ConfigError saying
+    what to change (set-up refuses it before the first step, ``finetune.core.recipe.check_batchnorm_batch``; this
+    stays for a model it could not look into)."""
     try:
         with (amp or _FULL).autocast(), masks:
             out = model(x)

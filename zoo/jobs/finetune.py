@@ -6,7 +6,6 @@ or downloaded, so a typo in ``--data`` costs a second, not a download.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
