@@ -211,3 +211,21 @@ def test_sweep_plot_reads_an_accuracy_in_percent_and_a_loss_as_it_was(tmp_path, 
     if metric == "val_acc":
         label = formatter(0.75)     # its decimals follow the axis range: 75%, 75.0% ...
         assert label.endswith("%") and float(label[:-1]) == 75
+
+
+def test_each_trial_keeps_the_sweeps_own_quiet_so_a_terminal_sees_its_progress_bars(tmp_path):
+    """Medium-size UX audit (helper-99): every trial ran with quiet forced on, and quiet turns off the epoch and
+    feature bars; on 1,797 digits a trial of 30 s (minutes at 224 px) left the terminal silent until its line.
+    A trial now keeps the sweep's --quiet: its bars show on a terminal (cleared when done; never on a pipe)."""
+    seen = []
+
+    def fit(model, stages, data_config, train, val, config, *, head, run_dir=None, feature_cache=None):
+        seen.append(config.quiet)
+        row = {"epoch": 1, "val_loss": 0.5, "val_acc": 0.5}
+        return types.SimpleNamespace(history=[row], best_epoch=1, metrics={"val_loss": 0.5, "val_acc": 0.5})
+
+    for quiet in (False, True):
+        seen.clear()
+        sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), FinetuneConfig(epochs=1, quiet=quiet),
+              head="fc", out_dir=tmp_path / f"sw-{quiet}", lrs=[1e-4, 1e-3], fit_fn=fit)
+        assert seen == [quiet, quiet]

@@ -255,7 +255,9 @@ def _fit_split(tid: str, k: int, tr: ImageSet, va: ImageSet, cfg: FinetuneConfig
 def _run_trial(tid: str, params: dict[str, Any], config: FinetuneConfig, splits: list, metric: str,
                fit_one: Callable[..., Any]) -> TrialResult:
     """One grid point on every split: ``fit_one(tid, k, train, val, cfg)`` per split; a divergence ends it."""
-    cfg = trial_config(config, params).replace(quiet=True)
+    # the sweep's own --quiet: each trial's bars (a terminal only; cleared when done) show that a trial of minutes
+    # is moving; its per-epoch lines stay off (fit is given no log)
+    cfg = trial_config(config, params)
     t0 = time.perf_counter()
     fold_metrics: list[float] = []
     losses: list[float] = []
