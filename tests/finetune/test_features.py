@@ -591,6 +591,35 @@ def test_the_gradient_head_trains_on_the_plain_view_of_handed_images(tmp_path):
             assert all(any(torch.equal(row, p) for p in plain) for row in x)
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_mirror_test_shows_a_bar_on_a_terminal_unless_quiet(tmp_path, monkeypatch, quiet):
+    """Medium-size UX audit (helper-99): the mirror test (two L-BFGS fits of 2K classes on up to 4,000 images x 2
+    views) ran between the features line and its verdict with nothing on the terminal: 8.4 s on 1,438 digits.
+    It now has the head solve's kind of bar (terminal only, cleared when done), and none with --quiet."""
+    import io
+    import sys
+
+    from finetune.core.surgery import apply_freeze
+    from finetune.engine import build_setup
+    from finetune.tools.features import CachedHeadSteps
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    train, val = _halves(tmp_path / "d")
+    setup = build_setup(_Halves(), [["features"]], DATA_CONFIG, train, val,
+                        _config(head_solver="gradient", freeze="none", epochs=2, quiet=quiet), head="fc",
+                        distributed=False)
+    apply_freeze(setup.model, setup.stages, setup.head, 0)      # the head phase, as the trainer sets it
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    steps = CachedHeadSteps(setup)
+    steps.begin_phase("head")
+    assert steps.mirror is not None                       # the test ran
+    assert ("mirror test: L-BFGS fit per fold" in term.getvalue()) is not quiet
+
+
 def test_a_repeated_image_shows_its_next_view(tmp_path):
     """--sampler balanced with --aug-views: an image drawn again in the same epoch shows the next cached view
     (the first draw keeps the epoch's pick), not the same features again."""

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from finetune.core.optim import lbfgs_minimise
+from finetune.core.progress import progress_bar
 
 __all__ = ["HANDED", "MIN_PER_CLASS", "MAX_IMAGES", "Handedness", "handedness"]
 
@@ -51,10 +52,10 @@ class Handedness:
 
 
 def handedness(plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor, n_classes: int,
-               seed: int = 0) -> Handedness:
+               seed: int = 0, quiet: bool = True) -> Handedness:
     """The handedness test on one split's features: ``plain[i]`` and ``mirrored[i]`` are image ``i``'s
     feature rows (N, D) and its mirror's, ``labels`` its class (N,). Deterministic for a seed; consumes none of
-    torch's global RNG."""
+    torch's global RNG. Not ``quiet``: a bar over the two fits (seconds each at a few thousand images)."""
     n = int(labels.shape[0])
     g = torch.Generator().manual_seed(int(seed))
     if n > MAX_IMAGES:
@@ -62,7 +63,7 @@ def handedness(plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor
         plain, mirrored, labels, n = plain[keep], mirrored[keep], labels[keep], MAX_IMAGES
     fold = (torch.randperm(n, generator=g) % 2).to(labels.device)
     scores = torch.zeros(n, dtype=torch.float64, device=labels.device)
-    for f in (0, 1):
+    for f in progress_bar(desc="mirror test: L-BFGS fit per fold", unit="fold", quiet=quiet, iterable=(0, 1)):
         train, test = fold != f, fold == f
         if not bool(train.any()) or not bool(test.any()):
             continue

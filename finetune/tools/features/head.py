@@ -373,7 +373,7 @@ class CachedHeadSteps:
             dev = solve_device(s.device, rows * int(plain[0].numel()) * 2 * len(s.classes))
             verdict = handedness(plain.to(dev), mirrored.to(dev),
                                  self.train_bank.labels[self.train_bank.valid].to(dev),
-                                 len(s.classes), seed=int(s.config.seed)).to_dict()
+                                 len(s.classes), seed=int(s.config.seed), quiet=bool(s.config.quiet)).to_dict()
         verdict = ddp.broadcast_object(verdict, s.info)
         handed = verdict.pop("handed")
         self.mirror = {"dropped": handed, **verdict}
