@@ -568,6 +568,35 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
         assert any("val loaded from cache" in m for m in said), said
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_feature_pass_shows_a_bar_on_a_terminal_unless_quiet(tmp_path, monkeypatch, quiet):
+    """Medium-size UX audit (helper-99): zoo doctor's feature pass, its longest (20 s on 1,797 digits at 224 px,
+    minutes on thousands of photos), ran with no bar after "hashing files": `extract_features` took no ``desc``.
+    Each split computed now has its bar (a terminal only, cleared when done), none with --quiet."""
+    import io
+    import sys
+
+    import timm
+    import torch
+
+    from finetune.core.config import FinetuneConfig
+    from zoo.cli.doctor import _bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    data = make_image_folder(tmp_path / "data", layout="split", per_class=6, val_per_class=2)
+    report = scan_folder(data)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    config = FinetuneConfig(batch_size=8, workers=0, device="cpu", quiet=quiet)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    run_doctor(report, model, "fc", DATA_CONFIG, config, options=DoctorOptions(min_side=0), progress=_bar(quiet))
+    assert ("features train" in term.getvalue() and "features val" in term.getvalue()) is not quiet
+
+
 def test_doctor_page_is_self_contained_and_escaped(tmp_path):
     from finetune.tools.pages import doctor_html
 

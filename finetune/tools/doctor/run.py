@@ -20,8 +20,8 @@ from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, 
 
 # --------------------------------------------------------------------------------------- features
 def folder_features(report: Any, model: Any, head: str, data_config: dict, config: Any, *,
-                    cache_dir: str | Path | None = None, device: str = "cpu", log: Log | None = None
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+                    cache_dir: str | Path | None = None, device: str = "cpu", log: Log | None = None,
+                    quiet: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """Pooled features of every split, through the feature cache.
 
     The key is the one ``finetune.tools.features.CachedHeadSteps`` uses for its un-augmented banks
@@ -29,6 +29,8 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
     ``finetune.engine.runtime.nhwc``), so the banks are shared with a finetune's head phase on cached
     features that uses the same ``cache_dir`` (on the CPU, head-only or not; on CUDA fit feeds uint8
     batches normalised on the GPU, whose transform, and so key, differ).
+
+    Not ``quiet``: a progress bar per split computed (a terminal only; the doctor's longest pass).
 
     Returns:
         ``(features, valid, hits)``: per split a float32 (N, D) array (zeros where an image failed to
@@ -58,7 +60,7 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
             indexed = ImageSet([(p, i) for i, (p, _) in enumerate(image_set.items)], list(image_set.classes))
             f, idx = extract_features(model, head, ImageDataset(indexed, transform), int(config.batch_size),
                                       dev, workers=int(getattr(config, "workers", 0)), amp=amp,
-                                      channels_last=channels_last)
+                                      channels_last=channels_last, desc=f"features {split}", quiet=quiet)
             n = len(image_set.items)
             flat = f.reshape(f.shape[0], -1).float()
             out = torch.zeros((1, n, flat.shape[1]), dtype=torch.float32)
@@ -116,8 +118,10 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
     if features is None:
         if model is None:
             raise ValueError("run_doctor needs a model (or precomputed features)")
+        # a bar as the file pass's: with ``progress`` given, unless the config is quiet
+        quiet = progress is None or bool(getattr(config, "quiet", False))
         features, valid, hits = folder_features(report, model, head, data_config, config, cache_dir=cache_dir,
-                                                device=device, log=log)
+                                                device=device, log=log, quiet=quiet)
     else:
         valid = {s: np.ones(len(f), dtype=bool) for s, f in features.items()}
     seconds["features"] = time.perf_counter() - t0

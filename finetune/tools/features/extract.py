@@ -171,7 +171,8 @@ def _logits(head_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def extract_features(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int = 64,
                      device: str | torch.device = "cpu", *, workers: int = 0, amp: bool = False,
-                     channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     channels_last: bool = False, desc: str | None = None,
+                     quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The features the head sees, for every decodable item of ``dataset``.
 
     The head is swapped for ``nn.Identity`` and the model run once in eval mode under ``no_grad``
@@ -183,6 +184,7 @@ def extract_features(model: nn.Module, head: str, dataset: torch.utils.data.Data
         batch_size, device, workers: of the extraction pass (``workers`` -1 = min(8, cpus - 1)).
         amp: autocast (bf16 where supported) on CUDA; channels_last: NHWC inputs (the caller's layout,
             ``finetune.engine.runtime.nhwc``).
+        desc, quiet: with ``desc`` and not ``quiet``, the pass's progress bar (a terminal only).
 
     Returns:
         ``(features, labels)``: float32 ``(N_ok, *feature_shape)`` and int64 ``(N_ok,)``, dataset order.
@@ -192,6 +194,6 @@ def extract_features(model: nn.Module, head: str, dataset: torch.utils.data.Data
     """
     dev = torch.device(device)
     bank = _extract(model, head, dataset, batch_size, dev, workers=workers, amp=amp_policy(dev, amp),
-                    channels_last=channels_last)
+                    channels_last=channels_last, desc=desc, quiet=quiet)
     ok = bank.valid
     return bank.features[0, ok].reshape(-1, *bank.feature_shape), bank.labels[ok]
