@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from finetune.core.optim import lbfgs_minimise
+from finetune.core.progress import progress_bar
 
 MIN_PROBE_IMAGES = 5   # images a class needs for the out-of-fold probe to judge its labels
 # L2 strengths of the probe, strongest first (each fit starts from the last): the one with the lowest held-out loss
@@ -86,9 +87,10 @@ def fold_strengths(losses: dict[int, dict[float, float]], sizes: dict[int, int],
 
 
 def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int, seed: int, l2: float | None,
-                      iters: int) -> tuple[np.ndarray, np.ndarray]:
+                      iters: int, quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(N, C) class probabilities of each image from a probe that did not see it, and the L2 strength each fold
-    was scored at (nan: a fold left empty). ``l2`` None: chosen by the held-out loss (:func:`fold_strengths`)."""
+    was scored at (nan: a fold left empty). ``l2`` None: chosen by the held-out loss (:func:`fold_strengths`).
+    Not ``quiet``: a bar over the fits, the strength path then each fold (29 s on 7,188 images, 2 CPU cores)."""
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     # Centred and scaled so one l2 value suits any feature width (the probe sees unit-variance inputs).
     x = x - x.mean(0, keepdim=True)
@@ -105,10 +107,12 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
     small = x.numel() * n_classes < 20_000_000
     if small:
         torch.set_num_threads(1)
+    choose = l2 is None and bool(scored)
+    bar = progress_bar(len(scored) + int(choose), "label probe: L-BFGS fits", unit="fit", quiet=quiet)
     try:
         strengths: dict[int, float] = {}
         starts: dict[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = {}
-        if l2 is None and scored:
+        if choose:
             held = {k: torch.from_numpy(fold == k) for k in scored[:2]}
             if len(scored) > 2:   # one path fitted without the two folds whose losses choose: nested for both
                 losses, fits = _strength_path(x, yt, ~(held[scored[0]] | held[scored[1]]), held, n_classes, iters)
@@ -117,6 +121,7 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
                 runs = {k: _strength_path(x, yt, ~rows, {k: rows}, n_classes, iters) for k, rows in held.items()}
                 losses, starts = {k: run[0][k] for k, run in runs.items()}, {k: run[1] for k, run in runs.items()}
             strengths = fold_strengths(losses, {k: int(rows.sum()) for k, rows in held.items()}, scored)
+            bar.update(1)
         for k in scored:
             test = torch.from_numpy(fold == k)
             used[k] = strengths.get(k, l2)
@@ -124,7 +129,9 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
             fit = _fit_probe(x[~test], yt[~test], n_classes, float(used[k]), iters,
                              start=starts.get(k, {}).get(used[k]))
             probs[test] = torch.softmax(x[test] @ fit[0] + fit[1], dim=1)
+            bar.update(1)
     finally:
+        bar.close()
         torch.set_num_threads(threads)
     return probs.numpy().astype(np.float64), used
 
@@ -194,12 +201,12 @@ def confident_flags(p: np.ndarray, y: np.ndarray, judged: np.ndarray, thresholds
 
 
 def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
-                 l2: float | None = None, iters: int = 200) -> dict[str, np.ndarray | float]:
+                 l2: float | None = None, iters: int = 200, quiet: bool = True) -> dict[str, np.ndarray | float]:
     """Out-of-fold class probabilities of a linear probe and confident learning's label issues.
 
     Args:
         z: features (N, D), L2-normalised; y: given labels (N,) in [0, n_classes); l2: the probe's L2 strength
-            (None: chosen from L2_PATH by the held-out loss).
+            (None: chosen from L2_PATH by the held-out loss). quiet: no progress bar (else a terminal's).
     Returns:
         ``probs`` (N, C) out-of-fold, ``suggested`` (N,) the most probable other class (of MIN_PROBE_IMAGES
         images or more), ``score`` (N,) ``p_suggested - p_given``, ``flagged`` (N,) bool (:func:`confident_flags`),
@@ -208,7 +215,7 @@ def label_issues(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5
         fold's.
     """
     y = np.asarray(y)
-    p, used = out_of_fold_probs(z, y, n_classes, folds=folds, seed=seed, l2=l2, iters=iters)
+    p, used = out_of_fold_probs(z, y, n_classes, folds=folds, seed=seed, l2=l2, iters=iters, quiet=quiet)
     n = len(y)
     # A class of one image is never in the probe that scores it: its "self-confidence" is a guess near 0, and as
     # a threshold it made most images of the other classes wrong labels of it (40 one-image classes beside 3 of

@@ -115,11 +115,10 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
 
     t0 = time.perf_counter()
     hits = 0
+    quiet = progress is None or bool(getattr(config, "quiet", False))     # bars as the file pass's: with progress
     if features is None:
         if model is None:
             raise ValueError("run_doctor needs a model (or precomputed features)")
-        # a bar as the file pass's: with ``progress`` given, unless the config is quiet
-        quiet = progress is None or bool(getattr(config, "quiet", False))
         features, valid, hits = folder_features(report, model, head, data_config, config, cache_dir=cache_dir,
                                                 device=device, log=log, quiet=quiet)
     else:
@@ -144,7 +143,7 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
 
     t0 = time.perf_counter()
     found, ranking, probe_acc, probe_l2, fold_l2 = _probe_findings(
-        z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits, labels, classes, options, say)
+        z, ok, np.asarray(label_idx, dtype=np.int64), rel, splits, labels, classes, options, say, quiet)
     findings += found
     seconds["probe"] = time.perf_counter() - t0
 
@@ -160,7 +159,7 @@ def run_doctor(report: Any, model: Any = None, head: str | None = None, data_con
 
 
 def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str], splits: list[str],
-                    labels: list[str], classes: list[str], options: DoctorOptions, say: Log
+                    labels: list[str], classes: list[str], options: DoctorOptions, say: Log, quiet: bool = True
                     ) -> tuple[list[Finding], list[tuple[str, str, str, float]], float, float, list[float]]:
     """Wrong labels (out-of-fold probe) and outliers over the images whose features are valid (``ok``).
 
@@ -176,7 +175,7 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
     present = np.unique(y[rows]) if len(rows) else np.zeros(0, np.int64)
     if len(present) >= 2 and len(rows) >= 2 * options.folds:
         li = label_issues(z[rows], y[rows], len(classes), folds=options.folds, seed=options.seed,
-                          l2=options.probe_l2, iters=options.probe_iters)
+                          l2=options.probe_l2, iters=options.probe_iters, quiet=quiet)
         probe_acc = float((li["probs"].argmax(1) == y[rows]).mean())
         probe_l2, fold_l2 = float(li["l2"]), [float(v) for v in li["fold_l2"]]
         order = np.argsort(-li["score"], kind="stable")
