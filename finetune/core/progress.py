@@ -1,5 +1,5 @@
 """``progress_bar``: the one progress bar of the package and the CLI (an epoch's batches, feature extraction, the
-head's solves, zoo predict's images, zoo doctor's passes, a download)."""
+head's solves, the mirror test's fits, zoo predict's images, zoo doctor's passes and label probe, a download)."""
 from __future__ import annotations
 
 import sys
