@@ -286,7 +286,7 @@ def predict_probs(model: torch.nn.Module, images: Sequence[Any], data_config: di
     # writer waited with it (the pool's threads are joined), where the main thread's read is interrupted
     threads = min(resolve_workers(-1, device.type) if threads is None else int(threads), max(0, len(images) - 1))
     threads = 0 if any(isinstance(item, (str, os.PathLike)) and named_stream(item) for item in images) else threads
-    with progress_bar(len(images), unit="img", quiet=not progress) as bar:
+    with progress_bar(len(images), "predicting", unit="img", quiet=not progress) as bar:
         for i, tensor in _prepared(images, lambda item: transform(_load(item, min_size)), threads, batch_size):
             if isinstance(tensor, Exception):  # any decoder failure: the image is skipped, the run goes on
                 if on_error is None:

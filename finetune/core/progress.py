@@ -1,21 +1,111 @@
 """``progress_bar``: the one progress bar of the package and the CLI (an epoch's batches, feature extraction, the
-head's solves, the mirror test's fits, zoo predict's images, zoo doctor's passes and label probe, a download)."""
+head's solves, the mirror test's fits, zoo predict's images, zoo doctor's passes and label probe, a download).
+On a terminal it is a tqdm bar; in a pipe or a log file (a scheduler's job, ``nohup``), a plain line a minute
+(:class:`LogLines`), so that a log says where a long pass is without a bar's carriage returns."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+import time
+from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["progress_bar"]
+__all__ = ["progress_bar", "LogLines", "LOG_EVERY_S"]
+
+LOG_EVERY_S = 60.0      # off a terminal: a pass's first line after this long, then one per this long
 
 
 def progress_bar(total: int | None = None, desc: str | None = None, *, unit: str, quiet: bool = False,
                  iterable: Iterable | None = None, **extra: Any) -> Any:
     """A tqdm bar on stderr, cleared when it closes (``leave=False``), as wide as the terminal is at each redraw;
-    none with ``quiet``, and none wherever stderr is not a terminal (a pipe, a log file, a scheduler's job).
+    none with ``quiet``. Where stderr is not a terminal (a pipe, a log file, a scheduler's job): a
+    :class:`LogLines` instead, which writes nothing for a pass shorter than ``LOG_EVERY_S``.
     ``iterable``: the bar wraps it (``for x in progress_bar(iterable=xs, ...)``). ``extra``: tqdm's own options
     (``unit_scale``, ``unit_divisor``)."""
+    if not quiet and not _terminal(sys.stderr):
+        return LogLines(total, desc, unit=unit, iterable=iterable, scaled=bool(extra.get("unit_scale")))
     # lazy: zoo --help imports the commands that use it; tqdm is imported on the first bar
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
                 disable=True if quiet else None, **extra)
+
+
+def _terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):      # no such method, or a closed stream
+        return False
+
+
+class LogLines:
+    """The part of tqdm's interface the callers use (``update``, ``set_postfix``, ``close``, a context manager,
+    iteration over ``iterable``), written as one plain line per ``LOG_EVERY_S`` on stderr, e.g.
+    ``epoch 3/10 finetune: 120/400 batch (30%) in 1m05s; loss 0.4123, acc 91.20%, img/s 2345``.
+
+    ``figures``: a callable giving the line's figures, called only when a line is written: the training loop's
+    running loss and accuracy are a host look (a GPU sync), taken once a line rather than every second as a
+    visible bar's. A stream that fails (a closed pipe) ends the lines, never the pass."""
+
+    disable = False
+
+    def __init__(self, total: int | None, desc: str | None, *, unit: str, iterable: Iterable | None = None,
+                 scaled: bool = False, clock=time.monotonic) -> None:
+        self.total, self.desc, self.unit, self.iterable, self.scaled = total, desc, unit, iterable, scaled
+        self.n = 0
+        self.postfix: dict[str, Any] = {}
+        self.figures: Callable[[], dict[str, Any]] | None = None
+        self._clock = clock
+        self._start = self._last = clock()
+        self._open = True
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._open and (now := self._clock()) - self._last >= LOG_EVERY_S:
+            self._last = now
+            if self.figures is not None:
+                self.postfix = dict(self.figures())
+            self._write(self.line())
+
+    def set_postfix(self, refresh: bool = True, **figures: Any) -> None:
+        self.postfix = dict(figures)
+
+    def line(self) -> str:
+        """The line ``update`` writes."""
+        unit = "" if self.scaled else f" {self.unit}"       # (a scaled amount carries its unit: 12.5 MiB)
+        done = f"{self._amount(self.n)}{unit}"
+        if self.total:
+            done = f"{self._amount(self.n)}/{self._amount(self.total)}{unit} ({100 * self.n / self.total:.0f}%)"
+        seconds = int(self._clock() - self._start)
+        took = f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+        figures = ", ".join(f"{k} {v}" for k, v in self.postfix.items())
+        return f"{self.desc or 'progress'}: {done} in {took}" + (f"; {figures}" if figures else "")
+
+    def _amount(self, n: int | float) -> str:
+        if not self.scaled:
+            return f"{n:,}" if isinstance(n, int) else f"{n:g}"
+        prefix = ""
+        for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+            if abs(n) < 1024 or prefix == "Ti":
+                break
+            n /= 1024
+        return f"{n:.1f} {prefix}{self.unit}" if prefix else f"{n:.0f} {self.unit}"
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):      # a closed pipe or stream: the pass goes on without lines
+            self._open = False
+
+    def close(self) -> None:
+        self._open = False
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable if self.iterable is not None else ():
+            yield item
+            self.update(1)
+
+    def __enter__(self) -> "LogLines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -19,6 +19,7 @@ from finetune.engine.mixing import BatchMix
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.errors import ConfigError, DivergedError
 from finetune.core.metrics import accuracy_text, per_class_accuracy
+from finetune.core.progress import LogLines
 
 __all__ = ["train_one_epoch", "evaluate", "warm_up", "optimizer_step", "diverged"]
 
@@ -294,11 +295,17 @@ def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer,
 
 def _advance(progress, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, images_per_s: float,
              look: bool) -> None:
-    """One step on the tqdm bar; the running loss/accuracy/speed only on a visible bar and when ``look``
-    (each refresh is a host sync: at most every ``POSTFIX_EVERY_S``)."""
-    if look and not getattr(progress, "disable", False):
-        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=accuracy_text(correct.item() / seen),
-                             img_s=f"{images_per_s:.0f}", refresh=False)
+    """One step on the bar; the running loss/accuracy/speed only on a visible bar and when ``look`` (each refresh
+    is a host sync: at most every ``POSTFIX_EVERY_S``), or off a terminal when a log line is written (one a
+    minute: ``LogLines.figures``)."""
+    def figures() -> dict[str, str]:
+        return {"loss": f"{loss_sum.item() / seen:.4f}", "acc": accuracy_text(correct.item() / seen),
+                "img/s": f"{images_per_s:.0f}"}
+
+    if isinstance(progress, LogLines):
+        progress.figures = figures
+    elif look and not getattr(progress, "disable", False):
+        progress.set_postfix(refresh=False, **figures())
     progress.update(1)
 
 

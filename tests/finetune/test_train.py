@@ -372,7 +372,7 @@ def test_one_progress_bar_on_stderr_cleared_when_done_and_silent_when_quiet_or_n
         def isatty(self):
             return True
 
-    assert progress_bar(3, "x", unit="img").disable                 # pytest's stderr is no terminal
+    assert progress_bar(3, "x", unit="img", quiet=True).disable     # quiet: nothing, on a terminal or not
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     assert progress_bar(3, "x", unit="img", quiet=True).disable
@@ -382,6 +382,90 @@ def test_one_progress_bar_on_stderr_cleared_when_done_and_silent_when_quiet_or_n
         bar.update(3)
     assert "epoch 1/1 head" in term.getvalue()
     assert list(progress_bar(unit="C", quiet=True, iterable=[0.1, 1.0])) == [0.1, 1.0]
+
+
+def test_off_a_terminal_a_pass_writes_a_plain_line_a_minute_and_nothing_before(monkeypatch):
+    """helper-99: in a pipe or a log file (a scheduler's job) a long pass said nothing until it ended (bars are
+    terminal-only). Off a terminal the bar is a LogLines: no carriage return, no line for a pass shorter than
+    LOG_EVERY_S, then one plain line per LOG_EVERY_S with what is done, the time and the caller's figures; a
+    stream that fails (a closed pipe) ends the lines, not the pass."""
+    import io
+    import sys
+
+    from finetune.core import progress
+
+    log = io.StringIO()                      # no isatty(): a log file
+    monkeypatch.setattr(sys, "stderr", log)
+    now = [0.0]
+    bar = progress.progress_bar(400, "epoch 3/10 finetune", unit="batch")
+    assert isinstance(bar, progress.LogLines) and not bar.disable
+    bar._clock = lambda: now[0]
+    bar._start = bar._last = 0.0
+    bar.figures = lambda: {"loss": "0.4123", "acc": "91.20%", "img/s": "2345"}
+    for step in range(400):
+        now[0] = step * 0.5                  # 200 s for the pass
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert lines == ["epoch 3/10 finetune: 121/400 batch (30%) in 1m00s; loss 0.4123, acc 91.20%, img/s 2345",
+                     "epoch 3/10 finetune: 241/400 batch (60%) in 2m00s; loss 0.4123, acc 91.20%, img/s 2345",
+                     "epoch 3/10 finetune: 361/400 batch (90%) in 3m00s; loss 0.4123, acc 91.20%, img/s 2345"]
+    assert "\r" not in log.getvalue()
+
+    short = io.StringIO()                    # a pass under a minute: nothing at all
+    monkeypatch.setattr(sys, "stderr", short)
+    assert list(progress.progress_bar(unit="C", iterable=[0.1, 1.0])) == [0.1, 1.0]
+    with progress.progress_bar(3, "predicting", unit="img") as quick:
+        quick.update(3)
+    assert short.getvalue() == ""
+
+    now[0] = 0.0
+    download = progress.LogLines(3 * 2 ** 20, "weights.safetensors", unit="B", scaled=True, clock=lambda: now[0])
+    now[0] = 61.0
+    download.update(2 ** 20 + 2 ** 19)
+    assert short.getvalue() == "weights.safetensors: 1.5 MiB/3.0 MiB (50%) in 1m01s\n"
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", Closed())
+    now[0] = 0.0
+    gone = progress.LogLines(10, "x", unit="img", clock=lambda: now[0])
+    now[0] = 200.0
+    gone.update(1)                           # the write fails: no error, no more lines
+    now[0] = 400.0
+    gone.update(1)
+    assert gone.n == 2 and not gone._open
+
+
+def test_off_a_terminal_the_training_loop_looks_at_the_host_once_per_log_line(monkeypatch):
+    """The running loss/accuracy a log line shows is a host look (a GPU sync): off a terminal the loop takes
+    it only when a line is written (LogLines.figures), not every second as a visible bar does."""
+    import io
+    import sys
+
+    from finetune.core import progress
+    from finetune.engine import steps
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0                        # each read of the clock a second later
+        return now[0]
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    looks = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: looks.append(1) or item(t))
+    bar = progress.LogLines(130, "epoch 1/1 finetune", unit="batch", clock=clock)     # a clock read a step
+    model = nn.Linear(4, 2)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(130)]
+    steps.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                          nn.CrossEntropyLoss(), torch.device("cpu"), progress=bar)
+    lines = sys.stderr.getvalue().splitlines()
+    assert len(lines) == 2 and all("; loss " in line and "img/s " in line for line in lines)
+    assert len(looks) == 2 * len(lines)            # loss and accuracy, per line only
 
 
 def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once_a_second(monkeypatch):
@@ -421,7 +505,7 @@ def test_a_visible_progress_bar_refreshes_its_figures_from_the_host_at_most_once
     # three clock reads a step (the bar's, and the two around next() that time the wait for data): 0.75 s a
     # step, so the figures are refreshed every second step
     assert [step for step, _ in bar.posts] == list(range(1, 41, 2))
-    assert {"loss", "acc", "img_s"} <= set(bar.posts[0][1])
+    assert {"loss", "acc", "img/s"} <= set(bar.posts[0][1])
     assert len(looks) == 2 * len(bar.posts)
 
 
