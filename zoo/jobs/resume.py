@@ -59,9 +59,11 @@ def _start_over(run_dir: Path) -> str:
 
 
 def _finished(run_dir: Path) -> str | None:
-    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go)."""
+    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go, or while the end of its
+    training is not written: last.pt says finished after the last epoch, before the head guard and summary.json;
+    a resume then trains nothing and writes them, then the bundle and the page)."""
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
-    if not ckpt.get("finished"):
+    if not ckpt.get("finished") or not (run_dir / "summary.json").is_file():
         return None
     bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
               else "it has no bundle yet")
