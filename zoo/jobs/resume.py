@@ -68,8 +68,12 @@ def _finished(run_dir: Path) -> str | None:
     bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
               else "it has no bundle yet")
     export = shell_command("zoo", "export", run_dir)
+    # (a run killed while it wrote its page: a Ctrl-C there says to run zoo report, a kill says nothing)
+    page = "" if (run_dir / "report.html").is_file() else \
+        f"; it has no report.html yet (`{shell_command('zoo', 'report', run_dir)}` writes it)"
     return (f"{run_dir} finished after epoch {ckpt.get('epoch')}: resuming it trains nothing and leaves its files "
-            f"as they are; {bundle} (`{export}` writes it again). Start a new run to train longer or on other data")
+            f"as they are; {bundle} (`{export}` writes it again){page}. Start a new run to train longer or on "
+            "other data")
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
