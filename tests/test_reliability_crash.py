@@ -297,6 +297,55 @@ def test_ctrl_c_between_the_last_checkpoint_and_summary_json_is_finished_by_the_
     assert res.exit_code == 0 and "finished after epoch" in res.output, res.output
 
 
+def test_a_run_stopped_after_the_head_guard_kept_the_head_resumes_to_the_same_verdict(tiny, tmp_path, monkeypatch):
+    """The head guard puts the head's weights into best.safetensors (the finetuned best's are gone), then
+    summary.json is written. Stopped in between, the resume judged again best.safetensors (the head) against
+    the head, found no difference, kept "the finetuned weights" and wrote a summary naming the finetune epoch
+    over the head's weights (fuzz of helper-98). Now the verdict travels in best.safetensors' metadata.
+    Stand-ins: every epoch improves (so the finetuned best is another epoch than the head's), and the
+    judge finds the head significantly better whenever the two evaluations differ (the data rarely says so;
+    on equal evaluations it is the real judge)."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    import finetune.core.metrics as metrics
+    import finetune.engine.guard as guard
+    import finetune.engine.runfolder as runfolder
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=25, size=32)
+    args = ["--epochs", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3", "--freeze",
+            "none", "--head-epochs", "1", "--val-split", "0.4", "--no-export"]     # 10 val images a class: the
+    real_judge = guard.judge                                                        # head must prove itself
+
+    def head_better(a, b, **kw):
+        verdict = real_judge(a, b, **kw)
+        same = a.losses is not None and b.losses is not None and torch.equal(a.losses, b.losses)
+        return verdict if verdict is None or same else replace(verdict, kept="finetune")
+    monkeypatch.setattr(guard, "judge", head_better)
+    monkeypatch.setattr(metrics.EarlyStopping, "improved", lambda self, value: True)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert invoke(["finetune", tiny, "--data", data, "--out", ref, *args]).exit_code == 0
+    want = json.loads((ref / "summary.json").read_text())
+    assert want["head_guard"]["kept"] == "head" and want["best_epoch"] == 1
+
+    real = runfolder.RunFolder.summary
+
+    def ctrl_c(self, summary):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runfolder.RunFolder, "summary", ctrl_c)
+    assert invoke(["finetune", tiny, "--data", data, "--out", run, *args]).exit_code == 130
+    monkeypatch.setattr(runfolder.RunFolder, "summary", real)
+    res = invoke(["finetune", "--resume", run])
+    assert res.exit_code == 0, res.output
+    got = json.loads((run / "summary.json").read_text())
+    assert (got["best_epoch"], got["head_guard"]) == (want["best_epoch"], want["head_guard"])
+    assert_same_tensors(load_file(str(run / "checkpoints" / "best.safetensors")),
+                        load_file(str(ref / "checkpoints" / "best.safetensors")))
+
+
 # ------------------------------------------------------------------------------------- a full disk
 def _enospc_after_half(monkeypatch, module, only: str | None = None, skip: int = 0) -> dict:
     """``module.atomic_write`` writes half the bytes, then the disk is full (OSError ENOSPC).
