@@ -324,7 +324,10 @@ class Trainer:
         s = self.s
         if self.resume:
             self._restore()
-            if self.pi >= len(self.phases) and self.epoch < int(s.config.epochs):
+            if self.pi >= len(self.phases) and not (self.folder.path / "summary.json").is_file():
+                self.say(f"note: the training of this run had finished (after epoch {self.epoch}), not its end: "
+                         "this resume trains nothing, and writes summary.json")     # (stopped after last.pt)
+            elif self.pi >= len(self.phases) and self.epoch < int(s.config.epochs):
                 self.say(f"note: this run had finished (after epoch {self.epoch}"
                          f"{', stopped early' if self.stopped_early else ''}): resuming it trains nothing more, "
                          f"--epochs {s.config.epochs} does not extend a finished run (its LR schedule ended); "
