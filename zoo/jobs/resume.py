@@ -123,11 +123,12 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     for note in notes:
         say(note)
     try:
-        done = _finished(run_dir)
-        if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
-            say(done)
-            return RunOutcome(run_dir=run_dir)
         with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
+            # (under the claim: the lock and temp files of a run killed while it wrote its bundle or page go)
+            done = _finished(run_dir)
+            if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
+                say(done)
+                return RunOutcome(run_dir=run_dir)
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             if idle := idle_gpus_note(resolve_device(config.device, info), info, config.device):
