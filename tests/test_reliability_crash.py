@@ -8,6 +8,7 @@ from (seed, epoch), so a resumed run must end with the same weights, bit for bit
 from __future__ import annotations
 
 import errno
+import json
 import os
 import queue
 import random
@@ -252,6 +253,98 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_says_start_again(tmp
 
     with pytest.raises(CheckpointError, match="start it again without --resume"):
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+
+
+def test_ctrl_c_between_the_last_checkpoint_and_summary_json_is_finished_by_the_resume(data, tiny, tmp_path,
+                                                                                       monkeypatch):
+    """last.pt says "finished" once the last epoch is saved; the head guard and summary.json come after it.
+    Ctrl-C (or a kill) there left a run that `--resume` called finished ("resuming it trains nothing ... it
+    has no bundle yet"): no summary.json, no bundle, no report.html, the head guard never run, and the Ctrl-C
+    said `zoo: interrupted` alone (fuzz of helper-98). Now the line says how to continue, and the resume
+    trains nothing but writes the end: the same files as a run never interrupted."""
+    import finetune.engine.runfolder as runfolder
+    from safetensors.torch import load_file
+
+    args = ["--epochs", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--seed", "3"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert invoke(["finetune", tiny, "--data", data, "--out", ref, *args]).exit_code == 0
+    real = runfolder.RunFolder.summary
+
+    def ctrl_c(self, summary):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runfolder.RunFolder, "summary", ctrl_c)
+    res = invoke(["finetune", tiny, "--data", data, "--out", run, *args])
+    assert res.exit_code == 130 and "Traceback" not in res.output, res.output
+    error = res.output.strip().splitlines()[-1]
+    assert error.startswith("zoo: error: interrupted: epochs up to") and f"zoo finetune --resume {run}" in error
+    assert not (run / "summary.json").exists() and not (run / "export").exists()
+
+    monkeypatch.setattr(runfolder.RunFolder, "summary", real)
+    res = invoke(["finetune", "--resume", run])
+    assert res.exit_code == 0, res.output
+    assert "finished after epoch" not in res.output and "--epochs" not in res.output      # (not given)
+    assert "note: the training of this run had finished (after epoch 1), not its end" in res.output
+    for name in ("summary.json", "report.html", "export/model.safetensors"):
+        assert (run / name).is_file(), name
+    want, got = (json.loads((r / "summary.json").read_text()) for r in (ref, run))
+    assert {k: got[k] for k in ("best_epoch", "epochs_run", "phases", "head_guard")} == \
+        {k: want[k] for k in ("best_epoch", "epochs_run", "phases", "head_guard")}
+    assert_same_tensors(load_file(str(run / "checkpoints" / "best.safetensors")),
+                        load_file(str(ref / "checkpoints" / "best.safetensors")))
+    assert_same_tensors(load_file(str(run / "export" / "model.safetensors")),
+                        load_file(str(ref / "export" / "model.safetensors")))
+    # resumed again, the run is finished now: its files stay as they are
+    res = invoke(["finetune", "--resume", run])
+    assert res.exit_code == 0 and "finished after epoch" in res.output, res.output
+
+
+def test_a_run_stopped_after_the_head_guard_kept_the_head_resumes_to_the_same_verdict(tiny, tmp_path, monkeypatch):
+    """The head guard puts the head's weights into best.safetensors (the finetuned best's are gone), then
+    summary.json is written. Stopped in between, the resume judged again best.safetensors (the head) against
+    the head, found no difference, kept "the finetuned weights" and wrote a summary naming the finetune epoch
+    over the head's weights (fuzz of helper-98). Now the verdict travels in best.safetensors' metadata.
+    Stand-ins: every epoch improves (so the finetuned best is another epoch than the head's), and the
+    judge finds the head significantly better whenever the two evaluations differ (the data rarely says so;
+    on equal evaluations it is the real judge)."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    import finetune.core.metrics as metrics
+    import finetune.engine.guard as guard
+    import finetune.engine.runfolder as runfolder
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=25, size=32)
+    args = ["--epochs", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--seed", "3", "--freeze",
+            "none", "--head-epochs", "1", "--val-split", "0.4", "--no-export"]     # 10 val images a class: the
+    real_judge = guard.judge                                                        # head must prove itself
+
+    def head_better(a, b, **kw):
+        verdict = real_judge(a, b, **kw)
+        same = a.losses is not None and b.losses is not None and torch.equal(a.losses, b.losses)
+        return verdict if verdict is None or same else replace(verdict, kept="finetune")
+    monkeypatch.setattr(guard, "judge", head_better)
+    monkeypatch.setattr(metrics.EarlyStopping, "improved", lambda self, value: True)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert invoke(["finetune", tiny, "--data", data, "--out", ref, *args]).exit_code == 0
+    want = json.loads((ref / "summary.json").read_text())
+    assert want["head_guard"]["kept"] == "head" and want["best_epoch"] == 1
+
+    real = runfolder.RunFolder.summary
+
+    def ctrl_c(self, summary):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runfolder.RunFolder, "summary", ctrl_c)
+    assert invoke(["finetune", tiny, "--data", data, "--out", run, *args]).exit_code == 130
+    monkeypatch.setattr(runfolder.RunFolder, "summary", real)
+    res = invoke(["finetune", "--resume", run])
+    assert res.exit_code == 0, res.output
+    got = json.loads((run / "summary.json").read_text())
+    assert (got["best_epoch"], got["head_guard"]) == (want["best_epoch"], want["head_guard"])
+    assert_same_tensors(load_file(str(run / "checkpoints" / "best.safetensors")),
+                        load_file(str(ref / "checkpoints" / "best.safetensors")))
 
 
 # ------------------------------------------------------------------------------------- a full disk

@@ -412,6 +412,29 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_on_resume(tiny, data, tmp_pa
     assert not (run / ".zoo.lock").exists()
 
 
+def test_resuming_a_finished_run_takes_over_the_lock_of_one_killed_while_it_wrote_its_bundle(tiny, data, tmp_path):
+    """A run killed (kill -9) while it wrote its bundle or page, after training: `--resume` said the run had
+    finished, but left the dead process's RUN/.zoo.lock for good (`zoo export RUN` locks RUN/export, `zoo
+    report` nothing), to be met by the next command (fuzz of helper-98). Now the resume takes it over and
+    releases it; the run's own files stay byte-identical."""
+    import socket
+
+    run = tmp_path / "run"
+    res = invoke("finetune", tiny, "--data", data, "--out", run, *TRAIN, "--no-export")
+    assert res.exit_code == 0, res.output
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "log.txt"}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".zoo.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                               "command": "zoo finetune ...", "started": "then"}))
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 0, res.output
+    assert f"took over the lock of {run} left by pid {dead.pid}" in res.stderr
+    assert f"{run} finished after epoch" in res.stderr
+    assert not (run / ".zoo.lock").exists()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "log.txt"} == before
+
+
 # --------------------------------------------------------------------------------------------- pipes
 def _zoo(args: list, lines: int, merge: bool = True, timeout: float = 240) -> tuple[int, str, list[str]]:
     """``zoo ARGS 2>&1 | head -LINES`` (merge) or ``zoo ARGS | head -LINES``: read LINES lines, close the

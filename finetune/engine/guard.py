@@ -19,13 +19,16 @@ differences gathered in item order, so the decision is the one process's.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 
 from finetune.core import distributed as ddp
-from finetune.core.checkpoint import HEAD_BEST, load_weights
+from finetune.core.checkpoint import BEST, HEAD_BEST, load_weights
+from finetune.core.io import read_safetensors_header
 from finetune.core.metrics import paired_gain_p
 
 __all__ = ["ALPHA", "LOSS_TEST_PER_CLASS", "Evaluation", "Verdict", "HeadGuard", "judge", "paired_loss_p"]
@@ -34,6 +37,7 @@ ALPHA = 0.05
 BOOTSTRAP_DRAWS = 2000
 LOSS_TEST_PER_CLASS = 10      # validation images per class (on average) below which only McNemar counts
 _CHUNK = 100          # bootstrap draws computed at once (memory: _CHUNK x images indices)
+VERDICT_KEY = "zoo_head_guard"      # best.safetensors' metadata: the verdict that put the head's weights there
 
 
 class Evaluation(NamedTuple):
@@ -156,6 +160,13 @@ class HeadGuard:
             return None
         head_state = self.state
         path = self.folder.path
+        if head_state is None and path is not None and (settled := _settled(path / BEST)) is not None:
+            # resumed after an earlier process settled (the head's weights in best.safetensors, the finetuned
+            # ones gone) but stopped before summary.json: its verdict stands, it cannot be judged again
+            self.decision = settled
+            self.say(f"head guard: the head of epoch {self.epoch} is kept, as decided before the interruption")
+            head_state = load_weights(path / BEST)
+            return head_state, self.evaluate_state(head_state)
         if head_state is None and path is not None and (path / HEAD_BEST).is_file():
             head_state = load_weights(path / HEAD_BEST)     # resumed during finetuning
         if head_state is None:
@@ -187,5 +198,16 @@ class HeadGuard:
                  f"--freeze head skips it, --no-head-guard keeps its weights{more}")
         self.decision["value"] = float(head_eval.metrics["acc" if monitor == "val_acc" else "loss"])
         self.folder.best(head_state, {"epoch": str(self.epoch), "monitor": "head guard",
-                                      "value": repr(min(verdict.p, verdict.p_loss))})
+                                      "value": repr(min(verdict.p, verdict.p_loss)),
+                                      VERDICT_KEY: json.dumps(self.decision, sort_keys=True)})
         return head_state, head_eval
+
+
+def _settled(best: Path) -> dict[str, Any] | None:
+    """The guard's verdict recorded in ``best`` (the run's best.safetensors) when the guard put the head's weights
+    there; None otherwise (no such file, the best epoch's weights, a file written before the key existed)."""
+    try:
+        verdict = json.loads((read_safetensors_header(best).get("__metadata__") or {})[VERDICT_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return verdict if isinstance(verdict, dict) else None

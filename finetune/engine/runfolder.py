@@ -21,7 +21,7 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
                                      save_weights)
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
-from finetune.core.errors import CheckpointError, ConfigError
+from finetune.core.errors import CheckpointError, ConfigError, Interrupted
 from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, shell_command,
                               write_json)
 from finetune.core.monitor import TensorBoardLogger, write_curves
@@ -266,6 +266,18 @@ class RunFolder:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+
+    def interrupted(self, epoch: int) -> Interrupted:
+        """What Ctrl-C (or SIGTERM) in ``epoch`` of the run, or after its last one, says: which epochs are
+        saved, and how to continue."""
+        if self.path is None:
+            return Interrupted(f"interrupted in epoch {epoch}; nothing was saved: pass a run folder to be able "
+                               "to resume")
+        if not self.writes:      # another rank under torchrun: rank 0 says what it saved (QA)
+            return Interrupted(f"interrupted: rank 0 saves {self.path}; continue with `{self.resume_command()}`")
+        saved = self.saved_epoch(epoch)
+        done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is in"
+        return Interrupted(f"interrupted: {done} {self.path}; continue with `{self.resume_command()}`")
 
     def saved_epoch(self, fallback: int) -> int:
         """The epoch recorded in last.pt (what a resume continues after)."""

@@ -28,7 +28,7 @@ from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
-from finetune.core.errors import CheckpointError, DataError, Interrupted
+from finetune.core.errors import CheckpointError, DataError
 from finetune.core.io import shell_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
@@ -324,7 +324,10 @@ class Trainer:
         s = self.s
         if self.resume:
             self._restore()
-            if self.pi >= len(self.phases) and self.epoch < int(s.config.epochs):
+            if self.pi >= len(self.phases) and not (self.folder.path / "summary.json").is_file():
+                self.say(f"note: the training of this run had finished (after epoch {self.epoch}), not its end: "
+                         "this resume trains nothing, and writes summary.json")     # (stopped after last.pt)
+            elif self.pi >= len(self.phases) and self.epoch < int(s.config.epochs):
                 self.say(f"note: this run had finished (after epoch {self.epoch}"
                          f"{', stopped early' if self.stopped_early else ''}): resuming it trains nothing more, "
                          f"--epochs {s.config.epochs} does not extend a finished run (its LR schedule ended); "
@@ -352,16 +355,7 @@ class Trainer:
                     self.phase_start = None
                 self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
         except KeyboardInterrupt:
-            if self.folder.path is None:
-                raise Interrupted(f"interrupted in epoch {self.epoch}; nothing was saved: pass a run folder to "
-                                  "be able to resume") from None
-            if not self.folder.writes:      # another rank under torchrun: rank 0 says what it saved (QA)
-                raise Interrupted(f"interrupted: rank 0 saves {self.folder.path}; continue with "
-                                  f"`{self.folder.resume_command()}`") from None
-            saved = self.folder.saved_epoch(self.epoch)
-            done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is in"
-            raise Interrupted(f"interrupted: {done} {self.folder.path}; continue with "
-                              f"`{self.folder.resume_command()}`") from None
+            raise self.folder.interrupted(self.epoch) from None
         except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk
             self.folder.close()
             self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)
@@ -371,9 +365,11 @@ class Trainer:
         if self.head_steps is not None:
             for path, reason in self.head_steps.failures().items():
                 failed.setdefault(path, reason)
-        self.folder.decode_failures(failed, self.say)
         try:
+            self.folder.decode_failures(failed, self.say)
             return self._finish(t_run)
+        except KeyboardInterrupt:     # the head guard, summary.json: the resume writes them (it trains nothing)
+            raise self.folder.interrupted(self.epoch) from None
         finally:
             self.folder.flush()
 

@@ -809,6 +809,19 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert files() == before
 
 
+def test_resuming_a_run_killed_while_writing_its_page_says_how_to_write_it(tmp_path, tiny):
+    """A kill (not Ctrl-C, which says so) while the run wrote report.html, after its bundle: the resume said
+    the run had finished and named `zoo export` alone, the page missing unsaid (fuzz of helper-98)."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
+    (out / "report.html").unlink()             # what a kill -9 in zoo.jobs.report leaves (written last, atomically)
+    res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 0, res.output
+    assert f"it has no report.html yet (`zoo report {out}` writes it)" in res.stderr
+    assert not (out / "report.html").exists()
+
+
 def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox"), extra=()):
     """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1
     (``extra``: more options, e.g. ``("--exclude", FILE)`` made before the data: ``tmp_path / "data"``)."""

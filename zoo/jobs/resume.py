@@ -59,15 +59,21 @@ def _start_over(run_dir: Path) -> str:
 
 
 def _finished(run_dir: Path) -> str | None:
-    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go)."""
+    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go, or while the end of its
+    training is not written: last.pt says finished after the last epoch, before the head guard and summary.json;
+    a resume then trains nothing and writes them, then the bundle and the page)."""
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
-    if not ckpt.get("finished"):
+    if not ckpt.get("finished") or not (run_dir / "summary.json").is_file():
         return None
     bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
               else "it has no bundle yet")
     export = shell_command("zoo", "export", run_dir)
+    # (a run killed while it wrote its page: a Ctrl-C there says to run zoo report, a kill says nothing)
+    page = "" if (run_dir / "report.html").is_file() else \
+        f"; it has no report.html yet (`{shell_command('zoo', 'report', run_dir)}` writes it)"
     return (f"{run_dir} finished after epoch {ckpt.get('epoch')}: resuming it trains nothing and leaves its files "
-            f"as they are; {bundle} (`{export}` writes it again). Start a new run to train longer or on other data")
+            f"as they are; {bundle} (`{export}` writes it again){page}. Start a new run to train longer or on "
+            "other data")
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
@@ -117,11 +123,12 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     for note in notes:
         say(note)
     try:
-        done = _finished(run_dir)
-        if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
-            say(done)
-            return RunOutcome(run_dir=run_dir)
         with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
+            # (under the claim: the lock and temp files of a run killed while it wrote its bundle or page go)
+            done = _finished(run_dir)
+            if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
+                say(done)
+                return RunOutcome(run_dir=run_dir)
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             if idle := idle_gpus_note(resolve_device(config.device, info), info, config.device):
