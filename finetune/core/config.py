@@ -120,8 +120,8 @@ class FinetuneConfig:
                              high_open=True)
     workers: int = option(-1,
         "DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's local "
-        "processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8), 0 = load in the main "
-        "process. At most 512: each is a process with its own copy of torch.",
+        "processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8, of each process's share), "
+        "0 = load in the main process. At most 512: each is a process with its own copy of torch.",
         low=0, high=512, sentinels=(-1,), resume_free=True)
     class_weights: str = option("none",
         "auto: weight the loss by inverse class frequency (imbalanced data).",

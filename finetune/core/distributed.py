@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -22,11 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from finetune.core.checkpoint import LAST
 from finetune.core.errors import ConfigError, FinetuneError
+from finetune.core.io import shell_command
 
 __all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main"]
+           "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main", "raise_if_peer_lost"]
 
 
 # gather_strided moves at most this much per collective: under NCCL the rows travel through every rank's GPU,
@@ -219,6 +222,33 @@ def _told(message: str, exit_code: int) -> FinetuneError:
     err = FinetuneError(message)
     err.exit_code = exit_code
     return err
+
+
+def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.PathLike | None) -> None:
+    """Under torchrun, ``err`` met in a collective because another process of the job is gone (killed, out of
+    memory, stopped by its own error or a full disk) raised again as one line that says what ``run_dir`` keeps
+    (the checkpoint of its last finished epoch, or of its start: ``--resume``, on any number of processes).
+    The backend's error (gloo's "Connection reset by peer", NCCL's ``DistBackendError``) was a traceback that
+    named neither; its first sentence is kept, and torchrun's summary names the rank and its exit code. Any
+    other error: nothing. Each rank raises it; rank 0 alone says it (``zoo.cli.app``).
+
+    Raises:
+        FinetuneError: ``err`` was a collective that lost its peer.
+    """
+    text = str(err)
+    if not info.enabled or not isinstance(err, RuntimeError) or not (
+            isinstance(err, dist.DistError) or "gloo/transport" in text):
+        return
+    first = text.split("] ", 1)[-1].split(". ")[0].strip()     # gloo: "[.../pair.cc:545] Read error ...: ..."
+    reason = first.splitlines()[0][:200] if first else type(err).__name__
+    if run_dir is not None and (Path(run_dir) / LAST).is_file():
+        resume = shell_command("zoo", "finetune", "--resume", run_dir)
+        then = f"{run_dir} keeps its last checkpoint: continue with `{resume}`"
+    else:
+        then = "no epoch was saved: start the run again"
+    raise FinetuneError(f"another process of this torchrun job stopped, and the connection to it broke "
+                        f"({reason}); torchrun's summary names its rank and exit code, and its own lines say why; "
+                        f"{then}") from None
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

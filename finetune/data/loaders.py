@@ -126,9 +126,10 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
                     single_pass_images: int | None = None) -> int:
     """The DataLoader worker count; a number >= 0 is used as given (0 = load in the main process).
 
-    -1 (auto): on CUDA every usable core but one, shared between the processes of this node under
-    torchrun (decoding is what keeps a GPU waiting); on a CPU none up to 4 cores, then one per 4 cores
-    (at most 8), since the training itself runs one thread per core (docs/benchmarks.md). Never more
+    -1 (auto), from this process's share of the usable cores (under torchrun the node's cores divided
+    between its processes, LOCAL_WORLD_SIZE): on CUDA every core of it but one (decoding is what keeps a
+    GPU waiting); on a CPU none up to 4 cores, then one per 4 cores (at most 8), since the training itself
+    runs one thread per core (docs/benchmarks.md). Never more
     than ``batches``, the batches one pass over the loader holds: a worker prepares whole batches, so
     more would only start processes that get nothing to do (a 3-batch pass gets 3 workers, not 15).
     A loader read once (``single_pass_images``: its image count, e.g. a feature pass) of fewer than
@@ -136,10 +137,10 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     """
     if workers >= 0:
         return workers
-    cpus = usable_cpus()
+    # this process's share of the node's cores: torchrun's processes on one machine split them, GPU or CPU
+    cpus = max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
     if str(device).startswith("cuda"):
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        auto = max(0, cpus // local - 1)
+        auto = max(0, cpus - 1)
     else:
         auto = 0 if cpus <= 4 else min(8, cpus // 4)
     if single_pass_images is not None and single_pass_images < MIN_IMAGES_FOR_WORKERS:

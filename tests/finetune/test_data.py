@@ -871,18 +871,29 @@ def test_resolve_workers(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resolve_workers(-1, "cuda") == 3            # torchrun: the node's cores are shared by 4 ranks
     assert resolve_workers(-1, "cuda:1") == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(2)))
     assert resolve_workers(-1) == 0                    # 2 cores: both train, the main process decodes
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
     assert resolve_workers(-1) == 8
     # scaled to the work: never more workers than one pass has batches; a number given is kept
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert resolve_workers(-1, "cuda", batches=3) == 3 and resolve_workers(-1, "cuda", batches=0) == 0
     assert resolve_workers(-1, "cuda", batches=1000) == 63 and resolve_workers(12, "cuda", batches=3) == 12
     # a single pass over a few images (a small folder's feature pass) decodes in the main process
     assert resolve_workers(-1, "cuda", batches=2, single_pass_images=63) == 0
     assert resolve_workers(-1, "cuda", batches=40, single_pass_images=10_240) == 40
     assert resolve_workers(4, "cuda", batches=2, single_pass_images=63) == 4
+
+
+@pytest.mark.parametrize("cores,local,workers", [(32, 4, 2), (64, 4, 4), (64, 2, 8), (16, 4, 0), (3, 8, 0)])
+def test_resolve_workers_on_the_cpu_takes_this_processs_share_of_the_node(monkeypatch, cores, local, workers):
+    """helper-97: under torchrun on CPU processes (gloo) every rank took the auto worker count of the whole
+    machine (4 ranks on 32 cores: 8 workers each, 32 decoding processes beside 4 training ones); the CPU
+    rule now reads the node's cores divided between its processes, as the CUDA rule does."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert resolve_workers(-1, "cpu") == workers
+    assert resolve_workers(2, "cpu") == 2                      # a number given is kept
 
 
 def test_loaders_start_no_more_workers_than_batches(image_folder, monkeypatch):

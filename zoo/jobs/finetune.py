@@ -240,6 +240,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     """
     info = ddp.setup(config.device)
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
+    run_dir: Path | None = None
     try:
         entry = resolve_early(model_name)           # a mistyped MODEL: before the scan (an uncached hf-hub: after)
         report = scan_on_main(data_dir, config, info)
@@ -265,6 +266,9 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
                                  excluded)
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
         return outcome
+    except RuntimeError as e:     # another rank's end met in a collective: one line, not the backend's traceback
+        ddp.raise_if_peer_lost(e, info, run_dir)
+        raise
     finally:
         ddp.cleanup(info)
 

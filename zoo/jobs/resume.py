@@ -136,6 +136,9 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
         ddp.leave(info)      # as in run_finetune (done by _finish after training)
         return outcome
+    except RuntimeError as e:     # as in run_finetune
+        ddp.raise_if_peer_lost(e, info, run_dir)
+        raise
     finally:
         ddp.cleanup(info)
 
