@@ -44,7 +44,15 @@ class MLPHead(nn.Sequential):
 
     BatchNorm sits after the hidden FC and before the nonlinearity, as the lecture places it. The
     BatchNorm1d is new (no pretrained statistics), so ``set_bn_eval`` never freezes it.
+
+    ``fc1.bias`` stays at zero (``FIXED``: ``apply_freeze`` never trains it): the BatchNorm after it always trains on
+    batch statistics and subtracts it again, so its gradient is zero in exact arithmetic, and Adam, which divides
+    by the gradient's own scale, turned the float noise into lr-sized steps: the bias (and the running mean, which
+    lags it) walked by the summation order, and 1 and 2 processes exported other heads (helper-97). Kept as a
+    parameter so that the head's keys are those of earlier runs and bundles.
     """
+
+    FIXED = ("fc1.bias",)
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.2,
                  activation: str = "relu") -> None:
@@ -209,9 +217,10 @@ def apply_freeze(model: nn.Module, stages: Sequence[Sequence[str]], head_name: s
         for stage in grouped[n - k:]:
             for _, p in stage:
                 p.requires_grad_(True)
+    fixed = {f"{head_name}.{name}" for name in getattr(_get_module(model, head_name), "FIXED", ())}
     for name, p in model.named_parameters():
         if belongs_to(name, head_name):
-            p.requires_grad_(True)
+            p.requires_grad_(name not in fixed)      # (an MLP head's bias before its BatchNorm: MLPHead.FIXED)
 
 
 def _train_stay_eval(module: nn.Module, mode: bool = True) -> nn.Module:

@@ -99,7 +99,7 @@ def test_prepare_model_mlp_head_and_summary():
     model = Tiny()
     d = prepare_model(model, STAGES, "fc", 3, [5, 5, 5], FinetuneConfig(head="mlp", mlp_hidden=4, freeze="head"))
     assert d.trainable_stages == 0
-    head = {id(p) for p in model.fc.parameters()}
+    head = {id(p) for p in model.fc.parameters()} - {id(model.fc.fc1.bias)}     # (MLPHead.FIXED)
     assert {id(p) for p in model.parameters() if p.requires_grad} == head
     model.train()
     assert model.fc.bn.training

@@ -187,6 +187,24 @@ def test_mlp_head_batchnorm_trains_while_backbone_bn_stays_frozen(resnet):
     assert all(torch.equal(b, stats[n]) for n, b in bn_buffers(resnet).items())
 
 
+@pytest.mark.parametrize("freeze", ["head", "none"])
+def test_the_mlp_heads_bias_before_its_batchnorm_never_trains(resnet, freeze):
+    """helper-97: the bias of the MLP head's first Linear feeds a BatchNorm that always trains on batch statistics
+    and subtracts it again: its gradient is zero in exact arithmetic, and Adam turned the float noise into lr-sized
+    steps (1 and 2 processes exported heads whose fc1.bias was 0.48 apart). It stays at zero and out of the
+    optimizer, under any freeze depth; its key stays (earlier runs' checkpoints and bundles load)."""
+    config = FinetuneConfig(freeze=freeze, head="mlp", mlp_hidden=16, lr=1e-2, optimizer="adam")
+    prepare_model(resnet, STAGES, "fc", 3, [10, 10, 10], config)
+    assert "fc.fc1.bias" in resnet.state_dict() and not resnet.fc.fc1.bias.requires_grad
+    assert all(p.requires_grad for n, p in resnet.fc.named_parameters() if n != "fc1.bias")
+    opt = build_optimizer(config, resnet, "fc")
+    assert not any(p is resnet.fc.fc1.bias for g in opt.param_groups for p in g["params"])
+    weight = resnet.fc.fc1.weight.detach().clone()
+    _train_steps(resnet, config, steps=5)
+    assert torch.count_nonzero(resnet.fc.fc1.bias) == 0
+    assert not torch.equal(resnet.fc.fc1.weight, weight)
+
+
 def test_bn_eval_policy_survives_pickle_and_deepcopy_and_can_be_undone(resnet):
     set_bn_eval(resnet)
     for clone in (pickle.loads(pickle.dumps(resnet)), copy.deepcopy(resnet)):
