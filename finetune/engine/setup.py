@@ -23,7 +23,7 @@ from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sy
 from finetune.core.errors import ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import (FreezeDecision, batchnorm_batch, default_departure, default_epochs, head_first,
-                                   head_on_cached_features)
+                                   head_on_cached_features, head_solved)
 from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
@@ -298,7 +298,8 @@ def _resolve_departure(setup: Setup, say: Log) -> FinetuneConfig:
         [f"the weights are averaged over about {_span(ema, setup.steps_per_epoch)} (EMA decay {ema:.4g})"]
         if ema else [])
     if setup.head_first and gentle:
-        say(f"finetune: leaving the solved head gently: {' and '.join(gentle)}; pass --warmup-epochs 0 "
+        head = "solved" if head_solved(config, setup.decision.trainable_stages) else "trained"
+        say(f"finetune: leaving the {head} head gently: {' and '.join(gentle)}; pass --warmup-epochs 0 "
             "--ema 0 to turn off")
     return setup.config
 

@@ -32,14 +32,13 @@ from finetune.core.errors import CheckpointError, DataError
 from finetune.core.io import shell_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
-from finetune.core.policy import head_first
+from finetune.core.policy import HEAD_WARMUP_CAP, head_first
 from finetune.core.seeding import epoch_seed, seed_everything
 from finetune.core.signals import sigterm_as_interrupt
 from finetune.core.surgery import apply_freeze
 
 __all__ = ["FitResult", "Trainer", "HEAD_WARMUP_CAP", "plan_phases"]
 
-HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
 # curves.png is redrawn at most this often (and after a phase's last epoch): a drawing costs more than an
 # epoch on cached features (docs/benchmarks.md, "When curves.png is redrawn"). The other files are written
 # after every epoch, last.pt and the weights in the background while the next epoch trains: a SIGKILL loses

@@ -129,6 +129,29 @@ def test_auto_epochs_follow_what_trains():
     assert default_epochs(FinetuneConfig(epochs=7), 0) == default_epochs(FinetuneConfig(epochs=7), 2) == 7
 
 
+@pytest.mark.parametrize("options, epochs", [
+    ({}, 8),                                          # the linear head, solved in one epoch: 1 + 7
+    ({"head": "mlp"}, 17),                            # trained by gradient: up to 10 head epochs + 7
+    ({"head": "mlp", "head_epochs": 3}, 10),
+    ({"head_solver": "gradient"}, 17),
+    ({"fast_head": False}, 17),                       # the warm-up through the network, by gradient
+    ({"head": "mlp", "head_epochs": 0}, 8),           # no warm-up
+    ({"head": "mlp", "epochs": 5}, 5),                # a number given is kept
+])
+def test_auto_epochs_leave_the_finetune_phase_its_epochs_after_a_head_trained_by_gradient(options, epochs):
+    """Measured (docs/peers.md, session 28): with --head mlp, auto epochs (8) let the head warm-up on cached features
+    take 7 epochs (its val loss kept improving), and the finetune phase got one, all LR warm-up: test 95.7% on medium
+    digits where 7 finetune epochs gave 98.2%. A warm-up that trains by gradient gets its epochs on top."""
+    from finetune.core.policy import default_epochs
+    from finetune.engine import plan_phases
+
+    config = FinetuneConfig(**options)
+    assert default_epochs(config, 2) == epochs
+    phases, cap = plan_phases(2, config.replace(epochs=epochs))
+    if epochs > 8:      # a warm-up by gradient, at its cap: the finetune phase keeps its 7
+        assert phases == ["head", "finetune"] and epochs - cap == 7
+
+
 def _tiny_setup(root, config: FinetuneConfig, logs: list[str] | None = None):
     """build_setup of a one-stage conv net on the 3-class image folder ``root`` (16 px), on the CPU."""
     from finetune.data import ImageSet
