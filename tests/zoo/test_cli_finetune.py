@@ -1508,7 +1508,7 @@ def test_a_peer_lost_before_the_run_folder_is_claimed_does_not_offer_to_resume_t
     (earlier / "checkpoints" / "last.pt").write_bytes(b"an earlier run's")
     scan = job.scan_on_main
     monkeypatch.setattr(ddp, "setup", lambda device: ddp.DistInfo(rank=0, world_size=2, local_rank=0, enabled=True))
-    monkeypatch.setattr(job, "scan_on_main", lambda data_dir, config, info, **kw: scan(data_dir, config, ddp.DistInfo()))
+    monkeypatch.setattr(job, "scan_on_main", lambda data, config, info, **kw: scan(data, config, ddp.DistInfo()))
     monkeypatch.setattr(job, "check_machine", lambda config, info: torch.device("cpu"))
     monkeypatch.setattr(job, "check_batch_early", lambda *args: None)
 
@@ -1519,6 +1519,7 @@ def test_a_peer_lost_before_the_run_folder_is_claimed_does_not_offer_to_resume_t
     with pytest.raises(FinetuneError) as err:
         job.run_finetune("timm:test_resnet", make_image_folder(tmp_path / "data", per_class=4),
                          FinetuneConfig(device="cpu", workers=0, quiet=True), out=earlier, overwrite=True)
-    assert str(err.value).startswith("another process of this torchrun job stopped") and "--resume" not in str(err.value)
-    assert str(err.value).endswith("no epoch was saved: start the run again")
+    said = str(err.value)
+    assert said.startswith("another process of this torchrun job stopped") and "--resume" not in said
+    assert said.endswith("no epoch was saved: start the run again")
     assert (earlier / "checkpoints" / "last.pt").read_bytes() == b"an earlier run's"
