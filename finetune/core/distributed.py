@@ -256,7 +256,8 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
                         f"{then}") from None
 
 
-_TIMED_OUT = re.compile(r"timed out|timing out|timeout", re.IGNORECASE)
+# (not "timeout": NCCL's errors of every kind describe their work with "Timeout(ms)=600000")
+_TIMED_OUT = re.compile(r"timed out|timing out", re.IGNORECASE)
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
