@@ -298,14 +298,19 @@ def test_ctrl_c_between_the_last_checkpoint_and_summary_json_is_finished_by_the_
     assert res.exit_code == 0 and "finished after epoch" in res.output, res.output
 
 
-def test_a_run_stopped_after_the_head_guard_kept_the_head_resumes_to_the_same_verdict(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["this", "earlier"])
+def test_a_run_stopped_after_the_head_guard_kept_the_head_resumes_to_the_same_verdict(tiny, tmp_path, monkeypatch,
+                                                                                      writer):
     """The head guard puts the head's weights into best.safetensors (the finetuned best's are gone), then
     summary.json is written. Stopped in between, the resume judged again best.safetensors (the head) against
     the head, found no difference, kept "the finetuned weights" and wrote a summary naming the finetune epoch
     over the head's weights (fuzz of helper-98). Now the verdict travels in best.safetensors' metadata.
     Stand-ins: every epoch improves (so the finetuned best is another epoch than the head's), and the
     judge finds the head significantly better whenever the two evaluations differ (the data rarely says so;
-    on equal evaluations it is the real judge)."""
+    on equal evaluations it is the real judge).
+    writer "earlier" (helper-100): best.safetensors as a version before the verdict's key wrote it (its metadata
+    says "monitor": "head guard" alone); its resume judged the head against itself again, as above: now the
+    head stays, the test's figures not recorded (summary.json's head_guard says so)."""
     from dataclasses import replace
 
     import torch
@@ -339,9 +344,22 @@ def test_a_run_stopped_after_the_head_guard_kept_the_head_resumes_to_the_same_ve
     monkeypatch.setattr(runfolder.RunFolder, "summary", ctrl_c)
     assert invoke(["finetune", tiny, "--data", data, "--out", run, *args]).exit_code == 130
     monkeypatch.setattr(runfolder.RunFolder, "summary", real)
+    best = run / "checkpoints" / "best.safetensors"
+    if writer == "earlier":
+        from finetune.core.checkpoint import DIGEST_KEY, save_weights
+        from finetune.core.io import read_safetensors_header
+
+        meta = read_safetensors_header(best)["__metadata__"]
+        assert meta["monitor"] == "head guard"
+        save_weights(best, load_file(str(best)), {k: v for k, v in meta.items() if k not in (guard.VERDICT_KEY,
+                                                                                              DIGEST_KEY)})
     res = invoke(["finetune", "--resume", run])
     assert res.exit_code == 0, res.output
+    assert "head guard: the head of epoch 1 is kept, as decided before the interruption" in res.output
     got = json.loads((run / "summary.json").read_text())
+    if writer == "earlier":     # (its value evaluated again, through the network: equal up to float rounding)
+        assert got["head_guard"].pop("value") == got["best_value"] == pytest.approx(want["best_value"], rel=1e-4)
+        want["head_guard"] = {"kept": "head", "head_epoch": 1, "recorded": False}
     assert (got["best_epoch"], got["head_guard"]) == (want["best_epoch"], want["head_guard"])
     assert_same_tensors(load_file(str(run / "checkpoints" / "best.safetensors")),
                         load_file(str(ref / "checkpoints" / "best.safetensors")))

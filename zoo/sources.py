@@ -42,7 +42,7 @@ def pull(name_or_entry: str | ModelEntry, force: bool = False, progress: bool = 
     Args:
         name_or_entry: a registry name (``zoo list``) or a ``ModelEntry``.
         force: download again even when cached.
-        progress: show a download progress bar (tqdm; quiet when stderr is not a terminal).
+        progress: show a download progress bar (``progress_bar``: off a terminal a line a minute).
     Returns:
         ``zoo_home()/weights/<name>/model.safetensors``.
     Raises:

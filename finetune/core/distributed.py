@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import timedelta
@@ -246,9 +247,17 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
         then = f"{run_dir} keeps its last checkpoint: continue with `{resume}`"
     else:
         then = "no epoch was saved: start the run again"
+    if _TIMED_OUT.search(text):      # (gloo's "Timed out waiting 1800000ms for recv", NCCL's watchdog): alive
+        raise FinetuneError(f"another process of this torchrun job did not reach the same step within the process "
+                            f"group's timeout ({reason}): it is stuck or far slower than this one, and its own lines "
+                            f"may say why; {then}") from None
     raise FinetuneError(f"another process of this torchrun job stopped, and the connection to it broke "
                         f"({reason}); torchrun's summary names its rank and exit code, and its own lines say why; "
                         f"{then}") from None
+
+
+# (not "timeout": NCCL's errors of every kind describe their work with "Timeout(ms)=600000")
+_TIMED_OUT = re.compile(r"timed out|timing out", re.IGNORECASE)
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

@@ -166,7 +166,9 @@ class HeadGuard:
             self.decision = settled
             self.say(f"head guard: the head of epoch {self.epoch} is kept, as decided before the interruption")
             head_state = load_weights(path / BEST)
-            return head_state, self.evaluate_state(head_state)
+            head_eval = self.evaluate_state(head_state)
+            settled.setdefault("value", float(head_eval.metrics["acc" if monitor == "val_acc" else "loss"]))
+            return head_state, head_eval
         if head_state is None and path is not None and (path / HEAD_BEST).is_file():
             head_state = load_weights(path / HEAD_BEST)     # resumed during finetuning
         if head_state is None:
@@ -205,9 +207,13 @@ class HeadGuard:
 
 def _settled(best: Path) -> dict[str, Any] | None:
     """The guard's verdict recorded in ``best`` (the run's best.safetensors) when the guard put the head's weights
-    there; None otherwise (no such file, the best epoch's weights, a file written before the key existed)."""
+    there; None otherwise (no such file, the best epoch's weights). A file of a version before the key (its
+    metadata's "monitor" says "head guard" alone): the head stays, the test's figures unrecorded."""
     try:
-        verdict = json.loads((read_safetensors_header(best).get("__metadata__") or {})[VERDICT_KEY])
+        meta = read_safetensors_header(best).get("__metadata__") or {}
+        if VERDICT_KEY not in meta and meta.get("monitor") == "head guard":
+            return {"kept": "head", "head_epoch": int(meta["epoch"]), "recorded": False}
+        verdict = json.loads(meta[VERDICT_KEY])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return verdict if isinstance(verdict, dict) else None

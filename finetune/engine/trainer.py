@@ -139,6 +139,8 @@ class Trainer:
                                   f"one built to continue it ({first}): was the model named in {run / 'model.json'} "
                                   "changed since? Put the one the run trained back to continue it, or start the run "
                                   f"over with `{over}`") from None
+        if hasattr(self.s.head_module, "FIXED"):    # the run's own rule: begun before MLPHead.FIXED, it trained
+            self.s.head_module.FIXED = tuple(ckpt.get("head_fixed", ()))    # fc1.bias (its optimizer holds it)
         self.epoch, self.pi, self.phase_start = int(ckpt["epoch"]), int(ckpt["phase_index"]), ckpt["phase_start"]
         self.stopped_early = bool(ckpt["stopped_early"])
         self.stopper.load_state_dict(ckpt["early_stop"])
@@ -180,7 +182,7 @@ class Trainer:
                     if running and self.loader_steps.ema is not None else None),
             "rng": rng_state(), "history": cpu_copy(self.history), "config": self.s.config.to_dict(),
             "seconds": self._seconds(),
-            "classes": self.s.classes,
+            "classes": self.s.classes, "head_fixed": list(getattr(self.s.head_module, "FIXED", ())),
             "decision": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
         })
 

@@ -15,7 +15,7 @@ import torch
 
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import BEST, load_weights
-from finetune.core.errors import ConfigError
+from finetune.core.errors import ConfigError, FinetuneError
 from tests.conftest import make_image_folder
 from tests.finetune.test_train import cfg, run, tiny_model
 
@@ -636,3 +636,36 @@ def test_computed_on_main_gives_every_rank_rank_0s_value_or_error(tmp_path):
     empty = ImageSet([], ["a"])
     out = _torchrun_fit(tmp_path, empty, empty, body, timeout=120)
     assert "rank 0 ok" in out and "rank 1 ok" in out
+
+
+@pytest.mark.parametrize("text, said", [
+    # gloo's words, seen on torch 2.14: the peer killed, then a peer alive but past the group's timeout
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:21181. "
+     "This is typically caused by a remote worker crashing.", "stopped, and the connection to it broke "
+     "(Connection closed by peer [127.0.0.1]:21181)"),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for recv "
+     "operation to complete", "did not reach the same step within the process group's timeout (Timed out waiting "
+     "1800000ms for recv operation to complete): it is stuck or far slower"),
+    # NCCL's (as DistBackendError): every work it names carries "Timeout(ms)=", a peer lost or not
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error, NCCL version "
+     "2.21.5\nncclRemoteError: A call failed possibly due to a network error or a remote process exiting "
+     "prematurely. WorkNCCL(SeqNum=12, OpType=ALLREDUCE, NumelIn=4, NumelOut=4, Timeout(ms)=600000)",
+     "stopped, and the connection to it broke (NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited"),
+    ("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE, NumelIn=4, "
+     "NumelOut=4, Timeout(ms)=600000) ran for 600085 milliseconds before timing out.", "within the process "
+     "group's timeout (Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12"),
+])
+def test_a_collective_cut_off_says_whether_the_other_process_ended_or_timed_out(tmp_path, text, said):
+    """helper-100: raise_if_peer_lost said "another process ... stopped, and the connection to it broke; torchrun's
+    summary names its rank and exit code" of a gloo timeout too, where the other process is alive (stuck, or
+    waited for longer than the group's 30 minutes): there is no exit code to find. A timeout now says so."""
+    info = ddp.DistInfo(rank=0, world_size=2, local_rank=0, enabled=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    error = (torch.distributed.DistBackendError if "NCCL" in text else RuntimeError)(text)
+    with pytest.raises(FinetuneError) as err:
+        ddp.raise_if_peer_lost(error, info, tmp_path)
+    assert said in str(err.value) and str(err.value).endswith(f"continue with `zoo finetune --resume {tmp_path}`")
+    assert ("torchrun's summary names its rank" in str(err.value)) == ("timing out" not in text.lower()
+                                                                       and "timed out" not in text.lower())
+    ddp.raise_if_peer_lost(RuntimeError("CUDA out of memory"), info, tmp_path)      # its own error: not told

@@ -925,3 +925,32 @@ def test_a_validation_image_that_failed_in_the_first_pass_counts_again_once_it_l
     assert result.history[0]["val_loss"] != undisturbed.history[0]["val_loss"]      # epoch 1 lacked it
     assert result.history[1]["val_loss"] == undisturbed.history[1]["val_loss"]
     assert result.val_probs is not None and len(result.val_probs) == len(val.items)
+
+
+def test_a_run_begun_before_the_mlp_heads_fixed_bias_resumes_as_it_began(data, tmp_path, monkeypatch):
+    """helper-100: since MLPHead.FIXED (98edbe1) fc1.bias is out of the optimizer, and the resume of a --head mlp
+    run begun before it, interrupted mid-phase, ended in torch's ValueError ("loaded state dict contains a parameter
+    group that doesn't match the size of optimizer's group"): its optimizer state holds the bias. Each checkpoint
+    now records the parameters its head holds fixed, and a run goes on under its own rule (an older one trains
+    fc1.bias to its end): its resume is exact; a new run's bias stays zero through a resume."""
+    from finetune.core.checkpoint import load_checkpoint, save_checkpoint
+    from finetune.core.surgery import MLPHead
+
+    config = cfg(epochs=3, freeze="none", head="mlp", mlp_hidden=8, optimizer="adam")
+    stop = [lambda row: (_ for _ in ()).throw(KeyboardInterrupt()) if row["epoch"] == 1 else None]
+    with monkeypatch.context() as old:
+        old.setattr(MLPHead, "FIXED", ())       # the code before 98edbe1
+        whole = run(data, config, run_dir=tmp_path / "whole")
+        with pytest.raises(Interrupted):
+            run(data, config, run_dir=tmp_path / "old", callbacks=stop)
+    ckpt = load_checkpoint(tmp_path / "old" / LAST)
+    assert ckpt.pop("head_fixed", []) == [] and ckpt["optimizer"] is not None
+    save_checkpoint(tmp_path / "old" / LAST, ckpt)      # as that version wrote it: no key
+    resumed = run(data, config, run_dir=tmp_path / "old", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(resumed.model).values(), snapshot(whole.model).values()))
+    assert torch.count_nonzero(resumed.model.fc.fc1.bias) > 0
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=tmp_path / "new", callbacks=stop)
+    assert load_checkpoint(tmp_path / "new" / LAST)["head_fixed"] == ["fc1.bias"]
+    again = run(data, config, run_dir=tmp_path / "new", resume=True)
+    assert torch.count_nonzero(again.model.fc.fc1.bias) == 0 and not again.model.fc.fc1.bias.requires_grad

@@ -1489,3 +1489,37 @@ def test_a_run_folder_and_zoo_home_named_in_latin_1_train_export_and_resume(tmp_
     assert list((tmp_path / os.fsdecode(b"home\xe9") / "features").glob("*.safetensors"))    # the cache was written
     res = invoke("finetune", "--resume", out)     # reads last.pt, which torch could not map there
     assert res.exit_code == 0 and "finished after epoch 1" in res.output, res.output
+
+
+def test_a_peer_lost_before_the_run_folder_is_claimed_does_not_offer_to_resume_the_run_it_replaces(tmp_path,
+                                                                                                   monkeypatch):
+    """helper-100: under torchrun, another process that ended before rank 0 claimed --out (here met in the
+    broadcast of the folder's name) made rank 0 say "RUN keeps its last checkpoint: continue with `zoo finetune
+    --resume RUN`" wherever RUN held an earlier run: the run this command was to replace (--overwrite), never
+    touched. Only a folder this command claimed is offered to resume. The process group is stood in for."""
+    import torch
+
+    import zoo.jobs.finetune as job
+    from finetune.core import distributed as ddp
+    from finetune.core.errors import FinetuneError
+
+    earlier = tmp_path / "run"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.pt").write_bytes(b"an earlier run's")
+    scan = job.scan_on_main
+    monkeypatch.setattr(ddp, "setup", lambda device: ddp.DistInfo(rank=0, world_size=2, local_rank=0, enabled=True))
+    monkeypatch.setattr(job, "scan_on_main", lambda data, config, info, **kw: scan(data, config, ddp.DistInfo()))
+    monkeypatch.setattr(job, "check_machine", lambda config, info: torch.device("cpu"))
+    monkeypatch.setattr(job, "check_batch_early", lambda *args: None)
+
+    def lost(obj, info):
+        raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                           "[127.0.0.1]:21181. This is typically caused by a remote worker crashing.")
+    monkeypatch.setattr(ddp, "broadcast_object", lost)
+    with pytest.raises(FinetuneError) as err:
+        job.run_finetune("timm:test_resnet", make_image_folder(tmp_path / "data", per_class=4),
+                         FinetuneConfig(device="cpu", workers=0, quiet=True), out=earlier, overwrite=True)
+    said = str(err.value)
+    assert said.startswith("another process of this torchrun job stopped") and "--resume" not in said
+    assert said.endswith("no epoch was saved: start the run again")
+    assert (earlier / "checkpoints" / "last.pt").read_bytes() == b"an earlier run's"

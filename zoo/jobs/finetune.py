@@ -240,7 +240,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
     """
     info = ddp.setup(config.device)
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
-    run_dir: Path | None = None
+    claimed: Path | None = None      # --out once this command holds it (before: an earlier run's, not to resume)
     try:
         entry = resolve_early(model_name)           # a mistyped MODEL: before the scan (an uncached hf-hub: after)
         report = scan_on_main(data_dir, config, info)
@@ -257,6 +257,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         run_dir = Path(ddp.broadcast_object(str(run_dir), info))
         # Checked and locked before any download or build: a bad --out costs a second.
         with ddp.entered_on_main(claim_out(run_dir, "finetune", overwrite=overwrite, note=say), info):
+            claimed = run_dir
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
             idle = idle_gpus_note(device, info, config.device)    # one GPU of several: torchrun uses them all
@@ -267,7 +268,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
         return outcome
     except RuntimeError as e:     # another rank's end met in a collective: one line, not the backend's traceback
-        ddp.raise_if_peer_lost(e, info, run_dir)
+        ddp.raise_if_peer_lost(e, info, claimed)
         raise
     finally:
         ddp.cleanup(info)

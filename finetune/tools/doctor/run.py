@@ -30,7 +30,7 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
     features that uses the same ``cache_dir`` (on the CPU, head-only or not; on CUDA fit feeds uint8
     batches normalised on the GPU, whose transform, and so key, differ).
 
-    Not ``quiet``: a progress bar per split computed (a terminal only; the doctor's longest pass).
+    Not ``quiet``: a progress bar per split computed (off a terminal a line a minute; the doctor's longest pass).
 
     Returns:
         ``(features, valid, hits)``: per split a float32 (N, D) array (zeros where an image failed to

@@ -71,7 +71,7 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     ``mirror``: a second view, each batch's horizontal mirror, from the same decoded batch (one pass
     over the files, two forward passes).
 
-    With ``desc`` and not ``quiet``, a progress bar on stderr (tqdm: silent when stderr is no terminal).
+    With ``desc`` and not ``quiet``, a progress bar on stderr (off a terminal, a line a minute: ``progress_bar``).
     ``normalize``: a ``finetune.data.DeviceNormalize`` when the dataset yields uint8 images.
     ``allow_empty``: None instead of an error when no image decodes (one rank's shard under torchrun).
     ``fixed_shape``: pad the last batch to ``batch_size`` (None: on CUDA, see below).
@@ -184,7 +184,7 @@ def extract_features(model: nn.Module, head: str, dataset: torch.utils.data.Data
         batch_size, device, workers: of the extraction pass (``workers`` -1 = min(8, cpus - 1)).
         amp: autocast (bf16 where supported) on CUDA; channels_last: NHWC inputs (the caller's layout,
             ``finetune.engine.runtime.nhwc``).
-        desc, quiet: with ``desc`` and not ``quiet``, the pass's progress bar (a terminal only).
+        desc, quiet: with ``desc`` and not ``quiet``, the pass's progress bar (``progress_bar``).
 
     Returns:
         ``(features, labels)``: float32 ``(N_ok, *feature_shape)`` and int64 ``(N_ok,)``, dataset order.

@@ -255,7 +255,7 @@ def _fit_split(tid: str, k: int, tr: ImageSet, va: ImageSet, cfg: FinetuneConfig
 def _run_trial(tid: str, params: dict[str, Any], config: FinetuneConfig, splits: list, metric: str,
                fit_one: Callable[..., Any]) -> TrialResult:
     """One grid point on every split: ``fit_one(tid, k, train, val, cfg)`` per split; a divergence ends it."""
-    # the sweep's own --quiet: each trial's bars (a terminal only; cleared when done) show that a trial of minutes
+    # the sweep's own --quiet: each trial's bars (``progress_bar``: cleared when done) show that a trial of minutes
     # is moving; its per-epoch lines stay off (fit is given no log)
     cfg = trial_config(config, params)
     t0 = time.perf_counter()
