@@ -4,6 +4,7 @@ On a terminal it is a tqdm bar; in a pipe or a log file (a scheduler's job, ``no
 (:class:`LogLines`), so that a log says where a long pass is without a bar's carriage returns."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -17,10 +18,11 @@ def progress_bar(total: int | None = None, desc: str | None = None, *, unit: str
                  iterable: Iterable | None = None, **extra: Any) -> Any:
     """A tqdm bar on stderr, cleared when it closes (``leave=False``), as wide as the terminal is at each redraw;
     none with ``quiet``. Where stderr is not a terminal (a pipe, a log file, a scheduler's job): a
-    :class:`LogLines` instead, which writes nothing for a pass shorter than ``LOG_EVERY_S``.
+    :class:`LogLines` instead, which writes nothing for a pass shorter than ``LOG_EVERY_S`` (none with tqdm's own
+    ``TQDM_DISABLE=1``).
     ``iterable``: the bar wraps it (``for x in progress_bar(iterable=xs, ...)``). ``extra``: tqdm's own options
     (``unit_scale``, ``unit_divisor``)."""
-    if not quiet and not _terminal(sys.stderr):
+    if not quiet and not _terminal(sys.stderr) and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false"):
         return LogLines(total, desc, unit=unit, iterable=iterable, scaled=bool(extra.get("unit_scale")))
     # lazy: zoo --help imports the commands that use it; tqdm is imported on the first bar
     from tqdm.auto import tqdm

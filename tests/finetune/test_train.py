@@ -396,6 +396,7 @@ def test_off_a_terminal_a_pass_writes_a_plain_line_a_minute_and_nothing_before(m
 
     log = io.StringIO()                      # no isatty(): a log file
     monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)      # (tests/conftest.py sets it for the suite)
     now = [0.0]
     bar = progress.progress_bar(400, "epoch 3/10 finetune", unit="batch")
     assert isinstance(bar, progress.LogLines) and not bar.disable
@@ -411,6 +412,10 @@ def test_off_a_terminal_a_pass_writes_a_plain_line_a_minute_and_nothing_before(m
                      "epoch 3/10 finetune: 241/400 batch (60%) in 2m00s; loss 0.4123, acc 91.20%, img/s 2345",
                      "epoch 3/10 finetune: 361/400 batch (90%) in 3m00s; loss 0.4123, acc 91.20%, img/s 2345"]
     assert "\r" not in log.getvalue()
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")   # tqdm's own switch turns the lines off too
+    assert progress.progress_bar(3, "x", unit="img").disable
+    monkeypatch.delenv("TQDM_DISABLE")
 
     short = io.StringIO()                    # a pass under a minute: nothing at all
     monkeypatch.setattr(sys, "stderr", short)
