@@ -19,16 +19,20 @@ def progress_bar(total: int | None = None, desc: str | None = None, *, unit: str
     """A tqdm bar on stderr, cleared when it closes (``leave=False``), as wide as the terminal is at each redraw;
     none with ``quiet``. Where stderr is not a terminal (a pipe, a log file, a scheduler's job): a
     :class:`LogLines` instead, which writes nothing for a pass shorter than ``LOG_EVERY_S`` (none with tqdm's own
-    ``TQDM_DISABLE=1``).
+    ``TQDM_DISABLE``, read as tqdm reads it: any value but the empty one, ``0`` and ``false`` included, turns
+    the bars and the lines off).
     ``iterable``: the bar wraps it (``for x in progress_bar(iterable=xs, ...)``). ``extra``: tqdm's own options
     (``unit_scale``, ``unit_divisor``)."""
-    if not quiet and not _terminal(sys.stderr) and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false"):
+    # tqdm's envwrap gives TQDM_DISABLE the type of disable's default, bool(str); the disable= passed below would
+    # override it (QA: TQDM_DISABLE=1 left the bar on a terminal), so it is read here for both
+    off = quiet or bool(os.environ.get("TQDM_DISABLE", ""))
+    if not off and not _terminal(sys.stderr):
         return LogLines(total, desc, unit=unit, iterable=iterable, scaled=bool(extra.get("unit_scale")))
     # lazy: zoo --help imports the commands that use it; tqdm is imported on the first bar
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
-                disable=True if quiet else None, **extra)
+                disable=True if off else None, **extra)
 
 
 def _terminal(stream) -> bool:

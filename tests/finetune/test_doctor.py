@@ -591,6 +591,7 @@ def test_the_feature_pass_shows_a_bar_on_a_terminal_unless_quiet(tmp_path, monke
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
     config = FinetuneConfig(batch_size=8, workers=0, device="cpu", quiet=quiet)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)      # (tests/conftest.py sets it; a terminal honours it)
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     run_doctor(report, model, "fc", DATA_CONFIG, config, options=DoctorOptions(min_side=0), progress=_bar(quiet))
@@ -613,6 +614,7 @@ def test_the_label_probe_shows_a_bar_on_a_terminal_unless_quiet(tmp_path, monkey
             return True
 
     report = scan_folder(_leaky_folder(tmp_path))
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)      # (tests/conftest.py sets it; a terminal honours it)
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     result = run_doctor(report, features=_features(report), config=FinetuneConfig(quiet=quiet),

@@ -612,6 +612,7 @@ def test_the_mirror_test_shows_a_bar_on_a_terminal_unless_quiet(tmp_path, monkey
                         _config(head_solver="gradient", freeze="none", epochs=2, quiet=quiet), head="fc",
                         distributed=False)
     apply_freeze(setup.model, setup.stages, setup.head, 0)      # the head phase, as the trainer sets it
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)      # (tests/conftest.py sets it; a terminal honours it)
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     steps = CachedHeadSteps(setup)

@@ -373,6 +373,7 @@ def test_one_progress_bar_on_stderr_cleared_when_done_and_silent_when_quiet_or_n
             return True
 
     assert progress_bar(3, "x", unit="img", quiet=True).disable     # quiet: nothing, on a terminal or not
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)      # (tests/conftest.py sets it; a terminal honours it)
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     assert progress_bar(3, "x", unit="img", quiet=True).disable
@@ -382,6 +383,34 @@ def test_one_progress_bar_on_stderr_cleared_when_done_and_silent_when_quiet_or_n
         bar.update(3)
     assert "epoch 1/1 head" in term.getvalue()
     assert list(progress_bar(unit="C", quiet=True, iterable=[0.1, 1.0])) == [0.1, 1.0]
+
+
+@pytest.mark.parametrize("value, off", [("1", True), ("0", True), ("false", True), ("", False)])
+@pytest.mark.parametrize("terminal", [True, False])
+def test_tqdm_disable_turns_the_bar_and_the_lines_off_as_tqdm_reads_it(monkeypatch, value, off, terminal):
+    """helper-101: TQDM_DISABLE=1 left zoo's bar on a terminal (progress_bar passes disable=, which overrides the
+    value tqdm's envwrap reads), and off a terminal TQDM_DISABLE=0 or false kept the log lines where tqdm reads any
+    non-empty value as bool(str), True: tqdm's own bars (a download's) went quiet and zoo's lines did not."""
+    import io
+    import sys
+
+    from finetune.core import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal() if terminal else io.StringIO())
+    monkeypatch.setenv("TQDM_DISABLE", value)
+    from tqdm.utils import envwrap   # how tqdm reads it (once, when tqdm is imported): into disable=False's type
+
+    def tqdm_init(disable=False):
+        return disable
+
+    assert bool(envwrap("tqdm")(tqdm_init)()) is off
+    bar = progress.progress_bar(3, "x", unit="img")
+    assert bool(bar.disable) is off and isinstance(bar, progress.LogLines) is (not off and not terminal)
+    bar.close()
 
 
 def test_off_a_terminal_a_pass_writes_a_plain_line_a_minute_and_nothing_before(monkeypatch):
