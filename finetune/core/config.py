@@ -198,8 +198,8 @@ class FinetuneConfig:
     # --- the loop ---
     epochs: int = option(0,
         "Maximum epochs in total (early stopping may end sooner); 0 = auto: 8 when layers are finetuned "
-        "(a cosine schedule that ends; plus the head's epochs when the head warm-up trains by gradient, "
-        "e.g. --head mlp), 30 when only the head trains.",
+        "(a cosine schedule that ends; 7 after the head's own epochs, at most 10, when the head warm-up trains "
+        "by gradient, e.g. --head mlp), 30 when only the head trains.",
         low=1, sentinels=(0,), resume_free=True)
     patience: int = option(5, "Early stopping: epochs without improvement before stopping (0: stop at the first one).",
                            low=0, resume_free=True)

@@ -472,3 +472,19 @@ def test_the_default_out_folder_is_named_for_the_command(tmp_path, monkeypatch, 
         assert (tmp_path / out_dir).parent == tmp_path / "runs" and (tmp_path / out_dir).is_dir()
         assert re.fullmatch(rf"test_resnet-{command.replace('-', '')}-\d{{8}}-\d{{6}}(-\d+)?", out_dir.name)
     assert not (tmp_path / out_dir).exists()
+
+
+@pytest.mark.parametrize("options, line", [
+    ({}, "auto epochs (8 when layers train, 30 for the head only)"),
+    ({"head": "mlp"}, "auto epochs (17 when layers train, 30 for the head only)"),
+    ({"head_solver": "gradient", "head_epochs": 3}, "auto epochs (10 when layers train, 30 for the head only)"),
+    ({"epochs": 4}, "4 epoch(s)"),
+])
+def test_a_sweeps_auto_epochs_line_counts_a_head_warm_up_trained_by_gradient(options, line):
+    """helper-101: with `epochs: 0` and `head: mlp` in --config, the sweep's first line said "8 when layers train"
+    where each such trial runs up to 17 (policy.default_epochs: the head's warm-up epochs on top of the
+    finetune phase's 7)."""
+    from finetune.core.config import FinetuneConfig
+    from zoo.cli.sweep import _length
+
+    assert _length(FinetuneConfig(**options)) == line

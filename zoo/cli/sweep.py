@@ -11,7 +11,7 @@ import click
 from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
 from finetune.core.metrics import metric_text
-from finetune.core.policy import AUTO_EPOCHS_FINETUNE, AUTO_EPOCHS_HEAD
+from finetune.core.policy import default_epochs
 from finetune.core.io import shell_command
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -119,10 +119,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
 
     trials = len(lrs) * len(wds or [0]) * len(freezes or [0]) * len(optimizers or [0])
     n = trials * max(1, folds)
-    # epochs 0 (auto, from a --config file) is each trial's policy.default_epochs (QA: "of 0 epoch(s)")
-    length = (f"{config.epochs} epoch(s)" if config.epochs else
-              f"auto epochs ({AUTO_EPOCHS_FINETUNE} when layers train, {AUTO_EPOCHS_HEAD} for the head only)")
-    say(f"sweep: {n} training run(s) of {length} into {out_dir}")
+    say(f"sweep: {n} training run(s) of {_length(config)} into {out_dir}")
     # L-BFGS picks its own L2 on the validation split and takes no optimizer steps: these axes change nothing
     idle = [flag for flag, values in (("--lr", lrs), ("--optimizer", optimizers), ("--weight-decay", wds))
             if values is not None and len(values) > 1]
@@ -170,6 +167,16 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
     echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
                                   "--epochs", max(30, config.epochs), *random_init))
+
+
+def _length(config: FinetuneConfig) -> str:
+    """The trials' epochs for the sweep's first line: epochs 0 (auto, from a --config file) is each trial's
+    ``policy.default_epochs`` (QA: "of 0 epoch(s)"), which adds a head warm-up trained by gradient (``--head mlp``)
+    to the layers' (helper-101: the line said 8 where such trials ran up to 17)."""
+    if config.epochs:
+        return f"{config.epochs} epoch(s)"
+    return (f"auto epochs ({default_epochs(config, 1)} when layers train, {default_epochs(config, 0)} "
+            "for the head only)")
 
 
 def _head_only_note(flags: list[str]) -> str:
