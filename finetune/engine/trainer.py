@@ -254,6 +254,7 @@ class Trainer:
         lr = self.scheduler.current_lr()       # the LR this epoch trains with (logged as such)
         t0 = time.perf_counter()
         tr = steps.train_epoch(self.epoch, phase, self.optimizer, self.scheduler, self.scaler)
+        lr_to = self.scheduler.current_lr()      # (the epoch line's, not metrics.csv's: HISTORY_KEYS)
         va = steps.evaluate()
         lost = self.loader_steps.nothing_loaded(tr, va, steps.failures())    # the data changed since the scan
         if lost:
@@ -264,6 +265,7 @@ class Trainer:
         self.scheduler.step_epoch(metric if s.has_val else None)
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr, "seconds": time.perf_counter() - t0,
+               **({"lr_to": lr_to} if lr_to > 1.5 * lr else {}),
                "images_per_s": tr["images_per_s"],       # the loader's wait; cached features load no file:
                "data_wait": tr.get("data_wait", math.nan) if steps is self.loader_steps else math.nan}
         if tr.get("solver"):      # a solved head (L-BFGS): no learning rate was used, whatever --lr says
@@ -437,7 +439,8 @@ class Trainer:
 
 def _lr_text(row: dict) -> str:
     """The epoch line's learning rate: the solver instead where the head was solved (no LR in play)."""
-    return f"solved by {row['solver']}, no lr" if row.get("solver") else f"lr {row['lr']:.3g}"
+    warm = f" -> {row['lr_to']:.3g} (warm-up)" if row.get("lr_to") else ""     # (where a warm-up epoch's LR went)
+    return f"solved by {row['solver']}, no lr" if row.get("solver") else f"lr {row['lr']:.3g}{warm}"
 
 
 def _evaluation(steps: EpochSteps, metrics: dict) -> Evaluation:

@@ -929,6 +929,21 @@ def test_head_epochs_beyond_what_epochs_leaves_are_said(data, epochs, head_epoch
     assert not [ln for ln in lines if "(--head-epochs)" in ln]
 
 
+def test_a_warm_up_epochs_line_says_where_its_lr_went(data, tmp_path):
+    """helper-99: the epoch line gives the LR of the epoch's first step, so the finetune phase's warm-up epoch read
+    `lr 3.12e-05` while it rose to 1e-3. It now says `lr 3.12e-05 -> 0.001 (warm-up)`; the other epochs, and
+    metrics.csv's lr column (the first step's, as before), are unchanged."""
+    lines: list[str] = []
+    run(data, cfg(epochs=3, head_epochs=1, freeze="none", patience=10, lr=1e-3, warmup_epochs=-1, quiet=False),
+        run_dir=tmp_path / "r", log=lines.append)
+    epochs = [ln for ln in lines if ln.startswith("epoch ")]
+    assert len(epochs) == 3 and "(warm-up)" not in epochs[0] and "(warm-up)" not in epochs[2]
+    assert " -> 0.001 (warm-up) | " in epochs[1], epochs[1]
+    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert "lr_to" not in rows[0] and float(rows[1]["lr"]) < 1e-3
+
+
 def test_summary_names_the_phase_of_the_weights_kept(data, tmp_path):
     """QA: a bundle's card said its weights were the finetune phase's moving average (--ema) where the epoch
     kept was the head phase's; summary.json now names the phase of best_epoch (metrics.csv's row)."""
