@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from finetune.core.io import human_size      # (the one size formatter: progress lines use it too)
+
 __all__ = ["cell_width", "pad", "human_size", "first_line"]
 
 
@@ -20,16 +22,6 @@ def pad(text: str, width: int) -> str:
     """``text`` followed by spaces up to ``width`` terminal cells (:func:`cell_width`), as ``str.ljust`` does
     for ASCII."""
     return text + " " * max(0, width - cell_width(text))
-
-
-def human_size(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def first_line(err: BaseException) -> str:

@@ -25,7 +25,7 @@ __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "prin
            "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
-           "sha256_file", "yaml_problem"]
+           "sha256_file", "yaml_problem", "human_size"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -413,3 +413,13 @@ def _checked_header(head: bytes, read: Callable[[int], bytes], size: int) -> dic
         raise SafetensorsHeaderError(f"truncated or damaged (the header announces {end} bytes of tensors, the "
                                      f"file holds {size - 8 - n})")
     return header
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from finetune.core.io import human_size
+
 __all__ = ["progress_bar", "LogLines", "LOG_EVERY_S"]
 
 LOG_EVERY_S = 60.0      # off a terminal: a pass's first line after this long, then one per this long
@@ -27,7 +29,7 @@ def progress_bar(total: int | None = None, desc: str | None = None, *, unit: str
     # override it (QA: TQDM_DISABLE=1 left the bar on a terminal), so it is read here for both
     off = quiet or bool(os.environ.get("TQDM_DISABLE", ""))
     if not off and not _terminal(sys.stderr):
-        return LogLines(total, desc, unit=unit, iterable=iterable, scaled=bool(extra.get("unit_scale")))
+        return LogLines(total, desc, unit=unit, iterable=iterable, scaled=unit == "B" and bool(extra.get("unit_scale")))
     # lazy: zoo --help imports the commands that use it; tqdm is imported on the first bar
     from tqdm.auto import tqdm
 
@@ -76,7 +78,7 @@ class LogLines:
 
     def line(self) -> str:
         """The line ``update`` writes."""
-        unit = "" if self.scaled else f" {self.unit}"       # (a scaled amount carries its unit: 12.5 MiB)
+        unit = "" if self.scaled else f" {self.unit}"       # (a scaled amount carries its unit: 1.5 MiB)
         done = f"{self._amount(self.n)}{unit}"
         if self.total:
             done = f"{self._amount(self.n)}/{self._amount(self.total)}{unit} ({100 * self.n / self.total:.0f}%)"
@@ -86,14 +88,9 @@ class LogLines:
         return f"{self.desc or 'progress'}: {done} in {took}" + (f"; {figures}" if figures else "")
 
     def _amount(self, n: int | float) -> str:
-        if not self.scaled:
-            return f"{n:,}" if isinstance(n, int) else f"{n:g}"
-        prefix = ""
-        for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
-            if abs(n) < 1024 or prefix == "Ti":
-                break
-            n /= 1024
-        return f"{n:.1f} {prefix}{self.unit}" if prefix else f"{n:.0f} {self.unit}"
+        if self.scaled:                 # a download's bytes (``unit_scale``, ``unit_divisor`` 1024)
+            return human_size(int(n))
+        return f"{n:,}" if isinstance(n, int) else f"{n:g}"
 
     def _write(self, text: str) -> None:
         try:
