@@ -45,8 +45,8 @@ def _terminal(stream) -> bool:
 
 
 class LogLines:
-    """The part of tqdm's interface the callers use (``update``, ``set_postfix``, ``close``, a context manager,
-    iteration over ``iterable``), written as one plain line per ``LOG_EVERY_S`` on stderr, e.g.
+    """The part of tqdm's interface the callers use (``update``, ``close``, a context manager, iteration over
+    ``iterable``), written as one plain line per ``LOG_EVERY_S`` on stderr, e.g.
     ``epoch 3/10 finetune: 120/400 batch (30%) in 1m05s; loss 0.4123, acc 91.20%, img/s 2345``.
 
     ``figures``: a callable giving the line's figures, called only when a line is written: the training loop's
@@ -59,7 +59,6 @@ class LogLines:
                  scaled: bool = False, clock=time.monotonic) -> None:
         self.total, self.desc, self.unit, self.iterable, self.scaled = total, desc, unit, iterable, scaled
         self.n = 0
-        self.postfix: dict[str, Any] = {}
         self.figures: Callable[[], dict[str, Any]] | None = None
         self._clock = clock
         self._start = self._last = clock()
@@ -69,12 +68,7 @@ class LogLines:
         self.n += n
         if self._open and (now := self._clock()) - self._last >= LOG_EVERY_S:
             self._last = now
-            if self.figures is not None:
-                self.postfix = dict(self.figures())
             self._write(self.line())
-
-    def set_postfix(self, refresh: bool = True, **figures: Any) -> None:
-        self.postfix = dict(figures)
 
     def line(self) -> str:
         """The line ``update`` writes."""
@@ -84,7 +78,7 @@ class LogLines:
             done = f"{self._amount(self.n)}/{self._amount(self.total)}{unit} ({100 * self.n / self.total:.0f}%)"
         seconds = int(self._clock() - self._start)
         took = f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-        figures = ", ".join(f"{k} {v}" for k, v in self.postfix.items())
+        figures = ", ".join(f"{k} {v}" for k, v in (self.figures() if self.figures is not None else {}).items())
         return f"{self.desc or 'progress'}: {done} in {took}" + (f"; {figures}" if figures else "")
 
     def _amount(self, n: int | float) -> str:
