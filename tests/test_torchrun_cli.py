@@ -236,7 +236,7 @@ def test_help_of_a_one_process_command_is_shown_under_torchrun(monkeypatch):
 # of NAME raises (or, for "kill", the process kills itself as the kernel's OOM killer would)
 INJECT = """
 import errno, os, signal, sys
-import finetune.core.checkpoint as checkpoint, finetune.engine.runfolder as runfolder, finetune.engine.steps as steps
+import finetune.core.checkpoint as checkpoint, finetune.engine.runfolder as runfolder, finetune.engine.passes as passes
 from zoo.cli import main
 
 mode, rank, n = sys.argv.pop(1).split(":")
@@ -253,7 +253,7 @@ def fault(orig):
     return wrapped
 
 if mode == "kill":
-    steps._forward = fault(steps._forward)
+    passes.train_forward = fault(passes.train_forward)
 else:
     runfolder.save_checkpoint = fault(checkpoint.save_checkpoint)
 sys.argv[0] = "zoo"

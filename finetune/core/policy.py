@@ -182,13 +182,14 @@ def batchnorm_batch(config: Any, trainable_stages: int, per_process: int) -> int
 
     A network layer trains in every run where ``trainable_stages`` > 0 (a finetune phase always follows the
     head's), and the head trains through the network without ``fast_head``: each process then passes its own
-    ``per_process`` batch. A head alone on cached features is trained by every process on the whole global
-    batch (``config.batch_size``: the features are gathered to every rank, ``data.train_batches(...,
-    processes=...)``), so its MLP head's BatchNorm sees that.
+    ``per_process`` batch (in passes of at most ``--micro-batch``). A head alone on cached features is trained by
+    every process on the whole global batch (``config.batch_size``: the features are gathered to every rank,
+    ``data.train_batches(..., processes=...)``), so its MLP head's BatchNorm sees that.
     """
     if trainable_stages == 0 and head_on_cached_features(config, trainable_stages):
         return int(config.batch_size)
-    return int(per_process)
+    micro = int(getattr(config, "micro_batch", 0))      # a step in passes: each pass normalises its own images
+    return min(int(per_process), micro) if micro else int(per_process)
 
 
 def head_solved(config: Any, trainable_stages: int) -> bool:

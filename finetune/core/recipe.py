@@ -121,7 +121,7 @@ def lone_value_batchnorm(model: nn.Module, input_size: Sequence[int], batch: int
 
 
 def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: int, *, head: str,
-                          processes: int = 1, synced: bool = False) -> None:
+                          processes: int = 1, synced: bool = False, micro: int = 0) -> None:
     """Refuse, before any step, a per-process ``batch`` that leaves a BatchNorm layer which trains one value
     per channel (``lone_value_batchnorm``): a batch of one image through the MLP head's BatchNorm, or with
     ``--bn train`` through a layer whose maps are 1x1 at this image size. torch refused it only when that
@@ -134,7 +134,8 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
             images per process, or the global batch for a head alone on cached features);
             ``processes``: how many share the global batch.
         head: the classifier's module name; ``synced``: the other layers are SyncBatchNorm (``--sync-bn``
-            under torchrun), whose statistics come from the whole global batch.
+            under torchrun), whose statistics come from the whole global batch. ``micro``: ``--micro-batch``
+            (a pass of 1 image is then what to change).
     Raises:
         ConfigError: saying which layer, and what to change.
     """
@@ -147,6 +148,7 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
     if name is None:
         return
     per = f"--batch-size {2 * processes} or more (2 per process)" if processes > 1 else "--batch-size 2 or more"
+    per = "--micro-batch 2 or more (or 0: each batch in one pass)" if int(micro) == 1 else per
     size = "x".join(str(int(d)) for d in input_size[1:])
     if belongs_to(name, head):
         why, other = f"the MLP head's {name} gets one value per channel", "or --head linear"

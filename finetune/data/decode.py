@@ -392,7 +392,7 @@ class DevicePrefetcher:
                 if isinstance(item, BaseException):
                     raise item
                 if item[0] is None:    # a batch whose every image failed: None, as the loader's, so that each
-                    yield None         # rank of a DDP job takes as many steps as the others (steps._stand_in)
+                    yield None         # rank of a DDP job takes as many steps as the others (passes.stand_in_step)
                     continue
                 (x, y), event = item
                 if cuda:

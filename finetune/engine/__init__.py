@@ -12,7 +12,8 @@ from finetune.engine.runfolder import CHECKPOINT_FORMAT, HISTORY_KEYS, RESUME_FR
 from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, nhwc, resolve_device, check_machine,
                                      idle_gpus_note, to_device)
 from finetune.engine.setup import Setup, build_setup
-from finetune.engine.steps import diverged, evaluate, optimizer_step, train_one_epoch
+from finetune.engine.passes import diverged, optimizer_step
+from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.trainer import HEAD_WARMUP_CAP, FitResult, Trainer, plan_phases
 

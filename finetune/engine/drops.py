@@ -52,12 +52,15 @@ class SharedDropout:
         self.seed, self.rank, self.world = int(seed), int(rank), int(world)
         self._step = 0
         self._calls = 0
+        self._rows: tuple[int, int, int] | None = None
 
     @contextmanager
-    def at(self, step: int) -> Iterator[None]:
-        """Within: the training forward of ``step``, whose dropout calls draw this step's shared masks."""
+    def at(self, step: int, rows: tuple[int, int, int] | None = None) -> Iterator[None]:
+        """Within: the training forward of ``step``, whose dropout calls draw this step's shared masks. ``rows``:
+        ``(start, stop, n)``, a pass over rows start..stop of this process's batch of n (``--micro-batch``): the
+        masks are drawn for the whole batch and the pass keeps its rows, as one pass would have them."""
         plain = F.dropout
-        self._step, self._calls = int(step), 0
+        self._step, self._calls, self._rows = int(step), 0, rows
         F.dropout = self._dropout
         try:
             yield
@@ -73,8 +76,11 @@ class SharedDropout:
         self._calls += 1
         generator = torch.Generator(device=input.device)
         generator.manual_seed(drop_seed(self.seed, self._step, self._calls))
-        shape = (input.shape[0] * self.world, *input.shape[1:])
-        keep = torch.rand(shape, generator=generator, device=input.device)[self.rank::self.world] >= p
+        start, stop, n = self._rows if self._rows is not None else (0, input.shape[0], input.shape[0])
+        if stop - start != input.shape[0]:      # not the batch's first dimension: this pass's own draws
+            start, stop, n = 0, input.shape[0], input.shape[0]
+        shape = (n * self.world, *input.shape[1:])
+        keep = torch.rand(shape, generator=generator, device=input.device)[self.rank::self.world][start:stop] >= p
         # times a Python number: computed in float and rounded once in bf16/fp16 (a scale tensor in the input's
         # dtype rounded 1/(1-p) first: up to 0.2% off each kept value)
         scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0

@@ -81,11 +81,12 @@ class LoaderSteps:
             self._warm_up(phase)
 
     def _shape(self, train: bool) -> tuple[int, ...]:
-        """A full batch of this rank's training (``train``) or validation images: ``(n, C, H, W)``."""
+        """A full pass of this rank's training (``train``) or validation images: ``(n, C, H, W)``."""
         s = self.s
         per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
         n = -(-len((s.train_set if train else s.val_set).items) // s.info.world_size)
-        return (min(per_rank, n), *(int(v) for v in s.data_config["input_size"]))
+        micro = int(s.config.micro_batch) or per_rank        # the passes' size (--micro-batch)
+        return (min(per_rank, n, micro), *(int(v) for v in s.data_config["input_size"]))
 
     def _warm_up(self, phase: str) -> None:
         """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""
@@ -95,7 +96,7 @@ class LoaderSteps:
 
     def _blank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Under torchrun, what a rank trains on, weighing 0, in a step whose every image failed to decode
-        (``steps._stand_in``): zeros shaped as a full training batch, as the loader hands it to the network
+        (``passes.stand_in_step``): zeros shaped as a full training pass, as the loader hands it to the network
         (normalised float, NHWC with channels_last: the shape and layout a compiled model already knows)."""
         s = self.s
         shape = self._shape(True)
@@ -117,7 +118,7 @@ class LoaderSteps:
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
                                   normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank,
                                   counted=counted_images(s.train_loader),     # not the padding copies
-                                  drops=epoch_drops(s.config, epoch, s.info))
+                                  drops=epoch_drops(s.config, epoch, s.info), micro=int(s.config.micro_batch))
         finally:
             if bar is not None:
                 bar.close()
@@ -162,7 +163,7 @@ class LoaderSteps:
             batches = self._val.record(s.val_loader, s.val_loader if started is None else started)
         out = evaluate(s.model if full else self.eval_net, batches, s.eval_loss_fn, s.device, s.classes,
                        amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
-                       correct=correct, losses=losses)
+                       correct=correct, losses=losses, micro=int(s.config.micro_batch))
         if kept is None and self._val.get(s.val_loader) is not None:
             close_loader(s.val_loader)      # kept: its workers have nothing left to do
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

@@ -220,7 +220,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
     bn_batch = batchnorm_batch(config, decision.trainable_stages, ddp.per_rank_batch(int(config.batch_size), info))
     check_batchnorm_batch(work, data_config["input_size"], bn_batch, head=head, processes=info.world_size,
-                          synced=bool(config.sync_bn and info.enabled))
+                          synced=bool(config.sync_bn and info.enabled), micro=int(config.micro_batch))
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for freeze {decision.label}; pass --epochs to choose)")

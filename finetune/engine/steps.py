@@ -4,7 +4,6 @@ overfit check); plain functions with explicit arguments, as in torchvision's ref
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Callable, Iterable, Iterator, Sequence
@@ -16,14 +15,14 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.engine.drops import SharedDropout
 from finetune.engine.mixing import BatchMix
+from finetune.engine.passes import (FULL, as_before, diverged, loss_parts, optimizer_step, stand_in_step, stepped,
+                                    take_step, train_forward)
 from finetune.engine.runtime import AmpPolicy, to_device
-from finetune.core.errors import ConfigError, DivergedError
 from finetune.core.metrics import accuracy_text, per_class_accuracy
 from finetune.core.progress import LogLines
 
-__all__ = ["train_one_epoch", "evaluate", "warm_up", "optimizer_step", "diverged"]
+__all__ = ["train_one_epoch", "evaluate", "warm_up"]
 
-_FULL = AmpPolicy("cpu", None)
 # Training steps between two looks at the loss from the host: each look waits for the GPU to finish the
 # step, which then idles while the next step's kernels are queued. A non-finite loss is remembered on the
 # device (its first step) and reported at the next look, or at the end of the epoch.
@@ -33,44 +32,13 @@ CHECK_EVERY = 16
 POSTFIX_EVERY_S = 1.0
 
 
-def diverged(epoch: int, step: int, lr: float) -> DivergedError:
-    """The one message for a NaN/inf loss, on every training path."""
-    return DivergedError(f"loss diverged at epoch {epoch} step {step}: lower the learning rate (was {lr:.3g})")
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
-    """Backward and step, through the GradScaler when fp16 autocast uses one.
-
-    Raises:
-        DivergedError: the learning rate or weight decay does not fit the parameters' float type (e.g.
-            ``--lr 1e300``): torch's update refuses it before any NaN could show in the loss.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-    except RuntimeError as e:
-        if "without overflow" not in str(e):
-            raise
-        groups = optimizer.param_groups
-        lr = max(float(g.get("lr", 0.0)) for g in groups)
-        wd = max(float(g.get("weight_decay", 0.0)) for g in groups)
-        raise DivergedError(f"the optimizer step overflowed (learning rate up to {lr:.3g}, weight decay up to "
-                            f"{wd:.3g}): lower the learning rate, --backbone-lr-mult or --weight-decay") from None
-
-
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer | None, scheduler,
                     loss_fn: nn.Module, device: torch.device, *, amp: AmpPolicy | None = None, scaler=None,
                     progress=None, epoch: int = 0, channels_last: bool = False, only_train: nn.Module | None = None,
                     info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
                     ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
                     raise_diverged: bool = True, blank: Callable[[], tuple] | None = None,
-                    counted: int | None = None, drops: SharedDropout | None = None) -> dict:
+                    counted: int | None = None, drops: SharedDropout | None = None, micro: int = 0) -> dict:
     """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
     cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
     batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
@@ -93,10 +61,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             next LR); a true return ends the epoch there.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
         blank: under DDP, ``() -> (x, y)`` on ``device``: the stand-in for a batch whose every image failed
-            (:func:`_stand_in`); needed where ``batches`` can yield None on several processes.
+            (:func:`passes.stand_in_step`); needed where ``batches`` can yield None on several processes.
         counted: how many of this rank's images, from the first, the metrics count (the sampler's ``counted``);
             the rest, copies padding the ranks' shares to one length, train but are left out (:func:`_tally`).
         drops: dropout masks drawn for the global batch (``engine.drops.SharedDropout``); None: torch's own.
+        micro: the most images one forward pass takes (``--micro-batch``): a bigger batch is stepped in several
+            passes whose gradients add up (``passes.take_step``); 0: one pass.
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_s", "data_wait"}`` over all ranks (:func:`_waiting`;
         with ``mix``: the loss on the mixed targets, the accuracy against each mixed image's dominant label).
@@ -121,17 +91,16 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         lrs[step] = _lr(scheduler, optimizer)
         if batch is None:        # every image of the batch failed to decode (already logged by the dataset)
             if info.enabled:     # the other ranks' step waits for this one's gradients: it takes part, weighing 0
-                _stand_in(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema, info)
+                stand_in_step(model, blank, loss_fn, amp, optimizer, scheduler, scaler, ema, info, micro=micro)
             continue
         x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
         mixed = mix(x, y, step) if mix is not None else None     # soft targets, each image's dominant label
         x, target, y = (mixed.x, mixed.target, mixed.y) if mixed is not None else (x, y, y)
-        out = _forward(model, x, amp, drops.at(step) if drops is not None else contextlib.nullcontext())
-        loss = batch_loss(loss_fn, out.float(), target, info)
+        loss, out = take_step(model, x, target, loss_fn, info, step=step, amp=amp, drops=drops, optimizer=optimizer,
+                              scaler=scaler, micro=micro)
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if optimizer is not None:
-            optimizer_step(loss, optimizer, scaler)
-            _stepped(model, scheduler, ema)
+            stepped(model, scheduler, ema)
         seen += _tally(loss_sum, correct, loss, out, y, loss_fn, target, None if counted is None else counted - seen)
         if progress is not None:
             now = time.perf_counter()
@@ -181,107 +150,6 @@ def _waiting(batches: Iterable, waited: list[float]) -> Iterator:
         waited[0] += time.perf_counter() - t
         yield batch
         t = time.perf_counter()
-
-
-def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``loss_fn``'s batch mean as (sum, weight): the weight is what torch divides by, the sum of the
-    targets' class weights for a class-weighted cross-entropy on class indices (``--class-weights auto``:
-    label smoothing divides by it too), else the number of images. Means over several batches or ranks are
-    then ``sum(sums) / sum(weights)``, whatever the batching."""
-    mean = loss_fn(out, target)
-    weight = getattr(loss_fn, "weight", None)
-    if weight is not None and not target.is_floating_point():
-        total = weight[target].sum()
-    else:
-        total = out.new_full((), float(target.shape[0]))    # (a fill on the device: no copy the host waits for)
-    return mean * total, total
-
-
-def batch_loss(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor, info: ddp.DistInfo, *,
-               blank: bool = False) -> torch.Tensor:
-    """The training loss of this rank's part of the global batch, scaled so that DDP's average of the ranks'
-    gradients is the gradient of one process's loss on the whole batch. A plain mean needs nothing: the
-    shards are the same size. A class-weighted cross-entropy divides by the batch's weight, which differs
-    between shards (each rank's mean, averaged, weighed its rare-class images otherwise than one process):
-    each rank divides its sum by the mean weight over the ranks (one scalar all-reduce per step, only
-    then; on CUDA it queues like the gradients' and the host does not wait). ``blank``: a stand-in step
-    (:func:`_stand_in`) that adds no weight. Whether the all-reduce runs depends on the loss alone, never on
-    the batch: a stand-in's class targets and the other ranks' mixed (probability) ones take it alike (QA:
-    --mixup with --class-weights auto, the stand-in rank alone all-reduced and gloo aborted the job); for
-    probability targets torch divides by the images, so the shared weight is the images then."""
-    if not info.enabled or getattr(loss_fn, "weight", None) is None:
-        return loss_fn(out, target)
-    total, weight = loss_parts(loss_fn, out, target)
-    shared = weight.detach().clone() * (0.0 if blank else 1.0)
-    ddp.all_reduce_sum(shared, info)
-    return total * info.world_size / shared.clamp_min(torch.finfo(shared.dtype).tiny)
-
-
-def _stepped(model: nn.Module, scheduler, ema) -> None:
-    """After an optimizer step: the scheduler's per-step LR, the weight average."""
-    if scheduler is not None:
-        scheduler.step_batch()
-    if ema is not None:
-        ema.update(model)
-
-
-def _stand_in(model: nn.Module, blank: Callable[[], tuple] | None, loss_fn: nn.Module, amp: AmpPolicy | None,
-              optimizer, scheduler, scaler, ema, info: ddp.DistInfo) -> None:
-    """A training step for a rank of a DDP job that has no image in it (each failed to decode, after the
-    scan). The other ranks' backward waits in DDP's gradient all-reduce for this rank's, so it runs the
-    step too, on ``blank()`` with its loss weighed 0: its gradient is zero and the others' is averaged over
-    all ranks, as ``DistributedDataParallel.join`` does for a rank out of inputs; the optimizer, the LR
-    schedule and the weight average take the step every rank takes. Nothing else of the batch remains:
-    the BatchNorm statistics and the random generators (dropout) are as before, and the epoch's metrics do
-    not count it. Only this rare path pays for it: a normal step is unchanged (no extra collective; with class
-    weights both take :func:`batch_loss`'s one)."""
-    if blank is None:
-        raise RuntimeError("train_one_epoch: a batch whose every image failed needs `blank` under DDP")
-    x, y = blank()
-    with _as_before(model, x.device):
-        loss = batch_loss(loss_fn, _forward(model, x, amp).float(), y, info, blank=True) * 0.0
-        if optimizer is not None:
-            optimizer_step(loss, optimizer, scaler)
-    if optimizer is not None:
-        _stepped(model, scheduler, ema)
-
-
-@contextlib.contextmanager
-def _as_before(model: nn.Module, device: torch.device):
-    """Run a forward/backward pass that must leave no trace: the model's buffers (BatchNorm statistics) and
-    the random generators (torch's CPU one, ``device``'s CUDA one) are restored afterwards."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    forked = ([device.index if device.index is not None else torch.cuda.current_device()]
-              if device.type == "cuda" else [])
-    try:
-        with torch.random.fork_rng(devices=forked):
-            yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-
-
-def _forward(model: nn.Module, x: torch.Tensor, amp: AmpPolicy | None,
-             masks: contextlib.AbstractContextManager = contextlib.nullcontext()) -> torch.Tensor:
-    """The training forward pass (its dropout drawn within ``masks``: ``SharedDropout.at``). A BatchNorm layer
-    that trains given one value per channel (a batch of one image: the MLP head's at any size, the network's with
-    --bn train where its last maps are 1x1) made torch raise a ValueError, a traceback; it is a ConfigError saying
-    what to change (set-up refuses it before the first step, ``finetune.core.recipe.check_batchnorm_batch``; this
-    stays for a model it could not look into)."""
-    try:
-        with (amp or _FULL).autocast(), masks:
-            out = model(x)
-    except ValueError as e:
-        if "Expected more than 1 value per channel" not in str(e):
-            raise
-        raise ConfigError(f"a BatchNorm layer cannot train on a batch of {x.shape[0]} image (the MLP head's, or the "
-                          "network's with --bn train or --no-pretrained): start again with --batch-size 2 or more "
-                          "per process") from None
-    if not isinstance(out, torch.Tensor):    # torchvision's GoogLeNet/Inception v3 with aux_logits in train mode
-        raise ConfigError(f"the model's forward returned a {type(out).__name__} in training mode, not one tensor of "
-                          "logits: build it without auxiliary outputs (torchvision: aux_logits=False)")
-    return out
 
 
 def _check(bad_step: torch.Tensor, lrs: dict[int, float], epoch: int, optimizer, info: ddp.DistInfo) -> None:
@@ -335,7 +203,8 @@ def _train_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, t0: 
 def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: torch.device, classes: Sequence[str], *,
              amp: AmpPolicy | None = None, channels_last: bool = False,
              info: ddp.DistInfo | None = None, normalize: Callable | None = None,
-             probs: list | None = None, correct: list | None = None, losses: list | None = None) -> dict:
+             probs: list | None = None, correct: list | None = None, losses: list | None = None,
+             micro: int = 0) -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)
     over ``batches`` (a validation loader, or the cached head's validation features).
 
@@ -346,6 +215,7 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     ``probs``: a list that receives each batch's softmax probabilities (CPU float tensors, loader order).
     ``correct``: a list that receives each batch's per-image hits (CPU bool tensors, this rank's images).
     ``losses``: a list that receives each batch's per-image cross-entropy (CPU float64, this rank's images).
+    ``micro``: the most images one forward pass takes (``--micro-batch``; 0: a batch in one pass).
     """
     info = info or ddp.DistInfo()
     model.eval()
@@ -361,8 +231,8 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
         if batch is None:
             continue
         x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
-        with (amp or _FULL).autocast():
-            out = model(x)
+        with (amp or FULL).autocast():
+            out = model(x) if not micro or x.shape[0] <= micro else torch.cat([model(p) for p in x.split(micro)])
         part, weight = loss_parts(loss_fn, out.float(), y)
         loss_sum += part.double()
         loss_weight += weight.double()
@@ -413,19 +283,19 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[in
     modes = [(m, m.training) for m in model.modules()]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     try:
-        with _as_before(model, device):
+        with as_before(model, device):
             model.train(only_train is None)
             if only_train is not None:
                 only_train.train()
             x = torch.zeros(train_shape, device=device).contiguous(memory_format=fmt)
             with torch.enable_grad():
-                out = _forward(model, x, amp)      # the epoch's forward: its ConfigErrors come here first
+                out = train_forward(model, x, amp)      # the epoch's forward: its ConfigErrors come here first
                 loss = loss_fn(out.float(), torch.zeros(train_shape[0], dtype=torch.int64, device=device))
                 if loss.requires_grad:
                     loss.backward()
             if eval_shape is not None:
                 model.eval()
-                with torch.no_grad(), (amp or _FULL).autocast():
+                with torch.no_grad(), (amp or FULL).autocast():
                     model(torch.zeros(eval_shape, device=device).contiguous(memory_format=fmt))
     finally:
         for p, g in zip(params, grads):

@@ -685,7 +685,7 @@ def test_every_rank_takes_the_class_weight_all_reduce_whatever_its_batch(monkeyp
     other rank's mixed (probability) targets skipped it: gloo aborted the job ('collective mismatch'). The
     all-reduce now depends on the loss alone; for probability targets the shared weight is the image count."""
     from finetune.core import distributed as ddp
-    from finetune.engine import steps
+    from finetune.engine import passes as steps
 
     calls = []
 
@@ -713,11 +713,11 @@ def test_a_batch_of_one_that_a_training_batchnorm_cannot_take_is_refused_at_set_
     change. A last partial batch of one image (18 training images at batch 17) never reaches BatchNorm: the
     training loader drops it (``drop_last_partial``), every step takes 17 and the run ends."""
     from finetune.core.errors import ConfigError
-    from finetune.engine import steps
+    from finetune.engine import passes
 
     assert len(report.train.items) == 18
-    seen, real = [], steps._forward
-    monkeypatch.setattr(steps, "_forward",
+    seen, real = [], passes.train_forward
+    monkeypatch.setattr(passes, "train_forward",
                         lambda model, x, amp, *masks: (seen.append(int(x.shape[0])), real(model, x, amp, *masks))[1])
     options = dict(epochs=1, freeze="none", bn="train", head_epochs=0, fast_head=False, augment="none")
     with pytest.raises(ConfigError, match=re.escape(

@@ -206,7 +206,7 @@ def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout
         ConfigError: the layer, and what to change (a larger --batch-size, --bn eval, --head linear).
     """
     per = ddp.per_rank_batch(int(config.batch_size), info)
-    if per > 1:
+    if per > 1 and int(config.micro_batch) != 1:
         return    # two images give every channel two values
     counts = train_set.class_counts()
     model = meta_network(entry, fc_dropout=fc_dropout)
@@ -216,7 +216,8 @@ def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout
         decision = prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
     check_batchnorm_batch(model, run_data_config(entry, config)["input_size"],
                           batchnorm_batch(config, decision.trainable_stages, per), head=entry.classifier,
-                          processes=info.world_size, synced=bool(config.sync_bn and info.enabled))
+                          processes=info.world_size, synced=bool(config.sync_bn and info.enabled),
+                          micro=int(config.micro_batch))
 
 
 def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, *, out: str | Path | None = None,

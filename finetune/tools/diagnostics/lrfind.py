@@ -222,7 +222,8 @@ def _range_test_epoch(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | 
     setup.seed_train_loader(epoch)      # probe what fit trains: its batches, mixed images, soft targets
     return train_one_epoch(setup.model, setup.train_loader, optimizer, None, setup.loss_fn, setup.device,
                            amp=setup.amp, scaler=scaler, epoch=epoch, channels_last=setup.channels_last,
-                           normalize=setup.train_normalize, mix=setup.mix, after_step=test, raise_diverged=False)
+                           normalize=setup.train_normalize, mix=setup.mix, after_step=test, raise_diverged=False,
+                           micro=int(setup.config.micro_batch))
 
 
 def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,

@@ -113,7 +113,7 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
             # one pass = one epoch of the batch kernel over the fixed batches; a NaN/inf loss ends the check
             source = fixed if labels is None else ((x, labels(y)) for x, y in fixed)
             out = train_one_epoch(work, source, optimizer, None, setup.loss_fn, device, amp=setup.amp,
-                                  scaler=scaler, raise_diverged=False)
+                                  scaler=scaler, raise_diverged=False, micro=int(cfg.micro_batch))
             steps += n_batches if optimizer is not None else 0
             passes += 1
             acc, loss_mean = out["acc"], out["loss"]

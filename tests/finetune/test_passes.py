@@ -1,0 +1,114 @@
+"""A step in several forward passes (``--micro-batch``, ``finetune.engine.passes.take_step``): the steps of one pass,
+in less memory."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune.core.checkpoint import load_weights
+from finetune.engine.runfolder import BEST
+from tests.conftest import make_image_folder
+from tests.finetune.test_distributed import TORCHRUN, _torchrun_fit, ddp_cfg
+from tests.finetune.test_train import DATA_CONFIG, cfg, data, run, tiny_model  # noqa: F401 (data: a fixture)
+
+
+def _same_run(a, b, dir_a, dir_b) -> None:
+    assert [r["phase"] for r in a.history] == [r["phase"] for r in b.history]
+    for x, y in zip(a.history, b.history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    wa, wb = load_weights(dir_a / BEST), load_weights(dir_b / BEST)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].double(), wb[k].double(), atol=1e-5), k
+
+
+@pytest.mark.parametrize("option", [{}, {"class_weights": "auto"}, {"mixup": 0.4}, {"ema": 0.9}])
+def test_a_step_in_passes_trains_as_the_step_in_one_pass(data, tmp_path, monkeypatch, option):
+    """27 training images at batch 9 in passes of 4 (4 + 4 + 1): the gradients of a step's passes add up to the
+    one-pass step's (the loss of each pass is its part of the batch's, class-weighted too), the dropout masks
+    and the mixup pairs are drawn for the whole batch, so the run's epochs and weights are the one-pass run's."""
+    from finetune.engine import passes
+
+    sizes: list[int] = []
+    forward = passes.train_forward
+    monkeypatch.setattr(passes, "train_forward", lambda model, x, *a: (sizes.append(int(x.shape[0])),
+                                                                        forward(model, x, *a))[1])
+    config = cfg(epochs=2, freeze="none", head_epochs=1, **option)
+    one = run(data, config, run_dir=tmp_path / "one", model=tiny_model(drop_rate=0.3))
+    assert set(sizes) == {9}
+    sizes.clear()
+    several = run(data, config.replace(micro_batch=4), run_dir=tmp_path / "passes", model=tiny_model(drop_rate=0.3))
+    assert sizes[:3] == [4, 4, 1] and set(sizes) == {4, 1}     # every step of both phases in passes
+    _same_run(several, one, tmp_path / "passes", tmp_path / "one")
+
+
+def test_evaluation_in_passes_gives_the_same_numbers(data, tmp_path):
+    """Validation's forward passes take at most --micro-batch images too (9 validation images in passes of 2)."""
+    from finetune.data import ImageDataset, build_transform
+    from finetune.engine.steps import evaluate
+
+    model = tiny_model().eval()
+    _, val = data
+    ds = ImageDataset(val, build_transform(dict(DATA_CONFIG), train=False))
+    batches = [(torch.stack([ds[i][0] for i in range(9)]), torch.tensor([ds[i][1] for i in range(9)]))]
+    loss = torch.nn.CrossEntropyLoss()
+    whole = evaluate(model, batches, loss, torch.device("cpu"), val.classes)
+    passes = evaluate(model, batches, loss, torch.device("cpu"), val.classes, micro=2)
+    assert passes["confusion"] == whole["confusion"]
+    assert passes["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+
+
+def test_a_pass_of_one_image_through_a_training_batchnorm_names_the_micro_batch():
+    """--bn train with --micro-batch 1 gives a BatchNorm whose maps are 1x1 one value per channel in each pass:
+    refused before any step, naming the option to change (not --batch-size, which is large enough)."""
+    from finetune.core.errors import ConfigError
+    from finetune.core.policy import batchnorm_batch
+    from finetune.core.recipe import check_batchnorm_batch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 32), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))          # 1x1 maps at 32 px
+    config = cfg(freeze="none", bn="train", batch_size=8)
+    assert batchnorm_batch(config, 1, 8) == 8
+    assert batchnorm_batch(config.replace(micro_batch=3), 1, 8) == 3
+    assert batchnorm_batch(config.replace(micro_batch=1), 1, 8) == 1
+    check_batchnorm_batch(model, (3, 32, 32), 3, head="3", micro=3)
+    with pytest.raises(ConfigError, match=r"\(1 gets one value per channel at 32x32 px under --bn train\): start "
+                                          r"again with --micro-batch 2 or more"):
+        check_batchnorm_batch(model, (3, 32, 32), 1, head="3", micro=1)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_two_processes_in_passes_train_as_one_process_in_one_pass(tmp_path):
+    """Under DDP the passes before a step's last one keep their gradients on the rank (``no_sync``) and the last
+    one all-reduces the sum: 2 processes of 4 images each in passes of 3 + 1, with dropout and the class weights
+    of an imbalanced set (each pass divides by the whole global batch's weight), train as one process taking each
+    batch of 8 in one pass."""
+    from finetune.data import ImageSet, scan_folder
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=10, val_per_class=3, layout="split"))
+    kept = [item for item in report.train.items if item[1] != 1 or item[0].endswith(("_000.png", "_001.png",
+                                                                                      "_002.png", "_003.png"))]
+    train = ImageSet(kept, report.train.classes)       # 10 + 4 + 10 images: the middle class is rare
+    config = ddp_cfg().replace(class_weights="auto")
+    _torchrun_fit(tmp_path, train, report.val, f"""
+        from finetune.core import distributed
+        from finetune.core.config import FinetuneConfig
+        from finetune.tools.train import fit
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
+        result = fit(tiny_model(drop_rate=0.3), STAGES, DATA_CONFIG, train, val,
+                     FinetuneConfig.from_dict({config.replace(micro_batch=3).to_dict()!r}), head="fc",
+                     run_dir={str(tmp_path / "ddp")!r})
+        if distributed.setup("cpu").is_main:
+            json.dump(result.history, open({str(tmp_path / "history.json")!r}, "w"))
+    """)
+    one = run((train, report.val), config, run_dir=tmp_path / "one", model=tiny_model(drop_rate=0.3))
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["phase"] for r in history] == ["head", "finetune"]
+    for x, y in zip(history, one.history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    wa, wb = load_weights(tmp_path / "ddp" / BEST), load_weights(tmp_path / "one" / BEST)
+    assert all(torch.allclose(wa[k].double(), wb[k].double(), atol=1e-5) for k in wb)
