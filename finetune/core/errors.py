@@ -1,8 +1,10 @@
 """Errors raised by the training engine. ``finetune`` never imports ``zoo``; the CLI maps these too."""
 from __future__ import annotations
 
+import sys
+
 __all__ = ["FinetuneError", "ConfigError", "FreezeTooDeepError", "DataError",
-           "DivergedError", "CheckpointError", "Interrupted"]
+           "DivergedError", "CheckpointError", "Interrupted", "OutOfMemory", "is_out_of_memory", "memory_text"]
 
 
 class FinetuneError(Exception):
@@ -43,3 +45,24 @@ class Interrupted(FinetuneError):
     """SIGINT/SIGTERM: the run saved a checkpoint and stopped; the message says how to resume."""
 
     exit_code = 130
+
+
+class OutOfMemory(FinetuneError):
+    """The device ran out of memory in a step (a batch, an image size or a model too big for it): the message says
+    what was tried, what is saved, and with what to start again or resume (a smaller ``--micro-batch``)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Python's ``MemoryError`` or torch's ``OutOfMemoryError`` (CUDA's caching allocator; torch need not be imported
+    to ask: nothing else raises it)."""
+    torch = sys.modules.get("torch")
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+
+
+def memory_text(err: BaseException) -> str:
+    """``err``'s first sentences: what torch tried to allocate and what the device holds (not its advice on the
+    allocator's settings), on one line."""
+    text = " ".join(str(err).split())
+    if "Tried to allocate" in text:       # "CUDA out of memory. Tried to allocate X. GPU 0 has ... of which Y is free."
+        text = ". ".join(text.split(". ")[:3]).rstrip(".")
+    return text or type(err).__name__

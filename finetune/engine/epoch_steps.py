@@ -88,6 +88,11 @@ class LoaderSteps:
         micro = int(s.config.micro_batch) or per_rank        # the passes' size (--micro-batch)
         return (min(per_rank, n, micro), *(int(v) for v in s.data_config["input_size"]))
 
+    @property
+    def pass_images(self) -> int:
+        """The most images one training forward pass of this rank takes (the batch, or ``--micro-batch``)."""
+        return self._shape(True)[0]
+
     def _warm_up(self, phase: str) -> None:
         """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""
         s = self.s

@@ -21,7 +21,8 @@ from finetune.core.checkpoint import (BEST, HEAD_BEST, LAST, BackgroundWrites, l
                                      save_weights)
 from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config, save_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
-from finetune.core.errors import CheckpointError, ConfigError, Interrupted
+from finetune.core.errors import (CheckpointError, ConfigError, FinetuneError, Interrupted, OutOfMemory,
+                                  memory_text)
 from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, shell_command,
                               write_json)
 from finetune.core.monitor import TensorBoardLogger, write_curves
@@ -279,6 +280,23 @@ class RunFolder:
         done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is in"
         return Interrupted(f"interrupted: {done} {self.path}; continue with `{self.resume_command()}`")
 
+    def stopped(self, epoch: int, why: BaseException, per_pass: int) -> FinetuneError:
+        """What ends the run in ``epoch`` when ``why`` stopped it: Ctrl-C or SIGTERM (:meth:`interrupted`), or the
+        device out of memory in a forward pass of ``per_pass`` images (:func:`out_of_memory`), with what is saved
+        and the resume command in passes of half as many images (``--micro-batch``: the same steps)."""
+        if isinstance(why, KeyboardInterrupt):
+            return self.interrupted(epoch)
+        smaller = per_pass // 2
+        retry = f"--micro-batch {smaller}" if smaller else "a smaller --img-size, or a smaller model"
+        if self.path is None or not self.writes:
+            saved = "nothing was saved" if self.path is None else f"rank 0 saves {self.path}"
+            return out_of_memory(why, per_pass, f"{saved}; start again with {retry}")
+        done = self.saved_epoch(epoch)
+        if done < 1 or not smaller:
+            return out_of_memory(why, per_pass, f"the run is in {self.path}; start again with {retry}")
+        return out_of_memory(why, per_pass, f"epochs up to {done} are saved in {self.path}; continue in passes of "
+                                            f"{smaller} images (the same steps) with `{self.resume_command()} {retry}`")
+
     def saved_epoch(self, fallback: int) -> int:
         """The epoch recorded in last.pt (what a resume continues after)."""
         try:
@@ -289,3 +307,9 @@ class RunFolder:
             return int(load_checkpoint(self.path / LAST, mmap=True)["epoch"])    # (its tensors neither read nor hashed)
         except Exception:  # an unreadable checkpoint: say the epoch before the interrupted one
             return max(0, fallback - 1)
+
+
+def out_of_memory(err: BaseException, per_pass: int, then: str) -> OutOfMemory:
+    """One line for ``err`` (torch's ``OutOfMemoryError``, Python's ``MemoryError``): what was tried and what the
+    device holds (``memory_text``), the forward pass's images and ``then``: what is saved and what to do."""
+    return OutOfMemory(f"out of memory in a forward pass of {per_pass} image(s) ({memory_text(err)}): {then}")

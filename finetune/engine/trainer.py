@@ -357,8 +357,8 @@ class Trainer:
                     self.pi += 1
                     self.phase_start = None
                 self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
-        except KeyboardInterrupt:
-            raise self.folder.interrupted(self.epoch) from None
+        except (KeyboardInterrupt, MemoryError, torch.OutOfMemoryError) as e:     # what is saved, how to go on
+            raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None
         except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk
             self.folder.close()
             self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)

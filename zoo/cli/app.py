@@ -12,7 +12,7 @@ import time
 
 import click
 
-from finetune.core.errors import FinetuneError
+from finetune.core.errors import FinetuneError, is_out_of_memory, memory_text
 from finetune.core.io import no_room, printable
 from finetune.core.signals import sigterm_as_interrupt
 from zoo import __version__, process
@@ -91,6 +91,11 @@ class ZooGroup(click.Group):
                 if main or not shared:
                     console.echo("zoo: interrupted", err=True)
             ctx.exit(130)
+        except (MemoryError, RuntimeError) as err:     # a batch too big for the device (not zoo finetune's steps:
+            if debug or not is_out_of_memory(err):     # its runs say what is saved, finetune.engine.runfolder)
+                raise
+            fail(f"out of memory ({memory_text(err)}): start again with a smaller --batch-size (zoo finetune: "
+                 "--micro-batch, the same steps in passes of fewer images) or a smaller --img-size", 1)
         except OSError as err:
             if console.is_broken_pipe(err) and err.filename is None:
                 # a write to stdout/stderr outside console.echo (a library's own print) met a closed pipe

@@ -1,0 +1,102 @@
+"""A device out of memory: one line saying what was tried, what is saved and what to do, never torch's traceback;
+a run stopped so resumes in smaller passes (``--micro-batch``) and ends as the run that had the memory."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import make_image_folder, register_tiny
+from tests.zoo.test_cli_export_predict_eval import bundle, runner  # noqa: F401 (fixtures)
+from zoo.cli import cli
+
+# torch's own text (torch 2.x, CUDA's caching allocator), advice on the allocator included
+TORCH_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+             "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the "
+             "allocated memory 77.01 GiB is allocated by PyTorch, and 512.00 MiB is reserved by PyTorch but "
+             "unallocated. If reserved but unallocated memory is large try setting "
+             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+SAID = ("out of memory in a forward pass of 8 image(s) (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+        "total capacity of 79.19 GiB of which 1.06 GiB is free)")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _rows(run) -> list[dict]:
+    return list(csv.DictReader(open(run / "metrics.csv")))
+
+
+def test_out_of_memory_in_epoch_2_saves_epoch_1_and_resumes_in_smaller_passes_as_the_run_with_memory(
+        tmp_path, monkeypatch):
+    """The first step of epoch 2 runs out of GPU memory (torch's OutOfMemoryError in the forward pass): exit 1 and
+    one line, torch's first sentences, what is saved, and the resume command in passes of half the images, which
+    continues the run: its epochs are those of the run that had the memory (before: torch's traceback, and
+    `--resume` could only run out of memory again, --batch-size being fixed by the run)."""
+    from finetune.engine import passes
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    options = ["--freeze", "head", "--no-fast-head", "--epochs", "3", "--workers", "0", "--batch-size", "8",
+               "--no-export", "--quiet", "--seed", "3"]
+    real, calls = passes.train_forward, []
+
+    def counted(model, x, *args):
+        calls.append(int(x.shape[0]))
+        return real(model, x, *args)
+
+    def out_of_memory_in_epoch_2(model, x, *args):
+        if len(calls) == steps_per_epoch:
+            raise torch.OutOfMemoryError(TORCH_OOM)
+        return counted(model, x, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", counted)
+        assert invoke("finetune", tiny, "--data", data, "--out", tmp_path / "whole", *options).exit_code == 0
+    steps_per_epoch, sizes = len(calls) // 3, set(calls)
+    assert sizes == {8, 7}                  # 15 training images at batch 8, 2 steps an epoch
+
+    run = tmp_path / "run"
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", out_of_memory_in_epoch_2)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *options)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "PYTORCH_CUDA_ALLOC_CONF" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error")]
+    assert lines == [f"zoo: error: {SAID}: epochs up to 1 are saved in {run}; continue in passes of 4 images (the "
+                     f"same steps) with `zoo finetune --resume {run} --micro-batch 4`"]
+    assert [r["epoch"] for r in _rows(run)] == ["1"]
+
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", counted)
+        resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet",
+                         "--no-export")
+    assert resumed.exit_code == 0, resumed.output
+    assert set(calls) == {4, 3}            # every pass of the resumed epochs at most 4 images (8 = 4 + 4, 7 = 4 + 3)
+    for a, b in zip(_rows(run), _rows(tmp_path / "whole"), strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
+
+
+def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_path, bundle, monkeypatch):  # noqa: F811
+    """`zoo predict` (eval, serve, doctor...) out of GPU memory: one line with torch's first sentences and what to
+    change, not a traceback."""
+    import zoo.predict
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    monkeypatch.setattr(zoo.predict, "predict_probs", no_memory)
+    image = make_image_folder(tmp_path / "img", per_class=1) / "cat"
+    result = invoke("predict", bundle, image)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == (
+        "zoo: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune: --micro-batch, "
+        "the same steps in passes of fewer images) or a smaller --img-size")
