@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -718,8 +720,9 @@ def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(t
     bundle = f"its bundle with `zoo export {out}` and " if where == "_export" else ""
     assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted after training: {out} holds the finished "
                                                    f"run; write {bundle}its page with `zoo report {out}`")
-    again = invoke("finetune", "--resume", out)
-    assert again.exit_code == 0 and "finished after epoch 1" in again.stderr
+    again = invoke("finetune", "--resume", out)      # (helper-102: the resume writes them itself)
+    assert again.exit_code == 0 and "not its end: this resume trains nothing, and writes its" in again.stderr
+    assert (out / "report.html").is_file() and (out / "export" / "model.safetensors").is_file()
 
 
 def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, tiny, no_model_build):
@@ -809,17 +812,45 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert files() == before
 
 
-def test_resuming_a_run_killed_while_writing_its_page_says_how_to_write_it(tmp_path, tiny):
-    """A kill (not Ctrl-C, which says so) while the run wrote report.html, after its bundle: the resume said
-    the run had finished and named `zoo export` alone, the page missing unsaid (fuzz of helper-98)."""
+@pytest.mark.parametrize("cut", ["page", "bundle", "earlier-bundle", "staging", "page-drawn-before-the-end"])
+def test_resuming_a_run_cut_off_in_its_end_writes_the_bundle_and_page_it_lacks(tmp_path, tiny, cut):
+    """A kill (not Ctrl-C, which says so) while the run wrote its bundle or report.html, after summary.json: the
+    resume said the run had finished and named `zoo export` / `zoo report` (fuzz of helper-98). It writes them now
+    (helper-102): the bundle unless RUN/export holds the run's final export whole (byte-identical to the one the
+    run wrote: absent, an earlier `zoo export` of a best epoch so far, a staging copy of a killed export), then the
+    page when it is missing or older than summary.json (drawn by `zoo report` before the run ended)."""
+    from zoo.bundle.export import export_run
+
     data = make_image_folder(tmp_path / "data", per_class=6)
     out = tmp_path / "run"
     assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
-    (out / "report.html").unlink()             # what a kill -9 in zoo.jobs.report leaves (written last, atomically)
+    bundle = {p.name: p.read_bytes() for p in (out / "export").iterdir() if p.is_file()}
+    page = out / "report.html"
+    if cut == "page-drawn-before-the-end":
+        os.utime(page, ns=(page.stat().st_atime_ns, (out / "summary.json").stat().st_mtime_ns - 10**9))
+    else:
+        page.unlink()          # what a kill -9 in the export or the page leaves (the page is written last)
+    if cut == "bundle":
+        shutil.rmtree(out / "export")
+    elif cut == "earlier-bundle":    # a `zoo export RUN` while the run trained: no summary then
+        (out / "summary.json").rename(out / "summary.keep")
+        export_run(out, out / "export")
+        (out / "summary.keep").rename(out / "summary.json")
+    elif cut == "staging":
+        (out / "export" / ".zoo-staging").mkdir()
+    weights = out / "export" / "model.safetensors"
+    kept = weights.stat().st_ino if weights.exists() else None      # (a re-export replaces the file)
     res = invoke("finetune", "--resume", out)
     assert res.exit_code == 0, res.output
-    assert f"it has no report.html yet (`zoo report {out}` writes it)" in res.stderr
-    assert not (out / "report.html").exists()
+    lacks = "report.html" if cut.startswith("page") else "bundle and report.html"
+    assert (f"note: this run had finished (after epoch 1), not its end: this resume trains nothing, and writes its "
+            f"{lacks}") in res.stderr
+    assert page.is_file() and page.stat().st_mtime_ns >= (out / "summary.json").stat().st_mtime_ns
+    assert {p.name: p.read_bytes() for p in (out / "export").iterdir()} == bundle      # (no staging copy left)
+    assert (weights.stat().st_ino == kept) == cut.startswith("page")
+    assert ("bundle: " in res.stdout) == (not cut.startswith("page"))
+    again = invoke("finetune", "--resume", out)      # the end written: the run is finished
+    assert f"{out} finished after epoch 1: resuming it trains nothing" in again.stderr
 
 
 def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox"), extra=()):
