@@ -761,6 +761,44 @@ def test_resume_of_a_run_that_stopped_before_its_config_says_start_it_over(tmp_p
     assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
 
 
+@pytest.mark.parametrize("where", ["scan_on_main", "build_for_training", "fit"])
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_trained_and_what_to_run(tmp_path, tiny, monkeypatch,
+                                                                                    where):
+    """Ctrl-C (or SIGTERM) during the scan or the model build said `zoo: interrupted` alone (fuzz of helper-98,
+    left), as did one during fit's set-up. Now the line says what was lost and what to run: the same command
+    (the folder this command claimed is gone again), or with --overwrite where the set-up left the scan; the
+    same moment of a resume says the run is as it was and how to continue it."""
+    import zoo.jobs.finetune as job
+    import zoo.jobs.resume as resume
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, where, ctrl_c)
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    if where == "fit":      # (after scan.json and model.json: the next command with --out calls it a run)
+        want = (f"interrupted before training: nothing was trained, {out} holds its scan and no checkpoint; start "
+                "it again with the same command and --overwrite")
+        assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+    else:
+        want = "interrupted before training: nothing was trained or saved; run the same command again to start it"
+        assert not out.exists()
+        assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
+    assert res.stderr.strip().splitlines()[-1] == f"zoo: error: {want}"
+    (out / "summary.json").unlink()       # a run stopped before its end: the resume scans, builds and fits again
+    with monkeypatch.context() as m:
+        m.setattr(resume, where, ctrl_c)
+        res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted before training went on: {out} keeps "
+                                                   f"its epochs as they were; continue with `zoo finetune --resume "
+                                                   f"{out}`")
+
+
 @pytest.mark.parametrize("left", ["scan_json", "marker_and_log"])
 def test_resume_of_a_run_stopped_before_its_model_json_says_start_it_over(tmp_path, tiny, monkeypatch, left):
     """Chaos QA: a run killed after its scan.json but before model.json was called a run by --out ("continue it

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import load_checkpoint
 from finetune.core.config import FinetuneConfig, load_resume_config
-from finetune.core.errors import CheckpointError
+from finetune.core.errors import CheckpointError, Interrupted
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
@@ -156,6 +156,9 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
         ddp.leave(info)      # as in run_finetune (done by _finish after training)
         return outcome
+    except KeyboardInterrupt:     # before fit's handler (the scan, the model build): the run is as it was
+        raise Interrupted(f"interrupted before training went on: {run_dir} keeps its epochs as they were; continue "
+                          f"with `{shell_command('zoo', 'finetune', '--resume', run_dir)}`") from None
     except RuntimeError as e:     # as in run_finetune
         ddp.raise_if_peer_lost(e, info, run_dir)
         raise
