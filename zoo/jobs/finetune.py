@@ -268,7 +268,7 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
                                  excluded)
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
         return outcome
-    except KeyboardInterrupt:     # before fit's first checkpoint (the scan, the model build): fit and _finish say theirs
+    except KeyboardInterrupt:     # before the first checkpoint (the scan, the model build): fit, _finish say theirs
         raise _interrupted_before_training(claimed) from None
     except RuntimeError as e:     # another rank's end met in a collective: one line, not the backend's traceback
         ddp.raise_if_peer_lost(e, info, claimed)
