@@ -655,6 +655,34 @@ def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     assert not temp.exists()
 
 
+@pytest.mark.parametrize("mode", ["resume", "overwrite"])
+def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overwrite(tmp_path, mode):
+    """A kill -9 inside report.html's own write (atomic_write: a temp, then a rename) left its
+    `.report.html.<random>.tmp` for good: the resume's claim left report.html's temp files alone, as `zoo report`
+    writes without the lock (fuzz of helper-98, left), and `--overwrite` removed none at the top of the run folder
+    (an earlier run's `.summary.json.<random>.tmp` too). Both remove them now, a page's once older than
+    UNLOCKED_TEMP_S (a younger one may be a `zoo report` writing now: kept)."""
+    import json
+    import os
+    import time
+
+    from zoo.outdir import MARKER, UNLOCKED_TEMP_S, claim_out
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
+    (run / "metrics.csv").write_text("epoch\n")
+    killed, writing, cut = run / ".report.html.ab12cd34.tmp", run / ".report.html.zz11yy22.tmp", \
+        run / ".summary.json.k3j_9xz1.tmp"
+    for temp in (killed, writing, cut):
+        temp.write_text("x")
+    then = time.time() - UNLOCKED_TEMP_S - 3600
+    os.utime(killed, (then, then))
+    with claim_out(run, "finetune", resume=mode == "resume", overwrite=mode == "overwrite") as got:
+        assert got == mode
+    assert not killed.exists() and not cut.exists() and writing.exists()
+
+
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
 def test_a_data_folder_that_is_a_looping_or_dangling_link_is_named_as_one(tiny, tmp_path, monkeypatch, kind):
     """QA (helper-72, left): `--data loop` (`ln -s loop loop`) read `does not exist or is not a folder` (zoo

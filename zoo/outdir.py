@@ -43,6 +43,9 @@ MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
+# A temp file of report.html older than this is a write cut short: `zoo report` (no lock) writes the page, drawn
+# before, in one write and a rename (milliseconds; seconds on a slow network disk).
+UNLOCKED_TEMP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,16 @@ def sweep_trial(path: str | os.PathLike) -> str | None:
 def _remove_temps(path: Path) -> None:
     """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) under ``path``
     (a sweep's trials/<id>/checkpoints too): the folder is locked, so no writer of this command runs. Left alone:
-    a bundle folder (`zoo export` writes there without the lock) and report.html's (`zoo report` too)."""
+    a bundle folder (`zoo export` writes there without the lock), and report.html's while younger than
+    ``UNLOCKED_TEMP_S`` (`zoo report` writes it without the lock too, maybe now)."""
     for folder, dirs, names in os.walk(path):
         dirs[:] = [d for d in dirs if d not in ("export", STAGING)]
         for name in names:
-            if is_temp(name) and not is_temp_of(name, "report.html"):
+            if is_temp(name):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
+                    temp = os.path.join(folder, name)
+                    if not is_temp_of(name, "report.html") or time.time() - os.stat(temp).st_mtime > UNLOCKED_TEMP_S:
+                        os.unlink(temp)
 
 
 def _resume_hint(kind: Kind, path: Path) -> str:
@@ -395,6 +401,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
         if mode == "overwrite" and not KINDS[kind].staged:
             _remove_outputs(path, KINDS[kind])
+            _remove_temps(path)      # (the earlier command's, beside the files removed)
         elif mode == "new":     # left by an attempt that wrote nothing else: its log, a marker it was killed writing
             stale = [n for n in os.listdir(path) if is_temp_of(n, MARKER)]
             stale += [_LOG] if (path / MARKER).is_file() else []
