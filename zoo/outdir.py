@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from finetune.core.io import (OUTPUT_MARKER, broken_link, is_temp, is_temp_of, read_json_object, shell_command,
-                              write_json)
+                              temp_writer, write_json)
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
-from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
+from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, pid_alive, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
            "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder",
@@ -43,8 +43,8 @@ MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
-# A temp file of report.html older than this is a write cut short: `zoo report` (no lock) writes the page, drawn
-# before, in one write and a rename (milliseconds; seconds on a slow network disk).
+# A temp file of report.html older than this is a write cut short, whoever wrote it (another host, whose pid this
+# one cannot look up): `zoo report` (no lock) writes the page, drawn before, in one write and a rename.
 UNLOCKED_TEMP_S = 60.0
 
 
@@ -152,16 +152,22 @@ def sweep_trial(path: str | os.PathLike) -> str | None:
 def _remove_temps(path: Path) -> None:
     """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) under ``path``
     (a sweep's trials/<id>/checkpoints too): the folder is locked, so no writer of this command runs. Left alone:
-    a bundle folder (`zoo export` writes there without the lock), and report.html's while younger than
-    ``UNLOCKED_TEMP_S`` (`zoo report` writes it without the lock too, maybe now)."""
+    a bundle folder (`zoo export` writes there without the lock), and report.html's while a live process
+    (`zoo report`, which writes without the lock too) may be writing it (``_cut_short``)."""
     for folder, dirs, names in os.walk(path):
         dirs[:] = [d for d in dirs if d not in ("export", STAGING)]
         for name in names:
             if is_temp(name):
                 with contextlib.suppress(OSError):
-                    temp = os.path.join(folder, name)
-                    if not is_temp_of(name, "report.html") or time.time() - os.stat(temp).st_mtime > UNLOCKED_TEMP_S:
-                        os.unlink(temp)
+                    if not is_temp_of(name, "report.html") or _cut_short(os.path.join(folder, name)):
+                        os.unlink(os.path.join(folder, name))
+
+
+def _cut_short(temp: str) -> bool:
+    """Whether ``temp``, a temp file of report.html (written without the lock, by `zoo report` too), is a write cut
+    short: its writer (the pid in its name) no longer runs on this host, or it is older than ``UNLOCKED_TEMP_S``."""
+    writer = temp_writer(os.path.basename(temp), "report.html")
+    return (writer is not None and not pid_alive(writer)) or time.time() - os.stat(temp).st_mtime > UNLOCKED_TEMP_S
 
 
 def _resume_hint(kind: Kind, path: Path) -> str:
