@@ -184,6 +184,7 @@ def test_resuming_a_finished_run_with_more_epochs_says_it_is_not_extended(data, 
     assert len(again.history) == 2
     (note,) = [ln for ln in lines if ln.startswith("note: this run had finished")]
     assert "after epoch 2" in note and "--epochs 5 does not extend a finished run" in note
+    assert json.loads((out / "summary.json").read_text())["max_epochs"] == 2     # (was 5: helper-102)
     lines.clear()
     run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
     assert not [ln for ln in lines if ln.startswith("note: this run had finished")]
