@@ -140,17 +140,18 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     try:
         with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
             # (under the claim: the lock and temp files of a run killed while it wrote its bundle or page go)
-            done = _finished(run_dir)
-            if done is not None:   # nothing to train: its record stays as written (no summary from other data)
-                end = ddp.broadcast_object(_unwritten_end(run_dir, export) if info.is_main else None, info)
-                if not end:
-                    say(_finished_line(run_dir, done))
-                    return RunOutcome(run_dir=run_dir)
+            done = _finished(run_dir)     # nothing to train: its record stays as written (no summary from other data)
+            end = None if done is None else \
+                ddp.broadcast_object(_unwritten_end(run_dir, export) if info.is_main else None, info)
+            if done is not None and not end:
+                say(_finished_line(run_dir, done))
+                return RunOutcome(run_dir=run_dir)
+            if info.is_main and on_run_dir is not None:
+                on_run_dir(run_dir)
+            if done is not None:
                 say(f"note: this run had finished (after epoch {done}), not its end: this resume trains nothing, "
                     f"and writes its {' and '.join(end)}")
                 return _finish(RunOutcome(run_dir=run_dir), None, config, "bundle" in end, info, say)
-            if info.is_main and on_run_dir is not None:
-                on_run_dir(run_dir)
             if idle := idle_gpus_note(resolve_device(config.device, info), info, config.device):
                 say(idle)     # as a new run says it: one GPU of several, torchrun resumes on them all
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
