@@ -37,7 +37,7 @@ from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, pid_alive, s
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
            "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder",
-           "refuse_unexpanded_home"]
+           "refuse_unexpanded_home", "UNLOCKED_TEMP_S"]
 
 MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
