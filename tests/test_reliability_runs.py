@@ -655,6 +655,45 @@ def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     assert not temp.exists()
 
 
+@pytest.mark.parametrize("mode", ["resume", "overwrite"])
+def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overwrite(tmp_path, mode):
+    """A kill -9 inside report.html's own write (atomic_write: a temp, then a rename) left its
+    `.report.html.<random>.tmp` for good: the resume's claim left report.html's temp files alone, as `zoo report`
+    writes without the lock (fuzz of helper-98, left), and `--overwrite` removed none at the top of the run folder
+    (an earlier run's `.summary.json.<random>.tmp` too). Both remove them now: a page's whose writer (the pid in
+    its name) is gone, or older than UNLOCKED_TEMP_S; one a live process may be writing now stays."""
+    import time
+
+    from zoo.outdir import MARKER, UNLOCKED_TEMP_S, claim_out
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
+    (run / "metrics.csv").write_text("epoch\n")
+    killed, old = run / f".report.html.{dead.pid}.ab12cd34.tmp", run / ".report.html.zz11yy22.tmp"
+    writing, cut = run / f".report.html.{os.getpid()}.q8w7e6r5.tmp", run / ".summary.json.k3j_9xz1.tmp"
+    for temp in (killed, old, writing, cut):
+        temp.write_text("x")
+    then = time.time() - UNLOCKED_TEMP_S - 3600      # (an earlier version's name, without the pid)
+    os.utime(old, (then, then))
+    with claim_out(run, "finetune", resume=mode == "resume", overwrite=mode == "overwrite") as got:
+        assert got == mode
+    assert not killed.exists() and not old.exists() and not cut.exists() and writing.exists()
+
+
+def test_atomic_write_names_its_temp_file_with_its_pid(tmp_path):
+    """(what the rule above reads) The temp file of a write cut short names the process that wrote it."""
+    from finetune.core.io import atomic_write, is_temp, temp_writer
+
+    seen = []
+    atomic_write(tmp_path / "report.html", lambda tmp: seen.append(os.path.basename(tmp)))
+    assert is_temp(seen[0]) and temp_writer(seen[0], "report.html") == os.getpid()
+    assert temp_writer(".report.html.zz11yy22.tmp", "report.html") is None
+    assert temp_writer(f".summary.json.{os.getpid()}.zz11yy22.tmp", "report.html") is None
+
+
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
 def test_a_data_folder_that_is_a_looping_or_dangling_link_is_named_as_one(tiny, tmp_path, monkeypatch, kind):
     """QA (helper-72, left): `--data loop` (`ln -s loop loop`) read `does not exist or is not a folder` (zoo

@@ -30,19 +30,22 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from finetune.core.io import (OUTPUT_MARKER, broken_link, is_temp, is_temp_of, read_json_object, shell_command,
-                              write_json)
+                              temp_writer, write_json)
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
-from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
+from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, pid_alive, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
            "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder",
-           "refuse_unexpanded_home"]
+           "refuse_unexpanded_home", "UNLOCKED_TEMP_S"]
 
 MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
+# A temp file of report.html older than this is a write cut short, whoever wrote it (another host, whose pid this
+# one cannot look up): `zoo report` (no lock) writes the page, drawn before, in one write and a rename.
+UNLOCKED_TEMP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,22 @@ def sweep_trial(path: str | os.PathLike) -> str | None:
 def _remove_temps(path: Path) -> None:
     """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) under ``path``
     (a sweep's trials/<id>/checkpoints too): the folder is locked, so no writer of this command runs. Left alone:
-    a bundle folder (`zoo export` writes there without the lock) and report.html's (`zoo report` too)."""
+    a bundle folder (`zoo export` writes there without the lock), and report.html's while a live process
+    (`zoo report`, which writes without the lock too) may be writing it (``_cut_short``)."""
     for folder, dirs, names in os.walk(path):
         dirs[:] = [d for d in dirs if d not in ("export", STAGING)]
         for name in names:
-            if is_temp(name) and not is_temp_of(name, "report.html"):
+            if is_temp(name):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
+                    if not is_temp_of(name, "report.html") or _cut_short(os.path.join(folder, name)):
+                        os.unlink(os.path.join(folder, name))
+
+
+def _cut_short(temp: str) -> bool:
+    """Whether ``temp``, a temp file of report.html (written without the lock, by `zoo report` too), is a write cut
+    short: its writer (the pid in its name) no longer runs on this host, or it is older than ``UNLOCKED_TEMP_S``."""
+    writer = temp_writer(os.path.basename(temp), "report.html")
+    return (writer is not None and not pid_alive(writer)) or time.time() - os.stat(temp).st_mtime > UNLOCKED_TEMP_S
 
 
 def _resume_hint(kind: Kind, path: Path) -> str:
@@ -395,6 +407,7 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
         if mode == "overwrite" and not KINDS[kind].staged:
             _remove_outputs(path, KINDS[kind])
+            _remove_temps(path)      # (the earlier command's, beside the files removed)
         elif mode == "new":     # left by an attempt that wrote nothing else: its log, a marker it was killed writing
             stale = [n for n in os.listdir(path) if is_temp_of(n, MARKER)]
             stale += [_LOG] if (path / MARKER).is_file() else []

@@ -16,7 +16,7 @@ from typing import Callable
 from finetune.core.io import printable_name
 from zoo.errors import ZooError
 
-__all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "still_training"]
+__all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "pid_alive", "still_training"]
 
 LOCK = ".zoo.lock"
 # A lock file younger than this whose content cannot be read yet is being written by its creator.
@@ -48,7 +48,8 @@ def _command_line() -> str:
     return printable_name(" ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (on Windows: assumed)."""
     if os.name == "nt":      # os.kill(pid, 0) would terminate the process there: assume it is alive
         return True
     try:
@@ -146,7 +147,7 @@ class RunLock:
             raise RunLockedError(
                 f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}); "
                 f"wait for it to finish, or delete {self.path} if that process is gone")
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             raise RunLockedError(
                 f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}, "
                 f"since {holder.get('started', '?')}); wait for it to finish or choose another folder")

@@ -24,7 +24,8 @@ import yaml
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
            "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
-           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "read_json_object",
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "temp_writer",
+           "read_json_object",
            "sha256_file", "yaml_problem", "human_size"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
@@ -118,6 +119,14 @@ def is_temp(entry: str) -> bool:
     return re.fullmatch(r"\..+\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX), entry) is not None
 
 
+def temp_writer(entry: str, name: str) -> int | None:
+    """The pid of the process whose :func:`atomic_write` of ``name`` made the temp file ``entry`` (in its name);
+    None for another entry, or a temp made before the pid was put in the name."""
+    found = re.fullmatch(r"(\d+)\.[a-z0-9_]{8}", entry[len(name) + 2:-len(_TEMP_SUFFIX)]) \
+        if is_temp_of(entry, name) else None
+    return int(found.group(1)) if found else None
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename the temp file onto ``path``. Removes the temp on failure.
 
@@ -127,7 +136,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+    # (the writer's pid in the name: where no lock keeps other writers out, a temp whose writer is gone is known
+    # as a write cut short, `temp_writer`)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

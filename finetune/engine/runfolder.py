@@ -147,6 +147,20 @@ class RunFolder:
         return (f"cannot resume with changed option(s) {shown}: drop them (the run's config.yaml is used) or "
                 "start a new run")
 
+    def finished_note(self, epoch: int, stopped_early: bool, asked: int, trained: int) -> str | None:
+        """What a resume of a run that had finished after ``epoch`` says: without summary.json (stopped after its
+        last checkpoint) it writes the end of the training; ``--epochs`` (``asked``, not the ``trained`` it ran
+        with) changes nothing, its LR schedule having ended, and summary.json's max_epochs stays ``trained``."""
+        epochs = (f"--epochs {asked} does not {'extend' if asked > trained else 'change'} a finished run (its LR "
+                  f"schedule ended; max_epochs stays {trained}): start a new run to train longer")
+        if not (self.path / "summary.json").is_file():    # (no path: fit refuses resume without a run_dir)
+            return (f"note: the training of this run had finished (after epoch {epoch}), not its end: this resume "
+                    "trains nothing, and writes summary.json" + (f"; {epochs}" if asked != trained else ""))
+        if asked == trained:
+            return None
+        return (f"note: this run had finished (after epoch {epoch}{', stopped early' if stopped_early else ''}): "
+                f"resuming it trains nothing more, {epochs}")
+
     def refuse_existing_run(self) -> None:
         if self.writes and (self.path / LAST).exists():
             raise ConfigError(f"{self.path} already holds a run: continue it with resume=True (from the command "

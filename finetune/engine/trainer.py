@@ -327,14 +327,11 @@ class Trainer:
         s = self.s
         if self.resume:
             self._restore()
-            if self.pi >= len(self.phases) and not (self.folder.path / "summary.json").is_file():
-                self.say(f"note: the training of this run had finished (after epoch {self.epoch}), not its end: "
-                         "this resume trains nothing, and writes summary.json")     # (stopped after last.pt)
-            elif self.pi >= len(self.phases) and self.epoch < int(s.config.epochs):
-                self.say(f"note: this run had finished (after epoch {self.epoch}"
-                         f"{', stopped early' if self.stopped_early else ''}): resuming it trains nothing more, "
-                         f"--epochs {s.config.epochs} does not extend a finished run (its LR schedule ended); "
-                         "start a new run to train longer")
+            if self.pi >= len(self.phases):     # finished: nothing trains, its summary keeps the epochs it ran with
+                trained = int(self.ckpt["config"].get("epochs", s.config.epochs))
+                if note := self.folder.finished_note(self.epoch, self.stopped_early, int(s.config.epochs), trained):
+                    self.say(note)
+                s.config = s.config.replace(epochs=trained)
         else:
             self.folder.refuse_existing_run()
         if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:

@@ -184,9 +184,38 @@ def test_resuming_a_finished_run_with_more_epochs_says_it_is_not_extended(data, 
     assert len(again.history) == 2
     (note,) = [ln for ln in lines if ln.startswith("note: this run had finished")]
     assert "after epoch 2" in note and "--epochs 5 does not extend a finished run" in note
+    assert json.loads((out / "summary.json").read_text())["max_epochs"] == 2     # (was 5: helper-102)
     lines.clear()
     run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
     assert not [ln for ln in lines if ln.startswith("note: this run had finished")]
+
+
+@pytest.mark.parametrize("asked", [5, 1])
+def test_a_finished_run_resumed_for_its_summary_with_other_epochs_says_so_and_keeps_its_own(data, tmp_path,
+                                                                                           monkeypatch, asked):
+    """A run stopped after its last checkpoint, before summary.json (the resume writes it, training nothing),
+    resumed with `--epochs 5`: summary.json recorded `max_epochs: 5` without a word (fuzz of helper-98, left).
+    Now one note says it (the LR schedule ended) and summary.json keeps the run's own max_epochs, as an
+    uninterrupted run writes it; `--epochs 1` too (fewer than trained: refused only for an unfinished run)."""
+    import finetune.engine.runfolder as runfolder
+
+    out, real = tmp_path / "run", runfolder.RunFolder.summary
+
+    def ctrl_c(self, summary):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runfolder.RunFolder, "summary", ctrl_c)
+    with pytest.raises(Interrupted):
+        run(data, cfg(epochs=2, freeze="none", head_epochs=0), run_dir=out)
+    monkeypatch.setattr(runfolder.RunFolder, "summary", real)
+    lines: list[str] = []
+    again = run(data, cfg(epochs=asked, freeze="none", head_epochs=0), run_dir=out, resume=True, log=lines.append)
+    assert len(again.history) == 2
+    (note,) = [ln for ln in lines if ln.startswith("note: the training of this run had finished")]
+    assert note.endswith(f"and writes summary.json; --epochs {asked} does not "
+                         f"{'extend' if asked > 2 else 'change'} a finished run (its LR schedule ended; max_epochs "
+                         "stays 2): start a new run to train longer")
+    assert json.loads((out / "summary.json").read_text())["max_epochs"] == 2
 
 
 def test_resuming_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(data, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -718,8 +720,9 @@ def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(t
     bundle = f"its bundle with `zoo export {out}` and " if where == "_export" else ""
     assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted after training: {out} holds the finished "
                                                    f"run; write {bundle}its page with `zoo report {out}`")
-    again = invoke("finetune", "--resume", out)
-    assert again.exit_code == 0 and "finished after epoch 1" in again.stderr
+    again = invoke("finetune", "--resume", out)      # (helper-102: the resume writes them itself)
+    assert again.exit_code == 0 and "not its end: this resume trains nothing, and writes its" in again.stderr
+    assert (out / "report.html").is_file() and (out / "export" / "model.safetensors").is_file()
 
 
 def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, tiny, no_model_build):
@@ -756,6 +759,44 @@ def test_resume_of_a_run_that_stopped_before_its_config_says_start_it_over(tmp_p
     assert f"{out} stopped before its training was set up (no config.yaml): there is nothing to resume; start it " \
            f"over with `zoo finetune MODEL --data DIR --out {out} --overwrite`" in res.stderr
     assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+
+
+@pytest.mark.parametrize("where", ["scan_on_main", "build_for_training", "fit"])
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_trained_and_what_to_run(tmp_path, tiny, monkeypatch,
+                                                                                    where):
+    """Ctrl-C (or SIGTERM) during the scan or the model build said `zoo: interrupted` alone (fuzz of helper-98,
+    left), as did one during fit's set-up. Now the line says what was lost and what to run: the same command
+    (the folder this command claimed is gone again), or with --overwrite where the set-up left the scan; the
+    same moment of a resume says the run is as it was and how to continue it."""
+    import zoo.jobs.finetune as job
+    import zoo.jobs.resume as resume
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, where, ctrl_c)
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    if where == "fit":      # (after scan.json and model.json: the next command with --out calls it a run)
+        want = (f"interrupted before training: nothing was trained, {out} holds its scan and no checkpoint; start "
+                "it again with the same command and --overwrite")
+        assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+    else:
+        want = "interrupted before training: nothing was trained or saved; run the same command again to start it"
+        assert not out.exists()
+        assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
+    assert res.stderr.strip().splitlines()[-1] == f"zoo: error: {want}"
+    (out / "summary.json").unlink()       # a run stopped before its end: the resume scans, builds and fits again
+    with monkeypatch.context() as m:
+        m.setattr(resume, where, ctrl_c)
+        res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted before training went on: {out} keeps "
+                                                   f"its epochs as they were; continue with `zoo finetune --resume "
+                                                   f"{out}`")
 
 
 @pytest.mark.parametrize("left", ["scan_json", "marker_and_log"])
@@ -809,17 +850,49 @@ def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
         assert files() == before
 
 
-def test_resuming_a_run_killed_while_writing_its_page_says_how_to_write_it(tmp_path, tiny):
-    """A kill (not Ctrl-C, which says so) while the run wrote report.html, after its bundle: the resume said
-    the run had finished and named `zoo export` alone, the page missing unsaid (fuzz of helper-98)."""
+@pytest.mark.parametrize("cut", ["page", "bundle", "earlier-bundle", "staging", "page-drawn-before-the-end"])
+def test_resuming_a_run_cut_off_in_its_end_writes_the_bundle_and_page_it_lacks(tmp_path, tiny, cut):
+    """A kill (not Ctrl-C, which says so) while the run wrote its bundle or report.html, after summary.json: the
+    resume said the run had finished and named `zoo export` / `zoo report` (fuzz of helper-98). It writes them now
+    (helper-102): the bundle unless RUN/export holds the run's final export whole (byte-identical to the one the
+    run wrote: absent, an earlier `zoo export` of a best epoch so far, a staging copy of a killed export), then the
+    page when it is missing or older than summary.json (drawn by `zoo report` before the run ended)."""
+    from zoo.bundle.export import export_run
+
     data = make_image_folder(tmp_path / "data", per_class=6)
     out = tmp_path / "run"
     assert invoke("finetune", tiny, "--data", data, "--out", out, *FAST).exit_code == 0
-    (out / "report.html").unlink()             # what a kill -9 in zoo.jobs.report leaves (written last, atomically)
+    def files():        # (the folder's marker, .zoo-run.json, says when it was written)
+        return {p.name: p.read_bytes() for p in (out / "export").iterdir() if p.name != ".zoo-run.json"}
+
+    bundle = files()
+    page = out / "report.html"
+    if cut == "page-drawn-before-the-end":
+        os.utime(page, ns=(page.stat().st_atime_ns, (out / "summary.json").stat().st_mtime_ns - 10**9))
+    else:
+        page.unlink()          # what a kill -9 in the export or the page leaves (the page is written last)
+    if cut == "bundle":
+        shutil.rmtree(out / "export")
+    elif cut == "earlier-bundle":    # a `zoo export RUN` while the run trained: no summary then
+        (out / "summary.json").rename(out / "summary.keep")
+        export_run(out, out / "export")
+        (out / "summary.keep").rename(out / "summary.json")
+    elif cut == "staging":
+        (out / "export" / ".zoo-staging").mkdir()
+    weights = out / "export" / "model.safetensors"
+    kept = weights.stat().st_ino if weights.exists() else None      # (a re-export replaces the file)
     res = invoke("finetune", "--resume", out)
     assert res.exit_code == 0, res.output
-    assert f"it has no report.html yet (`zoo report {out}` writes it)" in res.stderr
-    assert not (out / "report.html").exists()
+    lacks = "report.html" if cut.startswith("page") else "bundle and report.html"
+    assert (f"note: this run had finished (after epoch 1), not its end: this resume trains nothing, and writes its "
+            f"{lacks}") in res.stderr
+    assert page.is_file() and page.stat().st_mtime_ns >= (out / "summary.json").stat().st_mtime_ns
+    assert files() == bundle      # (no staging copy left)
+    assert (weights.stat().st_ino == kept) == cut.startswith("page")
+    assert ("bundle: " in res.stdout) == (not cut.startswith("page"))
+    assert "not its end: this resume trains nothing" in (out / "log.txt").read_text(encoding="utf-8")
+    again = invoke("finetune", "--resume", out)      # the end written: the run is finished
+    assert f"{out} finished after epoch 1: resuming it trains nothing" in again.stderr
 
 
 def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox"), extra=()):

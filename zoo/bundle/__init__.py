@@ -21,8 +21,8 @@ the model card, ONNX).
 """
 from __future__ import annotations
 
-from zoo.bundle.export import ONNX_ATOL, export_run
+from zoo.bundle.export import ONNX_ATOL, export_run, is_final_export
 from zoo.bundle.load import BUNDLE_FORMAT, Bundle, build_model, load_bundle, load_model, read_safetensors_metadata
 
-__all__ = ["Bundle", "load_bundle", "load_model", "export_run", "read_safetensors_metadata",
+__all__ = ["Bundle", "load_bundle", "load_model", "export_run", "is_final_export", "read_safetensors_metadata",
            "build_model", "BUNDLE_FORMAT", "ONNX_ATOL"]

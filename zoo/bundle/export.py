@@ -319,6 +319,30 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     return out
 
 
+def is_final_export(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> bool:
+    """Whether ``out_dir`` (default ``RUN/export``) holds, whole, what :func:`export_run` writes for the finished
+    run: no staging copy left by a killed export, its weights agreeing with config.json (not caught between two
+    renames of ``_publish``), the tensors of ``checkpoints/best.safetensors`` (its recorded digest) and the
+    metrics of summary.json (an export of a best epoch so far carries none). Content, not file times: a copied
+    run folder keeps its answer."""
+    # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch through this module
+    from finetune.core.checkpoint import DIGEST_KEY, read_tensors, tensors_sha256
+
+    run, out = Path(run_dir), Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+    best = run / "checkpoints" / "best.safetensors"
+    try:
+        if (out / STAGING).exists() or not (out / "README.md").is_file():
+            return False
+        recorded = (_read_json(out / CONFIG, "").get("zoo") or {}).get("weights_sha256")
+        meta = read_safetensors_metadata(out / WEIGHTS)
+        if recorded != sha256_file(out / WEIGHTS) or json.loads(meta.get("metrics", "null")) != _metrics(_summary(run)):
+            return False
+        digest = read_safetensors_metadata(best).get(DIGEST_KEY) or tensors_sha256(read_tensors(best))
+        return tensors_sha256(read_tensors(out / WEIGHTS)) == digest
+    except Exception:  # noqa: BLE001 - missing or damaged (safetensors' own error too): not the run's bundle
+        return False
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Move the finished bundle from ``stage`` into ``out``, replacing an earlier one file by file (the
     weights first: a bundle caught between two files fails load_bundle's weights check, never loads other

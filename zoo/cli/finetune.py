@@ -129,6 +129,8 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
                                         on_run_dir=log_file, exclude=exclude)
 
     if not main or (outcome.result is None and outcome.overfit is None):   # (a finished run resumed: said so)
+        if main and outcome.export_dir is not None:      # (the bundle its end had left unwritten)
+            echo(_bundle_line(outcome.export_dir))
         return
     if outcome.overfit is not None:
         echo(outcome.overfit.verdict)
@@ -170,7 +172,11 @@ def _report(outcome) -> None:
     for line in advise(result.history):
         echo(f"advice: {line}")
     if outcome.export_dir is not None:   # (the run folder was printed before training started)
-        echo(f"bundle: {outcome.export_dir}  ({shell_command('zoo', 'predict', outcome.export_dir, 'IMAGE')})")
+        echo(_bundle_line(outcome.export_dir))
+
+
+def _bundle_line(bundle) -> str:
+    return f"bundle: {bundle}  ({shell_command('zoo', 'predict', bundle, 'IMAGE')})"
 
 
 def _per_class_line(per_class: dict[str, float | None], run_dir) -> str:

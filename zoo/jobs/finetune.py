@@ -35,7 +35,7 @@ from zoo.build import builder_kwargs
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest, scan_memo
 from zoo.errors import RegistryError, UsageError, ZooError
-from zoo.outdir import check_outside, claim_out, default_out
+from zoo.outdir import check_outside, claim_out, default_out, folder_kind
 from zoo.registry import weights_tag
 from zoo.resolve import check_stages
 from zoo.hub import resolve_early, resolve_entry
@@ -268,11 +268,23 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
                                  excluded)
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
         return outcome
+    except KeyboardInterrupt:     # before the first checkpoint (the scan, the model build): fit, _finish say theirs
+        raise _interrupted_before_training(claimed) from None
     except RuntimeError as e:     # another rank's end met in a collective: one line, not the backend's traceback
         ddp.raise_if_peer_lost(e, info, claimed)
         raise
     finally:
         ddp.cleanup(info)
+
+
+def _interrupted_before_training(run_dir: Path | None) -> Interrupted:
+    """Ctrl-C (or SIGTERM) before the run's first checkpoint: nothing to resume. The folder claimed is gone again
+    (or empty), or holds what a set-up cut short wrote (scan.json, model.json: no config.yaml, no checkpoint)."""
+    if run_dir is not None and folder_kind(run_dir) not in ("absent", "empty"):
+        return Interrupted(f"interrupted before training: nothing was trained, {run_dir} holds its scan and no "
+                           "checkpoint; start it again with the same command and --overwrite")
+    return Interrupted("interrupted before training: nothing was trained or saved; run the same command again to "
+                       "start it")
 
 
 def scan_on_main(data_dir: str | Path, config: FinetuneConfig, info, **kwargs):

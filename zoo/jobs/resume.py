@@ -14,13 +14,14 @@ from typing import Any, Callable
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import load_checkpoint
 from finetune.core.config import FinetuneConfig, load_resume_config
-from finetune.core.errors import CheckpointError
+from finetune.core.errors import CheckpointError, Interrupted
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
 from finetune.core.io import shell_command
 from finetune.engine import idle_gpus_note, resolve_device
 from zoo.build import has_fc_dropout
+from zoo.bundle import is_final_export
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training,
                                feature_cache, scan_on_main, scan_warnings)
@@ -58,22 +59,36 @@ def _start_over(run_dir: Path) -> str:
     return shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run_dir, "--overwrite")
 
 
-def _finished(run_dir: Path) -> str | None:
-    """What to say when the run in ``run_dir`` had finished (None while it has epochs to go, or while the end of its
-    training is not written: last.pt says finished after the last epoch, before the head guard and summary.json;
-    a resume then trains nothing and writes them, then the bundle and the page)."""
+def _finished(run_dir: Path) -> int | None:
+    """The last epoch of the run in ``run_dir`` when it had finished (None while it has epochs to go, or while the
+    end of its training is not written: last.pt says finished after the last epoch, before the head guard and
+    summary.json; a resume then trains nothing and writes them, then the bundle and the page)."""
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", mmap=True)
     if not ckpt.get("finished") or not (run_dir / "summary.json").is_file():
         return None
+    return int(ckpt.get("epoch") or 0)
+
+
+def _finished_line(run_dir: Path, epoch: int) -> str:
     bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
               else "it has no bundle yet")
     export = shell_command("zoo", "export", run_dir)
-    # (a run killed while it wrote its page: a Ctrl-C there says to run zoo report, a kill says nothing)
-    page = "" if (run_dir / "report.html").is_file() else \
-        f"; it has no report.html yet (`{shell_command('zoo', 'report', run_dir)}` writes it)"
-    return (f"{run_dir} finished after epoch {ckpt.get('epoch')}: resuming it trains nothing and leaves its files "
-            f"as they are; {bundle} (`{export}` writes it again){page}. Start a new run to train longer or on "
-            "other data")
+    return (f"{run_dir} finished after epoch {epoch}: resuming it trains nothing and leaves its files as they are; "
+            f"{bundle} (`{export}` writes it again). Start a new run to train longer or on other data")
+
+
+def _unwritten_end(run_dir: Path, export: bool) -> list[str]:
+    """What the end of a finished run (after summary.json: the bundle, then report.html) left unwritten, for the
+    resume to write: nothing while report.html, written last, is newer than summary.json (the end ran to its
+    last write; a --no-export run has no bundle); else the page, after the bundle unless RUN/export holds the
+    run's final export whole (``is_final_export``: a kill in the export leaves none, an earlier one, or a
+    staging copy) or the resume is given --no-export."""
+    try:
+        if (run_dir / "report.html").stat().st_mtime >= (run_dir / "summary.json").stat().st_mtime:
+            return []      # (a page drawn by `zoo report` before the run ended is older than summary.json)
+    except FileNotFoundError:
+        pass
+    return (["bundle"] if export and not is_final_export(run_dir) else []) + ["report.html"]
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
@@ -125,17 +140,26 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     try:
         with ddp.entered_on_main(claim_out(run_dir, "finetune", resume=True, option="--resume", note=say), info):
             # (under the claim: the lock and temp files of a run killed while it wrote its bundle or page go)
-            done = _finished(run_dir)
-            if done:      # nothing to train: its record stays as the run wrote it (no summary recomputed on other data)
-                say(done)
+            done = _finished(run_dir)     # nothing to train: its record stays as written (no summary from other data)
+            end = None if done is None else \
+                ddp.broadcast_object(_unwritten_end(run_dir, export) if info.is_main else None, info)
+            if done is not None and not end:
+                say(_finished_line(run_dir, done))
                 return RunOutcome(run_dir=run_dir)
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
+            if done is not None:
+                say(f"note: this run had finished (after epoch {done}), not its end: this resume trains nothing, "
+                    f"and writes its {' and '.join(end)}")
+                return _finish(RunOutcome(run_dir=run_dir), None, config, "bundle" in end, info, say)
             if idle := idle_gpus_note(resolve_device(config.device, info), info, config.device):
                 say(idle)     # as a new run says it: one GPU of several, torchrun resumes on them all
             outcome = _train_resumed(run_dir, info_json, data_dir, config, export, info, say)
         ddp.leave(info)      # as in run_finetune (done by _finish after training)
         return outcome
+    except KeyboardInterrupt:     # before fit's handler (the scan, the model build): the run is as it was
+        raise Interrupted(f"interrupted before training went on: {run_dir} keeps its epochs as they were; continue "
+                          f"with `{shell_command('zoo', 'finetune', '--resume', run_dir)}`") from None
     except RuntimeError as e:     # as in run_finetune
         ddp.raise_if_peer_lost(e, info, run_dir)
         raise
