@@ -1,6 +1,7 @@
 """What ``--micro-batch`` costs and saves: one training epoch of a timm network on synthetic images, each setting in
 its own process (so that each one's peak memory is its own), rounds interleaved; BatchNorm in eval mode (zoo's
-default with pretrained weights), malloc as zoo's CLI sets it.
+default with pretrained weights), malloc as zoo's CLI sets it, and on CUDA zoo's bf16 autocast and NHWC (an fp16
+GPU would need a GradScaler: not done here).
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_micro.py --model resnet18 --img-size 128 --batch-size 64 \
         --micro 0,32,16 --steps 6 --rounds 3
@@ -32,6 +33,7 @@ def child(args: argparse.Namespace) -> None:
 
     from finetune.core import distributed as ddp
     from finetune.engine.passes import take_step
+    from finetune.engine.runtime import amp_policy
     from zoo import process
 
     process.keep_freed_memory()     # as zoo's CLI runs (malloc keeps what a step frees)
@@ -45,12 +47,15 @@ def child(args: argparse.Namespace) -> None:
     loss_fn = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    amp = amp_policy(device, True)     # zoo's default: bf16 autocast on a GPU that has it, NHWC there too
+    if device.type == "cuda":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        take_step(model, x, y, loss_fn, ddp.DistInfo(), step=step, amp=None, drops=None, optimizer=optimizer,
+        take_step(model, x, y, loss_fn, ddp.DistInfo(), step=step, amp=amp, drops=None, optimizer=optimizer,
                   scaler=None, micro=args.micro)
         if device.type == "cuda":
             torch.cuda.synchronize()

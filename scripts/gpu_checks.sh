@@ -41,7 +41,7 @@ if [ "${1:-}" = "--parts" ]; then
   timeout 90 python3 scripts/bench_doctor_files.py --jpegs 1000 --rounds 3 --threads 0,4,8,15 2>&1 \
     | tee "$OUT/doctor_files_threads.md"
   # a step in passes (--micro-batch): its time and peak GPU memory against one pass (docs/benchmarks.md)
-  timeout 60 python3 scripts/bench_micro.py --device cuda --model resnet50 --img-size 224 --batch-size 256 \
+  timeout 90 python3 scripts/bench_micro.py --device cuda --model resnet50 --img-size 224 --batch-size 256 \
     --micro 0,128,64 --steps 8 --rounds 1 2>&1 | tee "$OUT/micro.md"
   cp "$OUT/parts/table.md" "$OUT/parts_table.md" 2>/dev/null; cp "$OUT/parts/results.json" "$OUT/parts.json" 2>/dev/null
   rm -rf "$OUT/parts"
