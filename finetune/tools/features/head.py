@@ -195,9 +195,9 @@ class CachedHeadSteps:
                 for path, reason in failed:                          # at the end of fit
                     self._failures.setdefault(path, reason)
             dt = time.perf_counter() - t0
-            n = len(image_set.items) * total_views
-            self.say(f"features: {split} {len(image_set.items)} images x {total_views} view(s) computed in "
-                     f"{dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
+            n, rate = len(image_set.items), len(image_set.items) / max(dt, 1e-9)     # img/s: images, as everywhere
+            self.say(f"features: {split} {n} images x {total_views} view(s) computed in {dt:.1f}s ({rate:.0f} img/s"
+                     + (f", {rate * total_views:.0f} views/s)" if total_views > 1 else ")"))
             return bank
 
         if info.enabled:     # every rank takes the same branch: all load, or all extract their shard
