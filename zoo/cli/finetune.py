@@ -84,6 +84,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       zoo finetune resnet50 --data ./photos --exclude doctor-photos/findings.csv
       zoo finetune --resume runs/resnet50-20250101-120000            # after Ctrl-C or a crash
       torchrun --nproc-per-node 4 -m zoo finetune resnet50 --data ./photos --batch-size 256
+      zoo finetune vgg16 --data ./photos --batch-size 256 --micro-batch 64   # more than GPU memory holds
     """
     # lazy: zoo --help must not import torch
     from zoo.jobs import finetune as job
