@@ -98,5 +98,5 @@ def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_
     assert "Traceback" not in result.output
     assert result.stderr.splitlines()[-1] == (
         "zoo: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune: --micro-batch, "
-        "the same steps in passes of fewer images) or a smaller --img-size")
+        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (finetune, lr-find, sweep: "
+        "or --micro-batch, the same steps in passes of fewer images) or a smaller --img-size")
