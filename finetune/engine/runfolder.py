@@ -305,11 +305,14 @@ class RunFolder:
         if self.path is None or not self.writes:
             saved = "nothing was saved" if self.path is None else f"rank 0 saves {self.path}"
             return out_of_memory(why, per_pass, f"{saved}; start again with {retry}")
-        done = self.saved_epoch(epoch)
-        if done < 1 or not smaller:
+        self.close()
+        self.flush()        # the checkpoint still being written (epoch 0's in epoch 1) is what the resume continues
+        if not smaller or not (self.path / LAST).is_file():
             return out_of_memory(why, per_pass, f"the run is in {self.path}; start again with {retry}")
-        return out_of_memory(why, per_pass, f"epochs up to {done} are saved in {self.path}; continue in passes of "
-                                            f"{smaller} images (the same steps) with `{self.resume_command()} {retry}`")
+        done = self.saved_epoch(epoch)
+        saved = f"epochs up to {done} are saved in" if done > 0 else "before the first epoch ended; the run is in"
+        return out_of_memory(why, per_pass, f"{saved} {self.path}; continue in passes of {smaller} images (the same "
+                                            f"steps) with `{self.resume_command()} {retry}`")
 
     def saved_epoch(self, fallback: int) -> int:
         """The epoch recorded in last.pt (what a resume continues after)."""

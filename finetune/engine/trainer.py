@@ -368,8 +368,8 @@ class Trainer:
         try:
             self.folder.decode_failures(failed, self.say)
             return self._finish(t_run)
-        except KeyboardInterrupt:     # the head guard, summary.json: the resume writes them (it trains nothing)
-            raise self.folder.interrupted(self.epoch) from None
+        except (KeyboardInterrupt, MemoryError, torch.OutOfMemoryError) as e:    # the head guard, summary.json:
+            raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None   # a resume writes them
         finally:
             self.folder.flush()
 

@@ -100,3 +100,59 @@ def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_
         "zoo: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
         "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune: --micro-batch, "
         "the same steps in passes of fewer images) or a smaller --img-size")
+
+
+def _options() -> list[str]:
+    return ["--freeze", "head", "--no-fast-head", "--epochs", "2", "--workers", "0", "--batch-size", "8",
+            "--no-export", "--quiet", "--seed", "3"]
+
+
+def test_out_of_memory_in_the_first_step_continues_the_run_with_its_resume_command(tmp_path, monkeypatch):
+    """helper-104: the first step out of memory (where a batch too big meets the device) named no command: `the run
+    is in RUN; start again with --micro-batch 4`, and the same command again was refused (RUN holds a run). It
+    names the resume of the run (epoch 0's checkpoint, on disk before the line), which trains it in passes."""
+    from finetune.engine import passes
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(model, x, *args):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: {SAID}: before the first epoch ended; the run is in {run}; continue in passes of 4 images (the "
+        f"same steps) with `zoo finetune --resume {run} --micro-batch 4`")
+    resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_out_of_memory_after_training_names_the_resume_that_writes_the_end(tmp_path, monkeypatch):
+    """helper-104: out of memory after the last epoch (the head guard's or the final evaluation, before
+    summary.json) reached the handler of other commands: `start again with a smaller --batch-size`, as if nothing
+    were saved. It says what is saved and the resume, which trains nothing and writes the run's end."""
+    from finetune.engine.trainer import Trainer
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_guard_head", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: {SAID}: epochs up to 2 are saved in {run}; continue in passes of 4 images (the same steps) "
+        f"with `zoo finetune --resume {run} --micro-batch 4`")
+    assert not (run / "summary.json").exists()
+    resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / "summary.json").is_file() and [r["epoch"] for r in _rows(run)] == ["1", "2"]
