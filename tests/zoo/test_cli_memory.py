@@ -156,3 +156,17 @@ def test_out_of_memory_after_training_names_the_resume_that_writes_the_end(tmp_p
     resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
     assert resumed.exit_code == 0, resumed.output
     assert (run / "summary.json").is_file() and [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_out_of_memory_on_another_rank_names_the_resume_command(tmp_path):
+    """helper-104: under torchrun the rank that runs out of memory first may not be rank 0, and its line is the one
+    seen: it said `rank 0 saves RUN; start again with --micro-batch 4` (the same command is refused: RUN holds a
+    run); it names the resume in passes, as its interrupted line names the resume."""
+    from finetune.core import distributed as ddp
+    from finetune.engine.runfolder import RunFolder
+
+    run = tmp_path / "run"
+    other = RunFolder(run, ddp.DistInfo(rank=1, world_size=2, local_rank=1, enabled=True))
+    said = str(other.stopped(1, torch.OutOfMemoryError(TORCH_OOM), 8))
+    assert said == (f"{SAID}: rank 0 saves {run}; continue in passes of 4 images (the same steps) with "
+                    f"`zoo finetune --resume {run} --micro-batch 4`")
