@@ -170,3 +170,48 @@ def test_out_of_memory_on_another_rank_names_the_resume_command(tmp_path):
     said = str(other.stopped(1, torch.OutOfMemoryError(TORCH_OOM), 8))
     assert said == (f"{SAID}: rank 0 saves {run}; continue in passes of 4 images (the same steps) with "
                     f"`zoo finetune --resume {run} --micro-batch 4`")
+
+
+CUDA_ERROR = ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call, "
+              "so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+              "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+CUBLAS = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+
+
+def test_cuda_s_own_allocation_failing_is_out_of_memory_too(tmp_path, bundle, monkeypatch):  # noqa: F811
+    """helper-104: CUDA's own allocations (the cuBLAS handle a first matmul creates on a full device, a stream)
+    fail as a RuntimeError, not torch's OutOfMemoryError: a run stopped by one went through the generic error path
+    (no resume in passes) and other commands showed a traceback; both say what the OutOfMemoryError says, with the
+    error's first line (not torch's advice on CUDA_LAUNCH_BLOCKING)."""
+    import zoo.predict
+    from finetune.core.errors import is_out_of_memory, memory_text
+    from finetune.engine import passes
+
+    assert is_out_of_memory(RuntimeError(CUDA_ERROR)) and memory_text(RuntimeError(CUDA_ERROR)) == \
+        "CUDA error: out of memory"
+    assert not is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(CUBLAS)
+
+    monkeypatch.setattr(zoo.predict, "predict_probs", no_memory)
+    image = make_image_folder(tmp_path / "img", per_class=1) / "cat"
+    result = invoke("predict", bundle, image)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.stderr.splitlines()[-1].startswith(f"zoo: error: out of memory ({CUBLAS}): start again with")
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "full"
+
+    def device_full(model, x, *args):
+        raise RuntimeError(CUDA_ERROR)
+
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", device_full)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: out of memory in a forward pass of 8 image(s) (CUDA error: out of memory): before the first "
+        f"epoch ended; the run is in {run}; continue in passes of 4 images (the same steps) with "
+        f"`zoo finetune --resume {run} --micro-batch 4`")
