@@ -27,9 +27,10 @@ def _same_run(a, b, dir_a, dir_b) -> None:
 
 @pytest.mark.parametrize("option", [{}, {"class_weights": "auto"}, {"mixup": 0.4}, {"ema": 0.9}])
 def test_a_step_in_passes_trains_as_the_step_in_one_pass(data, tmp_path, monkeypatch, option):
-    """27 training images at batch 9 in passes of at most 4 (3 + 3 + 3: ``pass_bounds``): the gradients of a step's passes add up to the
-    one-pass step's (the loss of each pass is its part of the batch's, class-weighted too), the dropout masks
-    and the mixup pairs are drawn for the whole batch, so the run's epochs and weights are the one-pass run's."""
+    """27 training images at batch 9 in passes of at most 4 (3 + 3 + 3: ``pass_bounds``): the gradients of a step's
+    passes add up to the one-pass step's (the loss of each pass is its part of the batch's, class-weighted too), the
+    dropout masks and the mixup pairs are drawn for the whole batch, so the run's epochs and weights are the one-pass
+    run's."""
     from finetune.engine import passes
 
     sizes: list[int] = []
@@ -83,9 +84,9 @@ def test_a_pass_of_one_image_through_a_training_batchnorm_names_the_micro_batch(
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_in_passes_train_as_one_process_in_one_pass(tmp_path):
     """Under DDP the passes before a step's last one keep their gradients on the rank (``no_sync``) and the last
-    one all-reduces the sum: 2 processes of 4 images each in passes of 3 + 1, with dropout and the class weights
-    of an imbalanced set (each pass divides by the whole global batch's weight), train as one process taking each
-    batch of 8 in one pass."""
+    one all-reduces the sum: 2 processes of 4 images each in passes of at most 3 (2 + 2), with dropout and the class
+    weights of an imbalanced set (each pass divides by the whole global batch's weight), train as one process taking
+    each batch of 8 in one pass."""
     from finetune.data import ImageSet, scan_folder
 
     report = scan_folder(make_image_folder(tmp_path / "data", per_class=10, val_per_class=3, layout="split"))
