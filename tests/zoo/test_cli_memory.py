@@ -85,7 +85,7 @@ def test_out_of_memory_in_epoch_2_saves_epoch_1_and_resumes_in_smaller_passes_as
 
 def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_path, bundle, monkeypatch):  # noqa: F811
     """`zoo predict` (eval, serve, doctor...) out of GPU memory: one line with torch's first sentences and what to
-    change, not a traceback."""
+    change, not a traceback (helper-104: naming the commands that take --micro-batch, zoo sweep and lr-find too)."""
     import zoo.predict
 
     def no_memory(*args, **kwargs):
@@ -98,8 +98,8 @@ def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_
     assert "Traceback" not in result.output
     assert result.stderr.splitlines()[-1] == (
         "zoo: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune: --micro-batch, "
-        "the same steps in passes of fewer images) or a smaller --img-size")
+        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune, sweep and "
+        "lr-find: --micro-batch, the same steps in passes of fewer images) or a smaller --img-size")
 
 
 def _options() -> list[str]:
