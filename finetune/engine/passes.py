@@ -22,8 +22,8 @@ from finetune.core.errors import ConfigError, DivergedError
 from finetune.engine.runtime import AmpPolicy
 from finetune.engine.drops import SharedDropout
 
-__all__ = ["take_step", "pass_bounds", "optimizer_step", "stepped", "stand_in_step", "as_before", "train_forward", "diverged",
-           "loss_parts", "batch_loss", "FULL"]
+__all__ = ["take_step", "pass_bounds", "optimizer_step", "stepped", "stand_in_step", "as_before", "train_forward",
+           "diverged", "loss_parts", "batch_loss", "FULL"]
 
 FULL = AmpPolicy("cpu", None)     # full precision: no autocast
 
