@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 __all__ = ["FinetuneError", "ConfigError", "FreezeTooDeepError", "DataError",
-           "DivergedError", "CheckpointError", "Interrupted", "OutOfMemory", "is_out_of_memory", "memory_text"]
+           "DivergedError", "CheckpointError", "Interrupted", "OutOfMemory", "is_out_of_memory", "stops_run",
+           "memory_text"]
 
 
 class FinetuneError(Exception):
@@ -52,17 +53,31 @@ class OutOfMemory(FinetuneError):
     what was tried, what is saved, and with what to start again or resume (a smaller ``--micro-batch``)."""
 
 
+# CUDA's own allocations outside torch's caching allocator, on a device it filled: the cuBLAS handle and workspace a
+# first matmul creates, a stream, cuDNN's workspace: a RuntimeError, not torch's OutOfMemoryError
+_DEVICE_ALLOC_FAILED = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """Python's ``MemoryError`` or torch's ``OutOfMemoryError`` (CUDA's caching allocator; torch need not be imported
-    to ask: nothing else raises it)."""
+    """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA's caching allocator; torch need not be imported
+    to ask: nothing else raises it) or CUDA's own allocation failing (a RuntimeError naming it)."""
     torch = sys.modules.get("torch")
-    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+    return (isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+            or (isinstance(err, RuntimeError) and any(s in str(err) for s in _DEVICE_ALLOC_FAILED)))
+
+
+def stops_run(err: BaseException) -> bool:
+    """What stops a run with a line saying what is saved and how to go on (``RunFolder.stopped``): Ctrl-C or
+    SIGTERM, the device out of memory (:func:`is_out_of_memory`)."""
+    return isinstance(err, KeyboardInterrupt) or is_out_of_memory(err)
 
 
 def memory_text(err: BaseException) -> str:
     """``err``'s first sentences: what torch tried to allocate and what the device holds (not its advice on the
     allocator's settings), on one line."""
-    text = " ".join(str(err).split())
+    text = str(err).strip()
+    # (CUDA's error text: its first line; the next ones are torch's advice on launch blocking and DSA)
+    text = " ".join((text if "Tried to allocate" in text else text.split("\n")[0]).split())
     if "Tried to allocate" in text:       # "CUDA out of memory. Tried to allocate X. GPU 0 has ... of which Y is free."
         text = ". ".join(text.split(". ")[:3]).rstrip(".")
     return text or type(err).__name__

@@ -189,7 +189,11 @@ def batchnorm_batch(config: Any, trainable_stages: int, per_process: int) -> int
     if trainable_stages == 0 and head_on_cached_features(config, trainable_stages):
         return int(config.batch_size)
     micro = int(getattr(config, "micro_batch", 0))      # a step in passes: each pass normalises its own images
-    return min(int(per_process), micro) if micro else int(per_process)
+    if not micro or int(per_process) <= micro:
+        return int(per_process)
+    # even passes (``engine.passes.pass_bounds``) of at most 2 leave an odd batch (the last one, one that lost an
+    # image to decoding) a pass of 1; from 3 up no pass is smaller than 2
+    return 1 if micro <= 2 else micro
 
 
 def head_solved(config: Any, trainable_stages: int) -> bool:

@@ -135,7 +135,7 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
             ``processes``: how many share the global batch.
         head: the classifier's module name; ``synced``: the other layers are SyncBatchNorm (``--sync-bn``
             under torchrun), whose statistics come from the whole global batch. ``micro``: ``--micro-batch``
-            (a pass of 1 image is then what to change).
+            (1 or 2: a pass of 1 image, what to change then).
     Raises:
         ConfigError: saying which layer, and what to change.
     """
@@ -148,7 +148,7 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
     if name is None:
         return
     per = f"--batch-size {2 * processes} or more (2 per process)" if processes > 1 else "--batch-size 2 or more"
-    per = "--micro-batch 2 or more (or 0: each batch in one pass)" if int(micro) == 1 else per
+    per = "--micro-batch 3 or more (or 0: each batch in one pass)" if 0 < int(micro) <= 2 else per
     size = "x".join(str(int(d)) for d in input_size[1:])
     if belongs_to(name, head):
         why, other = f"the MLP head's {name} gets one value per channel", "or --head linear"

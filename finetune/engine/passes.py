@@ -22,8 +22,8 @@ from finetune.core.errors import ConfigError, DivergedError
 from finetune.engine.runtime import AmpPolicy
 from finetune.engine.drops import SharedDropout
 
-__all__ = ["take_step", "optimizer_step", "stepped", "stand_in_step", "as_before", "train_forward", "diverged",
-           "loss_parts", "batch_loss", "FULL"]
+__all__ = ["take_step", "pass_bounds", "optimizer_step", "stepped", "stand_in_step", "as_before", "train_forward",
+           "diverged", "loss_parts", "batch_loss", "FULL"]
 
 FULL = AmpPolicy("cpu", None)     # full precision: no autocast
 
@@ -52,8 +52,7 @@ def take_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: 
         optimizer.zero_grad(set_to_none=True)
     loss, outs = torch.zeros((), device=x.device), []
     with _update_refused(optimizer) if optimizer is not None else contextlib.nullcontext():
-        for start in range(0, n, micro):
-            stop = min(start + micro, n)
+        for start, stop in pass_bounds(n, micro):
             # DDP all-reduces the gradients in the last pass's backward, once they add up to the step's
             sync = model.no_sync() if stop < n and hasattr(model, "no_sync") else contextlib.nullcontext()
             masks = drops.at(step, rows=(start, stop, n)) if drops is not None else contextlib.nullcontext()
@@ -67,6 +66,16 @@ def take_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: 
         if optimizer is not None:
             _update(optimizer, scaler)
     return loss, torch.cat(outs)
+
+
+def pass_bounds(n: int, micro: int) -> list[tuple[int, int]]:
+    """The rows ``(start, stop)`` of each forward pass of a batch of ``n`` images in passes of at most ``micro``
+    (0: one pass): as few passes as fit, as even as can be (9 in passes of 8: 5 + 4, not 8 + 1). A pass of one
+    image leaves a training BatchNorm layer one value per channel (torch refuses it mid-run); even passes give
+    none from ``micro`` 3 up (``policy.batchnorm_batch``), and alike statistics to each pass."""
+    k = -(-n // micro) if micro and n > micro else 1
+    cuts = [n * i // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _batch_weight(loss_fn: nn.Module, target: torch.Tensor) -> torch.Tensor:

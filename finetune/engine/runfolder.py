@@ -302,14 +302,18 @@ class RunFolder:
             return self.interrupted(epoch)
         smaller = per_pass // 2
         retry = f"--micro-batch {smaller}" if smaller else "a smaller --img-size, or a smaller model"
-        if self.path is None or not self.writes:
-            saved = "nothing was saved" if self.path is None else f"rank 0 saves {self.path}"
-            return out_of_memory(why, per_pass, f"{saved}; start again with {retry}")
-        done = self.saved_epoch(epoch)
-        if done < 1 or not smaller:
+        if self.path is None:
+            return out_of_memory(why, per_pass, f"nothing was saved; start again with {retry}")
+        go_on = (f"continue in passes of {smaller} images (the same steps) with `{self.resume_command()} {retry}`"
+                 if smaller else f"start again with {retry}")
+        if not self.writes:      # another rank under torchrun (often the one whose line is seen): as interrupted()
+            return out_of_memory(why, per_pass, f"rank 0 saves {self.path}; {go_on}")
+        self.close()
+        done = self.saved_epoch(epoch)      # (once written: epoch 0's checkpoint may still be, in epoch 1)
+        if not smaller or not (self.path / LAST).is_file():
             return out_of_memory(why, per_pass, f"the run is in {self.path}; start again with {retry}")
-        return out_of_memory(why, per_pass, f"epochs up to {done} are saved in {self.path}; continue in passes of "
-                                            f"{smaller} images (the same steps) with `{self.resume_command()} {retry}`")
+        saved = f"epochs up to {done} are saved in" if done > 0 else "before the first epoch ended; the run is in"
+        return out_of_memory(why, per_pass, f"{saved} {self.path}; {go_on}")
 
     def saved_epoch(self, fallback: int) -> int:
         """The epoch recorded in last.pt (what a resume continues after)."""

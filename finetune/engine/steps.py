@@ -15,8 +15,8 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.engine.drops import SharedDropout
 from finetune.engine.mixing import BatchMix
-from finetune.engine.passes import (FULL, as_before, diverged, loss_parts, optimizer_step, stand_in_step, stepped,
-                                    take_step, train_forward)
+from finetune.engine.passes import (FULL, as_before, diverged, loss_parts, optimizer_step, pass_bounds, stand_in_step,
+                                    stepped, take_step, train_forward)
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.metrics import accuracy_text, per_class_accuracy
 from finetune.core.progress import LogLines
@@ -232,7 +232,8 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
             continue
         x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
         with (amp or FULL).autocast():
-            out = model(x) if not micro or x.shape[0] <= micro else torch.cat([model(p) for p in x.split(micro)])
+            bounds = pass_bounds(int(x.shape[0]), micro)
+            out = model(x) if len(bounds) == 1 else torch.cat([model(x[a:b]) for a, b in bounds])
         part, weight = loss_parts(loss_fn, out.float(), y)
         loss_sum += part.double()
         loss_weight += weight.double()

@@ -28,7 +28,7 @@ from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
-from finetune.core.errors import CheckpointError, DataError
+from finetune.core.errors import CheckpointError, DataError, stops_run
 from finetune.core.io import shell_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
@@ -354,9 +354,9 @@ class Trainer:
                     self.pi += 1
                     self.phase_start = None
                 self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
-        except (KeyboardInterrupt, MemoryError, torch.OutOfMemoryError) as e:     # what is saved, how to go on
-            raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None
-        except BaseException:   # a divergence, a data or device error: what was handed over reaches the disk
+        except BaseException as e:   # a divergence, a data or device error: what was handed over reaches the disk
+            if stops_run(e):     # Ctrl-C, SIGTERM, out of memory: what is saved, how to go on
+                raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None
             self.folder.close()
             self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)
             raise
@@ -368,8 +368,10 @@ class Trainer:
         try:
             self.folder.decode_failures(failed, self.say)
             return self._finish(t_run)
-        except KeyboardInterrupt:     # the head guard, summary.json: the resume writes them (it trains nothing)
-            raise self.folder.interrupted(self.epoch) from None
+        except BaseException as e:    # Ctrl-C or out of memory in the head guard, summary.json: a resume writes them
+            if not stops_run(e):
+                raise
+            raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None
         finally:
             self.folder.flush()
 

@@ -27,9 +27,10 @@ def _same_run(a, b, dir_a, dir_b) -> None:
 
 @pytest.mark.parametrize("option", [{}, {"class_weights": "auto"}, {"mixup": 0.4}, {"ema": 0.9}])
 def test_a_step_in_passes_trains_as_the_step_in_one_pass(data, tmp_path, monkeypatch, option):
-    """27 training images at batch 9 in passes of 4 (4 + 4 + 1): the gradients of a step's passes add up to the
-    one-pass step's (the loss of each pass is its part of the batch's, class-weighted too), the dropout masks
-    and the mixup pairs are drawn for the whole batch, so the run's epochs and weights are the one-pass run's."""
+    """27 training images at batch 9 in passes of at most 4 (3 + 3 + 3: ``pass_bounds``): the gradients of a step's
+    passes add up to the one-pass step's (the loss of each pass is its part of the batch's, class-weighted too), the
+    dropout masks and the mixup pairs are drawn for the whole batch, so the run's epochs and weights are the one-pass
+    run's."""
     from finetune.engine import passes
 
     sizes: list[int] = []
@@ -41,7 +42,7 @@ def test_a_step_in_passes_trains_as_the_step_in_one_pass(data, tmp_path, monkeyp
     assert set(sizes) == {9}
     sizes.clear()
     several = run(data, config.replace(micro_batch=4), run_dir=tmp_path / "passes", model=tiny_model(drop_rate=0.3))
-    assert sizes[:3] == [4, 4, 1] and set(sizes) == {4, 1}     # every step of both phases in passes
+    assert sizes[:3] == [3, 3, 3] and set(sizes) == {3}     # every step of both phases in even passes
     _same_run(several, one, tmp_path / "passes", tmp_path / "one")
 
 
@@ -76,16 +77,16 @@ def test_a_pass_of_one_image_through_a_training_batchnorm_names_the_micro_batch(
     assert batchnorm_batch(config.replace(micro_batch=1), 1, 8) == 1
     check_batchnorm_batch(model, (3, 32, 32), 3, head="3", micro=3)
     with pytest.raises(ConfigError, match=r"\(1 gets one value per channel at 32x32 px under --bn train\): start "
-                                          r"again with --micro-batch 2 or more"):
+                                          r"again with --micro-batch 3 or more"):
         check_batchnorm_batch(model, (3, 32, 32), 1, head="3", micro=1)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_in_passes_train_as_one_process_in_one_pass(tmp_path):
     """Under DDP the passes before a step's last one keep their gradients on the rank (``no_sync``) and the last
-    one all-reduces the sum: 2 processes of 4 images each in passes of 3 + 1, with dropout and the class weights
-    of an imbalanced set (each pass divides by the whole global batch's weight), train as one process taking each
-    batch of 8 in one pass."""
+    one all-reduces the sum: 2 processes of 4 images each in passes of at most 3 (2 + 2), with dropout and the class
+    weights of an imbalanced set (each pass divides by the whole global batch's weight), train as one process taking
+    each batch of 8 in one pass."""
     from finetune.data import ImageSet, scan_folder
 
     report = scan_folder(make_image_folder(tmp_path / "data", per_class=10, val_per_class=3, layout="split"))
@@ -147,3 +148,31 @@ def test_a_step_in_passes_on_cuda_trains_as_one_pass(data, tmp_path, monkeypatch
     for x, y in zip(several.history, one.history, strict=True):
         for key in ("train_loss", "val_loss"):
             assert x[key] == pytest.approx(y[key], abs=1e-4), key
+
+
+def test_a_batch_one_image_past_the_micro_batch_gives_no_pass_of_one_image():
+    """helper-104: 9 images in passes of at most 8 through a training BatchNorm (the MLP head's): the passes are
+    5 + 4, not 8 + 1, whose lone image torch's BatchNorm refused mid-run (a ConfigError naming --batch-size, which
+    was large enough); from --micro-batch 3 up no pass is one image, and 1 or 2 are refused before any step when a
+    BatchNorm trains (an odd batch would leave a pass of 1)."""
+    from finetune.core import distributed as ddp
+    from finetune.core.errors import ConfigError
+    from finetune.core.policy import batchnorm_batch
+    from finetune.core.recipe import check_batchnorm_batch
+    from finetune.engine.passes import pass_bounds, take_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(9, 4), torch.arange(9) % 3
+    loss, out = take_step(model, x, y, torch.nn.CrossEntropyLoss(), ddp.DistInfo(), step=1, amp=None, drops=None,
+                          optimizer=optimizer, scaler=None, micro=8)
+    assert out.shape == (9, 3) and torch.isfinite(loss)
+    assert pass_bounds(9, 8) == [(0, 4), (4, 9)] and pass_bounds(9, 0) == [(0, 9)] and pass_bounds(3, 8) == [(0, 3)]
+    assert all(min(b - a for a, b in pass_bounds(n, m)) >= 2 for m in range(3, 12) for n in range(2, 40))
+    config = cfg(freeze="none", bn="train", batch_size=8)
+    assert batchnorm_batch(config.replace(micro_batch=2), 1, 8) == 1      # a last batch of 3 is 2 + 1
+    assert batchnorm_batch(config.replace(micro_batch=2), 1, 2) == 2      # one pass
+    with pytest.raises(ConfigError, match=r"MLP head's 1 gets one value per channel\): start again with --micro-batch "
+                                          r"3 or more"):
+        check_batchnorm_batch(model, (4,), 1, head="1", micro=2)

@@ -85,7 +85,7 @@ def test_out_of_memory_in_epoch_2_saves_epoch_1_and_resumes_in_smaller_passes_as
 
 def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_path, bundle, monkeypatch):  # noqa: F811
     """`zoo predict` (eval, serve, doctor...) out of GPU memory: one line with torch's first sentences and what to
-    change, not a traceback."""
+    change, not a traceback (helper-104: naming the commands that take --micro-batch, zoo sweep and lr-find too)."""
     import zoo.predict
 
     def no_memory(*args, **kwargs):
@@ -98,5 +98,120 @@ def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_
     assert "Traceback" not in result.output
     assert result.stderr.splitlines()[-1] == (
         "zoo: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (finetune, lr-find, sweep: "
-        "or --micro-batch, the same steps in passes of fewer images) or a smaller --img-size")
+        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune, sweep and "
+        "lr-find: --micro-batch, the same steps in passes of fewer images) or a smaller --img-size")
+
+
+def _options() -> list[str]:
+    return ["--freeze", "head", "--no-fast-head", "--epochs", "2", "--workers", "0", "--batch-size", "8",
+            "--no-export", "--quiet", "--seed", "3"]
+
+
+def test_out_of_memory_in_the_first_step_continues_the_run_with_its_resume_command(tmp_path, monkeypatch):
+    """helper-104: the first step out of memory (where a batch too big meets the device) named no command: `the run
+    is in RUN; start again with --micro-batch 4`, and the same command again was refused (RUN holds a run). It
+    names the resume of the run (epoch 0's checkpoint, on disk before the line), which trains it in passes."""
+    from finetune.engine import passes
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(model, x, *args):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: {SAID}: before the first epoch ended; the run is in {run}; continue in passes of 4 images (the "
+        f"same steps) with `zoo finetune --resume {run} --micro-batch 4`")
+    resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_out_of_memory_after_training_names_the_resume_that_writes_the_end(tmp_path, monkeypatch):
+    """helper-104: out of memory after the last epoch (the head guard's or the final evaluation, before
+    summary.json) reached the handler of other commands: `start again with a smaller --batch-size`, as if nothing
+    were saved. It says what is saved and the resume, which trains nothing and writes the run's end."""
+    from finetune.engine.trainer import Trainer
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_guard_head", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: {SAID}: epochs up to 2 are saved in {run}; continue in passes of 4 images (the same steps) "
+        f"with `zoo finetune --resume {run} --micro-batch 4`")
+    assert not (run / "summary.json").exists()
+    resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / "summary.json").is_file() and [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_out_of_memory_on_another_rank_names_the_resume_command(tmp_path):
+    """helper-104: under torchrun the rank that runs out of memory first may not be rank 0, and its line is the one
+    seen: it said `rank 0 saves RUN; start again with --micro-batch 4` (the same command is refused: RUN holds a
+    run); it names the resume in passes, as its interrupted line names the resume."""
+    from finetune.core import distributed as ddp
+    from finetune.engine.runfolder import RunFolder
+
+    run = tmp_path / "run"
+    other = RunFolder(run, ddp.DistInfo(rank=1, world_size=2, local_rank=1, enabled=True))
+    said = str(other.stopped(1, torch.OutOfMemoryError(TORCH_OOM), 8))
+    assert said == (f"{SAID}: rank 0 saves {run}; continue in passes of 4 images (the same steps) with "
+                    f"`zoo finetune --resume {run} --micro-batch 4`")
+
+
+CUDA_ERROR = ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call, "
+              "so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+              "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+CUBLAS = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+
+
+def test_cuda_s_own_allocation_failing_is_out_of_memory_too(tmp_path, bundle, monkeypatch):  # noqa: F811
+    """helper-104: CUDA's own allocations (the cuBLAS handle a first matmul creates on a full device, a stream)
+    fail as a RuntimeError, not torch's OutOfMemoryError: a run stopped by one went through the generic error path
+    (no resume in passes) and other commands showed a traceback; both say what the OutOfMemoryError says, with the
+    error's first line (not torch's advice on CUDA_LAUNCH_BLOCKING)."""
+    import zoo.predict
+    from finetune.core.errors import is_out_of_memory, memory_text
+    from finetune.engine import passes
+
+    assert is_out_of_memory(RuntimeError(CUDA_ERROR)) and memory_text(RuntimeError(CUDA_ERROR)) == \
+        "CUDA error: out of memory"
+    assert not is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(CUBLAS)
+
+    monkeypatch.setattr(zoo.predict, "predict_probs", no_memory)
+    image = make_image_folder(tmp_path / "img", per_class=1) / "cat"
+    result = invoke("predict", bundle, image)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.stderr.splitlines()[-1].startswith(f"zoo: error: out of memory ({CUBLAS}): start again with")
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "full"
+
+    def device_full(model, x, *args):
+        raise RuntimeError(CUDA_ERROR)
+
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", device_full)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: out of memory in a forward pass of 8 image(s) (CUDA error: out of memory): before the first "
+        f"epoch ended; the run is in {run}; continue in passes of 4 images (the same steps) with "
+        f"`zoo finetune --resume {run} --micro-batch 4`")

@@ -94,8 +94,8 @@ class ZooGroup(click.Group):
         except (MemoryError, RuntimeError) as err:     # a batch too big for the device (not zoo finetune's steps:
             if debug or not is_out_of_memory(err):     # its runs say what is saved, finetune.engine.runfolder)
                 raise
-            fail(f"out of memory ({memory_text(err)}): start again with a smaller --batch-size (finetune, lr-find, "
-                 "sweep: or --micro-batch, the same steps in passes of fewer images) or a smaller --img-size", 1)
+            fail(f"out of memory ({memory_text(err)}): start again with a smaller --batch-size (zoo finetune, sweep "
+                 "and lr-find: --micro-batch, the same steps in passes of fewer images) or a smaller --img-size", 1)
         except OSError as err:
             if console.is_broken_pipe(err) and err.filename is None:
                 # a write to stdout/stderr outside console.echo (a library's own print) met a closed pipe

@@ -206,8 +206,8 @@ def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout
         ConfigError: the layer, and what to change (a larger --batch-size, --bn eval, --head linear).
     """
     per = ddp.per_rank_batch(int(config.batch_size), info)
-    if per > 1 and int(config.micro_batch) != 1:
-        return    # two images give every channel two values
+    if per > 1 and int(config.micro_batch) not in (1, 2):
+        return    # two images give every channel two values (passes of 1 or 2 leave an odd batch a pass of 1)
     counts = train_set.class_counts()
     model = meta_network(entry, fc_dropout=fc_dropout)
     if model is None:
