@@ -576,6 +576,23 @@ def test_sync_bn_needs_gpus_under_torchrun():
     check_machine(FinetuneConfig(device="cpu", batch_size=8, bn="train", sync_bn=True), ddp.DistInfo())
 
 
+
+def test_sync_bn_with_micro_batches_is_refused_before_any_work(monkeypatch):
+    """helper-104: SyncBatchNorm gathers each forward pass's statistics from every process, so with --micro-batch a
+    rank that lost images to decoding (fewer passes) or stands in for a failed batch (one pass) would hang the job
+    in a collective the others never join: refused before the run writes anything; one process takes both."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.engine import check_machine, runtime
+
+    monkeypatch.setattr(runtime, "resolve_device", lambda device, info=None: torch.device("cuda", 0))
+    two = ddp.DistInfo(rank=0, world_size=2, enabled=True)
+    config = FinetuneConfig(device="cuda", batch_size=8, bn="train", sync_bn=True)
+    check_machine(config, two)
+    with pytest.raises(ConfigError, match="--sync-bn and --micro-batch do not go together"):
+        check_machine(config.replace(micro_batch=2), two)
+    check_machine(config.replace(device="cpu", micro_batch=2), ddp.DistInfo())
+
+
 def test_leave_ends_the_group_once(tmp_path):
     """ddp.leave: a barrier, then the group is destroyed; a second call (the job's end after _finish left) is a
     no-op, as is a run outside torchrun."""
