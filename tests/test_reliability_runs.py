@@ -664,6 +664,7 @@ def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overw
     its name) is gone, or older than UNLOCKED_TEMP_S; one a live process may be writing now stays."""
     import time
 
+    from finetune.core.io import _host_tag
     from zoo.outdir import MARKER, UNLOCKED_TEMP_S, claim_out
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -672,15 +673,18 @@ def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overw
     (run / "checkpoints").mkdir(parents=True)
     (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
     (run / "metrics.csv").write_text("epoch\n")
-    killed, old = run / f".report.html.{dead.pid}.ab12cd34.tmp", run / ".report.html.zz11yy22.tmp"
-    writing, cut = run / f".report.html.{os.getpid()}.q8w7e6r5.tmp", run / ".summary.json.k3j_9xz1.tmp"
-    for temp in (killed, old, writing, cut):
+    here = _host_tag()
+    killed, old = run / f".report.html.{dead.pid}@{here}.ab12cd34.tmp", run / ".report.html.zz11yy22.tmp"
+    writing, cut = run / f".report.html.{os.getpid()}@{here}.q8w7e6r5.tmp", run / ".summary.json.k3j_9xz1.tmp"
+    # (helper-104) another host's writer, on a shared file system: its pid means nothing here, only its age counts
+    elsewhere = run / f".report.html.{dead.pid}@{'0' * 6 if here != '0' * 6 else '1' * 6}.m1n2b3v4.tmp"
+    for temp in (killed, old, writing, cut, elsewhere):
         temp.write_text("x")
     then = time.time() - UNLOCKED_TEMP_S - 3600      # (an earlier version's name, without the pid)
     os.utime(old, (then, then))
     with claim_out(run, "finetune", resume=mode == "resume", overwrite=mode == "overwrite") as got:
         assert got == mode
-    assert not killed.exists() and not old.exists() and not cut.exists() and writing.exists()
+    assert not killed.exists() and not old.exists() and not cut.exists() and writing.exists() and elsewhere.exists()
 
 
 def test_atomic_write_names_its_temp_file_with_its_pid(tmp_path):
@@ -692,6 +696,8 @@ def test_atomic_write_names_its_temp_file_with_its_pid(tmp_path):
     assert is_temp(seen[0]) and temp_writer(seen[0], "report.html") == os.getpid()
     assert temp_writer(".report.html.zz11yy22.tmp", "report.html") is None
     assert temp_writer(f".summary.json.{os.getpid()}.zz11yy22.tmp", "report.html") is None
+    other = "0" * 6 if seen[0].split("@")[1][:6] != "0" * 6 else "1" * 6       # another host's tag
+    assert temp_writer(f".report.html.{os.getpid()}@{other}.zz11yy22.tmp", "report.html") is None
 
 
 @pytest.mark.parametrize("kind", ["loop", "dangling"])

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -120,11 +121,16 @@ def is_temp(entry: str) -> bool:
 
 
 def temp_writer(entry: str, name: str) -> int | None:
-    """The pid of the process whose :func:`atomic_write` of ``name`` made the temp file ``entry`` (in its name);
-    None for another entry, or a temp made before the pid was put in the name."""
-    found = re.fullmatch(r"(\d+)\.[a-z0-9_]{8}", entry[len(name) + 2:-len(_TEMP_SUFFIX)]) \
+    """The pid of the process on this host whose :func:`atomic_write` of ``name`` made the temp file ``entry`` (in
+    its name, with its host's tag); None for another entry, another host's writer (a shared file system: its pid
+    means nothing here), or a temp made before the pid was put in the name."""
+    found = re.fullmatch(r"(\d+)@([0-9a-f]{6})\.[a-z0-9_]{8}", entry[len(name) + 2:-len(_TEMP_SUFFIX)]) \
         if is_temp_of(entry, name) else None
-    return int(found.group(1)) if found else None
+    return int(found.group(1)) if found and found.group(2) == _host_tag() else None
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -138,7 +144,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # (the writer's pid in the name: where no lock keeps other writers out, a temp whose writer is gone is known
     # as a write cut short, `temp_writer`)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_host_tag()}.", suffix=_TEMP_SUFFIX,
+                               dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
