@@ -702,21 +702,29 @@ def test_resume_with_another_out_is_refused_not_ignored(tmp_path, tiny):
     assert same.exit_code == 0 and "finished after epoch 1" in same.stderr
 
 
-@pytest.mark.parametrize("where", ["_export", "_report_html"])
-def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(tmp_path, tiny, monkeypatch, where):
-    """QA: Ctrl-C while the bundle or report.html was written said only `zoo: interrupted`, as if the run
-    were lost; every epoch is saved and two commands write what is missing."""
-    import zoo.jobs.finetune as job
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
 
-    def ctrl_c(*a, **k):
-        raise KeyboardInterrupt
+
+def _ctrl_c_in(tmp_path, tiny, monkeypatch, where: str):
+    """(data, RUN, the CLI's result) of a run that Ctrl-C stopped in ``zoo.jobs.finetune``'s ``where`` (exit 130,
+    no traceback: asserted)."""
+    import zoo.jobs.finetune as job
 
     data = make_image_folder(tmp_path / "data", per_class=6)
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(job, where, ctrl_c)
+        m.setattr(job, where, _ctrl_c)
         res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
-    assert res.exit_code == 130
+    assert res.exit_code == 130 and "Traceback" not in res.output, res.output
+    return data, out, res
+
+
+@pytest.mark.parametrize("where", ["_export", "_report_html"])
+def test_ctrl_c_after_training_says_the_run_is_whole_and_how_to_write_the_rest(tmp_path, tiny, monkeypatch, where):
+    """QA: Ctrl-C while the bundle or report.html was written said only `zoo: interrupted`, as if the run
+    were lost; every epoch is saved and two commands write what is missing."""
+    data, out, res = _ctrl_c_in(tmp_path, tiny, monkeypatch, where)
     bundle = f"its bundle with `zoo export {out}` and " if where == "_export" else ""
     assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted after training: {out} holds the finished "
                                                    f"run; write {bundle}its page with `zoo report {out}`")
@@ -768,18 +776,9 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_trained_and_what_to
     left), as did one during fit's set-up. Now the line says what was lost and what to run: the same command
     (the folder this command claimed is gone again), or with --overwrite where the set-up left the scan; the
     same moment of a resume says the run is as it was and how to continue it."""
-    import zoo.jobs.finetune as job
     import zoo.jobs.resume as resume
 
-    def ctrl_c(*a, **k):
-        raise KeyboardInterrupt
-
-    data = make_image_folder(tmp_path / "data", per_class=6)
-    out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        m.setattr(job, where, ctrl_c)
-        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
-    assert res.exit_code == 130 and "Traceback" not in res.output
+    data, out, res = _ctrl_c_in(tmp_path, tiny, monkeypatch, where)
     if where == "fit":      # (after scan.json and model.json: the next command with --out calls it a run)
         want = (f"interrupted before training: nothing was trained, {out} holds its scan and no checkpoint; start "
                 "it again with the same command and --overwrite")
@@ -791,7 +790,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_trained_and_what_to
     assert res.stderr.strip().splitlines()[-1] == f"zoo: error: {want}"
     (out / "summary.json").unlink()       # a run stopped before its end: the resume scans, builds and fits again
     with monkeypatch.context() as m:
-        m.setattr(resume, where, ctrl_c)
+        m.setattr(resume, where, _ctrl_c)
         res = invoke("finetune", "--resume", out)
     assert res.exit_code == 130 and "Traceback" not in res.output
     assert res.stderr.strip().splitlines()[-1] == (f"zoo: error: interrupted before training went on: {out} keeps "

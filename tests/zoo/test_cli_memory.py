@@ -107,23 +107,29 @@ def _options() -> list[str]:
             "--no-export", "--quiet", "--seed", "3"]
 
 
+def _stopped_out_of_memory(tmp_path, monkeypatch, owner, name: str):
+    """(RUN, the CLI's result) of a 2-epoch run whose ``owner.name`` runs out of GPU memory (exit 1 asserted)."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1, result.output
+    return run, result
+
+
 def test_out_of_memory_in_the_first_step_continues_the_run_with_its_resume_command(tmp_path, monkeypatch):
     """helper-104: the first step out of memory (where a batch too big meets the device) named no command: `the run
     is in RUN; start again with --micro-batch 4`, and the same command again was refused (RUN holds a run). It
     names the resume of the run (epoch 0's checkpoint, on disk before the line), which trains it in passes."""
     from finetune.engine import passes
 
-    tiny = register_tiny(tmp_path, monkeypatch)
-    data = make_image_folder(tmp_path / "data", per_class=6)
-    run = tmp_path / "run"
-
-    def no_memory(model, x, *args):
-        raise torch.OutOfMemoryError(TORCH_OOM)
-
-    with monkeypatch.context() as m:
-        m.setattr(passes, "train_forward", no_memory)
-        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
-    assert result.exit_code == 1, result.output
+    run, result = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward")
     assert result.stderr.splitlines()[-1] == (
         f"zoo: error: {SAID}: before the first epoch ended; the run is in {run}; continue in passes of 4 images (the "
         f"same steps) with `zoo finetune --resume {run} --micro-batch 4`")
@@ -138,17 +144,7 @@ def test_out_of_memory_after_training_names_the_resume_that_writes_the_end(tmp_p
     were saved. It says what is saved and the resume, which trains nothing and writes the run's end."""
     from finetune.engine.trainer import Trainer
 
-    tiny = register_tiny(tmp_path, monkeypatch)
-    data = make_image_folder(tmp_path / "data", per_class=6)
-    run = tmp_path / "run"
-
-    def no_memory(self):
-        raise torch.OutOfMemoryError(TORCH_OOM)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "_guard_head", no_memory)
-        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
-    assert result.exit_code == 1, result.output
+    run, result = _stopped_out_of_memory(tmp_path, monkeypatch, Trainer, "_guard_head")
     assert result.stderr.splitlines()[-1] == (
         f"zoo: error: {SAID}: epochs up to 2 are saved in {run}; continue in passes of 4 images (the same steps) "
         f"with `zoo finetune --resume {run} --micro-batch 4`")
