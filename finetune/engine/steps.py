@@ -15,8 +15,8 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.engine.drops import SharedDropout
 from finetune.engine.mixing import BatchMix
-from finetune.engine.passes import (FULL, as_before, diverged, loss_parts, optimizer_step, pass_bounds, stand_in_step,
-                                    stepped, take_step, train_forward)
+from finetune.engine.passes import (FULL, as_before, diverged, loss_parts, pass_bounds, stand_in_step, stepped,
+                                    take_step, train_forward)
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.metrics import accuracy_text, per_class_accuracy
 from finetune.core.progress import LogLines
