@@ -20,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,12 +84,14 @@ def main() -> None:
         args.micro = args.child_micro
         child(args)
         return
+    with tempfile.TemporaryDirectory(prefix="bench_micro_") as tmp:      # each setting's weights, compared
+        _rounds(args, [int(m) for m in args.micro.split(",")], Path(tmp))
+
+
+def _rounds(args: argparse.Namespace, settings: list[int], out: Path) -> None:
     import torch     # lazy: the children import it for their own memory figures
 
-    settings = [int(m) for m in args.micro.split(",")]
     results: dict[int, list[dict]] = {m: [] for m in settings}
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_micro_{os.getpid()}"
-    out.mkdir(exist_ok=True)
     for r in range(args.rounds):
         for m in settings[r % len(settings):] + settings[:r % len(settings)]:      # rotating order
             cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
