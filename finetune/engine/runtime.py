@@ -101,18 +101,19 @@ def check_sync_bn(config: Any, info: ddp.DistInfo, device: torch.device) -> None
     """``--sync-bn`` under torchrun needs CUDA devices (torch's SyncBatchNorm has no CPU kernel: the first
     training step would raise).
 
-    With ``--micro-batch`` it is refused: SyncBatchNorm gathers the statistics of every forward pass from all the
+    With ``--micro-batch`` and ``--bn train`` it is refused (with ``--bn eval`` no layer is synchronised,
+    ``setup._sync_bn``): SyncBatchNorm gathers the statistics of every forward pass from all the
     processes, so each must take as many passes, which a process whose images failed to decode (fewer images,
     fewer passes) or that stands in for a batch that failed whole (one pass) does not: the job would hang.
 
     Raises:
-        ConfigError: it is asked for on several processes of another device, or with --micro-batch.
+        ConfigError: it is asked for on several processes of another device, or with --micro-batch and --bn train.
     """
     if not (getattr(config, "sync_bn", False) and info.enabled):
         return
     if device.type != "cuda":
         raise ConfigError("--sync-bn needs GPUs: torch's SyncBatchNorm runs on CUDA devices only; leave it out here")
-    if int(getattr(config, "micro_batch", 0)):
+    if int(getattr(config, "micro_batch", 0)) and getattr(config, "bn", "eval") == "train":   # (eval: no layer syncs)
         raise ConfigError("--sync-bn and --micro-batch do not go together: SyncBatchNorm shares each forward pass's "
                           "statistics between the processes, which must then take the same passes (a process that "
                           "lost images to decoding takes fewer); use --bn eval (the default with pretrained weights) "

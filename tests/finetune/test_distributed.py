@@ -593,6 +593,18 @@ def test_sync_bn_with_micro_batches_is_refused_before_any_work(monkeypatch):
     check_machine(config.replace(device="cpu", micro_batch=2), ddp.DistInfo())
 
 
+def test_sync_bn_with_micro_batches_and_frozen_statistics_runs(monkeypatch):
+    """helper-106: with --bn eval (the default with pretrained weights, which the refusal names as the way out)
+    --sync-bn synchronises no layer (a note says so), so --micro-batch beside it is no hang: not refused (was
+    refused, and with the very option the line told the user to use)."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.engine import check_machine, runtime
+
+    monkeypatch.setattr(runtime, "resolve_device", lambda device, info=None: torch.device("cuda", 0))
+    two = ddp.DistInfo(rank=0, world_size=2, enabled=True)
+    check_machine(FinetuneConfig(device="cuda", batch_size=8, bn="eval", sync_bn=True, micro_batch=2), two)
+
+
 def test_leave_ends_the_group_once(tmp_path):
     """ddp.leave: a barrier, then the group is destroyed; a second call (the job's end after _finish left) is a
     no-op, as is a run outside torchrun."""
