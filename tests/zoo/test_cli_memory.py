@@ -98,8 +98,27 @@ def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_
     assert "Traceback" not in result.output
     assert result.stderr.splitlines()[-1] == (
         "zoo: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size (zoo finetune, sweep and "
-        "lr-find: --micro-batch, the same steps in passes of fewer images) or a smaller --img-size")
+        "79.19 GiB of which 1.06 GiB is free): start again with a smaller --batch-size")
+
+
+def test_the_out_of_memory_line_names_only_options_the_command_takes():
+    """helper-106: the line of every command named --micro-batch and --img-size (zoo predict, eval and doctor take
+    neither: the command it advised was refused, 'No such option'), and --batch-size to zoo export and serve. It
+    names the options of the command that ran out of memory; one without any, the device."""
+    import re
+
+    import click
+
+    for name, command in cli.commands.items():
+        ctx = click.Context(cli)
+        ctx.invoked_subcommand = name
+        advice = cli._memory_advice(ctx)
+        takes = {o for p in command.params for o in getattr(p, "opts", ())}
+        assert set(re.findall(r"--[a-z-]+", advice)) <= takes, (name, advice)
+    ctx = click.Context(cli)
+    ctx.invoked_subcommand = "lr-find"
+    assert cli._memory_advice(ctx) == ("start again with a smaller --batch-size, --micro-batch (the same steps in "
+                                       "passes of fewer images) or a smaller --img-size")
 
 
 def _options() -> list[str]:

@@ -60,6 +60,18 @@ class ZooGroup(click.Group):
         with console.session(ctx.meta.get("zoo.args", [])), sigterm_as_interrupt():
             return self._invoke(ctx)
 
+    def _memory_advice(self, ctx: click.Context) -> str:
+        """What to change after the device ran out of memory: the options of the command run that take less of it
+        (zoo eval has no --img-size, zoo export no --batch-size: naming them got the command refused)."""
+        command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+        takes = {o for p in (command.params if command is not None else ()) for o in getattr(p, "opts", ())}
+        ways = [way for option, way in (("--batch-size", "a smaller --batch-size"),
+                                        ("--micro-batch", "--micro-batch (the same steps in passes of fewer images)"),
+                                        ("--img-size", "a smaller --img-size")) if option in takes]
+        if not ways:
+            return "free the device's memory (other processes on it) and start again, or use a larger device"
+        return "start again with " + (", ".join(ways[:-1]) + " or " if len(ways) > 1 else "") + ways[-1]
+
     def _invoke(self, ctx: click.Context):
         rank = process.launcher_rank()
         main, shared = rank == 0, process.under_torchrun()    # (a RANK without torchrun: every rank says it)
@@ -94,8 +106,7 @@ class ZooGroup(click.Group):
         except (MemoryError, RuntimeError) as err:     # a batch too big for the device (not zoo finetune's steps:
             if debug or not is_out_of_memory(err):     # its runs say what is saved, finetune.engine.runfolder)
                 raise
-            fail(f"out of memory ({memory_text(err)}): start again with a smaller --batch-size (zoo finetune, sweep "
-                 "and lr-find: --micro-batch, the same steps in passes of fewer images) or a smaller --img-size", 1)
+            fail(f"out of memory ({memory_text(err)}): {self._memory_advice(ctx)}", 1)
         except OSError as err:
             if console.is_broken_pipe(err) and err.filename is None:
                 # a write to stdout/stderr outside console.echo (a library's own print) met a closed pipe
