@@ -1,6 +1,7 @@
 """Errors raised by the training engine. ``finetune`` never imports ``zoo``; the CLI maps these too."""
 from __future__ import annotations
 
+import re
 import sys
 
 __all__ = ["FinetuneError", "ConfigError", "FreezeTooDeepError", "DataError",
@@ -54,8 +55,10 @@ class OutOfMemory(FinetuneError):
 
 
 # CUDA's own allocations outside torch's caching allocator, on a device it filled: the cuBLAS handle and workspace a
-# first matmul creates, a stream, cuDNN's workspace: a RuntimeError, not torch's OutOfMemoryError
-_DEVICE_ALLOC_FAILED = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+# first matmul creates, a stream, cuDNN's workspace: a RuntimeError, not torch's OutOfMemoryError. Its first line
+# (what memory_text shows) starts with CUDA's error or names the library's status; an error that quotes one further
+# on (a DataLoader worker's re-raised traceback, a message about another error) keeps its traceback
+_DEVICE_ALLOC_FAILED = re.compile(r"CUDA error: out of memory\b|.*\b(CUBLAS|CUDNN)_STATUS_ALLOC_FAILED\b")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -63,7 +66,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     to ask: nothing else raises it) or CUDA's own allocation failing (a RuntimeError naming it)."""
     torch = sys.modules.get("torch")
     return (isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
-            or (isinstance(err, RuntimeError) and any(s in str(err) for s in _DEVICE_ALLOC_FAILED)))
+            or (isinstance(err, RuntimeError) and _DEVICE_ALLOC_FAILED.match(str(err).strip()) is not None))
 
 
 def stops_run(err: BaseException) -> bool:

@@ -205,6 +205,12 @@ def test_cuda_s_own_allocation_failing_is_out_of_memory_too(tmp_path, bundle, mo
     assert is_out_of_memory(RuntimeError(CUDA_ERROR)) and memory_text(RuntimeError(CUDA_ERROR)) == \
         "CUDA error: out of memory"
     assert not is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+    # helper-106: one that quotes it past its first line or mid-sentence is another error, its traceback kept
+    worker = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              f"  File \"x.py\", line 1, in f\nRuntimeError: {CUDA_ERROR}")
+    assert not is_out_of_memory(RuntimeError(worker))
+    assert not is_out_of_memory(RuntimeError("the hook failed after an earlier CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
 
     def no_memory(*args, **kwargs):
         raise RuntimeError(CUBLAS)
