@@ -236,3 +236,30 @@ def test_cuda_s_own_allocation_failing_is_out_of_memory_too(tmp_path, bundle, mo
         f"zoo: error: out of memory in a forward pass of 8 image(s) (CUDA error: out of memory): before the first "
         f"epoch ended; the run is in {run}; continue in passes of 4 images (the same steps) with "
         f"`zoo finetune --resume {run} --micro-batch 4`")
+
+
+def test_out_of_memory_in_fit_s_set_up_names_the_overwrite_the_same_command_needs(tmp_path, monkeypatch):
+    """helper-106: the device out of memory in fit's set-up (the model moved to a full GPU), after the run folder
+    got its scan.json and model.json: the line said `start again with a smaller --batch-size ...`, and that command
+    was refused (RUN holds a run) as was its --resume (no config.yaml). It says nothing was trained and names
+    --overwrite, as Ctrl-C at that moment does; the command it names then runs."""
+    import finetune.tools.train
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune.tools.train, "build_setup", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    torch_said = SAID.split(" (", 1)[1][:-1]      # torch's first sentences
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: out of memory ({torch_said}) before training: nothing was trained, {run} holds its scan and no "
+        "checkpoint; start it again with the same command and --overwrite, a smaller --batch-size, --micro-batch N "
+        "or a smaller --img-size")
+    again = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), "--overwrite", "--micro-batch", "4")
+    assert again.exit_code == 0, again.output
