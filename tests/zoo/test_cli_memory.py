@@ -263,3 +263,27 @@ def test_out_of_memory_in_fit_s_set_up_names_the_overwrite_the_same_command_need
         "or a smaller --img-size")
     again = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), "--overwrite", "--micro-batch", "4")
     assert again.exit_code == 0, again.output
+
+
+def test_out_of_memory_in_a_resume_s_set_up_names_the_resume_in_smaller_passes(tmp_path, monkeypatch):
+    """helper-106: `zoo finetune --resume RUN` out of memory in fit's set-up (the checkpoint or the model moved to a
+    full GPU) said `start again with a smaller --batch-size ...`, which a resume refuses (changed batch_size). It
+    says the run keeps its epochs and names the resume in passes of half the batch, which then runs."""
+    import finetune.tools.train
+    from finetune.engine import passes
+
+    run, _ = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward")
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune.tools.train, "build_setup", no_memory)
+        result = invoke("finetune", "--resume", run, "--workers", "0", "--quiet", "--no-export")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    torch_said = SAID.split(" (", 1)[1][:-1]
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: out of memory before training went on ({torch_said}): {run} keeps its epochs as they were; "
+        f"continue in passes of fewer images with `zoo finetune --resume {run} --micro-batch 4`")
+    resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
+    assert resumed.exit_code == 0, resumed.output

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import load_checkpoint
 from finetune.core.config import FinetuneConfig, load_resume_config
-from finetune.core.errors import CheckpointError, Interrupted
+from finetune.core.errors import CheckpointError, Interrupted, OutOfMemory, is_out_of_memory, memory_text
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
@@ -272,6 +272,15 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     kwargs = info_json.get("builder_kwargs")
     fc_dropout = (kwargs or {}).get("drop_rate", 0.0) if has_fc_dropout(entry) else None
     model = build_for_training(entry, False, config.seed, fc_dropout)
-    result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
-                 head=info_json["classifier"], run_dir=run_dir, resume=True, log=say, feature_cache=feature_cache(say))
+    try:
+        result = fit(model, info_json["stages"], info_json["data_config"], report.train, report.val, config,
+                     head=info_json["classifier"], run_dir=run_dir, resume=True, log=say,
+                     feature_cache=feature_cache(say))
+    except (MemoryError, RuntimeError) as e:   # fit's set-up (its steps say theirs): --batch-size may not change here
+        if not is_out_of_memory(e):
+            raise
+        smaller = max(1, (int(config.micro_batch) or ddp.per_rank_batch(int(config.batch_size), info)) // 2)
+        again = f"{shell_command('zoo', 'finetune', '--resume', run_dir)} --micro-batch {smaller}"
+        raise OutOfMemory(f"out of memory before training went on ({memory_text(e)}): {run_dir} keeps its epochs as "
+                          f"they were; continue in passes of fewer images with `{again}`") from None
     return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
