@@ -83,7 +83,8 @@ def test_out_of_memory_in_epoch_2_saves_epoch_1_and_resumes_in_smaller_passes_as
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
 
 
-def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(tmp_path, bundle, monkeypatch):  # noqa: F811
+def test_out_of_memory_of_another_command_is_one_line_naming_the_batch_size(  # noqa: F811 (bundle: a fixture)
+        tmp_path, bundle, monkeypatch):
     """`zoo predict` (eval, serve, doctor...) out of GPU memory: one line with torch's first sentences and what to
     change, not a traceback (helper-104: naming the commands that take --micro-batch, zoo sweep and lr-find too)."""
     import zoo.predict
@@ -127,7 +128,8 @@ def _options() -> list[str]:
 
 
 def _stopped_out_of_memory(tmp_path, monkeypatch, owner, name: str):
-    """(RUN, the CLI's result) of a 2-epoch run whose ``owner.name`` runs out of GPU memory (exit 1 asserted)."""
+    """(RUN, the CLI's result, the model's name, the data folder) of a 2-epoch run whose ``owner.name`` runs out of
+    GPU memory (exit 1 asserted)."""
     tiny = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=6)
     run = tmp_path / "run"
@@ -139,7 +141,7 @@ def _stopped_out_of_memory(tmp_path, monkeypatch, owner, name: str):
         m.setattr(owner, name, no_memory)
         result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
     assert result.exit_code == 1, result.output
-    return run, result
+    return run, result, tiny, data
 
 
 def test_out_of_memory_in_the_first_step_continues_the_run_with_its_resume_command(tmp_path, monkeypatch):
@@ -148,7 +150,7 @@ def test_out_of_memory_in_the_first_step_continues_the_run_with_its_resume_comma
     names the resume of the run (epoch 0's checkpoint, on disk before the line), which trains it in passes."""
     from finetune.engine import passes
 
-    run, result = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward")
+    run, result, _, _ = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward")
     assert result.stderr.splitlines()[-1] == (
         f"zoo: error: {SAID}: before the first epoch ended; the run is in {run}; continue in passes of 4 images (the "
         f"same steps) with `zoo finetune --resume {run} --micro-batch 4`")
@@ -163,7 +165,7 @@ def test_out_of_memory_after_training_names_the_resume_that_writes_the_end(tmp_p
     were saved. It says what is saved and the resume, which trains nothing and writes the run's end."""
     from finetune.engine.trainer import Trainer
 
-    run, result = _stopped_out_of_memory(tmp_path, monkeypatch, Trainer, "_guard_head")
+    run, result, _, _ = _stopped_out_of_memory(tmp_path, monkeypatch, Trainer, "_guard_head")
     assert result.stderr.splitlines()[-1] == (
         f"zoo: error: {SAID}: epochs up to 2 are saved in {run}; continue in passes of 4 images (the same steps) "
         f"with `zoo finetune --resume {run} --micro-batch 4`")
@@ -245,17 +247,8 @@ def test_out_of_memory_in_fit_s_set_up_names_the_overwrite_the_same_command_need
     --overwrite, as Ctrl-C at that moment does; the command it names then runs."""
     import finetune.tools.train
 
-    tiny = register_tiny(tmp_path, monkeypatch)
-    data = make_image_folder(tmp_path / "data", per_class=6)
-    run = tmp_path / "run"
-
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError(TORCH_OOM)
-
-    with monkeypatch.context() as m:
-        m.setattr(finetune.tools.train, "build_setup", no_memory)
-        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    run, result, tiny, data = _stopped_out_of_memory(tmp_path, monkeypatch, finetune.tools.train, "build_setup")
+    assert "Traceback" not in result.output, result.output
     torch_said = SAID.split(" (", 1)[1][:-1]      # torch's first sentences
     assert result.stderr.splitlines()[-1] == (
         f"zoo: error: out of memory ({torch_said}) before training: nothing was trained, {run} holds its scan and no "
@@ -272,7 +265,7 @@ def test_out_of_memory_in_a_resume_s_set_up_names_the_resume_in_smaller_passes(t
     import finetune.tools.train
     from finetune.engine import passes
 
-    run, _ = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward")
+    run, *_ = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward")
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError(TORCH_OOM)
