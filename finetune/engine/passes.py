@@ -70,7 +70,7 @@ def take_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: 
 
 def pass_bounds(n: int, micro: int) -> list[tuple[int, int]]:
     """The rows ``(start, stop)`` of each forward pass of a batch of ``n`` images in passes of at most ``micro``
-    (0: one pass): as few passes as fit, as even as can be (9 in passes of 8: 5 + 4, not 8 + 1). A pass of one
+    (0: one pass): as few passes as fit, as even as can be (9 in passes of 8: 4 + 5, not 8 + 1). A pass of one
     image leaves a training BatchNorm layer one value per channel (torch refuses it mid-run); even passes give
     none from ``micro`` 3 up (``policy.batchnorm_batch``), and alike statistics to each pass."""
     k = -(-n // micro) if micro and n > micro else 1

@@ -152,7 +152,7 @@ def test_a_step_in_passes_on_cuda_trains_as_one_pass(data, tmp_path, monkeypatch
 
 def test_a_batch_one_image_past_the_micro_batch_gives_no_pass_of_one_image():
     """helper-104: 9 images in passes of at most 8 through a training BatchNorm (the MLP head's): the passes are
-    5 + 4, not 8 + 1, whose lone image torch's BatchNorm refused mid-run (a ConfigError naming --batch-size, which
+    4 + 5, not 8 + 1, whose lone image torch's BatchNorm refused mid-run (a ConfigError naming --batch-size, which
     was large enough); from --micro-batch 3 up no pass is one image, and 1 or 2 are refused before any step when a
     BatchNorm trains (an odd batch would leave a pass of 1)."""
     from finetune.core import distributed as ddp
