@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import (OUTPUT_MARKER, broken_link, is_temp, is_temp_of, read_json_object, shell_command,
-                              temp_writer, write_json)
+from finetune.core.io import (OUTPUT_MARKER, broken_link, is_temp, is_temp_of, read_json_object, resume_command,
+                              shell_command, temp_writer, write_json)
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, pid_alive, still_training
@@ -172,7 +172,7 @@ def _cut_short(temp: str) -> bool:
 
 def _resume_hint(kind: Kind, path: Path) -> str:
     if kind.name == "finetune":
-        return f"continue it with `{shell_command('zoo', 'finetune', '--resume', path)}`, "
+        return f"continue it with `{resume_command(path)}`, "
     if kind.resumable:
         return "continue it with --resume, "
     return ""

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from finetune.core.checkpoint import LAST
+from finetune.core.io import resume_command
 from finetune.core.errors import ConfigError, FinetuneError
-from finetune.core.io import shell_command
 
 __all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
@@ -243,8 +243,7 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
     first = text.split("] ", 1)[-1].split(". ")[0].strip()     # gloo: "[.../pair.cc:545] Read error ...: ..."
     reason = first.splitlines()[0][:200] if first else type(err).__name__
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
-        resume = shell_command("zoo", "finetune", "--resume", run_dir)
-        then = f"{run_dir} keeps its last checkpoint: continue with `{resume}`"
+        then = f"{run_dir} keeps its last checkpoint: continue with `{resume_command(run_dir)}`"
     else:
         then = "no epoch was saved: start the run again"
     if _TIMED_OUT.search(text):      # (gloo's "Timed out waiting 1800000ms for recv", NCCL's watchdog): alive

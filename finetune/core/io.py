@@ -26,8 +26,7 @@ __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "prin
            "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "temp_writer",
-           "read_json_object",
-           "sha256_file", "yaml_problem", "human_size"]
+           "read_json_object", "sha256_file", "yaml_problem", "human_size", "resume_command"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -131,6 +130,12 @@ def temp_writer(entry: str, name: str) -> int | None:
 
 def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def resume_command(run_dir: str | Path, *more: str | Path) -> str:
+    """The command that continues the ``zoo finetune`` run in ``run_dir`` from its checkpoint (``more``: options after
+    it), quoted to paste into a shell: the one spelling of every line that names it."""
+    return shell_command("zoo", "finetune", "--resume", run_dir, *more)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

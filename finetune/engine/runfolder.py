@@ -23,8 +23,8 @@ from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import (CheckpointError, ConfigError, FinetuneError, Interrupted, OutOfMemory,
                                   memory_text)
-from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, shell_command,
-                              write_json)
+from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, resume_command,
+                              shell_command, write_json)
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
@@ -168,7 +168,7 @@ class RunFolder:
 
     def resume_command(self) -> str:
         """The command that continues this run, quoted to paste into a shell."""
-        return shell_command("zoo", "finetune", "--resume", self.path)
+        return resume_command(self.path)
 
     # --- writers
     def start(self, config: FinetuneConfig, train_set, val_set, device: torch.device, info: ddp.DistInfo,

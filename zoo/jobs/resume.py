@@ -18,7 +18,7 @@ from finetune.core.errors import CheckpointError, Interrupted, OutOfMemory, is_o
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
-from finetune.core.io import shell_command
+from finetune.core.io import resume_command, shell_command
 from finetune.engine import idle_gpus_note, resolve_device
 from zoo.build import has_fc_dropout
 from zoo.bundle import is_final_export
@@ -159,7 +159,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         return outcome
     except KeyboardInterrupt:     # before fit's handler (the scan, the model build): the run is as it was
         raise Interrupted(f"interrupted before training went on: {run_dir} keeps its epochs as they were; continue "
-                          f"with `{shell_command('zoo', 'finetune', '--resume', run_dir)}`") from None
+                          f"with `{resume_command(run_dir)}`") from None
     except RuntimeError as e:     # as in run_finetune
         ddp.raise_if_peer_lost(e, info, run_dir)
         raise
@@ -215,7 +215,7 @@ def _check_model(model: str, run_dir: Path, info_json: dict) -> None:
     except UsageError:                  # unknown, or a malformed reference: not the run's model
         named = None
     if named != trained:
-        resume = shell_command("zoo", "finetune", "--resume", run_dir)
+        resume = resume_command(run_dir)
         new = shell_command("zoo", "finetune", model, "--data", "DIR")
         raise UsageError(f"cannot resume {run_dir} with model {model}: the run trains {trained}; drop the model "
                          f"argument (`{resume}`) or name {trained}; another model needs a new run (`{new}`)")
@@ -236,7 +236,7 @@ def _scanned_root(run_dir: Path) -> Path:
     except (OSError, ValueError) as e:
         problem = f"is unreadable ({e})"
     if problem:
-        resume = shell_command("zoo", "finetune", "--resume", run_dir, "--data", "DIR")
+        resume = resume_command(run_dir, "--data", "DIR")
         raise UsageError(f"{scan_json} {problem}, and only it records the data folder the run trained on; its "
                          f"checkpoint is intact: continue with `{resume}`, DIR that "
                          "folder (the run's split.json and classes are kept, and scan.json written again)")
@@ -280,7 +280,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
         if not is_out_of_memory(e):
             raise
         smaller = max(1, (int(config.micro_batch) or ddp.per_rank_batch(int(config.batch_size), info)) // 2)
-        again = f"{shell_command('zoo', 'finetune', '--resume', run_dir)} --micro-batch {smaller}"
+        again = resume_command(run_dir, "--micro-batch", str(smaller))
         raise OutOfMemory(f"out of memory before training went on ({memory_text(e)}): {run_dir} keeps its epochs as "
                           f"they were; continue in passes of fewer images with `{again}`") from None
     return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
