@@ -16,7 +16,7 @@ from finetune.core.ema import ModelEma
 from finetune.data.loaders import close_loader, counted_images
 from finetune.data.replay import KeptPass
 from finetune.engine.drops import epoch_drops
-from finetune.engine.passes import pass_bounds
+from finetune.engine.passes import largest_pass
 from finetune.engine.setup import Setup
 from finetune.engine.runtime import warms_up
 from finetune.engine.steps import evaluate, train_one_epoch, warm_up
@@ -86,9 +86,8 @@ class LoaderSteps:
         s = self.s
         per_rank = ddp.per_rank_batch(int(s.config.batch_size), s.info)
         n = -(-len((s.train_set if train else s.val_set).items) // s.info.world_size)
-        batch = min(per_rank, n)        # in passes of at most --micro-batch: the largest
-        return (max(b - a for a, b in pass_bounds(batch, int(s.config.micro_batch))),
-                *(int(v) for v in s.data_config["input_size"]))
+        size = largest_pass(min(per_rank, n), int(s.config.micro_batch))     # in passes of at most --micro-batch
+        return (size, *(int(v) for v in s.data_config["input_size"]))
 
     @property
     def pass_images(self) -> int:

@@ -22,8 +22,8 @@ from finetune.core.errors import ConfigError, DivergedError
 from finetune.engine.runtime import AmpPolicy
 from finetune.engine.drops import SharedDropout
 
-__all__ = ["take_step", "pass_bounds", "optimizer_step", "stepped", "stand_in_step", "as_before", "train_forward",
-           "diverged", "loss_parts", "batch_loss", "FULL"]
+__all__ = ["take_step", "pass_bounds", "largest_pass", "optimizer_step", "stepped", "stand_in_step", "as_before",
+           "train_forward", "diverged", "loss_parts", "batch_loss", "FULL"]
 
 FULL = AmpPolicy("cpu", None)     # full precision: no autocast
 
@@ -76,6 +76,11 @@ def pass_bounds(n: int, micro: int) -> list[tuple[int, int]]:
     k = -(-n // micro) if micro and n > micro else 1
     cuts = [n * i // k for i in range(k + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+def largest_pass(n: int, micro: int) -> int:
+    """The most images one pass of a batch of ``n`` takes in passes of at most ``micro`` (:func:`pass_bounds`)."""
+    return max(b - a for a, b in pass_bounds(n, micro))
 
 
 def _batch_weight(loss_fn: nn.Module, target: torch.Tensor) -> torch.Tensor:

@@ -278,5 +278,9 @@ def test_out_of_memory_in_a_resume_s_set_up_names_the_resume_in_smaller_passes(t
     assert result.stderr.splitlines()[-1] == (
         f"zoo: error: out of memory before training went on ({torch_said}): {run} keeps its epochs as they were; "
         f"continue in passes of fewer images with `zoo finetune --resume {run} --micro-batch 4`")
+    with monkeypatch.context() as m:      # a --micro-batch above the batch of 8: its passes are 8 too, halved
+        m.setattr(finetune.tools.train, "build_setup", no_memory)
+        above = invoke("finetune", "--resume", run, "--micro-batch", "16", "--workers", "0", "--quiet", "--no-export")
+    assert above.stderr.splitlines()[-1].endswith(f"`zoo finetune --resume {run} --micro-batch 4`"), above.output
     resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
     assert resumed.exit_code == 0, resumed.output

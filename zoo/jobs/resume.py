@@ -20,6 +20,7 @@ from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
 from finetune.core.io import resume_command, shell_command
 from finetune.engine import idle_gpus_note, resolve_device
+from finetune.engine.passes import largest_pass
 from zoo.build import has_fc_dropout
 from zoo.bundle import is_final_export
 from zoo.errors import UsageError
@@ -279,7 +280,8 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     except (MemoryError, RuntimeError) as e:   # fit's set-up (its steps say theirs): --batch-size may not change here
         if not is_out_of_memory(e):
             raise
-        smaller = max(1, (int(config.micro_batch) or ddp.per_rank_batch(int(config.batch_size), info)) // 2)
+        # half the pass that ran out (as RunFolder.stopped says it): the largest of the batch's passes
+        smaller = max(1, largest_pass(ddp.per_rank_batch(int(config.batch_size), info), int(config.micro_batch)) // 2)
         again = resume_command(run_dir, "--micro-batch", str(smaller))
         raise OutOfMemory(f"out of memory before training went on ({memory_text(e)}): {run_dir} keeps its epochs as "
                           f"they were; continue in passes of fewer images with `{again}`") from None
