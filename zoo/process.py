@@ -4,6 +4,9 @@ run's log; the library (``finetune``, ``zoo``'s Python API) never changes them b
 The garbage collector runs its young collections less often (:func:`fewer_collections`), and at exit its
 last passes are skipped (:func:`skip_final_collection`).
 
+torch's threads: inside a container whose CPU quota is below the cores it sees (a pod's CPU limit on a big
+node), one thread per core would share the quota's time and stall each other (:func:`threads_within_quota`).
+
 glibc's malloc: large blocks are kept mapped between training steps instead of being returned to the
 kernel and faulted in again page by page on the next step (docs/benchmarks.md, "Memory the training
 step frees"), which is what jemalloc or tcmalloc would do, without preloading a library. No torch here:
@@ -15,9 +18,12 @@ import ctypes
 import functools
 import gc
 import os
+import sys
 
-__all__ = ["keep_freed_memory", "describe", "fewer_collections", "skip_final_collection", "launcher_rank",
-           "under_torchrun"]
+from finetune.core.host import cpu_quota, usable_cpus
+
+__all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
+           "launcher_rank", "under_torchrun"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
 
@@ -61,6 +67,27 @@ def keep_freed_memory() -> bool:
         return False
 
 
+@functools.cache      # once per process
+def threads_within_quota() -> int | None:
+    """Where this process's cgroup allows fewer CPUs (its quota, rounded up) than the cores it may run on, torch
+    would start a thread per core, each given a share of the quota's time, and wait at every parallel region for
+    the one the kernel throttled: set OMP_NUM_THREADS to the quota's CPUs, as ``docker run --cpus N`` users are
+    told to do by hand. Left as it is when the process already chose (OMP_NUM_THREADS set: torchrun sets 1 for
+    several processes), and once torch is imported (its thread pool read the variable). Returns the count set."""
+    quota = cpu_quota()
+    if quota is None or "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
+        return None
+    cpus = usable_cpus()     # (the quota rounded up, and at most the affinity's cores)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if cpus >= cores:
+        return None
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    return cpus
+
+
 # Objects allocated between two young collections (Python's default: 700). Importing torch, torchvision and
 # timm makes millions of long-lived objects, and the default thresholds run a full collection over them
 # again and again while they load: `import zoo.jobs.finetune, timm` 2.8 s -> 2.2 s with this
@@ -86,9 +113,13 @@ def skip_final_collection() -> None:
 
 
 def describe() -> str | None:
-    """The line a run's log gets about what this process set (None when nothing was set)."""
+    """The lines a run's log gets about what this process set, one a setting (None when nothing was set)."""
+    notes = []
     if keep_freed_memory.cache_info().currsize and keep_freed_memory():
         # in a user's words: what changes for them (speed, memory) and the switch ("glibc malloc" said nothing)
-        return ("memory: kept for the next training step once freed (faster; the process holds more RAM; "
-                "ZOO_MALLOC=system turns it off)")
-    return None
+        notes.append("memory: kept for the next training step once freed (faster; the process holds more RAM; "
+                     "ZOO_MALLOC=system turns it off)")
+    if threads_within_quota.cache_info().currsize and threads_within_quota():
+        notes.append(f"threads: {threads_within_quota()}, the CPUs this container's quota allows (fewer than the "
+                     f"cores it sees; OMP_NUM_THREADS sets another count)")
+    return "\n".join(notes) or None

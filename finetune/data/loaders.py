@@ -18,6 +18,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from finetune.data.images import load_image, load_image_tensor
 from finetune.data.imageset import ImageSet
 from finetune.core.errors import ConfigError, DataError
+from finetune.core.host import process_cpus
 from finetune.core.io import printable_name
 from finetune.core.seeding import epoch_seed, repeat_seed, sample_seed, seed_host
 
@@ -126,19 +127,18 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
                     single_pass_images: int | None = None) -> int:
     """The DataLoader worker count; a number >= 0 is used as given (0 = load in the main process).
 
-    -1 (auto), from this process's share of the usable cores (under torchrun the node's cores divided
-    between its processes, LOCAL_WORLD_SIZE): on CUDA every core of it but one (decoding is what keeps a
-    GPU waiting); on a CPU none up to 4 cores, then one per 4 cores (at most 8), since the training itself
-    runs one thread per core (docs/benchmarks.md). Never more
-    than ``batches``, the batches one pass over the loader holds: a worker prepares whole batches, so
-    more would only start processes that get nothing to do (a 3-batch pass gets 3 workers, not 15).
+    -1 (auto), from this process's share of the usable cores (``finetune.core.host.process_cpus``: a container's
+    CPU quota counts, and under torchrun the node's cores are divided between its processes): on CUDA every core
+    of it but one (decoding is what keeps a GPU waiting); on a CPU none up to 4 cores, then one per 4 cores (at
+    most 8), since the training itself runs one thread per core (docs/benchmarks.md). Never more than ``batches``,
+    the batches one pass over the loader holds: a worker prepares whole batches, so more would only start
+    processes that get nothing to do (a 3-batch pass gets 3 workers, not 15).
     A loader read once (``single_pass_images``: its image count, e.g. a feature pass) of fewer than
     MIN_IMAGES_FOR_WORKERS images gets none.
     """
     if workers >= 0:
         return workers
-    # this process's share of the node's cores: torchrun's processes on one machine split them, GPU or CPU
-    cpus = max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    cpus = process_cpus()     # (torchrun's processes on one machine split its cores, GPU or CPU)
     if str(device).startswith("cuda"):
         auto = max(0, cpus - 1)
     else:
@@ -146,14 +146,6 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     if single_pass_images is not None and single_pass_images < MIN_IMAGES_FOR_WORKERS:
         return 0
     return auto if batches is None else min(auto, max(0, int(batches)))
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on: its CPU affinity (container/cgroup pinning), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def class_weights(image_set: ImageSet) -> list[float]:

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from finetune.core.host import memory_available
+
 __all__ = ["KeptPass", "budget", "BUDGET_BYTES"]
 
 BUDGET_BYTES = 2 << 30     # at most this much memory holds one kept pass
@@ -99,52 +101,6 @@ def budget(device: torch.device) -> int:
         return min(BUDGET_BYTES, free // 8)
     if device.type != "cpu":
         return 0      # (MPS and others: their free memory is not known here)
-    available = _host_available()
+    available = memory_available()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return (min(BUDGET_BYTES, available // 4) if available is not None else BUDGET_BYTES // 8) // local
-
-
-# A container's memory limit and use (cgroup v2, then v1) with the reclaimable page cache in its memory.stat:
-# /proc/meminfo inside a container tells the whole machine's memory, not what the container may still take.
-_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
-                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-                  "total_inactive_file"))
-
-
-def _host_available() -> int | None:
-    """The host memory available to new allocations, bytes: Linux's MemAvailable, and at most what this
-    process's memory cgroup (a container's limit) leaves; None when neither is known."""
-    known = [n for n in (_meminfo("/proc/meminfo", "MemAvailable:", 1024), _cgroup_room()) if n is not None]
-    return min(known) if known else None
-
-
-def _cgroup_room() -> int | None:
-    """What the memory cgroup's limit leaves (limit - use + its inactive page cache), or None: no limit."""
-    for limit_file, usage_file, cache_key in _CGROUP_FILES:
-        try:
-            with open(limit_file, encoding="ascii") as fh:
-                raw = fh.read().strip()
-            if raw == "max":
-                return None
-            limit = int(raw)
-            with open(usage_file, encoding="ascii") as fh:
-                usage = int(fh.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit >= 1 << 60:        # cgroup v1's "no limit"
-            return None
-        cache = _meminfo(os.path.join(os.path.dirname(limit_file), "memory.stat"), cache_key + " ", 1) or 0
-        return max(0, limit - usage + cache)
-    return None
-
-
-def _meminfo(path: str, key: str, unit: int) -> int | None:
-    """The number after ``key`` on its line of ``path`` (/proc/meminfo, a cgroup's memory.stat) x ``unit``."""
-    try:
-        with open(path, encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1]) * unit
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

@@ -62,7 +62,7 @@ def test_a_batch_in_a_workers_shared_memory_is_kept_as_a_copy():
 def test_the_host_budget_is_positive_capped_and_shared_by_a_machines_processes(monkeypatch):
     one = budget(torch.device("cpu"))
     assert 0 < one <= replay.BUDGET_BYTES
-    monkeypatch.setattr(replay, "_host_available", lambda: 8 << 30)
+    monkeypatch.setattr(replay, "memory_available", lambda: 8 << 30)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")        # torchrun's 4 processes on this machine: 2 GiB / 4 each
     assert budget(torch.device("cpu")) == (2 << 30) // 4
 

@@ -55,6 +55,7 @@ class ZooGroup(click.Group):
     def invoke(self, ctx: click.Context):
         process.keep_freed_memory()      # process-wide settings belong to the entry point (zoo.process)
         process.fewer_collections()
+        process.threads_within_quota()
         # SIGTERM (a scheduler, torchrun stopping the other ranks) ends every command as Ctrl-C does: its
         # finally blocks run and it says what was saved, not a silent exit 143
         with console.session(ctx.meta.get("zoo.args", [])), sigterm_as_interrupt():

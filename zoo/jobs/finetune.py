@@ -303,8 +303,7 @@ def scan_on_main(data_dir: str | Path, config: FinetuneConfig, info, **kwargs):
 def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained: bool, lr_auto: bool,
                export: bool, kwargs: dict[str, Any], info, say: Log, excluded: list[str]) -> RunOutcome:
     say(f"model: {entry.name} ({entry.builder}, {'pretrained' if pretrained else 'random init'})")
-    note = process.describe()
-    if note:
+    for note in (process.describe() or "").splitlines():     # (what the entry point set for this process)
         say(note)
     model = build_for_training(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
     outcome = RunOutcome(run_dir=run_dir)

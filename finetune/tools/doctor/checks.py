@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.core.host import usable_cpus
 from finetune.core.io import sha256_file
 from finetune.core.threads import ordered_map
 from finetune.data import load_image, pil_warnings
 from finetune.data.files import CHECK_THREADS
 from finetune.data.images import named_stream, open_image, special_file
-from finetune.data.loaders import usable_cpus
 from finetune.tools.doctor.findings import SPLIT_ORDER, DoctorOptions, Finding
 
 

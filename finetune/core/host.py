@@ -1,0 +1,145 @@
+"""What this process may use of the machine it runs on: its cores and the memory still available, as the
+operating system, a container (its cgroup's CPU quota and memory limit) and torchrun's processes beside it
+allow. No torch here: ``zoo.process`` reads it before torch is imported.
+
+A container's limits are not what ``os.cpu_count()``, the CPU affinity or /proc/meminfo tell: a Kubernetes pod
+given 8 CPUs on a 128-core node sees 128 cores (its quota is CPU time, not cores), and /proc/meminfo tells the
+node's memory. So both read the cgroup of this process (``/proc/self/cgroup``, v2 or v1) and of each cgroup
+above it, and take the tightest.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+__all__ = ["usable_cpus", "process_cpus", "cpu_quota", "memory_available"]
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+def usable_cpus() -> int:
+    """The cores this process may keep busy: its CPU affinity (a cpuset, taskset, a launcher's binding), at most
+    its cgroup's CPU quota rounded up (a container's ``--cpus``, a pod's CPU limit), else the machine's count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(cpus, math.ceil(quota)) if quota is not None else cpus)
+
+
+def process_cpus() -> int:
+    """This process's share of :func:`usable_cpus`: under torchrun the machine's cores are divided between its
+    processes (LOCAL_WORLD_SIZE), unless the launcher has already narrowed each process's affinity to its share
+    (torchrun's ``--numa-binding``, Slurm's ``--cpu-bind``): this process may then run on fewer cores than its
+    parent, the launcher, and its affinity is its share."""
+    cpus = usable_cpus()
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if local > 1 and _narrower_than_parent():
+        return cpus
+    return max(1, cpus // local)
+
+
+def _narrower_than_parent() -> bool:
+    try:
+        return os.sched_getaffinity(0) < os.sched_getaffinity(os.getppid())
+    except (AttributeError, OSError):
+        return False
+
+
+def cpu_quota() -> float | None:
+    """The CPUs this process's cgroups allow in CPU time (quota / period; 2.5 for a container run with
+    ``--cpus 2.5``), the tightest of its cgroup and those above it; None where there is no quota or no cgroup."""
+    quotas = []
+    for folder in _cgroup_folders("cpu"):
+        pair = _read_words(os.path.join(folder, "cpu.max"))                  # v2: "max 100000", "250000 100000"
+        if pair is None:
+            quota, period = (_read_words(os.path.join(folder, name)) for name in ("cpu.cfs_quota_us",
+                                                                                  "cpu.cfs_period_us"))
+            pair = quota + period if quota and period else None              # v1: -1 for none
+        if pair is not None and len(pair) == 2 and pair[0] not in ("max", "-1"):
+            try:
+                quotas.append(int(pair[0]) / int(pair[1]))
+            except (ValueError, ZeroDivisionError):
+                continue
+    quotas = [q for q in quotas if q > 0]
+    return min(quotas) if quotas else None
+
+
+def memory_available() -> int | None:
+    """The host memory available to new allocations, bytes: Linux's MemAvailable, and at most what this process's
+    memory cgroups (a container's limit) leave; None when neither is known."""
+    known = [n for n in (_meminfo("/proc/meminfo", "MemAvailable:", 1024), _cgroup_room()) if n is not None]
+    return min(known) if known else None
+
+
+# A memory cgroup's limit and use files (v2, then v1) with the reclaimable page cache in its memory.stat
+_MEMORY_FILES = (("memory.max", "memory.current", "inactive_file"),
+                 ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _cgroup_room() -> int | None:
+    """What the tightest memory cgroup's limit leaves (limit - use + its inactive page cache), or None: no limit."""
+    rooms = []
+    for folder in _cgroup_folders("memory"):
+        for limit_file, usage_file, cache_key in _MEMORY_FILES:
+            words, usage = _read_words(os.path.join(folder, limit_file)), _read_words(os.path.join(folder, usage_file))
+            if not words or not usage:
+                continue
+            try:
+                limit, used = (int(words[0]) if words[0] != "max" else None), int(usage[0])
+            except ValueError:
+                continue
+            if limit is not None and limit < 1 << 60:                        # (v1's "no limit" is a huge number)
+                cache = _meminfo(os.path.join(folder, "memory.stat"), cache_key + " ", 1) or 0
+                rooms.append(max(0, limit - used + cache))
+            break
+    return min(rooms) if rooms else None
+
+
+def _cgroup_folders(controller: str) -> list[str]:
+    """The folders of this process's cgroup for ``controller`` and of each cgroup above it, the process's first,
+    that exist under CGROUP_ROOT (v2's one hierarchy, mounted there or at ``unified``; v1's controller
+    hierarchy). Inside a cgroup namespace (most containers) the process's cgroup is the mount's root."""
+    try:
+        with open(PROC_CGROUP, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            mounts = [CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified")]
+        elif controller in controllers.split(","):
+            mounts = [os.path.join(CGROUP_ROOT, name) for name in (controller, controllers)]
+        else:
+            continue
+        for mount in dict.fromkeys(mounts):
+            parts = [p for p in path.strip().split("/") if p and p != ".."]
+            for depth in range(len(parts), -1, -1):
+                folder = os.path.join(mount, *parts[:depth])
+                if os.path.isdir(folder) and folder not in found:
+                    found.append(folder)
+    return found
+
+
+def _read_words(path: str) -> list[str] | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().split() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _meminfo(path: str, key: str, unit: int) -> int | None:
+    """The number after ``key`` on its line of ``path`` (/proc/meminfo, a cgroup's memory.stat) x ``unit``."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) * unit
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
