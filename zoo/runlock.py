@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.core.io import printable_name
+from finetune.core.tempfiles import host_tag, pid_alive
 from zoo.errors import ZooError
 
 __all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "pid_alive", "still_training"]
@@ -48,21 +49,6 @@ def _command_line() -> str:
     return printable_name(" ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (on Windows: assumed)."""
-    if os.name == "nt":      # os.kill(pid, 0) would terminate the process there: assume it is alive
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # alive, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
 class RunLock:
     """``FOLDER/.zoo.lock``: pid + host + command of the one process working in FOLDER.
 
@@ -85,7 +71,8 @@ class RunLock:
             return None
 
     def _create(self) -> bool:
-        payload = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+        # (tag: the pid namespace the pid belongs to, finetune.core.tempfiles.host_tag; the host name is for people)
+        payload = {"pid": os.getpid(), "host": socket.gethostname(), "tag": host_tag(), "command": self.command,
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._content = json.dumps(payload, ensure_ascii=False) + "\n"
         try:
@@ -143,9 +130,11 @@ class RunLock:
                 raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
                                      "wait for it to finish or choose another folder") from None
             return {}, -1
-        if host != socket.gethostname():
+        # another host's pid, or another pid namespace's of this host (containers sharing its name): not ours to check
+        if host != socket.gethostname() or holder.get("tag", host_tag()) != host_tag():
+            where = host if host != socket.gethostname() else f"{host} (another container or pid namespace)"
             raise RunLockedError(
-                f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}); "
+                f"{self.path.parent} is in use by pid {pid} on {where} ({holder.get('command', '?')}); "
                 f"wait for it to finish, or delete {self.path} if that process is gone")
         if pid != os.getpid() and pid_alive(pid):
             raise RunLockedError(
