@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -97,7 +96,7 @@ def test_a_live_writers_temp_stays_whatever_its_age(tmp_path, mode):
 def _other_pid_namespace() -> tuple[str, ...] | None:
     """A command prefix that runs its command in a new pid namespace (same host name) as a pid this one does not
     have (none runs here under it), or None where unprivileged namespaces are not allowed."""
-    from zoo.runlock import pid_alive
+    from finetune.core.tempfiles import pid_alive
 
     if shutil.which("unshare") is None or sys.platform != "linux":
         return None
@@ -186,6 +185,33 @@ def test_a_temp_whose_pid_now_names_another_process_is_a_write_cut_short(tmp_pat
         _claim(run, "resume")
         assert not reused.exists() and writer.temp.exists()
         assert writer.finish() == 0
+    finally:
+        other.communicate("", timeout=60)
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
+    """Review (helper-108): the same in the run lock: a killed run's pid taken by a process started since kept its
+    folder refused (`in use by pid N`) for as long as that process ran. The lock records its holder's start time
+    too: a pid that started later is another process, and the lock is taken over as a dead holder's."""
+    import socket
+
+    from finetune.core.tempfiles import host_tag, process_start
+    from zoo.outdir import LOCK, RunLock, RunLockedError
+
+    if process_start() is None:
+        pytest.skip("no process start times here (/proc)")
+    run = _run_folder(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (run / LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "tag": host_tag(),
+                                            "start": "1", "command": "zoo finetune x"}))
+        notes: list[str] = []
+        RunLock(run).acquire(notes.append).release()
+        assert len(notes) == 1 and "no longer running" in notes[0]
+        (run / LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "tag": host_tag(),
+                                            "command": "zoo finetune x"}))     # (an earlier version's: no start)
+        with pytest.raises(RunLockedError, match=f"in use by pid {other.pid}"):
+            RunLock(run).acquire()
     finally:
         other.communicate("", timeout=60)
 

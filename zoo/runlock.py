@@ -1,6 +1,6 @@
 """One process at a time in a folder: ``FOLDER/.zoo.lock`` holds the holder's pid, host and command line,
 created atomically (``O_CREAT | O_EXCL``). A second process is refused at once with who holds it; a lock
-left by a dead process on this host is taken over with a note. ``zoo.outdir`` claims output folders with it;
+left by a dead process on this host (and pid namespace: ``finetune.core.tempfiles``) is taken over with a note. ``zoo.outdir`` claims output folders with it;
 ``zoo export``, ``zoo report``, bundle loading and ``zoo push`` ask who holds one."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.core.io import printable_name
-from finetune.core.tempfiles import host_tag, pid_alive
+from finetune.core.tempfiles import host_tag, process_running, process_start
 from zoo.errors import ZooError
 
-__all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "pid_alive", "still_training"]
+__all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "still_training"]
 
 LOCK = ".zoo.lock"
 # A lock file younger than this whose content cannot be read yet is being written by its creator.
@@ -71,9 +71,10 @@ class RunLock:
             return None
 
     def _create(self) -> bool:
-        # (tag: the pid namespace the pid belongs to, finetune.core.tempfiles.host_tag; the host name is for people)
-        payload = {"pid": os.getpid(), "host": socket.gethostname(), "tag": host_tag(), "command": self.command,
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        # (tag: the pid namespace the pid belongs to, finetune.core.tempfiles.host_tag; the host name is for people;
+        # start: the process's, so that a later process given the same pid is not taken for the holder)
+        payload = {"pid": os.getpid(), "host": socket.gethostname(), "tag": host_tag(), "start": process_start(),
+                   "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._content = json.dumps(payload, ensure_ascii=False) + "\n"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -136,7 +137,8 @@ class RunLock:
             raise RunLockedError(
                 f"{self.path.parent} is in use by pid {pid} on {where} ({holder.get('command', '?')}); "
                 f"wait for it to finish, or delete {self.path} if that process is gone")
-        if pid != os.getpid() and pid_alive(pid):
+        start = holder.get("start")
+        if pid != os.getpid() and process_running(pid, start if isinstance(start, str) else None):
             raise RunLockedError(
                 f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}, "
                 f"since {holder.get('started', '?')}); wait for it to finish or choose another folder")

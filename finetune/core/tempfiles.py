@@ -22,7 +22,7 @@ import re
 import socket
 
 __all__ = ["TEMP_SUFFIX", "temp_prefix", "is_temp", "is_temp_of", "temp_target", "writer_running", "host_tag",
-           "pid_alive"]
+           "pid_alive", "process_start", "process_running"]
 
 TEMP_SUFFIX = ".tmp"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -65,11 +65,17 @@ def _proc_stat(pid: int | str) -> tuple[str, int] | None:
         return None
 
 
+def process_start() -> str | None:
+    """When this process started, as temp names and run locks record it (base 36 clock ticks since boot); None
+    where /proc does not say."""
+    stat = _proc_stat("self")
+    return _base36(stat[1]) if stat is not None else None
+
+
 def temp_prefix(name: str) -> str:
     """The start of the name of this process's temp file for the file ``name`` (mkstemp adds the random part)."""
-    stat = _proc_stat("self")
-    start = f"-{_base36(stat[1])}" if stat is not None else ""
-    return f".{name}.{os.getpid()}{start}@{host_tag()}."
+    start = process_start()
+    return f".{name}.{os.getpid()}{'' if start is None else '-' + start}@{host_tag()}."
 
 
 def is_temp_of(entry: str, name: str) -> bool:
@@ -113,10 +119,15 @@ def writer_running(entry: str) -> bool | None:
     writer = _WRITER.fullmatch(found.group("writer") or "") if found else None
     if writer is None or writer.group(3) != host_tag():
         return None
-    pid = int(writer.group(1))
+    return process_running(int(writer.group(1)), writer.group(2))
+
+
+def process_running(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` (of this host and pid namespace) runs and is the one that started at ``start``
+    (:func:`process_start`'s; None: whichever): one started at another time has taken the pid of one gone."""
     if not pid_alive(pid):
         return False
     now = _proc_stat(pid)
-    if now is None or writer.group(2) is None:
-        return True          # (cannot be told apart from its writer: taken as it)
-    return now[0] not in ("Z", "X") and _base36(now[1]) == writer.group(2)    # (a zombie writes nothing more)
+    if now is None or start is None:
+        return True          # (cannot be told apart from the one meant: taken as it)
+    return now[0] not in ("Z", "X") and _base36(now[1]) == start    # (a zombie writes nothing more)
