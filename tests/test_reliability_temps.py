@@ -170,6 +170,25 @@ def test_another_commands_write_inside_the_run_folder_is_left_to_that_command(tm
     assert not eval_killed.exists() and user.exists()
 
 
+def test_an_overwrite_waits_for_an_export_working_in_the_run_s_bundle_folder(tmp_path):
+    """Review (helper-108): `zoo finetune --overwrite RUN` while `zoo export RUN` wrote RUN/export (allowed while a
+    run trains; the export holds RUN/export's own lock) removed that folder's files, the export's lock and its
+    write in progress with them: the export failed, and its lock no longer kept a second writer out. The overwrite
+    is refused instead, naming the export, before anything is removed; once it is done the overwrite goes on."""
+    from zoo.outdir import RunLockedError
+
+    run = _run_folder(tmp_path)
+    writer = Writer(run / "export" / "model.safetensors", kind="export")    # (claims RUN/export, as zoo export does)
+    try:
+        with pytest.raises(RunLockedError, match="export is in use by pid .*wait for it to finish.*--overwrite"):
+            _claim(run, "overwrite")
+        assert writer.temp.exists() and (run / "metrics.csv").exists()
+    finally:
+        assert writer.finish() == 0
+    _claim(run, "overwrite")
+    assert not (run / "export").exists() and not (run / "metrics.csv").exists()
+
+
 def test_a_temp_whose_pid_now_names_another_process_is_a_write_cut_short(tmp_path):
     """Review (helper-108): a dead writer's pid taken by a process started since (pids wrap) made its temp look live
     for as long as that process ran. The temp's name carries its writer's start time (Linux: /proc/PID/stat), so a

@@ -44,9 +44,8 @@ STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.sta
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
 # A temp of a file written without the lock (`_UNLOCKED`) whose writer cannot be checked here (another host's or pid
-# namespace's; an earlier version's name) is a write cut short once its last write is older than this, on the file
-# system's clock: `zoo report` writes its page in one write and a rename (seconds); an hour leaves room for a slow
-# network disk or a stopped writer, at the cost of a small temp kept until a later claim.
+# namespace's; an earlier version's name) is a write cut short once its last write is older than this (on the file
+# system's clock): `zoo report` writes its page in seconds; an hour leaves room for a slow disk or a stopped writer.
 UNLOCKED_TEMP_S = 3600.0
 _UNLOCKED = ("report.html",)    # `zoo report` writes it into a run folder without taking the lock
 
@@ -318,10 +317,9 @@ _INSIDE: dict[str, _Rule] = {
 
 
 def _remove_temps(path: Path, kind: Kind) -> None:
-    """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) of the files ``kind``
-    writes, where it writes them (by the rules above: the folder, checkpoints/, a sweep's trials/<id>[/fold-K]).
-    Left alone: another command's (`zoo eval --out RUN/eval`, a bundle folder: `zoo export` writes it without the
-    lock), the user's, and a temp whose writer may still be writing it (``_cut_short``)."""
+    """Remove the temp files of writes cut short (killed before the rename) of the files ``kind`` writes, where it
+    writes them (the rules above: the folder, checkpoints/, trials/<id>[/fold-K]); not another command's (`zoo eval
+    --out RUN/eval`, `zoo export`'s RUN/export), the user's, nor one a live writer may be writing (``_cut_short``)."""
     try:
         now = os.stat(path / LOCK).st_mtime    # just made: the file system's clock (a server's may not be this host's)
     except OSError:
@@ -340,9 +338,8 @@ def _remove_temps_in(folder: Path, rule: _Rule, now: float) -> None:
 
 
 def _cut_short(temp: Path, target: str, now: float) -> bool:
-    """Whether ``temp``, of ``target``, is a write cut short: its writer no longer runs; a writer that cannot be
-    checked here, when ``target`` is written only under the lock this process holds (a holder of another host or
-    namespace refuses the claim), else after ``UNLOCKED_TEMP_S`` (``now``: the lock's time). A live writer's stays."""
+    """Whether ``temp``, of ``target``, is a write cut short: its writer is gone; one that cannot be checked here,
+    when only the lock's holder (this process) writes ``target``, else after ``UNLOCKED_TEMP_S`` (``now``: its time)."""
     running = writer_running(temp.name)
     if running is not None:
         return not running
@@ -350,7 +347,10 @@ def _cut_short(temp: Path, target: str, now: float) -> bool:
 
 
 def _remove_outputs(path: Path, kind: Kind) -> None:
-    """``--overwrite``: remove what the command writes there, nothing else."""
+    """``--overwrite``: remove what the command writes there, nothing else; RunLockedError while another command
+    works in one of its folders (`zoo export` in RUN/export: its lock and its write would go)."""
+    for holder in filter(None, (lock_holder(path / n) for n in kind.files if (path / n / LOCK).is_file())):
+        raise RunLockedError(f"{holder}; wait for it to finish, then start {path} over with --overwrite")
     for name in kind.files:
         _remove_own(path / name, _INSIDE.get(name))
 
