@@ -338,12 +338,12 @@ def _remove_temps_in(folder: Path, rule: _Rule, now: float) -> None:
 
 
 def _cut_short(temp: Path, target: str, now: float) -> bool:
-    """Whether ``temp``, of ``target``, is a write cut short: its writer is gone; one that cannot be checked here,
-    when only the lock's holder (this process) writes ``target``, else after ``UNLOCKED_TEMP_S`` (``now``: its time)."""
+    """Whether ``temp``, of ``target``, is a write cut short: always when only the lock's holder (this process) writes
+    ``target``; else when its writer is gone, or cannot be checked here and ``UNLOCKED_TEMP_S`` passed (``now``)."""
+    if target not in _UNLOCKED:
+        return True
     running = writer_running(temp.name)
-    if running is not None:
-        return not running
-    return target not in _UNLOCKED or now - os.stat(temp).st_mtime > UNLOCKED_TEMP_S
+    return not running if running is not None else now - os.stat(temp).st_mtime > UNLOCKED_TEMP_S
 
 
 def _remove_outputs(path: Path, kind: Kind) -> None:

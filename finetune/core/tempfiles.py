@@ -117,7 +117,7 @@ def writer_running(entry: str) -> bool | None:
     system, an earlier version's name). A pid that runs now but started after the writer did is another process."""
     found = _TEMP.fullmatch(entry)
     writer = _WRITER.fullmatch(found.group("writer") or "") if found else None
-    if writer is None or writer.group(3) != host_tag():
+    if writer is None or writer.group(3) != host_tag() or os.name == "nt":     # (no pid check there: pid_alive)
         return None
     return process_running(int(writer.group(1)), writer.group(2))
 
