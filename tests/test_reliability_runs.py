@@ -628,7 +628,8 @@ def test_a_resume_over_a_manifest_whose_resumed_is_not_a_list_records_the_resume
 def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     """QA (helper-53): a run killed (kill -9) while writing curves.png or last.pt left .curves.png.<random>.tmp
     (or a gigabyte .last.pt.<random>.tmp) that no resume removed. Claiming the folder to resume removes them,
-    in the run folder and checkpoints/; its files, a user's file and the bundle folder are left alone."""
+    in the run folder and checkpoints/; its files, a user's file and the bundle folder are left alone. (helper-108: a
+    sweep's trial folder is one named as sweeps name them; a folder of the user's in trials/ is left alone.)"""
     import json
 
     from zoo.outdir import MARKER, claim_out
