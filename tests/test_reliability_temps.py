@@ -148,7 +148,8 @@ def test_the_lock_of_a_run_in_another_pid_namespace_of_this_host_is_not_taken_ov
         assert writer.finish() == 0
 
 
-def test_another_commands_write_inside_the_run_folder_is_left_to_that_command(tmp_path):
+@pytest.mark.parametrize("mode", ["resume", "overwrite"])
+def test_another_commands_write_inside_the_run_folder_is_left_to_that_command(tmp_path, mode):
     """Review (helper-108): a resume's claim removed every temp under the run folder but report.html's, also those of
     another command writing there (`zoo eval --out RUN/eval` while `zoo finetune --resume RUN` starts): the eval's
     rename failed. The claim now removes only temps of the files the command itself writes, in the places it writes
@@ -160,7 +161,7 @@ def test_another_commands_write_inside_the_run_folder_is_left_to_that_command(tm
     writer = Writer(run / "eval" / "per_class.csv", kind="eval")      # (claims RUN/eval, as zoo eval does)
     eval_killed = Writer(run / "eval" / "metrics.json").kill()
     try:
-        _claim(run, "resume")
+        _claim(run, mode)
         assert writer.temp.exists() and eval_killed.exists() and user.exists()
         assert not any(t.exists() for t in own)
     finally:
