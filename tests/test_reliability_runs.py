@@ -628,7 +628,8 @@ def test_a_resume_over_a_manifest_whose_resumed_is_not_a_list_records_the_resume
 def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     """QA (helper-53): a run killed (kill -9) while writing curves.png or last.pt left .curves.png.<random>.tmp
     (or a gigabyte .last.pt.<random>.tmp) that no resume removed. Claiming the folder to resume removes them,
-    in the run folder and checkpoints/; its files, a user's file and the bundle folder are left alone."""
+    in the run folder and checkpoints/; its files, a user's file and the bundle folder are left alone. (helper-108: a
+    sweep's trial folder is one named as sweeps name them; a folder of the user's in trials/ is left alone.)"""
     import json
 
     from zoo.outdir import MARKER, claim_out
@@ -645,10 +646,13 @@ def test_a_resume_removes_the_temp_files_of_writes_cut_short(tmp_path):
     with claim_out(run, "finetune", resume=True) as mode:
         assert mode == "resume"
     assert all((run / n).exists() for n in keep) and not any((run / n).exists() for n in stale)
+    from finetune.tools.sweep.space import trial_id
+
     sweep = tmp_path / "sweep"      # --keep-runs: each trial's checkpoints
-    (sweep / "trials" / "t1" / "fold-1" / "checkpoints").mkdir(parents=True)
+    trial = sweep / "trials" / trial_id({"lr": 0.5, "weight_decay": 0.1, "freeze": "head", "optimizer": "sgd"})
+    (trial / "fold-1" / "checkpoints").mkdir(parents=True)
     (sweep / MARKER).write_text(json.dumps({"kind": "sweep"}))
-    temp = sweep / "trials" / "t1" / "fold-1" / "checkpoints" / ".last.pt.ab12cd34.tmp"
+    temp = trial / "fold-1" / "checkpoints" / ".last.pt.ab12cd34.tmp"
     temp.write_text("x")
     with claim_out(sweep, "sweep", resume=True):
         pass
@@ -664,7 +668,7 @@ def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overw
     its name) is gone, or older than UNLOCKED_TEMP_S; one a live process may be writing now stays."""
     import time
 
-    from finetune.core.io import _host_tag
+    from finetune.core.tempfiles import host_tag
     from zoo.outdir import MARKER, UNLOCKED_TEMP_S, claim_out
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -673,11 +677,11 @@ def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overw
     (run / "checkpoints").mkdir(parents=True)
     (run / MARKER).write_text(json.dumps({"kind": "finetune"}))
     (run / "metrics.csv").write_text("epoch\n")
-    here = _host_tag()
+    here = host_tag()
     killed, old = run / f".report.html.{dead.pid}@{here}.ab12cd34.tmp", run / ".report.html.zz11yy22.tmp"
     writing, cut = run / f".report.html.{os.getpid()}@{here}.q8w7e6r5.tmp", run / ".summary.json.k3j_9xz1.tmp"
     # (helper-104) another host's writer, on a shared file system: its pid means nothing here, only its age counts
-    elsewhere = run / f".report.html.{dead.pid}@{'0' * 6 if here != '0' * 6 else '1' * 6}.m1n2b3v4.tmp"
+    elsewhere = run / f".report.html.{dead.pid}@{'0' * 8 if here != '0' * 8 else '1' * 8}.m1n2b3v4.tmp"
     for temp in (killed, old, writing, cut, elsewhere):
         temp.write_text("x")
     then = time.time() - UNLOCKED_TEMP_S - 3600      # (an earlier version's name, without the pid)
@@ -688,16 +692,17 @@ def test_the_temp_file_of_a_page_write_killed_goes_with_the_next_resume_or_overw
 
 
 def test_atomic_write_names_its_temp_file_with_its_pid(tmp_path):
-    """(what the rule above reads) The temp file of a write cut short names the process that wrote it."""
-    from finetune.core.io import atomic_write, is_temp, temp_writer
+    """(what the rule above reads) The temp file of a write cut short names the process that wrote it (more:
+    tests/test_reliability_temps.py::test_writer_running_reads_every_temp_name)."""
+    from finetune.core.io import atomic_write
+    from finetune.core.tempfiles import is_temp, writer_running
 
     seen = []
     atomic_write(tmp_path / "report.html", lambda tmp: seen.append(os.path.basename(tmp)))
-    assert is_temp(seen[0]) and temp_writer(seen[0], "report.html") == os.getpid()
-    assert temp_writer(".report.html.zz11yy22.tmp", "report.html") is None
-    assert temp_writer(f".summary.json.{os.getpid()}.zz11yy22.tmp", "report.html") is None
-    other = "0" * 6 if seen[0].split("@")[1][:6] != "0" * 6 else "1" * 6       # another host's tag
-    assert temp_writer(f".report.html.{os.getpid()}@{other}.zz11yy22.tmp", "report.html") is None
+    assert is_temp(seen[0]) and seen[0].startswith(f".report.html.{os.getpid()}") and writer_running(seen[0])
+    assert writer_running(".report.html.zz11yy22.tmp") is None
+    other = "0" * 8 if seen[0].split("@")[1][:8] != "0" * 8 else "1" * 8       # another host's tag
+    assert writer_running(f".report.html.{os.getpid()}@{other}.zz11yy22.tmp") is None
 
 
 @pytest.mark.parametrize("kind", ["loop", "dangling"])

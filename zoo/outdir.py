@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import (OUTPUT_MARKER, broken_link, is_temp, is_temp_of, read_json_object, resume_command,
-                              shell_command, temp_writer, write_json)
+from finetune.core.io import OUTPUT_MARKER, broken_link, read_json_object, resume_command, shell_command, write_json
+from finetune.core.tempfiles import is_temp, is_temp_of, temp_target, writer_running
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
-from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, pid_alive, still_training
+from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
 
 __all__ = ["MARKER", "LOCK", "Kind", "KINDS", "RunLockedError", "folder_kind", "sweep_trial", "check_out", "claim_out",
            "default_out", "clear_trial_run", "RunLock", "is_main_process", "still_training", "lock_holder",
@@ -43,9 +43,11 @@ MARKER = OUTPUT_MARKER
 STAGING = ".zoo-staging"    # a staged command's unfinished output (see Kind.staged): says nothing of the folder
 _OWN = (MARKER, LOCK, STAGING)
 _LOG = "log.txt"   # a command that failed early leaves only its log: nothing worth keeping
-# A temp file of report.html older than this is a write cut short, whoever wrote it (another host, whose pid this
-# one cannot look up): `zoo report` (no lock) writes the page, drawn before, in one write and a rename.
-UNLOCKED_TEMP_S = 60.0
+# A temp of a file written without the lock (`_UNLOCKED`) whose writer cannot be checked here (another host's or pid
+# namespace's; an earlier version's name) is a write cut short once its last write is older than this (on the file
+# system's clock): `zoo report` writes its page in seconds; an hour leaves room for a slow disk or a stopped writer.
+UNLOCKED_TEMP_S = 3600.0
+_UNLOCKED = ("report.html",)    # `zoo report` writes it into a run folder without taking the lock
 
 
 @dataclass(frozen=True)
@@ -147,27 +149,6 @@ def sweep_trial(path: str | os.PathLike) -> str | None:
                     f"not export or continue: train its options as a run (`{best}` trains the best trial's) and "
                     "use that run's bundle")
     return None
-
-
-def _remove_temps(path: Path) -> None:
-    """Remove the temp files of writes cut short (``atomic_write``'s, killed before its rename) under ``path``
-    (a sweep's trials/<id>/checkpoints too): the folder is locked, so no writer of this command runs. Left alone:
-    a bundle folder (`zoo export` writes there without the lock), and report.html's while a live process
-    (`zoo report`, which writes without the lock too) may be writing it (``_cut_short``)."""
-    for folder, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if d not in ("export", STAGING)]
-        for name in names:
-            if is_temp(name):
-                with contextlib.suppress(OSError):
-                    if not is_temp_of(name, "report.html") or _cut_short(os.path.join(folder, name)):
-                        os.unlink(os.path.join(folder, name))
-
-
-def _cut_short(temp: str) -> bool:
-    """Whether ``temp``, a temp file of report.html (written without the lock, by `zoo report` too), is a write cut
-    short: its writer (the pid in its name) no longer runs on this host, or it is older than ``UNLOCKED_TEMP_S``."""
-    writer = temp_writer(os.path.basename(temp), "report.html")
-    return (writer is not None and not pid_alive(writer)) or time.time() - os.stat(temp).st_mtime > UNLOCKED_TEMP_S
 
 
 def _resume_hint(kind: Kind, path: Path) -> str:
@@ -335,8 +316,41 @@ _INSIDE: dict[str, _Rule] = {
 }
 
 
+def _remove_temps(path: Path, kind: Kind) -> None:
+    """Remove the temp files of writes cut short (killed before the rename) of the files ``kind`` writes, where it
+    writes them (the rules above: the folder, checkpoints/, trials/<id>[/fold-K]); not another command's (`zoo eval
+    --out RUN/eval`, `zoo export`'s RUN/export), the user's, nor one a live writer may be writing (``_cut_short``)."""
+    try:
+        now = os.stat(path / LOCK).st_mtime    # just made: the file system's clock (a server's may not be this host's)
+    except OSError:
+        now = time.time()
+    _remove_temps_in(path, _own((*kind.files, MARKER), {n: r for n, r in _INSIDE.items() if n in kind.files}), now)
+
+
+def _remove_temps_in(folder: Path, rule: _Rule, now: float) -> None:
+    for entry in os.listdir(folder):
+        target, inner, here = temp_target(entry), rule(entry), folder / entry
+        with contextlib.suppress(OSError):
+            if target is not None and rule(target) is not False and _cut_short(here, target, now):
+                os.unlink(here)
+            elif callable(inner) and entry != "export" and here.is_dir() and not here.is_symlink():
+                _remove_temps_in(here, inner, now)
+
+
+def _cut_short(temp: Path, target: str, now: float) -> bool:
+    """Whether ``temp``, of ``target``, is a write cut short: always when only the lock's holder (this process) writes
+    ``target``; else when its writer is gone, or cannot be checked here and ``UNLOCKED_TEMP_S`` passed (``now``)."""
+    if target not in _UNLOCKED:
+        return True
+    running = writer_running(temp.name)
+    return not running if running is not None else now - os.stat(temp).st_mtime > UNLOCKED_TEMP_S
+
+
 def _remove_outputs(path: Path, kind: Kind) -> None:
-    """``--overwrite``: remove what the command writes there, nothing else."""
+    """``--overwrite``: remove what the command writes there, nothing else; RunLockedError while another command
+    works in one of its folders (`zoo export` in RUN/export: its lock and its write would go)."""
+    for holder in filter(None, (lock_holder(path / n) for n in kind.files if (path / n / LOCK).is_file())):
+        raise RunLockedError(f"{holder}; wait for it to finish, then start {path} over with --overwrite")
     for name in kind.files:
         _remove_own(path / name, _INSIDE.get(name))
 
@@ -407,14 +421,14 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         mode = check_out(path, kind, resume=resume, overwrite=overwrite, option=option)
         if mode == "overwrite" and not KINDS[kind].staged:
             _remove_outputs(path, KINDS[kind])
-            _remove_temps(path)      # (the earlier command's, beside the files removed)
+            _remove_temps(path, KINDS[kind])      # (the earlier command's, beside the files removed)
         elif mode == "new":     # left by an attempt that wrote nothing else: its log, a marker it was killed writing
             stale = [n for n in os.listdir(path) if is_temp_of(n, MARKER)]
             stale += [_LOG] if (path / MARKER).is_file() else []
             for name in stale:
                 (path / name).unlink(missing_ok=True)
         else:                   # resumed: what a killed attempt was writing (a .last.pt.*.tmp can be gigabytes)
-            _remove_temps(path)
+            _remove_temps(path, KINDS[kind])
         marker = path / MARKER
         if mode != "resume" or not marker.is_file():
             write_json(marker, {"kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": lock.command},

@@ -1,7 +1,8 @@
 """One process at a time in a folder: ``FOLDER/.zoo.lock`` holds the holder's pid, host and command line,
 created atomically (``O_CREAT | O_EXCL``). A second process is refused at once with who holds it; a lock
-left by a dead process on this host is taken over with a note. ``zoo.outdir`` claims output folders with it;
-``zoo export``, ``zoo report``, bundle loading and ``zoo push`` ask who holds one."""
+left by a dead process on this host (and pid namespace: ``finetune.core.tempfiles``) is taken over with a
+note. ``zoo.outdir`` claims output folders with it; ``zoo export``, ``zoo report``, bundle loading and
+``zoo push`` ask who holds one."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.core.io import printable_name
+from finetune.core.tempfiles import host_tag, process_running, process_start
 from zoo.errors import ZooError
 
-__all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "pid_alive", "still_training"]
+__all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "still_training"]
 
 LOCK = ".zoo.lock"
 # A lock file younger than this whose content cannot be read yet is being written by its creator.
@@ -48,21 +50,6 @@ def _command_line() -> str:
     return printable_name(" ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (on Windows: assumed)."""
-    if os.name == "nt":      # os.kill(pid, 0) would terminate the process there: assume it is alive
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # alive, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
 class RunLock:
     """``FOLDER/.zoo.lock``: pid + host + command of the one process working in FOLDER.
 
@@ -85,8 +72,10 @@ class RunLock:
             return None
 
     def _create(self) -> bool:
-        payload = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        # (tag: the pid namespace the pid belongs to, finetune.core.tempfiles.host_tag; the host name is for people;
+        # start: the process's, so that a later process given the same pid is not taken for the holder)
+        payload = {"pid": os.getpid(), "host": socket.gethostname(), "tag": host_tag(), "start": process_start(),
+                   "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._content = json.dumps(payload, ensure_ascii=False) + "\n"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -143,11 +132,14 @@ class RunLock:
                 raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
                                      "wait for it to finish or choose another folder") from None
             return {}, -1
-        if host != socket.gethostname():
+        # another host's pid, or another pid namespace's of this host (containers sharing its name): not ours to check
+        if host != socket.gethostname() or holder.get("tag", host_tag()) != host_tag():
+            where = host if host != socket.gethostname() else f"{host} (another container or pid namespace)"
             raise RunLockedError(
-                f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}); "
+                f"{self.path.parent} is in use by pid {pid} on {where} ({holder.get('command', '?')}); "
                 f"wait for it to finish, or delete {self.path} if that process is gone")
-        if pid != os.getpid() and pid_alive(pid):
+        start = holder.get("start")
+        if pid != os.getpid() and process_running(pid, start if isinstance(start, str) else None):
             raise RunLockedError(
                 f"{self.path.parent} is in use by pid {pid} on {host} ({holder.get('command', '?')}, "
                 f"since {holder.get('started', '?')}); wait for it to finish or choose another folder")

@@ -1,7 +1,8 @@
 """finetune's base layer: what every other layer builds on, importing nothing above it.
 
 - ``config``: ``FinetuneConfig`` and its options table; ``errors``: the error hierarchy;
-- ``io``: atomic writes, YAML, safetensors headers; ``seeding``: per-epoch and per-sample seeds;
+- ``io``: atomic writes, YAML, safetensors headers; ``tempfiles``: their temp files' names and writers;
+- ``seeding``: per-epoch and per-sample seeds;
 - ``metrics``: accuracy, confusion, paired tests; ``monitor``: curves and the lecture's advice;
 - ``confusion``: confusion.csv and what a page shows of a matrix too big to show whole;
 - ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers;

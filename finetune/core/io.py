@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shlex
-import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -22,10 +21,12 @@ from typing import IO, Any, Callable, Iterable, Sequence
 
 import yaml
 
+from finetune.core.tempfiles import TEMP_SUFFIX, temp_prefix
+
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
            "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
-           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room", "is_temp_of", "is_temp", "temp_writer",
+           "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room",
            "read_json_object", "sha256_file", "yaml_problem", "human_size", "resume_command"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
@@ -104,34 +105,6 @@ def _os_error(err: BaseException) -> OSError | None:
     return OSError(code, os.strerror(code) if code in errno.errorcode else str(err))
 
 
-_TEMP_SUFFIX = ".tmp"
-
-
-def is_temp_of(entry: str, name: str) -> bool:
-    """Whether the folder entry ``entry`` is a temp file of :func:`atomic_write` for the file ``name``: what a
-    process killed (kill -9) half-way through writing ``name`` leaves next to it."""
-    return entry.startswith(f".{name}.") and entry.endswith(_TEMP_SUFFIX)
-
-
-def is_temp(entry: str) -> bool:
-    """Whether the folder entry ``entry`` is a temp file of :func:`atomic_write`, for any file (mkstemp's
-    ``.<name>.<8 random characters>.tmp``)."""
-    return re.fullmatch(r"\..+\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX), entry) is not None
-
-
-def temp_writer(entry: str, name: str) -> int | None:
-    """The pid of the process on this host whose :func:`atomic_write` of ``name`` made the temp file ``entry`` (in
-    its name, with its host's tag); None for another entry, another host's writer (a shared file system: its pid
-    means nothing here), or a temp made before the pid was put in the name."""
-    found = re.fullmatch(r"(\d+)@([0-9a-f]{6})\.[a-z0-9_]{8}", entry[len(name) + 2:-len(_TEMP_SUFFIX)]) \
-        if is_temp_of(entry, name) else None
-    return int(found.group(1)) if found and found.group(2) == _host_tag() else None
-
-
-def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
-
-
 def resume_command(run_dir: str | Path, *more: str | Path) -> str:
     """The command that continues the ``zoo finetune`` run in ``run_dir`` from its checkpoint (``more``: options after
     it), quoted to paste into a shell: the one spelling of every line that names it."""
@@ -147,10 +120,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # (the writer's pid in the name: where no lock keeps other writers out, a temp whose writer is gone is known
-    # as a write cut short, `temp_writer`)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_host_tag()}.", suffix=_TEMP_SUFFIX,
-                               dir=path.parent)
+    # (the writer in the name: where no lock keeps other writers out, a temp whose writer is gone is known as a
+    # write cut short, `finetune.core.tempfiles.writer_running`)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
