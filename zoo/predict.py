@@ -26,7 +26,7 @@ from torchvision.transforms import functional as F
 from finetune.core.io import broken_link
 from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
-from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, upright_rgb
 from finetune.data.images import named_stream
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
@@ -201,10 +201,10 @@ _PIL_LOAD = threading.Lock()
 
 
 def _load(item: Any, min_size: int | None) -> Image.Image:
-    if isinstance(item, Image.Image):    # converted as training converts a file (16-bit scaled, alpha on white)
-        with _PIL_LOAD:
+    if isinstance(item, Image.Image):    # as training converts a file: EXIF-upright, 16-bit scaled, alpha on white
+        with _PIL_LOAD:     # (its EXIF, parsed once and kept on it, too)
             item.load()
-        return to_rgb(item)
+            return upright_rgb(item)
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
     return load_image(item, min_size)
 

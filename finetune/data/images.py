@@ -88,10 +88,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
     training sees, so every other reader (zoo serve's uploads, PIL images given to zoo.load_bundle) uses it
     too: ``Image.convert("RGB")`` clips 16-bit values and turns transparent pixels black."""
     mode = im.mode
-    if mode == "RGB":
+    # A PNG's tRNS colour key (grey, RGB, 16-bit grey: optipng's form of an RGBA whose alpha is all or nothing): the
+    # pixels of that one colour are transparent, so on white as an alpha channel's are (they kept the stored colour).
+    key = im.info.get("transparency") if mode != "P" else None
+    if mode == "RGB" and key is None:
         return im
     if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(im).astype(np.float64)
+        raw = np.asarray(im)
+        a = raw.astype(np.float64)
         if mode.startswith("I;16"):
             a = a / 257.0                          # 65535 -> 255 exactly
         elif mode == "F" and a.size and a.max() <= 1.0 and a.min() >= 0.0:
@@ -100,6 +104,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
             hi = 65535.0 if a.min() >= 0 and a.max() <= 65535 else a.max()
             lo = 0.0 if hi == 65535.0 else a.min()
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+        if isinstance(key, int):
+            a[raw == key] = 255.0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -107,6 +113,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")
     if mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
+    elif key is not None and mode in ("1", "L", "RGB"):
+        try:
+            im = im.convert("RGBA")            # Pillow turns the key into an alpha channel
+        except (TypeError, ValueError):        # a key Pillow cannot use: the pixels as stored, as before
+            return im.convert("RGB")
     if im.mode == "RGBA":
         background = Image.new("RGB", im.size, (255, 255, 255))
         background.paste(im, mask=im.getchannel("A"))

@@ -504,3 +504,24 @@ def test_windows_zone_identifier_files_beside_each_image_are_ignored_as_debris(t
     assert report.bad_files == [] and not any("Zone" in w for w in report.warnings)
     assert sum(report.counts()["train"].values()) + sum(report.counts()["val"].values()) == 6
     assert not any("Zone" in p for p in walk_files(str(tmp_path)))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "1"])
+def test_a_png_whose_transparency_is_one_colour_is_on_white_as_its_rgba_twin(tmp_path, mode):
+    """QA (helper-109): a PNG without an alpha channel whose tRNS chunk names one transparent colour (grey, RGB or
+    16-bit grey: what optipng/oxipng make of an RGBA logo whose alpha is all or nothing) kept the hidden colour
+    (black here) where the same picture as RGBA or palette PNG is on white: two encodings of one image, two
+    pictures for training, predict and serve (one loader: ``to_rgb``)."""
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 2:6] = True                                      # the visible square; the rest is transparent
+    grey = np.where(mask, 255, 0).astype(np.uint8)
+    store = {"RGB": np.stack([grey] * 3, axis=-1), "L": grey, "I;16": grey.astype(np.uint16) * 257,
+             "1": grey.astype(bool)}[mode]
+    Image.fromarray(store).save(tmp_path / "key.png", transparency=(0, 0, 0) if mode == "RGB" else 0)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[mask] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    assert Image.open(tmp_path / "key.png").mode == mode and "transparency" in Image.open(tmp_path / "key.png").info
+    keyed = load_image(tmp_path / "key.png")
+    assert keyed.getpixel((0, 0)) == (255, 255, 255)           # was (0, 0, 0): the transparent colour as stored
+    assert keyed.tobytes() == load_image(tmp_path / "alpha.png").tobytes()

@@ -685,6 +685,28 @@ def test_a_pil_image_is_converted_as_its_file_would_be(tmp_path):
         assert _load(Image.open(tmp_path / name), None).tobytes() == _load(tmp_path / name, None).tobytes(), name
 
 
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_pil_image_of_a_rotated_photo_is_turned_upright_as_its_file_is(tmp_path, orientation):
+    """QA (helper-109): bundle.predict(Image.open("photo.jpg")) of a phone photo stored sideways (EXIF orientation
+    6) classified it sideways, while `zoo predict`, `zoo serve` and training turn it upright: one photo, two
+    answers. A PIL image is turned by its EXIF as its file is (as diffusers' and transformers' load_image do); one
+    already turned (``ImageOps.exif_transpose``) carries no orientation any more and stays as it is."""
+    from PIL import Image, ImageOps
+
+    from zoo.predict import _load
+
+    stored = Image.new("RGB", (40, 24), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 6))                       # a red corner marks the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    as_file = _load(tmp_path / "photo.jpg", None)
+    assert as_file.size == ((24, 40) if orientation in (6, 8) else (40, 24))
+    for given in (Image.open(tmp_path / "photo.jpg"), Image.open(tmp_path / "photo.jpg").convert("RGB"),
+                  ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg"))):
+        assert _load(given, None).tobytes() == as_file.tobytes()   # was the stored (sideways) pixels
+
 def test_eval_on_a_folder_with_train_only_says_where_held_out_images_go(tmp_path):
     """QA: `zoo eval BUNDLE --data photos` on photos/train/<class>/ (no test/ or val/) answered "no class folder
     matches the model's labels (found: train ...); lay it out as <class>/<image>", which misleads."""
