@@ -119,8 +119,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         except (TypeError, ValueError):        # a key Pillow cannot use: the pixels as stored, as before
             return im.convert("RGB")
     if im.mode == "RGBA":
+        alpha = im.getchannel("A")
+        if alpha.getextrema()[1] == 0:     # hides every pixel: an alpha byte the writer left unused (a 32-bit BMP's,
+            return im.convert("RGB")       # shown opaque by browsers and Windows), not a blank image
         background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
+        background.paste(im, mask=alpha)
         return background
     return im.convert("RGB")                       # L, 1, CMYK, YCbCr, LAB, HSV
 

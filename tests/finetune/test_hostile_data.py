@@ -525,3 +525,30 @@ def test_a_png_whose_transparency_is_one_colour_is_on_white_as_its_rgba_twin(tmp
     keyed = load_image(tmp_path / "key.png")
     assert keyed.getpixel((0, 0)) == (255, 255, 255)           # was (0, 0, 0): the transparent colour as stored
     assert keyed.tobytes() == load_image(tmp_path / "alpha.png").tobytes()
+
+
+def _bmp_with_an_alpha_mask(pixels: np.ndarray) -> bytes:
+    """A 32-bit BMP (BITMAPV5HEADER, BI_BITFIELDS) whose masks name an alpha byte: ``pixels`` (H, W, 4) as BGRA."""
+    h, w, _ = pixels.shape
+    rows = b"".join(pixels[h - 1 - y].tobytes() for y in range(h))          # bottom-up
+    header = (struct.pack("<IiiHHIIiiII", 124, w, h, 1, 32, 3, len(rows), 2835, 2835, 0, 0)
+              + struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"sRGB" + bytes(64))
+    return struct.pack("<2sIHHI", b"BM", 14 + len(header) + len(rows), 0, 0, 14 + len(header)) + header + rows
+
+
+def test_an_alpha_channel_that_hides_every_pixel_is_unused_not_a_blank_white_image(tmp_path):
+    """QA (helper-109): a 32-bit BMP whose header names an alpha byte that the writer left 0 everywhere (browsers
+    and Windows show such a file opaque; torchvision's ``convert("RGB")`` reads its colours) was composited on white:
+    every pixel white, a blank image trained on, predicted and served. An alpha channel that hides every pixel is
+    taken as unused: the pixels as stored; one that hides some pixels is still on white."""
+    bgra = np.zeros((6, 8, 4), dtype=np.uint8)
+    bgra[..., 2] = 200                                                      # red 200, alpha 0 everywhere
+    bgra[2:4, 2:6, :3] = (30, 160, 10)
+    (tmp_path / "unused.bmp").write_bytes(_bmp_with_an_alpha_mask(bgra))
+    assert Image.open(tmp_path / "unused.bmp").mode == "RGBA"
+    Image.fromarray(np.ascontiguousarray(bgra[..., 2::-1])).save(tmp_path / "plain.bmp")
+    assert load_image(tmp_path / "unused.bmp").tobytes() == load_image(tmp_path / "plain.bmp").tobytes()  # was white
+    bgra[0, 0, 3] = 255                                                     # one pixel shown: the rest on white
+    (tmp_path / "used.bmp").write_bytes(_bmp_with_an_alpha_mask(bgra))
+    used = load_image(tmp_path / "used.bmp")
+    assert used.getpixel((0, 0)) == (200, 0, 0) and used.getpixel((1, 0)) == (255, 255, 255)
