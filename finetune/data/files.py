@@ -143,7 +143,7 @@ def _check_file(path: str) -> str | None:
             if limit and w * h > limit:
                 return f"too many pixels ({w}x{h}, over the decompression-bomb limit of {limit})"
             im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
-        if fmt == "JPEG" and not _jpeg_has_end(path, size):
+        if fmt in ("JPEG", "MPO") and not _jpeg_has_end(path, size):      # MPO: a JPEG carrying more pictures
             # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
             with open_image(path) as im:
                 im.load()

@@ -144,7 +144,7 @@ def decode_opened(im: Image.Image, min_size: int | None = None) -> Image.Image:
     RGB. Raises what PIL raises for a damaged file."""
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)
-    if min_size and im.format == "JPEG":
+    if min_size and im.format in ("JPEG", "MPO"):       # MPO: a JPEG carrying more pictures (a phone's gain map)
         im.draft("RGB", (int(min_size), int(min_size)))
     im.load()
     return upright_rgb(im)

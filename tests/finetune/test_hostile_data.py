@@ -552,3 +552,37 @@ def test_an_alpha_channel_that_hides_every_pixel_is_unused_not_a_blank_white_ima
     (tmp_path / "used.bmp").write_bytes(_bmp_with_an_alpha_mask(bgra))
     used = load_image(tmp_path / "used.bmp")
     assert used.getpixel((0, 0)) == (200, 0, 0) and used.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_a_multi_picture_jpeg_is_decoded_at_the_reduced_scale_of_a_plain_one(tmp_path):
+    """QA (helper-109): Pillow opens a JPEG carrying more pictures (an MPF segment: a phone's Ultra HDR gain map, a
+    depth map, a stereo camera's MPO) as format "MPO", and the reduced-scale decode (``draft``) was asked of "JPEG"
+    only: such a photo was decoded at full size (12 MP where 0.2 MP do) by training, predict, eval and serve, so
+    slower, and resized from other pixels than the same photo without the extra picture."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8))
+    photo.save(tmp_path / "plain.jpg", quality=90)
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo.resize((80, 60))], quality=90)
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    plain, phone = load_image(tmp_path / "plain.jpg", 100), load_image(tmp_path / "phone.jpg", 100)
+    assert plain.size == (200, 150) and phone.size == (200, 150)          # was (800, 600)
+    assert phone.tobytes() == plain.tobytes()                             # the first picture, as a plain JPEG's
+
+
+def test_a_multi_picture_jpeg_cut_short_in_its_first_picture_is_skipped_by_the_scan(tmp_path):
+    """QA (helper-109): the scan proves a JPEG without its end marker by decoding it (a truncated one is skipped
+    with its reason), but asked it of format "JPEG" only: a phone's multi-picture JPEG (MPO) cut short inside its
+    first picture was kept, then failed in every epoch, in predict and in eval. One cut inside the extra picture
+    (the one decoded is whole) is kept, as it decodes."""
+    from finetune.data.files import check_files
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[photo.resize((40, 30))], quality=90)
+    data = buf.getvalue()
+    (tmp_path / "first.jpg").write_bytes(data[:len(data) // 3])
+    (tmp_path / "second.jpg").write_bytes(data[:-200])
+    first, second = check_files([str(tmp_path / "first.jpg"), str(tmp_path / "second.jpg")])
+    assert first is not None and "truncated" in first                    # was None: kept
+    assert second is None and load_image(tmp_path / "second.jpg").size == (160, 120)
+    with pytest.raises(DataError, match="truncated"):
+        load_image(tmp_path / "first.jpg")
