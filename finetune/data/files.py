@@ -317,7 +317,7 @@ CHECK_THREADS = 8  # threads of the file checks (the doctor's file pass takes as
 
 # What a memo of file checks (check_files' ``memo``) was made with: a memo of another format, Pillow or
 # decompression-bomb limit is not used. Bump the format when _check_file's verdicts change.
-_MEMO_FORMAT = 3     # 3: only IMAGE_FORMATS are opened (an EPS named .jpg was kept)
+_MEMO_FORMAT = 4     # 3: only IMAGE_FORMATS are opened (an EPS named .jpg was kept); 4: an MPO cut short is found
 # A file changed less than this before a scan (or dated in the future) is not remembered: a same-size rewrite
 # within one tick of a coarse clock (FAT, ext3, HFS+, some NFS/SMB servers) would keep its times (git's rule).
 _MEMO_RACY_NS = 2_000_000_000

@@ -82,6 +82,11 @@ def shared_pil_warnings() -> Iterator[None]:
                 _shared.pop(0).close()
                 _shared.clear()
 
+# What decoding a file gives (to_rgb, decode_opened) in this version: raised when a change gives some files other
+# pixels, so that features cached from their old pixels (finetune.tools.features' keys) are computed again.
+# 2: a PNG's tRNS colour key, an alpha channel that hides every pixel, a multi-picture JPEG's draft (helper-109).
+DECODE_REVISION = 2
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped). What

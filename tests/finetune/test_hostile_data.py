@@ -586,3 +586,11 @@ def test_a_multi_picture_jpeg_cut_short_in_its_first_picture_is_skipped_by_the_s
     assert second is None and load_image(tmp_path / "second.jpg").size == (160, 120)
     with pytest.raises(DataError, match="truncated"):
         load_image(tmp_path / "first.jpg")
+    # a scan memo of an earlier version, which found it fine, is not trusted with it (the memo's format moved on)
+    from finetune.data import files
+
+    memo = tmp_path / "memo.json"
+    st = os.stat(tmp_path / "first.jpg")
+    memo.write_text(json.dumps({"made_with": {**files._memo_header(), "format": 3}, "files": {
+        str(tmp_path / "first.jpg"): [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}}))
+    assert "truncated" in check_files([str(tmp_path / "first.jpg")], memo)[0]
