@@ -72,7 +72,8 @@ class EvalReport:
 
 
 def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Sequence[str] | None = None,
-                     unlisted: list[tuple[str, str]] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
+                     unlisted: list[tuple[str, str]] | None = None, others: list[tuple[str, str]] | None = None
+                     ) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
     ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``; in
@@ -80,7 +81,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     (``finetune.data.scan.held_out_folder``), so a class named ``valid`` or ``test`` stays a class.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat"). Folders in them
-    that cannot be listed go to ``unlisted`` (folder, reason).
+    that cannot be listed go to ``unlisted`` (folder, reason), their files not named as images to ``others``
+    (path, reason: a HEIC photo, a file without an extension; the training scan lists them as unusable).
 
     Returns:
         (split used, [(path, label index)], folders that are not one of the labels)
@@ -108,7 +110,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
         if name not in index:
             ignored.append(d.name)
             continue
-        items.extend((p, index[name]) for p in image_files(str(d), unlisted))
+        items.extend((p, index[name]) for p in image_files(str(d), unlisted, others))
     if not folders and found:       # an empty test/ (made for later) beside val/: "found: none" said nothing (QA)
         val = split_folder(root, VAL_NAMES) if split.lower() == "test" else None
         raise UsageError(f"--data {root}: {base} holds no class folders, and zoo eval scores {split}/ where there "
@@ -176,13 +178,17 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
     metadata) sets ``seen_in_training``; ``mirror=False`` leaves TTA's mirrored views out (``Bundle.tta_mirror``).
     """
     unlisted: list[tuple[str, str]] = []
-    split, items, ignored = find_eval_images(data_dir, labels, aliases, unlisted)
+    others: list[tuple[str, str]] = []
+    split, items, ignored = find_eval_images(data_dir, labels, aliases, unlisted, others)
     skipped: list[tuple[str, str]] = []
 
     def note(item: Any, reason: str) -> None:
         skipped.append((str(item), reason))
         if on_error is not None:
             on_error(item, reason)
+
+    for path, reason in others:         # not in the accuracy, as the training scan leaves them out: said (QA)
+        note(path, reason)
 
     for folder, reason in unlisted:     # a chmod 000 folder: its images are not in the accuracy, and it says so
         if on_error is not None:        # (a folder, not one skipped image: report.unreadable_folders)

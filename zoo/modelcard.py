@@ -318,11 +318,13 @@ def _hub_use_lines(repo: str, library: str, head: str) -> list[str]:
     """How to load the Hub repo: plain timm (a linear head), zoo."""
     lines: list[str] = []
     if library == "timm" and head == "linear":
-        lines += ["```python", "import timm, torch", "from PIL import Image", "",
+        # upright by its EXIF, as zoo reads every photo (a phone's portrait photo is stored sideways)
+        lines += ["```python", "import timm, torch", "from PIL import Image, ImageOps", "",
                   f'model = timm.create_model("hf-hub:{repo}", pretrained=True).eval()',
                   "cfg = timm.data.resolve_data_config({}, model=model)",
                   "transform = timm.data.create_transform(**cfg)",
-                  'x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)',
+                  'image = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGB")  # upright, as trained',
+                  "x = transform(image).unsqueeze(0)",
                   "probs = model(x).softmax(-1)",
                   'labels = model.pretrained_cfg["label_names"]', "```", ""]
     elif library == "timm":

@@ -26,7 +26,7 @@ from torchvision.transforms import functional as F
 from finetune.core.io import broken_link
 from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
-from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, to_rgb
+from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, upright_rgb
 from finetune.data.images import named_stream
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
@@ -133,7 +133,8 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
     return transform
 
 
-def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
+def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None,
+                    others: list[tuple[str, str]] | None = None) -> list[Path]:
     """The images a glob pattern names, as the shell would hand them over: the image files it matches, and the
     images of the folders it matches (``'photos/*'``); what a folder walk skips (``@eaDir``, ``__MACOSX``) is
     skipped below the pattern's literal part too. Each image once, in the order found."""
@@ -145,7 +146,7 @@ def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None)
         if any(is_ignored(n) for n in Path(q).parts[literal:]):
             continue
         if os.path.isdir(q):
-            found.update(dict.fromkeys(map(Path, image_files(q, unlisted))))
+            found.update(dict.fromkeys(map(Path, image_files(q, unlisted, others))))
         elif os.path.splitext(q)[1].lower() in IMAGE_EXTENSIONS:
             found[Path(q)] = None
     if not found:
@@ -154,11 +155,12 @@ def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None)
     return list(found)
 
 
-def expand_images(inputs: Iterable[str | os.PathLike],
-                  unlisted: list[tuple[str, str]] | None = None) -> tuple[list[Path], bool]:
+def expand_images(inputs: Iterable[str | os.PathLike], unlisted: list[tuple[str, str]] | None = None,
+                  others: list[tuple[str, str]] | None = None) -> tuple[list[Path], bool]:
     """Files as given, folders expanded recursively to their images (sorted), and a glob pattern that names no
     file (quoted, so the shell left it: ``'photos/*/*.jpg'``, ``**`` recursive) to the images it matches.
-    Folders below them that cannot be listed go to ``unlisted`` (folder, reason).
+    Folders below them that cannot be listed go to ``unlisted`` (folder, reason), their files not named as images
+    (a HEIC photo, a file without an extension) to ``others`` (path, reason: the training scan's words).
 
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
@@ -174,11 +176,11 @@ def expand_images(inputs: Iterable[str | os.PathLike],
                              "(. for the current one)")
         if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
             any_dir = True
-            out.extend(_pattern_images(str(item), unlisted))
+            out.extend(_pattern_images(str(item), unlisted, others))
         elif p.is_dir():
             any_dir = True
             refuse_zoo_output(str(p), "to classify: give the folder of the images, or name its files")
-            out.extend(map(Path, image_files(str(p), unlisted)))
+            out.extend(map(Path, image_files(str(p), unlisted, others)))
         elif p.exists():
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`
@@ -201,10 +203,10 @@ _PIL_LOAD = threading.Lock()
 
 
 def _load(item: Any, min_size: int | None) -> Image.Image:
-    if isinstance(item, Image.Image):    # converted as training converts a file (16-bit scaled, alpha on white)
-        with _PIL_LOAD:
+    if isinstance(item, Image.Image):    # as training converts a file: EXIF-upright, 16-bit scaled, alpha on white
+        with _PIL_LOAD:     # (its EXIF, parsed once and kept on it, too)
             item.load()
-        return to_rgb(item)
+            return upright_rgb(item)
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.
     return load_image(item, min_size)
 

@@ -27,6 +27,7 @@ IMAGE_EXTENSIONS = ((".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", 
                     + ((".avif",) if "AVIF" in IMAGE_FORMATS else ()))
 # Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
+NOT_IMAGE_TYPE = "not an image file type"    # the reason's words for a file not named as an image
 _JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
 
 
@@ -109,20 +110,34 @@ def walk_files(top: str, loops: list[str] | None = None,
     return sorted(out)
 
 
-def image_files(top: str, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
+def image_files(top: str, unlisted: list[tuple[str, str]] | None = None,
+                others: list[tuple[str, str]] | None = None) -> list[str]:
     """The files below ``top`` named as images (:data:`IMAGE_EXTENSIONS`, in any case), sorted, walked as
     :func:`walk_files` walks (folders that cannot be listed -> ``unlisted``): what ``zoo predict`` reads of a
-    folder and ``zoo eval`` of a class folder. (The training scan keeps every file, to say why one is unusable.)"""
-    return [p for p in walk_files(top, unlisted=unlisted) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+    folder and ``zoo eval`` of a class folder. The other files go to ``others`` as (path, :func:`not_image_type`),
+    where the caller says so, as the training scan does (which keeps every file, to say why one is unusable)."""
+    found = []
+    for p in walk_files(top, unlisted=unlisted):
+        why = not_image_type(p)
+        if why is None:
+            found.append(p)
+        elif others is not None:
+            others.append((p, why))
+    return found
+
+
+def not_image_type(path: str) -> str | None:
+    """Why ``path`` is not read as an image by its name (the scan's and zoo eval's words), or None."""
+    ext = os.path.splitext(path)[1].lower()
+    return None if ext in IMAGE_EXTENSIONS else f"{NOT_IMAGE_TYPE} ({ext or 'no extension'})"
 
 
 def _check_file(path: str) -> str | None:
     """Cheap validity check of one file; returns why it cannot be used, or None when it looks fine."""
-    ext = os.path.splitext(path)[1].lower()
     if os.path.islink(path) and not os.path.exists(path):
         return "broken or looping symbolic link"
-    if ext not in IMAGE_EXTENSIONS:
-        return f"not an image file type ({ext or 'no extension'})"
+    if (why := not_image_type(path)) is not None:
+        return why
     kind = special_file(path)
     if kind is not None:            # reading it could wait for good (a pipe); its size reads 0
         return f"{kind}, not an image file"
@@ -143,7 +158,7 @@ def _check_file(path: str) -> str | None:
             if limit and w * h > limit:
                 return f"too many pixels ({w}x{h}, over the decompression-bomb limit of {limit})"
             im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
-        if fmt == "JPEG" and not _jpeg_has_end(path, size):
+        if fmt in ("JPEG", "MPO") and not _jpeg_has_end(path, size):      # MPO: a JPEG carrying more pictures
             # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
             with open_image(path) as im:
                 im.load()
@@ -317,7 +332,7 @@ CHECK_THREADS = 8  # threads of the file checks (the doctor's file pass takes as
 
 # What a memo of file checks (check_files' ``memo``) was made with: a memo of another format, Pillow or
 # decompression-bomb limit is not used. Bump the format when _check_file's verdicts change.
-_MEMO_FORMAT = 3     # 3: only IMAGE_FORMATS are opened (an EPS named .jpg was kept)
+_MEMO_FORMAT = 4     # 3: only IMAGE_FORMATS are opened (an EPS named .jpg was kept); 4: an MPO cut short is found
 # A file changed less than this before a scan (or dated in the future) is not remembered: a same-size rewrite
 # within one tick of a coarse clock (FAT, ext3, HFS+, some NFS/SMB servers) would keep its times (git's rule).
 _MEMO_RACY_NS = 2_000_000_000

@@ -82,16 +82,25 @@ def shared_pil_warnings() -> Iterator[None]:
                 _shared.pop(0).close()
                 _shared.clear()
 
+# What decoding a file gives (to_rgb, decode_opened) in this version: raised when a change gives some files other
+# pixels, so that features cached from their old pixels (finetune.tools.features' keys) are computed again.
+# 2: a PNG's tRNS colour key, an alpha channel that hides every pixel, a multi-picture JPEG's draft (helper-109).
+DECODE_REVISION = 2
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: transparency composited on white, 16/32-bit scaled (not clipped). What
     training sees, so every other reader (zoo serve's uploads, PIL images given to zoo.load_bundle) uses it
     too: ``Image.convert("RGB")`` clips 16-bit values and turns transparent pixels black."""
     mode = im.mode
-    if mode == "RGB":
+    # A PNG's tRNS colour key (grey, RGB, 16-bit grey: optipng's form of an RGBA whose alpha is all or nothing): the
+    # pixels of that one colour are transparent, so on white as an alpha channel's are (they kept the stored colour).
+    key = im.info.get("transparency") if mode != "P" else None
+    if mode == "RGB" and key is None:
         return im
     if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(im).astype(np.float64)
+        raw = np.asarray(im)
+        a = raw.astype(np.float64)
         if mode.startswith("I;16"):
             a = a / 257.0                          # 65535 -> 255 exactly
         elif mode == "F" and a.size and a.max() <= 1.0 and a.min() >= 0.0:
@@ -100,6 +109,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
             hi = 65535.0 if a.min() >= 0 and a.max() <= 65535 else a.max()
             lo = 0.0 if hi == 65535.0 else a.min()
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+        if isinstance(key, int):
+            a[raw == key] = 255.0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -107,9 +118,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")
     if mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
+    elif key is not None and mode in ("1", "L", "RGB"):
+        try:
+            im = im.convert("RGBA")            # Pillow turns the key into an alpha channel
+        except (TypeError, ValueError):        # a key Pillow cannot use: the pixels as stored, as before
+            return im.convert("RGB")
     if im.mode == "RGBA":
+        alpha = im.getchannel("A")
+        if alpha.getextrema()[1] == 0:     # hides every pixel: an alpha byte the writer left unused (a 32-bit BMP's,
+            return im.convert("RGB")       # shown opaque by browsers and Windows), not a blank image
         background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
+        background.paste(im, mask=alpha)
         return background
     return im.convert("RGB")                       # L, 1, CMYK, YCbCr, LAB, HSV
 
@@ -130,7 +149,7 @@ def decode_opened(im: Image.Image, min_size: int | None = None) -> Image.Image:
     RGB. Raises what PIL raises for a damaged file."""
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)
-    if min_size and im.format == "JPEG":
+    if min_size and im.format in ("JPEG", "MPO"):       # MPO: a JPEG carrying more pictures (a phone's gain map)
         im.draft("RGB", (int(min_size), int(min_size)))
     im.load()
     return upright_rgb(im)

@@ -225,6 +225,24 @@ def test_the_size_of_an_exif_rotated_image_is_the_one_it_is_seen_at(tmp_path, or
     assert file_facts([str(path)])[1] == [shown]
 
 
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_the_size_of_an_image_turned_by_its_xmp_orientation_is_the_one_it_is_seen_at(tmp_path, fmt):
+    """QA (helper-109): a photo whose orientation is only in its XMP packet (``tiff:Orientation``, as some editors
+    write it) is turned by Pillow and so trained on as 96x48, but the tiny and aspect findings read EXIF only and
+    gave its stored 48x96. Still from the header, no pixel decoded."""
+    from PIL import Image
+
+    from finetune.data import load_image
+    from finetune.tools.doctor.checks import file_facts
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    path = tmp_path / f"turned.{fmt.lower()}"
+    Image.new("RGB", (48, 96), (200, 30, 30)).save(path, fmt, xmp=xmp.encode())
+    assert load_image(path).size == (96, 48)
+    assert file_facts([str(path)])[1] == [(96, 48)]         # was [(48, 96)]
+
 def test_an_image_far_from_every_class_is_an_outlier():
     x, y = _clusters()
     x[5] = -x[:30].mean(0) * 3        # pointing away from every centroid

@@ -294,6 +294,13 @@ def test_cache_key_parts():
     for change in ({"items": [("/nonexistent/a.png", 1)]}, {"backbone": "w2"}, {"transform": "T2"},
                    {"data_config": dict(DATA_CONFIG, crop_pct=0.9)}, {"extra": {"views": 2}}):
         assert feature_cache_key(**{**base, **change}) != key
+    # helper-109: a decoding fix (finetune.data.images.DECODE_REVISION) gives some files other pixels: their
+    # features cached by an earlier version are not used (a run would train on the old pixels, predict on the new)
+    import finetune.tools.features.cache as cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache, "DECODE_REVISION", cache.DECODE_REVISION + 1)
+        assert feature_cache_key(**base) != key
     m = _model()
     d = backbone_digest(m, "fc")
     with torch.no_grad():

@@ -504,3 +504,93 @@ def test_windows_zone_identifier_files_beside_each_image_are_ignored_as_debris(t
     assert report.bad_files == [] and not any("Zone" in w for w in report.warnings)
     assert sum(report.counts()["train"].values()) + sum(report.counts()["val"].values()) == 6
     assert not any("Zone" in p for p in walk_files(str(tmp_path)))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "1"])
+def test_a_png_whose_transparency_is_one_colour_is_on_white_as_its_rgba_twin(tmp_path, mode):
+    """QA (helper-109): a PNG without an alpha channel whose tRNS chunk names one transparent colour (grey, RGB or
+    16-bit grey: what optipng/oxipng make of an RGBA logo whose alpha is all or nothing) kept the hidden colour
+    (black here) where the same picture as RGBA or palette PNG is on white: two encodings of one image, two
+    pictures for training, predict and serve (one loader: ``to_rgb``)."""
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 2:6] = True                                      # the visible square; the rest is transparent
+    grey = np.where(mask, 255, 0).astype(np.uint8)
+    store = {"RGB": np.stack([grey] * 3, axis=-1), "L": grey, "I;16": grey.astype(np.uint16) * 257,
+             "1": grey.astype(bool)}[mode]
+    Image.fromarray(store).save(tmp_path / "key.png", transparency=(0, 0, 0) if mode == "RGB" else 0)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[mask] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    assert Image.open(tmp_path / "key.png").mode == mode and "transparency" in Image.open(tmp_path / "key.png").info
+    keyed = load_image(tmp_path / "key.png")
+    assert keyed.getpixel((0, 0)) == (255, 255, 255)           # was (0, 0, 0): the transparent colour as stored
+    assert keyed.tobytes() == load_image(tmp_path / "alpha.png").tobytes()
+
+
+def _bmp_with_an_alpha_mask(pixels: np.ndarray) -> bytes:
+    """A 32-bit BMP (BITMAPV5HEADER, BI_BITFIELDS) whose masks name an alpha byte: ``pixels`` (H, W, 4) as BGRA."""
+    h, w, _ = pixels.shape
+    rows = b"".join(pixels[h - 1 - y].tobytes() for y in range(h))          # bottom-up
+    header = (struct.pack("<IiiHHIIiiII", 124, w, h, 1, 32, 3, len(rows), 2835, 2835, 0, 0)
+              + struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"sRGB" + bytes(64))
+    return struct.pack("<2sIHHI", b"BM", 14 + len(header) + len(rows), 0, 0, 14 + len(header)) + header + rows
+
+
+def test_an_alpha_channel_that_hides_every_pixel_is_unused_not_a_blank_white_image(tmp_path):
+    """QA (helper-109): a 32-bit BMP whose header names an alpha byte that the writer left 0 everywhere (browsers
+    and Windows show such a file opaque; torchvision's ``convert("RGB")`` reads its colours) was composited on white:
+    every pixel white, a blank image trained on, predicted and served. An alpha channel that hides every pixel is
+    taken as unused: the pixels as stored; one that hides some pixels is still on white."""
+    bgra = np.zeros((6, 8, 4), dtype=np.uint8)
+    bgra[..., 2] = 200                                                      # red 200, alpha 0 everywhere
+    bgra[2:4, 2:6, :3] = (30, 160, 10)
+    (tmp_path / "unused.bmp").write_bytes(_bmp_with_an_alpha_mask(bgra))
+    assert Image.open(tmp_path / "unused.bmp").mode == "RGBA"
+    Image.fromarray(np.ascontiguousarray(bgra[..., 2::-1])).save(tmp_path / "plain.bmp")
+    assert load_image(tmp_path / "unused.bmp").tobytes() == load_image(tmp_path / "plain.bmp").tobytes()  # was white
+    bgra[0, 0, 3] = 255                                                     # one pixel shown: the rest on white
+    (tmp_path / "used.bmp").write_bytes(_bmp_with_an_alpha_mask(bgra))
+    used = load_image(tmp_path / "used.bmp")
+    assert used.getpixel((0, 0)) == (200, 0, 0) and used.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_a_multi_picture_jpeg_is_decoded_at_the_reduced_scale_of_a_plain_one(tmp_path):
+    """QA (helper-109): Pillow opens a JPEG carrying more pictures (an MPF segment: a phone's Ultra HDR gain map, a
+    depth map, a stereo camera's MPO) as format "MPO", and the reduced-scale decode (``draft``) was asked of "JPEG"
+    only: such a photo was decoded at full size (12 MP where 0.2 MP do) by training, predict, eval and serve, so
+    slower, and resized from other pixels than the same photo without the extra picture."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8))
+    photo.save(tmp_path / "plain.jpg", quality=90)
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo.resize((80, 60))], quality=90)
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    plain, phone = load_image(tmp_path / "plain.jpg", 100), load_image(tmp_path / "phone.jpg", 100)
+    assert plain.size == (200, 150) and phone.size == (200, 150)          # was (800, 600)
+    assert phone.tobytes() == plain.tobytes()                             # the first picture, as a plain JPEG's
+
+
+def test_a_multi_picture_jpeg_cut_short_in_its_first_picture_is_skipped_by_the_scan(tmp_path):
+    """QA (helper-109): the scan proves a JPEG without its end marker by decoding it (a truncated one is skipped
+    with its reason), but asked it of format "JPEG" only: a phone's multi-picture JPEG (MPO) cut short inside its
+    first picture was kept, then failed in every epoch, in predict and in eval. One cut inside the extra picture
+    (the one decoded is whole) is kept, as it decodes."""
+    from finetune.data.files import check_files
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[photo.resize((40, 30))], quality=90)
+    data = buf.getvalue()
+    (tmp_path / "first.jpg").write_bytes(data[:len(data) // 3])
+    (tmp_path / "second.jpg").write_bytes(data[:-200])
+    first, second = check_files([str(tmp_path / "first.jpg"), str(tmp_path / "second.jpg")])
+    assert first is not None and "truncated" in first                    # was None: kept
+    assert second is None and load_image(tmp_path / "second.jpg").size == (160, 120)
+    with pytest.raises(DataError, match="truncated"):
+        load_image(tmp_path / "first.jpg")
+    # a scan memo of an earlier version, which found it fine, is not trusted with it (the memo's format moved on)
+    from finetune.data import files
+
+    memo = tmp_path / "memo.json"
+    st = os.stat(tmp_path / "first.jpg")
+    memo.write_text(json.dumps({"made_with": {**files._memo_header(), "format": 3}, "files": {
+        str(tmp_path / "first.jpg"): [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}}))
+    assert "truncated" in check_files([str(tmp_path / "first.jpg")], memo)[0]

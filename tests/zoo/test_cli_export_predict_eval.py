@@ -165,6 +165,28 @@ def test_predict_folder_json_lists_unreadable_images_with_their_reason(bundle, t
     assert all(p["label"] in CLASSES for d in good for p in d["predictions"])
 
 
+def test_predict_of_a_folder_says_what_it_left_out_as_no_image_type(bundle, tmp_path, runner):
+    """QA (helper-109): `zoo predict BUNDLE photos/` left out a phone's HEIC photos (and files without an extension)
+    without a word, and of a folder holding only those said "no images found in photos", where the training scan
+    names each with `not an image file type (.heic)`. One warning line now, or the reason in the error."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(20))
+    (photos / "IMG_0002.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(20))
+    res = runner.invoke(cli, ["predict", str(bundle), str(photos), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == (f"zoo: error: no images found in {photos}: its 2 file(s) are not named as images "
+                                  f"zoo reads, e.g. {photos / 'IMG_0001.HEIC'} (not an image file type (.heic)); "
+                                  "convert them to JPEG or PNG")   # was "no images found in PHOTOS"
+    make_image(photos / "cat.png", 0, size=32)
+    res = runner.invoke(cli, ["predict", str(bundle), str(photos), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert [d["image"] for d in json.loads(res.stdout)] == [str(photos / "cat.png")]    # the output as before
+    assert [ln for ln in res.stderr.splitlines() if "warning" in ln] == [
+        f"zoo: warning: left out 2 file(s) not named as images zoo reads, e.g. {photos / 'IMG_0001.HEIC'} (not an "
+        "image file type (.heic))"]
+
+
 def test_predict_prints_each_batch_as_it_is_predicted_not_after_the_last_image(bundle, tmp_path, runner, monkeypatch):
     """`zoo predict BUNDLE folder/` of 10,000 images printed nothing for 30 s and nothing at all when interrupted
     (scale audit, helper-83): each batch's lines now come out before the next batch is read, and the whole output

@@ -383,6 +383,29 @@ def test_predict_and_eval_skip_what_the_training_scan_skips(tmp_path):
 
 
 
+def test_eval_names_the_files_of_a_class_folder_that_are_no_image_type_as_the_scan_does(tmp_path):
+    """QA (helper-109): a held-out folder of phone photos saved as HEIC (or a file without an extension) was scored
+    on its JPEGs and PNGs alone without a word, where the training scan lists each such file in bad_files.txt
+    with `not an image file type (.heic)` and warns. Eval now skips them with the scan's reason: a warning each, in
+    metrics.json's skipped list and the summary's count ("unreadable or non-image", the scan's words)."""
+    from zoo.cli.eval_cmd import skipped_lines
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16)
+    (root / "a" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(20))
+    make_image(root / "b" / "scan", 1, size=16, fmt="PNG")                         # no extension
+    heard = []
+    report = evaluate(MeanColour().eval(), ["a", "b", "c"], DC, root, on_error=lambda item, why: heard.append((item, why)))
+    want = [(str(root / "a" / "IMG_0001.HEIC"), "not an image file type (.heic)"),
+            (str(root / "b" / "scan"), "not an image file type (no extension)")]
+    assert report.n_images == 4 and sorted(report.skipped) == want          # was [] (and the same 4 images)
+    assert sorted((str(i), w) for i, w in heard) == want
+    assert skipped_lines(report.skipped, []) == ["skipped 2 unreadable or non-image file(s)"]
+    # the debris the scan ignores stays ignored without a word
+    make_image(root / "a" / ".hidden.png", 0, size=16)
+    (root / "a" / "Thumbs.db").write_bytes(b"x")
+    assert sorted(evaluate(MeanColour().eval(), ["a", "b", "c"], DC, root).skipped) == want
+
+
 def test_a_folder_that_cannot_be_listed_is_named_by_predict_and_eval_not_left_out_silently(tmp_path, monkeypatch):
     """QA session 22: a chmod 000 folder in a folder given to zoo predict or zoo eval was skipped without a word (its
     images neither predicted nor in eval's accuracy). It is now named with its reason: a warning line in predict,
@@ -684,6 +707,28 @@ def test_a_pil_image_is_converted_as_its_file_would_be(tmp_path):
         img.save(tmp_path / name)
         assert _load(Image.open(tmp_path / name), None).tobytes() == _load(tmp_path / name, None).tobytes(), name
 
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_pil_image_of_a_rotated_photo_is_turned_upright_as_its_file_is(tmp_path, orientation):
+    """QA (helper-109): bundle.predict(Image.open("photo.jpg")) of a phone photo stored sideways (EXIF orientation
+    6) classified it sideways, while `zoo predict`, `zoo serve` and training turn it upright: one photo, two
+    answers. A PIL image is turned by its EXIF as its file is (as diffusers' and transformers' load_image do); one
+    already turned (``ImageOps.exif_transpose``) carries no orientation any more and stays as it is."""
+    from PIL import Image, ImageOps
+
+    from zoo.predict import _load
+
+    stored = Image.new("RGB", (40, 24), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 6))                       # a red corner marks the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    as_file = _load(tmp_path / "photo.jpg", None)
+    assert as_file.size == ((24, 40) if orientation in (6, 8) else (40, 24))
+    for given in (Image.open(tmp_path / "photo.jpg"), Image.open(tmp_path / "photo.jpg").convert("RGB"),
+                  ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg"))):
+        assert _load(given, None).tobytes() == as_file.tobytes()   # was the stored (sideways) pixels
 
 def test_eval_on_a_folder_with_train_only_says_where_held_out_images_go(tmp_path):
     """QA: `zoo eval BUNDLE --data photos` on photos/train/<class>/ (no test/ or val/) answered "no class folder

@@ -85,6 +85,28 @@ def test_model_card_parses_with_huggingface_hub_and_carries_metrics(hub, tmp_pat
         assert needle in body, needle
 
 
+
+def test_the_cards_plain_timm_lines_read_a_phone_photo_upright_as_zoo_does(hub, tmp_path, runner, monkeypatch):
+    """QA (helper-109): the Hub card's plain-timm lines opened the image with ``Image.open(...).convert("RGB")``, so a
+    phone photo stored sideways (EXIF orientation 6: most portrait photos) reached the model sideways, while the model
+    was trained, and `zoo predict` answers, on it upright. The card's lines, run as written, feed the model the
+    pixels zoo's loader gives (``finetune.data.load_image``) for such a photo."""
+    from finetune.data import load_image
+
+    run, bundle = make_bundle(tmp_path)
+    assert push(runner, run).exit_code == 0
+    card = hub.repos[REPO].files["README.md"].decode()
+    (code,) = [block.split("```")[0] for block in card.split("```python\n")[1:] if "hf-hub:" in block.split("```")[0]]
+    photo = Image.new("RGB", (48, 32), (0, 0, 255))
+    photo.paste((255, 0, 0), (0, 0, 12, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    monkeypatch.chdir(tmp_path)
+    photo.save("image.jpg", quality=95, exif=exif)
+    names: dict = {}
+    exec(code, names)       # the card's lines, as a user pastes them
+    assert torch.equal(names["x"], names["transform"](load_image("image.jpg")).unsqueeze(0))  # was the sideways photo
+
 def test_the_hub_card_says_a_damaged_scan_json_is_present_but_unreadable(tmp_path):
     from zoo.push import plan_push
 

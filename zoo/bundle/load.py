@@ -194,7 +194,8 @@ class Bundle:
         """Top-k (label, probability) per image, best first.
 
         Args:
-            images: a PIL image or path, or a list of them.
+            images: a PIL image or path, or a list of them. A PIL image is read as its file would be (turned
+                upright by its EXIF orientation, transparency on white), at the size it is given.
             topk: how many classes per image (at least 1; capped at the number of classes).
             tta: average the softmax over several views of each image, as ``zoo predict --tta``:
                 ``tta_views`` "flip" (the validation view and its mirror) or "ten" (ten fixed crops);

@@ -120,7 +120,11 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
 def skipped_lines(skipped: list[tuple[str, str]], folders: list[tuple[str, str]]) -> list[str]:
     """The summary's lines for the images eval skipped and the folders it could not list (each is also a
     warning line as it is met): a folder is no skipped image, and its images are not counted at all."""
-    lines = [f"skipped {len(skipped)} unreadable image(s)"] if skipped else []
+    from finetune.data.files import NOT_IMAGE_TYPE  # lazy: finetune.data imports torch (zoo --help must not)
+
+    # (a file whose name is no image's is no unreadable image: the training scan's words for both)
+    files = any(r.startswith(NOT_IMAGE_TYPE) for _, r in skipped)
+    lines = [f"skipped {len(skipped)} unreadable {'or non-image file' if files else 'image'}(s)"] if skipped else []
     if folders:
         lines.append(f"could not read {len(folders)} folder(s), e.g. {folders[0][0]}: their images are not in the "
                      "accuracy; make them readable and evaluate again")

@@ -109,11 +109,18 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
 
     scales = tta_scales_given(tta, tta_scales)
     unlisted: list[tuple[str, str]] = []
-    paths, any_dir = expand_images(images, unlisted)
+    others: list[tuple[str, str]] = []      # files of the folders not named as images (a phone's HEIC photos)
+    paths, any_dir = expand_images(images, unlisted, others)
     for folder, reason in unlisted:     # (a chmod 000 folder: its images were left out without a word, QA)
         warn_skipped(folder, reason)
+    first, why = others[0] if others else ("", "")
     if not paths:
-        raise UsageError(f"no images found in {', '.join(str(i) for i in images)}")
+        raise UsageError(f"no images found in {', '.join(str(i) for i in images)}"
+                         + (f": its {len(others)} file(s) are not named as images zoo reads, e.g. {first} ({why}); "
+                            "convert them to JPEG or PNG" if others else ""))
+    if others:                          # as the training scan says them (QA: left out without a word)
+        echo(printable(f"zoo: warning: left out {len(others)} file(s) not named as images zoo reads, e.g. {first} "
+                       f"({why})"), err=True)
     bundle = load_model(model, device=resolve_device(device))
     note_unmirrored_tta(tta, tta_views, scales, bundle.tta_mirror)
     reasons: list[str] = []     # of the skipped images, in input order

@@ -57,10 +57,11 @@ _QUARTER_TURNS = (5, 6, 7, 8)     # EXIF orientations that show the picture turn
 
 def _shown_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as it is seen and trained on (load_image applies the EXIF rotation),
-    from the header: EXIF is parsed only when the header holds it (PNG's getexif would decode the pixels)."""
+    from the header: EXIF (or an XMP packet, whose orientation Pillow applies too) is parsed only when the header
+    holds it (PNG's getexif would decode the pixels)."""
     w, h = (int(v) for v in im.size)
     try:
-        turned = "exif" in im.info and im.getexif().get(0x0112) in _QUARTER_TURNS
+        turned = ("exif" in im.info or "xmp" in im.info) and im.getexif().get(0x0112) in _QUARTER_TURNS
     except Exception:  # noqa: BLE001 - a damaged EXIF block costs the rotation, not the size
         turned = False
     return (h, w) if turned else (w, h)

@@ -17,6 +17,7 @@ from torch import nn
 
 from finetune.core.checkpoint import tensors_sha256, write_tensors
 from finetune.core.io import atomic_write, read_safetensors_header
+from finetune.data.images import DECODE_REVISION
 
 
 CACHE_FORMAT = "zoo-features-1"
@@ -199,6 +200,7 @@ def feature_cache_key(*, split: str, items: Sequence[tuple[str, int]], backbone:
         "data": data_digest(items),
         "backbone": backbone,
         "data_config": json.dumps(data_config, sort_keys=True, default=str),
+        "decode": DECODE_REVISION,          # the pixels a file decodes to (a decoding fix changes them)
         # torchvision transforms' repr lists every parameter (sizes, interpolation, mean/std, p...).
         "transform": repr(transform),
         "extra": json.dumps(extra or {}, sort_keys=True, default=str),
