@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import finetune.data.replay as replay
+from finetune.core import host
 from finetune.data.replay import KeptPass, budget
 
 
@@ -99,9 +100,10 @@ def test_the_host_budget_stays_within_a_containers_memory_limit(monkeypatch, tmp
     (v2 / "memory.max").write_text(f"{4 << 30}\n")
     (v2 / "memory.current").write_text(f"{3 << 30}\n")
     (v2 / "memory.stat").write_text(f"anon 1\ninactive_file {1 << 29}\nactive_file 7\n")
-    monkeypatch.setattr(replay, "_CGROUP_FILES", ((str(v2 / "memory.max"), str(v2 / "memory.current"),
-                                                   "inactive_file"),))
-    monkeypatch.setattr(replay, "_meminfo", lambda path, key, unit, real=replay._meminfo: (
+    (tmp_path / "proc_cgroup").write_text("0::/\n")              # (a container's own cgroup namespace)
+    monkeypatch.setattr(host, "CGROUP_ROOT", str(v2))
+    monkeypatch.setattr(host, "PROC_CGROUP", str(tmp_path / "proc_cgroup"))
+    monkeypatch.setattr(host, "_meminfo", lambda path, key, unit, real=host._meminfo: (
         64 << 30 if key == "MemAvailable:" else real(path, key, unit)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert budget(torch.device("cpu")) == (3 << 29) // 4
