@@ -698,3 +698,23 @@ def test_a_collective_cut_off_says_whether_the_other_process_ended_or_timed_out(
     assert ("torchrun's summary names its rank" in str(err.value)) == ("timing out" not in text.lower()
                                                                        and "timed out" not in text.lower())
     ddp.raise_if_peer_lost(RuntimeError("CUDA out of memory"), info, tmp_path)      # its own error: not told
+
+
+@pytest.mark.parametrize("env,launch", [
+    ({}, "zoo"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "zoo"),      # a launcher other than torchrun: not known
+    ({"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}, "zoo"),
+    ({"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc-per-node 2 -m zoo"),
+    ({"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+     "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m zoo")])
+def test_the_resume_command_is_the_launch_the_job_was_started_with(monkeypatch, tmp_path, env, launch):
+    """helper-107: under torchrun every line naming the resume (out of memory, Ctrl-C, a peer lost) said
+    `zoo finetune --resume RUN`, one process. It names torchrun with the job's process count (``launch.zoo_launch``,
+    read from the environment torchrun sets); on several machines, with a rendezvous left to fill in (HOST:PORT)."""
+    from finetune.core.io import resume_command
+
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resume_command(tmp_path, "--micro-batch", 2) == f"{launch} finetune --resume {tmp_path} --micro-batch 2"
