@@ -379,3 +379,32 @@ def test_out_of_memory_in_a_pass_of_one_image_names_a_new_run_that_runs(tmp_path
     assert without.exit_code != 0      # (what the line named before: refused, RUN holds a run)
     again = invoke(*_filled(over, tiny, data, N="24"), *_options())
     assert again.exit_code == 0, again.output
+
+
+def test_out_of_memory_in_the_export_after_training_names_the_resume_that_writes_the_end(tmp_path, monkeypatch):
+    """helper-107: out of memory while the run wrote its bundle, after training finished and saved, got the line
+    of other commands (`start again with a smaller --batch-size ...`), as if the run were lost. It says training
+    finished and is saved and names the resume, which trains nothing and writes the bundle and the page."""
+    import zoo.jobs.finetune as job
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    options = [o for o in _options() if o != "--no-export"]
+    with monkeypatch.context() as m:
+        m.setattr(job, "_export", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *options)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    torch_said = SAID.split(" (", 1)[1][:-1]
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: out of memory after training ({torch_said}): training finished and is saved in {run}; write "
+        f"its bundle and its page with `zoo finetune --resume {run}`")
+    assert (run / "summary.json").is_file() and not (run / "export" / "model.safetensors").exists()
+    resumed = invoke("finetune", "--resume", run, "--workers", "0", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / "export" / "model.safetensors").is_file() and (run / "report.html").is_file()
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
