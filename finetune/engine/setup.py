@@ -18,6 +18,7 @@ from finetune.data import (ImageDataset, ImageSet, build_transform, class_weight
 from finetune.data import decode       # (decode.WORKER_SHARE read at each use: a bench may set it)
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
+from finetune.engine.passes import largest_pass
 from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sync_bn, cudnn_autotune, nhwc,
                                      resolve_device)
 from finetune.core.errors import BatchNormBatchError, ConfigError, DataError
@@ -62,6 +63,13 @@ class Setup:
     @property
     def classes(self) -> list[str]:
         return list(self.train_set.classes)
+
+    @property
+    def pass_images(self) -> int:
+        """The most images one training forward pass of a rank takes: its share of the global batch
+        (``ddp.per_rank_batch``) in passes of at most ``--micro-batch`` (``passes.largest_pass``). The cached head's
+        feature pass takes as many, so that no pass of the run needs more memory than training's."""
+        return largest_pass(ddp.per_rank_batch(int(self.config.batch_size), self.info), int(self.config.micro_batch))
 
     @property
     def head_module(self) -> nn.Module:

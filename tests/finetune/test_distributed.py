@@ -485,6 +485,45 @@ def test_torchrun_two_processes_cache_the_augmented_views_of_one_process(tmp_pat
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_cached_head_extracts_features_in_each_ranks_training_passes(tmp_path, monkeypatch):
+    """helper-107: the cached head's feature pass took min(--micro-batch, --batch-size) images at once on each rank,
+    the global batch (8 here on 2 ranks), where training forwards its share (4): a rank needed more memory for the
+    features than for a step, and the out-of-memory line named the training pass. It takes the training pass
+    (``Setup.pass_images``); the features gathered are one process's (up to float order)."""
+    from tests.finetune.test_features import _config, _fit, _model, _sets
+    import finetune.tools.features.head as head_module
+
+    train, val = _sets(tmp_path / "d")           # 18 training images, 6 validation
+    options = dict(epochs=1, batch_size=8, head_solver="lbfgs")
+    _torchrun_fit(tmp_path, train, val, f"""
+        import torch
+        from tests.finetune.test_features import _config, _fit, _model
+        import finetune.tools.features.head as head_module
+        from finetune.core import distributed
+        rank = distributed.setup("cpu").rank
+        real, real_gather, sizes, banks = head_module._extract, head_module._gather_bank, [], []
+        def extract(model, head, dataset, batch_size, *args, **kwargs):
+            sizes.append(batch_size)
+            return real(model, head, dataset, batch_size, *args, **kwargs)
+        def gather(*args):
+            banks.append(real_gather(*args))
+            return banks[-1]
+        head_module._extract, head_module._gather_bank = extract, gather
+        _fit(_model(), train, val, _config(**{options!r}))
+        json.dump(sizes, open({str(tmp_path)!r} + f"/sizes{{rank}}.json", "w"))
+        torch.save([b.features for b in banks], {str(tmp_path)!r} + f"/banks{{rank}}.pt")
+    """)
+    assert [json.loads((tmp_path / f"sizes{rank}.json").read_text()) for rank in (0, 1)] == [[4, 4], [4, 4]]
+    real_gather, banks = head_module._gather_bank, []
+    monkeypatch.setattr(head_module, "_gather_bank", lambda *args: banks.append(real_gather(*args)) or banks[-1])
+    _fit(_model(), train, val, _config(**options))
+    for rank in (0, 1):      # train's bank, then val's, on every rank
+        ddp_banks = torch.load(tmp_path / f"banks{rank}.pt")
+        assert [b.shape for b in ddp_banks] == [b.features.shape for b in banks]
+        assert all(torch.allclose(a, b.features, atol=1e-5) for a, b in zip(ddp_banks, banks))
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_ranks_load_cached_features_only_when_every_rank_holds_the_same_bank(tmp_path):
     """Multi-GPU audit (helper-89): a head on cached features under torchrun on machines that each cached the bank
     of their own (earlier runs on each, other GPUs or precisions: the same key, other last bits) loaded each
