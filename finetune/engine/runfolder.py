@@ -337,7 +337,7 @@ class RunFolder:
         """What to do after a pass of ``per_pass`` images, the fewest the run takes, ran out of memory (``way``: the
         option that lets a BatchNorm layer take fewer, ``--bn eval``, ``--head linear``)."""
         fewest = ("a pass of one image is the fewest" if way is None else f"passes of {per_pass} images are the "
-                  "fewest it takes (a BatchNorm layer that trains needs 2 images in each)")
+                  "fewest it takes (fewer would leave a BatchNorm layer that trains a pass of one image)")
         first = way.split() if way else ["--img-size", "N"]
         others = "a smaller --img-size or a smaller model" if way is None else \
             f"{way}, a smaller --img-size or a smaller model"

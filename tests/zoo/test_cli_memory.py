@@ -357,10 +357,10 @@ def test_out_of_memory_at_the_fewest_images_a_batchnorm_takes_names_a_new_run_th
     run, line, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch, "--head", "mlp", "--batch-size", "2")
     said = SAID.replace("of 8 image(s)", "of 2 image(s)")
     over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --head linear"
-    assert line == (f"zoo: error: {said}: the run is in {run}, and passes of 2 images are the fewest it takes (a "
-                    "BatchNorm layer that trains needs 2 images in each): start it over with --head linear, a "
-                    f"smaller --img-size or a smaller model (`{over}`, its other options as before; or another "
-                    "--out to keep this run)")
+    assert line == (f"zoo: error: {said}: the run is in {run}, and passes of 2 images are the fewest it takes "
+                    "(fewer would leave a BatchNorm layer that trains a pass of one image): start it over with "
+                    f"--head linear, a smaller --img-size or a smaller model (`{over}`, its other options as before; "
+                    "or another --out to keep this run)")
     again = invoke(*_filled(over, tiny, data), *_options(), "--batch-size", "2")
     assert again.exit_code == 0, again.output
 
