@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -233,7 +235,8 @@ def test_help_of_a_one_process_command_is_shown_under_torchrun(monkeypatch):
 
 
 # A fault on one rank only, injected by a launcher script that torchrun runs in place of `-m zoo`: RANK's n-th call
-# of NAME raises (or, for "kill", the process kills itself as the kernel's OOM killer would)
+# of NAME raises (or, for "kill", the process kills itself as the kernel's OOM killer would; "oom": the device out of
+# memory in a forward pass)
 INJECT = """
 import errno, os, signal, sys
 import finetune.core.checkpoint as checkpoint, finetune.engine.runfolder as runfolder, finetune.engine.passes as passes
@@ -248,11 +251,14 @@ def fault(orig):
         if calls[0] == int(n) and os.environ["RANK"] == rank:
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "oom":
+                import torch
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return orig(*a, **k)
     return wrapped
 
-if mode == "kill":
+if mode in ("kill", "oom"):
     passes.train_forward = fault(passes.train_forward)
 else:
     runfolder.save_checkpoint = fault(checkpoint.save_checkpoint)
@@ -286,9 +292,41 @@ def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tm
         assert errors == ["zoo: error: no space left on device while writing: free some disk space or write "
                           "elsewhere (--out, ZOO_HOME)"], run.stdout[-3000:]
         return
-    resume = f"continue with `zoo finetune --resume {out}`"
+    resume = f"continue with `torchrun --nproc-per-node 2 -m zoo finetune --resume {out}`"
     # (torchrun's stop may reach rank 0 before the broken connection does: then it says it was interrupted)
     assert len(errors) == 1 and errors[0].endswith(resume) and errors[0].startswith((
         "zoo: error: another process of this torchrun job stopped, and the connection to it broke (",
         "zoo: error: interrupted: ")), run.stdout[-3000:]
     assert (out / "checkpoints" / "last.pt").is_file() and not (out / "summary.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_out_of_memory_names_the_torchrun_resume_that_continues_the_run(tmp_path, monkeypatch):
+    """helper-107: under torchrun the out-of-memory line (and Ctrl-C's, every line naming the resume:
+    ``io.resume_command``) named `zoo finetune --resume RUN`, which continues the run in one process. It names the
+    torchrun launch with the job's process count, and that command, pasted, continues the run to its end."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
+    (tmp_path / "inject.py").write_text(INJECT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
+               ZOO_RANK_GRACE_S="120")
+    env.pop("WORLD_SIZE", None)
+    out = tmp_path / "out"
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(tmp_path / "inject.py"), "oom:0:2",
+                   "finetune", tiny, "--data", str(data), "--out", str(out), *OPTIONS, "--no-export"], env, ROOT)
+    assert run.returncode == 1, run.stdout[-3000:]
+    errors = [line for line in run.stdout.splitlines() if line.startswith("zoo: error")]
+    named = f"torchrun --nproc-per-node 2 -m zoo finetune --resume {out} --micro-batch 2"
+    assert len(errors) == 1 and errors[0].startswith("zoo: error: out of memory in a forward pass of 4 image(s)") \
+        and errors[0].endswith(f"; continue in passes of 2 images (the same steps) with `{named}`"), run.stdout[-3000:]
+    words = shlex.split(named)      # as pasted (torchrun's port through its environment: no other job's)
+    resumed, _ = _run([str(TORCHRUN), *words[1:]], dict(env, PET_MASTER_PORT=str(_free_port())), ROOT)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3      # header, the head phase, one finetune epoch

@@ -5,7 +5,8 @@
 - ``seeding``: per-epoch and per-sample seeds;
 - ``metrics``: accuracy, confusion, paired tests; ``monitor``: curves and the lecture's advice;
 - ``confusion``: confusion.csv and what a page shows of a matrix too big to show whole;
-- ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers;
+- ``checkpoint``: last.pt / best weights, resume; ``distributed``: torchrun + DDP helpers; ``launch``: how this
+  process was started (``zoo`` or torchrun's counts), for the resume command ``io.resume_command`` names;
 - ``policy``: freeze depth from the data size; ``surgery``: head replacement, freezing, BatchNorm;
 - ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``;
 - ``signals``: SIGTERM taken as Ctrl-C (a run's and the CLI's one signal policy);

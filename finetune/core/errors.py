@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import sys
 
-__all__ = ["FinetuneError", "ConfigError", "FreezeTooDeepError", "DataError",
+__all__ = ["FinetuneError", "ConfigError", "FreezeTooDeepError", "BatchNormBatchError", "DataError",
            "DivergedError", "CheckpointError", "Interrupted", "OutOfMemory", "is_out_of_memory", "stops_run",
            "memory_text"]
 
@@ -29,6 +29,16 @@ class FreezeTooDeepError(ConfigError):
         self.depth, self.n_stages = depth, n_stages
         super().__init__(f"{where or f'--freeze {depth}'}: this model has {n_stages} stages, so the most is "
                          f"{n_stages} (or use none to train everything)")
+
+
+class BatchNormBatchError(ConfigError):
+    """A batch, or pass (``--micro-batch``), that leaves a BatchNorm layer which trains one value per channel
+    (``recipe.check_batchnorm_batch``): ``way`` the option that keeps that layer from training (``--bn eval``,
+    ``--head linear``)."""
+
+    def __init__(self, message: str, way: str) -> None:
+        super().__init__(message)
+        self.way = way
 
 
 class DataError(FinetuneError):

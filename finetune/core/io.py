@@ -21,6 +21,7 @@ from typing import IO, Any, Callable, Iterable, Sequence
 
 import yaml
 
+from finetune.core.launch import zoo_launch
 from finetune.core.tempfiles import TEMP_SUFFIX, temp_prefix
 
 __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "printable_name", "shell_command",
@@ -107,8 +108,9 @@ def _os_error(err: BaseException) -> OSError | None:
 
 def resume_command(run_dir: str | Path, *more: str | Path) -> str:
     """The command that continues the ``zoo finetune`` run in ``run_dir`` from its checkpoint (``more``: options after
-    it), quoted to paste into a shell: the one spelling of every line that names it."""
-    return shell_command("zoo", "finetune", "--resume", run_dir, *more)
+    it), quoted to paste into a shell: the one spelling of every line that names it. Under torchrun, the torchrun
+    launch with this job's process count (``launch.zoo_launch``), not the one process of a plain ``zoo``."""
+    return shell_command(*zoo_launch(), "finetune", "--resume", run_dir, *more)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

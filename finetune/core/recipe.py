@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from finetune.core.errors import ConfigError, DataError
+from finetune.core.errors import BatchNormBatchError, ConfigError, DataError
 from finetune.core.policy import FreezeDecision, decide_freeze
 from finetune.core.surgery import apply_freeze, belongs_to, replace_head, set_bn_eval
 
@@ -137,7 +137,7 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
             under torchrun), whose statistics come from the whole global batch. ``micro``: ``--micro-batch``
             (1 or 2: a pass of 1 image, what to change then).
     Raises:
-        ConfigError: saying which layer, and what to change.
+        BatchNormBatchError: saying which layer, and what to change (its ``way``: the option that stops it training).
     """
     if int(batch) > 1:
         return
@@ -151,9 +151,9 @@ def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: in
     per = "--micro-batch 3 or more (or 0: each batch in one pass)" if 0 < int(micro) <= 2 else per
     size = "x".join(str(int(d)) for d in input_size[1:])
     if belongs_to(name, head):
-        why, other = f"the MLP head's {name} gets one value per channel", "or --head linear"
+        why, way, other = f"the MLP head's {name} gets one value per channel", "--head linear", ""
     else:   # the network's own layers train under --bn train (the default with --no-pretrained)
-        why, other = (f"{name} gets one value per channel at {size} px under --bn train",
-                      "or --bn eval to keep the pretrained statistics")
-    raise ConfigError(f"a BatchNorm layer cannot train on a batch of 1 image ({why}): start again with {per}, "
-                      f"{other}")
+        why, way, other = (f"{name} gets one value per channel at {size} px under --bn train", "--bn eval",
+                           " to keep the pretrained statistics")
+    raise BatchNormBatchError(f"a BatchNorm layer cannot train on a batch of 1 image ({why}): start again with "
+                              f"{per}, or {way}{other}", way)

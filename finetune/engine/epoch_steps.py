@@ -17,7 +17,7 @@ from finetune.data.loaders import close_loader, counted_images
 from finetune.data.replay import KeptPass
 from finetune.engine.drops import epoch_drops
 from finetune.engine.passes import largest_pass
-from finetune.engine.setup import Setup
+from finetune.engine.setup import Setup, refused_passes
 from finetune.engine.runtime import warms_up
 from finetune.engine.steps import evaluate, train_one_epoch, warm_up
 
@@ -93,6 +93,10 @@ class LoaderSteps:
     def pass_images(self) -> int:
         """The most images one training forward pass of this rank takes (the batch, or ``--micro-batch``)."""
         return self._shape(True)[0]
+
+    def refused(self, micro: int) -> str | None:
+        """Whether the run refuses passes of ``micro`` images (``setup.refused_passes``: the option that lifts it)."""
+        return refused_passes(self.s, micro)
 
     def _warm_up(self, phase: str) -> None:
         """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""

@@ -22,8 +22,8 @@ from finetune.core.errors import ConfigError, DivergedError
 from finetune.engine.runtime import AmpPolicy
 from finetune.engine.drops import SharedDropout
 
-__all__ = ["take_step", "pass_bounds", "largest_pass", "optimizer_step", "stepped", "stand_in_step", "as_before",
-           "train_forward", "diverged", "loss_parts", "batch_loss", "FULL"]
+__all__ = ["take_step", "pass_bounds", "largest_pass", "smaller_pass", "optimizer_step", "stepped", "stand_in_step",
+           "as_before", "train_forward", "diverged", "loss_parts", "batch_loss", "FULL"]
 
 FULL = AmpPolicy("cpu", None)     # full precision: no autocast
 
@@ -81,6 +81,23 @@ def pass_bounds(n: int, micro: int) -> list[tuple[int, int]]:
 def largest_pass(n: int, micro: int) -> int:
     """The most images one pass of a batch of ``n`` takes in passes of at most ``micro`` (:func:`pass_bounds`)."""
     return max(b - a for a, b in pass_bounds(n, micro))
+
+
+def smaller_pass(per_pass: int, refused: Callable[[int], str | None]) -> tuple[int | None, str | None]:
+    """The ``--micro-batch`` to name after a forward pass of ``per_pass`` images ran out of memory, as
+    ``(micro, None)``: half as many images or, where the run refuses that (``refused(micro)``: not None, the
+    option that lifts the refusal; a BatchNorm layer that trains refuses passes of 1 or 2 images where one image
+    leaves it one value per channel, ``recipe.check_batchnorm_batch``), the fewest above it that the run takes (a
+    pass of 4 or 5: 3, not 2, which the resume would refuse). ``(None, way)`` where it takes no fewer than
+    ``per_pass`` (a pass of 1 image; of 2 or 3 that such a layer needs, ``way`` the option that stops it
+    training, e.g. ``--bn eval``): passes cannot shrink, only a new run helps (a smaller ``--img-size``, a smaller
+    model, or ``way``)."""
+    way = None
+    for micro in range(max(1, per_pass // 2), per_pass):
+        way = refused(micro)
+        if way is None:
+            return micro, None
+    return None, way
 
 
 def _batch_weight(loss_fn: nn.Module, target: torch.Tensor) -> torch.Tensor:

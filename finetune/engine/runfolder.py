@@ -12,7 +12,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -25,9 +25,11 @@ from finetune.core.errors import (CheckpointError, ConfigError, FinetuneError, I
                                   memory_text)
 from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, resume_command,
                               shell_command, write_json)
+from finetune.core.launch import zoo_launch
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
+from finetune.engine.passes import smaller_pass
 
 __all__ = ["RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE"]
 
@@ -40,6 +42,15 @@ CHECKPOINT_FORMAT = 1
 # distributions.
 
 Log = Callable[[str], None]
+
+
+class Passes(Protocol):
+    """What :meth:`RunFolder.stopped` reads of a run's forward passes (``LoaderSteps``): the most images one takes,
+    and whether the run refuses passes of ``micro`` images (the option that lifts it, or None)."""
+
+    pass_images: int
+
+    def refused(self, micro: int) -> str | None: ...
 
 
 def _summary_json(summary: dict) -> str:
@@ -294,26 +305,51 @@ class RunFolder:
         done = f"epochs up to {saved} are saved in" if saved > 0 else "before the first epoch ended; the run is in"
         return Interrupted(f"interrupted: {done} {self.path}; continue with `{self.resume_command()}`")
 
-    def stopped(self, epoch: int, why: BaseException, per_pass: int) -> FinetuneError:
+    def stopped(self, epoch: int, why: BaseException, passes: Passes) -> FinetuneError:
         """What ends the run in ``epoch`` when ``why`` stopped it: Ctrl-C or SIGTERM (:meth:`interrupted`), or the
-        device out of memory in a forward pass of ``per_pass`` images (:func:`out_of_memory`), with what is saved
-        and the resume command in passes of half as many images (``--micro-batch``: the same steps)."""
+        device out of memory in a forward pass of ``passes.pass_images`` images (:func:`out_of_memory`), with what is
+        saved and the resume command in passes of half as many images (``--micro-batch``: the same steps), or of the
+        fewest above that the run takes (``passes.smaller_pass``: 3 where a BatchNorm layer that trains refuses 2).
+        Where no pass can be smaller (one image; 2 or 3 for such a layer) the run can only start over, on less
+        memory: ``--bn eval`` or ``--head linear`` (that layer's), a smaller ``--img-size`` or a smaller model, which
+        a resume refuses: the line names the new run into the same folder (``--overwrite``), as its own line for an
+        existing folder does (``load_resume``)."""
         if isinstance(why, KeyboardInterrupt):
             return self.interrupted(epoch)
-        smaller = per_pass // 2
-        retry = f"--micro-batch {smaller}" if smaller else "a smaller --img-size, or a smaller model"
+        per_pass = passes.pass_images
+        smaller, way = smaller_pass(per_pass, passes.refused)
+        if smaller is None:
+            return out_of_memory(why, per_pass, self.start_over(per_pass, way))
         if self.path is None:
-            return out_of_memory(why, per_pass, f"nothing was saved; start again with {retry}")
-        go_on = (f"continue in passes of {smaller} images (the same steps) with `{self.resume_command()} {retry}`"
-                 if smaller else f"start again with {retry}")
+            return out_of_memory(why, per_pass, f"nothing was saved; start again with --micro-batch {smaller}")
+        go_on = (f"continue in passes of {smaller} images (the same steps) with "
+                 f"`{resume_command(self.path, '--micro-batch', smaller)}`")
         if not self.writes:      # another rank under torchrun (often the one whose line is seen): as interrupted()
             return out_of_memory(why, per_pass, f"rank 0 saves {self.path}; {go_on}")
         self.close()
         done = self.saved_epoch(epoch)      # (once written: epoch 0's checkpoint may still be, in epoch 1)
-        if not smaller or not (self.path / LAST).is_file():
-            return out_of_memory(why, per_pass, f"the run is in {self.path}; start again with {retry}")
+        if not (self.path / LAST).is_file():
+            return out_of_memory(why, per_pass, f"the run is in {self.path}; start again with --micro-batch {smaller}")
         saved = f"epochs up to {done} are saved in" if done > 0 else "before the first epoch ended; the run is in"
         return out_of_memory(why, per_pass, f"{saved} {self.path}; {go_on}")
+
+    def start_over(self, per_pass: int, way: str | None) -> str:
+        """What to do after a pass of ``per_pass`` images, the fewest the run takes, ran out of memory (``way``: the
+        option that lets a BatchNorm layer take fewer, ``--bn eval``, ``--head linear``)."""
+        fewest = ("a pass of one image is the fewest" if way is None else f"passes of {per_pass} images are the "
+                  "fewest it takes (fewer would leave a BatchNorm layer that trains a pass of one image)")
+        first = way.split() if way else ["--img-size", "N"]
+        others = "a smaller --img-size or a smaller model" if way is None else \
+            f"{way}, a smaller --img-size or a smaller model"
+        if self.path is None:
+            return f"nothing was saved, and {fewest}; start again with {others}"
+        over = shell_command(*zoo_launch(), "finetune", "MODEL", "--data", "DIR", "--out", self.path, "--overwrite",
+                             *first)
+        where = f"rank 0 saves {self.path}" if not self.writes else f"the run is in {self.path}"
+        if self.writes:
+            self.close()
+        return (f"{where}, and {fewest}: start it over with {others} (`{over}`, its other options as before; "
+                "or another --out to keep this run)")
 
     def saved_epoch(self, fallback: int) -> int:
         """The epoch recorded in last.pt (what a resume continues after)."""

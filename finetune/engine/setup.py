@@ -18,9 +18,10 @@ from finetune.data import (ImageDataset, ImageSet, build_transform, class_weight
 from finetune.data import decode       # (decode.WORKER_SHARE read at each use: a bench may set it)
 from finetune.data.decode import DevicePrefetcher, DeviceTransform, EncodedImageDataset
 from finetune.engine.mixing import BatchMix, build_mix
+from finetune.engine.passes import largest_pass
 from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sync_bn, cudnn_autotune, nhwc,
                                      resolve_device)
-from finetune.core.errors import ConfigError, DataError
+from finetune.core.errors import BatchNormBatchError, ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import (FreezeDecision, batchnorm_batch, default_departure, default_epochs, head_first,
                                    head_on_cached_features, head_solved)
@@ -28,7 +29,7 @@ from finetune.core.recipe import check_batchnorm_batch, prepare_model
 from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
 
-__all__ = ["Setup", "build_setup"]
+__all__ = ["Setup", "build_setup", "refused_passes"]
 
 Log = Callable[[str], None]
 
@@ -62,6 +63,13 @@ class Setup:
     @property
     def classes(self) -> list[str]:
         return list(self.train_set.classes)
+
+    @property
+    def pass_images(self) -> int:
+        """The most images one training forward pass of a rank takes: its share of the global batch
+        (``ddp.per_rank_batch``) in passes of at most ``--micro-batch`` (``passes.largest_pass``). The cached head's
+        feature pass takes as many, so that no pass of the run needs more memory than training's."""
+        return largest_pass(ddp.per_rank_batch(int(self.config.batch_size), self.info), int(self.config.micro_batch))
 
     @property
     def head_module(self) -> nn.Module:
@@ -218,9 +226,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     work = copy.deepcopy(model) if copy_model else model
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
-    bn_batch = batchnorm_batch(config, decision.trainable_stages, ddp.per_rank_batch(int(config.batch_size), info))
-    check_batchnorm_batch(work, data_config["input_size"], bn_batch, head=head, processes=info.world_size,
-                          synced=bool(config.sync_bn and info.enabled), micro=int(config.micro_batch))
+    _check_batch(work, config, decision, info, data_config, head)
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
         say(f"epochs: at most {config.epochs} (auto for freeze {decision.label}; pass --epochs to choose)")
@@ -263,6 +269,29 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         setup.val_loader = DevicePrefetcher(setup.val_loader, DeviceTransform(data_config, False, config),
                                             device, channels_last=setup.channels_last)
     return setup
+
+
+def _check_batch(work: nn.Module, config: FinetuneConfig, decision: FreezeDecision, info: ddp.DistInfo,
+                 data_config: dict, head: str) -> None:
+    """Refuse a batch, or passes of it (``--micro-batch``), that leaves a training BatchNorm layer of the prepared
+    model ``work`` one value per channel (``recipe.check_batchnorm_batch``: a BatchNormBatchError)."""
+    bn_batch = batchnorm_batch(config, decision.trainable_stages, ddp.per_rank_batch(int(config.batch_size), info))
+    check_batchnorm_batch(work, data_config["input_size"], bn_batch, head=head, processes=info.world_size,
+                          synced=bool(config.sync_bn and info.enabled), micro=int(config.micro_batch))
+
+
+def refused_passes(setup: Setup, micro: int) -> str | None:
+    """Whether the run of ``setup`` refuses ``--micro-batch micro`` (the check its set-up made, which a resume in
+    such passes makes again): the option that lifts the refusal (``--bn eval``, ``--head linear``: a BatchNorm layer
+    that trains, left one value per channel by a pass of one image), or None where it takes them. No device memory
+    is used (the check runs on the meta device): it answers after the device ran out of it (``passes.smaller_pass``).
+    """
+    try:
+        _check_batch(setup.model, setup.config.replace(micro_batch=int(micro)), setup.decision, setup.info,
+                     setup.data_config, setup.head)
+    except BatchNormBatchError as e:
+        return e.way
+    return None
 
 
 def _check_kinds(config: Any, train_set: Any, val_set: Any) -> None:

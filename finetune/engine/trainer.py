@@ -356,7 +356,7 @@ class Trainer:
                 self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
         except BaseException as e:   # a divergence, a data or device error: what was handed over reaches the disk
             if stops_run(e):     # Ctrl-C, SIGTERM, out of memory: what is saved, how to go on
-                raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None
+                raise self.folder.stopped(self.epoch, e, self.loader_steps) from None
             self.folder.close()
             self.folder.flush()      # (the last good epoch's checkpoint, when a divergence message says so)
             raise
@@ -371,7 +371,7 @@ class Trainer:
         except BaseException as e:    # Ctrl-C or out of memory in the head guard, summary.json: a resume writes them
             if not stops_run(e):
                 raise
-            raise self.folder.stopped(self.epoch, e, self.loader_steps.pass_images) from None
+            raise self.folder.stopped(self.epoch, e, self.loader_steps) from None
         finally:
             self.folder.flush()
 

@@ -485,6 +485,45 @@ def test_torchrun_two_processes_cache_the_augmented_views_of_one_process(tmp_pat
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_cached_head_extracts_features_in_each_ranks_training_passes(tmp_path, monkeypatch):
+    """helper-107: the cached head's feature pass took min(--micro-batch, --batch-size) images at once on each rank,
+    the global batch (8 here on 2 ranks), where training forwards its share (4): a rank needed more memory for the
+    features than for a step, and the out-of-memory line named the training pass. It takes the training pass
+    (``Setup.pass_images``); the features gathered are one process's (up to float order)."""
+    from tests.finetune.test_features import _config, _fit, _model, _sets
+    import finetune.tools.features.head as head_module
+
+    train, val = _sets(tmp_path / "d")           # 18 training images, 6 validation
+    options = dict(epochs=1, batch_size=8, head_solver="lbfgs")
+    _torchrun_fit(tmp_path, train, val, f"""
+        import torch
+        from tests.finetune.test_features import _config, _fit, _model
+        import finetune.tools.features.head as head_module
+        from finetune.core import distributed
+        rank = distributed.setup("cpu").rank
+        real, real_gather, sizes, banks = head_module._extract, head_module._gather_bank, [], []
+        def extract(model, head, dataset, batch_size, *args, **kwargs):
+            sizes.append(batch_size)
+            return real(model, head, dataset, batch_size, *args, **kwargs)
+        def gather(*args):
+            banks.append(real_gather(*args))
+            return banks[-1]
+        head_module._extract, head_module._gather_bank = extract, gather
+        _fit(_model(), train, val, _config(**{options!r}))
+        json.dump(sizes, open({str(tmp_path)!r} + f"/sizes{{rank}}.json", "w"))
+        torch.save([b.features for b in banks], {str(tmp_path)!r} + f"/banks{{rank}}.pt")
+    """)
+    assert [json.loads((tmp_path / f"sizes{rank}.json").read_text()) for rank in (0, 1)] == [[4, 4], [4, 4]]
+    real_gather, banks = head_module._gather_bank, []
+    monkeypatch.setattr(head_module, "_gather_bank", lambda *args: banks.append(real_gather(*args)) or banks[-1])
+    _fit(_model(), train, val, _config(**options))
+    for rank in (0, 1):      # train's bank, then val's, on every rank
+        ddp_banks = torch.load(tmp_path / f"banks{rank}.pt")
+        assert [b.shape for b in ddp_banks] == [b.features.shape for b in banks]
+        assert all(torch.allclose(a, b.features, atol=1e-5) for a, b in zip(ddp_banks, banks))
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_torchrun_ranks_load_cached_features_only_when_every_rank_holds_the_same_bank(tmp_path):
     """Multi-GPU audit (helper-89): a head on cached features under torchrun on machines that each cached the bank
     of their own (earlier runs on each, other GPUs or precisions: the same key, other last bits) loaded each
@@ -698,3 +737,23 @@ def test_a_collective_cut_off_says_whether_the_other_process_ended_or_timed_out(
     assert ("torchrun's summary names its rank" in str(err.value)) == ("timing out" not in text.lower()
                                                                        and "timed out" not in text.lower())
     ddp.raise_if_peer_lost(RuntimeError("CUDA out of memory"), info, tmp_path)      # its own error: not told
+
+
+@pytest.mark.parametrize("env,launch", [
+    ({}, "zoo"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "zoo"),      # a launcher other than torchrun: not known
+    ({"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}, "zoo"),
+    ({"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc-per-node 2 -m zoo"),
+    ({"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+     "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m zoo")])
+def test_the_resume_command_is_the_launch_the_job_was_started_with(monkeypatch, tmp_path, env, launch):
+    """helper-107: under torchrun every line naming the resume (out of memory, Ctrl-C, a peer lost) said
+    `zoo finetune --resume RUN`, one process. It names torchrun with the job's process count (``launch.zoo_launch``,
+    read from the environment torchrun sets); on several machines, with a rendezvous left to fill in (HOST:PORT)."""
+    from finetune.core.io import resume_command
+
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resume_command(tmp_path, "--micro-batch", 2) == f"{launch} finetune --resume {tmp_path} --micro-batch 2"

@@ -210,3 +210,21 @@ def test_a_batch_one_image_past_the_micro_batch_gives_no_pass_of_one_image():
     with pytest.raises(ConfigError, match=r"MLP head's 1 gets one value per channel\): start again with --micro-batch "
                                           r"3 or more"):
         check_batchnorm_batch(model, (4,), 1, head="1", micro=2)
+
+
+def test_the_smaller_pass_after_out_of_memory_is_the_fewest_images_the_run_takes():
+    """helper-107: after a pass out of memory the line names half as many images, or where the run refuses that (a
+    BatchNorm layer that trains: passes of 1 or 2 refused, the option that lifts it) the fewest above it; none
+    where no pass below it is taken (then only a new run helps: ``RunFolder.start_over``)."""
+    from finetune.engine.passes import smaller_pass
+
+    def batchnorm(micro: int) -> str | None:
+        return "--bn eval" if micro <= 2 else None
+
+    def anything(micro: int) -> str | None:
+        return None
+
+    assert [smaller_pass(n, anything) for n in (8, 5, 4, 2, 1)] == [(4, None), (2, None), (2, None), (1, None),
+                                                                    (None, None)]
+    assert [smaller_pass(n, batchnorm) for n in (8, 6, 5, 4, 3, 2)] == [(4, None), (3, None), (3, None), (3, None),
+                                                                       (None, "--bn eval"), (None, "--bn eval")]

@@ -3,6 +3,7 @@ a run stopped so resumes in smaller passes (``--micro-batch``) and ends as the r
 from __future__ import annotations
 
 import csv
+import shlex
 
 import pytest
 import torch
@@ -122,6 +123,17 @@ def test_the_out_of_memory_line_names_only_options_the_command_takes():
                                        "passes of fewer images) or a smaller --img-size")
 
 
+class _Passes:
+    """A run's forward passes as RunFolder.stopped reads them (LoaderSteps): ``images`` the largest, and the passes
+    refused (``refused``: micro -> the option that lifts it)."""
+
+    def __init__(self, images: int, refused: dict[int, str] | None = None) -> None:
+        self.pass_images, self._refused = images, refused or {}
+
+    def refused(self, micro: int) -> str | None:
+        return self._refused.get(micro)
+
+
 def _options() -> list[str]:
     return ["--freeze", "head", "--no-fast-head", "--epochs", "2", "--workers", "0", "--batch-size", "8",
             "--no-export", "--quiet", "--seed", "3"]
@@ -184,7 +196,7 @@ def test_out_of_memory_on_another_rank_names_the_resume_command(tmp_path):
 
     run = tmp_path / "run"
     other = RunFolder(run, ddp.DistInfo(rank=1, world_size=2, local_rank=1, enabled=True))
-    said = str(other.stopped(1, torch.OutOfMemoryError(TORCH_OOM), 8))
+    said = str(other.stopped(1, torch.OutOfMemoryError(TORCH_OOM), _Passes(8)))
     assert said == (f"{SAID}: rank 0 saves {run}; continue in passes of 4 images (the same steps) with "
                     f"`zoo finetune --resume {run} --micro-batch 4`")
 
@@ -284,3 +296,115 @@ def test_out_of_memory_in_a_resume_s_set_up_names_the_resume_in_smaller_passes(t
     assert above.stderr.splitlines()[-1].endswith(f"`zoo finetune --resume {run} --micro-batch 4`"), above.output
     resumed = invoke("finetune", "--resume", run, "--micro-batch", "4", "--workers", "0", "--quiet", "--no-export")
     assert resumed.exit_code == 0, resumed.output
+
+
+def _filled(command: str, model: str, data, **more: str) -> list[str]:
+    """The words after `zoo` of a ``command`` a line named, its placeholders filled in (MODEL, DIR, ``more``)."""
+    fill = {"MODEL": model, "DIR": str(data), **more}
+    words = shlex.split(command)
+    assert words[0] == "zoo", command
+    return [fill.get(w, w) for w in words[1:]]
+
+
+def _out_of_memory_in_a_pass(tmp_path, monkeypatch, *options: str):
+    """(RUN, the CLI's line, the model's name, the data folder) of a 2-epoch run with ``options`` (after _options':
+    they win) whose first training forward pass runs out of GPU memory (exit 1 asserted)."""
+    from finetune.engine import passes
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:
+        m.setattr(passes, "train_forward", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), *options)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    return run, result.stderr.splitlines()[-1], tiny, data
+
+
+def test_out_of_memory_names_the_fewest_images_a_training_batchnorm_takes_per_pass(tmp_path, monkeypatch):
+    """helper-107: a pass of 4 images out of memory named half of it, `--micro-batch 2`, which a run whose BatchNorm
+    trains (the MLP head's) refuses (a batch of 3 would leave a pass of 1 image: `--micro-batch 3 or more`): one round
+    trip more. It names 3, the fewest the run takes (``passes.smaller_pass``; a resume out of memory in its set-up
+    too), and that resume runs."""
+    run, line, _, _ = _out_of_memory_in_a_pass(tmp_path, monkeypatch, "--head", "mlp", "--batch-size", "4")
+    said = SAID.replace("of 8 image(s)", "of 4 image(s)")
+    assert line == (f"zoo: error: {said}: before the first epoch ended; the run is in {run}; continue in passes of 3 "
+                    f"images (the same steps) with `zoo finetune --resume {run} --micro-batch 3`")
+    refused = invoke("finetune", "--resume", run, "--micro-batch", "2", "--workers", "0", "--quiet", "--no-export")
+    assert refused.exit_code == 2 and "--micro-batch 3 or more" in refused.output, refused.output    # (half: refused)
+    import finetune.tools.train
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    with monkeypatch.context() as m:     # the resume's set-up out of memory names them too (zoo.jobs.resume)
+        m.setattr(finetune.tools.train, "build_setup", no_memory)
+        again = invoke("finetune", "--resume", run, "--workers", "0", "--quiet", "--no-export")
+    assert again.stderr.splitlines()[-1].endswith(f"`zoo finetune --resume {run} --micro-batch 3`"), again.output
+    resumed = invoke("finetune", "--resume", run, "--micro-batch", "3", "--workers", "0", "--quiet", "--no-export")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_out_of_memory_at_the_fewest_images_a_batchnorm_takes_names_a_new_run_that_runs(tmp_path, monkeypatch):
+    """helper-107: passes of 2 images where the MLP head's BatchNorm trains cannot shrink (1 image leaves it one
+    value per channel): the line said `--micro-batch 1`, refused. It says these passes are the fewest and names the
+    new run into the same folder with the option that stops that layer training (`--head linear`), which runs."""
+    run, line, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch, "--head", "mlp", "--batch-size", "2")
+    said = SAID.replace("of 8 image(s)", "of 2 image(s)")
+    over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --head linear"
+    assert line == (f"zoo: error: {said}: the run is in {run}, and passes of 2 images are the fewest it takes "
+                    "(fewer would leave a BatchNorm layer that trains a pass of one image): start it over with "
+                    f"--head linear, a smaller --img-size or a smaller model (`{over}`, its other options as before; "
+                    "or another --out to keep this run)")
+    again = invoke(*_filled(over, tiny, data), *_options(), "--batch-size", "2")
+    assert again.exit_code == 0, again.output
+
+
+def test_out_of_memory_in_a_pass_of_one_image_names_a_new_run_that_runs(tmp_path, monkeypatch):
+    """helper-107: a pass of one image out of memory said `the run is in RUN; start again with a smaller --img-size,
+    or a smaller model`, and the same command with --img-size was refused (RUN holds a run; a resume refuses a
+    changed img_size). It names the new run into the same folder (--overwrite), which runs."""
+    run, line, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch, "--micro-batch", "1")
+    said = SAID.replace("of 8 image(s)", "of 1 image(s)")
+    over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --img-size N"
+    assert line == (f"zoo: error: {said}: the run is in {run}, and a pass of one image is the fewest: start it over "
+                    f"with a smaller --img-size or a smaller model (`{over}`, its other options as before; or "
+                    "another --out to keep this run)")
+    without = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), "--img-size", "24")
+    assert without.exit_code != 0      # (what the line named before: refused, RUN holds a run)
+    again = invoke(*_filled(over, tiny, data, N="24"), *_options())
+    assert again.exit_code == 0, again.output
+
+
+def test_out_of_memory_in_the_export_after_training_names_the_resume_that_writes_the_end(tmp_path, monkeypatch):
+    """helper-107: out of memory while the run wrote its bundle, after training finished and saved, got the line
+    of other commands (`start again with a smaller --batch-size ...`), as if the run were lost. It says training
+    finished and is saved and names the resume, which trains nothing and writes the bundle and the page."""
+    import zoo.jobs.finetune as job
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    options = [o for o in _options() if o != "--no-export"]
+    with monkeypatch.context() as m:
+        m.setattr(job, "_export", no_memory)
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *options)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    torch_said = SAID.split(" (", 1)[1][:-1]
+    assert result.stderr.splitlines()[-1] == (
+        f"zoo: error: out of memory after training ({torch_said}): training finished and is saved in {run}; write "
+        f"its bundle and its page with `zoo finetune --resume {run}`")
+    assert (run / "summary.json").is_file() and not (run / "export" / "model.safetensors").exists()
+    resumed = invoke("finetune", "--resume", run, "--workers", "0", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / "export" / "model.safetensors").is_file() and (run / "report.html").is_file()
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]

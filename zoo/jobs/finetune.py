@@ -21,7 +21,7 @@ from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.data.imageset import name_list
 from finetune.data.scan import IMBALANCE_ADVICE
 from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude_file
-from finetune.core.errors import FinetuneError, Interrupted, OutOfMemory, is_out_of_memory, memory_text
+from finetune.core.errors import FinetuneError, Interrupted, OutOfMemory, is_out_of_memory, memory_text, stops_run
 from finetune.core.policy import batchnorm_batch, lr_unused, parse_freeze
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, json_safe, printable_name, shell_command, write_json
@@ -30,6 +30,7 @@ from finetune.engine import check_machine, idle_gpus_note, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
+from zoo.jobs.ending import cut_short_after_training
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest, scan_memo
 from zoo.errors import RegistryError, UsageError, ZooError
@@ -354,11 +355,10 @@ def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, 
                 failed = e
         if info.is_main:
             _report_html(run_dir, config, say, _val_predictions(outcome.result, val_set))
-    except KeyboardInterrupt:
-        bundle = (f"its bundle with `{shell_command('zoo', 'export', run_dir)}` and "
-                  if export and outcome.export_dir is None else "")
-        raise Interrupted(f"interrupted after training: {run_dir} holds the finished run; write {bundle}its page "
-                          f"with `{shell_command('zoo', 'report', run_dir)}`") from None
+    except BaseException as e:      # Ctrl-C, or out of memory in the export: the run is saved, its end is not
+        if not stops_run(e):
+            raise
+        raise cut_short_after_training(e, run_dir, export and outcome.export_dir is None) from None
     if failed is not None:
         err = ZooError(f"training finished and is saved in {run_dir}, but its bundle was not written: {failed}")
         err.exit_code = failed.exit_code

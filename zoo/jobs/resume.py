@@ -14,18 +14,20 @@ from typing import Any, Callable
 from finetune.core import distributed as ddp
 from finetune.core.checkpoint import load_checkpoint
 from finetune.core.config import FinetuneConfig, load_resume_config
-from finetune.core.errors import CheckpointError, Interrupted, OutOfMemory, is_out_of_memory, memory_text
+from finetune.core.errors import (BatchNormBatchError, CheckpointError, Interrupted, OutOfMemory, is_out_of_memory,
+                                  memory_text)
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
 from finetune.core.io import resume_command, shell_command
 from finetune.engine import idle_gpus_note, resolve_device
-from finetune.engine.passes import largest_pass
+from finetune.engine.passes import largest_pass, smaller_pass
+from finetune.engine.runfolder import RunFolder
 from zoo.build import has_fc_dropout
 from zoo.bundle import is_final_export
 from zoo.errors import UsageError
 from zoo.jobs.finetune import (EXCLUDE_TXT, MODEL_JSON, RunOutcome, _apply_exclude, _finish, build_for_training,
-                               feature_cache, scan_on_main, scan_warnings)
+                               check_batch_early, feature_cache, scan_on_main, scan_warnings)
 from zoo.outdir import MARKER, claim_out, folder_kind, sweep_trial
 from zoo.resolve import get_entry
 from zoo.hub import resolve_entry
@@ -280,9 +282,24 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
     except (MemoryError, RuntimeError) as e:   # fit's set-up (its steps say theirs): --batch-size may not change here
         if not is_out_of_memory(e):
             raise
-        # half the pass that ran out (as RunFolder.stopped says it): the largest of the batch's passes
-        smaller = max(1, largest_pass(ddp.per_rank_batch(int(config.batch_size), info), int(config.micro_batch)) // 2)
+        # passes smaller than the one that ran out, as RunFolder.stopped names them (the largest of the batch's)
+        per_pass = largest_pass(ddp.per_rank_batch(int(config.batch_size), info), int(config.micro_batch))
+        smaller, way = smaller_pass(per_pass, lambda micro: _refused(entry, report.train, config, info, micro,
+                                                                     fc_dropout))
+        if smaller is None:
+            raise OutOfMemory(f"out of memory before training went on ({memory_text(e)}): "
+                              f"{RunFolder(run_dir, info).start_over(per_pass, way)}") from None
         again = resume_command(run_dir, "--micro-batch", str(smaller))
         raise OutOfMemory(f"out of memory before training went on ({memory_text(e)}): {run_dir} keeps its epochs as "
                           f"they were; continue in passes of fewer images with `{again}`") from None
     return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
+
+
+def _refused(entry, train_set, config: FinetuneConfig, info, micro: int, fc_dropout: float | None) -> str | None:
+    """Whether the run refuses ``--micro-batch micro`` (``check_batch_early``, on the meta device: no memory of the
+    device that ran out): the option that lifts the refusal, or None (``setup.refused_passes``, for a run set up)."""
+    try:
+        check_batch_early(entry, train_set, config.replace(micro_batch=int(micro)), info, fc_dropout)
+    except BatchNormBatchError as e:
+        return e.way
+    return None

@@ -171,7 +171,7 @@ class CachedHeadSteps:
                                 transform=transform, extra=extra)
         total_views = max(1, n_views) * (2 if mirror else 1)
 
-        info, per_pass = s.info, int(s.config.micro_batch) or int(s.config.batch_size)     # --micro-batch
+        info, per_pass = s.info, s.pass_images      # a rank forwards no more images at once than in training
 
         def compute() -> FeatureBank:
             t0 = time.perf_counter()
@@ -185,7 +185,7 @@ class CachedHeadSteps:
                 # same on any number of ranks and with any --workers, as the training loader's (QA: one stream
                 # per rank and worker gave 2 ranks, or --workers 2, other views and another head).
                 keys = [(i, view_seed(seed, v)) for i in shard] if n_views else shard
-                parts.append(_extract(s.model, s.head, ds, min(per_pass, int(s.config.batch_size)), s.device,
+                parts.append(_extract(s.model, s.head, ds, per_pass, s.device,
                                       workers=int(s.config.workers), amp=s.amp, channels_last=s.channels_last,
                                       desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
                                       quiet=bool(s.config.quiet) or not info.is_main, keys=keys,
