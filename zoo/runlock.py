@@ -1,8 +1,8 @@
 """One process at a time in a folder: ``FOLDER/.zoo.lock`` holds the holder's pid, host and command line,
 created atomically (``O_CREAT | O_EXCL``). A second process is refused at once with who holds it; a lock
 left by a dead process on this host (and pid namespace: ``finetune.core.tempfiles``), or by any process of an
-earlier boot of it (a crash, a power cut), is taken over with a note. ``zoo.outdir`` claims output folders with it; ``zoo export``, ``zoo report``, bundle loading and
-``zoo push`` ask who holds one."""
+earlier boot of it (a crash, a power cut), is taken over with a note. ``zoo.outdir`` claims output folders with
+it; ``zoo export``, ``zoo report``, bundle loading and ``zoo push`` ask who holds one."""
 from __future__ import annotations
 
 import contextlib
