@@ -290,3 +290,30 @@ def test_writer_running_reads_every_temp_name(tmp_path, monkeypatch):
     assert temp_target(".last.pt.zz11yy22.tmp") == "last.pt" and temp_target("last.pt") is None
     monkeypatch.setattr(tempfiles, "_BOOT_ID", str(tmp_path / "absent"))
     assert len(host_tag()) == 8 and host_tag() != other
+
+
+def test_a_lock_left_before_this_machine_restarted_is_taken_over(tmp_path):
+    """Review (helper-110): the lock's tag names the boot and the pid namespace together, so a lock left by a run
+    that a crash or a power cut ended (same host name, the boot before) read as another container's live run: the
+    resume was refused ("in use by pid N on HOST (another container or pid namespace)") until the user deleted the
+    lock by hand, where 036aea0 had taken it over as a dead pid's. The lock records the boot apart: a holder of an
+    earlier boot of this host has ended, whatever its pid names now; another pid namespace of this boot is refused."""
+    import socket
+
+    from finetune.core.tempfiles import boot_tag, host_tag
+    from zoo.outdir import LOCK, RunLock, RunLockedError
+
+    if boot_tag() is None:
+        pytest.skip("no boot id here (/proc/sys/kernel/random/boot_id)")
+    other_tag = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    other_boot = "0" * 8 if boot_tag() != "0" * 8 else "1" * 8
+    run = _run_folder(tmp_path)
+    record = {"pid": os.getppid(), "host": socket.gethostname(), "tag": other_tag, "start": "1",
+              "command": "zoo finetune x"}       # (a pid that runs now: after a restart it is another process)
+    (run / LOCK).write_text(json.dumps({**record, "boot": other_boot}))
+    notes: list[str] = []
+    RunLock(run).acquire(notes.append).release()
+    assert len(notes) == 1 and "no longer running" in notes[0]
+    (run / LOCK).write_text(json.dumps({**record, "boot": boot_tag()}))          # this boot, another pid namespace
+    with pytest.raises(RunLockedError, match="another container or pid namespace"):
+        RunLock(run).acquire()

@@ -20,7 +20,7 @@ import gc
 import os
 import sys
 
-from finetune.core.host import cpu_quota, usable_cpus
+from finetune.core.host import affinity_cpus, cpu_quota, usable_cpus
 
 __all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
            "launcher_rank", "under_torchrun"]
@@ -78,11 +78,7 @@ def threads_within_quota() -> int | None:
     if quota is None or "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
         return None
     cpus = usable_cpus()     # (the quota rounded up, and at most the affinity's cores)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    if cpus >= cores:
+    if cpus >= affinity_cpus():
         return None
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     return cpus

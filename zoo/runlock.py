@@ -1,8 +1,8 @@
 """One process at a time in a folder: ``FOLDER/.zoo.lock`` holds the holder's pid, host and command line,
 created atomically (``O_CREAT | O_EXCL``). A second process is refused at once with who holds it; a lock
-left by a dead process on this host (and pid namespace: ``finetune.core.tempfiles``) is taken over with a
-note. ``zoo.outdir`` claims output folders with it; ``zoo export``, ``zoo report``, bundle loading and
-``zoo push`` ask who holds one."""
+left by a dead process on this host (and pid namespace: ``finetune.core.tempfiles``), or by any process of an
+earlier boot of it (a crash, a power cut), is taken over with a note. ``zoo.outdir`` claims output folders with
+it; ``zoo export``, ``zoo report``, bundle loading and ``zoo push`` ask who holds one."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.core.io import printable_name
-from finetune.core.tempfiles import host_tag, process_running, process_start
+from finetune.core.tempfiles import boot_tag, host_tag, process_running, process_start
 from zoo.errors import ZooError
 
 __all__ = ["LOCK", "RunLock", "RunLockedError", "lock_holder", "still_training"]
@@ -50,6 +50,13 @@ def _command_line() -> str:
     return printable_name(" ".join(["zoo", *sys.argv[1:]]) if sys.argv else "zoo")
 
 
+def _booted_since(holder: dict) -> bool:
+    """Whether the lock record ``holder``, of a host of this name, was made before this machine last started (its
+    boot differs from this one's: no process of it still runs)."""
+    boot, now = holder.get("boot"), boot_tag()
+    return isinstance(boot, str) and now is not None and boot != now
+
+
 class RunLock:
     """``FOLDER/.zoo.lock``: pid + host + command of the one process working in FOLDER.
 
@@ -73,9 +80,10 @@ class RunLock:
 
     def _create(self) -> bool:
         # (tag: the pid namespace the pid belongs to, finetune.core.tempfiles.host_tag; the host name is for people;
-        # start: the process's, so that a later process given the same pid is not taken for the holder)
-        payload = {"pid": os.getpid(), "host": socket.gethostname(), "tag": host_tag(), "start": process_start(),
-                   "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        # start: the process's, so that a later process given the same pid is not taken for the holder; boot: the
+        # machine's boot, so that a lock left by a crash or power cut is known as stale after the restart)
+        payload = {"pid": os.getpid(), "host": socket.gethostname(), "tag": host_tag(), "boot": boot_tag(),
+                   "start": process_start(), "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._content = json.dumps(payload, ensure_ascii=False) + "\n"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -132,6 +140,8 @@ class RunLock:
                 raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
                                      "wait for it to finish or choose another folder") from None
             return {}, -1
+        if host == socket.gethostname() and _booted_since(holder):
+            return holder, pid       # (its holder ran before this machine restarted: a crash, a power cut)
         # another host's pid, or another pid namespace's of this host (containers sharing its name): not ours to check
         if host != socket.gethostname() or holder.get("tag", host_tag()) != host_tag():
             where = host if host != socket.gethostname() else f"{host} (another container or pid namespace)"

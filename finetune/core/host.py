@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 
-__all__ = ["usable_cpus", "process_cpus", "cpu_quota", "memory_available"]
+__all__ = ["affinity_cpus", "usable_cpus", "process_cpus", "cpu_quota", "memory_available"]
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
@@ -21,24 +21,29 @@ PROC_CGROUP = "/proc/self/cgroup"
 def usable_cpus() -> int:
     """The cores this process may keep busy: its CPU affinity (a cpuset, taskset, a launcher's binding), at most
     its cgroup's CPU quota rounded up (a container's ``--cpus``, a pod's CPU limit), else the machine's count."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    quota = cpu_quota()
+    cpus, quota = affinity_cpus(), cpu_quota()
     return max(1, min(cpus, math.ceil(quota)) if quota is not None else cpus)
+
+
+def affinity_cpus() -> int:
+    """The cores this process may run on (its CPU affinity; else the machine's count), whatever its CPU quota."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def process_cpus() -> int:
     """This process's share of :func:`usable_cpus`: under torchrun the machine's cores are divided between its
     processes (LOCAL_WORLD_SIZE), unless the launcher has already narrowed each process's affinity to its share
     (torchrun's ``--numa-binding``, Slurm's ``--cpu-bind``): this process may then run on fewer cores than its
-    parent, the launcher, and its affinity is its share."""
-    cpus = usable_cpus()
+    parent, the launcher, and its affinity is its share. A CPU quota is its cgroup's, which the processes share
+    either way (a pod's limit): each gets its part of it."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if local > 1 and _narrower_than_parent():
-        return cpus
-    return max(1, cpus // local)
+        quota = cpu_quota()
+        return max(1, min(affinity_cpus(), math.ceil(quota) // local) if quota is not None else affinity_cpus())
+    return max(1, usable_cpus() // local)
 
 
 def _narrower_than_parent() -> bool:

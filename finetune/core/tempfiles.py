@@ -22,7 +22,7 @@ import re
 import socket
 
 __all__ = ["TEMP_SUFFIX", "temp_prefix", "is_temp", "is_temp_of", "temp_target", "writer_running", "host_tag",
-           "pid_alive", "process_start", "process_running"]
+           "boot_tag", "pid_alive", "process_start", "process_running"]
 
 TEMP_SUFFIX = ".tmp"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -35,11 +35,29 @@ _WRITER = re.compile(r"(\d+)(?:-([0-9a-z]+))?@([0-9a-f]{8})")
 def host_tag() -> str:
     """8 hex naming the pid namespace this process's pids belong to (see the module's docstring)."""
     try:
-        with open(_BOOT_ID, encoding="ascii") as fh:
-            where = f"{fh.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+        where = f"{_boot_id()}:{os.stat('/proc/self/ns/pid').st_ino}"
     except (OSError, ValueError):
         where = "host:" + socket.gethostname()
-    return hashlib.sha256(where.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return _hex8(where)
+
+
+def boot_tag() -> str | None:
+    """8 hex naming this boot of this machine (Linux's boot_id), or None where not known: a process recorded with
+    another boot's tag, on a host of this name, ran before the machine restarted, and has ended (a run lock left by a
+    crash or a power cut; :func:`host_tag` alone cannot tell that from a live pid namespace beside this one)."""
+    try:
+        return _hex8(_boot_id())
+    except (OSError, ValueError):
+        return None
+
+
+def _boot_id() -> str:
+    with open(_BOOT_ID, encoding="ascii") as fh:
+        return fh.read().strip()
+
+
+def _hex8(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _base36(n: int) -> str:

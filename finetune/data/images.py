@@ -109,8 +109,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
             hi = 65535.0 if a.min() >= 0 and a.max() <= 65535 else a.max()
             lo = 0.0 if hi == 65535.0 else a.min()
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
-        if isinstance(key, int):
-            a[raw == key] = 255.0
+        hidden = raw == key if isinstance(key, int) else None
+        if hidden is not None and not hidden.all():    # (a key on every pixel: unused, as an all-hiding alpha below)
+            a[hidden] = 255.0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

@@ -113,3 +113,17 @@ def test_the_entry_point_sets_torchs_threads_to_a_quota_below_the_cores(tmp_path
     if expect[1] is not None:
         assert threads == expect[1]
     assert ("threads: 1, the CPUs this container's quota allows" in said) == (set_ == "1")
+
+
+def test_a_quota_is_shared_by_torchruns_processes_also_where_the_launcher_bound_each(monkeypatch, tmp_path):
+    """Review (helper-110): a pod limited to 8 CPUs on a 64-core node, torchrun's 4 processes each bound to 16 cores
+    (--numa-binding): the quota is the pod's, shared by the 4, so each has 2 CPUs of it (1 GPU worker). Before: each
+    took min(16, 8) = 8 (7 workers each: 28 decoding processes and 4 trainers on 8 CPUs of quota)."""
+    _cgroups(monkeypatch, tmp_path, "0::/", {"cgroup.controllers": "cpu", "cpu.max": "800000 100000\n"}, cores=64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert host.process_cpus() == 2                                          # unbound: 8 // 4
+    parent = __import__("os").getppid()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)) if pid == parent else set(range(16)))
+    assert host.process_cpus() == 2 and resolve_workers(-1, "cuda") == 1     # was 8 and 7
+    (Path(host.CGROUP_ROOT) / "cpu.max").write_text("max 100000\n")          # no quota: the bound share, as before
+    assert host.process_cpus() == 16

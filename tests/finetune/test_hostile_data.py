@@ -594,3 +594,17 @@ def test_a_multi_picture_jpeg_cut_short_in_its_first_picture_is_skipped_by_the_s
     memo.write_text(json.dumps({"made_with": {**files._memo_header(), "format": 3}, "files": {
         str(tmp_path / "first.jpg"): [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}}))
     assert "truncated" in check_files([str(tmp_path / "first.jpg")], memo)[0]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "1"])
+def test_a_png_whose_transparent_colour_is_every_pixel_is_read_as_stored_at_any_depth(tmp_path, mode):
+    """Review (helper-110): a tRNS colour key that every pixel has hides the whole picture, which ``to_rgb`` takes
+    as a key (alpha) left unused: the pixels as stored. 8-bit grey, RGB and 1-bit PNGs went that way (through their
+    alpha), a 16-bit grey one was painted white: a blank image, the same file at another bit depth."""
+    store = {"RGB": np.full((4, 6, 3), 40, np.uint8), "L": np.full((4, 6), 40, np.uint8),
+             "I;16": np.full((4, 6), 40 * 257, np.uint16), "1": np.ones((4, 6), bool)}[mode]
+    key = {"RGB": (40, 40, 40), "L": 40, "I;16": 40 * 257, "1": 1}[mode]
+    Image.fromarray(store).save(tmp_path / "key.png", transparency=key)
+    assert Image.open(tmp_path / "key.png").mode == mode and "transparency" in Image.open(tmp_path / "key.png").info
+    expect = (255,) * 3 if mode == "1" else (40, 40, 40)
+    assert set(load_image(tmp_path / "key.png").getdata()) == {expect}        # I;16 was {(255, 255, 255)}
