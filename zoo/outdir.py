@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from finetune.core.io import OUTPUT_MARKER, broken_link, read_json_object, resume_command, shell_command, write_json
-from finetune.core.tempfiles import is_temp, is_temp_of, temp_target, writer_running
+from finetune.core.tempfiles import folder_now, is_temp, is_temp_of, temp_target, writer_running
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
 from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder, still_training
@@ -104,8 +104,9 @@ def default_out(parent: str | os.PathLike, stem: str) -> Path:
 def _entries(path: Path) -> list[str]:
     """The folder's entries other than the marker and the lock (both say nothing about content)."""
     try:
-        # a temp file of the marker is what a command killed while writing it leaves: no content either
-        return [n for n in os.listdir(path) if n not in _OWN and not is_temp_of(n, MARKER)]
+        # a temp file of the marker is what a command killed while writing it leaves: no content either (nor one of
+        # the lock: folder_now's probe of the folder's clock, left by a process killed in between)
+        return [n for n in os.listdir(path) if n not in _OWN and not is_temp_of(n, MARKER) and not is_temp_of(n, LOCK)]
     except FileNotFoundError:
         return []
 
@@ -320,10 +321,7 @@ def _remove_temps(path: Path, kind: Kind) -> None:
     """Remove the temp files of writes cut short (killed before the rename) of the files ``kind`` writes, where it
     writes them (the rules above: the folder, checkpoints/, trials/<id>[/fold-K]); not another command's (`zoo eval
     --out RUN/eval`, `zoo export`'s RUN/export), the user's, nor one a live writer may be writing (``_cut_short``)."""
-    try:
-        now = os.stat(path / LOCK).st_mtime    # just made: the file system's clock (a server's may not be this host's)
-    except OSError:
-        now = time.time()
+    now = folder_now(path, LOCK)     # the file system's clock (a server's may not be this host's)
     _remove_temps_in(path, _own((*kind.files, MARKER), {n: r for n, r in _INSIDE.items() if n in kind.files}), now)
 
 

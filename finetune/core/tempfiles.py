@@ -16,13 +16,16 @@ that, no writer: both are still temps, of a writer that cannot be checked here.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import socket
+import tempfile
+import time
 
 __all__ = ["TEMP_SUFFIX", "temp_prefix", "is_temp", "is_temp_of", "temp_target", "writer_running", "host_tag",
-           "boot_tag", "pid_alive", "process_start", "process_running"]
+           "boot_tag", "pid_alive", "process_start", "process_running", "folder_now"]
 
 TEMP_SUFFIX = ".tmp"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -94,6 +97,26 @@ def temp_prefix(name: str) -> str:
     """The start of the name of this process's temp file for the file ``name`` (mkstemp adds the random part)."""
     start = process_start()
     return f".{name}.{os.getpid()}{'' if start is None else '-' + start}@{host_tag()}."
+
+
+def folder_now(folder: str | os.PathLike, name: str) -> float:
+    """Now on the clock of the file system holding ``folder``: the mtime of a temp of ``name`` made there just now
+    (and removed), which a file server stamps by its own clock, so that the age of a file there (its mtime) is not
+    off by the skew between this host and the server. This host's clock where no file can be made there (a folder
+    that cannot be written: never raises).
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(name), suffix=TEMP_SUFFIX, dir=folder)
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    except OSError:
+        return time.time()
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def is_temp_of(entry: str, name: str) -> bool:
