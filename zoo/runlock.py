@@ -215,6 +215,7 @@ class RunLock:
         """Take the lock or raise RunLockedError naming the holder. ``note`` hears about a stale take-over."""
         for _ in range(5):
             if self._create():
+                self._start_beat()
                 return self
             try:
                 seen = self.path.read_text(encoding="utf-8")
