@@ -132,11 +132,13 @@ def test_the_heartbeat_keeps_a_live_holders_lock_fresh_and_stops_at_release(tmp_
     assert "zoo-lock-heartbeat" not in [t.name for t in threading.enumerate()]
 
 
+@pytest.mark.parametrize("how", ["taken over", "removed"])
 def test_a_holder_woken_after_its_lock_was_taken_over_says_so_once_and_leaves_the_new_lock(tmp_path, monkeypatch,
-                                                                                         capfd):
+                                                                                         capfd, how):
     """A holder stopped for longer than the bound (SIGSTOP, a laptop asleep) is taken as gone and its lock taken over
     (by another host or namespace). Woken, it finds at its next beat that the lock is no longer its own: one line on
-    stderr (whatever --quiet), ``lost`` set, no more touches; its release leaves the new holder's lock alone."""
+    stderr (whatever --quiet), ``lost`` set, no more touches; its release leaves the new holder's lock alone. A lock
+    deleted by hand is said as removed."""
     from zoo import runlock
     from zoo.runlock import LOCK, RunLock
 
@@ -148,14 +150,18 @@ def test_a_holder_woken_after_its_lock_was_taken_over_says_so_once_and_leaves_th
     try:
         aside = run / "new-holder"
         aside.write_text(newer)
-        os.replace(aside, path)          # (the take-over: the new holder's lock in place of ours)
+        if how == "removed":
+            path.unlink()
+        else:
+            os.replace(aside, path)          # (the take-over: the new holder's lock in place of ours)
         assert _wait_for(lambda: lock.lost), "the holder did not notice"
         assert _wait_for(lambda: not lock._beater.is_alive())
     finally:
         lock.release()
-    assert path.read_text() == newer
+    assert path.read_text() == newer if how == "taken over" else not path.exists()
     err = capfd.readouterr().err
-    assert err.count("zoo: warning:") == 1 and "taken over by another process" in err, err
+    said = "taken over by another process" if how == "taken over" else "was removed"
+    assert err.count("zoo: warning:") == 1 and said in err, err
 
 
 def test_a_process_holding_the_lock_exits_promptly(tmp_path):

@@ -83,13 +83,15 @@ def _booted_since(holder: dict) -> bool:
     return isinstance(boot, str) and now is not None and boot != now
 
 
-def _say_lost(path: Path, every: float) -> None:
-    """The one line a holder prints when it finds its lock another's: a thread has no caller to raise to, and --quiet
-    must not hide that two processes may now write in one folder."""
-    bound = silent_bound(every) or SILENT_S
-    print(f"zoo: warning: {path.parent} was taken over by another process while this one was silent for more than "
-          f"{_minutes(bound)} (stopped, suspended?): both may now write in it; stop this one unless that one is gone",
-          file=sys.stderr, flush=True)
+def _say_lost(path: Path, every: float, removed: bool) -> None:
+    """The one line a holder prints when it finds its lock another's (or removed): a thread has no caller to raise
+    to, and --quiet must not hide that two processes may now write in one folder."""
+    if removed:
+        what = f"{path} was removed while this process worked in {path.parent}: another process may now write in it"
+    else:
+        what = (f"{path.parent} was taken over by another process while this one was silent for more than "
+                f"{_minutes(silent_bound(every) or SILENT_S)} (stopped, suspended?): both may now write in it")
+    print(f"zoo: warning: {what}; stop this one unless that one is gone", file=sys.stderr, flush=True)
 
 
 class RunLock:
@@ -252,15 +254,15 @@ class RunLock:
     def _beat(self, stop: threading.Event, content: str, every: float) -> None:
         while not stop.wait(every):
             try:
-                ours = self.path.read_text(encoding="utf-8") == content
+                now = self.path.read_text(encoding="utf-8")
             except FileNotFoundError:
-                ours = False
+                now = None
             except OSError:
                 continue        # (a network file system's hiccup: the next beat tries again)
-            if not ours:
+            if now != content:
                 if not stop.is_set():
                     self.lost = True
-                    _say_lost(self.path, every)
+                    _say_lost(self.path, every, removed=now is None)
                 return
             with contextlib.suppress(OSError):
                 os.utime(self.path)     # (no times: a file server stamps it by its own clock)
