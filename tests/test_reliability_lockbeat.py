@@ -84,7 +84,7 @@ def test_a_beating_lock_of_another_host_or_namespace_is_refused_by_the_folders_c
     lock = _write_lock(run, _records()[where])
     ahead = time.time
     monkeypatch.setattr(time, "time", lambda: ahead() + 10 * SILENT_S)
-    with pytest.raises(RunLockedError, match="in use by pid 4242"):
+    with pytest.raises(RunLockedError, match=r"in use by pid 4242 .*taken over once silent for 10 minutes"):
         RunLock(run).acquire()
     assert json.loads(lock.read_text())["command"] == "zoo finetune x"      # untouched
     assert [n for n in os.listdir(run) if n.endswith(".tmp")] == []          # (the probe is gone)

@@ -191,9 +191,12 @@ class RunLock:
             if silent is not None:
                 return {**holder, "silent_s": silent}, pid
             where = host if host != socket.gethostname() else f"{host} (another container or pid namespace)"
+            bound = silent_bound(holder.get("beat_s"))
+            later = (f" (a gone process's lock is taken over once silent for {_minutes(bound)})"
+                     if bound is not None else "")
             raise RunLockedError(
                 f"{self.path.parent} is in use by pid {pid} on {where} ({holder.get('command', '?')}); "
-                f"wait for it to finish, or delete {self.path} if that process is gone")
+                f"wait for it to finish, or delete {self.path} if that process is gone{later}")
         start = holder.get("start")
         if pid != os.getpid() and process_running(pid, start if isinstance(start, str) else None):
             raise RunLockedError(
