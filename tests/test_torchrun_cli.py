@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import load_script, make_image_folder, register_tiny
@@ -330,3 +331,47 @@ def test_torchrun_out_of_memory_names_the_torchrun_resume_that_continues_the_run
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert len((out / "metrics.csv").read_text().splitlines()) == 3      # header, the head phase, one finetune epoch
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_resume_refusals_name_the_new_run_as_torchrun_and_it_runs(tmp_path, monkeypatch):
+    """helper-112: a resume under torchrun of a run whose config.yaml was edited, or whose best.safetensors is gone,
+    named the new run as `zoo finetune MODEL ...`, one process. They name the job's launch (``io.new_run_command``,
+    ``io.start_over_command``: ``launch.zoo_launch`` as the resume's line), and each, filled in and pasted, runs."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
+    (tmp_path / "inject.py").write_text(INJECT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
+               ZOO_RANK_GRACE_S="120")
+    env.pop("WORLD_SIZE", None)
+    out, new = tmp_path / "out", tmp_path / "new"
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(tmp_path / "inject.py"), "oom:0:2",
+                   "finetune", tiny, "--data", str(data), "--out", str(out), *OPTIONS, "--no-export"], env, ROOT)
+    assert run.returncode == 1 and (out / "checkpoints" / "best.safetensors").is_file(), run.stdout[-3000:]
+    launch = ["torchrun", "--nproc-per-node", "2", "-m", "zoo"]
+
+    def line_of_resume() -> str:
+        resumed, _ = _run([str(TORCHRUN), "--standalone", *launch[1:], "finetune", "--resume", str(out)], env, ROOT)
+        errors = [line for line in resumed.stdout.splitlines() if line.startswith("zoo: error")]
+        assert resumed.returncode != 0 and len(errors) == 1, resumed.stdout[-3000:]
+        return errors[0]
+
+    def runs(command: str) -> None:     # as pasted, the placeholders filled in (torchrun's port: no other job's)
+        words = [{"MODEL": tiny, "DIR": str(data)}.get(w, w) for w in shlex.split(command)]
+        assert words[:5] == launch, command
+        port = dict(env, PET_MASTER_PORT=str(_free_port()))
+        done, _ = _run([str(TORCHRUN), *words[1:], *OPTIONS, "--no-export"], port, ROOT)
+        assert done.returncode == 0, done.stdout[-3000:]
+
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load(saved), "lr": 0.5}, sort_keys=False))
+    named = f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data DIR --config {out / 'config.yaml'} --out NEW"
+    assert line_of_resume().endswith(f"or train with the new ones in a new run (`{named}`)")
+    runs(named.replace("NEW", str(new)))
+    assert json.loads((new / "summary.json").read_text())["world_size"] == 2
+    (out / "config.yaml").write_text(saved)
+    (out / "checkpoints" / "best.safetensors").unlink()
+    named = f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data DIR --out {out} --overwrite"
+    assert line_of_resume().endswith(f"start the run over with `{named}`")
+    runs(named)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

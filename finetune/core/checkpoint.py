@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from finetune.core.errors import CheckpointError
-from finetune.core.io import atomic_write, read_safetensors_header, shell_command, write_file
+from finetune.core.io import atomic_write, read_safetensors_header, shell_command, start_over_command, write_file
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
            "save_weights", "load_weights", "read_tensors", "write_tensors", "weights_damage", "tensors_sha256",
@@ -231,7 +231,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(f"no checkpoint at {path}: there is nothing to resume from, start it again "
                               "without --resume")
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    over = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run, "--overwrite")
+    over = start_over_command(run)
     # "without --resume" (as it said for a truncated file) is refused: the folder holds a run (QA)
     what_now = (f"export its best epoch (checked on its own) with `{shell_command('zoo', 'export', run)}`, or start "
                 f"the run over with `{over}`")

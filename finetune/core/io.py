@@ -28,7 +28,8 @@ __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "prin
            "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "csv_text", "write_file",
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room",
-           "read_json_object", "sha256_file", "yaml_problem", "human_size", "resume_command"]
+           "read_json_object", "sha256_file", "yaml_problem", "human_size", "resume_command",
+           "new_run_command", "start_over_command"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -111,6 +112,19 @@ def resume_command(run_dir: str | Path, *more: str | Path) -> str:
     it), quoted to paste into a shell: the one spelling of every line that names it. Under torchrun, the torchrun
     launch with this job's process count (``launch.zoo_launch``), not the one process of a plain ``zoo``."""
     return shell_command(*zoo_launch(), "finetune", "--resume", run_dir, *more)
+
+
+def new_run_command(*options: str | Path, model: str = "MODEL") -> str:
+    """A new ``zoo finetune`` run of ``model`` on ``DIR`` (``options`` after them), launched as this process was
+    (``launch.zoo_launch``: under torchrun, torchrun with this job's process count), quoted as
+    :func:`resume_command`: the one spelling of every line that names a new run."""
+    return shell_command(*zoo_launch(), "finetune", model, "--data", "DIR", *options)
+
+
+def start_over_command(run_dir: str | Path, *more: str | Path) -> str:
+    """The new run into the run folder ``run_dir``, which already holds one (``--overwrite``; ``more``: options
+    after it): :func:`new_run_command`'s spelling."""
+    return new_run_command("--out", run_dir, "--overwrite", *more)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

@@ -23,9 +23,8 @@ from finetune.core.config import RESUME_FREE, FinetuneConfig, load_resume_config
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_csv_text
 from finetune.core.errors import (CheckpointError, ConfigError, FinetuneError, Interrupted, OutOfMemory,
                                   memory_text)
-from finetune.core.io import (atomic_write_text, json_safe, printable, printable_name, read_json_object, resume_command,
-                              shell_command, write_json)
-from finetune.core.launch import zoo_launch
+from finetune.core.io import (atomic_write_text, json_safe, new_run_command, printable, printable_name,
+                              read_json_object, resume_command, start_over_command, write_json)
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
@@ -133,7 +132,7 @@ class RunFolder:
             raise ConfigError(self._changed(differ, ckpt["config"], current))
         best = int((ckpt.get("early_stop") or {}).get("best_epoch", -1))     # (an epoch > 0: validated)
         if best > 0 and not (self.path / BEST).is_file():   # deleted: the run trained on, then had no best to export
-            over = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", self.path, "--overwrite")
+            over = start_over_command(self.path)
             raise CheckpointError(f"{self.path / BEST} is missing, and only it holds the weights of the run's best "
                                   f"epoch so far (epoch {best}): put it back to continue the run, or start the run "
                                   f"over with `{over}`")
@@ -150,8 +149,7 @@ class RunFolder:
         edited = [k for k in differ if k in on_disk and on_disk[k] == current[k]]
         shown = ", ".join(f"{k}: {current[k]!r} (the checkpoint's: {trained[k]!r})" for k in (edited or differ))
         if edited:
-            new_run = shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--config", self.path / "config.yaml",
-                                    "--out", "NEW")
+            new_run = new_run_command("--config", self.path / "config.yaml", "--out", "NEW")
             return (f"{self.path / 'config.yaml'} differs from the options {self.path / LAST} was trained with: "
                     f"{shown}; put the checkpoint's values back in config.yaml to continue the run, or train "
                     f"with the new ones in a new run (`{new_run}`)")
@@ -328,8 +326,11 @@ class RunFolder:
             return out_of_memory(why, per_pass, f"rank 0 saves {self.path}; {go_on}")
         self.close()
         done = self.saved_epoch(epoch)      # (once written: epoch 0's checkpoint may still be, in epoch 1)
-        if not (self.path / LAST).is_file():
-            return out_of_memory(why, per_pass, f"the run is in {self.path}; start again with --micro-batch {smaller}")
+        if not (self.path / LAST).is_file():     # (its write failed): nothing to resume, RUN holds a run all the same
+            over = start_over_command(self.path, "--micro-batch", smaller)
+            return out_of_memory(why, per_pass, f"the run is in {self.path} without a checkpoint to continue from; "
+                                                f"start it over in passes of {smaller} images with `{over}` (its other "
+                                                "options as before)")
         saved = f"epochs up to {done} are saved in" if done > 0 else "before the first epoch ended; the run is in"
         return out_of_memory(why, per_pass, f"{saved} {self.path}; {go_on}")
 
@@ -343,8 +344,7 @@ class RunFolder:
             f"{way}, a smaller --img-size or a smaller model"
         if self.path is None:
             return f"nothing was saved, and {fewest}; start again with {others}"
-        over = shell_command(*zoo_launch(), "finetune", "MODEL", "--data", "DIR", "--out", self.path, "--overwrite",
-                             *first)
+        over = start_over_command(self.path, *first)
         where = f"rank 0 saves {self.path}" if not self.writes else f"the run is in {self.path}"
         if self.writes:
             self.close()

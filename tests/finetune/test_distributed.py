@@ -757,3 +757,23 @@ def test_the_resume_command_is_the_launch_the_job_was_started_with(monkeypatch, 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert resume_command(tmp_path, "--micro-batch", 2) == f"{launch} finetune --resume {tmp_path} --micro-batch 2"
+
+
+def test_every_line_naming_a_new_run_names_the_launch_the_job_was_started_with(monkeypatch, tmp_path):
+    """helper-112: under torchrun the lines naming a new run (into the run folder with --overwrite, or another model)
+    said `zoo finetune MODEL ...`, one process, while the resume's named torchrun: they share ``io.new_run_command``
+    (``io.start_over_command``), which names the job's launch as ``io.resume_command`` does."""
+    from finetune.core.checkpoint import load_checkpoint
+    from finetune.core.errors import CheckpointError
+    from zoo.jobs.resume import _missing_checkpoint
+
+    for name, value in {"TORCHELASTIC_RUN_ID": "j", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "run"
+    over = f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data DIR --out {run} --overwrite"
+    assert f"start the run over with `{over}`" in _missing_checkpoint(run)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(run / "checkpoints" / "last.pt")
+    assert str(err.value).endswith(f"start the run over with `{over}`")

@@ -1168,7 +1168,8 @@ def test_a_resume_with_data_moved_elsewhere_records_the_new_folder(tmp_path, tin
     data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
     moved = tmp_path / "moved"
     data.rename(moved)
-    result = invoke("finetune", "--resume", out, "--data", moved, "--workers", "0", "--quiet")
+    # (--export: the run was started with --no-export, which its resume follows since helper-112)
+    result = invoke("finetune", "--resume", out, "--data", moved, "--workers", "0", "--export", "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "scan.json").read_text())["root"] == str(moved)
     result = invoke("eval", out / "export", "--data", moved, "--out", tmp_path / "eval")

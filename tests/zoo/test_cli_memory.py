@@ -3,6 +3,7 @@ a run stopped so resumes in smaller passes (``--micro-batch``) and ends as the r
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 
 import pytest
@@ -408,3 +409,36 @@ def test_out_of_memory_in_the_export_after_training_names_the_resume_that_writes
     assert resumed.exit_code == 0, resumed.output
     assert (run / "export" / "model.safetensors").is_file() and (run / "report.html").is_file()
     assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_out_of_memory_without_last_pt_names_a_start_over_that_runs(tmp_path, monkeypatch):
+    """helper-112: out of memory where RUN has no checkpoints/last.pt (its write failed) said `the run is in RUN;
+    start again with --micro-batch 4`, and that command was refused (RUN holds a run: --overwrite, or another --out).
+    It names the new run into RUN with --overwrite (``io.start_over_command``), which runs."""
+    from finetune.engine.runfolder import RunFolder
+
+    run, _, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch)
+    (run / "checkpoints" / "last.pt").unlink()
+    line = str(RunFolder(run).stopped(1, torch.OutOfMemoryError(TORCH_OOM), _Passes(8)))
+    over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --micro-batch 4"
+    assert line.endswith(f"the run is in {run} without a checkpoint to continue from; start it over in passes of 4 "
+                         f"images with `{over}` (its other options as before)"), line
+    without = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), "--micro-batch", "4")
+    assert without.exit_code != 0      # (what the line named before: refused, RUN holds a run)
+    again = invoke(*_filled(over, tiny, data), *_options())
+    assert again.exit_code == 0, again.output
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_the_resume_a_no_export_run_is_told_continues_it_without_a_bundle(tmp_path, monkeypatch):
+    """helper-112: a run started with --no-export, out of memory (or Ctrl-C, any line naming the resume), was told
+    `zoo finetune --resume RUN --micro-batch 4`, and that resume wrote a bundle at the end: the run folder did not
+    remember --no-export, and the resume's default is to export. model.json records it, and a resume given neither
+    --export nor --no-export goes on as the run was started (given one, as it says)."""
+    run, line, _, _ = _out_of_memory_in_a_pass(tmp_path, monkeypatch)
+    resume = f"zoo finetune --resume {run} --micro-batch 4"
+    assert line.endswith(f"`{resume}`"), line
+    resumed = invoke(*shlex.split(resume)[1:], "--workers", "0", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (run / "summary.json").is_file() and not (run / "export").exists()
+    assert json.loads((run / "model.json").read_text())["export"] is False

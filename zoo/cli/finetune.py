@@ -49,7 +49,7 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
               help="--out holds an earlier run: start it over (only the files a run writes are replaced).")
 @click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
-@click.option("--export/--no-export", "export", default=True, show_default=True,
+@click.option("--export/--no-export", "export", default=None, show_default="export; a resume: as the run was started",
               help="Write a bundle to RUN/export at the end (see `zoo predict`).")
 @click.option("--exclude", "exclude", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Leave out the files listed here: a findings.csv of `zoo doctor` or one path per line "
@@ -58,7 +58,7 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
 @config_options()
 @click.pass_context
 def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config_path: str | None,
-                 out: str | None, resume: str | None, overwrite: bool, pretrained: bool, export: bool,
+                 out: str | None, resume: str | None, overwrite: bool, pretrained: bool, export: bool | None,
                  exclude: str | None, fc_dropout: float | None,
                  **values: Any) -> None:
     """Finetune MODEL on the labelled images in --data, following the lecture's recipe.
@@ -126,7 +126,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
             log(note)
         with naming_the_file(ctx, config_path, raw):    # (a freeze too deep, given in the file)
             outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
-                                        export=export, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
+                                        export=export is not False, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
                                         on_run_dir=log_file, exclude=exclude)
 
     if not main or (outcome.result is None and outcome.overfit is None):   # (a finished run resumed: said so)

@@ -117,7 +117,7 @@ def _held_out(report) -> str:
 
 
 def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bool,
-               builder_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+               builder_kwargs: dict[str, Any] | None = None, export: bool = True) -> dict[str, Any]:
     """The ``model.json`` contract (docs/internals.md): enough to rebuild the finetuned model for export, and
     where its weights came from: ``source_sha256`` is the digest of the file as downloaded or imported,
     ``source_weights_sha256`` that of the cached safetensors; ``pretrained_cfg`` (tag, licence, paper, source) is
@@ -139,7 +139,7 @@ def model_info(entry, classes: list[str], config: FinetuneConfig, pretrained: bo
         "source": source, "source_sha256": digest, "source_weights_sha256": weights_digest,
         "pretrained": pretrained, "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None},
         "stages": [list(s) for s in entry.stages], "classifier": entry.classifier,
-        "classes": list(classes), "num_classes": len(classes),
+        "classes": list(classes), "num_classes": len(classes), "export": export,    # (--no-export: its resume too)
         "data_config": json_safe(run_data_config(entry, config)),
         "head": {"kind": config.head, "hidden": config.mlp_hidden, "dropout": config.mlp_dropout,
                  "activation": config.mlp_activation},
@@ -329,8 +329,8 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
         write_scan(report, run_dir)
         if excluded:
             atomic_write_text(run_dir / EXCLUDE_TXT, exclude_list_text(excluded))    # (read back on resume)
-        write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs), indent=2,
-                   ensure_ascii=False)
+        write_json(run_dir / MODEL_JSON, model_info(entry, report.classes, config, pretrained, kwargs, export),
+                   indent=2, ensure_ascii=False)
         say(f"run folder: {run_dir}")
     ddp.barrier(info)
     outcome.result = fit(model, stages, data_config, report.train, report.val, config, head=head,

@@ -19,7 +19,7 @@ from finetune.core.errors import (BatchNormBatchError, CheckpointError, Interrup
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
-from finetune.core.io import resume_command, shell_command
+from finetune.core.io import new_run_command, resume_command, shell_command, start_over_command
 from finetune.engine import idle_gpus_note, resolve_device
 from finetune.engine.passes import largest_pass, smaller_pass
 from finetune.engine.runfolder import RunFolder
@@ -59,7 +59,7 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
 
 
 def _start_over(run_dir: Path) -> str:
-    return shell_command("zoo", "finetune", "MODEL", "--data", "DIR", "--out", run_dir, "--overwrite")
+    return start_over_command(run_dir)
 
 
 def _finished(run_dir: Path) -> int | None:
@@ -95,13 +95,15 @@ def _unwritten_end(run_dir: Path, export: bool) -> list[str]:
 
 
 def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, data_dir: str | Path | None = None,
-                    model: str | None = None, export: bool = True, log: Log | None = None,
+                    model: str | None = None, export: bool | None = None, log: Log | None = None,
                     on_run_dir: Callable[[Path], None] | None = None) -> RunOutcome:
     """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own config.yaml and split.
 
     ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
     quiet, epochs, patience, ...); fit refuses the rest. ``model``, when given, must name the run's own
-    model (``_check_model``). No weights are downloaded: the checkpoint holds the whole model.
+    model (``_check_model``). No weights are downloaded: the checkpoint holds the whole model. ``export`` None:
+    as the run was started (model.json's ``export``: a --no-export run writes no bundle; runs from before it was
+    recorded, a bundle).
 
     Raises:
         UsageError: ``run_dir`` is not a run folder; ``model`` names another model. CheckpointError: no or a
@@ -130,6 +132,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
     _check_info(info_json, info_path)
+    export = info_json.get("export") is not False if export is None else export
     if model is not None:
         _check_model(model, run_dir, info_json)
     data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
@@ -219,7 +222,7 @@ def _check_model(model: str, run_dir: Path, info_json: dict) -> None:
         named = None
     if named != trained:
         resume = resume_command(run_dir)
-        new = shell_command("zoo", "finetune", model, "--data", "DIR")
+        new = new_run_command(model=model)
         raise UsageError(f"cannot resume {run_dir} with model {model}: the run trains {trained}; drop the model "
                          f"argument (`{resume}`) or name {trained}; another model needs a new run (`{new}`)")
 
