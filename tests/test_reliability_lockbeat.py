@@ -190,3 +190,59 @@ def test_a_run_killed_in_another_pid_namespace_is_resumed_here_once_its_lock_is_
     _write_lock(run, json.loads(left), LONG_AGO)          # what its kill -9 leaves, silent since
     _claim(run, "resume")
     assert not (run / LOCK).exists()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{", b'{"pid": 1e400}', b'{"pid": 100000000000000000000000}'])
+def test_a_lock_not_utf8_or_naming_an_impossible_pid_is_an_unreadable_lock(tmp_path, content):
+    """Before: a lock file written over with bytes that are not UTF-8, or naming a pid no process has, raised
+    UnicodeDecodeError / OverflowError out of check() and acquire() (a traceback from `zoo finetune`, `zoo export`,
+    `zoo report`). Now it is an unreadable lock: refused while fresh (being written), taken over once older."""
+    from zoo.runlock import LOCK, RunLock
+
+    run = _run_folder(tmp_path)
+    path = run / LOCK
+    path.write_bytes(content)
+    then = time.time() - LONG_AGO
+    os.utime(path, (then, then))
+    RunLock(run).check()
+    notes: list[str] = []
+    lock = RunLock(run).acquire(notes.append)
+    try:
+        assert notes and "an unreadable lock" in notes[0], notes
+    finally:
+        lock.release()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("how", ["not utf-8", "stderr closed"])
+def test_the_heartbeat_thread_never_raises(tmp_path, monkeypatch, capfd, how):
+    """Before: a holder's lock written over with bytes that are not UTF-8 raised UnicodeDecodeError in the heartbeat
+    thread, and a lost lock's warning to a closed stderr raised ValueError there: Python printed the thread's
+    traceback. Now the first is a lock lost (one warning), the second a warning said nowhere; the thread ends."""
+    import io
+
+    from zoo import runlock
+    from zoo.runlock import LOCK, RunLock
+
+    raised: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    if how == "stderr closed":
+        closed = io.StringIO()
+        closed.close()
+        monkeypatch.setattr(sys, "stderr", closed)
+    run = _run_folder(tmp_path)
+    path = run / LOCK
+    lock = RunLock(run).acquire()
+    try:
+        if how == "not utf-8":
+            path.write_bytes(b"\xff\xfe")
+        else:
+            path.unlink()
+        assert _wait_for(lambda: not lock._beater.is_alive()), "the heartbeat did not end"
+    finally:
+        lock.release()
+    assert not raised, raised
+    assert lock.lost
+    if how == "not utf-8":
+        assert capfd.readouterr().err.count("zoo: warning:") == 1

@@ -83,6 +83,12 @@ def _booted_since(holder: dict) -> bool:
     return isinstance(boot, str) and now is not None and boot != now
 
 
+def _text(path: Path) -> str:
+    """The lock file's text; bytes that are not UTF-8 (a file written over by hand or by another program) as U+FFFD,
+    so that it reads as another's or unreadable lock rather than raising UnicodeDecodeError (a traceback)."""
+    return path.read_bytes().decode("utf-8", "replace")
+
+
 def _say_lost(path: Path, every: float, removed: bool) -> None:
     """The one line a holder prints when it finds its lock another's (or removed): a thread has no caller to raise
     to, and --quiet must not hide that two processes may now write in one folder."""
@@ -91,7 +97,8 @@ def _say_lost(path: Path, every: float, removed: bool) -> None:
     else:
         what = (f"{path.parent} was taken over by another process while this one was silent for more than "
                 f"{_minutes(silent_bound(every) or SILENT_S)} (stopped, suspended?): both may now write in it")
-    print(f"zoo: warning: {what}; stop this one unless that one is gone", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError, ValueError, AttributeError):   # (stderr closed, a broken pipe: said nowhere)
+        print(f"zoo: warning: {what}; stop this one unless that one is gone", file=sys.stderr, flush=True)
 
 
 class RunLock:
@@ -113,7 +120,7 @@ class RunLock:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            return json.loads(_text(self.path))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
@@ -149,7 +156,7 @@ class RunLock:
         except FileNotFoundError:
             return self._create()
         try:
-            moved = aside.read_text(encoding="utf-8")
+            moved = _text(aside)
         except OSError:
             moved = seen
         if moved != seen:   # another process took it over in between: put its fresh lock back
@@ -163,7 +170,7 @@ class RunLock:
     def check(self) -> None:
         """Raise RunLockedError when a live process holds the lock (reads only; a stale lock passes)."""
         try:
-            seen = self.path.read_text(encoding="utf-8")
+            seen = _text(self.path)
         except OSError:
             return
         self._refuse_if_held(seen)
@@ -174,7 +181,9 @@ class RunLock:
         try:
             holder = json.loads(seen)
             pid, host = int(holder["pid"]), str(holder.get("host", ""))
-        except (ValueError, KeyError, TypeError):
+            if not 0 < pid < 2 ** 31:       # (no process's: os.kill would raise OverflowError on it)
+                raise ValueError(pid)
+        except (ValueError, KeyError, TypeError, OverflowError):
             try:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
@@ -223,7 +232,7 @@ class RunLock:
                 self._start_beat()
                 return self
             try:
-                seen = self.path.read_text(encoding="utf-8")
+                seen = _text(self.path)
             except FileNotFoundError:
                 continue
             except OSError:
@@ -257,7 +266,7 @@ class RunLock:
     def _beat(self, stop: threading.Event, content: str, every: float) -> None:
         while not stop.wait(every):
             try:
-                now = self.path.read_text(encoding="utf-8")
+                now = _text(self.path)
             except FileNotFoundError:
                 now = None
             except OSError:
@@ -279,7 +288,7 @@ class RunLock:
         if self._beater is not None and self._beater is not threading.current_thread():
             self._beater.join(timeout=5.0)      # (at most one touch of the file under way)
         try:
-            if self.path.read_text(encoding="utf-8") == self._content:
+            if _text(self.path) == self._content:
                 self.path.unlink()
         except OSError:
             pass
