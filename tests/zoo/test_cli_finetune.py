@@ -983,6 +983,7 @@ def test_an_excluded_file_of_an_odd_class_name_stays_out_when_the_run_is_resumed
     (lambda m: {k: v for k, v in m.items() if k != "model"}, 2, "model.json lacks 'model', which `zoo finetune` writes"),
     (lambda m: {**m, "stages": "all"}, 2, 'model.json: stages is "all", not what `zoo finetune` writes'),
     (lambda m: {**m, "builder_kwargs": [1]}, 2, "model.json: builder_kwargs is [1], not what"),
+    (lambda m: {**m, "export": "false"}, 2, 'model.json: export is "false", not what'),   # (helper-113: exported)
     (lambda m: {**m, "model": "resnet18"}, 1, "last.pt holds the weights of another model than the one built to "
                                               "continue it (size mismatch for ")])
 def test_a_hand_edited_model_json_stops_the_resume_in_one_line(tmp_path, tiny, monkeypatch, edit, code, says):

@@ -185,11 +185,11 @@ def _check_info(info_json: Any, path: Path) -> None:
 
     checks = {"model": lambda v: isinstance(v, str) and bool(v), "stages": stages_ok,
               "classifier": lambda v: isinstance(v, str), "data_config": lambda v: isinstance(v, dict),
-              "builder_kwargs": lambda v: v is None or isinstance(v, dict)}
+              "builder_kwargs": lambda v: v is None or isinstance(v, dict), "export": lambda v: isinstance(v, bool)}
     problem = None if isinstance(info_json, dict) else \
         f"{path} holds {json.dumps(info_json)[:40]}, not the JSON object `zoo finetune` writes"
     for key, ok in checks.items() if problem is None else ():
-        if key not in info_json and key != "builder_kwargs":     # (runs from before it was recorded lack it)
+        if key not in info_json and key not in ("builder_kwargs", "export"):   # (runs from before it was recorded)
             problem = f"{path} lacks {key!r}, which `zoo finetune` writes"
         elif key in info_json and not ok(info_json[key]):
             problem = f"{path}: {key} is {json.dumps(info_json[key])[:40]}, not what `zoo finetune` writes"
