@@ -249,12 +249,15 @@ class RunLock:
         raise RunLockedError(f"{self.path.parent} is being claimed by another process; try again")
 
     def _taken_over(self, holder: dict, pid: int) -> str:
-        what = f"pid {pid} ({holder.get('command', '?')})" if pid > 0 else "an unreadable lock"
+        if pid <= 0:
+            return (f"note: took over the lock of {self.path.parent}, which was unreadable (damaged, or cut short "
+                    "while written): its writer is taken as gone")
         if "silent_s" in holder:
             return (f"note: took over the lock of {self.path.parent} left by pid {pid} on {holder.get('host', '?')} "
                     f"({holder.get('command', '?')}), silent for {_minutes(holder['silent_s'])}: its heartbeat "
                     "stopped, so that process is taken as gone")
-        return f"note: took over the lock of {self.path.parent} left by {what}, which is no longer running"
+        return (f"note: took over the lock of {self.path.parent} left by pid {pid} ({holder.get('command', '?')}), "
+                "which is no longer running")
 
     def _start_beat(self) -> None:
         """Touch the lock every HEARTBEAT_S while it is held (a daemon thread: it never keeps the process alive)."""
