@@ -1597,3 +1597,21 @@ def test_a_peer_lost_before_the_run_folder_is_claimed_does_not_offer_to_resume_t
     assert said.startswith("another process of this torchrun job stopped") and "--resume" not in said
     assert said.endswith("no epoch was saved: start the run again")
     assert (earlier / "checkpoints" / "last.pt").read_bytes() == b"an earlier run's"
+
+
+def test_a_no_export_run_cut_off_in_its_page_is_ended_without_a_bundle(tmp_path, tiny):
+    """helper-113: a `--no-export` run killed while it wrote report.html, resumed without --export/--no-export, writes
+    its page and no bundle (model.json's `export`: it said it would write a bundle before helper-112); resumed again,
+    the finished run's line says it has no bundle and that `zoo export RUN` writes one. Before: "(`zoo export RUN`
+    writes it again)" of a bundle it never had."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    assert invoke("finetune", tiny, "--data", data, "--out", out, "--no-export", *FAST).exit_code == 0
+    (out / "report.html").unlink()
+    res = invoke("finetune", "--resume", out)
+    assert res.exit_code == 0, res.output
+    assert "not its end: this resume trains nothing, and writes its report.html" in res.stderr, res.stderr
+    assert (out / "report.html").is_file() and not (out / "export").exists() and "bundle: " not in res.stdout
+    again = invoke("finetune", "--resume", out)
+    assert again.exit_code == 0, again.output
+    assert f"it has no bundle yet (`zoo export {out}` writes it). Start a new run" in again.stderr, again.stderr

@@ -73,11 +73,12 @@ def _finished(run_dir: Path) -> int | None:
 
 
 def _finished_line(run_dir: Path, epoch: int) -> str:
-    bundle = (f"its bundle is {run_dir / 'export'}" if (run_dir / "export" / "model.safetensors").is_file()
-              else "it has no bundle yet")
     export = shell_command("zoo", "export", run_dir)
+    has = (run_dir / "export" / "model.safetensors").is_file()
+    bundle = f"its bundle is {run_dir / 'export'} (`{export}` writes it again)" if has else \
+        f"it has no bundle yet (`{export}` writes it)"
     return (f"{run_dir} finished after epoch {epoch}: resuming it trains nothing and leaves its files as they are; "
-            f"{bundle} (`{export}` writes it again). Start a new run to train longer or on other data")
+            f"{bundle}. Start a new run to train longer or on other data")
 
 
 def _unwritten_end(run_dir: Path, export: bool) -> list[str]:
