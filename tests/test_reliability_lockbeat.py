@@ -247,3 +247,34 @@ def test_the_heartbeat_thread_never_raises(tmp_path, monkeypatch, capfd, how):
     assert lock.lost
     if how == "not utf-8":
         assert capfd.readouterr().err.count("zoo: warning:") == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_a_folder_named_as_the_lock_neither_hangs_nor_is_moved_aside(tmp_path):
+    """Before: a FIFO at FOLDER/.zoo.lock made `zoo export` / `zoo report` / `zoo predict` (lock_holder) and `zoo
+    finetune --out FOLDER` wait forever for a writer; a folder there was moved aside as `.zoo.lock.stale.PID` and
+    the command failed with "Is a directory (FOLDER/.zoo.lock.stale.PID)". Now the FIFO is an unreadable lock (taken
+    over once old), and the folder is refused in one line, left where it was."""
+    from zoo.runlock import LOCK, RunLock, RunLockedError, lock_holder
+
+    run = _run_folder(tmp_path)
+    path = run / LOCK
+    os.mkfifo(path)
+    then = time.time() - LONG_AGO
+    os.utime(path, (then, then))
+    heard: list[object] = []
+    asker = threading.Thread(target=lambda: heard.append(lock_holder(run)), daemon=True)
+    asker.start()
+    asker.join(timeout=30)
+    if asker.is_alive():        # (free the reader waiting on the FIFO)
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert heard == [None], "lock_holder waited on the FIFO"
+    notes: list[str] = []
+    RunLock(run).acquire(notes.append).release()
+    assert len(notes) == 1 and "which was unreadable" in notes[0] and not path.exists()
+
+    path.mkdir()
+    os.utime(path, (then, then))
+    with pytest.raises(RunLockedError, match=f"^{path} is a folder, not the lock file zoo writes: remove it"):
+        RunLock(run).acquire()
+    assert path.is_dir() and not (run / f"{LOCK}.stale.{os.getpid()}").exists()

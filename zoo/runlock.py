@@ -13,9 +13,11 @@ counts as gone: woken, it finds at its next beat that the lock is another's and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -86,7 +88,11 @@ def _booted_since(holder: dict) -> bool:
 def _text(path: Path) -> str:
     """The lock file's text; bytes that are not UTF-8 (a file written over by hand or by another program) as U+FFFD,
     so that it reads as another's or unreadable lock rather than raising UnicodeDecodeError (a traceback)."""
-    return path.read_bytes().decode("utf-8", "replace")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))     # (a FIFO put there: no wait for a writer)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a lock file", str(path))    # (a folder, a FIFO: an OSError)
+        return fh.read().decode("utf-8", "replace")
 
 
 def _say_lost(path: Path, every: float, removed: bool) -> None:
@@ -185,9 +191,13 @@ class RunLock:
                 raise ValueError(pid)
         except (ValueError, KeyError, TypeError, OverflowError):
             try:
-                age = time.time() - self.path.stat().st_mtime
+                found = self.path.stat()
             except FileNotFoundError:
                 return None
+            if stat.S_ISDIR(found.st_mode):     # (moved aside, it could not be removed as a stale lock is)
+                raise RunLockedError(f"{self.path} is a folder, not the lock file zoo writes: remove it, or choose "
+                                     "another folder") from None
+            age = time.time() - found.st_mtime
             if age < _FRESH_LOCK_S:      # its creator is writing it right now
                 raise RunLockedError(f"{self.path.parent} is being claimed by another process; "
                                      "wait for it to finish or choose another folder") from None
