@@ -278,3 +278,26 @@ def test_a_fifo_or_a_folder_named_as_the_lock_neither_hangs_nor_is_moved_aside(t
     with pytest.raises(RunLockedError, match=f"^{path} is a folder, not the lock file zoo writes: remove it"):
         RunLock(run).acquire()
     assert path.is_dir() and not (run / f"{LOCK}.stale.{os.getpid()}").exists()
+
+
+def test_a_holder_that_lost_its_folder_leaves_the_new_holders_marker_and_log(tmp_path, monkeypatch, capfd):
+    """A command whose new folder was taken over while it was stopped (SIGSTOP past the bound), woken, that then ends
+    having written nothing but its log: its claim's cleanup removed log.txt and the marker, by then the ones of the
+    process that took the folder over (which had written nothing else yet). Now the cleanup leaves a lost folder be."""
+    from zoo import runlock
+    from zoo.outdir import LOCK, MARKER, claim_out
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    out = tmp_path / "out"
+    newer = json.dumps(_records()["host"]) + "\n"
+    with claim_out(out, "finetune") as mode:
+        assert mode == "new"
+        (out / "log.txt").write_text("ours\n")
+        aside = tmp_path / "new-holder"
+        aside.write_text(newer)
+        os.replace(aside, out / LOCK)                  # taken over; the new holder writes its marker and log
+        (out / MARKER).write_text(json.dumps({"kind": "finetune", "command": "zoo finetune x"}))
+        (out / "log.txt").write_text("theirs\n")
+        assert _wait_for(lambda: "taken over" in capfd.readouterr().err)
+    assert (out / LOCK).read_text() == newer and (out / "log.txt").read_text() == "theirs\n"
+    assert json.loads((out / MARKER).read_text())["command"] == "zoo finetune x"

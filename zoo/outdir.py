@@ -434,7 +434,8 @@ def claim_out(path: str | os.PathLike, kind: str, *, resume: bool = False, overw
         yield mode
     finally:
         lock.release()
-        if owned and mode != "resume" and set(_entries(path)) <= {_LOG}:
+        # (not once the lock was lost: the log and marker are then those of the process that took the folder over)
+        if owned and not lock.lost and mode != "resume" and set(_entries(path)) <= {_LOG}:
             with contextlib.suppress(OSError):
                 (path / _LOG).unlink(missing_ok=True)
                 (path / MARKER).unlink(missing_ok=True)
