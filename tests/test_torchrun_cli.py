@@ -307,20 +307,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
-def test_torchrun_out_of_memory_names_the_torchrun_resume_that_continues_the_run(tmp_path, monkeypatch):
-    """helper-107: under torchrun the out-of-memory line (and Ctrl-C's, every line naming the resume:
-    ``io.resume_command``) named `zoo finetune --resume RUN`, which continues the run in one process. It names the
-    torchrun launch with the job's process count, and that command, pasted, continues the run to its end."""
+def _out_of_memory_under_torchrun(tmp_path, monkeypatch, out):
+    """(the job's result, its environment, the model's name, the data folder) of a 2-process run into ``out`` whose
+    rank 0 runs out of memory in its second training forward pass (``INJECT``'s ``oom:0:2``)."""
     tiny = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
     (tmp_path / "inject.py").write_text(INJECT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
                ZOO_RANK_GRACE_S="120")
     env.pop("WORLD_SIZE", None)
-    out = tmp_path / "out"
     run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(tmp_path / "inject.py"), "oom:0:2",
                    "finetune", tiny, "--data", str(data), "--out", str(out), *OPTIONS, "--no-export"], env, ROOT)
+    return run, env, tiny, data
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_out_of_memory_names_the_torchrun_resume_that_continues_the_run(tmp_path, monkeypatch):
+    """helper-107: under torchrun the out-of-memory line (and Ctrl-C's, every line naming the resume:
+    ``io.resume_command``) named `zoo finetune --resume RUN`, which continues the run in one process. It names the
+    torchrun launch with the job's process count, and that command, pasted, continues the run to its end."""
+    out = tmp_path / "out"
+    run, env, _, _ = _out_of_memory_under_torchrun(tmp_path, monkeypatch, out)
     assert run.returncode == 1, run.stdout[-3000:]
     errors = [line for line in run.stdout.splitlines() if line.startswith("zoo: error")]
     named = f"torchrun --nproc-per-node 2 -m zoo finetune --resume {out} --micro-batch 2"
@@ -338,15 +345,8 @@ def test_torchrun_resume_refusals_name_the_new_run_as_torchrun_and_it_runs(tmp_p
     """helper-112: a resume under torchrun of a run whose config.yaml was edited, or whose best.safetensors is gone,
     named the new run as `zoo finetune MODEL ...`, one process. They name the job's launch (``io.new_run_command``,
     ``io.start_over_command``: ``launch.zoo_launch`` as the resume's line), and each, filled in and pasted, runs."""
-    tiny = register_tiny(tmp_path, monkeypatch)
-    data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
-    (tmp_path / "inject.py").write_text(INJECT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
-               ZOO_RANK_GRACE_S="120")
-    env.pop("WORLD_SIZE", None)
     out, new = tmp_path / "out", tmp_path / "new"
-    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(tmp_path / "inject.py"), "oom:0:2",
-                   "finetune", tiny, "--data", str(data), "--out", str(out), *OPTIONS, "--no-export"], env, ROOT)
+    run, env, tiny, data = _out_of_memory_under_torchrun(tmp_path, monkeypatch, out)
     assert run.returncode == 1 and (out / "checkpoints" / "best.safetensors").is_file(), run.stdout[-3000:]
     launch = ["torchrun", "--nproc-per-node", "2", "-m", "zoo"]
 

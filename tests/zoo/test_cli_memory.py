@@ -140,9 +140,9 @@ def _options() -> list[str]:
             "--no-export", "--quiet", "--seed", "3"]
 
 
-def _stopped_out_of_memory(tmp_path, monkeypatch, owner, name: str):
-    """(RUN, the CLI's result, the model's name, the data folder) of a 2-epoch run whose ``owner.name`` runs out of
-    GPU memory (exit 1 asserted)."""
+def _stopped_out_of_memory(tmp_path, monkeypatch, owner, name: str, *options: str):
+    """(RUN, the CLI's result, the model's name, the data folder) of a 2-epoch run with ``options`` (after _options':
+    they win) whose ``owner.name`` runs out of GPU memory (exit 1 asserted)."""
     tiny = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=6)
     run = tmp_path / "run"
@@ -152,7 +152,7 @@ def _stopped_out_of_memory(tmp_path, monkeypatch, owner, name: str):
 
     with monkeypatch.context() as m:
         m.setattr(owner, name, no_memory)
-        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options())
+        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), *options)
     assert result.exit_code == 1, result.output
     return run, result, tiny, data
 
@@ -312,17 +312,8 @@ def _out_of_memory_in_a_pass(tmp_path, monkeypatch, *options: str):
     they win) whose first training forward pass runs out of GPU memory (exit 1 asserted)."""
     from finetune.engine import passes
 
-    tiny = register_tiny(tmp_path, monkeypatch)
-    data = make_image_folder(tmp_path / "data", per_class=6)
-    run = tmp_path / "run"
-
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError(TORCH_OOM)
-
-    with monkeypatch.context() as m:
-        m.setattr(passes, "train_forward", no_memory)
-        result = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), *options)
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    run, result, tiny, data = _stopped_out_of_memory(tmp_path, monkeypatch, passes, "train_forward", *options)
+    assert "Traceback" not in result.output, result.output
     return run, result.stderr.splitlines()[-1], tiny, data
 
 
