@@ -2,6 +2,8 @@
 checkpoints/last.pt, bad_files.txt, summary.json, confusion.csv, TensorBoard. Only the main process writes."""
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import hashlib
 import io
@@ -348,6 +350,9 @@ class RunFolder:
         where = f"rank 0 saves {self.path}" if not self.writes else f"the run is in {self.path}"
         if self.writes:
             self.close()
+            with contextlib.suppress(Exception):    # (a failed write: the start-over replaces the run all the same)
+                self.flush()       # the writes handed over are on disk before the line names the start-over, which
+                # clears the folder: one still running would write last.pt into the new run (in one process, refused)
         return (f"{where}, and {fewest}: start it over with {others} (`{over}`, its other options as before; "
                 "or another --out to keep this run)")
 

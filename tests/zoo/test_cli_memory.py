@@ -433,3 +433,30 @@ def test_the_resume_a_no_export_run_is_told_continues_it_without_a_bundle(tmp_pa
     assert resumed.exit_code == 0, resumed.output
     assert (run / "summary.json").is_file() and not (run / "export").exists()
     assert json.loads((run / "model.json").read_text())["export"] is False
+
+
+def test_a_start_over_after_out_of_memory_is_named_once_the_handed_over_writes_are_on_disk(tmp_path):
+    """Out of memory in a pass at its floor names a new run into the same folder (``RunFolder.start_over``) which
+    clears it; the line was returned while checkpoint 0 could still be on its way to the disk (a background write),
+    so a start-over run at once in the same process (the suite's loaded machine) found a last.pt the old run wrote
+    after the clearing: "already holds a run". The line now comes once the writes handed over are done."""
+    import threading
+
+    from finetune.engine.runfolder import RunFolder
+
+    class AtTheFloor:
+        pass_images = 1
+
+        def refused(self, micro):
+            return None
+
+    folder, release, done = RunFolder(tmp_path / "run"), threading.Event(), []
+
+    def slow_write():
+        release.wait(30)
+        done.append(True)
+
+    folder._background.submit(slow_write)
+    threading.Timer(0.2, release.set).start()
+    err = folder.stopped(1, torch.OutOfMemoryError(TORCH_OOM), AtTheFloor())
+    assert "a pass of one image is the fewest" in str(err) and done == [True]
