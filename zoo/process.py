@@ -17,10 +17,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import math
 import os
 import sys
 
-from finetune.core.host import affinity_cpus, cpu_quota, usable_cpus
+from finetune.core.host import affinity_cpus, cpu_quota
 
 __all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
            "launcher_rank", "under_torchrun"]
@@ -77,7 +78,7 @@ def threads_within_quota() -> int | None:
     quota = cpu_quota()
     if quota is None or "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
         return None
-    cpus = usable_cpus()     # (the quota rounded up, and at most the affinity's cores)
+    cpus = max(1, math.ceil(quota))      # (usable_cpus' count where it is below the affinity's cores)
     if cpus >= affinity_cpus():
         return None
     os.environ["OMP_NUM_THREADS"] = str(cpus)

@@ -128,7 +128,7 @@ def is_temp_of(entry: str, name: str) -> bool:
 def is_temp(entry: str) -> bool:
     """Whether the folder entry ``entry`` is a temp file of :func:`atomic_write`, for any file (mkstemp's
     ``.<name>.<8 random characters>.tmp``)."""
-    return re.fullmatch(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX), entry) is not None
+    return _TEMP.fullmatch(entry) is not None
 
 
 def temp_target(entry: str) -> str | None:

@@ -54,12 +54,8 @@ def _missing_checkpoint(run_dir: Path) -> str | None:
     export = shell_command("zoo", "export", run_dir)
     keep = f"; its best epoch is still in checkpoints/best.safetensors ({export})" if best else ""
     return (f"cannot resume {run_dir}: {last} is missing ({done}) and only it holds the optimizer and "
-            f"schedule state to continue from{keep}; start the run over with `{_start_over(run_dir)}` or "
+            f"schedule state to continue from{keep}; start the run over with `{start_over_command(run_dir)}` or "
             "choose another --out")
-
-
-def _start_over(run_dir: Path) -> str:
-    return start_over_command(run_dir)
 
 
 def _finished(run_dir: Path) -> int | None:
@@ -121,7 +117,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     started = info_path.is_file() or ((run_dir / MARKER).is_file() and folder_kind(run_dir) in ("finetune", "empty"))
     if started and not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} stopped before its training was set up (no config.yaml): there is "
-                              f"nothing to resume; start it over with `{_start_over(run_dir)}`")
+                              f"nothing to resume; start it over with `{start_over_command(run_dir)}`")
     if not info_path.is_file() or not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} is not a run folder of `zoo finetune` (no model.json/config.yaml); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
@@ -198,7 +194,7 @@ def _check_info(info_json: Any, path: Path) -> None:
             break
     if problem:
         raise UsageError(f"{problem} (was the file edited?); restore it to continue the run, or start the run "
-                         f"over with `{_start_over(path.parent)}`")
+                         f"over with `{start_over_command(path.parent)}`")
 
 
 def _check_model(model: str, run_dir: Path, info_json: dict) -> None:
