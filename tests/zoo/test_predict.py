@@ -730,6 +730,35 @@ def test_a_pil_image_of_a_rotated_photo_is_turned_upright_as_its_file_is(tmp_pat
                   ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg"))):
         assert _load(given, None).tobytes() == as_file.tobytes()   # was the stored (sideways) pixels
 
+def test_a_big_jpeg_opened_with_pil_gets_the_pixels_and_probabilities_of_its_path(tmp_path):
+    """Session 30's leftover (helper-115): bundle.predict(Image.open("big.jpg")) decoded the JPEG at full size where
+    bundle.predict("big.jpg") decodes it at a reduced scale (PIL draft, as training and eval): one photo, 0.727 vs
+    0.747. An image as Image.open returns it now decodes as its file (decode_opened), and is left unchanged itself;
+    one loaded or drafted before it is given is used as given."""
+    from PIL import ImageOps
+
+    from zoo.predict import _load, eval_transform
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    path = tmp_path / "big.jpg"
+    min_size = eval_transform(DC).min_size                            # 10: the draft reaches 1/8 scale
+    as_file = _load(path, min_size)
+    assert as_file.size == (50, 38)
+    given = Image.open(path)
+    assert _load(given, min_size).tobytes() == as_file.tobytes()     # was the 400x300 decode
+    assert given.size == (400, 300) and given.load() is not None     # the caller's image: as it was, readable
+    model = MeanColour().eval()
+    assert torch.equal(predict_probs(model, [Image.open(path)], DC)[1], predict_probs(model, [path], DC)[1])
+    assert torch.equal(predict_probs(model, [Image.open(path)] * 3, DC, threads=2)[1],
+                       predict_probs(model, [path] * 3, DC, threads=2)[1])
+    assert _load(given, min_size).size == (400, 300)                  # loaded before: as given
+    drafted = Image.open(path)
+    drafted.draft("RGB", (200, 150))
+    assert _load(drafted, min_size).size == (200, 150)                # the caller's own draft: as given
+    assert _load(ImageOps.mirror(Image.open(path)), min_size).size == (400, 300)
+
+
 def test_eval_on_a_folder_with_train_only_says_where_held_out_images_go(tmp_path):
     """QA: `zoo eval BUNDLE --data photos` on photos/train/<class>/ (no test/ or val/) answered "no class folder
     matches the model's labels (found: train ...); lay it out as <class>/<image>", which misleads."""
