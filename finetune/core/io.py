@@ -114,17 +114,17 @@ def resume_command(run_dir: str | Path, *more: str | Path) -> str:
     return shell_command(*zoo_launch(), "finetune", "--resume", run_dir, *more)
 
 
-def new_run_command(*options: str | Path, model: str = "MODEL") -> str:
-    """A new ``zoo finetune`` run of ``model`` on ``DIR`` (``options`` after them), launched as this process was
+def new_run_command(*options: str | Path, model: str = "MODEL", data: str | Path = "DIR") -> str:
+    """A new ``zoo finetune`` run of ``model`` on ``data`` (``options`` after them), launched as this process was
     (``launch.zoo_launch``: under torchrun, torchrun with this job's process count), quoted as
     :func:`resume_command`: the one spelling of every line that names a new run."""
-    return shell_command(*zoo_launch(), "finetune", model, "--data", "DIR", *options)
+    return shell_command(*zoo_launch(), "finetune", model, "--data", data, *options)
 
 
-def start_over_command(run_dir: str | Path, *more: str | Path) -> str:
-    """The new run into the run folder ``run_dir``, which already holds one (``--overwrite``; ``more``: options
-    after it): :func:`new_run_command`'s spelling."""
-    return new_run_command("--out", run_dir, "--overwrite", *more)
+def start_over_command(run_dir: str | Path, *more: str | Path, model: str = "MODEL", data: str | Path = "DIR") -> str:
+    """The new run of ``model`` on ``data`` into the run folder ``run_dir``, which already holds one
+    (``--overwrite``; ``more``: options after it): :func:`new_run_command`'s spelling."""
+    return new_run_command("--out", run_dir, "--overwrite", *more, model=model, data=data)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

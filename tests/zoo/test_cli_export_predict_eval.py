@@ -130,7 +130,77 @@ def test_export_of_a_damaged_best_checkpoint_does_not_say_export_again(tmp_path,
     assert res.exit_code == 1
     line, = res.output.strip().splitlines()
     assert line.startswith(f"zoo: error: {best}") and "zoo export" not in line and "re-export" not in line
-    assert line.endswith("the run's best checkpoint is damaged; restore the file or re-run `zoo finetune`")
+    assert line.endswith(f"the run's best checkpoint is damaged; restore the file or train the run again: `zoo "
+                         f"finetune tiny --data DIR --out {run} --overwrite --config {run / 'config.yaml'}`")
+
+
+def _named_command(line: str, after: str) -> list[str]:
+    """The argv a shell makes of the `command` printed after ``after`` in ``line``."""
+    import shlex
+
+    return shlex.split(line.split(after, 1)[1].split("`")[1])
+
+
+def test_exports_lines_name_the_command_that_trains_the_run_again_and_it_runs(tmp_path, runner, monkeypatch):
+    """Session 30's leftover (helper-115): export's advice said "re-run `zoo finetune`" (and "re-run it", "resume or
+    re-run `zoo finetune`"), a pointer without its arguments. Each line now names the run's own start-over, as the
+    folder records it (model.json's model, scan.json's data folder, --config RUN/config.yaml): pasted, it trains."""
+    from tests.conftest import register_tiny
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    fast = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--no-export"]
+    assert runner.invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(run), *fast]).exit_code == 0
+    again = ["zoo", "finetune", tiny, "--data", str(data), "--out", str(run), "--overwrite", "--config",
+             str(run / "config.yaml")]
+    best, info = run / "checkpoints" / "best.safetensors", (run / "model.json").read_text()
+    kept = best.read_bytes()
+    said = []
+    for damage, undo in ((lambda: best.write_bytes(kept[:3000]), lambda: best.write_bytes(kept)),
+                         (best.unlink, lambda: best.write_bytes(kept)),
+                         (lambda: (run / "model.json").write_text(info.replace('"classes": [', '"classes": 7, "x": [')),
+                          lambda: (run / "model.json").write_text(info)),
+                         (lambda: (run / "summary.json").write_text("{"), None)):
+        damage()
+        res = runner.invoke(cli, ["export", str(run)])
+        assert res.exit_code == 1, res.output
+        line, = res.output.strip().splitlines()
+        said.append(_named_command(line, "train the run again: " if "train the run" in line else "train it again: "))
+        if undo:
+            undo()
+    assert said == [again] * 4, said       # was `zoo finetune`, no arguments
+    res = runner.invoke(cli, again[1:])    # the pasted command trains the run again, into its folder
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(cli, ["export", str(run)]).exit_code == 0
+
+
+def test_the_named_start_over_is_launched_as_the_run_was_and_keeps_no_pretrained(tmp_path, monkeypatch):
+    """The line names torchrun's words under torchrun (io.start_over_command), --no-pretrained for a run started
+    with it, and placeholders where model.json or scan.json is gone."""
+    from zoo.bundle.export import export_run, rerun_command
+    from zoo.errors import BundleError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.json").write_text(json.dumps({"model": "tiny", "pretrained": False}))
+    (run / "scan.json").write_text(json.dumps({"root": "/photos"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert rerun_command(run) == (f"torchrun --nproc-per-node 2 -m zoo finetune tiny --data /photos --out {run} "
+                                  "--overwrite --no-pretrained")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    (run / "model.json").unlink()
+    (run / "scan.json").write_text("{")
+    assert rerun_command(run) == f"zoo finetune MODEL --data DIR --out {run} --overwrite"
+    (run / ".zoo-run.json").write_text(json.dumps({"kind": "finetune"}))      # a run stopped before its model.json
+    with pytest.raises(BundleError, match=re.escape(f"train the run again: `zoo finetune MODEL --data DIR --out {run} "
+                                                    "--overwrite`, MODEL the model it trains")):
+        export_run(run)
+    (run / ".zoo-run.json").unlink()                                          # not a run
+    with pytest.raises(BundleError, match=r"model.json is missing; pass the folder `zoo finetune` wrote"):
+        export_run(run)
 
 
 @pytest.mark.parametrize("how", ["read_only", "under_a_file"])
