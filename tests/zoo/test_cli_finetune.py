@@ -266,6 +266,31 @@ def test_interrupt_then_resume(tmp_path, tiny, monkeypatch):
     assert len(manifest["resumed"]) == 1
 
 
+@pytest.mark.parametrize("started, given", [("--no-export", "--export"), ("--export", "--no-export")])
+def test_an_export_flag_given_to_a_resume_is_obeyed_and_later_resumes_follow_it(tmp_path, tiny, monkeypatch, started,
+                                                                                 given):
+    """Session 30's leftover (helper-115): a resume given --export or --no-export obeyed it but left model.json's
+    `export` as the run was started, so the next resume without the flag (the one every `continue with` line names)
+    went back to the start's choice. The flag is recorded before the resume trains: later resumes follow it."""
+    import finetune.engine.epoch_steps as loop
+
+    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny, extra=(started,))     # (the last flag given wins)
+    assert json.loads((out / "model.json").read_text())["export"] is (started == "--export")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:      # the resume given the flag is cut off in its first epoch
+        m.setattr(loop, "train_one_epoch", ctrl_c)
+        cut = invoke("finetune", "--resume", out, given, "--workers", "0", "--quiet")
+    assert cut.exit_code == 130, cut.output
+    assert json.loads((out / "model.json").read_text())["export"] is (given == "--export")    # was as started
+    assert _pasted(cut.stderr, "continue with") == ["zoo", "finetune", "--resume", str(out)]
+    result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet")        # the line named: no flag
+    assert result.exit_code == 0, result.output
+    assert (out / "export" / "model.safetensors").is_file() is (given == "--export")
+
+
 def _pasted(line: str, after: str) -> list[str]:
     """The argv a shell makes of the first `command` printed after ``after`` in ``line``."""
     import shlex

@@ -49,8 +49,9 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
               help="--out holds an earlier run: start it over (only the files a run writes are replaced).")
 @click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
               help="Start from the zoo's pretrained weights; --no-pretrained: random init (baselines, tests).")
-@click.option("--export/--no-export", "export", default=None, show_default="export; a resume: as the run was started",
-              help="Write a bundle to RUN/export at the end (see `zoo predict`).")
+@click.option("--export/--no-export", "export", default=None, show_default="export; a resume: as last given to the run",
+              help="Write a bundle to RUN/export at the end (see `zoo predict`); given to a resume, also what its "
+                   "later resumes do.")
 @click.option("--exclude", "exclude", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Leave out the files listed here: a findings.csv of `zoo doctor` or one path per line "
                    "(recorded in RUN/exclude.txt).")

@@ -19,7 +19,7 @@ from finetune.core.errors import (BatchNormBatchError, CheckpointError, Interrup
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
-from finetune.core.io import new_run_command, resume_command, shell_command, start_over_command
+from finetune.core.io import new_run_command, resume_command, shell_command, start_over_command, write_json
 from finetune.engine import idle_gpus_note, resolve_device
 from finetune.engine.passes import largest_pass, smaller_pass
 from finetune.engine.runfolder import RunFolder
@@ -99,8 +99,10 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     ``overrides`` may change only what does not alter the remaining epochs' maths (device, workers,
     quiet, epochs, patience, ...); fit refuses the rest. ``model``, when given, must name the run's own
     model (``_check_model``). No weights are downloaded: the checkpoint holds the whole model. ``export`` None:
-    as the run was started (model.json's ``export``: a --no-export run writes no bundle; runs from before it was
-    recorded, a bundle).
+    as model.json's ``export`` records (a --no-export run writes no bundle; runs from before it was recorded, a
+    bundle); True or False (``--export``, ``--no-export``) is obeyed and recorded there before the resume trains or
+    writes its end, so a later resume without the flag follows this latest choice (a finished run whose end is
+    written keeps its files as they are).
 
     Raises:
         UsageError: ``run_dir`` is not a run folder; ``model`` names another model. CheckpointError: no or a
@@ -129,7 +131,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
     _check_info(info_json, info_path)
-    export = info_json.get("export") is not False if export is None else export
+    recorded = info_json.get("export") is not False
+    export = recorded if export is None else export
     if model is not None:
         _check_model(model, run_dir, info_json)
     data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
@@ -151,6 +154,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
                 return RunOutcome(run_dir=run_dir)
             if info.is_main and on_run_dir is not None:
                 on_run_dir(run_dir)
+            if info.is_main and export != recorded:     # an explicit --export / --no-export: later resumes follow it
+                write_json(info_path, {**info_json, "export": export}, indent=2, ensure_ascii=False)
             if done is not None:
                 say(f"note: this run had finished (after epoch {done}), not its end: this resume trains nothing, "
                     f"and writes its {' and '.join(end)}")
