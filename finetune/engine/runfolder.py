@@ -198,6 +198,17 @@ class RunFolder:
         if config.tensorboard:
             self.tensorboard = TensorBoardLogger(self.path)
 
+    def passes_made_smaller(self, micro: int) -> None:
+        """config.yaml records ``--micro-batch micro``, the passes a warm-up that ran out of device memory settled
+        on (``LoaderSteps``), where a resume reads the run's options: it does not run out of memory first. Only
+        that option changes (a resume's own flags, e.g. ``--workers``, stay its own); last.pt records it with the
+        run's config from the next epoch on."""
+        if not self.writes:
+            return
+        path = self.path / "config.yaml"
+        saved, _ = load_resume_config(path)
+        save_config(saved.replace(micro_batch=int(micro)), path)
+
     def _write_manifest(self, config, train_set, val_set, device, info, resume: bool) -> None:
         path = self.path / "manifest.json"
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv)}
