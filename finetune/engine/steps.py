@@ -265,8 +265,8 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", non_blocking=True)
 
 
-def warm_up(model: nn.Module, train_shape: tuple[int, ...] | None, eval_shape: tuple[int, ...] | None, loss_fn: nn.Module,
-            device: torch.device, *, amp: AmpPolicy | None = None, channels_last: bool = False,
+def warm_up(model: nn.Module, train_shape: tuple[int, ...] | None, eval_shape: tuple[int, ...] | None,
+            loss_fn: nn.Module, device: torch.device, *, amp: AmpPolicy | None = None, channels_last: bool = False,
             only_train: nn.Module | None = None) -> None:
     """One training forward and backward of a blank batch of ``train_shape`` (as :func:`train_one_epoch`
     runs it: same modes, precision and memory format) and one evaluation forward of ``eval_shape``, so that

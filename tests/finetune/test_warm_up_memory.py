@@ -6,6 +6,7 @@ images (no GPU's numbers are claimed)."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ import yaml
 from finetune.core.checkpoint import BEST, load_weights
 from finetune.core.errors import OutOfMemory
 from finetune.engine import epoch_steps
+from tests.conftest import make_image_folder
+from tests.finetune.test_distributed import TORCHRUN, _torchrun_fit
 from tests.finetune.test_train import cfg, data, run, tiny_model  # noqa: F401 (data: a fixture)
 
 TORCH_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
@@ -89,3 +92,34 @@ def test_passes_that_cannot_be_smaller_stop_with_the_line_of_today(data, tmp_pat
                            f"{tmp_path / 'mlp'}, and passes of 3 images are the fewest it takes"), text
     assert "--head linear" in text
     assert not [ln for ln in said if ln.startswith("out of memory")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_under_torchrun_every_rank_takes_the_passes_of_the_rank_that_ran_out(tmp_path):
+    """2 processes (gloo): only rank 1's device runs out of memory (passes of more than 4 images). Both ranks
+    take the same smaller passes (one all-reduce each warm-up; a rank alone in passes would leave the other
+    waiting in DDP's gradient all-reduce), rank 0 alone says so, once, and config.yaml records them."""
+    from finetune.data import scan_folder
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split"))
+    out = _torchrun_fit(tmp_path, report.train, report.val, f"""
+        import json
+        from finetune.core import distributed
+        from finetune.engine import epoch_steps
+        from finetune.tools.train import fit
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, cfg, tiny_model
+        from tests.finetune.test_warm_up_memory import memory_of
+        epoch_steps.warms_up = lambda device: True
+        info = distributed.setup("cpu")
+        model = memory_of(tiny_model(), 4 if info.rank == 1 else 1000)
+        fit(model, STAGES, DATA_CONFIG, train, val, cfg(epochs=2, freeze="none", batch_size=16), head="fc",
+            run_dir={str(tmp_path / "ddp")!r}, log=print)
+        json.dump(model.passes, open({str(tmp_path)!r} + f"/passes{{info.rank}}.json", "w"))
+    """)
+    assert out.count("out of memory in a pass of 8 images") == 1, out[-3000:]
+    assert "training in passes of 4 (--micro-batch 4: the same steps)" in out
+    assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["micro_batch"] == 4
+    for rank in (0, 1):     # after rank 1's warm-up pass of 8: every pass of 4 images at most, on both
+        passes = json.loads((tmp_path / f"passes{rank}.json").read_text())
+        assert passes[0] == [True, 8] and max(n for _, n in passes[1 + rank:]) == 4, (rank, passes[:4])
