@@ -349,9 +349,12 @@ class RunFolder:
 
     def start_over(self, per_pass: int, way: str | None) -> str:
         """What to do after a pass of ``per_pass`` images, the fewest the run takes, ran out of memory (``way``: the
-        option that lets a BatchNorm layer take fewer, ``--bn eval``, ``--head linear``)."""
-        fewest = ("a pass of one image is the fewest" if way is None else f"passes of {per_pass} images are the "
-                  "fewest it takes (fewer would leave a BatchNorm layer that trains a pass of one image)")
+        option that lets a BatchNorm layer take fewer, ``--bn eval``, ``--head linear``; ``--no-sync-bn``, that lets
+        the run take passes at all: ``setup.refused_passes``)."""
+        fewest = ("a pass of one image is the fewest" if way is None else "--sync-bn with --bn train takes no "
+                  "passes of fewer images (every process would have to take as many)" if way == "--no-sync-bn" else
+                  f"passes of {per_pass} images are the fewest it takes (fewer would leave a BatchNorm layer that "
+                  "trains a pass of one image)")
         first = way.split() if way else ["--img-size", "N"]
         others = "a smaller --img-size or a smaller model" if way is None else \
             f"{way}, a smaller --img-size or a smaller model"

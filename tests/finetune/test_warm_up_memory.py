@@ -123,3 +123,26 @@ def test_under_torchrun_every_rank_takes_the_passes_of_the_rank_that_ran_out(tmp
     for rank in (0, 1):     # after rank 1's warm-up pass of 8: every pass of 4 images at most, on both
         passes = json.loads((tmp_path / f"passes{rank}.json").read_text())
         assert passes[0] == [True, 8] and max(n for _, n in passes[1 + rank:]) == 4, (rank, passes[:4])
+
+
+def test_sync_bn_that_trains_takes_no_smaller_passes_and_the_line_says_so(tmp_path):
+    """helper-117: --sync-bn with --bn train under torchrun refuses --micro-batch (``runtime.check_sync_bn``), but
+    ``setup.refused_passes`` did not know it: an out-of-memory line named `--resume RUN --micro-batch 4`, which
+    the resume refused, and the warm-up would have trained in passes SyncBatchNorm cannot take. No pass is smaller
+    now: the line names the start-over with --no-sync-bn."""
+    from types import SimpleNamespace
+
+    from finetune.core import distributed as ddp
+    from finetune.engine.passes import smaller_pass
+    from finetune.engine.runfolder import RunFolder
+    from finetune.engine.setup import refused_passes
+
+    setup = SimpleNamespace(config=cfg(sync_bn=True, bn="train", batch_size=16), device=torch.device("cuda"),
+                            info=ddp.DistInfo(rank=0, world_size=2, local_rank=0, enabled=True))
+    assert refused_passes(setup, 4) == "--no-sync-bn"
+    assert smaller_pass(8, lambda micro: refused_passes(setup, micro)) == (None, "--no-sync-bn")
+    said = RunFolder(tmp_path / "run").start_over(8, "--no-sync-bn")
+    assert said.startswith(f"the run is in {tmp_path / 'run'}, and --sync-bn with --bn train takes no passes of fewer "
+                           "images (every process would have to take as many): start it over with --no-sync-bn, a "
+                           "smaller --img-size or a smaller model (`"), said
+    assert "--overwrite --no-sync-bn`" in said
