@@ -94,7 +94,6 @@ def test_passes_that_cannot_be_smaller_stop_with_the_line_of_today(data, tmp_pat
     assert not [ln for ln in said if ln.startswith("out of memory")]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_under_torchrun_every_rank_takes_the_passes_of_the_rank_that_ran_out(tmp_path):
     """2 processes (gloo): only rank 1's device runs out of memory (passes of more than 4 images). Both ranks
@@ -120,9 +119,9 @@ def test_under_torchrun_every_rank_takes_the_passes_of_the_rank_that_ran_out(tmp
     assert out.count("out of memory in a pass of 8 images") == 1, out[-3000:]
     assert "training in passes of 4 (--micro-batch 4: the same steps)" in out
     assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["micro_batch"] == 4
-    for rank in (0, 1):     # after rank 1's warm-up pass of 8: every pass of 4 images at most, on both
-        passes = json.loads((tmp_path / f"passes{rank}.json").read_text())
-        assert passes[0] == [True, 8] and max(n for _, n in passes[1 + rank:]) == 4, (rank, passes[:4])
+    for rank in (0, 1):     # after the first warm-up (rank 0: passes of 8 and 5 fitted; rank 1: 8 ran out), on both
+        passes = json.loads((tmp_path / f"passes{rank}.json").read_text())     # ranks every pass at most 4 images
+        assert passes[0] == [True, 8] and max(n for _, n in passes[2 - rank:]) == 4, (rank, passes[:4])
 
 
 def test_sync_bn_that_trains_takes_no_smaller_passes_and_the_line_says_so(tmp_path):
