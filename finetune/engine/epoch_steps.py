@@ -3,25 +3,29 @@
 The cached-feature head (``finetune.tools.features.CachedHeadSteps``) is the other implementation."""
 from __future__ import annotations
 
+import gc
 import math
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from finetune.core import distributed as ddp
+from finetune.core.errors import is_out_of_memory, memory_text
 from finetune.core.io import printable_name
 from finetune.core.progress import progress_bar
 from finetune.core.ema import ModelEma
 from finetune.data.loaders import close_loader, counted_images
 from finetune.data.replay import KeptPass
 from finetune.engine.drops import epoch_drops
-from finetune.engine.passes import largest_pass
+from finetune.engine.passes import largest_pass, smaller_pass
 from finetune.engine.setup import Setup, refused_passes
 from finetune.engine.runtime import warms_up
 from finetune.engine.steps import evaluate, train_one_epoch, warm_up
 
 __all__ = ["EpochSteps", "LoaderSteps"]
+
+_FITS = 2 ** 62      # (what a rank whose warm-up fitted offers in the ranks' agreement on the passes: more than any)
 
 
 class EpochSteps(Protocol):
@@ -58,8 +62,10 @@ class LoaderSteps:
 
     label = ""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, folder=None, say: Callable[[str], None] = lambda _msg: None) -> None:
         self.s = setup
+        self.folder, self.say = folder, say     # (the RunFolder whose config.yaml records passes made smaller)
+        self.ran_out: int | None = None     # a warm-up's pass that ran out of memory and could not be made smaller
         self.net: nn.Module = setup.model
         self.eval_net: nn.Module = setup.model
         self.ema: ModelEma | None = None
@@ -91,18 +97,59 @@ class LoaderSteps:
 
     @property
     def pass_images(self) -> int:
-        """The most images one training forward pass of this rank takes (the batch, or ``--micro-batch``)."""
-        return self._shape(True)[0]
+        """The most images one training forward pass of this rank takes (the batch, or ``--micro-batch``); after a
+        warm-up that ran out of memory in a pass that could not be made smaller, that pass's."""
+        return self.ran_out or self._shape(True)[0]
 
     def refused(self, micro: int) -> str | None:
         """Whether the run refuses passes of ``micro`` images (``setup.refused_passes``: the option that lifts it)."""
         return refused_passes(self.s, micro)
 
     def _warm_up(self, phase: str) -> None:
-        """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``)."""
+        """The device's first-use costs for this phase's shapes, paid now (``steps.warm_up``).
+
+        A pass that runs out of device memory here (a batch too big for the device) is taken in passes of fewer
+        images: ``passes.smaller_pass`` as often as it takes, every rank the same (:func:`_agreed`), the
+        memory freed before each try. The run trains on in them (``--micro-batch``: the same steps; it sets the
+        validation passes too), one line says so, and config.yaml records them, where a resume reads its options.
+        Where the run takes no fewer images a pass, the OutOfMemoryError stops it (``RunFolder.stopped``).
+        """
+        s, first = self.s, None
+        while True:
+            ran_out = self._warmed(phase)      # (returned out of its except block: the error's frames are gone)
+            if ran_out is not None and s.device.type == "cuda":
+                gc.collect()      # (the tensors of the pass that ran out, in reference cycles)
+                torch.cuda.empty_cache()
+            smaller, agreed = _agreed(ran_out, self.refused, s.device, s.info)
+            if agreed is None:
+                break
+            first = first or agreed
+            if smaller is None:     # stopped as an out-of-memory later in the run: what is saved, how to go on
+                self.ran_out = agreed[0]
+                raise torch.OutOfMemoryError(ran_out[2] if ran_out else "another process ran out of device memory")
+            s.config = s.config.replace(micro_batch=smaller)
+        if first is not None:
+            micro = int(s.config.micro_batch)
+            self.say(f"out of memory in a {'validation ' * first[1]}pass of {first[0]} images: "
+                     f"{'validating' if first[1] else 'training'} in passes of {micro} (--micro-batch {micro}: "
+                     "the same steps)")
+            if self.folder is not None:
+                self.folder.passes_made_smaller(micro)
+
+    def _warmed(self, phase: str) -> tuple[int, bool, str] | None:
+        """One warm-up of the training pass, then the validation pass; None when both fitted, else the images of
+        the one that ran out of device memory, whether it was validation's, and what torch said."""
         s = self.s
-        warm_up(s.model, self._shape(True), self._shape(False) if s.has_val else None, s.loss_fn, s.device,
-                amp=s.amp, channels_last=s.channels_last, only_train=s.head_module if phase == "head" else None)
+        only = s.head_module if phase == "head" else None
+        for val, shape in ((False, self._shape(True)), *(((True, self._shape(False)),) if s.has_val else ())):
+            try:
+                warm_up(s.model, None if val else shape, shape if val else None, s.loss_fn, s.device, amp=s.amp,
+                        channels_last=s.channels_last, only_train=only)
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                return shape[0], val, memory_text(e)
+        return None
 
     def _blank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Under torchrun, what a rank trains on, weighing 0, in a step whose every image failed to decode
@@ -208,6 +255,25 @@ class LoaderSteps:
                 example = next(iter(failed.items()), None)
                 return f"no {split} image could be loaded" + (f" (e.g. {_failed(*example)})" if example else "")
         return _lost_class(self.s.train_set, failed)
+
+
+def _agreed(ran_out: tuple[int, bool, str] | None, refused: Callable[[int], str | None], device: torch.device,
+            info: ddp.DistInfo) -> tuple[int | None, tuple[int, bool] | None]:
+    """Every rank's warm-up outcome (``ran_out``: this rank's, :meth:`LoaderSteps._warmed`) made one: the
+    ``--micro-batch`` every rank trains in next (the smallest any rank needs; ``passes.smaller_pass``; None
+    where a rank can take no smaller) and the largest pass that ran out on any rank with whether it was a
+    validation pass, or ``(None, None)`` where every rank's fitted. One all-reduce that every rank reaches, each
+    time (the warm-up runs on every rank: ``runtime.warms_up`` is the device's, the same for all)."""
+    want, which = _FITS, 0
+    if ran_out is not None:
+        want = smaller_pass(ran_out[0], refused)[0] or 0
+        which = 2 * ran_out[0] + int(ran_out[1])
+    both = torch.tensor([-want, which], dtype=torch.int64, device=device)
+    ddp.all_reduce_max(both, info)       # (the smallest pass wanted, the largest that ran out)
+    want, which = -int(both[0]), int(both[1])
+    if want == _FITS:
+        return None, None
+    return (want or None), (which // 2, bool(which % 2))
 
 
 def _lost_class(train_set, failed: dict[str, str]) -> str | None:

@@ -198,6 +198,17 @@ class RunFolder:
         if config.tensorboard:
             self.tensorboard = TensorBoardLogger(self.path)
 
+    def passes_made_smaller(self, micro: int) -> None:
+        """config.yaml records ``--micro-batch micro``, the passes a warm-up that ran out of device memory settled
+        on (``LoaderSteps``), where a resume reads the run's options: it does not run out of memory first. Only
+        that option changes (a resume's own flags, e.g. ``--workers``, stay its own); last.pt records it with the
+        run's config from the next epoch on."""
+        if not self.writes:
+            return
+        path = self.path / "config.yaml"
+        saved, _ = load_resume_config(path)
+        save_config(saved.replace(micro_batch=int(micro)), path)
+
     def _write_manifest(self, config, train_set, val_set, device, info, resume: bool) -> None:
         path = self.path / "manifest.json"
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv)}
@@ -338,9 +349,12 @@ class RunFolder:
 
     def start_over(self, per_pass: int, way: str | None) -> str:
         """What to do after a pass of ``per_pass`` images, the fewest the run takes, ran out of memory (``way``: the
-        option that lets a BatchNorm layer take fewer, ``--bn eval``, ``--head linear``)."""
-        fewest = ("a pass of one image is the fewest" if way is None else f"passes of {per_pass} images are the "
-                  "fewest it takes (fewer would leave a BatchNorm layer that trains a pass of one image)")
+        option that lets a BatchNorm layer take fewer, ``--bn eval``, ``--head linear``; ``--no-sync-bn``, that lets
+        the run take passes at all: ``setup.refused_passes``)."""
+        fewest = ("a pass of one image is the fewest" if way is None else "--sync-bn with --bn train takes no "
+                  "passes of fewer images (every process would have to take as many)" if way == "--no-sync-bn" else
+                  f"passes of {per_pass} images are the fewest it takes (fewer would leave a BatchNorm layer that "
+                  "trains a pass of one image)")
         first = way.split() if way else ["--img-size", "N"]
         others = "a smaller --img-size or a smaller model" if way is None else \
             f"{way}, a smaller --img-size or a smaller model"

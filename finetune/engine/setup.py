@@ -285,7 +285,13 @@ def refused_passes(setup: Setup, micro: int) -> str | None:
     such passes makes again): the option that lifts the refusal (``--bn eval``, ``--head linear``: a BatchNorm layer
     that trains, left one value per channel by a pass of one image), or None where it takes them. No device memory
     is used (the check runs on the meta device): it answers after the device ran out of it (``passes.smaller_pass``).
+    ``--sync-bn`` with ``--bn train`` under torchrun takes no passes at all (``runtime.check_sync_bn``):
+    ``--no-sync-bn``.
     """
+    try:
+        check_sync_bn(setup.config.replace(micro_batch=int(micro)), setup.info, setup.device)
+    except ConfigError:     # (a resume in passes was refused by it, after the out-of-memory line named one: QA)
+        return "--no-sync-bn"
     try:
         _check_batch(setup.model, setup.config.replace(micro_batch=int(micro)), setup.decision, setup.info,
                      setup.data_config, setup.head)

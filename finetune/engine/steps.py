@@ -265,13 +265,14 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", non_blocking=True)
 
 
-def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[int, ...] | None, loss_fn: nn.Module,
-            device: torch.device, *, amp: AmpPolicy | None = None, channels_last: bool = False,
+def warm_up(model: nn.Module, train_shape: tuple[int, ...] | None, eval_shape: tuple[int, ...] | None,
+            loss_fn: nn.Module, device: torch.device, *, amp: AmpPolicy | None = None, channels_last: bool = False,
             only_train: nn.Module | None = None) -> None:
     """One training forward and backward of a blank batch of ``train_shape`` (as :func:`train_one_epoch`
     runs it: same modes, precision and memory format) and one evaluation forward of ``eval_shape``, so that
     the device's first-use costs (kernel loading, cuDNN's choice or autotuning of each convolution) are
-    paid before the first epoch, while the loader's workers decode its first batches.
+    paid before the first epoch, while the loader's workers decode its first batches. Either shape may be None
+    (that pass not run): ``LoaderSteps`` warms the two up one at a time, to know which ran out of memory.
 
     Nothing of the run changes: no optimizer step; the gradients, the buffers (BatchNorm statistics), the
     modules' modes and the random generators (dropout) are as before.
@@ -288,12 +289,13 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...], eval_shape: tuple[in
             model.train(only_train is None)
             if only_train is not None:
                 only_train.train()
-            x = torch.zeros(train_shape, device=device).contiguous(memory_format=fmt)
-            with torch.enable_grad():
-                out = train_forward(model, x, amp)      # the epoch's forward: its ConfigErrors come here first
-                loss = loss_fn(out.float(), torch.zeros(train_shape[0], dtype=torch.int64, device=device))
-                if loss.requires_grad:
-                    loss.backward()
+            if train_shape is not None:
+                x = torch.zeros(train_shape, device=device).contiguous(memory_format=fmt)
+                with torch.enable_grad():
+                    out = train_forward(model, x, amp)      # the epoch's forward: its ConfigErrors come here first
+                    loss = loss_fn(out.float(), torch.zeros(train_shape[0], dtype=torch.int64, device=device))
+                    if loss.requires_grad:
+                        loss.backward()
             if eval_shape is not None:
                 model.eval()
                 with torch.no_grad(), (amp or FULL).autocast():

@@ -91,7 +91,7 @@ class Trainer:
         main = setup.info.is_main
         self.say: Log = log if (log is not None and main) else (lambda _msg: None)
         self.epoch_say: Log = (lambda _msg: None) if setup.config.quiet else self.say
-        self.loader_steps = LoaderSteps(setup)
+        self.loader_steps = LoaderSteps(setup, run, self.say)     # (a warm-up out of memory: smaller passes)
         self.head_steps = head_steps
         self.phases, self.warm_cap = plan_phases(setup.decision.trainable_stages, setup.config)
         mode = "max" if setup.config.monitor == "val_acc" else "min"

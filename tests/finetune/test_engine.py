@@ -654,7 +654,8 @@ def test_a_run_that_warms_up_trains_exactly_as_one_that_does_not(report, monkeyp
         real(model, train_shape, eval_shape, *a, only_train=only_train, **k))[1])
     warm_history, warm_state = run()
     n_val = min(8, len(report.val.items))
-    assert calls == [((8, 3, 32, 32), (n_val, 3, 32, 32), True), ((8, 3, 32, 32), (n_val, 3, 32, 32), False)]
+    train, val = (8, 3, 32, 32), (n_val, 3, 32, 32)       # one pass a call (which ran out of memory: helper-117)
+    assert calls == [(train, None, True), (None, val, True), (train, None, False), (None, val, False)]
     assert warm_history == plain_history
     assert all(torch.equal(plain_state[k], v) for k, v in warm_state.items())
 
