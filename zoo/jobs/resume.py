@@ -126,11 +126,7 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     missing = _missing_checkpoint(run_dir)
     if missing:
         raise CheckpointError(missing)
-    try:
-        info_json = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{run_dir}: model.json is unreadable ({e}); start a new run") from None
-    _check_info(info_json, info_path)
+    info_json = _read_info(info_path)
     recorded = info_json.get("export") is not False
     export = recorded if export is None else export
     if model is not None:
@@ -173,6 +169,16 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
         raise
     finally:
         ddp.cleanup(info)
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    """The run's model.json (``path``), checked by :func:`_check_info`."""
+    try:
+        info_json = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path.parent}: model.json is unreadable ({e}); start a new run") from None
+    _check_info(info_json, path)
+    return info_json
 
 
 def _check_info(info_json: Any, path: Path) -> None:
