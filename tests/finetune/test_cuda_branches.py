@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.finetune.test_train import DEVICES, cfg, data, run, snapshot, tiny_model  # noqa: F401  (data: a fixture)
+from tests.finetune.test_train import DEVICES, cfg, data, needs_cuda, run, snapshot, tiny_model  # noqa: F401  (data)
 
 METRICS = ("phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -162,3 +162,71 @@ def test_a_handed_run_on_the_cuda_pipeline_stops_the_device_flip(tmp_path, monke
     _same_run(runs["cpu"], runs["cuda"])
     training = [hflip for kind, dtype, hflip in seen if kind == "DeviceAugment"]
     assert training == [0.0] * (len(train.items) // config.batch_size) and {d for _, d, _ in seen} == {torch.uint8}
+
+
+# -- what only a GPU runs (``pytest -m gpu``; skipped here): the CUDA branches no GPU test ran before
+
+@pytest.mark.gpu
+@needs_cuda
+def test_preserved_rng_puts_the_cuda_generator_back():
+    """lr-find and the overfit check run inside ``seeding.preserved_rng``: on CUDA it restores the GPU's
+    generator too (``torch.cuda.set_rng_state_all``), so ``fit`` after them draws what it would have drawn."""
+    from finetune.core.seeding import preserved_rng
+
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    with preserved_rng():
+        torch.rand(8, device="cuda")
+        assert not torch.equal(torch.cuda.get_rng_state(), state)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_doctor_features_on_cuda_are_the_cpu_ones(tmp_path):
+    """`zoo doctor` on a GPU: one forward pass per image under autocast (``config.amp``: bf16 or fp16) in NCHW
+    (``runtime.nhwc``: a single pass), in banks of their own (device, amp and layout are in the key). Each image's
+    features point where the CPU's do: bf16 keeps ~3 digits, a wrong normalisation or layout moves them far more."""
+    import copy
+
+    import timm
+
+    from finetune.core.config import FinetuneConfig
+    from finetune.data import scan_folder
+    from finetune.tools.doctor import folder_features
+    from tests.conftest import make_image_folder
+    from tests.finetune.test_doctor import DATA_CONFIG
+
+    report = scan_folder(make_image_folder(tmp_path / "data", layout="split", per_class=6, val_per_class=2))
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    config = FinetuneConfig(batch_size=8, workers=0, epochs=1, quiet=True)
+    cache = tmp_path / "features"
+    cpu = folder_features(report, copy.deepcopy(model), "fc", DATA_CONFIG, config, cache_dir=cache)
+    gpu = folder_features(report, copy.deepcopy(model), "fc", DATA_CONFIG, config, cache_dir=cache, device="cuda")
+    assert gpu[2] == 0                     # not the CPU's banks
+    for split in cpu[0]:
+        assert (gpu[1][split] == cpu[1][split]).all()
+        a, b = torch.from_numpy(cpu[0][split]), torch.from_numpy(gpu[0][split])
+        assert a.shape == b.shape and torch.isfinite(b).all()
+        assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() > 0.99
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_predict_on_cuda_gives_the_cpu_probabilities(tmp_path):
+    """`zoo predict` / `zoo eval` / the run's report on a GPU: batches in NCHW (``zoo.predict.model_input``: NHWC is
+    the CPU's), probabilities back on the host, a file that does not decode skipped as on the CPU."""
+    from zoo.predict import predict_probs
+    from tests.zoo.test_predict import DC, MeanColour, _gradient
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    images = [_gradient(16, 12), broken, _gradient(10, 10)]
+    got = {}
+    for device in ("cpu", "cuda"):
+        model = MeanColour().eval().to(device)
+        got[device] = predict_probs(model, images, DC, batch_size=2, on_error=lambda item, why: None)
+    assert got["cuda"][0] == got["cpu"][0] == [0, 2]
+    assert got["cuda"][1].device.type == "cpu"
+    assert torch.allclose(got["cuda"][1], got["cpu"][1], atol=1e-5)
