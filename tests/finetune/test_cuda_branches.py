@@ -1,14 +1,16 @@
-"""CUDA-only branches, forced on the CPU (issue 23, item 4; helper-114's audit, docs/benchmarks.md "Since run 4
-(session 31)"). A CUDA decision (``runtime.warms_up``, ``device_steps``, ``runtime.cudnn_autotune``, ...) is forced
-here and the code behind it, which runs on any device, is checked against the CPU's own path: the same numbers, or
-the documented behaviour. What only a GPU can run (streams and events, pinned memory, nvJPEG, the CUDA RNG,
-``torch.cuda.mem_get_info``) is left to ``pytest -m gpu``."""
+"""CUDA-only paths (issue 23, item 4; helper-114's audit, docs/benchmarks.md "Since run 4 (session 31)"). The tools
+run on ``device_steps``' CUDA answer, forced on the CPU: the uint8 pipeline normalised (and augmented) on the device
+gives the CPU pipeline's numbers. What only a GPU can run (the CUDA generator, autocast, zoo doctor's and predict's
+CUDA layout) is checked under ``pytest -m gpu``. The other forced CUDA decisions have their tests beside their code
+(``warms_up`` and ``cudnn_autotune``: test_engine; ``amp_policy``, ``idle_gpus_note``, ``resolve_device``:
+test_engine; ``replay.budget``: test_replay; the cached head's and overfit check's device steps: test_decode,
+test_diagnostics)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.finetune.test_train import DEVICES, cfg, data, needs_cuda, run, snapshot, tiny_model  # noqa: F401  (data)
+from tests.finetune.test_train import needs_cuda, snapshot
 
 METRICS = ("phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -20,52 +22,6 @@ def _same_run(a, b) -> None:
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), [k for k in first if not torch.equal(first[k],
                                                                                                      second[k])]
-
-
-@pytest.mark.parametrize("options", [
-    dict(freeze="none", head_epochs=1, epochs=2, bn="train"),
-    dict(freeze="none", micro_batch=4, class_weights="auto", label_smoothing=0.1),
-    dict(freeze="none", mixup=0.4, ema=0.5),
-], ids=["head-phase-then-all-bn-train", "micro-batch-class-weights", "mixup-ema"])
-def test_the_cuda_warm_up_leaves_the_run_as_it_was(data, tmp_path, monkeypatch, options):  # noqa: F811
-    """On CUDA each phase that trains through the network first passes blank batches of its shapes forward and
-    backward (``runtime.warms_up``, ``steps.warm_up``): it must change nothing (gradients, BatchNorm statistics,
-    modes, the dropout's generator). Forced here on the CPU, one process (torchrun's case: test_distributed), with
-    dropout: the runs with and without it are the same, bit for bit."""
-    from finetune.engine import epoch_steps
-
-    warmed: list[tuple] = []
-    real = epoch_steps.warm_up
-
-    def spy(model, train_shape, eval_shape, *a, **k):
-        warmed.append((train_shape, eval_shape, k.get("only_train") is not None))
-        return real(model, train_shape, eval_shape, *a, **k)
-
-    monkeypatch.setattr(epoch_steps, "warm_up", spy)
-    plain = run(data, cfg(**options), model=tiny_model(drop_rate=0.3), run_dir=tmp_path / "plain")
-    assert warmed == []                               # the CPU's own choice: no warm-up
-    monkeypatch.setattr(epoch_steps, "warms_up", lambda device: True)
-    forced = run(data, cfg(**options), model=tiny_model(drop_rate=0.3), run_dir=tmp_path / "warmed")
-    phases = [r["phase"] for r in forced.history]
-    assert [w[2] for w in warmed] == [p == "head" for p in dict.fromkeys(phases)]     # once per phase
-    micro = int(options.get("micro_batch", 0))
-    assert all(w[0] == ((3 if micro else 9), 3, 32, 32) and w[1] == w[0] for w in warmed), warmed
-    _same_run(plain, forced)
-
-
-def test_cudnn_autotunes_a_long_cuda_run_only(monkeypatch):
-    """``cudnn.benchmark`` (process-wide) goes on for a CUDA run of at least CUDNN_AUTOTUNE_MIN_STEPS network
-    steps and off for a shorter one; a CPU run leaves it as it is. The flag itself needs no GPU to be set."""
-    from finetune.engine.runtime import CUDNN_AUTOTUNE_MIN_STEPS, cudnn_autotune
-
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    cuda = torch.device("cuda", 0)
-    assert cudnn_autotune(cuda, CUDNN_AUTOTUNE_MIN_STEPS) is True and torch.backends.cudnn.benchmark
-    assert cudnn_autotune(cuda, CUDNN_AUTOTUNE_MIN_STEPS - 1) is False and not torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    assert cudnn_autotune(torch.device("cpu"), 10 * CUDNN_AUTOTUNE_MIN_STEPS) is False
-    assert torch.backends.cudnn.benchmark        # untouched
-
 
 
 def _cuda_steps(monkeypatch) -> list:
@@ -109,36 +65,6 @@ def test_the_lr_range_test_on_the_cuda_pipeline_probes_the_cpu_ones_batches(tmp_
     seen = _cuda_steps(monkeypatch)
     assert probe() == cpu and len(cpu) == 6
     assert seen == [("DeviceAugment", torch.uint8, 0.0)] * 6
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_warm_up_leaves_no_trace(device):
-    """``steps.warm_up`` itself, on the device the GPU session has (its CUDA case is the one CUDA runs: the CUDA
-    generator forked by ``passes.as_before``, autocast in the device's precision): the BatchNorm statistics, the
-    gradients, the modes and the random generators (the CPU's and, on CUDA, the device's) are as before, and a
-    head-phase warm-up leaves the backbone in eval mode."""
-    from finetune.engine.runtime import amp_policy
-    from finetune.engine.steps import warm_up
-
-    dev = torch.device(device)
-    model = tiny_model(drop_rate=0.5).to(dev).to(memory_format=torch.channels_last)
-    model.fc.weight.grad = torch.ones_like(model.fc.weight)          # a gradient the warm-up must leave as it was
-    model.train()
-    model.stem.eval()
-    before = snapshot(model)
-    modes = [m.training for m in model.modules()]
-    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [])
-    for only_train in (None, model.fc):
-        warm_up(model, (4, 3, 32, 32), (5, 3, 32, 32), torch.nn.CrossEntropyLoss().to(dev), dev,
-                amp=amp_policy(dev, True), channels_last=True, only_train=only_train)
-        after = snapshot(model)
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight)) and model.fc.bias.grad is None
-        assert model.stem[0].weight.grad is None
-        assert [m.training for m in model.modules()] == modes
-        assert torch.equal(torch.get_rng_state(), rng[0])
-        if dev.type == "cuda":
-            assert torch.equal(torch.cuda.get_rng_state(dev), rng[1])
 
 
 def test_a_handed_run_on_the_cuda_pipeline_stops_the_device_flip(tmp_path, monkeypatch):
