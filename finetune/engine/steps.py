@@ -284,6 +284,8 @@ def warm_up(model: nn.Module, train_shape: tuple[int, ...] | None, eval_shape: t
     grads = [p.grad for p in params]
     modes = [(m, m.training) for m in model.modules()]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for p in params:     # the backward below must not add into the gradients kept (autograd adds in place)
+        p.grad = None
     try:
         with as_before(model, device):
             model.train(only_train is None)

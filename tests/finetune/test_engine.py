@@ -18,6 +18,7 @@ from finetune.engine import AmpPolicy
 from finetune.tools.sweep import sweep
 from finetune.tools.train import fit
 from tests.conftest import make_image_folder
+from tests.finetune.test_train import DEVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
@@ -528,28 +529,37 @@ def test_a_run_that_fails_waits_for_the_files_it_handed_over(report, tmp_path, m
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_warm_up_runs_a_step_of_each_shape_and_changes_nothing():
-    """``steps.warm_up`` (CUDA's first-use costs before epoch 1, forced here on the CPU): one training
-    forward and backward and one evaluation forward of the given shapes, and afterwards the weights,
-    BatchNorm statistics, gradients, modes and random generators are as they were."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_up_runs_a_step_of_each_shape_and_changes_nothing(device):
+    """``steps.warm_up`` (CUDA's first-use costs before epoch 1, forced here on the CPU; its CUDA case in ``pytest -m
+    gpu``): one training forward and backward and one evaluation forward of the given shapes, and afterwards the
+    weights, BatchNorm statistics, gradients (one already held: helper-114, the warm-up's backward added into it),
+    modes and random generators (on CUDA the device's too: ``passes.as_before``) are as they were."""
     from finetune.engine.runtime import amp_policy
     from finetune.engine.steps import warm_up
 
-    model = timm.create_model("test_resnet", num_classes=5, drop_rate=0.5)
+    dev = torch.device(device)
+    model = timm.create_model("test_resnet", num_classes=5, drop_rate=0.5).to(dev)
     model.train()
     model.get_submodule("fc").eval()            # a mixed set of modes must come back as it was
+    held = torch.ones_like(model.get_submodule("fc").bias)
+    model.get_submodule("fc").bias.grad = held.clone()     # left by an earlier phase's last step (the blank batch's
+    #                                                        features are 0 here: of the head only its bias gets any)
     seen, backward = [], []
     model.register_forward_hook(lambda m, args, out: seen.append((tuple(args[0].shape), m.training)))
     model.get_submodule("fc").weight.register_hook(lambda g: backward.append(True))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
-    rng = torch.get_rng_state()
-    warm_up(model, (4, 3, 32, 32), (3, 3, 32, 32), torch.nn.CrossEntropyLoss(), torch.device("cpu"),
-            amp=amp_policy(torch.device("cpu"), True), channels_last=True)
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(dev)] if dev.type == "cuda" else [])
+    warm_up(model, (4, 3, 32, 32), (3, 3, 32, 32), torch.nn.CrossEntropyLoss().to(dev), dev,
+            amp=amp_policy(dev, True), channels_last=True)
     assert seen == [((4, 3, 32, 32), True), ((3, 3, 32, 32), False)] and backward == [True]
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
-    assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model.get_submodule("fc").bias.grad, held)
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.bias")
+    assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), rng[0])
+    if dev.type == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(dev), rng[1])
 
 
 def test_a_rank_whose_batch_failed_takes_the_step_with_zero_weight(tmp_path):
