@@ -404,16 +404,23 @@ def test_resume_refuses_another_model_and_takes_the_runs_own(tmp_path, tiny, mon
     """QA: `zoo finetune timm:resnet18 --resume RUN` on a run of another model went on training the run's model
     and said nothing of the one named (a changed option is refused). Another model (the same architecture
     under another name, an unknown name) is refused in one line before any training; the run's own name,
-    in any case, resumes it."""
-    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    in any case, resumes it. The new run of another model is named on the run's data (helper-118: DIR), and runs."""
+    from tests.conftest import tiny_entry, write_registry
+
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
     metrics = (out / "metrics.csv").read_bytes()
-    for other in ("timm:test_resnet", "no-such-model"):
+    source = {"kind": "file", "path": str(tmp_path / f"{tiny}.safetensors"), "sha256": None, "sha256_note": "test"}
+    write_registry(tmp_path / "registry.yaml", [tiny_entry(tiny, source), tiny_entry("other32", source)], monkeypatch)
+    for other in ("timm:test_resnet", "no-such-model", "other32"):
         res = invoke("finetune", other, "--resume", out, "--workers", "0", "--quiet", "--no-export")
         assert res.exit_code == 2, res.output
         assert res.stderr.strip().splitlines() == [
             f"zoo: error: cannot resume {out} with model {other}: the run trains tiny32; drop the model argument "
             f"(`zoo finetune --resume {out}`) or name tiny32; another model needs a new run "
-            f"(`zoo finetune {other} --data DIR`)"]
+            f"(`zoo finetune {other} --data {data}`)"]
+    monkeypatch.chdir(tmp_path)         # (the new run's default folder: runs/other32-TIME)
+    new = pasted(res.stderr, "another model needs a new run (")     # the last one's, other32: pasted, it trains
+    assert new.exit_code == 0 and (tmp_path / "runs").is_dir(), new.output
     assert (out / "metrics.csv").read_bytes() == metrics and not (out / "summary.json").exists()
     res = invoke("finetune", "TINY32", "--resume", out, "--workers", "0", "--quiet", "--no-export")
     assert res.exit_code == 0, res.output
