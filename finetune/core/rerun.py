@@ -11,7 +11,7 @@ from finetune.core.config import read_config_file
 from finetune.core.errors import ConfigError
 from finetune.core.io import new_run_command, read_json_object
 
-__all__ = ["Recorded", "recorded_run", "recorded_sweep", "start_over_command"]
+__all__ = ["Recorded", "recorded_run", "best_trial_command", "start_over_command"]
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,17 @@ def recorded_run(run_dir: str | Path) -> Recorded:
                     config=_config(run / "config.yaml"), flags=tuple(flags))
 
 
-def recorded_sweep(out: str | Path) -> Recorded:
-    """What the ``zoo sweep`` in ``out`` records of its trials' run: sweep.json's model and starting weights
-    (``--no-pretrained``), its best_config.yaml; not the data folder (DIR)."""
-    fixed = read_json_object(Path(out) / "sweep.json").get("fixed")
+def best_trial_command(sweep: str | Path) -> str:
+    """The new run with the options of the best trial of the ``zoo sweep`` in ``sweep`` (``--config
+    SWEEP/best_config.yaml``), of the model and starting weights its sweep.json records (``--no-pretrained``);
+    the data folder is not recorded there (DIR)."""
+    fixed = read_json_object(Path(sweep) / "sweep.json").get("fixed")
     who = fixed.get("identity") if isinstance(fixed, dict) else None
     who = who if isinstance(who, dict) else {}
     model = who.get("model")
-    return Recorded(model=model if isinstance(model, str) and model.strip() else "MODEL", data="DIR",
-                    config=_config(Path(out) / "best_config.yaml"),
-                    flags=("--no-pretrained",) if who.get("pretrained") is False else ())
+    return new_run_command("--config", Path(sweep) / "best_config.yaml",
+                           *(("--no-pretrained",) if who.get("pretrained") is False else ()),
+                           model=model if isinstance(model, str) and model.strip() else "MODEL")
 
 
 def _config(path: Path) -> Path | None:
