@@ -981,6 +981,20 @@ def test_resuming_a_run_with_excluded_files_does_not_call_them_added(tmp_path, t
 
 
 
+def test_the_start_over_of_a_run_with_excluded_files_leaves_them_out_again(tmp_path, tiny, monkeypatch):
+    """helper-118: the start-over a line names (here: best.safetensors gone) is the run as its folder records it,
+    --exclude RUN/exclude.txt included (read before --overwrite empties the folder): pasted, the files stay out."""
+    (tmp_path / "exclude.txt").write_text("cat/cat_000.png\ndog/dog_001.png\n")
+    data, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, extra=("--exclude", tmp_path / "exclude.txt"))
+    (run / "checkpoints" / "best.safetensors").unlink()
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 1 and res.stderr.strip().endswith(
+        f"`{_start_over(run, tiny, data, '--no-export', '--exclude', run / 'exclude.txt')}`"), res.output
+    again = pasted(res.stderr, "start the run over with")
+    assert again.exit_code == 0 and "excluded 2 file(s)" in again.output, again.output
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert not {"cat/cat_000.png", "dog/dog_001.png"} & {p for side in ("train", "val") for p, _ in split[side]}
+
 def test_resuming_a_run_that_excluded_every_validation_image_goes_on_without_validation(tmp_path, tiny, monkeypatch):
     """Review (session 24): a run whose --exclude lists every validation image trains without validation (the
     last epoch is kept). Its --resume split the excluded files again by the seed: when none landed in val it was
