@@ -124,8 +124,12 @@ def test_run_folder_rules_resume_overwrite_and_other_commands(tiny, data, tmp_pa
     line = error_line(res)
     assert "checkpoints/last.pt is missing" in line and "2 finished epoch(s)" in line and "--overwrite" in line
     assert "never finished" not in line
+    assert f"start the run over with `zoo finetune {tiny} --data {data} --out {run} --overwrite --config " \
+           f"{run / 'config.yaml'}`" in line      # (helper-118: was MODEL --data DIR, its options unsaid)
 
-    res = invoke("finetune", tiny, "--data", data, "--out", run, *TRAIN, "--overwrite")
+    from tests.zoo.test_cli_export_predict_eval import pasted
+
+    res = pasted(line, "start the run over with")      # as printed: the run's model, data and options (TRAIN's)
     assert res.exit_code == 0, res.output
     assert (run / "my-notes.txt").read_text() == "keep me\n"          # not a file a run writes
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "export" / "model.safetensors").is_file()

@@ -344,7 +344,8 @@ def test_torchrun_out_of_memory_names_the_torchrun_resume_that_continues_the_run
 def test_torchrun_resume_refusals_name_the_new_run_as_torchrun_and_it_runs(tmp_path, monkeypatch):
     """helper-112: a resume under torchrun of a run whose config.yaml was edited, or whose best.safetensors is gone,
     named the new run as `zoo finetune MODEL ...`, one process. They name the job's launch (``io.new_run_command``,
-    ``io.start_over_command``: ``launch.zoo_launch`` as the resume's line), and each, filled in and pasted, runs."""
+    ``rerun.start_over_command``: ``launch.zoo_launch`` as the resume's line), and each, pasted, runs. helper-118:
+    filled from the run's records (model, data, config.yaml, --no-export), they run as printed, on 2 processes."""
     out, new = tmp_path / "out", tmp_path / "new"
     run, env, tiny, data = _out_of_memory_under_torchrun(tmp_path, monkeypatch, out)
     assert run.returncode == 1 and (out / "checkpoints" / "best.safetensors").is_file(), run.stdout[-3000:]
@@ -356,22 +357,24 @@ def test_torchrun_resume_refusals_name_the_new_run_as_torchrun_and_it_runs(tmp_p
         assert resumed.returncode != 0 and len(errors) == 1, resumed.stdout[-3000:]
         return errors[0]
 
-    def runs(command: str) -> None:     # as pasted, the placeholders filled in (torchrun's port: no other job's)
-        words = [{"MODEL": tiny, "DIR": str(data)}.get(w, w) for w in shlex.split(command)]
+    def runs(command: str) -> None:     # as pasted (torchrun's port: no other job's)
+        words = shlex.split(command)
         assert words[:5] == launch, command
         port = dict(env, PET_MASTER_PORT=str(_free_port()))
-        done, _ = _run([str(TORCHRUN), *words[1:], *OPTIONS, "--no-export"], port, ROOT)
+        done, _ = _run([str(TORCHRUN), *words[1:]], port, ROOT)
         assert done.returncode == 0, done.stdout[-3000:]
 
     saved = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load(saved), "lr": 0.5}, sort_keys=False))
-    named = f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data DIR --config {out / 'config.yaml'} --out NEW"
+    named = (f"torchrun --nproc-per-node 2 -m zoo finetune {tiny} --data {data} --config {out / 'config.yaml'} "
+             "--no-export --out NEW")
     assert line_of_resume().endswith(f"or train with the new ones in a new run (`{named}`)")
     runs(named.replace("NEW", str(new)))
     assert json.loads((new / "summary.json").read_text())["world_size"] == 2
     (out / "config.yaml").write_text(saved)
     (out / "checkpoints" / "best.safetensors").unlink()
-    named = f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data DIR --out {out} --overwrite"
+    named = (f"torchrun --nproc-per-node 2 -m zoo finetune {tiny} --data {data} --out {out} --overwrite --config "
+             f"{out / 'config.yaml'} --no-export")
     assert line_of_resume().endswith(f"start the run over with `{named}`")
     runs(named)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2

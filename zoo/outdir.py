@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import (OUTPUT_MARKER, broken_link, new_run_command, read_json_object, resume_command,
+from finetune.core.io import (OUTPUT_MARKER, broken_link, read_json_object, resume_command,
                               shell_command, write_json)
+from finetune.core.rerun import best_trial_command
 from finetune.core.tempfiles import folder_now, is_temp, is_temp_of, temp_target, writer_running
 from zoo.errors import UsageError
 from zoo.process import launcher_rank
@@ -145,7 +146,7 @@ def sweep_trial(path: str | os.PathLike) -> str | None:
     path = Path(path)
     for trials in (path.parent, path.parent.parent):
         if trials.name == "trials" and folder_kind(trials.parent) == "sweep" and not (path / "model.json").exists():
-            best = new_run_command("--config", trials.parent / "best_config.yaml")
+            best = best_trial_command(trials.parent)      # (sweep.json's model; the data folder is not recorded)
             return (f"{path} is a trial of the zoo sweep in {trials.parent} (kept by --keep-runs), which zoo does "
                     f"not export or continue: train its options as a run (`{best}` trains the best trial's) and "
                     "use that run's bundle")

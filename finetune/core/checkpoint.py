@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from finetune.core.errors import CheckpointError
-from finetune.core.io import atomic_write, read_safetensors_header, shell_command, start_over_command, write_file
+from finetune.core.io import atomic_write, read_safetensors_header, shell_command, write_file
+from finetune.core.rerun import start_over_command
 
 __all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
            "save_weights", "load_weights", "read_tensors", "write_tensors", "weights_damage", "tensors_sha256",
@@ -231,20 +232,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(f"no checkpoint at {path}: there is nothing to resume from, start it again "
                               "without --resume")
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    over = start_over_command(run)
-    # "without --resume" (as it said for a truncated file) is refused: the folder holds a run (QA)
-    what_now = (f"export its best epoch (checked on its own) with `{shell_command('zoo', 'export', run)}`, or start "
-                f"the run over with `{over}`")
+
+    def what_now() -> str:      # (read from the run's records only when a line says it)
+        # "without --resume" (as it said for a truncated file) is refused: the folder holds a run (QA)
+        return (f"export its best epoch (checked on its own) with `{shell_command('zoo', 'export', run)}`, or start "
+                f"the run over with `{start_over_command(run)}`")
     mmap = mmap and _utf8(path) is not None     # torch maps only a UTF-8 path; it reads any other one whole
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for damaged or foreign files
         raise CheckpointError(f"checkpoint {path} is damaged or not a zoo checkpoint ({type(e).__name__}), so "
-                              f"the run cannot go on from it; {what_now}") from None
+                              f"the run cannot go on from it; {what_now()}") from None
     recorded = ckpt.pop(STATE_DIGEST_KEY, None) if isinstance(ckpt, dict) else None
     if recorded is not None and not mmap and recorded != state_sha256(ckpt):
         raise CheckpointError(f"checkpoint {path} is damaged: what it holds does not match the sha256 recorded "
-                              f"when it was written, so the run cannot go on from it; {what_now}")
+                              f"when it was written, so the run cannot go on from it; {what_now()}")
     return ckpt
 
 

@@ -29,7 +29,7 @@ __all__ = ["UNLISTED_FOLDER", "OUTPUT_MARKER", "broken_link", "printable", "prin
            "plain_file_mode", "read_safetensors_header", "parse_safetensors_header", "rewrite_safetensors_metadata",
            "SafetensorsHeaderError", "MAX_SAFETENSORS_HEADER", "no_room",
            "read_json_object", "sha256_file", "yaml_problem", "human_size", "resume_command",
-           "new_run_command", "start_over_command"]
+           "new_run_command"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
@@ -117,14 +117,9 @@ def resume_command(run_dir: str | Path, *more: str | Path) -> str:
 def new_run_command(*options: str | Path, model: str = "MODEL", data: str | Path = "DIR") -> str:
     """A new ``zoo finetune`` run of ``model`` on ``data`` (``options`` after them), launched as this process was
     (``launch.zoo_launch``: under torchrun, torchrun with this job's process count), quoted as
-    :func:`resume_command`: the one spelling of every line that names a new run."""
+    :func:`resume_command`: the one spelling of every line that names a new run (``rerun.start_over_command``:
+    one into a run folder, filled from its records)."""
     return shell_command(*zoo_launch(), "finetune", model, "--data", data, *options)
-
-
-def start_over_command(run_dir: str | Path, *more: str | Path, model: str = "MODEL", data: str | Path = "DIR") -> str:
-    """The new run of ``model`` on ``data`` into the run folder ``run_dir``, which already holds one
-    (``--overwrite``; ``more``: options after it): :func:`new_run_command`'s spelling."""
-    return new_run_command("--out", run_dir, "--overwrite", *more, model=model, data=data)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

@@ -26,7 +26,8 @@ from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, confusion_c
 from finetune.core.errors import (CheckpointError, ConfigError, FinetuneError, Interrupted, OutOfMemory,
                                   memory_text)
 from finetune.core.io import (atomic_write_text, json_safe, new_run_command, printable, printable_name,
-                              read_json_object, resume_command, start_over_command, write_json)
+                              read_json_object, resume_command, write_json)
+from finetune.core.rerun import recorded_run, start_over_command
 from finetune.core.monitor import TensorBoardLogger, write_curves
 from finetune.data.files import class_key
 from finetune.data.imageset import name_list
@@ -151,7 +152,9 @@ class RunFolder:
         edited = [k for k in differ if k in on_disk and on_disk[k] == current[k]]
         shown = ", ".join(f"{k}: {current[k]!r} (the checkpoint's: {trained[k]!r})" for k in (edited or differ))
         if edited:
-            new_run = new_run_command("--config", self.path / "config.yaml", "--out", "NEW")
+            rec = recorded_run(self.path)     # (its model, data and flags; the config is the edited file)
+            new_run = new_run_command("--config", self.path / "config.yaml", *rec.flags, "--out", "NEW",
+                                      model=rec.model, data=rec.data)
             return (f"{self.path / 'config.yaml'} differs from the options {self.path / LAST} was trained with: "
                     f"{shown}; put the checkpoint's values back in config.yaml to continue the run, or train "
                     f"with the new ones in a new run (`{new_run}`)")

@@ -29,7 +29,7 @@ from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.core.errors import CheckpointError, DataError, stops_run
-from finetune.core.io import start_over_command
+from finetune.core.rerun import start_over_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
 from finetune.core.policy import HEAD_WARMUP_CAP, head_first
@@ -134,7 +134,7 @@ class Trainer:
             self.s.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:     # another architecture (an edited model name): one line, not 60
             first, run = str(err).strip().splitlines()[-1].strip().rstrip("."), self.folder.path
-            over = start_over_command(run)
+            over = start_over_command(run, model=False)     # (model.json's model is what is in doubt)
             raise CheckpointError(f"{run / 'checkpoints' / 'last.pt'} holds the weights of another model than the "
                                   f"one built to continue it ({first}): was the model named in {run / 'model.json'} "
                                   "changed since? Put the one the run trained back to continue it, or start the run "

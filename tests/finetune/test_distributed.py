@@ -762,7 +762,7 @@ def test_the_resume_command_is_the_launch_the_job_was_started_with(monkeypatch, 
 def test_every_line_naming_a_new_run_names_the_launch_the_job_was_started_with(monkeypatch, tmp_path):
     """helper-112: under torchrun the lines naming a new run (into the run folder with --overwrite, or another model)
     said `zoo finetune MODEL ...`, one process, while the resume's named torchrun: they share ``io.new_run_command``
-    (``io.start_over_command``), which names the job's launch as ``io.resume_command`` does."""
+    (``rerun.start_over_command``), which names the job's launch as ``io.resume_command`` does."""
     from finetune.core.checkpoint import load_checkpoint
     from finetune.core.errors import CheckpointError
     from zoo.jobs.resume import _missing_checkpoint
@@ -771,7 +771,7 @@ def test_every_line_naming_a_new_run_names_the_launch_the_job_was_started_with(m
         monkeypatch.setenv(name, value)
     run = tmp_path / "run"
     over = f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data DIR --out {run} --overwrite"
-    assert f"start the run over with `{over}`" in _missing_checkpoint(run)
+    assert f"start the run over with `{over}`" in _missing_checkpoint(run)     # (nothing recorded: placeholders)
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as err:

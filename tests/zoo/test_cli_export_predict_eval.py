@@ -134,11 +134,19 @@ def test_export_of_a_damaged_best_checkpoint_does_not_say_export_again(tmp_path,
                          f"finetune tiny --data DIR --out {run} --overwrite --config {run / 'config.yaml'}`")
 
 
-def _named_command(line: str, after: str) -> list[str]:
-    """The argv a shell makes of the `command` printed after ``after`` in ``line``."""
+def _named_command(line: str, after: str, **fill: str) -> list[str]:
+    """The argv a shell makes of the `command` printed after ``after`` in ``line``, its placeholders (``fill``:
+    MODEL, DIR, NEW) filled in."""
     import shlex
 
-    return shlex.split(line.split(after, 1)[1].split("`")[1])
+    return [fill.get(w, w) for w in shlex.split(line.split(after, 1)[1].split("`")[1])]
+
+
+def pasted(line: str, after: str, **fill: str):
+    """What the `zoo ...` command printed after ``after`` in ``line`` does when pasted (placeholders ``fill``ed)."""
+    argv = _named_command(line, after, **fill)
+    assert argv[0] == "zoo", argv
+    return CliRunner().invoke(cli, argv[1:], catch_exceptions=False)
 
 
 def test_exports_lines_name_the_command_that_trains_the_run_again_and_it_runs(tmp_path, runner, monkeypatch):
@@ -153,7 +161,7 @@ def test_exports_lines_name_the_command_that_trains_the_run_again_and_it_runs(tm
     fast = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--no-export"]
     assert runner.invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(run), *fast]).exit_code == 0
     again = ["zoo", "finetune", tiny, "--data", str(data), "--out", str(run), "--overwrite", "--config",
-             str(run / "config.yaml")]
+             str(run / "config.yaml"), "--no-export"]
     best, info = run / "checkpoints" / "best.safetensors", (run / "model.json").read_text()
     kept = best.read_bytes()
     said = []
@@ -178,7 +186,8 @@ def test_exports_lines_name_the_command_that_trains_the_run_again_and_it_runs(tm
 def test_the_named_start_over_is_launched_as_the_run_was_and_keeps_no_pretrained(tmp_path, monkeypatch):
     """The line names torchrun's words under torchrun (io.start_over_command), --no-pretrained for a run started
     with it, and placeholders where model.json or scan.json is gone."""
-    from zoo.bundle.export import export_run, rerun_command
+    from finetune.core.rerun import start_over_command as rerun_command
+    from zoo.bundle.export import export_run
     from zoo.errors import BundleError
 
     run = tmp_path / "run"
@@ -190,6 +199,18 @@ def test_the_named_start_over_is_launched_as_the_run_was_and_keeps_no_pretrained
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert rerun_command(run) == (f"torchrun --nproc-per-node 2 -m zoo finetune tiny --data /photos --out {run} "
                                   "--overwrite --no-pretrained")
+    (run / "model.json").write_text(json.dumps({"model": "tiny", "pretrained": False, "export": False}))
+    (run / "config.yaml").write_text("lr: [")                                # damaged: no --config named
+    (run / "exclude.txt").write_text("a/1.png\n")
+    assert rerun_command(run, "--bn", "eval", model=False) == (
+        f"torchrun --nproc-per-node 2 -m zoo finetune MODEL --data /photos --out {run} --overwrite --no-pretrained "
+        f"--no-export --exclude {run / 'exclude.txt'} --bn eval")
+    (run / "config.yaml").write_text("lr: 0.01\n")
+    assert rerun_command(run, config=False).split(" --overwrite")[1] == (
+        f" --no-pretrained --no-export --exclude {run / 'exclude.txt'}")
+    assert rerun_command(run).split(" --overwrite")[1].startswith(f" --config {run / 'config.yaml'} --no-pretrained")
+    for name in ("config.yaml", "exclude.txt"):
+        (run / name).unlink()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     (run / "model.json").unlink()
     (run / "scan.json").write_text("{")

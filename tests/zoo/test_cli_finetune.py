@@ -14,8 +14,10 @@ import yaml
 from click.testing import CliRunner
 
 from finetune.core.config import FinetuneConfig
+from finetune.core.io import shell_command
 from tests.conftest import forbid_model_builds, make_image_folder, register_tiny
 from zoo.cache import scan_memo
+from tests.zoo.test_cli_export_predict_eval import pasted
 from zoo.cli import cli
 
 
@@ -338,10 +340,13 @@ def test_a_truncated_last_pt_says_what_works_not_start_again_without_resume(tmp_
     result = invoke("finetune", "--resume", out, "--workers", "0", "--quiet", "--no-export")
     assert result.exit_code == 1 and "Traceback" not in result.output
     line, = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error:")]
+    over = _start_over(out, tiny, tmp_path / "data", "--no-export")     # (helper-118: was MODEL --data DIR)
     assert line == (f"zoo: error: checkpoint {last} is damaged or not a zoo checkpoint (RuntimeError), so the run "
                     f"cannot go on from it; export its best epoch (checked on its own) with `zoo export {out}`, or "
-                    f"start the run over with `zoo finetune MODEL --data DIR --out {out} --overwrite`")
+                    f"start the run over with `{over}`")
     assert invoke("export", out).exit_code == 0
+    assert pasted(line, "start the run over with").exit_code == 0       # as printed: the run's own start-over
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
 
 
 def test_resuming_a_read_only_run_folder_says_make_it_writable_not_choose_another(tmp_path, tiny, monkeypatch):
@@ -374,8 +379,10 @@ def test_resuming_without_best_safetensors_stops_before_training_instead_of_afte
     assert result.stderr.strip() == (
         f"zoo: error: {out / 'checkpoints' / 'best.safetensors'} is missing, and only it holds the weights of the "
         "run's best epoch so far (epoch 1): put it back to continue the run, or start the run over with "
-        f"`zoo finetune MODEL --data DIR --out {out} --overwrite`")
+        f"`{_start_over(out, tiny, tmp_path / 'data', '--no-export')}`")
     assert {p.name: p.read_bytes() for p in (out / "metrics.csv", out / "checkpoints" / "last.pt")} == before
+    assert pasted(result.stderr, "start the run over with").exit_code == 0     # as printed: it trains the run anew
+    assert (out / "checkpoints" / "best.safetensors").is_file()
 
 def test_resume_refuses_other_options(tmp_path, tiny, monkeypatch):
     import finetune.engine.epoch_steps as loop
@@ -397,16 +404,23 @@ def test_resume_refuses_another_model_and_takes_the_runs_own(tmp_path, tiny, mon
     """QA: `zoo finetune timm:resnet18 --resume RUN` on a run of another model went on training the run's model
     and said nothing of the one named (a changed option is refused). Another model (the same architecture
     under another name, an unknown name) is refused in one line before any training; the run's own name,
-    in any case, resumes it."""
-    _, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
+    in any case, resumes it. The new run of another model is named on the run's data (helper-118: DIR), and runs."""
+    from tests.conftest import tiny_entry, write_registry
+
+    data, out, _ = _interrupted_run(tmp_path, monkeypatch, tiny)
     metrics = (out / "metrics.csv").read_bytes()
-    for other in ("timm:test_resnet", "no-such-model"):
+    source = {"kind": "file", "path": str(tmp_path / f"{tiny}.safetensors"), "sha256": None, "sha256_note": "test"}
+    write_registry(tmp_path / "registry.yaml", [tiny_entry(tiny, source), tiny_entry("other32", source)], monkeypatch)
+    for other in ("timm:test_resnet", "no-such-model", "other32"):
         res = invoke("finetune", other, "--resume", out, "--workers", "0", "--quiet", "--no-export")
         assert res.exit_code == 2, res.output
         assert res.stderr.strip().splitlines() == [
             f"zoo: error: cannot resume {out} with model {other}: the run trains tiny32; drop the model argument "
             f"(`zoo finetune --resume {out}`) or name tiny32; another model needs a new run "
-            f"(`zoo finetune {other} --data DIR`)"]
+            f"(`zoo finetune {other} --data {data}`)"]
+    monkeypatch.chdir(tmp_path)         # (the new run's default folder: runs/other32-TIME)
+    new = pasted(res.stderr, "another model needs a new run (")     # the last one's, other32: pasted, it trains
+    assert new.exit_code == 0 and (tmp_path / "runs").is_dir(), new.output
     assert (out / "metrics.csv").read_bytes() == metrics and not (out / "summary.json").exists()
     res = invoke("finetune", "TINY32", "--resume", out, "--workers", "0", "--quiet", "--no-export")
     assert res.exit_code == 0, res.output
@@ -789,9 +803,10 @@ def test_resume_of_a_run_that_stopped_before_its_config_says_start_it_over(tmp_p
     assert (out / "model.json").is_file() and not (out / "config.yaml").exists()
     res = invoke("finetune", "--resume", out)
     assert res.exit_code == 1
+    over = shell_command("zoo", "finetune", tiny, "--data", data, "--out", out, "--overwrite")   # (no config.yaml)
     assert f"{out} stopped before its training was set up (no config.yaml): there is nothing to resume; start it " \
-           f"over with `zoo finetune MODEL --data DIR --out {out} --overwrite`" in res.stderr
-    assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+           f"over with `{over}`" in res.stderr
+    assert pasted(res.stderr, "start it over with").exit_code == 0     # model.json's model, scan.json's data
 
 
 @pytest.mark.parametrize("where", ["scan_on_main", "build_for_training", "fit"])
@@ -848,9 +863,11 @@ def test_resume_of_a_run_stopped_before_its_model_json_says_start_it_over(tmp_pa
         (out / "log.txt").write_text("$ zoo finetune ...\n")
     res = invoke("finetune", "--resume", out)
     assert res.exit_code == 1
+    over = shell_command("zoo", "finetune", "MODEL", "--data", data if left == "scan_json" else "DIR", "--out", out,
+                         "--overwrite")       # (no model.json: MODEL; scan.json, when written, names the data)
     assert f"{out} stopped before its training was set up (no config.yaml): there is nothing to resume; start it " \
-           f"over with `zoo finetune MODEL --data DIR --out {out} --overwrite`" in res.stderr
-    assert invoke("finetune", tiny, "--data", data, "--out", out, "--overwrite", *FAST).exit_code == 0
+           f"over with `{over}`" in res.stderr
+    assert pasted(res.stderr, "start it over with", MODEL=tiny, DIR=str(data)).exit_code == 0
 
 
 def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path, tiny):
@@ -919,6 +936,13 @@ def test_resuming_a_run_cut_off_in_its_end_writes_the_bundle_and_page_it_lacks(t
     assert f"{out} finished after epoch 1: resuming it trains nothing" in again.stderr
 
 
+def _start_over(run, model, data, *flags) -> str:
+    """The start-over of ``run`` that its folder records (``rerun.start_over_command``): ``model`` on ``data``, its
+    config.yaml, then ``flags`` (what model.json records beyond: --no-export)."""
+    return shell_command("zoo", "finetune", model, "--data", data, "--out", run, "--overwrite", "--config",
+                         run / "config.yaml", *flags)
+
+
 def _interrupted_run(tmp_path, monkeypatch, tiny, layout="flat", out=None, classes=("cat", "dog", "fox"), extra=()):
     """(data, RUN, the CLI's result): a 3-epoch run stopped by Ctrl-C in epoch 2, so that last.pt holds epoch 1
     (``extra``: more options, e.g. ``("--exclude", FILE)`` made before the data: ``tmp_path / "data"``)."""
@@ -956,6 +980,20 @@ def test_resuming_a_run_with_excluded_files_does_not_call_them_added(tmp_path, t
     assert not {"cat/cat_000.png", "dog/dog_001.png"} & {p for side in ("train", "val") for p, _ in split[side]}
 
 
+
+def test_the_start_over_of_a_run_with_excluded_files_leaves_them_out_again(tmp_path, tiny, monkeypatch):
+    """helper-118: the start-over a line names (here: best.safetensors gone) is the run as its folder records it,
+    --exclude RUN/exclude.txt included (read before --overwrite empties the folder): pasted, the files stay out."""
+    (tmp_path / "exclude.txt").write_text("cat/cat_000.png\ndog/dog_001.png\n")
+    data, run, _ = _interrupted_run(tmp_path, monkeypatch, tiny, extra=("--exclude", tmp_path / "exclude.txt"))
+    (run / "checkpoints" / "best.safetensors").unlink()
+    res = invoke("finetune", "--resume", run)
+    assert res.exit_code == 1 and res.stderr.strip().endswith(
+        f"`{_start_over(run, tiny, data, '--no-export', '--exclude', run / 'exclude.txt')}`"), res.output
+    again = pasted(res.stderr, "start the run over with")
+    assert again.exit_code == 0 and "excluded 2 file(s)" in again.output, again.output
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert not {"cat/cat_000.png", "dog/dog_001.png"} & {p for side in ("train", "val") for p, _ in split[side]}
 
 def test_resuming_a_run_that_excluded_every_validation_image_goes_on_without_validation(tmp_path, tiny, monkeypatch):
     """Review (session 24): a run whose --exclude lists every validation image trains without validation (the
@@ -1023,14 +1061,19 @@ def test_a_hand_edited_model_json_stops_the_resume_in_one_line(tmp_path, tiny, m
     assert result.exit_code == code, result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("zoo: error:")]
     assert len(errors) == 1 and says in errors[0] and "Traceback" not in result.stderr, result.stderr
+    edited = json.loads(info.read_text())
+    # the start-over as the folder records it (helper-118): model.json's model where it holds one and the line is
+    # not about that model (code 1: the name in doubt stays MODEL), --no-export where it records it
+    model = edited.get("model", "MODEL") if isinstance(edited, dict) and code == 2 else "MODEL"
+    over = _start_over(out, model, tmp_path / "data",
+                       *(["--no-export"] if isinstance(edited, dict) and edited.get("export") is False else []))
     if code == 2:
-        assert errors[0].endswith(f"restore it to continue the run, or start the run over with `zoo finetune MODEL "
-                                  f"--data DIR --out {out} --overwrite`")
+        assert errors[0].endswith(f"restore it to continue the run, or start the run over with `{over}`")
     else:   # (review: it said "resume it with the model it was trained with", which --resume cannot be given)
         assert errors[0].endswith(f"was the model named in {out / 'model.json'} changed since? Put the one the run "
-                                  f"trained back to continue it, or start the run over with `zoo finetune MODEL "
-                                  f"--data DIR --out {out} --overwrite`")
+                                  f"trained back to continue it, or start the run over with `{over}`")
     assert (out / "checkpoints" / "last.pt").read_bytes() == last
+    assert pasted(errors[0], "start the run over with", MODEL=tiny).exit_code == 0    # as printed, MODEL filled
 
 def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_option(tmp_path, tiny, monkeypatch):
     """QA: editing RUN/config.yaml, then `--resume RUN`, said "changed option(s) lr: drop them", as if a flag had
@@ -1044,7 +1087,11 @@ def test_a_hand_edited_config_yaml_is_named_on_resume_not_called_a_changed_optio
     assert result.stderr.strip() == (
         f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
         f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
-        f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
+        f"or train with the new ones in a new run (`zoo finetune {tiny} --data {tmp_path / 'data'} --config {conf} "
+        f"--no-export --out NEW`)")
+    new = pasted(result.stderr, "in a new run (", NEW=str(tmp_path / "new"))    # (helper-118: was MODEL --data DIR)
+    assert new.exit_code == 0, new.output
+    assert yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())["lr"] == 0.123
     # written as people write learning rates (plain YAML reads `1e-4` as text; the run reads it as a number)
     conf.write_text(conf.read_text().replace("lr: 0.123", "lr: 1e-4"))
     result = invoke("finetune", "--resume", out, "--workers", "0", "--no-export", "--quiet")
@@ -1460,7 +1507,8 @@ def test_a_hand_edited_lr_beside_an_out_of_bounds_workers_is_still_named_as_an_e
     assert result.stderr.strip().splitlines()[-1] == (
         f"zoo: error: {conf} differs from the options {out / 'checkpoints' / 'last.pt'} was trained with: lr: 0.123 "
         f"(the checkpoint's: {saved['lr']!r}); put the checkpoint's values back in config.yaml to continue the run, "
-        f"or train with the new ones in a new run (`zoo finetune MODEL --data DIR --config {conf} --out NEW`)")
+        f"or train with the new ones in a new run (`zoo finetune {tiny} --data {tmp_path / 'data'} --config {conf} "
+        f"--no-export --out NEW`)")
 
 
 def test_resume_after_a_class_folder_lost_whitespace_at_an_end(tmp_path, tiny, monkeypatch):

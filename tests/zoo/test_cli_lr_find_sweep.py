@@ -327,27 +327,33 @@ def test_a_head_only_sweep_extended_on_resume_says_the_head_only_note(tiny_zoo, 
 
 
 @pytest.mark.parametrize("fold", ["", "fold-0"])
-def test_a_kept_sweep_trial_is_named_as_one_by_predict_export_and_resume(tmp_path, fold):
+def test_a_kept_sweep_trial_is_named_as_one_by_predict_export_and_resume(tmp_path, fold, tiny_zoo, monkeypatch):
     """QA (helper-64): a trial folder kept by `zoo sweep --keep-runs` (OUT/trials/<id>, or its fold-K) has
     checkpoints but no model.json. `zoo predict TRIAL` said to export it first with `zoo export TRIAL`, which
     said `TRIAL/model.json is missing; the run did not finish or was not made by zoo finetune; re-run it`, and
     `zoo finetune --resume TRIAL` that it `was written by the Python API ... continue it with fit(...)`.
-    Each says now what it is and the way on: train its options as a run."""
+    Each says now what it is and the way on: train its options as a run, with the model and starting weights
+    sweep.json records (helper-118: MODEL; the data folder is not recorded: DIR), which runs pasted."""
     sweep = tmp_path / "sweep"
     trial = sweep / "trials" / "lr0.001_wd0.0001_freeze-auto_adam" / fold
     (trial / "checkpoints").mkdir(parents=True)
     (trial / "checkpoints" / "best.safetensors").write_bytes(b"")
     (trial / "config.yaml").write_text("lr: 0.001\n")
     (sweep / ".zoo-run.json").write_text('{"kind": "sweep"}')
-    (sweep / "best_config.yaml").write_text("lr: 0.001\n")
+    (sweep / "best_config.yaml").write_text("lr: 0.001\nepochs: 1\nworkers: 0\n")
+    (sweep / "sweep.json").write_text(json.dumps({"fixed": {"identity": {"model": "tiny-resnet", "pretrained": False}}}))
     says = (f"zoo: error: {trial} is a trial of the zoo sweep in {sweep} (kept by --keep-runs), which zoo does not "
-            "export or continue: train its options as a run (`zoo finetune MODEL --data DIR --config "
-            f"{sweep / 'best_config.yaml'}` trains the best trial's) and use that run's bundle")
+            "export or continue: train its options as a run (`zoo finetune tiny-resnet --data DIR --config "
+            f"{sweep / 'best_config.yaml'} --no-pretrained` trains the best trial's) and use that run's bundle")
     image = tmp_path / "x.png"
     image.write_bytes(b"")
     for args, code in ((["predict", trial, image], 1), (["export", trial], 1), (["finetune", "--resume", trial], 2)):
         res = CliRunner().invoke(cli, [str(a) for a in args])
         assert res.exit_code == code and res.output.strip() == says, (args, res.output)
+    monkeypatch.chdir(tmp_path)         # (the new run's default folder: runs/tiny-resnet-TIME)
+    named = [{"DIR": str(tiny_zoo)}.get(w, w) for w in shlex.split(says.split("`")[1])]
+    res = CliRunner().invoke(cli, [*named[1:], "--device", "cpu", "--quiet", "--no-export"])
+    assert res.exit_code == 0, res.output
 
 
 def test_sweep_overwrite_keeps_the_users_files_inside_trials(tiny_zoo, tmp_path):

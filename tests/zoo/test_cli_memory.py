@@ -8,8 +8,10 @@ import shlex
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
+from finetune.core.io import shell_command
 from tests.conftest import make_image_folder, register_tiny
 from tests.zoo.test_cli_export_predict_eval import bundle, runner  # noqa: F401 (fixtures)
 from zoo.cli import cli
@@ -299,12 +301,22 @@ def test_out_of_memory_in_a_resume_s_set_up_names_the_resume_in_smaller_passes(t
     assert resumed.exit_code == 0, resumed.output
 
 
-def _filled(command: str, model: str, data, **more: str) -> list[str]:
-    """The words after `zoo` of a ``command`` a line named, its placeholders filled in (MODEL, DIR, ``more``)."""
-    fill = {"MODEL": model, "DIR": str(data), **more}
+def _filled(command: str, **fill: str) -> list[str]:
+    """The words after `zoo` of a ``command`` a line named, its placeholders (``fill``: N) filled in."""
     words = shlex.split(command)
     assert words[0] == "zoo", command
     return [fill.get(w, w) for w in words[1:]]
+
+
+def _start_over(run, tiny, data, *more) -> str:
+    """The start-over of the out-of-memory runs as their folder records it (``rerun.start_over_command``): their
+    model, data, options (config.yaml) and --no-export, then the option the line names (it wins over the file)."""
+    return shell_command("zoo", "finetune", tiny, "--data", data, "--out", run, "--overwrite", "--config",
+                         run / "config.yaml", "--no-export", *more)
+
+
+def _recorded(run) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
 
 
 def _out_of_memory_in_a_pass(tmp_path, monkeypatch, *options: str):
@@ -348,13 +360,15 @@ def test_out_of_memory_at_the_fewest_images_a_batchnorm_takes_names_a_new_run_th
     new run into the same folder with the option that stops that layer training (`--head linear`), which runs."""
     run, line, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch, "--head", "mlp", "--batch-size", "2")
     said = SAID.replace("of 8 image(s)", "of 2 image(s)")
-    over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --head linear"
+    over = _start_over(run, tiny, data, "--head", "linear")     # (helper-118: was MODEL --data DIR, options unsaid)
     assert line == (f"zoo: error: {said}: the run is in {run}, and passes of 2 images are the fewest it takes "
                     "(fewer would leave a BatchNorm layer that trains a pass of one image): start it over with "
                     f"--head linear, a smaller --img-size or a smaller model (`{over}`, its other options as before; "
                     "or another --out to keep this run)")
-    again = invoke(*_filled(over, tiny, data), *_options(), "--batch-size", "2")
+    again = invoke(*_filled(over))       # pasted as it is: the run's own options, --head linear over the file's mlp
     assert again.exit_code == 0, again.output
+    assert {k: _recorded(run)[k] for k in ("head", "batch_size", "epochs", "seed")} == {
+        "head": "linear", "batch_size": 2, "epochs": 2, "seed": 3}
 
 
 def test_out_of_memory_in_a_pass_of_one_image_names_a_new_run_that_runs(tmp_path, monkeypatch):
@@ -363,14 +377,16 @@ def test_out_of_memory_in_a_pass_of_one_image_names_a_new_run_that_runs(tmp_path
     changed img_size). It names the new run into the same folder (--overwrite), which runs."""
     run, line, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch, "--micro-batch", "1")
     said = SAID.replace("of 8 image(s)", "of 1 image(s)")
-    over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --img-size N"
+    over = _start_over(run, tiny, data, "--img-size", "N")
     assert line == (f"zoo: error: {said}: the run is in {run}, and a pass of one image is the fewest: start it over "
                     f"with a smaller --img-size or a smaller model (`{over}`, its other options as before; or "
                     "another --out to keep this run)")
     without = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), "--img-size", "24")
     assert without.exit_code != 0      # (what the line named before: refused, RUN holds a run)
-    again = invoke(*_filled(over, tiny, data, N="24"), *_options())
+    again = invoke(*_filled(over, N="24"))       # the run's own options (--micro-batch 1 among them), N filled
     assert again.exit_code == 0, again.output
+    assert {k: _recorded(run)[k] for k in ("img_size", "micro_batch", "epochs")} == {
+        "img_size": 24, "micro_batch": 1, "epochs": 2}
 
 
 def test_out_of_memory_in_the_export_after_training_names_the_resume_that_writes_the_end(tmp_path, monkeypatch):
@@ -405,19 +421,21 @@ def test_out_of_memory_in_the_export_after_training_names_the_resume_that_writes
 def test_out_of_memory_without_last_pt_names_a_start_over_that_runs(tmp_path, monkeypatch):
     """helper-112: out of memory where RUN has no checkpoints/last.pt (its write failed) said `the run is in RUN;
     start again with --micro-batch 4`, and that command was refused (RUN holds a run: --overwrite, or another --out).
-    It names the new run into RUN with --overwrite (``io.start_over_command``), which runs."""
+    It names the new run into RUN with --overwrite (``rerun.start_over_command``), which runs as pasted."""
     from finetune.engine.runfolder import RunFolder
 
     run, _, tiny, data = _out_of_memory_in_a_pass(tmp_path, monkeypatch)
     (run / "checkpoints" / "last.pt").unlink()
     line = str(RunFolder(run).stopped(1, torch.OutOfMemoryError(TORCH_OOM), _Passes(8)))
-    over = f"zoo finetune MODEL --data DIR --out {run} --overwrite --micro-batch 4"
+    over = _start_over(run, tiny, data, "--micro-batch", "4")
     assert line.endswith(f"the run is in {run} without a checkpoint to continue from; start it over in passes of 4 "
                          f"images with `{over}` (its other options as before)"), line
     without = invoke("finetune", tiny, "--data", data, "--out", run, *_options(), "--micro-batch", "4")
     assert without.exit_code != 0      # (what the line named before: refused, RUN holds a run)
-    again = invoke(*_filled(over, tiny, data), *_options())
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("micro_batch: 0", "micro_batch: 8"))
+    again = invoke(*_filled(over))       # pasted as it is; --micro-batch 4 wins over the file's (8: made so here)
     assert again.exit_code == 0, again.output
+    assert {k: _recorded(run)[k] for k in ("micro_batch", "epochs", "seed")} == {"micro_batch": 4, "epochs": 2, "seed": 3}
     assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
 
 

@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from finetune.core.io import (atomic_write, atomic_write_text, read_json_object, rewrite_safetensors_metadata,
-                              sha256_file, shell_command, start_over_command, write_json)
+from finetune.core.io import (atomic_write, atomic_write_text, rewrite_safetensors_metadata,
+                              sha256_file, shell_command, write_json)
+from finetune.core.rerun import start_over_command
 from zoo.bundle.load import (_DATA_KEYS, BUNDLE_FORMAT, CONFIG, WEIGHTS, _load_weights, _read_json, _strip_prefixes,
                              _torchvision_kwargs, build_model, read_safetensors_metadata)
 from zoo.errors import BundleError, UsageError
@@ -27,25 +28,12 @@ ONNX_ATOL = 1e-4             # ONNX Runtime vs PyTorch logits, checked at export
 # ----------------------------------------------------------------------------------------- export
 
 
-def rerun_command(run: Path) -> str:
-    """The command that trains the run in ``run`` again, into its own folder, as its files record it
-    (``io.start_over_command``, torchrun's words under torchrun): model.json's model (and ``--no-pretrained``),
-    scan.json's data folder and config.yaml's options (``--config``: read before ``--overwrite`` empties the
-    folder). A record missing or damaged leaves its placeholder (MODEL, DIR) or its option out."""
-    info, scan = read_json_object(run / "model.json"), read_json_object(run / "scan.json")
-    model, root = info.get("model"), scan.get("root")
-    more = [*(("--config", run / "config.yaml") if run_recipe(run) else ()),
-            *(("--no-pretrained",) if info.get("pretrained") is False else ())]
-    return start_over_command(run, *more, model=model if isinstance(model, str) and model else "MODEL",
-                              data=root if isinstance(root, str) and root else "DIR")
-
-
 def _summary(run_dir: Path) -> dict[str, Any]:
     p = run_dir / "summary.json"
     if not p.exists():
         return {}
     return _read_json(p, f"the run's summary is damaged; delete summary.json, or train the run again: "
-                         f"`{rerun_command(run_dir)}`")
+                         f"`{start_over_command(run_dir)}`")
 
 
 def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +194,7 @@ def _export_onnx(model: Any, path: Path, input_size: Sequence[int], metadata: di
 
 def _damaged_run(run: Path) -> str:
     """What to do when the run's best checkpoint is damaged: exporting again reads the same file."""
-    return f"the run's best checkpoint is damaged; restore the file or train the run again: `{rerun_command(run)}`"
+    return f"the run's best checkpoint is damaged; restore the file or train the run again: `{start_over_command(run)}`"
 
 
 def _check_run_info(info: dict[str, Any], where: Path) -> None:
@@ -222,7 +210,7 @@ def _check_run_info(info: dict[str, Any], where: Path) -> None:
     if wrong:
         value = info.get(wrong, dc.get(wrong.partition(".")[2]) if isinstance(dc, dict) else None)
         raise BundleError(f"{where}: {wrong} is {json.dumps(value)[:40]}, not what `zoo finetune` writes (was the "
-                          f"file edited?); restore it, or train the run again: `{rerun_command(where.parent)}`")
+                          f"file edited?); restore it, or train the run again: `{start_over_command(where.parent)}`")
 
 
 def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
@@ -244,19 +232,20 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise BundleError(trial)
     # a run stopped before its model.json (or one whose model.json is damaged): which model it trains is not recorded
     started = (run / "model.json").exists() or ((run / MARKER).is_file() and folder_kind(run) in ("finetune", "empty"))
-    info = _read_json(run / "model.json", f"the run stopped before it was written, or it was damaged; train the run "
-                                          f"again: `{rerun_command(run)}`, MODEL the model it trains" if started else
-                      "pass the folder `zoo finetune` wrote (runs/<name>-<time>)")
+    why = (f"the run stopped before it was written, or it was damaged; train the run again: "
+           f"`{start_over_command(run)}`, MODEL the model it trains") if started else \
+        "pass the folder `zoo finetune` wrote (runs/<name>-<time>)"
+    info = _read_json(run / "model.json", why)
     for key in ("builder", "classes", "data_config"):
         if key not in info:
             raise BundleError(f"{run / 'model.json'} lacks {key!r}, which this version reads; train the run again: "
-                              f"`{rerun_command(run)}`")
+                              f"`{start_over_command(run)}`")
     _check_run_info(info, run / "model.json")
     ckpt = run / "checkpoints" / "best.safetensors"
     if not ckpt.exists():
         # (not its resume: a run whose best was deleted after an epoch refuses it, RunFolder.load_resume)
         raise BundleError(f"{ckpt} is missing: the run saved no best checkpoint; train it again: "
-                          f"`{rerun_command(run)}`")
+                          f"`{start_over_command(run)}`")
     damaged = _damaged_run(run)
     read_safetensors_metadata(ckpt, fix=damaged)  # clear message for a truncated checkpoint before torch sees it
     try:

@@ -19,7 +19,8 @@ from finetune.core.errors import (BatchNormBatchError, CheckpointError, Interrup
 from finetune.data import scan_outdated, write_scan
 from finetune.tools.doctor import read_exclude_file
 from finetune.tools.train import fit
-from finetune.core.io import new_run_command, resume_command, shell_command, start_over_command, write_json
+from finetune.core.io import new_run_command, resume_command, shell_command, write_json
+from finetune.core.rerun import recorded_run, start_over_command
 from finetune.engine import idle_gpus_note, resolve_device
 from finetune.engine.passes import largest_pass, smaller_pass
 from finetune.engine.runfolder import RunFolder
@@ -230,7 +231,7 @@ def _check_model(model: str, run_dir: Path, info_json: dict) -> None:
         named = None
     if named != trained:
         resume = resume_command(run_dir)
-        new = new_run_command(model=model)
+        new = new_run_command(model=model, data=recorded_run(run_dir).data)     # (on the run's data)
         raise UsageError(f"cannot resume {run_dir} with model {model}: the run trains {trained}; drop the model "
                          f"argument (`{resume}`) or name {trained}; another model needs a new run (`{new}`)")
 

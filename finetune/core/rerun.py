@@ -1,0 +1,75 @@
+"""The run a run folder records, as a command to paste: the start-over of the folder (``--overwrite``) and the
+new runs named after it, filled from its own files (model.json's model and starting weights, scan.json's data
+folder, config.yaml's options), placeholders (MODEL, DIR) only where a record is missing or damaged. The one
+reader of those records for every line that names such a command (finetune, its resume, export)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.core.config import read_config_file
+from finetune.core.errors import ConfigError
+from finetune.core.io import new_run_command, read_json_object
+
+__all__ = ["Recorded", "recorded_run", "best_trial_command", "start_over_command"]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a run folder records of the command that started it: ``model`` and ``data`` (MODEL, DIR where not
+    recorded), ``config`` (RUN/config.yaml when it reads as a ``--config`` file, else None) and ``flags``, the
+    options outside config.yaml that it records (``--no-pretrained``, ``--no-export``, ``--exclude``)."""
+    model: str
+    data: str
+    config: Path | None
+    flags: tuple[str | Path, ...]
+
+
+def recorded_run(run_dir: str | Path) -> Recorded:
+    """The records of the run in ``run_dir`` (read, never trusted: each field checked for its type)."""
+    run = Path(run_dir)
+    info, scan = read_json_object(run / "model.json"), read_json_object(run / "scan.json")
+    model, root = info.get("model"), scan.get("root")
+    flags = [*(("--no-pretrained",) if info.get("pretrained") is False else ()),
+             *(("--no-export",) if info.get("export") is False else ()),
+             *(("--exclude", run / "exclude.txt") if (run / "exclude.txt").is_file() else ())]
+    return Recorded(model=model if isinstance(model, str) and model.strip() else "MODEL",
+                    data=root if isinstance(root, str) and root else "DIR",
+                    config=_config(run / "config.yaml"), flags=tuple(flags))
+
+
+def best_trial_command(sweep: str | Path) -> str:
+    """The new run with the options of the best trial of the ``zoo sweep`` in ``sweep`` (``--config
+    SWEEP/best_config.yaml``), of the model and starting weights its sweep.json records (``--no-pretrained``);
+    the data folder is not recorded there (DIR)."""
+    fixed = read_json_object(Path(sweep) / "sweep.json").get("fixed")
+    who = fixed.get("identity") if isinstance(fixed, dict) else None
+    who = who if isinstance(who, dict) else {}
+    model = who.get("model")
+    return new_run_command("--config", Path(sweep) / "best_config.yaml",
+                           *(("--no-pretrained",) if who.get("pretrained") is False else ()),
+                           model=model if isinstance(model, str) and model.strip() else "MODEL")
+
+
+def _config(path: Path) -> Path | None:
+    """``path`` when ``--config path`` would take it (the full check a new run makes), else None."""
+    if not path.is_file():
+        return None
+    try:
+        read_config_file(path)
+    except ConfigError:
+        return None
+    return path
+
+
+def start_over_command(run_dir: str | Path, *more: str | Path, config: bool = True, model: bool = True) -> str:
+    """The new run into the run folder ``run_dir``, which already holds one (``--overwrite``), as its records
+    (:func:`recorded_run`) say it was started: model, data, ``--config RUN/config.yaml`` (read before
+    ``--overwrite`` empties the folder), the flags outside it, then ``more``: options that change the run
+    (``--micro-batch 4``, ``--bn eval``), which a typed flag makes win over the file. ``config=False``: a line
+    said because config.yaml is in doubt leaves it out; ``model=False``: one said because model.json's model is
+    in doubt leaves MODEL. Launched as this process was (:func:`io.new_run_command`, torchrun-aware)."""
+    rec = recorded_run(run_dir)
+    cfg = ("--config", rec.config) if config and rec.config is not None else ()
+    return new_run_command("--out", run_dir, "--overwrite", *cfg, *rec.flags, *more,
+                           model=rec.model if model else "MODEL", data=rec.data)
