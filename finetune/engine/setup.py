@@ -246,9 +246,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     setup.channels_last = nhwc(device, config.channels_last, trains=not (setup.head_only and setup.cached_head))
     if setup.channels_last:
         work.to(memory_format=torch.channels_last)
-    if setup.head_only and setup.mix is not None and config.fast_head:
-        say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
-            "features); drop them for the fast cached-feature head")
+    if setup.mix is not None:
+        _mix_notes(setup, say)
 
     # the loaders
     train_ds, val_ds = setup.dataset(train_set, True), setup.dataset(val_set, False)
@@ -303,6 +302,21 @@ def _check_kinds(config: Any, train_set: Any, val_set: Any) -> None:
         if not isinstance(image_set, ImageSet) and not (name == "val_set" and image_set is None):
             raise DataError(f"{name} must be a finetune.data.ImageSet (scan_folder(...).train / .val), not a "
                             f"{type(image_set).__name__}")
+
+
+def _mix_notes(setup: Setup, say: Log) -> None:
+    """What ``--mixup``/``--cutmix`` change in how ``setup`` trains, one line each: a head-only run trains through
+    the network; under torchrun an odd per-process batch mixes other pairs than one process (``engine.mixing``:
+    the partner half a global batch away lies on the same process only when each holds an even share)."""
+    config, info = setup.config, setup.info
+    if setup.head_only and config.fast_head:
+        say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
+            "features); drop them for the fast cached-feature head")
+    per_rank, n = ddp.per_rank_batch(int(config.batch_size), info), info.world_size
+    if info.enabled and per_rank % 2:
+        even = " or ".join(str(b) for b in (config.batch_size - n, config.batch_size + n) if b > 0)
+        say(f"note: --mixup/--cutmix on {n} processes mix the pairs one process mixes only when each process's "
+            f"batch is even (here {per_rank} of {config.batch_size}): --batch-size {even} trains as one process")
 
 
 def _to_float32(model: nn.Module, say: Log) -> None:
