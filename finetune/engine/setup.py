@@ -121,7 +121,7 @@ class Setup:
     def seed_train_loader(self, epoch: int) -> None:
         """Before epoch ``epoch``: the training loader's order, its samples' augmentation and the device
         augmentation become a function of (seed, epoch): each image's draws are the same on any number of
-        processes, as are each step's mixup/CutMix kind, lambda and box (its pairs are each rank's own images)."""
+        processes, as are each step's mixup/CutMix kind, lambda and box (and its pairs, ``engine.mixing.partner``)."""
         set_loader_epoch(self.train_loader, self.config.seed, epoch, self.info.rank)
         if self.train_normalize is not None:
             self.train_normalize.reseed(epoch_seed(self.config.seed, epoch), self.info.rank, self.info.world_size)
