@@ -251,13 +251,13 @@ class FinetuneConfig:
         "class, F/C on every other); validation loss stays plain cross-entropy.",
         low=0, high=1, high_open=True)
     mixup: float = option(0.0,
-        "Mixup alpha: each training batch is blended with itself reversed, lambda ~ Beta(A, A), targets mixed"
-        " alike (timm's batch mode); 0 = off. Image-space: a head-only run then trains the head through the "
-        "network, not on cached features.",
+        "Mixup alpha: each training image is blended with the one half a batch away (the same pairs on any "
+        "number of processes), lambda ~ Beta(A, A) per batch, targets mixed alike (timm's batch mode); 0 = off. "
+        "Image-space: a head-only run then trains the head through the network, not on cached features.",
         low=0)
     cutmix: float = option(0.0,
-        "CutMix alpha: a box of the reversed batch is pasted in, lambda ~ Beta(A, A) corrected to the box's "
-        "area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
+        "CutMix alpha: a box of the image half a batch away is pasted in, lambda ~ Beta(A, A) corrected to the "
+        "box's area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
         low=0)
     # --- EMA / layer decay ---
     ema: float = option(-1.0,

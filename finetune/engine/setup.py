@@ -121,7 +121,7 @@ class Setup:
     def seed_train_loader(self, epoch: int) -> None:
         """Before epoch ``epoch``: the training loader's order, its samples' augmentation and the device
         augmentation become a function of (seed, epoch): each image's draws are the same on any number of
-        processes, as are each step's mixup/CutMix kind, lambda and box (its pairs are each rank's own images)."""
+        processes, as are each step's mixup/CutMix kind, lambda and box (and its pairs, ``engine.mixing.partner``)."""
         set_loader_epoch(self.train_loader, self.config.seed, epoch, self.info.rank)
         if self.train_normalize is not None:
             self.train_normalize.reseed(epoch_seed(self.config.seed, epoch), self.info.rank, self.info.world_size)
@@ -246,9 +246,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     setup.channels_last = nhwc(device, config.channels_last, trains=not (setup.head_only and setup.cached_head))
     if setup.channels_last:
         work.to(memory_format=torch.channels_last)
-    if setup.head_only and setup.mix is not None and config.fast_head:
-        say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
-            "features); drop them for the fast cached-feature head")
+    if setup.mix is not None:
+        _mix_notes(setup, say)
 
     # the loaders
     train_ds, val_ds = setup.dataset(train_set, True), setup.dataset(val_set, False)
@@ -309,6 +308,21 @@ def _check_kinds(config: Any, train_set: Any, val_set: Any) -> None:
         if not isinstance(image_set, ImageSet) and not (name == "val_set" and image_set is None):
             raise DataError(f"{name} must be a finetune.data.ImageSet (scan_folder(...).train / .val), not a "
                             f"{type(image_set).__name__}")
+
+
+def _mix_notes(setup: Setup, say: Log) -> None:
+    """What ``--mixup``/``--cutmix`` change in how ``setup`` trains, one line each: a head-only run trains through
+    the network; under torchrun an odd per-process batch mixes other pairs than one process (``engine.mixing``:
+    the partner half a global batch away lies on the same process only when each holds an even share)."""
+    config, info = setup.config, setup.info
+    if setup.head_only and config.fast_head:
+        say("note: --mixup/--cutmix mix images, so the head trains through the network (not on cached "
+            "features); drop them for the fast cached-feature head")
+    per_rank, n = ddp.per_rank_batch(int(config.batch_size), info), info.world_size
+    if info.enabled and per_rank % 2:
+        even = " or ".join(str(b) for b in (config.batch_size - n, config.batch_size + n) if b > 0)
+        say(f"note: --mixup/--cutmix on {n} processes mix the pairs one process mixes only when each process's "
+            f"batch is even (here {per_rank} of {config.batch_size}): --batch-size {even} trains as one process")
 
 
 def _to_float32(model: nn.Module, say: Log) -> None:

@@ -444,6 +444,40 @@ def test_torchrun_two_processes_weigh_the_classes_as_one_process(tmp_path, optio
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_two_processes_mix_the_pairs_of_one_process(tmp_path):
+    """Session 31: --mixup/--cutmix paired each image with the batch reversed, so a rank paired within its own
+    shard (rank r holds global positions r, r + 2, ...) and trained on other mixed images than one process
+    (epoch 1's train loss, mixup: 1.12154 on 2 processes, 1.11584 in one; CutMix's epoch 3: 1.08602 / 1.09748,
+    train accuracy 41.7 / 37.5%). The partner is now the image half a batch away, on the same rank whenever the
+    per-rank batch is even (engine.mixing.partner): the same pairs, the same run. Both kinds: mixup alone,
+    CutMix alone (each step's kind, lambda and box were already shared)."""
+    from finetune.data import scan_folder
+
+    # 24 training images at batch 8: 4 a rank, 3 steps an epoch; a head epoch (through the network) + 2 more
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split"))
+    options = {"mixup": dict(mixup=0.4), "cutmix": dict(cutmix=1.0)}
+    configs = {name: ddp_cfg().replace(epochs=3, **kw) for name, kw in options.items()}
+    _torchrun_fit(tmp_path, report.train, report.val, f"""
+        from finetune.core import distributed
+        from finetune.core.config import FinetuneConfig
+        from finetune.tools.train import fit
+        from tests.finetune.test_train import STAGES, DATA_CONFIG, tiny_model
+        histories = {{name: fit(tiny_model(), STAGES, DATA_CONFIG, train, val, FinetuneConfig.from_dict(config),
+                               head="fc").history
+                     for name, config in {({k: c.to_dict() for k, c in configs.items()})!r}.items()}}
+        if distributed.setup("cpu").is_main:
+            json.dump(histories, open({str(tmp_path / "histories.json")!r}, "w"))
+    """)
+    two = json.loads((tmp_path / "histories.json").read_text())
+    for name, config in configs.items():
+        one = run((report.train, report.val), config).history
+        assert [r["phase"] for r in two[name]] == [r["phase"] for r in one] == ["head", "finetune", "finetune"]
+        for epoch, (a, b) in enumerate(zip(two[name], one), 1):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (name, epoch, key)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 @pytest.mark.parametrize("sampler", ["random", "balanced"])
 def test_torchrun_cached_head_takes_the_steps_its_schedule_counts(tmp_path, sampler):
     """QA (session 19): the cached head iterated the one-process order while the LR schedule counted the

@@ -10,7 +10,7 @@ import torch
 from finetune.core.config import FinetuneConfig
 from finetune.data import DeviceAugment, ImageDataset, build_transform
 from finetune.engine import build_loss, build_setup, evaluate
-from finetune.engine.mixing import BatchMix, build_mix
+from finetune.engine.mixing import BatchMix, build_mix, partner
 from finetune.core.errors import ConfigError, Interrupted
 from finetune.core.seeding import epoch_seed
 from tests.finetune.test_train import DATA_CONFIG, STAGES, cfg, run, sets, tiny_model
@@ -137,10 +137,11 @@ def test_mixup_blends_inputs_and_targets_with_the_drawn_lambda():
     out = mix(x, y, step=3)
     kind, lam, _ = mix.draw(3)
     assert out.kind == kind == "mixup" and out.lam == lam and 0 < lam < 1
-    assert torch.allclose(out.x, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    partners = [3, 4, 0, 1, 2]                                      # half a batch away (5: i - 2 mod 5)
+    assert torch.allclose(out.x, lam * x + (1 - lam) * x[partners], atol=1e-6)
     one_hot = torch.nn.functional.one_hot(y, 3).float()
-    assert torch.allclose(out.target, lam * one_hot + (1 - lam) * one_hot.flip(0))
-    assert torch.equal(out.y, y if lam >= 0.5 else y.flip(0))      # train accuracy: the dominant label
+    assert torch.allclose(out.target, lam * one_hot + (1 - lam) * one_hot[partners])
+    assert torch.equal(out.y, y if lam >= 0.5 else y[partners])     # train accuracy: the dominant label
     again = mix(x, y, step=3)
     assert torch.equal(again.x, out.x) and again.lam == out.lam     # seeded per (epoch seed, step)
     assert mix(x, y, step=4).lam != lam
@@ -172,6 +173,68 @@ def test_every_rank_mixes_each_step_with_the_one_process_kind_lambda_and_box(mon
             assert kind_lam == one_kind_lam and torch.equal(x, one_x)
 
 
+@pytest.mark.parametrize("n", [48, 52])
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_partners_of_one_process_are_those_of_the_strided_shards_of_n(n, world):
+    """Session 31: each image's partner was the batch reversed, so under torchrun a rank (global positions r,
+    r + N, ... of each batch) paired within its shard: other pairs than one process. Half a batch away, every
+    pair lies on one rank when each holds an even share: over the real sampler's batches of 8 (52 images: a
+    last batch of 4, kept on 2 ranks, dropped on 4 as one process of such a run drops it), the ranks' pairs are
+    one process's."""
+    from finetune.data import set_epoch_order, train_batches
+
+    class Sized:
+        def __len__(self):
+            return n
+
+    def batches(ranks, rank):
+        order = train_batches(Sized(), 8 // ranks, seed=5, world_size=ranks, rank=rank, processes=world)
+        set_epoch_order(order.sampler, 5, 3)
+        return [torch.tensor([i for i, _seed in b]) for b in order]
+
+    def pairs(b):
+        return dict(zip(b.tolist(), partner(b).tolist()))
+
+    one, shares = batches(1, 0), [batches(world, r) for r in range(world)]
+    assert {len(s) for s in shares} == {len(one)}
+    for k, batch in enumerate(one):
+        assert all(torch.equal(shares[r][k], batch[r::world]) for r in range(world))     # strided
+        together = {}
+        for r in range(world):
+            together.update(pairs(shares[r][k]))
+        mine = pairs(batch)
+        assert together == mine and all(j != i and mine[j] == i for i, j in mine.items())      # pairs
+
+
+def test_an_odd_batch_pairs_every_image_with_one_other():
+    """An odd batch (one process, or a rank's odd share) cannot be split into pairs: half a batch away is then a
+    cycle, still a permutation, every image mixed with one other (the reversed batch mixed its middle one with
+    itself); a batch of one image is left as it is."""
+    for n in range(1, 10):
+        order = partner(torch.arange(n))
+        assert sorted(order.tolist()) == list(range(n))
+        assert n == 1 or not (order == torch.arange(n)).any()
+        assert n % 2 or torch.equal(partner(order), torch.arange(n))     # an even batch: pairs
+
+
+@pytest.mark.parametrize("world,batch,said", [(1, 5, None), (2, 8, None),
+                                              (2, 10, "(here 5 of 10): --batch-size 8 or 12 trains"),
+                                              (2, 2, "(here 1 of 2): --batch-size 4 trains")])
+def test_an_odd_share_of_the_batch_under_torchrun_is_noted(world, batch, said):
+    """The pairs of one process need an even share of the batch on every rank (engine.mixing): otherwise a line
+    says so and which batch sizes would give them."""
+    from types import SimpleNamespace
+
+    from finetune.core.distributed import DistInfo
+    from finetune.engine.setup import _mix_notes
+
+    lines: list[str] = []
+    setup = SimpleNamespace(config=cfg(mixup=0.2, batch_size=batch), head_only=False,
+                            info=DistInfo(rank=0, world_size=world, enabled=world > 1))
+    _mix_notes(setup, lines.append)
+    assert len(lines) == (said is not None) and all(said in line for line in lines)
+
+
 def test_cutmix_pastes_a_box_and_corrects_lambda_to_its_area():
     x, y = torch.zeros(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     x += torch.arange(4.0).view(4, 1, 1, 1)            # image i is all i
@@ -179,9 +242,10 @@ def test_cutmix_pastes_a_box_and_corrects_lambda_to_its_area():
     for step in range(1, 20):
         out = mix(x, y, step)
         assert out.kind == "cutmix"
-        pasted = (out.x[0, 0] == 3.0).float().mean().item()     # image 0 got pixels of image 3 (reversed)
+        pasted = (out.x[0, 0] == 2.0).float().mean().item()     # image 0 got pixels of image 2 (half a batch on)
         assert math.isclose(out.lam, 1.0 - pasted, abs_tol=1e-6)
-        assert torch.allclose(out.target[0], torch.tensor([out.lam, 0, 0, 1 - out.lam]))
+        assert torch.allclose(out.target[0], torch.tensor([out.lam, 0, 1 - out.lam, 0]))
+        assert torch.equal(out.y, y if out.lam >= 0.5 else y[[2, 3, 0, 1]])
     both = BatchMix(mixup=0.2, cutmix=1.0, num_classes=4)
     assert {both(x, y, s).kind for s in range(1, 40)} == {"mixup", "cutmix"}
     assert build_mix(FinetuneConfig(), 4) is None
@@ -189,12 +253,14 @@ def test_cutmix_pastes_a_box_and_corrects_lambda_to_its_area():
 
 def test_smoothed_soft_targets_equal_timms_mixup_loss():
     """Soft targets through the training loss with label smoothing = timm's mixup_target(smoothing) +
-    SoftTargetCrossEntropy."""
+    SoftTargetCrossEntropy. timm pairs the batch reversed, zoo half a batch away: labels whose reversal is their
+    half-batch roll (y[0] = y[2], y[3] = y[5]) give both the same pairs."""
     from timm.data.mixup import mixup_target
     from timm.loss import SoftTargetCrossEntropy
 
     torch.manual_seed(1)
-    logits, y = torch.randn(6, 5), torch.tensor([0, 4, 2, 3, 1, 1])
+    logits, y = torch.randn(6, 5), torch.tensor([0, 4, 0, 3, 1, 3])
+    assert torch.equal(partner(y), y.flip(0))
     mix = BatchMix(mixup=0.3, cutmix=0.0, num_classes=5)
     out = mix(torch.randn(6, 3, 4, 4), y, step=1)
     ours = build_loss(FinetuneConfig(label_smoothing=0.1), None, torch.device("cpu"))(logits, out.target)
