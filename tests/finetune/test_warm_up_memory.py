@@ -16,6 +16,7 @@ from finetune.core.checkpoint import BEST, load_weights
 from finetune.core.errors import OutOfMemory
 from finetune.engine import epoch_steps
 from tests.conftest import make_image_folder
+from tests.finetune.test_train import needs_cuda
 from tests.finetune.test_distributed import TORCHRUN, _torchrun_fit
 from tests.finetune.test_train import cfg, data, run, tiny_model  # noqa: F401 (data: a fixture)
 
@@ -145,3 +146,42 @@ def test_sync_bn_that_trains_takes_no_smaller_passes_and_the_line_says_so(tmp_pa
                            "images (every process would have to take as many): start it over with --no-sync-bn, a "
                            "smaller --img-size or a smaller model (`"), said
     assert "--overwrite --no-sync-bn`" in said
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_a_gpu_a_batch_beyond_its_memory_trains_in_smaller_passes(tmp_path, monkeypatch):
+    """The real thing (``pytest -m gpu``; skipped without CUDA): the process may hold only what a pass of about 5
+    images needs (``set_per_process_memory_fraction``, measured on one image first), so the warm-up's pass of 16 runs
+    out in CUDA's caching allocator. After the fallback (the failed pass's blocks returned to the allocator) the run
+    trains in passes that fit under the same cap, and config.yaml records them."""
+    import timm
+
+    from tests.conftest import register_tiny
+    from tests.zoo.test_cli_memory import invoke
+
+    tiny, size = register_tiny(tmp_path, monkeypatch), 384
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    model = timm.create_model("test_resnet", num_classes=3).cuda()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model(torch.zeros(1, 3, size, size, device="cuda")).sum().backward()
+    one = torch.cuda.max_memory_allocated() - base       # a training pass of one image at this size
+    del model
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = torch.cuda.memory_allocated() + 5 * one + (64 << 20)
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        out = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", "--device", "cuda", "--freeze", "none",
+                     "--no-fast-head", "--epochs", "1", "--batch-size", "16", "--img-size", size, "--workers", "0",
+                     "--no-export")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert out.exit_code == 0, out.output
+    said = [ln for ln in out.output.splitlines() if ln.startswith("out of memory")]
+    assert len(said) == 1 and said[0].startswith("out of memory in a pass of 16 images: training in passes of "), said
+    micro = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["micro_batch"]
+    assert 1 <= micro < 16 and f"passes of {micro} " in said[0]
