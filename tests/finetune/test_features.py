@@ -797,6 +797,34 @@ def test_the_head_is_solved_on_the_cpu_unless_the_problem_is_large():
     assert solve_device(torch.device("cpu"), 10**12) == torch.device("cpu")
 
 
+def test_the_small_solves_run_on_one_thread_whatever_the_process_has(tmp_path, monkeypatch):
+    """The head's L-BFGS path (its validation and train loss too) and the mirror test run on one torch thread
+    (``threads.one_thread``), then the process's threads are back: their float sums no longer depend on the
+    thread count, so the same features give the same head in one process of 2 threads as under torchrun (1 a
+    process). Measured on the medium digits' real features: 2 threads and 1 solved heads 3e-5 apart in val loss
+    before (0.151562 / 0.151537), the same weights bit for bit now (docs/benchmarks.md, "The head's solve on one
+    thread"); a tiny test's sums are too small to split, so this checks the threads each solve ran on."""
+    import finetune.tools.features.handedness as handedness_module
+    import finetune.tools.features.head as head_module
+
+    seen: list[tuple[str, int]] = []
+    for module, name in ((head_module, "head"), (handedness_module, "mirror")):
+        real = module.lbfgs_minimise
+        monkeypatch.setattr(module, "lbfgs_minimise", lambda *a, _real=real, _name=name, **kw: (
+            seen.append((_name, torch.get_num_threads())), _real(*a, **kw))[1])
+    train, val = _halves(tmp_path / "d")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(_Halves(), [["features"]], DATA_CONFIG, train, val, _config(head_solver="lbfgs", epochs=2, freeze="none",
+                                                                         lr=1e-3), head="fc", run_dir=tmp_path / "run")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert {name for name, _ in seen} == {"head", "mirror"}
+    assert all(n == 1 for _, n in seen), seen
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_head_solved_where_the_features_are_is_the_cpu_solve(tmp_path, monkeypatch, device):
     """A large job's path, taken by a small one: SOLVE_ON_CPU_UP_TO 0 runs the L-BFGS solve on the training

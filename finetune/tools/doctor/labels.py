@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+from finetune.core.threads import one_thread
 from finetune.core.optim import lbfgs_minimise
 from finetune.core.progress import progress_bar
 
@@ -101,38 +102,35 @@ def out_of_fold_probs(z: np.ndarray, y: np.ndarray, n_classes: int, *, folds: in
     # a fold with no image, or all of them (fewer images than folds), has no probe to score it
     scored = [k for k in range(folds) if 0 < int((fold == k).sum()) < len(y)]
     used = np.full(folds, math.nan)
-    threads = torch.get_num_threads()
     # A small probe is thousands of tiny ops: one thread beats a team that mostly waits
     # (docs/benchmarks.md, "The doctor's label probe runs on one thread").
     small = x.numel() * n_classes < 20_000_000
-    if small:
-        torch.set_num_threads(1)
     choose = l2 is None and bool(scored)
     bar = progress_bar(len(scored) + int(choose), "label probe: L-BFGS fits", unit="fit", quiet=quiet)
-    try:
-        strengths: dict[int, float] = {}
-        starts: dict[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = {}
-        if choose:
-            held = {k: torch.from_numpy(fold == k) for k in scored[:2]}
-            if len(scored) > 2:   # one path fitted without the two folds whose losses choose: nested for both
-                losses, fits = _strength_path(x, yt, ~(held[scored[0]] | held[scored[1]]), held, n_classes, iters)
-                starts = dict.fromkeys(scored, fits)
-            else:                 # two folds: each path is fitted on the other fold, whose strength it chooses
-                runs = {k: _strength_path(x, yt, ~rows, {k: rows}, n_classes, iters) for k, rows in held.items()}
-                losses, starts = {k: run[0][k] for k, run in runs.items()}, {k: run[1] for k, run in runs.items()}
-            strengths = fold_strengths(losses, {k: int(rows.sum()) for k, rows in held.items()}, scored)
-            bar.update(1)
-        for k in scored:
-            test = torch.from_numpy(fold == k)
-            used[k] = strengths.get(k, l2)
-            # started from the path's fit at this strength, on most (or all) of this fold's training part
-            fit = _fit_probe(x[~test], yt[~test], n_classes, float(used[k]), iters,
-                             start=starts.get(k, {}).get(used[k]))
-            probs[test] = torch.softmax(x[test] @ fit[0] + fit[1], dim=1)
-            bar.update(1)
-    finally:
-        bar.close()
-        torch.set_num_threads(threads)
+    with one_thread(small):
+        try:
+            strengths: dict[int, float] = {}
+            starts: dict[int, dict[float, tuple[torch.Tensor, torch.Tensor]]] = {}
+            if choose:
+                held = {k: torch.from_numpy(fold == k) for k in scored[:2]}
+                if len(scored) > 2:   # one path fitted without the two folds whose losses choose: nested for both
+                    losses, fits = _strength_path(x, yt, ~(held[scored[0]] | held[scored[1]]), held, n_classes, iters)
+                    starts = dict.fromkeys(scored, fits)
+                else:                 # two folds: each path is fitted on the other fold, whose strength it chooses
+                    runs = {k: _strength_path(x, yt, ~rows, {k: rows}, n_classes, iters) for k, rows in held.items()}
+                    losses, starts = {k: run[0][k] for k, run in runs.items()}, {k: run[1] for k, run in runs.items()}
+                strengths = fold_strengths(losses, {k: int(rows.sum()) for k, rows in held.items()}, scored)
+                bar.update(1)
+            for k in scored:
+                test = torch.from_numpy(fold == k)
+                used[k] = strengths.get(k, l2)
+                # started from the path's fit at this strength, on most (or all) of this fold's training part
+                fit = _fit_probe(x[~test], yt[~test], n_classes, float(used[k]), iters,
+                                 start=starts.get(k, {}).get(used[k]))
+                probs[test] = torch.softmax(x[test] @ fit[0] + fit[1], dim=1)
+                bar.update(1)
+        finally:
+            bar.close()
     return probs.numpy().astype(np.float64), used
 
 

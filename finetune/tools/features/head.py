@@ -38,6 +38,7 @@ from finetune.core.metrics import accuracy_text
 from finetune.core.optim import lbfgs_iterations, lbfgs_minimise
 from finetune.core.progress import progress_bar
 from finetune.core.seeding import view_pick_seed, view_seed
+from finetune.core.threads import one_thread
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
 from finetune.tools.features.handedness import MAX_IMAGES as HANDEDNESS_MAX_IMAGES, MIN_PER_CLASS, handedness
@@ -50,10 +51,9 @@ _DEVICE_RESIDENT_BYTES = 4 << 30
 # strongest first, each warm-started from the last; the best on the validation split is kept.
 SOLVER_C = tuple(10.0 ** k for k in range(-2, 5))
 SOLVER_MAX_ITER = 500
-# A solve of at most this many (rows x features x classes) runs on the CPU whatever the device: L-BFGS's
-# line search looks at a number from the host dozens of times per iteration, which on a GPU costs more than
-# the arithmetic of a small problem (an H200: 1.8 s for a 63-image job's 7 solves; the CPU here: 0.4 s;
-# 2,000 x 2,048 x 100 on 2 cores: 1.3 s; docs/benchmarks.md, "The head's solve on the CPU").
+# A solve of at most this many (rows x features x classes) runs on the CPU, on one thread (threads.one_thread),
+# whatever the device: its line search reads a number on the host dozens of times an iteration, which a GPU answers
+# slowly (docs/benchmarks.md, "The head's solve on the CPU", "... on one thread").
 SOLVE_ON_CPU_UP_TO = 250_000_000
 Log = Callable[[str], None]
 
@@ -64,8 +64,7 @@ def mirror_view(config) -> bool:
 
 
 class _Targets(torch.utils.data.Dataset):
-    """Stands in for the training dataset when building its batch order (``data.train_batches``): same
-    length and ``targets`` (the balanced sampler's weights), no images."""
+    """The training dataset's length and ``targets`` (the balanced sampler's weights) for its batch order, no images."""
 
     def __init__(self, image_set) -> None:
         self.targets = [int(y) for _, y in image_set.items]
@@ -289,17 +288,18 @@ class CachedHeadSteps:
         ok = self.train_bank.valid
         feats = self.train_feats[:, ok.to(self.train_feats.device)].to(s.device).float()
         labels = self.train_bank.labels[ok].to(s.device)
-        c, l2, state, va, path = self._solve_path(feats.reshape(views * int(ok.sum()), -1), labels.repeat(views))
-        self.solver_path = path
         head = self.s.head_module
         x, y = feats[:views].reshape(views * int(ok.sum()), -1), labels.repeat(views)
-        with torch.no_grad():
-            head.weight.copy_(state[0])
-            if head.bias is not None:
-                head.bias.copy_(state[1])
-            logits = torch.nn.functional.linear(x, head.weight, head.bias)
-            loss = float(s.full_batch_loss(x.device)(logits, y))     # the objective solved
-            acc = float((logits.argmax(1) == y).float().mean())
+        with one_thread(int(x.numel()) * int(head.weight.shape[0]) <= SOLVE_ON_CPU_UP_TO):
+            c, l2, state, va, path = self._solve_path(x, y)
+            self.solver_path = path
+            with torch.no_grad():
+                head.weight.copy_(state[0])
+                if head.bias is not None:
+                    head.bias.copy_(state[1])
+                logits = torch.nn.functional.linear(x, head.weight, head.bias)
+                loss = float(s.full_batch_loss(x.device)(logits, y))     # the objective solved
+                acc = float((logits.argmax(1) == y).float().mean())
         picked = (f"C={c:g} (L2 {l2:.2g}) picked on the validation split: val acc {accuracy_text(va['acc'])}, "
                   f"loss {va['loss']:.4f}" if c is not None else f"L2 {l2:.2g} (--weight-decay; no validation split)")
         n = int(y.shape[0])
@@ -352,10 +352,9 @@ class CachedHeadSteps:
         return c, l2, state, va, [dict(p, chosen=p["C"] == c) for p in path]
 
     def _mirror_testable(self) -> bool:
-        """The mirror is judged when it matters and can be: a run that trains layers after the head (a
-        head-only run loses nothing to the mirrored views, even on digits: docs/peers.md), auto ``--hflip``,
-        a mirrored view in the bank, and at least ``handedness.MIN_PER_CLASS`` decoded training images per
-        class."""
+        """The mirror is judged when it matters and can be: a run that trains layers after the head (a head-only
+        run loses nothing to the mirrored views, even on digits: docs/peers.md), auto ``--hflip``, a mirrored view
+        in the bank, and at least ``handedness.MIN_PER_CLASS`` decoded training images per class."""
         s = self.s
         return (not s.head_only and float(s.config.hflip) < 0 and self.train_bank.views == 2
                 and mirror_view(s.config) and int(self.train_bank.valid.sum()) >= MIN_PER_CLASS * len(s.classes))
@@ -370,10 +369,11 @@ class CachedHeadSteps:
         if s.info.is_main:   # two L-BFGS fits of 2K classes, on the CPU when small (as the head's solve)
             plain, mirrored = self.train_feats[0, ok], self.train_feats[1, ok]
             rows = min(int(plain.shape[0]), HANDEDNESS_MAX_IMAGES)     # what the fits use of them
-            dev = solve_device(s.device, rows * int(plain[0].numel()) * 2 * len(s.classes))
-            verdict = handedness(plain.to(dev), mirrored.to(dev),
-                                 self.train_bank.labels[self.train_bank.valid].to(dev),
-                                 len(s.classes), seed=int(s.config.seed), quiet=bool(s.config.quiet)).to_dict()
+            dev = solve_device(s.device, size := rows * int(plain[0].numel()) * 2 * len(s.classes))
+            with one_thread(size <= SOLVE_ON_CPU_UP_TO):     # (as the head's solve: the same on any thread count)
+                verdict = handedness(plain.to(dev), mirrored.to(dev),
+                                     self.train_bank.labels[self.train_bank.valid].to(dev),
+                                     len(s.classes), seed=int(s.config.seed), quiet=bool(s.config.quiet)).to_dict()
         verdict = ddp.broadcast_object(verdict, s.info)
         handed = verdict.pop("handed")
         self.mirror = {"dropped": handed, **verdict}
