@@ -17,11 +17,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import math
 import os
 import sys
 
-from finetune.core.host import affinity_cpus, cpu_quota
+from finetune.core.host import affinity_cpus, cpu_quota, usable_cpus
 
 __all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
            "launcher_rank", "under_torchrun"]
@@ -75,10 +74,9 @@ def threads_within_quota() -> int | None:
     the one the kernel throttled: set OMP_NUM_THREADS to the quota's CPUs, as ``docker run --cpus N`` users are
     told to do by hand. Left as it is when the process already chose (OMP_NUM_THREADS set: torchrun sets 1 for
     several processes), and once torch is imported (its thread pool read the variable). Returns the count set."""
-    quota = cpu_quota()
-    if quota is None or "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
+    if cpu_quota() is None or "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:
         return None
-    cpus = max(1, math.ceil(quota))      # (usable_cpus' count where it is below the affinity's cores)
+    cpus = usable_cpus()     # (the quota rounded up, and at most the affinity's cores: the one rule)
     if cpus >= affinity_cpus():
         return None
     os.environ["OMP_NUM_THREADS"] = str(cpus)
