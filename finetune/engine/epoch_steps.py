@@ -134,7 +134,7 @@ class LoaderSteps:
                      f"{'validating' if first[1] else 'training'} in passes of {micro} (--micro-batch {micro}: "
                      "the same steps)")
             if self.folder is not None:
-                self.folder.passes_made_smaller(micro)
+                self.folder.record_passes(micro)
 
     def _warmed(self, phase: str) -> tuple[int, bool, str] | None:
         """One warm-up of the training pass, then the validation pass; None when both fitted, else the images of

@@ -197,20 +197,40 @@ class RunFolder:
                               "run_dir that is a folder or does not exist yet") from None
         if not resume:
             save_config(config, self.path / "config.yaml")
+        elif int(config.micro_batch):      # passes given to the resume (``resume_passes``): the next one keeps them
+            self.record_passes(int(config.micro_batch))
         self._write_manifest(config, train_set, val_set, device, info, resume)
         if config.tensorboard:
             self.tensorboard = TensorBoardLogger(self.path)
 
-    def passes_made_smaller(self, micro: int) -> None:
-        """config.yaml records ``--micro-batch micro``, the passes a warm-up that ran out of device memory settled
-        on (``LoaderSteps``), where a resume reads the run's options: it does not run out of memory first. Only
-        that option changes (a resume's own flags, e.g. ``--workers``, stay its own); last.pt records it with the
-        run's config from the next epoch on."""
+    def resume_passes(self, config: FinetuneConfig) -> FinetuneConfig:
+        """The passes a resume of this run takes, one rule for ``fit(..., resume=True)`` and `zoo finetune --resume`
+        (which hands fit config.yaml's options and the flags given): ``config``'s ``micro_batch`` when it gives one
+        (> 0; :meth:`start` records it in config.yaml, so the next resume without one keeps it), else (0) those
+        config.yaml records: a warm-up's that ran out of device memory (:meth:`record_passes`), an earlier resume's,
+        the run's own. The passes change no step (same batches, same maths), only the memory a forward pass takes:
+        they belong to the run on its machine, as the options config.yaml records do, not to one process. Whole
+        batches again after passes were recorded: ``micro_batch`` of the batch size. A config.yaml missing or
+        unreadable records none (the checkpoint check says what is wrong with the folder)."""
+        if int(config.micro_batch) or self.path is None:
+            return config
+        try:
+            recorded = int(load_resume_config(self.path / "config.yaml")[0].micro_batch)
+        except ConfigError:
+            return config
+        return config.replace(micro_batch=recorded) if recorded else config
+
+    def record_passes(self, micro: int) -> None:
+        """config.yaml records ``--micro-batch micro``, where a resume reads the run's options
+        (:meth:`resume_passes`): the passes a warm-up that ran out of device memory settled on (``LoaderSteps``),
+        or those given to a resume. Only that option changes (a resume's other flags, e.g. ``--workers``, stay its
+        own); last.pt records it with the run's config from the next epoch on."""
         if not self.writes:
             return
         path = self.path / "config.yaml"
         saved, _ = load_resume_config(path)
-        save_config(saved.replace(micro_batch=int(micro)), path)
+        if int(saved.micro_batch) != int(micro):
+            save_config(saved.replace(micro_batch=int(micro)), path)
 
     def _write_manifest(self, config, train_set, val_set, device, info, resume: bool) -> None:
         path = self.path / "manifest.json"

@@ -36,7 +36,8 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         head: module name of the classifier.
         run_dir: the run folder (config.yaml, manifest.json, metrics.csv, curves.png, checkpoints/,
             summary.json); None trains without writing anything (and cannot be resumed).
-        resume: continue from ``run_dir/checkpoints/last.pt``.
+        resume: continue from ``run_dir/checkpoints/last.pt``; with ``config.micro_batch`` 0, in the passes
+            run_dir/config.yaml records, a given one is recorded there (``RunFolder.resume_passes``).
         log: receives one-line messages (the CLI passes a stderr printer); only called on rank 0.
         callbacks: each is called with the history row after its epoch has been checkpointed; raising
             KeyboardInterrupt there stops the run like Ctrl-C.
@@ -52,6 +53,8 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     """
     if resume and run_dir is None:
         raise ConfigError("resume needs the run folder: pass run_dir")
+    if resume:      # (before the set-up: its checks and the cached head's feature passes take these passes)
+        config = RunFolder(run_dir).resume_passes(config)
     setup = build_setup(model, stages, data_config, train_set, val_set, config, head=head,
                         reset_head=reset_head, log=log)
     main_log = log if setup.info.is_main else None

@@ -185,3 +185,40 @@ def test_on_a_gpu_a_batch_beyond_its_memory_trains_in_smaller_passes(tmp_path, m
     assert len(said) == 1 and said[0].startswith("out of memory in a pass of 16 images: training in passes of "), said
     micro = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["micro_batch"]
     assert 1 <= micro < 16 and f"passes of {micro} " in said[0]
+
+
+def test_a_resume_through_the_api_trains_in_the_passes_the_warm_up_settled_on(data, tmp_path, warms_up):  # noqa: F811
+    """helper-119: config.yaml recorded the warm-up's passes for the CLI's resume only; ``fit(..., resume=True)``
+    with the run's own config (micro_batch 0) ran out of memory once more and fell back again (a second line).
+    The library's resume takes the recorded passes (``RunFolder.resume_passes``): no line, no pass above 4."""
+    from finetune.core.errors import Interrupted
+
+    config, said = cfg(epochs=3, freeze="none", batch_size=9), []
+    stop = [lambda row: (_ for _ in ()).throw(KeyboardInterrupt()) if row["epoch"] == 1 else None]
+    with pytest.raises(Interrupted):
+        run(data, config, model=memory_of(tiny_model(), 4), run_dir=tmp_path / "run", log=said.append, callbacks=stop)
+    assert [ln for ln in said if "out of memory" in ln] == [
+        "out of memory in a pass of 9 images: training in passes of 4 (--micro-batch 4: the same steps)"]
+    said.clear()
+    model = memory_of(tiny_model(), 4)
+    run(data, config, model=model, run_dir=tmp_path / "run", resume=True, log=said.append)
+    assert not [ln for ln in said if "out of memory" in ln], said
+    assert max(n for _, n in model.passes) <= 4
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2", "3"]
+
+
+def test_a_resume_given_passes_records_them_for_the_next_resume(data, tmp_path):  # noqa: F811
+    """helper-119: passes given to a resume (``micro_batch`` 3) are recorded in config.yaml, as the warm-up's are:
+    the next resume given none (0) takes them (they change no step: the run's maths are the same either way)."""
+    from finetune.core.errors import Interrupted
+
+    config = cfg(epochs=3, freeze="none", batch_size=9)
+    stop = [lambda row: (_ for _ in ()).throw(KeyboardInterrupt()) if row["epoch"] in (1, 2) else None]
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=tmp_path / "run", callbacks=stop)
+    with pytest.raises(Interrupted):
+        run(data, config.replace(micro_batch=3), run_dir=tmp_path / "run", resume=True, callbacks=stop)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["micro_batch"] == 3
+    model = memory_of(tiny_model(), 1000)
+    run(data, config, model=model, run_dir=tmp_path / "run", resume=True)
+    assert max(n for _, n in model.passes) == 3

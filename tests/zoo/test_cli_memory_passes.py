@@ -65,3 +65,37 @@ def test_a_resume_trains_in_the_passes_the_warm_up_settled_on(tmp_path, monkeypa
     for a, b in zip(_rows(run), _rows(tmp_path / "given"), strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
+
+
+def test_a_resume_s_micro_batch_is_kept_by_the_next_resume(tmp_path, monkeypatch):
+    """helper-119: `--resume RUN --micro-batch 3` was not written to config.yaml: the next `--resume RUN` (the line an
+    interruption prints) went back to passes of 8. It is recorded, as the warm-up's passes are (no step changes)."""
+    import zoo.jobs.resume
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    built = []
+    real = zoo.jobs.resume.build_for_training
+    monkeypatch.setattr(zoo.jobs.resume, "build_for_training",
+                        lambda *a, **k: built.append(memory_of(real(*a, **k), 1000)) or built[-1])
+    run, real_epoch = tmp_path / "run", Trainer._run_epoch
+
+    def interrupted_after(epoch: int):
+        def run_epoch(self, *args):
+            if self.epoch == epoch:
+                raise KeyboardInterrupt
+            return real_epoch(self, *args)
+        return run_epoch
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_run_epoch", interrupted_after(1))
+        assert invoke("finetune", tiny, "--data", data, "--out", run, *OPTIONS).exit_code == 130
+        m.setattr(Trainer, "_run_epoch", interrupted_after(2))
+        given = invoke("finetune", "--resume", run, "--workers", "0", "--micro-batch", "3")
+    assert given.exit_code == 130, given.output
+    assert max(n for _, n in built[-1].passes) == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["micro_batch"] == 3
+    again = invoke("finetune", "--resume", run, "--workers", "0")
+    assert again.exit_code == 0, again.output
+    assert max(n for _, n in built[-1].passes) == 3
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2", "3"]
