@@ -1,7 +1,7 @@
 """The run a run folder records, as a command to paste: the start-over of the folder (``--overwrite``) and the
-new runs named after it, filled from its own files (model.json's model and starting weights, scan.json's data
-folder, config.yaml's options), placeholders (MODEL, DIR) only where a record is missing or damaged. The one
-reader of those records for every line that names such a command (finetune, its resume, export)."""
+new runs named after it, filled from its own files (model.json's model, starting weights and FC dropout,
+scan.json's data folder, config.yaml's options), placeholders (MODEL, DIR) only where a record is missing or
+damaged. The one reader of those records for every line that names such a command (finetune, its resume, export)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +18,8 @@ __all__ = ["Recorded", "recorded_run", "best_trial_command", "start_over_command
 class Recorded:
     """What a run folder records of the command that started it: ``model`` and ``data`` (MODEL, DIR where not
     recorded), ``config`` (RUN/config.yaml when it reads as a ``--config`` file, else None) and ``flags``, the
-    options outside config.yaml that it records (``--no-pretrained``, ``--no-export``, ``--exclude``)."""
+    options outside config.yaml that it records (``--no-pretrained``, ``--fc-dropout``, ``--no-export``,
+    ``--exclude``)."""
     model: str
     data: str
     config: Path | None
@@ -30,12 +31,21 @@ def recorded_run(run_dir: str | Path) -> Recorded:
     run = Path(run_dir)
     info, scan = read_json_object(run / "model.json"), read_json_object(run / "scan.json")
     model, root = info.get("model"), scan.get("root")
-    flags = [*(("--no-pretrained",) if info.get("pretrained") is False else ()),
+    flags = [*(("--no-pretrained",) if info.get("pretrained") is False else ()), *_fc_dropout(info),
              *(("--no-export",) if info.get("export") is False else ()),
              *(("--exclude", run / "exclude.txt") if (run / "exclude.txt").is_file() else ())]
     return Recorded(model=model if isinstance(model, str) and model.strip() else "MODEL",
                     data=root if isinstance(root, str) and root else "DIR",
                     config=_config(run / "config.yaml"), flags=tuple(flags))
+
+
+def _fc_dropout(info: dict) -> tuple[str, ...]:
+    """``--fc-dropout P`` for the P model.json's ``builder_kwargs`` records: ``drop_rate``, which zoo records only
+    for a model with VGG's FC-4096 dropout (the value the run used, given or the default), exactly (``repr``)."""
+    kwargs = info.get("builder_kwargs")
+    p = kwargs.get("drop_rate") if isinstance(kwargs, dict) else None
+    ok = isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1     # (what --fc-dropout takes)
+    return ("--fc-dropout", repr(float(p))) if ok else ()
 
 
 def best_trial_command(sweep: str | Path) -> str:
