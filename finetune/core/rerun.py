@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune.core.config import read_config_file
 from finetune.core.errors import ConfigError
@@ -31,7 +32,9 @@ def recorded_run(run_dir: str | Path) -> Recorded:
     run = Path(run_dir)
     info, scan = read_json_object(run / "model.json"), read_json_object(run / "scan.json")
     model, root = info.get("model"), scan.get("root")
-    flags = [*(("--no-pretrained",) if info.get("pretrained") is False else ()), *_fc_dropout(info),
+    kwargs = info.get("builder_kwargs")      # (drop_rate: recorded only for a model with VGG's FC dropout)
+    flags = [*(("--no-pretrained",) if info.get("pretrained") is False else ()),
+             *_fc_dropout(kwargs.get("drop_rate") if isinstance(kwargs, dict) else None),
              *(("--no-export",) if info.get("export") is False else ()),
              *(("--exclude", run / "exclude.txt") if (run / "exclude.txt").is_file() else ())]
     return Recorded(model=model if isinstance(model, str) and model.strip() else "MODEL",
@@ -39,18 +42,17 @@ def recorded_run(run_dir: str | Path) -> Recorded:
                     config=_config(run / "config.yaml"), flags=tuple(flags))
 
 
-def _fc_dropout(info: dict) -> tuple[str, ...]:
-    """``--fc-dropout P`` for the P model.json's ``builder_kwargs`` records: ``drop_rate``, which zoo records only
-    for a model with VGG's FC-4096 dropout (the value the run used, given or the default), exactly (``repr``)."""
-    kwargs = info.get("builder_kwargs")
-    p = kwargs.get("drop_rate") if isinstance(kwargs, dict) else None
-    ok = isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1     # (what --fc-dropout takes)
+def _fc_dropout(p: Any) -> tuple[str, ...]:
+    """``--fc-dropout P`` for the FC dropout a record holds (model.json's ``builder_kwargs.drop_rate``: the value
+    the run used, given or the default; sweep.json's ``identity.fc_dropout``: the one given, None for none), exact
+    (``repr``); nothing for a value the flag does not take."""
+    ok = isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1
     return ("--fc-dropout", repr(float(p))) if ok else ()
 
 
 def best_trial_command(sweep: str | Path) -> str:
     """The new run with the options of the best trial of the ``zoo sweep`` in ``sweep`` (``--config
-    SWEEP/best_config.yaml``), of the model and starting weights its sweep.json records (``--no-pretrained``);
+    SWEEP/best_config.yaml``), of the model, starting weights and FC dropout its sweep.json records;
     the data folder is not recorded there (DIR)."""
     fixed = read_json_object(Path(sweep) / "sweep.json").get("fixed")
     who = fixed.get("identity") if isinstance(fixed, dict) else None
@@ -58,6 +60,7 @@ def best_trial_command(sweep: str | Path) -> str:
     model = who.get("model")
     return new_run_command("--config", Path(sweep) / "best_config.yaml",
                            *(("--no-pretrained",) if who.get("pretrained") is False else ()),
+                           *_fc_dropout(who.get("fc_dropout")),
                            model=model if isinstance(model, str) and model.strip() else "MODEL")
 
 

@@ -55,3 +55,21 @@ def test_a_run_without_fc_dropout_given_records_and_names_the_one_it_used(tmp_pa
     res = invoke("finetune", "--resume", run)
     assert res.exit_code == 1 and res.stderr.strip().endswith(
         f"`{_start_over(run, tiny, data, '--fc-dropout', '0.5', '--no-export')}`"), res.output
+
+
+def test_the_lines_after_a_sweep_given_fc_dropout_name_it(tmp_path, monkeypatch):
+    """The sweep's `next:` line and the best trial's new run (``rerun.best_trial_command``, said of a kept trial)
+    left --fc-dropout out, though sweep.json records it: the new run trained with the original 0.5."""
+    import shlex
+
+    from finetune.core.rerun import best_trial_command
+    from tests.conftest import make_image_folder
+
+    tiny, _ = _with_fc_dropout(tmp_path, monkeypatch)
+    data, out = make_image_folder(tmp_path / "data", per_class=6), tmp_path / "sweep"
+    res = invoke("sweep", tiny, "--data", data, "--out", out, "--lr", "1e-3", "--epochs", "1", "--fc-dropout", "0.3",
+                 "--freeze", "head", "--batch-size", "8", "--workers", "0", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    (nxt,) = [ln for ln in res.output.splitlines() if ln.startswith("next: ")]
+    assert shlex.split(nxt)[-2:] == ["--fc-dropout", "0.3"], nxt
+    assert shlex.split(best_trial_command(out))[-2:] == ["--fc-dropout", "0.3"]

@@ -163,10 +163,12 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         ctx.exit(1)
     echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
          f"table: {out_dir / 'results.csv'}")
-    random_init = [] if pretrained else ["--no-pretrained"]   # the sweep's trials started from random weights
+    # the trials' model: random weights, another FC dropout (as lr-find's next line says them)
+    model_flags = ([] if pretrained else ["--no-pretrained"]) + (["--fc-dropout", f"{fc_dropout:g}"]
+                                                                 if fc_dropout is not None else [])
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
     echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
-                                  "--epochs", max(30, config.epochs), *random_init))
+                                  "--epochs", max(30, config.epochs), *model_flags))
 
 
 def _length(config: FinetuneConfig) -> str:
