@@ -224,11 +224,15 @@ class RunFolder:
         """config.yaml records ``--micro-batch micro``, where a resume reads the run's options
         (:meth:`resume_passes`): the passes a warm-up that ran out of device memory settled on (``LoaderSteps``),
         or those given to a resume. Only that option changes (a resume's other flags, e.g. ``--workers``, stay its
-        own); last.pt records it with the run's config from the next epoch on."""
+        own); last.pt records it with the run's config from the next epoch on. A config.yaml gone or damaged
+        (edited, a resume through the API needs none) stays as it is: the run goes on in these passes."""
         if not self.writes:
             return
         path = self.path / "config.yaml"
-        saved, _ = load_resume_config(path)
+        try:
+            saved, _ = load_resume_config(path)
+        except ConfigError:
+            return
         if int(saved.micro_batch) != int(micro):
             save_config(saved.replace(micro_batch=int(micro)), path)
 

@@ -222,3 +222,17 @@ def test_a_resume_given_passes_records_them_for_the_next_resume(data, tmp_path):
     model = memory_of(tiny_model(), 1000)
     run(data, config, model=model, run_dir=tmp_path / "run", resume=True)
     assert max(n for _, n in model.passes) == 3
+
+
+def test_a_resume_given_passes_goes_on_without_a_config_yaml(data, tmp_path):  # noqa: F811
+    """A resume through the API needs no config.yaml (the checkpoint holds the run's options): one gone is not
+    recorded into, and the resume given passes goes on (before helper-119's recording: the same)."""
+    from finetune.core.errors import Interrupted
+
+    config = cfg(epochs=2, freeze="none", batch_size=9)
+    stop = [lambda row: (_ for _ in ()).throw(KeyboardInterrupt()) if row["epoch"] == 1 else None]
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=tmp_path / "run", callbacks=stop)
+    (tmp_path / "run" / "config.yaml").unlink()
+    run(data, config.replace(micro_batch=3), run_dir=tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2"]
