@@ -314,6 +314,30 @@ def test_every_guide_page_is_in_the_index():
         assert page.read_text(encoding="utf-8").startswith("# "), f"{page.name}: starts with its title"
 
 
+# Where the guide lists what each command writes into its --out: (page, the text that opens the list, the text
+# that closes it). zoo.outdir.KINDS holds what each command writes (what --overwrite replaces); a file a command
+# gains must be named on its page too (the run folder's table had lost report.html and exclude.txt).
+OUTPUT_LISTS = {
+    "finetune": ("finetune.md", "A run folder holds:", "Accuracies are printed"),
+    "eval": ("export-predict.md", "`zoo eval` writes", "(the\nmost confidently wrong images"),
+    "lr-find": ("tuning.md", "Output:", "`next:`"),
+    "sweep": ("tuning.md", "`OUT/results.csv`", "under `OUT/trials`"),
+    "doctor": ("data.md", "It only reads the", "into `--out`"),
+}
+
+
+def test_the_guide_names_every_file_a_command_writes():
+    from zoo.outdir import KINDS
+
+    for kind, (page, start, end) in OUTPUT_LISTS.items():
+        text = (GUIDE / page).read_text(encoding="utf-8")
+        begin = text.index(start)
+        listed = text[begin:text.index(end, begin) + len(end)]
+        named = {part for name in re.findall(r"`([^`\s]+)`", listed) for part in name.split("/") if part}
+        missing = sorted(set(KINDS[kind].files) - named)
+        assert not missing, f"docs/guide/{page} does not name {missing}, which zoo {kind} writes into its --out"
+
+
 @pytest.mark.parametrize("step", ZOO_STEPS, ids=lambda s: s.id)
 def test_command_parses(step, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
