@@ -6,7 +6,8 @@ every page in the order the guide's index links them; a page the index does not 
 What is extracted: each ``zoo ...`` invocation in the pages' ```bash blocks (also ``VAR=1 zoo ...``,
 ``"$(zoo ...)"``, ``python -m zoo ...`` and ``torchrun ... -m zoo ...``), and every ```python block.
 
-Three checks:
+Three checks (and a fourth, ``test_help_examples_parse``: check 1 for each Examples line of every ``zoo ... --help``;
+``test_the_guide_names_every_file_a_command_writes`` keeps the guide's lists of output files in step with the code):
 1. ``test_command_parses``: each command line goes through the real click command tree (group options,
    subcommand resolution, ``make_context`` with resilient_parsing=False, no invocation), so an option
    that does not exist, a bad choice or a missing argument fails. Paths that click requires to exist are
@@ -347,6 +348,29 @@ def test_command_parses(step, tmp_path, monkeypatch):
     cmd, ctx = parse_command(step.argv, create_placeholders=True)
     if ctx is not None:
         assert not isinstance(cmd, click.Group), f"{step.text}: names a group, not a command"
+
+
+def _help_examples() -> list[Step]:
+    """The zoo commands of every ``zoo [COMMAND...] --help`` Examples block (the first docs a user meets)."""
+    def walk(group: click.Group, path: tuple[str, ...]):
+        yield path
+        for name, cmd in group.commands.items():
+            yield from walk(cmd, path + (name,)) if isinstance(cmd, click.Group) else [path + (name,)]
+
+    steps = []
+    for path in walk(cli, ()):
+        text = CliRunner().invoke(cli, [*path, "--help"], terminal_width=200).output
+        block = text.split("Examples:", 1)[1].split("\nOptions:", 1)[0] if "Examples:" in text else ""
+        where = " ".join(("zoo", *path, "--help"))
+        steps += [s for line in block.splitlines() for s in zoo_invocations(line.strip(), 0, where)]
+    return steps
+
+
+@pytest.mark.parametrize("step", [s for s in _help_examples() if s.argv], ids=lambda s: f"{s.page}: {' '.join(s.argv)}")
+def test_help_examples_parse(step, tmp_path, monkeypatch):
+    """Each example line of a command's --help goes through the real command tree, as the docs' commands do."""
+    monkeypatch.chdir(tmp_path)
+    parse_command(step.argv, create_placeholders=True)
 
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s.kind == "python"], ids=lambda s: s.id)
