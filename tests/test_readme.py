@@ -6,7 +6,8 @@ every page in the order the guide's index links them; a page the index does not 
 What is extracted: each ``zoo ...`` invocation in the pages' ```bash blocks (also ``VAR=1 zoo ...``,
 ``"$(zoo ...)"``, ``python -m zoo ...`` and ``torchrun ... -m zoo ...``), and every ```python block.
 
-Three checks:
+Three checks (and a fourth, ``test_help_examples_parse``: check 1 for each Examples line of every ``zoo ... --help``;
+``test_the_guide_names_every_file_a_command_writes`` keeps the guide's lists of output files in step with the code):
 1. ``test_command_parses``: each command line goes through the real click command tree (group options,
    subcommand resolution, ``make_context`` with resilient_parsing=False, no invocation), so an option
    that does not exist, a bad choice or a missing argument fails. Paths that click requires to exist are
@@ -314,6 +315,30 @@ def test_every_guide_page_is_in_the_index():
         assert page.read_text(encoding="utf-8").startswith("# "), f"{page.name}: starts with its title"
 
 
+# Where the guide lists what each command writes into its --out: (page, the text that opens the list, the text
+# that closes it). zoo.outdir.KINDS holds what each command writes (what --overwrite replaces); a file a command
+# gains must be named on its page too (the run folder's table had lost report.html and exclude.txt).
+OUTPUT_LISTS = {
+    "finetune": ("finetune.md", "A run folder holds:", "Accuracies are printed"),
+    "eval": ("export-predict.md", "`zoo eval` writes", "(the\nmost confidently wrong images"),
+    "lr-find": ("tuning.md", "Output:", "`next:`"),
+    "sweep": ("tuning.md", "`OUT/results.csv`", "under `OUT/trials`"),
+    "doctor": ("data.md", "It only reads the", "into `--out`"),
+}
+
+
+def test_the_guide_names_every_file_a_command_writes():
+    from zoo.outdir import KINDS
+
+    for kind, (page, start, end) in OUTPUT_LISTS.items():
+        text = (GUIDE / page).read_text(encoding="utf-8")
+        begin = text.index(start)
+        listed = text[begin:text.index(end, begin) + len(end)]
+        named = {part for name in re.findall(r"`([^`\s]+)`", listed) for part in name.split("/") if part}
+        missing = sorted(set(KINDS[kind].files) - named)
+        assert not missing, f"docs/guide/{page} does not name {missing}, which zoo {kind} writes into its --out"
+
+
 @pytest.mark.parametrize("step", ZOO_STEPS, ids=lambda s: s.id)
 def test_command_parses(step, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -323,6 +348,29 @@ def test_command_parses(step, tmp_path, monkeypatch):
     cmd, ctx = parse_command(step.argv, create_placeholders=True)
     if ctx is not None:
         assert not isinstance(cmd, click.Group), f"{step.text}: names a group, not a command"
+
+
+def _help_examples() -> list[Step]:
+    """The zoo commands of every ``zoo [COMMAND...] --help`` Examples block (the first docs a user meets)."""
+    def walk(group: click.Group, path: tuple[str, ...]):
+        yield path
+        for name, cmd in group.commands.items():
+            yield from walk(cmd, path + (name,)) if isinstance(cmd, click.Group) else [path + (name,)]
+
+    steps = []
+    for path in walk(cli, ()):
+        text = CliRunner().invoke(cli, [*path, "--help"], terminal_width=200).output
+        block = text.split("Examples:", 1)[1].split("\nOptions:", 1)[0] if "Examples:" in text else ""
+        where = " ".join(("zoo", *path, "--help"))
+        steps += [s for line in block.splitlines() for s in zoo_invocations(line.strip(), 0, where)]
+    return steps
+
+
+@pytest.mark.parametrize("step", [s for s in _help_examples() if s.argv], ids=lambda s: f"{s.page}: {' '.join(s.argv)}")
+def test_help_examples_parse(step, tmp_path, monkeypatch):
+    """Each example line of a command's --help goes through the real command tree, as the docs' commands do."""
+    monkeypatch.chdir(tmp_path)
+    parse_command(step.argv, create_placeholders=True)
 
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s.kind == "python"], ids=lambda s: s.id)

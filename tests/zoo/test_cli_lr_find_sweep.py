@@ -259,6 +259,16 @@ def test_sweep_bad_specs_are_usage_errors(tiny_zoo, tmp_path):
     assert r.exit_code == 2 and "--resume needs --out" in r.output
 
 
+
+def test_sweep_refuses_one_fold_before_reading_anything(tiny_zoo, tmp_path, monkeypatch):
+    """User-guide audit: --folds 1 was refused (exit 2) only after the data scan and the model build, below a
+    `sweep: N training run(s) ... into OUT` line for a folder it never made; now before the scan, as --lr is."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", str(tiny_zoo), "--folds", "1", *COMMON])
+    assert r.exit_code == 2 and "--folds 1: cross-validation needs at least 2 folds" in r.stderr
+    assert "data:" not in r.stderr and "sweep:" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
+
 def test_help_has_examples_and_defaults():
     for cmd in ("lr-find", "sweep"):
         r = CliRunner().invoke(cli, [cmd, "--help"])

@@ -75,10 +75,11 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
       zoo finetune resnet50 --data ./photos --config sw1/best_config.yaml --epochs 30
     """
     # lazy: zoo --help must not import torch, nor load these modules
-    from finetune.tools.sweep import parse_choices, parse_values
+    from finetune.tools.sweep import check_folds, parse_choices, parse_values
 
     if resume and not out:
         raise UsageError("--resume needs --out: the folder of the sweep to continue")
+    check_folds(folds)      # before the scan and the model build, as the grid's values
     lrs = parse_values(lr_spec, "lr")
     wds = parse_values(wd_spec, "weight-decay", allow_zero=True) if wd_spec is not None else None
     freezes = parse_choices(freeze_spec, "freeze") if freeze_spec is not None else None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from finetune.tools.sweep.results import SweepResult, TrialResult
 from finetune.tools.sweep.run import finished_trials, sweep
-from finetune.tools.sweep.space import SWEPT_FIELDS, SweepSpace, kfold_splits, parse_choices, parse_values, trial_config
+from finetune.tools.sweep.space import (SWEPT_FIELDS, SweepSpace, check_folds, kfold_splits, parse_choices,
+                                         parse_values, trial_config)
 
 __all__ = ["finished_trials", "parse_values", "parse_choices", "SweepSpace", "TrialResult", "SweepResult",
-           "kfold_splits", "trial_config", "sweep", "SWEPT_FIELDS"]
+           "kfold_splits", "check_folds", "trial_config", "sweep", "SWEPT_FIELDS"]

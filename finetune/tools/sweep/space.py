@@ -127,6 +127,13 @@ def trial_config(config: FinetuneConfig, params: dict[str, Any]) -> FinetuneConf
 # ----------------------------------------------------------------------------------------------------
 # folds
 # ----------------------------------------------------------------------------------------------------
+def check_folds(k: int, single: bool = True) -> None:
+    """ConfigError unless ``k`` is 2 or more folds, or 0 (the single train/val split) where ``single``: what
+    ``zoo sweep`` checks of --folds before it reads the data, and :func:`kfold_splits` before it deals them."""
+    if int(k) < 2 and not (single and int(k) == 0):
+        raise ConfigError(f"--folds {k}: cross-validation needs at least 2 folds (0: the single train/val split)")
+
+
 def kfold_splits(train_set: ImageSet, val_set: ImageSet | None, k: int, seed: int = 0
                  ) -> list[tuple[ImageSet, ImageSet]]:
     """Stratified k folds over train + val: each class is shuffled (seeded) and dealt round-robin, so
@@ -135,8 +142,7 @@ def kfold_splits(train_set: ImageSet, val_set: ImageSet | None, k: int, seed: in
     Raises:
         ConfigError: k < 2. DataError: a class has fewer than k images (it could not be in every fold).
     """
-    if int(k) < 2:
-        raise ConfigError(f"--folds {k}: cross-validation needs at least 2 folds (0: the single train/val split)")
+    check_folds(k, single=False)
     classes = list(train_set.classes)
     items = list(train_set.items) + (list(val_set.items) if val_set is not None else [])
     by_class: dict[int, list[tuple[str, int]]] = {}
