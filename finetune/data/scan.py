@@ -179,7 +179,8 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
 
     n_good = sum(len(ps) for split in good.values() for ps in split.values())
     if n_good == 0:
-        found = f" ({len(bad)} unreadable files)" if bad else ""
+        # (audit: "(6 unreadable files)" of a folder of a phone's HEIC photos said neither which nor why)
+        found = f" ({len(bad)} files cannot be used, e.g. {_first_reason(bad, root_s)})" if bad else ""
         if stray:   # the commonest mistake: images straight in DIR, no class folders
             found += f" ({len(stray)} files directly in the folder are not in class folders)"
         raise DataError(f"no images found in {printable_name(root_s)}{found}; expected DIR/<class>/*.jpg or "
@@ -209,6 +210,11 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
     if len(classes) < 2:
         what = f"only 1 class ({printable_name(classes[0])})" if classes else "no class folders with images"
         hint = f"; {len(stray)} files directly in the folder were ignored" if stray else ""
+        if empty:       # (audit: a class folder of HEIC photos was not named: "needs at least 2 class folders")
+            inside = [(p, r) for p, r in bad if relative_path(p, train_dir).split("/")[0] in empty]
+            hint += (f"; class folder(s) {name_list(empty)} hold no usable images"
+                     + (f" ({len(inside)} file{'s' * (len(inside) > 1)} skipped, e.g. {_first_reason(inside, root_s)})"
+                        if inside else ""))
         inner = _subfolders(os.path.join(root_s, classes[0])) if classes and train_dir == root_s else []
         if len(inner) >= 2:     # a zip's top folder (photos.zip -> DIR/photos/<class>/): one level too high
             hint += (f"; its folders {name_list(inner)} look like the classes: pass "
@@ -236,6 +242,12 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
                     f"{printable_name(relative_path(files[0][0], root_s))} ({files[0][1]}); all are listed in "
                     "bad_files.txt")
     return classes
+
+
+def _first_reason(bad: list[tuple[str, str]], root_s: str) -> str:
+    """``REL (reason)`` of the first of the unusable files ``bad`` by path (relative to ``root_s``)."""
+    path, reason = min(bad)
+    return f"{printable_name(relative_path(path, root_s))} ({reason})"
 
 
 def _subfolders(folder: str) -> list[str]:

@@ -1385,3 +1385,24 @@ def test_a_reorganised_folder_counts_only_the_excluded_file_not_its_newline_twin
         (data / cls).rmdir()
     with pytest.raises(DataError, match=r"train/ holds 1 image\(s\) the run left out"):
         scan_folder(data, split_file=tmp_path / "run" / "split.json", left_out=["cat/a\\nb.png"])
+
+
+def test_class_folders_of_phone_photos_are_named_when_too_few_classes_are_left(tmp_path):
+    """Dataset-shapes audit (helper-120): a class folder of a phone's HEIC photos beside one of JPEGs failed with
+    "found only 1 class (cat) ... needs at least 2 class folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg", and a
+    folder of HEIC photos alone with "no images found in DIR (6 unreadable files)": the user's dog/ was there,
+    and nothing said why it did not count. Both now name the folders and the first file's reason."""
+    root = make_image_folder(tmp_path / "d", classes=("cat",), per_class=3, size=16)
+    (root / "dog").mkdir()
+    (root / "dog" / "IMG_1.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 32)
+    (root / "fox").mkdir()
+    with pytest.raises(DataError, match=r"only 1 class \(cat\) in [^;]*; class folder\(s\) dog, fox hold no usable "
+                                        r"images \(1 file skipped, e.g. dog/IMG_1.HEIC \(not an image file type "
+                                        r"\(.heic\)\)\); a classifier needs"):
+        scan_folder(root)
+    shutil.rmtree(root / "cat")
+    (root / "cat").mkdir()
+    (root / "cat" / "IMG_2.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 32)
+    with pytest.raises(DataError, match=r"no images found in [^;]* \(2 files cannot be used, e.g. cat/IMG_2.heic "
+                                        r"\(not an image file type \(.heic\)\)\); expected"):
+        scan_folder(root)
