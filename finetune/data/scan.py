@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from finetune.data.files import (IMAGE_EXTENSIONS, check_files, class_key, collect_classes, is_ignored, is_dir,
-                                  list_classes, refuse_zoo_output, UNLISTED_FOLDER)
+from finetune.data.files import (IMAGE_EXTENSIONS, case_twin, check_files, class_key, collect_classes, is_ignored,
+                                  is_dir, list_classes, refuse_zoo_output, UNLISTED_FOLDER)
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
@@ -204,9 +204,13 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
             continue
         orphans = [c for c, ps in good[name].items() if ps and c not in classes]
         if orphans:
-            raise DataError(f"class(es) {name_list(orphans)} in {name}/ have no training images in "
-                            f"{printable_name(relative_path(train_dir, root_s) if train_dir != root_s else root_s)}; "
-                            f"add train/<class>/ images or remove them from {name}/")
+            train_name = printable_name(relative_path(train_dir, root_s) if train_dir != root_s else root_s)
+            twins = [(o, t) for o in orphans if (t := case_twin(o, classes)) is not None]
+            case = (f" ({name}/{printable_name(twins[0][0])} is {train_name}/{printable_name(twins[0][1])} in another "
+                    f"case{f', and {len(twins) - 1} more' if len(twins) > 1 else ''}: class names are case-sensitive; "
+                    "rename one to match)" if twins else "")
+            raise DataError(f"class(es) {name_list(orphans)} in {name}/ have no training images in {train_name}"
+                            f"{case}; add train/<class>/ images or remove them from {name}/")
     if len(classes) < 2:
         what = f"only 1 class ({printable_name(classes[0])})" if classes else "no class folders with images"
         hint = f"; {len(stray)} files directly in the folder were ignored" if stray else ""

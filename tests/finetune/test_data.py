@@ -1406,3 +1406,15 @@ def test_class_folders_of_phone_photos_are_named_when_too_few_classes_are_left(t
     with pytest.raises(DataError, match=r"no images found in [^;]* \(2 files cannot be used, e.g. cat/IMG_2.heic "
                                         r"\(not an image file type \(.heic\)\)\); expected"):
         scan_folder(root)
+
+
+def test_a_val_class_named_in_another_case_than_its_training_folder_is_named_with_it(tmp_path):
+    """Dataset-shapes audit (helper-120): train/Cat/ beside val/cat/ (one made on macOS, one on Linux) failed
+    with "class(es) cat in val/ have no training images in train", naming no cause; the training folder it
+    differs from in case alone is named. Two names still (Linux folders, torchvision's ImageFolder)."""
+    make_image_folder(tmp_path / "d" / "train", classes=("Cat", "dog"), per_class=2, size=16)
+    make_image_folder(tmp_path / "d" / "val", classes=("cat", "dog", "Eel"), per_class=1, size=16)
+    with pytest.raises(DataError, match=r"class\(es\) Eel, cat in val/ have no training images in train \(val/cat is "
+                                        r"train/Cat in another case: class names are case-sensitive; rename one to "
+                                        r"match\); add train"):
+        scan_folder(tmp_path / "d")
