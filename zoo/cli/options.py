@@ -20,7 +20,7 @@ from click.core import ParameterSource
 
 from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file
 from finetune.core.errors import FreezeTooDeepError
-from finetune.core.io import broken_link
+from finetune.core.io import broken_link, unexpanded_home
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
@@ -44,6 +44,10 @@ class Folder(click.Path):
         link = broken_link(os.fspath(value)) if isinstance(value, (str, os.PathLike)) and value else None
         if link is not None:
             self.fail(f"{link}: point the link at the {self.what}, or give the folder itself", param, ctx)
+        home = unexpanded_home(value) if isinstance(value, (str, os.PathLike)) and value else None
+        if home is not None:        # (audit: `--data "~/photos"` said ".../~/photos does not exist")
+            self.fail(f"{value} begins with ~, which the shell expands only when it is not quoted: give {home} (or "
+                      "leave the ~ unquoted)", param, ctx)
         return super().convert(value, param, ctx)
 
 
