@@ -57,7 +57,23 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
         found = name_list(f"{d}/" for d in sorted(subdirs))
         raise DataError(f"{printable_name(root)} holds {found} but no train/ folder: put the training images in "
                         "DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
+    _refuse_split_among_classes(root, sorted(subdirs))
     return root, None, None
+
+
+def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
+    """DataError when a folder of the flat layout ``root`` is named as a split and holds a folder named as one of
+    the classes beside it (``DIR/test/cat/`` beside ``DIR/cat/``): it would be trained as a class "test" of cats
+    and dogs (audit). A class of that name whose folders are no classes (``valid/`` beside ``invalid/``) stays."""
+    roles = {"train": "training", "test": "test", **{name: "validation" for name in VAL_NAMES}}
+    for split in (d for d in subdirs if d.lower() in roles):
+        keys = {class_key(d) for d in subdirs if d != split}
+        inner = _subfolders(os.path.join(root, split))
+        if any(class_key(d) in keys for d in inner):
+            raise DataError(f"{printable_name(root)} holds class folders {name_list(d for d in subdirs if d != split)} "
+                            f"and {printable_name(split)}/, whose folders {name_list(inner)} are classes too: move the "
+                            f"class folders into DIR/train/ for {printable_name(split)}/ to be read as the "
+                            f"{roles[split.lower()]} images, or move it out of DIR")
 
 
 def held_out_folder(root: str | os.PathLike) -> str | None:

@@ -94,6 +94,21 @@ def test_split_folders_without_train_are_refused_not_read_as_classes(tmp_path, f
         scan_folder(tmp_path / "d")
 
 
+@pytest.mark.parametrize("split", ["test", "Val", "train"])
+def test_a_split_folder_of_the_same_classes_beside_class_folders_is_refused_not_trained_as_a_class(tmp_path, split):
+    """Dataset-shapes audit (helper-120): DIR/cat/, DIR/dog/ and a held-out DIR/test/cat/, DIR/test/dog/ beside
+    them trained three classes, "test" among them, its images (cats and dogs) learnt as one class and cut
+    from the test set. A folder named as a split holding a sub-folder named as a class beside it is refused;
+    a class of that name whose sub-folders are no classes (``valid/`` beside ``invalid/``) stays a class."""
+    root = make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=3, size=16)
+    make_image_folder(root / split, classes=("dog", "eel"), per_class=1, size=16)
+    with pytest.raises(DataError, match=rf"holds class folders cat, dog and {split}/, whose folders dog, eel are "
+                                        rf"classes too: move the class folders into DIR/train/ for {split}/ to"):
+        scan_folder(root)
+    shutil.rmtree(root / split / "dog")
+    assert scan_folder(root).classes == sorted(["cat", "dog", split])
+
+
 def test_classes_of_a_single_image_are_one_note_however_many():
     """A note per single-image class printed 1,000 warning lines for 1,000 such classes: one line names how
     many and the first 5; one such class keeps its own sentence."""
