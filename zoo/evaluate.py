@@ -290,8 +290,9 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
     if n <= 40:
         names, families = plot_labels([x if len(x) <= _TICK_CHARS else x[:_TICK_CHARS - 3] + "..."
                                        for x in map(str, labels)])
-        ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families)
-        ax.set_yticks(range(n), names, fontsize=8, fontfamily=families)
+        # parse_math off: a class `$5 to $10` is text, not math (audit: `$\frac$` was a ParseSyntaxException)
+        ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families, parse_math=False)
+        ax.set_yticks(range(n), names, fontsize=8, fontfamily=families, parse_math=False)
     if n <= 20:
         thresh = cm.max() / 2 if cm.size else 0
         for i in range(n):
