@@ -235,10 +235,12 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
             hint += (f"; class folder(s) {name_list(empty)} hold no usable images"
                      + (f" ({len(inside)} file{'s' * (len(inside) > 1)} skipped, e.g. {_first_reason(inside, root_s)})"
                         if inside else ""))
-        inner = _subfolders(os.path.join(root_s, classes[0])) if classes and train_dir == root_s else []
+        inner = _subfolders(os.path.join(train_dir, classes[0])) if classes else []
         if len(inner) >= 2:     # a zip's top folder (photos.zip -> DIR/photos/<class>/): one level too high
-            hint += (f"; its folders {name_list(inner)} look like the classes: pass "
-                     f"{printable_name(os.path.join(root_s, classes[0]))} as the data folder")
+            top = printable_name(os.path.join(train_dir, classes[0]))
+            hint += (f"; its folders {name_list(inner)} look like the classes: " + (
+                f"pass {top} as the data folder" if train_dir == root_s else    # (audit: DIR/train/photos/<class>/)
+                f"move them up into {printable_name(train_dir)}/ (and those of the other split folders alike)"))
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:

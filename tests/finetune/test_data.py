@@ -1199,6 +1199,12 @@ def test_a_zip_top_folder_is_named_as_the_data_folder_to_pass(tmp_path):
         scan_folder(tmp_path / "d")
     assert "\n" not in str(err.value)
     assert scan_folder(tmp_path / "d" / "photos").classes == ["cat", "dog"]
+    # (audit, helper-120: DIR/train/photos/<class>/ and DIR/val/photos/<class>/ had no hint)
+    make_image_folder(tmp_path / "s" / "train" / "photos", classes=("cat", "dog"), per_class=2, size=16)
+    make_image_folder(tmp_path / "s" / "val" / "photos", classes=("cat", "dog"), per_class=1, size=16)
+    with pytest.raises(DataError, match=r"only 1 class \(photos\) .*; its folders cat, dog look like the classes: "
+                                        r"move them up into .*s/train/ \(and those of the other split folders"):
+        scan_folder(tmp_path / "s")
     make_image(tmp_path / "one" / "cat" / "0.png", 0)        # a single class folder of images: no such hint
     with pytest.raises(DataError, match=r"only 1 class \(cat\) in [^;]*; a classifier needs"):
         scan_folder(tmp_path / "one")
