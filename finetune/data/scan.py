@@ -12,6 +12,7 @@ split.json, bad_files.txt) paths are relative to the data root, with ``/`` separ
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -61,19 +62,45 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
     return root, None, None
 
 
+# the first word of a folder name that reads as a split (``Training/``, ``test_set/``), and the split it reads as
+_SPLIT_WORDS = {**dict.fromkeys(("train", "training", "trn"), "train"),
+                **dict.fromkeys(("val", "valid", "validation", "dev"), "val"),
+                **dict.fromkeys(("test", "testing", "eval", "evaluation", "holdout"), "test")}
+_ORDER = ("train", "val", "test")
+
+
 def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
-    """DataError when a folder of the flat layout ``root`` is named as a split and holds a folder named as one of
-    the classes beside it (``DIR/test/cat/`` beside ``DIR/cat/``): it would be trained as a class "test" of cats
-    and dogs (audit). A class of that name whose folders are no classes (``valid/`` beside ``invalid/``) stays."""
-    roles = {"train": "training", "test": "test", **{name: "validation" for name in VAL_NAMES}}
-    for split in (d for d in subdirs if d.lower() in roles):
-        keys = {class_key(d) for d in subdirs if d != split}
-        inner = _subfolders(os.path.join(root, split))
-        if any(class_key(d) in keys for d in inner):
-            raise DataError(f"{printable_name(root)} holds class folders {name_list(d for d in subdirs if d != split)} "
-                            f"and {printable_name(split)}/, whose folders {name_list(inner)} are classes too: move the "
-                            f"class folders into DIR/train/ for {printable_name(split)}/ to be read as the "
-                            f"{roles[split.lower()]} images, or move it out of DIR")
+    """DataError when folders of the flat layout ``root`` read as splits, not classes (audit: each trained as a
+    class of cats and dogs): one named as a split (``test/``, ``Testing/``, ``test_set/``) that holds a folder
+    named as a class beside it (``DIR/test/cat/`` beside ``DIR/cat/``), or two named as different splits that
+    hold folders of one name (``Training/cat/`` and ``Testing/cat/``; also one level down, as Kaggle's
+    ``training_set/training_set/cat/``). A class so named whose folders are no classes stays a class."""
+    splits = {d: _SPLIT_WORDS.get(next((w for w in re.split(r"[^a-z]+", d.lower()) if w), "")) for d in subdirs}
+    inner = {d: _class_level(root, d) for d, split in splits.items() if split}
+    keys = {class_key(d): d for d, split in splits.items() if not split}
+    layout = "lay the folders out as DIR/train/<class>/ and DIR/val/<class>/ (DIR/test/<class>/ optional)"
+    for d, (where, names) in inner.items():
+        if any(class_key(n) in keys for n in names):
+            raise DataError(f"{printable_name(root)} holds class folders {name_list(keys.values())} and "
+                            f"{printable_name(where)}/, whose folders {name_list(names)} are classes too, so it "
+                            f"looks like {splits[d]} images, not a class: {layout}, or move it out of DIR")
+        for e, (where_e, names_e) in inner.items():
+            shared = sorted({class_key(n) for n in names} & {class_key(n) for n in names_e})
+            if _ORDER.index(splits[d]) < _ORDER.index(splits[e]) and shared:
+                raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and "
+                                f"{printable_name(where_e)}/, whose folders {name_list(shared)} are the same classes, "
+                                f"so they look like {splits[d]} and {splits[e]} images, not two classes: {layout}")
+
+
+def _class_level(root: str, folder: str) -> tuple[str, list[str]]:
+    """(``folder``, its folders), or of the folder below it while it holds one folder alone (at most 2 down)."""
+    names = _subfolders(os.path.join(root, folder))
+    for _ in range(2):
+        if len(names) != 1:
+            break
+        folder = f"{folder}/{names[0]}"
+        names = _subfolders(os.path.join(root, folder))
+    return folder, names
 
 
 def held_out_folder(root: str | os.PathLike) -> str | None:

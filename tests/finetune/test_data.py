@@ -94,7 +94,7 @@ def test_split_folders_without_train_are_refused_not_read_as_classes(tmp_path, f
         scan_folder(tmp_path / "d")
 
 
-@pytest.mark.parametrize("split", ["test", "Val", "train"])
+@pytest.mark.parametrize("split", ["test", "Val", "train", "Testing", "validation_set"])
 def test_a_split_folder_of_the_same_classes_beside_class_folders_is_refused_not_trained_as_a_class(tmp_path, split):
     """Dataset-shapes audit (helper-120): DIR/cat/, DIR/dog/ and a held-out DIR/test/cat/, DIR/test/dog/ beside
     them trained three classes, "test" among them, its images (cats and dogs) learnt as one class and cut
@@ -102,11 +102,32 @@ def test_a_split_folder_of_the_same_classes_beside_class_folders_is_refused_not_
     a class of that name whose sub-folders are no classes (``valid/`` beside ``invalid/``) stays a class."""
     root = make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=3, size=16)
     make_image_folder(root / split, classes=("dog", "eel"), per_class=1, size=16)
+    role = {"test": "test", "Val": "val", "train": "train", "Testing": "test", "validation_set": "val"}[split]
     with pytest.raises(DataError, match=rf"holds class folders cat, dog and {split}/, whose folders dog, eel are "
-                                        rf"classes too: move the class folders into DIR/train/ for {split}/ to"):
+                                        rf"classes too, so it looks like {role} images, not a class: lay the folders "
+                                        r"out as DIR/train/<class>/ and DIR/val/<class>/"):
         scan_folder(root)
     shutil.rmtree(root / split / "dog")
     assert scan_folder(root).classes == sorted(["cat", "dog", split])
+
+
+@pytest.mark.parametrize("folders", [("Training", "Testing"), ("train", "validation_set"),
+                                     ("training_set/training_set", "test_set/test_set")])
+def test_folders_named_as_two_splits_of_the_same_classes_are_refused_not_trained_as_two_classes(tmp_path, folders):
+    """Dataset-shapes audit (helper-120): Training/<class>/ + Testing/<class>/ (a common download's layout; Kaggle's
+    cats and dogs one level deeper, training_set/training_set/<class>/) trained a classifier of "Testing" against
+    "Training". Two folders named as different splits that hold folders of one name are refused; classes so
+    named whose folders differ (dates, sources) stay classes."""
+    first, second = folders
+    make_image_folder(tmp_path / "d" / first, classes=("cats", "dogs"), per_class=2, size=16)
+    make_image_folder(tmp_path / "d" / second, classes=("cats", "dogs"), per_class=1, size=16)
+    with pytest.raises(DataError, match=rf"holds {first}/ and {second}/, whose folders cats, dogs are the same "
+                                        r"classes, so they look like train and (val|test) images, not two classes"):
+        scan_folder(tmp_path / "d")
+    make_image_folder(tmp_path / "e" / "valley", classes=("2019", "2020"), per_class=2, size=16)
+    make_image_folder(tmp_path / "e" / "testing", classes=("2019", "2020"), per_class=2, size=16)
+    make_image_folder(tmp_path / "e" / "test_a", classes=("2019", "2020"), per_class=2, size=16)
+    assert scan_folder(tmp_path / "e").classes == ["test_a", "testing", "valley"]      # one split word, or none
 
 
 def test_classes_of_a_single_image_are_one_note_however_many():
