@@ -289,6 +289,20 @@ def test_a_folder_to_read_beginning_with_a_quoted_tilde_names_the_folder_meant(t
     assert "begins with ~" not in res.output
 
 
+def test_an_archive_or_a_file_given_for_a_folder_says_what_to_give(tiny, data, tmp_path):
+    """Dataset-shapes audit (helper-120): `--data photos.zip` (the download, not yet extracted) was click's
+    "Directory 'photos.zip' is a file.", which names no way on; any file given for a folder likewise."""
+    archive = tmp_path / "photos.tar.gz"
+    archive.write_bytes(b"\x1f\x8b" + b"\x00" * 30)
+    for command in (("finetune", tiny, "--data", archive, *TRAIN), ("doctor", archive),
+                    ("eval", tiny, "--data", archive)):
+        res = invoke(*command)
+        assert res.exit_code == 2 and (f"{archive} is a .tar.gz archive, not a folder: extract it, then give the image "
+                                       "folder it holds") in res.output, res.output
+    res = invoke("export", data / "a" / "a_000.png")
+    assert res.exit_code == 2 and "a_000.png is a file, not a folder: give the run folder" in res.output, res.output
+
+
 def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):
     """QA (helper-64): `zoo finetune --out RUN --overwrite` removed RUN/export and RUN/checkpoints whole, with
     the user's files in them (notes beside the bundle, a `zoo eval --out RUN/export/holdout` report), though

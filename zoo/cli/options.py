@@ -30,6 +30,9 @@ __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default",
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
+_ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".7z", ".rar")
+
+
 class Folder(click.Path):
     """``click.Path(file_okay=False, ...)`` for a folder to read (``--data``, ``zoo doctor DIR``, a run or bundle
     folder) that names a symbolic link which loops or leads nowhere for what it is, with the way on (click said
@@ -44,6 +47,12 @@ class Folder(click.Path):
         link = broken_link(os.fspath(value)) if isinstance(value, (str, os.PathLike)) and value else None
         if link is not None:
             self.fail(f"{link}: point the link at the {self.what}, or give the folder itself", param, ctx)
+        if isinstance(value, (str, os.PathLike)) and value and os.path.isfile(value):
+            # (audit: `--data photos.zip` was click's "Directory 'photos.zip' is a file.", no way on)
+            name = os.fspath(value).lower()
+            kind = next((k for k in _ARCHIVES if name.endswith(k)), None)
+            self.fail(f"{value} is a {kind} archive, not a folder: extract it, then give the {self.what} it holds"
+                      if kind else f"{value} is a file, not a folder: give the {self.what}", param, ctx)
         home = unexpanded_home(value) if isinstance(value, (str, os.PathLike)) and value else None
         if home is not None:        # (audit: `--data "~/photos"` said ".../~/photos does not exist")
             self.fail(f"{value} begins with ~, which the shell expands only when it is not quoted: give {home} (or "
