@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -264,6 +265,42 @@ def test_a_tilde_name_no_shell_expands_is_taken_as_the_folder_name(tmp_path, mon
         if os.path.expanduser(out.parts[0]) != out.parts[0]:      # (a user root: most systems)
             with pytest.raises(UsageError, match="which the shell expands only when it is not quoted"):
                 refuse_unexpanded_home(out)
+
+
+def test_a_folder_to_read_beginning_with_a_quoted_tilde_names_the_folder_meant(tiny, data, tmp_path, monkeypatch):
+    """Dataset-shapes audit (helper-120): `--data "~/photos"` (quoted: the shell expands no ~) was "data folder
+    CWD/~/photos does not exist" (eval, doctor: click's "Directory '~/photos' does not exist"; predict: "no such
+    image or folder"), where --out names the folder meant. Every folder to read (zoo.cli.options.Folder) and
+    predict's images now name it too; a folder named ~ that is here is read as it is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shutil.copytree(data, tmp_path / "home" / "photos")
+    meant = tmp_path / "home" / "photos"
+    for command in (("finetune", tiny, "--data", "~/photos", *TRAIN), ("doctor", "~/photos"),
+                    ("eval", tiny, "--data", "~/photos")):
+        res = invoke(*command)
+        assert res.exit_code == 2, res.output
+        assert f"~/photos begins with ~, which the shell expands only when it is not quoted: give {meant}" in res.output
+    res = invoke("predict", tiny, "~/photos")
+    assert res.exit_code == 2 and error_line(res).endswith(
+        f"no such image or folder: ~/photos (the ~ is expanded by the shell only when it is not quoted: give {meant})")
+    shutil.copytree(data, tmp_path / "~" / "photos")         # a folder named ~ made before: read as it is
+    res = invoke("doctor", "~/photos", "--model", tiny, "--device", "cpu")
+    assert "begins with ~" not in res.output
+
+
+def test_an_archive_or_a_file_given_for_a_folder_says_what_to_give(tiny, data, tmp_path):
+    """Dataset-shapes audit (helper-120): `--data photos.zip` (the download, not yet extracted) was click's
+    "Directory 'photos.zip' is a file.", which names no way on; any file given for a folder likewise."""
+    archive = tmp_path / "photos.tar.gz"
+    archive.write_bytes(b"\x1f\x8b" + b"\x00" * 30)
+    for command in (("finetune", tiny, "--data", archive, *TRAIN), ("doctor", archive),
+                    ("eval", tiny, "--data", archive)):
+        res = invoke(*command)
+        assert res.exit_code == 2 and (f"{archive} is a .tar.gz archive, not a folder: extract it, then give the image "
+                                       "folder it holds") in res.output, res.output
+    res = invoke("export", data / "a" / "a_000.png")
+    assert res.exit_code == 2 and "a_000.png is a file, not a folder: give the run folder" in res.output, res.output
 
 
 def test_overwrite_keeps_the_users_files_inside_the_runs_export_and_checkpoints_folders(tmp_path):

@@ -20,7 +20,7 @@ from matplotlib.ft2font import FT2Font
 
 from finetune.core.confusion import confusion_csv_text, precision_recall
 from finetune.core.io import atomic_write, atomic_write_text, csv_text, printable, printable_name, write_json
-from finetune.data.files import IMAGE_EXTENSIONS, class_key, image_files, list_classes, refuse_zoo_output
+from finetune.data.files import IMAGE_EXTENSIONS, case_twin, class_key, image_files, list_classes, refuse_zoo_output
 from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, predict_probs
@@ -117,7 +117,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                          f"is one: put the held-out images in {base}/<class>/"
                          + (f", or give --data {val} to score the validation images" if val else ""))
     if len(ignored) == len(folders):
-        shown = ", ".join(ignored[:5]) or "none"
+        shown = folder_names(ignored[:5], labels) or "none"
         if split == "." and split_folder(root, ("train",)):     # a split folder whose held-out part is missing
             raise UsageError(f"--data {root} has train/ but no test/ or val/ to evaluate on; put held-out images "
                              f"in {root / 'test'}/<class>/, or give --data {root / 'train'} to score the training "
@@ -131,6 +131,14 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     if not items:
         raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return split, items, ignored
+
+
+def folder_names(folders: Sequence[str], labels: Sequence[str]) -> str:
+    """``A (the model's a, in another case), d``: class folders that are none of ``labels``, each named in another
+    case than a label with it (:func:`~finetune.data.files.case_twin`; audit: its images were left out, its
+    twin scored on none, and nothing said why)."""
+    return ", ".join(printable(f) + (f" (the model's {printable(t)}, in another case)"
+                                     if (t := case_twin(f, labels)) is not None else "") for f in folders)
 
 
 def seen_in_training(folder: str | os.PathLike, data_folders: Mapping[str, Any] | None) -> str | None:
@@ -282,8 +290,9 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
     if n <= 40:
         names, families = plot_labels([x if len(x) <= _TICK_CHARS else x[:_TICK_CHARS - 3] + "..."
                                        for x in map(str, labels)])
-        ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families)
-        ax.set_yticks(range(n), names, fontsize=8, fontfamily=families)
+        # parse_math off: a class `$5 to $10` is text, not math (audit: `$\frac$` was a ParseSyntaxException)
+        ax.set_xticks(range(n), names, rotation=90, fontsize=8, fontfamily=families, parse_math=False)
+        ax.set_yticks(range(n), names, fontsize=8, fontfamily=families, parse_math=False)
     if n <= 20:
         thresh = cm.max() / 2 if cm.size else 0
         for i in range(n):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.core.io import (OUTPUT_MARKER, broken_link, read_json_object, resume_command,
+from finetune.core.io import (OUTPUT_MARKER, broken_link, read_json_object, resume_command, unexpanded_home,
                               shell_command, write_json)
 from finetune.core.rerun import best_trial_command
 from finetune.core.tempfiles import folder_now, is_temp, is_temp_of, temp_target, writer_running
@@ -226,9 +226,9 @@ def refuse_unexpanded_home(path: Path, option: str = "--out") -> None:
     obvious way to remove it again, removes the home folder (QA). Such a folder made before is used as it is.
     Every ``--out`` (``zoo lock``'s and ``zoo demo``'s too) is checked by it. A ``~name`` no shell expands (no
     user ``name``: ``--out ./~draft``, ``~draft`` unquoted) is the folder name it reads, and taken (review)."""
-    home = os.path.expanduser(path.parts[0]) if path.parts and path.parts[0].startswith("~") else None
-    if home is not None and home != path.parts[0] and not os.path.lexists(path.parts[0]):
-        instead = f"write {Path(home, *path.parts[1:])} (or leave the ~ unquoted)"
+    home = unexpanded_home(path)
+    if home is not None:
+        instead = f"write {home} (or leave the ~ unquoted)"
         raise UsageError(f"{option} {path} begins with {path.parts[0]}, which the shell expands only when it is not "
                          f"quoted, so zoo would make a folder named {path.parts[0]} here: {instead}")
 

@@ -23,7 +23,7 @@ from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
 
-from finetune.core.io import broken_link
+from finetune.core.io import broken_link, unexpanded_home
 from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, upright_rgb
@@ -191,7 +191,9 @@ def expand_images(inputs: Iterable[str | os.PathLike], unlisted: list[tuple[str,
             url = re.sub(r":/+", "://", str(item), count=1)
             raise UsageError(f"{url} is a URL: zoo reads local files; download the image first")
         else:
-            raise UsageError(f"no such image or folder: {item}")
+            home = unexpanded_home(item)      # (audit: a quoted "~/photos" was "no such image or folder")
+            raise UsageError(f"no such image or folder: {item}" + (f" (the ~ is expanded by the shell only when it "
+                                                                   f"is not quoted: give {home})" if home else ""))
     return out, any_dir
 
 

@@ -213,6 +213,14 @@ UNLISTED_FOLDER = "folder cannot be read"
 OUTPUT_MARKER = ".zoo-run.json"
 
 
+def unexpanded_home(path: str | Path) -> Path | None:
+    """``path`` with its leading ``~`` (``~`` or ``~user``) expanded, when the shell left it as it is (quoted:
+    ``--data "~/photos"``) and nothing of that name is here; None otherwise (``~draft``: no user of that name)."""
+    parts = Path(path).parts
+    home = os.path.expanduser(parts[0]) if parts and parts[0].startswith("~") else None
+    return None if home in (None, parts[0]) or os.path.lexists(parts[0]) else Path(home, *parts[1:])
+
+
 def broken_link(path: str | Path) -> str | None:
     """Why ``path`` cannot be created or read, when it is or lies below a symbolic link to nothing (``mkdir`` says
     "File exists"): ``"LINK is a symbolic link to TARGET, which does not exist (...)"``, or one that loops

@@ -308,6 +308,15 @@ def class_key(name: str) -> str:
     return name_key(name).strip()
 
 
+def case_twin(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that ``name`` differs from in letter case alone (``cat`` of ``Cat``), or None: class
+    names are case-sensitive (two classes on Linux, as torchvision's ImageFolder reads them), so a val/ class
+    or a folder given to ``zoo eval`` named in another case than its training folder is another class; the
+    messages that leave it out name its twin (dataset-shapes audit: they said "no training images")."""
+    folded = class_key(name).casefold()
+    return next((n for n in names if class_key(n) != class_key(name) and class_key(n).casefold() == folded), None)
+
+
 def path_key(path: str) -> str:
     """What makes two paths the same path: each of their names by :func:`class_key` (the class folder ``cat `` is
     the class ``cat``, and its files the same files). A split file and an exclude list match files by it."""

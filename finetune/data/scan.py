@@ -12,11 +12,12 @@ split.json, bad_files.txt) paths are relative to the data root, with ``/`` separ
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from finetune.data.files import (IMAGE_EXTENSIONS, check_files, class_key, collect_classes, is_ignored, is_dir,
-                                  list_classes, refuse_zoo_output, UNLISTED_FOLDER)
+from finetune.data.files import (IMAGE_EXTENSIONS, case_twin, check_files, class_key, collect_classes, is_ignored,
+                                  is_dir, list_classes, refuse_zoo_output, UNLISTED_FOLDER)
 from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
 from finetune.data.splits import apply_split_file, stratified_split, write_bad_files, write_scan
 from finetune.core.errors import ConfigError, DataError
@@ -57,7 +58,49 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
         found = name_list(f"{d}/" for d in sorted(subdirs))
         raise DataError(f"{printable_name(root)} holds {found} but no train/ folder: put the training images in "
                         "DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
+    _refuse_split_among_classes(root, sorted(subdirs))
     return root, None, None
+
+
+# the first word of a folder name that reads as a split (``Training/``, ``test_set/``), and the split it reads as
+_SPLIT_WORDS = {**dict.fromkeys(("train", "training", "trn"), "train"),
+                **dict.fromkeys(("val", "valid", "validation", "dev"), "val"),
+                **dict.fromkeys(("test", "testing", "eval", "evaluation", "holdout"), "test")}
+_ORDER = ("train", "val", "test")
+
+
+def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
+    """DataError when folders of the flat layout ``root`` read as splits, not classes (audit: each trained as a
+    class of cats and dogs): one named as a split (``test/``, ``Testing/``, ``test_set/``) that holds a folder
+    named as a class beside it (``DIR/test/cat/`` beside ``DIR/cat/``), or two named as different splits that
+    hold folders of one name (``Training/cat/`` and ``Testing/cat/``; also one level down, as Kaggle's
+    ``training_set/training_set/cat/``). A class so named whose folders are no classes stays a class."""
+    splits = {d: _SPLIT_WORDS.get(next((w for w in re.split(r"[^a-z]+", d.lower()) if w), "")) for d in subdirs}
+    inner = {d: _class_level(root, d) for d, split in splits.items() if split}
+    keys = {class_key(d): d for d, split in splits.items() if not split}
+    layout = "lay the folders out as DIR/train/<class>/ and DIR/val/<class>/ (DIR/test/<class>/ optional)"
+    for d, (where, names) in inner.items():
+        if any(class_key(n) in keys for n in names):
+            raise DataError(f"{printable_name(root)} holds class folders {name_list(keys.values())} and "
+                            f"{printable_name(where)}/, whose folders {name_list(names)} are classes too, so it "
+                            f"looks like {splits[d]} images, not a class: {layout}, or move it out of DIR")
+        for e, (where_e, names_e) in inner.items():
+            shared = sorted({class_key(n) for n in names} & {class_key(n) for n in names_e})
+            if _ORDER.index(splits[d]) < _ORDER.index(splits[e]) and shared:
+                raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and "
+                                f"{printable_name(where_e)}/, whose folders {name_list(shared)} are the same classes, "
+                                f"so they look like {splits[d]} and {splits[e]} images, not two classes: {layout}")
+
+
+def _class_level(root: str, folder: str) -> tuple[str, list[str]]:
+    """(``folder``, its folders), or of the folder below it while it holds one folder alone (at most 2 down)."""
+    names = _subfolders(os.path.join(root, folder))
+    for _ in range(2):
+        if len(names) != 1:
+            break
+        folder = f"{folder}/{names[0]}"
+        names = _subfolders(os.path.join(root, folder))
+    return folder, names
 
 
 def held_out_folder(root: str | os.PathLike) -> str | None:
@@ -179,7 +222,8 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
 
     n_good = sum(len(ps) for split in good.values() for ps in split.values())
     if n_good == 0:
-        found = f" ({len(bad)} unreadable files)" if bad else ""
+        # (audit: "(6 unreadable files)" of a folder of a phone's HEIC photos said neither which nor why)
+        found = f" ({len(bad)} files cannot be used, e.g. {_first_reason(bad, root_s)})" if bad else ""
         if stray:   # the commonest mistake: images straight in DIR, no class folders
             found += f" ({len(stray)} files directly in the folder are not in class folders)"
         raise DataError(f"no images found in {printable_name(root_s)}{found}; expected DIR/<class>/*.jpg or "
@@ -203,16 +247,27 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
             continue
         orphans = [c for c, ps in good[name].items() if ps and c not in classes]
         if orphans:
-            raise DataError(f"class(es) {name_list(orphans)} in {name}/ have no training images in "
-                            f"{printable_name(relative_path(train_dir, root_s) if train_dir != root_s else root_s)}; "
-                            f"add train/<class>/ images or remove them from {name}/")
+            train_name = printable_name(relative_path(train_dir, root_s) if train_dir != root_s else root_s)
+            twins = [(o, t) for o in orphans if (t := case_twin(o, classes)) is not None]
+            case = (f" ({name}/{printable_name(twins[0][0])} is {train_name}/{printable_name(twins[0][1])} in another "
+                    f"case{f', and {len(twins) - 1} more' if len(twins) > 1 else ''}: class names are case-sensitive; "
+                    "rename one to match)" if twins else "")
+            raise DataError(f"class(es) {name_list(orphans)} in {name}/ have no training images in {train_name}"
+                            f"{case}; add train/<class>/ images or remove them from {name}/")
     if len(classes) < 2:
         what = f"only 1 class ({printable_name(classes[0])})" if classes else "no class folders with images"
         hint = f"; {len(stray)} files directly in the folder were ignored" if stray else ""
-        inner = _subfolders(os.path.join(root_s, classes[0])) if classes and train_dir == root_s else []
+        if empty:       # (audit: a class folder of HEIC photos was not named: "needs at least 2 class folders")
+            inside = [(p, r) for p, r in bad if relative_path(p, train_dir).split("/")[0] in empty]
+            hint += (f"; class folder(s) {name_list(empty)} hold no usable images"
+                     + (f" ({len(inside)} file{'s' * (len(inside) > 1)} skipped, e.g. {_first_reason(inside, root_s)})"
+                        if inside else ""))
+        inner = _subfolders(os.path.join(train_dir, classes[0])) if classes else []
         if len(inner) >= 2:     # a zip's top folder (photos.zip -> DIR/photos/<class>/): one level too high
-            hint += (f"; its folders {name_list(inner)} look like the classes: pass "
-                     f"{printable_name(os.path.join(root_s, classes[0]))} as the data folder")
+            top = printable_name(os.path.join(train_dir, classes[0]))
+            hint += (f"; its folders {name_list(inner)} look like the classes: " + (
+                f"pass {top} as the data folder" if train_dir == root_s else    # (audit: DIR/train/photos/<class>/)
+                f"move them up into {printable_name(train_dir)}/ (and those of the other split folders alike)"))
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if empty:
@@ -236,6 +291,12 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
                     f"{printable_name(relative_path(files[0][0], root_s))} ({files[0][1]}); all are listed in "
                     "bad_files.txt")
     return classes
+
+
+def _first_reason(bad: list[tuple[str, str]], root_s: str) -> str:
+    """``REL (reason)`` of the first of the unusable files ``bad`` by path (relative to ``root_s``)."""
+    path, reason = min(bad)
+    return f"{printable_name(relative_path(path, root_s))} ({reason})"
 
 
 def _subfolders(folder: str) -> list[str]:

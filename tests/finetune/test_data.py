@@ -94,6 +94,42 @@ def test_split_folders_without_train_are_refused_not_read_as_classes(tmp_path, f
         scan_folder(tmp_path / "d")
 
 
+@pytest.mark.parametrize("split", ["test", "Val", "train", "Testing", "validation_set"])
+def test_a_split_folder_of_the_same_classes_beside_class_folders_is_refused_not_trained_as_a_class(tmp_path, split):
+    """Dataset-shapes audit (helper-120): DIR/cat/, DIR/dog/ and a held-out DIR/test/cat/, DIR/test/dog/ beside
+    them trained three classes, "test" among them, its images (cats and dogs) learnt as one class and cut
+    from the test set. A folder named as a split holding a sub-folder named as a class beside it is refused;
+    a class of that name whose sub-folders are no classes (``valid/`` beside ``invalid/``) stays a class."""
+    root = make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=3, size=16)
+    make_image_folder(root / split, classes=("dog", "eel"), per_class=1, size=16)
+    role = {"test": "test", "Val": "val", "train": "train", "Testing": "test", "validation_set": "val"}[split]
+    with pytest.raises(DataError, match=rf"holds class folders cat, dog and {split}/, whose folders dog, eel are "
+                                        rf"classes too, so it looks like {role} images, not a class: lay the folders "
+                                        r"out as DIR/train/<class>/ and DIR/val/<class>/"):
+        scan_folder(root)
+    shutil.rmtree(root / split / "dog")
+    assert scan_folder(root).classes == sorted(["cat", "dog", split])
+
+
+@pytest.mark.parametrize("folders", [("Training", "Testing"), ("train", "validation_set"),
+                                     ("training_set/training_set", "test_set/test_set")])
+def test_folders_named_as_two_splits_of_the_same_classes_are_refused_not_trained_as_two_classes(tmp_path, folders):
+    """Dataset-shapes audit (helper-120): Training/<class>/ + Testing/<class>/ (a common download's layout; Kaggle's
+    cats and dogs one level deeper, training_set/training_set/<class>/) trained a classifier of "Testing" against
+    "Training". Two folders named as different splits that hold folders of one name are refused; classes so
+    named whose folders differ (dates, sources) stay classes."""
+    first, second = folders
+    make_image_folder(tmp_path / "d" / first, classes=("cats", "dogs"), per_class=2, size=16)
+    make_image_folder(tmp_path / "d" / second, classes=("cats", "dogs"), per_class=1, size=16)
+    with pytest.raises(DataError, match=rf"holds {first}/ and {second}/, whose folders cats, dogs are the same "
+                                        r"classes, so they look like train and (val|test) images, not two classes"):
+        scan_folder(tmp_path / "d")
+    make_image_folder(tmp_path / "e" / "valley", classes=("2019", "2020"), per_class=2, size=16)
+    make_image_folder(tmp_path / "e" / "testing", classes=("2019", "2020"), per_class=2, size=16)
+    make_image_folder(tmp_path / "e" / "test_a", classes=("2019", "2020"), per_class=2, size=16)
+    assert scan_folder(tmp_path / "e").classes == ["test_a", "testing", "valley"]      # one split word, or none
+
+
 def test_classes_of_a_single_image_are_one_note_however_many():
     """A note per single-image class printed 1,000 warning lines for 1,000 such classes: one line names how
     many and the first 5; one such class keeps its own sentence."""
@@ -1184,6 +1220,12 @@ def test_a_zip_top_folder_is_named_as_the_data_folder_to_pass(tmp_path):
         scan_folder(tmp_path / "d")
     assert "\n" not in str(err.value)
     assert scan_folder(tmp_path / "d" / "photos").classes == ["cat", "dog"]
+    # (audit, helper-120: DIR/train/photos/<class>/ and DIR/val/photos/<class>/ had no hint)
+    make_image_folder(tmp_path / "s" / "train" / "photos", classes=("cat", "dog"), per_class=2, size=16)
+    make_image_folder(tmp_path / "s" / "val" / "photos", classes=("cat", "dog"), per_class=1, size=16)
+    with pytest.raises(DataError, match=r"only 1 class \(photos\) .*; its folders cat, dog look like the classes: "
+                                        r"move them up into .*s/train/ \(and those of the other split folders"):
+        scan_folder(tmp_path / "s")
     make_image(tmp_path / "one" / "cat" / "0.png", 0)        # a single class folder of images: no such hint
     with pytest.raises(DataError, match=r"only 1 class \(cat\) in [^;]*; a classifier needs"):
         scan_folder(tmp_path / "one")
@@ -1385,3 +1427,36 @@ def test_a_reorganised_folder_counts_only_the_excluded_file_not_its_newline_twin
         (data / cls).rmdir()
     with pytest.raises(DataError, match=r"train/ holds 1 image\(s\) the run left out"):
         scan_folder(data, split_file=tmp_path / "run" / "split.json", left_out=["cat/a\\nb.png"])
+
+
+def test_class_folders_of_phone_photos_are_named_when_too_few_classes_are_left(tmp_path):
+    """Dataset-shapes audit (helper-120): a class folder of a phone's HEIC photos beside one of JPEGs failed with
+    "found only 1 class (cat) ... needs at least 2 class folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg", and a
+    folder of HEIC photos alone with "no images found in DIR (6 unreadable files)": the user's dog/ was there,
+    and nothing said why it did not count. Both now name the folders and the first file's reason."""
+    root = make_image_folder(tmp_path / "d", classes=("cat",), per_class=3, size=16)
+    (root / "dog").mkdir()
+    (root / "dog" / "IMG_1.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 32)
+    (root / "fox").mkdir()
+    with pytest.raises(DataError, match=r"only 1 class \(cat\) in [^;]*; class folder\(s\) dog, fox hold no usable "
+                                        r"images \(1 file skipped, e.g. dog/IMG_1.HEIC \(not an image file type "
+                                        r"\(.heic\)\)\); a classifier needs"):
+        scan_folder(root)
+    shutil.rmtree(root / "cat")
+    (root / "cat").mkdir()
+    (root / "cat" / "IMG_2.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 32)
+    with pytest.raises(DataError, match=r"no images found in [^;]* \(2 files cannot be used, e.g. cat/IMG_2.heic "
+                                        r"\(not an image file type \(.heic\)\)\); expected"):
+        scan_folder(root)
+
+
+def test_a_val_class_named_in_another_case_than_its_training_folder_is_named_with_it(tmp_path):
+    """Dataset-shapes audit (helper-120): train/Cat/ beside val/cat/ (one made on macOS, one on Linux) failed
+    with "class(es) cat in val/ have no training images in train", naming no cause; the training folder it
+    differs from in case alone is named. Two names still (Linux folders, torchvision's ImageFolder)."""
+    make_image_folder(tmp_path / "d" / "train", classes=("Cat", "dog"), per_class=2, size=16)
+    make_image_folder(tmp_path / "d" / "val", classes=("cat", "dog", "Eel"), per_class=1, size=16)
+    with pytest.raises(DataError, match=r"class\(es\) Eel, cat in val/ have no training images in train \(val/cat is "
+                                        r"train/Cat in another case: class names are case-sensitive; rename one to "
+                                        r"match\); add train"):
+        scan_folder(tmp_path / "d")

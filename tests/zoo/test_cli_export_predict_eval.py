@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -393,6 +394,21 @@ def test_eval_finds_the_split_folders_in_any_case_as_the_scan_does(bundle, tmp_p
     res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev2"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["split"] == "TEST" and json.loads(res.stdout)["n_images"] == 2 * len(labels)
+
+
+def test_eval_names_the_label_a_folder_differs_from_in_case(bundle, tmp_path, runner):
+    """Dataset-shapes audit (helper-120): a test folder whose Cat/ was the model's cat had its images left out
+    with "ignored folders that are not classes of the model: Cat" (the accuracy over the other classes), and a
+    folder of such names alone was "no class folder matches the model's labels (found: Cat; labels: cat...)":
+    the case, the one difference, went unsaid. Names stay case-sensitive (as training reads them)."""
+    data = tmp_path / "data"
+    make_image_folder(data, classes=("Cat", CLASSES[2]), per_class=1, size=32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert "ignored folders that are not classes of the model: Cat (the model's cat, in another case)" in res.stdout
+    shutil.rmtree(data / CLASSES[2])
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev2")])
+    assert res.exit_code == 2 and "(found: Cat (the model's cat, in another case); labels:" in res.stderr
 
 
 def test_eval_out_inside_the_data_is_refused(bundle, tmp_path, runner):

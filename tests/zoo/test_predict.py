@@ -831,6 +831,20 @@ def test_confusion_png_with_a_very_long_class_name_prints_nothing(tmp_path):
     assert [str(w.message) for w in caught] == [] and (tmp_path / "confusion.png").stat().st_size > 0
 
 
+def test_confusion_png_draws_class_names_with_dollar_signs_as_written(tmp_path):
+    """Dataset-shapes audit (helper-120): class folders named `$5 to $10` or `$\\frac$` (two `$`: matplotlib's
+    math text) ended `zoo eval` with a traceback (ParseSyntaxException) after its csv files, no confusion.png
+    nor wrong.csv written, or drew `$5 to $10` as math. Tick labels are drawn as the text they are."""
+    import warnings
+
+    from zoo.evaluate import _confusion_png
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _confusion_png([[2, 0, 0], [1, 1, 0], [0, 0, 1]], ["$5 to $10", "$\\frac$", "x^$y$_{"], tmp_path / "c.png")
+    assert [str(w.message) for w in caught] == [] and (tmp_path / "c.png").stat().st_size > 0
+
+
 def test_a_quoted_pattern_takes_folders_and_skips_debris_as_the_shell_and_a_folder_walk_do(tmp_path):
     """Review: `zoo predict B 'photos/*'` (folders matched) said 'no image matches', though the shell's own
     expansion (unquoted) hands zoo the folders, which it walks; and `'photos/**/*.jpg'` predicted Synology's

@@ -67,7 +67,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
-    from zoo.evaluate import evaluate, write_eval_reports
+    from zoo.evaluate import evaluate, folder_names, write_eval_reports
     from zoo.outdir import check_outside, claim_out
 
     scales = tta_scales_given(tta, tta_scales)
@@ -95,7 +95,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
             if report.tta else ""))
     if report.ignored_folders:
         echo("ignored folders that are not classes of the model: "
-             + ", ".join(printable(f) for f in report.ignored_folders[:10]))
+             + folder_names(report.ignored_folders[:10], report.labels))
     echo(f"accuracy: {accuracy_text(report.accuracy)}")
     if report.top5 is not None:
         echo(f"top-5:    {accuracy_text(report.top5)}")
