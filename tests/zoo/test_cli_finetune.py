@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,25 @@ def test_finetune_names_its_bundle_once(tmp_path, tiny):
     logged = [ln for ln in (out / "log.txt").read_text(encoding="utf-8").splitlines() if str(out / "export") in ln]
     assert logged == said
     _accuracies_print_in_percent(result.stdout, out)
+
+
+def test_a_run_on_data_with_a_test_split_names_the_eval_that_scores_it(tmp_path, tiny):
+    """Audit (helper-120): the data line counted a test/ split ("... / 6 test images") and the run ended on the
+    bundle's predict line, saying nothing of how to score those held-out images. A run whose data has a test/
+    split ends with the `zoo eval` line that scores it; pasted, it evaluates those images."""
+    data = make_image_folder(tmp_path / "data", per_class=4, layout="split", val_per_class=2)
+    make_image_folder(data / "test", per_class=2)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in result.stdout.splitlines() if ln.startswith("test: ")]
+    assert len(said) == 1 and "its 6 test/ images" in said[0], result.stdout
+    assert said[0] in (out / "log.txt").read_text(encoding="utf-8").splitlines()
+    argv = shlex.split(said[0][len("test: "):].split("  (")[0])
+    assert argv[0] == "zoo", argv
+    res = invoke(*argv[1:])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(f"evaluated 6 images from {data.resolve()} (its test/ split)"), res.stdout
 
 
 def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path, tiny):

@@ -175,6 +175,10 @@ def _report(outcome) -> None:
         echo(f"advice: {line}")
     if outcome.export_dir is not None:   # (the run folder was printed before training started)
         echo(_bundle_line(outcome.export_dir))
+        scan = outcome.scan
+        if scan is not None and scan.test:   # (audit: a test/ split was counted, and nothing said how to score it)
+            echo(f"test: {shell_command('zoo', 'eval', outcome.export_dir, '--data', scan.root)}  (its "
+                 f"{len(scan.test)} test/ images, held out from training and from the choice of epoch)")
 
 
 def _bundle_line(bundle) -> str:

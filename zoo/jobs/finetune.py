@@ -56,6 +56,7 @@ class RunOutcome:
     result: Any = None              # finetune.engine.FitResult
     export_dir: Path | None = None
     overfit: Any = None             # finetune.tools.diagnostics.OverfitResult with --overfit-batches
+    scan: Any = None                # finetune.data.ScanReport of the data it trained on
 
 
 def _slug(name: str) -> str:
@@ -307,7 +308,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     for note in (process.describe() or "").splitlines():     # (what the entry point set for this process)
         say(note)
     model = build_for_training(entry, pretrained, config.seed, kwargs.get("drop_rate") if kwargs else None)
-    outcome = RunOutcome(run_dir=run_dir)
+    outcome = RunOutcome(run_dir=run_dir, scan=report)
     stages, head = [list(s) for s in entry.stages], entry.classifier
     data_config = run_data_config(entry, config)
 

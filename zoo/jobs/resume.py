@@ -304,7 +304,7 @@ def _train_resumed(run_dir: Path, info_json: dict, data_dir: Path, config: Finet
         again = resume_command(run_dir, "--micro-batch", str(smaller))
         raise OutOfMemory(f"out of memory before training went on ({memory_text(e)}): {run_dir} keeps its epochs as "
                           f"they were; continue in passes of fewer images with `{again}`") from None
-    return _finish(RunOutcome(run_dir=run_dir, result=result), report.val, config, export, info, say)
+    return _finish(RunOutcome(run_dir=run_dir, result=result, scan=report), report.val, config, export, info, say)
 
 
 def _refused(entry, train_set, config: FinetuneConfig, info, micro: int, fc_dropout: float | None) -> str | None:
