@@ -213,6 +213,14 @@ UNLISTED_FOLDER = "folder cannot be read"
 OUTPUT_MARKER = ".zoo-run.json"
 
 
+def archive_kind(path: str | Path) -> str | None:
+    """The archive suffix ``path`` is named with (``.zip``, ``.tar.gz``...), or None: a download not yet extracted,
+    given where a folder goes (``zoo.cli.options.Folder``) or an image (``zoo predict BUNDLE photos.zip``)."""
+    name = os.fspath(path).lower()
+    return next((k for k in (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".7z", ".rar")
+                 if name.endswith(k)), None)
+
+
 def unexpanded_home(path: str | Path) -> Path | None:
     """``path`` with its leading ``~`` (``~`` or ``~user``) expanded, when the shell left it as it is (quoted:
     ``--data "~/photos"``) and nothing of that name is here; None otherwise (``~draft``: no user of that name)."""

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from finetune.core.errors import DataError
-from finetune.core.io import broken_link, printable_name
+from finetune.core.io import archive_kind, broken_link, printable_name
 
 # Why a file of no bytes is skipped: the scan (bad_files.txt), the training loaders, zoo predict / eval and
 # zoo serve's uploads all say it in these words.
@@ -253,7 +253,10 @@ _ISO_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC
 
 def unreadable_kind(path: str | Path) -> str | None:
     """What a file Pillow identified no image in is, when its header names a photo format zoo cannot decode
-    here (an AVIF without Pillow's AVIF decoder, a HEIC under a .jpg name), with the way on; None otherwise."""
+    here (an AVIF without Pillow's AVIF decoder, a HEIC under a .jpg name), or its name an archive (``zoo predict
+    BUNDLE photos.zip``: the rule ``--data photos.zip`` is refused by), with the way on; None otherwise."""
+    if (archive := archive_kind(path)) is not None:
+        return f"a {archive} archive, not an image (extract it, then give the image folder it holds)"
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):     # a pipe's bytes are spent, and reading could wait
             return None

@@ -352,6 +352,25 @@ def test_predict_usage_errors(bundle, tmp_path, runner):
     assert res.exit_code == 1 and "no bundle at" in res.stderr
 
 
+def test_predict_of_an_archive_says_to_extract_it_as_a_data_folder_does(bundle, tmp_path, runner):
+    """Audit (helper-120): `zoo predict BUNDLE photos.zip` said only "not a readable image"; `--data photos.zip`
+    said to extract it. One rule names the archive (finetune.core.io.archive_kind); the images beside it are
+    still predicted (a shell's `photos/*` may match one)."""
+    import zipfile
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(img)
+    for name in ("photos.zip", "photos.tar.gz"):
+        archive = tmp_path / name
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("photos/cat/a.png", b"x")
+        res = runner.invoke(cli, ["predict", str(bundle), str(archive)])
+        kind = ".zip" if name.endswith(".zip") else ".tar.gz"
+        assert res.exit_code == 2 and f"{archive} is a {kind} archive, not an image (extract it, then give the " \
+            "image folder it holds)" in res.stderr, res.output
+    res = runner.invoke(cli, ["predict", str(bundle), str(img), str(tmp_path / "photos.zip")])
+    assert res.exit_code == 0 and res.stdout.splitlines()[0] == str(img) and "archive" in res.stderr, res.output
+
+
 def test_damaged_bundle_is_one_line_error(bundle, tmp_path, runner):
     (bundle / "config.json").write_text("{", encoding="utf-8")
     img = tmp_path / "x.png"

@@ -20,7 +20,7 @@ from click.core import ParameterSource
 
 from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file
 from finetune.core.errors import FreezeTooDeepError
-from finetune.core.io import broken_link, unexpanded_home
+from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
@@ -28,9 +28,6 @@ __all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default",
            "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
-
-
-_ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".7z", ".rar")
 
 
 class Folder(click.Path):
@@ -49,8 +46,7 @@ class Folder(click.Path):
             self.fail(f"{link}: point the link at the {self.what}, or give the folder itself", param, ctx)
         if isinstance(value, (str, os.PathLike)) and value and os.path.isfile(value):
             # (audit: `--data photos.zip` was click's "Directory 'photos.zip' is a file.", no way on)
-            name = os.fspath(value).lower()
-            kind = next((k for k in _ARCHIVES if name.endswith(k)), None)
+            kind = archive_kind(value)
             self.fail(f"{value} is a {kind} archive, not a folder: extract it, then give the {self.what} it holds"
                       if kind else f"{value} is a file, not a folder: give the {self.what}", param, ctx)
         home = unexpanded_home(value) if isinstance(value, (str, os.PathLike)) and value else None
