@@ -248,7 +248,8 @@ def collect_classes(folder: str, loops: list[str],
     (class names are labels, written into JSON files, checkpoints and bundles).
 
     Raises:
-        DataError: two class folders have the same printable name (one named with undecodable bytes, the
+        DataError: a class folder named with whitespace only (a blank label), or two class folders have the
+            same printable name (one named with undecodable bytes, the
             other with the same ``\\xNN`` text), or names that differ only in their Unicode form (``café``
             composed and decomposed: one name to the eye, to macOS and in every label printed) or in
             whitespace at an end (``cat`` and ``cat ``): one :func:`class_key`.
@@ -258,6 +259,9 @@ def collect_classes(folder: str, loops: list[str],
     reals: dict[str, str] = {}
     for c in list_classes(folder):
         name = printable_name(c)
+        if not class_key(name):     # (audit: " " trained as a class, blank in every line that named it)
+            raise DataError(f"class folder {name!r} in {printable_name(folder)} is named with whitespace only, and "
+                            "would print blank as a class in every line; rename it")
         twin = seen.get(class_key(name))
         if twin is not None:
             if twin.strip() != twin or name.strip() != name:    # (QA: two classes, printed almost alike)

@@ -1298,6 +1298,18 @@ def test_class_folders_whose_names_differ_only_in_whitespace_at_an_end_are_refus
     assert scan_folder(data).classes == sorted([twin, "dog", "kitten"])
 
 
+@pytest.mark.parametrize("blank", [" ", "   ", "\t", "\u3000"])
+def test_a_class_folder_named_with_whitespace_only_is_refused_with_its_name_quoted(tmp_path, blank):
+    """Audit (helper-120): a class folder named " " trained as a class that printed blank in every line (the
+    data line, per-class metrics, predictions, the bundle's labels). Refused at the scan, named quoted, as the
+    twins `cat` and `cat ` are."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog", blank), per_class=2)
+    with pytest.raises(DataError) as info:
+        scan_folder(data)
+    assert str(info.value) == (f"class folder {blank!r} in {data} is named with whitespace only, and would print "
+                               "blank as a class in every line; rename it")
+
+
 def test_a_report_moved_to_another_mount_of_the_folder_is_that_mounts_scan(tmp_path):
     """torchrun on several nodes: rank 0's scan is every rank's, each re-rooted where its node reaches the
     folder (ScanReport.moved_to): the same as a scan there, paths outside the folder kept as they are."""
