@@ -18,17 +18,21 @@ from PIL import Image, UnidentifiedImageError
 from finetune.core.errors import DataError
 from finetune.core.threads import ordered_map
 from finetune.core.io import OUTPUT_MARKER, UNLISTED_FOLDER, printable, printable_name, read_json_object, write_json
-from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, open_image, pil_warnings, special_file,
-                                  unreadable_kind)
+from finetune.data.images import (EMPTY_FILE, IMAGE_FORMATS, jpeg_has_end, jpeg_structure, open_image, pil_warnings,
+                                  special_file, unreadable_kind)
 
 # .jfif / .jpe: JPEGs as Windows browsers save them; .ppm / .pgm: read by torchvision's ImageFolder too; .avif
 # where this Pillow decodes it (images.IMAGE_FORMATS).
 IMAGE_EXTENSIONS = ((".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
                     + ((".avif",) if "AVIF" in IMAGE_FORMATS else ()))
-# Debris from archivers, file managers and NAS boxes; names starting with "." are ignored as well.
-IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__"})
+# Debris from archivers, file managers, NAS boxes, notebooks and version control, never data. Every name starting
+# with "." is ignored as well; a hidden folder not named here (nor ".Trash*") that holds images is named in the
+# scan's warnings (walk_files' ``hidden``): torchvision's ImageFolder would train `.NET/` as a class.
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "__pycache__", ".ipynb_checkpoints",
+                           ".git", ".svn", ".hg", ".dvc", ".venv", ".cache", ".thumbnails", ".picasaoriginals",
+                           ".@__thumb", ".Spotlight-V100", ".fseventsd", ".TemporaryItems", ".DocumentRevisions-V100",
+                           ".AppleDouble"})
 NOT_IMAGE_TYPE = "not an image file type"    # the reason's words for a file not named as an image
-_JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
 
 
 # -------------------------------------------------------------------------------------- scanning
@@ -36,6 +40,17 @@ def is_ignored(name: str) -> bool:
     # `x.jpg:Zone.Identifier`: Windows' "downloaded from the web" mark, a file of its own once copied into WSL or
     # through Samba, beside every image (QA: each listed as a bad file, and --strict refused the folder)
     return name.startswith(".") or name in IGNORED_NAMES or name.lower().endswith(":zone.identifier")
+
+
+def _note_hidden(entry: os.DirEntry, hidden: list[tuple[str, int]] | None) -> None:
+    """(path, files named as images below it) -> ``hidden`` for a hidden folder ``entry`` (``.NET/``) holding
+    some, not debris (:data:`IGNORED_NAMES`, ``.Trash*``) nor a link: only its own files are walked, by name."""
+    name = entry.name
+    if (hidden is None or not name.startswith(".") or name in IGNORED_NAMES or name.startswith(".Trash")
+            or entry.is_symlink() or not is_dir(entry)):
+        return
+    if count := len(image_files(entry.path)):
+        hidden.append((entry.path, count))
 
 
 def is_zoo_output(folder: str) -> bool:
@@ -55,14 +70,15 @@ def refuse_zoo_output(folder: str, use: str) -> None:
                         "delete that file)")
 
 
-def walk_files(top: str, loops: list[str] | None = None,
-               unlisted: list[tuple[str, str]] | None = None) -> list[str]:
+def walk_files(top: str, loops: list[str] | None = None, unlisted: list[tuple[str, str]] | None = None,
+               hidden: list[tuple[str, int]] | None = None) -> list[str]:
     """Every non-ignored file below ``top`` (symlinks followed), sorted; symlink loops are skipped (and
     appended to ``loops``), folders that cannot be listed (no permission) too, each appended to ``unlisted``
     with the reason. Ignored: hidden names and archiver/NAS debris (``__MACOSX``, Synology's ``@eaDir``
-    thumbnails...), at every level, and the folders a zoo command wrote (holding its ``.zoo-run.json``: a run
-    folder's curves.png, an eval report's confusion.png are no images of the data). The training scan,
-    ``zoo predict`` and ``zoo eval`` all walk folders with this.
+    thumbnails...), at every level (a hidden folder holding images -> ``hidden``, :func:`_note_hidden`), and the
+    folders a zoo command wrote (holding its ``.zoo-run.json``: a run folder's curves.png, an eval report's
+    confusion.png are no images of the data). The training scan, ``zoo predict`` and ``zoo eval`` all walk folders
+    with this.
 
     Anything that is not a directory counts as a file, so broken and looping file links are reported
     as bad files rather than silently vanishing.
@@ -91,6 +107,7 @@ def walk_files(top: str, loops: list[str] | None = None,
             return
         for e in entries:
             if is_ignored(e.name):
+                _note_hidden(e, hidden)
                 continue
             try:
                 is_dir = e.is_dir()          # follows symlinks; False for broken or looping links
@@ -145,7 +162,7 @@ def _check_file(path: str) -> str | None:
         size = os.path.getsize(path)
         if size == 0:
             return EMPTY_FILE
-        jpeg_problem = _jpeg_structure(path, size)
+        jpeg_problem = jpeg_structure(path, size)
         if jpeg_problem:
             return jpeg_problem
         with open_image(path) as im:
@@ -158,7 +175,7 @@ def _check_file(path: str) -> str | None:
             if limit and w * h > limit:
                 return f"too many pixels ({w}x{h}, over the decompression-bomb limit of {limit})"
             im.verify()   # PNG: chunk CRCs to the end of file; others: header sanity
-        if fmt in ("JPEG", "MPO") and not _jpeg_has_end(path, size):      # MPO: a JPEG carrying more pictures
+        if fmt in ("JPEG", "MPO") and not jpeg_has_end(path, size):      # MPO: a JPEG carrying more pictures
             # Truncated JPEGs pass the header checks; only a decode proves them (done for suspects only).
             with open_image(path) as im:
                 im.load()
@@ -177,59 +194,17 @@ def _check_file(path: str) -> str | None:
     return None
 
 
-# JPEG markers without a length field: TEM and RST0-7 (SOI and EOI are handled on their own).
-_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
-
-
-def _jpeg_structure(path: str, size: int) -> str | None:
-    """For a file that starts like a JPEG (SOI), why its headers cannot lead to image data, else None.
-
-    Walks the marker segments up to the first scan (SOS) without decoding anything. Pillow's own header
-    parser changed between versions in what it accepts (a file cut inside its Huffman tables: refused by
-    Pillow 12, opened by 13), so this check, not Pillow's, decides whether such a file is kept.
-    """
-    with open(path, "rb") as fh:
-        if fh.read(2) != b"\xff\xd8":
-            return None                     # not a JPEG: Pillow's checks decide
-        pos = 2
-        while True:
-            fh.seek(pos)
-            head = fh.read(4)
-            if len(head) < 2 or head[0] != 0xFF:
-                return "damaged JPEG (its headers break off before any image data)"
-            marker = head[1]
-            if marker == 0xFF:              # fill byte before a marker
-                pos += 1
-            elif marker in _JPEG_STANDALONE:
-                pos += 2
-            elif marker == 0xD9:
-                return "damaged JPEG (it ends before any image data)"
-            elif len(head) < 4 or int.from_bytes(head[2:4], "big") < 2:
-                return "damaged JPEG (its headers break off before any image data)"
-            else:
-                pos += 2 + int.from_bytes(head[2:4], "big")
-                if marker == 0xDA:          # start of scan: image data follows its header
-                    return None if pos < size else "damaged JPEG (no image data after its headers)"
-                if pos >= size:
-                    return "damaged JPEG (its headers break off before any image data)"
-
-
-def _jpeg_has_end(path: str, size: int) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - 16))          # the usual case, found without reading the whole tail
-        if b"\xff\xd9" in fh.read():
-            return True
-        fh.seek(max(0, size - _JPEG_TAIL))
-        return b"\xff\xd9" in fh.read()
-
-
-def list_classes(folder: str) -> list[str]:
+def list_classes(folder: str, hidden: list[tuple[str, int]] | None = None) -> list[str]:
+    """The class folders in ``folder`` (sorted); hidden folders holding images -> ``hidden`` (:func:`_note_hidden`)."""
     try:
         entries = os.scandir(folder)
     except OSError as e:
         raise DataError(f"cannot list {folder}: {e.strerror}; check the path and its permissions") from None
     with entries:
-        return sorted(e.name for e in entries if not is_ignored(e.name) and is_dir(e))
+        found = list(entries)
+    for e in found:
+        _note_hidden(e, hidden)
+    return sorted(e.name for e in found if not is_ignored(e.name) and is_dir(e))
 
 
 def is_dir(entry: os.DirEntry) -> bool:
@@ -239,10 +214,11 @@ def is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def collect_classes(folder: str, loops: list[str],
-                    unlisted: list[tuple[str, str]] | None = None) -> dict[str, list[str]]:
+def collect_classes(folder: str, loops: list[str], unlisted: list[tuple[str, str]] | None = None,
+                    hidden: list[tuple[str, int]] | None = None) -> dict[str, list[str]]:
     """class name -> files (not yet checked) for ``folder/<class>/**``; folders that cannot be listed ->
-    ``unlisted`` (see :func:`walk_files`).
+    ``unlisted``, hidden folders holding images (skipped: a class ``.NET/``, ``cat/.edits/``) -> ``hidden`` (see
+    :func:`walk_files`).
 
     A class is named by its folder's printable name: a folder name that is not UTF-8 reads ``\\xNN``
     (class names are labels, written into JSON files, checkpoints and bundles).
@@ -257,7 +233,7 @@ def collect_classes(folder: str, loops: list[str],
     classes: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
     reals: dict[str, str] = {}
-    for c in list_classes(folder):
+    for c in list_classes(folder, hidden):
         name = printable_name(c)
         if not class_key(name):     # (audit: " " trained as a class, blank in every line that named it)
             raise DataError(f"class folder {name!r} in {printable_name(folder)} is named with whitespace only, and "
@@ -275,7 +251,7 @@ def collect_classes(folder: str, loops: list[str],
                             "move the images of one into the other")
         seen[class_key(name)] = name
         _refuse_shared_folder(folder, c, reals)
-        classes[name] = walk_files(os.path.join(folder, c), loops, unlisted)
+        classes[name] = walk_files(os.path.join(folder, c), loops, unlisted, hidden)
     return dict(sorted(classes.items()))
 
 

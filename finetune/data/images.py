@@ -246,6 +246,54 @@ def load_image(path: str | Path, min_size: int | None = None, checked: bool = Fa
                         "fix or remove the file") from None
 
 
+_JPEG_TAIL = 64 * 1024      # bytes searched for the JPEG end marker (some cameras append data after it)
+# JPEG markers without a length field: TEM and RST0-7 (SOI and EOI are handled on their own).
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def jpeg_structure(path: str, size: int) -> str | None:
+    """For a file that starts like a JPEG (SOI), why its headers cannot lead to image data, else None.
+
+    Walks the marker segments up to the first scan (SOS) without decoding anything. Pillow's own header
+    parser changed between versions in what it accepts (a file cut inside its Huffman tables: refused by
+    Pillow 12, opened by 13), so this check, not Pillow's, decides whether such a file is kept.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return None                     # not a JPEG: Pillow's checks decide
+        pos = 2
+        while True:
+            fh.seek(pos)
+            head = fh.read(4)
+            if len(head) < 2 or head[0] != 0xFF:
+                return "damaged JPEG (its headers break off before any image data)"
+            marker = head[1]
+            if marker == 0xFF:              # fill byte before a marker
+                pos += 1
+            elif marker in _JPEG_STANDALONE:
+                pos += 2
+            elif marker == 0xD9:
+                return "damaged JPEG (it ends before any image data)"
+            elif len(head) < 4 or int.from_bytes(head[2:4], "big") < 2:
+                return "damaged JPEG (its headers break off before any image data)"
+            else:
+                pos += 2 + int.from_bytes(head[2:4], "big")
+                if marker == 0xDA:          # start of scan: image data follows its header
+                    return None if pos < size else "damaged JPEG (no image data after its headers)"
+                if pos >= size:
+                    return "damaged JPEG (its headers break off before any image data)"
+
+
+def jpeg_has_end(path: str, size: int) -> bool:
+    """Whether a JPEG's end marker (EOI) is in its last bytes (some cameras append data after it)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 16))          # the usual case, found without reading the whole tail
+        if b"\xff\xd9" in fh.read():
+            return True
+        fh.seek(max(0, size - _JPEG_TAIL))
+        return b"\xff\xd9" in fh.read()
+
+
 # ISO media brands (bytes 8-12 after "ftyp") of the photo formats Pillow may lack: a phone's HEIC, a browser's AVIF.
 _ISO_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF",
                b"msf1": "HEIF"}

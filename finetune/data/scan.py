@@ -174,8 +174,9 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
                 stray += sorted(relative_path(e.path, root_s) for e in entries
                                 if not is_ignored(e.name) and not is_dir(e))
     dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
-    good, bad = _usable_files(root_s, dirs, loops, stray, strict, class_names, memo)
-    classes = _classes(root_s, train_dir, good, stray, loops, bad, warn)
+    hidden: list[tuple[str, int]] = []
+    good, bad = _usable_files(root_s, dirs, loops, stray, strict, class_names, memo, hidden)
+    classes = _classes(root_s, train_dir, good, stray, loops, bad, warn, hidden)
 
     train_files = {c: good["train"][c] for c in classes}
     if layout == "split":
@@ -202,14 +203,16 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
 
 
 def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], stray: list[str], strict: bool,
-                  class_names: Sequence[str] = (), memo: str | Path | None = None
+                  class_names: Sequence[str] = (), memo: str | Path | None = None,
+                  hidden: list[tuple[str, int]] | None = None
                   ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
-    """-> ({split: {class: usable files}}, [(unusable file, reason)]) for the train/val/test folders found.
+    """-> ({split: {class: usable files}}, [(unusable file, reason)]) for the train/val/test folders found;
+    hidden folders holding images -> ``hidden`` (path, images).
 
     Raises DataError when no file is usable, or (strict) when any file is not.
     """
     unlisted: list[tuple[str, str]] = []      # listed with the bad files: their images are left out
-    raw = {name: collect_classes(d, loops, unlisted) for name, d in dirs.items() if d}
+    raw = {name: collect_classes(d, loops, unlisted, hidden) for name, d in dirs.items() if d}
     # val/café read as train/café whatever its Unicode form; a resumed run's café as it trained on it
     named = {class_key(c): c for c in [*raw["train"], *class_names]}
     raw = {name: dict(sorted(((named.get(class_key(c), c), ps) for c, ps in split.items()), key=lambda kv: kv[0]))
@@ -226,6 +229,8 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
         found = f" ({len(bad)} files cannot be used, e.g. {_first_reason(bad, root_s)})" if bad else ""
         if stray:   # the commonest mistake: images straight in DIR, no class folders
             found += f" ({len(stray)} files directly in the folder are not in class folders)"
+        if hidden:
+            found += f" ({_hidden_note(hidden, root_s)})"
         raise DataError(f"no images found in {printable_name(root_s)}{found}; expected DIR/<class>/*.jpg or "
                         f"DIR/train/<class>/ + DIR/val/<class>/ ({', '.join(IMAGE_EXTENSIONS)})")
     if bad and strict:
@@ -235,8 +240,10 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
 
 
 def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]], stray: list[str],
-             loops: list[str], bad: list[tuple[str, str]], warn: list[str]) -> list[str]:
-    """The classes: the training folders that hold at least one usable image; what was skipped -> ``warn``.
+             loops: list[str], bad: list[tuple[str, str]], warn: list[str],
+             hidden: Sequence[tuple[str, int]] = ()) -> list[str]:
+    """The classes: the training folders that hold at least one usable image; what was skipped -> ``warn``
+    (``hidden``: the hidden folders holding images, :func:`_hidden_note`).
 
     Raises DataError for a val/test class without training images, or fewer than 2 classes.
     """
@@ -268,8 +275,12 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
             hint += (f"; its folders {name_list(inner)} look like the classes: " + (
                 f"pass {top} as the data folder" if train_dir == root_s else    # (audit: DIR/train/photos/<class>/)
                 f"move them up into {printable_name(train_dir)}/ (and those of the other split folders alike)"))
+        if hidden:      # (DIR/.NET/ beside DIR/java/: "only 1 class (java)")
+            hint += f"; {_hidden_note(hidden, root_s)}"
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
+    if hidden:
+        warn.append(_hidden_note(hidden, root_s))
     if empty:
         warn.append(f"empty class folder(s) {name_list(empty)} left out (no usable images)")
     if stray and train_dir == root_s:
@@ -291,6 +302,14 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
                     f"{printable_name(relative_path(files[0][0], root_s))} ({files[0][1]}); all are listed in "
                     "bad_files.txt")
     return classes
+
+
+def _hidden_note(hidden: Sequence[tuple[str, int]], root_s: str) -> str:
+    """What the scan says of the hidden folders holding images it skipped (audit: a class folder ``.NET/`` was left
+    out without a word, where torchvision's ImageFolder trains it as a class): which, how many images, the fix."""
+    named = name_list(f"{relative_path(p, root_s)} ({n} image{'s' * (n > 1)})" for p, n in sorted(hidden))
+    return (f"skipped hidden folder(s) {named}: a name beginning with '.' is skipped, as hidden files are; to use "
+            "its images, rename it without the leading dot")
 
 
 def _first_reason(bad: list[tuple[str, str]], root_s: str) -> str:

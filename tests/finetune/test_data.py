@@ -1310,6 +1310,27 @@ def test_a_class_folder_named_with_whitespace_only_is_refused_with_its_name_quot
                                "blank as a class in every line; rename it")
 
 
+def test_a_hidden_folder_holding_images_is_skipped_and_named_once_debris_is_not(tmp_path):
+    """Audit (helper-120): a class folder `.NET/` was ignored with the hidden files without a word (torchvision's
+    ImageFolder trains it as a class). Still skipped, named once in the warnings with its images and the fix; a
+    hidden folder inside a class too; known debris (.ipynb_checkpoints, .git, .Trash-1000) not."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    for folder, n in ((".NET", 3), ("cat/.edits", 1), (".ipynb_checkpoints", 2), (".git/objects", 1),
+                      (".Trash-1000/files", 1), (".notes", 0)):
+        (data / folder).mkdir(parents=True)
+        for i in range(n):
+            make_image(data / folder / f"x{i}.png", 0, 16)
+    (data / ".notes" / "a.txt").write_text("not an image")
+    report = scan_folder(data, val_split=0.34)
+    assert report.classes == ["cat", "dog"] and report.counts()["train"] == {"cat": 2, "dog": 2}
+    note = ("skipped hidden folder(s) .NET (3 images), cat/.edits (1 image): a name beginning with '.' is skipped, as "
+            "hidden files are; to use its images, rename it without the leading dot")
+    assert [w for w in report.warnings if "hidden" in w] == [note]
+    shutil.rmtree(data / "dog")         # the class it hides is named where too few are left
+    with pytest.raises(DataError, match=r"found only 1 class \(cat\) in .*; skipped hidden folder\(s\) \.NET \(3 "):
+        scan_folder(data)
+
+
 def test_a_report_moved_to_another_mount_of_the_folder_is_that_mounts_scan(tmp_path):
     """torchrun on several nodes: rank 0's scan is every rank's, each re-rooted where its node reaches the
     folder (ScanReport.moved_to): the same as a scan there, paths outside the folder kept as they are."""
