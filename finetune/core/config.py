@@ -122,8 +122,8 @@ class FinetuneConfig:
         "The most images one forward pass takes per process: a bigger batch is stepped in several passes whose "
         "gradients add up, the same steps in less GPU memory (a training BatchNorm normalises per pass); 0 = the "
         "whole batch in one pass (on a GPU a batch that does not fit is split itself, in the warm-up before each "
-        "phase). config.yaml records the passes: a resume given none takes them, one given is recorded.",
-        low=0, high=2**63, high_open=True, resume_free=True)
+        "phase). config.yaml records the passes: a resume given none (or 0) takes them, one given is recorded "
+        "(whole batches again: the batch size).", low=0, high=2**63, high_open=True, resume_free=True)
     workers: int = option(-1,
         "DataLoader worker processes; -1 = auto (on CUDA all CPUs but one, shared by torchrun's local "
         "processes; on a CPU none up to 4 cores, one per 4 cores above, at most 8, of each process's share), "

@@ -12,7 +12,7 @@ from finetune.core.config import read_config_file
 from finetune.core.errors import ConfigError
 from finetune.core.io import new_run_command, read_json_object
 
-__all__ = ["Recorded", "recorded_run", "best_trial_command", "start_over_command"]
+__all__ = ["Recorded", "recorded_run", "model_flags", "best_trial_command", "start_over_command"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,7 @@ def recorded_run(run_dir: str | Path) -> Recorded:
     info, scan = read_json_object(run / "model.json"), read_json_object(run / "scan.json")
     model, root = info.get("model"), scan.get("root")
     kwargs = info.get("builder_kwargs")      # (drop_rate: recorded only for a model with VGG's FC dropout)
-    flags = [*(("--no-pretrained",) if info.get("pretrained") is False else ()),
-             *_fc_dropout(kwargs.get("drop_rate") if isinstance(kwargs, dict) else None),
+    flags = [*model_flags(info.get("pretrained"), kwargs.get("drop_rate") if isinstance(kwargs, dict) else None),
              *(("--no-export",) if info.get("export") is False else ()),
              *(("--exclude", run / "exclude.txt") if (run / "exclude.txt").is_file() else ())]
     return Recorded(model=model if isinstance(model, str) and model.strip() else "MODEL",
@@ -42,12 +41,15 @@ def recorded_run(run_dir: str | Path) -> Recorded:
                     config=_config(run / "config.yaml"), flags=tuple(flags))
 
 
-def _fc_dropout(p: Any) -> tuple[str, ...]:
-    """``--fc-dropout P`` for the FC dropout a record holds (model.json's ``builder_kwargs.drop_rate``: the value
-    the run used, given or the default; sweep.json's ``identity.fc_dropout``: the one given, None for none), exact
-    (``repr``); nothing for a value the flag does not take."""
-    ok = isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1
-    return ("--fc-dropout", repr(float(p))) if ok else ()
+def model_flags(pretrained: Any, fc_dropout: Any) -> tuple[str, ...]:
+    """The flags of the network a command built, for every line that names a new run of it (the start-over, a
+    sweep's best trial, lr-find's and sweep's ``next:``): ``--no-pretrained`` where ``pretrained`` is False, and
+    ``--fc-dropout P`` for an FC dropout (model.json's ``builder_kwargs.drop_rate``: the value the run used, given
+    or the default; sweep.json's ``identity.fc_dropout`` and lr-find's, sweep's flag: the one given, None for
+    none), exact (``repr``: ``:g`` rounded 0.1234567 to 0.123457); nothing for a value the flag does not take."""
+    ok = isinstance(fc_dropout, (int, float)) and not isinstance(fc_dropout, bool) and 0 <= fc_dropout < 1
+    return (*(("--no-pretrained",) if pretrained is False else ()),
+            *(("--fc-dropout", repr(float(fc_dropout))) if ok else ()))
 
 
 def best_trial_command(sweep: str | Path) -> str:
@@ -59,8 +61,7 @@ def best_trial_command(sweep: str | Path) -> str:
     who = who if isinstance(who, dict) else {}
     model = who.get("model")
     return new_run_command("--config", Path(sweep) / "best_config.yaml",
-                           *(("--no-pretrained",) if who.get("pretrained") is False else ()),
-                           *_fc_dropout(who.get("fc_dropout")),
+                           *model_flags(who.get("pretrained"), who.get("fc_dropout")),
                            model=model if isinstance(model, str) and model.strip() else "MODEL")
 
 

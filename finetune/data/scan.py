@@ -62,11 +62,22 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
     return root, None, None
 
 
-# the first word of a folder name that reads as a split (``Training/``, ``test_set/``), and the split it reads as
+# the words of a folder name that read as a split (``Training/``, ``test_set/``, Intel's ``seg_train/``,
+# ``TestImages/``, ``trainset/``), and the split each reads as
 _SPLIT_WORDS = {**dict.fromkeys(("train", "training", "trn"), "train"),
                 **dict.fromkeys(("val", "valid", "validation", "dev"), "val"),
                 **dict.fromkeys(("test", "testing", "eval", "evaluation", "holdout"), "test")}
 _ORDER = ("train", "val", "test")
+
+
+def _split_word(name: str) -> str | None:
+    """The split a folder name reads as: that of its first word naming one (words: letters between other
+    characters and CamelCase humps; ``trainset`` is ``train``), else None. A guess the layout must confirm."""
+    for word in (w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)):
+        word = word[:-3] if word.endswith("set") and word[:-3] in _SPLIT_WORDS else word
+        if word in _SPLIT_WORDS:
+            return _SPLIT_WORDS[word]
+    return None
 
 
 def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
@@ -74,33 +85,39 @@ def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
     class of cats and dogs): one named as a split (``test/``, ``Testing/``, ``test_set/``) that holds a folder
     named as a class beside it (``DIR/test/cat/`` beside ``DIR/cat/``), or two named as different splits that
     hold folders of one name (``Training/cat/`` and ``Testing/cat/``; also one level down, as Kaggle's
-    ``training_set/training_set/cat/``). A class so named whose folders are no classes stays a class."""
-    splits = {d: _SPLIT_WORDS.get(next((w for w in re.split(r"[^a-z]+", d.lower()) if w), "")) for d in subdirs}
-    inner = {d: _class_level(root, d) for d, split in splits.items() if split}
-    keys = {class_key(d): d for d, split in splits.items() if not split}
+    ``training_set/training_set/cat/``). Names match in any case. A class so named whose folders are no classes
+    stays a class, as do two whose shared folders a class not so named holds too (``train/front/`` and
+    ``test_tube/front/`` beside ``car/front/``: views, sessions, ``images/`` and ``masks/`` of every class)."""
+    splits = {d: _split_word(d) for d in subdirs}
+    levels = {d: _class_levels(root, d) for d, split in splits.items() if split}
+    keys = {class_key(d).casefold(): d for d, split in splits.items() if not split}
     layout = "lay the folders out as DIR/train/<class>/ and DIR/val/<class>/ (DIR/test/<class>/ optional)"
-    for d, (where, names) in inner.items():
-        if any(class_key(n) in keys for n in names):
-            raise DataError(f"{printable_name(root)} holds class folders {name_list(keys.values())} and "
-                            f"{printable_name(where)}/, whose folders {name_list(names)} are classes too, so it "
-                            f"looks like {splits[d]} images, not a class: {layout}, or move it out of DIR")
-        for e, (where_e, names_e) in inner.items():
-            shared = sorted({class_key(n) for n in names} & {class_key(n) for n in names_e})
-            if _ORDER.index(splits[d]) < _ORDER.index(splits[e]) and shared:
-                raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and "
-                                f"{printable_name(where_e)}/, whose folders {name_list(shared)} are the same classes, "
-                                f"so they look like {splits[d]} and {splits[e]} images, not two classes: {layout}")
+    for d, chain in levels.items():
+        for where, names in chain:
+            if any(class_key(n).casefold() in keys for n in names):
+                raise DataError(f"{printable_name(root)} holds class folders {name_list(keys.values())} and "
+                                f"{printable_name(where)}/, whose folders {name_list(names)} are classes too, so it "
+                                f"looks like {splits[d]} images, not a class: {layout}, or move it out of DIR")
+    inside: set[str] | None = None      # the folders the other classes hold (read only when needed)
+    for d, e in ((d, e) for d in levels for e in levels if _ORDER.index(splits[d]) < _ORDER.index(splits[e])):
+        (where, names), (where_e, names_e) = levels[d][-1], levels[e][-1]
+        shared = {class_key(n).casefold(): n for n in names}.keys() & {class_key(n).casefold() for n in names_e}
+        if shared and inside is None:
+            inside = {class_key(n).casefold() for k in keys.values() for _, ns in _class_levels(root, k) for n in ns}
+        if shared and not shared & (inside or set()):
+            same = name_list(sorted(n for n in names if class_key(n).casefold() in shared))
+            raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and {printable_name(where_e)}/, "
+                            f"whose folders {same} are the same classes, so they look like {splits[d]} and {splits[e]} "
+                            f"images, not two classes: {layout}")
 
 
-def _class_level(root: str, folder: str) -> tuple[str, list[str]]:
-    """(``folder``, its folders), or of the folder below it while it holds one folder alone (at most 2 down)."""
-    names = _subfolders(os.path.join(root, folder))
-    for _ in range(2):
-        if len(names) != 1:
-            break
-        folder = f"{folder}/{names[0]}"
-        names = _subfolders(os.path.join(root, folder))
-    return folder, names
+def _class_levels(root: str, folder: str) -> list[tuple[str, list[str]]]:
+    """[(``folder``, its folders)], and of the folder below it while it holds one folder alone (at most 2 down)."""
+    chain = [(folder, _subfolders(os.path.join(root, folder)))]
+    while len(chain) < 3 and len(chain[-1][1]) == 1:
+        below = f"{chain[-1][0]}/{chain[-1][1][0]}"
+        chain.append((below, _subfolders(os.path.join(root, below))))
+    return chain
 
 
 def held_out_folder(root: str | os.PathLike) -> str | None:

@@ -130,6 +130,54 @@ def test_folders_named_as_two_splits_of_the_same_classes_are_refused_not_trained
     assert scan_folder(tmp_path / "e").classes == ["test_a", "testing", "valley"]      # one split word, or none
 
 
+def test_split_named_classes_sharing_the_folders_every_class_holds_stay_classes(tmp_path):
+    """Review of helper-120's refusal (helper-123): classes that each hold the same sub-folders (views, a face
+    dataset's sessions, a radiography set's images/ and masks/) were refused as two splits where two of them were
+    named with a split word (a train of vehicles beside a test_tube, Val_Kilmer beside Test_Person). Folders that
+    a class not so named holds too are no classes: they stay classes."""
+    def make(root, folders):
+        for rel in folders:
+            make_image_folder((root / rel).parent, classes=((root / rel).name,), per_class=1, size=16)
+        return root
+
+    views = make(tmp_path / "v", ["train/front", "train/side", "test_tube/front", "test_tube/side", "car/front"])
+    assert scan_folder(views).classes == ["car", "test_tube", "train"]
+    faces = make(tmp_path / "f", ["Val_Kilmer/s1", "Val_Kilmer/s2", "Test_Person/s1", "Test_Person/s2", "Anna/s1"])
+    assert scan_folder(faces).classes == ["Anna", "Test_Person", "Val_Kilmer"]
+    masks = make(tmp_path / "m", [f"{c}/{k}" for c in ("COVID", "Normal", "test_pos", "training_neg")
+                                  for k in ("images", "masks")])
+    assert scan_folder(masks).classes == ["COVID", "Normal", "test_pos", "training_neg"]
+
+
+@pytest.mark.parametrize("folders", [("seg_train/seg_train", "seg_test/seg_test"), ("TrainImages", "TestImages"),
+                                     ("trainset", "testset"), ("Training", "Test")])
+def test_split_folders_named_by_a_later_word_or_camel_case_are_refused(tmp_path, folders):
+    """Review (helper-123): the first-word rule read Intel's seg_train/seg_train/<class>/ + seg_test/seg_test/<class>/
+    (a popular download), TrainImages/ + TestImages/ and trainset/ + testset/ as classes: a classifier of the splits.
+    A folder reads as a split by the first of its words (CamelCase humps too; ``trainset`` is train) naming one."""
+    first, second = folders
+    make_image_folder(tmp_path / "d" / first, classes=("forest", "sea"), per_class=2, size=16)
+    make_image_folder(tmp_path / "d" / second, classes=("forest", "sea"), per_class=1, size=16)
+    make_image(tmp_path / "d" / "seg_pred" / "seg_pred" / "0.png", 0)      # Intel's unlabelled images beside
+    with pytest.raises(DataError, match=rf"holds {first}/ and {second}/, whose folders forest, sea are the same "
+                                        r"classes, so they look like train and test images"):
+        scan_folder(tmp_path / "d")
+
+
+def test_a_split_folder_of_one_class_or_of_classes_in_another_case_beside_classes_is_refused(tmp_path):
+    """Review (helper-123): DIR/test/ holding one class folder was read one level down (its one folder, as Kaggle's
+    test_set/test_set/), so DIR/test/cat/ beside DIR/cat/ trained a class "test"; DIR/test/cat/ beside DIR/Cat/
+    too (names compared in their case). Both are refused, as DIR/test/cat/ + DIR/test/dog/ beside DIR/cat/ is."""
+    root = make_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=2, size=16)
+    make_image_folder(root / "test", classes=("cat",), per_class=1, size=16)
+    with pytest.raises(DataError, match=r"holds class folders cat, dog and test/, whose folders cat are classes too"):
+        scan_folder(root)
+    root = make_image_folder(tmp_path / "e", classes=("Cat", "Dog"), per_class=2, size=16)
+    make_image_folder(root / "test", classes=("cat", "dog"), per_class=1, size=16)
+    with pytest.raises(DataError, match=r"holds class folders Cat, Dog and test/, whose folders cat, dog are classes"):
+        scan_folder(root)
+
+
 def test_classes_of_a_single_image_are_one_note_however_many():
     """A note per single-image class printed 1,000 warning lines for 1,000 such classes: one line names how
     many and the first 5; one such class keeps its own sentence."""

@@ -59,7 +59,9 @@ def test_a_run_without_fc_dropout_given_records_and_names_the_one_it_used(tmp_pa
 
 def test_the_lines_after_a_sweep_given_fc_dropout_name_it(tmp_path, monkeypatch):
     """The sweep's `next:` line and the best trial's new run (``rerun.best_trial_command``, said of a kept trial)
-    left --fc-dropout out, though sweep.json records it: the new run trained with the original 0.5."""
+    left --fc-dropout out, though sweep.json records it: the new run trained with the original 0.5. Review
+    (helper-123): each line names it exactly, by one rule (``rerun.model_flags``): sweep's and lr-find's `next:`
+    lines wrote ``:g`` (0.1234567 as 0.123457), the best trial's line ``repr``."""
     import shlex
 
     from finetune.core.rerun import best_trial_command
@@ -67,9 +69,15 @@ def test_the_lines_after_a_sweep_given_fc_dropout_name_it(tmp_path, monkeypatch)
 
     tiny, _ = _with_fc_dropout(tmp_path, monkeypatch)
     data, out = make_image_folder(tmp_path / "data", per_class=6), tmp_path / "sweep"
-    res = invoke("sweep", tiny, "--data", data, "--out", out, "--lr", "1e-3", "--epochs", "1", "--fc-dropout", "0.3",
+    p = "0.1234567"
+    res = invoke("sweep", tiny, "--data", data, "--out", out, "--lr", "1e-3", "--epochs", "1", "--fc-dropout", p,
                  "--freeze", "head", "--batch-size", "8", "--workers", "0", "--device", "cpu")
     assert res.exit_code == 0, res.output
     (nxt,) = [ln for ln in res.output.splitlines() if ln.startswith("next: ")]
-    assert shlex.split(nxt)[-2:] == ["--fc-dropout", "0.3"], nxt
-    assert shlex.split(best_trial_command(out))[-2:] == ["--fc-dropout", "0.3"]
+    assert shlex.split(nxt)[-2:] == ["--fc-dropout", p], nxt
+    assert shlex.split(best_trial_command(out))[-2:] == ["--fc-dropout", p]
+    res = invoke("lr-find", tiny, "--data", data, "--out", tmp_path / "lr", "--steps", "10", "--fc-dropout", p,
+                 "--freeze", "none", "--batch-size", "8", "--workers", "0", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    (nxt,) = [ln for ln in res.output.splitlines() if ln.startswith("next: ")]
+    assert shlex.split(nxt)[-2:] == ["--fc-dropout", p], nxt

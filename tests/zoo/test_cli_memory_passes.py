@@ -99,3 +99,26 @@ def test_a_resume_s_micro_batch_is_kept_by_the_next_resume(tmp_path, monkeypatch
     assert again.exit_code == 0, again.output
     assert max(n for _, n in built[-1].passes) == 3
     assert [r["epoch"] for r in _rows(run)] == ["1", "2", "3"]
+
+
+def test_a_resume_given_micro_batch_0_names_the_passes_it_ran_out_in(tmp_path, monkeypatch):
+    """Review (helper-123): `--resume RUN --micro-batch 0` takes the passes config.yaml records (2 here:
+    ``RunFolder.resume_passes``), but the resume job kept 0: out of memory in fit's set-up, its line named passes of
+    4 (half the whole batch of 8), larger than the 2 that ran out. The job takes the recorded passes first, as fit
+    does: the line names passes of 1. The help says what 0 does on a resume."""
+    import finetune.tools.train
+    import torch
+
+    from tests.zoo.test_cli_memory import TORCH_OOM, _stopped_out_of_memory
+
+    run, *_ = _stopped_out_of_memory(tmp_path, monkeypatch, Trainer, "_run_epoch")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "micro_batch": 2}, sort_keys=False))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    monkeypatch.setattr(finetune.tools.train, "build_setup", no_memory)
+    result = invoke("finetune", "--resume", run, "--micro-batch", "0", "--workers", "0", "--quiet", "--no-export")
+    assert result.stderr.splitlines()[-1].endswith(f"`zoo finetune --resume {run} --micro-batch 1`"), result.output
+    assert "a resume given none (or 0) takes them" in " ".join(invoke("finetune", "--help").output.split())

@@ -11,6 +11,7 @@ from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
 from finetune.core.io import shell_command, write_json
 from finetune.core.policy import lr_unused
+from finetune.core.rerun import model_flags
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import FiniteFloatRange, IntRange, config_options, resolve_config
@@ -103,8 +104,7 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
     echo(f"plot: {out_dir / 'lr_find.png'}  data: {out_dir / 'lr_find.csv'}")
     # The model and options the test ran with (config.yaml: defaults < --config < flags): without them the
     # command printed trained another setup (freeze depth, optimizer, backbone LR multiplier) than the one probed.
-    model_flags = ([] if pretrained else ["--no-pretrained"]) + (["--fc-dropout", f"{fc_dropout:g}"]
-                                                                 if fc_dropout is not None else [])
+    flags = model_flags(pretrained, fc_dropout)
     solver = []
     if result.decision is not None and lr_unused(config, result.decision.trainable_stages):
         echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
@@ -112,4 +112,4 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
         solver = ["--head-solver", "gradient"]
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
     echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "config.yaml",
-                                  "--lr", f"{result.suggestion:.2g}", *solver, *model_flags))
+                                  "--lr", f"{result.suggestion:.2g}", *solver, *flags))

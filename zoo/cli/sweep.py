@@ -13,6 +13,7 @@ from finetune.core.errors import Interrupted
 from finetune.core.metrics import metric_text
 from finetune.core.policy import default_epochs
 from finetune.core.io import shell_command
+from finetune.core.rerun import model_flags
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import IntRange, RangedOption, config_options, resolve_config
@@ -164,12 +165,11 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
         ctx.exit(1)
     echo(f"best config: {out_dir / 'best_config.yaml'}  plot: {out_dir / 'sweep.png'}  "
          f"table: {out_dir / 'results.csv'}")
-    # the trials' model: random weights, another FC dropout (as lr-find's next line says them)
-    model_flags = ([] if pretrained else ["--no-pretrained"]) + (["--fc-dropout", f"{fc_dropout:g}"]
-                                                                 if fc_dropout is not None else [])
+    # the trials' model: random weights, another FC dropout (rerun.model_flags, as every such line says them)
+    flags = model_flags(pretrained, fc_dropout)
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
     echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
-                                  "--epochs", max(30, config.epochs), *model_flags))
+                                  "--epochs", max(30, config.epochs), *flags))
 
 
 def _length(config: FinetuneConfig) -> str:

@@ -135,6 +135,8 @@ def resume_finetune(run_dir: str | Path, overrides: dict[str, Any] | None = None
     data_dir = Path(data_dir) if data_dir is not None else _scanned_root(run_dir)
     # (a resume-free option out of bounds in config.yaml, e.g. an older version's workers: 1000, is replaced)
     config, notes = load_resume_config(run_dir / "config.yaml", overrides)
+    # --micro-batch 0 given: the passes config.yaml records, as fit takes them (the lines below name those passes)
+    config = RunFolder(run_dir).resume_passes(config)
 
     info = ddp.setup(config.device)
     say: Log = log if (log is not None and info.is_main) else (lambda _msg: None)
