@@ -196,18 +196,18 @@ def test_a_run_on_data_with_a_test_split_names_the_eval_that_scores_it(tmp_path,
     bundle's predict line, saying nothing of how to score those held-out images. A run whose data has a test/
     split ends with the `zoo eval` line that scores it; pasted, it evaluates those images."""
     data = make_image_folder(tmp_path / "data", per_class=4, layout="split", val_per_class=2)
-    make_image_folder(data / "test", per_class=2)
+    make_image_folder(data / "Test", per_class=2)          # (named as the user named it: review, helper-123)
     out = tmp_path / "run"
     result = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
     said = [ln for ln in result.stdout.splitlines() if ln.startswith("test: ")]
-    assert len(said) == 1 and "its 6 test/ images" in said[0], result.stdout
+    assert len(said) == 1 and "its 6 Test/ images" in said[0], result.stdout
     assert said[0] in (out / "log.txt").read_text(encoding="utf-8").splitlines()
     argv = shlex.split(said[0][len("test: "):].split("  (")[0])
     assert argv[0] == "zoo", argv
     res = invoke(*argv[1:])
     assert res.exit_code == 0, res.output
-    assert res.stdout.startswith(f"evaluated 6 images from {data.resolve()} (its test/ split)"), res.stdout
+    assert res.stdout.startswith(f"evaluated 6 images from {data.resolve()} (its Test/ split)"), res.stdout
 
 
 def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path, tiny):

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
-from finetune.core.io import printable, shell_command
+from finetune.core.io import printable, printable_name, shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import Folder, config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
@@ -178,7 +178,8 @@ def _report(outcome) -> None:
         scan = outcome.scan
         if scan is not None and scan.test:   # (audit: a test/ split was counted, and nothing said how to score it)
             echo(f"test: {shell_command('zoo', 'eval', outcome.export_dir, '--data', scan.root)}  (its "
-                 f"{len(scan.test)} test/ images, held out from training and from the choice of epoch)")
+                 f"{len(scan.test)} {printable_name(scan.folders.get('test') or 'test')}/ images, held out from "
+                 f"training and from the choice of epoch)")
 
 
 def _bundle_line(bundle) -> str:
