@@ -108,7 +108,8 @@ def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
             same = name_list(sorted(n for n in names if class_key(n).casefold() in shared))
             raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and {printable_name(where_e)}/, "
                             f"whose folders {same} are the same classes, so they look like {splits[d]} and {splits[e]} "
-                            f"images, not two classes: {layout}")
+                            f"images, not two classes: {layout}, or give {printable_name(os.path.join(root, where))} "
+                            f"alone as the data folder (a folder of classes: its validation images are held out)")
 
 
 def _class_levels(root: str, folder: str) -> list[tuple[str, list[str]]]:
