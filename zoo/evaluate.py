@@ -21,7 +21,7 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text, precision_recall
 from finetune.core.io import atomic_write, atomic_write_text, csv_text, printable, printable_name, write_json
 from finetune.data.files import IMAGE_EXTENSIONS, case_twin, class_key, image_files, list_classes, refuse_zoo_output
-from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder
+from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder, split_named_folders
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, predict_probs
 
@@ -122,6 +122,11 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
             raise UsageError(f"--data {root} has train/ but no test/ or val/ to evaluate on; put held-out images "
                              f"in {root / 'test'}/<class>/, or give --data {root / 'train'} to score the training "
                              "images (optimistic: the model has seen them)")
+        for split_name, where, names in split_named_folders(base):    # a download's Training/ + Testing/ (review)
+            if any((n if n in index else class_key(n)) in index for n in map(printable_name, names)):
+                seen = " (optimistic: the model has seen them)" if split_name == "train" else ""
+                raise UsageError(f"--data {base}: its folders {shown} are no classes of the model, but {where}/ holds "
+                                 f"them: give --data {base / where} to score its {split_name} images{seen}")
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
                          f"labels: {', '.join(list(labels)[:5])}...); lay it out as <class>/<image>")
     if not items and unlisted:      # (it said "hold no images" of folders it could not read: review)

@@ -24,7 +24,7 @@ from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import broken_link, printable_name
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "held_out_folder", "write_scan",
-           "write_bad_files", "VAL_NAMES"]
+           "write_bad_files", "VAL_NAMES", "split_named_folders"]
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest
@@ -119,6 +119,16 @@ def _class_levels(root: str, folder: str) -> list[tuple[str, list[str]]]:
         below = f"{chain[-1][0]}/{chain[-1][1][0]}"
         chain.append((below, _subfolders(os.path.join(root, below))))
     return chain
+
+
+def split_named_folders(root: str | os.PathLike) -> list[tuple[str, str, list[str]]]:
+    """``(split, folder, its folders)`` of each folder of ``root`` whose name reads as a split (``Testing/``,
+    ``test_set/test_set/``: the folder below a lone one, as the refusal above reads it), held-out splits first
+    (test, val, then train): where a folder of such folders keeps its classes."""
+    root_s = os.fspath(root)
+    named = [(_split_word(d), d) for d in _subfolders(root_s)]
+    return sorted(((split, *_class_levels(root_s, d)[-1]) for split, d in named if split),
+                  key=lambda t: -_ORDER.index(t[0]))
 
 
 def held_out_folder(root: str | os.PathLike) -> str | None:

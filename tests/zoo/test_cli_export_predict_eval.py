@@ -430,6 +430,26 @@ def test_eval_names_the_label_a_folder_differs_from_in_case(bundle, tmp_path, ru
     assert res.exit_code == 2 and "(found: Cat (the model's cat, in another case); labels:" in res.stderr
 
 
+@pytest.mark.parametrize("inner", ["", "/test_set"])
+def test_eval_of_a_download_of_split_named_folders_names_the_one_to_give(bundle, tmp_path, runner, inner):
+    """Review (helper-123): `zoo eval --data DIR` of a download laid out as Training/<class>/ + Testing/<class>/
+    (Kaggle's training_set/training_set/ + test_set/test_set/) said only "no class folder matches the model's
+    labels (found: Testing, Training ...)". It names the held-out folder that holds the classes, and that
+    folder, given, is scored."""
+    first, second = ("Training", "Testing") if not inner else ("training_set", "test_set")
+    data = tmp_path / "dl"
+    classes = (CLASSES[0], CLASSES[2])
+    make_image_folder(data / first / inner.replace("test", "training").lstrip("/"), classes=classes, per_class=2)
+    make_image_folder(data / second / inner.lstrip("/"), classes=classes, per_class=1)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 2, res.output
+    held = data / second / inner.lstrip("/")
+    assert f"holds them: give --data {str(held).rstrip('/')} to score its test images" in res.stderr, res.stderr
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(held), "--out", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n_images"] == 2
+
+
 def test_eval_out_inside_the_data_is_refused(bundle, tmp_path, runner):
     """QA: `zoo eval B --data photos --out photos/report` wrote confusion.png there, and the next
     `zoo finetune --data photos` trained a class "report" on it (finetune, lr-find and sweep refuse this)."""
