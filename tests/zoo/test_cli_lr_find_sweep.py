@@ -108,6 +108,9 @@ def test_sweep_command_ranks_writes_yaml_and_resumes(tiny_zoo, tmp_path):
     best = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best["epochs"] == 1 and best["lr"] in (1e-3, 1e-2) and best["freeze"] in ("head", "1")
     assert (out / "sweep.png").is_file() and len((out / "results.csv").read_text().splitlines()) == 5
+    # the run to keep: the best trial's options with the auto epochs (was --epochs 30, from before the policy)
+    nxt = _next_command(r.output)
+    assert nxt[nxt.index("--config") + 1:nxt.index("--config") + 4] == [str(out / "best_config.yaml"), "--epochs", "0"]
 
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "--resume" in again.output
