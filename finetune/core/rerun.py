@@ -11,8 +11,9 @@ from typing import Any
 from finetune.core.config import read_config_file
 from finetune.core.errors import ConfigError
 from finetune.core.io import new_run_command, read_json_object
+from finetune.core.policy import AUTO_EPOCHS_FINETUNE
 
-__all__ = ["Recorded", "recorded_run", "model_flags", "best_trial_command", "start_over_command"]
+__all__ = ["Recorded", "recorded_run", "model_flags", "kept_run_epochs", "best_trial_command", "start_over_command"]
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,24 @@ def model_flags(pretrained: Any, fc_dropout: Any) -> tuple[str, ...]:
             *(("--fc-dropout", repr(float(fc_dropout))) if ok else ()))
 
 
+def kept_run_epochs(trial_epochs: int) -> int:
+    """``--epochs`` of the run to keep after a sweep whose trials ran ``trial_epochs``: the trials are short on
+    purpose (5 by default), so the auto epochs (0: the measured policy, 8 when layers train, 30 head only;
+    docs/peers.md), or the trials' own where they ran longer (it was max(30, trials'), from before the policy)."""
+    return int(trial_epochs) if int(trial_epochs) > AUTO_EPOCHS_FINETUNE else 0
+
+
 def best_trial_command(sweep: str | Path) -> str:
     """The new run with the options of the best trial of the ``zoo sweep`` in ``sweep`` (``--config
-    SWEEP/best_config.yaml``), of the model, starting weights and FC dropout its sweep.json records;
-    the data folder is not recorded there (DIR)."""
+    SWEEP/best_config.yaml``) and :func:`kept_run_epochs`, of the model, starting weights and FC dropout its
+    sweep.json records; the data folder is not recorded there (DIR)."""
     fixed = read_json_object(Path(sweep) / "sweep.json").get("fixed")
-    who = fixed.get("identity") if isinstance(fixed, dict) else None
-    who = who if isinstance(who, dict) else {}
+    fixed = fixed if isinstance(fixed, dict) else {}
+    who = fixed.get("identity") if isinstance(fixed.get("identity"), dict) else {}
+    epochs = fixed.get("config", {}).get("epochs") if isinstance(fixed.get("config"), dict) else None
     model = who.get("model")
     return new_run_command("--config", Path(sweep) / "best_config.yaml",
+                           *(("--epochs", kept_run_epochs(epochs)) if isinstance(epochs, int) else ()),
                            *model_flags(who.get("pretrained"), who.get("fc_dropout")),
                            model=model if isinstance(model, str) and model.strip() else "MODEL")
 

@@ -369,6 +369,19 @@ def test_a_kept_sweep_trial_is_named_as_one_by_predict_export_and_resume(tmp_pat
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("trials, kept", [(5, "0"), (8, "0"), (12, "12")])
+def test_the_best_trial_s_new_run_takes_the_auto_epochs_unless_the_trials_ran_longer(tmp_path, trials, kept):
+    """The sweep's next: line (test_sweep_command_ranks_writes_yaml_and_resumes) and a kept trial's line name one
+    run to keep: the trials are short on purpose, so the auto epochs (--epochs 0), or the trials' own beyond 8
+    (rerun.kept_run_epochs; the next: line had max(30, trials'), from before the auto policy)."""
+    from finetune.core.rerun import best_trial_command
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"fixed": {"config": {"epochs": trials},
+                                                               "identity": {"model": "m"}}}))
+    argv = shlex.split(best_trial_command(tmp_path))
+    assert argv[argv.index("--epochs") + 1] == kept, argv
+
+
 def test_sweep_overwrite_keeps_the_users_files_inside_trials(tiny_zoo, tmp_path):
     """QA (helper-64): `zoo sweep --overwrite` removed OUT/trials whole, with the user's files in it (notes
     beside a kept trial, a folder of their own), though --overwrite promises to remove only what the command

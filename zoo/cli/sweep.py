@@ -11,9 +11,9 @@ import click
 from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
 from finetune.core.metrics import metric_text
-from finetune.core.policy import AUTO_EPOCHS_FINETUNE, default_epochs
+from finetune.core.policy import default_epochs
 from finetune.core.io import shell_command
-from finetune.core.rerun import model_flags
+from finetune.core.rerun import kept_run_epochs, model_flags
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import IntRange, RangedOption, config_options, resolve_config
@@ -168,11 +168,8 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
     # the trials' model: random weights, another FC dropout (rerun.model_flags, as every such line says them)
     flags = model_flags(pretrained, fc_dropout)
     # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
-    # The trials are short on purpose (SWEEP_DEFAULT_EPOCHS): the run to keep takes the auto epochs (0: the measured
-    # policy, 8 when layers train, 30 head only; docs/peers.md), or the trials' own where they ran longer (was
-    # max(30, trials'): a 30-epoch cosine for a run that trains layers, which the auto policy replaced)
     echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
-                                  "--epochs", config.epochs if config.epochs > AUTO_EPOCHS_FINETUNE else 0, *flags))
+                                  "--epochs", kept_run_epochs(config.epochs), *flags))
 
 
 def _length(config: FinetuneConfig) -> str:
