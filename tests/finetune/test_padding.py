@@ -124,3 +124,36 @@ def test_torchrun_two_processes_on_a_set_that_leaves_a_padding_copy_train_as_one
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k].double(), b[k].double(), atol=1e-5), (name, k)
+
+
+@pytest.mark.parametrize("sampler", ["random", "balanced"])
+@pytest.mark.parametrize("n,world,batch", [(17, 2, 9), (18, 4, 8), (11, 2, 2), (24, 4, 2), (22, 4, 1), (17, 2, 4)])
+def test_the_sampler_names_the_step_holding_the_copies_and_its_own_images(sampler, n, world, batch):
+    """``EpochSeededSampler.share`` (no collective: the order's length, the ranks and the batch) names what the
+    ranks' batches hold: the one step whose global batch holds copies (the rows of a rank past its ``counted``), and the
+    set's own images in it; none when no rank holds one (24 on 4; 17 on 2 at 4 a rank drops its last partial
+    batch, one image)."""
+    from finetune.data.loaders import train_batches
+
+    class Set:
+        targets = [i % 3 for i in range(n)]
+
+        def __len__(self) -> int:
+            return n
+
+    own: dict[int, int] = {}
+    copies: set[int] = set()
+    shares = set()
+    for rank in range(world):
+        order = train_batches(Set(), batch, sampler=sampler, world_size=world, rank=rank)
+        order.sampler.set_epoch(0, 5)
+        counted, seen = order.sampler.counted(), 0
+        for step, rows in enumerate(order, 1):
+            mine = max(0, min(len(rows), counted - seen))
+            own[step] = own.get(step, 0) + mine
+            copies |= {step} if mine < len(rows) else set()
+            seen += len(rows)
+        shares.add(order.sampler.share(batch)[1:])
+    assert len(copies) <= 1 and len(shares) == 1          # one step at most, the same on every rank
+    padded, images = shares.pop()
+    assert (padded, images) == ((copies.pop(), own[padded]) if copies else (0, 0))
