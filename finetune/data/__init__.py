@@ -18,7 +18,7 @@ from finetune.data.device import DeviceAugment, DeviceNormalize, device_steps
 from finetune.data.images import (device_decodable, load_image, load_image_tensor, pil_warnings, read_image_bytes,
                                   to_rgb, to_uint8_tensor, upright_rgb)
 from finetune.data.loaders import (DROP_LAST_FRACTION, EpochSeededSampler, ImageDataset, class_weights,
-                                   close_loader, collate_skip_none, count_draw, counted_images, drop_last_partial,
+                                   close_loader, collate_skip_none, count_draw, train_share, drop_last_partial,
                                    make_loader,
                                    resolve_workers, set_epoch_order, set_loader_epoch, train_batches)
 from finetune.data.scan import IMAGE_EXTENSIONS, ImageSet, ScanReport, scan_folder, write_bad_files, write_scan
@@ -32,6 +32,6 @@ __all__ = [
     "build_transform", "ImageTransform", "with_input_size", "trains_mirrored",
     "DeviceNormalize", "DeviceAugment", "device_steps",
     "ImageDataset", "collate_skip_none", "make_loader", "set_loader_epoch", "EpochSeededSampler",
-    "train_batches", "set_epoch_order", "count_draw", "counted_images",
+    "train_batches", "set_epoch_order", "count_draw", "train_share",
     "drop_last_partial", "DROP_LAST_FRACTION", "class_weights", "resolve_workers", "close_loader",
 ]

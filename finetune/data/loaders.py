@@ -9,7 +9,7 @@ import secrets
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, WeightedRandomSampler,
@@ -229,19 +229,45 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         """How many of this share's samples, from its first, are the set's own: the rest (the last one of
         some ranks) are the copies that pad the global order to a whole number of rows of ranks
         (``DistributedSampler``'s, or the balanced draw's above). They train, so that every rank takes the
-        same steps; an epoch's metrics leave them out (``engine.steps._tally``)."""
-        if isinstance(self.sampler, DistributedSampler):
-            n, rank, world = len(self.sampler.dataset), self.sampler.rank, self.sampler.num_replicas
-        else:
-            n, rank, world = len(self.sampler), self.rank, self.world
+        same steps, but add nothing to the loss (``engine.passes.Pads``); an epoch's metrics leave them out
+        (``engine.steps._tally``)."""
+        n, rank, world = self._layout()
         return min(self.limit, max(0, -(-(n - rank) // world)))
 
+    def share(self, batch_size: int) -> Share:
+        """This rank's :class:`Share` of an epoch in batches of ``batch_size``: the copies, when there are any, lie
+        past the set's last image in the global order, so all in the last step (the ranks' shares have one
+        length), which holds the global order's last images; the earlier steps hold ``batch_size`` x world each.
+        Every rank finds the same step and count, with no collective."""
+        n, _, world = self._layout()
+        if self.limit * world <= n:      # no copies (or a dropped last partial batch: the limit stops short)
+            return Share(self.counted())
+        last = -(-self.limit // int(batch_size))
+        return Share(self.counted(), last, n - (last - 1) * int(batch_size) * world)
 
-def counted_images(loader) -> int | None:
-    """This rank's images in an epoch of a training ``loader`` (:func:`make_loader`, or a ``DevicePrefetcher``
-    around one) that its metrics count: :meth:`EpochSeededSampler.counted`; None for another loader."""
-    sampler = getattr(getattr(loader, "loader", loader), "sampler", None)
-    return sampler.counted() if isinstance(sampler, EpochSeededSampler) else None
+    def _layout(self) -> tuple[int, int, int]:
+        """(the set's samples in an epoch's global order, this rank, the ranks)."""
+        if isinstance(self.sampler, DistributedSampler):
+            return len(self.sampler.dataset), self.sampler.rank, self.sampler.num_replicas
+        return len(self.sampler), self.rank, self.world
+
+
+class Share(NamedTuple):
+    """A rank's part of an epoch's training order under torchrun (:meth:`EpochSeededSampler.share`):
+    ``counted``, how many of its images, from its first, are the set's own (the rest are the copies that pad
+    the ranks' shares to one length); ``padded``, the step whose global batch holds copies (0: none does);
+    ``images``, the set's own images in that global batch, all ranks together."""
+    counted: int
+    padded: int = 0
+    images: int = 0
+
+
+def train_share(loader) -> Share | None:
+    """This rank's :class:`Share` of an epoch of a training ``loader`` (:func:`make_loader`, or a
+    ``DevicePrefetcher`` around one); None for another loader."""
+    loader = getattr(loader, "loader", loader)
+    sampler = getattr(loader, "sampler", None)
+    return sampler.share(loader.batch_size) if isinstance(sampler, EpochSeededSampler) else None
 
 
 def count_draw(drawn: dict[int, int], index: int) -> int:

@@ -15,7 +15,7 @@ from finetune.core.errors import is_out_of_memory, memory_text
 from finetune.core.io import printable_name
 from finetune.core.progress import progress_bar
 from finetune.core.ema import ModelEma
-from finetune.data.loaders import close_loader, counted_images
+from finetune.data.loaders import close_loader, train_share
 from finetune.data.replay import KeptPass
 from finetune.engine.drops import epoch_drops
 from finetune.engine.passes import largest_pass, smaller_pass
@@ -174,7 +174,7 @@ class LoaderSteps:
                                   scaler=scaler, progress=bar, epoch=epoch, channels_last=s.channels_last,
                                   only_train=s.head_module if phase == "head" else None, info=s.info,
                                   normalize=s.train_normalize, mix=s.mix, ema=self.ema, blank=self._blank,
-                                  counted=counted_images(s.train_loader),     # not the padding copies
+                                  share=train_share(s.train_loader),     # the padding copies
                                   drops=epoch_drops(s.config, epoch, s.info), micro=int(s.config.micro_batch))
         finally:
             if bar is not None:

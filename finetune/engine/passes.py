@@ -12,7 +12,7 @@ over its own images, as each rank does under torchrun.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -23,31 +23,28 @@ from finetune.engine.runtime import AmpPolicy
 from finetune.engine.drops import SharedDropout
 
 __all__ = ["take_step", "pass_bounds", "largest_pass", "smaller_pass", "optimizer_step", "stepped", "stand_in_step",
-           "as_before", "train_forward", "diverged", "loss_parts", "batch_loss", "FULL"]
+           "as_before", "train_forward", "diverged", "loss_parts", "batch_loss", "loss_scale", "Pads", "FULL"]
 
 FULL = AmpPolicy("cpu", None)     # full precision: no autocast
 
 
 def take_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module, info: ddp.DistInfo, *,
               step: int, amp: AmpPolicy | None, drops: SharedDropout | None, optimizer, scaler,
-              micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              micro: int = 0, pads: Pads | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward pass of training step ``step`` on ``x`` and, given an ``optimizer`` (None: a frozen control,
     forward only), its backward and update; in passes of ``micro`` images when the batch holds more (0: one
-    pass). Returns the batch's loss and logits (with grad in one pass; detached from several)."""
+    pass). ``pads``: the step's global batch holds padding copies (:class:`Pads`; None: it holds none). Returns
+    the batch's loss (the mean, or :func:`batch_loss`'s scaled sum) and logits (with grad in one pass; detached
+    from several)."""
     n = int(x.shape[0])
     if not micro or n <= micro:
         out = train_forward(model, x, amp, drops.at(step) if drops is not None else contextlib.nullcontext())
-        loss = batch_loss(loss_fn, out.float(), target, info)
+        loss = batch_loss(loss_fn, out.float(), target, info, pads=pads)
         if optimizer is not None:
             optimizer_step(loss, optimizer, scaler)
         return loss, out
-    weight = _batch_weight(loss_fn, target)
-    if info.enabled and getattr(loss_fn, "weight", None) is not None:     # as batch_loss's one all-reduce
-        shared = weight.detach().clone()
-        ddp.all_reduce_sum(shared, info)
-        scale = info.world_size / shared.clamp_min(torch.finfo(shared.dtype).tiny)
-    else:
-        scale = 1.0 / weight
+    rows = n if pads is None else max(0, min(n, pads.rows))
+    scale = loss_scale(_batch_weight(loss_fn, target[:rows]), loss_fn, info, pads)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     loss, outs = torch.zeros((), device=x.device), []
@@ -58,7 +55,7 @@ def take_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: 
             masks = drops.at(step, rows=(start, stop, n)) if drops is not None else contextlib.nullcontext()
             with sync, (contextlib.nullcontext() if optimizer is not None else torch.no_grad()):
                 out = train_forward(model, x[start:stop], amp, masks)
-                part = loss_parts(loss_fn, out.float(), target[start:stop])[0] * scale
+                part = loss_parts(loss_fn, out.float(), target[start:stop], rows - start)[0] * scale
                 if optimizer is not None:
                     _backward(part, scaler)
             loss += part.detach()
@@ -153,11 +150,19 @@ def _update_refused(optimizer: torch.optim.Optimizer) -> Iterator[None]:
                             f"{wd:.3g}): lower the learning rate, --backbone-lr-mult or --weight-decay") from None
 
 
-def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor,
+               rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``loss_fn``'s batch mean as (sum, weight): the weight is what torch divides by, the sum of the
     targets' class weights for a class-weighted cross-entropy on class indices (``--class-weights auto``:
     label smoothing divides by it too), else the number of images. Means over several batches or ranks are
-    then ``sum(sums) / sum(weights)``, whatever the batching."""
+    then ``sum(sums) / sum(weights)``, whatever the batching. ``rows``: only the first ``rows`` count (None: all);
+    the others (padding copies, :class:`Pads`) add nothing, and with none counted the sum is a zero that still
+    leads back through ``out`` (the backward reaches every parameter, as DDP's all-reduce needs)."""
+    n = int(out.shape[0])
+    if rows is not None and rows < n:
+        if rows <= 0:
+            return out[:0].sum(), out.new_zeros(())
+        out, target = out[:rows], target[:rows]
     mean = loss_fn(out, target)
     weight = getattr(loss_fn, "weight", None)
     if weight is not None and not target.is_floating_point():
@@ -167,24 +172,53 @@ def loss_parts(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> t
     return mean * total, total
 
 
+class Pads(NamedTuple):
+    """A training step whose global batch holds the copies that pad the ranks' shares to one length under
+    torchrun (the sampler's: ``data.loaders.EpochSeededSampler.pads``): ``rows``, how many of this rank's
+    batch, from its first, are the set's own images (the copies are always a batch's last rows); ``images``,
+    the set's own images of the global batch, all ranks together. The copies still run forward and backward
+    (every rank takes the same steps, shapes and all-reduces) but add nothing to the loss."""
+    rows: int
+    images: int
+
+
 def batch_loss(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor, info: ddp.DistInfo, *,
-               blank: bool = False) -> torch.Tensor:
+               pads: Pads | None = None) -> torch.Tensor:
     """The training loss of this rank's part of the global batch, scaled so that DDP's average of the ranks'
-    gradients is the gradient of one process's loss on the whole batch. A plain mean needs nothing: the
-    shards are the same size. A class-weighted cross-entropy divides by the batch's weight, which differs
-    between shards (each rank's mean, averaged, weighed its rare-class images otherwise than one process):
-    each rank divides its sum by the mean weight over the ranks (one scalar all-reduce per step, only
-    then; on CUDA it queues like the gradients' and the host does not wait). ``blank``: a stand-in step
-    (:func:`stand_in_step`) that adds no weight. Whether the all-reduce runs depends on the loss alone, never on
-    the batch: a stand-in's class targets and the other ranks' mixed (probability) ones take it alike (QA:
-    --mixup with --class-weights auto, the stand-in rank alone all-reduced and gloo aborted the job); for
-    probability targets torch divides by the images, so the shared weight is the images then."""
-    if not info.enabled or getattr(loss_fn, "weight", None) is None:
+    gradients is the gradient of one process's loss on the whole batch: this rank's sum over its images
+    times ``world_size`` over the global batch's images, or their class weight (:func:`loss_scale`). A plain
+    mean needs nothing when no rank's batch holds padding copies (``pads`` None): the shards are the same size
+    and their images all count. ``pads``: they are not, or not all count; with ``pads.rows`` 0 (a stand-in
+    step, :func:`stand_in_step`) the loss is a zero that still reaches every parameter."""
+    if pads is None and not _shared_weight(loss_fn, info):
         return loss_fn(out, target)
-    total, weight = loss_parts(loss_fn, out, target)
-    shared = weight.detach().clone() * (0.0 if blank else 1.0)
-    ddp.all_reduce_sum(shared, info)
-    return total * info.world_size / shared.clamp_min(torch.finfo(shared.dtype).tiny)
+    total, weight = loss_parts(loss_fn, out, target, None if pads is None else pads.rows)
+    return total * loss_scale(weight, loss_fn, info, pads)
+
+
+def loss_scale(weight: torch.Tensor, loss_fn: nn.Module, info: ddp.DistInfo, pads: Pads | None):
+    """What this rank's loss sum (over the rows that count, of weight ``weight``) is multiplied by: ``world_size``
+    over the global batch's weight, so that DDP's average of the ranks' gradients is one process's gradient of
+    the mean over the global batch's own images. A class-weighted cross-entropy divides by the batch's weight,
+    which differs between shards: each rank all-reduces its weight (one scalar all-reduce per step, only then;
+    on CUDA it queues like the gradients' and the host does not wait). Whether it runs depends on the loss
+    alone, never on the batch: a stand-in's class targets and the other ranks' mixed (probability) ones take it
+    alike (QA: --mixup with --class-weights auto, the stand-in rank alone all-reduced and gloo aborted the job);
+    for probability targets torch divides by the images, so the shared weight is the images then. Otherwise the
+    global batch's images are known to every rank without a collective: ``pads.images`` where padding copies
+    leave some out, else this rank's ``weight`` times ``world_size`` (the shards are the same size)."""
+    if _shared_weight(loss_fn, info):
+        shared = weight.detach().clone()
+        ddp.all_reduce_sum(shared, info)
+        return info.world_size / shared.clamp_min(torch.finfo(shared.dtype).tiny)
+    if pads is not None:
+        return info.world_size / max(1, int(pads.images))
+    return 1.0 / weight
+
+
+def _shared_weight(loss_fn: nn.Module, info: ddp.DistInfo) -> bool:
+    """The global batch's weight is all-reduced (:func:`loss_scale`): a class-weighted loss under DDP."""
+    return info.enabled and getattr(loss_fn, "weight", None) is not None
 
 
 def stepped(model: nn.Module, scheduler, ema) -> None:
@@ -211,7 +245,7 @@ def stand_in_step(model: nn.Module, blank: Callable[[], tuple] | None, loss_fn: 
     x, y = blank()
     x, y = (x[:micro], y[:micro]) if micro else (x, y)
     with as_before(model, x.device):
-        loss = batch_loss(loss_fn, train_forward(model, x, amp).float(), y, info, blank=True) * 0.0
+        loss = batch_loss(loss_fn, train_forward(model, x, amp).float(), y, info, pads=Pads(0, 0))
         if optimizer is not None:
             optimizer_step(loss, optimizer, scaler)
     if optimizer is not None:

@@ -15,7 +15,8 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.engine.drops import SharedDropout
 from finetune.engine.mixing import BatchMix
-from finetune.engine.passes import (FULL, as_before, diverged, loss_parts, pass_bounds, stand_in_step, stepped,
+from finetune.data.loaders import Share
+from finetune.engine.passes import (FULL, Pads, as_before, diverged, loss_parts, pass_bounds, stand_in_step, stepped,
                                     take_step, train_forward)
 from finetune.engine.runtime import AmpPolicy, to_device
 from finetune.core.metrics import accuracy_text, per_class_accuracy
@@ -38,7 +39,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                     info: ddp.DistInfo | None = None, normalize: Callable | None = None, mix: BatchMix | None = None,
                     ema=None, after_step: Callable[[int, torch.Tensor], bool | None] | None = None,
                     raise_diverged: bool = True, blank: Callable[[], tuple] | None = None,
-                    counted: int | None = None, drops: SharedDropout | None = None, micro: int = 0) -> dict:
+                    share: Share | None = None, drops: SharedDropout | None = None, micro: int = 0) -> dict:
     """One pass over ``batches``, the one training loop of every path: ``fit``'s epochs (a DataLoader), the
     cached-feature head (features), the LR range test (an ``after_step`` hook), the overfit check (fixed
     batches). The scheduler (and the weight average ``ema``) is stepped after every optimizer step.
@@ -62,8 +63,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         raise_diverged: False: a NaN/inf loss raises nothing, the caller reads it in the losses and metrics.
         blank: under DDP, ``() -> (x, y)`` on ``device``: the stand-in for a batch whose every image failed
             (:func:`passes.stand_in_step`); needed where ``batches`` can yield None on several processes.
-        counted: how many of this rank's images, from the first, the metrics count (the sampler's ``counted``);
-            the rest, copies padding the ranks' shares to one length, train but are left out (:func:`_tally`).
+        share: this rank's part of the epoch (``data.loaders.Share``): its padding copies add nothing (:func:`_pads`).
         drops: dropout masks drawn for the global batch (``engine.drops.SharedDropout``); None: torch's own.
         micro: the most images one forward pass takes (``--micro-batch``): a bigger batch is stepped in several
             passes whose gradients add up (``passes.take_step``); 0: one pass.
@@ -96,12 +96,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         x, y = to_device(*batch[:2], device, channels_last, normalize, *batch[2:3])
         mixed = mix(x, y, step) if mix is not None else None     # soft targets, each image's dominant label
         x, target, y = (mixed.x, mixed.target, mixed.y) if mixed is not None else (x, y, y)
+        left, pads = _pads(share, seen, step)
         loss, out = take_step(model, x, target, loss_fn, info, step=step, amp=amp, drops=drops, optimizer=optimizer,
-                              scaler=scaler, micro=micro)
+                              scaler=scaler, micro=micro, pads=pads)
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if optimizer is not None:
             stepped(model, scheduler, ema)
-        seen += _tally(loss_sum, correct, loss, out, y, loss_fn, target, None if counted is None else counted - seen)
+        seen += _tally(loss_sum, correct, loss, out, y, left, pads and pads.images / info.world_size)
         if progress is not None:
             now = time.perf_counter()
             look = now - shown >= POSTFIX_EVERY_S
@@ -114,23 +115,28 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return _train_totals(loss_sum, correct, seen, t0, waited[0], info)
 
 
+def _pads(share: Share | None, seen: int, step: int) -> tuple[int | None, Pads | None]:
+    """How many more of this rank's images count (None: all) and, in the step whose global batch holds the copies
+    padding the ranks' shares (``share.padded``), its :class:`passes.Pads`."""
+    left = None if share is None else share.counted - seen
+    return left, (Pads(left, share.images) if share is not None and step == share.padded else None)
+
+
 def _tally(loss_sum: torch.Tensor, correct: torch.Tensor, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor,
-           loss_fn: nn.Module, target: torch.Tensor, left: int | None) -> int:
+           left: int | None, images: float | None) -> int:
     """Add a training batch to the epoch's metrics (in place, on the device: no host sync); returns the images
     counted. ``left``: how many more of this rank's images count (None: all). Under torchrun the last images
     of some ranks are copies of the first ones that pad every rank's share to one length (``DistributedSampler``'s
-    padding): they train as before, but the metrics count each image of the set once, as validation's unpadded
-    shards do. Only a batch holding such copies pays for it (the loss of its first ``left`` rows). An image
+    padding): they train, adding nothing to the loss, and the metrics count each image of the set once, as
+    validation's unpadded shards do. ``loss`` is the batch's mean, weighing for its images; in the step holding
+    copies, this rank's part of the global batch's mean (``passes.batch_loss``), weighing for ``images``: the
+    global batch's own images over the ranks (the ranks' parts add up to its mean, class-weighted too). An image
     that failed to decode earlier on the rank moves the cut by one (a batch says which rows it lost only as a
     count)."""
     n = int(y.shape[0])
     k = n if left is None else max(0, min(n, left))
-    if k == n:
-        loss_sum += loss.detach().double() * n
-        correct += (out.detach().argmax(1) == y).sum()
-    elif k:
-        loss_sum += loss_fn(out.detach()[:k].float(), target[:k]).double() * k
-        correct += (out.detach()[:k].argmax(1) == y[:k]).sum()
+    loss_sum += loss.detach().double() * (n if images is None else images)
+    correct += (out.detach()[:k].argmax(1) == y[:k]).sum()
     return k
 
 

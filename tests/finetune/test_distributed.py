@@ -361,7 +361,7 @@ _ONE_PASS = """
     # same per-image losses), over 11 images at 2 a rank: DistributedSampler pads them to 12
     import torch
     from finetune.core import distributed
-    from finetune.data import ImageDataset, build_transform, counted_images, make_loader, set_loader_epoch
+    from finetune.data import ImageDataset, build_transform, train_share, make_loader, set_loader_epoch
     from finetune.engine.steps import train_one_epoch
     from tests.finetune.test_train import DATA_CONFIG
 
@@ -372,7 +372,7 @@ _ONE_PASS = """
                              train=True, workers=0, world_size=info.world_size, rank=info.rank)
         set_loader_epoch(loader, 0, 1, info.rank)
         return train_one_epoch(model, loader, None, None, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
-                               info=info, counted=counted_images(loader))
+                               info=info, share=train_share(loader))
 """
 
 

@@ -710,7 +710,7 @@ def test_every_rank_takes_the_class_weight_all_reduce_whatever_its_batch(monkeyp
     out = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     soft = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float() * 0.7 + 0.1
     mixed = steps.batch_loss(loss_fn, out, soft, info)
-    blank = steps.batch_loss(loss_fn, out, torch.zeros(4, dtype=torch.int64), info, blank=True)
+    blank = steps.batch_loss(loss_fn, out, torch.zeros(4, dtype=torch.int64), info, pads=steps.Pads(0, 0))
     assert len(calls) == 2 and calls[0] == 4.0 and calls[1] == 0.0      # one collective each, as every rank's
     assert float(mixed) == pytest.approx(float(loss_fn(out, soft)), rel=1e-6)
     assert torch.isfinite(blank)
