@@ -104,13 +104,11 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     ignored: list[str] = []
     folders = [base / name for name in list_classes(str(base))]     # as the training scan lists them
     for d in folders:
-        # how finetune names a class whose folder name is not UTF-8; café composed or decomposed is one name
-        name = printable_name(d.name)
-        name = name if name in index else class_key(name)
-        if name not in index:
+        label = _label_of(d.name, index)
+        if label is None:
             ignored.append(d.name)
             continue
-        items.extend((p, index[name]) for p in image_files(str(d), unlisted, others))
+        items.extend((p, label) for p in image_files(str(d), unlisted, others))
     if not folders and found:       # an empty test/ (made for later) beside val/: "found: none" said nothing (QA)
         val = split_folder(root, VAL_NAMES) if split.lower() == "test" else None
         raise UsageError(f"--data {root}: {base} holds no class folders, and zoo eval scores {split}/ where there "
@@ -123,7 +121,7 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                              f"in {root / 'test'}/<class>/, or give --data {root / 'train'} to score the training "
                              "images (optimistic: the model has seen them)")
         for split_name, where, names in split_named_folders(base):    # a download's Training/ + Testing/ (review)
-            if any((n if n in index else class_key(n)) in index for n in map(printable_name, names)):
+            if any(_label_of(n, index) is not None for n in names):
                 seen = " (optimistic: the model has seen them)" if split_name == "train" else ""
                 raise UsageError(f"--data {base}: its folders {shown} are no classes of the model, but {where}/ holds "
                                  f"them: give --data {base / where} to score its {split_name} images{seen}")
@@ -136,6 +134,13 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     if not items:
         raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return split, items, ignored
+
+
+def _label_of(folder: str, index: dict[str, int]) -> int | None:
+    """The label a class folder's name is (``index``: names and aliases to labels), else None: named as finetune
+    names a class whose folder name is not UTF-8; café composed or decomposed is one name."""
+    name = printable_name(folder)
+    return index[name] if name in index else index.get(class_key(name))
 
 
 def folder_names(folders: Sequence[str], labels: Sequence[str]) -> str:
