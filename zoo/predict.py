@@ -23,6 +23,7 @@ from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms import functional as F
 
+from finetune.core.devices import copies_async
 from finetune.core.io import broken_link, unexpanded_home
 from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
@@ -238,7 +239,7 @@ def model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     0.85 s NCHW), and the model a bundle hands out keeps torch's standard layout (saveable by safetensors)."""
     from finetune.engine.runtime import nhwc   # lazy: finetune.engine's package adds 0.4 s to `zoo predict`'s start
 
-    batch = batch.to(device, non_blocking=True)
+    batch = batch.to(device, non_blocking=copies_async(device))     # (blocking on MPS: core.devices)
     if batch.dim() == 4 and nhwc(device, True, trains=False):
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch

@@ -10,5 +10,6 @@
 - ``policy``: freeze depth from the data size; ``surgery``: head replacement, freezing, BatchNorm;
 - ``optim``: parameter groups, optimizers, schedules; ``recipe``: the prepared model; ``ema``;
 - ``signals``: SIGTERM taken as Ctrl-C (a run's and the CLI's one signal policy);
-- ``threads``: the one ordered thread map; ``progress``: the one progress bar.
+- ``threads``: the one ordered thread map; ``progress``: the one progress bar;
+- ``devices``: what a device kind can do (float64 sums, non_blocking copies): CPU, CUDA, Apple MPS.
 """

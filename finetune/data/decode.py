@@ -36,6 +36,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from finetune.core.config import FinetuneConfig
+from finetune.core.devices import copies_async
 from finetune.data.device import DeviceAugment, indexed_device
 from finetune.data.geometry import Plan, crop_plan, eval_plan, resample
 from finetune.data.images import (
@@ -172,7 +173,7 @@ class DeviceTransform:
         encoded = [i for i, t in enumerate(items) if t.dim() == 1]
         for i, t in enumerate(items):
             if t.dim() == 3:
-                out[i] = t.to(device, non_blocking=True)
+                out[i] = t.to(device, non_blocking=copies_async(device))
         if not encoded:
             return out
         cuda = device.type == "cuda"
@@ -180,8 +181,8 @@ class DeviceTransform:
             torch.cuda.current_stream(device).synchronize()   # nvJPEG ordering bug: see module doc
         try:
             images = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=device)
-            for i, im in zip(encoded, images):
-                out[i] = im
+            for i, im in zip(encoded, images):     # (decoded on the CPU but for CUDA's nvJPEG: then moved there)
+                out[i] = im.to(device, non_blocking=copies_async(device))
             return out
         except RuntimeError:            # one bad file fails the whole batched call: retry one by one
             if cuda:                    # work it queued may still write into blocks it gave back
@@ -190,7 +191,7 @@ class DeviceTransform:
             try:
                 if cuda:
                     torch.cuda.current_stream(device).synchronize()
-                out[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
+                out[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device).to(device)
             except RuntimeError:
                 if cuda:
                     torch.cuda.synchronize(device)
@@ -201,7 +202,7 @@ class DeviceTransform:
 
     def _decode_on_cpu(self, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+            return decode_jpeg(data, mode=ImageReadMode.RGB).to(device, non_blocking=copies_async(device))
         except RuntimeError:
             try:
                 with open_image(io.BytesIO(data.numpy().tobytes())) as im:
@@ -263,7 +264,7 @@ class DeviceTransform:
             plans = [self._plan(images[i]) for i in keep]
         x = resample([images[i] for i in keep], plans, (self.h, self.w), self.mode)
         y = labels[keep] if len(keep) < len(images) else labels
-        return self.colour(x, device, channels_last, draws), y.to(device, non_blocking=True)
+        return self.colour(x, device, channels_last, draws), y.to(device, non_blocking=copies_async(device))
 
 
 class DevicePrefetcher:

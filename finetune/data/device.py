@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from finetune.core.devices import copies_async
 from finetune.data.transforms import _parse_data_config, augment_mode, flip_probability
 from finetune.core.errors import ConfigError
 
@@ -61,7 +62,7 @@ class DeviceNormalize:
         device = indexed_device(device)
         if draws is None and keys is not None:
             draws = self.draws_for(keys)
-        x = self.augment(x.to(device, non_blocking=True), draws)
+        x = self.augment(x.to(device, non_blocking=copies_async(device)), draws)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)   # on uint8: 4x less to move than float
         mean, std = self._stats(device)
@@ -181,7 +182,7 @@ class DeviceAugment(DeviceNormalize):
         params = torch.tensor(rows, dtype=torch.float32)
         if x.device.type == "cuda":
             params = params.pin_memory()
-        params = params.to(x.device, non_blocking=True).view(n, -1, 1, 1, 1)
+        params = params.to(x.device, non_blocking=copies_async(x.device)).view(n, -1, 1, 1, 1)
         if any(flips):
             x = torch.where(params[:, 0].bool(), x.flip(-1), x)
         for step in range(steps):

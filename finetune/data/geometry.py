@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from finetune.core.devices import copies_async
 from finetune.data.transforms import EVAL_MAX_ASPECT, LimitAspect
 
 __all__ = ["Plan", "crop_plan", "eval_plan", "resample"]
@@ -122,8 +123,8 @@ def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[
         return out
     shapes = [tuple(int(v) for v in im.shape[-2:]) for im in images]
     order = sorted(range(n), key=lambda i: shapes[i])
-    p = torch.tensor([plans[i] for i in order], dtype=torch.int64).to(device, non_blocking=True)
-    where = torch.tensor(order, dtype=torch.int64).to(device, non_blocking=True)
+    p = torch.tensor([plans[i] for i in order], dtype=torch.int64).to(device, non_blocking=copies_async(device))
+    where = torch.tensor(order, dtype=torch.int64).to(device, non_blocking=copies_async(device))
     start = 0
     while start < n:
         stop, tall, wide = start, 0, 0

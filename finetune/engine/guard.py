@@ -82,7 +82,7 @@ def paired_loss_p(diff: torch.Tensor, draws: int = BOOTSTRAP_DRAWS, seed: int = 
     n = int(diff.numel())
     if n == 0:
         return 1.0
-    d = diff.detach().double().cpu().reshape(-1)
+    d = diff.detach().cpu().double().reshape(-1)     # (widened on the host: MPS has no float64)
     g = torch.Generator().manual_seed(int(seed))
     at_or_below = 0
     for start in range(0, draws, _CHUNK):

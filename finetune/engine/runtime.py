@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from finetune.core import distributed as ddp
+from finetune.core.devices import copies_async
 from finetune.core.errors import ConfigError
 
 __all__ = ["resolve_device", "check_machine", "idle_gpus_note", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy",
@@ -209,15 +210,16 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch on ``device``: uint8 batches through ``normalize`` (a ``DeviceNormalize``; ``keys``, the
     images' sample keys when the batch carries them, seed each image's device augmentation), float
-    ones copied (NHWC with ``channels_last``)."""
+    ones copied (NHWC with ``channels_last``); asynchronously but on MPS (``core.devices.copies_async``)."""
+    later = copies_async(device)
     if normalize is not None:     # uint8 batch: copied as uint8, converted and normalised on the device
         if keys is not None:
-            return normalize(x, device, channels_last, keys=keys.tolist()), y.to(device, non_blocking=True)
-        return normalize(x, device, channels_last), y.to(device, non_blocking=True)
-    x = x.to(device, non_blocking=True)
+            return normalize(x, device, channels_last, keys=keys.tolist()), y.to(device, non_blocking=later)
+        return normalize(x, device, channels_last), y.to(device, non_blocking=later)
+    x = x.to(device, non_blocking=later)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    return x, y.to(device, non_blocking=later)
 
 
 def build_loss(config: Any, class_weights: list[float] | None, device: torch.device, *,

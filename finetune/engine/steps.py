@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.core import distributed as ddp
+from finetune.core.devices import copies_async, sum_dtype
 from finetune.engine.drops import SharedDropout
 from finetune.engine.mixing import BatchMix
 from finetune.data.loaders import Share
@@ -77,7 +78,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     model.train(only_train is None)
     if only_train is not None:
         only_train.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)     # float64, but on MPS (core.devices)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.zeros((), dtype=torch.int64, device=device)     # first step with a non-finite loss
     seen = 0
@@ -135,7 +136,7 @@ def _tally(loss_sum: torch.Tensor, correct: torch.Tensor, loss: torch.Tensor, ou
     count)."""
     n = int(y.shape[0])
     k = n if left is None else max(0, min(n, left))
-    loss_sum += loss.detach().double() * (n if images is None else images)
+    loss_sum += loss.detach().to(loss_sum.dtype) * (n if images is None else images)
     correct += (out.detach()[:k].argmax(1) == y[:k]).sum()
     return k
 
@@ -193,8 +194,8 @@ def _train_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, t0: 
                   info: ddp.DistInfo) -> dict:
     """The epoch's metrics, summed over ranks; its seconds since ``t0`` (the device's queued steps done);
     ``data_wait``: the share of them the loop waited for data (``waited`` seconds, the mean over ranks)."""
-    totals = torch.cat([torch.stack([loss_sum, correct.double()]),
-                        torch.tensor([float(seen), waited], dtype=torch.float64, device=loss_sum.device)])
+    totals = torch.cat([torch.stack([loss_sum, correct.to(loss_sum.dtype)]),
+                        torch.tensor([float(seen), waited], dtype=loss_sum.dtype, device=loss_sum.device)])
     ddp.all_reduce_sum(totals, info)
     loss_total, correct_total, images, wait = totals.tolist()
     seconds = time.perf_counter() - t0
@@ -227,8 +228,9 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     model.eval()
     c = len(classes)
     confusion = torch.zeros(c * c, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    loss_weight = torch.zeros((), dtype=torch.float64, device=device)     # (loss_parts: images, or class weight)
+    wide = sum_dtype(device)      # float64, but on MPS (core.devices)
+    loss_sum = torch.zeros((), dtype=wide, device=device)
+    loss_weight = torch.zeros((), dtype=wide, device=device)     # (loss_parts: images, or class weight)
     # Nothing here makes the host wait for a batch: per-image outputs go to the host asynchronously (pinned
     # memory, read after the pass's last copy below) and the confusion counts by index_add_ (CUDA's
     # bincount looks at the labels' maximum from the host).
@@ -241,8 +243,8 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
             bounds = pass_bounds(int(x.shape[0]), micro)
             out = model(x) if len(bounds) == 1 else torch.cat([model(x[a:b]) for a, b in bounds])
         part, weight = loss_parts(loss_fn, out.float(), y)
-        loss_sum += part.double()
-        loss_weight += weight.double()
+        loss_sum += part.to(wide)
+        loss_weight += weight.to(wide)
         pred = out.argmax(1)
         confusion.index_add_(0, y * c + pred, torch.ones_like(y))
         if probs is not None:
@@ -250,13 +252,13 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
         if correct is not None:
             kept.append((correct, _to_host(pred == y)))
         if losses is not None:
-            kept.append((losses, _to_host(F.cross_entropy(out.float(), y, reduction="none").double())))
+            kept.append((losses, _to_host(F.cross_entropy(out.float(), y, reduction="none"))))
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
     ddp.all_reduce_sum(loss_weight, info)
     conf = confusion.view(c, c).cpu()       # waits for the pass, its copies to the host included
-    for into, values in kept:
-        into.append(values)
+    for into, values in kept:     # (the losses widened on the host: the device may have no float64)
+        into.append(values.double() if into is losses else values)
     total = int(conf.sum())
     right = conf.diag().tolist()
     per_class = per_class_accuracy(right, conf.sum(1).tolist(), list(classes))
@@ -266,9 +268,9 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy on the CPU that the host does not wait for (pinned from CUDA): read it only after a later
-    blocking copy on the same stream."""
-    return t.to("cpu", non_blocking=True)
+    """A copy on the CPU that the host does not wait for from CUDA (pinned): read it only after a later blocking
+    copy on the same stream. From another device (MPS) a blocking copy (``core.devices.copies_async``)."""
+    return t.to("cpu", non_blocking=copies_async(t.device))
 
 
 def warm_up(model: nn.Module, train_shape: tuple[int, ...] | None, eval_shape: tuple[int, ...] | None,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from finetune.core.devices import sum_dtype
 from finetune.core.optim import lbfgs_minimise
 from finetune.core.progress import progress_bar
 
@@ -62,7 +63,7 @@ def handedness(plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor
         keep = torch.randperm(n, generator=g)[:MAX_IMAGES].sort().values.to(labels.device)
         plain, mirrored, labels, n = plain[keep], mirrored[keep], labels[keep], MAX_IMAGES
     fold = (torch.randperm(n, generator=g) % 2).to(labels.device)
-    scores = torch.zeros(n, dtype=torch.float64, device=labels.device)
+    scores = torch.zeros(n, dtype=sum_dtype(labels.device), device=labels.device)    # float64, but on MPS
     for f in progress_bar(desc="mirror test: L-BFGS fit per fold", unit="fold", quiet=quiet, iterable=(0, 1)):
         train, test = fold != f, fold == f
         if not bool(train.any()) or not bool(test.any()):
@@ -92,5 +93,6 @@ def _fold_scores(p_tr, m_tr, y_tr, p_te, m_te, y_te, k: int) -> torch.Tensor:
         for view, own, other in ((p_te, y_te, y_te + k), (m_te, y_te + k, y_te)):
             z = ((view - mu) / sd) @ w + b
             mine, theirs = z[rows, own], z[rows, other]
-            per_view.append((mine > theirs).double() + 0.5 * (mine == theirs).double())
+            wide = sum_dtype(z.device)
+            per_view.append((mine > theirs).to(wide) + 0.5 * (mine == theirs).to(wide))
     return (per_view[0] + per_view[1]) / 2

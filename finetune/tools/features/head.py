@@ -32,6 +32,7 @@ from finetune.data import ImageDataset, build_transform, count_draw, set_epoch_o
 from finetune.data.transforms import trains_mirrored
 from finetune.engine.setup import Setup
 from finetune.engine.drops import epoch_drops
+from finetune.engine.runtime import to_device
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.core.errors import FinetuneError
 from finetune.core.metrics import accuracy_text
@@ -238,8 +239,9 @@ class CachedHeadSteps:
             y = self.train_bank.labels[idx]
             turns = 0 if drawn is None else [count_draw(drawn, i) for i in keep]
             views = (view_of[idx] + torch.tensor(turns)) % n_views
-            x = self.train_feats[views.to(self.train_feats.device), idx.to(self.train_feats.device)]
-            yield x.to(s.device, non_blocking=True).reshape(-1, *self.shape), y.to(s.device, non_blocking=True)
+            x, y = to_device(self.train_feats[views.to(self.train_feats.device), idx.to(self.train_feats.device)], y,
+                             s.device)
+            yield x.reshape(-1, *self.shape), y
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The validation features ``(x, y)`` on the device, in val_set order, batch by batch."""
@@ -247,8 +249,8 @@ class CachedHeadSteps:
         bs = int(s.config.batch_size)
         for start in range(0, int(self.val_rows.shape[0]), bs):
             r = self.val_rows[start:start + bs]
-            x = self.val_feats[r.to(self.val_feats.device)].to(s.device, non_blocking=True)
-            yield x.reshape(-1, *self.shape), self.val_labels[start:start + bs].to(s.device)
+            x, y = to_device(self.val_feats[r.to(self.val_feats.device)], self.val_labels[start:start + bs], s.device)
+            yield x.reshape(-1, *self.shape), y
 
     @property
     def solves(self) -> bool:
@@ -397,9 +399,7 @@ class CachedHeadSteps:
             return {"loss": math.nan, "acc": math.nan}
         s = self.s
         was = s.head_module.training
-        probs: list = []
-        correct: list = []
-        losses: list = []
+        probs, correct, losses = [], [], []     # (engine.evaluate fills them)
         try:
             out = evaluate(self.net, self.val_batches(), s.eval_loss_fn, s.device, s.classes, amp=s.amp,
                            probs=probs, correct=correct, losses=losses)
