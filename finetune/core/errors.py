@@ -67,13 +67,15 @@ class OutOfMemory(FinetuneError):
 # CUDA's own allocations outside torch's caching allocator, on a device it filled: the cuBLAS handle and workspace a
 # first matmul creates, a stream, cuDNN's workspace: a RuntimeError, not torch's OutOfMemoryError. Its first line
 # (what memory_text shows) starts with CUDA's error or names the library's status; an error that quotes one further
-# on (a DataLoader worker's re-raised traceback, a message about another error) keeps its traceback
-_DEVICE_ALLOC_FAILED = re.compile(r"CUDA error: out of memory\b|.*\b(CUBLAS|CUDNN)_STATUS_ALLOC_FAILED\b")
+# on (a DataLoader worker's re-raised traceback, a message about another error) keeps its traceback. Apple MPS's
+# allocator raises a plain RuntimeError too: "MPS backend out of memory (MPS allocated: ...). Tried to allocate ..."
+_DEVICE_ALLOC_FAILED = re.compile(r"CUDA error: out of memory\b|MPS backend out of memory\b"
+                                  r"|.*\b(CUBLAS|CUDNN)_STATUS_ALLOC_FAILED\b")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
     """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA's caching allocator; torch need not be imported
-    to ask: nothing else raises it) or CUDA's own allocation failing (a RuntimeError naming it)."""
+    to ask: nothing else raises it) or CUDA's own allocation or MPS's failing (a RuntimeError naming it)."""
     torch = sys.modules.get("torch")
     return (isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
             or (isinstance(err, RuntimeError) and _DEVICE_ALLOC_FAILED.match(str(err).strip()) is not None))
@@ -92,5 +94,6 @@ def memory_text(err: BaseException) -> str:
     # (CUDA's error text: its first line; the next ones are torch's advice on launch blocking and DSA)
     text = " ".join((text if "Tried to allocate" in text else text.split("\n")[0]).split())
     if "Tried to allocate" in text:       # "CUDA out of memory. Tried to allocate X. GPU 0 has ... of which Y is free."
-        text = ". ".join(text.split(". ")[:3]).rstrip(".")
+        kept = [s for s in text.split(". ") if not s.startswith("Use PYTORCH_")]     # (MPS's advice: its watermark)
+        text = ". ".join(kept[:3]).rstrip(".")
     return text or type(err).__name__

@@ -202,3 +202,23 @@ def test_device_decoding_puts_every_image_on_a_device_that_is_not_cuda():
     decode = DeviceTransform(DATA_CONFIG, False, cfg()).decode
     out = decode([encode_jpeg(image), image], torch.device("meta"))
     assert [(im.device.type, tuple(im.shape)) for im in out] == [("meta", (3, 16, 16))] * 2
+
+
+MPS_OUT_OF_MEMORY = ("MPS backend out of memory (MPS allocated: 9.00 GiB, other allocations: 464.00 KiB, max allowed: "
+                     "9.32 GiB). Tried to allocate 1024.00 MiB on private pool. "
+                     "Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations "
+                     "(may cause system failure).")
+
+
+def test_mps_out_of_memory_stops_a_run_as_cuda_s_does():
+    """MPS's allocator raises a plain RuntimeError (``TORCH_CHECK(false, "MPS backend out of memory ...")`` in
+    MPSAllocator.mm), not torch's OutOfMemoryError: it went through the generic error path (a traceback, no line on
+    what is saved and how to resume in smaller passes). Now it is out of memory, shown without torch's advice to lift
+    the allocator's watermark (which "may cause system failure")."""
+    from finetune.core.errors import is_out_of_memory, memory_text, stops_run
+
+    err = RuntimeError(MPS_OUT_OF_MEMORY)
+    assert is_out_of_memory(err) and stops_run(err)
+    assert memory_text(err) == ("MPS backend out of memory (MPS allocated: 9.00 GiB, other allocations: 464.00 KiB, "
+                                "max allowed: 9.32 GiB). Tried to allocate 1024.00 MiB on private pool")
+    assert not is_out_of_memory(RuntimeError("the hook failed after an MPS backend out of memory"))

@@ -23,7 +23,7 @@ TTA_VIEWS = ("flip", "ten")
 DEFAULT_TTA_VIEWS = "flip"
 
 
-DEVICE_HELP = "Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps."
+DEVICE_HELP = "Where to run: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N, mps."
 
 
 def tta_options(func):

@@ -28,7 +28,7 @@ __all__ = ["serve_cmd"]
 @click.option("--batch-wait-ms", type=FiniteFloatRange(0, 60_000), default=None, cls=RangedOption,
               default_text="5 on a GPU, 0 on the CPU", help="Wait this long for more images once one arrived.")
 @click.option("--device", default="auto", show_default=True,
-              help="Where to run: auto (CUDA when available), cpu, cuda, cuda:N, mps.")
+              help="Where to run: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N, mps.")
 def serve_cmd(model: str, host: str, port: int, topk: int, max_upload_mb: float, max_pixels: int,
               max_batch: int, batch_wait_ms: float | None, device: str) -> None:
     """Serve BUNDLE (a `zoo export` folder, a registry name or hf-hub:OWNER/NAME) on a local page where you
