@@ -222,3 +222,32 @@ def test_mps_out_of_memory_stops_a_run_as_cuda_s_does():
     assert memory_text(err) == ("MPS backend out of memory (MPS allocated: 9.00 GiB, other allocations: 464.00 KiB, "
                                 "max allowed: 9.32 GiB). Tried to allocate 1024.00 MiB on private pool")
     assert not is_out_of_memory(RuntimeError("the hook failed after an MPS backend out of memory"))
+
+
+def test_predict_s_batches_reach_the_device_by_blocking_copies_and_come_back_float32(mps):
+    """``zoo predict``, ``zoo eval`` and ``zoo serve`` predict through ``zoo.predict.model_input`` on the model's
+    device: no float64 there, and the batch copied there blocking on MPS (it was non_blocking: pytorch#189690)."""
+    from PIL import Image
+
+    from zoo.predict import predict_probs
+
+    model = tiny_model().to(DEVICE).eval()
+    images = [Image.new("RGB", (40, 36), colour) for colour in ((200, 10, 10), (10, 200, 10), (10, 10, 200))]
+    kept, probs = predict_probs(model, images, DATA_CONFIG, batch_size=2, threads=0)
+    assert kept == [0, 1, 2] and probs.dtype == torch.float32 and not mps.on(probs)
+    assert mps.float64_ops == [] and mps.async_copies == 0
+
+
+def test_the_doctor_s_feature_pass_on_simulated_mps(tmp_path, mps):
+    """``zoo doctor``'s features come off the device as float32 per batch; its float64 (the cosines, the label
+    probe) is computed on the host from them: nothing float64 on the device, no numpy view of a device tensor."""
+    from finetune.data import scan_folder
+    from finetune.tools.doctor.run import folder_features
+    from tests.conftest import make_image_folder
+
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=4), val_split=0.25, seed=0)
+    feats, valid, hits = folder_features(report, tiny_model(), "fc", DATA_CONFIG, cfg(), cache_dir=tmp_path / "cache",
+                                         device="cpu:0")
+    assert mps.float64_ops == [] and hits == 0
+    assert {k: (v.dtype.name, int(m.sum())) for (k, v), m in zip(feats.items(), valid.values())} == \
+        {"train": ("float32", 9), "val": ("float32", 3)}
