@@ -269,7 +269,7 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A copy on the CPU that the host does not wait for from CUDA (pinned): read it only after a later blocking
-    copy on the same stream. From another device (MPS) a blocking copy (``core.devices.copies_async``)."""
+    copy on the same stream. From MPS a blocking copy (``core.devices.copies_async``)."""
     return t.to("cpu", non_blocking=copies_async(t.device))
 
 
