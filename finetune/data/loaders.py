@@ -18,7 +18,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from finetune.data.images import load_image, load_image_tensor
 from finetune.data.imageset import ImageSet
 from finetune.core.errors import ConfigError, DataError
-from finetune.core.host import process_cpus
+from finetune.core.host import process_cpus, worker_context
 from finetune.core.io import printable_name
 from finetune.core.seeding import epoch_seed, repeat_seed, sample_seed, seed_host
 
@@ -366,6 +366,7 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
         drop_last=drop_last,
         persistent_workers=n_workers > 0,
         generator=torch.Generator().manual_seed(int(seed)),    # the workers' seeds
+        multiprocessing_context=worker_context() if n_workers > 0 else None,
     )
 
 
