@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from finetune.core.config import FinetuneConfig
-from finetune.engine import FitResult, RunFolder, Trainer, build_setup
+from finetune.engine import FitResult, RunFolder, Trainer, build_setup, float32_default
 from finetune.core.errors import ConfigError
 from finetune.core.seeding import preserved_rng
 from finetune.tools.features import CachedHeadSteps, FeatureCache
@@ -60,7 +60,7 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         raise ConfigError("resume needs the run folder: pass run_dir")
     # the run seeds Python's, NumPy's and torch's global generators (the head's init, each epoch's dropout and
     # workers=0 draws): the caller's streams are put back when it returns or raises, as after a diagnostic
-    with preserved_rng():
+    with preserved_rng(), float32_default():
         return _fit(model, stages, data_config, train_set, val_set, config, head=head, run_dir=run_dir,
                     resume=resume, log=log, callbacks=callbacks, reset_head=reset_head, feature_cache=feature_cache)
 
