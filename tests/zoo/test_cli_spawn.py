@@ -1,5 +1,6 @@
 """``zoo finetune --workers 1`` with worker processes started as macOS and Windows start them (spawn), on Linux:
-the same numbers as with fork. (``zoo predict`` and ``zoo eval`` decode on threads: no worker process to spawn.)"""
+the same numbers as with fork; ``zoo doctor --workers 1`` the same findings. (``zoo predict`` and ``zoo eval`` decode on
+threads: no worker process to spawn.)"""
 from __future__ import annotations
 
 import csv
@@ -45,3 +46,24 @@ def test_zoo_finetune_with_spawned_workers_trains_what_fork_trains(tmp_path, mon
         assert done.returncode == 0, done.stderr[-3000:]
     assert metrics(runs["spawn"]) == metrics(runs["fork"])
     assert len(metrics(runs["fork"])) == (1 if freeze == "head" else 2)
+
+
+@pytest.mark.slow
+def test_zoo_doctor_with_a_spawned_worker_finds_what_fork_finds(tmp_path, monkeypatch):
+    """The doctor's feature pass (``--workers 1``) under spawn: the same findings.csv and doctor.json (its
+    timings aside) as under fork. About 25 s here."""
+    import json
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    outs = {}
+    for method in ("fork", "spawn"):
+        outs[method] = tmp_path / f"doctor-{method}"
+        done = zoo_under(method, tmp_path / f"home-{method}", "doctor", data, "--model", tiny, "--out", outs[method],
+                         "--workers", "1", "--device", "cpu", "--quiet")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (outs["spawn"] / "findings.csv").read_text() == (outs["fork"] / "findings.csv").read_text()
+    found = {m: json.loads((outs[m] / "doctor.json").read_text()) for m in outs}
+    for report in found.values():
+        report.pop("seconds", None)
+    assert found["spawn"] == found["fork"]
