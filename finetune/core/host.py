@@ -10,9 +10,10 @@ above it, and take the tightest.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 
-__all__ = ["affinity_cpus", "usable_cpus", "process_cpus", "cpu_quota", "memory_available"]
+__all__ = ["affinity_cpus", "usable_cpus", "process_cpus", "cpu_quota", "memory_available", "worker_context"]
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
@@ -44,6 +45,16 @@ def process_cpus() -> int:
         quota = cpu_quota()
         return max(1, min(affinity_cpus(), math.ceil(quota) // local) if quota is not None else affinity_cpus())
     return max(1, usable_cpus() // local)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context that the package's worker processes (DataLoader workers) and tqdm's lock are
+    made in: the start method the program chose (``multiprocessing.set_start_method``), else the platform's default
+    (spawn on macOS and Windows, fork on Linux), taken without choosing it for the process. Asking multiprocessing
+    for its default context (what a DataLoader and tqdm's first bar do) fixes the start method: a library call then
+    made the caller's own ``set_start_method("spawn")`` fail with "context has already been set"."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return multiprocessing.get_context(method)
 
 
 def _narrower_than_parent() -> bool:

@@ -1,7 +1,9 @@
 """``progress_bar``: the one progress bar of the package and the CLI (an epoch's batches, feature extraction, the
 head's solves, the mirror test's fits, zoo predict's images, zoo doctor's passes and label probe, a download).
 On a terminal it is a tqdm bar; in a pipe or a log file (a scheduler's job, ``nohup``), a plain line a minute
-(:class:`LogLines`), so that a log says where a long pass is without a bar's carriage returns."""
+(:class:`LogLines`), so that a log says where a long pass is without a bar's carriage returns. In a Jupyter notebook
+(stderr is the kernel's stream: not a terminal, not a log either) it is the bar ``tqdm.auto`` gives there, as for
+tqdm's and fastai's users: a widget with ipywidgets, else tqdm's text bar, which the notebook redraws in place."""
 from __future__ import annotations
 
 import os
@@ -9,6 +11,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from finetune.core.host import worker_context
 from finetune.core.io import human_size
 
 __all__ = ["progress_bar", "LogLines", "LOG_EVERY_S"]
@@ -19,7 +22,9 @@ LOG_EVERY_S = 60.0      # off a terminal: a pass's first line after this long, t
 def progress_bar(total: int | None = None, desc: str | None = None, *, unit: str, quiet: bool = False,
                  iterable: Iterable | None = None, **extra: Any) -> Any:
     """A tqdm bar on stderr, cleared when it closes (``leave=False``), as wide as the terminal is at each redraw;
-    none with ``quiet``. Where stderr is not a terminal (a pipe, a log file, a scheduler's job): a
+    none with ``quiet``. In a Jupyter notebook (stderr is the kernel's stream) the bar ``tqdm.auto`` makes there
+    (docs/guide/python-api.md, "In a notebook"). Where stderr is not a terminal (a pipe, a log file, a scheduler's
+    job): a
     :class:`LogLines` instead, which writes nothing for a pass shorter than ``LOG_EVERY_S`` (none with tqdm's own
     ``TQDM_DISABLE``, read as tqdm reads it: any value but the empty one, ``0`` and ``false`` included, turns
     the bars and the lines off).
@@ -28,13 +33,39 @@ def progress_bar(total: int | None = None, desc: str | None = None, *, unit: str
     # tqdm's envwrap gives TQDM_DISABLE the type of disable's default, bool(str); the disable= passed below would
     # override it (QA: TQDM_DISABLE=1 left the bar on a terminal), so it is read here for both
     off = quiet or bool(os.environ.get("TQDM_DISABLE", ""))
-    if not off and not _terminal(sys.stderr):
-        return LogLines(total, desc, unit=unit, iterable=iterable, scaled=unit == "B" and bool(extra.get("unit_scale")))
+    if off or not (_terminal(sys.stderr) or _notebook(sys.stderr)):
+        # (off: a silent LogLines, not tqdm(disable=True), which starts tqdm's monitor thread and leaves it running
+        # after the bar has closed: a thread left behind in the caller's process by every quiet run)
+        return LogLines(total, desc, unit=unit, iterable=iterable, scaled=unit == "B" and bool(extra.get("unit_scale")),
+                        quiet=off)
     # lazy: zoo --help imports the commands that use it; tqdm is imported on the first bar
     from tqdm.auto import tqdm
 
+    _tqdm_lock()
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
-                disable=True if off else None, **extra)
+                disable=False, **extra)    # (tqdm's None turns off a bar on any stream but a terminal: a notebook's)
+
+
+def _notebook(stream) -> bool:
+    """Whether ``stream`` is a Jupyter kernel's output stream (ipykernel's ``OutStream``): a notebook cell's output,
+    which redraws a bar in place. A notebook's stderr sent to a file is no such stream (it gets the log lines)."""
+    iostream = sys.modules.get("ipykernel.iostream")     # (never imported here: loaded only inside a kernel)
+    kind = getattr(iostream, "OutStream", None)
+    return isinstance(kind, type) and isinstance(stream, kind)
+
+
+def _tqdm_lock() -> None:
+    """Give tqdm its multiprocessing lock from :func:`finetune.core.host.worker_context` before its first bar: tqdm
+    makes it from multiprocessing's default context, which fixes the process's start method, and a caller's own
+    ``multiprocessing.set_start_method("spawn")`` after a ``fit`` then failed ("context has already been set")."""
+    from tqdm.std import TqdmDefaultWriteLock    # lazy: with tqdm, on the first bar
+
+    if hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        return
+    try:
+        TqdmDefaultWriteLock.mp_lock = worker_context().RLock()
+    except (ImportError, OSError):      # as tqdm: no semaphores on this platform, the thread lock alone
+        TqdmDefaultWriteLock.mp_lock = None
 
 
 def _terminal(stream) -> bool:
@@ -51,18 +82,18 @@ class LogLines:
 
     ``figures``: a callable giving the line's figures, called only when a line is written: the training loop's
     running loss and accuracy are a host look (a GPU sync), taken once a line rather than every second as a
-    visible bar's. A stream that fails (a closed pipe) ends the lines, never the pass."""
-
-    disable = False
+    visible bar's. A stream that fails (a closed pipe) ends the lines, never the pass. ``quiet``: no line at all
+    (``disable`` is then True, as on a disabled tqdm bar)."""
 
     def __init__(self, total: int | None, desc: str | None, *, unit: str, iterable: Iterable | None = None,
-                 scaled: bool = False, clock=time.monotonic) -> None:
+                 scaled: bool = False, clock=time.monotonic, quiet: bool = False) -> None:
         self.total, self.desc, self.unit, self.iterable, self.scaled = total, desc, unit, iterable, scaled
         self.n = 0
         self.figures: Callable[[], dict[str, Any]] | None = None
         self._clock = clock
         self._start = self._last = clock()
-        self._open = True
+        self._open = not quiet
+        self.disable = quiet
 
     def update(self, n: int = 1) -> None:
         self.n += n

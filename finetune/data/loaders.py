@@ -18,7 +18,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from finetune.data.images import load_image, load_image_tensor
 from finetune.data.imageset import ImageSet
 from finetune.core.errors import ConfigError, DataError
-from finetune.core.host import process_cpus
+from finetune.core.host import process_cpus, worker_context
 from finetune.core.io import printable_name
 from finetune.core.seeding import epoch_seed, repeat_seed, sample_seed, seed_host
 
@@ -124,7 +124,7 @@ MIN_IMAGES_FOR_WORKERS = 256
 
 
 def resolve_workers(workers: int, device: str = "cpu", batches: int | None = None,
-                    single_pass_images: int | None = None) -> int:
+                    single_pass_images: int | None = None, images: int | None = None) -> int:
     """The DataLoader worker count; a number >= 0 is used as given (0 = load in the main process).
 
     -1 (auto), from this process's share of the usable cores (``finetune.core.host.process_cpus``: a container's
@@ -134,7 +134,10 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     the batches one pass over the loader holds: a worker prepares whole batches, so more would only start
     processes that get nothing to do (a 3-batch pass gets 3 workers, not 15).
     A loader read once (``single_pass_images``: its image count, e.g. a feature pass) of fewer than
-    MIN_IMAGES_FOR_WORKERS images gets none.
+    MIN_IMAGES_FOR_WORKERS images gets none; so does any loader whose pass holds fewer (``images``) where workers
+    start afresh (:func:`finetune.core.host.worker_context` not fork: macOS's and Windows' spawn), as each then
+    imports torch before its first batch, seconds where a fork takes 0.04 s (docs/benchmarks.md, "Worker
+    processes"): a 3-batch run on a Mac decodes in the main process rather than waiting for 2 x import torch.
     """
     if workers >= 0:
         return workers
@@ -144,6 +147,8 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     else:
         auto = 0 if cpus <= 4 else min(8, cpus // 4)
     if single_pass_images is not None and single_pass_images < MIN_IMAGES_FOR_WORKERS:
+        return 0
+    if images is not None and images < MIN_IMAGES_FOR_WORKERS and worker_context().get_start_method() != "fork":
         return 0
     return auto if batches is None else min(auto, max(0, int(batches)))
 
@@ -352,7 +357,8 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
     if train:
         order = train_batches(dataset, batch_size, sampler=sampler, seed=seed, world_size=world_size, rank=rank)
         chosen, drop_last = order.sampler, order.drop_last
-    n_workers = resolve_workers(int(workers), device, _batches(dataset, chosen, int(batch_size), drop_last))
+    n_workers = resolve_workers(int(workers), device, _batches(dataset, chosen, int(batch_size), drop_last),
+                                images=len(chosen) if chosen is not None else len(dataset))
     pin = str(device).startswith("cuda") and torch.cuda.is_available()
     base = getattr(dataset, "dataset", dataset)            # a DDP Subset wraps the dataset
     return DataLoader(
@@ -366,6 +372,7 @@ def make_loader(dataset, batch_size: int, *, train: bool, workers: int = -1, dev
         drop_last=drop_last,
         persistent_workers=n_workers > 0,
         generator=torch.Generator().manual_seed(int(seed)),    # the workers' seeds
+        multiprocessing_context=worker_context() if n_workers > 0 else None,
     )
 
 

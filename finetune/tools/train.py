@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from finetune.core.config import FinetuneConfig
-from finetune.engine import FitResult, RunFolder, Trainer, build_setup
+from finetune.engine import FitResult, RunFolder, Trainer, build_setup, float32_default
 from finetune.core.errors import ConfigError
+from finetune.core.seeding import preserved_rng
 from finetune.tools.features import CachedHeadSteps, FeatureCache
 
 __all__ = ["fit", "FitResult"]
@@ -26,6 +27,10 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
         feature_cache: FeatureCache | None = None) -> FitResult:
     """Finetune ``model`` on ``train_set`` following the recipe: new head, freeze decision, BatchNorm
     policy, an optional head phase, the finetune phase, early stopping, a checkpoint per epoch.
+
+    A library call: the process's global random streams (Python, NumPy, torch), cudnn.benchmark, signal handlers,
+    thread count and warnings filters are as the caller left them when it returns or raises, and its worker
+    processes and threads have ended. Callable again in the same process, and from another thread.
 
     Args:
         model: a pretrained network (modified in place: new head, freezing, BatchNorm policy).
@@ -53,6 +58,16 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     """
     if resume and run_dir is None:
         raise ConfigError("resume needs the run folder: pass run_dir")
+    # the run seeds Python's, NumPy's and torch's global generators (the head's init, each epoch's dropout and
+    # workers=0 draws): the caller's streams are put back when it returns or raises, as after a diagnostic
+    with preserved_rng(), float32_default():
+        return _fit(model, stages, data_config, train_set, val_set, config, head=head, run_dir=run_dir,
+                    resume=resume, log=log, callbacks=callbacks, reset_head=reset_head, feature_cache=feature_cache)
+
+
+def _fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, train_set, val_set,
+         config: FinetuneConfig, *, head: str, run_dir: str | Path | None, resume: bool, log: Log | None,
+         callbacks: Iterable[Callable[[dict], Any]], reset_head: bool, feature_cache: FeatureCache | None) -> FitResult:
     if resume:      # (before the set-up: its checks and the cached head's feature passes take these passes)
         config = RunFolder(run_dir).resume_passes(config)
     setup = build_setup(model, stages, data_config, train_set, val_set, config, head=head,

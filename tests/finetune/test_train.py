@@ -409,7 +409,8 @@ def test_tqdm_disable_turns_the_bar_and_the_lines_off_as_tqdm_reads_it(monkeypat
 
     assert bool(envwrap("tqdm")(tqdm_init)()) is off
     bar = progress.progress_bar(3, "x", unit="img")
-    assert bool(bar.disable) is off and isinstance(bar, progress.LogLines) is (not off and not terminal)
+    # (off: a silent LogLines, tqdm(disable=True) left tqdm's monitor thread running: helper-126)
+    assert bool(bar.disable) is off and isinstance(bar, progress.LogLines) is (off or not terminal)
     bar.close()
 
 

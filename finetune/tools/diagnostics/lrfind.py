@@ -13,7 +13,7 @@ import torch
 
 from finetune.core.config import FinetuneConfig
 from finetune.data import ImageSet
-from finetune.engine import Setup, build_setup, train_one_epoch
+from finetune.engine import Setup, build_setup, float32_default, train_one_epoch
 from finetune.core.errors import ConfigError, DivergedError, FinetuneError
 from finetune.tools.features import CachedHeadSteps, FeatureCache
 from finetune.core.io import atomic_write_text, csv_text
@@ -267,9 +267,10 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     # the test trains `steps` steps, not epochs: auto epochs (0) would print the run's epoch line a second time
     # under --lr auto, and size cuDNN's autotuning for a whole run
     config = config.replace(epochs=1) if int(config.epochs) == 0 else config
-    with preserved_rng(), contextlib.closing(build_setup(model, stages, data_config, train_set, None, config,
-                                                          head=head, reset_head=reset_head, copy_model=True,
-                                                          distributed=False, log=log)) as setup:
+    with preserved_rng(), float32_default(), \
+            contextlib.closing(build_setup(model, stages, data_config, train_set, None, config, head=head,
+                                           reset_head=reset_head, copy_model=True, distributed=False,
+                                           log=log)) as setup:
         cached = None
         if setup.head_only and setup.cached_head:
             cached = CachedHeadSteps(setup, feature_cache, log=log)

@@ -9,6 +9,7 @@ from torch import nn
 from finetune.data import resolve_workers
 from finetune.engine.runtime import AmpPolicy, amp_policy, to_device
 from finetune.core.errors import FinetuneError
+from finetune.core.host import worker_context
 from finetune.core.progress import progress_bar
 from finetune.tools.features.cache import FeatureBank
 
@@ -90,7 +91,8 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
     loader = torch.utils.data.DataLoader(
         items, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate_indexed, pin_memory=device.type == "cuda", generator=gen,
-        persistent_workers=False, prefetch_factor=4 if workers else None)
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+        multiprocessing_context=worker_context() if workers else None)
     feats: torch.Tensor | None = None
     labels = torch.full((n,), -1, dtype=torch.int64)
     shape: tuple[int, ...] = ()

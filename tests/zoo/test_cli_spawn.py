@@ -1,0 +1,69 @@
+"""``zoo finetune --workers 1`` with worker processes started as macOS and Windows start them (spawn), on Linux:
+the same numbers as with fork; ``zoo doctor --workers 1`` the same findings. (``zoo predict`` and ``zoo eval`` decode on
+threads: no worker process to spawn.)"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import make_image_folder, register_tiny
+
+# the start method set first, as a Mac's Python has it; then the command line as the console script runs it
+SCRIPT = ("import sys, multiprocessing; multiprocessing.set_start_method(sys.argv[1]); "
+          "from zoo.cli import cli; cli(sys.argv[2:], prog_name='zoo')")
+KEPT = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def zoo_under(method: str, home, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ZOO_HOME": str(home)}       # a home each: the feature pass runs under each method
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-c", SCRIPT, method, *map(str, args)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def metrics(run) -> list[list[str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return [[row[k] for k in KEPT] for row in csv.DictReader(fh)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", ["head", "none"])
+def test_zoo_finetune_with_spawned_workers_trains_what_fork_trains(tmp_path, monkeypatch, freeze):
+    """Head only (cached features: the feature pass's loader) and --freeze none (the training and validation
+    loaders): every number of metrics.csv is the same under spawn as under fork. About 30 s each here."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    runs = {}
+    for method in ("fork", "spawn"):
+        runs[method] = tmp_path / f"run-{method}"
+        done = zoo_under(method, tmp_path / f"home-{method}", "finetune", tiny, "--data", data, "--out",
+                         runs[method], "--freeze", freeze, "--epochs", "2", "--batch-size", "8", "--workers", "1",
+                         "--device", "cpu", "--quiet", "--no-export")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics(runs["spawn"]) == metrics(runs["fork"])
+    assert len(metrics(runs["fork"])) == (1 if freeze == "head" else 2)
+
+
+@pytest.mark.slow
+def test_zoo_doctor_with_a_spawned_worker_finds_what_fork_finds(tmp_path, monkeypatch):
+    """The doctor's feature pass (``--workers 1``) under spawn: the same findings.csv and doctor.json (its
+    timings aside) as under fork. About 25 s here."""
+    import json
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    outs = {}
+    for method in ("fork", "spawn"):
+        outs[method] = tmp_path / f"doctor-{method}"
+        done = zoo_under(method, tmp_path / f"home-{method}", "doctor", data, "--model", tiny, "--out", outs[method],
+                         "--workers", "1", "--device", "cpu", "--quiet")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (outs["spawn"] / "findings.csv").read_text() == (outs["fork"] / "findings.csv").read_text()
+    found = {m: json.loads((outs[m] / "doctor.json").read_text()) for m in outs}
+    for report in found.values():
+        report.pop("seconds", None)
+    assert found["spawn"] == found["fork"]
