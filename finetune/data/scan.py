@@ -59,15 +59,16 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
     classes "Train" and "Val" they trained a classifier of the split); a folder of split folders alone,
     without ``train/``, is a DataError rather than a flat folder whose classes are "val" and "test".
     """
-    hidden: list[tuple[str, int]] = []
-    subdirs = set(list_classes(root, hidden))
+    subdirs = set(list_classes(root))
     train, val, test = (split_folder(root, names, subdirs) for names in (("train",), VAL_NAMES, ("test",)))
     lowered = {d.lower() for d in subdirs}
     if train is not None and (val is not None or lowered <= {"train", "test"}):
         return train, val, test
     if train is None and lowered and lowered <= {*VAL_NAMES, "test"}:
         found = name_list(f"{d}/" for d in sorted(subdirs))
-        hid = f" ({hidden_note(hidden, root)})" if hidden else ""      # (`DIR/.train/`: named, not "no train/")
+        hidden: list[tuple[str, int]] = []      # (`DIR/.train/`: named, not "no train/"; walked only here)
+        list_classes(root, hidden)
+        hid = f" ({hidden_note(hidden, root)})" if hidden else ""
         raise DataError(f"{printable_name(root)} holds {found} but no train/ folder{hid}: put the training images "
                         "in DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
     _refuse_split_among_classes(root, sorted(subdirs))
