@@ -21,7 +21,7 @@ from matplotlib.ft2font import FT2Font
 from finetune.core.confusion import confusion_csv_text, precision_recall
 from finetune.core.io import atomic_write, atomic_write_text, csv_text, printable, printable_name, write_json
 from finetune.data.files import IMAGE_EXTENSIONS, case_twin, class_key, image_files, list_classes, refuse_zoo_output
-from finetune.data.scan import VAL_NAMES, held_out_folder, split_folder, split_named_folders
+from finetune.data.scan import VAL_NAMES, held_out_folder, hidden_note, split_folder, split_named_folders
 from zoo.errors import UsageError
 from zoo.predict import DEFAULT_TTA_VIEWS, OnError, predict_probs
 
@@ -48,6 +48,7 @@ class EvalReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unreadable_folders: list[tuple[str, str]] = field(default_factory=list)   # (folder, reason): not listed
     ignored_folders: list[str] = field(default_factory=list)
+    hidden_folders: list[tuple[str, int]] = field(default_factory=list)    # (folder, images): skipped, as training
     tta: bool = False
     tta_scales: list[int] | None = None
     tta_views: str | None = None                # "flip" | "ten" with TTA
@@ -68,21 +69,25 @@ class EvalReport:
                 "skipped": [{"path": name(p), "reason": r} for p, r in self.skipped],
                 "unreadable_folders": [{"path": name(p), "reason": r} for p, r in self.unreadable_folders],
                 "ignored_folders": [name(f) for f in self.ignored_folders],
+                "hidden_folders": [{"path": name(p), "images": n} for p, n in self.hidden_folders],
                 "most_confidently_wrong": [{**w, "path": name(w["path"])} for w in self.wrong]}
 
 
 def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Sequence[str] | None = None,
-                     unlisted: list[tuple[str, str]] | None = None, others: list[tuple[str, str]] | None = None
-                     ) -> tuple[str, list[tuple[str, int]], list[str]]:
+                     unlisted: list[tuple[str, str]] | None = None, others: list[tuple[str, str]] | None = None,
+                     hidden: list[tuple[str, int]] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
-    ``root/test/<class>/`` is used when present, else ``root/val/<class>/`` (or ``valid``, ``validation``; in
+    ``root/test/<class>/`` is used when present, else a folder named as a test split by the training scan's
+    words (``Testing/``, ``test_set/test_set/``), else ``root/val/<class>/`` (or ``valid``, ``validation``; in
     any case), else ``root/<class>/``: the folder is read as the training scan reads it
     (``finetune.data.scan.held_out_folder``), so a class named ``valid`` or ``test`` stays a class.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat"). Folders in them
     that cannot be listed go to ``unlisted`` (folder, reason), their files not named as images to ``others``
-    (path, reason: a HEIC photo, a file without an extension; the training scan lists them as unusable).
+    (path, reason: a HEIC photo, a file without an extension; the training scan lists them as unusable), hidden
+    folders holding images (``.NET/``, ``cat/.edits/``: skipped, as the training scan skips them) to ``hidden``
+    (folder, images; :func:`finetune.data.scan.hidden_note` says so).
 
     Returns:
         (split used, [(path, label index)], folders that are not one of the labels)
@@ -92,23 +97,25 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     """
     root = Path(root)
     unlisted = unlisted if unlisted is not None else []
+    hidden = hidden if hidden is not None else []
     if not root.is_dir():
         raise UsageError(f"--data {root}: no such folder; give a folder of class sub-folders (or with val/ or test/)")
     refuse_zoo_output(str(root), "to evaluate on: pass --data the held-out images' folder, one sub-folder per class")
     found = held_out_folder(root)       # in any case, and only where the training scan sees a split
-    split, base = (os.path.basename(found), Path(found)) if found else (".", root)
+    split, base = (os.path.relpath(found, root), Path(found)) if found else (".", root)
     index = {str(name): i for i, name in enumerate(aliases or ())}
     index.update({name: i for i, name in enumerate(labels)})
     index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
-    folders = [base / name for name in list_classes(str(base))]     # as the training scan lists them
+    folders = [base / name for name in list_classes(str(base), hidden)]     # as the training scan lists them
     for d in folders:
         label = _label_of(d.name, index)
         if label is None:
             ignored.append(d.name)
             continue
-        items.extend((p, label) for p in image_files(str(d), unlisted, others))
+        items.extend((p, label) for p in image_files(str(d), unlisted, others, hidden))
+    hid = f" ({hidden_note(hidden, str(root))})" if hidden else ""     # (the refusals below: all images hidden)
     if not folders and found:       # an empty test/ (made for later) beside val/: "found: none" said nothing (QA)
         val = split_folder(root, VAL_NAMES) if split.lower() == "test" else None
         raise UsageError(f"--data {root}: {base} holds no class folders, and zoo eval scores {split}/ where there "
@@ -126,13 +133,13 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                 raise UsageError(f"--data {base}: its folders {shown} are no classes of the model, but {where}/ holds "
                                  f"them: give --data {base / where} to score its {split_name} images{seen}")
         raise UsageError(f"--data {base}: no class folder matches the model's labels (found: {shown}; "
-                         f"labels: {', '.join(list(labels)[:5])}...); lay it out as <class>/<image>")
+                         f"labels: {', '.join(list(labels)[:5])}...){hid}; lay it out as <class>/<image>")
     if not items and unlisted:      # (it said "hold no images" of folders it could not read: review)
         raise UsageError(f"--data {base}: {len(unlisted)} folder(s) in it cannot be read, e.g. {unlisted[0][0]} "
                          f"({unlisted[0][1].split(':')[0]}), and no other holds an image: make them readable to "
                          "evaluate their images")
     if not items:
-        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(f"--data {base}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)}){hid}")
     return split, items, ignored
 
 
@@ -197,7 +204,8 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
     """
     unlisted: list[tuple[str, str]] = []
     others: list[tuple[str, str]] = []
-    split, items, ignored = find_eval_images(data_dir, labels, aliases, unlisted, others)
+    hidden: list[tuple[str, int]] = []
+    split, items, ignored = find_eval_images(data_dir, labels, aliases, unlisted, others, hidden)
     skipped: list[tuple[str, str]] = []
 
     def note(item: Any, reason: str) -> None:
@@ -230,6 +238,7 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
     return EvalReport(root=str(data_dir), split=split, labels=list(labels), n_images=len(kept),
                       accuracy=m["accuracy"], top5=m["top5"], per_class=m["per_class"], confusion=m["confusion"],
                       wrong=wrong, skipped=skipped, unreadable_folders=unlisted, ignored_folders=ignored,
+                      hidden_folders=hidden,
                       tta=bool(tta or tta_scales),
                       tta_scales=list(tta_scales) if tta_scales else None,
                       tta_views=("ten" if tta_scales else tta_views) if (tta or tta_scales) else None,

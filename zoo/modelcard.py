@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from finetune.core.io import load_yaml, read_json_object, read_user_text
+from finetune.core.io import load_yaml, printable, read_json_object, read_user_text
 from zoo.registry import public_source_id
 from finetune.core.metrics import accuracy_text
 from zoo.text import first_line
@@ -191,9 +191,10 @@ def _tta_views(test: dict[str, Any]) -> str | None:
 
 
 def _code(name: Any) -> str:
-    """A name (a class, a folder) as inline code that nothing in it can end or break: on one line, fenced by
-    more backticks than it holds in a row."""
-    text = " ".join(str(name).splitlines()) or " "
+    """A name (a class, a folder) as inline code that nothing in it can end or break: on one line, its invisible
+    characters escaped as on the terminal (``cat\\u200b``, ``fi\\tsh``: ``finetune.core.io.printable``), fenced
+    by more backticks than it holds in a row."""
+    text = printable(name) or " "
     run = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * (run + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""

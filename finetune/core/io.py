@@ -259,14 +259,16 @@ def printable_name(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # printable to Python, drawn blank: Hangul fillers, Braille
+
+
 def printable(text: object) -> str:
-    """``text`` on one visible line: control and other invisible characters as escapes (``\\n``,
-    ``\\x1b``, ``\\u200b``), undecodable file-name bytes as ``\\xNN``; everything printable unchanged
-    (``café 猫 ✓`` stays as it is)."""
+    """``text`` on one visible line: control and other invisible characters as escapes (``\\n``, ``\\x1b``, ``\\u200b``,
+    ``\\u3164``), undecodable file-name bytes as ``\\xNN``; everything printable unchanged (``café 猫 ✓`` stays)."""
     s = printable_name(str(text))
-    if s.isprintable():
+    if s.isprintable() and _BLANK.isdisjoint(s):
         return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return "".join(c if c.isprintable() and c not in _BLANK else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 def shell_command(*words: object) -> str:

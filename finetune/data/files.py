@@ -128,13 +128,15 @@ def walk_files(top: str, loops: list[str] | None = None, unlisted: list[tuple[st
 
 
 def image_files(top: str, unlisted: list[tuple[str, str]] | None = None,
-                others: list[tuple[str, str]] | None = None) -> list[str]:
+                others: list[tuple[str, str]] | None = None,
+                hidden: list[tuple[str, int]] | None = None) -> list[str]:
     """The files below ``top`` named as images (:data:`IMAGE_EXTENSIONS`, in any case), sorted, walked as
-    :func:`walk_files` walks (folders that cannot be listed -> ``unlisted``): what ``zoo predict`` reads of a
-    folder and ``zoo eval`` of a class folder. The other files go to ``others`` as (path, :func:`not_image_type`),
-    where the caller says so, as the training scan does (which keeps every file, to say why one is unusable)."""
+    :func:`walk_files` walks (folders that cannot be listed -> ``unlisted``, hidden folders holding images ->
+    ``hidden``): what ``zoo predict`` reads of a folder and ``zoo eval`` of a class folder. The other files go to
+    ``others`` as (path, :func:`not_image_type`), where the caller says so, as the training scan does (which keeps
+    every file, to say why one is unusable)."""
     found = []
-    for p in walk_files(top, unlisted=unlisted):
+    for p in walk_files(top, unlisted=unlisted, hidden=hidden):
         why = not_image_type(p)
         if why is None:
             found.append(p)

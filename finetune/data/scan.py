@@ -24,21 +24,31 @@ from finetune.core.errors import ConfigError, DataError
 from finetune.core.io import broken_link, printable_name
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "ScanReport", "scan_folder", "split_folder", "held_out_folder", "write_scan",
-           "write_bad_files", "VAL_NAMES", "split_named_folders"]
+           "write_bad_files", "VAL_NAMES", "split_named_folders", "hidden_note"]
 
 VAL_NAMES = ("val", "valid", "validation")
 IMBALANCE_WARN = 3.0        # warn when the largest class has more than this many times the smallest
 IMBALANCE_ADVICE = "; consider --class-weights auto or --sampler balanced"    # (the commands drop it: scan_lines)
 
 
-def split_folder(root: str | os.PathLike, names: Sequence[str], subdirs: Iterable[str] | None = None) -> str | None:
+def split_folder(root: str | os.PathLike, names: Sequence[str], subdirs: Iterable[str] | None = None,
+                 by_word: bool = False) -> str | None:
     """The sub-folder of ``root`` named like the first of ``names`` found (e.g. VAL_NAMES), in any case (the
-    exact name first): its path, or None. ``subdirs``: root's sub-folders when the caller has listed them."""
+    exact name first): its path, or None. ``subdirs``: root's sub-folders when the caller has listed them.
+    ``by_word``: else the first folder holding folders whose name reads as the same split by the scan's split
+    words (:func:`_split_word`: ``Testing/``, ``test_set/``, ``holdout/`` for ``("test",)``), or the lone folder
+    it holds when that reads so too (Kaggle's ``test_set/test_set/``): how ``zoo eval`` finds a held-out folder."""
     subdirs = sorted(list_classes(os.fspath(root)) if subdirs is None else subdirs)
     for name in names:
         found = name if name in subdirs else next((d for d in subdirs if d.lower() == name), None)
         if found is not None:
             return os.path.join(os.fspath(root), found)
+    split = _SPLIT_WORDS.get(names[0]) if by_word and names else None
+    for d in (d for d in subdirs if split and _split_word(d) == split):
+        inner = _subfolders(os.path.join(os.fspath(root), d))
+        if inner:       # (an `eval_results/` of CSV files is none)
+            lone = len(inner) == 1 and _split_word(inner[0]) == split
+            return os.path.join(os.fspath(root), d, *inner[:lone])
     return None
 
 
@@ -56,8 +66,11 @@ def _detect_layout(root: str) -> tuple[str, str | None, str | None]:
         return train, val, test
     if train is None and lowered and lowered <= {*VAL_NAMES, "test"}:
         found = name_list(f"{d}/" for d in sorted(subdirs))
-        raise DataError(f"{printable_name(root)} holds {found} but no train/ folder: put the training images in "
-                        "DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
+        hidden: list[tuple[str, int]] = []      # (`DIR/.train/`: named, not "no train/"; walked only here)
+        list_classes(root, hidden)
+        hid = f" ({hidden_note(hidden, root)})" if hidden else ""
+        raise DataError(f"{printable_name(root)} holds {found} but no train/ folder{hid}: put the training images "
+                        "in DIR/train/<class>/, or use DIR/<class>/ folders (split automatically)")
     _refuse_split_among_classes(root, sorted(subdirs))
     return root, None, None
 
@@ -132,15 +145,17 @@ def split_named_folders(root: str | os.PathLike) -> list[tuple[str, str, list[st
 
 
 def held_out_folder(root: str | os.PathLike) -> str | None:
-    """The folder of ``root`` that scores a trained model, read as the scan reads ``root``: test/, else val/,
-    of a split layout or of held-out folders alone (a hold-out set); None for a folder of classes, where a
-    class named like a split (``valid/`` next to ``invalid/``) is a class, as it was in training."""
+    """The folder of ``root`` that scores a trained model, read as the scan reads ``root``: test/, else val/, of
+    a split layout or of held-out folders alone (a hold-out set); a folder named as a test split in the scan's
+    other words (``Testing/``, ``test_set/test_set/``: those its refusal reads as splits, or ignores beside
+    train/) comes before val/ (:func:`split_folder`'s ``by_word``). None for a folder of classes, where a class
+    named like a split (``valid/`` next to ``invalid/``) is a class, as it was in training."""
     root_s = os.fspath(root)
     try:
         train, val, test = _detect_layout(root_s)
-    except DataError:           # val/ or test/ without train/: a hold-out set
-        return split_folder(root_s, ("test",)) or split_folder(root_s, VAL_NAMES)
-    return None if train == root_s else test or val
+    except DataError:           # val/ or test/ without train/, or Training/ + Testing/: a hold-out set
+        return split_folder(root_s, ("test",), by_word=True) or split_folder(root_s, VAL_NAMES, by_word=True)
+    return None if train == root_s else test or split_folder(root_s, ("test",), by_word=True) or val
 
 
 def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:
@@ -189,9 +204,10 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
     if layout == "flat" and not 0.0 < val_split < 1.0:
         raise ConfigError(f"invalid val_split={val_split!r}: use a fraction between 0 and 1, e.g. 0.2")
     warn: list[str] = []
-    if train_dir != root_s:
+    hidden: list[tuple[str, int]] = []
+    if train_dir != root_s:     # (its hidden folders too: `DIR/.train/` beside train/ was skipped without a word)
         used = {os.path.basename(d) for d in (train_dir, val_dir, test_dir) if d}
-        others = [d for d in list_classes(root_s) if d not in used]
+        others = [d for d in list_classes(root_s, hidden) if d not in used]
         if others:
             warn.append(f"ignored folder(s) {name_list(others)} next to train/ (only train/, val/, test/ are read)")
     loops: list[str] = []
@@ -202,7 +218,6 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
                 stray += sorted(relative_path(e.path, root_s) for e in entries
                                 if not is_ignored(e.name) and not is_dir(e))
     dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
-    hidden: list[tuple[str, int]] = []
     good, bad = _usable_files(root_s, dirs, loops, stray, strict, class_names, memo, hidden)
     classes = _classes(root_s, train_dir, good, stray, loops, bad, warn, hidden)
 
@@ -258,7 +273,7 @@ def _usable_files(root_s: str, dirs: dict[str, str | None], loops: list[str], st
         if stray:   # the commonest mistake: images straight in DIR, no class folders
             found += f" ({len(stray)} files directly in the folder are not in class folders)"
         if hidden:
-            found += f" ({_hidden_note(hidden, root_s)})"
+            found += f" ({hidden_note(hidden, root_s)})"
         raise DataError(f"no images found in {printable_name(root_s)}{found}; expected DIR/<class>/*.jpg or "
                         f"DIR/train/<class>/ + DIR/val/<class>/ ({', '.join(IMAGE_EXTENSIONS)})")
     if bad and strict:
@@ -271,7 +286,7 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
              loops: list[str], bad: list[tuple[str, str]], warn: list[str],
              hidden: Sequence[tuple[str, int]] = ()) -> list[str]:
     """The classes: the training folders that hold at least one usable image; what was skipped -> ``warn``
-    (``hidden``: the hidden folders holding images, :func:`_hidden_note`).
+    (``hidden``: the hidden folders holding images, :func:`hidden_note`).
 
     Raises DataError for a val/test class without training images, or fewer than 2 classes.
     """
@@ -304,11 +319,11 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
                 f"pass {top} as the data folder" if train_dir == root_s else    # (audit: DIR/train/photos/<class>/)
                 f"move them up into {printable_name(train_dir)}/ (and those of the other split folders alike)"))
         if hidden:      # (DIR/.NET/ beside DIR/java/: "only 1 class (java)")
-            hint += f"; {_hidden_note(hidden, root_s)}"
+            hint += f"; {hidden_note(hidden, root_s)}"
         raise DataError(f"found {what} in {printable_name(root_s)}{hint}; a classifier needs at least 2 class "
                         "folders, e.g. DIR/cat/*.jpg and DIR/dog/*.jpg")
     if hidden:
-        warn.append(_hidden_note(hidden, root_s))
+        warn.append(hidden_note(hidden, root_s))
     if empty:
         warn.append(f"empty class folder(s) {name_list(empty)} left out (no usable images)")
     if stray and train_dir == root_s:
@@ -332,7 +347,7 @@ def _classes(root_s: str, train_dir: str, good: dict[str, dict[str, list[str]]],
     return classes
 
 
-def _hidden_note(hidden: Sequence[tuple[str, int]], root_s: str) -> str:
+def hidden_note(hidden: Sequence[tuple[str, int]], root_s: str) -> str:
     """What the scan says of the hidden folders holding images it skipped (audit: a class folder ``.NET/`` was left
     out without a word, where torchvision's ImageFolder trains it as a class): which, how many images, the fix."""
     named = name_list(f"{relative_path(p, root_s)} ({n} image{'s' * (n > 1)})" for p, n in sorted(hidden))

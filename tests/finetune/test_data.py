@@ -1381,6 +1381,25 @@ def test_a_hidden_folder_holding_images_is_skipped_and_named_once_debris_is_not(
         scan_folder(data)
 
 
+def test_a_hidden_folder_at_the_top_of_a_split_layout_is_named(tmp_path):
+    """Session 32's leftovers (helper-127): `DIR/.train/` beside train/ and val/ was skipped without a word (the
+    split layout listed DIR for train/ val/ test/ only), and `DIR/.train/` + `DIR/val/` was refused as "holds val/
+    but no train/ folder". Both name it, with the scan's words; `train/.cats/` still is."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=2, layout="split", val_per_class=1)
+    for folder in (".train/cat", "train/.cats"):
+        (data / folder).mkdir(parents=True)
+        make_image(data / folder / "x.png", 0, 16)
+    report = scan_folder(data)
+    assert report.classes == ["cat", "dog"] and report.counts()["train"] == {"cat": 2, "dog": 2}
+    assert [w for w in report.warnings if "hidden" in w] == [
+        "skipped hidden folder(s) .train (1 image), train/.cats (1 image): a name beginning with '.' is skipped, as "
+        "hidden files are; to use its images, rename it without the leading dot"]
+    shutil.rmtree(data / "train")
+    with pytest.raises(DataError, match=r"holds val/ but no train/ folder \(skipped hidden folder\(s\) \.train \(1 "
+                                        r"image\): .*rename it without the leading dot\): put the training images"):
+        scan_folder(data)
+
+
 def test_a_report_moved_to_another_mount_of_the_folder_is_that_mounts_scan(tmp_path):
     """torchrun on several nodes: rank 0's scan is every rank's, each re-rooted where its node reaches the
     folder (ScanReport.moved_to): the same as a scan there, paths outside the folder kept as they are."""

@@ -102,3 +102,16 @@ def test_yaml_problem_says_where_and_what_on_one_line():
         load_yaml("a: [1, 2\nb: 3\n")
     assert yaml_problem(err.value).startswith(" at line 2, column ") and "\n" not in yaml_problem(err.value)
     assert yaml_problem(yaml.YAMLError("no place\n  known")) == ": no place known"
+
+
+def test_printable_escapes_characters_that_print_blank_and_keeps_what_shows():
+    """Session 32's leftovers (helper-127): a class named with a Hangul filler (U+3164) or the blank Braille cell
+    (U+2800), both printable to Python, printed as a blank class in every line (`cat` for `cat\\u3164`, a class
+    ` ` for `\\u3164` alone, which the scan's whitespace-only refusal does not catch). Escaped as a zero-width
+    space is; text that shows (accents, CJK, Hangul syllables, symbols) stays as it is."""
+    from finetune.core.io import printable
+
+    assert printable("cat\u3164") == "cat\\u3164" and printable("\u2800") == "\\u2800"
+    assert printable("a\u115f\u1160\uffa0b") == "a\\u115f\\u1160\\uffa0b"
+    assert printable("cat\u200b\xa0\u202e\t") == "cat\\u200b\\xa0\\u202e\\t"
+    assert printable("café 猫 ✓ 한국어") == "café 猫 ✓ 한국어"

@@ -163,6 +163,22 @@ def test_load_bundle_never_unpickles(run_and_model, tmp_path, monkeypatch):
     assert bundle.labels == list(CLASSES)
 
 
+def test_the_card_shows_invisible_characters_of_class_names_escaped_the_labels_stay_exact(tmp_path):
+    """Session 32's leftovers (helper-127): a class named with a zero-width space, a trailing non-breaking space, a
+    bidi override or a tab printed escaped on the terminal (every line: zoo.cli.console.echo) but invisibly in the
+    bundle's README.md (its class table, its per-class line): `cat` for `cat\\u200b`. Escaped there as everywhere
+    (finetune.core.io.printable); config.json's labels are the folder names exactly."""
+    classes = ("cat\u200b", "dog\xa0", "b\u202eird", "fi\tsh")
+    run, _ = make_run(tmp_path, classes=classes)
+    out = export_run(run, tmp_path / "bundle")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert not any(ch in card for ch in "\u200b\xa0\u202e\t"), card
+    assert "`cat\\u200b` 100.00%" in card and "`dog\\xa0` 50.00%" in card
+    assert all(f"`{n}`" in card for n in ("cat\\u200b", "dog\\xa0", "b\\u202eird", "fi\\tsh")), card
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert cfg["label_names"] == list(classes)
+
+
 def test_mlp_head_round_trip_and_card(tmp_path):
     head = {"kind": "mlp", "hidden": 16, "dropout": 0.1, "activation": "relu"}
     run, model = make_run(tmp_path, head=head)

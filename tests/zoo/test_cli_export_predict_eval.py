@@ -434,12 +434,12 @@ def test_eval_names_the_label_a_folder_differs_from_in_case(bundle, tmp_path, ru
 def test_eval_of_a_download_of_split_named_folders_names_the_one_to_give(bundle, tmp_path, runner, inner):
     """Review (helper-123): `zoo eval --data DIR` of a download laid out as Training/<class>/ + Testing/<class>/
     (Kaggle's training_set/training_set/ + test_set/test_set/) said only "no class folder matches the model's
-    labels (found: Testing, Training ...)". It names the held-out folder that holds the classes, and that
+    labels (found: Testing, Training ...)". Such a download is now scored (its Testing/: the test below); a
+    split-named folder alone, which the training scan reads as a folder of one class, is named, and that
     folder, given, is scored."""
-    first, second = ("Training", "Testing") if not inner else ("training_set", "test_set")
+    second = "Testing" if not inner else "test_set"
     data = tmp_path / "dl"
     classes = (CLASSES[0], CLASSES[2])
-    make_image_folder(data / first / inner.replace("test", "training").lstrip("/"), classes=classes, per_class=2)
     make_image_folder(data / second / inner.lstrip("/"), classes=classes, per_class=1)
     res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 2, res.output
@@ -448,6 +448,44 @@ def test_eval_of_a_download_of_split_named_folders_names_the_one_to_give(bundle,
     res = runner.invoke(cli, ["eval", str(bundle), "--data", str(held), "--out", str(tmp_path / "ev"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["n_images"] == 2
+
+
+def test_eval_names_the_hidden_folders_it_skips_as_the_training_scan_does(bundle, tmp_path, runner):
+    """Session 32's leftovers (helper-127): `zoo eval` skipped a hidden class folder (`.NET/`) or a hidden folder
+    of a class's images (`cat/.edits/`) without a word, where the training scan names them. The same warning,
+    from the same code (finetune.data.scan.hidden_note), and metrics.json lists them; debris is not named."""
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[0], CLASSES[2]), per_class=1)
+    for folder in (".NET", f"{CLASSES[0]}/.edits", ".ipynb_checkpoints"):
+        make_image(data / folder / "x.png", 0, 32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    note = ("zoo: warning: skipped hidden folder(s) .NET (1 image), cat/.edits (1 image): a name beginning with '.' "
+            "is skipped, as hidden files are; to use its images, rename it without the leading dot")
+    assert note in res.stderr.splitlines() and "evaluated 2 images" in res.stdout, res.output
+    doc = json.loads((tmp_path / "ev" / "metrics.json").read_text(encoding="utf-8"))
+    assert [(h["path"], h["images"]) for h in doc["hidden_folders"]] == [
+        (str(data / ".NET"), 1), (str(data / CLASSES[0] / ".edits"), 1)]
+
+
+@pytest.mark.parametrize("folders, scored", [
+    (("Training", "Testing"), "Testing"), (("val", "Testing"), "Testing"), (("train", "val", "test_set"), "test_set"),
+    (("training_set/training_set", "test_set/test_set"), "test_set/test_set"), (("train", "holdout"), "holdout"),
+    (("train", "val"), "val")])
+def test_eval_reads_held_out_folders_by_the_training_scan_s_split_words(bundle, tmp_path, runner, folders, scored):
+    """Session 32's leftovers (helper-127): eval knew test/ and val/ (valid, validation) only, where training reads
+    Testing/, test_set/, holdout/ as splits (finetune.data.scan._split_word): `val/` + `Testing/` scored val/
+    silently (training: "they look like val and test images"), train/ + val/ + test_set/ too (training: test_set
+    ignored), and Training/ + Testing/ was only named. The folder named as a test split is scored, by the same
+    words; one holding no folders (`eval_notes/` of text files) is none."""
+    data = tmp_path / "dl"
+    for folder in folders:
+        make_image_folder(data / folder, classes=(CLASSES[0], CLASSES[2]), per_class=1 + (folder == scored))
+    (data / "eval_notes").mkdir(exist_ok=True)
+    (data / "eval_notes" / "a.txt").write_text("notes")
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["split"], doc["n_images"]) == (scored, 4), doc["split"]
 
 
 def test_eval_out_inside_the_data_is_refused(bundle, tmp_path, runner):

@@ -210,6 +210,24 @@ def test_a_run_on_data_with_a_test_split_names_the_eval_that_scores_it(tmp_path,
     assert res.stdout.startswith(f"evaluated 6 images from {data.resolve()} (its Test/ split)"), res.stdout
 
 
+def test_a_no_export_run_on_data_with_a_test_split_names_the_export_and_eval_that_score_it(tmp_path, tiny):
+    """Session 32's leftovers (helper-127): `--no-export` on data with a test/ split ended without a word of those
+    held-out images (the `test:` line named the bundle's eval, and there was no bundle). It names the export that
+    writes the bundle and the eval that scores them; pasted, both run."""
+    data = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3, layout="split", val_per_class=1)
+    make_image_folder(data / "test", classes=("cat", "dog"), per_class=1)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--no-export", *FAST)
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in result.stdout.splitlines() if ln.startswith("test: ")]
+    assert len(said) == 1 and "its 2 test/ images, held out" in said[0] and not (out / "export").exists(), said
+    export, evaluate = said[0][len("test: "):].split("  (")[0].split(" && ")
+    assert shlex.split(export) == ["zoo", "export", str(out)], said
+    assert invoke(*shlex.split(export)[1:]).exit_code == 0
+    res = invoke(*shlex.split(evaluate)[1:])
+    assert res.exit_code == 0 and res.stdout.startswith("evaluated 2 images from "), res.output
+
+
 def test_many_classes_print_and_write_what_reads_not_one_line_per_class(tmp_path, tiny):
     """QA: 2,000 classes of 2 images printed a line per class and a 2,000-entry per-class accuracy line,
     wrote the whole confusion matrix into summary.json, the bundle's metadata and an HTML table, and the

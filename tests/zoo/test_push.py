@@ -571,7 +571,7 @@ def test_the_cards_after_review(tmp_path):
     """Review of the single card writer (helper-54): weights of unknown source are not called a random
     initialisation; without a config.yaml the freeze as decided and the solved head still show; the Hub's
     model-index names no local folder and holds no NaN; a class name with a backtick, a pipe or a line break
-    keeps the table one row per class."""
+    keeps the table one row per class (the line break escaped, as on the terminal: helper-127)."""
     from zoo.modelcard import model_card
     from zoo.push import plan_push
 
@@ -593,7 +593,7 @@ def test_the_cards_after_review(tmp_path):
         assert "- freeze: head\n" in text and "- head_solver: lbfgs (the head solved" in text
         assert "(no readable config.yaml in the run folder)" in text
         rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
-        assert rows == ["| `a\\|b` | 4 | 1 |", "| ``it`s`` | 5 | 2 |", "| `two lines` | 6 | 3 |"], rows
+        assert rows == ["| `a\\|b` | 4 | 1 |", "| ``it`s`` | 5 | 2 |", "| `two\\nlines` | 6 | 3 |"], rows
     assert "acme-secret-xrays" not in card and "acme-secret-xrays" in readme and "nan" not in card.split("---")[1]
     # metadata of unusual shape gives a card, not a traceback
     odd = {"label_names": classes, "builder": "timm:test_resnet", "head": "mlp", "metrics": [0.5], "input_size": None,

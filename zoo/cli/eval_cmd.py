@@ -67,6 +67,7 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
+    from finetune.data.scan import hidden_note
     from zoo.evaluate import evaluate, folder_names, write_eval_reports
     from zoo.outdir import check_outside, claim_out
 
@@ -86,6 +87,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
         paths = write_eval_reports(report, out)
     if report.seen_in_training:
         echo(printable(_SEEN[report.seen_in_training].format(folder=Path(data) / report.split)), err=True)
+    if report.hidden_folders:       # (the training scan's warning: eval skipped them without a word)
+        echo(f"zoo: warning: {hidden_note(report.hidden_folders, str(data))}", err=True)
     if as_json:
         echo(json.dumps(report.to_dict(), indent=2))    # ASCII: echo escapes what is not printable, JSON stays valid
         return

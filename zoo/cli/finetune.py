@@ -175,11 +175,16 @@ def _report(outcome) -> None:
         echo(f"advice: {line}")
     if outcome.export_dir is not None:   # (the run folder was printed before training started)
         echo(_bundle_line(outcome.export_dir))
-        scan = outcome.scan
-        if scan is not None and scan.test:   # (audit: a test/ split was counted, and nothing said how to score it)
-            echo(f"test: {shell_command('zoo', 'eval', outcome.export_dir, '--data', scan.root)}  (its "
-                 f"{len(scan.test)} {printable_name(scan.folders.get('test') or 'test')}/ images, held out from "
-                 f"training and from the choice of epoch)")
+    scan = outcome.scan
+    if scan is not None and scan.test:   # (audit: a test/ split was counted, and nothing said how to score it)
+        images = (f"{len(scan.test)} {printable_name(scan.folders.get('test') or 'test')}/ images, held out from "
+                  "training and from the choice of epoch")
+        if outcome.export_dir is not None:
+            echo(f"test: {shell_command('zoo', 'eval', outcome.export_dir, '--data', scan.root)}  (its {images})")
+        elif outcome.run_dir is not None:   # (--no-export: it said nothing of them; zoo eval needs a bundle)
+            echo(f"test: {shell_command('zoo', 'export', outcome.run_dir)} && "
+                 f"{shell_command('zoo', 'eval', outcome.run_dir / 'export', '--data', scan.root)}  (zoo eval "
+                 f"scores a bundle, which this run did not write: the export writes it; its {images})")
 
 
 def _bundle_line(bundle) -> str:
