@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
-from finetune.core.confusion import confusion_csv_text, precision_recall
+from finetune.core.confusion import confused_classes, confusion_csv_text, precision_recall
 from finetune.core.io import atomic_write, atomic_write_text, csv_text, printable, printable_name, write_json
 from finetune.data.files import IMAGE_EXTENSIONS, case_twin, class_key, image_files, list_classes, refuse_zoo_output
 from finetune.data.scan import VAL_NAMES, held_out_folder, hidden_note, split_folder, split_named_folders
@@ -248,6 +248,7 @@ def evaluate(model: torch.nn.Module, labels: Sequence[str], data_config: dict, d
 
 _GLYPH_WARNING = r"Glyph .* missing from (current )?font"
 _TICK_CHARS = 40       # confusion.png tick labels: a longer class name is cut (the csv files hold it whole)
+_TICK_CLASSES = 40     # confusion.png names its classes up to this many; above, it draws the most-confused ones
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,14 +300,19 @@ def plot_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path) -> None:
     # Figure + Agg canvas directly: no pyplot state, no global backend switch, safe in threads.
     cm = np.asarray(confusion)
-    n = len(labels)
+    n, title = len(labels), "confusion matrix"
+    keep = confused_classes(confusion, _TICK_CLASSES) if n > _TICK_CLASSES else []
+    if keep:    # (many-classes audit: 1,000 classes drew a diagonal line, each mistake a pale pixel) fastai's view
+        cm, labels = cm[np.ix_(keep, keep)], [labels[i] for i in keep]
+        title = f"confusion among the most-confused pairs' {len(keep)} of {n} classes (all: confusion.csv)"
+        n = len(keep)
     side = min(24.0, max(4.0, 0.45 * n + 2.5))
     fig = Figure(figsize=(side, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(cm, cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if n <= 40:
+    if n <= _TICK_CLASSES:
         names, families = plot_labels([x if len(x) <= _TICK_CHARS else x[:_TICK_CHARS - 3] + "..."
                                        for x in map(str, labels)])
         # parse_math off: a class `$5 to $10` is text, not math (audit: `$\frac$` was a ParseSyntaxException)
@@ -320,7 +326,7 @@ def _confusion_png(confusion: list[list[int]], labels: Sequence[str], path: Path
                         color="white" if cm[i, j] > thresh else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix")
+    ax.set_title(title)
     with warnings.catch_warnings():
         # plot_labels leaves no glyph missing; this only keeps an odd font's quirk off the console
         warnings.filterwarnings("ignore", message=_GLYPH_WARNING, category=UserWarning)

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from finetune.core.io import csv_text, printable_name
 
 __all__ = ["FULL_MAX_CLASSES", "SHOWN_CLASSES", "CONFUSION_CSV", "confusion_csv_text", "read_confusion_csv",
-           "most_confused", "lowest_first", "precision_recall"]
+           "most_confused", "confused_classes", "lowest_first", "precision_recall"]
 
 # Up to this many classes the matrix is shown and stored whole (2,500 cells: a page's table still reads,
 # summary.json and a bundle's metadata stay a few KB); above it, the pairs and worst classes and the CSV.
@@ -66,6 +66,17 @@ def most_confused(labels: Sequence[str], matrix: Sequence[Sequence[int]], top: i
     # compress: the non-empty cells of a row picked in C (a 2,000-class matrix is 4 million mostly empty cells)
     cells = ((-row[j], i, j) for i, row in enumerate(matrix) for j in compress(range(len(row)), row) if j != i)
     return [(labels[i], labels[j], -neg, -neg / sum(matrix[i])) for neg, i, j in heapq.nsmallest(max(0, top), cells)]
+
+
+def confused_classes(matrix: Sequence[Sequence[int]], limit: int) -> list[int]:
+    """The indices of at most ``limit`` classes, those of the :func:`most_confused` pairs taken most first (both
+    classes of a pair, or none where only one would fit), in class order: the part of a matrix too big to draw
+    whole that a plot shows with names. Empty when no image was misclassified."""
+    keep: set[int] = set()
+    for i, j, _, _ in most_confused(range(len(matrix)), matrix, top=max(0, limit)):
+        if len(keep | {i, j}) <= limit:
+            keep |= {i, j}
+    return sorted(keep)
 
 
 def lowest_first(scores: Mapping[str, float | None]) -> list[str]:

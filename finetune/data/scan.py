@@ -226,8 +226,7 @@ def scan_folder(root: str | Path, val_split: float = 0.2, seed: int = 0, strict:
         val_files = {c: good["val"].get(c, []) for c in classes}
         report_split = None
     else:
-        train_files, val_files, notes = stratified_split(train_files, val_split, seed, root_s)
-        warn.extend(notes)
+        train_files, val_files = stratified_split(train_files, val_split, seed, root_s)
         report_split = val_split
     test_set = _image_set({c: good["test"].get(c, []) for c in classes}, classes) if test_dir else None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from finetune.data.files import class_key, listed_names, name_key, path_key
-from finetune.data.imageset import ImageSet, ScanReport, name_list, relative_path
+from finetune.data.imageset import ImageSet, ScanReport, relative_path
 from finetune.core.errors import DataError
 from finetune.core.io import atomic_write_text, printable, printable_name, read_json_object, write_json
 
@@ -24,29 +24,21 @@ def _hash_key(seed: int, rel: str) -> str:
 
 
 def stratified_split(files: dict[str, list[str]], val_split: float, seed: int, root: str
-                      ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+                      ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Per class, hold out round(n * val_split) files (at least 1 when n >= 2, never all).
 
     Files are ordered by a seeded hash of their relative path, so the split does not depend on listing
-    order and adding a file moves few others. The notes: one line naming the classes of a single image
-    (none held out), the first 5 of them at most, however many there are.
+    order and adding a file moves few others. A class of a single image keeps it for training: the scan's
+    validation check names such classes (one line, however many: its note here said the same a line before).
     """
     train: dict[str, list[str]] = {}
     val: dict[str, list[str]] = {}
-    single: list[str] = []
     for cls, paths in files.items():
         order = sorted(paths, key=lambda p: _hash_key(seed, relative_path(p, root)))
         n = len(order)
         n_val = min(max(round(n * val_split), 1 if n >= 2 else 0), n - 1) if n else 0
         val[cls], train[cls] = sorted(order[:n_val]), sorted(order[n_val:])
-        if n == 1:
-            single.append(cls)
-    if not single:
-        return train, val, []
-    if len(single) == 1:
-        return train, val, [f"class '{printable_name(single[0])}' has only 1 image: none held out for validation"]
-    return train, val, [f"{len(single)} classes have only 1 image ({name_list(single)}): none held out for "
-                        "validation"]
+    return train, val
 
 
 # ---------------------------------------------------------------------------------- split files

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -180,18 +181,25 @@ def test_a_split_folder_of_one_class_or_of_classes_in_another_case_beside_classe
         scan_folder(root)
 
 
-def test_classes_of_a_single_image_are_one_note_however_many():
+def test_classes_of_a_single_image_are_one_warning_however_many(tmp_path):
     """A note per single-image class printed 1,000 warning lines for 1,000 such classes: one line names how
-    many and the first 5; one such class keeps its own sentence."""
+    many and the first 5. Many-classes audit (helper-128): the split's own note ("N classes have only 1 image
+    ...: none held out") and the validation check's warning named the same classes twice in a row; the
+    check's line (what it costs, what to do) is the one left."""
     from finetune.data.splits import stratified_split
 
     files = {f"c{i:04d}": [f"/d/c{i:04d}/{j}.png" for j in range(1 if i % 2 else 3)] for i in range(2000)}
-    train, val, notes = stratified_split(files, 0.2, 0, "/d")
-    assert notes == ["1000 classes have only 1 image (c0001, c0003, c0005, c0007, c0009 and 995 more): "
-                     "none held out for validation"]
+    train, val = stratified_split(files, 0.2, 0, "/d")
     assert len(val["c0001"]) == 0 and len(val["c0000"]) == 1 and len(train["c0000"]) == 2
-    one = stratified_split({"a": ["/d/a/0.png"], "b": ["/d/b/0.png", "/d/b/1.png"]}, 0.2, 0, "/d")[2]
-    assert one == ["class 'a' has only 1 image: none held out for validation"]
+    rng = random.Random(0)
+    for c in range(200):     # a long tail: 1 image in every 10th class, 2 in the others
+        for i in range(1 if c % 10 == 0 else 2):
+            make_image(tmp_path / "d" / f"c{c:03d}" / f"{i}.png", c, 12, rng)
+    report = scan_folder(tmp_path / "d")
+    assert report.counts()["val"]["c000"] == 0 and report.counts()["val"]["c001"] == 1
+    naming = [w for w in report.warnings if "c000" in w]
+    assert naming == ["class(es) c000, c010, c020, c030, c040 and 15 more have no validation images; their accuracy "
+                      "cannot be measured (a class folder needs 2 or more images for one to be held out)"]
 
 
 def test_split_is_deterministic_and_seeded(image_folder):

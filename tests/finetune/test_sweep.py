@@ -66,7 +66,7 @@ def test_kfold_is_stratified_disjoint_and_seeded():
         assert va.class_counts() == [2, 2, 2]
     assert [v.items for _, v in kfold_splits(train, val, 4, seed=1)] == [v.items for _, v in splits]
     assert [v.items for _, v in kfold_splits(train, val, 4, seed=2)] != [v.items for _, v in splits]
-    with pytest.raises(DataError, match="fewer than --folds 9"):
+    with pytest.raises(DataError, match=r"fewer images than --folds 9 \(a, b, c\): use --folds 8"):
         kfold_splits(train, val, 9)
     with pytest.raises(ConfigError):
         kfold_splits(train, val, 1)
@@ -229,3 +229,23 @@ def test_each_trial_keeps_the_sweeps_own_quiet_so_a_terminal_sees_its_progress_b
         sweep(lambda: object(), STAGES, {}, _set(4), _set(2, prefix="v"), FinetuneConfig(epochs=1, quiet=quiet),
               head="fc", out_dir=tmp_path / f"sw-{quiet}", lrs=[1e-4, 1e-3], fit_fn=fit)
         assert seen == [quiet, quiet]
+
+
+def test_kfold_refusal_names_every_small_class_and_the_folds_that_fit():
+    """Many-classes audit (helper-128): a long tail of 1-2 image classes was refused one class at a time (the
+    first one named, the user fixed it and met the next); now one line counts them all, names the first 5 and
+    says which --folds fits, or that none does."""
+    from finetune.data import ImageSet
+
+    sizes = [1 if c % 10 == 0 else 2 if c % 10 == 1 else 4 for c in range(200)]
+    classes = [f"c{c:03d}" for c in range(200)]
+    train = ImageSet(items=[(f"t/{c}/{i}.png", ci) for ci, c in enumerate(classes) for i in range(sizes[ci])],
+                     classes=classes)
+    with pytest.raises(DataError) as err:
+        kfold_splits(train, None, 3)
+    assert "40 classes have fewer images than --folds 3 (c000, c001, c010, c011, c020 and 35 more)" in str(err.value)
+    assert "a class of 1 image cannot be cross-validated" in str(err.value)
+    no_singles = ImageSet(items=[it for it in train.items if sizes[it[1]] > 1], classes=classes)
+    with pytest.raises(DataError, match=r"20 classes have fewer images than --folds 3 \(c001, c011, c021, c031, "
+                                        r"c041 and 15 more\): use --folds 2"):
+        kfold_splits(no_singles, None, 3)

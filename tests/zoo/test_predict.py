@@ -901,3 +901,31 @@ def test_a_png_with_a_wrong_crc_is_damaged_to_every_reader_as_to_the_scan(tmp_pa
         decode_upload(bad.read_bytes(), "image/png", "bad_crc.png", ServeConfig())
     assert load_image(bad, checked=True).size == (12, 12)   # the loaders' read: the scan's check stands
     assert decode_upload((tmp_path / "a" / "0.png").read_bytes(), "image/png", "0.png", ServeConfig())[1] == (12, 12)
+
+
+def test_confusion_png_of_many_classes_shows_the_most_confused_ones_by_name(tmp_path, monkeypatch):
+    """Many-classes audit (helper-128): above 40 classes confusion.png drew the whole matrix without names, at
+    1,000 classes a 2400-px diagonal line (1.2 MB) whose mistakes, cells of 1-2 images, were single pale pixels.
+    It now draws the classes of the most-confused pairs (fastai's ``most_confused``), named, in class order."""
+    from matplotlib.figure import Figure
+
+    import zoo.evaluate as evaluate
+
+    figures = []
+
+    class Kept(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(evaluate, "Figure", Kept)
+    n = 200
+    matrix = [[1 if i == j else 0 for j in range(n)] for i in range(n)]
+    for true, predicted, images in ((5, 17, 3), (17, 5, 1), (100, 150, 2), (199, 0, 1)):
+        matrix[true][predicted] = images
+    evaluate._confusion_png(matrix, [f"c{i:03d}" for i in range(n)], tmp_path / "confusion.png")
+    ax = figures[0].axes[0]
+    shown = [0, 5, 17, 100, 150, 199]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"c{i:03d}" for i in shown]
+    assert ax.get_images()[0].get_array().tolist() == [[matrix[i][j] for j in shown] for i in shown]
+    assert "6 of 200 classes" in ax.get_title() and (tmp_path / "confusion.png").stat().st_size > 0

@@ -9,7 +9,9 @@ from typing import Any, Sequence
 
 from finetune.core.config import FinetuneConfig
 from finetune.data import ImageSet
+from finetune.data.imageset import name_list
 from finetune.core.errors import ConfigError, DataError
+from finetune.core.io import printable_name
 
 SWEPT_FIELDS = ("lr", "weight_decay", "freeze", "optimizer")
 
@@ -148,10 +150,17 @@ def kfold_splits(train_set: ImageSet, val_set: ImageSet | None, k: int, seed: in
     by_class: dict[int, list[tuple[str, int]]] = {}
     for path, label in sorted(set(items)):  # sorted: the folds do not depend on the scan order
         by_class.setdefault(label, []).append((path, label))
-    small = [(classes[c], len(v)) for c, v in by_class.items() if len(v) < k]
+    small = sorted((c, len(v)) for c, v in by_class.items() if len(v) < k)
     if small:
-        name, n = small[0]
-        raise DataError(f"class {name!r} has {n} image(s), fewer than --folds {k}; use fewer folds")
+        # every such class in one line (a long tail of 1-2 image classes was refused one class at a time)
+        fewest = min(n for _, n in small)
+        fix = (f"use --folds {fewest}, the fewest images a class has" if fewest >= 2 else
+               "a class of 1 image cannot be cross-validated: add images to it, or leave --folds out (the single "
+               "train/val split)")
+        what = (f"class '{printable_name(classes[small[0][0]])}' has {small[0][1]} image(s), fewer than --folds {k}"
+                if len(small) == 1 else f"{len(small)} classes have fewer images than --folds {k} "
+                f"({name_list(classes[c] for c, _ in small)})")
+        raise DataError(f"{what}: {fix}")
     rng = random.Random(seed)
     folds: list[list[tuple[str, int]]] = [[] for _ in range(k)]
     offset = 0
