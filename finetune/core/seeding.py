@@ -75,11 +75,18 @@ def seed_host(seed: int) -> None:
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restore Python, NumPy and torch (CPU + CUDA) RNG states on exit: a diagnostic run before ``fit``
-    must not change which random numbers ``fit`` draws."""
+    must not change which random numbers ``fit`` draws, nor ``fit`` those of the program that calls it.
+
+    CUDA's generators are read only where CUDA is initialised (as ``checkpoint.rng_state`` reads them): reading them
+    initialises it, which a CPU run on a GPU machine need not pay for, and which raises in a process forked after
+    its parent used CUDA ("Cannot re-initialize CUDA in forked subprocess"). Where it is not, they are seeded on exit
+    with the caller's torch seed, as torch would seed them when CUDA starts: the run's own seeding had replaced
+    that pending seed (``torch.manual_seed`` queues its CUDA part until CUDA is initialised)."""
     py_state = random.getstate()
     np_state = np.random.get_state()
     torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cuda = torch.cuda.is_available()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_initialized() else None
     try:
         yield
     finally:
@@ -88,3 +95,5 @@ def preserved_rng() -> Iterator[None]:
         torch.set_rng_state(torch_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+        elif cuda:
+            torch.cuda.manual_seed_all(torch.initial_seed())     # (the caller's: restored with its CPU state)

@@ -107,6 +107,39 @@ def test_preserved_rng_puts_the_cuda_generator_back():
     assert torch.equal(torch.cuda.get_rng_state(), state)
 
 
+CUDA_UNINITIALISED = """
+import torch
+from finetune.core.seeding import preserved_rng, seed_everything
+torch.manual_seed(1234)
+with preserved_rng():
+    seed_everything(7)
+assert not torch.cuda.is_initialized(), "the guard initialised CUDA"
+with preserved_rng():
+    seed_everything(7)
+    torch.rand(4, device="cuda")
+after = torch.cuda.get_rng_state()
+torch.cuda.manual_seed(1234)
+assert torch.equal(after, torch.cuda.get_rng_state()), "the run's CUDA stream left to the caller"
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_preserved_rng_leaves_cuda_uninitialised_and_seeds_it_as_the_caller_did():
+    """In a fresh process (CUDA not initialised): the guard does not initialise CUDA to read its generators, and a
+    run inside it that starts CUDA leaves the GPU's generator as the caller's ``torch.manual_seed`` would have
+    started it (the CPU simulation: test_host_process.py::test_the_rng_guard_neither_initialises_cuda_nor_leaves_the_
+    runs_seed_for_it). Written by helper-129 without a GPU: not yet run on one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", CUDA_UNINITIALISED], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_doctor_features_on_cuda_are_the_cpu_ones(tmp_path):

@@ -150,17 +150,19 @@ def test_fit_restores_the_callers_cudnn_benchmark(data, monkeypatch):
 
 
 NOTEBOOK_SCRIPT = r"""
-import multiprocessing, sys, types
+import multiprocessing, os, sys, types
 from tests.finetune.test_host_process import notebook_stream
+from tests.finetune.test_train import cfg, run, sets
+os.environ.pop("TQDM_DISABLE", None)     # (set by tests.conftest, which the line above imports)
 stream = notebook_stream()
 sys.stderr = stream
-from finetune.core.progress import progress_bar
+from finetune.core.progress import LogLines, progress_bar
 with progress_bar(3, "pass", unit="img") as bar:
+    assert not isinstance(bar, LogLines) and not bar.disable, bar     # tqdm's bar, its lock made
     bar.update(3)
-from tests.finetune.test_train import cfg, run, sets
 try:
     from pathlib import Path
-    run(sets(Path(sys.argv[1])), cfg(freeze="none", workers=1))
+    run(sets(Path(sys.argv[1])), cfg(freeze="none", workers=1, quiet=False))
 finally:
     sys.stderr = sys.__stderr__
 print("start method:", multiprocessing.get_start_method(allow_none=True))
@@ -168,9 +170,10 @@ multiprocessing.set_start_method("spawn")
 """
 
 
-def notebook_stream():
+def notebook_stream(monkeypatch=None):
     """An object like ipykernel's OutStream (a notebook cell's stdout/stderr): not a terminal, ``write``/``flush``,
-    its class ``ipykernel.iostream.OutStream`` (the module is made here: ipykernel is not installed for tests)."""
+    its class ``ipykernel.iostream.OutStream`` (the module is made here: ipykernel is not installed for tests;
+    with ``monkeypatch`` it leaves ``sys.modules`` when the test ends)."""
     import types
 
     module = sys.modules.get("ipykernel.iostream")
@@ -192,14 +195,19 @@ def notebook_stream():
                 return False
 
         module.OutStream = OutStream
-        sys.modules["ipykernel.iostream"] = module
+        if monkeypatch is not None:
+            monkeypatch.setitem(sys.modules, "ipykernel.iostream", module)
+        else:
+            sys.modules["ipykernel.iostream"] = module
     return module.OutStream()
 
 
 def test_fit_and_its_bars_leave_the_start_method_to_the_caller(tmp_path):
     """A notebook runs ``fit`` (a tqdm bar, a DataLoader with a worker), then sets the start method its own code
     needs: that worked before any bar or loader only. tqdm's first bar and a DataLoader each asked multiprocessing
-    for its default context, which fixes the method: ``set_start_method("spawn")`` then raised RuntimeError."""
+    for its default context, which fixes the method: ``set_start_method("spawn")`` then raised RuntimeError.
+    (The script drops the TQDM_DISABLE that tests.conftest sets on import: with it every bar was a silent LogLines
+    and the test passed without the tqdm lock's fix.)"""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
@@ -218,7 +226,7 @@ def test_a_notebook_gets_a_bar_redrawn_in_place_not_a_line_a_minute(monkeypatch)
     from finetune.core.progress import LogLines, progress_bar
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    stream = notebook_stream()
+    stream = notebook_stream(monkeypatch)
     monkeypatch.setattr(sys, "stderr", stream)
     with progress_bar(2000, "epoch 1/1 finetune", unit="batch") as bar:
         assert not isinstance(bar, LogLines) and not bar.disable
@@ -244,3 +252,29 @@ def test_a_callers_float64_default_dtype_neither_changes_the_run_nor_is_lost(dat
     finally:
         torch.set_default_dtype(torch.float32)
     assert [[r[k] for k in keys] for r in history] == [[r[k] for k in keys] for r in fresh]
+
+
+
+def test_the_rng_guard_neither_initialises_cuda_nor_leaves_the_runs_seed_for_it(monkeypatch):
+    """``fit``'s guard (``seeding.preserved_rng``) in a process with a GPU where CUDA is not initialised (simulated:
+    no GPU on this box; only the guard's CUDA calls are stood in for). It read CUDA's generator states, which
+    initialises CUDA: seconds for a CPU run, and in a process forked after its parent used CUDA an error before the
+    run began ("Cannot re-initialize CUDA in forked subprocess"). It now reads them only where CUDA is initialised
+    (as the checkpoints do), and on exit seeds them with the caller's torch seed, which the run's own
+    ``torch.manual_seed`` had replaced as the seed CUDA's generators get when CUDA starts."""
+    from finetune.core.seeding import preserved_rng, seed_everything
+
+    seeds: list[int] = []
+
+    def forked_child(*_a, **_k):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, you "
+                           "must use the 'spawn' start method")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", forked_child)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeds.append(int(seed)))
+    torch.manual_seed(1234)
+    with preserved_rng():
+        seed_everything(7)        # what a run does at its set-up
+    assert seeds == [1234, 7, 1234] and torch.initial_seed() == 1234

@@ -21,6 +21,7 @@ def test_auto_workers_for_a_small_pass_where_each_worker_imports_torch(monkeypat
     docs/benchmarks.md, "Worker processes"): a pass of fewer than MIN_IMAGES_FOR_WORKERS images decodes in the main
     process there, as a small single pass does everywhere; a larger one, or a number given, keeps its workers."""
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.setattr("finetune.core.host.cpu_quota", lambda: None)    # (not the test machine's cgroup limit)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(loaders, "worker_context", lambda: multiprocessing.get_context(method))
     assert resolve_workers(-1, "cpu", batches=3, images=96) == workers
