@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from finetune.engine.runfolder import CHECKPOINT_FORMAT, HISTORY_KEYS, RESUME_FREE, RunFolder
 from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, nhwc, resolve_device, check_machine,
-                                     float32_default, idle_gpus_note, to_device)
+                                     caller_state_kept, idle_gpus_note, to_device)
 from finetune.engine.setup import Setup, build_setup
 from finetune.engine.passes import diverged, optimizer_step
 from finetune.engine.steps import evaluate, train_one_epoch
@@ -19,7 +19,7 @@ from finetune.engine.trainer import HEAD_WARMUP_CAP, FitResult, Trainer, plan_ph
 
 __all__ = [
     "resolve_device", "check_machine", "idle_gpus_note", "nhwc", "AmpPolicy", "amp_policy", "build_loss", "to_device",
-    "float32_default",
+    "caller_state_kept",
     "Setup", "build_setup", "train_one_epoch", "evaluate", "optimizer_step", "diverged",
     "RunFolder", "HISTORY_KEYS", "CHECKPOINT_FORMAT", "RESUME_FREE",
     "Trainer", "EpochSteps", "LoaderSteps", "FitResult", "HEAD_WARMUP_CAP", "plan_phases",

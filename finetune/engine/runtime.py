@@ -13,9 +13,10 @@ from torch import nn
 from finetune.core import distributed as ddp
 from finetune.core.devices import copies_async
 from finetune.core.errors import ConfigError
+from finetune.core.seeding import preserved_rng
 
 __all__ = ["resolve_device", "check_machine", "idle_gpus_note", "cudnn_autotune", "warms_up", "nhwc", "AmpPolicy",
-           "amp_policy", "bf16_native", "to_device", "build_loss", "float32_default"]
+           "amp_policy", "bf16_native", "to_device", "build_loss", "caller_state_kept"]
 
 # cudnn.benchmark autotunes every new input shape (a few seconds each on first sight): it pays over many
 # steps of one shape, and makes a job of a few batches (the feature pass of a small folder sees 4-5
@@ -123,7 +124,8 @@ def check_sync_bn(config: Any, info: ddp.DistInfo, device: torch.device) -> None
 
 def cudnn_autotune(device: torch.device, network_steps: int) -> bool:
     """Turn cudnn.benchmark on for a CUDA run whose network takes at least CUDNN_AUTOTUNE_MIN_STEPS
-    training steps, off for smaller ones (it is process-wide: a run sets it either way). Returns it."""
+    training steps, off for smaller ones (it is process-wide: a run sets it either way; ``caller_state_kept`` puts
+    the caller's back). Returns it."""
     if device.type != "cuda":
         return False
     on = int(network_steps) >= CUDNN_AUTOTUNE_MIN_STEPS
@@ -132,17 +134,22 @@ def cudnn_autotune(device: torch.device, network_steps: int) -> bool:
 
 
 @contextlib.contextmanager
-def float32_default():
-    """torch's default dtype float32 for the block, the caller's put back after: a run (``fit``, the LR range test,
-    the overfit check) makes its new head and its tensors as in a fresh process, where a notebook that had set
-    ``torch.set_default_dtype(torch.float64)`` for its own work drew the head's init in double precision: another
-    run from the same seed (tiny model: epoch 1's val loss 1.108 against 1.086)."""
-    previous = torch.get_default_dtype()
+def caller_state_kept():
+    """A run inside someone else's process (``fit``, the LR range test, the overfit check) leaves it as it found
+    it, the one place that says what that takes: the caller's random streams (``seeding.preserved_rng``: Python,
+    NumPy, torch's), its cudnn.benchmark (a CUDA run sets it for itself, process-wide: ``cudnn_autotune``) and its
+    default dtype come back when the block ends, errors and Ctrl-C included. Inside, the default dtype is float32,
+    as in a fresh process: a notebook that had set ``torch.set_default_dtype(torch.float64)`` for its own work drew
+    the head's init in double precision, another run from the same seed (tiny model: epoch 1's val loss 1.108
+    against 1.086)."""
+    dtype, benchmark = torch.get_default_dtype(), torch.backends.cudnn.benchmark
     torch.set_default_dtype(torch.float32)
     try:
-        yield
+        with preserved_rng():
+            yield
     finally:
-        torch.set_default_dtype(previous)
+        torch.set_default_dtype(dtype)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def warms_up(device: torch.device) -> bool:

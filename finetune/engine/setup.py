@@ -59,7 +59,6 @@ class Setup:
     train_loader: Any = None
     val_loader: Any = None
     datasets: list = field(default_factory=list)
-    cudnn_benchmark: bool | None = None    # the process's cudnn.benchmark before the setup: close() puts it back
 
     @property
     def classes(self) -> list[str]:
@@ -164,13 +163,10 @@ class Setup:
         self.train_loader = _train_loader(self, train_ds, cfg)
 
     def close(self) -> None:
-        """Stop the loaders' worker processes and prefetch threads, and put back the process's cudnn.benchmark
-        (the end of ``fit``, errors included)."""
+        """Stop the loaders' worker processes and prefetch threads (the end of ``fit``, errors included)."""
         for loader in (self.train_loader, self.val_loader):
             if loader is not None:
                 close_loader(loader)
-        if self.cudnn_benchmark is not None:
-            torch.backends.cudnn.benchmark = self.cudnn_benchmark
 
     def failures(self) -> dict[str, str]:
         """Images that failed to decode in this setup's datasets: path -> reason."""
@@ -264,7 +260,6 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     setup.val_loader = make_loader(val_ds, per_rank, train=False, workers=config.workers, device=device.type)
     config = _resolve_departure(setup, say)
     network_steps = 0 if (setup.head_only and setup.cached_head) else setup.steps_per_epoch * int(config.epochs)
-    setup.cudnn_benchmark = torch.backends.cudnn.benchmark     # (process-wide: the caller's setting comes back)
     cudnn_autotune(device, network_steps)
     if config.decode == "device":   # workers read the files; JPEGs are decoded and augmented on the device
         if device.type != "cuda" and network_steps:    # (a head on cached features reads through its own passes)

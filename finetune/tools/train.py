@@ -11,9 +11,8 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from finetune.core.config import FinetuneConfig
-from finetune.engine import FitResult, RunFolder, Trainer, build_setup, float32_default
+from finetune.engine import FitResult, RunFolder, Trainer, build_setup, caller_state_kept
 from finetune.core.errors import ConfigError
-from finetune.core.seeding import preserved_rng
 from finetune.tools.features import CachedHeadSteps, FeatureCache
 
 __all__ = ["fit", "FitResult"]
@@ -59,8 +58,8 @@ def fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, tr
     if resume and run_dir is None:
         raise ConfigError("resume needs the run folder: pass run_dir")
     # the run seeds Python's, NumPy's and torch's global generators (the head's init, each epoch's dropout and
-    # workers=0 draws): the caller's streams are put back when it returns or raises, as after a diagnostic
-    with preserved_rng(), float32_default():
+    # workers=0 draws) and sets cudnn.benchmark: the caller's are put back when it returns or raises
+    with caller_state_kept():
         return _fit(model, stages, data_config, train_set, val_set, config, head=head, run_dir=run_dir,
                     resume=resume, log=log, callbacks=callbacks, reset_head=reset_head, feature_cache=feature_cache)
 

@@ -13,13 +13,12 @@ import torch
 
 from finetune.core.config import FinetuneConfig
 from finetune.data import ImageSet
-from finetune.engine import Setup, build_setup, float32_default, train_one_epoch
+from finetune.engine import Setup, build_setup, caller_state_kept, train_one_epoch
 from finetune.core.errors import ConfigError, DivergedError, FinetuneError
 from finetune.tools.features import CachedHeadSteps, FeatureCache
 from finetune.core.io import atomic_write_text, csv_text
 from finetune.core.monitor import finite, new_figure, save_png
 from finetune.core.optim import set_base_lr
-from finetune.core.seeding import preserved_rng
 
 __all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "lr_schedule",
            "write_lr_plot"]
@@ -235,7 +234,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
 
     The test probes exactly what ``fit`` trains: the same setup (``engine.build_setup``: new head,
     freeze decision, BatchNorm policy, loss, AMP policy, training loader) and optimizer (head at LR,
-    pretrained layers at LR x backbone_lr_mult), on a deep copy inside ``preserved_rng``: the caller's
+    pretrained layers at LR x backbone_lr_mult), on a deep copy inside ``engine.caller_state_kept``: the caller's
     model, its state_dict, ``requires_grad`` flags and modes, and every RNG are exactly as before.
     When ``fit`` would train the head on cached features (head only, ``fast_head``), so does the test:
     the backbone runs once, and the head is probed on the features (``feature_cache`` shares them with
@@ -267,7 +266,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     # the test trains `steps` steps, not epochs: auto epochs (0) would print the run's epoch line a second time
     # under --lr auto, and size cuDNN's autotuning for a whole run
     config = config.replace(epochs=1) if int(config.epochs) == 0 else config
-    with preserved_rng(), float32_default(), \
+    with caller_state_kept(), \
             contextlib.closing(build_setup(model, stages, data_config, train_set, None, config, head=head,
                                            reset_head=reset_head, copy_model=True, distributed=False,
                                            log=log)) as setup:

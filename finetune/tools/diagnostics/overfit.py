@@ -13,10 +13,9 @@ from torch import nn
 
 from finetune.core.config import FinetuneConfig
 from finetune.data import ImageDataset, ImageSet, build_transform, make_loader
-from finetune.engine import build_setup, float32_default, to_device, train_one_epoch
+from finetune.engine import build_setup, caller_state_kept, to_device, train_one_epoch
 from finetune.core.errors import ConfigError, FinetuneError
 from finetune.core.metrics import accuracy_text
-from finetune.core.seeding import preserved_rng
 
 __all__ = ["OverfitResult", "overfit_check", "disable_dropout", "fixed_batch_count"]
 
@@ -91,7 +90,7 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
     # Regularisation off: the point is to see that the pipeline *can* fit, nothing must fight it.
     cfg = config.replace(augment="none", weight_decay=0.0, mlp_dropout=0.0, label_smoothing=0.0, mixup=0.0,
                          cutmix=0.0)
-    with preserved_rng(), float32_default(), \
+    with caller_state_kept(), \
             contextlib.closing(build_setup(model, stages, data_config, train_set, None, cfg, head=head,
                                            reset_head=reset_head, copy_model=True, distributed=False)) as setup:
         work, decision, device = setup.model, setup.decision, setup.device
