@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
@@ -23,7 +21,7 @@ from finetune.core.errors import CheckpointError
 from finetune.core.io import atomic_write, read_safetensors_header, shell_command, write_file
 from finetune.core.rerun import start_over_command
 
-__all__ = ["LAST", "BEST", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CpuStateCache",
+__all__ = ["LAST", "BEST", "save_checkpoint", "load_checkpoint", "CpuStateCache",
            "save_weights", "load_weights", "read_tensors", "write_tensors", "weights_damage", "tensors_sha256",
            "state_sha256", "cpu_state_dict", "cpu_copy", "BackgroundWrites"]
 
@@ -40,35 +38,6 @@ DIGEST_KEY = "zoo_tensors_sha256"
 # minutes (docs/reliability.md). torch.load checks no CRC: without it a flipped bit resumed silently.
 # Checkpoints from before it are read unchecked.
 STATE_DIGEST_KEY = "zoo_sha256"
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA generator states as weights_only-safe values."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        # numpy's key array is stored as a tensor: weights_only refuses numpy arrays.
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state` (CUDA states only restored when the device count matches)."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

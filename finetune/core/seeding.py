@@ -1,5 +1,5 @@
-"""Every seed of the package in one place: the run seed, the seed of an epoch, and a guard that keeps a
-diagnostic run from moving the caller's random streams.
+"""Every seed of the package in one place: the run seed, the seed of an epoch, the generators' states (a
+checkpoint keeps them) and a guard that keeps a diagnostic run from moving the caller's random streams.
 
 Reproducibility rule: everything random in epoch ``e`` (data order, augmentation, dropout, worker seeds)
 is seeded from ``epoch_seed(seed, e, rank)`` at the start of the epoch, so a run resumed from the
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "sample_seed", "repeat_seed", "view_seed",
-           "view_pick_seed", "drop_seed"]
+__all__ = ["epoch_seed", "seed_everything", "seed_host", "preserved_rng", "rng_state", "set_rng_state",
+           "sample_seed", "repeat_seed", "view_seed", "view_pick_seed", "drop_seed"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -72,28 +72,50 @@ def seed_host(seed: int) -> None:
     random.seed(int(seed))
 
 
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states as weights_only-safe values (a checkpoint keeps them; CUDA's
+    only where CUDA is initialised: reading them would start it)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        # numpy's key array is stored as a tensor: weights_only refuses numpy arrays.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state` (CUDA states only restored when the device count matches)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 @contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Restore Python, NumPy and torch (CPU + CUDA) RNG states on exit: a diagnostic run before ``fit``
-    must not change which random numbers ``fit`` draws, nor ``fit`` those of the program that calls it.
+    """Restore Python, NumPy and torch (CPU + CUDA) RNG states on exit (:func:`rng_state`): a diagnostic run before
+    ``fit`` must not change which random numbers ``fit`` draws, nor ``fit`` those of the program that calls it.
 
-    CUDA's generators are read only where CUDA is initialised (as ``checkpoint.rng_state`` reads them): reading them
-    initialises it, which a CPU run on a GPU machine need not pay for, and which raises in a process forked after
-    its parent used CUDA ("Cannot re-initialize CUDA in forked subprocess"). Where it is not, they are seeded on exit
-    with the caller's torch seed, as torch would seed them when CUDA starts: the run's own seeding had replaced
-    that pending seed (``torch.manual_seed`` queues its CUDA part until CUDA is initialised)."""
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda = torch.cuda.is_available()
-    cuda_states = torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_initialized() else None
+    CUDA's generators are read only where CUDA is initialised: reading them initialises it, which a CPU run on a
+    GPU machine need not pay for, and which raises in a process forked after its parent used CUDA ("Cannot
+    re-initialize CUDA in forked subprocess"). Where it is not, they are seeded on exit with the caller's torch
+    seed, as torch would seed them when CUDA starts: the run's own seeding had replaced that pending seed
+    (``torch.manual_seed`` queues its CUDA part until CUDA is initialised)."""
+    state = rng_state()
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        elif cuda:
+        set_rng_state(state)
+        if "cuda" not in state and torch.cuda.is_available():
             torch.cuda.manual_seed_all(torch.initial_seed())     # (the caller's: restored with its CPU state)

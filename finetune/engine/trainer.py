@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from finetune.core import distributed as ddp
-from finetune.core.checkpoint import BEST, CpuStateCache, cpu_copy, load_weights, rng_state, set_rng_state
+from finetune.core.checkpoint import BEST, CpuStateCache, cpu_copy, load_weights
 from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.runfolder import RunFolder
@@ -33,7 +33,7 @@ from finetune.core.rerun import start_over_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
 from finetune.core.policy import HEAD_WARMUP_CAP, head_first
-from finetune.core.seeding import epoch_seed, seed_everything
+from finetune.core.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from finetune.core.signals import sigterm_as_interrupt
 from finetune.core.surgery import apply_freeze
 
