@@ -135,7 +135,8 @@ def tta_transform(data_config: dict, scales: Sequence[int] | None = None, views:
 
 
 def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None,
-                    others: list[tuple[str, str]] | None = None) -> list[Path]:
+                    others: list[tuple[str, str]] | None = None, hidden: list[tuple[str, int]] | None = None
+                    ) -> list[Path]:
     """The images a glob pattern names, as the shell would hand them over: the image files it matches, and the
     images of the folders it matches (``'photos/*'``); what a folder walk skips (``@eaDir``, ``__MACOSX``) is
     skipped below the pattern's literal part too. Each image once, in the order found."""
@@ -147,7 +148,7 @@ def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None,
         if any(is_ignored(n) for n in Path(q).parts[literal:]):
             continue
         if os.path.isdir(q):
-            found.update(dict.fromkeys(map(Path, image_files(q, unlisted, others))))
+            found.update(dict.fromkeys(map(Path, image_files(q, unlisted, others, hidden))))
         elif os.path.splitext(q)[1].lower() in IMAGE_EXTENSIONS:
             found[Path(q)] = None
     if not found:
@@ -157,11 +158,14 @@ def _pattern_images(pattern: str, unlisted: list[tuple[str, str]] | None = None,
 
 
 def expand_images(inputs: Iterable[str | os.PathLike], unlisted: list[tuple[str, str]] | None = None,
-                  others: list[tuple[str, str]] | None = None) -> tuple[list[Path], bool]:
+                  others: list[tuple[str, str]] | None = None, hidden: list[tuple[str, int]] | None = None
+                  ) -> tuple[list[Path], bool]:
     """Files as given, folders expanded recursively to their images (sorted), and a glob pattern that names no
     file (quoted, so the shell left it: ``'photos/*/*.jpg'``, ``**`` recursive) to the images it matches.
     Folders below them that cannot be listed go to ``unlisted`` (folder, reason), their files not named as images
-    (a HEIC photo, a file without an extension) to ``others`` (path, reason: the training scan's words).
+    (a HEIC photo, a file without an extension) to ``others`` (path, reason: the training scan's words), hidden
+    folders below them holding images (``.edits/``: skipped, as the training scan skips them) to ``hidden``
+    (folder, images; :func:`finetune.data.scan.hidden_note` says so).
 
     Returns:
         (paths, any_folder) — the second tells the caller a progress bar is worth showing.
@@ -177,11 +181,11 @@ def expand_images(inputs: Iterable[str | os.PathLike], unlisted: list[tuple[str,
                              "(. for the current one)")
         if not p.exists() and glob.has_magic(str(item)):     # a quoted pattern (or a shell that left it as is)
             any_dir = True
-            out.extend(_pattern_images(str(item), unlisted, others))
+            out.extend(_pattern_images(str(item), unlisted, others, hidden))
         elif p.is_dir():
             any_dir = True
             refuse_zoo_output(str(p), "to classify: give the folder of the images, or name its files")
-            out.extend(map(Path, image_files(str(p), unlisted, others)))
+            out.extend(map(Path, image_files(str(p), unlisted, others, hidden)))
         elif p.exists():
             out.append(p)
         elif str(item) == "-" and os.path.exists("/dev/stdin"):     # `zoo predict BUNDLE - < cat.jpg`

@@ -279,6 +279,28 @@ def test_predict_of_a_folder_says_what_it_left_out_as_no_image_type(bundle, tmp_
         "image file type (.heic))"]
 
 
+def test_predict_of_a_folder_names_the_hidden_folders_it_skips(bundle, tmp_path, runner, monkeypatch):
+    """Session 32 left it: `zoo predict BUNDLE photos/` skipped `photos/.edits/` without a word, where the training
+    scan and `zoo eval` name a hidden folder holding images (``scan.hidden_note``). The same warning now, and in the
+    error when the hidden folders hold every image."""
+    monkeypatch.chdir(tmp_path)
+    photos = Path("photos")
+    make_image(photos / ".edits" / "cat-cropped.png", 0, size=32)
+    make_image(photos / ".edits" / "dog-cropped.png", 1, size=32)
+    res = runner.invoke(cli, ["predict", str(bundle), "photos", "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == (
+        "zoo: error: no images found in photos (skipped hidden folder(s) photos/.edits (2 images): a name beginning "
+        "with '.' is skipped, as hidden files are; to use its images, rename it without the leading dot)")
+    make_image(photos / "cat.png", 0, size=32)
+    res = runner.invoke(cli, ["predict", str(bundle), "photos", "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert [d["image"] for d in json.loads(res.stdout)] == ["photos/cat.png"]      # the output as before
+    assert [ln for ln in res.stderr.splitlines() if "warning" in ln] == [
+        "zoo: warning: skipped hidden folder(s) photos/.edits (2 images): a name beginning with '.' is skipped, as "
+        "hidden files are; to use its images, rename it without the leading dot"]
+
+
 def test_predict_prints_each_batch_as_it_is_predicted_not_after_the_last_image(bundle, tmp_path, runner, monkeypatch):
     """`zoo predict BUNDLE folder/` of 10,000 images printed nothing for 30 s and nothing at all when interrupted
     (scale audit, helper-83): each batch's lines now come out before the next batch is read, and the whole output

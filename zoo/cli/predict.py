@@ -104,20 +104,25 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
     # lazy: zoo --help must not import torch, nor load these modules
     from finetune.engine import resolve_device
     from zoo.bundle import load_model
+    from finetune.data.scan import hidden_note
     from zoo.predict import expand_images, predict_probs, topk as top
     from tqdm.auto import tqdm
 
     scales = tta_scales_given(tta, tta_scales)
     unlisted: list[tuple[str, str]] = []
     others: list[tuple[str, str]] = []      # files of the folders not named as images (a phone's HEIC photos)
-    paths, any_dir = expand_images(images, unlisted, others)
+    hidden: list[tuple[str, int]] = []     # hidden folders holding images: skipped, as the training scan skips them
+    paths, any_dir = expand_images(images, unlisted, others, hidden)
     for folder, reason in unlisted:     # (a chmod 000 folder: its images were left out without a word, QA)
         warn_skipped(folder, reason)
     first, why = others[0] if others else ("", "")
+    hid = hidden_note(hidden, ".") if hidden else ""      # (the training scan's and zoo eval's words)
     if not paths:
         raise UsageError(f"no images found in {', '.join(str(i) for i in images)}"
                          + (f": its {len(others)} file(s) are not named as images zoo reads, e.g. {first} ({why}); "
-                            "convert them to JPEG or PNG" if others else ""))
+                            "convert them to JPEG or PNG" if others else "") + (f" ({hid})" if hid else ""))
+    if hid:
+        echo(f"zoo: warning: {hid}", err=True)
     if others:                          # as the training scan says them (QA: left out without a word)
         echo(printable(f"zoo: warning: left out {len(others)} file(s) not named as images zoo reads, e.g. {first} "
                        f"({why})"), err=True)
