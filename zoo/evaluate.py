@@ -108,6 +108,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
+    if found:       # (a split layout's top: `DIR/.test/` beside val/ was skipped without a word; training names it)
+        list_classes(str(root), hidden)
     folders = [base / name for name in list_classes(str(base), hidden)]     # as the training scan lists them
     for d in folders:
         label = _label_of(d.name, index)
