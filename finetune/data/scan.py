@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from itertools import product
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -109,9 +110,9 @@ def _splits_read(root: str, subdirs: list[str]) -> Iterator[tuple[_Level, _Level
     """The folders of ``root`` that read as splits, not classes, and why: ``(folder, None)`` for one named as a
     split (``test/``, ``Testing/``, ``test_set/``) that holds a folder named as a class beside it (``DIR/test/cat/``
     beside ``DIR/cat/``); ``(folder, other)`` for two named as different splits that hold folders of one name
-    at the same level (``Training/cat/`` and ``Testing/cat/``, a ``Testing/`` of one class too; also one level down,
-    as Kaggle's ``training_set/training_set/cat/``).
-    Names match in any case. A class so named whose folders are no classes stays a class, as do two whose shared
+    (``Training/cat/`` and ``Testing/cat/``, a ``Testing/`` of one class too; also below a lone folder, as Kaggle's
+    ``training_set/training_set/cat/``; a lone folder of one name on both sides is no class). Names match in any
+    case. A class so named whose folders are no classes stays a class, as do two whose shared
     folders a class not so named holds too (``train/front/`` and ``test_tube/front/`` beside ``car/front/``:
     views, sessions, ``images/`` and ``masks/`` of every class). The training scan refuses a flat layout for any;
     ``zoo eval`` reads its held-out folder by them (:func:`held_out_folder`)."""
@@ -125,8 +126,10 @@ def _splits_read(root: str, subdirs: list[str]) -> Iterator[tuple[_Level, _Level
             yield (splits[d], *hit), None
     inside: set[str] | None = None      # the folders the other classes hold (read only when needed)
     for d, e in ((d, e) for d in levels for e in levels if _ORDER.index(splits[d]) < _ORDER.index(splits[e])):
-        found = None    # level by level, the deepest that shares (Testing/cat/ alone: its top; images/<class>/)
-        for (where, names), (where_e, names_e) in zip(levels[d], levels[e]):
+        found = None    # any level of one with any of the other (a Testing/ of one class beside Training/'s; a
+        for (where, names), (where_e, names_e) in product(levels[d], levels[e]):    # test_set/test_set/), the deepest
+            if len(names) == 1 == len(names_e):     # a lone folder on both sides is looked through (Kaggle's, images/)
+                continue
             shared = {class_key(n).casefold() for n in names} & {class_key(n).casefold() for n in names_e}
             if shared and inside is None:
                 inside = {class_key(n).casefold() for k in subdirs if not splits[k] for _, ns in _class_levels(root, k)

@@ -1401,6 +1401,10 @@ def test_split_named_folders_one_holding_a_single_class_are_splits_not_classes(t
     with pytest.raises(DataError, match=r"holds Training/ and Testing/, whose folders cat are the same classes"):
         scan_folder(data)
     assert held_out_folder(data) == str(data / "Testing")
+    other = make_image_folder(tmp_path / "o", classes=("car",), per_class=2)     # a lone images/ on both sides:
+    for name in ("testing_kit", "training_wheels"):                             # no class, looked through
+        make_image(other / name / "images" / "a.png", 0, 16)
+    assert scan_folder(other).classes == ["car", "testing_kit", "training_wheels"] and held_out_folder(other) is None
 
 
 def test_a_hidden_folder_at_the_top_of_a_split_layout_is_named(tmp_path):
