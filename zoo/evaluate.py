@@ -78,9 +78,9 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
                      hidden: list[tuple[str, int]] | None = None) -> tuple[str, list[tuple[str, int]], list[str]]:
     """Images of a class-folder layout, labelled by the bundle's class order.
 
-    ``root/test/<class>/`` is used when present, else a folder named as a test split by the training scan's
-    words (``Testing/``, ``test_set/test_set/``), else ``root/val/<class>/`` (or ``valid``, ``validation``; in
-    any case), else ``root/<class>/``: the folder is read as the training scan reads it
+    ``root/test/<class>/`` is used when present, else a folder named as a test split that the training scan
+    reads as one (``Testing/``, ``test_set/test_set/`` holding train's classes), else ``root/val/<class>/`` (or
+    ``valid``, ``validation``; in any case), else ``root/<class>/``: the folder is read as the training scan reads it
     (``finetune.data.scan.held_out_folder``), so a class named ``valid`` or ``test`` stays a class.
     Class folders are matched to the bundle's labels by name, or by ``aliases`` (one per label, e.g.
     ImageNet synsets "n02123045" for a pretrained model whose labels are "tabby, tabby cat"). Folders in them
@@ -108,6 +108,8 @@ def find_eval_images(root: str | os.PathLike, labels: Sequence[str], aliases: Se
     index.update({class_key(name): i for name, i in list(index.items()) if class_key(name) not in index})
     items: list[tuple[str, int]] = []
     ignored: list[str] = []
+    if found:       # (a split layout's top: `DIR/.test/` beside val/ was skipped without a word; training names it)
+        list_classes(str(root), hidden)
     folders = [base / name for name in list_classes(str(base), hidden)]     # as the training scan lists them
     for d in folders:
         label = _label_of(d.name, index)

@@ -266,7 +266,7 @@ def printable(text: object) -> str:
     """``text`` on one visible line: control and other invisible characters as escapes (``\\n``, ``\\x1b``, ``\\u200b``,
     ``\\u3164``), undecodable file-name bytes as ``\\xNN``; everything printable unchanged (``café 猫 ✓`` stays)."""
     s = printable_name(str(text))
-    if s.isprintable() and _BLANK.isdisjoint(s):
+    if s.isprintable() and (s.isascii() or _BLANK.isdisjoint(s)):     # isascii: O(1), most names (a call per image)
         return s
     return "".join(c if c.isprintable() and c not in _BLANK else c.encode("unicode_escape").decode("ascii") for c in s)
 

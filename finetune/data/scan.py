@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+from itertools import product
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from finetune.data.files import (IMAGE_EXTENSIONS, case_twin, check_files, class_key, collect_classes, is_ignored,
                                   is_dir, list_classes, refuse_zoo_output, UNLISTED_FOLDER)
@@ -31,24 +32,14 @@ IMBALANCE_WARN = 3.0        # warn when the largest class has more than this man
 IMBALANCE_ADVICE = "; consider --class-weights auto or --sampler balanced"    # (the commands drop it: scan_lines)
 
 
-def split_folder(root: str | os.PathLike, names: Sequence[str], subdirs: Iterable[str] | None = None,
-                 by_word: bool = False) -> str | None:
+def split_folder(root: str | os.PathLike, names: Sequence[str], subdirs: Iterable[str] | None = None) -> str | None:
     """The sub-folder of ``root`` named like the first of ``names`` found (e.g. VAL_NAMES), in any case (the
-    exact name first): its path, or None. ``subdirs``: root's sub-folders when the caller has listed them.
-    ``by_word``: else the first folder holding folders whose name reads as the same split by the scan's split
-    words (:func:`_split_word`: ``Testing/``, ``test_set/``, ``holdout/`` for ``("test",)``), or the lone folder
-    it holds when that reads so too (Kaggle's ``test_set/test_set/``): how ``zoo eval`` finds a held-out folder."""
+    exact name first): its path, or None. ``subdirs``: root's sub-folders when the caller has listed them."""
     subdirs = sorted(list_classes(os.fspath(root)) if subdirs is None else subdirs)
     for name in names:
         found = name if name in subdirs else next((d for d in subdirs if d.lower() == name), None)
         if found is not None:
             return os.path.join(os.fspath(root), found)
-    split = _SPLIT_WORDS.get(names[0]) if by_word and names else None
-    for d in (d for d in subdirs if split and _split_word(d) == split):
-        inner = _subfolders(os.path.join(os.fspath(root), d))
-        if inner:       # (an `eval_results/` of CSV files is none)
-            lone = len(inner) == 1 and _split_word(inner[0]) == split
-            return os.path.join(os.fspath(root), d, *inner[:lone])
     return None
 
 
@@ -94,35 +85,59 @@ def _split_word(name: str) -> str | None:
 
 
 def _refuse_split_among_classes(root: str, subdirs: list[str]) -> None:
-    """DataError when folders of the flat layout ``root`` read as splits, not classes (audit: each trained as a
-    class of cats and dogs): one named as a split (``test/``, ``Testing/``, ``test_set/``) that holds a folder
-    named as a class beside it (``DIR/test/cat/`` beside ``DIR/cat/``), or two named as different splits that
-    hold folders of one name (``Training/cat/`` and ``Testing/cat/``; also one level down, as Kaggle's
-    ``training_set/training_set/cat/``). Names match in any case. A class so named whose folders are no classes
-    stays a class, as do two whose shared folders a class not so named holds too (``train/front/`` and
-    ``test_tube/front/`` beside ``car/front/``: views, sessions, ``images/`` and ``masks/`` of every class)."""
+    """DataError when folders of the flat layout ``root`` read as splits, not classes (:func:`_splits_read`; audit:
+    each trained as a class of cats and dogs)."""
+    layout = "lay the folders out as DIR/train/<class>/ and DIR/val/<class>/ (DIR/test/<class>/ optional)"
+    for (split, where, names), other in _splits_read(root, subdirs):
+        if other is None:
+            keys = {class_key(d).casefold(): d for d in subdirs if not _split_word(d)}
+            raise DataError(f"{printable_name(root)} holds class folders {name_list(keys.values())} and "
+                            f"{printable_name(where)}/, whose folders {name_list(names)} are classes too, so it "
+                            f"looks like {split} images, not a class: {layout}, or move it out of DIR")
+        split_e, where_e, names_e = other
+        shared = {class_key(n).casefold() for n in names_e}
+        same = name_list(sorted(n for n in names if class_key(n).casefold() in shared))
+        raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and {printable_name(where_e)}/, "
+                        f"whose folders {same} are the same classes, so they look like {split} and {split_e} "
+                        f"images, not two classes: {layout}, or give {printable_name(os.path.join(root, where))} "
+                        f"alone as the data folder (a folder of classes: its validation images are held out)")
+
+
+_Level = tuple[str, str, list[str]]     # (split, folder, its folders)
+
+
+def _splits_read(root: str, subdirs: list[str]) -> Iterator[tuple[_Level, _Level | None]]:
+    """The folders of ``root`` that read as splits, not classes, and why: ``(folder, None)`` for one named as a
+    split (``test/``, ``Testing/``, ``test_set/``) that holds a folder named as a class beside it (``DIR/test/cat/``
+    beside ``DIR/cat/``); ``(folder, other)`` for two named as different splits that hold folders of one name
+    (``Training/cat/`` and ``Testing/cat/``, a ``Testing/`` of one class too; also below a lone folder, as Kaggle's
+    ``training_set/training_set/cat/``; a lone folder of one name on both sides is no class). Names match in any
+    case. A class so named whose folders are no classes stays a class, as do two whose shared
+    folders a class not so named holds too (``train/front/`` and ``test_tube/front/`` beside ``car/front/``:
+    views, sessions, ``images/`` and ``masks/`` of every class). The training scan refuses a flat layout for any;
+    ``zoo eval`` reads its held-out folder by them (:func:`held_out_folder`)."""
     splits = {d: _split_word(d) for d in subdirs}
     levels = {d: _class_levels(root, d) for d, split in splits.items() if split}
-    keys = {class_key(d).casefold(): d for d, split in splits.items() if not split}
-    layout = "lay the folders out as DIR/train/<class>/ and DIR/val/<class>/ (DIR/test/<class>/ optional)"
+    keys = {class_key(d).casefold() for d, split in splits.items() if not split}
     for d, chain in levels.items():
-        for where, names in chain:
-            if any(class_key(n).casefold() in keys for n in names):
-                raise DataError(f"{printable_name(root)} holds class folders {name_list(keys.values())} and "
-                                f"{printable_name(where)}/, whose folders {name_list(names)} are classes too, so it "
-                                f"looks like {splits[d]} images, not a class: {layout}, or move it out of DIR")
+        hit = next(((where, names) for where, names in chain if any(class_key(n).casefold() in keys for n in names)),
+                   None)
+        if hit:
+            yield (splits[d], *hit), None
     inside: set[str] | None = None      # the folders the other classes hold (read only when needed)
     for d, e in ((d, e) for d in levels for e in levels if _ORDER.index(splits[d]) < _ORDER.index(splits[e])):
-        (where, names), (where_e, names_e) = levels[d][-1], levels[e][-1]
-        shared = {class_key(n).casefold(): n for n in names}.keys() & {class_key(n).casefold() for n in names_e}
-        if shared and inside is None:
-            inside = {class_key(n).casefold() for k in keys.values() for _, ns in _class_levels(root, k) for n in ns}
-        if shared and not shared & (inside or set()):
-            same = name_list(sorted(n for n in names if class_key(n).casefold() in shared))
-            raise DataError(f"{printable_name(root)} holds {printable_name(where)}/ and {printable_name(where_e)}/, "
-                            f"whose folders {same} are the same classes, so they look like {splits[d]} and {splits[e]} "
-                            f"images, not two classes: {layout}, or give {printable_name(os.path.join(root, where))} "
-                            f"alone as the data folder (a folder of classes: its validation images are held out)")
+        found = None    # any level of one with any of the other (a Testing/ of one class beside Training/'s; a
+        for (where, names), (where_e, names_e) in product(levels[d], levels[e]):    # test_set/test_set/), the deepest
+            if len(names) == 1 == len(names_e):     # a lone folder on both sides is looked through (Kaggle's, images/)
+                continue
+            shared = {class_key(n).casefold() for n in names} & {class_key(n).casefold() for n in names_e}
+            if shared and inside is None:
+                inside = {class_key(n).casefold() for k in subdirs if not splits[k] for _, ns in _class_levels(root, k)
+                          for n in ns}
+            if shared and not shared & (inside or set()):
+                found = (splits[d], where, names), (splits[e], where_e, names_e)
+        if found:
+            yield found
 
 
 def _class_levels(root: str, folder: str) -> list[tuple[str, list[str]]]:
@@ -147,15 +162,29 @@ def split_named_folders(root: str | os.PathLike) -> list[tuple[str, str, list[st
 def held_out_folder(root: str | os.PathLike) -> str | None:
     """The folder of ``root`` that scores a trained model, read as the scan reads ``root``: test/, else val/, of
     a split layout or of held-out folders alone (a hold-out set); a folder named as a test split in the scan's
-    other words (``Testing/``, ``test_set/test_set/``: those its refusal reads as splits, or ignores beside
-    train/) comes before val/ (:func:`split_folder`'s ``by_word``). None for a folder of classes, where a class
-    named like a split (``valid/`` next to ``invalid/``) is a class, as it was in training."""
+    other words that the scan reads as a split (``Testing/``, ``test_set/test_set/`` holding the classes that
+    ``train/`` or ``Training/`` holds: :func:`_splits_read`) comes before val/. None for a folder of classes,
+    where a class named like a split (``valid/`` next to ``invalid/``, ``test_tube/``) is a class, as it was in
+    training; beside train/ + val/, a folder so named that holds none of their classes (an ``eval/`` of reports)
+    is not read, and val/ is scored."""
     root_s = os.fspath(root)
     try:
         train, val, test = _detect_layout(root_s)
     except DataError:           # val/ or test/ without train/, or Training/ + Testing/: a hold-out set
-        return split_folder(root_s, ("test",), by_word=True) or split_folder(root_s, VAL_NAMES, by_word=True)
-    return None if train == root_s else test or split_folder(root_s, ("test",), by_word=True) or val
+        train = val = test = None
+    if train == root_s:
+        return None
+    if train is not None:
+        return test or _read_as(root_s, "test") or val
+    return split_folder(root_s, ("test",)) or _read_as(root_s, "test") or split_folder(root_s, VAL_NAMES) or \
+        _read_as(root_s, "val")
+
+
+def _read_as(root_s: str, split: str) -> str | None:
+    """The first folder of ``root_s`` by name that the scan reads as ``split`` by its words (:func:`_splits_read`)."""
+    found = sorted(where for level, other in _splits_read(root_s, sorted(list_classes(root_s)))
+                   for named, where, _ in (level, other or level) if named == split)
+    return os.path.join(root_s, found[0]) if found else None
 
 
 def _image_set(by_class: dict[str, list[str]], classes: list[str]) -> ImageSet:

@@ -1389,6 +1389,24 @@ def test_a_hidden_folder_holding_images_is_skipped_and_named_once_debris_is_not(
         scan_folder(data)
 
 
+def test_split_named_folders_one_holding_a_single_class_are_splits_not_classes(tmp_path):
+    """Review of session 33's scan merges (helper-130): `Training/cat/ + Training/dog/ + Testing/cat/` (a test split
+    of one class) trained two classes "Testing" and "Training": the refusal compared the folders below a lone
+    folder (Testing/cat/'s none), so it missed that both hold cat/. Compared level by level, it is refused as
+    Training/ + Testing/ of two classes is, and zoo eval scores Testing/ (held_out_folder, the same rule)."""
+    from finetune.data.scan import held_out_folder
+
+    data = make_image_folder(tmp_path / "d" / "Training", classes=("cat", "dog"), per_class=2).parent
+    make_image_folder(data / "Testing", classes=("cat",), per_class=2)
+    with pytest.raises(DataError, match=r"holds Training/ and Testing/, whose folders cat are the same classes"):
+        scan_folder(data)
+    assert held_out_folder(data) == str(data / "Testing")
+    other = make_image_folder(tmp_path / "o", classes=("car",), per_class=2)     # a lone images/ on both sides:
+    for name in ("testing_kit", "training_wheels"):                             # no class, looked through
+        make_image(other / name / "images" / "a.png", 0, 16)
+    assert scan_folder(other).classes == ["car", "testing_kit", "training_wheels"] and held_out_folder(other) is None
+
+
 def test_a_hidden_folder_at_the_top_of_a_split_layout_is_named(tmp_path):
     """Session 32's leftovers (helper-127): `DIR/.train/` beside train/ and val/ was skipped without a word (the
     split layout listed DIR for train/ val/ test/ only), and `DIR/.train/` + `DIR/val/` was refused as "holds val/

@@ -510,6 +510,41 @@ def test_eval_reads_held_out_folders_by_the_training_scan_s_split_words(bundle, 
     assert (doc["split"], doc["n_images"]) == (scored, 4), doc["split"]
 
 
+@pytest.mark.parametrize("folders, scored", [
+    (("train", "val", "eval/2024-05-01/plots"), "val"), (("train", "val", "testing/notes"), "val"),
+    (("Training/images", "Testing/images"), "Testing/images"),
+    (("train", "val", "Testing/notes", "test_set"), "test_set")])
+def test_eval_reads_a_split_named_folder_only_where_the_training_scan_does(bundle, tmp_path, runner, folders, scored):
+    """Review of session 33's scan merges (helper-130): eval took the first folder named as a test split that held
+    any folder (`eval/`, `testing/` of reports beside train/ + val/, which training ignores) and refused "no class
+    folder matches (found: 2024-05-01)" where it scored val/; and it looked one level into a lone folder only when
+    that was split-named, so Training/images/ + Testing/images/ (which training reads as splits) was refused. Now
+    eval reads a split-named folder where the scan's own rule (scan._splits_read: it holds the classes another
+    split holds) does."""
+    data = tmp_path / "dl"
+    for folder in folders:
+        if folder.endswith(("/notes", "/plots")):      # a folder of reports, no images
+            (data / folder).mkdir(parents=True)
+            (data / folder / "a.txt").write_text("notes")
+        else:
+            make_image_folder(data / folder, classes=(CLASSES[0], CLASSES[2]), per_class=1 + (folder == scored))
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["split"], doc["n_images"]) == (scored, 4), doc["split"]
+
+
+def test_eval_names_a_hidden_folder_at_the_top_of_a_split_layout(bundle, tmp_path, runner):
+    """Review of session 33's scan merges (helper-130): `DIR/.test/` beside train/ + val/ is named by training
+    ("skipped hidden folder(s) .test"), but eval scored val/ without a word of it. Named as training names it."""
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[0], CLASSES[2]), per_class=1, layout="split",
+                             val_per_class=1)
+    make_image(data / ".test" / CLASSES[0] / "x.png", 0, 32)
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert "zoo: warning: skipped hidden folder(s) .test (1 image): " in res.stderr, res.output
+
+
 def test_eval_out_inside_the_data_is_refused(bundle, tmp_path, runner):
     """QA: `zoo eval B --data photos --out photos/report` wrote confusion.png there, and the next
     `zoo finetune --data photos` trained a class "report" on it (finetune, lr-find and sweep refuse this)."""
