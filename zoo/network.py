@@ -145,6 +145,7 @@ def build_to_load(build: Callable[[], "nn.Module"], state: Mapping[str, "torch.T
     import torch
     from finetune.core.seeding import preserved_rng  # lazy: as above
 
+    device = torch.get_default_device()      # where a plain build would put it (a `with torch.device(...)` too)
     with preserved_rng():
         try:
             with torch.device("meta"):
@@ -152,7 +153,7 @@ def build_to_load(build: Callable[[], "nn.Module"], state: Mapping[str, "torch.T
         except Exception:  # noqa: BLE001 - e.g. "Cannot copy out of meta tensor": the plain build below decides
             model = None
         if model is not None and _filled_by(model, state):
-            return model.to_empty(device="cpu")
+            return model.to_empty(device=device)
     with preserved_rng():
         return build()
 
