@@ -132,7 +132,12 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
     head = head or {"kind": "linear"}
 
     def build() -> "torch.nn.Module":
-        model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
+        try:
+            model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
+        except RegistryError as e:
+            raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
         if head.get("kind", "linear") == "mlp":
             # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
             from finetune.core.surgery import replace_head
@@ -141,12 +146,7 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
                          dropout=float(head.get("dropout", 0.2)), activation=str(head.get("activation", "relu")))
         return model
 
-    try:
-        return build() if state is None else build_to_load(build, state)
-    except RegistryError as e:
-        raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
+    return build() if state is None else build_to_load(build, state)
 
 
 def _load_weights(model: "torch.nn.Module", state: dict[str, Any], where: Path, fix: str = "re-export the run") -> None:
