@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from finetune.core.io import shell_command
 from zoo.errors import WeightsError
 from zoo.network import (DROPPED_PREFIXES, TORCHVISION_KWARGS, VGG_FC_DROPOUT, build_architecture, build_network,
-                         builder_kwargs, has_fc_dropout)
+                         build_to_load, builder_kwargs, has_fc_dropout)
 from zoo.registry import ModelEntry
 from zoo.resolve import get_entry
 from zoo.sources import pull
@@ -32,27 +32,39 @@ def create_model(name: str | ModelEntry, num_classes: int | None = None, pretrai
     """Build model ``name`` and, when ``pretrained``, load its cached weights (pulling them first if needed).
 
     With ``num_classes`` different from the entry's, the classifier keeps its fresh initialisation and
-    every other tensor is loaded strictly (the head is replaced by finetune anyway).
+    every other tensor is loaded strictly (the head is replaced by finetune anyway). A pretrained model is built
+    without the random init its weights replace, and leaves the caller's random streams as they were
+    (``zoo.network.build_to_load``); ``pretrained=False`` draws its init from them, as timm's does.
 
     Raises:
         UnknownModelError, DownloadError/OfflineError (from pull), WeightsError: the file does not fit.
     """
     entry = get_entry(name)
-    model = build_architecture(entry, num_classes, fc_dropout=fc_dropout)
-    if pretrained:
-        path = pull(entry)
-        # lazy: zoo --help / list / info import this module and must not import torch
-        from safetensors import SafetensorError
-        from finetune.core.checkpoint import read_tensors  # lazy: as above
+    if not pretrained:     # a random init asked for: drawn from the caller's random streams, as timm's
+        return build_architecture(entry, num_classes, fc_dropout=fc_dropout)
+    path = pull(entry)
+    # lazy: zoo --help / list / info import this module and must not import torch
+    from safetensors import SafetensorError
+    from finetune.core.checkpoint import read_tensors  # lazy: as above
 
-        try:
-            state = read_tensors(path)
-        except (SafetensorError, OSError) as err:
-            raise WeightsError(f"{path}: not a readable safetensors file ({err}); run "
-                               f"`{shell_command('zoo', 'pull', entry.name, '--force')}` to fetch it again") from None
-        skip = num_classes is not None and num_classes != entry.num_classes
-        load_weights(model, state, entry, skip_classifier=skip, where=str(path))
+    try:
+        state = read_tensors(path)
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({err}); run "
+                           f"`{shell_command('zoo', 'pull', entry.name, '--force')}` to fetch it again") from None
+    skip = num_classes is not None and num_classes != entry.num_classes
+    state = _kept(state, entry, skip)
+    model = build_to_load(lambda: build_architecture(entry, num_classes, fc_dropout=fc_dropout), state)
+    load_weights(model, state, entry, skip_classifier=skip, where=str(path))
     return model
+
+
+def _kept(state: dict[str, "torch.Tensor"], entry: ModelEntry, skip_classifier: bool) -> dict[str, "torch.Tensor"]:
+    """``state`` less what the built network lacks on purpose: ``DROPPED_PREFIXES``, and the classifier when its
+    width is not the file's (``skip_classifier``)."""
+    drop, cls = DROPPED_PREFIXES.get(entry.builder, ()), entry.classifier
+    return {k: v for k, v in state.items()
+            if not k.startswith(drop) and not (skip_classifier and (k == cls or k.startswith(cls + ".")))}
 
 
 def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: ModelEntry, *,
@@ -62,10 +74,8 @@ def load_weights(model: "nn.Module", state: dict[str, "torch.Tensor"], entry: Mo
     Raises:
         WeightsError: missing, unexpected or wrongly shaped tensors (the first few are named).
     """
-    drop = DROPPED_PREFIXES.get(entry.builder, ())
     cls = entry.classifier
-    state = {k: v for k, v in state.items()
-             if not k.startswith(drop) and not (skip_classifier and (k == cls or k.startswith(cls + ".")))}
+    state = _kept(state, entry, skip_classifier)
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -294,7 +294,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     kwargs = dict(info.get("builder_kwargs") or {})
     if library == "torchvision":
         kwargs = _torchvision_kwargs(arch, list(state), kwargs)
-    model = build_model(builder, len(labels), head, classifier, kwargs)
+    model = build_model(builder, len(labels), head, classifier, kwargs, state)
     _load_weights(model, state, ckpt, fix=_damaged_run(run))
     model.eval()
 

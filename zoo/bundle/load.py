@@ -14,6 +14,7 @@ from PIL import Image
 from finetune.core.io import (SafetensorsHeaderError, broken_link, parse_safetensors_header, read_safetensors_header,
                               sha256_file, shell_command)
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
+from zoo.network import build_to_load
 from zoo.bundle.checks import DATA_KEYS as _DATA_KEYS, WEIGHTS, check_config, class_count as _class_count
 from zoo.errors import BundleError, RegistryError, UsageError
 from zoo.outdir import lock_holder, sweep_trial
@@ -113,8 +114,10 @@ def _torchvision_kwargs(arch: str, state_keys: Sequence[str], given: dict[str, A
 
 
 def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, classifier: str,
-                builder_kwargs: dict[str, Any] | None = None) -> "torch.nn.Module":
-    """Rebuild the finetuned architecture (random weights): ``zoo.build.build_network`` plus the recorded head.
+                builder_kwargs: dict[str, Any] | None = None,
+                state: dict[str, "torch.Tensor"] | None = None) -> "torch.nn.Module":
+    """Rebuild the finetuned architecture: ``zoo.build.build_network`` plus the recorded head; random weights, or
+    none when ``state`` is given (``zoo.network.build_to_load``: the tensors to load next).
 
     Args:
         builder: "timm:<arch>" or "torchvision:<arch>".
@@ -122,23 +125,28 @@ def build_model(builder: str, num_classes: int, head: dict[str, Any] | None, cla
         head: {"kind": "linear"|"mlp", "hidden", "dropout", "activation"}; None means linear.
         classifier: module name of the head ("fc", "classifier", ...), needed for MLP heads.
         builder_kwargs: extra constructor arguments (timm ``model_args`` / torchvision kwargs).
+        state: the state dict to be loaded into it (the caller's random streams are then left as they were).
     Raises:
         BundleError: an unknown builder or architecture.
     """
-    try:
-        model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
-    except RegistryError as e:
-        raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
     head = head or {"kind": "linear"}
-    if head.get("kind", "linear") == "mlp":
-        # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
-        from finetune.core.surgery import replace_head
 
-        replace_head(model, classifier, int(num_classes), kind="mlp", hidden=int(head.get("hidden", 512)),
-                     dropout=float(head.get("dropout", 0.2)), activation=str(head.get("activation", "relu")))
-    return model
+    def build() -> "torch.nn.Module":
+        try:
+            model = build_network(builder, int(num_classes), builder_kwargs, where=f"bundle builder {builder!r}")
+        except RegistryError as e:
+            raise BundleError(f"{e}; is the installed timm/torchvision too old?") from None
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise BundleError(f"cannot build {builder!r}: {e}; is the installed timm/torchvision too old?") from None
+        if head.get("kind", "linear") == "mlp":
+            # lazy: reading a bundle's metadata (zoo push, zoo list --mine) must not import torch
+            from finetune.core.surgery import replace_head
+
+            replace_head(model, classifier, int(num_classes), kind="mlp", hidden=int(head.get("hidden", 512)),
+                         dropout=float(head.get("dropout", 0.2)), activation=str(head.get("activation", "relu")))
+        return model
+
+    return build() if state is None else build_to_load(build, state)
 
 
 def _load_weights(model: "torch.nn.Module", state: dict[str, Any], where: Path, fix: str = "re-export the run") -> None:
@@ -344,11 +352,11 @@ def _read_bundle(path: Path, device: Any) -> Bundle:
     kwargs = dict(meta.get("builder_kwargs") or zoo_cfg.get("builder_kwargs") or {})
     if builder.startswith("timm:"):
         kwargs = {**dict(config.get("model_args") or {}), **kwargs}
-    model = build_model(builder, num_classes, meta.get("head"), str(meta.get("classifier", "")), kwargs)
     try:
         state = read_tensors(weights)
     except Exception as e:  # safetensors raises its own SafetensorError for damaged files
         raise BundleError(f"{weights} cannot be read ({e}); re-export with `zoo export RUN_DIR`") from None
+    model = build_model(builder, num_classes, meta.get("head"), str(meta.get("classifier", "")), kwargs, state)
     _load_weights(model, state, weights)
     model.eval().to(device)
 
