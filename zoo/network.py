@@ -170,13 +170,11 @@ def _filled_by(model: "nn.Module", state: Mapping[str, "torch.Tensor"]) -> bool:
         return False
     if len({id(p) for p in own.values()}) != len(own):      # a tensor shared by two modules
         return False
-    named = {id(v) for v in own.values()}
-    for module in model.modules():      # what to_empty gives memory to must be what the load fills
-        if any(t is not None and id(t) not in named for t in (*module._parameters.values(), *module._buffers.values())):
-            return False
-        if any(isinstance(v, torch.Tensor) for v in vars(module).values()):
-            return False
-    return True
+    named = {id(v) for v in own.values()}       # what to_empty gives memory to must be what the load fills
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(id(t) not in named for t in tensors):        # a non-persistent buffer, one a state-dict hook drops
+        return False
+    return not any(isinstance(v, torch.Tensor) for module in model.modules() for v in vars(module).values())
 
 
 def meta_network(entry: str | ModelEntry, *, fc_dropout: float | None = None) -> "nn.Module | None":
