@@ -132,28 +132,31 @@ def build_architecture(entry: str | ModelEntry, num_classes: int | None = None, 
 def build_to_load(build: Callable[[], "nn.Module"], state: Mapping[str, "torch.Tensor"]) -> "nn.Module":
     """``build()``'s network, to load ``state`` into (``load_state_dict``), without the random init the loaded tensors
     replace (timm's vgg16: 1.3 s of a 1.9 s bundle load on 2 CPU cores, docs/benchmarks.md), and without moving
-    the caller's random streams (``preserved_rng``).
+    the caller's random streams.
 
     It is built on the meta device and given memory (``to_empty``) when ``state`` holds every tensor of its
-    state dict, with the same shapes, and nothing else holds a tensor the constructor computed: no non-persistent
-    buffer (an attention index), no tensor attribute, no parameter shared by two modules (``to_empty`` would part
-    them). Otherwise (a head left to its init on purpose, a file that does not fit, whose load then fails as it
-    always did, a constructor the meta device cannot run) it is built as before, its init drawn from the caller's
-    random streams, which are then put back: the same numbers as before this function existed.
+    state dict, with the same shapes, and nothing else holds a tensor the constructor computed: no buffer or
+    parameter its state dict leaves out (a non-persistent buffer such as an attention index, one a state-dict hook
+    drops), no tensor attribute, no parameter shared by two modules (``to_empty`` would part them). That build
+    draws no random number, so the process-wide generators are not touched at all: another thread drawing from
+    them meanwhile (a training loop) is not disturbed. Otherwise (a head left to its init on purpose, a file that
+    does not fit, whose load then fails as it always did, a constructor the meta device cannot run) it is built as
+    before, its init drawn from the caller's random streams, which are then put back (``preserved_rng``): the same
+    numbers as before this function existed.
     """
     # lazy: zoo --help / list / info import this module and must not import torch
     import torch
     from finetune.core.seeding import preserved_rng  # lazy: as above
 
     device = torch.get_default_device()      # where a plain build would put it (a `with torch.device(...)` too)
-    with preserved_rng():
-        try:
-            with torch.device("meta"):
-                model = build()
-        except Exception:  # noqa: BLE001 - e.g. "Cannot copy out of meta tensor": the plain build below decides
-            model = None
-        if model is not None and _filled_by(model, state):
-            return model.to_empty(device=device)
+    try:
+        with torch.device("meta"):      # (thread-local: another thread's tensors are not made on it)
+            model = build()
+    except Exception:  # noqa: BLE001 - e.g. "Cannot copy out of meta tensor": the plain build below decides
+        model = None
+    if model is not None and _filled_by(model, state):
+        # (no save and restore of the generators here: a restore would replay another thread's draws made meanwhile)
+        return model.to_empty(device=device)
     with preserved_rng():
         return build()
 
@@ -167,10 +170,11 @@ def _filled_by(model: "nn.Module", state: Mapping[str, "torch.Tensor"]) -> bool:
         return False
     if len({id(p) for p in own.values()}) != len(own):      # a tensor shared by two modules
         return False
-    for module in model.modules():
-        if module._non_persistent_buffers_set or any(isinstance(v, torch.Tensor) for v in vars(module).values()):
-            return False
-    return True
+    named = {id(v) for v in own.values()}       # what to_empty gives memory to must be what the load fills
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(id(t) not in named for t in tensors):        # a non-persistent buffer, one a state-dict hook drops
+        return False
+    return not any(isinstance(v, torch.Tensor) for module in model.modules() for v in vars(module).values())
 
 
 def meta_network(entry: str | ModelEntry, *, fc_dropout: float | None = None) -> "nn.Module | None":

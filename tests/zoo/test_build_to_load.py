@@ -2,6 +2,8 @@
 numbers as the plain build, and the caller's random streams left as they were (registry models, bundles)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,58 @@ def test_create_model_with_a_new_head_draws_it_as_before(tiny_entry, tmp_path, m
     torch.manual_seed(5)
     model = create_model("tiny", num_classes=3)
     assert torch.equal(model.fc.weight, plain.fc.weight) and torch.equal(model.fc.bias, plain.fc.bias)
+
+
+def _drop_scale(module, state, prefix, local_metadata) -> None:
+    del state[prefix + "scale"]
+
+
+class _Unsaved(nn.Module):
+    """A parameter its state dict leaves out (a state-dict hook drops it): the load would not fill it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.scale = nn.Parameter(torch.full((4,), 2.0))
+        self.register_state_dict_post_hook(_drop_scale)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) * self.scale
+
+
+def test_a_tensor_the_state_dict_leaves_out_keeps_the_plain_builds_values():
+    devices = []
+
+    def build():
+        devices.append(torch.empty(0).device.type)
+        return _Unsaved()
+
+    plain, fast = _plain_and_loaded(build)
+    assert devices == ["cpu", "meta", "cpu"]        # the meta build refused: to_empty left `scale` unset
+    assert torch.equal(fast.scale, plain.scale)
+    _same(plain, fast)
+
+
+def test_a_load_in_one_thread_leaves_another_threads_random_draws_alone():
+    """The meta build draws nothing: it no longer saves and restores the process-wide generators around it, which
+    replayed the numbers another thread (a training loop) drew meanwhile."""
+    state = build_model("timm:test_resnet", 3, None, "fc").state_dict()
+    inside, drawn = threading.Event(), threading.Event()
+
+    def build():                                    # the other thread draws while this one builds
+        inside.set()
+        drawn.wait(30)
+        return build_model("timm:test_resnet", 3, None, "fc")
+
+    loader = threading.Thread(target=build_to_load, args=(build, state))
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    got = [torch.rand(2)]
+    loader.start()
+    assert inside.wait(30)
+    got.append(torch.rand(1))
+    drawn.set()
+    loader.join()
+    got.append(torch.rand(1))
+    assert torch.equal(torch.cat(got), expected)
