@@ -32,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOICES = {
-    "--sampler": ["random", "balanced"], "--class-weights": ["none", "auto"], "--augment": ["standard", "trivial", "none"],
+    "--sampler": ["random", "balanced"], "--class-weights": ["none", "auto"],
+    "--augment": ["standard", "trivial", "none"],
     "--head": ["linear", "mlp"], "--mlp-activation": ["relu", "leaky_relu", "elu", "tanh"],
     "--freeze": ["auto", "head", "none", "0", "1", "2", "5", "9"], "--bn": ["eval", "train"],
     "--optimizer": ["adam", "sgd", "adamw", "rmsprop", "adagrad", "adadelta"],
@@ -50,7 +51,7 @@ VALUES = {
     "--epochs": [0, 1, 2, 3], "--patience": [0, 1, 5], "--min-delta": [0, 0.5], "--seed": [0, 1, 2**63 - 1],
     "--aug-views": [0, 1, 3], "--img-size": [0, 16, 48], "--label-smoothing": [0, 0.1, 0.99],
     "--mixup": [0, 0.2, 1], "--cutmix": [0, 0.5], "--ema": [-1, 0, 0.5, 0.999], "--layer-decay": [0.01, 0.7, 1],
-    "--overfit-batches": [0, 0, 0, 1, 2], "--fc-dropout": [0, 0.5],
+    "--overfit-batches": [0, 0, 0, 1, 2],
 }
 FLAGS = ["--nesterov", "--no-fast-head", "--no-head-guard", "--strict", "--no-channels-last", "--no-export"]
 
@@ -262,7 +263,8 @@ def main() -> None:
             kinds[res["kind"]] += 1
             log.write(json.dumps(res) + "\n")
             log.flush()
-            print(f"{i:4d} {spec['mode']:8s} {res['kind']:22s} {res['seconds']:6.1f}s {res['detail'][:160]!r}", flush=True)
+            print(f"{i:4d} {spec['mode']:8s} {res['kind']:22s} {res['seconds']:6.1f}s {res['detail'][:160]!r}",
+                  flush=True)
             if not a.keep:
                 for p in a.work.glob(f"*run{i}*"):
                     shutil.rmtree(p, ignore_errors=True)
