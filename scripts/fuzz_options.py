@@ -11,7 +11,8 @@ uninterrupted one. One JSON line per run goes to WORK/results.jsonl; a summary o
     python scripts/fuzz_options.py --seed 0 --start 40 --runs 40 --work /tmp/fuzz --wrap "flock L nice -n 10"
     python scripts/fuzz_options.py --seed 0 --only 17 --work /tmp/fuzz --keep      # rerun one, keep its folders
 
-A run's options depend only on (seed, index), so a failure is reproduced by --only INDEX.
+A run's options depend only on (seed, index) and this file's tables, so a failure is reproduced by --only INDEX
+(the results.jsonl line also holds the whole command).
 """
 from __future__ import annotations
 
@@ -158,8 +159,12 @@ def metric_rows(run: Path) -> list[tuple]:
         return [(r["epoch"], r["phase"], r["train_loss"], r["val_loss"], r["val_acc"]) for r in csv.DictReader(f)]
 
 
-def classify(rc, out: str, err: str) -> tuple[str, str]:
+def classify(rc, out: str, err: str, torchrun: bool = False) -> tuple[str, str]:
     text = out + err
+    launcher = text.find("Traceback")
+    if torchrun and launcher >= 0 and text.count("Traceback") == 1 and "ChildFailedError" in text[launcher:]:
+        # torchrun's own summary of ranks that exited non-zero (its exit code 1): what the ranks printed is above it
+        text, err, rc = text[:launcher], err[:max(0, err.find("Traceback"))], 1
     if rc == "timeout":
         return "timeout", ""
     if "Traceback" in text:
@@ -169,7 +174,7 @@ def classify(rc, out: str, err: str) -> tuple[str, str]:
                                                           or "nan%" in ln.lower()]
         return ("nan-printed", "\n".join(bad[:3])) if bad else ("ok", "")
     if rc in (1, 2):
-        errors = [ln for ln in err.splitlines() if ln.startswith("zoo: error")]
+        errors = [ln for ln in text.splitlines() if ln.startswith("zoo: error")]
         return ("refused", errors[0]) if len(errors) == 1 else ("refusal-not-one-line", err[-800:])
     return f"exit-{rc}", err[-800:]
 
@@ -193,7 +198,7 @@ def check_run(spec: dict, env: dict, wrap: list[str], work: Path, timeout: float
     result = {"index": idx, "mode": spec["mode"], "cmd": "zoo " + shlex.join(args)}
     t0 = time.time()
     rc, out, err = zoo(env, wrap, args, timeout, torchrun=spec["mode"] == "torchrun")
-    kind, detail = classify(rc, out, err)
+    kind, detail = classify(rc, out, err, torchrun=spec["mode"] == "torchrun")
     if kind == "ok" and "--overfit-batches" in opts and opts["--overfit-batches"]:
         kind = "ok-overfit"
     elif kind == "ok" and (run / "export").is_dir():
