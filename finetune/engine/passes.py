@@ -105,9 +105,12 @@ def _batch_weight(loss_fn: nn.Module, target: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(target.shape[0]), device=target.device)
 
 
-def diverged(epoch: int, step: int, lr: float) -> DivergedError:
-    """The one message for a NaN/inf loss, on every training path."""
-    return DivergedError(f"loss diverged at epoch {epoch} step {step}: lower the learning rate (was {lr:.3g})")
+def diverged(epoch: int, step: int | None, lr: float, val_loss: float | None = None) -> DivergedError:
+    """The one message for a NaN/inf loss, on every training path; ``step`` None: the epoch's validation loss
+    (``val_loss``) is the non-finite one: its last update blew the weights up, after its loss was taken."""
+    where = f"at epoch {epoch} step {step}" if step is not None else (
+        f"after epoch {epoch} (its validation loss is {val_loss})")
+    return DivergedError(f"loss diverged {where}: lower the learning rate (was {lr:.3g})")
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:

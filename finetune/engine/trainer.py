@@ -26,6 +26,7 @@ from finetune.core import distributed as ddp
 from finetune.core.checkpoint import BEST, CpuStateCache, cpu_copy, load_weights
 from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
+from finetune.engine.passes import diverged
 from finetune.engine.runfolder import RunFolder
 from finetune.engine.setup import Setup
 from finetune.core.errors import CheckpointError, DataError, stops_run
@@ -58,9 +59,8 @@ class FitResult:
     run_dir: Any                        # Path | None
     decision: Any                       # finetune.core.policy.FreezeDecision
     metrics: dict = field(default_factory=dict)   # val metrics of the returned weights: loss, acc, per_class, confusion
-    # softmax probabilities of the returned weights on the val set, one row per image in val_set order
-    # (a float tensor [n_val, C] on the CPU); None when unknown (several processes, an image that failed
-    # to decode, a run that ended on cached features)
+    # softmax probabilities of the returned weights on the val set, one row per image in val_set order (a float
+    # tensor [n_val, C] on the CPU); None when unknown (several processes, a failed decode, a cached-feature end)
     val_probs: Any = None
 
 
@@ -95,8 +95,7 @@ class Trainer:
         self.head_steps = head_steps
         self.phases, self.warm_cap = plan_phases(setup.decision.trainable_stages, setup.config)
         mode = "max" if setup.config.monitor == "val_acc" else "min"
-        self.stopper = EarlyStopping(patience=int(setup.config.patience), min_delta=float(setup.config.min_delta),
-                                     mode=mode)
+        self.stopper = EarlyStopping(int(setup.config.patience), float(setup.config.min_delta), mode)
         self.head_stop = EarlyStopping(patience=1, min_delta=float(setup.config.min_delta), mode="min")
         self.history: list[dict] = []
         self.epoch, self.pi, self.phase_start, self.stopped_early = 0, 0, None, False
@@ -261,6 +260,8 @@ class Trainer:
             raise DataError(f"{lost} in epoch {self.epoch}: has the data folder moved or changed since the scan?"
                             + (f" Put it back and continue with `{self.folder.resume_command()}`"
                                if self.folder.writes else ""))
+        if s.has_val and not math.isfinite(va["loss"]):       # no best epoch could follow (NaN never improves)
+            raise diverged(self.epoch, None, lr, va["loss"])
         metric = va["acc"] if config.monitor == "val_acc" else va["loss"]
         self.scheduler.step_epoch(metric if s.has_val else None)
         row = {"epoch": self.epoch, "phase": phase, "train_loss": tr["loss"], "train_acc": tr["acc"],
