@@ -56,7 +56,7 @@ def test_a_bundle_network_is_built_on_the_meta_device_and_loads_the_same_numbers
 
 
 class _Computed(nn.Module):
-    """A network with a non-persistent buffer and a tensor attribute, both computed in its constructor."""
+    """A network with a non-persistent buffer computed in its constructor (``_Attribute``: a tensor attribute)."""
 
     def __init__(self):
         super().__init__()
