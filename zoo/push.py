@@ -275,6 +275,10 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
         if revision:
             api.create_branch(repo, branch=revision, exist_ok=True)
         info = api.repo_info(repo, revision=branch)
+        if private and info.private is False:      # create_repo keeps an existing repo's visibility (QA: published)
+            raise PushError(f"{repo} already exists and is public: --private does not change an existing repo's "
+                            "visibility; make it private on the Hub (its Settings) and push again, or push to a new "
+                            "repo; nothing was uploaded")
         present = {s.rfilename for s in info.siblings or []}
         # a branch named with --revision is the user's choice of where this model goes (a new one starts
         # from main, as git branches do); main holding another model needs --overwrite

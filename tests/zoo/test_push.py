@@ -285,6 +285,23 @@ def test_private_flag_and_bad_repo_id(hub, tmp_path, runner):
     assert res.exit_code == 1 and "neither a run folder" in res.output
 
 
+def test_private_to_an_existing_public_repo_is_refused_not_published(hub, tmp_path, runner):
+    # QA (helper-137): create_repo keeps an existing repo's visibility, so `--private` published the weights
+    # publicly, and a bundle already there answered "nothing to push" with exit 0
+    run, a = make_bundle(tmp_path)
+    assert push(runner, a).exit_code == 0 and not hub.repos[REPO].private
+    commits = hub.count("/commit/main", "POST")
+    _, b = make_bundle(tmp_path / "b", seed=1)
+    for bundle in (a, b):
+        res = push(runner, bundle, "--private", "--overwrite")
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith(f"zoo: error: {REPO} already exists and is public: --private does not change")
+        assert res.output.rstrip().endswith("nothing was uploaded") and len(res.output.strip().splitlines()) == 1
+    assert hub.count("/commit/main", "POST") == commits and hub.count("/lfs/", "PUT") == 1
+    hub.repos[REPO].private = True          # made private on the Hub: the push goes on
+    assert push(runner, b, "--private", "--overwrite").exit_code == 0
+
+
 @pytest.mark.parametrize("variable", ["ZOO_OFFLINE", "HF_HUB_OFFLINE"])
 def test_push_while_offline_is_refused_in_one_line_without_a_request(hub, tmp_path, runner, monkeypatch, variable):
     _, a = make_bundle(tmp_path)
