@@ -111,13 +111,14 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (),
-                    excluded: Sequence[str] = ()) -> str:
+                    excluded: Sequence[str] = (), why_none: str = "") -> str:
     """The run page from the files in ``run_dir``.
 
     Args:
         mistakes: the most confidently wrong validation images, worst first: dicts with ``path``
             (absolute), ``true``, ``predicted``, ``prob``.
         excluded: paths left out of the run (``zoo finetune --exclude``).
+        why_none: why ``mistakes`` could not be computed (the page says it instead of "None").
     """
     run = Path(run_dir)
     scan, summary = read_json_object(run / "scan.json"), read_json_object(run / "summary.json")
@@ -164,6 +165,8 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
                                f"true {esc(m['true'])}<br><span class=\"path\">{esc(Path(m['path']).name)}</span>")
                        for m in mistakes)
         body.append(section("Most confidently wrong validation images", f"<div class=\"grid\">{figs}</div>"))
+    elif why_none:
+        body.append(section("Most confidently wrong validation images", f"<p>Not drawn: {esc(why_none)}</p>"))
     elif matrix is not None:
         body.append(section("Most confidently wrong validation images", "<p>None (or not computed).</p>"))
 
@@ -325,12 +328,12 @@ def _config_section(cfg_path: Path) -> str:
     return section("Config", inner)
 
 
-def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()) -> Path:
-    """Write ``run_dir/report.html`` (atomic); returns its path."""
+def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (), why_none: str = "") -> Path:
+    """Write ``run_dir/report.html`` (atomic); returns its path. ``why_none``: as ``run_report_html``'s."""
     run = Path(run_dir)
     excluded_file = run / "exclude.txt"
     excluded = (excluded_file.read_text(encoding="utf-8", errors="replace").splitlines()     # shown, not used
                 if excluded_file.is_file() else [])
     out = run / "report.html"
-    atomic_write_text(out, run_report_html(run, mistakes, excluded))
+    atomic_write_text(out, run_report_html(run, mistakes, excluded, why_none))
     return out

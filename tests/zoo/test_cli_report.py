@@ -1,6 +1,7 @@
 """zoo report through click's CliRunner: the options (the page itself: tests/finetune, tests/zoo/test_cli_doctor.py)."""
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -123,3 +124,19 @@ def test_a_report_html_that_zoo_did_not_write_is_not_replaced(tmp_path):
     for _ in range(2):
         res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
         assert res.exit_code == 0, res.output
+
+
+def test_a_run_whose_data_folder_is_gone_says_why_the_wrong_images_are_not_drawn(tmp_path):
+    """QA (helper-137): `zoo report` of a run whose data folder was moved or deleted drew "None (or not
+    computed)" under the most confidently wrong images, without a word, as if the model got none wrong."""
+    run, _ = make_run(tmp_path)
+    gone = tmp_path / "photos"          # never made: the folder the run trained on, moved away since
+    (run / "scan.json").write_text(json.dumps({"root": str(gone)}), encoding="utf-8")
+    (run / "split.json").write_text(json.dumps({"val": [["cat/a.png", "cat"], ["dog/b.png", "dog"]]}),
+                                    encoding="utf-8")
+    res = CliRunner().invoke(cli, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    said = f"none of the run's 2 validation images is in {gone}, where it trained (the data folder was moved or"
+    assert f"report: no thumbnails of wrong predictions ({said}" in res.output
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert f"Not drawn: {html.escape(said)}" in page and "None (or not computed)" not in page

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.core.errors import DataError
+from finetune.core.io import printable
 from finetune.tools.htmlpage import GENERATOR
 from finetune.tools.pages import write_run_report
 from zoo.bundle import export_run, load_bundle
@@ -31,15 +33,21 @@ def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu
         dicts ``path`` (absolute), ``true``, ``predicted``, ``prob``; [] when the run has no val split.
     Raises:
         BundleError: no usable weights in the run folder.
+        DataError: split.json lists validation images and none of them is where the run read it.
     """
     run = Path(run_dir)
     try:
         split = json.loads((run / "split.json").read_text(encoding="utf-8"))
         root = Path(json.loads((run / "scan.json").read_text(encoding="utf-8"))["root"])
-        val = [(root / rel, cls) for rel, cls in (split.get("val") or []) if (root / rel).is_file()]
+        listed = split.get("val") or []
+        val = [(root / rel, cls) for rel, cls in listed if (root / rel).is_file()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):   # damaged: the page goes without thumbnails
         return []
     if not val:
+        if listed:      # QA (helper-137): the page said "None" of a run that got images wrong
+            raise DataError(f"none of the run's {len(listed)} validation images is in {printable(root)}, where it "
+                            "trained (the data folder was moved or deleted); put it back there and run zoo report "
+                            "RUN again")
         return []
     with tempfile.TemporaryDirectory(prefix="zoo-report-") as tmp:
         where = run / "export" if (run / "export" / "model.safetensors").is_file() else export_run(run, tmp)
@@ -93,6 +101,7 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
         raise UsageError(f"{run} is not a run folder zoo wrote (no {MARKER}) and its report.html is not zoo's to "
                          "replace; pass the folder a `zoo finetune` run wrote (a copy that left out the hidden "
                          f"{MARKER}: copy it too, or move report.html away); nothing was written")
+    why_none = ""
     try:
         if top <= 0:
             mistakes = []
@@ -101,8 +110,8 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
             mistakes = rank_mistakes(images, classes, probs, top=top)
         else:
             mistakes = confident_mistakes(run, top=top, device=device, progress=progress)
-    except BundleError as e:
+    except (BundleError, DataError) as e:
         if log is not None:
             log(f"report: no thumbnails of wrong predictions ({e})")
-        mistakes = []
-    return write_run_report(run, mistakes)
+        mistakes, why_none = [], str(e)
+    return write_run_report(run, mistakes, why_none=why_none)
