@@ -408,3 +408,27 @@ def test_background_servers_stopped_in_any_order_keep_the_pil_filters_while_one_
         servers[last].stop.set()
         threads[last].join(30)
         assert warnings.filters == before, order
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="runs the page's script in node")
+def test_the_page_shows_labels_and_names_as_zoo_prints_them_invisible_characters_escaped():
+    """QA (helper-137): the page put labels and file names in as they came (textContent: no HTML, but `cat` and
+    `cat<U+200B>` looked the same, a right-to-left override turned the rest of a name around, a newline read as a
+    space), where the console and zoo's pages escape them (finetune.core.io.printable). The page's script, run in
+    node, shows each name as printable does."""
+    import json
+    import re
+    import subprocess
+
+    from finetune.core.io import printable
+    from zoo.serve import _PAGE
+
+    script = _PAGE[_PAGE.index("const HIDDEN"):_PAGE.index("function figure")]
+    names = ["cat", "cat\u200b", "a\u202eb.png", "ca\nt", "d\tog", "x\x1b[31m", "nb\u00a0sp", "\u3164", "b\u2800",
+             "tag\U000e0041", "<b>café 猫 ✓</b> \\x", "line\u2028sep", "soft\u00adhyphen", ""]
+    js = script + f"process.stdout.write(JSON.stringify({json.dumps(names)}.map(shown)));"
+    got = json.loads(subprocess.run(["node", "-e", js], capture_output=True, text=True, check=True).stdout)
+    assert got == [printable(n) for n in names]
+    for put in ("shown(p.label)", "shown(res.image)", "shown(f.name)", "shown(doc.detail"):
+        assert put in _PAGE
+    assert not re.search(r"el\('div', '', p\.label\)|textContent = res\.image", _PAGE)
