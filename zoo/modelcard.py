@@ -15,7 +15,8 @@ from zoo.registry import public_source_id
 from finetune.core.metrics import accuracy_text
 from zoo.text import first_line
 
-__all__ = ["model_card", "recorded_recipe", "run_recipe", "run_scan", "trained_recipe", "HUB_LICENSES"]
+__all__ = ["model_card", "plain_timm_refusal", "recorded_recipe", "run_recipe", "run_scan", "trained_recipe",
+           "HUB_LICENSES"]
 
 # licence ids the Hub's metadata validator knows (those the registry uses); anything else is "other"
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
@@ -131,7 +132,8 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
               f"input {_values(meta, 'input_size')}, {meta.get('interpolation')} resize to input/crop_pct "
               f"(crop_pct {meta.get('crop_pct')}), centre crop, mean {_values(meta, 'mean')}, "
               f"std {_values(meta, 'std')}; recorded in config.json's pretrained_cfg.", "", "## Use", ""]
-    lines += _hub_use_lines(repo, library, head) if repo else _bundle_use_lines(meta, library, arch, head, onnx_atol)
+    lines += (_hub_use_lines(repo, library, arch, head, len(labels)) if repo
+              else _bundle_use_lines(meta, library, arch, head, onnx_atol))
     body = "\n".join(lines)
     if repo is None:
         return body
@@ -296,6 +298,22 @@ def _source_lines(meta: dict[str, Any], licence: str | None) -> list[str]:
             f"- licence of the base weights: {str(licence or 'unknown').lower()}"]
 
 
+def plain_timm_refusal(meta: dict[str, Any]) -> str:
+    """Why plain timm cannot rebuild the model of a bundle from its header ``meta`` ("" when it can): a torchvision
+    builder (no timm architecture of that name) or a head other than linear (zoo rebuilds it; timm's does not fit)."""
+    library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
+    head = str(meta["head"].get("kind", "linear")) if isinstance(meta.get("head"), dict) else "linear"
+    if library != "timm":
+        return f"`{arch}` is a {library} model, no timm architecture"
+    return "" if head == "linear" else f"its {head} head is rebuilt by zoo only"
+
+
+def _torchvision_line(arch: str, classes: int) -> str:
+    return (f"Plain torchvision: `torchvision.models.get_model('{arch}', weights=None, num_classes={classes}, "
+            "**config['zoo']['builder_kwargs'])` then `load_state_dict` from "
+            "`safetensors.torch.load_file('model.safetensors')`.")
+
+
 def _bundle_use_lines(meta: dict[str, Any], library: str, arch: str, head: str, onnx_atol: float | None) -> list[str]:
     """How to load the bundle folder: zoo, plain timm or torchvision; its ONNX file."""
     lines = ["```python", "import zoo", "bundle = zoo.load_bundle('.')", "print(bundle.predict('image.jpg', topk=3))",
@@ -306,17 +324,15 @@ def _bundle_use_lines(meta: dict[str, Any], library: str, arch: str, head: str, 
     elif library == "timm":
         lines += [MLP_NOTE.format(load="`timm.create_model('local-dir:...')`"), ""]
     else:
-        lines += [f"Plain torchvision: `torchvision.models.get_model('{arch}', weights=None, num_classes="
-                  f"{len(meta.get('label_names') or [])}, **config['zoo']['builder_kwargs'])` then `load_state_dict` "
-                  "from `safetensors.torch.load_file('model.safetensors')`.", ""]
+        lines += [_torchvision_line(arch, len(meta.get("label_names") or [])), ""]
     if onnx_atol is not None:
         lines += [f"`model.onnx`: input `input` (N, {', '.join(str(v) for v in meta.get('input_size', ()))}), output "
                   f"`logits`; checked against PyTorch within {onnx_atol} with ONNX Runtime at export.", ""]
     return lines
 
 
-def _hub_use_lines(repo: str, library: str, head: str) -> list[str]:
-    """How to load the Hub repo: plain timm (a linear head), zoo."""
+def _hub_use_lines(repo: str, library: str, arch: str, head: str, classes: int) -> list[str]:
+    """How to load the Hub repo: plain timm (a linear head), plain torchvision, zoo."""
     lines: list[str] = []
     if library == "timm" and head == "linear":
         # upright by its EXIF, as zoo reads every photo (a phone's portrait photo is stored sideways)
@@ -330,6 +346,9 @@ def _hub_use_lines(repo: str, library: str, head: str) -> list[str]:
                   'labels = model.pretrained_cfg["label_names"]', "```", ""]
     elif library == "timm":
         lines += [MLP_NOTE.format(load=f'`timm.create_model("hf-hub:{repo}")`'), ""]
+    else:       # QA (helper-137): the card was silent, the push's console line named timm
+        lines += [f"Plain timm cannot build it (`{arch}` is a {library} model). {_torchvision_line(arch, classes)} "
+                  "(the two files from `huggingface_hub.hf_hub_download`)", ""]
     lines += ["With zoo-finetune (same sha256 checks and cache as its curated models):", "", "```bash",
               f"zoo pull hf-hub:{repo}", f"zoo predict hf-hub:{repo} image.jpg", "```", ""]
     return lines

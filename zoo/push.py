@@ -31,7 +31,7 @@ from zoo.bundle.load import LOCAL_KEYS, _decode_metadata, _read_json, check_conf
 from zoo.cache import lock, zoo_home
 from zoo.entry import HUB_REPO_RE, HUB_REPO_RULE
 from zoo.errors import BundleError, CacheError, OfflineError, PushError, UsageError
-from zoo.modelcard import HUB_LICENSES, model_card, run_scan
+from zoo.modelcard import HUB_LICENSES, model_card, plain_timm_refusal, run_scan
 from zoo.outdir import lock_holder
 from zoo.registry import public_source_id
 from zoo.hub import hub_transport, is_offline
@@ -53,6 +53,7 @@ class PushPlan:
     bundle: Path
     run: Path | None
     card: str = ""
+    timm_refusal: str = ""      # why plain timm cannot rebuild the model ("" when it can): modelcard.plain_timm_refusal
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PushResult:
     files: list[str] = field(default_factory=list)
     unchanged: bool = False
     not_recorded: str | None = None     # why ZOO_HOME/pushed.json could not be written (the push itself succeeded)
+    timm_refusal: str = ""              # as PushPlan's
 
 
 # ------------------------------------------------------------------------------------------- locating
@@ -216,7 +218,8 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
              CARD: card.encode("utf-8")}
     scan = run_scan(run)[0]
     _check_private(files, _private_markers(bundle, run, scan))
-    return PushPlan(repo=repo, files=files, weights_sha256=weights_sha, bundle=bundle, run=run, card=card)
+    return PushPlan(repo=repo, files=files, weights_sha256=weights_sha, bundle=bundle, run=run, card=card,
+                    timm_refusal=plain_timm_refusal(public_meta))
 
 
 # -------------------------------------------------------------------------------------------- pushing
@@ -298,7 +301,7 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
     except (hf_errors.HfHubHTTPError, httpx2.HTTPError, RuntimeError, OSError, ValueError) as err:
         raise _hub_error(err, repo) from err
     result = PushResult(repo=repo, revision=branch, commit=commit.oid, url=str(commit.repo_url or repo),
-                        files=sorted(plan.files), unchanged=commit.oid == info.sha)
+                        files=sorted(plan.files), unchanged=commit.oid == info.sha, timm_refusal=plan.timm_refusal)
     try:
         _record(result, plan)
     except OSError as err:      # the commit is on the Hub: a local bookkeeping failure must not read as a failed push

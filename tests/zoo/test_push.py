@@ -302,6 +302,32 @@ def test_private_to_an_existing_public_repo_is_refused_not_published(hub, tmp_pa
     assert push(runner, b, "--private", "--overwrite").exit_code == 0
 
 
+@pytest.mark.parametrize("kind, said", [
+    ("mlp", "its mlp head is rebuilt by zoo only"),
+    ("torchvision", "`mobilenet_v3_small` is a torchvision model, no timm architecture"),
+])
+def test_a_model_plain_timm_cannot_rebuild_is_not_pushed_with_the_timm_line(hub, tmp_path, runner, kind, said):
+    # QA (helper-137): `load it: timm.create_model("hf-hub:...")` was printed for an MLP head (timm: a
+    # state_dict error) and a torchvision model (timm: unknown model), whose Hub card named no way to load it
+    import timm
+
+    mlp = {"kind": "mlp", "hidden": 16, "dropout": 0.1, "activation": "relu"}
+    run, _ = (make_run(tmp_path, head=mlp) if kind == "mlp" else
+              make_run(tmp_path, builder="torchvision:mobilenet_v3_small", classifier="classifier.3"))
+    res = push(runner, export_run(run, run / "export"))
+    assert res.exit_code == 0, res.output
+    assert "timm.create_model" not in res.output and f"load it: zoo predict hf-hub:{REPO} IMAGE" in res.output
+    assert f"note: plain timm cannot rebuild this model ({said}); its card says how to load it" in res.output
+    with pytest.raises(RuntimeError):       # the truth the lines tell
+        timm.create_model(f"hf-hub:{REPO}", pretrained=True)
+    card = hub.repos[REPO].files["README.md"].decode()
+    if kind == "torchvision":
+        assert "Plain timm cannot build it (`mobilenet_v3_small` is a torchvision model)" in card
+        assert "torchvision.models.get_model('mobilenet_v3_small', weights=None, num_classes=3" in card
+    else:
+        assert "plain timm cannot rebuild this head" in card
+
+
 @pytest.mark.parametrize("variable", ["ZOO_OFFLINE", "HF_HUB_OFFLINE"])
 def test_push_while_offline_is_refused_in_one_line_without_a_request(hub, tmp_path, runner, monkeypatch, variable):
     _, a = make_bundle(tmp_path)

@@ -66,13 +66,17 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
         echo(f"{repo}@{result.revision} already holds these files (commit {result.commit[:12]}); nothing to push")
         return
     echo(f"pushed {', '.join(result.files)} to {repo}@{result.revision} (commit {result.commit[:12]})")
-    if result.revision in ("main", None):
-        predict = shell_command("zoo", "predict", f"hf-hub:{repo}", "IMAGE")
-        echo(f'load it: timm.create_model("hf-hub:{repo}", pretrained=True)  or  {predict}')
+    predict, rev = shell_command("zoo", "predict", f"hf-hub:{repo}", "IMAGE"), result.revision
+    # QA (helper-137): the timm line was printed for models plain timm cannot rebuild, as the card says
+    timm = "" if result.timm_refusal else f'timm.create_model("hf-hub:{repo}{"" if rev == "main" else "@" + rev}", ' \
+                                           'pretrained=True)'
+    if rev == "main":
+        echo(f"load it: {timm}  or  {predict}" if timm else f"load it: {predict}")
     else:     # hf-hub:REPO is the main branch, another model or none
-        rev = result.revision
-        echo(f'load it: timm.create_model("hf-hub:{repo}@{rev}", pretrained=True); zoo reads the main branch of '
-             f'hf-hub:{repo}: for {rev!r} add an entry with `revision: {rev}` to your ZOO_REGISTRY file')
+        echo(f"load it: {timm + '; ' if timm else ''}zoo reads the main branch of hf-hub:{repo}: for {rev!r} add an "
+             f"entry with `revision: {rev}` to your ZOO_REGISTRY file")
+    if result.timm_refusal:
+        echo(f"note: plain timm cannot rebuild this model ({result.timm_refusal}); its card says how to load it")
     if result.not_recorded:
         echo(f"note: the push is not recorded in ZOO_HOME/pushed.json: {result.not_recorded}; `zoo list --mine` "
              "will not show it (set ZOO_HOME to a writable folder)", err=True)
