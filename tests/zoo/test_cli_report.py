@@ -140,3 +140,25 @@ def test_a_run_whose_data_folder_is_gone_says_why_the_wrong_images_are_not_drawn
     assert f"report: no thumbnails of wrong predictions ({said}" in res.output
     page = (run / "report.html").read_text(encoding="utf-8")
     assert f"Not drawn: {html.escape(said)}" in page and "None (or not computed)" not in page
+
+
+def test_a_bundle_doctor_or_sweep_folder_given_to_report_is_named_with_what_to_give(tmp_path):
+    """QA (helper-137): `zoo report runs/x/export` (or a doctor report, a sweep) said `is not a finished run
+    folder of zoo finetune (no summary.json or metrics.csv)`, without a word of what the folder is or where its
+    run or page is."""
+    from zoo.bundle import export_run
+
+    run, _ = make_run(tmp_path)
+    (run / "summary.json").write_text(json.dumps({"best_epoch": 1}), encoding="utf-8")
+    bundle = export_run(run, run / "export")
+    doctor = tmp_path / "doc"
+    doctor.mkdir()
+    (doctor / ".zoo-run.json").write_text(json.dumps({"kind": "doctor"}), encoding="utf-8")
+    (doctor / "doctor.json").write_text("{}", encoding="utf-8")
+    for folder, said in ((bundle, f"is a `zoo export` bundle (bundle folder), not a run folder of `zoo finetune`; "
+                                  f"`zoo report {run}` draws the run it was exported from; nothing was written"),
+                         (doctor, f"is a `zoo doctor` report (report folder), not a run folder of `zoo finetune`; "
+                                  f"its page is {doctor / 'report.html'}; nothing was written")):
+        res = CliRunner().invoke(cli, ["report", str(folder), "--top", "0"])
+        assert res.exit_code == 2 and res.output == f"zoo: error: {folder} {said}\n", res.output
+        assert not (folder / "report.html").exists()

@@ -17,7 +17,7 @@ from finetune.tools.htmlpage import GENERATOR
 from finetune.tools.pages import write_run_report
 from zoo.bundle import export_run, load_bundle
 from zoo.errors import BundleError, UsageError
-from zoo.outdir import MARKER, folder_kind
+from zoo.outdir import KINDS, MARKER, folder_kind
 from zoo.predict import predict_probs
 
 __all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
@@ -94,6 +94,15 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
             marker: another tool's metrics.csv and page).
     """
     run = Path(run_dir)
+    bundle = (run / "model.safetensors").is_file() and (run / "config.json").is_file()    # (copied: no marker)
+    kind = "export" if bundle else folder_kind(run)
+    if kind in KINDS and kind != "finetune" and not (run / "summary.json").is_file():   # QA (helper-137)
+        where = {"export": (f"`zoo report {run.parent}` draws the run it was exported from"
+                            if (run.parent / "summary.json").is_file() else "give the run folder it was exported from"),
+                 "doctor": f"its page is {run / 'report.html'}",
+                 "sweep": f"its table is {run / 'results.csv'} and its plot {run / 'sweep.png'}"}.get(kind, "")
+        raise UsageError(f"{run} is {KINDS[kind].what} ({KINDS[kind].folder}), not a run folder of `zoo finetune`"
+                         f"{'; ' + where if where else ''}; nothing was written")
     if not (run / "summary.json").is_file() and not (run / "metrics.csv").is_file():
         raise UsageError(f"{run} is not a finished run folder of `zoo finetune` (no summary.json or metrics.csv); "
                          "pass the folder a run wrote, e.g. runs/<model>-<time>")
