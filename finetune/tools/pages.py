@@ -132,12 +132,17 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
              ("val loss", f"{metrics['val_loss']:.4f}" if isinstance(metrics.get("val_loss"), float) else "-"),
              ("epochs run", summary.get("epochs_run", "-")),
              ("seconds", f"{summary['seconds']:.0f}" if isinstance(summary.get("seconds"), (int, float)) else "-")]
-    body.append(section("Result", "<div class=\"cards\">" + "".join(
+    # QA (helper-137): a run killed mid-way (no summary.json) showed "-" cards and "the curves look healthy"
+    unfinished = ("" if summary else "<p class=\"bad\">Not finished: the run has no summary.json (it is still "
+                  "training, or it stopped before its end; <code>zoo finetune --resume RUN</code> continues it). "
+                  "The page shows the epochs metrics.csv holds; the result and the advice come at the end.</p>")
+    body.append(section("Result", unfinished + "<div class=\"cards\">" + "".join(
         f"<div class=\"card\"><b>{esc(v)}</b>{esc(k)}</div>" for k, v in cards) + "</div>"))
 
     advice = summary.get("advice") or []
     body.append(section("Advice", "<ul class=\"advice\">" + "".join(f"<li>{esc(a)}</li>" for a in advice) + "</ul>"
-                        if advice else "<p class=\"ok\">No advice fired: the curves look healthy.</p>"))
+                        if advice else "<p>Not given yet: it comes at the end of the run.</p>" if not summary
+                        else "<p class=\"ok\">No advice fired: the curves look healthy.</p>"))
 
     # --- data
     if scan:

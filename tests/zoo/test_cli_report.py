@@ -162,3 +162,22 @@ def test_a_bundle_doctor_or_sweep_folder_given_to_report_is_named_with_what_to_g
         res = CliRunner().invoke(cli, ["report", str(folder), "--top", "0"])
         assert res.exit_code == 2 and res.output == f"zoo: error: {folder} {said}\n", res.output
         assert not (folder / "report.html").exists()
+
+
+def test_the_page_of_a_run_stopped_before_its_end_says_so_not_that_the_curves_look_healthy(tmp_path):
+    """QA (helper-137): `zoo report` of a run killed after 4 epochs drew `-` for every result and `No advice
+    fired: the curves look healthy.`, while its log had said `advice (after epoch 4): underfitting ...`."""
+    run, _ = make_run(tmp_path)
+    (run / "summary.json").unlink()
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,train_acc,val_loss,val_acc,lr\n"
+                                     "1,finetune,2.3,0.1,2.3,0.1,0.001\n2,finetune,2.2,0.15,2.25,0.12,0.001\n",
+                                     encoding="utf-8")
+    res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
+    assert res.exit_code == 0, res.output
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "Not finished: the run has no summary.json" in page and "Not given yet" in page
+    assert "the curves look healthy" not in page
+    (run / "summary.json").write_text(json.dumps({"best_epoch": 2, "metrics": {"val_acc": 0.12}}), encoding="utf-8")
+    assert CliRunner().invoke(cli, ["report", str(run), "--top", "0"]).exit_code == 0
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "Not finished" not in page and "the curves look healthy" in page
