@@ -432,3 +432,10 @@ def test_the_page_shows_labels_and_names_as_zoo_prints_them_invisible_characters
     for put in ("shown(p.label)", "shown(res.image)", "shown(f.name)", "shown(doc.detail"):
         assert put in _PAGE
     assert not re.search(r"el\('div', '', p\.label\)|textContent = res\.image", _PAGE)
+
+
+def test_help_states_the_files_per_request_limit_the_server_applies():
+    # QA (helper-137): 40 files in one curl answered 413 `40 files in one request; at most 32`, a limit
+    # neither --help nor the guide stated
+    out = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
+    assert f"at most {ServeConfig().max_files} a request" in out and "GET /info gives the limits" in out

@@ -33,7 +33,8 @@ def serve_cmd(model: str, host: str, port: int, topk: int, max_upload_mb: float,
               max_batch: int, batch_wait_ms: float | None, device: str) -> None:
     """Serve BUNDLE (a `zoo export` folder, a registry name or hf-hub:OWNER/NAME) on a local page where you
     pick or drop images and see the top-k classes as bars with the crop the model saw, and as a JSON API:
-    POST /predict with images as multipart form files under `files` (or `file`). OpenAPI docs at /docs.
+    POST /predict with images as multipart form files under `files` (or `file`), at most 32 a request, all
+    answered or none (one bad file: 400 naming it). GET /info gives the limits; OpenAPI docs at /docs.
 
     Needs the serve extra: pip install "zoo-finetune[serve]". Ctrl-C stops it.
 
