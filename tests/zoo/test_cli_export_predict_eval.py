@@ -108,6 +108,19 @@ def test_exporting_a_run_that_is_still_training_says_so(tmp_path, runner):
     assert res.exit_code == 0, res.output
     assert f"note: {run} is still training; this exports its best epoch so far" in res.stderr
 
+def test_exporting_a_run_that_stopped_before_its_end_says_so(tmp_path, runner):
+    """QA (helper-137): `zoo export` of a run killed in its 5th of 30 epochs exported its best epoch so far
+    without a word (its card: `epochs: 30`, `Metrics: (none recorded)`), then `zoo push` published it."""
+    run, _ = make_run(tmp_path)
+    (run / "summary.json").unlink()
+    (run / "metrics.csv").write_text("epoch,val_loss\n1,2.3\n", encoding="utf-8")
+    res = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == (f"note: {run} did not finish (no summary.json: stopped or killed before its end); this "
+                          "exports its best epoch so far, and the bundle's card records no metrics; "
+                          f"`zoo finetune --resume {run}` trains the rest\n")
+
+
 def test_export_missing_run_is_one_line_error(tmp_path, runner):
     res = runner.invoke(cli, ["export", str(tmp_path / "nope")])
     assert res.exit_code == 1

@@ -39,7 +39,7 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     """
     # lazy: not loaded at CLI start (keeps zoo --help fast)
     from zoo.bundle import export_run
-    from zoo.outdir import KINDS, claim_out, still_training
+    from zoo.outdir import KINDS, claim_out, resume_command, still_training
 
     formats = tuple(dict.fromkeys(("safetensors", *formats)))
     if not run_dir.is_dir():    # export_run's own message, before a RUN_DIR/export could be created
@@ -47,6 +47,10 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     if still_training(run_dir):      # its best epoch so far is what gets exported
         echo(f"note: {run_dir} is still training; this exports its best epoch so far (the run exports "
              "its final best itself when it ends)", err=True)
+    elif (run_dir / "metrics.csv").is_file() and not (run_dir / "summary.json").is_file():    # QA (helper-137)
+        echo(f"note: {run_dir} did not finish (no summary.json: stopped or killed before its end); this exports "
+             f"its best epoch so far, and the bundle's card records no metrics; `{resume_command(run_dir)}` trains "
+             "the rest", err=True)
     target = out if out is not None else run_dir / "export"
     # RUN_DIR/export is the run's own bundle: re-exporting (e.g. --format onnx) replaces it, named or not.
     own = target.resolve() == (run_dir / "export").resolve()
