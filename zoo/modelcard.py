@@ -15,8 +15,8 @@ from zoo.registry import public_source_id
 from finetune.core.metrics import accuracy_text
 from zoo.text import first_line
 
-__all__ = ["model_card", "plain_timm_refusal", "recorded_recipe", "run_recipe", "run_scan", "trained_recipe",
-           "HUB_LICENSES"]
+__all__ = ["model_card", "plain_timm_refusal", "download_command", "recorded_recipe", "run_recipe", "run_scan",
+           "trained_recipe", "HUB_LICENSES"]
 
 # licence ids the Hub's metadata validator knows (those the registry uses); anything else is "other"
 HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "bsd", "cc-by-4.0", "cc-by-nc-4.0",
@@ -304,8 +304,13 @@ def plain_timm_refusal(meta: dict[str, Any]) -> str:
     library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
     head = str(meta["head"].get("kind", "linear")) if isinstance(meta.get("head"), dict) else "linear"
     if library != "timm":
-        return f"`{arch}` is a {library} model, no timm architecture"
-    return "" if head == "linear" else f"its {head} head is rebuilt by zoo only"
+        return f"`{arch}`, a {library} model, no timm architecture"
+    return "" if head == "linear" else f"an {head} head, which timm's `{arch}` has not"
+
+
+def download_command(repo: str, folder: str = "model-folder") -> str:
+    """The command that downloads a pushed repo's bundle files into ``folder`` (``zoo predict FOLDER`` loads it)."""
+    return f"hf download {repo} config.json model.safetensors --local-dir {folder}"
 
 
 def _torchvision_line(arch: str, classes: int) -> str:
@@ -349,6 +354,10 @@ def _hub_use_lines(repo: str, library: str, arch: str, head: str, classes: int) 
     else:       # QA (helper-137): the card was silent, the push's console line named timm
         lines += [f"Plain timm cannot build it (`{arch}` is a {library} model). {_torchvision_line(arch, classes)} "
                   "(the two files from `huggingface_hub.hf_hub_download`)", ""]
-    lines += ["With zoo-finetune (same sha256 checks and cache as its curated models):", "", "```bash",
-              f"zoo pull hf-hub:{repo}", f"zoo predict hf-hub:{repo} image.jpg", "```", ""]
+    if library == "timm" and head == "linear":
+        lines += ["With zoo-finetune (same sha256 checks and cache as its curated models):", "", "```bash",
+                  f"zoo pull hf-hub:{repo}", f"zoo predict hf-hub:{repo} image.jpg", "```", ""]
+    else:       # zoo builds hf-hub: names as timm models: the repo's two files are a bundle folder (QA, helper-137)
+        lines += ["With zoo-finetune, as a bundle folder (an `hf-hub:` name is built as a timm model):", "",
+                  "```bash", download_command(repo), "zoo predict model-folder image.jpg", "```", ""]
     return lines

@@ -158,6 +158,14 @@ def entry_from_hf_config(repo: str, config: dict, revision: str = "main") -> Mod
     if not isinstance(arch, str):
         raise UsageError(f"hf-hub:{repo}: config.json has no 'architecture' (not a timm model repo); add an entry "
                          "for it to your ZOO_REGISTRY file instead")
+    # lazy: zoo.modelcard (yaml, the card) only for an hf-hub: name
+    from zoo.modelcard import download_command, plain_timm_refusal
+
+    why = plain_timm_refusal(config["zoo"]) if isinstance(config.get("zoo"), dict) else ""
+    if why:     # a repo `zoo push` wrote of such a model: said to be another architecture's weights (QA, helper-137)
+        raise UsageError(f"hf-hub:{repo} holds a model timm cannot build ({why}), so zoo cannot from an hf-hub: "
+                         f"name either; download its bundle files (`{download_command(repo, 'DIR')}`) and give the "
+                         "folder: zoo predict DIR IMAGE")
     # A repo `zoo push` wrote records its weights' sha256: checked like a curated entry's pin.
     pinned = (config.get("zoo") or {}).get("weights_sha256") if isinstance(config.get("zoo"), dict) else None
     pinned = pinned if isinstance(pinned, str) and re.fullmatch(r"[0-9a-f]{64}", pinned) else None

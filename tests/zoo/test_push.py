@@ -303,8 +303,8 @@ def test_private_to_an_existing_public_repo_is_refused_not_published(hub, tmp_pa
 
 
 @pytest.mark.parametrize("kind, said", [
-    ("mlp", "its mlp head is rebuilt by zoo only"),
-    ("torchvision", "`mobilenet_v3_small` is a torchvision model, no timm architecture"),
+    ("mlp", "an mlp head, which timm's `test_resnet` has not"),
+    ("torchvision", "`mobilenet_v3_small`, a torchvision model, no timm architecture"),
 ])
 def test_a_model_plain_timm_cannot_rebuild_is_not_pushed_with_the_timm_line(hub, tmp_path, runner, kind, said):
     # QA (helper-137): `load it: timm.create_model("hf-hub:...")` was printed for an MLP head (timm: a
@@ -316,11 +316,26 @@ def test_a_model_plain_timm_cannot_rebuild_is_not_pushed_with_the_timm_line(hub,
               make_run(tmp_path, builder="torchvision:mobilenet_v3_small", classifier="classifier.3"))
     res = push(runner, export_run(run, run / "export"))
     assert res.exit_code == 0, res.output
-    assert "timm.create_model" not in res.output and f"load it: zoo predict hf-hub:{REPO} IMAGE" in res.output
-    assert f"note: plain timm cannot rebuild this model ({said}); its card says how to load it" in res.output
+    download = f"hf download {REPO} config.json model.safetensors --local-dir DIR"
+    assert "timm.create_model" not in res.output and f"load it: {download}, then zoo predict DIR IMAGE" in res.output
+    assert (f"note: plain timm cannot rebuild this model ({said}), nor zoo from an hf-hub: name; its card says how "
+            "to load it") in res.output
     with pytest.raises(RuntimeError):       # the truth the lines tell
         timm.create_model(f"hf-hub:{REPO}", pretrained=True)
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
+    res = runner.invoke(cli, ["predict", f"hf-hub:{REPO}", str(img)])   # (was: "the file does not fit ... fix
+    assert res.exit_code == 2 and res.output == (                       # the entry's source ... in the registry")
+        f"zoo: error: hf-hub:{REPO} holds a model timm cannot build ({said}), so zoo cannot from an hf-hub: name "
+        f"either; download its bundle files (`{download}`) and give the folder: zoo predict DIR IMAGE\n")
+    folder = tmp_path / "dl"                # the two files are a bundle zoo loads
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes(hub.repos[REPO].files[name])
+    assert load_bundle(folder).labels == list(CLASSES)
     card = hub.repos[REPO].files["README.md"].decode()
+    assert "hf download me/tiny-classifier config.json model.safetensors --local-dir model-folder" in card
+    assert "zoo pull hf-hub:" not in card
     if kind == "torchvision":
         assert "Plain timm cannot build it (`mobilenet_v3_small` is a torchvision model)" in card
         assert "torchvision.models.get_model('mobilenet_v3_small', weights=None, num_classes=3" in card

@@ -57,6 +57,7 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
     # lazy: zoo --help must not import huggingface_hub (slow)
     from huggingface_hub.utils import logging as hf_logging
 
+    from zoo.modelcard import download_command
     from zoo.push import push
 
     hf_logging.set_verbosity_error()     # its "no files modified" warning: this command says it in its own words
@@ -71,12 +72,14 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
     timm = "" if result.timm_refusal else f'timm.create_model("hf-hub:{repo}{"" if rev == "main" else "@" + rev}", ' \
                                            'pretrained=True)'
     if rev == "main":
-        echo(f"load it: {timm}  or  {predict}" if timm else f"load it: {predict}")
+        echo(f"load it: {timm}  or  {predict}" if timm else
+             f"load it: {download_command(repo, 'DIR')}, then zoo predict DIR IMAGE")
     else:     # hf-hub:REPO is the main branch, another model or none
         echo(f"load it: {timm + '; ' if timm else ''}zoo reads the main branch of hf-hub:{repo}: for {rev!r} add an "
              f"entry with `revision: {rev}` to your ZOO_REGISTRY file")
     if result.timm_refusal:
-        echo(f"note: plain timm cannot rebuild this model ({result.timm_refusal}); its card says how to load it")
+        echo(f"note: plain timm cannot rebuild this model ({result.timm_refusal}), nor zoo from an hf-hub: name; "
+             "its card says how to load it")
     if result.not_recorded:
         echo(f"note: the push is not recorded in ZOO_HOME/pushed.json: {result.not_recorded}; `zoo list --mine` "
              "will not show it (set ZOO_HOME to a writable folder)", err=True)
