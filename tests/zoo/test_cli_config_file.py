@@ -83,7 +83,7 @@ def test_a_flag_or_argument_typed_overrides_each_run_level_key_of_the_file(tmp_p
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("resume", "runs/x", "resume: --config cannot be combined with --resume: type --resume"),
+    ("resume", "runs/x", "resume: continuing acts on the folder that holds the run: type --resume"),
     ("overwrite", True, "overwrite: starting over deletes an earlier run's files: type --overwrite"),
     ("config", "other.yaml", "config: a config file cannot name another: give that file as --config")])
 def test_resume_overwrite_or_config_in_a_file_is_refused_in_one_line_before_any_folder(tmp_path, finetune_calls,
@@ -91,14 +91,14 @@ def test_resume_overwrite_or_config_in_a_file_is_refused_in_one_line_before_any_
     data = make_image_folder(tmp_path / "data", per_class=2)
     cfg = recipe(tmp_path / "recipe.yaml", model="tiny32", data=data, out=tmp_path / "run", **{key: value})
     for command in (["finetune"], ["lr-find"], ["sweep"], ["doctor"]):
-        if key == "resume" and command[0] in ("lr-find", "doctor"):
-            continue        # (no --resume there: named as the commands' that take it, below)
+        no_resume = key == "resume" and command[0] in ("lr-find", "doctor")     # (a key of other commands there)
         if command[0] == "doctor":
             cfg = recipe(tmp_path / "doctor.yaml", data=data, out=tmp_path / "run", **{key: value})
         result = invoke(*command, "--config", cfg)
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and f"{cfg}: {says}" in lines[0], (command, result.output)
+        said = f"zoo {command[0]} takes no resume (zoo finetune, sweep do)" if no_resume else says
+        assert len(lines) == 1 and f"{cfg}: {said}" in lines[0], (command, result.output)
     assert not (tmp_path / "run").exists() and finetune_calls == []
 
 
@@ -110,7 +110,8 @@ def test_a_relative_data_in_a_file_is_relative_to_the_current_directory_not_the_
     monkeypatch.chdir(tmp_path / "work")
     result = invoke("finetune", "--config", cfg)
     assert result.exit_code == 0, result.output
-    assert (finetune_calls[-1].data, finetune_calls[-1].out, finetune_calls[-1].exclude) == ("photos", "runs/x", "ex.txt")
+    got = finetune_calls[-1]
+    assert (got.data, got.out, got.exclude) == ("photos", "runs/x", "ex.txt")
     monkeypatch.chdir(tmp_path / "recipes")     # the same file from another folder: no photos/ there
     result = invoke("lr-find", "--config", recipe(tmp_path / "recipes" / "l.yaml", model="tiny32", data="photos"))
     assert result.exit_code == 2 and "l.yaml: data: Directory 'photos' does not exist" in result.output, result.output

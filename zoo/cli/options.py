@@ -166,8 +166,8 @@ def fc_dropout_option(func: Callable) -> Callable:
 # Options a --config file cannot hold, each with what to type instead: they act on a folder that holds a run or
 # delete one (typed, never carried in a recipe), or name another file (no nesting).
 NOT_IN_A_FILE = {
-    "resume": "--config cannot be combined with --resume: type --resume (without --config: the run's own "
-              "config.yaml is used)",
+    "resume": "continuing acts on the folder that holds the run: type --resume (zoo finetune's takes no --config: "
+              "the run's own config.yaml is used)",
     "overwrite": "starting over deletes an earlier run's files: type --overwrite",
     "config": "a config file cannot name another: give that file as --config",
 }
@@ -228,7 +228,7 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
     base, raw = read_config_file(path, config_s)
     taken = {k: v for k, v in raw.items() if not config_s(k, v)}
     for key in taken:
-        if key in NOT_IN_A_FILE:
+        if key in NOT_IN_A_FILE and key in own:     # (lr-find's resume: a key of other commands, below)
             raise UsageError(f"{path}: {key}: {NOT_IN_A_FILE[key]}")
     _refuse_others(ctx, path, [k for k in taken if k not in own], {*own, *fields})
     defaults = {}
