@@ -15,14 +15,14 @@ import re
 import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text, yaml_problem
 
-__all__ = ["FinetuneConfig", "load_resume_config", "read_config_file", "save_config", "short_repr",
+__all__ = ["FinetuneConfig", "load_resume_config", "read_config_file", "save_config", "short_repr", "unknown_options",
            "Option", "OPTIONS", "range_text", "OPTIMIZERS", "SCHEDULES", "HEADS", "ACTIVATIONS", "MONITORS",
            "HEAD_SOLVERS", "AUGMENTS", "RESUME_FREE"]
 
@@ -130,12 +130,10 @@ class FinetuneConfig:
         "0 = load in the main process. At most 512: each is a process with its own copy of torch.",
         low=0, high=512, sentinels=(-1,), resume_free=True)
     class_weights: str = option("none",
-        "auto: weight the loss by inverse class frequency (imbalanced data).",
-        choices=("none", "auto"))
+        "auto: weight the loss by inverse class frequency (imbalanced data).", choices=("none", "auto"))
     sampler: str = option("random",
         "balanced: oversample rare classes in each epoch (a head solved by L-BFGS takes the equivalent class "
-        "weights).",
-        choices=("random", "balanced"))
+        "weights).", choices=("random", "balanced"))
     # --- augmentation (train only; evaluation is resize + centre crop) ---
     augment: str = option("standard",
         "Training augmentation: standard (random crop-and-scale, flip, brightness/contrast), trivial "
@@ -191,12 +189,10 @@ class FinetuneConfig:
     nesterov: bool = option(False, "Nesterov momentum (sgd).")
     weight_decay: float = option(1e-4, "L2 weight decay (not on biases and norm parameters).", low=0)
     schedule: str = option("cosine",
-        "Learning-rate schedule (stepped per batch; plateau per epoch).",
-        choices=SCHEDULES)
+        "Learning-rate schedule (stepped per batch; plateau per epoch).", choices=SCHEDULES)
     warmup_epochs: float = option(-1.0,
         "Linear LR warm-up, in epochs (fractions allowed); -1 = auto: 1 for a finetune phase that starts from "
-        "the solved head (Adam's first steps at the full LR would throw it off), else 0.",
-        low=0, sentinels=(-1,))
+        "the solved head (Adam's first steps at the full LR would throw it off), else 0.", low=0, sentinels=(-1,))
     step_size: int = option(10, "step/exp schedules: decay every N epochs.", low=1)
     gamma: float = option(0.1,
         "Decay factor of the step/exp/inv/plateau schedules (step/exp: at most 1; plateau: below 1).",
@@ -205,8 +201,7 @@ class FinetuneConfig:
     epochs: int = option(0,
         "Maximum epochs in total (early stopping may end sooner); 0 = auto: 8 when layers are finetuned "
         "(a cosine schedule that ends; 7 after the head's own epochs, at most 10, when the head warm-up trains "
-        "by gradient, e.g. --head mlp), 30 when only the head trains.",
-        low=1, sentinels=(0,), resume_free=True)
+        "by gradient, e.g. --head mlp), 30 when only the head trains.", low=1, sentinels=(0,), resume_free=True)
     patience: int = option(5, "Early stopping: epochs without improvement before stopping (0: stop at the first one).",
                            low=0, resume_free=True)
     min_delta: float = option(1e-4,
@@ -218,8 +213,7 @@ class FinetuneConfig:
                        high_open=True)
     device: str = option("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.", resume_free=True)
     amp: bool = option(True,
-        "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
-        resume_free=True)
+        "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).", resume_free=True)
     channels_last: bool = option(True, "channels_last (NHWC) memory format: on the CPU always, on CUDA when "
                                    "the network trains.", resume_free=True)
     gpu_normalize: bool = option(True,
@@ -228,8 +222,7 @@ class FinetuneConfig:
     decode: str = option("workers",
         "Where images are decoded: workers (PIL, in DataLoader processes) or device (JPEGs decoded, cropped "
         "and flipped on the GPU with nvJPEG; workers only read files): for hosts whose cores cannot keep the "
-        "GPU fed.",
-        choices=("workers", "device"), resume_free=True)
+        "GPU fed.", choices=("workers", "device"), resume_free=True)
     compile: bool = option(False, "torch.compile the model (slower start, faster epochs).", resume_free=True)
     fast_head: bool = option(True, "Head-only training on cached backbone features (much faster; same result).")
     aug_views: int = option(0,
@@ -239,27 +232,22 @@ class FinetuneConfig:
         "How a linear head trains on cached features: lbfgs (full-batch L-BFGS to convergence, fewer "
         "iterations for a very large solve, its L2 "
         "strength picked on the validation split, like a logistic-regression probe) or gradient "
-        "(--optimizer/--lr epoch by epoch).",
-        choices=HEAD_SOLVERS)
+        "(--optimizer/--lr epoch by epoch).", choices=HEAD_SOLVERS)
     img_size: int = option(0,
         "Input size in pixels for training and evaluation (recorded in the bundle, so predict and eval use it"
         " too); 0 = the model's own (e.g. 224). Lower is faster on a CPU. At most 2048: a batch's memory grows"
-        " with its square (a mistyped 100000 would take the machine's memory).",
-        low=16, high=2048, sentinels=(0,))
+        " with its square (a mistyped 100000 would take the machine's memory).", low=16, high=2048, sentinels=(0,))
     # --- modern regularisers (off by default until they win: docs/peers.md) ---
     label_smoothing: float = option(0.0,
         "Label smoothing of the training loss (torch/timm semantics: the target puts 1 - F + F/C on the true "
-        "class, F/C on every other); validation loss stays plain cross-entropy.",
-        low=0, high=1, high_open=True)
+        "class, F/C on every other); validation loss stays plain cross-entropy.", low=0, high=1, high_open=True)
     mixup: float = option(0.0,
         "Mixup alpha: each training image is blended with the one half a batch away (the same pairs on any "
         "number of processes), lambda ~ Beta(A, A) per batch, targets mixed alike (timm's batch mode); 0 = off. "
-        "Image-space: a head-only run then trains the head through the network, not on cached features.",
-        low=0)
+        "Image-space: a head-only run then trains the head through the network, not on cached features.", low=0)
     cutmix: float = option(0.0,
         "CutMix alpha: a box of the image half a batch away is pasted in, lambda ~ Beta(A, A) corrected to the "
-        "box's area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.",
-        low=0)
+        "box's area; with --mixup too, each batch picks one of the two (probability 1/2); 0 = off.", low=0)
     # --- EMA / layer decay ---
     ema: float = option(-1.0,
         "Validate, keep and export an exponential moving average of the weights, updated after every "
@@ -267,18 +255,14 @@ class FinetuneConfig:
         "one epoch (1 - 1/steps per epoch) when the finetune phase starts from the solved head, else off. "
         "The average starts from the weights the phase begins with; when that head is untrained "
         "(--head-epochs 0) the decay warms up: min(decay, (1+t)/(10+t)) after t steps. The head phase is "
-        "not averaged.",
-        low=0, high=1, high_open=True, sentinels=(-1,))
+        "not averaged.", low=0, high=1, high_open=True, sentinels=(-1,))
     layer_decay: float = option(1.0,
         "Layer-wise LR decay: the head trains at --lr, the last stage at lr x --backbone-lr-mult x F, each "
-        "earlier stage F times the one after it; 1 = off.",
-        low=0, high=1, low_open=True)
+        "earlier stage F times the one after it; 1 = off.", low=0, high=1, low_open=True)
     overfit_batches: int = option(0,
-        "Sanity check instead of training: try to overfit N fixed batches, then exit (0 = off).",
-        low=0)
+        "Sanity check instead of training: try to overfit N fixed batches, then exit (0 = off).", low=0)
     tensorboard: bool = option(False,
-        "Also log to RUN/tensorboard (needs the tensorboard package).",
-        resume_free=True)
+        "Also log to RUN/tensorboard (needs the tensorboard package).", resume_free=True)
     quiet: bool = option(False, "No progress bars or per-epoch lines.", resume_free=True)
 
     def __post_init__(self) -> None:
@@ -294,11 +278,11 @@ class FinetuneConfig:
             if problem is not None:
                 raise bad(name, problem)
         if self.freeze not in ("auto", "head", "none") and not str(self.freeze).isdigit():
-            raise bad("freeze", "use auto, head, none or a number of stages")
+            raise bad("freeze", f"use {_VALUE_WORDS['freeze']}")
         # the spelling here, so that a --config file's `device: gpu` is named with its file (QA); whether the
         # device is there is engine.runtime's to say (cpu:0 and mps:0 are torch's too: a run started so resumes)
         if not re.fullmatch(r"auto|(cpu|mps|cuda)(:\d+)?", str(self.device).strip().lower()):
-            raise bad("device", "use auto, cpu, cuda, cuda:N or mps")
+            raise bad("device", f"use {_VALUE_WORDS['device']}")
         # A decay factor above 1 makes these schedules raise the LR; ReduceLROnPlateau refuses factor >= 1.
         if self.schedule in ("step", "exp") and self.gamma > 1:
             raise bad("gamma", f"the {self.schedule} schedule needs a decay factor 0 < x <= 1")
@@ -317,14 +301,8 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in set(data) - known)     # str: YAML keys may be numbers or null (QA)
-        if unknown:     # `batch-size:` as the flag is spelled, `Lr:`: the key meant is named (QA)
-            meant = [m[0] for k in unknown
-                     if (m := difflib.get_close_matches(k.lower().replace("-", "_"), sorted(known), n=1))]
-            hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}{hint}; keys are the option names "
-                              "with underscores, see `zoo finetune --help`")
+        if set(data) - set(_FIELDS):
+            raise unknown_options(set(data) - set(_FIELDS), _FIELDS, source)
         typed: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in data:
@@ -340,8 +318,29 @@ OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(Finet
 RESUME_FREE = frozenset(name for name, o in OPTIONS.items() if o.resume_free)
 _FIELDS = {f.name: f for f in fields(FinetuneConfig)}
 
-# What a value of each option type is called in messages (every FinetuneConfig field is one of these).
+# What a value of each option type is called in messages (every FinetuneConfig field is one of these), and the
+# values of the text options that have no closed set (validate and _coerce say them alike).
 _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+_VALUE_WORDS = {"freeze": "auto, head, none or a number of stages", "device": "auto, cpu, cuda, cuda:N or mps"}
+
+
+def unknown_options(keys: Any, known: Any, source: str, command: str = "finetune") -> ConfigError:
+    """The error for keys that name no option of ``command``: the key meant named where one is close (`batch-size:`
+    as the flag is spelled, `Lr:`: QA). str: YAML keys may be numbers or null (QA)."""
+    unknown = sorted(str(k) for k in keys)
+    meant = [m[0] for k in unknown if (m := difflib.get_close_matches(k.lower().replace("-", "_"), sorted(known), n=1))]
+    hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+    return ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}{hint}; keys are the option names with "
+                       f"underscores, see `zoo {command} --help`")
+
+
+def _wanted(f: dataclasses.Field) -> str:
+    """What option ``f`` takes, as its messages say: its values (`freeze: null` in a file was "should be text"),
+    else its kind (validate() then says its range)."""
+    option = OPTIONS[f.name]
+    if f.name in _VALUE_WORDS or option.choices:
+        return _VALUE_WORDS.get(f.name) or ", ".join(option.choices[:-1]) + " or " + option.choices[-1]
+    return _KIND_WORDS[type(f.default)]
 
 
 def short_repr(value: Any) -> str:
@@ -368,15 +367,15 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     except (TypeError, ValueError):
         hint = ("; auto is taken on the command line only (--lr auto): in a file give the learning rate, e.g. "
                 "lr: 0.001" if f.name == "lr" and isinstance(value, str) and value.strip().lower() == "auto" else "")
-        raise ConfigError(f"{source}: {f.name}={short_repr(value)} should be {_KIND_WORDS[kind]}{hint}") from None
+        raise ConfigError(f"{source}: {f.name}={short_repr(value)} should be {_wanted(f)}{hint}") from None
 
 
-def read_config_file(path: str | Path) -> tuple[FinetuneConfig, dict[str, Any]]:
+def read_config_file(path: str | Path, ours: Callable[[Any, Any], bool] | None = None) -> tuple[FinetuneConfig, dict]:
     """A YAML config (safe loader) and the file's own mapping (which says what the file set, e.g. a ``bn``
-    equal to the default), from one read of the file. Raises ConfigError with the file name on any problem."""
-    path = Path(path)
-    data = _read_mapping(path)
-    return _from_file(data, path), data
+    equal to the default), from one read of the file; ``ours(key, value)``: which keys are the config's (the
+    others are the caller's: a command's own options, zoo.cli.options). Raises ConfigError naming the file."""
+    path, data = Path(path), _read_mapping(Path(path))
+    return _from_file({k: v for k, v in data.items() if ours is None or ours(k, v)}, path), data
 
 
 def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[FinetuneConfig, list[str]]:
@@ -395,7 +394,7 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
         try:
             problem = OPTIONS[name].problem(_coerce(_FIELDS[name], data[name], str(path)))
         except ConfigError:
-            problem = f"should be {_KIND_WORDS[type(_FIELDS[name].default)]}"
+            problem = f"should be {_wanted(_FIELDS[name])}"
         if problem is not None:
             now, why = (overrides[name], "given now") if name in overrides else (_FIELDS[name].default, "the default")
             notes.append(f"{path}: {name}={short_repr(data[name])} is out of bounds ({problem}); this resume "

@@ -186,7 +186,7 @@ def test_a_config_value_made_of_nested_aliases_is_refused_at_once(tmp_path):
         read_config_file(cfg)
     assert time.perf_counter() - start < 5
     cfg.write_text("device: [cpu]\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: device=['cpu'] should be text")):
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg}: device=['cpu'] should be auto, cpu, cuda, cuda:N or mps")):
         read_config_file(cfg)
 
 def test_every_option_type_has_a_word_in_the_messages():

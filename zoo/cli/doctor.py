@@ -5,6 +5,7 @@ No torch at import (``zoo --help`` stays fast); the work is in ``zoo.jobs.doctor
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from finetune.core.config import OPTIONS, FinetuneConfig
 from finetune.core.io import printable, shell_command
@@ -12,7 +13,7 @@ from finetune.core.progress import progress_bar
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.shared import sayer
-from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption
+from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption, config_file_option
 
 __all__ = ["doctor_cmd"]
 
@@ -67,11 +68,15 @@ def _bar(quiet: bool):
 @click.option("--workers", "workers", type=int, default=-1, show_default=True,
               help="DataLoader workers for the extraction; -1 = auto, 0 = in the main process.")
 @click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
-def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str | None, overwrite: bool,
-               near: float | None,
+@config_file_option("YAML file with any of the options below (data for DIR; not overwrite or config: type them); "
+                    "keys are the option names with underscores; its paths are relative to the current directory, "
+                    "as a flag's. DIR and flags given here override it.", finetune=False)
+@click.pass_context
+def doctor_cmd(ctx: click.Context, folder: str | None, data: str | None, model: str | None, out: str | None,
+               overwrite: bool, near: float | None,
                near_pixels: float, folds: int, outlier_z: float,
                min_side: int, max_aspect: float, seed: int, val_split: float, device: str, batch_size: int,
-               workers: int, quiet: bool) -> None:
+               workers: int, quiet: bool, config_path: str | None) -> None:
     """Look at the data before trusting it: what would inflate or hurt the accuracy of a finetune.
 
     Checks, leaks first: the same image (same bytes, or near copies by pretrained features) in two
@@ -84,8 +89,11 @@ def doctor_cmd(folder: str | None, data: str | None, model: str | None, out: str
     Examples:
       zoo doctor --data ./photos
       zoo doctor --data ./photos --model resnet50 --near 0.97 --out ./photos-doctor
+      zoo doctor --config recipe.yaml       # data, model, seed, val_split ... from the file
       zoo finetune resnet50 --data ./photos --exclude ./photos-doctor/findings.csv
     """
+    if folder is not None and ctx.get_parameter_source("data") is ParameterSource.DEFAULT_MAP:
+        data = None     # DIR typed overrides the --config file's data:, as a flag would
     if folder is not None and data is not None and folder != data:
         raise click.UsageError(f"two data folders given ({folder} and --data {data}): give one")
     data = data or folder

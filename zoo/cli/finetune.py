@@ -14,7 +14,8 @@ from finetune.core.confusion import CONFUSION_CSV, FULL_MAX_CLASSES, SHOWN_CLASS
 from finetune.core.io import printable, printable_name, shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
-from zoo.cli.options import Folder, config_options, fc_dropout_option, given_options, naming_the_file, resolve_config
+from zoo.cli.options import (Folder, config_file_option, config_options, fc_dropout_option, given_options,
+                             naming_the_file, resolve_config)
 from zoo.cli.console import echo
 from zoo.cli.shared import sayer
 from zoo.outdir import is_main_process
@@ -38,8 +39,9 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
 @click.argument("model", required=False)
 @click.option("--data", "data", type=Folder(), default=None,
               help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="YAML file with any of the options below; flags given here override it.")
+@config_file_option("YAML file with any of the options below, the run's too (model, data, out, pretrained, export, "
+                    "exclude, fc_dropout; not resume, overwrite or config: type them); keys are the option names with "
+                    "underscores; paths are relative to the current directory. MODEL and flags typed override it.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
 @click.option("--resume", "resume", type=Folder(exists=True, what="run folder"), default=None,
@@ -80,7 +82,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
       zoo finetune resnet50 --data ./photos
       zoo finetune resnet50 --data ./photos --freeze 2 --lr 3e-4 --epochs 20
       zoo finetune efficientnet_b0 --data ./photos --lr auto --class-weights auto
-      zoo finetune resnet50 --data ./photos --config recipe.yaml --seed 1
+      zoo finetune --config recipe.yaml --seed 1      # model, data, out... in the file too; flags win
       zoo finetune resnet50 --data ./photos --overfit-batches 2     # sanity check only
       zoo finetune resnet50 --data ./photos --exclude doctor-photos/findings.csv
       zoo finetune --resume runs/resnet50-20250101-120000            # after Ctrl-C or a crash
@@ -118,10 +120,10 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
                                   on_run_dir=log_file)
     else:
         if not model:
-            raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`); "
-                                   "`zoo list` shows the zoo")
+            raise click.UsageError("MODEL is required (e.g. `zoo finetune resnet50 --data DIR`, or model: in the "
+                                   "--config file); `zoo list` shows the zoo")
         if not data:
-            raise click.UsageError("--data DIR is required: a folder of class sub-folders of images")
+            raise click.UsageError("--data DIR (or data: in --config) is required: a folder of class sub-folders")
         config, raw, notes = resolve_config(ctx, config_path, values, pretrained, given=given)
         for note in notes:
             log(note)

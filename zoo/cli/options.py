@@ -18,14 +18,15 @@ from typing import Any, Callable, Iterable, Iterator
 import click
 from click.core import ParameterSource
 
-from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file
+from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file, unknown_options
 from finetune.core.errors import FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
 from zoo.errors import UsageError
 
-__all__ = ["config_options", "given_options", "fc_dropout_option", "bn_default", "read_config", "idle_options",
-           "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption"]
+__all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
+           "read_config", "idle_options", "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption",
+           "NOT_IN_A_FILE"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -162,9 +163,111 @@ def fc_dropout_option(func: Callable) -> Callable:
              "none); 0 turns it off.")(func)
 
 
-def read_config(path: str | None) -> tuple[FinetuneConfig, dict[str, Any]]:
+# Options a --config file cannot hold, each with what to type instead: they act on a folder that holds a run or
+# delete one (typed, never carried in a recipe), or name another file (no nesting).
+NOT_IN_A_FILE = {
+    "resume": "continuing acts on the folder that holds the run: type --resume (zoo finetune's takes no --config: "
+              "the run's own config.yaml is used)",
+    "overwrite": "starting over deletes an earlier run's files: type --overwrite",
+    "config": "a config file cannot name another: give that file as --config",
+}
+# The commands with a --config file, in the order a message names them
+CONFIG_COMMANDS = ("finetune", "lr-find", "sweep", "doctor")
+_META = f"{__name__}.config_file"   # (ctx.meta is shared by every context)
+
+
+class ConfigFileOption(click.Option):
+    """``--config FILE``, read before the other options (eager): its keys that are the command's own options
+    (:func:`file_keys`) become their defaults (``ctx.default_map``: a flag or argument typed wins, each value is
+    checked as its flag's, naming the file), the rest is the FinetuneConfig of :func:`read_config`.
+    ``finetune``: whether the command takes FinetuneConfig's options (zoo doctor does not)."""
+
+    def __init__(self, *args: Any, finetune: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, is_eager=True, callback=_read_file, **kwargs)
+        self.finetune = finetune
+
+
+def config_file_option(help: str, finetune: bool = True) -> Callable[[Callable], Callable]:
+    """The ``--config`` option of zoo finetune, lr-find, sweep and doctor (:class:`ConfigFileOption`)."""
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+                        metavar="FILE", cls=ConfigFileOption, finetune=finetune, help=help)
+
+
+def file_keys(command: click.Command) -> dict[str, click.Parameter]:
+    """The keys a --config file may give ``command`` beside FinetuneConfig's: each of its options, named as the
+    flag with underscores (sweep's --lr: lr), and its MODEL argument (doctor's DIR is its --data)."""
+    keys = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            keys[max(param.opts, key=len).lstrip("-").replace("-", "_")] = param
+        elif param.name == "model":
+            keys["model"] = param
+    return keys
+
+
+def _takes_config(command: click.Command) -> bool:
+    return any(isinstance(p, ConfigFileOption) and p.finetune for p in command.params)
+
+
+def _is_grid(value: Any) -> bool:
+    """A value in zoo sweep's grid syntax (``1e-4:1e-2:3``, ``head,1,2`` or a YAML list), which no option takes."""
+    return isinstance(value, list) or isinstance(value, str) and (":" in value or "," in value)
+
+
+def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) -> str | None:
+    """The callback of :class:`ConfigFileOption`."""
+    if path is None or ctx.resilient_parsing:
+        return path
+    own, fields = file_keys(ctx.command), set(OPTIONS) if param.finetune else set()
+
+    def config_s(key: Any, value: Any) -> bool:
+        """A FinetuneConfig key, unless it is also an option of the command under another name (zoo sweep's grid
+        flags --lr, --weight-decay, --freeze, --optimizer) and holds a grid: then it is that option's."""
+        return key in fields and not (key in own and own[key].name != key and _is_grid(value))
+
+    base, raw = read_config_file(path, config_s)
+    taken = {k: v for k, v in raw.items() if not config_s(k, v)}
+    for key in taken:
+        if key in NOT_IN_A_FILE and key in own:     # (lr-find's resume: a key of other commands, below)
+            raise UsageError(f"{path}: {key}: {NOT_IN_A_FILE[key]}")
+    _refuse_others(ctx, path, [k for k in taken if k not in own], {*own, *fields})
+    defaults = {}
+    for key, value in taken.items():
+        option = own[key]
+        value = ",".join(str(v) for v in value) if isinstance(value, list) else value
+        try:
+            defaults[option.name] = option.type_cast_value(ctx, value)
+        except (click.BadParameter, UsageError) as err:   # the flag's own message (data: an archive), of the file
+            raise UsageError(f"{path}: {key}: {getattr(err, 'message', err)}") from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[_META] = (path, base, {k: v for k, v in raw.items() if config_s(k, v)})
+    return path
+
+
+def _refuse_others(ctx: click.Context, path: str, keys: list[Any], known: set[str]) -> None:
+    """UsageError for the keys of a --config file that are no option of this command: those of another command
+    name the commands that take them; the others are unknown (the key meant named where one is close)."""
+    if not keys:
+        return
+    root = ctx.find_root().command
+    commands = {name: root.commands[name] for name in CONFIG_COMMANDS if name in getattr(root, "commands", {})}
+    takers = {str(k): [name for name, c in commands.items() if k in file_keys(c) or _takes_config(c) and k in OPTIONS]
+              for k in keys}
+    elsewhere = [f"no {k} (zoo {', '.join(names)} {'does' if len(names) == 1 else 'do'})"
+                 for k, names in takers.items() if names]
+    if elsewhere:
+        raise UsageError(f"{path}: zoo {ctx.command.name} takes {', '.join(elsewhere)}; keys are the command's "
+                         f"options, see `zoo {ctx.command.name} --help`")
+    raise unknown_options(keys, known, path, ctx.command.name)
+
+
+def read_config(path: str | None, ctx: click.Context | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
     """``--config FILE``: the config it gives over the defaults (validated, with the file name in any error)
-    and the file's own mapping, which says what it set; ``(FinetuneConfig(), {})`` without a file."""
+    and the file's own mapping of those options, which says what it set; ``(FinetuneConfig(), {})`` without a
+    file. ``ctx``: the command's, whose --config option read the file already (:class:`ConfigFileOption`)."""
+    read = ctx.meta.get(_META) if ctx is not None else None
+    if read is not None and read[0] == path:
+        return read[1], read[2]
     return read_config_file(path) if path else (FinetuneConfig(), {})
 
 
@@ -203,7 +306,7 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
         The config, the YAML's own mapping, and the notes of :func:`idle_options` for the command to print.
     """
     given = given_options(ctx, values) if given is None else given
-    base, raw = read_config(config_path)
+    base, raw = read_config(config_path, ctx)
     given = bn_default(given, raw, pretrained)   # --no-pretrained: BatchNorm trains unless --bn (or the file) says
     config = FinetuneConfig.from_dict({**base.to_dict(), **given}, source="command line")
     # A file key at its default chose nothing: lr-find's config.yaml and sweep's best_config.yaml, which their

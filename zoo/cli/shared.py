@@ -12,7 +12,7 @@ import click
 from finetune.core.config import FinetuneConfig
 from zoo.cli import console
 from zoo.cli.console import echo
-from zoo.cli.options import Folder, fc_dropout_option, naming_the_file
+from zoo.cli.options import Folder, config_file_option, fc_dropout_option, naming_the_file
 from zoo.hub import resolve_early, resolve_entry
 from finetune.core.io import printable
 
@@ -76,8 +76,9 @@ COMMON_OPTIONS = [
     click.argument("model"),
     click.option("--data", "data", type=Folder(exists=True), required=True,
                  help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*."),
-    click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
-                 help="YAML file with finetune options (as `zoo finetune --config`); flags override it."),
+    config_file_option("YAML file with any of the options below, MODEL too (as `zoo finetune --config`: keys are "
+                       "the option names with underscores; not overwrite, resume or config: type them); its paths "
+                       "are relative to the current directory, as a flag's. MODEL and flags given here override it."),
     click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
                  help="Start from the zoo's pretrained weights; --no-pretrained: random init (tests, baselines)."),
     fc_dropout_option,

@@ -1,0 +1,208 @@
+"""A ``--config`` file takes every option of the command's line, the run-level ones too (model, data, out, ...):
+flags and arguments typed win over the file, the file over the defaults; its paths are relative to the current
+directory; options that act on a run folder or delete one (resume, overwrite) and config itself are refused."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from finetune.core.config import FinetuneConfig, read_config_file, save_config
+from finetune.core.errors import ConfigError
+from tests.conftest import make_image_folder, register_tiny
+from zoo.cli import cli
+
+FAST = {"epochs": 1, "batch_size": 8, "workers": 0, "device": "cpu", "quiet": True}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def recipe(path: Path, **values) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
+    return path
+
+
+@pytest.fixture
+def finetune_calls(monkeypatch):
+    """zoo finetune's job replaced by a recorder of what it was given (nothing trained)."""
+    from zoo.jobs import finetune as job
+
+    calls = []
+
+    def record(model, data, config, **kwargs):
+        calls.append(SimpleNamespace(model=model, data=data, config=config, **kwargs))
+        return SimpleNamespace(result=None, overfit=None, export_dir=None)
+
+    monkeypatch.setattr(job, "run_finetune", record)
+    return calls
+
+
+def test_a_config_file_naming_model_data_and_out_runs_with_no_arguments(tmp_path, monkeypatch):
+    """Task 134: `export: false`, `data:`, `out:`, `model:` in a --config file were "unknown option(s)"; a recipe
+    holds the whole run: `zoo finetune --config recipe.yaml` with nothing else trains it, and writes no bundle."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    cfg = recipe(tmp_path / "recipe.yaml", model=tiny, data=data, out=tmp_path / "run", export=False,
+                 pretrained=True, **FAST)
+    result = invoke("finetune", "--config", cfg)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert (run / "summary.json").is_file() and not (run / "export").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 1
+    # the run's saved config.yaml (the options only) still passes as --config, with MODEL and --data typed
+    again = invoke("finetune", tiny, "--data", data, "--config", run / "config.yaml", "--out", tmp_path / "run2",
+                   "--no-export")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "run2" / "summary.json").is_file()
+
+
+def test_a_flag_or_argument_typed_overrides_each_run_level_key_of_the_file(tmp_path, finetune_calls):
+    data, other = make_image_folder(tmp_path / "data", per_class=2), make_image_folder(tmp_path / "other", per_class=2)
+    exclude, other_exclude = tmp_path / "ex.txt", tmp_path / "ex2.txt"
+    exclude.write_text("")
+    other_exclude.write_text("")
+    cfg = recipe(tmp_path / "recipe.yaml", model="tiny32", data=data, out=tmp_path / "run", pretrained=True,
+                 export=True, exclude=exclude, fc_dropout=0.2, lr=0.01)
+    assert invoke("finetune", "--config", cfg).exit_code == 0
+    got = finetune_calls[-1]
+    assert (got.model, got.data, got.out, got.pretrained, got.export, got.exclude, got.fc_dropout, got.config.lr) == (
+        "tiny32", str(data), str(tmp_path / "run"), True, True, str(exclude), 0.2, 0.01)
+    result = invoke("finetune", "other32", "--config", cfg, "--data", other, "--out", tmp_path / "o", "--no-pretrained",
+                    "--no-export", "--exclude", other_exclude, "--fc-dropout", "0.3", "--lr", "0.02")
+    assert result.exit_code == 0, result.output
+    got = finetune_calls[-1]
+    assert (got.model, got.data, got.out, got.pretrained, got.export, got.exclude, got.fc_dropout, got.config.lr) == (
+        "other32", str(other), str(tmp_path / "o"), False, False, str(other_exclude), 0.3, 0.02)
+    assert got.config.bn == "train"      # --no-pretrained typed: BatchNorm follows it, as without a file
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("resume", "runs/x", "resume: continuing acts on the folder that holds the run: type --resume"),
+    ("overwrite", True, "overwrite: starting over deletes an earlier run's files: type --overwrite"),
+    ("config", "other.yaml", "config: a config file cannot name another: give that file as --config")])
+def test_resume_overwrite_or_config_in_a_file_is_refused_in_one_line_before_any_folder(tmp_path, finetune_calls,
+                                                                                         key, value, says):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = recipe(tmp_path / "recipe.yaml", model="tiny32", data=data, out=tmp_path / "run", **{key: value})
+    for command in (["finetune"], ["lr-find"], ["sweep"], ["doctor"]):
+        no_resume = key == "resume" and command[0] in ("lr-find", "doctor")     # (a key of other commands there)
+        if command[0] == "doctor":
+            cfg = recipe(tmp_path / "doctor.yaml", data=data, out=tmp_path / "run", **{key: value})
+        result = invoke(*command, "--config", cfg)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        said = f"zoo {command[0]} takes no resume (zoo finetune, sweep do)" if no_resume else says
+        assert len(lines) == 1 and f"{cfg}: {said}" in lines[0], (command, result.output)
+    assert not (tmp_path / "run").exists() and finetune_calls == []
+
+
+def test_a_relative_data_in_a_file_is_relative_to_the_current_directory_not_the_file(tmp_path, monkeypatch,
+                                                                                    finetune_calls):
+    make_image_folder(tmp_path / "work" / "photos", per_class=2)
+    cfg = recipe(tmp_path / "recipes" / "r.yaml", model="tiny32", data="photos", out="runs/x", exclude="ex.txt")
+    (tmp_path / "work" / "ex.txt").write_text("")
+    monkeypatch.chdir(tmp_path / "work")
+    result = invoke("finetune", "--config", cfg)
+    assert result.exit_code == 0, result.output
+    got = finetune_calls[-1]
+    assert (got.data, got.out, got.exclude) == ("photos", "runs/x", "ex.txt")
+    monkeypatch.chdir(tmp_path / "recipes")     # the same file from another folder: no photos/ there
+    result = invoke("lr-find", "--config", recipe(tmp_path / "recipes" / "l.yaml", model="tiny32", data="photos"))
+    assert result.exit_code == 2 and "l.yaml: data: Directory 'photos' does not exist" in result.output, result.output
+
+
+def test_a_data_in_a_file_gets_the_flags_message_naming_the_file(tmp_path, finetune_calls):
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    cfg = recipe(tmp_path / "r.yaml", model="tiny32", data=archive)
+    result = invoke("finetune", "--config", cfg)
+    assert result.exit_code == 2 and finetune_calls == []
+    assert f"{cfg}: data: {archive} is a .zip archive, not a folder: extract it" in result.output, result.output
+
+
+def test_a_key_of_another_command_is_refused_naming_the_commands_that_take_it(tmp_path, finetune_calls):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    result = invoke("finetune", "--config", recipe(tmp_path / "a.yaml", model="tiny32", data=data, steps=50))
+    assert result.exit_code == 2 and "a.yaml: zoo finetune takes no steps (zoo lr-find does)" in result.output
+    result = invoke("doctor", "--config", recipe(tmp_path / "b.yaml", data=data, lr=0.1))
+    assert result.exit_code == 2 and "b.yaml: zoo doctor takes no lr (zoo finetune, lr-find, sweep do)" in result.output
+    result = invoke("doctor", "--config", recipe(tmp_path / "c.yaml", data=data, nera=0.9))
+    assert result.exit_code == 2 and "unknown option(s) nera (did you mean near?)" in result.output
+    assert "see `zoo doctor --help`" in result.output
+    result = invoke("finetune", "--config", recipe(tmp_path / "d.yaml", **{"fc-dropout": 0.1}))
+    assert result.exit_code == 2 and "unknown option(s) fc-dropout (did you mean fc_dropout?)" in result.output
+    assert finetune_calls == []
+
+
+def test_lr_find_and_sweep_take_their_own_keys_from_the_file(tmp_path, monkeypatch):
+    from zoo.cli import lr_find, sweep
+
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    seen = {}
+    monkeypatch.setattr(lr_find, "_lr_find_into", lambda out_dir, model, data, config, pretrained, fc_dropout,
+                        start_lr, end_lr, steps, *a: seen.update(lr=(out_dir, model, data, pretrained, start_lr,
+                                                                      steps, config.seed)))
+    monkeypatch.setattr(sweep, "_sweep_into", lambda ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs,
+                        wds, freezes, optimizers, folds, resume, keep_runs, say: seen.update(
+                            sweep=(out_dir, model, lrs, wds, freezes, optimizers, folds, keep_runs, config.epochs)))
+    cfg = recipe(tmp_path / "l.yaml", model="tiny32", data=data, out=tmp_path / "lr", pretrained=False,
+                 start_lr=1e-5, steps=20, seed=3, device="cpu")
+    result = invoke("lr-find", "--config", cfg)
+    assert result.exit_code == 0, result.output
+    assert seen["lr"] == (tmp_path / "lr", "tiny32", str(data), False, 1e-5, 20, 3)
+    assert invoke("lr-find", "--config", cfg, "--steps", "30", "--out", tmp_path / "lr2").exit_code == 0
+    assert seen["lr"][0] == tmp_path / "lr2" and seen["lr"][5] == 30
+    # sweep: its grid flags in the file (a list, A:B:N, a comma list); a single value is the config's, as before
+    cfg = recipe(tmp_path / "s.yaml", model="tiny32", data=data, out=tmp_path / "sw", lr=[1e-3, 1e-2],
+                 freeze="head,1", optimizer="sgd", folds=2, keep_runs=True, epochs=2, device="cpu")
+    result = invoke("sweep", "--config", cfg)
+    assert result.exit_code == 0, result.output
+    assert seen["sweep"] == (tmp_path / "sw", "tiny32", [1e-3, 1e-2], None, ["head", "1"], None, 2, True, 2)
+    assert invoke("sweep", "--config", cfg, "--lr", "0.1", "--out", tmp_path / "sw2").exit_code == 0
+    assert seen["sweep"][2] == [0.1]
+
+
+def test_doctor_takes_its_dir_model_and_options_from_the_file(tmp_path, monkeypatch):
+    from zoo.jobs import doctor
+
+    data, other = make_image_folder(tmp_path / "data", per_class=2), make_image_folder(tmp_path / "o", per_class=2)
+    seen = []
+
+    def run(data, *, model=None, out=None, options=None, config=None, **kwargs):
+        seen.append((data, model, out, options.folds, config.seed, config.val_split))
+        return SimpleNamespace(findings=[], images=0, classes=[], by_kind=dict), Path(out)
+
+    monkeypatch.setattr(doctor, "run", run)
+    cfg = recipe(tmp_path / "d.yaml", data=data, model="tiny32", out=tmp_path / "doc", folds=3, seed=2, val_split=0.5)
+    assert invoke("doctor", "--config", cfg).exit_code == 0
+    assert seen[-1] == (str(data), "tiny32", str(tmp_path / "doc"), 3, 2, 0.5)
+    result = invoke("doctor", other, "--config", cfg, "--seed", "4")      # DIR typed wins over the file's data
+    assert result.exit_code == 0, result.output
+    assert seen[-1][0] == str(other) and seen[-1][4] == 4
+
+
+def test_saved_configs_of_lr_find_and_sweep_still_pass_as_config(tmp_path, finetune_calls):
+    """lr-find's OUT/config.yaml and sweep's best_config.yaml (every option, as their next: lines pass them)."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    save_config(FinetuneConfig(lr=0.02, freeze="head", seed=5), tmp_path / "config.yaml")
+    result = invoke("finetune", "tiny32", "--data", data, "--config", tmp_path / "config.yaml", "--lr", "0.003")
+    assert result.exit_code == 0, result.output
+    assert (finetune_calls[-1].config.lr, finetune_calls[-1].config.seed) == (0.003, 5)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("freeze: null", "freeze=None should be auto, head, none or a number of stages"),
+    ("optimizer: null", "optimizer=None should be adam, sgd, adamw, rmsprop, adagrad or adadelta"),
+    ("epochs: null", "epochs=None should be a whole number"),
+    ("device: null", "device=None should be auto, cpu, cuda, cuda:N or mps")])
+def test_a_null_in_a_file_is_refused_naming_the_allowed_values(tmp_path, text, says):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_config_file(tmp_path / "c.yaml")
+    assert str(err.value) == f"{tmp_path / 'c.yaml'}: {says}"
