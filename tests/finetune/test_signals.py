@@ -18,7 +18,7 @@ def test_a_stop_met_while_an_error_is_handled_is_put_off_until_the_handling_is_o
     ("zoo: interrupted"; "interrupted before training ... --overwrite" over a run with its checkpoints). The stop is
     put off while the exception is handled, and stops the process once the handling is over (a sweep that goes on
     to its next trial)."""
-    monkeypatch.setattr(signals, "PUT_OFF_S", 0.05)
+    monkeypatch.setattr(signals, "PUT_OFF_S", 0.05, raising=False)
     handled = False
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         try:
