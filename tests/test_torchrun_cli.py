@@ -16,6 +16,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from finetune.core.checkpoint import load_checkpoint
 from tests.conftest import load_script, make_image_folder, register_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,14 +238,27 @@ def test_help_of_a_one_process_command_is_shown_under_torchrun(monkeypatch):
 
 # A fault on one rank only, injected by a launcher script that torchrun runs in place of `-m zoo`: RANK's n-th call
 # of NAME raises (or, for "kill", the process kills itself as the kernel's OOM killer would; "oom": the device out of
-# memory in a forward pass)
+# memory in a forward pass). A fourth field, WHERE, makes the ordering that torchrun's stop may take: the SIGTERM it
+# sends rank 0 once the killed rank is gone reaches rank 0 when it calls WHERE while it handles the broken connection
 INJECT = """
 import errno, os, signal, sys
 import finetune.core.checkpoint as checkpoint, finetune.engine.runfolder as runfolder, finetune.engine.passes as passes
+import finetune.core.distributed as ddp
 from zoo.cli import main
 
-mode, rank, n = sys.argv.pop(1).split(":")
+mode, rank, n, where = (sys.argv.pop(1).split(":") + [""])[:4]
 calls = [0]
+
+def stopped_in(owner, name):
+    orig = getattr(owner, name)
+    def wrapped(*a, **k):
+        if os.environ["RANK"] == "0" and sys.exc_info()[0] is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(*a, **k)
+    setattr(owner, name, wrapped)
+
+if where:
+    stopped_in(*{"close": (runfolder.RunFolder, "close"), "cleanup": (ddp, "cleanup")}[where])
 
 def fault(orig):
     def wrapped(*a, **k):
@@ -269,13 +283,17 @@ main()
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
-@pytest.mark.parametrize("fault", [pytest.param("kill:1:2", marks=pytest.mark.slow), "enospc:0:2"])
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) for f in (
+    "kill:1:2", "kill:1:2:close", "kill:1:2:cleanup")] + ["enospc:0:2"])
 def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tmp_path, monkeypatch, fault):
     """helper-97 (hands-on): rank 1 killed mid-epoch (SIGKILL, as the OOM killer does) made rank 0 end with
     80 lines of gloo traceback ("RuntimeError: ... Connection reset by peer"), and a full disk met by rank 0's
     checkpoint (its one line said) made rank 1 add its own ("Connection closed by peer"). Now the rank that met
     the other's end says it in one line, with what the run folder keeps, or stays quiet where rank 0 has spoken;
-    the job ends (no rank waits for the one that is gone)."""
+    the job ends (no rank waits for the one that is gone). helper-135: whichever comes first to rank 0, the broken
+    connection or torchrun's SIGTERM, and wherever the second finds it (":close": in the trainer's flush, ":cleanup":
+    leaving the process group), the line names the resume (it was "zoo: interrupted", or "interrupted before
+    training: ... no checkpoint; start it again with ... --overwrite" over a run that kept last.pt)."""
     tiny = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
     (tmp_path / "inject.py").write_text(INJECT)
@@ -298,7 +316,8 @@ def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tm
     assert len(errors) == 1 and errors[0].endswith(resume) and errors[0].startswith((
         "zoo: error: another process of this torchrun job stopped, and the connection to it broke (",
         "zoo: error: interrupted: ")), run.stdout[-3000:]
-    assert (out / "checkpoints" / "last.pt").is_file() and not (out / "summary.json").exists()
+    assert not (out / "summary.json").exists() and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= 1        # whole (sha256 checked): resumable
 
 
 def _free_port() -> int:

@@ -76,13 +76,28 @@ class ZooGroup(click.Group):
     def _invoke(self, ctx: click.Context):
         rank = process.launcher_rank()
         main, shared = rank == 0, process.under_torchrun()    # (a RANK without torchrun: every rank says it)
+        try:
+            return self._handled(ctx, main, shared)
+        except _Failed as failed:
+            if main or not shared:      # said while the error is handled: a stop put off then cannot cut it short
+                with contextlib.suppress(console.OutputClosed):
+                    console.echo(f"zoo: error: {failed}", err=True)
+                ctx.exit(failed.code)
+            said = failed
+        # another rank under torchrun, once the handling is over: torchrun's SIGTERM, put off during it
+        # (finetune.core.signals), is what ends _rank_0_ended_it's wait
+        if said.code == 130 or _rank_0_ended_it():   # 130: rank 0 says what is saved
+            ctx.exit(said.code)
+        if said.usage is not None:
+            raise said.usage
+        with contextlib.suppress(console.OutputClosed):
+            console.echo(f"zoo: error (rank {rank}): {said}", err=True)
+        ctx.exit(said.code)
 
+    def _handled(self, ctx: click.Context, main: bool, shared: bool):
+        """The command run, its errors turned into exits and :class:`_Failed` (one line to say, in ``_invoke``)."""
         def fail(message: str, code: int):
-            if not main and shared and (code == 130 or _rank_0_ended_it()):   # 130: rank 0 says what is saved
-                ctx.exit(code)
-            with contextlib.suppress(console.OutputClosed):
-                console.echo(f"zoo: error: {message}" if main else f"zoo: error (rank {rank}): {message}", err=True)
-            ctx.exit(code)
+            raise _Failed(message, code)
 
         debug = os.environ.get("ZOO_DEBUG") == "1"
         try:
@@ -90,8 +105,8 @@ class ZooGroup(click.Group):
         except console.OutputClosed:
             ctx.exit(0)      # the reader went away (`zoo list | head`): nothing more to say
         except click.ClickException as err:      # usage: click prints it, on rank 0 (see _rank_0_ended_it)
-            if not main and shared and _rank_0_ended_it():
-                ctx.exit(err.exit_code)
+            if not main and shared:
+                raise _Failed("", err.exit_code, err) from None
             raise
         except (ZooError, FinetuneError) as err:
             if debug:
@@ -129,6 +144,14 @@ class ZooGroup(click.Group):
                 fail(f"{err.strerror}{where}: this user may not use that path; change its permissions (or ask "
                      "its owner), or choose another (--out, ZOO_HOME)", 1)
             fail(f"{err.strerror or err}{where}; set ZOO_DEBUG=1 for details", 1)
+
+
+class _Failed(Exception):
+    """A command's error as its one line (``usage``: click's own, which click prints), and its exit code."""
+
+    def __init__(self, message: str, code: int, usage: click.ClickException | None = None):
+        super().__init__(message)
+        self.code, self.usage = code, usage
 
 
 def _grace() -> float:
