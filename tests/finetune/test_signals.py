@@ -33,6 +33,22 @@ def test_a_stop_met_while_an_error_is_handled_is_put_off_until_the_handling_is_o
     assert signal.getsignal(signum) is not getattr(signals, "_stop", None)      # put back after the block
 
 
+def test_a_handling_that_hangs_still_gives_way_to_the_stop(monkeypatch):
+    """The lead, session 34: a stop is put off PUT_OFF_LIMIT_S at most. A handling that hangs (a collective waiting
+    on a dead peer, a stuck file system) took every Ctrl-C as put off, again and again: only SIGKILL ended it."""
+    monkeypatch.setattr(signals, "PUT_OFF_S", 0.05)
+    monkeypatch.setattr(signals, "PUT_OFF_LIMIT_S", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        try:
+            raise RuntimeError("Connection reset by peer")
+        except RuntimeError:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)      # the same stop twice: one timer sends it again
+            time.sleep(60)      # a handling that never ends by itself
+    assert time.monotonic() - t0 < 30
+
+
 def test_a_stop_outside_an_error_is_ctrl_c_at_once():
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
