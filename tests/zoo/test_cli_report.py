@@ -194,7 +194,7 @@ def test_the_page_of_a_run_still_training_says_so_not_to_resume_it(tmp_path):
     (run / "summary.json").unlink()
     (run / "metrics.csv").write_text("epoch,phase,train_loss,train_acc,val_loss,val_acc,lr\n"
                                      "1,finetune,2.3,0.1,2.3,0.1,0.001\n", encoding="utf-8")
-    trainer = subprocess.Popen(["sleep", "30"])      # a live process holding the run's lock
+    trainer = subprocess.Popen(["sleep", "600"])     # a live process holding the run's lock (killed below)
     try:
         (run / ".zoo.lock").write_text(json.dumps({"pid": trainer.pid, "host": socket.gethostname(),
                                                    "command": "zoo finetune", "started": "now"}))
