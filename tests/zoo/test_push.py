@@ -766,3 +766,10 @@ def test_a_bundle_whose_config_json_is_damaged_is_refused_as_loading_it_refuses_
     with pytest.raises(BundleError) as err:
         plan_push(bundle, "me/tiny")
     assert str(err.value) == f"{bundle / 'config.json'} {said}; re-export the bundle; nothing was uploaded"
+
+
+def test_help_says_which_models_plain_timm_loads_from_the_hub(runner):
+    # review (helper-138): --help promised `timm.create_model("hf-hub:...")` for every push, which fails for an
+    # MLP head or a torchvision model (as the console and the card say since helper-137)
+    out = " ".join(runner.invoke(cli, ["push", "--help"]).output.split())
+    assert "load a linear-head timm model with" in out and "an MLP head or a torchvision model" in out
