@@ -33,9 +33,10 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
     """Upload RUN_OR_BUNDLE (a `zoo finetune` run folder or a `zoo export` bundle) to --repo as ONE commit:
     model.safetensors, timm's config.json (labels, preprocessing) and a model card README.md.
 
-    Anyone can then load a linear-head timm model with `timm.create_model("hf-hub:OWNER/NAME", pretrained=True)`
-    or `zoo predict hf-hub:OWNER/NAME img.jpg`; an MLP head or a torchvision model, which timm cannot build,
-    as a folder of its two files (the push and the card give the download). HF_TOKEN (or `hf auth login`) and HF_ENDPOINT are honoured.
+    Anyone can then load a linear-head timm model with
+    `timm.create_model("hf-hub:OWNER/NAME", pretrained=True)` or `zoo predict hf-hub:OWNER/NAME img.jpg`;
+    an MLP head or a torchvision model, which timm cannot build, as a folder of its two files (the push
+    and the card give the download). HF_TOKEN (or `hf auth login`) and HF_ENDPOINT are honoured.
     No local path is published: sources are named by registry name, hub id or file name + sha256.
     A repo holding another model is refused unless --revision or --overwrite; a failed upload leaves
     the repo as it was.
