@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from finetune.core.io import load_yaml, printable, read_json_object, read_user_text
+from finetune.core.io import load_yaml, printable, read_json_object, read_user_text, shell_command
 from zoo.registry import public_source_id
 from finetune.core.metrics import accuracy_text
 from zoo.text import first_line
@@ -104,7 +104,8 @@ def _card_recipe(meta: dict[str, Any], run: Path | None, summary: dict[str, Any]
 
 
 def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, repo: str | None = None,
-               onnx_atol: float | None = None, test: dict[str, Any] | None = None) -> str:
+               onnx_atol: float | None = None, test: dict[str, Any] | None = None,
+               revision: str | None = None) -> str:
     """A bundle's README.md: what the model is, its data, recipe, metrics, source weights, preprocessing and
     how to use it, from its metadata (``meta``: model.safetensors' header) and its run folder (``run``:
     scan.json, summary.json, config.yaml, exclude.txt; None for a bundle without one).
@@ -112,11 +113,10 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
     ``repo`` None: the card `zoo export` writes into the bundle (the local data folder named; ``onnx_atol``:
     the bundle has a model.onnx, checked within that). ``repo`` given: the card of that Hub repo (`zoo push`):
     a YAML header the Hub reads (built with huggingface_hub's ModelCardData, a model-index of the validation and
-    ``test`` accuracies), nothing local, and how to load it from the Hub. ``licence``: the base weights'
-    (config.json's pretrained_cfg)."""
+    ``test`` accuracies), nothing local, and how to load it from the Hub (from ``revision``, a branch; None:
+    main). ``licence``: the base weights' (config.json's pretrained_cfg)."""
     labels = [str(x) for x in meta.get("label_names") or []]
-    library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
-    head = str(meta["head"].get("kind", "linear")) if isinstance(meta.get("head"), dict) else "linear"
+    library, arch, head = _builder_and_head(meta)
     scan, scan_problem = run_scan(run)
     summary = read_json_object(run / "summary.json") if run else {}
     metrics = next((m for m in (meta.get("metrics"), summary.get("metrics")) if isinstance(m, dict) and m), {})
@@ -132,8 +132,7 @@ def model_card(meta: dict[str, Any], run: Path | None, licence: str | None, *, r
               f"input {_values(meta, 'input_size')}, {meta.get('interpolation')} resize to input/crop_pct "
               f"(crop_pct {meta.get('crop_pct')}), centre crop, mean {_values(meta, 'mean')}, "
               f"std {_values(meta, 'std')}; recorded in config.json's pretrained_cfg.", "", "## Use", ""]
-    lines += (_hub_use_lines(repo, library, arch, head, len(labels)) if repo
-              else _bundle_use_lines(meta, library, arch, head, onnx_atol))
+    lines += _hub_use_lines(repo, meta, revision) if repo else _bundle_use_lines(meta, onnx_atol)
     body = "\n".join(lines)
     if repo is None:
         return body
@@ -298,19 +297,28 @@ def _source_lines(meta: dict[str, Any], licence: str | None) -> list[str]:
             f"- licence of the base weights: {str(licence or 'unknown').lower()}"]
 
 
-def plain_timm_refusal(meta: dict[str, Any]) -> str:
-    """Why plain timm cannot rebuild the model of a bundle from its header ``meta`` ("" when it can): a torchvision
-    builder (no timm architecture of that name) or a head other than linear (zoo rebuilds it; timm's does not fit)."""
+def _builder_and_head(meta: dict[str, Any]) -> tuple[str, str, str]:
+    """(library, architecture, head kind) of a bundle from its header ``meta`` (no head recorded: linear)."""
     library, _, arch = str(meta.get("builder", "timm:?")).partition(":")
     head = str(meta["head"].get("kind", "linear")) if isinstance(meta.get("head"), dict) else "linear"
+    return library, arch, head
+
+
+def plain_timm_refusal(meta: dict[str, Any]) -> str:
+    """Why plain timm cannot rebuild the model of a bundle from its header ``meta`` ("" when it can): a torchvision
+    builder (no timm architecture of that name) or a head other than linear (zoo rebuilds it; timm's does not fit).
+    The one rule for the card, ``zoo push``'s console and an ``hf-hub:`` name (zoo.resolve)."""
+    library, arch, head = _builder_and_head(meta)
     if library != "timm":
         return f"`{arch}`, a {library} model, no timm architecture"
     return "" if head == "linear" else f"an {head} head, which timm's `{arch}` has not"
 
 
-def download_command(repo: str, folder: str = "model-folder") -> str:
-    """The command that downloads a pushed repo's bundle files into ``folder`` (``zoo predict FOLDER`` loads it)."""
-    return f"hf download {repo} config.json model.safetensors --local-dir {folder}"
+def download_command(repo: str, folder: str = "model-folder", revision: str | None = None) -> str:
+    """The command that downloads a pushed repo's bundle files (of branch ``revision``; None: main) into ``folder``
+    (``zoo predict FOLDER`` loads it)."""
+    branch = ["--revision", revision] if revision not in (None, "main") else []
+    return shell_command("hf", "download", repo, "config.json", "model.safetensors", *branch, "--local-dir", folder)
 
 
 def _torchvision_line(arch: str, classes: int) -> str:
@@ -319,11 +327,12 @@ def _torchvision_line(arch: str, classes: int) -> str:
             "`safetensors.torch.load_file('model.safetensors')`.")
 
 
-def _bundle_use_lines(meta: dict[str, Any], library: str, arch: str, head: str, onnx_atol: float | None) -> list[str]:
+def _bundle_use_lines(meta: dict[str, Any], onnx_atol: float | None) -> list[str]:
     """How to load the bundle folder: zoo, plain timm or torchvision; its ONNX file."""
+    library, arch, _ = _builder_and_head(meta)
     lines = ["```python", "import zoo", "bundle = zoo.load_bundle('.')", "print(bundle.predict('image.jpg', topk=3))",
              "```", ""]
-    if library == "timm" and head == "linear":
+    if not plain_timm_refusal(meta):
         lines += ["Plain timm rebuilds it too:", "", "```python", "import timm",
                   "model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()", "```", ""]
     elif library == "timm":
@@ -336,13 +345,17 @@ def _bundle_use_lines(meta: dict[str, Any], library: str, arch: str, head: str, 
     return lines
 
 
-def _hub_use_lines(repo: str, library: str, arch: str, head: str, classes: int) -> list[str]:
-    """How to load the Hub repo: plain timm (a linear head), plain torchvision, zoo."""
+def _hub_use_lines(repo: str, meta: dict[str, Any], revision: str | None) -> list[str]:
+    """How to load the Hub repo's ``revision`` (a branch; None: main): plain timm (a linear head), plain
+    torchvision, zoo (an ``hf-hub:`` name of main, else the files as a bundle folder)."""
+    library, arch, _ = _builder_and_head(meta)
+    timm_ok, main = not plain_timm_refusal(meta), revision in (None, "main")
+    name = repo if main else f"{repo}@{revision}"        # timm's hf-hub: name of a branch (QA, helper-138)
     lines: list[str] = []
-    if library == "timm" and head == "linear":
+    if timm_ok:
         # upright by its EXIF, as zoo reads every photo (a phone's portrait photo is stored sideways)
         lines += ["```python", "import timm, torch", "from PIL import Image, ImageOps", "",
-                  f'model = timm.create_model("hf-hub:{repo}", pretrained=True).eval()',
+                  f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()',
                   "cfg = timm.data.resolve_data_config({}, model=model)",
                   "transform = timm.data.create_transform(**cfg)",
                   'image = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGB")  # upright, as trained',
@@ -350,14 +363,16 @@ def _hub_use_lines(repo: str, library: str, arch: str, head: str, classes: int) 
                   "probs = model(x).softmax(-1)",
                   'labels = model.pretrained_cfg["label_names"]', "```", ""]
     elif library == "timm":
-        lines += [MLP_NOTE.format(load=f'`timm.create_model("hf-hub:{repo}")`'), ""]
+        lines += [MLP_NOTE.format(load=f'`timm.create_model("hf-hub:{name}")`'), ""]
     else:       # QA (helper-137): the card was silent, the push's console line named timm
+        classes = len(meta.get("label_names") or [])
         lines += [f"Plain timm cannot build it (`{arch}` is a {library} model). {_torchvision_line(arch, classes)} "
                   "(the two files from `huggingface_hub.hf_hub_download`)", ""]
-    if library == "timm" and head == "linear":
+    if timm_ok and main:
         lines += ["With zoo-finetune (same sha256 checks and cache as its curated models):", "", "```bash",
                   f"zoo pull hf-hub:{repo}", f"zoo predict hf-hub:{repo} image.jpg", "```", ""]
-    else:       # zoo builds hf-hub: names as timm models: the repo's two files are a bundle folder (QA, helper-137)
-        lines += ["With zoo-finetune, as a bundle folder (an `hf-hub:` name is built as a timm model):", "",
-                  "```bash", download_command(repo), "zoo predict model-folder image.jpg", "```", ""]
+    else:       # zoo builds hf-hub: names as timm models, of main: the repo's two files are a bundle folder
+        lines += ["With zoo-finetune, as a bundle folder (an `hf-hub:` name is built as a timm model, from the "
+                  "main branch):", "", "```bash", download_command(repo, revision=revision),
+                  "zoo predict model-folder image.jpg", "```", ""]
     return lines

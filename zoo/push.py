@@ -168,8 +168,10 @@ def _test_metrics(path: str | os.PathLike | None, weights_sha256: str, labels: l
 # ------------------------------------------------------------------------------------------ planning
 
 
-def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLike | None = None) -> PushPlan:
-    """The three files to publish for the bundle (or run) at ``path``, checked for local paths.
+def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLike | None = None,
+              revision: str | None = None) -> PushPlan:
+    """The three files to publish for the bundle (or run) at ``path`` to ``repo``'s branch ``revision`` (None:
+    main; the card says how to load from it), checked for local paths.
 
     Raises:
         UsageError: a malformed repo id; BundleError: not a bundle; PushError: a local path would leak.
@@ -213,7 +215,8 @@ def plan_push(path: str | os.PathLike, repo: str, test_metrics: str | os.PathLik
             pc.pop(k)
     labels = labels or list(config.get("label_names") or [])
     card_meta = {**public_meta, "label_names": labels, "source": public_meta.get("source") or pc.get("source")}
-    card = model_card(card_meta, run, pc.get("license"), repo=repo, test=_test_metrics(test_metrics, sha, labels))
+    card = model_card(card_meta, run, pc.get("license"), repo=repo, test=_test_metrics(test_metrics, sha, labels),
+                      revision=revision)
     files = {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
              CARD: card.encode("utf-8")}
     scan = run_scan(run)[0]
@@ -261,7 +264,7 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
         UsageError, BundleError, PushError: refused (another model there) or failed (repo unchanged).
         OfflineError: ZOO_OFFLINE or HF_HUB_OFFLINE is set.
     """
-    plan = plan_push(path, repo, test_metrics)
+    plan = plan_push(path, repo, test_metrics, revision)
     if is_offline():      # huggingface_hub read HF_HUB_OFFLINE once, at its import; ZOO_OFFLINE it never reads
         raise OfflineError("zoo push needs the network, and ZOO_OFFLINE or HF_HUB_OFFLINE is set; unset it to "
                            "push (--dry-run shows what would be sent)")
@@ -275,13 +278,15 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
     branch = revision or "main"
     try:
         api.create_repo(repo, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.repo_info(repo, revision=branch)
-        if private and info.private is False:      # create_repo keeps an existing repo's visibility (QA: published)
+        # create_repo keeps an existing repo's visibility (QA, helper-137: published); asked before a --revision
+        # branch is made on it (QA, helper-138: a refused push left a new branch)
+        if private and api.repo_info(repo).private is False:
             raise PushError(f"{repo} already exists and is public: --private does not change an existing repo's "
                             "visibility; make it private on the Hub (its Settings) and push again, or push to a new "
                             "repo; nothing was uploaded")
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        info = api.repo_info(repo, revision=branch)
         present = {s.rfilename for s in info.siblings or []}
         # a branch named with --revision is the user's choice of where this model goes (a new one starts
         # from main, as git branches do); main holding another model needs --overwrite

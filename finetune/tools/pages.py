@@ -111,7 +111,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (),
-                    excluded: Sequence[str] = (), why_none: str = "") -> str:
+                    excluded: Sequence[str] = (), why_none: str = "", training: bool = False) -> str:
     """The run page from the files in ``run_dir``.
 
     Args:
@@ -119,6 +119,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
             (absolute), ``true``, ``predicted``, ``prob``.
         excluded: paths left out of the run (``zoo finetune --exclude``).
         why_none: why ``mistakes`` could not be computed (the page says it instead of "None").
+        training: a live process still trains the run (its lock is held): an unfinished page says so, not to resume.
     """
     run = Path(run_dir)
     scan, summary = read_json_object(run / "scan.json"), read_json_object(run / "summary.json")
@@ -132,10 +133,12 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
              ("val loss", f"{metrics['val_loss']:.4f}" if isinstance(metrics.get("val_loss"), float) else "-"),
              ("epochs run", summary.get("epochs_run", "-")),
              ("seconds", f"{summary['seconds']:.0f}" if isinstance(summary.get("seconds"), (int, float)) else "-")]
-    # QA (helper-137): a run killed mid-way (no summary.json) showed "-" cards and "the curves look healthy"
-    unfinished = ("" if summary else "<p class=\"bad\">Not finished: the run has no summary.json (it is still "
-                  "training, or it stopped before its end; <code>zoo finetune --resume RUN</code> continues it). "
-                  "The page shows the epochs metrics.csv holds; the result and the advice come at the end.</p>")
+    # QA (helper-137): a run killed mid-way (no summary.json) showed "-" cards and "the curves look healthy";
+    # (helper-138) one still training was told to resume, which its lock refuses
+    unfinished = "" if summary else "<p class=\"bad\">Not finished: " + (
+        "the run is still training (it draws this page again when it ends)." if training else
+        "the run stopped before its end (no summary.json); <code>zoo finetune --resume RUN</code> continues it."
+    ) + " The page shows the epochs metrics.csv holds; the result and the advice come at the end.</p>"
     body.append(section("Result", unfinished + "<div class=\"cards\">" + "".join(
         f"<div class=\"card\"><b>{esc(v)}</b>{esc(k)}</div>" for k, v in cards) + "</div>"))
 
@@ -333,12 +336,14 @@ def _config_section(cfg_path: Path) -> str:
     return section("Config", inner)
 
 
-def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (), why_none: str = "") -> Path:
-    """Write ``run_dir/report.html`` (atomic); returns its path. ``why_none``: as ``run_report_html``'s."""
+def write_run_report(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = (), why_none: str = "",
+                     training: bool = False) -> Path:
+    """Write ``run_dir/report.html`` (atomic); returns its path. ``why_none``, ``training``: as
+    ``run_report_html``'s."""
     run = Path(run_dir)
     excluded_file = run / "exclude.txt"
     excluded = (excluded_file.read_text(encoding="utf-8", errors="replace").splitlines()     # shown, not used
                 if excluded_file.is_file() else [])
     out = run / "report.html"
-    atomic_write_text(out, run_report_html(run, mistakes, excluded, why_none))
+    atomic_write_text(out, run_report_html(run, mistakes, excluded, why_none, training))
     return out

@@ -108,6 +108,7 @@ def test_exporting_a_run_that_is_still_training_says_so(tmp_path, runner):
     assert res.exit_code == 0, res.output
     assert f"note: {run} is still training; this exports its best epoch so far" in res.stderr
 
+
 def test_exporting_a_run_that_stopped_before_its_end_says_so(tmp_path, runner):
     """QA (helper-137): `zoo export` of a run killed in its 5th of 30 epochs exported its best epoch so far
     without a word (its card: `epochs: 30`, `Metrics: (none recorded)`), then `zoo push` published it."""

@@ -175,9 +175,36 @@ def test_the_page_of_a_run_stopped_before_its_end_says_so_not_that_the_curves_lo
     res = CliRunner().invoke(cli, ["report", str(run), "--top", "0"])
     assert res.exit_code == 0, res.output
     page = (run / "report.html").read_text(encoding="utf-8")
-    assert "Not finished: the run has no summary.json" in page and "Not given yet" in page
+    assert "Not finished: the run stopped before its end" in page and "Not given yet" in page
     assert "the curves look healthy" not in page
     (run / "summary.json").write_text(json.dumps({"best_epoch": 2, "metrics": {"val_acc": 0.12}}), encoding="utf-8")
     assert CliRunner().invoke(cli, ["report", str(run), "--top", "0"]).exit_code == 0
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "Not finished" not in page and "the curves look healthy" in page
+
+
+def test_the_page_of_a_run_still_training_says_so_not_to_resume_it(tmp_path):
+    """Review (helper-138): drawn while the run trained (no summary.json yet, its lock held), the page said `it is
+    still training, or it stopped before its end; zoo finetune --resume RUN continues it`: a resume the lock
+    refuses. Whether the run lives is known (zoo report's console says it): the page says which."""
+    import socket
+    import subprocess
+
+    run, _ = make_run(tmp_path)
+    (run / "summary.json").unlink()
+    (run / "metrics.csv").write_text("epoch,phase,train_loss,train_acc,val_loss,val_acc,lr\n"
+                                     "1,finetune,2.3,0.1,2.3,0.1,0.001\n", encoding="utf-8")
+    trainer = subprocess.Popen(["sleep", "600"])     # a live process holding the run's lock (killed below)
+    try:
+        (run / ".zoo.lock").write_text(json.dumps({"pid": trainer.pid, "host": socket.gethostname(),
+                                                   "command": "zoo finetune", "started": "now"}))
+        assert CliRunner().invoke(cli, ["report", str(run), "--top", "0"]).exit_code == 0
+    finally:
+        trainer.kill()
+        trainer.wait()
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "Not finished: the run is still training" in page and "--resume" not in page
+    assert CliRunner().invoke(cli, ["report", str(run), "--top", "0"]).exit_code == 0     # its process gone
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "Not finished: the run stopped before its end" in page and "still training" not in page
+    assert "zoo finetune --resume RUN</code> continues it" in page

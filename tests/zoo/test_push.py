@@ -302,6 +302,36 @@ def test_private_to_an_existing_public_repo_is_refused_not_published(hub, tmp_pa
     assert push(runner, b, "--private", "--overwrite").exit_code == 0
 
 
+def test_private_with_a_revision_to_an_existing_public_repo_leaves_it_unchanged(hub, tmp_path, runner):
+    # QA (helper-138): the visibility was checked after --revision's branch was made: refused with "nothing was
+    # uploaded", while the public repo had gained an (empty) branch of that name
+    _, a = make_bundle(tmp_path)
+    assert push(runner, a).exit_code == 0
+    before = hub.snapshot(REPO)
+    res = push(runner, a, "--private", "--revision", "dev")
+    assert res.exit_code == 1 and f"{REPO} already exists and is public" in res.output, res.output
+    assert hub.snapshot(REPO) == before
+
+
+def test_a_model_plain_timm_cannot_rebuild_pushed_to_a_branch_is_loaded_from_that_branch(hub, tmp_path, runner):
+    # QA (helper-138): pushed with --revision dev, the console said to add a ZOO_REGISTRY entry (zoo builds it as
+    # the timm architecture: refused) and the card's download line (no --revision) fetched main's files
+    mlp = {"kind": "mlp", "hidden": 16, "dropout": 0.1, "activation": "relu"}
+    run, _ = make_run(tmp_path, head=mlp)
+    res = push(runner, export_run(run, run / "export"), "--revision", "dev")
+    assert res.exit_code == 0, res.output
+    download = f"hf download {REPO} config.json model.safetensors --revision dev --local-dir"
+    assert f"load it: {download} DIR, then zoo predict DIR IMAGE" in res.output and "ZOO_REGISTRY" not in res.output
+    repo = hub.repos[REPO]
+    card = repo.snapshots[repo.branches["dev"]]["README.md"].decode()
+    assert f"{download} model-folder" in card and f'timm.create_model("hf-hub:{REPO}@dev")' in card
+    _, b = make_bundle(tmp_path / "b")          # a linear head on a branch: timm from it, zoo as a folder
+    assert push(runner, b, "--revision", "v2").exit_code == 0
+    card = repo.snapshots[repo.branches["v2"]]["README.md"].decode()
+    assert f'timm.create_model("hf-hub:{REPO}@v2", pretrained=True)' in card and "zoo pull hf-hub:" not in card
+    assert f"hf download {REPO} config.json model.safetensors --revision v2 --local-dir model-folder" in card
+
+
 @pytest.mark.parametrize("kind, said", [
     ("mlp", "an mlp head, which timm's `test_resnet` has not"),
     ("torchvision", "`mobilenet_v3_small`, a torchvision model, no timm architecture"),
@@ -736,3 +766,10 @@ def test_a_bundle_whose_config_json_is_damaged_is_refused_as_loading_it_refuses_
     with pytest.raises(BundleError) as err:
         plan_push(bundle, "me/tiny")
     assert str(err.value) == f"{bundle / 'config.json'} {said}; re-export the bundle; nothing was uploaded"
+
+
+def test_help_says_which_models_plain_timm_loads_from_the_hub(runner):
+    # review (helper-138): --help promised `timm.create_model("hf-hub:...")` for every push, which fails for an
+    # MLP head or a torchvision model (as the console and the card say since helper-137)
+    out = " ".join(runner.invoke(cli, ["push", "--help"]).output.split())
+    assert "load a linear-head timm model with" in out and "an MLP head or a torchvision model" in out

@@ -33,8 +33,10 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
     """Upload RUN_OR_BUNDLE (a `zoo finetune` run folder or a `zoo export` bundle) to --repo as ONE commit:
     model.safetensors, timm's config.json (labels, preprocessing) and a model card README.md.
 
-    Anyone can then load it with `timm.create_model("hf-hub:OWNER/NAME", pretrained=True)` or
-    `zoo predict hf-hub:OWNER/NAME img.jpg`. HF_TOKEN (or `hf auth login`) and HF_ENDPOINT are honoured.
+    Anyone can then load a linear-head timm model with
+    `timm.create_model("hf-hub:OWNER/NAME", pretrained=True)` or `zoo predict hf-hub:OWNER/NAME img.jpg`;
+    an MLP head or a torchvision model, which timm cannot build, as a folder of its two files (the push
+    and the card give the download). HF_TOKEN (or `hf auth login`) and HF_ENDPOINT are honoured.
     No local path is published: sources are named by registry name, hub id or file name + sha256.
     A repo holding another model is refused unless --revision or --overwrite; a failed upload leaves
     the repo as it was.
@@ -49,7 +51,7 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
         # lazy: zoo --help must not import huggingface_hub (slow)
         from zoo.push import plan_push
 
-        plan = plan_push(path, repo, test_metrics)
+        plan = plan_push(path, repo, test_metrics, revision)
         echo(plan.card)
         echo(f"would upload to {repo}: " + ", ".join(f"{n} ({len(d):,} bytes)" for n, d in plan.files.items()),
              err=True)
@@ -71,12 +73,13 @@ def push_cmd(path: Path, repo: str, private: bool, revision: str | None, message
     # QA (helper-137): the timm line was printed for models plain timm cannot rebuild, as the card says
     timm = "" if result.timm_refusal else f'timm.create_model("hf-hub:{repo}{"" if rev == "main" else "@" + rev}", ' \
                                            'pretrained=True)'
-    if rev == "main":
-        echo(f"load it: {timm}  or  {predict}" if timm else
-             f"load it: {download_command(repo, 'DIR')}, then zoo predict DIR IMAGE")
+    if not timm:        # the folder, from any branch (QA, helper-138: a branch's was a ZOO_REGISTRY entry, no MLP head)
+        echo(f"load it: {download_command(repo, 'DIR', rev)}, then zoo predict DIR IMAGE")
+    elif rev == "main":
+        echo(f"load it: {timm}  or  {predict}")
     else:     # hf-hub:REPO is the main branch, another model or none
-        echo(f"load it: {timm + '; ' if timm else ''}zoo reads the main branch of hf-hub:{repo}: for {rev!r} add an "
-             f"entry with `revision: {rev}` to your ZOO_REGISTRY file")
+        echo(f"load it: {timm}; zoo reads the main branch of hf-hub:{repo}: for {rev!r} add an entry with "
+             f"`revision: {rev}` to your ZOO_REGISTRY file")
     if result.timm_refusal:
         echo(f"note: plain timm cannot rebuild this model ({result.timm_refusal}), nor zoo from an hf-hub: name; "
              "its card says how to load it")

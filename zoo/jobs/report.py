@@ -17,7 +17,7 @@ from finetune.tools.htmlpage import GENERATOR
 from finetune.tools.pages import write_run_report
 from zoo.bundle import export_run, load_bundle
 from zoo.errors import BundleError, UsageError
-from zoo.outdir import KINDS, MARKER, folder_kind
+from zoo.outdir import KINDS, MARKER, folder_kind, still_training
 from zoo.predict import predict_probs
 
 __all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
@@ -123,4 +123,4 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
         if log is not None:
             log(f"report: no thumbnails of wrong predictions ({e})")
         mistakes, why_none = [], str(e)
-    return write_run_report(run, mistakes, why_none=why_none)
+    return write_run_report(run, mistakes, why_none=why_none, training=still_training(run))
