@@ -128,12 +128,13 @@ def _meta_forward(model: nn.Module, input_size: Sequence[int], batch: int, *, tr
         model.train(was)
 
 
-def _runs_at(model: nn.Module, channels: int, size: int) -> bool:
+def _refusal(model: nn.Module, channels: int, size: int) -> str | None:
+    """Why the network refuses a batch of ``size`` px images on the meta device (the error's first line), or None."""
     try:
         _meta_forward(model, (channels, size, size), 2, train=False)
-    except Exception:   # noqa: BLE001 (a shape refusal, or an op without a meta kernel: told apart by the caller)
-        return False
-    return True
+    except Exception as err:   # noqa: BLE001 (a shape refusal, or an op without a meta kernel: the caller tells)
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return None
 
 
 _LARGE = 512    # an image size every registry network takes: a failure below it that passes here is "too small"
@@ -144,23 +145,24 @@ def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
     strides and pooling leave room for: AlexNet 63 px, VGG and ConvNeXt 32, Inception v3 75; docs/benchmarks.md).
     torch refused it in the first forward, with a traceback ("Output size is too small"). One meta forward
     (``_meta_forward``) at the size; when it fails but one at 512 px passes, the smallest size that passes is
-    searched (halving the interval) and named. A network that cannot run on the meta device passes here (its
-    forward's own error remains).
+    searched (halving the interval) and named, with torch's reason (a network whose sizes are not monotonic, e.g.
+    one that wants a multiple of 32, then shows why). A network that cannot run on the meta device passes here
+    (its forward's own error remains).
 
     Raises:
         ConfigError: the size, and the smallest the network takes.
     """
     channels, height, width = (int(d) for d in input_size)
     low = min(height, width)
-    if _runs_at(model, channels, low) or low >= _LARGE or not _runs_at(model, channels, _LARGE):
+    why = _refusal(model, channels, low)
+    if why is None or low >= _LARGE or _refusal(model, channels, _LARGE) is not None:
         return
-    high = _LARGE               # invariant: `low` fails, `high` passes
+    high = _LARGE               # invariant: `low` is refused, `high` passes
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if _runs_at(model, channels, mid) else (mid, high)
-    raise ConfigError(f"images of {height}x{width} px are too small for this network: its strides and pooling "
-                      f"leave nothing to classify below {high}x{high} px; pass --img-size {high} or more "
-                      "(or leave it out: the model's own size)")
+        low, high = (low, mid) if _refusal(model, channels, mid) is None else (mid, high)
+    raise ConfigError(f"images of {height}x{width} px are too small for this network ({why}): it takes "
+                      f"{high}x{high} px; pass --img-size {high} or more (or leave it out: the model's own size)")
 
 
 def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: int, *, head: str,

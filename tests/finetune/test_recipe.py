@@ -66,7 +66,8 @@ class _Pooled(nn.Module):
 def test_an_image_size_too_small_for_the_network_names_the_smallest_it_takes():
     check_input_size(_Pooled(), (3, 8, 8))
     check_input_size(_Pooled(), (3, 600, 600))      # above the 512 px probe: not searched
-    with pytest.raises(ConfigError, match=r"^images of 7x7 px are too small .* below 8x8 px; pass --img-size 8 "):
+    refused = r"^images of 7x7 px are too small for this network \(.+\): it takes 8x8 px; pass --img-size 8 or more"
+    with pytest.raises(ConfigError, match=refused):
         check_input_size(_Pooled(), (3, 7, 7))
 
 
