@@ -13,7 +13,7 @@ from finetune.core.errors import BatchNormBatchError, ConfigError, DataError
 from finetune.core.policy import FreezeDecision, decide_freeze
 from finetune.core.surgery import apply_freeze, belongs_to, replace_head, set_bn_eval
 
-__all__ = ["prepare_model", "check_batchnorm_batch", "lone_value_batchnorm"]
+__all__ = ["prepare_model", "check_batchnorm_batch", "lone_value_batchnorm", "check_input_size"]
 
 
 def prepare_model(model: nn.Module, stages: Sequence[Sequence[str]], head: str, num_classes: int,
@@ -103,12 +103,8 @@ def lone_value_batchnorm(model: nn.Module, input_size: Sequence[int], batch: int
 
     handles = [m.register_forward_pre_hook(look(n)) for n, m in model.named_modules()
                if isinstance(m, _BatchNorm) and not any(belongs_to(n, p) for p in skip if p)]
-    meta = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    was = model.training
     try:
-        model.train()
-        with torch.no_grad():
-            functional_call(model, meta, (torch.empty(int(batch), *input_size, device="meta"),))
+        _meta_forward(model, input_size, batch, train=True)
     except _Found:
         pass
     except Exception:   # noqa: BLE001 (an op without a meta kernel, a data-dependent shape: cannot tell here)
@@ -116,8 +112,57 @@ def lone_value_batchnorm(model: nn.Module, input_size: Sequence[int], batch: int
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return found[0] if found else None
+
+
+def _meta_forward(model: nn.Module, input_size: Sequence[int], batch: int, *, train: bool) -> None:
+    """``model`` run on ``batch`` images of ``input_size`` (C, H, W) on the meta device, in train or eval mode (the
+    parameters and buffers stand in as meta tensors): no memory, no arithmetic, the model left as it was."""
+    meta = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    was = model.training
+    try:
+        model.train(train)
+        with torch.no_grad():
+            functional_call(model, meta, (torch.empty(int(batch), *input_size, device="meta"),))
+    finally:
+        model.train(was)
+
+
+def _refusal(model: nn.Module, channels: int, size: int) -> str | None:
+    """Why the network refuses a batch of ``size`` px images on the meta device (the error's first line), or None."""
+    try:
+        _meta_forward(model, (channels, size, size), 2, train=False)
+    except Exception as err:   # noqa: BLE001 (a shape refusal, or an op without a meta kernel: the caller tells)
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return None
+
+
+_LARGE = 512    # an image size every registry network takes: a failure below it that passes here is "too small"
+
+
+def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
+    """Refuse, before any image is read, an image size too small for the network (``--img-size`` below what its
+    strides and pooling leave room for: AlexNet 63 px, VGG and ConvNeXt 32, Inception v3 75; docs/benchmarks.md).
+    torch refused it in the first forward, with a traceback ("Output size is too small"). One meta forward
+    (``_meta_forward``) at the size; when it fails but one at 512 px passes, the smallest size that passes is
+    searched (halving the interval) and named, with torch's reason (a network whose sizes are not monotonic, e.g.
+    one that wants a multiple of 32, then shows why). A network that cannot run on the meta device passes here
+    (its forward's own error remains).
+
+    Raises:
+        ConfigError: the size, and the smallest the network takes.
+    """
+    channels, height, width = (int(d) for d in input_size)
+    low = min(height, width)
+    why = _refusal(model, channels, low)
+    if why is None or low >= _LARGE or _refusal(model, channels, _LARGE) is not None:
+        return
+    high = _LARGE               # invariant: `low` is refused, `high` passes
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _refusal(model, channels, mid) is None else (mid, high)
+    raise ConfigError(f"images of {height}x{width} px are too small for this network ({why}): it takes "
+                      f"{high}x{high} px; pass --img-size {high} or more (or leave it out: the model's own size)")
 
 
 def check_batchnorm_batch(model: nn.Module, input_size: Sequence[int], batch: int, *, head: str,

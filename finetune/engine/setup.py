@@ -25,7 +25,7 @@ from finetune.core.errors import BatchNormBatchError, ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
 from finetune.core.policy import (FreezeDecision, batchnorm_batch, default_departure, default_epochs, head_first,
                                    head_on_cached_features, head_solved)
-from finetune.core.recipe import check_batchnorm_batch, prepare_model
+from finetune.core.recipe import check_batchnorm_batch, check_input_size, prepare_model
 from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
 
@@ -272,8 +272,10 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
 
 def _check_batch(work: nn.Module, config: FinetuneConfig, decision: FreezeDecision, info: ddp.DistInfo,
                  data_config: dict, head: str) -> None:
-    """Refuse a batch, or passes of it (``--micro-batch``), that leaves a training BatchNorm layer of the prepared
-    model ``work`` one value per channel (``recipe.check_batchnorm_batch``: a BatchNormBatchError)."""
+    """Refuse an image size the prepared model ``work`` cannot take (``recipe.check_input_size``), and a batch, or
+    passes of it (``--micro-batch``), that leaves a training BatchNorm layer one value per channel
+    (``recipe.check_batchnorm_batch``: a BatchNormBatchError)."""
+    check_input_size(work, data_config["input_size"])
     bn_batch = batchnorm_batch(config, decision.trainable_stages, ddp.per_rank_batch(int(config.batch_size), info))
     check_batchnorm_batch(work, data_config["input_size"], bn_batch, head=head, processes=info.world_size,
                           synced=bool(config.sync_bn and info.enabled), micro=int(config.micro_batch))

@@ -1,11 +1,12 @@
-"""finetune.core.recipe: the batch-of-one BatchNorm check (``check_batchnorm_batch``)."""
+"""finetune.core.recipe: the batch-of-one BatchNorm check (``check_batchnorm_batch``) and the image size check
+(``check_input_size``)."""
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
 from finetune.core.errors import ConfigError
-from finetune.core.recipe import check_batchnorm_batch
+from finetune.core.recipe import check_batchnorm_batch, check_input_size
 
 
 class _HeadBlockNet(nn.Module):
@@ -46,3 +47,40 @@ def test_the_batch_a_training_batchnorm_sees_is_the_global_one_only_for_a_head_a
     assert batchnorm_batch(config.replace(mixup=0.2), 0, 1) == 1         # mixing: through the network too
     assert batchnorm_batch(config.replace(cutmix=1.0), 0, 1) == 1
     assert batchnorm_batch(FinetuneConfig(batch_size=1, head="mlp"), 0, 1) == 1   # one process, one image
+
+
+class _Pooled(nn.Module):
+    """AlexNet's shape in small: a convolution and a max-pool without padding, a second convolution, then an
+    adaptive pool: below 8 px the second convolution has nothing left to slide over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2))
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)))
+
+
+def test_an_image_size_too_small_for_the_network_names_the_smallest_it_takes():
+    check_input_size(_Pooled(), (3, 8, 8))
+    check_input_size(_Pooled(), (3, 600, 600))      # above the 512 px probe: not searched
+    refused = r"^images of 7x7 px are too small for this network \(.+\): it takes 8x8 px; pass --img-size 8 or more"
+    with pytest.raises(ConfigError, match=refused):
+        check_input_size(_Pooled(), (3, 7, 7))
+
+
+def test_a_run_at_an_image_size_too_small_for_the_network_is_a_config_error_not_a_traceback(tmp_path):
+    """helper-136: `zoo finetune alexnet --img-size 32` (inception_v3 below 75 px, VGG and ConvNeXt below 32) ended
+    in torch's RuntimeError 'Output size is too small' from the first forward (feature caching), a traceback;
+    build_setup, which every tool calls, now refuses the size first and names the smallest that works."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.tools.train import fit
+    from tests.finetune.test_train import DATA_CONFIG, sets
+
+    train, val = sets(tmp_path / "data")
+    config = FinetuneConfig(epochs=1, batch_size=9, workers=0, quiet=True, device="cpu", freeze="none")
+    with pytest.raises(ConfigError, match=r"pass --img-size 8 or more"):
+        fit(_Pooled(), (("stem",), ("block",)), {**DATA_CONFIG, "input_size": (3, 7, 7)}, train, val, config,
+            head="fc")

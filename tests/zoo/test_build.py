@@ -178,3 +178,38 @@ def test_check_stages_reports_gaps_and_overlaps():
     text = " ".join(problems)
     assert "'bn1.weight' is in 0 stages" in text and "is in 2 stages" in text and "'nothing' matches no" in text
     assert "'layer1.0.conv1.weight' is in 2 stages ([1, 2])" in text
+
+
+@pytest.mark.parametrize("name", CURATED)
+def test_each_freeze_depth_trains_exactly_the_entrys_last_stages(name):
+    """helper-136 (every registry architecture end to end): prepared as a run prepares it (``prepare_model``, on the
+    meta device), ``--freeze`` head/1/2/none/auto train exactly the last K of the entry's stages and a new
+    classifier of the run's width, no BatchNorm layer is in train mode after ``model.train()`` (pretrained:
+    ``--bn eval``), and every pretrained parameter trains at the backbone's reduced LR."""
+    import copy
+
+    from finetune.core.config import FinetuneConfig
+    from finetune.core.optim import build_optimizer
+    from finetune.core.recipe import prepare_model
+    from finetune.core.surgery import stage_parameters
+    from zoo.network import meta_network
+
+    entry = get_entry(name)
+    n, skeleton = len(entry.stages), meta_network(entry)
+    for freeze, k in (("head", 0), ("1", 1), ("2", 2), ("none", n), ("auto", 0)):    # auto: 4 per class is small
+        model, config = copy.deepcopy(skeleton), FinetuneConfig(freeze=freeze)
+        with torch.device("meta"):
+            decision = prepare_model(model, [list(s) for s in entry.stages], entry.classifier, 4, [4] * 4, config)
+        assert decision.trainable_stages == k
+        trains = [[p.requires_grad for _, p in stage] for stage in stage_parameters(model, entry.stages)]
+        assert [all(t) for t in trains] == [i >= n - k for i in range(n)] and all(all(t) or not any(t) for t in trains)
+        head = model.get_submodule(entry.classifier)
+        assert head.out_features == 4 and all(p.requires_grad for p in head.parameters())
+        model.train()
+        assert not [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+        groups = build_optimizer(config, model, entry.classifier, stages=entry.stages).param_groups
+        head_ids = {id(p) for p in head.parameters()}
+        for g in groups:
+            assert g["lr_mult"] == (1.0 if g["name"] == "head" else config.backbone_lr_mult)
+            assert all((id(p) in head_ids) == (g["name"] == "head") for p in g["params"])
+        assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())

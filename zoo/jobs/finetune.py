@@ -25,7 +25,7 @@ from finetune.core.errors import FinetuneError, Interrupted, OutOfMemory, is_out
 from finetune.core.policy import batchnorm_batch, lr_unused, parse_freeze
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, json_safe, printable_name, shell_command, write_json
-from finetune.core.recipe import check_batchnorm_batch, prepare_model
+from finetune.core.recipe import check_batchnorm_batch, check_input_size, prepare_model
 from finetune.engine import check_machine, idle_gpus_note, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
@@ -194,27 +194,27 @@ def build_for_training(entry, pretrained: bool, seed: int, fc_dropout: float | N
 
 
 def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout: float | None = None) -> None:
-    """The engine's check of the batch against BatchNorm (``finetune.core.recipe.check_batchnorm_batch``, made
-    again when fit sets up) on the network built on the meta device and prepared as fit prepares it (its head,
-    the freeze the scan's counts decide, the BatchNorm policy): a batch of one image that a training BatchNorm
-    layer cannot normalise is refused before the download and the run folder, not when that layer first trains
-    (after the head phase). A head alone on cached features trains on the global batch on every rank
-    (``policy.batchnorm_batch``): one image per process is refused only when a layer trains on it.
+    """The engine's checks, made again when fit sets up, on the network built on the meta device, before the download
+    and the run folder: an image size it cannot take (``recipe.check_input_size``: ``--img-size`` too small), and
+    (``recipe.check_batchnorm_batch``, prepared as fit prepares it: its head, the freeze the scan's counts decide,
+    the BatchNorm policy) a batch of one image that a training BatchNorm layer cannot normalise, not refused when
+    that layer first trains (after the head phase). A head alone on cached features trains on the global batch on
+    every rank (``policy.batchnorm_batch``): one image per process is refused only when a layer trains on it.
 
     Raises:
-        ConfigError: the layer, and what to change (a larger --batch-size, --bn eval, --head linear).
+        ConfigError: the size or layer, and what to change (--img-size, a larger --batch-size, --bn eval,
+            --head linear).
     """
+    model, size = meta_network(entry, fc_dropout=fc_dropout), run_data_config(entry, config)["input_size"]
+    if model is not None:    # (None: a network the meta device cannot build: fit's set-up checks the real one)
+        check_input_size(model, size)
     per = ddp.per_rank_batch(int(config.batch_size), info)
-    if per > 1 and int(config.micro_batch) not in (1, 2):
+    if model is None or (per > 1 and int(config.micro_batch) not in (1, 2)):
         return    # two images give every channel two values (passes of 1 or 2 leave an odd batch a pass of 1)
     counts = train_set.class_counts()
-    model = meta_network(entry, fc_dropout=fc_dropout)
-    if model is None:
-        return    # a network the meta device cannot build: fit's set-up makes the check on the real one
     with torch.device("meta"):
         decision = prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
-    check_batchnorm_batch(model, run_data_config(entry, config)["input_size"],
-                          batchnorm_batch(config, decision.trainable_stages, per), head=entry.classifier,
+    check_batchnorm_batch(model, size, batchnorm_batch(config, decision.trainable_stages, per), head=entry.classifier,
                           processes=info.world_size, synced=bool(config.sync_bn and info.enabled),
                           micro=int(config.micro_batch))
 
