@@ -226,7 +226,7 @@ def unexpanded_home(path: str | Path) -> Path | None:
     ``--data "~/photos"``) and nothing of that name is here; None otherwise (``~draft``: no user of that name)."""
     parts = Path(path).parts
     home = os.path.expanduser(parts[0]) if parts and parts[0].startswith("~") else None
-    return None if home in (None, parts[0]) or os.path.lexists(parts[0]) else Path(home, *parts[1:])
+    return None if home is None or home == parts[0] or os.path.lexists(parts[0]) else Path(home, *parts[1:])
 
 
 def broken_link(path: str | Path) -> str | None:

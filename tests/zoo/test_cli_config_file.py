@@ -206,3 +206,82 @@ def test_a_null_in_a_file_is_refused_naming_the_allowed_values(tmp_path, text, s
     with pytest.raises(ConfigError) as err:
         read_config_file(tmp_path / "c.yaml")
     assert str(err.value) == f"{tmp_path / 'c.yaml'}: {says}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Found reviewing helper-134's config files (helper-139): a file's value of a command's own option is taken as the
+# same flag typed would be, or refused in one line naming the file (exit 2, before anything is read or written)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, text, says", [
+    ("lr-find", "steps: 20.5", "steps: '20.5' is not a valid integer."),      # was cut to 20 without a word
+    ("lr-find", "start_lr: true", "start_lr=True should be a number"),          # was 1.0
+    ("lr-find", "method: [valley]", "method=['valley'] should be valley or steepest"),
+    ("finetune", "data: [a, b]", "data=['a', 'b'] should be a folder"),         # was the folder "a,b"
+    ("finetune", "data: {a: 1}", "data={'a': 1} should be a folder"),            # was a TypeError traceback
+    ("lr-find", "data: null", "data=None should be a folder"),                   # was a TypeError traceback
+    ("finetune", "out: ''", "out='' should be a folder"),                        # was an IndexError traceback
+    ("finetune", "exclude: [ex.txt]", "exclude=['ex.txt'] should be a file"),
+    ("finetune", "export: 'no'", "export='no' should be true or false"),          # as amp: 'no' is refused
+    ("finetune", "export: null", "export=None should be true or false"),
+    ("finetune", "fc_dropout: true", "fc_dropout=True should be a number")])
+def test_a_files_value_of_a_run_level_option_is_taken_as_typed_or_refused_naming_the_file(tmp_path, monkeypatch,
+                                                                                           finetune_calls, command,
+                                                                                           text, says):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    (tmp_path / "ex.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "tiny32", "data": str(data), "out": str(tmp_path / "out"),
+                                   **yaml.safe_load(text)}))
+    result = invoke(command, "--config", cfg)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"zoo: error: {cfg}: {says}"]
+    assert finetune_calls == [] and not (tmp_path / "out").exists()
+
+
+def test_a_number_where_text_or_a_path_goes_is_its_text_as_typed(tmp_path, monkeypatch, finetune_calls):
+    """`out: 5` reached the run as the int 5 (a TypeError traceback from the folder checks); `model: 5` is "5"."""
+    make_image_folder(tmp_path / "photos", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("finetune", "--config", recipe(tmp_path / "c.yaml", model=5, data="photos", out=5))
+    assert result.exit_code == 0, result.output
+    assert (finetune_calls[-1].model, finetune_calls[-1].out) == ("5", "5")
+
+
+@pytest.mark.parametrize("key", ["data", "out", "exclude"])
+def test_a_leading_tilde_in_a_files_path_says_the_path_to_write_not_the_shells_quoting(tmp_path, monkeypatch,
+                                                                                        finetune_calls, key):
+    """The flag's advice ("which the shell expands only when it is not quoted ... or leave the ~ unquoted") is no
+    way on in a file, which no shell reads; `out: ~/runs` was said of `--out`, the file not named."""
+    home = tmp_path / "home"
+    make_image_folder(home / "photos", per_class=2)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    values = {"model": "tiny32", "data": str(home / "photos"), key: f"~/{key}"}
+    result = invoke("finetune", "--config", recipe(tmp_path / "c.yaml", **values))
+    assert result.exit_code == 2, result.output
+    expected = f"zoo: error: {tmp_path / 'c.yaml'}: {key}: ~/{key} begins with ~, which a --config file does not " \
+               f"expand: write {home / key}"
+    assert result.output.strip().splitlines() == [expected]
+    assert finetune_calls == [] and not (tmp_path / "~").exists()
+
+
+def test_a_freeze_too_deep_in_a_sweep_grid_in_the_file_is_said_of_the_file(tmp_path, monkeypatch):
+    """`freeze: 1,99` (zoo sweep's grid) in the file was said as `--freeze 99`, a flag never typed, the file not
+    named (naming_the_file looked at the config's keys only; the grid is --freeze's default from the file)."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    cfg = recipe(tmp_path / "s.yaml", model=tiny, data=data, freeze="1,99", lr=0.01, epochs=1, workers=0,
+                 device="cpu", batch_size=8, quiet=True)
+    rest = ": this model has 5 stages, so the most is 5 (or use none to train everything)"
+    result = invoke("sweep", "--config", cfg, "--out", tmp_path / "a")
+    assert result.exit_code == 2 and result.output.strip().endswith(f"freeze 99 in {cfg}{rest}"), result.output
+    result = invoke("sweep", "--config", cfg, "--out", tmp_path / "b", "--freeze", "1,42")
+    assert result.exit_code == 2 and result.output.strip().endswith(f"--freeze 42{rest}"), result.output
+
+
+def test_an_empty_out_typed_is_the_current_folder_not_a_traceback():
+    """`--out ""` typed: unexpanded_home("") looked at the first part of a path that has none (IndexError)."""
+    from finetune.core.io import unexpanded_home
+
+    assert unexpanded_home("") is None and unexpanded_home(".") is None

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Iterator
 import click
 from click.core import ParameterSource
 
-from finetune.core.config import OPTIONS, FinetuneConfig, range_text, read_config_file, unknown_options
+from finetune.core.config import (OPTIONS, FinetuneConfig, range_text, read_config_file, short_repr,
+                                  unknown_options)
 from finetune.core.errors import FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
@@ -234,7 +235,7 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
     defaults = {}
     for key, value in taken.items():
         option = own[key]
-        value = ",".join(str(v) for v in value) if isinstance(value, list) else value
+        value = _as_typed(option, key, value, path)
         try:
             defaults[option.name] = option.type_cast_value(ctx, value)
         except (click.BadParameter, UsageError) as err:   # the flag's own message (data: an archive), of the file
@@ -242,6 +243,49 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta[_META] = (path, base, {k: v for k, v in raw.items() if config_s(k, v)})
     return path
+
+
+def _as_typed(param: click.Parameter, key: str, value: Any, path: str) -> Any:
+    """A file's ``value`` of the command's own ``param`` as that flag typed would give it, for click to convert as
+    it converts a typed one: a number as its text (`steps: 20.5` was cut to 20 without a word, `out: 5` crashed),
+    true/false for an on/off flag only (`start_lr: true` was 1.0), a list for zoo sweep's grid only (`data:
+    [a, b]` was the folder "a,b"); null, a mapping, a list elsewhere: UsageError naming the file, as _coerce does
+    the config's keys. A path with a leading ~, which no file expands, gets the path to write (the shell's advice
+    was no way on for a file). ``key``: the file's key (sweep's ``lr`` is its ``lr_spec``)."""
+    flag = isinstance(param, click.Option) and param.is_bool_flag
+    grid = key in OPTIONS and param.name != key         # (config_s: a single value there is the config's)
+    if flag and isinstance(value, bool):
+        return value
+    if grid and isinstance(value, list) and value and all(_scalar(v) for v in value):
+        return ",".join(str(v) for v in value)
+    if flag or not _scalar(value):
+        raise UsageError(f"{path}: {key}={short_repr(value)} should be {_type_words(param)}")
+    if isinstance(value, float) and value.is_integer() and isinstance(param.type, click.types.IntParamType):
+        value = int(value)      # (`steps: 20.0`, as the config's whole numbers)
+    text = str(value)
+    if isinstance(param.type, click.Path) and not text.strip():     # (`out: ""` crashed; no path is "")
+        raise UsageError(f"{path}: {key}={short_repr(value)} should be {_type_words(param)}")
+    home = unexpanded_home(text) if isinstance(param.type, click.Path) else None
+    if home is not None:
+        raise UsageError(f"{path}: {key}: {text} begins with ~, which a --config file does not expand: write {home}")
+    return text
+
+
+def _scalar(value: Any) -> bool:
+    """A YAML value that is one option value: text or a number (not true/false, null, a list or a mapping)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _type_words(param: click.Parameter) -> str:
+    """What ``param`` takes, in the words of the config's messages (``finetune.core.config._wanted``)."""
+    kind = param.type
+    if isinstance(param, click.Option) and param.is_bool_flag:
+        return "true or false"
+    if isinstance(kind, click.Choice):
+        return ", ".join(map(str, kind.choices[:-1])) + " or " + str(kind.choices[-1])
+    if isinstance(kind, click.Path):
+        return f"a {'folder' if kind.name == 'directory' else kind.name}"
+    return {"integer": "a whole number", "float": "a number"}.get(kind.name, "text")
 
 
 def _refuse_others(ctx: click.Context, path: str, keys: list[Any], known: set[str]) -> None:
@@ -321,12 +365,13 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
 def naming_the_file(ctx: click.Context, config_path: str | None, file_values: dict[str, Any]) -> Iterator[None]:
     """A freeze depth past the model's stages (known once the model is) said of the ``--config`` file when the
     file gave it, not as ``--freeze`` (QA: ``freeze: 99`` in the file was named ``--freeze 99``, the file not at
-    all); a ``--freeze`` typed (zoo sweep's grid too) keeps the flag's wording."""
+    all); a ``--freeze`` typed (zoo sweep's grid too) keeps the flag's wording. zoo sweep's grid given in the
+    file (``freeze: 1,99``) is its ``--freeze``'s default (:func:`_read_file`), not a config key: named too."""
     try:
         yield
     except FreezeTooDeepError as err:
-        typed = any(ctx.get_parameter_source(p) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-                    for p in ("freeze", "freeze_spec") if p in ctx.params)
-        if typed or not config_path or "freeze" not in file_values:
+        sources = {ctx.get_parameter_source(p) for p in ("freeze", "freeze_spec") if p in ctx.params}
+        typed = bool(sources & {ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT})
+        if typed or not config_path or "freeze" not in file_values and ParameterSource.DEFAULT_MAP not in sources:
             raise
-        raise FreezeTooDeepError(err.depth, err.n_stages, f"freeze {file_values['freeze']} in {config_path}") from None
+        raise FreezeTooDeepError(err.depth, err.n_stages, f"freeze {err.depth} in {config_path}") from None
