@@ -128,10 +128,11 @@ def _meta_forward(model: nn.Module, input_size: Sequence[int], batch: int, *, tr
         model.train(was)
 
 
-def _refusal(model: nn.Module, channels: int, size: int) -> str | None:
-    """Why the network refuses a batch of ``size`` px images on the meta device (the error's first line), or None."""
+def _refusal(model: nn.Module, channels: int, height: int, width: int | None = None) -> str | None:
+    """Why the network refuses a batch of ``height`` x ``width`` px images (square when no width) on the meta
+    device (the error's first line), or None."""
     try:
-        _meta_forward(model, (channels, size, size), 2, train=False)
+        _meta_forward(model, (channels, height, height if width is None else width), 2, train=False)
     except Exception as err:   # noqa: BLE001 (a shape refusal, or an op without a meta kernel: the caller tells)
         return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return None
@@ -144,23 +145,27 @@ def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
     """Refuse, before any image is read, an image size too small for the network (``--img-size`` below what its
     strides and pooling leave room for: AlexNet 63 px, VGG and ConvNeXt 32, Inception v3 75; docs/benchmarks.md).
     torch refused it in the first forward, with a traceback ("Output size is too small"). One meta forward
-    (``_meta_forward``) at the size; when it fails but one at 512 px passes, the smallest size that passes is
-    searched (halving the interval) and named, with torch's reason (a network whose sizes are not monotonic, e.g.
-    one that wants a multiple of 32, then shows why). A network that cannot run on the meta device passes here
-    (its forward's own error remains).
+    (``_meta_forward``) at the size itself; when it fails but a square of 512 px passes, the smallest square that
+    passes is searched (halving the interval) and named, with torch's reason. A network whose sizes are not
+    monotonic (one that wants a multiple of 32: the size one px above the found one fails too) is told so, with a
+    size that works, not that the size is too small. A network that cannot run on the meta device passes here (its
+    forward's own error remains).
 
     Raises:
-        ConfigError: the size, and the smallest the network takes.
+        ConfigError: the size, and the smallest the network takes (or one it takes).
     """
     channels, height, width = (int(d) for d in input_size)
     low = min(height, width)
-    why = _refusal(model, channels, low)
+    why = _refusal(model, channels, height, width)
     if why is None or low >= _LARGE or _refusal(model, channels, _LARGE) is not None:
         return
     high = _LARGE               # invariant: `low` is refused, `high` passes
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (low, mid) if _refusal(model, channels, mid) is None else (mid, high)
+    if _refusal(model, channels, high + 1) is not None:     # not every size above `high`: not "too small"
+        raise ConfigError(f"this network does not take images of {height}x{width} px ({why}); it takes only some "
+                          f"sizes: --img-size {high} is one (or leave it out: the model's own size)")
     raise ConfigError(f"images of {height}x{width} px are too small for this network ({why}): it takes "
                       f"{high}x{high} px; pass --img-size {high} or more (or leave it out: the model's own size)")
 

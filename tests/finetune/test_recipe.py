@@ -84,3 +84,47 @@ def test_a_run_at_an_image_size_too_small_for_the_network_is_a_config_error_not_
     with pytest.raises(ConfigError, match=r"pass --img-size 8 or more"):
         fit(_Pooled(), (("stem",), ("block",)), {**DATA_CONFIG, "input_size": (3, 7, 7)}, train, val, config,
             head="fc")
+
+
+class _Rows(nn.Module):
+    """A network that cuts each image row into pieces of 16 px (a window partition): it takes any height and a width
+    that is a multiple of 16, so its sizes are not monotonic and a wide image passes where its square does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(x.unflatten(-1, (-1, 16)).mean((2, 3)).transpose(1, 2).flatten(1))
+
+
+def test_a_size_the_network_takes_is_not_refused_because_its_square_is_not():
+    """helper-141: the check ran the square of the shorter side (8x8 for 8x16 images, a model's own non-square size):
+    a network that takes 8x16 but not 8x8 was refused ('too small ... it takes 16x16 px'), a size that works."""
+    check_input_size(_Rows(), (3, 8, 16))
+    check_input_size(_Rows(), (3, 48, 48))
+
+
+def test_a_size_a_network_that_wants_a_multiple_refuses_is_not_called_too_small():
+    """helper-141: for a network that wants a multiple of 16, 20 px was 'too small ... it takes 512x512 px; pass
+    --img-size 512 or more' (after the halving search: 513 fails too): the refusal now says it takes only some
+    sizes, naming one that works."""
+    with pytest.raises(ConfigError, match=r"^this network does not take images of 20x20 px \(.+\); it takes only some "
+                                          r"sizes: --img-size \d+ is one") as refused:
+        check_input_size(_Rows(), (3, 20, 20))
+    works = int(str(refused.value).split("--img-size ")[1].split()[0])
+    check_input_size(_Rows(), (3, works, works))
+
+
+class _Scaled(_Pooled):
+    """_Pooled with a data-dependent step (``.item()``: no meta kernel can run it)."""
+
+    def forward(self, x):
+        return super().forward(x / max(float(x.abs().max().item()), 1.0))
+
+
+def test_a_network_the_meta_device_cannot_run_is_left_to_its_own_forward():
+    """helper-141: the check never refuses what it cannot run: both probes fail, so 7 px (too small) passes here
+    and the forward's own error remains; 8 px, which the network takes, passes."""
+    check_input_size(_Scaled(), (3, 8, 8))
+    check_input_size(_Scaled(), (3, 7, 7))

@@ -213,3 +213,28 @@ def test_each_freeze_depth_trains_exactly_the_entrys_last_stages(name):
             assert g["lr_mult"] == (1.0 if g["name"] == "head" else config.backbone_lr_mult)
             assert all((id(p) in head_ids) == (g["name"] == "head") for p in g["params"])
         assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, freeze, trains", [
+    ("vgg16", "1", {"pre_logits.fc1", "pre_logits.fc2", "head.fc"}),
+    ("vgg16", "2", {"features.24", "features.26", "features.28", "pre_logits.fc1", "pre_logits.fc2", "head.fc"}),
+    ("alexnet", "1", {"classifier.1", "classifier.4", "classifier.6"}),
+    ("googlenet", "1", {"inception5a", "inception5b", "fc"}),
+    ("inception_v3", "1", {"Mixed_7a", "Mixed_7b", "Mixed_7c", "fc"}),
+])
+def test_freeze_1_trains_the_fc_layers_first_on_vgg_and_alexnet(name, freeze, trains):
+    """helper-141, the lecture's advice for VGG and AlexNet: unfreeze the FC-4096 layers first (--freeze 1), then
+    the last conv block (--freeze 2); GoogLeNet and Inception v3: their last inception blocks. By module name, not
+    through the registry's stages (which the test above takes as given)."""
+    from finetune.core.config import FinetuneConfig
+    from finetune.core.recipe import prepare_model
+    from zoo.network import meta_network
+
+    entry = get_entry(name)
+    model = meta_network(entry)
+    with torch.device("meta"):
+        prepare_model(model, [list(s) for s in entry.stages], entry.classifier, 4, [4] * 4,
+                      FinetuneConfig(freeze=freeze))
+    trained = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert {t for t in trained if not any(t == m or t.startswith(m + ".") for m in trains)} == set()
+    assert all(any(t == m or t.startswith(m + ".") for t in trained) for m in trains)

@@ -1488,6 +1488,31 @@ def test_an_mlp_head_alone_on_cached_features_is_not_refused_a_global_batch_of_o
         check_batch_early(entry, report.train, head_alone.replace(batch_size=1), DistInfo())
 
 
+def test_the_early_check_builds_no_network_at_the_models_own_size_and_a_batch_of_two(tmp_path, monkeypatch):
+    """helper-141: the --img-size check (helper-136) built the network on the meta device at every `zoo finetune`
+    start, at the model's own size too (0.13 to 0.2 s on ResNet-50 on 2 loaded cores; docs/benchmarks.md), where
+    nothing was refused: fit's set-up checks that size on the real network. It builds one for --img-size only
+    (and, as before, for a batch a lone BatchNorm value could come from)."""
+    from finetune.core.distributed import DistInfo
+    from finetune.core.errors import ConfigError
+    from finetune.data import scan_folder
+    from tests.zoo.conftest import make_entry
+    from zoo.jobs import finetune as jobs
+
+    entry = make_entry("tiny")
+    report = scan_folder(make_image_folder(tmp_path / "data", per_class=4), val_split=0.25)
+    built = []
+    monkeypatch.setattr(jobs, "meta_network", lambda *a, **k: built.append(a) or None)
+    jobs.check_batch_early(entry, report.train, FinetuneConfig(batch_size=2), DistInfo())
+    assert built == []
+    jobs.check_batch_early(entry, report.train, FinetuneConfig(batch_size=2, img_size=48), DistInfo())
+    assert len(built) == 1
+    monkeypatch.undo()
+    alexnet = make_entry("alex", builder="torchvision:alexnet", classifier="classifier.6")
+    with pytest.raises(ConfigError, match=r"pass --img-size 63 or more"):
+        jobs.check_batch_early(alexnet, report.train, FinetuneConfig(batch_size=2, img_size=32), DistInfo())
+
+
 def test_the_per_class_line_lists_the_lowest_scored_classes_and_counts_those_without_validation_apart():
     """QA (session 22): 'the 10 lowest' put classes without validation images ('-') after classes at 1.00."""
     from finetune.core.confusion import FULL_MAX_CLASSES

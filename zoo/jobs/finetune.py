@@ -195,22 +195,22 @@ def build_for_training(entry, pretrained: bool, seed: int, fc_dropout: float | N
 
 def check_batch_early(entry, train_set, config: FinetuneConfig, info, fc_dropout: float | None = None) -> None:
     """The engine's checks, made again when fit sets up, on the network built on the meta device, before the download
-    and the run folder: an image size it cannot take (``recipe.check_input_size``: ``--img-size`` too small), and
-    (``recipe.check_batchnorm_batch``, prepared as fit prepares it: its head, the freeze the scan's counts decide,
-    the BatchNorm policy) a batch of one image that a training BatchNorm layer cannot normalise, not refused when
-    that layer first trains (after the head phase). A head alone on cached features trains on the global batch on
-    every rank (``policy.batchnorm_batch``): one image per process is refused only when a layer trains on it.
+    and the run folder: an ``--img-size`` it cannot take (``recipe.check_input_size``; the model's own size is left
+    to fit's set-up: no meta build at each start for it), and (``recipe.check_batchnorm_batch``, prepared as fit
+    prepares it: its head, the freeze the scan's counts decide, the BatchNorm policy) a batch of one image that a
+    training BatchNorm layer cannot normalise, not refused when that layer first trains (after the head phase). A
+    head alone on cached features trains on the global batch on every rank (``policy.batchnorm_batch``).
 
     Raises:
-        ConfigError: the size or layer, and what to change (--img-size, a larger --batch-size, --bn eval,
-            --head linear).
+        ConfigError: the size or the layer, and what to change (--img-size, --batch-size, --bn eval, --head linear).
     """
-    model, size = meta_network(entry, fc_dropout=fc_dropout), run_data_config(entry, config)["input_size"]
-    if model is not None:    # (None: a network the meta device cannot build: fit's set-up checks the real one)
+    per, size = ddp.per_rank_batch(int(config.batch_size), info), run_data_config(entry, config)["input_size"]
+    lone = per <= 1 or int(config.micro_batch) in (1, 2)    # (passes of 1 or 2 leave an odd batch a pass of 1)
+    model = meta_network(entry, fc_dropout=fc_dropout) if lone or int(config.img_size) else None
+    if model is not None and int(config.img_size):   # (None: a network the meta device cannot build: fit checks it)
         check_input_size(model, size)
-    per = ddp.per_rank_batch(int(config.batch_size), info)
-    if model is None or (per > 1 and int(config.micro_batch) not in (1, 2)):
-        return    # two images give every channel two values (passes of 1 or 2 leave an odd batch a pass of 1)
+    if model is None or not lone:
+        return    # two images give every channel two values: no layer to look for
     counts = train_set.class_counts()
     with torch.device("meta"):
         decision = prepare_model(model, [list(s) for s in entry.stages], entry.classifier, len(counts), counts, config)
