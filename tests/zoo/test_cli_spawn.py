@@ -1,6 +1,7 @@
-"""``zoo finetune --workers 1`` with worker processes started as macOS and Windows start them (spawn), on Linux:
-the same numbers as with fork; ``zoo doctor --workers 1`` the same findings. (``zoo predict`` and ``zoo eval`` decode on
-threads: no worker process to spawn.)"""
+"""``zoo finetune --workers 1`` with worker processes started as macOS and Windows start them (spawn), and as Python
+3.14 does on Linux (forkserver, its server preloaded by zoo): the same numbers as with fork; ``zoo doctor
+--workers 1`` the same findings under spawn. (``zoo predict`` and ``zoo eval`` decode on threads: no worker process
+to spawn.)"""
 from __future__ import annotations
 
 import csv
@@ -32,19 +33,20 @@ def metrics(run) -> list[list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze", ["head", "none"])
-def test_zoo_finetune_with_spawned_workers_trains_what_fork_trains(tmp_path, monkeypatch, freeze):
+def test_zoo_finetune_with_spawned_or_forkserver_workers_trains_what_fork_trains(tmp_path, monkeypatch, freeze):
     """Head only (cached features: the feature pass's loader) and --freeze none (the training and validation
-    loaders): every number of metrics.csv is the same under spawn as under fork. About 30 s each here."""
+    loaders): every number of metrics.csv is the same under spawn and forkserver as under fork (the workers'
+    seeds come with the loader, whoever forks the worker). About 40 s each here."""
     tiny = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=12)
     runs = {}
-    for method in ("fork", "spawn"):
+    for method in ("fork", "spawn", "forkserver"):
         runs[method] = tmp_path / f"run-{method}"
         done = zoo_under(method, tmp_path / f"home-{method}", "finetune", tiny, "--data", data, "--out",
                          runs[method], "--freeze", freeze, "--epochs", "2", "--batch-size", "8", "--workers", "1",
                          "--device", "cpu", "--quiet", "--no-export")
         assert done.returncode == 0, done.stderr[-3000:]
-    assert metrics(runs["spawn"]) == metrics(runs["fork"])
+    assert metrics(runs["spawn"]) == metrics(runs["fork"]) == metrics(runs["forkserver"])
     assert len(metrics(runs["fork"])) == (1 if freeze == "head" else 2)
 
 
