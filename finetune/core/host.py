@@ -50,11 +50,36 @@ def process_cpus() -> int:
 def worker_context() -> multiprocessing.context.BaseContext:
     """The multiprocessing context that the package's worker processes (DataLoader workers) and tqdm's lock are
     made in: the start method the program chose (``multiprocessing.set_start_method``), else the platform's default
-    (spawn on macOS and Windows, fork on Linux), taken without choosing it for the process. Asking multiprocessing
-    for its default context (what a DataLoader and tqdm's first bar do) fixes the start method: a library call then
-    made the caller's own ``set_start_method("spawn")`` fail with "context has already been set"."""
+    (spawn on macOS and Windows, fork on Linux, forkserver there from Python 3.14), taken without choosing it for
+    the process. Asking multiprocessing for its default context (what a DataLoader and tqdm's first bar do) fixes
+    the start method: a library call then made the caller's own ``set_start_method("spawn")`` fail with "context
+    has already been set".
+    Under forkserver the server this process starts preloads what a worker needs (:data:`FORKSERVER_PRELOAD`)."""
     method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "forkserver":
+        _preload_forkserver()
     return multiprocessing.get_context(method)
+
+
+# What a DataLoader worker unpickles and runs (torch's worker loop, the package's datasets, transforms and
+# collate function, PIL), imported once in the forkserver so that each worker it forks has them: without them a
+# worker imports torch and torchvision itself before its first batch, as a spawned one does (3-6 s here;
+# docs/benchmarks.md, "Workers under forkserver"). Importing torch does not initialise CUDA. "__main__" is the
+# server's own default, kept first.
+FORKSERVER_PRELOAD = ("__main__", "torch", "PIL.Image", "finetune.data")
+
+
+def _preload_forkserver() -> None:
+    """Have the forkserver preload FORKSERVER_PRELOAD when this process starts it (Python 3.14's default start
+    method on Linux; a per-process server, started by the first worker it forks). One the program has already
+    started, or whose preload it has set (``multiprocessing.set_forkserver_preload``), is left as it is."""
+    from multiprocessing import forkserver  # lazy: Linux/macOS only, and only where forkserver is the method
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return
+    if getattr(server, "_preload_modules", None) == ["__main__"]:
+        server.set_forkserver_preload(list(FORKSERVER_PRELOAD))
 
 
 def _narrower_than_parent() -> bool:

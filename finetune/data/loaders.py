@@ -135,7 +135,8 @@ def resolve_workers(workers: int, device: str = "cpu", batches: int | None = Non
     processes that get nothing to do (a 3-batch pass gets 3 workers, not 15).
     A loader read once (``single_pass_images``: its image count, e.g. a feature pass) of fewer than
     MIN_IMAGES_FOR_WORKERS images gets none; so does any loader whose pass holds fewer (``images``) where workers
-    start afresh (:func:`finetune.core.host.worker_context` not fork: macOS's and Windows' spawn), as each then
+    start afresh (:func:`finetune.core.host.worker_context` not fork: macOS's and Windows' spawn, and 3.14's
+    forkserver on Linux, whose preloaded server still imports torch once before the first batch), as each then
     imports torch before its first batch, seconds where a fork takes 0.04 s (docs/benchmarks.md, "Worker
     processes"): a 3-batch run on a Mac decodes in the main process rather than waiting for 2 x import torch.
     """

@@ -86,3 +86,75 @@ def test_a_spawned_worker_loads_the_batches_a_forked_one_does(image_folder):
                 assert all(torch.equal(g, w) for g, w in zip(got, want)), method
     finally:
         setup.close()
+
+
+@pytest.fixture
+def forkserver_method(monkeypatch):
+    """This process as Python 3.14 makes it on Linux: forkserver its start method, its server not started yet."""
+    from multiprocessing import forkserver
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "forkserver")
+    server = forkserver.ForkServer()
+    monkeypatch.setattr(forkserver, "_forkserver", server)
+    return server
+
+
+def test_the_forkserver_zoo_starts_preloads_what_a_worker_needs(forkserver_method):
+    """Each worker a forkserver forks has what the server imported: without torch and the package there, each
+    imports them itself before its first batch, as a spawned worker does (docs/benchmarks.md)."""
+    from finetune.core.host import FORKSERVER_PRELOAD, worker_context
+
+    assert worker_context().get_start_method() == "forkserver"
+    assert forkserver_method._preload_modules == list(FORKSERVER_PRELOAD)
+    assert {"torch", "finetune.data"} <= set(FORKSERVER_PRELOAD) and FORKSERVER_PRELOAD[0] == "__main__"
+
+
+def test_a_forkserver_the_program_set_up_or_started_is_left_alone(forkserver_method):
+    """The server is one per process: a preload the program set, or a server it already started, stays as it is."""
+    from finetune.core.host import worker_context
+
+    forkserver_method.set_forkserver_preload(["json"])
+    worker_context()
+    assert forkserver_method._preload_modules == ["json"]
+    forkserver_method.set_forkserver_preload(["__main__"])
+    forkserver_method._forkserver_pid = -1                 # (started: its preload can no longer change)
+    worker_context()
+    assert forkserver_method._preload_modules == ["__main__"]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_no_forkserver_preload_under_fork_or_spawn(monkeypatch, forkserver_method, method):
+    from finetune.core.host import worker_context
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: method)
+    assert worker_context().get_start_method() == method
+    assert forkserver_method._preload_modules == ["__main__"]
+
+
+FORKSERVER_RUN = """
+import multiprocessing, sys
+from multiprocessing import forkserver
+multiprocessing.set_start_method("forkserver")
+from finetune.data import ImageDataset, build_transform, close_loader, make_loader, scan_folder
+from tests.finetune.test_train import DATA_CONFIG
+dataset = ImageDataset(scan_folder(sys.argv[1], val_split=0.25, seed=0).train, build_transform(DATA_CONFIG, False))
+loader = make_loader(dataset, 8, train=True, workers=1)
+batches = sum(1 for _ in loader)
+with open(f"/proc/{forkserver._forkserver._forkserver_pid}/cmdline", "rb") as fh:
+    print(batches, fh.read().replace(b"\\0", b" ").decode())
+close_loader(loader)
+"""
+
+
+def test_a_real_forkserver_started_by_a_loader_preloads_torch_and_the_package(image_folder):
+    """A process whose start method is forkserver (3.14's on Linux): the server its first loader starts was told
+    to import torch and finetune.data (its command line; Linux's /proc). About 10 s here (the server imports torch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", FORKSERVER_RUN, str(image_folder)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    batches, command = done.stdout.strip().split(" ", 1)
+    assert int(batches) == 4 and "'torch', 'PIL.Image', 'finetune.data'" in command, command
