@@ -285,3 +285,19 @@ def test_an_empty_out_typed_is_the_current_folder_not_a_traceback():
     from finetune.core.io import unexpanded_home
 
     assert unexpanded_home("") is None and unexpanded_home(".") is None
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find"])
+def test_an_fc_dropout_in_the_file_for_a_model_without_fc_layers_is_said_of_the_file(tmp_path, monkeypatch, command):
+    """`fc_dropout: 0.3` in a --config file for a non-VGG model was refused as `--fc-dropout applies to VGG's ...`,
+    a flag never typed, the file not named (naming_the_file knew freeze only); a typed --fc-dropout keeps the flag."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    cfg = recipe(tmp_path / "f.yaml", model=tiny, data=data, fc_dropout=0.3, **FAST)
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "a")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith(f"zoo: error: fc_dropout 0.3 in {cfg} applies to VGG's FC-4096 "
+                                                     f"layers; {tiny} has none"), result.output
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "b", "--fc-dropout", "0.2")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith("zoo: error: --fc-dropout applies to VGG's"), result.output
