@@ -68,7 +68,7 @@ OWN = {
     "finetune": {"model": ["tiny32"], "data": ["flat", "split"], "pretrained": [True, False],
                  "export": [True, False], "exclude": ["exclude.txt"], "fc_dropout": [0.3, 0]},
     "lr-find": {"model": ["tiny32"], "data": ["flat", "split"], "pretrained": [True, False], "start_lr": [1e-6, 1e-4],
-                "end_lr": [1, 10], "steps": [3, 6], "method": ["valley", "steepest"], "smooth": [0, 0.5],
+                "end_lr": [1, 10], "steps": [5, 8], "method": ["valley", "steepest"], "smooth": [0, 0.5],
                 "diverge_factor": [2, 100]},
     "sweep": {"model": ["tiny32"], "data": ["flat", "split"], "pretrained": [True, False],
               "lr": ["0.01", "0.001,0.1", "1e-3:1e-1:2"], "weight_decay": ["0", "0,1e-4"],
@@ -155,7 +155,7 @@ def draw_file(rng: random.Random, index: int) -> dict:
         pool.update({k: others[k] for k in picked})
     odds = {"model": 0.95, "data": 0.95, "fc_dropout": 0.1}      # (tiny32 is no VGG: an fc_dropout is refused)
     chosen = [k for k in pool if k not in OWN[command] or rng.random() < odds.get(k, 0.5)]
-    small = {"finetune": ("epochs", [1, 2]), "lr-find": ("steps", [3, 6]), "sweep": ("epochs", [1, 2])}.get(command)
+    small = {"finetune": ("epochs", [1, 2]), "lr-find": ("steps", [5, 8]), "sweep": ("epochs", [1, 2])}.get(command)
     if small and small[0] not in chosen:
         chosen.append(small[0])
         pool[small[0]] = small[1]
@@ -358,7 +358,8 @@ def same(a, b) -> bool:
 
 def typed_wins(spec: dict, run: Path, work: Path) -> tuple[str, str]:
     """Each key given in the file and typed too: the run recorded the typed value, and wrote no file's --out."""
-    both = {k: v for k, v in spec["line"].items() if k in spec["file"] and str(v).lower() != "auto"}
+    grids = ("lr", "weight_decay", "freeze", "optimizer") if spec["command"] == "sweep" else ()   # (sweep.json's grid)
+    both = {k: v for k, v in spec["line"].items() if k in spec["file"] and str(v).lower() != "auto" and k not in grids}
     if "out" in both and str(spec["file"]["out"]).startswith("run") and (work / spec["file"]["out"]).exists():
         return "file-won", f"out: typed {both['out']}, the file's {spec['file']['out']} was written"
     rec = recorded(spec["command"], run)

@@ -301,3 +301,22 @@ def test_an_fc_dropout_in_the_file_for_a_model_without_fc_layers_is_said_of_the_
     result = invoke(command, "--config", cfg, "--out", tmp_path / "b", "--fc-dropout", "0.2")
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 2 and last.startswith("zoo: error: --fc-dropout applies to VGG's"), result.output
+
+
+@pytest.mark.parametrize("text, says", [
+    ("lr: 0.01,abc", "lr: 'abc' is not a number; use e.g. 1e-4:1e-2:5 or 1e-4,1e-3"),
+    ("optimizer: adam,foo", "optimizer: foo not known; choose from adam, sgd, adamw, rmsprop, adagrad, adadelta"),
+    ("weight_decay: [.inf]", "weight_decay: inf is not allowed"),
+    ("folds: 1", "folds: 1: cross-validation needs at least 2 folds")])
+def test_a_bad_sweep_grid_or_folds_in_the_file_is_said_of_the_file(tmp_path, text, says):
+    """Fuzz (helper-142): zoo sweep's grid (`lr: 0.01,abc`, `optimizer: adam,foo`) or `folds: 1` given in the
+    --config file was refused as `--lr: ...`, `--folds 1: ...`, flags never typed, the file not named."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"model: tiny32\ndata: {data}\n{text}\n")
+    result = invoke("sweep", "--config", cfg, "--out", tmp_path / "sw")
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith(
+        f"zoo: error: {cfg}: {says}"), result.output
+    typed = text.split(":")[0].replace("_", "-")
+    result = invoke("sweep", "--config", cfg, "--out", tmp_path / "sw", f"--{typed}", text.split(": ")[1])
+    assert result.exit_code == 2 and f"zoo: error: --{typed}" in result.output, result.output

@@ -20,14 +20,14 @@ from click.core import ParameterSource
 
 from finetune.core.config import (OPTIONS, FinetuneConfig, range_text, read_config_file, short_repr,
                                   unknown_options)
-from finetune.core.errors import FreezeTooDeepError
+from finetune.core.errors import ConfigError, FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
 from zoo.errors import FcDropoutError, UsageError
 
 __all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
            "read_config", "idle_options", "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption",
-           "NOT_IN_A_FILE"]
+           "NOT_IN_A_FILE", "read_of_the_file"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -359,6 +359,19 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     defaults = FinetuneConfig()
     chosen_in_file = [k for k in raw if getattr(base, k) != getattr(defaults, k)]
     return config, raw, idle_options(config, [*given, *chosen_in_file])
+
+
+@contextlib.contextmanager
+def read_of_the_file(ctx: click.Context, config_path: str | None, param: str, key: str) -> Iterator[None]:
+    """A value the command checks itself (zoo sweep's grid, its --folds) refused as its flag (``--lr: ...``) is said
+    of the ``--config`` file when the file gave it, in :func:`_read_file`'s words (``FILE: lr: ...``)."""
+    try:
+        yield
+    except ConfigError as err:
+        if not config_path or ctx.get_parameter_source(param) != ParameterSource.DEFAULT_MAP:
+            raise
+        said = str(err).removeprefix("--" + key.replace("_", "-")).lstrip(": ")
+        raise UsageError(f"{config_path}: {key}: {said}") from None
 
 
 @contextlib.contextmanager
