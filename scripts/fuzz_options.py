@@ -261,6 +261,8 @@ def classify(rc, out: str, err: str, torchrun: bool = False) -> tuple[str, str]:
         bad = [ln for ln in text.splitlines() if "nan" in ln.lower().split() or " nan" in ln.lower()
                                                           or "nan%" in ln.lower()]
         return ("nan-printed", "\n".join(bad[:3])) if bad else ("ok", "")
+    if rc == 1 and "overfit pass" in text and "zoo: error" not in text:     # --overfit-batches' verdict: not passed
+        return "overfit-not-passed", text.strip().splitlines()[-1]
     if rc in (1, 2):     # (click's own usage errors: `Usage: ...`, `Try ...`, then the one `Error: ...` line)
         errors = [ln for ln in text.splitlines() if ln.startswith("zoo: error")
                   or ln.startswith("Error: ") and text.startswith("Usage: ")]

@@ -320,3 +320,19 @@ def test_a_bad_sweep_grid_or_folds_in_the_file_is_said_of_the_file(tmp_path, tex
     typed = text.split(":")[0].replace("_", "-")
     result = invoke("sweep", "--config", cfg, "--out", tmp_path / "sw", f"--{typed}", text.split(": ")[1])
     assert result.exit_code == 2 and f"zoo: error: --{typed}" in result.output, result.output
+
+
+def test_an_unreadable_exclude_in_the_file_is_said_of_the_file(tmp_path, monkeypatch):
+    """Fuzz (helper-142): `exclude: some.png` (a file that is no list) in the --config file was refused as
+    `--exclude: cannot read the exclude file ...`, a flag never typed; typed, the flag keeps its words."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    bad = tmp_path / "x.bin"
+    bad.write_bytes(b"\xff\xfe\x00\xd8\x00")
+    cfg = recipe(tmp_path / "e.yaml", model=tiny, data=data, exclude=bad, **FAST)
+    result = invoke("finetune", "--config", cfg, "--out", tmp_path / "a")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith(f"zoo: error: {cfg}: exclude: cannot read the exclude file"), last
+    result = invoke("finetune", "--config", recipe(tmp_path / "f.yaml", model=tiny, data=data, **FAST), "--out",
+                    tmp_path / "b", "--exclude", bad)
+    assert result.exit_code == 2 and "zoo: error: --exclude: cannot read" in result.output, result.output

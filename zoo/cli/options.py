@@ -363,15 +363,17 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
 
 @contextlib.contextmanager
 def read_of_the_file(ctx: click.Context, config_path: str | None, param: str, key: str) -> Iterator[None]:
-    """A value the command checks itself (zoo sweep's grid, its --folds) refused as its flag (``--lr: ...``) is said
-    of the ``--config`` file when the file gave it, in :func:`_read_file`'s words (``FILE: lr: ...``)."""
+    """A value the command checks itself (zoo sweep's grid, its --folds, finetune's exclude file) refused in its
+    flag's words (``--lr: ...``) is said of the ``--config`` file when the file gave it, in :func:`_read_file`'s
+    words (``FILE: lr: ...``); other errors pass as they are."""
     try:
         yield
-    except ConfigError as err:
-        if not config_path or ctx.get_parameter_source(param) != ParameterSource.DEFAULT_MAP:
+    except (ConfigError, UsageError) as err:
+        flag = "--" + key.replace("_", "-")
+        if not config_path or ctx.get_parameter_source(param) != ParameterSource.DEFAULT_MAP \
+                or not str(err).startswith(flag):
             raise
-        said = str(err).removeprefix("--" + key.replace("_", "-")).lstrip(": ")
-        raise UsageError(f"{config_path}: {key}: {said}") from None
+        raise UsageError(f"{config_path}: {key}: {str(err).removeprefix(flag).lstrip(': ')}") from None
 
 
 @contextlib.contextmanager
