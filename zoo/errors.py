@@ -5,7 +5,7 @@ Every message says what to do next. ``exit_code`` is what the CLI exits with (1 
 from __future__ import annotations
 
 __all__ = [
-    "ZooError", "UsageError", "UnknownModelError", "RegistryError", "DownloadError", "IntegrityError",
+    "ZooError", "UsageError", "FcDropoutError", "UnknownModelError", "RegistryError", "DownloadError", "IntegrityError",
     "OfflineError", "CacheError", "WeightsError", "BundleError", "PushError", "ServeError",
 ]
 
@@ -20,6 +20,16 @@ class UsageError(ZooError):
     """The command line or an argument is wrong."""
 
     exit_code = 2
+
+
+class FcDropoutError(UsageError):
+    """``--fc-dropout`` for a model without VGG's FC-4096 layers: ``where`` names the value as the user gave it
+    (the CLI says ``fc_dropout P in FILE`` when a ``--config`` file gave it)."""
+
+    def __init__(self, model: str, where: str = "--fc-dropout") -> None:
+        self.model = model
+        super().__init__(f"{where} applies to VGG's FC-4096 layers; {model} has none (for a dropout before your "
+                         "new classifier use --head mlp --mlp-dropout P)")
 
 
 class UnknownModelError(UsageError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from zoo.errors import RegistryError, UsageError, WeightsError
+from zoo.errors import FcDropoutError, RegistryError, UsageError, WeightsError
 from zoo.registry import ModelEntry
 from zoo.resolve import get_entry
 from zoo.weightfiles import check_safetensors
@@ -61,12 +61,11 @@ def builder_kwargs(entry: ModelEntry, fc_dropout: float | None = None) -> dict[s
     Args:
         fc_dropout: VGG only: dropout of the FC-4096 layers; None = the original's 0.5; 0 turns it off.
     Raises:
-        UsageError: ``fc_dropout`` for a model without FC-4096 layers, or outside [0, 1).
+        FcDropoutError: ``fc_dropout`` for a model without FC-4096 layers; UsageError: outside [0, 1).
     """
     if not has_fc_dropout(entry):
         if fc_dropout is not None:
-            raise UsageError(f"--fc-dropout applies to VGG's FC-4096 layers; {entry.name} has none "
-                             "(for a dropout before your new classifier use --head mlp --mlp-dropout P)")
+            raise FcDropoutError(entry.name)
         return {}
     p = VGG_FC_DROPOUT if fc_dropout is None else float(fc_dropout)
     if not 0.0 <= p < 1.0:

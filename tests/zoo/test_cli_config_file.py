@@ -285,3 +285,54 @@ def test_an_empty_out_typed_is_the_current_folder_not_a_traceback():
     from finetune.core.io import unexpanded_home
 
     assert unexpanded_home("") is None and unexpanded_home(".") is None
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find"])
+def test_an_fc_dropout_in_the_file_for_a_model_without_fc_layers_is_said_of_the_file(tmp_path, monkeypatch, command):
+    """`fc_dropout: 0.3` in a --config file for a non-VGG model was refused as `--fc-dropout applies to VGG's ...`,
+    a flag never typed, the file not named (naming_the_file knew freeze only); a typed --fc-dropout keeps the flag."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    cfg = recipe(tmp_path / "f.yaml", model=tiny, data=data, fc_dropout=0.3, **FAST)
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "a")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith(f"zoo: error: fc_dropout 0.3 in {cfg} applies to VGG's FC-4096 "
+                                                     f"layers; {tiny} has none"), result.output
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "b", "--fc-dropout", "0.2")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith("zoo: error: --fc-dropout applies to VGG's"), result.output
+
+
+@pytest.mark.parametrize("text, says", [
+    ("lr: 0.01,abc", "lr: 'abc' is not a number; use e.g. 1e-4:1e-2:5 or 1e-4,1e-3"),
+    ("optimizer: adam,foo", "optimizer: foo not known; choose from adam, sgd, adamw, rmsprop, adagrad, adadelta"),
+    ("weight_decay: [.inf]", "weight_decay: inf is not allowed"),
+    ("folds: 1", "folds: 1: cross-validation needs at least 2 folds")])
+def test_a_bad_sweep_grid_or_folds_in_the_file_is_said_of_the_file(tmp_path, text, says):
+    """Fuzz (helper-142): zoo sweep's grid (`lr: 0.01,abc`, `optimizer: adam,foo`) or `folds: 1` given in the
+    --config file was refused as `--lr: ...`, `--folds 1: ...`, flags never typed, the file not named."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"model: tiny32\ndata: {data}\n{text}\n")
+    result = invoke("sweep", "--config", cfg, "--out", tmp_path / "sw")
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith(
+        f"zoo: error: {cfg}: {says}"), result.output
+    typed = text.split(":")[0].replace("_", "-")
+    result = invoke("sweep", "--config", cfg, "--out", tmp_path / "sw", f"--{typed}", text.split(": ")[1])
+    assert result.exit_code == 2 and f"zoo: error: --{typed}" in result.output, result.output
+
+
+def test_an_unreadable_exclude_in_the_file_is_said_of_the_file(tmp_path, monkeypatch):
+    """Fuzz (helper-142): `exclude: some.png` (a file that is no list) in the --config file was refused as
+    `--exclude: cannot read the exclude file ...`, a flag never typed; typed, the flag keeps its words."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    bad = tmp_path / "x.bin"
+    bad.write_bytes(b"\xff\xfe\x00\xd8\x00")
+    cfg = recipe(tmp_path / "e.yaml", model=tiny, data=data, exclude=bad, **FAST)
+    result = invoke("finetune", "--config", cfg, "--out", tmp_path / "a")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith(f"zoo: error: {cfg}: exclude: cannot read the exclude file"), last
+    result = invoke("finetune", "--config", recipe(tmp_path / "f.yaml", model=tiny, data=data, **FAST), "--out",
+                    tmp_path / "b", "--exclude", bad)
+    assert result.exit_code == 2 and "zoo: error: --exclude: cannot read" in result.output, result.output

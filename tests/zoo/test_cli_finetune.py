@@ -1751,3 +1751,27 @@ def test_a_no_export_run_cut_off_in_its_page_is_ended_without_a_bundle(tmp_path,
     again = invoke("finetune", "--resume", out)
     assert again.exit_code == 0, again.output
     assert f"it has no bundle yet (`zoo export {out}` writes it). Start a new run" in again.stderr, again.stderr
+
+
+def test_ctrl_c_caught_by_the_job_after_a_checkpoint_says_resume_never_overwrite(tmp_path, tiny, monkeypatch):
+    """Ctrl-C that reached run_finetune's own handler once fit had saved checkpoints/last.pt (here: as fit returned,
+    before the end's handler) was told "nothing was trained ... no checkpoint; start it again with --overwrite":
+    the handler judged by where it caught the interrupt. What is on disk decides: a checkpoint is resumed."""
+    import zoo.jobs.finetune as job
+
+    real_fit = job.fit
+
+    def fit_then_ctrl_c(*args, **kwargs):
+        real_fit(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    data, out = make_image_folder(tmp_path / "data", per_class=6), tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(job, "fit", fit_then_ctrl_c)
+        res = invoke("finetune", tiny, "--data", data, "--out", out, *FAST)
+    assert res.exit_code == 130 and (out / "checkpoints" / "last.pt").is_file(), res.output
+    last = res.stderr.strip().splitlines()[-1]
+    assert "--overwrite" not in last and "nothing was trained" not in last, last
+    assert _pasted(res.stderr, "continue with") == ["zoo", "finetune", "--resume", str(out)]
+    again = invoke("finetune", "--resume", out, "--workers", "0", "--quiet")    # the line named: the run's end
+    assert again.exit_code == 0 and (out / "export" / "model.safetensors").is_file(), again.output

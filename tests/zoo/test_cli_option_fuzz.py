@@ -48,3 +48,25 @@ def test_the_fuzz_draws_the_same_runs_and_checks_them(tmp_path):
     result = fuzz.check_run(spec, env, [], tmp_path, timeout=300)
     assert result["kind"] == "ok", result
     assert json.loads(json.dumps(result))["rc"] == 0
+
+
+def test_the_fuzz_s_config_file_runs_check_the_typed_value_won(tmp_path):
+    """The config-file runs (helper-142): a key in the file and typed too must end as typed in what the run
+    recorded; a run that recorded the file's value is caught as `file-won`. Click's usage errors count as refusals."""
+    import yaml
+
+    fuzz = load_script("fuzz_options")
+    assert fuzz.draw(3, 4, file_share=1.0) == fuzz.draw(3, 4, file_share=1.0)
+    assert fuzz.draw(0, 5, file_share=0.0) == fuzz.draw(0, 5)       # (share 0: helper-132's draws)
+    env = fuzz.setup(tmp_path)
+    spec = {"index": 0, "mode": "file", "command": "finetune",
+            "file": {"model": "tiny32", "data": "flat", "epochs": 2, "seed": 1, "out": "run0-file", "quiet": True},
+            "line": {"epochs": 1, "seed": 2, "out": "run0", "device": "cpu", "workers": 0, "freeze": "none"}}
+    result = fuzz.check_file_run(spec, env, [], tmp_path, timeout=300)
+    assert result["kind"] == "ok", result
+    run = tmp_path / "run0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 1}))      # as if the file had won
+    assert fuzz.typed_wins(spec, run, tmp_path)[0] == "file-won"
+    usage = "Usage: zoo finetune [OPTIONS] [MODEL]\nTry 'zoo finetune --help' for help.\n\nError: MODEL is required\n"
+    assert fuzz.classify(2, "", usage) == ("refused", "Error: MODEL is required")

@@ -15,7 +15,7 @@ from finetune.core.io import printable, printable_name, shell_command
 from zoo.cli import console
 from zoo.cli.app import cli
 from zoo.cli.options import (Folder, config_file_option, config_options, fc_dropout_option, given_options,
-                             naming_the_file, resolve_config)
+                             naming_the_file, read_of_the_file, resolve_config)
 from zoo.cli.console import echo
 from zoo.cli.shared import sayer
 from zoo.outdir import is_main_process
@@ -127,7 +127,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, data: str | None, config
         config, raw, notes = resolve_config(ctx, config_path, values, pretrained, given=given)
         for note in notes:
             log(note)
-        with naming_the_file(ctx, config_path, raw):    # (a freeze too deep, given in the file)
+        with naming_the_file(ctx, config_path, raw), read_of_the_file(ctx, config_path, "exclude", "exclude"):
             outcome = job.run_finetune(model, data, config, out=out, pretrained=pretrained, lr_auto=lr_auto,
                                         export=export is not False, fc_dropout=fc_dropout, overwrite=overwrite, log=log,
                                         on_run_dir=log_file, exclude=exclude)

@@ -20,14 +20,14 @@ from click.core import ParameterSource
 
 from finetune.core.config import (OPTIONS, FinetuneConfig, range_text, read_config_file, short_repr,
                                   unknown_options)
-from finetune.core.errors import FreezeTooDeepError
+from finetune.core.errors import ConfigError, FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
-from zoo.errors import UsageError
+from zoo.errors import FcDropoutError, UsageError
 
 __all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
            "read_config", "idle_options", "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption",
-           "NOT_IN_A_FILE"]
+           "NOT_IN_A_FILE", "read_of_the_file"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -362,10 +362,26 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
 
 
 @contextlib.contextmanager
+def read_of_the_file(ctx: click.Context, config_path: str | None, param: str, key: str) -> Iterator[None]:
+    """A value the command checks itself (zoo sweep's grid, its --folds, finetune's exclude file) refused in its
+    flag's words (``--lr: ...``) is said of the ``--config`` file when the file gave it, in :func:`_read_file`'s
+    words (``FILE: lr: ...``); other errors pass as they are."""
+    try:
+        yield
+    except (ConfigError, UsageError) as err:
+        flag = "--" + key.replace("_", "-")
+        if not config_path or ctx.get_parameter_source(param) != ParameterSource.DEFAULT_MAP \
+                or not str(err).startswith(flag):
+            raise
+        raise UsageError(f"{config_path}: {key}: {str(err).removeprefix(flag).lstrip(': ')}") from None
+
+
+@contextlib.contextmanager
 def naming_the_file(ctx: click.Context, config_path: str | None, file_values: dict[str, Any]) -> Iterator[None]:
-    """A freeze depth past the model's stages (known once the model is) said of the ``--config`` file when the
-    file gave it, not as ``--freeze`` (QA: ``freeze: 99`` in the file was named ``--freeze 99``, the file not at
-    all); a ``--freeze`` typed (zoo sweep's grid too) keeps the flag's wording. zoo sweep's grid given in the
+    """A freeze depth past the model's stages (known once the model is), or an fc_dropout for a model without VGG's
+    FC-4096 layers, said of the ``--config`` file when the file gave it, not as ``--freeze``/``--fc-dropout`` (QA:
+    ``freeze: 99`` in the file was named ``--freeze 99``, the file not at all); a flag typed (zoo sweep's grid too)
+    keeps the flag's wording. zoo sweep's grid given in the
     file (``freeze: 1,99``) is its ``--freeze``'s default (:func:`_read_file`), not a config key: named too."""
     try:
         yield
@@ -375,3 +391,7 @@ def naming_the_file(ctx: click.Context, config_path: str | None, file_values: di
         if typed or not config_path or "freeze" not in file_values and ParameterSource.DEFAULT_MAP not in sources:
             raise
         raise FreezeTooDeepError(err.depth, err.n_stages, f"freeze {err.depth} in {config_path}") from None
+    except FcDropoutError as err:       # (fc_dropout is a run-level key: the file gave it as --fc-dropout's default)
+        if not config_path or ctx.get_parameter_source("fc_dropout") != ParameterSource.DEFAULT_MAP:
+            raise
+        raise FcDropoutError(err.model, f"fc_dropout {ctx.params['fc_dropout']} in {config_path}") from None

@@ -16,7 +16,7 @@ from finetune.core.io import shell_command
 from finetune.core.rerun import kept_run_epochs, model_flags
 from zoo.cli.app import cli
 from zoo.cli.console import echo
-from zoo.cli.options import IntRange, RangedOption, config_options, resolve_config
+from zoo.cli.options import IntRange, RangedOption, config_options, read_of_the_file, resolve_config
 from zoo.errors import UsageError
 from zoo.cli.shared import NOT_HERE, claimed_out, common_options, overwrite_option, scan_and_build
 
@@ -80,11 +80,15 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
 
     if resume and not out:
         raise UsageError("--resume needs --out: the folder of the sweep to continue")
-    check_folds(folds)      # before the scan and the model build, as the grid's values
-    lrs = parse_values(lr_spec, "lr")
-    wds = parse_values(wd_spec, "weight-decay", allow_zero=True) if wd_spec is not None else None
+    with read_of_the_file(ctx, config_path, "folds", "folds"):
+        check_folds(folds)      # before the scan and the model build, as the grid's values
+    with read_of_the_file(ctx, config_path, "lr_spec", "lr"):
+        lrs = parse_values(lr_spec, "lr")
+    with read_of_the_file(ctx, config_path, "wd_spec", "weight_decay"):
+        wds = parse_values(wd_spec, "weight-decay", allow_zero=True) if wd_spec is not None else None
     freezes = parse_choices(freeze_spec, "freeze") if freeze_spec is not None else None
-    optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
+    with read_of_the_file(ctx, config_path, "optimizer_spec", "optimizer"):
+        optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
     config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
     config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
     with claimed_out(ctx, "sweep", config, config_path, raw, notes, model, data, out, resume=resume,

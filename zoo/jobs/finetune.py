@@ -21,7 +21,7 @@ from finetune.data import scan_folder, with_input_size, write_scan
 from finetune.data.imageset import name_list
 from finetune.data.scan import IMBALANCE_ADVICE
 from finetune.tools.doctor import exclude_items, exclude_list_text, read_exclude_file
-from finetune.core.errors import FinetuneError, Interrupted, OutOfMemory, is_out_of_memory, memory_text, stops_run
+from finetune.core.errors import is_out_of_memory, stops_run
 from finetune.core.policy import batchnorm_batch, lr_unused, parse_freeze
 from finetune.tools.features import FeatureCache
 from finetune.core.io import atomic_write_text, json_safe, printable_name, shell_command, write_json
@@ -30,7 +30,7 @@ from finetune.engine import check_machine, idle_gpus_note, resolve_device
 from finetune.tools.train import fit
 from zoo import build as zbuild, process
 from zoo.jobs import report as zreport
-from zoo.jobs.ending import cut_short_after_training
+from zoo.jobs.ending import cut_short_after_training, interrupted_before_training
 from zoo.bundle import export_run
 from zoo.cache import features_dir, read_manifest, scan_memo
 from zoo.errors import RegistryError, UsageError, ZooError
@@ -267,29 +267,16 @@ def run_finetune(model_name: str, data_dir: str | Path, config: FinetuneConfig, 
                                  excluded)
         ddp.leave(info)      # (done by _finish after training; here after the overfit check)
         return outcome
-    except KeyboardInterrupt:     # before the first checkpoint (the scan, the model build): fit, _finish say theirs
-        raise _interrupted_before_training(claimed) from None
+    except KeyboardInterrupt:     # (the scan, the model build; fit, _finish say theirs; one that gets here after)
+        raise interrupted_before_training(claimed) from None
     except (MemoryError, RuntimeError) as e:     # fit's set-up out of memory; another rank's end in a collective
         if claimed is not None and is_out_of_memory(e) and not (claimed / "config.yaml").is_file() \
                 and folder_kind(claimed) not in ("absent", "empty"):     # (its scan left: refused without --overwrite)
-            raise _interrupted_before_training(claimed, e) from None
+            raise interrupted_before_training(claimed, e) from None
         ddp.raise_if_peer_lost(e, info, claimed)
         raise
     finally:
         ddp.cleanup(info)
-
-
-def _interrupted_before_training(run_dir: Path | None, memory: BaseException | None = None) -> FinetuneError:
-    """Ctrl-C (or SIGTERM), or the device out of ``memory``, before the run's first checkpoint: nothing to resume.
-    The folder claimed is gone again (or empty), or holds what a set-up cut short wrote (scan.json, model.json)."""
-    what, smaller = ("interrupted", "") if memory is None else (f"out of memory ({memory_text(memory)})", ", a smaller "
-                                                                "--batch-size, --micro-batch N or a smaller --img-size")
-    if run_dir is not None and folder_kind(run_dir) not in ("absent", "empty"):
-        return (OutOfMemory if memory else Interrupted)(f"{what} before training: nothing was trained, {run_dir} holds "
-                                                        f"its scan and no checkpoint; start it again with the same "
-                                                        f"command and --overwrite{smaller}")
-    return Interrupted("interrupted before training: nothing was trained or saved; run the same command again to "
-                       "start it")
 
 
 def scan_on_main(data_dir: str | Path, config: FinetuneConfig, info, **kwargs):
