@@ -25,10 +25,12 @@ TORCH_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
 
 def memory_of(model: torch.nn.Module, k: int, *, training_too: bool = True) -> torch.nn.Module:
     """``model`` with a device memory that holds a forward pass of at most ``k`` images (``training_too`` False:
-    only its evaluation passes are limited); the passes' sizes are kept in ``model.passes``."""
+    only its evaluation passes are limited); the passes' sizes are kept in ``model.passes`` (meta-device forwards are none)."""
     model.passes = []
 
     def check(module, args):
+        if args[0].is_meta:     # set-up's size checks (recipe.check_input_size) hold no memory: not a pass
+            return
         n = int(args[0].shape[0])
         module.passes.append((module.training, n))
         if n > k and (training_too or not module.training):
