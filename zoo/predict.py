@@ -28,7 +28,7 @@ from finetune.core.io import broken_link, unexpanded_home
 from finetune.core.progress import progress_bar
 from finetune.core.threads import ordered_map
 from finetune.data import IMAGE_EXTENSIONS, build_transform, load_image, pil_warnings, upright_rgb
-from finetune.data.images import decode_opened, named_stream, open_image
+from finetune.data.images import decode_opened, named_stream, open_image, verified
 from finetune.data.loaders import failure_reason, resolve_workers
 from finetune.data.transforms import LimitAspect
 from finetune.data.files import image_files, is_ignored, refuse_zoo_output
@@ -213,9 +213,9 @@ def _load(item: Any, min_size: int | None) -> Image.Image:
     if isinstance(item, Image.Image):    # as training converts a file: EXIF-upright, 16-bit scaled, alpha on white
         with _PIL_LOAD:     # (its EXIF, parsed once and kept on it, too)
             unread = _unread(item)
-            if unread is not None:    # as its file: a big JPEG at the reduced scale (session 30: 0.727 vs 0.747)
-                with unread:
-                    return decode_opened(unread, min_size)
+            if unread is not None:    # as its file: a big JPEG at the reduced scale (session 30: 0.727 vs 0.747),
+                with unread, verified(unread, item.fp) as ready:        # a PNG's checksums checked (helper-147)
+                    return decode_opened(ready, min_size)
             item.load()
             return upright_rgb(item)
     # Same decode as validation (finetune.data.ImageDataset): JPEG draft down to what the resize needs.

@@ -929,3 +929,30 @@ def test_confusion_png_of_many_classes_shows_the_most_confused_ones_by_name(tmp_
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"c{i:03d}" for i in shown]
     assert ax.get_images()[0].get_array().tolist() == [[matrix[i][j] for j in shown] for i in shown]
     assert "6 of 200 classes" in ax.get_title() and (tmp_path / "confusion.png").stat().st_size > 0
+
+
+def test_a_png_with_a_wrong_crc_opened_with_pil_is_damaged_as_its_file_is(tmp_path):
+    """Session 35's leftover (helper-147): bundle.predict(Image.open("bad_crc.png")) predicted a PNG whose IDAT CRC
+    is wrong, where bundle.predict("bad_crc.png") and zoo predict refuse it (the path's check, ``verified``, was
+    not asked of the second opening that decodes an unloaded PIL image as its file). An image as Image.open returns
+    it, from a path or a file object, now goes through the path's check; a good one is predicted as before."""
+    import io
+
+    from zoo.predict import _load
+
+    bad, good = tmp_path / "bad_crc.png", tmp_path / "good.png"
+    _png_with_a_wrong_idat_crc(bad, (255, 0, 0))
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(good)
+    model, reasons = MeanColour().eval(), []
+    for given in (Image.open(bad), Image.open(io.BytesIO(bad.read_bytes())), Image.open(bad.open("rb"))):
+        assert predict_probs(model, [given, good], DC, on_error=lambda item, why: reasons.append(why))[0] == [1]
+        assert given.size == (12, 12) and given.fp is not None        # the caller's image and file: as they were
+    assert [("bad header checksum" in why) for why in reasons] == [True] * 3
+    with pytest.raises(SyntaxError, match="bad header checksum"):
+        _load(Image.open(bad), None)
+    caller = Image.open(good)
+    assert _load(caller, None).tobytes() == _load(good, None).tobytes() == caller.convert("RGB").tobytes()
+    loaded = Image.open(bad)
+    loaded.load()           # decoded by the caller: Pillow keeps no file (fp None) to check, used as given
+    assert loaded.fp is None and _load(loaded, None).size == (12, 12)
+    assert torch.equal(predict_probs(model, [Image.open(good)], DC)[1], predict_probs(model, [good], DC)[1])

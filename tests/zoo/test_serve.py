@@ -430,9 +430,43 @@ def test_the_page_shows_labels_and_names_as_zoo_prints_them_invisible_characters
     js = script + f"process.stdout.write(JSON.stringify({json.dumps(names)}.map(shown)));"
     got = json.loads(subprocess.run(["node", "-e", js], capture_output=True, text=True, check=True).stdout)
     assert got == [printable(n) for n in names]
-    for put in ("shown(p.label)", "shown(res.image)", "shown(f.name)", "shown(doc.detail"):
+    for put in ("shown(p.label)", "shown(res.image)", "shown(f.name)", "return shown(d === null"):
         assert put in _PAGE
     assert not re.search(r"el\('div', '', p\.label\)|textContent = res\.image", _PAGE)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="runs the page's script in node")
+def test_the_page_shows_any_error_answer_as_one_readable_line(server):
+    """Session 35's leftover (helper-147): the page showed FastAPI's 422 answer, whose ``detail`` is a list of
+    objects, as ``[object Object]``, and an answer that is no JSON (a proxy's 502 page) as the JSON parser's
+    SyntaxError. The page's script, run in node on the server's own 422 and on other answers, shows one line."""
+    import json
+    import subprocess
+
+    from zoo.serve import _PAGE
+
+    fastapi = httpx.post(f"{server.url}/predict?topk=abc", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert fastapi.status_code == 422 and isinstance(fastapi.json()["detail"], list)      # FastAPI's own shape
+    zoo = httpx.post(f"{server.url}/predict", files={"file": ("x.svg", b"<svg/>", "image/svg+xml")})
+    assert zoo.status_code == 415
+    fastapi_line = "; ".join(".".join(map(str, x["loc"])) + ": " + x["msg"] for x in fastapi.json()["detail"])
+    cases = [  # (status, statusText, body) -> the line shown
+        ((422, "", fastapi.text), fastapi_line),
+        ((415, "", zoo.text), zoo.json()["detail"]),
+        ((502, "Bad Gateway", "<html><body><h1>502 Bad Gateway</h1></body></html>"), "HTTP 502 Bad Gateway"),
+        ((500, "", ""), "HTTP 500"),
+        ((500, "", "null"), "HTTP 500"),
+        ((400, "", '{"detail": {"why": "x"}}'), '{"why":"x"}'),
+        ((400, "", '{"error": "x"}'), '{"error":"x"}'),
+        ((400, "", '{"detail": ["a", {"msg": "b"}, 3]}'), "a; b; 3"),
+        ((400, "", '{"detail": "two\\nlines\\u202e"}'), "two\\nlines\\u202e"),
+    ]
+    script = _PAGE[_PAGE.index("const HIDDEN"):_PAGE.index("function figure")]
+    answers = [{"status": st, "statusText": text, "body": body} for (st, text, body), _ in cases]
+    js = script + f"process.stdout.write(JSON.stringify({json.dumps(answers)}.map(a => problem(a, a.body))));"
+    got = json.loads(subprocess.run(["node", "-e", js], capture_output=True, text=True, check=True).stdout)
+    assert got == [want for _, want in cases] and got[0].startswith("query.topk: ")
+    assert "problem(r, text)" in _PAGE and "doc.detail" not in _PAGE
 
 
 def test_help_states_the_files_per_request_limit_the_server_applies():

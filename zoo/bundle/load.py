@@ -204,8 +204,8 @@ class Bundle:
         Args:
             images: a PIL image or path, or a list of them. A PIL image is read as its file would be (turned
                 upright by its EXIF orientation, transparency on white); one as ``Image.open`` returns it, not
-                decoded yet, is decoded from its file as the path is (a big JPEG at the same reduced scale) and
-                left unchanged; one loaded or changed before is used at the size it is given.
+                decoded yet, is decoded and checked from its file as the path is (a big JPEG at the same reduced
+                scale, a PNG's checksums) and left unchanged; one loaded or changed before is used as given.
             topk: how many classes per image (at least 1; capped at the number of classes).
             tta: average the softmax over several views of each image, as ``zoo predict --tta``:
                 ``tta_views`` "flip" (the validation view and its mirror) or "ten" (ten fixed crops);
