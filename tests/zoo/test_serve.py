@@ -447,12 +447,12 @@ def test_the_page_shows_any_error_answer_as_one_readable_line(server):
 
     fastapi = httpx.post(f"{server.url}/predict?topk=abc", files={"file": ("a.png", png_bytes(), "image/png")})
     assert fastapi.status_code == 422 and isinstance(fastapi.json()["detail"], list)      # FastAPI's own shape
-    zoo = httpx.post(f"{server.url}/predict", files={"file": ("x.svg", b"<svg/>", "image/svg+xml")})
-    assert zoo.status_code == 415
+    own = httpx.post(f"{server.url}/predict", files={"file": ("x.svg", b"<svg/>", "image/svg+xml")})
+    assert own.status_code == 415
     fastapi_line = "; ".join(".".join(map(str, x["loc"])) + ": " + x["msg"] for x in fastapi.json()["detail"])
     cases = [  # (status, statusText, body) -> the line shown
         ((422, "", fastapi.text), fastapi_line),
-        ((415, "", zoo.text), zoo.json()["detail"]),
+        ((415, "", own.text), own.json()["detail"]),
         ((502, "Bad Gateway", "<html><body><h1>502 Bad Gateway</h1></body></html>"), "HTTP 502 Bad Gateway"),
         ((500, "", ""), "HTTP 500"),
         ((500, "", "null"), "HTTP 500"),
