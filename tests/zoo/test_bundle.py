@@ -1,6 +1,7 @@
 """zoo.bundle: export a run folder, reload it (ours, plain timm, torchvision), damaged bundles, no pickle."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -130,6 +131,13 @@ def test_bundle_unpacks_and_predicts(run_and_model, tmp_path):
     assert len(bundle.predict(img, topk=10)[0]) == 3  # capped at C
     with pytest.raises(BundleError, match="cannot read image"):
         bundle.predict(tmp_path / "missing.png")
+    # a PIL image opened from a file is named by it (helper-147: "cannot read image PIL image", of any of a list)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(img_path.read_bytes()[:60])                   # cut in its pixel data
+    with pytest.raises(BundleError, match=r"cannot read image PIL image of .*bad\.png: "):
+        bundle.predict([img, Image.open(bad)])
+    with pytest.raises(BundleError, match=r"cannot read image PIL image: "):   # from bytes: no name to give
+        bundle.predict(Image.open(io.BytesIO(bad.read_bytes())))
 
 
 def test_a_bundle_and_a_run_moved_into_a_folder_named_in_latin_1_load_and_export(run_and_model, tmp_path):

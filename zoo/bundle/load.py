@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from PIL import Image
 
 from finetune.core.io import (SafetensorsHeaderError, broken_link, parse_safetensors_header, read_safetensors_header,
-                              sha256_file, shell_command)
+                              printable_name, sha256_file, shell_command)
 from zoo.build import TORCHVISION_KWARGS, build_network, create_model
 from zoo.network import build_to_load
 from zoo.bundle.checks import DATA_KEYS as _DATA_KEYS, WEIGHTS, check_config, class_count as _class_count
@@ -228,8 +228,9 @@ class Bundle:
             if not isinstance(item, (str, os.PathLike, Image.Image)):    # an array, a tensor: not its repr
                 raise BundleError(f"cannot read a {type(item).__name__}: give a file path or a PIL image "
                                   "(PIL.Image.fromarray(array) for an HxWx3 uint8 array)")
-            raise BundleError(f"cannot read image {item if not isinstance(item, Image.Image) else 'PIL image'}: "
-                              f"{reason}; check the file")
+            name = os.fsdecode(getattr(item, "filename", "") or "") if isinstance(item, Image.Image) else None
+            what = item if name is None else f"PIL image of {printable_name(name)}" if name else "PIL image"
+            raise BundleError(f"cannot read image {what}: {reason}; check the file")     # (Image.open(path): named)
 
         _, probs = predict_probs(self.model, images, self.data_config, tta=tta, tta_scales=tta_scales,
                                  tta_views=tta_views, batch_size=batch_size, on_error=fail, mirror=self.tta_mirror)
