@@ -27,7 +27,7 @@ from zoo.errors import FcDropoutError, UsageError
 
 __all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
            "read_config", "idle_options", "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption",
-           "NOT_IN_A_FILE", "read_of_the_file"]
+           "NOT_IN_A_FILE", "read_of_the_file", "file_notes"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -175,6 +175,7 @@ NOT_IN_A_FILE = {
 # The commands with a --config file, in the order a message names them
 CONFIG_COMMANDS = ("finetune", "lr-find", "sweep", "doctor")
 _META = f"{__name__}.config_file"   # (ctx.meta is shared by every context)
+_SKIPPED = f"{__name__}.skipped"
 
 
 class ConfigFileOption(click.Option):
@@ -229,11 +230,11 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
     base, raw = read_config_file(path, config_s)
     taken = {k: v for k, v in raw.items() if not config_s(k, v)}
     for key in taken:
-        if key in NOT_IN_A_FILE and key in own:     # (lr-find's resume: a key of other commands, below)
+        if key in NOT_IN_A_FILE:        # (even where the command has no such option: no recipe holds it)
             raise UsageError(f"{path}: {key}: {NOT_IN_A_FILE[key]}")
-    _refuse_others(ctx, path, [k for k in taken if k not in own], {*own, *fields})
+    ctx.meta[_SKIPPED] = _skipped(ctx, path, [k for k in taken if k not in own], {*own, *fields})
     defaults = {}
-    for key, value in taken.items():
+    for key, value in ((k, v) for k, v in taken.items() if k in own):
         option = own[key]
         value = _as_typed(option, key, value, path)
         try:
@@ -288,21 +289,36 @@ def _type_words(param: click.Parameter) -> str:
     return {"integer": "a whole number", "float": "a number"}.get(kind.name, "text")
 
 
-def _refuse_others(ctx: click.Context, path: str, keys: list[Any], known: set[str]) -> None:
-    """UsageError for the keys of a --config file that are no option of this command: those of another command
-    name the commands that take them; the others are unknown (the key meant named where one is close)."""
-    if not keys:
-        return
+def _skipped(ctx: click.Context, path: str, keys: list[Any], known: set[str]) -> list[str]:
+    """The note for the keys of a --config file that are no option of this command but another zoo command's
+    (one recipe for doctor, lr-find, sweep and finetune: each skips the others' keys, saying which and whose);
+    ``[]`` when there are none. A key no command takes (a typo) is the ConfigError of ``unknown_options``, the
+    key meant named where one is close, of any command's keys."""
     root = ctx.find_root().command
     commands = {name: root.commands[name] for name in CONFIG_COMMANDS if name in getattr(root, "commands", {})}
-    takers = {str(k): [name for name, c in commands.items() if k in file_keys(c) or _takes_config(c) and k in OPTIONS]
+    takers = {k: tuple(name for name, c in commands.items() if k in file_keys(c) or _takes_config(c) and k in OPTIONS)
               for k in keys}
-    elsewhere = [f"no {k} (zoo {', '.join(names)} {'does' if len(names) == 1 else 'do'})"
-                 for k, names in takers.items() if names]
-    if elsewhere:
-        raise UsageError(f"{path}: zoo {ctx.command.name} takes {', '.join(elsewhere)}; keys are the command's "
-                         f"options, see `zoo {ctx.command.name} --help`")
-    raise unknown_options(keys, known, path, ctx.command.name)
+    unknown = [k for k, names in takers.items() if not names]
+    if unknown:
+        raise unknown_options(unknown, {*known, *_every_key(commands)}, path, ctx.command.name)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key, names in takers.items():
+        groups.setdefault(names, []).append(str(key))
+    if not groups:
+        return []
+    whose = "; ".join(f"{', '.join(ks)} (for zoo {', '.join(names)})" for names, ks in groups.items())
+    return [f"note: {path}: zoo {ctx.command.name} skips {whose}"]
+
+
+def _every_key(commands: dict[str, click.Command]) -> set[str]:
+    """The keys a --config file may hold for any of ``commands``."""
+    return {k for c in commands.values() for k in (*file_keys(c), *(OPTIONS if _takes_config(c) else ()))}
+
+
+def file_notes(ctx: click.Context) -> list[str]:
+    """The note of the keys the ``--config`` file gave that this command skips, for the command to print
+    (:func:`_skipped`; ``[]`` without a file or such keys)."""
+    return list(ctx.meta.get(_SKIPPED, []))
 
 
 def read_config(path: str | None, ctx: click.Context | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
@@ -347,7 +363,7 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     (``given``: those flags, when the command already read them, e.g. finetune's ``--lr auto``).
 
     Returns:
-        The config, the YAML's own mapping, and the notes of :func:`idle_options` for the command to print.
+        The config, the YAML's own mapping, and the notes to print (:func:`file_notes`, :func:`idle_options`).
     """
     given = given_options(ctx, values) if given is None else given
     base, raw = read_config(config_path, ctx)
@@ -358,7 +374,7 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     # Compared as the config reads them (``base``): YAML gives `2e-1` and `'512'` as text.
     defaults = FinetuneConfig()
     chosen_in_file = [k for k in raw if getattr(base, k) != getattr(defaults, k)]
-    return config, raw, idle_options(config, [*given, *chosen_in_file])
+    return config, raw, [*file_notes(ctx), *idle_options(config, [*given, *chosen_in_file])]
 
 
 @contextlib.contextmanager
