@@ -315,10 +315,10 @@ def _every_key(commands: dict[str, click.Command]) -> set[str]:
     return {k for c in commands.values() for k in (*file_keys(c), *(OPTIONS if _takes_config(c) else ()))}
 
 
-def file_notes(ctx: click.Context) -> list[str]:
+def file_notes(ctx: click.Context | None) -> list[str]:
     """The note of the keys the ``--config`` file gave that this command skips, for the command to print
-    (:func:`_skipped`; ``[]`` without a file or such keys)."""
-    return list(ctx.meta.get(_SKIPPED, []))
+    (:func:`_skipped`; ``[]`` without a file, such keys or a context that read it)."""
+    return list(ctx.meta.get(_SKIPPED, [])) if ctx is not None else []
 
 
 def read_config(path: str | None, ctx: click.Context | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
