@@ -374,3 +374,58 @@ def test_one_recipe_runs_doctor_lr_find_sweep_and_finetune_each_skipping_the_oth
     assert invoke("finetune", "--config", bad, "--out", tmp_path / "f2").exit_code == 0
     result = invoke("lr-find", "--config", bad, "--out", tmp_path / "l2")
     assert result.exit_code == 2 and "bad.yaml: steps: '20.5' is not a valid integer." in result.output
+
+
+@pytest.mark.parametrize("text, typed, field, value", [
+    ("out: 10:30", ["--out", "10:30"], "out", "10:30"),                    # was the folder 630 (base 60)
+    ("model: '010'", ["010"], "model", "010"),                             # (quoted: text before too)
+    ("model: 010", ["010"], "model", "010"),                               # was "8" (octal)
+    ("model: 0x1F", ["0x1F"], "model", "0x1F"),                            # was "31"
+    ("epochs: 010", ["--epochs", "010"], "epochs", 10),                    # was 8
+    ("epochs: 1_0", ["--epochs", "1_0"], "epochs", 10),                    # (Python's int() and click's take _ too)
+    ("out: 2024-01-01", ["--out", "2024-01-01"], "out", "2024-01-01")])   # was "out=datetime.date(...) should be"
+def test_a_files_plain_text_means_what_the_same_text_typed_means(tmp_path, monkeypatch, finetune_calls, text, typed,
+                                                                   field, value):
+    """YAML 1.1 (PyYAML) read `1:0:3`, `10:30` as base-60 numbers, `010` as octal, `0x1F` as hex, `2024-01-01` as a
+    date: a --config value meant another thing than the same text after its flag. finetune.core.yamlschema: such
+    text stays text, and the option's own parser reads it as it reads the typed flag."""
+    make_image_folder(tmp_path / "photos", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    got = []
+    for args in (["--config", "c.yaml"], [*typed, "--config", "c.yaml"]):
+        (tmp_path / "c.yaml").write_text(f"model: m\ndata: photos\n{text}\n" if not text.startswith("model")
+                                         else f"data: photos\n{text}\n")
+        result = invoke("finetune", *args)
+        assert result.exit_code == 0, result.output
+        call = finetune_calls[-1]
+        got.append(getattr(call.config, field) if field == "epochs" else getattr(call, field))
+    assert got == [value, value]
+
+
+@pytest.mark.parametrize("command, text, says", [
+    ("finetune", "amp: on", "amp='on' should be true or false"),                 # was true
+    ("finetune", "export: yes", "export='yes' should be true or false"),         # was true
+    ("lr-find", "start_lr: 1:30", "start_lr: '1:30' is not a valid float."),     # was 90.0
+    ("sweep", "lr: 1:0:3", "lr: '1:0:3': a log-spaced range needs positive ends")])  # was lr 3603, the default grid
+def test_yaml_1_1_words_and_base_60_in_a_file_are_refused_as_the_typed_text_would_be(tmp_path, command, text, says):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: tiny32\ndata: {data}\n{text}\n")
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and f"zoo: error: {cfg}: {says}" in result.output, result.output
+
+
+def test_every_yaml_file_zoo_writes_reads_back_the_same(tmp_path):
+    """yaml.safe_dump (YAML 1.1's resolver) quotes each string it would read as another type; the narrower reader
+    must read back what zoo writes: a run's config.yaml (save_config), lr-find's and sweep's alike, with values
+    that look like numbers, words YAML 1.1 reads as true/false, dates and base-60 text."""
+    from finetune.core.io import load_yaml
+
+    tricky = ["010", "0x1F", "1:0:3", "10:30", "yes", "off", "2024-01-01", "1_000", "1e-3", ".5", "=", "~", "null"]
+    config = FinetuneConfig(lr=1e-5, weight_decay=0.0, freeze="2", epochs=12, seed=0, mixup=0.25)
+    save_config(config, tmp_path / "config.yaml")
+    assert read_config_file(tmp_path / "config.yaml")[0] == config
+    written = {"strings": tricky, "numbers": [0, -1, 10**20, 1e-5, 1e16, -0.0, 3.5, float("inf")],
+               "flags": [True, False, None], **{t: t for t in tricky}}
+    text = yaml.safe_dump(written)
+    assert load_yaml(text) == yaml.safe_load(text) == written
