@@ -429,3 +429,19 @@ def test_every_yaml_file_zoo_writes_reads_back_the_same(tmp_path):
                "flags": [True, False, None], **{t: t for t in tricky}}
     text = yaml.safe_dump(written)
     assert load_yaml(text) == yaml.safe_load(text) == written
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep", "doctor"])
+def test_an_unknown_model_in_the_file_is_said_of_the_file(tmp_path, command):
+    """`model: .inf` (or `model: 5`) in a --config file was refused as if MODEL had been typed (`unknown model
+    'inf'`), the file not named; a MODEL typed (doctor: --model) keeps the plain words."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"model: .inf\ndata: {data}\n")
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "a")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"zoo: error: {cfg}: model: unknown model 'inf'; ")
+    typed = ["--model", "nope"] if command == "doctor" else ["nope"]
+    result = invoke(command, *typed, "--config", cfg, "--out", tmp_path / "b")
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith(
+        "zoo: error: unknown model 'nope'; "), result.output

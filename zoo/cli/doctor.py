@@ -13,7 +13,8 @@ from finetune.core.progress import progress_bar
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.shared import sayer
-from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption, config_file_option, file_notes
+from zoo.cli.options import (FiniteFloatRange, Folder, IntRange, RangedOption, config_file_option, file_notes,
+                             naming_the_file)
 
 __all__ = ["doctor_cmd"]
 
@@ -114,8 +115,9 @@ def doctor_cmd(ctx: click.Context, folder: str | None, data: str | None, model: 
         raise click.UsageError(str(e))
     config = FinetuneConfig(seed=seed, val_split=val_split, device=device, batch_size=batch_size,
                             workers=workers, quiet=quiet)
-    result, folder = doctor.run(data, model=model, out=out, options=options, config=config, log=log,
-                                progress=_bar(quiet), overwrite=overwrite)
+    with naming_the_file(ctx, config_path, {}):
+        result, folder = doctor.run(data, model=model, out=out, options=options, config=config, log=log,
+                                    progress=_bar(quiet), overwrite=overwrite)
     counts = result.by_kind()
     echo(f"{result.images} images, {len(result.classes)} classes: "
                + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n) if result.findings

@@ -23,7 +23,7 @@ from finetune.core.config import (OPTIONS, FinetuneConfig, range_text, read_conf
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
-from zoo.errors import FcDropoutError, UsageError
+from zoo.errors import FcDropoutError, UnknownModelError, UsageError
 
 __all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
            "read_config", "idle_options", "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption",
@@ -394,11 +394,11 @@ def read_of_the_file(ctx: click.Context, config_path: str | None, param: str, ke
 
 @contextlib.contextmanager
 def naming_the_file(ctx: click.Context, config_path: str | None, file_values: dict[str, Any]) -> Iterator[None]:
-    """A freeze depth past the model's stages (known once the model is), or an fc_dropout for a model without VGG's
-    FC-4096 layers, said of the ``--config`` file when the file gave it, not as ``--freeze``/``--fc-dropout`` (QA:
-    ``freeze: 99`` in the file was named ``--freeze 99``, the file not at all); a flag typed (zoo sweep's grid too)
-    keeps the flag's wording. zoo sweep's grid given in the
-    file (``freeze: 1,99``) is its ``--freeze``'s default (:func:`_read_file`), not a config key: named too."""
+    """A freeze depth past the model's stages (known once the model is), an fc_dropout for a model without VGG's
+    FC-4096 layers, or a model the zoo does not know, said of the ``--config`` file when the file gave it, not as
+    ``--freeze``/``--fc-dropout``/the MODEL typed (QA: ``freeze: 99`` in the file was named ``--freeze 99``, the
+    file not at all); a flag or MODEL typed (zoo sweep's grid too) keeps its wording. zoo sweep's grid given in
+    the file (``freeze: 1,99``) is its ``--freeze``'s default (:func:`_read_file`), not a config key: named too."""
     try:
         yield
     except FreezeTooDeepError as err:
@@ -411,3 +411,7 @@ def naming_the_file(ctx: click.Context, config_path: str | None, file_values: di
         if not config_path or ctx.get_parameter_source("fc_dropout") != ParameterSource.DEFAULT_MAP:
             raise
         raise FcDropoutError(err.model, f"fc_dropout {ctx.params['fc_dropout']} in {config_path}") from None
+    except UnknownModelError as err:    # (`model: .inf` in the file was "unknown model 'inf'", the file not named)
+        if not config_path or ctx.get_parameter_source("model") != ParameterSource.DEFAULT_MAP:
+            raise
+        raise UnknownModelError(f"{config_path}: model: {err}") from None
