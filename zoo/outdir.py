@@ -146,7 +146,7 @@ def sweep_trial(path: str | os.PathLike) -> str | None:
     path = Path(path)
     for trials in (path.parent, path.parent.parent):
         if trials.name == "trials" and folder_kind(trials.parent) == "sweep" and not (path / "model.json").exists():
-            best = best_trial_command(trials.parent)      # (sweep.json's model; the data folder is not recorded)
+            best = best_trial_command(trials.parent)      # (sweep.json's model and data folder)
             return (f"{path} is a trial of the zoo sweep in {trials.parent} (kept by --keep-runs), which zoo does "
                     f"not export or continue: train its options as a run (`{best}` trains the best trial's) and "
                     "use that run's bundle")

@@ -62,9 +62,10 @@ def kept_run_epochs(trial_epochs: int) -> int:
 
 def best_trial_command(sweep: str | Path) -> str:
     """The new run with the options of the best trial of the ``zoo sweep`` in ``sweep`` (``--config
-    SWEEP/best_config.yaml``) and :func:`kept_run_epochs`, of the model, starting weights and FC dropout its
-    sweep.json records; the data folder is not recorded there (DIR)."""
-    fixed = read_json_object(Path(sweep) / "sweep.json").get("fixed")
+    SWEEP/best_config.yaml``) and :func:`kept_run_epochs`, of the model, starting weights, FC dropout and data
+    folder its sweep.json records (DIR for a sweep recorded before the data folder was)."""
+    spec = read_json_object(Path(sweep) / "sweep.json")
+    fixed, data = spec.get("fixed"), spec.get("data_dir")
     fixed = fixed if isinstance(fixed, dict) else {}
     who = fixed.get("identity") if isinstance(fixed.get("identity"), dict) else {}
     epochs = fixed.get("config", {}).get("epochs") if isinstance(fixed.get("config"), dict) else None
@@ -72,7 +73,8 @@ def best_trial_command(sweep: str | Path) -> str:
     return new_run_command("--config", Path(sweep) / "best_config.yaml",
                            *(("--epochs", kept_run_epochs(epochs)) if isinstance(epochs, int) else ()),
                            *model_flags(who.get("pretrained"), who.get("fc_dropout")),
-                           model=model if isinstance(model, str) and model.strip() else "MODEL")
+                           model=model if isinstance(model, str) and model.strip() else "MODEL",
+                           data=data if isinstance(data, str) and data else "DIR")
 
 
 def _config(path: Path) -> Path | None:

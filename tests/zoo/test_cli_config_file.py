@@ -90,15 +90,11 @@ def test_resume_overwrite_or_config_in_a_file_is_refused_in_one_line_before_any_
                                                                                          key, value, says):
     data = make_image_folder(tmp_path / "data", per_class=2)
     cfg = recipe(tmp_path / "recipe.yaml", model="tiny32", data=data, out=tmp_path / "run", **{key: value})
-    for command in (["finetune"], ["lr-find"], ["sweep"], ["doctor"]):
-        no_resume = key == "resume" and command[0] in ("lr-find", "doctor")     # (a key of other commands there)
-        if command[0] == "doctor":
-            cfg = recipe(tmp_path / "doctor.yaml", data=data, out=tmp_path / "run", **{key: value})
+    for command in (["finetune"], ["lr-find"], ["sweep"], ["doctor"]):     # (lr-find's, doctor's too: no --resume)
         result = invoke(*command, "--config", cfg)
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
-        said = f"zoo {command[0]} takes no resume (zoo finetune, sweep do)" if no_resume else says
-        assert len(lines) == 1 and f"{cfg}: {said}" in lines[0], (command, result.output)
+        assert len(lines) == 1 and f"{cfg}: {says}" in lines[0], (command, result.output)
     assert not (tmp_path / "run").exists() and finetune_calls == []
 
 
@@ -126,15 +122,13 @@ def test_a_data_in_a_file_gets_the_flags_message_naming_the_file(tmp_path, finet
     assert f"{cfg}: data: {archive} is a .zip archive, not a folder: extract it" in result.output, result.output
 
 
-def test_a_key_of_another_command_is_refused_naming_the_commands_that_take_it(tmp_path, finetune_calls):
+def test_a_key_no_command_takes_is_refused_with_the_close_matches(tmp_path, finetune_calls):
     data = make_image_folder(tmp_path / "data", per_class=2)
-    result = invoke("finetune", "--config", recipe(tmp_path / "a.yaml", model="tiny32", data=data, steps=50))
-    assert result.exit_code == 2 and "a.yaml: zoo finetune takes no steps (zoo lr-find does)" in result.output
-    result = invoke("doctor", "--config", recipe(tmp_path / "b.yaml", data=data, lr=0.1))
-    assert result.exit_code == 2 and "b.yaml: zoo doctor takes no lr (zoo finetune, lr-find, sweep do)" in result.output
     result = invoke("doctor", "--config", recipe(tmp_path / "c.yaml", data=data, nera=0.9))
     assert result.exit_code == 2 and "unknown option(s) nera (did you mean near?)" in result.output
     assert "see `zoo doctor --help`" in result.output
+    result = invoke("doctor", "--config", recipe(tmp_path / "e.yaml", data=data, stpes=20))    # another command's
+    assert result.exit_code == 2 and "unknown option(s) stpes (did you mean steps?)" in result.output
     result = invoke("finetune", "--config", recipe(tmp_path / "d.yaml", **{"fc-dropout": 0.1}))
     assert result.exit_code == 2 and "unknown option(s) fc-dropout (did you mean fc_dropout?)" in result.output
     assert finetune_calls == []
@@ -336,3 +330,118 @@ def test_an_unreadable_exclude_in_the_file_is_said_of_the_file(tmp_path, monkeyp
     result = invoke("finetune", "--config", recipe(tmp_path / "f.yaml", model=tiny, data=data, **FAST), "--out",
                     tmp_path / "b", "--exclude", bad)
     assert result.exit_code == 2 and "zoo: error: --exclude: cannot read" in result.output, result.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Found by session 35's config leftovers (helper-143)
+# ----------------------------------------------------------------------------------------------------------------
+def test_one_recipe_runs_doctor_lr_find_sweep_and_finetune_each_skipping_the_others_keys(tmp_path, monkeypatch,
+                                                                                          finetune_calls):
+    """One recipe.yaml per project: `zoo doctor --config recipe.yaml` refused its `lr:` ("zoo doctor takes no lr"),
+    `zoo finetune --config` its `steps:`/`folds:`. Each command now skips the keys another zoo command takes, with
+    one note naming them and whose they are; its own keys are still checked as its flags'."""
+    from zoo.cli import lr_find, sweep
+    from zoo.jobs import doctor
+
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    seen = {}
+    monkeypatch.setattr(doctor, "run", lambda data, *, out=None, options=None, **kw: (seen.update(doctor=options.folds),
+                        (SimpleNamespace(findings=[], images=0, classes=[], by_kind=dict), Path(out)))[1])
+    monkeypatch.setattr(lr_find, "_lr_find_into", lambda out_dir, model, data, config, pretrained, fc_dropout,
+                        start_lr, end_lr, steps, *a: seen.update(lr_find=(steps, config.lr, config.epochs)))
+    monkeypatch.setattr(sweep, "_sweep_into", lambda ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs,
+                        *a: seen.update(sweep=(a[3], config.lr, config.epochs)))
+    cfg = tmp_path / "recipe.yaml"          # (keys in this order: the note names them in the file's order)
+    cfg.write_text(f"model: tiny32\ndata: {data}\nlr: 0.01\nepochs: 3\nsteps: 20\nstart_lr: 1e-5\nfolds: 2\n"
+                   "near: 0.97\nkeep_runs: true\ndevice: cpu\n")
+    notes = {}
+    for command in ("doctor", "lr-find", "sweep", "finetune"):
+        result = invoke(command, "--config", cfg, "--out", tmp_path / command)
+        assert result.exit_code == 0, (command, result.output)
+        notes[command] = [line for line in result.output.splitlines() if line.startswith(f"note: {cfg}")]
+    assert notes == {
+        "doctor": [f"note: {cfg}: zoo doctor skips lr, epochs (for zoo finetune, lr-find, sweep); steps, "
+                   "start_lr (for zoo lr-find); keep_runs (for zoo sweep)"],
+        "lr-find": [f"note: {cfg}: zoo lr-find skips folds (for zoo sweep, doctor); near (for zoo doctor); keep_runs "
+                    "(for zoo sweep)"],
+        "sweep": [f"note: {cfg}: zoo sweep skips steps, start_lr (for zoo lr-find); near (for zoo doctor)"],
+        "finetune": [f"note: {cfg}: zoo finetune skips steps, start_lr (for zoo lr-find); folds (for zoo sweep, "
+                     "doctor); near (for zoo doctor); keep_runs (for zoo sweep)"]}
+    assert seen == {"doctor": 2, "lr_find": (20, 0.01, 3), "sweep": (2, 0.01, 3)}
+    assert (finetune_calls[-1].config.lr, finetune_calls[-1].config.epochs) == (0.01, 3)
+    # the keys a command takes are still checked as its flags (steps: 20.5 is no whole number for lr-find)
+    bad = recipe(tmp_path / "bad.yaml", model="tiny32", data=data, steps=20.5)
+    assert invoke("finetune", "--config", bad, "--out", tmp_path / "f2").exit_code == 0
+    result = invoke("lr-find", "--config", bad, "--out", tmp_path / "l2")
+    assert result.exit_code == 2 and "bad.yaml: steps: '20.5' is not a valid integer." in result.output
+
+
+@pytest.mark.parametrize("text, typed, field, value", [
+    ("out: 10:30", ["--out", "10:30"], "out", "10:30"),                    # was the folder 630 (base 60)
+    ("model: '010'", ["010"], "model", "010"),                             # (quoted: text before too)
+    ("model: 010", ["010"], "model", "010"),                               # was "8" (octal)
+    ("model: 0x1F", ["0x1F"], "model", "0x1F"),                            # was "31"
+    ("epochs: 010", ["--epochs", "010"], "epochs", 10),                    # was 8
+    ("epochs: 1_0", ["--epochs", "1_0"], "epochs", 10),                    # (Python's int() and click's take _ too)
+    ("out: 2024-01-01", ["--out", "2024-01-01"], "out", "2024-01-01")])   # was "out=datetime.date(...) should be"
+def test_a_files_plain_text_means_what_the_same_text_typed_means(tmp_path, monkeypatch, finetune_calls, text, typed,
+                                                                   field, value):
+    """YAML 1.1 (PyYAML) read `1:0:3`, `10:30` as base-60 numbers, `010` as octal, `0x1F` as hex, `2024-01-01` as a
+    date: a --config value meant another thing than the same text after its flag. finetune.core.yamlschema: such
+    text stays text, and the option's own parser reads it as it reads the typed flag."""
+    make_image_folder(tmp_path / "photos", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    got = []
+    for args in (["--config", "c.yaml"], [*typed, "--config", "c.yaml"]):
+        (tmp_path / "c.yaml").write_text(f"model: m\ndata: photos\n{text}\n" if not text.startswith("model")
+                                         else f"data: photos\n{text}\n")
+        result = invoke("finetune", *args)
+        assert result.exit_code == 0, result.output
+        call = finetune_calls[-1]
+        got.append(getattr(call.config, field) if field == "epochs" else getattr(call, field))
+    assert got == [value, value]
+
+
+@pytest.mark.parametrize("command, text, says", [
+    ("finetune", "amp: on", "amp='on' should be true or false"),                 # was true
+    ("finetune", "export: yes", "export='yes' should be true or false"),         # was true
+    ("lr-find", "start_lr: 1:30", "start_lr: '1:30' is not a valid float."),     # was 90.0
+    ("sweep", "lr: 1:0:3", "lr: '1:0:3': a log-spaced range needs positive ends")])  # was lr 3603, the default grid
+def test_yaml_1_1_words_and_base_60_in_a_file_are_refused_as_the_typed_text_would_be(tmp_path, command, text, says):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: tiny32\ndata: {data}\n{text}\n")
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and f"zoo: error: {cfg}: {says}" in result.output, result.output
+
+
+def test_every_yaml_file_zoo_writes_reads_back_the_same(tmp_path):
+    """yaml.safe_dump (YAML 1.1's resolver) quotes each string it would read as another type; the narrower reader
+    must read back what zoo writes: a run's config.yaml (save_config), lr-find's and sweep's alike, with values
+    that look like numbers, words YAML 1.1 reads as true/false, dates and base-60 text."""
+    from finetune.core.io import load_yaml
+
+    tricky = ["010", "0x1F", "1:0:3", "10:30", "yes", "off", "2024-01-01", "1_000", "1e-3", ".5", "=", "~", "null"]
+    config = FinetuneConfig(lr=1e-5, weight_decay=0.0, freeze="2", epochs=12, seed=0, mixup=0.25)
+    save_config(config, tmp_path / "config.yaml")
+    assert read_config_file(tmp_path / "config.yaml")[0] == config
+    written = {"strings": tricky, "numbers": [0, -1, 10**20, 1e-5, 1e16, -0.0, 3.5, float("inf")],
+               "flags": [True, False, None], **{t: t for t in tricky}}
+    text = yaml.safe_dump(written)
+    assert load_yaml(text) == yaml.safe_load(text) == written
+
+
+@pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep", "doctor"])
+def test_an_unknown_model_in_the_file_is_said_of_the_file(tmp_path, command):
+    """`model: .inf` (or `model: 5`) in a --config file was refused as if MODEL had been typed (`unknown model
+    'inf'`), the file not named; a MODEL typed (doctor: --model) keeps the plain words."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"model: .inf\ndata: {data}\n")
+    result = invoke(command, "--config", cfg, "--out", tmp_path / "a")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"zoo: error: {cfg}: model: unknown model 'inf'; ")
+    typed = ["--model", "nope"] if command == "doctor" else ["nope"]
+    result = invoke(command, *typed, "--config", cfg, "--out", tmp_path / "b")
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith(
+        "zoo: error: unknown model 'nope'; "), result.output

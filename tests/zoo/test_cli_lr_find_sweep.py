@@ -520,3 +520,26 @@ def test_a_sweeps_auto_epochs_line_counts_a_head_warm_up_trained_by_gradient(opt
     from zoo.cli.sweep import _length
 
     assert _length(FinetuneConfig(**options)) == line
+
+
+def test_a_kept_sweep_trials_line_names_the_sweeps_data_folder_and_runs_pasted(tiny_zoo, tmp_path, monkeypatch):
+    """Session 35 (helper-143): sweep.json recorded only a fingerprint of the data, so the line that names a kept
+    trial (`zoo export TRIAL` ...) said `--data DIR`, to fill in by hand. The sweep records the data folder's
+    absolute path (`data_dir`, not checked on resume): the line names it, and pasted as printed it trains, from
+    another folder too (the sweep was given a relative --data)."""
+    monkeypatch.chdir(tiny_zoo.parent)
+    out = tmp_path / "sw"
+    r = CliRunner().invoke(cli, ["sweep", "tiny-resnet", "--data", tiny_zoo.name, "--out", str(out), "--lr", "1e-3",
+                                 "--epochs", "1", "--keep-runs", "--quiet", *COMMON])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "sweep.json").read_text())["data_dir"] == str(tiny_zoo)
+    (trial,) = (out / "trials").iterdir()
+    res = CliRunner().invoke(cli, ["export", str(trial)])
+    assert res.exit_code == 1 and "`zoo finetune" in res.output, res.output
+    line = res.output.split("`")[1]
+    assert shlex.split(line)[:4] == ["zoo", "finetune", "tiny-resnet", "--data"] and "DIR" not in shlex.split(line)
+    monkeypatch.chdir(tmp_path / "sw")          # pasted elsewhere: the path is absolute
+    pasted = CliRunner().invoke(cli, [*shlex.split(line)[1:], "--out", str(tmp_path / "kept"), "--epochs", "1",
+                                      "--quiet", "--no-export", "--workers", "0", "--device", "cpu"])
+    assert pasted.exit_code == 0, pasted.output
+    assert json.loads((tmp_path / "kept" / "scan.json").read_text())["root"] == str(tiny_zoo)

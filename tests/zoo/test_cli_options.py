@@ -128,7 +128,7 @@ def test_a_config_in_utf16_is_read_and_one_in_no_text_encoding_is_one_line(tmp_p
 @pytest.mark.parametrize("text,message", [
     ("epochs: 2.5", "epochs=2.5 should be a whole number"),
     ("lr: true", "lr=True should be a number"),
-    ("patience: yes", "patience=True should be a whole number"),
+    ("patience: yes", "patience='yes' should be a whole number"),     # (text since helper-143: YAML 1.1 read True)
     ("tensorboard: 3", "tensorboard=3 should be true or false"),
     ("lr: auto", "lr='auto' should be a number; auto is taken on the command line only (--lr auto): in a file "
                  "give the learning rate, e.g. lr: 0.001"),

@@ -13,7 +13,8 @@ from finetune.core.progress import progress_bar
 from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.shared import sayer
-from zoo.cli.options import FiniteFloatRange, Folder, IntRange, RangedOption, config_file_option
+from zoo.cli.options import (FiniteFloatRange, Folder, IntRange, RangedOption, config_file_option, file_notes,
+                             naming_the_file)
 
 __all__ = ["doctor_cmd"]
 
@@ -70,7 +71,8 @@ def _bar(quiet: bool):
 @click.option("--quiet", "quiet", is_flag=True, help="No progress bars.")
 @config_file_option("YAML file with any of the options below (data for DIR; not overwrite or config: type them); "
                     "keys are the option names with underscores; its paths are relative to the current directory, "
-                    "as a flag's. DIR and flags given here override it.", finetune=False)
+                    "as a flag's; another zoo command's keys (one recipe for all) are skipped with a note. DIR and "
+                    "flags given here override it.", finetune=False)
 @click.pass_context
 def doctor_cmd(ctx: click.Context, folder: str | None, data: str | None, model: str | None, out: str | None,
                overwrite: bool, near: float | None,
@@ -104,6 +106,8 @@ def doctor_cmd(ctx: click.Context, folder: str | None, data: str | None, model: 
     from zoo.jobs import doctor
 
     log = sayer(quiet)
+    for note in file_notes(ctx):
+        log(note)
     try:
         options = DoctorOptions(near_threshold=near, pixel_threshold=near_pixels, folds=folds, seed=seed,
                                 outlier_z=outlier_z, min_side=min_side, max_aspect=max_aspect).validate()
@@ -111,8 +115,9 @@ def doctor_cmd(ctx: click.Context, folder: str | None, data: str | None, model: 
         raise click.UsageError(str(e))
     config = FinetuneConfig(seed=seed, val_split=val_split, device=device, batch_size=batch_size,
                             workers=workers, quiet=quiet)
-    result, folder = doctor.run(data, model=model, out=out, options=options, config=config, log=log,
-                                progress=_bar(quiet), overwrite=overwrite)
+    with naming_the_file(ctx, config_path, {}):
+        result, folder = doctor.run(data, model=model, out=out, options=options, config=config, log=log,
+                                    progress=_bar(quiet), overwrite=overwrite)
     counts = result.by_kind()
     echo(f"{result.images} images, {len(result.classes)} classes: "
                + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n) if result.findings

@@ -41,7 +41,8 @@ def _parse_lr(text: str) -> tuple[float | None, bool]:
               help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*.")
 @config_file_option("YAML file with any of the options below, the run's too (model, data, out, pretrained, export, "
                     "exclude, fc_dropout; not resume, overwrite or config: type them); keys are the option names with "
-                    "underscores; paths are relative to the current directory. MODEL and flags typed override it.")
+                    "underscores; paths are relative to the current directory; another zoo command's keys (one "
+                    "recipe for all) are skipped with a note. MODEL and flags typed override it.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder.  [default: runs/<model>-<YYYYmmdd-HHMMSS>]")
 @click.option("--resume", "resume", type=Folder(exists=True, what="run folder"), default=None,

@@ -23,11 +23,11 @@ from finetune.core.config import (OPTIONS, FinetuneConfig, range_text, read_conf
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
-from zoo.errors import FcDropoutError, UsageError
+from zoo.errors import FcDropoutError, UnknownModelError, UsageError
 
 __all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
            "read_config", "idle_options", "resolve_config", "FiniteFloatRange", "Folder", "IntRange", "RangedOption",
-           "NOT_IN_A_FILE", "read_of_the_file"]
+           "NOT_IN_A_FILE", "read_of_the_file", "file_notes"]
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -175,6 +175,7 @@ NOT_IN_A_FILE = {
 # The commands with a --config file, in the order a message names them
 CONFIG_COMMANDS = ("finetune", "lr-find", "sweep", "doctor")
 _META = f"{__name__}.config_file"   # (ctx.meta is shared by every context)
+_SKIPPED = f"{__name__}.skipped"
 
 
 class ConfigFileOption(click.Option):
@@ -229,11 +230,11 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
     base, raw = read_config_file(path, config_s)
     taken = {k: v for k, v in raw.items() if not config_s(k, v)}
     for key in taken:
-        if key in NOT_IN_A_FILE and key in own:     # (lr-find's resume: a key of other commands, below)
+        if key in NOT_IN_A_FILE:        # (even where the command has no such option: no recipe holds it)
             raise UsageError(f"{path}: {key}: {NOT_IN_A_FILE[key]}")
-    _refuse_others(ctx, path, [k for k in taken if k not in own], {*own, *fields})
+    ctx.meta[_SKIPPED] = _skipped(ctx, path, [k for k in taken if k not in own], {*own, *fields})
     defaults = {}
-    for key, value in taken.items():
+    for key, value in ((k, v) for k, v in taken.items() if k in own):
         option = own[key]
         value = _as_typed(option, key, value, path)
         try:
@@ -288,21 +289,36 @@ def _type_words(param: click.Parameter) -> str:
     return {"integer": "a whole number", "float": "a number"}.get(kind.name, "text")
 
 
-def _refuse_others(ctx: click.Context, path: str, keys: list[Any], known: set[str]) -> None:
-    """UsageError for the keys of a --config file that are no option of this command: those of another command
-    name the commands that take them; the others are unknown (the key meant named where one is close)."""
-    if not keys:
-        return
+def _skipped(ctx: click.Context, path: str, keys: list[Any], known: set[str]) -> list[str]:
+    """The note for the keys of a --config file that are no option of this command but another zoo command's
+    (one recipe for doctor, lr-find, sweep and finetune: each skips the others' keys, saying which and whose);
+    ``[]`` when there are none. A key no command takes (a typo) is the ConfigError of ``unknown_options``, the
+    key meant named where one is close, of any command's keys."""
     root = ctx.find_root().command
     commands = {name: root.commands[name] for name in CONFIG_COMMANDS if name in getattr(root, "commands", {})}
-    takers = {str(k): [name for name, c in commands.items() if k in file_keys(c) or _takes_config(c) and k in OPTIONS]
+    takers = {k: tuple(name for name, c in commands.items() if k in file_keys(c) or _takes_config(c) and k in OPTIONS)
               for k in keys}
-    elsewhere = [f"no {k} (zoo {', '.join(names)} {'does' if len(names) == 1 else 'do'})"
-                 for k, names in takers.items() if names]
-    if elsewhere:
-        raise UsageError(f"{path}: zoo {ctx.command.name} takes {', '.join(elsewhere)}; keys are the command's "
-                         f"options, see `zoo {ctx.command.name} --help`")
-    raise unknown_options(keys, known, path, ctx.command.name)
+    unknown = [k for k, names in takers.items() if not names]
+    if unknown:
+        raise unknown_options(unknown, {*known, *_every_key(commands)}, path, ctx.command.name)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key, names in takers.items():
+        groups.setdefault(names, []).append(str(key))
+    if not groups:
+        return []
+    whose = "; ".join(f"{', '.join(ks)} (for zoo {', '.join(names)})" for names, ks in groups.items())
+    return [f"note: {path}: zoo {ctx.command.name} skips {whose}"]
+
+
+def _every_key(commands: dict[str, click.Command]) -> set[str]:
+    """The keys a --config file may hold for any of ``commands``."""
+    return {k for c in commands.values() for k in (*file_keys(c), *(OPTIONS if _takes_config(c) else ()))}
+
+
+def file_notes(ctx: click.Context | None) -> list[str]:
+    """The note of the keys the ``--config`` file gave that this command skips, for the command to print
+    (:func:`_skipped`; ``[]`` without a file, such keys or a context that read it)."""
+    return list(ctx.meta.get(_SKIPPED, [])) if ctx is not None else []
 
 
 def read_config(path: str | None, ctx: click.Context | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
@@ -347,7 +363,7 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     (``given``: those flags, when the command already read them, e.g. finetune's ``--lr auto``).
 
     Returns:
-        The config, the YAML's own mapping, and the notes of :func:`idle_options` for the command to print.
+        The config, the YAML's own mapping, and the notes to print (:func:`file_notes`, :func:`idle_options`).
     """
     given = given_options(ctx, values) if given is None else given
     base, raw = read_config(config_path, ctx)
@@ -358,7 +374,7 @@ def resolve_config(ctx: click.Context, config_path: str | None, values: dict[str
     # Compared as the config reads them (``base``): YAML gives `2e-1` and `'512'` as text.
     defaults = FinetuneConfig()
     chosen_in_file = [k for k in raw if getattr(base, k) != getattr(defaults, k)]
-    return config, raw, idle_options(config, [*given, *chosen_in_file])
+    return config, raw, [*file_notes(ctx), *idle_options(config, [*given, *chosen_in_file])]
 
 
 @contextlib.contextmanager
@@ -378,11 +394,11 @@ def read_of_the_file(ctx: click.Context, config_path: str | None, param: str, ke
 
 @contextlib.contextmanager
 def naming_the_file(ctx: click.Context, config_path: str | None, file_values: dict[str, Any]) -> Iterator[None]:
-    """A freeze depth past the model's stages (known once the model is), or an fc_dropout for a model without VGG's
-    FC-4096 layers, said of the ``--config`` file when the file gave it, not as ``--freeze``/``--fc-dropout`` (QA:
-    ``freeze: 99`` in the file was named ``--freeze 99``, the file not at all); a flag typed (zoo sweep's grid too)
-    keeps the flag's wording. zoo sweep's grid given in the
-    file (``freeze: 1,99``) is its ``--freeze``'s default (:func:`_read_file`), not a config key: named too."""
+    """A freeze depth past the model's stages (known once the model is), an fc_dropout for a model without VGG's
+    FC-4096 layers, or a model the zoo does not know, said of the ``--config`` file when the file gave it, not as
+    ``--freeze``/``--fc-dropout``/the MODEL typed (QA: ``freeze: 99`` in the file was named ``--freeze 99``, the
+    file not at all); a flag or MODEL typed (zoo sweep's grid too) keeps its wording. zoo sweep's grid given in
+    the file (``freeze: 1,99``) is its ``--freeze``'s default (:func:`_read_file`), not a config key: named too."""
     try:
         yield
     except FreezeTooDeepError as err:
@@ -395,3 +411,7 @@ def naming_the_file(ctx: click.Context, config_path: str | None, file_values: di
         if not config_path or ctx.get_parameter_source("fc_dropout") != ParameterSource.DEFAULT_MAP:
             raise
         raise FcDropoutError(err.model, f"fc_dropout {ctx.params['fc_dropout']} in {config_path}") from None
+    except UnknownModelError as err:    # (`model: .inf` in the file was "unknown model 'inf'", the file not named)
+        if not config_path or ctx.get_parameter_source("model") != ParameterSource.DEFAULT_MAP:
+            raise
+        raise UnknownModelError(f"{config_path}: model: {err}") from None

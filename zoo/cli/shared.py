@@ -78,7 +78,8 @@ COMMON_OPTIONS = [
                  help="Image folder: DIR/<class>/* or DIR/{train,val}/<class>/*."),
     config_file_option("YAML file with any of the options below, MODEL too (as `zoo finetune --config`: keys are "
                        "the option names with underscores; not overwrite, resume or config: type them); its paths "
-                       "are relative to the current directory, as a flag's. MODEL and flags given here override it."),
+                       "are relative to the current directory, as a flag's; another zoo command's keys (one recipe "
+                       "for all) are skipped with a note. MODEL and flags given here override it."),
     click.option("--pretrained/--no-pretrained", "pretrained", default=True, show_default=True,
                  help="Start from the zoo's pretrained weights; --no-pretrained: random init (tests, baselines)."),
     fc_dropout_option,

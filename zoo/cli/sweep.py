@@ -139,7 +139,7 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
                        optimizers=optimizers, folds=folds, resume=resume, keep_runs=keep_runs, log=say,
                        feature_cache=feature_cache(say), fit_fn=_fit_afresh,
                        identity={"model": entry.name, "pretrained": bool(pretrained), "fc_dropout": fc_dropout,
-                                 "data": report.fingerprint()})
+                                 "data": report.fingerprint()}, data_dir=report.root)
     except (Interrupted, KeyboardInterrupt):
         # (a trial's own message would say its epochs were not saved: the sweep saves whole trials)
         done = finished_trials(out_dir, config, n_stages, lrs, wds, freezes, optimizers)

@@ -4,8 +4,9 @@ short finetune through ``finetune.tools.train.fit``; optional stratified k-fold 
 Results go to ``out_dir``: ``results.jsonl`` (one line per finished trial, appended as it finishes: the
 resume log), ``results.csv`` (all trials, sorted by the validation metric), ``sweep.png`` (metric vs LR
 per freeze depth), ``best_config.yaml`` (the best trial's FinetuneConfig, for ``zoo finetune --config``)
-and ``sweep.json`` (the last grid and the fixed options, checked on ``resume``). A resume may change the
-grid (extend it); the fixed options must stay, so every trial of ``results.jsonl`` is ranked in the others.
+and ``sweep.json`` (the last grid and the fixed options, checked on ``resume``; the data folder's path). A resume
+may change the grid (extend it); the fixed options must stay, so every trial of ``results.jsonl`` is ranked in the
+others.
 
 The parts: ``space`` (the grid, trial configs, k-fold splits), ``results`` (trial records, results.jsonl /
 results.csv, the plot) and ``run`` (:func:`sweep`).

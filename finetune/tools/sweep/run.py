@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict
@@ -16,7 +17,7 @@ from finetune.core.config import OPTIMIZERS, FinetuneConfig, save_config
 from finetune.data import ImageSet
 from finetune.core.errors import ConfigError, DivergedError
 from finetune.tools.features import FeatureCache
-from finetune.core.io import json_safe, write_json
+from finetune.core.io import json_safe, printable_name, write_json
 from finetune.core.metrics import metric_text
 from finetune.core.policy import parse_freeze
 from finetune.tools.sweep.results import (SweepResult, TrialResult, _append_jsonl, _rank, _read_jsonl,
@@ -54,7 +55,7 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
           freezes: Sequence[str] | None = None, optimizers: Sequence[str] | None = None, folds: int = 0,
           resume: bool = False, keep_runs: bool = False, log: Callable[[str], None] | None = None,
           fit_fn: Callable[..., Any] | None = None, feature_cache: FeatureCache | None = None,
-          identity: dict[str, Any] | None = None) -> SweepResult:
+          identity: dict[str, Any] | None = None, data_dir: str | Path | None = None) -> SweepResult:
     """Run every combination of the swept values as a short ``fit`` and rank them.
 
     Each trial starts from a fresh ``model_factory()`` (torch is seeded with ``config.seed`` just before
@@ -80,7 +81,8 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
             backbone features of a head-only trial are computed once and shared by every trial.
         feature_cache: where those features are kept (default: in memory; on disk, later runs share them).
         identity: what the trials train beyond the config (the CLI's: the model, its starting weights, the
-            data's fingerprint), recorded in sweep.json and checked on resume.
+            data's fingerprint), recorded in sweep.json and checked on resume; ``data_dir``, the data folder, is
+            recorded there too (absolute: the lines naming the best trial's new run give it), not checked.
     Returns:
         SweepResult, best first; ``best_config.yaml`` holds ``trial_config(config, best.params)``.
     Raises:
@@ -96,10 +98,9 @@ def sweep(model_factory: Callable[[], Any], stages: Sequence[Sequence[str]], dat
     splits = kfold_splits(train_set, val_set, folds, config.seed) if folds else [(train_set, val_set)]   # 1: refused
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
     fixed = _fixed_options(config, folds, len(train_set), len(val_set) if val_set is not None else 0, identity)
-    done, identified = _start(out, jsonl, {"fixed": fixed, "grid": asdict(space), "metric": metric}, resume)
+    done, identified = _start(out, jsonl, {"fixed": fixed, "grid": asdict(space), "metric": metric}, resume, data_dir)
 
     fit_one = functools.partial(_fit_split, seed=config.seed, model_factory=model_factory, fit_fn=fit_fn,
                                 stages=stages, data_config=data_config, head=head, features=features,
@@ -201,10 +202,16 @@ def _grid(config: FinetuneConfig, n_stages: int, lrs: Sequence[float], weight_de
     return space
 
 
-def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool) -> tuple[dict[str, TrialResult], bool]:
-    """Write ``out/sweep.json``; the trials already in ``jsonl`` when resuming, and whether they are known to
-    share this sweep's identity (a sweep recorded before identities were: not known). ConfigError: an existing
-    sweep without ``resume``, or one whose fixed options or identity differ."""
+def _start(out: Path, jsonl: Path, spec: dict[str, Any], resume: bool,
+           data_dir: str | Path | None = None) -> tuple[dict[str, TrialResult], bool]:
+    """Make ``out`` and write ``out/sweep.json`` (with ``data_dir``'s absolute path, which no resume checks: the
+    same data may be reached at another path, the fingerprint is the check); the trials already in ``jsonl`` when
+    resuming, and whether they are known to share this sweep's identity (a sweep recorded before identities
+    were: not known). ConfigError: an existing sweep without ``resume``, or one whose fixed options or identity
+    differ."""
+    out.mkdir(parents=True, exist_ok=True)
+    if data_dir is not None:
+        spec = {**spec, "data_dir": printable_name(os.path.abspath(data_dir))}
     spec_path = out / "sweep.json"
     done: dict[str, TrialResult] = {}
     identified = True
