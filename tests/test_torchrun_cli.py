@@ -236,6 +236,21 @@ def test_help_of_a_one_process_command_is_shown_under_torchrun(monkeypatch):
     assert refused.exit_code == 2 and "zoo lr-find runs in one process" in refused.stderr, refused.output
 
 
+def test_a_stop_that_reaches_rank_0_as_it_exits_leaves_the_commands_code():
+    """helper-145: torchrun's SIGTERM, sent once another rank had ended, reached rank 0 after its line, as it exited
+    (the command over, SIGTERM's default handler back): torchrun's summary said -15 for rank 0 (4 runs of 4 of the
+    kill tests below), 1 where it came sooner. Under torchrun the process exits with the command's code: here a
+    refusal (exit 2), then a SIGTERM as the interpreter ends (atexit)."""
+    code = ("import atexit, os, signal, sys\n"
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+            "sys.argv = ['zoo', 'lr-find', 'm', '--data', 'd']\n"
+            "from zoo.cli import main\n"
+            "main()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHELASTIC_RUN_ID="j", WORLD_SIZE="2", RANK="0")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "zoo lr-find runs in one process" in done.stderr, (done.returncode, done.stderr)
+
+
 # A fault on one rank only, injected by a launcher script that torchrun runs in place of `-m zoo`: RANK's n-th call
 # of NAME raises (or, for "kill", the process kills itself as the kernel's OOM killer would; "oom": the device out of
 # memory in a forward pass). A fourth field, WHERE, makes the ordering that torchrun's stop may take: the SIGTERM it
@@ -284,7 +299,7 @@ main()
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 @pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) for f in (
-    "kill:1:2", "kill:1:2:close", "kill:1:2:cleanup")] + ["enospc:0:2"])
+    "kill:1:2", "kill:1:2:close", "kill:1:2:cleanup", "oom:1:2")] + ["enospc:0:2"])
 def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tmp_path, monkeypatch, fault):
     """helper-97 (hands-on): rank 1 killed mid-epoch (SIGKILL, as the OOM killer does) made rank 0 end with
     80 lines of gloo traceback ("RuntimeError: ... Connection reset by peer"), and a full disk met by rank 0's
@@ -293,12 +308,18 @@ def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tm
     the job ends (no rank waits for the one that is gone). helper-135: whichever comes first to rank 0, the broken
     connection or torchrun's SIGTERM, and wherever the second finds it (":close": in the trainer's flush, ":cleanup":
     leaving the process group), the line names the resume (it was "zoo: interrupted", or "interrupted before
-    training: ... no checkpoint; start it again with ... --overwrite" over a run that kept last.pt)."""
+    training: ... no checkpoint; start it again with ... --overwrite" over a run that kept last.pt). helper-145: the
+    line names the rank that ended ("another process of this torchrun job stopped" named none), and why where it said
+    (":oom", rank 1 out of memory alone: its line, with the resume in smaller passes; it says it itself too, after its
+    5 s wait for torchrun's stop); rank 0 exits 1 with it (torchrun's summary said -15 where its stop reached rank 0
+    as it exited)."""
     tiny = register_tiny(tmp_path, monkeypatch)
     data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
     (tmp_path / "inject.py").write_text(INJECT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
                ZOO_RANK_GRACE_S="120")      # rank 1 must not speak before torchrun stops it
+    if fault.startswith("oom"):     # (rank 0 waits in a collective until rank 1 exits, after its wait: the default)
+        env.pop("ZOO_RANK_GRACE_S")
     env.pop("WORLD_SIZE", None)
     out = tmp_path / "out"
     run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(tmp_path / "inject.py"), fault,
@@ -311,11 +332,22 @@ def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tm
         assert errors == ["zoo: error: no space left on device while writing: free some disk space or write "
                           "elsewhere (--out, ZOO_HOME)"], run.stdout[-3000:]
         return
+    codes = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+) \(pid", run.stdout))
     resume = f"continue with `torchrun --nproc-per-node 2 -m zoo finetune --resume {out}`"
-    # (torchrun's stop may reach rank 0 before the broken connection does: then it says it was interrupted)
-    assert len(errors) == 1 and errors[0].endswith(resume) and errors[0].startswith((
-        "zoo: error: another process of this torchrun job stopped, and the connection to it broke (",
-        "zoo: error: interrupted: ")), run.stdout[-3000:]
+    if fault.startswith("oom"):
+        own = (f"out of memory in a forward pass of 4 image(s) (CUDA out of memory. Tried to allocate 2.00 GiB): rank 0 "
+               f"saves {out}; continue in passes of 2 images (the same steps) with `torchrun --nproc-per-node 2 -m zoo "
+               f"finetune --resume {out} --micro-batch 2`")     # (rank 1's, said before it exits: rank 0's follows)
+        # (torchrun's stop may reach rank 0 before the broken connection does: then it says it was interrupted)
+        assert errors[0] == f"zoo: error (rank 1): {own}" and len(errors) == 2 and (
+            errors[1] == f"zoo: error: rank 1 of this torchrun job stopped on its own error: {own}"
+            or errors[1].startswith("zoo: error: interrupted: ") and errors[1].endswith(resume)), run.stdout[-3000:]
+    else:
+        assert len(errors) == 1 and errors[0].endswith(resume) and errors[0].startswith((
+            "zoo: error: rank 1 of this torchrun job stopped without a word (killed, by the out-of-memory killer or a "
+            "signal, or a crash: torchrun's summary gives its exit code), and the connection to it broke (",
+            "zoo: error: interrupted: ")), run.stdout[-3000:]
+    assert codes.get("0") == ("130" if errors[-1].startswith("zoo: error: interrupted: ") else "1"), run.stdout[-3000:]
     assert not (out / "summary.json").exists() and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= 1        # whole (sha256 checked): resumable
 

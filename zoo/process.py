@@ -18,12 +18,14 @@ import ctypes
 import functools
 import gc
 import os
+import signal
 import sys
+import threading
 
 from finetune.core.host import affinity_cpus, cpu_quota, usable_cpus
 
 __all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
-           "launcher_rank", "under_torchrun"]
+           "launcher_rank", "under_torchrun", "deaf_to_torchrun_stop"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
 
@@ -105,6 +107,15 @@ def skip_final_collection() -> None:
     "Process exit"). atexit handlers (weakref finalizers, logging, multiprocessing) and the teardown of
     modules run as before; only cyclic garbage is left to the operating system."""
     gc.freeze()
+
+
+def deaf_to_torchrun_stop() -> None:
+    """Called as the process is about to exit, the command over: under torchrun, SIGTERM is ignored from here on,
+    and the process exits with the command's code. torchrun's SIGTERM, sent once another rank had ended, reached
+    rank 0 after its line, as it exited (SIGTERM's default handler back): torchrun's summary said -15 where a stop
+    that came sooner left 1 (helper-145). An exit that hangs still ends: torchrun sends SIGKILL after its wait."""
+    if under_torchrun() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def describe() -> str | None:

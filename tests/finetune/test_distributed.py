@@ -811,3 +811,61 @@ def test_every_line_naming_a_new_run_names_the_launch_the_job_was_started_with(m
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(run / "checkpoints" / "last.pt")
     assert str(err.value).endswith(f"start the run over with `{over}`")
+
+
+@pytest.mark.parametrize("words,said", [
+    ({1: "out of memory in a forward pass of 4 image(s) (CUDA out of memory): rank 0 saves RUN; continue in passes "
+         "of 2 images (the same steps) with `torchrun --nproc-per-node 2 -m zoo finetune --resume RUN --micro-batch 2`"},
+     "rank 1 of this torchrun job stopped on its own error: out of memory in a forward pass of 4 image(s) (CUDA out "
+     "of memory): rank 0 saves RUN; continue in passes of 2 images (the same steps) with `torchrun --nproc-per-node 2 "
+     "-m zoo finetune --resume RUN --micro-batch 2`"),
+    ({1: "", 3: "no space left on device while writing: free some disk space or write elsewhere (--out, ZOO_HOME)"},
+     "rank 3 of this torchrun job stopped on its own error: no space left on device while writing: free some disk "
+     "space or write elsewhere (--out, ZOO_HOME); RUN keeps its last checkpoint: continue with `zoo finetune "
+     "--resume RUN`"),
+    ({1: "", 3: ""}, "rank 2 of this torchrun job stopped without a word (killed, by the out-of-memory killer or a "
+                     "signal, or a crash: torchrun's summary gives its exit code), and the connection to it broke "
+                     "(Connection reset by peer); RUN keeps its last checkpoint: continue with `zoo finetune --resume RUN`"),
+    ({1: ""}, "another process of this torchrun job stopped, and the connection to it broke (Connection reset by "
+              "peer); torchrun's summary names its rank and exit code, and its own lines say why; RUN keeps"),
+    (None, "another process of this torchrun job stopped, and the connection to it broke (Connection reset by "
+           "peer); torchrun's summary names its rank and exit code, and its own lines say why; RUN keeps"),
+])
+def test_rank_0_names_the_process_that_ended_from_the_others_last_words(tmp_path, monkeypatch, words, said):
+    """helper-145: rank 0's line for a peer lost in a collective named no rank ("another process of this torchrun
+    job stopped"; torchrun's summary did), and a rank that ended on its own error (out of memory, a full disk) said
+    why only in its own lines, on its own machine. Each rank that ends leaves its line in the job's store (its word;
+    "" where it ends on another's end), and rank 0 names the rank that ended on its own error, with its line (which,
+    naming a command, says how to go on), or the one rank that left no word (killed); else the line as before
+    (two ranks silent, or no store: words None)."""
+    world = 4 if words and 3 in words else 2
+    info = ddp.DistInfo(rank=0, world_size=world, local_rank=0, enabled=True)
+    store = torch.distributed.HashStore()
+    for r, word in (words or {}).items():
+        store.set(f"zoo/last-word/0/{r}", word)
+    monkeypatch.setattr(ddp, "_job_store", lambda: None if words is None else store)
+    monkeypatch.setattr(ddp, "WORDS_WAIT_S", 0.2)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    run = tmp_path / "RUN"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    error = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+    with pytest.raises(FinetuneError) as err:
+        ddp.raise_if_peer_lost(error, info, run)
+    assert str(err.value).replace(str(run), "RUN").startswith(said), str(err.value)
+    if words is not None:       # rank 0's own word: it ended on another's end
+        assert store.get("zoo/last-word/0/0") == b""
+
+
+def test_a_process_leaves_its_first_word_only(monkeypatch):
+    """helper-145: a rank that met another's end in a collective leaves "" first (ddp.raise_if_peer_lost), then
+    the CLI's line for that end: the first stays, so rank 0 does not read "another process ... stopped" as a rank's
+    own error."""
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(ddp, "_job_store", lambda: store)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    ddp.leave_word("")
+    ddp.leave_word("another process of this torchrun job stopped, ...")
+    assert store.get("zoo/last-word/1/2") == b""

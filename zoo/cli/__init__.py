@@ -26,6 +26,7 @@ def main() -> None:
         cli(prog_name="zoo")
     finally:
         process.skip_final_collection()
+        process.deaf_to_torchrun_stop()
 
 
 if __name__ == "__main__":  # pragma: no cover
