@@ -123,10 +123,9 @@ def exit_now(code: object = 0) -> NoReturn:
     whole and renamed) before this.
     The exit code is ``sys.exit``'s: None 0, an int itself, anything else printed to stderr and 1."""
     skip_final_collection()
-    me = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not me and not thread.daemon:
-            thread.join()
+    # (CPython's own call at exit: the threading atexit callbacks first, which wake a live ThreadPoolExecutor's idle
+    # workers, then the join of every thread that is not a daemon; joined by hand, those workers waited forever)
+    threading._shutdown()   # type: ignore[attr-defined]
     atexit._run_exitfuncs()     # (CPython's own call at exit; the handlers' errors are printed, as at any exit)
     if code is None:
         status = 0
