@@ -226,6 +226,8 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     work = copy.deepcopy(model) if copy_model else model
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
+    if info.is_main:     # first: the epochs and the LR warm-up said below depend on it (helper-149)
+        say(f"freeze: {decision.label} ({decision.reason})")
     _check_batch(work, config, decision, info, data_config, head)
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))

@@ -607,6 +607,16 @@ def test_the_validation_pass_has_the_training_pass_bar_advanced_without_a_host_l
     assert all(b.total == 3 and b.n == 3 and b.figures is None and not b.disable for b in val)     # 9 images, 4 a batch
 
 
+def test_the_freeze_decision_is_said_before_the_lines_that_depend_on_it(data):
+    """helper-149: "epochs: at most 8 (auto for freeze ...)" and "leaving the solved head gently" came before the
+    "freeze:" line that states the decision both follow from; the decision is said first now, once."""
+    said = []
+    run(data, cfg(epochs=0, freeze="1", head_epochs=-1, fast_head=True), log=said.append)
+    first = [next(i for i, line in enumerate(said) if line.startswith(start))
+             for start in ("freeze: head + last 1 stage (", "epochs: at most ", "finetune: leaving the solved head")]
+    assert first == sorted(first) and sum(line.startswith("freeze: ") for line in said) == 1, said
+
+
 def test_the_kernel_takes_any_batches_a_step_hook_and_leaves_divergence_to_the_caller():
     """The one loop of every tool: any (x, y) iterable; after_step sees each step's loss and may end the
     epoch (the LR range test); raise_diverged=False reports NaN in the metrics (the overfit check);
