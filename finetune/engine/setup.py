@@ -85,6 +85,14 @@ class Setup:
         return head_first(self.config, self.decision.trainable_stages)
 
     @property
+    def in_effect(self) -> dict[str, bool]:
+        """The device options as this run used them (summary.json's ``in_effect``; report.html's config table):
+        config.yaml's ``amp``, ``channels_last`` and ``gpu_normalize`` say what was asked, true by default on
+        any device, though amp and gpu_normalize act on CUDA only (``runtime.amp_policy``, ``device_steps``) and
+        channels_last on CUDA only where the network trains (``runtime.nhwc``)."""
+        return {"amp": self.amp.enabled, "channels_last": self.channels_last, "gpu_normalize": self.output == "uint8"}
+
+    @property
     def has_val(self) -> bool:
         return len(self.val_set.items) > 0
 

@@ -425,6 +425,7 @@ class Trainer:
             "stopped_early": self.stopped_early, "phases": self.phases,
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
+            "in_effect": s.in_effect,
             "head_guard": self.guard.decision,
             "head_solver": self.solver_path or None, "mirror": self.mirror,
             "seconds": round(self.seconds_before + now - t_run, 3), "classes": s.classes,

@@ -648,6 +648,24 @@ def test_huge_learning_rate_diverges(data):
         run(data, cfg(optimizer="sgd", lr=1e30, freeze="none", epochs=2))
 
 
+def test_the_reports_config_table_says_which_device_options_a_cpu_run_did_not_use(data, tmp_path):
+    """helper-149: report.html's config table showed amp and gpu_normalize true on a CPU run, where neither acts
+    (CUDA only). summary.json records what the run used (``in_effect``, from its setup), the table says it beside
+    the asked value; channels_last, used on the CPU (NHWC), stays a plain true."""
+    import re
+
+    from finetune.tools.pages import run_report_html
+
+    out = tmp_path / "run"
+    run(data, cfg(epochs=1, freeze="1"), run_dir=out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["in_effect"] == {"amp": False, "channels_last": True, "gpu_normalize": False}
+    cells = dict(re.findall(r"<tr><td>(amp|channels_last|gpu_normalize|epochs)</td><td[^>]*>([^<]*)</td>",
+                            run_report_html(out)))
+    assert cells == {"amp": "true (no effect on cpu)", "channels_last": "true",
+                     "gpu_normalize": "true (no effect on cpu)", "epochs": "1"}, cells
+
+
 def test_run_folder_has_every_file(data, tmp_path):
     out = tmp_path / "run"
     result = run(data, cfg(epochs=2, freeze="1", class_weights="auto"), run_dir=out)
