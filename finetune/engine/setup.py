@@ -59,6 +59,9 @@ class Setup:
     train_loader: Any = None
     val_loader: Any = None
     datasets: list = field(default_factory=list)
+    # what the set-up decided from the freeze decision or noticed (auto epochs, the LR warm-up, a dtype converted):
+    # lines for the caller to say after the decision's own "freeze:" line (helper-149: they came before it)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -202,7 +205,7 @@ def _sync_bn(model: nn.Module, head: str, config: FinetuneConfig, info: ddp.Dist
 
 def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
                 val_set: ImageSet | None, config: FinetuneConfig, *, head: str, reset_head: bool = True,
-                copy_model: bool = False, distributed: bool = True, log: Log | None = None) -> Setup:
+                copy_model: bool = False, distributed: bool = True) -> Setup:
     """Prepare ``model`` (or a deep copy of it) and the data the way every tool trains them.
 
     Args:
@@ -216,11 +219,11 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         copy_model: work on a deep copy (the diagnostics: the caller's model stays as it was).
         distributed: join the torchrun process group when there is one (``fit``); the diagnostics run
             in one process.
-        log: receives the one-line warnings (rank 0).
     Raises:
         ConfigError: bad options, train/val classes differ, device not available.
     """
-    say = log or (lambda _msg: None)
+    notes: list[str] = []      # for the caller to say after the freeze decision (Setup.notes)
+    say = notes.append
     _check_kinds(config, train_set, val_set)
     if val_set is None:
         val_set = ImageSet(items=[], classes=list(train_set.classes))
@@ -234,8 +237,6 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     work = copy.deepcopy(model) if copy_model else model
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
-    if info.is_main:     # first: the epochs and the LR warm-up said below depend on it (helper-149)
-        say(f"freeze: {decision.label} ({decision.reason})")
     _check_batch(work, config, decision, info, data_config, head)
     if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
         config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
@@ -250,7 +251,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                   amp=amp_policy(device, bool(config.amp), info), loss_fn=build_loss(config, weights, device),
                   channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
-                  mix=build_mix(config, len(counts)))
+                  mix=build_mix(config, len(counts)), notes=notes)
     # the layout (runtime.nhwc): NHWC on the CPU, and on CUDA when the network trains (not for a head-only
     # run on cached features, which passes each image forward once)
     setup.channels_last = nhwc(device, config.channels_last, trains=not (setup.head_only and setup.cached_head))
