@@ -167,9 +167,10 @@ def _tiny_setup(root, config: FinetuneConfig, logs: list[str] | None = None):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
           "std": (0.5,) * 3}
-    return build_setup(model, [["0"]], dc, ImageSet(items, classes), None, config.replace(device="cpu", workers=0),
-                       head="3", copy_model=True, distributed=False,
-                       log=logs.append if logs is not None else None)
+    setup = build_setup(model, [["0"]], dc, ImageSet(items, classes), None, config.replace(device="cpu", workers=0),
+                        head="3", copy_model=True, distributed=False)
+    (logs if logs is not None else []).extend(setup.notes)     # (said by the caller after the freeze line)
+    return setup
 
 
 def test_the_setup_holds_the_resolved_epochs(tmp_path):
