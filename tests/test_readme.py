@@ -315,6 +315,15 @@ def test_every_guide_page_is_in_the_index():
         assert page.read_text(encoding="utf-8").startswith("# "), f"{page.name}: starts with its title"
 
 
+def test_the_share_page_names_every_option_of_zoo_push():
+    """helper-149: `zoo push --dry-run` (read the card, upload nothing) was in --help only, not in share.md."""
+    from zoo.cli import cli
+
+    text = (GUIDE / "share.md").read_text(encoding="utf-8")
+    options = [name for p in cli.commands["push"].params for name in p.opts if name.startswith("--")]
+    assert "--dry-run" in options and [o for o in options if f"`{o}" not in text and f"{o} " not in text] == []
+
+
 # Where the guide lists what each command writes into its --out: (page, the text that opens the list, the text
 # that closes it). zoo.outdir.KINDS holds what each command writes (what --overwrite replaces); a file a command
 # gains must be named on its page too (the run folder's table had lost report.html and exclude.txt).

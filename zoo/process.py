@@ -153,12 +153,11 @@ def exit_now(code: object = 0) -> NoReturn:
 
 
 def describe() -> str | None:
-    """The lines a run's log gets about what this process set, one a setting (None when nothing was set)."""
+    """The lines a run's log gets about what this process set that a user should know of, one a setting (None
+    when nothing was set): the thread count, where it is fewer than the cores the run sees. Not
+    :func:`keep_freed_memory`, set on every glibc run alike: a line at every start that needed no action
+    (helper-149); docs/guide/performance.md says what it does and that ``ZOO_MALLOC=system`` turns it off."""
     notes = []
-    if keep_freed_memory.cache_info().currsize and keep_freed_memory():
-        # in a user's words: what changes for them (speed, memory) and the switch ("glibc malloc" said nothing)
-        notes.append("memory: kept for the next training step once freed (faster; the process holds more RAM; "
-                     "ZOO_MALLOC=system turns it off)")
     if threads_within_quota.cache_info().currsize and threads_within_quota():
         notes.append(f"threads: {threads_within_quota()}, the CPUs this container's quota allows (fewer than the "
                      f"cores it sees; OMP_NUM_THREADS sets another count)")

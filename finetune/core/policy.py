@@ -46,7 +46,8 @@ class FreezeDecision:
         label: short description of what trains, in --freeze's words: "head", "head + last 2 stages" or
             "none" (nothing frozen: "all" read as "freeze: all", and a model card said "freeze: all (none)").
         reason: one sentence for the printout, e.g.
-            "156 images, 4 classes, 39 per class: small -> training the head only; pass --freeze to override".
+            "156 images, 4 classes, 39 per class: small (small below 50 a class or 500 images, large from 1000 a
+            class) -> training the head only; pass --freeze to override".
     """
 
     trainable_stages: int
@@ -128,7 +129,10 @@ def decide_freeze(config: Any, n_images: int, n_classes: int, per_class_min: int
     else:
         size, k = "medium", max(0, min(int(config.medium_stages), n_stages))
     label, what = _describe(k, n_stages)
-    return FreezeDecision(k, label, f"{sizes}: {size} -> {what}; pass --freeze to override")
+    # the bands, from the options that define them (a bare "medium" left the user to guess them: helper-149)
+    bands = (f"small below {config.small_per_class} a class or {config.small_total} images, "
+             f"large from {config.large_per_class} a class")
+    return FreezeDecision(k, label, f"{sizes}: {size} ({bands}) -> {what}; pass --freeze to override")
 
 
 def default_bn(pretrained: bool) -> str:

@@ -74,6 +74,7 @@ class LoaderSteps:
         self.val_losses: torch.Tensor | None = None    # ... and their cross-entropy (float64)
         # "train"/"val" -> (epoch, loader, its pass started ahead)
         self._ahead: dict[str, tuple[int, object, Iterator]] = {}
+        self._epoch = 0     # the epoch last trained: its validation bar's label
         self._val = KeptPass()      # the validation batches, after a first full pass
 
     def begin_phase(self, phase: str) -> None:
@@ -163,6 +164,7 @@ class LoaderSteps:
 
     def train_epoch(self, epoch: int, phase: str, optimizer, scheduler, scaler) -> dict:
         s = self.s
+        self._epoch = epoch
         self.start_ahead(epoch)
         batches = self._take("train", epoch)
         if s.has_val and "val" not in self._ahead and self._val.get(s.val_loader) is None:
@@ -218,9 +220,16 @@ class LoaderSteps:
         if kept is None:
             started = self._take("val", None)
             batches = self._val.record(s.val_loader, s.val_loader if started is None else started)
-        out = evaluate(s.model if full else self.eval_net, batches, s.eval_loss_fn, s.device, s.classes,
-                       amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize, probs=probs,
-                       correct=correct, losses=losses, micro=int(s.config.micro_batch))
+        # the same bar as the training pass's (7-8 s a pass at medium size on 2 CPU cores: helper-149): an epoch's
+        # own, or, ``full`` (the head guard's and the final evaluation), the weights' after training
+        desc = "validation" if full else f"epoch {self._epoch}/{s.config.epochs} validation"
+        bar = progress_bar(len(s.val_loader), desc, unit="batch", quiet=s.config.quiet or not s.info.is_main)
+        try:
+            out = evaluate(s.model if full else self.eval_net, batches, s.eval_loss_fn, s.device, s.classes,
+                           amp=s.amp, channels_last=s.channels_last, info=s.info, normalize=s.normalize,
+                           probs=probs, correct=correct, losses=losses, micro=int(s.config.micro_batch), progress=bar)
+        finally:
+            bar.close()
         if kept is None and self._val.get(s.val_loader) is not None:
             close_loader(s.val_loader)      # kept: its workers have nothing left to do
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

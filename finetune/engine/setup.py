@@ -59,6 +59,9 @@ class Setup:
     train_loader: Any = None
     val_loader: Any = None
     datasets: list = field(default_factory=list)
+    # what the set-up decided from the freeze decision or noticed (auto epochs, the LR warm-up, a dtype converted):
+    # lines for the caller to say after the decision's own "freeze:" line (helper-149: they came before it)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -83,6 +86,14 @@ class Setup:
     def head_first(self) -> bool:
         """Whether a head phase precedes the finetune phase (which then starts from the solved head)."""
         return head_first(self.config, self.decision.trainable_stages)
+
+    @property
+    def in_effect(self) -> dict[str, bool]:
+        """The device options as this run used them (summary.json's ``in_effect``; report.html's config table):
+        config.yaml's ``amp``, ``channels_last`` and ``gpu_normalize`` say what was asked, true by default on
+        any device, though amp and gpu_normalize act on CUDA only (``runtime.amp_policy``, ``device_steps``) and
+        channels_last on CUDA only where the network trains (``runtime.nhwc``)."""
+        return {"amp": self.amp.enabled, "channels_last": self.channels_last, "gpu_normalize": self.output == "uint8"}
 
     @property
     def has_val(self) -> bool:
@@ -194,7 +205,7 @@ def _sync_bn(model: nn.Module, head: str, config: FinetuneConfig, info: ddp.Dist
 
 def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
                 val_set: ImageSet | None, config: FinetuneConfig, *, head: str, reset_head: bool = True,
-                copy_model: bool = False, distributed: bool = True, log: Log | None = None) -> Setup:
+                copy_model: bool = False, distributed: bool = True) -> Setup:
     """Prepare ``model`` (or a deep copy of it) and the data the way every tool trains them.
 
     Args:
@@ -208,11 +219,11 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
         copy_model: work on a deep copy (the diagnostics: the caller's model stays as it was).
         distributed: join the torchrun process group when there is one (``fit``); the diagnostics run
             in one process.
-        log: receives the one-line warnings (rank 0).
     Raises:
         ConfigError: bad options, train/val classes differ, device not available.
     """
-    say = log or (lambda _msg: None)
+    notes: list[str] = []      # for the caller to say after the freeze decision (Setup.notes)
+    say = notes.append
     _check_kinds(config, train_set, val_set)
     if val_set is None:
         val_set = ImageSet(items=[], classes=list(train_set.classes))
@@ -240,7 +251,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                   amp=amp_policy(device, bool(config.amp), info), loss_fn=build_loss(config, weights, device),
                   channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
-                  mix=build_mix(config, len(counts)))
+                  mix=build_mix(config, len(counts)), notes=notes)
     # the layout (runtime.nhwc): NHWC on the CPU, and on CUDA when the network trains (not for a head-only
     # run on cached features, which passes each image forward once)
     setup.channels_last = nhwc(device, config.channels_last, trains=not (setup.head_only and setup.cached_head))

@@ -211,7 +211,7 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
              amp: AmpPolicy | None = None, channels_last: bool = False,
              info: ddp.DistInfo | None = None, normalize: Callable | None = None,
              probs: list | None = None, correct: list | None = None, losses: list | None = None,
-             micro: int = 0) -> dict:
+             micro: int = 0, progress=None) -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)
     over ``batches`` (a validation loader, or the cached head's validation features).
 
@@ -223,6 +223,8 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
     ``correct``: a list that receives each batch's per-image hits (CPU bool tensors, this rank's images).
     ``losses``: a list that receives each batch's per-image cross-entropy (CPU float64, this rank's images).
     ``micro``: the most images one forward pass takes (``--micro-batch``; 0: a batch in one pass).
+    ``progress``: a bar (``core.progress.progress_bar``) advanced a batch at a time, without figures: a running
+    loss or accuracy would be a host look per refresh, and the pass would wait for the device.
     """
     info = info or ddp.DistInfo()
     model.eval()
@@ -253,6 +255,8 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, device: to
             kept.append((correct, _to_host(pred == y)))
         if losses is not None:
             kept.append((losses, _to_host(F.cross_entropy(out.float(), y, reduction="none"))))
+        if progress is not None:
+            progress.update(1)
     ddp.all_reduce_sum(confusion, info)
     ddp.all_reduce_sum(loss_sum, info)
     ddp.all_reduce_sum(loss_weight, info)

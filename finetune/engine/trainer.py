@@ -28,7 +28,7 @@ from finetune.engine.guard import Evaluation, HeadGuard
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
 from finetune.engine.passes import diverged
 from finetune.engine.runfolder import RunFolder
-from finetune.engine.setup import Setup
+from finetune.engine.setup import Log, Setup
 from finetune.core.errors import CheckpointError, DataError, stops_run
 from finetune.core.rerun import start_over_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
@@ -45,7 +45,6 @@ __all__ = ["FitResult", "Trainer", "HEAD_WARMUP_CAP", "plan_phases"]
 # after every epoch, last.pt and the weights in the background while the next epoch trains: a SIGKILL loses
 # at most the epoch in progress and the one before it, when its files were still on their way.
 CURVES_EVERY_S = 30.0
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -337,7 +336,8 @@ class Trainer:
             self.folder.refuse_existing_run()
         if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:
             self.loader_steps.start_ahead(self.epoch + 1)     # decoding while the run gets ready
-        self.say(f"freeze: {s.decision.label} ({s.decision.reason})")
+        for line in (f"freeze: {s.decision.label} ({s.decision.reason})", *s.notes):     # the decision first
+            self.say(line)
         self._say_unused_epochs()
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
         t_run = self.t_run = time.perf_counter()
@@ -426,7 +426,7 @@ class Trainer:
             "stopped_early": self.stopped_early, "phases": self.phases,
             "freeze": d.to_dict() if hasattr(d, "to_dict") else dict(vars(d)),
             "advice": advise(self.history), "device": str(s.device), "world_size": s.info.world_size,
-            "head_guard": self.guard.decision,
+            "head_guard": self.guard.decision, "in_effect": s.in_effect,
             "head_solver": self.solver_path or None, "mirror": self.mirror,
             "seconds": round(self.seconds_before + now - t_run, 3), "classes": s.classes,
             **({"seconds_this_process": round(now - t_run, 3)} if self.resume else {}),

@@ -180,7 +180,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
 
     # --- config
     if (run / "config.yaml").is_file():
-        body.append(_config_section(run / "config.yaml"))
+        body.append(_config_section(run / "config.yaml", summary))
     sub = f"{model.get('model', '')} ({model.get('builder', '')}) - {run}"
     return page(f"Run report: {model.get('model') or run.name}", sub, "".join(body))
 
@@ -320,15 +320,19 @@ def _pct(v: Any) -> str:
     return f"{v:.0%}" if isinstance(v, (int, float)) else "-"
 
 
-def _config_section(cfg_path: Path) -> str:
-    """config.yaml as a table (its raw text when it cannot be parsed)."""
+def _config_section(cfg_path: Path, summary: dict[str, Any]) -> str:
+    """config.yaml as a table (its raw text when it cannot be parsed). An option the run asked for and did not use
+    on its device (summary.json's ``in_effect``: amp on a CPU, helper-149) says so beside its value."""
     try:
         cfg = load_yaml(read_user_text(cfg_path)) or {}
     except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
         cfg = None
     if isinstance(cfg, dict):     # (a nested value, e.g. of YAML aliases nine deep, cut short: QA)
-        inner = table(["option", "value"], [[k, v if isinstance(v, str) else json.dumps(v)
-                                             if v is None or isinstance(v, (int, float)) else short_repr(v)]
+        used = summary.get("in_effect") if isinstance(summary.get("in_effect"), dict) else {}
+        unused = f" (no effect on {summary.get('device') or 'this device'})"
+        inner = table(["option", "value"], [[k, (v if isinstance(v, str) else json.dumps(v)
+                                                 if v is None or isinstance(v, (int, float)) else short_repr(v))
+                                             + (unused if v is True and used.get(k) is False else "")]
                                             for k, v in cfg.items()])
     else:
         text = cfg_path.read_text(encoding="utf-8", errors="replace")

@@ -69,8 +69,7 @@ def _fit(model: nn.Module, stages: Sequence[Sequence[str]], data_config: dict, t
          callbacks: Iterable[Callable[[dict], Any]], reset_head: bool, feature_cache: FeatureCache | None) -> FitResult:
     if resume:      # (before the set-up: its checks and the cached head's feature passes take these passes)
         config = RunFolder(run_dir).resume_passes(config)
-    setup = build_setup(model, stages, data_config, train_set, val_set, config, head=head,
-                        reset_head=reset_head, log=log)
+    setup = build_setup(model, stages, data_config, train_set, val_set, config, head=head, reset_head=reset_head)
     main_log = log if setup.info.is_main else None
     head_steps = CachedHeadSteps(setup, feature_cache, log=main_log) if setup.cached_head else None
     trainer = Trainer(setup, RunFolder(run_dir, setup.info), resume=resume, log=log, callbacks=callbacks,

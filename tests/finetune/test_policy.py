@@ -15,7 +15,8 @@ N_STAGES = 5
 
 def test_small_by_per_class_matches_the_documented_sentence():
     d = decide_freeze(FinetuneConfig(), 156, 4, 39, N_STAGES)
-    assert d == FreezeDecision(0, "head", "156 images, 4 classes, 39 per class: small -> training the head only; "
+    assert d == FreezeDecision(0, "head", "156 images, 4 classes, 39 per class: small (small below 50 a class or "
+                                          "500 images, large from 1000 a class) -> training the head only; "
                                           "pass --freeze to override")
 
 
@@ -35,15 +36,19 @@ def test_the_thresholds_are_where_unfreezing_started_to_win():
 def test_medium_trains_the_last_medium_stages():
     d = decide_freeze(FinetuneConfig(), 3000, 10, 250, N_STAGES)
     assert (d.trainable_stages, d.label) == (2, "head + last 2 stages")
-    assert d.reason == ("3000 images, 10 classes, at least 250 per class: medium -> training the head and the "
-                        "last 2 stages; pass --freeze to override")
+    assert d.reason == ("3000 images, 10 classes, at least 250 per class: medium (small below 50 a class or 500 "
+                        "images, large from 1000 a class) -> training the head and the last 2 stages; pass --freeze "
+                        "to override")
+    # the bands come from the options that set them (helper-149: "300 per class: medium" said neither)
+    assert "(small below 20 a class or 100 images, large from 400 a class)" in decide_freeze(
+        FinetuneConfig(small_per_class=20, small_total=100, large_per_class=400), 3000, 10, 250, N_STAGES).reason
     assert decide_freeze(FinetuneConfig(medium_stages=9), 3000, 10, 250, N_STAGES).trainable_stages == N_STAGES
 
 
 def test_large_trains_everything():
     d = decide_freeze(FinetuneConfig(), 20000, 10, 2000, N_STAGES)
     assert (d.trainable_stages, d.label) == (N_STAGES, "none")
-    assert "large -> training every layer" in d.reason
+    assert ": large (" in d.reason and "-> training every layer" in d.reason
 
 
 @pytest.mark.parametrize("freeze, k, label", [("head", 0, "head"), ("none", 5, "none"), ("3", 3, "head + last 3 stages"),
@@ -162,9 +167,10 @@ def _tiny_setup(root, config: FinetuneConfig, logs: list[str] | None = None):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     dc = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "mean": (0.5,) * 3,
           "std": (0.5,) * 3}
-    return build_setup(model, [["0"]], dc, ImageSet(items, classes), None, config.replace(device="cpu", workers=0),
-                       head="3", copy_model=True, distributed=False,
-                       log=logs.append if logs is not None else None)
+    setup = build_setup(model, [["0"]], dc, ImageSet(items, classes), None, config.replace(device="cpu", workers=0),
+                        head="3", copy_model=True, distributed=False)
+    (logs if logs is not None else []).extend(setup.notes)     # (said by the caller after the freeze line)
+    return setup
 
 
 def test_the_setup_holds_the_resolved_epochs(tmp_path):

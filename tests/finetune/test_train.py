@@ -572,10 +572,11 @@ def test_evaluation_never_makes_the_host_wait_for_a_batch(monkeypatch):
 
     batches = [(torch.randn(n, 4), torch.tensor([0, 1, 2, 0][:n])) for n in (4, 2, 3)]
     probs, correct, losses = [], [], []
+    bar = type("Bar", (), {"update": lambda self, n: events.append("bar")})()     # (its progress bar: helper-149)
     out = evaluate(Net(), batches, nn.CrossEntropyLoss(), torch.device("cpu"), ["a", "b", "c"],
-                   probs=probs, correct=correct, losses=losses)
+                   probs=probs, correct=correct, losses=losses, progress=bar)
     last = max(i for i, e in enumerate(events) if e == "forward")
-    assert "host" not in events[:last]
+    assert "host" not in events[:last] and events.count("bar") == 3
     with torch.no_grad():
         want = [linear(x) for x, _ in batches]
     assert [p.shape[0] for p in probs] == [4, 2, 3] and all(p.device.type == "cpu" for p in probs)
@@ -583,6 +584,37 @@ def test_evaluation_never_makes_the_host_wait_for_a_batch(monkeypatch):
     assert [c.tolist() for c in correct] == [(w.argmax(1) == y).tolist() for w, (_, y) in zip(want, batches)]
     assert sum(int(c.sum()) for c in correct) == round(out["acc"] * 9)
     assert torch.cat(losses).mean().item() == pytest.approx(out["loss"])
+
+
+def test_the_validation_pass_has_the_training_pass_bar_advanced_without_a_host_look(data, monkeypatch):
+    """helper-149: the validation pass after each epoch (7-8 s at medium size on 2 CPU cores, 31 s loaded) and the
+    head guard's or final evaluation showed nothing. It gets the training pass's bar (progress_bar: a tqdm bar on a
+    terminal, a line a minute off one), one update per batch and no figures (no host look per batch)."""
+    from finetune.core import progress
+    from finetune.engine import epoch_steps
+
+    bars = []
+
+    def recorded(*a, **k):
+        bar = progress.LogLines(*a[:2], unit=k["unit"], quiet=k.get("quiet", False))
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(epoch_steps, "progress_bar", recorded)
+    run(data, cfg(epochs=2, quiet=False, batch_size=4))
+    val = [b for b in bars if "validation" in b.desc]
+    assert [b.desc for b in val] == ["epoch 1/2 validation", "epoch 2/2 validation"]
+    assert all(b.total == 3 and b.n == 3 and b.figures is None and not b.disable for b in val)     # 9 images, 4 a batch
+
+
+def test_the_freeze_decision_is_said_before_the_lines_that_depend_on_it(data):
+    """helper-149: "epochs: at most 8 (auto for freeze ...)" and "leaving the solved head gently" came before the
+    "freeze:" line that states the decision both follow from; the decision is said first now, once."""
+    said = []
+    run(data, cfg(epochs=0, freeze="1", head_epochs=-1, fast_head=True), log=said.append)
+    first = [next(i for i, line in enumerate(said) if line.startswith(start))
+             for start in ("freeze: head + last 1 stage (", "epochs: at most ", "finetune: leaving the solved head")]
+    assert first == sorted(first) and sum(line.startswith("freeze: ") for line in said) == 1, said
 
 
 def test_the_kernel_takes_any_batches_a_step_hook_and_leaves_divergence_to_the_caller():
@@ -614,6 +646,24 @@ def test_the_kernel_takes_any_batches_a_step_hook_and_leaves_divergence_to_the_c
 def test_huge_learning_rate_diverges(data):
     with pytest.raises(DivergedError, match="loss diverged at epoch 1 step"):
         run(data, cfg(optimizer="sgd", lr=1e30, freeze="none", epochs=2))
+
+
+def test_the_reports_config_table_says_which_device_options_a_cpu_run_did_not_use(data, tmp_path):
+    """helper-149: report.html's config table showed amp and gpu_normalize true on a CPU run, where neither acts
+    (CUDA only). summary.json records what the run used (``in_effect``, from its setup), the table says it beside
+    the asked value; channels_last, used on the CPU (NHWC), stays a plain true."""
+    import re
+
+    from finetune.tools.pages import run_report_html
+
+    out = tmp_path / "run"
+    run(data, cfg(epochs=1, freeze="1"), run_dir=out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["in_effect"] == {"amp": False, "channels_last": True, "gpu_normalize": False}
+    cells = dict(re.findall(r"<tr><td>(amp|channels_last|gpu_normalize|epochs)</td><td[^>]*>([^<]*)</td>",
+                            run_report_html(out)))
+    assert cells == {"amp": "true (no effect on cpu)", "channels_last": "true",
+                     "gpu_normalize": "true (no effect on cpu)", "epochs": "1"}, cells
 
 
 def test_run_folder_has_every_file(data, tmp_path):

@@ -15,7 +15,7 @@ def test_demo_runs_the_whole_journey_offline(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     # each step ran, and the policy's decision was printed
-    for marker in ("$ zoo import efficientnet_lite0", "$ zoo finetune efficientnet_lite0", "small -> training the head only",
+    for marker in ("$ zoo import efficientnet_lite0", "$ zoo finetune efficientnet_lite0", "-> training the head only",
                    "$ zoo predict", "$ zoo eval", "accuracy:"):
         assert marker in result.output, marker
     assert sorted(p.name for p in (out / "data").iterdir()) == ["test", "train", "val"]

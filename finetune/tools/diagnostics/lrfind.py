@@ -269,8 +269,9 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     config = config.replace(epochs=1) if int(config.epochs) == 0 else config
     with caller_state_kept(), \
             contextlib.closing(build_setup(model, stages, data_config, train_set, None, config, head=head,
-                                           reset_head=reset_head, copy_model=True, distributed=False,
-                                           log=log)) as setup:
+                                           reset_head=reset_head, copy_model=True, distributed=False)) as setup:
+        for note in setup.notes if log is not None else ():
+            log(note)
         cached = None
         if setup.head_only and setup.cached_head:
             cached = CachedHeadSteps(setup, feature_cache, log=log)
