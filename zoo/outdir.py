@@ -69,8 +69,8 @@ class Kind:
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("finetune", "a `zoo finetune` run",
          ("config.yaml", "scan.json", "split.json", "bad_files.txt", "manifest.json", "metrics.csv", "curves.png",
-          "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard",
-          "log.txt", "report.html", "exclude.txt", "confusion.csv"), resumable=True, folder="run folder"),
+          "checkpoints", "summary.json", "model.json", "export", "lr_find.png", "lr_find.csv", "tensorboard", "log.txt",
+          "report.html", "exclude.txt", "confusion.csv", "val_predictions.json"), resumable=True, folder="run folder"),
     Kind("export", "a `zoo export` bundle", ("model.safetensors", "config.json", "model.onnx", "README.md"),
          staged=True, folder="bundle folder"),
     Kind("eval", "a `zoo eval` report",

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from tests.conftest import make_image
 from tests.zoo.test_bundle import make_run
 from zoo.cli import cli
+from zoo.outdir import KINDS
 
 
 @pytest.mark.parametrize("device, message", [
@@ -208,3 +209,53 @@ def test_the_page_of_a_run_still_training_says_so_not_to_resume_it(tmp_path):
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "Not finished: the run stopped before its end" in page and "still training" not in page
     assert "zoo finetune --resume RUN</code> continues it" in page
+
+
+@pytest.mark.parametrize("export", [True, False], ids=["bundle", "no-export"])
+def test_report_reads_the_runs_validation_predictions_while_they_are_the_current_weights(tmp_path, monkeypatch,
+                                                                                         export):
+    """helper-150: `zoo report RUN` loaded the bundle and predicted every validation image again (44.5 s on 500
+    images at 224 px) to redraw what the run drew at its end. The run keeps them (RUN/val_predictions.json);
+    report reads them (no prediction) while they are the current weights' and the same images, and the page's
+    mistakes are those predicting again finds; a missing, damaged or other weights' file: predicted again."""
+    import zoo.jobs.report as zr
+    from tests.conftest import make_image_folder, register_tiny
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=8, layout="split", val_per_class=3)
+    (data / "val" / "cat").rename(data / "val" / "x")       # validation images labelled wrong: mistakes to rank
+    (data / "val" / "dog").rename(data / "val" / "cat")
+    (data / "val" / "x").rename(data / "val" / "dog")
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(run), "--epochs", "1",
+                                   "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet",
+                                   *([] if export else ["--no-export"])], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert zr.VAL_PREDICTIONS in KINDS["finetune"].files and (run / zr.VAL_PREDICTIONS).is_file()
+    calls = []
+    real = zr.predict_probs
+    monkeypatch.setattr(zr, "predict_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def report() -> list:
+        res = CliRunner().invoke(cli, ["report", str(run), "--top", "100"])
+        assert res.exit_code == 0 and (run / "report.html").is_file(), res.output
+        return zr.confident_mistakes(run, top=100)
+
+    saved = report()
+    assert calls == [] and (run / zr.VAL_PREDICTIONS).is_file()      # read, not predicted
+    text = (run / zr.VAL_PREDICTIONS).read_text(encoding="utf-8")
+    (run / zr.VAL_PREDICTIONS).unlink()                 # an old run folder, from before the file
+    again = report()
+    assert len(calls) == 2 and len(again) > 0
+    assert [(m["path"], m["true"], m["predicted"]) for m in saved] == [(m["path"], m["true"], m["predicted"])
+                                                                        for m in again]
+    assert all(abs(a["prob"] - b["prob"]) < 1e-4 for a, b in zip(saved, again))
+    for changed in ("{", text.replace('"best": "', '"best": "0')):       # damaged; of other weights
+        (run / zr.VAL_PREDICTIONS).write_text(changed, encoding="utf-8")
+        calls.clear()
+        assert report() and len(calls) == 2
+    (run / zr.VAL_PREDICTIONS).write_text(text, encoding="utf-8")
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    (run / "split.json").write_text(json.dumps({**split, "val": split["val"][::-1]}), encoding="utf-8")
+    calls.clear()
+    assert report() and len(calls) == 2      # other images (here: another order): predicted again

@@ -15,7 +15,8 @@ __all__ = ["report_cmd"]
 @click.option("--top", "top", type=IntRange(0), default=12, show_default=True,
               help="Most confidently wrong validation images shown as thumbnails (0: none, no model loaded).")
 @click.option("--device", "device", default="cpu", show_default=True,
-              help="Where the validation images are predicted (auto, cpu, cuda, cuda:N, mps).")
+              help="Where the validation images are predicted when the run's val_predictions.json is not "
+                   "current (auto, cpu, cuda, cuda:N, mps).")
 def report_cmd(run: str, top: int, device: str) -> None:
     """Write RUN/report.html: data summary, freeze decision and reason, config, curves and LR, per-class
     precision/recall, confusion matrix, the most confidently wrong validation images, the advice.

@@ -1,8 +1,10 @@
 """``zoo report RUN`` behind the command: the run's confidently wrong validation images, then the page.
 
-The page itself is ``finetune.tools.pages``; the predictions come from the run's bundle (RUN/export, or a
+The page itself is ``finetune.tools.pages``; the predictions come from RUN/val_predictions.json, which the run
+writes at its end (each validation image's predicted class and probability under its best weights), while it is
+the current weights' and the images split.json lists; otherwise from the run's bundle (RUN/export, or a
 temporary export of checkpoints/best.safetensors when the run was made with --no-export), evaluated on
-the validation images split.json lists.
+those validation images again.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.core.errors import DataError
-from finetune.core.io import printable
+from finetune.core.checkpoint import DIGEST_KEY
+from finetune.core.io import SafetensorsHeaderError, printable, read_json_object, read_safetensors_header, write_json
 from finetune.tools.htmlpage import GENERATOR
 from finetune.tools.pages import write_run_report
 from zoo.bundle import export_run, load_bundle
@@ -20,14 +23,19 @@ from zoo.errors import BundleError, UsageError
 from zoo.outdir import KINDS, MARKER, folder_kind, still_training
 from zoo.predict import predict_probs
 
-__all__ = ["confident_mistakes", "rank_mistakes", "make_report"]
+__all__ = ["confident_mistakes", "rank_mistakes", "make_report", "VAL_PREDICTIONS", "save_val_predictions"]
 
 Log = Callable[[str], None]
+# What the page needs of the run's last evaluation, kept in the run folder (zoo.outdir lists it): each validation
+# image's most probable class and its probability, not the [n, C] table (thousands of classes x images)
+VAL_PREDICTIONS = "val_predictions.json"
+_FORMAT = 1
 
 
 def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu",
                        progress: bool = False) -> list[dict[str, Any]]:
-    """The ``top`` validation images predicted wrong with the highest probability, worst first.
+    """The ``top`` validation images predicted wrong with the highest probability, worst first: from
+    RUN/val_predictions.json while it is current (``_saved_predictions``), else predicted again by the bundle.
 
     Returns:
         dicts ``path`` (absolute), ``true``, ``predicted``, ``prob``; [] when the run has no val split.
@@ -49,6 +57,9 @@ def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu
                             "trained (the data folder was moved or deleted); put it back there and run zoo report "
                             "RUN again")
         return []
+    saved = _saved_predictions(run, val, len(listed))
+    if saved is not None:
+        return _rank(val, *saved, top=top)
     with tempfile.TemporaryDirectory(prefix="zoo-report-") as tmp:
         where = run / "export" if (run / "export" / "model.safetensors").is_file() else export_run(run, tmp)
         bundle = load_bundle(where, device=device)
@@ -60,13 +71,73 @@ def confident_mistakes(run_dir: str | Path, *, top: int = 12, device: str = "cpu
 def rank_mistakes(images: list[tuple[Any, str]], labels: list[str], probs, *, top: int = 12) -> list[dict[str, Any]]:
     """The ``top`` of ``images`` ((path, true class name), one row of ``probs`` [n, C] each) predicted wrong
     with the highest probability, worst first: dicts ``path``, ``true``, ``predicted``, ``prob``."""
+    return _rank(images, labels, *_top1(probs), top=top)
+
+
+def _top1(probs) -> tuple[list[int], list[float]]:
+    """Each row's most probable class (the first of a tie) and its probability."""
+    preds = [int(p.argmax()) for p in probs]
+    return preds, [float(p[i]) for p, i in zip(probs, preds)]
+
+
+def _rank(images: list[tuple[Any, str]], labels: list[str], preds: list[int], prob: list[float], *,
+          top: int) -> list[dict[str, Any]]:
     out = []
-    for (path, true), p in zip(images, probs):
-        pred = int(p.argmax())
+    for (path, true), pred, p in zip(images, preds, prob):
         if labels[pred] != true:
-            out.append({"path": str(path), "true": true, "predicted": labels[pred], "prob": float(p[pred])})
+            out.append({"path": str(path), "true": true, "predicted": labels[pred], "prob": p})
     out.sort(key=lambda m: -m["prob"])
     return out[:top]
+
+
+def _weights_id(run: Path) -> dict[str, Any]:
+    """What identifies the weights `zoo report` would predict with, from what the run records (headers only, no
+    hashing): the digest checkpoints/best.safetensors carries, and RUN/export's recorded weights_sha256 (None
+    without a bundle). {} when best.safetensors records none (the saved predictions are then never used)."""
+    try:
+        best = (read_safetensors_header(run / "checkpoints" / "best.safetensors").get("__metadata__") or {}).get(
+            DIGEST_KEY)
+    except (OSError, SafetensorsHeaderError, AttributeError):     # missing or damaged: the bundle says why
+        return {}
+    export = (read_json_object(run / "export" / "config.json").get("zoo") or {}).get("weights_sha256") \
+        if (run / "export" / "model.safetensors").is_file() else None
+    return {"best": best, "export": export} if best else {}
+
+
+def save_val_predictions(run_dir: str | Path, images: list[tuple[Any, str]], labels: list[str], probs) -> None:
+    """RUN/val_predictions.json (atomic): the most probable class and its probability of each of ``images``
+    ((path, true class name), in the order of split.json's val) under the run's current weights, which it names.
+
+    Raises:
+        OSError: it could not be written.
+    """
+    run = Path(run_dir)
+    weights = _weights_id(run)
+    if not weights:
+        return
+    preds, prob = _top1(probs)
+    write_json(run / VAL_PREDICTIONS, {"format": _FORMAT, "weights": weights, "classes": list(labels),
+                                       "images": [[str(p), c] for p, c in images], "predicted": preds, "prob": prob})
+
+
+def _saved_predictions(run: Path, val: list[tuple[Path, str]], listed: int) -> tuple[list[str], list[int],
+                                                                                      list[float]] | None:
+    """(classes, predicted, prob) of RUN/val_predictions.json when they are of the weights `zoo report` would
+    load and of ``val``, the ``listed`` validation images all where the run read them, in the same order; None
+    otherwise (no file, damaged, other weights, images moved): the caller predicts them again."""
+    saved = read_json_object(run / VAL_PREDICTIONS)
+    if not saved or saved.get("format") != _FORMAT or len(val) != listed:
+        return None
+    try:
+        classes, preds, prob = saved["classes"], saved["predicted"], saved["prob"]
+        same = (saved["images"] == [[str(p), c] for p, c in val] and len(preds) == len(prob) == len(val)
+                and all(isinstance(i, int) and 0 <= i < len(classes) for i in preds)
+                and all(isinstance(x, float) for x in prob) and all(isinstance(c, str) for c in classes))
+    except (KeyError, TypeError):
+        return None
+    if not same or saved.get("weights") != _weights_id(run):
+        return None
+    return classes, preds, prob
 
 
 def _drawn_by_zoo(page: Path) -> bool:
@@ -87,7 +158,8 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
 
     ``val_predictions``: (validation images as (path, true class name), the class names, their probabilities
     [n, C] under the run's best weights), when the caller has them (``zoo finetune`` keeps those of its last
-    evaluation); otherwise the bundle predicts the validation images again.
+    evaluation): they are also saved as RUN/val_predictions.json for a later ``zoo report``; otherwise they come
+    from that file, or the bundle predicts the validation images again (:func:`confident_mistakes`).
 
     Raises:
         UsageError: ``run_dir`` is not a run folder, or its report.html is not zoo's (a folder without zoo's
@@ -117,6 +189,11 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
         elif val_predictions is not None:
             images, classes, probs = val_predictions
             mistakes = rank_mistakes(images, classes, probs, top=top)
+            try:        # (the run's end: `zoo report RUN` reads them instead of predicting val again)
+                save_val_predictions(run, images, classes, probs)
+            except OSError as e:
+                if log is not None:
+                    log(f"report: {VAL_PREDICTIONS} not written ({e}); `zoo report` will predict val again")
         else:
             mistakes = confident_mistakes(run, top=top, device=device, progress=progress)
     except (BundleError, DataError) as e:
