@@ -574,8 +574,8 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
     assert folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)[2] == 2
     stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
     # The head's training bank is the doctor's single view only without the mirrored view (--hflip 0);
-    # with it (the default) fit computes the two-view training bank and still reuses val. A run that goes on
-    # to train the network (NHWC on the CPU) solves its head on the same banks: doctor computes them in the
+    # with it (the default) fit joins doctor's bank with a pass of the mirror alone, and reuses val. A run that
+    # goes on to train the network (NHWC on the CPU) solves its head on the same banks: doctor computes them in the
     # run's layout (QA session 18: doctor's were NCHW there, so a medium CPU run computed them again).
     for freeze, hflip, train_shared in (("head", 0.0, True), ("head", 0.5, False), ("1", 0.0, True)):
         said: list[str] = []
@@ -583,6 +583,8 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
         fit(model, stages, DATA_CONFIG, report.train, report.val, run,
             head="fc", feature_cache=FeatureCache(cache), log=said.append)
         assert any("train loaded from cache" in m for m in said) == train_shared, said
+        # helper-151: the mirrored bank forwards only the mirror, the plain view's is doctor's
+        assert any("x 1 view(s) computed" in m and "from the cache" in m for m in said) != train_shared, said
         assert any("val loaded from cache" in m for m in said), said
 
 

@@ -835,7 +835,7 @@ def test_the_head_solved_where_the_features_are_is_the_cpu_solve(tmp_path, monke
     by 0.1% of their largest and its validation probabilities by 3e-5 on the CPU (the weakest L2, C=1e4, is
     picked: the classes separate), so the bounds are 2% and 1e-3; a dropped bias, another split's labels or
     another C's weights are off by far more."""
-    from finetune.tools.features import head as head_module
+    from finetune.tools.features import banks as banks_module, head as head_module
 
     solved_on: list[str] = []
 
@@ -852,7 +852,7 @@ def test_the_head_solved_where_the_features_are_is_the_cpu_solve(tmp_path, monke
     for where, solve_up_to, resident in [("default", head_module.SOLVE_ON_CPU_UP_TO, 4 << 30), ("device", 0, 4 << 30),
                                          ("host banks", 0, 0)]:
         monkeypatch.setattr(head_module, "SOLVE_ON_CPU_UP_TO", solve_up_to)
-        monkeypatch.setattr(head_module, "_DEVICE_RESIDENT_BYTES", resident)
+        monkeypatch.setattr(banks_module, "_DEVICE_RESIDENT_BYTES", resident)
         solved_on.clear()
         model = _model()
         result = _fit(model, train, val, _config(head_solver="lbfgs", device=device), feature_cache=cache,
@@ -903,3 +903,38 @@ def test_a_large_head_solve_is_capped_by_its_size(tmp_path, monkeypatch):
     assert max_iters == [4] * len(head_module.SOLVER_C)
     summary = json.loads((tmp_path / "capped" / "summary.json").read_text())
     assert sum(p["chosen"] for p in summary["head_solver"]) == 1
+
+
+def test_a_mirrored_bank_computes_only_the_mirror_when_the_plain_view_is_cached(tmp_path, monkeypatch):
+    """helper-151: `zoo doctor` (or a --hflip 0 run) then a default run on the same folder shared the val bank only:
+    the mirrored training bank has its own key, so the run forwarded the plain view again (108 s of a 903 s medium
+    run, docs/peers.md). The cached plain bank is now joined with a pass of the mirror alone; the head solved on
+    it picks the C and gives the predictions of a run that computed both views."""
+    import finetune.tools.features.banks as banks_module
+    import finetune.tools.features.head as head_module
+
+    train, val = _sets(tmp_path / "d")
+    passes: list[tuple] = []
+    real = head_module._extract
+
+    def extract(model, head, dataset, batch_size, device, **kw):
+        if "train" in (kw.get("desc") or ""):
+            passes.append((len(kw["keys"]), 1 + bool(kw.get("mirror"))))     # images, views forwarded
+        return real(model, head, dataset, batch_size, device, **kw)
+
+    monkeypatch.setattr(head_module, "_extract", extract)
+    config = _config(head_solver="lbfgs", epochs=1, augment="standard", hflip=0.5)
+    runs = {}
+    for name, cache, hflip in (("plain", "shared", 0.0), ("reused", "shared", 0.5), ("both", "fresh", 0.5)):
+        said: list[str] = []
+        result = _fit(_model(), train, val, config.replace(hflip=hflip), cache_dir=tmp_path / cache, log=said.append)
+        runs[name] = (result, [m for m in said if m.startswith(("features: train", "head: L-BFGS"))])
+    assert passes == [(18, 1), (18, 1), (18, 2)]      # the reusing run forwarded the 18 images once: the mirror
+    assert "x 1 view(s) computed" in runs["reused"][1][0] and "plain view's from the cache" in runs["reused"][1][0]
+    picked = [re.search(r"C=\S+ .* val acc \S+", runs[r][1][1]).group(0) for r in ("reused", "both")]
+    assert picked[0] == picked[1]        # the same C picked, for the same val accuracy
+    tf = build_transform(DATA_CONFIG, False, config)
+    x = torch.stack([ImageDataset(val, tf)[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        preds = [runs[r][0].model.eval()(x).argmax(1).tolist() for r in ("reused", "both")]
+    assert preds[0] == preds[1]

@@ -64,13 +64,14 @@ def _collate_indexed(batch):
 def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, batch_size: int,
              device: torch.device, *, workers: int = 0, amp: AmpPolicy | None = None, channels_last: bool = False,
              desc: str | None = None, quiet: bool = True,
-             normalize=None, mirror: bool = False, allow_empty: bool = False,
+             normalize=None, mirror: bool = False, flipped: bool = False, allow_empty: bool = False,
              fixed_shape: bool | None = None, keys: Sequence | None = None) -> FeatureBank | None:
     """One pass of ``model`` without its head over ``dataset``: a single-view bank (bad images -> -1).
     ``keys``: the dataset keys to load, one bank row each (default: every index in order); an
     ``ImageDataset`` key ``(index, seed)`` seeds that image's augmentation draws by itself.
     ``mirror``: a second view, each batch's horizontal mirror, from the same decoded batch (one pass
-    over the files, two forward passes).
+    over the files, two forward passes); ``flipped``: the mirror view alone (the bank's one view), forwarded
+    in the batches ``mirror`` forwards it in.
 
     With ``desc`` and not ``quiet``, a progress bar on stderr (off a terminal, a line a minute: ``progress_bar``).
     ``normalize``: a ``finetune.data.DeviceNormalize`` when the dataset yields uint8 images.
@@ -109,6 +110,8 @@ def _extract(model: nn.Module, head: str, dataset: torch.utils.data.Dataset, bat
             if fixed_shape and real < batch_size:   # eval mode: the padded rows change no real row's features
                 x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
             x, _ = to_device(x, y, device, channels_last, normalize)   # uint8 batches normalised there
+            if flipped:   # the per-channel normalisation commutes with the flip
+                x = torch.flip(x, dims=(-1,))
             f = model(x)
             if not checked:
                 shape = tuple(f.shape[1:])

@@ -40,14 +40,13 @@ from finetune.core.optim import lbfgs_iterations, lbfgs_minimise
 from finetune.core.progress import progress_bar
 from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.core.threads import one_thread
+from finetune.tools.features.banks import _bank_to, _gather_bank, agreed_load, join_mirror
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
 from finetune.tools.features.handedness import MAX_IMAGES as HANDEDNESS_MAX_IMAGES, MIN_PER_CLASS, handedness
 
 __all__ = ["CachedHeadSteps"]
 
-# Feature banks bigger than this stay on the host and are gathered per batch on an accelerator.
-_DEVICE_RESIDENT_BYTES = 4 << 30
 # head_solver="lbfgs": the inverse L2 strengths tried (scikit-learn's C; L2 = 1 / (C x N) on the mean loss),
 # strongest first, each warm-started from the last; the best on the validation split is kept.
 SOLVER_C = tuple(10.0 ** k for k in range(-2, 5))
@@ -157,23 +156,28 @@ class CachedHeadSteps:
     def _bank(self, split: str, image_set, transform, n_views: int, weights: str,
               mirror: bool = False) -> FeatureBank:
         """One split's features: the view of ``transform`` (``n_views`` = 0), or ``n_views`` seeded random
-        views of it; ``mirror`` (with ``n_views`` = 0): plus its horizontal mirror."""
+        views of it; ``mirror`` (with ``n_views`` = 0): plus its horizontal mirror, of which only the mirror
+        is computed when the plain view's bank is cached (``zoo doctor``'s, a ``--hflip 0`` run's)."""
         s = self.s
         seed = int(s.config.seed)
         # An un-mirrored single view has the key finetune.tools.doctor.folder_features gives it (shared banks).
         extra = {"amp": s.amp.enabled, "device": s.device.type, "channels_last": s.channels_last,
                  "views": n_views, "seed": seed if n_views else None}
+
+        def key_of(extra: dict) -> str:
+            return feature_cache_key(split=split, items=image_set.items, backbone=weights,
+                                     data_config=s.data_config, transform=transform, extra=extra)
+
+        plain_key = key_of(extra) if mirror else None
         if mirror:
             extra["mirror"] = True
         elif n_views:     # (a bank of an earlier version drew its views from one stream per rank and worker)
             extra["draws"] = "per image"
-        key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=s.data_config,
-                                transform=transform, extra=extra)
-        total_views = max(1, n_views) * (2 if mirror else 1)
-
+        key = key_of(extra)
         info, per_pass = s.info, s.pass_images      # a rank forwards no more images at once than in training
 
-        def compute() -> FeatureBank:
+        def compute(plain: FeatureBank | None = None) -> FeatureBank:
+            """The bank, all its views computed, or only the mirror's to join to ``plain``."""
             t0 = time.perf_counter()
             # under torchrun each rank extracts its strided shard of the images; all ranks get every row
             shard = range(info.rank if info.enabled else 0, len(image_set.items), info.world_size)
@@ -187,31 +191,37 @@ class CachedHeadSteps:
                 keys = [(i, view_seed(seed, v)) for i in shard] if n_views else shard
                 parts.append(_extract(s.model, s.head, ds, per_pass, s.device,
                                       workers=int(s.config.workers), amp=s.amp, channels_last=s.channels_last,
-                                      desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else ""),
+                                      desc=f"features {split}" + (f" view {v + 1}" if n_views > 1 else "")
+                                      + (" mirror" if plain is not None else ""),
                                       quiet=bool(s.config.quiet) or not info.is_main, keys=keys,
-                                      normalize=self.normalize, mirror=mirror, allow_empty=info.enabled))
+                                      normalize=self.normalize, mirror=mirror and plain is None,
+                                      flipped=plain is not None, allow_empty=info.enabled))
             bank = _gather_bank(parts, len(image_set.items), info)
+            bank = bank if plain is None else join_mirror(plain, bank)
             for failed in ddp.gather_objects(ds.failures(), info):   # reported once, with the loop's,
                 for path, reason in failed:                          # at the end of fit
                     self._failures.setdefault(path, reason)
             dt = time.perf_counter() - t0
             n, rate = len(image_set.items), len(image_set.items) / max(dt, 1e-9)     # img/s: images, as everywhere
-            self.say(f"features: {split} {n} images x {total_views} view(s) computed in {dt:.1f}s ({rate:.0f} img/s"
-                     + (f", {rate * total_views:.0f} views/s)" if total_views > 1 else ")"))
+            views = max(1, n_views) * (2 if mirror and plain is None else 1)
+            self.say(f"features: {split} {n} images x {views} view(s) computed in {dt:.1f}s ({rate:.0f} img/s"
+                     + (f", {rate * views:.0f} views/s)" if views > 1 else ")")
+                     + (", the plain view's from the cache" if plain is not None else ""))
             return bank
 
+        def compute_reusing() -> FeatureBank:
+            # every rank reuses the plain bank, or none does (``agreed_load``)
+            return compute(agreed_load(self.cache, plain_key, info) if plain_key else None)
+
         if info.enabled:     # every rank takes the same branch: all load, or all extract their shard
-            bank = self.cache.load(key)
-            # ... and loads the same bank: machines that cached theirs apart (other runs, GPUs, precisions) hold
-            # banks that differ in their last bits, and each rank judges the head on its own (early stopping too)
-            digests = ddp.gather_objects(None if bank is None else bank.digest, info)
-            hit = digests[0] is not None and all(d == digests[0] for d in digests)
+            bank = agreed_load(self.cache, key, info)     # ... and loads the same bank
+            hit = bank is not None
             if not hit:
-                bank = compute()
+                bank = compute_reusing()
                 if info.is_node_main:      # every machine's cache, so that a re-run hits on every rank
                     self.cache.save(key, bank)
         else:
-            bank, hit = self.cache.get_or_compute(key, compute)
+            bank, hit = self.cache.get_or_compute(key, compute_reusing)
         if hit:
             self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
         return bank
@@ -422,28 +432,3 @@ def solve_device(device: torch.device, size: int) -> torch.device:
     SOLVE_ON_CPU_UP_TO (the host looks at the line search's numbers dozens of times per iteration, which
     a GPU answers slowly), else ``device``."""
     return torch.device("cpu") if size <= SOLVE_ON_CPU_UP_TO else device
-
-
-def _gather_bank(parts: list[FeatureBank | None], n: int, info: ddp.DistInfo) -> FeatureBank:
-    """One split's bank from this process's parts (one per view; None: no image of the shard decoded):
-    under torchrun, the ranks' strided shards gathered in item order, on every rank."""
-    views = [p for p in parts if p is not None]
-    if not info.enabled:
-        return FeatureBank(torch.cat([p.features for p in views]), views[0].labels, views[0].feature_shape)
-    shape = next((sh for sh in ddp.gather_objects(views[0].feature_shape if views else None, info)
-                  if sh is not None), None)
-    if shape is None:
-        raise FinetuneError("no image of this split could be decoded; check the data folder")
-    mine = len(range(info.rank, n, info.world_size))
-    feats = torch.cat([p.features for p in views]).transpose(0, 1).contiguous() if views else None
-    labels = views[0].labels if views else torch.full((mine,), -1, dtype=torch.int64)
-    all_feats = ddp.gather_strided(feats, n, info).transpose(0, 1).contiguous()
-    return FeatureBank(all_feats, ddp.gather_strided(labels, n, info), tuple(shape))
-
-
-def _bank_to(bank: FeatureBank, device: torch.device) -> torch.Tensor:
-    feats = bank.features
-    if device.type != "cpu" and feats.numel() * 4 <= _DEVICE_RESIDENT_BYTES:
-        return feats.to(device)
-    return feats
-
