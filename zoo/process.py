@@ -2,8 +2,7 @@
 run's log; the library (``finetune``, ``zoo``'s Python API) never changes them behind a caller's back.
 
 The garbage collector runs its young collections less often (:func:`fewer_collections`), and at exit its
-last passes are skipped (:func:`skip_final_collection`); a command that ended leaves without the interpreter's
-teardown (:func:`exit_now`).
+last passes are skipped (:func:`skip_final_collection`).
 
 torch's threads: inside a container whose CPU quota is below the cores it sees (a pod's CPU limit on a big
 node), one thread per core would share the quota's time and stall each other (:func:`threads_within_quota`).
@@ -15,8 +14,6 @@ step frees"), which is what jemalloc or tcmalloc would do, without preloading a 
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
 import ctypes
 import functools
 import gc
@@ -24,12 +21,11 @@ import os
 import signal
 import sys
 import threading
-from typing import NoReturn
 
 from finetune.core.host import affinity_cpus, cpu_quota, usable_cpus
 
 __all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
-           "exit_now", "launcher_rank", "under_torchrun", "deaf_to_torchrun_stop"]
+           "launcher_rank", "under_torchrun", "deaf_to_torchrun_stop"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
 
@@ -120,36 +116,6 @@ def deaf_to_torchrun_stop() -> None:
     that came sooner left 1 (helper-145). An exit that hangs still ends: torchrun sends SIGKILL after its wait."""
     if under_torchrun() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def exit_now(code: object = 0) -> NoReturn:
-    """End the process as a command that returned (``sys.exit(code)``) would, less the interpreter's teardown:
-    what its exit does first is done here, in its order (wait for the threads that are not daemons, run the atexit
-    handlers: weakref finalizers, logging, multiprocessing, a profiler's; flush stdout and stderr), then
-    ``os._exit``. What is skipped is the interpreter's teardown after that: modules cleared, objects freed, the
-    extension libraries' own destructors (torch's and the CUDA libraries' among them): 0.25-0.4 s of each `zoo`
-    command that imported torch and timm, with the collector frozen already (docs/benchmarks.md, "The small job's
-    fixed costs"); the operating system frees the memory at once. Every file zoo writes is closed (or written
-    whole and renamed) before this.
-    The exit code is ``sys.exit``'s: None 0, an int itself, anything else printed to stderr and 1."""
-    skip_final_collection()
-    deaf_to_torchrun_stop()     # (the command is over: torchrun's stop would only replace its exit code)
-    # (CPython's own call at exit: the threading atexit callbacks first, which wake a live ThreadPoolExecutor's idle
-    # workers, then the join of every thread that is not a daemon; joined by hand, those workers waited forever)
-    threading._shutdown()   # type: ignore[attr-defined]
-    atexit._run_exitfuncs()     # (CPython's own call at exit; the handlers' errors are printed, as at any exit)
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:
-        with contextlib.suppress(Exception):
-            print(code, file=sys.stderr)
-        status = 1
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):     # (a reader gone: nothing more can reach it)
-            stream.flush()
-    os._exit(status & 0xFF)      # (what the operating system keeps of any exit code)
 
 
 def describe() -> str | None:

@@ -21,17 +21,15 @@ __all__ = ["main", "cli"]
 
 
 def main() -> None:
-    """The ``zoo`` console script and ``python -m zoo``: the command, then a quick exit (``process.exit_now``: the
-    command's exit code, without the interpreter's teardown). An error that escaped the command (a bug: Python
-    prints its traceback) leaves as Python leaves, less the final collection."""
+    """The ``zoo`` console script and ``python -m zoo``: the command, then a quick exit (the collector frozen;
+    under torchrun, deaf to its stop once the command is over). The interpreter's own teardown still runs: an
+    ``os._exit`` after the atexit handlers saved 0.2-0.3 s but lost ``python -m cProfile -m zoo``'s profile and would
+    end a notebook that calls ``main()`` (docs/benchmarks.md, "The small job's fixed costs")."""
     try:
         cli(prog_name="zoo")
-    except SystemExit as done:      # (click ends every command with one, 0 included)
-        process.exit_now(done.code)
     finally:
         process.skip_final_collection()
         process.deaf_to_torchrun_stop()
-    process.exit_now(0)
 
 
 if __name__ == "__main__":  # pragma: no cover
