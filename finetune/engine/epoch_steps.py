@@ -83,10 +83,10 @@ class LoaderSteps:
         self.ema = (ModelEma(s.model, s.config.ema, warmup=not s.head_first)
                     if (phase == "finetune" and s.config.ema > 0) else None)
         self.eval_net = s.model if self.ema is None else self.ema.module
-        if s.config.compile:
+        if warms_up(s.device):   # eager, before compiling: the passes that fit (a compiled step that still runs
+            self._warm_up(phase)  # out of memory stops as any later out-of-memory does, naming --micro-batch)
+        if s.config.compile:     # (compiling happens on the first real batch, of the passes the warm-up chose)
             self.net, self.eval_net = torch.compile(self.net), torch.compile(self.eval_net)
-        elif warms_up(s.device):     # (compiling happens on the first real batch: a blank one would not help)
-            self._warm_up(phase)
 
     def _shape(self, train: bool) -> tuple[int, ...]:
         """A full pass of this rank's training (``train``) or validation images: ``(n, C, H, W)``."""

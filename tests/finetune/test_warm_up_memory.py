@@ -84,6 +84,20 @@ def test_a_validation_pass_out_of_memory_makes_the_passes_smaller_too(data, tmp_
     assert max(n for training, n in model.passes[3:] if not training) <= 4
 
 
+def test_compile_warms_up_eagerly_first_and_compiles_the_passes_that_fit(data, tmp_path, warms_up, monkeypatch):  # noqa: F811
+    """Session 36: `--compile` skipped the warm-up, so a batch too big for the device stopped the run at its first
+    step (docs said: give it --micro-batch yourself). The warm-up now runs eagerly before compiling: the same line,
+    the same passes. (torch.compile stood in by the identity: what is tested is the order, not inductor.)"""
+    compiled: list[int] = []
+    monkeypatch.setattr(epoch_steps.torch, "compile", lambda net: compiled.append(1) or net)
+    said: list[str] = []
+    _, model = _fit(data, tmp_path, "compiled", 4, said, compile=True)
+    assert [ln for ln in said if "out of memory" in ln] == [
+        "out of memory in a pass of 9 images: training in passes of 4 (--micro-batch 4: the same steps)"]
+    assert compiled and max(n for _, n in model.passes[2:]) == 3
+    assert yaml.safe_load((tmp_path / "compiled" / "config.yaml").read_text())["micro_batch"] == 4
+
+
 def test_passes_that_cannot_be_smaller_stop_with_the_line_of_today(data, tmp_path, warms_up):  # noqa: F811
     """The MLP head's BatchNorm trains: passes of 1 or 2 images are refused, so where 3 do not fit the run stops
     with the out-of-memory line naming the start-over (--head linear), as an out-of-memory in a step does."""
