@@ -203,8 +203,8 @@ def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_pa
     assert (result.stderr == "") if stopped else result.stderr.startswith(said), result.stderr
 
 
-OWN_OOM = ("out of memory in a forward pass of 4 image(s) (CUDA out of memory): rank 0 saves RUN; continue in passes of "
-           "2 images (the same steps) with `torchrun --nproc-per-node 2 -m zoo finetune --resume RUN --micro-batch 2`")
+OWN_OOM = ("out of memory in a forward pass of 4 image(s) (CUDA out of memory): rank 0 saves RUN; continue in passes "
+           "of 2 images (the same steps) with `torchrun --nproc-per-node 2 -m zoo finetune --resume RUN --micro-batch 2`")
 
 
 @pytest.mark.parametrize("words,code", [({}, 130), ({1: ""}, 130), (None, 130), ({1: OWN_OOM}, 1),
