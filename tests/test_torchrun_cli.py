@@ -203,6 +203,48 @@ def test_another_rank_says_its_error_only_when_rank_0_did_not_end_the_job(tmp_pa
     assert (result.stderr == "") if stopped else result.stderr.startswith(said), result.stderr
 
 
+OWN_OOM = ("out of memory in a forward pass of 4 image(s) (CUDA out of memory): rank 0 saves RUN; continue in passes "
+           "of 2 images (the same steps) with `torchrun --nproc-per-node 2 -m zoo finetune --resume RUN --micro-batch 2`")
+
+
+@pytest.mark.parametrize("words,code", [({}, 130), ({1: ""}, 130), (None, 130), ({1: OWN_OOM}, 1),
+                                        ({1: OWN_OOM, 2: "", 3: "no space left on device"}, 1)])
+def test_rank_0_stopped_under_torchrun_says_first_the_error_another_rank_ended_on(tmp_path, monkeypatch, words, code):
+    """helper-156: torchrun's agent stops the job (SIGTERM) once a rank has ended, often before rank 0's collective
+    with it broke (always under NCCL): rank 0 said only `interrupted: ...` (130), naming neither the rank nor its error.
+    Its run saved, rank 0 reads the others' last words (``lastwords.peers_own_errors``) and says those that ended on
+    their own errors as a line of their own before it, exiting 1; a user's Ctrl-C (no words, or only "": ranks that
+    ended on another's end; no store) says exactly what it said (130)."""
+    from click.testing import CliRunner
+
+    import zoo.jobs.resume
+    from finetune.core import lastwords
+    from finetune.core.errors import Interrupted
+    from zoo.cli import cli
+
+    store = None if words is None else __import__("torch").distributed.HashStore()
+    for r, word in (words or {}).items():
+        store.set(f"zoo/last-word/0/{r}", word)
+    monkeypatch.setattr(lastwords, "_job_store", lambda: store)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    world = str(4 if words and 3 in words else 2)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", world), ("TORCHELASTIC_RUN_ID", "j")):
+        monkeypatch.setenv(name, value)
+    interrupted = f"interrupted: epochs up to 1 are saved in {tmp_path}; continue with `zoo finetune --resume RUN`"
+
+    def stopped(*args, **kwargs):       # (the trainer's line, the run saved: RunFolder.interrupted)
+        raise Interrupted(interrupted)
+
+    monkeypatch.setattr(zoo.jobs.resume, "resume_finetune", stopped)
+    result = CliRunner().invoke(cli, ["finetune", "--resume", str(tmp_path)])
+    said = {1: [f"zoo: error: rank 1 of this torchrun job stopped on its own error: {OWN_OOM}"],
+            130: []}[code] if len(words or {}) < 3 else [
+        f"zoo: error: ranks 1, 3 of this torchrun job stopped on their own errors (rank 1: {OWN_OOM}; rank 3: no space "
+        "left on device)"]
+    assert result.exit_code == code and result.stderr.splitlines() == [*said, f"zoo: error: {interrupted}"], \
+        (result.exit_code, result.stderr)
+
+
 def test_a_rank_set_without_torchrun_says_its_errors_at_once_and_a_bad_one_is_rank_0(tmp_path, monkeypatch):
     """Review: RANK alone (a SLURM or Kubeflow set-up, no torchrun to stop the job) made every error of every
     command wait 5 s and then name a rank; RANK=abc was a ValueError traceback before any command ran."""
@@ -254,11 +296,13 @@ def test_a_stop_that_reaches_rank_0_as_it_exits_leaves_the_commands_code():
 # A fault on one rank only, injected by a launcher script that torchrun runs in place of `-m zoo`: RANK's n-th call
 # of NAME raises (or, for "kill", the process kills itself as the kernel's OOM killer would; "oom": the device out of
 # memory in a forward pass). A fourth field, WHERE, makes the ordering that torchrun's stop may take: the SIGTERM it
-# sends rank 0 once the killed rank is gone reaches rank 0 when it calls WHERE while it handles the broken connection
+# sends rank 0 once the killed rank is gone reaches rank 0 when it calls WHERE while it handles the broken connection;
+# "stop": rank 0's n-th call of NAME waits for RANK's last word in the job's store, then stops rank 0 (SIGTERM) there,
+# outside any collective: torchrun's stop reaching it before its collective with RANK broke (as under NCCL)
 INJECT = """
-import errno, os, signal, sys
+import errno, os, signal, sys, time
 import finetune.core.checkpoint as checkpoint, finetune.engine.runfolder as runfolder, finetune.engine.passes as passes
-import finetune.core.distributed as ddp
+import finetune.core.distributed as ddp, finetune.core.lastwords as lastwords
 from zoo.cli import main
 
 mode, rank, n, where = (sys.argv.pop(1).split(":") + [""])[:4]
@@ -272,12 +316,17 @@ def stopped_in(owner, name):
         return orig(*a, **k)
     setattr(owner, name, wrapped)
 
-if where:
+if where in ("close", "cleanup"):
     stopped_in(*{"close": (runfolder.RunFolder, "close"), "cleanup": (ddp, "cleanup")}[where])
 
 def fault(orig):
     def wrapped(*a, **k):
         calls[0] += 1
+        if where == "stop" and calls[0] == int(n) and os.environ["RANK"] == "0" != rank:
+            store, key = lastwords._job_store(), lastwords._word_key(int(rank))
+            while not store.check([key]):
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
         if calls[0] == int(n) and os.environ["RANK"] == rank:
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -338,18 +387,58 @@ def test_torchrun_a_rank_that_ends_alone_leaves_one_line_not_a_gloo_traceback(tm
         own = (f"out of memory in a forward pass of 4 image(s) (CUDA out of memory. Tried to allocate 2.00 GiB): rank 0 "
                f"saves {out}; continue in passes of 2 images (the same steps) with `torchrun --nproc-per-node 2 -m zoo "
                f"finetune --resume {out} --micro-batch 2`")     # (rank 1's, said before it exits: rank 0's follows)
-        # (torchrun's stop may reach rank 0 before the broken connection does: then it says it was interrupted)
-        assert errors[0] == f"zoo: error (rank 1): {own}" and len(errors) == 2 and (
-            errors[1] == f"zoo: error: rank 1 of this torchrun job stopped on its own error: {own}"
-            or errors[1].startswith("zoo: error: interrupted: ") and errors[1].endswith(resume)), run.stdout[-3000:]
+        # (torchrun's stop may reach rank 0 before the broken connection does: then it says rank 1's line, then that
+        # it was interrupted; helper-156: the `interrupted:` line alone before)
+        assert errors[:2] == [f"zoo: error (rank 1): {own}",
+                              f"zoo: error: rank 1 of this torchrun job stopped on its own error: {own}"] and (
+            len(errors) == 2 or len(errors) == 3 and errors[2].startswith("zoo: error: interrupted: ")
+            and errors[2].endswith(resume)), run.stdout[-3000:]
     else:
         assert len(errors) == 1 and errors[0].endswith(resume) and errors[0].startswith((
             "zoo: error: rank 1 of this torchrun job stopped without a word (killed, by the out-of-memory killer or a "
             "signal, or a crash: torchrun's summary gives its exit code), and the connection to it broke (",
             "zoo: error: interrupted: ")), run.stdout[-3000:]
-    assert codes.get("0") == ("130" if errors[-1].startswith("zoo: error: interrupted: ") else "1"), run.stdout[-3000:]
+    alone = errors[-1].startswith("zoo: error: interrupted: ") and len(errors) == 1      # (no rank's word to say)
+    assert codes.get("0") == ("130" if alone else "1"), run.stdout[-3000:]
     assert not (out / "summary.json").exists() and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= 1        # whole (sha256 checked): resumable
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_stop_that_reaches_rank_0_first_names_the_rank_that_ended_and_its_error(tmp_path, monkeypatch):
+    """helper-156: once a rank has ended on its own error, torchrun's agent stops the others (SIGTERM), often before
+    their collective with it broke (always under NCCL, where a dead peer can leave them blocked in a kernel): rank 0
+    said only `interrupted: ...` (exit 130), and no line on its console named the rank that ended or why. Here rank 1
+    runs out of memory alone mid-epoch and the stop reaches rank 0 outside any collective (``INJECT``'s ``:stop``):
+    rank 0 saves the run, then says rank 1's word as its own line before its `interrupted:` line, and exits 1; the
+    run resumes with the command that word names."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=3, layout="split")
+    (tmp_path / "inject.py").write_text(INJECT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"),
+               ZOO_RANK_GRACE_S="120")      # rank 1 waits for torchrun's stop (rank 0's exit), saying nothing
+    env.pop("WORLD_SIZE", None)
+    out = tmp_path / "out"
+    run, lag = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(tmp_path / "inject.py"),
+                     "oom:1:2:stop", "finetune", tiny, "--data", str(data), "--out", str(out), *OPTIONS, "--no-export"],
+                    env, ROOT)
+    errors = [line for line in run.stdout.splitlines() if line.startswith("zoo: error")]
+    resume = f"torchrun --nproc-per-node 2 -m zoo finetune --resume {out}"
+    own = (f"out of memory in a forward pass of 4 image(s) (CUDA out of memory. Tried to allocate 2.00 GiB): rank 0 "
+           f"saves {out}; continue in passes of 2 images (the same steps) with `{resume} --micro-batch 2`")
+    assert run.returncode == 1 and len(errors) == 2, run.stdout[-3000:]
+    assert errors[0] == f"zoo: error: rank 1 of this torchrun job stopped on its own error: {own}", run.stdout[-3000:]
+    assert re.fullmatch(rf"zoo: error: interrupted: epochs up to \d+ are saved in {re.escape(str(out))}; continue "
+                        rf"with `{re.escape(resume)}`", errors[1]), run.stdout[-3000:]
+    codes = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+) \(pid", run.stdout))
+    assert codes.get("0") == "1" and lag < EXIT_AFTER_LAST_LINE_S, (lag, run.stdout[-3000:])
+    assert not (out / "summary.json").exists() and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= 1        # whole (sha256 checked)
+    words = shlex.split(f"{resume} --micro-batch 2")      # as pasted (torchrun's port: no other job's)
+    resumed, _ = _run([str(TORCHRUN), *words[1:]], dict(env, PET_MASTER_PORT=str(_free_port())), ROOT)
+    assert resumed.returncode == 0 and json.loads((out / "summary.json").read_text())["world_size"] == 2, \
+        resumed.stdout[-3000:]
 
 
 def _free_port() -> int:

@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import timedelta
@@ -25,14 +24,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from finetune.core import lastwords
 from finetune.core.checkpoint import LAST
 from finetune.core.io import resume_command
 from finetune.core.errors import ConfigError, FinetuneError
 
 __all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
-           "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main", "raise_if_peer_lost",
-           "leave_word"]
+           "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main", "raise_if_peer_lost"]
 
 
 # gather_strided moves at most this much per collective: under NCCL the rows travel through every rank's GPU,
@@ -43,10 +42,6 @@ GATHER_BYTES = 256 << 20
 # how long the other ranks wait for rank 0 in computed_on_main: a first scan of millions of files on network
 # storage can take an hour; a rank 0 that died is noticed sooner (torchrun ends the job)
 PATIENCE = timedelta(hours=24)
-# how long rank 0, having met another process's end in a collective, waits for the others' last words (leave_word):
-# a process that ends on its own error leaves its word within milliseconds of leaving the group; one killed leaves
-# none, and the job's end waits this long for it (torchrun's stop, put off meanwhile: finetune.core.signals)
-WORDS_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -237,7 +232,7 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
     (the checkpoint of its last finished epoch, or of its start: ``--resume``, on any number of processes).
     The backend's error (gloo's "Connection reset by peer", NCCL's ``DistBackendError``) was a traceback that
     named neither; its first sentence is kept. Rank 0 names the process that ended, from the others' last words
-    (:func:`leave_word`): the one that ended on its own error, with that error's line (which, naming a command of
+    (``lastwords``): the one that ended on its own error, with that error's line (which, naming a command of
     its own, replaces what ``run_dir`` keeps), else the one process that left no word (killed). Any other error:
     nothing. Each rank raises it; rank 0 alone says it (``zoo.cli.app``).
 
@@ -258,18 +253,12 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
         raise FinetuneError(f"another process of this torchrun job did not reach the same step within the process "
                             f"group's timeout ({reason}): it is stuck or far slower than this one, and its own lines "
                             f"may say why; {then}") from None
-    leave_word("")       # (this process ends on another's end: no reason of its own)
-    words = _last_words(info) if info.is_main else None
-    own = {r: word for r, word in (words or {}).items() if word}
+    lastwords.leave_word("")       # (this process ends on another's end: no reason of its own)
+    words = lastwords.last_words(info.rank, info.world_size, lastwords.WORDS_WAIT_S) if info.is_main else None
     silent = [r for r in range(info.world_size) if r != info.rank and r not in (words or {})]
-    if own:      # (a word that names a command, `...`, says how to go on: the resume with --micro-batch)
-        go_on = "" if all("`" in word for word in own.values()) else f"; {then}"
-        if len(own) == 1:
-            (r, word), = own.items()
-            raise FinetuneError(f"rank {r} of this torchrun job stopped on its own error: {word}{go_on}") from None
-        said = "; ".join(f"rank {r}: {word}" for r, word in sorted(own.items()))
-        raise FinetuneError(f"ranks {', '.join(map(str, sorted(own)))} of this torchrun job stopped on their own "
-                            f"errors ({said}){go_on}") from None
+    if own := lastwords.own_errors(words or {}):      # (a word that names a command, `...`, says how to go on)
+        go_on = "" if all("`" in word for word in (words or {}).values() if word) else f"; {then}"
+        raise FinetuneError(own + go_on) from None
     if words is not None and len(silent) == 1:
         raise FinetuneError(f"rank {silent[0]} of this torchrun job stopped without a word (killed, by the "
                             f"out-of-memory killer or a signal, or a crash: torchrun's summary gives its exit code), "
@@ -277,60 +266,6 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
     raise FinetuneError(f"another process of this torchrun job stopped, and the connection to it broke "
                         f"({reason}); torchrun's summary names its rank and exit code, and its own lines say why; "
                         f"{then}") from None
-
-
-def leave_word(text: str) -> None:
-    """Under torchrun, this process's last word, read by rank 0 where it meets this process's end in a collective
-    (:func:`raise_if_peer_lost`): the one line of the error it ends on ("": it ends on another process's end). The
-    first word stays. Kept in the job's store, which torchrun's agent holds (it outlives the process, and every
-    machine of the job reaches it), not in the run folder (rank 0's machine). Elsewhere, or where the store cannot
-    be reached: nothing."""
-    store = _job_store()
-    if store is None:
-        return
-    with contextlib.suppress(Exception):     # (a store gone with its agent: the job is over)
-        key = _word_key(int(os.environ.get("RANK", "0")))
-        if not store.check([key]):      # (only this process writes its key)
-            store.set(key, text[:500])
-
-
-def _last_words(info: DistInfo) -> dict[int, str] | None:
-    """The other ranks' words (:func:`leave_word`), waited for until every other rank has left one, for
-    ``WORDS_WAIT_S`` at most (polled: the store's own wait logs a warning each time it times out); None where
-    there is no store to read, or it failed."""
-    store, words = _job_store(), {}
-    others = [r for r in range(info.world_size) if r != info.rank]
-    deadline = time.monotonic() + WORDS_WAIT_S
-    if store is None:
-        return None
-    try:
-        while True:
-            for r in others:
-                if r not in words and store.check([_word_key(r)]):
-                    words[r] = store.get(_word_key(r)).decode("utf-8", "replace")
-            if len(words) == len(others) or time.monotonic() >= deadline:
-                return words
-            time.sleep(0.05)
-    except Exception:  # noqa: BLE001 - the store gone with its agent: no words to tell
-        return None
-
-
-def _job_store() -> dist.Store | None:
-    """A connection to the store of torchrun's agent (MASTER_ADDR:MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE), or
-    None: not under torchrun's agent, or not reached."""
-    env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env_world_size() <= 1:
-        return None
-    try:
-        return dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=2), wait_for_workers=False)
-    except Exception:  # noqa: BLE001 - no store, no words: the line without them
-        return None
-
-
-def _word_key(rank: int) -> str:
-    """``rank``'s word in this attempt of the job (a restarted job, ``--max-restarts``, keeps the agent's store)."""
-    return f"zoo/last-word/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
 
 # (not "timeout": NCCL's errors of every kind describe their work with "Timeout(ms)=600000")

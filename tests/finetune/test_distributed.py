@@ -13,7 +13,7 @@ import pytest
 import yaml
 import torch
 
-from finetune.core import distributed as ddp
+from finetune.core import distributed as ddp, lastwords
 from finetune.core.checkpoint import BEST, load_weights
 from finetune.core.errors import ConfigError, FinetuneError
 from tests.conftest import make_image_folder
@@ -885,8 +885,8 @@ def test_rank_0_names_the_process_that_ended_from_the_others_last_words(tmp_path
     store = torch.distributed.HashStore()
     for r, word in (words or {}).items():
         store.set(f"zoo/last-word/0/{r}", word)
-    monkeypatch.setattr(ddp, "_job_store", lambda: None if words is None else store)
-    monkeypatch.setattr(ddp, "WORDS_WAIT_S", 0.2)
+    monkeypatch.setattr(lastwords, "_job_store", lambda: None if words is None else store)
+    monkeypatch.setattr(lastwords, "WORDS_WAIT_S", 0.2)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.setenv("RANK", "0")
     run = tmp_path / "RUN"
@@ -905,9 +905,9 @@ def test_a_process_leaves_its_first_word_only(monkeypatch):
     the CLI's line for that end: the first stays, so rank 0 does not read "another process ... stopped" as a rank's
     own error."""
     store = torch.distributed.HashStore()
-    monkeypatch.setattr(ddp, "_job_store", lambda: store)
+    monkeypatch.setattr(lastwords, "_job_store", lambda: store)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    ddp.leave_word("")
-    ddp.leave_word("another process of this torchrun job stopped, ...")
+    lastwords.leave_word("")
+    lastwords.leave_word("another process of this torchrun job stopped, ...")
     assert store.get("zoo/last-word/1/2") == b""

@@ -80,15 +80,21 @@ class ZooGroup(click.Group):
             return self._handled(ctx, main, shared)
         except _Failed as failed:
             if main or not shared:      # said while the error is handled: a stop put off then cannot cut it short
+                lines = [f"zoo: error: {failed}"]
+                if shared and failed.code == 130:    # stopped (its run saved): by torchrun, once another rank ended?
+                    from finetune.core import lastwords   # lazy: torch, for a stopped torchrun job only
+                    if peers := lastwords.peers_own_errors(process.world_size()):
+                        lines.insert(0, f"zoo: error: {printable(peers)}")
                 with contextlib.suppress(console.OutputClosed):
-                    console.echo(f"zoo: error: {failed}", err=True)
-                ctx.exit(failed.code)
+                    for line in lines:
+                        console.echo(line, err=True)
+                ctx.exit(1 if len(lines) > 1 else failed.code)      # (another rank's error ended the job)
             said = failed
         # another rank under torchrun, once the handling is over: torchrun's SIGTERM, put off during it
         # (finetune.core.signals), is what ends _rank_0_ended_it's wait. Its line is left for rank 0 first, which
-        # says it where it meets this rank's end in a collective (ddp.raise_if_peer_lost)
+        # says it where it meets this rank's end in a collective (ddp.raise_if_peer_lost), or is stopped by torchrun
         if said.code != 130:
-            from finetune.core.distributed import leave_word    # lazy: torch, for a torchrun rank's failure only
+            from finetune.core.lastwords import leave_word    # lazy: torch, for a torchrun rank's failure only
             leave_word(said.usage.format_message() if said.usage is not None else str(said))
         if said.code == 130 or _rank_0_ended_it():   # 130: rank 0 says what is saved
             ctx.exit(said.code)
