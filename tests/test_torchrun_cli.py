@@ -245,6 +245,32 @@ def test_rank_0_stopped_under_torchrun_says_first_the_error_another_rank_ended_o
         (result.exit_code, result.stderr)
 
 
+def test_another_rank_stopped_under_torchrun_leaves_an_empty_word(tmp_path, monkeypatch):
+    """Session 36: a rank other than 0 stopped (130: a Ctrl-C, torchrun's stop) left no word, so rank 0's read of the
+    words (``lastwords``) waited its whole deadline for it on every Ctrl-C, and in a job of 3+ processes could not
+    tell a rank stopped by torchrun from the one killed. It leaves "" now (no reason of its own), and says nothing."""
+    from click.testing import CliRunner
+
+    import zoo.jobs.resume
+    from finetune.core import lastwords
+    from finetune.core.errors import Interrupted
+    from zoo.cli import cli
+
+    store = __import__("torch").distributed.HashStore()
+    monkeypatch.setattr(lastwords, "_job_store", lambda: store)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "j")):
+        monkeypatch.setenv(name, value)
+
+    def stopped(*args, **kwargs):
+        raise Interrupted("interrupted: rank 0 saves RUN; continue with `zoo finetune --resume RUN`")
+
+    monkeypatch.setattr(zoo.jobs.resume, "resume_finetune", stopped)
+    result = CliRunner().invoke(cli, ["finetune", "--resume", str(tmp_path)])
+    assert (result.exit_code, result.stderr) == (130, ""), (result.exit_code, result.stderr)
+    assert store.check(["zoo/last-word/0/1"]) and store.get("zoo/last-word/0/1") == b""
+
+
 def test_a_rank_set_without_torchrun_says_its_errors_at_once_and_a_bad_one_is_rank_0(tmp_path, monkeypatch):
     """Review: RANK alone (a SLURM or Kubeflow set-up, no torchrun to stop the job) made every error of every
     command wait 5 s and then name a rank; RANK=abc was a ValueError traceback before any command ran."""

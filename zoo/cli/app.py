@@ -92,10 +92,10 @@ class ZooGroup(click.Group):
             said = failed
         # another rank under torchrun, once the handling is over: torchrun's SIGTERM, put off during it
         # (finetune.core.signals), is what ends _rank_0_ended_it's wait. Its line is left for rank 0 first, which
-        # says it where it meets this rank's end in a collective (ddp.raise_if_peer_lost), or is stopped by torchrun
-        if said.code != 130:
-            from finetune.core.lastwords import leave_word    # lazy: torch, for a torchrun rank's failure only
-            leave_word(said.usage.format_message() if said.usage is not None else str(said))
+        # says it where it meets this rank's end in a collective (ddp.raise_if_peer_lost), or is stopped by torchrun.
+        # Stopped (130: a Ctrl-C, torchrun's stop) it leaves "", no reason of its own: rank 0's wait for words ends
+        from finetune.core.lastwords import leave_word    # lazy: torch, for a torchrun rank's failure only
+        leave_word("" if said.code == 130 else said.usage.format_message() if said.usage is not None else str(said))
         if said.code == 130 or _rank_0_ended_it():   # 130: rank 0 says what is saved
             ctx.exit(said.code)
         if said.usage is not None:
