@@ -427,6 +427,14 @@ def test_every_yaml_file_zoo_writes_reads_back_the_same(tmp_path):
                "flags": [True, False, None], **{t: t for t in tricky}}
     text = yaml.safe_dump(written)
     assert load_yaml(text) == yaml.safe_load(text) == written
+    # the files of option values (config, registry) read as text, each value by its kind (helper-152)
+    from finetune.core.yamlschema import as_bool, as_float, as_int
+
+    read = load_yaml(text, as_text=True)
+    assert read["strings"] == tricky and {t: read[t] for t in tricky} == {t: t for t in tricky}
+    assert [as_float(v) for v in read["numbers"]] == written["numbers"]
+    assert [as_int(v) for v in read["numbers"][:3]] == written["numbers"][:3]
+    assert [as_bool(v) for v in read["flags"][:2]] == [True, False] and read["flags"][2] is None
 
 
 @pytest.mark.parametrize("command", ["finetune", "lr-find", "sweep", "doctor"])
