@@ -24,7 +24,6 @@ import re
 from typing import Any
 
 import yaml
-from click.types import BoolParamType
 
 __all__ = ["Loader", "UniqueKeysLoader", "TextLoader", "as_int", "as_float", "as_bool"]
 
@@ -123,6 +122,8 @@ def as_bool(value: Any) -> bool:
     a number, null)."""
     if isinstance(value, bool):
         return value
+    from click.types import BoolParamType  # lazy: click's table only; finetune's readers need not load click (30 ms)
+
     read = BoolParamType.str_to_bool(value) if isinstance(value, str) and value.strip() else None
     if read is None:
         raise ValueError("not true or false")
