@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import yaml
 
 from finetune.core.io import load_yaml, read_user_text, yaml_problem
+from finetune.core.yamlschema import as_bool, as_float, as_int
 from zoo.entry import (COMMIT_RE, HUB_REPO_RE, HUB_REPO_RULE, MIN_PREFIX, ModelEntry, Preprocessing, Source, _HEX_RE,
                        entry_pin, matches_pin, parse_digest, public_source_id, weights_tag)
 from zoo.errors import RegistryError, UnknownModelError, UsageError
@@ -94,23 +95,31 @@ def _str(where: _Where, name: str, value: Any, *, optional: bool = False, empty:
     return value
 
 
+def _got(value: Any) -> str:
+    """A value a field refused, in its message: text as written (the file is read as text: `'11M'`), else its type."""
+    return repr(value) if isinstance(value, str) else _typename(value)
+
+
 def _int(where: _Where, name: str, value: Any, *, optional: bool = False, minimum: int | None = None) -> int | None:
+    """A whole number: what Python's int() reads (`params: 25_557_032`), as the config's whole numbers are read."""
     if value is None and optional:
         return None
-    # bool is an int subclass: `params: true` is a typo, not a count.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise where.error(name, f"must be an integer, got {_typename(value)}")
-    if minimum is not None and value < minimum:
-        raise where.error(name, f"must be >= {minimum}, got {value}")
-    return value
+    try:
+        number = as_int(value)
+    except ValueError:
+        raise where.error(name, f"must be an integer, got {_got(value)}") from None
+    if minimum is not None and number < minimum:
+        raise where.error(name, f"must be >= {minimum}, got {number}")
+    return number
 
 
 def _float(where: _Where, name: str, value: Any, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise where.error(name, f"must be a number, got {_typename(value)}")
-    return float(value)
+    try:
+        return as_float(value)
+    except ValueError:
+        raise where.error(name, f"must be a number, got {_got(value)}") from None
 
 
 def _triple(where: _Where, name: str, value: Any, kind: type) -> tuple:
@@ -144,10 +153,7 @@ def _parse_source(where: _Where, i: int, data: Any) -> Source:
         raise where.error(prefix + "format", f"must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     values["format"] = fmt
     sha = _str(where, prefix + "sha256", data.get("sha256"), optional=True)
-    pre = data.get("sha256_prefix")
-    if isinstance(pre, int) and not isinstance(pre, bool):
-        pre = str(pre)  # YAML reads an all-digit prefix such as 12345678 as a number
-    pre = _str(where, prefix + "sha256_prefix", pre, optional=True)
+    pre = _str(where, prefix + "sha256_prefix", data.get("sha256_prefix"), optional=True)    # (12345678: text)
     if sha is not None and MIN_PREFIX <= len(sha) < 64 and pre is None:
         pre, sha = sha, None    # a short digest is a prefix pin (weaker: say so in the docs)
     if sha is not None and not (len(sha) == 64 and _HEX_RE.fullmatch(sha)):
@@ -234,9 +240,11 @@ def _parse_entry(path: str, i: int, data: Any) -> tuple[ModelEntry, bool]:
     if not isinstance(sources, list) or not sources:
         raise where.error("sources", "must be a non-empty list of sources")
     classifier = _str(where, "classifier", data["classifier"])
-    override = data.get("override", False)
-    if not isinstance(override, bool):
-        raise where.error("override", f"must be true or false, got {_typename(override)}")
+    try:
+        override = as_bool(data.get("override", False))    # the words of zoo's boolean flags: `override: yes`
+    except ValueError:
+        raise where.error("override", f"must be true or false (yes/no, on/off, ...), got {_got(data['override'])}") \
+            from None
     top1 = _float(where, "top1", data.get("top1"), optional=True)
     if top1 is not None and not 0.0 <= top1 <= 100.0:
         raise where.error("top1", f"is a percentage in [0, 100], got {top1}")
@@ -264,7 +272,8 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
         RegistryError: invalid YAML, unknown/missing keys, bad types, duplicate names (one line each).
     """
     try:
-        data = load_yaml(text, unique_keys=True)      # a key written twice: refused, not the last kept (QA)
+        # each value read by its field's kind (text as written, Python's int()); a key written twice: refused (QA)
+        data = load_yaml(text, as_text=True)
     except yaml.YAMLError as err:
         raise RegistryError(f"{path}: invalid YAML{yaml_problem(err)}; fix the syntax") from None
     where = _Where(path)
@@ -273,7 +282,7 @@ def parse_registry(text: str, path: str = "<string>") -> list[tuple[ModelEntry, 
     if not isinstance(data, dict):
         raise where.error(None, f"top level must be a mapping with a 'models' list, got {_typename(data)}")
     _check_keys(where, data, ("models",), ("version",), "")
-    if data.get("version", 1) != 1:
+    if _int(where, "version", data.get("version", 1)) != 1:
         raise where.error("version", f"unsupported version {data.get('version')!r} (this zoo reads version 1)")
     models = data["models"] if data["models"] is not None else []
     if not isinstance(models, list):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
+from finetune.core import yamlschema
 from finetune.core.errors import ConfigError
 from finetune.core.io import atomic_write_text, load_yaml, read_user_text, yaml_problem
 
@@ -352,18 +353,15 @@ def short_repr(value: Any) -> str:
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """``value`` (a file's text, read with ``as_text``, or a Python value) read by the kind of ``f``, with the one
+    reader of that kind (``finetune.core.yamlschema``): text kept as written, `yes`/`on` for an on/off option."""
     kind = type(f.default)
     try:
-        if kind is bool and not isinstance(value, bool) or \
-                kind is str and not isinstance(value, (str, int, float)):   # (a list's text is no option value)
-            raise ValueError
-        # int() and float() would take YAML's `true` as 1 and cut `epochs: 2.5` to 2 without a word
-        if kind in (int, float) and isinstance(value, bool) or kind is int and isinstance(value, float) \
-                and not value.is_integer():
-            raise ValueError
         if kind is str:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # (a list's text is no value)
+                raise ValueError
             return str(value)
-        return kind(value)
+        return {bool: yamlschema.as_bool, int: yamlschema.as_int, float: yamlschema.as_float}[kind](value)
     except (TypeError, ValueError):
         hint = ("; auto is taken on the command line only (--lr auto): in a file give the learning rate, e.g. "
                 "lr: 0.001" if f.name == "lr" and isinstance(value, str) and value.strip().lower() == "auto" else "")
@@ -391,13 +389,15 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
     path, overrides = Path(path), dict(overrides or {})
     data, notes = _read_mapping(path), []
     for name in sorted(RESUME_FREE & {k for k in data if isinstance(k, str)}):
+        saved = data[name]
         try:
-            problem = OPTIONS[name].problem(_coerce(_FIELDS[name], data[name], str(path)))
+            saved = _coerce(_FIELDS[name], saved, str(path))     # (said as read: workers=1000, not '1000')
+            problem = OPTIONS[name].problem(saved)
         except ConfigError:
             problem = f"should be {_wanted(_FIELDS[name])}"
         if problem is not None:
             now, why = (overrides[name], "given now") if name in overrides else (_FIELDS[name].default, "the default")
-            notes.append(f"{path}: {name}={short_repr(data[name])} is out of bounds ({problem}); this resume "
+            notes.append(f"{path}: {name}={short_repr(saved)} is out of bounds ({problem}); this resume "
                          f"uses {name}={now!r} ({why})")
             data = {**data, name: now}
     try:
@@ -420,7 +420,7 @@ def load_resume_config(path: str | Path, overrides: dict[str, Any] | None = None
 def _read_mapping(path: Path) -> dict[str, Any]:
     """The YAML mapping in ``path``. Raises ConfigError with the file name on any problem."""
     try:
-        data = load_yaml(read_user_text(path), unique_keys=True) or {}
+        data = load_yaml(read_user_text(path), as_text=True) or {}     # each value read by its option's kind
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -322,12 +322,16 @@ def read_user_text(path: str | Path) -> str:
     return data.decode("utf-8")
 
 
-def load_yaml(text: str, unique_keys: bool = False) -> Any:
+def load_yaml(text: str, unique_keys: bool = False, as_text: bool = False) -> Any:
     """The one YAML reader: the safe loader with libyaml's C parser when PyYAML has it (the curated registry parses
     in 14 ms instead of 118 ms), plain text resolved by ``finetune.core.yamlschema``'s rule (``1:0:3``, ``010``,
     ``yes`` stay text, as typed after a flag); the same objects and ``yaml.YAMLError``s either way.
-    ``unique_keys``: a key given twice in one mapping is a ``yaml.YAMLError`` too (a file people write by hand)."""
-    return yaml.load(text, Loader=yamlschema.UniqueKeysLoader if unique_keys else yamlschema.Loader)
+    ``unique_keys``: a key given twice in one mapping is a ``yaml.YAMLError`` too (a file people write by hand).
+    ``as_text`` (a file of option values: a config, a registry; implies ``unique_keys``): only null is resolved,
+    every other plain scalar is its text as written, for the option to read by its kind (``yamlschema.as_int``,
+    ``as_float``, ``as_bool``; a text option keeps it: ``out: 1.50`` is ``"1.50"``)."""
+    loader = yamlschema.TextLoader if as_text else yamlschema.UniqueKeysLoader if unique_keys else yamlschema.Loader
+    return yaml.load(text, Loader=loader)
 
 
 def yaml_problem(err: Exception) -> str:

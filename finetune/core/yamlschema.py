@@ -10,7 +10,14 @@ PyYAML implements YAML 1.1, which reads ``1:0:3`` as 3603 (base 60), ``010`` as 
 plain text is text, read by the option's own parser (``010`` and ``1_000`` are 10 and 1000 there, as typed).
 Every file zoo writes (``yaml.safe_dump``, YAML 1.1's resolver) reads back the same: the dumper quotes each
 string its own resolver would read as another type, and this resolver reads a subset of those.
-No torch."""
+
+The files that hold option values (a ``--config`` file, a run's config.yaml, a registry: ``load_yaml(...,
+as_text=True)``, :class:`TextLoader`) go one step further: only null (``null``/``~``/nothing) is resolved, every
+other plain scalar stays its text as written, and each option reads that text by its kind, with the one reader
+of that kind: :func:`as_int` (Python's ``int()``, click's INT: ``25_557_032``, ``010`` is 10), :func:`as_float`,
+:func:`as_bool` (the words zoo's boolean flags take: click's BOOL) and, for a text option, the text itself
+(``out: 1.50`` is the folder ``1.50``, not YAML's float 1.5 written back as ``1.5``). null is "not set" where the
+option may be left unset (the caller decides; ``None`` here). No torch."""
 from __future__ import annotations
 
 import re
@@ -18,7 +25,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Loader", "UniqueKeysLoader"]
+__all__ = ["Loader", "UniqueKeysLoader", "TextLoader", "as_int", "as_float", "as_bool"]
 
 _Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)    # libyaml's parser when PyYAML has it; resolver in Python
 
@@ -32,6 +39,8 @@ _RESOLVERS = (
     ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
     ("tag:yaml.org,2002:merge", r"^(?:<<)$", "<"),
 )
+_TEXT_TAGS = ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")     # what TextLoader still resolves
+_FLOAT = re.compile(_RESOLVERS[2][1])
 
 
 class Loader(_Base):      # type: ignore[misc, valid-type]
@@ -62,3 +71,60 @@ class UniqueKeysLoader(Loader):
                     "last would count: keep one", key_node.start_mark)
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+class TextLoader(UniqueKeysLoader):
+    """:class:`UniqueKeysLoader` for the files that hold option values: null resolved, every other plain scalar
+    its text as written, for the option to read by its kind (the module's readers)."""
+
+    yaml_implicit_resolvers: dict[Any, Any] = {}
+
+
+for _tag, _pattern, _first in _RESOLVERS:
+    if _tag in _TEXT_TAGS:
+        TextLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def as_int(value: Any) -> int:
+    """A whole number from a file's text: what Python's ``int()`` reads (click's INT, so what the flag typed takes:
+    ``25_557_032``, ``010`` is 10, no octal or hex), or a YAML float with a dot that is whole (``20.0``, ``1.0e+3``:
+    YAML 1.1 read those as numbers, and the config's whole numbers took them); an int or a whole float as given.
+    Raises ValueError for anything else (``1e3``, ``2.5``, ``true``, a list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            if _FLOAT.match(value) and (number := as_float(value)).is_integer():
+                return int(number)
+    raise ValueError("not a whole number")     # (no repr: a list of aliases can be billions of items)
+
+
+def as_float(value: Any) -> float:
+    """A number from a file's text: YAML's spellings (``.inf``, ``-.Inf``, ``.nan``, ``1.5e+3``, as yaml.safe_dump
+    writes them), else what Python's ``float()`` reads (click's FLOAT: ``1e-3``, ``1_000.5``, ``inf``); an int or
+    float as given. Raises ValueError for anything else (true/false, text, a list)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        if _FLOAT.match(value) and value.lstrip("+-").lower() in (".inf", ".nan"):   # (Python's float() has no dot)
+            return float(value.replace(".", "", 1))
+        return float(value)
+    raise ValueError("not a number")
+
+
+def as_bool(value: Any) -> bool:
+    """On or off from a file's text: the words zoo's boolean flags take (click's BOOL, the one table: true/false,
+    yes/no, on/off, y/n, t/f, 1/0, any case); a bool as given. Raises ValueError for anything else (empty text,
+    a number, null)."""
+    if isinstance(value, bool):
+        return value
+    from click.types import BoolParamType  # lazy: click's table only; finetune's readers need not load click (30 ms)
+
+    read = BoolParamType.str_to_bool(value) if isinstance(value, str) and value.strip() else None
+    if read is None:
+        raise ValueError("not true or false")
+    return read

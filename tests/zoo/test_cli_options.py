@@ -126,10 +126,10 @@ def test_a_config_in_utf16_is_read_and_one_in_no_text_encoding_is_one_line(tmp_p
 
 
 @pytest.mark.parametrize("text,message", [
-    ("epochs: 2.5", "epochs=2.5 should be a whole number"),
-    ("lr: true", "lr=True should be a number"),
+    ("epochs: 2.5", "epochs='2.5' should be a whole number"),      # (a file's values are its text, helper-152)
+    ("lr: true", "lr='true' should be a number"),
     ("patience: yes", "patience='yes' should be a whole number"),     # (text since helper-143: YAML 1.1 read True)
-    ("tensorboard: 3", "tensorboard=3 should be true or false"),
+    ("tensorboard: 3", "tensorboard='3' should be true or false"),
     ("lr: auto", "lr='auto' should be a number; auto is taken on the command line only (--lr auto): in a file "
                  "give the learning rate, e.g. lr: 0.001"),
     ("lr: Auto", "lr='Auto' should be a number; auto is taken on the command line only (--lr auto)")])
@@ -212,7 +212,7 @@ def test_unknown_yaml_keys_name_the_option_meant(tmp_path, text, message):
 
 @pytest.mark.parametrize("text,message", [
     # a run's config.yaml written by a zoo from before --augment took a mode (31e7fd3): `zoo finetune --resume`
-    ("augment: true", "invalid augment='True' (--augment): choose one of standard, trivial, none"),
+    ("augment: true", "invalid augment='true' (--augment): choose one of standard, trivial, none"),
     ("epochs: -3", "invalid epochs=-3 (--epochs): allowed: x >= 1 or 0"),
     # QA session 22: `invalid device='gpu': ...` named neither the file nor the option (checked when resolved)
     ("device: gpu", "invalid device='gpu' (--device): use auto, cpu, cuda, cuda:N or mps")])

@@ -153,8 +153,8 @@ def test_get_entry_is_case_insensitive_fallback():
     ([_entry(colour="red")], ["entry 'mini'", "field 'colour'", "unknown key"]),
     ([_entry(clasifier="fc")], ["field 'clasifier'", "did you mean 'classifier'"]),
     ([_entry(classifier=_DEL)], ["entry 'mini'", "field 'classifier'", "missing"]),
-    ([_entry(params="11M")], ["field 'params'", "must be an integer, got str"]),
-    ([_entry(params=True)], ["field 'params'", "integer, got bool"]),
+    ([_entry(params="11M")], ["field 'params'", "must be an integer, got '11M'"]),
+    ([_entry(params=True)], ["field 'params'", "integer, got 'true'"]),
     ([_entry(top1=120.0)], ["field 'top1'", "[0, 100]"]),
     ([_entry(stages="layer1")], ["field 'stages'"]),
     ([_entry(stages=[["layer1"], ["layer1.0"]])], ["field 'stages[1]'", "overlaps"]),
@@ -268,3 +268,69 @@ def test_ad_hoc_references_are_resolved_one_layer_up():
     with pytest.raises(UsageError, match="zoo.resolve.get_entry"):
         get_entry("timm:resnet18")
 
+
+
+# ------------------------------------------------------------------------------- values read by their field's kind
+HAND_WRITTEN = """\
+models:
+- name: {name}
+  family: resnet
+  builder: timm:test_resnet
+  license: apache-2.0
+  params: {params}
+  year: 2_019
+  top1: 76.130
+  override: {override}
+  preprocessing:
+    input_size: [3, 1_60, 160]
+    interpolation: bilinear
+    crop_pct: .95
+    mean: [0.5, 0.5, 0.5]
+    std: [0.5, 0.5, 0.5]
+    origin: 1.50
+  sources:
+  - kind: file
+    path: 010
+    sha256: null
+    sha256_note: 1e3
+  stages: [[conv1, bn1], [layer1], [layer2], [layer3], [layer4]]
+  classifier: fc
+"""
+
+
+@pytest.mark.parametrize("override, value", [("yes", True), ("on", True), ("Y", True), ("1", True), ("TRUE", True),
+                                             ("true", True), ("no", False), ("off", False), ("f", False),
+                                             ("0", False), ("'yes'", True)])
+def test_a_hand_written_user_registry_reads_numbers_as_python_and_words_as_the_cli(override, value):
+    """helper-152: `params: 25_557_032` (as Python writes numbers; YAML 1.1 read it) and `override: yes` were
+    refused after session 35 (`must be an integer, got text`). A whole-number field reads what Python's int()
+    reads, an on/off field the words zoo's boolean flags take (click's), any text field the text as written."""
+    [(entry, override_read)] = parse_registry(HAND_WRITTEN.format(name="1.50", params="25_557_032",
+                                                                  override=override), "mine.yaml")
+    assert override_read is value
+    assert (entry.name, entry.params, entry.year, entry.top1) == ("1.50", 25557032, 2019, 76.13)
+    assert entry.preprocessing.input_size == (3, 160, 160) and entry.preprocessing.crop_pct == 0.95
+    assert entry.preprocessing.origin == "1.50"
+    assert (entry.sources[0].path, entry.sources[0].sha256_note) == ("010", "1e3")
+
+
+@pytest.mark.parametrize("params, override, needle", [
+    ("11M", "true", "field 'params': must be an integer, got '11M'"),
+    ("2.5", "true", "field 'params': must be an integer, got '2.5'"),
+    ("010", "maybe", "field 'override': must be true or false (yes/no, on/off, ...), got 'maybe'")])
+def test_a_hand_written_user_registry_refuses_what_its_field_cannot_read(params, override, needle):
+    with pytest.raises(RegistryError, match="^mine.yaml: entry 'mini': " + needle.replace("(", r"\(").replace(
+            ")", r"\)")):
+        parse_registry(HAND_WRITTEN.format(name="mini", params=params, override=override), "mine.yaml")
+
+
+def test_the_curated_registry_reads_the_same_entries_text_or_typed():
+    """Every entry of the curated file reads the same with the text loader as with YAML's own types (compared
+    by hand before and after helper-152's change too: equal ModelEntry tuples)."""
+    text = curated_registry_path().read_text()
+    raw = yaml.safe_load(text)
+    entries = dict(parse_registry(text, "r"))
+    assert [e.name for e in entries] == [m["name"] for m in raw["models"]]
+    for entry, m in zip(entries, raw["models"]):
+        assert (entry.params, entry.top1, entry.year) == (m.get("params"), m.get("top1"), m.get("year"))
+        assert list(entry.preprocessing.mean) == m["preprocessing"]["mean"]

@@ -23,6 +23,7 @@ from finetune.core.config import (OPTIONS, FinetuneConfig, range_text, read_conf
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 from finetune.core.io import archive_kind, broken_link, unexpanded_home
 from finetune.core.policy import default_bn
+from finetune.core.yamlschema import as_bool, as_int
 from zoo.errors import FcDropoutError, UnknownModelError, UsageError
 
 __all__ = ["config_options", "config_file_option", "file_keys", "given_options", "fc_dropout_option", "bn_default",
@@ -236,6 +237,8 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
     defaults = {}
     for key, value in ((k, v) for k, v in taken.items() if k in own):
         option = own[key]
+        if value is None and option.default is None and not option.required:
+            continue        # null (`out: null`, `~`, nothing): not set, as the key left out, where the flag may be
         value = _as_typed(option, key, value, path)
         try:
             defaults[option.name] = option.type_cast_value(ctx, value)
@@ -247,22 +250,27 @@ def _read_file(ctx: click.Context, param: ConfigFileOption, path: str | None) ->
 
 
 def _as_typed(param: click.Parameter, key: str, value: Any, path: str) -> Any:
-    """A file's ``value`` of the command's own ``param`` as that flag typed would give it, for click to convert as
-    it converts a typed one: a number as its text (`steps: 20.5` was cut to 20 without a word, `out: 5` crashed),
-    true/false for an on/off flag only (`start_lr: true` was 1.0), a list for zoo sweep's grid only (`data:
-    [a, b]` was the folder "a,b"); null, a mapping, a list elsewhere: UsageError naming the file, as _coerce does
-    the config's keys. A path with a leading ~, which no file expands, gets the path to write (the shell's advice
-    was no way on for a file). ``key``: the file's key (sweep's ``lr`` is its ``lr_spec``)."""
+    """A file's ``value`` (its text as written: ``load_yaml(..., as_text=True)``) of the command's own ``param`` as
+    that flag typed would give it, for click to convert as it converts a typed one: the text (`steps: 20.5` was
+    cut to 20 without a word, `out: 5` crashed, `out: 1.50` was the folder 1.5), the words of zoo's boolean flags
+    for an on/off flag (``yamlschema.as_bool``: `export: yes`), a list for zoo sweep's grid only (`data: [a, b]`
+    was the folder "a,b"); a mapping, a list elsewhere, null where the flag needs a value: UsageError naming the
+    file, as _coerce does the config's keys. A path with a leading ~, which no file expands, gets the path to
+    write (the shell's advice was no way on for a file). ``key``: the file's key (sweep's ``lr`` is its ``lr_spec``)."""
     flag = isinstance(param, click.Option) and param.is_bool_flag
     grid = key in OPTIONS and param.name != key         # (config_s: a single value there is the config's)
-    if flag and isinstance(value, bool):
-        return value
     if grid and isinstance(value, list) and value and all(_scalar(v) for v in value):
         return ",".join(str(v) for v in value)
-    if flag or not _scalar(value):
-        raise UsageError(f"{path}: {key}={short_repr(value)} should be {_type_words(param)}")
-    if isinstance(value, float) and value.is_integer() and isinstance(param.type, click.types.IntParamType):
-        value = int(value)      # (`steps: 20.0`, as the config's whole numbers)
+    try:
+        if flag:
+            return as_bool(value)
+        if not _scalar(value):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{path}: {key}={short_repr(value)} should be {_type_words(param)}") from None
+    if isinstance(param.type, click.types.IntParamType):
+        with contextlib.suppress(ValueError):       # (`steps: 20.0`, as the config's whole numbers)
+            value = as_int(value)
     text = str(value)
     if isinstance(param.type, click.Path) and not text.strip():     # (`out: ""` crashed; no path is "")
         raise UsageError(f"{path}: {key}={short_repr(value)} should be {_type_words(param)}")

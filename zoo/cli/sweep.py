@@ -90,7 +90,9 @@ def sweep_cmd(ctx: click.Context, model: str, data: str, config_path: str | None
     with read_of_the_file(ctx, config_path, "optimizer_spec", "optimizer"):
         optimizers = parse_choices(optimizer_spec, "optimizer", OPTIMIZERS) if optimizer_spec is not None else None
     config, raw, notes = resolve_config(ctx, config_path, values, pretrained)
-    config = config.replace(epochs=epochs if epochs is not None else int(raw.get("epochs", SWEEP_DEFAULT_EPOCHS)))
+    # (the file's epochs as the config read it: `epochs: 1_0` is 10)
+    config = config.replace(epochs=epochs if epochs is not None else config.epochs if "epochs" in raw
+                            else SWEEP_DEFAULT_EPOCHS)
     with claimed_out(ctx, "sweep", config, config_path, raw, notes, model, data, out, resume=resume,
                      overwrite=overwrite) as (out_dir, say):
         _sweep_into(ctx, out_dir, model, data, config, pretrained, fc_dropout, lrs, wds, freezes, optimizers, folds,
