@@ -122,9 +122,11 @@ def as_bool(value: Any) -> bool:
     a number, null)."""
     if isinstance(value, bool):
         return value
-    from click.types import BoolParamType  # lazy: click's table only; finetune's readers need not load click (30 ms)
+    import click  # lazy: click's table only; finetune's readers need not load click (30 ms)
 
-    read = BoolParamType.str_to_bool(value) if isinstance(value, str) and value.strip() else None
-    if read is None:
+    if not isinstance(value, str) or not value.strip():
         raise ValueError("not true or false")
-    return read
+    try:        # (click.BOOL's own conversion: BoolParamType.str_to_bool is click 8.3's, pyproject takes 8.2)
+        return bool(click.BOOL.convert(value, None, None))
+    except click.BadParameter:
+        raise ValueError("not true or false") from None
