@@ -26,7 +26,7 @@ from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, tab
 from finetune.core.config import short_repr
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, precision_recall, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
-from finetune.core.metrics import accuracy_text, as_fraction
+from finetune.core.metrics import accuracy_text, as_fraction, probability_text
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "read_history", "TOP_ROWS"]
 
@@ -169,7 +169,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
 
     # --- mistakes
     if mistakes:
-        figs = "".join(_figure(Path(m["path"]), f"<b>{esc(m['predicted'])}</b> ({m['prob']:.2f}), "
+        figs = "".join(_figure(Path(m["path"]), f"<b>{esc(m['predicted'])}</b> ({esc(probability_text(m['prob']))}), "
                                f"true {esc(m['true'])}<br><span class=\"path\">{esc(Path(m['path']).name)}</span>")
                        for m in mistakes)
         body.append(section("Most confidently wrong validation images", f"<div class=\"grid\">{figs}</div>"))

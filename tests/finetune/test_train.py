@@ -919,6 +919,21 @@ def test_accuracy_text_is_the_one_printed_form_of_an_accuracy():
     assert metric_text("val_loss", 0.123456, ".4f") == "0.1235" and metric_text("val_loss", math.nan) == "-"
 
 
+def test_probability_text_is_the_one_shown_form_of_a_probability():
+    """Session 35's walk-through (helper-153): one image's top probability read 100.0% (zoo eval), 99.99% (zoo
+    predict), (1.00) (report.html) and 0.999932 (serve). Every human-facing place shows probability_text: percent,
+    two decimals, of the JSON answers' 6 decimals; never 100.00% or 0.00% for a softmax, which is neither."""
+    import numpy as np
+
+    from finetune.core.metrics import probability_text, probability_value
+
+    shown = {0.999932: "99.99%", 0.99996: ">99.99%", 0.9999996: ">99.99%", 1.0: ">99.99%", 0.5: "50.00%",
+             0.98641: "98.64%", 0.00004: "<0.01%", 0.0: "<0.01%", 0.00006: "0.01%", np.float32(0.25): "25.00%",
+             0.1234551: "12.35%", 0.1234449: "12.34%", None: "-", math.nan: "-", 1.5: "-", -0.1: "-"}
+    assert {p: probability_text(p) for p in shown} == shown and probability_text(True) == "-"
+    assert probability_value(0.99993246793747) == 0.999932 and probability_text(0.99993246793747) == "99.99%"
+
+
 def test_accuracy_text_of_what_is_no_number_is_a_dash():
     """A damaged summary.json (a string, a boolean, Infinity where an accuracy was) showed "90.00%", "100.00%"
     and "inf%" in report.html's val acc card and the model card; it showed "-" before accuracy_text."""
