@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from finetune.core.metrics import probability_value
 from finetune.data import pil_warnings
 from finetune.data.images import EMPTY_FILE, decode_opened, open_image, shared_pil_warnings, verified
 from zoo.errors import ServeError
@@ -340,7 +341,7 @@ def _results(prepared: list, rows: Sequence[torch.Tensor], k: int, labels: list[
     for (filename, tensor, (w, h)), probs in zip(prepared, rows):
         values, idx = probs.topk(k)
         item = {"image": filename, "filename": filename, "width": w, "height": h,     # (filename: the old key)
-                "predictions": [{"label": labels[j], "prob": round(float(v), 6)}
+                "predictions": [{"label": labels[j], "prob": probability_value(v)}
                                 for v, j in zip(values.tolist(), idx.tolist())]}
         if crop:
             item["crop"] = _crop_png(tensor, data_config)

@@ -6,7 +6,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p", "accuracy_text", "metric_text", "as_fraction"]
+__all__ = ["EarlyStopping", "per_class_accuracy", "paired_gain_p", "accuracy_text", "metric_text", "as_fraction",
+           "PROB_DECIMALS", "probability_value", "probability_text"]
+
+# the decimals of a probability in a JSON answer (`zoo predict --json`, `zoo serve`): float32's 7 digits, less noise
+PROB_DECIMALS = 6
 
 
 @dataclass
@@ -59,6 +63,29 @@ def accuracy_text(value: float | None) -> str:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return "-"
     return f"{float(value) * 100:.2f}%"
+
+
+def probability_value(p: float) -> float:
+    """A class probability as the JSON answers give it (``zoo predict --json``, ``zoo serve``): ``PROB_DECIMALS``."""
+    return round(float(p), PROB_DECIMALS)
+
+
+def probability_text(p: float | None) -> str:
+    """A class probability as every human-facing place shows it (``zoo predict``'s lines, ``zoo eval``'s most
+    confidently wrong, report.html, doctor's wrong-label findings; serve's page runs the same rule in its script):
+    percent with two decimals, as :func:`accuracy_text`, of the value the JSON answers carry
+    (:func:`probability_value`, so the page that reads one shows the same digits): ``0.999932`` -> ``99.99%``.
+    Never ``100.00%`` nor ``0.00%``: a softmax is neither 1 nor 0, though float32 rounds it there past a margin
+    of ~17 in the logits; what would round to them is ``>99.99%`` (``0.99996``, and 1.0 itself) and ``<0.01%``.
+    ``-`` for None, NaN or anything outside [0, 1] (docs/guide/export-predict.md, "How a probability is shown")."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
+        return "-"
+    n = round(probability_value(p) * 10000)     # hundredths of a percent (half to even, as serve's script rounds)
+    if n >= 10000:
+        return ">99.99%"
+    if n <= 0:
+        return "<0.01%"
+    return f"{n // 100}.{n % 100:02d}%"
 
 
 def as_fraction(values: Sequence[float | None]) -> list[float | None]:

@@ -186,8 +186,10 @@ class RunFolder:
 
     # --- writers
     def start(self, config: FinetuneConfig, train_set, val_set, device: torch.device, info: ddp.DistInfo,
-              resume: bool) -> None:
-        """config.yaml (new runs), manifest.json (resumes are appended), the TensorBoard writer."""
+              resume: bool, epoch: int = 0, in_effect: dict | None = None) -> None:
+        """config.yaml (new runs), manifest.json (resumes are appended: each with the epoch it goes on after, its
+        device and ``in_effect``, the setup's device options, which :meth:`summary` reads), the TensorBoard
+        writer."""
         if not self.writes:
             return
         try:
@@ -199,7 +201,8 @@ class RunFolder:
             save_config(config, self.path / "config.yaml")
         elif int(config.micro_batch):      # passes given to the resume (``resume_passes``): the next one keeps them
             self.record_passes(int(config.micro_batch))
-        self._write_manifest(config, train_set, val_set, device, info, resume)
+        self._write_manifest(config, train_set, val_set, device, info, resume,
+                             {"after_epoch": int(epoch), "device": str(device), "in_effect": in_effect})
         if config.tensorboard:
             self.tensorboard = TensorBoardLogger(self.path)
 
@@ -236,9 +239,9 @@ class RunFolder:
         if int(saved.micro_batch) != int(micro):
             save_config(saved.replace(micro_batch=int(micro)), path)
 
-    def _write_manifest(self, config, train_set, val_set, device, info, resume: bool) -> None:
+    def _write_manifest(self, config, train_set, val_set, device, info, resume: bool, where: dict) -> None:
         path = self.path / "manifest.json"
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv)}
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv), **where}
         if resume and path.is_file():
             manifest = read_json_object(path)       # {} when damaged; a "resumed" that is no list: started anew
             resumed = manifest.get("resumed")
@@ -248,7 +251,7 @@ class RunFolder:
                         "files_sha256": _files_hash(train_set, val_set),
                         "images": {"train": len(train_set.items), "val": len(val_set.items)},
                         "classes": list(train_set.classes), "versions": _versions(),
-                        "device": str(device), "world_size": info.world_size}
+                        "world_size": info.world_size, **where}
         write_json(path, manifest, indent=2)
 
     def metrics(self, history: list[dict]) -> None:
@@ -313,9 +316,13 @@ class RunFolder:
         """summary.json, and confusion.csv: the validation confusion matrix whole (``summary["metrics"]
         ["confusion"]``, rows: true class, in ``summary["classes"]`` order), named by summary.json's
         ``confusion_csv``. Up to ``FULL_MAX_CLASSES`` classes summary.json keeps the matrix too, one row per
-        line; above, it leaves it out (2,000 classes: 4 million numbers) and readers take the CSV."""
+        line; above, it leaves it out (2,000 classes: 4 million numbers) and readers take the CSV. A run whose
+        epochs ran with other device options in another process (begun on the CPU, resumed on CUDA) gets
+        ``in_effect_by_epochs`` (:func:`in_effect_by_epochs`): ``in_effect`` is the last process's."""
         if not self.writes:
             return
+        if parts := in_effect_by_epochs(read_json_object(self.path / "manifest.json"), summary.get("epochs_run")):
+            summary = {**summary, "in_effect_by_epochs": parts}
         metrics = summary.get("metrics") or {}
         conf = metrics.get("confusion")
         if conf is not None:
@@ -407,6 +414,28 @@ class RunFolder:
             return int(load_checkpoint(self.path / LAST, mmap=True)["epoch"])    # (its tensors neither read nor hashed)
         except Exception:  # an unreadable checkpoint: say the epoch before the interrupted one
             return max(0, fallback - 1)
+
+
+def in_effect_by_epochs(manifest: dict, epochs_run: object) -> list[dict] | None:
+    """The device options each run of epochs trained with, from manifest.json's processes (the first, then each
+    resume from the epoch after the one it went on after: it trains those again): ``[{"epochs": [1, 2], "device":
+    "cpu", "in_effect": {...}}, {"epochs": [3, 8], "device": "cuda:0", ...}]``. None where one device and set of
+    options trained them all, or the manifest does not say (a run begun before it recorded them, a damaged file)."""
+    starts: list[list] = []
+    for entry in [manifest, *(manifest.get("resumed") if isinstance(manifest.get("resumed"), list) else [])]:
+        after = entry.get("after_epoch") if isinstance(entry, dict) else None
+        if not isinstance(after, int) or not isinstance(entry.get("in_effect"), dict):
+            return None
+        starts = [s for s in starts if s[0] <= after] + [[after + 1, entry.get("device"), entry["in_effect"]]]
+    if not isinstance(epochs_run, int) or not starts or starts[0][0] != 1:
+        return None
+    parts: list[dict] = []
+    for (first, device, used), nxt in zip(starts, [s[0] for s in starts[1:]] + [epochs_run + 1]):
+        if parts and (parts[-1]["device"], parts[-1]["in_effect"]) == (device, used):
+            parts[-1]["epochs"][1] = min(nxt - 1, epochs_run)
+        elif first <= min(nxt - 1, epochs_run):
+            parts.append({"epochs": [first, min(nxt - 1, epochs_run)], "device": device, "in_effect": used})
+    return parts if len(parts) > 1 else None
 
 
 def out_of_memory(err: BaseException, per_pass: int, then: str) -> OutOfMemory:

@@ -339,7 +339,7 @@ class Trainer:
         for line in (f"freeze: {s.decision.label} ({s.decision.reason})", *s.notes):     # the decision first
             self.say(line)
         self._say_unused_epochs()
-        self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume)
+        self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume, self.epoch, s.in_effect)
         t_run = self.t_run = time.perf_counter()
         try:
             with sigterm_as_interrupt():

@@ -26,7 +26,7 @@ from finetune.tools.htmlpage import esc, heatmap, line_chart, page, section, tab
 from finetune.core.config import short_repr
 from finetune.core.confusion import FULL_MAX_CLASSES, most_confused, precision_recall, read_confusion_csv
 from finetune.core.io import atomic_write_text, load_yaml, read_json_object, read_user_text
-from finetune.core.metrics import accuracy_text, as_fraction
+from finetune.core.metrics import accuracy_text, as_fraction, probability_text
 
 __all__ = ["doctor_html", "run_report_html", "write_run_report", "read_history", "TOP_ROWS"]
 
@@ -169,7 +169,7 @@ def run_report_html(run_dir: str | Path, mistakes: Sequence[dict[str, Any]] = ()
 
     # --- mistakes
     if mistakes:
-        figs = "".join(_figure(Path(m["path"]), f"<b>{esc(m['predicted'])}</b> ({m['prob']:.2f}), "
+        figs = "".join(_figure(Path(m["path"]), f"<b>{esc(m['predicted'])}</b> ({esc(probability_text(m['prob']))}), "
                                f"true {esc(m['true'])}<br><span class=\"path\">{esc(Path(m['path']).name)}</span>")
                        for m in mistakes)
         body.append(section("Most confidently wrong validation images", f"<div class=\"grid\">{figs}</div>"))
@@ -320,6 +320,26 @@ def _pct(v: Any) -> str:
     return f"{v:.0%}" if isinstance(v, (int, float)) else "-"
 
 
+def _unused_note(option: str, summary: dict[str, Any]) -> str:
+    """`` (no effect on cpu)`` where the run did not use ``option`` (summary.json's ``in_effect``), or, for a run
+    whose epochs ran with other device options (``in_effect_by_epochs``: begun on the CPU, resumed on CUDA), the
+    epochs that did not: `` (no effect on cpu: epochs 1-2)``; else nothing."""
+    parts = summary.get("in_effect_by_epochs")
+    if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("in_effect"), dict)
+                                            and isinstance(p.get("epochs"), list) and len(p["epochs"]) == 2
+                                            for p in parts)):
+        used = summary.get("in_effect") if isinstance(summary.get("in_effect"), dict) else {}
+        return f" (no effect on {summary.get('device') or 'this device'})" if used.get(option) is False else ""
+    off = [p for p in parts if p["in_effect"].get(option) is False]
+    if not off:
+        return ""
+    if len(off) == len(parts):
+        return f" (no effect on {', '.join(dict.fromkeys(str(p.get('device')) for p in off))})"
+    spans = [(p.get("device"), *p["epochs"]) for p in off]
+    return " (no effect on " + "; ".join(f"{d}: epoch {a}" if a == b else f"{d}: epochs {a}-{b}"
+                                         for d, a, b in spans) + ")"
+
+
 def _config_section(cfg_path: Path, summary: dict[str, Any]) -> str:
     """config.yaml as a table (its raw text when it cannot be parsed). An option the run asked for and did not use
     on its device (summary.json's ``in_effect``: amp on a CPU, helper-149) says so beside its value."""
@@ -328,11 +348,9 @@ def _config_section(cfg_path: Path, summary: dict[str, Any]) -> str:
     except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
         cfg = None
     if isinstance(cfg, dict):     # (a nested value, e.g. of YAML aliases nine deep, cut short: QA)
-        used = summary.get("in_effect") if isinstance(summary.get("in_effect"), dict) else {}
-        unused = f" (no effect on {summary.get('device') or 'this device'})"
         inner = table(["option", "value"], [[k, (v if isinstance(v, str) else json.dumps(v)
                                                  if v is None or isinstance(v, (int, float)) else short_repr(v))
-                                             + (unused if v is True and used.get(k) is False else "")]
+                                             + (_unused_note(k, summary) if v is True else "")]
                                             for k, v in cfg.items()])
     else:
         text = cfg_path.read_text(encoding="utf-8", errors="replace")

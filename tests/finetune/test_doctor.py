@@ -1065,3 +1065,30 @@ def test_a_probe_that_flags_a_large_share_of_the_images_says_what_the_share_mean
                     f"out-of-fold accuracy {said[0].split('accuracy ')[1].split(':')[0]}: more likely classes the "
                     "features cannot tell apart than label errors; look at the suggested classes in findings.csv "
                     "first, since --exclude findings.csv drops every wrong_label row"]
+
+
+def test_a_wrong_label_finding_shows_the_probes_probabilities_as_every_command_does(monkeypatch):
+    """Session 36 (helper-153): a wrong_label finding said `(p=1.00 vs 0.00)` of 0.99996 and 0.00004, where zoo
+    predict, eval, report.html and serve's page show a probability by finetune.core.metrics.probability_text."""
+    from finetune.core.metrics import probability_text
+    from finetune.tools.doctor import run as doctor_run
+
+    real = doctor_run.label_issues
+
+    def sure(*a, **k):      # the probe's probabilities of the flagged image: the suggested class past 99.995%
+        out = real(*a, **k)
+        out["probs"][7] = 0.0
+        out["probs"][7, out["suggested"][7]], out["probs"][7, 2] = 0.99996, 0.00004
+        return out
+
+    monkeypatch.setattr(doctor_run, "label_issues", sure)
+    x, y = _clusters()
+    y[7] = 2                # image 7 is class 0, filed under 2
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    names = ["c0", "c1", "c2"]
+    found = doctor_run._probe_findings(z, np.ones(len(y), bool), y, [f"{k}.png" for k in range(len(y))],
+                                       ["train"] * len(y), [names[k] for k in y], names, DoctorOptions(),
+                                       lambda _m: None)[0]
+    (f,) = [f for f in found if f.path == "7.png"]
+    assert f.detail == f"labelled c2, probe says c0 ({probability_text(0.99996)} vs {probability_text(0.00004)})"
+    assert f.detail.endswith("(>99.99% vs <0.01%)")

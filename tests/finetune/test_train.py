@@ -666,6 +666,60 @@ def test_the_reports_config_table_says_which_device_options_a_cpu_run_did_not_us
                      "gpu_normalize": "true (no effect on cpu)", "epochs": "1"}, cells
 
 
+def test_a_run_resumed_with_other_device_options_says_which_epochs_ran_without_them(data, tmp_path, monkeypatch):
+    """Session 35's leftover (helper-153): summary.json's in_effect was the last process's alone, so a run begun on
+    the CPU (amp unused) and resumed where amp acts showed `amp: true` in report.html's config table, as if every
+    epoch had used it. manifest.json records each process's device options and the epoch it went on after;
+    summary.json gets ``in_effect_by_epochs`` and the table says which epochs ran without the option. (The second
+    device is faked: Setup.in_effect answers as CUDA would, amp and gpu_normalize in effect.)"""
+    import re
+
+    from finetune.engine.setup import Setup
+    from finetune.tools.pages import run_report_html
+
+    out, config = tmp_path / "run", cfg(epochs=4, freeze="1", head_epochs=0)
+    stop = [lambda row: (_ for _ in ()).throw(KeyboardInterrupt()) if row["epoch"] == 2 else None]
+    with pytest.raises(Interrupted):
+        run(data, config, run_dir=out, callbacks=stop)
+    cuda = {"amp": True, "channels_last": True, "gpu_normalize": True}
+    monkeypatch.setattr(Setup, "in_effect", property(lambda self: cuda))
+    run(data, config, run_dir=out, resume=True)
+    summary = json.loads((out / "summary.json").read_text())
+    cpu = {"amp": False, "channels_last": True, "gpu_normalize": False}
+    assert summary["in_effect"] == cuda and summary["in_effect_by_epochs"] == [
+        {"epochs": [1, 2], "device": "cpu", "in_effect": cpu}, {"epochs": [3, 4], "device": "cpu", "in_effect": cuda}]
+    cells = dict(re.findall(r"<tr><td>(amp|channels_last|gpu_normalize)</td><td[^>]*>([^<]*)</td>",
+                            run_report_html(out)))
+    assert cells == {"amp": "true (no effect on cpu: epochs 1-2)", "channels_last": "true",
+                     "gpu_normalize": "true (no effect on cpu: epochs 1-2)"}, cells
+
+
+def test_the_epochs_of_each_device_come_from_the_processes_that_trained_them_last():
+    """in_effect_by_epochs (helper-153): a resume trains again every epoch after the one it goes on after, so a
+    process cut off before its first checkpoint counts for nothing; neighbours alike are one span; a manifest that
+    does not say (older runs, a damaged file) gives None, as one device for every epoch does."""
+    from finetune.engine.runfolder import in_effect_by_epochs
+
+    cpu, cuda = {"amp": False}, {"amp": True}
+
+    def manifest(*processes):
+        (after, device, used), *resumed = processes
+        return {"after_epoch": after, "device": device, "in_effect": used,
+                "resumed": [{"after_epoch": a, "device": d, "in_effect": u} for a, d, u in resumed]}
+
+    on_cpu = {"epochs": [1, 2], "device": "cpu", "in_effect": cpu}
+    assert in_effect_by_epochs(manifest((0, "cpu", cpu), (2, "cuda:0", cuda)), 8) == [
+        on_cpu, {"epochs": [3, 8], "device": "cuda:0", "in_effect": cuda}]
+    # on CUDA after 2, cut off in epoch 3; on the CPU again after 2: the CPU trained every epoch
+    assert in_effect_by_epochs(manifest((0, "cpu", cpu), (2, "cuda:0", cuda), (2, "cpu", cpu)), 8) is None
+    assert in_effect_by_epochs(manifest((0, "cpu", cpu), (2, "cuda:0", cuda), (5, "cpu", cpu)), 8) == [
+        on_cpu, {"epochs": [3, 5], "device": "cuda:0", "in_effect": cuda},
+        {"epochs": [6, 8], "device": "cpu", "in_effect": cpu}]
+    assert in_effect_by_epochs(manifest((0, "cpu", cpu), (3, "cpu", cpu), (8, "cuda:0", cuda)), 8) is None
+    assert in_effect_by_epochs({"resumed": [{"after_epoch": 2, "device": "cpu", "in_effect": cpu}]}, 8) is None
+    assert in_effect_by_epochs({"device": "cpu", "resumed": [{"after_epoch": 2, "in_effect": cuda}]}, 8) is None
+
+
 def test_run_folder_has_every_file(data, tmp_path):
     out = tmp_path / "run"
     result = run(data, cfg(epochs=2, freeze="1", class_weights="auto"), run_dir=out)
@@ -917,6 +971,21 @@ def test_accuracy_text_is_the_one_printed_form_of_an_accuracy():
     assert accuracy_text(np.float32(0.5)) == "50.00%" and accuracy_text(None) == accuracy_text(math.nan) == "-"
     assert metric_text("val_acc", 0.25) == "25.00%" and metric_text("val_loss", 0.123456) == "0.1235"
     assert metric_text("val_loss", 0.123456, ".4f") == "0.1235" and metric_text("val_loss", math.nan) == "-"
+
+
+def test_probability_text_is_the_one_shown_form_of_a_probability():
+    """Session 35's walk-through (helper-153): one image's top probability read 100.0% (zoo eval), 99.99% (zoo
+    predict), (1.00) (report.html) and 0.999932 (serve). Every human-facing place shows probability_text: percent,
+    two decimals, of the JSON answers' 6 decimals; never 100.00% or 0.00% for a softmax, which is neither."""
+    import numpy as np
+
+    from finetune.core.metrics import probability_text, probability_value
+
+    shown = {0.999932: "99.99%", 0.99996: ">99.99%", 0.9999996: ">99.99%", 1.0: ">99.99%", 0.5: "50.00%",
+             0.98641: "98.64%", 0.00004: "<0.01%", 0.0: "<0.01%", 0.00006: "0.01%", np.float32(0.25): "25.00%",
+             0.1234551: "12.35%", 0.1234449: "12.34%", None: "-", math.nan: "-", 1.5: "-", -0.1: "-"}
+    assert {p: probability_text(p) for p in shown} == shown and probability_text(True) == "-"
+    assert probability_value(0.99993246793747) == 0.999932 and probability_text(0.99993246793747) == "99.99%"
 
 
 def test_accuracy_text_of_what_is_no_number_is_a_dash():

@@ -639,7 +639,7 @@ def test_eval_on_the_folders_the_model_learnt_from_says_so(tmp_path, runner, lay
 
 
 def test_eval_default_out_is_next_to_bundle(bundle, tmp_path, runner):
-    data = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2, size=32)
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[2],), per_class=2, size=32)    # called cat
     res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["split"] == "."
@@ -654,7 +654,7 @@ def test_two_evals_started_in_the_same_second_each_get_their_own_default_folder(
     import zoo.outdir as outdir
 
     monkeypatch.setattr(outdir.time, "strftime", lambda fmt, *a: "20250101-120000")     # the same second
-    data = make_image_folder(tmp_path / "data", classes=("cat",), per_class=2, size=32)
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[2],), per_class=2, size=32)    # called cat
     for _ in range(2):
         res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--json"])
         assert res.exit_code == 0, res.output
@@ -820,3 +820,58 @@ def test_a_skipped_image_is_named_once_and_always(capsys, item, reason, line):
 
     warn_skipped(item, reason)
     assert capsys.readouterr().err == f"zoo: warning: image skipped: {line}\n"
+
+
+# one image's class probabilities as a model may give them: the top one past 99.995% (float32 can hold it), one at
+# 99.9932% (session 35's walk-through: eval said 100.0%, predict 99.99%, report.html 1.00, serve 0.999932)
+SURE = [[0.99996, 0.00003, 0.00001], [0.999932, 0.00006, 0.000008], [0.00001, 0.00002, 0.99997]]
+
+
+def _fixed_probs(monkeypatch, module):
+    """``module.predict_probs`` answering SURE's rows in turn, as the real one does (kept indices, a float32
+    tensor, each batch to ``on_batch``)."""
+    import torch
+
+    def fake(model, images, data_config, *, on_batch=None, **kw):
+        kept = list(range(len(images)))
+        probs = torch.tensor([SURE[i % len(SURE)] for i in kept], dtype=torch.float32)
+        if on_batch is not None:
+            on_batch(kept, probs)
+        return kept, probs
+
+    monkeypatch.setattr(module, "predict_probs", fake)
+
+
+def test_predict_shows_each_probability_as_every_command_does(bundle, tmp_path, runner, monkeypatch):
+    """Session 35's walk-through (helper-153): `zoo predict` printed `100.00%` for 0.99996 (eval `100.0%`, the
+    report `(1.00)`). Its lines show finetune.core.metrics.probability_text of what --json gives: `>99.99%`."""
+    import zoo.predict as predict
+    from finetune.core.metrics import probability_text
+
+    _fixed_probs(monkeypatch, predict)
+    imgs = [make_image(tmp_path / f"{i}.png", i, 32) for i in range(3)]
+    text = runner.invoke(cli, ["predict", str(bundle), *map(str, imgs), "--topk", "3"])
+    doc = json.loads(runner.invoke(cli, ["predict", str(bundle), *map(str, imgs), "--topk", "3", "--json"]).stdout)
+    assert text.exit_code == 0, text.output
+    shown = [ln.split()[0] for ln in text.stdout.splitlines() if ln.startswith("  ")]
+    assert shown == [probability_text(p["prob"]) for d in doc for p in d["predictions"]]
+    assert shown[0] == ">99.99%" and shown[3] == "99.99%" and "100.00%" not in text.stdout
+    assert doc[0]["predictions"][0]["prob"] == 0.99996        # the JSON keeps the number (6 decimals)
+
+
+def test_eval_shows_the_most_confidently_wrong_probability_as_every_command_does(bundle, tmp_path, runner,
+                                                                                  monkeypatch):
+    """Session 35's walk-through (helper-153): `zoo eval`'s most confidently wrong said `100.0%` of 0.99996 and
+    of 0.999932 (one decimal), where predict said 99.99%. It shows probability_text of metrics.json's
+    confidence."""
+    import zoo.evaluate as evaluate
+    from finetune.core.metrics import probability_text
+
+    _fixed_probs(monkeypatch, evaluate)
+    data = make_image_folder(tmp_path / "data", classes=(CLASSES[2],), per_class=2, size=32)    # called cat
+    res = runner.invoke(cli, ["eval", str(bundle), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.split("most confidently wrong:\n")[1].splitlines()[:2]
+    wrong = json.loads((tmp_path / "ev" / "metrics.json").read_text())["most_confidently_wrong"]
+    assert [ln.split()[0] for ln in lines] == [probability_text(w["confidence"]) for w in wrong] == [">99.99%",
+                                                                                                   "99.99%"], res.stdout

@@ -1775,3 +1775,17 @@ def test_ctrl_c_caught_by_the_job_after_a_checkpoint_says_resume_never_overwrite
     assert _pasted(res.stderr, "continue with") == ["zoo", "finetune", "--resume", str(out)]
     again = invoke("finetune", "--resume", out, "--workers", "0", "--quiet")    # the line named: the run's end
     assert again.exit_code == 0 and (out / "export" / "model.safetensors").is_file(), again.output
+
+
+def test_lr_auto_says_the_setups_notes_once(tmp_path, tiny):
+    """Session 35's walk-through (helper-153): under --lr auto the range test's set-up said its notes (Setup.notes,
+    helper-149), then the run's set-up said the same lines again after its freeze: line. The probe leaves them to
+    the run that follows: each note once, after the freeze decision."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    result = invoke("finetune", tiny, "--data", data, "--out", tmp_path / "run", "--lr", "auto", "--freeze", "head",
+                    "--mixup", "0.2", "--no-export", *FAST)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("note: --mixup/--cutmix mix images")]
+    freeze = [i for i, line in enumerate(lines) if line.startswith("freeze: head (")]
+    assert len(said) == 1 and len(freeze) == 1 and freeze[0] < said[0], result.stderr

@@ -543,3 +543,24 @@ def test_a_kept_sweep_trials_line_names_the_sweeps_data_folder_and_runs_pasted(t
                                       "--quiet", "--no-export", "--workers", "0", "--device", "cpu"])
     assert pasted.exit_code == 0, pasted.output
     assert json.loads((tmp_path / "kept" / "scan.json").read_text())["root"] == str(tiny_zoo)
+
+
+@pytest.mark.parametrize("command", ["lr-find", "sweep"])
+def test_the_next_line_names_absolute_paths_and_runs_pasted_from_another_folder(tiny_zoo, tmp_path, monkeypatch,
+                                                                                 command):
+    """Session 35's walk-through (helper-153): the `next: zoo finetune ...` line of lr-find and sweep gave --data and
+    --config as typed (`--data data --config lr/config.yaml`): pasted from another folder, the command failed. The
+    line names the folder the command scanned and its own out folder absolutely (quoted as every pasted line),
+    through io.new_run_command, the one spelling of a new run."""
+    monkeypatch.chdir(tmp_path)
+    short = ["--lr", "1e-3", "--epochs", "1"] if command == "sweep" else ["--steps", "10"]
+    r = CliRunner().invoke(cli, [command, "tiny-resnet", "--data", tiny_zoo.name, "--out", "o", "--freeze", "head",
+                                 *short, *COMMON])
+    assert r.exit_code == 0, r.output
+    argv = _next_command(r.output)
+    assert argv[argv.index("--data") + 1] == str(tiny_zoo)
+    assert os.path.isabs(argv[argv.index("--config") + 1]), argv
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = CliRunner().invoke(cli, [*argv, "--epochs", "1", "--no-export", "--out", "run"])
+    assert r.exit_code == 0, r.output

@@ -259,3 +259,18 @@ def test_report_reads_the_runs_validation_predictions_while_they_are_the_current
     (run / "split.json").write_text(json.dumps({**split, "val": split["val"][::-1]}), encoding="utf-8")
     calls.clear()
     assert report() and len(calls) == 2      # other images (here: another order): predicted again
+
+
+def test_the_pages_wrong_images_show_their_probability_as_every_command_does(tmp_path):
+    """Session 35's walk-through (helper-153): report.html captioned a wrong image `(1.00)` for 0.99996 (and for
+    0.999932, where predict printed 99.99%). The caption shows finetune.core.metrics.probability_text."""
+    import re
+
+    from finetune.core.metrics import probability_text
+    from finetune.tools.pages import run_report_html
+
+    run, _ = make_run(tmp_path)
+    mistakes = [{"path": str(make_image(tmp_path / "v" / f"{i}.png", i)), "true": "cat", "predicted": "fox", "prob": p}
+                for i, p in enumerate((0.99996, 0.999932, 0.5))]
+    shown = [html.unescape(t) for t in re.findall(r"<b>fox</b> \(([^)]*)\), true cat", run_report_html(run, mistakes))]
+    assert shown == [probability_text(m["prob"]) for m in mistakes] == [">99.99%", "99.99%", "50.00%"]

@@ -469,6 +469,30 @@ def test_the_page_shows_any_error_answer_as_one_readable_line(server):
     assert "problem(r, text)" in _PAGE and "doc.detail" not in _PAGE
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="runs the page's script in node")
+def test_the_page_shows_each_probability_as_every_command_does():
+    """Session 35's walk-through (helper-153): the page showed `(100 * prob).toFixed(1)%`, 100.0% for 0.999932, where
+    `zoo predict` printed 99.99% (eval 100.0%, report.html 1.00). The page's script, run in node on the numbers the
+    JSON answer carries (probability_value), shows what finetune.core.metrics.probability_text prints for each."""
+    import json
+    import random
+    import subprocess
+
+    from finetune.core.metrics import probability_text, probability_value
+    from zoo.serve import _PAGE
+
+    rng = random.Random(0)
+    values = [0.999932, 0.99996, 0.99995, 0.9999499, 1.0, 0.0, 0.00004, 0.00005, 0.00006, 0.5, 0.125, 0.12125,
+              0.0012345, *(rng.random() for _ in range(3000)), *(k / 20000 for k in range(20001)),
+              *(rng.random() ** 12 for _ in range(500)), *(1 - rng.random() ** 12 for _ in range(500))]
+    answered = [probability_value(v) for v in values]      # as the server's JSON gives them
+    script = _PAGE[_PAGE.index("const HIDDEN"):_PAGE.index("function figure")]
+    js = script + f"process.stdout.write(JSON.stringify({json.dumps(answered)}.map(percent)));"
+    got = json.loads(subprocess.run(["node"], input=js, capture_output=True, text=True, check=True).stdout)
+    assert got == [probability_text(v) for v in values]
+    assert got[:2] == ["99.99%", ">99.99%"] and "percent(p.prob)" in _PAGE
+
+
 def test_help_states_the_files_per_request_limit_the_server_applies():
     # QA (helper-137): 40 files in one curl answered 413 `40 files in one request; at most 32`, a limit
     # neither --help nor the guide stated

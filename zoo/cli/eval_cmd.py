@@ -11,7 +11,7 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import Folder, IntRange
 from finetune.core.confusion import FULL_MAX_CLASSES, SHOWN_CLASSES, lowest_first
-from finetune.core.metrics import accuracy_text
+from finetune.core.metrics import accuracy_text, probability_text
 from finetune.core.io import printable
 from zoo.text import cell_width, pad
 from zoo.cli.predict import DEVICE_HELP, note_unmirrored_tta, tta_options, tta_scales_given, warn_skipped
@@ -113,8 +113,8 @@ def eval_cmd(model: str, data: Path, out: Path | None, tta: bool, tta_views: str
     if report.wrong and worst:
         echo("most confidently wrong:")
         for w in report.wrong[:worst]:
-            echo(f"  {w['confidence'] * 100:5.1f}% {printable(w['predicted'])} (true: {printable(w['true'])})  "
-                 f"{printable(w['path'])}")
+            echo(f"  {probability_text(w['confidence']):>7} {printable(w['predicted'])} "
+                 f"(true: {printable(w['true'])})  {printable(w['path'])}")
     for line in skipped_lines(report.skipped, report.unreadable_folders):
         echo(printable(line))
     echo(f"reports: {paths['metrics.json'].parent}")

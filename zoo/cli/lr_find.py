@@ -2,6 +2,7 @@
 up, so every finetune option is accepted here too. No torch at import."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -9,7 +10,7 @@ import click
 
 from finetune.core.config import FinetuneConfig, save_config
 from finetune.core.errors import ConfigError
-from finetune.core.io import shell_command, write_json
+from finetune.core.io import new_run_command, write_json
 from finetune.core.policy import lr_unused
 from finetune.core.rerun import model_flags
 from zoo.cli.app import cli
@@ -110,6 +111,7 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
         echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
              "this one applies with --head-solver gradient (or when layers train: --freeze)")
         solver = ["--head-solver", "gradient"]
-    # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
-    echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "config.yaml",
-                                  "--lr", f"{result.suggestion:.2g}", *solver, *flags))
+    # quoted (io.new_run_command), with the folder scanned and the out folder absolute: pasted from another folder,
+    # a relative --data or --config named nothing there (helper-153)
+    echo("next: " + new_run_command("--config", Path(os.path.abspath(out_dir)) / "config.yaml",
+                                    "--lr", f"{result.suggestion:.2g}", *solver, *flags, model=model, data=report.root))

@@ -12,6 +12,7 @@ from zoo.cli.app import cli
 from zoo.cli.console import echo
 from zoo.cli.options import IntRange
 from finetune.core.io import UNLISTED_FOLDER, printable, printable_name
+from finetune.core.metrics import probability_text, probability_value
 from zoo.errors import UsageError
 
 __all__ = ["predict_cmd", "tta_options", "tta_scales_given", "note_unmirrored_tta"]
@@ -139,7 +140,7 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
             for i, res in zip(indices, top(probs, bundle.labels, topk)):
                 echo(printable(paths[i]))
                 for lab, p in res:
-                    echo(f"  {p * 100:6.2f}%  {printable(lab)}")
+                    echo(f"  {probability_text(p):>7}  {printable(lab)}")
 
     kept, probs = predict_probs(bundle.model, paths, bundle.data_config, tta=tta, tta_scales=scales,
                                 tta_views=tta_views, batch_size=batch_size, progress=any_dir, on_error=skipped,
@@ -150,7 +151,7 @@ def predict_cmd(model: str, images: tuple[str, ...], topk: int, as_json: bool, t
         results = top(probs, bundle.labels, topk)
         # every image given, in order: a skipped one with no predictions and the reason (a script reading the
         # document sees what was not classified, not only stderr)
-        found = {i: [{"label": lab, "prob": round(p, 6)} for lab, p in res] for i, res in zip(kept, results)}
+        found = {i: [{"label": lab, "prob": probability_value(p)} for lab, p in res] for i, res in zip(kept, results)}
         errors = iter(reasons)
         doc = [{"image": printable_name(str(path)),       # a name that is not UTF-8: \xNN, as in every zoo file
                 "predictions": found[i]} if i in found else

@@ -3,6 +3,7 @@ accepted (defaults < ``--config`` YAML < flags typed). No torch at import."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,7 +13,7 @@ from finetune.core.config import OPTIMIZERS, FinetuneConfig
 from finetune.core.errors import Interrupted
 from finetune.core.metrics import metric_text
 from finetune.core.policy import default_epochs
-from finetune.core.io import shell_command
+from finetune.core.io import new_run_command
 from finetune.core.rerun import kept_run_epochs, model_flags
 from zoo.cli.app import cli
 from zoo.cli.console import echo
@@ -173,9 +174,10 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
          f"table: {out_dir / 'results.csv'}")
     # the trials' model: random weights, another FC dropout (rerun.model_flags, as every such line says them)
     flags = model_flags(pretrained, fc_dropout)
-    # quoted: a path with a space (a home folder, a temp folder) would split the command a user pastes
-    echo("next: " + shell_command("zoo", "finetune", model, "--data", data, "--config", out_dir / "best_config.yaml",
-                                  "--epochs", kept_run_epochs(config.epochs), *flags))
+    # quoted (io.new_run_command), with the folder scanned and the out folder absolute: pasted from another folder,
+    # a relative --data or --config named nothing there (helper-153)
+    echo("next: " + new_run_command("--config", Path(os.path.abspath(out_dir)) / "best_config.yaml",
+                                    "--epochs", kept_run_epochs(config.epochs), *flags, model=model, data=report.root))
 
 
 def _length(config: FinetuneConfig) -> str:

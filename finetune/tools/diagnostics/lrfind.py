@@ -230,7 +230,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
             config: FinetuneConfig, *, head: str, start_lr: float = 1e-7, end_lr: float = 10.0,
             steps: int = 100, smooth: float = 0.98, diverge_factor: float = 4.0, method: str = "valley",
             out_png: str | Path | None = None, out_csv: str | Path | None = None, reset_head: bool = True,
-            log: Callable[[str], None] | None = None, feature_cache: FeatureCache | None = None) -> LRFindResult:
+            log: Callable[[str], None] | None = None, feature_cache: FeatureCache | None = None,
+            notes: bool = True) -> LRFindResult:
     """The LR range test: train for ``steps`` batches while the LR grows exponentially.
 
     The test probes exactly what ``fit`` trains: the same setup (``engine.build_setup``: new head,
@@ -250,6 +251,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         reset_head: passed to prepare_model (False when the head was already replaced).
         log: called with a progress line after the first step and every 10% of the steps.
         feature_cache: the cached-feature path's banks (see ``finetune.tools.features``).
+        notes: say the set-up's notes (``Setup.notes``) to ``log``; False where a run that follows says them
+            (``--lr auto``: the same lines twice, helper-153).
     Raises:
         ConfigError: invalid range/options. DivergedError: the loss is NaN/inf at ``start_lr`` already.
     """
@@ -270,7 +273,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     with caller_state_kept(), \
             contextlib.closing(build_setup(model, stages, data_config, train_set, None, config, head=head,
                                            reset_head=reset_head, copy_model=True, distributed=False)) as setup:
-        for note in setup.notes if log is not None else ():
+        for note in setup.notes if log is not None and notes else ():
             log(note)
         cached = None
         if setup.head_only and setup.cached_head:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from finetune.core.metrics import probability_text
 from finetune.data import ImageDataset, ImageSet, build_transform
 from finetune.engine.runtime import nhwc
 from finetune.tools.doctor.checks import (NEAR_FLOOR, copy_threshold, l2_normalise, file_facts, file_findings,
@@ -187,7 +188,7 @@ def _probe_findings(z: np.ndarray, ok: np.ndarray, y: np.ndarray, rel: list[str]
                 findings.append(Finding(rel[i], "wrong_label", round(float(li["score"][k]), 4),
                                         classes[int(li["suggested"][k])], splits[i], labels[i],
                                         f"labelled {labels[i]}, probe says {classes[int(li['suggested'][k])]} "
-                                        f"(p={p_sug:.2f} vs {li['probs'][k, y[i]]:.2f})"))
+                                        f"({probability_text(p_sug)} vs {probability_text(li['probs'][k, y[i]])})"))
         _say_unjudged(y[rows], classes, say)
         _say_many_flagged(int(li["flagged"].sum()), len(rows), probe_acc, say)
         rz, out = find_outliers(z[rows], y[rows], len(classes), options.outlier_z)
