@@ -83,6 +83,9 @@ def test_torchrun_cli_ends_promptly_and_matches_one_process(tmp_path, monkeypatc
     assert p2["images"] == p1["images"] and len(p1["images"]) == 9 and p2["classes"] == p1["classes"]
     assert p2["predicted"] == p1["predicted"]
     assert max(abs(a - b) for a, b in zip(p1["prob"], p2["prob"])) < 1e-3
+    import zoo.jobs.report as zr
+    monkeypatch.setattr(zr, "predict_probs", lambda *a, **k: pytest.fail("zoo report predicted val again"))
+    assert isinstance(zr.confident_mistakes(tmp_path / "two", top=9), list)      # read from the file
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
