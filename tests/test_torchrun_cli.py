@@ -77,6 +77,15 @@ def test_torchrun_cli_ends_promptly_and_matches_one_process(tmp_path, monkeypatc
     assert w1.keys() == w2.keys()
     for k in w1:
         assert (w1[k].double() - w2[k].double()).abs().max() < 1e-3, k
+    # helper-155: rank 0 writes the validation predictions one process writes (rank 1's shard gathered, in
+    # split.json's order), which `zoo report` reads instead of predicting val again; before, it wrote none
+    p1, p2 = (json.loads((tmp_path / run / "val_predictions.json").read_text()) for run in ("one", "two"))
+    assert p2["images"] == p1["images"] and len(p1["images"]) == 9 and p2["classes"] == p1["classes"]
+    assert p2["predicted"] == p1["predicted"]
+    assert max(abs(a - b) for a, b in zip(p1["prob"], p2["prob"])) < 1e-3
+    import zoo.jobs.report as zr
+    monkeypatch.setattr(zr, "predict_probs", lambda *a, **k: pytest.fail("zoo report predicted val again"))
+    assert isinstance(zr.confident_mistakes(tmp_path / "two", top=9), list)      # read from the file
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")

@@ -213,7 +213,7 @@ class LoaderSteps:
         self.val_probs = self.val_correct = self.val_losses = None
         if not s.has_val:
             return {"loss": math.nan, "acc": math.nan}
-        probs: list | None = [] if s.info.world_size == 1 else None     # a rank sees only its shard
+        probs: list = []     # (this rank's shard under torchrun: ``all_val_probs`` gathers the ranks')
         correct: list = []
         losses: list = []
         batches = kept = self._val.get(s.val_loader)
@@ -234,9 +234,36 @@ class LoaderSteps:
             close_loader(s.val_loader)      # kept: its workers have nothing left to do
         self.val_correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
         self.val_losses = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
-        if probs and sum(len(p) for p in probs) == len(s.val_set):     # no image dropped: rows = val_set items
-            self.val_probs = torch.cat(probs)
+        self.val_probs = self._val_rows(probs)
         return out
+
+    def _val_rows(self, probs: list) -> torch.Tensor | None:
+        """The softmax rows of this rank's validation images (its strided shard of val_set under torchrun, all
+        of val_set in one process), in order, an image that failed to decode a row of NaN; None when the rows
+        cannot be told apart (an image that failed in an earlier pass was read in this one)."""
+        s = self.s
+        mine = s.val_set.items[s.info.rank::s.info.world_size]
+        rows = torch.cat(probs) if probs else torch.zeros((0, len(s.classes)))
+        if len(rows) == len(mine):
+            return rows
+        failed = s.failures()
+        read = torch.tensor([path not in failed for path, _ in mine], dtype=torch.bool)
+        if int(read.sum()) != len(rows):
+            return None
+        out = torch.full((len(mine), rows.shape[1]), math.nan, dtype=rows.dtype)
+        out[read] = rows
+        return out
+
+    def all_val_probs(self, probs: torch.Tensor | None) -> torch.Tensor | None:
+        """``probs`` (an evaluation's ``val_probs``: this rank's) as every validation image's, in val_set order:
+        under torchrun the ranks' shards gathered, on every rank (a collective, which every rank calls at the
+        same point); None when a rank's are unknown."""
+        s = self.s
+        if not s.info.enabled:
+            return probs
+        if not ddp.all_true(probs is not None, s.device, s.info):
+            return None
+        return ddp.gather_strided(probs, len(s.val_set.items), s.info)
 
     def close(self) -> None:
         """Let go of the kept validation batches and of any pass started ahead (the end of ``fit``): a sweep's

@@ -45,7 +45,7 @@ class Evaluation(NamedTuple):
 
     steps: Any                      # the path that evaluated (LoaderSteps or the cached head)
     metrics: dict
-    probs: torch.Tensor | None      # each val_set item's softmax (None: an image failed, or DDP)
+    probs: torch.Tensor | None      # each val_set item's softmax (NaN: failed to decode; LoaderSteps: the rank's)
     correct: torch.Tensor | None    # per-image hits on the images this rank evaluated
     losses: torch.Tensor | None     # per-image cross-entropy (float64) on the same images
 

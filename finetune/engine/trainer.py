@@ -59,7 +59,7 @@ class FitResult:
     decision: Any                       # finetune.core.policy.FreezeDecision
     metrics: dict = field(default_factory=dict)   # val metrics of the returned weights: loss, acc, per_class, confusion
     # softmax probabilities of the returned weights on the val set, one row per image in val_set order (a float
-    # tensor [n_val, C] on the CPU); None when unknown (several processes, a failed decode, a cached-feature end)
+    # tensor [n_val, C] on the CPU; a row of NaN: an image that failed to decode), on every rank; None when unknown
     val_probs: Any = None
 
 
@@ -412,8 +412,8 @@ class Trainer:
                     and "per_class" in kept.metrics and "confusion" in kept.metrics):
                 metrics, probs = dict(kept.metrics), kept.probs
             else:
-                metrics = final.evaluate(full=True)
-                probs = getattr(final, "val_probs", None)
+                metrics, probs = final.evaluate(full=True), getattr(final, "val_probs", None)
+            probs = final.all_val_probs(probs) if final is self.loader_steps else probs   # (the cached head's: all)
         metrics = {("val_" + k if k in ("loss", "acc") else k): v for k, v in metrics.items()}
         d = s.decision
         self.folder.flush()       # the head guard's best.safetensors is on disk before the summary names it

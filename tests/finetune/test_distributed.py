@@ -645,7 +645,8 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
     skipped the step while the other waited in DDP's gradient all-reduce: the job hung for good (with
     --decode device the prefetcher dropped the batch, so that rank also took one step fewer). Now it takes
     the step on a zero-weight batch and both ranks end with the same weights; rank 1's whole validation
-    shard failing is fine too, and rank 0 reports every rank's failures once (rank 1's were never said)."""
+    shard failing is fine too, and rank 0 reports every rank's failures once (rank 1's were never said); the
+    result's validation probabilities are every image's, rank 1's shard's rows NaN (helper-155)."""
     from finetune.data import ImageDataset, scan_folder
     from finetune.data.loaders import set_epoch_order, train_batches
 
@@ -668,9 +669,15 @@ def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, de
         result = fit(tiny_model(), STAGES, DATA_CONFIG, train, val, config, head="fc",
                      run_dir={str(tmp_path / "ddp")!r}, log=lambda line: print(f"rank {{info.rank}}: {{line}}"))
         torch.save(result.model.state_dict(), {str(tmp_path)!r} + f"/rank{{info.rank}}.pt")
+        torch.save(result.val_probs, {str(tmp_path)!r} + f"/probs{{info.rank}}.pt")
     """, timeout=120)     # ~8 s on the loaded 2-core machine; a hang is what the bound is for
     weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])     # the ranks stayed in step
+    # helper-155: every image's probabilities on every rank, in val_set order, rank 1's unread shard rows of NaN
+    for r in (0, 1):
+        probs = torch.load(tmp_path / f"probs{r}.pt", weights_only=True)
+        assert probs.shape == (len(report.val.items), len(report.classes))
+        assert probs[1::2].isnan().all() and not probs[0::2].isnan().any()
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and summary["metrics"]["images"] == 5       # rank 0's validation shard
     warnings = [line for line in out.splitlines() if "failed to load during training" in line]

@@ -797,3 +797,31 @@ def test_a_fits_trainer_and_its_setup_go_when_it_returns_without_a_garbage_colle
     finally:
         gc.enable()
     assert alive == [False] and result.history
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_val_rows_mark_an_unread_image_and_give_up_on_rows_they_cannot_match(rank, world):
+    """helper-155: an evaluation's probabilities are this rank's images' rows (its strided shard of val under
+    torchrun) in order, an image that failed to decode a row of NaN (before: no rows at all when one was
+    missing); when the rows missing are not the failures listed (an image that failed in an earlier pass was
+    read in this one), None rather than rows put against the wrong images."""
+    from types import SimpleNamespace
+
+    from finetune.core.distributed import DistInfo
+    from finetune.engine.epoch_steps import LoaderSteps
+
+    items = [(f"/d/{i}.png", 0) for i in range(7)]
+    mine = items[rank::world]
+    failed: dict[str, str] = {}
+    steps = LoaderSteps.__new__(LoaderSteps)
+    steps.s = SimpleNamespace(val_set=SimpleNamespace(items=items), classes=["a", "b"], failures=lambda: failed,
+                              info=DistInfo(rank=rank, world_size=world, enabled=world > 1))
+    rows = torch.rand(len(mine), 2).softmax(1)
+    assert torch.equal(steps._val_rows([rows[:2], rows[2:]]), rows)
+    failed[mine[1][0]] = "broken data stream"
+    got = steps._val_rows([rows[:1], rows[2:]])
+    assert got.shape == rows.shape and got[1].isnan().all()
+    assert torch.equal(got[[0, *range(2, len(mine))]], rows[[0, *range(2, len(mine))]])
+    failed[items[-1][0] if rank == 0 else items[-2][0]] = "gone, and back since"       # listed, read this pass
+    assert steps._val_rows([rows[:1], rows[2:]]) is None
+    assert steps._val_rows([]) is None and len(mine) > 2

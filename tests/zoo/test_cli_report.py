@@ -274,3 +274,51 @@ def test_the_pages_wrong_images_show_their_probability_as_every_command_does(tmp
                 for i, p in enumerate((0.99996, 0.999932, 0.5))]
     shown = [html.unescape(t) for t in re.findall(r"<b>fox</b> \(([^)]*)\), true cat", run_report_html(run, mistakes))]
     assert shown == [probability_text(m["prob"]) for m in mistakes] == [">99.99%", "99.99%", "50.00%"]
+
+
+@pytest.mark.parametrize("how", [("--freeze", "none", "--head-epochs", "0"), ("--freeze", "head")],
+                         ids=["network", "cached-head"])
+def test_report_reads_the_runs_validation_predictions_when_an_image_failed_to_decode(tmp_path, monkeypatch, how):
+    """helper-155: a validation image that passed the scan but failed to decode during the run (dropped, with
+    a warning and a line in bad_files.txt) left no RUN/val_predictions.json, and `zoo report` predicted every
+    image again. The run keeps the other images' predictions and that one's as not predicted (null); report
+    reads them, and draws the page predicting again draws (the image is in no thumbnail, as before)."""
+    import re
+
+    import zoo.jobs.report as zr
+    from tests.conftest import make_image_folder, register_tiny
+    from tests.test_reliability_data import _passes_scan_fails_decode
+
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=8, layout="split", val_per_class=3)
+    (data / "val" / "cat").rename(data / "val" / "x")       # validation images labelled wrong: mistakes to rank
+    (data / "val" / "dog").rename(data / "val" / "cat")
+    (data / "val" / "x").rename(data / "val" / "dog")
+    bad = _passes_scan_fails_decode(data / "val" / "dog" / "dog_v100.jpg")
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["finetune", tiny, "--data", str(data), "--out", str(run), *how, "--epochs", "2",
+                                   "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "dog_v100.jpg" in res.stderr and "failed to load" in res.stderr
+    assert (run / zr.VAL_PREDICTIONS).is_file(), res.output
+    saved = json.loads((run / zr.VAL_PREDICTIONS).read_text(encoding="utf-8"))
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert len(saved["images"]) == len(split["val"]) == 10
+    missed = [path for (path, _), pred in zip(saved["images"], saved["predicted"]) if pred is None]
+    assert missed == [str(bad)] and [p is None for p in saved["prob"]] == [p is None for p in saved["predicted"]]
+    calls = []
+    real = zr.predict_probs
+    monkeypatch.setattr(zr, "predict_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def page() -> str:
+        res = CliRunner().invoke(cli, ["report", str(run), "--top", "100"])
+        assert res.exit_code == 0, res.output
+        # (the probabilities are the run's against the bundle's: the same to ~1e-6, not to the last digit)
+        return re.sub(r"\((?:&gt;|&lt;)?\d+\.\d\d%\)", "(p)", (run / "report.html").read_text(encoding="utf-8"))
+
+    read = page()
+    assert calls == [] and (run / zr.VAL_PREDICTIONS).is_file()      # read, not predicted
+    assert "dog_v100" not in read.split("Most confidently wrong")[1] and "<figure>" in read
+    (run / zr.VAL_PREDICTIONS).unlink()
+    assert page() == read and calls        # predicted again: the same page

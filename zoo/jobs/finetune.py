@@ -331,7 +331,8 @@ def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, 
     a bundle refused (RUN/export not zoo's, locked, unreadable weights) costs the bundle only: the page is written,
     then the error says the run is saved.
     Under torchrun every rank leaves the process group first: the report may predict the validation set again
-    (a run's shards keep no probabilities), minutes that the others spent in a barrier NCCL times out."""
+    (when fit returned no probabilities of it: fit gathers the ranks' shards, but not rows it cannot match to their
+    images), minutes that the others spent in a barrier NCCL times out."""
     ddp.leave(info)
     run_dir = outcome.run_dir
     failed: ZooError | None = None
@@ -355,7 +356,8 @@ def _finish(outcome: RunOutcome, val_set, config: FinetuneConfig, export: bool, 
 
 
 def _val_predictions(result, val_set):
-    """(val images as (path, class name), classes, probabilities) of the run's best weights, when fit kept them."""
+    """(val images as (path, class name), classes, probabilities) of the run's best weights, when fit kept them (a
+    row of NaN: an image that failed to decode; every rank's images under torchrun)."""
     probs = getattr(result, "val_probs", None)
     if probs is None or len(probs) != len(val_set.items):
         return None

@@ -9,6 +9,7 @@ those validation images again.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -74,17 +75,19 @@ def rank_mistakes(images: list[tuple[Any, str]], labels: list[str], probs, *, to
     return _rank(images, labels, *_top1(probs), top=top)
 
 
-def _top1(probs) -> tuple[list[int], list[float]]:
-    """Each row's most probable class (the first of a tie) and its probability."""
+def _top1(probs) -> tuple[list[int | None], list[float | None]]:
+    """Each row's most probable class (the first of a tie) and its probability; None and None for a row of NaN
+    (an image the run could not read: ``finetune.engine.FitResult.val_probs``)."""
     preds = [int(p.argmax()) for p in probs]
-    return preds, [float(p[i]) for p, i in zip(probs, preds)]
+    prob = [float(p[i]) for p, i in zip(probs, preds)]
+    return [None if math.isnan(x) else i for i, x in zip(preds, prob)], [None if math.isnan(x) else x for x in prob]
 
 
-def _rank(images: list[tuple[Any, str]], labels: list[str], preds: list[int], prob: list[float], *,
+def _rank(images: list[tuple[Any, str]], labels: list[str], preds: list[int | None], prob: list[float | None], *,
           top: int) -> list[dict[str, Any]]:
     out = []
     for (path, true), pred, p in zip(images, preds, prob):
-        if labels[pred] != true:
+        if pred is not None and labels[pred] != true:       # (None: not predicted, the image was unreadable)
             out.append({"path": str(path), "true": true, "predicted": labels[pred], "prob": p})
     out.sort(key=lambda m: -m["prob"])
     return out[:top]
@@ -106,7 +109,8 @@ def _weights_id(run: Path) -> dict[str, Any]:
 
 def save_val_predictions(run_dir: str | Path, images: list[tuple[Any, str]], labels: list[str], probs) -> None:
     """RUN/val_predictions.json (atomic): the most probable class and its probability of each of ``images``
-    ((path, true class name), in the order of split.json's val) under the run's current weights, which it names.
+    ((path, true class name), in the order of split.json's val) under the run's current weights, which it names;
+    null and null for an image the run could not read (a row of NaN in ``probs``), which has no thumbnail.
 
     Raises:
         OSError: it could not be written.
@@ -120,8 +124,8 @@ def save_val_predictions(run_dir: str | Path, images: list[tuple[Any, str]], lab
                                        "images": [[str(p), c] for p, c in images], "predicted": preds, "prob": prob})
 
 
-def _saved_predictions(run: Path, val: list[tuple[Path, str]], listed: int) -> tuple[list[str], list[int],
-                                                                                      list[float]] | None:
+def _saved_predictions(run: Path, val: list[tuple[Path, str]], listed: int) -> tuple[list[str], list[int | None],
+                                                                                      list[float | None]] | None:
     """(classes, predicted, prob) of RUN/val_predictions.json when they are of the weights `zoo report` would
     load and of ``val``, the ``listed`` validation images all where the run read them, in the same order; None
     otherwise (no file, damaged, other weights, images moved): the caller predicts them again."""
@@ -131,8 +135,9 @@ def _saved_predictions(run: Path, val: list[tuple[Path, str]], listed: int) -> t
     try:
         classes, preds, prob = saved["classes"], saved["predicted"], saved["prob"]
         same = (saved["images"] == [[str(p), c] for p, c in val] and len(preds) == len(prob) == len(val)
-                and all(isinstance(i, int) and 0 <= i < len(classes) for i in preds)
-                and all(isinstance(x, float) for x in prob) and all(isinstance(c, str) for c in classes))
+                and all(i is None or isinstance(i, int) and 0 <= i < len(classes) for i in preds)
+                and all((i is None) == (x is None) and (x is None or isinstance(x, float)) for i, x in zip(preds, prob))
+                and all(isinstance(c, str) for c in classes))
     except (KeyError, TypeError):
         return None
     if not same or saved.get("weights") != _weights_id(run):
@@ -157,9 +162,10 @@ def make_report(run_dir: str | Path, *, top: int = 12, device: str = "cpu", log:
     """Write RUN/report.html; returns its path.
 
     ``val_predictions``: (validation images as (path, true class name), the class names, their probabilities
-    [n, C] under the run's best weights), when the caller has them (``zoo finetune`` keeps those of its last
-    evaluation): they are also saved as RUN/val_predictions.json for a later ``zoo report``; otherwise they come
-    from that file, or the bundle predicts the validation images again (:func:`confident_mistakes`).
+    [n, C] under the run's best weights, a row of NaN for an image the run could not read), when the caller has
+    them (``zoo finetune`` keeps those of its last evaluation): they are also saved as RUN/val_predictions.json
+    for a later ``zoo report``; otherwise they come from that file, or the bundle predicts the validation images
+    again (:func:`confident_mistakes`).
 
     Raises:
         UsageError: ``run_dir`` is not a run folder, or its report.html is not zoo's (a folder without zoo's

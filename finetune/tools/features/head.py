@@ -403,7 +403,7 @@ class CachedHeadSteps:
         """Mean loss and accuracy of the head over the validation features (``engine.evaluate``; the head's
         mode restored after); with ``full``, per-class accuracy and the confusion matrix too (the features
         are exactly what the head sees there: no second pass through the backbone).
-        ``val_probs`` then holds each validation image's softmax (None if an image failed to decode)."""
+        ``val_probs`` then holds each validation image's softmax (a row of NaN: an image that failed to decode)."""
         self.val_probs = self.val_correct = self.val_losses = None
         if self.val_bank is None:
             return {"loss": math.nan, "acc": math.nan}
@@ -422,8 +422,9 @@ class CachedHeadSteps:
             # the ranks' evidence: each rank keeps its own images'
             mine = (self.val_rows % s.info.world_size == s.info.rank).cpu()
             self.val_correct, self.val_losses = self.val_correct[mine], self.val_losses[mine]
-        if probs and len(self.val_rows) == len(s.val_set):   # rows = val_set items (as LoaderSteps.val_probs)
-            self.val_probs = torch.cat(probs)
+        if probs:   # one row per val_set item (as LoaderSteps.val_probs): NaN for an image that failed to decode
+            self.val_probs = torch.full((len(s.val_set), len(s.classes)), math.nan)
+            self.val_probs[self.val_rows.cpu()] = torch.cat(probs)
         return out if full else {"loss": out["loss"], "acc": out["acc"]}
 
 
