@@ -44,7 +44,8 @@ def agreed_load(cache: FeatureCache, key: str, info: ddp.DistInfo, *, view_of: s
 
     ``view_of``: the key (``mirrored``) of the two-view bank whose view 0 this plain bank is, taken (under the same
     rule) where ``key`` is not cached: a default run's training bank holds ``zoo doctor``'s features, forwarded
-    as doctor forwards them but in the run's batches (their last bits may differ, as the shared val bank's may)."""
+    as doctor forwards them but in the run's batches (their last bits may differ, as the shared val bank's may;
+    docs/benchmarks.md, "The plain bank from a cached mirrored one": the same bits there)."""
     bank = _agreed(cache, key, info)
     if bank is None and view_of is not None:
         both = _agreed(cache, view_of, info)
