@@ -639,6 +639,49 @@ def test_torchrun_ranks_reuse_a_cached_plain_bank_for_the_mirrored_one_all_or_no
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_ranks_take_the_plain_view_of_a_cached_mirrored_bank_all_or_none(tmp_path):
+    """helper-154: a plain training bank (a --hflip 0 run's, zoo doctor's) whose mirrored bank is cached (a default
+    run's) is its view 0, taken on every rank; where one rank's machine lacks the mirrored bank (a stand-in load),
+    every rank forwards the plain view: one branch for all, no rank left waiting."""
+    from tests.finetune.test_features import _sets
+
+    train, val = _sets(tmp_path / "d")
+    _torchrun_fit(tmp_path, train, val, f"""
+        import torch
+        from tests.finetune.test_features import _config, _fit, _model
+        from finetune.core import distributed
+        from finetune.tools.features.cache import FeatureCache
+        import finetune.tools.features.head as head_module
+        info = distributed.setup("cpu")
+        real_load, real_begin, seen = FeatureCache.load, head_module.CachedHeadSteps.begin_phase, []
+        def begin_phase(self, phase):
+            real_begin(self, phase)
+            seen.append(self.train_feats.cpu())
+        head_module.CachedHeadSteps.begin_phase = begin_phase
+        lines = []
+        for cache, lacking in (("a", False), ("b", True)):
+            cache = {str(tmp_path)!r} + "/" + cache
+            options = dict(epochs=1, batch_size=6, head_solver="lbfgs", augment="standard")
+            _fit(_model(), train, val, _config(hflip=0.5, **options), cache_dir=cache)
+            if lacking:      # rank 1's machine holds no training bank
+                FeatureCache.load = lambda self, key: (None if info.rank == 1 and key.startswith("train")
+                                                       else real_load(self, key))
+            said = []
+            _fit(_model(), train, val, _config(hflip=0.0, **options), cache_dir=cache, log=said.append)
+            lines.append([m.split(" computed")[0] for m in said if m.startswith("features: train")])
+        torch.save(seen[1::2], {str(tmp_path)!r} + f"/banks{{info.rank}}.pt")
+        json.dump(lines, open({str(tmp_path)!r} + f"/lines{{info.rank}}.json", "w"))
+    """)
+    said = json.loads((tmp_path / "lines0.json").read_text())      # (rank 0 speaks)
+    assert said == [["features: train loaded from cache (1 view(s), 18 images)"],
+                    ["features: train 18 images x 1 view(s)"]]
+    banks = [torch.load(tmp_path / f"banks{rank}.pt") for rank in (0, 1)]
+    assert all(torch.equal(b, c) for b, c in zip(banks[0], banks[1]))     # every rank holds the same banks
+    reused, computed = banks[0]
+    assert reused.shape == computed.shape == (1, 18, 8) and torch.allclose(reused, computed, atol=1e-5)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 @pytest.mark.parametrize("decode", ["workers", "device"])
 def test_torchrun_goes_on_when_every_image_of_one_ranks_batch_fails(tmp_path, decode):
     """CUDA audit: when every image of one rank's batch failed to decode (damaged after the scan), that rank

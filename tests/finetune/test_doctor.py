@@ -588,6 +588,59 @@ def test_features_go_through_the_cache_fit_uses(tmp_path):
         assert any("val loaded from cache" in m for m in said), said
 
 
+def test_doctor_after_a_default_run_takes_the_plain_view_of_its_mirrored_bank(tmp_path, monkeypatch):
+    """helper-154: a default finetune (its training bank mirrored: view 0 plain, view 1 the mirror) then `zoo doctor`
+    on the same folder forwarded the training images again (141 s of doctor's run on digits at 224 px,
+    docs/benchmarks.md), though view 0 is doctor's features. Doctor now takes it and forwards nothing; in one batch
+    (18 images, batch 32 in both) the features are doctor's own bit for bit, so are the findings. A damaged
+    mirrored bank is not used: doctor forwards the training images and finds the same."""
+    import timm
+    import torch
+
+    import finetune.tools.doctor.run as run_module
+    from finetune.core.config import FinetuneConfig
+    from finetune.tools.doctor import folder_features
+    from finetune.tools.features import FeatureCache
+    from finetune.tools.train import fit
+
+    data = make_image_folder(tmp_path / "data", layout="split", per_class=6, val_per_class=2)
+    report = scan_folder(data)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    config = FinetuneConfig(batch_size=32, workers=0, device="cpu", epochs=1, quiet=True)
+    passes: list[str] = []
+    real = run_module.extract_features
+
+    def extract(*args, **kw):
+        passes.append(kw["desc"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(run_module, "extract_features", extract)
+    doctor = lambda cache: run_doctor(report, model, "fc", DATA_CONFIG, config, cache_dir=cache)   # noqa: E731
+    cold = doctor(tmp_path / "cold")
+    assert passes == ["features train", "features val"]
+    stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    fit(model, stages, DATA_CONFIG, report.train, report.val, config.replace(freeze="head", hflip=0.5),
+        head="fc", feature_cache=FeatureCache(tmp_path / "run"), log=lambda _m: None)
+    mirrored_bank, = (tmp_path / "run").glob("train-*.safetensors")
+    assert FeatureCache(tmp_path / "run").load(mirrored_bank.stem).views == 2
+    passes.clear()
+    warm = doctor(tmp_path / "run")
+    assert passes == [] and warm.feature_cache_hits == 2
+    assert warm.findings == cold.findings and warm.label_ranking == cold.label_ranking
+    feats = [folder_features(report, model, "fc", DATA_CONFIG, config, cache_dir=tmp_path / c)[0]["train"]
+             for c in ("cold", "run")]
+    assert np.array_equal(feats[0], feats[1])
+    assert sorted((tmp_path / "run").glob("train-*")) == [mirrored_bank]     # the plain view is not stored again
+    damaged = bytearray(mirrored_bank.read_bytes())
+    damaged[-8] ^= 0x55
+    mirrored_bank.write_bytes(bytes(damaged))
+    passes.clear()
+    again = doctor(tmp_path / "run")
+    assert passes == ["features train"] and again.feature_cache_hits == 1
+    assert again.findings == cold.findings
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_the_feature_pass_shows_a_bar_on_a_terminal_unless_quiet(tmp_path, monkeypatch, quiet):
     """Medium-size UX audit (helper-99): zoo doctor's feature pass, its longest (20 s on 1,797 digits at 224 px,

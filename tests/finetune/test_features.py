@@ -938,3 +938,66 @@ def test_a_mirrored_bank_computes_only_the_mirror_when_the_plain_view_is_cached(
     with torch.no_grad():
         preds = [runs[r][0].model.eval()(x).argmax(1).tolist() for r in ("reused", "both")]
     assert preds[0] == preds[1]
+
+
+def test_a_plain_bank_is_the_view_0_of_its_mirrored_bank_unless_that_is_damaged_or_foreign(tmp_path):
+    """helper-154: ``agreed_load(view_of=)`` takes a plain bank from its mirrored bank (zoo doctor, a --hflip 0 run
+    after a default run) only where the mirrored bank reads as its own: a damaged file (removed, as any), a file of
+    another key or a bank without two views is no plain bank."""
+    from finetune.core.distributed import DistInfo
+    from finetune.tools.features import agreed_load
+
+    logs: list[str] = []
+    cache = FeatureCache(tmp_path, log=logs.append)
+    bank = _bank()
+    cache.save("m", bank)
+    plain = agreed_load(cache, "p", DistInfo(), view_of="m")
+    assert plain.views == 1 and torch.equal(plain.features[0], bank.features[0])
+    assert plain.labels.tolist() == bank.labels.tolist() and plain.feature_shape == (4,)
+    assert agreed_load(cache, "p", DistInfo()) is None and cache.path("p").exists() is False
+    cache.save("p", FeatureBank(bank.features[1:], bank.labels, (4,)))     # its own bank first
+    assert torch.equal(agreed_load(cache, "p", DistInfo(), view_of="m").features[0], bank.features[1])
+    cache.path("p").unlink()
+    cache.save("one", FeatureBank(bank.features[:1], bank.labels, (4,)))
+    os.replace(cache.path("one"), cache.path("q"))                          # another key's file
+    cache.save("single", FeatureBank(bank.features[:1], bank.labels, (4,)))  # a bank of one view
+    assert agreed_load(cache, "p", DistInfo(), view_of="q") is None
+    assert agreed_load(cache, "p", DistInfo(), view_of="single") is None
+    data = bytearray(cache.path("m").read_bytes())
+    data[-20] ^= 0xFF
+    cache.path("m").write_bytes(bytes(data))
+    assert agreed_load(cache, "p", DistInfo(), view_of="m") is None
+    assert not cache.path("m").exists() and any("damaged" in m for m in logs)
+
+
+def test_a_plain_run_after_a_default_run_takes_the_plain_view_of_its_mirrored_bank(tmp_path, monkeypatch):
+    """helper-154: a --hflip 0 run after a default run (its training bank mirrored) forwarded the training images
+    again; it takes view 0 of the mirrored bank now, and picks the C and gives the predictions of a run that
+    computed its plain bank."""
+    import finetune.tools.features.head as head_module
+
+    train, val = _sets(tmp_path / "d")
+    passes: list[int] = []
+    real = head_module._extract
+
+    def extract(model, head, dataset, batch_size, device, **kw):
+        if "train" in (kw.get("desc") or ""):
+            passes.append(1 + bool(kw.get("mirror")))     # views forwarded
+        return real(model, head, dataset, batch_size, device, **kw)
+
+    monkeypatch.setattr(head_module, "_extract", extract)
+    config = _config(head_solver="lbfgs", epochs=1, augment="standard")
+    runs = {}
+    for name, cache, hflip in (("default", "shared", 0.5), ("reused", "shared", 0.0), ("plain", "fresh", 0.0)):
+        said: list[str] = []
+        result = _fit(_model(), train, val, config.replace(hflip=hflip), cache_dir=tmp_path / cache, log=said.append)
+        runs[name] = (result, [m for m in said if m.startswith(("features: train", "head: L-BFGS"))])
+    assert passes == [2, 1]           # the reusing run forwarded nothing
+    assert runs["reused"][1][0] == "features: train loaded from cache (1 view(s), 18 images)"
+    picked = [re.search(r"C=\S+ .* val acc \S+", runs[r][1][1]).group(0) for r in ("reused", "plain")]
+    assert picked[0] == picked[1]
+    tf = build_transform(DATA_CONFIG, False, config)
+    x = torch.stack([ImageDataset(val, tf)[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        preds = [runs[r][0].model.eval()(x).argmax(1).tolist() for r in ("reused", "plain")]
+    assert preds[0] == preds[1]

@@ -16,7 +16,9 @@ from finetune.tools.doctor.checks import (NEAR_FLOOR, copy_threshold, l2_normali
                                           find_duplicates, find_outliers)
 from finetune.tools.doctor.labels import MIN_PROBE_IMAGES, label_issues
 from finetune.tools.doctor.findings import FINDING_ORDER, SPLIT_ORDER, DoctorOptions, DoctorResult, Finding, Log
-from finetune.tools.features import FeatureBank, FeatureCache, backbone_digest, extract_features, feature_cache_key
+from finetune.core.distributed import DistInfo
+from finetune.tools.features import (FeatureBank, FeatureCache, agreed_load, backbone_digest, extract_features,
+                                     feature_cache_key, mirrored)
 
 
 # --------------------------------------------------------------------------------------- features
@@ -29,7 +31,8 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
     (split name, items, backbone digest, data_config, evaluation transform, numerics, the layout of
     ``finetune.engine.runtime.nhwc``), so the banks are shared with a finetune's head phase on cached
     features that uses the same ``cache_dir`` (on the CPU, head-only or not; on CUDA fit feeds uint8
-    batches normalised on the GPU, whose transform, and so key, differ).
+    batches normalised on the GPU, whose transform, and so key, differ); without a bank of that key, the plain
+    view of the run's mirrored training bank (its default) is taken (``agreed_load``).
 
     Not ``quiet``: a progress bar per split computed (off a terminal a line a minute; the doctor's longest pass).
 
@@ -53,8 +56,9 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
     for split, image_set in report.sets().items():
         if not len(image_set):
             continue
-        key = feature_cache_key(split=split, items=image_set.items, backbone=weights, data_config=data_config,
-                                transform=transform, extra=numerics)
+        key, mirrored_key = (feature_cache_key(split=split, items=image_set.items, backbone=weights,
+                                               data_config=data_config, transform=transform, extra=extra)
+                             for extra in (numerics, mirrored(numerics)))
 
         def compute(image_set=image_set) -> FeatureBank:
             # The dataset's "label" is the item's index, so the rows that decoded are known.
@@ -70,7 +74,11 @@ def folder_features(report: Any, model: Any, head: str, data_config: dict, confi
             labels[idx] = torch.tensor([image_set.items[i][1] for i in idx.tolist()], dtype=torch.int64)
             return FeatureBank(out, labels, tuple(f.shape[1:]))
 
-        bank, hit = cache.get_or_compute(key, compute)
+        def load(key=key, mirrored_key=mirrored_key) -> FeatureBank | None:
+            # no bank of this key: the plain view of a default run's training bank (mirrored), not stored again
+            return agreed_load(cache, key, DistInfo(), view_of=mirrored_key)
+
+        bank, hit = cache.get_or_compute(key, compute, load)
         hits += int(hit)
         feats[split] = np.asarray(bank.features[0], dtype=np.float32)
         valid[split] = np.asarray(bank.labels >= 0)

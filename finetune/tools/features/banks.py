@@ -1,5 +1,6 @@
-"""A split's bank from its parts: the ranks' shards gathered under torchrun, a cached bank every rank agrees on,
-a plain bank joined with its mirror view, a bank on the device (``CachedHeadSteps``' helpers)."""
+"""A split's bank from its parts: the ranks' shards gathered under torchrun, a cached bank every rank agrees on
+(a plain bank: also the plain view of its mirrored bank), a plain bank joined with its mirror view, a bank on the
+device (``CachedHeadSteps``' helpers; ``zoo doctor``'s cache lookup)."""
 from __future__ import annotations
 
 import torch
@@ -29,10 +30,31 @@ def _gather_bank(parts: list[FeatureBank | None], n: int, info: ddp.DistInfo) ->
     return FeatureBank(all_feats, ddp.gather_strided(labels, n, info), tuple(shape))
 
 
-def agreed_load(cache: FeatureCache, key: str, info: ddp.DistInfo) -> FeatureBank | None:
+def mirrored(extra: dict) -> dict:
+    """The cache key's ``extra`` of the two-view bank (view 0 plain, view 1 the mirror) whose plain view is the
+    single-view bank keyed with ``extra`` (``feature_cache_key``: the same split, data, weights, transform)."""
+    return {**extra, "mirror": True}
+
+
+def agreed_load(cache: FeatureCache, key: str, info: ddp.DistInfo, *, view_of: str | None = None
+                ) -> FeatureBank | None:
     """The bank cached under ``key``, or None. Under torchrun every rank answers the same: the bank only where
     every rank holds one of the same sha256 (machines that cached theirs apart, on other runs, GPUs or precisions,
-    hold banks that differ in their last bits, and each rank judges the head on its own, early stopping too)."""
+    hold banks that differ in their last bits, and each rank judges the head on its own, early stopping too).
+
+    ``view_of``: the key (``mirrored``) of the two-view bank whose view 0 this plain bank is, taken (under the same
+    rule) where ``key`` is not cached: a default run's training bank holds ``zoo doctor``'s features, forwarded
+    as doctor forwards them but in the run's batches (their last bits may differ, as the shared val bank's may;
+    docs/benchmarks.md, "The plain bank from a cached mirrored one": the same bits there)."""
+    bank = _agreed(cache, key, info)
+    if bank is None and view_of is not None:
+        both = _agreed(cache, view_of, info)
+        if both is not None and both.views == 2:
+            bank = FeatureBank(both.features[:1], both.labels, both.feature_shape)
+    return bank
+
+
+def _agreed(cache: FeatureCache, key: str, info: ddp.DistInfo) -> FeatureBank | None:
     bank = cache.load(key)
     if not info.enabled:
         return bank

@@ -148,9 +148,11 @@ class FeatureCache:
         return FeatureBank(torch.from_numpy(feats), torch.from_numpy(labels),
                            tuple(json.loads(meta["feature_shape"])), digest=meta["sha256"])
 
-    def get_or_compute(self, key: str, compute: Callable[[], FeatureBank]) -> tuple[FeatureBank, bool]:
-        """``(bank, hit)``: the cached bank, or ``compute()`` stored under ``key``."""
-        bank = self.load(key)
+    def get_or_compute(self, key: str, compute: Callable[[], FeatureBank],
+                       load: Callable[[], FeatureBank | None] | None = None) -> tuple[FeatureBank, bool]:
+        """``(bank, hit)``: the cached bank (``load()``'s, default ``self.load(key)``; ``banks.agreed_load`` also
+        finds a plain bank as its mirrored bank's view), or ``compute()`` stored under ``key``."""
+        bank = self.load(key) if load is None else load()
         if bank is not None:
             self.hits += 1
             self.earlier_hits += key not in self._computed_keys

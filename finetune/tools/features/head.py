@@ -40,7 +40,7 @@ from finetune.core.optim import lbfgs_iterations, lbfgs_minimise
 from finetune.core.progress import progress_bar
 from finetune.core.seeding import view_pick_seed, view_seed
 from finetune.core.threads import one_thread
-from finetune.tools.features.banks import _bank_to, _gather_bank, agreed_load, join_mirror
+from finetune.tools.features.banks import _bank_to, _gather_bank, agreed_load, join_mirror, mirrored
 from finetune.tools.features.cache import FeatureBank, FeatureCache, _strip, backbone_digest, feature_cache_key
 from finetune.tools.features.extract import _extract, _logits
 from finetune.tools.features.handedness import MAX_IMAGES as HANDEDNESS_MAX_IMAGES, MIN_PER_CLASS, handedness
@@ -169,8 +169,10 @@ class CachedHeadSteps:
                                      data_config=s.data_config, transform=transform, extra=extra)
 
         plain_key = key_of(extra) if mirror else None
+        # a plain bank is also the plain view of its mirrored bank (a default run's, for a --hflip 0 run)
+        view_of = key_of(mirrored(extra)) if not (mirror or n_views) else None
         if mirror:
-            extra["mirror"] = True
+            extra = mirrored(extra)
         elif n_views:     # (a bank of an earlier version drew its views from one stream per rank and worker)
             extra["draws"] = "per image"
         key = key_of(extra)
@@ -213,15 +215,18 @@ class CachedHeadSteps:
             # every rank reuses the plain bank, or none does (``agreed_load``)
             return compute(agreed_load(self.cache, plain_key, info) if plain_key else None)
 
+        def load() -> FeatureBank | None:
+            return agreed_load(self.cache, key, info, view_of=view_of)
+
         if info.enabled:     # every rank takes the same branch: all load, or all extract their shard
-            bank = agreed_load(self.cache, key, info)     # ... and loads the same bank
+            bank = load()     # ... and loads the same bank
             hit = bank is not None
             if not hit:
                 bank = compute_reusing()
                 if info.is_node_main:      # every machine's cache, so that a re-run hits on every rank
                     self.cache.save(key, bank)
         else:
-            bank, hit = self.cache.get_or_compute(key, compute_reusing)
+            bank, hit = self.cache.get_or_compute(key, compute_reusing, load)
         if hit:
             self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
         return bank
