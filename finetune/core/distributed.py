@@ -257,7 +257,7 @@ def raise_if_peer_lost(err: BaseException, info: DistInfo, run_dir: str | os.Pat
     words = lastwords.last_words(info.rank, info.world_size, lastwords.WORDS_WAIT_S) if info.is_main else None
     silent = [r for r in range(info.world_size) if r != info.rank and r not in (words or {})]
     if own := lastwords.own_errors(words or {}):      # (a word that names a command, `...`, says how to go on)
-        go_on = "" if all("`" in word for word in (words or {}).values() if word) else f"; {then}"
+        go_on = "" if lastwords.names_a_way_on(words or {}) else f"; {then}"
         raise FinetuneError(own + go_on) from None
     if words is not None and len(silent) == 1:
         raise FinetuneError(f"rank {silent[0]} of this torchrun job stopped without a word (killed, by the "

@@ -14,7 +14,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["WORDS_WAIT_S", "STOP_WORDS_WAIT_S", "leave_word", "last_words", "own_errors", "peers_own_errors"]
+__all__ = ["WORDS_WAIT_S", "STOP_WORDS_WAIT_S", "leave_word", "last_words", "own_errors", "names_a_way_on",
+           "peers_own_errors"]
 
 # how long rank 0, having met another process's end in a collective, waits for the others' last words (leave_word):
 # a process that ends on its own error leaves its word within milliseconds of leaving the group; one killed leaves
@@ -40,11 +41,14 @@ def leave_word(text: str) -> None:
             store.set(key, text[:500])
 
 
-def peers_own_errors(world_size: int) -> str | None:
+def peers_own_errors(world_size: int) -> tuple[str, bool] | None:
     """Rank 0's line, once it was stopped by a signal and its run is saved, that names the other ranks of a job of
     ``world_size`` processes that ended on their own errors, with their words, looked for ``STOP_WORDS_WAIT_S`` at
-    most; None where none did (a user's Ctrl-C, a rank killed) or there is no store (not under torchrun)."""
-    return own_errors(last_words(0, world_size, STOP_WORDS_WAIT_S) or {})
+    most, and whether those words name the way on (:func:`names_a_way_on`: then rank 0's own line names none);
+    None where none did (a user's Ctrl-C, a rank killed) or there is no store (not under torchrun)."""
+    words = last_words(0, world_size, STOP_WORDS_WAIT_S) or {}
+    line = own_errors(words)
+    return None if line is None else (line, names_a_way_on(words))
 
 
 def own_errors(words: dict[int, str]) -> str | None:
@@ -57,6 +61,13 @@ def own_errors(words: dict[int, str]) -> str | None:
         return None
     said = "; ".join(f"rank {r}: {word}" for r, word in own.items())
     return f"ranks {', '.join(map(str, own))} of this torchrun job stopped on their own errors ({said})"
+
+
+def names_a_way_on(words: dict[int, str]) -> bool:
+    """Whether every own error among ``words`` (not "") names a command (`...`, out of memory: the resume in smaller
+    passes): that says how to go on, in place of the command of the line that says them (one way on, not two)."""
+    own = [word for word in words.values() if word]
+    return bool(own) and all("`" in word for word in own)
 
 
 def last_words(rank: int, world_size: int, wait_s: float) -> dict[int, str] | None:

@@ -84,7 +84,8 @@ class ZooGroup(click.Group):
                 if shared and failed.code == 130:    # stopped (its run saved): by torchrun, once another rank ended?
                     from finetune.core import lastwords   # lazy: torch, for a stopped torchrun job only
                     if peers := lastwords.peers_own_errors(process.world_size()):
-                        lines.insert(0, f"zoo: error: {printable(peers)}")
+                        said, goes_on = peers      # (their command is the way on: this line's is cut, one way)
+                        lines = [f"zoo: error: {printable(said)}", *(map(_said_above, lines) if goes_on else lines)]
                 with contextlib.suppress(console.OutputClosed):
                     for line in lines:
                         console.echo(line, err=True)
@@ -162,6 +163,14 @@ class _Failed(Exception):
     def __init__(self, message: str, code: int, usage: click.ClickException | None = None):
         super().__init__(message)
         self.code, self.usage = code, usage
+
+
+def _said_above(line: str) -> str:
+    """Rank 0's ``line`` (`interrupted: ...`, its run saved) up to the clause that names its command (`...`), pointing
+    to the line above it, whose command goes on (``lastwords.names_a_way_on``); as it is where it names none."""
+    head, tick, _ = line.partition("`")
+    saved, cut, _ = head.rpartition("; ")
+    return f"{saved}; continue as the line above says" if tick and cut else line
 
 
 def _grace() -> float:
