@@ -673,7 +673,7 @@ def test_torchrun_ranks_take_the_plain_view_of_a_cached_mirrored_bank_all_or_non
         json.dump(lines, open({str(tmp_path)!r} + f"/lines{{info.rank}}.json", "w"))
     """)
     said = json.loads((tmp_path / "lines0.json").read_text())      # (rank 0 speaks)
-    assert said == [["features: train loaded from cache (1 view(s), 18 images)"],
+    assert said == [["features: train loaded from cache (1 view(s), 18 images, the plain view of the mirrored bank)"],
                     ["features: train 18 images x 1 view(s)"]]
     banks = [torch.load(tmp_path / f"banks{rank}.pt") for rank in (0, 1)]
     assert all(torch.equal(b, c) for b, c in zip(banks[0], banks[1]))     # every rank holds the same banks

@@ -973,7 +973,8 @@ def test_a_plain_bank_is_the_view_0_of_its_mirrored_bank_unless_that_is_damaged_
 def test_a_plain_run_after_a_default_run_takes_the_plain_view_of_its_mirrored_bank(tmp_path, monkeypatch):
     """helper-154: a --hflip 0 run after a default run (its training bank mirrored) forwarded the training images
     again; it takes view 0 of the mirrored bank now, and picks the C and gives the predictions of a run that
-    computed its plain bank."""
+    computed its plain bank. helper-158: its line said the ordinary `loaded from cache (1 view(s), 18 images)`, as if
+    a plain bank were cached; it says where the bank came from now (a bank of its own key: as before)."""
     import finetune.tools.features.head as head_module
 
     train, val = _sets(tmp_path / "d")
@@ -988,12 +989,15 @@ def test_a_plain_run_after_a_default_run_takes_the_plain_view_of_its_mirrored_ba
     monkeypatch.setattr(head_module, "_extract", extract)
     config = _config(head_solver="lbfgs", epochs=1, augment="standard")
     runs = {}
-    for name, cache, hflip in (("default", "shared", 0.5), ("reused", "shared", 0.0), ("plain", "fresh", 0.0)):
+    for name, cache, hflip in (("default", "shared", 0.5), ("reused", "shared", 0.0), ("plain", "fresh", 0.0),
+                               ("again", "fresh", 0.0)):
         said: list[str] = []
         result = _fit(_model(), train, val, config.replace(hflip=hflip), cache_dir=tmp_path / cache, log=said.append)
         runs[name] = (result, [m for m in said if m.startswith(("features: train", "head: L-BFGS"))])
     assert passes == [2, 1]           # the reusing run forwarded nothing
-    assert runs["reused"][1][0] == "features: train loaded from cache (1 view(s), 18 images)"
+    assert runs["reused"][1][0] == ("features: train loaded from cache (1 view(s), 18 images, the plain view of the "
+                                    "mirrored bank)")
+    assert runs["again"][1][0] == "features: train loaded from cache (1 view(s), 18 images)"
     picked = [re.search(r"C=\S+ .* val acc \S+", runs[r][1][1]).group(0) for r in ("reused", "plain")]
     assert picked[0] == picked[1]
     tf = build_transform(DATA_CONFIG, False, config)

@@ -50,7 +50,7 @@ def agreed_load(cache: FeatureCache, key: str, info: ddp.DistInfo, *, view_of: s
     if bank is None and view_of is not None:
         both = _agreed(cache, view_of, info)
         if both is not None and both.views == 2:
-            bank = FeatureBank(both.features[:1], both.labels, both.feature_shape)
+            bank = FeatureBank(both.features[:1], both.labels, both.feature_shape, plain_of_mirrored=True)
     return bank
 
 

@@ -36,6 +36,7 @@ class FeatureBank:
     labels: torch.Tensor            # (N,) int64
     feature_shape: tuple[int, ...]
     digest: str | None = None       # the sha256 of its bytes, checked, when read from a cache file
+    plain_of_mirrored: bool = False     # view 0 of a cached mirrored bank (``banks.agreed_load``'s view_of)
 
     @property
     def views(self) -> int:

@@ -228,7 +228,8 @@ class CachedHeadSteps:
         else:
             bank, hit = self.cache.get_or_compute(key, compute_reusing, load)
         if hit:
-            self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images)")
+            self.say(f"features: {split} loaded from cache ({bank.views} view(s), {len(bank)} images"
+                     + (", the plain view of the mirrored bank)" if bank.plain_of_mirrored else ")"))
         return bank
 
     def failures(self) -> dict[str, str]:
