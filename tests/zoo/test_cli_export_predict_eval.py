@@ -54,6 +54,29 @@ def test_re_exporting_lists_the_bundles_files_not_the_users_beside_them(tmp_path
     assert (run / "export" / "notes.md").read_text() == "mine"
 
 
+@pytest.mark.parametrize("out", [None, "my bundle"])
+def test_the_next_line_names_the_bundle_absolutely_and_predicts_pasted_from_another_folder(tmp_path, runner,
+                                                                                          monkeypatch, out):
+    """helper-158: `zoo export run` said `next: zoo predict run/export IMAGE`, the path as typed: pasted from another
+    folder it named no bundle. As lr-find's and sweep's `next:` lines (helper-153) it names the bundle absolutely,
+    quoted (a space here), and runs as pasted from elsewhere."""
+    import shlex
+
+    make_run(tmp_path)
+    make_image(tmp_path / "elsewhere" / "cat.png", 0)
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(cli, ["export", "run", *(["--out", out] if out else [])])
+    assert res.exit_code == 0, res.output
+    line = res.output.strip().splitlines()[-1]
+    bundle = tmp_path / (out or "run/export")
+    assert line == f"next: zoo predict {shlex.quote(str(bundle))} IMAGE", res.output
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    words = shlex.split(line.removeprefix("next: zoo "))
+    pasted = runner.invoke(cli, [*words[:-1], "cat.png", "--json", "--device", "cpu"])
+    assert pasted.exit_code == 0 and json.loads(pasted.stdout)[0]["predictions"][0]["label"] in CLASSES, \
+        pasted.output
+
+
 def test_export_with_onnx(tmp_path, runner):
     pytest.importorskip("onnxruntime")
     run, _ = make_run(tmp_path)

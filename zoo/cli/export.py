@@ -1,6 +1,7 @@
 """``zoo export``: a finetuned run folder as a portable bundle. A thin command over zoo.bundle; no torch at import."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -59,4 +60,5 @@ def export_cmd(run_dir: Path, out: Path | None, formats: tuple[str, ...], overwr
     # the bundle's files only: the user's own beside them (notes, a report) were listed as exported (QA)
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name in KINDS["export"].files)
     echo(f"exported {run_dir} -> {path} ({', '.join(files)})")
-    echo("next: " + shell_command("zoo", "predict", path, "IMAGE"))    # as lr-find and sweep end: what to run
+    # as lr-find and sweep end: what to run, its path absolute (pasted from another folder too)
+    echo("next: " + shell_command("zoo", "predict", Path(os.path.abspath(path)), "IMAGE"))
