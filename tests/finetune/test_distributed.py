@@ -596,13 +596,24 @@ def test_torchrun_ranks_load_cached_features_only_when_every_rank_holds_the_same
     assert json.loads((tmp_path / "seen.json").read_text()) == [True]
 
 
+# (first run's hflip, second run's, what the second says where every rank reuses, the views of its bank)
+_REUSED = {"plain_for_mirrored": (0.0, 0.5, "features: train 18 images x 1 view(s)", 2),
+           "mirrored_for_plain": (0.5, 0.0, "features: train loaded from cache (1 view(s), 18 images, the plain view "
+                                  "of the mirrored bank)", 1)}
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
-def test_torchrun_ranks_reuse_a_cached_plain_bank_for_the_mirrored_one_all_or_none(tmp_path):
-    """helper-151: a mirrored training bank whose plain view is cached (a --hflip 0 run's here) forwards only the
-    mirror on every rank, the ranks' shards gathered and joined to the plain bank; where one rank's machine lacks
-    the plain bank (a stand-in load), every rank forwards both views: one branch for all, no rank left waiting."""
+@pytest.mark.parametrize("case", list(_REUSED))
+def test_torchrun_ranks_reuse_a_cached_bank_of_the_other_view_all_or_none(tmp_path, case):
+    """A training bank built from the cached bank of the other flip setting, on every rank or none. helper-151
+    (plain_for_mirrored): a mirrored bank whose plain view is cached (a --hflip 0 run's) forwards only the mirror on
+    every rank, the shards gathered and joined to the plain bank. helper-154 (mirrored_for_plain): a plain bank
+    (a --hflip 0 run's, zoo doctor's) whose mirrored bank is cached (a default run's) is its view 0. Where one
+    rank's machine lacks the cached bank (a stand-in load), every rank forwards the whole bank: one branch for
+    all, no rank left waiting."""
     from tests.finetune.test_features import _sets
 
+    first, second, reused_line, views = _REUSED[case]
     train, val = _sets(tmp_path / "d")
     _torchrun_fit(tmp_path, train, val, f"""
         import torch
@@ -620,65 +631,22 @@ def test_torchrun_ranks_reuse_a_cached_plain_bank_for_the_mirrored_one_all_or_no
         for cache, lacking in (("a", False), ("b", True)):
             cache = {str(tmp_path)!r} + "/" + cache
             options = dict(epochs=1, batch_size=6, head_solver="lbfgs", augment="standard")
-            _fit(_model(), train, val, _config(hflip=0.0, **options), cache_dir=cache)
-            if lacking:      # rank 1's machine holds no plain bank
-                FeatureCache.load = lambda self, key: (None if info.rank == 1 and key.startswith("train")
-                                                       else real_load(self, key))
-            said = []
-            _fit(_model(), train, val, _config(hflip=0.5, **options), cache_dir=cache, log=said.append)
-            lines.append([m.split(" computed")[0] for m in said if m.startswith("features: train")])
-        torch.save(seen[1::2], {str(tmp_path)!r} + f"/banks{{info.rank}}.pt")
-        json.dump(lines, open({str(tmp_path)!r} + f"/lines{{info.rank}}.json", "w"))
-    """)
-    said = json.loads((tmp_path / "lines0.json").read_text())      # (rank 0 speaks)
-    assert said == [["features: train 18 images x 1 view(s)"], ["features: train 18 images x 2 view(s)"]]
-    banks = [torch.load(tmp_path / f"banks{rank}.pt") for rank in (0, 1)]
-    assert all(torch.equal(b, c) for b, c in zip(banks[0], banks[1]))     # every rank holds the same banks
-    reused, computed = banks[0]
-    assert reused.shape == computed.shape == (2, 18, 8) and torch.allclose(reused, computed, atol=1e-5)
-
-
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
-def test_torchrun_ranks_take_the_plain_view_of_a_cached_mirrored_bank_all_or_none(tmp_path):
-    """helper-154: a plain training bank (a --hflip 0 run's, zoo doctor's) whose mirrored bank is cached (a default
-    run's) is its view 0, taken on every rank; where one rank's machine lacks the mirrored bank (a stand-in load),
-    every rank forwards the plain view: one branch for all, no rank left waiting."""
-    from tests.finetune.test_features import _sets
-
-    train, val = _sets(tmp_path / "d")
-    _torchrun_fit(tmp_path, train, val, f"""
-        import torch
-        from tests.finetune.test_features import _config, _fit, _model
-        from finetune.core import distributed
-        from finetune.tools.features.cache import FeatureCache
-        import finetune.tools.features.head as head_module
-        info = distributed.setup("cpu")
-        real_load, real_begin, seen = FeatureCache.load, head_module.CachedHeadSteps.begin_phase, []
-        def begin_phase(self, phase):
-            real_begin(self, phase)
-            seen.append(self.train_feats.cpu())
-        head_module.CachedHeadSteps.begin_phase = begin_phase
-        lines = []
-        for cache, lacking in (("a", False), ("b", True)):
-            cache = {str(tmp_path)!r} + "/" + cache
-            options = dict(epochs=1, batch_size=6, head_solver="lbfgs", augment="standard")
-            _fit(_model(), train, val, _config(hflip=0.5, **options), cache_dir=cache)
+            _fit(_model(), train, val, _config(hflip={first}, **options), cache_dir=cache)
             if lacking:      # rank 1's machine holds no training bank
                 FeatureCache.load = lambda self, key: (None if info.rank == 1 and key.startswith("train")
                                                        else real_load(self, key))
             said = []
-            _fit(_model(), train, val, _config(hflip=0.0, **options), cache_dir=cache, log=said.append)
+            _fit(_model(), train, val, _config(hflip={second}, **options), cache_dir=cache, log=said.append)
             lines.append([m.split(" computed")[0] for m in said if m.startswith("features: train")])
         torch.save(seen[1::2], {str(tmp_path)!r} + f"/banks{{info.rank}}.pt")
         json.dump(lines, open({str(tmp_path)!r} + f"/lines{{info.rank}}.json", "w"))
     """)
     said = json.loads((tmp_path / "lines0.json").read_text())      # (rank 0 speaks)
-    assert said == [["features: train loaded from cache (1 view(s), 18 images, the plain view of the mirrored bank)"],
-                    ["features: train 18 images x 1 view(s)"]]
+    assert said == [[reused_line], [f"features: train 18 images x {views} view(s)"]]
     banks = [torch.load(tmp_path / f"banks{rank}.pt") for rank in (0, 1)]
     assert all(torch.equal(b, c) for b, c in zip(banks[0], banks[1]))     # every rank holds the same banks
     reused, computed = banks[0]
-    assert reused.shape == computed.shape == (1, 18, 8) and torch.allclose(reused, computed, atol=1e-5)
+    assert reused.shape == computed.shape == (views, 18, 8) and torch.allclose(reused, computed, atol=1e-5)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
