@@ -210,6 +210,31 @@ def test_a_run_on_data_with_a_test_split_names_the_eval_that_scores_it(tmp_path,
     assert res.stdout.startswith(f"evaluated 6 images from {data.resolve()} (its Test/ split)"), res.stdout
 
 
+def test_the_bundle_and_test_lines_name_the_folders_absolutely_and_run_pasted_from_another_folder(
+        tmp_path, tiny, monkeypatch):
+    """Session 36: with a relative --out the run's last lines (`bundle: run/export  (zoo predict run/export IMAGE)`,
+    `test: zoo eval run/export --data ...`) named the bundle as typed; pasted from another folder they named
+    nothing (lr-find's, sweep's and export's next: lines name theirs absolutely since helper-153/158)."""
+    data = make_image_folder(tmp_path / "data", per_class=4, layout="split", val_per_class=2)
+    make_image_folder(data / "test", per_class=1)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("finetune", tiny, "--data", "data", "--out", "run", *FAST)
+    assert result.exit_code == 0, result.output
+    lines = {ln.split(": ", 1)[0]: ln.split(": ", 1)[1] for ln in result.stdout.splitlines()
+             if ln.startswith(("bundle: ", "test: "))}
+    bundle = tmp_path / "run" / "export"
+    assert lines["bundle"].startswith(f"{bundle}  ("), lines
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    image = next((data / "test").rglob("*.png"), None) or next((data / "test").rglob("*.*"))
+    predict = shlex.split(lines["bundle"].split("  (")[1].rstrip(")").replace("IMAGE", str(image)))
+    res = invoke(*predict[1:])
+    assert res.exit_code == 0, res.output
+    res = invoke(*shlex.split(lines["test"].split("  (")[0])[1:])
+    assert res.exit_code == 0 and res.stdout.startswith("evaluated 3 images from "), res.output
+
+
 def test_a_no_export_run_on_data_with_a_test_split_names_the_export_and_eval_that_score_it(tmp_path, tiny):
     """Session 32's leftovers (helper-127): `--no-export` on data with a test/ split ended without a word of those
     held-out images (the `test:` line named the bundle's eval, and there was no bundle). It names the export that

@@ -6,6 +6,7 @@ command. Precedence: defaults < ``--config file.yaml`` < flags the user actually
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -176,21 +177,24 @@ def _report(outcome) -> None:
 
     for line in advise(result.history):
         echo(f"advice: {line}")
-    if outcome.export_dir is not None:   # (the run folder was printed before training started)
-        echo(_bundle_line(outcome.export_dir))
+    # the folders absolute, as every next: line names them: pasted from another folder, a relative one named nothing
+    bundle, run = (None if p is None else Path(os.path.abspath(p)) for p in (outcome.export_dir, outcome.run_dir))
+    if bundle is not None:   # (the run folder was printed before training started)
+        echo(_bundle_line(bundle))
     scan = outcome.scan
     if scan is not None and scan.test:   # (audit: a test/ split was counted, and nothing said how to score it)
         images = (f"{len(scan.test)} {printable_name(scan.folders.get('test') or 'test')}/ images, held out from "
                   "training and from the choice of epoch")
-        if outcome.export_dir is not None:
-            echo(f"test: {shell_command('zoo', 'eval', outcome.export_dir, '--data', scan.root)}  (its {images})")
-        elif outcome.run_dir is not None:   # (--no-export: it said nothing of them; zoo eval needs a bundle)
-            echo(f"test: {shell_command('zoo', 'export', outcome.run_dir)} && "
-                 f"{shell_command('zoo', 'eval', outcome.run_dir / 'export', '--data', scan.root)}  (zoo eval "
+        if bundle is not None:
+            echo(f"test: {shell_command('zoo', 'eval', bundle, '--data', scan.root)}  (its {images})")
+        elif run is not None:   # (--no-export: it said nothing of them; zoo eval needs a bundle)
+            echo(f"test: {shell_command('zoo', 'export', run)} && "
+                 f"{shell_command('zoo', 'eval', run / 'export', '--data', scan.root)}  (zoo eval "
                  f"scores a bundle, which this run did not write: the export writes it; its {images})")
 
 
 def _bundle_line(bundle) -> str:
+    bundle = Path(os.path.abspath(bundle))
     return f"bundle: {bundle}  ({shell_command('zoo', 'predict', bundle, 'IMAGE')})"
 
 
