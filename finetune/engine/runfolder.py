@@ -434,7 +434,9 @@ def in_effect_by_epochs(manifest: dict, epochs_run: object) -> list[dict] | None
         return None
     parts: list[dict] = []
     for (first, device, used, asked), nxt in zip(starts, [s[0] for s in starts[1:]] + [epochs_run + 1]):
-        if parts and parts[-1] == {**parts[-1], "device": device, "in_effect": used, **asked}:
+        # (a process that did not record ``asked``, a run begun before it was, is alike in it to any)
+        if parts and (parts[-1]["device"], parts[-1]["in_effect"]) == (device, used) and \
+                asked.get("asked", parts[-1].get("asked")) == parts[-1].get("asked", asked.get("asked")):
             parts[-1]["epochs"][1] = min(nxt - 1, epochs_run)
         elif first <= min(nxt - 1, epochs_run):
             parts.append({"epochs": [first, min(nxt - 1, epochs_run)], "device": device, "in_effect": used, **asked})

@@ -740,6 +740,14 @@ def test_the_epochs_of_each_device_come_from_the_processes_that_trained_them_las
         on_cpu, {"epochs": [3, 5], "device": "cuda:0", "in_effect": cuda},
         {"epochs": [6, 8], "device": "cpu", "in_effect": cpu}]
     assert in_effect_by_epochs(manifest((0, "cpu", cpu), (3, "cpu", cpu), (8, "cuda:0", cuda)), 8) is None
+    # helper-157: what each process was given (asked) tells a resume's --no-amp from the device's; a process that
+    # did not record it (begun before it was) is alike in it to any
+    given = manifest((0, "cpu", cpu), (2, "cpu", cpu))
+    given["asked"], given["resumed"][0]["asked"] = {"amp": True}, {"amp": False}
+    assert [(p["epochs"], p["asked"]) for p in in_effect_by_epochs(given, 8)] == [([1, 2], {"amp": True}),
+                                                                                ([3, 8], {"amp": False})]
+    del given["asked"]
+    assert in_effect_by_epochs(given, 8) is None
     assert in_effect_by_epochs({"resumed": [{"after_epoch": 2, "device": "cpu", "in_effect": cpu}]}, 8) is None
     assert in_effect_by_epochs({"device": "cpu", "resumed": [{"after_epoch": 2, "in_effect": cuda}]}, 8) is None
 
