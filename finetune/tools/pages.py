@@ -324,7 +324,7 @@ def _unused_note(option: str, value: bool, summary: dict[str, Any]) -> str:
     """`` (no effect on cpu)`` where the run did not use ``option``, set to ``value`` in config.yaml (summary.json's
     ``in_effect``), or, for a run whose epochs ran with other device options (``in_effect_by_epochs``: begun on the
     CPU, resumed on CUDA, or a resume given --no-amp), the epochs that differ from ``value``: `` (no effect on
-    cpu: epochs 1-2)``, `` (off in epochs 3-4: --no-amp given to a resume)``; else nothing."""
+    cpu: epochs 1-2)``, `` (off in epochs 3-4)``; else nothing."""
     parts = summary.get("in_effect_by_epochs")
     if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("in_effect"), dict)
                                             and isinstance(p.get("epochs"), list) and len(p["epochs"]) == 2
@@ -332,12 +332,11 @@ def _unused_note(option: str, value: bool, summary: dict[str, Any]) -> str:
         used = summary.get("in_effect") if isinstance(summary.get("in_effect"), dict) else {}
         return f" (no effect on {summary.get('device') or 'this device'})" if value and used.get(option) is False \
             else ""
-    # the epochs a resume given the flag of the other value ran as that value (--no-amp: off; --amp: on, where used)
+    # the epochs whose process was set the other way (a resume's --no-amp, or config.yaml edited since) and ran so
     given = [p for p in parts if isinstance(p.get("asked"), dict) and p["asked"].get(option) is (not value)
              and p["in_effect"].get(option) is (not value)]
     off = [p for p in parts if value and p["in_effect"].get(option) is False and p not in given]
-    flag = "--" + "no-" * value + option.replace("_", "-")
-    notes = [f"{'off' if value else 'on'} in {', '.join(map(_epochs, given))}: {flag} given to a resume"] * bool(given)
+    notes = [f"{'off' if value else 'on'} in {', '.join(map(_epochs, given))}"] * bool(given)
     if off and len(off) == len(parts):
         notes.append(f"no effect on {', '.join(dict.fromkeys(str(p.get('device')) for p in off))}")
     elif off:
