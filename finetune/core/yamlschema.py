@@ -20,6 +20,7 @@ of that kind: :func:`as_int` (Python's ``int()``, click's INT: ``25_557_032``, `
 option may be left unset (the caller decides; ``None`` here). No torch."""
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any
 
@@ -88,11 +89,12 @@ for _tag, _pattern, _first in _RESOLVERS:
 def as_int(value: Any) -> int:
     """A whole number from a file's text: what Python's ``int()`` reads (click's INT, so what the flag typed takes:
     ``25_557_032``, ``010`` is 10, no octal or hex), or a YAML float with a dot that is whole (``20.0``, ``1.0e+3``:
-    YAML 1.1 read those as numbers, and the config's whole numbers took them); an int or a whole float as given.
+    YAML 1.1 read those as numbers, and the config's whole numbers took them); an integer or a whole number of any
+    type (a Python caller's ``numpy.int64``, ``numpy.float32(3.0)``) as a Python int.
     Raises ValueError for anything else (``1e3``, ``2.5``, ``true``, a list)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
         return int(value)
     if isinstance(value, str):
         try:
@@ -105,9 +107,10 @@ def as_int(value: Any) -> int:
 
 def as_float(value: Any) -> float:
     """A number from a file's text: YAML's spellings (``.inf``, ``-.Inf``, ``.nan``, ``1.5e+3``, as yaml.safe_dump
-    writes them), else what Python's ``float()`` reads (click's FLOAT: ``1e-3``, ``1_000.5``, ``inf``); an int or
-    float as given. Raises ValueError for anything else (true/false, text, a list)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    writes them), else what Python's ``float()`` reads (click's FLOAT: ``1e-3``, ``1_000.5``, ``inf``); a number of
+    any type (a Python caller's ``numpy.float32``) as a Python float. Raises ValueError for anything else
+    (true/false, text, a list)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
         if _FLOAT.match(value) and value.lstrip("+-").lower() in (".inf", ".nan"):   # (Python's float() has no dot)

@@ -188,8 +188,8 @@ class RunFolder:
     def start(self, config: FinetuneConfig, train_set, val_set, device: torch.device, info: ddp.DistInfo,
               resume: bool, epoch: int = 0, in_effect: dict | None = None) -> None:
         """config.yaml (new runs), manifest.json (resumes are appended: each with the epoch it goes on after, its
-        device and ``in_effect``, the setup's device options, which :meth:`summary` reads), the TensorBoard
-        writer."""
+        device, ``in_effect``, the setup's device options, and ``asked``, those the process was given: a resume's
+        may differ from config.yaml; :meth:`summary` reads them), the TensorBoard writer."""
         if not self.writes:
             return
         try:
@@ -202,7 +202,8 @@ class RunFolder:
         elif int(config.micro_batch):      # passes given to the resume (``resume_passes``): the next one keeps them
             self.record_passes(int(config.micro_batch))
         self._write_manifest(config, train_set, val_set, device, info, resume,
-                             {"after_epoch": int(epoch), "device": str(device), "in_effect": in_effect})
+                             {"after_epoch": int(epoch), "device": str(device), "in_effect": in_effect,
+                              "asked": {k: bool(getattr(config, k)) for k in in_effect or {}}})
         if config.tensorboard:
             self.tensorboard = TensorBoardLogger(self.path)
 
@@ -419,22 +420,26 @@ class RunFolder:
 def in_effect_by_epochs(manifest: dict, epochs_run: object) -> list[dict] | None:
     """The device options each run of epochs trained with, from manifest.json's processes (the first, then each
     resume from the epoch after the one it went on after: it trains those again): ``[{"epochs": [1, 2], "device":
-    "cpu", "in_effect": {...}}, {"epochs": [3, 8], "device": "cuda:0", ...}]``. None where one device and set of
-    options trained them all, or the manifest does not say (a run begun before it recorded them, a damaged file)."""
+    "cpu", "in_effect": {...}, "asked": {...}}, {"epochs": [3, 8], "device": "cuda:0", ...}]`` (``asked``: the options
+    given, where recorded). None where one device and set of options trained them all, or the manifest does not
+    say (a run begun before it recorded them, a damaged file)."""
     starts: list[list] = []
     for entry in [manifest, *(manifest.get("resumed") if isinstance(manifest.get("resumed"), list) else [])]:
         after = entry.get("after_epoch") if isinstance(entry, dict) else None
         if not isinstance(after, int) or not isinstance(entry.get("in_effect"), dict):
             return None
-        starts = [s for s in starts if s[0] <= after] + [[after + 1, entry.get("device"), entry["in_effect"]]]
+        asked = {"asked": entry["asked"]} if isinstance(entry.get("asked"), dict) else {}
+        starts = [s for s in starts if s[0] <= after] + [[after + 1, entry.get("device"), entry["in_effect"], asked]]
     if not isinstance(epochs_run, int) or not starts or starts[0][0] != 1:
         return None
     parts: list[dict] = []
-    for (first, device, used), nxt in zip(starts, [s[0] for s in starts[1:]] + [epochs_run + 1]):
-        if parts and (parts[-1]["device"], parts[-1]["in_effect"]) == (device, used):
+    for (first, device, used, asked), nxt in zip(starts, [s[0] for s in starts[1:]] + [epochs_run + 1]):
+        # (a process that did not record ``asked``, a run begun before it was, is alike in it to any)
+        if parts and (parts[-1]["device"], parts[-1]["in_effect"]) == (device, used) and \
+                asked.get("asked", parts[-1].get("asked")) == parts[-1].get("asked", asked.get("asked")):
             parts[-1]["epochs"][1] = min(nxt - 1, epochs_run)
         elif first <= min(nxt - 1, epochs_run):
-            parts.append({"epochs": [first, min(nxt - 1, epochs_run)], "device": device, "in_effect": used})
+            parts.append({"epochs": [first, min(nxt - 1, epochs_run)], "device": device, "in_effect": used, **asked})
     return parts if len(parts) > 1 else None
 
 

@@ -320,29 +320,39 @@ def _pct(v: Any) -> str:
     return f"{v:.0%}" if isinstance(v, (int, float)) else "-"
 
 
-def _unused_note(option: str, summary: dict[str, Any]) -> str:
-    """`` (no effect on cpu)`` where the run did not use ``option`` (summary.json's ``in_effect``), or, for a run
-    whose epochs ran with other device options (``in_effect_by_epochs``: begun on the CPU, resumed on CUDA), the
-    epochs that did not: `` (no effect on cpu: epochs 1-2)``; else nothing."""
+def _unused_note(option: str, value: bool, summary: dict[str, Any]) -> str:
+    """`` (no effect on cpu)`` where the run did not use ``option``, set to ``value`` in config.yaml (summary.json's
+    ``in_effect``), or, for a run whose epochs ran with other device options (``in_effect_by_epochs``: begun on the
+    CPU, resumed on CUDA, or a resume given --no-amp), the epochs that differ from ``value``: `` (no effect on
+    cpu: epochs 1-2)``, `` (off in epochs 3-4)``; else nothing."""
     parts = summary.get("in_effect_by_epochs")
     if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("in_effect"), dict)
                                             and isinstance(p.get("epochs"), list) and len(p["epochs"]) == 2
                                             for p in parts)):
         used = summary.get("in_effect") if isinstance(summary.get("in_effect"), dict) else {}
-        return f" (no effect on {summary.get('device') or 'this device'})" if used.get(option) is False else ""
-    off = [p for p in parts if p["in_effect"].get(option) is False]
-    if not off:
-        return ""
-    if len(off) == len(parts):
-        return f" (no effect on {', '.join(dict.fromkeys(str(p.get('device')) for p in off))})"
-    spans = [(p.get("device"), *p["epochs"]) for p in off]
-    return " (no effect on " + "; ".join(f"{d}: epoch {a}" if a == b else f"{d}: epochs {a}-{b}"
-                                         for d, a, b in spans) + ")"
+        return f" (no effect on {summary.get('device') or 'this device'})" if value and used.get(option) is False \
+            else ""
+    # the epochs whose process was set the other way (a resume's --no-amp, or config.yaml edited since) and ran so
+    given = [p for p in parts if isinstance(p.get("asked"), dict) and p["asked"].get(option) is (not value)
+             and p["in_effect"].get(option) is (not value)]
+    off = [p for p in parts if value and p["in_effect"].get(option) is False and p not in given]
+    notes = [f"{'off' if value else 'on'} in {', '.join(map(_epochs, given))}"] * bool(given)
+    if off and len(off) == len(parts):
+        notes.append(f"no effect on {', '.join(dict.fromkeys(str(p.get('device')) for p in off))}")
+    elif off:
+        notes.append("no effect on " + "; ".join(f"{p.get('device')}: {_epochs(p)}" for p in off))
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _epochs(part: dict[str, Any]) -> str:
+    a, b = part["epochs"]
+    return f"epoch {a}" if a == b else f"epochs {a}-{b}"
 
 
 def _config_section(cfg_path: Path, summary: dict[str, Any]) -> str:
     """config.yaml as a table (its raw text when it cannot be parsed). An option the run asked for and did not use
-    on its device (summary.json's ``in_effect``: amp on a CPU, helper-149) says so beside its value."""
+    on its device (summary.json's ``in_effect``: amp on a CPU, helper-149), or that a resume turned on or off, says
+    so beside its value (:func:`_unused_note`)."""
     try:
         cfg = load_yaml(read_user_text(cfg_path)) or {}
     except Exception:  # noqa: BLE001 - a damaged config still gets its raw text shown
@@ -350,7 +360,7 @@ def _config_section(cfg_path: Path, summary: dict[str, Any]) -> str:
     if isinstance(cfg, dict):     # (a nested value, e.g. of YAML aliases nine deep, cut short: QA)
         inner = table(["option", "value"], [[k, (v if isinstance(v, str) else json.dumps(v)
                                                  if v is None or isinstance(v, (int, float)) else short_repr(v))
-                                             + (_unused_note(k, summary) if v is True else "")]
+                                             + (_unused_note(k, v, summary) if isinstance(v, bool) else "")]
                                             for k, v in cfg.items()])
     else:
         text = cfg_path.read_text(encoding="utf-8", errors="replace")

@@ -685,13 +685,36 @@ def test_a_run_resumed_with_other_device_options_says_which_epochs_ran_without_t
     monkeypatch.setattr(Setup, "in_effect", property(lambda self: cuda))
     run(data, config, run_dir=out, resume=True)
     summary = json.loads((out / "summary.json").read_text())
-    cpu = {"amp": False, "channels_last": True, "gpu_normalize": False}
+    cpu, asked = {"amp": False, "channels_last": True, "gpu_normalize": False}, dict.fromkeys(cuda, True)
     assert summary["in_effect"] == cuda and summary["in_effect_by_epochs"] == [
-        {"epochs": [1, 2], "device": "cpu", "in_effect": cpu}, {"epochs": [3, 4], "device": "cpu", "in_effect": cuda}]
+        {"epochs": [1, 2], "device": "cpu", "in_effect": cpu, "asked": asked},
+        {"epochs": [3, 4], "device": "cpu", "in_effect": cuda, "asked": asked}]
     cells = dict(re.findall(r"<tr><td>(amp|channels_last|gpu_normalize)</td><td[^>]*>([^<]*)</td>",
                             run_report_html(out)))
     assert cells == {"amp": "true (no effect on cpu: epochs 1-2)", "channels_last": "true",
                      "gpu_normalize": "true (no effect on cpu: epochs 1-2)"}, cells
+
+
+def test_the_config_table_says_which_epochs_a_resumes_own_device_flag_turned_an_option_on_or_off(data, tmp_path):
+    """Review of session 36 (helper-157): a resume given --no-channels-last (config.yaml keeps true) showed
+    `channels_last: true (no effect on cpu: epochs 3-4)`, as if the CPU ignored an option the resume had turned
+    off; begun with it off and resumed with it on, the table said `false` of a run whose later epochs used it.
+    manifest.json records what each process was set to; the table says the epochs that ran the other way."""
+    import re
+
+    from finetune.tools.pages import run_report_html
+
+    def stop_at(epoch):
+        return [lambda row: (_ for _ in ()).throw(KeyboardInterrupt()) if row["epoch"] == epoch else None]
+
+    cells = {}
+    for first in (True, False):
+        out, config = tmp_path / f"run-{first}", cfg(epochs=4, freeze="1", head_epochs=0, channels_last=first)
+        with pytest.raises(Interrupted):
+            run(data, config, run_dir=out, callbacks=stop_at(2))
+        run(data, config.replace(channels_last=not first), run_dir=out, resume=True)
+        cells[first] = re.findall(r"<tr><td>channels_last</td><td[^>]*>([^<]*)</td>", run_report_html(out))
+    assert cells == {True: ["true (off in epochs 3-4)"], False: ["false (on in epochs 3-4)"]}, cells
 
 
 def test_the_epochs_of_each_device_come_from_the_processes_that_trained_them_last():
@@ -716,6 +739,14 @@ def test_the_epochs_of_each_device_come_from_the_processes_that_trained_them_las
         on_cpu, {"epochs": [3, 5], "device": "cuda:0", "in_effect": cuda},
         {"epochs": [6, 8], "device": "cpu", "in_effect": cpu}]
     assert in_effect_by_epochs(manifest((0, "cpu", cpu), (3, "cpu", cpu), (8, "cuda:0", cuda)), 8) is None
+    # helper-157: what each process was given (asked) tells a resume's --no-amp from the device's; a process that
+    # did not record it (begun before it was) is alike in it to any
+    given = manifest((0, "cpu", cpu), (2, "cpu", cpu))
+    given["asked"], given["resumed"][0]["asked"] = {"amp": True}, {"amp": False}
+    assert [(p["epochs"], p["asked"]) for p in in_effect_by_epochs(given, 8)] == [([1, 2], {"amp": True}),
+                                                                                ([3, 8], {"amp": False})]
+    del given["asked"]
+    assert in_effect_by_epochs(given, 8) is None
     assert in_effect_by_epochs({"resumed": [{"after_epoch": 2, "device": "cpu", "in_effect": cpu}]}, 8) is None
     assert in_effect_by_epochs({"device": "cpu", "resumed": [{"after_epoch": 2, "in_effect": cuda}]}, 8) is None
 

@@ -59,3 +59,26 @@ def test_a_boolean_reads_the_words_of_the_cli_s_boolean_flags_in_any_case():
     for other in ("", "maybe", "2", None, 1, 0, 1.0, ["yes"]):
         with pytest.raises(ValueError):
             yamlschema.as_bool(other)
+
+
+def test_a_python_caller_s_numpy_numbers_are_read_as_before():
+    """Review of session 36 (helper-157): FinetuneConfig.from_dict (the Python API's, and load_resume_config's with
+    a caller's overrides) took a grid's numpy numbers (`epochs: np.int64(5)`, `lr: np.float32(1e-3)`) and gave
+    Python numbers (int(), float()); through the new readers they were "should be a whole number". A number of
+    any type that Python's numbers module calls one is read; a boolean still is no number."""
+    import numpy as np
+
+    from finetune.core.config import FinetuneConfig
+
+    config = FinetuneConfig.from_dict({"epochs": np.int64(5), "batch_size": np.int32(8), "lr": np.float32(0.5),
+                                       "weight_decay": np.float64(0.0), "warmup_epochs": np.int64(1)})
+    assert (config.epochs, config.batch_size, config.lr, config.weight_decay, config.warmup_epochs) == (5, 8, 0.5,
+                                                                                                       0.0, 1.0)
+    assert all(type(getattr(config, k)) is type(FinetuneConfig().__getattribute__(k))
+               for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs"))
+    assert yamlschema.as_int(np.float32(3.0)) == 3
+    for other in (np.bool_(True), np.float32(2.5)):
+        with pytest.raises(ValueError):
+            yamlschema.as_int(other)
+    with pytest.raises(ValueError):
+        yamlschema.as_float(np.bool_(False))
