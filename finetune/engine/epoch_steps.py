@@ -25,6 +25,10 @@ from finetune.engine.steps import evaluate, train_one_epoch, warm_up
 
 __all__ = ["EpochSteps", "LoaderSteps"]
 
+# the most bytes of validation probabilities (images x classes x 4) gathered onto every rank at fit's end under
+# torchrun (``all_val_probs``): 50,000 x 1,000 is 191 MiB (1.5-1.7 s and ~480 MiB peak a rank on 2 gloo ranks,
+# helper-157); beyond, none (RUN/val_predictions.json unwritten: zoo report predicts again), not gigabytes a rank
+GATHER_PROBS_BYTES = 256 << 20
 _FITS = 2 ** 62      # (what a rank whose warm-up fitted offers in the ranks' agreement on the passes: more than any)
 
 
@@ -257,10 +261,12 @@ class LoaderSteps:
     def all_val_probs(self, probs: torch.Tensor | None) -> torch.Tensor | None:
         """``probs`` (an evaluation's ``val_probs``: this rank's) as every validation image's, in val_set order:
         under torchrun the ranks' shards gathered, on every rank (a collective, which every rank calls at the
-        same point); None when a rank's are unknown."""
+        same point); None when a rank's are unknown, or the table would pass ``GATHER_PROBS_BYTES``."""
         s = self.s
         if not s.info.enabled:
             return probs
+        if len(s.val_set.items) * len(s.classes) * 4 > GATHER_PROBS_BYTES:     # (the same answer on every rank)
+            return None
         if not ddp.all_true(probs is not None, s.device, s.info):
             return None
         return ddp.gather_strided(probs, len(s.val_set.items), s.info)

@@ -825,3 +825,28 @@ def test_val_rows_mark_an_unread_image_and_give_up_on_rows_they_cannot_match(ran
     failed[items[-1][0] if rank == 0 else items[-2][0]] = "gone, and back since"       # listed, read this pass
     assert steps._val_rows([rows[:1], rows[2:]]) is None
     assert steps._val_rows([]) is None and len(mine) > 2
+
+
+def test_validation_probabilities_too_big_to_hold_on_every_rank_are_not_gathered(monkeypatch):
+    """Session 36 (helper-157's review): at fit's end under torchrun every rank gathered every validation image's
+    probabilities (8 ranks x 21k classes x 50,000 images: 4.4 GB of host memory a rank) for a file that needs a
+    class and a probability an image. Beyond ``GATHER_PROBS_BYTES`` none is gathered (no collective: every rank
+    decides it from the sizes alike) and report predicts again, as before helper-155."""
+    from types import SimpleNamespace
+
+    from finetune.core.distributed import DistInfo
+    from finetune.engine import epoch_steps
+    from finetune.engine.epoch_steps import LoaderSteps
+
+    def collective(*args, **kwargs):
+        raise AssertionError("no collective for a table beyond the budget")
+
+    monkeypatch.setattr(epoch_steps.ddp, "all_true", collective)
+    monkeypatch.setattr(epoch_steps, "GATHER_PROBS_BYTES", 7 * 2 * 4 - 1)
+    steps = LoaderSteps.__new__(LoaderSteps)
+    steps.s = SimpleNamespace(val_set=SimpleNamespace(items=[(f"/d/{i}.png", 0) for i in range(7)]), classes=["a", "b"],
+                              info=DistInfo(rank=0, world_size=2, enabled=True), device=torch.device("cpu"))
+    assert steps.all_val_probs(torch.rand(4, 2)) is None
+    monkeypatch.setattr(epoch_steps, "GATHER_PROBS_BYTES", 7 * 2 * 4)
+    with pytest.raises(AssertionError, match="no collective"):      # within it: gathered as before
+        steps.all_val_probs(torch.rand(4, 2))

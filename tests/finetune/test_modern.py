@@ -44,7 +44,9 @@ def test_ranges_come_from_options(field, value, allowed):
 def test_augment_is_a_mode():
     assert FinetuneConfig().augment == "standard"
     with pytest.raises(ConfigError, match=r"invalid augment=.*choose one of standard, trivial, none"):
-        FinetuneConfig.from_dict({"augment": False})
+        FinetuneConfig.from_dict({"augment": "false"})
+    with pytest.raises(ConfigError, match=r"augment=False should be standard, trivial or none"):     # (session 36:
+        FinetuneConfig.from_dict({"augment": False})       # a bool is no text option's value, said as _coerce says it)
     with pytest.raises(ConfigError, match="--decode workers"):
         FinetuneConfig(augment="trivial", decode="device")
 
