@@ -136,9 +136,9 @@ class DeviceTransform:
     crop_scale_min, 1), ratio=(3/4, 4/3))``, flip with probability ``hflip``, brightness/contrast jitter
     in random order; eval: the long side limited to 2x the short, shorter side resized to
     ``size / crop_pct``, centre crop: ``geometry.eval_plan``). Resizing has the weights of torch's
-    antialiased interpolation on CUDA (``finetune.data.geometry``: the whole batch at once); pixels differ
-    from the PIL (CPU) path by a few levels, the distribution does not. Box/hamming/lanczos resize as
-    bilinear here.
+    antialiased interpolation, rounded between the axes in PIL's order (``finetune.data.geometry``: the whole
+    batch at once): the PIL path's pixels (``zoo eval``/``zoo predict``) to a level. Box/hamming/lanczos resize
+    as bilinear here.
     """
 
     def __init__(self, data_config: dict, train: bool, config: Any | None = None) -> None:

@@ -5,7 +5,9 @@ antialiased interpolation (``F.resized_crop(..., antialias=True)``, PIL's filter
 Keys a=-0.5 for bicubic, support scaled when shrinking) or nearest; the batch is then resampled with two
 batched matrix products, a run of images at a time (mixed sizes zero-padded to the run's largest): a
 few kernels per run where the per-image resize took several per image, and one small copy per image of
-a mixed run (pixels as torchvision's float path, but for a rare one-level rounding difference; tested).
+a mixed run. Pixels are PIL's (``zoo predict``/``zoo eval`` and the CPU workers resize with PIL): one axis
+resampled, clamped and rounded to levels (half up), then the other, in PIL's order (:func:`rows_first`), but
+for one-level rounding ties (PIL's weights are fixed-point); tested.
 
 A :class:`Plan` says what one image becomes: rows ``[top, top + height)`` resized to ``resized_h`` rows, of
 which ``[offset_y, offset_y + out_h)`` are kept (a centre crop after the resize; rows outside the resized
@@ -16,15 +18,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import PIL
 import torch
 
 from finetune.core.devices import copies_async
 from finetune.data.transforms import EVAL_MAX_ASPECT, LimitAspect
 
-__all__ = ["Plan", "crop_plan", "eval_plan", "resample"]
+__all__ = ["Plan", "crop_plan", "eval_plan", "resample", "rows_first"]
 
 # Bytes of float32 pixels resampled in one product: bounds the device memory a batch of large images takes.
 CHUNK_BYTES = 256 * 2**20
+# Pillow 13 (python-pillow/Pillow#9549) resamples the rows first when the height shrinks by more than twice as many
+# pixels as the width does; earlier Pillows always resample the columns first.
+PIL_ROWS_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 
 
 class Plan(NamedTuple):
@@ -59,6 +65,12 @@ def eval_plan(height: int, width: int, size: tuple[int, int], crop_pct: float) -
     else:
         rh, rw = scale
     return Plan(top, height, rh, int(round((rh - h) / 2.0)), left, width, rw, int(round((rw - w) / 2.0)))
+
+
+def rows_first(plan: Plan) -> bool:
+    """Whether PIL resizes ``plan``'s box rows first (``PIL_ROWS_FIRST``); else columns first."""
+    shrink_h, shrink_w = plan.height - plan.resized_h, plan.width - plan.resized_w
+    return PIL_ROWS_FIRST and shrink_h > 0 and shrink_h > 2 * shrink_w
 
 
 def _filter(mode: str):
@@ -106,12 +118,13 @@ def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[
              mode: str = "bilinear") -> torch.Tensor:
     """uint8 images (3, H_i, W_i) on one device and a :class:`Plan` each -> a uint8 batch (N, 3, *size).
 
-    ``mode``: bilinear or bicubic (antialiased, as torch's resize of uint8 images on CUDA: float,
-    clamp, round) or nearest. The images go through in runs (in size order, each run's float pixels and
-    weights within ``CHUNK_BYTES``): a run of one size is stacked, one of mixed sizes is zero-padded to its
-    largest (a plan's box lies inside its own image, so the padding gets weight 0), and each run is
-    resampled by two batched products. The products follow torch's float32 matmul precision: with TF32
-    allowed, a pixel in a few dozen lands one level away.
+    ``mode``: bilinear or bicubic (antialiased, as PIL's resize: one axis, clamped and rounded to levels,
+    then the other, in PIL's order, :func:`rows_first`; the PIL path's pixels, that ``zoo predict`` and
+    ``zoo eval`` see, but for one-level rounding ties) or nearest. The images go through in runs (by axis
+    order, then size; each run's float pixels and weights within ``CHUNK_BYTES``): a run of one size is
+    stacked, one of mixed sizes is zero-padded to its largest (a plan's box lies inside its own image, so
+    the padding gets weight 0), and each run is resampled by two batched products. The products follow
+    torch's float32 matmul precision: with TF32 allowed, a pixel in a few dozen lands one level away.
     """
     if len(images) != len(plans):
         raise ValueError(f"{len(images)} images but {len(plans)} plans")
@@ -122,7 +135,8 @@ def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[
     if n == 0:
         return out
     shapes = [tuple(int(v) for v in im.shape[-2:]) for im in images]
-    order = sorted(range(n), key=lambda i: shapes[i])
+    first = [rows_first(p) for p in plans]
+    order = sorted(range(n), key=lambda i: (first[i], shapes[i]))
     p = torch.tensor([plans[i] for i in order], dtype=torch.int64).to(device, non_blocking=copies_async(device))
     where = torch.tensor(order, dtype=torch.int64).to(device, non_blocking=copies_async(device))
     start = 0
@@ -130,7 +144,8 @@ def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[
         stop, tall, wide = start, 0, 0
         while stop < n:
             h, w = max(tall, shapes[order[stop]][0]), max(wide, shapes[order[stop]][1])
-            if stop > start and 4 * (stop + 1 - start) * (3 * h * w + out_h * h + out_w * w) > CHUNK_BYTES:
+            if stop > start and (4 * (stop + 1 - start) * (3 * h * w + out_h * h + out_w * w) > CHUNK_BYTES
+                                 or first[order[stop]] != first[order[start]]):
                 break
             tall, wide, stop = h, w, stop + 1
         run = order[start:stop]
@@ -144,11 +159,12 @@ def resample(images: Sequence[torch.Tensor], plans: Sequence[Plan], size: tuple[
         q = p[start:stop]
         wy = _weights(q[:, 0], q[:, 1], q[:, 2], q[:, 3], out_h, tall, mode).unsqueeze(1)   # (G, 1, out_h, H)
         wx = _weights(q[:, 4], q[:, 5], q[:, 6], q[:, 7], out_w, wide, mode).transpose(1, 2).unsqueeze(1)
-        # the cheaper order of the two products (multiply-adds per channel)
-        if tall * wide * out_w + out_h * tall * out_w <= out_h * tall * wide + out_h * wide * out_w:
-            y = wy @ (x @ wx)
+        # PIL's (zoo predict and eval): one axis rounded to levels, then the other; one rounding at the end let
+        # bicubic's overshoot through, 6-7 levels from PIL's on photos (docs/benchmarks.md, "Device decode")
+        if first[run[0]]:
+            y = (wy @ x).clamp_(0, 255).add_(0.5).floor_() @ wx
         else:
-            y = (wy @ x) @ wx
-        out.index_copy_(0, where[start:stop], y.clamp_(0, 255).round_().to(torch.uint8))
+            y = wy @ (x @ wx).clamp_(0, 255).add_(0.5).floor_()
+        out.index_copy_(0, where[start:stop], y.clamp_(0, 255).add_(0.5).floor_().to(torch.uint8))
         start = stop
     return out
