@@ -17,7 +17,8 @@ from finetune.core.errors import ConfigError, FreezeTooDeepError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused",
            "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE", "HEAD_WARMUP_CAP", "head_first", "default_departure",
-           "AUTO_WARMUP_EPOCHS", "head_solved", "mixes_images", "head_on_cached_features", "batchnorm_batch"]
+           "AUTO_WARMUP_EPOCHS", "head_solved", "plan_phases", "mixes_images", "head_on_cached_features",
+           "batchnorm_batch"]
 
 # ``--epochs 0`` (auto). A run that finetunes layers gets a short cosine schedule that ends: on medium digits
 # (100 per class) 8 epochs (the solved head + 7) tested as well as 30 with early stopping and as 10, in
@@ -165,6 +166,18 @@ def head_first(config: Any, trainable_stages: int) -> bool:
     """Whether a head phase precedes the finetune phase: layers train (``trainable_stages`` > 0), the head
     phase is not turned off (``--head-epochs 0``) and the run has room for both (2+ epochs)."""
     return trainable_stages > 0 and int(config.head_epochs) != 0 and int(config.epochs) >= 2
+
+
+def plan_phases(trainable_stages: int, config: Any) -> tuple[list[str], int]:
+    """The phases a run trains (``["head"]``, ``["finetune"]`` or ``["head", "finetune"]``) and the head warm-up's
+    cap in epochs when a head phase precedes finetuning. ``config.epochs`` caps the whole run; a warm-up leaves at
+    least one epoch for finetuning."""
+    if trainable_stages == 0:
+        return ["head"], int(config.epochs)
+    if not head_first(config, trainable_stages):
+        return ["finetune"], 0
+    cap = HEAD_WARMUP_CAP if int(config.head_epochs) < 0 else int(config.head_epochs)
+    return ["head", "finetune"], min(cap, int(config.epochs) - 1)
 
 
 def mixes_images(config: Any) -> bool:

@@ -15,7 +15,8 @@ from finetune.engine.setup import Setup, build_setup
 from finetune.engine.passes import diverged, optimizer_step
 from finetune.engine.steps import evaluate, train_one_epoch
 from finetune.engine.epoch_steps import EpochSteps, LoaderSteps
-from finetune.engine.trainer import HEAD_WARMUP_CAP, FitResult, Trainer, plan_phases
+from finetune.core.policy import HEAD_WARMUP_CAP, plan_phases
+from finetune.engine.trainer import FitResult, Trainer
 
 __all__ = [
     "resolve_device", "check_machine", "idle_gpus_note", "nhwc", "AmpPolicy", "amp_policy", "build_loss", "to_device",

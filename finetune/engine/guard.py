@@ -49,6 +49,12 @@ class Evaluation(NamedTuple):
     correct: torch.Tensor | None    # per-image hits on the images this rank evaluated
     losses: torch.Tensor | None     # per-image cross-entropy (float64) on the same images
 
+    @classmethod
+    def of(cls, steps: Any, metrics: dict) -> "Evaluation":
+        """``metrics`` kept with what ``steps`` recorded of the same evaluation, per image."""
+        return cls(steps, metrics, getattr(steps, "val_probs", None), getattr(steps, "val_correct", None),
+                   getattr(steps, "val_losses", None))
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -33,12 +33,12 @@ from finetune.core.errors import CheckpointError, DataError, stops_run
 from finetune.core.rerun import start_over_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
-from finetune.core.policy import HEAD_WARMUP_CAP, head_first
+from finetune.core.policy import plan_phases
 from finetune.core.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from finetune.core.signals import sigterm_as_interrupt
 from finetune.core.surgery import apply_freeze
 
-__all__ = ["FitResult", "Trainer", "HEAD_WARMUP_CAP", "plan_phases"]
+__all__ = ["FitResult", "Trainer"]
 
 # curves.png is redrawn at most this often (and after a phase's last epoch): a drawing costs more than an
 # epoch on cached features (docs/benchmarks.md, "When curves.png is redrawn"). The other files are written
@@ -61,19 +61,6 @@ class FitResult:
     # softmax probabilities of the returned weights on the val set, one row per image in val_set order (a float
     # tensor [n_val, C] on the CPU; a row of NaN: an image that failed to decode), on every rank; None when unknown
     val_probs: Any = None
-
-
-def plan_phases(trainable_stages: int, config) -> tuple[list[str], int]:
-    """The phases to run and the head warm-up cap (epochs) when a head phase precedes finetuning.
-
-    ``config.epochs`` caps the whole run; a warm-up leaves at least one epoch for finetuning.
-    """
-    if trainable_stages == 0:
-        return ["head"], int(config.epochs)
-    if not head_first(config, trainable_stages):
-        return ["finetune"], 0
-    cap = HEAD_WARMUP_CAP if config.head_epochs < 0 else int(config.head_epochs)
-    return ["head", "finetune"], min(cap, int(config.epochs) - 1)
 
 
 class Trainer:
@@ -213,7 +200,7 @@ class Trainer:
     def _begin_phase(self, phase: str) -> tuple[EpochSteps, bool]:
         s, config = self.s, self.s.config
         warmup = phase == "head" and not s.head_only
-        apply_freeze(s.model, s.stages, s.head, 0 if phase == "head" else s.decision.trainable_stages)
+        self._enter_phase(phase)
         phase_config = config
         if warmup:   # the head warm-up trains at the plain head LR; the schedule belongs to finetuning
             phase_config = config.replace(schedule="none", warmup_epochs=0.0)
@@ -221,8 +208,6 @@ class Trainer:
         if not continuing:
             self.phase_start = self.epoch
         if phase == "finetune":
-            if (self.mirror or {}).get("dropped"):
-                s.train_without_flip()
             # the remaining epochs form the finetune schedule (cosine ends at the last one)
             phase_config = config.replace(epochs=max(1, int(config.epochs) - self.phase_start))
             if not continuing:
@@ -239,6 +224,31 @@ class Trainer:
         if resumed is not None and resumed.get("ema") is not None and self.loader_steps.ema is not None:
             self.loader_steps.ema.load_state_dict(resumed["ema"])
         return steps, warmup
+
+    def _enter_phase(self, phase: str) -> None:
+        """The model and data as ``phase`` trains them: its trainable layers; for finetuning, the training views
+        the head phase's mirror test left (``--hflip`` auto)."""
+        s = self.s
+        apply_freeze(s.model, s.stages, s.head, 0 if phase == "head" else s.decision.trainable_stages)
+        if phase == "finetune" and (self.mirror or {}).get("dropped"):
+            s.train_without_flip()
+
+    def start_finetuning(self) -> None:
+        """The model as the finetune phase starts from, untrained by it: the head phase first when the plan has one
+        (the head solved or warmed up, the mirror test's verdict), then the finetune phase's trainable layers and
+        views. Where ``diagnostics.lr_find`` probes from: the range test trains what finetuning trains."""
+        self._run_phases(self.phases.index("finetune"))
+        self._enter_phase("finetune")
+
+    def _run_phases(self, until: int) -> None:
+        """The phases from ``self.pi`` up to ``until`` (excluded), each to its end."""
+        while self.pi < until:
+            phase = self.phases[self.pi]
+            steps, warmup = self._begin_phase(phase)
+            while not self._run_epoch(phase, steps, warmup):
+                pass
+            self.pi += 1
+            self.phase_start = None
 
     def _steps_for(self, phase: str) -> EpochSteps:
         """What computes ``phase``'s epochs: the head steps given (cached features) for the head phase."""
@@ -272,7 +282,7 @@ class Trainer:
             row["solver"], row["lr"] = tr["solver"], math.nan     # ("nan" in metrics.csv; the curves skip it)
         improved = s.has_val and self.stopper.improved(metric)
         if improved:
-            self.best_eval = _evaluation(steps, va)
+            self.best_eval = Evaluation.of(steps, va)
         stop = self.stopper.step(metric, self.epoch) if s.has_val else False
         if warmup:
             head_improving = not self.head_stop.step(va["loss"], self.epoch) if s.has_val else True
@@ -308,7 +318,7 @@ class Trainer:
     def _evaluate_state(self, state: dict[str, torch.Tensor]) -> Evaluation:
         """``state``'s evaluation through the network."""
         self.s.model.load_state_dict(state)
-        return _evaluation(self.loader_steps, self.loader_steps.evaluate(full=True))
+        return Evaluation.of(self.loader_steps, self.loader_steps.evaluate(full=True))
 
     def _guard_head(self) -> None:
         """After a head phase and finetuning: the guard decides which weights stay the run's best."""
@@ -347,13 +357,7 @@ class Trainer:
                     self._checkpoint(0, None)      # an interruption during epoch 1 can resume too
                 else:
                     set_rng_state(self.ckpt["rng"])
-                while self.pi < len(self.phases):
-                    phase = self.phases[self.pi]
-                    steps, warmup = self._begin_phase(phase)
-                    while not self._run_epoch(phase, steps, warmup):
-                        pass
-                    self.pi += 1
-                    self.phase_start = None
+                self._run_phases(len(self.phases))
                 self.folder.flush()     # the last epoch's files, while SIGTERM still stops the run cleanly
         except BaseException as e:   # a divergence, a data or device error: what was handed over reaches the disk
             if stops_run(e):     # Ctrl-C, SIGTERM, out of memory: what is saved, how to go on
@@ -442,8 +446,3 @@ def _lr_text(row: dict) -> str:
     warm = f" -> {row['lr_to']:.3g} (warm-up)" if row.get("lr_to") else ""     # (where a warm-up epoch's LR went)
     return f"solved by {row['solver']}, no lr" if row.get("solver") else f"lr {row['lr']:.3g}{warm}"
 
-
-def _evaluation(steps: EpochSteps, metrics: dict) -> Evaluation:
-    """``metrics`` kept with what ``steps`` recorded of the same evaluation, per image."""
-    return Evaluation(steps, metrics, getattr(steps, "val_probs", None), getattr(steps, "val_correct", None),
-                      getattr(steps, "val_losses", None))

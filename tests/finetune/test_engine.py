@@ -99,8 +99,47 @@ def test_lr_find_head_only_probes_cached_features(report):
     assert sum("features: train" in m and "computed" in m for m in logs) == 1
     assert len(res.lrs) >= 5 and res.suggestion > 0
     logs.clear()
-    lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="2"), head="fc", steps=6, log=logs.append)
+    lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="2", head_epochs=0), head="fc", steps=6,
+            log=logs.append)
     assert any("probing the network" in m for m in logs) and not any("features:" in m for m in logs)
+
+
+def test_lr_find_probes_from_the_head_the_run_trains_before_finetuning(report, monkeypatch):
+    """helper-160 (docs/peers.md, "The lecture's tricks at medium size"): on medium digits `--lr auto` suggested a 5x
+    lower LR than the default and tested 1.8 points lower: the range test grew the LR from a new random head (loss
+    2.72, chance 2.30) while the run's finetune phase starts from the head its head phase solved. The test now runs
+    that head phase first, as fit does (L2 strength picked on the validation split): its head is fit's, to the bit,
+    and the curve starts at the trained head's loss, not chance's."""
+    from finetune.engine import Trainer
+
+    heads: dict[str, torch.Tensor] = {}
+    real = Trainer.start_finetuning
+
+    def spy(self):
+        real(self)
+        heads["lr-find"] = self.s.head_module.weight.detach().clone()
+
+    monkeypatch.setattr(Trainer, "start_finetuning", spy)
+    logs: list[str] = []
+    trained = lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="2"), head="fc", val_set=report.val,
+                      steps=20, end_lr=1e-2, log=logs.append)
+    assert any(m.startswith("lr-find: head: L-BFGS on cached features") and "picked on the validation split" in m
+               for m in logs), logs
+    assert any("probing the network from the trained head" in m for m in logs), logs
+
+    model = _model()
+
+    def after_epoch(row):
+        if row["epoch"] == 1:
+            heads["fit"] = model.fc.weight.detach().clone()
+
+    fit(model, STAGES, DATA_CONFIG, report.train, report.val, _cfg(freeze="2"), head="fc", callbacks=[after_epoch])
+    assert torch.equal(heads["lr-find"], heads["fit"])
+
+    new = lr_find(_model(), STAGES, DATA_CONFIG, report.train, _cfg(freeze="2", head_epochs=0), head="fc",
+                  val_set=report.val, steps=20, end_lr=1e-2)
+    assert trained.losses[0] < new.losses[0]     # (0.0066 against 1.14 here)
+    assert trained.from_trained_head and not new.from_trained_head
 
 
 def test_lr_find_features_serve_the_following_fit(report):

@@ -90,12 +90,13 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
     write_scan(report, out_dir)
     save_config(config, out_dir / "config.yaml")
     result = lr_find(net, entry.stages, run_data_config(entry, config), report.train, config,
-                     head=entry.classifier, start_lr=start_lr, end_lr=end_lr, steps=steps, smooth=smooth,
-                     diverge_factor=diverge_factor, method=method, out_png=out_dir / "lr_find.png",
+                     head=entry.classifier, val_set=report.val, start_lr=start_lr, end_lr=end_lr, steps=steps,
+                     smooth=smooth, diverge_factor=diverge_factor, method=method, out_png=out_dir / "lr_find.png",
                      out_csv=out_dir / "lr_find.csv", log=say, feature_cache=feature_cache(say))
     summary = {"model": entry.name, "suggestion": result.suggestion, "method": result.method,
                "valley": result.valley, "steepest": result.steepest, "stopped_early": result.stopped_early,
                "steps_run": len(result.lrs), "start_lr": start_lr, "end_lr": end_lr,
+               "from_trained_head": result.from_trained_head,
                "backbone_lr_mult": config.backbone_lr_mult,
                "freeze": result.decision.to_dict() if result.decision is not None else None}
     write_json(out_dir / "lr_find.json", summary, indent=2)

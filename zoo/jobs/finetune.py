@@ -304,7 +304,7 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
     features = feature_cache(say)
     if lr_auto:     # before the overfit check too: it trains at the LR asked for (QA: it took --lr's default)
-        config = _lr_auto(model, stages, data_config, report.train, config, head,
+        config = _lr_auto(model, stages, data_config, report, config, head,
                           run_dir if info.is_main and not overfit else None, say, features, notes=overfit)
         # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
         config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
@@ -410,7 +410,7 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
             f"`{shell_command('zoo', 'report', run_dir)}`")
 
 
-def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head: str, run_dir: Path | None,
+def _lr_auto(model, stages, data_config, report, config: FinetuneConfig, head: str, run_dir: Path | None,
              say: Log, feature_cache=None, notes: bool = False) -> FinetuneConfig:
     say("lr: running the LR range test (--lr auto)")
     kwargs: dict[str, Any] = {}
@@ -419,8 +419,8 @@ def _lr_auto(model, stages, data_config, train_set, config: FinetuneConfig, head
         kwargs = {"out_png": run_dir / "lr_find.png", "out_csv": run_dir / "lr_find.csv"}
     # the set-up's notes: said by the run that follows, after its freeze: line (the probe's are the same lines);
     # by the probe before an overfit check (``notes``), which says none
-    found = diagnostics.lr_find(model, stages, data_config, train_set, config, head=head, log=say,
-                                feature_cache=feature_cache, notes=notes, **kwargs)
+    found = diagnostics.lr_find(model, stages, data_config, report.train, config, head=head, val_set=report.val,
+                                log=say, feature_cache=feature_cache, notes=notes, **kwargs)
     say(f"lr: {found.describe()}")
     if found.decision is not None and lr_unused(config, found.decision.trainable_stages) \
             and not config.overfit_batches:      # (the overfit check trains by gradient, at this LR)

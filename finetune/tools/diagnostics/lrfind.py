@@ -13,7 +13,7 @@ import torch
 
 from finetune.core.config import FinetuneConfig
 from finetune.data import ImageSet
-from finetune.engine import Setup, build_setup, caller_state_kept, train_one_epoch
+from finetune.engine import RunFolder, Setup, Trainer, build_setup, caller_state_kept, train_one_epoch
 from finetune.core.errors import ConfigError, DivergedError, FinetuneError
 from finetune.tools.features import CachedHeadSteps, FeatureCache
 from finetune.core.io import atomic_write_text, csv_text
@@ -34,6 +34,8 @@ class LRFindResult:
         method: "valley" (fastai's rule, the default) or "steepest" (steepest descent of the smoothed loss).
         valley, steepest: what each rule suggests (None when the curve is too short to tell).
         stopped_early: the smoothed loss exceeded diverge_factor x its best, or became NaN/inf.
+        from_trained_head: the test started from the head the run's head phase trained (a run that trains layers
+            after a head phase), not from a new one.
     """
 
     lrs: list[float]
@@ -45,6 +47,7 @@ class LRFindResult:
     steepest: float | None
     stopped_early: bool
     decision: Any = None          # the FreezeDecision applied during the test (same as fit's)
+    from_trained_head: bool = False
 
     def describe(self) -> str:
         """One line for the printout: the suggestion, which rule gave it, and the other rule's answer."""
@@ -154,7 +157,8 @@ def _write_lr_csv(result: LRFindResult, path: str | Path) -> None:
 class _RangeTest:
     """The LR range test as the batch kernel's ``after_step`` hook: it records each step's LR and loss, sets
     the next step's LR, and ends the test after the last LR, at a NaN/inf loss or once the smoothed loss
-    exceeds ``diverge_factor`` x its best."""
+    exceeds ``diverge_factor`` x its best since the EMA settled (the first tenth of the steps, as the suggestions
+    read the curve: ``_window``)."""
 
     def __init__(self, optimizer, lrs: list[float], smooth: float, diverge_factor: float,
                  log: Callable[[str], None] | None) -> None:
@@ -181,9 +185,12 @@ class _RangeTest:
         # the first step too: on a CPU the first tenth of the steps passed in silence (16 s, the judge's walk-through)
         if self.log is not None and (i == 0 or (i + 1) % max(1, steps // 10) == 0):
             self.log(f"lr-find {i + 1}/{steps}: lr {lr:.2e} loss {value:.4f} (smoothed {sm:.4f})")
-        if i > 0 and sm > self.factor * self.best:
-            return self._end(stopped=True)
-        self.best = min(self.best, sm)
+        # judged once the EMA has settled (the steps _window leaves out): from a trained head the first batches'
+        # losses are small and noisy, and one batch at 0.36 after one at 0.007 read as a divergence at 1e-7
+        if i >= _window(len(self.schedule))[0]:
+            if sm > self.factor * self.best:
+                return self._end(stopped=True)
+            self.best = min(self.best, sm)
         if i + 1 == steps:
             return self._end(stopped=False)
         set_base_lr(self.optimizer, self.schedule[i + 1])
@@ -226,10 +233,40 @@ def _range_test_epoch(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | 
                            micro=int(setup.config.micro_batch))
 
 
+def _suggest(lrs: list[float], smoothed: list[float], method: str) -> tuple[float, str, float | None, float | None]:
+    """``(suggestion, the rule that gave it, valley, steepest)``: ``method``'s rule, the other where the curve is too
+    short for it (said), the lowest loss / 10 where it is too short for both."""
+    v, s = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed)
+    valley = lrs[v] if v is not None else None
+    steepest = lrs[s] if s is not None else None
+    chosen = valley if method == "valley" else steepest
+    used = method
+    if chosen is None:  # too few points for the requested rule: fall back, and say so
+        chosen, used = (steepest, "steepest") if steepest is not None else (valley, "valley")
+    if chosen is None:
+        chosen, used = lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] / 10.0, "min/10"
+    return float(chosen), used, valley, steepest
+
+
+def _start_finetuning(setup: Setup, feature_cache: FeatureCache | None, log: Callable[[str], None] | None) -> None:
+    """``setup``'s model as fit's finetune phase starts from it: its head phase first, when it has one, as fit runs
+    it (its lines said as the test's: ``lr-find: epoch 1/8 head ...``)."""
+    say = None if log is None else (lambda msg: log(f"lr-find: {msg}"))
+    if setup.head_first and say is not None:
+        say("the head first, trained as the run trains it before finetuning")
+    cached = CachedHeadSteps(setup, feature_cache, log=say) if setup.cached_head else None
+    trainer = Trainer(setup, RunFolder(None), log=say, head_steps=cached)
+    try:
+        trainer.start_finetuning()
+    finally:
+        trainer.loader_steps.close()
+
+
 def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
-            config: FinetuneConfig, *, head: str, start_lr: float = 1e-7, end_lr: float = 10.0,
-            steps: int = 100, smooth: float = 0.98, diverge_factor: float = 4.0, method: str = "valley",
-            out_png: str | Path | None = None, out_csv: str | Path | None = None, reset_head: bool = True,
+            config: FinetuneConfig, *, head: str, val_set: ImageSet | None = None, start_lr: float = 1e-7,
+            end_lr: float = 10.0, steps: int = 100, smooth: float = 0.98, diverge_factor: float = 4.0,
+            method: str = "valley", out_png: str | Path | None = None, out_csv: str | Path | None = None,
+            reset_head: bool = True,
             log: Callable[[str], None] | None = None, feature_cache: FeatureCache | None = None,
             notes: bool = True) -> LRFindResult:
     """The LR range test: train for ``steps`` batches while the LR grows exponentially.
@@ -240,9 +277,15 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     model, its state_dict, ``requires_grad`` flags and modes, and every RNG are exactly as before.
     When ``fit`` would train the head on cached features (head only, ``fast_head``), so does the test:
     the backbone runs once, and the head is probed on the features (``feature_cache`` shares them with
-    a later ``fit``); otherwise batches of images run through the whole network.
+    a later ``fit``); otherwise batches of images run through the whole network. A run that trains layers
+    starts its finetune phase from the head its head phase trained (by default solved by L-BFGS on cached
+    features, its L2 strength picked on ``val_set``): the test first runs that phase as ``fit`` does
+    (``Trainer.start_finetuning``) and probes from there, not from a new random head, whose curve falls
+    where the trained head's is flat (on medium digits it suggested a 5x lower LR, docs/peers.md).
 
     Args:
+        val_set: the run's validation split: where the head phase before finetuning picks its L2 strength
+            (without it the head is solved at ``config.weight_decay``, as ``fit`` does with no validation split).
         start_lr, end_lr, steps: the swept head LRs (log-spaced).
         smooth: EMA factor for the loss (bias-corrected).
         diverge_factor: stop once the smoothed loss exceeds this x its best.
@@ -267,37 +310,32 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     if method not in ("valley", "steepest"):
         raise ConfigError(f"method={method!r}: choose valley or steepest")
 
-    # the test trains `steps` steps, not epochs: auto epochs (0) would print the run's epoch line a second time
-    # under --lr auto, and size cuDNN's autotuning for a whole run
-    config = config.replace(epochs=1) if int(config.epochs) == 0 else config
+    # (auto epochs, 0, are the run's: they cap the head phase before finetuning, as in fit)
     with caller_state_kept(), \
-            contextlib.closing(build_setup(model, stages, data_config, train_set, None, config, head=head,
+            contextlib.closing(build_setup(model, stages, data_config, train_set, val_set, config, head=head,
                                            reset_head=reset_head, copy_model=True, distributed=False)) as setup:
         for note in setup.notes if log is not None and notes else ():
-            log(note)
-        cached = None
-        if setup.head_only and setup.cached_head:
-            cached = CachedHeadSteps(setup, feature_cache, log=log)
-            cached.begin_phase("head")
+            if not note.startswith("epochs:"):      # the run's auto epochs: the test trains steps (QA: said twice)
+                log(note)
+        if setup.head_only:
+            cached = CachedHeadSteps(setup, feature_cache, log=log) if setup.cached_head else None
+            if cached is not None:
+                cached.begin_phase("head")
+        else:
+            _start_finetuning(setup, feature_cache, log)
+            cached = None
         if log is not None:
             what = "the head on cached features" if cached is not None else "the network"
-            log(f"lr-find: probing {what} (freeze {setup.decision.label}), {steps} steps")
+            start = " from the trained head" if setup.head_first else ""
+            log(f"lr-find: probing {what}{start} (freeze {setup.decision.label}), {steps} steps")
         test = _RangeTest(setup.optimizer(), lr_schedule(start_lr, end_lr, int(steps)), smooth, diverge_factor, log)
         _run_range_test(setup, test, cached)
         lrs, losses, smoothed, stopped = test.lrs, test.losses, test.smoothed, test.stopped
-        decision = setup.decision
+        decision, trained = setup.decision, setup.head_first
         del setup, test, cached  # free accelerator memory before plotting
 
-    v, s = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed)
-    valley = lrs[v] if v is not None else None
-    steepest = lrs[s] if s is not None else None
-    chosen = valley if method == "valley" else steepest
-    used = method
-    if chosen is None:  # too few points for the requested rule: fall back, and say so
-        chosen, used = (steepest, "steepest") if steepest is not None else (valley, "valley")
-    if chosen is None:
-        chosen, used = lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] / 10.0, "min/10"
-    result = LRFindResult(lrs, losses, smoothed, float(chosen), used, valley, steepest, stopped, decision)
+    chosen, used, valley, steepest = _suggest(lrs, smoothed, method)
+    result = LRFindResult(lrs, losses, smoothed, chosen, used, valley, steepest, stopped, decision, trained)
     if out_csv is not None:
         _write_lr_csv(result, out_csv)
     if out_png is not None:
