@@ -22,10 +22,10 @@ import signal
 import sys
 import threading
 
-from finetune.core.host import affinity_cpus, cpu_quota, usable_cpus
+from finetune.core.host import affinity_cpus, cpu_quota, launcher_count, usable_cpus
 
 __all__ = ["keep_freed_memory", "threads_within_quota", "describe", "fewer_collections", "skip_final_collection",
-           "launcher_rank", "world_size", "under_torchrun", "deaf_to_torchrun_stop"]
+           "launcher_rank", "under_torchrun", "deaf_to_torchrun_stop"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc <malloc.h>
 
@@ -39,18 +39,10 @@ def launcher_rank() -> int:
         return 0
 
 
-def world_size() -> int:
-    """The job's process count as a launcher set it (WORLD_SIZE); 1 when unset or not a number."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 1
-
-
 def under_torchrun() -> bool:
     """Started by torchrun (its TORCHELASTIC_RUN_ID) with other processes beside this one: torchrun stops
     them all once one has exited, which the CLI's one-line errors rely on (zoo.cli.app)."""
-    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and world_size() > 1
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and launcher_count("WORLD_SIZE") > 1
 
 
 @functools.cache      # once per process

@@ -28,8 +28,9 @@ from finetune.core import lastwords
 from finetune.core.checkpoint import LAST
 from finetune.core.io import resume_command
 from finetune.core.errors import ConfigError, FinetuneError
+from finetune.core.host import launcher_count
 
-__all__ = ["DistInfo", "setup", "env_world_size", "per_rank_batch", "all_reduce_sum",
+__all__ = ["DistInfo", "setup", "per_rank_batch", "all_reduce_sum",
            "all_reduce_max", "all_true", "broadcast_object", "gather_objects", "broadcast_module", "gather_strided",
            "barrier", "leave", "wrap_model", "cleanup", "entered_on_main", "computed_on_main", "raise_if_peer_lost"]
 
@@ -65,11 +66,6 @@ class DistInfo:
         return self.local_rank == 0
 
 
-def env_world_size() -> int:
-    """WORLD_SIZE as set by torchrun (1 when absent)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def setup(device: str) -> DistInfo:
     """Join the process group described by torchrun's environment variables (idempotent; in an NCCL group the
     caller joined, this process is pinned to cuda:LOCAL_RANK too).
@@ -83,7 +79,7 @@ def setup(device: str) -> DistInfo:
         ConfigError: "cuda" with no GPU for this process (none visible, or more processes on the machine
             than GPUs): torch's own error is a traceback per rank.
     """
-    world = env_world_size()
+    world = launcher_count("WORLD_SIZE")
     if world <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

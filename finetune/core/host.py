@@ -13,7 +13,8 @@ import math
 import multiprocessing
 import os
 
-__all__ = ["affinity_cpus", "usable_cpus", "process_cpus", "cpu_quota", "memory_available", "worker_context"]
+__all__ = ["affinity_cpus", "usable_cpus", "process_cpus", "launcher_count", "cpu_quota", "memory_available",
+           "worker_context"]
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
@@ -40,11 +41,22 @@ def process_cpus() -> int:
     (torchrun's ``--numa-binding``, Slurm's ``--cpu-bind``): this process may then run on fewer cores than its
     parent, the launcher, and its affinity is its share. A CPU quota is its cgroup's, which the processes share
     either way (a pod's limit): each gets its part of it."""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = launcher_count("LOCAL_WORLD_SIZE")
     if local > 1 and _narrower_than_parent():
         quota = cpu_quota()
         return max(1, min(affinity_cpus(), math.ceil(quota) // local) if quota is not None else affinity_cpus())
     return max(1, usable_cpus() // local)
+
+
+def launcher_count(name: str) -> int:
+    """A process count a launcher sets, read from the environment variable ``name`` (torchrun's WORLD_SIZE, the
+    job's processes, and LOCAL_WORLD_SIZE, this machine's): a whole number of 1 or more; 1, one process, when it is
+    unset, empty, below 1 or not a whole number. A launcher always writes a whole number, so anything else was not
+    set by one (a shell's leftover): the run is a plain one-process run, as every reader of the count agrees."""
+    try:
+        return max(1, int(os.environ.get(name) or 1))
+    except ValueError:
+        return 1
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

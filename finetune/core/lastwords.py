@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from finetune.core.host import launcher_count
+
 __all__ = ["WORDS_WAIT_S", "STOP_WORDS_WAIT_S", "leave_word", "last_words", "own_errors", "names_a_way_on",
            "peers_own_errors"]
 
@@ -95,7 +97,7 @@ def _job_store() -> dist.Store | None:
     """A connection to the store of torchrun's agent (MASTER_ADDR:MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE), or
     None: not under torchrun's agent (or a job of one process), or not reached."""
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("WORLD_SIZE", "1") in ("", "0", "1"):
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or launcher_count("WORLD_SIZE") <= 1:
         return None
     try:
         return dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,

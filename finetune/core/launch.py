@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import os
 
+from finetune.core.host import launcher_count
+
 __all__ = ["zoo_launch"]
-
-
-def _count(name: str) -> int:
-    try:
-        return max(1, int(os.environ.get(name) or 1))
-    except ValueError:
-        return 1
 
 
 def zoo_launch() -> tuple[str, ...]:
@@ -23,7 +18,7 @@ def zoo_launch() -> tuple[str, ...]:
     machines' count, this machine's process count and a c10d rendezvous whose endpoint is left to fill in,
     ``--rdzv-backend c10d --rdzv-endpoint HOST:PORT`` (one machine's address and a free port), the command that
     each machine runs; machines of unequal process counts each give their own."""
-    world, local = _count("WORLD_SIZE"), _count("LOCAL_WORLD_SIZE")
+    world, local = launcher_count("WORLD_SIZE"), launcher_count("LOCAL_WORLD_SIZE")
     if not os.environ.get("TORCHELASTIC_RUN_ID") or world <= 1:
         return ("zoo",)
     nodes = -(-world // local)

@@ -13,12 +13,11 @@ copied, a network filesystem's hiccup) is counted again when it loads, not left 
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Iterator
 
 import torch
 
-from finetune.core.host import memory_available
+from finetune.core.host import launcher_count, memory_available
 
 __all__ = ["KeptPass", "budget", "BUDGET_BYTES"]
 
@@ -102,5 +101,5 @@ def budget(device: torch.device) -> int:
     if device.type != "cpu":
         return 0      # (MPS and others: their free memory is not known here)
     available = memory_available()
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = launcher_count("LOCAL_WORLD_SIZE")
     return (min(BUDGET_BYTES, available // 4) if available is not None else BUDGET_BYTES // 8) // local

@@ -127,3 +127,42 @@ def test_a_quota_is_shared_by_torchruns_processes_also_where_the_launcher_bound_
     assert host.process_cpus() == 2 and resolve_workers(-1, "cuda") == 1     # was 8 and 7
     (Path(host.CGROUP_ROOT) / "cpu.max").write_text("max 100000\n")          # no quota: the bound share, as before
     assert host.process_cpus() == 16
+
+
+@pytest.mark.parametrize("value, count", [(None, 1), ("", 1), ("abc", 1), ("2.5", 1), ("0", 1), ("-3", 1),
+                                          ("3", 3), (" 3 ", 3)])
+def test_a_launchers_process_count_is_a_whole_number_of_one_or_more(monkeypatch, value, count):
+    """helper-161: the one reader of WORLD_SIZE and LOCAL_WORLD_SIZE (``host.launcher_count``): unset, empty, not a
+    whole number or below 1 is one process; a launcher's whole number is itself."""
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert host.launcher_count(name) == count
+
+
+def test_every_reader_of_the_process_counts_takes_junk_as_one_process(monkeypatch, tmp_path):
+    """helper-161: WORLD_SIZE / LOCAL_WORLD_SIZE were parsed five ways. A value no launcher writes ("abc", a shell's
+    leftover) was one process to zoo.process and launch.zoo_launch, a ValueError traceback in ddp.setup, in the
+    workers' core count (host.process_cpus) and in the kept pass's budget (replay.budget), and a job of several
+    processes to lastwords (it dialled MASTER_ADDR's store). Every one reads it as one process now."""
+    import torch
+
+    from finetune.core import distributed as ddp, lastwords
+    from finetune.core.launch import zoo_launch
+    from finetune.data import replay
+    from zoo import process
+
+    _cgroups(monkeypatch, tmp_path, "0::/", {}, cores=16)
+    monkeypatch.setattr(replay, "memory_available", lambda: 1 << 34)
+    budget = replay.budget(torch.device("cpu"))
+    dialled: list = []
+    monkeypatch.setattr(lastwords.dist, "TCPStore", lambda *a, **k: dialled.append(a))
+    for name, value in {"WORLD_SIZE": "abc", "LOCAL_WORLD_SIZE": "abc", "TORCHELASTIC_RUN_ID": "j",
+                        "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert not process.under_torchrun() and zoo_launch() == ("zoo",)
+    assert host.process_cpus() == 16 and replay.budget(torch.device("cpu")) == budget
+    assert not ddp.setup("cpu").enabled
+    assert lastwords._job_store() is None and dialled == []

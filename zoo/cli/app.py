@@ -13,6 +13,7 @@ import time
 import click
 
 from finetune.core.errors import FinetuneError, is_out_of_memory, memory_text
+from finetune.core.host import launcher_count
 from finetune.core.io import no_room, printable
 from finetune.core.signals import sigterm_as_interrupt
 from zoo import __version__, process
@@ -83,7 +84,7 @@ class ZooGroup(click.Group):
                 lines = [f"zoo: error: {failed}"]
                 if shared and failed.code == 130:    # stopped (its run saved): by torchrun, once another rank ended?
                     from finetune.core import lastwords   # lazy: torch, for a stopped torchrun job only
-                    if peers := lastwords.peers_own_errors(process.world_size()):
+                    if peers := lastwords.peers_own_errors(launcher_count("WORLD_SIZE")):
                         said, goes_on = peers      # (their command is the way on: this line's is cut, one way)
                         lines = [f"zoo: error: {printable(said)}", *(map(_said_above, lines) if goes_on else lines)]
                 with contextlib.suppress(console.OutputClosed):
