@@ -53,6 +53,24 @@ def test_lr_find_command(tiny_zoo, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["freeze"] == "none"
 
 
+@pytest.mark.parametrize("head_epochs", [None, "0"])
+def test_lr_find_where_layers_train_starts_from_the_runs_trained_head(tiny_zoo, tmp_path, head_epochs):
+    """Session 37: where layers train, the range test starts from the head the run's head phase trains (solved on
+    cached features, C picked on the validation split), as the finetune phase does; --head-epochs 0 (a run with no
+    head phase: refused by lr-find before, as an option a range test ignored) probes from a new head, as it trains.
+    lr_find.json says which, and the next command trains the same way (config.yaml)."""
+    out = tmp_path / "lr"
+    more = ["--head-epochs", head_epochs] if head_epochs else []
+    r = CliRunner().invoke(cli, ["lr-find", "tiny-resnet", "--data", str(tiny_zoo), "--out", str(out), "--steps", "10",
+                                 "--freeze", "1", *more, *COMMON])
+    assert r.exit_code == 0, r.output
+    trained = head_epochs is None
+    assert json.loads((out / "lr_find.json").read_text())["from_trained_head"] is trained
+    assert ("lr-find: head: L-BFGS on cached features" in r.output) is trained, r.output
+    assert ("probing the network from the trained head" in r.output) is trained
+    assert yaml.safe_load((out / "config.yaml").read_text())["head_epochs"] == (-1 if trained else 0)
+
+
 def test_lr_find_on_a_head_only_run_says_its_lr_needs_the_gradient_solver(tiny_zoo, tmp_path):
     """QA: the default head-only run solves its head by L-BFGS and uses no LR, so the suggested command
     adds --head-solver gradient and says why; and that run's epoch line says so instead of an LR."""

@@ -25,9 +25,10 @@ __all__ = ["lr_find_cmd"]
 # zoo lr-find
 # ----------------------------------------------------------------------------------------------------
 # What schedules, stops, averages or judges whole epochs: a range test runs --steps batches at growing LRs and
-# keeps nothing (QA: these were listed, accepted and silently ignored).
+# keeps nothing (QA: these were listed, accepted and silently ignored). --head-epochs and --head-solver are taken:
+# where layers train, the test starts from the head the run's head phase trains (diagnostics.lr_find).
 NOT_IN_A_RANGE_TEST = ("epochs", "patience", "min_delta", "monitor", "schedule", "step_size", "gamma", "warmup_epochs",
-                       "ema", "head_epochs", "head_guard", "head_solver")
+                       "ema", "head_guard")
 
 
 @cli.command("lr-find", short_help="LR range test: loss vs an exponentially growing learning rate.")
@@ -56,15 +57,17 @@ def lr_find_cmd(ctx: click.Context, model: str, data: str, config_path: str | No
     """Run the LR range test for MODEL on --data and suggest a learning rate.
 
     The model is set up exactly as `zoo finetune` with the same options would set it up (new head,
-    freeze depth, BatchNorm policy, optimizer and its backbone LR multiplier); the LR grows exponentially
-    over --steps batches while the training loss is recorded. The smoothed loss is plotted against the
+    freeze depth, BatchNorm policy, optimizer and its backbone LR multiplier); where layers train, the run's
+    head phase runs first (the head solved on cached features), as finetuning starts from it. The LR grows
+    exponentially over --steps batches while the training loss is recorded. The smoothed loss is plotted against the
     LR (lr_find.png), the data written to lr_find.csv, and the suggested LR printed with the rule that
     gave it. Nothing is trained for real: the model is thrown away afterwards.
 
     \b
     Examples:
       zoo lr-find resnet50 --data ./photos
-      zoo lr-find resnet50 --data ./photos --freeze 2 --optimizer sgd --method steepest
+      zoo lr-find resnet50 --data ./photos --freeze 2 --optimizer sgd
+      zoo lr-find resnet50 --data ./photos --freeze head --method steepest
       zoo lr-find efficientnet_b0 --data ./photos --start-lr 1e-6 --end-lr 1 --steps 200 --out lrtest
       zoo finetune resnet50 --data ./photos --lr auto      # the same test, then training at its LR
     """
