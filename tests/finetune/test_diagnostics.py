@@ -276,7 +276,7 @@ def test_lr_find_suggests_inside_range_and_restores_everything(tiny_train_set, t
     with preserved_rng():
         expected_draw = torch.rand(3)
     res = lr_find(model, STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", start_lr=1e-6, end_lr=1.0,
-                  steps=40, out_png=tmp_path / "lr.png", out_csv=tmp_path / "lr.csv")
+                  steps=40, out_png=tmp_path / "lr.png", out_csv=tmp_path / "lr.csv", method="valley")
     assert torch.equal(torch.rand(3), expected_draw)  # torch RNG restored
     after = model.state_dict()
     assert list(after) == list(before)
@@ -316,6 +316,28 @@ def test_range_test_reads_no_divergence_before_its_loss_has_settled():
     while not test(len(test.lrs), torch.tensor(5.0)):
         pass
     assert test.stopped and len(test.lrs) < 100
+
+
+def test_from_a_trained_head_the_suggestion_is_a_tenth_of_where_the_loss_diverged():
+    """Session 37, medium digits: from the run's trained head the curve is flat and noisy, then rises; the valley
+    rule read a slow drift across the flat part and suggested 8.1e-5 on split 1 (the run kept its head: test 0.964
+    against the default's 0.986). "auto" takes the edge rule there: the largest swept LR at most 1/10 of where the
+    test stopped on a divergence; from a new head (a descent to read) it stays the valley rule; with no divergence
+    the edge rule has nothing to read and the valley rule answers, said as such."""
+    from finetune.tools.diagnostics.lrfind import EDGE_MARGIN, _suggest, suggest_edge
+
+    lrs = lr_schedule(1e-7, 1e-1, 61)          # 10 steps a decade
+    flat = [0.2 - 0.0005 * i for i in range(50)]       # a slow drift down: the valley rule's longest descent
+    smoothed = flat + [0.2 + 0.1 * k for k in range(1, 12)]
+    stop = 55        # the test stopped here, at 3.2e-2: the loss diverged
+    lrs, smoothed = lrs[:stop + 1], smoothed[:stop + 1]
+    e = suggest_edge(lrs, stopped=True)
+    assert lrs[e] <= lrs[-1] / EDGE_MARGIN < lrs[e + 1]
+    assert suggest_edge(lrs, stopped=False) is None
+    chosen, used, valley, _steepest, edge = _suggest(lrs, smoothed, "auto", stopped=True, trained=True)
+    assert (chosen, used, edge) == (lrs[e], "edge", lrs[e]) and valley < edge / 10
+    assert _suggest(lrs, smoothed, "auto", stopped=True, trained=False)[:2] == (valley, "valley")
+    assert _suggest(lrs, smoothed, "edge", stopped=False, trained=True)[:2] == (valley, "valley")
 
 
 def test_lr_find_stops_early_on_divergence_and_steepest_rule(tiny_train_set):
@@ -359,7 +381,7 @@ def test_lr_find_says_where_it_is_after_its_first_step(tiny_train_set):
 def test_lr_find_rejects_bad_ranges(tiny_train_set):
     with pytest.raises(ConfigError, match="start_lr < end_lr"):
         lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", start_lr=1.0, end_lr=1e-3)
-    with pytest.raises(ConfigError, match="valley or steepest"):
+    with pytest.raises(ConfigError, match="auto, valley, steepest or edge"):
         lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(), head="fc", method="magic")
 
 

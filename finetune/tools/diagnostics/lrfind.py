@@ -20,8 +20,14 @@ from finetune.core.io import atomic_write_text, csv_text
 from finetune.core.monitor import finite, new_figure, save_png
 from finetune.core.optim import set_base_lr
 
-__all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "lr_schedule",
-           "write_lr_plot"]
+__all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "suggest_edge", "lr_schedule",
+           "write_lr_plot", "EDGE_MARGIN"]
+
+# The edge rule: this many times below the LR where the loss diverged. A curve that starts from a trained head
+# (a run that trains layers after its head phase) has no descent for the valley rule to read: it is flat, noisy,
+# then rises; the divergence is its one clear feature (fastai's early advice: an order of magnitude below where the
+# loss blows up; docs/peers.md, "`--lr auto` from the trained head").
+EDGE_MARGIN = 10.0
 
 
 @dataclass
@@ -31,8 +37,10 @@ class LRFindResult:
     Attributes:
         lrs, losses, smoothed: per step, the head LR, the raw batch loss and its bias-corrected EMA.
         suggestion: the suggested head LR, from ``method``.
-        method: "valley" (fastai's rule, the default) or "steepest" (steepest descent of the smoothed loss).
-        valley, steepest: what each rule suggests (None when the curve is too short to tell).
+        method: the rule that gave it: "valley" (fastai's), "steepest" (steepest descent of the smoothed loss),
+            "edge" (EDGE_MARGIN x below where the loss diverged) or "min/10" (a guess from a short curve).
+        valley, steepest, edge: what each rule suggests (None when the curve is too short to tell; edge: when the
+            loss did not diverge).
         stopped_early: the smoothed loss exceeded diverge_factor x its best, or became NaN/inf.
         from_trained_head: the test started from the head the run's head phase trained (a run that trains layers
             after a head phase), not from a new one.
@@ -48,16 +56,18 @@ class LRFindResult:
     stopped_early: bool
     decision: Any = None          # the FreezeDecision applied during the test (same as fit's)
     from_trained_head: bool = False
+    edge: float | None = None
 
     def describe(self) -> str:
         """One line for the printout: the suggestion, which rule gave it, and the other rule's answer."""
-        other = "steepest" if self.method == "valley" else "valley"
-        other_lr = self.steepest if self.method == "valley" else self.valley
-        tail = f"; {other}: {other_lr:.2e}" if other_lr is not None else ""
+        rules = (("valley", self.valley), ("steepest", self.steepest), ("edge", self.edge))
+        others = [f"{rule}: {lr:.2e}" for rule, lr in rules if rule != self.method and lr is not None]
+        tail = "".join(f"; {o}" for o in others)
         stop = f", stopped early at {self.lrs[-1]:.2e} (loss diverged)" if self.stopped_early else ""
         guess = ("; too few points to read the curve, so this is a guess (the lowest loss / 10): a narrower LR "
                  "range or more steps read it (zoo lr-find --end-lr, --steps)" if self.method == "min/10" else "")
-        return (f"suggested lr {self.suggestion:.2e} ({self.method} rule{tail}); "
+        why = f": 1/{EDGE_MARGIN:g} of where the loss diverged" if self.method == "edge" else ""
+        return (f"suggested lr {self.suggestion:.2e} ({self.method} rule{why}{tail}); "
                 f"swept {self.lrs[0]:.1e} -> {self.lrs[-1]:.1e} in {len(self.lrs)} steps{stop}{guess}")
 
 
@@ -114,6 +124,15 @@ def suggest_steepest(lrs: Sequence[float], smoothed: Sequence[float]) -> int | N
     return None if best_i is None else lo + best_i
 
 
+def suggest_edge(lrs: Sequence[float], stopped: bool) -> int | None:
+    """The edge rule: the largest swept LR at most 1/EDGE_MARGIN of the last one, where the test stopped because the
+    loss diverged (``stopped``); None when it did not (the sweep ended first). Returns an index into ``lrs``."""
+    if not stopped or not lrs:
+        return None
+    below = [i for i, lr in enumerate(lrs) if lr <= lrs[-1] / EDGE_MARGIN]
+    return below[-1] if below else 0
+
+
 def write_lr_plot(result: LRFindResult, path: str | Path) -> None:
     """Smoothed (and raw, faint) loss against LR on a log axis, both suggestions marked (PNG, atomic)."""
     fig = new_figure(6.4, 4.4)
@@ -122,7 +141,8 @@ def write_lr_plot(result: LRFindResult, path: str | Path) -> None:
     ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=1.8, label="smoothed loss (EMA)")
     ax.set_xscale("log")
     for rule, lr, colour, marker in (("valley", result.valley, "tab:red", "o"),
-                                     ("steepest", result.steepest, "tab:green", "s")):
+                                     ("steepest", result.steepest, "tab:green", "s"),
+                                     ("edge", result.edge, "tab:purple", "D")):
         if lr is None:
             continue
         i = result.lrs.index(lr)
@@ -233,19 +253,22 @@ def _range_test_epoch(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | 
                            micro=int(setup.config.micro_batch))
 
 
-def _suggest(lrs: list[float], smoothed: list[float], method: str) -> tuple[float, str, float | None, float | None]:
-    """``(suggestion, the rule that gave it, valley, steepest)``: ``method``'s rule, the other where the curve is too
-    short for it (said), the lowest loss / 10 where it is too short for both."""
-    v, s = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed)
-    valley = lrs[v] if v is not None else None
-    steepest = lrs[s] if s is not None else None
-    chosen = valley if method == "valley" else steepest
+def _suggest(lrs: list[float], smoothed: list[float], method: str, stopped: bool,
+             trained: bool) -> tuple[float, str, float | None, float | None, float | None]:
+    """``(suggestion, the rule that gave it, valley, steepest, edge)``. ``method`` "auto": the edge rule from a trained
+    head (``trained``) when the loss diverged, else the valley rule. The other rule where the curve is too short
+    for the one asked (said), the lowest loss / 10 where it is too short for both."""
+    v, s, e = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed), suggest_edge(lrs, stopped)
+    valley, steepest, edge = (lrs[i] if i is not None else None for i in (v, s, e))
+    if method == "auto":
+        method = "edge" if (trained and edge is not None) else "valley"
+    chosen = {"valley": valley, "steepest": steepest, "edge": edge}[method]
     used = method
-    if chosen is None:  # too few points for the requested rule: fall back, and say so
-        chosen, used = (steepest, "steepest") if steepest is not None else (valley, "valley")
+    if chosen is None:  # too few points for the requested rule (or no divergence for edge): fall back, and say so
+        chosen, used = (valley, "valley") if valley is not None else (steepest, "steepest")
     if chosen is None:
         chosen, used = lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] / 10.0, "min/10"
-    return float(chosen), used, valley, steepest
+    return float(chosen), used, valley, steepest, edge
 
 
 def _start_finetuning(setup: Setup, feature_cache: FeatureCache | None, log: Callable[[str], None] | None) -> None:
@@ -265,10 +288,9 @@ def _start_finetuning(setup: Setup, feature_cache: FeatureCache | None, log: Cal
 def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set: ImageSet,
             config: FinetuneConfig, *, head: str, val_set: ImageSet | None = None, start_lr: float = 1e-7,
             end_lr: float = 10.0, steps: int = 100, smooth: float = 0.98, diverge_factor: float = 4.0,
-            method: str = "valley", out_png: str | Path | None = None, out_csv: str | Path | None = None,
-            reset_head: bool = True,
-            log: Callable[[str], None] | None = None, feature_cache: FeatureCache | None = None,
-            notes: bool = True) -> LRFindResult:
+            method: str = "auto", out_png: str | Path | None = None, out_csv: str | Path | None = None,
+            reset_head: bool = True, log: Callable[[str], None] | None = None,
+            feature_cache: FeatureCache | None = None, notes: bool = True) -> LRFindResult:
     """The LR range test: train for ``steps`` batches while the LR grows exponentially.
 
     The test probes exactly what ``fit`` trains: the same setup (``engine.build_setup``: new head,
@@ -289,7 +311,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         start_lr, end_lr, steps: the swept head LRs (log-spaced).
         smooth: EMA factor for the loss (bias-corrected).
         diverge_factor: stop once the smoothed loss exceeds this x its best.
-        method: which rule gives ``suggestion``: "valley" (default) or "steepest".
+        method: which rule gives ``suggestion``: "auto" (default: "edge" from a trained head where the loss
+            diverged, else "valley"), "valley", "steepest" or "edge" (see LRFindResult).
         out_png, out_csv: where to write the plot and the data (atomic).
         reset_head: passed to prepare_model (False when the head was already replaced).
         log: called with a progress line after the first step and every 10% of the steps.
@@ -307,8 +330,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         raise ConfigError(f"smooth={smooth}: use an EMA factor in [0, 1), e.g. 0.98")
     if not diverge_factor > 1.0:
         raise ConfigError(f"diverge_factor={diverge_factor}: must be > 1, e.g. 4")
-    if method not in ("valley", "steepest"):
-        raise ConfigError(f"method={method!r}: choose valley or steepest")
+    if method not in ("auto", "valley", "steepest", "edge"):
+        raise ConfigError(f"method={method!r}: choose auto, valley, steepest or edge")
 
     # (auto epochs, 0, are the run's: they cap the head phase before finetuning, as in fit)
     with caller_state_kept(), \
@@ -334,8 +357,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         decision, trained = setup.decision, setup.head_first
         del setup, test, cached  # free accelerator memory before plotting
 
-    chosen, used, valley, steepest = _suggest(lrs, smoothed, method)
-    result = LRFindResult(lrs, losses, smoothed, chosen, used, valley, steepest, stopped, decision, trained)
+    chosen, used, valley, steepest, edge = _suggest(lrs, smoothed, method, stopped, trained)
+    result = LRFindResult(lrs, losses, smoothed, chosen, used, valley, steepest, stopped, decision, trained, edge)
     if out_csv is not None:
         _write_lr_csv(result, out_csv)
     if out_png is not None:
