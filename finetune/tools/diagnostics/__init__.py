@@ -3,10 +3,10 @@ Both build the very setup ``fit`` trains (``finetune.engine.build_setup``), on a
 (The per-epoch curves and advice are ``finetune.core.monitor``: the training loop itself writes them.)"""
 from __future__ import annotations
 
-from finetune.tools.diagnostics.lrfind import (LRFindResult, lr_find, lr_schedule, suggest_steepest, suggest_valley,
-                                         write_lr_plot)
+from finetune.tools.diagnostics.lrfind import (LRFindResult, lr_find, lr_schedule, suggest_edge, suggest_steepest,
+                                         suggest_valley, write_lr_plot)
 from finetune.tools.diagnostics.overfit import OverfitResult, disable_dropout, fixed_batch_count, overfit_check
 
-__all__ = ["LRFindResult", "lr_find", "lr_schedule", "suggest_steepest", "suggest_valley",
+__all__ = ["LRFindResult", "lr_find", "lr_schedule", "suggest_edge", "suggest_steepest", "suggest_valley",
            "write_lr_plot", "OverfitResult", "overfit_check", "disable_dropout",
            "fixed_batch_count"]
