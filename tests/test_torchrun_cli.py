@@ -557,3 +557,44 @@ def test_torchrun_resume_refusals_name_the_new_run_as_torchrun_and_it_runs(tmp_p
     assert line_of_resume().endswith(f"start the run over with `{named}`")
     runs(named)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+# Counts the LR range tests each process runs (a file per call, named by the launcher's RANK): torchrun's own
+# process has no RANK and imports nothing of zoo's.
+_COUNT_LR_FIND = '''
+import os
+if os.environ.get("RANK") is not None and os.environ.get("ZOO_TEST_LR_FIND_DIR"):
+    import finetune.tools.diagnostics as diagnostics
+    real = diagnostics.lr_find
+    def lr_find(*args, **kwargs):
+        folder = os.environ["ZOO_TEST_LR_FIND_DIR"]
+        with open(os.path.join(folder, "rank%s-%d" % (os.environ["RANK"], len(os.listdir(folder)))), "w"):
+            pass
+        return real(*args, **kwargs)
+    diagnostics.lr_find = lr_find
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_torchrun_lr_auto_runs_the_range_test_once_on_rank_0_and_every_rank_trains_at_its_lr(tmp_path, monkeypatch):
+    """Session 37's third read: under torchrun every rank ran the whole range test (its head phase included) on the
+    whole training set, and rank 0's suggestion was broadcast: N times the work for one number. Rank 0 alone runs
+    it now (``ddp.computed_on_main``); the run trains at the LR it suggested."""
+    tiny = register_tiny(tmp_path, monkeypatch)
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, layout="split")
+    site, calls = tmp_path / "site", tmp_path / "calls"
+    site.mkdir()
+    calls.mkdir()
+    (site / "sitecustomize.py").write_text(_COUNT_LR_FIND)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]),
+               TQDM_DISABLE="1", ZOO_HOME=str(tmp_path / "h"), ZOO_TEST_LR_FIND_DIR=str(calls))
+    env.pop("WORLD_SIZE", None)
+    out = tmp_path / "out"
+    run, _ = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "zoo", "finetune", tiny, "--data",
+                   str(data), "--out", str(out), "--device", "cpu", "--workers", "0", "--batch-size", "4",
+                   "--freeze", "1", "--epochs", "2", "--lr", "auto", "--no-export", "--quiet"], env, ROOT)
+    assert run.returncode == 0 and "zoo: error" not in run.stdout, run.stdout[-3000:]
+    assert sorted(p.name for p in calls.iterdir()) == ["rank0-0"], run.stdout[-3000:]
+    lr = yaml.safe_load((out / "config.yaml").read_text())["lr"]
+    assert f"lr: suggested lr {lr:.2e} " in (out / "log.txt").read_text() and (out / "lr_find.csv").is_file()
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

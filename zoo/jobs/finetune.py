@@ -304,10 +304,12 @@ def _train_new(entry, report, config: FinetuneConfig, run_dir: Path, pretrained:
     # same model and data (or `zoo doctor`'s) are loaded instead of recomputed.
     features = feature_cache(say)
     if lr_auto:     # before the overfit check too: it trains at the LR asked for (QA: it took --lr's default)
-        config = _lr_auto(model, stages, data_config, report, config, head,
-                          run_dir if info.is_main and not overfit else None, say, features, notes=overfit)
-        # every rank trains with rank 0's suggestion (GPU sweeps need not agree to the last bit)
-        config = config.replace(lr=float(ddp.broadcast_object(config.lr, info)))
+        # under torchrun rank 0 alone runs the test (on the whole training set, as one process does) and every
+        # rank trains at its suggestion; the others wait (each ran it before: N times the work for one number)
+        lr = ddp.computed_on_main(lambda: _lr_auto(model, stages, data_config, report, config, head,
+                                                   None if overfit else run_dir, say, features, notes=overfit),
+                                  info)
+        config = config.replace(lr=float(lr))
     if overfit:
         outcome.overfit = _overfit(model, stages, data_config, report.train, config, head, say)
         return outcome
@@ -411,7 +413,7 @@ def _report_html(run_dir: Path, config: FinetuneConfig, say: Log, val_prediction
 
 
 def _lr_auto(model, stages, data_config, report, config: FinetuneConfig, head: str, run_dir: Path | None,
-             say: Log, feature_cache=None, notes: bool = False) -> FinetuneConfig:
+             say: Log, feature_cache=None, notes: bool = False) -> float:
     say("lr: running the LR range test (--lr auto)")
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
@@ -426,7 +428,7 @@ def _lr_auto(model, stages, data_config, report, config: FinetuneConfig, head: s
             and not config.overfit_batches:      # (the overfit check trains by gradient, at this LR)
         say("lr: this run trains the head only and solves it by L-BFGS, which uses no learning rate; the "
             "suggestion applies with --head-solver gradient")
-    return config.replace(lr=float(found.suggestion))
+    return float(found.suggestion)
 
 
 def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head: str, say: Log):
