@@ -5,8 +5,8 @@ medium data -> also finetune the last few stages
 large data  -> finetune everything
 The decision carries a one-sentence reason that the CLI prints, so the user knows how to override it.
 The BatchNorm statistics default follows where the weights come from (:func:`default_bn`); the number of
-epochs, what trains (:func:`default_epochs`); how the finetune phase leaves a solved head
-(:func:`default_departure`).
+epochs and the learning rate, what trains (:func:`default_epochs`, :func:`default_lr`); how the finetune phase
+leaves a solved head (:func:`default_departure`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Any
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused",
-           "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE", "HEAD_WARMUP_CAP", "head_first", "default_departure",
+           "default_lr", "AUTO_LR_HEAD", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE",
+           "HEAD_WARMUP_CAP", "head_first", "default_departure",
            "AUTO_WARMUP_EPOCHS", "head_solved", "plan_phases", "mixes_images", "head_on_cached_features",
            "batchnorm_batch"]
 
@@ -28,6 +29,12 @@ __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "def
 AUTO_EPOCHS_HEAD = 30
 AUTO_EPOCHS_FINETUNE = 8
 HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val loss stops improving, at most this
+# ``--lr 0`` (auto). A run that finetunes layers trains its head at AUTO_LR_FINETUNE, the pretrained layers at
+# that x --backbone-lr-mult (1e-3): on medium digits and MNIST, 3 splits each, 1e-2 tested better than 1e-3 on
+# every split (docs/peers.md, "The default learning rate follows what trains"). A head alone trained by gradient
+# (--head mlp, --head-solver gradient, a head-only mixup run) keeps Adam's usual 1e-3 (not measured higher).
+AUTO_LR_FINETUNE = 1e-2
+AUTO_LR_HEAD = 1e-3
 
 # ``--warmup-epochs -1`` and ``--ema -1`` (auto) when the finetune phase starts from a solved head: the LR
 # rises over the first epoch and the weights are averaged over about one epoch (decay 1 - 1/steps per
@@ -160,6 +167,14 @@ def default_epochs(config: Any, trainable_stages: int) -> int:
     warm_up = HEAD_WARMUP_CAP if int(config.head_epochs) < 0 else int(config.head_epochs)
     solved = head_solved(config, trainable_stages)
     return AUTO_EPOCHS_FINETUNE if (warm_up == 0 or solved) else AUTO_EPOCHS_FINETUNE - 1 + warm_up
+
+
+def default_lr(config: Any, trainable_stages: int) -> float:
+    """``config.lr``, or for 0 (auto) the policy's: ``AUTO_LR_FINETUNE`` when layers train (``trainable_stages``
+    > 0; a head warm-up by gradient before them trains at it too), ``AUTO_LR_HEAD`` when the head alone trains."""
+    if float(config.lr) > 0:
+        return float(config.lr)
+    return AUTO_LR_FINETUNE if trainable_stages > 0 else AUTO_LR_HEAD
 
 
 def head_first(config: Any, trainable_stages: int) -> bool:

@@ -23,8 +23,8 @@ from finetune.engine.runtime import (AmpPolicy, amp_policy, build_loss, check_sy
                                      resolve_device)
 from finetune.core.errors import BatchNormBatchError, ConfigError, DataError
 from finetune.core.optim import build_optimizer, build_scheduler
-from finetune.core.policy import (FreezeDecision, batchnorm_batch, default_departure, default_epochs, head_first,
-                                   head_on_cached_features, head_solved)
+from finetune.core.policy import (FreezeDecision, batchnorm_batch, default_departure, default_epochs, default_lr,
+                                   head_first, head_on_cached_features, head_solved, lr_unused)
 from finetune.core.recipe import check_batchnorm_batch, check_input_size, prepare_model
 from finetune.core.surgery import sync_batchnorm
 from finetune.core.seeding import epoch_seed, seed_everything
@@ -62,6 +62,9 @@ class Setup:
     # what the set-up decided from the freeze decision or noticed (auto epochs, the LR warm-up, a dtype converted):
     # lines for the caller to say after the decision's own "freeze:" line (helper-149: they came before it)
     notes: list[str] = field(default_factory=list)
+    # the policy's picks for options left auto, by option ("epochs", "lr"): said by a run after its "freeze:" line,
+    # not by the LR range test, which uses neither (it trains steps, at the LRs it sweeps)
+    chosen: dict[str, str] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -238,9 +241,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
     counts = train_set.class_counts()
     decision = prepare_model(work, stages, head, len(counts), counts, config, reset_head=reset_head)
     _check_batch(work, config, decision, info, data_config, head)
-    if int(config.epochs) == 0:     # auto: from what trains (the setup's config holds the number)
-        config = config.replace(epochs=default_epochs(config, decision.trainable_stages))
-        say(f"epochs: at most {config.epochs} (auto for freeze {decision.label}; pass --epochs to choose)")
+    config, chosen = _auto_choices(config, decision)
     _sync_bn(work, head, config, info, device, say)
     _to_float32(work, say)
     work.to(device)
@@ -251,7 +252,7 @@ def build_setup(model: nn.Module, stages: Sequence[Sequence[str]], data_config: 
                   amp=amp_policy(device, bool(config.amp), info), loss_fn=build_loss(config, weights, device),
                   channels_last=False, output=output, normalize=normalize,
                   train_normalize=train_normalize, eval_loss_fn=build_loss(config, weights, device, train=False),
-                  mix=build_mix(config, len(counts)), notes=notes)
+                  mix=build_mix(config, len(counts)), notes=notes, chosen=chosen)
     # the layout (runtime.nhwc): NHWC on the CPU, and on CUDA when the network trains (not for a head-only
     # run on cached features, which passes each image forward once)
     setup.channels_last = nhwc(device, config.channels_last, trains=not (setup.head_only and setup.cached_head))
@@ -321,6 +322,22 @@ def _check_kinds(config: Any, train_set: Any, val_set: Any) -> None:
         if not isinstance(image_set, ImageSet) and not (name == "val_set" and image_set is None):
             raise DataError(f"{name} must be a finetune.data.ImageSet (scan_folder(...).train / .val), not a "
                             f"{type(image_set).__name__}")
+
+
+def _auto_choices(config: FinetuneConfig, decision: FreezeDecision) -> tuple[FinetuneConfig, dict[str, str]]:
+    """``config`` with its auto (0) epochs and lr resolved from what trains (the setup's config holds the numbers)
+    and a line for each (``Setup.chosen``); none for an lr that nothing uses (a head solved by L-BFGS:
+    ``policy.lr_unused``)."""
+    lines, k = {}, decision.trainable_stages
+    if int(config.epochs) == 0:
+        config = config.replace(epochs=default_epochs(config, k))
+        lines["epochs"] = f"epochs: at most {config.epochs} (auto for freeze {decision.label}; pass --epochs to choose)"
+    if float(config.lr) == 0:
+        config = config.replace(lr=default_lr(config, k))
+        if not lr_unused(config, k):
+            layers = f", pretrained layers at {config.lr * config.backbone_lr_mult:g}" if k > 0 else ""
+            lines["lr"] = f"lr: {config.lr:g}{layers} (auto for freeze {decision.label}; pass --lr to choose)"
+    return config, lines
 
 
 def _mix_notes(setup: Setup, say: Log) -> None:

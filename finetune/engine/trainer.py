@@ -346,7 +346,7 @@ class Trainer:
             self.folder.refuse_existing_run()
         if self.pi < len(self.phases) and self._steps_for(self.phases[self.pi]) is self.loader_steps:
             self.loader_steps.start_ahead(self.epoch + 1)     # decoding while the run gets ready
-        for line in (f"freeze: {s.decision.label} ({s.decision.reason})", *s.notes):     # the decision first
+        for line in (f"freeze: {s.decision.label} ({s.decision.reason})", *s.chosen.values(), *s.notes):  # that order
             self.say(line)
         self._say_unused_epochs()
         self.folder.start(s.config, s.train_set, s.val_set, s.device, s.info, self.resume, self.epoch, s.in_effect)

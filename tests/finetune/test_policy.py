@@ -169,7 +169,7 @@ def _tiny_setup(root, config: FinetuneConfig, logs: list[str] | None = None):
           "std": (0.5,) * 3}
     setup = build_setup(model, [["0"]], dc, ImageSet(items, classes), None, config.replace(device="cpu", workers=0),
                         head="3", copy_model=True, distributed=False)
-    (logs if logs is not None else []).extend(setup.notes)     # (said by the caller after the freeze line)
+    (logs if logs is not None else []).extend([*setup.chosen.values(), *setup.notes])   # (as the run says them)
     return setup
 
 
@@ -185,6 +185,28 @@ def test_the_setup_holds_the_resolved_epochs(tmp_path):
         assert s.config.epochs == want
         assert f"epochs: at most {want} (auto for" in " ".join(logs)
     assert _tiny_setup(root, FinetuneConfig(epochs=4)).config.epochs == 4
+
+
+def test_the_setup_holds_the_resolved_lr_and_says_it_where_it_trains_something(tmp_path):
+    """--lr 0 (the default, auto): 1e-2 when layers train (the pretrained ones at x --backbone-lr-mult), 1e-3 when
+    the head alone trains by gradient; a head solved by L-BFGS uses none and nothing is said of it. config.yaml
+    and the checkpoints record the number; an lr given is kept and not announced."""
+    from finetune.core.policy import AUTO_LR_FINETUNE, AUTO_LR_HEAD, default_lr
+    from tests.conftest import make_image_folder
+
+    assert (AUTO_LR_FINETUNE, AUTO_LR_HEAD) == (1e-2, 1e-3)
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    for config, want, line in (
+            (FinetuneConfig(freeze="none"), 1e-2, "lr: 0.01, pretrained layers at 0.001 (auto for freeze"),
+            (FinetuneConfig(freeze="none", backbone_lr_mult=0.5), 1e-2, "lr: 0.01, pretrained layers at 0.005 (auto"),
+            (FinetuneConfig(freeze="head", head_solver="gradient"), 1e-3, "lr: 0.001 (auto for freeze head"),
+            (FinetuneConfig(freeze="head"), 1e-3, None),
+            (FinetuneConfig(freeze="none", lr=3e-4), 3e-4, None)):
+        logs: list[str] = []
+        s = _tiny_setup(root, config, logs)
+        assert s.config.lr == want == default_lr(config, s.decision.trainable_stages), config
+        said = [text for text in logs if text.startswith("lr:")]
+        assert said == ([] if line is None else [said[0]]) and (line is None or said[0].startswith(line)), logs
 
 
 def test_auto_departure_after_a_solved_head_only():

@@ -16,7 +16,7 @@ from zoo.cli import cli
 
 NONSENSE = [("--gamma", "-1"), ("--weight-decay", "-1"), ("--momentum", "2"), ("--patience", "-1"),
             ("--step-size", "0"), ("--aug-views", "-3"), ("--workers", "-5"), ("--overfit-batches", "-1"),
-            ("--warmup-epochs", "-2"), ("--ema", "-0.5"), ("--head-epochs", "-7"), ("--lr", "0"), ("--val-split", "1"),
+            ("--warmup-epochs", "-2"), ("--ema", "-0.5"), ("--head-epochs", "-7"), ("--lr", "-1e-3"), ("--val-split", "1"),
             ("--batch-size", "0"), ("--mlp-dropout", "1"), ("--backbone-lr-mult", "-0.1"), ("--seed", "-1"),
             ("--label-smoothing", "1"), ("--mixup", "-1"), ("--cutmix", "-0.2"), ("--seed", str(2**63)),
             # QA session 22: 100000 worker processes (a mistyped 10) were started as asked, each a copy of torch

@@ -435,8 +435,9 @@ def _overfit(model, stages, data_config, train_set, config: FinetuneConfig, head
     asked = int(config.overfit_batches)
     n = diagnostics.fixed_batch_count(len(train_set.items), config.batch_size, asked)   # the data may hold fewer
     images = min(len(train_set.items), n * int(config.batch_size))
-    say(f"overfit check: training on {n} fixed batch{'es' if n != 1 else ''} ({images} images) until memorised, "
-        f"at lr {config.lr:.3g}" + (f" ({asked} asked: the training set holds no more)" if n < asked else ""))
+    lr = f"at lr {config.lr:.3g}" if config.lr else "at the auto lr"     # (auto: said by the check once resolved)
+    say(f"overfit check: training on {n} fixed batch{'es' if n != 1 else ''} ({images} images) until memorised, {lr}"
+        + (f" ({asked} asked: the training set holds no more)" if n < asked else ""))
     result = diagnostics.overfit_check(model, stages, data_config, train_set, config, head=head,
                                        batches=int(config.overfit_batches), log=say)
     return result

@@ -337,9 +337,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
     with caller_state_kept(), \
             contextlib.closing(build_setup(model, stages, data_config, train_set, val_set, config, head=head,
                                            reset_head=reset_head, copy_model=True, distributed=False)) as setup:
-        for note in setup.notes if log is not None and notes else ():
-            if not note.startswith("epochs:"):      # the run's auto epochs: the test trains steps (QA: said twice)
-                log(note)
+        for note in setup.notes if log is not None and notes else ():     # (not its auto epochs and lr: chosen)
+            log(note)
         if setup.head_only:
             cached = CachedHeadSteps(setup, feature_cache, log=log) if setup.cached_head else None
             if cached is not None:

@@ -94,6 +94,8 @@ def overfit_check(model, stages: Sequence[Sequence[str]], data_config: dict, tra
             contextlib.closing(build_setup(model, stages, data_config, train_set, None, cfg, head=head,
                                            reset_head=reset_head, copy_model=True, distributed=False)) as setup:
         work, decision, device = setup.model, setup.decision, setup.device
+        if log is not None and "lr" in setup.chosen:     # the lr the run would choose (config.lr 0: auto)
+            log(setup.chosen["lr"])
         disable_dropout(work)
         if freeze_all:
             for p in work.parameters():
