@@ -510,6 +510,23 @@ def test_lr_auto_uses_the_lr_finder(tmp_path, tiny, monkeypatch):
     assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == pytest.approx(0.0123)
 
 
+@pytest.mark.parametrize("freeze,given,want,line", [
+    ("1", None, 0.01, "lr: 0.01, pretrained layers at 0.001 (auto for freeze head + last 1 stage; pass --lr to choose)"),
+    ("head", None, 0.001, None),            # the head solved by L-BFGS: no LR trains anything, none is said
+    ("1", "3e-4", 0.0003, None)])
+def test_the_default_lr_follows_what_trains_and_config_yaml_records_it(tmp_path, tiny, freeze, given, want, line):
+    """--lr 0 (the default, auto): 1e-2 when layers are finetuned (medium digits and MNIST: docs/peers.md), 1e-3
+    when the head alone trains; config.yaml holds the number the run trained at (a resume takes it from there)."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    result = invoke("finetune", tiny, "--data", data, "--out", out, "--freeze", freeze, "--no-export",
+                    *(["--lr", given] if given else []), *FAST[:1], "2", *FAST[2:])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == want
+    said = [text for text in result.stderr.splitlines() if text.startswith("lr:")]
+    assert said == ([line] if line else []), result.stderr
+
+
 def test_overfit_batches_runs_the_check_only(tmp_path, tiny, monkeypatch):
     diagnostics = pytest.importorskip("finetune.tools.diagnostics")
 
