@@ -185,7 +185,7 @@ class FinetuneConfig:
     # --- optimisation ---
     optimizer: str = option("adam", "Optimizer.", choices=OPTIMIZERS)
     lr: float = option(0.0, "Head learning rate (pretrained layers: x --backbone-lr-mult); 0 = auto: 1e-2 when layers "
-                       "are finetuned, 1e-3 when the head alone trains; 'auto' runs the LR range test first.", low=0)
+                       "are finetuned from a solved head, else 1e-3; 'auto' runs the LR range test first.", low=0)
     backbone_lr_mult: float = option(0.1, "Pretrained layers train at lr x this.", low=0)
     momentum: float = option(0.9, "Momentum (sgd, rmsprop).", low=0, high=1, high_open=True)
     nesterov: bool = option(False, "Nesterov momentum (sgd).")

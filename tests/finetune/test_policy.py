@@ -188,9 +188,10 @@ def test_the_setup_holds_the_resolved_epochs(tmp_path):
 
 
 def test_the_setup_holds_the_resolved_lr_and_says_it_where_it_trains_something(tmp_path):
-    """--lr 0 (the default, auto): 1e-2 when layers train (the pretrained ones at x --backbone-lr-mult), 1e-3 when
-    the head alone trains by gradient; a head solved by L-BFGS uses none and nothing is said of it. config.yaml
-    and the checkpoints record the number; an lr given is kept and not announced."""
+    """--lr 0 (the default, auto): 1e-2 when layers are finetuned from a head solved first with frozen BatchNorm
+    statistics (the pretrained layers at x --backbone-lr-mult), else 1e-3 (an MLP head warmed up by gradient at 1e-2
+    lost 4.5 points on digits); a head solved by L-BFGS alone uses none and nothing is said of it. config.yaml and
+    the checkpoints record the number; an lr given is kept and not announced."""
     from finetune.core.policy import AUTO_LR_FINETUNE, AUTO_LR_HEAD, default_lr
     from tests.conftest import make_image_folder
 
@@ -200,11 +201,15 @@ def test_the_setup_holds_the_resolved_lr_and_says_it_where_it_trains_something(t
             (FinetuneConfig(freeze="none"), 1e-2, "lr: 0.01, pretrained layers at 0.001 (auto for freeze"),
             (FinetuneConfig(freeze="none", backbone_lr_mult=0.5), 1e-2, "lr: 0.01, pretrained layers at 0.005 (auto"),
             (FinetuneConfig(freeze="head", head_solver="gradient"), 1e-3, "lr: 0.001 (auto for freeze head"),
+            (FinetuneConfig(freeze="none", head="mlp"), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
+            (FinetuneConfig(freeze="none", bn="train"), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
+            (FinetuneConfig(freeze="none", head_epochs=0), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
+            (FinetuneConfig(freeze="none", epochs=1), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
             (FinetuneConfig(freeze="head"), 1e-3, None),
             (FinetuneConfig(freeze="none", lr=3e-4), 3e-4, None)):
         logs: list[str] = []
         s = _tiny_setup(root, config, logs)
-        assert s.config.lr == want == default_lr(config, s.decision.trainable_stages), config
+        assert s.config.lr == want == default_lr(config.replace(epochs=s.config.epochs), s.decision.trainable_stages)
         said = [text for text in logs if text.startswith("lr:")]
         assert said == ([] if line is None else [said[0]]) and (line is None or said[0].startswith(line)), logs
 
