@@ -16,7 +16,7 @@ from typing import Any
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused",
-           "default_lr", "AUTO_LR_HEAD", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE",
+           "default_lr", "AUTO_LR_OTHER", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE",
            "HEAD_WARMUP_CAP", "head_first", "default_departure",
            "AUTO_WARMUP_EPOCHS", "head_solved", "plan_phases", "mixes_images", "head_on_cached_features",
            "batchnorm_batch"]
@@ -32,11 +32,11 @@ HEAD_WARMUP_CAP = 10          # head_epochs=-1: the head trains until its val lo
 # ``--lr 0`` (auto). The default recipe where layers train (a linear head solved by L-BFGS first, BatchNorm
 # statistics frozen) finetunes at AUTO_LR_FINETUNE, the pretrained layers at that x --backbone-lr-mult (1e-3): on
 # medium digits and MNIST it tested better than 1e-3 on every split (docs/peers.md, "The default learning rate
-# follows what trains"). Every other run keeps Adam's usual AUTO_LR_HEAD: an MLP head warmed up by gradient at 1e-2
+# follows what trains"). Every other run keeps Adam's usual AUTO_LR_OTHER: an MLP head warmed up by gradient at 1e-2
 # fell from 98.6% to 94.1% on digits (its BatchNorm's statistics wrecked: val acc 10% in the finetune phase); a
 # head alone trained by gradient, --head-epochs 0 (a random head) and --bn train were not measured higher.
 AUTO_LR_FINETUNE = 1e-2
-AUTO_LR_HEAD = 1e-3
+AUTO_LR_OTHER = 1e-3          # every other run (--head mlp, a head alone by gradient, --bn train, ...)
 
 # ``--warmup-epochs -1`` and ``--ema -1`` (auto) when the finetune phase starts from a solved head: the LR
 # rises over the first epoch and the weights are averaged over about one epoch (decay 1 - 1/steps per
@@ -174,12 +174,12 @@ def default_epochs(config: Any, trainable_stages: int) -> int:
 def default_lr(config: Any, trainable_stages: int) -> float:
     """``config.lr``, or for 0 (auto) the policy's: ``AUTO_LR_FINETUNE`` when layers are finetuned from a head solved
     first (:func:`head_first`, :func:`head_solved`) with the BatchNorm statistics frozen (``bn`` eval), else
-    ``AUTO_LR_HEAD``. ``config.epochs`` must be resolved (not 0: :func:`default_epochs`)."""
+    ``AUTO_LR_OTHER``. ``config.epochs`` must be resolved (not 0: :func:`default_epochs`)."""
     if float(config.lr) > 0:
         return float(config.lr)
     k = trainable_stages
     measured = head_first(config, k) and head_solved(config, k) and config.bn == "eval"
-    return AUTO_LR_FINETUNE if measured else AUTO_LR_HEAD
+    return AUTO_LR_FINETUNE if measured else AUTO_LR_OTHER
 
 
 def head_first(config: Any, trainable_stages: int) -> bool:

@@ -192,10 +192,10 @@ def test_the_setup_holds_the_resolved_lr_and_says_it_where_it_trains_something(t
     statistics (the pretrained layers at x --backbone-lr-mult), else 1e-3 (an MLP head warmed up by gradient at 1e-2
     lost 4.5 points on digits); a head solved by L-BFGS alone uses none and nothing is said of it. config.yaml and
     the checkpoints record the number; an lr given is kept and not announced."""
-    from finetune.core.policy import AUTO_LR_FINETUNE, AUTO_LR_HEAD, default_lr
+    from finetune.core.policy import AUTO_LR_FINETUNE, AUTO_LR_OTHER, default_lr
     from tests.conftest import make_image_folder
 
-    assert (AUTO_LR_FINETUNE, AUTO_LR_HEAD) == (1e-2, 1e-3)
+    assert (AUTO_LR_FINETUNE, AUTO_LR_OTHER) == (1e-2, 1e-3)
     root = make_image_folder(tmp_path / "d", per_class=3)
     for config, want, line in (
             (FinetuneConfig(freeze="none"), 1e-2, "lr: 0.01, pretrained layers at 0.001 (auto for freeze"),
