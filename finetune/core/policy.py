@@ -16,7 +16,7 @@ from typing import Any
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused",
-           "default_lr", "AUTO_LR_OTHER", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE",
+           "default_lr", "finetunes_solved_head", "AUTO_LR_OTHER", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE",
            "HEAD_WARMUP_CAP", "head_first", "default_departure",
            "AUTO_WARMUP_EPOCHS", "head_solved", "plan_phases", "mixes_images", "head_on_cached_features",
            "batchnorm_batch"]
@@ -177,9 +177,15 @@ def default_lr(config: Any, trainable_stages: int) -> float:
     ``AUTO_LR_OTHER``. ``config.epochs`` must be resolved (not 0: :func:`default_epochs`)."""
     if float(config.lr) > 0:
         return float(config.lr)
+    return AUTO_LR_FINETUNE if finetunes_solved_head(config, trainable_stages) else AUTO_LR_OTHER
+
+
+def finetunes_solved_head(config: Any, trainable_stages: int) -> bool:
+    """Whether layers are finetuned from a linear head solved first by L-BFGS (:func:`head_first`,
+    :func:`head_solved`) with the BatchNorm statistics frozen (``bn`` eval): the recipe ``AUTO_LR_FINETUNE`` was
+    measured on, whose LR ``--lr auto`` keeps (the range test's policy rule)."""
     k = trainable_stages
-    measured = head_first(config, k) and head_solved(config, k) and config.bn == "eval"
-    return AUTO_LR_FINETUNE if measured else AUTO_LR_OTHER
+    return head_first(config, k) and head_solved(config, k) and config.bn == "eval"
 
 
 def head_first(config: Any, trainable_stages: int) -> bool:

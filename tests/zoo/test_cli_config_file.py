@@ -209,7 +209,7 @@ def test_a_null_in_a_file_is_refused_naming_the_allowed_values(tmp_path, text, s
 @pytest.mark.parametrize("command, text, says", [
     ("lr-find", "steps: 20.5", "steps: '20.5' is not a valid integer."),      # was cut to 20 without a word
     ("lr-find", "start_lr: true", "start_lr: 'true' is not a valid float."),    # was 1.0
-    ("lr-find", "method: [valley]", "method=['valley'] should be auto, valley, steepest or edge"),
+    ("lr-find", "method: [valley]", "method=['valley'] should be auto, valley, steepest, edge or policy"),
     ("finetune", "data: [a, b]", "data=['a', 'b'] should be a folder"),         # was the folder "a,b"
     ("finetune", "data: {a: 1}", "data={'a': '1'} should be a folder"),          # was a TypeError traceback
     ("lr-find", "data: null", "data=None should be a folder"),                   # was a TypeError traceback

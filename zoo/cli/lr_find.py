@@ -42,10 +42,13 @@ NOT_IN_A_RANGE_TEST = ("epochs", "patience", "min_delta", "monitor", "schedule",
 @click.option("--steps", type=IntRange(min=5, max=10000), default=100, show_default=True,
               help="Training steps (batches); the LR grows exponentially from start to end over them. At most 10000 "
                    "(a mistyped 1e20 ran for ever).")
-@click.option("--method", type=click.Choice(["auto", "valley", "steepest", "edge"]), default="auto", show_default=True,
-              help="Suggestion rule: valley (fastai's), steepest descent of the smoothed loss, or edge (1/10 of where "
-                   "the loss diverged); auto: edge where the test starts from the run's trained head (layers train), "
-                   "else valley.")
+@click.option("--method", type=click.Choice(["auto", "valley", "steepest", "edge", "policy"]), default="auto",
+              show_default=True,
+              help="Suggestion rule: valley (fastai's), steepest descent of the smoothed loss, edge (1/10 of where "
+                   "the loss diverged) or policy (zoo finetune's default LR for this setup, lowered to 2x where the "
+                   "loss diverged if that is below it); auto: policy where layers train from the head solved first "
+                   "(the default: the test has no warm-up or weight average, and read too low there), edge from "
+                   "another trained head, else valley.")
 @click.option("--smooth", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.98, show_default=True,
               help="Exponential moving average factor of the plotted loss (bias-corrected).")
 @click.option("--diverge-factor", type=FiniteFloatRange(min=1.0, min_open=True), default=4.0, show_default=True,
@@ -99,7 +102,7 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
                      smooth=smooth, diverge_factor=diverge_factor, method=method, out_png=out_dir / "lr_find.png",
                      out_csv=out_dir / "lr_find.csv", log=say, feature_cache=feature_cache(say))
     summary = {"model": entry.name, "suggestion": result.suggestion, "method": result.method,
-               "valley": result.valley, "steepest": result.steepest, "edge": result.edge,
+               "valley": result.valley, "steepest": result.steepest, "edge": result.edge, "policy": result.policy,
                "stopped_early": result.stopped_early,
                "steps_run": len(result.lrs), "start_lr": start_lr, "end_lr": end_lr,
                "from_trained_head": result.from_trained_head,

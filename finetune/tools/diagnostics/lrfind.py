@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from finetune.core.config import FinetuneConfig
+from finetune.core.policy import default_lr, finetunes_solved_head
 from finetune.data import ImageSet
 from finetune.engine import RunFolder, Setup, Trainer, build_setup, caller_state_kept, train_one_epoch
 from finetune.core.errors import ConfigError, DivergedError, FinetuneError
@@ -21,13 +22,20 @@ from finetune.core.monitor import finite, new_figure, save_png
 from finetune.core.optim import set_base_lr
 
 __all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "suggest_edge", "lr_schedule",
-           "write_lr_plot", "EDGE_MARGIN"]
+           "write_lr_plot", "EDGE_MARGIN", "POLICY_REACH"]
 
 # The edge rule: this many times below the LR where the loss diverged. A curve that starts from a trained head
 # (a run that trains layers after its head phase) has no descent for the valley rule to read: it is flat, noisy,
 # then rises; the divergence is its one clear feature (fastai's early advice: an order of magnitude below where the
 # loss blows up; docs/peers.md, "`--lr auto` from the trained head").
 EDGE_MARGIN = 10.0
+# The policy rule (``--method auto`` from a trained head): the range test has no warm-up and no weight average, the
+# two things the run's finetune phase leans on, so it reads the LR a run can take too low. On medium digits and MNIST
+# (3 splits each) it diverged at 5.9e-3 to 1.9e-2 while runs at the policy's 1e-2 (policy.AUTO_LR_FINETUNE) beat
+# every lower LR tried, and the edge rule's 1/10 of the divergence tested 0.989 / 0.952 against the policy's 0.995 /
+# 0.977 (docs/peers.md, "`--lr auto` keeps the policy's LR"). So the test keeps the policy's LR and lowers it only to
+# this x where the loss diverged: a model or data that cannot take it (none of those 6 splits).
+POLICY_REACH = 2.0
 
 
 @dataclass
@@ -38,9 +46,11 @@ class LRFindResult:
         lrs, losses, smoothed: per step, the head LR, the raw batch loss and its bias-corrected EMA.
         suggestion: the suggested head LR, from ``method``.
         method: the rule that gave it: "valley" (fastai's), "steepest" (steepest descent of the smoothed loss),
-            "edge" (EDGE_MARGIN x below where the loss diverged) or "min/10" (a guess from a short curve).
+            "edge" (EDGE_MARGIN x below where the loss diverged), "policy" (the policy's LR for the run, at most
+            POLICY_REACH x where the loss diverged) or "min/10" (a guess from a short curve).
         valley, steepest, edge: what each rule suggests (None when the curve is too short to tell; edge: when the
             loss did not diverge).
+        policy: the policy's LR for the run the test probed (``policy.default_lr``: what ``--lr`` auto trains at).
         stopped_early: the smoothed loss exceeded diverge_factor x its best, or became NaN/inf.
         from_trained_head: the test started from the head the run's head phase trained (a run that trains layers
             after a head phase), not from a new one.
@@ -57,16 +67,24 @@ class LRFindResult:
     decision: Any = None          # the FreezeDecision applied during the test (same as fit's)
     from_trained_head: bool = False
     edge: float | None = None
+    policy: float | None = None
 
     def describe(self) -> str:
         """One line for the printout: the suggestion, which rule gave it, and the other rule's answer."""
-        rules = (("valley", self.valley), ("steepest", self.steepest), ("edge", self.edge))
+        rules = (("valley", self.valley), ("steepest", self.steepest), ("edge", self.edge), ("policy", self.policy))
         others = [f"{rule}: {lr:.2e}" for rule, lr in rules if rule != self.method and lr is not None]
         tail = "".join(f"; {o}" for o in others)
         stop = f", stopped early at {self.lrs[-1]:.2e} (loss diverged)" if self.stopped_early else ""
         guess = ("; too few points to read the curve, so this is a guess (the lowest loss / 10): a narrower LR "
                  "range or more steps read it (zoo lr-find --end-lr, --steps)" if self.method == "min/10" else "")
-        why = f": 1/{EDGE_MARGIN:g} of where the loss diverged" if self.method == "edge" else ""
+        why = ""
+        if self.method == "edge":
+            why = f": 1/{EDGE_MARGIN:g} of where the loss diverged"
+        elif self.method == "policy" and self.suggestion != self.policy:
+            why = f": the run's default lr {self.policy:.2e}, lowered to {POLICY_REACH:g}x where the loss diverged"
+        elif self.method == "policy":
+            why = (": the run's default lr, not lowered: the loss "
+                   + (f"diverged above 1/{POLICY_REACH:g} of it" if self.stopped_early else "did not diverge"))
         return (f"suggested lr {self.suggestion:.2e} ({self.method} rule{why}{tail}); "
                 f"swept {self.lrs[0]:.1e} -> {self.lrs[-1]:.1e} in {len(self.lrs)} steps{stop}{guess}")
 
@@ -253,16 +271,21 @@ def _range_test_epoch(setup: Setup, test: _RangeTest, cached: CachedHeadSteps | 
                            micro=int(setup.config.micro_batch))
 
 
-def _suggest(lrs: list[float], smoothed: list[float], method: str, stopped: bool,
-             trained: bool) -> tuple[float, str, float | None, float | None, float | None]:
-    """``(suggestion, the rule that gave it, valley, steepest, edge)``. ``method`` "auto": the edge rule from a trained
-    head (``trained``) when the loss diverged, else the valley rule. The other rule where the curve is too short
-    for the one asked (said), the lowest loss / 10 where it is too short for both."""
+def _suggest(lrs: list[float], smoothed: list[float], method: str, stopped: bool, trained: bool,
+             policy: float | None = None) -> tuple[float, str, float | None, float | None, float | None]:
+    """``(suggestion, the rule that gave it, valley, steepest, edge)``. ``method`` "auto": from a trained head
+    (``trained``) the policy rule where the run finetunes from a solved head (``policy``: its policy LR, else None),
+    else the edge rule where the loss diverged; from a new head the valley rule. The valley rule where the curve is
+    too short for the one asked or the rule has nothing to read (said), the steepest where it is too short for the
+    valley rule, the lowest loss / 10 where it is too short for both."""
     v, s, e = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed), suggest_edge(lrs, stopped)
     valley, steepest, edge = (lrs[i] if i is not None else None for i in (v, s, e))
     if method == "auto":
-        method = "edge" if (trained and edge is not None) else "valley"
-    chosen = {"valley": valley, "steepest": steepest, "edge": edge}[method]
+        method = "policy" if (trained and policy is not None) else "edge" if (trained and edge is not None) else "valley"
+    capped = policy
+    if policy is not None and stopped:      # the test reads one thing the run cannot do: diverge far below it
+        capped = min(policy, POLICY_REACH * lrs[-1])
+    chosen = {"valley": valley, "steepest": steepest, "edge": edge, "policy": capped}[method]
     used = method
     if chosen is None:  # too few points for the requested rule (or no divergence for edge): fall back, and say so
         chosen, used = (valley, "valley") if valley is not None else (steepest, "steepest")
@@ -311,8 +334,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         start_lr, end_lr, steps: the swept head LRs (log-spaced).
         smooth: EMA factor for the loss (bias-corrected).
         diverge_factor: stop once the smoothed loss exceeds this x its best.
-        method: which rule gives ``suggestion``: "auto" (default: "edge" from a trained head where the loss
-            diverged, else "valley"), "valley", "steepest" or "edge" (see LRFindResult).
+        method: which rule gives ``suggestion``: "auto" (default: "policy" from a trained head, else "valley"),
+            "valley", "steepest", "edge" or "policy" (see LRFindResult).
         out_png, out_csv: where to write the plot and the data (atomic).
         reset_head: passed to prepare_model (False when the head was already replaced).
         log: called with a progress line after the first step and every 10% of the steps.
@@ -330,8 +353,8 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         raise ConfigError(f"smooth={smooth}: use an EMA factor in [0, 1), e.g. 0.98")
     if not diverge_factor > 1.0:
         raise ConfigError(f"diverge_factor={diverge_factor}: must be > 1, e.g. 4")
-    if method not in ("auto", "valley", "steepest", "edge"):
-        raise ConfigError(f"method={method!r}: choose auto, valley, steepest or edge")
+    if method not in ("auto", "valley", "steepest", "edge", "policy"):
+        raise ConfigError(f"method={method!r}: choose auto, valley, steepest, edge or policy")
 
     # (auto epochs, 0, are the run's: they cap the head phase before finetuning, as in fit)
     with caller_state_kept(), \
@@ -354,10 +377,15 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         _run_range_test(setup, test, cached)
         lrs, losses, smoothed, stopped = test.lrs, test.losses, test.smoothed, test.stopped
         decision, trained = setup.decision, setup.head_first
+        # the policy rule's LR: what --lr 0 trains at, where the test cannot see what the run does (warm-up, EMA)
+        k, policy = decision.trainable_stages, None
+        if finetunes_solved_head(setup.config, k):
+            policy = default_lr(setup.config.replace(lr=0.0), k)
         del setup, test, cached  # free accelerator memory before plotting
 
-    chosen, used, valley, steepest, edge = _suggest(lrs, smoothed, method, stopped, trained)
-    result = LRFindResult(lrs, losses, smoothed, chosen, used, valley, steepest, stopped, decision, trained, edge)
+    chosen, used, valley, steepest, edge = _suggest(lrs, smoothed, method, stopped, trained, policy)
+    result = LRFindResult(lrs, losses, smoothed, chosen, used, valley, steepest, stopped, decision, trained, edge,
+                          policy)
     if out_csv is not None:
         _write_lr_csv(result, out_csv)
     if out_png is not None:
