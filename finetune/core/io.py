@@ -111,16 +111,23 @@ def _os_error(err: BaseException) -> OSError | None:
 def resume_command(run_dir: str | Path, *more: str | Path) -> str:
     """The command that continues the ``zoo finetune`` run in ``run_dir`` from its checkpoint (``more``: options after
     it), quoted to paste into a shell: the one spelling of every line that names it. Under torchrun, the torchrun
-    launch with this job's process count (``launch.zoo_launch``), not the one process of a plain ``zoo``."""
-    return shell_command(*zoo_launch(), "finetune", "--resume", run_dir, *more)
+    launch with this job's process count (``launch.zoo_launch``), not the one process of a plain ``zoo``. The run
+    folder absolute, as every path :func:`new_run_command` names: the line runs pasted from any folder."""
+    return shell_command(*zoo_launch(), "finetune", "--resume", *_absolute(Path(run_dir), *more))
 
 
 def new_run_command(*options: str | Path, model: str = "MODEL", data: str | Path = "DIR") -> str:
     """A new ``zoo finetune`` run of ``model`` on ``data`` (``options`` after them), launched as this process was
     (``launch.zoo_launch``: under torchrun, torchrun with this job's process count), quoted as
     :func:`resume_command`: the one spelling of every line that names a new run (``rerun.start_over_command``:
-    one into a run folder, filled from its records)."""
-    return shell_command(*zoo_launch(), "finetune", model, "--data", data, *options)
+    one into a run folder, filled from its records). Each ``Path`` made absolute (a str is a word or a placeholder,
+    ``DIR``, as given): pasted from another folder, a relative ``--config`` or ``--data`` named nothing (helper-153)."""
+    return shell_command(*zoo_launch(), "finetune", model, "--data", *_absolute(data, *options))
+
+
+def _absolute(*words: str | Path) -> list[str | Path]:
+    """``words`` with each ``Path`` absolute (``os.path.abspath``: no symlink resolved, as the user named it)."""
+    return [Path(os.path.abspath(w)) if isinstance(w, Path) else w for w in words]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 from finetune.core.errors import ConfigError, FreezeTooDeepError
 
 __all__ = ["FreezeDecision", "decide_freeze", "parse_freeze", "default_bn", "default_epochs", "lr_unused",
-           "default_lr", "finetunes_solved_head", "AUTO_LR_OTHER", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD", "AUTO_EPOCHS_FINETUNE",
-           "HEAD_WARMUP_CAP", "head_first", "default_departure",
+           "default_lr", "finetunes_solved_head", "AUTO_LR_OTHER", "AUTO_LR_FINETUNE", "AUTO_EPOCHS_HEAD",
+           "AUTO_EPOCHS_FINETUNE", "HEAD_WARMUP_CAP", "head_first", "default_departure",
            "AUTO_WARMUP_EPOCHS", "head_solved", "plan_phases", "mixes_images", "head_on_cached_features",
            "batchnorm_batch"]
 

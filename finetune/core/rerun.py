@@ -97,5 +97,5 @@ def start_over_command(run_dir: str | Path, *more: str | Path, config: bool = Tr
     in doubt leaves MODEL. Launched as this process was (:func:`io.new_run_command`, torchrun-aware)."""
     rec = recorded_run(run_dir)
     cfg = ("--config", rec.config) if config and rec.config is not None else ()
-    return new_run_command("--out", run_dir, "--overwrite", *cfg, *rec.flags, *more,
+    return new_run_command("--out", Path(run_dir), "--overwrite", *cfg, *rec.flags, *more,
                            model=rec.model if model else "MODEL", data=rec.data)

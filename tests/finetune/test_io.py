@@ -40,6 +40,28 @@ def test_shell_command_quotes_only_the_words_a_shell_would_change():
     assert line.startswith("zoo finetune --resume '/tmp/my runs/a $HOME b'\"'\"'c' --data DIR --lr 0.001")
 
 
+def test_the_lines_that_name_a_run_name_its_paths_absolute(tmp_path, monkeypatch):
+    """Session 39: the resume line named the run folder as typed (``--out runs/a``: pasted from another folder it
+    named nothing there), while the ``next:`` lines made their paths absolute one by one at each call. Now both
+    helpers do, for every ``Path`` (a str stays a word or a placeholder)."""
+    import shlex
+    from pathlib import Path
+
+    from finetune.core.io import new_run_command, resume_command
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    words = shlex.split(resume_command("runs/my run", "--data", Path("data")))
+    assert words[words.index("--resume"):] == ["--resume", str(tmp_path / "runs/my run"),
+                                               "--data", str(tmp_path / "data")]
+    words = shlex.split(new_run_command("--config", Path("runs/a/config.yaml"), "--lr", "0.01", model="resnet18",
+                                        data=Path("photos")))
+    assert words[words.index("finetune"):] == ["finetune", "resnet18", "--data", str(tmp_path / "photos"), "--config",
+                                               str(tmp_path / "runs/a/config.yaml"), "--lr", "0.01"]
+    assert shlex.split(new_run_command())[-3:] == ["MODEL", "--data", "DIR"]
+
+
 def test_json_safe_is_plain_strict_json_data_nested_and_leaves_other_values_as_they_are():
     """The one JSON-sanitiser (summary.json, doctor.json, a sweep's records, model.json's data_config since
     helper-90 folded zoo.jobs.finetune's own ``_plain`` into it): dicts copied, lists and tuples as lists at any

@@ -2,7 +2,6 @@
 up, so every finetune option is accepted here too. No torch at import."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,7 +120,6 @@ def _lr_find_into(out_dir: Path, model: str, data: str, config: FinetuneConfig, 
         echo("note: zoo finetune's default head-only run solves the head by L-BFGS and uses no learning rate; "
              "this one applies with --head-solver gradient (or when layers train: --freeze)")
         solver = ["--head-solver", "gradient"]
-    # quoted (io.new_run_command), with the folder scanned and the out folder absolute: pasted from another folder,
-    # a relative --data or --config named nothing there (helper-153)
-    echo("next: " + new_run_command("--config", Path(os.path.abspath(out_dir)) / "config.yaml",
+    # (io.new_run_command: quoted, its paths absolute)
+    echo("next: " + new_run_command("--config", Path(out_dir) / "config.yaml",
                                     "--lr", f"{result.suggestion:.2g}", *solver, *flags, model=model, data=report.root))

@@ -3,7 +3,6 @@ accepted (defaults < ``--config`` YAML < flags typed). No torch at import."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -174,9 +173,8 @@ def _sweep_into(ctx: click.Context, out_dir: Path, model: str, data: str, config
          f"table: {out_dir / 'results.csv'}")
     # the trials' model: random weights, another FC dropout (rerun.model_flags, as every such line says them)
     flags = model_flags(pretrained, fc_dropout)
-    # quoted (io.new_run_command), with the folder scanned and the out folder absolute: pasted from another folder,
-    # a relative --data or --config named nothing there (helper-153)
-    echo("next: " + new_run_command("--config", Path(os.path.abspath(out_dir)) / "best_config.yaml",
+    # (io.new_run_command: quoted, its paths absolute)
+    echo("next: " + new_run_command("--config", Path(out_dir) / "best_config.yaml",
                                     "--epochs", kept_run_epochs(config.epochs), *flags, model=model, data=report.root))
 
 

@@ -280,8 +280,10 @@ def _suggest(lrs: list[float], smoothed: list[float], method: str, stopped: bool
     valley rule, the lowest loss / 10 where it is too short for both."""
     v, s, e = suggest_valley(lrs, smoothed), suggest_steepest(lrs, smoothed), suggest_edge(lrs, stopped)
     valley, steepest, edge = (lrs[i] if i is not None else None for i in (v, s, e))
-    if method == "auto":
-        method = "policy" if (trained and policy is not None) else "edge" if (trained and edge is not None) else "valley"
+    if method == "auto" and trained:
+        method = "policy" if policy is not None else "edge" if edge is not None else "valley"
+    elif method == "auto":
+        method = "valley"
     capped = policy
     if policy is not None and stopped:      # the test reads one thing the run cannot do: diverge far below it
         capped = min(policy, POLICY_REACH * lrs[-1])
@@ -292,6 +294,13 @@ def _suggest(lrs: list[float], smoothed: list[float], method: str, stopped: bool
     if chosen is None:
         chosen, used = lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] / 10.0, "min/10"
     return float(chosen), used, valley, steepest, edge
+
+
+def _policy_lr(setup: Setup) -> float | None:
+    """The policy rule's LR: what ``--lr 0`` trains ``setup`` at, where the test cannot see what the run does after
+    its solved head (the warm-up, the weight average: ``policy.finetunes_solved_head``); None elsewhere."""
+    k = setup.decision.trainable_stages
+    return default_lr(setup.config.replace(lr=0.0), k) if finetunes_solved_head(setup.config, k) else None
 
 
 def _start_finetuning(setup: Setup, feature_cache: FeatureCache | None, log: Callable[[str], None] | None) -> None:
@@ -377,10 +386,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         _run_range_test(setup, test, cached)
         lrs, losses, smoothed, stopped = test.lrs, test.losses, test.smoothed, test.stopped
         decision, trained = setup.decision, setup.head_first
-        # the policy rule's LR: what --lr 0 trains at, where the test cannot see what the run does (warm-up, EMA)
-        k, policy = decision.trainable_stages, None
-        if finetunes_solved_head(setup.config, k):
-            policy = default_lr(setup.config.replace(lr=0.0), k)
+        policy = _policy_lr(setup)
         del setup, test, cached  # free accelerator memory before plotting
 
     chosen, used, valley, steepest, edge = _suggest(lrs, smoothed, method, stopped, trained, policy)
