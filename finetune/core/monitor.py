@@ -253,6 +253,8 @@ def write_curves(history: Sequence[dict], path: str | Path, best_epoch: int | No
     ax_lr.plot(epochs, lrs, color="tab:green", label="learning rate", **style)
     positive = [v for v in lrs if v == v and v > 0]
     if positive:
+        if min(positive) == max(positive):   # one LR (an epoch, a constant schedule): no zero-height log axis
+            ax_lr.set_ylim(positive[0] / 3, positive[0] * 3)
         ax_lr.set_yscale("log")
         if max(positive) / min(positive) < 100:  # within two decades: label 1-2-5, not only powers of 10
             ax_lr.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

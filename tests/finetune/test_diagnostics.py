@@ -173,8 +173,14 @@ def test_curves_accuracy_axis_reads_in_percent_and_the_loss_axis_as_it_was(tmp_p
 
 def test_write_curves_is_robust(tmp_path):
     # (its speed, ~0.15 s a plot, is a benchmark figure, not a unit-test threshold: shared CI machines)
+    import warnings
+
     out = tmp_path / "curves.png"
-    write_curves(HEALTHY[:1], out, best_epoch=1)
+    one_lr = [{**HEALTHY[0], "lr": float("nan")}, {**HEALTHY[1], "lr": 9.999999999999999e-05}]
+    with warnings.catch_warnings():     # a head epoch, then one at a warm-up's first LR: a singular LR axis warned
+        warnings.simplefilter("error")
+        write_curves(HEALTHY[:1], out, best_epoch=1)
+        write_curves(one_lr, out, best_epoch=2)
     _png_ok(out)
     nan_rows = _rows([1.0, float("nan"), float("inf")], [None, 1.0, float("nan")], [0.5, None, 0.6],
                      [0.4, 0.5, float("nan")])

@@ -29,12 +29,13 @@ __all__ = ["LRFindResult", "lr_find", "suggest_valley", "suggest_steepest", "sug
 # then rises; the divergence is its one clear feature (fastai's early advice: an order of magnitude below where the
 # loss blows up; docs/peers.md, "`--lr auto` from the trained head").
 EDGE_MARGIN = 10.0
-# The policy rule (``--method auto`` from a trained head): the range test has no warm-up and no weight average, the
-# two things the run's finetune phase leans on, so it reads the LR a run can take too low. On medium digits and MNIST
-# (3 splits each) it diverged at 5.9e-3 to 1.9e-2 while runs at the policy's 1e-2 (policy.AUTO_LR_FINETUNE) beat
-# every lower LR tried, and the edge rule's 1/10 of the divergence tested 0.989 / 0.952 against the policy's 0.995 /
-# 0.977 (docs/peers.md, "`--lr auto` keeps the policy's LR"). So the test keeps the policy's LR and lowers it only to
-# this x where the loss diverged: a model or data that cannot take it (none of those 6 splits).
+# The policy rule (``--method auto`` where layers train from a solved head): the range test has no warm-up and no
+# weight average, the two things that run's finetune phase leans on, so it reads the LR the run can take too low. On
+# medium digits and MNIST (3 splits each) it diverged at 5.9e-3 to 1.9e-2, while runs at the policy's 1e-2
+# (policy.AUTO_LR_FINETUNE) beat 1e-3 and the edge rule's 1/10 of the divergence on every split (0.995 / 0.977 against
+# the edge rule's 0.989 / 0.952; docs/peers.md, "`--lr auto` keeps the default where the test cannot judge it"). So
+# the test keeps the policy's LR and lowers it only to this x where the loss diverged: for a model or data that
+# cannot take it (none of those 6 splits).
 POLICY_REACH = 2.0
 
 
@@ -169,6 +170,9 @@ def write_lr_plot(result: LRFindResult, path: str | Path) -> None:
                 linestyle="none", label=f"{rule}: {lr:.2e}" + (" (suggested)" if chosen else ""))
         if chosen:
             ax.axvline(lr, color=colour, linestyle="--", linewidth=1)
+    if result.method == "policy":   # the run's default LR: off the curve where the test stopped below it
+        ax.axvline(result.suggestion, color="tab:orange", linestyle="--", linewidth=1.5,
+                   label=f"policy (the run's default lr): {result.suggestion:.2e} (suggested)")
     # Keep the interesting part readable: clip the divergence tail above (it would squash the curve),
     # never the minimum below.
     lo, hi = _window(len(result.smoothed))
