@@ -51,7 +51,8 @@ class LRFindResult:
             POLICY_REACH x where the loss diverged) or "min/10" (a guess from a short curve).
         valley, steepest, edge: what each rule suggests (None when the curve is too short to tell; edge: when the
             loss did not diverge).
-        policy: the policy's LR for the run the test probed (``policy.default_lr``: what ``--lr`` auto trains at).
+        policy: where layers train from a solved head (``policy.finetunes_solved_head``), the LR ``--lr 0`` trains
+            the probed run at (``policy.default_lr``); None elsewhere.
         stopped_early: the smoothed loss exceeded diverge_factor x its best, or became NaN/inf.
         from_trained_head: the test started from the head the run's head phase trained (a run that trains layers
             after a head phase), not from a new one.
@@ -347,8 +348,9 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         start_lr, end_lr, steps: the swept head LRs (log-spaced).
         smooth: EMA factor for the loss (bias-corrected).
         diverge_factor: stop once the smoothed loss exceeds this x its best.
-        method: which rule gives ``suggestion``: "auto" (default: "policy" from a trained head, else "valley"),
-            "valley", "steepest", "edge" or "policy" (see LRFindResult).
+        method: which rule gives ``suggestion``: "auto" (default: from a trained head "policy" where the run
+            finetunes from a solved head, else "edge" where the loss diverged; else "valley"), "valley",
+            "steepest", "edge" or "policy" (see LRFindResult).
         out_png, out_csv: where to write the plot and the data (atomic).
         reset_head: passed to prepare_model (False when the head was already replaced).
         log: called with a progress line after the first step and every 10% of the steps.
