@@ -346,7 +346,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
         val_set: the run's validation split: where the head phase before finetuning picks its L2 strength
             (without it the head is solved at ``config.weight_decay``, as ``fit`` does with no validation split).
         start_lr, end_lr, steps: the swept head LRs (log-spaced).
-        smooth, diverge_factor: EMA factor for the loss (bias-corrected); stop once it exceeds diverge_factor x its best.
+        smooth, diverge_factor: the loss's EMA factor (bias-corrected); stop once it exceeds diverge_factor x its best.
         method: which rule gives ``suggestion``: "auto" (default: from a trained head "policy" where the run
             finetunes from a solved head, else "edge" where the loss diverged; else "valley"), "valley",
             "steepest", "edge" or "policy" (see LRFindResult).
