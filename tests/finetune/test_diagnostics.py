@@ -354,6 +354,23 @@ def test_from_a_trained_head_the_suggestion_is_the_policy_lr_unless_the_loss_div
     assert _suggest(lrs, smoothed, "edge", stopped=False, trained=True)[:2] == (valley, "valley")
 
 
+def test_a_rule_asked_for_by_name_that_reads_nothing_says_why_another_answered():
+    """Session 39: `zoo lr-find --freeze head --method policy` printed "(valley rule; ...)" and nothing of the policy
+    rule asked for: a head-only run finetunes no layers from a solved head, so it has no policy LR. Now the line says
+    which rule was asked, that it read nothing, and why; as does the edge rule where the loss did not diverge."""
+    from finetune.tools.diagnostics.lrfind import LRFindResult
+
+    lrs = lr_schedule(1e-7, 1e-1, 61)
+    for asked, policy, why in (("policy", None, "trains no layers from one"), ("edge", 1e-2, "did not diverge")):
+        line = LRFindResult(lrs, [0.2] * 61, [0.2] * 61, lrs[30], "valley", lrs[30], None, False, policy=policy,
+                            asked=asked).describe()
+        assert line.startswith(f"suggested lr {lrs[30]:.2e} (valley rule, the {asked} rule reading nothing here: ")
+        assert why in line, line
+    answered = LRFindResult(lrs, [0.2] * 61, [0.2] * 61, 1e-2, "policy", None, None, False, policy=1e-2,
+                            asked="policy").describe()
+    assert "reading nothing" not in answered and "not lowered: the loss did not diverge" in answered
+
+
 def test_lr_find_stops_early_on_divergence_and_steepest_rule(tiny_train_set):
     res = lr_find(_tiny_model(), STAGES, DATA_CONFIG, tiny_train_set, _config(optimizer="sgd"), head="fc",
                   start_lr=1e-3, end_lr=1e4, steps=30, method="steepest", diverge_factor=2)

@@ -37,6 +37,10 @@ EDGE_MARGIN = 10.0
 # the test keeps the policy's LR and lowers it only to this x where the loss diverged: for a model or data that
 # cannot take it (none of those 6 splits).
 POLICY_REACH = 2.0
+# why a rule asked for by name answered nothing (another rule did: ``LRFindResult.describe`` says so)
+_NOTHING_TO_READ = {"valley": "too few points", "steepest": "too few points", "edge": "the loss did not diverge",
+                    "policy": "it keeps the default LR of layers finetuned from a solved head; this run trains no "
+                              "layers from one"}
 
 
 @dataclass
@@ -53,6 +57,7 @@ class LRFindResult:
             loss did not diverge).
         policy: where layers train from a solved head (``policy.finetunes_solved_head``), the LR ``--lr 0`` trains
             the probed run at (``policy.default_lr``); None elsewhere.
+        asked: the rule asked for (``lr_find``'s ``method``): where it had nothing to read, ``describe`` says why.
         stopped_early: the smoothed loss exceeded diverge_factor x its best, or became NaN/inf.
         from_trained_head: the test started from the head the run's head phase trained (a run that trains layers
             after a head phase), not from a new one.
@@ -70,6 +75,7 @@ class LRFindResult:
     from_trained_head: bool = False
     edge: float | None = None
     policy: float | None = None
+    asked: str = "auto"
 
     def describe(self) -> str:
         """One line for the printout: the suggestion, which rule gave it, and the other rule's answer."""
@@ -87,6 +93,8 @@ class LRFindResult:
         elif self.method == "policy":
             why = (": the run's default lr, not lowered: the loss "
                    + (f"diverged above 1/{POLICY_REACH:g} of it" if self.stopped_early else "did not diverge"))
+        if self.asked not in ("auto", self.method):
+            why += f", the {self.asked} rule reading nothing here: {_NOTHING_TO_READ[self.asked]}"
         return (f"suggested lr {self.suggestion:.2e} ({self.method} rule{why}{tail}); "
                 f"swept {self.lrs[0]:.1e} -> {self.lrs[-1]:.1e} in {len(self.lrs)} steps{stop}{guess}")
 
@@ -396,7 +404,7 @@ def lr_find(model, stages: Sequence[Sequence[str]], data_config: dict, train_set
 
     chosen, used, valley, steepest, edge = _suggest(lrs, smoothed, method, stopped, trained, policy)
     result = LRFindResult(lrs, losses, smoothed, chosen, used, valley, steepest, stopped, decision, trained, edge,
-                          policy)
+                          policy, method)
     if out_csv is not None:
         _write_lr_csv(result, out_csv)
     if out_png is not None:
