@@ -184,8 +184,8 @@ class FinetuneConfig:
         "normalises by its own share. No effect in one process or with --bn eval; GPUs only.")
     # --- optimisation ---
     optimizer: str = option("adam", "Optimizer.", choices=OPTIMIZERS)
-    lr: float = option(0.0, "Head learning rate (pretrained layers: x --backbone-lr-mult); 0 = auto: 1e-2 when layers "
-                       "are finetuned from a solved head, else 1e-3; 'auto' runs the LR range test first.", low=0)
+    lr: float = option(0.0, "Head LR (layers: x --backbone-lr-mult); 0 = auto: 1e-2 finetuning from a solved head, "
+                       "else 1e-3 (rmsprop 1e-3/1e-4, adagrad 1e-2, adadelta 1); 'auto': LR range test.", low=0)
     backbone_lr_mult: float = option(0.1, "Pretrained layers train at lr x this.", low=0)
     momentum: float = option(0.9, "Momentum (sgd, rmsprop).", low=0, high=1, high_open=True)
     nesterov: bool = option(False, "Nesterov momentum (sgd).")

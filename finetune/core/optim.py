@@ -109,8 +109,8 @@ def build_optimizer(config: Any, model: nn.Module, head_name: str,
     adam (default), sgd (``config.momentum``, ``config.nesterov``), adamw (decoupled decay), rmsprop
     (``config.momentum``), adagrad, adadelta. The LR is ``config.lr`` for the head and
     ``config.lr * config.backbone_lr_mult`` for the pretrained layers, decayed per stage by
-    ``config.layer_decay`` (see :func:`param_groups`; ``stages`` needed then) (adadelta is conventionally
-    run at lr=1.0; pass ``--lr`` accordingly).
+    ``config.layer_decay`` (see :func:`param_groups`; ``stages`` needed then). The auto LR is the optimizer's
+    (``policy.default_lr``: adadelta's is 1.0, a multiplier on steps it sizes itself).
 
     Raises:
         ConfigError: unknown optimizer, nesterov without momentum, or nothing trainable.

@@ -191,11 +191,14 @@ def test_the_setup_holds_the_resolved_lr_and_says_it_where_it_trains_something(t
     """--lr 0 (the default, auto): 1e-2 when layers are finetuned from a head solved first with frozen BatchNorm
     statistics (the pretrained layers at x --backbone-lr-mult), else 1e-3 (an MLP head warmed up by gradient at 1e-2
     lost 4.5 points on digits); a head solved by L-BFGS alone uses none and nothing is said of it. config.yaml and
-    the checkpoints record the number; an lr given is kept and not announced."""
-    from finetune.core.policy import AUTO_LR_FINETUNE, AUTO_LR_OTHER, default_lr
+    the checkpoints record the number; an lr given is kept and not announced. An optimizer whose LR means another
+    thing has its own pair (``AUTO_LR_BY_OPTIMIZER``): RMSprop diverged at 1e-2, Adagrad's steps shrink, Adadelta's
+    LR is a multiplier (1.0)."""
+    from finetune.core.policy import AUTO_LR_BY_OPTIMIZER, AUTO_LR_FINETUNE, AUTO_LR_OTHER, default_lr
     from tests.conftest import make_image_folder
 
     assert (AUTO_LR_FINETUNE, AUTO_LR_OTHER) == (1e-2, 1e-3)
+    assert AUTO_LR_BY_OPTIMIZER == {"rmsprop": (1e-3, 1e-4), "adagrad": (1e-2, 1e-2), "adadelta": (1.0, 1.0)}
     root = make_image_folder(tmp_path / "d", per_class=3)
     for config, want, line in (
             (FinetuneConfig(freeze="none"), 1e-2, "lr: 0.01, pretrained layers at 0.001 (auto for freeze"),
@@ -206,7 +209,14 @@ def test_the_setup_holds_the_resolved_lr_and_says_it_where_it_trains_something(t
             (FinetuneConfig(freeze="none", head_epochs=0), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
             (FinetuneConfig(freeze="none", epochs=1), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
             (FinetuneConfig(freeze="head"), 1e-3, None),
-            (FinetuneConfig(freeze="none", lr=3e-4), 3e-4, None)):
+            (FinetuneConfig(freeze="none", lr=3e-4), 3e-4, None),
+            (FinetuneConfig(freeze="none", optimizer="sgd"), 1e-2, "lr: 0.01, pretrained layers at 0.001 (auto"),
+            (FinetuneConfig(freeze="none", optimizer="rmsprop"), 1e-3, "lr: 0.001, pretrained layers at 0.0001 (auto"),
+            (FinetuneConfig(freeze="none", optimizer="adadelta"), 1.0, "lr: 1, pretrained layers at 0.1 (auto for"),
+            (FinetuneConfig(freeze="head", head_solver="gradient", optimizer="adadelta"), 1.0, "lr: 1 (auto for"),
+            (FinetuneConfig(freeze="none", head="mlp", optimizer="rmsprop"), 1e-4, "lr: 0.0001, pretrained layers at"),
+            (FinetuneConfig(freeze="none", head="mlp", optimizer="adagrad"), 1e-2, "lr: 0.01, pretrained layers at"),
+            (FinetuneConfig(freeze="none", optimizer="adadelta", lr=0.5), 0.5, None)):
         logs: list[str] = []
         s = _tiny_setup(root, config, logs)
         assert s.config.lr == want == default_lr(config.replace(epochs=s.config.epochs), s.decision.trainable_stages)

@@ -35,7 +35,7 @@ def _step(title: str, args: list[str]) -> None:
 @click.option("--epochs", type=IntRange(1), default=100, show_default=True,
               help="Maximum epochs (early stopping usually ends sooner).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-2, show_default=True,
-              help="Head learning rate. Higher than finetune's 1e-3 default: 100 images make few steps per epoch.")
+              help="Head learning rate where layers train (finetune's default there; the head solved alone uses none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 def demo(out: Path, train_per_class: int, val_per_class: int, test_per_class: int, epochs: int,
          lr: float, device: str) -> None:
