@@ -47,6 +47,13 @@ class EarlyStopping:
             self.bad_epochs += 1
         return self.bad_epochs > 0 and self.bad_epochs >= self.patience
 
+    def restart(self, forget_best: bool = False) -> None:
+        """Full patience again; with ``forget_best`` the best so far no longer counts either (a new phase whose
+        metric cannot be compared with the earlier epochs')."""
+        self.bad_epochs = 0
+        if forget_best:
+            self.best, self.best_epoch = (math.inf if self.mode == "min" else -math.inf), -1
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 

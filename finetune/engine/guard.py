@@ -12,8 +12,9 @@ Who must pass them depends on how much the validation split can say:
   user forced finetuning): the finetuned weights (the best epoch on the monitored metric) replace the
   solved head only when a test says they are better. The guard protects the head from a lucky epoch.
 - with more, the monitored metric has picked the finetuned weights over the head already (the head's
-  epoch competes in early stopping), and the head comes back only when a test says *it* is better. On
-  medium digits the other burden vetoed real gains (0.7-4 points: docs/peers.md) and never helped.
+  epoch competes in early stopping; where the finetune phase mixes images it does not, ``policy.head_competes``,
+  and the finetune phase's best is the challenger alone), and the head comes back only when a test says *it* is
+  better. On medium digits the other burden vetoed real gains (0.7-4 points: docs/peers.md) and never helped.
 Under torchrun each rank holds its strided shard of the validation set: the counts are summed and the loss
 differences gathered in item order, so the decision is the one process's.
 """

@@ -33,7 +33,7 @@ from finetune.core.errors import CheckpointError, DataError, stops_run
 from finetune.core.rerun import start_over_command
 from finetune.core.metrics import EarlyStopping, accuracy_text
 from finetune.core.monitor import advise, data_advice, waited
-from finetune.core.policy import plan_phases
+from finetune.core.policy import head_competes, plan_phases
 from finetune.core.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from finetune.core.signals import sigterm_as_interrupt
 from finetune.core.surgery import apply_freeze
@@ -210,8 +210,8 @@ class Trainer:
         if phase == "finetune":
             # the remaining epochs form the finetune schedule (cosine ends at the last one)
             phase_config = config.replace(epochs=max(1, int(config.epochs) - self.phase_start))
-            if not continuing:
-                self.stopper.bad_epochs = 0      # unfreezing gets the full patience
+            if not continuing:      # unfreezing gets the full patience; a head it cannot be compared with, no best
+                self.stopper.restart(forget_best=not head_competes(config))
         self.optimizer = s.optimizer(phase_config)
         self.scheduler = s.scheduler(self.optimizer, phase_config)
         resumed = self.ckpt if continuing else None

@@ -1059,6 +1059,41 @@ def test_head_guard_keeps_the_head_unless_finetuning_is_significantly_better(dat
         assert result.metrics["val_loss"] == pytest.approx(result.history[0]["val_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("mixing,monitor,competes", [({}, "val_loss", True), ({"mixup": 0.2}, "val_loss", False),
+                                                     ({"cutmix": 1.0}, "val_loss", False),
+                                                     ({"cutmix": 1.0}, "val_acc", True)])
+def test_where_finetuning_mixes_images_the_heads_val_loss_does_not_compete(data, tmp_path, mixing, monitor, competes):
+    """Trained toward mixed labels, the network is less confident on plain validation images than the solved head:
+    CutMix on digits exported the head (val loss 0.146, 95.3%) over epoch 6 (0.160, 99.3%), and stopped early.
+    There the finetune phase's best is its own and the guard judges it against the head. min_delta 100: no epoch
+    improves on an earlier finite one, so the first epoch that counts is the best, deterministically."""
+    from finetune.core.policy import head_competes
+
+    config = cfg(freeze="none", head_epochs=1, epochs=4, patience=1, min_delta=100.0, monitor=monitor, **mixing)
+    assert head_competes(config) is competes
+    result = run(data, config, run_dir=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    phases = [row["phase"] for row in result.history]
+    if competes:    # the head's epoch stays the best; one finetune epoch without improvement stops the run
+        assert (phases, summary["head_guard"], summary["stopped_early"]) == (["head", "finetune"], None, True)
+    else:           # the first finetune epoch is the phase's best, the next stops it, the guard decides
+        assert (phases, summary["stopped_early"]) == (["head", "finetune", "finetune"], True)
+        assert (summary["head_guard"]["head_epoch"], summary["head_guard"]["finetune_epoch"]) == (1, 2)
+        assert result.best_epoch == (1 if summary["head_guard"]["kept"] == "head" else 2)
+
+
+def test_early_stopping_restarted_keeps_or_forgets_its_best():
+    from finetune.core.metrics import EarlyStopping
+
+    for mode, worse in (("min", 9.0), ("max", -9.0)):
+        stop = EarlyStopping(patience=2, min_delta=0.0, mode=mode)
+        stop.step(1.0, 1), stop.step(worse, 2)
+        stop.restart()
+        assert (stop.best, stop.best_epoch, stop.bad_epochs) == (1.0, 1, 0)
+        stop.restart(forget_best=True)
+        assert (stop.best_epoch, stop.bad_epochs, stop.improved(worse)) == (-1, 0, True)
+
+
 def test_no_head_guard_and_runs_without_a_head_phase_skip_it(data, tmp_path):
     off = run(data, cfg(freeze="none", head_epochs=1, epochs=3, head_guard=False), run_dir=tmp_path / "a")
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["head_guard"] is None
