@@ -29,8 +29,12 @@ class EarlyStopping:
     bad_epochs: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode == "max" and self.best == math.inf:
-            self.best = -math.inf
+        if self.best == math.inf:
+            self.best = self._nothing_yet()
+
+    def _nothing_yet(self) -> float:
+        """The best before any epoch: what every value improves on in this ``mode``."""
+        return math.inf if self.mode == "min" else -math.inf
 
     def improved(self, value: float) -> bool:
         if self.mode == "min":
@@ -52,7 +56,7 @@ class EarlyStopping:
         metric cannot be compared with the earlier epochs')."""
         self.bad_epochs = 0
         if forget_best:
-            self.best, self.best_epoch = (math.inf if self.mode == "min" else -math.inf), -1
+            self.best, self.best_epoch = self._nothing_yet(), -1
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
